@@ -1,0 +1,153 @@
+//! Configuration and configuration errors.
+
+use core::fmt;
+
+/// The smallest allowed zone: 16 pages.
+pub const MIN_MEMORY: usize = 16 * crate::PAGE_SIZE;
+
+/// How an allocator is set up. Start from [`Config::default`] and adjust:
+///
+/// ```
+/// use anyalloc::Config;
+/// let config = Config::default().memory(64 << 20).cpus(4).grow(false);
+/// assert_eq!(config.memory_bytes(), 64 << 20);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    pub(crate) memory: usize,
+    pub(crate) cpus: Option<usize>,
+    pub(crate) grow: bool,
+    pub(crate) maintenance: bool,
+}
+
+impl Default for Config {
+    /// 64 MiB first zone (address space only until touched), one slot set per
+    /// CPU the platform reports, growth on.
+    fn default() -> Self {
+        Config {
+            memory: 64 << 20,
+            cpus: None,
+            grow: true,
+            maintenance: true,
+        }
+    }
+}
+
+impl Config {
+    /// Size in bytes of the first zone (rounded up to whole pages). With
+    /// growth off this is a hard cap on the memory the allocator manages.
+    pub fn memory(mut self, bytes: usize) -> Self {
+        self.memory = bytes;
+        self
+    }
+
+    /// Number of CPU slot sets (default: the platform's CPU count). CPU ids at
+    /// or above it share slots (modulo).
+    pub fn cpus(mut self, n: usize) -> Self {
+        self.cpus = Some(n);
+        self
+    }
+
+    /// Whether the normal path may reserve further zones from the OS when
+    /// every zone is exhausted (std only; default on).
+    pub fn grow(mut self, grow: bool) -> Self {
+        self.grow = grow;
+        self
+    }
+
+    /// Whether a maintenance thread may be started for this allocator (std;
+    /// default on).
+    pub fn maintenance(mut self, on: bool) -> Self {
+        self.maintenance = on;
+        self
+    }
+
+    /// The configured first-zone size in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.memory < MIN_MEMORY {
+            return Err(Error::Config {
+                setting: "Config::memory",
+                value: self.memory,
+                reason: "too little memory: at least 65536 bytes (16 pages) are needed",
+            });
+        }
+        if self.memory > (1usize << 46) {
+            return Err(Error::Config {
+                setting: "Config::memory",
+                value: self.memory,
+                reason: "too much memory: at most 64 TiB per zone",
+            });
+        }
+        if self.cpus == Some(0) {
+            return Err(Error::Config {
+                setting: "Config::cpus",
+                value: 0,
+                reason: "at least one CPU is needed",
+            });
+        }
+        if let Some(n) = self.cpus {
+            if n > 4096 {
+                return Err(Error::Config {
+                    setting: "Config::cpus",
+                    value: n,
+                    reason: "at most 4096 CPUs are supported",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why an allocator could not be created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A setting has a value the allocator cannot work with.
+    Config {
+        /// The setting, e.g. `"Config::memory"`.
+        setting: &'static str,
+        /// The value it had.
+        value: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The OS refused to reserve the memory (mmap failed).
+    Reserve {
+        /// How many bytes were asked for.
+        bytes: usize,
+    },
+    /// The region handed to a `no_std` constructor cannot hold a zone.
+    Region {
+        /// The region's length in bytes.
+        len: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config {
+                setting,
+                value,
+                reason,
+            } => write!(f, "invalid {setting} = {value}: {reason}"),
+            Error::Reserve { bytes } => write!(
+                f,
+                "the OS refused to reserve {bytes} bytes for Config::memory (mmap failed)"
+            ),
+            Error::Region { len, reason } => {
+                write!(f, "unusable memory region of {len} bytes: {reason}")
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+extern crate std;
+#[cfg(feature = "std")]
+impl std::error::Error for Error {}

@@ -1,0 +1,100 @@
+//! Interrupt points: deterministic re-entry at every critical section.
+//!
+//! With the test-only feature `interrupt-points`, every critical section of
+//! the allocator (a slot held, a zone lock held, the middle of a list
+//! operation) calls [`point`] with its [`Site`]. A test installs a hook with
+//! [`set_hook`] that runs nolock allocations and frees *there*, exactly as a
+//! signal handler that interrupted the thread at that instruction would.
+//! Without the feature the calls compile to nothing.
+
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+/// A place in the allocator where re-entry is tested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Site {
+    /// Page allocator: a per-CPU page list slot is held (alloc).
+    PcpAlloc,
+    /// Page allocator: slot held and zone locked, refilling the slot.
+    PcpRefill,
+    /// Page allocator: a per-CPU page list slot is held (free).
+    PcpFree,
+    /// Page allocator: slot held and zone locked, draining the slot.
+    PcpDrain,
+    /// Page allocator: zone locked for a direct (non-per-CPU) allocation.
+    ZoneAlloc,
+    /// Page allocator: zone locked for a direct free.
+    ZoneFree,
+    /// Page allocator: in the middle of splitting a buddy block.
+    BuddySplit,
+    /// Page allocator: in the middle of merging buddies.
+    BuddyMerge,
+    /// Page allocator: a deferred free has linked its page but not yet
+    /// published it.
+    DeferredPush,
+    /// Page allocator: zone locked, draining the deferred list.
+    DeferredDrain,
+    /// Object allocator: a sheaf slot is held (alloc).
+    SheafAlloc,
+    /// Object allocator: a sheaf slot is held (free).
+    SheafFree,
+    /// Object allocator: slot held and the barn locked, mid-refill.
+    SheafRefill,
+    /// Object allocator: slot held and the barn locked, mid-flush.
+    SheafFlush,
+    /// Object allocator: the cache's partial-slab list is locked.
+    PartialLocked,
+    /// Object allocator: an object deferred-free has linked but not published.
+    ObjectDeferredPush,
+    /// Object allocator: the cache is draining its deferred list.
+    ObjectDeferredDrain,
+}
+
+impl Site {
+    /// Every site of the page allocator.
+    pub const PAGE: &'static [Site] = &[
+        Site::PcpAlloc,
+        Site::PcpRefill,
+        Site::PcpFree,
+        Site::PcpDrain,
+        Site::ZoneAlloc,
+        Site::ZoneFree,
+        Site::BuddySplit,
+        Site::BuddyMerge,
+        Site::DeferredPush,
+        Site::DeferredDrain,
+    ];
+    /// Every site of the object allocator.
+    pub const HEAP: &'static [Site] = &[
+        Site::SheafAlloc,
+        Site::SheafFree,
+        Site::SheafRefill,
+        Site::SheafFlush,
+        Site::PartialLocked,
+        Site::ObjectDeferredPush,
+        Site::ObjectDeferredDrain,
+    ];
+}
+
+static HOOK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Installs (or with `None` removes) the hook called at every site.
+pub fn set_hook(hook: Option<fn(Site)>) {
+    let p = match hook {
+        Some(f) => f as *mut (),
+        None => core::ptr::null_mut(),
+    };
+    HOOK.store(p, Ordering::SeqCst);
+}
+
+/// Calls the installed hook, if any.
+#[inline(never)]
+pub fn point(site: Site) {
+    let p = HOOK.load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: only `set_hook` stores non-null values, and it stores
+        // `fn(Site)` pointers cast to `*mut ()`.
+        let f: fn(Site) = unsafe { core::mem::transmute::<*mut (), fn(Site)>(p) };
+        f(site);
+    }
+}

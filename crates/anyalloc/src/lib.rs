@@ -1,0 +1,68 @@
+//! # anyalloc: memory from any context
+//!
+//! A page allocator and an object allocator, each with two paths:
+//!
+//! * the **normal path**, which may wait for a lock and may reclaim;
+//! * the **nolock path**, which takes no lock it could wait on (only
+//!   `try_lock`s and atomics), so it can be called from *any* context: a
+//!   signal handler that interrupted the same thread inside the allocator, a
+//!   real-time thread, an interrupt handler in a `no_std` kernel. It never
+//!   deadlocks and never blocks; it may fail (`None`).
+//!
+//! Frees never fail: a nolock free that cannot take a lock parks the memory on
+//! a lock-free list, drained by the next normal-path operation.
+//!
+//! The design follows the Linux kernel's `alloc_pages_nolock` /
+//! `kmalloc_nolock` work; see the repository's `DESIGN.md`.
+//!
+//! ## Layers
+//!
+//! * [`sync`]: the try-only slot lock, the zone lock, the lock-free stack.
+//! * [`platform`]: what the allocator needs from its environment.
+//! * [`page`]: the buddy page allocator with per-CPU lists ([`PageAllocator`]).
+//!
+//! ```
+//! use anyalloc::{Config, PageAllocator};
+//! let pages = PageAllocator::new(Config::default().memory(4 << 20)).unwrap();
+//! let p = pages.alloc_pages_nolock(0).expect("memory to spare");
+//! unsafe { pages.free_pages_nolock(p, 0) };
+//! ```
+
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+/// Calls the interrupt-point hook at a critical section (feature
+/// `interrupt-points`); nothing otherwise.
+macro_rules! interrupt_point {
+    ($site:ident) => {
+        #[cfg(feature = "interrupt-points")]
+        $crate::interrupt::point($crate::interrupt::Site::$site);
+    };
+}
+pub(crate) use interrupt_point;
+
+mod config;
+mod context;
+#[cfg(feature = "interrupt-points")]
+pub mod interrupt;
+pub mod page;
+pub mod platform;
+pub mod sync;
+
+pub use config::{Config, Error, MIN_MEMORY};
+pub use page::{PageAllocator, PageStats};
+pub use platform::Platform;
+#[cfg(feature = "std")]
+pub use platform::StdPlatform;
+
+/// Bytes per page.
+pub const PAGE_SIZE: usize = 4096;
+pub(crate) const PAGE_SHIFT: u32 = 12;
+/// The largest order: blocks of `2^10` pages (4 MiB), aligned to their size.
+pub const MAX_ORDER: u32 = 10;
+/// The nolock path serves orders `0..=3`, as upstream.
+pub const NOLOCK_MAX_ORDER: u32 = 3;

@@ -1,0 +1,82 @@
+//! Page descriptors: one per page frame, beside the managed region.
+//!
+//! The kernel's `struct page`, reduced to what this allocator needs. Only the
+//! descriptor of a block's *head* page carries state; every other page of a
+//! block (and every page never split off) is [`TAIL`], which is also what the
+//! OS's zero-filled memory reads as. That is what lets the descriptor array be
+//! committed lazily: creating a zone writes only the head descriptor of each
+//! initial block.
+//!
+//! `state` packs a kind and an order: `kind | order << 8`.
+//!
+//! | kind        | where the block is                    | who may change it          |
+//! |-------------|---------------------------------------|----------------------------|
+//! | `TAIL`      | inside a larger block, or untouched   | zone lock (split / merge)   |
+//! | `BUDDY`     | on the zone's free list of its order  | zone lock                   |
+//! | `PCP`       | on a per-CPU list                     | that slot's lock            |
+//! | `DEFERRED`  | on the zone's deferred-free stack     | the draining zone-lock holder |
+//! | `ALLOCATED` | handed out                            | the owner (CAS on free)     |
+//! | `FREEING`   | claimed by a free in progress         | that free                  |
+//!
+//! A free claims the block with one CAS `ALLOCATED|order -> FREEING`, so a
+//! double free, a free with the wrong order, or a free of a page that is not
+//! a block head fails that CAS and is reported instead of corrupting a list,
+//! even when two contexts race to free the same block.
+//!
+//! The slab layer uses `owner`, `freelist`, `inuse` and `aux` of the head
+//! page of each slab (see `crate::slab`).
+
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+pub(crate) const TAIL: u32 = 0;
+pub(crate) const BUDDY: u32 = 1;
+pub(crate) const PCP: u32 = 2;
+pub(crate) const DEFERRED: u32 = 3;
+pub(crate) const ALLOCATED: u32 = 4;
+pub(crate) const FREEING: u32 = 5;
+
+#[inline]
+pub(crate) const fn state(kind: u32, order: u32) -> u32 {
+    kind | (order << 8)
+}
+#[inline]
+pub(crate) const fn kind_of(state: u32) -> u32 {
+    state & 0xff
+}
+#[inline]
+pub(crate) const fn order_of(state: u32) -> u32 {
+    (state >> 8) & 0xff
+}
+
+/// One page frame's descriptor (32 bytes).
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct PageDesc {
+    /// `kind | order << 8`, see the module table.
+    pub(crate) state: AtomicU32,
+    /// List link: buddy free list, per-CPU list, or deferred stack.
+    pub(crate) next: AtomicU32,
+    /// Back link of the buddy free list.
+    pub(crate) prev: AtomicU32,
+    /// Slab layer: owning cache index + 1, or a large-allocation marker.
+    pub(crate) owner: AtomicU32,
+    /// Slab layer: the slab's free-object list.
+    pub(crate) freelist: AtomicUsize,
+    /// Slab layer: objects handed out of this slab.
+    pub(crate) inuse: AtomicU32,
+    /// Slab layer: list link among partial/empty slabs.
+    pub(crate) aux: AtomicU32,
+}
+
+const _: () = assert!(core::mem::size_of::<PageDesc>() == 32);
+
+impl PageDesc {
+    #[inline]
+    pub(crate) fn load(&self) -> u32 {
+        self.state.load(Ordering::Acquire)
+    }
+    #[inline]
+    pub(crate) fn set(&self, s: u32) {
+        self.state.store(s, Ordering::Release);
+    }
+}

@@ -1,0 +1,641 @@
+//! The page allocator: buddy zones with per-CPU page lists, callable from any
+//! context.
+//!
+//! # Two paths
+//!
+//! * **Normal** ([`PageAllocator::alloc_pages`], [`PageAllocator::free_pages`]):
+//!   may wait on a zone lock, may reclaim (drain every per-CPU list and the
+//!   deferred stacks) and may grow the heap with a new zone from the OS.
+//! * **Nolock** ([`PageAllocator::alloc_pages_nolock`],
+//!   [`PageAllocator::free_pages_nolock`]): only `try_lock`s and atomics, so
+//!   it can run in a signal handler that interrupted this very allocator. An
+//!   allocation may fail (`None`: "no memory for you in this context now"); a
+//!   free never fails: what cannot take a lock is parked on the zone's
+//!   lock-free deferred stack and merged by the next zone-lock holder.
+//!
+//! # Where a nolock allocation looks, in order
+//!
+//! 1. this CPU's slots, one per context level (normal, first handler, nested
+//!    handler): a handler that interrupted its own thread inside the level-0
+//!    slot finds the level-1 slot free, and it keeps a stock of its own;
+//! 2. each slot it holds but finds empty is refilled from the buddy lists if
+//!    the zone lock can be *tried*;
+//! 3. the other CPUs' slots (their stock, without refilling);
+//! 4. the zone directly with `try_lock`;
+//! 5. the zone's deferred stack (pages whose free could not take a lock):
+//!    a block of the right order is taken from it without any lock.
+//!
+//! Upstream stops after the equivalent of steps 1, 2 (one level) and 4; the
+//! extra levels and steps 3 and 5 are what keeps a handler that interrupted a
+//! refill (slot and zone both held by its own thread) from failing.
+//! [`PageStats`] counts the failures that remain by reason.
+//!
+//! # Example
+//!
+//! ```
+//! use anyalloc::{Config, PageAllocator};
+//! let pages = PageAllocator::new(Config::default().memory(8 << 20)).unwrap();
+//! let p = pages.alloc_pages(0).unwrap();
+//! let q = pages.alloc_pages_nolock(3).unwrap(); // 32 KiB, from any context
+//! unsafe {
+//!     pages.free_pages(p, 0);
+//!     pages.free_pages_nolock(q, 3);
+//! }
+//! pages.drain();
+//! let stats = pages.stats();
+//! assert_eq!(stats.free_pages, stats.total_pages);
+//! ```
+
+mod desc;
+mod zone;
+
+pub(crate) use desc::PageDesc;
+pub(crate) use zone::Zone;
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use crate::config::{Config, Error};
+use crate::platform::{FatalMessage, Platform};
+use crate::sync::ZoneLock;
+use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
+use zone::{Fail, Mode, LEVELS, MAX_BLOCK, PCP_MAX_ORDER};
+
+/// At most this many zones (the first plus growth).
+const MAX_ZONES: usize = 32;
+
+/// A snapshot of a page allocator's state. Exact when nothing runs
+/// concurrently; otherwise each field is individually consistent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// Pages managed, in all zones.
+    pub total_pages: usize,
+    /// Free pages wherever they sit: buddy lists, per-CPU lists, deferred.
+    pub free_pages: usize,
+    /// Free pages on the buddy free lists.
+    pub buddy_pages: usize,
+    /// Free pages cached on per-CPU lists.
+    pub percpu_pages: usize,
+    /// Free pages parked on deferred stacks.
+    pub deferred_pages: usize,
+    /// Zones (the first, plus those added by growth).
+    pub zones: usize,
+    /// Successful nolock allocations.
+    pub nolock_alloc_ok: u64,
+    /// Nolock allocations that failed because every lock they needed was held.
+    pub nolock_alloc_fail_busy: u64,
+    /// Nolock allocations that failed because no zone had pages above its
+    /// min watermark.
+    pub nolock_alloc_fail_empty: u64,
+    /// Nolock frees that found every lock held and parked on a deferred stack.
+    pub nolock_free_deferred: u64,
+}
+
+/// The page allocator. See the module documentation.
+pub struct PageAllocator {
+    platform: &'static dyn Platform,
+    config: Config,
+    cpus: usize,
+    zones: [AtomicPtr<Zone>; MAX_ZONES],
+    nzones: AtomicUsize,
+    /// Serialises growth (normal path only).
+    grow_lock: ZoneLock,
+    /// Whether the zones are OS reservations to release on drop.
+    owns_mappings: bool,
+    nolock_ok_direct: AtomicU64,
+    nolock_fail_busy: AtomicU64,
+    nolock_fail_empty: AtomicU64,
+    nolock_free_deferred: AtomicU64,
+}
+
+impl core::fmt::Debug for PageAllocator {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PageAllocator")
+            .field("cpus", &self.cpus)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the zones the raw pointers refer to are shared only through atomics
+// and the locks documented in `zone`; the platform is `Sync`.
+unsafe impl Send for PageAllocator {}
+// SAFETY: as above: every mutable state is behind atomics or locks.
+unsafe impl Sync for PageAllocator {}
+
+impl PageAllocator {
+    fn empty(platform: &'static dyn Platform, config: Config, cpus: usize, owns: bool) -> Self {
+        PageAllocator {
+            platform,
+            config,
+            cpus,
+            zones: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_ZONES],
+            nzones: AtomicUsize::new(0),
+            grow_lock: ZoneLock::new(),
+            owns_mappings: owns,
+            nolock_ok_direct: AtomicU64::new(0),
+            nolock_fail_busy: AtomicU64::new(0),
+            nolock_fail_empty: AtomicU64::new(0),
+            nolock_free_deferred: AtomicU64::new(0),
+        }
+    }
+
+    /// Creates a page allocator whose first zone is `config.memory` bytes of
+    /// address space reserved with mmap (committed by the OS on first touch).
+    ///
+    /// Errors name the setting and its value: too little memory, zero CPUs,
+    /// or the OS refusing the reservation.
+    #[cfg(feature = "std")]
+    pub fn new(config: Config) -> Result<PageAllocator, Error> {
+        config.validate()?;
+        let platform: &'static dyn Platform = crate::platform::StdPlatform::get();
+        let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
+        let pa = Self::empty(platform, config, cpus, true);
+        pa.add_os_zone(config.memory)?;
+        Ok(pa)
+    }
+
+    /// Creates a page allocator over an embedder's memory region (`no_std`).
+    /// The zone's metadata is carved from the end of the region. `config`'s
+    /// memory size and growth settings do not apply (the region is the cap).
+    ///
+    /// # Safety
+    /// `region` must be valid for reads and writes of `len` bytes for as long
+    /// as the allocator and any memory it handed out are in use, and must not
+    /// be used by anything else.
+    pub unsafe fn from_region(
+        region: NonNull<u8>,
+        len: usize,
+        platform: &'static dyn Platform,
+        config: Config,
+    ) -> Result<PageAllocator, Error> {
+        if config.cpus == Some(0) {
+            return Err(Error::Config {
+                setting: "Config::cpus",
+                value: 0,
+                reason: "at least one CPU is needed",
+            });
+        }
+        let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
+        let region_start = region.as_ptr() as usize;
+        let region_end = region_start.checked_add(len).ok_or(Error::Region {
+            len,
+            reason: "the region wraps around the address space",
+        })?;
+        let start = region_start.next_multiple_of(PAGE_SIZE);
+        let fits = |n: usize| {
+            let end = start + n * PAGE_SIZE;
+            let meta = end.next_multiple_of(64);
+            meta + zone::meta_size(start, end, cpus) <= region_end
+        };
+        let mut n = region_end.saturating_sub(start) / (PAGE_SIZE + core::mem::size_of::<PageDesc>());
+        while n > 0 && !fits(n) {
+            n -= 1;
+        }
+        if n < 16 {
+            return Err(Error::Region {
+                len,
+                reason: "too small: at least 16 pages plus their metadata are needed",
+            });
+        }
+        let end = start + n * PAGE_SIZE;
+        let pa = Self::empty(platform, config, cpus, false);
+        // SAFETY: the metadata area [end rounded to 64, region_end) and the
+        // pages [start, end) lie inside the caller's exclusive region
+        // (checked by `fits`); the region's contents are arbitrary, so
+        // `zeroed` is false.
+        let z = unsafe { Zone::init(end.next_multiple_of(64) as *mut u8, start, end, cpus, platform, false, (0, 0)) };
+        pa.publish_zone(z as *mut Zone);
+        Ok(pa)
+    }
+
+    #[cfg(feature = "std")]
+    fn add_os_zone(&self, bytes: usize) -> Result<(), Error> {
+        let pages_len = bytes.next_multiple_of(PAGE_SIZE);
+        let meta = zone::meta_size(0, pages_len, self.cpus).next_multiple_of(PAGE_SIZE);
+        let total = pages_len + meta;
+        let p = crate::platform::os_reserve(total, MAX_BLOCK).ok_or(Error::Reserve { bytes: total })?;
+        let start = p as usize;
+        let end = start + pages_len;
+        // SAFETY: `os_reserve` returned `total` fresh, zero-filled, writable
+        // bytes at a MAX_BLOCK-aligned address: the pages [start, end) and,
+        // after them, `meta` bytes of page-aligned metadata; nothing else
+        // knows about this mapping.
+        let z = unsafe { Zone::init(end as *mut u8, start, end, self.cpus, self.platform, true, (start, total)) };
+        self.publish_zone(z as *mut Zone);
+        Ok(())
+    }
+
+    fn publish_zone(&self, z: *mut Zone) {
+        let n = self.nzones.load(Ordering::Relaxed);
+        self.zones[n].store(z, Ordering::Release);
+        // Release: a reader that sees the new count sees the zone pointer and
+        // the zone's initialised contents.
+        self.nzones.store(n + 1, Ordering::Release);
+    }
+
+    /// The zones, first to last.
+    #[inline]
+    pub(crate) fn zones(&self) -> impl Iterator<Item = &Zone> {
+        let n = self.nzones.load(Ordering::Acquire);
+        // SAFETY: entries below `nzones` were published (Release) after
+        // their zone was initialised, and zones live as long as `self`.
+        self.zones[..n].iter().map(|z| unsafe { &*z.load(Ordering::Acquire) })
+    }
+
+    /// The zone holding `addr` and the index of its page.
+    #[inline]
+    pub(crate) fn locate(&self, addr: usize) -> Option<(&Zone, u32)> {
+        self.zones().find(|z| z.contains(addr)).map(|z| (z, z.index_of(addr)))
+    }
+
+    /// Whether `addr` lies in memory this allocator manages.
+    pub fn contains(&self, addr: usize) -> bool {
+        self.locate(addr).is_some()
+    }
+
+    /// The platform this allocator runs on.
+    pub fn platform(&self) -> &'static dyn Platform {
+        self.platform
+    }
+
+    /// How many CPU slot sets the allocator has.
+    pub fn cpus(&self) -> usize {
+        self.cpus
+    }
+
+    #[inline]
+    fn cpu(&self) -> usize {
+        self.platform.cpu_id()
+    }
+
+    // ----- normal path ---------------------------------------------------
+
+    /// Allocates `2^order` contiguous pages, aligned to their size. Normal
+    /// context: may wait on a lock, reclaim, and grow the heap. `None` when
+    /// `order > MAX_ORDER` or memory is exhausted.
+    pub fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > MAX_ORDER {
+            return None;
+        }
+        crate::context::might_wait("PageAllocator::alloc_pages");
+        if let Some(p) = self.alloc_normal_once(order, true) {
+            return Some(p);
+        }
+        self.alloc_slow(order)
+    }
+
+    #[cold]
+    fn alloc_slow(&self, order: u32) -> Option<NonNull<u8>> {
+        // Reclaim: every per-CPU list and deferred stack back to the buddy
+        // lists, then try again above the watermark.
+        self.drain();
+        if let Some(p) = self.alloc_normal_once(order, true) {
+            return Some(p);
+        }
+        #[cfg(feature = "std")]
+        if self.config.grow && self.grow() {
+            if let Some(p) = self.alloc_normal_once(order, true) {
+                return Some(p);
+            }
+        }
+        // Last resort of a caller that has reclaimed: the min reserve.
+        self.alloc_normal_once(order, false)
+    }
+
+    fn alloc_normal_once(&self, order: u32, above_min: bool) -> Option<NonNull<u8>> {
+        let cpu = self.cpu();
+        for zone in self.zones() {
+            let reserve = if above_min { zone.min } else { 0 };
+            if order <= PCP_MAX_ORDER {
+                let slot = zone.slot(cpu, 0);
+                if let Some(s) = slot.lock.try_lock() {
+                    match zone.pcp_alloc(slot, &s, order, Mode::Normal, reserve) {
+                        Ok(idx) => return Some(self.ptr(zone, idx)),
+                        Err(_) => continue,
+                    }
+                }
+                // The slot is held by another context (a preempted thread):
+                // go to the zone directly.
+            }
+            let g = zone.lock.lock(zone.platform());
+            zone.drain_deferred(&g);
+            crate::interrupt_point!(ZoneAlloc);
+            if let Some(idx) = zone.buddy_alloc(order, reserve, &g) {
+                return Some(self.ptr(zone, idx));
+            }
+        }
+        None
+    }
+
+    /// Adds a zone from the OS; `true` if there is a new zone to try.
+    #[cfg(feature = "std")]
+    #[cold]
+    fn grow(&self) -> bool {
+        let before = self.nzones.load(Ordering::Acquire);
+        let _g = self.grow_lock.lock(self.platform);
+        let now = self.nzones.load(Ordering::Acquire);
+        if now != before {
+            return true; // another thread grew the heap meanwhile
+        }
+        if now >= MAX_ZONES {
+            return false;
+        }
+        // Each new zone doubles the previous one (capped at 64 GiB).
+        let bytes = self
+            .config
+            .memory
+            .max(MAX_BLOCK)
+            .saturating_mul(1usize << now.min(16))
+            .min(64 << 30);
+        self.add_os_zone(bytes).is_ok()
+    }
+
+    #[inline]
+    fn ptr(&self, zone: &Zone, idx: u32) -> NonNull<u8> {
+        // SAFETY: a zone's page addresses are never null.
+        unsafe { NonNull::new_unchecked(zone.addr_of(idx) as *mut u8) }
+    }
+
+    /// Frees a block from [`alloc_pages`](Self::alloc_pages) or
+    /// [`alloc_pages_nolock`](Self::alloc_pages_nolock). Normal context.
+    ///
+    /// # Safety
+    /// `ptr` must have been returned by this allocator for `order` and not be
+    /// used afterwards. Violations that can be detected (a pointer outside
+    /// managed memory, misaligned, already free, or freed with another order)
+    /// abort the process with a one-line message.
+    pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
+        crate::context::might_wait("PageAllocator::free_pages");
+        let (zone, idx) = self.claim(ptr, order);
+        if order <= PCP_MAX_ORDER {
+            let slot = zone.slot(self.cpu(), 0);
+            if let Some(s) = slot.lock.try_lock() {
+                zone.pcp_free(slot, &s, idx, order, Mode::Normal);
+                return;
+            }
+        }
+        let g = zone.lock.lock(zone.platform());
+        crate::interrupt_point!(ZoneFree);
+        zone.buddy_free(idx, order, &g);
+        zone.drain_deferred(&g);
+    }
+
+    // ----- nolock path -----------------------------------------------------
+
+    /// Allocates `2^order` pages (order at most [`NOLOCK_MAX_ORDER`]) from any
+    /// context: never waits, never makes a syscall, never reclaims, never
+    /// grows the heap, never takes a zone below its min watermark. `None`
+    /// means "no memory for you in this context now"; don't spin on it.
+    pub fn alloc_pages_nolock(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > NOLOCK_MAX_ORDER {
+            return None;
+        }
+        let cpu = self.cpu();
+        let mut busy = false;
+        for zone in self.zones() {
+            match self.nolock_from_zone(zone, cpu, order) {
+                Ok(p) => return Some(p),
+                Err(Fail::Busy) => busy = true,
+                Err(Fail::Empty) => {}
+            }
+        }
+        let counter = if busy {
+            &self.nolock_fail_busy
+        } else {
+            &self.nolock_fail_empty
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    #[inline]
+    fn nolock_from_zone(&self, zone: &Zone, cpu: usize, order: u32) -> Result<NonNull<u8>, Fail> {
+        let mut busy = false;
+        // Zone lock observed busy: later steps don't try it again.
+        let mut zone_busy = false;
+        // 1 + 2: this CPU's slots, one per context level; refill when empty.
+        for level in 0..LEVELS {
+            let slot = zone.slot(cpu, level);
+            let Some(s) = slot.lock.try_lock() else {
+                busy = true;
+                continue;
+            };
+            let reserve = if zone_busy { usize::MAX } else { zone.min };
+            let got = if zone_busy {
+                // Only the slot's own stock: refilling needs the zone lock.
+                zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve).ok()
+            } else {
+                match zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve) {
+                    Ok(idx) => Some(idx),
+                    Err(Fail::Busy) => {
+                        zone_busy = true;
+                        busy = true;
+                        None
+                    }
+                    Err(Fail::Empty) => None,
+                }
+            };
+            if let Some(idx) = got {
+                zone::PcpSlot::bump(&slot.nolock_ok, &s);
+                return Ok(self.ptr(zone, idx));
+            }
+        }
+        // 3: the other CPUs' stock.
+        for other in (0..self.cpus).filter(|&c| c != cpu % self.cpus) {
+            for level in 0..LEVELS {
+                let slot = zone.slot(other, level);
+                if slot.pages() == 0 {
+                    continue;
+                }
+                let Some(s) = slot.lock.try_lock() else {
+                    busy = true;
+                    continue;
+                };
+                if let Ok(idx) = zone.pcp_alloc(slot, &s, order, Mode::NoLock, usize::MAX) {
+                    zone::PcpSlot::bump(&slot.nolock_ok, &s);
+                    return Ok(self.ptr(zone, idx));
+                }
+            }
+        }
+        // 4: the zone directly.
+        if !zone_busy {
+            if let Some(g) = zone.lock.try_lock(zone.platform()) {
+                zone.drain_deferred(&g);
+                crate::interrupt_point!(ZoneAlloc);
+                if let Some(idx) = zone.buddy_alloc(order, zone.min, &g) {
+                    self.nolock_ok_direct.fetch_add(1, Ordering::Relaxed);
+                    return Ok(self.ptr(zone, idx));
+                }
+                return Err(if busy { Fail::Busy } else { Fail::Empty });
+            }
+        }
+        // 5: a block of this order parked on the deferred stack.
+        if let Some(idx) = zone.steal_deferred(order) {
+            self.nolock_ok_direct.fetch_add(1, Ordering::Relaxed);
+            return Ok(self.ptr(zone, idx));
+        }
+        Err(Fail::Busy)
+    }
+
+    /// Frees a block from any context, whichever path allocated it. Never
+    /// waits and never fails: when every lock is held the block is parked on
+    /// the zone's deferred stack until the next zone-lock holder merges it.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    pub unsafe fn free_pages_nolock(&self, ptr: NonNull<u8>, order: u32) {
+        let (zone, idx) = self.claim(ptr, order);
+        if order <= PCP_MAX_ORDER {
+            let cpu = self.cpu();
+            for level in 0..LEVELS {
+                let slot = zone.slot(cpu, level);
+                if !zone.pcp_has_room(slot) {
+                    continue;
+                }
+                if let Some(s) = slot.lock.try_lock() {
+                    zone.pcp_free(slot, &s, idx, order, Mode::NoLock);
+                    return;
+                }
+            }
+        }
+        if let Some(g) = zone.lock.try_lock(zone.platform()) {
+            crate::interrupt_point!(ZoneFree);
+            zone.buddy_free(idx, order, &g);
+            zone.drain_deferred(&g);
+            return;
+        }
+        zone.defer_free(idx, order);
+        self.nolock_free_deferred.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Validates a free and claims the block (`ALLOCATED -> FREEING`), or
+    /// reports the corruption and aborts.
+    #[inline]
+    fn claim(&self, ptr: NonNull<u8>, order: u32) -> (&Zone, u32) {
+        let addr = ptr.as_ptr() as usize;
+        if order > MAX_ORDER {
+            self.corrupt("free of page ", addr, " with an order above MAX_ORDER (order ", order);
+        }
+        let Some((zone, idx)) = self.locate(addr) else {
+            self.corrupt("free of ", addr, ", which is outside managed memory (order ", order);
+        };
+        if addr & ((PAGE_SIZE << order) - 1) != 0 {
+            self.corrupt("free of ", addr, ", which is misaligned for its order (order ", order);
+        }
+        let d = zone.desc(idx);
+        let want = desc::state(desc::ALLOCATED, order);
+        match d
+            .state
+            .compare_exchange(want, desc::state(desc::FREEING, order), Ordering::Acquire, Ordering::Relaxed)
+        {
+            Ok(_) => (zone, idx),
+            Err(actual) => self.bad_claim(addr, order, actual),
+        }
+    }
+
+    #[cold]
+    fn bad_claim(&self, addr: usize, order: u32, actual: u32) -> ! {
+        match desc::kind_of(actual) {
+            desc::ALLOCATED => {
+                let msg = FatalMessage::new()
+                    .text("anyalloc: free of page ")
+                    .hex(addr)
+                    .text(" with order ")
+                    .dec(order as usize)
+                    .text(", but it was allocated with order ")
+                    .dec(desc::order_of(actual) as usize);
+                self.fatal(msg)
+            }
+            desc::TAIL => self.corrupt(
+                "free of ",
+                addr,
+                ", which is not the start of an allocated block: double free or interior pointer (order ",
+                order,
+            ),
+            _ => self.corrupt("double free of page ", addr, " (order ", order),
+        }
+    }
+
+    #[cold]
+    fn corrupt(&self, what: &str, addr: usize, middle: &str, order: u32) -> ! {
+        let msg = FatalMessage::new()
+            .text("anyalloc: ")
+            .text(what)
+            .hex(addr)
+            .text(middle)
+            .dec(order as usize)
+            .text(")");
+        self.fatal(msg)
+    }
+
+    #[cold]
+    pub(crate) fn fatal(&self, mut msg: FatalMessage) -> ! {
+        self.platform.fatal(msg.line())
+    }
+
+    // ----- maintenance ------------------------------------------------------
+
+    /// Normal context: moves every per-CPU list and deferred stack back to the
+    /// buddy lists (slots held by other contexts right now are skipped).
+    pub fn drain(&self) {
+        crate::context::might_wait("PageAllocator::drain");
+        for zone in self.zones() {
+            zone.drain_all();
+        }
+    }
+
+    /// A snapshot of the allocator's counters; see [`PageStats`].
+    pub fn stats(&self) -> PageStats {
+        let mut s = PageStats {
+            nolock_alloc_ok: self.nolock_ok_direct.load(Ordering::Relaxed),
+            nolock_alloc_fail_busy: self.nolock_fail_busy.load(Ordering::Relaxed),
+            nolock_alloc_fail_empty: self.nolock_fail_empty.load(Ordering::Relaxed),
+            nolock_free_deferred: self.nolock_free_deferred.load(Ordering::Relaxed),
+            ..PageStats::default()
+        };
+        for zone in self.zones() {
+            s.zones += 1;
+            s.total_pages += zone.total;
+            s.buddy_pages += zone.free_buddy();
+            s.deferred_pages += zone.deferred_pages();
+            for slot in zone.slots() {
+                s.percpu_pages += slot.pages();
+                s.nolock_alloc_ok += slot.nolock_ok.load(Ordering::Relaxed);
+            }
+        }
+        s.free_pages = s.buddy_pages + s.percpu_pages + s.deferred_pages;
+        s
+    }
+
+    /// Checks every structural invariant (buddy lists well-formed and fully
+    /// coalesced, counts consistent, per-CPU lists well-formed). Call only
+    /// while no other context uses the allocator; meant for tests.
+    pub fn check_invariants(&self) -> Result<(), &'static str> {
+        for zone in self.zones() {
+            zone.check()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PageAllocator {
+    fn drop(&mut self) {
+        if !self.owns_mappings {
+            return;
+        }
+        #[cfg(feature = "std")]
+        {
+            let zones: [*mut Zone; MAX_ZONES] = core::array::from_fn(|i| self.zones[i].load(Ordering::Acquire));
+            for z in zones.into_iter().take(self.nzones.load(Ordering::Acquire)) {
+                // SAFETY: the zone is initialised and ours; its mapping is the
+                // reservation `add_os_zone` made (which also holds the zone
+                // struct itself, so read it first).
+                unsafe {
+                    let (start, len) = (*z).mapping;
+                    crate::platform::os_release(start as *mut u8, len);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! A zone: one contiguous run of page frames managed by a buddy allocator,
+//! with its per-CPU page lists and its deferred-free stack.
+//!
+//! # Memory layout
+//!
+//! A zone manages pages `[start, end)`. Page indices count from `base`, the
+//! largest-block (4 MiB) aligned address at or below `start`, so a block of
+//! order `k` at index `i` is naturally aligned exactly when `i` is a multiple
+//! of `2^k`, and its buddy is `i ^ 2^k`. The zone's own metadata (this struct,
+//! the slots, the descriptor array) sits in a separate area: on std, right
+//! after the pages in the same reservation; in `no_std`, at the end of the
+//! embedder's region.
+//!
+//! # Locks and what they protect
+//!
+//! * `lock` (a [`ZoneLock`]): the buddy free lists, their counts, and the
+//!   state of every block on them.
+//! * each slot's [`SlotLock`](crate::sync::SlotLock): that slot's lists.
+//! * `deferred`: lock-free; pages pushed there are owned by the stack until
+//!   a zone-lock holder takes them all.
+//!
+//! Lock order: slot, then zone. A zone-lock holder may only `try_lock` a slot
+//! (drain does this), so the order can never invert into a deadlock.
+//!
+//! # Watermarks
+//!
+//! `min < low < high`, in pages of the buddy free lists. The nolock path never
+//! takes the zone below `min`; the normal path does only as a last resort,
+//! after reclaim has failed (the reserve a reclaiming caller may use, as the
+//! kernel's `ALLOC_NO_WATERMARKS`).
+
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use super::desc::{self, PageDesc};
+use crate::platform::Platform;
+use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock, NIL};
+use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
+
+/// The highest order kept on per-CPU lists (the kernel's costly order).
+pub(crate) const PCP_MAX_ORDER: u32 = 3;
+/// Slots per CPU: normal context, first handler, nested handler.
+pub(crate) const LEVELS: usize = 3;
+/// Bytes of the largest block; zones are indexed from such a boundary.
+pub(crate) const MAX_BLOCK: usize = PAGE_SIZE << MAX_ORDER;
+
+/// Why a nolock attempt on one zone failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fail {
+    /// A lock it needed was held by another context.
+    Busy,
+    /// The zone (or list) had nothing to give above the watermark.
+    Empty,
+}
+
+/// Whether a caller may wait for the zone lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Normal context: `lock()`.
+    Normal,
+    /// Any context: `try_lock()` only.
+    NoLock,
+}
+
+/// One per-CPU, per-context-level set of page lists (orders 0..=3).
+#[repr(C, align(64))]
+pub(crate) struct PcpSlot {
+    pub(crate) lock: SlotLock,
+    /// Pages held across all orders (for `high`).
+    pages: AtomicU32,
+    heads: [AtomicU32; PCP_MAX_ORDER as usize + 1],
+    counts: [AtomicU32; PCP_MAX_ORDER as usize + 1],
+    /// Nolock allocations served from this slot (updated under its lock).
+    pub(crate) nolock_ok: AtomicU64,
+}
+
+impl PcpSlot {
+    fn init(&self) {
+        for h in &self.heads {
+            h.store(NIL, Ordering::Relaxed);
+        }
+        for c in &self.counts {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.pages.store(0, Ordering::Relaxed);
+        self.nolock_ok.store(0, Ordering::Relaxed);
+    }
+
+    /// Pages on this slot's lists (racy unless the slot is held).
+    pub(crate) fn pages(&self) -> usize {
+        self.pages.load(Ordering::Relaxed) as usize
+    }
+
+    /// Increments a counter of this slot; the caller holds the slot.
+    #[inline]
+    pub(crate) fn bump(counter: &AtomicU64, _held: &SlotGuard<'_>) {
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+}
+
+/// See the module documentation.
+pub(crate) struct Zone {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    base: usize,
+    first: u32,
+    limit: u32,
+    descs: *const PageDesc,
+    slots: *const PcpSlot,
+    cpus: usize,
+    platform: &'static dyn Platform,
+    pub(crate) lock: ZoneLock,
+    heads: [AtomicU32; MAX_ORDER as usize + 1],
+    counts: [AtomicU32; MAX_ORDER as usize + 1],
+    /// Pages on the buddy free lists (written under `lock`).
+    free_buddy: AtomicUsize,
+    deferred: IndexStack,
+    deferred_pages: AtomicUsize,
+    pub(crate) total: usize,
+    pub(crate) min: usize,
+    pub(crate) low: usize,
+    pcp_high: u32,
+    pcp_batch: u32,
+    /// Where the zone's reservation starts and how long it is (std), for
+    /// returning it to the OS.
+    pub(crate) mapping: (usize, usize),
+}
+
+/// The metadata area a zone needs, in bytes, for `cpus` CPUs and the pages
+/// `[start, end)`.
+pub(crate) fn meta_size(start: usize, end: usize, cpus: usize) -> usize {
+    let base = start & !(MAX_BLOCK - 1);
+    let limit = (end - base) >> PAGE_SHIFT;
+    let head = core::mem::size_of::<Zone>().next_multiple_of(64);
+    let slots = cpus * LEVELS * core::mem::size_of::<PcpSlot>();
+    (head + slots).next_multiple_of(PAGE_SIZE) + limit * core::mem::size_of::<PageDesc>()
+}
+
+impl Zone {
+    /// Builds a zone in `meta` for the pages `[start, end)` and frees every
+    /// page into the buddy lists.
+    ///
+    /// # Safety
+    /// 1. `meta` is valid for writes of `meta_size(start, end, cpus)` bytes,
+    ///    64-byte aligned, and stays valid and unused by anything else for
+    ///    the zone's life;
+    /// 2. `[start, end)` is page-aligned memory that stays valid and is used
+    ///    only through this zone;
+    /// 3. if `zeroed`, the descriptor part of `meta` reads as zeros.
+    pub(crate) unsafe fn init(
+        meta: *mut u8,
+        start: usize,
+        end: usize,
+        cpus: usize,
+        platform: &'static dyn Platform,
+        zeroed: bool,
+        mapping: (usize, usize),
+    ) -> *const Zone {
+        let base = start & !(MAX_BLOCK - 1);
+        let first = ((start - base) >> PAGE_SHIFT) as u32;
+        let limit = ((end - base) >> PAGE_SHIFT) as u32;
+        let head = core::mem::size_of::<Zone>().next_multiple_of(64);
+        let slots_bytes = cpus * LEVELS * core::mem::size_of::<PcpSlot>();
+        let slots = meta.wrapping_add(head) as *mut PcpSlot;
+        let descs = meta.wrapping_add((head + slots_bytes).next_multiple_of(PAGE_SIZE)) as *mut PageDesc;
+        let total = (limit - first) as usize;
+        // Kernel-like watermarks: min ~ 1/256 of the zone, low = 1.25 min,
+        // high = 1.5 min.
+        let min = (total / 256).clamp(4, 4096);
+        let pcp_batch = (total / (cpus * LEVELS * 64)).clamp(1, 16) as u32;
+        let pcp_high = (pcp_batch * 6).max(8);
+        let zone = Zone {
+            start,
+            end,
+            base,
+            first,
+            limit,
+            descs,
+            slots,
+            cpus,
+            platform,
+            lock: ZoneLock::new(),
+            heads: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
+            counts: [const { AtomicU32::new(0) }; MAX_ORDER as usize + 1],
+            free_buddy: AtomicUsize::new(0),
+            deferred: IndexStack::new(),
+            deferred_pages: AtomicUsize::new(0),
+            total,
+            min,
+            low: min + min / 4,
+            pcp_high,
+            pcp_batch,
+            mapping,
+        };
+        let zp = meta as *mut Zone;
+        // SAFETY: (1) `meta` is valid, aligned and exclusively ours; the Zone
+        // fits in `head` bytes; the slots and the descriptor array follow it
+        // within `meta_size` bytes.
+        unsafe {
+            zp.write(zone);
+            for i in 0..cpus * LEVELS {
+                let s = slots.add(i);
+                s.write(PcpSlot {
+                    lock: SlotLock::new(),
+                    pages: AtomicU32::new(0),
+                    heads: [const { AtomicU32::new(NIL) }; PCP_MAX_ORDER as usize + 1],
+                    counts: [const { AtomicU32::new(0) }; PCP_MAX_ORDER as usize + 1],
+                    nolock_ok: AtomicU64::new(0),
+                });
+                (*s).init();
+            }
+            if !zeroed {
+                // (3) does not hold: every descriptor must read as TAIL.
+                core::ptr::write_bytes(descs, 0, limit as usize);
+            }
+        }
+        // SAFETY: initialised just above and never moved.
+        let z = unsafe { &*zp };
+        // Free the pages as the largest naturally aligned blocks that fit.
+        let g = z.lock.lock(platform);
+        let mut i = first;
+        while i < limit {
+            let mut order = MAX_ORDER;
+            while order > 0 && (i % (1 << order) != 0 || i + (1 << order) > limit) {
+                order -= 1;
+            }
+            z.desc(i).set(desc::state(desc::ALLOCATED, order));
+            z.buddy_free(i, order, &g);
+            i += 1 << order;
+        }
+        drop(g);
+        zp
+    }
+
+    #[inline]
+    pub(crate) fn contains(&self, addr: usize) -> bool {
+        addr >= self.start && addr < self.end
+    }
+
+    /// The index of the page holding `addr` (which must be inside the zone).
+    #[inline]
+    pub(crate) fn index_of(&self, addr: usize) -> u32 {
+        ((addr - self.base) >> PAGE_SHIFT) as u32
+    }
+
+    #[inline]
+    pub(crate) fn addr_of(&self, idx: u32) -> usize {
+        self.base + ((idx as usize) << PAGE_SHIFT)
+    }
+
+    /// The descriptor of page `idx`.
+    #[inline]
+    pub(crate) fn desc(&self, idx: u32) -> &PageDesc {
+        debug_assert!(idx >= self.first && idx < self.limit);
+        // SAFETY: `descs` has `limit` entries (init), idx < limit, and the
+        // array lives as long as the zone.
+        unsafe { &*self.descs.add(idx as usize) }
+    }
+
+    /// The slot of `cpu` (reduced modulo the CPU count) at `level`.
+    #[inline]
+    pub(crate) fn slot(&self, cpu: usize, level: usize) -> &PcpSlot {
+        let cpu = if cpu < self.cpus { cpu } else { cpu % self.cpus };
+        // SAFETY: `slots` has cpus * LEVELS initialised entries (init).
+        unsafe { &*self.slots.add(cpu * LEVELS + level) }
+    }
+
+    pub(crate) fn slots(&self) -> impl Iterator<Item = &PcpSlot> {
+        // SAFETY: as in `slot`.
+        (0..self.cpus * LEVELS).map(move |i| unsafe { &*self.slots.add(i) })
+    }
+
+    pub(crate) fn platform(&self) -> &'static dyn Platform {
+        self.platform
+    }
+
+    pub(crate) fn free_buddy(&self) -> usize {
+        self.free_buddy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn deferred_pages(&self) -> usize {
+        self.deferred_pages.load(Ordering::Relaxed)
+    }
+
+    /// Takes the zone lock in the given mode (`None`: busy, nolock only).
+    #[inline]
+    pub(crate) fn lock_mode(&self, mode: Mode) -> Option<ZoneGuard<'_>> {
+        match mode {
+            Mode::Normal => Some(self.lock.lock(self.platform)),
+            Mode::NoLock => self.lock.try_lock(self.platform),
+        }
+    }
+
+    // ----- buddy free lists (zone lock held) ---------------------------
+
+    fn list_push(&self, idx: u32, order: u32, _g: &ZoneGuard<'_>) {
+        let head = &self.heads[order as usize];
+        let old = head.load(Ordering::Relaxed);
+        let d = self.desc(idx);
+        d.next.store(old, Ordering::Relaxed);
+        d.prev.store(NIL, Ordering::Relaxed);
+        if old != NIL {
+            self.desc(old).prev.store(idx, Ordering::Relaxed);
+        }
+        head.store(idx, Ordering::Relaxed);
+        d.set(desc::state(desc::BUDDY, order));
+        self.counts[order as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn list_remove(&self, idx: u32, order: u32, _g: &ZoneGuard<'_>) {
+        let d = self.desc(idx);
+        let next = d.next.load(Ordering::Relaxed);
+        let prev = d.prev.load(Ordering::Relaxed);
+        if prev == NIL {
+            self.heads[order as usize].store(next, Ordering::Relaxed);
+        } else {
+            self.desc(prev).next.store(next, Ordering::Relaxed);
+        }
+        if next != NIL {
+            self.desc(next).prev.store(prev, Ordering::Relaxed);
+        }
+        self.counts[order as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Takes a block of `order` from the buddy lists, leaving at least
+    /// `reserve` free pages; marks it `ALLOCATED`.
+    pub(crate) fn buddy_alloc(&self, order: u32, reserve: usize, g: &ZoneGuard<'_>) -> Option<u32> {
+        let need = 1usize << order;
+        if self.free_buddy.load(Ordering::Relaxed) < reserve + need {
+            return None;
+        }
+        let mut o = order;
+        let idx = loop {
+            if o > MAX_ORDER {
+                return None;
+            }
+            let h = self.heads[o as usize].load(Ordering::Relaxed);
+            if h != NIL {
+                break h;
+            }
+            o += 1;
+        };
+        self.list_remove(idx, o, g);
+        while o > order {
+            o -= 1;
+            crate::interrupt_point!(BuddySplit);
+            self.list_push(idx + (1 << o), o, g);
+        }
+        self.desc(idx).set(desc::state(desc::ALLOCATED, order));
+        self.free_buddy.fetch_sub(need, Ordering::Relaxed);
+        Some(idx)
+    }
+
+    /// Returns the claimed block `idx` of `order` to the buddy lists,
+    /// merging it with free buddies.
+    pub(crate) fn buddy_free(&self, mut idx: u32, mut order: u32, g: &ZoneGuard<'_>) {
+        self.free_buddy.fetch_add(1 << order, Ordering::Relaxed);
+        while order < MAX_ORDER {
+            let buddy = idx ^ (1 << order);
+            if buddy < self.first || buddy + (1 << order) > self.limit {
+                break;
+            }
+            if self.desc(buddy).load() != desc::state(desc::BUDDY, order) {
+                break;
+            }
+            self.list_remove(buddy, order, g);
+            crate::interrupt_point!(BuddyMerge);
+            // The higher half stops being a block head.
+            let (lo, hi) = if buddy < idx { (buddy, idx) } else { (idx, buddy) };
+            self.desc(hi).set(desc::TAIL);
+            idx = lo;
+            order += 1;
+        }
+        self.list_push(idx, order, g);
+    }
+
+    // ----- deferred frees ------------------------------------------------
+
+    /// Parks a claimed block whose free could not take a lock.
+    pub(crate) fn defer_free(&self, idx: u32, order: u32) {
+        self.desc(idx).set(desc::state(desc::DEFERRED, order));
+        self.deferred_pages.fetch_add(1 << order, Ordering::Relaxed);
+        self.deferred.push(idx, |i, next| {
+            self.desc(i).next.store(next, Ordering::Relaxed);
+            crate::interrupt_point!(DeferredPush);
+        });
+    }
+
+    /// Moves every deferred block into the buddy lists.
+    pub(crate) fn drain_deferred(&self, g: &ZoneGuard<'_>) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let mut i = self.deferred.take_all();
+        while i != NIL {
+            let d = self.desc(i);
+            let next = d.next.load(Ordering::Relaxed);
+            let order = desc::order_of(d.load());
+            crate::interrupt_point!(DeferredDrain);
+            self.deferred_pages.fetch_sub(1 << order, Ordering::Relaxed);
+            self.buddy_free(i, order, g);
+            i = next;
+        }
+    }
+
+    /// Nolock last resort while the zone lock is busy: take the deferred
+    /// stack, keep one block of exactly `order`, push the rest back.
+    pub(crate) fn steal_deferred(&self, order: u32) -> Option<u32> {
+        if self.deferred.is_empty() {
+            return None;
+        }
+        let mut i = self.deferred.take_all();
+        let mut found = None;
+        while i != NIL {
+            let d = self.desc(i);
+            let next = d.next.load(Ordering::Relaxed);
+            let o = desc::order_of(d.load());
+            if found.is_none() && o == order {
+                self.deferred_pages.fetch_sub(1 << o, Ordering::Relaxed);
+                d.set(desc::state(desc::ALLOCATED, order));
+                found = Some(i);
+            } else {
+                self.deferred.push(i, |j, n| self.desc(j).next.store(n, Ordering::Relaxed));
+            }
+            i = next;
+        }
+        found
+    }
+
+    // ----- per-CPU lists (slot held) --------------------------------------
+
+    #[inline]
+    fn pcp_pop(&self, slot: &PcpSlot, order: u32, _s: &SlotGuard<'_>) -> Option<u32> {
+        let head = &slot.heads[order as usize];
+        let idx = head.load(Ordering::Relaxed);
+        if idx == NIL {
+            return None;
+        }
+        let d = self.desc(idx);
+        head.store(d.next.load(Ordering::Relaxed), Ordering::Relaxed);
+        let c = &slot.counts[order as usize];
+        c.store(c.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+        slot.pages
+            .store(slot.pages.load(Ordering::Relaxed) - (1 << order), Ordering::Relaxed);
+        d.set(desc::state(desc::ALLOCATED, order));
+        Some(idx)
+    }
+
+    #[inline]
+    fn pcp_push(&self, slot: &PcpSlot, idx: u32, order: u32, _s: &SlotGuard<'_>) {
+        let head = &slot.heads[order as usize];
+        let d = self.desc(idx);
+        d.next.store(head.load(Ordering::Relaxed), Ordering::Relaxed);
+        d.set(desc::state(desc::PCP, order));
+        head.store(idx, Ordering::Relaxed);
+        let c = &slot.counts[order as usize];
+        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        slot.pages
+            .store(slot.pages.load(Ordering::Relaxed) + (1 << order), Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn batch_blocks(&self, order: u32) -> u32 {
+        (self.pcp_batch >> order).max(1)
+    }
+
+    /// Allocates from a held slot: its list, else a refill from the buddy
+    /// lists (the zone lock taken in `mode`).
+    #[inline]
+    pub(crate) fn pcp_alloc(
+        &self,
+        slot: &PcpSlot,
+        s: &SlotGuard<'_>,
+        order: u32,
+        mode: Mode,
+        reserve: usize,
+    ) -> Result<u32, Fail> {
+        crate::interrupt_point!(PcpAlloc);
+        if let Some(idx) = self.pcp_pop(slot, order, s) {
+            return Ok(idx);
+        }
+        self.pcp_refill(slot, s, order, mode, reserve)
+    }
+
+    #[cold]
+    fn pcp_refill(
+        &self,
+        slot: &PcpSlot,
+        s: &SlotGuard<'_>,
+        order: u32,
+        mode: Mode,
+        reserve: usize,
+    ) -> Result<u32, Fail> {
+        let g = self.lock_mode(mode).ok_or(Fail::Busy)?;
+        self.drain_deferred(&g);
+        crate::interrupt_point!(PcpRefill);
+        let first = self.buddy_alloc(order, reserve, &g).ok_or(Fail::Empty)?;
+        for _ in 1..self.batch_blocks(order) {
+            match self.buddy_alloc(order, reserve, &g) {
+                Some(idx) => self.pcp_push(slot, idx, order, s),
+                None => break,
+            }
+        }
+        Ok(first)
+    }
+
+    /// Frees a claimed block onto a held slot. In normal mode a slot over
+    /// `high` drains a batch to the buddy lists; nolock never drains (it may
+    /// overshoot `high`).
+    #[inline]
+    pub(crate) fn pcp_free(&self, slot: &PcpSlot, s: &SlotGuard<'_>, idx: u32, order: u32, mode: Mode) {
+        self.pcp_push(slot, idx, order, s);
+        crate::interrupt_point!(PcpFree);
+        if mode == Mode::Normal && slot.pages.load(Ordering::Relaxed) > self.pcp_high {
+            self.pcp_drain_to(slot, s, self.pcp_high.saturating_sub(self.pcp_batch));
+        }
+    }
+
+    /// Whether a nolock free may still add to this slot.
+    #[inline]
+    pub(crate) fn pcp_has_room(&self, slot: &PcpSlot) -> bool {
+        slot.pages.load(Ordering::Relaxed) < 2 * self.pcp_high
+    }
+
+    /// Normal context: moves blocks from a held slot to the buddy lists until
+    /// it holds at most `target` pages.
+    #[cold]
+    pub(crate) fn pcp_drain_to(&self, slot: &PcpSlot, s: &SlotGuard<'_>, target: u32) {
+        let g = self.lock.lock(self.platform);
+        self.pcp_drain_locked(slot, s, target, &g);
+        self.drain_deferred(&g);
+    }
+
+    pub(crate) fn pcp_drain_locked(&self, slot: &PcpSlot, s: &SlotGuard<'_>, target: u32, g: &ZoneGuard<'_>) {
+        for order in (0..=PCP_MAX_ORDER).rev() {
+            while slot.pages.load(Ordering::Relaxed) > target {
+                let Some(idx) = self.pcp_pop(slot, order, s) else {
+                    break;
+                };
+                crate::interrupt_point!(PcpDrain);
+                self.buddy_free(idx, order, g);
+            }
+        }
+    }
+
+    /// Normal context: every slot that can be taken and the deferred stack
+    /// back to the buddy lists. Slots held by other contexts are skipped.
+    pub(crate) fn drain_all(&self) {
+        let g = self.lock.lock(self.platform);
+        for slot in self.slots() {
+            if let Some(s) = slot.lock.try_lock() {
+                self.pcp_drain_locked(slot, &s, 0, &g);
+            }
+        }
+        self.drain_deferred(&g);
+    }
+
+    /// Checks the zone's invariants; the caller makes sure nothing else uses
+    /// the zone. Returns the number of free pages found.
+    pub(crate) fn check(&self) -> Result<usize, &'static str> {
+        let g = self.lock.lock(self.platform);
+        let mut buddy = 0usize;
+        for order in 0..=MAX_ORDER {
+            let mut i = self.heads[order as usize].load(Ordering::Relaxed);
+            let mut prev = NIL;
+            let mut n = 0;
+            while i != NIL {
+                let d = self.desc(i);
+                if d.load() != desc::state(desc::BUDDY, order) {
+                    return Err("a block on a buddy list is not marked BUDDY of its order");
+                }
+                if i % (1 << order) != 0 || i < self.first || i + (1 << order) > self.limit {
+                    return Err("a buddy block is misaligned or outside its zone");
+                }
+                if d.prev.load(Ordering::Relaxed) != prev {
+                    return Err("a buddy list back link is wrong");
+                }
+                if order < MAX_ORDER {
+                    let b = i ^ (1 << order);
+                    if b >= self.first
+                        && b + (1 << order) <= self.limit
+                        && self.desc(b).load() == desc::state(desc::BUDDY, order)
+                    {
+                        return Err("two free buddies were not merged");
+                    }
+                }
+                buddy += 1 << order;
+                n += 1;
+                prev = i;
+                i = d.next.load(Ordering::Relaxed);
+            }
+            if n != self.counts[order as usize].load(Ordering::Relaxed) {
+                return Err("a buddy list count is wrong");
+            }
+        }
+        if buddy != self.free_buddy() {
+            return Err("free_buddy does not match the buddy lists");
+        }
+        let mut pcp = 0usize;
+        for slot in self.slots() {
+            let Some(_s) = slot.lock.try_lock() else {
+                return Err("a slot is held during an invariant check");
+            };
+            let mut pages = 0;
+            for order in 0..=PCP_MAX_ORDER {
+                let mut i = slot.heads[order as usize].load(Ordering::Relaxed);
+                let mut n = 0;
+                while i != NIL {
+                    if self.desc(i).load() != desc::state(desc::PCP, order) {
+                        return Err("a block on a per-CPU list is not marked PCP of its order");
+                    }
+                    n += 1;
+                    pages += 1 << order;
+                    i = self.desc(i).next.load(Ordering::Relaxed);
+                }
+                if n != slot.counts[order as usize].load(Ordering::Relaxed) {
+                    return Err("a per-CPU list count is wrong");
+                }
+            }
+            if pages != slot.pages() {
+                return Err("a per-CPU page count is wrong");
+            }
+            pcp += pages;
+        }
+        drop(g);
+        Ok(buddy + pcp + self.deferred_pages())
+    }
+}

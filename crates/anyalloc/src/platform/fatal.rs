@@ -1,0 +1,93 @@
+//! A fixed-size message buffer for fatal errors: no allocation, no `fmt`.
+//!
+//! Heap corruption is reported from any context (a signal handler included),
+//! so the message is assembled by hand in a stack buffer and handed to
+//! [`Platform::fatal`](super::Platform::fatal), which writes it with
+//! write(2) on std.
+
+/// A one-line message built without allocating or formatting.
+pub(crate) struct FatalMessage {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl FatalMessage {
+    pub(crate) fn new() -> Self {
+        FatalMessage {
+            buf: [0; 160],
+            len: 0,
+        }
+    }
+
+    /// Appends text (truncated at the buffer's end).
+    pub(crate) fn text(mut self, s: &str) -> Self {
+        for &b in s.as_bytes() {
+            if self.len < self.buf.len() - 1 {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+        self
+    }
+
+    /// Appends `0x` and the value in hexadecimal.
+    pub(crate) fn hex(self, v: usize) -> Self {
+        let mut digits = [0u8; 18];
+        digits[0] = b'0';
+        digits[1] = b'x';
+        let mut n = 2;
+        let mut started = false;
+        for shift in (0..usize::BITS / 4).rev() {
+            let d = (v >> (shift * 4)) & 0xf;
+            if d != 0 || started || shift == 0 {
+                started = true;
+                digits[n] = b"0123456789abcdef"[d];
+                n += 1;
+            }
+        }
+        // SAFETY: only ASCII digits were written.
+        let s = unsafe { core::str::from_utf8_unchecked(&digits[..n]) };
+        self.text(s)
+    }
+
+    /// Appends the value in decimal.
+    pub(crate) fn dec(self, mut v: usize) -> Self {
+        let mut digits = [0u8; 20];
+        let mut n = digits.len();
+        loop {
+            n -= 1;
+            digits[n] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        // SAFETY: only ASCII digits were written.
+        let s = unsafe { core::str::from_utf8_unchecked(&digits[n..]) };
+        self.text(s)
+    }
+
+    /// The message with a trailing newline.
+    pub(crate) fn line(&mut self) -> &[u8] {
+        self.buf[self.len] = b'\n';
+        &self.buf[..self.len + 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_a_line_without_fmt() {
+        let mut m = FatalMessage::new()
+            .text("anyalloc: double free of page ")
+            .hex(0x7f00_1000)
+            .text(" (order ")
+            .dec(2)
+            .text(")");
+        assert_eq!(m.line(), b"anyalloc: double free of page 0x7f001000 (order 2)\n");
+        let mut z = FatalMessage::new().hex(0).dec(0);
+        assert_eq!(z.line(), b"0x00\n");
+    }
+}

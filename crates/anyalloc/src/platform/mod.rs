@@ -1,0 +1,71 @@
+//! What the allocator needs from its environment.
+//!
+//! [`Platform`] is the whole contract: the current CPU id, the CPU count, how
+//! to relax while spinning, how a normal-path waiter sleeps and is woken, and
+//! how to die on heap corruption. On std, [`StdPlatform`] provides it (rseq
+//! CPU id, futex, write(2) + abort); in `no_std` the embedder implements it
+//! (its CPU id, a spin loop with interrupts enabled, its panic path).
+//!
+//! Every method except [`Platform::wait`] is called on the nolock path and
+//! must itself be safe in any context: no lock that can wait, no allocation,
+//! no blocking syscall.
+
+use core::sync::atomic::AtomicU32;
+
+#[cfg(feature = "std")]
+mod std_os;
+#[cfg(feature = "std")]
+pub use std_os::StdPlatform;
+#[cfg(feature = "std")]
+pub(crate) use std_os::{os_release, os_reserve};
+
+mod fatal;
+pub(crate) use fatal::FatalMessage;
+
+/// The environment of an allocator. See the module documentation.
+///
+/// # Example: a `no_std` embedder with one CPU
+///
+/// ```
+/// use anyalloc::Platform;
+/// struct OneCpu;
+/// impl Platform for OneCpu {
+///     fn cpu_id(&self) -> usize { 0 }
+///     fn cpu_count(&self) -> usize { 1 }
+/// }
+/// assert_eq!(OneCpu.cpu_id(), 0);
+/// ```
+pub trait Platform: Sync {
+    /// The id of the CPU this context runs on, below [`Platform::cpu_count`]
+    /// (larger values are reduced modulo the count). Any context; may be
+    /// stale by the time it returns (the allocator only uses it as a hint).
+    fn cpu_id(&self) -> usize;
+
+    /// How many CPUs there are. Read once, when an allocator is created.
+    fn cpu_count(&self) -> usize;
+
+    /// Called while spinning on a lock held by another context.
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
+
+    /// Normal context only: wait while `*word == expected`; may return
+    /// spuriously. The default spins once.
+    fn wait(&self, word: &AtomicU32, expected: u32) {
+        let _ = (word, expected);
+        self.relax();
+    }
+
+    /// Wake one context waiting in [`Platform::wait`] on `word`. Any context:
+    /// must not block.
+    fn wake_one(&self, word: &AtomicU32) {
+        let _ = word;
+    }
+
+    /// Heap corruption was detected (double free, foreign pointer): report
+    /// the one-line `message` and stop. Any context: must not allocate.
+    fn fatal(&self, message: &[u8]) -> ! {
+        let text = core::str::from_utf8(message).unwrap_or("anyalloc: heap corruption");
+        panic!("{}", text)
+    }
+}

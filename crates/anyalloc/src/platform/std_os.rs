@@ -1,0 +1,226 @@
+//! The std platform: Linux (and other Unix) primitives that are safe in any
+//! context.
+//!
+//! * CPU id: the rseq area's `cpu_id`, found through glibc's `__rseq_offset`
+//!   from the thread pointer (0.7 ns here), else `sched_getcpu` (vDSO, 4 ns).
+//!   Both are async-signal-safe and never block.
+//! * Waiting: futex wait / wake on the lock word (wake never blocks).
+//! * Memory: `mmap` reservations with `MAP_NORESERVE`, committed by the OS on
+//!   first touch, so an untouched zone costs address space only.
+//! * Fatal errors: write(2) to stderr, then `abort()`.
+
+use super::Platform;
+use core::sync::atomic::AtomicU32;
+
+/// The platform of a std program. Stateless; use the [`StdPlatform::get`]
+/// static.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdPlatform;
+
+static STD_PLATFORM: StdPlatform = StdPlatform;
+
+impl StdPlatform {
+    /// The process-wide instance.
+    pub fn get() -> &'static StdPlatform {
+        &STD_PLATFORM
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu", any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod rseq {
+    extern "C" {
+        // Exported by glibc >= 2.35: where this thread's `struct rseq` sits
+        // relative to the thread pointer, and its size (0: not registered).
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+
+    #[inline(always)]
+    fn thread_pointer() -> usize {
+        let tp: usize;
+        // SAFETY: reading the thread pointer register has no side effects;
+        // on x86-64 `fs:0` holds the TCB's self pointer (the thread pointer).
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags));
+            #[cfg(target_arch = "aarch64")]
+            core::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nostack, nomem, preserves_flags));
+        }
+        tp
+    }
+
+    /// This thread's CPU as the kernel last wrote it into the rseq area, or
+    /// `None` when rseq is not registered.
+    #[inline(always)]
+    pub(super) fn cpu_id() -> Option<usize> {
+        // SAFETY: plain reads of two immutable glibc globals, set before any
+        // thread runs user code.
+        let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
+        if size == 0 {
+            return None;
+        }
+        let area = thread_pointer().wrapping_add_signed(offset);
+        // SAFETY: with rseq registered (size > 0), `area` points to this
+        // thread's live, 32-byte aligned `struct rseq`; `cpu_id` is the u32 at
+        // offset 4. The kernel updates it behind our back, so read it as an
+        // atomic.
+        let cpu = unsafe {
+            (*((area + 4) as *const core::sync::atomic::AtomicU32))
+                .load(core::sync::atomic::Ordering::Relaxed)
+        };
+        // Negative values: uninitialised (-1) or registration failed (-2).
+        if (cpu as i32) < 0 {
+            None
+        } else {
+            Some(cpu as usize)
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu", any(target_arch = "x86_64", target_arch = "aarch64"))))]
+mod rseq {
+    #[inline(always)]
+    pub(super) fn cpu_id() -> Option<usize> {
+        None
+    }
+}
+
+#[cold]
+fn sched_cpu() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sched_getcpu has no preconditions (vDSO getcpu; never
+        // blocks, async-signal-safe in practice).
+        let cpu = unsafe { libc::sched_getcpu() };
+        if cpu >= 0 {
+            return cpu as usize;
+        }
+    }
+    0
+}
+
+impl Platform for StdPlatform {
+    #[inline(always)]
+    fn cpu_id(&self) -> usize {
+        match rseq::cpu_id() {
+            Some(c) => c,
+            None => sched_cpu(),
+        }
+    }
+
+    fn cpu_count(&self) -> usize {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+        if n < 1 {
+            1
+        } else {
+            n as usize
+        }
+    }
+
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
+
+    #[cfg(target_os = "linux")]
+    fn wait(&self, word: &AtomicU32, expected: u32) {
+        // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word`, which lives
+        // as long as the call; a null timeout waits until woken (or EINTR /
+        // EAGAIN, which callers treat as spurious wake-ups).
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                expected,
+                core::ptr::null::<libc::timespec>(),
+            );
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn wake_one(&self, word: &AtomicU32) {
+        // SAFETY: FUTEX_WAKE only uses the address as a key; it never blocks.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            );
+        }
+    }
+
+    fn fatal(&self, message: &[u8]) -> ! {
+        write_stderr(message);
+        // SAFETY: abort has no preconditions and is async-signal-safe.
+        unsafe { libc::abort() }
+    }
+}
+
+/// Writes all of `bytes` to stderr with write(2): no allocation, any context.
+pub(crate) fn write_stderr(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: the pointer and length describe the live slice `bytes`.
+        let n = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+        if n <= 0 {
+            // EINTR: try again; anything else: give up quietly.
+            // SAFETY: reading errno through libc's accessor is always allowed.
+            if n < 0 && unsafe { *libc::__errno_location() } == libc::EINTR {
+                continue;
+            }
+            return;
+        }
+        bytes = &bytes[n as usize..];
+    }
+}
+
+/// Reserves `size` bytes of address space aligned to `align` (a power of two
+/// and a multiple of the OS page size), readable and writable, committed on
+/// first touch. Normal context only (mmap can block). `None` when refused.
+pub(crate) fn os_reserve(size: usize, align: usize) -> Option<*mut u8> {
+    let span = size.checked_add(align)?;
+    // SAFETY: an anonymous private mapping at an address of the kernel's
+    // choosing; no existing memory is affected.
+    let raw = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    let start = raw as usize;
+    let aligned = (start + align - 1) & !(align - 1);
+    let head = aligned - start;
+    let tail = span - head - size;
+    // SAFETY: both ranges lie inside the mapping just created and are
+    // page-aligned (align and size are multiples of the page size); nothing
+    // references them.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + size) as *mut libc::c_void, tail);
+        }
+    }
+    Some(aligned as *mut u8)
+}
+
+/// Returns a reservation made by [`os_reserve`].
+///
+/// # Safety
+/// `ptr` and `size` must describe exactly one reservation from `os_reserve`
+/// that nothing uses any more.
+pub(crate) unsafe fn os_release(ptr: *mut u8, size: usize) {
+    // SAFETY: the caller guarantees the range is one of our unused mappings.
+    unsafe {
+        libc::munmap(ptr.cast(), size);
+    }
+}

@@ -1,0 +1,19 @@
+//! The atomics facade: std's atomics normally, loom's under `cfg(loom)`.
+//!
+//! Only the primitives in [`crate::sync`] go through this facade; the rest of
+//! the crate uses `core::sync::atomic` directly (its statics need `const`
+//! constructors, which loom's types do not have).
+
+#[cfg(not(loom))]
+pub(crate) use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+/// A hint to the CPU that we are spinning (loom: yield to the scheduler).
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(not(loom))]
+    core::hint::spin_loop();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}

@@ -1,0 +1,27 @@
+//! Synchronisation primitives that are safe to use from any context.
+//!
+//! Three building blocks, each small enough to be model-checked with loom:
+//!
+//! * [`SlotLock`]: a try-only lock for per-CPU slots. It has no `lock()`: a
+//!   busy slot means "fall back", never "spin". This is the userspace
+//!   counterpart of the kernel's `local_trylock_t`; it must be a real CAS
+//!   because a userspace thread can be preempted or migrate while holding it.
+//! * [`ZoneLock`]: a lock with both `lock()` (spin briefly, then wait through
+//!   the [`Platform`](crate::Platform)) and `try_lock()`. The normal path uses
+//!   `lock()`, the nolock path only `try_lock()`; no path ever does
+//!   "try_lock, then lock".
+//! * [`IndexStack`]: an intrusive lock-free stack of `u32` indices with
+//!   `push` and `take_all` only (no single pop, hence no ABA problem). It
+//!   holds the deferred frees that could not take a lock.
+//!
+//! None of them allocates. Under `cfg(loom)` they use loom's atomics (see
+//! [`atomic`]) so the loom tests beside them explore every interleaving.
+
+pub(crate) mod atomic;
+mod index_stack;
+mod slot_lock;
+mod zone_lock;
+
+pub use index_stack::{IndexStack, NIL};
+pub use slot_lock::{SlotGuard, SlotLock};
+pub use zone_lock::{ZoneGuard, ZoneLock};

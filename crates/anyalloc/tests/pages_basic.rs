@@ -1,0 +1,121 @@
+//! Basic behaviour of the page allocator: both paths, conservation, errors.
+
+use anyalloc::{Config, Error, PageAllocator, MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
+
+fn small() -> PageAllocator {
+    PageAllocator::new(Config::default().memory(16 << 20).cpus(2).grow(false)).unwrap()
+}
+
+#[test]
+fn every_order_round_trips_and_everything_comes_back() {
+    let pa = small();
+    let total = pa.stats().total_pages;
+    assert_eq!(total, 4096);
+    let mut held = Vec::new();
+    for order in 0..=MAX_ORDER {
+        let p = pa.alloc_pages(order).expect("normal alloc");
+        assert_eq!(p.as_ptr() as usize % (PAGE_SIZE << order), 0, "aligned to its size");
+        held.push((p, order));
+    }
+    for order in 0..=NOLOCK_MAX_ORDER {
+        held.push((pa.alloc_pages_nolock(order).expect("nolock alloc"), order));
+    }
+    // No two blocks overlap.
+    let mut ranges: Vec<(usize, usize)> =
+        held.iter().map(|(p, o)| (p.as_ptr() as usize, (p.as_ptr() as usize) + (PAGE_SIZE << o))).collect();
+    ranges.sort();
+    for w in ranges.windows(2) {
+        assert!(w[0].1 <= w[1].0, "blocks overlap: {w:?}");
+    }
+    for (i, (p, o)) in held.into_iter().enumerate() {
+        // SAFETY: each block was allocated above with this order.
+        unsafe {
+            if i % 2 == 0 {
+                pa.free_pages(p, o)
+            } else {
+                pa.free_pages_nolock(p, o)
+            }
+        }
+    }
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages);
+    assert_eq!(s.buddy_pages, s.total_pages, "drain returns everything to the buddy lists");
+    pa.check_invariants().unwrap();
+    // Fully coalesced: every 4 MiB block can be allocated again.
+    let a = pa.alloc_pages(MAX_ORDER).unwrap();
+    let b = pa.alloc_pages(MAX_ORDER);
+    assert!(b.is_some());
+    unsafe {
+        pa.free_pages(a, MAX_ORDER);
+        pa.free_pages(b.unwrap(), MAX_ORDER);
+    }
+}
+
+#[test]
+fn out_of_range_orders_are_refused() {
+    let pa = small();
+    assert!(pa.alloc_pages(MAX_ORDER + 1).is_none());
+    assert!(pa.alloc_pages_nolock(NOLOCK_MAX_ORDER + 1).is_none());
+    assert!(pa.alloc_pages_nolock(u32::MAX).is_none());
+}
+
+#[test]
+fn configuration_errors_name_the_setting() {
+    let e = PageAllocator::new(Config::default().memory(4096)).unwrap_err();
+    assert!(matches!(e, Error::Config { setting: "Config::memory", value: 4096, .. }));
+    assert!(e.to_string().contains("Config::memory = 4096"), "{e}");
+    let e = PageAllocator::new(Config::default().cpus(0)).unwrap_err();
+    assert!(e.to_string().contains("Config::cpus = 0"), "{e}");
+}
+
+#[test]
+fn exhaustion_without_growth_fails_and_nolock_keeps_the_reserve() {
+    let pa = PageAllocator::new(Config::default().memory(1 << 20).cpus(1).grow(false)).unwrap();
+    let mut held = Vec::new();
+    while let Some(p) = pa.alloc_pages_nolock(0) {
+        held.push(p);
+    }
+    let s = pa.stats();
+    assert!(s.nolock_alloc_fail_empty >= 1);
+    assert!(s.free_pages > 0, "nolock stops at the min watermark");
+    while let Some(p) = pa.alloc_pages(0) {
+        held.push(p);
+    }
+    assert_eq!(pa.stats().free_pages, 0, "normal path may use the reserve last");
+    for p in held {
+        unsafe { pa.free_pages(p, 0) };
+    }
+    pa.drain();
+    assert_eq!(pa.stats().free_pages, 256);
+}
+
+#[test]
+fn growth_adds_zones_on_the_normal_path_only() {
+    let pa = PageAllocator::new(Config::default().memory(1 << 20).cpus(1)).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..600 {
+        held.push(pa.alloc_pages(0).expect("grows"));
+    }
+    assert!(pa.stats().zones >= 2);
+    for p in held {
+        unsafe { pa.free_pages_nolock(p, 0) };
+    }
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages);
+    pa.check_invariants().unwrap();
+}
+
+#[test]
+fn creating_a_big_allocator_touches_little_memory() {
+    fn rss_kib() -> usize {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 4
+    }
+    let before = rss_kib();
+    let pa = PageAllocator::new(Config::default().memory(1 << 30).grow(false)).unwrap();
+    let after = rss_kib();
+    assert_eq!(pa.stats().total_pages, 262144);
+    assert!(after.saturating_sub(before) < 4096, "1 GiB allocator touched {} KiB", after - before);
+}
