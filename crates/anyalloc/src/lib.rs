@@ -20,6 +20,7 @@
 //! * [`sync`]: the try-only slot lock, the zone lock, the lock-free stack.
 //! * [`platform`]: what the allocator needs from its environment.
 //! * [`page`]: the buddy page allocator with per-CPU lists ([`PageAllocator`]).
+//! * [`slab`]: the object allocator: size classes, sheaves, slabs ([`Heap`]).
 //!
 //! ```
 //! use anyalloc::{Config, PageAllocator};
@@ -51,6 +52,7 @@ mod context;
 pub mod interrupt;
 pub mod page;
 pub mod platform;
+pub mod slab;
 pub mod sync;
 
 pub use config::{Config, Error, MIN_MEMORY};
@@ -58,6 +60,7 @@ pub use page::{PageAllocator, PageStats};
 pub use platform::Platform;
 #[cfg(feature = "std")]
 pub use platform::StdPlatform;
+pub use slab::{ClassStats, Heap, HeapStats};
 
 /// Bytes per page.
 pub const PAGE_SIZE: usize = 4096;

@@ -23,10 +23,11 @@
 //! a block head fails that CAS and is reported instead of corrupting a list,
 //! even when two contexts race to free the same block.
 //!
-//! The slab layer uses `owner`, `freelist`, `inuse` and `aux` of the head
-//! page of each slab (see `crate::slab`).
+//! While a block is `ALLOCATED` its `next`/`prev` links are free for the
+//! slab layer (partial-slab lists), which also owns `owner`, `inuse`,
+//! `freelist` and `carved` (see `crate::slab`).
 
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
 
 pub(crate) const TAIL: u32 = 0;
 pub(crate) const BUDDY: u32 = 1;
@@ -58,14 +59,16 @@ pub(crate) struct PageDesc {
     pub(crate) next: AtomicU32,
     /// Back link of the buddy free list.
     pub(crate) prev: AtomicU32,
-    /// Slab layer: owning cache index + 1, or a large-allocation marker.
-    pub(crate) owner: AtomicU32,
-    /// Slab layer: the slab's free-object list.
+    /// Slab layer: owning cache index + 1, or a large-allocation marker, on
+    /// every page of a slab and the head page of a large allocation; 0 on
+    /// pages the object allocator does not own.
+    pub(crate) owner: AtomicU16,
+    /// Slab layer: objects of this slab out of its free list.
+    pub(crate) inuse: AtomicU16,
+    /// Slab layer: the slab's free-object list (address, 0 = empty).
     pub(crate) freelist: AtomicUsize,
-    /// Slab layer: objects handed out of this slab.
-    pub(crate) inuse: AtomicU32,
-    /// Slab layer: list link among partial/empty slabs.
-    pub(crate) aux: AtomicU32,
+    /// Slab layer: objects ever carved from the slab's untouched tail.
+    pub(crate) carved: AtomicUsize,
 }
 
 const _: () = assert!(core::mem::size_of::<PageDesc>() == 32);

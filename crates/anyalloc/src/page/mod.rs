@@ -50,7 +50,13 @@ mod desc;
 mod zone;
 
 pub(crate) use desc::PageDesc;
-pub(crate) use zone::Zone;
+
+/// The order recorded in a descriptor state word.
+#[inline]
+pub(crate) fn order_of_state(state: u32) -> u32 {
+    desc::order_of(state)
+}
+pub(crate) use zone::{Fail, Mode, Zone, LEVELS, NIL};
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -59,10 +65,17 @@ use crate::config::{Config, Error};
 use crate::platform::{FatalMessage, Platform};
 use crate::sync::ZoneLock;
 use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
-use zone::{Fail, Mode, LEVELS, MAX_BLOCK, PCP_MAX_ORDER};
+use zone::{MAX_BLOCK, PCP_MAX_ORDER};
 
 /// At most this many zones (the first plus growth).
-const MAX_ZONES: usize = 32;
+pub(crate) const MAX_ZONES: usize = 32;
+
+/// Increments a per-slot counter; holding the slot's lock is the proof that
+/// a plain load + store is enough.
+#[inline]
+pub(crate) fn bump(counter: &AtomicU64, _held: &crate::sync::SlotGuard<'_>) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
 
 /// A snapshot of a page allocator's state. Exact when nothing runs
 /// concurrently; otherwise each field is individually consistent.
@@ -188,7 +201,8 @@ impl PageAllocator {
             let meta = end.next_multiple_of(64);
             meta + zone::meta_size(start, end, cpus) <= region_end
         };
-        let mut n = region_end.saturating_sub(start) / (PAGE_SIZE + core::mem::size_of::<PageDesc>());
+        let mut n =
+            region_end.saturating_sub(start) / (PAGE_SIZE + core::mem::size_of::<PageDesc>());
         while n > 0 && !fits(n) {
             n -= 1;
         }
@@ -204,7 +218,17 @@ impl PageAllocator {
         // pages [start, end) lie inside the caller's exclusive region
         // (checked by `fits`); the region's contents are arbitrary, so
         // `zeroed` is false.
-        let z = unsafe { Zone::init(end.next_multiple_of(64) as *mut u8, start, end, cpus, platform, false, (0, 0)) };
+        let z = unsafe {
+            Zone::init(
+                end.next_multiple_of(64) as *mut u8,
+                start,
+                end,
+                cpus,
+                platform,
+                false,
+                (0, 0),
+            )
+        };
         pa.publish_zone(z as *mut Zone);
         Ok(pa)
     }
@@ -214,14 +238,25 @@ impl PageAllocator {
         let pages_len = bytes.next_multiple_of(PAGE_SIZE);
         let meta = zone::meta_size(0, pages_len, self.cpus).next_multiple_of(PAGE_SIZE);
         let total = pages_len + meta;
-        let p = crate::platform::os_reserve(total, MAX_BLOCK).ok_or(Error::Reserve { bytes: total })?;
+        let p =
+            crate::platform::os_reserve(total, MAX_BLOCK).ok_or(Error::Reserve { bytes: total })?;
         let start = p as usize;
         let end = start + pages_len;
         // SAFETY: `os_reserve` returned `total` fresh, zero-filled, writable
         // bytes at a MAX_BLOCK-aligned address: the pages [start, end) and,
         // after them, `meta` bytes of page-aligned metadata; nothing else
         // knows about this mapping.
-        let z = unsafe { Zone::init(end as *mut u8, start, end, self.cpus, self.platform, true, (start, total)) };
+        let z = unsafe {
+            Zone::init(
+                end as *mut u8,
+                start,
+                end,
+                self.cpus,
+                self.platform,
+                true,
+                (start, total),
+            )
+        };
         self.publish_zone(z as *mut Zone);
         Ok(())
     }
@@ -240,13 +275,55 @@ impl PageAllocator {
         let n = self.nzones.load(Ordering::Acquire);
         // SAFETY: entries below `nzones` were published (Release) after
         // their zone was initialised, and zones live as long as `self`.
-        self.zones[..n].iter().map(|z| unsafe { &*z.load(Ordering::Acquire) })
+        self.zones[..n]
+            .iter()
+            .map(|z| unsafe { &*z.load(Ordering::Acquire) })
     }
 
     /// The zone holding `addr` and the index of its page.
     #[inline]
     pub(crate) fn locate(&self, addr: usize) -> Option<(&Zone, u32)> {
-        self.zones().find(|z| z.contains(addr)).map(|z| (z, z.index_of(addr)))
+        self.zones()
+            .find(|z| z.contains(addr))
+            .map(|z| (z, z.index_of(addr)))
+    }
+
+    /// The zone holding `addr`, its position, and the index of its page.
+    #[inline]
+    pub(crate) fn locate_indexed(&self, addr: usize) -> Option<(usize, &Zone, u32)> {
+        self.zones()
+            .enumerate()
+            .find(|(_, z)| z.contains(addr))
+            .map(|(i, z)| (i, z, z.index_of(addr)))
+    }
+
+    /// As `locate_indexed`, for an address known to be managed here (aborts
+    /// otherwise: the allocator's own bookkeeping is corrupt).
+    #[inline]
+    pub(crate) fn locate_known(&self, addr: usize) -> (usize, &Zone, u32) {
+        match self.locate_indexed(addr) {
+            Some(found) => found,
+            None => self.fatal(
+                FatalMessage::new()
+                    .text("anyalloc: internal error: ")
+                    .hex(addr)
+                    .text(" should be managed memory"),
+            ),
+        }
+    }
+
+    /// How many zones there are.
+    #[inline]
+    pub(crate) fn zone_count(&self) -> usize {
+        self.nzones.load(Ordering::Acquire)
+    }
+
+    /// Zone number `i` (below `zone_count()`).
+    #[inline]
+    pub(crate) fn zone_at(&self, i: usize) -> &Zone {
+        debug_assert!(i < self.zone_count());
+        // SAFETY: published zones live as long as `self` (see `zones`).
+        unsafe { &*self.zones[i].load(Ordering::Acquire) }
     }
 
     /// Whether `addr` lies in memory this allocator manages.
@@ -437,7 +514,7 @@ impl PageAllocator {
                 }
             };
             if let Some(idx) = got {
-                zone::PcpSlot::bump(&slot.nolock_ok, &s);
+                bump(&slot.nolock_ok, &s);
                 return Ok(self.ptr(zone, idx));
             }
         }
@@ -453,7 +530,7 @@ impl PageAllocator {
                     continue;
                 };
                 if let Ok(idx) = zone.pcp_alloc(slot, &s, order, Mode::NoLock, usize::MAX) {
-                    zone::PcpSlot::bump(&slot.nolock_ok, &s);
+                    bump(&slot.nolock_ok, &s);
                     return Ok(self.ptr(zone, idx));
                 }
             }
@@ -515,20 +592,37 @@ impl PageAllocator {
     fn claim(&self, ptr: NonNull<u8>, order: u32) -> (&Zone, u32) {
         let addr = ptr.as_ptr() as usize;
         if order > MAX_ORDER {
-            self.corrupt("free of page ", addr, " with an order above MAX_ORDER (order ", order);
+            self.corrupt(
+                "free of page ",
+                addr,
+                " with an order above MAX_ORDER (order ",
+                order,
+            );
         }
         let Some((zone, idx)) = self.locate(addr) else {
-            self.corrupt("free of ", addr, ", which is outside managed memory (order ", order);
+            self.corrupt(
+                "free of ",
+                addr,
+                ", which is outside managed memory (order ",
+                order,
+            );
         };
         if addr & ((PAGE_SIZE << order) - 1) != 0 {
-            self.corrupt("free of ", addr, ", which is misaligned for its order (order ", order);
+            self.corrupt(
+                "free of ",
+                addr,
+                ", which is misaligned for its order (order ",
+                order,
+            );
         }
         let d = zone.desc(idx);
         let want = desc::state(desc::ALLOCATED, order);
-        match d
-            .state
-            .compare_exchange(want, desc::state(desc::FREEING, order), Ordering::Acquire, Ordering::Relaxed)
-        {
+        match d.state.compare_exchange(
+            want,
+            desc::state(desc::FREEING, order),
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        ) {
             Ok(_) => (zone, idx),
             Err(actual) => self.bad_claim(addr, order, actual),
         }
@@ -626,7 +720,8 @@ impl Drop for PageAllocator {
         }
         #[cfg(feature = "std")]
         {
-            let zones: [*mut Zone; MAX_ZONES] = core::array::from_fn(|i| self.zones[i].load(Ordering::Acquire));
+            let zones: [*mut Zone; MAX_ZONES] =
+                core::array::from_fn(|i| self.zones[i].load(Ordering::Acquire));
             for z in zones.into_iter().take(self.nzones.load(Ordering::Acquire)) {
                 // SAFETY: the zone is initialised and ours; its mapping is the
                 // reservation `add_os_zone` made (which also holds the zone

@@ -33,7 +33,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::desc::{self, PageDesc};
 use crate::platform::Platform;
-use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock, NIL};
+use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 
 /// The highest order kept on per-CPU lists (the kernel's costly order).
@@ -42,6 +42,19 @@ pub(crate) const PCP_MAX_ORDER: u32 = 3;
 pub(crate) const LEVELS: usize = 3;
 /// Bytes of the largest block; zones are indexed from such a boundary.
 pub(crate) const MAX_BLOCK: usize = PAGE_SIZE << MAX_ORDER;
+
+/// The "no page" index of the zone's lists.
+pub(crate) const NIL: u32 = u32::MAX;
+
+/// A deferred-stack value as a page index (the stack's NIL maps to ours).
+#[inline]
+fn stack_index(v: usize) -> u32 {
+    if v == crate::sync::NIL {
+        NIL
+    } else {
+        v as u32
+    }
+}
 
 /// Why a nolock attempt on one zone failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +101,6 @@ impl PcpSlot {
     /// Pages on this slot's lists (racy unless the slot is held).
     pub(crate) fn pages(&self) -> usize {
         self.pages.load(Ordering::Relaxed) as usize
-    }
-
-    /// Increments a counter of this slot; the caller holds the slot.
-    #[inline]
-    pub(crate) fn bump(counter: &AtomicU64, _held: &SlotGuard<'_>) {
-        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 }
 
@@ -161,7 +168,8 @@ impl Zone {
         let head = core::mem::size_of::<Zone>().next_multiple_of(64);
         let slots_bytes = cpus * LEVELS * core::mem::size_of::<PcpSlot>();
         let slots = meta.wrapping_add(head) as *mut PcpSlot;
-        let descs = meta.wrapping_add((head + slots_bytes).next_multiple_of(PAGE_SIZE)) as *mut PageDesc;
+        let descs =
+            meta.wrapping_add((head + slots_bytes).next_multiple_of(PAGE_SIZE)) as *mut PageDesc;
         let total = (limit - first) as usize;
         // Kernel-like watermarks: min ~ 1/256 of the zone, low = 1.25 min,
         // high = 1.5 min.
@@ -259,7 +267,11 @@ impl Zone {
     /// The slot of `cpu` (reduced modulo the CPU count) at `level`.
     #[inline]
     pub(crate) fn slot(&self, cpu: usize, level: usize) -> &PcpSlot {
-        let cpu = if cpu < self.cpus { cpu } else { cpu % self.cpus };
+        let cpu = if cpu < self.cpus {
+            cpu
+        } else {
+            cpu % self.cpus
+        };
         // SAFETY: `slots` has cpus * LEVELS initialised entries (init).
         unsafe { &*self.slots.add(cpu * LEVELS + level) }
     }
@@ -365,7 +377,11 @@ impl Zone {
             self.list_remove(buddy, order, g);
             crate::interrupt_point!(BuddyMerge);
             // The higher half stops being a block head.
-            let (lo, hi) = if buddy < idx { (buddy, idx) } else { (idx, buddy) };
+            let (lo, hi) = if buddy < idx {
+                (buddy, idx)
+            } else {
+                (idx, buddy)
+            };
             self.desc(hi).set(desc::TAIL);
             idx = lo;
             order += 1;
@@ -379,8 +395,10 @@ impl Zone {
     pub(crate) fn defer_free(&self, idx: u32, order: u32) {
         self.desc(idx).set(desc::state(desc::DEFERRED, order));
         self.deferred_pages.fetch_add(1 << order, Ordering::Relaxed);
-        self.deferred.push(idx, |i, next| {
-            self.desc(i).next.store(next, Ordering::Relaxed);
+        self.deferred.push(idx as usize, |i, next| {
+            self.desc(i as u32)
+                .next
+                .store(next as u32, Ordering::Relaxed);
             crate::interrupt_point!(DeferredPush);
         });
     }
@@ -390,7 +408,7 @@ impl Zone {
         if self.deferred.is_empty() {
             return;
         }
-        let mut i = self.deferred.take_all();
+        let mut i = stack_index(self.deferred.take_all());
         while i != NIL {
             let d = self.desc(i);
             let next = d.next.load(Ordering::Relaxed);
@@ -408,7 +426,7 @@ impl Zone {
         if self.deferred.is_empty() {
             return None;
         }
-        let mut i = self.deferred.take_all();
+        let mut i = stack_index(self.deferred.take_all());
         let mut found = None;
         while i != NIL {
             let d = self.desc(i);
@@ -419,7 +437,9 @@ impl Zone {
                 d.set(desc::state(desc::ALLOCATED, order));
                 found = Some(i);
             } else {
-                self.deferred.push(i, |j, n| self.desc(j).next.store(n, Ordering::Relaxed));
+                self.deferred.push(i as usize, |j, n| {
+                    self.desc(j as u32).next.store(n as u32, Ordering::Relaxed)
+                });
             }
             i = next;
         }
@@ -439,8 +459,10 @@ impl Zone {
         head.store(d.next.load(Ordering::Relaxed), Ordering::Relaxed);
         let c = &slot.counts[order as usize];
         c.store(c.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-        slot.pages
-            .store(slot.pages.load(Ordering::Relaxed) - (1 << order), Ordering::Relaxed);
+        slot.pages.store(
+            slot.pages.load(Ordering::Relaxed) - (1 << order),
+            Ordering::Relaxed,
+        );
         d.set(desc::state(desc::ALLOCATED, order));
         Some(idx)
     }
@@ -449,13 +471,16 @@ impl Zone {
     fn pcp_push(&self, slot: &PcpSlot, idx: u32, order: u32, _s: &SlotGuard<'_>) {
         let head = &slot.heads[order as usize];
         let d = self.desc(idx);
-        d.next.store(head.load(Ordering::Relaxed), Ordering::Relaxed);
+        d.next
+            .store(head.load(Ordering::Relaxed), Ordering::Relaxed);
         d.set(desc::state(desc::PCP, order));
         head.store(idx, Ordering::Relaxed);
         let c = &slot.counts[order as usize];
         c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        slot.pages
-            .store(slot.pages.load(Ordering::Relaxed) + (1 << order), Ordering::Relaxed);
+        slot.pages.store(
+            slot.pages.load(Ordering::Relaxed) + (1 << order),
+            Ordering::Relaxed,
+        );
     }
 
     #[inline]
@@ -507,7 +532,14 @@ impl Zone {
     /// `high` drains a batch to the buddy lists; nolock never drains (it may
     /// overshoot `high`).
     #[inline]
-    pub(crate) fn pcp_free(&self, slot: &PcpSlot, s: &SlotGuard<'_>, idx: u32, order: u32, mode: Mode) {
+    pub(crate) fn pcp_free(
+        &self,
+        slot: &PcpSlot,
+        s: &SlotGuard<'_>,
+        idx: u32,
+        order: u32,
+        mode: Mode,
+    ) {
         self.pcp_push(slot, idx, order, s);
         crate::interrupt_point!(PcpFree);
         if mode == Mode::Normal && slot.pages.load(Ordering::Relaxed) > self.pcp_high {
@@ -530,7 +562,13 @@ impl Zone {
         self.drain_deferred(&g);
     }
 
-    pub(crate) fn pcp_drain_locked(&self, slot: &PcpSlot, s: &SlotGuard<'_>, target: u32, g: &ZoneGuard<'_>) {
+    pub(crate) fn pcp_drain_locked(
+        &self,
+        slot: &PcpSlot,
+        s: &SlotGuard<'_>,
+        target: u32,
+        g: &ZoneGuard<'_>,
+    ) {
         for order in (0..=PCP_MAX_ORDER).rev() {
             while slot.pages.load(Ordering::Relaxed) > target {
                 let Some(idx) = self.pcp_pop(slot, order, s) else {

@@ -86,7 +86,10 @@ mod tests {
             .text(" (order ")
             .dec(2)
             .text(")");
-        assert_eq!(m.line(), b"anyalloc: double free of page 0x7f001000 (order 2)\n");
+        assert_eq!(
+            m.line(),
+            b"anyalloc: double free of page 0x7f001000 (order 2)\n"
+        );
         let mut z = FatalMessage::new().hex(0).dec(0);
         assert_eq!(z.line(), b"0x00\n");
     }

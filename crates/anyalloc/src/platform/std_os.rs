@@ -26,7 +26,11 @@ impl StdPlatform {
     }
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu", any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[cfg(all(
+    target_os = "linux",
+    target_env = "gnu",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 mod rseq {
     extern "C" {
         // Exported by glibc >= 2.35: where this thread's `struct rseq` sits
@@ -77,7 +81,11 @@ mod rseq {
     }
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu", any(target_arch = "x86_64", target_arch = "aarch64"))))]
+#[cfg(not(all(
+    target_os = "linux",
+    target_env = "gnu",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
 mod rseq {
     #[inline(always)]
     pub(super) fn cpu_id() -> Option<usize> {

@@ -1,4 +1,5 @@
-//! An intrusive lock-free stack of `u32` indices: Treiber push, take-all.
+//! An intrusive lock-free stack of words (page indices, object addresses):
+//! Treiber push, take-all.
 //!
 //! The stack stores only the head index; each element's link lives in the
 //! element itself (a page descriptor's `next` field, for example), reached
@@ -16,15 +17,15 @@
 //! stacks cannot arise: an index can only re-enter the stack after its owner
 //! took the whole chain away.
 
-use super::atomic::{AtomicU32, Ordering};
+use super::atomic::{AtomicUsize, Ordering};
 
-/// The "no element" index.
-pub const NIL: u32 = u32::MAX;
+/// The "no element" value.
+pub const NIL: usize = usize::MAX;
 
 /// See the module documentation.
 #[derive(Debug)]
 pub struct IndexStack {
-    head: AtomicU32,
+    head: AtomicUsize,
 }
 
 impl IndexStack {
@@ -32,7 +33,7 @@ impl IndexStack {
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         IndexStack {
-            head: AtomicU32::new(NIL),
+            head: AtomicUsize::new(NIL),
         }
     }
 
@@ -40,14 +41,14 @@ impl IndexStack {
     #[cfg(loom)]
     pub fn new() -> Self {
         IndexStack {
-            head: AtomicU32::new(NIL),
+            head: AtomicUsize::new(NIL),
         }
     }
 
     /// Pushes `index`; `set_link(index, next)` must store `next` as the
     /// element's link. The caller owns `index` exclusively until this returns.
     #[inline]
-    pub fn push(&self, index: u32, mut set_link: impl FnMut(u32, u32)) {
+    pub fn push(&self, index: usize, mut set_link: impl FnMut(usize, usize)) {
         debug_assert_ne!(index, NIL);
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
@@ -66,7 +67,7 @@ impl IndexStack {
     /// Takes the whole chain; returns its first index or [`NIL`]. Follow the
     /// chain through the links written by `push`.
     #[inline]
-    pub fn take_all(&self) -> u32 {
+    pub fn take_all(&self) -> usize {
         if self.head.load(Ordering::Relaxed) == NIL {
             return NIL;
         }
@@ -90,16 +91,16 @@ impl Default for IndexStack {
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
-    use loom::sync::atomic::AtomicU32 as LoomU32;
+    use loom::sync::atomic::AtomicUsize as LoomUsize;
     use loom::sync::Arc;
 
-    struct Links([LoomU32; 4]);
+    struct Links([LoomUsize; 4]);
 
-    fn collect(stack: &IndexStack, links: &Links, out: &mut Vec<u32>) {
+    fn collect(stack: &IndexStack, links: &Links, out: &mut Vec<usize>) {
         let mut i = stack.take_all();
         while i != NIL {
             out.push(i);
-            i = links.0[i as usize].load(Ordering::Relaxed);
+            i = links.0[i].load(Ordering::Relaxed);
         }
     }
 
@@ -111,20 +112,20 @@ mod loom_tests {
             let shared = Arc::new((
                 IndexStack::new(),
                 Links([
-                    LoomU32::new(NIL),
-                    LoomU32::new(NIL),
-                    LoomU32::new(NIL),
-                    LoomU32::new(NIL),
+                    LoomUsize::new(NIL),
+                    LoomUsize::new(NIL),
+                    LoomUsize::new(NIL),
+                    LoomUsize::new(NIL),
                 ]),
             ));
             let a = shared.clone();
             let t1 = loom::thread::spawn(move || {
-                a.0.push(0, |i, n| a.1 .0[i as usize].store(n, Ordering::Relaxed));
-                a.0.push(1, |i, n| a.1 .0[i as usize].store(n, Ordering::Relaxed));
+                a.0.push(0, |i, n| a.1 .0[i].store(n, Ordering::Relaxed));
+                a.0.push(1, |i, n| a.1 .0[i].store(n, Ordering::Relaxed));
             });
             let b = shared.clone();
             let t2 = loom::thread::spawn(move || {
-                b.0.push(2, |i, n| b.1 .0[i as usize].store(n, Ordering::Relaxed));
+                b.0.push(2, |i, n| b.1 .0[i].store(n, Ordering::Relaxed));
             });
             let mut seen = Vec::new();
             collect(&shared.0, &shared.1, &mut seen);

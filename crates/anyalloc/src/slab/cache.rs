@@ -1,0 +1,864 @@
+//! One size class's cache: per-CPU sheaves, a barn, and partial slabs.
+//!
+//! # Structure
+//!
+//! * **Slots** (per CPU, per context level, like the page allocator's): each
+//!   holds a *main* and a *spare* [`Sheaf`], arrays of free object pointers,
+//!   guarded by a try-only [`SlotLock`]. Allocation pops from main, free
+//!   pushes to main; when main is empty (full) it trades places with spare.
+//! * **Node** (one per cache, under a [`ZoneLock`]): the *barn* of full and
+//!   empty sheaves, and the *partial slabs* (slabs with free objects), one
+//!   doubly linked list per zone through the slab head pages' descriptor
+//!   links (`next`/`prev`, unused by the page layer while a block is
+//!   allocated).
+//! * **Slabs**: runs of `2^order` pages. Every page of a slab has `owner =
+//!   class + 1` in its descriptor; the head page's descriptor holds the free
+//!   list (`freelist`, links stored in the free objects themselves), the count
+//!   of objects out of the slab (`inuse`), and how many objects were ever
+//!   carved from the slab's untouched tail (`carved`: fresh slabs are carved
+//!   lazily, so their pages are not touched before use).
+//! * **Deferred stack**: objects whose nolock free found every lock held;
+//!   the object's first word is the link. Drained by the next normal-path
+//!   operation on this cache and by `Heap::drain`.
+//!
+//! # Sheaf conservation
+//!
+//! Every slot always holds exactly two sheaves and the barn holds the
+//! cache's [`BARN_SHEAVES`] others (full or empty). Exchanges with the barn
+//! swap one sheaf for another, so no sheaf is ever allocated or freed: the
+//! sheaves live in the heap's metadata area, zero-filled (a zeroed sheaf is
+//! a valid empty one).
+//!
+//! # Lock order
+//!
+//! slot, then node, then the page allocator's locks. A node holder never
+//! takes a slot. The nolock path only `try_lock`s.
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use super::class::{self, SIZES};
+use crate::page::{Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES, NIL};
+use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
+use crate::PAGE_SIZE;
+
+/// Object pointers per sheaf (the sheaf is 256 bytes).
+pub(crate) const SHEAF_CAP: usize = 30;
+/// Sheaves in each cache's barn.
+pub(crate) const BARN_SHEAVES: usize = 8;
+/// Empty slabs a cache keeps before returning slabs to the page allocator.
+const EMPTY_SLAB_RESERVE: usize = 1;
+
+/// An array of free object pointers.
+#[repr(C)]
+pub(crate) struct Sheaf {
+    count: AtomicUsize,
+    next: AtomicPtr<Sheaf>,
+    objs: [AtomicUsize; SHEAF_CAP],
+}
+
+const _: () = assert!(core::mem::size_of::<Sheaf>() == 256);
+
+impl Sheaf {
+    #[inline]
+    fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+    #[inline]
+    fn pop(&self) -> Option<usize> {
+        let n = self.len();
+        if n == 0 {
+            return None;
+        }
+        self.count.store(n - 1, Ordering::Relaxed);
+        Some(self.objs[n - 1].load(Ordering::Relaxed))
+    }
+    #[inline]
+    fn push(&self, obj: usize) -> bool {
+        let n = self.len();
+        if n == SHEAF_CAP {
+            return false;
+        }
+        self.objs[n].store(obj, Ordering::Relaxed);
+        self.count.store(n + 1, Ordering::Relaxed);
+        true
+    }
+    #[inline]
+    fn top(&self) -> usize {
+        let n = self.len();
+        if n == 0 {
+            0
+        } else {
+            self.objs[n - 1].load(Ordering::Relaxed)
+        }
+    }
+}
+
+/// One CPU's (at one context level) sheaves of one cache.
+#[repr(C, align(64))]
+pub(crate) struct SheafSlot {
+    pub(crate) lock: SlotLock,
+    main: AtomicPtr<Sheaf>,
+    spare: AtomicPtr<Sheaf>,
+    pub(crate) nolock_ok: AtomicU64,
+}
+
+impl SheafSlot {
+    #[inline]
+    fn main(&self) -> &Sheaf {
+        // SAFETY: main always points to one of the cache's sheaves, which
+        // live in the heap's metadata area as long as the heap (init).
+        unsafe { &*self.main.load(Ordering::Relaxed) }
+    }
+    #[inline]
+    fn spare(&self) -> &Sheaf {
+        // SAFETY: as for `main`.
+        unsafe { &*self.spare.load(Ordering::Relaxed) }
+    }
+    #[inline]
+    fn swap(&self, _g: &SlotGuard<'_>) {
+        let m = self.main.load(Ordering::Relaxed);
+        self.main
+            .store(self.spare.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.spare.store(m, Ordering::Relaxed);
+    }
+    /// Objects cached in this slot (racy).
+    pub(crate) fn cached(&self) -> usize {
+        self.main().len() + self.spare().len()
+    }
+}
+
+/// The shared part of a cache, under `lock`.
+struct Node {
+    lock: ZoneLock,
+    full: AtomicPtr<Sheaf>,
+    empty: AtomicPtr<Sheaf>,
+    barn_objects: AtomicUsize,
+    partial: [AtomicU32Head; MAX_ZONES],
+    empty_slabs: AtomicUsize,
+}
+
+type AtomicU32Head = core::sync::atomic::AtomicU32;
+
+/// Counters of a cache, for [`HeapStats`](super::HeapStats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClassStats {
+    /// Object size of the class in bytes.
+    pub size: usize,
+    /// Objects handed out and not freed.
+    pub objects_in_use: usize,
+    /// Slabs the class holds.
+    pub slabs: usize,
+    /// Free objects cached in per-CPU sheaves.
+    pub cached_in_sheaves: usize,
+    /// Free objects cached in full sheaves in the barn.
+    pub cached_in_barn: usize,
+    /// Objects parked on the deferred stack.
+    pub deferred: usize,
+}
+
+/// See the module documentation.
+pub(crate) struct Cache {
+    class: usize,
+    size: usize,
+    order: u32,
+    objs: usize,
+    node: Node,
+    deferred: IndexStack,
+    deferred_count: AtomicUsize,
+    slots: *const SheafSlot,
+    nslots: usize,
+    cpus: usize,
+    slabs: AtomicUsize,
+    /// Objects out of slabs (in sheaves, in the barn, deferred, or in use).
+    out_of_slabs: AtomicUsize,
+    pub(crate) fail_busy: AtomicU64,
+    pub(crate) fail_empty: AtomicU64,
+    pub(crate) free_deferred: AtomicU64,
+}
+
+/// Bytes of metadata one cache needs beyond the `Cache` struct: its slots
+/// and its sheaves.
+pub(crate) fn cache_meta_bytes(cpus: usize) -> usize {
+    cpus * LEVELS * core::mem::size_of::<SheafSlot>()
+        + (cpus * LEVELS * 2 + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
+}
+
+/// Objects a slab of class `c` holds (with `debug-checks`, the tail of the
+/// slab is the per-object state bitmap).
+pub(crate) const fn objects_per_slab(c: usize) -> usize {
+    let bytes = PAGE_SIZE << class::slab_order(c);
+    let size = SIZES[c] as usize;
+    if cfg!(feature = "debug-checks") {
+        let bitmap = (bytes / size).div_ceil(64) * 8;
+        (bytes - bitmap) / size
+    } else {
+        bytes / size
+    }
+}
+
+impl Cache {
+    /// Initialises cache `class` at `this`, with its slots and sheaves in
+    /// `meta` (zero-filled, `cache_meta_bytes(cpus)` long, 64-byte aligned).
+    ///
+    /// # Safety
+    /// `this` and `meta` are valid for writes, suitably aligned, zero-filled
+    /// (meta), and live and unused by anything else as long as the cache.
+    pub(crate) unsafe fn init(this: *mut Cache, class: usize, cpus: usize, meta: *mut u8) {
+        let nslots = cpus * LEVELS;
+        let slots = meta as *mut SheafSlot;
+        let sheaves = meta.wrapping_add(nslots * core::mem::size_of::<SheafSlot>()) as *mut Sheaf;
+        // SAFETY: per the contract, all of it is ours to write; sheaves are
+        // zero-filled, i.e. valid empty sheaves.
+        unsafe {
+            this.write(Cache {
+                class,
+                size: SIZES[class] as usize,
+                order: class::slab_order(class),
+                objs: objects_per_slab(class),
+                node: Node {
+                    lock: ZoneLock::new(),
+                    full: AtomicPtr::new(core::ptr::null_mut()),
+                    empty: AtomicPtr::new(core::ptr::null_mut()),
+                    barn_objects: AtomicUsize::new(0),
+                    partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
+                    empty_slabs: AtomicUsize::new(0),
+                },
+                deferred: IndexStack::new(),
+                deferred_count: AtomicUsize::new(0),
+                slots,
+                nslots,
+                cpus,
+                slabs: AtomicUsize::new(0),
+                out_of_slabs: AtomicUsize::new(0),
+                fail_busy: AtomicU64::new(0),
+                fail_empty: AtomicU64::new(0),
+                free_deferred: AtomicU64::new(0),
+            });
+            for i in 0..nslots {
+                slots.add(i).write(SheafSlot {
+                    lock: SlotLock::new(),
+                    main: AtomicPtr::new(sheaves.add(2 * i)),
+                    spare: AtomicPtr::new(sheaves.add(2 * i + 1)),
+                    nolock_ok: AtomicU64::new(0),
+                });
+            }
+            for k in 0..BARN_SHEAVES {
+                let s = sheaves.add(2 * nslots + k);
+                (*s).next.store(
+                    (*this).node.empty.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                (*this).node.empty.store(s, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    #[inline]
+    pub(crate) fn slot(&self, cpu: usize, level: usize) -> &SheafSlot {
+        let cpu = if cpu < self.cpus {
+            cpu
+        } else {
+            cpu % self.cpus
+        };
+        // SAFETY: `slots` has cpus * LEVELS initialised entries (init).
+        unsafe { &*self.slots.add(cpu * LEVELS + level) }
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &SheafSlot> {
+        // SAFETY: as in `slot`.
+        (0..self.nslots).map(move |i| unsafe { &*self.slots.add(i) })
+    }
+
+    #[inline]
+    fn lock_node(&self, pages: &PageAllocator, mode: Mode) -> Option<ZoneGuard<'_>> {
+        match mode {
+            Mode::Normal => Some(self.node.lock.lock(pages.platform())),
+            Mode::NoLock => self.node.lock.try_lock(pages.platform()),
+        }
+    }
+
+    // ----- allocation --------------------------------------------------------
+
+    /// Normal-path allocation.
+    #[inline]
+    pub(crate) fn alloc(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
+        if !self.deferred.is_empty() {
+            self.drain_deferred(pages);
+        }
+        let slot = self.slot(cpu, 0);
+        if let Some(g) = slot.lock.try_lock() {
+            crate::interrupt_point!(SheafAlloc);
+            if let Some(o) = self.pop_slot(slot, &g) {
+                return Some(o);
+            }
+            return self.refill(slot, &g, pages, Mode::Normal).ok();
+        }
+        // The slot is held by another context: straight to the slabs.
+        let node = self.node.lock.lock(pages.platform());
+        self.take_object(&node, pages, Mode::Normal).ok()
+    }
+
+    /// Nolock allocation: every level of this CPU's slots, the other CPUs'
+    /// sheaves, then the slabs directly, all with `try_lock`.
+    pub(crate) fn alloc_nolock(&self, pages: &PageAllocator, cpu: usize) -> Result<usize, Fail> {
+        let mut busy = false;
+        let mut node_busy = false;
+        for level in 0..LEVELS {
+            let slot = self.slot(cpu, level);
+            let Some(g) = slot.lock.try_lock() else {
+                busy = true;
+                continue;
+            };
+            crate::interrupt_point!(SheafAlloc);
+            if let Some(o) = self.pop_slot(slot, &g) {
+                crate::page::bump(&slot.nolock_ok, &g);
+                return Ok(o);
+            }
+            if node_busy {
+                continue;
+            }
+            match self.refill(slot, &g, pages, Mode::NoLock) {
+                Ok(o) => {
+                    crate::page::bump(&slot.nolock_ok, &g);
+                    return Ok(o);
+                }
+                Err(Fail::Busy) => {
+                    busy = true;
+                    node_busy = true;
+                }
+                Err(Fail::Empty) => {}
+            }
+        }
+        for other in (0..self.cpus).filter(|&c| c != cpu % self.cpus) {
+            for level in 0..LEVELS {
+                let slot = self.slot(other, level);
+                if slot.cached() == 0 {
+                    continue;
+                }
+                let Some(g) = slot.lock.try_lock() else {
+                    busy = true;
+                    continue;
+                };
+                if let Some(o) = self.pop_slot(slot, &g) {
+                    crate::page::bump(&slot.nolock_ok, &g);
+                    return Ok(o);
+                }
+            }
+        }
+        if !node_busy {
+            if let Some(node) = self.node.lock.try_lock(pages.platform()) {
+                return self.take_object(&node, pages, Mode::NoLock).map_err(|e| {
+                    if busy {
+                        Fail::Busy
+                    } else {
+                        e
+                    }
+                });
+            }
+        }
+        Err(Fail::Busy)
+    }
+
+    #[inline]
+    fn pop_slot(&self, slot: &SheafSlot, g: &SlotGuard<'_>) -> Option<usize> {
+        if let Some(o) = slot.main().pop() {
+            return Some(o);
+        }
+        if slot.spare().len() > 0 {
+            slot.swap(g);
+            return slot.main().pop();
+        }
+        None
+    }
+
+    /// Main and spare are empty: trade main for a full sheaf from the barn,
+    /// or fill it from the slabs. Returns one object.
+    #[cold]
+    fn refill(
+        &self,
+        slot: &SheafSlot,
+        g: &SlotGuard<'_>,
+        pages: &PageAllocator,
+        mode: Mode,
+    ) -> Result<usize, Fail> {
+        let node = self.lock_node(pages, mode).ok_or(Fail::Busy)?;
+        crate::interrupt_point!(SheafRefill);
+        let full = self.node.full.load(Ordering::Relaxed);
+        if !full.is_null() {
+            // SAFETY: barn sheaves are cache sheaves (live as long as the
+            // heap); the node lock gives us the barn lists.
+            let f = unsafe { &*full };
+            self.node
+                .full
+                .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.node.barn_objects.fetch_sub(f.len(), Ordering::Relaxed);
+            let empty = slot.main.load(Ordering::Relaxed);
+            // SAFETY: as above.
+            unsafe {
+                (*empty)
+                    .next
+                    .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed)
+            };
+            self.node.empty.store(empty, Ordering::Relaxed);
+            slot.main.store(full, Ordering::Relaxed);
+            let _ = g;
+            return slot.main().pop().ok_or(Fail::Empty);
+        }
+        let main = slot.main();
+        let first = self.take_object(&node, pages, mode)?;
+        // Fill main from the slabs that have free objects; don't make new
+        // slabs just to fill a sheaf.
+        while main.len() < SHEAF_CAP && !self.partial_is_empty(pages) {
+            crate::interrupt_point!(SheafRefill);
+            match self.take_object(&node, pages, mode) {
+                Ok(o) => {
+                    main.push(o);
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(first)
+    }
+
+    fn partial_is_empty(&self, pages: &PageAllocator) -> bool {
+        (0..pages.zone_count()).all(|z| self.node.partial[z].load(Ordering::Relaxed) == NIL)
+    }
+
+    /// Takes one object from a partial slab, making a new slab if none has
+    /// free objects (through the nolock page path in nolock mode).
+    fn take_object(
+        &self,
+        node: &ZoneGuard<'_>,
+        pages: &PageAllocator,
+        mode: Mode,
+    ) -> Result<usize, Fail> {
+        crate::interrupt_point!(PartialLocked);
+        for zi in 0..pages.zone_count() {
+            let head = self.node.partial[zi].load(Ordering::Relaxed);
+            if head != NIL {
+                let zone = pages.zone_at(zi);
+                return Ok(self.take_from_slab(zone, zi, head, node));
+            }
+        }
+        let slab = match mode {
+            Mode::Normal => pages.alloc_pages(self.order),
+            Mode::NoLock => pages.alloc_pages_nolock(self.order),
+        }
+        .ok_or(Fail::Empty)?;
+        let (zi, zone, head) = pages.locate_known(slab.as_ptr() as usize);
+        self.init_slab(zone, zi, head, node);
+        Ok(self.take_from_slab(zone, zi, head, node))
+    }
+
+    fn init_slab(&self, zone: &Zone, zi: usize, head: u32, node: &ZoneGuard<'_>) {
+        for i in 0..(1u32 << self.order) {
+            zone.desc(head + i)
+                .owner
+                .store(self.class as u16 + 1, Ordering::Relaxed);
+        }
+        let d = zone.desc(head);
+        d.inuse.store(0, Ordering::Relaxed);
+        d.freelist.store(0, Ordering::Relaxed);
+        d.carved.store(0, Ordering::Relaxed);
+        #[cfg(feature = "debug-checks")]
+        {
+            let (words, _) = self.bitmap(zone.addr_of(head));
+            for w in words {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        self.slabs.fetch_add(1, Ordering::Relaxed);
+        self.node.empty_slabs.fetch_add(1, Ordering::Relaxed);
+        self.partial_push(zone, zi, head, node);
+    }
+
+    fn take_from_slab(&self, zone: &Zone, zi: usize, head: u32, node: &ZoneGuard<'_>) -> usize {
+        let d = zone.desc(head);
+        let free = d.freelist.load(Ordering::Relaxed);
+        let obj = if free != 0 {
+            // SAFETY: `free` is a free object of this slab (it was pushed by
+            // `return_to_slab`), at least 8 bytes long; its first word is the
+            // list link (possibly unaligned: 12-byte classes).
+            let next = unsafe { (free as *const usize).read_unaligned() };
+            d.freelist.store(next, Ordering::Relaxed);
+            free
+        } else {
+            let c = d.carved.load(Ordering::Relaxed);
+            debug_assert!(c < self.objs);
+            d.carved.store(c + 1, Ordering::Relaxed);
+            zone.addr_of(head) + c * self.size
+        };
+        let inuse = d.inuse.load(Ordering::Relaxed) as usize + 1;
+        d.inuse.store(inuse as u16, Ordering::Relaxed);
+        if inuse == 1 {
+            self.node.empty_slabs.fetch_sub(1, Ordering::Relaxed);
+        }
+        if inuse == self.objs {
+            self.partial_remove(zone, zi, head, node);
+        }
+        self.out_of_slabs.fetch_add(1, Ordering::Relaxed);
+        obj
+    }
+
+    // ----- partial lists (node lock held) -------------------------------------
+
+    fn partial_push(&self, zone: &Zone, zi: usize, head: u32, _node: &ZoneGuard<'_>) {
+        let list = &self.node.partial[zi];
+        let old = list.load(Ordering::Relaxed);
+        let d = zone.desc(head);
+        d.next.store(old, Ordering::Relaxed);
+        d.prev.store(NIL, Ordering::Relaxed);
+        if old != NIL {
+            zone.desc(old).prev.store(head, Ordering::Relaxed);
+        }
+        list.store(head, Ordering::Relaxed);
+    }
+
+    fn partial_remove(&self, zone: &Zone, zi: usize, head: u32, _node: &ZoneGuard<'_>) {
+        let d = zone.desc(head);
+        let next = d.next.load(Ordering::Relaxed);
+        let prev = d.prev.load(Ordering::Relaxed);
+        if prev == NIL {
+            self.node.partial[zi].store(next, Ordering::Relaxed);
+        } else {
+            zone.desc(prev).next.store(next, Ordering::Relaxed);
+        }
+        if next != NIL {
+            zone.desc(next).prev.store(prev, Ordering::Relaxed);
+        }
+    }
+
+    // ----- free ----------------------------------------------------------------
+
+    /// Normal-path free of a validated object.
+    #[inline]
+    pub(crate) fn free(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
+        if !self.deferred.is_empty() {
+            self.drain_deferred(pages);
+        }
+        self.free_normal(pages, cpu, obj);
+    }
+
+    #[inline]
+    fn free_normal(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
+        let slot = self.slot(cpu, 0);
+        if let Some(g) = slot.lock.try_lock() {
+            crate::interrupt_point!(SheafFree);
+            if self.push_slot(slot, &g, obj, pages, Mode::Normal).is_ok() {
+                return;
+            }
+        }
+        let node = self.node.lock.lock(pages.platform());
+        self.return_to_slab(obj, pages, &node, Mode::Normal);
+    }
+
+    /// Nolock free of a validated object: a slot at any level, else the slab
+    /// under a tried node lock, else the deferred stack. Never fails.
+    pub(crate) fn free_nolock(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
+        for level in 0..LEVELS {
+            let slot = self.slot(cpu, level);
+            if let Some(g) = slot.lock.try_lock() {
+                crate::interrupt_point!(SheafFree);
+                if self.push_slot(slot, &g, obj, pages, Mode::NoLock).is_ok() {
+                    return;
+                }
+            }
+        }
+        if let Some(node) = self.node.lock.try_lock(pages.platform()) {
+            self.return_to_slab(obj, pages, &node, Mode::NoLock);
+            return;
+        }
+        self.defer(obj);
+    }
+
+    fn defer(&self, obj: usize) {
+        self.deferred_count.fetch_add(1, Ordering::Relaxed);
+        self.free_deferred.fetch_add(1, Ordering::Relaxed);
+        self.deferred.push(obj, |o, next| {
+            // SAFETY: `o` is a validated object being freed (at least 8
+            // bytes, owned by this free); its first word becomes the link.
+            unsafe { (o as *mut usize).write_unaligned(next) };
+            crate::interrupt_point!(ObjectDeferredPush);
+        });
+    }
+
+    /// Normal context: frees every deferred object through the normal path.
+    pub(crate) fn drain_deferred(&self, pages: &PageAllocator) {
+        let mut o = self.deferred.take_all();
+        let cpu = pages.platform().cpu_id();
+        while o != crate::sync::NIL {
+            // SAFETY: `o` was pushed by `defer`, which wrote the link there;
+            // take_all's Acquire makes that write visible.
+            let next = unsafe { (o as *const usize).read_unaligned() };
+            crate::interrupt_point!(ObjectDeferredDrain);
+            self.deferred_count.fetch_sub(1, Ordering::Relaxed);
+            self.free_normal(pages, cpu, o);
+            o = next;
+        }
+    }
+
+    /// Pushes onto a held slot: main, else spare, else trade the full main for
+    /// an empty barn sheaf, else flush main to the slabs. `Err` when the node
+    /// lock was needed and busy (nolock).
+    #[inline]
+    fn push_slot(
+        &self,
+        slot: &SheafSlot,
+        g: &SlotGuard<'_>,
+        obj: usize,
+        pages: &PageAllocator,
+        mode: Mode,
+    ) -> Result<(), Fail> {
+        let main = slot.main();
+        if main.top() == obj {
+            pages.fatal(
+                crate::platform::FatalMessage::new()
+                    .text("anyalloc: double free of object ")
+                    .hex(obj),
+            );
+        }
+        if main.push(obj) {
+            return Ok(());
+        }
+        if slot.spare().len() < SHEAF_CAP {
+            slot.swap(g);
+            slot.main().push(obj);
+            return Ok(());
+        }
+        self.flush(slot, g, pages, mode)?;
+        slot.main().push(obj);
+        Ok(())
+    }
+
+    /// Main and spare are full: give main to the barn for an empty sheaf, or
+    /// return main's objects to their slabs.
+    #[cold]
+    fn flush(
+        &self,
+        slot: &SheafSlot,
+        _g: &SlotGuard<'_>,
+        pages: &PageAllocator,
+        mode: Mode,
+    ) -> Result<(), Fail> {
+        let node = self.lock_node(pages, mode).ok_or(Fail::Busy)?;
+        crate::interrupt_point!(SheafFlush);
+        let empty = self.node.empty.load(Ordering::Relaxed);
+        if !empty.is_null() {
+            // SAFETY: barn sheaves are cache sheaves; the node lock gives us
+            // the barn lists.
+            let e = unsafe { &*empty };
+            self.node
+                .empty
+                .store(e.next.load(Ordering::Relaxed), Ordering::Relaxed);
+            let full = slot.main.load(Ordering::Relaxed);
+            // SAFETY: as above.
+            let f = unsafe { &*full };
+            self.node.barn_objects.fetch_add(f.len(), Ordering::Relaxed);
+            f.next
+                .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.node.full.store(full, Ordering::Relaxed);
+            slot.main.store(empty, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.flush_sheaf(slot.main(), pages, &node, mode);
+        Ok(())
+    }
+
+    fn flush_sheaf(&self, sheaf: &Sheaf, pages: &PageAllocator, node: &ZoneGuard<'_>, mode: Mode) {
+        while let Some(o) = sheaf.pop() {
+            crate::interrupt_point!(SheafFlush);
+            self.return_to_slab(o, pages, node, mode);
+        }
+    }
+
+    /// Returns an object to its slab (node lock held); releases the slab to
+    /// the page allocator when it empties beyond the reserve.
+    fn return_to_slab(&self, obj: usize, pages: &PageAllocator, node: &ZoneGuard<'_>, mode: Mode) {
+        crate::interrupt_point!(PartialLocked);
+        let (zi, zone, idx) = pages.locate_known(obj);
+        let head = idx & !((1u32 << self.order) - 1);
+        let d = zone.desc(head);
+        // SAFETY: `obj` is a free object of this slab (validated by the
+        // caller), at least 8 bytes; its first word becomes the list link.
+        unsafe { (obj as *mut usize).write_unaligned(d.freelist.load(Ordering::Relaxed)) };
+        d.freelist.store(obj, Ordering::Relaxed);
+        let inuse = d.inuse.load(Ordering::Relaxed) as usize;
+        d.inuse.store((inuse - 1) as u16, Ordering::Relaxed);
+        self.out_of_slabs.fetch_sub(1, Ordering::Relaxed);
+        if inuse == self.objs {
+            self.partial_push(zone, zi, head, node);
+        }
+        if inuse == 1 {
+            let empties = self.node.empty_slabs.fetch_add(1, Ordering::Relaxed) + 1;
+            if empties > EMPTY_SLAB_RESERVE {
+                self.release_slab(zone, zi, head, pages, node, mode);
+            }
+        }
+    }
+
+    fn release_slab(
+        &self,
+        zone: &Zone,
+        zi: usize,
+        head: u32,
+        pages: &PageAllocator,
+        node: &ZoneGuard<'_>,
+        mode: Mode,
+    ) {
+        self.partial_remove(zone, zi, head, node);
+        self.node.empty_slabs.fetch_sub(1, Ordering::Relaxed);
+        self.slabs.fetch_sub(1, Ordering::Relaxed);
+        for i in 0..(1u32 << self.order) {
+            zone.desc(head + i).owner.store(0, Ordering::Relaxed);
+        }
+        // SAFETY: the non-null slab address was allocated with this order and
+        // every object is back (inuse == 0); nothing refers to it any more.
+        unsafe {
+            let p = NonNull::new_unchecked(zone.addr_of(head) as *mut u8);
+            match mode {
+                Mode::Normal => pages.free_pages(p, self.order),
+                Mode::NoLock => pages.free_pages_nolock(p, self.order),
+            }
+        }
+    }
+
+    /// Normal context: deferred objects, every slot that can be taken, and
+    /// the barn back to the slabs; every empty slab back to the page
+    /// allocator.
+    pub(crate) fn drain(&self, pages: &PageAllocator) {
+        self.drain_deferred(pages);
+        for slot in self.slots() {
+            let Some(_g) = slot.lock.try_lock() else {
+                continue;
+            };
+            let node = self.node.lock.lock(pages.platform());
+            self.flush_sheaf(slot.main(), pages, &node, Mode::Normal);
+            self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
+        }
+        let node = self.node.lock.lock(pages.platform());
+        let mut s = self
+            .node
+            .full
+            .swap(core::ptr::null_mut(), Ordering::Relaxed);
+        while !s.is_null() {
+            // SAFETY: barn sheaves are cache sheaves; node lock held.
+            let sh = unsafe { &*s };
+            let next = sh.next.load(Ordering::Relaxed);
+            self.node
+                .barn_objects
+                .fetch_sub(sh.len(), Ordering::Relaxed);
+            self.flush_sheaf(sh, pages, &node, Mode::Normal);
+            sh.next
+                .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.node.empty.store(s, Ordering::Relaxed);
+            s = next;
+        }
+        // Release the reserve of empty slabs too.
+        for zi in 0..pages.zone_count() {
+            let zone = pages.zone_at(zi);
+            let mut i = self.node.partial[zi].load(Ordering::Relaxed);
+            while i != NIL {
+                let next = zone.desc(i).next.load(Ordering::Relaxed);
+                if zone.desc(i).inuse.load(Ordering::Relaxed) == 0 {
+                    self.release_slab(zone, zi, i, pages, &node, Mode::Normal);
+                }
+                i = next;
+            }
+        }
+    }
+
+    /// This cache's counters.
+    pub(crate) fn stats(&self) -> ClassStats {
+        let cached_in_sheaves: usize = self.slots().map(|s| s.cached()).sum();
+        let cached_in_barn = self.node.barn_objects.load(Ordering::Relaxed);
+        let deferred = self.deferred_count.load(Ordering::Relaxed);
+        let out = self.out_of_slabs.load(Ordering::Relaxed);
+        ClassStats {
+            size: self.size,
+            objects_in_use: out.saturating_sub(cached_in_sheaves + cached_in_barn + deferred),
+            slabs: self.slabs.load(Ordering::Relaxed),
+            cached_in_sheaves,
+            cached_in_barn,
+            deferred,
+        }
+    }
+
+    pub(crate) fn nolock_ok(&self) -> u64 {
+        self.slots()
+            .map(|s| s.nolock_ok.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    // ----- validation ------------------------------------------------------------
+
+    /// Checks that `addr` (in page `idx` of `zone`, owned by this cache) is the
+    /// start of an object slot; aborts otherwise.
+    #[inline]
+    pub(crate) fn validate(&self, pages: &PageAllocator, zone: &Zone, idx: u32, addr: usize) {
+        let head = idx & !((1u32 << self.order) - 1);
+        let off = addr - zone.addr_of(head);
+        if off % self.size != 0 || off / self.size >= self.objs {
+            pages.fatal(
+                crate::platform::FatalMessage::new()
+                    .text("anyalloc: free of ")
+                    .hex(addr)
+                    .text(", which is not the start of an object (interior pointer into a ")
+                    .dec(self.size)
+                    .text("-byte object)"),
+            );
+        }
+    }
+
+    /// The per-object state bitmap of the slab starting at `slab` and the bit
+    /// of an object offset: `(words, bits per word)`.
+    #[cfg(feature = "debug-checks")]
+    fn bitmap(&self, slab: usize) -> (&[core::sync::atomic::AtomicU64], usize) {
+        let bytes = PAGE_SIZE << self.order;
+        let words = self.objs.div_ceil(64);
+        let start = slab + bytes - (bytes / self.size).div_ceil(64) * 8;
+        // SAFETY: the bitmap area is the slab's 8-aligned tail, reserved by
+        // `objects_per_slab`, part of a live slab of this cache.
+        (
+            unsafe {
+                core::slice::from_raw_parts(start as *const core::sync::atomic::AtomicU64, words)
+            },
+            64,
+        )
+    }
+
+    /// debug-checks: flips an object's state bit; aborts on a double free.
+    #[cfg(feature = "debug-checks")]
+    pub(crate) fn mark(
+        &self,
+        pages: &PageAllocator,
+        zone: &Zone,
+        idx: u32,
+        addr: usize,
+        allocated: bool,
+    ) {
+        let head = idx & !((1u32 << self.order) - 1);
+        let slab = zone.addr_of(head);
+        let n = (addr - slab) / self.size;
+        let (words, bits) = self.bitmap(slab);
+        let bit = 1u64 << (n % bits);
+        let w = &words[n / bits];
+        if allocated {
+            let old = w.fetch_or(bit, Ordering::AcqRel);
+            debug_assert!(old & bit == 0, "object handed out twice");
+        } else {
+            let old = w.fetch_and(!bit, Ordering::AcqRel);
+            if old & bit == 0 {
+                pages.fatal(
+                    crate::platform::FatalMessage::new()
+                        .text("anyalloc: double free of object ")
+                        .hex(addr),
+                );
+            }
+        }
+    }
+}

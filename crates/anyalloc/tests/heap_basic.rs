@@ -1,0 +1,191 @@
+//! Basic behaviour of the object allocator.
+
+use anyalloc::{Config, Heap, PAGE_SIZE};
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+fn heap() -> Heap {
+    Heap::new(Config::default().memory(64 << 20).cpus(2)).unwrap()
+}
+
+fn fill(p: NonNull<u8>, len: usize, seed: u8) {
+    unsafe { std::ptr::write_bytes(p.as_ptr(), seed, len) };
+}
+
+fn check(p: NonNull<u8>, len: usize, seed: u8) {
+    let s = unsafe { std::slice::from_raw_parts(p.as_ptr(), len) };
+    assert!(s.iter().all(|&b| b == seed), "pattern damaged at {p:?}");
+}
+
+#[test]
+fn sizes_and_alignments_round_trip_and_pages_come_back() {
+    let h = heap();
+    let mut held = Vec::new();
+    let mut align = 1;
+    while align <= 4 * PAGE_SIZE {
+        for size in [
+            1usize,
+            8,
+            12,
+            17,
+            24,
+            100,
+            1000,
+            4096,
+            5000,
+            8192,
+            8193,
+            20000,
+            1 << 20,
+            5 << 20,
+        ] {
+            let l = Layout::from_size_align(size, align).unwrap();
+            for nolock in [false, true] {
+                let p = if nolock {
+                    h.alloc_nolock(l)
+                } else {
+                    h.alloc(l)
+                };
+                if nolock && size > 32768 {
+                    assert!(p.is_none(), "nolock serves up to 32 KiB");
+                    continue;
+                }
+                let p = p.unwrap_or_else(|| panic!("alloc {size}/{align} nolock={nolock}"));
+                assert_eq!(p.as_ptr() as usize % align, 0, "{size}/{align}");
+                assert!(h.usable_size(p) >= size);
+                let seed = (held.len() % 251) as u8;
+                fill(p, size, seed);
+                held.push((p, size, seed));
+            }
+        }
+        align *= 2;
+    }
+    for (i, (p, size, seed)) in held.into_iter().enumerate() {
+        check(p, size, seed);
+        unsafe {
+            if i % 3 == 0 {
+                h.free_nolock(p)
+            } else {
+                h.free(p)
+            }
+        }
+    }
+    let s = h.stats();
+    assert_eq!(s.objects_in_use, 0);
+    assert_eq!(s.large_in_use, 0);
+    assert_eq!(s.huge_in_use, 0);
+    h.drain();
+    let p = h.pages().stats();
+    assert_eq!(p.free_pages, p.total_pages);
+    assert_eq!(p.buddy_pages, p.total_pages);
+    h.pages().check_invariants().unwrap();
+}
+
+#[test]
+fn small_objects_do_not_overlap() {
+    let h = heap();
+    let mut v: Vec<(usize, usize)> = Vec::new();
+    for i in 0..20000usize {
+        let size = 8 + (i * 37) % 2000;
+        let p = if i % 2 == 0 {
+            h.alloc(Layout::from_size_align(size, 8).unwrap())
+        } else {
+            h.alloc_nolock(Layout::from_size_align(size, 8).unwrap())
+        };
+        let p = p.unwrap();
+        v.push((p.as_ptr() as usize, size));
+    }
+    let mut sorted = v.clone();
+    sorted.sort();
+    for w in sorted.windows(2) {
+        assert!(w[0].0 + w[0].1 <= w[1].0, "overlap {w:?}");
+    }
+    assert_eq!(h.stats().objects_in_use, 20000);
+    for (a, _) in v {
+        unsafe { h.free(NonNull::new(a as *mut u8).unwrap()) };
+    }
+    assert_eq!(h.stats().objects_in_use, 0);
+    h.drain();
+    let p = h.pages().stats();
+    assert_eq!(p.free_pages, p.total_pages);
+}
+
+#[test]
+fn cross_thread_frees_neither_leak_nor_grow() {
+    let h = std::sync::Arc::new(heap());
+    let (tx, rx) = std::sync::mpsc::sync_channel::<usize>(1024);
+    let producer = {
+        let h = h.clone();
+        std::thread::spawn(move || {
+            for i in 0..200_000usize {
+                let p = h
+                    .alloc(Layout::from_size_align(16 + i % 200, 8).unwrap())
+                    .unwrap();
+                tx.send(p.as_ptr() as usize).unwrap();
+            }
+        })
+    };
+    let consumer = {
+        let h = h.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while let Ok(a) = rx.recv() {
+                let p = NonNull::new(a as *mut u8).unwrap();
+                unsafe {
+                    if n % 2 == 0 {
+                        h.free(p)
+                    } else {
+                        h.free_nolock(p)
+                    }
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    producer.join().unwrap();
+    assert_eq!(consumer.join().unwrap(), 200_000);
+    let s = h.stats();
+    assert_eq!(s.objects_in_use, 0);
+    // Bounded: at most a few MiB of pages are held by caches at the end.
+    let held = s.pages.total_pages - s.pages.free_pages;
+    assert!(
+        held < 2048,
+        "caches hold {held} pages after cross-thread churn"
+    );
+    h.drain();
+    let p = h.pages().stats();
+    assert_eq!(p.free_pages, p.total_pages);
+}
+
+#[test]
+fn exhaustion_and_growth() {
+    let capped = Heap::new(Config::default().memory(1 << 20).cpus(1).grow(false)).unwrap();
+    let mut v = Vec::new();
+    while let Some(p) = capped.alloc(Layout::from_size_align(1000, 8).unwrap()) {
+        v.push(p);
+        assert!(v.len() < 100_000);
+    }
+    assert!(capped
+        .alloc_nolock(Layout::from_size_align(1000, 8).unwrap())
+        .is_none());
+    assert!(capped.stats().nolock_alloc_fail_empty >= 1);
+    for p in v {
+        unsafe { capped.free(p) };
+    }
+    let growing = Heap::new(Config::default().memory(1 << 20).cpus(1)).unwrap();
+    let v: Vec<_> = (0..5000)
+        .map(|_| {
+            growing
+                .alloc(Layout::from_size_align(1000, 8).unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert!(growing.pages().stats().zones > 1);
+    for p in v {
+        unsafe { growing.free(p) };
+    }
+    growing.drain();
+    let p = growing.pages().stats();
+    assert_eq!(p.free_pages, p.total_pages);
+}
