@@ -14,15 +14,26 @@ fn every_order_round_trips_and_everything_comes_back() {
     let mut held = Vec::new();
     for order in 0..=MAX_ORDER {
         let p = pa.alloc_pages(order).expect("normal alloc");
-        assert_eq!(p.as_ptr() as usize % (PAGE_SIZE << order), 0, "aligned to its size");
+        assert_eq!(
+            p.as_ptr() as usize % (PAGE_SIZE << order),
+            0,
+            "aligned to its size"
+        );
         held.push((p, order));
     }
     for order in 0..=NOLOCK_MAX_ORDER {
         held.push((pa.alloc_pages_nolock(order).expect("nolock alloc"), order));
     }
     // No two blocks overlap.
-    let mut ranges: Vec<(usize, usize)> =
-        held.iter().map(|(p, o)| (p.as_ptr() as usize, (p.as_ptr() as usize) + (PAGE_SIZE << o))).collect();
+    let mut ranges: Vec<(usize, usize)> = held
+        .iter()
+        .map(|(p, o)| {
+            (
+                p.as_ptr() as usize,
+                (p.as_ptr() as usize) + (PAGE_SIZE << o),
+            )
+        })
+        .collect();
     ranges.sort();
     for w in ranges.windows(2) {
         assert!(w[0].1 <= w[1].0, "blocks overlap: {w:?}");
@@ -40,7 +51,10 @@ fn every_order_round_trips_and_everything_comes_back() {
     pa.drain();
     let s = pa.stats();
     assert_eq!(s.free_pages, s.total_pages);
-    assert_eq!(s.buddy_pages, s.total_pages, "drain returns everything to the buddy lists");
+    assert_eq!(
+        s.buddy_pages, s.total_pages,
+        "drain returns everything to the buddy lists"
+    );
     pa.check_invariants().unwrap();
     // Fully coalesced: every 4 MiB block can be allocated again.
     let a = pa.alloc_pages(MAX_ORDER).unwrap();
@@ -63,7 +77,14 @@ fn out_of_range_orders_are_refused() {
 #[test]
 fn configuration_errors_name_the_setting() {
     let e = PageAllocator::new(Config::default().memory(4096)).unwrap_err();
-    assert!(matches!(e, Error::Config { setting: "Config::memory", value: 4096, .. }));
+    assert!(matches!(
+        e,
+        Error::Config {
+            setting: "Config::memory",
+            value: 4096,
+            ..
+        }
+    ));
     assert!(e.to_string().contains("Config::memory = 4096"), "{e}");
     let e = PageAllocator::new(Config::default().cpus(0)).unwrap_err();
     assert!(e.to_string().contains("Config::cpus = 0"), "{e}");
@@ -82,7 +103,11 @@ fn exhaustion_without_growth_fails_and_nolock_keeps_the_reserve() {
     while let Some(p) = pa.alloc_pages(0) {
         held.push(p);
     }
-    assert_eq!(pa.stats().free_pages, 0, "normal path may use the reserve last");
+    assert_eq!(
+        pa.stats().free_pages,
+        0,
+        "normal path may use the reserve last"
+    );
     for p in held {
         unsafe { pa.free_pages(p, 0) };
     }
@@ -111,11 +136,20 @@ fn growth_adds_zones_on_the_normal_path_only() {
 fn creating_a_big_allocator_touches_little_memory() {
     fn rss_kib() -> usize {
         let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-        s.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 4
+        s.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+            * 4
     }
     let before = rss_kib();
     let pa = PageAllocator::new(Config::default().memory(1 << 30).grow(false)).unwrap();
     let after = rss_kib();
     assert_eq!(pa.stats().total_pages, 262144);
-    assert!(after.saturating_sub(before) < 4096, "1 GiB allocator touched {} KiB", after - before);
+    assert!(
+        after.saturating_sub(before) < 4096,
+        "1 GiB allocator touched {} KiB",
+        after - before
+    );
 }
