@@ -6,6 +6,8 @@
 /// Called on entry of every normal-path function with its name.
 #[inline(always)]
 pub(crate) fn might_wait(function: &'static str) {
-    // Wired to the nolock scope by the global allocator layer.
+    #[cfg(all(feature = "std", any(debug_assertions, feature = "debug-checks")))]
+    crate::global::check_might_wait(function);
+    #[cfg(not(all(feature = "std", any(debug_assertions, feature = "debug-checks"))))]
     let _ = function;
 }

@@ -48,6 +48,8 @@ pub(crate) use interrupt_point;
 
 mod config;
 mod context;
+#[cfg(feature = "std")]
+mod global;
 #[cfg(feature = "interrupt-points")]
 pub mod interrupt;
 pub mod page;
@@ -56,6 +58,8 @@ pub mod slab;
 pub mod sync;
 
 pub use config::{Config, Error, MIN_MEMORY};
+#[cfg(feature = "std")]
+pub use global::{global_heap, in_nolock_scope, init, nolock_scope, Global, NoLock, NoLockScope};
 pub use page::{PageAllocator, PageStats};
 pub use platform::Platform;
 #[cfg(feature = "std")]

@@ -702,6 +702,31 @@ impl PageAllocator {
         s
     }
 
+    /// Fork support: takes the growth lock and every zone lock (normal
+    /// context, waits for them). Release with [`unlock_all`](Self::unlock_all).
+    #[cfg(feature = "std")]
+    pub(crate) fn lock_all(&self) {
+        self.grow_lock.lock_raw(self.platform);
+        for zone in self.zones() {
+            zone.lock.lock_raw(self.platform);
+        }
+    }
+
+    /// Releases what [`lock_all`](Self::lock_all) took.
+    ///
+    /// # Safety
+    /// `lock_all` was called (in this process or the parent of this forked
+    /// child) and not yet undone.
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn unlock_all(&self) {
+        for zone in self.zones() {
+            // SAFETY: taken by lock_all, per the caller.
+            unsafe { zone.lock.force_unlock(self.platform) };
+        }
+        // SAFETY: as above.
+        unsafe { self.grow_lock.force_unlock(self.platform) };
+    }
+
     /// Checks every structural invariant (buddy lists well-formed and fully
     /// coalesced, counts consistent, per-CPU lists well-formed). Call only
     /// while no other context uses the allocator; meant for tests.

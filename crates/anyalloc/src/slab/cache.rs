@@ -772,6 +772,22 @@ impl Cache {
         }
     }
 
+    /// Fork support: takes the node lock without a guard.
+    #[cfg(feature = "std")]
+    pub(crate) fn lock_node_raw(&self, pages: &PageAllocator) {
+        self.node.lock.lock_raw(pages.platform());
+    }
+
+    /// Releases the node lock taken by `lock_node_raw`.
+    ///
+    /// # Safety
+    /// `lock_node_raw` was called and not yet undone.
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn unlock_node_raw(&self, pages: &PageAllocator) {
+        // SAFETY: per the caller.
+        unsafe { self.node.lock.force_unlock(pages.platform()) };
+    }
+
     /// This cache's counters.
     pub(crate) fn stats(&self) -> ClassStats {
         let cached_in_sheaves: usize = self.slots().map(|s| s.cached()).sum();

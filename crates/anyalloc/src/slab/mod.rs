@@ -530,6 +530,46 @@ impl Heap {
         self.pages.drain();
     }
 
+    /// Fork support: takes every lock that can be waited on (cache nodes,
+    /// then the page allocator's), in lock order. Normal context.
+    #[cfg(feature = "std")]
+    pub(crate) fn lock_all(&self) {
+        for c in 0..CLASSES {
+            self.cache(c).lock_node_raw(&self.pages);
+        }
+        self.pages.lock_all();
+    }
+
+    /// Releases what [`lock_all`](Self::lock_all) took.
+    ///
+    /// # Safety
+    /// `lock_all` was called (here or in the parent of this forked child) and
+    /// not yet undone.
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn unlock_all(&self) {
+        // SAFETY: per the caller.
+        unsafe { self.pages.unlock_all() };
+        for c in 0..CLASSES {
+            // SAFETY: per the caller.
+            unsafe { self.cache(c).unlock_node_raw(&self.pages) };
+        }
+    }
+
+    /// Allocates zeroed memory; skips the zeroing for fresh `mmap` memory,
+    /// which the OS zeroed. Normal context.
+    pub fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        let p = self.alloc(layout)?;
+        #[cfg(feature = "std")]
+        if class::class_for(layout.size(), layout.align()).is_none()
+            && Self::large_order(layout).is_none()
+        {
+            return Some(p); // huge: a fresh mapping, zero-filled by the OS
+        }
+        // SAFETY: `p` is a fresh allocation of at least `layout.size()` bytes.
+        unsafe { core::ptr::write_bytes(p.as_ptr(), 0, layout.size()) };
+        Some(p)
+    }
+
     /// A snapshot of the heap's counters; see [`HeapStats`].
     pub fn stats(&self) -> HeapStats {
         let mut s = HeapStats {

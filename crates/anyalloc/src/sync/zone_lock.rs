@@ -126,6 +126,27 @@ impl ZoneLock {
         }
     }
 
+    /// Takes the lock without a guard (fork handling: held across `fork`).
+    /// Pair with [`force_unlock`](Self::force_unlock).
+    #[cfg(not(loom))]
+    pub(crate) fn lock_raw(&self, platform: &dyn Platform) {
+        core::mem::forget(self.lock(platform));
+    }
+
+    /// Releases a lock taken with [`lock_raw`](Self::lock_raw), waking a
+    /// waiter if there is one.
+    ///
+    /// # Safety
+    /// The caller took the lock with `lock_raw` (in this process, or in the
+    /// parent of this forked child) and nothing else releases it.
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn force_unlock(&self, platform: &dyn Platform) {
+        drop(ZoneGuard {
+            lock: self,
+            platform,
+        });
+    }
+
     /// Whether the lock is held right now (a racy hint, for stats and tests).
     pub fn is_locked(&self) -> bool {
         self.state.load(Ordering::Relaxed) != UNLOCKED

@@ -1,0 +1,224 @@
+//! `Global` as the process's allocator: std collections on threads while
+//! signal handlers allocate through `NoLock` and through `Global` itself
+//! (re-entry routing), with nested signals.
+
+use allocator_api2::boxed::Box as NBox;
+use allocator_api2::vec::Vec as NVec;
+use anyalloc::{Global, NoLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static A: Global = Global;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
+static OK: AtomicU64 = AtomicU64::new(0);
+static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+static GLOBAL_BOXES: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn handler(sig: libc::c_int) {
+    SIGNALS.fetch_add(1, Relaxed);
+    let n = (sig as u64) ^ SIGNALS.load(Relaxed);
+    // NoLock: fallible box and vector.
+    ATTEMPTS.fetch_add(1, Relaxed);
+    if let Ok(b) = NBox::try_new_in([n; 8], NoLock) {
+        OK.fetch_add(1, Relaxed);
+        if b.iter().any(|&x| x != n) {
+            VIOLATIONS.fetch_add(1, Relaxed);
+        }
+    }
+    ATTEMPTS.fetch_add(1, Relaxed);
+    let mut v: NVec<u64, NoLock> = NVec::new_in(NoLock);
+    if v.try_reserve(32 + (n as usize % 200)).is_ok() {
+        OK.fetch_add(1, Relaxed);
+        for i in 0..32 {
+            v.push(n + i);
+        }
+        if v.iter().enumerate().any(|(i, &x)| x != n + i as u64) {
+            VIOLATIONS.fetch_add(1, Relaxed);
+        }
+    }
+    // Global through re-entry routing: this is a nolock allocation because
+    // the handler may have interrupted the allocator on this thread. Use the
+    // fallible raw API: a plain Box::new would abort on failure.
+    let layout = std::alloc::Layout::from_size_align(48, 8).unwrap();
+    ATTEMPTS.fetch_add(1, Relaxed);
+    // SAFETY: non-zero size layout; freed below with the same layout.
+    let p = unsafe { std::alloc::alloc(layout) };
+    if !p.is_null() {
+        OK.fetch_add(1, Relaxed);
+        GLOBAL_BOXES.fetch_add(1, Relaxed);
+        // SAFETY: p is a live 48-byte block.
+        unsafe {
+            p.write_bytes(0x5a, 48);
+            if *p.add(47) != 0x5a {
+                VIOLATIONS.fetch_add(1, Relaxed);
+            }
+            std::alloc::dealloc(p, layout);
+        }
+    }
+}
+
+fn install(sig: libc::c_int) {
+    // SAFETY: a zeroed sigaction is a valid starting point; the handler is an
+    // extern "C" fn; the mask blocks only this signal during its handler, so
+    // the other signal can nest inside it.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaddset(&mut sa.sa_mask, sig);
+        assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
+    }
+}
+
+fn thread_timer(sig: libc::c_int, tid: libc::pid_t, interval_ns: i64) -> libc::timer_t {
+    // SAFETY: sigevent zeroed then filled for SIGEV_THREAD_ID; the timer id
+    // is written by timer_create.
+    unsafe {
+        let mut sev: libc::sigevent = std::mem::zeroed();
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = sig;
+        sev.sigev_notify_thread_id = tid;
+        let mut t: libc::timer_t = std::ptr::null_mut();
+        assert_eq!(
+            libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t),
+            0
+        );
+        let its = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: interval_ns,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: interval_ns,
+            },
+        };
+        assert_eq!(libc::timer_settime(t, 0, &its, std::ptr::null_mut()), 0);
+        t
+    }
+}
+
+#[test]
+fn global_survives_a_signal_storm_with_std_collections() {
+    let sig_a = libc::SIGRTMIN();
+    let sig_b = libc::SIGRTMIN() + 1;
+    install(sig_a);
+    install(sig_b);
+    let shared = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let threads: Vec<_> = (0..2)
+        .map(|t| {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                let ta = thread_timer(sig_a, tid, 100_000); // 10 kHz
+                let tb = thread_timer(sig_b, tid, 330_000);
+                let mut map: HashMap<u64, String> = HashMap::new();
+                let mut tree: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+                let mut i = 0u64;
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(3) {
+                    i += 1;
+                    map.insert(i % 5000, format!("value {i} on {t}"));
+                    tree.entry(i % 777).or_default().push(i);
+                    if i % 777 == 0 {
+                        tree.clear();
+                    }
+                    if i % 100 == 0 {
+                        let v = vec![(i % 251) as u8; 1 + (i as usize * 31) % 70_000];
+                        let mut s = shared.lock().unwrap();
+                        s.push(v);
+                        if s.len() > 64 {
+                            // Freed by whichever thread gets here: cross-thread frees.
+                            let old = s.remove(0);
+                            assert!(old.iter().all(|&b| b == old[0]));
+                        }
+                    }
+                }
+                // SAFETY: timers created above.
+                unsafe {
+                    libc::timer_delete(ta);
+                    libc::timer_delete(tb);
+                }
+                for (k, v) in &map {
+                    assert!(v.starts_with("value "), "{k}: {v}");
+                }
+                i
+            })
+        })
+        .collect();
+    let ops: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    STOP.store(true, Relaxed);
+    let attempts = ATTEMPTS.load(Relaxed);
+    let ok = OK.load(Relaxed);
+    println!(
+        "ops {ops}, signals {}, nolock attempts {attempts}, ok {ok} ({:.4}%), via Global {}",
+        SIGNALS.load(Relaxed),
+        100.0 * ok as f64 / attempts.max(1) as f64,
+        GLOBAL_BOXES.load(Relaxed)
+    );
+    assert_eq!(VIOLATIONS.load(Relaxed), 0);
+    assert!(SIGNALS.load(Relaxed) > 1000, "the storm happened");
+    assert!(
+        ok * 1000 >= attempts * 999,
+        "nolock success {ok}/{attempts} below 99.9%"
+    );
+    let heap = anyalloc::global_heap().expect("Global created the heap");
+    let s = heap.stats();
+    println!(
+        "heap: {} objects in use, nolock ok {}, busy {}, empty {}, deferred frees {}",
+        s.objects_in_use,
+        s.nolock_alloc_ok,
+        s.nolock_alloc_fail_busy,
+        s.nolock_alloc_fail_empty,
+        s.nolock_free_deferred
+    );
+}
+
+#[test]
+fn nolock_scope_routes_global_to_the_nolock_path() {
+    let heap = anyalloc::init().unwrap();
+    let before = heap.stats().nolock_alloc_ok;
+    {
+        let _scope = anyalloc::nolock_scope();
+        assert!(anyalloc::in_nolock_scope());
+        let v: Vec<Box<[u8; 100]>> = (0..100).map(|_| Box::new([1u8; 100])).collect();
+        assert_eq!(v.len(), 100);
+    }
+    assert!(!anyalloc::in_nolock_scope());
+    let after = heap.stats().nolock_alloc_ok;
+    // Other tests of this binary may allocate nolock concurrently, so only a
+    // lower bound: at least our 100 boxes and the vector went nolock.
+    assert!(
+        after - before >= 101,
+        "only {} nolock allocations counted",
+        after - before
+    );
+}
+
+#[test]
+fn fork_child_can_allocate() {
+    let _warm: Vec<u8> = vec![1; 1000];
+    // SAFETY: the child only allocates through our heap, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let v: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+        let code = if v[999] == "999" { 0 } else { 1 };
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed: {status}"
+    );
+}
