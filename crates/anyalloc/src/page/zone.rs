@@ -24,10 +24,11 @@
 //!
 //! # Watermarks
 //!
-//! `min < low < high`, in pages of the buddy free lists. The nolock path never
-//! takes the zone below `min`; the normal path does only as a last resort,
-//! after reclaim has failed (the reserve a reclaiming caller may use, as the
-//! kernel's `ALLOC_NO_WATERMARKS`).
+//! `min`, in pages of the buddy free lists (about 1/256 of the zone). The
+//! nolock path never takes the zone below `min`; the normal path does only
+//! as a last resort, after reclaim has failed (the reserve a reclaiming
+//! caller may use, as the kernel's `ALLOC_NO_WATERMARKS`). The `low`/`high`
+//! marks that wake a maintenance thread are not implemented yet.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
@@ -124,7 +125,6 @@ pub(crate) struct Zone {
     deferred_pages: AtomicUsize,
     pub(crate) total: usize,
     pub(crate) min: usize,
-    pub(crate) low: usize,
     pcp_high: u32,
     pcp_batch: u32,
     /// Where the zone's reservation starts and how long it is (std), for
@@ -171,8 +171,7 @@ impl Zone {
         let descs =
             meta.wrapping_add((head + slots_bytes).next_multiple_of(PAGE_SIZE)) as *mut PageDesc;
         let total = (limit - first) as usize;
-        // Kernel-like watermarks: min ~ 1/256 of the zone, low = 1.25 min,
-        // high = 1.5 min.
+        // Kernel-like min watermark: about 1/256 of the zone.
         let min = (total / 256).clamp(4, 4096);
         let pcp_batch = (total / (cpus * LEVELS * 64)).clamp(1, 16) as u32;
         let pcp_high = (pcp_batch * 6).max(8);
@@ -194,7 +193,6 @@ impl Zone {
             deferred_pages: AtomicUsize::new(0),
             total,
             min,
-            low: min + min / 4,
             pcp_high,
             pcp_batch,
             mapping,
@@ -334,10 +332,11 @@ impl Zone {
     }
 
     /// Takes a block of `order` from the buddy lists, leaving at least
-    /// `reserve` free pages; marks it `ALLOCATED`.
+    /// `reserve` free pages; marks it `ALLOCATED`. A `reserve` of
+    /// `usize::MAX` (the nolock path's "stock only") takes nothing.
     pub(crate) fn buddy_alloc(&self, order: u32, reserve: usize, g: &ZoneGuard<'_>) -> Option<u32> {
         let need = 1usize << order;
-        if self.free_buddy.load(Ordering::Relaxed) < reserve + need {
+        if self.free_buddy.load(Ordering::Relaxed) < reserve.saturating_add(need) {
             return None;
         }
         let mut o = order;
