@@ -67,6 +67,7 @@ impl Config {
         self.memory
     }
 
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) fn validate(&self) -> Result<(), Error> {
         if self.memory < MIN_MEMORY {
             return Err(Error::Config {

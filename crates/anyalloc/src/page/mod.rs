@@ -65,7 +65,9 @@ use crate::config::{Config, Error};
 use crate::platform::{FatalMessage, Platform};
 use crate::sync::ZoneLock;
 use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
-use zone::{MAX_BLOCK, PCP_MAX_ORDER};
+#[cfg(feature = "std")]
+use zone::MAX_BLOCK;
+use zone::PCP_MAX_ORDER;
 
 /// At most this many zones (the first plus growth).
 pub(crate) const MAX_ZONES: usize = 32;
@@ -107,13 +109,16 @@ pub struct PageStats {
 /// The page allocator. See the module documentation.
 pub struct PageAllocator {
     platform: &'static dyn Platform,
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     config: Config,
     cpus: usize,
     zones: [AtomicPtr<Zone>; MAX_ZONES],
     nzones: AtomicUsize,
     /// Serialises growth (normal path only).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     grow_lock: ZoneLock,
     /// Whether the zones are OS reservations to release on drop.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     owns_mappings: bool,
     nolock_ok_direct: AtomicU64,
     nolock_fail_busy: AtomicU64,
@@ -213,7 +218,8 @@ impl PageAllocator {
             });
         }
         let end = start + n * PAGE_SIZE;
-        let pa = Self::empty(platform, config, cpus, false);
+        // The region is the cap: never grow with OS zones (nor own mappings).
+        let pa = Self::empty(platform, config.grow(false), cpus, false);
         // SAFETY: the metadata area [end rounded to 64, region_end) and the
         // pages [start, end) lie inside the caller's exclusive region
         // (checked by `fits`); the region's contents are arbitrary, so
@@ -740,11 +746,8 @@ impl PageAllocator {
 
 impl Drop for PageAllocator {
     fn drop(&mut self) {
-        if !self.owns_mappings {
-            return;
-        }
         #[cfg(feature = "std")]
-        {
+        if self.owns_mappings {
             let zones: [*mut Zone; MAX_ZONES] =
                 core::array::from_fn(|i| self.zones[i].load(Ordering::Acquire));
             for z in zones.into_iter().take(self.nzones.load(Ordering::Acquire)) {

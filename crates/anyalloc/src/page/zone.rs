@@ -129,6 +129,7 @@ pub(crate) struct Zone {
     pcp_batch: u32,
     /// Where the zone's reservation starts and how long it is (std), for
     /// returning it to the OS.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) mapping: (usize, usize),
 }
 

@@ -91,6 +91,7 @@ pub struct Heap {
     huge: huge::HugeTable,
     #[cfg(feature = "std")]
     huge_deferred: crate::sync::IndexStack,
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     meta: (usize, usize),
     large_live: AtomicUsize,
     huge_live: AtomicUsize,
