@@ -24,6 +24,7 @@
 //! | `ANYALLOC_MEMORY` | first zone size, bytes; suffixes k, m, g    | 256m    |
 //! | `ANYALLOC_CPUS`   | CPU slot sets                               | all CPUs |
 //! | `ANYALLOC_GROW`   | `0` makes `ANYALLOC_MEMORY` a hard cap      | 1       |
+//! | `ANYALLOC_MAINTENANCE` | `0`: no maintenance thread             | 1       |
 //!
 //! A nolock caller that finds another context initialising gets null; a
 //! normal caller waits. Creating the heap makes a few `mmap` calls: call
@@ -106,7 +107,9 @@ fn init_slow(nolock: bool) -> Option<&'static Heap> {
             Ordering::Acquire,
         ) {
             Ok(_) => {
-                let built = Heap::new(env_config());
+                // The maintainer starts only after READY: spawning a thread
+                // allocates, and until READY such allocations would fail.
+                let built = Heap::new_without_maintainer(env_config());
                 return match built {
                     Ok(h) => {
                         // SAFETY: we won the CAS: no other context reads or
@@ -114,7 +117,13 @@ fn init_slow(nolock: bool) -> Option<&'static Heap> {
                         unsafe { (*GLOBAL_HEAP.heap.get()).write(h) };
                         GLOBAL_HEAP.state.store(READY, Ordering::Release);
                         register_atfork();
-                        global_heap()
+                        let heap = global_heap();
+                        if env_size(c"ANYALLOC_MAINTENANCE") != Some(0) {
+                            if let Some(h) = heap {
+                                h.start_maintenance();
+                            }
+                        }
+                        heap
                     }
                     Err(_) => {
                         GLOBAL_HEAP.state.store(FAILED, Ordering::Release);

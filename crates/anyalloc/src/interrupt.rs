@@ -48,6 +48,9 @@ pub enum Site {
     ObjectDeferredPush,
     /// Object allocator: the cache is draining its deferred list.
     ObjectDeferredDrain,
+    /// Accounting: a group's per-CPU charge stock is held (or was busy and
+    /// the counters are charged directly).
+    AccountCharge,
 }
 
 impl Site {
@@ -64,6 +67,8 @@ impl Site {
         Site::DeferredPush,
         Site::DeferredDrain,
     ];
+    /// Every site of the accounting layer.
+    pub const ACCOUNT: &'static [Site] = &[Site::AccountCharge];
     /// Every site of the object allocator.
     pub const HEAP: &'static [Site] = &[
         Site::SheafAlloc,

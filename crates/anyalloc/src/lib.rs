@@ -21,6 +21,7 @@
 //! * [`platform`]: what the allocator needs from its environment.
 //! * [`page`]: the buddy page allocator with per-CPU lists ([`PageAllocator`]).
 //! * [`slab`]: the object allocator: size classes, sheaves, slabs ([`Heap`]).
+//! * [`account`]: hierarchical accounting groups with limits ([`Group`]).
 //!
 //! ```
 //! use anyalloc::{Config, PageAllocator};
@@ -46,17 +47,21 @@ macro_rules! interrupt_point {
 }
 pub(crate) use interrupt_point;
 
+pub mod account;
 mod config;
 mod context;
 #[cfg(feature = "std")]
 mod global;
 #[cfg(feature = "interrupt-points")]
 pub mod interrupt;
+#[cfg(feature = "std")]
+mod maintain;
 pub mod page;
 pub mod platform;
 pub mod slab;
 pub mod sync;
 
+pub use account::Group;
 pub use config::{Config, Error, MIN_MEMORY};
 #[cfg(feature = "std")]
 pub use global::{global_heap, in_nolock_scope, init, nolock_scope, Global, NoLock, NoLockScope};

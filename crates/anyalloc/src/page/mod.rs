@@ -120,6 +120,13 @@ pub struct PageAllocator {
     /// Whether the zones are OS reservations to release on drop.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     owns_mappings: bool,
+    /// The maintainer's wake word, if a maintainer serves this allocator.
+    waker: AtomicPtr<core::sync::atomic::AtomicU32>,
+    /// The owner's reclaim callback (runs shrinkers) and its argument.
+    reclaimer: AtomicPtr<()>,
+    reclaim_ctx: AtomicPtr<()>,
+    /// Set when an allocation that could not run the reclaimer needed it.
+    reclaim_wanted: core::sync::atomic::AtomicBool,
     nolock_ok_direct: AtomicU64,
     nolock_fail_busy: AtomicU64,
     nolock_fail_empty: AtomicU64,
@@ -151,6 +158,10 @@ impl PageAllocator {
             nzones: AtomicUsize::new(0),
             grow_lock: ZoneLock::new(),
             owns_mappings: owns,
+            waker: AtomicPtr::new(core::ptr::null_mut()),
+            reclaimer: AtomicPtr::new(core::ptr::null_mut()),
+            reclaim_ctx: AtomicPtr::new(core::ptr::null_mut()),
+            reclaim_wanted: core::sync::atomic::AtomicBool::new(false),
             nolock_ok_direct: AtomicU64::new(0),
             nolock_fail_busy: AtomicU64::new(0),
             nolock_fail_empty: AtomicU64::new(0),
@@ -365,11 +376,23 @@ impl PageAllocator {
         if let Some(p) = self.alloc_normal_once(order, true) {
             return Some(p);
         }
-        self.alloc_slow(order)
+        self.alloc_slow(order, true)
+    }
+
+    /// As `alloc_pages`, but never runs the owner's reclaim callback (for
+    /// callers that hold a lock a shrinker might need).
+    pub(crate) fn alloc_pages_without_reclaim(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > MAX_ORDER {
+            return None;
+        }
+        if let Some(p) = self.alloc_normal_once(order, true) {
+            return Some(p);
+        }
+        self.alloc_slow(order, false)
     }
 
     #[cold]
-    fn alloc_slow(&self, order: u32) -> Option<NonNull<u8>> {
+    fn alloc_slow(&self, order: u32, may_reclaim: bool) -> Option<NonNull<u8>> {
         // Reclaim: every per-CPU list and deferred stack back to the buddy
         // lists, then try again above the watermark.
         self.drain();
@@ -382,8 +405,99 @@ impl PageAllocator {
                 return Some(p);
             }
         }
+        // Below the min watermark with no zone to add: ask the owner's
+        // shrinkers to give memory back, drain again, retry.
+        if !may_reclaim {
+            // The caller holds a lock a shrinker may need: ask the owner to
+            // reclaim once that lock is released.
+            if !self.reclaimer.load(Ordering::Relaxed).is_null() {
+                self.reclaim_wanted.store(true, Ordering::Relaxed);
+            }
+        } else if self.run_reclaimer() {
+            self.drain();
+            if let Some(p) = self.alloc_normal_once(order, true) {
+                return Some(p);
+            }
+        }
         // Last resort of a caller that has reclaimed: the min reserve.
         self.alloc_normal_once(order, false)
+    }
+
+    /// Installs the owner's reclaim callback (`f(ctx)` runs shrinkers; normal
+    /// context). `ctx` must stay valid as long as the allocator.
+    pub(crate) fn set_reclaimer(&self, f: fn(*const ()), ctx: *const ()) {
+        self.reclaim_ctx.store(ctx as *mut (), Ordering::Relaxed);
+        self.reclaimer.store(f as *mut (), Ordering::Release);
+    }
+
+    fn run_reclaimer(&self) -> bool {
+        let f = self.reclaimer.load(Ordering::Acquire);
+        if f.is_null() {
+            return false;
+        }
+        // SAFETY: only `set_reclaimer` stores non-null values, and it stores
+        // `fn(*const ())` pointers.
+        let f: fn(*const ()) = unsafe { core::mem::transmute::<*mut (), fn(*const ())>(f) };
+        f(self.reclaim_ctx.load(Ordering::Relaxed));
+        true
+    }
+
+    /// Whether an allocation asked for reclaim it could not run (and clears
+    /// the request).
+    #[inline]
+    pub(crate) fn take_reclaim_request(&self) -> bool {
+        self.reclaim_wanted.load(Ordering::Relaxed)
+            && self.reclaim_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// Installs the maintainer's wake word: a deferred free wakes it.
+    /// `word` must stay valid as long as the allocator.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) fn set_waker(&self, word: *const core::sync::atomic::AtomicU32) {
+        self.waker.store(word as *mut _, Ordering::Release);
+    }
+
+    /// Wakes the maintainer, if there is one. Any context: an atomic add and
+    /// the platform's wake, which never blocks (a futex wake on std).
+    #[inline]
+    pub(crate) fn wake_maintainer(&self) {
+        let w = self.waker.load(Ordering::Acquire);
+        if !w.is_null() {
+            // SAFETY: set_waker's contract keeps the word alive.
+            let w = unsafe { &*w };
+            w.fetch_add(1, Ordering::Release);
+            self.platform.wake_one(w);
+        }
+    }
+
+    /// One maintenance pass (normal context): merges deferred frees, keeps
+    /// per-CPU lists that saw demand stocked, and (std) returns max-order
+    /// blocks free for `idle_epochs` epochs to the OS. Returns the blocks
+    /// released.
+    #[cfg_attr(not(feature = "std"), allow(unused_mut))]
+    pub(crate) fn maintain(&self, epoch: usize, idle_epochs: usize) -> usize {
+        let mut released = 0;
+        for zone in self.zones() {
+            zone.epoch.store(epoch, Ordering::Relaxed);
+            {
+                let g = zone.lock.lock(zone.platform());
+                zone.drain_deferred(&g);
+            }
+            zone.stock_slots();
+            #[cfg(feature = "std")]
+            {
+                released += zone.release_idle_blocks(epoch, idle_epochs, 64);
+            }
+            #[cfg(not(feature = "std"))]
+            let _ = idle_epochs;
+        }
+        released
+    }
+
+    /// Whether some zone's free buddy pages are below twice its min
+    /// watermark (the "low" mark at which shrinkers run).
+    pub(crate) fn below_low(&self) -> bool {
+        self.zones().any(|z| z.free_buddy() < 2 * z.min)
     }
 
     fn alloc_normal_once(&self, order: u32, above_min: bool) -> Option<NonNull<u8>> {
@@ -590,6 +704,7 @@ impl PageAllocator {
         }
         zone.defer_free(idx, order);
         self.nolock_free_deferred.fetch_add(1, Ordering::Relaxed);
+        self.wake_maintainer();
     }
 
     /// Validates a free and claims the block (`ALLOCATED -> FREEING`), or

@@ -44,6 +44,10 @@ pub(crate) const LEVELS: usize = 3;
 /// Bytes of the largest block; zones are indexed from such a boundary.
 pub(crate) const MAX_BLOCK: usize = PAGE_SIZE << MAX_ORDER;
 
+/// Flag in a free max-order block's stamp: its memory went back to the OS.
+#[cfg(feature = "std")]
+const RELEASED: usize = 1 << (usize::BITS - 1);
+
 /// The "no page" index of the zone's lists.
 pub(crate) const NIL: u32 = u32::MAX;
 
@@ -85,6 +89,9 @@ pub(crate) struct PcpSlot {
     counts: [AtomicU32; PCP_MAX_ORDER as usize + 1],
     /// Nolock allocations served from this slot (updated under its lock).
     pub(crate) nolock_ok: AtomicU64,
+    /// Set when an allocation found this slot's lists empty; the maintainer
+    /// keeps such slots stocked. Cleared by drain.
+    pub(crate) demand: AtomicU32,
 }
 
 impl PcpSlot {
@@ -127,6 +134,9 @@ pub(crate) struct Zone {
     pub(crate) min: usize,
     pcp_high: u32,
     pcp_batch: u32,
+    /// The maintenance epoch (advanced by the maintainer), stamped on
+    /// max-order blocks as they become free.
+    pub(crate) epoch: AtomicUsize,
     /// Where the zone's reservation starts and how long it is (std), for
     /// returning it to the OS.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
@@ -196,6 +206,7 @@ impl Zone {
             min,
             pcp_high,
             pcp_batch,
+            epoch: AtomicUsize::new(0),
             mapping,
         };
         let zp = meta as *mut Zone;
@@ -212,6 +223,7 @@ impl Zone {
                     heads: [const { AtomicU32::new(NIL) }; PCP_MAX_ORDER as usize + 1],
                     counts: [const { AtomicU32::new(0) }; PCP_MAX_ORDER as usize + 1],
                     nolock_ok: AtomicU64::new(0),
+                    demand: AtomicU32::new(0),
                 });
                 (*s).init();
             }
@@ -314,6 +326,12 @@ impl Zone {
         }
         head.store(idx, Ordering::Relaxed);
         d.set(desc::state(desc::BUDDY, order));
+        if order == MAX_ORDER {
+            // When it became free (maintenance epoch), for returning idle
+            // blocks to the OS; `carved` is unused while a block is free.
+            d.carved
+                .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         self.counts[order as usize].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -515,6 +533,7 @@ impl Zone {
         mode: Mode,
         reserve: usize,
     ) -> Result<u32, Fail> {
+        slot.demand.store(1, Ordering::Relaxed);
         let g = self.lock_mode(mode).ok_or(Fail::Busy)?;
         self.drain_deferred(&g);
         crate::interrupt_point!(PcpRefill);
@@ -587,9 +606,74 @@ impl Zone {
         for slot in self.slots() {
             if let Some(s) = slot.lock.try_lock() {
                 self.pcp_drain_locked(slot, &s, 0, &g);
+                slot.demand.store(0, Ordering::Relaxed);
             }
         }
         self.drain_deferred(&g);
+    }
+
+    /// Maintenance (normal context): tops up every slot that has seen demand
+    /// and holds fewer than a batch of pages, to about half its `high`, so a
+    /// burst of nolock allocations finds pages ready. Slots held right now
+    /// are skipped.
+    pub(crate) fn stock_slots(&self) {
+        for slot in self.slots() {
+            if slot.demand.load(Ordering::Relaxed) == 0
+                || slot.pages.load(Ordering::Relaxed) >= self.pcp_batch
+            {
+                continue;
+            }
+            let Some(s) = slot.lock.try_lock() else {
+                continue;
+            };
+            let g = self.lock.lock(self.platform);
+            self.drain_deferred(&g);
+            let target = self.pcp_high / 2;
+            while slot.pages.load(Ordering::Relaxed) < target {
+                match self.buddy_alloc(0, self.min, &g) {
+                    Some(idx) => self.pcp_push(slot, idx, 0, &s),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Maintenance (normal context): returns to the OS the memory of free
+    /// max-order blocks that have been free since before `epoch - age`
+    /// (MADV_DONTNEED), at most `budget` blocks per call. Each block is taken
+    /// off the free list while the syscall runs, so nobody can be handed
+    /// memory that is being discarded. Returns the blocks released.
+    #[cfg(feature = "std")]
+    pub(crate) fn release_idle_blocks(&self, epoch: usize, age: usize, budget: usize) -> usize {
+        let mut released = 0;
+        while released < budget {
+            let g = self.lock.lock(self.platform);
+            let mut i = self.heads[MAX_ORDER as usize].load(Ordering::Relaxed);
+            let mut pick = NIL;
+            while i != NIL {
+                let stamp = self.desc(i).carved.load(Ordering::Relaxed);
+                if stamp & RELEASED == 0 && stamp + age <= epoch {
+                    pick = i;
+                    break;
+                }
+                i = self.desc(i).next.load(Ordering::Relaxed);
+            }
+            if pick == NIL {
+                return released;
+            }
+            self.list_remove(pick, MAX_ORDER, &g);
+            self.desc(pick).set(desc::state(desc::ALLOCATED, MAX_ORDER));
+            self.free_buddy.fetch_sub(1 << MAX_ORDER, Ordering::Relaxed);
+            drop(g);
+            crate::platform::os_discard(self.addr_of(pick), MAX_BLOCK);
+            let g = self.lock.lock(self.platform);
+            self.buddy_free(pick, MAX_ORDER, &g);
+            self.desc(pick)
+                .carved
+                .store(epoch | RELEASED, Ordering::Relaxed);
+            released += 1;
+        }
+        released
     }
 
     /// Checks the zone's invariants; the caller makes sure nothing else uses

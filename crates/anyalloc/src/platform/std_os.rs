@@ -232,3 +232,13 @@ pub(crate) unsafe fn os_release(ptr: *mut u8, size: usize) {
         libc::munmap(ptr.cast(), size);
     }
 }
+
+/// Gives the memory of `[addr, addr + len)` back to the OS; it reads as
+/// zeros when next touched. Normal context (madvise can block).
+pub(crate) fn os_discard(addr: usize, len: usize) {
+    // SAFETY: the range is page-aligned memory of one of our reservations
+    // that nobody uses right now (the caller took it off the free lists).
+    unsafe {
+        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED);
+    }
+}

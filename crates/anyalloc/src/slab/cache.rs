@@ -101,6 +101,9 @@ pub(crate) struct SheafSlot {
     main: AtomicPtr<Sheaf>,
     spare: AtomicPtr<Sheaf>,
     pub(crate) nolock_ok: AtomicU64,
+    /// Set when an allocation found this slot empty; the maintainer keeps
+    /// such slots stocked. Cleared by drain.
+    demand: core::sync::atomic::AtomicU32,
 }
 
 impl SheafSlot {
@@ -160,6 +163,11 @@ pub struct ClassStats {
 /// See the module documentation.
 pub(crate) struct Cache {
     class: usize,
+    /// Slabs of accounted caches end with an array of owner groups, one
+    /// word per object (0: none).
+    pub(crate) accounted: bool,
+    /// Index of this cache in the heap (owner ids are index + 1).
+    index: usize,
     size: usize,
     order: u32,
     objs: usize,
@@ -184,17 +192,23 @@ pub(crate) fn cache_meta_bytes(cpus: usize) -> usize {
         + (cpus * LEVELS * 2 + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
 }
 
-/// Objects a slab of class `c` holds (with `debug-checks`, the tail of the
-/// slab is the per-object state bitmap).
-pub(crate) const fn objects_per_slab(c: usize) -> usize {
+/// Bytes at a slab's end reserved for the `debug-checks` bitmap.
+const fn bitmap_bytes(c: usize) -> usize {
     let bytes = PAGE_SIZE << class::slab_order(c);
-    let size = SIZES[c] as usize;
     if cfg!(feature = "debug-checks") {
-        let bitmap = (bytes / size).div_ceil(64) * 8;
-        (bytes - bitmap) / size
+        (bytes / SIZES[c] as usize).div_ceil(64) * 8
     } else {
-        bytes / size
+        0
     }
+}
+
+/// Objects a slab of class `c` holds. The slab's tail holds, from the end:
+/// the `debug-checks` bitmap, then (accounted caches) one owner word per
+/// object.
+pub(crate) const fn objects_per_slab(c: usize, accounted: bool) -> usize {
+    let room = (PAGE_SIZE << class::slab_order(c)) - bitmap_bytes(c);
+    let per_object = SIZES[c] as usize + if accounted { 8 } else { 0 };
+    room / per_object
 }
 
 impl Cache {
@@ -204,7 +218,14 @@ impl Cache {
     /// # Safety
     /// `this` and `meta` are valid for writes, suitably aligned, zero-filled
     /// (meta), and live and unused by anything else as long as the cache.
-    pub(crate) unsafe fn init(this: *mut Cache, class: usize, cpus: usize, meta: *mut u8) {
+    pub(crate) unsafe fn init(
+        this: *mut Cache,
+        index: usize,
+        class: usize,
+        accounted: bool,
+        cpus: usize,
+        meta: *mut u8,
+    ) {
         let nslots = cpus * LEVELS;
         let slots = meta as *mut SheafSlot;
         let sheaves = meta.wrapping_add(nslots * core::mem::size_of::<SheafSlot>()) as *mut Sheaf;
@@ -213,9 +234,11 @@ impl Cache {
         unsafe {
             this.write(Cache {
                 class,
+                accounted,
+                index,
                 size: SIZES[class] as usize,
                 order: class::slab_order(class),
-                objs: objects_per_slab(class),
+                objs: objects_per_slab(class, accounted),
                 node: Node {
                     lock: ZoneLock::new(),
                     full: AtomicPtr::new(core::ptr::null_mut()),
@@ -241,6 +264,7 @@ impl Cache {
                     main: AtomicPtr::new(sheaves.add(2 * i)),
                     spare: AtomicPtr::new(sheaves.add(2 * i + 1)),
                     nolock_ok: AtomicU64::new(0),
+                    demand: core::sync::atomic::AtomicU32::new(0),
                 });
             }
             for k in 0..BARN_SHEAVES {
@@ -445,8 +469,11 @@ impl Cache {
                 return Ok(self.take_from_slab(zone, zi, head, node));
             }
         }
+        // Normal mode holds the node lock here, so the page allocator must
+        // not run shrinkers (one could free into this very cache): the heap
+        // runs them itself, with no lock held, when this fails.
         let slab = match mode {
-            Mode::Normal => pages.alloc_pages(self.order),
+            Mode::Normal => pages.alloc_pages_without_reclaim(self.order),
             Mode::NoLock => pages.alloc_pages_nolock(self.order),
         }
         .ok_or(Fail::Empty)?;
@@ -459,7 +486,7 @@ impl Cache {
         for i in 0..(1u32 << self.order) {
             zone.desc(head + i)
                 .owner
-                .store(self.class as u16 + 1, Ordering::Relaxed);
+                .store(self.index as u16 + 1, Ordering::Relaxed);
         }
         let d = zone.desc(head);
         d.inuse.store(0, Ordering::Relaxed);
@@ -470,6 +497,13 @@ impl Cache {
             let (words, _) = self.bitmap(zone.addr_of(head));
             for w in words {
                 w.store(0, Ordering::Relaxed);
+            }
+        }
+        if self.accounted {
+            // The owner array may hold stale words from the pages' last use.
+            for i in 0..self.objs {
+                self.owner_word(zone.addr_of(head), i)
+                    .store(0, Ordering::Relaxed);
             }
         }
         self.slabs.fetch_add(1, Ordering::Relaxed);
@@ -574,9 +608,11 @@ impl Cache {
             return;
         }
         self.defer(obj);
+        pages.wake_maintainer();
     }
 
     fn defer(&self, obj: usize) {
+        // (The caller wakes the maintainer after the push.)
         self.deferred_count.fetch_add(1, Ordering::Relaxed);
         self.free_deferred.fetch_add(1, Ordering::Relaxed);
         self.deferred.push(obj, |o, next| {
@@ -727,6 +763,33 @@ impl Cache {
         }
     }
 
+    /// Maintenance (normal context): every slot that has seen demand and
+    /// holds less than half a sheaf gets its spare filled (from the barn or
+    /// the slabs), so a burst of nolock allocations finds objects ready.
+    pub(crate) fn stock_slots(&self, pages: &PageAllocator) {
+        if !self.deferred.is_empty() {
+            self.drain_deferred(pages);
+        }
+        for slot in self.slots() {
+            if slot.demand.load(Ordering::Relaxed) == 0 || slot.cached() >= SHEAF_CAP / 2 {
+                continue;
+            }
+            let Some(g) = slot.lock.try_lock() else {
+                continue;
+            };
+            if slot.spare().len() > 0 {
+                continue;
+            }
+            // Fill the empty spare the way a refill fills an empty main.
+            slot.swap(&g);
+            let filled = self.refill(slot, &g, pages, Mode::Normal);
+            if let Ok(o) = filled {
+                slot.main().push(o);
+            }
+            slot.swap(&g);
+        }
+    }
+
     /// Normal context: deferred objects, every slot that can be taken, and
     /// the barn back to the slabs; every empty slab back to the page
     /// allocator.
@@ -828,6 +891,24 @@ impl Cache {
                     .text("-byte object)"),
             );
         }
+    }
+
+    /// Accounted caches: the owner word of object `n` of the slab at `slab`.
+    fn owner_word(&self, slab: usize, n: usize) -> &AtomicUsize {
+        debug_assert!(self.accounted && n < self.objs);
+        let bytes = PAGE_SIZE << self.order;
+        let array = slab + bytes - bitmap_bytes(self.class) - self.objs * 8;
+        // SAFETY: the owner array is the 8-aligned tail of a live slab of
+        // this cache reserved by `objects_per_slab`; n < objs.
+        unsafe { &*((array + n * 8) as *const AtomicUsize) }
+    }
+
+    /// Accounted caches: the owner word of the (validated) object `addr` in
+    /// page `idx` of `zone`.
+    pub(crate) fn owner_of(&self, zone: &Zone, idx: u32, addr: usize) -> &AtomicUsize {
+        let head = idx & !((1u32 << self.order) - 1);
+        let slab = zone.addr_of(head);
+        self.owner_word(slab, (addr - slab) / self.size)
     }
 
     /// The per-object state bitmap of the slab starting at `slab` and the bit

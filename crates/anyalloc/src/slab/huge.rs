@@ -24,6 +24,8 @@ pub(crate) const HUGE_ENTRIES: usize = 4096;
 pub(crate) struct Entry {
     addr: AtomicUsize,
     size: AtomicUsize,
+    /// The accounting group reference of the allocation (0: none).
+    group: AtomicUsize,
 }
 
 /// See the module documentation. Lives in the heap's (zeroed) metadata area.
@@ -55,7 +57,7 @@ impl HugeTable {
     }
 
     /// Records a huge allocation; `false` when the table is full.
-    pub(crate) fn insert(&self, addr: usize, size: usize) -> bool {
+    pub(crate) fn insert(&self, addr: usize, size: usize, group: usize) -> bool {
         let h = Self::home(addr);
         for i in h..h + HUGE_ENTRIES {
             let e = self.entry(i);
@@ -66,6 +68,7 @@ impl HugeTable {
                     .is_ok()
             {
                 e.size.store(size, Ordering::Relaxed);
+                e.group.store(group, Ordering::Relaxed);
                 e.addr.store(addr, Ordering::Release);
                 return true;
             }
@@ -87,9 +90,9 @@ impl HugeTable {
         None
     }
 
-    /// Removes the allocation at `addr`; returns its size, `None` if it is
-    /// not registered (never allocated, or already freed).
-    pub(crate) fn remove(&self, addr: usize) -> Option<usize> {
+    /// Removes the allocation at `addr`; returns its size and group, `None`
+    /// if it is not registered (never allocated, or already freed).
+    pub(crate) fn remove(&self, addr: usize) -> Option<(usize, usize)> {
         let h = Self::home(addr);
         for i in h..h + HUGE_ENTRIES {
             let e = self.entry(i);
@@ -97,11 +100,12 @@ impl HugeTable {
                 EMPTY => return None,
                 a if a == addr => {
                     let size = e.size.load(Ordering::Relaxed);
+                    let group = e.group.load(Ordering::Relaxed);
                     if e.addr
                         .compare_exchange(addr, TOMB, Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok()
                     {
-                        return Some(size);
+                        return Some((size, group));
                     }
                     return None; // a racing free removed it first
                 }

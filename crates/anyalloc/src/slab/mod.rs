@@ -10,9 +10,21 @@
 //! [`Heap::free`]) and a nolock path ([`Heap::alloc_nolock`],
 //! [`Heap::free_nolock`]) that only tries locks: it may fail, but never
 //! waits, and a nolock free never fails (it parks the object on the cache's
-//! deferred stack when every lock is held). When every slot of a class is
-//! busy, a nolock allocation retries once in the next larger class, as
-//! upstream's `kmalloc_nolock` does.
+//! deferred stack when every lock is held, and wakes the maintainer). When
+//! every slot of a class is busy, a nolock allocation retries once in the
+//! next larger class, as upstream's `kmalloc_nolock` does.
+//!
+//! Accounted allocations ([`Heap::alloc_in`], [`Heap::alloc_nolock_in`])
+//! come from a second set of caches whose slabs end with one owner word per
+//! object (as the kernel's `kmalloc-cg-*` caches); see [`crate::account`].
+//!
+//! # Where the heap lives
+//!
+//! A `Heap` is a handle. Its state (`HeapCore`: the page allocator, the
+//! caches, the registries) sits at the start of the heap's metadata area, at
+//! a stable address, so the maintenance thread and the page allocator's
+//! callbacks can refer to it while the handle moves. Dropping the handle
+//! stops the maintainer and releases everything.
 //!
 //! ```
 //! use anyalloc::{Config, Heap};
@@ -31,18 +43,24 @@
 //! assert_eq!(pages.free_pages, pages.total_pages);
 //! ```
 
+extern crate alloc;
+
 pub mod cache;
 mod class;
 #[cfg(feature = "std")]
 mod huge;
 
+use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+use crate::account::{self, Group};
 use crate::config::{Config, Error};
 use crate::page::{Fail, PageAllocator, PageStats, Zone};
 use crate::platform::FatalMessage;
+use crate::sync::{IndexStack, SlotLock};
 use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
 use cache::{cache_meta_bytes, Cache};
@@ -50,11 +68,15 @@ pub(crate) use class::CLASSES;
 
 /// `owner` of the head page of a large (page-backed) allocation.
 const LARGE_OWNER: u16 = u16::MAX;
+/// Caches: one plain and one accounted per class.
+const CACHES: usize = 2 * CLASSES;
+/// Bytes a shrinker is asked for when the heap reclaims.
+const RECLAIM_BYTES: usize = 4 << 20;
 
 /// A snapshot of a heap's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeapStats {
-    /// Per size class, smallest first.
+    /// Per size class, smallest first (plain and accounted caches together).
     pub classes: [ClassStats; CLASSES],
     /// Small objects in use, over all classes.
     pub objects_in_use: usize,
@@ -66,11 +88,20 @@ pub struct HeapStats {
     pub nolock_alloc_ok: u64,
     /// Nolock allocations that failed because every lock they needed was held.
     pub nolock_alloc_fail_busy: u64,
-    /// Nolock allocations that failed for lack of memory above the watermark
-    /// (or because the request is too large for the nolock path).
+    /// Nolock allocations that failed for lack of memory above the watermark,
+    /// because the request is too large for the nolock path, or because an
+    /// accounting limit refused the charge.
     pub nolock_alloc_fail_empty: u64,
     /// Nolock frees parked on a deferred stack.
     pub nolock_free_deferred: u64,
+    /// Times the heap ran its shrinkers.
+    pub reclaims: u64,
+    /// Bytes the shrinkers said they freed.
+    pub shrinker_freed_bytes: u64,
+    /// Maintenance passes (by the maintenance thread or `maintain()`).
+    pub maintenance_passes: u64,
+    /// Bytes of idle max-order blocks given back to the OS.
+    pub released_to_os_bytes: u64,
     /// The page allocator underneath.
     pub pages: PageStats,
 }
@@ -78,59 +109,122 @@ pub struct HeapStats {
 /// What a freed pointer is.
 enum Kind<'a> {
     Object(&'a Cache, &'a Zone, u32),
-    Large(u32),
+    Large(&'a Zone, u32, u32),
     #[cfg(feature = "std")]
     Huge(usize),
 }
 
-/// The object allocator. See the module documentation.
-pub struct Heap {
+type Shrinker = Arc<dyn Fn(usize) -> usize + Send + Sync>;
+
+/// The registered shrinkers; the lock is only taken in normal context.
+struct Shrinkers {
+    lock: SlotLock,
+    list: core::cell::UnsafeCell<Vec<Shrinker>>,
+}
+
+impl Shrinkers {
+    fn with<R>(&self, f: impl FnOnce(&mut Vec<Shrinker>) -> R) -> R {
+        let _g = loop {
+            if let Some(g) = self.lock.try_lock() {
+                break g;
+            }
+            core::hint::spin_loop();
+        };
+        // SAFETY: the lock is held for the whole access.
+        f(unsafe { &mut *self.list.get() })
+    }
+}
+
+/// The heap's state, at a stable address (see the module documentation).
+/// (Internal; public only for the maintainer module's type signatures.)
+pub(crate) struct HeapCore {
     pages: PageAllocator,
     caches: *const Cache,
     #[cfg(feature = "std")]
     huge: huge::HugeTable,
     #[cfg(feature = "std")]
-    huge_deferred: crate::sync::IndexStack,
-    #[cfg_attr(not(feature = "std"), allow(dead_code))]
-    meta: (usize, usize),
+    huge_deferred: IndexStack,
+    /// Accounting groups whose references were released (see `account`).
+    released_groups: IndexStack,
+    shrinkers: Shrinkers,
     large_live: AtomicUsize,
     huge_live: AtomicUsize,
     nolock_large_ok: AtomicU64,
     fail_busy: AtomicU64,
     fail_empty: AtomicU64,
+    reclaims: AtomicU64,
+    shrinker_freed: AtomicU64,
+    /// The maintainer's wake word and stop flag.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) wake: AtomicU32,
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) stop: AtomicBool,
+    passes: AtomicU64,
+    epoch: AtomicUsize,
+    released_blocks: AtomicU64,
 }
 
-// SAFETY: the caches the raw pointer refers to are shared only through
-// atomics and the locks documented in `cache`.
+/// The object allocator. See the module documentation.
+pub struct Heap {
+    core: NonNull<HeapCore>,
+    /// The metadata reservation to release on drop (std; `(0, 0)` for a
+    /// region handed in by an embedder).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    mapping: (usize, usize),
+    #[cfg(feature = "std")]
+    maintainer: crate::maintain::MaintainerSlot,
+}
+
+// SAFETY: the core is shared only through atomics and the locks documented
+// in `cache` and `page`; the maintainer slot is synchronised by its state.
 unsafe impl Send for Heap {}
 // SAFETY: as above.
 unsafe impl Sync for Heap {}
+// SAFETY: HeapCore's raw pointers refer to its own metadata area, shared
+// under the same discipline.
+unsafe impl Send for HeapCore {}
+// SAFETY: as above.
+unsafe impl Sync for HeapCore {}
 
 impl core::fmt::Debug for Heap {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Heap")
-            .field("pages", &self.pages)
+            .field("pages", &self.core().pages)
             .finish_non_exhaustive()
     }
 }
 
-fn meta_layout(cpus: usize) -> (usize, usize, usize) {
-    let caches = (CLASSES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+/// Offsets in the metadata area: (caches, bytes per cache's slots and
+/// sheaves, huge table, total).
+fn meta_layout(cpus: usize) -> (usize, usize, usize, usize) {
+    let caches = core::mem::size_of::<HeapCore>().next_multiple_of(64);
     let per_cache = cache_meta_bytes(cpus).next_multiple_of(64);
+    let huge =
+        caches + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64) + CACHES * per_cache;
     #[cfg(feature = "std")]
-    let huge = huge::HugeTable::BYTES;
+    let total = huge + huge::HugeTable::BYTES;
     #[cfg(not(feature = "std"))]
-    let huge = 0;
-    (caches, per_cache, caches + CLASSES * per_cache + huge)
+    let total = huge;
+    (caches, per_cache, huge, total)
 }
 
 impl Heap {
-    /// Creates a heap over a new [`PageAllocator`] configured by `config`.
+    /// Creates a heap over a new [`PageAllocator`] configured by `config`,
+    /// and (unless `config.maintenance(false)`) starts its maintenance
+    /// thread.
     #[cfg(feature = "std")]
     pub fn new(config: Config) -> Result<Heap, Error> {
+        let heap = Self::new_without_maintainer(config)?;
+        if config.maintenance {
+            heap.start_maintenance();
+        }
+        Ok(heap)
+    }
+
+    #[cfg(feature = "std")]
+    pub(crate) fn new_without_maintainer(config: Config) -> Result<Heap, Error> {
         let pages = PageAllocator::new(config)?;
-        let (_, _, len) = meta_layout(pages.cpus());
-        let len = len.next_multiple_of(PAGE_SIZE);
+        let len = meta_layout(pages.cpus()).3.next_multiple_of(PAGE_SIZE);
         let meta =
             crate::platform::os_reserve(len, PAGE_SIZE).ok_or(Error::Reserve { bytes: len })?;
         // SAFETY: `meta` is a fresh, zero-filled, page-aligned reservation of
@@ -140,7 +234,8 @@ impl Heap {
 
     /// Creates a heap over an embedder's memory region (`no_std`): the heap's
     /// metadata is carved from the start of the region, the rest becomes the
-    /// page allocator's zone.
+    /// page allocator's zone. There is no maintenance thread: call
+    /// [`maintain`](Self::maintain) from a deferred context.
     ///
     /// # Safety
     /// As for [`PageAllocator::from_region`].
@@ -152,7 +247,7 @@ impl Heap {
     ) -> Result<Heap, Error> {
         let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
         let start = (region.as_ptr() as usize).next_multiple_of(64);
-        let (_, _, meta_len) = meta_layout(cpus);
+        let meta_len = meta_layout(cpus).3;
         let rest = start + meta_len;
         let end = region.as_ptr() as usize + len;
         if rest >= end {
@@ -179,45 +274,223 @@ impl Heap {
     }
 
     /// # Safety
-    /// `meta` is 64-aligned, zero-filled, `meta_layout(cpus).2` bytes long,
+    /// `meta` is 64-aligned, zero-filled, `meta_layout(cpus).3` bytes long,
     /// and lives (unused by others) as long as the heap.
     unsafe fn build(pages: PageAllocator, meta: *mut u8, mapping: (usize, usize)) -> Heap {
         let cpus = pages.cpus();
-        let (caches_len, per_cache, _) = meta_layout(cpus);
-        let caches = meta as *mut Cache;
-        for c in 0..CLASSES {
-            // SAFETY: cache `c` and its slot/sheaf area lie inside `meta`
+        let (caches_off, per_cache, huge_off, _) = meta_layout(cpus);
+        let caches = meta.wrapping_add(caches_off) as *mut Cache;
+        let areas = caches_off + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+        for i in 0..CACHES {
+            let (class, accounted) = (i % CLASSES, i >= CLASSES);
+            // SAFETY: cache `i` and its slot/sheaf area lie inside `meta`
             // (meta_layout), suitably aligned and zeroed.
-            unsafe { Cache::init(caches.add(c), c, cpus, meta.add(caches_len + c * per_cache)) };
+            unsafe {
+                Cache::init(
+                    caches.add(i),
+                    i,
+                    class,
+                    accounted,
+                    cpus,
+                    meta.add(areas + i * per_cache),
+                )
+            };
         }
-        Heap {
+        #[cfg(not(feature = "std"))]
+        let _ = huge_off;
+        let core = HeapCore {
             pages,
             caches,
             #[cfg(feature = "std")]
             // SAFETY: the table's bytes are the zeroed tail of `meta`.
-            huge: unsafe { huge::HugeTable::new(meta.add(caches_len + CLASSES * per_cache)) },
+            huge: unsafe { huge::HugeTable::new(meta.add(huge_off)) },
             #[cfg(feature = "std")]
-            huge_deferred: crate::sync::IndexStack::new(),
-            meta: mapping,
+            huge_deferred: IndexStack::new(),
+            released_groups: IndexStack::new(),
+            shrinkers: Shrinkers {
+                lock: SlotLock::new(),
+                list: core::cell::UnsafeCell::new(Vec::new()),
+            },
             large_live: AtomicUsize::new(0),
             huge_live: AtomicUsize::new(0),
             nolock_large_ok: AtomicU64::new(0),
             fail_busy: AtomicU64::new(0),
             fail_empty: AtomicU64::new(0),
+            reclaims: AtomicU64::new(0),
+            shrinker_freed: AtomicU64::new(0),
+            wake: AtomicU32::new(0),
+            stop: AtomicBool::new(false),
+            passes: AtomicU64::new(0),
+            epoch: AtomicUsize::new(0),
+            released_blocks: AtomicU64::new(0),
+        };
+        let core_ptr = meta as *mut HeapCore;
+        // SAFETY: the core's place is the start of `meta`, aligned and ours.
+        unsafe { core_ptr.write(core) };
+        // SAFETY: just written; it stays at this address for the heap's life.
+        let c = unsafe { &*core_ptr };
+        c.pages
+            .set_reclaimer(HeapCore::reclaim_callback, core_ptr as *const ());
+        Heap {
+            // SAFETY: `meta` is not null.
+            core: unsafe { NonNull::new_unchecked(core_ptr) },
+            mapping,
+            #[cfg(feature = "std")]
+            maintainer: crate::maintain::MaintainerSlot::new(),
         }
+    }
+
+    #[inline(always)]
+    pub(crate) fn core(&self) -> &HeapCore {
+        // SAFETY: the core lives in the metadata area until `drop`.
+        unsafe { self.core.as_ref() }
+    }
+
+    /// Starts the maintenance thread if it is not running (std). It drains
+    /// deferred frees promptly, keeps per-CPU caches that saw demand stocked,
+    /// runs shrinkers below the low watermark, and returns idle memory to
+    /// the OS. Returns whether a thread is running afterwards.
+    #[cfg(feature = "std")]
+    pub fn start_maintenance(&self) -> bool {
+        let core = self.core.as_ptr() as usize;
+        let started = self.maintainer.start(core);
+        if started {
+            self.core().pages.set_waker(&self.core().wake);
+        }
+        started
     }
 
     /// The page allocator underneath (its memory is shared with the heap).
     pub fn pages(&self) -> &PageAllocator {
-        &self.pages
+        &self.core().pages
     }
 
+    /// Allocates memory for `layout` (any power-of-two alignment; objects up
+    /// to 8 KiB come from size classes). Normal context: may wait on a lock,
+    /// reclaim and grow. `None` when memory is exhausted.
     #[inline]
-    fn cache(&self, c: usize) -> &Cache {
-        debug_assert!(c < CLASSES);
-        // SAFETY: `caches` has CLASSES initialised entries (build) that live
+    pub fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.core().alloc(layout)
+    }
+
+    /// Allocates zeroed memory; skips the zeroing for fresh `mmap` memory,
+    /// which the OS zeroed. Normal context.
+    pub fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.core().alloc_zeroed(layout)
+    }
+
+    /// Allocates from any context: only `try_lock`s, never waits, never
+    /// makes a syscall, never grows the heap. Large requests are served up to
+    /// [`NOLOCK_MAX_ORDER`] pages (32 KiB). `None` means "no memory for you
+    /// in this context now".
+    #[inline]
+    pub fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.core().alloc_nolock(layout)
+    }
+
+    /// Allocates and charges `group` (and its ancestors). Normal context: over
+    /// a limit, runs reclaim once and retries. The charge is released when
+    /// the memory is freed, with `free` or `free_nolock`.
+    pub fn alloc_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
+        self.core().alloc_in(layout, group)
+    }
+
+    /// Allocates and charges `group` from any context; `None` (and a failure
+    /// counted on the group that refused) when a limit would be exceeded.
+    pub fn alloc_nolock_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
+        self.core().alloc_nolock_in(layout, group)
+    }
+
+    /// Frees memory from any of this heap's allocation functions. Normal
+    /// context. No size is needed: the page descriptor says who owns it.
+    ///
+    /// # Safety
+    /// `ptr` must have come from this heap and not be used afterwards.
+    /// Detected violations (a pointer outside the heap, an interior pointer,
+    /// a page no cache owns, a double free where detectable) abort with a
+    /// one-line message.
+    #[inline]
+    pub unsafe fn free(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.core().free(ptr) }
+    }
+
+    /// Frees any object of this heap from any context. Never waits, never
+    /// fails: what cannot take a lock is parked on a deferred stack.
+    ///
+    /// # Safety
+    /// As for [`free`](Self::free).
+    #[inline]
+    pub unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.core().free_nolock(ptr) }
+    }
+
+    /// How many bytes the allocation at `ptr` can use (at least the size it
+    /// was asked for). Aborts like [`free`](Self::free) if `ptr` is not a
+    /// live allocation of this heap.
+    pub fn usable_size(&self, ptr: NonNull<u8>) -> usize {
+        self.core().usable_size(ptr)
+    }
+
+    /// Registers a shrinker: a normal-context callback asked to free up to
+    /// the given number of bytes of the caller's own caches, returning how
+    /// many it freed. The heap runs shrinkers when a zone falls below its
+    /// min watermark, when an accounting group is over its limit, and (the
+    /// maintainer) below the low watermark. A shrinker must not register
+    /// shrinkers.
+    pub fn register_shrinker(&self, shrinker: impl Fn(usize) -> usize + Send + Sync + 'static) {
+        let s: Shrinker = Arc::new(shrinker);
+        self.core().shrinkers.with(|l| l.push(s));
+    }
+
+    /// Normal context: every cached and deferred object back to its slab,
+    /// every empty slab back to the page allocator, then the page
+    /// allocator's own drain. With nothing allocated, every page is free
+    /// in the buddy lists afterwards.
+    pub fn drain(&self) {
+        self.core().drain();
+    }
+
+    /// One maintenance pass (normal context): what the maintenance thread
+    /// does, for `no_std` embedders to run from a deferred context (and for
+    /// tests). Each call counts as one epoch for returning idle memory.
+    pub fn maintain(&self) {
+        let core = self.core();
+        let epoch = core.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        core.maintain_pass(epoch, 2);
+    }
+
+    /// A snapshot of the heap's counters; see [`HeapStats`].
+    pub fn stats(&self) -> HeapStats {
+        self.core().stats()
+    }
+
+    /// Fork support: takes every waitable lock. Normal context.
+    #[cfg(feature = "std")]
+    pub(crate) fn lock_all(&self) {
+        self.core().lock_all();
+    }
+
+    /// Releases what [`lock_all`](Self::lock_all) took.
+    ///
+    /// # Safety
+    /// `lock_all` was called (here or in the parent of this forked child) and
+    /// not yet undone.
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn unlock_all(&self) {
+        // SAFETY: forwarded contract.
+        unsafe { self.core().unlock_all() };
+    }
+}
+
+impl HeapCore {
+    #[inline]
+    fn cache(&self, i: usize) -> &Cache {
+        debug_assert!(i < CACHES);
+        // SAFETY: `caches` has CACHES initialised entries (build) that live
         // as long as the heap.
-        unsafe { &*self.caches.add(c) }
+        unsafe { &*self.caches.add(i) }
     }
 
     #[inline]
@@ -227,19 +500,49 @@ impl Heap {
 
     // ----- normal path -----------------------------------------------------------
 
-    /// Allocates memory for `layout` (any power-of-two alignment; objects up
-    /// to 8 KiB come from size classes). Normal context: may wait on a lock,
-    /// reclaim and grow. `None` when memory is exhausted.
     #[inline]
-    pub fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+    fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
         crate::context::might_wait("Heap::alloc");
+        let p = self.alloc_once(layout, 0);
+        if self.pages.take_reclaim_request() {
+            self.reclaim();
+        }
+        match p {
+            Some(p) => Some(p),
+            None => self.alloc_after_reclaim(layout),
+        }
+    }
+
+    #[cold]
+    fn alloc_after_reclaim(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.reclaim();
+        self.alloc_once(layout, 0)
+    }
+
+    /// One normal allocation attempt from cache set `base` (0: plain,
+    /// CLASSES: accounted).
+    #[inline]
+    fn alloc_once(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
-                let obj = self.cache(c).alloc(&self.pages, self.cpu())?;
+                let obj = self.cache(base + c).alloc(&self.pages, self.cpu())?;
                 Some(self.hand_out(obj))
             }
             None => self.alloc_large(layout),
         }
+    }
+
+    fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        let p = self.alloc(layout)?;
+        #[cfg(feature = "std")]
+        if class::class_for(layout.size(), layout.align()).is_none()
+            && large_order(layout).is_none()
+        {
+            return Some(p); // huge: a fresh mapping, zero-filled by the OS
+        }
+        // SAFETY: `p` is a fresh allocation of at least `layout.size()` bytes.
+        unsafe { core::ptr::write_bytes(p.as_ptr(), 0, layout.size()) };
+        Some(p)
     }
 
     #[inline]
@@ -252,18 +555,11 @@ impl Heap {
         unsafe { NonNull::new_unchecked(obj as *mut u8) }
     }
 
-    fn large_order(layout: Layout) -> Option<u32> {
-        let bytes = layout.size().max(layout.align()).max(1);
-        let pages = bytes.div_ceil(PAGE_SIZE).next_power_of_two();
-        let order = pages.trailing_zeros();
-        (order <= MAX_ORDER).then_some(order)
-    }
-
     #[cold]
     fn alloc_large(&self, layout: Layout) -> Option<NonNull<u8>> {
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
-        match Self::large_order(layout) {
+        match large_order(layout) {
             Some(order) => {
                 let p = self.pages.alloc_pages(order)?;
                 Some(self.mark_large(p))
@@ -277,7 +573,9 @@ impl Heap {
 
     fn mark_large(&self, p: NonNull<u8>) -> NonNull<u8> {
         let (_, zone, idx) = self.pages.locate_known(p.as_ptr() as usize);
-        zone.desc(idx).owner.store(LARGE_OWNER, Ordering::Release);
+        let d = zone.desc(idx);
+        d.freelist.store(0, Ordering::Relaxed); // no group yet
+        d.owner.store(LARGE_OWNER, Ordering::Release);
         self.large_live.fetch_add(1, Ordering::Relaxed);
         p
     }
@@ -287,7 +585,7 @@ impl Heap {
         let size = layout.size().checked_next_multiple_of(PAGE_SIZE)?;
         let align = layout.align().max(PAGE_SIZE);
         let p = crate::platform::os_reserve(size, align)?;
-        if !self.huge.insert(p as usize, size) {
+        if !self.huge.insert(p as usize, size, 0) {
             // SAFETY: the reservation was just made and nothing refers to it.
             unsafe { crate::platform::os_release(p, size) };
             return None;
@@ -296,45 +594,64 @@ impl Heap {
         NonNull::new(p)
     }
 
-    /// Frees memory from any of this heap's allocation functions. Normal
-    /// context. No size is needed: the page descriptor says who owns it.
-    ///
-    /// # Safety
-    /// `ptr` must have come from this heap and not be used afterwards.
-    /// Detected violations (a pointer outside the heap, an interior pointer,
-    /// a page no cache owns, a double free where detectable) abort with a
-    /// one-line message.
     #[inline]
-    pub unsafe fn free(&self, ptr: NonNull<u8>) {
+    unsafe fn free(&self, ptr: NonNull<u8>) {
         crate::context::might_wait("Heap::free");
         let addr = ptr.as_ptr() as usize;
         match self.classify_or_abort(addr) {
-            Kind::Object(cache, _zone, _idx) => {
+            Kind::Object(cache, zone, idx) => {
                 #[cfg(feature = "debug-checks")]
-                cache.mark(&self.pages, _zone, _idx, addr, false);
+                cache.mark(&self.pages, zone, idx, addr, false);
+                if cache.accounted {
+                    self.uncharge_object(cache, zone, idx, addr);
+                }
                 cache.free(&self.pages, self.cpu(), addr);
             }
-            Kind::Large(order) => {
-                self.unmark_large(addr);
+            Kind::Large(zone, idx, order) => {
+                self.unmark_large(zone, idx, order);
                 // SAFETY: a live large allocation of this order (classify).
                 unsafe { self.pages.free_pages(ptr, order) };
             }
             #[cfg(feature = "std")]
             Kind::Huge(_) => self.free_huge(addr),
         }
+        if !self.released_groups.is_empty() {
+            account::drop_released(&self.released_groups);
+        }
     }
 
-    fn unmark_large(&self, addr: usize) {
-        let (_, zone, idx) = self.pages.locate_known(addr);
-        zone.desc(idx).owner.store(0, Ordering::Release);
+    fn uncharge_object(&self, cache: &Cache, zone: &Zone, idx: u32, addr: usize) {
+        let g = cache.owner_of(zone, idx, addr).swap(0, Ordering::AcqRel);
+        self.uncharge(g, cache.size());
+    }
+
+    /// Uncharges `bytes` from the group reference `g` (0: none) and
+    /// releases the reference. Any context.
+    fn uncharge(&self, g: usize, bytes: usize) {
+        if g != 0 {
+            // SAFETY: `g` is a reference from `account::retain`, stored with
+            // the object and taken out exactly once (swap to 0).
+            unsafe {
+                (*(g as *const Group)).uncharge(bytes, self.cpu());
+                account::release(g, &self.released_groups);
+            }
+        }
+    }
+
+    fn unmark_large(&self, zone: &Zone, idx: u32, order: u32) {
+        let d = zone.desc(idx);
+        let g = d.freelist.swap(0, Ordering::AcqRel);
+        self.uncharge(g, PAGE_SIZE << order);
+        d.owner.store(0, Ordering::Release);
         self.large_live.fetch_sub(1, Ordering::Relaxed);
     }
 
     #[cfg(feature = "std")]
     fn free_huge(&self, addr: usize) {
         match self.huge.remove(addr) {
-            Some(size) => {
+            Some((size, group)) => {
                 self.huge_live.fetch_sub(1, Ordering::Relaxed);
+                self.uncharge(group, size);
                 // SAFETY: a registered huge allocation, now unregistered, so
                 // nothing else will release it.
                 unsafe { crate::platform::os_release(addr as *mut u8, size) };
@@ -348,19 +665,20 @@ impl Heap {
 
     // ----- nolock path -----------------------------------------------------------
 
-    /// Allocates from any context: only `try_lock`s, never waits, never
-    /// makes a syscall, never grows the heap. Large requests are served up to
-    /// [`NOLOCK_MAX_ORDER`] pages (32 KiB). `None` means "no memory for you
-    /// in this context now".
     #[inline]
-    pub fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
+    fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.alloc_nolock_from(layout, 0)
+    }
+
+    #[inline]
+    fn alloc_nolock_from(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
                 let cpu = self.cpu();
-                let r = match self.cache(c).alloc_nolock(&self.pages, cpu) {
+                let r = match self.cache(base + c).alloc_nolock(&self.pages, cpu) {
                     Err(Fail::Busy) => match class::next_class(c, layout.align()) {
                         // Re-entered this class everywhere: the next class up.
-                        Some(n) => self.cache(n).alloc_nolock(&self.pages, cpu),
+                        Some(n) => self.cache(base + n).alloc_nolock(&self.pages, cpu),
                         None => Err(Fail::Busy),
                     },
                     r => r,
@@ -370,7 +688,7 @@ impl Heap {
                     Err(f) => self.count_fail(f),
                 }
             }
-            None => match Self::large_order(layout) {
+            None => match large_order(layout) {
                 Some(order) if order <= NOLOCK_MAX_ORDER => {
                     match self.pages.alloc_pages_nolock(order) {
                         Some(p) => {
@@ -394,28 +712,27 @@ impl Heap {
         None
     }
 
-    /// Frees any object of this heap from any context. Never waits, never
-    /// fails: what cannot take a lock is parked on a deferred stack.
-    ///
-    /// # Safety
-    /// As for [`free`](Self::free).
-    pub unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+    unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
         let addr = ptr.as_ptr() as usize;
         match self.classify_or_abort(addr) {
-            Kind::Object(cache, _zone, _idx) => {
+            Kind::Object(cache, zone, idx) => {
                 #[cfg(feature = "debug-checks")]
-                cache.mark(&self.pages, _zone, _idx, addr, false);
+                cache.mark(&self.pages, zone, idx, addr, false);
+                if cache.accounted {
+                    self.uncharge_object(cache, zone, idx, addr);
+                }
                 cache.free_nolock(&self.pages, self.cpu(), addr);
             }
-            Kind::Large(order) => {
-                self.unmark_large(addr);
+            Kind::Large(zone, idx, order) => {
+                self.unmark_large(zone, idx, order);
                 // SAFETY: a live large allocation of this order (classify).
                 unsafe { self.pages.free_pages_nolock(ptr, order) };
             }
             #[cfg(feature = "std")]
             Kind::Huge(_) => match self.huge.remove(addr) {
-                Some(size) => {
+                Some((size, group)) => {
                     self.huge_live.fetch_sub(1, Ordering::Relaxed);
+                    self.uncharge(group, size);
                     // munmap can block: park it; the link and size go in the
                     // mapping's first two words (it is ours now).
                     // SAFETY: the mapping is at least a page, writable, and no
@@ -425,6 +742,7 @@ impl Heap {
                         // SAFETY: as above.
                         unsafe { (a as *mut usize).write(next) }
                     });
+                    self.pages.wake_maintainer();
                 }
                 None => self.bad_free(
                     addr,
@@ -453,7 +771,170 @@ impl Heap {
         }
     }
 
-    // ----- lookup --------------------------------------------------------------
+    // ----- accounting --------------------------------------------------------------
+
+    fn alloc_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
+        crate::context::might_wait("Heap::alloc_in");
+        if !self.released_groups.is_empty() {
+            account::drop_released(&self.released_groups);
+        }
+        if let Some(p) = self.try_alloc_in(layout, group, false) {
+            return Some(p);
+        }
+        // Over a limit or out of memory: reclaim once, then retry.
+        let mut g = Some(&**group);
+        while let Some(x) = g {
+            x.flush_stocks();
+            g = x.parent_group();
+        }
+        self.reclaim();
+        self.try_alloc_in(layout, group, false)
+    }
+
+    fn alloc_nolock_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
+        self.try_alloc_in(layout, group, true)
+    }
+
+    /// Allocates from the accounted caches (or pages, or mmap), charges the
+    /// usable size to `group`, and records the group with the memory.
+    fn try_alloc_in(
+        &self,
+        layout: Layout,
+        group: &Arc<Group>,
+        nolock: bool,
+    ) -> Option<NonNull<u8>> {
+        #[cfg(feature = "std")]
+        let is_huge = class::class_for(layout.size(), layout.align()).is_none()
+            && large_order(layout).is_none();
+        #[cfg(feature = "std")]
+        if is_huge && !nolock {
+            return self.alloc_huge_in(layout, group);
+        }
+        let p = if nolock {
+            self.alloc_nolock_from(layout, CLASSES)?
+        } else {
+            self.alloc_once(layout, CLASSES)?
+        };
+        let addr = p.as_ptr() as usize;
+        let cpu = self.cpu();
+        let (slot, bytes) = match self.classify(addr) {
+            Some(Kind::Object(cache, zone, idx)) => (cache.owner_of(zone, idx, addr), cache.size()),
+            Some(Kind::Large(zone, idx, order)) => (&zone.desc(idx).freelist, PAGE_SIZE << order),
+            _ => unreachable_kind(&self.pages, addr),
+        };
+        if !group.try_charge(bytes, cpu) {
+            // Refused by a limit: give the memory back unaccounted.
+            // SAFETY: `p` was just allocated here and has no owner yet.
+            unsafe {
+                if nolock {
+                    self.free_nolock(p);
+                } else {
+                    self.free(p);
+                }
+            }
+            if nolock {
+                self.fail_empty.fetch_add(1, Ordering::Relaxed);
+            }
+            return None;
+        }
+        slot.store(account::retain(group), Ordering::Release);
+        Some(p)
+    }
+
+    #[cfg(feature = "std")]
+    fn alloc_huge_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
+        let size = layout.size().checked_next_multiple_of(PAGE_SIZE)?;
+        if !group.try_charge(size, self.cpu()) {
+            return None;
+        }
+        let align = layout.align().max(PAGE_SIZE);
+        let reserved = crate::platform::os_reserve(size, align);
+        let g = account::retain(group);
+        match reserved {
+            Some(p) if self.huge.insert(p as usize, size, g) => {
+                self.huge_live.fetch_add(1, Ordering::Relaxed);
+                NonNull::new(p)
+            }
+            other => {
+                if let Some(p) = other {
+                    // SAFETY: just reserved, never handed out.
+                    unsafe { crate::platform::os_release(p, size) };
+                }
+                self.uncharge(g, size);
+                None
+            }
+        }
+    }
+
+    // ----- reclaim and maintenance -------------------------------------------------
+
+    fn reclaim_callback(ctx: *const ()) {
+        // SAFETY: installed by `build` with the core's stable address.
+        let core = unsafe { &*(ctx as *const HeapCore) };
+        core.run_shrinkers();
+    }
+
+    /// Runs every shrinker, then drains every CPU's caches. Normal context,
+    /// no allocator lock held.
+    fn reclaim(&self) {
+        self.run_shrinkers();
+        self.drain();
+    }
+
+    fn run_shrinkers(&self) {
+        self.reclaims.fetch_add(1, Ordering::Relaxed);
+        let list: Vec<Shrinker> = self.shrinkers.with(|l| l.clone());
+        for s in list {
+            let freed = s(RECLAIM_BYTES);
+            self.shrinker_freed
+                .fetch_add(freed as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn drain(&self) {
+        crate::context::might_wait("Heap::drain");
+        for i in 0..CACHES {
+            self.cache(i).drain(&self.pages);
+        }
+        #[cfg(feature = "std")]
+        self.drain_huge_deferred();
+        account::drop_released(&self.released_groups);
+        self.pages.drain();
+    }
+
+    /// One maintenance pass at `epoch`; max-order blocks free for
+    /// `idle_epochs` epochs go back to the OS.
+    pub(crate) fn maintain_pass(&self, epoch: usize, idle_epochs: usize) {
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        account::drop_released(&self.released_groups);
+        #[cfg(feature = "std")]
+        self.drain_huge_deferred();
+        for i in 0..CACHES {
+            self.cache(i).stock_slots(&self.pages);
+        }
+        let released = self.pages.maintain(epoch, idle_epochs);
+        self.released_blocks
+            .fetch_add(released as u64, Ordering::Relaxed);
+        if self.pages.below_low() {
+            self.run_shrinkers();
+        }
+    }
+
+    /// The maintainer's quick duty after a wake: deferred frees only.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) fn drain_deferred_only(&self) {
+        for i in 0..CACHES {
+            self.cache(i).drain_deferred(&self.pages);
+        }
+        #[cfg(feature = "std")]
+        self.drain_huge_deferred();
+        for zone in self.pages.zones() {
+            let g = zone.lock.lock(zone.platform());
+            zone.drain_deferred(&g);
+        }
+    }
+
+    // ----- lookup --------------------------------------------------------------------
 
     fn classify(&self, addr: usize) -> Option<Kind<'_>> {
         if let Some((_, zone, idx)) = self.pages.locate_indexed(addr) {
@@ -466,7 +947,7 @@ impl Heap {
                     return None;
                 }
                 let order = crate::page::order_of_state(zone.desc(idx).load());
-                return Some(Kind::Large(order));
+                return Some(Kind::Large(zone, idx, order));
             }
             return Some(Kind::Object(self.cache(owner as usize - 1), zone, idx));
         }
@@ -503,76 +984,16 @@ impl Heap {
         )
     }
 
-    /// How many bytes the allocation at `ptr` can use (at least the size it
-    /// was asked for). Aborts like [`free`](Self::free) if `ptr` is not a
-    /// live allocation of this heap.
-    pub fn usable_size(&self, ptr: NonNull<u8>) -> usize {
+    fn usable_size(&self, ptr: NonNull<u8>) -> usize {
         match self.classify_or_abort(ptr.as_ptr() as usize) {
             Kind::Object(cache, _, _) => cache.size(),
-            Kind::Large(order) => PAGE_SIZE << order,
+            Kind::Large(_, _, order) => PAGE_SIZE << order,
             #[cfg(feature = "std")]
             Kind::Huge(size) => size,
         }
     }
 
-    // ----- maintenance -----------------------------------------------------------
-
-    /// Normal context: every cached and deferred object back to its slab,
-    /// every empty slab back to the page allocator, then the page
-    /// allocator's own drain. With nothing allocated, every page is free
-    /// in the buddy lists afterwards.
-    pub fn drain(&self) {
-        crate::context::might_wait("Heap::drain");
-        for c in 0..CLASSES {
-            self.cache(c).drain(&self.pages);
-        }
-        #[cfg(feature = "std")]
-        self.drain_huge_deferred();
-        self.pages.drain();
-    }
-
-    /// Fork support: takes every lock that can be waited on (cache nodes,
-    /// then the page allocator's), in lock order. Normal context.
-    #[cfg(feature = "std")]
-    pub(crate) fn lock_all(&self) {
-        for c in 0..CLASSES {
-            self.cache(c).lock_node_raw(&self.pages);
-        }
-        self.pages.lock_all();
-    }
-
-    /// Releases what [`lock_all`](Self::lock_all) took.
-    ///
-    /// # Safety
-    /// `lock_all` was called (here or in the parent of this forked child) and
-    /// not yet undone.
-    #[cfg(feature = "std")]
-    pub(crate) unsafe fn unlock_all(&self) {
-        // SAFETY: per the caller.
-        unsafe { self.pages.unlock_all() };
-        for c in 0..CLASSES {
-            // SAFETY: per the caller.
-            unsafe { self.cache(c).unlock_node_raw(&self.pages) };
-        }
-    }
-
-    /// Allocates zeroed memory; skips the zeroing for fresh `mmap` memory,
-    /// which the OS zeroed. Normal context.
-    pub fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
-        let p = self.alloc(layout)?;
-        #[cfg(feature = "std")]
-        if class::class_for(layout.size(), layout.align()).is_none()
-            && Self::large_order(layout).is_none()
-        {
-            return Some(p); // huge: a fresh mapping, zero-filled by the OS
-        }
-        // SAFETY: `p` is a fresh allocation of at least `layout.size()` bytes.
-        unsafe { core::ptr::write_bytes(p.as_ptr(), 0, layout.size()) };
-        Some(p)
-    }
-
-    /// A snapshot of the heap's counters; see [`HeapStats`].
-    pub fn stats(&self) -> HeapStats {
+    fn stats(&self) -> HeapStats {
         let mut s = HeapStats {
             classes: [ClassStats::default(); CLASSES],
             objects_in_use: 0,
@@ -582,12 +1003,24 @@ impl Heap {
             nolock_alloc_fail_busy: self.fail_busy.load(Ordering::Relaxed),
             nolock_alloc_fail_empty: self.fail_empty.load(Ordering::Relaxed),
             nolock_free_deferred: 0,
+            reclaims: self.reclaims.load(Ordering::Relaxed),
+            shrinker_freed_bytes: self.shrinker_freed.load(Ordering::Relaxed),
+            maintenance_passes: self.passes.load(Ordering::Relaxed),
+            released_to_os_bytes: self.released_blocks.load(Ordering::Relaxed)
+                * (PAGE_SIZE << MAX_ORDER) as u64,
             pages: self.pages.stats(),
         };
-        for c in 0..CLASSES {
-            let cache = self.cache(c);
-            s.classes[c] = cache.stats();
-            s.objects_in_use += s.classes[c].objects_in_use;
+        for i in 0..CACHES {
+            let cache = self.cache(i);
+            let cs = cache.stats();
+            let c = &mut s.classes[i % CLASSES];
+            c.size = cs.size;
+            c.objects_in_use += cs.objects_in_use;
+            c.slabs += cs.slabs;
+            c.cached_in_sheaves += cs.cached_in_sheaves;
+            c.cached_in_barn += cs.cached_in_barn;
+            c.deferred += cs.deferred;
+            s.objects_in_use += cs.objects_in_use;
             s.nolock_alloc_ok += cache.nolock_ok();
             s.nolock_alloc_fail_busy += cache.fail_busy.load(Ordering::Relaxed);
             s.nolock_alloc_fail_empty += cache.fail_empty.load(Ordering::Relaxed);
@@ -595,18 +1028,59 @@ impl Heap {
         }
         s
     }
+
+    #[cfg(feature = "std")]
+    fn lock_all(&self) {
+        for i in 0..CACHES {
+            self.cache(i).lock_node_raw(&self.pages);
+        }
+        self.pages.lock_all();
+    }
+
+    #[cfg(feature = "std")]
+    unsafe fn unlock_all(&self) {
+        // SAFETY: per the caller (Heap::unlock_all).
+        unsafe { self.pages.unlock_all() };
+        for i in 0..CACHES {
+            // SAFETY: per the caller.
+            unsafe { self.cache(i).unlock_node_raw(&self.pages) };
+        }
+    }
+}
+
+/// The page order serving a large request, or `None` beyond MAX_ORDER.
+fn large_order(layout: Layout) -> Option<u32> {
+    let bytes = layout.size().max(layout.align()).max(1);
+    let pages = bytes.div_ceil(PAGE_SIZE).next_power_of_two();
+    let order = pages.trailing_zeros();
+    (order <= MAX_ORDER).then_some(order)
+}
+
+#[cold]
+fn unreachable_kind(pages: &PageAllocator, addr: usize) -> ! {
+    pages.fatal(
+        FatalMessage::new()
+            .text("anyalloc: internal error: fresh allocation ")
+            .hex(addr)
+            .text(" has no owner"),
+    )
 }
 
 impl Drop for Heap {
     fn drop(&mut self) {
         #[cfg(feature = "std")]
-        {
-            self.drain_huge_deferred();
-            if self.meta.1 != 0 {
-                // SAFETY: the metadata reservation made in `new`; the heap is
-                // going away, so nothing uses it any more.
-                unsafe { crate::platform::os_release(self.meta.0 as *mut u8, self.meta.1) };
-            }
+        self.maintainer.stop(self.core());
+        let core = self.core();
+        #[cfg(feature = "std")]
+        core.drain_huge_deferred();
+        account::drop_released(&core.released_groups);
+        // SAFETY: the maintainer is stopped and the handle is going away:
+        // nothing uses the core any more; it was written by `build`.
+        unsafe { core::ptr::drop_in_place(self.core.as_ptr()) };
+        #[cfg(feature = "std")]
+        if self.mapping.1 != 0 {
+            // SAFETY: the metadata reservation made in `new`, unused now.
+            unsafe { crate::platform::os_release(self.mapping.0 as *mut u8, self.mapping.1) };
         }
     }
 }

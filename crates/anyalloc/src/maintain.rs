@@ -1,0 +1,144 @@
+//! The maintenance thread (std): the userspace counterpart of kswapd and
+//! `irq_work`.
+//!
+//! It sleeps on the heap's wake word (a futex) and is woken from any context
+//! by a nolock free that had to park memory on a deferred list (an atomic
+//! add and a futex wake: async-signal-safe, never blocking). Each wake it
+//! drains the deferred lists at once; every 50 ms it also runs a full pass
+//! (`HeapCore::maintain_pass`): per-CPU lists and sheaves that saw demand
+//! are stocked, shrinkers run below the low watermark, and max-order blocks
+//! that stayed free for a second go back to the OS (`MADV_DONTNEED`).
+//!
+//! It never holds a lock a nolock caller needs for longer than an ordinary
+//! normal-path operation would: it uses the same normal-path functions.
+
+extern crate std;
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::slab::HeapCore;
+
+const NONE: u8 = 0;
+const STARTING: u8 = 1;
+const RUNNING: u8 = 2;
+
+/// How often the maintainer runs a full pass, and how long it sleeps when
+/// nothing wakes it.
+const PERIOD: Duration = Duration::from_millis(50);
+/// Epoch length for idle-memory accounting.
+const EPOCH: Duration = Duration::from_millis(100);
+/// Epochs a max-order block stays free before it goes back to the OS.
+const IDLE_EPOCHS: usize = 10;
+
+/// A heap's maintenance thread, if started.
+pub(crate) struct MaintainerSlot {
+    state: AtomicU8,
+    handle: UnsafeCell<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl MaintainerSlot {
+    pub(crate) fn new() -> Self {
+        MaintainerSlot {
+            state: AtomicU8::new(NONE),
+            handle: UnsafeCell::new(None),
+        }
+    }
+
+    /// Starts the thread for the core at `core` unless one runs; returns
+    /// whether a thread runs (or is being started) afterwards.
+    pub(crate) fn start(&self, core: usize) -> bool {
+        match self
+            .state
+            .compare_exchange(NONE, STARTING, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+        let spawned = std::thread::Builder::new()
+            .name(std::string::String::from("anyalloc-maintainer"))
+            .spawn(move || {
+                // SAFETY: the core outlives the thread: `stop` joins it
+                // before the heap releases the core.
+                run(unsafe { &*(core as *const HeapCore) })
+            });
+        match spawned {
+            Ok(h) => {
+                // SAFETY: only the context that won the CAS writes the
+                // handle, before publishing RUNNING.
+                unsafe { *self.handle.get() = Some(h) };
+                self.state.store(RUNNING, Ordering::Release);
+                true
+            }
+            Err(_) => {
+                self.state.store(NONE, Ordering::Release);
+                false
+            }
+        }
+    }
+
+    /// Stops and joins the thread, if one runs.
+    pub(crate) fn stop(&self, core: &HeapCore) {
+        if self.state.load(Ordering::Acquire) != RUNNING {
+            return;
+        }
+        core.stop.store(true, Ordering::Release);
+        wake(&core.wake);
+        // SAFETY: RUNNING was published after the handle was written; `stop`
+        // runs from the heap's drop, with exclusive access to the handle.
+        if let Some(h) = unsafe { (*self.handle.get()).take() } {
+            let _ = h.join();
+        }
+        self.state.store(NONE, Ordering::Release);
+    }
+}
+
+fn wake(word: &AtomicU32) {
+    word.fetch_add(1, Ordering::Release);
+    // SAFETY: FUTEX_WAKE only uses the address as a key.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        );
+    }
+}
+
+fn wait(word: &AtomicU32, seen: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: FUTEX_WAIT reads the aligned word, which outlives the call, and
+    // returns at the latest after the relative timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            seen,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+fn run(core: &HeapCore) {
+    let start = Instant::now();
+    let mut last_pass: Option<Instant> = None;
+    loop {
+        let seen = core.wake.load(Ordering::Acquire);
+        if core.stop.load(Ordering::Acquire) {
+            return;
+        }
+        core.drain_deferred_only();
+        if last_pass.is_none_or(|t| t.elapsed() >= PERIOD) {
+            let epoch = (start.elapsed().as_millis() / EPOCH.as_millis()) as usize + 1;
+            core.maintain_pass(epoch, IDLE_EPOCHS);
+            last_pass = Some(Instant::now());
+        }
+        wait(&core.wake, seen, PERIOD);
+    }
+}

@@ -1,0 +1,164 @@
+//! Accounting groups, reclaim and shrinkers.
+
+use anyalloc::{Config, Group, Heap};
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+fn heap() -> Heap {
+    Heap::new(Config::default().memory(64 << 20).cpus(2)).unwrap()
+}
+
+fn l(size: usize) -> Layout {
+    Layout::from_size_align(size, 8).unwrap()
+}
+
+#[test]
+fn charges_are_hierarchical_and_come_back_to_zero() {
+    let h = heap();
+    let root = Group::new("root", None, None);
+    let a = Group::new("a", Some(16 << 20), Some(&root));
+    let b = Group::new("b", None, Some(&root));
+    let mut held = Vec::new();
+    for i in 0..1000usize {
+        let g = if i % 2 == 0 { &a } else { &b };
+        let size = 8 + (i * 97) % 20000;
+        let p = if i % 3 == 0 {
+            h.alloc_nolock_in(l(size), g)
+        } else {
+            h.alloc_in(l(size), g)
+        };
+        let p = p.expect("within limits");
+        held.push((p, size));
+    }
+    let charged: usize = held.iter().map(|(p, _)| h.usable_size(*p)).sum();
+    assert_eq!(
+        a.usage() + b.usage(),
+        charged,
+        "children's usage is what they hold"
+    );
+    assert_eq!(
+        root.usage(),
+        charged,
+        "the parent sees its children's usage"
+    );
+    assert!(root.peak() >= charged);
+    for (i, (p, _)) in held.into_iter().enumerate() {
+        unsafe {
+            if i % 2 == 0 {
+                h.free(p)
+            } else {
+                h.free_nolock(p)
+            }
+        }
+    }
+    assert_eq!(a.usage(), 0);
+    assert_eq!(b.usage(), 0);
+    assert_eq!(root.usage(), 0);
+    assert_eq!(h.stats().objects_in_use, 0);
+}
+
+#[test]
+fn a_child_within_its_limit_is_refused_by_a_full_parent() {
+    let h = heap();
+    let parent = Group::new("parent", Some(64 << 10), None);
+    let child = Group::new("child", Some(1 << 20), Some(&parent));
+    let mut held = Vec::new();
+    while let Some(p) = h.alloc_in(l(1024), &child) {
+        held.push(p);
+        assert!(held.len() <= 64, "the parent's limit must stop the child");
+    }
+    assert_eq!(held.len(), 64, "64 KiB of 1 KiB objects fit exactly");
+    assert!(parent.failcnt() >= 1, "the parent refused");
+    assert_eq!(child.failcnt(), 0, "the child's own limit was never hit");
+    assert!(
+        h.alloc_nolock_in(l(1024), &child).is_none(),
+        "nolock is refused too"
+    );
+    let before = h.stats().nolock_alloc_fail_empty;
+    assert!(h.alloc_nolock_in(l(64), &child).is_none());
+    assert_eq!(h.stats().nolock_alloc_fail_empty, before + 1, "and counted");
+    for p in held.drain(..) {
+        unsafe { h.free(p) };
+    }
+    assert_eq!(parent.usage(), 0);
+    assert!(h
+        .alloc_in(l(1024), &child)
+        .map(|p| unsafe { h.free(p) })
+        .is_some());
+}
+
+#[test]
+fn large_and_huge_allocations_are_charged_too() {
+    let h = heap();
+    let g = Group::new("big", Some(16 << 20), None);
+    let large = h.alloc_in(l(100_000), &g).unwrap();
+    assert_eq!(g.usage(), 128 << 10);
+    let huge = h.alloc_in(l(5 << 20), &g).unwrap();
+    assert_eq!(g.usage(), (128 << 10) + (5 << 20));
+    assert!(h.alloc_in(l(12 << 20), &g).is_none(), "over the limit");
+    assert!(g.failcnt() >= 1);
+    unsafe {
+        h.free_nolock(large);
+        h.free(huge);
+    }
+    assert_eq!(g.usage(), 0);
+}
+
+#[test]
+fn a_group_lives_until_its_last_object_is_freed() {
+    let h = heap();
+    let g = Group::new("short-lived", None, None);
+    let weak = Arc::downgrade(&g);
+    let p = h.alloc_in(l(100), &g).unwrap();
+    drop(g);
+    assert!(weak.upgrade().is_some(), "the object keeps its group alive");
+    unsafe { h.free_nolock(p) };
+    h.drain(); // drops released references in normal context
+    assert!(weak.upgrade().is_none(), "freed after its last object");
+}
+
+#[test]
+fn shrinkers_run_when_memory_runs_out_and_are_credited() {
+    let h = Arc::new(Heap::new(Config::default().memory(2 << 20).cpus(1).grow(false)).unwrap());
+    // A cache of the caller's own that the shrinker can give back.
+    let cache: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    {
+        let (h2, cache2, calls2) = (Arc::downgrade(&h), cache.clone(), calls.clone());
+        h.register_shrinker(move |want| {
+            calls2.fetch_add(1, Ordering::Relaxed);
+            let Some(h) = h2.upgrade() else { return 0 };
+            let mut freed = 0;
+            let mut c = cache2.lock().unwrap();
+            while freed < want {
+                let Some(a) = c.pop() else { break };
+                unsafe { h.free(NonNull::new(a as *mut u8).unwrap()) };
+                freed += 16 << 10;
+            }
+            freed
+        });
+    }
+    // Fill the heap with cached objects until it is exhausted...
+    while let Some(p) = h.alloc_nolock(l(16 << 10)) {
+        cache.lock().unwrap().push(p.as_ptr() as usize);
+    }
+    let cached = cache.lock().unwrap().len();
+    assert!(cached > 50);
+    // ...then a normal allocation must get memory through the shrinker.
+    let p = h.alloc(l(64 << 10)).expect("reclaim made room");
+    assert!(calls.load(Ordering::Relaxed) >= 1, "the shrinker was asked");
+    let s = h.stats();
+    assert!(s.reclaims >= 1);
+    assert!(
+        s.shrinker_freed_bytes >= 64 << 10,
+        "credited {}",
+        s.shrinker_freed_bytes
+    );
+    assert!(cache.lock().unwrap().len() < cached);
+    unsafe { h.free(p) };
+    for a in cache.lock().unwrap().drain(..) {
+        unsafe { h.free(NonNull::new(a as *mut u8).unwrap()) };
+    }
+}
