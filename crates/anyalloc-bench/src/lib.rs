@@ -41,6 +41,9 @@ pub struct Options {
     pub sample_ms: f64,
     /// Only workloads whose name contains this string.
     pub filter: Option<String>,
+    /// Only peers whose name contains this string (for profiling one peer,
+    /// e.g. under callgrind).
+    pub peer: Option<String>,
 }
 
 impl Options {
@@ -78,6 +81,7 @@ impl Options {
             rounds: 0,
             sample_ms: 0.0,
             filter: None,
+            peer: None,
         };
         let mut rounds = None;
         let mut sample_ms = None;
@@ -112,6 +116,7 @@ impl Options {
                     sample_ms = Some(ms);
                 }
                 "--filter" => o.filter = Some(value("--filter")?),
+                "--peer" => o.peer = Some(value("--peer")?),
                 "-h" | "--help" => return Ok(None),
                 // `cargo bench` passes this to harness = false targets.
                 "--bench" => {}
@@ -136,12 +141,18 @@ impl Options {
         self.filter.as_deref().is_none_or(|f| name.contains(f))
     }
 
+    /// Whether the peer `name` passes `--peer`.
+    pub fn peer_selected(&self, name: &str) -> bool {
+        self.peer.as_deref().is_none_or(|f| name.contains(f))
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "quick": self.quick,
             "rounds": self.rounds,
             "sample_ms": self.sample_ms,
             "filter": self.filter,
+            "peer": self.peer,
         })
     }
 }
@@ -156,6 +167,7 @@ fn usage(bench: &str, about: &str) -> String {
            --rounds N       measured rounds per workload\n  \
            --sample-ms MS   length of one sample of the slowest peer\n  \
            --filter TEXT    only workloads whose name contains TEXT\n  \
+           --peer TEXT      only peers whose name contains TEXT (profiling)\n  \
            -h, --help       this text",
         qr = Options::QUICK_ROUNDS,
         qs = Options::QUICK_SAMPLE_MS,
@@ -212,6 +224,9 @@ pub struct Peer<'a> {
     pub name: &'a str,
     /// Runs `iters` iterations; returns the timed duration.
     pub run: Box<dyn FnMut(u64) -> Duration + 'a>,
+    /// A reference row (e.g. the harness alone, without an allocator): it
+    /// runs in every round like the others but is never the "best" peer.
+    pub reference: bool,
 }
 
 impl<'a> Peer<'a> {
@@ -220,6 +235,15 @@ impl<'a> Peer<'a> {
         Peer {
             name,
             run: Box::new(run),
+            reference: false,
+        }
+    }
+
+    /// A reference row named `name` (see [`Peer::reference`]).
+    pub fn reference(name: &'a str, run: impl FnMut(u64) -> Duration + 'a) -> Self {
+        Peer {
+            reference: true,
+            ..Peer::new(name, run)
         }
     }
 }
@@ -233,8 +257,11 @@ pub struct PeerResult {
     pub samples: Vec<f64>,
     /// Statistics of `samples`.
     pub summary: Summary,
-    /// This peer's median divided by the best median of the workload.
+    /// This peer's median divided by the best median of the workload's
+    /// non-reference peers.
     pub vs_best: f64,
+    /// A reference row, not a competitor.
+    pub reference: bool,
 }
 
 /// The measured result of one workload.
@@ -266,7 +293,7 @@ impl WorkloadResult {
     pub fn best_of(&self, names: &[&str]) -> Option<(String, f64)> {
         self.peers
             .iter()
-            .filter(|p| names.contains(&p.name.as_str()))
+            .filter(|p| !p.reference && names.contains(&p.name.as_str()))
             .min_by(|a, b| a.summary.median.total_cmp(&b.summary.median))
             .map(|p| (p.name.clone(), p.summary.median))
     }
@@ -329,9 +356,12 @@ pub fn measure(
         }
     }
     let summaries: Vec<Summary> = samples.iter().map(|s| summarize(s)).collect();
+    let all_reference = peers.iter().all(|p| p.reference);
     let best = summaries
         .iter()
-        .map(|s| s.median)
+        .zip(peers.iter())
+        .filter(|(_, p)| all_reference || !p.reference)
+        .map(|(s, _)| s.median)
         .fold(f64::INFINITY, f64::min);
     let peers = peers
         .iter()
@@ -342,6 +372,7 @@ pub fn measure(
             samples,
             summary,
             vs_best: summary.median / best,
+            reference: p.reference,
         })
         .collect();
     WorkloadResult {
@@ -449,10 +480,15 @@ impl Report {
             );
             for p in &w.peers {
                 let s = p.summary;
+                let vs = if p.reference {
+                    "(ref)".to_string()
+                } else {
+                    format!("{:.2}x", p.vs_best)
+                };
                 let _ = writeln!(
                     out,
-                    "  {:<width$} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2}x",
-                    p.name, s.median, s.min, s.p25, s.p75, s.max, p.vs_best
+                    "  {:<width$} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}",
+                    p.name, s.median, s.min, s.p25, s.p75, s.max, vs
                 );
             }
         }
@@ -495,6 +531,7 @@ impl Report {
                             "p75_ns": p.summary.p75,
                             "max_ns": p.summary.max,
                             "vs_best": p.vs_best,
+                            "reference": p.reference,
                             "samples_ns": p.samples,
                         })
                     })

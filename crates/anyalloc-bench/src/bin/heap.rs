@@ -20,12 +20,15 @@ use anyalloc_bench::{
 /// An allocator as every peer is seen: a shared, dynamically called
 /// `GlobalAlloc`.
 type Alloc = &'static (dyn GlobalAlloc + Sync);
+/// A thing with its printed name.
+type Named<T> = (&'static str, T);
 
 const GLIBC: &str = "glibc";
 const MIMALLOC: &str = "mimalloc";
 const JEMALLOC: &str = "jemalloc";
 const NORMAL: &str = "anyalloc normal";
 const NOLOCK: &str = "anyalloc nolock";
+const RING_ONLY: &str = "ring hand-off only";
 /// The peers anyalloc's normal path is measured against.
 const OTHERS: [&str; 3] = [GLIBC, MIMALLOC, JEMALLOC];
 
@@ -96,14 +99,11 @@ mod any {
 }
 
 /// The peers, and anyalloc's two heaps (for the after-run check).
-fn peers() -> (
-    Vec<(&'static str, Alloc)>,
-    [(&'static str, &'static Heap); 2],
-) {
+fn peers() -> (Vec<Named<Alloc>>, [Named<&'static Heap>; 2]) {
     // Each path gets a heap of its own, as each other peer has its own.
     let normal: &'static any::Normal = Box::leak(Box::new(any::Normal(any::heap())));
     let nolock: &'static any::NoLock = Box::leak(Box::new(any::NoLock(any::heap())));
-    let v: Vec<(&'static str, Alloc)> = vec![
+    let v: Vec<Named<Alloc>> = vec![
         (GLIBC, &SYSTEM),
         (MIMALLOC, &MIMALLOC_A),
         (JEMALLOC, &JEMALLOC_A),
@@ -177,7 +177,7 @@ fn batches(name: &str, a: &dyn GlobalAlloc, layout: Layout, iters: u64) -> Durat
 /// One sample of the producer/consumer workload, for the consumer thread.
 struct Job {
     id: u64,
-    /// `None`: the ring-only baseline (pointers are passed, not freed).
+    /// `None`: the ring-only reference row (pointers are passed, not freed).
     alloc: Option<Alloc>,
     layout: Layout,
     count: u64,
@@ -222,14 +222,16 @@ fn consumer(
 /// through a bounded SPSC ring, a consumer thread frees them. One consumer
 /// thread serves every sample of every peer (allocator thread caches stay
 /// warm); the clock runs from the first allocation until the consumer has
-/// freed the last object. A peer `None` is the ring-only baseline: the same
-/// hand-off of a dummy pointer, no allocation and no free.
+/// freed the last object. A peer `None` is the ring-only reference row: the
+/// same hand-off of a dummy pointer, no allocation and no free, measured in
+/// the same rounds (when the other core is busy with something else, this
+/// row shows it: the hand-off alone then costs tens of ns instead of a few).
 fn producer_consumer(
     opts: &Options,
     name: &str,
     op: &str,
     size: usize,
-    peers: &[(&'static str, Option<Alloc>)],
+    peers: &[Named<Option<Alloc>>],
 ) -> WorkloadResult {
     let layout = layout(size);
     let mut ring = Box::new(Ring::<RING>::new());
@@ -245,7 +247,7 @@ fn producer_consumer(
             .iter()
             .map(|&(pname, alloc)| {
                 let (prod, jobs, next_id) = (&prod, &jobs, &next_id);
-                Peer::new(pname, move |n| {
+                let run = move |n| {
                     let id = next_id.get() + 1;
                     next_id.set(id);
                     jobs.send(Job {
@@ -278,7 +280,12 @@ fn producer_consumer(
                     }
                     spin_until(|| done.load(Ordering::Acquire) == id);
                     t.elapsed()
-                })
+                };
+                if alloc.is_some() {
+                    Peer::new(pname, run)
+                } else {
+                    Peer::reference(pname, run)
+                }
             })
             .collect();
         let r = measure(opts, name, op, 1, &mut ps);
@@ -293,7 +300,8 @@ fn main() {
         "heap",
         "Object allocator benchmark: anyalloc Heap (normal and nolock paths) vs glibc, mimalloc, jemalloc.",
     );
-    let (peers, heaps) = peers();
+    let (mut peers, heaps) = peers();
+    peers.retain(|&(name, _)| opts.peer_selected(name));
 
     type Work = fn(&str, &dyn GlobalAlloc, Layout, u64) -> Duration;
     let mut single: Vec<(String, &str, u64, Work, usize)> = [16, 64, 256, 1024, 4096]
@@ -318,7 +326,7 @@ fn main() {
 
     let mut results = Vec::new();
     for (name, op, ops_per_iter, work, size) in &single {
-        if !opts.selected(name) {
+        if !opts.selected(name) || peers.is_empty() {
             continue;
         }
         progress(&format!("measuring {name}"));
@@ -330,10 +338,13 @@ fn main() {
         results.push(measure(&opts, name, op, *ops_per_iter, &mut ps));
     }
     let pc = "producer/consumer 64 B";
-    if opts.selected(pc) {
+    if opts.selected(pc) && !peers.is_empty() {
         progress(&format!("measuring {pc}"));
-        let with: Vec<(&'static str, Option<Alloc>)> =
+        let mut with: Vec<Named<Option<Alloc>>> =
             peers.iter().map(|&(n, a)| (n, Some(a))).collect();
+        if opts.peer_selected(RING_ONLY) {
+            with.push((RING_ONLY, None));
+        }
         results.push(producer_consumer(
             &opts,
             pc,
@@ -342,21 +353,9 @@ fn main() {
             &with,
         ));
     }
-    let baseline = "producer/consumer ring only (baseline, no allocator)";
-    if opts.selected(baseline) {
-        progress(&format!("measuring {baseline}"));
-        results.push(producer_consumer(
-            &opts,
-            baseline,
-            "pointer handed over",
-            64,
-            &[("ring hand-off only", None)],
-        ));
-    }
 
     let mut targets = Vec::new();
-    let measured: Vec<&WorkloadResult> = results.iter().filter(|w| w.name != baseline).collect();
-    for w in &measured {
+    for w in &results {
         let best = w.best_of(&OTHERS);
         let value = w
             .median_of(NORMAL)
@@ -371,7 +370,7 @@ fn main() {
             note,
         ));
     }
-    for w in &measured {
+    for w in &results {
         let value = w
             .median_of(NOLOCK)
             .zip(w.median_of(NORMAL))
@@ -391,7 +390,7 @@ fn main() {
         format!("{NORMAL}: Heap::alloc / free; {NOLOCK}: Heap::alloc_nolock / free_nolock; one Heap each, Config::default()"),
         format!(
             "producer/consumer: bounded lock-free SPSC ring of {RING} pointers, one persistent consumer thread; \
-             the baseline row is the same hand-off without allocating or freeing"
+             the (ref) row is the same hand-off without allocating or freeing, in the same rounds"
         ),
     ];
     setup.extend(heaps.iter().map(|&(name, heap)| check_heap(name, heap)));

@@ -184,7 +184,9 @@ fn main() {
     let normal = AnyNormal(anyalloc_pages());
     let nolock = AnyNolock(anyalloc_pages());
     let buddy = Buddy::new();
-    let peers: [(&str, &dyn PagePeer); 3] = [(NORMAL, &normal), (NOLOCK, &nolock), (BUDDY, &buddy)];
+    let mut peers: Vec<(&str, &dyn PagePeer)> =
+        vec![(NORMAL, &normal), (NOLOCK, &nolock), (BUDDY, &buddy)];
+    peers.retain(|&(name, _)| opts.peer_selected(name));
 
     type Work = fn(&str, &dyn PagePeer, u32, u64) -> std::time::Duration;
     let workloads: [(String, &str, u64, Work, u32); 4] = [
@@ -208,7 +210,7 @@ fn main() {
 
     let mut results = Vec::new();
     for (name, op, ops_per_iter, work, order) in &workloads {
-        if !opts.selected(name) {
+        if !opts.selected(name) || peers.is_empty() {
             continue;
         }
         progress(&format!("measuring {name}"));
