@@ -35,7 +35,9 @@ fn heap_alloc_inside_a_nolock_scope_aborts() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), Some(libc::SIGABRT), "stderr: {stderr}");
     assert!(
-        stderr.contains("anyalloc: Heap::alloc may wait for a lock, but was called inside a nolock scope"),
+        stderr.contains(
+            "anyalloc: Heap::alloc may wait for a lock, but was called inside a nolock scope"
+        ),
         "stderr: {stderr}"
     );
 }
@@ -52,5 +54,8 @@ fn page_alloc_inside_a_nolock_scope_aborts() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), Some(libc::SIGABRT), "stderr: {stderr}");
-    assert!(stderr.contains("PageAllocator::alloc_pages may wait"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("PageAllocator::alloc_pages may wait"),
+        "stderr: {stderr}"
+    );
 }
