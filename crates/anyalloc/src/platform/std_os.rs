@@ -117,13 +117,29 @@ impl Platform for StdPlatform {
     }
 
     fn cpu_count(&self) -> usize {
-        // SAFETY: sysconf has no preconditions.
-        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-        if n < 1 {
-            1
-        } else {
-            n as usize
+        // Not sysconf(_SC_NPROCESSORS_CONF): glibc reads sysfs with opendir,
+        // which calls malloc, and this runs while the global heap is being
+        // created (possibly from inside malloc). The affinity mask is one
+        // syscall; CPU ids above the count share slots (modulo).
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set; the syscall
+            // writes at most size_of::<cpu_set_t>() bytes into it.
+            let n = unsafe {
+                let mut set: libc::cpu_set_t = core::mem::zeroed();
+                if libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+                    libc::CPU_COUNT(&set) as usize
+                } else {
+                    0
+                }
+            };
+            if n > 0 {
+                return n;
+            }
         }
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        n.max(1) as usize
     }
 
     fn relax(&self) {
