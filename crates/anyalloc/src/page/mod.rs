@@ -114,6 +114,10 @@ pub struct PageAllocator {
     cpus: usize,
     zones: [AtomicPtr<Zone>; MAX_ZONES],
     nzones: AtomicUsize,
+    /// Serialises `drain`, maintenance passes and invariant checks (normal
+    /// context only), so a maintenance pass can never refill a slot that a
+    /// concurrent drain skipped.
+    drain_lock: ZoneLock,
     /// Serialises growth (normal path only).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     grow_lock: ZoneLock,
@@ -156,6 +160,7 @@ impl PageAllocator {
             cpus,
             zones: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_ZONES],
             nzones: AtomicUsize::new(0),
+            drain_lock: ZoneLock::new(),
             grow_lock: ZoneLock::new(),
             owns_mappings: owns,
             waker: AtomicPtr::new(core::ptr::null_mut()),
@@ -476,6 +481,7 @@ impl PageAllocator {
     /// released.
     #[cfg_attr(not(feature = "std"), allow(unused_mut))]
     pub(crate) fn maintain(&self, epoch: usize, idle_epochs: usize) -> usize {
+        let _serial = self.drain_lock.lock(self.platform);
         let mut released = 0;
         for zone in self.zones() {
             zone.epoch.store(epoch, Ordering::Relaxed);
@@ -795,6 +801,7 @@ impl PageAllocator {
     /// buddy lists (slots held by other contexts right now are skipped).
     pub fn drain(&self) {
         crate::context::might_wait("PageAllocator::drain");
+        let _serial = self.drain_lock.lock(self.platform);
         for zone in self.zones() {
             zone.drain_all();
         }
@@ -827,6 +834,7 @@ impl PageAllocator {
     /// context, waits for them). Release with [`unlock_all`](Self::unlock_all).
     #[cfg(feature = "std")]
     pub(crate) fn lock_all(&self) {
+        self.drain_lock.lock_raw(self.platform);
         self.grow_lock.lock_raw(self.platform);
         for zone in self.zones() {
             zone.lock.lock_raw(self.platform);
@@ -846,12 +854,15 @@ impl PageAllocator {
         }
         // SAFETY: as above.
         unsafe { self.grow_lock.force_unlock(self.platform) };
+        // SAFETY: as above.
+        unsafe { self.drain_lock.force_unlock(self.platform) };
     }
 
     /// Checks every structural invariant (buddy lists well-formed and fully
     /// coalesced, counts consistent, per-CPU lists well-formed). Call only
     /// while no other context uses the allocator; meant for tests.
     pub fn check_invariants(&self) -> Result<(), &'static str> {
+        let _serial = self.drain_lock.lock(self.platform);
         for zone in self.zones() {
             zone.check()?;
         }

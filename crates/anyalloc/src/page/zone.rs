@@ -134,6 +134,9 @@ pub(crate) struct Zone {
     pub(crate) min: usize,
     pcp_high: u32,
     pcp_batch: u32,
+    /// Pages of a free block taken off its list while its memory goes back
+    /// to the OS (still counted in `free_buddy`).
+    releasing: AtomicUsize,
     /// The maintenance epoch (advanced by the maintainer), stamped on
     /// max-order blocks as they become free.
     pub(crate) epoch: AtomicUsize,
@@ -206,6 +209,7 @@ impl Zone {
             min,
             pcp_high,
             pcp_batch,
+            releasing: AtomicUsize::new(0),
             epoch: AtomicUsize::new(0),
             mapping,
         };
@@ -714,7 +718,7 @@ impl Zone {
                 return Err("a buddy list count is wrong");
             }
         }
-        if buddy != self.free_buddy() {
+        if buddy + self.releasing.load(Ordering::Relaxed) != self.free_buddy() {
             return Err("free_buddy does not match the buddy lists");
         }
         let mut pcp = 0usize;

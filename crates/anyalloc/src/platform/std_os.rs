@@ -127,7 +127,9 @@ impl Platform for StdPlatform {
             // writes at most size_of::<cpu_set_t>() bytes into it.
             let n = unsafe {
                 let mut set: libc::cpu_set_t = core::mem::zeroed();
-                if libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+                if libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set)
+                    == 0
+                {
                     libc::CPU_COUNT(&set) as usize
                 } else {
                     0

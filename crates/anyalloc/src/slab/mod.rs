@@ -154,6 +154,9 @@ pub(crate) struct HeapCore {
     fail_empty: AtomicU64,
     reclaims: AtomicU64,
     shrinker_freed: AtomicU64,
+    /// Serialises `drain` and maintenance (normal context only): a
+    /// maintenance pass never holds a slot that a drain would skip.
+    maint_lock: crate::sync::ZoneLock,
     /// The maintainer's wake word and stop flag.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) wake: AtomicU32,
@@ -318,6 +321,7 @@ impl Heap {
             fail_empty: AtomicU64::new(0),
             reclaims: AtomicU64::new(0),
             shrinker_freed: AtomicU64::new(0),
+            maint_lock: crate::sync::ZoneLock::new(),
             wake: AtomicU32::new(0),
             stop: AtomicBool::new(false),
             passes: AtomicU64::new(0),
@@ -893,6 +897,7 @@ impl HeapCore {
 
     fn drain(&self) {
         crate::context::might_wait("Heap::drain");
+        let _serial = self.maint_lock.lock(self.pages.platform());
         for i in 0..CACHES {
             self.cache(i).drain(&self.pages);
         }
@@ -905,6 +910,7 @@ impl HeapCore {
     /// One maintenance pass at `epoch`; max-order blocks free for
     /// `idle_epochs` epochs go back to the OS.
     pub(crate) fn maintain_pass(&self, epoch: usize, idle_epochs: usize) {
+        let serial = self.maint_lock.lock(self.pages.platform());
         self.passes.fetch_add(1, Ordering::Relaxed);
         account::drop_released(&self.released_groups);
         #[cfg(feature = "std")]
@@ -915,6 +921,8 @@ impl HeapCore {
         let released = self.pages.maintain(epoch, idle_epochs);
         self.released_blocks
             .fetch_add(released as u64, Ordering::Relaxed);
+        drop(serial);
+        // Shrinkers run without the maintenance lock: they may drain.
         if self.pages.below_low() {
             self.run_shrinkers();
         }
@@ -923,6 +931,7 @@ impl HeapCore {
     /// The maintainer's quick duty after a wake: deferred frees only.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) fn drain_deferred_only(&self) {
+        let _serial = self.maint_lock.lock(self.pages.platform());
         for i in 0..CACHES {
             self.cache(i).drain_deferred(&self.pages);
         }
@@ -1029,8 +1038,11 @@ impl HeapCore {
         s
     }
 
+    /// Lock order: maintenance, cache nodes, then the page allocator's
+    /// (drain, growth, zones).
     #[cfg(feature = "std")]
     fn lock_all(&self) {
+        self.maint_lock.lock_raw(self.pages.platform());
         for i in 0..CACHES {
             self.cache(i).lock_node_raw(&self.pages);
         }
@@ -1045,6 +1057,8 @@ impl HeapCore {
             // SAFETY: per the caller.
             unsafe { self.cache(i).unlock_node_raw(&self.pages) };
         }
+        // SAFETY: per the caller.
+        unsafe { self.maint_lock.force_unlock(self.pages.platform()) };
     }
 }
 
