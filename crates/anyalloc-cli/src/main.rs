@@ -1,0 +1,500 @@
+//! `anyalloc`: the command-line companion of the anyalloc allocator.
+//!
+//! `anyalloc stress` runs a signal storm: worker threads churn on the
+//! normal path of a dedicated stress heap (and on `Global`, which this
+//! binary installs as its global allocator) while per-thread POSIX timers
+//! fire two signals whose handlers, possibly nested, allocate and free with
+//! the nolock paths. Every block is pattern-checked when freed; at the end
+//! every page of the stress heap must be free again. See `README.md`.
+
+mod hist;
+mod pattern;
+mod report;
+mod storm;
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyalloc::{Config, Heap};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use report::{Report, Settings};
+use storm::{Op, SLOTS};
+
+#[global_allocator]
+static A: anyalloc::Global = anyalloc::Global;
+
+const EXIT_FAIL: i32 = 1;
+const EXIT_DEADLOCK: i32 = 2;
+const EXIT_USAGE: i32 = 64;
+/// The watchdog's limit: this long without progress is a suspected deadlock.
+const STALL: Duration = Duration::from_secs(5);
+/// Without --memory: the stress heap's first zone (it may grow).
+const DEFAULT_HEAP: usize = 256 << 20;
+
+#[derive(Parser)]
+#[command(
+    name = "anyalloc",
+    version,
+    about = "Tools for anyalloc, the memory allocator that can be called from any context",
+    long_about = "Tools for anyalloc, the memory allocator that can be called from any \
+                  context: signal handlers, real-time threads, interrupt handlers.\n\n\
+                  This binary itself runs on anyalloc (its #[global_allocator] is anyalloc::Global).",
+    after_help = "Run `anyalloc stress --help` for the signal storm."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Signal storm: threads churn on the normal path while timer signals
+    /// (nested) allocate and free with the nolock paths in their handlers
+    #[command(
+        long_about = "Signal storm against anyalloc's nolock paths.\n\n\
+        Worker threads (one per core by default) allocate and free blocks of 8 B to 64 KiB \
+        (skewed to small, random lifetimes, some freed by another thread through a lock-free \
+        hand-off array) on the normal path of a dedicated stress heap, and Vecs through Global. \
+        Each worker has two POSIX timers (timer_create, SIGEV_THREAD_ID): signal A at --signal-hz \
+        and signal B 3.3 times slower. Each handler masks only its own signal, so the two nest. \
+        Handlers allocate with the nolock paths only: pages (alloc_pages_nolock, orders 0-3), \
+        objects (Heap::alloc_nolock) of the stress heap, and boxes with anyalloc::NoLock (the \
+        process-wide heap); then free them at once, park them for a later handler invocation, \
+        or hand them to another thread's handler. Every block is filled with a pattern derived \
+        from its address and size and checked when freed. Each nolock allocation is timed.\n\n\
+        At the end the timers stop, every block still held is freed, the stress heap is drained, \
+        and every one of its pages must be free again (leaked_pages = 0).\n\n\
+        A watchdog reports each thread's last operation and exits with code 2 if nothing \
+        progresses for 5 s.",
+        after_help = "Exit codes:\n  \
+        0   no violation, no leaked page, and (without --memory) nolock success >= 99.9%\n  \
+        1   pattern violations, leaked pages, nolock success below 99.9% with memory to spare, \
+        or a setup error\n  \
+        2   deadlock suspected (the watchdog saw no progress for 5 s)\n  \
+        64  invalid command line"
+    )]
+    Stress(StressArgs),
+}
+
+/// Options of `anyalloc stress`.
+#[derive(Args, Debug)]
+struct StressArgs {
+    /// How long the storm runs, in seconds
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    seconds: u64,
+
+    /// Worker threads [default: one per core (available_parallelism)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=storm::MAX_THREADS as u64))]
+    threads: Option<u64>,
+
+    /// Rate of each thread's signal A, in Hz (signal B fires 3.3x slower); 0 turns signals off
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    signal_hz: u64,
+
+    /// Hard cap on the stress heap, bytes with optional k/m/g suffix (e.g. 2m): no growth, so
+    /// small values drive the failure paths; the nolock success rate is then reported but not
+    /// required. [default: 256 MiB first zone that may grow]
+    #[arg(long, value_name = "BYTES", value_parser = parse_memory)]
+    memory: Option<usize>,
+
+    /// Print exactly one JSON object on stdout instead of the table (and no progress bar)
+    #[arg(long)]
+    json: bool,
+
+    /// Don't let the two signals nest: each handler masks both
+    #[arg(long)]
+    no_nested: bool,
+
+    /// Testing the watchdog: all workers stop making progress after this many seconds
+    #[arg(long, value_name = "SECONDS", hide = true)]
+    simulate_hang: Option<u64>,
+}
+
+/// A byte count with an optional k/m/g suffix (binary units), at least
+/// anyalloc's minimum.
+fn parse_memory(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte count (examples: 1048576, 512k, 2m, 1g)"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("unknown suffix `{suffix}` (use k, m or g)")),
+    };
+    let bytes = n
+        .checked_mul(1usize << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes < anyalloc::MIN_MEMORY {
+        return Err(format!(
+            "{bytes} bytes is below anyalloc's minimum of {} bytes (16 pages)",
+            anyalloc::MIN_MEMORY
+        ));
+    }
+    Ok(bytes)
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    let code = match cli.command {
+        Command::Stress(args) => stress(&args),
+    };
+    std::process::exit(code);
+}
+
+/// Set by the main thread when the run is over: the watchdog stops.
+static DONE: AtomicBool = AtomicBool::new(false);
+/// The main thread's own operation, for the watchdog's report.
+static MAIN_OP: AtomicU8 = AtomicU8::new(0);
+/// Main-thread milestones (watchdog progress while tearing down).
+static MAIN_PROGRESS: AtomicU64 = AtomicU64::new(0);
+
+fn stress(args: &StressArgs) -> i32 {
+    let threads = args.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |t| t as usize,
+    );
+    let threads = threads.min(storm::MAX_THREADS);
+    let config = match args.memory {
+        Some(m) => Config::default().memory(m).grow(false),
+        None => Config::default().memory(DEFAULT_HEAP),
+    };
+    let heap: &'static Heap = match Heap::new(config) {
+        Ok(h) => Box::leak(Box::new(h)),
+        Err(e) => {
+            eprintln!("anyalloc stress: cannot create the stress heap: {e}");
+            return EXIT_FAIL;
+        }
+    };
+    let settings = Settings {
+        seconds: args.seconds,
+        threads,
+        signal_hz: args.signal_hz,
+        nested: !args.no_nested,
+        memory: args.memory.map(|m| m as u64),
+        heap_memory: config.memory_bytes() as u64,
+        heap_grow: args.memory.is_none(),
+    };
+    // Make sure the process-wide heap exists before any handler can use
+    // NoLock, and note its counters: only our handlers allocate nolock there.
+    let global = match anyalloc::init() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("anyalloc stress: cannot create the process-wide heap: {e}");
+            return EXIT_FAIL;
+        }
+    };
+    let global_busy_before = global.stats().nolock_alloc_fail_busy;
+
+    storm::set_heap(heap);
+    // Only workers take the timer signals: every other thread (this one,
+    // the watchdog) keeps them blocked; spawned threads inherit the mask.
+    storm::mask_signals(true);
+    if let Err(e) = storm::install_handlers(settings.nested) {
+        eprintln!("anyalloc stress: sigaction failed: {e}");
+        return EXIT_FAIL;
+    }
+
+    // Period of signal A; 0: no timers.
+    let interval_ns = 1_000_000_000u64
+        .checked_div(args.signal_hz)
+        .map_or(0, |i| i.max(1));
+    let ready = Arc::new(Barrier::new(threads + 1));
+    let seed = storm::now_ns();
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let ready = ready.clone();
+            let cfg = storm::WorkerConfig {
+                index: i,
+                interval_ns,
+                seed: seed ^ ((i as u64) << 48),
+            };
+            std::thread::Builder::new()
+                .name(format!("storm-{i}"))
+                .spawn(move || storm::worker(cfg, heap, &ready))
+                .expect("spawn a worker thread")
+        })
+        .collect();
+    ready.wait();
+    let start = Instant::now();
+
+    {
+        let json = args.json;
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || watchdog(settings, start, heap, global_busy_before, json))
+            .expect("spawn the watchdog thread");
+    }
+
+    // The storm: progress bar from this thread, ~4 updates a second.
+    let show_bar = !args.json && std::io::stderr().is_terminal();
+    let bar = if show_bar {
+        ProgressBar::with_draw_target(
+            Some(args.seconds * 1000),
+            ProgressDrawTarget::stderr_with_hz(8),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let end = start + Duration::from_secs(args.seconds);
+    let hang_at = args.simulate_hang.map(|s| start + Duration::from_secs(s));
+    MAIN_OP.store(Op::Running as u8, Relaxed);
+    let mut last = (Instant::now(), totals());
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if hang_at.is_some_and(|h| now >= h) {
+            storm::HANG.store(true, Relaxed);
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(250)));
+        let now = Instant::now();
+        let t = totals();
+        let dt = now.duration_since(last.0).as_secs_f64().max(1e-9);
+        let (ops, sigs, att, ok) = (
+            t.0 - last.1 .0,
+            t.1 - last.1 .1,
+            t.2 - last.1 .2,
+            t.3 - last.1 .3,
+        );
+        bar.set_position(now.duration_since(start).as_millis() as u64);
+        bar.set_message(format!(
+            "{:>6.2} M ops/s  {:>6.1} k signals/s  nolock ok {:>7.3}%",
+            ops as f64 / dt / 1e6,
+            sigs as f64 / dt / 1e3,
+            if att == 0 {
+                100.0
+            } else {
+                100.0 * ok as f64 / att as f64
+            },
+        ));
+        last = (now, t);
+    }
+    bar.finish_and_clear();
+
+    // Stop: workers delete their timers, block the signals and free what
+    // they and their handlers hold; then the shared arrays; then drain.
+    storm::STOP.store(true, Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    MAIN_OP.store(Op::Teardown as u8, Relaxed);
+    let mut setup_errors = Vec::new();
+    for w in workers {
+        match w.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => setup_errors.push(e),
+            Err(_) => setup_errors.push("a worker panicked".to_string()),
+        }
+        MAIN_PROGRESS.fetch_add(1, Relaxed);
+    }
+    storm::free_shared(heap, &MAIN_OP);
+    MAIN_OP.store(Op::HeapFree as u8, Relaxed);
+    let leaked = leaked_pages(heap);
+    let r = report::collect(
+        &settings,
+        elapsed,
+        heap,
+        global_busy_before,
+        Some(leaked),
+        false,
+    );
+    DONE.store(true, Relaxed);
+    MAIN_OP.store(Op::Done as u8, Relaxed);
+
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut out, &r);
+        let _ = writeln!(out);
+        let _ = out.flush();
+    } else {
+        report::print_table(&r);
+    }
+    verdict(&r, &settings, &setup_errors)
+}
+
+/// Pages of the stress heap not free after `drain()`, with everything freed.
+///
+/// The heap's maintenance thread may be returning an idle block to the OS
+/// right then (off the free list for the duration of an madvise), so a
+/// non-zero count is re-measured a few times: a real leak stays.
+fn leaked_pages(heap: &Heap) -> u64 {
+    let mut leaked = 0;
+    for attempt in 0..20 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        heap.drain();
+        MAIN_PROGRESS.fetch_add(1, Relaxed);
+        let pages = heap.pages().stats();
+        leaked = pages.total_pages.saturating_sub(pages.free_pages) as u64;
+        if leaked == 0 {
+            break;
+        }
+    }
+    leaked
+}
+
+/// (worker ops, signals, nolock attempts, nolock ok) summed over threads.
+fn totals() -> (u64, u64, u64, u64) {
+    let ops = SLOTS.iter().map(|t| t.ops.load(Relaxed)).sum();
+    let sigs = SLOTS.iter().map(|t| t.signals.load(Relaxed)).sum();
+    let k = &storm::KINDS;
+    let att = [storm::KIND_PAGE, storm::KIND_OBJECT, storm::KIND_BOX]
+        .iter()
+        .map(|&i| k[i].attempts.load(Relaxed))
+        .sum();
+    let ok = [storm::KIND_PAGE, storm::KIND_OBJECT, storm::KIND_BOX]
+        .iter()
+        .map(|&i| k[i].ok.load(Relaxed))
+        .sum();
+    (ops, sigs, att, ok)
+}
+
+/// The exit code, with a line on stderr for every failure.
+fn verdict(r: &Report, settings: &Settings, setup_errors: &[String]) -> i32 {
+    let mut code = 0;
+    for e in setup_errors {
+        eprintln!("anyalloc stress: FAIL: {e}");
+        code = EXIT_FAIL;
+    }
+    if r.violations > 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: {} pattern violation(s): a block's contents changed while it was allocated",
+            r.violations
+        );
+        code = EXIT_FAIL;
+    }
+    if r.leaked_pages != Some(0) {
+        eprintln!(
+            "anyalloc stress: FAIL: {} page(s) of the stress heap not free after freeing everything and drain()",
+            r.leaked_pages.unwrap_or(0)
+        );
+        code = EXIT_FAIL;
+    }
+    if settings.memory.is_none() && r.success_rate < 0.999 {
+        eprintln!(
+            "anyalloc stress: FAIL: nolock success {:.4}% is below 99.9% with memory to spare \
+             ({} of {} attempts failed: {} busy, {} empty)",
+            100.0 * r.success_rate,
+            r.nolock_attempts - r.nolock_ok,
+            r.nolock_attempts,
+            r.nolock_fail_busy,
+            r.nolock_fail_empty
+        );
+        code = EXIT_FAIL;
+    }
+    if settings.signal_hz > 0 && r.signals == 0 {
+        eprintln!("anyalloc stress: warning: no signal was handled");
+    }
+    code
+}
+
+/// Exits with code 2 (after a report on stderr, and the JSON if asked) when
+/// nothing progresses for [`STALL`]: no worker op, no signal, no teardown
+/// step anywhere, or one running worker stuck while others go on.
+fn watchdog(
+    settings: Settings,
+    start: Instant,
+    heap: &'static Heap,
+    global_busy_before: u64,
+    json: bool,
+) {
+    let n = settings.threads;
+    let progress = || -> u64 {
+        SLOTS[..n]
+            .iter()
+            .map(|t| t.ops.load(Relaxed) + t.signals.load(Relaxed))
+            .sum::<u64>()
+            + storm::TEARDOWN_OPS.load(Relaxed)
+            + MAIN_PROGRESS.load(Relaxed)
+    };
+    let mut last_total = progress();
+    let mut last_change = Instant::now();
+    let mut per: Vec<(u64, Instant)> = SLOTS[..n]
+        .iter()
+        .map(|t| (t.ops.load(Relaxed), Instant::now()))
+        .collect();
+    while !DONE.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = Instant::now();
+        let total = progress();
+        if total != last_total {
+            last_total = total;
+            last_change = now;
+        }
+        let mut stalled = now.duration_since(last_change);
+        for (t, (ops, at)) in SLOTS[..n].iter().zip(per.iter_mut()) {
+            let o = t.ops.load(Relaxed);
+            if o != *ops || !t.running.load(Relaxed) {
+                *ops = o;
+                *at = now;
+            }
+            stalled = stalled.max(now.duration_since(*at));
+        }
+        if stalled >= STALL && !DONE.load(Relaxed) {
+            report::write_thread_report(n, stalled.as_secs());
+            {
+                let mut w = report::FdWriter::new(2);
+                let _ = writeln!(
+                    w,
+                    "  main thread: {}",
+                    Op::from_code(MAIN_OP.load(Relaxed)).name()
+                );
+            }
+            if json {
+                let r = report::collect(
+                    &settings,
+                    start.elapsed().as_secs_f64(),
+                    heap,
+                    global_busy_before,
+                    None,
+                    true,
+                );
+                let mut w = report::FdWriter::new(1);
+                let _ = serde_json::to_writer(&mut w, &r);
+                report::FdWriter::push(&mut w, b"\n");
+            }
+            // SAFETY: _exit has no preconditions; threads may be stuck
+            // holding locks, so no exit handlers run.
+            unsafe { libc::_exit(EXIT_DEADLOCK) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_memory;
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!(parse_memory("1m"), Ok(1 << 20));
+        assert_eq!(parse_memory("2M"), Ok(2 << 20));
+        assert_eq!(parse_memory("512k"), Ok(512 << 10));
+        assert_eq!(parse_memory("1g"), Ok(1 << 30));
+        assert_eq!(parse_memory("65536"), Ok(65536));
+        assert_eq!(parse_memory("2MiB"), Ok(2 << 20));
+        assert!(parse_memory("4k").is_err(), "below the minimum");
+        assert!(parse_memory("x").is_err());
+        assert!(parse_memory("12q").is_err());
+        assert!(parse_memory("99999999999999999999g").is_err());
+    }
+}

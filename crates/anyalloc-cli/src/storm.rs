@@ -1,0 +1,878 @@
+//! The storm itself: worker threads on the normal path, per-thread POSIX
+//! timers whose signal handlers allocate and free with the nolock paths, and
+//! the shared lock-free state both use.
+//!
+//! Everything a signal handler touches is a `static` of atomics: the thread
+//! slots (counters, op codes, the handler stash), the cross-thread stash,
+//! the latency histograms and the counters. A handler finds its thread's
+//! slot through the timer's `sigev_value` (no thread-local needed), never
+//! locks, never allocates except through the nolock paths under test, and
+//! never formats or prints.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
+};
+
+use allocator_api2::boxed::Box as NBox;
+use anyalloc::{Heap, NoLock, PAGE_SIZE};
+
+use crate::hist::Histogram;
+use crate::pattern::{self, Mismatch, XorShift};
+
+/// At most this many worker threads (each has a static slot).
+pub const MAX_THREADS: usize = 256;
+/// Blocks a worker keeps alive on the normal path (random lifetimes).
+const LIVE: usize = 512;
+/// Global collections (through `Global`) a worker keeps alive.
+const GLOBAL_VECS: usize = 64;
+/// Slots of the worker hand-off array (blocks freed by another thread).
+const HANDOFF: usize = 1024;
+/// Per-thread handler stash (blocks freed by a later handler invocation).
+pub const STASH: usize = 32;
+/// Cross-thread handler stash (blocks a handler on another thread frees).
+const XSTASH: usize = 256;
+
+// Entry tags in the low bits of a stashed block address (all blocks are at
+// least 8-aligned).
+const TAG_MASK: usize = 7;
+pub const KIND_PAGE: usize = 1;
+pub const KIND_OBJECT: usize = 2;
+pub const KIND_BOX: usize = 3;
+pub const KIND_WORKER: usize = 4; // a worker's normal-path block (hand-off array)
+
+/// What a thread (or one of its handlers) is doing right now: written
+/// before each operation, read by the watchdog.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Idle = 0,
+    Starting,
+    HeapAlloc,
+    HeapFree,
+    HandOff,
+    GlobalVec,
+    Teardown,
+    Done,
+    PageAllocNolock,
+    PageFreeNolock,
+    ObjectAllocNolock,
+    ObjectFreeNolock,
+    BoxAllocNolock,
+    BoxFreeNolock,
+    Stash,
+    Check,
+    Running,
+}
+
+impl Op {
+    const ALL: [Op; 17] = [
+        Op::Idle,
+        Op::Starting,
+        Op::HeapAlloc,
+        Op::HeapFree,
+        Op::HandOff,
+        Op::GlobalVec,
+        Op::Teardown,
+        Op::Done,
+        Op::PageAllocNolock,
+        Op::PageFreeNolock,
+        Op::ObjectAllocNolock,
+        Op::ObjectFreeNolock,
+        Op::BoxAllocNolock,
+        Op::BoxFreeNolock,
+        Op::Stash,
+        Op::Check,
+        Op::Running,
+    ];
+
+    pub fn from_code(c: u8) -> Op {
+        Op::ALL.get(c as usize).copied().unwrap_or(Op::Idle)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Idle => "idle",
+            Op::Starting => "starting",
+            Op::HeapAlloc => "Heap::alloc",
+            Op::HeapFree => "Heap::free",
+            Op::HandOff => "hand-off",
+            Op::GlobalVec => "Vec through Global",
+            Op::Teardown => "teardown frees",
+            Op::Done => "done",
+            Op::PageAllocNolock => "alloc_pages_nolock",
+            Op::PageFreeNolock => "free_pages_nolock",
+            Op::ObjectAllocNolock => "Heap::alloc_nolock",
+            Op::ObjectFreeNolock => "Heap::free_nolock",
+            Op::BoxAllocNolock => "Box::try_new_in(NoLock)",
+            Op::BoxFreeNolock => "drop(Box<_, NoLock>)",
+            Op::Stash => "stash swap",
+            Op::Check => "pattern check",
+            Op::Running => "storm running (progress bar)",
+        }
+    }
+}
+
+/// One worker thread's shared state. All atomics: its signal handlers, the
+/// main thread and the watchdog read it.
+#[repr(align(128))]
+pub struct ThreadSlot {
+    /// Normal-path operations done by the worker.
+    pub ops: AtomicU64,
+    /// Handler invocations on this thread.
+    pub signals: AtomicU64,
+    /// Handler invocations that interrupted another handler.
+    pub nested: AtomicU64,
+    /// Timer expirations that produced no signal of their own (the previous
+    /// one was still pending: the thread was not running, or was in the
+    /// handler with that signal masked).
+    pub overruns: AtomicU64,
+    /// Handlers running right now on this thread (0, 1 or 2).
+    pub depth: AtomicU32,
+    /// The deepest nesting seen.
+    pub max_depth: AtomicU32,
+    /// Whether the worker is between start and exit.
+    pub running: AtomicBool,
+    /// The worker's current [`Op`].
+    pub worker_op: AtomicU8,
+    /// Each handler's current [`Op`] (signal A, signal B).
+    pub handler_op: [AtomicU8; 2],
+    /// Handler randomness: every invocation takes a fresh value.
+    rng: AtomicU64,
+    /// Blocks the handlers parked for a later invocation (tagged addresses).
+    stash: [AtomicUsize; STASH],
+}
+
+impl ThreadSlot {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const NEW: ThreadSlot = ThreadSlot {
+        ops: AtomicU64::new(0),
+        signals: AtomicU64::new(0),
+        nested: AtomicU64::new(0),
+        overruns: AtomicU64::new(0),
+        depth: AtomicU32::new(0),
+        max_depth: AtomicU32::new(0),
+        running: AtomicBool::new(false),
+        worker_op: AtomicU8::new(0),
+        handler_op: [const { AtomicU8::new(0) }; 2],
+        rng: AtomicU64::new(0),
+        stash: [const { AtomicUsize::new(0) }; STASH],
+    };
+}
+
+pub static SLOTS: [ThreadSlot; MAX_THREADS] = [ThreadSlot::NEW; MAX_THREADS];
+
+/// Per kind of nolock allocation (pages, objects, NoLock boxes).
+pub struct KindStats {
+    pub attempts: AtomicU64,
+    pub ok: AtomicU64,
+    /// Page attempts only: failures the allocator counted as busy / empty.
+    pub fail_busy: AtomicU64,
+    pub fail_empty: AtomicU64,
+    /// Blocks of this kind freed (any path).
+    pub frees: AtomicU64,
+    /// Blocks parked in a thread's stash / handed to the cross-thread stash.
+    pub stashed: AtomicU64,
+    pub crossed: AtomicU64,
+}
+
+impl KindStats {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const NEW: KindStats = KindStats {
+        attempts: AtomicU64::new(0),
+        ok: AtomicU64::new(0),
+        fail_busy: AtomicU64::new(0),
+        fail_empty: AtomicU64::new(0),
+        frees: AtomicU64::new(0),
+        stashed: AtomicU64::new(0),
+        crossed: AtomicU64::new(0),
+    };
+}
+
+/// Indexed by `KIND_PAGE`, `KIND_OBJECT`, `KIND_BOX` and (frees only)
+/// `KIND_WORKER`; entry 0 unused.
+pub static KINDS: [KindStats; 5] = [KindStats::NEW; 5];
+
+/// Latency of every nolock allocation attempt made in a handler.
+pub static ALLOC_NS: Histogram = Histogram::new();
+/// Latency of every nolock free made in a handler.
+pub static FREE_NS: Histogram = Histogram::new();
+
+pub static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+/// The first violation, for the report.
+pub struct FirstViolation {
+    pub set: AtomicBool,
+    pub op: AtomicU8,
+    pub addr: AtomicUsize,
+    pub kind: AtomicUsize,
+    pub offset: AtomicUsize,
+    pub expected: AtomicU64,
+    pub found: AtomicU64,
+}
+pub static FIRST_VIOLATION: FirstViolation = FirstViolation {
+    set: AtomicBool::new(false),
+    op: AtomicU8::new(0),
+    addr: AtomicUsize::new(0),
+    kind: AtomicUsize::new(0),
+    offset: AtomicUsize::new(0),
+    expected: AtomicU64::new(0),
+    found: AtomicU64::new(0),
+};
+
+/// Normal-path allocations of the stress heap that returned `None`.
+pub static NORMAL_FAIL: AtomicU64 = AtomicU64::new(0);
+/// Blocks that went through the worker hand-off array.
+pub static HANDOFFS: AtomicU64 = AtomicU64::new(0);
+/// Vectors made through `Global` by the workers.
+pub static GLOBAL_OPS: AtomicU64 = AtomicU64::new(0);
+/// Frees made by the main thread while tearing down (watchdog progress).
+pub static TEARDOWN_OPS: AtomicU64 = AtomicU64::new(0);
+/// Set by the main thread: workers stop.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+/// `--simulate-hang` (tests the watchdog): workers stop making progress.
+pub static HANG: AtomicBool = AtomicBool::new(false);
+
+/// The stress heap, for the handlers (set once before any timer starts).
+static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+
+static HANDOFF_SLOTS: [AtomicUsize; HANDOFF] = [const { AtomicUsize::new(0) }; HANDOFF];
+static XSTASH_SLOTS: [AtomicUsize; XSTASH] = [const { AtomicUsize::new(0) }; XSTASH];
+
+pub fn set_heap(heap: &'static Heap) {
+    HEAP.store(heap as *const Heap as *mut Heap, Release);
+}
+
+fn heap() -> Option<&'static Heap> {
+    let p = HEAP.load(Acquire);
+    // SAFETY: only `set_heap` stores here, a `&'static Heap`.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (vDSO: no syscall, signal-safe).
+#[inline]
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always
+    // exists, and clock_gettime is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cold]
+fn violation(op: Op, addr: usize, kind: usize, m: Mismatch) {
+    VIOLATIONS.fetch_add(1, Relaxed);
+    let f = &FIRST_VIOLATION;
+    if !f.set.swap(true, AcqRel) {
+        f.op.store(op as u8, Relaxed);
+        f.addr.store(addr, Relaxed);
+        f.kind.store(kind, Relaxed);
+        f.offset.store(m.offset, Relaxed);
+        f.expected.store(m.expected, Relaxed);
+        f.found.store(m.found, Relaxed);
+    }
+}
+
+/// Frees with the nolock paths (handlers) or the normal paths (teardown).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Nolock,
+    Normal,
+}
+
+/// Checks a tagged block and frees it with the path for its kind. A block
+/// that fails the check is reported and leaked (its size can't be trusted).
+fn free_entry(heap: &Heap, entry: usize, op: &AtomicU8, path: Path) {
+    let kind = entry & TAG_MASK;
+    let p = (entry & !TAG_MASK) as *mut u8;
+    let code = match kind {
+        KIND_PAGE => Op::PageFreeNolock,
+        KIND_OBJECT => Op::ObjectFreeNolock,
+        KIND_BOX => Op::BoxFreeNolock,
+        _ => Op::HeapFree,
+    };
+    op.store(Op::Check as u8, Relaxed);
+    // SAFETY: every tagged entry is a live block we filled (at least 8
+    // bytes, 8-aligned), owned by whoever took it out of its stash.
+    let size = match unsafe { pattern::size_of(p) } {
+        Ok(s) => s,
+        Err(m) => return violation(code, p as usize, kind, m),
+    };
+    // SAFETY: as above; the header says the block has `size` bytes.
+    if let Err(m) = unsafe { pattern::check(p, size) } {
+        return violation(code, p as usize, kind, m);
+    }
+    op.store(code as u8, Relaxed);
+    // SAFETY: a non-null block address.
+    let ptr = unsafe { NonNull::new_unchecked(p) };
+    let t0 = if path == Path::Nolock { now_ns() } else { 0 };
+    match kind {
+        KIND_PAGE => {
+            let order = (size / PAGE_SIZE).trailing_zeros();
+            if size != PAGE_SIZE << order || order > anyalloc::NOLOCK_MAX_ORDER {
+                let m = Mismatch {
+                    offset: 0,
+                    expected: (PAGE_SIZE as u64) << anyalloc::NOLOCK_MAX_ORDER,
+                    found: size as u64,
+                };
+                return violation(code, p as usize, kind, m);
+            }
+            // SAFETY: pages of this order from alloc_pages_nolock, freed
+            // once (we took the only reference out of its stash).
+            unsafe {
+                match path {
+                    Path::Nolock => heap.pages().free_pages_nolock(ptr, order),
+                    Path::Normal => heap.pages().free_pages(ptr, order),
+                }
+            }
+        }
+        KIND_OBJECT | KIND_WORKER => {
+            // SAFETY: an object of this heap, freed once (as above).
+            unsafe {
+                match path {
+                    Path::Nolock => heap.free_nolock(ptr),
+                    Path::Normal => heap.free(ptr),
+                }
+            }
+        }
+        KIND_BOX => {
+            let ok = match size {
+                16 => drop_box::<2>(p),
+                128 => drop_box::<16>(p),
+                1024 => drop_box::<128>(p),
+                _ => false,
+            };
+            if !ok {
+                let m = Mismatch {
+                    offset: 0,
+                    expected: 1024,
+                    found: size as u64,
+                };
+                return violation(code, p as usize, kind, m);
+            }
+        }
+        _ => {}
+    }
+    if path == Path::Nolock {
+        FREE_NS.record(now_ns().wrapping_sub(t0));
+    }
+    KINDS[kind].frees.fetch_add(1, Relaxed);
+}
+
+fn drop_box<const N: usize>(p: *mut u8) -> bool {
+    // SAFETY: `p` came from `NBox::into_raw` of a `NBox<[u64; N], NoLock>`
+    // (the header size says which N) and is dropped exactly once.
+    drop(unsafe { NBox::from_raw_in(p as *mut [u64; N], NoLock) });
+    true
+}
+
+fn try_box<const N: usize>() -> Option<*mut u8> {
+    let b = NBox::try_new_in([0u64; N], NoLock).ok()?;
+    Some(NBox::into_raw(b) as *mut u8)
+}
+
+// ----- signal handlers -----------------------------------------------------------
+
+/// Order 0..=3, skewed to small.
+fn page_order(rng: &mut XorShift) -> u32 {
+    match rng.below(20) {
+        0..=9 => 0,
+        10..=14 => 1,
+        15..=17 => 2,
+        _ => 3,
+    }
+}
+
+/// 8 B to 32 KiB, skewed to small (above 8 KiB the heap serves pages).
+fn object_size(rng: &mut XorShift) -> usize {
+    let max = match rng.below(100) {
+        0..=59 => 128,
+        60..=89 => 1024,
+        90..=97 => 8192,
+        _ => 32768,
+    };
+    8 + rng.below(max - 7) as usize
+}
+
+/// One handler invocation: a page, an object and a NoLock box, each
+/// allocated (timed), filled, then freed now, parked in this thread's stash,
+/// or handed to the cross-thread stash; sometimes an older stashed block is
+/// freed too.
+fn handle(slot: &'static ThreadSlot, level: usize) {
+    let depth = slot.depth.fetch_add(1, Relaxed);
+    slot.signals.fetch_add(1, Relaxed);
+    if depth > 0 {
+        slot.nested.fetch_add(1, Relaxed);
+    }
+    slot.max_depth.fetch_max(depth + 1, Relaxed);
+    let op = &slot.handler_op[level];
+    if let Some(heap) = heap() {
+        let seed = slot.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed) ^ level as u64;
+        let mut rng = XorShift::new(seed);
+
+        // Pages.
+        let order = page_order(&mut rng);
+        let pages = heap.pages();
+        let before = pages.stats();
+        op.store(Op::PageAllocNolock as u8, Relaxed);
+        let t0 = now_ns();
+        let r = pages.alloc_pages_nolock(order);
+        ALLOC_NS.record(now_ns().wrapping_sub(t0));
+        let k = &KINDS[KIND_PAGE];
+        k.attempts.fetch_add(1, Relaxed);
+        match r {
+            Some(p) => {
+                k.ok.fetch_add(1, Relaxed);
+                // SAFETY: a fresh block of 2^order pages.
+                unsafe { pattern::fill(p.as_ptr(), PAGE_SIZE << order) };
+                dispose(heap, slot, op, &mut rng, p.as_ptr() as usize | KIND_PAGE);
+            }
+            None => {
+                // Which reason the allocator counted (only another failure
+                // overlapping this one can blur it).
+                let after = pages.stats();
+                if after.nolock_alloc_fail_empty > before.nolock_alloc_fail_empty
+                    && after.nolock_alloc_fail_busy == before.nolock_alloc_fail_busy
+                {
+                    k.fail_empty.fetch_add(1, Relaxed);
+                } else {
+                    k.fail_busy.fetch_add(1, Relaxed);
+                }
+            }
+        }
+
+        // Objects.
+        let size = object_size(&mut rng);
+        // SAFETY: 8 <= size <= 32 KiB and a power-of-two alignment: a
+        // valid layout.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, 8) };
+        op.store(Op::ObjectAllocNolock as u8, Relaxed);
+        let t0 = now_ns();
+        let r = heap.alloc_nolock(layout);
+        ALLOC_NS.record(now_ns().wrapping_sub(t0));
+        let k = &KINDS[KIND_OBJECT];
+        k.attempts.fetch_add(1, Relaxed);
+        if let Some(p) = r {
+            k.ok.fetch_add(1, Relaxed);
+            // SAFETY: a fresh object of at least `layout.size()` bytes,
+            // 8-aligned.
+            unsafe { pattern::fill(p.as_ptr(), layout.size()) };
+            dispose(heap, slot, op, &mut rng, p.as_ptr() as usize | KIND_OBJECT);
+        }
+
+        // NoLock boxes (the process-wide heap, which is Global's).
+        op.store(Op::BoxAllocNolock as u8, Relaxed);
+        let which = rng.below(3);
+        let t0 = now_ns();
+        let r = match which {
+            0 => try_box::<2>(),
+            1 => try_box::<16>(),
+            _ => try_box::<128>(),
+        };
+        ALLOC_NS.record(now_ns().wrapping_sub(t0));
+        let k = &KINDS[KIND_BOX];
+        k.attempts.fetch_add(1, Relaxed);
+        if let Some(p) = r {
+            k.ok.fetch_add(1, Relaxed);
+            let bytes = [16, 128, 1024][which as usize];
+            // SAFETY: the box's memory: `bytes` bytes, 8-aligned.
+            unsafe { pattern::fill(p, bytes) };
+            dispose(heap, slot, op, &mut rng, p as usize | KIND_BOX);
+        }
+
+        // Sometimes free an older stashed block, whatever its kind.
+        if rng.below(4) == 0 {
+            op.store(Op::Stash as u8, Relaxed);
+            let e = slot.stash[rng.below(STASH as u64) as usize].swap(0, AcqRel);
+            if e != 0 {
+                free_entry(heap, e, op, Path::Nolock);
+            }
+        }
+    }
+    op.store(Op::Idle as u8, Relaxed);
+    slot.depth.fetch_sub(1, Relaxed);
+}
+
+fn dispose(heap: &Heap, slot: &ThreadSlot, op: &AtomicU8, rng: &mut XorShift, entry: usize) {
+    let kind = entry & TAG_MASK;
+    match rng.below(8) {
+        0..=3 => free_entry(heap, entry, op, Path::Nolock),
+        4..=6 => {
+            op.store(Op::Stash as u8, Relaxed);
+            KINDS[kind].stashed.fetch_add(1, Relaxed);
+            let old = slot.stash[rng.below(STASH as u64) as usize].swap(entry, AcqRel);
+            if old != 0 {
+                free_entry(heap, old, op, Path::Nolock);
+            }
+        }
+        _ => {
+            op.store(Op::Stash as u8, Relaxed);
+            KINDS[kind].crossed.fetch_add(1, Relaxed);
+            let old = XSTASH_SLOTS[rng.below(XSTASH as u64) as usize].swap(entry, AcqRel);
+            if old != 0 {
+                free_entry(heap, old, op, Path::Nolock);
+            }
+        }
+    }
+}
+
+/// The slot a timer signal is for: the timer's `sival_ptr`, checked to be
+/// one of [`SLOTS`]; and the timer's overrun count.
+fn slot_of(info: *const libc::siginfo_t) -> Option<(&'static ThreadSlot, u64)> {
+    if info.is_null() {
+        return None;
+    }
+    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t; for
+    // SI_TIMER its timer fields (value, overrun) are the ones filled.
+    let (code, value, overrun) =
+        unsafe { ((*info).si_code, (*info).si_value(), (*info).si_overrun()) };
+    if code != libc::SI_TIMER {
+        return None; // not from our timers (someone sent it by hand)
+    }
+    let p = value.sival_ptr as usize;
+    let base = SLOTS.as_ptr() as usize;
+    let size = std::mem::size_of::<ThreadSlot>();
+    if p < base || (p - base) % size != 0 || (p - base) / size >= MAX_THREADS {
+        return None;
+    }
+    Some((&SLOTS[(p - base) / size], overrun.max(0) as u64))
+}
+
+fn on_signal(level: usize, info: *const libc::siginfo_t) {
+    // SAFETY: errno is this thread's; saved and restored around the handler.
+    let errno = unsafe { *libc::__errno_location() };
+    if let Some((slot, overrun)) = slot_of(info) {
+        if overrun > 0 {
+            slot.overruns.fetch_add(overrun, Relaxed);
+        }
+        handle(slot, level);
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+extern "C" fn on_signal_a(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    on_signal(0, info);
+}
+
+extern "C" fn on_signal_b(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    on_signal(1, info);
+}
+
+/// The two timer signals.
+pub fn signals() -> [libc::c_int; 2] {
+    [libc::SIGRTMIN(), libc::SIGRTMIN() + 1]
+}
+
+/// Installs both handlers. With `nested`, each masks only its own signal,
+/// so either can interrupt the other's handler (depth at most 2); without,
+/// each masks both.
+pub fn install_handlers(nested: bool) -> std::io::Result<()> {
+    let [a, b] = signals();
+    for (sig, f) in [
+        (a, on_signal_a as extern "C" fn(_, _, _)),
+        (b, on_signal_b as extern "C" fn(_, _, _)),
+    ] {
+        // SAFETY: a zeroed sigaction is a valid start; the handler is an
+        // extern "C" fn with the SA_SIGINFO signature; the mask is built
+        // with sigemptyset/sigaddset before sigaction reads it.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = f as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaddset(&mut sa.sa_mask, sig);
+            if !nested {
+                libc::sigaddset(&mut sa.sa_mask, a);
+                libc::sigaddset(&mut sa.sa_mask, b);
+            }
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Blocks (or unblocks) both timer signals for the calling thread.
+pub fn mask_signals(block: bool) {
+    let [a, b] = signals();
+    // SAFETY: the set is initialised by sigemptyset before use;
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, a);
+        libc::sigaddset(&mut set, b);
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// A periodic timer that sends `sig` to thread `tid` with `slot` as value.
+fn thread_timer(
+    sig: libc::c_int,
+    tid: libc::pid_t,
+    interval_ns: u64,
+    slot: &'static ThreadSlot,
+) -> std::io::Result<libc::timer_t> {
+    let ts = libc::timespec {
+        tv_sec: (interval_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (interval_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: sigevent zeroed then filled for SIGEV_THREAD_ID (the thread
+    // exists: it is the caller); timer_create writes the id into `t`.
+    unsafe {
+        let mut sev: libc::sigevent = std::mem::zeroed();
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = sig;
+        sev.sigev_notify_thread_id = tid;
+        sev.sigev_value = libc::sigval {
+            sival_ptr: slot as *const ThreadSlot as *mut libc::c_void,
+        };
+        let mut t: libc::timer_t = std::ptr::null_mut();
+        if libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let its = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        if libc::timer_settime(t, 0, &its, std::ptr::null_mut()) != 0 {
+            let e = std::io::Error::last_os_error();
+            libc::timer_delete(t);
+            return Err(e);
+        }
+        Ok(t)
+    }
+}
+
+// ----- workers ---------------------------------------------------------------------
+
+/// What a worker needs to know.
+#[derive(Clone, Copy)]
+pub struct WorkerConfig {
+    pub index: usize,
+    /// Timer period of signal A (0: no timers); signal B fires 3.3x slower.
+    pub interval_ns: u64,
+    pub seed: u64,
+}
+
+/// 8 B to 64 KiB, skewed to small.
+fn worker_size(rng: &mut XorShift) -> usize {
+    let max = match rng.below(100) {
+        0..=54 => 128,
+        55..=79 => 1024,
+        80..=92 => 8192,
+        93..=97 => 32768,
+        _ => 65536,
+    };
+    8 + rng.below(max - 7) as usize
+}
+
+fn alloc_filled(heap: &Heap, size: usize) -> usize {
+    // SAFETY: 8 <= size <= 64 KiB and a power-of-two alignment: a valid
+    // layout.
+    let layout = unsafe { Layout::from_size_align_unchecked(size, 8) };
+    match heap.alloc(layout) {
+        Some(p) => {
+            // SAFETY: a fresh block of at least `size` bytes, 8-aligned.
+            unsafe { pattern::fill(p.as_ptr(), size) };
+            p.as_ptr() as usize
+        }
+        None => {
+            NORMAL_FAIL.fetch_add(1, Relaxed);
+            0
+        }
+    }
+}
+
+/// A `Vec<u64>` through `Global`, filled with a pattern of its length.
+fn global_vec(rng: &mut XorShift) -> Vec<u64> {
+    let len = 1 + match rng.below(10) {
+        0..=6 => rng.below(32),
+        7..=8 => rng.below(512),
+        _ => rng.below(8192),
+    } as usize;
+    let base = pattern::mix(len as u64);
+    (0..len as u64).map(|i| base ^ i).collect()
+}
+
+fn check_global_vec(v: &[u64], op: &AtomicU8) {
+    let base = pattern::mix(v.len() as u64);
+    if let Some(i) = (0..v.len()).find(|&i| v[i] != base ^ i as u64) {
+        let m = Mismatch {
+            offset: i * 8,
+            expected: base ^ i as u64,
+            found: v[i],
+        };
+        violation(Op::from_code(op.load(Relaxed)), v.as_ptr() as usize, 0, m);
+    }
+}
+
+/// A worker: churns on the stress heap's normal path and through `Global`
+/// while its two timers interrupt it, until [`STOP`]. Then it deletes its
+/// timers, blocks their signals and frees everything it and its handlers
+/// still hold.
+pub fn worker(
+    cfg: WorkerConfig,
+    heap: &'static Heap,
+    ready: &std::sync::Barrier,
+) -> Result<(), String> {
+    let slot = &SLOTS[cfg.index];
+    let op = &slot.worker_op;
+    op.store(Op::Starting as u8, Relaxed);
+    slot.running.store(true, Release);
+    let mut rng = XorShift::new(cfg.seed);
+    let mut live = vec![0usize; LIVE];
+    let mut vecs: Vec<Vec<u64>> = (0..GLOBAL_VECS).map(|_| Vec::new()).collect();
+
+    let mut timers = Vec::new();
+    let mut setup = Ok(());
+    if cfg.interval_ns > 0 {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let [a, b] = signals();
+        let ib = cfg.interval_ns * 33 / 10;
+        for (sig, interval) in [(a, cfg.interval_ns), (b, ib)] {
+            match thread_timer(sig, tid, interval, slot) {
+                Ok(t) => timers.push(t),
+                Err(e) => setup = Err(format!("timer_create/timer_settime failed: {e}")),
+            }
+        }
+    }
+    mask_signals(false);
+    ready.wait();
+
+    while setup.is_ok() && !STOP.load(Relaxed) {
+        if HANG.load(Relaxed) {
+            // Simulated deadlock: no more ops, no more signals, ever.
+            mask_signals(true);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        for _ in 0..32 {
+            slot.ops.fetch_add(1, Relaxed);
+            let r = rng.below(32);
+            if r == 0 {
+                // Through Global: replace a random vector, checking the old.
+                op.store(Op::GlobalVec as u8, Relaxed);
+                let i = rng.below(GLOBAL_VECS as u64) as usize;
+                check_global_vec(&vecs[i], op);
+                vecs[i] = global_vec(&mut rng);
+                GLOBAL_OPS.fetch_add(1, Relaxed);
+            } else if r <= 2 {
+                // Hand a live block to whichever thread swaps this slot next;
+                // free the block we get back (usually another thread's).
+                op.store(Op::HandOff as u8, Relaxed);
+                let j = rng.below(LIVE as u64) as usize;
+                let mine = std::mem::take(&mut live[j]);
+                let mine = if mine != 0 { mine | KIND_WORKER } else { 0 };
+                let h = rng.below(HANDOFF as u64) as usize;
+                let theirs = HANDOFF_SLOTS[h].swap(mine, AcqRel);
+                HANDOFFS.fetch_add(1, Relaxed);
+                if theirs != 0 {
+                    op.store(Op::HeapFree as u8, Relaxed);
+                    free_entry(heap, theirs, op, Path::Normal);
+                }
+            } else {
+                let j = rng.below(LIVE as u64) as usize;
+                if live[j] != 0 {
+                    op.store(Op::HeapFree as u8, Relaxed);
+                    free_entry(
+                        heap,
+                        std::mem::take(&mut live[j]) | KIND_WORKER,
+                        op,
+                        Path::Normal,
+                    );
+                }
+                // Refill only half of the time: lifetimes vary, and the
+                // live set breathes.
+                if r & 1 == 0 {
+                    op.store(Op::HeapAlloc as u8, Relaxed);
+                    let size = worker_size(&mut rng);
+                    let b = alloc_filled(heap, size);
+                    if b != 0 && r & 6 == 0 {
+                        // A short-lived block: freed at once.
+                        op.store(Op::HeapFree as u8, Relaxed);
+                        free_entry(heap, b | KIND_WORKER, op, Path::Normal);
+                    } else {
+                        live[j] = b;
+                    }
+                }
+            }
+        }
+    }
+
+    // Teardown: no handler may run on this thread any more.
+    for t in timers {
+        // SAFETY: a timer created above, deleted once.
+        unsafe { libc::timer_delete(t) };
+    }
+    mask_signals(true);
+    op.store(Op::Teardown as u8, Relaxed);
+    for b in live.iter_mut().filter(|b| **b != 0) {
+        free_entry(heap, std::mem::take(b) | KIND_WORKER, op, Path::Normal);
+        slot.ops.fetch_add(1, Relaxed);
+    }
+    for v in &vecs {
+        check_global_vec(v, op);
+    }
+    drop(vecs);
+    for s in &slot.stash {
+        let e = s.swap(0, AcqRel);
+        if e != 0 {
+            free_entry(heap, e, op, Path::Normal);
+            slot.ops.fetch_add(1, Relaxed);
+        }
+    }
+    op.store(Op::Done as u8, Relaxed);
+    slot.running.store(false, Release);
+    setup
+}
+
+/// After every worker has exited: frees what is left in the hand-off array
+/// and the cross-thread stash (no handler runs any more).
+pub fn free_shared(heap: &Heap, op: &AtomicU8) {
+    for s in HANDOFF_SLOTS.iter().chain(XSTASH_SLOTS.iter()) {
+        let e = s.swap(0, AcqRel);
+        if e != 0 {
+            free_entry(heap, e, op, Path::Normal);
+            TEARDOWN_OPS.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_stay_in_range() {
+        let mut r = XorShift::new(1);
+        for _ in 0..100_000 {
+            let w = worker_size(&mut r);
+            assert!((8..=65536).contains(&w));
+            let o = object_size(&mut r);
+            assert!((8..=32768).contains(&o));
+            assert!(page_order(&mut r) <= anyalloc::NOLOCK_MAX_ORDER);
+        }
+    }
+
+    #[test]
+    fn op_codes_round_trip() {
+        for op in Op::ALL {
+            assert_eq!(Op::from_code(op as u8), op);
+        }
+    }
+}
