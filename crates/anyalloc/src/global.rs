@@ -93,12 +93,27 @@ pub fn global_heap() -> Option<&'static Heap> {
 fn heap(nolock: bool) -> Option<&'static Heap> {
     match global_heap() {
         Some(h) => Some(h),
-        None => init_slow(nolock),
+        None => init_slow(nolock, true),
+    }
+}
+
+/// The process-wide heap, created if needed like [`init`] but without
+/// starting the maintenance thread: for a C `malloc` built on this heap
+/// (`crates/anyalloc-c`), whose first call runs inside the dynamic loader,
+/// where spawning a thread (which calls `malloc`) is not safe. With
+/// `nolock`, an initialisation in progress elsewhere gives `None` at once
+/// instead of a wait. The caller may start the maintainer later with
+/// [`Heap::start_maintenance`].
+#[doc(hidden)]
+pub fn init_without_maintainer(nolock: bool) -> Option<&'static Heap> {
+    match global_heap() {
+        Some(h) => Some(h),
+        None => init_slow(nolock, false),
     }
 }
 
 #[cold]
-fn init_slow(nolock: bool) -> Option<&'static Heap> {
+fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
     loop {
         match GLOBAL_HEAP.state.compare_exchange(
             UNINIT,
@@ -118,7 +133,7 @@ fn init_slow(nolock: bool) -> Option<&'static Heap> {
                         GLOBAL_HEAP.state.store(READY, Ordering::Release);
                         register_atfork();
                         let heap = global_heap();
-                        if env_size(c"ANYALLOC_MAINTENANCE") != Some(0) {
+                        if maintainer && env_size(c"ANYALLOC_MAINTENANCE") != Some(0) {
                             if let Some(h) = heap {
                                 h.start_maintenance();
                             }

@@ -591,25 +591,31 @@ impl PageAllocator {
     /// grows the heap, never takes a zone below its min watermark. `None`
     /// means "no memory for you in this context now"; don't spin on it.
     pub fn alloc_pages_nolock(&self, order: u32) -> Option<NonNull<u8>> {
+        self.alloc_pages_nolock_why(order).ok()
+    }
+
+    /// As [`alloc_pages_nolock`](Self::alloc_pages_nolock), saying why it
+    /// failed (and counting the failure).
+    pub(crate) fn alloc_pages_nolock_why(&self, order: u32) -> Result<NonNull<u8>, Fail> {
         if order > NOLOCK_MAX_ORDER {
-            return None;
+            return Err(Fail::Empty); // refused, not counted: not a memory shortage
         }
         let cpu = self.cpu();
         let mut busy = false;
         for zone in self.zones() {
             match self.nolock_from_zone(zone, cpu, order) {
-                Ok(p) => return Some(p),
+                Ok(p) => return Ok(p),
                 Err(Fail::Busy) => busy = true,
                 Err(Fail::Empty) => {}
             }
         }
-        let counter = if busy {
-            &self.nolock_fail_busy
+        let (counter, why) = if busy {
+            (&self.nolock_fail_busy, Fail::Busy)
         } else {
-            &self.nolock_fail_empty
+            (&self.nolock_fail_empty, Fail::Empty)
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        None
+        Err(why)
     }
 
     #[inline]
