@@ -18,6 +18,8 @@
 //! [`atomic`]) so the loom tests beside them explore every interleaving.
 
 pub(crate) mod atomic;
+#[cfg(all(test, loom))]
+mod handoff_loom;
 mod index_stack;
 mod slot_lock;
 mod zone_lock;

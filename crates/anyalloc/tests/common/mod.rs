@@ -1,0 +1,815 @@
+//! Shared helpers for the proof tests (and `examples/page_storm.rs`).
+//!
+//! Generic, allocator-independent pieces, usable by any storm test (pages
+//! today, the object heap later):
+//!
+//! * [`install_handler`]: a `SA_SIGINFO` handler whose `sa_mask` blocks only
+//!   its own signal (never `SA_NODEFER`), so two signals can nest at most two
+//!   deep: each can interrupt the other's handler, neither itself;
+//! * [`ThreadTimer`]: a POSIX timer that delivers a signal to one thread
+//!   (`SIGEV_THREAD_ID`) with a `sigval` the handler reads back;
+//! * [`XorShift`] and [`mix64`]: random numbers for threads and for handlers
+//!   (the latter from an atomic counter: no state a nested handler could tear);
+//! * [`pack`] / [`fill`] / [`check`]: block handles that fit in one atomic
+//!   word and an owner-specific fill pattern that detects two owners of the
+//!   same memory;
+//! * [`Stash`]: a fixed array of atomic handles, safe to share between a
+//!   thread and the handlers that interrupt it (no `Vec`, no lock).
+//!
+//! And the page storm itself ([`run_page_storm`]), shared by the
+//! `page_storm` test (which asserts) and example (which prints).
+//!
+//! Everything called from a signal handler here is async-signal-safe: atomics,
+//! plain memory accesses, `tgkill`, and the allocator's nolock path.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyalloc::{Config, PageAllocator, PageStats, NOLOCK_MAX_ORDER, PAGE_SIZE};
+
+// ----- signals and timers ---------------------------------------------------
+
+/// A `SA_SIGINFO` signal handler.
+pub type Handler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// The two storm signals: `SIGRTMIN` and `SIGRTMIN + 1`.
+pub fn storm_signals() -> (libc::c_int, libc::c_int) {
+    let a = libc::SIGRTMIN();
+    (a, a + 1)
+}
+
+/// Installs `handler` for `sig` with `SA_SIGINFO | SA_RESTART`, blocking
+/// only `sig` itself while it runs (no `SA_NODEFER`: a signal never nests in
+/// its own handler, so nesting is bounded by the number of signals).
+pub fn install_handler(sig: libc::c_int, handler: Handler) {
+    // SAFETY: a zeroed `sigaction` is a valid starting value (empty mask, no
+    // flags); every field we rely on is set below.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler as usize;
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: `sa.sa_mask` is a valid, writable sigset_t; `sigaction` reads
+    // `sa` and writes nothing (no old action requested).
+    let rc = unsafe {
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaddset(&mut sa.sa_mask, sig);
+        libc::sigaction(sig, &sa, std::ptr::null_mut())
+    };
+    assert_eq!(
+        rc,
+        0,
+        "sigaction({sig}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The kernel thread id of the calling thread.
+pub fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// Sends `sig` to the calling thread, right now (async-signal-safe: usable
+/// inside a handler to force a nested signal at a chosen point).
+pub fn raise_here(sig: libc::c_int) {
+    // SAFETY: tgkill on our own process and thread with a signal whose
+    // handler is installed; no memory is passed.
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), sig);
+    }
+}
+
+/// Reads the `sigval` a [`ThreadTimer`] (or `sigqueue`) attached to a signal.
+///
+/// # Safety
+/// `info` must be the `siginfo_t` the kernel passed to a `SA_SIGINFO`
+/// handler for a timer or queued signal.
+pub unsafe fn signal_value(info: *const libc::siginfo_t) -> usize {
+    // SAFETY: the caller passes the kernel's siginfo of a timer / rt signal,
+    // whose `si_value` union member is the one that was filled in.
+    unsafe { (*info).si_value().sival_ptr as usize }
+}
+
+/// Saves `errno` and restores it on drop: handlers must not clobber the
+/// errno of the code they interrupted (a futex wake can set it).
+pub struct ErrnoGuard(libc::c_int);
+
+impl ErrnoGuard {
+    pub fn save() -> Self {
+        // SAFETY: `__errno_location` returns this thread's errno slot.
+        ErrnoGuard(unsafe { *libc::__errno_location() })
+    }
+}
+
+impl Drop for ErrnoGuard {
+    fn drop(&mut self) {
+        // SAFETY: as in `save`.
+        unsafe { *libc::__errno_location() = self.0 };
+    }
+}
+
+/// A POSIX timer delivering a signal to one thread (`SIGEV_THREAD_ID`).
+/// Deleted on drop.
+pub struct ThreadTimer {
+    id: libc::timer_t,
+}
+
+impl ThreadTimer {
+    /// Starts a `CLOCK_MONOTONIC` timer that sends `sig` to the calling thread
+    /// every `period`, with `value` as the signal's `sigval`.
+    pub fn for_current_thread(sig: libc::c_int, period: Duration, value: usize) -> ThreadTimer {
+        // SAFETY: an all-zero sigevent is valid; the fields used by
+        // SIGEV_THREAD_ID are set below.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = sig;
+        sev.sigev_value = libc::sigval {
+            sival_ptr: value as *mut libc::c_void,
+        };
+        sev.sigev_notify_thread_id = gettid();
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `sev` and `id` are valid for the call; the kernel copies
+        // `sev` and writes the new timer id into `id`.
+        let rc = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) };
+        assert_eq!(
+            rc,
+            0,
+            "timer_create failed: {}",
+            std::io::Error::last_os_error()
+        );
+        let ts = libc::timespec {
+            tv_sec: period.as_secs() as libc::time_t,
+            tv_nsec: period.subsec_nanos() as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: `id` is the timer just created; `spec` is valid for reads.
+        let rc = unsafe { libc::timer_settime(id, 0, &spec, std::ptr::null_mut()) };
+        assert_eq!(
+            rc,
+            0,
+            "timer_settime failed: {}",
+            std::io::Error::last_os_error()
+        );
+        ThreadTimer { id }
+    }
+}
+
+impl Drop for ThreadTimer {
+    fn drop(&mut self) {
+        // SAFETY: `id` is a live timer owned by this value; deleting it
+        // disarms it (a signal already queued may still arrive).
+        unsafe {
+            libc::timer_delete(self.id);
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu`; `false` if the OS refused.
+pub fn pin_to_cpu(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it;
+    // sched_setaffinity(0, ..) affects only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// The CPU the calling thread runs on now.
+pub fn current_cpu() -> usize {
+    // SAFETY: sched_getcpu has no preconditions.
+    let c = unsafe { libc::sched_getcpu() };
+    c.max(0) as usize
+}
+
+// ----- random numbers -------------------------------------------------------
+
+/// Marsaglia's xorshift64: for normal threads.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> Self {
+        XorShift(mix64(seed) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// splitmix64's finaliser. A handler draws its numbers as
+/// `mix64(counter.fetch_add(1))`: a nested handler cannot tear that state.
+pub const fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+// ----- block handles and patterns -------------------------------------------
+
+/// Packs a page-aligned block, its order (`< 8`) and an owner key (`< 512`)
+/// into one word. 0 never is a handle.
+pub fn pack(ptr: usize, order: u32, key: u32) -> usize {
+    debug_assert_eq!(ptr % PAGE_SIZE, 0);
+    debug_assert!(order < 8 && key < 512);
+    ptr | order as usize | (key as usize) << 3
+}
+
+/// The inverse of [`pack`]: `(ptr, order, key)`.
+pub fn unpack(h: usize) -> (usize, u32, u32) {
+    (
+        h & !(PAGE_SIZE - 1),
+        (h & 7) as u32,
+        ((h >> 3) & 511) as u32,
+    )
+}
+
+/// The pattern word at `addr` of a block owned under `handle`'s low bits:
+/// address-derived *and* owner-derived, so a second owner of the same memory
+/// writes different words than the first expects.
+#[inline]
+fn pattern(addr: usize, handle: usize) -> u64 {
+    (addr as u64) ^ mix64((handle & (PAGE_SIZE - 1)) as u64)
+}
+
+/// Fills the whole block behind `handle` with its pattern.
+///
+/// # Safety
+/// The caller owns the block behind `handle` (`PAGE_SIZE << order` bytes).
+pub unsafe fn fill(handle: usize) {
+    let (ptr, order, _) = unpack(handle);
+    let words = (PAGE_SIZE << order) / 8;
+    let p = ptr as *mut u64;
+    for i in 0..words {
+        // SAFETY: `i < words`, inside the caller's block; u64-aligned.
+        unsafe { p.add(i).write_volatile(pattern(ptr + i * 8, handle)) };
+    }
+}
+
+/// Whether the block behind `handle` still holds its pattern.
+///
+/// # Safety
+/// As for [`fill`].
+pub unsafe fn check(handle: usize) -> bool {
+    let (ptr, order, _) = unpack(handle);
+    let words = (PAGE_SIZE << order) / 8;
+    let p = ptr as *const u64;
+    let mut ok = true;
+    for i in 0..words {
+        // SAFETY: as in `fill`.
+        ok &= unsafe { p.add(i).read_volatile() } == pattern(ptr + i * 8, handle);
+    }
+    ok
+}
+
+// ----- a stash of handles ----------------------------------------------------
+
+/// A fixed set of handles in atomics: `put` (CAS 0 -> handle) and `take`
+/// (swap -> 0) are single atomic operations, so a thread and the handlers
+/// nested on top of it never lose or duplicate an entry.
+pub struct Stash<const N: usize> {
+    slots: [AtomicUsize; N],
+}
+
+impl<const N: usize> Stash<N> {
+    pub const fn new() -> Self {
+        Stash {
+            slots: [const { AtomicUsize::new(0) }; N],
+        }
+    }
+
+    /// Stores `h` in a free slot, searching from `start`; `false` when full.
+    pub fn put(&self, h: usize, start: usize) -> bool {
+        (0..N).any(|k| {
+            self.slots[(start + k) % N]
+                .compare_exchange(0, h, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    /// Takes some handle, searching from `start`.
+    pub fn take(&self, start: usize) -> Option<usize> {
+        (0..N).find_map(|k| {
+            let s = &self.slots[(start + k) % N];
+            if s.load(Ordering::Relaxed) == 0 {
+                return None;
+            }
+            match s.swap(0, Ordering::AcqRel) {
+                0 => None,
+                h => Some(h),
+            }
+        })
+    }
+
+    /// How many handles it holds (exact only while nothing else uses it).
+    pub fn len(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed) != 0)
+            .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes every handle (normal context, nothing else using the stash).
+    pub fn drain(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .filter_map(|s| match s.swap(0, Ordering::AcqRel) {
+                0 => None,
+                h => Some(h),
+            })
+    }
+}
+
+impl<const N: usize> Default for Stash<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// ----- the page storm ------------------------------------------------------
+
+/// How a page storm runs.
+#[derive(Debug, Clone)]
+pub struct StormConfig {
+    /// Memory of the allocator (no growth).
+    pub memory: usize,
+    /// Worker threads; each gets its own two timers.
+    pub threads: usize,
+    /// How long the workers churn.
+    pub duration: Duration,
+    /// Period of each of the two per-thread timers.
+    pub period_a: Duration,
+    pub period_b: Duration,
+    /// Nolock alloc attempts per handler run.
+    pub ops_per_signal: u32,
+}
+
+impl Default for StormConfig {
+    fn default() -> Self {
+        StormConfig {
+            memory: 256 << 20,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            duration: Duration::from_secs(3),
+            // ~10 kHz per timer; the second timer a little out of phase.
+            period_a: Duration::from_micros(100),
+            period_b: Duration::from_micros(110),
+            ops_per_signal: 2,
+        }
+    }
+}
+
+/// What a page storm saw.
+#[derive(Debug, Clone)]
+pub struct StormReport {
+    pub elapsed: Duration,
+    pub threads: usize,
+    /// Handler runs of signal A and B.
+    pub signals_a: u64,
+    pub signals_b: u64,
+    /// A handler ran while the other signal's handler was interrupted on the
+    /// same thread (B inside A, A inside B).
+    pub nested_b_in_a: u64,
+    pub nested_a_in_b: u64,
+    /// Nolock allocations tried / served / refused (as counted by the
+    /// handlers).
+    pub nolock_attempts: u64,
+    pub nolock_ok: u64,
+    pub nolock_fail: u64,
+    /// Nolock frees done by the handlers; of those, blocks allocated by the
+    /// other signal's handler.
+    pub nolock_frees: u64,
+    pub nolock_frees_other_signal: u64,
+    /// Normal-path operations by the workers; frees of blocks another worker
+    /// allocated.
+    pub normal_allocs: u64,
+    pub normal_frees: u64,
+    pub normal_alloc_none: u64,
+    pub cross_thread_frees: u64,
+    /// Blocks whose pattern was damaged when they were freed.
+    pub violations: u64,
+    /// Pages not free after everything was freed and drained.
+    pub leaked_pages: usize,
+    /// Pages not on the buddy lists after the final drain.
+    pub undrained_pages: usize,
+    pub invariants: Result<(), &'static str>,
+    /// The allocator's own counters at the end.
+    pub stats: PageStats,
+}
+
+impl StormReport {
+    /// Nolock success rate, in percent.
+    pub fn success_pct(&self) -> f64 {
+        if self.nolock_attempts == 0 {
+            return 0.0;
+        }
+        100.0 * self.nolock_ok as f64 / self.nolock_attempts as f64
+    }
+
+    /// A multi-line human-readable summary.
+    pub fn summary(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "page storm: {threads} threads x 2 timers for {secs:.2} s\n\
+             signals delivered: A {sa}, B {sb} ({rate:.0}/s per thread); nested: B in A {ba}, A in B {ab}\n\
+             nolock alloc: attempts {att}, ok {ok}, fail {fail} (busy {busy}, empty {empty}), success {pct:.4}%\n\
+             nolock frees: {nf} ({nfo} of blocks from the other signal's handler); deferred frees: {def}\n\
+             normal path: allocs {na} (none {nn}), frees {nfr} ({cross} by another thread)\n\
+             violations: {viol}; leaked pages: {leak}; pages off the buddy lists after drain: {und}; invariants: {inv:?}\n\
+             final stats: total {total} free {free} buddy {buddy} percpu {pcp} deferred {dp} zones {zones}",
+            threads = self.threads,
+            secs = self.elapsed.as_secs_f64(),
+            sa = self.signals_a,
+            sb = self.signals_b,
+            rate = (self.signals_a + self.signals_b) as f64
+                / self.elapsed.as_secs_f64().max(1e-9)
+                / self.threads.max(1) as f64,
+            ba = self.nested_b_in_a,
+            ab = self.nested_a_in_b,
+            att = self.nolock_attempts,
+            ok = self.nolock_ok,
+            fail = self.nolock_fail,
+            busy = s.nolock_alloc_fail_busy,
+            empty = s.nolock_alloc_fail_empty,
+            pct = self.success_pct(),
+            nf = self.nolock_frees,
+            nfo = self.nolock_frees_other_signal,
+            def = s.nolock_free_deferred,
+            na = self.normal_allocs,
+            nn = self.normal_alloc_none,
+            nfr = self.normal_frees,
+            cross = self.cross_thread_frees,
+            viol = self.violations,
+            leak = self.leaked_pages,
+            und = self.undrained_pages,
+            inv = self.invariants,
+            total = s.total_pages,
+            free = s.free_pages,
+            buddy = s.buddy_pages,
+            pcp = s.percpu_pages,
+            dp = s.deferred_pages,
+            zones = s.zones,
+        )
+    }
+}
+
+/// Most worker threads a storm supports (handler state is per thread).
+const MAX_THREADS: usize = 64;
+/// Blocks a thread's handlers may hold between signals.
+const HANDLER_STASH: usize = 16;
+/// Blocks in flight from one worker to another.
+const MAILBOX: usize = 16;
+/// Highest order of the workers' normal-path blocks.
+const NORMAL_MAX_ORDER: u32 = 4;
+
+/// The storm's allocator, for the handlers; null outside a storm.
+static STORM_PA: AtomicPtr<PageAllocator> = AtomicPtr::new(std::ptr::null_mut());
+static STORM_RUNNING: AtomicBool = AtomicBool::new(false);
+static SIGNAL_A: AtomicUsize = AtomicUsize::new(0);
+static SIGNAL_B: AtomicUsize = AtomicUsize::new(0);
+static OPS_PER_SIGNAL: AtomicUsize = AtomicUsize::new(2);
+
+/// Per-thread handler state, indexed by the timer's `sigval`.
+struct HandlerState {
+    stash: Stash<HANDLER_STASH>,
+    rng: AtomicU64,
+    /// Whether the handler of signal A / B is running on this thread.
+    active: [AtomicBool; 2],
+    /// Handler runs of A / B on this thread (drives the forced nesting).
+    runs: [AtomicU64; 2],
+}
+
+static HANDLERS: [HandlerState; MAX_THREADS] = [const {
+    HandlerState {
+        stash: Stash::new(),
+        rng: AtomicU64::new(0),
+        active: [const { AtomicBool::new(false) }; 2],
+        runs: [const { AtomicU64::new(0) }; 2],
+    }
+}; MAX_THREADS];
+/// Worker `i` takes blocks from `MAILBOXES[i]`; worker `i - 1` puts them there.
+static MAILBOXES: [Stash<MAILBOX>; MAX_THREADS] = [const { Stash::new() }; MAX_THREADS];
+
+struct Counters {
+    signals: [AtomicU64; 2],
+    nested: [AtomicU64; 2],
+    attempts: AtomicU64,
+    ok: AtomicU64,
+    fail: AtomicU64,
+    frees: AtomicU64,
+    frees_other: AtomicU64,
+    normal_allocs: AtomicU64,
+    normal_frees: AtomicU64,
+    normal_none: AtomicU64,
+    cross: AtomicU64,
+    violations: AtomicU64,
+}
+
+static C: Counters = Counters {
+    signals: [const { AtomicU64::new(0) }; 2],
+    nested: [const { AtomicU64::new(0) }; 2],
+    attempts: AtomicU64::new(0),
+    ok: AtomicU64::new(0),
+    fail: AtomicU64::new(0),
+    frees: AtomicU64::new(0),
+    frees_other: AtomicU64::new(0),
+    normal_allocs: AtomicU64::new(0),
+    normal_frees: AtomicU64::new(0),
+    normal_none: AtomicU64::new(0),
+    cross: AtomicU64::new(0),
+    violations: AtomicU64::new(0),
+};
+
+impl Counters {
+    fn reset(&self) {
+        for a in self.signals.iter().chain(&self.nested) {
+            a.store(0, Ordering::Relaxed);
+        }
+        for a in [
+            &self.attempts,
+            &self.ok,
+            &self.fail,
+            &self.frees,
+            &self.frees_other,
+            &self.normal_allocs,
+            &self.normal_frees,
+            &self.normal_none,
+            &self.cross,
+            &self.violations,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Key bit 8 of a handler block: which signal's handler allocated it.
+const KEY_SIGNAL_B: u32 = 1 << 8;
+/// Key bit 7: allocated by a worker (normal path).
+const KEY_WORKER: u32 = 1 << 7;
+
+/// Checks and nolock-frees a handler block (in a handler).
+fn handler_free(pa: &PageAllocator, h: usize, which: usize) {
+    let (ptr, order, key) = unpack(h);
+    // SAFETY: the handle was taken out of a stash with one atomic swap, so
+    // this context owns the block it names.
+    if !unsafe { check(h) } {
+        C.violations.fetch_add(1, Ordering::Relaxed);
+    }
+    let from_b = key & KEY_SIGNAL_B != 0;
+    if from_b != (which == 1) {
+        C.frees_other.fetch_add(1, Ordering::Relaxed);
+    }
+    C.frees.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: `ptr` was returned by `alloc_pages_nolock(order)` on this
+    // allocator and nothing else holds it (see above).
+    unsafe { pa.free_pages_nolock(std::ptr::NonNull::new_unchecked(ptr as *mut u8), order) };
+}
+
+/// The storm's signal handler (both signals).
+extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let _errno = ErrnoGuard::save();
+    let which = if sig == SIGNAL_A.load(Ordering::Relaxed) as libc::c_int {
+        0
+    } else {
+        1
+    };
+    C.signals[which].fetch_add(1, Ordering::Relaxed);
+    let pa = STORM_PA.load(Ordering::Acquire);
+    if pa.is_null() {
+        return;
+    }
+    // SAFETY: non-null only while `run_page_storm` keeps the allocator alive,
+    // and it joins every thread that can take these signals before clearing
+    // the pointer.
+    let pa = unsafe { &*pa };
+    // SAFETY: a timer signal's siginfo, carrying the thread's state index.
+    let slot = unsafe { signal_value(info) };
+    if slot >= MAX_THREADS {
+        return;
+    }
+    let st = &HANDLERS[slot];
+    st.active[which].store(true, Ordering::Relaxed);
+    if st.active[1 - which].load(Ordering::Relaxed) {
+        C.nested[which].fetch_add(1, Ordering::Relaxed);
+    }
+    let run = st.runs[which].fetch_add(1, Ordering::Relaxed);
+    let ops = OPS_PER_SIGNAL.load(Ordering::Relaxed);
+    for op in 0..ops {
+        let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ ((slot as u64) << 48));
+        let order = (r % (NOLOCK_MAX_ORDER as u64 + 1)) as u32;
+        C.attempts.fetch_add(1, Ordering::Relaxed);
+        match pa.alloc_pages_nolock(order) {
+            Some(p) => {
+                C.ok.fetch_add(1, Ordering::Relaxed);
+                let key = ((r >> 8) as u32 & 0x7f) | if which == 1 { KEY_SIGNAL_B } else { 0 };
+                let h = pack(p.as_ptr() as usize, order, key);
+                // SAFETY: just allocated: this context owns it.
+                unsafe { fill(h) };
+                // Every 64th run forces the other signal to nest right here,
+                // while this handler holds a block it has not stashed yet.
+                if op == 0 && run % 64 == 0 {
+                    let other = SIGNAL_A.load(Ordering::Relaxed) as libc::c_int
+                        + (1 - which) as libc::c_int;
+                    raise_here(other);
+                }
+                if !st.stash.put(h, (r >> 16) as usize) {
+                    handler_free(pa, h, which);
+                }
+            }
+            None => {
+                C.fail.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Free a stashed block half of the time (maybe the other signal's).
+        if (r >> 24) & 1 == 0 {
+            if let Some(h) = st.stash.take((r >> 32) as usize) {
+                handler_free(pa, h, which);
+            }
+        }
+    }
+    st.active[which].store(false, Ordering::Relaxed);
+}
+
+/// A worker: normal-path churn with its own timers interrupting it.
+fn storm_worker(pa: &PageAllocator, index: usize, stop: &AtomicBool, cfg: &StormConfig) {
+    let (sig_a, sig_b) = storm_signals();
+    let timers = [
+        ThreadTimer::for_current_thread(sig_a, cfg.period_a, index),
+        ThreadTimer::for_current_thread(sig_b, cfg.period_b, index),
+    ];
+    let mut rng = XorShift::new(0x5eed_0000 + index as u64);
+    // (handle, expiry op)
+    let mut held: Vec<(usize, u64)> = Vec::with_capacity(1024);
+    let mut now = 0u64;
+    let free_one = |h: usize, cross: bool| {
+        // SAFETY: this worker owns `h` (from its own list or swapped out of
+        // a mailbox).
+        if !unsafe { check(h) } {
+            C.violations.fetch_add(1, Ordering::Relaxed);
+        }
+        let (ptr, order, _) = unpack(h);
+        if cross {
+            C.cross.fetch_add(1, Ordering::Relaxed);
+        }
+        C.normal_frees.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: allocated by `alloc_pages(order)` on this allocator, owned.
+        unsafe { pa.free_pages(std::ptr::NonNull::new_unchecked(ptr as *mut u8), order) };
+    };
+    while !stop.load(Ordering::Relaxed) {
+        now += 1;
+        let r = rng.next_u64();
+        // Allocate one block with a random lifetime (0..256 ops).
+        if held.len() < 1000 {
+            let order = (r % (NORMAL_MAX_ORDER as u64 + 1)) as u32;
+            match pa.alloc_pages(order) {
+                Some(p) => {
+                    C.normal_allocs.fetch_add(1, Ordering::Relaxed);
+                    let h = pack(
+                        p.as_ptr() as usize,
+                        order,
+                        KEY_WORKER | ((r >> 40) as u32 & 0x7f),
+                    );
+                    // SAFETY: just allocated: owned by this worker.
+                    unsafe { fill(h) };
+                    held.push((h, now + ((r >> 8) & 255)));
+                }
+                None => {
+                    C.normal_none.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // Free (or hand to another worker) what expired.
+        let mut i = 0;
+        while i < held.len() {
+            if held[i].1 <= now {
+                let (h, _) = held.swap_remove(i);
+                if (r >> 16) % 8 == 0
+                    && MAILBOXES[(index + 1) % cfg.threads].put(h, (r >> 20) as usize)
+                {
+                    continue;
+                }
+                free_one(h, false);
+            } else {
+                i += 1;
+            }
+        }
+        // Free a block another worker handed over.
+        if (r >> 32) % 4 == 0 {
+            if let Some(h) = MAILBOXES[index].take((r >> 36) as usize) {
+                free_one(h, cfg.threads > 1);
+            }
+        }
+    }
+    drop(timers);
+    for (h, _) in held.drain(..) {
+        free_one(h, false);
+    }
+}
+
+/// Runs a page storm: `cfg.threads` workers churn on the normal path while
+/// two per-thread timers interrupt them with handlers on the nolock path.
+/// Then everything is freed and drained and the allocator checked. One
+/// storm at a time per process (the handlers' state is static).
+pub fn run_page_storm(cfg: &StormConfig) -> StormReport {
+    assert!(
+        !STORM_RUNNING.swap(true, Ordering::SeqCst),
+        "one page storm at a time"
+    );
+    assert!(cfg.threads >= 1 && cfg.threads <= MAX_THREADS);
+    let pa = Box::new(
+        PageAllocator::new(Config::default().memory(cfg.memory).grow(false))
+            .expect("page allocator"),
+    );
+    C.reset();
+    OPS_PER_SIGNAL.store(cfg.ops_per_signal as usize, Ordering::Relaxed);
+    let (sig_a, sig_b) = storm_signals();
+    SIGNAL_A.store(sig_a as usize, Ordering::Relaxed);
+    SIGNAL_B.store(sig_b as usize, Ordering::Relaxed);
+    STORM_PA.store(
+        &*pa as *const PageAllocator as *mut PageAllocator,
+        Ordering::Release,
+    );
+    install_handler(sig_a, storm_handler);
+    install_handler(sig_b, storm_handler);
+
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..cfg.threads {
+            let (pa, stop) = (&*pa, &stop);
+            s.spawn(move || storm_worker(pa, t, stop, cfg));
+        }
+        std::thread::sleep(cfg.duration);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let elapsed = started.elapsed();
+    // Every thread that could run a handler has been joined.
+    STORM_PA.store(std::ptr::null_mut(), Ordering::Release);
+
+    // Free what the handlers and the mailboxes still hold.
+    for st in &HANDLERS {
+        for h in st.stash.drain() {
+            // SAFETY: no handler runs any more; the stash owned `h`.
+            if !unsafe { check(h) } {
+                C.violations.fetch_add(1, Ordering::Relaxed);
+            }
+            let (ptr, order, _) = unpack(h);
+            // SAFETY: allocated by `alloc_pages_nolock(order)`, owned here.
+            unsafe { pa.free_pages(std::ptr::NonNull::new_unchecked(ptr as *mut u8), order) };
+        }
+    }
+    for h in MAILBOXES.iter().flat_map(|m| m.drain()) {
+        // SAFETY: as above, for a worker's block in a mailbox.
+        if !unsafe { check(h) } {
+            C.violations.fetch_add(1, Ordering::Relaxed);
+        }
+        let (ptr, order, _) = unpack(h);
+        // SAFETY: allocated by `alloc_pages(order)`, owned here.
+        unsafe { pa.free_pages(std::ptr::NonNull::new_unchecked(ptr as *mut u8), order) };
+    }
+    pa.drain();
+    let stats = pa.stats();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let report = StormReport {
+        elapsed,
+        threads: cfg.threads,
+        signals_a: load(&C.signals[0]),
+        signals_b: load(&C.signals[1]),
+        nested_b_in_a: load(&C.nested[1]),
+        nested_a_in_b: load(&C.nested[0]),
+        nolock_attempts: load(&C.attempts),
+        nolock_ok: load(&C.ok),
+        nolock_fail: load(&C.fail),
+        nolock_frees: load(&C.frees),
+        nolock_frees_other_signal: load(&C.frees_other),
+        normal_allocs: load(&C.normal_allocs),
+        normal_frees: load(&C.normal_frees),
+        normal_alloc_none: load(&C.normal_none),
+        cross_thread_frees: load(&C.cross),
+        violations: load(&C.violations),
+        leaked_pages: stats.total_pages - stats.free_pages,
+        undrained_pages: stats.total_pages - stats.buddy_pages,
+        invariants: pa.check_invariants(),
+        stats,
+    };
+    drop(pa);
+    STORM_RUNNING.store(false, Ordering::SeqCst);
+    report
+}

@@ -1,0 +1,228 @@
+//! Bad frees abort the process with a one-line message instead of corrupting
+//! the heap. Each scenario runs in a child process (this test binary,
+//! re-executed with `ANYALLOC_BAD_INPUT=<scenario>` selecting the
+//! `child_scenario` test); the parent checks that the child was killed by
+//! `SIGABRT` and that stderr holds exactly the expected line.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::ptr::NonNull;
+
+use anyalloc::{Config, PageAllocator, PAGE_SIZE};
+
+const SCENARIO_ENV: &str = "ANYALLOC_BAD_INPUT";
+
+/// Runs one bad free, after printing `EXPECT <message>` on stdout: the line
+/// the allocator must write to stderr before aborting. Exits normally
+/// (printing `SURVIVED`) only if the allocator accepted the bad free.
+fn run_scenario(name: &str) {
+    let pa = PageAllocator::new(Config::default().memory(16 << 20).cpus(2).grow(false)).unwrap();
+    // Announce the expected message (stdout), then commit the bad free.
+    let expect = |line: String| {
+        println!("\nEXPECT {line}");
+        use std::io::Write;
+        std::io::stdout().flush().unwrap();
+    };
+    // SAFETY (for every block below): each call is a deliberately invalid
+    // free that the allocator must detect in `claim` *before* touching any
+    // list or any memory, and report by aborting; the valid calls free
+    // blocks allocated just before with their order.
+    match name {
+        "double_free" => {
+            let p = pa.alloc_pages(0).unwrap();
+            // SAFETY: see above: the first free is valid.
+            unsafe { pa.free_pages(p, 0) };
+            expect(format!(
+                "anyalloc: double free of page {:#x} (order 0)",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: see above: the second free must abort.
+            unsafe { pa.free_pages(p, 0) };
+        }
+        "double_free_nolock" => {
+            let p = pa.alloc_pages_nolock(1).unwrap();
+            // SAFETY: see above: the first free is valid.
+            unsafe { pa.free_pages_nolock(p, 1) };
+            expect(format!(
+                "anyalloc: double free of page {:#x} (order 1)",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: see above: the second free must abort.
+            unsafe { pa.free_pages_nolock(p, 1) };
+        }
+        "double_free_of_a_direct_zone_block" => {
+            // Order 5 goes to the buddy lists directly (no per-CPU list).
+            let p = pa.alloc_pages(5).unwrap();
+            // Keep its buddy allocated so the freed block stays a head.
+            let _buddy = pa.alloc_pages(5).unwrap();
+            // SAFETY: see above: the first free is valid.
+            unsafe { pa.free_pages(p, 5) };
+            expect(format!(
+                "anyalloc: double free of page {:#x} (order 5)",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: see above: the second free must abort.
+            unsafe { pa.free_pages_nolock(p, 5) };
+        }
+        "wrong_order" => {
+            let p = pa.alloc_pages(2).unwrap();
+            expect(format!(
+                "anyalloc: free of page {:#x} with order 0, but it was allocated with order 2",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: see above: must abort.
+            unsafe { pa.free_pages(p, 0) };
+        }
+        "misaligned" => {
+            let p = pa.alloc_pages(0).unwrap();
+            let bad = p.as_ptr() as usize + 8;
+            expect(format!(
+                "anyalloc: free of {bad:#x}, which is misaligned for its order (order 0)"
+            ));
+            // SAFETY: see above: must abort.
+            unsafe { pa.free_pages(NonNull::new(bad as *mut u8).unwrap(), 0) };
+        }
+        "misaligned_for_order" => {
+            // Page-aligned, but not aligned to the order's block size.
+            let p = pa.alloc_pages(2).unwrap();
+            let bad = p.as_ptr() as usize + PAGE_SIZE;
+            expect(format!(
+                "anyalloc: free of {bad:#x}, which is misaligned for its order (order 1)"
+            ));
+            // SAFETY: see above: must abort.
+            unsafe { pa.free_pages_nolock(NonNull::new(bad as *mut u8).unwrap(), 1) };
+        }
+        "outside" => {
+            let mut local = [0u64; 1024];
+            let bad = local.as_mut_ptr() as usize;
+            expect(format!(
+                "anyalloc: free of {bad:#x}, which is outside managed memory (order 0)"
+            ));
+            // SAFETY: see above: must abort.
+            unsafe { pa.free_pages(NonNull::new(bad as *mut u8).unwrap(), 0) };
+        }
+        "interior_page" => {
+            let p = pa.alloc_pages(2).unwrap();
+            let bad = p.as_ptr() as usize + 3 * PAGE_SIZE;
+            expect(format!(
+                "anyalloc: free of {bad:#x}, which is not the start of an allocated block: \
+                 double free or interior pointer (order 0)"
+            ));
+            // SAFETY: see above: must abort.
+            unsafe { pa.free_pages(NonNull::new(bad as *mut u8).unwrap(), 0) };
+        }
+        "order_above_max" => {
+            let p = pa.alloc_pages(0).unwrap();
+            expect(format!(
+                "anyalloc: free of page {:#x} with an order above MAX_ORDER (order 11)",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: see above: must abort.
+            unsafe { pa.free_pages(p, 11) };
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+    // Only reached when the allocator accepted the bad free.
+    println!("SURVIVED");
+    std::process::exit(0);
+}
+
+/// The child side: does nothing unless `ANYALLOC_BAD_INPUT` names a scenario.
+#[test]
+fn child_scenario() {
+    if let Ok(name) = std::env::var(SCENARIO_ENV) {
+        // No core dump for the expected abort.
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid rlimit for the calling process.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+        run_scenario(&name);
+    }
+}
+
+/// Runs `scenario` in a child and checks it died of `SIGABRT` with exactly
+/// the announced message as one line of its stderr.
+fn expect_abort(scenario: &str) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_scenario",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SCENARIO_ENV, scenario)
+        .output()
+        .expect("spawn the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stdout.contains("SURVIVED"),
+        "{scenario}: the bad free was accepted\n{stdout}"
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{scenario}: child was not killed by SIGABRT: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    let expected = stdout
+        .lines()
+        .find_map(|l| l.split_once("EXPECT ").map(|(_, m)| m))
+        .unwrap_or_else(|| panic!("{scenario}: child announced no message\n{stdout}"));
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("anyalloc:"))
+        .collect();
+    assert_eq!(
+        lines,
+        [expected],
+        "{scenario}: unexpected report\nstderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn double_free_aborts() {
+    expect_abort("double_free");
+}
+
+#[test]
+fn nolock_double_free_aborts() {
+    expect_abort("double_free_nolock");
+}
+
+#[test]
+fn double_free_of_a_large_block_aborts() {
+    expect_abort("double_free_of_a_direct_zone_block");
+}
+
+#[test]
+fn free_with_the_wrong_order_aborts() {
+    expect_abort("wrong_order");
+}
+
+#[test]
+fn misaligned_pointer_aborts() {
+    expect_abort("misaligned");
+}
+
+#[test]
+fn pointer_misaligned_for_its_order_aborts() {
+    expect_abort("misaligned_for_order");
+}
+
+#[test]
+fn pointer_outside_managed_memory_aborts() {
+    expect_abort("outside");
+}
+
+#[test]
+fn interior_page_of_a_block_aborts() {
+    expect_abort("interior_page");
+}
+
+#[test]
+fn order_above_max_aborts() {
+    expect_abort("order_above_max");
+}

@@ -1,0 +1,224 @@
+//! Re-entry at every instruction: the normal path runs with the x86 trap
+//! flag set, so the CPU raises `SIGTRAP` after each instruction; the
+//! handler, at every instruction address it has not seen before, runs one
+//! nolock allocation and one nolock free (of the block it allocated at the
+//! previous new address) on the same allocator, as a signal landing there
+//! would. The loop exercises the per-CPU hit, the refill of an
+//! empty slot, the drain of a slot over `high`, and direct zone allocations
+//! and frees above order 3. Linux clears the trap flag on entry to the
+//! handler, so the handler itself is not stepped.
+//!
+//! Asserted: a meaningful number of distinct instruction addresses was
+//! interrupted, nolock allocations succeeded there, every block kept its
+//! pattern, and afterwards every page is free and every invariant holds.
+
+#![cfg(all(target_arch = "x86_64", target_os = "linux"))]
+
+mod common;
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use anyalloc::{Config, PageAllocator};
+use common::{check, fill, pack, unpack};
+
+/// Steps after which the handler stops stepping (bounds the run time).
+const MAX_STEPS: u64 = 2_000_000;
+const TF: i64 = 0x100;
+
+static PA: AtomicPtr<PageAllocator> = AtomicPtr::new(std::ptr::null_mut());
+static STEPPING: AtomicBool = AtomicBool::new(false);
+static STEPS: AtomicU64 = AtomicU64::new(0);
+static DISTINCT: AtomicU64 = AtomicU64::new(0);
+static NOLOCK_OK: AtomicU64 = AtomicU64::new(0);
+static NOLOCK_FAIL: AtomicU64 = AtomicU64::new(0);
+static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+/// The block the handler allocated at the previous new address.
+static CARRY: AtomicUsize = AtomicUsize::new(0);
+
+/// Open-addressing set of instruction addresses seen (no allocation).
+const SEEN_SLOTS: usize = 1 << 16;
+static SEEN: [AtomicUsize; SEEN_SLOTS] = [const { AtomicUsize::new(0) }; SEEN_SLOTS];
+
+/// Inserts `rip`; `true` if it was not there yet (and there was room).
+fn insert_seen(rip: usize) -> bool {
+    let mut i = (common::mix64(rip as u64) as usize) % SEEN_SLOTS;
+    for _ in 0..SEEN_SLOTS {
+        match SEEN[i].compare_exchange(0, rip, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(v) if v == rip => return false,
+            Err(_) => i = (i + 1) % SEEN_SLOTS,
+        }
+    }
+    false
+}
+
+extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let _errno = common::ErrnoGuard::save();
+    // SAFETY: the kernel passes a valid, writable ucontext_t to SA_SIGINFO
+    // handlers; its general registers are what the thread resumes with.
+    let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
+    let steps = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
+    if !STEPPING.load(Ordering::Relaxed) || steps >= MAX_STEPS {
+        gregs[libc::REG_EFL as usize] &= !TF;
+        return;
+    }
+    let rip = gregs[libc::REG_RIP as usize] as usize;
+    if !insert_seen(rip) {
+        return;
+    }
+    let n = DISTINCT.fetch_add(1, Ordering::Relaxed);
+    let pa = PA.load(Ordering::Acquire);
+    if pa.is_null() {
+        return;
+    }
+    // SAFETY: set before stepping starts, cleared only after it ended; the
+    // allocator outlives the test body.
+    let pa = unsafe { &*pa };
+    // Allocate a block and free the one kept from the previous address:
+    // every interruption changes the lists under the interrupted code (an
+    // alloc + free of the same block could leave them as they were).
+    let order = (n % 4) as u32;
+    match pa.alloc_pages_nolock(order) {
+        Some(p) => {
+            NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+            let h = pack(p.as_ptr() as usize, order, (n & 0x1ff) as u32);
+            // SAFETY: just allocated: this handler owns the block.
+            unsafe { fill(h) };
+            free_checked(pa, CARRY.swap(h, Ordering::Relaxed));
+        }
+        None => {
+            NOLOCK_FAIL.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Checks and nolock-frees a kept block (0: none).
+fn free_checked(pa: &PageAllocator, h: usize) {
+    if h == 0 {
+        return;
+    }
+    // SAFETY: `h` came out of `CARRY` with a swap: owned here.
+    if !unsafe { check(h) } {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    let (ptr, order, _) = unpack(h);
+    // SAFETY: allocated on `pa` with `order` by the handler; not used after.
+    unsafe { pa.free_pages_nolock(NonNull::new_unchecked(ptr as *mut u8), order) };
+}
+
+/// Sets the trap flag: a `SIGTRAP` follows every instruction from here on.
+#[inline(always)]
+fn trap_on() {
+    // SAFETY: only RFLAGS.TF changes; pushfq/popfq balance the stack (the
+    // asm may use the stack: no `nostack`).
+    unsafe { std::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
+}
+
+/// Clears the trap flag.
+#[inline(always)]
+fn trap_off() {
+    // SAFETY: as in `trap_on`.
+    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], ~0x100", "popfq") };
+}
+
+fn stepped_alloc(pa: &PageAllocator, order: u32) -> usize {
+    trap_on();
+    let p = pa.alloc_pages(order);
+    trap_off();
+    let p = p.expect("memory to spare");
+    let h = pack(p.as_ptr() as usize, order, order);
+    // SAFETY: just allocated: owned by the test.
+    unsafe { fill(h) };
+    h
+}
+
+fn stepped_free(pa: &PageAllocator, h: usize) {
+    // SAFETY: owned by the test until the free below.
+    if !unsafe { check(h) } {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    let (ptr, order, _) = unpack(h);
+    // SAFETY: allocated on `pa` with `order`; not used afterwards.
+    let p = unsafe { NonNull::new_unchecked(ptr as *mut u8) };
+    trap_on();
+    // SAFETY: as above.
+    unsafe { pa.free_pages(p, order) };
+    trap_off();
+}
+
+#[test]
+fn nolock_reentry_at_every_instruction_of_the_normal_path() {
+    // One slot set and a pinned thread: the paths below are taken in order.
+    common::pin_to_cpu(common::current_cpu());
+    let pa: &'static PageAllocator = Box::leak(Box::new(
+        PageAllocator::new(Config::default().memory(16 << 20).cpus(1).grow(false)).unwrap(),
+    ));
+    PA.store(
+        pa as *const PageAllocator as *mut PageAllocator,
+        Ordering::Release,
+    );
+    common::install_handler(libc::SIGTRAP, on_trap);
+    let total = pa.stats().total_pages;
+    let mut held = Vec::new();
+
+    STEPPING.store(true, Ordering::SeqCst);
+    for round in 0..3 {
+        // Orders 0..=3: the first of each refills the empty slot (splitting
+        // buddies), the next ones hit the per-CPU list.
+        for order in 0..=3 {
+            for _ in 0..3 {
+                held.push(stepped_alloc(pa, order));
+            }
+        }
+        // Above order 3: the zone directly (ZoneAlloc), then ZoneFree.
+        for order in 4..=7 {
+            let h = stepped_alloc(pa, order);
+            if round == 0 {
+                stepped_free(pa, h);
+            } else {
+                held.push(h);
+            }
+        }
+        // Free more order-0 pages than `high` at once: the slot drains a
+        // batch to the buddy lists (merging).
+        let burst: Vec<usize> = (0..130).map(|_| stepped_alloc(pa, 0)).collect();
+        for h in burst {
+            stepped_free(pa, h);
+        }
+        for h in held.drain(..).rev() {
+            stepped_free(pa, h);
+        }
+    }
+    STEPPING.store(false, Ordering::SeqCst);
+    PA.store(std::ptr::null_mut(), Ordering::Release);
+    free_checked(pa, CARRY.swap(0, Ordering::Relaxed));
+
+    let steps = STEPS.load(Ordering::Relaxed);
+    let distinct = DISTINCT.load(Ordering::Relaxed);
+    let ok = NOLOCK_OK.load(Ordering::Relaxed);
+    let fail = NOLOCK_FAIL.load(Ordering::Relaxed);
+    println!(
+        "single-step: {steps} steps, {distinct} distinct instruction addresses interrupted, \
+         nolock alloc+free there: {ok} ok, {fail} failed (busy/empty)"
+    );
+    pa.drain();
+    let s = pa.stats();
+    println!("final stats: {s:?}");
+    assert!(
+        steps < MAX_STEPS,
+        "step budget exhausted: coverage incomplete"
+    );
+    assert!(
+        distinct > 200,
+        "only {distinct} distinct instructions were interrupted"
+    );
+    assert!(
+        ok > distinct / 2,
+        "nolock re-entry mostly failed: {ok} of {distinct}"
+    );
+    assert_eq!(VIOLATIONS.load(Ordering::Relaxed), 0);
+    assert_eq!(s.free_pages, total);
+    assert_eq!(s.buddy_pages, total);
+    assert_eq!(pa.check_invariants(), Ok(()));
+}
