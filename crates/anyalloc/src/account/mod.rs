@@ -152,12 +152,10 @@ impl Group {
             failcnt: AtomicU64::new(0),
             parent: parent.cloned(),
             children: std_like::Children::new(),
-            stocks: [const {
-                Stock {
-                    lock: SlotLock::new(),
-                    bytes: AtomicUsize::new(0),
-                }
-            }; STOCK_SLOTS],
+            stocks: core::array::from_fn(|_| Stock {
+                lock: SlotLock::new(),
+                bytes: AtomicUsize::new(0),
+            }),
             pending: AtomicUsize::new(0),
             next_dead: AtomicPtr::new(core::ptr::null_mut()),
         });

@@ -90,7 +90,10 @@ impl Default for IndexStack {
 
 #[cfg(all(test, loom))]
 mod loom_tests {
+    extern crate std;
     use super::*;
+    use std::vec;
+    use std::vec::Vec;
     use loom::sync::atomic::AtomicUsize as LoomUsize;
     use loom::sync::Arc;
 

@@ -128,7 +128,7 @@ impl ZoneLock {
 
     /// Takes the lock without a guard (fork handling: held across `fork`).
     /// Pair with [`force_unlock`](Self::force_unlock).
-    #[cfg(all(not(loom), feature = "std"))]
+    #[cfg(feature = "std")]
     pub(crate) fn lock_raw(&self, platform: &dyn Platform) {
         core::mem::forget(self.lock(platform));
     }
@@ -139,7 +139,7 @@ impl ZoneLock {
     /// # Safety
     /// The caller took the lock with `lock_raw` (in this process, or in the
     /// parent of this forked child) and nothing else releases it.
-    #[cfg(all(not(loom), feature = "std"))]
+    #[cfg(feature = "std")]
     pub(crate) unsafe fn force_unlock(&self, platform: &dyn Platform) {
         drop(ZoneGuard {
             lock: self,
