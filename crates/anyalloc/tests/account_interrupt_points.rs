@@ -51,7 +51,11 @@ fn charging_is_reentrant_at_its_critical_section() {
     let mut held = Vec::new();
     for i in 0..2000usize {
         let layout = Layout::from_size_align(8 + (i * 131) % 30_000, 8).unwrap();
-        let p = if i % 2 == 0 { heap.alloc_in(layout, g) } else { heap.alloc_nolock_in(layout, g) };
+        let p = if i % 2 == 0 {
+            heap.alloc_in(layout, g)
+        } else {
+            heap.alloc_nolock_in(layout, g)
+        };
         held.push(p.expect("within limits"));
         if i % 3 == 0 {
             let p = held.swap_remove(i % held.len());
@@ -65,9 +69,14 @@ fn charging_is_reentrant_at_its_critical_section() {
     let fired = FIRED.load(Ordering::Relaxed);
     let ok = NESTED_OK.load(Ordering::Relaxed);
     let fail = NESTED_FAIL.load(Ordering::Relaxed);
-    println!("AccountCharge fired {fired} times; nested charged allocations ok {ok}, failed {fail}");
+    println!(
+        "AccountCharge fired {fired} times; nested charged allocations ok {ok}, failed {fail}"
+    );
     assert!(fired > 1000, "the site fired");
-    assert_eq!(fail, 0, "with the stock busy the counters are charged directly");
+    assert_eq!(
+        fail, 0,
+        "with the stock busy the counters are charged directly"
+    );
     assert_eq!(g.usage(), 0);
     assert_eq!(parent.usage(), 0);
     heap.drain();

@@ -1,0 +1,172 @@
+//! Accounting under a nested signal storm: handlers charge groups with
+//! `alloc_nolock_in` and free with `free_nolock` while threads churn with
+//! `alloc_in` / `free`; every group's usage is exactly 0 at the end.
+
+mod common;
+
+use anyalloc::{Config, Group, Heap};
+use common::{install_handler, mix64, storm_signals, Stash, ThreadTimer, XorShift};
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+static HEAP: OnceLock<Heap> = OnceLock::new();
+static GROUPS: OnceLock<[Arc<Group>; 3]> = OnceLock::new();
+static STASH: Stash<512> = Stash::new();
+static RNG: AtomicU64 = AtomicU64::new(1);
+static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
+static OK: AtomicU64 = AtomicU64::new(0);
+static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+static RUNNING: AtomicBool = AtomicBool::new(true);
+
+const MAGIC: usize = 0x5eed_acc0_0000_0000;
+
+/// Writes a self-describing pattern: [addr ^ MAGIC, size, bytes...].
+unsafe fn fill(p: usize, size: usize) {
+    // SAFETY: the caller owns `size >= 16` bytes at `p`.
+    unsafe {
+        (p as *mut usize).write_unaligned(p ^ MAGIC);
+        (p as *mut usize).add(1).write_unaligned(size);
+        std::ptr::write_bytes((p + 16) as *mut u8, p as u8, size - 16);
+    }
+}
+
+unsafe fn check(p: usize) -> bool {
+    // SAFETY: the caller owns the block, which was filled by `fill`.
+    unsafe {
+        if (p as *const usize).read_unaligned() != p ^ MAGIC {
+            return false;
+        }
+        let size = (p as *const usize).add(1).read_unaligned();
+        size <= 4096
+            && std::slice::from_raw_parts((p + 16) as *const u8, size - 16)
+                .iter()
+                .all(|&b| b == p as u8)
+    }
+}
+
+extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    if !RUNNING.load(Relaxed) {
+        return;
+    }
+    SIGNALS.fetch_add(1, Relaxed);
+    let (Some(heap), Some(groups)) = (HEAP.get(), GROUPS.get()) else {
+        return;
+    };
+    let r = mix64(RNG.fetch_add(1, Relaxed));
+    for k in 0..4u64 {
+        let r = mix64(r ^ k);
+        if r % 3 == 0 {
+            if let Some(p) = STASH.take(r as usize) {
+                // SAFETY: stashed blocks are live allocations of HEAP.
+                unsafe {
+                    if !check(p) {
+                        VIOLATIONS.fetch_add(1, Relaxed);
+                    }
+                    heap.free_nolock(NonNull::new_unchecked(p as *mut u8));
+                }
+            }
+            continue;
+        }
+        let size = 16 + (r >> 8) as usize % 4000;
+        let g = &groups[1 + (r >> 20) as usize % 2];
+        ATTEMPTS.fetch_add(1, Relaxed);
+        if let Some(p) = heap.alloc_nolock_in(Layout::from_size_align(size, 8).unwrap(), g) {
+            OK.fetch_add(1, Relaxed);
+            let a = p.as_ptr() as usize;
+            // SAFETY: a fresh block of `size` bytes.
+            unsafe { fill(a, size) };
+            if !STASH.put(a, r as usize) {
+                // SAFETY: not stashed: still ours.
+                unsafe { heap.free_nolock(p) };
+            }
+        }
+    }
+}
+
+#[test]
+fn usage_is_zero_after_a_storm_of_charged_nolock_allocations() {
+    let heap = HEAP.get_or_init(|| Heap::new(Config::default().memory(256 << 20)).unwrap());
+    let root = Group::new("root", Some(200 << 20), None);
+    let a = Group::new("a", Some(100 << 20), Some(&root));
+    let b = Group::new("b", None, Some(&root));
+    let groups = GROUPS.get_or_init(|| [root.clone(), a.clone(), b.clone()]);
+    let (sa, sb) = storm_signals();
+    install_handler(sa, handler);
+    install_handler(sb, handler);
+    let workers: Vec<_> = (0..2u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let heap = HEAP.get().unwrap();
+                let groups = GROUPS.get().unwrap();
+                let (sa, sb) = storm_signals();
+                let _ta = ThreadTimer::for_current_thread(sa, Duration::from_micros(100), 0);
+                let _tb = ThreadTimer::for_current_thread(sb, Duration::from_micros(330), 0);
+                let mut rng = XorShift::new(t + 7);
+                let mut held: Vec<usize> = Vec::new();
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(2) {
+                    if held.len() < 500 && rng.below(2) == 0 {
+                        let size = 16 + rng.below(4000) as usize;
+                        let g = &groups[1 + rng.below(2) as usize];
+                        let p = heap
+                            .alloc_in(Layout::from_size_align(size, 8).unwrap(), g)
+                            .expect("memory to spare");
+                        // SAFETY: fresh block of `size` bytes.
+                        unsafe { fill(p.as_ptr() as usize, size) };
+                        held.push(p.as_ptr() as usize);
+                    } else if !held.is_empty() {
+                        let p = held.swap_remove(rng.below(held.len() as u64) as usize);
+                        // SAFETY: our live block.
+                        unsafe {
+                            if !check(p) {
+                                VIOLATIONS.fetch_add(1, Relaxed);
+                            }
+                            heap.free(NonNull::new_unchecked(p as *mut u8));
+                        }
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    let leftovers: Vec<usize> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    RUNNING.store(false, Relaxed);
+    std::thread::sleep(Duration::from_millis(20)); // queued signals run out
+    for p in leftovers
+        .into_iter()
+        .chain(STASH.drain().collect::<Vec<_>>())
+    {
+        // SAFETY: every remaining block is live and owned by us now.
+        unsafe {
+            assert!(check(p), "pattern damaged at {p:#x}");
+            heap.free(NonNull::new_unchecked(p as *mut u8));
+        }
+    }
+    let (attempts, ok) = (ATTEMPTS.load(Relaxed), OK.load(Relaxed));
+    println!(
+        "signals {}, charged nolock attempts {attempts}, ok {ok} ({:.4}%), root peak {} KiB",
+        SIGNALS.load(Relaxed),
+        100.0 * ok as f64 / attempts.max(1) as f64,
+        root.peak() >> 10
+    );
+    assert_eq!(VIOLATIONS.load(Relaxed), 0);
+    assert!(SIGNALS.load(Relaxed) > 1000, "the storm happened");
+    assert!(
+        ok * 1000 >= attempts * 999,
+        "charged nolock success below 99.9%"
+    );
+    for g in groups {
+        assert_eq!(g.usage(), 0, "group {} still charged", g.name());
+        assert_eq!(g.failcnt(), 0, "no limit was reached");
+    }
+    heap.drain();
+    let s = heap.pages().stats();
+    assert_eq!(s.free_pages, s.total_pages);
+}
