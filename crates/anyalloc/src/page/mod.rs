@@ -513,7 +513,7 @@ impl PageAllocator {
             if order <= PCP_MAX_ORDER {
                 let slot = zone.slot(cpu, 0);
                 if let Some(s) = slot.lock.try_lock() {
-                    match zone.pcp_alloc(slot, &s, order, Mode::Normal, reserve) {
+                    match zone.pcp_alloc(slot, &s, order, Mode::Normal, reserve, Some(cpu)) {
                         Ok(idx) => return Some(self.ptr(zone, idx)),
                         Err(_) => continue,
                     }
@@ -633,9 +633,9 @@ impl PageAllocator {
             let reserve = if zone_busy { usize::MAX } else { zone.min };
             let got = if zone_busy {
                 // Only the slot's own stock: refilling needs the zone lock.
-                zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve).ok()
+                zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve, None).ok()
             } else {
-                match zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve) {
+                match zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve, None) {
                     Ok(idx) => Some(idx),
                     Err(Fail::Busy) => {
                         zone_busy = true;
@@ -661,7 +661,7 @@ impl PageAllocator {
                     busy = true;
                     continue;
                 };
-                if let Ok(idx) = zone.pcp_alloc(slot, &s, order, Mode::NoLock, usize::MAX) {
+                if let Ok(idx) = zone.pcp_alloc(slot, &s, order, Mode::NoLock, usize::MAX, None) {
                     bump(&slot.nolock_ok, &s);
                     return Ok(self.ptr(zone, idx));
                 }

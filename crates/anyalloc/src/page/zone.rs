@@ -520,12 +520,13 @@ impl Zone {
         order: u32,
         mode: Mode,
         reserve: usize,
+        stock_cpu: Option<usize>,
     ) -> Result<u32, Fail> {
         crate::interrupt_point!(PcpAlloc);
         if let Some(idx) = self.pcp_pop(slot, order, s) {
             return Ok(idx);
         }
-        self.pcp_refill(slot, s, order, mode, reserve)
+        self.pcp_refill(slot, s, order, mode, reserve, stock_cpu)
     }
 
     #[cold]
@@ -536,6 +537,7 @@ impl Zone {
         order: u32,
         mode: Mode,
         reserve: usize,
+        stock_cpu: Option<usize>,
     ) -> Result<u32, Fail> {
         slot.demand.store(1, Ordering::Relaxed);
         let g = self.lock_mode(mode).ok_or(Fail::Busy)?;
@@ -548,7 +550,32 @@ impl Zone {
                 None => break,
             }
         }
+        if let Some(cpu) = stock_cpu {
+            self.stock_handler_levels(cpu, order, reserve, &g);
+        }
         Ok(first)
+    }
+
+    /// Normal refill, zone lock held: while we have it, give this CPU's
+    /// handler-level slots a batch of `order` if they have none, so a
+    /// handler that interrupts this thread inside its next refill (slot and
+    /// zone both held) finds pages at its own level. Slots busy right now
+    /// are skipped.
+    #[cold]
+    fn stock_handler_levels(&self, cpu: usize, order: u32, reserve: usize, g: &ZoneGuard<'_>) {
+        for level in 1..LEVELS {
+            let sib = self.slot(cpu, level);
+            if sib.counts[order as usize].load(Ordering::Relaxed) != 0 {
+                continue;
+            }
+            let Some(ss) = sib.lock.try_lock() else { continue };
+            for _ in 0..self.batch_blocks(order) {
+                match self.buddy_alloc(order, reserve, g) {
+                    Some(idx) => self.pcp_push(sib, idx, order, &ss),
+                    None => return,
+                }
+            }
+        }
     }
 
     /// Frees a claimed block onto a held slot. In normal mode a slot over
