@@ -633,7 +633,8 @@ impl PageAllocator {
             let reserve = if zone_busy { usize::MAX } else { zone.min };
             let got = if zone_busy {
                 // Only the slot's own stock: refilling needs the zone lock.
-                zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve, None).ok()
+                zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve, None)
+                    .ok()
             } else {
                 match zone.pcp_alloc(slot, &s, order, Mode::NoLock, reserve, None) {
                     Ok(idx) => Some(idx),

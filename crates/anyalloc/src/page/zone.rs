@@ -568,7 +568,9 @@ impl Zone {
             if sib.counts[order as usize].load(Ordering::Relaxed) != 0 {
                 continue;
             }
-            let Some(ss) = sib.lock.try_lock() else { continue };
+            let Some(ss) = sib.lock.try_lock() else {
+                continue;
+            };
             for _ in 0..self.batch_blocks(order) {
                 match self.buddy_alloc(order, reserve, g) {
                     Some(idx) => self.pcp_push(sib, idx, order, &ss),

@@ -473,7 +473,9 @@ impl Cache {
         // not run shrinkers (one could free into this very cache): the heap
         // runs them itself, with no lock held, when this fails.
         let slab = match mode {
-            Mode::Normal => pages.alloc_pages_without_reclaim(self.order).ok_or(Fail::Empty),
+            Mode::Normal => pages
+                .alloc_pages_without_reclaim(self.order)
+                .ok_or(Fail::Empty),
             Mode::NoLock => pages.alloc_pages_nolock_why(self.order),
         }?;
         let (zi, zone, head) = pages.locate_known(slab.as_ptr() as usize);

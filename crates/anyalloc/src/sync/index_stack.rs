@@ -92,10 +92,10 @@ impl Default for IndexStack {
 mod loom_tests {
     extern crate std;
     use super::*;
-    use std::vec;
-    use std::vec::Vec;
     use loom::sync::atomic::AtomicUsize as LoomUsize;
     use loom::sync::Arc;
+    use std::vec;
+    use std::vec::Vec;
 
     struct Links([LoomUsize; 4]);
 
