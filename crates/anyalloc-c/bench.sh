@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Wall time and peak RSS of real programs with glibc's malloc, libanyalloc.so
+# and (when installed) jemalloc and mimalloc, all preloaded the same way.
+# Rounds are interleaved (allocator order rotates each round), so that
+# machine noise hits every allocator alike; the table shows the median and
+# the best wall time and the median peak RSS.
+#
+#   crates/anyalloc-c/bench.sh [ROUNDS]          (default 5)
+#
+# Environment: ANYALLOC_LIB=/path/to/libanyalloc.so to skip the build;
+# CARGO_TARGET_DIR is honoured. Peer libraries are looked up in the usual
+# Debian/Ubuntu places (apt-get install libjemalloc2 libmimalloc2.0).
+set -euo pipefail
+
+rounds=${1:-5}
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+
+if [[ -z ${ANYALLOC_LIB:-} ]]; then
+    (cd "$root" && cargo build --release -p anyalloc-c >&2)
+    ANYALLOC_LIB=${CARGO_TARGET_DIR:-$root/target}/release/libanyalloc.so
+fi
+[[ -f $ANYALLOC_LIB ]] || { echo "no $ANYALLOC_LIB" >&2; exit 1; }
+command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 1; }
+
+names=(glibc anyalloc)
+libs=("" "$ANYALLOC_LIB")
+for cand in jemalloc:/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
+            mimalloc:/usr/lib/x86_64-linux-gnu/libmimalloc.so.2 \
+            jemalloc:/usr/lib/aarch64-linux-gnu/libjemalloc.so.2 \
+            mimalloc:/usr/lib/aarch64-linux-gnu/libmimalloc.so.2; do
+    if [[ -f ${cand#*:} ]]; then
+        names+=("${cand%%:*}")
+        libs+=("${cand#*:}")
+    fi
+done
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# The sort input: 600k deterministic lines of words and numbers (~15 MB).
+awk 'BEGIN { s = 12345; for (i = 0; i < 600000; i++) {
+        w = ""; n = 4 + (s % 12);
+        for (k = 0; k < n; k++) { s = (s * 1103515245 + 12345) % 2147483648; w = w sprintf("%c", 97 + s % 26) }
+        s = (s * 1103515245 + 12345) % 2147483648;
+        print w, s, s % 1000 } }' > "$work/lines.txt"
+
+python=$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null || true)
+workloads=()
+cmds=()
+if [[ -n $python ]]; then
+    workloads+=("python3 threads+subprocess")
+    cmds+=("$python $here/tests/workloads/threads_subprocess.py")
+fi
+workloads+=("sort 600k lines" "sort -k2n -S4M --parallel=2")
+cmds+=("env LC_ALL=C sort $work/lines.txt"
+       "env LC_ALL=C TMPDIR=$work sort -k2,2n -k1,1 -S 4M --parallel=2 $work/lines.txt")
+if command -v sqlite3 >/dev/null; then
+    workloads+=("sqlite3 150k rows")
+    cmds+=("sqlite3 :memory: -init $here/tests/workloads/sqlite.sql")
+fi
+
+# results/<workload index>.<allocator index>: one "seconds kib" line per round
+mkdir -p "$work/results"
+for ((r = 0; r < rounds; r++)); do
+    for ((w = 0; w < ${#workloads[@]}; w++)); do
+        for ((k = 0; k < ${#names[@]}; k++)); do
+            a=$(( (k + r) % ${#names[@]} ))
+            pre=()
+            [[ -n ${libs[a]} ]] && pre=(env "LD_PRELOAD=${libs[a]}")
+            # shellcheck disable=SC2086
+            if ! /usr/bin/time -f "%e %M" -o "$work/t" "${pre[@]}" ${cmds[w]} \
+                    < /dev/null > /dev/null 2> "$work/err"; then
+                echo "FAILED: ${workloads[w]} with ${names[a]}: $(head -c 300 "$work/err")" >&2
+                continue
+            fi
+            tail -n 1 "$work/t" >> "$work/results/$w.$a"
+        done
+    done
+    echo "round $((r + 1))/$rounds done" >&2
+done
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+echo
+echo "| workload | allocator | median wall s | best wall s | median peak RSS MiB |"
+echo "|---|---|---:|---:|---:|"
+for ((w = 0; w < ${#workloads[@]}; w++)); do
+    for ((a = 0; a < ${#names[@]}; a++)); do
+        f=$work/results/$w.$a
+        [[ -s $f ]] || { echo "| ${workloads[w]} | ${names[a]} | failed | | |"; continue; }
+        med=$(cut -d' ' -f1 "$f" | median)
+        best=$(cut -d' ' -f1 "$f" | sort -g | head -n 1)
+        rss=$(cut -d' ' -f2 "$f" | median)
+        printf '| %s | %s | %.2f | %.2f | %.1f |\n' "${workloads[w]}" "${names[a]}" "$med" "$best" \
+            "$(echo "$rss / 1024" | bc -l)"
+    done
+done
+echo
+echo "$rounds rounds, interleaved; $(nproc) CPUs; $(ldd --version | head -n 1)"

@@ -1,0 +1,500 @@
+//! `libanyalloc.so`: a signal-safe `malloc` for C and C++ programs.
+//!
+//! Exports the C allocation functions (`malloc`, `free`, `calloc`,
+//! `realloc`, `reallocarray`, `posix_memalign`, `aligned_alloc`, `memalign`,
+//! `valloc`, `pvalloc`, `malloc_usable_size`) over the process-wide
+//! [`anyalloc`] heap, plus the explicit any-context calls of
+//! `include/anyalloc.h`. Link it, or load it with `LD_PRELOAD`; see the
+//! crate's README for semantics and limits.
+//!
+//! # Routing
+//!
+//! As in `anyalloc::Global`: a call that finds its own thread already inside
+//! the allocator (a signal handler that interrupted `malloc`, `free`, ...)
+//! or inside an `anyalloc_nolock_enter` scope takes the nolock path, which
+//! never waits and may fail (`NULL`, `errno = ENOMEM`). Every other call takes
+//! the normal path. The two per-thread words live in initial-exec TLS (see
+//! [`tls`]): reading them never calls into the dynamic loader.
+//!
+//! # Initialisation
+//!
+//! The heap is created by the first call, usually from inside the dynamic
+//! loader or libc's start-up: a few `mmap`s, `getenv` and
+//! `sched_getaffinity`, nothing that allocates. The call that creates it is
+//! marked as inside the allocator, so anything underneath that called
+//! `malloc` again would take the nolock path and get `NULL` (the heap is not
+//! ready yet) instead of recursing or waiting for itself.
+//!
+//! The maintenance thread is **not** started at initialisation (spawning a
+//! thread from inside the loader's first `malloc` calls `malloc` and
+//! `pthread_create` before libc is initialised). It is off by default; with
+//! `ANYALLOC_MAINTENANCE=1` the library's constructor starts it: a normal
+//! context, after libc's own initialisation, before `main`.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod tls;
+
+use core::alloc::Layout;
+use core::ffi::{c_int, c_void};
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{compiler_fence, Ordering};
+
+use anyalloc::Heap;
+use tls::ThreadState;
+
+/// The alignment C gives every `malloc` result: `alignof(max_align_t)`.
+const MAX_ALIGN: usize = 16;
+/// The page size `valloc` and `pvalloc` align to.
+const PAGE: usize = 4096;
+
+// ----- plumbing ----------------------------------------------------------------
+
+#[inline(always)]
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno, always valid.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// The alignment a `malloc(size)` result needs: every object of at most
+/// `size` bytes fits. A type aligned to 16 is at least 16 bytes long, so
+/// requests below 16 bytes need 8.
+#[inline(always)]
+fn malloc_align(size: usize) -> usize {
+    if size < MAX_ALIGN {
+        8
+    } else {
+        MAX_ALIGN
+    }
+}
+
+/// The layout of a C request: at least one byte (so `malloc(0)` returns a
+/// unique pointer), `None` when no block that large can exist.
+#[inline(always)]
+fn layout(size: usize, align: usize) -> Option<Layout> {
+    Layout::from_size_align(size.max(1), align).ok()
+}
+
+#[inline(always)]
+fn must_nolock(t: &ThreadState) -> bool {
+    t.depth.load(Ordering::Relaxed) != 0 || t.scope.load(Ordering::Relaxed) != 0
+}
+
+/// Runs `f` with this thread marked as inside the allocator.
+#[inline(always)]
+fn inside<R>(t: &ThreadState, f: impl FnOnce() -> R) -> R {
+    let d = t.depth.load(Ordering::Relaxed);
+    t.depth.store(d + 1, Ordering::Relaxed);
+    // A signal handler that runs after this point must see the mark.
+    compiler_fence(Ordering::SeqCst);
+    let r = f();
+    compiler_fence(Ordering::SeqCst);
+    t.depth.store(d, Ordering::Relaxed);
+    r
+}
+
+/// The heap for a normal-path call, created if needed (waits for a
+/// concurrent initialisation on another thread).
+#[inline(always)]
+fn normal_heap() -> Option<&'static Heap> {
+    match anyalloc::global_heap() {
+        Some(h) => Some(h),
+        None => anyalloc::init_without_maintainer(false),
+    }
+}
+
+/// The heap for a nolock call: never waits for an initialisation elsewhere.
+#[inline(always)]
+fn nolock_heap() -> Option<&'static Heap> {
+    match anyalloc::global_heap() {
+        Some(h) => Some(h),
+        None => anyalloc::init_without_maintainer(true),
+    }
+}
+
+#[inline(always)]
+fn out(p: Option<NonNull<u8>>) -> *mut c_void {
+    p.map_or(ptr::null_mut(), |p| p.as_ptr().cast())
+}
+
+/// Allocates through the routing; null on failure (errno untouched).
+#[inline(always)]
+fn alloc_routed(layout: Layout, zeroed: bool) -> *mut c_void {
+    let t = tls::state();
+    if must_nolock(t) {
+        return alloc_nolock(layout, zeroed);
+    }
+    inside(t, || match normal_heap() {
+        Some(h) if zeroed => out(h.alloc_zeroed(layout)),
+        Some(h) => out(h.alloc(layout)),
+        None => ptr::null_mut(),
+    })
+}
+
+#[inline]
+fn alloc_nolock(layout: Layout, zeroed: bool) -> *mut c_void {
+    let Some(p) = nolock_heap().and_then(|h| h.alloc_nolock(layout)) else {
+        return ptr::null_mut();
+    };
+    if zeroed {
+        // SAFETY: a fresh block of at least `layout.size()` bytes.
+        unsafe { ptr::write_bytes(p.as_ptr(), 0, layout.size()) };
+    }
+    p.as_ptr().cast()
+}
+
+/// `alloc_routed` with C's error reporting.
+#[inline(always)]
+fn alloc_or_enomem(layout: Option<Layout>, zeroed: bool) -> *mut c_void {
+    let p = match layout {
+        Some(l) => alloc_routed(l, zeroed),
+        None => ptr::null_mut(),
+    };
+    if p.is_null() {
+        set_errno(libc::ENOMEM);
+    }
+    p
+}
+
+/// The heap that handed out `p`; aborts when no heap exists yet (then
+/// nobody did).
+#[inline(always)]
+fn owner(p: NonNull<u8>, what: &str) -> &'static Heap {
+    match anyalloc::global_heap() {
+        Some(h) => h,
+        None => not_ours(p.as_ptr() as usize, what),
+    }
+}
+
+/// Frees through the routing.
+///
+/// # Safety
+/// `p` came from this library's allocation functions and is not used again.
+#[inline(always)]
+unsafe fn free_routed(p: NonNull<u8>) {
+    let h = owner(p, "free");
+    let t = tls::state();
+    if must_nolock(t) {
+        // SAFETY: forwarded contract (the heap aborts on foreign pointers).
+        unsafe { h.free_nolock(p) };
+        return;
+    }
+    // SAFETY: as above.
+    inside(t, || unsafe { h.free(p) });
+}
+
+/// One line on stderr, then abort: for pointers passed to us before we
+/// handed out anything.
+#[cold]
+fn not_ours(addr: usize, what: &str) -> ! {
+    let mut buf = [0u8; 128];
+    let mut n = 0;
+    let mut put = |bytes: &[u8]| {
+        for &b in bytes {
+            if n < buf.len() {
+                buf[n] = b;
+                n += 1;
+            }
+        }
+    };
+    put(b"anyalloc: ");
+    put(what.as_bytes());
+    put(b" of 0x");
+    let mut started = false;
+    for shift in (0..usize::BITS / 4).rev() {
+        let d = (addr >> (shift * 4)) & 0xf;
+        if d != 0 || started || shift == 0 {
+            started = true;
+            put(&[b"0123456789abcdef"[d]]);
+        }
+    }
+    put(b", which anyalloc did not hand out (no heap yet)\n");
+    fatal(&buf[..n])
+}
+
+#[cold]
+fn fatal(msg: &[u8]) -> ! {
+    // SAFETY: write(2) reads `msg.len()` bytes of the live slice; abort
+    // has no preconditions. Both are async-signal-safe.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::abort()
+    }
+}
+
+fn is_power_of_two(x: usize) -> bool {
+    x.is_power_of_two()
+}
+
+/// Aligned allocation shared by the memalign family; `align` is a power of
+/// two. Sets errno on failure.
+fn aligned(align: usize, size: usize) -> *mut c_void {
+    alloc_or_enomem(layout(size, align.max(malloc_align(size))), false)
+}
+
+// ----- the C allocation functions ----------------------------------------------
+
+/// `malloc(3)`: `size` bytes aligned to 16 (8 below 16 bytes); `malloc(0)`
+/// returns a unique pointer. `NULL` and `errno = ENOMEM` on failure.
+#[no_mangle]
+pub extern "C" fn malloc(size: usize) -> *mut c_void {
+    alloc_or_enomem(layout(size, malloc_align(size)), false)
+}
+
+/// `free(3)`: `free(NULL)` does nothing; a pointer this library did not
+/// hand out aborts with a one-line message.
+///
+/// # Safety
+/// `p` is null or a live block from this library's allocation functions.
+#[no_mangle]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    if let Some(p) = NonNull::new(p.cast::<u8>()) {
+        // SAFETY: forwarded contract.
+        unsafe { free_routed(p) };
+    }
+}
+
+/// `calloc(3)`: zeroed memory for `n` elements of `size` bytes; `ENOMEM`
+/// when `n * size` overflows.
+#[no_mangle]
+pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    let l = n
+        .checked_mul(size)
+        .and_then(|bytes| layout(bytes, malloc_align(bytes)));
+    alloc_or_enomem(l, true)
+}
+
+/// `realloc(3)`. `realloc(NULL, n)` is `malloc(n)`; `realloc(p, 0)` frees
+/// `p` and returns `NULL` (glibc's behaviour; errno untouched). In place when
+/// the block's usable size fits `size` and is less than twice it; otherwise
+/// a new block, the contents copied, the old block freed. On failure
+/// `NULL`, `errno = ENOMEM`, and `p` is untouched.
+///
+/// # Safety
+/// `p` is null or a live block from this library's allocation functions.
+#[no_mangle]
+pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    let Some(old) = NonNull::new(p.cast::<u8>()) else {
+        return malloc(size);
+    };
+    if size == 0 {
+        // SAFETY: forwarded contract.
+        unsafe { free_routed(old) };
+        return ptr::null_mut();
+    }
+    let usable = owner(old, "realloc").usable_size(old);
+    if size <= usable && size > usable / 2 {
+        return p;
+    }
+    let q = malloc(size);
+    if !q.is_null() {
+        // SAFETY: both blocks are live and distinct; `old` has `usable`
+        // bytes, `q` at least `size`.
+        unsafe {
+            ptr::copy_nonoverlapping(old.as_ptr(), q.cast::<u8>(), usable.min(size));
+            free_routed(old);
+        }
+    }
+    q
+}
+
+/// `reallocarray(3)`: `realloc(p, n * size)`, but `ENOMEM` (and `p`
+/// untouched) when the product overflows.
+///
+/// # Safety
+/// As for [`realloc`].
+#[no_mangle]
+pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    match n.checked_mul(size) {
+        // SAFETY: forwarded contract.
+        Some(bytes) => unsafe { realloc(p, bytes) },
+        None => {
+            set_errno(libc::ENOMEM);
+            ptr::null_mut()
+        }
+    }
+}
+
+/// `posix_memalign(3)`: `EINVAL` unless `align` is a power of two and a
+/// multiple of `sizeof(void *)`, `ENOMEM` when out of memory; `*out` is
+/// written only on success. errno is not changed.
+///
+/// # Safety
+/// `out` is valid for a pointer-sized write.
+#[no_mangle]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    if !is_power_of_two(align) || align % core::mem::size_of::<*mut c_void>() != 0 {
+        return libc::EINVAL;
+    }
+    let saved = {
+        // SAFETY: this thread's errno.
+        unsafe { *libc::__errno_location() }
+    };
+    let p = aligned(align, size);
+    set_errno(saved);
+    if p.is_null() {
+        return libc::ENOMEM;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { out.write(p) };
+    0
+}
+
+/// `aligned_alloc(3)` (C11): `EINVAL` and `NULL` unless `align` is a power of
+/// two; any size (C17 dropped the multiple-of-alignment rule).
+#[no_mangle]
+pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    if !is_power_of_two(align) {
+        set_errno(libc::EINVAL);
+        return ptr::null_mut();
+    }
+    aligned(align, size)
+}
+
+/// `memalign(3)` with glibc's rules: an alignment that is not a power of two
+/// is rounded up to one; above `SIZE_MAX / 2 + 1` it is `EINVAL`.
+#[no_mangle]
+pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    if align > usize::MAX / 2 + 1 {
+        set_errno(libc::EINVAL);
+        return ptr::null_mut();
+    }
+    aligned(align.max(1).next_power_of_two(), size)
+}
+
+/// `valloc(3)`: page-aligned memory.
+#[no_mangle]
+pub extern "C" fn valloc(size: usize) -> *mut c_void {
+    aligned(PAGE, size)
+}
+
+/// `pvalloc(3)`: page-aligned memory, the size rounded up to whole pages
+/// (`pvalloc(0)` gives one page); `ENOMEM` when the rounding overflows.
+#[no_mangle]
+pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    match size.max(1).checked_next_multiple_of(PAGE) {
+        Some(bytes) => aligned(PAGE, bytes),
+        None => {
+            set_errno(libc::ENOMEM);
+            ptr::null_mut()
+        }
+    }
+}
+
+/// `malloc_usable_size(3)`: how many bytes the block can hold (at least
+/// what was asked for); 0 for `NULL`. Aborts for a pointer this library did
+/// not hand out.
+///
+/// # Safety
+/// `p` is null or a live block from this library's allocation functions.
+#[no_mangle]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    match NonNull::new(p.cast::<u8>()) {
+        Some(p) => owner(p, "malloc_usable_size").usable_size(p),
+        None => 0,
+    }
+}
+
+// ----- the explicit any-context calls (include/anyalloc.h) ----------------------
+
+/// Allocates `size` bytes (aligned like `malloc`) with the nolock path, from
+/// any context. Never waits, never makes a syscall once the heap exists;
+/// `NULL` means "no memory for you in this context now". errno is not
+/// touched (a signal handler's caller keeps its errno).
+#[no_mangle]
+pub extern "C" fn anyalloc_malloc_nolock(size: usize) -> *mut c_void {
+    match layout(size, malloc_align(size)) {
+        Some(l) => alloc_nolock(l, false),
+        None => ptr::null_mut(),
+    }
+}
+
+/// Frees any block of this library with the nolock path, from any context.
+/// Never waits, never fails. `NULL` does nothing.
+///
+/// # Safety
+/// As for [`free`].
+#[no_mangle]
+pub unsafe extern "C" fn anyalloc_free_nolock(p: *mut c_void) {
+    if let Some(p) = NonNull::new(p.cast::<u8>()) {
+        // SAFETY: forwarded contract.
+        unsafe { owner(p, "anyalloc_free_nolock").free_nolock(p) };
+    }
+}
+
+/// Opens a nolock scope on this thread: until the matching
+/// [`anyalloc_nolock_exit`], every allocation function of this thread
+/// (`malloc`, `free`, ... included) takes the nolock path. Scopes nest.
+#[no_mangle]
+pub extern "C" fn anyalloc_nolock_enter() {
+    let t = tls::state();
+    t.scope
+        .store(t.scope.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    compiler_fence(Ordering::SeqCst);
+}
+
+/// Closes the innermost nolock scope of this thread. Without an open scope
+/// it aborts with a one-line message.
+#[no_mangle]
+pub extern "C" fn anyalloc_nolock_exit() {
+    let t = tls::state();
+    let s = t.scope.load(Ordering::Relaxed);
+    if s == 0 {
+        fatal(b"anyalloc: anyalloc_nolock_exit without a matching anyalloc_nolock_enter\n");
+    }
+    compiler_fence(Ordering::SeqCst);
+    t.scope.store(s - 1, Ordering::Relaxed);
+}
+
+// ----- start-up ------------------------------------------------------------------
+
+/// Runs from `.init_array` after libc's own initialisation (libc is a
+/// dependency of this library), before `main`: normal context.
+extern "C" fn constructor() {
+    let t = tls::state();
+    let Some(heap) = inside(t, normal_heap) else {
+        return;
+    };
+    // Registered after the heap's own handlers (made when it was created),
+    // so `prepare` runs before the heap takes its locks and the others after
+    // the heap released them: while this thread holds every heap lock in
+    // `fork`, a signal handler's `malloc` on it takes the nolock path
+    // instead of waiting for itself.
+    // SAFETY: the handlers are `extern "C"` functions that live forever.
+    unsafe {
+        libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release));
+    }
+    if maintenance_wanted() {
+        heap.start_maintenance();
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+extern "C" fn fork_prepare() {
+    let t = tls::state();
+    t.depth
+        .store(t.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    compiler_fence(Ordering::SeqCst);
+}
+
+extern "C" fn fork_release() {
+    let t = tls::state();
+    compiler_fence(Ordering::SeqCst);
+    t.depth
+        .store(t.depth.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+}
+
+/// `ANYALLOC_MAINTENANCE` set to something other than `0` (default: off).
+fn maintenance_wanted() -> bool {
+    // SAFETY: a NUL-terminated name; getenv returns null or a C string.
+    let v = unsafe { libc::getenv(c"ANYALLOC_MAINTENANCE".as_ptr()) };
+    if v.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null result of getenv is a valid C string.
+    let bytes = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
+    !bytes.is_empty() && bytes != b"0"
+}
