@@ -40,7 +40,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::{Cell, UnsafeCell};
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
-use core::sync::atomic::{compiler_fence, AtomicU8, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, AtomicU8, Ordering};
 
 use crate::config::{Config, Error};
 use crate::slab::Heap;
@@ -89,11 +89,27 @@ pub fn global_heap() -> Option<&'static Heap> {
     }
 }
 
+/// Set when a nolock caller created the heap: the maintenance thread (which
+/// a nolock context must not spawn) starts at the next normal-path call.
+static MAINTAINER_PENDING: AtomicBool = AtomicBool::new(false);
+
 #[inline]
 fn heap(nolock: bool) -> Option<&'static Heap> {
     match global_heap() {
-        Some(h) => Some(h),
+        Some(h) => {
+            if !nolock && MAINTAINER_PENDING.load(Ordering::Relaxed) {
+                start_pending_maintainer(h);
+            }
+            Some(h)
+        }
         None => init_slow(nolock, true),
+    }
+}
+
+#[cold]
+fn start_pending_maintainer(h: &Heap) {
+    if MAINTAINER_PENDING.swap(false, Ordering::AcqRel) {
+        h.start_maintenance();
     }
 }
 
@@ -134,7 +150,11 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
                         register_atfork();
                         let heap = global_heap();
                         if maintainer && env_size(c"ANYALLOC_MAINTENANCE") != Some(0) {
-                            if let Some(h) = heap {
+                            if nolock {
+                                // Spawning a thread is not for a nolock
+                                // context (a signal handler, say).
+                                MAINTAINER_PENDING.store(true, Ordering::Release);
+                            } else if let Some(h) = heap {
                                 h.start_maintenance();
                             }
                         }

@@ -121,6 +121,9 @@ pub struct PageAllocator {
     /// Serialises growth (normal path only).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     grow_lock: ZoneLock,
+    /// Whether the platform is `StdPlatform` (CPU ids read inline, without
+    /// dynamic dispatch).
+    std_platform: bool,
     /// Whether the zones are OS reservations to release on drop.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     owns_mappings: bool,
@@ -162,6 +165,7 @@ impl PageAllocator {
             nzones: AtomicUsize::new(0),
             drain_lock: ZoneLock::new(),
             grow_lock: ZoneLock::new(),
+            std_platform: false,
             owns_mappings: owns,
             waker: AtomicPtr::new(core::ptr::null_mut()),
             reclaimer: AtomicPtr::new(core::ptr::null_mut()),
@@ -184,7 +188,8 @@ impl PageAllocator {
         config.validate()?;
         let platform: &'static dyn Platform = crate::platform::StdPlatform::get();
         let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
-        let pa = Self::empty(platform, config, cpus, true);
+        let mut pa = Self::empty(platform, config, cpus, true);
+        pa.std_platform = true;
         pa.add_os_zone(config.memory)?;
         Ok(pa)
     }
@@ -313,6 +318,14 @@ impl PageAllocator {
     /// The zone holding `addr`, its position, and the index of its page.
     #[inline]
     pub(crate) fn locate_indexed(&self, addr: usize) -> Option<(usize, &Zone, u32)> {
+        // Fast path: the first zone (always present; most memory is there).
+        let z0 = self.zones[0].load(Ordering::Acquire);
+        // SAFETY: zone 0 is published before the allocator is returned and
+        // lives as long as `self`.
+        let z0 = unsafe { &*z0 };
+        if z0.contains(addr) {
+            return Some((0, z0, z0.index_of(addr)));
+        }
         self.zones()
             .enumerate()
             .find(|(_, z)| z.contains(addr))
@@ -363,8 +376,13 @@ impl PageAllocator {
         self.cpus
     }
 
-    #[inline]
-    fn cpu(&self) -> usize {
+    /// The current CPU id (a hint: the context may migrate right after).
+    #[inline(always)]
+    pub(crate) fn cpu(&self) -> usize {
+        #[cfg(feature = "std")]
+        if self.std_platform {
+            return crate::platform::StdPlatform::current_cpu();
+        }
         self.platform.cpu_id()
     }
 

@@ -107,13 +107,22 @@ fn sched_cpu() -> usize {
     0
 }
 
-impl Platform for StdPlatform {
+impl StdPlatform {
+    /// The current CPU, without dynamic dispatch (the allocators call this
+    /// directly when their platform is the std one).
     #[inline(always)]
-    fn cpu_id(&self) -> usize {
+    pub(crate) fn current_cpu() -> usize {
         match rseq::cpu_id() {
             Some(c) => c,
             None => sched_cpu(),
         }
+    }
+}
+
+impl Platform for StdPlatform {
+    #[inline(always)]
+    fn cpu_id(&self) -> usize {
+        Self::current_cpu()
     }
 
     fn cpu_count(&self) -> usize {

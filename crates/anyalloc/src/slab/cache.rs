@@ -169,6 +169,10 @@ pub(crate) struct Cache {
     /// Index of this cache in the heap (owner ids are index + 1).
     index: usize,
     size: usize,
+    /// `ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size` exactly
+    /// for every multiple of `size` inside a slab (off * (recip - 2^32/size)
+    /// < 2^15 * 2^13 < 2^32), so validation needs no division.
+    recip: u64,
     order: u32,
     objs: usize,
     node: Node,
@@ -237,6 +241,7 @@ impl Cache {
                 accounted,
                 index,
                 size: SIZES[class] as usize,
+                recip: (1u64 << 32).div_ceil(SIZES[class] as u64),
                 order: class::slab_order(class),
                 objs: objects_per_slab(class, accounted),
                 node: Node {
@@ -308,9 +313,26 @@ impl Cache {
 
     // ----- allocation --------------------------------------------------------
 
-    /// Normal-path allocation.
+    /// Normal-path allocation. Fast path: nothing deferred, and an object in
+    /// the main sheaf of this CPU's level-0 slot.
     #[inline]
     pub(crate) fn alloc(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
+        if self.deferred.is_empty() {
+            let slot = self.slot(cpu, 0);
+            if let Some(_g) = slot.lock.try_lock() {
+                crate::interrupt_point!(SheafAlloc);
+                if let Some(o) = slot.main().pop() {
+                    return Some(o);
+                }
+            }
+        }
+        self.alloc_slow(pages, cpu)
+    }
+
+    /// Normal-path allocation: deferred frees first, then the slot (spare,
+    /// refill), or the slabs directly when the slot is busy.
+    #[cold]
+    fn alloc_slow(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
@@ -327,9 +349,26 @@ impl Cache {
         self.take_object(&node, pages, Mode::Normal).ok()
     }
 
-    /// Nolock allocation: every level of this CPU's slots, the other CPUs'
-    /// sheaves, then the slabs directly, all with `try_lock`.
+    /// Nolock allocation. Fast path: this CPU's level-0 slot has an object
+    /// in its main sheaf. Otherwise [`alloc_nolock_slow`](Self::alloc_nolock_slow).
+    #[inline]
     pub(crate) fn alloc_nolock(&self, pages: &PageAllocator, cpu: usize) -> Result<usize, Fail> {
+        let slot = self.slot(cpu, 0);
+        if let Some(g) = slot.lock.try_lock() {
+            crate::interrupt_point!(SheafAlloc);
+            if let Some(o) = slot.main().pop() {
+                crate::page::bump(&slot.nolock_ok, &g);
+                return Ok(o);
+            }
+        }
+        self.alloc_nolock_slow(pages, cpu)
+    }
+
+    /// Nolock allocation, the whole search: every level of this CPU's slots
+    /// (spare sheaves, refills with a tried node lock), the other CPUs'
+    /// sheaves, then the slabs directly, all with `try_lock`.
+    #[cold]
+    fn alloc_nolock_slow(&self, pages: &PageAllocator, cpu: usize) -> Result<usize, Fail> {
         let mut busy = false;
         let mut node_busy = false;
         for level in 0..LEVELS {
@@ -570,9 +609,25 @@ impl Cache {
 
     // ----- free ----------------------------------------------------------------
 
-    /// Normal-path free of a validated object.
+    /// Normal-path free of a validated object. Fast path: nothing deferred,
+    /// and room in the main sheaf of this CPU's level-0 slot.
     #[inline]
     pub(crate) fn free(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
+        if self.deferred.is_empty() {
+            let slot = self.slot(cpu, 0);
+            if let Some(_g) = slot.lock.try_lock() {
+                crate::interrupt_point!(SheafFree);
+                let main = slot.main();
+                if main.top() != obj && main.push(obj) {
+                    return;
+                }
+            }
+        }
+        self.free_slow(pages, cpu, obj);
+    }
+
+    #[cold]
+    fn free_slow(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
@@ -592,9 +647,25 @@ impl Cache {
         self.return_to_slab(obj, pages, &node, Mode::Normal);
     }
 
-    /// Nolock free of a validated object: a slot at any level, else the slab
-    /// under a tried node lock, else the deferred stack. Never fails.
+    /// Nolock free of a validated object. Fast path: room in the main sheaf
+    /// of this CPU's level-0 slot. Otherwise [`free_nolock_slow`](Self::free_nolock_slow).
+    #[inline]
     pub(crate) fn free_nolock(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
+        let slot = self.slot(cpu, 0);
+        if let Some(_g) = slot.lock.try_lock() {
+            crate::interrupt_point!(SheafFree);
+            let main = slot.main();
+            if main.top() != obj && main.push(obj) {
+                return;
+            }
+        }
+        self.free_nolock_slow(pages, cpu, obj);
+    }
+
+    /// Nolock free, the whole search: a slot at any level, else the slab
+    /// under a tried node lock, else the deferred stack. Never fails.
+    #[cold]
+    fn free_nolock_slow(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
         for level in 0..LEVELS {
             let slot = self.slot(cpu, level);
             if let Some(g) = slot.lock.try_lock() {
@@ -627,7 +698,7 @@ impl Cache {
     /// Normal context: frees every deferred object through the normal path.
     pub(crate) fn drain_deferred(&self, pages: &PageAllocator) {
         let mut o = self.deferred.take_all();
-        let cpu = pages.platform().cpu_id();
+        let cpu = pages.cpu();
         while o != crate::sync::NIL {
             // SAFETY: `o` was pushed by `defer`, which wrote the link there;
             // take_all's Acquire makes that write visible.
@@ -882,7 +953,8 @@ impl Cache {
     pub(crate) fn validate(&self, pages: &PageAllocator, zone: &Zone, idx: u32, addr: usize) {
         let head = idx & !((1u32 << self.order) - 1);
         let off = addr - zone.addr_of(head);
-        if off % self.size != 0 || off / self.size >= self.objs {
+        let n = self.index_in_slab(off);
+        if n * self.size != off || n >= self.objs {
             pages.fatal(
                 crate::platform::FatalMessage::new()
                     .text("anyalloc: free of ")
@@ -892,6 +964,13 @@ impl Cache {
                     .text("-byte object)"),
             );
         }
+    }
+
+    /// `off / size` for an offset inside a slab, by multiplication (exact
+    /// for multiples of `size`; see `recip`).
+    #[inline(always)]
+    fn index_in_slab(&self, off: usize) -> usize {
+        ((off as u64 * self.recip) >> 32) as usize
     }
 
     /// Accounted caches: the owner word of object `n` of the slab at `slab`.
@@ -909,7 +988,7 @@ impl Cache {
     pub(crate) fn owner_of(&self, zone: &Zone, idx: u32, addr: usize) -> &AtomicUsize {
         let head = idx & !((1u32 << self.order) - 1);
         let slab = zone.addr_of(head);
-        self.owner_word(slab, (addr - slab) / self.size)
+        self.owner_word(slab, self.index_in_slab(addr - slab))
     }
 
     /// The per-object state bitmap of the slab starting at `slab` and the bit
@@ -941,7 +1020,7 @@ impl Cache {
     ) {
         let head = idx & !((1u32 << self.order) - 1);
         let slab = zone.addr_of(head);
-        let n = (addr - slab) / self.size;
+        let n = self.index_in_slab(addr - slab);
         let (words, bits) = self.bitmap(slab);
         let bit = 1u64 << (n % bits);
         let w = &words[n / bits];
@@ -956,6 +1035,30 @@ impl Cache {
                         .text("anyalloc: double free of object ")
                         .hex(addr),
                 );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reciprocal division used by validation is exact: for every class
+    /// and every byte offset in a slab, the computed index times the size
+    /// equals the offset exactly when the offset is an object boundary.
+    #[test]
+    fn reciprocal_index_is_exact_for_every_offset() {
+        for (c, &size) in SIZES.iter().enumerate() {
+            let size = size as usize;
+            let recip = (1u64 << 32).div_ceil(size as u64);
+            let bytes = PAGE_SIZE << class::slab_order(c);
+            for off in 0..bytes {
+                let n = ((off as u64 * recip) >> 32) as usize;
+                assert_eq!(n * size == off, off % size == 0, "class {size}, offset {off}");
+                if off % size == 0 {
+                    assert_eq!(n, off / size);
+                }
             }
         }
     }

@@ -36,6 +36,22 @@ const LOOKUP: [u8; 257] = {
     t
 };
 
+/// Class of each size in 4-byte steps up to 1024 for 8-byte alignment (the
+/// common Rust case): skips the 4-aligned classes 12, 20 and 28.
+const LOOKUP_ALIGN8: [u8; 257] = {
+    let mut t = [0u8; 257];
+    let mut i = 0;
+    while i < 257 {
+        let mut c = LOOKUP[i] as usize;
+        while natural_align(c) < 8 {
+            c += 1;
+        }
+        t[i] = c as u8;
+        i += 1;
+    }
+    t
+};
+
 /// The natural alignment of class `c`.
 #[inline]
 pub(crate) const fn natural_align(c: usize) -> usize {
@@ -51,6 +67,15 @@ pub(crate) const fn natural_align(c: usize) -> usize {
 /// requests (more than 8 KiB, or alignment above a page).
 #[inline]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
+    if size <= 1024 {
+        // The common cases: one table load.
+        if align <= 4 {
+            return Some(LOOKUP[size.div_ceil(4)] as usize);
+        }
+        if align == 8 {
+            return Some(LOOKUP_ALIGN8[size.div_ceil(4)] as usize);
+        }
+    }
     if size > MAX_SMALL || align > PAGE_SIZE {
         return None;
     }

@@ -497,9 +497,9 @@ impl HeapCore {
         unsafe { &*self.caches.add(i) }
     }
 
-    #[inline]
+    #[inline(always)]
     fn cpu(&self) -> usize {
-        self.pages.platform().cpu_id()
+        self.pages.cpu()
     }
 
     // ----- normal path -----------------------------------------------------------
@@ -716,6 +716,7 @@ impl HeapCore {
         None
     }
 
+    #[inline]
     unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
         let addr = ptr.as_ptr() as usize;
         match self.classify_or_abort(addr) {
@@ -945,6 +946,7 @@ impl HeapCore {
 
     // ----- lookup --------------------------------------------------------------------
 
+    #[inline]
     fn classify(&self, addr: usize) -> Option<Kind<'_>> {
         if let Some((_, zone, idx)) = self.pages.locate_indexed(addr) {
             let owner = zone.desc(idx).owner.load(Ordering::Acquire);
