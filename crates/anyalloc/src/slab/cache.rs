@@ -449,6 +449,8 @@ impl Cache {
         pages: &PageAllocator,
         mode: Mode,
     ) -> Result<usize, Fail> {
+        // This slot ran empty: the maintainer keeps it stocked from now on.
+        slot.demand.store(1, Ordering::Relaxed);
         let node = self.lock_node(pages, mode).ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafRefill);
         let full = self.node.full.load(Ordering::Relaxed);
@@ -856,7 +858,12 @@ impl Cache {
             slot.swap(&g);
             let filled = self.refill(slot, &g, pages, Mode::Normal);
             if let Ok(o) = filled {
-                slot.main().push(o);
+                // A refill from the slabs can fill the sheaf completely
+                // besides the object it returns: then that one goes back.
+                if !slot.main().push(o) && !slot.spare().push(o) {
+                    let node = self.node.lock.lock(pages.platform());
+                    self.return_to_slab(o, pages, &node, Mode::Normal);
+                }
             }
             slot.swap(&g);
         }
@@ -871,6 +878,7 @@ impl Cache {
             let Some(_g) = slot.lock.try_lock() else {
                 continue;
             };
+            slot.demand.store(0, Ordering::Relaxed);
             let node = self.node.lock.lock(pages.platform());
             self.flush_sheaf(slot.main(), pages, &node, Mode::Normal);
             self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
@@ -1055,7 +1063,11 @@ mod tests {
             let bytes = PAGE_SIZE << class::slab_order(c);
             for off in 0..bytes {
                 let n = ((off as u64 * recip) >> 32) as usize;
-                assert_eq!(n * size == off, off % size == 0, "class {size}, offset {off}");
+                assert_eq!(
+                    n * size == off,
+                    off % size == 0,
+                    "class {size}, offset {off}"
+                );
                 if off % size == 0 {
                     assert_eq!(n, off / size);
                 }

@@ -49,6 +49,8 @@ pub mod cache;
 mod class;
 #[cfg(feature = "std")]
 mod huge;
+#[cfg(all(test, loom))]
+mod loom_model;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -689,21 +691,28 @@ impl HeapCore {
                 };
                 match r {
                     Ok(obj) => Some(self.hand_out(obj)),
+                    // Both classes re-entered (or no larger class: 8 KiB):
+                    // a page block (at most 2 pages for a small request).
+                    Err(Fail::Busy) => self.alloc_large_nolock(layout),
                     Err(f) => self.count_fail(f),
                 }
             }
-            None => match large_order(layout) {
-                Some(order) if order <= NOLOCK_MAX_ORDER => {
-                    match self.pages.alloc_pages_nolock(order) {
-                        Some(p) => {
-                            self.nolock_large_ok.fetch_add(1, Ordering::Relaxed);
-                            Some(self.mark_large(p))
-                        }
-                        None => self.count_fail(Fail::Empty),
+            None => self.alloc_large_nolock(layout),
+        }
+    }
+
+    fn alloc_large_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
+        match large_order(layout) {
+            Some(order) if order <= NOLOCK_MAX_ORDER => {
+                match self.pages.alloc_pages_nolock_why(order) {
+                    Ok(p) => {
+                        self.nolock_large_ok.fetch_add(1, Ordering::Relaxed);
+                        Some(self.mark_large(p))
                     }
+                    Err(f) => self.count_fail(f),
                 }
-                _ => self.count_fail(Fail::Empty),
-            },
+            }
+            _ => self.count_fail(Fail::Empty),
         }
     }
 
