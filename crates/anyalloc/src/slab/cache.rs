@@ -45,7 +45,11 @@ use crate::PAGE_SIZE;
 /// Object pointers per sheaf (the sheaf is 256 bytes).
 pub(crate) const SHEAF_CAP: usize = 30;
 /// Sheaves in each cache's barn.
-pub(crate) const BARN_SHEAVES: usize = 8;
+pub(crate) const BARN_SHEAVES: usize = 32;
+/// At most this many bytes of free objects wait in full barn sheaves per
+/// cache (big classes keep fewer full sheaves); beyond it, a flush returns
+/// objects to their slabs so memory freed is memory returned.
+const BARN_BYTES: usize = 256 << 10;
 /// Empty slabs a cache keeps before returning slabs to the page allocator.
 const EMPTY_SLAB_RESERVE: usize = 1;
 
@@ -758,7 +762,9 @@ impl Cache {
         let node = self.lock_node(pages, mode).ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafFlush);
         let empty = self.node.empty.load(Ordering::Relaxed);
-        if !empty.is_null() {
+        let room =
+            (self.node.barn_objects.load(Ordering::Relaxed) + SHEAF_CAP) * self.size <= BARN_BYTES;
+        if !empty.is_null() && room {
             // SAFETY: barn sheaves are cache sheaves; the node lock gives us
             // the barn lists.
             let e = unsafe { &*empty };
