@@ -49,8 +49,6 @@ pub mod cache;
 mod class;
 #[cfg(feature = "std")]
 mod huge;
-#[cfg(all(test, loom))]
-mod loom_model;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
