@@ -1,0 +1,261 @@
+//! Bad frees abort with a one-line message from anyalloc.
+//!
+//! Each scenario runs in a child process: the test re-executes this test
+//! binary with `ANYALLOC_BAD_INPUT=<scenario>` and `--exact <test name>`;
+//! in the child the same test function sees the variable and commits the
+//! bad free. The parent requires the child to die of `SIGABRT` and its stderr
+//! to hold exactly one line from anyalloc, containing the expected words.
+
+use std::alloc::Layout;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::Command;
+use std::ptr::NonNull;
+
+use anyalloc::{Config, Heap, PAGE_SIZE};
+
+const VAR: &str = "ANYALLOC_BAD_INPUT";
+/// Exit code of a child whose bad free returned instead of aborting.
+const SURVIVED: i32 = 42;
+
+/// Runs `bad` in a child process (this test binary, filtered to `test`) and
+/// checks that it aborts with one anyalloc line containing `expect`.
+fn expect_abort(test: &str, expect: &str, bad: fn()) {
+    if std::env::var(VAR).as_deref() == Ok(test) {
+        bad();
+        // The bad free returned: report it in a way the parent recognises.
+        eprintln!("survived: the bad free of {test} returned");
+        std::process::exit(SURVIVED);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(VAR, test);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setrlimit, which is async-signal-safe (no core dump files).
+    unsafe {
+        cmd.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{test}: the child did not abort ({:?}); stderr:\n{stderr}",
+        out.status
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("anyalloc:"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{test}: expected one line from anyalloc; stderr:\n{stderr}"
+    );
+    assert!(
+        lines[0].contains(expect),
+        "{test}: the message does not say {expect:?}: {}",
+        lines[0]
+    );
+    println!("{test}: aborted with: {}", lines[0]);
+}
+
+/// A fresh heap with one CPU slot set (every free goes to the same sheaf,
+/// whatever CPU the thread runs on), leaked: the child dies anyway.
+fn heap() -> &'static Heap {
+    Box::leak(Box::new(
+        Heap::new(Config::default().memory(16 << 20).cpus(1)).unwrap(),
+    ))
+}
+
+fn alloc(h: &Heap, size: usize) -> NonNull<u8> {
+    h.alloc(Layout::from_size_align(size, 8).unwrap()).unwrap()
+}
+
+/// Frees `p` on `h` (the bad free under test).
+fn free(h: &Heap, p: NonNull<u8>) {
+    // SAFETY: deliberately violated by the scenarios: the heap must detect
+    // the violation and abort before touching anything.
+    unsafe { h.free(p) }
+}
+
+fn free_nolock(h: &Heap, p: NonNull<u8>) {
+    // SAFETY: as in `free`.
+    unsafe { h.free_nolock(p) }
+}
+
+fn offset(p: NonNull<u8>, by: usize) -> NonNull<u8> {
+    NonNull::new(p.as_ptr().wrapping_add(by)).unwrap()
+}
+
+#[test]
+fn free_of_a_stack_address_aborts() {
+    expect_abort("free_of_a_stack_address_aborts", "outside the heap", || {
+        let h = heap();
+        let _warm = alloc(h, 64);
+        let mut local = [0u64; 4];
+        free(h, NonNull::from(&mut local).cast());
+    });
+}
+
+#[test]
+fn nolock_free_of_a_stack_address_aborts() {
+    expect_abort(
+        "nolock_free_of_a_stack_address_aborts",
+        "outside the heap",
+        || {
+            let h = heap();
+            let mut local = [0u64; 4];
+            free_nolock(h, NonNull::from(&mut local).cast());
+        },
+    );
+}
+
+#[test]
+fn interior_pointer_into_a_small_object_aborts() {
+    expect_abort(
+        "interior_pointer_into_a_small_object_aborts",
+        "not the start of an object (interior pointer into a 64-byte object)",
+        || {
+            let h = heap();
+            let p = alloc(h, 64);
+            free(h, offset(p, 1));
+        },
+    );
+}
+
+#[test]
+fn word_aligned_interior_pointer_into_a_small_object_aborts() {
+    expect_abort(
+        "word_aligned_interior_pointer_into_a_small_object_aborts",
+        "interior pointer into a 64-byte object",
+        || {
+            let h = heap();
+            let p = alloc(h, 64);
+            free_nolock(h, offset(p, 8));
+        },
+    );
+}
+
+#[test]
+fn interior_pointer_into_a_large_allocation_aborts() {
+    expect_abort(
+        "interior_pointer_into_a_large_allocation_aborts",
+        "not a live object",
+        || {
+            let h = heap();
+            let p = alloc(h, 16 << 10);
+            assert_eq!(h.usable_size(p), 16 << 10);
+            free(h, offset(p, PAGE_SIZE));
+        },
+    );
+}
+
+#[test]
+fn unaligned_pointer_into_a_large_allocation_aborts() {
+    expect_abort(
+        "unaligned_pointer_into_a_large_allocation_aborts",
+        "not a live object",
+        || {
+            let h = heap();
+            let p = alloc(h, 16 << 10);
+            free(h, offset(p, 8));
+        },
+    );
+}
+
+#[test]
+fn free_of_a_page_no_cache_owns_aborts() {
+    expect_abort(
+        "free_of_a_page_no_cache_owns_aborts",
+        "not owned by a cache",
+        || {
+            let h = heap();
+            let page = h.pages().alloc_pages(0).unwrap();
+            free(h, page);
+        },
+    );
+}
+
+#[test]
+fn immediate_double_free_of_a_small_object_aborts() {
+    expect_abort(
+        "immediate_double_free_of_a_small_object_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let p = alloc(h, 64);
+            free(h, p);
+            free(h, p);
+        },
+    );
+}
+
+#[test]
+fn immediate_nolock_double_free_of_a_small_object_aborts() {
+    expect_abort(
+        "immediate_nolock_double_free_of_a_small_object_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let p = alloc(h, 24);
+            free_nolock(h, p);
+            free_nolock(h, p);
+        },
+    );
+}
+
+#[test]
+fn double_free_of_a_large_allocation_aborts() {
+    expect_abort(
+        "double_free_of_a_large_allocation_aborts",
+        "not a live object",
+        || {
+            let h = heap();
+            let p = alloc(h, 16 << 10);
+            free(h, p);
+            free(h, p);
+        },
+    );
+}
+
+#[test]
+fn double_free_of_a_huge_allocation_aborts() {
+    expect_abort(
+        "double_free_of_a_huge_allocation_aborts",
+        "free of 0x",
+        || {
+            let h = heap();
+            let p = alloc(h, 5 << 20);
+            assert!(h.stats().huge_in_use == 1);
+            free(h, p);
+            free(h, p);
+        },
+    );
+}
+
+/// With `debug-checks`, every object has an allocation bit: a double free
+/// is caught even when the object is no longer on top of a sheaf.
+#[cfg(feature = "debug-checks")]
+#[test]
+fn non_immediate_double_free_aborts_with_debug_checks() {
+    expect_abort(
+        "non_immediate_double_free_aborts_with_debug_checks",
+        "double free of object",
+        || {
+            let h = heap();
+            let a = alloc(h, 64);
+            let b = alloc(h, 64);
+            free(h, a);
+            free(h, b);
+            free(h, a);
+        },
+    );
+}
