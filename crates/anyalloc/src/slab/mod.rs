@@ -49,6 +49,8 @@ pub mod cache;
 mod class;
 #[cfg(feature = "std")]
 mod huge;
+#[cfg(all(test, loom))]
+mod loom_model;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
