@@ -10,7 +10,8 @@
 //! that stayed free for a second go back to the OS (`MADV_DONTNEED`).
 //!
 //! It never holds a lock a nolock caller needs for longer than an ordinary
-//! normal-path operation would: it uses the same normal-path functions.
+//! normal-path operation would: it uses the same normal-path functions. It
+//! blocks every signal, so no handler can interrupt it inside a lock.
 
 extern crate std;
 
@@ -126,6 +127,17 @@ fn wait(word: &AtomicU32, seen: u32, timeout: Duration) {
 }
 
 fn run(core: &HeapCore) {
+    // Signals go to other threads: a handler interrupting this thread while
+    // it holds a zone or node lock, and allocating through `Global` (whose
+    // re-entry routing does not know about this thread), would wait on a
+    // lock its own thread holds.
+    // SAFETY: a filled sigset_t and a null old-set pointer are valid
+    // arguments; this only changes the calling thread's mask.
+    unsafe {
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
+    }
     let start = Instant::now();
     let mut last_pass: Option<Instant> = None;
     loop {
