@@ -126,6 +126,14 @@ mod std_like {
             }
         }
 
+        /// Runs `f` on the list if the lock is free right now (any context);
+        /// `None` when another context holds it.
+        pub(super) fn try_with<R>(&self, f: impl FnOnce(&Vec<Weak<Group>>) -> R) -> Option<R> {
+            let _g = self.lock.try_lock()?;
+            // SAFETY: the lock is held for the whole access.
+            Some(f(unsafe { &*self.list.get() }))
+        }
+
         /// Runs `f` on the list under the lock (normal context: spins).
         pub(super) fn with<R>(&self, f: impl FnOnce(&mut Vec<Weak<Group>>) -> R) -> R {
             let _g = loop {
@@ -179,7 +187,10 @@ impl Group {
     }
 
     /// Bytes charged by live objects of this group and its descendants.
-    /// Exact when nothing is allocating concurrently.
+    /// Exact when nothing is allocating concurrently. Normal context (it
+    /// briefly holds references to descendants, and dropping the last one
+    /// frees memory); it never waits: if a descendant is being created
+    /// right now, the descendants' unused per-CPU stock counts as usage.
     pub fn usage(&self) -> usize {
         self.counter
             .load(Ordering::Acquire)
@@ -192,12 +203,15 @@ impl Group {
             .iter()
             .map(|s| s.bytes.load(Ordering::Acquire))
             .sum();
-        own + self.children.with(|c| {
-            c.iter()
-                .filter_map(|w| w.upgrade())
-                .map(|g| g.stocked_below())
-                .sum::<usize>()
-        })
+        own + self
+            .children
+            .try_with(|c| {
+                c.iter()
+                    .filter_map(|w| w.upgrade())
+                    .map(|g| g.stocked_below())
+                    .sum::<usize>()
+            })
+            .unwrap_or(0)
     }
 
     /// The highest the charged counter has been (including per-CPU stock).
