@@ -123,6 +123,7 @@ pub struct PageAllocator {
     grow_lock: ZoneLock,
     /// Whether the platform is `StdPlatform` (CPU ids read inline, without
     /// dynamic dispatch).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     std_platform: bool,
     /// Whether the zones are OS reservations to release on drop.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
