@@ -69,6 +69,13 @@ use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
 use zone::MAX_BLOCK;
 use zone::PCP_MAX_ORDER;
 
+/// Max-order blocks one maintenance pass returns to the OS per zone: keeps a
+/// pass short (each madvise of touched memory costs up to milliseconds), so
+/// deferred frees queued behind it are drained promptly. At one pass every
+/// 50 ms that is still 640 MiB/s.
+#[cfg(feature = "std")]
+const RELEASE_BUDGET: usize = 8;
+
 /// At most this many zones (the first plus growth).
 pub(crate) const MAX_ZONES: usize = 32;
 
@@ -511,7 +518,7 @@ impl PageAllocator {
             zone.stock_slots();
             #[cfg(feature = "std")]
             {
-                released += zone.release_idle_blocks(epoch, idle_epochs, 64);
+                released += zone.release_idle_blocks(epoch, idle_epochs, RELEASE_BUDGET);
             }
             #[cfg(not(feature = "std"))]
             let _ = idle_epochs;
