@@ -239,6 +239,10 @@ impl Zone {
         // SAFETY: initialised just above and never moved.
         let z = unsafe { &*zp };
         // Free the pages as the largest naturally aligned blocks that fit.
+        // They were never touched: stamp them as already back with the OS
+        // (the epoch value is what `list_push` stamps on max-order blocks).
+        #[cfg(feature = "std")]
+        z.epoch.store(RELEASED, Ordering::Relaxed);
         let g = z.lock.lock(platform);
         let mut i = first;
         while i < limit {
@@ -250,6 +254,7 @@ impl Zone {
             z.buddy_free(i, order, &g);
             i += 1 << order;
         }
+        z.epoch.store(0, Ordering::Relaxed);
         drop(g);
         zp
     }
