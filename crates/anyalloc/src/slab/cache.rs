@@ -322,15 +322,40 @@ impl Cache {
     #[inline]
     pub(crate) fn alloc(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
         if self.deferred.is_empty() {
-            let slot = self.slot(cpu, 0);
-            if let Some(_g) = slot.lock.try_lock() {
-                crate::interrupt_point!(SheafAlloc);
-                if let Some(o) = slot.main().pop() {
-                    return Some(o);
-                }
+            if let Some(o) = self.fast_pop(cpu, false) {
+                return Some(o);
             }
         }
         self.alloc_slow(pages, cpu)
+    }
+
+    /// The fast path of both allocation paths: pop from the main sheaf of
+    /// this CPU's level-0 slot, if the slot is free and main is not empty.
+    #[inline(always)]
+    fn fast_pop(&self, cpu: usize, count_nolock: bool) -> Option<usize> {
+        let slot = self.slot(cpu, 0);
+        let g = slot.lock.try_lock()?;
+        crate::interrupt_point!(SheafAlloc);
+        let o = slot.main().pop()?;
+        if count_nolock {
+            crate::page::bump(&slot.nolock_ok, &g);
+        }
+        Some(o)
+    }
+
+    /// The fast path of both free paths: push onto the main sheaf of this
+    /// CPU's level-0 slot, if the slot is free and main has room (and `obj`
+    /// is not its top: an immediate double free goes to the slow path, which
+    /// reports it).
+    #[inline(always)]
+    fn fast_push(&self, cpu: usize, obj: usize) -> bool {
+        let slot = self.slot(cpu, 0);
+        let Some(_g) = slot.lock.try_lock() else {
+            return false;
+        };
+        crate::interrupt_point!(SheafFree);
+        let main = slot.main();
+        main.top() != obj && main.push(obj)
     }
 
     /// Normal-path allocation: deferred frees first, then the slot (spare,
@@ -357,15 +382,10 @@ impl Cache {
     /// in its main sheaf. Otherwise [`alloc_nolock_slow`](Self::alloc_nolock_slow).
     #[inline]
     pub(crate) fn alloc_nolock(&self, pages: &PageAllocator, cpu: usize) -> Result<usize, Fail> {
-        let slot = self.slot(cpu, 0);
-        if let Some(g) = slot.lock.try_lock() {
-            crate::interrupt_point!(SheafAlloc);
-            if let Some(o) = slot.main().pop() {
-                crate::page::bump(&slot.nolock_ok, &g);
-                return Ok(o);
-            }
+        match self.fast_pop(cpu, true) {
+            Some(o) => Ok(o),
+            None => self.alloc_nolock_slow(pages, cpu),
         }
-        self.alloc_nolock_slow(pages, cpu)
     }
 
     /// Nolock allocation, the whole search: every level of this CPU's slots
@@ -619,17 +639,9 @@ impl Cache {
     /// and room in the main sheaf of this CPU's level-0 slot.
     #[inline]
     pub(crate) fn free(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
-        if self.deferred.is_empty() {
-            let slot = self.slot(cpu, 0);
-            if let Some(_g) = slot.lock.try_lock() {
-                crate::interrupt_point!(SheafFree);
-                let main = slot.main();
-                if main.top() != obj && main.push(obj) {
-                    return;
-                }
-            }
+        if !(self.deferred.is_empty() && self.fast_push(cpu, obj)) {
+            self.free_slow(pages, cpu, obj);
         }
-        self.free_slow(pages, cpu, obj);
     }
 
     #[cold]
@@ -657,15 +669,9 @@ impl Cache {
     /// of this CPU's level-0 slot. Otherwise [`free_nolock_slow`](Self::free_nolock_slow).
     #[inline]
     pub(crate) fn free_nolock(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
-        let slot = self.slot(cpu, 0);
-        if let Some(_g) = slot.lock.try_lock() {
-            crate::interrupt_point!(SheafFree);
-            let main = slot.main();
-            if main.top() != obj && main.push(obj) {
-                return;
-            }
+        if !self.fast_push(cpu, obj) {
+            self.free_nolock_slow(pages, cpu, obj);
         }
-        self.free_nolock_slow(pages, cpu, obj);
     }
 
     /// Nolock free, the whole search: a slot at any level, else the slab

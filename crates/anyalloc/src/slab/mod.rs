@@ -60,7 +60,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering
 
 use crate::account::{self, Group};
 use crate::config::{Config, Error};
-use crate::page::{Fail, PageAllocator, PageStats, Zone};
+use crate::page::{Fail, Mode, PageAllocator, PageStats, Zone};
 use crate::platform::FatalMessage;
 use crate::sync::{IndexStack, SlotLock};
 use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
@@ -603,6 +603,26 @@ impl HeapCore {
     #[inline]
     unsafe fn free(&self, ptr: NonNull<u8>) {
         crate::context::might_wait("Heap::free");
+        // SAFETY: forwarded contract.
+        unsafe { self.free_in(ptr, Mode::Normal) };
+        if !self.released_groups.is_empty() {
+            account::drop_released(&self.released_groups);
+        }
+    }
+
+    #[inline]
+    unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_in(ptr, Mode::NoLock) };
+    }
+
+    /// Both free paths: validate, uncharge, then the cache, page or mmap
+    /// variant of `mode` (a constant at each call site).
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[inline(always)]
+    unsafe fn free_in(&self, ptr: NonNull<u8>, mode: Mode) {
         let addr = ptr.as_ptr() as usize;
         match self.classify_or_abort(addr) {
             Kind::Object(cache, zone, idx) => {
@@ -611,18 +631,23 @@ impl HeapCore {
                 if cache.accounted {
                     self.uncharge_object(cache, zone, idx, addr);
                 }
-                cache.free(&self.pages, self.cpu(), addr);
+                match mode {
+                    Mode::Normal => cache.free(&self.pages, self.cpu(), addr),
+                    Mode::NoLock => cache.free_nolock(&self.pages, self.cpu(), addr),
+                }
             }
             Kind::Large(zone, idx, order) => {
                 self.unmark_large(zone, idx, order);
                 // SAFETY: a live large allocation of this order (classify).
-                unsafe { self.pages.free_pages(ptr, order) };
+                unsafe {
+                    match mode {
+                        Mode::Normal => self.pages.free_pages(ptr, order),
+                        Mode::NoLock => self.pages.free_pages_nolock(ptr, order),
+                    }
+                }
             }
             #[cfg(feature = "std")]
-            Kind::Huge(_) => self.free_huge(addr),
-        }
-        if !self.released_groups.is_empty() {
-            account::drop_released(&self.released_groups);
+            Kind::Huge(_) => self.free_huge(addr, mode),
         }
     }
 
@@ -652,20 +677,33 @@ impl HeapCore {
         self.large_live.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Unregisters a huge allocation and unmaps it; the nolock path parks
+    /// it instead (munmap can block): the link and size go in the mapping's
+    /// first two words, and the maintainer is woken.
     #[cfg(feature = "std")]
-    fn free_huge(&self, addr: usize) {
-        match self.huge.remove(addr) {
-            Some((size, group)) => {
-                self.huge_live.fetch_sub(1, Ordering::Relaxed);
-                self.uncharge(group, size);
-                // SAFETY: a registered huge allocation, now unregistered, so
-                // nothing else will release it.
-                unsafe { crate::platform::os_release(addr as *mut u8, size) };
-            }
-            None => self.bad_free(
+    fn free_huge(&self, addr: usize, mode: Mode) {
+        let Some((size, group)) = self.huge.remove(addr) else {
+            self.bad_free(
                 addr,
                 ", which is not a live allocation of this heap (double free?)",
-            ),
+            )
+        };
+        self.huge_live.fetch_sub(1, Ordering::Relaxed);
+        self.uncharge(group, size);
+        match mode {
+            // SAFETY: a registered huge allocation, now unregistered, so
+            // nothing else will release it.
+            Mode::Normal => unsafe { crate::platform::os_release(addr as *mut u8, size) },
+            Mode::NoLock => {
+                // SAFETY: the mapping is at least a page, writable, and no
+                // longer registered, so nothing else uses it.
+                unsafe { (addr as *mut usize).add(1).write(size) };
+                self.huge_deferred.push(addr, |a, next| {
+                    // SAFETY: as above.
+                    unsafe { (a as *mut usize).write(next) }
+                });
+                self.pages.wake_maintainer();
+            }
         }
     }
 
@@ -723,47 +761,6 @@ impl HeapCore {
             Fail::Empty => self.fail_empty.fetch_add(1, Ordering::Relaxed),
         };
         None
-    }
-
-    #[inline]
-    unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
-        let addr = ptr.as_ptr() as usize;
-        match self.classify_or_abort(addr) {
-            Kind::Object(cache, zone, idx) => {
-                #[cfg(feature = "debug-checks")]
-                cache.mark(&self.pages, zone, idx, addr, false);
-                if cache.accounted {
-                    self.uncharge_object(cache, zone, idx, addr);
-                }
-                cache.free_nolock(&self.pages, self.cpu(), addr);
-            }
-            Kind::Large(zone, idx, order) => {
-                self.unmark_large(zone, idx, order);
-                // SAFETY: a live large allocation of this order (classify).
-                unsafe { self.pages.free_pages_nolock(ptr, order) };
-            }
-            #[cfg(feature = "std")]
-            Kind::Huge(_) => match self.huge.remove(addr) {
-                Some((size, group)) => {
-                    self.huge_live.fetch_sub(1, Ordering::Relaxed);
-                    self.uncharge(group, size);
-                    // munmap can block: park it; the link and size go in the
-                    // mapping's first two words (it is ours now).
-                    // SAFETY: the mapping is at least a page, writable, and no
-                    // longer registered, so nothing else uses it.
-                    unsafe { (addr as *mut usize).add(1).write(size) };
-                    self.huge_deferred.push(addr, |a, next| {
-                        // SAFETY: as above.
-                        unsafe { (a as *mut usize).write(next) }
-                    });
-                    self.pages.wake_maintainer();
-                }
-                None => self.bad_free(
-                    addr,
-                    ", which is not a live allocation of this heap (double free?)",
-                ),
-            },
-        }
     }
 
     #[cfg(feature = "std")]
