@@ -1,6 +1,12 @@
-//! Shared machinery of the anyalloc benchmarks: command-line options,
+//! The anyalloc benchmarks, as a library: the `pages` and `heap` binaries
+//! and `anyalloc bench` (the whole suite, [`suite`]) are thin wrappers.
+//!
+//! This module holds the shared machinery: command-line options,
 //! calibration, interleaved multi-round measurement, statistics, the text
-//! table and the `--json` report, and a small lock-free SPSC ring.
+//! table and the `--json` report. The workloads live in [`heap`] (pairs,
+//! batch, producer/consumer), [`larson`], [`scratch`], [`pages`], [`bursts`]
+//! and [`survival`]; the kernel-style baseline pools in [`pools`]; plots in
+//! [`plot`].
 //!
 //! # Method
 //!
@@ -24,9 +30,37 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod bursts;
+pub mod heap;
+pub mod larson;
+pub mod pages;
+pub mod peers;
+pub mod plot;
+pub mod pools;
 pub mod ring;
+pub mod scratch;
+pub mod suite;
+pub mod survival;
+pub mod sys;
 
 pub use ring::Ring;
+
+/// `16 B`, `4 KiB`, `64 KiB`, `1.5 MiB`: a byte count for names and tables.
+pub fn fmt_bytes(n: usize) -> String {
+    if n < 1024 {
+        format!("{n} B")
+    } else if n < 1 << 20 {
+        if n.is_multiple_of(1024) {
+            format!("{} KiB", n >> 10)
+        } else {
+            format!("{:.1} KiB", n as f64 / 1024.0)
+        }
+    } else if n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
+    }
+}
 
 /// Command-line options shared by the benchmark binaries.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +180,8 @@ impl Options {
         self.peer.as_deref().is_none_or(|f| name.contains(f))
     }
 
-    fn to_json(&self) -> Value {
+    /// The options as JSON.
+    pub fn to_json(&self) -> Value {
         json!({
             "quick": self.quick,
             "rounds": self.rounds,
@@ -277,6 +312,10 @@ pub struct WorkloadResult {
     pub ops_per_iter: u64,
     /// One entry per peer, in the order given.
     pub peers: Vec<PeerResult>,
+    /// A throughput workload: tables also show ops per second (from the
+    /// ns/op figures: an op is one operation of any thread, so ops/s is
+    /// `1e9 / ns`).
+    pub throughput: bool,
 }
 
 impl WorkloadResult {
@@ -296,6 +335,84 @@ impl WorkloadResult {
             .filter(|p| !p.reference && names.contains(&p.name.as_str()))
             .min_by(|a, b| a.summary.median.total_cmp(&b.summary.median))
             .map(|p| (p.name.clone(), p.summary.median))
+    }
+}
+
+impl WorkloadResult {
+    /// The workload as a text table.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let w = self;
+        let _ = writeln!(
+            out,
+            "\n{} — ns per {} ({} iters x {} ops per sample)",
+            w.name, w.op, w.iters, w.ops_per_iter
+        );
+        let width = w
+            .peers
+            .iter()
+            .map(|p| p.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = write!(
+            out,
+            "  {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "peer", "median", "min", "p25", "p75", "max", "vs best"
+        );
+        if w.throughput {
+            let _ = write!(out, " {:>8}", "Mops/s");
+        }
+        out.push('\n');
+        for p in &w.peers {
+            let s = p.summary;
+            let vs = if p.reference {
+                "(ref)".to_string()
+            } else {
+                format!("{:.2}x", p.vs_best)
+            };
+            let _ = write!(
+                out,
+                "  {:<width$} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}",
+                p.name, s.median, s.min, s.p25, s.p75, s.max, vs
+            );
+            if w.throughput {
+                let _ = write!(out, " {:>8.2}", 1e3 / s.median);
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The workload as JSON: per peer the median ns/op (and ops/s), the
+    /// spread (min, p25, p75, max) and every sample.
+    pub fn to_json(&self) -> Value {
+        let peers: Vec<Value> = self
+            .peers
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "median_ns": p.summary.median,
+                    "min_ns": p.summary.min,
+                    "p25_ns": p.summary.p25,
+                    "p75_ns": p.summary.p75,
+                    "max_ns": p.summary.max,
+                    "median_ops_per_s": 1e9 / p.summary.median,
+                    "vs_best": p.vs_best,
+                    "reference": p.reference,
+                    "samples_ns": p.samples,
+                })
+            })
+            .collect();
+        json!({
+            "name": self.name,
+            "op": self.op,
+            "unit": if self.throughput { "ops/s" } else { "ns/op" },
+            "iters_per_sample": self.iters,
+            "ops_per_iter": self.ops_per_iter,
+            "peers": peers,
+        })
     }
 }
 
@@ -381,6 +498,7 @@ pub fn measure(
         iters,
         ops_per_iter,
         peers,
+        throughput: false,
     }
 }
 
@@ -394,8 +512,10 @@ pub struct Target {
     pub value: Option<f64>,
     /// The goal: `value <= limit`.
     pub limit: f64,
-    /// `"ns"` or `"x"` (a ratio).
+    /// `"ns"`, `"x"` (a ratio), `"%"` or `"runs"`.
     pub unit: &'static str,
+    /// The goal is `value >= limit` instead of `value <= limit`.
+    pub at_least: bool,
     /// Where the numbers come from, or why there is no value.
     pub note: String,
 }
@@ -414,20 +534,82 @@ impl Target {
             value,
             limit,
             unit,
+            at_least: false,
             note: note.into(),
+        }
+    }
+
+    /// A target `value >= limit`.
+    pub fn at_least(
+        what: impl Into<String>,
+        value: Option<f64>,
+        limit: f64,
+        unit: &'static str,
+        note: impl Into<String>,
+    ) -> Self {
+        Target {
+            at_least: true,
+            ..Target::new(what, value, limit, unit, note)
         }
     }
 
     /// `Some(true)` when met, `None` when unmeasured.
     pub fn met(&self) -> Option<bool> {
-        self.value.map(|v| v <= self.limit)
+        self.value.map(|v| {
+            if self.at_least {
+                v >= self.limit
+            } else {
+                v <= self.limit
+            }
+        })
     }
 
-    fn fmt_value(&self, v: f64) -> String {
+    /// The value in the target's unit.
+    pub fn fmt_value(&self, v: f64) -> String {
         match self.unit {
             "x" => format!("{v:.2}x"),
+            "%" => format!("{v:.3}%"),
+            "runs" => format!("{v:.0}"),
             u => format!("{v:.1} {u}"),
         }
+    }
+
+    /// `PASS`, `MISS` or `n/a`.
+    pub fn mark(&self) -> &'static str {
+        match self.met() {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a ",
+        }
+    }
+
+    /// One line of the targets table: mark, what, value, goal, note.
+    pub fn line(&self) -> String {
+        let val = self
+            .value
+            .map_or_else(|| "-".to_string(), |v| self.fmt_value(v));
+        let cmp = if self.at_least { ">=" } else { "<=" };
+        format!(
+            "[{}] {:<58} {:>10}  (goal {cmp} {})  {}",
+            self.mark(),
+            self.what,
+            val,
+            self.fmt_value(self.limit),
+            self.note
+        )
+    }
+
+    /// The target as JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "what": self.what,
+            "value": self.value,
+            "limit": self.limit,
+            "unit": self.unit,
+            "goal": if self.at_least { ">=" } else { "<=" },
+            "met": self.met(),
+            "note": self.note,
+        })
     }
 }
 
@@ -461,53 +643,12 @@ impl Report {
             let _ = writeln!(out, "  {line}");
         }
         for w in &self.workloads {
-            let _ = writeln!(
-                out,
-                "\n{} — ns per {} ({} iters x {} ops per sample)",
-                w.name, w.op, w.iters, w.ops_per_iter
-            );
-            let width = w
-                .peers
-                .iter()
-                .map(|p| p.name.len())
-                .max()
-                .unwrap_or(4)
-                .max(4);
-            let _ = writeln!(
-                out,
-                "  {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
-                "peer", "median", "min", "p25", "p75", "max", "vs best"
-            );
-            for p in &w.peers {
-                let s = p.summary;
-                let vs = if p.reference {
-                    "(ref)".to_string()
-                } else {
-                    format!("{:.2}x", p.vs_best)
-                };
-                let _ = writeln!(
-                    out,
-                    "  {:<width$} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}",
-                    p.name, s.median, s.min, s.p25, s.p75, s.max, vs
-                );
-            }
+            out.push_str(&w.to_text());
         }
         if !self.targets.is_empty() {
-            let _ = writeln!(out, "\ntargets (value <= goal):");
+            let _ = writeln!(out, "\ntargets:");
             for t in &self.targets {
-                let (mark, val) = match (t.met(), t.value) {
-                    (Some(true), Some(v)) => ("MET ", t.fmt_value(v)),
-                    (Some(false), Some(v)) => ("MISS", t.fmt_value(v)),
-                    _ => ("n/a ", "-".to_string()),
-                };
-                let _ = writeln!(
-                    out,
-                    "  [{mark}] {:<52} {:>9}  (goal <= {})  {}",
-                    t.what,
-                    val,
-                    t.fmt_value(t.limit),
-                    t.note
-                );
+                let _ = writeln!(out, "  {}", t.line());
             }
         }
         out
@@ -515,50 +656,8 @@ impl Report {
 
     /// The report as one JSON object.
     pub fn to_json(&self) -> Value {
-        let workloads: Vec<Value> = self
-            .workloads
-            .iter()
-            .map(|w| {
-                let peers: Vec<Value> = w
-                    .peers
-                    .iter()
-                    .map(|p| {
-                        json!({
-                            "name": p.name,
-                            "median_ns": p.summary.median,
-                            "min_ns": p.summary.min,
-                            "p25_ns": p.summary.p25,
-                            "p75_ns": p.summary.p75,
-                            "max_ns": p.summary.max,
-                            "vs_best": p.vs_best,
-                            "reference": p.reference,
-                            "samples_ns": p.samples,
-                        })
-                    })
-                    .collect();
-                json!({
-                    "name": w.name,
-                    "op": w.op,
-                    "iters_per_sample": w.iters,
-                    "ops_per_iter": w.ops_per_iter,
-                    "peers": peers,
-                })
-            })
-            .collect();
-        let targets: Vec<Value> = self
-            .targets
-            .iter()
-            .map(|t| {
-                json!({
-                    "what": t.what,
-                    "value": t.value,
-                    "limit": t.limit,
-                    "unit": t.unit,
-                    "met": t.met(),
-                    "note": t.note,
-                })
-            })
-            .collect();
+        let workloads: Vec<Value> = self.workloads.iter().map(|w| w.to_json()).collect();
+        let targets: Vec<Value> = self.targets.iter().map(|t| t.to_json()).collect();
         json!({
             "bench": self.bench,
             "setup": self.setup,
@@ -713,7 +812,7 @@ mod tests {
             workloads: vec![r],
             targets: vec![Target::new("x", Some(1.0), 2.0, "ns", "")],
         };
-        assert!(text.to_text().contains("[MET ]"));
+        assert!(text.to_text().contains("[PASS]"));
         let j = text.to_json();
         assert_eq!(
             j["workloads"][0]["peers"][0]["samples_ns"]

@@ -6,6 +6,10 @@
 //! fire two signals whose handlers, possibly nested, allocate and free with
 //! the nolock paths. Every block is pattern-checked when freed; at the end
 //! every page of the stress heap must be free again. See `README.md`.
+//!
+//! `anyalloc bench` runs the benchmark suite of the `anyalloc-bench` crate:
+//! every peer side by side, tables (or `--json`), SVG plots and the
+//! Markdown report.
 
 mod hist;
 mod pattern;
@@ -43,7 +47,7 @@ const DEFAULT_HEAP: usize = 256 << 20;
     long_about = "Tools for anyalloc, the memory allocator that can be called from any \
                   context: signal handlers, real-time threads, interrupt handlers.\n\n\
                   This binary itself runs on anyalloc (its #[global_allocator] is anyalloc::Global).",
-    after_help = "Run `anyalloc stress --help` for the signal storm."
+    after_help = "Run `anyalloc stress --help` for the signal storm, `anyalloc bench --help` for the benchmarks."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -78,6 +82,68 @@ enum Command {
         64  invalid command line"
     )]
     Stress(StressArgs),
+    /// Benchmarks side by side with every peer (glibc, mimalloc, jemalloc,
+    /// buddy_system_allocator, kernel-style pools), with plots
+    #[command(
+        long_about = "Benchmarks of anyalloc side by side with its peers.\n\n\
+        Workloads: 1 pairs (alloc+free by size, 16 B-64 KiB), 2 batch (1000 allocs then 1000 frees), \
+        3 producer-consumer (across threads), 4 larson (server churn, cross-thread frees), \
+        5 cache-scratch (false sharing), 6 pages (orders 0-3), 7 bursts (1-10,000 objects \
+        from signal handlers: success rate and RSS, each allocator in a child process), \
+        8 survival (malloc/free in signal handlers during a storm, each run a child under a \
+        watchdog).\n\n\
+        Peers: glibc, mimalloc, jemalloc, anyalloc Global, anyalloc Heap normal and nolock; \
+        for pages buddy_system_allocator; for bursts a per-CPU watermark pool and a \
+        preallocated pool (baselines of what the kernel did before nolock allocation).\n\n\
+        Workloads 1-6 run in one process, interleaved over several rounds; the median and the \
+        spread (min, p25, p75, max) are reported, and the targets are printed as PASS/MISS.",
+        after_help = "Examples:\n  \
+        anyalloc bench --quick                      all workloads in about a minute\n  \
+        anyalloc bench --filter pairs --json        one workload group as JSON\n  \
+        anyalloc bench --plots docs/bench --markdown docs/BENCHMARKS.md   the full documented run"
+    )]
+    Bench(BenchArgs),
+}
+
+/// Options of `anyalloc bench`.
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Fewer rounds, shorter samples and storms: every workload in well under 90 s
+    #[arg(long)]
+    quick: bool,
+
+    /// Print exactly one JSON object on stdout instead of the tables
+    #[arg(long)]
+    json: bool,
+
+    /// Only workloads whose "group: name" contains TEXT (groups: pairs, batch,
+    /// producer-consumer, larson, cache-scratch, pages, bursts, survival)
+    #[arg(long, value_name = "TEXT")]
+    filter: Option<String>,
+
+    /// Only peers whose name contains TEXT
+    #[arg(long, value_name = "TEXT")]
+    peer: Option<String>,
+
+    /// Measured rounds per timed workload [default: 11, or 7 with --quick]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    rounds: Option<u64>,
+
+    /// Length of one sample of the slowest peer, in ms [default: 20, or 3 with --quick]
+    #[arg(long, value_name = "MS")]
+    sample_ms: Option<f64>,
+
+    /// Write one SVG plot per workload into DIR (e.g. docs/bench)
+    #[arg(long, value_name = "DIR")]
+    plots: Option<std::path::PathBuf>,
+
+    /// Write the report as Markdown to FILE (e.g. docs/BENCHMARKS.md), embedding the plots
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<std::path::PathBuf>,
+
+    /// Internal: run one child of the bursts or survival workloads
+    #[arg(long, hide = true, num_args = 1.., allow_hyphen_values = true, value_name = "ARGS")]
+    child: Option<Vec<String>>,
 }
 
 /// Options of `anyalloc stress`.
@@ -152,8 +218,56 @@ fn main() {
     };
     let code = match cli.command {
         Command::Stress(args) => stress(&args),
+        Command::Bench(args) => bench(args),
     };
     std::process::exit(code);
+}
+
+/// `anyalloc bench`: the suite of `anyalloc-bench`, or one of its children.
+fn bench(args: BenchArgs) -> i32 {
+    if let Some(child) = &args.child {
+        return anyalloc_bench::suite::child_main(child);
+    }
+    let mut argv: Vec<String> = Vec::new();
+    if args.quick {
+        argv.push("--quick".into());
+    }
+    if let Some(n) = args.rounds {
+        argv.extend(["--rounds".into(), n.to_string()]);
+    }
+    if let Some(ms) = args.sample_ms {
+        argv.extend(["--sample-ms".into(), ms.to_string()]);
+    }
+    if let Some(f) = &args.filter {
+        argv.extend(["--filter".into(), f.clone()]);
+    }
+    if let Some(p) = &args.peer {
+        argv.extend(["--peer".into(), p.clone()]);
+    }
+    if args.json {
+        argv.push("--json".into());
+    }
+    let opts = match anyalloc_bench::Options::parse(&argv) {
+        Ok(Some(o)) => o,
+        Ok(None) => return 0,
+        Err(e) => {
+            eprintln!("anyalloc bench: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let mut command = String::from("anyalloc bench");
+    for a in std::env::args().skip(2) {
+        command.push(' ');
+        command.push_str(&a);
+    }
+    let cfg = anyalloc_bench::suite::SuiteConfig {
+        opts,
+        plots: args.plots,
+        markdown: args.markdown,
+        child: vec!["bench".into(), "--child".into()],
+        command,
+    };
+    anyalloc_bench::suite::run(&cfg)
 }
 
 /// Set by the main thread when the run is over: the watchdog stops.

@@ -1,0 +1,348 @@
+//! Workloads 1 to 3 (and the `heap` binary): alloc+free pairs by size, a
+//! batch of 1000 allocations then 1000 frees, and a producer/consumer pair
+//! of threads, for glibc, mimalloc, jemalloc, anyalloc `Global` and
+//! anyalloc `Heap` (normal and nolock paths).
+//!
+//! Every peer is called through the same `&dyn GlobalAlloc` (one dynamic
+//! call per alloc and per free); see [`crate::peers`].
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::peers::{alloc_retrying, check_heap, heap_peers, Alloc, Named, NOLOCK, NORMAL, OTHERS};
+use crate::ring::{Consumer, Ring};
+use crate::{
+    measure, out_of_memory, progress, spin_until, Options, Peer, Report, Target, WorkloadResult,
+};
+
+/// Reference row of the producer/consumer workload.
+pub const RING_ONLY: &str = "ring hand-off only";
+/// Objects per batch in the batch workload.
+pub const BATCH: usize = 1000;
+/// Slots of the producer/consumer ring.
+const RING: usize = 256;
+/// Alignment of every request (what a `Box<[u64; n]>` asks for).
+const ALIGN: usize = 8;
+/// The largest request `Heap::alloc_nolock` serves (order 3: 32 KiB).
+pub const NOLOCK_MAX_BYTES: usize = anyalloc::PAGE_SIZE << anyalloc::NOLOCK_MAX_ORDER;
+
+pub fn layout(size: usize) -> Layout {
+    Layout::from_size_align(size, ALIGN).expect("object layout")
+}
+
+/// `iters` times: allocate one object and free it.
+#[inline(never)]
+pub fn pairs(name: &str, a: &dyn GlobalAlloc, layout: Layout, iters: u64) -> Duration {
+    let a = black_box(a);
+    let t = Instant::now();
+    for _ in 0..iters {
+        // SAFETY: `layout` has a non-zero size.
+        let p = unsafe { a.alloc(black_box(layout)) };
+        if p.is_null() {
+            out_of_memory(name, "an object");
+        }
+        // SAFETY: `p` was just allocated by `a` with `layout`, freed once.
+        unsafe { a.dealloc(black_box(p), layout) };
+    }
+    t.elapsed()
+}
+
+/// `iters` times: allocate `BATCH` objects, then free them in allocation
+/// order.
+#[inline(never)]
+pub fn batches(name: &str, a: &dyn GlobalAlloc, layout: Layout, iters: u64) -> Duration {
+    let a = black_box(a);
+    let mut held = vec![std::ptr::null_mut::<u8>(); BATCH];
+    let t = Instant::now();
+    for _ in 0..iters {
+        for slot in held.iter_mut() {
+            // SAFETY: `layout` has a non-zero size.
+            let p = unsafe { a.alloc(black_box(layout)) };
+            if p.is_null() {
+                out_of_memory(name, "an object");
+            }
+            *slot = p;
+        }
+        for &p in black_box(&held).iter() {
+            // SAFETY: each entry was allocated by `a` with `layout` in this
+            // iteration and is freed exactly once.
+            unsafe { a.dealloc(p, layout) };
+        }
+    }
+    t.elapsed()
+}
+
+/// One sample of the producer/consumer workload, for the consumer thread.
+struct Job {
+    id: u64,
+    /// `None`: the ring-only reference row (pointers are passed, not freed).
+    alloc: Option<Alloc>,
+    layout: Layout,
+    count: u64,
+}
+
+/// The consumer thread: for each job, announce readiness, then pop and free
+/// `count` objects, then announce completion.
+fn consumer(
+    ring: Consumer<'_, RING>,
+    jobs: mpsc::Receiver<Job>,
+    ready: &AtomicU64,
+    done: &AtomicU64,
+) {
+    while let Ok(job) = jobs.recv() {
+        ready.store(job.id, Ordering::Release);
+        let mut left = job.count;
+        let mut idle = 0u32;
+        while left > 0 {
+            if let Some(p) = ring.pop() {
+                if let Some(a) = job.alloc {
+                    // SAFETY: the producer allocated `p` with `a` and
+                    // `job.layout` and handed it over through the ring; it
+                    // is freed exactly once, here.
+                    unsafe { a.dealloc(p, job.layout) };
+                }
+                left -= 1;
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle.is_multiple_of(128) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        done.store(job.id, Ordering::Release);
+    }
+}
+
+/// Two threads: this one allocates `size`-byte objects and pushes them
+/// through a bounded SPSC ring, a consumer thread frees them. One consumer
+/// thread serves every sample of every peer (allocator thread caches stay
+/// warm); the clock runs from the first allocation until the consumer has
+/// freed the last object. A peer `None` is the ring-only reference row: the
+/// same hand-off of a dummy pointer, no allocation and no free, measured in
+/// the same rounds (when the other core is busy with something else, this
+/// row shows it: the hand-off alone then costs tens of ns instead of a few).
+pub fn producer_consumer(
+    opts: &Options,
+    name: &str,
+    op: &str,
+    size: usize,
+    peers: &[Named<Option<Alloc>>],
+) -> WorkloadResult {
+    let layout = layout(size);
+    let mut ring = Box::new(Ring::<RING>::new());
+    let (prod, cons) = ring.split();
+    let (jobs, rx) = mpsc::channel::<Job>();
+    let ready = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let next_id = std::cell::Cell::new(0u64);
+    std::thread::scope(|s| {
+        let (ready, done) = (&ready, &done);
+        s.spawn(move || consumer(cons, rx, ready, done));
+        let mut ps: Vec<Peer<'_>> = peers
+            .iter()
+            .map(|&(pname, alloc)| {
+                let (prod, jobs, next_id) = (&prod, &jobs, &next_id);
+                let run = move |n| {
+                    let id = next_id.get() + 1;
+                    next_id.set(id);
+                    jobs.send(Job {
+                        id,
+                        alloc,
+                        layout,
+                        count: n,
+                    })
+                    .expect("consumer thread alive");
+                    spin_until(|| ready.load(Ordering::Acquire) == id);
+                    let t = Instant::now();
+                    match black_box(alloc) {
+                        Some(a) => {
+                            for _ in 0..n {
+                                let p = alloc_retrying(pname, a, black_box(layout));
+                                spin_until(|| prod.push(p));
+                            }
+                        }
+                        None => {
+                            let dummy = std::ptr::NonNull::<u64>::dangling().as_ptr().cast::<u8>();
+                            for _ in 0..n {
+                                let p = black_box(dummy);
+                                spin_until(|| prod.push(p));
+                            }
+                        }
+                    }
+                    spin_until(|| done.load(Ordering::Acquire) == id);
+                    t.elapsed()
+                };
+                if alloc.is_some() {
+                    Peer::new(pname, run)
+                } else {
+                    Peer::reference(pname, run)
+                }
+            })
+            .collect();
+        let r = measure(opts, name, op, 1, &mut ps);
+        drop(ps);
+        drop(jobs);
+        r
+    })
+}
+
+/// One workload measured over `peers` (name, op, ops per iteration, the
+/// loop, the object size).
+pub type Single = (String, &'static str, u64, Work, usize);
+/// A single-threaded loop: peer name, allocator, layout, iterations.
+pub type Work = fn(&str, &dyn GlobalAlloc, Layout, u64) -> Duration;
+
+/// The pair workload for `size` bytes.
+pub fn pair_workload(size: usize) -> Single {
+    (
+        format!("pair {}", crate::fmt_bytes(size)),
+        "alloc+free pair",
+        1,
+        pairs as Work,
+        size,
+    )
+}
+
+/// The batch workload (`BATCH` x `size` bytes).
+pub fn batch_workload(size: usize) -> Single {
+    (
+        format!("batch {BATCH} x {}", crate::fmt_bytes(size)),
+        "alloc+free (batch: all allocs, then all frees)",
+        BATCH as u64,
+        batches as Work,
+        size,
+    )
+}
+
+/// Measures one single-threaded workload over `peers`; the nolock peer
+/// sits out requests beyond what its path serves.
+pub fn run_single(opts: &Options, w: &Single, peers: &[Named<Alloc>]) -> WorkloadResult {
+    let (name, op, ops_per_iter, work, size) = w;
+    progress(&format!("measuring {name}"));
+    let l = layout(*size);
+    let work = *work;
+    let mut ps: Vec<Peer<'_>> = peers
+        .iter()
+        .filter(|&&(pname, _)| pname != NOLOCK || *size <= NOLOCK_MAX_BYTES)
+        .map(|&(pname, a)| Peer::new(pname, move |n| work(pname, a, l, n)))
+        .collect();
+    measure(opts, name, op, *ops_per_iter, &mut ps)
+}
+
+/// The producer/consumer workload over `peers` plus the ring-only
+/// reference row.
+pub fn run_producer_consumer(opts: &Options, peers: &[Named<Alloc>]) -> WorkloadResult {
+    let pc = "producer/consumer 64 B";
+    progress(&format!("measuring {pc}"));
+    let mut with: Vec<Named<Option<Alloc>>> = peers.iter().map(|&(n, a)| (n, Some(a))).collect();
+    if opts.peer_selected(RING_ONLY) {
+        with.push((RING_ONLY, None));
+    }
+    producer_consumer(
+        opts,
+        pc,
+        "object (alloc on one thread, free on the other)",
+        64,
+        &with,
+    )
+}
+
+/// `normal / best of glibc, mimalloc, jemalloc <= 1.0` (and the same for
+/// `Global` when it took part) and `nolock / normal <= 1.2` for each
+/// workload.
+pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for w in results {
+        let best = w.best_of(&OTHERS);
+        for who in [NORMAL, crate::peers::GLOBAL] {
+            if who == crate::peers::GLOBAL && w.median_of(who).is_none() {
+                continue;
+            }
+            let value = w.median_of(who).zip(best.as_ref()).map(|(n, (_, b))| n / b);
+            let note = best
+                .as_ref()
+                .map_or_else(String::new, |(name, _)| format!("best peer: {name}"));
+            let short = if who == NORMAL { "normal" } else { "Global" };
+            targets.push(Target::new(
+                format!("{short} / best peer, {}", w.name),
+                value,
+                1.0,
+                "x",
+                note,
+            ));
+        }
+    }
+    for w in results {
+        let value = w
+            .median_of(NOLOCK)
+            .zip(w.median_of(NORMAL))
+            .map(|(a, b)| a / b);
+        let note = if w.median_of(NOLOCK).is_none() && w.median_of(NORMAL).is_some() {
+            "the nolock path serves at most 32 KiB".to_string()
+        } else {
+            "ratio of medians".to_string()
+        };
+        targets.push(Target::new(
+            format!("nolock / normal, {}", w.name),
+            value,
+            1.2,
+            "x",
+            note,
+        ));
+    }
+    targets
+}
+
+/// The `heap` binary: pairs of 16 B to 4 KiB, a batch and the
+/// producer/consumer workload, printed as tables (or `--json`).
+pub fn bin_main() {
+    let opts = Options::from_args(
+        "heap",
+        "Object allocator benchmark: anyalloc Heap (normal and nolock paths) vs glibc, mimalloc, jemalloc.",
+    );
+    let hp = heap_peers(false);
+    let mut peers = hp.peers;
+    peers.retain(|&(name, _)| opts.peer_selected(name));
+
+    let mut single: Vec<Single> = [16, 64, 256, 1024, 4096]
+        .into_iter()
+        .map(pair_workload)
+        .collect();
+    single.push(batch_workload(64));
+
+    let mut results = Vec::new();
+    for w in &single {
+        if opts.selected(&w.0) && !peers.is_empty() {
+            results.push(run_single(&opts, w, &peers));
+        }
+    }
+    if opts.selected("producer/consumer 64 B") && !peers.is_empty() {
+        results.push(run_producer_consumer(&opts, &peers));
+    }
+    let targets = targets(&results);
+    let mut setup = vec![
+        "every peer called through &dyn GlobalAlloc; Layout align 8".to_string(),
+        format!("{}: std::alloc::System; {}: mimalloc::MiMalloc; {}: tikv_jemallocator::Jemalloc",
+            crate::peers::GLIBC, crate::peers::MIMALLOC, crate::peers::JEMALLOC),
+        format!("{NORMAL}: Heap::alloc / free; {NOLOCK}: Heap::alloc_nolock / free_nolock; one Heap each, Config::default()"),
+        format!(
+            "producer/consumer: bounded lock-free SPSC ring of {RING} pointers, one persistent consumer thread; \
+             the (ref) row is the same hand-off without allocating or freeing, in the same rounds"
+        ),
+    ];
+    setup.extend(hp.heaps.iter().map(|&(name, heap)| check_heap(name, heap)));
+    let report = Report {
+        bench: "heap".into(),
+        setup,
+        options: opts,
+        workloads: results,
+        targets,
+    };
+    report.print();
+}
