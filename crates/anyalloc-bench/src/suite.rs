@@ -454,7 +454,7 @@ impl SuiteReport {
                     .unwrap_or(0.0);
                 let held = num(v, "rss_after") - num(v, "rss_base");
                 t.push(Target::at_least(
-                    format!("(baseline) {} holds its maximum after the run", row.name),
+                    format!("{} holds its maximum after the run", row.name),
                     (committed > 0.0).then(|| held / committed),
                     0.95,
                     "x",
@@ -468,7 +468,7 @@ impl SuiteReport {
                 let big = &v["by_burst_size"][3];
                 let (b, full) = (num(big, "bursts"), num(big, "bursts_full"));
                 t.push(Target::new(
-                    format!("(baseline) {}: allocations in bursts of 1000+", row.name),
+                    format!("{}: allocations in bursts of 1000+", row.name),
                     Some(100.0 * num(big, "success_rate")),
                     99.9,
                     "%",
@@ -806,6 +806,15 @@ impl SuiteReport {
         let _ = writeln!(out, "| whole run | {:.0} s |", self.elapsed_s);
         let _ = writeln!(
             out,
+            "\nTo reproduce, from the repository root: `{}`",
+            self.command.replacen(
+                "anyalloc bench",
+                "cargo run --release -p anyalloc-cli -- bench",
+                1
+            )
+        );
+        let _ = writeln!(
+            out,
             "\nThis machine is shared and noisy (2x swings between runs are normal): compare peers \
              within one run only. Timed figures are medians across rounds; the spread is p25..p75 \
              (error bars in the plots), with min and max in the tables. How each workload works is \
@@ -1031,7 +1040,7 @@ pub fn write_plots(r: &SuiteReport, dir: &Path) -> Result<Vec<PathBuf>, String> 
             unit,
             &groups,
             &series,
-            number == 5,
+            false,
         )?;
         files.push(f);
     }
