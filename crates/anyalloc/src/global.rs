@@ -3,9 +3,9 @@
 //!
 //! # Routing
 //!
-//! Every thread has two const-initialised thread-locals without destructors
-//! (plain TLS words: no lazy initialisation, nothing registered at thread
-//! exit, safe in a signal handler):
+//! Every thread has one const-initialised thread-local word without a
+//! destructor (plain TLS: no lazy initialisation, nothing registered at
+//! thread exit, safe in a signal handler), holding two counters:
 //!
 //! * `DEPTH`: how many `Global` calls of this thread are in progress. A call
 //!   that finds it non-zero interrupted its own thread inside the allocator
@@ -46,9 +46,16 @@ use crate::config::{Config, Error};
 use crate::slab::Heap;
 
 std::thread_local! {
-    static DEPTH: Cell<u32> = const { Cell::new(0) };
-    static SCOPE: Cell<u32> = const { Cell::new(0) };
+    /// `DEPTH` in the low 16 bits, `SCOPE` in the high 16: one load
+    /// decides the route.
+    static ROUTE: Cell<u32> = const { Cell::new(0) };
 }
+
+/// One level of `DEPTH` / of `SCOPE` in `ROUTE`. Depth is bounded by signal
+/// nesting (a handful); scopes by program structure (nesting 65,535 deep
+/// would overflow into nothing worse than a wrong route).
+const DEPTH_ONE: u32 = 1;
+const SCOPE_ONE: u32 = 1 << 16;
 
 const UNINIT: u8 = 0;
 const INITIALIZING: u8 = 1;
@@ -80,6 +87,7 @@ pub fn init() -> Result<&'static Heap, Error> {
 }
 
 /// The process-wide heap if it exists already (for its statistics, say).
+#[inline(always)]
 pub fn global_heap() -> Option<&'static Heap> {
     if GLOBAL_HEAP.state.load(Ordering::Acquire) == READY {
         // SAFETY: READY is stored (Release) after the heap was written.
@@ -258,19 +266,19 @@ fn register_atfork() {
 /// thread inside the allocator, or runs inside a nolock scope.
 #[inline(always)]
 fn must_nolock() -> bool {
-    DEPTH.get() != 0 || SCOPE.get() != 0
+    ROUTE.get() != 0
 }
 
 /// Runs `f` with this thread marked as inside the allocator.
 #[inline(always)]
 fn inside<R>(f: impl FnOnce() -> R) -> R {
-    let d = DEPTH.get();
-    DEPTH.set(d + 1);
+    let d = ROUTE.get();
+    ROUTE.set(d + DEPTH_ONE);
     // A handler that runs after this point must see the mark.
     compiler_fence(Ordering::SeqCst);
     let r = f();
     compiler_fence(Ordering::SeqCst);
-    DEPTH.set(d);
+    ROUTE.set(d);
     r
 }
 
@@ -278,7 +286,7 @@ fn inside<R>(f: impl FnOnce() -> R) -> R {
 /// nolock scope aborts.
 #[cfg(any(debug_assertions, feature = "debug-checks"))]
 pub(crate) fn check_might_wait(function: &'static str) {
-    if SCOPE.get() != 0 {
+    if ROUTE.get() >= SCOPE_ONE {
         crate::platform::write_stderr(b"anyalloc: ");
         crate::platform::write_stderr(function.as_bytes());
         crate::platform::write_stderr(
@@ -461,7 +469,7 @@ unsafe impl allocator_api2::alloc::Allocator for NoLock {
 /// // ... real-time work: allocations here never block ...
 /// ```
 pub fn nolock_scope() -> NoLockScope {
-    SCOPE.set(SCOPE.get() + 1);
+    ROUTE.set(ROUTE.get() + SCOPE_ONE);
     NoLockScope {
         _not_send: core::marker::PhantomData,
     }
@@ -477,13 +485,13 @@ pub struct NoLockScope {
 
 impl Drop for NoLockScope {
     fn drop(&mut self) {
-        SCOPE.set(SCOPE.get() - 1);
+        ROUTE.set(ROUTE.get() - SCOPE_ONE);
     }
 }
 
 /// Whether this thread is inside a [`nolock_scope`].
 pub fn in_nolock_scope() -> bool {
-    SCOPE.get() != 0
+    ROUTE.get() >= SCOPE_ONE
 }
 
 #[cfg(test)]

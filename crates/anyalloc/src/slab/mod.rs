@@ -975,7 +975,7 @@ impl HeapCore {
         None
     }
 
-    #[inline]
+    #[inline(always)]
     fn classify_or_abort(&self, addr: usize) -> Kind<'_> {
         match self.classify(addr) {
             Some(k @ Kind::Object(cache, zone, idx)) => {
