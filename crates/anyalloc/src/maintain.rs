@@ -6,8 +6,10 @@
 //! add and a futex wake: async-signal-safe, never blocking). Each wake it
 //! drains the deferred lists at once; every 50 ms it also runs a full pass
 //! (`HeapCore::maintain_pass`): per-CPU lists and sheaves that saw demand
-//! are stocked, shrinkers run below the low watermark, and max-order blocks
-//! that stayed free for a second go back to the OS (`MADV_DONTNEED`).
+//! are stocked, caches and barns left unchanged for half a second give their
+//! objects back to the slabs and their pages back to the buddy lists,
+//! shrinkers run below the low watermark, and free blocks of 256 KiB or
+//! more that stayed idle for half a second go back to the OS (`MADV_DONTNEED`).
 //!
 //! It never holds a lock a nolock caller needs for longer than an ordinary
 //! normal-path operation would: it uses the same normal-path functions. It
@@ -30,8 +32,12 @@ const RUNNING: u8 = 2;
 const PERIOD: Duration = Duration::from_millis(50);
 /// Epoch length for idle-memory accounting.
 const EPOCH: Duration = Duration::from_millis(100);
-/// Epochs a max-order block stays free before it goes back to the OS.
-const IDLE_EPOCHS: usize = 10;
+/// Epochs a free block stays idle before it goes back to the OS.
+const IDLE_EPOCHS: usize = 5;
+/// Passes (one per `PERIOD`) a per-CPU cache or a barn stays unchanged
+/// before its objects and pages go back: half a second. With `IDLE_EPOCHS`
+/// this puts memory freed by a burst back with the OS within about 1.5 s.
+const IDLE_PASSES: u32 = 10;
 
 /// A heap's maintenance thread, if started.
 pub(crate) struct MaintainerSlot {
@@ -148,7 +154,7 @@ fn run(core: &HeapCore) {
         core.drain_deferred_only();
         if last_pass.is_none_or(|t| t.elapsed() >= PERIOD) {
             let epoch = (start.elapsed().as_millis() / EPOCH.as_millis()) as usize + 1;
-            core.maintain_pass(epoch, IDLE_EPOCHS);
+            core.maintain_pass(epoch, IDLE_EPOCHS, IDLE_PASSES);
             last_pass = Some(Instant::now());
         }
         wait(&core.wake, seen, PERIOD);

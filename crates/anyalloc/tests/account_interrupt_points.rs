@@ -44,7 +44,7 @@ fn hook(site: Site) {
 
 #[test]
 fn charging_is_reentrant_at_its_critical_section() {
-    let heap = HEAP.get_or_init(|| Heap::new(Config::default().memory(64 << 20).cpus(1)).unwrap());
+    let heap = HEAP.get_or_init(|| Heap::new(Config::default().memory(64 << 20).cpus(1).maintenance(false)).unwrap());
     let parent = Group::new("parent", Some(32 << 20), None);
     let g = GROUP.get_or_init(|| Group::new("child", None, Some(&parent)));
     set_hook(Some(hook));

@@ -502,11 +502,11 @@ impl PageAllocator {
     }
 
     /// One maintenance pass (normal context): merges deferred frees, keeps
-    /// per-CPU lists that saw demand stocked, and (std) returns max-order
-    /// blocks free for `idle_epochs` epochs to the OS. Returns the blocks
-    /// released.
+    /// per-CPU lists that saw demand stocked (and returns idle ones, see
+    /// `Zone::maintain_slots`), and (std) returns free blocks idle for
+    /// `idle_epochs` epochs to the OS. Returns the bytes released.
     #[cfg_attr(not(feature = "std"), allow(unused_mut))]
-    pub(crate) fn maintain(&self, epoch: usize, idle_epochs: usize) -> usize {
+    pub(crate) fn maintain(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) -> usize {
         let _serial = self.drain_lock.lock(self.platform);
         let mut released = 0;
         for zone in self.zones() {
@@ -515,7 +515,7 @@ impl PageAllocator {
                 let g = zone.lock.lock(zone.platform());
                 zone.drain_deferred(&g);
             }
-            zone.stock_slots();
+            zone.maintain_slots(idle_passes);
             #[cfg(feature = "std")]
             {
                 released += zone.release_idle_blocks(epoch, idle_epochs, RELEASE_BUDGET);

@@ -48,6 +48,11 @@ pub(crate) const MAX_BLOCK: usize = PAGE_SIZE << MAX_ORDER;
 #[cfg(feature = "std")]
 const RELEASED: usize = 1 << (usize::BITS - 1);
 
+/// The lowest order whose free blocks the maintainer returns to the OS when
+/// they stay idle (256 KiB): a burst's memory rarely re-forms whole 4 MiB
+/// blocks.
+pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
+
 /// The "no page" index of the zone's lists.
 pub(crate) const NIL: u32 = u32::MAX;
 
@@ -92,6 +97,10 @@ pub(crate) struct PcpSlot {
     /// Set when an allocation found this slot's lists empty; the maintainer
     /// keeps such slots stocked. Cleared by drain.
     pub(crate) demand: AtomicU32,
+    /// Maintenance: the slot's contents at the last pass, and for how many
+    /// passes they have not changed.
+    snap: AtomicUsize,
+    idle: AtomicU32,
 }
 
 impl PcpSlot {
@@ -228,6 +237,8 @@ impl Zone {
                     counts: [const { AtomicU32::new(0) }; PCP_MAX_ORDER as usize + 1],
                     nolock_ok: AtomicU64::new(0),
                     demand: AtomicU32::new(0),
+                    snap: AtomicUsize::new(0),
+                    idle: AtomicU32::new(0),
                 });
                 (*s).init();
             }
@@ -335,7 +346,7 @@ impl Zone {
         }
         head.store(idx, Ordering::Relaxed);
         d.set(desc::state(desc::BUDDY, order));
-        if order == MAX_ORDER {
+        if order >= RELEASE_MIN_ORDER {
             // When it became free (maintenance epoch), for returning idle
             // blocks to the OS; `carved` is unused while a block is free.
             d.carved
@@ -607,7 +618,7 @@ impl Zone {
     /// Whether a nolock free may still add to this slot.
     #[inline]
     pub(crate) fn pcp_has_room(&self, slot: &PcpSlot) -> bool {
-        slot.pages.load(Ordering::Relaxed) < 2 * self.pcp_high
+        slot.pages.load(Ordering::Relaxed) < self.pcp_high + self.pcp_batch
     }
 
     /// Normal context: moves blocks from a held slot to the buddy lists until
@@ -650,15 +661,30 @@ impl Zone {
         self.drain_deferred(&g);
     }
 
-    /// Maintenance (normal context): tops up every slot that has seen demand
-    /// and holds fewer than a batch of pages, to about half its `high`, so a
-    /// burst of nolock allocations finds pages ready. Slots held right now
-    /// are skipped.
-    pub(crate) fn stock_slots(&self) {
+    /// Maintenance (normal context), for every slot not held right now:
+    /// - a slot whose lists have not changed for `idle_passes` passes goes
+    ///   back to the buddy lists, and forgets its demand (it is stocked
+    ///   again once an allocation finds it empty);
+    /// - a slot holding more than half its `high` plus a batch is trimmed to
+    ///   half its `high` (nolock frees may overshoot `high`);
+    /// - a slot that has seen demand and holds less than a batch is topped
+    ///   up to half its `high`, so a burst of nolock allocations finds pages.
+    pub(crate) fn maintain_slots(&self, idle_passes: u32) {
+        let target = self.pcp_high / 2;
         for slot in self.slots() {
-            if slot.demand.load(Ordering::Relaxed) == 0
-                || slot.pages.load(Ordering::Relaxed) >= self.pcp_batch
-            {
+            let pages = slot.pages.load(Ordering::Relaxed);
+            let snap = (pages as usize) << 32 ^ slot.heads[0].load(Ordering::Relaxed) as usize;
+            let idle = if slot.snap.swap(snap, Ordering::Relaxed) == snap {
+                slot.idle.load(Ordering::Relaxed) + 1
+            } else {
+                0
+            };
+            slot.idle.store(idle, Ordering::Relaxed);
+            let demand = slot.demand.load(Ordering::Relaxed) != 0;
+            let decay = idle >= idle_passes && pages > 0;
+            let trim = pages > target + self.pcp_batch;
+            let stock = demand && pages < self.pcp_batch;
+            if !(decay || trim || stock) {
                 continue;
             }
             let Some(s) = slot.lock.try_lock() else {
@@ -666,52 +692,72 @@ impl Zone {
             };
             let g = self.lock.lock(self.platform);
             self.drain_deferred(&g);
-            let target = self.pcp_high / 2;
-            while slot.pages.load(Ordering::Relaxed) < target {
-                match self.buddy_alloc(0, self.min, &g) {
-                    Some(idx) => self.pcp_push(slot, idx, 0, &s),
-                    None => break,
+            if decay {
+                self.pcp_drain_locked(slot, &s, 0, &g);
+                slot.demand.store(0, Ordering::Relaxed);
+            } else if trim {
+                self.pcp_drain_locked(slot, &s, target, &g);
+            } else {
+                while slot.pages.load(Ordering::Relaxed) < target {
+                    match self.buddy_alloc(0, self.min, &g) {
+                        Some(idx) => self.pcp_push(slot, idx, 0, &s),
+                        None => break,
+                    }
                 }
             }
         }
     }
 
     /// Maintenance (normal context): returns to the OS the memory of free
-    /// max-order blocks that have been free since before `epoch - age`
-    /// (MADV_DONTNEED), at most `budget` blocks per call. Each block is taken
-    /// off the free list while the syscall runs, so nobody can be handed
-    /// memory that is being discarded. Returns the blocks released.
+    /// blocks of order `RELEASE_MIN_ORDER` or more that have been free since
+    /// before `epoch - age` (MADV_DONTNEED), largest first, at most `budget`
+    /// blocks per call. Each block is taken off its free list while the
+    /// syscall runs (still counted as free, in `releasing`), so nobody can be
+    /// handed memory that is being discarded. Returns the bytes released.
     #[cfg(feature = "std")]
     pub(crate) fn release_idle_blocks(&self, epoch: usize, age: usize, budget: usize) -> usize {
-        let mut released = 0;
-        while released < budget {
+        let mut bytes = 0;
+        for _ in 0..budget {
             let g = self.lock.lock(self.platform);
-            let mut i = self.heads[MAX_ORDER as usize].load(Ordering::Relaxed);
-            let mut pick = NIL;
+            let Some((pick, order)) = self.idle_block(epoch, age) else {
+                return bytes;
+            };
+            self.list_remove(pick, order, &g);
+            self.desc(pick).set(desc::state(desc::ALLOCATED, order));
+            self.releasing.store(1 << order, Ordering::Relaxed);
+            drop(g);
+            crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
+            let g = self.lock.lock(self.platform);
+            self.releasing.store(0, Ordering::Relaxed);
+            self.free_buddy.fetch_sub(1 << order, Ordering::Relaxed);
+            self.buddy_free(pick, order, &g);
+            // Unless it merged with a buddy (the merged block carries a fresh
+            // stamp, and is discarded again later: harmless), mark it.
+            if self.desc(pick).load() == desc::state(desc::BUDDY, order) {
+                self.desc(pick)
+                    .carved
+                    .store(epoch | RELEASED, Ordering::Relaxed);
+            }
+            bytes += PAGE_SIZE << order;
+        }
+        bytes
+    }
+
+    /// A free block of order `RELEASE_MIN_ORDER` or more, idle since before
+    /// `epoch - age` and not yet returned to the OS (zone lock held).
+    #[cfg(feature = "std")]
+    fn idle_block(&self, epoch: usize, age: usize) -> Option<(u32, u32)> {
+        for order in (RELEASE_MIN_ORDER..=MAX_ORDER).rev() {
+            let mut i = self.heads[order as usize].load(Ordering::Relaxed);
             while i != NIL {
                 let stamp = self.desc(i).carved.load(Ordering::Relaxed);
                 if stamp & RELEASED == 0 && stamp + age <= epoch {
-                    pick = i;
-                    break;
+                    return Some((i, order));
                 }
                 i = self.desc(i).next.load(Ordering::Relaxed);
             }
-            if pick == NIL {
-                return released;
-            }
-            self.list_remove(pick, MAX_ORDER, &g);
-            self.desc(pick).set(desc::state(desc::ALLOCATED, MAX_ORDER));
-            self.free_buddy.fetch_sub(1 << MAX_ORDER, Ordering::Relaxed);
-            drop(g);
-            crate::platform::os_discard(self.addr_of(pick), MAX_BLOCK);
-            let g = self.lock.lock(self.platform);
-            self.buddy_free(pick, MAX_ORDER, &g);
-            self.desc(pick)
-                .carved
-                .store(epoch | RELEASED, Ordering::Relaxed);
-            released += 1;
         }
-        released
+        None
     }
 
     /// Checks the zone's invariants; the caller makes sure nothing else uses

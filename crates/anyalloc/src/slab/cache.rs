@@ -108,6 +108,10 @@ pub(crate) struct SheafSlot {
     /// Set when an allocation found this slot empty; the maintainer keeps
     /// such slots stocked. Cleared by drain.
     demand: core::sync::atomic::AtomicU32,
+    /// Maintenance: the slot's sheaves at the last pass, and for how many
+    /// passes they have not changed.
+    snap: AtomicUsize,
+    idle: core::sync::atomic::AtomicU32,
 }
 
 impl SheafSlot {
@@ -143,6 +147,11 @@ struct Node {
     barn_objects: AtomicUsize,
     partial: [AtomicU32Head; MAX_ZONES],
     empty_slabs: AtomicUsize,
+    /// Exchanges with the barn so far, and (maintenance) the count at the
+    /// last pass and for how many passes it has not moved.
+    barn_ops: AtomicUsize,
+    barn_seen: AtomicUsize,
+    barn_idle: core::sync::atomic::AtomicU32,
 }
 
 type AtomicU32Head = core::sync::atomic::AtomicU32;
@@ -255,6 +264,9 @@ impl Cache {
                     barn_objects: AtomicUsize::new(0),
                     partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
                     empty_slabs: AtomicUsize::new(0),
+                    barn_ops: AtomicUsize::new(0),
+                    barn_seen: AtomicUsize::new(0),
+                    barn_idle: core::sync::atomic::AtomicU32::new(0),
                 },
                 deferred: IndexStack::new(),
                 deferred_count: AtomicUsize::new(0),
@@ -274,6 +286,8 @@ impl Cache {
                     spare: AtomicPtr::new(sheaves.add(2 * i + 1)),
                     nolock_ok: AtomicU64::new(0),
                     demand: core::sync::atomic::AtomicU32::new(0),
+                    snap: AtomicUsize::new(0),
+                    idle: core::sync::atomic::AtomicU32::new(0),
                 });
             }
             for k in 0..BARN_SHEAVES {
@@ -486,6 +500,7 @@ impl Cache {
                 .full
                 .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
             self.node.barn_objects.fetch_sub(f.len(), Ordering::Relaxed);
+            self.node.barn_ops.fetch_add(1, Ordering::Relaxed);
             let empty = slot.main.load(Ordering::Relaxed);
             // SAFETY: as above.
             unsafe {
@@ -781,6 +796,7 @@ impl Cache {
             // SAFETY: as above.
             let f = unsafe { &*full };
             self.node.barn_objects.fetch_add(f.len(), Ordering::Relaxed);
+            self.node.barn_ops.fetch_add(1, Ordering::Relaxed);
             f.next
                 .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
             self.node.full.store(full, Ordering::Relaxed);
@@ -849,14 +865,72 @@ impl Cache {
         }
     }
 
-    /// Maintenance (normal context): every slot that has seen demand and
-    /// holds less than half a sheaf gets its spare filled (from the barn or
-    /// the slabs), so a burst of nolock allocations finds objects ready.
-    pub(crate) fn stock_slots(&self, pages: &PageAllocator) {
+    /// Returns every object in the barn's full sheaves to its slab (node
+    /// lock held); the sheaves become empty barn sheaves.
+    fn flush_barn(&self, pages: &PageAllocator, node: &ZoneGuard<'_>) {
+        let mut s = self
+            .node
+            .full
+            .swap(core::ptr::null_mut(), Ordering::Relaxed);
+        while !s.is_null() {
+            // SAFETY: barn sheaves are cache sheaves; node lock held.
+            let sh = unsafe { &*s };
+            let next = sh.next.load(Ordering::Relaxed);
+            self.node
+                .barn_objects
+                .fetch_sub(sh.len(), Ordering::Relaxed);
+            self.flush_sheaf(sh, pages, node, Mode::Normal);
+            sh.next
+                .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.node.empty.store(s, Ordering::Relaxed);
+            s = next;
+        }
+    }
+
+    /// Maintenance (normal context):
+    /// - a barn that has seen no exchange for `idle_passes` passes returns
+    ///   its objects to their slabs (free objects cached there pin their
+    ///   slabs' pages);
+    /// - a slot whose sheaves have not changed for `idle_passes` passes is
+    ///   flushed to the slabs and forgets its demand;
+    /// - a slot that has seen demand and holds less than half a sheaf gets
+    ///   its spare filled (from the barn or the slabs), so a burst of nolock
+    ///   allocations finds objects ready.
+    pub(crate) fn maintain_slots(&self, pages: &PageAllocator, idle_passes: u32) {
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
+        let ops = self.node.barn_ops.load(Ordering::Relaxed);
+        let idle = if self.node.barn_seen.swap(ops, Ordering::Relaxed) == ops {
+            self.node.barn_idle.load(Ordering::Relaxed) + 1
+        } else {
+            0
+        };
+        self.node.barn_idle.store(idle, Ordering::Relaxed);
+        if idle >= idle_passes && self.node.barn_objects.load(Ordering::Relaxed) > 0 {
+            let node = self.node.lock.lock(pages.platform());
+            self.flush_barn(pages, &node);
+        }
         for slot in self.slots() {
+            let snap = slot.main.load(Ordering::Relaxed) as usize
+                ^ slot.main().len() << 48
+                ^ slot.spare().len() << 56;
+            let idle = if slot.snap.swap(snap, Ordering::Relaxed) == snap {
+                slot.idle.load(Ordering::Relaxed) + 1
+            } else {
+                0
+            };
+            slot.idle.store(idle, Ordering::Relaxed);
+            if idle >= idle_passes && slot.cached() > 0 {
+                let Some(_g) = slot.lock.try_lock() else {
+                    continue;
+                };
+                let node = self.node.lock.lock(pages.platform());
+                self.flush_sheaf(slot.main(), pages, &node, Mode::Normal);
+                self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
+                slot.demand.store(0, Ordering::Relaxed);
+                continue;
+            }
             if slot.demand.load(Ordering::Relaxed) == 0 || slot.cached() >= SHEAF_CAP / 2 {
                 continue;
             }
@@ -896,23 +970,7 @@ impl Cache {
             self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
         }
         let node = self.node.lock.lock(pages.platform());
-        let mut s = self
-            .node
-            .full
-            .swap(core::ptr::null_mut(), Ordering::Relaxed);
-        while !s.is_null() {
-            // SAFETY: barn sheaves are cache sheaves; node lock held.
-            let sh = unsafe { &*s };
-            let next = sh.next.load(Ordering::Relaxed);
-            self.node
-                .barn_objects
-                .fetch_sub(sh.len(), Ordering::Relaxed);
-            self.flush_sheaf(sh, pages, &node, Mode::Normal);
-            sh.next
-                .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.node.empty.store(s, Ordering::Relaxed);
-            s = next;
-        }
+        self.flush_barn(pages, &node);
         // Release the reserve of empty slabs too.
         for zi in 0..pages.zone_count() {
             let zone = pages.zone_at(zi);

@@ -166,7 +166,7 @@ pub(crate) struct HeapCore {
     pub(crate) stop: AtomicBool,
     passes: AtomicU64,
     epoch: AtomicUsize,
-    released_blocks: AtomicU64,
+    released_bytes: AtomicU64,
 }
 
 /// The object allocator. See the module documentation.
@@ -328,7 +328,7 @@ impl Heap {
             stop: AtomicBool::new(false),
             passes: AtomicU64::new(0),
             epoch: AtomicUsize::new(0),
-            released_blocks: AtomicU64::new(0),
+            released_bytes: AtomicU64::new(0),
         };
         let core_ptr = meta as *mut HeapCore;
         // SAFETY: the core's place is the start of `meta`, aligned and ours.
@@ -460,11 +460,12 @@ impl Heap {
 
     /// One maintenance pass (normal context): what the maintenance thread
     /// does, for `no_std` embedders to run from a deferred context (and for
-    /// tests). Each call counts as one epoch for returning idle memory.
+    /// tests). Each call counts as one epoch: memory idle for two calls
+    /// goes back (cached objects to their slabs, free blocks to the OS).
     pub fn maintain(&self) {
         let core = self.core();
         let epoch = core.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        core.maintain_pass(epoch, 2);
+        core.maintain_pass(epoch, 2, 2);
     }
 
     /// A snapshot of the heap's counters; see [`HeapStats`].
@@ -914,19 +915,20 @@ impl HeapCore {
         self.pages.drain();
     }
 
-    /// One maintenance pass at `epoch`; max-order blocks free for
-    /// `idle_epochs` epochs go back to the OS.
-    pub(crate) fn maintain_pass(&self, epoch: usize, idle_epochs: usize) {
+    /// One maintenance pass at `epoch`: free blocks idle for `idle_epochs`
+    /// epochs go back to the OS, caches unchanged for `idle_passes` passes
+    /// go back to the slabs and the page allocator.
+    pub(crate) fn maintain_pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) {
         let serial = self.maint_lock.lock(self.pages.platform());
         self.passes.fetch_add(1, Ordering::Relaxed);
         account::drop_released(&self.released_groups);
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
         for i in 0..CACHES {
-            self.cache(i).stock_slots(&self.pages);
+            self.cache(i).maintain_slots(&self.pages, idle_passes);
         }
-        let released = self.pages.maintain(epoch, idle_epochs);
-        self.released_blocks
+        let released = self.pages.maintain(epoch, idle_epochs, idle_passes);
+        self.released_bytes
             .fetch_add(released as u64, Ordering::Relaxed);
         drop(serial);
         // Shrinkers run without the maintenance lock: they may drain.
@@ -1023,8 +1025,7 @@ impl HeapCore {
             reclaims: self.reclaims.load(Ordering::Relaxed),
             shrinker_freed_bytes: self.shrinker_freed.load(Ordering::Relaxed),
             maintenance_passes: self.passes.load(Ordering::Relaxed),
-            released_to_os_bytes: self.released_blocks.load(Ordering::Relaxed)
-                * (PAGE_SIZE << MAX_ORDER) as u64,
+            released_to_os_bytes: self.released_bytes.load(Ordering::Relaxed),
             pages: self.pages.stats(),
         };
         for i in 0..CACHES {
