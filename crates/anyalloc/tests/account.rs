@@ -45,6 +45,7 @@ fn charges_are_hierarchical_and_come_back_to_zero() {
     );
     assert!(root.peak() >= charged);
     for (i, (p, _)) in held.into_iter().enumerate() {
+        // SAFETY: every block was allocated from `h` above and is freed once.
         unsafe {
             if i % 2 == 0 {
                 h.free(p)
@@ -80,11 +81,13 @@ fn a_child_within_its_limit_is_refused_by_a_full_parent() {
     assert!(h.alloc_nolock_in(l(64), &child).is_none());
     assert_eq!(h.stats().nolock_alloc_fail_empty, before + 1, "and counted");
     for p in held.drain(..) {
+        // SAFETY: allocated from `h` above, freed once.
         unsafe { h.free(p) };
     }
     assert_eq!(parent.usage(), 0);
     assert!(h
         .alloc_in(l(1024), &child)
+        // SAFETY: a fresh allocation of `h`, freed at once.
         .map(|p| unsafe { h.free(p) })
         .is_some());
 }
@@ -99,6 +102,7 @@ fn large_and_huge_allocations_are_charged_too() {
     assert_eq!(g.usage(), (128 << 10) + (5 << 20));
     assert!(h.alloc_in(l(12 << 20), &g).is_none(), "over the limit");
     assert!(g.failcnt() >= 1);
+    // SAFETY: a live allocation of this test's heap, freed once.
     unsafe {
         h.free_nolock(large);
         h.free(huge);
@@ -114,6 +118,7 @@ fn a_group_lives_until_its_last_object_is_freed() {
     let p = h.alloc_in(l(100), &g).unwrap();
     drop(g);
     assert!(weak.upgrade().is_some(), "the object keeps its group alive");
+    // SAFETY: a live allocation of this test's heap, freed once.
     unsafe { h.free_nolock(p) };
     h.drain(); // drops released references in normal context
     assert!(weak.upgrade().is_none(), "freed after its last object");
@@ -134,6 +139,7 @@ fn shrinkers_run_when_memory_runs_out_and_are_credited() {
             let mut c = cache2.lock().unwrap();
             while freed < want {
                 let Some(a) = c.pop() else { break };
+                // SAFETY: a live allocation of this test's heap, freed once.
                 unsafe { h.free(NonNull::new(a as *mut u8).unwrap()) };
                 freed += 16 << 10;
             }
@@ -157,6 +163,7 @@ fn shrinkers_run_when_memory_runs_out_and_are_credited() {
         s.shrinker_freed_bytes
     );
     assert!(cache.lock().unwrap().len() < cached);
+    // SAFETY: a live allocation of this test's heap, freed once.
     unsafe { h.free(p) };
     for a in cache.lock().unwrap().drain(..) {
         unsafe { h.free(NonNull::new(a as *mut u8).unwrap()) };

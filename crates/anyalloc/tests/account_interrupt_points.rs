@@ -44,7 +44,15 @@ fn hook(site: Site) {
 
 #[test]
 fn charging_is_reentrant_at_its_critical_section() {
-    let heap = HEAP.get_or_init(|| Heap::new(Config::default().memory(64 << 20).cpus(1).maintenance(false)).unwrap());
+    let heap = HEAP.get_or_init(|| {
+        Heap::new(
+            Config::default()
+                .memory(64 << 20)
+                .cpus(1)
+                .maintenance(false),
+        )
+        .unwrap()
+    });
     let parent = Group::new("parent", Some(32 << 20), None);
     let g = GROUP.get_or_init(|| Group::new("child", None, Some(&parent)));
     set_hook(Some(hook));
@@ -59,10 +67,12 @@ fn charging_is_reentrant_at_its_critical_section() {
         held.push(p.expect("within limits"));
         if i % 3 == 0 {
             let p = held.swap_remove(i % held.len());
+            // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
             unsafe { heap.free(p) };
         }
     }
     for p in held {
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { heap.free_nolock(p) };
     }
     set_hook(None);

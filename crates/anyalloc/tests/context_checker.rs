@@ -25,6 +25,7 @@ fn heap_alloc_inside_a_nolock_scope_aborts() {
         let _scope = anyalloc::nolock_scope();
         // Allowed: the nolock path.
         let p = heap.alloc_nolock(Layout::new::<u64>()).unwrap();
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { heap.free_nolock(p) };
         // Not allowed: aborts here.
         let _ = heap.alloc(Layout::new::<u64>());

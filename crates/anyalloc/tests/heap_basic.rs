@@ -9,10 +9,12 @@ fn heap() -> Heap {
 }
 
 fn fill(p: NonNull<u8>, len: usize, seed: u8) {
+    // SAFETY: the block is a live allocation of at least that many bytes, owned by this test.
     unsafe { std::ptr::write_bytes(p.as_ptr(), seed, len) };
 }
 
 fn check(p: NonNull<u8>, len: usize, seed: u8) {
+    // SAFETY: the block is a live allocation of at least that many bytes, owned by this test.
     let s = unsafe { std::slice::from_raw_parts(p.as_ptr(), len) };
     assert!(s.iter().all(|&b| b == seed), "pattern damaged at {p:?}");
 }
@@ -62,6 +64,7 @@ fn sizes_and_alignments_round_trip_and_pages_come_back() {
     }
     for (i, (p, size, seed)) in held.into_iter().enumerate() {
         check(p, size, seed);
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe {
             if i % 3 == 0 {
                 h.free_nolock(p)
@@ -102,6 +105,7 @@ fn small_objects_do_not_overlap() {
     }
     assert_eq!(h.stats().objects_in_use, 20000);
     for (a, _) in v {
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { h.free(NonNull::new(a as *mut u8).unwrap()) };
     }
     assert_eq!(h.stats().objects_in_use, 0);
@@ -131,6 +135,7 @@ fn cross_thread_frees_neither_leak_nor_grow() {
             let mut n = 0;
             while let Ok(a) = rx.recv() {
                 let p = NonNull::new(a as *mut u8).unwrap();
+                // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
                 unsafe {
                     if n % 2 == 0 {
                         h.free(p)
@@ -171,6 +176,7 @@ fn exhaustion_and_growth() {
         .is_none());
     assert!(capped.stats().nolock_alloc_fail_empty >= 1);
     for p in v {
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { capped.free(p) };
     }
     let growing = Heap::new(Config::default().memory(1 << 20).cpus(1)).unwrap();
@@ -183,6 +189,7 @@ fn exhaustion_and_growth() {
         .collect();
     assert!(growing.pages().stats().zones > 1);
     for p in v {
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { growing.free(p) };
     }
     growing.drain();

@@ -57,5 +57,6 @@ fn maintainer_drains_a_deferred_free_without_other_traffic() {
     }
     let drained = drained.expect("the maintainer drained the deferred list");
     println!("deferred free drained by the maintainer {drained:?} after it was parked");
+    // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
     unsafe { heap.free(q) };
 }

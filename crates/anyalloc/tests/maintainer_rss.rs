@@ -24,6 +24,7 @@ fn rss_falls_after_a_256_mib_burst_is_freed() {
         .map(|i| {
             let p = heap.alloc(layout).unwrap();
             // Touch every page so the burst is resident.
+            // SAFETY: the block is a live allocation of at least that many bytes, owned by this test.
             unsafe { std::ptr::write_bytes(p.as_ptr(), i as u8, 64 << 10) };
             p
         })
@@ -34,6 +35,7 @@ fn rss_falls_after_a_256_mib_burst_is_freed() {
         "the burst is resident: {before} -> {peak}"
     );
     for p in blocks {
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { heap.free(p) };
     }
     let freed_at = Instant::now();
@@ -57,6 +59,7 @@ fn rss_falls_after_a_256_mib_burst_is_freed() {
     );
     // The memory is still usable afterwards (reads as zero, then written).
     let p = heap.alloc(layout).unwrap();
+    // SAFETY: the block is a live allocation of at least that many bytes, owned by this test.
     unsafe { std::ptr::write_bytes(p.as_ptr(), 1, 64 << 10) };
     unsafe { heap.free(p) };
 }

@@ -60,6 +60,7 @@ fn every_order_round_trips_and_everything_comes_back() {
     let a = pa.alloc_pages(MAX_ORDER).unwrap();
     let b = pa.alloc_pages(MAX_ORDER);
     assert!(b.is_some());
+    // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
     unsafe {
         pa.free_pages(a, MAX_ORDER);
         pa.free_pages(b.unwrap(), MAX_ORDER);
@@ -109,6 +110,7 @@ fn exhaustion_without_growth_fails_and_nolock_keeps_the_reserve() {
         "normal path may use the reserve last"
     );
     for p in held {
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { pa.free_pages(p, 0) };
     }
     pa.drain();
@@ -124,6 +126,7 @@ fn growth_adds_zones_on_the_normal_path_only() {
     }
     assert!(pa.stats().zones >= 2);
     for p in held {
+        // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { pa.free_pages_nolock(p, 0) };
     }
     pa.drain();

@@ -249,10 +249,9 @@ impl PageAllocator {
         let end = start + n * PAGE_SIZE;
         // The region is the cap: never grow with OS zones (nor own mappings).
         let pa = Self::empty(platform, config.grow(false), cpus, false);
-        // SAFETY: the metadata area [end rounded to 64, region_end) and the
-        // pages [start, end) lie inside the caller's exclusive region
-        // (checked by `fits`); the region's contents are arbitrary, so
-        // `zeroed` is false.
+        // SAFETY: metadata [end rounded to 64, region_end) and pages
+        // [start, end) lie in the caller's exclusive region (`fits`); its
+        // contents are arbitrary, so `zeroed` is false.
         let z = unsafe {
             Zone::init(
                 end.next_multiple_of(64) as *mut u8,
@@ -277,10 +276,9 @@ impl PageAllocator {
             crate::platform::os_reserve(total, MAX_BLOCK).ok_or(Error::Reserve { bytes: total })?;
         let start = p as usize;
         let end = start + pages_len;
-        // SAFETY: `os_reserve` returned `total` fresh, zero-filled, writable
-        // bytes at a MAX_BLOCK-aligned address: the pages [start, end) and,
-        // after them, `meta` bytes of page-aligned metadata; nothing else
-        // knows about this mapping.
+        // SAFETY: `os_reserve` gave `total` fresh, zeroed, writable bytes,
+        // MAX_BLOCK-aligned, known to nothing else: the pages [start, end),
+        // then `meta` bytes of page-aligned metadata.
         let z = unsafe {
             Zone::init(
                 end as *mut u8,
@@ -308,11 +306,11 @@ impl PageAllocator {
     #[inline]
     pub(crate) fn zones(&self) -> impl Iterator<Item = &Zone> {
         let n = self.nzones.load(Ordering::Acquire);
-        // SAFETY: entries below `nzones` were published (Release) after
-        // their zone was initialised, and zones live as long as `self`.
-        self.zones[..n]
-            .iter()
-            .map(|z| unsafe { &*z.load(Ordering::Acquire) })
+        self.zones[..n].iter().map(|z| {
+            // SAFETY: entries below `nzones` were published (Release) after
+            // their zone was initialised; zones live as long as `self`.
+            unsafe { &*z.load(Ordering::Acquire) }
+        })
     }
 
     /// The zone holding `addr` and the index of its page.

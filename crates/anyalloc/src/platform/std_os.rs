@@ -64,10 +64,9 @@ mod rseq {
             return None;
         }
         let area = thread_pointer().wrapping_add_signed(offset);
-        // SAFETY: with rseq registered (size > 0), `area` points to this
-        // thread's live, 32-byte aligned `struct rseq`; `cpu_id` is the u32 at
-        // offset 4. The kernel updates it behind our back, so read it as an
-        // atomic.
+        // The kernel updates `cpu_id` behind our back: read it as an atomic.
+        // SAFETY: with rseq registered (size > 0), `area` is this thread's
+        // live, 32-byte aligned `struct rseq`; `cpu_id` is the u32 at 4.
         let cpu = unsafe {
             (*((area + 4) as *const core::sync::atomic::AtomicU32))
                 .load(core::sync::atomic::Ordering::Relaxed)

@@ -94,6 +94,7 @@ mod loom_tests {
             let other = shared.clone();
             let t = loom::thread::spawn(move || {
                 if let Some(_g) = other.0.try_lock() {
+                    // SAFETY: loom checks that no other access overlaps this one.
                     other.1.with_mut(|v| unsafe { *v += 1 });
                     1
                 } else {
@@ -101,12 +102,14 @@ mod loom_tests {
                 }
             });
             let mine = if let Some(_g) = shared.0.try_lock() {
+                // SAFETY: loom checks that no other access overlaps this one.
                 shared.1.with_mut(|v| unsafe { *v += 1 });
                 1
             } else {
                 0
             };
             let theirs = t.join().unwrap();
+            // SAFETY: loom checks that no other access overlaps this one.
             let total = shared.1.with(|v| unsafe { *v });
             assert_eq!(total, mine + theirs);
             assert!(mine + theirs >= 1, "at least one context gets the slot");

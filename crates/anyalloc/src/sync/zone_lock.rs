@@ -221,16 +221,19 @@ mod loom_tests {
             let other = shared.clone();
             let t = loom::thread::spawn(move || {
                 let _g = other.0.lock(&P);
+                // SAFETY: loom checks that no other access overlaps this one.
                 other.1.with_mut(|v| unsafe { *v += 1 });
             });
             let got = match shared.0.try_lock(&P) {
                 Some(_g) => {
+                    // SAFETY: loom checks that no other access overlaps this one.
                     shared.1.with_mut(|v| unsafe { *v += 1 });
                     1
                 }
                 None => 0,
             };
             t.join().unwrap();
+            // SAFETY: loom checks that no other access overlaps this one.
             assert_eq!(shared.1.with(|v| unsafe { *v }), 1 + got);
             assert!(!shared.0.is_locked());
         });
@@ -244,13 +247,16 @@ mod loom_tests {
             let other = shared.clone();
             let t = loom::thread::spawn(move || {
                 let _g = other.0.lock(&P);
+                // SAFETY: loom checks that no other access overlaps this one.
                 other.1.with_mut(|v| unsafe { *v += 1 });
             });
             {
                 let _g = shared.0.lock(&P);
+                // SAFETY: loom checks that no other access overlaps this one.
                 shared.1.with_mut(|v| unsafe { *v += 1 });
             }
             t.join().unwrap();
+            // SAFETY: loom checks that no other access overlaps this one.
             assert_eq!(shared.1.with(|v| unsafe { *v }), 2);
             assert!(!shared.0.is_locked());
         });
