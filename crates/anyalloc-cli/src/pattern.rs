@@ -135,31 +135,8 @@ pub unsafe fn check(p: *const u8, size: usize) -> Result<(), Mismatch> {
     Ok(())
 }
 
-/// A xorshift64* generator: the storm's only source of randomness.
-#[derive(Debug, Clone, Copy)]
-pub struct XorShift(pub u64);
-
-impl XorShift {
-    pub fn new(seed: u64) -> Self {
-        XorShift(mix(seed) | 1)
-    }
-
-    #[inline]
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), by multiply-shift.
-    #[inline]
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-}
+/// The workers' random numbers (shared with the benchmark suite).
+pub use anyalloc_bench::sys::XorShift;
 
 #[cfg(test)]
 mod tests {

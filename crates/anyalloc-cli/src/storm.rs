@@ -15,9 +15,12 @@ use std::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
     Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
+use std::time::Duration;
 
 use allocator_api2::boxed::Box as NBox;
 use anyalloc::{Heap, NoLock, PAGE_SIZE};
+
+use anyalloc_bench::sys::ThreadTimer;
 
 use crate::hist::Histogram;
 use crate::pattern::{self, Mismatch, XorShift};
@@ -618,44 +621,6 @@ pub fn mask_signals(block: bool) {
     }
 }
 
-/// A periodic timer that sends `sig` to thread `tid` with `slot` as value.
-fn thread_timer(
-    sig: libc::c_int,
-    tid: libc::pid_t,
-    interval_ns: u64,
-    slot: &'static ThreadSlot,
-) -> std::io::Result<libc::timer_t> {
-    let ts = libc::timespec {
-        tv_sec: (interval_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (interval_ns % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: sigevent zeroed then filled for SIGEV_THREAD_ID (the thread
-    // exists: it is the caller); timer_create writes the id into `t`.
-    unsafe {
-        let mut sev: libc::sigevent = std::mem::zeroed();
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = sig;
-        sev.sigev_notify_thread_id = tid;
-        sev.sigev_value = libc::sigval {
-            sival_ptr: slot as *const ThreadSlot as *mut libc::c_void,
-        };
-        let mut t: libc::timer_t = std::ptr::null_mut();
-        if libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let its = libc::itimerspec {
-            it_interval: ts,
-            it_value: ts,
-        };
-        if libc::timer_settime(t, 0, &its, std::ptr::null_mut()) != 0 {
-            let e = std::io::Error::last_os_error();
-            libc::timer_delete(t);
-            return Err(e);
-        }
-        Ok(t)
-    }
-}
-
 // ----- workers ---------------------------------------------------------------------
 
 /// What a worker needs to know.
@@ -739,12 +704,11 @@ pub fn worker(
     let mut timers = Vec::new();
     let mut setup = Ok(());
     if cfg.interval_ns > 0 {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
         let [a, b] = signals();
         let ib = cfg.interval_ns * 33 / 10;
         for (sig, interval) in [(a, cfg.interval_ns), (b, ib)] {
-            match thread_timer(sig, tid, interval, slot) {
+            let value = slot as *const ThreadSlot as usize;
+            match ThreadTimer::start(sig, Duration::from_nanos(interval), value) {
                 Ok(t) => timers.push(t),
                 Err(e) => setup = Err(format!("timer_create/timer_settime failed: {e}")),
             }
@@ -815,10 +779,7 @@ pub fn worker(
     }
 
     // Teardown: no handler may run on this thread any more.
-    for t in timers {
-        // SAFETY: a timer created above, deleted once.
-        unsafe { libc::timer_delete(t) };
-    }
+    drop(timers); // deletes them
     mask_signals(true);
     op.store(Op::Teardown as u8, Relaxed);
     for b in live.iter_mut().filter(|b| **b != 0) {
