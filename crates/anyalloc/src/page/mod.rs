@@ -56,7 +56,7 @@ pub(crate) use desc::PageDesc;
 pub(crate) fn order_of_state(state: u32) -> u32 {
     desc::order_of(state)
 }
-pub(crate) use zone::{Fail, Mode, Zone, LEVELS, NIL};
+pub(crate) use zone::{slot_index, Fail, Mode, Zone, LEVELS, NIL};
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -316,9 +316,7 @@ impl PageAllocator {
     /// The zone holding `addr` and the index of its page.
     #[inline]
     pub(crate) fn locate(&self, addr: usize) -> Option<(&Zone, u32)> {
-        self.zones()
-            .find(|z| z.contains(addr))
-            .map(|z| (z, z.index_of(addr)))
+        self.locate_indexed(addr).map(|(_, z, i)| (z, i))
     }
 
     /// The zone holding `addr`, its position, and the index of its page.
@@ -334,6 +332,7 @@ impl PageAllocator {
         }
         self.zones()
             .enumerate()
+            .skip(1)
             .find(|(_, z)| z.contains(addr))
             .map(|(i, z)| (i, z, z.index_of(addr)))
     }

@@ -66,6 +66,16 @@ fn stack_index(v: usize) -> u32 {
     }
 }
 
+/// Where the slot of `cpu` at context `level` sits in a per-CPU slot array
+/// of `cpus * LEVELS` entries: CPU ids at or above `cpus` share slots
+/// (modulo), so the index is always in bounds.
+#[inline(always)]
+pub(crate) fn slot_index(cpu: usize, cpus: usize, level: usize) -> usize {
+    debug_assert!(level < LEVELS);
+    let cpu = if cpu < cpus { cpu } else { cpu % cpus };
+    cpu * LEVELS + level
+}
+
 /// Why a nolock attempt on one zone failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fail {
@@ -104,17 +114,6 @@ pub(crate) struct PcpSlot {
 }
 
 impl PcpSlot {
-    fn init(&self) {
-        for h in &self.heads {
-            h.store(NIL, Ordering::Relaxed);
-        }
-        for c in &self.counts {
-            c.store(0, Ordering::Relaxed);
-        }
-        self.pages.store(0, Ordering::Relaxed);
-        self.nolock_ok.store(0, Ordering::Relaxed);
-    }
-
     /// Pages on this slot's lists (racy unless the slot is held).
     pub(crate) fn pages(&self) -> usize {
         self.pages.load(Ordering::Relaxed) as usize
@@ -240,7 +239,6 @@ impl Zone {
                     snap: AtomicUsize::new(0),
                     idle: AtomicU32::new(0),
                 });
-                (*s).init();
             }
             if !zeroed {
                 // (3) does not hold: every descriptor must read as TAIL.
@@ -298,13 +296,9 @@ impl Zone {
     /// The slot of `cpu` (reduced modulo the CPU count) at `level`.
     #[inline]
     pub(crate) fn slot(&self, cpu: usize, level: usize) -> &PcpSlot {
-        let cpu = if cpu < self.cpus {
-            cpu
-        } else {
-            cpu % self.cpus
-        };
-        // SAFETY: `slots` has cpus * LEVELS initialised entries (init).
-        unsafe { &*self.slots.add(cpu * LEVELS + level) }
+        // SAFETY: `slots` has cpus * LEVELS initialised entries (init), and
+        // `slot_index` is below that.
+        unsafe { &*self.slots.add(slot_index(cpu, self.cpus, level)) }
     }
 
     pub(crate) fn slots(&self) -> impl Iterator<Item = &PcpSlot> {

@@ -38,7 +38,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use super::class::{self, SIZES};
-use crate::page::{Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES, NIL};
+use crate::page::{slot_index, Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES, NIL};
 use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::PAGE_SIZE;
 
@@ -307,13 +307,9 @@ impl Cache {
 
     #[inline]
     pub(crate) fn slot(&self, cpu: usize, level: usize) -> &SheafSlot {
-        let cpu = if cpu < self.cpus {
-            cpu
-        } else {
-            cpu % self.cpus
-        };
-        // SAFETY: `slots` has cpus * LEVELS initialised entries (init).
-        unsafe { &*self.slots.add(cpu * LEVELS + level) }
+        // SAFETY: `slots` has cpus * LEVELS initialised entries (init), and
+        // `slot_index` is below that.
+        unsafe { &*self.slots.add(slot_index(cpu, self.cpus, level)) }
     }
 
     fn slots(&self) -> impl Iterator<Item = &SheafSlot> {
