@@ -56,7 +56,8 @@ pub(crate) use desc::PageDesc;
 pub(crate) fn order_of_state(state: u32) -> u32 {
     desc::order_of(state)
 }
-pub(crate) use zone::{slot_index, Fail, Mode, Zone, LEVELS, NIL};
+pub(crate) use crate::sync::Mode;
+pub(crate) use zone::{slot_index, Fail, Zone, LEVELS, NIL};
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -605,6 +606,21 @@ impl PageAllocator {
         crate::interrupt_point!(ZoneFree);
         zone.buddy_free(idx, order, &g);
         zone.drain_deferred(&g);
+    }
+
+    /// `free_pages` or `free_pages_nolock`, as `mode` says.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline]
+    pub(crate) unsafe fn free_pages_in(&self, ptr: NonNull<u8>, order: u32, mode: Mode) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match mode {
+                Mode::Normal => self.free_pages(ptr, order),
+                Mode::NoLock => self.free_pages_nolock(ptr, order),
+            }
+        }
     }
 
     // ----- nolock path -----------------------------------------------------

@@ -34,7 +34,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::desc::{self, PageDesc};
 use crate::platform::Platform;
-use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
+use crate::sync::{IndexStack, Mode, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 
 /// The highest order kept on per-CPU lists (the kernel's costly order).
@@ -83,15 +83,6 @@ pub(crate) enum Fail {
     Busy,
     /// The zone (or list) had nothing to give above the watermark.
     Empty,
-}
-
-/// Whether a caller may wait for the zone lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Normal context: `lock()`.
-    Normal,
-    /// Any context: `try_lock()` only.
-    NoLock,
 }
 
 /// One per-CPU, per-context-level set of page lists (orders 0..=3).
@@ -318,15 +309,6 @@ impl Zone {
         self.deferred_pages.load(Ordering::Relaxed)
     }
 
-    /// Takes the zone lock in the given mode (`None`: busy, nolock only).
-    #[inline]
-    pub(crate) fn lock_mode(&self, mode: Mode) -> Option<ZoneGuard<'_>> {
-        match mode {
-            Mode::Normal => Some(self.lock.lock(self.platform)),
-            Mode::NoLock => self.lock.try_lock(self.platform),
-        }
-    }
-
     // ----- buddy free lists (zone lock held) ---------------------------
 
     fn list_push(&self, idx: u32, order: u32, _g: &ZoneGuard<'_>) {
@@ -550,7 +532,7 @@ impl Zone {
         stock_cpu: Option<usize>,
     ) -> Result<u32, Fail> {
         slot.demand.store(1, Ordering::Relaxed);
-        let g = self.lock_mode(mode).ok_or(Fail::Busy)?;
+        let g = self.lock.lock_in(mode, self.platform).ok_or(Fail::Busy)?;
         self.drain_deferred(&g);
         crate::interrupt_point!(PcpRefill);
         let first = self.buddy_alloc(order, reserve, &g).ok_or(Fail::Empty)?;

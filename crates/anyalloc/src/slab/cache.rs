@@ -317,14 +317,6 @@ impl Cache {
         (0..self.nslots).map(move |i| unsafe { &*self.slots.add(i) })
     }
 
-    #[inline]
-    fn lock_node(&self, pages: &PageAllocator, mode: Mode) -> Option<ZoneGuard<'_>> {
-        match mode {
-            Mode::Normal => Some(self.node.lock.lock(pages.platform())),
-            Mode::NoLock => self.node.lock.try_lock(pages.platform()),
-        }
-    }
-
     // ----- allocation --------------------------------------------------------
 
     /// Normal-path allocation. Fast path: nothing deferred, and an object in
@@ -485,7 +477,11 @@ impl Cache {
     ) -> Result<usize, Fail> {
         // This slot ran empty: the maintainer keeps it stocked from now on.
         slot.demand.store(1, Ordering::Relaxed);
-        let node = self.lock_node(pages, mode).ok_or(Fail::Busy)?;
+        let node = self
+            .node
+            .lock
+            .lock_in(mode, pages.platform())
+            .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafRefill);
         let full = self.node.full.load(Ordering::Relaxed);
         if !full.is_null() {
@@ -776,7 +772,11 @@ impl Cache {
         pages: &PageAllocator,
         mode: Mode,
     ) -> Result<(), Fail> {
-        let node = self.lock_node(pages, mode).ok_or(Fail::Busy)?;
+        let node = self
+            .node
+            .lock
+            .lock_in(mode, pages.platform())
+            .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafFlush);
         let empty = self.node.empty.load(Ordering::Relaxed);
         let room =
@@ -854,10 +854,7 @@ impl Cache {
         // every object is back (inuse == 0); nothing refers to it any more.
         unsafe {
             let p = NonNull::new_unchecked(zone.addr_of(head) as *mut u8);
-            match mode {
-                Mode::Normal => pages.free_pages(p, self.order),
-                Mode::NoLock => pages.free_pages_nolock(p, self.order),
-            }
+            pages.free_pages_in(p, self.order, mode)
         }
     }
 

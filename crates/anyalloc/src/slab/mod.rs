@@ -640,12 +640,7 @@ impl HeapCore {
             Kind::Large(zone, idx, order) => {
                 self.unmark_large(zone, idx, order);
                 // SAFETY: a live large allocation of this order (classify).
-                unsafe {
-                    match mode {
-                        Mode::Normal => self.pages.free_pages(ptr, order),
-                        Mode::NoLock => self.pages.free_pages_nolock(ptr, order),
-                    }
-                }
+                unsafe { self.pages.free_pages_in(ptr, order, mode) }
             }
             #[cfg(feature = "std")]
             Kind::Huge(_) => self.free_huge(addr, mode),

@@ -26,4 +26,4 @@ mod zone_lock;
 
 pub use index_stack::{IndexStack, NIL};
 pub use slot_lock::{SlotGuard, SlotLock};
-pub use zone_lock::{ZoneGuard, ZoneLock};
+pub use zone_lock::{Mode, ZoneGuard, ZoneLock};

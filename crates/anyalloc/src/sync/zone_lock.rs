@@ -37,6 +37,16 @@ const CONTENDED: u32 = 2;
 /// How many times `lock()` spins before it starts waiting.
 const SPIN_LIMIT: u32 = 100;
 
+/// Whether a caller may wait for a lock: the one decision every allocator
+/// path makes once, up front (never "try_lock, then lock").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Normal context: `lock()`, which may wait.
+    Normal,
+    /// Any context: `try_lock()` only.
+    NoLock,
+}
+
 /// A lock with a waiting `lock()` and a non-waiting `try_lock()`.
 #[derive(Debug)]
 pub struct ZoneLock {
@@ -145,6 +155,16 @@ impl ZoneLock {
             lock: self,
             platform,
         });
+    }
+
+    /// Takes the lock as `mode` allows: waiting for it (`Normal`), or only if
+    /// it is free right now (`NoLock`; `None` when busy).
+    #[inline]
+    pub fn lock_in<'a>(&'a self, mode: Mode, platform: &'a dyn Platform) -> Option<ZoneGuard<'a>> {
+        match mode {
+            Mode::Normal => Some(self.lock(platform)),
+            Mode::NoLock => self.try_lock(platform),
+        }
     }
 
     /// Whether the lock is held right now (a racy hint, for stats and tests).
