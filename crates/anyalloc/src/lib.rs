@@ -52,6 +52,7 @@ mod config;
 mod context;
 #[cfg(feature = "std")]
 mod global;
+mod idle;
 #[cfg(feature = "interrupt-points")]
 pub mod interrupt;
 #[cfg(feature = "std")]

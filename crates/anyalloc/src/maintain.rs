@@ -91,26 +91,13 @@ impl MaintainerSlot {
             return;
         }
         core.stop.store(true, Ordering::Release);
-        wake(&core.wake);
+        core.wake_maintainer();
         // SAFETY: RUNNING was published after the handle was written; `stop`
         // runs from the heap's drop, with exclusive access to the handle.
         if let Some(h) = unsafe { (*self.handle.get()).take() } {
             let _ = h.join();
         }
         self.state.store(NONE, Ordering::Release);
-    }
-}
-
-fn wake(word: &AtomicU32) {
-    word.fetch_add(1, Ordering::Release);
-    // SAFETY: FUTEX_WAKE only uses the address as a key.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
-        );
     }
 }
 

@@ -33,6 +33,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::desc::{self, PageDesc};
+use crate::idle::IdleWatch;
 use crate::platform::Platform;
 use crate::sync::{IndexStack, Mode, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
@@ -98,10 +99,8 @@ pub(crate) struct PcpSlot {
     /// Set when an allocation found this slot's lists empty; the maintainer
     /// keeps such slots stocked. Cleared by drain.
     pub(crate) demand: AtomicU32,
-    /// Maintenance: the slot's contents at the last pass, and for how many
-    /// passes they have not changed.
-    snap: AtomicUsize,
-    idle: AtomicU32,
+    /// Maintenance: for how many passes the slot's lists have not changed.
+    idle: IdleWatch,
 }
 
 impl PcpSlot {
@@ -227,8 +226,7 @@ impl Zone {
                     counts: [const { AtomicU32::new(0) }; PCP_MAX_ORDER as usize + 1],
                     nolock_ok: AtomicU64::new(0),
                     demand: AtomicU32::new(0),
-                    snap: AtomicUsize::new(0),
-                    idle: AtomicU32::new(0),
+                    idle: IdleWatch::new(),
                 });
             }
             if !zeroed {
@@ -649,13 +647,9 @@ impl Zone {
         let target = self.pcp_high / 2;
         for slot in self.slots() {
             let pages = slot.pages.load(Ordering::Relaxed);
-            let snap = (pages as usize) << 32 ^ slot.heads[0].load(Ordering::Relaxed) as usize;
-            let idle = if slot.snap.swap(snap, Ordering::Relaxed) == snap {
-                slot.idle.load(Ordering::Relaxed) + 1
-            } else {
-                0
-            };
-            slot.idle.store(idle, Ordering::Relaxed);
+            let idle = slot
+                .idle
+                .observe((pages as usize) << 32 ^ slot.heads[0].load(Ordering::Relaxed) as usize);
             let demand = slot.demand.load(Ordering::Relaxed) != 0;
             let decay = idle >= idle_passes && pages > 0;
             let trim = pages > target + self.pcp_batch;

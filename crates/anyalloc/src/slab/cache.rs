@@ -38,6 +38,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use super::class::{self, SIZES};
+use crate::idle::IdleWatch;
 use crate::page::{slot_index, Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES, NIL};
 use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::PAGE_SIZE;
@@ -108,10 +109,8 @@ pub(crate) struct SheafSlot {
     /// Set when an allocation found this slot empty; the maintainer keeps
     /// such slots stocked. Cleared by drain.
     demand: core::sync::atomic::AtomicU32,
-    /// Maintenance: the slot's sheaves at the last pass, and for how many
-    /// passes they have not changed.
-    snap: AtomicUsize,
-    idle: core::sync::atomic::AtomicU32,
+    /// Maintenance: for how many passes the slot's sheaves have not changed.
+    idle: IdleWatch,
 }
 
 impl SheafSlot {
@@ -147,11 +146,10 @@ struct Node {
     barn_objects: AtomicUsize,
     partial: [AtomicU32Head; MAX_ZONES],
     empty_slabs: AtomicUsize,
-    /// Exchanges with the barn so far, and (maintenance) the count at the
-    /// last pass and for how many passes it has not moved.
+    /// Exchanges with the barn so far, and (maintenance) for how many passes
+    /// that count has not moved.
     barn_ops: AtomicUsize,
-    barn_seen: AtomicUsize,
-    barn_idle: core::sync::atomic::AtomicU32,
+    barn_idle: IdleWatch,
 }
 
 type AtomicU32Head = core::sync::atomic::AtomicU32;
@@ -265,8 +263,7 @@ impl Cache {
                     partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
                     empty_slabs: AtomicUsize::new(0),
                     barn_ops: AtomicUsize::new(0),
-                    barn_seen: AtomicUsize::new(0),
-                    barn_idle: core::sync::atomic::AtomicU32::new(0),
+                    barn_idle: IdleWatch::new(),
                 },
                 deferred: IndexStack::new(),
                 deferred_count: AtomicUsize::new(0),
@@ -286,8 +283,7 @@ impl Cache {
                     spare: AtomicPtr::new(sheaves.add(2 * i + 1)),
                     nolock_ok: AtomicU64::new(0),
                     demand: core::sync::atomic::AtomicU32::new(0),
-                    snap: AtomicUsize::new(0),
-                    idle: core::sync::atomic::AtomicU32::new(0),
+                    idle: IdleWatch::new(),
                 });
             }
             for k in 0..BARN_SHEAVES {
@@ -893,27 +889,20 @@ impl Cache {
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
-        let ops = self.node.barn_ops.load(Ordering::Relaxed);
-        let idle = if self.node.barn_seen.swap(ops, Ordering::Relaxed) == ops {
-            self.node.barn_idle.load(Ordering::Relaxed) + 1
-        } else {
-            0
-        };
-        self.node.barn_idle.store(idle, Ordering::Relaxed);
+        let idle = self
+            .node
+            .barn_idle
+            .observe(self.node.barn_ops.load(Ordering::Relaxed));
         if idle >= idle_passes && self.node.barn_objects.load(Ordering::Relaxed) > 0 {
             let node = self.node.lock.lock(pages.platform());
             self.flush_barn(pages, &node);
         }
         for slot in self.slots() {
-            let snap = slot.main.load(Ordering::Relaxed) as usize
-                ^ slot.main().len() << 48
-                ^ slot.spare().len() << 56;
-            let idle = if slot.snap.swap(snap, Ordering::Relaxed) == snap {
-                slot.idle.load(Ordering::Relaxed) + 1
-            } else {
-                0
-            };
-            slot.idle.store(idle, Ordering::Relaxed);
+            let idle = slot.idle.observe(
+                slot.main.load(Ordering::Relaxed) as usize
+                    ^ slot.main().len() << 48
+                    ^ slot.spare().len() << 56,
+            );
             if idle >= idle_passes && slot.cached() > 0 {
                 let Some(_g) = slot.lock.try_lock() else {
                     continue;

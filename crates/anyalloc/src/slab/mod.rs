@@ -932,6 +932,12 @@ impl HeapCore {
         }
     }
 
+    /// Wakes the maintenance thread (any context).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) fn wake_maintainer(&self) {
+        self.pages.wake_maintainer();
+    }
+
     /// The maintainer's quick duty after a wake: deferred frees only.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) fn drain_deferred_only(&self) {
