@@ -534,16 +534,31 @@ impl Zone {
         self.drain_deferred(&g);
         crate::interrupt_point!(PcpRefill);
         let first = self.buddy_alloc(order, reserve, &g).ok_or(Fail::Empty)?;
-        for _ in 1..self.batch_blocks(order) {
-            match self.buddy_alloc(order, reserve, &g) {
-                Some(idx) => self.pcp_push(slot, idx, order, s),
-                None => break,
-            }
-        }
+        self.fill_slot(slot, s, order, self.batch_blocks(order) - 1, reserve, &g);
         if let Some(cpu) = stock_cpu {
             self.stock_handler_levels(cpu, order, reserve, &g);
         }
         Ok(first)
+    }
+
+    /// Moves up to `blocks` blocks of `order` from the buddy lists (keeping
+    /// `reserve` pages) onto a held slot; returns how many it moved.
+    fn fill_slot(
+        &self,
+        slot: &PcpSlot,
+        s: &SlotGuard<'_>,
+        order: u32,
+        blocks: u32,
+        reserve: usize,
+        g: &ZoneGuard<'_>,
+    ) -> u32 {
+        for n in 0..blocks {
+            match self.buddy_alloc(order, reserve, g) {
+                Some(idx) => self.pcp_push(slot, idx, order, s),
+                None => return n,
+            }
+        }
+        blocks
     }
 
     /// Normal refill, zone lock held: while we have it, give this CPU's
@@ -561,11 +576,9 @@ impl Zone {
             let Some(ss) = sib.lock.try_lock() else {
                 continue;
             };
-            for _ in 0..self.batch_blocks(order) {
-                match self.buddy_alloc(order, reserve, g) {
-                    Some(idx) => self.pcp_push(sib, idx, order, &ss),
-                    None => return,
-                }
+            let want = self.batch_blocks(order);
+            if self.fill_slot(sib, &ss, order, want, reserve, g) < want {
+                return; // the buddy lists ran dry
             }
         }
     }
@@ -668,12 +681,8 @@ impl Zone {
             } else if trim {
                 self.pcp_drain_locked(slot, &s, target, &g);
             } else {
-                while slot.pages.load(Ordering::Relaxed) < target {
-                    match self.buddy_alloc(0, self.min, &g) {
-                        Some(idx) => self.pcp_push(slot, idx, 0, &s),
-                        None => break,
-                    }
-                }
+                let want = target.saturating_sub(slot.pages.load(Ordering::Relaxed));
+                self.fill_slot(slot, &s, 0, want, self.min, &g);
             }
         }
     }
