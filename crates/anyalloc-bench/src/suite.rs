@@ -939,6 +939,36 @@ pub fn plot_files(group: &str) -> Vec<String> {
     }
 }
 
+/// One series per peer (in order of first appearance) over `workloads`:
+/// each peer's median and spread in each workload, `None` where it did not
+/// run.
+fn series_by_peer(workloads: &[&Timed]) -> Vec<Series> {
+    let mut peer_names: Vec<String> = Vec::new();
+    for t in workloads {
+        for p in &t.result.peers {
+            if !peer_names.contains(&p.name) {
+                peer_names.push(p.name.clone());
+            }
+        }
+    }
+    peer_names
+        .iter()
+        .map(|n| {
+            let bars = workloads
+                .iter()
+                .map(|t| {
+                    t.result
+                        .peers
+                        .iter()
+                        .find(|p| &p.name == n)
+                        .map(|p| bar_of(p, false))
+                })
+                .collect();
+            (n.clone(), bars)
+        })
+        .collect()
+}
+
 fn bar_of(p: &crate::PeerResult, throughput: bool) -> Bar {
     let s = p.summary;
     if throughput {
@@ -973,32 +1003,7 @@ pub fn write_plots(r: &SuiteReport, dir: &Path) -> Result<Vec<PathBuf>, String> 
             .iter()
             .map(|t| t.result.name.trim_start_matches("pair ").to_string())
             .collect();
-        let mut peer_names: Vec<String> = Vec::new();
-        for t in &pairs {
-            for p in &t.result.peers {
-                if !peer_names.contains(&p.name) {
-                    peer_names.push(p.name.clone());
-                }
-            }
-        }
-        let series: Vec<Series> = peer_names
-            .iter()
-            .map(|n| {
-                (
-                    n.clone(),
-                    pairs
-                        .iter()
-                        .map(|t| {
-                            t.result
-                                .peers
-                                .iter()
-                                .find(|p| &p.name == n)
-                                .map(|p| bar_of(p, false))
-                        })
-                        .collect(),
-                )
-            })
-            .collect();
+        let series = series_by_peer(&pairs);
         let f = dir.join("pairs.svg");
         plot::lines(
             &f,
@@ -1051,31 +1056,7 @@ pub fn write_plots(r: &SuiteReport, dir: &Path) -> Result<Vec<PathBuf>, String> 
             .iter()
             .map(|t| t.result.name.trim_start_matches("page ").to_string())
             .collect();
-        let mut peer_names: Vec<String> = Vec::new();
-        for t in &pw {
-            for p in &t.result.peers {
-                if !peer_names.contains(&p.name) {
-                    peer_names.push(p.name.clone());
-                }
-            }
-        }
-        let series: Vec<Series> = peer_names
-            .iter()
-            .map(|n| {
-                (
-                    n.clone(),
-                    pw.iter()
-                        .map(|t| {
-                            t.result
-                                .peers
-                                .iter()
-                                .find(|p| &p.name == n)
-                                .map(|p| bar_of(p, false))
-                        })
-                        .collect(),
-                )
-            })
-            .collect();
+        let series = series_by_peer(&pw);
         let f = dir.join("pages.svg");
         plot::grouped_bars(
             &f,
