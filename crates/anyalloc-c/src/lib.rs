@@ -452,7 +452,10 @@ pub extern "C" fn anyalloc_nolock_exit() {
 /// dependency of this library), before `main`: normal context.
 extern "C" fn constructor() {
     let t = tls::state();
-    let Some(heap) = inside(t, normal_heap) else {
+    // Not `normal_heap`: this call must also do the setup owed since a nolock
+    // caller created the heap (the heap's own fork handlers, registered
+    // before ours below).
+    let Some(heap) = inside(t, || anyalloc::init_without_maintainer(false)) else {
         return;
     };
     // Registered after the heap's own handlers (made when it was created),

@@ -40,7 +40,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::{Cell, UnsafeCell};
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
-use core::sync::atomic::{compiler_fence, AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicU8, Ordering};
 
 use crate::config::{Config, Error};
 use crate::slab::Heap;
@@ -97,16 +97,22 @@ pub fn global_heap() -> Option<&'static Heap> {
     }
 }
 
-/// Set when a nolock caller created the heap: the maintenance thread (which
-/// a nolock context must not spawn) starts at the next normal-path call.
-static MAINTAINER_PENDING: AtomicBool = AtomicBool::new(false);
+/// Setup that only a normal context may do, owed since the heap was
+/// created: registering the fork handlers (`pthread_atfork` allocates with
+/// libc's `malloc`) and starting the maintenance thread (spawning allocates).
+/// The creator sets these bits; if it was a nolock caller (a first
+/// allocation from a signal handler, say), the next normal-path call does
+/// the setup instead.
+static PENDING: AtomicU8 = AtomicU8::new(0);
+const PENDING_ATFORK: u8 = 1;
+const PENDING_MAINTAINER: u8 = 2;
 
 #[inline]
 fn heap(nolock: bool) -> Option<&'static Heap> {
     match global_heap() {
         Some(h) => {
-            if !nolock && MAINTAINER_PENDING.load(Ordering::Relaxed) {
-                start_pending_maintainer(h);
+            if !nolock && PENDING.load(Ordering::Relaxed) != 0 {
+                run_pending_setup(h, true);
             }
             Some(h)
         }
@@ -114,9 +120,19 @@ fn heap(nolock: bool) -> Option<&'static Heap> {
     }
 }
 
+/// Normal context: does the owed setup (the maintainer only if `maintainer`).
 #[cold]
-fn start_pending_maintainer(h: &Heap) {
-    if MAINTAINER_PENDING.swap(false, Ordering::AcqRel) {
+fn run_pending_setup(h: &Heap, maintainer: bool) {
+    let mask = if maintainer {
+        PENDING_ATFORK | PENDING_MAINTAINER
+    } else {
+        PENDING_ATFORK
+    };
+    let owed = PENDING.fetch_and(!mask, Ordering::AcqRel) & mask;
+    if owed & PENDING_ATFORK != 0 {
+        register_atfork();
+    }
+    if owed & PENDING_MAINTAINER != 0 {
         h.start_maintenance();
     }
 }
@@ -127,11 +143,18 @@ fn start_pending_maintainer(h: &Heap) {
 /// where spawning a thread (which calls `malloc`) is not safe. With
 /// `nolock`, an initialisation in progress elsewhere gives `None` at once
 /// instead of a wait. The caller may start the maintainer later with
-/// [`Heap::start_maintenance`].
+/// [`Heap::start_maintenance`]. A normal call (`nolock` false) also does
+/// the owed setup other than the maintainer (the fork handlers), if a nolock
+/// caller created the heap.
 #[doc(hidden)]
 pub fn init_without_maintainer(nolock: bool) -> Option<&'static Heap> {
     match global_heap() {
-        Some(h) => Some(h),
+        Some(h) => {
+            if !nolock && PENDING.load(Ordering::Relaxed) != 0 {
+                run_pending_setup(h, false);
+            }
+            Some(h)
+        }
         None => init_slow(nolock, false),
     }
 }
@@ -148,23 +171,24 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
             Ok(_) => {
                 // The maintainer starts only after READY: spawning a thread
                 // allocates, and until READY such allocations would fail.
+                // Both it and the fork handlers are normal-context setup,
+                // left to a normal call if a nolock caller gets here.
                 let built = Heap::new_without_maintainer(env_config());
                 return match built {
                     Ok(h) => {
                         // SAFETY: we won the CAS: no other context reads or
                         // writes the cell until READY is published.
                         unsafe { (*GLOBAL_HEAP.heap.get()).write(h) };
-                        GLOBAL_HEAP.state.store(READY, Ordering::Release);
-                        register_atfork();
-                        let heap = global_heap();
+                        let mut owed = PENDING_ATFORK;
                         if maintainer && env_size(c"ANYALLOC_MAINTENANCE") != Some(0) {
-                            if nolock {
-                                // Spawning a thread is not for a nolock
-                                // context (a signal handler, say).
-                                MAINTAINER_PENDING.store(true, Ordering::Release);
-                            } else if let Some(h) = heap {
-                                h.start_maintenance();
-                            }
+                            owed |= PENDING_MAINTAINER;
+                        }
+                        // Owed before READY, so no normal call can miss it.
+                        PENDING.fetch_or(owed, Ordering::Release);
+                        GLOBAL_HEAP.state.store(READY, Ordering::Release);
+                        let heap = global_heap();
+                        if let (false, Some(h)) = (nolock, heap) {
+                            run_pending_setup(h, maintainer);
                         }
                         heap
                     }
