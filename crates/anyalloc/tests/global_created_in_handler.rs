@@ -28,7 +28,10 @@ extern "C" fn handler(_: libc::c_int) {
 
 #[test]
 fn heap_created_by_a_handler_defers_normal_context_setup() {
-    assert!(anyalloc::global_heap().is_none(), "nothing created the heap yet");
+    assert!(
+        anyalloc::global_heap().is_none(),
+        "nothing created the heap yet"
+    );
     // SAFETY: a zeroed sigaction with an extern "C" handler is valid; raise
     // runs the handler synchronously on this thread.
     unsafe {
@@ -40,8 +43,15 @@ fn heap_created_by_a_handler_defers_normal_context_setup() {
     let before = threads();
     // SAFETY: raise has no preconditions.
     unsafe { libc::raise(libc::SIGUSR1) };
-    assert_eq!(HANDLER_OK.load(Ordering::Relaxed), 1, "the handler allocated");
-    assert!(anyalloc::global_heap().is_some(), "the handler created the heap");
+    assert_eq!(
+        HANDLER_OK.load(Ordering::Relaxed),
+        1,
+        "the handler allocated"
+    );
+    assert!(
+        anyalloc::global_heap().is_some(),
+        "the handler created the heap"
+    );
     assert_eq!(
         THREADS_IN_HANDLER.load(Ordering::Relaxed),
         before,
@@ -57,7 +67,11 @@ fn heap_created_by_a_handler_defers_normal_context_setup() {
         std::thread::sleep(std::time::Duration::from_millis(10));
         after = threads();
     }
-    assert_eq!(after, before + 1, "the maintenance thread started after the handler");
+    assert_eq!(
+        after,
+        before + 1,
+        "the maintenance thread started after the handler"
+    );
     // The fork handlers were registered too: a forked child can allocate.
     // SAFETY: the child only allocates through NoLock, then _exits.
     let pid = unsafe { libc::fork() };
