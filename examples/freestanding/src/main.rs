@@ -104,8 +104,8 @@ static TX: Ring<64> = Ring::new();
 /// `--normal-in-irq`.
 static NORMAL_IN_IRQ: AtomicBool = AtomicBool::new(false);
 
-/// A xorshift step on a handler's state (each handler never interrupts
-/// itself, so load-then-store is enough).
+/// A xorshift step on a context's state (no context interrupts itself, so
+/// load-then-store is enough).
 fn next(state: &AtomicU64) -> u64 {
     let mut x = state.load(Relaxed);
     x ^= x << 13;
@@ -187,12 +187,10 @@ fn run(heap: &anyalloc::Heap, o: &Options) {
     let end = start + o.seconds * 1_000_000_000;
     let mut next_maintain = start;
     let mut held: [Option<Block>; 64] = [const { None }; 64];
-    let mut rng = 0x1234_5678_9abc_def1u64;
+    let rng_state = AtomicU64::new(0x1234_5678_9abc_def1);
     let mut corrupt = o.corrupt;
     for iter in 0u64.. {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
+        let rng = next(&rng_state);
         let slot = &mut held[(rng % 64) as usize];
         match slot.take() {
             Some(mut block) => {

@@ -185,7 +185,10 @@ pub fn cpu_id() -> usize {
     static HAS_RDTSCP: AtomicU8 = AtomicU8::new(2); // 2: not probed yet
     let mut has = HAS_RDTSCP.load(Ordering::Relaxed);
     if has == 2 {
-        let edx = core::arch::x86_64::__cpuid(0x8000_0001).edx;
+        // SAFETY: every x86_64 CPU has cpuid (the intrinsic is an `unsafe fn`
+        // in older Rust versions, safe in newer ones).
+        #[allow(unused_unsafe)]
+        let edx = unsafe { core::arch::x86_64::__cpuid(0x8000_0001) }.edx;
         has = ((edx >> 27) & 1) as u8;
         HAS_RDTSCP.store(has, Ordering::Relaxed);
     }
