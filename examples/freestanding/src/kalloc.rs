@@ -57,9 +57,19 @@ pub fn in_interrupt() -> bool {
     IRQ_DEPTH.load(Relaxed) > 0
 }
 
+/// Whether the normal path is running inside the heap (the program checks
+/// that interrupts land there: that is what the nolock path is for).
+static IN_NORMAL_PATH: AtomicBool = AtomicBool::new(false);
+
+/// Interrupts taken while the normal path was inside the heap.
+pub static INTERRUPTED_NORMAL_PATH: AtomicU64 = AtomicU64::new(0);
+
 /// Enters interrupt context; returns the depth before (0: interrupted the
 /// normal context).
 pub fn irq_enter() -> u32 {
+    if IN_NORMAL_PATH.load(Relaxed) {
+        INTERRUPTED_NORMAL_PATH.fetch_add(1, Relaxed);
+    }
     IRQ_DEPTH.fetch_add(1, Relaxed)
 }
 
@@ -134,7 +144,10 @@ pub fn alloc_normal(layout: Layout) -> *mut u8 {
         return null_mut();
     }
     NORMAL_OPS.fetch_add(1, Relaxed);
-    heap.alloc(layout).map_or(null_mut(), NonNull::as_ptr)
+    IN_NORMAL_PATH.store(true, Relaxed);
+    let p = heap.alloc(layout).map_or(null_mut(), NonNull::as_ptr);
+    IN_NORMAL_PATH.store(false, Relaxed);
+    p
 }
 
 /// Nolock allocation, like `kmalloc_nolock()`: any context, may fail.
@@ -181,8 +194,10 @@ unsafe impl GlobalAlloc for Kmalloc {
             unsafe { heap.free_nolock(ptr) }
         } else {
             NORMAL_OPS.fetch_add(1, Relaxed);
+            IN_NORMAL_PATH.store(true, Relaxed);
             // SAFETY: as above; normal context may wait.
-            unsafe { heap.free(ptr) }
+            unsafe { heap.free(ptr) };
+            IN_NORMAL_PATH.store(false, Relaxed);
         }
     }
 }

@@ -25,9 +25,12 @@
 //! "transmit buffers" that the high IRQ frees on the nolock path.
 //!
 //! Every block carries its owner's pattern ([`block`]) and is checked before
-//! it is freed. At the end the program prints one line and exits 0:
+//! it is freed; at the end every page must be back in the heap. The program
+//! prints one line and exits 0:
 //! `freestanding ok: irqs N nested M nolock_ok A nolock_fail B normal_ops C violations 0`,
-//! or a line starting `freestanding FAIL` and exits 1.
+//! or a line starting `freestanding FAIL` and exits 1: on a violation, or if
+//! no interrupt nested in another, none landed while the normal path was
+//! inside the heap, or no nolock allocation succeeded.
 //!
 //! Options: `--seconds N` (default 3); two switches that break the program
 //! on purpose to show the checks work: `--corrupt` (a stray write into one
@@ -274,6 +277,9 @@ pub fn kmain(args: sys::Args) -> i32 {
     let failure = match FIRST_VIOLATION.load(Relaxed) {
         0 if nested == 0 => Some("no interrupt nested in another"),
         0 if ok == 0 => Some("no nolock allocation succeeded"),
+        0 if kalloc::INTERRUPTED_NORMAL_PATH.load(Relaxed) == 0 => {
+            Some("no interrupt landed inside the normal path")
+        }
         0 => None,
         v => Some(REASONS[v as usize]),
     };
