@@ -42,7 +42,9 @@ impl Platform for Kernel {
     fn fatal(&self, message: &[u8]) -> ! {
         sys::write(1, b"freestanding FAIL: ");
         sys::write(1, message);
-        sys::write(1, b"\n");
+        if message.last() != Some(&b'\n') {
+            sys::write(1, b"\n");
+        }
         sys::exit(1)
     }
 }
