@@ -3,7 +3,7 @@
 //! # Structure
 //!
 //! * **Slots** (per CPU, per context level, like the page allocator's): each
-//!   holds a *main* and a *spare* [`Sheaf`], arrays of free object pointers,
+//!   holds a *main* and a *spare* `Sheaf`, arrays of free object pointers,
 //!   guarded by a try-only [`SlotLock`]. Allocation pops from main, free
 //!   pushes to main; when main is empty (full) it trades places with spare.
 //! * **Node** (one per cache, under a [`ZoneLock`]): the *barn* of full and
@@ -24,7 +24,7 @@
 //! # Sheaf conservation
 //!
 //! Every slot always holds exactly two sheaves and the barn holds the
-//! cache's [`BARN_SHEAVES`] others (full or empty). Exchanges with the barn
+//! cache's `BARN_SHEAVES` others (full or empty). Exchanges with the barn
 //! swap one sheaf for another, so no sheaf is ever allocated or freed: the
 //! sheaves live in the heap's metadata area, zero-filled (a zeroed sheaf is
 //! a valid empty one).

@@ -2,7 +2,7 @@
 //!
 //! [`Heap`] serves objects of 8 bytes to 8 KiB from size-class caches (see
 //! [`cache`] for sheaves, barn and slabs), larger ones from the page
-//! allocator (orders up to [`MAX_ORDER`](crate::MAX_ORDER), the order kept in
+//! allocator (orders up to [`MAX_ORDER`], the order kept in
 //! the page descriptor so `free` needs no size), and on std anything above
 //! 4 MiB from `mmap` (normal path only).
 //!

@@ -15,7 +15,7 @@
 //!   holds the deferred frees that could not take a lock.
 //!
 //! None of them allocates. Under `cfg(loom)` they use loom's atomics (see
-//! [`atomic`]) so the loom tests beside them explore every interleaving.
+//! the `atomic` module) so the loom tests beside them explore every interleaving.
 
 pub(crate) mod atomic;
 #[cfg(all(test, loom))]
