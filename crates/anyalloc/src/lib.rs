@@ -13,7 +13,7 @@
 //! a lock-free list, drained by the next normal-path operation.
 //!
 //! The design follows the Linux kernel's `alloc_pages_nolock` /
-//! `kmalloc_nolock` work; see the repository's `DESIGN.md`.
+//! `kmalloc_nolock` work; see `docs/DESIGN.md` in the repository.
 //!
 //! ## Layers
 //!

@@ -27,8 +27,8 @@
 //! `min`, in pages of the buddy free lists (about 1/256 of the zone). The
 //! nolock path never takes the zone below `min`; the normal path does only
 //! as a last resort, after reclaim has failed (the reserve a reclaiming
-//! caller may use, as the kernel's `ALLOC_NO_WATERMARKS`). The `low`/`high`
-//! marks that wake a maintenance thread are not implemented yet.
+//! caller may use, as the kernel's `ALLOC_NO_WATERMARKS`). Twice `min` is
+//! the "low" mark: below it a maintenance pass runs the heap's shrinkers.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
