@@ -42,6 +42,46 @@
 //! let pages = heap.pages().stats();
 //! assert_eq!(pages.free_pages, pages.total_pages);
 //! ```
+//!
+//! # Giving memory back on demand: shrinkers
+//!
+//! A program that keeps memory it could give up (a cache of spare buffers)
+//! registers a shrinker. The heap calls it on the normal path when memory
+//! runs low or an accounting group is over its limit, then retries once:
+//!
+//! ```
+//! use anyalloc::{Config, Group, Heap};
+//! use core::alloc::Layout;
+//! use core::ptr::NonNull;
+//! use std::sync::Mutex;
+//!
+//! // A heap that lives as long as the program, so the shrinker may use it.
+//! let heap: &'static Heap = Box::leak(Box::new(Heap::new(Config::default()).unwrap()));
+//! let buffer = Layout::from_size_align(16 << 10, 8).unwrap();
+//! static SPARE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+//! heap.register_shrinker(move |wanted| {
+//!     let mut freed = 0;
+//!     while freed < wanted {
+//!         let Some(p) = SPARE.lock().unwrap().pop() else { break };
+//!         // SAFETY: the spare buffers came from `heap` and nothing else uses them.
+//!         unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
+//!         freed += buffer.size();
+//!     }
+//!     freed
+//! });
+//!
+//! // Four spare buffers fill a 64 KiB group...
+//! let group = Group::new("buffers", Some(64 << 10), None);
+//! for _ in 0..4 {
+//!     let p = heap.alloc_in(buffer, &group).unwrap();
+//!     SPARE.lock().unwrap().push(p.as_ptr() as usize);
+//! }
+//! // ...so the next allocation runs the shrinker, which frees spares.
+//! let p = heap.alloc_in(buffer, &group).expect("the shrinker made room");
+//! assert!(SPARE.lock().unwrap().len() < 4);
+//! assert!(group.usage() <= 64 << 10);
+//! # unsafe { heap.free(p) };
+//! ```
 
 extern crate alloc;
 
@@ -241,6 +281,33 @@ impl Heap {
     /// metadata is carved from the start of the region, the rest becomes the
     /// page allocator's zone. There is no maintenance thread: call
     /// [`maintain`](Self::maintain) from a deferred context.
+    ///
+    /// An embedding in brief (a kernel would take the region from its boot
+    /// memory map, and give the platform its real CPU id):
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap, Platform};
+    /// use core::alloc::Layout;
+    /// use core::ptr::NonNull;
+    ///
+    /// struct OneCpu;
+    /// impl Platform for OneCpu {
+    ///     fn cpu_id(&self) -> usize { 0 }
+    ///     fn cpu_count(&self) -> usize { 1 }
+    /// }
+    /// static PLATFORM: OneCpu = OneCpu;
+    ///
+    /// // 8 MiB that belong to the heap for good (here: leaked from the process heap).
+    /// let len = 8 << 20;
+    /// let region = NonNull::from(Box::leak(vec![0u8; len].into_boxed_slice())).cast::<u8>();
+    /// // SAFETY: the region is ours alone, valid for reads and writes, never freed.
+    /// let heap = unsafe { Heap::from_region(region, len, &PLATFORM, Config::default()) }.unwrap();
+    ///
+    /// let p = heap.alloc_nolock(Layout::new::<[u64; 8]>()).expect("memory to spare");
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free_nolock(p) };
+    /// heap.maintain(); // no thread here: a deferred context of the embedder calls this
+    /// ```
     ///
     /// # Safety
     /// As for [`PageAllocator::from_region`].

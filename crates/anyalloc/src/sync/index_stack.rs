@@ -23,6 +23,29 @@ use super::atomic::{AtomicUsize, Ordering};
 pub const NIL: usize = usize::MAX;
 
 /// See the module documentation.
+///
+/// The elements are indices (here into a table); each element's link lives
+/// in the element, written by the `push` callback:
+///
+/// ```
+/// use anyalloc::sync::{IndexStack, NIL};
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+///
+/// let links: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(NIL)).collect();
+/// let stack = IndexStack::new();
+/// for i in [1, 3] {
+///     stack.push(i, |i, next| links[i].store(next, Ordering::Relaxed));
+/// }
+/// // Whoever takes the chain owns every element on it.
+/// let mut taken = Vec::new();
+/// let mut i = stack.take_all();
+/// while i != NIL {
+///     taken.push(i);
+///     i = links[i].load(Ordering::Relaxed);
+/// }
+/// assert_eq!(taken, [3, 1]);
+/// assert!(stack.is_empty());
+/// ```
 #[derive(Debug)]
 pub struct IndexStack {
     head: AtomicUsize,

@@ -16,6 +16,17 @@
 use super::atomic::{AtomicBool, Ordering};
 
 /// A try-only lock; see the module documentation.
+///
+/// ```
+/// use anyalloc::sync::SlotLock;
+/// let slot = SlotLock::new();
+/// let guard = slot.try_lock().expect("a free slot");
+/// // A handler that interrupted the holder finds the slot busy: it goes
+/// // elsewhere instead of waiting.
+/// assert!(slot.try_lock().is_none());
+/// drop(guard);
+/// assert!(slot.try_lock().is_some());
+/// ```
 #[derive(Debug)]
 pub struct SlotLock {
     held: AtomicBool,
