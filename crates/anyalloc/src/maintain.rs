@@ -5,7 +5,7 @@
 //! by a nolock free that had to park memory on a deferred list (an atomic
 //! add and a futex wake: async-signal-safe, never blocking). Each wake it
 //! drains the deferred lists at once; every 50 ms it also runs a full pass
-//! (`HeapCore::maintain_pass`): per-CPU lists and sheaves that saw demand
+//! ([`Maintained::pass`]): per-CPU lists and sheaves that saw demand
 //! are stocked, caches and barns left unchanged for half a second give their
 //! objects back to the slabs and their pages back to the buddy lists,
 //! shrinkers run below the low watermark, and free blocks of 256 KiB or
@@ -14,14 +14,32 @@
 //! It never holds a lock a nolock caller needs for longer than an ordinary
 //! normal-path operation would: it uses the same normal-path functions. It
 //! blocks every signal, so no handler can interrupt it inside a lock.
+//!
+//! The thread drives whatever implements [`Maintained`] (the heap's core),
+//! so this module depends on no allocator layer: the heap owns its
+//! maintainer, not the other way round.
 
 extern crate std;
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::slab::HeapCore;
+/// What the maintenance thread drives: implemented by the heap's core.
+pub(crate) trait Maintained: Sync + 'static {
+    /// The futex word a wake bumps; the thread sleeps on it.
+    fn wake_word(&self) -> &AtomicU32;
+    /// Set (Release) when the thread must exit.
+    fn stop_flag(&self) -> &AtomicBool;
+    /// Wakes the thread (any context).
+    fn wake(&self);
+    /// The quick duty after a wake: deferred frees only.
+    fn drain_deferred(&self);
+    /// One full maintenance pass at `epoch`: blocks idle for `idle_epochs`
+    /// epochs go back to the OS, caches unchanged for `idle_passes` passes
+    /// go back to the slabs and the page allocator.
+    fn pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32);
+}
 
 const NONE: u8 = 0;
 const STARTING: u8 = 1;
@@ -53,9 +71,10 @@ impl MaintainerSlot {
         }
     }
 
-    /// Starts the thread for the core at `core` unless one runs; returns
-    /// whether a thread runs (or is being started) afterwards.
-    pub(crate) fn start(&self, core: usize) -> bool {
+    /// Starts the thread for `core` unless one runs; returns whether a
+    /// thread runs (or is being started) afterwards. `core` must stay where
+    /// it is until [`stop`](Self::stop) has returned.
+    pub(crate) fn start<M: Maintained>(&self, core: &M) -> bool {
         match self
             .state
             .compare_exchange(NONE, STARTING, Ordering::AcqRel, Ordering::Acquire)
@@ -63,12 +82,13 @@ impl MaintainerSlot {
             Ok(_) => {}
             Err(_) => return true,
         }
+        let core = core as *const M as usize;
         let spawned = std::thread::Builder::new()
             .name(std::string::String::from("anyalloc-maintainer"))
             .spawn(move || {
                 // SAFETY: the core outlives the thread: `stop` joins it
                 // before the heap releases the core.
-                run(unsafe { &*(core as *const HeapCore) })
+                run(unsafe { &*(core as *const M) })
             });
         match spawned {
             Ok(h) => {
@@ -86,12 +106,12 @@ impl MaintainerSlot {
     }
 
     /// Stops and joins the thread, if one runs.
-    pub(crate) fn stop(&self, core: &HeapCore) {
+    pub(crate) fn stop(&self, core: &impl Maintained) {
         if self.state.load(Ordering::Acquire) != RUNNING {
             return;
         }
-        core.stop.store(true, Ordering::Release);
-        core.wake_maintainer();
+        core.stop_flag().store(true, Ordering::Release);
+        core.wake();
         // SAFETY: RUNNING was published after the handle was written; `stop`
         // runs from the heap's drop, with exclusive access to the handle.
         if let Some(h) = unsafe { (*self.handle.get()).take() } {
@@ -119,7 +139,7 @@ fn wait(word: &AtomicU32, seen: u32, timeout: Duration) {
     }
 }
 
-fn run(core: &HeapCore) {
+fn run(core: &impl Maintained) {
     // Signals go to other threads: a handler interrupting this thread while
     // it holds a zone or node lock, and allocating through `Global` (whose
     // re-entry routing does not know about this thread), would wait on a
@@ -134,16 +154,16 @@ fn run(core: &HeapCore) {
     let start = Instant::now();
     let mut last_pass: Option<Instant> = None;
     loop {
-        let seen = core.wake.load(Ordering::Acquire);
-        if core.stop.load(Ordering::Acquire) {
+        let seen = core.wake_word().load(Ordering::Acquire);
+        if core.stop_flag().load(Ordering::Acquire) {
             return;
         }
-        core.drain_deferred_only();
+        core.drain_deferred();
         if last_pass.is_none_or(|t| t.elapsed() >= PERIOD) {
             let epoch = (start.elapsed().as_millis() / EPOCH.as_millis()) as usize + 1;
-            core.maintain_pass(epoch, IDLE_EPOCHS, IDLE_PASSES);
+            core.pass(epoch, IDLE_EPOCHS, IDLE_PASSES);
             last_pass = Some(Instant::now());
         }
-        wait(&core.wake, seen, PERIOD);
+        wait(core.wake_word(), seen, PERIOD);
     }
 }

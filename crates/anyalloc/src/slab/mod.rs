@@ -178,7 +178,7 @@ impl Shrinkers {
 }
 
 /// The heap's state, at a stable address (see the module documentation).
-/// (Internal; public only for the maintainer module's type signatures.)
+/// (The maintenance thread sees it as a `maintain::Maintained`.)
 pub(crate) struct HeapCore {
     pages: PageAllocator,
     caches: *const Cache,
@@ -425,8 +425,7 @@ impl Heap {
     /// the OS. Returns whether a thread is running afterwards.
     #[cfg(feature = "std")]
     pub fn start_maintenance(&self) -> bool {
-        let core = self.core.as_ptr() as usize;
-        let started = self.maintainer.start(core);
+        let started = self.maintainer.start(self.core());
         if started {
             self.core().pages.set_waker(&self.core().wake);
         }
@@ -1173,5 +1172,28 @@ impl Drop for Heap {
             // SAFETY: the metadata reservation made in `new`, unused now.
             unsafe { crate::platform::os_release(self.mapping.0 as *mut u8, self.mapping.1) };
         }
+    }
+}
+
+#[cfg(feature = "std")]
+impl crate::maintain::Maintained for HeapCore {
+    fn wake_word(&self) -> &AtomicU32 {
+        &self.wake
+    }
+
+    fn stop_flag(&self) -> &AtomicBool {
+        &self.stop
+    }
+
+    fn wake(&self) {
+        self.wake_maintainer();
+    }
+
+    fn drain_deferred(&self) {
+        self.drain_deferred_only();
+    }
+
+    fn pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) {
+        self.maintain_pass(epoch, idle_epochs, idle_passes);
     }
 }
