@@ -75,9 +75,23 @@ const CACHES: usize = 2 * CLASSES;
 /// Bytes a shrinker is asked for when the heap reclaims.
 const RECLAIM_BYTES: usize = 4 << 20;
 
+/// How a heap's per-CPU object fast path is guarded (chosen once, when the
+/// heap is created).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastPath {
+    /// Restartable sequences: no atomic instruction; an interrupted pop or
+    /// push starts over (x86-64 Linux with glibc's rseq registration).
+    Rseq,
+    /// A try-only lock (one CAS) per operation: everywhere else, and when
+    /// [`Config::rseq`](crate::Config::rseq) is off.
+    SlotLock,
+}
+
 /// A snapshot of a heap's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeapStats {
+    /// The fast path's mechanism.
+    pub fast_path: FastPath,
     /// Per size class, smallest first (plain and accounted caches together).
     pub classes: [ClassStats; CLASSES],
     /// Small objects in use, over all classes.
@@ -232,9 +246,10 @@ impl Heap {
         let len = meta_layout(pages.cpus()).3.next_multiple_of(PAGE_SIZE);
         let meta =
             crate::platform::os_reserve(len, PAGE_SIZE).ok_or(Error::Reserve { bytes: len })?;
+        let rseq = config.rseq && crate::sync::rseq::available(pages.cpus());
         // SAFETY: `meta` is a fresh, zero-filled, page-aligned reservation of
         // `len` bytes that only this heap uses.
-        Ok(unsafe { Self::build(pages, meta, (meta as usize, len)) })
+        Ok(unsafe { Self::build(pages, meta, (meta as usize, len), rseq) })
     }
 
     /// Creates a heap over an embedder's memory region (`no_std`): the heap's
@@ -274,14 +289,20 @@ impl Heap {
         // is zeroed here as `build` requires.
         unsafe {
             core::ptr::write_bytes(start as *mut u8, 0, meta_len);
-            Ok(Self::build(pages, start as *mut u8, (0, 0)))
+            Ok(Self::build(pages, start as *mut u8, (0, 0), false))
         }
     }
 
     /// # Safety
     /// `meta` is 64-aligned, zero-filled, `meta_layout(cpus).3` bytes long,
-    /// and lives (unused by others) as long as the heap.
-    unsafe fn build(pages: PageAllocator, meta: *mut u8, mapping: (usize, usize)) -> Heap {
+    /// and lives (unused by others) as long as the heap. `rseq`: the
+    /// caches' fast path uses restartable sequences (`rseq::available`).
+    unsafe fn build(
+        pages: PageAllocator,
+        meta: *mut u8,
+        mapping: (usize, usize),
+        rseq: bool,
+    ) -> Heap {
         let cpus = pages.cpus();
         let (caches_off, per_cache, huge_off, _) = meta_layout(cpus);
         let caches = meta.wrapping_add(caches_off) as *mut Cache;
@@ -298,6 +319,7 @@ impl Heap {
                     accounted,
                     cpus,
                     meta.add(areas + i * per_cache),
+                    rseq,
                 )
             };
         }
@@ -1015,6 +1037,11 @@ impl HeapCore {
 
     fn stats(&self) -> HeapStats {
         let mut s = HeapStats {
+            fast_path: if self.cache(0).uses_rseq() {
+                FastPath::Rseq
+            } else {
+                FastPath::SlotLock
+            },
             classes: [ClassStats::default(); CLASSES],
             objects_in_use: 0,
             large_in_use: self.large_live.load(Ordering::Relaxed),
