@@ -381,13 +381,13 @@ impl Cache {
     /// Normal-path allocation. Fast path: nothing deferred, and an object in
     /// the main sheaf of this CPU's level-0 slot.
     #[inline]
-    pub(crate) fn alloc(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
+    pub(crate) fn alloc(&self, pages: &PageAllocator) -> Option<usize> {
         if self.deferred.is_empty() {
-            if let Some(o) = self.fast_pop(cpu, false) {
+            if let Some(o) = self.fast_pop(pages, false) {
                 return Some(o);
             }
         }
-        self.alloc_slow(pages, cpu)
+        self.alloc_slow(pages, pages.cpu())
     }
 
     /// The fast path of both allocation paths: pop from the main sheaf of
@@ -395,7 +395,7 @@ impl Cache {
     /// With rseq, a restartable sequence (no atomic instruction); otherwise
     /// under the slot's try-lock.
     #[inline(always)]
-    fn fast_pop(&self, cpu: usize, count_nolock: bool) -> Option<usize> {
+    fn fast_pop(&self, pages: &PageAllocator, count_nolock: bool) -> Option<usize> {
         if self.rseq {
             if let Some(off) = crate::sync::rseq::area_offset() {
                 // SAFETY: `rseq` was chosen at init because this heap has a
@@ -414,7 +414,7 @@ impl Cache {
                 .ok();
             }
         }
-        let slot = self.slot(cpu, 0);
+        let slot = self.slot(pages.cpu(), 0);
         let g = slot.lock.try_lock()?;
         crate::interrupt_point!(SheafAlloc);
         let o = slot.main().pop()?;
@@ -429,7 +429,7 @@ impl Cache {
     /// is not its top: an immediate double free goes to the slow path, which
     /// reports it).
     #[inline(always)]
-    fn fast_push(&self, cpu: usize, obj: usize) -> bool {
+    fn fast_push(&self, pages: &PageAllocator, obj: usize) -> bool {
         if self.rseq {
             if let Some(off) = crate::sync::rseq::area_offset() {
                 // SAFETY: as in `fast_pop`; `obj` is a validated object of
@@ -440,7 +440,7 @@ impl Cache {
                 .is_ok();
             }
         }
-        let slot = self.slot(cpu, 0);
+        let slot = self.slot(pages.cpu(), 0);
         let Some(_g) = slot.lock.try_lock() else {
             return false;
         };
@@ -471,10 +471,10 @@ impl Cache {
     /// Nolock allocation. Fast path: this CPU's level-0 slot has an object
     /// in its main sheaf. Otherwise [`alloc_nolock_slow`](Self::alloc_nolock_slow).
     #[inline]
-    pub(crate) fn alloc_nolock(&self, pages: &PageAllocator, cpu: usize) -> Result<usize, Fail> {
-        match self.fast_pop(cpu, true) {
+    pub(crate) fn alloc_nolock(&self, pages: &PageAllocator) -> Result<usize, Fail> {
+        match self.fast_pop(pages, true) {
             Some(o) => Ok(o),
-            None => self.alloc_nolock_slow(pages, cpu),
+            None => self.alloc_nolock_slow(pages, pages.cpu()),
         }
     }
 
@@ -732,9 +732,9 @@ impl Cache {
     /// Normal-path free of a validated object. Fast path: nothing deferred,
     /// and room in the main sheaf of this CPU's level-0 slot.
     #[inline]
-    pub(crate) fn free(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
-        if !(self.deferred.is_empty() && self.fast_push(cpu, obj)) {
-            self.free_slow(pages, cpu, obj);
+    pub(crate) fn free(&self, pages: &PageAllocator, obj: usize) {
+        if !(self.deferred.is_empty() && self.fast_push(pages, obj)) {
+            self.free_slow(pages, pages.cpu(), obj);
         }
     }
 
@@ -761,9 +761,9 @@ impl Cache {
     /// Nolock free of a validated object. Fast path: room in the main sheaf
     /// of this CPU's level-0 slot. Otherwise [`free_nolock_slow`](Self::free_nolock_slow).
     #[inline]
-    pub(crate) fn free_nolock(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
-        if !self.fast_push(cpu, obj) {
-            self.free_nolock_slow(pages, cpu, obj);
+    pub(crate) fn free_nolock(&self, pages: &PageAllocator, obj: usize) {
+        if !self.fast_push(pages, obj) {
+            self.free_nolock_slow(pages, pages.cpu(), obj);
         }
     }
 

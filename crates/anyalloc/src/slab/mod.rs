@@ -554,7 +554,7 @@ impl HeapCore {
     fn alloc_once(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
-                let obj = self.cache(base + c).alloc(&self.pages, self.cpu())?;
+                let obj = self.cache(base + c).alloc(&self.pages)?;
                 Some(self.hand_out(obj))
             }
             None => self.alloc_large(layout),
@@ -655,8 +655,8 @@ impl HeapCore {
                     self.uncharge_object(cache, zone, idx, addr);
                 }
                 match mode {
-                    Mode::Normal => cache.free(&self.pages, self.cpu(), addr),
-                    Mode::NoLock => cache.free_nolock(&self.pages, self.cpu(), addr),
+                    Mode::Normal => cache.free(&self.pages, addr),
+                    Mode::NoLock => cache.free_nolock(&self.pages, addr),
                 }
             }
             Kind::Large(zone, idx, order) => {
@@ -736,11 +736,10 @@ impl HeapCore {
     fn alloc_nolock_from(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
-                let cpu = self.cpu();
-                let r = match self.cache(base + c).alloc_nolock(&self.pages, cpu) {
+                let r = match self.cache(base + c).alloc_nolock(&self.pages) {
                     Err(Fail::Busy) => match class::next_class(c, layout.align()) {
                         // Re-entered this class everywhere: the next class up.
-                        Some(n) => self.cache(base + n).alloc_nolock(&self.pages, cpu),
+                        Some(n) => self.cache(base + n).alloc_nolock(&self.pages),
                         None => Err(Fail::Busy),
                     },
                     r => r,
