@@ -18,6 +18,7 @@ pub struct Config {
     pub(crate) cpus: Option<usize>,
     pub(crate) grow: bool,
     pub(crate) maintenance: bool,
+    pub(crate) rseq: bool,
 }
 
 impl Default for Config {
@@ -29,6 +30,7 @@ impl Default for Config {
             cpus: None,
             grow: true,
             maintenance: true,
+            rseq: true,
         }
     }
 }
@@ -59,6 +61,16 @@ impl Config {
     /// default on).
     pub fn maintenance(mut self, on: bool) -> Self {
         self.maintenance = on;
+        self
+    }
+
+    /// Whether the object fast path may use restartable sequences (std,
+    /// x86-64 Linux with glibc's rseq registration; default on). Off, or
+    /// where rseq is unavailable, every context uses the try-locked per-CPU
+    /// slots instead. [`HeapStats::fast_path`](crate::HeapStats::fast_path)
+    /// says which one a heap chose.
+    pub fn rseq(mut self, on: bool) -> Self {
+        self.rseq = on;
         self
     }
 

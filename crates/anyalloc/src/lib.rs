@@ -73,7 +73,7 @@ pub use page::{PageAllocator, PageStats};
 pub use platform::Platform;
 #[cfg(feature = "std")]
 pub use platform::StdPlatform;
-pub use slab::{ClassStats, Heap, HeapStats};
+pub use slab::{ClassStats, FastPath, Heap, HeapStats};
 
 /// Bytes per page.
 pub const PAGE_SIZE: usize = 4096;

@@ -66,9 +66,9 @@ mod rseq {
         let area = thread_pointer().wrapping_add_signed(offset);
         // The kernel updates `cpu_id` behind our back: read it as an atomic.
         // SAFETY: with rseq registered (size > 0), `area` is this thread's
-        // live, 32-byte aligned `struct rseq`; `cpu_id` is the u32 at 4.
+        // live, 32-byte aligned `struct rseq` (`sync::rseq::abi::Rseq`).
         let cpu = unsafe {
-            (*((area + 4) as *const core::sync::atomic::AtomicU32))
+            (*((area + crate::sync::rseq::abi::CPU_ID) as *const core::sync::atomic::AtomicU32))
                 .load(core::sync::atomic::Ordering::Relaxed)
         };
         // Negative values: uninitialised (-1) or registration failed (-2).
@@ -92,6 +92,33 @@ mod rseq {
     }
 }
 
+/// The highest CPU id in a kernel CPU list such as `0-3,8-11\n`.
+fn parse_cpu_list_max(list: &[u8]) -> Option<usize> {
+    let mut max = None;
+    let mut cur: Option<usize> = None;
+    for &b in list {
+        match b {
+            b'0'..=b'9' => {
+                cur = Some(
+                    cur.unwrap_or(0)
+                        .checked_mul(10)?
+                        .checked_add((b - b'0') as usize)?,
+                )
+            }
+            b'-' | b',' | b'\n' => {
+                if let Some(c) = cur.take() {
+                    max = max.max(Some(c));
+                }
+            }
+            _ => return None,
+        }
+    }
+    if let Some(c) = cur {
+        max = max.max(Some(c));
+    }
+    max
+}
+
 #[cold]
 fn sched_cpu() -> usize {
     #[cfg(target_os = "linux")]
@@ -107,6 +134,43 @@ fn sched_cpu() -> usize {
 }
 
 impl StdPlatform {
+    /// The current CPU from the rseq area, or `None` when glibc did not
+    /// register one for this thread.
+    #[inline(always)]
+    pub(crate) fn rseq_cpu() -> Option<usize> {
+        rseq::cpu_id()
+    }
+
+    /// The number of possible CPU ids (`/sys/devices/system/cpu/possible`,
+    /// read with raw `open`/`read`: `sysconf` would call `malloc`), or
+    /// `None` if it cannot be read.
+    pub(crate) fn possible_cpus() -> Option<usize> {
+        #[cfg(target_os = "linux")]
+        {
+            let mut buf = [0u8; 64];
+            // SAFETY: a NUL-terminated path; `buf` is valid for its length;
+            // the descriptor is closed before returning.
+            let n = unsafe {
+                let fd = libc::open(
+                    c"/sys/devices/system/cpu/possible".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                );
+                if fd < 0 {
+                    return None;
+                }
+                let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+                libc::close(fd);
+                n
+            };
+            if n <= 0 {
+                return None;
+            }
+            parse_cpu_list_max(&buf[..n as usize]).map(|max| max + 1)
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+
     /// The current CPU, without dynamic dispatch (the allocators call this
     /// directly when their platform is the std one).
     #[inline(always)]
@@ -266,5 +330,19 @@ pub(crate) fn os_discard(addr: usize, len: usize) {
     // that nobody uses right now (the caller took it off the free lists).
     unsafe {
         libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpu_list_max;
+
+    #[test]
+    fn cpu_lists_parse_to_their_highest_id() {
+        assert_eq!(parse_cpu_list_max(b"0-1\n"), Some(1));
+        assert_eq!(parse_cpu_list_max(b"0\n"), Some(0));
+        assert_eq!(parse_cpu_list_max(b"0-3,8-11\n"), Some(11));
+        assert_eq!(parse_cpu_list_max(b""), None);
+        assert_eq!(parse_cpu_list_max(b"x"), None);
     }
 }

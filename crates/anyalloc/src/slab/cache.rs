@@ -64,6 +64,19 @@ pub(crate) struct Sheaf {
 
 const _: () = assert!(core::mem::size_of::<Sheaf>() == 256);
 
+// The rseq sequences' view of a sheaf and a slot (`sync::rseq::layout`).
+const _: () = {
+    use crate::sync::rseq::layout as l;
+    assert!(core::mem::offset_of!(Sheaf, count) == l::SHEAF_COUNT);
+    assert!(core::mem::offset_of!(Sheaf, objs) == l::SHEAF_OBJS);
+    assert!(SHEAF_CAP == l::SHEAF_CAP);
+    assert!(core::mem::offset_of!(SheafSlot, lock) == l::SLOT_LOCK);
+    assert!(core::mem::offset_of!(SheafSlot, main) == l::SLOT_MAIN);
+    assert!(core::mem::offset_of!(SheafSlot, nolock_ok) == l::SLOT_NOLOCK_OK);
+    assert!(core::mem::size_of::<SheafSlot>() * LEVELS == l::STRIDE);
+    assert!(core::mem::size_of::<SlotLock>() == 1);
+};
+
 impl Sheaf {
     #[inline]
     fn len(&self) -> usize {
@@ -192,6 +205,10 @@ pub(crate) struct Cache {
     slots: *const SheafSlot,
     nslots: usize,
     cpus: usize,
+    /// The fast path runs as restartable sequences on the level-0 slots
+    /// (chosen once, at init; see `sync::rseq`). Otherwise it try-locks
+    /// them like every other slot.
+    rseq: bool,
     slabs: AtomicUsize,
     /// Objects out of slabs (in sheaves, in the barn, deferred, or in use).
     out_of_slabs: AtomicUsize,
@@ -240,6 +257,7 @@ impl Cache {
         accounted: bool,
         cpus: usize,
         meta: *mut u8,
+        rseq: bool,
     ) {
         let nslots = cpus * LEVELS;
         let slots = meta as *mut SheafSlot;
@@ -270,6 +288,7 @@ impl Cache {
                 slots,
                 nslots,
                 cpus,
+                rseq,
                 slabs: AtomicUsize::new(0),
                 out_of_slabs: AtomicUsize::new(0),
                 fail_busy: AtomicU64::new(0),
@@ -297,6 +316,11 @@ impl Cache {
         }
     }
 
+    /// Whether the fast path runs as restartable sequences.
+    pub(crate) fn uses_rseq(&self) -> bool {
+        self.rseq
+    }
+
     pub(crate) fn size(&self) -> usize {
         self.size
     }
@@ -306,6 +330,45 @@ impl Cache {
         // SAFETY: `slots` has cpus * LEVELS initialised entries (init), and
         // `slot_index` is below that.
         unsafe { &*self.slots.add(slot_index(cpu, self.cpus, level)) }
+    }
+
+    /// Takes this CPU's slot at `level` for a slow path of this context. With
+    /// rseq, the level-0 slot is taken by the lock sequence (ordered with
+    /// every fast-path sequence on the CPU it runs on, whose slot it
+    /// returns); every other slot by its try-lock.
+    #[inline]
+    fn lock_own(&self, cpu: usize, level: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
+        if self.rseq && level == 0 {
+            let off = crate::sync::rseq::area_offset()?;
+            // SAFETY: as in `fast_pop`.
+            let cpu = unsafe { crate::sync::rseq::lock_slot(off, self.slots.cast(), self.cpus) }?;
+            let slot = self.slot(cpu, 0);
+            // SAFETY: the lock sequence just set this slot's flag for us.
+            return Some((slot, unsafe { slot.lock.adopt() }));
+        }
+        let slot = self.slot(cpu, level);
+        slot.lock.try_lock().map(|g| (slot, g))
+    }
+
+    /// Takes slot `i` (of `nslots`) from a context that may be on any CPU:
+    /// the maintainer, `drain`. With rseq, a level-0 slot is then fenced
+    /// (every sequence on its CPU restarted, see `sync::rseq`) before it is
+    /// returned: a syscall, so normal context only.
+    fn lock_remote(&self, i: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
+        // SAFETY: as in `slot`; i < nslots.
+        let slot = unsafe { &*self.slots.add(i) };
+        let g = slot.lock.try_lock()?;
+        if self.rseq && i % LEVELS == 0 && !crate::sync::rseq::fence_cpu(i / LEVELS) {
+            return None; // cannot stop that CPU's sequences: leave the slot
+        }
+        Some((slot, g))
+    }
+
+    /// Whether the nolock path may take another CPU's slot at `level`:
+    /// not a level-0 slot under rseq (that would need a fence, a syscall).
+    #[inline]
+    fn remote_nolock_ok(&self, level: usize) -> bool {
+        !(self.rseq && level == 0)
     }
 
     fn slots(&self) -> impl Iterator<Item = &SheafSlot> {
@@ -318,20 +381,40 @@ impl Cache {
     /// Normal-path allocation. Fast path: nothing deferred, and an object in
     /// the main sheaf of this CPU's level-0 slot.
     #[inline]
-    pub(crate) fn alloc(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
+    pub(crate) fn alloc(&self, pages: &PageAllocator) -> Option<usize> {
         if self.deferred.is_empty() {
-            if let Some(o) = self.fast_pop(cpu, false) {
+            if let Some(o) = self.fast_pop(pages, false) {
                 return Some(o);
             }
         }
-        self.alloc_slow(pages, cpu)
+        self.alloc_slow(pages, pages.cpu())
     }
 
     /// The fast path of both allocation paths: pop from the main sheaf of
     /// this CPU's level-0 slot, if the slot is free and main is not empty.
+    /// With rseq, a restartable sequence (no atomic instruction); otherwise
+    /// under the slot's try-lock.
     #[inline(always)]
-    fn fast_pop(&self, cpu: usize, count_nolock: bool) -> Option<usize> {
-        let slot = self.slot(cpu, 0);
+    fn fast_pop(&self, pages: &PageAllocator, count_nolock: bool) -> Option<usize> {
+        if self.rseq {
+            if let Some(off) = crate::sync::rseq::area_offset() {
+                // SAFETY: `rseq` was chosen at init because this heap has a
+                // slot group for every possible CPU laid out as the
+                // sequences expect (asserted above), living as long as the
+                // cache; level-0 slots are changed only by sequences and by
+                // holders of their lock taken as `sync::rseq` prescribes.
+                return unsafe {
+                    crate::sync::rseq::sheaf_pop(
+                        off,
+                        self.slots.cast(),
+                        self.cpus,
+                        count_nolock as u64,
+                    )
+                }
+                .ok();
+            }
+        }
+        let slot = self.slot(pages.cpu(), 0);
         let g = slot.lock.try_lock()?;
         crate::interrupt_point!(SheafAlloc);
         let o = slot.main().pop()?;
@@ -346,8 +429,18 @@ impl Cache {
     /// is not its top: an immediate double free goes to the slow path, which
     /// reports it).
     #[inline(always)]
-    fn fast_push(&self, cpu: usize, obj: usize) -> bool {
-        let slot = self.slot(cpu, 0);
+    fn fast_push(&self, pages: &PageAllocator, obj: usize) -> bool {
+        if self.rseq {
+            if let Some(off) = crate::sync::rseq::area_offset() {
+                // SAFETY: as in `fast_pop`; `obj` is a validated object of
+                // this cache being freed.
+                return unsafe {
+                    crate::sync::rseq::sheaf_push(off, self.slots.cast(), self.cpus, obj)
+                }
+                .is_ok();
+            }
+        }
+        let slot = self.slot(pages.cpu(), 0);
         let Some(_g) = slot.lock.try_lock() else {
             return false;
         };
@@ -363,8 +456,7 @@ impl Cache {
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
-        let slot = self.slot(cpu, 0);
-        if let Some(g) = slot.lock.try_lock() {
+        if let Some((slot, g)) = self.lock_own(cpu, 0) {
             crate::interrupt_point!(SheafAlloc);
             if let Some(o) = self.pop_slot(slot, &g) {
                 return Some(o);
@@ -379,10 +471,10 @@ impl Cache {
     /// Nolock allocation. Fast path: this CPU's level-0 slot has an object
     /// in its main sheaf. Otherwise [`alloc_nolock_slow`](Self::alloc_nolock_slow).
     #[inline]
-    pub(crate) fn alloc_nolock(&self, pages: &PageAllocator, cpu: usize) -> Result<usize, Fail> {
-        match self.fast_pop(cpu, true) {
+    pub(crate) fn alloc_nolock(&self, pages: &PageAllocator) -> Result<usize, Fail> {
+        match self.fast_pop(pages, true) {
             Some(o) => Ok(o),
-            None => self.alloc_nolock_slow(pages, cpu),
+            None => self.alloc_nolock_slow(pages, pages.cpu()),
         }
     }
 
@@ -394,8 +486,7 @@ impl Cache {
         let mut busy = false;
         let mut node_busy = false;
         for level in 0..LEVELS {
-            let slot = self.slot(cpu, level);
-            let Some(g) = slot.lock.try_lock() else {
+            let Some((slot, g)) = self.lock_own(cpu, level) else {
                 busy = true;
                 continue;
             };
@@ -420,7 +511,7 @@ impl Cache {
             }
         }
         for other in (0..self.cpus).filter(|&c| c != cpu % self.cpus) {
-            for level in 0..LEVELS {
+            for level in (0..LEVELS).filter(|&l| self.remote_nolock_ok(l)) {
                 let slot = self.slot(other, level);
                 if slot.cached() == 0 {
                     continue;
@@ -641,9 +732,9 @@ impl Cache {
     /// Normal-path free of a validated object. Fast path: nothing deferred,
     /// and room in the main sheaf of this CPU's level-0 slot.
     #[inline]
-    pub(crate) fn free(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
-        if !(self.deferred.is_empty() && self.fast_push(cpu, obj)) {
-            self.free_slow(pages, cpu, obj);
+    pub(crate) fn free(&self, pages: &PageAllocator, obj: usize) {
+        if !(self.deferred.is_empty() && self.fast_push(pages, obj)) {
+            self.free_slow(pages, pages.cpu(), obj);
         }
     }
 
@@ -657,8 +748,7 @@ impl Cache {
 
     #[inline]
     fn free_normal(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
-        let slot = self.slot(cpu, 0);
-        if let Some(g) = slot.lock.try_lock() {
+        if let Some((slot, g)) = self.lock_own(cpu, 0) {
             crate::interrupt_point!(SheafFree);
             if self.push_slot(slot, &g, obj, pages, Mode::Normal).is_ok() {
                 return;
@@ -671,9 +761,9 @@ impl Cache {
     /// Nolock free of a validated object. Fast path: room in the main sheaf
     /// of this CPU's level-0 slot. Otherwise [`free_nolock_slow`](Self::free_nolock_slow).
     #[inline]
-    pub(crate) fn free_nolock(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
-        if !self.fast_push(cpu, obj) {
-            self.free_nolock_slow(pages, cpu, obj);
+    pub(crate) fn free_nolock(&self, pages: &PageAllocator, obj: usize) {
+        if !self.fast_push(pages, obj) {
+            self.free_nolock_slow(pages, pages.cpu(), obj);
         }
     }
 
@@ -682,8 +772,7 @@ impl Cache {
     #[cold]
     fn free_nolock_slow(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
         for level in 0..LEVELS {
-            let slot = self.slot(cpu, level);
-            if let Some(g) = slot.lock.try_lock() {
+            if let Some((slot, g)) = self.lock_own(cpu, level) {
                 crate::interrupt_point!(SheafFree);
                 if self.push_slot(slot, &g, obj, pages, Mode::NoLock).is_ok() {
                     return;
@@ -897,14 +986,14 @@ impl Cache {
             let node = self.node.lock.lock(pages.platform());
             self.flush_barn(pages, &node);
         }
-        for slot in self.slots() {
+        for (i, slot) in self.slots().enumerate() {
             let idle = slot.idle.observe(
                 slot.main.load(Ordering::Relaxed) as usize
                     ^ slot.main().len() << 48
                     ^ slot.spare().len() << 56,
             );
             if idle >= idle_passes && slot.cached() > 0 {
-                let Some(_g) = slot.lock.try_lock() else {
+                let Some((_, _g)) = self.lock_remote(i) else {
                     continue;
                 };
                 let node = self.node.lock.lock(pages.platform());
@@ -916,7 +1005,7 @@ impl Cache {
             if slot.demand.load(Ordering::Relaxed) == 0 || slot.cached() >= SHEAF_CAP / 2 {
                 continue;
             }
-            let Some(g) = slot.lock.try_lock() else {
+            let Some((_, g)) = self.lock_remote(i) else {
                 continue;
             };
             if slot.spare().len() > 0 {
@@ -942,8 +1031,8 @@ impl Cache {
     /// allocator.
     pub(crate) fn drain(&self, pages: &PageAllocator) {
         self.drain_deferred(pages);
-        for slot in self.slots() {
-            let Some(_g) = slot.lock.try_lock() else {
+        for i in 0..self.nslots {
+            let Some((slot, _g)) = self.lock_remote(i) else {
                 continue;
             };
             slot.demand.store(0, Ordering::Relaxed);

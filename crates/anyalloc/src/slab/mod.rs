@@ -115,9 +115,23 @@ const CACHES: usize = 2 * CLASSES;
 /// Bytes a shrinker is asked for when the heap reclaims.
 const RECLAIM_BYTES: usize = 4 << 20;
 
+/// How a heap's per-CPU object fast path is guarded (chosen once, when the
+/// heap is created).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastPath {
+    /// Restartable sequences: no atomic instruction; an interrupted pop or
+    /// push starts over (x86-64 Linux with glibc's rseq registration).
+    Rseq,
+    /// A try-only lock (one CAS) per operation: everywhere else, and when
+    /// [`Config::rseq`](crate::Config::rseq) is off.
+    SlotLock,
+}
+
 /// A snapshot of a heap's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeapStats {
+    /// The fast path's mechanism.
+    pub fast_path: FastPath,
     /// Per size class, smallest first (plain and accounted caches together).
     pub classes: [ClassStats; CLASSES],
     /// Small objects in use, over all classes.
@@ -272,9 +286,10 @@ impl Heap {
         let len = meta_layout(pages.cpus()).3.next_multiple_of(PAGE_SIZE);
         let meta =
             crate::platform::os_reserve(len, PAGE_SIZE).ok_or(Error::Reserve { bytes: len })?;
+        let rseq = config.rseq && crate::sync::rseq::available(pages.cpus());
         // SAFETY: `meta` is a fresh, zero-filled, page-aligned reservation of
         // `len` bytes that only this heap uses.
-        Ok(unsafe { Self::build(pages, meta, (meta as usize, len)) })
+        Ok(unsafe { Self::build(pages, meta, (meta as usize, len), rseq) })
     }
 
     /// Creates a heap over an embedder's memory region (`no_std`): the heap's
@@ -341,14 +356,20 @@ impl Heap {
         // is zeroed here as `build` requires.
         unsafe {
             core::ptr::write_bytes(start as *mut u8, 0, meta_len);
-            Ok(Self::build(pages, start as *mut u8, (0, 0)))
+            Ok(Self::build(pages, start as *mut u8, (0, 0), false))
         }
     }
 
     /// # Safety
     /// `meta` is 64-aligned, zero-filled, `meta_layout(cpus).3` bytes long,
-    /// and lives (unused by others) as long as the heap.
-    unsafe fn build(pages: PageAllocator, meta: *mut u8, mapping: (usize, usize)) -> Heap {
+    /// and lives (unused by others) as long as the heap. `rseq`: the
+    /// caches' fast path uses restartable sequences (`rseq::available`).
+    unsafe fn build(
+        pages: PageAllocator,
+        meta: *mut u8,
+        mapping: (usize, usize),
+        rseq: bool,
+    ) -> Heap {
         let cpus = pages.cpus();
         let (caches_off, per_cache, huge_off, _) = meta_layout(cpus);
         let caches = meta.wrapping_add(caches_off) as *mut Cache;
@@ -365,6 +386,7 @@ impl Heap {
                     accounted,
                     cpus,
                     meta.add(areas + i * per_cache),
+                    rseq,
                 )
             };
         }
@@ -598,7 +620,7 @@ impl HeapCore {
     fn alloc_once(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
-                let obj = self.cache(base + c).alloc(&self.pages, self.cpu())?;
+                let obj = self.cache(base + c).alloc(&self.pages)?;
                 Some(self.hand_out(obj))
             }
             None => self.alloc_large(layout),
@@ -699,8 +721,8 @@ impl HeapCore {
                     self.uncharge_object(cache, zone, idx, addr);
                 }
                 match mode {
-                    Mode::Normal => cache.free(&self.pages, self.cpu(), addr),
-                    Mode::NoLock => cache.free_nolock(&self.pages, self.cpu(), addr),
+                    Mode::Normal => cache.free(&self.pages, addr),
+                    Mode::NoLock => cache.free_nolock(&self.pages, addr),
                 }
             }
             Kind::Large(zone, idx, order) => {
@@ -780,11 +802,10 @@ impl HeapCore {
     fn alloc_nolock_from(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
-                let cpu = self.cpu();
-                let r = match self.cache(base + c).alloc_nolock(&self.pages, cpu) {
+                let r = match self.cache(base + c).alloc_nolock(&self.pages) {
                     Err(Fail::Busy) => match class::next_class(c, layout.align()) {
                         // Re-entered this class everywhere: the next class up.
-                        Some(n) => self.cache(base + n).alloc_nolock(&self.pages, cpu),
+                        Some(n) => self.cache(base + n).alloc_nolock(&self.pages),
                         None => Err(Fail::Busy),
                     },
                     r => r,
@@ -1081,6 +1102,11 @@ impl HeapCore {
 
     fn stats(&self) -> HeapStats {
         let mut s = HeapStats {
+            fast_path: if self.cache(0).uses_rseq() {
+                FastPath::Rseq
+            } else {
+                FastPath::SlotLock
+            },
             classes: [ClassStats::default(); CLASSES],
             objects_in_use: 0,
             large_in_use: self.large_live.load(Ordering::Relaxed),

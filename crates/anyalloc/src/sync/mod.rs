@@ -21,6 +21,7 @@ pub(crate) mod atomic;
 #[cfg(all(test, loom))]
 mod handoff_loom;
 mod index_stack;
+pub(crate) mod rseq;
 mod slot_lock;
 mod zone_lock;
 

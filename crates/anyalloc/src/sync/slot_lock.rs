@@ -67,6 +67,21 @@ impl SlotLock {
             .map(|_| SlotGuard { lock: self })
     }
 
+    /// The guard of a lock the caller took by other means: the rseq lock
+    /// sequence (`sync::rseq::lock_slot`), whose committing `lock cmpxchg`
+    /// set the flag on this CPU.
+    ///
+    /// # Safety
+    /// The caller's context set the flag (false -> true) and holds no other
+    /// guard of this lock.
+    #[inline]
+    pub(crate) unsafe fn adopt(&self) -> SlotGuard<'_> {
+        // The CAS in assembly is a full barrier on x86-64; this keeps the
+        // compiler from moving the holder's accesses above it.
+        super::atomic::fence_acquire();
+        SlotGuard { lock: self }
+    }
+
     /// Whether some context holds the lock right now (a racy hint).
     #[inline]
     pub fn is_locked(&self) -> bool {

@@ -1,0 +1,203 @@
+//! Restartable sequences: the per-CPU fast path with no atomic instruction.
+//!
+//! # Why
+//!
+//! A per-CPU sheaf guarded by a try-lock costs two locked instructions per
+//! alloc+free pair, most of the pair's time. The kernel's sheaves avoid
+//! atomics with `preempt_disable`; user space has the restartable sequence
+//! (rseq): a short piece of code described to the kernel by an
+//! [`abi::RseqCs`] descriptor. If the thread is preempted, migrated, **or a
+//! signal is delivered** while its instruction pointer is inside the
+//! section, the kernel moves it to the section's abort address before
+//! anything else runs on it. So a signal handler that pops from the same
+//! per-CPU sheaf never sees a half-done pop: the interrupted pop starts
+//! over after the handler returns. Every context (normal path, nolock path,
+//! nested handlers) shares one fast path per CPU.
+//!
+//! # Rules every sequence follows
+//!
+//! 1. Everything before the last instruction can be abandoned and redone:
+//!    only the final, *committing* store changes what other contexts see.
+//! 2. The abort handler jumps back to the store of the descriptor's address
+//!    (the kernel clears `rseq_cs` when it aborts), never to `start_ip`,
+//!    or the restarted sequence would run unprotected.
+//! 3. Sequences only touch the data of the CPU they read from `cpu_id`
+//!    inside the section, so two sequences on one CPU are serialised by the
+//!    kernel and never run at the same time.
+//! 4. No interrupt point, call, or stack use inside a section.
+//!
+//! # The per-CPU sheaf slot and its lock
+//!
+//! The sequences work on the level-0 sheaf slot of each CPU (the layout is
+//! the contract in [`layout`]; `slab::cache` asserts it):
+//!
+//! | slot lock | meaning | changed by | a sequence |
+//! |---|---|---|---|
+//! | free (0) | sequences on this CPU own the main sheaf | the holder's release (Release store) | may commit |
+//! | held (1), taken locally | a slow path on this CPU holds both sheaves | [`lock_slot`]'s committing `lock cmpxchg`, run on that CPU | exits `Busy` |
+//! | held (1), taken remotely | another CPU's maintainer or drain holds them | a plain CAS, then [`fence_cpu`] | exits `Busy` |
+//!
+//! A remote CAS can land while a sequence on the target CPU has already
+//! read "free" and not yet committed. So a remote holder must not touch the
+//! sheaves until [`fence_cpu`] has returned: the fence restarts every
+//! sequence running on that CPU, and a restarted sequence reads "held".
+//! That fence is a syscall, so remote access to level-0 slots belongs to
+//! the normal path only; the nolock path never reaches another CPU's
+//! level-0 slot while rseq is in use.
+//!
+//! # Choosing the mechanism
+//!
+//! Once, when a heap is created ([`available`]): rseq needs x86-64 Linux,
+//! glibc's registration (`__rseq_size != 0`), a slot set for every possible
+//! CPU, and membarrier's `PRIVATE_EXPEDITED_RSEQ` registration. Otherwise
+//! every context uses the try-locked slots (the fallback, the only path in
+//! `no_std`). The heap's statistics say which one is in use.
+
+pub(crate) mod abi;
+
+#[cfg(all(
+    feature = "std",
+    target_os = "linux",
+    target_env = "gnu",
+    target_arch = "x86_64"
+))]
+mod x86_64;
+#[cfg(all(
+    feature = "std",
+    target_os = "linux",
+    target_env = "gnu",
+    target_arch = "x86_64"
+))]
+pub(crate) use x86_64::{lock_slot, sheaf_pop, sheaf_push};
+
+#[cfg(not(all(
+    feature = "std",
+    target_os = "linux",
+    target_env = "gnu",
+    target_arch = "x86_64"
+)))]
+mod fallback;
+#[cfg(not(all(
+    feature = "std",
+    target_os = "linux",
+    target_env = "gnu",
+    target_arch = "x86_64"
+)))]
+pub(crate) use fallback::{lock_slot, sheaf_pop, sheaf_push};
+
+/// Why a sequence did not commit. On `Err`, nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SeqFail {
+    /// The slot is held (locally or remotely), or this CPU has no slot.
+    Busy,
+    /// Pop: the main sheaf is empty. Push: it is full.
+    Exhausted,
+    /// Push: the object is already the sheaf's top (an immediate double
+    /// free; the slow path reports it).
+    Duplicate,
+}
+
+/// The memory layout the sequences work on: per CPU, a group of `LEVELS`
+/// slots `STRIDE` bytes long; the sequences use only the first (level 0).
+pub(crate) mod layout {
+    /// Bytes from one CPU's slot group to the next.
+    pub(crate) const STRIDE: usize = 3 * 64;
+    /// The slot's lock byte (0: free).
+    pub(crate) const SLOT_LOCK: usize = 0;
+    /// The slot's main sheaf pointer.
+    pub(crate) const SLOT_MAIN: usize = 8;
+    /// The slot's count of nolock allocations served (u64).
+    pub(crate) const SLOT_NOLOCK_OK: usize = 24;
+    /// The sheaf's object count (u64).
+    pub(crate) const SHEAF_COUNT: usize = 0;
+    /// The sheaf's object array (u64 each).
+    pub(crate) const SHEAF_OBJS: usize = 16;
+    /// Objects a sheaf holds.
+    pub(crate) const SHEAF_CAP: usize = 30;
+}
+
+/// This thread's rseq area offset from the thread pointer, if glibc
+/// registered one.
+#[cfg(all(feature = "std", target_os = "linux", target_env = "gnu"))]
+#[inline(always)]
+pub(crate) fn area_offset() -> Option<isize> {
+    extern "C" {
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+    // SAFETY: plain reads of two glibc globals, set before any thread runs
+    // user code and never changed afterwards.
+    let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
+    (size != 0).then_some(offset)
+}
+
+#[cfg(not(all(feature = "std", target_os = "linux", target_env = "gnu")))]
+#[inline(always)]
+pub(crate) fn area_offset() -> Option<isize> {
+    None
+}
+
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod membarrier {
+    pub(super) const PRIVATE_EXPEDITED_RSEQ: libc::c_long = 1 << 7;
+    pub(super) const REGISTER_PRIVATE_EXPEDITED_RSEQ: libc::c_long = 1 << 8;
+    pub(super) const FLAG_CPU: libc::c_long = 1;
+
+    pub(super) fn call(cmd: libc::c_long, flags: libc::c_long, cpu: libc::c_long) -> bool {
+        // SAFETY: membarrier takes plain integers and touches no user memory.
+        unsafe { libc::syscall(libc::SYS_membarrier, cmd, flags, cpu) == 0 }
+    }
+}
+
+/// Whether a heap with slot sets for `cpus` CPUs can use the rseq fast path
+/// (see the module documentation). Normal context: registers this process
+/// for membarrier's rseq fence (a syscall).
+pub(crate) fn available(cpus: usize) -> bool {
+    #[cfg(all(
+        feature = "std",
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    ))]
+    {
+        if area_offset().is_none() || crate::platform::StdPlatform::rseq_cpu().is_none() {
+            return false;
+        }
+        match crate::platform::StdPlatform::possible_cpus() {
+            Some(possible) if cpus >= possible => {}
+            _ => return false,
+        }
+        membarrier::call(membarrier::REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0)
+    }
+    #[cfg(not(all(
+        feature = "std",
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    )))]
+    {
+        let _ = cpus;
+        false
+    }
+}
+
+/// Restarts every sequence running on `cpu` now; afterwards no sequence on
+/// `cpu` that read a slot before this call can commit. Normal context only
+/// (a syscall). `false` when the fence failed (then nothing may be touched).
+pub(crate) fn fence_cpu(cpu: usize) -> bool {
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    {
+        use membarrier::*;
+        if call(PRIVATE_EXPEDITED_RSEQ, FLAG_CPU, cpu as libc::c_long) {
+            return true;
+        }
+        // A forked child may not inherit the registration: register again.
+        call(REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0)
+            && call(PRIVATE_EXPEDITED_RSEQ, FLAG_CPU, cpu as libc::c_long)
+    }
+    #[cfg(not(all(feature = "std", target_os = "linux")))]
+    {
+        let _ = cpu;
+        false
+    }
+}

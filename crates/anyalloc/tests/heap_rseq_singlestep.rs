@@ -1,0 +1,353 @@
+//! Re-entry at every instruction of every restartable sequence: the rseq
+//! fast path's counterpart of `page_singlestep.rs`.
+//!
+//! The trap flag cannot step through a sequence: a signal delivered while
+//! the thread is inside one moves it to the sequence's abort address
+//! *before* the handler runs, so each step would abort the sequence at its
+//! first instruction, forever. Execution breakpoints can: one armed at
+//! address `a` (a debug register, through `perf_event_open` with `sigtrap`)
+//! raises `SIGTRAP` exactly when the thread is about to execute `a`. So the
+//! test walks every byte of every sequence in this binary (found through
+//! the `__rseq_cs` descriptors the assembly emits), from the restart point
+//! to the abort handler's jump: it arms a breakpoint there and runs a round
+//! of heap operations that execute every sequence (pop hits, pushes, the
+//! lock sequence before a refill and before a flush, normal and nolock).
+//! When the breakpoint fires, the handler disarms it, then allocates and
+//! frees on the *same CPU's* sheaf (nolock), as a signal landing there
+//! would, and the interrupted sequence restarts after it.
+//!
+//! Asserted: breakpoints fired at many distinct addresses inside every
+//! kind of sequence, some of them with the handler seeing the abort address
+//! (the sequence was restarted), the handler's allocations succeeded, no
+//! object was handed out twice, every pattern held, and after `drain`
+//! every object and page is back.
+
+#![cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+
+mod common;
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use anyalloc::{Config, FastPath, Heap};
+
+const SIZE: usize = 64;
+/// The signature that precedes every rseq abort address (x86-64, glibc).
+const RSEQ_SIG: u32 = 0x5305_3053;
+/// Bytes before a sequence's start that belong to it (the restart point:
+/// `lea` of the descriptor, store into `rseq_cs`).
+const RESTART_BYTES: usize = 16;
+
+static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+/// The armed breakpoint's perf event (-1: none).
+static BP_FD: AtomicI32 = AtomicI32::new(-1);
+static FIRED: AtomicU64 = AtomicU64::new(0);
+static AT_ABORT: AtomicU64 = AtomicU64::new(0);
+static NOLOCK_OK: AtomicU64 = AtomicU64::new(0);
+static NOLOCK_FAIL: AtomicU64 = AtomicU64::new(0);
+static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+/// The object the handler allocated last time (0: none).
+static CARRY: AtomicUsize = AtomicUsize::new(0);
+
+/// `struct perf_event_attr` (`include/uapi/linux/perf_event.h`, version 8).
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttr {
+    type_: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    bp_addr: u64,
+    bp_len: u64,
+    branch_sample_type: u64,
+    sample_regs_user: u64,
+    sample_stack_user: u32,
+    clockid: i32,
+    sample_regs_intr: u64,
+    aux_watermark: u32,
+    sample_max_stack: u16,
+    reserved_2: u16,
+    aux_sample_size: u32,
+    reserved_3: u32,
+    sig_data: u64,
+    config3: u64,
+}
+const _: () = assert!(std::mem::size_of::<PerfEventAttr>() == 136);
+
+const PERF_TYPE_BREAKPOINT: u32 = 5;
+const HW_BREAKPOINT_X: u32 = 4;
+const EXCLUDE_KERNEL: u64 = 1 << 5;
+const EXCLUDE_HV: u64 = 1 << 6;
+const REMOVE_ON_EXEC: u64 = 1 << 36;
+const SIGTRAP: u64 = 1 << 37;
+const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
+
+/// Arms an execution breakpoint at `addr` for this thread; its hit raises
+/// `SIGTRAP` synchronously. `None` if the kernel refused.
+fn arm(addr: usize) -> Option<i32> {
+    let attr = PerfEventAttr {
+        type_: PERF_TYPE_BREAKPOINT,
+        size: std::mem::size_of::<PerfEventAttr>() as u32,
+        sample_period: 1,
+        flags: EXCLUDE_KERNEL | EXCLUDE_HV | REMOVE_ON_EXEC | SIGTRAP,
+        bp_type: HW_BREAKPOINT_X,
+        bp_addr: addr as u64,
+        bp_len: 8,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid perf_event_attr of the size it states;
+    // pid 0 / cpu -1: this thread on any CPU; no group, no flags.
+    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr, 0, -1, -1, 0) };
+    (fd >= 0).then_some(fd as i32)
+}
+
+fn disarm(fd: i32) {
+    // SAFETY: `fd` is a perf event this test opened; closing it once.
+    unsafe { libc::close(fd) };
+}
+
+/// One `struct rseq_cs` as the assembly emits it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RseqCs {
+    version: u32,
+    flags: u32,
+    start_ip: u64,
+    post_commit_offset: u64,
+    abort_ip: u64,
+}
+
+extern "C" {
+    static __start___rseq_cs: RseqCs;
+    static __stop___rseq_cs: RseqCs;
+}
+
+/// Every sequence descriptor in this binary.
+fn descriptors() -> Vec<RseqCs> {
+    // SAFETY: the linker defines the two symbols around the `__rseq_cs`
+    // section, an array of 32-byte descriptors.
+    unsafe {
+        let start = std::ptr::addr_of!(__start___rseq_cs);
+        let stop = std::ptr::addr_of!(__stop___rseq_cs);
+        let n = stop.offset_from(start) as usize;
+        std::slice::from_raw_parts(start, n).to_vec()
+    }
+}
+
+fn layout() -> Layout {
+    Layout::from_size_align(SIZE, 8).unwrap()
+}
+
+const HANDLER_TAG: u8 = 0xa5;
+const MAIN_TAG: u8 = 0x3c;
+
+fn fill(p: usize, tag: u8) {
+    // SAFETY: `p` is a live object of SIZE bytes owned by the caller.
+    let b = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, SIZE) };
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (p as u8) ^ (i as u8).wrapping_mul(31) ^ tag;
+    }
+}
+
+fn check(p: usize, tag: u8) -> bool {
+    // SAFETY: as in `fill`.
+    let b = unsafe { std::slice::from_raw_parts(p as *const u8, SIZE) };
+    b.iter()
+        .enumerate()
+        .all(|(i, x)| *x == (p as u8) ^ (i as u8).wrapping_mul(31) ^ tag)
+}
+
+extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let _errno = common::ErrnoGuard::save();
+    let fd = BP_FD.swap(-1, Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    // Disarm first: the handler's own allocation runs the same sequences.
+    // SAFETY: `fd` is the armed perf event; DISABLE takes no argument.
+    unsafe { libc::ioctl(fd, PERF_EVENT_IOC_DISABLE, 0) };
+    FIRED.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: the kernel passes a valid ucontext_t to SA_SIGINFO handlers.
+    let rip =
+        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] }
+            as usize;
+    // SAFETY: `rip` is the address of an instruction of this program, at
+    // least 4 bytes into its text.
+    if unsafe { (rip as *const u32).sub(1).read_unaligned() } == RSEQ_SIG {
+        AT_ABORT.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: set before any breakpoint is armed; the heap outlives the test.
+    let heap = unsafe { &*HEAP.load(Ordering::Acquire) };
+    match heap.alloc_nolock(layout()) {
+        Some(p) => {
+            NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+            let p = p.as_ptr() as usize;
+            fill(p, HANDLER_TAG);
+            free_carry(heap, CARRY.swap(p, Ordering::Relaxed));
+        }
+        None => {
+            NOLOCK_FAIL.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // Push onto the same sheaf too (an alloc just popped from it).
+    if let Some(p) = heap.alloc_nolock(layout()) {
+        // SAFETY: just allocated on `heap`; freed once.
+        unsafe { heap.free_nolock(p) };
+    }
+}
+
+fn free_carry(heap: &Heap, p: usize) {
+    if p == 0 {
+        return;
+    }
+    if !check(p, HANDLER_TAG) {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: allocated by the handler on `heap`; not used afterwards.
+    unsafe { heap.free_nolock(NonNull::new_unchecked(p as *mut u8)) };
+}
+
+/// Heap operations that run every sequence: hits and pushes on both paths,
+/// the lock sequence before a refill (both sheaves empty after `drain`) and
+/// before a flush (both full after 60 frees).
+fn round(heap: &Heap, live: &mut Vec<usize>) {
+    let mut alloc = |nolock: bool| {
+        let p = if nolock {
+            heap.alloc_nolock(layout())
+        } else {
+            heap.alloc(layout())
+        }
+        .expect("memory to spare")
+        .as_ptr() as usize;
+        if live.contains(&p) || p == CARRY.load(Ordering::Relaxed) {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        fill(p, MAIN_TAG);
+        live.push(p);
+    };
+    alloc(false); // refill: the sheaves were drained
+    for i in 0..70 {
+        alloc(i % 2 == 1);
+    }
+    for (i, p) in live.drain(..).enumerate() {
+        if !check(p, MAIN_TAG) {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        let p = NonNull::new(p as *mut u8).unwrap();
+        // SAFETY: allocated on `heap` above; freed once (60+ frees: flush).
+        unsafe {
+            if i % 2 == 0 {
+                heap.free(p)
+            } else {
+                heap.free_nolock(p)
+            }
+        }
+    }
+}
+
+#[test]
+fn every_instruction_of_every_sequence_survives_reentry() {
+    let heap: &'static Heap = Box::leak(Box::new(
+        Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap(),
+    ));
+    let skip = |why: &str| {
+        assert!(
+            std::env::var("ANYALLOC_ALLOW_SKIP").as_deref() == Ok("1"),
+            "{why}; set ANYALLOC_ALLOW_SKIP=1 to skip"
+        );
+        eprintln!("skipped: {why}");
+    };
+    if heap.stats().fast_path != FastPath::Rseq {
+        return skip("the rseq fast path is not in use here");
+    }
+    // Pinned after the heap exists (its slot count follows the affinity
+    // mask): handler and interrupted code then share one CPU's sheaves.
+    assert!(
+        common::pin_to_cpu(common::current_cpu()),
+        "could not pin the thread"
+    );
+    HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
+    common::install_handler(libc::SIGTRAP, on_trap);
+    let probe = arm(round as usize);
+    match probe {
+        Some(fd) => disarm(fd),
+        None => return skip("perf_event_open refused an execution breakpoint"),
+    }
+
+    let descs = descriptors();
+    assert!(
+        descs.len() >= 3,
+        "expected the three sequences, found {} descriptors",
+        descs.len()
+    );
+    let mut live = Vec::new();
+    let mut bytes = 0u64;
+    let mut fired_addrs = 0u64;
+    let mut fired_descs = 0usize;
+    let mut inside = 0u64;
+    for d in &descs {
+        let first = d.start_ip as usize - RESTART_BYTES;
+        let last = d.abort_ip as usize + 2; // the abort handler's `jmp`
+        let mut fired_here = 0;
+        for addr in first..last {
+            bytes += 1;
+            heap.drain();
+            let fd = arm(addr).expect("perf_event_open");
+            let before = FIRED.load(Ordering::Relaxed);
+            BP_FD.store(fd, Ordering::Relaxed);
+            round(heap, &mut live);
+            BP_FD.store(-1, Ordering::Relaxed);
+            disarm(fd);
+            if FIRED.load(Ordering::Relaxed) > before {
+                fired_here += 1;
+                fired_addrs += 1;
+                let in_section = addr >= d.start_ip as usize
+                    && addr < (d.start_ip + d.post_commit_offset) as usize;
+                inside += in_section as u64;
+            }
+        }
+        fired_descs += (fired_here > 0) as usize;
+    }
+
+    HEAP.store(std::ptr::null_mut(), Ordering::Release);
+    free_carry(heap, CARRY.swap(0, Ordering::Relaxed));
+    heap.drain();
+    let s = heap.stats();
+    let p = heap.pages().stats();
+    let at_abort = AT_ABORT.load(Ordering::Relaxed);
+    let ok = NOLOCK_OK.load(Ordering::Relaxed);
+    let fail = NOLOCK_FAIL.load(Ordering::Relaxed);
+    println!(
+        "rseq breakpoints: {} sequences in the binary, {fired_descs} executed; {bytes} bytes \
+         armed, {fired_addrs} instruction addresses interrupted ({inside} inside a critical \
+         section, {at_abort} seen by the handler at the abort address); handler nolock \
+         alloc+free: {ok} ok, {fail} failed",
+        descs.len()
+    );
+    assert_eq!(
+        VIOLATIONS.load(Ordering::Relaxed),
+        0,
+        "a pattern broke or an object was handed out twice"
+    );
+    assert!(fired_descs >= 3, "only {fired_descs} sequences ran");
+    assert!(
+        inside >= 30,
+        "only {inside} instructions inside sections were interrupted"
+    );
+    assert!(
+        at_abort >= inside,
+        "interruptions inside sections must restart them"
+    );
+    assert!(
+        ok >= fired_addrs / 2 && ok > 0,
+        "nolock re-entry mostly failed: {ok}"
+    );
+    assert_eq!(s.objects_in_use, 0, "objects leaked: {s:?}");
+    assert_eq!(p.free_pages, p.total_pages, "pages leaked");
+}
