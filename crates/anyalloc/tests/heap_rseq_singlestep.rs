@@ -274,7 +274,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     );
     HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
     common::install_handler(libc::SIGTRAP, on_trap);
-    let probe = arm(round as usize);
+    let probe = arm(round as fn(&Heap, &mut Vec<usize>) as usize);
     match probe {
         Some(fd) => disarm(fd),
         None => return skip("perf_event_open refused an execution breakpoint"),
