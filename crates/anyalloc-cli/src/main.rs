@@ -69,15 +69,20 @@ enum Command {
         objects (Heap::alloc_nolock) of the stress heap, and boxes with anyalloc::NoLock (the \
         process-wide heap); then free them at once, park them for a later handler invocation, \
         or hand them to another thread's handler. Every block is filled with a pattern derived \
-        from its address and size and checked when freed. Each nolock allocation is timed.\n\n\
+        from its address, its size and a per-allocation nonce kept by its owner, and checked when \
+        freed. Each nolock allocation is timed, and signals that land while their thread is inside \
+        an allocator call are counted (interrupted_inside_allocator).\n\n\
         At the end the timers stop, every block still held is freed, the stress heap is drained, \
-        and every one of its pages must be free again (leaked_pages = 0).\n\n\
+        every one of its pages must be free again (leaked_pages = 0), and every successful \
+        allocation must have been freed.\n\n\
         A watchdog reports each thread's last operation and exits with code 2 if nothing \
         progresses for 5 s.",
         after_help = "Exit codes:\n  \
-        0   no violation, no leaked page, and (without --memory) nolock success >= 99.9%\n  \
-        1   pattern violations, leaked pages, nolock success below 99.9% with memory to spare, \
-        or a setup error\n  \
+        0   no violation, no leaked page or block, and (without --memory) nolock success >= 99.9%\n  \
+        1   pattern violations, leaked pages, an allocation never freed, nolock success below \
+        99.9% with memory to spare, a setup error, or a run that proves nothing: no signal \
+        handled, no signal nested (without --no-nested), or no nolock allocation succeeded \
+        with --memory\n  \
         2   deadlock suspected (the watchdog saw no progress for 5 s)\n  \
         64  invalid command line"
     )]
@@ -178,6 +183,10 @@ struct StressArgs {
     /// Testing the watchdog: all workers stop making progress after this many seconds
     #[arg(long, value_name = "SECONDS", hide = true)]
     simulate_hang: Option<u64>,
+
+    /// Testing the pattern check: half-way through, a worker changes one byte of a live block
+    #[arg(long, hide = true)]
+    simulate_corruption: bool,
 }
 
 /// A byte count with an optional k/m/g suffix (binary units), at least
@@ -371,6 +380,9 @@ fn stress(args: &StressArgs) -> i32 {
     );
     let end = start + Duration::from_secs(args.seconds);
     let hang_at = args.simulate_hang.map(|s| start + Duration::from_secs(s));
+    let mut corrupt_at = args
+        .simulate_corruption
+        .then(|| start + Duration::from_secs(args.seconds) / 2);
     MAIN_OP.store(Op::Running as u8, Relaxed);
     let mut last = (Instant::now(), totals());
     loop {
@@ -381,7 +393,12 @@ fn stress(args: &StressArgs) -> i32 {
         if hang_at.is_some_and(|h| now >= h) {
             storm::HANG.store(true, Relaxed);
         }
-        std::thread::sleep((end - now).min(Duration::from_millis(250)));
+        if corrupt_at.is_some_and(|c| now >= c) {
+            corrupt_at = None;
+            storm::CORRUPT.store(true, Relaxed);
+        }
+        let tick = if args.simulate_corruption { 50 } else { 250 };
+        std::thread::sleep((end - now).min(Duration::from_millis(tick)));
         let now = Instant::now();
         let t = totals();
         let dt = now.duration_since(last.0).as_secs_f64().max(1e-9);
@@ -516,8 +533,56 @@ fn verdict(r: &Report, settings: &Settings, setup_errors: &[String]) -> i32 {
         );
         code = EXIT_FAIL;
     }
-    if settings.signal_hz > 0 && r.signals == 0 {
-        eprintln!("anyalloc stress: warning: no signal was handled");
+    if let Some(n) = r.allocations_not_freed.filter(|&n| n > 0) {
+        let k = |k: &report::KindReport| k.ok.saturating_sub(k.frees + k.leaked_after_violation);
+        eprintln!(
+            "anyalloc stress: FAIL: {n} successful allocation(s) never freed (pages {}, objects {}, NoLock boxes {}, worker blocks {}): \
+             a block was lost between its owners",
+            k(&r.pages),
+            k(&r.objects),
+            k(&r.boxes),
+            k(&r.worker_blocks)
+        );
+        code = EXIT_FAIL;
+    }
+    // A run that proves nothing fails.
+    if r.signals == 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: no signal was handled, so no nolock path ran in a handler{}",
+            if settings.signal_hz == 0 {
+                " (--signal-hz 0 turns the timers off)"
+            } else {
+                ""
+            }
+        );
+        code = EXIT_FAIL;
+    } else if settings.nested && r.nested_signals == 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: no signal nested inside another handler ({} handled): \
+             nested re-entry was not exercised (--no-nested runs without nesting)",
+            r.signals
+        );
+        code = EXIT_FAIL;
+    }
+    if !settings.nested && r.nested_signals > 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: {} signal(s) nested although --no-nested masks both signals in each handler",
+            r.nested_signals
+        );
+        code = EXIT_FAIL;
+    }
+    if settings.memory.is_some() && r.nolock_ok == 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: --memory was given and no nolock allocation succeeded ({} attempts): \
+             the run exercised only the failure paths",
+            r.nolock_attempts
+        );
+        code = EXIT_FAIL;
+    }
+    if r.signals > 0 && r.interrupted_inside_allocator == 0 {
+        eprintln!(
+            "anyalloc stress: warning: no signal landed while its thread was inside an allocator call"
+        );
     }
     code
 }
