@@ -809,7 +809,7 @@ impl SuiteReport {
             "\nTo reproduce, from the repository root: `{}`",
             self.command.replacen(
                 "anyalloc bench",
-                "cargo run --release -p anyalloc-cli -- bench",
+                "cargo run --release -p anyalloc-cli --features bench -- bench",
                 1
             )
         );

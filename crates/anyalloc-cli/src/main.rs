@@ -9,7 +9,9 @@
 //!
 //! `anyalloc bench` runs the benchmark suite of the `anyalloc-bench` crate:
 //! every peer side by side, tables (or `--json`), SVG plots and the
-//! Markdown report.
+//! Markdown report. It needs the `bench` feature
+//! (`cargo run --release -p anyalloc-cli --features bench -- bench`), so
+//! that building the stress command builds none of the peers.
 
 mod hist;
 mod pattern;
@@ -32,6 +34,8 @@ use storm::{Op, SLOTS};
 static A: anyalloc::Global = anyalloc::Global;
 
 const EXIT_FAIL: i32 = 1;
+/// `anyalloc stress`: deadlock suspected; `anyalloc bench`: built without
+/// the `bench` feature.
 const EXIT_DEADLOCK: i32 = 2;
 const EXIT_USAGE: i32 = 64;
 /// The watchdog's limit: this long without progress is a suspected deadlock.
@@ -110,8 +114,10 @@ enum Command {
     Bench(BenchArgs),
 }
 
-/// Options of `anyalloc bench`.
+/// Options of `anyalloc bench` (parsed with or without the `bench` feature,
+/// so `--help` is the same and a mistyped option is still a usage error).
 #[derive(Args, Debug)]
+#[cfg_attr(not(feature = "bench"), allow(dead_code))]
 struct BenchArgs {
     /// Fewer rounds, shorter samples and storms: every workload in well under 90 s
     #[arg(long)]
@@ -232,7 +238,31 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The exact command that runs `anyalloc bench` with the arguments given
+/// here, for a binary built without the `bench` feature.
+#[cfg(not(feature = "bench"))]
+fn bench_command_hint() -> String {
+    let mut command = String::from("cargo run --release -p anyalloc-cli --features bench -- bench");
+    for a in std::env::args().skip(2) {
+        command.push(' ');
+        command.push_str(&a);
+    }
+    command
+}
+
+/// `anyalloc bench` in a binary built without the `bench` feature: one line
+/// that says how to run it, exit code 2.
+#[cfg(not(feature = "bench"))]
+fn bench(_args: BenchArgs) -> i32 {
+    eprintln!(
+        "anyalloc bench: this binary was built without the benchmarks (feature `bench`); run: {}",
+        bench_command_hint()
+    );
+    EXIT_DEADLOCK
+}
+
 /// `anyalloc bench`: the suite of `anyalloc-bench`, or one of its children.
+#[cfg(feature = "bench")]
 fn bench(args: BenchArgs) -> i32 {
     if let Some(child) = &args.child {
         return anyalloc_bench::suite::child_main(child);
