@@ -1,11 +1,11 @@
 //! Small OS helpers for the any-context workloads: resident set size,
-//! per-thread POSIX timers, signal handlers and masks, futex wait/wake, the
-//! current CPU, a xorshift generator, and the machine description.
+//! per-thread POSIX timers, signal handlers and masks, the current CPU, a
+//! xorshift generator, and the machine description. (Futex wait and wake
+//! come from the allocator: `anyalloc::platform::futex`.)
 //!
-//! Everything here that a signal handler may call (`cpu`, `futex_wake`,
-//! [`XorShift`]) is async-signal-safe: no allocation, no lock.
+//! Everything here that a signal handler may call (`cpu`, [`XorShift`]) is
+//! async-signal-safe: no allocation, no lock.
 
-use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 /// Bytes resident in memory now (`/proc/self/statm`, second field, in
@@ -36,40 +36,6 @@ pub fn cpu() -> usize {
 /// CPUs this process may run on.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// Wakes one waiter of `word` (async-signal-safe: one syscall).
-#[inline]
-pub fn futex_wake(word: &AtomicU32) {
-    // SAFETY: `word` is a valid, aligned u32 for the duration of the call;
-    // FUTEX_WAKE only reads the address.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            1,
-        );
-    }
-}
-
-/// Sleeps while `word == expected`, at most `timeout`.
-pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `word` and `ts` are valid for the call; FUTEX_WAIT compares
-    // the word atomically with `expected` and sleeps at most `ts`.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            &ts as *const libc::timespec,
-        );
-    }
 }
 
 /// A xorshift64* generator: tiny, no allocation, good enough for workloads.
