@@ -49,6 +49,13 @@ pub mod plot;
 #[cfg(feature = "peers")]
 pub mod pools;
 pub mod ring;
+#[cfg(all(
+    feature = "peers",
+    target_arch = "x86_64",
+    target_os = "linux",
+    target_env = "gnu"
+))]
+pub mod rseq_floor;
 #[cfg(feature = "peers")]
 pub mod scratch;
 #[cfg(feature = "peers")]
@@ -611,6 +618,17 @@ impl Target {
             self.fmt_value(self.limit),
             self.note
         )
+    }
+
+    /// One line of the baseline-expectations list: like [`Target::line`],
+    /// marked `as expected` or `UNEXPECTED` instead of PASS or MISS.
+    pub fn expectation_line(&self) -> String {
+        let mark = match self.met() {
+            Some(true) => "as expected",
+            Some(false) => "UNEXPECTED ",
+            None => "n/a        ",
+        };
+        format!("[{mark}]{}", &self.line()[6..])
     }
 
     /// The target as JSON.

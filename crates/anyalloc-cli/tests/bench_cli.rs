@@ -33,6 +33,17 @@ fn quick_json_of_one_workload_has_the_documented_shape() {
     for k in ["nproc", "cpu_model", "kernel", "date"] {
         assert!(!v["machine"][k].is_null(), "machine.{k} missing: {v}");
     }
+    // What was measured: the commit (this repository's HEAD), whether the
+    // tree was dirty, the CPU.
+    let head = Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
+        .output()
+        .expect("git");
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert_eq!(v["commit"], Value::String(head), "{v}");
+    assert!(v["dirty"].is_boolean(), "{v}");
+    assert_eq!(v["cpu"], v["machine"]["cpu_model"]);
+    assert!(!v["cpu"].as_str().unwrap_or("").is_empty());
     assert_eq!(v["options"]["quick"], true);
     let workloads = v["workloads"].as_array().expect("workloads array");
     assert_eq!(workloads.len(), 1, "only the filtered workload: {v}");
@@ -49,6 +60,7 @@ fn quick_json_of_one_workload_has_the_documented_shape() {
         "anyalloc Global",
         "anyalloc normal",
         "anyalloc nolock",
+        "anyalloc normal, maintainer off",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
@@ -70,6 +82,17 @@ fn quick_json_of_one_workload_has_the_documented_shape() {
             v["options"]["rounds"].as_u64().map(|n| n as usize)
         );
     }
+    // The maintainer threads' CPU time during the workload, per anyalloc
+    // peer that has one.
+    let m = w["maintainer_cpu_ms"]
+        .as_object()
+        .expect("maintainer_cpu_ms");
+    for peer in ["anyalloc Global", "anyalloc normal", "anyalloc nolock"] {
+        assert!(m[peer].as_f64().is_some_and(|x| x >= 0.0), "{peer}: {w}");
+    }
+    assert!(!m.contains_key("anyalloc normal, maintainer off"), "{w}");
+    assert!(v["baseline_expectations"].is_array(), "{v}");
+    assert_eq!(v["failures"], serde_json::json!([]), "{v}");
     let targets = v["targets"].as_array().expect("targets array");
     assert!(!targets.is_empty());
     for t in targets {
