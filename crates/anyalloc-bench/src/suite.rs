@@ -7,9 +7,9 @@
 //! | 3 | `producer-consumer` | one thread allocates, another frees | same (+ ring-only reference) |
 //! | 4 | `larson` | server churn, slot arrays handed to new threads | same |
 //! | 5 | `cache-scratch` | passive false sharing | same (+ two references) |
-//! | 6 | `pages` | page blocks of orders 0 to 3 | PageAllocator normal, nolock, buddy_system_allocator |
-//! | 7 | `bursts` | bursts of 1 to 10,000 objects from signal handlers | anyalloc nolock (maintainer on/off), watermark pool, preallocated pool |
-//! | 8 | `survival` | naive malloc/free in signal handlers | glibc, mimalloc, jemalloc, anyalloc Global, NoLock, Heap nolock |
+//! | 6 | `pages` | page blocks of orders 0 to 3 | PageAllocator normal, nolock, buddy_system_allocator (+ the bare rseq floor for pairs) |
+//! | 7 | `bursts` | bursts of 1 to 10,000 objects from signal handlers | anyalloc nolock (maintainer on/off), watermark pool, preallocated pool, careful glibc |
+//! | 8 | `survival` | naive malloc/free in signal handlers | glibc, mimalloc, jemalloc, anyalloc Global, NoLock, Heap nolock; careful glibc, preallocated pool |
 //!
 //! Workloads 1 to 6 run in this process, interleaved over rounds (see the
 //! crate documentation); 7 and 8 run each allocator in a child process

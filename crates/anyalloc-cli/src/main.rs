@@ -101,11 +101,19 @@ enum Command {
         from signal handlers: success rate and RSS, each allocator in a child process), \
         8 survival (malloc/free in signal handlers during a storm, each run a child under a \
         watchdog).\n\n\
-        Peers: glibc, mimalloc, jemalloc, anyalloc Global, anyalloc Heap normal and nolock; \
-        for pages buddy_system_allocator; for bursts a per-CPU watermark pool and a \
-        preallocated pool (baselines of what the kernel did before nolock allocation).\n\n\
+        Peers: glibc, mimalloc, jemalloc, anyalloc Global, anyalloc Heap normal and nolock \
+        (and normal with the maintainer off); for pages buddy_system_allocator and the bare \
+        rseq floor (reference); for bursts a per-CPU watermark pool and a preallocated pool \
+        (baselines of what the kernel did before nolock allocation); for bursts and survival \
+        the careful peers: glibc with every signal blocked around each call, a preallocated \
+        pool in the handlers.\n\n\
         Workloads 1-6 run in one process, interleaved over several rounds; the median and the \
-        spread (min, p25, p75, max) are reported, and the targets are printed as PASS/MISS.",
+        spread (min, p25, p75, max) are reported, and the targets are printed as PASS/MISS; \
+        what the baselines should show is a separate list of baseline expectations. Reports \
+        record the commit (and whether the tree was dirty), the CPU, the kernel and the date.\n\n\
+        Exit code 1 when an anyalloc child crashed, hung or lost data, or a benchmark heap \
+        leaked. Needs the `bench` feature: \
+        cargo run --release -p anyalloc-cli --features bench -- bench",
         after_help = "Examples:\n  \
         anyalloc bench --quick                      all workloads in about a minute\n  \
         anyalloc bench --filter pairs --json        one workload group as JSON\n  \
