@@ -128,3 +128,48 @@ fn help_lists_the_options() {
     }
     assert!(!help.contains("--child"), "a hidden internal option");
 }
+
+#[test]
+fn survival_checks_the_data_and_runs_the_careful_peers() {
+    // The two careful peers (correct by construction) and one anyalloc row:
+    // a few seconds.
+    for (peer, careful) in [("careful", true), ("anyalloc NoLock", false)] {
+        let (code, v, stderr) =
+            bench(&["--quick", "--json", "--filter", "survival", "--peer", peer]);
+        assert_eq!(code, 0, "{stderr}");
+        let w = &v["workloads"][0];
+        assert_eq!(w["group"], "survival", "{v}");
+        let peers = w["peers"].as_array().expect("peers");
+        assert_eq!(peers.len(), if careful { 2 } else { 1 }, "{v}");
+        for p in peers {
+            assert_eq!(p["careful"], careful, "{p}");
+            assert_eq!(p["survived"], p["runs"], "{p}");
+            assert_eq!(p["corrupted"], 0, "{p}");
+            let (allocs, nulls) = (
+                p["handler_allocs"].as_u64().unwrap(),
+                p["handler_nulls"].as_u64().unwrap(),
+            );
+            assert!(allocs > nulls, "{p}");
+            assert!(f(p, "worker_ns_per_op") > 0.0 && f(p, "handler_ns_per_alloc") > 0.0);
+            for r in p["reports"].as_array().unwrap() {
+                assert!(r["signals"].as_u64().unwrap() > 0, "{r}");
+            }
+        }
+        // Careful peers are baselines: expectations, never targets.
+        let names = |k: &str| -> Vec<String> {
+            v[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["what"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let (targets, expect) = (names("targets"), names("baseline_expectations"));
+        if careful {
+            assert!(targets.is_empty(), "{targets:?}");
+            assert_eq!(expect.len(), 2, "{expect:?}");
+        } else {
+            assert_eq!(targets.len(), 1, "{targets:?}");
+            assert!(expect.is_empty(), "{expect:?}");
+        }
+    }
+}
