@@ -21,9 +21,19 @@
 //! churn objects; its peak too).
 //!
 //! Allocators: anyalloc `Heap::alloc_nolock`/`free_nolock` with and without
-//! the maintenance thread (`Config::maintenance`), and the two baselines of
+//! the maintenance thread (`Config::maintenance`), the two baselines of
 //! [`crate::pools`]: the per-CPU watermark pool and the preallocated pool
-//! (sized for the maximum: `THREADS x 10_000` objects).
+//! (sized for the maximum: `THREADS x 10_000` objects), and glibc with every
+//! signal blocked around each call, threads and handlers alike (what a
+//! careful glibc user does; correct by construction).
+//!
+//! Every byte of every burst object is filled with a pattern keyed by its
+//! address and a per-allocation nonce kept with it, and read back before it
+//! is freed: a changed block is counted (`corrupted`) and not freed. The
+//! handlers time themselves: `handler_ns_per_alloc` is the handler time
+//! (free the previous burst with its checks, allocate and fill the new
+//! one) per allocation attempt. The maintainer thread's CPU time during the
+//! storm is reported for the anyalloc row that has one.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::NonNull;
@@ -34,7 +44,9 @@ use std::time::{Duration, Instant};
 use anyalloc::{Config, Heap};
 use serde_json::{json, Value};
 
+use crate::peers::SIGMASKED_GLIBC;
 use crate::pools::{PreallocPool, WatermarkPool};
+use crate::survival::{check, fill};
 use crate::sys::{self, XorShift};
 
 /// Bytes per burst object (the watermark pool's 32/96 marks apply up to
@@ -56,11 +68,12 @@ pub const SETTLE_S: u64 = 2;
 pub const DRAIN_SETTLE_MS: u64 = 1500;
 
 /// The allocators, as (child key, printed name).
-pub const PEERS: [(&str, &str); 4] = [
+pub const PEERS: [(&str, &str); 5] = [
     ("anyalloc-maint", "anyalloc nolock, maintainer on"),
     ("anyalloc-nomaint", "anyalloc nolock, maintainer off"),
     ("watermark", "baseline: per-CPU watermark pool"),
     ("prealloc", "baseline: preallocated pool"),
+    ("glibc-sigmask", "careful: glibc, signals blocked per call"),
 ];
 
 /// What the handlers allocate from.
@@ -68,6 +81,14 @@ enum Source {
     Heap(&'static Heap),
     Watermark(&'static WatermarkPool),
     Prealloc(&'static PreallocPool),
+    /// glibc, every signal blocked around each call.
+    Masked,
+}
+
+#[inline]
+fn object_layout() -> Layout {
+    // SAFETY: OBJECT is a valid size with alignment 8.
+    unsafe { Layout::from_size_align_unchecked(OBJECT, 8) }
 }
 
 impl Source {
@@ -80,6 +101,11 @@ impl Source {
                 .map(NonNull::as_ptr),
             Source::Watermark(p) => p.alloc(),
             Source::Prealloc(p) => p.alloc(),
+            Source::Masked => {
+                // SAFETY: a non-zero size.
+                let p = unsafe { SIGMASKED_GLIBC.alloc(object_layout()) };
+                (!p.is_null()).then_some(p)
+            }
         }
     }
 
@@ -93,6 +119,7 @@ impl Source {
                 Source::Heap(h) => h.free_nolock(NonNull::new_unchecked(p)),
                 Source::Watermark(w) => w.free(p),
                 Source::Prealloc(pool) => pool.free(p),
+                Source::Masked => SIGMASKED_GLIBC.dealloc(p, object_layout()),
             }
         }
     }
@@ -102,6 +129,8 @@ impl Source {
         let l = Layout::from_size_align(size, 8).expect("layout");
         match self {
             Source::Heap(h) => h.alloc(l).map_or(std::ptr::null_mut(), NonNull::as_ptr),
+            // SAFETY: non-zero size.
+            Source::Masked => unsafe { SIGMASKED_GLIBC.alloc(l) },
             // SAFETY: non-zero size.
             _ => unsafe { System.alloc(l) },
         }
@@ -113,6 +142,10 @@ impl Source {
         match self {
             // SAFETY: per the caller.
             Source::Heap(h) => unsafe { h.free(NonNull::new_unchecked(p)) },
+            // SAFETY: per the caller.
+            Source::Masked => unsafe {
+                SIGMASKED_GLIBC.dealloc(p, Layout::from_size_align(size, 8).expect("layout"))
+            },
             // SAFETY: per the caller.
             _ => unsafe { System.dealloc(p, Layout::from_size_align(size, 8).expect("layout")) },
         }
@@ -147,6 +180,12 @@ struct Counters {
     signals: AtomicU64,
     churn_ops: AtomicU64,
     churn_fail: AtomicU64,
+    /// Burst objects whose bytes changed while they were held.
+    corrupted: AtomicU64,
+    /// Time spent in handlers, ns.
+    handler_ns: AtomicU64,
+    /// Nonces: one per burst object.
+    nonces: AtomicU64,
 }
 
 static C: Counters = Counters {
@@ -159,7 +198,13 @@ static C: Counters = Counters {
     signals: AtomicU64::new(0),
     churn_ops: AtomicU64::new(0),
     churn_fail: AtomicU64::new(0),
+    corrupted: AtomicU64::new(0),
+    handler_ns: AtomicU64::new(0),
+    nonces: AtomicU64::new(1),
 };
+
+/// A held object: its address and (top 16 bits) its nonce.
+const ADDR_MASK: usize = (1 << 48) - 1;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -188,10 +233,18 @@ fn burst_size(rng: &mut XorShift) -> (usize, usize) {
 fn free_held(src: &Source, h: &Held) {
     let n = h.n.swap(0, Relaxed);
     for slot in &h.objs[..n] {
-        let p = slot.swap(0, Relaxed);
-        if p != 0 {
-            // SAFETY: an object this thread's handler allocated and kept.
-            unsafe { src.free(p as *mut u8) };
+        let e = slot.swap(0, Relaxed);
+        if e != 0 {
+            let p = (e & ADDR_MASK) as *mut u8;
+            // SAFETY: an object this thread's handler allocated, filled for
+            // this nonce and kept; checked, then freed once.
+            unsafe {
+                if check(p, OBJECT, (e >> 48) as u64) {
+                    src.free(p);
+                } else {
+                    C.corrupted.fetch_add(1, Relaxed);
+                }
+            }
         }
     }
     C.live.fetch_sub(n * OBJECT, Relaxed);
@@ -199,6 +252,7 @@ fn free_held(src: &Source, h: &Held) {
 
 fn burst(h: &Held) {
     let Some(src) = SOURCE.get() else { return };
+    let t0 = now_ns();
     C.signals.fetch_add(1, Relaxed);
     free_held(src, h);
     let mut rng = XorShift::new(h.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed));
@@ -206,13 +260,11 @@ fn burst(h: &Held) {
     let mut n = 0;
     for _ in 0..k {
         if let Some(p) = src.alloc() {
-            // SAFETY: a fresh object of OBJECT bytes: touch it as a user
-            // would (first and last word).
-            unsafe {
-                (p as *mut u64).write(n as u64);
-                (p.add(OBJECT - 8) as *mut u64).write(!(n as u64));
-            }
-            h.objs[n].store(p as usize, Relaxed);
+            let nonce = C.nonces.fetch_add(1, Relaxed) & 0xFFFF;
+            // SAFETY: a fresh, 8-aligned object of OBJECT bytes: every byte
+            // written.
+            unsafe { fill(p, OBJECT, nonce) };
+            h.objs[n].store(p as usize | (nonce as usize) << 48, Relaxed);
             n += 1;
         }
     }
@@ -224,6 +276,17 @@ fn burst(h: &Held) {
     if n == k {
         C.full[bucket].fetch_add(1, Relaxed);
     }
+    C.handler_ns.fetch_add(now_ns().wrapping_sub(t0), Relaxed);
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write; clock_gettime is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 extern "C" fn on_signal(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
@@ -311,6 +374,9 @@ pub fn child(args: &[String]) -> i32 {
         return 1;
     }
     let rss_base = sys::rss_bytes();
+    // Every thread before the heap exists (a new thread names itself only
+    // once it runs, so threads are told apart by id, not by name).
+    let threads_before = sys::threads_named("");
     let mut capacity = Value::Null;
     let mut marks = Value::Null;
     let src = match key.as_str() {
@@ -329,6 +395,7 @@ pub fn child(args: &[String]) -> i32 {
             capacity = json!({ "objects": p.capacity(), "committed_bytes": p.committed_bytes() });
             Source::Prealloc(Box::leak(Box::new(p)))
         }
+        "glibc-sigmask" => Source::Masked,
         other => {
             eprintln!("bursts child: unknown allocator {other:?}");
             return 64;
@@ -337,9 +404,19 @@ pub fn child(args: &[String]) -> i32 {
     let _ = SOURCE.set(src);
     let src = SOURCE.get().expect("just set");
     let rss_before = sys::rss_bytes();
+    // The burst heap's maintainer: the thread that started with it (the
+    // process-wide heap's, if any, was there before).
+    let maintainers: Vec<i32> = match src {
+        Source::Heap(_) => sys::threads_named("")
+            .into_iter()
+            .filter(|t| !threads_before.contains(t))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let maintainer_cpu0 = sys::threads_cpu_ns(&maintainers);
 
     let ready = std::sync::Barrier::new(threads + 1);
-    let (rss_peak, results, elapsed) = std::thread::scope(|s| {
+    let (rss_peak, results, elapsed, maintainer_ns) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 let ready = &ready;
@@ -355,12 +432,13 @@ pub fn child(args: &[String]) -> i32 {
             peak = peak.max(sys::rss_bytes());
         }
         STOP.store(true, Relaxed);
+        let maintainer_ns = sys::threads_cpu_ns(&maintainers) - maintainer_cpu0;
         let elapsed = t0.elapsed().as_secs_f64();
         let results: Vec<Result<(), String>> = handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err("worker panicked".into())))
             .collect();
-        (peak.max(sys::rss_bytes()), results, elapsed)
+        (peak.max(sys::rss_bytes()), results, elapsed, maintainer_ns)
     });
     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
         eprintln!("bursts child: {e}");
@@ -422,6 +500,7 @@ pub fn child(args: &[String]) -> i32 {
             })
         }
         Source::Prealloc(p) => json!({ "capacity": capacity, "in_use_at_end": p.in_use() }),
+        Source::Masked => json!({}),
     };
     let (att, ok) = (sum(&C.attempts), sum(&C.ok));
     let out = json!({
@@ -441,6 +520,10 @@ pub fn child(args: &[String]) -> i32 {
         "churn_fail": C.churn_fail.load(Relaxed),
         "live_peak_bytes": C.live_peak.load(Relaxed),
         "live_end_bytes": live_end,
+        "corrupted": C.corrupted.load(Relaxed),
+        "handler_ns_per_alloc": if att == 0 { Value::Null } else { json!(C.handler_ns.load(Relaxed) as f64 / att as f64) },
+        // During the storm; null without a maintainer thread.
+        "maintainer_cpu_ms": (!maintainers.is_empty()).then(|| maintainer_ns as f64 / 1e6),
         "rss_base": rss_base,
         "rss_before": rss_before,
         "rss_peak": rss_peak,

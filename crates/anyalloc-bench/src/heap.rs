@@ -336,7 +336,11 @@ pub fn bin_main() {
              the (ref) row is the same hand-off without allocating or freeing, in the same rounds"
         ),
     ];
-    setup.extend(hp.heaps.iter().map(|&(name, heap)| check_heap(name, heap)));
+    setup.extend(
+        hp.heaps
+            .iter()
+            .map(|&(name, heap)| check_heap(name, heap).0),
+    );
     let report = Report {
         bench: "heap".into(),
         setup,

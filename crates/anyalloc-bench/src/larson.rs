@@ -123,12 +123,14 @@ pub fn run(opts: &Options, peers: &[Named<Alloc>]) -> WorkloadResult {
     progress(&format!("measuring {name}"));
     let mut ps: Vec<Peer<'_>> = peers
         .iter()
-        .enumerate()
-        .map(|(i, &(pname, a))| {
+        .map(|&(pname, a)| {
+            // Every peer runs the same sequence: the seed depends on the
+            // sample's number only (each peer runs its samples in the same
+            // order), never on the peer.
             let mut round = 0u64;
             Peer::new(pname, move |n| {
                 round += 1;
-                sample(pname, a, n, round * 1000 + i as u64)
+                sample(pname, a, n, round * 1000)
             })
         })
         .collect();

@@ -1,5 +1,9 @@
 //! The anyalloc benchmarks, as a library: the `pages` and `heap` binaries
-//! and `anyalloc bench` (the whole suite, [`suite`]) are thin wrappers.
+//! and `anyalloc bench` (the whole suite, `suite`) are thin wrappers.
+//!
+//! The workloads, the peers (mimalloc, jemalloc, buddy_system_allocator) and
+//! the plots need the default `peers` feature; without it the crate is the
+//! measurement core and [`sys`], which `anyalloc stress` uses.
 //!
 //! This module holds the shared machinery: command-line options,
 //! calibration, interleaved multi-round measurement, statistics, the text
@@ -30,16 +34,33 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[cfg(feature = "peers")]
 pub mod bursts;
+#[cfg(feature = "peers")]
 pub mod heap;
+#[cfg(feature = "peers")]
 pub mod larson;
+#[cfg(feature = "peers")]
 pub mod pages;
+#[cfg(feature = "peers")]
 pub mod peers;
+#[cfg(feature = "peers")]
 pub mod plot;
+#[cfg(feature = "peers")]
 pub mod pools;
 pub mod ring;
+#[cfg(all(
+    feature = "peers",
+    target_arch = "x86_64",
+    target_os = "linux",
+    target_env = "gnu"
+))]
+pub mod rseq_floor;
+#[cfg(feature = "peers")]
 pub mod scratch;
+#[cfg(feature = "peers")]
 pub mod suite;
+#[cfg(feature = "peers")]
 pub mod survival;
 pub mod sys;
 
@@ -597,6 +618,17 @@ impl Target {
             self.fmt_value(self.limit),
             self.note
         )
+    }
+
+    /// One line of the baseline-expectations list: like [`Target::line`],
+    /// marked `as expected` or `UNEXPECTED` instead of PASS or MISS.
+    pub fn expectation_line(&self) -> String {
+        let mark = match self.met() {
+            Some(true) => "as expected",
+            Some(false) => "UNEXPECTED ",
+            None => "n/a        ",
+        };
+        format!("[{mark}]{}", &self.line()[6..])
     }
 
     /// The target as JSON.

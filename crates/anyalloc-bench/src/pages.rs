@@ -26,6 +26,8 @@ const BATCH: usize = 64;
 pub const NORMAL: &str = "anyalloc normal";
 pub const NOLOCK: &str = "anyalloc nolock";
 pub const BUDDY: &str = "buddy_system_allocator";
+/// The reference row of the page pairs (see [`crate::rseq_floor`]).
+pub const FLOOR: &str = "reference: bare rseq per-CPU pop+push";
 
 /// What every peer offers: blocks of `2^order` pages aligned to their size.
 pub trait PagePeer {
@@ -219,7 +221,8 @@ pub fn workloads() -> Vec<PageWork> {
     v
 }
 
-/// The three page peers, each over its own pre-faulted region.
+/// The three page peers, each over its own pre-faulted region, and the
+/// bare rseq floor (a reference row of the pairs).
 pub struct PagePeers {
     /// anyalloc normal path.
     pub normal: AnyNormal,
@@ -227,6 +230,20 @@ pub struct PagePeers {
     pub nolock: AnyNolock,
     /// buddy_system_allocator.
     pub buddy: Buddy,
+    /// The bare rseq floor, or why it is skipped.
+    pub floor: Result<Box<dyn PagePeer>, String>,
+}
+
+/// The bare rseq floor where it can run (x86-64 glibc with rseq).
+fn floor() -> Result<Box<dyn PagePeer>, String> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    {
+        crate::rseq_floor::RseqFloor::new().map(|f| Box::new(f) as Box<dyn PagePeer>)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    {
+        Err("the bare rseq floor is written for x86-64 Linux with glibc only".into())
+    }
 }
 
 impl PagePeers {
@@ -237,6 +254,7 @@ impl PagePeers {
             normal: AnyNormal(anyalloc_pages()),
             nolock: AnyNolock(anyalloc_pages()),
             buddy: Buddy::new(),
+            floor: floor().inspect_err(|e| progress(&format!("{FLOOR}: skipped: {e}"))),
         }
     }
 
@@ -252,8 +270,14 @@ impl PagePeers {
     }
 
     /// After the run: every page free again, no nolock failure.
-    pub fn check(&self) -> Vec<String> {
+    /// (notes for the set-up, leaks): a leak is a page not free after the
+    /// run and a drain.
+    pub fn check(&self) -> (Vec<String>, Vec<String>) {
         let mut lines = Vec::new();
+        let mut leaks = Vec::new();
+        if let Err(e) = &self.floor {
+            lines.push(format!("{FLOOR}: skipped: {e}"));
+        }
         for (pname, pa) in [(NORMAL, &self.normal.0), (NOLOCK, &self.nolock.0)] {
             pa.drain();
             let s = pa.stats();
@@ -262,10 +286,17 @@ impl PagePeers {
             {
                 let line = format!("{pname}: unexpected state after the run: {s:?}");
                 progress(&line);
+                if s.free_pages != s.total_pages {
+                    leaks.push(format!(
+                        "{pname}: {} of {} pages not free",
+                        s.total_pages - s.free_pages,
+                        s.total_pages
+                    ));
+                }
                 lines.push(line);
             }
         }
-        lines
+        (lines, leaks)
     }
 }
 
@@ -292,6 +323,11 @@ pub fn run(opts: &Options, peers: &PagePeers, prefix: &str) -> Vec<WorkloadResul
             .iter()
             .map(|&(pname, peer)| Peer::new(pname, move |n| work(pname, peer, order, n)))
             .collect();
+        // The floor is a reference for the pairs (one pop, one push).
+        if let (Ok(f), true) = (&peers.floor, ops_per_iter == 1 && opts.peer_selected(FLOOR)) {
+            let f: &dyn PagePeer = f.as_ref();
+            ps.push(Peer::reference(FLOOR, move |n| work(FLOOR, f, order, n)));
+        }
         results.push(measure(opts, &name, op, ops_per_iter, &mut ps));
     }
     results
@@ -301,6 +337,15 @@ pub fn run(opts: &Options, peers: &PagePeers, prefix: &str) -> Vec<WorkloadResul
 pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
     let mut targets = Vec::new();
     if let Some(w) = results.iter().find(|w| w.name == "page pair order 0") {
+        targets.push(Target::new(
+            "order-0 page pair, anyalloc normal / bare rseq floor",
+            w.median_of(NORMAL)
+                .zip(w.median_of(FLOOR))
+                .map(|(a, b)| a / b),
+            3.0,
+            "x",
+            "ratio of medians: the cost over a per-CPU pop+push in restartable sequences",
+        ));
         targets.push(Target::new(
             "order-0 page pair, anyalloc normal",
             w.median_of(NORMAL),
@@ -341,6 +386,7 @@ pub fn setup_lines() -> Vec<String> {
         ),
         format!("{NORMAL}: PageAllocator::alloc_pages / free_pages (grow off, maintenance off); {NOLOCK}: alloc_pages_nolock / free_pages_nolock"),
         format!("{BUDDY}: LockedHeap<32> (spin lock), Layout of 4096<<order aligned to its size"),
+        format!("{FLOOR} (pairs only): a per-CPU array pop and push, each a restartable sequence (x86-64 rseq), nothing else; the physical floor of a per-CPU cache"),
     ]
 }
 
@@ -353,7 +399,9 @@ pub fn bin_main() {
     let peers = PagePeers::new();
     let results = run(&opts, &peers, "");
     let mut setup = setup_lines();
-    setup.extend(peers.check());
+    let (notes, leaks) = peers.check();
+    setup.extend(notes);
+    setup.extend(leaks);
     let report = Report {
         bench: "pages".into(),
         setup,

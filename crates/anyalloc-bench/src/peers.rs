@@ -30,6 +30,8 @@ pub const GLOBAL: &str = "anyalloc Global";
 pub const NORMAL: &str = "anyalloc normal";
 /// `Heap::alloc_nolock` / `Heap::free_nolock`.
 pub const NOLOCK: &str = "anyalloc nolock";
+/// `Heap::alloc` / `Heap::free` of a heap without a maintenance thread.
+pub const NORMAL_NO_MAINTAINER: &str = "anyalloc normal, maintainer off";
 /// The peers anyalloc's normal path is measured against.
 pub const OTHERS: [&str; 3] = [GLIBC, MIMALLOC, JEMALLOC];
 
@@ -41,6 +43,55 @@ pub static MIMALLOC_A: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub static JEMALLOC_A: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// anyalloc's process-wide heap.
 pub static GLOBAL_A: anyalloc::Global = anyalloc::Global;
+
+/// glibc with all signals blocked around each call (`pthread_sigmask`
+/// twice per call): no handler can run while malloc's state is half-done.
+/// What careful users of glibc do when handlers must allocate: correct by
+/// construction, at the price of two syscalls per call.
+pub struct SigmaskedGlibc;
+
+/// The careful glibc peer.
+pub static SIGMASKED_GLIBC: SigmaskedGlibc = SigmaskedGlibc;
+
+/// Blocks every signal for the calling thread; returns the previous mask.
+#[inline]
+fn block_all() -> libc::sigset_t {
+    // SAFETY: both sets are initialised (sigfillset, then written by
+    // pthread_sigmask) before use; only this thread's mask changes.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    }
+}
+
+#[inline]
+fn restore_mask(old: &libc::sigset_t) {
+    // SAFETY: a mask returned by `block_all` on this thread.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, null_mut()) };
+}
+
+// SAFETY: glibc's blocks, returned to glibc; the mask changes nothing about
+// them.
+unsafe impl GlobalAlloc for SigmaskedGlibc {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let old = block_all();
+        // SAFETY: the caller's layout (non-zero size).
+        let p = unsafe { SYSTEM.alloc(layout) };
+        restore_mask(&old);
+        p
+    }
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let old = block_all();
+        // SAFETY: the GlobalAlloc contract: a live glibc block.
+        unsafe { SYSTEM.dealloc(ptr, layout) };
+        restore_mask(&old);
+    }
+}
 
 /// `Heap::alloc` / `Heap::free` behind `GlobalAlloc`.
 pub struct Normal(pub Heap);
@@ -88,20 +139,48 @@ unsafe impl GlobalAlloc for NoLockHeap {
     }
 }
 
-/// The object-allocator peers and anyalloc's two heaps (for the after-run
+/// The object-allocator peers and anyalloc's heaps (for the after-run
 /// check).
 pub struct HeapPeers {
     /// Every peer, in table order.
     pub peers: Vec<Named<Alloc>>,
-    /// The heaps behind `anyalloc normal` and `anyalloc nolock`.
-    pub heaps: [Named<&'static Heap>; 2],
+    /// The heaps behind `anyalloc normal`, `anyalloc nolock` and `anyalloc
+    /// normal, maintainer off`.
+    pub heaps: [Named<&'static Heap>; 3],
+    /// Each anyalloc peer's maintenance thread(s), by thread id: their CPU
+    /// time is work done off the timed thread.
+    pub maintainers: Vec<Named<Vec<i32>>>,
+}
+
+/// Threads that appear while `f` (creating a heap: its maintenance thread)
+/// runs. Told apart by id: a new thread names itself only once it runs.
+fn new_maintainers<T>(f: impl FnOnce() -> T) -> (T, Vec<i32>) {
+    let before = crate::sys::threads_named("");
+    let t = f();
+    let after = crate::sys::threads_named("");
+    (
+        t,
+        after.into_iter().filter(|t| !before.contains(t)).collect(),
+    )
 }
 
 /// The peers; `global` adds `anyalloc Global`. Each anyalloc path gets a
-/// heap of its own, as each other peer has its own.
+/// heap of its own, as each other peer has its own; one more heap runs
+/// without a maintenance thread (the maintainer-off row).
 pub fn heap_peers(global: bool) -> HeapPeers {
-    let normal: &'static Normal = Box::leak(Box::new(Normal(heap())));
-    let nolock: &'static NoLockHeap = Box::leak(Box::new(NoLockHeap(heap())));
+    // The process-wide heap exists first, so its maintainer is known (the
+    // only maintenance thread before the benchmark's heaps).
+    let _ = anyalloc::init();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let global_maintainers = crate::sys::threads_named(crate::sys::MAINTAINER);
+    let (normal, normal_m) =
+        new_maintainers(|| -> &'static Normal { Box::leak(Box::new(Normal(heap()))) });
+    let (nolock, nolock_m) =
+        new_maintainers(|| -> &'static NoLockHeap { Box::leak(Box::new(NoLockHeap(heap()))) });
+    let off: &'static Normal = Box::leak(Box::new(Normal(
+        Heap::new(Config::default().maintenance(false))
+            .unwrap_or_else(|e| panic!("anyalloc::Heap::new: {e}")),
+    )));
     let mut peers: Vec<Named<Alloc>> = vec![
         (GLIBC, &SYSTEM),
         (MIMALLOC, &MIMALLOC_A),
@@ -112,25 +191,37 @@ pub fn heap_peers(global: bool) -> HeapPeers {
     }
     peers.push((NORMAL, normal));
     peers.push((NOLOCK, nolock));
+    peers.push((NORMAL_NO_MAINTAINER, off));
+    let mut maintainers = vec![(NORMAL, normal_m), (NOLOCK, nolock_m)];
+    if global {
+        maintainers.insert(0, (GLOBAL, global_maintainers));
+    }
     HeapPeers {
         peers,
-        heaps: [(NORMAL, &normal.0), (NOLOCK, &nolock.0)],
+        heaps: [
+            (NORMAL, &normal.0),
+            (NOLOCK, &nolock.0),
+            (NORMAL_NO_MAINTAINER, &off.0),
+        ],
+        maintainers,
     }
 }
 
 /// After a run every object must be back: a benchmark that leaked (or lost
-/// frees) would have done less work than it claims. Returns a report line.
-pub fn check_heap(name: &str, heap: &Heap) -> String {
+/// frees) would have done less work than it claims. Returns a report line
+/// and whether the heap leaked.
+pub fn check_heap(name: &str, heap: &Heap) -> (String, bool) {
     heap.drain();
     let s = heap.stats();
     let line = format!(
         "after the run, {name}: {} objects / {} large in use, nolock failures busy {} empty {}, deferred frees {}",
         s.objects_in_use, s.large_in_use, s.nolock_alloc_fail_busy, s.nolock_alloc_fail_empty, s.nolock_free_deferred
     );
-    if s.objects_in_use + s.large_in_use + s.huge_in_use != 0 {
+    let leaked = s.objects_in_use + s.large_in_use + s.huge_in_use != 0;
+    if leaked {
         crate::progress(&format!("WARNING: {line}"));
     }
-    line
+    (line, leaked)
 }
 
 /// Null results that multi-threaded workloads retried (a nolock

@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyalloc::platform::futex;
+
 use crate::sys;
 
 const NIL: u32 = u32::MAX;
@@ -365,7 +367,7 @@ impl Shared {
         if !c.raised.swap(true, Ordering::AcqRel) {
             self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
             self.wake.store(1, Ordering::Release);
-            sys::futex_wake(&self.wake);
+            futex::wake_one(&self.wake);
         }
     }
 
@@ -458,7 +460,7 @@ impl Shared {
 
     fn worker(&self) {
         while !self.stop.load(Ordering::Acquire) {
-            sys::futex_wait(&self.wake, 0, Duration::from_millis(50));
+            futex::wait(&self.wake, 0, Some(Duration::from_millis(50)));
             self.wake.store(0, Ordering::Release);
             for c in self.cpus.iter() {
                 let count = c.count.load(Ordering::Relaxed);
@@ -499,7 +501,7 @@ impl Drop for WatermarkPool {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake.store(1, Ordering::Release);
-        sys::futex_wake(&self.shared.wake);
+        futex::wake_one(&self.shared.wake);
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }

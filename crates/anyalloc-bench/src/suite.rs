@@ -7,9 +7,9 @@
 //! | 3 | `producer-consumer` | one thread allocates, another frees | same (+ ring-only reference) |
 //! | 4 | `larson` | server churn, slot arrays handed to new threads | same |
 //! | 5 | `cache-scratch` | passive false sharing | same (+ two references) |
-//! | 6 | `pages` | page blocks of orders 0 to 3 | PageAllocator normal, nolock, buddy_system_allocator |
-//! | 7 | `bursts` | bursts of 1 to 10,000 objects from signal handlers | anyalloc nolock (maintainer on/off), watermark pool, preallocated pool |
-//! | 8 | `survival` | naive malloc/free in signal handlers | glibc, mimalloc, jemalloc, anyalloc Global, NoLock, Heap nolock |
+//! | 6 | `pages` | page blocks of orders 0 to 3 | PageAllocator normal, nolock, buddy_system_allocator (+ the bare rseq floor for pairs) |
+//! | 7 | `bursts` | bursts of 1 to 10,000 objects from signal handlers | anyalloc nolock (maintainer on/off), watermark pool, preallocated pool, careful glibc |
+//! | 8 | `survival` | naive malloc/free in signal handlers | glibc, mimalloc, jemalloc, anyalloc Global, NoLock, Heap nolock; careful glibc, preallocated pool |
 //!
 //! Workloads 1 to 6 run in this process, interleaved over rounds (see the
 //! crate documentation); 7 and 8 run each allocator in a child process
@@ -77,6 +77,82 @@ pub struct Timed {
     pub group: &'static str,
     /// The measurements.
     pub result: WorkloadResult,
+    /// CPU time of each anyalloc peer's maintenance thread while the
+    /// workload ran (all rounds, calibration included), in ms: work done
+    /// off the timed thread. Empty for workloads without maintainers.
+    pub maintainer_cpu_ms: Vec<(String, f64)>,
+    /// Wall time of the whole workload (all rounds, calibration included).
+    pub wall_s: f64,
+}
+
+impl Timed {
+    /// A workload without maintainer figures (pages).
+    fn plain(number: u8, group: &'static str, result: WorkloadResult) -> Timed {
+        Timed {
+            number,
+            group,
+            result,
+            maintainer_cpu_ms: Vec::new(),
+            wall_s: 0.0,
+        }
+    }
+
+    /// The maintainer line printed under the workload's table.
+    pub fn maintainer_line(&self) -> Option<String> {
+        if self.maintainer_cpu_ms.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> = self
+            .maintainer_cpu_ms
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms:.1} ms"))
+            .collect();
+        Some(format!(
+            "  maintainer thread CPU during this workload ({:.2} s wall, all peers and rounds): {}",
+            self.wall_s,
+            parts.join(", ")
+        ))
+    }
+}
+
+/// Runs one workload of the object allocators, noting the CPU time each
+/// anyalloc peer's maintenance thread used meanwhile.
+fn with_maintainers(
+    number: u8,
+    group: &'static str,
+    hp: &peers::HeapPeers,
+    list: &[peers::Named<peers::Alloc>],
+    f: impl FnOnce() -> WorkloadResult,
+) -> Timed {
+    let watched: Vec<&peers::Named<Vec<i32>>> = hp
+        .maintainers
+        .iter()
+        .filter(|(n, _)| list.iter().any(|(l, _)| l == n))
+        .collect();
+    let before: Vec<u64> = watched
+        .iter()
+        .map(|(_, t)| crate::sys::threads_cpu_ns(t))
+        .collect();
+    let t0 = Instant::now();
+    let result = f();
+    let wall_s = t0.elapsed().as_secs_f64();
+    let maintainer_cpu_ms = watched
+        .iter()
+        .zip(before)
+        .map(|((n, t), b)| {
+            (
+                n.to_string(),
+                crate::sys::threads_cpu_ns(t).saturating_sub(b) as f64 / 1e6,
+            )
+        })
+        .collect();
+    Timed {
+        number,
+        group,
+        result,
+        maintainer_cpu_ms,
+        wall_s,
+    }
 }
 
 /// One allocator's bursts run.
@@ -98,7 +174,7 @@ pub struct SurvivalRow {
 }
 
 impl SurvivalRow {
-    /// (survived, crashed, hung).
+    /// (survived, failed: crashed, exited with an error or lost data, hung).
     pub fn counts(&self) -> (usize, usize, usize) {
         let s = self
             .runs
@@ -107,6 +183,35 @@ impl SurvivalRow {
             .count();
         let h = self.runs.iter().filter(|o| **o == Outcome::Hung).count();
         (s, self.runs.len() - s - h, h)
+    }
+
+    /// The reports of the runs that exited cleanly (survived or not).
+    pub fn reports(&self) -> Vec<&Value> {
+        self.runs
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Survived(v) | Outcome::Failed(_, v) => Some(v),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The sum of an integer field over the reports.
+    pub fn sum(&self, key: &str) -> u64 {
+        self.reports()
+            .iter()
+            .map(|v| v[key].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    /// The median of a number field over the reports.
+    pub fn median(&self, key: &str) -> Option<f64> {
+        let xs: Vec<f64> = self
+            .reports()
+            .iter()
+            .filter_map(|v| v[key].as_f64())
+            .collect();
+        (!xs.is_empty()).then(|| crate::summarize(&xs).median)
     }
 }
 
@@ -133,6 +238,12 @@ pub struct SuiteReport {
     pub setup: Vec<String>,
     /// Goals, met or missed.
     pub targets: Vec<Target>,
+    /// What the baselines are expected to show (a baseline failing as
+    /// expected is not a target met): reported apart from the targets.
+    pub expectations: Vec<Target>,
+    /// Problems that make the run itself fail (exit code 1): an anyalloc
+    /// child that crashed or hung, a benchmark heap that leaked.
+    pub failures: Vec<String>,
     /// Wall time of the whole run.
     pub elapsed_s: f64,
 }
@@ -148,8 +259,10 @@ pub fn pair_sizes(quick: bool) -> Vec<usize> {
 }
 
 /// Runs the suite; prints the report (text or `--json`), writes plots and
-/// Markdown if asked. Returns the process exit code (0: ran; misses are
-/// reported, not failures).
+/// Markdown if asked. Returns the process exit code: 0 when the run
+/// completed (misses are reported, not failures); 1 when an anyalloc child
+/// crashed or hung, a benchmark heap leaked, or a file could not be
+/// written.
 pub fn run(cfg: &SuiteConfig) -> i32 {
     let report = measure_all(cfg);
     if cfg.opts.json {
@@ -158,6 +271,10 @@ pub fn run(cfg: &SuiteConfig) -> i32 {
         print!("{}", report.to_text());
     }
     let mut code = 0;
+    for f in &report.failures {
+        eprintln!("anyalloc bench: FAIL: {f}");
+        code = 1;
+    }
     if let Some(dir) = &cfg.plots {
         match write_plots(&report, dir) {
             Ok(files) => progress(&format!("wrote {} plots to {}", files.len(), dir.display())),
@@ -195,6 +312,7 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
     let opts = &cfg.opts;
     let sel = |group: &str, name: &str| opts.selected(&format!("{group}: {name}"));
     let mut timed = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     let mut setup = vec![
         "workloads 1-5: every peer called through &dyn GlobalAlloc (Layout align 8), one dynamic call per alloc and per free".to_string(),
         format!(
@@ -235,41 +353,31 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
             for size in pair_sizes(opts.quick) {
                 let w = heap::pair_workload(size);
                 if sel("pairs", &w.0) {
-                    timed.push(Timed {
-                        number: 1,
-                        group: "pairs",
-                        result: heap::run_single(opts, &w, &list),
-                    });
+                    timed.push(with_maintainers(1, "pairs", hp, &list, || {
+                        heap::run_single(opts, &w, &list)
+                    }));
                 }
             }
             let w = heap::batch_workload(64);
             if sel("batch", &w.0) {
-                timed.push(Timed {
-                    number: 2,
-                    group: "batch",
-                    result: heap::run_single(opts, &w, &list),
-                });
+                timed.push(with_maintainers(2, "batch", hp, &list, || {
+                    heap::run_single(opts, &w, &list)
+                }));
             }
             if sel("producer-consumer", "producer/consumer 64 B") {
-                timed.push(Timed {
-                    number: 3,
-                    group: "producer-consumer",
-                    result: heap::run_producer_consumer(opts, &list),
-                });
+                timed.push(with_maintainers(3, "producer-consumer", hp, &list, || {
+                    heap::run_producer_consumer(opts, &list)
+                }));
             }
             if sel("larson", "larson server churn") {
-                timed.push(Timed {
-                    number: 4,
-                    group: "larson",
-                    result: larson::run(opts, &list),
-                });
+                timed.push(with_maintainers(4, "larson", hp, &list, || {
+                    larson::run(opts, &list)
+                }));
             }
             if sel("cache-scratch", "cache-scratch 8 B") {
-                timed.push(Timed {
-                    number: 5,
-                    group: "cache-scratch",
-                    result: scratch::run(opts, &list),
-                });
+                timed.push(with_maintainers(5, "cache-scratch", hp, &list, || {
+                    scratch::run(opts, &list)
+                }));
             }
         }
         setup.push(larson::setup_line());
@@ -279,7 +387,11 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
             "nulls retried in multi-threaded workloads: {retries}"
         ));
         for &(name, h) in &hp.heaps {
-            setup.push(peers::check_heap(name, h));
+            let (line, leaked) = peers::check_heap(name, h);
+            if leaked {
+                failures.push(format!("benchmark heap leaked: {line}"));
+            }
+            setup.push(line);
         }
     }
 
@@ -291,14 +403,16 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
     }) {
         let pp = pages::PagePeers::new();
         for r in pages::run(opts, &pp, "pages: ") {
-            timed.push(Timed {
-                number: 6,
-                group: "pages",
-                result: r,
-            });
+            timed.push(Timed::plain(6, "pages", r));
         }
         setup.extend(pages::setup_lines());
-        setup.extend(pp.check());
+        let (notes, leaks) = pp.check();
+        setup.extend(notes);
+        failures.extend(
+            leaks
+                .into_iter()
+                .map(|l| format!("page benchmark leaked: {l}")),
+        );
     }
 
     // 7: bursts.
@@ -323,9 +437,16 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
             );
             let (outcome, _) = survival::run_child(cmd, deadline);
             let result = match outcome {
+                Outcome::Survived(v) if v["corrupted"].as_u64().unwrap_or(0) > 0 => Err(format!(
+                    "{} objects corrupted (their bytes changed while allocated)",
+                    v["corrupted"]
+                )),
                 Outcome::Survived(v) => Ok(v),
                 o => Err(format!("child failed: {}", o.describe())),
             };
+            if let (true, Err(e)) = (name.starts_with("anyalloc"), &result) {
+                failures.push(format!("bursts, {name}: {e}"));
+            }
             burst_rows.push(BurstRow { name, result });
         }
     }
@@ -354,6 +475,14 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
                     .arg(key)
                     .arg(survival_params.0.to_string());
                 let (o, _) = survival::run_child(cmd, Duration::from_secs_f64(survival_params.1));
+                let o = survival::judge(o);
+                if survival::is_anyalloc(name) && !matches!(o, Outcome::Survived(_)) {
+                    failures.push(format!(
+                        "survival, {name}, run {}: {}",
+                        run + 1,
+                        o.describe()
+                    ));
+                }
                 runs.push(o);
             }
             survival_rows.push(SurvivalRow { name, runs });
@@ -371,9 +500,11 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
         survival_params,
         setup,
         targets: Vec::new(),
+        expectations: Vec::new(),
+        failures,
         elapsed_s: 0.0,
     };
-    report.targets = report.compute_targets();
+    (report.targets, report.expectations) = report.compute_targets();
     report.elapsed_s = t0.elapsed().as_secs_f64();
     report
 }
@@ -409,12 +540,19 @@ impl SuiteReport {
             .collect()
     }
 
-    fn compute_targets(&self) -> Vec<Target> {
+    /// (targets, baseline expectations).
+    fn compute_targets(&self) -> (Vec<Target>, Vec<Target>) {
         let mut t = heap::targets(&self.timed_in(&[1, 2, 3, 4]));
+        let mut expect = Vec::new();
         t.extend(pages::targets(&self.timed_in(&[6])));
         for row in &self.bursts {
+            let list = if row.name.starts_with("anyalloc") {
+                &mut t
+            } else {
+                &mut expect
+            };
             let Ok(v) = &row.result else {
-                t.push(Target::at_least(
+                list.push(Target::at_least(
                     format!("bursts, {}: ran", row.name),
                     None,
                     1.0,
@@ -453,7 +591,7 @@ impl SuiteReport {
                     .as_f64()
                     .unwrap_or(0.0);
                 let held = num(v, "rss_after") - num(v, "rss_base");
-                t.push(Target::at_least(
+                expect.push(Target::at_least(
                     format!("{} holds its maximum after the run", row.name),
                     (committed > 0.0).then(|| held / committed),
                     0.95,
@@ -464,10 +602,23 @@ impl SuiteReport {
                         mib(committed)
                     ),
                 ));
+            } else if row.name.starts_with("careful") {
+                expect.push(Target::at_least(
+                    format!("bursts success, {}", row.name),
+                    Some(success),
+                    99.9,
+                    "%",
+                    format!(
+                        "correct by construction (no handler runs inside malloc); {} of {} allocations, {} ns per handler allocation",
+                        v["ok"],
+                        v["attempts"],
+                        v["handler_ns_per_alloc"].as_f64().map_or("-".into(), |x| format!("{x:.0}"))
+                    ),
+                ));
             } else if row.name.contains("watermark") {
                 let big = &v["by_burst_size"][3];
                 let (b, full) = (num(big, "bursts"), num(big, "bursts_full"));
-                t.push(Target::new(
+                expect.push(Target::new(
                     format!("{}: allocations in bursts of 1000+", row.name),
                     Some(100.0 * num(big, "success_rate")),
                     99.9,
@@ -481,22 +632,41 @@ impl SuiteReport {
             }
         }
         for row in &self.survival {
+            let (s, f, h) = row.counts();
+            let n = row.runs.len();
+            let nulls = format!(
+                "{}; handler nulls {} of {}",
+                outcomes(&row.runs),
+                row.sum("handler_nulls"),
+                row.sum("handler_allocs")
+            );
             if survival::is_anyalloc(row.name) {
-                let (s, _, _) = row.counts();
                 t.push(Target::at_least(
-                    format!(
-                        "survival, {}: runs survived of {}",
-                        row.name,
-                        row.runs.len()
-                    ),
+                    format!("survival, {}: runs survived of {n}", row.name),
                     Some(s as f64),
-                    row.runs.len() as f64,
+                    n as f64,
                     "runs",
-                    outcomes(&row.runs),
+                    nulls,
+                ));
+            } else if survival::is_careful(row.name) {
+                expect.push(Target::at_least(
+                    format!("{}: runs survived of {n}", row.name),
+                    Some(s as f64),
+                    n as f64,
+                    "runs",
+                    format!("correct by construction; {nulls}"),
+                ));
+            } else {
+                expect.push(Target::at_least(
+                    format!("survival, {} (used wrongly): runs lost of {n}", row.name),
+                    Some((f + h) as f64),
+                    1.0,
+                    "runs",
+                    format!("expected to crash, hang or lose data; {nulls}"),
                 ));
             }
         }
-        t
+        (t, expect)
     }
 
     /// The report as text tables.
@@ -516,6 +686,7 @@ impl SuiteReport {
             "machine: {} CPUs, {}, kernel {}, {}",
             m.nproc, m.cpu_model, m.kernel, m.date
         );
+        let _ = writeln!(out, "commit: {}", m.commit_line());
         let _ = writeln!(
             out,
             "ns per op: median [min p25 p75 max] across rounds; spread = p25..p75"
@@ -534,6 +705,9 @@ impl SuiteReport {
             } else {
                 for t in ws {
                     out.push_str(&t.result.to_text());
+                    if let Some(l) = t.maintainer_line() {
+                        let _ = writeln!(out, "{l}");
+                    }
                 }
             }
         }
@@ -567,6 +741,18 @@ impl SuiteReport {
                 self.targets.iter().filter(|t| t.met().is_none()).count()
             );
         }
+        if !self.expectations.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nbaseline expectations (what the baselines should show; not targets, not counted above):"
+            );
+            for t in &self.expectations {
+                let _ = writeln!(out, "  {}", t.expectation_line());
+            }
+        }
+        for f in &self.failures {
+            let _ = writeln!(out, "\nFAIL: {f}");
+        }
         let _ = writeln!(out, "\nwhole run: {:.1} s", self.elapsed_s);
         out
     }
@@ -590,7 +776,12 @@ impl SuiteReport {
             .max(9);
         let _ = writeln!(
             out,
-            "\n  {:<w$} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>10}",
+            "  every byte of every object is filled and read back before it is freed; ns/alloc = handler time per allocation \
+             (free the previous burst with its checks, allocate and fill); maint = the heap's maintainer thread CPU during the storm"
+        );
+        let _ = writeln!(
+            out,
+            "\n  {:<w$} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>10} {:>9} {:>9} {:>9}",
             "allocator",
             "success",
             "1-9",
@@ -598,16 +789,23 @@ impl SuiteReport {
             "100-999",
             "1000-10000",
             "full bursts",
-            "signals"
+            "signals",
+            "corrupted",
+            "ns/alloc",
+            "maint ms"
         );
         for r in &self.bursts {
             match &r.result {
                 Ok(v) => {
                     let pct = |x: f64| format!("{:.3}%", 100.0 * x);
                     let b = |i: usize| pct(num(&v["by_burst_size"][i], "success_rate"));
+                    let opt = |k: &str, prec: usize| {
+                        v[k].as_f64()
+                            .map_or("-".to_string(), |x| format!("{x:.prec$}"))
+                    };
                     let _ = writeln!(
                         out,
-                        "  {:<w$} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>10}",
+                        "  {:<w$} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>10} {:>9} {:>9} {:>9}",
                         r.name,
                         pct(num(v, "success_rate")),
                         b(0),
@@ -615,7 +813,10 @@ impl SuiteReport {
                         b(2),
                         b(3),
                         format!("{}/{}", v["bursts_full"], v["bursts"]),
-                        v["signals"]
+                        v["signals"].to_string(),
+                        v["corrupted"].to_string(),
+                        opt("handler_ns_per_alloc", 0),
+                        opt("maintainer_cpu_ms", 1)
                     );
                 }
                 Err(e) => {
@@ -680,18 +881,38 @@ impl SuiteReport {
             .max(9);
         let _ = writeln!(
             out,
-            "\n  {:<w$} {:>8} {:>8} {:>8}  outcomes",
-            "allocator", "survived", "crashed", "hung"
+            "  survived = exited cleanly, no byte of any block changed (all read back), and some handler allocation returned memory;\n  \
+             ns per thread op = free + alloc + fill + check of 8 B-4 KiB (handler time taken out); ns per handler alloc = alloc + fill + check + free \
+             of 16 B-2 KiB (medians over the runs that exited)"
+        );
+        let _ = writeln!(
+            out,
+            "\n  {:<w$} {:>8} {:>7} {:>5} {:>9} {:>13} {:>10} {:>12} {:>14}  outcomes",
+            "allocator",
+            "survived",
+            "failed",
+            "hung",
+            "corrupted",
+            "handler nulls",
+            "of allocs",
+            "ns/thread op",
+            "ns/handler op"
         );
         for r in &self.survival {
-            let (s, c, h) = r.counts();
+            let (s, f, h) = r.counts();
+            let ns = |k: &str| r.median(k).map_or("-".into(), |x| format!("{x:.0}"));
             let _ = writeln!(
                 out,
-                "  {:<w$} {:>8} {:>8} {:>8}  {}",
+                "  {:<w$} {:>8} {:>7} {:>5} {:>9} {:>13} {:>10} {:>12} {:>14}  {}",
                 r.name,
                 format!("{s}/{}", r.runs.len()),
-                c,
+                f,
                 h,
+                r.sum("corrupted"),
+                r.sum("handler_nulls"),
+                r.sum("handler_allocs"),
+                ns("worker_ns_per_op"),
+                ns("handler_ns_per_alloc"),
                 outcomes(&r.runs)
             );
         }
@@ -707,6 +928,15 @@ impl SuiteReport {
                 let mut v = t.result.to_json();
                 v["number"] = json!(t.number);
                 v["group"] = json!(t.group);
+                if !t.maintainer_cpu_ms.is_empty() {
+                    let m: serde_json::Map<String, Value> = t
+                        .maintainer_cpu_ms
+                        .iter()
+                        .map(|(n, ms)| (n.clone(), json!(ms)))
+                        .collect();
+                    v["maintainer_cpu_ms"] = Value::Object(m);
+                    v["wall_s"] = json!(t.wall_s);
+                }
                 v
             })
             .collect();
@@ -739,18 +969,21 @@ impl SuiteReport {
                 .survival
                 .iter()
                 .map(|r| {
-                    let (s, c, h) = r.counts();
+                    let (s, f, h) = r.counts();
                     json!({
                         "name": r.name,
+                        "careful": survival::is_careful(r.name),
                         "runs": r.runs.len(),
                         "survived": s,
-                        "crashed": c,
+                        "failed": f,
                         "hung": h,
+                        "corrupted": r.sum("corrupted"),
+                        "handler_allocs": r.sum("handler_allocs"),
+                        "handler_nulls": r.sum("handler_nulls"),
+                        "worker_ns_per_op": r.median("worker_ns_per_op"),
+                        "handler_ns_per_alloc": r.median("handler_ns_per_alloc"),
                         "outcomes": r.runs.iter().map(|o| o.describe()).collect::<Vec<_>>(),
-                        "reports": r.runs.iter().filter_map(|o| match o {
-                            Outcome::Survived(v) => Some(v.clone()),
-                            _ => None,
-                        }).collect::<Vec<_>>(),
+                        "reports": r.reports(),
                     })
                 })
                 .collect();
@@ -768,6 +1001,11 @@ impl SuiteReport {
         json!({
             "bench": "anyalloc bench",
             "command": self.command,
+            "commit": m.commit,
+            "dirty": m.dirty,
+            "cpu": m.cpu_model,
+            "kernel": m.kernel,
+            "date": m.date,
             "machine": {
                 "nproc": m.nproc,
                 "cpu_model": m.cpu_model,
@@ -778,6 +1016,8 @@ impl SuiteReport {
             "setup": self.setup,
             "workloads": workloads,
             "targets": self.targets.iter().map(|t| t.to_json()).collect::<Vec<_>>(),
+            "baseline_expectations": self.expectations.iter().map(|t| t.to_json()).collect::<Vec<_>>(),
+            "failures": self.failures,
             "elapsed_s": self.elapsed_s,
         })
     }
@@ -794,6 +1034,7 @@ impl SuiteReport {
         );
         let _ = writeln!(out, "| | |\n|---|---|");
         let _ = writeln!(out, "| command | `{}` |", self.command);
+        let _ = writeln!(out, "| commit | `{}` |", m.commit_line());
         let _ = writeln!(out, "| date | {} |", m.date);
         let _ = writeln!(out, "| CPUs (nproc) | {} |", m.nproc);
         let _ = writeln!(out, "| CPU model | {} |", m.cpu_model);
@@ -809,7 +1050,7 @@ impl SuiteReport {
             "\nTo reproduce, from the repository root: `{}`",
             self.command.replacen(
                 "anyalloc bench",
-                "cargo run --release -p anyalloc-cli -- bench",
+                "cargo run --release -p anyalloc-cli --features bench -- bench",
                 1
             )
         );
@@ -837,6 +1078,39 @@ impl SuiteReport {
                 t.note.replace('|', "/")
             );
         }
+        if !self.expectations.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n## Baseline expectations\n\nWhat the baselines (peers used wrongly, kernel-style pools, careful users' \
+                 workarounds) are expected to show. They are not targets and are not counted above.\n"
+            );
+            let _ = writeln!(
+                out,
+                "| as expected | expectation | value | expected | note |\n|---|---|---|---|---|"
+            );
+            for t in &self.expectations {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} {} | {} |",
+                    match t.met() {
+                        Some(true) => "yes",
+                        Some(false) => "NO",
+                        None => "n/a",
+                    },
+                    t.what,
+                    t.value.map_or("-".into(), |v| t.fmt_value(v)),
+                    if t.at_least { "≥" } else { "≤" },
+                    t.fmt_value(t.limit),
+                    t.note.replace('|', "/")
+                );
+            }
+        }
+        if !self.failures.is_empty() {
+            let _ = writeln!(out, "\n## Failures\n");
+            for f in &self.failures {
+                let _ = writeln!(out, "- {}", f.replace('|', "/"));
+            }
+        }
         let _ = writeln!(out, "\n## Set-up\n\n```text");
         for l in &self.setup {
             let _ = writeln!(out, "{l}");
@@ -853,7 +1127,16 @@ impl SuiteReport {
                     if number == 1 && ws.len() > 1 {
                         pairs_matrix(&ws)
                     } else {
-                        ws.iter().map(|t| t.result.to_text()).collect()
+                        ws.iter()
+                            .map(|t| {
+                                let mut s = t.result.to_text();
+                                if let Some(l) = t.maintainer_line() {
+                                    s.push_str(&l);
+                                    s.push('\n');
+                                }
+                                s
+                            })
+                            .collect()
                     }
                 }
                 7 if !self.bursts.is_empty() => self.bursts_text(),
@@ -885,6 +1168,28 @@ fn outcomes(runs: &[Outcome]) -> String {
         .map(|o| o.describe())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The maintainer CPU time over several workloads (the pair sizes), summed
+/// per peer.
+fn maintainer_sum(ws: &[&Timed]) -> Option<String> {
+    let mut sum: Vec<(String, f64)> = Vec::new();
+    for t in ws {
+        for (n, ms) in &t.maintainer_cpu_ms {
+            match sum.iter_mut().find(|(m, _)| m == n) {
+                Some((_, x)) => *x += ms,
+                None => sum.push((n.clone(), *ms)),
+            }
+        }
+    }
+    let wall: f64 = ws.iter().map(|t| t.wall_s).sum();
+    (!sum.is_empty()).then(|| {
+        let parts: Vec<String> = sum.iter().map(|(n, ms)| format!("{n} {ms:.1} ms")).collect();
+        format!(
+            "  maintainer thread CPU during these workloads ({wall:.2} s wall, all peers and rounds): {}\n",
+            parts.join(", ")
+        )
+    })
 }
 
 /// Workload 1 as one matrix: sizes down, peers across, median [p25-p75].
@@ -927,6 +1232,9 @@ fn pairs_matrix(ws: &[&Timed]) -> String {
             }
         }
         out.push('\n');
+    }
+    if let Some(l) = maintainer_sum(ws) {
+        out.push_str(&l);
     }
     out
 }
@@ -1145,7 +1453,7 @@ pub fn write_plots(r: &SuiteReport, dir: &Path) -> Result<Vec<PathBuf>, String> 
     if !r.survival.is_empty() {
         let groups: Vec<String> = r.survival.iter().map(|s| s.name.to_string()).collect();
         let counts: Vec<(usize, usize, usize)> = r.survival.iter().map(|s| s.counts()).collect();
-        let series: Vec<Series> = ["survived", "crashed", "hung"]
+        let series: Vec<Series> = ["survived", "failed", "hung"]
             .iter()
             .enumerate()
             .map(|(i, label)| {

@@ -12,13 +12,32 @@
 //! `anyalloc::NoLock`, and an `anyalloc::Heap` used with `alloc`/`free` by
 //! the threads and `alloc_nolock`/`free_nolock` by the handlers.
 //!
+//! Two more rows show what careful users do instead, correct by
+//! construction: glibc with every signal blocked around each call
+//! (`pthread_sigmask` before and after: a handler can never interrupt
+//! malloc, at the price of two syscalls per call), and a preallocated pool
+//! for the handlers (glibc for the threads).
+//!
 //! The storm: `THREADS` threads each keep 256 objects of 8 B to 4 KiB and
 //! replace them at random; each has two POSIX timers, signal A at
 //! `SIGNAL_HZ` and signal B 3.3 times slower, whose handlers each mask only
 //! their own signal (so they nest, depth at most 2). A handler allocates
-//! one to four objects of 16 B to 2 KiB, writes them, and frees each at
-//! once or parks it for a later handler (which frees it). A null from the
-//! allocator is counted, not fatal.
+//! one to four objects of 16 B to 2 KiB and frees each at once or parks it
+//! for a later handler (which frees it). A null from the allocator is
+//! counted, not fatal.
+//!
+//! "Survived" means the data survived too: every byte of every block, the
+//! threads' and the handlers', is filled with a pattern keyed by its
+//! address and a per-allocation nonce kept with its owner, and read back
+//! before the block is freed; a block that fails is counted as corrupted
+//! (and not freed). A run survives when the child exits cleanly, handled
+//! signals, found no corrupted block, and at least one handler allocation
+//! returned memory.
+//!
+//! Cost: each thread times its churn loop and each handler invocation
+//! (`CLOCK_MONOTONIC`); the report gives ns per thread op (free + alloc +
+//! fill + check, handler time taken out) and ns per handler allocation
+//! (alloc + fill + check + free), the same work for every row.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::io::Read;
@@ -30,7 +49,8 @@ use std::time::{Duration, Instant};
 use anyalloc::Heap;
 use serde_json::{json, Value};
 
-use crate::peers::{Alloc, GLOBAL_A, JEMALLOC_A, MIMALLOC_A, SYSTEM};
+use crate::peers::{Alloc, GLOBAL_A, JEMALLOC_A, MIMALLOC_A, SIGMASKED_GLIBC, SYSTEM};
+use crate::pools::PreallocPool;
 use crate::sys::{self, XorShift};
 
 /// Worker threads per run.
@@ -45,18 +65,121 @@ pub const SIGNAL_HZ: u64 = 10_000;
 const SIZES: [usize; 8] = [16, 32, 64, 128, 256, 512, 1024, 2048];
 
 /// The allocators, as (child key, printed name).
-pub const PEERS: [(&str, &str); 6] = [
+pub const PEERS: [(&str, &str); 8] = [
     ("glibc", "glibc"),
     ("mimalloc", "mimalloc"),
     ("jemalloc", "jemalloc"),
     ("global", "anyalloc Global"),
     ("nolock", "anyalloc NoLock"),
     ("heap-nolock", "anyalloc Heap nolock"),
+    ("glibc-sigmask", CAREFUL_SIGMASK),
+    ("prealloc", CAREFUL_POOL),
 ];
+
+/// glibc with every signal blocked around each call.
+pub const CAREFUL_SIGMASK: &str = "careful: glibc, signals blocked per call";
+/// glibc for the threads, a preallocated pool for the handlers.
+pub const CAREFUL_POOL: &str = "careful: preallocated pool in handlers";
 
 /// Whether the printed name is one of anyalloc's.
 pub fn is_anyalloc(name: &str) -> bool {
     name.starts_with("anyalloc")
+}
+
+/// Whether the printed name is a peer that is correct by construction
+/// (a baseline, not a competitor).
+pub fn is_careful(name: &str) -> bool {
+    name.starts_with("careful")
+}
+
+/// A preallocated pool of objects of the largest handler size, behind
+/// `GlobalAlloc`: a null when every object is in use or the request does not
+/// fit.
+struct Pool(PreallocPool);
+
+// SAFETY: the pool hands each object out once until it is freed; objects are
+// 2 KiB, 8-aligned (the pool's base is page-aligned, objects are multiples
+// of 8 bytes).
+unsafe impl GlobalAlloc for Pool {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > SIZES[SIZES.len() - 1] || layout.align() > 8 {
+            return null_mut();
+        }
+        self.0.alloc().unwrap_or(null_mut())
+    }
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+        // SAFETY: the GlobalAlloc contract: an object of this pool.
+        unsafe { self.0.free(ptr) };
+    }
+}
+
+const STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The pattern key of a block: its address and its owner's nonce.
+#[inline]
+fn key(p: *const u8, nonce: u64) -> u64 {
+    mix(p as u64 ^ nonce.rotate_left(29))
+}
+
+/// splitmix64's finaliser.
+#[inline]
+pub(crate) fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Fills every byte of `size` bytes at `p` (8-aligned) with the pattern of
+/// the owner holding `nonce`. Any context.
+///
+/// # Safety
+/// `p` is valid for writes of `size` bytes and 8-aligned.
+#[inline]
+pub(crate) unsafe fn fill(p: *mut u8, size: usize, nonce: u64) {
+    let k = key(p, nonce);
+    let words = p as *mut u64;
+    // SAFETY: per the caller: `size / 8` words, then the tail bytes.
+    unsafe {
+        for j in 0..size / 8 {
+            words.add(j).write(k.wrapping_add(j as u64 * STEP));
+        }
+        for t in size & !7..size {
+            p.add(t).write((k >> ((t & 7) * 8)) as u8 ^ 0x5A);
+        }
+    }
+}
+
+/// Whether every byte of the block still holds the pattern [`fill`] wrote
+/// for the owner holding `nonce`. Any context.
+///
+/// # Safety
+/// As for [`fill`] (reads).
+#[inline]
+pub(crate) unsafe fn check(p: *const u8, size: usize, nonce: u64) -> bool {
+    let k = key(p, nonce);
+    let words = p as *const u64;
+    let mut ok = true;
+    // SAFETY: per the caller.
+    unsafe {
+        for j in 0..size / 8 {
+            ok &= words.add(j).read_volatile() == k.wrapping_add(j as u64 * STEP);
+        }
+        for t in size & !7..size {
+            ok &= p.add(t).read_volatile() == (k >> ((t & 7) * 8)) as u8 ^ 0x5A;
+        }
+    }
+    ok
+}
+
+/// A parked handler block: address, size index (low 3 bits) and a 16-bit
+/// nonce (top bits: user-space addresses stay below 2^48).
+#[inline]
+fn park_entry(p: *mut u8, idx: usize, nonce: u64) -> usize {
+    p as usize | idx | ((nonce as usize & 0xFFFF) << 48)
 }
 
 /// An `anyalloc::Heap` seen through `GlobalAlloc`, normal or nolock path.
@@ -107,8 +230,16 @@ static STATES: [ThreadState; MAX_THREADS] = [STATE; MAX_THREADS];
 static SIGNALS: AtomicU64 = AtomicU64::new(0);
 static H_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static H_NULLS: AtomicU64 = AtomicU64::new(0);
+/// Time spent in handlers (all threads), ns.
+static H_NS: AtomicU64 = AtomicU64::new(0);
 static W_OPS: AtomicU64 = AtomicU64::new(0);
 static W_NULLS: AtomicU64 = AtomicU64::new(0);
+/// Time the threads spent in their churn loops (handlers included), ns.
+static W_NS: AtomicU64 = AtomicU64::new(0);
+/// Blocks whose bytes changed while they were allocated (left unfreed).
+static CORRUPTED: AtomicU64 = AtomicU64::new(0);
+/// Nonces: one per allocation.
+static NONCES: AtomicU64 = AtomicU64::new(1);
 static STOP: AtomicBool = AtomicBool::new(false);
 
 #[inline]
@@ -117,17 +248,49 @@ fn layout_of(idx: usize) -> Layout {
     unsafe { Layout::from_size_align_unchecked(SIZES[idx], 8) }
 }
 
-/// Frees a parked entry (pointer | size index).
+/// Checks every byte of a block and frees it; a block that fails is counted
+/// and left allocated. Any context.
+///
+/// # Safety
+/// `p` is a live block of `a` with layout `l`, filled for `nonce`, owned by
+/// the caller (freed once).
+#[inline]
+unsafe fn check_and_free(a: Alloc, p: *mut u8, l: Layout, nonce: u64) {
+    // SAFETY: per the caller.
+    unsafe {
+        if check(p, l.size(), nonce) {
+            a.dealloc(p, l);
+        } else {
+            CORRUPTED.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Frees a parked entry (see [`park_entry`]).
 fn free_parked(a: Alloc, e: usize) {
     if e != 0 {
+        let p = (e & ((1 << 48) - 1) & !7) as *mut u8;
         // SAFETY: parked by a handler: a live block of `a` with this layout,
-        // taken out of its stash slot by swap, so freed once.
-        unsafe { a.dealloc((e & !7) as *mut u8, layout_of(e & 7)) };
+        // filled for this nonce, taken out of its stash slot by swap, so
+        // freed once.
+        unsafe { check_and_free(a, p, layout_of(e & 7), (e >> 48) as u64) };
     }
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write; CLOCK_MONOTONIC is always there
+    // and clock_gettime is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn handle(st: &ThreadState) {
     let Some(&a) = HANDLER.get() else { return };
+    let t0 = now_ns();
     SIGNALS.fetch_add(1, Relaxed);
     let mut rng = XorShift::new(st.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed));
     for _ in 0..1 + rng.below(4) {
@@ -140,19 +303,18 @@ fn handle(st: &ThreadState) {
             H_NULLS.fetch_add(1, Relaxed);
             continue;
         }
-        // SAFETY: a fresh block of SIZES[idx] >= 16 bytes.
-        unsafe {
-            p.write_volatile(0xA5);
-            p.add(l.size() - 1).write_volatile(0x5A);
-        }
+        let nonce = NONCES.fetch_add(1, Relaxed) & 0xFFFF;
+        // SAFETY: a fresh, 8-aligned block of SIZES[idx] bytes.
+        unsafe { fill(p, l.size(), nonce) };
         if rng.below(2) == 0 {
-            // SAFETY: just allocated with `l`, freed once.
-            unsafe { a.dealloc(p, l) };
+            // SAFETY: just allocated with `l` and filled; freed once.
+            unsafe { check_and_free(a, p, l, nonce) };
         } else {
             let slot = &st.stash[rng.below(STASH as u64) as usize];
-            free_parked(a, slot.swap(p as usize | idx, Relaxed));
+            free_parked(a, slot.swap(park_entry(p, idx, nonce), Relaxed));
         }
     }
+    H_NS.fetch_add(now_ns().wrapping_sub(t0), Relaxed);
 }
 
 extern "C" fn on_signal(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
@@ -173,20 +335,29 @@ fn signals() -> [libc::c_int; 2] {
 fn worker(i: usize, a: Alloc, ready: &std::sync::Barrier) -> Result<(), String> {
     STATES[i].rng.store(0xABCD ^ ((i as u64) << 32), Relaxed);
     let mut rng = XorShift::new(0x5EED + i as u64);
-    let mut live = vec![(0usize, 0usize); LIVE];
+    let mut live = vec![(0usize, 0usize, 0u64); LIVE];
     let [sa, sb] = signals();
     let period = Duration::from_nanos(1_000_000_000 / SIGNAL_HZ);
     let ta = sys::ThreadTimer::start(sa, period, i).map_err(|e| format!("timer: {e}"))?;
     let tb = sys::ThreadTimer::start(sb, period * 33 / 10, i).map_err(|e| format!("timer: {e}"))?;
     sys::mask(&signals(), false);
     ready.wait();
+    let t0 = now_ns();
     while !STOP.load(Relaxed) {
         for _ in 0..64 {
             let j = rng.below(LIVE as u64) as usize;
-            let (p, size) = live[j];
+            let (p, size, nonce) = live[j];
             if p != 0 {
-                // SAFETY: a live block of `a` of this size, freed once.
-                unsafe { a.dealloc(p as *mut u8, Layout::from_size_align_unchecked(size, 8)) };
+                // SAFETY: a live block of `a` of this size, filled for this
+                // nonce, freed once.
+                unsafe {
+                    check_and_free(
+                        a,
+                        p as *mut u8,
+                        Layout::from_size_align_unchecked(size, 8),
+                        nonce,
+                    )
+                };
             }
             let size = 8 + rng.below(4089) as usize;
             // SAFETY: 8 <= size <= 4096 with alignment 8: a valid layout.
@@ -195,24 +366,30 @@ fn worker(i: usize, a: Alloc, ready: &std::sync::Barrier) -> Result<(), String> 
             let q = unsafe { a.alloc(l) };
             if q.is_null() {
                 W_NULLS.fetch_add(1, Relaxed);
-                live[j] = (0, 0);
+                live[j] = (0, 0, 0);
             } else {
-                // SAFETY: a fresh block of `size` bytes.
-                unsafe {
-                    q.write_volatile(1);
-                    q.add(size - 1).write_volatile(2);
-                }
-                live[j] = (q as usize, size);
+                let nonce = rng.next_u64();
+                // SAFETY: a fresh, 8-aligned block of `size` bytes.
+                unsafe { fill(q, size, nonce) };
+                live[j] = (q as usize, size, nonce);
             }
         }
         W_OPS.fetch_add(64, Relaxed);
     }
+    W_NS.fetch_add(now_ns() - t0, Relaxed);
     drop((ta, tb));
     sys::mask(&signals(), true);
-    for (p, size) in live {
+    for (p, size, nonce) in live {
         if p != 0 {
             // SAFETY: as above.
-            unsafe { a.dealloc(p as *mut u8, Layout::from_size_align_unchecked(size, 8)) };
+            unsafe {
+                check_and_free(
+                    a,
+                    p as *mut u8,
+                    Layout::from_size_align_unchecked(size, 8),
+                    nonce,
+                )
+            };
         }
     }
     let h = *HANDLER.get().expect("set");
@@ -250,6 +427,14 @@ pub fn child(args: &[String]) -> i32 {
                 Box::leak(Box::new(HeapPath(h, true))),
             )
         }
+        "glibc-sigmask" => (&SIGMASKED_GLIBC, &SIGMASKED_GLIBC),
+        "prealloc" => {
+            // Enough for every block a thread's handlers can hold at once:
+            // the stash, and four in flight at each of two nesting levels.
+            let objects = sys::cpus().clamp(1, MAX_THREADS) * (STASH + 8) * 2;
+            let pool = PreallocPool::new(SIZES[SIZES.len() - 1], objects);
+            (&SYSTEM, Box::leak(Box::new(Pool(pool))))
+        }
         other => {
             eprintln!("survival child: unknown allocator {other:?}");
             return 64;
@@ -286,15 +471,22 @@ pub fn child(args: &[String]) -> i32 {
         eprintln!("survival child: {e}");
         return 1;
     }
+    let (h_allocs, h_ns) = (H_ALLOCS.load(Relaxed), H_NS.load(Relaxed));
+    let (w_ops, w_ns) = (W_OPS.load(Relaxed), W_NS.load(Relaxed));
     let out = json!({
         "allocator": key,
         "threads": threads,
         "seconds": t0.elapsed().as_secs_f64(),
         "signals": SIGNALS.load(Relaxed),
-        "handler_allocs": H_ALLOCS.load(Relaxed),
+        "handler_allocs": h_allocs,
         "handler_nulls": H_NULLS.load(Relaxed),
-        "worker_ops": W_OPS.load(Relaxed),
+        "worker_ops": w_ops,
         "worker_nulls": W_NULLS.load(Relaxed),
+        "corrupted": CORRUPTED.load(Relaxed),
+        // Handler time comes out of the threads' loop time: handlers run
+        // only on the worker threads (the main thread blocks the signals).
+        "worker_ns_per_op": (w_ops > 0).then(|| w_ns.saturating_sub(h_ns) as f64 / w_ops as f64),
+        "handler_ns_per_alloc": (h_allocs > 0).then(|| h_ns as f64 / h_allocs as f64),
     });
     println!("{out}");
     0
@@ -303,8 +495,11 @@ pub fn child(args: &[String]) -> i32 {
 /// How one run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Exited 0 after the storm; the child's report.
+    /// Exited 0 after the storm, and the report shows the data survived;
+    /// the child's report.
     Survived(Value),
+    /// Exited 0, but the report shows it did not survive (why; the report).
+    Failed(String, Value),
     /// Killed by this signal.
     Signal(i32),
     /// Exited with this non-zero code.
@@ -318,10 +513,35 @@ impl Outcome {
     pub fn describe(&self) -> String {
         match self {
             Outcome::Survived(_) => "survived".into(),
+            Outcome::Failed(why, _) => why.clone(),
             Outcome::Signal(s) => signal_name(*s),
             Outcome::Exit(c) => format!("exit {c}"),
             Outcome::Hung => "hung".into(),
         }
+    }
+}
+
+/// A clean exit of a survival child counts as survival only if its report
+/// shows it: signals were handled, no block was corrupted, and at least one
+/// handler allocation returned memory.
+pub fn judge(o: Outcome) -> Outcome {
+    let Outcome::Survived(v) = o else { return o };
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let why = if n("signals") == 0 {
+        Some("no signal handled".to_string())
+    } else if n("corrupted") > 0 {
+        Some(format!("{} blocks corrupted", n("corrupted")))
+    } else if n("handler_allocs") == n("handler_nulls") {
+        Some(format!(
+            "every handler allocation failed ({} nulls)",
+            n("handler_nulls")
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(w) => Outcome::Failed(w, v),
+        None => Outcome::Survived(v),
     }
 }
 
@@ -390,4 +610,57 @@ pub fn run_child(mut cmd: std::process::Command, deadline: Duration) -> (Outcome
         },
     };
     (outcome, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_byte_is_checked_and_owners_differ() {
+        let mut buf = vec![0u64; 513];
+        let p = buf.as_mut_ptr() as *mut u8;
+        for size in [8, 13, 16, 100, 4096] {
+            // SAFETY: the buffer holds 4104 bytes, 8-aligned.
+            unsafe {
+                fill(p, size, 5);
+                assert!(check(p, size, 5));
+                assert!(!check(p, size, 6), "another owner's nonce");
+                for at in [0, size / 2, size - 1] {
+                    *p.add(at) ^= 1;
+                    assert!(!check(p, size, 5), "byte {at} of {size}");
+                    *p.add(at) ^= 1;
+                }
+            }
+        }
+        let e = park_entry(0x7f00_0000_1000 as *mut u8, 5, 0xABCD);
+        assert_eq!(
+            (e & ((1 << 48) - 1) & !7, e & 7, e >> 48),
+            (0x7f00_0000_1000, 5, 0xABCD)
+        );
+    }
+
+    #[test]
+    fn a_clean_exit_survives_only_with_evidence() {
+        let ok = json!({"signals": 10, "corrupted": 0, "handler_allocs": 5, "handler_nulls": 4});
+        assert!(matches!(judge(Outcome::Survived(ok)), Outcome::Survived(_)));
+        for (bad, why) in [
+            (
+                json!({"signals": 0, "corrupted": 0, "handler_allocs": 0, "handler_nulls": 0}),
+                "no signal",
+            ),
+            (
+                json!({"signals": 9, "corrupted": 2, "handler_allocs": 5, "handler_nulls": 0}),
+                "2 blocks corrupted",
+            ),
+            (
+                json!({"signals": 9, "corrupted": 0, "handler_allocs": 5, "handler_nulls": 5}),
+                "every handler allocation failed",
+            ),
+        ] {
+            let o = judge(Outcome::Survived(bad));
+            assert!(o.describe().starts_with(why), "{}", o.describe());
+        }
+        assert_eq!(judge(Outcome::Hung), Outcome::Hung);
+    }
 }

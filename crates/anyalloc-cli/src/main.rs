@@ -9,7 +9,9 @@
 //!
 //! `anyalloc bench` runs the benchmark suite of the `anyalloc-bench` crate:
 //! every peer side by side, tables (or `--json`), SVG plots and the
-//! Markdown report.
+//! Markdown report. It needs the `bench` feature
+//! (`cargo run --release -p anyalloc-cli --features bench -- bench`), so
+//! that building the stress command builds none of the peers.
 
 mod hist;
 mod pattern;
@@ -32,6 +34,8 @@ use storm::{Op, SLOTS};
 static A: anyalloc::Global = anyalloc::Global;
 
 const EXIT_FAIL: i32 = 1;
+/// `anyalloc stress`: deadlock suspected; `anyalloc bench`: built without
+/// the `bench` feature.
 const EXIT_DEADLOCK: i32 = 2;
 const EXIT_USAGE: i32 = 64;
 /// The watchdog's limit: this long without progress is a suspected deadlock.
@@ -69,15 +73,20 @@ enum Command {
         objects (Heap::alloc_nolock) of the stress heap, and boxes with anyalloc::NoLock (the \
         process-wide heap); then free them at once, park them for a later handler invocation, \
         or hand them to another thread's handler. Every block is filled with a pattern derived \
-        from its address and size and checked when freed. Each nolock allocation is timed.\n\n\
+        from its address, its size and a per-allocation nonce kept by its owner, and checked when \
+        freed. Each nolock allocation is timed, and signals that land while their thread is inside \
+        an allocator call are counted (interrupted_inside_allocator).\n\n\
         At the end the timers stop, every block still held is freed, the stress heap is drained, \
-        and every one of its pages must be free again (leaked_pages = 0).\n\n\
+        every one of its pages must be free again (leaked_pages = 0), and every successful \
+        allocation must have been freed.\n\n\
         A watchdog reports each thread's last operation and exits with code 2 if nothing \
         progresses for 5 s.",
         after_help = "Exit codes:\n  \
-        0   no violation, no leaked page, and (without --memory) nolock success >= 99.9%\n  \
-        1   pattern violations, leaked pages, nolock success below 99.9% with memory to spare, \
-        or a setup error\n  \
+        0   no violation, no leaked page or block, and (without --memory) nolock success >= 99.9%\n  \
+        1   pattern violations, leaked pages, an allocation never freed, nolock success below \
+        99.9% with memory to spare, a setup error, or a run that proves nothing: no signal \
+        handled, no signal nested (without --no-nested), or no nolock allocation succeeded \
+        with --memory\n  \
         2   deadlock suspected (the watchdog saw no progress for 5 s)\n  \
         64  invalid command line"
     )]
@@ -92,11 +101,19 @@ enum Command {
         from signal handlers: success rate and RSS, each allocator in a child process), \
         8 survival (malloc/free in signal handlers during a storm, each run a child under a \
         watchdog).\n\n\
-        Peers: glibc, mimalloc, jemalloc, anyalloc Global, anyalloc Heap normal and nolock; \
-        for pages buddy_system_allocator; for bursts a per-CPU watermark pool and a \
-        preallocated pool (baselines of what the kernel did before nolock allocation).\n\n\
+        Peers: glibc, mimalloc, jemalloc, anyalloc Global, anyalloc Heap normal and nolock \
+        (and normal with the maintainer off); for pages buddy_system_allocator and the bare \
+        rseq floor (reference); for bursts a per-CPU watermark pool and a preallocated pool \
+        (baselines of what the kernel did before nolock allocation); for bursts and survival \
+        the careful peers: glibc with every signal blocked around each call, a preallocated \
+        pool in the handlers.\n\n\
         Workloads 1-6 run in one process, interleaved over several rounds; the median and the \
-        spread (min, p25, p75, max) are reported, and the targets are printed as PASS/MISS.",
+        spread (min, p25, p75, max) are reported, and the targets are printed as PASS/MISS; \
+        what the baselines should show is a separate list of baseline expectations. Reports \
+        record the commit (and whether the tree was dirty), the CPU, the kernel and the date.\n\n\
+        Exit code 1 when an anyalloc child crashed, hung or lost data, or a benchmark heap \
+        leaked. Needs the `bench` feature: \
+        cargo run --release -p anyalloc-cli --features bench -- bench",
         after_help = "Examples:\n  \
         anyalloc bench --quick                      all workloads in about a minute\n  \
         anyalloc bench --filter pairs --json        one workload group as JSON\n  \
@@ -105,8 +122,10 @@ enum Command {
     Bench(BenchArgs),
 }
 
-/// Options of `anyalloc bench`.
+/// Options of `anyalloc bench` (parsed with or without the `bench` feature,
+/// so `--help` is the same and a mistyped option is still a usage error).
 #[derive(Args, Debug)]
+#[cfg_attr(not(feature = "bench"), allow(dead_code))]
 struct BenchArgs {
     /// Fewer rounds, shorter samples and storms: every workload in well under 90 s
     #[arg(long)]
@@ -178,6 +197,10 @@ struct StressArgs {
     /// Testing the watchdog: all workers stop making progress after this many seconds
     #[arg(long, value_name = "SECONDS", hide = true)]
     simulate_hang: Option<u64>,
+
+    /// Testing the pattern check: half-way through, a worker changes one byte of a live block
+    #[arg(long, hide = true)]
+    simulate_corruption: bool,
 }
 
 /// A byte count with an optional k/m/g suffix (binary units), at least
@@ -223,7 +246,31 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The exact command that runs `anyalloc bench` with the arguments given
+/// here, for a binary built without the `bench` feature.
+#[cfg(not(feature = "bench"))]
+fn bench_command_hint() -> String {
+    let mut command = String::from("cargo run --release -p anyalloc-cli --features bench -- bench");
+    for a in std::env::args().skip(2) {
+        command.push(' ');
+        command.push_str(&a);
+    }
+    command
+}
+
+/// `anyalloc bench` in a binary built without the `bench` feature: one line
+/// that says how to run it, exit code 2.
+#[cfg(not(feature = "bench"))]
+fn bench(_args: BenchArgs) -> i32 {
+    eprintln!(
+        "anyalloc bench: this binary was built without the benchmarks (feature `bench`); run: {}",
+        bench_command_hint()
+    );
+    EXIT_DEADLOCK
+}
+
 /// `anyalloc bench`: the suite of `anyalloc-bench`, or one of its children.
+#[cfg(feature = "bench")]
 fn bench(args: BenchArgs) -> i32 {
     if let Some(child) = &args.child {
         return anyalloc_bench::suite::child_main(child);
@@ -371,6 +418,9 @@ fn stress(args: &StressArgs) -> i32 {
     );
     let end = start + Duration::from_secs(args.seconds);
     let hang_at = args.simulate_hang.map(|s| start + Duration::from_secs(s));
+    let mut corrupt_at = args
+        .simulate_corruption
+        .then(|| start + Duration::from_secs(args.seconds) / 2);
     MAIN_OP.store(Op::Running as u8, Relaxed);
     let mut last = (Instant::now(), totals());
     loop {
@@ -381,7 +431,12 @@ fn stress(args: &StressArgs) -> i32 {
         if hang_at.is_some_and(|h| now >= h) {
             storm::HANG.store(true, Relaxed);
         }
-        std::thread::sleep((end - now).min(Duration::from_millis(250)));
+        if corrupt_at.is_some_and(|c| now >= c) {
+            corrupt_at = None;
+            storm::CORRUPT.store(true, Relaxed);
+        }
+        let tick = if args.simulate_corruption { 50 } else { 250 };
+        std::thread::sleep((end - now).min(Duration::from_millis(tick)));
         let now = Instant::now();
         let t = totals();
         let dt = now.duration_since(last.0).as_secs_f64().max(1e-9);
@@ -516,8 +571,56 @@ fn verdict(r: &Report, settings: &Settings, setup_errors: &[String]) -> i32 {
         );
         code = EXIT_FAIL;
     }
-    if settings.signal_hz > 0 && r.signals == 0 {
-        eprintln!("anyalloc stress: warning: no signal was handled");
+    if let Some(n) = r.allocations_not_freed.filter(|&n| n > 0) {
+        let k = |k: &report::KindReport| k.ok.saturating_sub(k.frees + k.leaked_after_violation);
+        eprintln!(
+            "anyalloc stress: FAIL: {n} successful allocation(s) never freed (pages {}, objects {}, NoLock boxes {}, worker blocks {}): \
+             a block was lost between its owners",
+            k(&r.pages),
+            k(&r.objects),
+            k(&r.boxes),
+            k(&r.worker_blocks)
+        );
+        code = EXIT_FAIL;
+    }
+    // A run that proves nothing fails.
+    if r.signals == 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: no signal was handled, so no nolock path ran in a handler{}",
+            if settings.signal_hz == 0 {
+                " (--signal-hz 0 turns the timers off)"
+            } else {
+                ""
+            }
+        );
+        code = EXIT_FAIL;
+    } else if settings.nested && r.nested_signals == 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: no signal nested inside another handler ({} handled): \
+             nested re-entry was not exercised (--no-nested runs without nesting)",
+            r.signals
+        );
+        code = EXIT_FAIL;
+    }
+    if !settings.nested && r.nested_signals > 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: {} signal(s) nested although --no-nested masks both signals in each handler",
+            r.nested_signals
+        );
+        code = EXIT_FAIL;
+    }
+    if settings.memory.is_some() && r.nolock_ok == 0 {
+        eprintln!(
+            "anyalloc stress: FAIL: --memory was given and no nolock allocation succeeded ({} attempts): \
+             the run exercised only the failure paths",
+            r.nolock_attempts
+        );
+        code = EXIT_FAIL;
+    }
+    if r.signals > 0 && r.interrupted_inside_allocator == 0 {
+        eprintln!(
+            "anyalloc stress: warning: no signal landed while its thread was inside an allocator call"
+        );
     }
     code
 }

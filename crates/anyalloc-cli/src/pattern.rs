@@ -1,15 +1,27 @@
-//! Self-describing block contents: every block the storm allocates is filled
-//! with a pattern derived from its address and size, and checked when freed.
+//! Self-describing, owner-tagged block contents: every block the storm
+//! allocates is filled with a pattern derived from its address, its size and
+//! a per-allocation *nonce*, and checked when freed.
 //!
-//! Word 0 is a header: the block's size in the low 24 bits and a hash of its
-//! address above them, so a block handed to another thread (or parked in a
-//! handler stash) carries its own size. The remaining bytes are a sequence
-//! seeded by address and size. Filling and checking touch no lock and never
-//! allocate: both run inside signal handlers.
+//! The nonce is kept next to the block's address in the entry that owns it
+//! (see [`Entry`]): the stash slot, the hand-off slot or the worker's live
+//! array. Two owners of the same memory (an allocator handing one block out
+//! twice) hold different nonces, so whichever checks second finds the other
+//! owner's bytes, even when both asked for the same size.
+//!
+//! Word 0 is a header: the block's size in the low 24 bits, the nonce in the
+//! next 16 and a hash of the address above them, so a block handed to
+//! another thread (or parked in a handler stash) carries its own size. The
+//! remaining bytes are a sequence seeded by address, size and nonce.
+//! Filling and checking touch no lock and never allocate: both run inside
+//! signal handlers.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Sizes must fit the header's low bits.
 pub const MAX_SIZE: usize = (1 << 24) - 1;
 const SIZE_MASK: u64 = (1 << 24) - 1;
+const NONCE_SHIFT: u32 = 24;
+const NONCE_MASK: u64 = 0xFFFF;
 const STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// A 64-bit mixer (splitmix64's finaliser).
@@ -22,14 +34,65 @@ pub fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// The nonce source: every allocation takes the next value (any context:
+/// one atomic add).
+static NONCES: AtomicU64 = AtomicU64::new(0x1234);
+
+/// A fresh per-allocation nonce (16 bits, never 0).
 #[inline]
-fn header(addr: usize, size: usize) -> u64 {
-    (mix(addr as u64) & !SIZE_MASK) | size as u64
+pub fn next_nonce() -> u16 {
+    let n = mix(NONCES.fetch_add(1, Relaxed)) as u16;
+    n.max(1)
+}
+
+/// Bits of a 64-bit block address that are always 0 in user space on the
+/// targets this program runs on (47-bit, or 48-bit with 5-level paging only
+/// on request): the nonce lives there.
+const ADDR_BITS: u32 = 48;
+
+/// A block address with its kind tag (low 3 bits, blocks are 8-aligned) and
+/// its owner's nonce (top 16 bits) in one word, so a single atomic swap
+/// moves the block and its owner tag together. 0 is never an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry(pub usize);
+
+impl Entry {
+    /// Packs an 8-aligned address below 2^48, a kind (`1..=7`) and a nonce.
+    #[inline]
+    pub fn new(addr: usize, kind: usize, nonce: u16) -> Entry {
+        debug_assert!(addr % 8 == 0 && packable(addr) && (1..8).contains(&kind));
+        Entry(addr | kind | (nonce as usize) << ADDR_BITS)
+    }
+    #[inline]
+    pub fn addr(self) -> usize {
+        self.0 & ((1usize << ADDR_BITS) - 1) & !7
+    }
+    #[inline]
+    pub fn kind(self) -> usize {
+        self.0 & 7
+    }
+    #[inline]
+    pub fn nonce(self) -> u16 {
+        (self.0 >> ADDR_BITS) as u16
+    }
+}
+
+/// Whether `addr` can be packed in an [`Entry`].
+#[inline]
+pub fn packable(addr: usize) -> bool {
+    (addr as u64) >> ADDR_BITS == 0
 }
 
 #[inline]
-fn seed(addr: usize, size: usize) -> u64 {
-    mix((addr as u64).rotate_left(17) ^ size as u64 ^ 0x5EED)
+fn header(addr: usize, size: usize, nonce: u16) -> u64 {
+    (mix(addr as u64) & !(SIZE_MASK | NONCE_MASK << NONCE_SHIFT))
+        | (nonce as u64) << NONCE_SHIFT
+        | size as u64
+}
+
+#[inline]
+fn seed(addr: usize, size: usize, nonce: u16) -> u64 {
+    mix((addr as u64).rotate_left(17) ^ size as u64 ^ (nonce as u64) << 40 ^ 0x5EED)
 }
 
 /// Where a check found the first wrong word.
@@ -40,20 +103,21 @@ pub struct Mismatch {
     pub found: u64,
 }
 
-/// Fills `size` bytes at `p` (`size >= 8`, `p` 8-aligned).
+/// Fills `size` bytes at `p` (`size >= 8`, `p` 8-aligned) for the owner
+/// holding `nonce`.
 ///
 /// # Safety
 /// `p` must be valid for writes of `size` bytes and 8-aligned.
 #[inline]
-pub unsafe fn fill(p: *mut u8, size: usize) {
+pub unsafe fn fill(p: *mut u8, size: usize, nonce: u16) {
     debug_assert!((8..=MAX_SIZE).contains(&size) && p as usize % 8 == 0);
     let addr = p as usize;
     let words = p as *mut u64;
-    let s = seed(addr, size);
+    let s = seed(addr, size, nonce);
     // SAFETY: per the caller, `size` bytes at `p`, 8-aligned: the header
     // word, `size / 8 - 1` further words and `size % 8` tail bytes.
     unsafe {
-        words.write(header(addr, size));
+        words.write(header(addr, size, nonce));
         let mut v = s;
         for j in 1..size / 8 {
             v = v.wrapping_add(STEP);
@@ -71,41 +135,42 @@ fn tail_byte(seed: u64, k: usize) -> u8 {
 }
 
 /// The size recorded in the block's header, if the header matches the
-/// block's address.
+/// block's address and the owner's `nonce`.
 ///
 /// # Safety
 /// `p` must be valid for reads of 8 bytes and 8-aligned.
 #[inline]
-pub unsafe fn size_of(p: *const u8) -> Result<usize, Mismatch> {
+pub unsafe fn size_of(p: *const u8, nonce: u16) -> Result<usize, Mismatch> {
     // SAFETY: per the caller.
     let h = unsafe { (p as *const u64).read() };
     let size = (h & SIZE_MASK) as usize;
-    if size < 8 || h != header(p as usize, size) {
+    if size < 8 || h != header(p as usize, size, nonce) {
         return Err(Mismatch {
             offset: 0,
-            expected: mix(p as usize as u64) & !SIZE_MASK,
+            expected: header(p as usize, 0, nonce),
             found: h,
         });
     }
     Ok(size)
 }
 
-/// Checks a block filled by [`fill`] with `size` bytes.
+/// Checks a block filled by [`fill`] with `size` bytes for the owner
+/// holding `nonce`.
 ///
 /// # Safety
 /// `p` must be valid for reads of `size` bytes and 8-aligned.
 #[inline]
-pub unsafe fn check(p: *const u8, size: usize) -> Result<(), Mismatch> {
+pub unsafe fn check(p: *const u8, size: usize, nonce: u16) -> Result<(), Mismatch> {
     let addr = p as usize;
     let words = p as *const u64;
-    let s = seed(addr, size);
+    let s = seed(addr, size, nonce);
     // SAFETY: per the caller, as in `fill`.
     unsafe {
         let h = words.read();
-        if h != header(addr, size) {
+        if h != header(addr, size, nonce) {
             return Err(Mismatch {
                 offset: 0,
-                expected: header(addr, size),
+                expected: header(addr, size, nonce),
                 found: h,
             });
         }
@@ -149,19 +214,54 @@ mod tests {
         for size in [8, 9, 15, 16, 100, 4095, 8192] {
             // SAFETY: the buffer holds 8 KiB + 8 bytes, 8-aligned.
             unsafe {
-                fill(p, size);
-                assert_eq!(size_of(p), Ok(size));
-                assert_eq!(check(p, size), Ok(()));
+                fill(p, size, 7);
+                assert_eq!(size_of(p, 7), Ok(size));
+                assert_eq!(check(p, size, 7), Ok(()));
                 let last = p.add(size - 1);
                 *last ^= 1;
-                assert_eq!(check(p, size).unwrap_err().offset & !7, (size - 1) & !7);
+                assert_eq!(check(p, size, 7).unwrap_err().offset & !7, (size - 1) & !7);
                 *last ^= 1;
                 // The same bytes at another address do not pass.
                 let q = p.add(8);
                 core::ptr::copy(p, q, size);
-                assert!(size_of(q).is_err());
+                assert!(size_of(q, 7).is_err());
             }
         }
+    }
+
+    #[test]
+    fn a_second_owner_of_the_same_size_is_detected() {
+        let mut buf = vec![0u64; 64];
+        let p = buf.as_mut_ptr() as *mut u8;
+        // SAFETY: the buffer holds 512 bytes, 8-aligned.
+        unsafe {
+            // Owner A fills, then owner B (same block, same size) overwrites.
+            fill(p, 200, 1);
+            fill(p, 200, 2);
+            assert!(size_of(p, 1).is_err(), "A sees B's header");
+            assert!(check(p, 200, 1).is_err());
+            assert_eq!(check(p, 200, 2), Ok(()));
+            // B's header restored over A's body: the body still differs.
+            fill(p, 200, 1);
+            (p as *mut u64).write(header(p as usize, 200, 2));
+            assert_eq!(check(p, 200, 2).unwrap_err().offset, 8);
+        }
+    }
+
+    #[test]
+    fn entries_pack_and_nonces_vary() {
+        let e = Entry::new(0x7fff_1234_5678, 3, 0xBEEF);
+        assert_eq!(
+            (e.addr(), e.kind(), e.nonce()),
+            (0x7fff_1234_5678, 3, 0xBEEF)
+        );
+        assert!(packable(0x7fff_ffff_f000) && !packable(1 << 48));
+        let a: Vec<u16> = (0..100).map(|_| next_nonce()).collect();
+        assert!(a.iter().all(|&n| n != 0));
+        let mut d = a.clone();
+        d.sort_unstable();
+        d.dedup();
+        assert!(d.len() > 90, "nonces repeat too often: {a:?}");
     }
 
     #[test]

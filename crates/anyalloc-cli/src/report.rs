@@ -35,6 +35,9 @@ pub struct KindReport {
     pub fail_busy: u64,
     pub fail_empty: u64,
     pub frees: u64,
+    /// Left allocated because the block failed its check (counted in
+    /// `violations`): excepted from "every allocation freed".
+    pub leaked_after_violation: u64,
     /// Parked in the thread's stash, freed by a later handler invocation.
     pub stashed: u64,
     /// Handed to the cross-thread stash, freed by a handler of any thread.
@@ -117,6 +120,14 @@ pub struct Report {
     pub handoffs: u64,
     pub violations: u64,
     pub first_violation: Option<ViolationReport>,
+    /// Handler invocations that began while their thread was inside an
+    /// allocator call (the worker's normal-path call, or an interrupted
+    /// handler's nolock call): re-entry that actually happened.
+    pub interrupted_inside_allocator: u64,
+    /// Successful allocations (of every kind) not freed by the end of the
+    /// teardown, blocks leaked after a reported violation excepted: 0 in a
+    /// correct run. `None` when the run did not get to tear down.
+    pub allocations_not_freed: Option<u64>,
     /// `None` when the run did not get to tear down (deadlock).
     pub leaked_pages: Option<u64>,
     pub deadlock: bool,
@@ -132,6 +143,9 @@ pub struct Report {
     pub pages: KindReport,
     pub objects: KindReport,
     pub boxes: KindReport,
+    /// The workers' normal-path blocks of the stress heap (`ok` counts
+    /// successful `Heap::alloc` calls).
+    pub worker_blocks: KindReport,
     /// Nolock frees of the stress heap parked on deferred lists (objects and
     /// pages).
     pub deferred_frees: u64,
@@ -154,6 +168,7 @@ fn kind(k: usize) -> KindReport {
         fail_busy: s.fail_busy.load(Relaxed),
         fail_empty: s.fail_empty.load(Relaxed),
         frees: s.frees.load(Relaxed),
+        leaked_after_violation: s.leaked.load(Relaxed),
         stashed: s.stashed.load(Relaxed),
         handed_across: s.crossed.load(Relaxed),
     }
@@ -205,7 +220,18 @@ pub fn collect(
     let global_busy = global.map_or(0, |g| g.nolock_alloc_fail_busy - global_busy_before);
     (boxes.fail_busy, boxes.fail_empty) = split(boxes.attempts - boxes.ok, global_busy);
 
+    let worker_blocks = kind(storm::KIND_WORKER);
     let all = [pages, objects, boxes];
+    let allocations_not_freed = (!deadlock).then(|| {
+        [pages, objects, boxes, worker_blocks]
+            .iter()
+            .map(|k| k.ok.saturating_sub(k.frees + k.leaked_after_violation))
+            .sum()
+    });
+    let interrupted_inside_allocator = threads
+        .iter()
+        .map(|t| t.interrupted_inside.load(Relaxed))
+        .sum();
     let nolock_attempts: u64 = all.iter().map(|k| k.attempts).sum();
     let nolock_ok: u64 = all.iter().map(|k| k.ok).sum();
     let a = storm::ALLOC_NS.summary();
@@ -256,6 +282,8 @@ pub fn collect(
         handoffs: storm::HANDOFFS.load(Relaxed),
         violations: storm::VIOLATIONS.load(Relaxed),
         first_violation,
+        interrupted_inside_allocator,
+        allocations_not_freed,
         leaked_pages,
         deadlock,
         p50_ns: a.p50,
@@ -270,6 +298,7 @@ pub fn collect(
         pages,
         objects,
         boxes,
+        worker_blocks,
         deferred_frees: stress.nolock_free_deferred + stress.pages.nolock_free_deferred,
         stress_heap: HeapReport::of(&stress),
         global_heap: global.as_ref().map(HeapReport::of),
@@ -317,6 +346,10 @@ pub fn print_table(r: &Report) {
     println!(
         "  {:<28} {:>14}",
         "  timer expirations missed", r.timer_overruns
+    );
+    println!(
+        "  {:<28} {:>14}",
+        "  inside an allocator call", r.interrupted_inside_allocator
     );
     println!();
     println!(
@@ -374,6 +407,15 @@ pub fn print_table(r: &Report) {
         h.free_pages, h.total_pages, h.zones, h.objects_in_use, h.large_in_use
     );
     println!();
+    let w = &r.worker_blocks;
+    println!(
+        "  allocations freed: pages {}/{}, objects {}/{}, NoLock boxes {}/{}, worker blocks {}/{} (freed/ok)",
+        r.pages.frees, r.pages.ok, r.objects.frees, r.objects.ok, r.boxes.frees, r.boxes.ok, w.frees, w.ok
+    );
+    match r.allocations_not_freed {
+        Some(n) => println!("  not freed      {n}"),
+        None => println!("  not freed      not measured"),
+    }
     println!("  violations     {}", r.violations);
     if let Some(v) = r.first_violation {
         println!(

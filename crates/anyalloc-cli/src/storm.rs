@@ -12,8 +12,8 @@
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{
-    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
-    Ordering::{AcqRel, Acquire, Relaxed, Release},
+    compiler_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
 };
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use anyalloc::{Heap, NoLock, PAGE_SIZE};
 use anyalloc_bench::sys::ThreadTimer;
 
 use crate::hist::Histogram;
-use crate::pattern::{self, Mismatch, XorShift};
+use crate::pattern::{self, Entry, Mismatch, XorShift};
 
 /// At most this many worker threads (each has a static slot).
 pub const MAX_THREADS: usize = 256;
@@ -38,9 +38,8 @@ pub const STASH: usize = 32;
 /// Cross-thread handler stash (blocks a handler on another thread frees).
 const XSTASH: usize = 256;
 
-// Entry tags in the low bits of a stashed block address (all blocks are at
-// least 8-aligned).
-const TAG_MASK: usize = 7;
+// Entry kinds, in the low bits of a stashed block address (all blocks are
+// at least 8-aligned); the owner's nonce is in the top bits (`Entry`).
 pub const KIND_PAGE: usize = 1;
 pub const KIND_OBJECT: usize = 2;
 pub const KIND_BOX: usize = 3;
@@ -136,6 +135,13 @@ pub struct ThreadSlot {
     pub depth: AtomicU32,
     /// The deepest nesting seen.
     pub max_depth: AtomicU32,
+    /// Allocator calls this thread is inside right now (its worker and its
+    /// handlers): set just before each call into anyalloc, cleared just
+    /// after, so a handler can tell that it interrupted one.
+    pub in_alloc: AtomicU32,
+    /// Handler invocations that began while this thread was inside an
+    /// allocator call ([`ThreadSlot::in_alloc`] non-zero).
+    pub interrupted_inside: AtomicU64,
     /// Whether the worker is between start and exit.
     pub running: AtomicBool,
     /// The worker's current [`Op`].
@@ -157,6 +163,8 @@ impl ThreadSlot {
         overruns: AtomicU64::new(0),
         depth: AtomicU32::new(0),
         max_depth: AtomicU32::new(0),
+        in_alloc: AtomicU32::new(0),
+        interrupted_inside: AtomicU64::new(0),
         running: AtomicBool::new(false),
         worker_op: AtomicU8::new(0),
         handler_op: [const { AtomicU8::new(0) }; 2],
@@ -176,6 +184,9 @@ pub struct KindStats {
     pub fail_empty: AtomicU64,
     /// Blocks of this kind freed (any path).
     pub frees: AtomicU64,
+    /// Blocks of this kind left allocated because their check failed (a
+    /// reported violation: the size can't be trusted).
+    pub leaked: AtomicU64,
     /// Blocks parked in a thread's stash / handed to the cross-thread stash.
     pub stashed: AtomicU64,
     pub crossed: AtomicU64,
@@ -189,13 +200,14 @@ impl KindStats {
         fail_busy: AtomicU64::new(0),
         fail_empty: AtomicU64::new(0),
         frees: AtomicU64::new(0),
+        leaked: AtomicU64::new(0),
         stashed: AtomicU64::new(0),
         crossed: AtomicU64::new(0),
     };
 }
 
-/// Indexed by `KIND_PAGE`, `KIND_OBJECT`, `KIND_BOX` and (frees only)
-/// `KIND_WORKER`; entry 0 unused.
+/// Indexed by `KIND_PAGE`, `KIND_OBJECT`, `KIND_BOX` and `KIND_WORKER`
+/// (normal-path blocks: `ok` and `frees`); entry 0 unused.
 pub static KINDS: [KindStats; 5] = [KindStats::NEW; 5];
 
 /// Latency of every nolock allocation attempt made in a handler.
@@ -236,6 +248,9 @@ pub static TEARDOWN_OPS: AtomicU64 = AtomicU64::new(0);
 pub static STOP: AtomicBool = AtomicBool::new(false);
 /// `--simulate-hang` (tests the watchdog): workers stop making progress.
 pub static HANG: AtomicBool = AtomicBool::new(false);
+/// `--simulate-corruption` (tests the pattern check): the first worker to
+/// see it set clears it and changes one byte of one of its live blocks.
+pub static CORRUPT: AtomicBool = AtomicBool::new(false);
 
 /// The stress heap, for the handlers (set once before any timer starts).
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
@@ -266,6 +281,23 @@ pub fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Runs `f`, one call into the allocator, with the thread's
+/// [`ThreadSlot::in_alloc`] raised around exactly that call. Only this
+/// thread and the handlers that interrupt it touch the counter, and a
+/// handler restores it before returning, so a plain load and store suffice;
+/// the compiler fences keep the call's code between them.
+#[inline(always)]
+fn inside<R>(slot: Option<&ThreadSlot>, f: impl FnOnce() -> R) -> R {
+    let Some(slot) = slot else { return f() };
+    let n = slot.in_alloc.load(Relaxed);
+    slot.in_alloc.store(n + 1, Relaxed);
+    compiler_fence(SeqCst);
+    let r = f();
+    compiler_fence(SeqCst);
+    slot.in_alloc.store(n, Relaxed);
+    r
+}
+
 #[cold]
 fn violation(op: Op, addr: usize, kind: usize, m: Mismatch) {
     VIOLATIONS.fetch_add(1, Relaxed);
@@ -287,11 +319,24 @@ enum Path {
     Normal,
 }
 
-/// Checks a tagged block and frees it with the path for its kind. A block
-/// that fails the check is reported and leaked (its size can't be trusted).
-fn free_entry(heap: &Heap, entry: usize, op: &AtomicU8, path: Path) {
-    let kind = entry & TAG_MASK;
-    let p = (entry & !TAG_MASK) as *mut u8;
+/// Who frees: the operation word the watchdog reads, and the thread slot
+/// whose [`ThreadSlot::in_alloc`] marks the allocator call (`None` for the
+/// main thread's teardown, which takes no signals).
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    op: &'a AtomicU8,
+    slot: Option<&'a ThreadSlot>,
+}
+
+/// Checks a block against its entry's owner tag and frees it with the path
+/// for its kind. A block that fails the check is reported and leaked (its
+/// size can't be trusted), and counted in its kind's `leaked`.
+fn free_entry(heap: &Heap, entry: usize, cx: Ctx<'_>, path: Path) {
+    let e = Entry(entry);
+    let kind = e.kind();
+    let nonce = e.nonce();
+    let p = e.addr() as *mut u8;
+    let op = cx.op;
     let code = match kind {
         KIND_PAGE => Op::PageFreeNolock,
         KIND_OBJECT => Op::ObjectFreeNolock,
@@ -301,13 +346,13 @@ fn free_entry(heap: &Heap, entry: usize, op: &AtomicU8, path: Path) {
     op.store(Op::Check as u8, Relaxed);
     // SAFETY: every tagged entry is a live block we filled (at least 8
     // bytes, 8-aligned), owned by whoever took it out of its stash.
-    let size = match unsafe { pattern::size_of(p) } {
+    let size = match unsafe { pattern::size_of(p, nonce) } {
         Ok(s) => s,
-        Err(m) => return violation(code, p as usize, kind, m),
+        Err(m) => return leak(code, p as usize, kind, m),
     };
     // SAFETY: as above; the header says the block has `size` bytes.
-    if let Err(m) = unsafe { pattern::check(p, size) } {
-        return violation(code, p as usize, kind, m);
+    if let Err(m) = unsafe { pattern::check(p, size, nonce) } {
+        return leak(code, p as usize, kind, m);
     }
     op.store(code as u8, Relaxed);
     // SAFETY: a non-null block address.
@@ -322,40 +367,40 @@ fn free_entry(heap: &Heap, entry: usize, op: &AtomicU8, path: Path) {
                     expected: (PAGE_SIZE as u64) << anyalloc::NOLOCK_MAX_ORDER,
                     found: size as u64,
                 };
-                return violation(code, p as usize, kind, m);
+                return leak(code, p as usize, kind, m);
             }
             // SAFETY: pages of this order from alloc_pages_nolock, freed
             // once (we took the only reference out of its stash).
-            unsafe {
+            inside(cx.slot, || unsafe {
                 match path {
                     Path::Nolock => heap.pages().free_pages_nolock(ptr, order),
                     Path::Normal => heap.pages().free_pages(ptr, order),
                 }
-            }
+            })
         }
         KIND_OBJECT | KIND_WORKER => {
             // SAFETY: an object of this heap, freed once (as above).
-            unsafe {
+            inside(cx.slot, || unsafe {
                 match path {
                     Path::Nolock => heap.free_nolock(ptr),
                     Path::Normal => heap.free(ptr),
                 }
-            }
+            })
         }
         KIND_BOX => {
-            let ok = match size {
+            let ok = inside(cx.slot, || match size {
                 16 => drop_box::<2>(p),
                 128 => drop_box::<16>(p),
                 1024 => drop_box::<128>(p),
                 _ => false,
-            };
+            });
             if !ok {
                 let m = Mismatch {
                     offset: 0,
                     expected: 1024,
                     found: size as u64,
                 };
-                return violation(code, p as usize, kind, m);
+                return leak(code, p as usize, kind, m);
             }
         }
         _ => {}
@@ -364,6 +409,14 @@ fn free_entry(heap: &Heap, entry: usize, op: &AtomicU8, path: Path) {
         FREE_NS.record(now_ns().wrapping_sub(t0));
     }
     KINDS[kind].frees.fetch_add(1, Relaxed);
+}
+
+/// A violation found while freeing: the block stays allocated (its size
+/// can't be trusted) and is counted as leaked for its kind.
+#[cold]
+fn leak(op: Op, addr: usize, kind: usize, m: Mismatch) {
+    KINDS[kind].leaked.fetch_add(1, Relaxed);
+    violation(op, addr, kind, m);
 }
 
 fn drop_box<const N: usize>(p: *mut u8) -> bool {
@@ -406,6 +459,9 @@ fn object_size(rng: &mut XorShift) -> usize {
 /// or handed to the cross-thread stash; sometimes an older stashed block is
 /// freed too.
 fn handle(slot: &'static ThreadSlot, level: usize) {
+    if slot.in_alloc.load(Relaxed) != 0 {
+        slot.interrupted_inside.fetch_add(1, Relaxed);
+    }
     let depth = slot.depth.fetch_add(1, Relaxed);
     slot.signals.fetch_add(1, Relaxed);
     if depth > 0 {
@@ -413,6 +469,10 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
     }
     slot.max_depth.fetch_max(depth + 1, Relaxed);
     let op = &slot.handler_op[level];
+    let cx = Ctx {
+        op,
+        slot: Some(slot),
+    };
     if let Some(heap) = heap() {
         let seed = slot.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed) ^ level as u64;
         let mut rng = XorShift::new(seed);
@@ -423,16 +483,18 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
         let before = pages.stats();
         op.store(Op::PageAllocNolock as u8, Relaxed);
         let t0 = now_ns();
-        let r = pages.alloc_pages_nolock(order);
+        let r = inside(cx.slot, || pages.alloc_pages_nolock(order));
         ALLOC_NS.record(now_ns().wrapping_sub(t0));
         let k = &KINDS[KIND_PAGE];
         k.attempts.fetch_add(1, Relaxed);
         match r {
             Some(p) => {
                 k.ok.fetch_add(1, Relaxed);
+                let nonce = pattern::next_nonce();
                 // SAFETY: a fresh block of 2^order pages.
-                unsafe { pattern::fill(p.as_ptr(), PAGE_SIZE << order) };
-                dispose(heap, slot, op, &mut rng, p.as_ptr() as usize | KIND_PAGE);
+                unsafe { pattern::fill(p.as_ptr(), PAGE_SIZE << order, nonce) };
+                let e = Entry::new(p.as_ptr() as usize, KIND_PAGE, nonce);
+                dispose(heap, slot, cx, &mut rng, e);
             }
             None => {
                 // Which reason the allocator counted (only another failure
@@ -455,36 +517,45 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
         let layout = unsafe { Layout::from_size_align_unchecked(size, 8) };
         op.store(Op::ObjectAllocNolock as u8, Relaxed);
         let t0 = now_ns();
-        let r = heap.alloc_nolock(layout);
+        let r = inside(cx.slot, || heap.alloc_nolock(layout));
         ALLOC_NS.record(now_ns().wrapping_sub(t0));
         let k = &KINDS[KIND_OBJECT];
         k.attempts.fetch_add(1, Relaxed);
         if let Some(p) = r {
             k.ok.fetch_add(1, Relaxed);
+            let nonce = pattern::next_nonce();
             // SAFETY: a fresh object of at least `layout.size()` bytes,
             // 8-aligned.
-            unsafe { pattern::fill(p.as_ptr(), layout.size()) };
-            dispose(heap, slot, op, &mut rng, p.as_ptr() as usize | KIND_OBJECT);
+            unsafe { pattern::fill(p.as_ptr(), layout.size(), nonce) };
+            let e = Entry::new(p.as_ptr() as usize, KIND_OBJECT, nonce);
+            dispose(heap, slot, cx, &mut rng, e);
         }
 
         // NoLock boxes (the process-wide heap, which is Global's).
         op.store(Op::BoxAllocNolock as u8, Relaxed);
         let which = rng.below(3);
         let t0 = now_ns();
-        let r = match which {
+        let r = inside(cx.slot, || match which {
             0 => try_box::<2>(),
             1 => try_box::<16>(),
             _ => try_box::<128>(),
-        };
+        });
         ALLOC_NS.record(now_ns().wrapping_sub(t0));
         let k = &KINDS[KIND_BOX];
         k.attempts.fetch_add(1, Relaxed);
         if let Some(p) = r {
             k.ok.fetch_add(1, Relaxed);
             let bytes = [16, 128, 1024][which as usize];
+            let nonce = pattern::next_nonce();
             // SAFETY: the box's memory: `bytes` bytes, 8-aligned.
-            unsafe { pattern::fill(p, bytes) };
-            dispose(heap, slot, op, &mut rng, p as usize | KIND_BOX);
+            unsafe { pattern::fill(p, bytes, nonce) };
+            dispose(
+                heap,
+                slot,
+                cx,
+                &mut rng,
+                Entry::new(p as usize, KIND_BOX, nonce),
+            );
         }
 
         // Sometimes free an older stashed block, whatever its kind.
@@ -492,7 +563,7 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
             op.store(Op::Stash as u8, Relaxed);
             let e = slot.stash[rng.below(STASH as u64) as usize].swap(0, AcqRel);
             if e != 0 {
-                free_entry(heap, e, op, Path::Nolock);
+                free_entry(heap, e, cx, Path::Nolock);
             }
         }
     }
@@ -500,16 +571,16 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
     slot.depth.fetch_sub(1, Relaxed);
 }
 
-fn dispose(heap: &Heap, slot: &ThreadSlot, op: &AtomicU8, rng: &mut XorShift, entry: usize) {
-    let kind = entry & TAG_MASK;
+fn dispose(heap: &Heap, slot: &ThreadSlot, cx: Ctx<'_>, rng: &mut XorShift, e: Entry) {
+    let (kind, entry, op) = (e.kind(), e.0, cx.op);
     match rng.below(8) {
-        0..=3 => free_entry(heap, entry, op, Path::Nolock),
+        0..=3 => free_entry(heap, entry, cx, Path::Nolock),
         4..=6 => {
             op.store(Op::Stash as u8, Relaxed);
             KINDS[kind].stashed.fetch_add(1, Relaxed);
             let old = slot.stash[rng.below(STASH as u64) as usize].swap(entry, AcqRel);
             if old != 0 {
-                free_entry(heap, old, op, Path::Nolock);
+                free_entry(heap, old, cx, Path::Nolock);
             }
         }
         _ => {
@@ -517,7 +588,7 @@ fn dispose(heap: &Heap, slot: &ThreadSlot, op: &AtomicU8, rng: &mut XorShift, en
             KINDS[kind].crossed.fetch_add(1, Relaxed);
             let old = XSTASH_SLOTS[rng.below(XSTASH as u64) as usize].swap(entry, AcqRel);
             if old != 0 {
-                free_entry(heap, old, op, Path::Nolock);
+                free_entry(heap, old, cx, Path::Nolock);
             }
         }
     }
@@ -644,15 +715,18 @@ fn worker_size(rng: &mut XorShift) -> usize {
     8 + rng.below(max - 7) as usize
 }
 
-fn alloc_filled(heap: &Heap, size: usize) -> usize {
+/// A normal-path block of `size` bytes, filled: its entry, or 0.
+fn alloc_filled(heap: &Heap, slot: &ThreadSlot, size: usize) -> usize {
     // SAFETY: 8 <= size <= 64 KiB and a power-of-two alignment: a valid
     // layout.
     let layout = unsafe { Layout::from_size_align_unchecked(size, 8) };
-    match heap.alloc(layout) {
+    match inside(Some(slot), || heap.alloc(layout)) {
         Some(p) => {
+            KINDS[KIND_WORKER].ok.fetch_add(1, Relaxed);
+            let nonce = pattern::next_nonce();
             // SAFETY: a fresh block of at least `size` bytes, 8-aligned.
-            unsafe { pattern::fill(p.as_ptr(), size) };
-            p.as_ptr() as usize
+            unsafe { pattern::fill(p.as_ptr(), size, nonce) };
+            Entry::new(p.as_ptr() as usize, KIND_WORKER, nonce).0
         }
         None => {
             NORMAL_FAIL.fetch_add(1, Relaxed);
@@ -661,19 +735,24 @@ fn alloc_filled(heap: &Heap, size: usize) -> usize {
     }
 }
 
-/// A `Vec<u64>` through `Global`, filled with a pattern of its length.
-fn global_vec(rng: &mut XorShift) -> Vec<u64> {
+/// A `Vec<u64>` through `Global` (the allocation marked as inside the
+/// allocator), filled with a pattern of its length and a fresh nonce; the
+/// nonce is kept beside it.
+fn global_vec(slot: &ThreadSlot, rng: &mut XorShift) -> (Vec<u64>, u64) {
     let len = 1 + match rng.below(10) {
         0..=6 => rng.below(32),
         7..=8 => rng.below(512),
         _ => rng.below(8192),
     } as usize;
-    let base = pattern::mix(len as u64);
-    (0..len as u64).map(|i| base ^ i).collect()
+    let nonce = pattern::mix(rng.next_u64());
+    let mut v: Vec<u64> = inside(Some(slot), || Vec::with_capacity(len));
+    let base = pattern::mix(len as u64 ^ nonce);
+    v.extend((0..len as u64).map(|i| base ^ i));
+    (v, nonce)
 }
 
-fn check_global_vec(v: &[u64], op: &AtomicU8) {
-    let base = pattern::mix(v.len() as u64);
+fn check_global_vec((v, nonce): &(Vec<u64>, u64), op: &AtomicU8) {
+    let base = pattern::mix(v.len() as u64 ^ nonce);
     if let Some(i) = (0..v.len()).find(|&i| v[i] != base ^ i as u64) {
         let m = Mismatch {
             offset: i * 8,
@@ -695,11 +774,15 @@ pub fn worker(
 ) -> Result<(), String> {
     let slot = &SLOTS[cfg.index];
     let op = &slot.worker_op;
+    let cx = Ctx {
+        op,
+        slot: Some(slot),
+    };
     op.store(Op::Starting as u8, Relaxed);
     slot.running.store(true, Release);
     let mut rng = XorShift::new(cfg.seed);
     let mut live = vec![0usize; LIVE];
-    let mut vecs: Vec<Vec<u64>> = (0..GLOBAL_VECS).map(|_| Vec::new()).collect();
+    let mut vecs: Vec<(Vec<u64>, u64)> = (0..GLOBAL_VECS).map(|_| (Vec::new(), 0)).collect();
 
     let mut timers = Vec::new();
     let mut setup = Ok(());
@@ -725,6 +808,14 @@ pub fn worker(
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
         }
+        if CORRUPT.load(Relaxed) && CORRUPT.swap(false, Relaxed) {
+            if let Some(&b) = live.iter().find(|&&b| b != 0) {
+                let p = Entry(b).addr() as *mut u8;
+                // SAFETY: a live block this worker owns, at least 8 bytes:
+                // its header's top byte is changed on purpose.
+                unsafe { p.add(7).write_volatile(p.add(7).read_volatile() ^ 0x40) };
+            }
+        }
         for _ in 0..32 {
             slot.ops.fetch_add(1, Relaxed);
             let r = rng.below(32);
@@ -733,7 +824,9 @@ pub fn worker(
                 op.store(Op::GlobalVec as u8, Relaxed);
                 let i = rng.below(GLOBAL_VECS as u64) as usize;
                 check_global_vec(&vecs[i], op);
-                vecs[i] = global_vec(&mut rng);
+                let new = global_vec(slot, &mut rng);
+                let old = std::mem::replace(&mut vecs[i], new);
+                inside(Some(slot), || drop(old));
                 GLOBAL_OPS.fetch_add(1, Relaxed);
             } else if r <= 2 {
                 // Hand a live block to whichever thread swaps this slot next;
@@ -741,35 +834,29 @@ pub fn worker(
                 op.store(Op::HandOff as u8, Relaxed);
                 let j = rng.below(LIVE as u64) as usize;
                 let mine = std::mem::take(&mut live[j]);
-                let mine = if mine != 0 { mine | KIND_WORKER } else { 0 };
                 let h = rng.below(HANDOFF as u64) as usize;
                 let theirs = HANDOFF_SLOTS[h].swap(mine, AcqRel);
                 HANDOFFS.fetch_add(1, Relaxed);
                 if theirs != 0 {
                     op.store(Op::HeapFree as u8, Relaxed);
-                    free_entry(heap, theirs, op, Path::Normal);
+                    free_entry(heap, theirs, cx, Path::Normal);
                 }
             } else {
                 let j = rng.below(LIVE as u64) as usize;
                 if live[j] != 0 {
                     op.store(Op::HeapFree as u8, Relaxed);
-                    free_entry(
-                        heap,
-                        std::mem::take(&mut live[j]) | KIND_WORKER,
-                        op,
-                        Path::Normal,
-                    );
+                    free_entry(heap, std::mem::take(&mut live[j]), cx, Path::Normal);
                 }
                 // Refill only half of the time: lifetimes vary, and the
                 // live set breathes.
                 if r & 1 == 0 {
                     op.store(Op::HeapAlloc as u8, Relaxed);
                     let size = worker_size(&mut rng);
-                    let b = alloc_filled(heap, size);
+                    let b = alloc_filled(heap, slot, size);
                     if b != 0 && r & 6 == 0 {
                         // A short-lived block: freed at once.
                         op.store(Op::HeapFree as u8, Relaxed);
-                        free_entry(heap, b | KIND_WORKER, op, Path::Normal);
+                        free_entry(heap, b, cx, Path::Normal);
                     } else {
                         live[j] = b;
                     }
@@ -783,7 +870,7 @@ pub fn worker(
     mask_signals(true);
     op.store(Op::Teardown as u8, Relaxed);
     for b in live.iter_mut().filter(|b| **b != 0) {
-        free_entry(heap, std::mem::take(b) | KIND_WORKER, op, Path::Normal);
+        free_entry(heap, std::mem::take(b), cx, Path::Normal);
         slot.ops.fetch_add(1, Relaxed);
     }
     for v in &vecs {
@@ -793,7 +880,7 @@ pub fn worker(
     for s in &slot.stash {
         let e = s.swap(0, AcqRel);
         if e != 0 {
-            free_entry(heap, e, op, Path::Normal);
+            free_entry(heap, e, cx, Path::Normal);
             slot.ops.fetch_add(1, Relaxed);
         }
     }
@@ -808,7 +895,7 @@ pub fn free_shared(heap: &Heap, op: &AtomicU8) {
     for s in HANDOFF_SLOTS.iter().chain(XSTASH_SLOTS.iter()) {
         let e = s.swap(0, AcqRel);
         if e != 0 {
-            free_entry(heap, e, op, Path::Normal);
+            free_entry(heap, e, Ctx { op, slot: None }, Path::Normal);
             TEARDOWN_OPS.fetch_add(1, Relaxed);
         }
     }

@@ -32,10 +32,14 @@ fn u(v: &Value, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("`{field}` missing or not an unsigned integer in {v}"))
 }
 
-const FIELDS: [&str; 15] = [
+const FIELDS: [&str; 19] = [
     "seconds",
     "threads",
     "signals",
+    "nested_signals",
+    "max_nesting",
+    "interrupted_inside_allocator",
+    "allocations_not_freed",
     "nolock_attempts",
     "nolock_ok",
     "nolock_fail_busy",
@@ -50,6 +54,18 @@ const FIELDS: [&str; 15] = [
     "max_ns",
 ];
 
+/// Successful allocations of one kind, and its frees.
+fn kind(v: &Value, k: &str) -> (u64, u64, u64) {
+    (
+        u(&v[k], "ok"),
+        u(&v[k], "frees"),
+        u(&v[k], "leaked_after_violation"),
+    )
+}
+
+/// What every clean storm must show, checked against counters kept by
+/// different parties (the storm's own, the allocator's statistics) so that
+/// no check holds by construction.
 fn check_common(v: &Value, stderr: &str) {
     for f in FIELDS {
         assert!(v.get(f).is_some(), "`{f}` missing from {v}");
@@ -59,15 +75,37 @@ fn check_common(v: &Value, stderr: &str) {
     assert_eq!(v["deadlock"], Value::Bool(false), "{v}");
     assert!(u(v, "threads") >= 1);
     assert!(u(v, "normal_ops") > 0, "{v}");
-    assert!(u(v, "signals") > 0, "the storm happened: {v}");
+    let signals = u(v, "signals");
+    assert!(signals > 0, "the storm happened: {v}");
+    // Every block that was handed out came back, kind by kind.
+    assert_eq!(u(v, "allocations_not_freed"), 0, "{v}\n{stderr}");
+    for k in ["pages", "objects", "boxes", "worker_blocks"] {
+        let (ok, frees, leaked) = kind(v, k);
+        assert!(ok > 0, "no {k} allocation succeeded: {v}");
+        assert_eq!((ok, leaked), (frees, 0), "{k}: successes == frees: {v}");
+    }
+    // One attempt of each nolock kind per handler invocation.
+    for k in ["pages", "objects", "boxes"] {
+        assert_eq!(u(&v[k], "attempts"), signals, "{k}: {v}");
+    }
     let attempts = u(v, "nolock_attempts");
     let ok = u(v, "nolock_ok");
     assert!(attempts > 0 && ok <= attempts, "{v}");
+    // The allocator's own failure counters agree with the storm's: only the
+    // handlers allocate nolock from the stress heap's objects.
+    let (objects_ok, _, _) = kind(v, "objects");
+    let heap = &v["stress_heap"];
     assert_eq!(
-        u(v, "nolock_fail_busy") + u(v, "nolock_fail_empty"),
-        attempts - ok,
-        "every failure has a reason: {v}"
+        u(heap, "nolock_alloc_fail_busy") + u(heap, "nolock_alloc_fail_empty"),
+        u(&v["objects"], "attempts") - objects_ok,
+        "stress heap's nolock failures vs the storm's: {v}"
     );
+    // Re-entry happened: handlers interrupted allocator calls, and nested.
+    assert!(
+        u(v, "interrupted_inside_allocator") > 0,
+        "no signal landed inside an allocator call: {v}"
+    );
+    assert!(u(v, "interrupted_inside_allocator") <= signals, "{v}");
     let (p50, p99, p999, max) = (
         u(v, "p50_ns"),
         u(v, "p99_ns"),
@@ -77,10 +115,18 @@ fn check_common(v: &Value, stderr: &str) {
     assert!(p50 <= p99 && p99 <= p999 && p999 <= max && max > 0, "{v}");
 }
 
+/// The nesting a storm that says it nests must show.
+fn check_nested(v: &Value) {
+    assert_eq!(v["nested"], Value::Bool(true), "{v}");
+    assert!(u(v, "nested_signals") > 0, "no signal nested: {v}");
+    assert_eq!(u(v, "max_nesting"), 2, "{v}");
+}
+
 #[test]
 fn default_storm_is_clean_and_nolock_succeeds() {
     let (code, v, stderr) = run(&["stress", "--seconds", "2", "--json"]);
     check_common(&v, &stderr);
+    check_nested(&v);
     assert_eq!(u(&v, "seconds"), 2);
     let attempts = u(&v, "nolock_attempts");
     let ok = u(&v, "nolock_ok");
@@ -95,10 +141,63 @@ fn default_storm_is_clean_and_nolock_succeeds() {
 fn small_memory_drives_failures_without_violations() {
     let (code, v, stderr) = run(&["stress", "--memory", "1m", "--seconds", "1", "--json"]);
     check_common(&v, &stderr);
+    check_nested(&v);
     assert_eq!(u(&v, "memory"), 1 << 20);
+    // 1 MiB cannot serve the storm: failures happened, for lack of memory,
+    // on both paths; and allocations still succeeded.
+    let (attempts, ok) = (u(&v, "nolock_attempts"), u(&v, "nolock_ok"));
+    assert!(ok > 0 && ok < attempts, "no nolock failure with 1 MiB: {v}");
+    assert!(u(&v, "nolock_fail_empty") > 0, "{v}");
+    assert!(
+        u(&v["stress_heap"], "pages_nolock_alloc_fail_empty") > 0,
+        "the page allocator never ran empty: {v}"
+    );
+    assert!(u(&v, "normal_alloc_fail") > 0, "{v}");
     // The success rate is not required with --memory: exit 0 unless
     // something real went wrong, which check_common would have caught.
     assert_eq!(code, 0, "{v}\nstderr:\n{stderr}");
+}
+
+#[test]
+fn without_nesting_no_signal_nests() {
+    let (code, v, stderr) = run(&["stress", "--seconds", "1", "--no-nested", "--json"]);
+    check_common(&v, &stderr);
+    assert_eq!(v["nested"], Value::Bool(false), "{v}");
+    assert_eq!(u(&v, "nested_signals"), 0, "{v}");
+    assert_eq!(u(&v, "max_nesting"), 1, "{v}");
+    assert_eq!(code, 0, "{v}\nstderr:\n{stderr}");
+}
+
+#[test]
+fn a_run_without_signals_fails() {
+    let (code, v, stderr) = run(&["stress", "--seconds", "1", "--signal-hz", "0", "--json"]);
+    assert_eq!(u(&v, "signals"), 0, "{v}");
+    assert_eq!(code, 1, "{v}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains("FAIL: no signal was handled"),
+        "the reason is given: {stderr}"
+    );
+}
+
+#[test]
+fn a_changed_byte_is_a_violation_and_fails_the_run() {
+    let (code, v, stderr) = run(&[
+        "stress",
+        "--seconds",
+        "1",
+        "--simulate-corruption",
+        "--json",
+    ]);
+    assert_eq!(u(&v, "violations"), 1, "{v}\nstderr:\n{stderr}");
+    assert_eq!(v["first_violation"]["kind"], "worker block", "{v}");
+    // The damaged block stays allocated, excepted from "every allocation
+    // freed"; its pages are reported.
+    let (ok, frees, leaked) = kind(&v, "worker_blocks");
+    assert_eq!((leaked, ok - frees), (1, 1), "{v}");
+    assert_eq!(u(&v, "allocations_not_freed"), 0, "{v}");
+    assert!(u(&v, "leaked_pages") > 0, "{v}");
+    assert_eq!(code, 1, "{v}\nstderr:\n{stderr}");
+    assert!(stderr.contains("FAIL: 1 pattern violation"), "{stderr}");
 }
 
 #[test]
@@ -143,5 +242,5 @@ fn bad_arguments_are_usage_errors() {
     ] {
         assert!(help.contains(opt), "`{opt}` not in help:\n{help}");
     }
-    assert!(!help.contains("simulate-hang"), "a hidden testing option");
+    assert!(!help.contains("simulate-"), "hidden testing options");
 }

@@ -122,21 +122,7 @@ impl MaintainerSlot {
 }
 
 fn wait(word: &AtomicU32, seen: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: FUTEX_WAIT reads the aligned word, which outlives the call, and
-    // returns at the latest after the relative timeout.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            seen,
-            &ts as *const libc::timespec,
-        );
-    }
+    crate::platform::futex::wait(word, seen, Some(timeout));
 }
 
 fn run(core: &impl Maintained) {

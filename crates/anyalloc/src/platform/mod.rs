@@ -12,6 +12,8 @@
 
 use core::sync::atomic::AtomicU32;
 
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod futex;
 #[cfg(feature = "std")]
 mod std_os;
 #[cfg(feature = "std")]

@@ -220,33 +220,16 @@ impl Platform for StdPlatform {
         core::hint::spin_loop();
     }
 
+    /// Until woken (or EINTR / EAGAIN, which callers treat as spurious
+    /// wake-ups).
     #[cfg(target_os = "linux")]
     fn wait(&self, word: &AtomicU32, expected: u32) {
-        // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word`, which lives
-        // as long as the call; a null timeout waits until woken (or EINTR /
-        // EAGAIN, which callers treat as spurious wake-ups).
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                expected,
-                core::ptr::null::<libc::timespec>(),
-            );
-        }
+        super::futex::wait(word, expected, None);
     }
 
     #[cfg(target_os = "linux")]
     fn wake_one(&self, word: &AtomicU32) {
-        // SAFETY: FUTEX_WAKE only uses the address as a key; it never blocks.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                1,
-            );
-        }
+        super::futex::wake_one(word);
     }
 
     fn fatal(&self, message: &[u8]) -> ! {
