@@ -47,6 +47,7 @@ pub(crate) struct RseqCs {
 
 /// The signature glibc registered the areas with, which the kernel checks in
 /// the four bytes before every `abort_ip` (x86-64).
+#[allow(dead_code)] // used by the x86-64 sequences only
 pub(crate) const RSEQ_SIG: u32 = 0x5305_3053;
 
 /// Byte offset of [`Rseq::cpu_id`].

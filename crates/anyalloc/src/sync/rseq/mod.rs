@@ -86,6 +86,10 @@ mod fallback;
 pub(crate) use fallback::{lock_slot, sheaf_pop, sheaf_push};
 
 /// Why a sequence did not commit. On `Err`, nothing changed.
+#[cfg_attr(
+    not(all(feature = "std", target_os = "linux", target_env = "gnu", target_arch = "x86_64")),
+    allow(dead_code)
+)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SeqFail {
     /// The slot is held (locally or remotely), or this CPU has no slot.
@@ -152,6 +156,7 @@ mod membarrier {
 /// Whether a heap with slot sets for `cpus` CPUs can use the rseq fast path
 /// (see the module documentation). Normal context: registers this process
 /// for membarrier's rseq fence (a syscall).
+#[cfg(feature = "std")]
 pub(crate) fn available(cpus: usize) -> bool {
     #[cfg(all(
         feature = "std",
