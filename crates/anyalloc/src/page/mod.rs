@@ -362,7 +362,7 @@ impl PageAllocator {
     /// Zone number `i` (below `zone_count()`).
     #[inline]
     pub(crate) fn zone_at(&self, i: usize) -> &Zone {
-        debug_assert!(i < self.zone_count());
+        crate::check!(i < self.zone_count(), "a zone index out of range");
         // SAFETY: published zones live as long as `self` (see `zones`).
         unsafe { &*self.zones[i].load(Ordering::Acquire) }
     }

@@ -72,7 +72,7 @@ fn stack_index(v: usize) -> u32 {
 /// (modulo), so the index is always in bounds.
 #[inline(always)]
 pub(crate) fn slot_index(cpu: usize, cpus: usize, level: usize) -> usize {
-    debug_assert!(level < LEVELS);
+    crate::check!(level < LEVELS, "a slot level out of range");
     let cpu = if cpu < cpus { cpu } else { cpu % cpus };
     cpu * LEVELS + level
 }
@@ -276,7 +276,10 @@ impl Zone {
     /// The descriptor of page `idx`.
     #[inline]
     pub(crate) fn desc(&self, idx: u32) -> &PageDesc {
-        debug_assert!(idx >= self.first && idx < self.limit);
+        crate::check!(
+            idx >= self.first && idx < self.limit,
+            "a page index outside its zone"
+        );
         // SAFETY: `descs` has `limit` entries (init), idx < limit, and the
         // array lives as long as the zone.
         unsafe { &*self.descs.add(idx as usize) }

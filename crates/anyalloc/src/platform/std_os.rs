@@ -186,9 +186,7 @@ impl Platform for StdPlatform {
     }
 
     fn fatal(&self, message: &[u8]) -> ! {
-        write_stderr(message);
-        // SAFETY: abort has no preconditions and is async-signal-safe.
-        unsafe { libc::abort() }
+        super::die(message)
     }
 }
 

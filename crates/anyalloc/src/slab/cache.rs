@@ -592,7 +592,7 @@ impl Cache {
             free
         } else {
             let c = d.carved.load(Ordering::Relaxed);
-            debug_assert!(c < self.objs);
+            crate::check!(c < self.objs, "carving beyond a full slab");
             d.carved.store(c + 1, Ordering::Relaxed);
             zone.addr_of(head) + c * self.size
         };
@@ -1035,7 +1035,10 @@ impl Cache {
 
     /// Accounted caches: the owner word of object `n` of the slab at `slab`.
     fn owner_word(&self, slab: usize, n: usize) -> &AtomicUsize {
-        debug_assert!(self.accounted && n < self.objs);
+        crate::check!(
+            self.accounted && n < self.objs,
+            "an owner word out of range"
+        );
         let bytes = PAGE_SIZE << self.order;
         let array = slab + bytes - bitmap_bytes(self.class) - self.objs * 8;
         // SAFETY: the owner array is the 8-aligned tail of a live slab of
@@ -1086,7 +1089,7 @@ impl Cache {
         let w = &words[n / bits];
         if allocated {
             let old = w.fetch_or(bit, Ordering::AcqRel);
-            debug_assert!(old & bit == 0, "object handed out twice");
+            crate::check!(old & bit == 0, "an object was handed out twice");
         } else {
             let old = w.fetch_and(!bit, Ordering::AcqRel);
             if old & bit == 0 {

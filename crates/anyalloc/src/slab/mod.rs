@@ -494,7 +494,7 @@ impl Heap {
 impl HeapCore {
     #[inline]
     fn cache(&self, i: usize) -> &Cache {
-        debug_assert!(i < CACHES);
+        crate::check!(i < CACHES, "a cache index out of range");
         // SAFETY: `caches` has CACHES initialised entries (build) that live
         // as long as the heap.
         unsafe { &*self.caches.add(i) }
