@@ -54,8 +54,7 @@ pub(crate) use interrupt_point;
 /// which no context that interrupted the allocator may do).
 macro_rules! check {
     ($cond:expr, $what:literal) => {
-        #[cfg(debug_assertions)]
-        if !$cond {
+        if cfg!(debug_assertions) && !$cond {
             $crate::platform::die(concat!("anyalloc: internal error: ", $what, "\n").as_bytes());
         }
     };
