@@ -51,6 +51,9 @@ pub enum Site {
     /// Accounting: a group's per-CPU charge stock is held (or was busy and
     /// the counters are charged directly).
     AccountCharge,
+    /// Object allocator: a shrinker is being linked into the registry, or
+    /// the registry is being walked to run the shrinkers.
+    ShrinkerRegistry,
 }
 
 impl Site {

@@ -53,16 +53,15 @@ mod huge;
 mod loom_model;
 
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::account::{self, Group};
 use crate::config::{Config, Error};
 use crate::page::{Fail, Mode, PageAllocator, PageStats, Zone};
 use crate::platform::FatalMessage;
-use crate::sync::{IndexStack, SlotLock};
+use crate::sync::IndexStack;
 use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
 use cache::{cache_meta_bytes, Cache};
@@ -116,24 +115,77 @@ enum Kind<'a> {
     Huge(usize),
 }
 
-type Shrinker = Arc<dyn Fn(usize) -> usize + Send + Sync>;
+/// One registered shrinker: a node of the registry's append-only list.
+struct ShrinkerNode {
+    f: alloc::boxed::Box<dyn Fn(usize) -> usize + Send + Sync>,
+    next: *mut ShrinkerNode,
+}
 
-/// The registered shrinkers; the lock is only taken in normal context.
+/// The registered shrinkers: an append-only lock-free list (Treiber push,
+/// no removal until the heap is dropped, so no ABA and no reclamation
+/// problem). Registering allocates the node *before* linking it, and
+/// running the shrinkers walks the list without a lock and without
+/// allocating: an allocation made on the way (a shrinker's own, or a
+/// nested reclaim's) can never wait for this registry.
 struct Shrinkers {
-    lock: SlotLock,
-    list: core::cell::UnsafeCell<Vec<Shrinker>>,
+    head: AtomicPtr<ShrinkerNode>,
+    /// The thread running the shrinkers (0: none): a reclaim nested in a
+    /// shrinker on the same thread (the shrinker allocated) does not run
+    /// them again, so reclaim cannot recurse without bound.
+    running: AtomicUsize,
 }
 
 impl Shrinkers {
-    fn with<R>(&self, f: impl FnOnce(&mut Vec<Shrinker>) -> R) -> R {
-        let _g = loop {
-            if let Some(g) = self.lock.try_lock() {
-                break g;
+    const fn new() -> Self {
+        Shrinkers {
+            head: AtomicPtr::new(core::ptr::null_mut()),
+            running: AtomicUsize::new(0),
+        }
+    }
+
+    /// Links a node allocated by the caller (no lock is held while it was
+    /// allocated).
+    fn push(&self, node: alloc::boxed::Box<ShrinkerNode>) {
+        let node = alloc::boxed::Box::into_raw(node);
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `node` is ours until the CAS below publishes it.
+            unsafe { (*node).next = head };
+            crate::interrupt_point!(ShrinkerRegistry);
+            // Release: the node's contents are visible to every walker.
+            match self
+                .head
+                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
             }
-            core::hint::spin_loop();
-        };
-        // SAFETY: the lock is held for the whole access.
-        f(unsafe { &mut *self.list.get() })
+        }
+    }
+
+    /// Calls `f` on every registered shrinker (newest first).
+    fn for_each(&self, mut f: impl FnMut(&(dyn Fn(usize) -> usize + Send + Sync))) {
+        let mut n = self.head.load(Ordering::Acquire);
+        while !n.is_null() {
+            crate::interrupt_point!(ShrinkerRegistry);
+            // SAFETY: published nodes are never freed before the heap is
+            // dropped (`Drop` below), and never change after publication.
+            let node = unsafe { &*n };
+            f(&*node.f);
+            n = node.next;
+        }
+    }
+}
+
+impl Drop for Shrinkers {
+    fn drop(&mut self) {
+        let mut n = *self.head.get_mut();
+        while !n.is_null() {
+            // SAFETY: every node was leaked from a Box by `push` and is
+            // reachable only from this list, which nobody uses any more.
+            let node = unsafe { alloc::boxed::Box::from_raw(n) };
+            n = node.next;
+        }
     }
 }
 
@@ -312,10 +364,7 @@ impl Heap {
             #[cfg(feature = "std")]
             huge_deferred: IndexStack::new(),
             released_groups: IndexStack::new(),
-            shrinkers: Shrinkers {
-                lock: SlotLock::new(),
-                list: core::cell::UnsafeCell::new(Vec::new()),
-            },
+            shrinkers: Shrinkers::new(),
             large_live: AtomicUsize::new(0),
             huge_live: AtomicUsize::new(0),
             nolock_large_ok: AtomicU64::new(0),
@@ -443,11 +492,16 @@ impl Heap {
     /// the given number of bytes of the caller's own caches, returning how
     /// many it freed. The heap runs shrinkers when a zone falls below its
     /// min watermark, when an accounting group is over its limit, and (the
-    /// maintainer) below the low watermark. A shrinker must not register
-    /// shrinkers.
+    /// maintainer) below the low watermark. Shrinkers may run on several
+    /// threads at once; a reclaim started inside a shrinker (it allocated)
+    /// does not call the shrinkers again on that thread. Normal context
+    /// (it allocates; no lock is held meanwhile).
     pub fn register_shrinker(&self, shrinker: impl Fn(usize) -> usize + Send + Sync + 'static) {
-        let s: Shrinker = Arc::new(shrinker);
-        self.core().shrinkers.with(|l| l.push(s));
+        let node = alloc::boxed::Box::new(ShrinkerNode {
+            f: alloc::boxed::Box::new(shrinker),
+            next: core::ptr::null_mut(),
+        });
+        self.core().shrinkers.push(node);
     }
 
     /// Normal context: every cached and deferred object back to its slab,
@@ -888,13 +942,29 @@ impl HeapCore {
         self.drain();
     }
 
+    /// Calls every shrinker: no lock held, nothing allocated here. A call
+    /// nested in a shrinker on the same thread returns at once.
     fn run_shrinkers(&self) {
+        let me = crate::platform::thread_token();
+        let running = &self.shrinkers.running;
+        let owner = running.load(Ordering::Relaxed);
+        if owner == me {
+            return; // inside one of our own shrinkers
+        }
+        // Record this thread unless another one is running them (then both
+        // run, as shrinkers may; only the recorded one is guarded).
+        let mine = owner == 0
+            && running
+                .compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
         self.reclaims.fetch_add(1, Ordering::Relaxed);
-        let list: Vec<Shrinker> = self.shrinkers.with(|l| l.clone());
-        for s in list {
+        self.shrinkers.for_each(|s| {
             let freed = s(RECLAIM_BYTES);
             self.shrinker_freed
                 .fetch_add(freed as u64, Ordering::Relaxed);
+        });
+        if mine {
+            running.store(0, Ordering::Relaxed);
         }
     }
 
