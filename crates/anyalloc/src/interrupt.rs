@@ -51,6 +51,12 @@ pub enum Site {
     /// Accounting: a group's per-CPU charge stock is held (or was busy and
     /// the counters are charged directly).
     AccountCharge,
+    /// Page allocator (maintenance): zone locked, an idle free block taken
+    /// off its list to be returned to the OS (or put back afterwards).
+    ReleaseIdle,
+    /// Page allocator (maintenance): the `madvise` window: an idle block is
+    /// `RELEASING`, off every list, and the zone lock is not held.
+    ReleaseWindow,
     /// Object allocator: a shrinker is being linked into the registry, or
     /// the registry is being walked to run the shrinkers.
     ShrinkerRegistry,

@@ -820,6 +820,12 @@ impl PageAllocator {
                 ", which is not the start of an allocated block: double free or interior pointer (order ",
                 order,
             ),
+            desc::RELEASING => self.corrupt(
+                "double free of page ",
+                addr,
+                ", a free block being returned to the OS (order ",
+                order,
+            ),
             _ => self.corrupt("double free of page ", addr, " (order ", order),
         }
     }

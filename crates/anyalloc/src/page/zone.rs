@@ -705,11 +705,19 @@ impl Zone {
                 return bytes;
             };
             self.list_remove(pick, order, &g);
-            self.desc(pick).set(desc::state(desc::ALLOCATED, order));
+            // Not ALLOCATED: a (wrong) free of this block must fail its
+            // claim while the lock is dropped, not insert it a second time.
+            self.desc(pick).set(desc::state(desc::RELEASING, order));
             self.releasing.store(1 << order, Ordering::Relaxed);
+            crate::interrupt_point!(ReleaseIdle);
             drop(g);
+            crate::interrupt_point!(ReleaseWindow);
             crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
             let g = self.lock.lock(self.platform);
+            crate::check!(
+                self.desc(pick).load() == desc::state(desc::RELEASING, order),
+                "a releasing block changed state"
+            );
             self.releasing.store(0, Ordering::Relaxed);
             self.free_buddy.fetch_sub(1 << order, Ordering::Relaxed);
             self.buddy_free(pick, order, &g);
