@@ -57,6 +57,9 @@ pub enum Site {
     /// Page allocator (maintenance): the `madvise` window: an idle block is
     /// `RELEASING`, off every list, and the zone lock is not held.
     ReleaseWindow,
+    /// Object allocator: a free found the double-free key in the object and
+    /// is checking whether it really is free.
+    DoubleFreeCheck,
     /// Object allocator: a shrinker is being linked into the registry, or
     /// the registry is being walked to run the shrinkers.
     ShrinkerRegistry,

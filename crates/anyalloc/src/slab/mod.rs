@@ -338,6 +338,7 @@ impl Heap {
         let (caches_off, per_cache, huge_off, _) = meta_layout(cpus);
         let caches = meta.wrapping_add(caches_off) as *mut Cache;
         let areas = caches_off + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+        let key = free_key(meta as usize);
         for i in 0..CACHES {
             let (class, accounted) = (i % CLASSES, i >= CLASSES);
             // SAFETY: cache `i` and its slot/sheaf area lie inside `meta`
@@ -350,6 +351,7 @@ impl Heap {
                     accounted,
                     cpus,
                     meta.add(areas + i * per_cache),
+                    key,
                 )
             };
         }
@@ -586,8 +588,9 @@ impl HeapCore {
     fn alloc_once(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
-                let obj = self.cache(base + c).alloc(&self.pages, self.cpu())?;
-                Some(self.hand_out(obj))
+                let cache = self.cache(base + c);
+                let obj = cache.alloc(&self.pages, self.cpu())?;
+                Some(self.hand_out(cache, obj))
             }
             None => self.alloc_large(layout),
         }
@@ -607,7 +610,8 @@ impl HeapCore {
     }
 
     #[inline]
-    fn hand_out(&self, obj: usize) -> NonNull<u8> {
+    fn hand_out(&self, cache: &Cache, obj: usize) -> NonNull<u8> {
+        cache.clear_free_mark(obj);
         #[cfg(feature = "debug-checks")]
         if let Some(Kind::Object(cache, zone, idx)) = self.classify(obj) {
             cache.mark(&self.pages, zone, idx, obj, true);
@@ -683,6 +687,7 @@ impl HeapCore {
             Kind::Object(cache, zone, idx) => {
                 #[cfg(feature = "debug-checks")]
                 cache.mark(&self.pages, zone, idx, addr, false);
+                cache.check_free(&self.pages, zone, addr, mode);
                 if cache.accounted {
                     self.uncharge_object(cache, zone, idx, addr);
                 }
@@ -769,16 +774,20 @@ impl HeapCore {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
                 let cpu = self.cpu();
-                let r = match self.cache(base + c).alloc_nolock(&self.pages, cpu) {
+                let mut cache = self.cache(base + c);
+                let r = match cache.alloc_nolock(&self.pages, cpu) {
                     Err(Fail::Busy) => match class::next_class(c, layout.align()) {
                         // Re-entered this class everywhere: the next class up.
-                        Some(n) => self.cache(base + n).alloc_nolock(&self.pages, cpu),
+                        Some(n) => {
+                            cache = self.cache(base + n);
+                            cache.alloc_nolock(&self.pages, cpu)
+                        }
                         None => Err(Fail::Busy),
                     },
                     r => r,
                 };
                 match r {
-                    Ok(obj) => Some(self.hand_out(obj)),
+                    Ok(obj) => Some(self.hand_out(cache, obj)),
                     // Both classes re-entered (or no larger class: 8 KiB):
                     // a page block (at most 2 pages for a small request).
                     Err(Fail::Busy) => self.alloc_large_nolock(layout),
@@ -1140,6 +1149,26 @@ impl HeapCore {
         // SAFETY: per the caller.
         unsafe { self.maint_lock.force_unlock(self.pages.platform()) };
     }
+}
+
+/// The heap's double-free key (see `cache`'s "Double-free detection"): a
+/// mix of the heap's address, a stack address and a process-wide counter,
+/// made non-canonical (top 16 bits 0xa5c3) so that it is never an address
+/// the heap manages.
+fn free_key(seed: usize) -> usize {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0x2545_f491_4f6c_dd1d);
+    let local = 0u8;
+    let mut x = (seed
+        ^ (&local as *const u8 as usize).rotate_left(29)
+        ^ COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)) as u64;
+    // splitmix64's finaliser.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    #[cfg(target_pointer_width = "64")]
+    return (x as usize & ((1 << 48) - 1)) | 0xa5c3 << 48;
+    #[cfg(not(target_pointer_width = "64"))]
+    return x as usize | 3; // never 4-aligned: never an object's address
 }
 
 /// The page order serving a large request, or `None` beyond MAX_ORDER.
