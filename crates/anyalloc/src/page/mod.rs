@@ -575,6 +575,7 @@ impl PageAllocator {
             .max(MAX_BLOCK)
             .saturating_mul(1usize << now.min(16))
             .min(64 << 30);
+        crate::interrupt_point!(ZoneGrow);
         self.add_os_zone(bytes).is_ok()
     }
 
@@ -796,7 +797,11 @@ impl PageAllocator {
             Ordering::Acquire,
             Ordering::Relaxed,
         ) {
-            Ok(_) => (zone, idx),
+            Ok(_) => {
+                // FREEING: a racing (wrong) free of the block fails its claim.
+                crate::interrupt_point!(PageClaimed);
+                (zone, idx)
+            }
             Err(actual) => self.bad_claim(addr, order, actual),
         }
     }

@@ -444,6 +444,8 @@ impl Zone {
         let mut i = stack_index(self.deferred.take_all());
         let mut found = None;
         while i != NIL {
+            // The whole stack is ours: a nested stealer finds it empty.
+            crate::interrupt_point!(StealDeferred);
             let d = self.desc(i);
             let next = d.next.load(Ordering::Relaxed);
             let o = desc::order_of(d.load());
@@ -579,6 +581,7 @@ impl Zone {
             let Some(ss) = sib.lock.try_lock() else {
                 continue;
             };
+            crate::interrupt_point!(StockHandlerLevels);
             let want = self.batch_blocks(order);
             if self.fill_slot(sib, &ss, order, want, reserve, g) < want {
                 return; // the buddy lists ran dry

@@ -884,6 +884,8 @@ impl Cache {
         for i in 0..(1u32 << self.order) {
             zone.desc(head + i).owner.store(0, Ordering::Relaxed);
         }
+        // Off the partial list, no cache owns its pages, not yet freed.
+        crate::interrupt_point!(ReleaseSlab);
         // SAFETY: the non-null slab address was allocated with this order and
         // every object is back (inuse == 0); nothing refers to it any more.
         unsafe {
@@ -997,6 +999,7 @@ impl Cache {
             let mut i = self.node.partial[zi].load(Ordering::Relaxed);
             while i != NIL {
                 let next = zone.desc(i).next.load(Ordering::Relaxed);
+                crate::interrupt_point!(CacheDrain);
                 if zone.desc(i).inuse.load(Ordering::Relaxed) == 0 {
                     self.release_slab(zone, zi, i, pages, &node, Mode::Normal);
                 }

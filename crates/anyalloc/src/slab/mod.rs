@@ -743,6 +743,8 @@ impl HeapCore {
                 ", which is not a live allocation of this heap (double free?)",
             )
         };
+        // Unregistered, still mapped, not yet released or parked.
+        crate::interrupt_point!(FreeHuge);
         self.huge_live.fetch_sub(1, Ordering::Relaxed);
         self.uncharge(group, size);
         match mode {
@@ -834,6 +836,7 @@ impl HeapCore {
                     (a as *const usize).add(1).read(),
                 )
             };
+            crate::interrupt_point!(HugeDeferredDrain);
             // SAFETY: the mapping was unregistered by free_nolock; only this
             // drain (which took the whole stack) releases it.
             unsafe { crate::platform::os_release(a as *mut u8, size) };
