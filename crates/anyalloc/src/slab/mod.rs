@@ -969,15 +969,22 @@ impl HeapCore {
             && running
                 .compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
+        /// Clears the owner word even if a shrinker unwinds.
+        struct Owned<'a>(Option<&'a AtomicUsize>);
+        impl Drop for Owned<'_> {
+            fn drop(&mut self) {
+                if let Some(r) = self.0 {
+                    r.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+        let _owned = Owned(mine.then_some(running));
         self.reclaims.fetch_add(1, Ordering::Relaxed);
         self.shrinkers.for_each(|s| {
             let freed = s(RECLAIM_BYTES);
             self.shrinker_freed
                 .fetch_add(freed as u64, Ordering::Relaxed);
         });
-        if mine {
-            running.store(0, Ordering::Relaxed);
-        }
     }
 
     fn drain(&self) {
