@@ -67,6 +67,10 @@ const STOCK: usize = 3;
 const OFF: usize = 4;
 static MODE: AtomicUsize = AtomicUsize::new(PROBE);
 static STAGE: AtomicUsize = AtomicUsize::new(0);
+/// The chain's order-0 block (prepared by the driver) and whether its free
+/// with every slot and the zone held was deferred.
+static CHAIN_BLOCK: AtomicUsize = AtomicUsize::new(0);
+static CHAIN_PARKED: AtomicU64 = AtomicU64::new(0);
 /// Deferred frees made by the hook at the `StealDeferred` site.
 static STEAL_SITE_DEFERRED: AtomicU64 = AtomicU64::new(0);
 /// WAKE: the helper thread may start, and is waiting on the zone lock.
@@ -230,27 +234,31 @@ fn alloc_free(i: usize, order: u32) {
 }
 
 /// The deterministic steal. The driver's order-0 refill holds the level-0
-/// slot and the zone lock (`PcpRefill`); a handler there parks an order-4
-/// block on the deferred stack (the zone lock is held) and allocates: the
+/// slot and the zone lock (`PcpRefill`); a handler there allocates: the
 /// level-1 slot (`PcpAlloc`), where a nested handler allocates: level 2
-/// (`PcpAlloc`), where a third one allocates with every slot and the zone
-/// held, so it takes the deferred stack to steal from it
-/// (`StealDeferred`). There, with the whole stack taken, a fourth handler
-/// allocates (nothing to find) and frees an order-4 block, which is pushed
-/// on the (empty-looking) stack beside the stealer's chain.
+/// (`PcpAlloc`), where a third one, with every slot and the zone held,
+/// frees an order-0 block (parked on the deferred stack: there is nowhere
+/// else) and allocates one: the only place left is the deferred stack, so it
+/// steals the block back (`StealDeferred`). There a fourth handler
+/// allocates (nothing to find) and frees an order-4 block, which is
+/// deferred too, while the steal is in progress.
 fn chain(site: Site, i: usize, depth: usize) {
     let stage = STAGE.load(Ordering::Relaxed);
     match (stage, depth, site) {
-        (0, 0, Site::PcpRefill) => {
-            STAGE.store(1, Ordering::Relaxed);
-            REENTERED[i].fetch_add(1, Ordering::Relaxed);
-            let h = BIG.take(0).expect("an order-4 block");
-            nolock_free_checked(h);
-            alloc_free(i, 0);
-        }
-        (1, 1, Site::PcpAlloc) | (2, 2, Site::PcpAlloc) => {
+        (0, 0, Site::PcpRefill) | (1, 1, Site::PcpAlloc) => {
             STAGE.store(stage + 1, Ordering::Relaxed);
             REENTERED[i].fetch_add(1, Ordering::Relaxed);
+            alloc_free(i, 0);
+        }
+        (2, 2, Site::PcpAlloc) => {
+            STAGE.store(3, Ordering::Relaxed);
+            REENTERED[i].fetch_add(1, Ordering::Relaxed);
+            let before = pa().stats().nolock_free_deferred;
+            nolock_free_checked(CHAIN_BLOCK.swap(0, Ordering::Relaxed));
+            CHAIN_PARKED.store(
+                pa().stats().nolock_free_deferred - before,
+                Ordering::Relaxed,
+            );
             alloc_free(i, 0);
         }
         (3, 3, Site::StealDeferred) => {
@@ -506,6 +514,11 @@ fn nolock_reentry_at_every_page_site() {
         unsafe { fill(h) };
         assert!(BIG.put(h, 0));
     }
+    let p = pa.alloc_pages(0).expect("memory to spare");
+    let h = pack(p.as_ptr() as usize, 0, 0);
+    // SAFETY: just allocated: owned, then handed to the chain.
+    unsafe { fill(h) };
+    CHAIN_BLOCK.store(h, Ordering::Relaxed);
     MODE.store(OFF, Ordering::Relaxed);
     pa.drain();
     MODE.store(CHAIN, Ordering::Relaxed);
@@ -513,6 +526,11 @@ fn nolock_reentry_at_every_page_site() {
     held.alloc(pa, 0, false, 0);
     MODE.store(PROBE, Ordering::Relaxed);
     assert_eq!(STAGE.load(Ordering::Relaxed), 4, "the steal chain ran");
+    assert_eq!(
+        CHAIN_PARKED.load(Ordering::Relaxed),
+        1,
+        "a free with every slot and the zone held was not deferred"
+    );
     assert_eq!(
         STEAL_SITE_DEFERRED.load(Ordering::Relaxed),
         1,
