@@ -51,6 +51,49 @@ pub enum Site {
     /// Accounting: a group's per-CPU charge stock is held (or was busy and
     /// the counters are charged directly).
     AccountCharge,
+    /// Accounting: a released group reference is linked on the heap's
+    /// release list but not published, or the list is being drained.
+    GroupRelease,
+    /// Accounting: a group's children registry lock is held.
+    GroupChildren,
+    /// Page allocator: the nolock path took the whole deferred stack to
+    /// steal a block of its order, and is pushing the rest back.
+    StealDeferred,
+    /// Page allocator: a normal refill (slot and zone held) holds a handler
+    /// level's slot too, stocking it.
+    StockHandlerLevels,
+    /// Page allocator: a free has claimed its block (`FREEING`) and not yet
+    /// put it anywhere.
+    PageClaimed,
+    /// A zone lock's holder is waking a waiter as it unlocks.
+    ZoneWake,
+    /// Page allocator: the growth lock is held, a new zone about to be added.
+    ZoneGrow,
+    /// Page allocator (maintenance): zone locked, an idle free block taken
+    /// off its list to be returned to the OS (or put back afterwards).
+    ReleaseIdle,
+    /// Page allocator (maintenance): the `madvise` window: an idle block is
+    /// `RELEASING`, off every list, and the zone lock is not held.
+    ReleaseWindow,
+    /// Object allocator: a slab is being released (off the partial list, no
+    /// owner, node lock held), its pages not yet freed.
+    ReleaseSlab,
+    /// Object allocator: `Cache::drain` walks the partial lists (node lock
+    /// held) releasing empty slabs.
+    CacheDrain,
+    /// Object allocator: a huge allocation is unregistered, not yet unmapped
+    /// or parked.
+    FreeHuge,
+    /// Object allocator: the deferred huge frees are being unmapped.
+    HugeDeferredDrain,
+    /// Object allocator: a huge-table entry is `BUSY` (being filled).
+    HugeBusy,
+    /// Object allocator: a free found the double-free key in the object and
+    /// is checking whether it really is free.
+    DoubleFreeCheck,
+    /// Object allocator: a shrinker is being linked into the registry, or
+    /// the registry is being walked to run the shrinkers.
+    ShrinkerRegistry,
 }
 
 impl Site {
@@ -66,9 +109,18 @@ impl Site {
         Site::BuddyMerge,
         Site::DeferredPush,
         Site::DeferredDrain,
+        Site::StealDeferred,
+        Site::StockHandlerLevels,
+        Site::PageClaimed,
+        Site::ZoneWake,
+        Site::ZoneGrow,
     ];
+    /// The page allocator's maintenance sites (reached through
+    /// `Heap::maintain`, so driven by the heap's tests).
+    pub const RELEASE: &'static [Site] = &[Site::ReleaseIdle, Site::ReleaseWindow];
     /// Every site of the accounting layer.
-    pub const ACCOUNT: &'static [Site] = &[Site::AccountCharge];
+    pub const ACCOUNT: &'static [Site] =
+        &[Site::AccountCharge, Site::GroupRelease, Site::GroupChildren];
     /// Every site of the object allocator.
     pub const HEAP: &'static [Site] = &[
         Site::SheafAlloc,
@@ -78,6 +130,13 @@ impl Site {
         Site::PartialLocked,
         Site::ObjectDeferredPush,
         Site::ObjectDeferredDrain,
+        Site::ReleaseSlab,
+        Site::CacheDrain,
+        Site::FreeHuge,
+        Site::HugeDeferredDrain,
+        Site::HugeBusy,
+        Site::DoubleFreeCheck,
+        Site::ShrinkerRegistry,
     ];
 }
 

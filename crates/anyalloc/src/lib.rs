@@ -47,6 +47,20 @@ macro_rules! interrupt_point {
 }
 pub(crate) use interrupt_point;
 
+/// An internal consistency check for code that may run on the nolock path
+/// (debug builds only, like `debug_assert!`): when `cond` is false, writes
+/// the one line `anyalloc: internal error: <what>` and aborts, without
+/// formatting or panicking (std's panic machinery allocates and formats,
+/// which no context that interrupted the allocator may do).
+macro_rules! check {
+    ($cond:expr, $what:literal) => {
+        if cfg!(debug_assertions) && !$cond {
+            $crate::platform::die(concat!("anyalloc: internal error: ", $what, "\n").as_bytes());
+        }
+    };
+}
+pub(crate) use check;
+
 pub mod account;
 mod config;
 mod context;

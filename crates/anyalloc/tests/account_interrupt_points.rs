@@ -1,6 +1,8 @@
-//! Interrupt points at the accounting critical section: a nolock charged
+//! Interrupt points at the accounting critical sections: a nolock charged
 //! allocation and free run while the interrupted context holds this CPU's
-//! charge stock (or found it busy); usage is exact afterwards.
+//! charge stock (or found it busy), while it links a released group on the
+//! heap's release list (or drains that list), and while it holds a group's
+//! children registry; usage is exact afterwards.
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Group, Heap};
@@ -12,6 +14,10 @@ use std::sync::{Arc, OnceLock};
 static HEAP: OnceLock<Heap> = OnceLock::new();
 static GROUP: OnceLock<Arc<Group>> = OnceLock::new();
 static FIRED: AtomicU64 = AtomicU64::new(0);
+/// Per accounting site (index in `Site::ACCOUNT`): hits and nested
+/// charged allocations that succeeded there.
+static SITE_FIRED: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+static SITE_OK: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 static NESTED_OK: AtomicU64 = AtomicU64::new(0);
 static NESTED_FAIL: AtomicU64 = AtomicU64::new(0);
 
@@ -20,17 +26,24 @@ thread_local! {
 }
 
 fn hook(site: Site) {
-    if site != Site::AccountCharge || IN_HOOK.get() {
+    let Some(i) = Site::ACCOUNT.iter().position(|&s| s == site) else {
+        return;
+    };
+    if IN_HOOK.get() {
         return;
     }
     IN_HOOK.set(true);
-    FIRED.fetch_add(1, Ordering::Relaxed);
+    SITE_FIRED[i].fetch_add(1, Ordering::Relaxed);
+    if site == Site::AccountCharge {
+        FIRED.fetch_add(1, Ordering::Relaxed);
+    }
     let heap = HEAP.get().unwrap();
     let g = GROUP.get().unwrap();
     for size in [24, 200, 3000, 20_000] {
         match heap.alloc_nolock_in(Layout::from_size_align(size, 8).unwrap(), g) {
             Some(p) => {
                 NESTED_OK.fetch_add(1, Ordering::Relaxed);
+                SITE_OK[i].fetch_add(1, Ordering::Relaxed);
                 // SAFETY: p is a live allocation of HEAP.
                 unsafe { heap.free_nolock(p) };
             }
@@ -65,6 +78,12 @@ fn charging_is_reentrant_at_its_critical_section() {
             heap.alloc_nolock_in(layout, g)
         };
         held.push(p.expect("within limits"));
+        if i % 500 == 0 {
+            // The children registry, written and read with the hook on.
+            let sibling = Group::new("sibling", None, Some(&parent));
+            assert_eq!(sibling.usage(), 0);
+            assert!(parent.usage() > 0);
+        }
         if i % 3 == 0 {
             let p = held.swap_remove(i % held.len());
             // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
@@ -83,6 +102,16 @@ fn charging_is_reentrant_at_its_critical_section() {
         "AccountCharge fired {fired} times; nested charged allocations ok {ok}, failed {fail}"
     );
     assert!(fired > 1000, "the site fired");
+    assert_eq!(Site::ACCOUNT.len(), SITE_FIRED.len());
+    for (i, site) in Site::ACCOUNT.iter().enumerate() {
+        let (f, ok) = (
+            SITE_FIRED[i].load(Ordering::Relaxed),
+            SITE_OK[i].load(Ordering::Relaxed),
+        );
+        println!("{site:?}: fired {f}, nested charged allocations ok {ok}");
+        assert!(f > 0, "{site:?} never fired");
+        assert!(ok > 0, "no nested charged allocation at {site:?}");
+    }
     assert_eq!(
         fail, 0,
         "with the stock busy the counters are charged directly"

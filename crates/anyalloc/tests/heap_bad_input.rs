@@ -259,3 +259,218 @@ fn non_immediate_double_free_aborts_with_debug_checks() {
         },
     );
 }
+
+// ----- double frees of objects, wherever the freed object sits (every build) --
+
+/// `n` objects of `size` bytes.
+fn allocs(h: &Heap, size: usize, n: usize) -> Vec<NonNull<u8>> {
+    (0..n).map(|_| alloc(h, size)).collect()
+}
+
+#[test]
+fn double_free_of_an_object_in_the_main_sheaf_aborts() {
+    expect_abort(
+        "double_free_of_an_object_in_the_main_sheaf_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let (a, b) = (alloc(h, 64), alloc(h, 64));
+            free(h, a);
+            free(h, b);
+            free(h, a); // a is in the main sheaf, below b
+        },
+    );
+}
+
+#[test]
+fn nolock_double_free_of_an_object_in_the_main_sheaf_aborts() {
+    expect_abort(
+        "nolock_double_free_of_an_object_in_the_main_sheaf_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let (a, b) = (alloc(h, 100), alloc(h, 100));
+            free_nolock(h, a);
+            free_nolock(h, b);
+            free_nolock(h, a);
+        },
+    );
+}
+
+#[test]
+fn double_free_of_an_8_byte_object_aborts() {
+    expect_abort(
+        "double_free_of_an_8_byte_object_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let (a, b) = (alloc(h, 8), alloc(h, 8));
+            free(h, a);
+            free(h, b);
+            free_nolock(h, a);
+        },
+    );
+}
+
+#[test]
+fn double_free_of_an_object_in_the_spare_sheaf_aborts() {
+    expect_abort(
+        "double_free_of_an_object_in_the_spare_sheaf_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let objs = allocs(h, 64, 40);
+            // a and 29 more fill main; the next free swaps main to spare.
+            for &p in &objs[..31] {
+                free(h, p);
+            }
+            free(h, objs[0]);
+        },
+    );
+}
+
+#[test]
+fn double_free_of_an_object_in_the_barn_aborts() {
+    expect_abort(
+        "double_free_of_an_object_in_the_barn_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let objs = allocs(h, 64, 100);
+            let a = objs[99];
+            // 30 fill main, 1 more swaps it to spare; then a and 29 more
+            // fill main again, and the next free trades that full main
+            // (with a in it) for an empty barn sheaf.
+            for &p in &objs[..31] {
+                free(h, p);
+            }
+            free(h, a);
+            for &p in &objs[31..61] {
+                free(h, p);
+            }
+            assert_eq!(
+                h.stats().classes[10].cached_in_barn,
+                30,
+                "a's sheaf in the barn"
+            );
+            free(h, a);
+        },
+    );
+}
+
+#[test]
+fn double_free_of_an_object_on_its_slab_free_list_aborts() {
+    expect_abort(
+        "double_free_of_an_object_on_its_slab_free_list_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let (a, _keeps_the_slab) = (alloc(h, 64), alloc(h, 64));
+            free(h, a);
+            h.drain(); // a goes back to its slab's free list
+            assert_eq!(h.stats().classes[10].cached_in_sheaves, 0);
+            free_nolock(h, a);
+        },
+    );
+}
+
+#[test]
+fn double_free_of_an_8_byte_object_on_its_slab_free_list_aborts() {
+    expect_abort(
+        "double_free_of_an_8_byte_object_on_its_slab_free_list_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let objs = allocs(h, 8, 3);
+            free(h, objs[0]);
+            free(h, objs[1]);
+            h.drain(); // both on the free list: objs[1] links to objs[0]
+            free(h, objs[1]);
+        },
+    );
+}
+
+/// User data equal to the key is not a double free: the exact check finds
+/// the object nowhere free, and the free goes through.
+#[test]
+fn user_data_equal_to_the_key_is_not_a_double_free() {
+    let h = Heap::new(Config::default().memory(16 << 20).cpus(1)).unwrap();
+    for size in [8, 12, 64, 1000] {
+        // Read the key word of a freed object (its memory stays mapped).
+        let probe = alloc(&h, size);
+        free(&h, probe);
+        let off = if size >= 16 { 8 } else { 0 };
+        // SAFETY: reading a freed object of our own heap: mapped memory.
+        let key = unsafe { probe.as_ptr().add(off).cast::<usize>().read_unaligned() };
+        let p = alloc(&h, size);
+        // SAFETY: `p` is live and at least off + 8 bytes long.
+        unsafe { p.as_ptr().add(off).cast::<usize>().write_unaligned(key) };
+        free(&h, p); // must not abort
+        let q = alloc(&h, size);
+        // SAFETY: as above; a tiny object's first word as a heap address.
+        unsafe {
+            q.as_ptr()
+                .cast::<usize>()
+                .write_unaligned(key ^ (probe.as_ptr() as usize))
+        };
+        free_nolock(&h, q);
+    }
+    h.drain();
+    let s = h.stats();
+    assert_eq!(s.objects_in_use, 0);
+    assert_eq!(s.pages.free_pages, s.pages.total_pages);
+}
+
+/// A nolock free parked on the deferred stack (every level slot and the
+/// node lock held by the contexts below it, reached with interrupt points),
+/// then freed again.
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn double_free_of_an_object_on_the_deferred_stack_aborts() {
+    use anyalloc::interrupt::{set_hook, Site};
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+    static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+    static VICTIM: AtomicUsize = AtomicUsize::new(0);
+    static STAGE: AtomicUsize = AtomicUsize::new(0);
+    fn hook(site: Site) {
+        // SAFETY: set before the hook is installed, leaked.
+        let h = unsafe { &*H.load(Ordering::Relaxed) };
+        let l = Layout::from_size_align(64, 8).unwrap();
+        match (STAGE.load(Ordering::Relaxed), site) {
+            // The driver flushes (level-0 slot and node lock held); a handler
+            // allocates (level 1), a nested one allocates (level 2) ...
+            (0, Site::SheafFlush) | (1, Site::SheafAlloc) => {
+                STAGE.fetch_add(1, Ordering::Relaxed);
+                let _ = h.alloc_nolock(l);
+            }
+            // ... and a third frees the victim: every lock is held.
+            (2, Site::SheafAlloc) => {
+                STAGE.store(3, Ordering::Relaxed);
+                let v = VICTIM.swap(0, Ordering::Relaxed) as *mut u8;
+                let before = h.stats().nolock_free_deferred;
+                free_nolock(h, NonNull::new(v).unwrap());
+                assert_eq!(h.stats().nolock_free_deferred, before + 1, "deferred");
+            }
+            _ => {}
+        }
+    }
+    expect_abort(
+        "double_free_of_an_object_on_the_deferred_stack_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
+            let objs = allocs(h, 64, 100);
+            VICTIM.store(objs[99].as_ptr() as usize, Ordering::Relaxed);
+            set_hook(Some(hook));
+            let mut i = 0;
+            while STAGE.load(Ordering::Relaxed) != 3 {
+                free(h, objs[i]);
+                i += 1;
+            }
+            set_hook(None);
+            assert_eq!(h.stats().classes[10].deferred, 1, "the victim is deferred");
+            free(h, objs[99]);
+        },
+    );
+}

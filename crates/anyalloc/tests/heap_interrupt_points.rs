@@ -116,7 +116,7 @@ thread_local! {
     static DRIVER: Cell<bool> = const { Cell::new(false) };
 }
 
-const SITES: usize = 32;
+const SITES: usize = 64;
 /// Site hits: at any depth, and at depth 0 (inside a driver operation).
 static FIRED: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
 static FIRED_DEPTH0: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
@@ -138,6 +138,11 @@ static DEPTH0_HOLDS_NODE: AtomicBool = AtomicBool::new(false);
 /// Competing pushes made while another deferred push was half done.
 static PUSH_RACES: AtomicU64 = AtomicU64::new(0);
 const PUSH_RACE_BUDGET: u64 = 200;
+
+/// A huge allocation the hook frees (nolock) at a huge-table site, while
+/// the driver is in the middle of another huge allocation or free.
+static KEEP_HUGE: AtomicUsize = AtomicUsize::new(0);
+static HUGE_FREES: AtomicU64 = AtomicU64::new(0);
 
 /// The chain's progress and results.
 static CHAIN_STAGE: AtomicUsize = AtomicUsize::new(0);
@@ -214,6 +219,15 @@ fn deferred_frees() -> u64 {
 /// Hook depth 0 (the driver is inside the heap): several sizes, the driven
 /// class among them; keep some objects for later sites, free some kept ones.
 fn probe(site: Site) {
+    if matches!(site, Site::HugeBusy | Site::FreeHuge) {
+        let h = KEEP_HUGE.swap(0, Ordering::Relaxed);
+        if h != 0 {
+            bump(&HUGE_FREES);
+            // SAFETY: a live huge allocation of this heap, owned by the
+            // stash until the swap above.
+            unsafe { heap().free_nolock(NonNull::new_unchecked(h as *mut u8)) };
+        }
+    }
     let driven = DRIVEN.load(Ordering::Relaxed);
     for size in [8, driven, 100, 1000, 5000, 20000] {
         let r = random();
@@ -378,7 +392,11 @@ fn class_deferred(size: usize) -> usize {
 }
 
 fn site_name(i: usize) -> String {
-    let all = Site::PAGE.iter().chain(Site::HEAP);
+    let all = Site::PAGE
+        .iter()
+        .chain(Site::HEAP)
+        .chain(Site::RELEASE)
+        .chain(Site::ACCOUNT);
     all.clone()
         .find(|s| **s as usize == i)
         .map_or(format!("site {i}"), |s| format!("{s:?}"))
@@ -481,6 +499,56 @@ fn every_heap_site_survives_nolock_reentry() {
             driver_free(h, i % 2 == 1);
         }
     }
+    // Huge allocations (the huge table's sites), on both free paths; the
+    // hook frees a kept one inside the others' table operations, and the
+    // parked nolock frees are unmapped by the next large allocation.
+    for i in 0..6 {
+        let p = heap.alloc(layout(5 << 20)).expect("huge allocation");
+        if i % 2 == 0 {
+            KEEP_HUGE.store(p.as_ptr() as usize, Ordering::Relaxed);
+        } else {
+            // SAFETY: just allocated here.
+            unsafe { heap.free_nolock(p) };
+        }
+        let q = heap.alloc(layout(6 << 20)).expect("huge allocation");
+        // SAFETY: just allocated here.
+        unsafe { heap.free(q) };
+    }
+    if let h @ 1.. = KEEP_HUGE.swap(0, Ordering::Relaxed) {
+        // SAFETY: a live huge allocation, owned by the stash until the swap.
+        unsafe { heap.free(NonNull::new_unchecked(h as *mut u8)) };
+    }
+    // Blocks of 256 KiB and more, freed and idle for two maintenance
+    // passes, go back to the OS (the release sites).
+    let big: Vec<NonNull<u8>> = (0..4)
+        .map(|_| heap.alloc(layout(300_000)).expect("a large allocation"))
+        .collect();
+    for p in big {
+        // SAFETY: allocated just above.
+        unsafe { heap.free(p) };
+    }
+    for _ in 0..3 {
+        heap.maintain();
+    }
+    // User data equal to the double-free key: the exact check runs (and
+    // finds nothing).
+    let probe_obj = heap.alloc(layout(64)).unwrap();
+    // SAFETY: just allocated here.
+    unsafe { heap.free(probe_obj) };
+    // SAFETY: the freed object's memory stays mapped: read its key word.
+    let key = unsafe { probe_obj.as_ptr().add(8).cast::<usize>().read() };
+    let x = heap.alloc(layout(64)).unwrap();
+    // SAFETY: `x` is live, 64 bytes.
+    unsafe {
+        x.as_ptr().add(8).cast::<usize>().write(key);
+        heap.free(x);
+    }
+    // Shrinkers: registered, then run by an accounted allocation over its
+    // group's limit.
+    heap.register_shrinker(|_| 0);
+    let tiny_group = anyalloc::Group::new("tiny", Some(4096), None);
+    assert!(heap.alloc_in(layout(8192), &tiny_group).is_none());
+
     // Draining with the probe on: drain's own sites are re-entered too.
     DRIVEN.store(64, Ordering::Relaxed);
     heap.drain();
@@ -558,7 +626,7 @@ fn every_heap_site_survives_nolock_reentry() {
         p.nolock_free_deferred
     );
 
-    for &site in Site::HEAP {
+    for &site in Site::HEAP.iter().chain(Site::RELEASE) {
         assert!(load(&FIRED[site as usize]) > 0, "{site:?} never fired");
         // Everything but a deferred push also happens inside a plain
         // (non-nested) operation of the driver.
@@ -586,7 +654,15 @@ fn every_heap_site_survives_nolock_reentry() {
         heap_oks, heap_tries,
         "nolock allocations failed at heap sites with memory to spare"
     );
-    assert_eq!((s.objects_in_use, s.large_in_use), (0, 0));
+    assert!(
+        load(&HUGE_FREES) > 0,
+        "no huge free inside a huge-table operation"
+    );
+    assert!(
+        s.released_to_os_bytes > 0,
+        "no idle block went back to the OS"
+    );
+    assert_eq!((s.objects_in_use, s.large_in_use, s.huge_in_use), (0, 0, 0));
     assert_eq!(p.free_pages, p.total_pages, "pages leaked");
     assert_eq!(p.buddy_pages, p.total_pages, "pages off the buddy lists");
     assert_eq!(invariants, Ok(()));

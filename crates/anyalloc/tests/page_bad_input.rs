@@ -120,6 +120,41 @@ fn run_scenario(name: &str) {
             // SAFETY: see above: must abort.
             unsafe { pa.free_pages(p, 11) };
         }
+        "default_platform_fatal" => {
+            // An embedder's platform that keeps the default `fatal`: the
+            // report must still be the one-line write(2) + abort (no panic,
+            // no formatting), from any context.
+            struct Embedder;
+            impl anyalloc::Platform for Embedder {
+                fn cpu_id(&self) -> usize {
+                    0
+                }
+                fn cpu_count(&self) -> usize {
+                    1
+                }
+            }
+            static EMBEDDER: Embedder = Embedder;
+            let region: &'static mut [u8] = Box::leak(vec![0u8; 1 << 20].into_boxed_slice());
+            // SAFETY: a leaked, exclusively owned region.
+            let pa = unsafe {
+                PageAllocator::from_region(
+                    NonNull::new(region.as_mut_ptr()).unwrap(),
+                    region.len(),
+                    &EMBEDDER,
+                    Config::default(),
+                )
+            }
+            .unwrap();
+            let p = pa.alloc_pages_nolock(0).unwrap();
+            // SAFETY: see above: the first free is valid.
+            unsafe { pa.free_pages_nolock(p, 0) };
+            expect(format!(
+                "anyalloc: double free of page {:#x} (order 0)",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: see above: the second free must abort.
+            unsafe { pa.free_pages_nolock(p, 0) };
+        }
         other => panic!("unknown scenario {other}"),
     }
     // Only reached when the allocator accepted the bad free.
@@ -225,4 +260,12 @@ fn interior_page_of_a_block_aborts() {
 #[test]
 fn order_above_max_aborts() {
     expect_abort("order_above_max");
+}
+
+/// A platform that keeps `Platform::fatal`'s default reports corruption with
+/// the same one-line write(2) + abort as the std platform (it used to panic
+/// with a formatted message, which a signal handler must not do).
+#[test]
+fn default_platform_fatal_writes_one_line_and_aborts() {
+    expect_abort("default_platform_fatal");
 }

@@ -27,7 +27,7 @@ use anyalloc::interrupt::{self, Site};
 use anyalloc::{Config, PageAllocator, NOLOCK_MAX_ORDER};
 use common::{check, fill, pack, unpack, Stash, XorShift};
 
-const SITES: usize = 10;
+const SITES: usize = 15;
 /// Hook nesting: the driver's operation (depth 0) and two handler levels.
 const MAX_DEPTH: usize = 2;
 
@@ -55,6 +55,34 @@ static BIG_ARMED: AtomicBool = AtomicBool::new(false);
 /// would loop forever, which no real interrupt would do.
 static PUSH_REENTERED_AT: AtomicUsize = AtomicUsize::new(0);
 
+/// What the hook does: `PROBE` (the re-entry above at every site), `CHAIN`
+/// (the deterministic steal, see `chain`), `WAKE` (the contended unlock,
+/// see `wake_phase`).
+const PROBE: usize = 0;
+const CHAIN: usize = 1;
+const WAKE: usize = 2;
+/// Only the `StockHandlerLevels` site re-enters (see the stocking step).
+const STOCK: usize = 3;
+/// No re-entry (a drain that must leave every slot empty).
+const OFF: usize = 4;
+static MODE: AtomicUsize = AtomicUsize::new(PROBE);
+static STAGE: AtomicUsize = AtomicUsize::new(0);
+/// The chain's order-0 block (prepared by the driver) and whether its free
+/// with every slot and the zone held was deferred.
+static CHAIN_BLOCK: AtomicUsize = AtomicUsize::new(0);
+static CHAIN_PARKED: AtomicU64 = AtomicU64::new(0);
+/// Deferred frees made by the hook at the `StealDeferred` site.
+static STEAL_SITE_DEFERRED: AtomicU64 = AtomicU64::new(0);
+/// WAKE: the helper thread may start, and is waiting on the zone lock.
+static GO: AtomicBool = AtomicBool::new(false);
+static WAITING: AtomicBool = AtomicBool::new(false);
+
+std::thread_local! {
+    /// Only the test thread's critical sections are re-entered (the WAKE
+    /// phase has a helper thread).
+    static DRIVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn site_index(site: Site) -> Option<usize> {
     Site::PAGE.iter().position(|&s| s == site)
 }
@@ -71,6 +99,7 @@ fn zone_locked(site: Site) -> bool {
             | Site::BuddySplit
             | Site::BuddyMerge
             | Site::DeferredDrain
+            | Site::StockHandlerLevels
     )
 }
 
@@ -93,8 +122,34 @@ fn hook(site: Site) {
     let Some(i) = site_index(site) else {
         return;
     };
+    if !DRIVER.get() {
+        return;
+    }
     FIRED[i].fetch_add(1, Ordering::Relaxed);
     let depth = DEPTH.load(Ordering::Relaxed);
+    match MODE.load(Ordering::Relaxed) {
+        CHAIN => {
+            DEPTH.store(depth + 1, Ordering::Relaxed);
+            chain(site, i, depth);
+            DEPTH.store(depth, Ordering::Relaxed);
+            return;
+        }
+        STOCK if site != Site::StockHandlerLevels => return,
+        OFF => return,
+        WAKE if site != Site::ZoneWake => {
+            if site == Site::ZoneAlloc && STAGE.load(Ordering::Relaxed) == 0 {
+                // The test thread holds the zone lock: let the helper
+                // thread wait for it (the lock becomes contended).
+                STAGE.store(1, Ordering::Relaxed);
+                GO.store(true, Ordering::Release);
+                while !WAITING.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+            }
+            return;
+        }
+        _ => {}
+    }
     if depth >= MAX_DEPTH {
         return;
     }
@@ -161,6 +216,69 @@ fn reenter(site: Site, i: usize, depth: usize) {
     }
 }
 
+/// Nolock-allocates one block of `order` at `site` and frees it again
+/// (counted like `reenter`'s allocations).
+fn alloc_free(i: usize, order: u32) {
+    match pa().alloc_pages_nolock(order) {
+        Some(p) => {
+            OK[i].fetch_add(1, Ordering::Relaxed);
+            let h = pack(p.as_ptr() as usize, order, 0x1ff);
+            // SAFETY: just allocated: owned here.
+            unsafe { fill(h) };
+            nolock_free_checked(h);
+        }
+        None => {
+            FAIL[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The deterministic steal. The driver's order-0 refill holds the level-0
+/// slot and the zone lock (`PcpRefill`); a handler there allocates: the
+/// level-1 slot (`PcpAlloc`), where a nested handler allocates: level 2
+/// (`PcpAlloc`), where a third one, with every slot and the zone held,
+/// frees an order-0 block (parked on the deferred stack: there is nowhere
+/// else) and allocates one: the only place left is the deferred stack, so it
+/// steals the block back (`StealDeferred`). There a fourth handler
+/// allocates (nothing to find) and frees an order-4 block, which is
+/// deferred too, while the steal is in progress.
+fn chain(site: Site, i: usize, depth: usize) {
+    let stage = STAGE.load(Ordering::Relaxed);
+    match (stage, depth, site) {
+        (0, 0, Site::PcpRefill) | (1, 1, Site::PcpAlloc) => {
+            STAGE.store(stage + 1, Ordering::Relaxed);
+            REENTERED[i].fetch_add(1, Ordering::Relaxed);
+            alloc_free(i, 0);
+        }
+        (2, 2, Site::PcpAlloc) => {
+            STAGE.store(3, Ordering::Relaxed);
+            REENTERED[i].fetch_add(1, Ordering::Relaxed);
+            let before = pa().stats().nolock_free_deferred;
+            nolock_free_checked(CHAIN_BLOCK.swap(0, Ordering::Relaxed));
+            CHAIN_PARKED.store(
+                pa().stats().nolock_free_deferred - before,
+                Ordering::Relaxed,
+            );
+            alloc_free(i, 0);
+        }
+        (3, 3, Site::StealDeferred) => {
+            STAGE.store(4, Ordering::Relaxed);
+            REENTERED[i].fetch_add(1, Ordering::Relaxed);
+            for order in 0..=NOLOCK_MAX_ORDER {
+                alloc_free(i, order);
+            }
+            let before = pa().stats().nolock_free_deferred;
+            let h = BIG.take(1).expect("an order-4 block");
+            nolock_free_checked(h);
+            STEAL_SITE_DEFERRED.store(
+                pa().stats().nolock_free_deferred - before,
+                Ordering::Relaxed,
+            );
+        }
+        _ => {}
+    }
+}
+
 /// Blocks the driver holds (packed handles).
 struct Held(Vec<usize>);
 
@@ -211,8 +329,112 @@ fn outside_pages(held: &Held) -> usize {
     held.pages() + carry + big
 }
 
+/// Growth: an allocator that starts small grows a zone; the hook re-enters
+/// with the growth lock held (`ZoneGrow`). Afterwards every page of both
+/// zones is back.
+fn grow_phase() {
+    let small: &'static PageAllocator = Box::leak(Box::new(
+        PageAllocator::new(Config::default().memory(4 << 20).cpus(1)).unwrap(),
+    ));
+    PA.store(
+        small as *const PageAllocator as *mut PageAllocator,
+        Ordering::Release,
+    );
+    interrupt::set_hook(Some(hook));
+    let mut held = Held(Vec::new());
+    while small.stats().zones < 2 {
+        held.alloc(small, 7, false, 1);
+    }
+    interrupt::set_hook(None);
+    while !held.0.is_empty() {
+        held.free(small, 0, false);
+    }
+    if let h @ 1.. = CARRY.swap(0, Ordering::AcqRel) {
+        nolock_free_checked(h);
+    }
+    small.drain();
+    let s = small.stats();
+    assert_eq!(s.zones, 2);
+    assert_eq!(s.free_pages, s.total_pages, "growth: pages lost");
+    assert_eq!(small.check_invariants(), Ok(()));
+}
+
+/// A platform whose `wait` says that a waiter is waiting (and spins until
+/// the word changes): the test knows when the zone lock is contended.
+struct WaitPlatform;
+impl anyalloc::Platform for WaitPlatform {
+    fn cpu_id(&self) -> usize {
+        0
+    }
+    fn cpu_count(&self) -> usize {
+        1
+    }
+    fn wait(&self, word: &std::sync::atomic::AtomicU32, expected: u32) {
+        WAITING.store(true, Ordering::Release);
+        while word.load(Ordering::Acquire) == expected {
+            std::thread::yield_now();
+        }
+    }
+}
+static WAIT_PLATFORM: WaitPlatform = WaitPlatform;
+
+/// The zone guard's wake: the test thread holds the zone lock (a direct
+/// allocation, `ZoneAlloc`) until a helper thread waits for it, so its
+/// unlock wakes a waiter and the hook re-enters there (`ZoneWake`).
+fn wake_phase() {
+    let region: &'static mut [u8] = Box::leak(vec![0u8; 16 << 20].into_boxed_slice());
+    // SAFETY: a leaked region only this allocator uses.
+    let pa2: &'static PageAllocator = Box::leak(Box::new(
+        unsafe {
+            PageAllocator::from_region(
+                NonNull::new(region.as_mut_ptr()).unwrap(),
+                region.len(),
+                &WAIT_PLATFORM,
+                Config::default(),
+            )
+        }
+        .unwrap(),
+    ));
+    PA.store(
+        pa2 as *const PageAllocator as *mut PageAllocator,
+        Ordering::Release,
+    );
+    let helper = std::thread::spawn(move || {
+        while !GO.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        let p = pa2.alloc_pages(5).expect("memory to spare");
+        // SAFETY: allocated just above with order 5.
+        unsafe { pa2.free_pages(p, 5) };
+    });
+    let wake = site_index(Site::ZoneWake).unwrap();
+    let before = FIRED[wake].load(Ordering::Relaxed);
+    MODE.store(WAKE, Ordering::Relaxed);
+    STAGE.store(0, Ordering::Relaxed);
+    interrupt::set_hook(Some(hook));
+    let p = pa2.alloc_pages(5).expect("memory to spare");
+    interrupt::set_hook(None);
+    MODE.store(PROBE, Ordering::Relaxed);
+    helper.join().unwrap();
+    assert!(
+        FIRED[wake].load(Ordering::Relaxed) > before,
+        "the unlock did not wake the waiter"
+    );
+    // SAFETY: allocated just above with order 5.
+    unsafe { pa2.free_pages(p, 5) };
+    if let h @ 1.. = CARRY.swap(0, Ordering::AcqRel) {
+        nolock_free_checked(h);
+    }
+    pa2.drain();
+    let s = pa2.stats();
+    assert_eq!(s.free_pages, s.total_pages, "wake: pages lost");
+    assert_eq!(pa2.check_invariants(), Ok(()));
+}
+
 #[test]
 fn nolock_reentry_at_every_page_site() {
+    DRIVER.set(true);
+    assert_eq!(Site::PAGE.len(), SITES);
     // One CPU slot set: every step lands on the same slots, run to run.
     let pa: &'static PageAllocator = Box::leak(Box::new(
         PageAllocator::new(Config::default().memory(16 << 20).cpus(1).grow(false)).unwrap(),
@@ -274,6 +496,55 @@ fn nolock_reentry_at_every_page_site() {
         assert_eq!(pa.check_invariants(), Ok(()), "round {round}");
     }
 
+    // Stocking the handler levels: after a drain every slot is empty, so
+    // the next normal refill stocks levels 1 and 2 (the hook re-enters only
+    // there: at level 2, level 1 was just stocked).
+    MODE.store(OFF, Ordering::Relaxed);
+    pa.drain();
+    MODE.store(STOCK, Ordering::Relaxed);
+    held.alloc(pa, 0, false, 0);
+    MODE.store(PROBE, Ordering::Relaxed);
+
+    // The deterministic steal (see `chain`), from empty slots.
+    BIG_ARMED.store(false, Ordering::Relaxed);
+    while BIG.len() < 8 {
+        let p = pa.alloc_pages(4).expect("memory to spare");
+        let h = pack(p.as_ptr() as usize, 4, 0);
+        // SAFETY: just allocated: owned, then handed to the stash.
+        unsafe { fill(h) };
+        assert!(BIG.put(h, 0));
+    }
+    let p = pa.alloc_pages(0).expect("memory to spare");
+    let h = pack(p.as_ptr() as usize, 0, 0);
+    // SAFETY: just allocated: owned, then handed to the chain.
+    unsafe { fill(h) };
+    CHAIN_BLOCK.store(h, Ordering::Relaxed);
+    MODE.store(OFF, Ordering::Relaxed);
+    pa.drain();
+    MODE.store(CHAIN, Ordering::Relaxed);
+    STAGE.store(0, Ordering::Relaxed);
+    held.alloc(pa, 0, false, 0);
+    MODE.store(PROBE, Ordering::Relaxed);
+    assert_eq!(STAGE.load(Ordering::Relaxed), 4, "the steal chain ran");
+    assert_eq!(
+        CHAIN_PARKED.load(Ordering::Relaxed),
+        1,
+        "a free with every slot and the zone held was not deferred"
+    );
+    assert_eq!(
+        STEAL_SITE_DEFERRED.load(Ordering::Relaxed),
+        1,
+        "a free inside the steal was not deferred"
+    );
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(
+        s.free_pages + outside_pages(&held),
+        total,
+        "after the steal"
+    );
+    assert_eq!(pa.check_invariants(), Ok(()), "after the steal");
+
     interrupt::set_hook(None);
     let stats = pa.stats();
     println!("site            fired  reentered  nolock ok  nolock fail");
@@ -317,15 +588,34 @@ fn nolock_reentry_at_every_page_site() {
     assert_eq!(end.buddy_pages, end.total_pages);
     assert_eq!(pa.check_invariants(), Ok(()));
 
+    grow_phase();
+    wake_phase();
+    for (i, site) in Site::PAGE.iter().enumerate() {
+        println!(
+            "{site:?}: fired {}, reentered {}, nolock ok {}, fail {}",
+            FIRED[i].load(Ordering::Relaxed),
+            REENTERED[i].load(Ordering::Relaxed),
+            OK[i].load(Ordering::Relaxed),
+            FAIL[i].load(Ordering::Relaxed)
+        );
+    }
     for (i, site) in Site::PAGE.iter().enumerate() {
         assert!(
             FIRED[i].load(Ordering::Relaxed) > 0,
             "site {site:?} never fired"
         );
         assert!(
-            OK[i].load(Ordering::Relaxed) > 0,
-            "no nolock allocation succeeded at {site:?}"
+            REENTERED[i].load(Ordering::Relaxed) > 0,
+            "no nolock work was done at {site:?}"
         );
+        // Inside the steal every slot and the zone are held by the contexts
+        // below (by construction): nothing can be found there.
+        if *site != Site::StealDeferred {
+            assert!(
+                OK[i].load(Ordering::Relaxed) > 0,
+                "no nolock allocation succeeded at {site:?}"
+            );
+        }
     }
     assert!(stats.nolock_free_deferred > 0, "no free was deferred");
     assert!(CARRIED.load(Ordering::Relaxed) > 0);

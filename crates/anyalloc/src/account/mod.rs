@@ -130,6 +130,7 @@ mod std_like {
         /// `None` when another context holds it.
         pub(super) fn try_with<R>(&self, f: impl FnOnce(&Vec<Weak<Group>>) -> R) -> Option<R> {
             let _g = self.lock.try_lock()?;
+            crate::interrupt_point!(GroupChildren);
             // SAFETY: the lock is held for the whole access.
             Some(f(unsafe { &*self.list.get() }))
         }
@@ -142,6 +143,7 @@ mod std_like {
                 }
                 core::hint::spin_loop();
             };
+            crate::interrupt_point!(GroupChildren);
             // SAFETY: the lock is held for the whole access.
             f(unsafe { &mut *self.list.get() })
         }
@@ -332,7 +334,9 @@ pub(crate) unsafe fn release(raw: usize, list: &crate::sync::IndexStack) {
     let g = unsafe { &*(raw as *const Group) };
     if g.pending.fetch_add(1, Ordering::AcqRel) == 0 {
         list.push(raw, |_, next| {
-            g.next_dead.store(next as *mut Group, Ordering::Relaxed)
+            g.next_dead.store(next as *mut Group, Ordering::Relaxed);
+            // Linked, not yet published on the release list.
+            crate::interrupt_point!(GroupRelease);
         });
     }
 }
@@ -348,6 +352,7 @@ pub(crate) fn drop_released(list: &crate::sync::IndexStack) {
             let next = (*g).next_dead.load(Ordering::Relaxed) as usize;
             (next, (*g).pending.swap(0, Ordering::AcqRel))
         };
+        crate::interrupt_point!(GroupRelease);
         for _ in 0..n {
             // SAFETY: each pending count stands for one reference from
             // `retain` that was released and not yet dropped.

@@ -17,11 +17,15 @@
 //! | `DEFERRED`  | on the zone's deferred-free stack     | the draining zone-lock holder |
 //! | `ALLOCATED` | handed out                            | the owner (CAS on free)     |
 //! | `FREEING`   | claimed by a free in progress         | that free                  |
+//! | `RELEASING` | free, off its list while the maintainer returns its memory to the OS | the maintainer |
 //!
 //! A free claims the block with one CAS `ALLOCATED|order -> FREEING`, so a
 //! double free, a free with the wrong order, or a free of a page that is not
 //! a block head fails that CAS and is reported instead of corrupting a list,
-//! even when two contexts race to free the same block.
+//! even when two contexts race to free the same block. A free block whose
+//! memory the maintainer is returning to the OS (`madvise`, without the zone
+//! lock) is `RELEASING`, never `ALLOCATED`, so a wrong free of it fails the
+//! claim too instead of inserting the block into a free list twice.
 //!
 //! While a block is `ALLOCATED` its `next`/`prev` links are free for the
 //! slab layer (partial-slab lists), which also owns `owner`, `inuse`,
@@ -35,6 +39,7 @@ pub(crate) const PCP: u32 = 2;
 pub(crate) const DEFERRED: u32 = 3;
 pub(crate) const ALLOCATED: u32 = 4;
 pub(crate) const FREEING: u32 = 5;
+pub(crate) const RELEASING: u32 = 6;
 
 #[inline]
 pub(crate) const fn state(kind: u32, order: u32) -> u32 {

@@ -362,7 +362,7 @@ impl PageAllocator {
     /// Zone number `i` (below `zone_count()`).
     #[inline]
     pub(crate) fn zone_at(&self, i: usize) -> &Zone {
-        debug_assert!(i < self.zone_count());
+        crate::check!(i < self.zone_count(), "a zone index out of range");
         // SAFETY: published zones live as long as `self` (see `zones`).
         unsafe { &*self.zones[i].load(Ordering::Acquire) }
     }
@@ -575,6 +575,7 @@ impl PageAllocator {
             .max(MAX_BLOCK)
             .saturating_mul(1usize << now.min(16))
             .min(64 << 30);
+        crate::interrupt_point!(ZoneGrow);
         self.add_os_zone(bytes).is_ok()
     }
 
@@ -796,7 +797,11 @@ impl PageAllocator {
             Ordering::Acquire,
             Ordering::Relaxed,
         ) {
-            Ok(_) => (zone, idx),
+            Ok(_) => {
+                // FREEING: a racing (wrong) free of the block fails its claim.
+                crate::interrupt_point!(PageClaimed);
+                (zone, idx)
+            }
             Err(actual) => self.bad_claim(addr, order, actual),
         }
     }
@@ -818,6 +823,12 @@ impl PageAllocator {
                 "free of ",
                 addr,
                 ", which is not the start of an allocated block: double free or interior pointer (order ",
+                order,
+            ),
+            desc::RELEASING => self.corrupt(
+                "double free of page ",
+                addr,
+                ", a free block being returned to the OS (order ",
                 order,
             ),
             _ => self.corrupt("double free of page ", addr, " (order ", order),

@@ -72,7 +72,7 @@ fn stack_index(v: usize) -> u32 {
 /// (modulo), so the index is always in bounds.
 #[inline(always)]
 pub(crate) fn slot_index(cpu: usize, cpus: usize, level: usize) -> usize {
-    debug_assert!(level < LEVELS);
+    crate::check!(level < LEVELS, "a slot level out of range");
     let cpu = if cpu < cpus { cpu } else { cpu % cpus };
     cpu * LEVELS + level
 }
@@ -276,7 +276,10 @@ impl Zone {
     /// The descriptor of page `idx`.
     #[inline]
     pub(crate) fn desc(&self, idx: u32) -> &PageDesc {
-        debug_assert!(idx >= self.first && idx < self.limit);
+        crate::check!(
+            idx >= self.first && idx < self.limit,
+            "a page index outside its zone"
+        );
         // SAFETY: `descs` has `limit` entries (init), idx < limit, and the
         // array lives as long as the zone.
         unsafe { &*self.descs.add(idx as usize) }
@@ -441,6 +444,8 @@ impl Zone {
         let mut i = stack_index(self.deferred.take_all());
         let mut found = None;
         while i != NIL {
+            // The whole stack is ours: a nested stealer finds it empty.
+            crate::interrupt_point!(StealDeferred);
             let d = self.desc(i);
             let next = d.next.load(Ordering::Relaxed);
             let o = desc::order_of(d.load());
@@ -576,6 +581,7 @@ impl Zone {
             let Some(ss) = sib.lock.try_lock() else {
                 continue;
             };
+            crate::interrupt_point!(StockHandlerLevels);
             let want = self.batch_blocks(order);
             if self.fill_slot(sib, &ss, order, want, reserve, g) < want {
                 return; // the buddy lists ran dry
@@ -702,11 +708,19 @@ impl Zone {
                 return bytes;
             };
             self.list_remove(pick, order, &g);
-            self.desc(pick).set(desc::state(desc::ALLOCATED, order));
+            // Not ALLOCATED: a (wrong) free of this block must fail its
+            // claim while the lock is dropped, not insert it a second time.
+            self.desc(pick).set(desc::state(desc::RELEASING, order));
             self.releasing.store(1 << order, Ordering::Relaxed);
+            crate::interrupt_point!(ReleaseIdle);
             drop(g);
+            crate::interrupt_point!(ReleaseWindow);
             crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
             let g = self.lock.lock(self.platform);
+            crate::check!(
+                self.desc(pick).load() == desc::state(desc::RELEASING, order),
+                "a releasing block changed state"
+            );
             self.releasing.store(0, Ordering::Relaxed);
             self.free_buddy.fetch_sub(1 << order, Ordering::Relaxed);
             self.buddy_free(pick, order, &g);

@@ -5,6 +5,59 @@
 //! [`Platform::fatal`](super::Platform::fatal), which writes it with
 //! write(2) on std.
 
+/// The default fatal path of every platform, and of the crate's internal
+/// checks (the `check!` macro): writes `message` (one line) and stops
+/// the process, in any context, without allocating, formatting or
+/// panicking. On std: write(2) to stderr, then `abort()`. Without std there
+/// is nowhere to write: the CPU executes its trap instruction (an embedder
+/// that wants the message implements [`Platform::fatal`](super::Platform::fatal)).
+#[cold]
+#[inline(never)]
+pub(crate) fn die(message: &[u8]) -> ! {
+    #[cfg(feature = "std")]
+    {
+        super::write_stderr(message);
+        // SAFETY: abort has no preconditions and is async-signal-safe.
+        unsafe { libc::abort() }
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        let _ = message;
+        trap()
+    }
+}
+
+/// Stops the CPU with its undefined-instruction / breakpoint trap (no_std).
+#[cfg(not(feature = "std"))]
+fn trap() -> ! {
+    // SAFETY (each arm): the instruction only raises the CPU's trap; it
+    // touches no memory and never returns to this code.
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    unsafe {
+        core::arch::asm!("ud2", options(noreturn, nomem, nostack))
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as above.
+    unsafe {
+        core::arch::asm!("brk #0xf000", options(noreturn, nomem, nostack))
+    }
+    #[cfg(any(target_arch = "riscv32", target_arch = "riscv64"))]
+    // SAFETY: as above.
+    unsafe {
+        core::arch::asm!("unimp", options(noreturn, nomem, nostack))
+    }
+    #[cfg(not(any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "riscv32",
+        target_arch = "riscv64"
+    )))]
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
 /// A one-line message built without allocating or formatting.
 pub(crate) struct FatalMessage {
     buf: [u8; 160],

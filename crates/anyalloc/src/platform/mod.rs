@@ -19,10 +19,17 @@ mod std_os;
 #[cfg(feature = "std")]
 pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
-pub(crate) use std_os::{os_discard, os_release, os_reserve, write_stderr};
+pub(crate) use std_os::{os_discard, os_release, os_reserve, thread_token, write_stderr};
+
+/// A word identifying the calling thread (never 0). Without std there are
+/// no threads to tell apart: always 1.
+#[cfg(not(feature = "std"))]
+pub(crate) fn thread_token() -> usize {
+    1
+}
 
 mod fatal;
-pub(crate) use fatal::FatalMessage;
+pub(crate) use fatal::{die, FatalMessage};
 
 /// The environment of an allocator. See the module documentation.
 ///
@@ -65,9 +72,12 @@ pub trait Platform: Sync {
     }
 
     /// Heap corruption was detected (double free, foreign pointer): report
-    /// the one-line `message` and stop. Any context: must not allocate.
+    /// the one-line `message` and stop. Any context: must not allocate,
+    /// format, panic or wait. The default writes the line to stderr with
+    /// write(2) and aborts (std); without std it executes the CPU's trap
+    /// instruction, so an embedder that wants the message reported
+    /// overrides this.
     fn fatal(&self, message: &[u8]) -> ! {
-        let text = core::str::from_utf8(message).unwrap_or("anyalloc: heap corruption");
-        panic!("{}", text)
+        fatal::die(message)
     }
 }

@@ -233,10 +233,14 @@ impl Platform for StdPlatform {
     }
 
     fn fatal(&self, message: &[u8]) -> ! {
-        write_stderr(message);
-        // SAFETY: abort has no preconditions and is async-signal-safe.
-        unsafe { libc::abort() }
+        super::die(message)
     }
+}
+
+/// A word identifying the calling thread (never 0): its pthread handle.
+pub(crate) fn thread_token() -> usize {
+    // SAFETY: pthread_self has no preconditions and never fails.
+    (unsafe { libc::pthread_self() }) as usize | 1
 }
 
 /// Writes all of `bytes` to stderr with write(2): no allocation, any context.

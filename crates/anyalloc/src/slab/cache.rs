@@ -21,6 +21,23 @@
 //!   the object's first word is the link. Drained by the next normal-path
 //!   operation on this cache and by `Heap::drain`.
 //!
+//! # Double-free detection (every build)
+//!
+//! As glibc's tcache key: each heap has a secret `key` (a non-canonical
+//! address, so never a heap address), and a free writes it into the freed
+//! object's *key word*: the second word for objects of 16 bytes or more,
+//! the first for the 8- and 12-byte classes. A free that finds the key
+//! there already (O(1): one load and compare) suspects a double free and
+//! makes the exact check, [`Cache::is_free`]: it searches every sheaf, the
+//! deferred stack, the barn and the object's slab free list, and aborts
+//! with a one-line message only when it finds the object (user data that
+//! happens to equal the key costs a search, never an abort). Allocation
+//! clears the key word. The links of the slab free lists and the deferred
+//! stack (first words) are stored XOR the key, so in the tiny classes,
+//! whose key word is that link, a free object's first word XOR the key is
+//! 0, [`NIL`](crate::sync::NIL) or a heap address: those values are
+//! suspects too.
+//!
 //! # Sheaf conservation
 //!
 //! Every slot always holds exactly two sheaves and the barn holds the
@@ -189,6 +206,11 @@ pub struct ClassStats {
 /// See the module documentation.
 pub(crate) struct Cache {
     class: usize,
+    /// The heap's secret (see "Double-free detection").
+    key: usize,
+    /// Offset of the key word in an object: 8, or 0 for the tiny classes
+    /// (objects smaller than 16 bytes).
+    key_off: usize,
     /// Slabs of accounted caches end with an array of owner groups, one
     /// word per object (0: none).
     pub(crate) accounted: bool,
@@ -260,6 +282,7 @@ impl Cache {
         cpus: usize,
         meta: *mut u8,
         rseq: bool,
+        key: usize,
     ) {
         let nslots = cpus * LEVELS;
         let slots = meta as *mut SheafSlot;
@@ -269,6 +292,8 @@ impl Cache {
         unsafe {
             this.write(Cache {
                 class,
+                key,
+                key_off: if SIZES[class] >= 16 { 8 } else { 0 },
                 accounted,
                 index,
                 size: SIZES[class] as usize,
@@ -680,12 +705,12 @@ impl Cache {
             // SAFETY: `free` is a free object of this slab (it was pushed by
             // `return_to_slab`), at least 8 bytes long; its first word is the
             // list link (possibly unaligned: 12-byte classes).
-            let next = unsafe { (free as *const usize).read_unaligned() };
+            let next = unsafe { (free as *const usize).read_unaligned() } ^ self.key;
             d.freelist.store(next, Ordering::Relaxed);
             free
         } else {
             let c = d.carved.load(Ordering::Relaxed);
-            debug_assert!(c < self.objs);
+            crate::check!(c < self.objs, "carving beyond a full slab");
             d.carved.store(c + 1, Ordering::Relaxed);
             zone.addr_of(head) + c * self.size
         };
@@ -796,7 +821,7 @@ impl Cache {
         self.deferred.push(obj, |o, next| {
             // SAFETY: `o` is a validated object being freed (at least 8
             // bytes, owned by this free); its first word becomes the link.
-            unsafe { (o as *mut usize).write_unaligned(next) };
+            unsafe { (o as *mut usize).write_unaligned(next ^ self.key) };
             crate::interrupt_point!(ObjectDeferredPush);
         });
     }
@@ -808,7 +833,7 @@ impl Cache {
         while o != crate::sync::NIL {
             // SAFETY: `o` was pushed by `defer`, which wrote the link there;
             // take_all's Acquire makes that write visible.
-            let next = unsafe { (o as *const usize).read_unaligned() };
+            let next = unsafe { (o as *const usize).read_unaligned() } ^ self.key;
             crate::interrupt_point!(ObjectDeferredDrain);
             self.deferred_count.fetch_sub(1, Ordering::Relaxed);
             self.free_normal(pages, cpu, o);
@@ -904,11 +929,24 @@ impl Cache {
         let (zi, zone, idx) = pages.locate_known(obj);
         let head = idx & !((1u32 << self.order) - 1);
         let d = zone.desc(head);
-        // SAFETY: `obj` is a free object of this slab (validated by the
-        // caller), at least 8 bytes; its first word becomes the list link.
-        unsafe { (obj as *mut usize).write_unaligned(d.freelist.load(Ordering::Relaxed)) };
-        d.freelist.store(obj, Ordering::Relaxed);
         let inuse = d.inuse.load(Ordering::Relaxed) as usize;
+        if inuse == 0 {
+            // More objects came back than went out: a double free that the
+            // key did not catch (two racing frees of one object).
+            pages.fatal(
+                crate::platform::FatalMessage::new()
+                    .text("anyalloc: double free of object ")
+                    .hex(obj)
+                    .text(" (its slab has no object in use)"),
+            );
+        }
+        // SAFETY: `obj` is a free object of this slab (validated by the
+        // caller), at least 8 bytes; its first word becomes the list link
+        // (XOR the key, see "Double-free detection").
+        unsafe {
+            (obj as *mut usize).write_unaligned(d.freelist.load(Ordering::Relaxed) ^ self.key)
+        };
+        d.freelist.store(obj, Ordering::Relaxed);
         d.inuse.store((inuse - 1) as u16, Ordering::Relaxed);
         self.out_of_slabs.fetch_sub(1, Ordering::Relaxed);
         if inuse == self.objs {
@@ -937,6 +975,8 @@ impl Cache {
         for i in 0..(1u32 << self.order) {
             zone.desc(head + i).owner.store(0, Ordering::Relaxed);
         }
+        // Off the partial list, no cache owns its pages, not yet freed.
+        crate::interrupt_point!(ReleaseSlab);
         // SAFETY: the non-null slab address was allocated with this order and
         // every object is back (inuse == 0); nothing refers to it any more.
         unsafe {
@@ -1050,6 +1090,7 @@ impl Cache {
             let mut i = self.node.partial[zi].load(Ordering::Relaxed);
             while i != NIL {
                 let next = zone.desc(i).next.load(Ordering::Relaxed);
+                crate::interrupt_point!(CacheDrain);
                 if zone.desc(i).inuse.load(Ordering::Relaxed) == 0 {
                     self.release_slab(zone, zi, i, pages, &node, Mode::Normal);
                 }
@@ -1098,6 +1139,116 @@ impl Cache {
 
     // ----- validation ------------------------------------------------------------
 
+    /// Both free paths, before the object goes anywhere: the O(1) key test
+    /// (see "Double-free detection"), then the key is written.
+    #[inline(always)]
+    pub(crate) fn check_free(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
+        let kw = (obj + self.key_off) as *mut usize;
+        // SAFETY: `obj` is a validated object of this cache (at least 8
+        // bytes, 16 when `key_off` is 8), owned by this free.
+        let w = unsafe { kw.read_unaligned() } ^ self.key;
+        if w == 0 || (self.key_off == 0 && self.tiny_suspect(pages, zone, w)) {
+            self.suspect_double_free(pages, obj, mode);
+        }
+        // SAFETY: as above.
+        unsafe { kw.write_unaligned(self.key) };
+    }
+
+    /// Tiny classes: whether a first word XOR the key looks like a free
+    /// object's link (the end of the deferred stack, or a heap address:
+    /// the object's own zone first, the others only if there are others).
+    #[inline(never)]
+    fn tiny_suspect(&self, pages: &PageAllocator, zone: &Zone, w: usize) -> bool {
+        w == crate::sync::NIL || zone.contains(w) || (pages.zone_count() > 1 && pages.contains(w))
+    }
+
+    /// Allocation: the object is live, its key word no longer says "free".
+    #[inline(always)]
+    pub(crate) fn clear_free_mark(&self, obj: usize) {
+        // SAFETY: `obj` is an object of this cache being handed out, at
+        // least `key_off + 8` bytes, owned by the allocating context.
+        unsafe { ((obj + self.key_off) as *mut usize).write_unaligned(0) };
+    }
+
+    /// The key matched: abort if the object really is free.
+    #[cold]
+    #[inline(never)]
+    fn suspect_double_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
+        if self.is_free(pages, obj, mode) {
+            pages.fatal(
+                crate::platform::FatalMessage::new()
+                    .text("anyalloc: double free of object ")
+                    .hex(obj),
+            );
+        }
+    }
+
+    /// The exact check: whether `obj` is free in this cache right now: in
+    /// a sheaf of some slot, on the deferred stack, in a barn sheaf or on
+    /// its slab's free list. The sheaves are read without their slot locks
+    /// (a concurrent move may hide the object: then it is not reported);
+    /// the barn and the free list need the node lock, which the nolock path
+    /// only tries (busy: not reported).
+    fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
+        crate::interrupt_point!(DoubleFreeCheck);
+        let in_sheaf = |sh: &Sheaf| {
+            let n = sh.len().min(SHEAF_CAP);
+            sh.objs[..n]
+                .iter()
+                .any(|o| o.load(Ordering::Relaxed) == obj)
+        };
+        if self
+            .slots()
+            .any(|s| in_sheaf(s.main()) || in_sheaf(s.spare()))
+        {
+            return true;
+        }
+        // The deferred stack: take it (we own the chain), look, push back.
+        let mut found = false;
+        let mut o = self.deferred.take_all();
+        while o != crate::sync::NIL {
+            // SAFETY: the chain is ours (take_all); each element was linked
+            // by `defer`, which wrote its first word.
+            let next = unsafe { (o as *const usize).read_unaligned() } ^ self.key;
+            found |= o == obj;
+            self.deferred.push(o, |x, n| {
+                // SAFETY: as above: `x` is a deferred object we own again.
+                unsafe { (x as *mut usize).write_unaligned(n ^ self.key) };
+            });
+            o = next;
+        }
+        if found {
+            return true;
+        }
+        let Some(_node) = self.node.lock.lock_in(mode, pages.platform()) else {
+            return false;
+        };
+        let mut s = self.node.full.load(Ordering::Relaxed);
+        while !s.is_null() {
+            // SAFETY: barn sheaves are cache sheaves; the node lock is held.
+            let sh = unsafe { &*s };
+            if in_sheaf(sh) {
+                return true;
+            }
+            s = sh.next.load(Ordering::Relaxed);
+        }
+        let (_, zone, idx) = pages.locate_known(obj);
+        let d = zone.desc(idx & !((1u32 << self.order) - 1));
+        let mut f = d.freelist.load(Ordering::Relaxed);
+        for _ in 0..self.objs {
+            if f == 0 {
+                break;
+            }
+            if f == obj {
+                return true;
+            }
+            // SAFETY: `f` is on this slab's free list (node lock held): a
+            // free object whose first word is the link XOR the key.
+            f = unsafe { (f as *const usize).read_unaligned() } ^ self.key;
+        }
+        false
+    }
+
     /// Checks that `addr` (in page `idx` of `zone`, owned by this cache) is the
     /// start of an object slot; aborts otherwise.
     #[inline]
@@ -1126,7 +1277,10 @@ impl Cache {
 
     /// Accounted caches: the owner word of object `n` of the slab at `slab`.
     fn owner_word(&self, slab: usize, n: usize) -> &AtomicUsize {
-        debug_assert!(self.accounted && n < self.objs);
+        crate::check!(
+            self.accounted && n < self.objs,
+            "an owner word out of range"
+        );
         let bytes = PAGE_SIZE << self.order;
         let array = slab + bytes - bitmap_bytes(self.class) - self.objs * 8;
         // SAFETY: the owner array is the 8-aligned tail of a live slab of
@@ -1177,7 +1331,7 @@ impl Cache {
         let w = &words[n / bits];
         if allocated {
             let old = w.fetch_or(bit, Ordering::AcqRel);
-            debug_assert!(old & bit == 0, "object handed out twice");
+            crate::check!(old & bit == 0, "an object was handed out twice");
         } else {
             let old = w.fetch_and(!bit, Ordering::AcqRel);
             if old & bit == 0 {

@@ -67,6 +67,8 @@ impl HugeTable {
                     .compare_exchange(cur, BUSY, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
+                // BUSY: lookups pass over the entry, inserts skip it.
+                crate::interrupt_point!(HugeBusy);
                 e.size.store(size, Ordering::Relaxed);
                 e.group.store(group, Ordering::Relaxed);
                 e.addr.store(addr, Ordering::Release);

@@ -93,16 +93,15 @@ mod huge;
 mod loom_model;
 
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::account::{self, Group};
 use crate::config::{Config, Error};
 use crate::page::{Fail, Mode, PageAllocator, PageStats, Zone};
 use crate::platform::FatalMessage;
-use crate::sync::{IndexStack, SlotLock};
+use crate::sync::IndexStack;
 use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
 use cache::{cache_meta_bytes, Cache};
@@ -170,24 +169,77 @@ enum Kind<'a> {
     Huge(usize),
 }
 
-type Shrinker = Arc<dyn Fn(usize) -> usize + Send + Sync>;
+/// One registered shrinker: a node of the registry's append-only list.
+struct ShrinkerNode {
+    f: alloc::boxed::Box<dyn Fn(usize) -> usize + Send + Sync>,
+    next: *mut ShrinkerNode,
+}
 
-/// The registered shrinkers; the lock is only taken in normal context.
+/// The registered shrinkers: an append-only lock-free list (Treiber push,
+/// no removal until the heap is dropped, so no ABA and no reclamation
+/// problem). Registering allocates the node *before* linking it, and
+/// running the shrinkers walks the list without a lock and without
+/// allocating: an allocation made on the way (a shrinker's own, or a
+/// nested reclaim's) can never wait for this registry.
 struct Shrinkers {
-    lock: SlotLock,
-    list: core::cell::UnsafeCell<Vec<Shrinker>>,
+    head: AtomicPtr<ShrinkerNode>,
+    /// The thread running the shrinkers (0: none): a reclaim nested in a
+    /// shrinker on the same thread (the shrinker allocated) does not run
+    /// them again, so reclaim cannot recurse without bound.
+    running: AtomicUsize,
 }
 
 impl Shrinkers {
-    fn with<R>(&self, f: impl FnOnce(&mut Vec<Shrinker>) -> R) -> R {
-        let _g = loop {
-            if let Some(g) = self.lock.try_lock() {
-                break g;
+    const fn new() -> Self {
+        Shrinkers {
+            head: AtomicPtr::new(core::ptr::null_mut()),
+            running: AtomicUsize::new(0),
+        }
+    }
+
+    /// Links a node allocated by the caller (no lock is held while it was
+    /// allocated).
+    fn push(&self, node: alloc::boxed::Box<ShrinkerNode>) {
+        let node = alloc::boxed::Box::into_raw(node);
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `node` is ours until the CAS below publishes it.
+            unsafe { (*node).next = head };
+            crate::interrupt_point!(ShrinkerRegistry);
+            // Release: the node's contents are visible to every walker.
+            match self
+                .head
+                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
             }
-            core::hint::spin_loop();
-        };
-        // SAFETY: the lock is held for the whole access.
-        f(unsafe { &mut *self.list.get() })
+        }
+    }
+
+    /// Calls `f` on every registered shrinker (newest first).
+    fn for_each(&self, mut f: impl FnMut(&(dyn Fn(usize) -> usize + Send + Sync))) {
+        let mut n = self.head.load(Ordering::Acquire);
+        while !n.is_null() {
+            crate::interrupt_point!(ShrinkerRegistry);
+            // SAFETY: published nodes are never freed before the heap is
+            // dropped (`Drop` below), and never change after publication.
+            let node = unsafe { &*n };
+            f(&*node.f);
+            n = node.next;
+        }
+    }
+}
+
+impl Drop for Shrinkers {
+    fn drop(&mut self) {
+        let mut n = *self.head.get_mut();
+        while !n.is_null() {
+            // SAFETY: every node was leaked from a Box by `push` and is
+            // reachable only from this list, which nobody uses any more.
+            let node = unsafe { alloc::boxed::Box::from_raw(n) };
+            n = node.next;
+        }
     }
 }
 
@@ -374,6 +426,7 @@ impl Heap {
         let (caches_off, per_cache, huge_off, _) = meta_layout(cpus);
         let caches = meta.wrapping_add(caches_off) as *mut Cache;
         let areas = caches_off + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+        let key = free_key(meta as usize);
         for i in 0..CACHES {
             let (class, accounted) = (i % CLASSES, i >= CLASSES);
             // SAFETY: cache `i` and its slot/sheaf area lie inside `meta`
@@ -387,6 +440,7 @@ impl Heap {
                     cpus,
                     meta.add(areas + i * per_cache),
                     rseq,
+                    key,
                 )
             };
         }
@@ -401,10 +455,7 @@ impl Heap {
             #[cfg(feature = "std")]
             huge_deferred: IndexStack::new(),
             released_groups: IndexStack::new(),
-            shrinkers: Shrinkers {
-                lock: SlotLock::new(),
-                list: core::cell::UnsafeCell::new(Vec::new()),
-            },
+            shrinkers: Shrinkers::new(),
             large_live: AtomicUsize::new(0),
             huge_live: AtomicUsize::new(0),
             nolock_large_ok: AtomicU64::new(0),
@@ -531,11 +582,16 @@ impl Heap {
     /// the given number of bytes of the caller's own caches, returning how
     /// many it freed. The heap runs shrinkers when a zone falls below its
     /// min watermark, when an accounting group is over its limit, and (the
-    /// maintainer) below the low watermark. A shrinker must not register
-    /// shrinkers.
+    /// maintainer) below the low watermark. Shrinkers may run on several
+    /// threads at once; a reclaim started inside a shrinker (it allocated)
+    /// does not call the shrinkers again on that thread. Normal context
+    /// (it allocates; no lock is held meanwhile).
     pub fn register_shrinker(&self, shrinker: impl Fn(usize) -> usize + Send + Sync + 'static) {
-        let s: Shrinker = Arc::new(shrinker);
-        self.core().shrinkers.with(|l| l.push(s));
+        let node = alloc::boxed::Box::new(ShrinkerNode {
+            f: alloc::boxed::Box::new(shrinker),
+            next: core::ptr::null_mut(),
+        });
+        self.core().shrinkers.push(node);
     }
 
     /// Normal context: every cached and deferred object back to its slab,
@@ -582,7 +638,7 @@ impl Heap {
 impl HeapCore {
     #[inline]
     fn cache(&self, i: usize) -> &Cache {
-        debug_assert!(i < CACHES);
+        crate::check!(i < CACHES, "a cache index out of range");
         // SAFETY: `caches` has CACHES initialised entries (build) that live
         // as long as the heap.
         unsafe { &*self.caches.add(i) }
@@ -620,8 +676,9 @@ impl HeapCore {
     fn alloc_once(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
-                let obj = self.cache(base + c).alloc(&self.pages)?;
-                Some(self.hand_out(obj))
+                let cache = self.cache(base + c);
+                let obj = cache.alloc(&self.pages)?;
+                Some(self.hand_out(cache, obj))
             }
             None => self.alloc_large(layout),
         }
@@ -641,7 +698,8 @@ impl HeapCore {
     }
 
     #[inline]
-    fn hand_out(&self, obj: usize) -> NonNull<u8> {
+    fn hand_out(&self, cache: &Cache, obj: usize) -> NonNull<u8> {
+        cache.clear_free_mark(obj);
         #[cfg(feature = "debug-checks")]
         if let Some(Kind::Object(cache, zone, idx)) = self.classify(obj) {
             cache.mark(&self.pages, zone, idx, obj, true);
@@ -717,6 +775,7 @@ impl HeapCore {
             Kind::Object(cache, zone, idx) => {
                 #[cfg(feature = "debug-checks")]
                 cache.mark(&self.pages, zone, idx, addr, false);
+                cache.check_free(&self.pages, zone, addr, mode);
                 if cache.accounted {
                     self.uncharge_object(cache, zone, idx, addr);
                 }
@@ -772,6 +831,8 @@ impl HeapCore {
                 ", which is not a live allocation of this heap (double free?)",
             )
         };
+        // Unregistered, still mapped, not yet released or parked.
+        crate::interrupt_point!(FreeHuge);
         self.huge_live.fetch_sub(1, Ordering::Relaxed);
         self.uncharge(group, size);
         match mode {
@@ -802,16 +863,20 @@ impl HeapCore {
     fn alloc_nolock_from(&self, layout: Layout, base: usize) -> Option<NonNull<u8>> {
         match class::class_for(layout.size(), layout.align()) {
             Some(c) => {
-                let r = match self.cache(base + c).alloc_nolock(&self.pages) {
+                let mut cache = self.cache(base + c);
+                let r = match cache.alloc_nolock(&self.pages) {
                     Err(Fail::Busy) => match class::next_class(c, layout.align()) {
                         // Re-entered this class everywhere: the next class up.
-                        Some(n) => self.cache(base + n).alloc_nolock(&self.pages),
+                        Some(n) => {
+                            cache = self.cache(base + n);
+                            cache.alloc_nolock(&self.pages)
+                        }
                         None => Err(Fail::Busy),
                     },
                     r => r,
                 };
                 match r {
-                    Ok(obj) => Some(self.hand_out(obj)),
+                    Ok(obj) => Some(self.hand_out(cache, obj)),
                     // Both classes re-entered (or no larger class: 8 KiB):
                     // a page block (at most 2 pages for a small request).
                     Err(Fail::Busy) => self.alloc_large_nolock(layout),
@@ -858,6 +923,7 @@ impl HeapCore {
                     (a as *const usize).add(1).read(),
                 )
             };
+            crate::interrupt_point!(HugeDeferredDrain);
             // SAFETY: the mapping was unregistered by free_nolock; only this
             // drain (which took the whole stack) releases it.
             unsafe { crate::platform::os_release(a as *mut u8, size) };
@@ -975,14 +1041,37 @@ impl HeapCore {
         self.drain();
     }
 
+    /// Calls every shrinker: no lock held, nothing allocated here. A call
+    /// nested in a shrinker on the same thread returns at once.
     fn run_shrinkers(&self) {
+        let me = crate::platform::thread_token();
+        let running = &self.shrinkers.running;
+        let owner = running.load(Ordering::Relaxed);
+        if owner == me {
+            return; // inside one of our own shrinkers
+        }
+        // Record this thread unless another one is running them (then both
+        // run, as shrinkers may; only the recorded one is guarded).
+        let mine = owner == 0
+            && running
+                .compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        /// Clears the owner word even if a shrinker unwinds.
+        struct Owned<'a>(Option<&'a AtomicUsize>);
+        impl Drop for Owned<'_> {
+            fn drop(&mut self) {
+                if let Some(r) = self.0 {
+                    r.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+        let _owned = Owned(mine.then_some(running));
         self.reclaims.fetch_add(1, Ordering::Relaxed);
-        let list: Vec<Shrinker> = self.shrinkers.with(|l| l.clone());
-        for s in list {
+        self.shrinkers.for_each(|s| {
             let freed = s(RECLAIM_BYTES);
             self.shrinker_freed
                 .fetch_add(freed as u64, Ordering::Relaxed);
-        }
+        });
     }
 
     fn drain(&self) {
@@ -1162,6 +1251,26 @@ impl HeapCore {
         // SAFETY: per the caller.
         unsafe { self.maint_lock.force_unlock(self.pages.platform()) };
     }
+}
+
+/// The heap's double-free key (see `cache`'s "Double-free detection"): a
+/// mix of the heap's address, a stack address and a process-wide counter,
+/// made non-canonical (top 16 bits 0xa5c3) so that it is never an address
+/// the heap manages.
+fn free_key(seed: usize) -> usize {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0x2545_f491_4f6c_dd1d);
+    let local = 0u8;
+    let mut x = (seed
+        ^ (&local as *const u8 as usize).rotate_left(29)
+        ^ COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)) as u64;
+    // splitmix64's finaliser.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    #[cfg(target_pointer_width = "64")]
+    return (x as usize & ((1 << 48) - 1)) | 0xa5c3 << 48;
+    #[cfg(not(target_pointer_width = "64"))]
+    return x as usize | 3; // never 4-aligned: never an object's address
 }
 
 /// The page order serving a large request, or `None` beyond MAX_ORDER.

@@ -72,7 +72,7 @@ impl IndexStack {
     /// element's link. The caller owns `index` exclusively until this returns.
     #[inline]
     pub fn push(&self, index: usize, mut set_link: impl FnMut(usize, usize)) {
-        debug_assert_ne!(index, NIL);
+        crate::check!(index != NIL, "NIL pushed on a lock-free stack");
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
             set_link(index, head);

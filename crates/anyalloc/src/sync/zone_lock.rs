@@ -209,6 +209,7 @@ impl Drop for ZoneGuard<'_> {
 #[cfg(not(loom))]
 #[cold]
 fn wake(platform: &dyn Platform, word: &AtomicU32) {
+    crate::interrupt_point!(ZoneWake);
     platform.wake_one(word);
 }
 

@@ -1,0 +1,388 @@
+//! Re-entry at every instruction of the object allocator (x86-64 Linux):
+//! as `page_singlestep.rs` does for pages, the driver runs with the trap
+//! flag set, so `SIGTRAP` follows every instruction, and the handler, at
+//! every instruction address it has not seen before, runs one nolock
+//! allocation and one nolock free (of the object it allocated at the
+//! previous new address) on the same heap, as a signal landing there would.
+//!
+//! Three phases, each on a fresh heap with its own set of seen addresses:
+//!
+//! 1. `Heap::alloc` / `Heap::free` (the normal path): sheaf hits, spare
+//!    swaps, refills from the barn and the slabs, flushes, large blocks;
+//! 2. `Heap::alloc_nolock` / `Heap::free_nolock` and the page allocator's
+//!    nolock calls: the nolock path interrupted by a nested nolock caller;
+//! 3. the normal and nolock paths with two CPU slot sets, the other set
+//!    stocked first (by running on the other CPU when the machine has
+//!    one): a handler that finds this CPU's slots held or empty takes the
+//!    other-CPU route.
+//!
+//! Asserted per phase: many distinct instruction addresses interrupted,
+//! nolock allocations succeeded there, every object kept its pattern, and
+//! afterwards nothing is in use and every page is back. The report lists
+//! the allocator's functions by interrupted addresses.
+
+#![cfg(all(target_arch = "x86_64", target_os = "linux"))]
+
+mod common;
+
+use std::alloc::Layout;
+use std::collections::BTreeMap;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use anyalloc::{Config, Heap};
+
+/// Steps after which the handler stops stepping (bounds the run time).
+const MAX_STEPS: u64 = 3_000_000;
+const TF: i64 = 0x100;
+
+static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+static STEPPING: AtomicBool = AtomicBool::new(false);
+static STEPS: AtomicU64 = AtomicU64::new(0);
+static DISTINCT: AtomicU64 = AtomicU64::new(0);
+static NOLOCK_OK: AtomicU64 = AtomicU64::new(0);
+static NOLOCK_FAIL: AtomicU64 = AtomicU64::new(0);
+static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+/// The object the handler allocated at the previous new address.
+static CARRY: AtomicUsize = AtomicUsize::new(0);
+
+const SEEN_SLOTS: usize = 1 << 16;
+static SEEN: [AtomicUsize; SEEN_SLOTS] = [const { AtomicUsize::new(0) }; SEEN_SLOTS];
+
+fn insert_seen(rip: usize) -> bool {
+    let mut i = (common::mix64(rip as u64) as usize) % SEEN_SLOTS;
+    for _ in 0..SEEN_SLOTS {
+        match SEEN[i].compare_exchange(0, rip, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(v) if v == rip => return false,
+            Err(_) => i = (i + 1) % SEEN_SLOTS,
+        }
+    }
+    false
+}
+
+// ----- objects: handles and patterns ------------------------------------------
+
+/// A handle: the address (below 2^47) and the size (bits 47..).
+fn pack(p: NonNull<u8>, size: usize) -> usize {
+    p.as_ptr() as usize | size << 47
+}
+
+fn unpack(h: usize) -> (*mut u8, usize) {
+    ((h & ((1 << 47) - 1)) as *mut u8, h >> 47)
+}
+
+fn pattern(h: usize, i: usize) -> u8 {
+    ((h >> 4) as u8) ^ (h >> 47) as u8 ^ (i as u8).wrapping_mul(29)
+}
+
+/// # Safety
+/// The caller owns the object behind `h`.
+unsafe fn fill(h: usize) {
+    let (p, size) = unpack(h);
+    for i in 0..size {
+        // SAFETY: inside the caller's object.
+        unsafe { p.add(i).write(pattern(h, i)) };
+    }
+}
+
+/// # Safety
+/// As for [`fill`].
+unsafe fn intact(h: usize) -> bool {
+    let (p, size) = unpack(h);
+    // SAFETY: as in `fill`.
+    (0..size).all(|i| unsafe { p.add(i).read() } == pattern(h, i))
+}
+
+const HANDLER_SIZES: [usize; 4] = [8, 64, 1000, 20_000];
+
+fn layout(size: usize) -> Layout {
+    Layout::from_size_align(size, 8).unwrap()
+}
+
+/// Checks and nolock-frees a handle (0: none).
+fn free_checked(heap: &Heap, h: usize) {
+    if h == 0 {
+        return;
+    }
+    // SAFETY: `h` came out of a single owner (CARRY, or the driver).
+    if !unsafe { intact(h) } {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: a live object of `heap`, owned here.
+    unsafe { heap.free_nolock(NonNull::new_unchecked(unpack(h).0)) };
+}
+
+extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let _errno = common::ErrnoGuard::save();
+    // SAFETY: the kernel passes a valid, writable ucontext_t to SA_SIGINFO
+    // handlers; its general registers are what the thread resumes with.
+    let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
+    let steps = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
+    if !STEPPING.load(Ordering::Relaxed) || steps >= MAX_STEPS {
+        gregs[libc::REG_EFL as usize] &= !TF;
+        return;
+    }
+    let rip = gregs[libc::REG_RIP as usize] as usize;
+    if !insert_seen(rip) {
+        return;
+    }
+    let n = DISTINCT.fetch_add(1, Ordering::Relaxed);
+    let heap = HEAP.load(Ordering::Acquire);
+    if heap.is_null() {
+        return;
+    }
+    // SAFETY: set before stepping starts, cleared only after it ended; the
+    // heap outlives the phase.
+    let heap = unsafe { &*heap };
+    let size = HANDLER_SIZES[(n % 4) as usize];
+    match heap.alloc_nolock(layout(size)) {
+        Some(p) => {
+            NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+            let h = pack(p, size);
+            // SAFETY: just allocated: this handler owns it.
+            unsafe { fill(h) };
+            free_checked(heap, CARRY.swap(h, Ordering::Relaxed));
+        }
+        None => {
+            NOLOCK_FAIL.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sets the trap flag: a `SIGTRAP` follows every instruction from here on.
+#[inline(always)]
+fn trap_on() {
+    // SAFETY: only RFLAGS.TF changes; pushfq/popfq balance the stack.
+    unsafe { std::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
+}
+
+#[inline(always)]
+fn trap_off() {
+    // SAFETY: as in `trap_on`.
+    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], ~0x100", "popfq") };
+}
+
+fn stepped_alloc(heap: &Heap, size: usize, nolock: bool) -> usize {
+    trap_on();
+    let p = if nolock {
+        heap.alloc_nolock(layout(size))
+    } else {
+        heap.alloc(layout(size))
+    };
+    trap_off();
+    let h = pack(p.expect("memory to spare"), size);
+    // SAFETY: just allocated: owned by the driver.
+    unsafe { fill(h) };
+    h
+}
+
+fn stepped_free(heap: &Heap, h: usize, nolock: bool) {
+    // SAFETY: owned by the driver until the free below.
+    if !unsafe { intact(h) } {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: a live object of `heap`, not used afterwards.
+    let p = unsafe { NonNull::new_unchecked(unpack(h).0) };
+    trap_on();
+    // SAFETY: as above.
+    unsafe {
+        if nolock {
+            heap.free_nolock(p)
+        } else {
+            heap.free(p)
+        }
+    };
+    trap_off();
+}
+
+fn stepped_pages(heap: &Heap, order: u32) {
+    trap_on();
+    let p = heap.pages().alloc_pages_nolock(order);
+    trap_off();
+    if let Some(p) = p {
+        trap_on();
+        // SAFETY: allocated just above with `order`.
+        unsafe { heap.pages().free_pages_nolock(p, order) };
+        trap_off();
+    }
+}
+
+/// The driver's workload: `rounds` rounds of allocations and frees of
+/// several sizes, enough of one class to go through main, spare, the barn
+/// and the slabs; `nolock` selects the path.
+fn workload(heap: &Heap, rounds: usize, nolock: bool) {
+    for round in 0..rounds {
+        let mut held = Vec::new();
+        for &size in &[24usize, 64, 512, 4000, 12_000] {
+            for _ in 0..3 {
+                held.push(stepped_alloc(heap, size, nolock));
+            }
+        }
+        // One class through every level: main, spare, barn, slabs.
+        let many: Vec<usize> = (0..80).map(|_| stepped_alloc(heap, 64, nolock)).collect();
+        for (i, h) in many.into_iter().enumerate() {
+            stepped_free(heap, h, nolock ^ (i % 4 == 3));
+        }
+        if nolock {
+            for order in 0..=3 {
+                stepped_pages(heap, order);
+            }
+        }
+        for (i, h) in held.into_iter().enumerate().rev() {
+            stepped_free(heap, h, nolock ^ ((round + i) % 3 == 0));
+        }
+    }
+}
+
+struct Phase {
+    name: &'static str,
+    steps: u64,
+    distinct: u64,
+    ok: u64,
+    fail: u64,
+    /// Interrupted addresses per function of the allocator.
+    functions: BTreeMap<String, usize>,
+}
+
+/// Runs `body` stepped on `heap`, then checks and resets the shared state.
+fn phase(name: &'static str, heap: &'static Heap, body: impl FnOnce(&'static Heap)) -> Phase {
+    for s in &SEEN {
+        s.store(0, Ordering::Relaxed);
+    }
+    for c in [&STEPS, &DISTINCT, &NOLOCK_OK, &NOLOCK_FAIL] {
+        c.store(0, Ordering::Relaxed);
+    }
+    HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
+    STEPPING.store(true, Ordering::SeqCst);
+    body(heap);
+    STEPPING.store(false, Ordering::SeqCst);
+    HEAP.store(std::ptr::null_mut(), Ordering::Release);
+    free_checked(heap, CARRY.swap(0, Ordering::Relaxed));
+    heap.drain();
+    let s = heap.stats();
+    assert_eq!(
+        VIOLATIONS.load(Ordering::Relaxed),
+        0,
+        "{name}: damaged objects"
+    );
+    assert_eq!(
+        (s.objects_in_use, s.large_in_use),
+        (0, 0),
+        "{name}: objects left"
+    );
+    assert_eq!(
+        s.pages.free_pages, s.pages.total_pages,
+        "{name}: pages lost"
+    );
+    assert_eq!(s.pages.buddy_pages, s.pages.total_pages, "{name}");
+    assert_eq!(heap.pages().check_invariants(), Ok(()), "{name}");
+    // Which of the allocator's functions the interrupted addresses are in
+    // (symbolised after the run: the handler must not).
+    let mut functions = BTreeMap::new();
+    for rip in SEEN.iter().map(|s| s.load(Ordering::Relaxed)) {
+        if rip == 0 {
+            continue;
+        }
+        let mut name = None;
+        backtrace::resolve(rip as *mut std::ffi::c_void, |sym| {
+            if name.is_none() {
+                name = sym.name().map(|n| format!("{n:#}"));
+            }
+        });
+        if let Some(n) = name.filter(|n| n.starts_with("anyalloc::")) {
+            *functions.entry(n).or_insert(0) += 1;
+        }
+    }
+    Phase {
+        name,
+        steps: STEPS.load(Ordering::Relaxed),
+        distinct: DISTINCT.load(Ordering::Relaxed),
+        ok: NOLOCK_OK.load(Ordering::Relaxed),
+        fail: NOLOCK_FAIL.load(Ordering::Relaxed),
+        functions,
+    }
+}
+
+fn new_heap(cpus: usize) -> &'static Heap {
+    Box::leak(Box::new(
+        Heap::new(
+            Config::default()
+                .memory(32 << 20)
+                .cpus(cpus)
+                .grow(false)
+                .maintenance(false),
+        )
+        .unwrap(),
+    ))
+}
+
+#[test]
+fn nolock_reentry_at_every_instruction_of_the_object_allocator() {
+    let home = common::current_cpu();
+    common::pin_to_cpu(home);
+    common::install_handler(libc::SIGTRAP, on_trap);
+    let mut phases = Vec::new();
+
+    phases.push(phase("normal path", new_heap(1), |h| workload(h, 3, false)));
+    phases.push(phase("nolock path", new_heap(1), |h| workload(h, 3, true)));
+
+    // Two CPU slot sets: stock the other set first (from the other CPU, if
+    // this thread may run there), then step on this CPU.
+    let two = new_heap(2);
+    let other = (home + 1) % 2;
+    let moved = common::pin_to_cpu(other) && common::current_cpu() % 2 == other;
+    if moved {
+        let objs: Vec<NonNull<u8>> = (0..40).map(|_| two.alloc(layout(64)).unwrap()).collect();
+        for p in objs {
+            // SAFETY: allocated just above.
+            unsafe { two.free(p) };
+        }
+        for order in 0..=3 {
+            let p = two.pages().alloc_pages(order).unwrap();
+            // SAFETY: allocated just above with `order`.
+            unsafe { two.pages().free_pages(p, order) };
+        }
+    }
+    common::pin_to_cpu(home);
+    let stocked_other = two.stats().classes.iter().any(|c| c.cached_in_sheaves > 0);
+    phases.push(phase("2 CPU slot sets", two, |h| {
+        workload(h, 2, false);
+        workload(h, 2, true);
+    }));
+
+    for p in &phases {
+        println!(
+            "{}: {} steps, {} distinct instruction addresses interrupted, nolock alloc+free \
+             there: {} ok, {} failed; in {} allocator functions",
+            p.name,
+            p.steps,
+            p.distinct,
+            p.ok,
+            p.fail,
+            p.functions.len()
+        );
+        let mut top: Vec<(&String, &usize)> = p.functions.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        for (f, n) in top.iter().take(12) {
+            println!("    {n:>5}  {f}");
+        }
+    }
+    println!("other CPU's slots stocked before phase 3: {stocked_other} (ran there: {moved})");
+    for p in &phases {
+        assert!(p.steps < MAX_STEPS, "{}: step budget exhausted", p.name);
+        assert!(
+            p.distinct > 500,
+            "{}: only {} distinct instructions were interrupted",
+            p.name,
+            p.distinct
+        );
+        assert!(
+            p.ok > p.distinct / 2,
+            "{}: nolock re-entry mostly failed: {} of {}",
+            p.name,
+            p.ok,
+            p.distinct
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! A wrong free of a block the maintainer is returning to the OS aborts
+//! (issue 12, item 7).
+//!
+//! While the maintainer `madvise`s an idle free block it holds no zone
+//! lock, and the block is off every free list. It used to be marked
+//! `ALLOCATED` meanwhile, so a (wrong) `free_pages` of it passed
+//! validation and put it on a free list, and the maintainer then inserted
+//! it a second time: the block could be handed out twice. It is now
+//! `RELEASING`, which the free's claim rejects with a one-line message.
+//!
+//! Deterministic with an interrupt point (feature `interrupt-points`): the
+//! hook at `ReleaseWindow` frees the block being released. The scenario runs
+//! in a child process (this binary re-executed with `ANYALLOC_BAD_INPUT`
+//! set); the parent requires `SIGABRT` and exactly the announced line.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::Command;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::{Config, Heap, MAX_ORDER};
+
+const VAR: &str = "ANYALLOC_BAD_INPUT";
+
+static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+/// The block to free (wrongly) inside the release window.
+static VICTIM: AtomicUsize = AtomicUsize::new(0);
+
+fn hook(site: Site) {
+    if site != Site::ReleaseWindow {
+        return;
+    }
+    let p = VICTIM.swap(0, Ordering::Relaxed);
+    if p != 0 {
+        // SAFETY: deliberately wrong: the block was freed already and is
+        // being released by the maintenance pass this hook interrupted; the
+        // allocator must detect it and abort.
+        let heap = unsafe { &*HEAP.load(Ordering::Acquire) };
+        // SAFETY: as above.
+        unsafe {
+            heap.pages()
+                .free_pages(NonNull::new(p as *mut u8).unwrap(), MAX_ORDER)
+        };
+    }
+}
+
+fn child() {
+    let heap: &'static Heap = Box::leak(Box::new(
+        Heap::new(
+            Config::default()
+                .memory(16 << 20)
+                .cpus(1)
+                .grow(false)
+                .maintenance(false),
+        )
+        .unwrap(),
+    ));
+    HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
+    // A max-order block, used and freed: the only free block whose memory
+    // is not yet back with the OS (the untouched ones are marked released).
+    let p = heap.pages().alloc_pages(MAX_ORDER).unwrap();
+    // SAFETY: touching our own block, then a valid free.
+    unsafe {
+        p.as_ptr().write_bytes(0x5a, 4096);
+        heap.pages().free_pages(p, MAX_ORDER);
+    }
+    VICTIM.store(p.as_ptr() as usize, Ordering::Relaxed);
+    println!(
+        "\nEXPECT anyalloc: double free of page {:#x}, a free block being returned to the OS (order {MAX_ORDER})",
+        p.as_ptr() as usize
+    );
+    set_hook(Some(hook));
+    // Idle for two epochs: the second pass releases it, and the hook frees
+    // it inside the madvise window.
+    for _ in 0..3 {
+        heap.maintain();
+    }
+    set_hook(None);
+    let released = heap.stats().released_to_os_bytes;
+    println!(
+        "SURVIVED (released {released} bytes, victim left {:#x})",
+        VICTIM.load(Ordering::Relaxed)
+    );
+    std::process::exit(0);
+}
+
+#[test]
+fn wrong_free_inside_the_release_window_aborts() {
+    if std::env::var_os(VAR).is_some() {
+        child();
+    }
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "wrong_free_inside_the_release_window_aborts",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(VAR, "release_window");
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setrlimit, which is async-signal-safe (no core dump files).
+    unsafe {
+        cmd.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            Ok(())
+        });
+    }
+    let mut c = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read(Box::new(c.stdout.take().unwrap()));
+    let err = read(Box::new(c.stderr.take().unwrap()));
+    // A watchdog, not a timing assertion: the child needs milliseconds; a
+    // block inserted twice can make a free-list walk loop forever.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            c.kill().unwrap();
+            let _ = c.wait();
+            panic!(
+                "the child hung (a corrupted free list?)\nstdout:\n{}",
+                out.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    assert!(
+        !stdout.contains("SURVIVED"),
+        "the wrong free was accepted:\n{stdout}"
+    );
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "the child was not killed by SIGABRT: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        status
+    );
+    let expected = stdout
+        .lines()
+        .find_map(|l| l.split_once("EXPECT ").map(|(_, m)| m))
+        .expect("the child announced its message");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("anyalloc:"))
+        .collect();
+    assert_eq!(lines, [expected], "stderr:\n{stderr}");
+    println!("aborted with: {}", lines[0]);
+}
