@@ -267,23 +267,40 @@ pub(crate) const fn objects_per_slab(c: usize, accounted: bool) -> usize {
     room / per_object
 }
 
+/// What one cache is: its place in the heap, its class, and the heap-wide
+/// choices it shares.
+pub(crate) struct CacheSetup {
+    /// Index of the cache in the heap (owner ids are index + 1).
+    pub(crate) index: usize,
+    /// Size class.
+    pub(crate) class: usize,
+    /// Whether objects carry an owner group word.
+    pub(crate) accounted: bool,
+    /// CPU slot sets.
+    pub(crate) cpus: usize,
+    /// The fast path runs as restartable sequences.
+    pub(crate) rseq: bool,
+    /// The heap's double-free key.
+    pub(crate) key: usize,
+}
+
 impl Cache {
-    /// Initialises cache `class` at `this`, with its slots and sheaves in
-    /// `meta` (zero-filled, `cache_meta_bytes(cpus)` long, 64-byte aligned).
+    /// Initialises the cache `setup` describes at `this`, with its slots
+    /// and sheaves in `meta` (zero-filled, `cache_meta_bytes(cpus)` long,
+    /// 64-byte aligned).
     ///
     /// # Safety
     /// `this` and `meta` are valid for writes, suitably aligned, zero-filled
     /// (meta), and live and unused by anything else as long as the cache.
-    pub(crate) unsafe fn init(
-        this: *mut Cache,
-        index: usize,
-        class: usize,
-        accounted: bool,
-        cpus: usize,
-        meta: *mut u8,
-        rseq: bool,
-        key: usize,
-    ) {
+    pub(crate) unsafe fn init(this: *mut Cache, setup: CacheSetup, meta: *mut u8) {
+        let CacheSetup {
+            index,
+            class,
+            accounted,
+            cpus,
+            rseq,
+            key,
+        } = setup;
         let nslots = cpus * LEVELS;
         let slots = meta as *mut SheafSlot;
         let sheaves = meta.wrapping_add(nslots * core::mem::size_of::<SheafSlot>()) as *mut Sheaf;

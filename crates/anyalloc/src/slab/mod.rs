@@ -104,7 +104,7 @@ use crate::platform::FatalMessage;
 use crate::sync::IndexStack;
 use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
-use cache::{cache_meta_bytes, Cache};
+use cache::{cache_meta_bytes, Cache, CacheSetup};
 pub(crate) use class::CLASSES;
 
 /// `owner` of the head page of a large (page-backed) allocation.
@@ -434,13 +434,15 @@ impl Heap {
             unsafe {
                 Cache::init(
                     caches.add(i),
-                    i,
-                    class,
-                    accounted,
-                    cpus,
+                    CacheSetup {
+                        index: i,
+                        class,
+                        accounted,
+                        cpus,
+                        rseq,
+                        key,
+                    },
                     meta.add(areas + i * per_cache),
-                    rseq,
-                    key,
                 )
             };
         }

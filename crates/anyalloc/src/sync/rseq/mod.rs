@@ -87,7 +87,12 @@ pub(crate) use fallback::{lock_slot, sheaf_pop, sheaf_push};
 
 /// Why a sequence did not commit. On `Err`, nothing changed.
 #[cfg_attr(
-    not(all(feature = "std", target_os = "linux", target_env = "gnu", target_arch = "x86_64")),
+    not(all(
+        feature = "std",
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    )),
     allow(dead_code)
 )]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
