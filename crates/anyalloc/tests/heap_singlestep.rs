@@ -20,6 +20,11 @@
 //! nolock allocations succeeded there, every object kept its pattern, and
 //! afterwards nothing is in use and every page is back. The report lists
 //! the allocator's functions by interrupted addresses.
+//!
+//! The heaps use the try-locked fast path (`Config::rseq(false)`): the trap
+//! flag cannot step through a restartable sequence (each step aborts it at
+//! its first instruction); `heap_rseq_singlestep.rs` covers those with
+//! execution breakpoints.
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
@@ -311,7 +316,8 @@ fn new_heap(cpus: usize) -> &'static Heap {
                 .memory(32 << 20)
                 .cpus(cpus)
                 .grow(false)
-                .maintenance(false),
+                .maintenance(false)
+                .rseq(false),
         )
         .unwrap(),
     ))
