@@ -62,6 +62,15 @@ pub trait Platform: Sync {
         let _ = word;
     }
 
+    /// An id of the current thread (or context) that no other live thread
+    /// shares, for the zone lock's owner word; 0 (the default) means
+    /// unknown: then a context that waits for a lock its own thread holds is
+    /// not caught. Any context. With std the crate uses its own thread id
+    /// and never calls this.
+    fn thread_id(&self) -> usize {
+        0
+    }
+
     /// Heap corruption was detected (double free, foreign pointer): report
     /// the one-line `message` and stop. Any context: must not allocate.
     fn fatal(&self, message: &[u8]) -> ! {
