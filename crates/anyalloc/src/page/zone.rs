@@ -612,7 +612,11 @@ impl Zone {
     /// it holds at most `target` pages.
     #[cold]
     pub(crate) fn pcp_drain_to(&self, slot: &PcpSlot, s: &SlotGuard<'_>, target: u32) {
-        let g = self.lock.lock(self.platform);
+        // `None`: this thread holds the zone lock (it interrupted itself);
+        // the slot stays above `high` until a later drain.
+        let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+            return;
+        };
         self.pcp_drain_locked(slot, s, target, &g);
         self.drain_deferred(&g);
     }
@@ -638,7 +642,9 @@ impl Zone {
     /// Normal context: every slot that can be taken and the deferred stack
     /// back to the buddy lists. Slots held by other contexts are skipped.
     pub(crate) fn drain_all(&self) {
-        let g = self.lock.lock(self.platform);
+        let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+            return; // held by this very thread: nothing to do now
+        };
         for slot in self.slots() {
             if let Some(s) = slot.lock.try_lock() {
                 self.pcp_drain_locked(slot, &s, 0, &g);
@@ -673,7 +679,9 @@ impl Zone {
             let Some(s) = slot.lock.try_lock() else {
                 continue;
             };
-            let g = self.lock.lock(self.platform);
+            let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+                return;
+            };
             self.drain_deferred(&g);
             if decay {
                 self.pcp_drain_locked(slot, &s, 0, &g);
@@ -697,7 +705,9 @@ impl Zone {
     pub(crate) fn release_idle_blocks(&self, epoch: usize, age: usize, budget: usize) -> usize {
         let mut bytes = 0;
         for _ in 0..budget {
-            let g = self.lock.lock(self.platform);
+            let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+                return bytes;
+            };
             let Some((pick, order)) = self.idle_block(epoch, age) else {
                 return bytes;
             };

@@ -62,7 +62,7 @@ use crate::account::{self, Group};
 use crate::config::{Config, Error};
 use crate::page::{Fail, Mode, PageAllocator, PageStats, Zone};
 use crate::platform::FatalMessage;
-use crate::sync::{IndexStack, SlotLock};
+use crate::sync::{IndexStack, RegistryLock};
 use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
 use cache::{cache_meta_bytes, Cache};
@@ -118,22 +118,21 @@ enum Kind<'a> {
 
 type Shrinker = Arc<dyn Fn(usize) -> usize + Send + Sync>;
 
-/// The registered shrinkers; the lock is only taken in normal context.
+/// The registered shrinkers; the lock is only taken in normal context (and
+/// by the global heap's fork handler).
 struct Shrinkers {
-    lock: SlotLock,
+    lock: RegistryLock,
     list: core::cell::UnsafeCell<Vec<Shrinker>>,
 }
 
 impl Shrinkers {
-    fn with<R>(&self, f: impl FnOnce(&mut Vec<Shrinker>) -> R) -> R {
-        let _g = loop {
-            if let Some(g) = self.lock.try_lock() {
-                break g;
-            }
-            core::hint::spin_loop();
-        };
+    /// Runs `f` on the list under the lock (spinning while another thread
+    /// holds it); `None` without running it when this thread holds it (it
+    /// interrupted itself there).
+    fn with<R>(&self, f: impl FnOnce(&mut Vec<Shrinker>) -> R) -> Option<R> {
+        let _g = self.lock.lock()?;
         // SAFETY: the lock is held for the whole access.
-        f(unsafe { &mut *self.list.get() })
+        Some(f(unsafe { &mut *self.list.get() }))
     }
 }
 
@@ -167,6 +166,9 @@ pub(crate) struct HeapCore {
     passes: AtomicU64,
     epoch: AtomicUsize,
     released_bytes: AtomicU64,
+    /// Fork: whether `lock_all` took the shrinker registry.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    fork_registry: AtomicBool,
 }
 
 /// The object allocator. See the module documentation.
@@ -313,7 +315,7 @@ impl Heap {
             huge_deferred: IndexStack::new(),
             released_groups: IndexStack::new(),
             shrinkers: Shrinkers {
-                lock: SlotLock::new(),
+                lock: RegistryLock::new(),
                 list: core::cell::UnsafeCell::new(Vec::new()),
             },
             large_live: AtomicUsize::new(0),
@@ -329,6 +331,7 @@ impl Heap {
             passes: AtomicU64::new(0),
             epoch: AtomicUsize::new(0),
             released_bytes: AtomicU64::new(0),
+            fork_registry: AtomicBool::new(false),
         };
         let core_ptr = meta as *mut HeapCore;
         // SAFETY: the core's place is the start of `meta`, aligned and ours.
@@ -374,15 +377,47 @@ impl Heap {
     /// Allocates memory for `layout` (any power-of-two alignment; objects up
     /// to 8 KiB come from size classes). Normal context: may wait on a lock,
     /// reclaim and grow. `None` when memory is exhausted.
+    ///
+    /// Called by a thread already inside the allocator (a signal handler
+    /// that interrupted it) or inside a nolock scope, it takes the nolock
+    /// path instead (see [`crate::context`]); so do `alloc_zeroed`,
+    /// `alloc_in` and `free`, while `drain` and `maintain` do nothing.
     #[inline]
     pub fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+        crate::context::might_wait("Heap::alloc");
         self.core().alloc(layout)
     }
 
     /// Allocates zeroed memory; skips the zeroing for fresh `mmap` memory,
     /// which the OS zeroed. Normal context.
     pub fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        crate::context::might_wait("Heap::alloc_zeroed");
         self.core().alloc_zeroed(layout)
+    }
+
+    /// `alloc` for `Global`: routed the same way, without the debug checker
+    /// (a nolock scope is a route for `Global`, not a violation).
+    #[cfg(feature = "std")]
+    #[inline]
+    pub(crate) fn alloc_routed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.core().alloc(layout)
+    }
+
+    /// `alloc_zeroed` for `Global` (see `alloc_routed`).
+    #[cfg(feature = "std")]
+    pub(crate) fn alloc_zeroed_routed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.core().alloc_zeroed(layout)
+    }
+
+    /// `free` for `Global` (see `alloc_routed`).
+    ///
+    /// # Safety
+    /// As for [`free`](Self::free).
+    #[cfg(feature = "std")]
+    #[inline]
+    pub(crate) unsafe fn free_routed(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.core().free(ptr) }
     }
 
     /// Allocates from any context: only `try_lock`s, never waits, never
@@ -417,6 +452,7 @@ impl Heap {
     /// one-line message.
     #[inline]
     pub unsafe fn free(&self, ptr: NonNull<u8>) {
+        crate::context::might_wait("Heap::free");
         // SAFETY: forwarded contract.
         unsafe { self.core().free(ptr) }
     }
@@ -445,9 +481,12 @@ impl Heap {
     /// min watermark, when an accounting group is over its limit, and (the
     /// maintainer) below the low watermark. A shrinker must not register
     /// shrinkers.
+    ///
+    /// A shrinker registered by a thread that interrupted itself inside the
+    /// registry (a signal handler) is dropped, not registered.
     pub fn register_shrinker(&self, shrinker: impl Fn(usize) -> usize + Send + Sync + 'static) {
         let s: Shrinker = Arc::new(shrinker);
-        self.core().shrinkers.with(|l| l.push(s));
+        let _ = self.core().shrinkers.with(|l| l.push(s));
     }
 
     /// Normal context: every cached and deferred object back to its slab,
@@ -463,6 +502,9 @@ impl Heap {
     /// tests). Each call counts as one epoch: memory idle for two calls
     /// goes back (cached objects to their slabs, free blocks to the OS).
     pub fn maintain(&self) {
+        if crate::context::nested() {
+            return;
+        }
         let core = self.core();
         let epoch = core.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         core.maintain_pass(epoch, 2, 2);
@@ -507,23 +549,40 @@ impl HeapCore {
 
     // ----- normal path -----------------------------------------------------------
 
+    /// The normal path, routed: the fast path is the same for both routes
+    /// (it holds only this CPU's slot try-lock); the slow paths read the
+    /// thread's context, and a thread inside the allocator or in a nolock
+    /// scope takes the nolock path (`alloc_once` then returns `None`).
     #[inline]
-    fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
-        crate::context::might_wait("Heap::alloc");
-        let p = self.alloc_once(layout, 0);
-        if self.pages.take_reclaim_request() {
-            self.reclaim();
-        }
-        match p {
-            Some(p) => Some(p),
-            None => self.alloc_after_reclaim(layout),
+    pub(crate) fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+        match self.alloc_once(layout, 0) {
+            Some(p) => {
+                if self.pages.reclaim_requested() {
+                    self.reclaim_requested_now();
+                }
+                Some(p)
+            }
+            None => self.alloc_miss(layout),
         }
     }
 
     #[cold]
-    fn alloc_after_reclaim(&self, layout: Layout) -> Option<NonNull<u8>> {
+    fn alloc_miss(&self, layout: Layout) -> Option<NonNull<u8>> {
+        if crate::context::nested() {
+            return self.alloc_nolock(layout);
+        }
+        self.pages.take_reclaim_request();
         self.reclaim();
         self.alloc_once(layout, 0)
+    }
+
+    /// An allocation asked for reclaim it could not run: run it, unless this
+    /// thread is inside the allocator (then the request stays for later).
+    #[cold]
+    fn reclaim_requested_now(&self) {
+        if !crate::context::nested() && self.pages.take_reclaim_request() {
+            self.reclaim();
+        }
     }
 
     /// One normal allocation attempt from cache set `base` (0: plain,
@@ -539,7 +598,7 @@ impl HeapCore {
         }
     }
 
-    fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
+    pub(crate) fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
         let p = self.alloc(layout)?;
         #[cfg(feature = "std")]
         if class::class_for(layout.size(), layout.align()).is_none()
@@ -562,13 +621,18 @@ impl HeapCore {
         unsafe { NonNull::new_unchecked(obj as *mut u8) }
     }
 
+    /// The normal large path; `None` at once for a thread inside the
+    /// allocator or in a nolock scope (the caller takes the nolock path).
     #[cold]
     fn alloc_large(&self, layout: Layout) -> Option<NonNull<u8>> {
+        if crate::context::nested() {
+            return None;
+        }
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
         match large_order(layout) {
             Some(order) => {
-                let p = self.pages.alloc_pages(order)?;
+                let p = self.pages.alloc_pages_normal(order)?;
                 Some(self.mark_large(p))
             }
             #[cfg(feature = "std")]
@@ -601,18 +665,20 @@ impl HeapCore {
         NonNull::new(p)
     }
 
+    /// The normal free, routed like `alloc`: the object fast path is the
+    /// same for both routes; the slow paths of a thread inside the allocator
+    /// or in a nolock scope take the nolock path.
     #[inline]
-    unsafe fn free(&self, ptr: NonNull<u8>) {
-        crate::context::might_wait("Heap::free");
+    pub(crate) unsafe fn free(&self, ptr: NonNull<u8>) {
         // SAFETY: forwarded contract.
         unsafe { self.free_in(ptr, Mode::Normal) };
-        if !self.released_groups.is_empty() {
+        if !self.released_groups.is_empty() && !crate::context::nested() {
             account::drop_released(&self.released_groups);
         }
     }
 
     #[inline]
-    unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+    pub(crate) unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
         // SAFETY: forwarded contract.
         unsafe { self.free_in(ptr, Mode::NoLock) };
     }
@@ -640,10 +706,10 @@ impl HeapCore {
             Kind::Large(zone, idx, order) => {
                 self.unmark_large(zone, idx, order);
                 // SAFETY: a live large allocation of this order (classify).
-                unsafe { self.pages.free_pages_in(ptr, order, mode) }
+                unsafe { self.pages.free_pages_in(ptr, order, routed(mode)) }
             }
             #[cfg(feature = "std")]
-            Kind::Huge(_) => self.free_huge(addr, mode),
+            Kind::Huge(_) => self.free_huge(addr, routed(mode)),
         }
     }
 
@@ -706,7 +772,7 @@ impl HeapCore {
     // ----- nolock path -----------------------------------------------------------
 
     #[inline]
-    fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
+    pub(crate) fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
         self.alloc_nolock_from(layout, 0)
     }
 
@@ -782,6 +848,9 @@ impl HeapCore {
 
     fn alloc_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
         crate::context::might_wait("Heap::alloc_in");
+        if crate::context::nested() {
+            return self.alloc_nolock_in(layout, group);
+        }
         if !self.released_groups.is_empty() {
             account::drop_released(&self.released_groups);
         }
@@ -890,7 +959,11 @@ impl HeapCore {
 
     fn run_shrinkers(&self) {
         self.reclaims.fetch_add(1, Ordering::Relaxed);
-        let list: Vec<Shrinker> = self.shrinkers.with(|l| l.clone());
+        // `None`: this thread is inside the registry (it interrupted itself
+        // there): no shrinkers this time.
+        let Some(list) = self.shrinkers.with(|l| l.clone()) else {
+            return;
+        };
         for s in list {
             let freed = s(RECLAIM_BYTES);
             self.shrinker_freed
@@ -900,21 +973,29 @@ impl HeapCore {
 
     fn drain(&self) {
         crate::context::might_wait("Heap::drain");
-        let _serial = self.maint_lock.lock(self.pages.platform());
+        if crate::context::nested() {
+            return;
+        }
+        // `None`: this thread is draining already (it interrupted itself).
+        let Some(_serial) = self.maint_lock.lock_in(Mode::Normal, self.pages.platform()) else {
+            return;
+        };
         for i in 0..CACHES {
             self.cache(i).drain(&self.pages);
         }
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
         account::drop_released(&self.released_groups);
-        self.pages.drain();
+        self.pages.drain_normal();
     }
 
     /// One maintenance pass at `epoch`: free blocks idle for `idle_epochs`
     /// epochs go back to the OS, caches unchanged for `idle_passes` passes
     /// go back to the slabs and the page allocator.
     pub(crate) fn maintain_pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) {
-        let serial = self.maint_lock.lock(self.pages.platform());
+        let Some(serial) = self.maint_lock.lock_in(Mode::Normal, self.pages.platform()) else {
+            return;
+        };
         self.passes.fetch_add(1, Ordering::Relaxed);
         account::drop_released(&self.released_groups);
         #[cfg(feature = "std")]
@@ -941,15 +1022,18 @@ impl HeapCore {
     /// The maintainer's quick duty after a wake: deferred frees only.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) fn drain_deferred_only(&self) {
-        let _serial = self.maint_lock.lock(self.pages.platform());
+        let Some(_serial) = self.maint_lock.lock_in(Mode::Normal, self.pages.platform()) else {
+            return;
+        };
         for i in 0..CACHES {
             self.cache(i).drain_deferred(&self.pages);
         }
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
         for zone in self.pages.zones() {
-            let g = zone.lock.lock(zone.platform());
-            zone.drain_deferred(&g);
+            if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
+                zone.drain_deferred(&g);
+            }
         }
     }
 
@@ -1048,10 +1132,15 @@ impl HeapCore {
         s
     }
 
-    /// Lock order: maintenance, cache nodes, then the page allocator's
-    /// (drain, growth, zones).
+    /// Lock order: the shrinker registry (its holder allocates), then
+    /// maintenance, cache nodes, then the page allocator's (drain, growth,
+    /// zones).
     #[cfg(feature = "std")]
     fn lock_all(&self) {
+        // `false`: this thread holds it (it forked from a handler that
+        // interrupted it there): not ours to release.
+        let registry = self.shrinkers.lock.lock_raw();
+        self.fork_registry.store(registry, Ordering::Relaxed);
         self.maint_lock.lock_raw(self.pages.platform());
         for i in 0..CACHES {
             self.cache(i).lock_node_raw(&self.pages);
@@ -1069,6 +1158,21 @@ impl HeapCore {
         }
         // SAFETY: per the caller.
         unsafe { self.maint_lock.force_unlock(self.pages.platform()) };
+        if self.fork_registry.swap(false, Ordering::Relaxed) {
+            // SAFETY: taken by lock_all (lock_raw returned true).
+            unsafe { self.shrinkers.lock.force_unlock() };
+        }
+    }
+}
+
+/// The route of a free asked for in `mode`: a normal free by a thread inside
+/// the allocator or in a nolock scope takes the nolock path.
+#[inline]
+fn routed(mode: Mode) -> Mode {
+    if mode == Mode::Normal && crate::context::nested() {
+        Mode::NoLock
+    } else {
+        mode
     }
 }
 

@@ -21,9 +21,11 @@ pub(crate) mod atomic;
 #[cfg(all(test, loom))]
 mod handoff_loom;
 mod index_stack;
+mod registry_lock;
 mod slot_lock;
 mod zone_lock;
 
 pub use index_stack::{IndexStack, NIL};
+pub(crate) use registry_lock::{RegistryGuard, RegistryLock};
 pub use slot_lock::{SlotGuard, SlotLock};
 pub use zone_lock::{Mode, ZoneGuard, ZoneLock};
