@@ -765,7 +765,7 @@ impl PageAllocator {
         // 4: the zone directly.
         if !zone_busy {
             if let Some(g) = zone.lock.try_lock(zone.platform()) {
-                zone.drain_deferred(&g);
+                zone.drain_deferred_bounded(&g);
                 crate::interrupt_point!(ZoneAlloc);
                 if let Some(idx) = zone.buddy_alloc(order, zone.min, &g) {
                     self.nolock_ok_direct.fetch_add(1, Ordering::Relaxed);
@@ -806,7 +806,7 @@ impl PageAllocator {
         if let Some(g) = zone.lock.try_lock(zone.platform()) {
             crate::interrupt_point!(ZoneFree);
             zone.buddy_free(idx, order, &g);
-            zone.drain_deferred(&g);
+            zone.drain_deferred_bounded(&g);
             return;
         }
         zone.defer_free(idx, order);
