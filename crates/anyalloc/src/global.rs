@@ -23,6 +23,7 @@
 //! | `ANYALLOC_CPUS`   | CPU slot sets                               | all CPUs |
 //! | `ANYALLOC_GROW`   | `0` makes `ANYALLOC_MEMORY` a hard cap      | 1       |
 //! | `ANYALLOC_MAINTENANCE` | `0`: no maintenance thread             | 1       |
+//! | `ANYALLOC_NOLOCK_SYSCALLS` | `0`: the nolock path makes no system call (`Config::nolock_syscalls`) | 1 |
 //!
 //! A nolock caller that finds another context initialising gets null; a
 //! normal caller waits. The creating call is marked inside the allocator, so
@@ -222,6 +223,9 @@ fn env_config() -> Config {
     }
     if let Some(v) = env_size(c"ANYALLOC_GROW") {
         c = c.grow(v != 0);
+    }
+    if let Some(v) = env_size(c"ANYALLOC_NOLOCK_SYSCALLS") {
+        c = c.nolock_syscalls(v != 0);
     }
     if c.validate().is_err() {
         crate::platform::write_stderr(

@@ -77,6 +77,12 @@ use zone::PCP_MAX_ORDER;
 #[cfg(feature = "std")]
 const RELEASE_BUDGET: usize = 8;
 
+/// Maintainer wake word: work was announced since the maintainer last
+/// looked (set by any context, cleared by the maintainer).
+pub(crate) const WAKE_OWED: u32 = 1;
+/// Maintainer wake word: the maintainer is (about to be) asleep on the word.
+pub(crate) const MAINTAINER_SLEEPING: u32 = 2;
+
 /// At most this many zones (the first plus growth).
 pub(crate) const MAX_ZONES: usize = 32;
 
@@ -296,6 +302,8 @@ impl PageAllocator {
     }
 
     fn publish_zone(&self, z: *mut Zone) {
+        // SAFETY: initialised by `Zone::init`, not shared yet.
+        unsafe { (*z).lock.set_polling(!self.config.nolock_syscalls) };
         let n = self.nzones.load(Ordering::Relaxed);
         self.zones[n].store(z, Ordering::Release);
         // Release: a reader that sees the new count sees the zone pointer and
@@ -510,15 +518,41 @@ impl PageAllocator {
         self.waker.store(word as *mut _, Ordering::Release);
     }
 
-    /// Wakes the maintainer, if there is one. Any context: an atomic add and
-    /// the platform's wake, which never blocks (a futex wake on std).
+    /// Whether the nolock path may make system calls (see
+    /// `Config::nolock_syscalls`).
+    #[inline]
+    pub(crate) fn nolock_syscalls(&self) -> bool {
+        self.config.nolock_syscalls
+    }
+
+    /// Tells the maintainer, if there is one, that it has work. Any context:
+    /// one atomic OR on the wake word (`WAKE_OWED`); only the 0 -> 1
+    /// transition of a *sleeping* maintainer (`MAINTAINER_SLEEPING` set)
+    /// issues the platform's wake (a futex wake on std: never blocks), so
+    /// at most one per maintainer sleep; none with `nolock_syscalls` off
+    /// (the maintainer polls then).
     #[inline]
     pub(crate) fn wake_maintainer(&self) {
         let w = self.waker.load(Ordering::Acquire);
         if !w.is_null() {
             // SAFETY: set_waker's contract keeps the word alive.
             let w = unsafe { &*w };
-            w.fetch_add(1, Ordering::Release);
+            let old = w.fetch_or(WAKE_OWED, Ordering::AcqRel);
+            if old == MAINTAINER_SLEEPING && self.config.nolock_syscalls {
+                self.platform.wake_one(w);
+            }
+        }
+    }
+
+    /// Normal context (stopping the maintainer): owes it a wake and wakes
+    /// it whatever its state.
+    #[cfg(feature = "std")]
+    pub(crate) fn wake_maintainer_now(&self) {
+        let w = self.waker.load(Ordering::Acquire);
+        if !w.is_null() {
+            // SAFETY: set_waker's contract keeps the word alive.
+            let w = unsafe { &*w };
+            w.fetch_or(WAKE_OWED, Ordering::AcqRel);
             self.platform.wake_one(w);
         }
     }

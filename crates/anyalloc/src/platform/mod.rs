@@ -56,6 +56,15 @@ pub trait Platform: Sync {
         self.relax();
     }
 
+    /// Normal context only: wait while `*word == expected`, at most about
+    /// `nanos` nanoseconds; may return early or spuriously. Used by lock
+    /// waiters that poll instead of being woken (`Config::nolock_syscalls`
+    /// off). The default spins once.
+    fn wait_timeout(&self, word: &AtomicU32, expected: u32, nanos: u64) {
+        let _ = (word, expected, nanos);
+        self.relax();
+    }
+
     /// Wake one context waiting in [`Platform::wait`] on `word`. Any context:
     /// must not block.
     fn wake_one(&self, word: &AtomicU32) {

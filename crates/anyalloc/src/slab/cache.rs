@@ -301,6 +301,11 @@ impl Cache {
         self.size
     }
 
+    /// Whether the node lock's waiters poll (see `ZoneLock::set_polling`).
+    pub(crate) fn set_polling(&self, poll: bool) {
+        self.node.lock.set_polling(poll);
+    }
+
     #[inline]
     pub(crate) fn slot(&self, cpu: usize, level: usize) -> &SheafSlot {
         // SAFETY: `slots` has cpus * LEVELS initialised entries (init), and

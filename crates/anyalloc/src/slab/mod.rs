@@ -303,6 +303,10 @@ impl Heap {
                 )
             };
         }
+        for i in 0..CACHES {
+            // SAFETY: initialised just above, not shared yet.
+            unsafe { (*caches.add(i)).set_polling(!pages.nolock_syscalls()) };
+        }
         #[cfg(not(feature = "std"))]
         let _ = huge_off;
         let core = HeapCore {
@@ -1013,10 +1017,18 @@ impl HeapCore {
         }
     }
 
-    /// Wakes the maintenance thread (any context).
-    #[cfg_attr(not(feature = "std"), allow(dead_code))]
-    pub(crate) fn wake_maintainer(&self) {
-        self.pages.wake_maintainer();
+    /// Wakes the maintenance thread whatever its state (normal context:
+    /// stopping it).
+    #[cfg(feature = "std")]
+    pub(crate) fn wake_maintainer_now(&self) {
+        self.pages.wake_maintainer_now();
+    }
+
+    /// Whether the nolock path may make system calls (else the maintainer
+    /// polls).
+    #[cfg(feature = "std")]
+    pub(crate) fn nolock_syscalls(&self) -> bool {
+        self.pages.nolock_syscalls()
     }
 
     /// The maintainer's quick duty after a wake: deferred frees only.

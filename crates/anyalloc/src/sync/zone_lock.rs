@@ -71,6 +71,12 @@ pub struct ZoneLock {
     state: AtomicU32,
     /// The holder's thread id (0: none or unknown); see the module docs.
     owner: AtomicUsize,
+    /// Contexts between announcing that they wait and getting the lock.
+    waiters: AtomicU32,
+    /// Waiters poll (timed waits, never announced, never woken) instead of
+    /// sleeping until woken: releasing never makes a system call. Set before
+    /// the lock is shared (a core atomic: not part of the loom model).
+    poll: core::sync::atomic::AtomicBool,
 }
 
 /// Proof that a [`ZoneLock`] is held; releases it when dropped.
@@ -92,18 +98,35 @@ impl ZoneLock {
     /// An unlocked lock.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        ZoneLock {
-            state: AtomicU32::new(UNLOCKED),
-            owner: AtomicUsize::new(0),
-        }
+        Self::with_polling(false)
     }
 
     /// An unlocked lock (loom's atomics have no `const fn new`).
     #[cfg(loom)]
     pub fn new() -> Self {
+        Self::with_polling(false)
+    }
+
+    /// An unlocked lock whose waiters poll (`poll`: releasing it never
+    /// makes a system call) or sleep until woken.
+    #[cfg(not(loom))]
+    pub const fn with_polling(poll: bool) -> Self {
         ZoneLock {
             state: AtomicU32::new(UNLOCKED),
             owner: AtomicUsize::new(0),
+            waiters: AtomicU32::new(0),
+            poll: core::sync::atomic::AtomicBool::new(poll),
+        }
+    }
+
+    /// As the non-loom `with_polling`.
+    #[cfg(loom)]
+    pub fn with_polling(poll: bool) -> Self {
+        ZoneLock {
+            state: AtomicU32::new(UNLOCKED),
+            owner: AtomicUsize::new(0),
+            waiters: AtomicU32::new(0),
+            poll: core::sync::atomic::AtomicBool::new(poll),
         }
     }
 
@@ -173,11 +196,27 @@ impl ZoneLock {
         {
             return true;
         }
-        // Announce a waiter. If the lock was free at the swap we now own it
-        // (in state 2, which costs at most one spurious wake at unlock).
-        while self.state.swap(CONTENDED, Ordering::Acquire) != UNLOCKED {
+        if self.poll.load(core::sync::atomic::Ordering::Relaxed) {
+            // Never announced: the holder's release makes no system call;
+            // re-check after each short timed wait.
+            while self
+                .state
+                .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                poll_while(platform, &self.state, LOCKED);
+            }
+            return true;
+        }
+        // Announce a waiter: counted first, so a release that sees state 2
+        // also sees the count (the swaps are AcqRel). If the lock was free
+        // at the swap we now own it (in state 2: the count says whether a
+        // release must wake anyone).
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        while self.state.swap(CONTENDED, Ordering::AcqRel) != UNLOCKED {
             wait_while(platform, &self.state, CONTENDED);
         }
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
         true
     }
 
@@ -226,6 +265,12 @@ impl ZoneLock {
         Some(self.acquired(platform))
     }
 
+    /// Makes waiters poll (`true`) or sleep until woken; call before the lock
+    /// is shared.
+    pub fn set_polling(&self, poll: bool) {
+        self.poll.store(poll, core::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether this thread holds the lock (exact when the thread id is known;
     /// `false` when it is not).
     pub fn held_by_me(&self, platform: &dyn Platform) -> bool {
@@ -262,6 +307,28 @@ fn self_deadlock(platform: &dyn Platform) -> ! {
     )
 }
 
+/// Polling waiters re-check the lock this often (nanoseconds).
+const POLL_NANOS: u64 = 50_000;
+
+#[cfg(not(loom))]
+fn poll_while(platform: &dyn Platform, word: &AtomicU32, expected: u32) {
+    let mut spins = 0;
+    while word.load(Ordering::Relaxed) == expected && spins < SPIN_LIMIT {
+        spin_hint();
+        spins += 1;
+    }
+    if word.load(Ordering::Relaxed) == expected {
+        platform.wait_timeout(word, expected, POLL_NANOS);
+    }
+}
+
+#[cfg(loom)]
+fn poll_while(_platform: &dyn Platform, word: &AtomicU32, expected: u32) {
+    while word.load(Ordering::Relaxed) == expected {
+        loom::thread::yield_now();
+    }
+}
+
 #[cfg(not(loom))]
 fn wait_while(platform: &dyn Platform, word: &AtomicU32, expected: u32) {
     platform.wait(word, expected);
@@ -282,10 +349,13 @@ impl Drop for ZoneGuard<'_> {
         // Cleared before the release: the next holder's store comes later.
         self.lock.owner.store(0, Ordering::Relaxed);
         // Release publishes the critical section to the next Acquire.
-        if self.lock.state.swap(UNLOCKED, Ordering::Release) == CONTENDED {
-            // A `lock()` caller announced that it waits: wake one. The
-            // platform's wake never blocks (a futex wake on std), so this is
-            // safe on the nolock path too.
+        if self.lock.state.swap(UNLOCKED, Ordering::AcqRel) == CONTENDED
+            && self.lock.waiters.load(Ordering::Relaxed) != 0
+        {
+            // A `lock()` caller announced that it waits and still does:
+            // wake one. The platform's wake never blocks (a futex wake on
+            // std), so this is safe on the nolock path too; a polling lock
+            // is never in state 2, so its release never gets here.
             wake(self.platform, &self.lock.state);
         }
         // Released: a handler after this sees the thread as before the lock.
