@@ -223,12 +223,14 @@ pub(crate) fn leave() {
 /// A marked section: [`enter`] on creation, [`leave`] on drop. Not `Send`:
 /// the mark belongs to the thread.
 #[must_use = "the section ends as soon as the guard is dropped"]
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
 pub(crate) struct Inside {
     _not_send: core::marker::PhantomData<*const ()>,
 }
 
 impl Inside {
     #[inline(always)]
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) fn enter() -> Inside {
         enter();
         Inside {

@@ -49,7 +49,7 @@ fn install(sig: libc::c_int, f: extern "C" fn(libc::c_int)) {
     // SAFETY: a zeroed sigaction with an extern "C" handler is valid.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = f as usize;
+        sa.sa_sigaction = f as *const () as usize;
         libc::sigemptyset(&mut sa.sa_mask);
         assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
     }
