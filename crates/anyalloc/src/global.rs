@@ -4,7 +4,7 @@
 //! # Routing
 //!
 //! `Global` is a thin layer over the heap's routed normal path: the thread's
-//! context word ([`crate::context`]: `DEPTH`, raised by the allocator's own
+//! context word (the `context` module: `DEPTH`, raised by the allocator's own
 //! locks, and `SCOPE`, by [`nolock_scope`]) is read on the slow paths, and a
 //! call that finds its thread inside the allocator (a signal handler that
 //! interrupted it there) or in a nolock scope takes the nolock path. The

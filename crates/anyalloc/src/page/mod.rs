@@ -408,7 +408,7 @@ impl PageAllocator {
     ///
     /// Called by a thread already inside the allocator (a signal handler
     /// that interrupted it) or inside a nolock scope, it takes the nolock
-    /// path instead (see [`crate::context`]).
+    /// path instead (the crate's `context` module).
     pub fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
         if order > MAX_ORDER {
             return None;
@@ -659,7 +659,7 @@ impl PageAllocator {
     ///
     /// Called by a thread already inside the allocator (a signal handler
     /// that interrupted it) or inside a nolock scope, it takes the nolock
-    /// path instead (see [`crate::context`]).
+    /// path instead (the crate's `context` module).
     pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
         crate::context::might_wait("PageAllocator::free_pages");
         // SAFETY: forwarded contract.

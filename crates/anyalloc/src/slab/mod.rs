@@ -384,7 +384,7 @@ impl Heap {
     ///
     /// Called by a thread already inside the allocator (a signal handler
     /// that interrupted it) or inside a nolock scope, it takes the nolock
-    /// path instead (see [`crate::context`]); so do `alloc_zeroed`,
+    /// path instead (the crate's `context` module); so do `alloc_zeroed`,
     /// `alloc_in` and `free`, while `drain` and `maintain` do nothing.
     #[inline]
     pub fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {

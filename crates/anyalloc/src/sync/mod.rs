@@ -16,6 +16,9 @@
 //! * [`TaggedStack`]: an intrusive lock-free stack of `u32` page indices
 //!   with a version tag, so it can also `pop` one element (O(1), ABA-safe):
 //!   the zones' per-order deferred page frees.
+//! * `RegistryLock` (crate-internal): a spin lock with an owner word for the
+//!   rarely changed registries (shrinkers, groups' children); a thread that
+//!   interrupted itself inside one gets `None` instead of spinning.
 //!
 //! None of them allocates. Under `cfg(loom)` they use loom's atomics (see
 //! [`atomic`]) so the loom tests beside them explore every interleaving.

@@ -2,7 +2,7 @@
 //! groups' children), taken only on normal paths and by the fork handler.
 //!
 //! State: one word, `owner`: 0 when free, else the holder's thread id
-//! ([`crate::context::thread_id`]; `usize::MAX` when the id is unknown,
+//! (`context::thread_id`; `usize::MAX` when the id is unknown,
 //! without std).
 //!
 //! * `lock`: CAS 0 -> me (Acquire), spinning while another thread holds it;

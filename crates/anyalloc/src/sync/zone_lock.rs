@@ -12,7 +12,7 @@
 //! | 1     | locked, no context is waiting              |
 //! | 2     | locked, some context may be waiting        |
 //!
-//! `owner` holds the holder's thread id (see [`crate::context::thread_id`];
+//! `owner` holds the holder's thread id (see `context::thread_id`;
 //! without std, [`Platform::thread_id`]), or 0: unlocked, or the holder's id
 //! is unknown, or the holder is between its acquiring CAS and the owner
 //! store.
@@ -20,7 +20,7 @@
 //! Transitions:
 //!
 //! * every acquisition first marks the thread inside the allocator
-//!   ([`crate::context`]: `DEPTH + 1`), so a signal handler that interrupts
+//!   (the `context` module: `DEPTH + 1`), so a signal handler that interrupts
 //!   it from then on (while it tries, waits, holds, or releases) takes the
 //!   nolock route; a failed `try_lock` undoes the mark.
 //! * `try_lock`: CAS 0 -> 1 (Acquire), then `owner = me`. Never waits,
@@ -37,7 +37,7 @@
 //! * unlock (guard drop): `owner = 0`, swap 0 (Release); if the previous
 //!   state was 2, wake one waiter; then unmark the thread (`DEPTH - 1`).
 //!
-//! The owner word is the backstop of the routing in [`crate::context`], in
+//! The owner word is the backstop of the routing in the `context` module, in
 //! the spirit of a reentrant mutex that never re-enters: only this thread
 //! stores its own id, so `owner == me` is exact, except in the window
 //! between the CAS and the store, which the `DEPTH` mark covers.
