@@ -20,7 +20,7 @@
 //! * `context` (internal): the per-thread route word. A thread holding (or
 //!   acquiring) a lock others may wait on is marked "inside the allocator";
 //!   every normal-path entry of such a thread, or of one in a
-//!   [`nolock_scope`](crate::nolock_scope) (std), takes the nolock path, so
+//!   `nolock_scope` (std), takes the nolock path, so
 //!   no thread ever waits for itself.
 //! * [`sync`]: the try-only slot lock, the zone lock, the lock-free stacks.
 //! * [`platform`]: what the allocator needs from its environment.
