@@ -194,6 +194,14 @@ pub(crate) fn nested() -> bool {
     false
 }
 
+/// Whether this thread is inside the allocator (`DEPTH > 0`), whatever its
+/// scope.
+#[cfg(feature = "std")]
+#[inline(always)]
+pub(crate) fn inside() -> bool {
+    word::load() & (SCOPE_ONE - 1) != 0
+}
+
 /// Marks this thread inside the allocator (`DEPTH + 1`). Pair with
 /// [`leave`]; prefer the [`Inside`] guard.
 #[inline(always)]

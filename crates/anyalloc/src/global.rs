@@ -278,9 +278,16 @@ static FORK_CHILDREN: AtomicBool = AtomicBool::new(false);
 
 fn register_atfork() {
     extern "C" fn prepare() {
+        // `fork` called by a signal handler that interrupted this thread
+        // inside the allocator: its locks may be this thread's own, so none
+        // is taken (as without these handlers) rather than waited for.
+        let inside = context::inside();
         // Marked before the first lock: a signal handler on this thread
         // from here until `release` takes the nolock route.
         context::enter();
+        if inside {
+            return;
+        }
         // Registries first: their holders may allocate, which needs the
         // heap's locks. (`false`: this thread holds it already, having
         // forked from a handler that interrupted it there: left alone.)
