@@ -27,8 +27,10 @@
 //! handler. On x86-64 Linux it is an *initial-exec* TLS variable (one load
 //! from the GOT, one `fs`-relative access; never a call into the dynamic
 //! loader, which could allocate when this crate is part of a shared
-//! library); elsewhere a `thread_local!`. Its address is this thread's id
-//! (the zone lock's owner word).
+//! library; the cost: a shared library containing this crate is marked
+//! `DF_STATIC_TLS`, as `libanyalloc.so` is for its own word); elsewhere a
+//! `thread_local!`. Its address is this thread's id (the zone lock's owner
+//! word).
 //!
 //! | bits   | name    | meaning                                    | set by | read by |
 //! |--------|---------|--------------------------------------------|--------|---------|

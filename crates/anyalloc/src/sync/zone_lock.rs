@@ -30,12 +30,19 @@
 //!   (`lock_in` returns `None` and the caller takes its nolock fallback; a
 //!   bare `lock` reports the internal error and aborts, never hangs).
 //!   Otherwise spin a little while the state is 1 (short critical sections
-//!   usually end within the spin); then swap in 2 and, while the previous
-//!   state was not 0, wait until the state changes from 2. Swapping in 2
-//!   (rather than CAS 0 -> 1) is conservative: it may cause one unnecessary
-//!   wake, never a missed one. Then `owner = me`.
-//! * unlock (guard drop): `owner = 0`, swap 0 (Release); if the previous
-//!   state was 2, wake one waiter; then unmark the thread (`DEPTH - 1`).
+//!   usually end within the spin); then `waiters + 1`, swap in 2 (AcqRel)
+//!   and, while the previous state was not 0, wait until the state changes
+//!   from 2; then `waiters - 1` and `owner = me`. Swapping in 2 (rather
+//!   than CAS 0 -> 1) is conservative: the state may stay 2 with nobody
+//!   waiting, which `waiters` tells apart.
+//! * polling locks (`set_polling(true)`, for `Config::nolock_syscalls(false)`):
+//!   waiters never announce themselves (the state never becomes 2); they
+//!   CAS 0 -> 1 after each short timed wait on the word instead.
+//! * unlock (guard drop): `owner = 0`, swap 0 (AcqRel); if the previous
+//!   state was 2 and `waiters` is not 0, wake one waiter (a waiter's count
+//!   precedes its swap, which the unlocking swap reads, so no wake is
+//!   missed); then unmark the thread (`DEPTH - 1`). Releasing a polling
+//!   lock, or one nobody waits for, makes no system call.
 //!
 //! The owner word is the backstop of the routing in the `context` module, in
 //! the spirit of a reentrant mutex that never re-enters: only this thread
