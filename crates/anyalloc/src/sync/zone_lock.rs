@@ -315,6 +315,7 @@ fn self_deadlock(platform: &dyn Platform) -> ! {
 }
 
 /// Polling waiters re-check the lock this often (nanoseconds).
+#[cfg(not(loom))]
 const POLL_NANOS: u64 = 50_000;
 
 #[cfg(not(loom))]
@@ -436,6 +437,32 @@ mod loom_tests {
             });
             {
                 let _g = shared.0.lock(&P);
+                // SAFETY: loom checks that no other access overlaps this one.
+                shared.1.with_mut(|v| unsafe { *v += 1 });
+            }
+            t.join().unwrap();
+            // SAFETY: loom checks that no other access overlaps this one.
+            assert_eq!(shared.1.with(|v| unsafe { *v }), 2);
+            assert!(!shared.0.is_locked());
+        });
+    }
+
+    /// Polling lockers (no announced waiters, no wakes): both get in, and
+    /// the state never becomes "contended".
+    #[test]
+    fn polling_lockers_both_progress() {
+        loom::model(|| {
+            let shared = Arc::new((ZoneLock::with_polling(true), UnsafeCell::new(0u32)));
+            let other = shared.clone();
+            let t = loom::thread::spawn(move || {
+                let _g = other.0.lock(&P);
+                assert_ne!(other.0.state.load(Ordering::Relaxed), CONTENDED);
+                // SAFETY: loom checks that no other access overlaps this one.
+                other.1.with_mut(|v| unsafe { *v += 1 });
+            });
+            {
+                let _g = shared.0.lock(&P);
+                assert_ne!(shared.0.state.load(Ordering::Relaxed), CONTENDED);
                 // SAFETY: loom checks that no other access overlaps this one.
                 shared.1.with_mut(|v| unsafe { *v += 1 });
             }
