@@ -601,12 +601,9 @@ mod tests {
         assert!(a.periods > 100, "the real-time loop ran: {}", a.periods);
         assert_eq!(a.allocs, a.periods * PER_PERIOD as u64);
         assert_eq!(a.failed, 0, "every allocation in the scope succeeded");
-        assert!(
-            a.nolock_ok >= a.allocs,
-            "the scope's allocations took the nolock path: {} < {}",
-            a.nolock_ok,
-            a.allocs
-        );
+        // (Not `nolock_ok >= allocs`: allocations served by the per-CPU
+        // fast path, the same on both routes, count as neither; the scope
+        // routes the slow paths, which `global_storm` proves.)
         assert!(a.hammer_ops > 0 && g.hammer_ops > 0, "the hammers ran");
         assert!(g.periods > 100 && g.allocs == g.periods * PER_PERIOD as u64);
     }

@@ -19,6 +19,7 @@ pub struct Config {
     pub(crate) grow: bool,
     pub(crate) maintenance: bool,
     pub(crate) rseq: bool,
+    pub(crate) nolock_syscalls: bool,
 }
 
 impl Default for Config {
@@ -31,6 +32,7 @@ impl Default for Config {
             grow: true,
             maintenance: true,
             rseq: true,
+            nolock_syscalls: true,
         }
     }
 }
@@ -71,6 +73,23 @@ impl Config {
     /// says which one a heap chose.
     pub fn rseq(mut self, on: bool) -> Self {
         self.rseq = on;
+        self
+    }
+
+    /// Whether the nolock path may make the two (non-blocking) system calls
+    /// it otherwise makes (default on): waking the maintenance thread after
+    /// parking memory on a deferred list (a `FUTEX_WAKE`, at most one per
+    /// maintainer sleep), and waking a normal-path caller that waits for a
+    /// lock the nolock call held (a `FUTEX_WAKE`, only when one waits).
+    ///
+    /// With `false` the nolock path makes no system call at all (for
+    /// real-time threads that count them): nobody is woken; instead the
+    /// maintainer polls its work every millisecond and a normal-path caller
+    /// waiting for a lock re-checks it every 50 microseconds (a timed
+    /// futex wait on its own thread, never woken by the nolock path). The
+    /// normal path is unchanged otherwise.
+    pub fn nolock_syscalls(mut self, on: bool) -> Self {
+        self.nolock_syscalls = on;
         self
     }
 

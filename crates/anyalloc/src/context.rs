@@ -1,13 +1,314 @@
-//! The context checker: normal-path functions called where only the nolock
-//! path is allowed (see `global::nolock_scope`) abort in debug builds.
+//! Per-thread context: is this thread inside the allocator, or inside a
+//! nolock scope? One word per thread, below every other layer (the locks in
+//! [`crate::sync`] read and write it), so the page allocator, the heap and
+//! [`Global`](crate::Global) all route by the same state.
 //!
-//! Without std (or in release builds) this compiles to nothing.
+//! # The rule
+//!
+//! A thread is marked *inside the allocator* (`DEPTH` raised) **before** it
+//! takes any lock that another context may wait on — a zone lock, a node
+//! lock, the drain and growth locks, the shrinker and group registries —
+//! whether it takes it with `lock()` or `try_lock()`, and stays marked until
+//! it has released it. [`ZoneLock`](crate::sync::ZoneLock) does this itself;
+//! the spin-locked registries call [`Inside::enter`]. The pure fast paths,
+//! which hold only per-CPU slot try-locks (never waited on), are not marked:
+//! a handler that interrupts them finds the slot busy and goes elsewhere.
+//!
+//! Every normal-path entry (`Heap::alloc`, `Heap::free`,
+//! `PageAllocator::alloc_pages`, `drain`, ...) reads the word on its slow
+//! path: a thread found inside (it interrupted itself inside the allocator:
+//! a signal handler) or in a nolock scope takes the nolock route instead, so
+//! it never waits for a lock its own thread holds.
+//!
+//! # The word
+//!
+//! A const-initialised thread-local `u32` without a destructor: no lazy
+//! initialisation, nothing registered at thread exit, safe in a signal
+//! handler. On x86-64 Linux it is an *initial-exec* TLS variable (one load
+//! from the GOT, one `fs`-relative access; never a call into the dynamic
+//! loader, which could allocate when this crate is part of a shared
+//! library; the cost: a shared library containing this crate is marked
+//! `DF_STATIC_TLS`, as `libanyalloc.so` is for its own word); elsewhere a
+//! `thread_local!`. Its address is this thread's id (the zone lock's owner
+//! word).
+//!
+//! | bits   | name    | meaning                                    | set by | read by |
+//! |--------|---------|--------------------------------------------|--------|---------|
+//! | 0..16  | `DEPTH` | allocator sections of this thread in progress: held or awaited waitable locks, the global heap's creation, shrinkers running, the fork window | [`Inside::enter`] / [`enter`] (the zone lock, the registries, `Global`'s creation and fork handlers) | [`nested`]: every normal-path entry's slow path |
+//! | 16..32 | `SCOPE` | open [`nolock_scope`](crate::nolock_scope) guards | [`scope_enter`] / [`scope_leave`] | [`nested`], [`in_scope`], the debug checker |
+//!
+//! Every change is a plain load and store of this thread's own word (a
+//! handler that interrupts between them restores the word before it
+//! returns), fenced against compiler reordering so that a handler sees the
+//! mark before the lock is touched and after it is released.
+//!
+//! Without std there is no TLS: routing is the embedder's (call the nolock
+//! functions from interrupt handlers); [`nested`] is `false`, marking
+//! compiles to nothing and [`thread_id`] is unknown (0; the
+//! [`Platform`](crate::Platform) may supply one).
 
-/// Called on entry of every normal-path function with its name.
+#[cfg(all(feature = "std", not(loom)))]
+use core::sync::atomic::{compiler_fence, Ordering};
+
+/// One level of `DEPTH`. Depth is bounded by lock nesting (the fork
+/// handler holds about a hundred locks) plus signal nesting.
+#[cfg(feature = "std")]
+const DEPTH_ONE: u32 = 1;
+/// One level of `SCOPE`. Nesting 65,535 scopes deep would overflow into
+/// nothing worse than a wrong route.
+#[cfg(feature = "std")]
+const SCOPE_ONE: u32 = 1 << 16;
+
+// ----- the word --------------------------------------------------------------
+
+#[cfg(all(
+    feature = "std",
+    not(loom),
+    target_arch = "x86_64",
+    target_os = "linux"
+))]
+mod word {
+    use core::sync::atomic::{AtomicU32, Ordering};
+
+    // Four zero bytes of thread-local storage (`.tbss`): global so that
+    // every codegen unit's object links to the same variable, hidden so
+    // that a shared library does not export it.
+    core::arch::global_asm!(
+        ".pushsection .tbss,\"awT\",@nobits",
+        ".p2align 3",
+        ".globl anyalloc_route_word",
+        ".hidden anyalloc_route_word",
+        ".type anyalloc_route_word,@object",
+        ".size anyalloc_route_word,8",
+        "anyalloc_route_word:",
+        ".zero 8",
+        ".popsection",
+    );
+
+    /// This thread's word (initial-exec access: the GOT slot holds the
+    /// variable's offset from the thread pointer, which `fs:0` holds).
+    #[inline(always)]
+    pub(super) fn get() -> &'static AtomicU32 {
+        let addr: usize;
+        // SAFETY: reads the GOT and the TCB's self pointer; no side effects.
+        unsafe {
+            core::arch::asm!(
+                "mov {a}, qword ptr [rip + anyalloc_route_word@GOTTPOFF]",
+                "add {a}, qword ptr fs:[0]",
+                a = out(reg) addr,
+                options(nostack, pure, readonly),
+            );
+        }
+        // SAFETY: `addr` is this thread's copy of the 8-aligned, zero-filled
+        // variable, live as long as the thread; the `'static` is only used
+        // on this thread, at once.
+        unsafe { &*(addr as *const AtomicU32) }
+    }
+
+    #[inline(always)]
+    pub(super) fn load() -> u32 {
+        get().load(Ordering::Relaxed)
+    }
+
+    #[inline(always)]
+    pub(super) fn store(v: u32) {
+        get().store(v, Ordering::Relaxed)
+    }
+
+    #[inline(always)]
+    pub(super) fn id() -> usize {
+        get() as *const AtomicU32 as usize
+    }
+}
+
+#[cfg(all(
+    feature = "std",
+    not(loom),
+    not(all(target_arch = "x86_64", target_os = "linux"))
+))]
+mod word {
+    use core::cell::Cell;
+
+    std::thread_local! {
+        static ROUTE: Cell<u32> = const { Cell::new(0) };
+    }
+
+    #[inline(always)]
+    pub(super) fn load() -> u32 {
+        ROUTE.get()
+    }
+
+    #[inline(always)]
+    pub(super) fn store(v: u32) {
+        ROUTE.set(v)
+    }
+
+    #[inline(always)]
+    pub(super) fn id() -> usize {
+        ROUTE.with(|c| c as *const Cell<u32> as usize)
+    }
+}
+
+/// Under loom, threads are loom's: per-loom-thread words and ids.
+#[cfg(all(feature = "std", loom))]
+mod word {
+    use core::cell::Cell;
+
+    static NEXT_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
+
+    loom::thread_local! {
+        static ROUTE: Cell<u32> = Cell::new(0);
+        static ID: usize = NEXT_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn load() -> u32 {
+        ROUTE.with(|c| c.get())
+    }
+
+    pub(super) fn store(v: u32) {
+        ROUTE.with(|c| c.set(v))
+    }
+
+    pub(super) fn id() -> usize {
+        ID.with(|i| *i)
+    }
+}
+
+#[cfg(all(feature = "std", not(loom)))]
+#[inline(always)]
+fn fence() {
+    compiler_fence(Ordering::SeqCst);
+}
+
+#[cfg(all(feature = "std", loom))]
+#[inline(always)]
+fn fence() {}
+
+// ----- DEPTH ---------------------------------------------------------------------
+
+/// Whether this thread must take the nolock route: it is inside the
+/// allocator (it interrupted itself there) or inside a nolock scope.
+#[inline(always)]
+pub(crate) fn nested() -> bool {
+    #[cfg(feature = "std")]
+    return word::load() != 0;
+    #[cfg(not(feature = "std"))]
+    false
+}
+
+/// Whether this thread is inside the allocator (`DEPTH > 0`), whatever its
+/// scope.
+#[cfg(feature = "std")]
+#[inline(always)]
+pub(crate) fn inside() -> bool {
+    word::load() & (SCOPE_ONE - 1) != 0
+}
+
+/// Marks this thread inside the allocator (`DEPTH + 1`). Pair with
+/// [`leave`]; prefer the [`Inside`] guard.
+#[inline(always)]
+pub(crate) fn enter() {
+    #[cfg(feature = "std")]
+    {
+        // A signal before this store sees DEPTH as it was: no lock held yet.
+        word::store(word::load() + DEPTH_ONE);
+        // A signal after it sees DEPTH > 0 and takes the nolock route; the
+        // fence keeps the lock operation that follows after the store.
+        fence();
+    }
+}
+
+/// Undoes one [`enter`] (`DEPTH - 1`).
+#[inline(always)]
+pub(crate) fn leave() {
+    #[cfg(feature = "std")]
+    {
+        // Everything before (the lock's release) stays before the store: a
+        // signal until the store still sees DEPTH > 0, harmlessly.
+        fence();
+        word::store(word::load() - DEPTH_ONE);
+    }
+}
+
+/// A marked section: [`enter`] on creation, [`leave`] on drop. Not `Send`:
+/// the mark belongs to the thread.
+#[must_use = "the section ends as soon as the guard is dropped"]
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+pub(crate) struct Inside {
+    _not_send: core::marker::PhantomData<*const ()>,
+}
+
+impl Inside {
+    #[inline(always)]
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) fn enter() -> Inside {
+        enter();
+        Inside {
+            _not_send: core::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Inside {
+    #[inline(always)]
+    fn drop(&mut self) {
+        leave();
+    }
+}
+
+/// This thread's id for lock owner words: never 0 for a live thread, unique
+/// among live threads; 0 when unknown (no std).
+#[inline(always)]
+pub(crate) fn thread_id() -> usize {
+    #[cfg(feature = "std")]
+    return word::id();
+    #[cfg(not(feature = "std"))]
+    0
+}
+
+// ----- SCOPE ---------------------------------------------------------------------
+
+/// Opens a nolock scope on this thread.
+#[cfg(feature = "std")]
+pub(crate) fn scope_enter() {
+    word::store(word::load() + SCOPE_ONE);
+    fence();
+}
+
+/// Closes a nolock scope on this thread.
+#[cfg(feature = "std")]
+pub(crate) fn scope_leave() {
+    fence();
+    word::store(word::load() - SCOPE_ONE);
+}
+
+/// Whether this thread is inside a nolock scope.
+#[cfg(feature = "std")]
+pub(crate) fn in_scope() -> bool {
+    word::load() >= SCOPE_ONE
+}
+
+// ----- the debug checker -----------------------------------------------------------
+
+/// Called on entry of every public normal-path function with its name: in
+/// debug builds (or with `debug-checks`), inside a nolock scope, aborts with
+/// a message naming it, like the kernel's `might_sleep`. Otherwise nothing.
 #[inline(always)]
 pub(crate) fn might_wait(function: &'static str) {
     #[cfg(all(feature = "std", any(debug_assertions, feature = "debug-checks")))]
-    crate::global::check_might_wait(function);
+    if in_scope() {
+        scope_violation(function);
+    }
     #[cfg(not(all(feature = "std", any(debug_assertions, feature = "debug-checks"))))]
     let _ = function;
+}
+
+#[cfg(all(feature = "std", any(debug_assertions, feature = "debug-checks")))]
+#[cold]
+fn scope_violation(function: &'static str) -> ! {
+    crate::platform::write_stderr(b"anyalloc: ");
+    crate::platform::write_stderr(function.as_bytes());
+    crate::platform::write_stderr(b" may wait for a lock, but was called inside a nolock scope\n");
+    // SAFETY: abort has no preconditions.
+    unsafe { libc::abort() }
 }

@@ -3,15 +3,13 @@
 //!
 //! # Routing
 //!
-//! Every thread has one const-initialised thread-local word without a
-//! destructor (plain TLS: no lazy initialisation, nothing registered at
-//! thread exit, safe in a signal handler), holding two counters:
-//!
-//! * `DEPTH`: how many `Global` calls of this thread are in progress. A call
-//!   that finds it non-zero interrupted its own thread inside the allocator
-//!   (a signal handler) and takes the nolock path.
-//! * `SCOPE`: how many [`nolock_scope`] guards are alive on this thread;
-//!   while non-zero every `Global` call takes the nolock path.
+//! `Global` is a thin layer over the heap's routed normal path: the thread's
+//! context word (the `context` module: `DEPTH`, raised by the allocator's own
+//! locks, and `SCOPE`, by [`nolock_scope`]) is read on the slow paths, and a
+//! call that finds its thread inside the allocator (a signal handler that
+//! interrupted it there) or in a nolock scope takes the nolock path. The
+//! fast path (this CPU's sheaf, under a slot try-lock) is the same for both
+//! routes and reads nothing.
 //!
 //! # Initialisation
 //!
@@ -25,37 +23,57 @@
 //! | `ANYALLOC_CPUS`   | CPU slot sets                               | all CPUs |
 //! | `ANYALLOC_GROW`   | `0` makes `ANYALLOC_MEMORY` a hard cap      | 1       |
 //! | `ANYALLOC_MAINTENANCE` | `0`: no maintenance thread             | 1       |
+//! | `ANYALLOC_NOLOCK_SYSCALLS` | `0`: the nolock path makes no system call (`Config::nolock_syscalls`) | 1 |
 //!
 //! A nolock caller that finds another context initialising gets null; a
-//! normal caller waits. Creating the heap makes a few `mmap` calls: call
-//! [`init`] early if even the first nolock allocation must not make them.
+//! normal caller waits. The creating call is marked inside the allocator, so
+//! a signal handler that interrupts the creation on its own thread takes
+//! the nolock route (and gets null) instead of waiting for itself. Creating
+//! the heap makes a few `mmap` calls: call [`init`] early if even the first
+//! nolock allocation must not make them.
+//!
+//! # Setup owed to an ordinary context
+//!
+//! Two things must never run in a signal handler: registering the fork
+//! handlers (`pthread_atfork` takes libc's fork lock and allocates) and
+//! starting the maintenance thread (`pthread_create` takes libc's thread
+//! locks and allocates). A call that may be a signal handler cannot tell,
+//! even at depth 0 (a handler that interrupted code outside the
+//! allocator), so neither ever runs in `Global`'s or `NoLock`'s calls. They
+//! run only at points that are ordinary context by construction:
+//!
+//! * the crate's start-up constructor (`.init_array`, before `main`):
+//!   registers the fork handlers (they do nothing while there is no global
+//!   heap), and, when `Global` is the process's allocator (it allocates one
+//!   probe byte and checks who served it), creates the global heap and
+//!   starts its maintainer;
+//! * [`init`]: creates the heap if needed and does whatever is still owed
+//!   (the fork handlers if the constructor did not run, the maintainer if a
+//!   nolock call created the heap).
+//!
+//! So a heap first created from a signal handler (by `NoLock` in a program
+//! whose allocator is another one) has no maintainer until [`init`] runs.
 //!
 //! # Fork
 //!
-//! `pthread_atfork` handlers take every lock that can be waited on before
-//! `fork` and release them in parent and child, so the child never inherits
-//! a lock held by a thread that does not exist there.
+//! The `pthread_atfork` prepare handler marks the forking thread inside the
+//! allocator, then takes every lock that can be waited on or spun on — the
+//! accounting groups' children registry, the shrinker registry, then the
+//! heap's maintenance, node, drain, growth and zone locks — and the parent
+//! and child handlers release them and unmark the thread. The child never
+//! inherits a lock held by a thread that does not exist there, and a signal
+//! handler that runs on the forking thread inside that window takes the
+//! nolock route instead of waiting for the locks its own thread holds.
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::cell::{Cell, UnsafeCell};
+use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
-use core::sync::atomic::{compiler_fence, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 
 use crate::config::{Config, Error};
+use crate::context;
 use crate::slab::Heap;
-
-std::thread_local! {
-    /// `DEPTH` in the low 16 bits, `SCOPE` in the high 16: one load
-    /// decides the route.
-    static ROUTE: Cell<u32> = const { Cell::new(0) };
-}
-
-/// One level of `DEPTH` / of `SCOPE` in `ROUTE`. Depth is bounded by signal
-/// nesting (a handful); scopes by program structure (nesting 65,535 deep
-/// would overflow into nothing worse than a wrong route).
-const DEPTH_ONE: u32 = 1;
-const SCOPE_ONE: u32 = 1 << 16;
 
 const UNINIT: u8 = 0;
 const INITIALIZING: u8 = 1;
@@ -78,12 +96,19 @@ static GLOBAL_HEAP: HeapCell = HeapCell {
 };
 
 /// The process-wide heap, creating it if needed (normal context: waits for
-/// a concurrent initialisation). Errors when the configuration from the
-/// environment is invalid or the OS refuses memory.
+/// a concurrent initialisation), and doing the setup still owed to an
+/// ordinary context (see the module documentation): call it from ordinary
+/// code, never from a signal handler. Errors when the configuration from
+/// the environment is invalid or the OS refuses memory.
 pub fn init() -> Result<&'static Heap, Error> {
-    heap(false).ok_or(Error::Reserve {
-        bytes: env_config().memory_bytes(),
-    })
+    let h = match global_heap() {
+        Some(h) => h,
+        None => init_slow(false, true).ok_or(Error::Reserve {
+            bytes: env_config().memory_bytes(),
+        })?,
+    };
+    ordinary_setup(h);
+    Ok(h)
 }
 
 /// The process-wide heap if it exists already (for its statistics, say).
@@ -97,42 +122,29 @@ pub fn global_heap() -> Option<&'static Heap> {
     }
 }
 
-/// Setup that only a normal context may do, owed since the heap was
-/// created: registering the fork handlers (`pthread_atfork` allocates with
-/// libc's `malloc`) and starting the maintenance thread (spawning allocates).
-/// The creator sets these bits; if it was a nolock caller (a first
-/// allocation from a signal handler, say), the next normal-path call does
-/// the setup instead.
-static PENDING: AtomicU8 = AtomicU8::new(0);
-const PENDING_ATFORK: u8 = 1;
-const PENDING_MAINTAINER: u8 = 2;
+/// Whether the heap's creator wanted a maintainer that nobody started yet.
+static MAINTAINER_OWED: AtomicBool = AtomicBool::new(false);
+/// Whether the fork handlers are registered.
+static ATFORK_REGISTERED: AtomicBool = AtomicBool::new(false);
 
+/// The heap for a `NoLock` call: created if needed, never waiting for a
+/// creation in progress elsewhere. Never does the owed setup (the call may
+/// be a signal handler).
 #[inline]
-fn heap(nolock: bool) -> Option<&'static Heap> {
+fn nolock_heap() -> Option<&'static Heap> {
     match global_heap() {
-        Some(h) => {
-            if !nolock && PENDING.load(Ordering::Relaxed) != 0 {
-                run_pending_setup(h, true);
-            }
-            Some(h)
-        }
-        None => init_slow(nolock, true),
+        Some(h) => Some(h),
+        None => init_slow(true, true),
     }
 }
 
-/// Normal context: does the owed setup (the maintainer only if `maintainer`).
-#[cold]
-fn run_pending_setup(h: &Heap, maintainer: bool) {
-    let mask = if maintainer {
-        PENDING_ATFORK | PENDING_MAINTAINER
-    } else {
-        PENDING_ATFORK
-    };
-    let owed = PENDING.fetch_and(!mask, Ordering::AcqRel) & mask;
-    if owed & PENDING_ATFORK != 0 {
+/// Ordinary context only (`init`, the start-up constructor): registers the
+/// fork handlers if not yet, and starts the maintainer if it is owed.
+fn ordinary_setup(h: &Heap) {
+    if !ATFORK_REGISTERED.swap(true, Ordering::AcqRel) {
         register_atfork();
     }
-    if owed & PENDING_MAINTAINER != 0 {
+    if MAINTAINER_OWED.swap(false, Ordering::AcqRel) {
         h.start_maintenance();
     }
 }
@@ -143,18 +155,13 @@ fn run_pending_setup(h: &Heap, maintainer: bool) {
 /// where spawning a thread (which calls `malloc`) is not safe. With
 /// `nolock`, an initialisation in progress elsewhere gives `None` at once
 /// instead of a wait. The caller may start the maintainer later with
-/// [`Heap::start_maintenance`]. A normal call (`nolock` false) also does
-/// the owed setup other than the maintainer (the fork handlers), if a nolock
-/// caller created the heap.
+/// [`Heap::start_maintenance`]. It never does setup owed to an ordinary
+/// context (the crate's start-up constructor registers the fork handlers,
+/// or [`init`] does).
 #[doc(hidden)]
 pub fn init_without_maintainer(nolock: bool) -> Option<&'static Heap> {
     match global_heap() {
-        Some(h) => {
-            if !nolock && PENDING.load(Ordering::Relaxed) != 0 {
-                run_pending_setup(h, false);
-            }
-            Some(h)
-        }
+        Some(h) => Some(h),
         None => init_slow(nolock, false),
     }
 }
@@ -169,28 +176,24 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
             Ordering::Acquire,
         ) {
             Ok(_) => {
-                // The maintainer starts only after READY: spawning a thread
-                // allocates, and until READY such allocations would fail.
-                // Both it and the fork handlers are normal-context setup,
-                // left to a normal call if a nolock caller gets here.
+                // Marked: a signal handler on this thread from here on sees
+                // the thread inside the allocator, takes the nolock route,
+                // and gets null instead of waiting for INITIALIZING to end.
+                let _inside = context::Inside::enter();
                 let built = Heap::new_without_maintainer(env_config());
                 return match built {
                     Ok(h) => {
                         // SAFETY: we won the CAS: no other context reads or
                         // writes the cell until READY is published.
                         unsafe { (*GLOBAL_HEAP.heap.get()).write(h) };
-                        let mut owed = PENDING_ATFORK;
+                        // The maintainer starts at an ordinary point (see
+                        // the module documentation), never here: this call
+                        // may be a signal handler.
                         if maintainer && env_size(c"ANYALLOC_MAINTENANCE") != Some(0) {
-                            owed |= PENDING_MAINTAINER;
+                            MAINTAINER_OWED.store(true, Ordering::Release);
                         }
-                        // Owed before READY, so no normal call can miss it.
-                        PENDING.fetch_or(owed, Ordering::Release);
                         GLOBAL_HEAP.state.store(READY, Ordering::Release);
-                        let heap = global_heap();
-                        if let (false, Some(h)) = (nolock, heap) {
-                            run_pending_setup(h, maintainer);
-                        }
-                        heap
+                        global_heap()
                     }
                     Err(_) => {
                         GLOBAL_HEAP.state.store(FAILED, Ordering::Release);
@@ -220,6 +223,9 @@ fn env_config() -> Config {
     }
     if let Some(v) = env_size(c"ANYALLOC_GROW") {
         c = c.grow(v != 0);
+    }
+    if let Some(v) = env_size(c"ANYALLOC_NOLOCK_SYSCALLS") {
+        c = c.nolock_syscalls(v != 0);
     }
     if c.validate().is_err() {
         crate::platform::write_stderr(
@@ -265,18 +271,46 @@ fn parse_size(bytes: &[u8]) -> Option<usize> {
     n.checked_mul(1usize << shift)
 }
 
+/// The heap whose locks the fork prepare handler took (null: none), and
+/// whether it took the children registry.
+static FORK_HEAP: AtomicPtr<Heap> = AtomicPtr::new(core::ptr::null_mut());
+static FORK_CHILDREN: AtomicBool = AtomicBool::new(false);
+
 fn register_atfork() {
     extern "C" fn prepare() {
+        // `fork` called by a signal handler that interrupted this thread
+        // inside the allocator: its locks may be this thread's own, so none
+        // is taken (as without these handlers) rather than waited for.
+        let inside = context::inside();
+        // Marked before the first lock: a signal handler on this thread
+        // from here until `release` takes the nolock route.
+        context::enter();
+        if inside {
+            return;
+        }
+        // Registries first: their holders may allocate, which needs the
+        // heap's locks. (`false`: this thread holds it already, having
+        // forked from a handler that interrupted it there: left alone.)
+        FORK_CHILDREN.store(crate::account::CHILDREN.lock_raw(), Ordering::Relaxed);
         if let Some(h) = global_heap() {
             h.lock_all();
+            FORK_HEAP.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
         }
     }
     extern "C" fn release() {
-        if let Some(h) = global_heap() {
-            // SAFETY: `prepare` took every lock before fork; this runs once
-            // after it, in the parent or in the child.
-            unsafe { h.unlock_all() };
+        let h = FORK_HEAP.swap(core::ptr::null_mut(), Ordering::Relaxed);
+        if !h.is_null() {
+            // SAFETY: `prepare` took every lock of this heap (which lives
+            // forever) before fork; this runs once after it, in the parent
+            // or in the child.
+            unsafe { (*h).unlock_all() };
         }
+        if FORK_CHILDREN.swap(false, Ordering::Relaxed) {
+            // SAFETY: taken by `prepare`, as above.
+            unsafe { crate::account::CHILDREN.force_unlock() };
+        }
+        // Every lock released: handlers may take the normal path again.
+        context::leave();
     }
     // SAFETY: the handlers are `extern "C"` functions that live forever.
     unsafe {
@@ -284,42 +318,32 @@ fn register_atfork() {
     }
 }
 
-// ----- routing ---------------------------------------------------------------
-
-/// Whether this call must take the nolock path: it interrupted its own
-/// thread inside the allocator, or runs inside a nolock scope.
-#[inline(always)]
-fn must_nolock() -> bool {
-    ROUTE.get() != 0
-}
-
-/// Runs `f` with this thread marked as inside the allocator.
-#[inline(always)]
-fn inside<R>(f: impl FnOnce() -> R) -> R {
-    let d = ROUTE.get();
-    ROUTE.set(d + DEPTH_ONE);
-    // A handler that runs after this point must see the mark.
-    compiler_fence(Ordering::SeqCst);
-    let r = f();
-    compiler_fence(Ordering::SeqCst);
-    ROUTE.set(d);
-    r
-}
-
-/// Debug builds (and `debug-checks`): a normal-path function called in a
-/// nolock scope aborts.
-#[cfg(any(debug_assertions, feature = "debug-checks"))]
-pub(crate) fn check_might_wait(function: &'static str) {
-    if ROUTE.get() >= SCOPE_ONE {
-        crate::platform::write_stderr(b"anyalloc: ");
-        crate::platform::write_stderr(function.as_bytes());
-        crate::platform::write_stderr(
-            b" may wait for a lock, but was called inside a nolock scope\n",
-        );
-        // SAFETY: abort has no preconditions.
-        unsafe { libc::abort() }
+/// Runs from `.init_array` before `main` (after libc's own initialisation):
+/// ordinary context, where the setup that must never run in a signal
+/// handler happens (see the module documentation).
+extern "C" fn startup() {
+    if !ATFORK_REGISTERED.swap(true, Ordering::AcqRel) {
+        register_atfork();
+    }
+    // Is `Global` the process's allocator? Allocate a probe byte through
+    // the global allocator and see whether the global heap served it.
+    let probe = Layout::new::<u8>();
+    // SAFETY: a non-zero-size layout; freed below with the same layout.
+    let p = unsafe { std::alloc::alloc(probe) };
+    if p.is_null() {
+        return;
+    }
+    let ours = global_heap().is_some_and(|h| h.pages().contains(p as usize));
+    // SAFETY: allocated just above with `probe`.
+    unsafe { std::alloc::dealloc(p, probe) };
+    if let (true, Some(h)) = (ours, global_heap()) {
+        ordinary_setup(h);
     }
 }
+
+#[used]
+#[link_section = ".init_array"]
+static STARTUP: extern "C" fn() = startup;
 
 /// The drop-in global allocator: every `Box`, `Vec` and `String` from a heap
 /// that is safe to re-enter.
@@ -344,45 +368,31 @@ pub struct Global;
 unsafe impl GlobalAlloc for Global {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if must_nolock() {
-            return nolock_alloc(layout);
-        }
-        inside(|| match heap(false) {
+        match routed_heap() {
             Some(h) => h
-                .alloc(layout)
+                .alloc_routed(layout)
                 .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
             None => core::ptr::null_mut(),
-        })
+        }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
         let Some(p) = NonNull::new(ptr) else { return };
         // Only a ready heap can have handed out `ptr`.
-        let Some(h) = global_heap() else { return };
-        if must_nolock() {
+        if let Some(h) = global_heap() {
             // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap.
-            return unsafe { h.free_nolock(p) };
+            unsafe { h.free_routed(p) }
         }
-        // SAFETY: as above.
-        inside(|| unsafe { h.free(p) })
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if must_nolock() {
-            let p = nolock_alloc(layout);
-            if !p.is_null() {
-                // SAFETY: a fresh allocation of `layout.size()` bytes.
-                unsafe { core::ptr::write_bytes(p, 0, layout.size()) };
-            }
-            return p;
-        }
-        inside(|| match heap(false) {
+        match routed_heap() {
             Some(h) => h
-                .alloc_zeroed(layout)
+                .alloc_zeroed_routed(layout)
                 .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
             None => core::ptr::null_mut(),
-        })
+        }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -412,9 +422,19 @@ unsafe impl GlobalAlloc for Global {
     }
 }
 
+/// The heap for a `Global` allocation: created if needed, waiting for a
+/// creation in progress elsewhere only when this thread may wait.
+#[inline(always)]
+fn routed_heap() -> Option<&'static Heap> {
+    match global_heap() {
+        Some(h) => Some(h),
+        None => init_slow(context::nested(), true),
+    }
+}
+
 #[inline]
 fn nolock_alloc(layout: Layout) -> *mut u8 {
-    match heap(true) {
+    match nolock_heap() {
         Some(h) => h
             .alloc_nolock(layout)
             .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
@@ -493,7 +513,7 @@ unsafe impl allocator_api2::alloc::Allocator for NoLock {
 /// // ... real-time work: allocations here never block ...
 /// ```
 pub fn nolock_scope() -> NoLockScope {
-    ROUTE.set(ROUTE.get() + SCOPE_ONE);
+    context::scope_enter();
     NoLockScope {
         _not_send: core::marker::PhantomData,
     }
@@ -509,13 +529,13 @@ pub struct NoLockScope {
 
 impl Drop for NoLockScope {
     fn drop(&mut self) {
-        ROUTE.set(ROUTE.get() - SCOPE_ONE);
+        context::scope_leave();
     }
 }
 
 /// Whether this thread is inside a [`nolock_scope`].
 pub fn in_nolock_scope() -> bool {
-    ROUTE.get() >= SCOPE_ONE
+    context::in_scope()
 }
 
 #[cfg(test)]

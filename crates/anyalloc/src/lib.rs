@@ -17,7 +17,12 @@
 //!
 //! ## Layers
 //!
-//! * [`sync`]: the try-only slot lock, the zone lock, the lock-free stack.
+//! * `context` (internal): the per-thread route word. A thread holding (or
+//!   acquiring) a lock others may wait on is marked "inside the allocator";
+//!   every normal-path entry of such a thread, or of one in a
+//!   `nolock_scope` (std), takes the nolock path, so
+//!   no thread ever waits for itself.
+//! * [`sync`]: the try-only slot lock, the zone lock, the lock-free stacks.
 //! * [`platform`]: what the allocator needs from its environment.
 //! * [`page`]: the buddy page allocator with per-CPU lists ([`PageAllocator`]).
 //! * [`slab`]: the object allocator: size classes, sheaves, slabs ([`Heap`]).

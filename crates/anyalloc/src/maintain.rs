@@ -2,8 +2,12 @@
 //! `irq_work`.
 //!
 //! It sleeps on the heap's wake word (a futex) and is woken from any context
-//! by a nolock free that had to park memory on a deferred list (an atomic
-//! add and a futex wake: async-signal-safe, never blocking). Each wake it
+//! by a nolock free that had to park memory on a deferred list: an atomic
+//! OR of `WAKE_OWED`, and a futex wake only on the 0 -> 1 transition while
+//! the maintainer announced it sleeps (`MAINTAINER_SLEEPING`), so at most
+//! one wake per sleep (async-signal-safe, never blocking). With
+//! `Config::nolock_syscalls(false)` nobody wakes it: it looks at the word
+//! every millisecond instead. Each wake it
 //! drains the deferred lists at once; every 50 ms it also runs a full pass
 //! ([`Maintained::pass`]): per-CPU lists and sheaves that saw demand
 //! are stocked, caches and barns left unchanged for half a second give their
@@ -25,14 +29,19 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::page::{MAINTAINER_SLEEPING, WAKE_OWED};
+
 /// What the maintenance thread drives: implemented by the heap's core.
 pub(crate) trait Maintained: Sync + 'static {
-    /// The futex word a wake bumps; the thread sleeps on it.
+    /// The wake word: `WAKE_OWED` set by wakers, `MAINTAINER_SLEEPING` set
+    /// by the thread while it sleeps on it (a futex).
     fn wake_word(&self) -> &AtomicU32;
     /// Set (Release) when the thread must exit.
     fn stop_flag(&self) -> &AtomicBool;
-    /// Wakes the thread (any context).
-    fn wake(&self);
+    /// Wakes the thread now, whether or not a wake is owed (normal context).
+    fn wake_now(&self);
+    /// Whether the nolock path may wake the thread (else it polls).
+    fn nolock_syscalls(&self) -> bool;
     /// The quick duty after a wake: deferred frees only.
     fn drain_deferred(&self);
     /// One full maintenance pass at `epoch`: blocks idle for `idle_epochs`
@@ -48,6 +57,8 @@ const RUNNING: u8 = 2;
 /// How often the maintainer runs a full pass, and how long it sleeps when
 /// nothing wakes it.
 const PERIOD: Duration = Duration::from_millis(50);
+/// How long it sleeps when nothing may wake it (`nolock_syscalls` off).
+const POLL: Duration = Duration::from_millis(1);
 /// Epoch length for idle-memory accounting.
 const EPOCH: Duration = Duration::from_millis(100);
 /// Epochs a free block stays idle before it goes back to the OS.
@@ -111,7 +122,7 @@ impl MaintainerSlot {
             return;
         }
         core.stop_flag().store(true, Ordering::Release);
-        core.wake();
+        core.wake_now();
         // SAFETY: RUNNING was published after the handle was written; `stop`
         // runs from the heap's drop, with exclusive access to the handle.
         if let Some(h) = unsafe { (*self.handle.get()).take() } {
@@ -139,17 +150,32 @@ fn run(core: &impl Maintained) {
     }
     let start = Instant::now();
     let mut last_pass: Option<Instant> = None;
+    let nap = if core.nolock_syscalls() { PERIOD } else { POLL };
     loop {
-        let seen = core.wake_word().load(Ordering::Acquire);
+        // Take the owed wake before the work: work announced from now on
+        // owes another round.
+        let owed = core.wake_word().fetch_and(!WAKE_OWED, Ordering::AcqRel) & WAKE_OWED != 0;
         if core.stop_flag().load(Ordering::Acquire) {
             return;
         }
-        core.drain_deferred();
+        if owed || nap == PERIOD {
+            core.drain_deferred();
+        }
         if last_pass.is_none_or(|t| t.elapsed() >= PERIOD) {
             let epoch = (start.elapsed().as_millis() / EPOCH.as_millis()) as usize + 1;
             core.pass(epoch, IDLE_EPOCHS, IDLE_PASSES);
             last_pass = Some(Instant::now());
         }
-        wait(core.wake_word(), seen, PERIOD);
+        // Announce the sleep; sleep only if nothing was owed meanwhile (the
+        // futex compares the word with exactly MAINTAINER_SLEEPING, so a
+        // wake owed after the announcement ends the wait at once).
+        let before = core
+            .wake_word()
+            .fetch_or(MAINTAINER_SLEEPING, Ordering::AcqRel);
+        if before & WAKE_OWED == 0 {
+            wait(core.wake_word(), MAINTAINER_SLEEPING, nap);
+        }
+        core.wake_word()
+            .fetch_and(!MAINTAINER_SLEEPING, Ordering::AcqRel);
     }
 }

@@ -1,8 +1,8 @@
 //! The process-wide heap created by a nolock caller inside a signal handler
 //! (the process's global allocator here is glibc's, so `NoLock` is the first
 //! user of anyalloc's heap): nothing that needs a normal context happens in
-//! the handler — no maintenance thread is spawned there — and the next
-//! normal-path call does the owed setup.
+//! the handler — no maintenance thread is spawned there — and `init()`, an
+//! ordinary-context call, does the owed setup.
 
 use allocator_api2::boxed::Box as NBox;
 use anyalloc::NoLock;
@@ -57,7 +57,7 @@ fn heap_created_by_a_handler_defers_normal_context_setup() {
         before,
         "no thread was spawned inside the handler"
     );
-    // The next normal call does the owed setup: the maintainer starts.
+    // An ordinary-context call does the owed setup: the maintainer starts.
     anyalloc::init().unwrap();
     let mut after = threads();
     for _ in 0..100 {

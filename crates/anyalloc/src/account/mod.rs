@@ -45,7 +45,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
-use crate::sync::SlotLock;
+use crate::sync::{RegistryGuard, RegistryLock, SlotLock};
 
 /// Bytes pre-charged into a CPU's stock at once.
 const STOCK_BATCH: usize = 32 << 10;
@@ -101,19 +101,22 @@ impl fmt::Debug for Group {
     }
 }
 
-/// The children registry: a lock only normal-context functions (`new`,
-/// `usage`) take; the charge paths never touch it.
+/// The children registries of every group, under one process-wide lock
+/// ([`CHILDREN`]): only normal-context functions take it (`Group::new`;
+/// `usage` only tries it), the charge paths never touch it, and the global
+/// heap's fork handler takes it, so a forked child never inherits it held.
 mod std_like {
     use super::*;
-    use crate::sync::SlotLock;
     use core::cell::UnsafeCell;
 
+    /// Guards every group's `Children`.
+    pub(crate) static CHILDREN: RegistryLock = RegistryLock::new();
+
     pub(super) struct Children {
-        lock: SlotLock,
         list: UnsafeCell<Vec<Weak<Group>>>,
     }
 
-    // SAFETY: `list` is only accessed while `lock` is held (see `with`).
+    // SAFETY: `list` is only accessed while `CHILDREN` is held (see `with`).
     unsafe impl Sync for Children {}
     // SAFETY: as above; Weak<Group> is Send.
     unsafe impl Send for Children {}
@@ -121,34 +124,29 @@ mod std_like {
     impl Children {
         pub(super) fn new() -> Self {
             Children {
-                lock: SlotLock::new(),
                 list: UnsafeCell::new(Vec::new()),
             }
         }
 
-        /// Runs `f` on the list if the lock is free right now (any context);
-        /// `None` when another context holds it.
-        pub(super) fn try_with<R>(&self, f: impl FnOnce(&Vec<Weak<Group>>) -> R) -> Option<R> {
-            let _g = self.lock.try_lock()?;
-            crate::interrupt_point!(GroupChildren);
-            // SAFETY: the lock is held for the whole access.
-            Some(f(unsafe { &*self.list.get() }))
+        /// The list, for a holder of `CHILDREN`.
+        pub(super) fn locked<'a>(&'a self, _g: &'a RegistryGuard<'_>) -> &'a Vec<Weak<Group>> {
+            // SAFETY: `_g` proves `CHILDREN` is held, for as long as the
+            // borrow lasts.
+            unsafe { &*self.list.get() }
         }
 
-        /// Runs `f` on the list under the lock (normal context: spins).
-        pub(super) fn with<R>(&self, f: impl FnOnce(&mut Vec<Weak<Group>>) -> R) -> R {
-            let _g = loop {
-                if let Some(g) = self.lock.try_lock() {
-                    break g;
-                }
-                core::hint::spin_loop();
-            };
+        /// Runs `f` on the list under `CHILDREN` (normal context: spins while
+        /// another thread holds it). `None` without running `f` when this
+        /// thread holds it already (it interrupted itself in there).
+        pub(super) fn with<R>(&self, f: impl FnOnce(&mut Vec<Weak<Group>>) -> R) -> Option<R> {
+            let _g = CHILDREN.lock()?;
             crate::interrupt_point!(GroupChildren);
             // SAFETY: the lock is held for the whole access.
-            f(unsafe { &mut *self.list.get() })
+            Some(f(unsafe { &mut *self.list.get() }))
         }
     }
 }
+pub(crate) use std_like::CHILDREN;
 
 impl Group {
     /// A new group with an optional byte limit and an optional parent.
@@ -170,7 +168,9 @@ impl Group {
             next_dead: AtomicPtr::new(core::ptr::null_mut()),
         });
         if let Some(p) = parent {
-            p.children.with(|c| {
+            // Not registered (its stock then counts as the parent's usage)
+            // only when this thread interrupted itself inside the registry.
+            let _ = p.children.with(|c| {
                 c.retain(|w| w.strong_count() > 0);
                 c.push(Arc::downgrade(&g));
             });
@@ -200,20 +200,30 @@ impl Group {
     }
 
     fn stocked_below(&self) -> usize {
-        let own: usize = self
-            .stocks
+        match CHILDREN.try_lock() {
+            Some(g) => self.stocked_below_locked(&g),
+            // Another context is creating a group right now: the
+            // descendants' unused stock counts as usage.
+            None => self.own_stock(),
+        }
+    }
+
+    fn own_stock(&self) -> usize {
+        self.stocks
             .iter()
             .map(|s| s.bytes.load(Ordering::Acquire))
-            .sum();
-        own + self
-            .children
-            .try_with(|c| {
-                c.iter()
-                    .filter_map(|w| w.upgrade())
-                    .map(|g| g.stocked_below())
-                    .sum::<usize>()
-            })
-            .unwrap_or(0)
+            .sum()
+    }
+
+    fn stocked_below_locked(&self, g: &RegistryGuard<'_>) -> usize {
+        self.own_stock()
+            + self
+                .children
+                .locked(g)
+                .iter()
+                .filter_map(|w| w.upgrade())
+                .map(|c| c.stocked_below_locked(g))
+                .sum::<usize>()
     }
 
     /// The highest the charged counter has been (including per-CPU stock).

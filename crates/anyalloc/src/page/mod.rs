@@ -77,6 +77,12 @@ use zone::PCP_MAX_ORDER;
 #[cfg(feature = "std")]
 const RELEASE_BUDGET: usize = 8;
 
+/// Maintainer wake word: work was announced since the maintainer last
+/// looked (set by any context, cleared by the maintainer).
+pub(crate) const WAKE_OWED: u32 = 1;
+/// Maintainer wake word: the maintainer is (about to be) asleep on the word.
+pub(crate) const MAINTAINER_SLEEPING: u32 = 2;
+
 /// At most this many zones (the first plus growth).
 pub(crate) const MAX_ZONES: usize = 32;
 
@@ -296,6 +302,8 @@ impl PageAllocator {
     }
 
     fn publish_zone(&self, z: *mut Zone) {
+        // SAFETY: initialised by `Zone::init`, not shared yet.
+        unsafe { (*z).lock.set_polling(!self.config.nolock_syscalls) };
         let n = self.nzones.load(Ordering::Relaxed);
         self.zones[n].store(z, Ordering::Release);
         // Release: a reader that sees the new count sees the zone pointer and
@@ -397,11 +405,28 @@ impl PageAllocator {
     /// Allocates `2^order` contiguous pages, aligned to their size. Normal
     /// context: may wait on a lock, reclaim, and grow the heap. `None` when
     /// `order > MAX_ORDER` or memory is exhausted.
+    ///
+    /// Called by a thread already inside the allocator (a signal handler
+    /// that interrupted it) or inside a nolock scope, it takes the nolock
+    /// path instead (the crate's `context` module).
     pub fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
         if order > MAX_ORDER {
             return None;
         }
         crate::context::might_wait("PageAllocator::alloc_pages");
+        if crate::context::nested() {
+            return self.alloc_pages_nolock(order);
+        }
+        self.alloc_pages_normal(order)
+    }
+
+    /// The normal path of `alloc_pages`, for callers that decided the
+    /// route already (the heap). Not routed: a caller holding a lock of the
+    /// heap is marked inside, and still means the normal path.
+    pub(crate) fn alloc_pages_normal(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > MAX_ORDER {
+            return None;
+        }
         if let Some(p) = self.alloc_normal_once(order, true) {
             return Some(p);
         }
@@ -424,7 +449,7 @@ impl PageAllocator {
     fn alloc_slow(&self, order: u32, may_reclaim: bool) -> Option<NonNull<u8>> {
         // Reclaim: every per-CPU list and deferred stack back to the buddy
         // lists, then try again above the watermark.
-        self.drain();
+        self.drain_normal();
         if let Some(p) = self.alloc_normal_once(order, true) {
             return Some(p);
         }
@@ -443,7 +468,7 @@ impl PageAllocator {
                 self.reclaim_wanted.store(true, Ordering::Relaxed);
             }
         } else if self.run_reclaimer() {
-            self.drain();
+            self.drain_normal();
             if let Some(p) = self.alloc_normal_once(order, true) {
                 return Some(p);
             }
@@ -471,6 +496,13 @@ impl PageAllocator {
         true
     }
 
+    /// Whether an allocation asked for reclaim it could not run (a hint;
+    /// does not clear the request).
+    #[inline]
+    pub(crate) fn reclaim_requested(&self) -> bool {
+        self.reclaim_wanted.load(Ordering::Relaxed)
+    }
+
     /// Whether an allocation asked for reclaim it could not run (and clears
     /// the request).
     #[inline]
@@ -486,15 +518,41 @@ impl PageAllocator {
         self.waker.store(word as *mut _, Ordering::Release);
     }
 
-    /// Wakes the maintainer, if there is one. Any context: an atomic add and
-    /// the platform's wake, which never blocks (a futex wake on std).
+    /// Whether the nolock path may make system calls (see
+    /// `Config::nolock_syscalls`).
+    #[inline]
+    pub(crate) fn nolock_syscalls(&self) -> bool {
+        self.config.nolock_syscalls
+    }
+
+    /// Tells the maintainer, if there is one, that it has work. Any context:
+    /// one atomic OR on the wake word (`WAKE_OWED`); only the 0 -> 1
+    /// transition of a *sleeping* maintainer (`MAINTAINER_SLEEPING` set)
+    /// issues the platform's wake (a futex wake on std: never blocks), so
+    /// at most one per maintainer sleep; none with `nolock_syscalls` off
+    /// (the maintainer polls then).
     #[inline]
     pub(crate) fn wake_maintainer(&self) {
         let w = self.waker.load(Ordering::Acquire);
         if !w.is_null() {
             // SAFETY: set_waker's contract keeps the word alive.
             let w = unsafe { &*w };
-            w.fetch_add(1, Ordering::Release);
+            let old = w.fetch_or(WAKE_OWED, Ordering::AcqRel);
+            if old == MAINTAINER_SLEEPING && self.config.nolock_syscalls {
+                self.platform.wake_one(w);
+            }
+        }
+    }
+
+    /// Normal context (stopping the maintainer): owes it a wake and wakes
+    /// it whatever its state.
+    #[cfg(feature = "std")]
+    pub(crate) fn wake_maintainer_now(&self) {
+        let w = self.waker.load(Ordering::Acquire);
+        if !w.is_null() {
+            // SAFETY: set_waker's contract keeps the word alive.
+            let w = unsafe { &*w };
+            w.fetch_or(WAKE_OWED, Ordering::AcqRel);
             self.platform.wake_one(w);
         }
     }
@@ -505,12 +563,13 @@ impl PageAllocator {
     /// `idle_epochs` epochs to the OS. Returns the bytes released.
     #[cfg_attr(not(feature = "std"), allow(unused_mut))]
     pub(crate) fn maintain(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) -> usize {
-        let _serial = self.drain_lock.lock(self.platform);
+        let Some(_serial) = self.drain_lock.lock_in(Mode::Normal, self.platform) else {
+            return 0;
+        };
         let mut released = 0;
         for zone in self.zones() {
             zone.epoch.store(epoch, Ordering::Relaxed);
-            {
-                let g = zone.lock.lock(zone.platform());
+            if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
                 zone.drain_deferred(&g);
             }
             zone.maintain_slots(idle_passes);
@@ -545,7 +604,10 @@ impl PageAllocator {
                 // The slot is held by another context (a preempted thread):
                 // go to the zone directly.
             }
-            let g = zone.lock.lock(zone.platform());
+            // (`None`: this thread holds the lock itself; next zone.)
+            let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) else {
+                continue;
+            };
             zone.drain_deferred(&g);
             crate::interrupt_point!(ZoneAlloc);
             if let Some(idx) = zone.buddy_alloc(order, reserve, &g) {
@@ -560,7 +622,9 @@ impl PageAllocator {
     #[cold]
     fn grow(&self) -> bool {
         let before = self.nzones.load(Ordering::Acquire);
-        let _g = self.grow_lock.lock(self.platform);
+        let Some(_g) = self.grow_lock.lock_in(Mode::Normal, self.platform) else {
+            return false;
+        };
         let now = self.nzones.load(Ordering::Acquire);
         if now != before {
             return true; // another thread grew the heap meanwhile
@@ -593,8 +657,27 @@ impl PageAllocator {
     /// used afterwards. Violations that can be detected (a pointer outside
     /// managed memory, misaligned, already free, or freed with another order)
     /// abort the process with a one-line message.
+    ///
+    /// Called by a thread already inside the allocator (a signal handler
+    /// that interrupted it) or inside a nolock scope, it takes the nolock
+    /// path instead (the crate's `context` module).
     pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
         crate::context::might_wait("PageAllocator::free_pages");
+        // SAFETY: forwarded contract.
+        unsafe {
+            if crate::context::nested() {
+                self.free_pages_nolock(ptr, order)
+            } else {
+                self.free_pages_normal(ptr, order)
+            }
+        }
+    }
+
+    /// The normal path of `free_pages` (not routed, as `alloc_pages_normal`).
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    pub(crate) unsafe fn free_pages_normal(&self, ptr: NonNull<u8>, order: u32) {
         let (zone, idx) = self.claim(ptr, order);
         if order <= PCP_MAX_ORDER {
             let slot = zone.slot(self.cpu(), 0);
@@ -603,7 +686,13 @@ impl PageAllocator {
                 return;
             }
         }
-        let g = zone.lock.lock(zone.platform());
+        let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) else {
+            // This thread holds the zone lock itself: park the block.
+            zone.defer_free(idx, order);
+            self.nolock_free_deferred.fetch_add(1, Ordering::Relaxed);
+            self.wake_maintainer();
+            return;
+        };
         crate::interrupt_point!(ZoneFree);
         zone.buddy_free(idx, order, &g);
         zone.drain_deferred(&g);
@@ -618,7 +707,7 @@ impl PageAllocator {
         // SAFETY: forwarded contract.
         unsafe {
             match mode {
-                Mode::Normal => self.free_pages(ptr, order),
+                Mode::Normal => self.free_pages_normal(ptr, order),
                 Mode::NoLock => self.free_pages_nolock(ptr, order),
             }
         }
@@ -711,7 +800,7 @@ impl PageAllocator {
         // 4: the zone directly.
         if !zone_busy {
             if let Some(g) = zone.lock.try_lock(zone.platform()) {
-                zone.drain_deferred(&g);
+                zone.drain_deferred_bounded(&g);
                 crate::interrupt_point!(ZoneAlloc);
                 if let Some(idx) = zone.buddy_alloc(order, zone.min, &g) {
                     self.nolock_ok_direct.fetch_add(1, Ordering::Relaxed);
@@ -752,7 +841,7 @@ impl PageAllocator {
         if let Some(g) = zone.lock.try_lock(zone.platform()) {
             crate::interrupt_point!(ZoneFree);
             zone.buddy_free(idx, order, &g);
-            zone.drain_deferred(&g);
+            zone.drain_deferred_bounded(&g);
             return;
         }
         zone.defer_free(idx, order);
@@ -856,9 +945,20 @@ impl PageAllocator {
 
     /// Normal context: moves every per-CPU list and deferred stack back to the
     /// buddy lists (slots held by other contexts right now are skipped).
+    /// Called by a thread already inside the allocator or inside a nolock
+    /// scope, it does nothing.
     pub fn drain(&self) {
         crate::context::might_wait("PageAllocator::drain");
-        let _serial = self.drain_lock.lock(self.platform);
+        if !crate::context::nested() {
+            self.drain_normal();
+        }
+    }
+
+    /// The normal path of `drain` (not routed, as `alloc_pages_normal`).
+    pub(crate) fn drain_normal(&self) {
+        let Some(_serial) = self.drain_lock.lock_in(Mode::Normal, self.platform) else {
+            return; // this thread is draining already (it interrupted itself)
+        };
         for zone in self.zones() {
             zone.drain_all();
         }

@@ -16,8 +16,10 @@
 //! * `lock` (a [`ZoneLock`]): the buddy free lists, their counts, and the
 //!   state of every block on them.
 //! * each slot's [`SlotLock`](crate::sync::SlotLock): that slot's lists.
-//! * `deferred`: lock-free; pages pushed there are owned by the stack until
-//!   a zone-lock holder takes them all.
+//! * `deferred`: lock-free, one [`TaggedStack`] per order; pages pushed
+//!   there are owned by the stack until a zone-lock holder takes them (all,
+//!   on the normal path; at most [`NOLOCK_DRAIN_BUDGET`] on the nolock
+//!   path) or a nolock allocation pops one block of its order.
 //!
 //! Lock order: slot, then zone. A zone-lock holder may only `try_lock` a slot
 //! (drain does this), so the order can never invert into a deadlock.
@@ -35,7 +37,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use super::desc::{self, PageDesc};
 use crate::idle::IdleWatch;
 use crate::platform::Platform;
-use crate::sync::{IndexStack, Mode, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
+use crate::sync::{Mode, SlotGuard, SlotLock, TaggedStack, ZoneGuard, ZoneLock, TAGGED_NIL};
 use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 
 /// The highest order kept on per-CPU lists (the kernel's costly order).
@@ -57,15 +59,10 @@ pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
 /// The "no page" index of the zone's lists.
 pub(crate) const NIL: u32 = u32::MAX;
 
-/// A deferred-stack value as a page index (the stack's NIL maps to ours).
-#[inline]
-fn stack_index(v: usize) -> u32 {
-    if v == crate::sync::NIL {
-        NIL
-    } else {
-        v as u32
-    }
-}
+/// Deferred blocks one nolock call merges into the buddy lists at most
+/// after it took the zone lock (the rest waits for a normal-path holder or
+/// the maintainer): a nolock call's work must not grow with the backlog.
+pub(crate) const NOLOCK_DRAIN_BUDGET: usize = 8;
 
 /// Where the slot of `cpu` at context `level` sits in a per-CPU slot array
 /// of `cpus * LEVELS` entries: CPU ids at or above `cpus` share slots
@@ -126,7 +123,8 @@ pub(crate) struct Zone {
     counts: [AtomicU32; MAX_ORDER as usize + 1],
     /// Pages on the buddy free lists (written under `lock`).
     free_buddy: AtomicUsize,
-    deferred: IndexStack,
+    /// Deferred frees, one stack per order.
+    deferred: [TaggedStack; MAX_ORDER as usize + 1],
     deferred_pages: AtomicUsize,
     pub(crate) total: usize,
     pub(crate) min: usize,
@@ -201,7 +199,7 @@ impl Zone {
             heads: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
             counts: [const { AtomicU32::new(0) }; MAX_ORDER as usize + 1],
             free_buddy: AtomicUsize::new(0),
-            deferred: IndexStack::new(),
+            deferred: core::array::from_fn(|_| TaggedStack::new()),
             deferred_pages: AtomicUsize::new(0),
             total,
             min,
@@ -409,58 +407,77 @@ impl Zone {
     /// Parks a claimed block whose free could not take a lock.
     pub(crate) fn defer_free(&self, idx: u32, order: u32) {
         self.desc(idx).set(desc::state(desc::DEFERRED, order));
+        // Counted before the push: a non-zero count covers every block on
+        // the stacks (the drains check it first).
         self.deferred_pages.fetch_add(1 << order, Ordering::Relaxed);
-        self.deferred.push(idx as usize, |i, next| {
-            self.desc(i as u32)
-                .next
-                .store(next as u32, Ordering::Relaxed);
+        self.deferred[order as usize].push(idx, |i, next| {
+            self.desc(i).next.store(next, Ordering::Relaxed);
             crate::interrupt_point!(DeferredPush);
         });
     }
 
-    /// Moves every deferred block into the buddy lists.
+    /// The deferred link of block `i`.
+    #[inline]
+    fn deferred_link(&self, i: u32) -> u32 {
+        self.desc(i).next.load(Ordering::Relaxed)
+    }
+
+    /// Moves every deferred block into the buddy lists (normal path).
     pub(crate) fn drain_deferred(&self, g: &ZoneGuard<'_>) {
-        if self.deferred.is_empty() {
+        if self.deferred_pages.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let mut i = stack_index(self.deferred.take_all());
-        while i != NIL {
-            let d = self.desc(i);
-            let next = d.next.load(Ordering::Relaxed);
-            let order = desc::order_of(d.load());
-            crate::interrupt_point!(DeferredDrain);
-            self.deferred_pages.fetch_sub(1 << order, Ordering::Relaxed);
-            self.buddy_free(i, order, g);
-            i = next;
+        for (order, stack) in self.deferred.iter().enumerate() {
+            let mut i = stack.take_all();
+            while i != TAGGED_NIL {
+                let next = self.deferred_link(i);
+                crate::interrupt_point!(DeferredDrain);
+                self.deferred_pages.fetch_sub(1 << order, Ordering::Relaxed);
+                self.buddy_free(i, order as u32, g);
+                i = next;
+            }
         }
     }
 
-    /// Nolock last resort while the zone lock is busy: take the deferred
-    /// stack, keep one block of exactly `order`, push the rest back.
-    pub(crate) fn steal_deferred(&self, order: u32) -> Option<u32> {
-        if self.deferred.is_empty() {
-            return None;
+    /// The nolock path's share of the deferred blocks after it took the
+    /// zone lock: at most [`NOLOCK_DRAIN_BUDGET`] of them, popped one by one
+    /// (O(1) each), so the call's work does not grow with the backlog.
+    pub(crate) fn drain_deferred_bounded(&self, g: &ZoneGuard<'_>) {
+        if self.deferred_pages.load(Ordering::Relaxed) == 0 {
+            return;
         }
-        let mut i = stack_index(self.deferred.take_all());
-        let mut found = None;
-        while i != NIL {
-            // The whole stack is ours: a nested stealer finds it empty.
-            crate::interrupt_point!(StealDeferred);
-            let d = self.desc(i);
-            let next = d.next.load(Ordering::Relaxed);
-            let o = desc::order_of(d.load());
-            if found.is_none() && o == order {
-                self.deferred_pages.fetch_sub(1 << o, Ordering::Relaxed);
-                d.set(desc::state(desc::ALLOCATED, order));
-                found = Some(i);
-            } else {
-                self.deferred.push(i as usize, |j, n| {
-                    self.desc(j as u32).next.store(n as u32, Ordering::Relaxed)
-                });
+        let mut budget = NOLOCK_DRAIN_BUDGET;
+        for (order, stack) in self.deferred.iter().enumerate() {
+            while budget > 0 {
+                let Some(i) = stack.pop(|i| self.deferred_link(i)) else {
+                    break;
+                };
+                crate::interrupt_point!(DeferredDrain);
+                self.deferred_pages.fetch_sub(1 << order, Ordering::Relaxed);
+                self.buddy_free(i, order as u32, g);
+                budget -= 1;
             }
-            i = next;
         }
-        found
+    }
+
+    /// `drain_deferred` or `drain_deferred_bounded`, as `mode` says.
+    #[inline]
+    pub(crate) fn drain_deferred_in(&self, mode: Mode, g: &ZoneGuard<'_>) {
+        match mode {
+            Mode::Normal => self.drain_deferred(g),
+            Mode::NoLock => self.drain_deferred_bounded(g),
+        }
+    }
+
+    /// Nolock last resort while the zone lock is busy: one parked block of
+    /// exactly `order`, popped from that order's stack (O(1)).
+    pub(crate) fn steal_deferred(&self, order: u32) -> Option<u32> {
+        let i = self.deferred[order as usize].pop(|i| self.deferred_link(i))?;
+        // The block is ours: a nested stealer pops another one.
+        crate::interrupt_point!(StealDeferred);
+        self.deferred_pages.fetch_sub(1 << order, Ordering::Relaxed);
+        self.desc(i).set(desc::state(desc::ALLOCATED, order));
+        Some(i)
     }
 
     // ----- per-CPU lists (slot held) --------------------------------------
@@ -536,7 +553,7 @@ impl Zone {
     ) -> Result<u32, Fail> {
         slot.demand.store(1, Ordering::Relaxed);
         let g = self.lock.lock_in(mode, self.platform).ok_or(Fail::Busy)?;
-        self.drain_deferred(&g);
+        self.drain_deferred_in(mode, &g);
         crate::interrupt_point!(PcpRefill);
         let first = self.buddy_alloc(order, reserve, &g).ok_or(Fail::Empty)?;
         self.fill_slot(slot, s, order, self.batch_blocks(order) - 1, reserve, &g);
@@ -618,7 +635,11 @@ impl Zone {
     /// it holds at most `target` pages.
     #[cold]
     pub(crate) fn pcp_drain_to(&self, slot: &PcpSlot, s: &SlotGuard<'_>, target: u32) {
-        let g = self.lock.lock(self.platform);
+        // `None`: this thread holds the zone lock (it interrupted itself);
+        // the slot stays above `high` until a later drain.
+        let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+            return;
+        };
         self.pcp_drain_locked(slot, s, target, &g);
         self.drain_deferred(&g);
     }
@@ -644,7 +665,9 @@ impl Zone {
     /// Normal context: every slot that can be taken and the deferred stack
     /// back to the buddy lists. Slots held by other contexts are skipped.
     pub(crate) fn drain_all(&self) {
-        let g = self.lock.lock(self.platform);
+        let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+            return; // held by this very thread: nothing to do now
+        };
         for slot in self.slots() {
             if let Some(s) = slot.lock.try_lock() {
                 self.pcp_drain_locked(slot, &s, 0, &g);
@@ -679,7 +702,9 @@ impl Zone {
             let Some(s) = slot.lock.try_lock() else {
                 continue;
             };
-            let g = self.lock.lock(self.platform);
+            let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+                return;
+            };
             self.drain_deferred(&g);
             if decay {
                 self.pcp_drain_locked(slot, &s, 0, &g);
@@ -703,7 +728,9 @@ impl Zone {
     pub(crate) fn release_idle_blocks(&self, epoch: usize, age: usize, budget: usize) -> usize {
         let mut bytes = 0;
         for _ in 0..budget {
-            let g = self.lock.lock(self.platform);
+            let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+                return bytes;
+            };
             let Some((pick, order)) = self.idle_block(epoch, age) else {
                 return bytes;
             };

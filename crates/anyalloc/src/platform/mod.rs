@@ -65,10 +65,28 @@ pub trait Platform: Sync {
         self.relax();
     }
 
+    /// Normal context only: wait while `*word == expected`, at most about
+    /// `nanos` nanoseconds; may return early or spuriously. Used by lock
+    /// waiters that poll instead of being woken (`Config::nolock_syscalls`
+    /// off). The default spins once.
+    fn wait_timeout(&self, word: &AtomicU32, expected: u32, nanos: u64) {
+        let _ = (word, expected, nanos);
+        self.relax();
+    }
+
     /// Wake one context waiting in [`Platform::wait`] on `word`. Any context:
     /// must not block.
     fn wake_one(&self, word: &AtomicU32) {
         let _ = word;
+    }
+
+    /// An id of the current thread (or context) that no other live thread
+    /// shares, for the zone lock's owner word; 0 (the default) means
+    /// unknown: then a context that waits for a lock its own thread holds is
+    /// not caught. Any context. With std the crate uses its own thread id
+    /// and never calls this.
+    fn thread_id(&self) -> usize {
+        0
     }
 
     /// Heap corruption was detected (double free, foreign pointer): report

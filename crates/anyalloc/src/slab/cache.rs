@@ -369,6 +369,11 @@ impl Cache {
         self.size
     }
 
+    /// Whether the node lock's waiters poll (see `ZoneLock::set_polling`).
+    pub(crate) fn set_polling(&self, poll: bool) {
+        self.node.lock.set_polling(poll);
+    }
+
     #[inline]
     pub(crate) fn slot(&self, cpu: usize, level: usize) -> &SheafSlot {
         // SAFETY: `slots` has cpus * LEVELS initialised entries (init), and
@@ -494,9 +499,14 @@ impl Cache {
     }
 
     /// Normal-path allocation: deferred frees first, then the slot (spare,
-    /// refill), or the slabs directly when the slot is busy.
+    /// refill), or the slabs directly when the slot is busy. `None` at once
+    /// for a thread inside the allocator or in a nolock scope: the caller
+    /// takes the nolock path (see [`crate::context`]).
     #[cold]
     fn alloc_slow(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
+        if crate::context::nested() {
+            return None;
+        }
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
@@ -508,7 +518,7 @@ impl Cache {
             return self.refill(slot, &g, pages, Mode::Normal).ok();
         }
         // The slot is held by another context: straight to the slabs.
-        let node = self.node.lock.lock(pages.platform());
+        let node = self.node.lock.lock_in(Mode::Normal, pages.platform())?;
         self.take_object(&node, pages, Mode::Normal).ok()
     }
 
@@ -782,8 +792,13 @@ impl Cache {
         }
     }
 
+    /// The normal free's slow path; a thread inside the allocator or in a
+    /// nolock scope takes the nolock one.
     #[cold]
     fn free_slow(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
+        if crate::context::nested() {
+            return self.free_nolock_slow(pages, cpu, obj);
+        }
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
@@ -798,8 +813,14 @@ impl Cache {
                 return;
             }
         }
-        let node = self.node.lock.lock(pages.platform());
-        self.return_to_slab(obj, pages, &node, Mode::Normal);
+        match self.node.lock.lock_in(Mode::Normal, pages.platform()) {
+            Some(node) => self.return_to_slab(obj, pages, &node, Mode::Normal),
+            // This thread holds the node lock itself (it interrupted itself).
+            None => {
+                self.defer(obj);
+                pages.wake_maintainer();
+            }
+        }
     }
 
     /// Nolock free of a validated object. Fast path: room in the main sheaf
@@ -1042,8 +1063,9 @@ impl Cache {
             .barn_idle
             .observe(self.node.barn_ops.load(Ordering::Relaxed));
         if idle >= idle_passes && self.node.barn_objects.load(Ordering::Relaxed) > 0 {
-            let node = self.node.lock.lock(pages.platform());
-            self.flush_barn(pages, &node);
+            if let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) {
+                self.flush_barn(pages, &node);
+            }
         }
         for (i, slot) in self.slots().enumerate() {
             let idle = slot.idle.observe(
@@ -1055,7 +1077,9 @@ impl Cache {
                 let Some((_, _g)) = self.lock_remote(i) else {
                     continue;
                 };
-                let node = self.node.lock.lock(pages.platform());
+                let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) else {
+                    return;
+                };
                 self.flush_sheaf(slot.main(), pages, &node, Mode::Normal);
                 self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
                 slot.demand.store(0, Ordering::Relaxed);
@@ -1077,8 +1101,10 @@ impl Cache {
                 // A refill from the slabs can fill the sheaf completely
                 // besides the object it returns: then that one goes back.
                 if !slot.main().push(o) && !slot.spare().push(o) {
-                    let node = self.node.lock.lock(pages.platform());
-                    self.return_to_slab(o, pages, &node, Mode::Normal);
+                    match self.node.lock.lock_in(Mode::Normal, pages.platform()) {
+                        Some(node) => self.return_to_slab(o, pages, &node, Mode::Normal),
+                        None => self.defer(o),
+                    }
                 }
             }
             slot.swap(&g);
@@ -1095,11 +1121,17 @@ impl Cache {
                 continue;
             };
             slot.demand.store(0, Ordering::Relaxed);
-            let node = self.node.lock.lock(pages.platform());
+            // `None`: this thread holds the node lock itself (it interrupted
+            // itself): nothing more to drain now.
+            let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) else {
+                return;
+            };
             self.flush_sheaf(slot.main(), pages, &node, Mode::Normal);
             self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
         }
-        let node = self.node.lock.lock(pages.platform());
+        let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) else {
+            return;
+        };
         self.flush_barn(pages, &node);
         // Release the reserve of empty slabs too.
         for zi in 0..pages.zone_count() {

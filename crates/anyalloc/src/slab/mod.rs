@@ -446,6 +446,10 @@ impl Heap {
                 )
             };
         }
+        for i in 0..CACHES {
+            // SAFETY: initialised just above, not shared yet.
+            unsafe { (*caches.add(i)).set_polling(!pages.nolock_syscalls()) };
+        }
         #[cfg(not(feature = "std"))]
         let _ = huge_off;
         let core = HeapCore {
@@ -515,15 +519,47 @@ impl Heap {
     /// Allocates memory for `layout` (any power-of-two alignment; objects up
     /// to 8 KiB come from size classes). Normal context: may wait on a lock,
     /// reclaim and grow. `None` when memory is exhausted.
+    ///
+    /// Called by a thread already inside the allocator (a signal handler
+    /// that interrupted it) or inside a nolock scope, it takes the nolock
+    /// path instead (the crate's `context` module); so do `alloc_zeroed`,
+    /// `alloc_in` and `free`, while `drain` and `maintain` do nothing.
     #[inline]
     pub fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+        crate::context::might_wait("Heap::alloc");
         self.core().alloc(layout)
     }
 
     /// Allocates zeroed memory; skips the zeroing for fresh `mmap` memory,
     /// which the OS zeroed. Normal context.
     pub fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        crate::context::might_wait("Heap::alloc_zeroed");
         self.core().alloc_zeroed(layout)
+    }
+
+    /// `alloc` for `Global`: routed the same way, without the debug checker
+    /// (a nolock scope is a route for `Global`, not a violation).
+    #[cfg(feature = "std")]
+    #[inline]
+    pub(crate) fn alloc_routed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.core().alloc(layout)
+    }
+
+    /// `alloc_zeroed` for `Global` (see `alloc_routed`).
+    #[cfg(feature = "std")]
+    pub(crate) fn alloc_zeroed_routed(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.core().alloc_zeroed(layout)
+    }
+
+    /// `free` for `Global` (see `alloc_routed`).
+    ///
+    /// # Safety
+    /// As for [`free`](Self::free).
+    #[cfg(feature = "std")]
+    #[inline]
+    pub(crate) unsafe fn free_routed(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.core().free(ptr) }
     }
 
     /// Allocates from any context: only `try_lock`s, never waits, never
@@ -558,6 +594,7 @@ impl Heap {
     /// one-line message.
     #[inline]
     pub unsafe fn free(&self, ptr: NonNull<u8>) {
+        crate::context::might_wait("Heap::free");
         // SAFETY: forwarded contract.
         unsafe { self.core().free(ptr) }
     }
@@ -609,6 +646,9 @@ impl Heap {
     /// tests). Each call counts as one epoch: memory idle for two calls
     /// goes back (cached objects to their slabs, free blocks to the OS).
     pub fn maintain(&self) {
+        if crate::context::nested() {
+            return;
+        }
         let core = self.core();
         let epoch = core.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         core.maintain_pass(epoch, 2, 2);
@@ -653,23 +693,40 @@ impl HeapCore {
 
     // ----- normal path -----------------------------------------------------------
 
+    /// The normal path, routed: the fast path is the same for both routes
+    /// (it holds only this CPU's slot try-lock); the slow paths read the
+    /// thread's context, and a thread inside the allocator or in a nolock
+    /// scope takes the nolock path (`alloc_once` then returns `None`).
     #[inline]
-    fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
-        crate::context::might_wait("Heap::alloc");
-        let p = self.alloc_once(layout, 0);
-        if self.pages.take_reclaim_request() {
-            self.reclaim();
-        }
-        match p {
-            Some(p) => Some(p),
-            None => self.alloc_after_reclaim(layout),
+    pub(crate) fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+        match self.alloc_once(layout, 0) {
+            Some(p) => {
+                if self.pages.reclaim_requested() {
+                    self.reclaim_requested_now();
+                }
+                Some(p)
+            }
+            None => self.alloc_miss(layout),
         }
     }
 
     #[cold]
-    fn alloc_after_reclaim(&self, layout: Layout) -> Option<NonNull<u8>> {
+    fn alloc_miss(&self, layout: Layout) -> Option<NonNull<u8>> {
+        if crate::context::nested() {
+            return self.alloc_nolock(layout);
+        }
+        self.pages.take_reclaim_request();
         self.reclaim();
         self.alloc_once(layout, 0)
+    }
+
+    /// An allocation asked for reclaim it could not run: run it, unless this
+    /// thread is inside the allocator (then the request stays for later).
+    #[cold]
+    fn reclaim_requested_now(&self) {
+        if !crate::context::nested() && self.pages.take_reclaim_request() {
+            self.reclaim();
+        }
     }
 
     /// One normal allocation attempt from cache set `base` (0: plain,
@@ -686,7 +743,7 @@ impl HeapCore {
         }
     }
 
-    fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
+    pub(crate) fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
         let p = self.alloc(layout)?;
         #[cfg(feature = "std")]
         if class::class_for(layout.size(), layout.align()).is_none()
@@ -710,13 +767,18 @@ impl HeapCore {
         unsafe { NonNull::new_unchecked(obj as *mut u8) }
     }
 
+    /// The normal large path; `None` at once for a thread inside the
+    /// allocator or in a nolock scope (the caller takes the nolock path).
     #[cold]
     fn alloc_large(&self, layout: Layout) -> Option<NonNull<u8>> {
+        if crate::context::nested() {
+            return None;
+        }
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
         match large_order(layout) {
             Some(order) => {
-                let p = self.pages.alloc_pages(order)?;
+                let p = self.pages.alloc_pages_normal(order)?;
                 Some(self.mark_large(p))
             }
             #[cfg(feature = "std")]
@@ -749,18 +811,20 @@ impl HeapCore {
         NonNull::new(p)
     }
 
+    /// The normal free, routed like `alloc`: the object fast path is the
+    /// same for both routes; the slow paths of a thread inside the allocator
+    /// or in a nolock scope take the nolock path.
     #[inline]
-    unsafe fn free(&self, ptr: NonNull<u8>) {
-        crate::context::might_wait("Heap::free");
+    pub(crate) unsafe fn free(&self, ptr: NonNull<u8>) {
         // SAFETY: forwarded contract.
         unsafe { self.free_in(ptr, Mode::Normal) };
-        if !self.released_groups.is_empty() {
+        if !self.released_groups.is_empty() && !crate::context::nested() {
             account::drop_released(&self.released_groups);
         }
     }
 
     #[inline]
-    unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+    pub(crate) unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
         // SAFETY: forwarded contract.
         unsafe { self.free_in(ptr, Mode::NoLock) };
     }
@@ -789,10 +853,10 @@ impl HeapCore {
             Kind::Large(zone, idx, order) => {
                 self.unmark_large(zone, idx, order);
                 // SAFETY: a live large allocation of this order (classify).
-                unsafe { self.pages.free_pages_in(ptr, order, mode) }
+                unsafe { self.pages.free_pages_in(ptr, order, routed(mode)) }
             }
             #[cfg(feature = "std")]
-            Kind::Huge(_) => self.free_huge(addr, mode),
+            Kind::Huge(_) => self.free_huge(addr, routed(mode)),
         }
     }
 
@@ -857,7 +921,7 @@ impl HeapCore {
     // ----- nolock path -----------------------------------------------------------
 
     #[inline]
-    fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
+    pub(crate) fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
         self.alloc_nolock_from(layout, 0)
     }
 
@@ -937,6 +1001,9 @@ impl HeapCore {
 
     fn alloc_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
         crate::context::might_wait("Heap::alloc_in");
+        if crate::context::nested() {
+            return self.alloc_nolock_in(layout, group);
+        }
         if !self.released_groups.is_empty() {
             account::drop_released(&self.released_groups);
         }
@@ -1078,21 +1145,29 @@ impl HeapCore {
 
     fn drain(&self) {
         crate::context::might_wait("Heap::drain");
-        let _serial = self.maint_lock.lock(self.pages.platform());
+        if crate::context::nested() {
+            return;
+        }
+        // `None`: this thread is draining already (it interrupted itself).
+        let Some(_serial) = self.maint_lock.lock_in(Mode::Normal, self.pages.platform()) else {
+            return;
+        };
         for i in 0..CACHES {
             self.cache(i).drain(&self.pages);
         }
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
         account::drop_released(&self.released_groups);
-        self.pages.drain();
+        self.pages.drain_normal();
     }
 
     /// One maintenance pass at `epoch`: free blocks idle for `idle_epochs`
     /// epochs go back to the OS, caches unchanged for `idle_passes` passes
     /// go back to the slabs and the page allocator.
     pub(crate) fn maintain_pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) {
-        let serial = self.maint_lock.lock(self.pages.platform());
+        let Some(serial) = self.maint_lock.lock_in(Mode::Normal, self.pages.platform()) else {
+            return;
+        };
         self.passes.fetch_add(1, Ordering::Relaxed);
         account::drop_released(&self.released_groups);
         #[cfg(feature = "std")]
@@ -1110,24 +1185,35 @@ impl HeapCore {
         }
     }
 
-    /// Wakes the maintenance thread (any context).
-    #[cfg_attr(not(feature = "std"), allow(dead_code))]
-    pub(crate) fn wake_maintainer(&self) {
-        self.pages.wake_maintainer();
+    /// Wakes the maintenance thread whatever its state (normal context:
+    /// stopping it).
+    #[cfg(feature = "std")]
+    pub(crate) fn wake_maintainer_now(&self) {
+        self.pages.wake_maintainer_now();
+    }
+
+    /// Whether the nolock path may make system calls (else the maintainer
+    /// polls).
+    #[cfg(feature = "std")]
+    pub(crate) fn nolock_syscalls(&self) -> bool {
+        self.pages.nolock_syscalls()
     }
 
     /// The maintainer's quick duty after a wake: deferred frees only.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) fn drain_deferred_only(&self) {
-        let _serial = self.maint_lock.lock(self.pages.platform());
+        let Some(_serial) = self.maint_lock.lock_in(Mode::Normal, self.pages.platform()) else {
+            return;
+        };
         for i in 0..CACHES {
             self.cache(i).drain_deferred(&self.pages);
         }
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
         for zone in self.pages.zones() {
-            let g = zone.lock.lock(zone.platform());
-            zone.drain_deferred(&g);
+            if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
+                zone.drain_deferred(&g);
+            }
         }
     }
 
@@ -1232,7 +1318,8 @@ impl HeapCore {
     }
 
     /// Lock order: maintenance, cache nodes, then the page allocator's
-    /// (drain, growth, zones).
+    /// (drain, growth, zones). The shrinker registry is lock-free: nothing
+    /// to take.
     #[cfg(feature = "std")]
     fn lock_all(&self) {
         self.maint_lock.lock_raw(self.pages.platform());
@@ -1252,6 +1339,17 @@ impl HeapCore {
         }
         // SAFETY: per the caller.
         unsafe { self.maint_lock.force_unlock(self.pages.platform()) };
+    }
+}
+
+/// The route of a free asked for in `mode`: a normal free by a thread inside
+/// the allocator or in a nolock scope takes the nolock path.
+#[inline]
+fn routed(mode: Mode) -> Mode {
+    if mode == Mode::Normal && crate::context::nested() {
+        Mode::NoLock
+    } else {
+        mode
     }
 }
 
@@ -1322,8 +1420,12 @@ impl crate::maintain::Maintained for HeapCore {
         &self.stop
     }
 
-    fn wake(&self) {
-        self.wake_maintainer();
+    fn wake_now(&self) {
+        self.wake_maintainer_now();
+    }
+
+    fn nolock_syscalls(&self) -> bool {
+        HeapCore::nolock_syscalls(self)
     }
 
     fn drain_deferred(&self) {

@@ -10,9 +10,15 @@
 //!   the [`Platform`](crate::Platform)) and `try_lock()`. The normal path uses
 //!   `lock()`, the nolock path only `try_lock()`; no path ever does
 //!   "try_lock, then lock".
-//! * [`IndexStack`]: an intrusive lock-free stack of `u32` indices with
-//!   `push` and `take_all` only (no single pop, hence no ABA problem). It
-//!   holds the deferred frees that could not take a lock.
+//! * [`IndexStack`]: an intrusive lock-free stack of words with `push` and
+//!   `take_all` only (no single pop, hence no ABA problem). It holds the
+//!   deferred object frees that could not take a lock.
+//! * [`TaggedStack`]: an intrusive lock-free stack of `u32` page indices
+//!   with a version tag, so it can also `pop` one element (O(1), ABA-safe):
+//!   the zones' per-order deferred page frees.
+//! * `RegistryLock` (crate-internal): a spin lock with an owner word for the
+//!   rarely changed registries (shrinkers, groups' children); a thread that
+//!   interrupted itself inside one gets `None` instead of spinning.
 //!
 //! None of them allocates. Under `cfg(loom)` they use loom's atomics (see
 //! the `atomic` module) so the loom tests beside them explore every interleaving.
@@ -21,10 +27,14 @@ pub(crate) mod atomic;
 #[cfg(all(test, loom))]
 mod handoff_loom;
 mod index_stack;
+mod registry_lock;
 pub(crate) mod rseq;
 mod slot_lock;
+mod tagged_stack;
 mod zone_lock;
 
 pub use index_stack::{IndexStack, NIL};
+pub(crate) use registry_lock::{RegistryGuard, RegistryLock};
 pub use slot_lock::{SlotGuard, SlotLock};
+pub use tagged_stack::{TaggedStack, TAGGED_NIL};
 pub use zone_lock::{Mode, ZoneGuard, ZoneLock};

@@ -4,7 +4,7 @@
 //! [`Platform`] so the same lock works in `no_std` (where the embedder decides
 //! how to wait, typically by spinning with interrupts enabled).
 //!
-//! State table:
+//! State table of `state`:
 //!
 //! | state | meaning                                   |
 //! |-------|-------------------------------------------|
@@ -12,22 +12,47 @@
 //! | 1     | locked, no context is waiting              |
 //! | 2     | locked, some context may be waiting        |
 //!
+//! `owner` holds the holder's thread id (see `context::thread_id`;
+//! without std, [`Platform::thread_id`]), or 0: unlocked, or the holder's id
+//! is unknown, or the holder is between its acquiring CAS and the owner
+//! store.
+//!
 //! Transitions:
 //!
-//! * `try_lock`: CAS 0 -> 1 (Acquire). Never waits, never makes a syscall.
-//! * `lock`: CAS 0 -> 1; on failure spin a little while the state is 1
-//!   (short critical sections usually end within the spin); then swap in 2
+//! * every acquisition first marks the thread inside the allocator
+//!   (the `context` module: `DEPTH + 1`), so a signal handler that interrupts
+//!   it from then on (while it tries, waits, holds, or releases) takes the
+//!   nolock route; a failed `try_lock` undoes the mark.
+//! * `try_lock`: CAS 0 -> 1 (Acquire), then `owner = me`. Never waits,
+//!   never makes a syscall.
+//! * `lock` / `lock_in(Normal)`: CAS 0 -> 1; on failure, if `owner == me`
+//!   this thread interrupted itself while holding the lock: it does not wait
+//!   (`lock_in` returns `None` and the caller takes its nolock fallback; a
+//!   bare `lock` reports the internal error and aborts, never hangs).
+//!   Otherwise spin a little while the state is 1 (short critical sections
+//!   usually end within the spin); then `waiters + 1`, swap in 2 (AcqRel)
 //!   and, while the previous state was not 0, wait until the state changes
-//!   from 2. Swapping in 2 (rather than CAS 0 -> 1) is conservative: it may
-//!   cause one unnecessary wake, never a missed one.
-//! * unlock (guard drop): swap 0 (Release); if the previous state was 2, wake
-//!   one waiter.
+//!   from 2; then `waiters - 1` and `owner = me`. Swapping in 2 (rather
+//!   than CAS 0 -> 1) is conservative: the state may stay 2 with nobody
+//!   waiting, which `waiters` tells apart.
+//! * polling locks (`set_polling(true)`, for `Config::nolock_syscalls(false)`):
+//!   waiters never announce themselves (the state never becomes 2); they
+//!   CAS 0 -> 1 after each short timed wait on the word instead.
+//! * unlock (guard drop): `owner = 0`, swap 0 (AcqRel); if the previous
+//!   state was 2 and `waiters` is not 0, wake one waiter (a waiter's count
+//!   precedes its swap, which the unlocking swap reads, so no wake is
+//!   missed); then unmark the thread (`DEPTH - 1`). Releasing a polling
+//!   lock, or one nobody waits for, makes no system call.
 //!
-//! The lock never allocates. `lock()` must not be called in any context that
-//! may have interrupted a holder of the same lock (signal handlers, IRQs):
-//! that is a deadlock. The nolock path only ever calls `try_lock()`.
+//! The owner word is the backstop of the routing in the `context` module, in
+//! the spirit of a reentrant mutex that never re-enters: only this thread
+//! stores its own id, so `owner == me` is exact, except in the window
+//! between the CAS and the store, which the `DEPTH` mark covers.
+//!
+//! The lock never allocates. The nolock path only ever calls `try_lock()`.
 
-use super::atomic::{spin_hint, AtomicU32, Ordering};
+use super::atomic::{spin_hint, AtomicU32, AtomicUsize, Ordering};
+use crate::context;
 use crate::platform::Platform;
 
 const UNLOCKED: u32 = 0;
@@ -51,6 +76,14 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct ZoneLock {
     state: AtomicU32,
+    /// The holder's thread id (0: none or unknown); see the module docs.
+    owner: AtomicUsize,
+    /// Contexts between announcing that they wait and getting the lock.
+    waiters: AtomicU32,
+    /// Waiters poll (timed waits, never announced, never woken) instead of
+    /// sleeping until woken: releasing never makes a system call. Set before
+    /// the lock is shared (a core atomic: not part of the loom model).
+    poll: core::sync::atomic::AtomicBool,
 }
 
 /// Proof that a [`ZoneLock`] is held; releases it when dropped.
@@ -58,6 +91,8 @@ pub struct ZoneLock {
 pub struct ZoneGuard<'a> {
     lock: &'a ZoneLock,
     platform: &'a dyn Platform,
+    /// The thread's mark belongs to the thread: not `Send`.
+    _not_send: core::marker::PhantomData<*const ()>,
 }
 
 impl core::fmt::Debug for ZoneGuard<'_> {
@@ -70,49 +105,88 @@ impl ZoneLock {
     /// An unlocked lock.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        ZoneLock {
-            state: AtomicU32::new(UNLOCKED),
-        }
+        Self::with_polling(false)
     }
 
     /// An unlocked lock (loom's atomics have no `const fn new`).
     #[cfg(loom)]
     pub fn new() -> Self {
+        Self::with_polling(false)
+    }
+
+    /// An unlocked lock whose waiters poll (`poll`: releasing it never
+    /// makes a system call) or sleep until woken.
+    #[cfg(not(loom))]
+    pub const fn with_polling(poll: bool) -> Self {
         ZoneLock {
             state: AtomicU32::new(UNLOCKED),
+            owner: AtomicUsize::new(0),
+            waiters: AtomicU32::new(0),
+            poll: core::sync::atomic::AtomicBool::new(poll),
+        }
+    }
+
+    /// As the non-loom `with_polling`.
+    #[cfg(loom)]
+    pub fn with_polling(poll: bool) -> Self {
+        ZoneLock {
+            state: AtomicU32::new(UNLOCKED),
+            owner: AtomicUsize::new(0),
+            waiters: AtomicU32::new(0),
+            poll: core::sync::atomic::AtomicBool::new(poll),
         }
     }
 
     /// Takes the lock if it is free. Never waits: safe in any context.
     #[inline]
     pub fn try_lock<'a>(&'a self, platform: &'a dyn Platform) -> Option<ZoneGuard<'a>> {
-        self.state
-            .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
-            .ok()
-            .map(|_| ZoneGuard {
-                lock: self,
-                platform,
-            })
-    }
-
-    /// Takes the lock, waiting for it if needed. Normal context only.
-    #[inline]
-    pub fn lock<'a>(&'a self, platform: &'a dyn Platform) -> ZoneGuard<'a> {
+        // Marked before the CAS: a handler from here on takes the nolock route.
+        context::enter();
         if self
             .state
             .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
+            .is_ok()
         {
-            self.lock_contended(platform);
-        }
-        ZoneGuard {
-            lock: self,
-            platform,
+            Some(self.acquired(platform))
+        } else {
+            // Not taken: a handler after this sees the thread as before.
+            context::leave();
+            None
         }
     }
 
+    /// Takes the lock, waiting for it if needed. Normal context only.
+    ///
+    /// If this very thread holds the lock (it interrupted itself: a routing
+    /// error), it reports that and aborts instead of waiting forever. Paths
+    /// that can fall back use [`lock_in`](Self::lock_in) instead.
+    #[inline]
+    pub fn lock<'a>(&'a self, platform: &'a dyn Platform) -> ZoneGuard<'a> {
+        match self.lock_in(Mode::Normal, platform) {
+            Some(g) => g,
+            None => self_deadlock(platform),
+        }
+    }
+
+    /// The owner store after a successful acquisition, and the guard.
+    #[inline(always)]
+    fn acquired<'a>(&'a self, platform: &'a dyn Platform) -> ZoneGuard<'a> {
+        self.owner.store(me(platform), Ordering::Relaxed);
+        ZoneGuard {
+            lock: self,
+            platform,
+            _not_send: core::marker::PhantomData,
+        }
+    }
+
+    /// Waits for the lock; `false` (without waiting) when this thread is its
+    /// owner.
     #[cold]
-    fn lock_contended(&self, platform: &dyn Platform) {
+    fn lock_contended(&self, platform: &dyn Platform) -> bool {
+        let me = me(platform);
+        if me != 0 && self.owner.load(Ordering::Relaxed) == me {
+            return false;
+        }
         // Spin while the holder is (probably) running its short section.
         let mut state = self.state.load(Ordering::Relaxed);
         let mut spins = 0;
@@ -127,13 +201,30 @@ impl ZoneLock {
                 .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
         {
-            return;
+            return true;
         }
-        // Announce a waiter. If the lock was free at the swap we now own it
-        // (in state 2, which costs at most one spurious wake at unlock).
-        while self.state.swap(CONTENDED, Ordering::Acquire) != UNLOCKED {
+        if self.poll.load(core::sync::atomic::Ordering::Relaxed) {
+            // Never announced: the holder's release makes no system call;
+            // re-check after each short timed wait.
+            while self
+                .state
+                .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                poll_while(platform, &self.state, LOCKED);
+            }
+            return true;
+        }
+        // Announce a waiter: counted first, so a release that sees state 2
+        // also sees the count (the swaps are AcqRel). If the lock was free
+        // at the swap we now own it (in state 2: the count says whether a
+        // release must wake anyone).
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        while self.state.swap(CONTENDED, Ordering::AcqRel) != UNLOCKED {
             wait_while(platform, &self.state, CONTENDED);
         }
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        true
     }
 
     /// Takes the lock without a guard (fork handling: held across `fork`).
@@ -154,17 +245,44 @@ impl ZoneLock {
         drop(ZoneGuard {
             lock: self,
             platform,
+            _not_send: core::marker::PhantomData,
         });
     }
 
     /// Takes the lock as `mode` allows: waiting for it (`Normal`), or only if
-    /// it is free right now (`NoLock`; `None` when busy).
+    /// it is free right now (`NoLock`). `None` when busy (`NoLock`), or when
+    /// this thread itself holds it (`Normal`: it interrupted itself; the
+    /// caller takes its nolock fallback instead of waiting forever).
     #[inline]
     pub fn lock_in<'a>(&'a self, mode: Mode, platform: &'a dyn Platform) -> Option<ZoneGuard<'a>> {
-        match mode {
-            Mode::Normal => Some(self.lock(platform)),
-            Mode::NoLock => self.try_lock(platform),
+        if mode == Mode::NoLock {
+            return self.try_lock(platform);
         }
+        // Marked before the CAS and during any wait.
+        context::enter();
+        if self
+            .state
+            .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+            && !self.lock_contended(platform)
+        {
+            context::leave();
+            return None;
+        }
+        Some(self.acquired(platform))
+    }
+
+    /// Makes waiters poll (`true`) or sleep until woken; call before the lock
+    /// is shared.
+    pub fn set_polling(&self, poll: bool) {
+        self.poll.store(poll, core::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this thread holds the lock (exact when the thread id is known;
+    /// `false` when it is not).
+    pub fn held_by_me(&self, platform: &dyn Platform) -> bool {
+        let me = me(platform);
+        me != 0 && self.owner.load(Ordering::Relaxed) == me
     }
 
     /// Whether the lock is held right now (a racy hint, for stats and tests).
@@ -176,6 +294,46 @@ impl ZoneLock {
 impl Default for ZoneLock {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// This thread's id for the owner word: the crate's own (std), else the
+/// platform's (0: unknown, no owner check).
+#[inline(always)]
+fn me(platform: &dyn Platform) -> usize {
+    match context::thread_id() {
+        0 => platform.thread_id(),
+        id => id,
+    }
+}
+
+#[cold]
+fn self_deadlock(platform: &dyn Platform) -> ! {
+    platform.fatal(
+        b"anyalloc: internal error: a thread waited for a lock it holds itself (re-entry not routed to the nolock path)",
+    )
+}
+
+/// Polling waiters re-check the lock this often (nanoseconds).
+#[cfg(not(loom))]
+const POLL_NANOS: u64 = 50_000;
+
+#[cfg(not(loom))]
+fn poll_while(platform: &dyn Platform, word: &AtomicU32, expected: u32) {
+    let mut spins = 0;
+    while word.load(Ordering::Relaxed) == expected && spins < SPIN_LIMIT {
+        spin_hint();
+        spins += 1;
+    }
+    if word.load(Ordering::Relaxed) == expected {
+        platform.wait_timeout(word, expected, POLL_NANOS);
+    }
+}
+
+#[cfg(loom)]
+fn poll_while(_platform: &dyn Platform, word: &AtomicU32, expected: u32) {
+    while word.load(Ordering::Relaxed) == expected {
+        loom::thread::yield_now();
     }
 }
 
@@ -196,13 +354,20 @@ fn wait_while(_platform: &dyn Platform, word: &AtomicU32, expected: u32) {
 impl Drop for ZoneGuard<'_> {
     #[inline]
     fn drop(&mut self) {
+        // Cleared before the release: the next holder's store comes later.
+        self.lock.owner.store(0, Ordering::Relaxed);
         // Release publishes the critical section to the next Acquire.
-        if self.lock.state.swap(UNLOCKED, Ordering::Release) == CONTENDED {
-            // A `lock()` caller announced that it waits: wake one. The
-            // platform's wake never blocks (a futex wake on std), so this is
-            // safe on the nolock path too.
+        if self.lock.state.swap(UNLOCKED, Ordering::AcqRel) == CONTENDED
+            && self.lock.waiters.load(Ordering::Relaxed) != 0
+        {
+            // A `lock()` caller announced that it waits and still does:
+            // wake one. The platform's wake never blocks (a futex wake on
+            // std), so this is safe on the nolock path too; a polling lock
+            // is never in state 2, so its release never gets here.
             wake(self.platform, &self.lock.state);
         }
+        // Released: a handler after this sees the thread as before the lock.
+        context::leave();
     }
 }
 
@@ -276,6 +441,63 @@ mod loom_tests {
                 // SAFETY: loom checks that no other access overlaps this one.
                 shared.1.with_mut(|v| unsafe { *v += 1 });
             }
+            t.join().unwrap();
+            // SAFETY: loom checks that no other access overlaps this one.
+            assert_eq!(shared.1.with(|v| unsafe { *v }), 2);
+            assert!(!shared.0.is_locked());
+        });
+    }
+
+    /// Polling lockers (no announced waiters, no wakes): both get in, and
+    /// the state never becomes "contended".
+    #[test]
+    fn polling_lockers_both_progress() {
+        loom::model(|| {
+            let shared = Arc::new((ZoneLock::with_polling(true), UnsafeCell::new(0u32)));
+            let other = shared.clone();
+            let t = loom::thread::spawn(move || {
+                let _g = other.0.lock(&P);
+                assert_ne!(other.0.state.load(Ordering::Relaxed), CONTENDED);
+                // SAFETY: loom checks that no other access overlaps this one.
+                other.1.with_mut(|v| unsafe { *v += 1 });
+            });
+            {
+                let _g = shared.0.lock(&P);
+                assert_ne!(shared.0.state.load(Ordering::Relaxed), CONTENDED);
+                // SAFETY: loom checks that no other access overlaps this one.
+                shared.1.with_mut(|v| unsafe { *v += 1 });
+            }
+            t.join().unwrap();
+            // SAFETY: loom checks that no other access overlaps this one.
+            assert_eq!(shared.1.with(|v| unsafe { *v }), 2);
+            assert!(!shared.0.is_locked());
+        });
+    }
+
+    /// A thread that holds the lock and asks for it again (as a signal
+    /// handler that interrupted it would) gets `None` at once instead of
+    /// waiting for itself, while another thread's waiting `lock()` still
+    /// gets in once the holder releases.
+    #[test]
+    fn owner_degrades_instead_of_waiting() {
+        loom::model(|| {
+            let shared = Arc::new((ZoneLock::new(), UnsafeCell::new(0u32)));
+            let other = shared.clone();
+            let t = loom::thread::spawn(move || {
+                let _g = other.0.lock(&P);
+                // SAFETY: loom checks that no other access overlaps this one.
+                other.1.with_mut(|v| unsafe { *v += 1 });
+            });
+            {
+                let g = shared.0.lock(&P);
+                assert!(shared.0.held_by_me(&P));
+                assert!(shared.0.lock_in(Mode::Normal, &P).is_none());
+                assert!(shared.0.try_lock(&P).is_none());
+                // SAFETY: loom checks that no other access overlaps this one.
+                shared.1.with_mut(|v| unsafe { *v += 1 });
+                drop(g);
+            }
+            assert!(!shared.0.held_by_me(&P));
             t.join().unwrap();
             // SAFETY: loom checks that no other access overlaps this one.
             assert_eq!(shared.1.with(|v| unsafe { *v }), 2);

@@ -1,0 +1,107 @@
+//! A spin lock for the rarely changed registries (shrinkers, accounting
+//! groups' children), taken only on normal paths and by the fork handler.
+//!
+//! State: one word, `owner`: 0 when free, else the holder's thread id
+//! (`context::thread_id`; `usize::MAX` when the id is unknown,
+//! without std).
+//!
+//! * `lock`: CAS 0 -> me (Acquire), spinning while another thread holds it;
+//!   if *this* thread holds it (it interrupted itself) it returns `None`
+//!   at once instead of spinning forever;
+//! * `try_lock`: one CAS;
+//! * release (guard drop): store 0 (Release), then unmark the thread.
+//!
+//! The owner is set by the acquiring CAS itself, so "this thread holds it"
+//! is exact at every instant: a handler that interrupted the holder and
+//! asks for the lock gets `None`, never a wait. That is why, unlike the
+//! zone lock, it does not mark the thread inside the allocator: the
+//! registries' owners allocate under it (a `Vec` push), and those
+//! allocations must stay on the normal path, which may wait and so never
+//! fails for want of a lock. No allocation path takes a registry lock.
+//!
+//! It never allocates and never makes a syscall. Not modelled under loom
+//! (a `static` needs a `const` constructor): the registries hold plain
+//! data, and the protocol is the slot lock's plus the owner check.
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::context;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct RegistryLock {
+    owner: AtomicUsize,
+}
+
+/// Proof that a [`RegistryLock`] is held; releases it when dropped.
+pub(crate) struct RegistryGuard<'a> {
+    lock: &'a RegistryLock,
+}
+
+fn me() -> usize {
+    match context::thread_id() {
+        0 => usize::MAX,
+        id => id,
+    }
+}
+
+impl RegistryLock {
+    pub(crate) const fn new() -> Self {
+        RegistryLock {
+            owner: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes the lock, spinning while another thread holds it; `None` when
+    /// this thread holds it already (normal context only).
+    pub(crate) fn lock(&self) -> Option<RegistryGuard<'_>> {
+        let me = me();
+        loop {
+            match self
+                .owner
+                .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(RegistryGuard { lock: self }),
+                Err(cur) if cur == me && me != usize::MAX => return None,
+                Err(_) => core::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// Takes the lock if it is free right now.
+    pub(crate) fn try_lock(&self) -> Option<RegistryGuard<'_>> {
+        self.owner
+            .compare_exchange(0, me(), Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| RegistryGuard { lock: self })
+    }
+
+    /// Fork support: takes the lock without a guard (`false`: this thread
+    /// holds it already). Pair with [`force_unlock`](Self::force_unlock).
+    #[cfg(feature = "std")]
+    pub(crate) fn lock_raw(&self) -> bool {
+        match self.lock() {
+            Some(g) => {
+                core::mem::forget(g);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Releases a lock taken with [`lock_raw`](Self::lock_raw) (here, or in
+    /// the parent of this forked child).
+    ///
+    /// # Safety
+    /// `lock_raw` returned `true` and nothing else releases the lock.
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn force_unlock(&self) {
+        self.owner.store(0, Ordering::Release);
+    }
+}
+
+impl Drop for RegistryGuard<'_> {
+    fn drop(&mut self) {
+        self.lock.owner.store(0, Ordering::Release);
+    }
+}

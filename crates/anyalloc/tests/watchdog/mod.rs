@@ -1,0 +1,96 @@
+//! Runs one test of the current test binary in a child process, under a
+//! watchdog: a deadlock in the child fails the test (the child is killed)
+//! instead of hanging CI.
+//!
+//! The child is this executable re-run with `--exact NAME` and the
+//! environment variable [`CHILD`] set; the test body checks
+//! [`in_child`] and runs the scenario there.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Set in the child's environment.
+pub const CHILD: &str = "ANYALLOC_WATCHDOG_CHILD";
+
+/// Whether this process is the child running the scenario.
+pub fn in_child() -> bool {
+    std::env::var_os(CHILD).is_some()
+}
+
+/// What the child did.
+pub struct Outcome {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs test `name` in a child with `env` set, and kills it (failing the
+/// test with `what` and its output so far) if it has not finished after
+/// `limit`: a scenario that completes takes a small fraction of that, a
+/// deadlocked one never completes.
+pub fn run(name: &str, env: &[(&str, &str)], limit: Duration, what: &str) -> Outcome {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Its own process group: the watchdog kills grandchildren (forks) too.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn the child");
+    // Readers drain the pipes while the child runs (a full pipe would stall it).
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out_reader = read(Box::new(child.stdout.take().unwrap()));
+    let err_reader = read(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for the child") {
+            // Forked grandchildren still running would hold the pipes open.
+            // SAFETY: as below.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            break Some(s);
+        }
+        if start.elapsed() > limit {
+            // SAFETY: kill has no memory preconditions; the group is the
+            // child's own (process_group(0) above).
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    match status {
+        Some(status) => Outcome {
+            status,
+            stdout,
+            stderr,
+        },
+        None => panic!(
+            "{what}: the child did not finish within {limit:?} (deadlock); killed.\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        ),
+    }
+}
+
+/// Runs `name` in a child and asserts it exited with status 0.
+pub fn run_ok(name: &str, env: &[(&str, &str)], limit: Duration, what: &str) -> Outcome {
+    let out = run(name, env, limit, what);
+    assert!(
+        out.status.success(),
+        "{what}: the child failed ({:?}).\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    out
+}
