@@ -17,7 +17,7 @@ mod std_os;
 #[cfg(feature = "std")]
 pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
-pub(crate) use std_os::{os_discard, os_release, os_reserve, write_stderr};
+pub(crate) use std_os::{os_discard, os_release, os_remap, os_reserve, write_stderr};
 
 mod fatal;
 pub(crate) use fatal::FatalMessage;

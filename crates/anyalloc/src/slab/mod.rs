@@ -366,6 +366,15 @@ impl Heap {
         started
     }
 
+    /// In a forked child, before anything else uses the heap: the
+    /// maintenance thread stayed in the parent; forget it so that
+    /// [`start_maintenance`](Self::start_maintenance) starts a new one.
+    /// Returns whether one ran in the parent.
+    #[cfg(feature = "std")]
+    pub fn forget_maintainer_after_fork(&self) -> bool {
+        self.maintainer.forget_after_fork()
+    }
+
     /// The page allocator underneath (its memory is shared with the heap).
     pub fn pages(&self) -> &PageAllocator {
         &self.core().pages
@@ -439,6 +448,38 @@ impl Heap {
         self.core().usable_size(ptr)
     }
 
+    /// Resizes a huge allocation (above 4 MiB, `mmap`ed) to `size` bytes
+    /// with `mremap`: the pages move, the contents are not copied. Normal
+    /// context. `None`, with `ptr` untouched, when `ptr` is not a huge
+    /// allocation, `size` is not above 4 MiB, the allocation is charged to
+    /// a group, or the OS refuses. The result is page-aligned.
+    ///
+    /// # Safety
+    /// `ptr` is a live allocation of this heap; after `Some`, only the
+    /// result is.
+    #[cfg(feature = "std")]
+    pub unsafe fn remap_huge(&self, ptr: NonNull<u8>, size: usize) -> Option<NonNull<u8>> {
+        crate::context::might_wait("Heap::remap_huge");
+        let core = self.core();
+        let addr = ptr.as_ptr() as usize;
+        let new = size.checked_next_multiple_of(PAGE_SIZE)?;
+        if new <= PAGE_SIZE << MAX_ORDER {
+            return None;
+        }
+        let (old, group) = core.huge.remove(addr)?;
+        let moved = match group {
+            // SAFETY: a registered huge allocation, unregistered while it moves.
+            0 => unsafe { crate::platform::os_remap(ptr.as_ptr(), old, new) },
+            _ => None,
+        };
+        let (at, len) = moved.map_or((addr, old), |p| (p as usize, new));
+        if !core.huge.insert(at, len, group) {
+            core.pages
+                .fatal(FatalMessage::new().text("anyalloc: huge table full in remap_huge"));
+        }
+        moved.and_then(NonNull::new)
+    }
+
     /// Registers a shrinker: a normal-context callback asked to free up to
     /// the given number of bytes of the caller's own caches, returning how
     /// many it freed. The heap runs shrinkers when a zone falls below its
@@ -466,6 +507,18 @@ impl Heap {
         let core = self.core();
         let epoch = core.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         core.maintain_pass(epoch, 2, 2);
+    }
+
+    /// Normal context: [`drain`](Self::drain), then every free block of
+    /// 256 KiB or more goes back to the OS now, not after it stayed idle
+    /// (C's `malloc_trim`). Returns the bytes given back.
+    #[cfg(feature = "std")]
+    pub fn trim(&self) -> usize {
+        self.drain();
+        let bytes = self.core().pages.release_free_blocks();
+        let released = &self.core().released_bytes;
+        released.fetch_add(bytes as u64, Ordering::Relaxed);
+        bytes
     }
 
     /// A snapshot of the heap's counters; see [`HeapStats`].
