@@ -86,6 +86,10 @@ pub struct HeapStats {
     pub large_in_use: usize,
     /// Huge (mmap'd) allocations in use.
     pub huge_in_use: usize,
+    /// Bytes of the large allocations in use (whole page blocks).
+    pub large_bytes: usize,
+    /// Bytes of the huge allocations in use (whole pages).
+    pub huge_bytes: usize,
     /// Successful nolock allocations.
     pub nolock_alloc_ok: u64,
     /// Nolock allocations that failed because every lock they needed was held.
@@ -151,6 +155,8 @@ pub(crate) struct HeapCore {
     shrinkers: Shrinkers,
     large_live: AtomicUsize,
     huge_live: AtomicUsize,
+    large_bytes: AtomicUsize,
+    huge_bytes: AtomicUsize,
     nolock_large_ok: AtomicU64,
     fail_busy: AtomicU64,
     fail_empty: AtomicU64,
@@ -318,6 +324,8 @@ impl Heap {
             },
             large_live: AtomicUsize::new(0),
             huge_live: AtomicUsize::new(0),
+            large_bytes: AtomicUsize::new(0),
+            huge_bytes: AtomicUsize::new(0),
             nolock_large_ok: AtomicU64::new(0),
             fail_busy: AtomicU64::new(0),
             fail_empty: AtomicU64::new(0),
@@ -477,6 +485,8 @@ impl Heap {
             core.pages
                 .fatal(FatalMessage::new().text("anyalloc: huge table full in remap_huge"));
         }
+        core.huge_bytes.fetch_add(len, Ordering::Relaxed);
+        core.huge_bytes.fetch_sub(old, Ordering::Relaxed);
         moved.and_then(NonNull::new)
     }
 
@@ -637,6 +647,8 @@ impl HeapCore {
         d.freelist.store(0, Ordering::Relaxed); // no group yet
         d.owner.store(LARGE_OWNER, Ordering::Release);
         self.large_live.fetch_add(1, Ordering::Relaxed);
+        let bytes = PAGE_SIZE << crate::page::order_of_state(d.load());
+        self.large_bytes.fetch_add(bytes, Ordering::Relaxed);
         p
     }
 
@@ -651,6 +663,7 @@ impl HeapCore {
             return None;
         }
         self.huge_live.fetch_add(1, Ordering::Relaxed);
+        self.huge_bytes.fetch_add(size, Ordering::Relaxed);
         NonNull::new(p)
     }
 
@@ -724,6 +737,8 @@ impl HeapCore {
         self.uncharge(g, PAGE_SIZE << order);
         d.owner.store(0, Ordering::Release);
         self.large_live.fetch_sub(1, Ordering::Relaxed);
+        self.large_bytes
+            .fetch_sub(PAGE_SIZE << order, Ordering::Relaxed);
     }
 
     /// Unregisters a huge allocation and unmaps it; the nolock path parks
@@ -738,6 +753,7 @@ impl HeapCore {
             )
         };
         self.huge_live.fetch_sub(1, Ordering::Relaxed);
+        self.huge_bytes.fetch_sub(size, Ordering::Relaxed);
         self.uncharge(group, size);
         match mode {
             // SAFETY: a registered huge allocation, now unregistered, so
@@ -913,6 +929,7 @@ impl HeapCore {
         match reserved {
             Some(p) if self.huge.insert(p as usize, size, g) => {
                 self.huge_live.fetch_add(1, Ordering::Relaxed);
+                self.huge_bytes.fetch_add(size, Ordering::Relaxed);
                 NonNull::new(p)
             }
             other => {
@@ -1072,6 +1089,8 @@ impl HeapCore {
             objects_in_use: 0,
             large_in_use: self.large_live.load(Ordering::Relaxed),
             huge_in_use: self.huge_live.load(Ordering::Relaxed),
+            large_bytes: self.large_bytes.load(Ordering::Relaxed),
+            huge_bytes: self.huge_bytes.load(Ordering::Relaxed),
             nolock_alloc_ok: self.nolock_large_ok.load(Ordering::Relaxed),
             nolock_alloc_fail_busy: self.fail_busy.load(Ordering::Relaxed),
             nolock_alloc_fail_empty: self.fail_empty.load(Ordering::Relaxed),
