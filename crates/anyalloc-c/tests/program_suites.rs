@@ -206,13 +206,19 @@ fn python_regression_tests_same_results_as_glibc() {
         let module = n.split('.').nth(1).unwrap_or("");
         let mut same = false;
         for attempt in 1..=2 {
-            let (g, _, _) = regrtest(&python, false, "retry-glibc", &[module], &[method.clone()]);
+            let (g, _, _) = regrtest(
+                &python,
+                false,
+                "retry-glibc",
+                &[module],
+                std::slice::from_ref(&method),
+            );
             let (a, _, _) = regrtest(
                 &python,
                 true,
                 "retry-anyalloc",
                 &[module],
-                &[method.clone()],
+                std::slice::from_ref(&method),
             );
             println!(
                 "differed: {n} (glibc {:?}, anyalloc {:?}); rerun {attempt}: glibc {:?}, anyalloc {:?}",
