@@ -242,9 +242,13 @@ fn owner(p: NonNull<u8>, what: &str) -> &'static Heap {
 unsafe fn free_routed(p: NonNull<u8>, what: &str) {
     let h = owner(p, what);
     let t = tls::state();
+    // Read and written through the raw pointer: the system calls under
+    // `free` write the same word.
     // SAFETY: __errno_location returns this thread's errno, always valid.
-    let errno = unsafe { &mut *libc::__errno_location() };
-    let saved = *errno;
+    let (errno, saved) = unsafe {
+        let e = libc::__errno_location();
+        (e, e.read())
+    };
     if must_nolock(t) || SLOW.load(Ordering::Relaxed) != 0 {
         // SAFETY: forwarded contract.
         unsafe { free_slow(t, h, p) };
@@ -252,7 +256,8 @@ unsafe fn free_routed(p: NonNull<u8>, what: &str) {
         // SAFETY: forwarded contract (the heap aborts on foreign pointers).
         inside(t, || unsafe { h.free(p) });
     }
-    *errno = saved;
+    // SAFETY: as above.
+    unsafe { errno.write(saved) };
 }
 
 /// `free_routed`'s nolock route, and its normal route with owed work.
