@@ -22,6 +22,9 @@
 set -euo pipefail
 
 rounds=${1:-5}
+# The commit measured (taken now: the tree may move while the rounds run).
+commit="$(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git -C "$(dirname "$0")" diff --quiet HEAD -- . ../anyalloc 2>/dev/null || commit="$commit (with local changes)"
 update_readme=0
 [[ ${2:-} == --update-readme ]] && update_readme=1
 here=$(cd "$(dirname "$0")" && pwd)
@@ -125,8 +128,7 @@ table() {
         done
     done
     echo
-    echo "\`crates/anyalloc-c/bench.sh $rounds\` on $(date -u +%Y-%m-%d), commit" \
-        "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo ' (with local changes)'):" \
+    echo "\`crates/anyalloc-c/bench.sh $rounds\` on $(date -u +%Y-%m-%d), commit $commit:" \
         "$rounds rounds, interleaved; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end;" \
         "$(ldd --version | head -n 1)."
 }
