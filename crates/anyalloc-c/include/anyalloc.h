@@ -2,8 +2,10 @@
  * anyalloc.h: the explicit any-context calls of libanyalloc.so.
  *
  * libanyalloc.so replaces malloc, free, calloc, realloc, reallocarray,
- * posix_memalign, aligned_alloc, memalign, valloc, pvalloc and
- * malloc_usable_size (declared by <stdlib.h> and <malloc.h>). Those are
+ * posix_memalign, aligned_alloc, memalign, valloc, pvalloc,
+ * malloc_usable_size, free_sized, free_aligned_sized, the __libc_* names,
+ * malloc_trim, mallinfo2, mallinfo, malloc_stats, malloc_info and mallopt
+ * (declared by <stdlib.h> and <malloc.h>). The allocation functions are
  * already safe to call from a signal handler, even one that interrupted the
  * allocator on the same thread: such a call takes the "nolock" path, which
  * never waits for a lock and never blocks, and may fail (NULL, errno ENOMEM).

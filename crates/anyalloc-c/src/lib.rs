@@ -2,7 +2,10 @@
 //!
 //! Exports the C allocation functions (`malloc`, `free`, `calloc`,
 //! `realloc`, `reallocarray`, `posix_memalign`, `aligned_alloc`, `memalign`,
-//! `valloc`, `pvalloc`, `malloc_usable_size`) over the process-wide
+//! `valloc`, `pvalloc`, `malloc_usable_size`, C23's `free_sized` and
+//! `free_aligned_sized`, glibc's `__libc_*` names) and glibc's malloc
+//! control and statistics interface (`malloc_trim`, `mallinfo2`, `mallinfo`,
+//! `malloc_stats`, `malloc_info`, `mallopt`) over the process-wide
 //! [`anyalloc`] heap, plus the explicit any-context calls of
 //! `include/anyalloc.h`. Link it, or load it with `LD_PRELOAD`; see the
 //! crate's README for semantics and limits.
@@ -33,20 +36,37 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod info;
+mod line;
 mod tls;
 
 use core::alloc::Layout;
 use core::ffi::{c_int, c_void};
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{compiler_fence, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicU8, Ordering};
 
 use anyalloc::Heap;
+use line::Line;
 use tls::ThreadState;
 
 /// The alignment C gives every `malloc` result: `alignof(max_align_t)`.
 const MAX_ALIGN: usize = 16;
 /// The page size `valloc` and `pvalloc` align to.
 const PAGE: usize = 4096;
+/// Blocks above this many bytes are `mmap`ed (huge): `realloc` moves them
+/// with `mremap`.
+const HUGE_ABOVE: usize = anyalloc::PAGE_SIZE << anyalloc::MAX_ORDER;
+
+/// Work the normal path owes, checked with one load per call: bits below.
+static SLOW: AtomicU8 = AtomicU8::new(0);
+/// `mallopt(M_PERTURB, v)` with `v & 0xff != 0`: allocations (but not
+/// `calloc`) are filled with `!PERTURB`, freed blocks with `PERTURB`.
+const SLOW_PERTURB: u8 = 1;
+/// A forked child whose parent ran the maintenance thread: the first
+/// normal-path call starts a new one.
+const SLOW_RESTART: u8 = 2;
+/// The `M_PERTURB` byte.
+static PERTURB: AtomicU8 = AtomicU8::new(0);
 
 // ----- plumbing ----------------------------------------------------------------
 
@@ -54,6 +74,12 @@ const PAGE: usize = 4096;
 fn set_errno(e: c_int) {
     // SAFETY: __errno_location returns this thread's errno, always valid.
     unsafe { *libc::__errno_location() = e };
+}
+
+#[inline(always)]
+fn errno() -> c_int {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() }
 }
 
 /// The alignment a `malloc(size)` result needs: every object of at most
@@ -121,14 +147,54 @@ fn out(p: Option<NonNull<u8>>) -> *mut c_void {
 #[inline(always)]
 fn alloc_routed(layout: Layout, zeroed: bool) -> *mut c_void {
     let t = tls::state();
-    if must_nolock(t) {
-        return alloc_nolock(layout, zeroed);
+    if must_nolock(t) || SLOW.load(Ordering::Relaxed) != 0 {
+        return alloc_slow(t, layout, zeroed);
     }
+    alloc_normal(t, layout, zeroed)
+}
+
+#[inline(always)]
+fn alloc_normal(t: &ThreadState, layout: Layout, zeroed: bool) -> *mut c_void {
     inside(t, || match normal_heap() {
         Some(h) if zeroed => out(h.alloc_zeroed(layout)),
         Some(h) => out(h.alloc(layout)),
         None => ptr::null_mut(),
     })
+}
+
+/// The nolock route, and the normal route with owed work (a maintainer to
+/// restart, `M_PERTURB` filling).
+#[cold]
+fn alloc_slow(t: &ThreadState, layout: Layout, zeroed: bool) -> *mut c_void {
+    let p = if must_nolock(t) {
+        alloc_nolock(layout, zeroed)
+    } else {
+        restart_maintainer_if_owed();
+        alloc_normal(t, layout, zeroed)
+    };
+    if !zeroed && !p.is_null() && SLOW.load(Ordering::Relaxed) & SLOW_PERTURB != 0 {
+        // SAFETY: a fresh block of at least `layout.size()` bytes.
+        unsafe {
+            ptr::write_bytes(
+                p.cast::<u8>(),
+                !PERTURB.load(Ordering::Relaxed),
+                layout.size(),
+            )
+        };
+    }
+    p
+}
+
+/// In a forked child whose parent ran the maintenance thread: starts a new
+/// one (normal context, outside the allocator: spawning allocates).
+fn restart_maintainer_if_owed() {
+    if SLOW.load(Ordering::Relaxed) & SLOW_RESTART != 0
+        && SLOW.fetch_and(!SLOW_RESTART, Ordering::AcqRel) & SLOW_RESTART != 0
+    {
+        if let Some(h) = anyalloc::global_heap() {
+            h.start_maintenance();
+        }
+    }
 }
 
 #[inline]
@@ -166,20 +232,52 @@ fn owner(p: NonNull<u8>, what: &str) -> &'static Heap {
     }
 }
 
-/// Frees through the routing.
+/// Frees through the routing; errno is preserved (POSIX.1-2024: a
+/// handler's `free` must not clobber the interrupted code's errno, and
+/// futex waits or `munmap` may set it).
 ///
 /// # Safety
 /// `p` came from this library's allocation functions and is not used again.
 #[inline(always)]
-unsafe fn free_routed(p: NonNull<u8>) {
-    let h = owner(p, "free");
+unsafe fn free_routed(p: NonNull<u8>, what: &str) {
+    let h = owner(p, what);
     let t = tls::state();
-    if must_nolock(t) {
+    // Read and written through the raw pointer: the system calls under
+    // `free` write the same word.
+    // SAFETY: __errno_location returns this thread's errno, always valid.
+    let (errno, saved) = unsafe {
+        let e = libc::__errno_location();
+        (e, e.read())
+    };
+    if must_nolock(t) || SLOW.load(Ordering::Relaxed) != 0 {
+        // SAFETY: forwarded contract.
+        unsafe { free_slow(t, h, p) };
+    } else {
         // SAFETY: forwarded contract (the heap aborts on foreign pointers).
+        inside(t, || unsafe { h.free(p) });
+    }
+    // SAFETY: as above.
+    unsafe { errno.write(saved) };
+}
+
+/// `free_routed`'s nolock route, and its normal route with owed work.
+///
+/// # Safety
+/// As for `free_routed`.
+#[cold]
+unsafe fn free_slow(t: &ThreadState, h: &Heap, p: NonNull<u8>) {
+    if SLOW.load(Ordering::Relaxed) & SLOW_PERTURB != 0 {
+        let n = h.usable_size(p);
+        // SAFETY: a live block of `n` usable bytes, no longer used.
+        unsafe { ptr::write_bytes(p.as_ptr(), PERTURB.load(Ordering::Relaxed), n) };
+    }
+    if must_nolock(t) {
+        // SAFETY: forwarded contract.
         unsafe { h.free_nolock(p) };
         return;
     }
-    // SAFETY: as above.
+    restart_maintainer_if_owed();
+    // SAFETY: forwarded contract.
     inside(t, || unsafe { h.free(p) });
 }
 
@@ -187,29 +285,10 @@ unsafe fn free_routed(p: NonNull<u8>) {
 /// handed out anything.
 #[cold]
 fn not_ours(addr: usize, what: &str) -> ! {
-    let mut buf = [0u8; 128];
-    let mut n = 0;
-    let mut put = |bytes: &[u8]| {
-        for &b in bytes {
-            if n < buf.len() {
-                buf[n] = b;
-                n += 1;
-            }
-        }
-    };
-    put(b"anyalloc: ");
-    put(what.as_bytes());
-    put(b" of 0x");
-    let mut started = false;
-    for shift in (0..usize::BITS / 4).rev() {
-        let d = (addr >> (shift * 4)) & 0xf;
-        if d != 0 || started || shift == 0 {
-            started = true;
-            put(&[b"0123456789abcdef"[d]]);
-        }
-    }
-    put(b", which anyalloc did not hand out (no heap yet)\n");
-    fatal(&buf[..n])
+    let mut l = Line::new();
+    l.text("anyalloc: ").text(what).text(" of ").hex(addr);
+    l.text(", which anyalloc did not hand out (no heap yet)\n");
+    fatal(l.bytes())
 }
 
 #[cold]
@@ -250,7 +329,7 @@ pub extern "C" fn malloc(size: usize) -> *mut c_void {
 pub unsafe extern "C" fn free(p: *mut c_void) {
     if let Some(p) = NonNull::new(p.cast::<u8>()) {
         // SAFETY: forwarded contract.
-        unsafe { free_routed(p) };
+        unsafe { free_routed(p, "free") };
     }
 }
 
@@ -279,12 +358,22 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     };
     if size == 0 {
         // SAFETY: forwarded contract.
-        unsafe { free_routed(old) };
+        unsafe { free_routed(old, "realloc") };
         return ptr::null_mut();
     }
-    let usable = owner(old, "realloc").usable_size(old);
+    let heap = owner(old, "realloc");
+    let usable = heap.usable_size(old);
     if size <= usable && size > usable / 2 {
         return p;
+    }
+    if usable > HUGE_ABOVE && size > HUGE_ABOVE {
+        let t = tls::state();
+        if !must_nolock(t) {
+            // SAFETY: forwarded contract; on success only the result lives.
+            if let Some(q) = inside(t, || unsafe { heap.remap_huge(old, size) }) {
+                return q.as_ptr().cast();
+            }
+        }
     }
     let q = malloc(size);
     if !q.is_null() {
@@ -292,7 +381,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         // bytes, `q` at least `size`.
         unsafe {
             ptr::copy_nonoverlapping(old.as_ptr(), q.cast::<u8>(), usable.min(size));
-            free_routed(old);
+            free_routed(old, "realloc");
         }
     }
     q
@@ -395,6 +484,117 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     }
 }
 
+/// C23 `free_sized(3)`: `free(p)` for a block from `malloc`, `calloc` or
+/// `realloc` of `size` bytes. With the `debug-checks` feature a size the
+/// block cannot have been allocated with aborts with a one-line message.
+///
+/// # Safety
+/// As for [`free`].
+#[no_mangle]
+pub unsafe extern "C" fn free_sized(p: *mut c_void, size: usize) {
+    if let Some(p) = NonNull::new(p.cast::<u8>()) {
+        #[cfg(feature = "debug-checks")]
+        check_size(p, MAX_ALIGN, size, "free_sized");
+        #[cfg(not(feature = "debug-checks"))]
+        let _ = size;
+        // SAFETY: forwarded contract.
+        unsafe { free_routed(p, "free_sized") };
+    }
+}
+
+/// C23 `free_aligned_sized(3)`: `free(p)` for a block from
+/// `aligned_alloc(align, size)`. Checked like [`free_sized`].
+///
+/// # Safety
+/// As for [`free`].
+#[no_mangle]
+pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: usize) {
+    if let Some(p) = NonNull::new(p.cast::<u8>()) {
+        #[cfg(feature = "debug-checks")]
+        check_size(p, align, size, "free_aligned_sized");
+        #[cfg(not(feature = "debug-checks"))]
+        let _ = (align, size);
+        // SAFETY: forwarded contract.
+        unsafe { free_routed(p, "free_aligned_sized") };
+    }
+}
+
+/// A block allocated for `size` bytes aligned to `align` has at least
+/// `size` and at most `max(2 * size, align, 16)` usable bytes (size classes
+/// waste at most 20%, page blocks less than half, `realloc` keeps a block
+/// in place only while it is less than twice the new size); anything else
+/// was allocated with another size.
+#[cfg(feature = "debug-checks")]
+fn check_size(p: NonNull<u8>, align: usize, size: usize, what: &str) {
+    let usable = owner(p, what).usable_size(p);
+    if size > usable || usable > size.saturating_mul(2).max(align).max(MAX_ALIGN) {
+        let mut l = Line::new();
+        l.text("anyalloc: ")
+            .text(what)
+            .text(" of ")
+            .hex(p.as_ptr() as usize);
+        l.text(" with size ")
+            .dec(size as u64)
+            .text(", but the block has ");
+        l.dec(usable as u64)
+            .text(" usable bytes (allocated with another size)\n");
+        fatal(l.bytes());
+    }
+}
+
+// ----- glibc's names for "the real malloc" ----------------------------------------
+
+/// glibc's `__libc_malloc`: [`malloc`] (programs and preloaded tools call
+/// the `__libc_*` names to reach "the real malloc"; here that is this one).
+#[no_mangle]
+pub extern "C" fn __libc_malloc(size: usize) -> *mut c_void {
+    malloc(size)
+}
+
+/// glibc's `__libc_free`: [`free`].
+///
+/// # Safety
+/// As for [`free`].
+#[no_mangle]
+pub unsafe extern "C" fn __libc_free(p: *mut c_void) {
+    // SAFETY: forwarded contract.
+    unsafe { free(p) }
+}
+
+/// glibc's `__libc_calloc`: [`calloc`].
+#[no_mangle]
+pub extern "C" fn __libc_calloc(n: usize, size: usize) -> *mut c_void {
+    calloc(n, size)
+}
+
+/// glibc's `__libc_realloc`: [`realloc`].
+///
+/// # Safety
+/// As for [`realloc`].
+#[no_mangle]
+pub unsafe extern "C" fn __libc_realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: forwarded contract.
+    unsafe { realloc(p, size) }
+}
+
+/// glibc's `__libc_memalign`: [`memalign`].
+#[no_mangle]
+pub extern "C" fn __libc_memalign(align: usize, size: usize) -> *mut c_void {
+    memalign(align, size)
+}
+
+/// glibc's `__libc_valloc`: [`valloc`].
+#[no_mangle]
+pub extern "C" fn __libc_valloc(size: usize) -> *mut c_void {
+    valloc(size)
+}
+
+/// glibc's `__libc_pvalloc`: [`pvalloc`].
+#[no_mangle]
+pub extern "C" fn __libc_pvalloc(size: usize) -> *mut c_void {
+    pvalloc(size)
+}
+
 // ----- the explicit any-context calls (include/anyalloc.h) ----------------------
 
 /// Allocates `size` bytes (aligned like `malloc`) with the nolock path, from
@@ -417,8 +617,10 @@ pub extern "C" fn anyalloc_malloc_nolock(size: usize) -> *mut c_void {
 #[no_mangle]
 pub unsafe extern "C" fn anyalloc_free_nolock(p: *mut c_void) {
     if let Some(p) = NonNull::new(p.cast::<u8>()) {
+        let saved = errno();
         // SAFETY: forwarded contract.
         unsafe { owner(p, "anyalloc_free_nolock").free_nolock(p) };
+        set_errno(saved);
     }
 }
 
@@ -465,7 +667,7 @@ extern "C" fn constructor() {
     // instead of waiting for itself.
     // SAFETY: the handlers are `extern "C"` functions that live forever.
     unsafe {
-        libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release));
+        libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_child));
     }
     if maintenance_wanted() {
         heap.start_maintenance();
@@ -488,6 +690,16 @@ extern "C" fn fork_release() {
     compiler_fence(Ordering::SeqCst);
     t.depth
         .store(t.depth.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+}
+
+/// In the child the maintenance thread did not survive the fork: the first
+/// normal-path call starts a new one (not this handler: the child may be
+/// about to `exec`, and spawning here would run inside `fork`).
+extern "C" fn fork_child() {
+    fork_release();
+    if anyalloc::global_heap().is_some_and(|h| h.forget_maintainer_after_fork()) {
+        SLOW.fetch_or(SLOW_RESTART, Ordering::Relaxed);
+    }
 }
 
 /// `ANYALLOC_MAINTENANCE` set to something other than `0` (default: off).

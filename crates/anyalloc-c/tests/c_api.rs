@@ -16,10 +16,16 @@ fn linked(extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// api.c, compiled once for the tests of this binary.
+fn api_exe() -> &'static std::path::Path {
+    static EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| compile(&["api.c"], "api", &linked(&["-fno-builtin"])))
+}
+
 #[test]
 fn c_semantics_of_every_exported_function() {
-    let exe = compile(&["api.c"], "api", &linked(&["-fno-builtin"]));
-    let o = run(std::process::Command::new(&exe), TIMEOUT);
+    let exe = api_exe();
+    let o = run(std::process::Command::new(exe), TIMEOUT);
     print!("{}", o.stdout);
     eprint!("{}", o.stderr);
     assert!(o.success(), "api: {}", o.describe());
@@ -28,12 +34,7 @@ fn c_semantics_of_every_exported_function() {
 
 #[test]
 fn cxx_new_delete_exceptions_and_threads() {
-    if std::process::Command::new("c++")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        println!("skipped: no c++ compiler");
+    if !require("c++") {
         return;
     }
     let exe = compile_with("c++", &["cxx.cpp"], "cxx", &linked(&["-std=c++17"]));
@@ -137,4 +138,99 @@ fn maintenance_thread_only_on_request() {
     assert!(off.success() && on.success());
     assert_eq!(off.stdout.trim(), "threads: 1");
     assert_eq!(on.stdout.trim(), "threads: 2");
+}
+
+/// malloc_info writes well-formed XML: one <size> per class, one <zone>
+/// per zone, and the counts reflect what the program holds.
+#[test]
+fn malloc_info_is_valid_xml_per_class_and_zone() {
+    if !require("python3") {
+        return;
+    }
+    let mut cmd = std::process::Command::new(api_exe());
+    cmd.arg("info");
+    let o = run(cmd, TIMEOUT);
+    assert!(o.success(), "api info: {} {}", o.describe(), o.stderr);
+    // Python's XML parser is the validator; it prints what it found.
+    let check = r#"
+import sys, xml.etree.ElementTree as ET
+root = ET.fromstring(sys.stdin.read())
+assert root.tag == "malloc" and root.get("allocator") == "anyalloc", root.attrib
+sizes = root.find("sizes").findall("size")
+assert len(sizes) == 39, len(sizes)
+assert [int(s.get("class")) for s in sizes] == list(range(39))
+bytes_ = [int(s.get("bytes")) for s in sizes]
+assert bytes_ == sorted(bytes_) and bytes_[0] == 8 and bytes_[-1] == 8192, bytes_
+c100 = next(s for s in sizes if int(s.get("bytes")) >= 100)
+assert int(c100.get("in_use")) >= 1000, c100.attrib
+zones = root.findall("zone")
+assert len(zones) >= 1 and zones[0].get("nr") == "0"
+for z in zones:
+    assert int(z.get("free")) <= int(z.get("pages")), z.attrib
+mmap = next(t for t in root.findall("total") if t.get("type") == "mmap")
+assert int(mmap.get("count")) >= 1 and int(mmap.get("size")) >= 6 << 20, mmap.attrib
+print("valid:", len(sizes), "size classes,", len(zones), "zones; class", c100.get("bytes"), "in use", c100.get("in_use"))
+"#;
+    let py = std::process::Command::new(python_exe())
+        .args(["-c", check])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .env_remove("LD_PRELOAD")
+        .spawn()
+        .expect("python3");
+    use std::io::Write;
+    py.stdin
+        .as_ref()
+        .unwrap()
+        .write_all(o.stdout.as_bytes())
+        .unwrap();
+    let r = py.wait_with_output().unwrap();
+    print!("{}", String::from_utf8_lossy(&r.stdout));
+    assert!(
+        r.status.success(),
+        "malloc_info XML rejected: {}\n{}",
+        String::from_utf8_lossy(&r.stderr),
+        o.stdout
+    );
+}
+
+/// ANYALLOC_MAINTENANCE=1: a child forked by a multithreaded parent has no
+/// maintenance thread until its first malloc, then exactly one.
+#[test]
+fn maintainer_restarted_in_a_forked_child() {
+    let mut cmd = std::process::Command::new(api_exe());
+    cmd.arg("forkmaint").env("ANYALLOC_MAINTENANCE", "1");
+    let o = run(cmd, TIMEOUT);
+    print!("{}", o.stdout);
+    eprint!("{}", o.stderr);
+    assert!(o.success(), "forkmaint: {}", o.describe());
+    assert!(o.stdout.contains("after 1, later 1"), "{}", o.stdout);
+}
+
+/// free_sized / free_aligned_sized with a size the block cannot have:
+/// with the `debug-checks` feature a one-line abort, without it (the
+/// default, documented) a plain free.
+#[test]
+fn free_sized_with_a_wrong_size() {
+    for mode in ["badsize", "badalignedsize"] {
+        let mut cmd = std::process::Command::new(api_exe());
+        cmd.arg(mode);
+        let o = run(cmd, TIMEOUT);
+        println!("{mode}: {} {}", o.describe(), o.stderr.trim());
+        if cfg!(feature = "debug-checks") {
+            assert_eq!(o.signal(), Some(libc::SIGABRT), "{mode}: {}", o.describe());
+            let lines: Vec<&str> = o.stderr.lines().collect();
+            assert_eq!(lines.len(), 1, "{:?}", o.stderr);
+            assert!(lines[0].starts_with("anyalloc: free_"), "{}", lines[0]);
+            assert!(
+                lines[0].contains("allocated with another size"),
+                "{}",
+                lines[0]
+            );
+        } else {
+            assert!(o.success(), "{mode}: {}", o.describe());
+            assert!(o.stdout.contains("not checked"));
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Real programs under LD_PRELOAD=libanyalloc.so produce the same output
 //! as with glibc's malloc: python3 (threads and a subprocess), sort on a
-//! large generated file, sqlite3 (skipped with a reason when missing).
+//! large generated file, sqlite3. A missing program fails the test unless
+//! ANYALLOC_ALLOW_SKIP=1.
 
 mod common;
 
@@ -15,15 +16,6 @@ fn workload(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/workloads")
         .join(name)
-}
-
-/// Whether `program` runs at all (`--version`).
-fn available(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .env_remove("LD_PRELOAD")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// Runs the same command with glibc's malloc and with ours; the exit status
@@ -67,17 +59,10 @@ fn same_output(
 
 #[test]
 fn python3_threads_and_subprocess() {
-    if !available("python3") {
-        println!("skipped: python3 not found");
+    if !require("python3") {
         return;
     }
-    // The interpreter itself, not a wrapper script (pyenv's shims are bash).
-    let exe = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .env_remove("LD_PRELOAD")
-        .output()
-        .expect("python3");
-    let exe = PathBuf::from(String::from_utf8_lossy(&exe.stdout).trim());
+    let exe = python_exe();
     let script = workload("threads_subprocess.py");
     same_output(
         "python3",
@@ -109,8 +94,7 @@ fn generate_lines(lines: usize) -> Vec<u8> {
 
 #[test]
 fn sort_of_a_large_file() {
-    if !available("sort") {
-        println!("skipped: sort not found");
+    if !require("sort") {
         return;
     }
     let file = out_dir().join("sort-input.txt");
@@ -142,8 +126,7 @@ fn sort_of_a_large_file() {
 
 #[test]
 fn sqlite3_build_query_update_vacuum() {
-    if !available("sqlite3") {
-        println!("skipped: sqlite3 not installed (tests do not install packages)");
+    if !require("sqlite3") {
         return;
     }
     let sql = std::fs::read(workload("sqlite.sql")).unwrap();

@@ -116,6 +116,16 @@ impl MaintainerSlot {
         }
     }
 
+    /// In a forked child: the thread stayed in the parent. Forgets it (its
+    /// handle names a thread that does not exist here), so that `start`
+    /// starts a new one; returns whether one ran in the parent.
+    pub(crate) fn forget_after_fork(&self) -> bool {
+        // SAFETY: only the forking thread exists in the child: nothing else
+        // reads or writes the handle.
+        core::mem::forget(unsafe { (*self.handle.get()).take() });
+        self.state.swap(NONE, Ordering::AcqRel) == RUNNING
+    }
+
     /// Stops and joins the thread, if one runs.
     pub(crate) fn stop(&self, core: &impl Maintained) {
         if self.state.load(Ordering::Acquire) != RUNNING {

@@ -2,16 +2,36 @@
  * -lanyalloc; compiled with -fno-builtin so the compiler cannot fold the
  * calls. Prints one line per failed check and "api: N checks passed". */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "anyalloc.h"
 
 static int checks, failures;
+
+/* Not declared by this glibc's headers: C23 (glibc >= 2.39) and glibc's
+ * internal-but-exported names. */
+void free_sized(void *ptr, size_t size);
+void free_aligned_sized(void *ptr, size_t alignment, size_t size);
+void *__libc_malloc(size_t size);
+void __libc_free(void *ptr);
+void *__libc_calloc(size_t n, size_t size);
+void *__libc_realloc(void *ptr, size_t size);
+void *__libc_memalign(size_t alignment, size_t size);
+void *__libc_valloc(size_t size);
+void *__libc_pvalloc(size_t size);
 
 #define CHECK(cond)                                                            \
     do {                                                                       \
@@ -287,7 +307,451 @@ static void test_nolock_api(void) {
     free(big);
 }
 
-int main(void) {
+/* Resident set size in bytes, read without allocating (open/read). */
+static long rss_bytes(void) {
+    char buf[128];
+    int fd = open("/proc/self/statm", O_RDONLY);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    long size, rss;
+    if (sscanf(buf, "%ld %ld", &size, &rss) != 2) return -1;
+    return rss * sysconf(_SC_PAGESIZE);
+}
+
+static void test_malloc_trim(void) {
+    enum { N = 256, SZ = 64 << 10 };
+    static void *p[N];
+    for (int i = 0; i < N; i++) {
+        p[i] = malloc(SZ);
+        CHECK(p[i] != NULL);
+        if (p[i]) memset(p[i], 1, SZ);
+    }
+    long before = rss_bytes();
+    for (int i = 0; i < N; i++) free(p[i]);
+    errno = 4321;
+    int r = malloc_trim(0);
+    CHECK(errno == 4321);
+    long after = rss_bytes();
+    CHECK(r == 1);
+    /* 16 MiB were touched and freed: at least half goes back. */
+    CHECK(before > 0 && after > 0 && before - after >= 8L << 20);
+    CHECK(malloc_trim(0) == 0); /* nothing left to release */
+    CHECK(malloc_trim(SIZE_MAX) == 0); /* pad is ignored */
+    anyalloc_nolock_enter();
+    CHECK(malloc_trim(0) == 0); /* never in a nolock scope */
+    anyalloc_nolock_exit();
+    void *q = malloc(1 << 20);
+    CHECK(q != NULL); /* the heap still works after a trim */
+    if (q) memset(q, 2, 1 << 20);
+    free(q);
+}
+
+static void test_mallinfo(void) {
+    struct mallinfo2 m0 = mallinfo2();
+    CHECK(m0.usmblks == 0 && m0.smblks == 0);
+    CHECK(m0.fordblks == m0.arena - m0.uordblks);
+    CHECK(m0.uordblks <= m0.arena);
+    enum { SMALL = 1000 };
+    static void *s[SMALL];
+    for (int i = 0; i < SMALL; i++) s[i] = malloc(100);
+    void *l[10];
+    for (int i = 0; i < 10; i++) l[i] = malloc(65536);
+    void *h1 = malloc(8 << 20), *h2 = malloc((8 << 20) + 1);
+    struct mallinfo2 m1 = mallinfo2();
+    CHECK(m1.uordblks - m0.uordblks >= SMALL * 100 + 10 * 65536);
+    CHECK(m1.uordblks - m0.uordblks <= SMALL * 128 + 10 * 65536);
+    CHECK(m1.hblks == m0.hblks + 2);
+    CHECK(m1.hblkhd - m0.hblkhd == (16 << 20) + 4096); /* whole pages */
+    CHECK(m1.arena > 0 && m1.uordblks <= m1.arena && m1.fordblks == m1.arena - m1.uordblks);
+    struct mallinfo m = mallinfo();
+    CHECK((size_t)m.hblks == m1.hblks && (size_t)m.hblkhd == m1.hblkhd);
+    CHECK((size_t)m.uordblks == m1.uordblks && (size_t)m.arena == m1.arena);
+    for (int i = 0; i < SMALL; i++) free(s[i]);
+    for (int i = 0; i < 10; i++) free(l[i]);
+    free(h1);
+    free(h2);
+    struct mallinfo2 m2 = mallinfo2();
+    CHECK(m2.uordblks == m0.uordblks);
+    CHECK(m2.hblks == m0.hblks && m2.hblkhd == m0.hblkhd);
+    CHECK(m2.ordblks > 0 && m2.fsmblks >= m2.ordblks * 8); /* cached frees */
+
+    /* More than INT_MAX bytes mapped (untouched): mallinfo saturates. */
+    void *g[3];
+    for (int i = 0; i < 3; i++) g[i] = malloc((size_t)1 << 30);
+    CHECK(g[0] && g[1] && g[2]);
+    struct mallinfo2 b2 = mallinfo2();
+    struct mallinfo b = mallinfo();
+    CHECK(b2.hblkhd >= (size_t)3 << 30);
+    CHECK(b.hblkhd == INT_MAX);
+    CHECK(b.hblks == (int)b2.hblks && b.arena == (int)b2.arena);
+    for (int i = 0; i < 3; i++) free(g[i]);
+    CHECK(mallinfo().hblkhd == (int)m0.hblkhd);
+}
+
+static void test_malloc_stats(void) {
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    int saved = dup(2);
+    dup2(fds[1], 2);
+    errno = 99;
+    malloc_stats();
+    int e = errno;
+    dup2(saved, 2);
+    close(saved);
+    close(fds[1]);
+    char buf[4096];
+    ssize_t n = read(fds[0], buf, sizeof buf - 1);
+    close(fds[0]);
+    CHECK(n > 0);
+    buf[n > 0 ? n : 0] = 0;
+    CHECK(strncmp(buf, "anyalloc: ", 10) == 0);
+    CHECK(strstr(buf, " zones of ") != NULL);
+    CHECK(strstr(buf, "in use ") != NULL);
+    CHECK(strstr(buf, "nolock allocations ") != NULL);
+    CHECK(buf[n - 1] == '\n');
+    CHECK(e == 99);
+}
+
+static int count(const char *hay, const char *needle) {
+    int c = 0;
+    for (const char *p = hay; (p = strstr(p, needle)); p++) c++;
+    return c;
+}
+
+static void test_malloc_info(void) {
+    errno = 0;
+    CHECK(malloc_info(1, stdout) == -1 && errno == EINVAL);
+    errno = 0;
+    CHECK(malloc_info(0, NULL) == -1 && errno == EINVAL);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    CHECK(f != NULL);
+    if (!f) return;
+    CHECK(malloc_info(0, f) == 0);
+    fclose(f);
+    CHECK(len > 0 && strncmp(buf, "<malloc version=\"1\" allocator=\"anyalloc\">\n", 42) == 0);
+    CHECK(len > 10 && strcmp(buf + len - 10, "</malloc>\n") == 0);
+    CHECK(count(buf, "<size class=") == 39);
+    CHECK(count(buf, "<zone nr=") >= 1 && strstr(buf, "<zone nr=\"0\" pages=\"") != NULL);
+    CHECK(count(buf, "<sizes>") == 1 && count(buf, "</sizes>") == 1);
+    free(buf);
+    FILE *ro = fopen("/dev/null", "r");
+    CHECK(ro != NULL);
+    if (ro) {
+        CHECK(malloc_info(0, ro) == -1); /* the stream refuses writes */
+        fclose(ro);
+    }
+}
+
+static void test_mallopt(void) {
+    /* glibc 2.36's return values, parameter by parameter. */
+    CHECK(mallopt(M_MXFAST, 0) == 1);
+    CHECK(mallopt(M_MXFAST, 160) == 1);
+    CHECK(mallopt(M_MXFAST, 161) == 0);
+    CHECK(mallopt(M_MXFAST, -1) == 0);
+    CHECK(mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1);
+    CHECK(mallopt(M_MMAP_THRESHOLD, -1) == 1);
+    CHECK(mallopt(M_TRIM_THRESHOLD, -1) == 1);
+    CHECK(mallopt(M_TOP_PAD, 0) == 1);
+    CHECK(mallopt(M_MMAP_MAX, 0) == 1);
+    CHECK(mallopt(M_CHECK_ACTION, 3) == 1);
+    CHECK(mallopt(M_ARENA_MAX, 0) == 1);
+    CHECK(mallopt(M_ARENA_TEST, -5) == 1);
+    CHECK(mallopt(M_NLBLKS, 5) == 1 && mallopt(M_GRAIN, 5) == 1 && mallopt(M_KEEP, 0) == 1);
+    CHECK(mallopt(12345, 0) == 1);
+    void *big = malloc(1 << 20); /* M_MMAP_MAX 0 has no effect: still works */
+    CHECK(big != NULL);
+    free(big);
+
+    /* M_PERTURB: allocations filled with ~byte, frees with byte. */
+    CHECK(mallopt(M_PERTURB, 0xa5) == 1);
+    unsigned char *p = malloc(100), *l = malloc(65536), *z = calloc(10, 10);
+    int filled = p && l && z;
+    for (int i = 0; filled && i < 100; i++) filled = p[i] == 0x5a && z[i] == 0;
+    for (int i = 0; filled && i < 65536; i++) filled = l[i] == 0x5a;
+    CHECK(filled);
+    free(z);
+    free(l);
+    free(p);
+    /* Reads freed memory on purpose: the fill must be there. */
+    CHECK(p[50] == 0xa5 && p[99] == 0xa5);
+    CHECK(mallopt(M_PERTURB, 0) == 1);
+    p = malloc(100);
+    CHECK(p != NULL);
+    if (p) memset(p, 0, 100);
+    free(p);
+    CHECK(p[50] == 0); /* no fill once turned off */
+}
+
+static void test_libc_names(void) {
+    unsigned char *p = __libc_malloc(100);
+    CHECK(p != NULL && aligned_to(p, 16) && malloc_usable_size(p) >= 100);
+    fill(p, 100, 3);
+    p = __libc_realloc(p, 50000);
+    CHECK(p != NULL && intact(p, 100, 3));
+    free(p); /* ours: free accepts it */
+    p = malloc(10);
+    __libc_free(p);
+    __libc_free(NULL);
+    p = __libc_calloc(100, 10);
+    CHECK(p != NULL && all_zero(p, 1000));
+    __libc_free(p);
+    errno = 0;
+    CHECK(__libc_calloc(SIZE_MAX / 2, 3) == NULL && errno == ENOMEM);
+    errno = 0;
+    CHECK(__libc_malloc(SIZE_MAX) == NULL && errno == ENOMEM);
+    p = __libc_memalign(256, 100);
+    CHECK(p != NULL && aligned_to(p, 256));
+    __libc_free(p);
+    p = __libc_memalign(24, 100); /* glibc: rounded up to 32 */
+    CHECK(p != NULL && aligned_to(p, 32));
+    __libc_free(p);
+    p = __libc_valloc(10);
+    CHECK(p != NULL && aligned_to(p, 4096));
+    __libc_free(p);
+    p = __libc_pvalloc(5000);
+    CHECK(p != NULL && aligned_to(p, 4096) && malloc_usable_size(p) >= 8192);
+    __libc_free(p);
+    CHECK(__libc_realloc(NULL, 10) != NULL); /* leaked on purpose: tiny */
+}
+
+static void test_free_sized(void) {
+    free_sized(NULL, 10);
+    free_aligned_sized(NULL, 64, 10);
+    size_t sizes[] = {0, 1, 8, 15, 16, 17, 100, 1000, 4096, 8192, 8193, 65536, (4 << 20) + 1};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        void *p = malloc(sizes[i]);
+        CHECK(p != NULL);
+        errno = 555;
+        free_sized(p, sizes[i]);
+        CHECK(errno == 555);
+        p = calloc(1, sizes[i]);
+        free_sized(p, sizes[i]);
+    }
+    void *p = malloc(100);
+    p = realloc(p, 3000);
+    free_sized(p, 3000);
+    p = realloc(malloc(3000), 2000); /* kept in place: 2000 is its size now */
+    free_sized(p, 2000);
+    size_t aligns[] = {1, 8, 16, 64, 4096, 8192, 1 << 20};
+    for (size_t i = 0; i < sizeof aligns / sizeof aligns[0]; i++) {
+        for (size_t n = 1; n < 40000; n = n * 3 + 1) {
+            void *q = aligned_alloc(aligns[i], n);
+            CHECK(q != NULL);
+            errno = 556;
+            free_aligned_sized(q, aligns[i], n);
+            CHECK(errno == 556);
+        }
+    }
+}
+
+/* Interposes the library's munmap (freeing a huge block calls it): it
+ * leaves errno set, as an interrupted or failing system call would, so a
+ * free that did not preserve errno fails the checks below. */
+int munmap(void *addr, size_t len) {
+    long r = syscall(SYS_munmap, addr, len);
+    errno = EINTR;
+    return r == 0 ? 0 : -1;
+}
+
+static volatile int stop_churn;
+static volatile long errno_changed;
+
+/* Threads contend on the same size class (and its locks: frees in batches
+ * fill sheaves and go to the barn); every free must leave errno alone. */
+static void *churn(void *arg) {
+    (void)arg;
+    void *batch[64];
+    long changed = 0;
+    for (int round = 0; round < 3000 && !stop_churn; round++) {
+        for (int i = 0; i < 64; i++) batch[i] = malloc(48);
+        for (int i = 0; i < 64; i++) {
+            errno = 0x7777;
+            free(batch[i]);
+            if (errno != 0x7777) changed++;
+        }
+        void *h = malloc(5 << 20); /* huge: munmap on free */
+        errno = 0x7777;
+        free(h);
+        if (errno != 0x7777) changed++;
+    }
+    __atomic_add_fetch(&errno_changed, changed, __ATOMIC_RELAXED);
+    return NULL;
+}
+
+static void test_free_preserves_errno(void) {
+    void *p = malloc(100), *l = malloc(65536), *h = malloc(8 << 20);
+    errno = EILSEQ;
+    free(p);
+    CHECK(errno == EILSEQ);
+    free(l);
+    CHECK(errno == EILSEQ);
+    free(h);
+    CHECK(errno == EILSEQ);
+    free(NULL);
+    CHECK(errno == EILSEQ);
+    CHECK(realloc(malloc(10), 0) == NULL && errno == EILSEQ);
+    anyalloc_free_nolock(malloc(10));
+    CHECK(errno == EILSEQ);
+    anyalloc_nolock_enter();
+    free(malloc(10));
+    CHECK(errno == EILSEQ);
+    anyalloc_nolock_exit();
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) pthread_create(&t[i], NULL, churn, NULL);
+    for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
+    CHECK(errno_changed == 0);
+}
+
+/* Pages of [p, p + len) resident now (mincore). */
+static long resident_pages(void *p, size_t len) {
+    size_t pages = len / 4096;
+    unsigned char *v = malloc(pages);
+    if (!v || mincore(p, len, v) != 0) return -1;
+    long n = 0;
+    for (size_t i = 0; i < pages; i++) n += v[i] & 1;
+    free(v);
+    return n;
+}
+
+static void test_realloc_huge_mremap(void) {
+    /* Contents survive growth and shrinking of a huge block. */
+    size_t n = 8 << 20;
+    unsigned char *a = malloc(n);
+    CHECK(a != NULL);
+    if (!a) return;
+    fill(a, n, 9);
+    a = realloc(a, 64 << 20);
+    CHECK(a != NULL && malloc_usable_size(a) >= (64 << 20) && intact(a, n, 9));
+    a = realloc(a, 12 << 20); /* shrink, still huge */
+    CHECK(a != NULL && malloc_usable_size(a) == (12 << 20) && intact(a, n, 9));
+    a = realloc(a, 1 << 20); /* no longer huge: copied */
+    CHECK(a != NULL && intact(a, 1 << 20, 9));
+    free(a);
+
+    /* No copy: only the first and the last 2 MiB of an 8 MiB block are
+     * touched (transparent huge pages may fault in 2 MiB at once). A copy
+     * would write, and so make resident, every page of the new block;
+     * mremap moves the page tables and the middle stays untouched. */
+    unsigned char *b = malloc(n);
+    CHECK(b != NULL);
+    if (!b) return;
+    b[0] = 1;
+    b[n - 1] = 2;
+    unsigned char *c = realloc(b, 128 << 20);
+    CHECK(c != NULL);
+    if (!c) return;
+    CHECK(c[0] == 1 && c[n - 1] == 2);
+    long mid = resident_pages(c + (2 << 20), 4 << 20);
+    CHECK(mid == 0);
+    long tail = resident_pages(c + n, 64 << 20);
+    CHECK(tail == 0);
+    free(c);
+}
+
+/* Threads of this process named like the maintenance thread, counted with
+ * raw system calls (no malloc: the child checks before its first call). */
+static int maintainer_threads(void) {
+    int dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY);
+    if (dir < 0) return -1;
+    char buf[4096];
+    int found = 0;
+    long n;
+    while ((n = syscall(SYS_getdents64, dir, buf, sizeof buf)) > 0) {
+        for (long off = 0; off < n;) {
+            unsigned short reclen = *(unsigned short *)(buf + off + 16);
+            const char *name = buf + off + 19;
+            off += reclen;
+            if (name[0] == '.') continue;
+            char path[64], comm[32] = {0};
+            snprintf(path, sizeof path, "/proc/self/task/%s/comm", name);
+            int fd = open(path, O_RDONLY);
+            if (fd < 0) continue;
+            ssize_t r = read(fd, comm, sizeof comm - 1);
+            close(fd);
+            if (r > 0 && strncmp(comm, "anyalloc-mainta", 15) == 0) found++;
+        }
+    }
+    close(dir);
+    return found;
+}
+
+/* The maintainer names itself when it starts: waits (up to 10 s on a
+ * loaded machine) for `want` such threads, returns the last count. */
+static int await_maintainers(int want) {
+    int n = maintainer_threads();
+    for (int i = 0; i < 1000 && n != want; i++) {
+        usleep(10000);
+        n = maintainer_threads();
+    }
+    return n;
+}
+
+static void *idle_thread(void *arg) {
+    (void)arg;
+    pause();
+    return NULL;
+}
+
+/* With ANYALLOC_MAINTENANCE=1: the parent has a maintainer and another
+ * thread; a forked child has none until its first malloc, then one. */
+static int fork_restarts_maintainer(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, idle_thread, NULL);
+    CHECK(await_maintainers(1) == 1);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int before = maintainer_threads();
+        void *p = malloc(100);
+        int after = await_maintainers(1);
+        free(p);
+        void *q = malloc(200); /* the second call starts no other */
+        int later = maintainer_threads();
+        free(q);
+        printf("child: maintainers before the first malloc %d, after %d, later %d\n",
+               before, after, later);
+        fflush(stdout);
+        _exit(before == 0 && after == 1 && later == 1 ? 0 : 1);
+    }
+    int status = 0;
+    CHECK(pid > 0 && waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    CHECK(maintainer_threads() == 1);
+    printf("forkmaint: %d of %d checks passed\n", checks - failures, checks);
+    return failures != 0;
+}
+
+/* Prints malloc_info after allocating 1000 objects of 100 bytes, for the
+ * test to validate the XML. */
+static int print_info(void) {
+    static void *s[1000];
+    for (int i = 0; i < 1000; i++) s[i] = malloc(100);
+    void *h = malloc(6 << 20);
+    int r = malloc_info(0, stdout);
+    fflush(stdout);
+    for (int i = 0; i < 1000; i++) free(s[i]);
+    free(h);
+    return r != 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "info") == 0) return print_info();
+    if (argc > 1 && strcmp(argv[1], "forkmaint") == 0) return fork_restarts_maintainer();
+    if (argc > 1 && strcmp(argv[1], "badsize") == 0) {
+        free_sized(malloc(100), 5000); /* aborts with debug-checks */
+        printf("badsize: not checked\n");
+        return 0;
+    }
+    if (argc > 1 && strcmp(argv[1], "badalignedsize") == 0) {
+        free_aligned_sized(aligned_alloc(8, 4096), 8, 1); /* aborts with debug-checks */
+        printf("badalignedsize: not checked\n");
+        return 0;
+    }
     test_malloc();
     test_calloc();
     test_realloc();
@@ -297,6 +761,15 @@ int main(void) {
     test_memalign_valloc_pvalloc();
     test_usable_size();
     test_nolock_api();
+    test_malloc_trim();
+    test_mallinfo();
+    test_malloc_stats();
+    test_malloc_info();
+    test_mallopt();
+    test_libc_names();
+    test_free_sized();
+    test_free_preserves_errno();
+    test_realloc_huge_mremap();
     if (failures) {
         printf("api: %d of %d checks failed\n", failures, checks);
         return 1;

@@ -42,8 +42,16 @@ fn build_lib() -> PathBuf {
         Some(p) => p,
         None => "dev",
     };
+    // The library gets this test's features (`--all-features`: the size
+    // checks of free_sized).
+    let features: &[&str] = if cfg!(feature = "debug-checks") {
+        &["--features", "debug-checks"]
+    } else {
+        &[]
+    };
     let o = Command::new(env!("CARGO"))
         .args(["build", "--lib", "-p", "anyalloc-c", "--profile", profile])
+        .args(features)
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -256,4 +264,40 @@ pub fn plain(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new(program);
     c.env_remove("LD_PRELOAD");
     c
+}
+
+/// Whether `program` runs at all (`--version`, without the preload).
+pub fn available(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .env_remove("LD_PRELOAD")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Whether the test may run: `program` is installed. A missing program
+/// fails the test, unless `ANYALLOC_ALLOW_SKIP=1` turns that into a skip
+/// (printed). `.ci/run` installs what the tests need.
+pub fn require(program: &str) -> bool {
+    if available(program) {
+        return true;
+    }
+    let allow = std::env::var("ANYALLOC_ALLOW_SKIP").is_ok_and(|v| v == "1");
+    assert!(
+        allow,
+        "{program} is not installed; install it (.ci/run does) or set ANYALLOC_ALLOW_SKIP=1 to skip"
+    );
+    println!("skipped: {program} not installed (ANYALLOC_ALLOW_SKIP=1)");
+    false
+}
+
+/// The Python interpreter itself (not a wrapper script: pyenv's shims are
+/// bash), from `python3` on the PATH.
+pub fn python_exe() -> PathBuf {
+    let o = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .env_remove("LD_PRELOAD")
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
 }

@@ -583,6 +583,17 @@ impl PageAllocator {
         released
     }
 
+    /// Normal context: every free block of 256 KiB or more that is not yet
+    /// returned to the OS goes back now (`malloc_trim`). Returns the bytes.
+    #[cfg(feature = "std")]
+    pub(crate) fn release_free_blocks(&self) -> usize {
+        let _serial = self.drain_lock.lock(self.platform);
+        let epoch = |z: &Zone| z.epoch.load(Ordering::Relaxed);
+        self.zones()
+            .map(|z| z.release_idle_blocks(epoch(z), 0, usize::MAX))
+            .sum()
+    }
+
     /// Whether some zone's free buddy pages are below twice its min
     /// watermark (the "low" mark at which shrinkers run).
     pub(crate) fn below_low(&self) -> bool {
@@ -974,17 +985,19 @@ impl PageAllocator {
             ..PageStats::default()
         };
         for zone in self.zones() {
-            s.zones += 1;
-            s.total_pages += zone.total;
-            s.buddy_pages += zone.free_buddy();
-            s.deferred_pages += zone.deferred_pages();
-            for slot in zone.slots() {
-                s.percpu_pages += slot.pages();
-                s.nolock_alloc_ok += slot.nolock_ok.load(Ordering::Relaxed);
-            }
+            zone_stats(&mut s, zone);
         }
         s.free_pages = s.buddy_pages + s.percpu_pages + s.deferred_pages;
         s
+    }
+
+    /// The page counts of zone `i` alone (the first is 0; `None` past the
+    /// last); of the nolock counters, only its slots' successes.
+    pub fn zone_stats(&self, i: usize) -> Option<PageStats> {
+        let mut s = PageStats::default();
+        zone_stats(&mut s, self.zones().nth(i)?);
+        s.free_pages = s.buddy_pages + s.percpu_pages + s.deferred_pages;
+        Some(s)
     }
 
     /// Fork support: takes the growth lock and every zone lock (normal
@@ -1043,5 +1056,17 @@ impl Drop for PageAllocator {
                 }
             }
         }
+    }
+}
+
+/// Adds `zone`'s page counts to `s` (not `free_pages`).
+fn zone_stats(s: &mut PageStats, zone: &Zone) {
+    s.zones += 1;
+    s.total_pages += zone.total;
+    s.buddy_pages += zone.free_buddy();
+    s.deferred_pages += zone.deferred_pages();
+    for slot in zone.slots() {
+        s.percpu_pages += slot.pages();
+        s.nolock_alloc_ok += slot.nolock_ok.load(Ordering::Relaxed);
     }
 }

@@ -330,6 +330,19 @@ pub(crate) unsafe fn os_release(ptr: *mut u8, size: usize) {
     }
 }
 
+/// Resizes a reservation made by [`os_reserve`] to `new` bytes with
+/// `mremap` (the pages move, their contents are not copied); the new
+/// address, or `None` (then the old reservation is untouched).
+///
+/// # Safety
+/// `ptr` and `old` describe exactly one reservation from `os_reserve`; on
+/// success it is replaced by the result.
+pub(crate) unsafe fn os_remap(ptr: *mut u8, old: usize, new: usize) -> Option<*mut u8> {
+    // SAFETY: the caller guarantees the range is one of our mappings.
+    let p = unsafe { libc::mremap(ptr.cast(), old, new, libc::MREMAP_MAYMOVE) };
+    (p != libc::MAP_FAILED).then_some(p.cast())
+}
+
 /// Gives the memory of `[addr, addr + len)` back to the OS; it reads as
 /// zeros when next touched. Normal context (madvise can block).
 pub(crate) fn os_discard(addr: usize, len: usize) {

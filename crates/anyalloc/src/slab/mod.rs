@@ -139,6 +139,10 @@ pub struct HeapStats {
     pub large_in_use: usize,
     /// Huge (mmap'd) allocations in use.
     pub huge_in_use: usize,
+    /// Bytes of the large allocations in use (whole page blocks).
+    pub large_bytes: usize,
+    /// Bytes of the huge allocations in use (whole pages).
+    pub huge_bytes: usize,
     /// Successful nolock allocations.
     pub nolock_alloc_ok: u64,
     /// Nolock allocations that failed because every lock they needed was held.
@@ -257,6 +261,8 @@ pub(crate) struct HeapCore {
     shrinkers: Shrinkers,
     large_live: AtomicUsize,
     huge_live: AtomicUsize,
+    large_bytes: AtomicUsize,
+    huge_bytes: AtomicUsize,
     nolock_large_ok: AtomicU64,
     fail_busy: AtomicU64,
     fail_empty: AtomicU64,
@@ -464,6 +470,8 @@ impl Heap {
             shrinkers: Shrinkers::new(),
             large_live: AtomicUsize::new(0),
             huge_live: AtomicUsize::new(0),
+            large_bytes: AtomicUsize::new(0),
+            huge_bytes: AtomicUsize::new(0),
             nolock_large_ok: AtomicU64::new(0),
             fail_busy: AtomicU64::new(0),
             fail_empty: AtomicU64::new(0),
@@ -509,6 +517,15 @@ impl Heap {
             self.core().pages.set_waker(&self.core().wake);
         }
         started
+    }
+
+    /// In a forked child, before anything else uses the heap: the
+    /// maintenance thread stayed in the parent; forget it so that
+    /// [`start_maintenance`](Self::start_maintenance) starts a new one.
+    /// Returns whether one ran in the parent.
+    #[cfg(feature = "std")]
+    pub fn forget_maintainer_after_fork(&self) -> bool {
+        self.maintainer.forget_after_fork()
     }
 
     /// The page allocator underneath (its memory is shared with the heap).
@@ -617,6 +634,40 @@ impl Heap {
         self.core().usable_size(ptr)
     }
 
+    /// Resizes a huge allocation (above 4 MiB, `mmap`ed) to `size` bytes
+    /// with `mremap`: the pages move, the contents are not copied. Normal
+    /// context. `None`, with `ptr` untouched, when `ptr` is not a huge
+    /// allocation, `size` is not above 4 MiB, the allocation is charged to
+    /// a group, or the OS refuses. The result is page-aligned.
+    ///
+    /// # Safety
+    /// `ptr` is a live allocation of this heap; after `Some`, only the
+    /// result is.
+    #[cfg(feature = "std")]
+    pub unsafe fn remap_huge(&self, ptr: NonNull<u8>, size: usize) -> Option<NonNull<u8>> {
+        crate::context::might_wait("Heap::remap_huge");
+        let core = self.core();
+        let addr = ptr.as_ptr() as usize;
+        let new = size.checked_next_multiple_of(PAGE_SIZE)?;
+        if new <= PAGE_SIZE << MAX_ORDER {
+            return None;
+        }
+        let (old, group) = core.huge.remove(addr)?;
+        let moved = match group {
+            // SAFETY: a registered huge allocation, unregistered while it moves.
+            0 => unsafe { crate::platform::os_remap(ptr.as_ptr(), old, new) },
+            _ => None,
+        };
+        let (at, len) = moved.map_or((addr, old), |p| (p as usize, new));
+        if !core.huge.insert(at, len, group) {
+            core.pages
+                .fatal(FatalMessage::new().text("anyalloc: huge table full in remap_huge"));
+        }
+        core.huge_bytes.fetch_add(len, Ordering::Relaxed);
+        core.huge_bytes.fetch_sub(old, Ordering::Relaxed);
+        moved.and_then(NonNull::new)
+    }
+
     /// Registers a shrinker: a normal-context callback asked to free up to
     /// the given number of bytes of the caller's own caches, returning how
     /// many it freed. The heap runs shrinkers when a zone falls below its
@@ -652,6 +703,18 @@ impl Heap {
         let core = self.core();
         let epoch = core.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         core.maintain_pass(epoch, 2, 2);
+    }
+
+    /// Normal context: [`drain`](Self::drain), then every free block of
+    /// 256 KiB or more goes back to the OS now, not after it stayed idle
+    /// (C's `malloc_trim`). Returns the bytes given back.
+    #[cfg(feature = "std")]
+    pub fn trim(&self) -> usize {
+        self.drain();
+        let bytes = self.core().pages.release_free_blocks();
+        let released = &self.core().released_bytes;
+        released.fetch_add(bytes as u64, Ordering::Relaxed);
+        bytes
     }
 
     /// A snapshot of the heap's counters; see [`HeapStats`].
@@ -794,6 +857,8 @@ impl HeapCore {
         d.freelist.store(0, Ordering::Relaxed); // no group yet
         d.owner.store(LARGE_OWNER, Ordering::Release);
         self.large_live.fetch_add(1, Ordering::Relaxed);
+        let bytes = PAGE_SIZE << crate::page::order_of_state(d.load());
+        self.large_bytes.fetch_add(bytes, Ordering::Relaxed);
         p
     }
 
@@ -808,6 +873,7 @@ impl HeapCore {
             return None;
         }
         self.huge_live.fetch_add(1, Ordering::Relaxed);
+        self.huge_bytes.fetch_add(size, Ordering::Relaxed);
         NonNull::new(p)
     }
 
@@ -884,6 +950,8 @@ impl HeapCore {
         self.uncharge(g, PAGE_SIZE << order);
         d.owner.store(0, Ordering::Release);
         self.large_live.fetch_sub(1, Ordering::Relaxed);
+        self.large_bytes
+            .fetch_sub(PAGE_SIZE << order, Ordering::Relaxed);
     }
 
     /// Unregisters a huge allocation and unmaps it; the nolock path parks
@@ -900,6 +968,7 @@ impl HeapCore {
         // Unregistered, still mapped, not yet released or parked.
         crate::interrupt_point!(FreeHuge);
         self.huge_live.fetch_sub(1, Ordering::Relaxed);
+        self.huge_bytes.fetch_sub(size, Ordering::Relaxed);
         self.uncharge(group, size);
         match mode {
             // SAFETY: a registered huge allocation, now unregistered, so
@@ -1082,6 +1151,7 @@ impl HeapCore {
         match reserved {
             Some(p) if self.huge.insert(p as usize, size, g) => {
                 self.huge_live.fetch_add(1, Ordering::Relaxed);
+                self.huge_bytes.fetch_add(size, Ordering::Relaxed);
                 NonNull::new(p)
             }
             other => {
@@ -1288,6 +1358,8 @@ impl HeapCore {
             objects_in_use: 0,
             large_in_use: self.large_live.load(Ordering::Relaxed),
             huge_in_use: self.huge_live.load(Ordering::Relaxed),
+            large_bytes: self.large_bytes.load(Ordering::Relaxed),
+            huge_bytes: self.huge_bytes.load(Ordering::Relaxed),
             nolock_alloc_ok: self.nolock_large_ok.load(Ordering::Relaxed),
             nolock_alloc_fail_busy: self.fail_busy.load(Ordering::Relaxed),
             nolock_alloc_fail_empty: self.fail_empty.load(Ordering::Relaxed),
