@@ -25,6 +25,13 @@ pub enum Site {
     ZoneAlloc,
     /// Page allocator: zone locked for a direct free.
     ZoneFree,
+    /// Page allocator: zone *tried* and held by a nolock allocation (every
+    /// order above the per-CPU lists, and small orders the lists could not
+    /// serve).
+    NolockZoneAlloc,
+    /// Page allocator: zone *tried* and held by a nolock free (every order
+    /// above the per-CPU lists, and small blocks no slot took).
+    NolockZoneFree,
     /// Page allocator: in the middle of splitting a buddy block.
     BuddySplit,
     /// Page allocator: in the middle of merging buddies.
@@ -105,6 +112,8 @@ impl Site {
         Site::PcpDrain,
         Site::ZoneAlloc,
         Site::ZoneFree,
+        Site::NolockZoneAlloc,
+        Site::NolockZoneFree,
         Site::BuddySplit,
         Site::BuddyMerge,
         Site::DeferredPush,

@@ -98,6 +98,15 @@ pub use slab::{ClassStats, FastPath, Heap, HeapStats};
 pub const PAGE_SIZE: usize = 4096;
 pub(crate) const PAGE_SHIFT: u32 = 12;
 /// The largest order: blocks of `2^10` pages (4 MiB), aligned to their size.
+/// Both paths serve every order up to it: the nolock path takes orders up to
+/// [`PCP_MAX_ORDER`] from the per-CPU lists, larger ones from the buddy lists
+/// under a *tried* zone lock.
 pub const MAX_ORDER: u32 = 10;
-/// The nolock path serves orders `0..=3`, as upstream.
-pub const NOLOCK_MAX_ORDER: u32 = 3;
+/// The highest order kept on per-CPU page lists (32 KiB, the kernel's
+/// costly order): blocks up to it are cached per CPU and context level.
+pub const PCP_MAX_ORDER: u32 = 3;
+/// Formerly the nolock path's limit (order 3). The nolock path now serves
+/// every order up to [`MAX_ORDER`]; the per-CPU limit is [`PCP_MAX_ORDER`].
+#[deprecated(note = "the nolock path serves every order up to MAX_ORDER; \
+                     the per-CPU list limit is PCP_MAX_ORDER")]
+pub const NOLOCK_MAX_ORDER: u32 = PCP_MAX_ORDER;

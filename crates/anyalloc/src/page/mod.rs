@@ -25,6 +25,11 @@
 //! 5. the zone's deferred stack (pages whose free could not take a lock):
 //!    a block of the right order is taken from it without any lock.
 //!
+//! Orders above [`PCP_MAX_ORDER`](crate::PCP_MAX_ORDER) (64 KiB to 4 MiB)
+//! have no per-CPU lists: they start at step 4. A busy zone means "the
+//! deferred stack, then the next zone, then fail", never waiting; the min
+//! watermark (`Config::min_reserve`) holds as for small orders.
+//!
 //! Upstream stops after the equivalent of steps 1, 2 (one level) and 4; the
 //! extra levels and steps 3 and 5 are what keeps a handler that interrupted a
 //! refill (slot and zone both held by its own thread) from failing.
@@ -37,9 +42,11 @@
 //! let pages = PageAllocator::new(Config::default().memory(8 << 20)).unwrap();
 //! let p = pages.alloc_pages(0).unwrap();
 //! let q = pages.alloc_pages_nolock(3).unwrap(); // 32 KiB, from any context
+//! let r = pages.alloc_pages_nolock(10).unwrap(); // 4 MiB, from any context too
 //! unsafe {
 //!     pages.free_pages(p, 0);
 //!     pages.free_pages_nolock(q, 3);
+//!     pages.free_pages_nolock(r, 10);
 //! }
 //! pages.drain();
 //! let stats = pages.stats();
@@ -65,10 +72,9 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use crate::config::{Config, Error};
 use crate::platform::{FatalMessage, Platform};
 use crate::sync::ZoneLock;
-use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
+use crate::{MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
 #[cfg(feature = "std")]
 use zone::MAX_BLOCK;
-use zone::PCP_MAX_ORDER;
 
 /// Max-order blocks one maintenance pass returns to the OS per zone: keeps a
 /// pass short (each madvise of touched memory costs up to milliseconds), so
@@ -726,10 +732,13 @@ impl PageAllocator {
 
     // ----- nolock path -----------------------------------------------------
 
-    /// Allocates `2^order` pages (order at most [`NOLOCK_MAX_ORDER`]) from any
+    /// Allocates `2^order` pages (order at most [`MAX_ORDER`]) from any
     /// context: never waits, never makes a syscall, never reclaims, never
-    /// grows the heap, never takes a zone below its min watermark. `None`
-    /// means "no memory for you in this context now"; don't spin on it.
+    /// grows the heap, never takes a zone below its min watermark. Orders up
+    /// to [`PCP_MAX_ORDER`] come from the per-CPU lists first; larger ones
+    /// from the buddy lists of a zone whose lock could be *tried* (a busy
+    /// zone: its deferred stack, then the next zone). `None` means "no
+    /// memory for you in this context now"; don't spin on it.
     pub fn alloc_pages_nolock(&self, order: u32) -> Option<NonNull<u8>> {
         self.alloc_pages_nolock_why(order).ok()
     }
@@ -737,7 +746,7 @@ impl PageAllocator {
     /// As [`alloc_pages_nolock`](Self::alloc_pages_nolock), saying why it
     /// failed (and counting the failure).
     pub(crate) fn alloc_pages_nolock_why(&self, order: u32) -> Result<NonNull<u8>, Fail> {
-        if order > NOLOCK_MAX_ORDER {
+        if order > MAX_ORDER {
             return Err(Fail::Empty); // refused, not counted: not a memory shortage
         }
         let cpu = self.cpu();
@@ -763,8 +772,14 @@ impl PageAllocator {
         let mut busy = false;
         // Zone lock observed busy: later steps don't try it again.
         let mut zone_busy = false;
+        // Orders above the per-CPU lists skip steps 1 to 3.
+        let (levels, cpus) = if order <= PCP_MAX_ORDER {
+            (LEVELS, self.cpus)
+        } else {
+            (0, 0)
+        };
         // 1 + 2: this CPU's slots, one per context level; refill when empty.
-        for level in 0..LEVELS {
+        for level in 0..levels {
             let slot = zone.slot(cpu, level);
             let Some(s) = slot.lock.try_lock() else {
                 busy = true;
@@ -792,7 +807,7 @@ impl PageAllocator {
             }
         }
         // 3: the other CPUs' stock.
-        for other in (0..self.cpus).filter(|&c| c != cpu % self.cpus) {
+        for other in (0..cpus).filter(|&c| c != cpu % self.cpus) {
             for level in 0..LEVELS {
                 let slot = zone.slot(other, level);
                 if slot.pages() == 0 {
@@ -812,7 +827,7 @@ impl PageAllocator {
         if !zone_busy {
             if let Some(g) = zone.lock.try_lock(zone.platform()) {
                 zone.drain_deferred_bounded(&g);
-                crate::interrupt_point!(ZoneAlloc);
+                crate::interrupt_point!(NolockZoneAlloc);
                 if let Some(idx) = zone.buddy_alloc(order, zone.min, &g) {
                     self.nolock_ok_direct.fetch_add(1, Ordering::Relaxed);
                     return Ok(self.ptr(zone, idx));
@@ -850,7 +865,7 @@ impl PageAllocator {
             }
         }
         if let Some(g) = zone.lock.try_lock(zone.platform()) {
-            crate::interrupt_point!(ZoneFree);
+            crate::interrupt_point!(NolockZoneFree);
             zone.buddy_free(idx, order, &g);
             zone.drain_deferred_bounded(&g);
             return;

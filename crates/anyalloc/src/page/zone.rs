@@ -38,10 +38,9 @@ use super::desc::{self, PageDesc};
 use crate::idle::IdleWatch;
 use crate::platform::Platform;
 use crate::sync::{Mode, SlotGuard, SlotLock, TaggedStack, ZoneGuard, ZoneLock, TAGGED_NIL};
+pub(crate) use crate::PCP_MAX_ORDER;
 use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 
-/// The highest order kept on per-CPU lists (the kernel's costly order).
-pub(crate) const PCP_MAX_ORDER: u32 = 3;
 /// Slots per CPU: normal context, first handler, nested handler.
 pub(crate) const LEVELS: usize = 3;
 /// Bytes of the largest block; zones are indexed from such a boundary.
