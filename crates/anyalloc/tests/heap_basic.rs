@@ -48,8 +48,8 @@ fn sizes_and_alignments_round_trip_and_pages_come_back() {
                 } else {
                     h.alloc(l)
                 };
-                if nolock && size > 32768 {
-                    assert!(p.is_none(), "nolock serves up to 32 KiB");
+                if nolock && size.max(align) > 4 << 20 {
+                    assert!(p.is_none(), "nolock serves up to 4 MiB");
                     continue;
                 }
                 let p = p.unwrap_or_else(|| panic!("alloc {size}/{align} nolock={nolock}"));

@@ -17,7 +17,7 @@ use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 
-use anyalloc::{Config, Heap, NOLOCK_MAX_ORDER, PAGE_SIZE};
+use anyalloc::{Config, Heap, MAX_ORDER, PAGE_SIZE};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -81,10 +81,10 @@ fn intact(addr: usize, b: Block) -> bool {
 }
 
 /// Whether a nolock request of this layout is within what the nolock path
-/// serves (small classes, or at most `2^NOLOCK_MAX_ORDER` pages).
+/// serves (small classes, or at most `2^MAX_ORDER` pages: 4 MiB).
 fn nolock_serves(size: usize, align: usize) -> bool {
     let bytes = size.max(align);
-    bytes <= 8192 || bytes.div_ceil(PAGE_SIZE).next_power_of_two() <= 1 << NOLOCK_MAX_ORDER
+    bytes <= 8192 || bytes.div_ceil(PAGE_SIZE).next_power_of_two() <= 1 << MAX_ORDER
 }
 
 fn free_block(heap: &Heap, addr: usize, b: Block, nolock: bool) -> Result<(), TestCaseError> {

@@ -4,7 +4,8 @@
 //! [`cache`] for sheaves, barn and slabs), larger ones from the page
 //! allocator (orders up to [`MAX_ORDER`], the order kept in
 //! the page descriptor so `free` needs no size), and on std anything above
-//! 4 MiB from `mmap` (normal path only).
+//! 4 MiB from `mmap` (normal path only). The nolock path serves the page
+//! orders too, up to 4 MiB.
 //!
 //! Like the page allocator it has a normal path ([`Heap::alloc`],
 //! [`Heap::free`]) and a nolock path ([`Heap::alloc_nolock`],
@@ -102,7 +103,7 @@ use crate::config::{Config, Error};
 use crate::page::{Fail, Mode, PageAllocator, PageStats, Zone};
 use crate::platform::FatalMessage;
 use crate::sync::IndexStack;
-use crate::{MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE};
+use crate::{MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
 use cache::{cache_meta_bytes, Cache, CacheSetup};
 pub(crate) use class::CLASSES;
@@ -148,9 +149,11 @@ pub struct HeapStats {
     /// Nolock allocations that failed because every lock they needed was held.
     pub nolock_alloc_fail_busy: u64,
     /// Nolock allocations that failed for lack of memory above the watermark,
-    /// because the request is too large for the nolock path, or because an
-    /// accounting limit refused the charge.
+    /// or because an accounting limit refused the charge.
     pub nolock_alloc_fail_empty: u64,
+    /// Nolock allocations refused because the request is above 4 MiB
+    /// ([`MAX_ORDER`] pages): huge blocks come from `mmap`, normal path only.
+    pub nolock_alloc_fail_too_large: u64,
     /// Nolock frees parked on a deferred stack.
     pub nolock_free_deferred: u64,
     /// Times the heap ran its shrinkers.
@@ -266,6 +269,7 @@ pub(crate) struct HeapCore {
     nolock_large_ok: AtomicU64,
     fail_busy: AtomicU64,
     fail_empty: AtomicU64,
+    fail_too_large: AtomicU64,
     reclaims: AtomicU64,
     shrinker_freed: AtomicU64,
     /// Serialises `drain` and maintenance (normal context only): a
@@ -475,6 +479,7 @@ impl Heap {
             nolock_large_ok: AtomicU64::new(0),
             fail_busy: AtomicU64::new(0),
             fail_empty: AtomicU64::new(0),
+            fail_too_large: AtomicU64::new(0),
             reclaims: AtomicU64::new(0),
             shrinker_freed: AtomicU64::new(0),
             maint_lock: crate::sync::ZoneLock::new(),
@@ -581,8 +586,21 @@ impl Heap {
 
     /// Allocates from any context: only `try_lock`s, never waits, never
     /// makes a syscall, never grows the heap. Large requests are served up to
-    /// [`NOLOCK_MAX_ORDER`] pages (32 KiB). `None` means "no memory for you
-    /// in this context now".
+    /// [`MAX_ORDER`] pages (4 MiB), from a zone whose lock could be tried;
+    /// above 4 MiB (`mmap`, normal path only) it returns `None`, counted in
+    /// [`HeapStats::nolock_alloc_fail_too_large`]. `None` means "no memory
+    /// for you in this context now".
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let ring = heap.alloc_nolock(Layout::from_size_align(1 << 20, 64).unwrap());
+    /// let ring = ring.expect("1 MiB from any context, with memory to spare");
+    /// assert!(heap.alloc_nolock(Layout::from_size_align(8 << 20, 8).unwrap()).is_none());
+    /// assert_eq!(heap.stats().nolock_alloc_fail_too_large, 1);
+    /// unsafe { heap.free_nolock(ring) };
+    /// ```
     #[inline]
     pub fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
         self.core().alloc_nolock(layout)
@@ -1024,16 +1042,18 @@ impl HeapCore {
 
     fn alloc_large_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
         match large_order(layout) {
-            Some(order) if order <= NOLOCK_MAX_ORDER => {
-                match self.pages.alloc_pages_nolock_why(order) {
-                    Ok(p) => {
-                        self.nolock_large_ok.fetch_add(1, Ordering::Relaxed);
-                        Some(self.mark_large(p))
-                    }
-                    Err(f) => self.count_fail(f),
+            Some(order) => match self.pages.alloc_pages_nolock_why(order) {
+                Ok(p) => {
+                    self.nolock_large_ok.fetch_add(1, Ordering::Relaxed);
+                    Some(self.mark_large(p))
                 }
+                Err(f) => self.count_fail(f),
+            },
+            // Above 4 MiB: `mmap`, which the nolock path never calls.
+            None => {
+                self.fail_too_large.fetch_add(1, Ordering::Relaxed);
+                None
             }
-            _ => self.count_fail(Fail::Empty),
         }
     }
 
@@ -1363,6 +1383,7 @@ impl HeapCore {
             nolock_alloc_ok: self.nolock_large_ok.load(Ordering::Relaxed),
             nolock_alloc_fail_busy: self.fail_busy.load(Ordering::Relaxed),
             nolock_alloc_fail_empty: self.fail_empty.load(Ordering::Relaxed),
+            nolock_alloc_fail_too_large: self.fail_too_large.load(Ordering::Relaxed),
             nolock_free_deferred: 0,
             reclaims: self.reclaims.load(Ordering::Relaxed),
             shrinker_freed_bytes: self.shrinker_freed.load(Ordering::Relaxed),
