@@ -2,21 +2,26 @@
 //! section of the page allocator, deterministically.
 //!
 //! A hook installed with `interrupt::set_hook` runs where a signal handler
-//! could land: at each site it allocates orders 0..=3 with the nolock path,
-//! frees them with the nolock path (keeping one, sometimes, to free at the
-//! *next* site), and, at sites where the interrupted operation holds the
+//! could land: at each site it allocates orders 0..=3 and one order of 4..=10
+//! (64 KiB to 4 MiB, the zone try-lock path) with the nolock path, frees them
+//! with the nolock path (keeping one, sometimes, to free at the *next*
+//! site), and, at sites where the interrupted operation holds the
 //! zone lock, nolock-frees a prepared order-4 block: order 4 has no per-CPU
 //! list and the zone lock is held by the interrupted operation itself, so
 //! that free is deferred every time, which makes the `DeferredPush` site
 //! (and the following `DeferredDrain`) fire deterministically. The hook
 //! nests two deep (a handler inside a handler), as two signals can.
 //!
-//! The driver runs normal-path (and some nolock) operations that reach every
-//! site: per-CPU hits and refills, a slot over `high` draining, direct zone
-//! allocations and frees above order 3, splits and merges. Asserted: every
-//! declared page site fired and saw nolock successes, patterns intact,
-//! conservation every round, and after freeing everything and `drain()`
-//! every page back on the buddy lists with every invariant holding.
+//! The driver runs normal-path and nolock operations that reach every site:
+//! per-CPU hits and refills, a slot over `high` draining, direct zone
+//! allocations and frees above order 3 on both paths (the nolock ones hold
+//! the zone through a try-lock: `NolockZoneAlloc`, `NolockZoneFree`), splits
+//! and merges. Asserted: every declared page site fired and saw nolock
+//! successes; inside a nolock zone try-lock section the hook's large
+//! allocations were refused (never waited: that would hang the thread on
+//! its own lock) while with only a slot held they were served; patterns
+//! intact, conservation every round, and after freeing everything and
+//! `drain()` every page back on the buddy lists with every invariant holding.
 
 mod common;
 
@@ -24,10 +29,10 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use anyalloc::interrupt::{self, Site};
-use anyalloc::{Config, PageAllocator, NOLOCK_MAX_ORDER};
+use anyalloc::{Config, PageAllocator, MAX_ORDER, PCP_MAX_ORDER};
 use common::{check, fill, pack, unpack, Stash, XorShift};
 
-const SITES: usize = 15;
+const SITES: usize = 17;
 /// Hook nesting: the driver's operation (depth 0) and two handler levels.
 const MAX_DEPTH: usize = 2;
 
@@ -38,6 +43,9 @@ static FIRED: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
 static REENTERED: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
 static OK: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
 static FAIL: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
+/// The hook's large (order 4..=10) nolock allocations at depth 0, by site.
+static LARGE_OK: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
+static LARGE_FAIL: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// A block allocated at one site and freed at the next.
 static CARRY: AtomicUsize = AtomicUsize::new(0);
@@ -96,6 +104,8 @@ fn zone_locked(site: Site) -> bool {
             | Site::PcpDrain
             | Site::ZoneAlloc
             | Site::ZoneFree
+            | Site::NolockZoneAlloc
+            | Site::NolockZoneFree
             | Site::BuddySplit
             | Site::BuddyMerge
             | Site::DeferredDrain
@@ -172,15 +182,24 @@ fn reenter(site: Site, i: usize, depth: usize) {
     REENTERED[i].fetch_add(1, Ordering::Relaxed);
     let n = CALLS.fetch_add(1, Ordering::Relaxed);
     let pa = pa();
-    let mut got = [0usize; NOLOCK_MAX_ORDER as usize + 1];
-    for order in 0..=NOLOCK_MAX_ORDER {
-        match pa.alloc_pages_nolock(order) {
+    // Orders 0..=3 from the per-CPU lists, then every fourth time one large
+    // order (the zone try-lock path), a different one each time.
+    let large = PCP_MAX_ORDER + 1 + (n / 4 % u64::from(MAX_ORDER - PCP_MAX_ORDER)) as u32;
+    let mut got = [0usize; PCP_MAX_ORDER as usize + 2];
+    let orders = (0..=PCP_MAX_ORDER).chain((n % 4 == 0).then_some(large));
+    for (k, order) in orders.enumerate() {
+        let p = pa.alloc_pages_nolock(order);
+        if order == large && depth == 0 {
+            let count = if p.is_some() { &LARGE_OK } else { &LARGE_FAIL };
+            count[i].fetch_add(1, Ordering::Relaxed);
+        }
+        match p {
             Some(p) => {
                 OK[i].fetch_add(1, Ordering::Relaxed);
-                let h = pack(p.as_ptr() as usize, order, (n & 0x1ff) as u32);
+                let h = pack(p.as_ptr() as usize, order, (n & 0xff) as u32);
                 // SAFETY: just allocated: owned here.
                 unsafe { fill(h) };
-                got[order as usize] = h;
+                got[k] = h;
             }
             None => {
                 FAIL[i].fetch_add(1, Ordering::Relaxed);
@@ -197,7 +216,7 @@ fn reenter(site: Site, i: usize, depth: usize) {
         if h == 0 {
             continue;
         }
-        let keep = n % 3 == 0 && k as u64 == n % 4;
+        let keep = n % 3 == 0 && k as u64 == n % 5;
         if keep
             && CARRY
                 .compare_exchange(0, h, Ordering::AcqRel, Ordering::Relaxed)
@@ -222,7 +241,7 @@ fn alloc_free(i: usize, order: u32) {
     match pa().alloc_pages_nolock(order) {
         Some(p) => {
             OK[i].fetch_add(1, Ordering::Relaxed);
-            let h = pack(p.as_ptr() as usize, order, 0x1ff);
+            let h = pack(p.as_ptr() as usize, order, 0xff);
             // SAFETY: just allocated: owned here.
             unsafe { fill(h) };
             nolock_free_checked(h);
@@ -264,7 +283,7 @@ fn chain(site: Site, i: usize, depth: usize) {
         (3, 3, Site::StealDeferred) => {
             STAGE.store(4, Ordering::Relaxed);
             REENTERED[i].fetch_add(1, Ordering::Relaxed);
-            for order in 0..=NOLOCK_MAX_ORDER {
+            for order in 0..=PCP_MAX_ORDER {
                 alloc_free(i, order);
             }
             let before = pa().stats().nolock_free_deferred;
@@ -290,7 +309,7 @@ impl Held {
             Some(pa.alloc_pages(order).expect("memory to spare"))
         };
         if let Some(p) = p {
-            let h = pack(p.as_ptr() as usize, order, key & 0x1ff);
+            let h = pack(p.as_ptr() as usize, order, key & 0xff);
             // SAFETY: just allocated: owned by the driver.
             unsafe { fill(h) };
             self.0.push(h);
@@ -437,7 +456,7 @@ fn nolock_reentry_at_every_page_site() {
     assert_eq!(Site::PAGE.len(), SITES);
     // One CPU slot set: every step lands on the same slots, run to run.
     let pa: &'static PageAllocator = Box::leak(Box::new(
-        PageAllocator::new(Config::default().memory(16 << 20).cpus(1).grow(false)).unwrap(),
+        PageAllocator::new(Config::default().memory(32 << 20).cpus(1).grow(false)).unwrap(),
     ));
     PA.store(
         pa as *const PageAllocator as *mut PageAllocator,
@@ -453,7 +472,7 @@ fn nolock_reentry_at_every_page_site() {
         BIG_ARMED.store(false, Ordering::Relaxed);
         while BIG.len() < 8 {
             let p = pa.alloc_pages(4).expect("memory to spare");
-            let h = pack(p.as_ptr() as usize, 4, round & 0x1ff);
+            let h = pack(p.as_ptr() as usize, 4, round & 0xff);
             // SAFETY: just allocated: owned, then handed to the stash.
             unsafe { fill(h) };
             assert!(BIG.put(h, 0));
@@ -463,9 +482,15 @@ fn nolock_reentry_at_every_page_site() {
         for k in 0..12 {
             held.alloc(pa, k % 4, k % 3 == 2, round);
         }
-        // Direct zone allocations (orders above 3): ZoneAlloc, splits.
+        // Direct zone allocations (orders above 3): ZoneAlloc, splits; on
+        // the nolock path a zone try-lock (NolockZoneAlloc), up to 4 MiB.
         for order in 4..=6 {
             held.alloc(pa, order, false, round);
+        }
+        for order in PCP_MAX_ORDER + 1..=MAX_ORDER {
+            if order <= 7 || round % 4 == order % 4 {
+                held.alloc(pa, order, true, round);
+            }
         }
         // A slot over `high` drains (PcpDrain, merges).
         let base = held.0.len();
@@ -547,15 +572,17 @@ fn nolock_reentry_at_every_page_site() {
 
     interrupt::set_hook(None);
     let stats = pa.stats();
-    println!("site            fired  reentered  nolock ok  nolock fail");
+    println!("site             fired  reentered  nolock ok  nolock fail  large ok/fail (depth 0)");
     for (i, site) in Site::PAGE.iter().enumerate() {
         println!(
-            "{:<14} {:>6} {:>10} {:>10} {:>12}",
+            "{:<15} {:>6} {:>10} {:>10} {:>12}  {}/{}",
             format!("{site:?}"),
             FIRED[i].load(Ordering::Relaxed),
             REENTERED[i].load(Ordering::Relaxed),
             OK[i].load(Ordering::Relaxed),
-            FAIL[i].load(Ordering::Relaxed)
+            FAIL[i].load(Ordering::Relaxed),
+            LARGE_OK[i].load(Ordering::Relaxed),
+            LARGE_FAIL[i].load(Ordering::Relaxed)
         );
     }
     println!(
@@ -618,5 +645,23 @@ fn nolock_reentry_at_every_page_site() {
         }
     }
     assert!(stats.nolock_free_deferred > 0, "no free was deferred");
+    // The zone try-lock path: inside a nolock zone section the zone is held
+    // by the interrupted call itself, so a large allocation there is refused
+    // (or served from the deferred stack), never waited for; with only a
+    // slot held the zone is free and large allocations are served.
+    let at = |s: Site| site_index(s).unwrap();
+    for s in [Site::NolockZoneAlloc, Site::NolockZoneFree] {
+        assert!(
+            LARGE_FAIL[at(s)].load(Ordering::Relaxed) > 0,
+            "no large nolock allocation was refused inside {s:?}"
+        );
+    }
+    for s in [Site::PcpAlloc, Site::PcpFree] {
+        assert!(
+            LARGE_OK[at(s)].load(Ordering::Relaxed) > 0,
+            "no large nolock allocation succeeded at {s:?} (zone lock free)"
+        );
+    }
+    assert!(stats.nolock_alloc_fail_busy > 0, "no busy zone was seen");
     assert!(CARRIED.load(Ordering::Relaxed) > 0);
 }

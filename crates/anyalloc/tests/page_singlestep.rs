@@ -82,7 +82,7 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     match pa.alloc_pages_nolock(order) {
         Some(p) => {
             NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
-            let h = pack(p.as_ptr() as usize, order, (n & 0x1ff) as u32);
+            let h = pack(p.as_ptr() as usize, order, (n & 0xff) as u32);
             // SAFETY: just allocated: this handler owns the block.
             unsafe { fill(h) };
             free_checked(pa, CARRY.swap(h, Ordering::Relaxed));

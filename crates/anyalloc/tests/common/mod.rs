@@ -27,7 +27,7 @@
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyalloc::{Config, PageAllocator, PageStats, NOLOCK_MAX_ORDER, PAGE_SIZE};
+use anyalloc::{Config, PageAllocator, PageStats, PAGE_SIZE, PCP_MAX_ORDER};
 
 // ----- signals and timers ---------------------------------------------------
 
@@ -221,20 +221,21 @@ pub const fn mix64(mut z: u64) -> u64 {
 
 // ----- block handles and patterns -------------------------------------------
 
-/// Packs a page-aligned block, its order (`< 8`) and an owner key (`< 512`)
-/// into one word. 0 never is a handle.
+/// Packs a page-aligned block, its order (`< 16`: every order up to
+/// `MAX_ORDER`) and an owner key (`< 256`) into one word. 0 never is a
+/// handle.
 pub fn pack(ptr: usize, order: u32, key: u32) -> usize {
     debug_assert_eq!(ptr % PAGE_SIZE, 0);
-    debug_assert!(order < 8 && key < 512);
-    ptr | order as usize | (key as usize) << 3
+    debug_assert!(order < 16 && key < 256);
+    ptr | order as usize | (key as usize) << 4
 }
 
 /// The inverse of [`pack`]: `(ptr, order, key)`.
 pub fn unpack(h: usize) -> (usize, u32, u32) {
     (
         h & !(PAGE_SIZE - 1),
-        (h & 7) as u32,
-        ((h >> 3) & 511) as u32,
+        (h & 15) as u32,
+        ((h >> 4) & 255) as u32,
     )
 }
 
@@ -559,10 +560,10 @@ impl Counters {
     }
 }
 
-/// Key bit 8 of a handler block: which signal's handler allocated it.
-const KEY_SIGNAL_B: u32 = 1 << 8;
-/// Key bit 7: allocated by a worker (normal path).
-const KEY_WORKER: u32 = 1 << 7;
+/// Key bit 7 of a handler block: which signal's handler allocated it.
+const KEY_SIGNAL_B: u32 = 1 << 7;
+/// Key bit 6: allocated by a worker (normal path).
+const KEY_WORKER: u32 = 1 << 6;
 
 /// Checks and nolock-frees a handler block (in a handler).
 fn handler_free(pa: &PageAllocator, h: usize, which: usize) {
@@ -613,12 +614,12 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     let ops = OPS_PER_SIGNAL.load(Ordering::Relaxed);
     for op in 0..ops {
         let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ ((slot as u64) << 48));
-        let order = (r % (NOLOCK_MAX_ORDER as u64 + 1)) as u32;
+        let order = (r % (PCP_MAX_ORDER as u64 + 1)) as u32;
         C.attempts.fetch_add(1, Ordering::Relaxed);
         match pa.alloc_pages_nolock(order) {
             Some(p) => {
                 C.ok.fetch_add(1, Ordering::Relaxed);
-                let key = ((r >> 8) as u32 & 0x7f) | if which == 1 { KEY_SIGNAL_B } else { 0 };
+                let key = ((r >> 8) as u32 & 0x3f) | if which == 1 { KEY_SIGNAL_B } else { 0 };
                 let h = pack(p.as_ptr() as usize, order, key);
                 // SAFETY: just allocated: this context owns it.
                 unsafe { fill(h) };
@@ -684,7 +685,7 @@ fn storm_worker(pa: &PageAllocator, index: usize, stop: &AtomicBool, cfg: &Storm
                     let h = pack(
                         p.as_ptr() as usize,
                         order,
-                        KEY_WORKER | ((r >> 40) as u32 & 0x7f),
+                        KEY_WORKER | ((r >> 40) as u32 & 0x3f),
                     );
                     // SAFETY: just allocated: owned by this worker.
                     unsafe { fill(h) };
