@@ -20,6 +20,7 @@ pub struct Config {
     pub(crate) maintenance: bool,
     pub(crate) rseq: bool,
     pub(crate) nolock_syscalls: bool,
+    pub(crate) min_reserve: Option<usize>,
 }
 
 impl Default for Config {
@@ -33,6 +34,7 @@ impl Default for Config {
             maintenance: true,
             rseq: true,
             nolock_syscalls: true,
+            min_reserve: None,
         }
     }
 }
@@ -93,6 +95,48 @@ impl Config {
         self
     }
 
+    /// The reserve held back for handlers' sake, in bytes per zone (rounded
+    /// up to whole pages): the zone's *min watermark*. The nolock path (signal
+    /// and interrupt handlers, real-time sections) never takes a zone's free
+    /// pages below it, so what it refuses stays for the normal path, which
+    /// dips into the reserve only as a last resort, after reclaim (the
+    /// kernel's `ALLOC_NO_WATERMARKS`); twice the reserve is the low mark
+    /// below which the maintainer runs shrinkers. Default: about 1/256 of
+    /// each zone, between 16 KiB and 16 MiB. At most half of
+    /// [`memory`](Self::memory) (and of a `from_region` zone); 0 lets
+    /// handlers take the last page.
+    ///
+    /// A larger reserve keeps memory for the normal path when handlers
+    /// allocate heavily (they fail sooner); a smaller one lets handlers use
+    /// more of the zone:
+    ///
+    /// ```
+    /// use anyalloc::{Config, Error, PageAllocator};
+    /// let pages = PageAllocator::new(
+    ///     Config::default().memory(16 << 20).grow(false).min_reserve(6 << 20),
+    /// )
+    /// .unwrap();
+    /// // 16 MiB, 6 MiB of it held back: handlers get two 4 MiB blocks, not three.
+    /// let a = pages.alloc_pages_nolock(10).expect("above the reserve");
+    /// let b = pages.alloc_pages_nolock(10).expect("above the reserve");
+    /// let c = pages.alloc_pages_nolock(10);
+    /// assert!(c.is_none(), "the third one would dip into the reserve");
+    /// // The normal path may still use it (after reclaim found nothing).
+    /// let d = pages.alloc_pages(10).expect("the normal path reaches the reserve");
+    /// unsafe {
+    ///     pages.free_pages_nolock(a, 10);
+    ///     pages.free_pages_nolock(b, 10);
+    ///     pages.free_pages(d, 10);
+    /// }
+    ///
+    /// let bad = PageAllocator::new(Config::default().memory(16 << 20).min_reserve(9 << 20));
+    /// assert!(matches!(bad, Err(Error::Config { setting: "Config::min_reserve", .. })));
+    /// ```
+    pub fn min_reserve(mut self, bytes: usize) -> Self {
+        self.min_reserve = Some(bytes);
+        self
+    }
+
     /// The configured first-zone size in bytes.
     pub fn memory_bytes(&self) -> usize {
         self.memory
@@ -120,6 +164,15 @@ impl Config {
                 value: 0,
                 reason: "at least one CPU is needed",
             });
+        }
+        if let Some(r) = self.min_reserve {
+            if r > self.memory / 2 {
+                return Err(Error::Config {
+                    setting: "Config::min_reserve",
+                    value: r,
+                    reason: "the reserve may be at most half of Config::memory",
+                });
+            }
         }
         if let Some(n) = self.cpus {
             if n > 4096 {

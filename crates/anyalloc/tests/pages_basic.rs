@@ -158,3 +158,84 @@ fn creating_a_big_allocator_touches_little_memory() {
         after - before
     );
 }
+
+#[test]
+fn min_reserve_is_validated_and_kept_from_the_nolock_path() {
+    // Bad values name the setting.
+    let e = PageAllocator::new(Config::default().memory(16 << 20).min_reserve(8 << 20 | 1))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Config {
+                setting: "Config::min_reserve",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("Config::min_reserve"), "{e}");
+    // A region zone checks it against its own pages.
+    let len = 4 << 20;
+    let region = std::ptr::NonNull::from(Box::leak(vec![0u8; len].into_boxed_slice())).cast();
+    // SAFETY: the leaked region is ours alone and never freed.
+    let e = unsafe {
+        PageAllocator::from_region(
+            region,
+            len,
+            anyalloc::StdPlatform::get(),
+            Config::default().min_reserve(3 << 20),
+        )
+    }
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        Error::Config {
+            setting: "Config::min_reserve",
+            ..
+        }
+    ));
+
+    // 16 MiB with a 5 MiB reserve (1280 pages): the nolock path stops at
+    // 2816 pages taken, whatever the orders; the normal path goes on.
+    let pa = PageAllocator::new(
+        Config::default()
+            .memory(16 << 20)
+            .grow(false)
+            .cpus(1)
+            .min_reserve(5 << 20),
+    )
+    .unwrap();
+    let total = pa.stats().total_pages;
+    let mut held = Vec::new();
+    for order in [10, 9, 8, 7, 6, 5, 4, 4, 3, 2, 1, 0].into_iter().cycle().take(200) {
+        if let Some(p) = pa.alloc_pages_nolock(order) {
+            held.push((p, order, true));
+        }
+    }
+    while let Some(p) = pa.alloc_pages_nolock(0) {
+        held.push((p, 0, true));
+    }
+    // Exhausted down to the last page above the reserve, and not one below.
+    let s = pa.stats();
+    assert_eq!(s.buddy_pages, 1280, "{s:?}");
+    assert!(s.nolock_alloc_fail_empty > 0, "{s:?}");
+    assert_eq!(s.nolock_alloc_fail_busy, 0, "{s:?}");
+    // The normal path reaches into the reserve.
+    while let Some(p) = pa.alloc_pages(4) {
+        held.push((p, 4, false));
+    }
+    assert!(pa.stats().buddy_pages < 1280 / 2);
+    for (p, order, nolock) in held {
+        // SAFETY: allocated above with `order`, freed once.
+        unsafe {
+            if nolock {
+                pa.free_pages_nolock(p, order)
+            } else {
+                pa.free_pages(p, order)
+            }
+        }
+    }
+    pa.drain();
+    assert_eq!(pa.stats().buddy_pages, total);
+}

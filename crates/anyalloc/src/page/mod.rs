@@ -259,6 +259,14 @@ impl PageAllocator {
                 reason: "too small: at least 16 pages plus their metadata are needed",
             });
         }
+        let min_reserve = config.min_reserve.map(|b| b.div_ceil(PAGE_SIZE));
+        if min_reserve.is_some_and(|r| r > n / 2) {
+            return Err(Error::Config {
+                setting: "Config::min_reserve",
+                value: config.min_reserve.unwrap_or(0),
+                reason: "the reserve may be at most half of the region's pages",
+            });
+        }
         let end = start + n * PAGE_SIZE;
         // The region is the cap: never grow with OS zones (nor own mappings).
         let pa = Self::empty(platform, config.grow(false), cpus, false);
@@ -274,6 +282,7 @@ impl PageAllocator {
                 platform,
                 false,
                 (0, 0),
+                min_reserve,
             )
         };
         pa.publish_zone(z as *mut Zone);
@@ -301,6 +310,7 @@ impl PageAllocator {
                 self.platform,
                 true,
                 (start, total),
+                self.config.min_reserve.map(|b| b.div_ceil(PAGE_SIZE)),
             )
         };
         self.publish_zone(z as *mut Zone);

@@ -162,6 +162,10 @@ impl Zone {
     /// 2. `[start, end)` is page-aligned memory that stays valid and is used
     ///    only through this zone;
     /// 3. if `zeroed`, the descriptor part of `meta` reads as zeros.
+    ///
+    /// `min_reserve`: the min watermark in pages (`None`: about 1/256 of
+    /// the zone).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn init(
         meta: *mut u8,
         start: usize,
@@ -170,6 +174,7 @@ impl Zone {
         platform: &'static dyn Platform,
         zeroed: bool,
         mapping: (usize, usize),
+        min_reserve: Option<usize>,
     ) -> *const Zone {
         let base = start & !(MAX_BLOCK - 1);
         let first = ((start - base) >> PAGE_SHIFT) as u32;
@@ -180,8 +185,8 @@ impl Zone {
         let descs =
             meta.wrapping_add((head + slots_bytes).next_multiple_of(PAGE_SIZE)) as *mut PageDesc;
         let total = (limit - first) as usize;
-        // Kernel-like min watermark: about 1/256 of the zone.
-        let min = (total / 256).clamp(4, 4096);
+        // Kernel-like min watermark: about 1/256 of the zone, unless set.
+        let min = min_reserve.unwrap_or((total / 256).clamp(4, 4096));
         let pcp_batch = (total / (cpus * LEVELS * 64)).clamp(1, 16) as u32;
         let pcp_high = (pcp_batch * 6).max(8);
         let zone = Zone {
