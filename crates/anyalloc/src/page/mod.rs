@@ -105,7 +105,8 @@ pub(crate) fn bump(counter: &AtomicU64, _held: &crate::sync::SlotGuard<'_>) {
 pub struct PageStats {
     /// Pages managed, in all zones.
     pub total_pages: usize,
-    /// Free pages wherever they sit: buddy lists, per-CPU lists, deferred.
+    /// Free pages wherever they sit: buddy lists, per-CPU lists, deferred,
+    /// the nolock stock.
     pub free_pages: usize,
     /// Free pages on the buddy free lists.
     pub buddy_pages: usize,
@@ -113,6 +114,11 @@ pub struct PageStats {
     pub percpu_pages: usize,
     /// Free pages parked on deferred stacks.
     pub deferred_pages: usize,
+    /// Free blocks of 64 KiB to 4 MiB kept aside for the nolock path (the
+    /// zone's stock: once a nolock allocation asked for an order, zone-lock
+    /// holders keep one or two blocks of it ready for when the zone lock is
+    /// busy; `drain` returns them).
+    pub stock_pages: usize,
     /// Zones (the first, plus those added by growth).
     pub zones: usize,
     /// Successful nolock allocations.
@@ -124,6 +130,16 @@ pub struct PageStats {
     pub nolock_alloc_fail_empty: u64,
     /// Nolock frees that found every lock held and parked on a deferred stack.
     pub nolock_free_deferred: u64,
+    /// Of the nolock allocations above, those of orders above
+    /// [`PCP_MAX_ORDER`](crate::PCP_MAX_ORDER) (64 KiB to 4 MiB, the zone
+    /// try-lock path): served...
+    pub nolock_large_alloc_ok: u64,
+    /// ...failed because every zone's lock was held (and no block of the
+    /// order was parked on a deferred stack)...
+    pub nolock_large_alloc_fail_busy: u64,
+    /// ...and failed because no zone had a free block of the order above its
+    /// min watermark.
+    pub nolock_large_alloc_fail_empty: u64,
 }
 
 /// The page allocator. See the module documentation.
@@ -159,6 +175,8 @@ pub struct PageAllocator {
     nolock_fail_busy: AtomicU64,
     nolock_fail_empty: AtomicU64,
     nolock_free_deferred: AtomicU64,
+    /// Orders above PCP_MAX_ORDER: [ok, fail busy, fail empty].
+    nolock_large: [AtomicU64; 3],
 }
 
 impl core::fmt::Debug for PageAllocator {
@@ -196,6 +214,7 @@ impl PageAllocator {
             nolock_fail_busy: AtomicU64::new(0),
             nolock_fail_empty: AtomicU64::new(0),
             nolock_free_deferred: AtomicU64::new(0),
+            nolock_large: [const { AtomicU64::new(0) }; 3],
         }
     }
 
@@ -587,6 +606,7 @@ impl PageAllocator {
             zone.epoch.store(epoch, Ordering::Relaxed);
             if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
                 zone.drain_deferred(&g);
+                zone.stock_refill(&g);
             }
             zone.maintain_slots(idle_passes);
             #[cfg(feature = "std")]
@@ -638,6 +658,7 @@ impl PageAllocator {
             zone.drain_deferred(&g);
             crate::interrupt_point!(ZoneAlloc);
             if let Some(idx) = zone.buddy_alloc(order, reserve, &g) {
+                zone.stock_refill(&g);
                 return Some(self.ptr(zone, idx));
             }
         }
@@ -723,6 +744,7 @@ impl PageAllocator {
         crate::interrupt_point!(ZoneFree);
         zone.buddy_free(idx, order, &g);
         zone.drain_deferred(&g);
+        zone.stock_refill(&g);
     }
 
     /// `free_pages` or `free_pages_nolock`, as `mode` says.
@@ -761,9 +783,15 @@ impl PageAllocator {
         }
         let cpu = self.cpu();
         let mut busy = false;
+        let large = order > PCP_MAX_ORDER;
         for zone in self.zones() {
             match self.nolock_from_zone(zone, cpu, order) {
-                Ok(p) => return Ok(p),
+                Ok(p) => {
+                    if large {
+                        self.nolock_large[0].fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(p);
+                }
                 Err(Fail::Busy) => busy = true,
                 Err(Fail::Empty) => {}
             }
@@ -774,22 +802,22 @@ impl PageAllocator {
             (&self.nolock_fail_empty, Fail::Empty)
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if large {
+            self.nolock_large[if busy { 1 } else { 2 }].fetch_add(1, Ordering::Relaxed);
+        }
         Err(why)
     }
 
     #[inline]
     fn nolock_from_zone(&self, zone: &Zone, cpu: usize, order: u32) -> Result<NonNull<u8>, Fail> {
+        if order > PCP_MAX_ORDER {
+            return self.nolock_large_from_zone(zone, order);
+        }
         let mut busy = false;
         // Zone lock observed busy: later steps don't try it again.
         let mut zone_busy = false;
-        // Orders above the per-CPU lists skip steps 1 to 3.
-        let (levels, cpus) = if order <= PCP_MAX_ORDER {
-            (LEVELS, self.cpus)
-        } else {
-            (0, 0)
-        };
         // 1 + 2: this CPU's slots, one per context level; refill when empty.
-        for level in 0..levels {
+        for level in 0..LEVELS {
             let slot = zone.slot(cpu, level);
             let Some(s) = slot.lock.try_lock() else {
                 busy = true;
@@ -817,7 +845,7 @@ impl PageAllocator {
             }
         }
         // 3: the other CPUs' stock.
-        for other in (0..cpus).filter(|&c| c != cpu % self.cpus) {
+        for other in (0..self.cpus).filter(|&c| c != cpu % self.cpus) {
             for level in 0..LEVELS {
                 let slot = zone.slot(other, level);
                 if slot.pages() == 0 {
@@ -853,6 +881,44 @@ impl PageAllocator {
         Err(Fail::Busy)
     }
 
+    /// Orders above the per-CPU lists, from one zone: the buddy lists under a
+    /// *tried* zone lock (above the min watermark); when the lock is busy
+    /// (held by another thread, or by the very code this handler
+    /// interrupted), the zone's nolock stock, a block of this order parked
+    /// on the deferred stack, then a larger stocked block split without the
+    /// lock. Never waits.
+    fn nolock_large_from_zone(&self, zone: &Zone, order: u32) -> Result<NonNull<u8>, Fail> {
+        zone.stock_wanted(order);
+        let (got, why) = match zone.lock.try_lock(zone.platform()) {
+            Some(g) => {
+                zone.drain_deferred_bounded(&g);
+                crate::interrupt_point!(NolockZoneAlloc);
+                let got = zone.buddy_alloc(order, zone.min, &g);
+                zone.stock_refill(&g);
+                drop(g);
+                (got.or_else(|| zone.stock_take(order)), Fail::Empty)
+            }
+            None => {
+                let got = zone.stock_take(order).or_else(|| zone.steal_deferred(order));
+                let got = got.or_else(|| {
+                    let (idx, deferred) = zone.stock_take_split(order)?;
+                    if deferred {
+                        self.wake_maintainer();
+                    }
+                    Some(idx)
+                });
+                (got, Fail::Busy)
+            }
+        };
+        match got {
+            Some(idx) => {
+                self.nolock_ok_direct.fetch_add(1, Ordering::Relaxed);
+                Ok(self.ptr(zone, idx))
+            }
+            None => Err(why),
+        }
+    }
+
     /// Frees a block from any context, whichever path allocated it. Never
     /// waits and never fails: when every lock is held the block is parked on
     /// the zone's deferred stack until the next zone-lock holder merges it.
@@ -878,6 +944,11 @@ impl PageAllocator {
             crate::interrupt_point!(NolockZoneFree);
             zone.buddy_free(idx, order, &g);
             zone.drain_deferred_bounded(&g);
+            zone.stock_refill(&g);
+            return;
+        }
+        // A large block refills an empty stock cell of its order, if wanted.
+        if order > PCP_MAX_ORDER && zone.stock_put(idx, order) {
             return;
         }
         zone.defer_free(idx, order);
@@ -1007,12 +1078,15 @@ impl PageAllocator {
             nolock_alloc_fail_busy: self.nolock_fail_busy.load(Ordering::Relaxed),
             nolock_alloc_fail_empty: self.nolock_fail_empty.load(Ordering::Relaxed),
             nolock_free_deferred: self.nolock_free_deferred.load(Ordering::Relaxed),
+            nolock_large_alloc_ok: self.nolock_large[0].load(Ordering::Relaxed),
+            nolock_large_alloc_fail_busy: self.nolock_large[1].load(Ordering::Relaxed),
+            nolock_large_alloc_fail_empty: self.nolock_large[2].load(Ordering::Relaxed),
             ..PageStats::default()
         };
         for zone in self.zones() {
             zone_stats(&mut s, zone);
         }
-        s.free_pages = s.buddy_pages + s.percpu_pages + s.deferred_pages;
+        s.free_pages = s.buddy_pages + s.percpu_pages + s.deferred_pages + s.stock_pages;
         s
     }
 
@@ -1021,7 +1095,7 @@ impl PageAllocator {
     pub fn zone_stats(&self, i: usize) -> Option<PageStats> {
         let mut s = PageStats::default();
         zone_stats(&mut s, self.zones().nth(i)?);
-        s.free_pages = s.buddy_pages + s.percpu_pages + s.deferred_pages;
+        s.free_pages = s.buddy_pages + s.percpu_pages + s.deferred_pages + s.stock_pages;
         Some(s)
     }
 
@@ -1090,6 +1164,7 @@ fn zone_stats(s: &mut PageStats, zone: &Zone) {
     s.total_pages += zone.total;
     s.buddy_pages += zone.free_buddy();
     s.deferred_pages += zone.deferred_pages();
+    s.stock_pages += zone.stock_pages();
     for slot in zone.slots() {
         s.percpu_pages += slot.pages();
         s.nolock_alloc_ok += slot.nolock_ok.load(Ordering::Relaxed);

@@ -20,6 +20,9 @@
 //!   there are owned by the stack until a zone-lock holder takes them (all,
 //!   on the normal path; at most [`NOLOCK_DRAIN_BUDGET`] on the nolock
 //!   path) or a nolock allocation pops one block of its order.
+//! * `stock`: lock-free cells, one block each (orders above
+//!   `PCP_MAX_ORDER`): filled with a CAS from `NIL` by a zone-lock holder or
+//!   a nolock free, emptied with a swap to `NIL` by whoever takes the block.
 //!
 //! Lock order: slot, then zone. A zone-lock holder may only `try_lock` a slot
 //! (drain does this), so the order can never invert into a deadlock.
@@ -62,6 +65,11 @@ pub(crate) const NIL: u32 = u32::MAX;
 /// after it took the zone lock (the rest waits for a normal-path holder or
 /// the maintainer): a nolock call's work must not grow with the backlog.
 pub(crate) const NOLOCK_DRAIN_BUDGET: usize = 8;
+
+/// Orders with a nolock stock: those above the per-CPU lists.
+const STOCK_ORDERS: usize = (MAX_ORDER - PCP_MAX_ORDER) as usize;
+/// Stock cells per order (at most; small zones keep one).
+const STOCK_CELLS: usize = 2;
 
 /// Where the slot of `cpu` at context `level` sits in a per-CPU slot array
 /// of `cpus * LEVELS` entries: CPU ids at or above `cpus` share slots
@@ -129,6 +137,16 @@ pub(crate) struct Zone {
     pub(crate) min: usize,
     pcp_high: u32,
     pcp_batch: u32,
+    /// Free blocks of orders above `PCP_MAX_ORDER` kept for the nolock path,
+    /// for when the zone lock is busy (a handler that interrupted its own
+    /// thread inside a zone section finds its large block here): one block
+    /// per cell, `NIL` when empty. Counted in `stock_pages`; the blocks are
+    /// marked `PCP` (free, off the buddy lists).
+    stock: [[AtomicU32; STOCK_CELLS]; STOCK_ORDERS],
+    stock_pages: AtomicUsize,
+    /// Bit `order`: a nolock allocation asked for that order, so zone-lock
+    /// holders keep its cells filled (cleared by a drain).
+    stock_want: AtomicU32,
     /// Pages of a free block taken off its list while its memory goes back
     /// to the OS (still counted in `free_buddy`).
     releasing: AtomicUsize,
@@ -209,6 +227,9 @@ impl Zone {
             min,
             pcp_high,
             pcp_batch,
+            stock: [const { [const { AtomicU32::new(NIL) }; STOCK_CELLS] }; STOCK_ORDERS],
+            stock_pages: AtomicUsize::new(0),
+            stock_want: AtomicU32::new(0),
             releasing: AtomicUsize::new(0),
             epoch: AtomicUsize::new(0),
             mapping,
@@ -558,6 +579,7 @@ impl Zone {
         slot.demand.store(1, Ordering::Relaxed);
         let g = self.lock.lock_in(mode, self.platform).ok_or(Fail::Busy)?;
         self.drain_deferred_in(mode, &g);
+        self.stock_refill(&g);
         crate::interrupt_point!(PcpRefill);
         let first = self.buddy_alloc(order, reserve, &g).ok_or(Fail::Empty)?;
         self.fill_slot(slot, s, order, self.batch_blocks(order) - 1, reserve, &g);
@@ -646,6 +668,7 @@ impl Zone {
         };
         self.pcp_drain_locked(slot, s, target, &g);
         self.drain_deferred(&g);
+        self.stock_refill(&g);
     }
 
     pub(crate) fn pcp_drain_locked(
@@ -666,8 +689,162 @@ impl Zone {
         }
     }
 
-    /// Normal context: every slot that can be taken and the deferred stack
-    /// back to the buddy lists. Slots held by other contexts are skipped.
+    // ----- the nolock stock of large blocks (any context) ------------------
+
+    /// Pages held in the nolock stock.
+    pub(crate) fn stock_pages(&self) -> usize {
+        self.stock_pages.load(Ordering::Relaxed)
+    }
+
+    /// Stock cells kept filled for `order`: two where the zone holds 32 such
+    /// blocks or more, else one.
+    #[inline]
+    fn stock_cells(&self, order: u32) -> usize {
+        (self.total >> (order + 5)).clamp(1, STOCK_CELLS)
+    }
+
+    #[inline]
+    fn stock_of(&self, order: u32) -> &[AtomicU32; STOCK_CELLS] {
+        debug_assert!(order > PCP_MAX_ORDER && order <= MAX_ORDER);
+        &self.stock[(order - PCP_MAX_ORDER - 1) as usize]
+    }
+
+    /// A nolock allocation of `order` (above `PCP_MAX_ORDER`) is under way:
+    /// from now on zone-lock holders keep that order stocked.
+    #[inline]
+    pub(crate) fn stock_wanted(&self, order: u32) {
+        let bit = 1 << order;
+        if self.stock_want.load(Ordering::Relaxed) & bit == 0 {
+            self.stock_want.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Any context, no lock: takes a stocked block of exactly `order`
+    /// (marked `ALLOCATED`), if there is one.
+    pub(crate) fn stock_take(&self, order: u32) -> Option<u32> {
+        let idx = self.stock_pop(order)?;
+        self.desc(idx).set(desc::state(desc::ALLOCATED, order));
+        Some(idx)
+    }
+
+    /// Empties one filled cell of `order`; the block is the caller's (still
+    /// marked `PCP`).
+    fn stock_pop(&self, order: u32) -> Option<u32> {
+        for cell in self.stock_of(order) {
+            if cell.load(Ordering::Relaxed) == NIL {
+                continue;
+            }
+            // Acquire: the stocker's writes (state, count) happened before.
+            let idx = cell.swap(NIL, Ordering::Acquire);
+            if idx != NIL {
+                self.stock_pages.fetch_sub(1 << order, Ordering::Relaxed);
+                return Some(idx);
+            }
+        }
+        None
+    }
+
+    /// Any context, no lock, when the exact order is out: takes the smallest
+    /// stocked block of a larger order and splits it without the zone lock,
+    /// keeping the first `2^order` pages (marked `ALLOCATED`). Each upper
+    /// half goes to an empty stock cell of its order if one is wanted, else
+    /// onto the deferred stack (merged by the next zone-lock holder).
+    /// Returns the block and whether something was deferred.
+    pub(crate) fn stock_take_split(&self, order: u32) -> Option<(u32, bool)> {
+        let (idx, mut o) = (order + 1..=MAX_ORDER).find_map(|k| Some((self.stock_pop(k)?, k)))?;
+        let mut deferred = false;
+        while o > order {
+            o -= 1;
+            let half = idx + (1 << o);
+            self.desc(half).set(desc::state(desc::FREEING, o));
+            if !self.stock_put(half, o) {
+                self.defer_free(half, o);
+                deferred = true;
+            }
+        }
+        self.desc(idx).set(desc::state(desc::ALLOCATED, order));
+        Some((idx, deferred))
+    }
+
+    /// Any context, no lock: parks the claimed block `idx` of `order` in an
+    /// empty stock cell of a wanted order; `false` if none takes it.
+    pub(crate) fn stock_put(&self, idx: u32, order: u32) -> bool {
+        if self.stock_want.load(Ordering::Relaxed) & (1 << order) == 0 {
+            return false;
+        }
+        let cells = &self.stock_of(order)[..self.stock_cells(order)];
+        for cell in cells {
+            if cell.load(Ordering::Relaxed) != NIL {
+                continue;
+            }
+            self.desc(idx).set(desc::state(desc::PCP, order));
+            self.stock_pages.fetch_add(1 << order, Ordering::Relaxed);
+            // Release: state and count before the block is visible.
+            if cell
+                .compare_exchange(NIL, idx, Ordering::Release, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+            self.stock_pages.fetch_sub(1 << order, Ordering::Relaxed);
+        }
+        self.desc(idx).set(desc::state(desc::FREEING, order));
+        false
+    }
+
+    /// Zone lock held (either path): fills the empty cells of every wanted
+    /// order from the buddy lists, above the min watermark. Bounded: at most
+    /// `STOCK_ORDERS * STOCK_CELLS` blocks.
+    pub(crate) fn stock_refill(&self, g: &ZoneGuard<'_>) {
+        let want = self.stock_want.load(Ordering::Relaxed);
+        if want == 0 {
+            return;
+        }
+        for order in PCP_MAX_ORDER + 1..=MAX_ORDER {
+            if want & (1 << order) == 0 {
+                continue;
+            }
+            let cells = &self.stock_of(order)[..self.stock_cells(order)];
+            for cell in cells {
+                if cell.load(Ordering::Relaxed) != NIL {
+                    continue;
+                }
+                let Some(idx) = self.buddy_alloc(order, self.min, g) else {
+                    break;
+                };
+                self.desc(idx).set(desc::state(desc::PCP, order));
+                self.stock_pages.fetch_add(1 << order, Ordering::Relaxed);
+                if cell
+                    .compare_exchange(NIL, idx, Ordering::Release, Ordering::Relaxed)
+                    .is_err()
+                {
+                    // A nolock free filled it meanwhile: back to the lists.
+                    self.stock_pages.fetch_sub(1 << order, Ordering::Relaxed);
+                    self.buddy_free(idx, order, g);
+                }
+            }
+        }
+    }
+
+    /// Zone lock held, normal context: every stocked block back to the buddy
+    /// lists; the stock is refilled again once a nolock allocation asks.
+    fn stock_drain(&self, g: &ZoneGuard<'_>) {
+        self.stock_want.store(0, Ordering::Relaxed);
+        for (k, cells) in self.stock.iter().enumerate() {
+            let order = PCP_MAX_ORDER + 1 + k as u32;
+            for cell in cells {
+                let idx = cell.swap(NIL, Ordering::Acquire);
+                if idx != NIL {
+                    self.stock_pages.fetch_sub(1 << order, Ordering::Relaxed);
+                    self.buddy_free(idx, order, g);
+                }
+            }
+        }
+    }
+
+    /// Normal context: every slot that can be taken, the deferred stack and
+    /// the nolock stock back to the buddy lists. Slots held by other
+    /// contexts are skipped.
     pub(crate) fn drain_all(&self) {
         let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
             return; // held by this very thread: nothing to do now
@@ -679,6 +856,7 @@ impl Zone {
             }
         }
         self.drain_deferred(&g);
+        self.stock_drain(&g);
     }
 
     /// Maintenance (normal context), for every slot not held right now:
@@ -825,6 +1003,23 @@ impl Zone {
         if buddy + self.releasing.load(Ordering::Relaxed) != self.free_buddy() {
             return Err("free_buddy does not match the buddy lists");
         }
+        let mut stock = 0usize;
+        for (k, cells) in self.stock.iter().enumerate() {
+            let order = PCP_MAX_ORDER + 1 + k as u32;
+            for cell in cells {
+                let i = cell.load(Ordering::Relaxed);
+                if i == NIL {
+                    continue;
+                }
+                if self.desc(i).load() != desc::state(desc::PCP, order) {
+                    return Err("a stocked block is not marked PCP of its order");
+                }
+                stock += 1 << order;
+            }
+        }
+        if stock != self.stock_pages() {
+            return Err("the stock page count is wrong");
+        }
         let mut pcp = 0usize;
         for slot in self.slots() {
             let Some(_s) = slot.lock.try_lock() else {
@@ -852,6 +1047,6 @@ impl Zone {
             pcp += pages;
         }
         drop(g);
-        Ok(buddy + pcp + self.deferred_pages())
+        Ok(buddy + pcp + stock + self.deferred_pages())
     }
 }
