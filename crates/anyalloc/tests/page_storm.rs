@@ -1,7 +1,9 @@
 //! Real signals: per-thread POSIX timers (`SIGEV_THREAD_ID`, ~10 kHz each,
 //! two signals per thread that can interrupt each other's handlers) whose
 //! handlers allocate and free with the nolock path while every core churns
-//! on the normal path. Every block carries an owner-specific pattern checked
+//! on the normal path. One handler allocation in eight is a large block
+//! (64 KiB to 4 MiB: the zone try-lock path), the rest orders 0..=3. Every
+//! block carries an owner-specific pattern checked
 //! when it is freed; at the end, after `drain()`, every page must be free
 //! again and every invariant hold.
 //!
@@ -72,5 +74,23 @@ fn page_storm_with_nested_signals() {
         r.nolock_ok as f64 >= 0.999 * r.nolock_attempts as f64,
         "nolock success {:.4}% < 99.9%",
         r.success_pct()
+    );
+    // The large blocks on their own: they happened, the counts agree, the
+    // stats say why each failure failed, and 99.9% succeeded.
+    assert!(r.large_attempts > 0, "no large block was tried: {r:?}");
+    assert_eq!(r.large_attempts, r.large_ok + r.large_fail);
+    assert_eq!(r.stats.nolock_large_alloc_ok, r.large_ok);
+    assert_eq!(
+        r.stats.nolock_large_alloc_fail_busy + r.stats.nolock_large_alloc_fail_empty,
+        r.large_fail,
+        "a large failure without a reason"
+    );
+    assert!(
+        r.large_ok as f64 >= 0.999 * r.large_attempts as f64,
+        "large nolock success {:.4}% < 99.9% ({} busy, {} empty of {})",
+        r.large_success_pct(),
+        r.stats.nolock_large_alloc_fail_busy,
+        r.stats.nolock_large_alloc_fail_empty,
+        r.large_attempts
     );
 }

@@ -27,7 +27,7 @@
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyalloc::{Config, PageAllocator, PageStats, PAGE_SIZE, PCP_MAX_ORDER};
+use anyalloc::{Config, PageAllocator, PageStats, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
 
 // ----- signals and timers ---------------------------------------------------
 
@@ -247,7 +247,21 @@ fn pattern(addr: usize, handle: usize) -> u64 {
     (addr as u64) ^ mix64((handle & (PAGE_SIZE - 1)) as u64)
 }
 
-/// Fills the whole block behind `handle` with its pattern.
+/// Words between two pattern words of a block of `order`: every word up to
+/// 32 KiB; above (64 KiB to 4 MiB, filled in signal handlers too) one word
+/// in 32 (every 256 bytes). Blocks are page-aligned, so two overlapping
+/// blocks share sampled words and the second owner still breaks the first
+/// one's pattern.
+#[inline]
+fn stride(order: u32) -> usize {
+    if order <= PCP_MAX_ORDER {
+        1
+    } else {
+        32
+    }
+}
+
+/// Fills the block behind `handle` with its pattern.
 ///
 /// # Safety
 /// The caller owns the block behind `handle` (`PAGE_SIZE << order` bytes).
@@ -255,7 +269,7 @@ pub unsafe fn fill(handle: usize) {
     let (ptr, order, _) = unpack(handle);
     let words = (PAGE_SIZE << order) / 8;
     let p = ptr as *mut u64;
-    for i in 0..words {
+    for i in (0..words).step_by(stride(order)) {
         // SAFETY: `i < words`, inside the caller's block; u64-aligned.
         unsafe { p.add(i).write_volatile(pattern(ptr + i * 8, handle)) };
     }
@@ -270,7 +284,7 @@ pub unsafe fn check(handle: usize) -> bool {
     let words = (PAGE_SIZE << order) / 8;
     let p = ptr as *const u64;
     let mut ok = true;
-    for i in 0..words {
+    for i in (0..words).step_by(stride(order)) {
         // SAFETY: as in `fill`.
         ok &= unsafe { p.add(i).read_volatile() } == pattern(ptr + i * 8, handle);
     }
@@ -361,6 +375,10 @@ pub struct StormConfig {
     pub period_b: Duration,
     /// Nolock alloc attempts per handler run.
     pub ops_per_signal: u32,
+    /// One handler attempt in `large_every` asks for a large block (order
+    /// 4..=10: 64 KiB to 4 MiB, the zone try-lock path); the others for
+    /// orders 0..=3. 0: no large blocks.
+    pub large_every: u32,
 }
 
 impl Default for StormConfig {
@@ -373,6 +391,7 @@ impl Default for StormConfig {
             period_a: Duration::from_micros(100),
             period_b: Duration::from_micros(110),
             ops_per_signal: 2,
+            large_every: 8,
         }
     }
 }
@@ -394,6 +413,10 @@ pub struct StormReport {
     pub nolock_attempts: u64,
     pub nolock_ok: u64,
     pub nolock_fail: u64,
+    /// Of those, the large ones (orders 4..=10).
+    pub large_attempts: u64,
+    pub large_ok: u64,
+    pub large_fail: u64,
     /// Nolock frees done by the handlers; of those, blocks allocated by the
     /// other signal's handler.
     pub nolock_frees: u64,
@@ -424,6 +447,14 @@ impl StormReport {
         100.0 * self.nolock_ok as f64 / self.nolock_attempts as f64
     }
 
+    /// Nolock success rate of the large blocks, in percent.
+    pub fn large_success_pct(&self) -> f64 {
+        if self.large_attempts == 0 {
+            return 0.0;
+        }
+        100.0 * self.large_ok as f64 / self.large_attempts as f64
+    }
+
     /// A multi-line human-readable summary.
     pub fn summary(&self) -> String {
         let s = &self.stats;
@@ -431,6 +462,7 @@ impl StormReport {
             "page storm: {threads} threads x 2 timers for {secs:.2} s\n\
              signals delivered: A {sa}, B {sb} ({rate:.0}/s per thread); nested: B in A {ba}, A in B {ab}\n\
              nolock alloc: attempts {att}, ok {ok}, fail {fail} (busy {busy}, empty {empty}), success {pct:.4}%\n\
+             of those 64 KiB..4 MiB: attempts {latt}, ok {lok}, fail {lfail} (busy {lbusy}, empty {lempty}), success {lpct:.4}%\n\
              nolock frees: {nf} ({nfo} of blocks from the other signal's handler); deferred frees: {def}\n\
              normal path: allocs {na} (none {nn}), frees {nfr} ({cross} by another thread)\n\
              violations: {viol}; leaked pages: {leak}; pages off the buddy lists after drain: {und}; invariants: {inv:?}\n\
@@ -450,6 +482,12 @@ impl StormReport {
             busy = s.nolock_alloc_fail_busy,
             empty = s.nolock_alloc_fail_empty,
             pct = self.success_pct(),
+            latt = self.large_attempts,
+            lok = self.large_ok,
+            lfail = self.large_fail,
+            lbusy = s.nolock_large_alloc_fail_busy,
+            lempty = s.nolock_large_alloc_fail_empty,
+            lpct = self.large_success_pct(),
             nf = self.nolock_frees,
             nfo = self.nolock_frees_other_signal,
             def = s.nolock_free_deferred,
@@ -486,6 +524,7 @@ static STORM_RUNNING: AtomicBool = AtomicBool::new(false);
 static SIGNAL_A: AtomicUsize = AtomicUsize::new(0);
 static SIGNAL_B: AtomicUsize = AtomicUsize::new(0);
 static OPS_PER_SIGNAL: AtomicUsize = AtomicUsize::new(2);
+static LARGE_EVERY: AtomicUsize = AtomicUsize::new(0);
 
 /// Per-thread handler state, indexed by the timer's `sigval`.
 struct HandlerState {
@@ -514,6 +553,7 @@ struct Counters {
     attempts: AtomicU64,
     ok: AtomicU64,
     fail: AtomicU64,
+    large: [AtomicU64; 3],
     frees: AtomicU64,
     frees_other: AtomicU64,
     normal_allocs: AtomicU64,
@@ -529,6 +569,7 @@ static C: Counters = Counters {
     attempts: AtomicU64::new(0),
     ok: AtomicU64::new(0),
     fail: AtomicU64::new(0),
+    large: [const { AtomicU64::new(0) }; 3],
     frees: AtomicU64::new(0),
     frees_other: AtomicU64::new(0),
     normal_allocs: AtomicU64::new(0),
@@ -540,7 +581,7 @@ static C: Counters = Counters {
 
 impl Counters {
     fn reset(&self) {
-        for a in self.signals.iter().chain(&self.nested) {
+        for a in self.signals.iter().chain(&self.nested).chain(&self.large) {
             a.store(0, Ordering::Relaxed);
         }
         for a in [
@@ -614,11 +655,23 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     let ops = OPS_PER_SIGNAL.load(Ordering::Relaxed);
     for op in 0..ops {
         let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ ((slot as u64) << 48));
-        let order = (r % (PCP_MAX_ORDER as u64 + 1)) as u32;
+        let every = LARGE_EVERY.load(Ordering::Relaxed) as u64;
+        let large = every != 0 && (r >> 56) % every == 0;
+        let order = if large {
+            PCP_MAX_ORDER + 1 + ((r >> 4) % u64::from(MAX_ORDER - PCP_MAX_ORDER)) as u32
+        } else {
+            (r % (PCP_MAX_ORDER as u64 + 1)) as u32
+        };
         C.attempts.fetch_add(1, Ordering::Relaxed);
+        if large {
+            C.large[0].fetch_add(1, Ordering::Relaxed);
+        }
         match pa.alloc_pages_nolock(order) {
             Some(p) => {
                 C.ok.fetch_add(1, Ordering::Relaxed);
+                if large {
+                    C.large[1].fetch_add(1, Ordering::Relaxed);
+                }
                 let key = ((r >> 8) as u32 & 0x3f) | if which == 1 { KEY_SIGNAL_B } else { 0 };
                 let h = pack(p.as_ptr() as usize, order, key);
                 // SAFETY: just allocated: this context owns it.
@@ -636,6 +689,9 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
             }
             None => {
                 C.fail.fetch_add(1, Ordering::Relaxed);
+                if large {
+                    C.large[2].fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         // Free a stashed block half of the time (maybe the other signal's).
@@ -740,6 +796,7 @@ pub fn run_page_storm(cfg: &StormConfig) -> StormReport {
     );
     C.reset();
     OPS_PER_SIGNAL.store(cfg.ops_per_signal as usize, Ordering::Relaxed);
+    LARGE_EVERY.store(cfg.large_every as usize, Ordering::Relaxed);
     let (sig_a, sig_b) = storm_signals();
     SIGNAL_A.store(sig_a as usize, Ordering::Relaxed);
     SIGNAL_B.store(sig_b as usize, Ordering::Relaxed);
@@ -798,6 +855,9 @@ pub fn run_page_storm(cfg: &StormConfig) -> StormReport {
         nolock_attempts: load(&C.attempts),
         nolock_ok: load(&C.ok),
         nolock_fail: load(&C.fail),
+        large_attempts: load(&C.large[0]),
+        large_ok: load(&C.large[1]),
+        large_fail: load(&C.large[2]),
         nolock_frees: load(&C.frees),
         nolock_frees_other_signal: load(&C.frees_other),
         normal_allocs: load(&C.normal_allocs),
