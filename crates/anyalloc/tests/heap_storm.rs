@@ -7,7 +7,10 @@
 //! different (`SIGRTMIN`, `SIGRTMIN + 1`) and each masks only itself while its
 //! handler runs, so each can interrupt the other's handler (nesting is
 //! bounded: no `SA_NODEFER`). Handlers allocate and free with the nolock path
-//! (8 B to 32 KiB, mostly small), keep a few objects in a per-thread stash of
+//! (8 B to 32 KiB, mostly small; one request in 16 a large block of 64 KiB
+//! to 4 MiB, the page allocator's zone try-lock path; now and then one
+//! above 4 MiB, which the nolock path must refuse and count as too large),
+//! keep a few objects in a per-thread stash of
 //! atomics (no `Vec`, `Box` or printing in a handler) and free them later,
 //! possibly from the other signal's handler; they also free objects the
 //! workers allocated. A maintenance thread runs `Heap::maintain` every
@@ -19,7 +22,8 @@
 //! the same memory would break it. At the end everything is freed and
 //! drained: no object may be left in use, every page must be free and on the
 //! buddy lists, the page allocator's invariants must hold, and at least
-//! 99.9% of the nolock allocations must have succeeded.
+//! 99.9% of the nolock allocations must have succeeded, the large ones on
+//! their own too, with every failure's reason in the stats.
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -31,22 +35,33 @@ use anyalloc::{Config, Heap};
 // ----- object handles and patterns -------------------------------------------
 
 /// Request sizes, ascending; a handle stores an index into this table. The
-/// handlers use the first `HANDLER_SIZES` entries (up to 32 KiB).
-const SIZES: [usize; 64] = [
+/// handlers use the first `HANDLER_SIZES` entries (up to 32 KiB) and the
+/// large ones from `LARGE_SIZES` on; the workers the first `WORKER_SIZES`.
+const SIZES: [usize; 76] = [
     8, 9, 12, 15, 16, 20, 24, 28, 31, 32, 40, 47, 48, 56, 64, 72, 80, 96, 100, 112, 128, 150, 160,
     192, 200, 224, 256, 300, 320, 384, 448, 500, 512, 640, 700, 768, 896, 1000, 1024, 1280, 1536,
     1792, 2000, 2048, 2560, 3072, 3584, 4000, 4096, 5120, 6000, 7168, 8000, 8192, 8193, 12000,
-    16384, 20000, 24576, 30000, 32768, 40000, 49152, 65536,
+    16384, 20000, 24576, 30000, 32768, 40000, 49152, 65536, // workers up to here
+    65537, 100_000, 131_072, 200_000, 262_144, 500_000, 524_288, 1_000_000, 1 << 20,
+    2_000_000, 2 << 20, 4 << 20,
 ];
+/// Entries of `SIZES` the workers use (up to 64 KiB).
+const WORKER_SIZES: usize = 64;
+/// The handlers' large entries of `SIZES`: `SIZES[LARGE_SIZES - 1..]` (64 KiB
+/// to 4 MiB).
+const LARGE_SIZES: usize = 64;
+/// What the handlers ask for above 4 MiB (refused on the nolock path).
+const TOO_LARGE: usize = (4 << 20) + 1;
 /// Entries of `SIZES` the handlers may use (up to 32 KiB).
 const HANDLER_SIZES: usize = 61;
 /// Entries of `SIZES` up to 1 KiB: the "small" ones most requests use.
 const SMALL_SIZES: usize = 39;
 
 const _: () = assert!(SIZES[HANDLER_SIZES - 1] == 32768 && SIZES[SMALL_SIZES - 1] == 1024);
+const _: () = assert!(SIZES[LARGE_SIZES - 1] == 65536 && SIZES[SIZES.len() - 1] == 4 << 20);
 
 /// Bits of a handle: the address (below 2^47 on Linux x86-64 / aarch64
-/// userspace), then 6 bits of size index, then 11 bits of owner tag.
+/// userspace), then 7 bits of size index, then 10 bits of owner tag.
 const ADDR_BITS: u32 = 47;
 
 fn pack(ptr: NonNull<u8>, size_idx: usize, tag: u64) -> usize {
@@ -56,14 +71,14 @@ fn pack(ptr: NonNull<u8>, size_idx: usize, tag: u64) -> usize {
         // bits of an address (this also runs in handlers: no panic there).
         std::process::abort();
     }
-    p | (size_idx & 63) << ADDR_BITS | ((tag & 0x7ff) as usize) << (ADDR_BITS + 6)
+    p | (size_idx & 127) << ADDR_BITS | ((tag & 0x3ff) as usize) << (ADDR_BITS + 7)
 }
 
 /// `(ptr, size)` of a handle.
 fn unpack(h: usize) -> (*mut u8, usize) {
     (
         (h & ((1 << ADDR_BITS) - 1)) as *mut u8,
-        SIZES[(h >> ADDR_BITS) & 63],
+        SIZES[(h >> ADDR_BITS) & 127],
     )
 }
 
@@ -75,12 +90,44 @@ const fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Fills the object behind `h` with its pattern (all `size` bytes).
+/// Objects above this are filled and checked in sampled words (one per
+/// 256 bytes, and the last one): 4 MiB in full would dominate a handler.
+const SAMPLED_ABOVE: usize = 65536;
+
+/// Fills (`write`) or checks the sampled words of a large object.
+///
+/// # Safety
+/// As for [`fill`].
+unsafe fn sampled(h: usize, write: bool) -> bool {
+    let (p, size) = unpack(h);
+    let seed = mix64(h as u64);
+    let mut ok = true;
+    for i in (0..size - 8).step_by(256).chain([size - 8]) {
+        // SAFETY: `i + 8 <= size`: inside the caller's object.
+        unsafe {
+            let w = p.add(i) as *mut u64;
+            if write {
+                w.write_unaligned(seed.wrapping_add(i as u64));
+            } else {
+                ok &= std::hint::black_box(w.read_unaligned()) == seed.wrapping_add(i as u64);
+            }
+        }
+    }
+    ok
+}
+
+/// Fills the object behind `h` with its pattern (all `size` bytes, or a
+/// sample above `SAMPLED_ABOVE`).
 ///
 /// # Safety
 /// The caller owns the object behind `h`, at least `size` bytes.
 unsafe fn fill(h: usize) {
     let (p, size) = unpack(h);
+    if size > SAMPLED_ABOVE {
+        // SAFETY: forwarded contract.
+        unsafe { sampled(h, true) };
+        return;
+    }
     let seed = mix64(h as u64);
     let mut i = 0;
     while i + 8 <= size {
@@ -104,6 +151,10 @@ unsafe fn fill(h: usize) {
 /// As for [`fill`].
 unsafe fn check(h: usize) -> bool {
     let (p, size) = unpack(h);
+    if size > SAMPLED_ABOVE {
+        // SAFETY: forwarded contract.
+        return unsafe { sampled(h, false) };
+    }
     let seed = mix64(h as u64);
     let mut ok = true;
     let mut i = 0;
@@ -301,8 +352,8 @@ static MAILBOXES: [Stash<MAILBOX>; MAX_THREADS] = [const { Stash::new() }; MAX_T
 
 /// Owner tags: bit 10 set for objects from the normal path (workers), bit 9
 /// for objects from signal B's handler.
-const TAG_WORKER: u64 = 1 << 10;
-const TAG_SIGNAL_B: u64 = 1 << 9;
+const TAG_WORKER: u64 = 1 << 9;
+const TAG_SIGNAL_B: u64 = 1 << 8;
 
 struct Counters {
     signals: [AtomicU64; 2],
@@ -310,6 +361,11 @@ struct Counters {
     attempts: AtomicU64,
     ok: AtomicU64,
     fail: AtomicU64,
+    /// Of those, the large ones (64 KiB to 4 MiB): attempts, ok, fail.
+    large: [AtomicU64; 3],
+    /// Requests above 4 MiB (not counted in `attempts`): all must fail.
+    too_large: AtomicU64,
+    too_large_served: AtomicU64,
     handler_frees: AtomicU64,
     handler_frees_other_signal: AtomicU64,
     handler_frees_of_worker_objects: AtomicU64,
@@ -327,6 +383,9 @@ static C: Counters = Counters {
     attempts: AtomicU64::new(0),
     ok: AtomicU64::new(0),
     fail: AtomicU64::new(0),
+    large: [const { AtomicU64::new(0) }; 3],
+    too_large: AtomicU64::new(0),
+    too_large_served: AtomicU64::new(0),
     handler_frees: AtomicU64::new(0),
     handler_frees_other_signal: AtomicU64::new(0),
     handler_frees_of_worker_objects: AtomicU64::new(0),
@@ -355,7 +414,7 @@ fn handler_free(heap: &Heap, h: usize, which: usize) {
     if !unsafe { check(h) } {
         bump(&C.violations);
     }
-    let tag = (h >> (ADDR_BITS + 6)) as u64;
+    let tag = (h >> (ADDR_BITS + 7)) as u64;
     if tag & TAG_WORKER != 0 {
         bump(&C.handler_frees_of_worker_objects);
     } else if (tag & TAG_SIGNAL_B != 0) != (which == 1) {
@@ -393,21 +452,40 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
     for op in 0..OPS_PER_SIGNAL {
         // A nested handler cannot tear this state: one fetch_add.
         let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ (index as u64) << 56);
-        // 7 in 8 requests small (<= 1 KiB), the rest up to 32 KiB.
-        let idx = if r % 8 != 0 {
+        // One request in 16 large (64 KiB to 4 MiB; one of those in 64 above
+        // 4 MiB); of the rest 7 in 8 small (<= 1 KiB), the others up to 32 KiB.
+        let large = (r >> 58) % 16 == 0;
+        if large && (r >> 3) % 64 == 0 {
+            bump(&C.too_large);
+            if let Some(p) = heap.alloc_nolock(layout(TOO_LARGE, 8)) {
+                bump(&C.too_large_served);
+                // SAFETY: just allocated here, not used.
+                unsafe { heap.free_nolock(p) };
+            }
+            continue;
+        }
+        let idx = if large {
+            LARGE_SIZES - 1 + ((r >> 3) % (SIZES.len() - LARGE_SIZES + 1) as u64) as usize
+        } else if r % 8 != 0 {
             ((r >> 3) % SMALL_SIZES as u64) as usize
         } else {
             SMALL_SIZES + ((r >> 3) % (HANDLER_SIZES - SMALL_SIZES) as u64) as usize
         };
         let align = [1, 8, 16, 64][((r >> 12) % 4) as usize];
         bump(&C.attempts);
+        if large {
+            bump(&C.large[0]);
+        }
         match heap.alloc_nolock(layout(SIZES[idx], align)) {
             Some(p) => {
                 bump(&C.ok);
+                if large {
+                    bump(&C.large[1]);
+                }
                 if p.as_ptr() as usize % align != 0 {
                     bump(&C.violations);
                 }
-                let tag = (r >> 20) & 0x1ff | if which == 1 { TAG_SIGNAL_B } else { 0 };
+                let tag = (r >> 20) & 0xff | if which == 1 { TAG_SIGNAL_B } else { 0 };
                 let h = pack(p, idx, tag);
                 // SAFETY: just allocated: this context owns it.
                 unsafe { fill(h) };
@@ -420,7 +498,12 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
                     handler_free(heap, h, which);
                 }
             }
-            None => bump(&C.fail),
+            None => {
+                bump(&C.fail);
+                if large {
+                    bump(&C.large[2]);
+                }
+            }
         }
         // Free a stashed object half of the time (maybe the other signal's).
         if (r >> 40) & 1 == 0 {
@@ -468,7 +551,7 @@ fn worker(heap: &'static Heap, index: usize, threads: usize, stop: &AtomicBool) 
             let idx = if r % 8 != 0 {
                 ((r >> 3) % SMALL_SIZES as u64) as usize
             } else {
-                SMALL_SIZES + ((r >> 3) % (SIZES.len() - SMALL_SIZES) as u64) as usize
+                SMALL_SIZES + ((r >> 3) % (WORKER_SIZES - SMALL_SIZES) as u64) as usize
             };
             let align = [1, 8, 16, 64, 1, 8, 16, 4096][((r >> 12) % 8) as usize];
             match heap.alloc(layout(SIZES[idx], align)) {
@@ -477,7 +560,7 @@ fn worker(heap: &'static Heap, index: usize, threads: usize, stop: &AtomicBool) 
                     if p.as_ptr() as usize % align != 0 {
                         bump(&C.violations);
                     }
-                    let h = pack(p, idx, TAG_WORKER | (r >> 20) & 0x3ff);
+                    let h = pack(p, idx, TAG_WORKER | (r >> 20) & 0xff);
                     // SAFETY: just allocated: owned by this worker.
                     unsafe { fill(h) };
                     // Lifetimes: mostly short, some long.
@@ -589,6 +672,19 @@ fn heap_storm_with_nested_signals() {
 
     let (attempts, ok, fail) = (load(&C.attempts), load(&C.ok), load(&C.fail));
     let pct = 100.0 * ok as f64 / attempts.max(1) as f64;
+    let [l_att, l_ok, l_fail] = [0, 1, 2].map(|i| load(&C.large[i]));
+    let l_pct = 100.0 * l_ok as f64 / l_att.max(1) as f64;
+    println!(
+        "large nolock (64 KiB..4 MiB): attempts {l_att}, ok {l_ok}, fail {l_fail} \
+         (busy {}, empty {}), success {l_pct:.4}%; stock {} pages; \
+         above 4 MiB: {} asked, {} served, {} counted too large",
+        p.nolock_large_alloc_fail_busy,
+        p.nolock_large_alloc_fail_empty,
+        before_drain.pages.stock_pages,
+        load(&C.too_large),
+        load(&C.too_large_served),
+        s.nolock_alloc_fail_too_large,
+    );
     println!(
         "heap storm: {threads} threads x 2 timers (100/110 us) for {:.2} s\n\
          signals: A {} B {}; nested: B in A {}, A in B {}\n\
@@ -673,4 +769,22 @@ fn heap_storm_with_nested_signals() {
         ok * 1000 >= attempts * 999,
         "nolock success {pct:.4}% < 99.9% ({fail} of {attempts} failed)"
     );
+    // The large blocks on their own: they happened, the page allocator's
+    // large counters match the handlers' and give every failure's reason,
+    // and 99.9% succeeded; above 4 MiB every request was refused and
+    // counted as too large.
+    assert!(l_att > 0, "no large block was tried");
+    assert_eq!(p.nolock_large_alloc_ok, l_ok);
+    assert_eq!(
+        p.nolock_large_alloc_fail_busy + p.nolock_large_alloc_fail_empty,
+        l_fail,
+        "a large failure without a reason"
+    );
+    assert!(
+        l_ok * 1000 >= l_att * 999,
+        "large nolock success {l_pct:.4}% < 99.9% ({l_fail} of {l_att} failed)"
+    );
+    assert!(load(&C.too_large) > 0, "no request above 4 MiB was tried");
+    assert_eq!(load(&C.too_large_served), 0, "nolock served above 4 MiB");
+    assert_eq!(s.nolock_alloc_fail_too_large, load(&C.too_large));
 }
