@@ -11,10 +11,11 @@
 //! frame pointers (reading `RBP` from the signal's `ucontext`, every read
 //! bounds-checked against this thread's stack, every return address checked
 //! to lie in executable code) and counts the stack in a
-//! `hashbrown::HashMap<StackKey, u64, _, NoLock>` (one of 64 shards: the
-//! nolock path serves blocks up to 32 KiB, so no one map grows past that).
-//! A new stack's key is a `NoLock` box and the map grows with `try_reserve`
-//! as new stacks appear, both through the nolock path of the same heap the
+//! one `hashbrown::HashMap<StackKey, u64, _, NoLock>`. A new stack's key is
+//! a `NoLock` box of exactly its length, and the map grows with
+//! `try_reserve` as new stacks appear (its table reaches hundreds of KiB:
+//! the nolock path serves blocks up to 4 MiB), both through the nolock path
+//! of the same heap the
 //! program allocates from ([`anyalloc::Global`] is the global
 //! allocator): it never waits, even when the handler interrupted the
 //! allocator. If memory cannot be had in that context, the sample is counted
@@ -156,8 +157,7 @@ mod imp {
         }
     }
 
-    /// Builds [`StackHasher`]s; the seed picks the function (the maps use 0,
-    /// the choice of shard another).
+    /// Builds [`StackHasher`]s; the seed picks the function.
     #[derive(Clone, Copy, Default)]
     pub struct BuildStackHasher(u64);
 
@@ -171,27 +171,21 @@ mod imp {
     /// Sample counts per distinct stack, allocated with the nolock path.
     pub type Samples = hashbrown::HashMap<StackKey, u64, BuildStackHasher, NoLock>;
 
-    /// The profile is split into shards, each a map that grows on its own.
-    /// Why: the nolock path serves blocks up to 32 KiB (page order 3, as the
-    /// kernel's), so one map could not grow past about 1,300 entries of 24
-    /// bytes; 64 shards hold 64 times that.
-    const SHARDS: usize = 64;
-
-    /// One shard: a map plus a try-only flag. A handler that finds the flag
-    /// taken (another thread's handler is recording there) drops its sample
+    /// The profile: one map plus a try-only flag. A handler that finds the
+    /// flag taken (another thread's handler is recording) drops its sample
     /// rather than wait.
-    struct Shard {
+    struct Profile {
         busy: AtomicBool,
         map: UnsafeCell<Samples>,
     }
 
     // SAFETY: `map` is only touched by whoever set `busy` from false to true
     // (Acquire) until it stores false again (Release).
-    unsafe impl Sync for Shard {}
+    unsafe impl Sync for Profile {}
 
-    impl Shard {
-        const fn new() -> Shard {
-            Shard {
+    impl Profile {
+        const fn new() -> Profile {
+            Profile {
                 busy: AtomicBool::new(false),
                 map: UnsafeCell::new(Samples::with_hasher_in(BuildStackHasher(0), NoLock)),
             }
@@ -199,7 +193,7 @@ mod imp {
     }
 
     /// The profile the handler records into.
-    static PROFILE: [Shard; SHARDS] = [const { Shard::new() }; SHARDS];
+    static PROFILE: Profile = Profile::new();
 
     /// What became of one sample.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,15 +204,13 @@ mod imp {
         Busy,
     }
 
-    /// Counts one stack in its shard: any context (the handler's path).
-    fn count(profile: &[Shard; SHARDS], stack: &[usize]) -> Counted {
-        let h = BuildStackHasher(0x5bd1_e995).hash_one(stack);
-        let shard = &profile[(h >> 58) as usize % SHARDS];
-        if shard.busy.swap(true, Ordering::Acquire) {
+    /// Counts one stack: any context (the handler's path).
+    fn count(profile: &Profile, stack: &[usize]) -> Counted {
+        if profile.busy.swap(true, Ordering::Acquire) {
             return Counted::Busy;
         }
         // SAFETY: we own `busy`, so nothing else touches the map.
-        let map = unsafe { &mut *shard.map.get() };
+        let map = unsafe { &mut *profile.map.get() };
         let outcome = if let Some(n) = map.get_mut(stack) {
             *n += 1;
             Counted::Known
@@ -227,14 +219,14 @@ mod imp {
         } else {
             Counted::NoMemory
         };
-        shard.busy.store(false, Ordering::Release);
+        profile.busy.store(false, Ordering::Release);
         outcome
     }
 
-    /// Takes a shard's flag from normal context (waits for a handler on
+    /// Takes the profile's flag from normal context (waits for a handler on
     /// another thread to finish with it).
-    fn lock_shard(shard: &Shard) {
-        while shard.busy.swap(true, Ordering::Acquire) {
+    fn lock_profile(profile: &Profile) {
+        while profile.busy.swap(true, Ordering::Acquire) {
             std::hint::spin_loop();
         }
     }
@@ -383,8 +375,8 @@ mod imp {
         true
     }
 
-    /// The `SIGPROF` handler: capture, then count the stack in its shard's
-    /// NoLock map, growing it if needed. No locks, no printing, no panics.
+    /// The `SIGPROF` handler: capture, then count the stack in the NoLock
+    /// map, growing it if needed. No locks, no printing, no panics.
     extern "C" fn on_sigprof(
         _sig: libc::c_int,
         _info: *mut libc::siginfo_t,
@@ -437,10 +429,11 @@ mod imp {
     }
 
     /// Counts `distinct` synthetic stacks twice each into a fresh profile
-    /// (normal context, same code as the handler): how they were counted.
+    /// (normal context, same code as the handler): how they were counted,
+    /// and the bytes of the map's table (one NoLock block).
     #[cfg(test)]
-    pub fn count_synthetic(distinct: usize) -> [usize; 4] {
-        let profile: Box<[Shard; SHARDS]> = Box::new([const { Shard::new() }; SHARDS]);
+    pub fn count_synthetic(distinct: usize) -> ([usize; 4], usize) {
+        let profile = Box::new(Profile::new());
         let mut outcomes = [0usize; 4];
         for round in 0..2 {
             for i in 0..distinct {
@@ -451,7 +444,10 @@ mod imp {
                 assert!(round == 0 || o == Counted::Known, "{o:?}");
             }
         }
-        outcomes
+        lock_profile(&profile);
+        // SAFETY: we hold the profile's `busy`.
+        let table = unsafe { (*profile.map.get()).allocation_size() };
+        (outcomes, table)
     }
 
     // ----- the profiled program ----------------------------------------------
@@ -574,7 +570,7 @@ mod imp {
                 self.seconds, self.samples, self.recorded, self.dropped_no_memory, self.dropped_busy
             );
             println!(
-                "stack table: {} distinct stacks in {SHARDS} shards, grown {} times in the handler \
+                "stack table: {} distinct stacks in one map, grown {} times in the handler \
                  (NoLock), {} bytes with the keys",
                 self.distinct_stacks, self.table_growths, self.table_bytes
             );
@@ -638,13 +634,11 @@ mod imp {
         ] {
             c.store(0, Ordering::Relaxed);
         }
-        // Empty maps: each allocates only when its first stack arrives.
-        for shard in &PROFILE {
-            lock_shard(shard);
-            // SAFETY: we hold the shard's `busy`.
-            unsafe { (*shard.map.get()).clear() };
-            shard.busy.store(false, Ordering::Release);
-        }
+        // An empty map: it allocates only when the first stack arrives.
+        lock_profile(&PROFILE);
+        // SAFETY: we hold the profile's `busy`.
+        unsafe { *PROFILE.map.get() = Samples::with_hasher_in(BuildStackHasher(0), NoLock) };
+        PROFILE.busy.store(false, Ordering::Release);
 
         let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
             on_sigprof;
@@ -658,30 +652,20 @@ mod imp {
         // action): ignore the signal from now on.
         set_handler(libc::SIG_IGN, false).map_err(|e| format!("sigaction: {e}"))?;
 
-        let maps: Vec<Samples> = PROFILE
-            .iter()
-            .map(|shard| {
-                lock_shard(shard);
-                let empty = Samples::with_hasher_in(BuildStackHasher(0), NoLock);
-                // SAFETY: we hold the shard's `busy`; the handler is no
-                // longer installed.
-                let map = core::mem::replace(unsafe { &mut *shard.map.get() }, empty);
-                shard.busy.store(false, Ordering::Release);
-                map
-            })
-            .collect();
-        let table_bytes = maps
-            .iter()
-            .map(|m| {
-                m.allocation_size()
-                    + m.keys()
-                        .map(|k| core::mem::size_of_val(&**k))
-                        .sum::<usize>()
-            })
-            .sum();
+        lock_profile(&PROFILE);
+        let empty = Samples::with_hasher_in(BuildStackHasher(0), NoLock);
+        // SAFETY: we hold the profile's `busy`; the handler is no longer
+        // installed.
+        let map = core::mem::replace(unsafe { &mut *PROFILE.map.get() }, empty);
+        PROFILE.busy.store(false, Ordering::Release);
+        let table_bytes = map.allocation_size()
+            + map
+                .keys()
+                .map(|k| core::mem::size_of_val(&**k))
+                .sum::<usize>();
         let after = heap.stats();
-        let report = analyse(&maps, args, seconds, table_bytes);
-        drop(maps);
+        let report = analyse(&map, args, seconds, table_bytes);
+        drop(map);
         let mut report = report?;
         report.heap_nolock_ok = after.nolock_alloc_ok - before.nolock_alloc_ok;
         report.heap_nolock_failed = (after.nolock_alloc_fail_busy + after.nolock_alloc_fail_empty)
@@ -690,7 +674,7 @@ mod imp {
     }
 
     fn analyse(
-        maps: &[Samples],
+        map: &Samples,
         args: &Args,
         seconds: f64,
         table_bytes: usize,
@@ -700,7 +684,7 @@ mod imp {
         let mut own: StdMap<String, u64> = StdMap::new();
         let mut total: StdMap<String, u64> = StdMap::new();
         let (mut hot, mut in_alloc, mut frames_sum, mut max_depth) = (0u64, 0u64, 0u64, 0usize);
-        for (key, &count) in maps.iter().flat_map(|m| m.iter()) {
+        for (key, &count) in map.iter() {
             let len = key.len();
             frames_sum += len as u64 * count;
             max_depth = max_depth.max(len);
@@ -768,7 +752,7 @@ mod imp {
             recorded,
             dropped_no_memory: DROPPED_NO_MEMORY.load(Ordering::Relaxed),
             dropped_busy: DROPPED_BUSY.load(Ordering::Relaxed),
-            distinct_stacks: maps.iter().map(|m| m.len()).sum(),
+            distinct_stacks: map.len(),
             table_growths: TABLE_GROWTHS.load(Ordering::Relaxed),
             table_bytes,
             mean_depth: frames_sum as f64 / recorded.max(1) as f64,
@@ -832,10 +816,12 @@ mod tests {
     #[test]
     fn the_stack_table_grows_far_past_one_nolock_block() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        // 20,000 stacks: ~0.5 MiB of maps plus 2.6 MiB of keys, all from
-        // the nolock path in blocks of at most 32 KiB.
-        let [known, new, no_memory, busy] = imp::count_synthetic(20_000);
+        // 20,000 stacks in one map: a table of about 0.8 MiB (one NoLock
+        // block, grown with try_reserve) plus 2.6 MiB of keys, all from the
+        // nolock path.
+        let ([known, new, no_memory, busy], table) = imp::count_synthetic(20_000);
         assert_eq!((known, new, no_memory, busy), (20_000, 20_000, 0, 0));
+        assert!(table > 256 << 10, "one table of {table} bytes");
     }
 
     #[test]
