@@ -71,7 +71,8 @@ enum Command {
         and signal B 3.3 times slower. Each handler masks only its own signal, so the two nest. \
         Handlers allocate with the nolock paths only: pages (alloc_pages_nolock, orders 0-3), \
         objects (Heap::alloc_nolock) of the stress heap, and boxes with anyalloc::NoLock (the \
-        process-wide heap); then free them at once, park them for a later handler invocation, \
+        process-wide heap), and every fourth time a large object of 64 KiB to 4 MiB \
+        (Heap::alloc_nolock: page orders 4-10, the zone try-lock path); then free them at once, park them for a later handler invocation, \
         or hand them to another thread's handler. Every block is filled with a pattern derived \
         from its address, its size and a per-allocation nonce kept by its owner, and checked when \
         freed. Each nolock allocation is timed, and signals that land while their thread is inside \
@@ -527,11 +528,14 @@ fn totals() -> (u64, u64, u64, u64) {
     let ops = SLOTS.iter().map(|t| t.ops.load(Relaxed)).sum();
     let sigs = SLOTS.iter().map(|t| t.signals.load(Relaxed)).sum();
     let k = &storm::KINDS;
-    let att = [storm::KIND_PAGE, storm::KIND_OBJECT, storm::KIND_BOX]
-        .iter()
-        .map(|&i| k[i].attempts.load(Relaxed))
-        .sum();
-    let ok = [storm::KIND_PAGE, storm::KIND_OBJECT, storm::KIND_BOX]
+    let kinds = [
+        storm::KIND_PAGE,
+        storm::KIND_OBJECT,
+        storm::KIND_BOX,
+        storm::KIND_LARGE,
+    ];
+    let att = kinds.iter().map(|&i| k[i].attempts.load(Relaxed)).sum();
+    let ok = kinds
         .iter()
         .map(|&i| k[i].ok.load(Relaxed))
         .sum();
@@ -571,14 +575,28 @@ fn verdict(r: &Report, settings: &Settings, setup_errors: &[String]) -> i32 {
         );
         code = EXIT_FAIL;
     }
+    let large_rate = r.large.ok as f64 / r.large.attempts.max(1) as f64;
+    if settings.memory.is_none() && r.large.attempts > 0 && large_rate < 0.999 {
+        eprintln!(
+            "anyalloc stress: FAIL: nolock success for 64 KiB to 4 MiB objects {:.4}% is below 99.9% \
+             with memory to spare ({} of {} attempts failed: {} busy, {} empty)",
+            100.0 * large_rate,
+            r.large.attempts - r.large.ok,
+            r.large.attempts,
+            r.large.fail_busy,
+            r.large.fail_empty
+        );
+        code = EXIT_FAIL;
+    }
     if let Some(n) = r.allocations_not_freed.filter(|&n| n > 0) {
         let k = |k: &report::KindReport| k.ok.saturating_sub(k.frees + k.leaked_after_violation);
         eprintln!(
-            "anyalloc stress: FAIL: {n} successful allocation(s) never freed (pages {}, objects {}, NoLock boxes {}, worker blocks {}): \
-             a block was lost between its owners",
+            "anyalloc stress: FAIL: {n} successful allocation(s) never freed (pages {}, objects {}, NoLock boxes {}, \
+             64K-4M objects {}, worker blocks {}): a block was lost between its owners",
             k(&r.pages),
             k(&r.objects),
             k(&r.boxes),
+            k(&r.large),
             k(&r.worker_blocks)
         );
         code = EXIT_FAIL;

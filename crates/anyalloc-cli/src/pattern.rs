@@ -19,6 +19,32 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Sizes must fit the header's low bits.
 pub const MAX_SIZE: usize = (1 << 24) - 1;
+/// Blocks larger than this (64 KiB to 4 MiB, filled and checked inside
+/// signal handlers) get every 32nd word of the sequence (one per 256
+/// bytes, at offsets that depend only on the block's address), the last
+/// word and the tail: writing 4 MiB would dominate a handler, and a second
+/// owner of any part of the block still overwrites sampled words.
+pub const SAMPLED_ABOVE: usize = 64 << 10;
+const SAMPLE_STRIDE: usize = 32;
+
+/// The word indices a block of `size` bytes carries (besides its header).
+#[inline]
+fn word_indices(size: usize) -> impl Iterator<Item = usize> {
+    let words = size / 8;
+    let stride = if size > SAMPLED_ABOVE {
+        SAMPLE_STRIDE
+    } else {
+        1
+    };
+    let last = (size > SAMPLED_ABOVE && (words - 1) % stride != 0).then_some(words - 1);
+    (1..words).step_by(stride).chain(last)
+}
+
+/// The sequence word at index `j` (the sequence adds `STEP` per word).
+#[inline]
+fn word(seed: u64, j: usize) -> u64 {
+    seed.wrapping_add(STEP.wrapping_mul(j as u64))
+}
 const SIZE_MASK: u64 = (1 << 24) - 1;
 const NONCE_SHIFT: u32 = 24;
 const NONCE_MASK: u64 = 0xFFFF;
@@ -118,10 +144,8 @@ pub unsafe fn fill(p: *mut u8, size: usize, nonce: u16) {
     // word, `size / 8 - 1` further words and `size % 8` tail bytes.
     unsafe {
         words.write(header(addr, size, nonce));
-        let mut v = s;
-        for j in 1..size / 8 {
-            v = v.wrapping_add(STEP);
-            words.add(j).write(v);
+        for j in word_indices(size) {
+            words.add(j).write(word(s, j));
         }
         for k in (size & !7)..size {
             p.add(k).write(tail_byte(s, k));
@@ -174,9 +198,8 @@ pub unsafe fn check(p: *const u8, size: usize, nonce: u16) -> Result<(), Mismatc
                 found: h,
             });
         }
-        let mut v = s;
-        for j in 1..size / 8 {
-            v = v.wrapping_add(STEP);
+        for j in word_indices(size) {
+            let v = word(s, j);
             let w = words.add(j).read();
             if w != v {
                 return Err(Mismatch {
@@ -209,10 +232,12 @@ mod tests {
 
     #[test]
     fn fill_then_check_and_detect_corruption() {
-        let mut buf = vec![0u64; 1025];
+        let mut buf = vec![0u64; (128 << 10) / 8 + 1];
         let p = buf.as_mut_ptr() as *mut u8;
-        for size in [8, 9, 15, 16, 100, 4095, 8192] {
-            // SAFETY: the buffer holds 8 KiB + 8 bytes, 8-aligned.
+        // Above SAMPLED_ABOVE only sampled words are written and checked
+        // (the last word and the tail always).
+        for size in [8, 9, 15, 16, 100, 4095, 8192, 65536, 70_000, 100_003, 128 << 10] {
+            // SAFETY: the buffer holds 128 KiB + 8 bytes, 8-aligned.
             unsafe {
                 fill(p, size, 7);
                 assert_eq!(size_of(p, 7), Ok(size));

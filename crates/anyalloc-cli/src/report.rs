@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use anyalloc::{Heap, HeapStats};
 use serde::Serialize;
 
-use crate::storm::{self, Op, KINDS, KIND_BOX, KIND_OBJECT, KIND_PAGE, SLOTS};
+use crate::storm::{self, Op, KINDS, KIND_BOX, KIND_LARGE, KIND_OBJECT, KIND_PAGE, SLOTS};
 
 /// What the storm was asked to do.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -60,6 +60,13 @@ pub struct HeapReport {
     pub pages_nolock_free_deferred: u64,
     pub pages_nolock_alloc_fail_busy: u64,
     pub pages_nolock_alloc_fail_empty: u64,
+    /// Nolock page allocations of 64 KiB to 4 MiB (orders above the per-CPU
+    /// lists): served, failed busy, failed empty.
+    pub pages_nolock_large_alloc_ok: u64,
+    pub pages_nolock_large_alloc_fail_busy: u64,
+    pub pages_nolock_large_alloc_fail_empty: u64,
+    /// Nolock requests above 4 MiB, refused (huge blocks are normal-path).
+    pub nolock_alloc_fail_too_large: u64,
 }
 
 impl HeapReport {
@@ -77,6 +84,10 @@ impl HeapReport {
             pages_nolock_free_deferred: s.pages.nolock_free_deferred,
             pages_nolock_alloc_fail_busy: s.pages.nolock_alloc_fail_busy,
             pages_nolock_alloc_fail_empty: s.pages.nolock_alloc_fail_empty,
+            pages_nolock_large_alloc_ok: s.pages.nolock_large_alloc_ok,
+            pages_nolock_large_alloc_fail_busy: s.pages.nolock_large_alloc_fail_busy,
+            pages_nolock_large_alloc_fail_empty: s.pages.nolock_large_alloc_fail_empty,
+            nolock_alloc_fail_too_large: s.nolock_alloc_fail_too_large,
         }
     }
 }
@@ -143,6 +154,10 @@ pub struct Report {
     pub pages: KindReport,
     pub objects: KindReport,
     pub boxes: KindReport,
+    /// Large objects (64 KiB to 4 MiB) from `Heap::alloc_nolock`: the page
+    /// allocator's zone try-lock path; one attempt every fourth handler
+    /// invocation.
+    pub large: KindReport,
     /// The workers' normal-path blocks of the stress heap (`ok` counts
     /// successful `Heap::alloc` calls).
     pub worker_blocks: KindReport,
@@ -179,6 +194,7 @@ fn kind_name(k: usize) -> &'static str {
         KIND_PAGE => "pages",
         KIND_OBJECT => "object",
         KIND_BOX => "NoLock box",
+        KIND_LARGE => "large object",
         storm::KIND_WORKER => "worker block",
         _ => "Vec through Global",
     }
@@ -213,17 +229,23 @@ pub fn collect(
 
     let pages = kind(KIND_PAGE);
     let mut objects = kind(KIND_OBJECT);
-    // Only the handlers allocate nolock from the stress heap's objects.
-    (objects.fail_busy, objects.fail_empty) =
-        split(objects.attempts - objects.ok, stress.nolock_alloc_fail_busy);
+    let mut large = kind(KIND_LARGE);
+    // Only the handlers' large objects take nolock page blocks above 32 KiB
+    // from the stress heap: the page allocator's large counters are theirs.
+    let large_busy = stress.pages.nolock_large_alloc_fail_busy;
+    (large.fail_busy, large.fail_empty) = split(large.attempts - large.ok, large_busy);
+    // Only the handlers allocate nolock from the stress heap's objects (the
+    // small ones and the large ones).
+    let object_busy = stress.nolock_alloc_fail_busy.saturating_sub(large.fail_busy);
+    (objects.fail_busy, objects.fail_empty) = split(objects.attempts - objects.ok, object_busy);
     let mut boxes = kind(KIND_BOX);
     let global_busy = global.map_or(0, |g| g.nolock_alloc_fail_busy - global_busy_before);
     (boxes.fail_busy, boxes.fail_empty) = split(boxes.attempts - boxes.ok, global_busy);
 
     let worker_blocks = kind(storm::KIND_WORKER);
-    let all = [pages, objects, boxes];
+    let all = [pages, objects, boxes, large];
     let allocations_not_freed = (!deadlock).then(|| {
-        [pages, objects, boxes, worker_blocks]
+        [pages, objects, boxes, large, worker_blocks]
             .iter()
             .map(|k| k.ok.saturating_sub(k.frees + k.leaked_after_violation))
             .sum()
@@ -298,6 +320,7 @@ pub fn collect(
         pages,
         objects,
         boxes,
+        large,
         worker_blocks,
         deferred_frees: stress.nolock_free_deferred + stress.pages.nolock_free_deferred,
         stress_heap: HeapReport::of(&stress),
@@ -360,6 +383,7 @@ pub fn print_table(r: &Report) {
         ("pages", r.pages),
         ("objects", r.objects),
         ("NoLock box", r.boxes),
+        ("64K-4M", r.large),
     ] {
         let rate = if k.attempts == 0 {
             100.0
@@ -409,8 +433,9 @@ pub fn print_table(r: &Report) {
     println!();
     let w = &r.worker_blocks;
     println!(
-        "  allocations freed: pages {}/{}, objects {}/{}, NoLock boxes {}/{}, worker blocks {}/{} (freed/ok)",
-        r.pages.frees, r.pages.ok, r.objects.frees, r.objects.ok, r.boxes.frees, r.boxes.ok, w.frees, w.ok
+        "  allocations freed: pages {}/{}, objects {}/{}, NoLock boxes {}/{}, 64K-4M objects {}/{}, worker blocks {}/{} (freed/ok)",
+        r.pages.frees, r.pages.ok, r.objects.frees, r.objects.ok, r.boxes.frees, r.boxes.ok,
+        r.large.frees, r.large.ok, w.frees, w.ok
     );
     match r.allocations_not_freed {
         Some(n) => println!("  not freed      {n}"),

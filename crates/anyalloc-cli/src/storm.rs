@@ -44,6 +44,7 @@ pub const KIND_PAGE: usize = 1;
 pub const KIND_OBJECT: usize = 2;
 pub const KIND_BOX: usize = 3;
 pub const KIND_WORKER: usize = 4; // a worker's normal-path block (hand-off array)
+pub const KIND_LARGE: usize = 5; // a 64 KiB to 4 MiB object from Heap::alloc_nolock
 
 /// What a thread (or one of its handlers) is doing right now: written
 /// before each operation, read by the watchdog.
@@ -67,10 +68,12 @@ pub enum Op {
     Stash,
     Check,
     Running,
+    LargeAllocNolock,
+    LargeFreeNolock,
 }
 
 impl Op {
-    const ALL: [Op; 17] = [
+    const ALL: [Op; 19] = [
         Op::Idle,
         Op::Starting,
         Op::HeapAlloc,
@@ -88,6 +91,8 @@ impl Op {
         Op::Stash,
         Op::Check,
         Op::Running,
+        Op::LargeAllocNolock,
+        Op::LargeFreeNolock,
     ];
 
     pub fn from_code(c: u8) -> Op {
@@ -113,6 +118,8 @@ impl Op {
             Op::Stash => "stash swap",
             Op::Check => "pattern check",
             Op::Running => "storm running (progress bar)",
+            Op::LargeAllocNolock => "Heap::alloc_nolock (64 KiB-4 MiB)",
+            Op::LargeFreeNolock => "Heap::free_nolock (64 KiB-4 MiB)",
         }
     }
 }
@@ -175,11 +182,13 @@ impl ThreadSlot {
 
 pub static SLOTS: [ThreadSlot; MAX_THREADS] = [ThreadSlot::NEW; MAX_THREADS];
 
-/// Per kind of nolock allocation (pages, objects, NoLock boxes).
+/// Per kind of nolock allocation (pages, objects, NoLock boxes, large
+/// objects).
 pub struct KindStats {
     pub attempts: AtomicU64,
     pub ok: AtomicU64,
-    /// Page attempts only: failures the allocator counted as busy / empty.
+    /// Page attempts only: failures the allocator counted as busy / empty
+    /// (the report classifies the other kinds from the heaps' counters).
     pub fail_busy: AtomicU64,
     pub fail_empty: AtomicU64,
     /// Blocks of this kind freed (any path).
@@ -206,9 +215,9 @@ impl KindStats {
     };
 }
 
-/// Indexed by `KIND_PAGE`, `KIND_OBJECT`, `KIND_BOX` and `KIND_WORKER`
-/// (normal-path blocks: `ok` and `frees`); entry 0 unused.
-pub static KINDS: [KindStats; 5] = [KindStats::NEW; 5];
+/// Indexed by `KIND_PAGE`, `KIND_OBJECT`, `KIND_BOX`, `KIND_WORKER`
+/// (normal-path blocks: `ok` and `frees`) and `KIND_LARGE`; entry 0 unused.
+pub static KINDS: [KindStats; 6] = [KindStats::NEW; 6];
 
 /// Latency of every nolock allocation attempt made in a handler.
 pub static ALLOC_NS: Histogram = Histogram::new();
@@ -341,6 +350,7 @@ fn free_entry(heap: &Heap, entry: usize, cx: Ctx<'_>, path: Path) {
         KIND_PAGE => Op::PageFreeNolock,
         KIND_OBJECT => Op::ObjectFreeNolock,
         KIND_BOX => Op::BoxFreeNolock,
+        KIND_LARGE => Op::LargeFreeNolock,
         _ => Op::HeapFree,
     };
     op.store(Op::Check as u8, Relaxed);
@@ -361,10 +371,10 @@ fn free_entry(heap: &Heap, entry: usize, cx: Ctx<'_>, path: Path) {
     match kind {
         KIND_PAGE => {
             let order = (size / PAGE_SIZE).trailing_zeros();
-            if size != PAGE_SIZE << order || order > anyalloc::NOLOCK_MAX_ORDER {
+            if size != PAGE_SIZE << order || order > anyalloc::PCP_MAX_ORDER {
                 let m = Mismatch {
                     offset: 0,
-                    expected: (PAGE_SIZE as u64) << anyalloc::NOLOCK_MAX_ORDER,
+                    expected: (PAGE_SIZE as u64) << anyalloc::PCP_MAX_ORDER,
                     found: size as u64,
                 };
                 return leak(code, p as usize, kind, m);
@@ -378,7 +388,7 @@ fn free_entry(heap: &Heap, entry: usize, cx: Ctx<'_>, path: Path) {
                 }
             })
         }
-        KIND_OBJECT | KIND_WORKER => {
+        KIND_OBJECT | KIND_WORKER | KIND_LARGE => {
             // SAFETY: an object of this heap, freed once (as above).
             inside(cx.slot, || unsafe {
                 match path {
@@ -443,6 +453,14 @@ fn page_order(rng: &mut XorShift) -> u32 {
     }
 }
 
+/// A large object: 64 KiB to 4 MiB (page orders 4..=10: the zone try-lock
+/// path), sizes spread over each order's range.
+fn large_size(rng: &mut XorShift) -> usize {
+    let order = 4 + rng.below(7) as u32;
+    let block = PAGE_SIZE << order;
+    (block - rng.below(block as u64 / 2 - 8) as usize) & !7
+}
+
 /// 8 B to 32 KiB, skewed to small (above 8 KiB the heap serves pages).
 fn object_size(rng: &mut XorShift) -> usize {
     let max = match rng.below(100) {
@@ -454,10 +472,10 @@ fn object_size(rng: &mut XorShift) -> usize {
     8 + rng.below(max - 7) as usize
 }
 
-/// One handler invocation: a page, an object and a NoLock box, each
-/// allocated (timed), filled, then freed now, parked in this thread's stash,
-/// or handed to the cross-thread stash; sometimes an older stashed block is
-/// freed too.
+/// One handler invocation: a page, an object and a NoLock box (and every
+/// fourth time a large object of 64 KiB to 4 MiB), each allocated (timed),
+/// filled, then freed now, parked in this thread's stash, or handed to the
+/// cross-thread stash; sometimes an older stashed block is freed too.
 fn handle(slot: &'static ThreadSlot, level: usize) {
     if slot.in_alloc.load(Relaxed) != 0 {
         slot.interrupted_inside.fetch_add(1, Relaxed);
@@ -556,6 +574,28 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
                 &mut rng,
                 Entry::new(p as usize, KIND_BOX, nonce),
             );
+        }
+
+        // Every fourth time a large object (64 KiB to 4 MiB).
+        if rng.below(4) == 0 {
+            let size = large_size(&mut rng);
+            // SAFETY: 32 KiB < size <= 4 MiB and a power-of-two alignment:
+            // a valid layout.
+            let layout = unsafe { Layout::from_size_align_unchecked(size, 8) };
+            op.store(Op::LargeAllocNolock as u8, Relaxed);
+            let t0 = now_ns();
+            let r = inside(cx.slot, || heap.alloc_nolock(layout));
+            ALLOC_NS.record(now_ns().wrapping_sub(t0));
+            let k = &KINDS[KIND_LARGE];
+            k.attempts.fetch_add(1, Relaxed);
+            if let Some(p) = r {
+                k.ok.fetch_add(1, Relaxed);
+                let nonce = pattern::next_nonce();
+                // SAFETY: a fresh object of at least `size` bytes, 8-aligned.
+                unsafe { pattern::fill(p.as_ptr(), size, nonce) };
+                let e = Entry::new(p.as_ptr() as usize, KIND_LARGE, nonce);
+                dispose(heap, slot, cx, &mut rng, e);
+            }
         }
 
         // Sometimes free an older stashed block, whatever its kind.
@@ -913,7 +953,9 @@ mod tests {
             assert!((8..=65536).contains(&w));
             let o = object_size(&mut r);
             assert!((8..=32768).contains(&o));
-            assert!(page_order(&mut r) <= anyalloc::NOLOCK_MAX_ORDER);
+            assert!(page_order(&mut r) <= anyalloc::PCP_MAX_ORDER);
+            let l = large_size(&mut r);
+            assert!(l > 32 << 10 && l <= 4 << 20 && l % 8 == 0, "{l}");
         }
     }
 

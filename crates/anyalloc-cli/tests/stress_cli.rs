@@ -79,11 +79,16 @@ fn check_common(v: &Value, stderr: &str) {
     assert!(signals > 0, "the storm happened: {v}");
     // Every block that was handed out came back, kind by kind.
     assert_eq!(u(v, "allocations_not_freed"), 0, "{v}\n{stderr}");
-    for k in ["pages", "objects", "boxes", "worker_blocks"] {
+    for k in ["pages", "objects", "boxes", "large", "worker_blocks"] {
         let (ok, frees, leaked) = kind(v, k);
-        assert!(ok > 0, "no {k} allocation succeeded: {v}");
+        // (A 1 MiB heap, `--memory 1m`, may have no room for 64 KiB and up.)
+        let spare = v["memory"].is_null() || k != "large";
+        assert!(ok > 0 || !spare, "no {k} allocation succeeded: {v}");
         assert_eq!((ok, leaked), (frees, 0), "{k}: successes == frees: {v}");
     }
+    // Large objects (64 KiB to 4 MiB) every fourth handler invocation.
+    let large = u(&v["large"], "attempts");
+    assert!(large > 0 && large < signals, "{v}");
     // One attempt of each nolock kind per handler invocation.
     for k in ["pages", "objects", "boxes"] {
         assert_eq!(u(&v[k], "attempts"), signals, "{k}: {v}");
@@ -92,14 +97,31 @@ fn check_common(v: &Value, stderr: &str) {
     let ok = u(v, "nolock_ok");
     assert!(attempts > 0 && ok <= attempts, "{v}");
     // The allocator's own failure counters agree with the storm's: only the
-    // handlers allocate nolock from the stress heap's objects.
+    // handlers allocate nolock from the stress heap's objects (small and
+    // large), and only the large ones take page blocks above 32 KiB.
     let (objects_ok, _, _) = kind(v, "objects");
+    let (large_ok, _, _) = kind(v, "large");
     let heap = &v["stress_heap"];
+    let large_failed = u(&v["large"], "attempts") - large_ok;
     assert_eq!(
         u(heap, "nolock_alloc_fail_busy") + u(heap, "nolock_alloc_fail_empty"),
-        u(&v["objects"], "attempts") - objects_ok,
+        u(&v["objects"], "attempts") - objects_ok + large_failed,
         "stress heap's nolock failures vs the storm's: {v}"
     );
+    assert_eq!(u(heap, "pages_nolock_large_alloc_ok"), large_ok, "{v}");
+    // Every large failure has its reason in the stats.
+    assert_eq!(
+        u(heap, "pages_nolock_large_alloc_fail_busy")
+            + u(heap, "pages_nolock_large_alloc_fail_empty"),
+        large_failed,
+        "{v}"
+    );
+    assert_eq!(
+        u(&v["large"], "fail_busy") + u(&v["large"], "fail_empty"),
+        large_failed,
+        "{v}"
+    );
+    assert_eq!(u(heap, "nolock_alloc_fail_too_large"), 0, "{v}");
     // Re-entry happened: handlers interrupted allocator calls, and nested.
     assert!(
         u(v, "interrupted_inside_allocator") > 0,
@@ -134,6 +156,12 @@ fn default_storm_is_clean_and_nolock_succeeds() {
         ok as f64 / attempts as f64 >= 0.999,
         "nolock success {ok}/{attempts} below 99.9%: {v}\n{stderr}"
     );
+    // The 64 KiB to 4 MiB objects on their own.
+    let (large, large_ok) = (u(&v["large"], "attempts"), u(&v["large"], "ok"));
+    assert!(
+        large_ok as f64 / large as f64 >= 0.999,
+        "large nolock success {large_ok}/{large} below 99.9%: {v}\n{stderr}"
+    );
     assert_eq!(code, 0, "stderr:\n{stderr}");
 }
 
@@ -153,6 +181,12 @@ fn small_memory_drives_failures_without_violations() {
         "the page allocator never ran empty: {v}"
     );
     assert!(u(&v, "normal_alloc_fail") > 0, "{v}");
+    // The large objects failed too, and the stats say why: no memory.
+    assert!(u(&v["large"], "fail_empty") > 0, "{v}");
+    assert!(
+        u(&v["stress_heap"], "pages_nolock_large_alloc_fail_empty") > 0,
+        "{v}"
+    );
     // The success rate is not required with --memory: exit 0 unless
     // something real went wrong, which check_common would have caught.
     assert_eq!(code, 0, "{v}\nstderr:\n{stderr}");
