@@ -26,8 +26,8 @@ pub const BATCH: usize = 1000;
 const RING: usize = 256;
 /// Alignment of every request (what a `Box<[u64; n]>` asks for).
 const ALIGN: usize = 8;
-/// The largest request `Heap::alloc_nolock` serves (order 3: 32 KiB).
-pub const NOLOCK_MAX_BYTES: usize = anyalloc::PAGE_SIZE << anyalloc::NOLOCK_MAX_ORDER;
+/// The largest request `Heap::alloc_nolock` serves (`MAX_ORDER`: 4 MiB).
+pub const NOLOCK_MAX_BYTES: usize = anyalloc::PAGE_SIZE << anyalloc::MAX_ORDER;
 
 pub fn layout(size: usize) -> Layout {
     Layout::from_size_align(size, ALIGN).expect("object layout")
@@ -284,7 +284,7 @@ pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
             .zip(w.median_of(NORMAL))
             .map(|(a, b)| a / b);
         let note = if w.median_of(NOLOCK).is_none() && w.median_of(NORMAL).is_some() {
-            "the nolock path serves at most 32 KiB".to_string()
+            "the nolock path serves at most 4 MiB".to_string()
         } else {
             "ratio of medians".to_string()
         };

@@ -196,9 +196,12 @@ pub type PageWork = (
     u32,
 );
 
-/// Pairs of orders 0 to 3, batches of orders 0 and 3.
+/// Pairs of orders 0 to 3 (per-CPU lists) and 6 and 10 (256 KiB and
+/// 4 MiB: the buddy lists, on the nolock path under a tried zone lock),
+/// batches of orders 0 and 3.
 pub fn workloads() -> Vec<PageWork> {
     let mut v: Vec<PageWork> = (0..=3)
+        .chain([6, anyalloc::MAX_ORDER])
         .map(|order| {
             (
                 format!("page pair order {order}"),
@@ -323,8 +326,10 @@ pub fn run(opts: &Options, peers: &PagePeers, prefix: &str) -> Vec<WorkloadResul
             .iter()
             .map(|&(pname, peer)| Peer::new(pname, move |n| work(pname, peer, order, n)))
             .collect();
-        // The floor is a reference for the pairs (one pop, one push).
-        if let (Ok(f), true) = (&peers.floor, ops_per_iter == 1 && opts.peer_selected(FLOOR)) {
+        // The floor is a reference for the pairs (one pop, one push) of the
+        // orders a per-CPU list holds.
+        let pcp_pair = ops_per_iter == 1 && order <= anyalloc::PCP_MAX_ORDER;
+        if let (Ok(f), true) = (&peers.floor, pcp_pair && opts.peer_selected(FLOOR)) {
             let f: &dyn PagePeer = f.as_ref();
             ps.push(Peer::reference(FLOOR, move |n| work(FLOOR, f, order, n)));
         }

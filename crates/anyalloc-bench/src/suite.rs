@@ -7,7 +7,7 @@
 //! | 3 | `producer-consumer` | one thread allocates, another frees | same (+ ring-only reference) |
 //! | 4 | `larson` | server churn, slot arrays handed to new threads | same |
 //! | 5 | `cache-scratch` | passive false sharing | same (+ two references) |
-//! | 6 | `pages` | page blocks of orders 0 to 3 | PageAllocator normal, nolock, buddy_system_allocator (+ the bare rseq floor for pairs) |
+//! | 6 | `pages` | page blocks of orders 0 to 3, 6 and 10 | PageAllocator normal, nolock, buddy_system_allocator (+ the bare rseq floor for pairs) |
 //! | 7 | `bursts` | bursts of 1 to 10,000 objects from signal handlers | anyalloc nolock (maintainer on/off), watermark pool, preallocated pool, careful glibc |
 //! | 8 | `survival` | naive malloc/free in signal handlers | glibc, mimalloc, jemalloc, anyalloc Global, NoLock, Heap nolock; careful glibc, preallocated pool |
 //!
@@ -59,7 +59,7 @@ pub const GROUPS: [(u8, &str, &str); 8] = [
         "larson-like server churn with cross-thread frees",
     ),
     (5, "cache-scratch", "cache-scratch: passive false sharing"),
-    (6, "pages", "page allocation, orders 0 to 3"),
+    (6, "pages", "page allocation, orders 0 to 3, 6 and 10"),
     (7, "bursts", "any-context bursts from signal handlers"),
     (8, "survival", "survival: malloc/free in signal handlers"),
 ];
@@ -320,7 +320,7 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
             peers::GLIBC, peers::MIMALLOC, peers::JEMALLOC, peers::GLOBAL
         ),
         format!(
-            "{}: Heap::alloc / free; {}: Heap::alloc_nolock / free_nolock (serves at most 32 KiB); one Heap each, Config::default()",
+            "{}: Heap::alloc / free; {}: Heap::alloc_nolock / free_nolock (serves at most 4 MiB); one Heap each, Config::default()",
             peers::NORMAL, peers::NOLOCK
         ),
         "a null from any peer in a multi-threaded workload is retried (and counted); in a single-threaded one it aborts the run".to_string(),
