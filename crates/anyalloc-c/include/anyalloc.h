@@ -26,7 +26,7 @@ extern "C" {
  * Allocates size bytes (aligned like malloc: 16 bytes, 8 below 16 bytes)
  * with the nolock path, from any context: a signal handler, a real-time
  * thread, a tracing hook. Never waits, never blocks, never makes a system
- * call once the heap exists. Blocks up to 32 KiB only.
+ * call once the heap exists. Blocks up to 4 MiB only.
  *
  * Returns NULL when there is no memory for this context now (every lock it
  * could use is held, or the request is too large for the nolock path). The

@@ -282,19 +282,25 @@ static void test_nolock_api(void) {
     anyalloc_free_nolock(NULL);
     p = malloc(20 << 20); /* huge: the nolock free parks the unmapping */
     anyalloc_free_nolock(p);
+    p = anyalloc_malloc_nolock(1 << 20); /* up to 4 MiB: the nolock path serves it */
+    CHECK(p != NULL && aligned_to(p, 16) && malloc_usable_size(p) >= 1 << 20);
+    anyalloc_free_nolock(p);
     errno = 0;
-    CHECK(anyalloc_malloc_nolock(1 << 20) == NULL && errno == 0); /* too large for nolock */
+    CHECK(anyalloc_malloc_nolock(5 << 20) == NULL && errno == 0); /* too large for nolock */
 
-    /* A scope routes malloc to the nolock path: > 32 KiB fails inside. */
+    /* A scope routes malloc to the nolock path: > 4 MiB fails inside. */
     anyalloc_nolock_enter();
     void *small = malloc(100);
     CHECK(small != NULL);
+    void *mib = malloc(1 << 20);
+    CHECK(mib != NULL);
+    free(mib);
     errno = 0;
-    CHECK(malloc(1 << 20) == NULL && errno == ENOMEM);
+    CHECK(malloc(5 << 20) == NULL && errno == ENOMEM);
     anyalloc_nolock_enter(); /* nested */
-    CHECK(malloc(1 << 20) == NULL);
+    CHECK(malloc(5 << 20) == NULL);
     anyalloc_nolock_exit();
-    CHECK(malloc(1 << 20) == NULL); /* still inside the outer scope */
+    CHECK(malloc(5 << 20) == NULL); /* still inside the outer scope */
     void *c = calloc(10, 10);
     CHECK(c != NULL && all_zero(c, 100));
     void *r = realloc(c, 3000);
@@ -302,7 +308,7 @@ static void test_nolock_api(void) {
     free(r);
     free(small);
     anyalloc_nolock_exit();
-    void *big = malloc(1 << 20);
+    void *big = malloc(5 << 20);
     CHECK(big != NULL); /* normal path again */
     free(big);
 }
