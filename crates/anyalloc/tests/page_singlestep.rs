@@ -4,9 +4,12 @@
 //! nolock allocation and one nolock free (of the block it allocated at the
 //! previous new address) on the same allocator, as a signal landing there
 //! would. The loop exercises the per-CPU hit, the refill of an
-//! empty slot, the drain of a slot over `high`, and direct zone allocations
-//! and frees above order 3. Linux clears the trap flag on entry to the
-//! handler, so the handler itself is not stepped.
+//! empty slot, the drain of a slot over `high`, direct zone allocations
+//! and frees above order 3, and nolock allocations and frees of orders
+//! 4..=10 (the zone try-lock path; a handler landing there, inside the
+//! zone section, allocates a large block too and must get it from the
+//! nolock stock). Linux clears the trap flag on entry to the handler, so
+//! the handler itself is not stepped.
 //!
 //! Asserted: a meaningful number of distinct instruction addresses was
 //! interrupted, nolock allocations succeeded there, every block kept its
@@ -32,6 +35,8 @@ static STEPS: AtomicU64 = AtomicU64::new(0);
 static DISTINCT: AtomicU64 = AtomicU64::new(0);
 static NOLOCK_OK: AtomicU64 = AtomicU64::new(0);
 static NOLOCK_FAIL: AtomicU64 = AtomicU64::new(0);
+/// Of `NOLOCK_OK`, blocks of orders 4..=10.
+static LARGE_OK: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// The block the handler allocated at the previous new address.
 static CARRY: AtomicUsize = AtomicUsize::new(0);
@@ -78,10 +83,18 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     // Allocate a block and free the one kept from the previous address:
     // every interruption changes the lists under the interrupted code (an
     // alloc + free of the same block could leave them as they were).
-    let order = (n % 4) as u32;
+    // Mostly orders 0..=3; every eighth time one of 4..=10.
+    let order = if n % 8 == 7 {
+        4 + (n / 8 % 7) as u32
+    } else {
+        (n % 4) as u32
+    };
     match pa.alloc_pages_nolock(order) {
         Some(p) => {
             NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+            if order > 3 {
+                LARGE_OK.fetch_add(1, Ordering::Relaxed);
+            }
             let h = pack(p.as_ptr() as usize, order, (n & 0xff) as u32);
             // SAFETY: just allocated: this handler owns the block.
             unsafe { fill(h) };
@@ -122,9 +135,13 @@ fn trap_off() {
     unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], ~0x100", "popfq") };
 }
 
-fn stepped_alloc(pa: &PageAllocator, order: u32) -> usize {
+fn stepped_alloc(pa: &PageAllocator, order: u32, nolock: bool) -> usize {
     trap_on();
-    let p = pa.alloc_pages(order);
+    let p = if nolock {
+        pa.alloc_pages_nolock(order)
+    } else {
+        pa.alloc_pages(order)
+    };
     trap_off();
     let p = p.expect("memory to spare");
     let h = pack(p.as_ptr() as usize, order, order);
@@ -133,7 +150,7 @@ fn stepped_alloc(pa: &PageAllocator, order: u32) -> usize {
     h
 }
 
-fn stepped_free(pa: &PageAllocator, h: usize) {
+fn stepped_free(pa: &PageAllocator, h: usize, nolock: bool) {
     // SAFETY: owned by the test until the free below.
     if !unsafe { check(h) } {
         VIOLATIONS.fetch_add(1, Ordering::Relaxed);
@@ -143,7 +160,13 @@ fn stepped_free(pa: &PageAllocator, h: usize) {
     let p = unsafe { NonNull::new_unchecked(ptr as *mut u8) };
     trap_on();
     // SAFETY: as above.
-    unsafe { pa.free_pages(p, order) };
+    unsafe {
+        if nolock {
+            pa.free_pages_nolock(p, order)
+        } else {
+            pa.free_pages(p, order)
+        }
+    };
     trap_off();
 }
 
@@ -152,7 +175,7 @@ fn nolock_reentry_at_every_instruction_of_the_normal_path() {
     // One slot set and a pinned thread: the paths below are taken in order.
     common::pin_to_cpu(common::current_cpu());
     let pa: &'static PageAllocator = Box::leak(Box::new(
-        PageAllocator::new(Config::default().memory(16 << 20).cpus(1).grow(false)).unwrap(),
+        PageAllocator::new(Config::default().memory(32 << 20).cpus(1).grow(false)).unwrap(),
     ));
     PA.store(
         pa as *const PageAllocator as *mut PageAllocator,
@@ -168,26 +191,31 @@ fn nolock_reentry_at_every_instruction_of_the_normal_path() {
         // buddies), the next ones hit the per-CPU list.
         for order in 0..=3 {
             for _ in 0..3 {
-                held.push(stepped_alloc(pa, order));
+                held.push(stepped_alloc(pa, order, false));
             }
+        }
+        // Nolock, orders 4..=10: the zone try-lock path.
+        for order in 4..=10 {
+            let h = stepped_alloc(pa, order, true);
+            stepped_free(pa, h, true);
         }
         // Above order 3: the zone directly (ZoneAlloc), then ZoneFree.
         for order in 4..=7 {
-            let h = stepped_alloc(pa, order);
+            let h = stepped_alloc(pa, order, false);
             if round == 0 {
-                stepped_free(pa, h);
+                stepped_free(pa, h, false);
             } else {
                 held.push(h);
             }
         }
         // Free more order-0 pages than `high` at once: the slot drains a
         // batch to the buddy lists (merging).
-        let burst: Vec<usize> = (0..130).map(|_| stepped_alloc(pa, 0)).collect();
+        let burst: Vec<usize> = (0..130).map(|_| stepped_alloc(pa, 0, false)).collect();
         for h in burst {
-            stepped_free(pa, h);
+            stepped_free(pa, h, false);
         }
         for h in held.drain(..).rev() {
-            stepped_free(pa, h);
+            stepped_free(pa, h, false);
         }
     }
     STEPPING.store(false, Ordering::SeqCst);
@@ -216,6 +244,10 @@ fn nolock_reentry_at_every_instruction_of_the_normal_path() {
     assert!(
         ok > distinct / 2,
         "nolock re-entry mostly failed: {ok} of {distinct}"
+    );
+    assert!(
+        LARGE_OK.load(Ordering::Relaxed) > distinct / 16,
+        "the handlers' large nolock allocations mostly failed"
     );
     assert_eq!(VIOLATIONS.load(Ordering::Relaxed), 0);
     assert_eq!(s.free_pages, total);
