@@ -535,10 +535,7 @@ fn totals() -> (u64, u64, u64, u64) {
         storm::KIND_LARGE,
     ];
     let att = kinds.iter().map(|&i| k[i].attempts.load(Relaxed)).sum();
-    let ok = kinds
-        .iter()
-        .map(|&i| k[i].ok.load(Relaxed))
-        .sum();
+    let ok = kinds.iter().map(|&i| k[i].ok.load(Relaxed)).sum();
     (ops, sigs, att, ok)
 }
 

@@ -236,7 +236,19 @@ mod tests {
         let p = buf.as_mut_ptr() as *mut u8;
         // Above SAMPLED_ABOVE only sampled words are written and checked
         // (the last word and the tail always).
-        for size in [8, 9, 15, 16, 100, 4095, 8192, 65536, 70_000, 100_003, 128 << 10] {
+        for size in [
+            8,
+            9,
+            15,
+            16,
+            100,
+            4095,
+            8192,
+            65536,
+            70_000,
+            100_003,
+            128 << 10,
+        ] {
             // SAFETY: the buffer holds 128 KiB + 8 bytes, 8-aligned.
             unsafe {
                 fill(p, size, 7);

@@ -236,7 +236,9 @@ pub fn collect(
     (large.fail_busy, large.fail_empty) = split(large.attempts - large.ok, large_busy);
     // Only the handlers allocate nolock from the stress heap's objects (the
     // small ones and the large ones).
-    let object_busy = stress.nolock_alloc_fail_busy.saturating_sub(large.fail_busy);
+    let object_busy = stress
+        .nolock_alloc_fail_busy
+        .saturating_sub(large.fail_busy);
     (objects.fail_busy, objects.fail_empty) = split(objects.attempts - objects.ok, object_busy);
     let mut boxes = kind(KIND_BOX);
     let global_busy = global.map_or(0, |g| g.nolock_alloc_fail_busy - global_busy_before);

@@ -208,7 +208,11 @@ fn min_reserve_is_validated_and_kept_from_the_nolock_path() {
     .unwrap();
     let total = pa.stats().total_pages;
     let mut held = Vec::new();
-    for order in [10, 9, 8, 7, 6, 5, 4, 4, 3, 2, 1, 0].into_iter().cycle().take(200) {
+    for order in [10, 9, 8, 7, 6, 5, 4, 4, 3, 2, 1, 0]
+        .into_iter()
+        .cycle()
+        .take(200)
+    {
         if let Some(p) = pa.alloc_pages_nolock(order) {
             held.push((p, order, true));
         }

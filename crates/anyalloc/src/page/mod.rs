@@ -899,7 +899,9 @@ impl PageAllocator {
                 (got.or_else(|| zone.stock_take(order)), Fail::Empty)
             }
             None => {
-                let got = zone.stock_take(order).or_else(|| zone.steal_deferred(order));
+                let got = zone
+                    .stock_take(order)
+                    .or_else(|| zone.steal_deferred(order));
                 let got = got.or_else(|| {
                     let (idx, deferred) = zone.stock_take_split(order)?;
                     if deferred {
