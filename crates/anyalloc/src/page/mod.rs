@@ -25,7 +25,7 @@
 //! 5. the zone's deferred stack (pages whose free could not take a lock):
 //!    a block of the right order is taken from it without any lock.
 //!
-//! Orders above [`PCP_MAX_ORDER`](crate::PCP_MAX_ORDER) (64 KiB to 4 MiB)
+//! Orders above [`PCP_MAX_ORDER`] (64 KiB to 4 MiB)
 //! have no per-CPU lists: they start at step 4. A busy zone means "the
 //! deferred stack, then the next zone, then fail", never waiting; the min
 //! watermark (`Config::min_reserve`) holds as for small orders.
@@ -131,11 +131,10 @@ pub struct PageStats {
     /// Nolock frees that found every lock held and parked on a deferred stack.
     pub nolock_free_deferred: u64,
     /// Of the nolock allocations above, those of orders above
-    /// [`PCP_MAX_ORDER`](crate::PCP_MAX_ORDER) (64 KiB to 4 MiB, the zone
-    /// try-lock path): served...
+    /// [`PCP_MAX_ORDER`] (64 KiB to 4 MiB, the zone try-lock path): served...
     pub nolock_large_alloc_ok: u64,
-    /// ...failed because every zone's lock was held (and no block of the
-    /// order was parked on a deferred stack)...
+    /// ...failed because every zone's lock was held (and neither the zone's
+    /// nolock stock nor its deferred stack had a block to give)...
     pub nolock_large_alloc_fail_busy: u64,
     /// ...and failed because no zone had a free block of the order above its
     /// min watermark.
