@@ -196,3 +196,38 @@ fn exhaustion_and_growth() {
     let p = growing.pages().stats();
     assert_eq!(p.free_pages, p.total_pages);
 }
+
+#[test]
+fn the_nolock_stock_fills_on_demand_and_idles_back() {
+    let h = Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .grow(false)
+            .maintenance(false),
+    )
+    .unwrap();
+    assert_eq!(h.stats().pages.stock_pages, 0, "no stock before demand");
+    // A nolock request of 1 MiB (order 8): served from the buddy lists under
+    // a tried zone lock, and from then on order 8 is kept stocked.
+    let l = Layout::from_size_align(1 << 20, 8).unwrap();
+    let p = h.alloc_nolock(l).expect("memory to spare");
+    let s = h.stats().pages;
+    assert_eq!(s.stock_pages % 256, 0);
+    assert!(s.stock_pages >= 256, "order 8 stocked: {s:?}");
+    assert_eq!(s.nolock_large_alloc_ok, 1);
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free_nolock(p) };
+    // A maintenance pass with demand keeps the stock...
+    let p = h.alloc_nolock(l).expect("memory to spare");
+    h.maintain();
+    assert!(h.stats().pages.stock_pages > 0);
+    // ...passes without demand give it back to the buddy lists.
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free_nolock(p) };
+    for _ in 0..3 {
+        h.maintain();
+    }
+    let s = h.stats().pages;
+    assert_eq!(s.stock_pages, 0, "an idle stock went back: {s:?}");
+    assert_eq!(s.free_pages, s.total_pages);
+}

@@ -605,7 +605,7 @@ impl PageAllocator {
             zone.epoch.store(epoch, Ordering::Relaxed);
             if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
                 zone.drain_deferred(&g);
-                zone.stock_refill(&g);
+                zone.stock_maintain(idle_passes, &g);
             }
             zone.maintain_slots(idle_passes);
             #[cfg(feature = "std")]

@@ -147,6 +147,11 @@ pub(crate) struct Zone {
     /// Bit `order`: a nolock allocation asked for that order, so zone-lock
     /// holders keep its cells filled (cleared by a drain).
     stock_want: AtomicU32,
+    /// Set by every nolock allocation above `PCP_MAX_ORDER`; maintenance
+    /// counts the passes without one (`stock_idle`) and gives an idle stock
+    /// back to the buddy lists.
+    stock_used: AtomicU32,
+    stock_idle: AtomicU32,
     /// Pages of a free block taken off its list while its memory goes back
     /// to the OS (still counted in `free_buddy`).
     releasing: AtomicUsize,
@@ -230,6 +235,8 @@ impl Zone {
             stock: [const { [const { AtomicU32::new(NIL) }; STOCK_CELLS] }; STOCK_ORDERS],
             stock_pages: AtomicUsize::new(0),
             stock_want: AtomicU32::new(0),
+            stock_used: AtomicU32::new(0),
+            stock_idle: AtomicU32::new(0),
             releasing: AtomicUsize::new(0),
             epoch: AtomicUsize::new(0),
             mapping,
@@ -713,6 +720,9 @@ impl Zone {
     /// from now on zone-lock holders keep that order stocked.
     #[inline]
     pub(crate) fn stock_wanted(&self, order: u32) {
+        if self.stock_used.load(Ordering::Relaxed) == 0 {
+            self.stock_used.store(1, Ordering::Relaxed);
+        }
         let bit = 1 << order;
         if self.stock_want.load(Ordering::Relaxed) & bit == 0 {
             self.stock_want.fetch_or(bit, Ordering::Relaxed);
@@ -823,6 +833,26 @@ impl Zone {
                     self.buddy_free(idx, order, g);
                 }
             }
+        }
+    }
+
+    /// Maintenance (zone lock held, normal context): a stock for which no
+    /// nolock allocation of a large order asked during `idle_passes` passes
+    /// goes back to the buddy lists (from there idle memory goes back to
+    /// the OS); otherwise it is refilled.
+    pub(crate) fn stock_maintain(&self, idle_passes: u32, g: &ZoneGuard<'_>) {
+        let idle = if self.stock_used.swap(0, Ordering::Relaxed) != 0 {
+            0
+        } else {
+            self.stock_idle.load(Ordering::Relaxed) + 1
+        };
+        if idle >= idle_passes && self.stock_want.load(Ordering::Relaxed) != 0 {
+            self.stock_drain(g);
+            self.stock_idle.store(0, Ordering::Relaxed);
+        } else {
+            self.stock_idle
+                .store(idle.min(idle_passes), Ordering::Relaxed);
+            self.stock_refill(g);
         }
     }
 
