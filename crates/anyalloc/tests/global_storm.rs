@@ -190,17 +190,26 @@ fn nolock_scope_routes_global_to_the_nolock_path() {
         assert!(anyalloc::in_nolock_scope());
         let v: Vec<Box<[u8; 100]>> = (0..100).map(|_| Box::new([1u8; 100])).collect();
         assert_eq!(v.len(), 100);
-        // The nolock path serves at most 32 KiB: a 64 KiB block, which the
-        // normal path would serve at once, is refused inside the scope.
-        let mut big: Vec<u8> = Vec::new();
+        // The nolock path serves up to 4 MiB: 1 MiB succeeds inside the
+        // scope; a 5 MiB block, which the normal path would serve at once
+        // (mmap), is refused inside the scope.
+        let mut mib: Vec<u8> = Vec::new();
+        let served = mib.try_reserve_exact(1 << 20).is_ok();
+        let mut huge: Vec<u8> = Vec::new();
+        let refused = huge.try_reserve_exact(5 << 20).is_err();
+        drop((mib, huge));
+        // (Asserted outside the scope: a panic inside it would print its
+        // message and backtrace through the nolock path.)
+        drop(_scope);
+        assert!(served, "1 MiB inside a nolock scope was refused");
         assert!(
-            big.try_reserve_exact(64 << 10).is_err(),
-            "a 64 KiB Global allocation inside a nolock scope took the normal path"
+            refused,
+            "a 5 MiB Global allocation inside a nolock scope took the normal path"
         );
     }
     assert!(!anyalloc::in_nolock_scope());
     let mut big: Vec<u8> = Vec::new();
-    assert!(big.try_reserve_exact(64 << 10).is_ok(), "outside the scope");
+    assert!(big.try_reserve_exact(5 << 20).is_ok(), "outside the scope");
 }
 
 #[test]
