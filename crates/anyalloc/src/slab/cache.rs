@@ -28,7 +28,7 @@
 //! object's *key word*: the second word for objects of 16 bytes or more,
 //! the first for the 8- and 12-byte classes. A free that finds the key
 //! there already (O(1): one load and compare) suspects a double free and
-//! makes the exact check, [`Cache::is_free`]: it searches every sheaf, the
+//! makes the exact check, `Cache::is_free`: it searches every sheaf, the
 //! deferred stack, the barn and the object's slab free list, and aborts
 //! with a one-line message only when it finds the object (user data that
 //! happens to equal the key costs a search, never an abort). Allocation
