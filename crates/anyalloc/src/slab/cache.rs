@@ -429,7 +429,7 @@ impl Cache {
 
     /// Normal-path allocation. Fast path: nothing deferred, and an object in
     /// the main sheaf of this CPU's level-0 slot.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alloc(&self, pages: &PageAllocator) -> Option<usize> {
         if self.deferred.is_empty() {
             if let Some(o) = self.fast_pop(pages, false) {
@@ -503,6 +503,7 @@ impl Cache {
     /// for a thread inside the allocator or in a nolock scope: the caller
     /// takes the nolock path (see [`crate::context`]).
     #[cold]
+    #[inline(never)]
     fn alloc_slow(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
         if crate::context::nested() {
             return None;
@@ -524,7 +525,7 @@ impl Cache {
 
     /// Nolock allocation. Fast path: this CPU's level-0 slot has an object
     /// in its main sheaf. Otherwise [`alloc_nolock_slow`](Self::alloc_nolock_slow).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alloc_nolock(&self, pages: &PageAllocator) -> Result<usize, Fail> {
         match self.fast_pop(pages, true) {
             Some(o) => Ok(o),
@@ -536,6 +537,7 @@ impl Cache {
     /// (spare sheaves, refills with a tried node lock), the other CPUs'
     /// sheaves, then the slabs directly, all with `try_lock`.
     #[cold]
+    #[inline(never)]
     fn alloc_nolock_slow(&self, pages: &PageAllocator, cpu: usize) -> Result<usize, Fail> {
         let mut busy = false;
         let mut node_busy = false;
@@ -785,7 +787,7 @@ impl Cache {
 
     /// Normal-path free of a validated object. Fast path: nothing deferred,
     /// and room in the main sheaf of this CPU's level-0 slot.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn free(&self, pages: &PageAllocator, obj: usize) {
         if !(self.deferred.is_empty() && self.fast_push(pages, obj)) {
             self.free_slow(pages, pages.cpu(), obj);
@@ -795,6 +797,7 @@ impl Cache {
     /// The normal free's slow path; a thread inside the allocator or in a
     /// nolock scope takes the nolock one.
     #[cold]
+    #[inline(never)]
     fn free_slow(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
         if crate::context::nested() {
             return self.free_nolock_slow(pages, cpu, obj);
@@ -825,7 +828,7 @@ impl Cache {
 
     /// Nolock free of a validated object. Fast path: room in the main sheaf
     /// of this CPU's level-0 slot. Otherwise [`free_nolock_slow`](Self::free_nolock_slow).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn free_nolock(&self, pages: &PageAllocator, obj: usize) {
         if !self.fast_push(pages, obj) {
             self.free_nolock_slow(pages, pages.cpu(), obj);
@@ -835,6 +838,7 @@ impl Cache {
     /// Nolock free, the whole search: a slot at any level, else the slab
     /// under a tried node lock, else the deferred stack. Never fails.
     #[cold]
+    #[inline(never)]
     fn free_nolock_slow(&self, pages: &PageAllocator, cpu: usize, obj: usize) {
         for level in 0..LEVELS {
             if let Some((slot, g)) = self.lock_own(cpu, level) {
