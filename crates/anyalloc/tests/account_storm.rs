@@ -1,11 +1,16 @@
 //! Accounting under a nested signal storm: handlers charge groups with
 //! `alloc_nolock_in` and free with `free_nolock` while threads churn with
-//! `alloc_in` / `free`; every group's usage is exactly 0 at the end.
+//! `alloc_in` / `free`; every group's usage is exactly 0 at the end. The
+//! storm counts, and asserts, signals that interrupted another handler
+//! (nesting) and signals that interrupted a thread inside `alloc_in` /
+//! `free` (re-entry).
 
 mod common;
 
 use anyalloc::{Config, Group, Heap};
-use common::{install_handler, mix64, storm_signals, Stash, ThreadTimer, XorShift};
+use common::{
+    inside, install_handler, mix64, storm_signals, HandlerEntry, Stash, ThreadTimer, XorShift,
+};
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -20,6 +25,10 @@ static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 static OK: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 static SIGNALS: AtomicU64 = AtomicU64::new(0);
+/// Handler runs that interrupted another handler on the same thread.
+static NESTED: AtomicU64 = AtomicU64::new(0);
+/// Handler runs that interrupted a thread inside `alloc_in` / `free`.
+static INSIDE: AtomicU64 = AtomicU64::new(0);
 static RUNNING: AtomicBool = AtomicBool::new(true);
 
 const MAGIC: usize = 0x5eed_acc0_0000_0000;
@@ -49,10 +58,18 @@ unsafe fn check(p: usize) -> bool {
 }
 
 extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Held until the handler returns: its nesting level.
+    let entry = HandlerEntry::enter();
     if !RUNNING.load(Relaxed) {
         return;
     }
     SIGNALS.fetch_add(1, Relaxed);
+    if entry.nested {
+        NESTED.fetch_add(1, Relaxed);
+    }
+    if entry.interrupted_allocator {
+        INSIDE.fetch_add(1, Relaxed);
+    }
     let (Some(heap), Some(groups)) = (HEAP.get(), GROUPS.get()) else {
         return;
     };
@@ -112,9 +129,8 @@ fn usage_is_zero_after_a_storm_of_charged_nolock_allocations() {
                     if held.len() < 500 && rng.below(2) == 0 {
                         let size = 16 + rng.below(4000) as usize;
                         let g = &groups[1 + rng.below(2) as usize];
-                        let p = heap
-                            .alloc_in(Layout::from_size_align(size, 8).unwrap(), g)
-                            .expect("memory to spare");
+                        let l = Layout::from_size_align(size, 8).unwrap();
+                        let p = inside(|| heap.alloc_in(l, g)).expect("memory to spare");
                         // SAFETY: fresh block of `size` bytes.
                         unsafe { fill(p.as_ptr() as usize, size) };
                         held.push(p.as_ptr() as usize);
@@ -125,7 +141,7 @@ fn usage_is_zero_after_a_storm_of_charged_nolock_allocations() {
                             if !check(p) {
                                 VIOLATIONS.fetch_add(1, Relaxed);
                             }
-                            heap.free(NonNull::new_unchecked(p as *mut u8));
+                            inside(|| heap.free(NonNull::new_unchecked(p as *mut u8)));
                         }
                     }
                 }
@@ -151,13 +167,21 @@ fn usage_is_zero_after_a_storm_of_charged_nolock_allocations() {
     }
     let (attempts, ok) = (ATTEMPTS.load(Relaxed), OK.load(Relaxed));
     println!(
-        "signals {}, charged nolock attempts {attempts}, ok {ok} ({:.4}%), root peak {} KiB",
+        "signals {}, nested {}, interrupted inside an allocator call {}, \
+         charged nolock attempts {attempts}, ok {ok} ({:.4}%), root peak {} KiB",
         SIGNALS.load(Relaxed),
+        NESTED.load(Relaxed),
+        INSIDE.load(Relaxed),
         100.0 * ok as f64 / attempts.max(1) as f64,
         root.peak() >> 10
     );
     assert_eq!(VIOLATIONS.load(Relaxed), 0);
     assert!(SIGNALS.load(Relaxed) > 1000, "the storm happened");
+    assert!(NESTED.load(Relaxed) > 0, "the two signals never nested");
+    assert!(
+        INSIDE.load(Relaxed) > 0,
+        "no signal interrupted an allocator call"
+    );
     assert!(
         ok * 1000 >= attempts * 999,
         "charged nolock success below 99.9%"

@@ -1,32 +1,89 @@
 //! `Global` as the process's allocator: std collections on threads while
 //! signal handlers allocate through `NoLock` and through `Global` itself
-//! (re-entry routing), with nested signals.
+//! (re-entry routing), with nested signals (the timers' own, and one forced
+//! every 64th handler run while it holds a `NoLock` box). The storm counts,
+//! and asserts, signals that interrupted the other signal's handler (nesting)
+//! and signals that interrupted a thread inside a `Global` call (re-entry).
+
+// Only the re-entry evidence (`common::inside`, `common::HandlerEntry`) is
+// used from the shared kit.
+mod common;
 
 use allocator_api2::boxed::Box as NBox;
 use allocator_api2::vec::Vec as NVec;
 use anyalloc::{Global, NoLock};
+use std::alloc::{GlobalAlloc, Layout};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// `Global`, with this thread's in-allocator flag raised around each call
+/// (`common::inside`), so a handler can tell that it interrupted one. A
+/// handler's own calls raise it too; `common::HandlerEntry` counts only the
+/// handlers that interrupted no other handler.
+struct Flagged;
+
+// SAFETY: every method forwards to `Global` with the same arguments; the
+// flag is a thread-local atomic that neither allocates nor touches memory
+// `Global` hands out.
+unsafe impl GlobalAlloc for Flagged {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        common::inside(|| unsafe { GlobalAlloc::alloc(&Global, layout) })
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract.
+        common::inside(|| unsafe { GlobalAlloc::dealloc(&Global, ptr, layout) })
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        common::inside(|| unsafe { GlobalAlloc::alloc_zeroed(&Global, layout) })
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        common::inside(|| unsafe { GlobalAlloc::realloc(&Global, ptr, layout, new_size) })
+    }
+}
+
 #[global_allocator]
-static A: Global = Global;
+static A: Flagged = Flagged;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static SIGNALS: AtomicU64 = AtomicU64::new(0);
+/// The first storm signal (`SIGRTMIN`); the second is the next one.
+static SIG_A: AtomicI32 = AtomicI32::new(0);
+/// Handler runs that interrupted the other signal's handler.
+static NESTED: AtomicU64 = AtomicU64::new(0);
+/// Handler runs that interrupted a thread inside a `Global` call.
+static INSIDE: AtomicU64 = AtomicU64::new(0);
 static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 static OK: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 static GLOBAL_BOXES: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn handler(sig: libc::c_int) {
-    SIGNALS.fetch_add(1, Relaxed);
+    // Held until the handler returns: its nesting level.
+    let entry = common::HandlerEntry::enter();
+    let run = SIGNALS.fetch_add(1, Relaxed);
+    if entry.nested {
+        NESTED.fetch_add(1, Relaxed);
+    }
+    if entry.interrupted_allocator {
+        INSIDE.fetch_add(1, Relaxed);
+    }
     let n = (sig as u64) ^ SIGNALS.load(Relaxed);
     // NoLock: fallible box and vector.
     ATTEMPTS.fetch_add(1, Relaxed);
     if let Ok(b) = NBox::try_new_in([n; 8], NoLock) {
         OK.fetch_add(1, Relaxed);
+        // Every 64th run forces the other signal to nest right here, while
+        // this handler holds a NoLock box: this handler is short, so the
+        // timers alone make the two nest only a few times per storm.
+        if run % 64 == 0 {
+            let a = SIG_A.load(Relaxed);
+            common::raise_here(if sig == a { a + 1 } else { a });
+        }
         if b.iter().any(|&x| x != n) {
             VIOLATIONS.fetch_add(1, Relaxed);
         }
@@ -45,7 +102,7 @@ extern "C" fn handler(sig: libc::c_int) {
     // Global through re-entry routing: this is a nolock allocation because
     // the handler may have interrupted the allocator on this thread. Use the
     // fallible raw API: a plain Box::new would abort on failure.
-    let layout = std::alloc::Layout::from_size_align(48, 8).unwrap();
+    let layout = Layout::from_size_align(48, 8).unwrap();
     ATTEMPTS.fetch_add(1, Relaxed);
     // SAFETY: non-zero size layout; freed below with the same layout.
     let p = unsafe { std::alloc::alloc(layout) };
@@ -109,6 +166,7 @@ fn thread_timer(sig: libc::c_int, tid: libc::pid_t, interval_ns: i64) -> libc::t
 fn global_survives_a_signal_storm_with_std_collections() {
     let sig_a = libc::SIGRTMIN();
     let sig_b = libc::SIGRTMIN() + 1;
+    SIG_A.store(sig_a, Relaxed);
     install(sig_a);
     install(sig_b);
     let shared = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
@@ -159,13 +217,21 @@ fn global_survives_a_signal_storm_with_std_collections() {
     let attempts = ATTEMPTS.load(Relaxed);
     let ok = OK.load(Relaxed);
     println!(
-        "ops {ops}, signals {}, nolock attempts {attempts}, ok {ok} ({:.4}%), via Global {}",
+        "ops {ops}, signals {}, nested {}, interrupted inside an allocator call {}, \
+         nolock attempts {attempts}, ok {ok} ({:.4}%), via Global {}",
         SIGNALS.load(Relaxed),
+        NESTED.load(Relaxed),
+        INSIDE.load(Relaxed),
         100.0 * ok as f64 / attempts.max(1) as f64,
         GLOBAL_BOXES.load(Relaxed)
     );
     assert_eq!(VIOLATIONS.load(Relaxed), 0);
     assert!(SIGNALS.load(Relaxed) > 1000, "the storm happened");
+    assert!(NESTED.load(Relaxed) > 0, "the two signals never nested");
+    assert!(
+        INSIDE.load(Relaxed) > 0,
+        "no signal interrupted an allocator call"
+    );
     assert!(
         ok * 1000 >= attempts * 999,
         "nolock success {ok}/{attempts} below 99.9%"

@@ -5,7 +5,9 @@
 //! (64 KiB to 4 MiB: the zone try-lock path), the rest orders 0..=3. Every
 //! block carries an owner-specific pattern checked
 //! when it is freed; at the end, after `drain()`, every page must be free
-//! again and every invariant hold.
+//! again and every invariant hold. The storm counts the signals that
+//! interrupted a worker inside an allocator call, and asserts there were
+//! some.
 //!
 //! See `common::run_page_storm` for the storm itself.
 
@@ -27,6 +29,12 @@ fn page_storm_with_nested_signals() {
     assert!(
         r.nested_b_in_a > 0 && r.nested_a_in_b > 0,
         "the two signals never nested: {r:?}"
+    );
+    // Re-entry: signals landed while a worker was inside `alloc_pages` /
+    // `free_pages`, and their handlers then used the nolock path.
+    assert!(
+        r.interrupted_inside_allocator > 0,
+        "no signal interrupted an allocator call: {r:?}"
     );
     assert!(r.nolock_attempts > 0 && r.normal_allocs > 0, "{r:?}");
     assert!(

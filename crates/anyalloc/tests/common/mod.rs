@@ -14,7 +14,11 @@
 //!   word and an owner-specific fill pattern that detects two owners of the
 //!   same memory;
 //! * [`Stash`]: a fixed array of atomic handles, safe to share between a
-//!   thread and the handlers that interrupt it (no `Vec`, no lock).
+//!   thread and the handlers that interrupt it (no `Vec`, no lock);
+//! * [`inside`] / [`HandlerEntry`]: evidence of re-entry. A worker raises a
+//!   narrow per-thread flag around each of its allocator calls; a handler
+//!   learns on entry whether it interrupted such a call, and whether it
+//!   interrupted another storm handler (nesting).
 //!
 //! And the page storm itself ([`run_page_storm`]), shared by the
 //! `page_storm` test (which asserts) and example (which prints).
@@ -24,7 +28,9 @@
 
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    compiler_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 use std::time::{Duration, Instant};
 
 use anyalloc::{Config, PageAllocator, PageStats, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
@@ -106,6 +112,68 @@ impl Drop for ErrnoGuard {
     fn drop(&mut self) {
         // SAFETY: as in `save`.
         unsafe { *libc::__errno_location() = self.0 };
+    }
+}
+
+// ----- evidence of re-entry ---------------------------------------------------
+
+// Const-initialised atomics without a destructor: a handler reads them with
+// a plain thread-local access (no lazy initialisation, no allocation).
+thread_local! {
+    /// Allocator calls the worker on this thread is inside right now.
+    static IN_ALLOC: AtomicU32 = const { AtomicU32::new(0) };
+    /// Storm handlers running right now on this thread.
+    static HANDLER_DEPTH: AtomicU32 = const { AtomicU32::new(0) };
+}
+
+/// Runs `f`, one allocator call of a worker, with this thread's
+/// in-allocator flag raised around exactly that call. Only this thread and
+/// the handlers that interrupt it see the flag, and they never change it,
+/// so relaxed accesses suffice; the compiler fences keep the call's code
+/// between them.
+#[inline(always)]
+pub fn inside<R>(f: impl FnOnce() -> R) -> R {
+    IN_ALLOC.with(|n| n.fetch_add(1, Ordering::Relaxed));
+    compiler_fence(Ordering::SeqCst);
+    let r = f();
+    compiler_fence(Ordering::SeqCst);
+    IN_ALLOC.with(|n| n.fetch_sub(1, Ordering::Relaxed));
+    r
+}
+
+/// Whether the code this thread was running when the current handler
+/// interrupted it was inside a worker's allocator call (see [`inside`]).
+/// Async-signal-safe.
+pub fn in_allocator() -> bool {
+    IN_ALLOC.with(|n| n.load(Ordering::Relaxed)) != 0
+}
+
+/// What a storm handler learns on entry; leaving (drop) ends the handler's
+/// nesting level. Async-signal-safe.
+pub struct HandlerEntry {
+    /// This handler interrupted another storm handler on the same thread.
+    pub nested: bool,
+    /// This handler interrupted a worker's allocator call directly (not
+    /// another handler running on top of one).
+    pub interrupted_allocator: bool,
+}
+
+impl HandlerEntry {
+    /// Call first thing in a storm handler; keep the value until it returns.
+    pub fn enter() -> Self {
+        let depth = HANDLER_DEPTH.with(|d| d.fetch_add(1, Ordering::Relaxed));
+        compiler_fence(Ordering::SeqCst);
+        HandlerEntry {
+            nested: depth > 0,
+            interrupted_allocator: depth == 0 && in_allocator(),
+        }
+    }
+}
+
+impl Drop for HandlerEntry {
+    fn drop(&mut self) {
+        compiler_fence(Ordering::SeqCst);
+        HANDLER_DEPTH.with(|d| d.fetch_sub(1, Ordering::Relaxed));
     }
 }
 
@@ -408,6 +476,9 @@ pub struct StormReport {
     /// same thread (B inside A, A inside B).
     pub nested_b_in_a: u64,
     pub nested_a_in_b: u64,
+    /// Handler runs that interrupted a worker's allocator call (normal-path
+    /// `alloc_pages` / `free_pages`): the re-entry the storm is about.
+    pub interrupted_inside_allocator: u64,
     /// Nolock allocations tried / served / refused (as counted by the
     /// handlers).
     pub nolock_attempts: u64,
@@ -460,7 +531,7 @@ impl StormReport {
         let s = &self.stats;
         format!(
             "page storm: {threads} threads x 2 timers for {secs:.2} s\n\
-             signals delivered: A {sa}, B {sb} ({rate:.0}/s per thread); nested: B in A {ba}, A in B {ab}\n\
+             signals delivered: A {sa}, B {sb} ({rate:.0}/s per thread); nested: B in A {ba}, A in B {ab}; interrupted inside an allocator call: {inside}\n\
              nolock alloc: attempts {att}, ok {ok}, fail {fail} (busy {busy}, empty {empty}), success {pct:.4}%\n\
              of those 64 KiB..4 MiB: attempts {latt}, ok {lok}, fail {lfail} (busy {lbusy}, empty {lempty}), success {lpct:.4}%\n\
              nolock frees: {nf} ({nfo} of blocks from the other signal's handler); deferred frees: {def}\n\
@@ -476,6 +547,7 @@ impl StormReport {
                 / self.threads.max(1) as f64,
             ba = self.nested_b_in_a,
             ab = self.nested_a_in_b,
+            inside = self.interrupted_inside_allocator,
             att = self.nolock_attempts,
             ok = self.nolock_ok,
             fail = self.nolock_fail,
@@ -550,6 +622,7 @@ static MAILBOXES: [Stash<MAILBOX>; MAX_THREADS] = [const { Stash::new() }; MAX_T
 struct Counters {
     signals: [AtomicU64; 2],
     nested: [AtomicU64; 2],
+    inside: AtomicU64,
     attempts: AtomicU64,
     ok: AtomicU64,
     fail: AtomicU64,
@@ -566,6 +639,7 @@ struct Counters {
 static C: Counters = Counters {
     signals: [const { AtomicU64::new(0) }; 2],
     nested: [const { AtomicU64::new(0) }; 2],
+    inside: AtomicU64::new(0),
     attempts: AtomicU64::new(0),
     ok: AtomicU64::new(0),
     fail: AtomicU64::new(0),
@@ -585,6 +659,7 @@ impl Counters {
             a.store(0, Ordering::Relaxed);
         }
         for a in [
+            &self.inside,
             &self.attempts,
             &self.ok,
             &self.fail,
@@ -627,6 +702,11 @@ fn handler_free(pa: &PageAllocator, h: usize, which: usize) {
 /// The storm's signal handler (both signals).
 extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     let _errno = ErrnoGuard::save();
+    // Held until the handler returns: its nesting level.
+    let entry = HandlerEntry::enter();
+    if entry.interrupted_allocator {
+        C.inside.fetch_add(1, Ordering::Relaxed);
+    }
     let which = if sig == SIGNAL_A.load(Ordering::Relaxed) as libc::c_int {
         0
     } else {
@@ -727,7 +807,9 @@ fn storm_worker(pa: &PageAllocator, index: usize, stop: &AtomicBool, cfg: &Storm
         }
         C.normal_frees.fetch_add(1, Ordering::Relaxed);
         // SAFETY: allocated by `alloc_pages(order)` on this allocator, owned.
-        unsafe { pa.free_pages(std::ptr::NonNull::new_unchecked(ptr as *mut u8), order) };
+        inside(|| unsafe {
+            pa.free_pages(std::ptr::NonNull::new_unchecked(ptr as *mut u8), order)
+        });
     };
     while !stop.load(Ordering::Relaxed) {
         now += 1;
@@ -735,7 +817,7 @@ fn storm_worker(pa: &PageAllocator, index: usize, stop: &AtomicBool, cfg: &Storm
         // Allocate one block with a random lifetime (0..256 ops).
         if held.len() < 1000 {
             let order = (r % (NORMAL_MAX_ORDER as u64 + 1)) as u32;
-            match pa.alloc_pages(order) {
+            match inside(|| pa.alloc_pages(order)) {
                 Some(p) => {
                     C.normal_allocs.fetch_add(1, Ordering::Relaxed);
                     let h = pack(
@@ -852,6 +934,7 @@ pub fn run_page_storm(cfg: &StormConfig) -> StormReport {
         signals_b: load(&C.signals[1]),
         nested_b_in_a: load(&C.nested[1]),
         nested_a_in_b: load(&C.nested[0]),
+        interrupted_inside_allocator: load(&C.inside),
         nolock_attempts: load(&C.attempts),
         nolock_ok: load(&C.ok),
         nolock_fail: load(&C.fail),
