@@ -103,13 +103,13 @@ impl RseqFloor {
     #[inline]
     fn pop(&self, area: usize) -> usize {
         let out: usize;
-        // SAFETY: `area` is this thread's registered struct rseq (rseq_cs at
+        // `area` is this thread's registered struct rseq (rseq_cs at
         // offset 8, cpu_id at 4); the descriptor lives in `__rseq_cs` with
         // the layout the kernel expects and the abort handler is preceded by
         // the registered signature. The sequence only touches the array of
-        // the CPU it runs on, below `count`, and commits with one store; an
-        // abort restarts it from the top. `cpu < ncpu` is checked before the
-        // array is indexed.
+        // the CPU it runs on, below `count`, and commits with one store.
+        // SAFETY: as just said; an abort restarts it from the top, and
+        // `cpu < ncpu` is checked before the array is indexed.
         unsafe {
             std::arch::asm!(
                 ".pushsection __rseq_cs, \"aw\"",

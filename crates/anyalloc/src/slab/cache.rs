@@ -447,11 +447,11 @@ impl Cache {
     fn fast_pop(&self, pages: &PageAllocator, count_nolock: bool) -> Option<usize> {
         if self.rseq {
             if let Some(off) = crate::sync::rseq::area_offset() {
-                // SAFETY: `rseq` was chosen at init because this heap has a
-                // slot group for every possible CPU laid out as the
-                // sequences expect (asserted above), living as long as the
-                // cache; level-0 slots are changed only by sequences and by
-                // holders of their lock taken as `sync::rseq` prescribes.
+                // `rseq` was chosen at init: this heap has a slot group for
+                // every possible CPU laid out as the sequences expect
+                // (asserted above), living as long as the cache.
+                // SAFETY: as just said; level-0 slots are changed only by
+                // sequences and by lock holders, as `sync::rseq` prescribes.
                 return unsafe {
                     crate::sync::rseq::sheaf_pop(
                         off,
