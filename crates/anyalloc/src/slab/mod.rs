@@ -778,7 +778,7 @@ impl HeapCore {
     /// (it holds only this CPU's slot try-lock); the slow paths read the
     /// thread's context, and a thread inside the allocator or in a nolock
     /// scope takes the nolock path (`alloc_once` then returns `None`).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
         match self.alloc_once(layout, 0) {
             Some(p) => {
@@ -898,7 +898,7 @@ impl HeapCore {
     /// The normal free, routed like `alloc`: the object fast path is the
     /// same for both routes; the slow paths of a thread inside the allocator
     /// or in a nolock scope take the nolock path.
-    #[inline]
+    #[inline(always)]
     pub(crate) unsafe fn free(&self, ptr: NonNull<u8>) {
         // SAFETY: forwarded contract.
         unsafe { self.free_in(ptr, Mode::Normal) };
