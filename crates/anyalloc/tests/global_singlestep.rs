@@ -36,8 +36,8 @@ use anyalloc::{FastPath, Global, NoLock};
 #[global_allocator]
 static GLOBAL: Global = Global;
 
-const SEEN_SLOTS: usize = 1 << 16;
-static SEEN: [AtomicUsize; SEEN_SLOTS] = [const { AtomicUsize::new(0) }; SEEN_SLOTS];
+/// The instruction addresses interrupted so far.
+static SEEN: common::SeenSet = common::SeenSet::new();
 static STEPPING: AtomicBool = AtomicBool::new(false);
 /// Which allocator the handler uses: false = Global, true = NoLock.
 static HANDLER_NOLOCK: AtomicBool = AtomicBool::new(false);
@@ -51,18 +51,6 @@ static CARRY_SIZE: AtomicUsize = AtomicUsize::new(0);
 
 const TF: i64 = 0x100;
 const SIZES: [usize; 4] = [24, 200, 3000, 20_000];
-
-fn insert_seen(rip: usize) -> bool {
-    let mut i = (common::mix64(rip as u64) as usize) % SEEN_SLOTS;
-    for _ in 0..SEEN_SLOTS {
-        match SEEN[i].compare_exchange(0, rip, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return true,
-            Err(v) if v == rip => return false,
-            Err(_) => i = (i + 1) % SEEN_SLOTS,
-        }
-    }
-    false
-}
 
 fn fill(p: *mut u8, size: usize, tag: u8) {
     // SAFETY: `p` is a live block of `size` bytes owned by the caller.
@@ -101,7 +89,7 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
         gregs[libc::REG_EFL as usize] &= !TF;
         return;
     }
-    if !insert_seen(gregs[libc::REG_RIP as usize] as usize) {
+    if !SEEN.insert(gregs[libc::REG_RIP as usize] as usize) {
         return;
     }
     let n = DISTINCT.fetch_add(1, Ordering::Relaxed) as usize;

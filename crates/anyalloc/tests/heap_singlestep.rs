@@ -51,20 +51,8 @@ static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// The object the handler allocated at the previous new address.
 static CARRY: AtomicUsize = AtomicUsize::new(0);
 
-const SEEN_SLOTS: usize = 1 << 16;
-static SEEN: [AtomicUsize; SEEN_SLOTS] = [const { AtomicUsize::new(0) }; SEEN_SLOTS];
-
-fn insert_seen(rip: usize) -> bool {
-    let mut i = (common::mix64(rip as u64) as usize) % SEEN_SLOTS;
-    for _ in 0..SEEN_SLOTS {
-        match SEEN[i].compare_exchange(0, rip, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return true,
-            Err(v) if v == rip => return false,
-            Err(_) => i = (i + 1) % SEEN_SLOTS,
-        }
-    }
-    false
-}
+/// The instruction addresses interrupted so far.
+static SEEN: common::SeenSet = common::SeenSet::new();
 
 // ----- objects: handles and patterns ------------------------------------------
 
@@ -129,7 +117,7 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
         return;
     }
     let rip = gregs[libc::REG_RIP as usize] as usize;
-    if !insert_seen(rip) {
+    if !SEEN.insert(rip) {
         return;
     }
     let n = DISTINCT.fetch_add(1, Ordering::Relaxed);
@@ -252,9 +240,7 @@ struct Phase {
 
 /// Runs `body` stepped on `heap`, then checks and resets the shared state.
 fn phase(name: &'static str, heap: &'static Heap, body: impl FnOnce(&'static Heap)) -> Phase {
-    for s in &SEEN {
-        s.store(0, Ordering::Relaxed);
-    }
+    SEEN.clear();
     for c in [&STEPS, &DISTINCT, &NOLOCK_OK, &NOLOCK_FAIL] {
         c.store(0, Ordering::Relaxed);
     }
@@ -285,10 +271,7 @@ fn phase(name: &'static str, heap: &'static Heap, body: impl FnOnce(&'static Hea
     // Which of the allocator's functions the interrupted addresses are in
     // (symbolised after the run: the handler must not).
     let mut functions = BTreeMap::new();
-    for rip in SEEN.iter().map(|s| s.load(Ordering::Relaxed)) {
-        if rip == 0 {
-            continue;
-        }
+    for rip in SEEN.addresses() {
         let mut name = None;
         backtrace::resolve(rip as *mut std::ffi::c_void, |sym| {
             if name.is_none() {

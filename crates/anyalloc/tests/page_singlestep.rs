@@ -41,22 +41,8 @@ static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// The block the handler allocated at the previous new address.
 static CARRY: AtomicUsize = AtomicUsize::new(0);
 
-/// Open-addressing set of instruction addresses seen (no allocation).
-const SEEN_SLOTS: usize = 1 << 16;
-static SEEN: [AtomicUsize; SEEN_SLOTS] = [const { AtomicUsize::new(0) }; SEEN_SLOTS];
-
-/// Inserts `rip`; `true` if it was not there yet (and there was room).
-fn insert_seen(rip: usize) -> bool {
-    let mut i = (common::mix64(rip as u64) as usize) % SEEN_SLOTS;
-    for _ in 0..SEEN_SLOTS {
-        match SEEN[i].compare_exchange(0, rip, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return true,
-            Err(v) if v == rip => return false,
-            Err(_) => i = (i + 1) % SEEN_SLOTS,
-        }
-    }
-    false
-}
+/// The instruction addresses interrupted so far.
+static SEEN: common::SeenSet = common::SeenSet::new();
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let _errno = common::ErrnoGuard::save();
@@ -69,7 +55,7 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
         return;
     }
     let rip = gregs[libc::REG_RIP as usize] as usize;
-    if !insert_seen(rip) {
+    if !SEEN.insert(rip) {
         return;
     }
     let n = DISTINCT.fetch_add(1, Ordering::Relaxed);

@@ -957,3 +957,46 @@ pub fn run_page_storm(cfg: &StormConfig) -> StormReport {
     STORM_RUNNING.store(false, Ordering::SeqCst);
     report
 }
+
+/// Slots of a [`SeenSet`].
+const SEEN_SLOTS: usize = 1 << 16;
+
+/// A set of instruction addresses seen by a single-step handler: open
+/// addressing over atomics, so inserting allocates nothing (safe in a
+/// signal handler). Use it as a `static`.
+pub struct SeenSet([AtomicUsize; SEEN_SLOTS]);
+
+impl SeenSet {
+    pub const fn new() -> Self {
+        SeenSet([const { AtomicUsize::new(0) }; SEEN_SLOTS])
+    }
+
+    /// Inserts `rip` (non-zero); `true` if it was not there yet (and there
+    /// was room).
+    pub fn insert(&self, rip: usize) -> bool {
+        let mut i = (mix64(rip as u64) as usize) % SEEN_SLOTS;
+        for _ in 0..SEEN_SLOTS {
+            match self.0[i].compare_exchange(0, rip, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(v) if v == rip => return false,
+                Err(_) => i = (i + 1) % SEEN_SLOTS,
+            }
+        }
+        false
+    }
+
+    /// Forgets every address.
+    pub fn clear(&self) {
+        for s in &self.0 {
+            s.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The addresses inserted so far.
+    pub fn addresses(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&a| a != 0)
+    }
+}
