@@ -458,7 +458,17 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
         "double_free_of_an_object_on_the_deferred_stack_aborts",
         "double free of object",
         || {
-            let h = heap();
+            // No maintainer: it would drain the deferred victim before the
+            // check below (a wake is owed after every deferred free).
+            let h: &'static Heap = Box::leak(Box::new(
+                Heap::new(
+                    Config::default()
+                        .memory(16 << 20)
+                        .cpus(1)
+                        .maintenance(false),
+                )
+                .unwrap(),
+            ));
             H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
             let objs = allocs(h, 64, 100);
             VICTIM.store(objs[99].as_ptr() as usize, Ordering::Relaxed);
