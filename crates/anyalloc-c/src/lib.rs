@@ -412,7 +412,7 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
 /// `out` is valid for a pointer-sized write.
 #[no_mangle]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
-    if !is_power_of_two(align) || align % core::mem::size_of::<*mut c_void>() != 0 {
+    if !is_power_of_two(align) || !align.is_multiple_of(core::mem::size_of::<*mut c_void>()) {
         return libc::EINVAL;
     }
     let saved = {

@@ -36,7 +36,7 @@ fn word_indices(size: usize) -> impl Iterator<Item = usize> {
     } else {
         1
     };
-    let last = (size > SAMPLED_ABOVE && (words - 1) % stride != 0).then_some(words - 1);
+    let last = (size > SAMPLED_ABOVE && !(words - 1).is_multiple_of(stride)).then_some(words - 1);
     (1..words).step_by(stride).chain(last)
 }
 
@@ -86,7 +86,7 @@ impl Entry {
     /// Packs an 8-aligned address below 2^48, a kind (`1..=7`) and a nonce.
     #[inline]
     pub fn new(addr: usize, kind: usize, nonce: u16) -> Entry {
-        debug_assert!(addr % 8 == 0 && packable(addr) && (1..8).contains(&kind));
+        debug_assert!(addr.is_multiple_of(8) && packable(addr) && (1..8).contains(&kind));
         Entry(addr | kind | (nonce as usize) << ADDR_BITS)
     }
     #[inline]
@@ -136,7 +136,7 @@ pub struct Mismatch {
 /// `p` must be valid for writes of `size` bytes and 8-aligned.
 #[inline]
 pub unsafe fn fill(p: *mut u8, size: usize, nonce: u16) {
-    debug_assert!((8..=MAX_SIZE).contains(&size) && p as usize % 8 == 0);
+    debug_assert!((8..=MAX_SIZE).contains(&size) && (p as usize).is_multiple_of(8));
     let addr = p as usize;
     let words = p as *mut u64;
     let s = seed(addr, size, nonce);

@@ -650,7 +650,7 @@ fn slot_of(info: *const libc::siginfo_t) -> Option<(&'static ThreadSlot, u64)> {
     let p = value.sival_ptr as usize;
     let base = SLOTS.as_ptr() as usize;
     let size = std::mem::size_of::<ThreadSlot>();
-    if p < base || (p - base) % size != 0 || (p - base) / size >= MAX_THREADS {
+    if p < base || !(p - base).is_multiple_of(size) || (p - base) / size >= MAX_THREADS {
         return None;
     }
     Some((&SLOTS[(p - base) / size], overrun.max(0) as u64))
@@ -955,7 +955,7 @@ mod tests {
             assert!((8..=32768).contains(&o));
             assert!(page_order(&mut r) <= anyalloc::PCP_MAX_ORDER);
             let l = large_size(&mut r);
-            assert!(l > 32 << 10 && l <= 4 << 20 && l % 8 == 0, "{l}");
+            assert!(l > 32 << 10 && l <= 4 << 20 && l.is_multiple_of(8), "{l}");
         }
     }
 

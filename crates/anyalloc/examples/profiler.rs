@@ -334,7 +334,7 @@ mod imp {
             // Each frame: [fp] = caller's fp, [fp + 8] = return address.
             // Frames lie above the stack pointer and below the stack's top,
             // and each caller's frame lies above its callee's.
-            while len < MAX_FRAMES && fp >= sp && fp % 8 == 0 && fp + 16 <= high {
+            while len < MAX_FRAMES && fp >= sp && fp.is_multiple_of(8) && fp + 16 <= high {
                 // SAFETY: sp <= fp and fp + 16 <= high: inside the live part
                 // of this thread's stack.
                 let (next, ret) = unsafe { (stack_word(fp), stack_word(fp + 8)) };

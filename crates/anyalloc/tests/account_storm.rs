@@ -76,7 +76,7 @@ extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     let r = mix64(RNG.fetch_add(1, Relaxed));
     for k in 0..4u64 {
         let r = mix64(r ^ k);
-        if r % 3 == 0 {
+        if r.is_multiple_of(3) {
             if let Some(p) = STASH.take(r as usize) {
                 // SAFETY: stashed blocks are live allocations of HEAP.
                 unsafe {

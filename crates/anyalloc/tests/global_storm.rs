@@ -80,7 +80,7 @@ extern "C" fn handler(sig: libc::c_int) {
         // Every 64th run forces the other signal to nest right here, while
         // this handler holds a NoLock box: this handler is short, so the
         // timers alone make the two nest only a few times per storm.
-        if run % 64 == 0 {
+        if run.is_multiple_of(64) {
             let a = SIG_A.load(Relaxed);
             common::raise_here(if sig == a { a + 1 } else { a });
         }
@@ -186,10 +186,10 @@ fn global_survives_a_signal_storm_with_std_collections() {
                     i += 1;
                     map.insert(i % 5000, format!("value {i} on {t}"));
                     tree.entry(i % 777).or_default().push(i);
-                    if i % 777 == 0 {
+                    if i.is_multiple_of(777) {
                         tree.clear();
                     }
-                    if i % 100 == 0 {
+                    if i.is_multiple_of(100) {
                         let v = vec![(i % 251) as u8; 1 + (i as usize * 31) % 70_000];
                         let mut s = shared.lock().unwrap();
                         s.push(v);

@@ -192,7 +192,7 @@ fn hook_alloc(site: Site, size: usize, align: usize) -> Option<usize> {
         return None;
     };
     bump(&OKS[site as usize]);
-    if p.as_ptr() as usize % align != 0 || heap().usable_size(p) < size {
+    if !(p.as_ptr() as usize).is_multiple_of(align) || heap().usable_size(p) < size {
         bump(&VIOLATIONS);
     }
     let h = pack(p, size);
@@ -237,7 +237,7 @@ fn probe(site: Site) {
             [1, 8, 16, 64][(r % 4) as usize]
         };
         if let Some(h) = hook_alloc(site, size, align) {
-            let keep = (r >> 8) % 4 == 0;
+            let keep = (r >> 8).is_multiple_of(4);
             let kept = keep
                 && if size == driven {
                     KEEP_DRIVEN.put(h)
@@ -274,7 +274,7 @@ fn step(site: Site, depth: usize) {
         }
     }
     if let Some(h) = hook_alloc(site, driven, 8) {
-        if random() % 2 == 0 || !KEEP_DRIVEN.put(h) {
+        if random().is_multiple_of(2) || !KEEP_DRIVEN.put(h) {
             hook_free(h);
         }
     }

@@ -538,8 +538,8 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
         let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ (index as u64) << 56);
         // One request in 16 large (64 KiB to 4 MiB; one of those in 64 above
         // 4 MiB); of the rest 7 in 8 small (<= 1 KiB), the others up to 32 KiB.
-        let large = (r >> 58) % 16 == 0;
-        if large && (r >> 3) % 64 == 0 {
+        let large = (r >> 58).is_multiple_of(16);
+        if large && (r >> 3).is_multiple_of(64) {
             bump(&C.too_large);
             if let Some(p) = heap.alloc_nolock(layout(TOO_LARGE, 8)) {
                 bump(&C.too_large_served);
@@ -550,7 +550,7 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
         }
         let idx = if large {
             LARGE_SIZES - 1 + ((r >> 3) % (SIZES.len() - LARGE_SIZES + 1) as u64) as usize
-        } else if r % 8 != 0 {
+        } else if !r.is_multiple_of(8) {
             ((r >> 3) % SMALL_SIZES as u64) as usize
         } else {
             SMALL_SIZES + ((r >> 3) % (HANDLER_SIZES - SMALL_SIZES) as u64) as usize
@@ -566,7 +566,7 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
                 if large {
                     bump(&C.large[1]);
                 }
-                if p.as_ptr() as usize % align != 0 {
+                if !(p.as_ptr() as usize).is_multiple_of(align) {
                     bump(&C.violations);
                 }
                 let tag = (r >> 20) & 0xff | if which == 1 { TAG_SIGNAL_B } else { 0 };
@@ -575,7 +575,7 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
                 unsafe { fill(h) };
                 // Every 64th run forces the other signal to nest right here,
                 // while this handler holds an object it has not stashed.
-                if op == 0 && run % 64 == 0 {
+                if op == 0 && run.is_multiple_of(64) {
                     raise_here(sig_a + (1 - which) as libc::c_int);
                 }
                 if !st.stash.put(h, (r >> 32) as usize) {
@@ -596,7 +596,7 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
             }
         }
         // Now and then free an object a worker allocated on the normal path.
-        if (r >> 50) % 16 == 0 {
+        if (r >> 50).is_multiple_of(16) {
             if let Some(h) = MAILBOXES[index].take((r >> 54) as usize) {
                 handler_free(heap, h, which);
             }
@@ -632,7 +632,7 @@ fn worker(heap: &'static Heap, index: usize, threads: usize, stop: &AtomicBool) 
         now += 1;
         let r = rng.next();
         if held.len() < 3000 {
-            let idx = if r % 8 != 0 {
+            let idx = if !r.is_multiple_of(8) {
                 ((r >> 3) % SMALL_SIZES as u64) as usize
             } else {
                 SMALL_SIZES + ((r >> 3) % (WORKER_SIZES - SMALL_SIZES) as u64) as usize
@@ -642,14 +642,14 @@ fn worker(heap: &'static Heap, index: usize, threads: usize, stop: &AtomicBool) 
             match common::inside(|| heap.alloc(l)) {
                 Some(p) => {
                     bump(&C.normal_allocs);
-                    if p.as_ptr() as usize % align != 0 {
+                    if !(p.as_ptr() as usize).is_multiple_of(align) {
                         bump(&C.violations);
                     }
                     let h = pack(p, idx, TAG_WORKER | (r >> 20) & 0xff);
                     // SAFETY: just allocated: owned by this worker.
                     unsafe { fill(h) };
                     // Lifetimes: mostly short, some long.
-                    let life = if (r >> 30) % 4 == 0 {
+                    let life = if (r >> 30).is_multiple_of(4) {
                         (r >> 32) % 4096
                     } else {
                         (r >> 32) % 64
@@ -667,14 +667,14 @@ fn worker(heap: &'static Heap, index: usize, threads: usize, stop: &AtomicBool) 
             let i = ((r >> (k * 16)) % held.len() as u64) as usize;
             if held[i].1 <= now {
                 let (h, _) = held.swap_remove(i);
-                if threads > 1 && (r >> 48) % 8 == 0 && next_box.put(h, (r >> 52) as usize) {
+                if threads > 1 && (r >> 48).is_multiple_of(8) && next_box.put(h, (r >> 52) as usize) {
                     continue;
                 }
                 worker_free(heap, h);
             }
         }
         // Objects another worker handed over.
-        if (r >> 56) % 4 == 0 {
+        if (r >> 56).is_multiple_of(4) {
             if let Some(h) = MAILBOXES[index].take((r >> 58) as usize) {
                 bump(&C.cross_thread_frees);
                 worker_free(heap, h);

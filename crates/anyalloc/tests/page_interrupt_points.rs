@@ -187,7 +187,7 @@ fn reenter(site: Site, i: usize, depth: usize) {
     // order (the zone try-lock path), a different one each time.
     let large = PCP_MAX_ORDER + 1 + (n / 4 % u64::from(MAX_ORDER - PCP_MAX_ORDER)) as u32;
     let mut got = [0usize; PCP_MAX_ORDER as usize + 2];
-    let orders = (0..=PCP_MAX_ORDER).chain((n % 4 == 0).then_some(large));
+    let orders = (0..=PCP_MAX_ORDER).chain(n.is_multiple_of(4).then_some(large));
     for (k, order) in orders.enumerate() {
         let p = pa.alloc_pages_nolock(order);
         if order == large && depth == 0 {
@@ -217,7 +217,7 @@ fn reenter(site: Site, i: usize, depth: usize) {
         if h == 0 {
             continue;
         }
-        let keep = n % 3 == 0 && k as u64 == n % 5;
+        let keep = n.is_multiple_of(3) && k as u64 == n % 5;
         if keep
             && CARRY
                 .compare_exchange(0, h, Ordering::AcqRel, Ordering::Relaxed)
@@ -605,7 +605,7 @@ fn nolock_reentry_at_every_page_site() {
         held.0.push(h);
     }
     while !held.0.is_empty() {
-        let nolock = held.0.len() % 2 == 0;
+        let nolock = held.0.len().is_multiple_of(2);
         held.free(pa, 0, nolock);
     }
     pa.drain();

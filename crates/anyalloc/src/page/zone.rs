@@ -275,7 +275,7 @@ impl Zone {
         let mut i = first;
         while i < limit {
             let mut order = MAX_ORDER;
-            while order > 0 && (i % (1 << order) != 0 || i + (1 << order) > limit) {
+            while order > 0 && (!i.is_multiple_of(1 << order) || i + (1 << order) > limit) {
                 order -= 1;
             }
             z.desc(i).set(desc::state(desc::ALLOCATED, order));
@@ -1006,7 +1006,7 @@ impl Zone {
                 if d.load() != desc::state(desc::BUDDY, order) {
                     return Err("a block on a buddy list is not marked BUDDY of its order");
                 }
-                if i % (1 << order) != 0 || i < self.first || i + (1 << order) > self.limit {
+                if !i.is_multiple_of(1 << order) || i < self.first || i + (1 << order) > self.limit {
                     return Err("a buddy block is misaligned or outside its zone");
                 }
                 if d.prev.load(Ordering::Relaxed) != prev {

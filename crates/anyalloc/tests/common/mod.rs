@@ -736,7 +736,7 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     for op in 0..ops {
         let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ ((slot as u64) << 48));
         let every = LARGE_EVERY.load(Ordering::Relaxed) as u64;
-        let large = every != 0 && (r >> 56) % every == 0;
+        let large = every != 0 && (r >> 56).is_multiple_of(every);
         let order = if large {
             PCP_MAX_ORDER + 1 + ((r >> 4) % u64::from(MAX_ORDER - PCP_MAX_ORDER)) as u32
         } else {
@@ -758,7 +758,7 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
                 unsafe { fill(h) };
                 // Every 64th run forces the other signal to nest right here,
                 // while this handler holds a block it has not stashed yet.
-                if op == 0 && run % 64 == 0 {
+                if op == 0 && run.is_multiple_of(64) {
                     let other = SIGNAL_A.load(Ordering::Relaxed) as libc::c_int
                         + (1 - which) as libc::c_int;
                     raise_here(other);
@@ -839,7 +839,7 @@ fn storm_worker(pa: &PageAllocator, index: usize, stop: &AtomicBool, cfg: &Storm
         while i < held.len() {
             if held[i].1 <= now {
                 let (h, _) = held.swap_remove(i);
-                if (r >> 16) % 8 == 0
+                if (r >> 16).is_multiple_of(8)
                     && MAILBOXES[(index + 1) % cfg.threads].put(h, (r >> 20) as usize)
                 {
                     continue;
@@ -850,7 +850,7 @@ fn storm_worker(pa: &PageAllocator, index: usize, stop: &AtomicBool, cfg: &Storm
             }
         }
         // Free a block another worker handed over.
-        if (r >> 32) % 4 == 0 {
+        if (r >> 32).is_multiple_of(4) {
             if let Some(h) = MAILBOXES[index].take((r >> 36) as usize) {
                 free_one(h, cfg.threads > 1);
             }
