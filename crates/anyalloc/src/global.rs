@@ -377,12 +377,12 @@ unsafe impl GlobalAlloc for Global {
     }
 
     #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let Some(p) = NonNull::new(ptr) else { return };
         // Only a ready heap can have handed out `ptr`.
         if let Some(h) = global_heap() {
             // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap.
-            unsafe { h.free_routed(p) }
+            unsafe { h.free_routed(p, layout) }
         }
     }
 

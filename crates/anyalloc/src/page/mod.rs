@@ -380,6 +380,18 @@ impl PageAllocator {
             .map(|(i, z)| (i, z, z.index_of(addr)))
     }
 
+    /// The first zone and the index of the page holding `addr`, if that
+    /// zone holds it: the fast paths' lookup (most memory is there), two
+    /// compares and a shift. `None` says only "not in the first zone".
+    #[inline(always)]
+    pub(crate) fn locate_first(&self, addr: usize) -> Option<(&Zone, u32)> {
+        let z0 = self.zones[0].load(Ordering::Acquire);
+        // SAFETY: zone 0 is published before the allocator is returned and
+        // lives as long as `self`.
+        let z0 = unsafe { &*z0 };
+        z0.contains(addr).then(|| (z0, z0.index_of(addr)))
+    }
+
     /// As `locate_indexed`, for an address known to be managed here (aborts
     /// otherwise: the allocator's own bookkeeping is corrupt).
     #[inline]

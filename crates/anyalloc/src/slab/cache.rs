@@ -221,6 +221,10 @@ pub(crate) struct Cache {
     /// for every multiple of `size` inside a slab (off * (recip - 2^32/size)
     /// < 2^15 * 2^13 < 2^32), so validation needs no division.
     recip: u64,
+    /// Bytes of a slab minus one. Slabs are buddy blocks of their order,
+    /// naturally aligned (a zone's base is aligned to the largest block),
+    /// so an address's offset in its slab is `addr & slab_mask`.
+    slab_mask: usize,
     order: u32,
     objs: usize,
     node: Node,
@@ -233,6 +237,10 @@ pub(crate) struct Cache {
     /// (chosen once, at init; see `sync::rseq`). Otherwise it try-locks
     /// them like every other slot.
     rseq: bool,
+    /// With `rseq`: the rseq area's offset from the thread pointer (glibc's
+    /// `__rseq_offset`, the same for every thread of the process), read
+    /// once at init so the fast path loads it from this cache's own line.
+    rseq_off: isize,
     slabs: AtomicUsize,
     /// Objects out of slabs (in sheaves, in the barn, deferred, or in use).
     out_of_slabs: AtomicUsize,
@@ -316,6 +324,7 @@ impl Cache {
                 size: SIZES[class] as usize,
                 recip: (1u64 << 32).div_ceil(SIZES[class] as u64),
                 order: class::slab_order(class),
+                slab_mask: (PAGE_SIZE << class::slab_order(class)) - 1,
                 objs: objects_per_slab(class, accounted),
                 node: Node {
                     lock: ZoneLock::new(),
@@ -333,6 +342,11 @@ impl Cache {
                 nslots,
                 cpus,
                 rseq,
+                rseq_off: if rseq {
+                    crate::sync::rseq::area_offset().unwrap_or(0)
+                } else {
+                    0
+                },
                 slabs: AtomicUsize::new(0),
                 out_of_slabs: AtomicUsize::new(0),
                 fail_busy: AtomicU64::new(0),
@@ -388,9 +402,10 @@ impl Cache {
     #[inline]
     fn lock_own(&self, cpu: usize, level: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
         if self.rseq && level == 0 {
-            let off = crate::sync::rseq::area_offset()?;
             // SAFETY: as in `fast_pop`.
-            let cpu = unsafe { crate::sync::rseq::lock_slot(off, self.slots.cast(), self.cpus) }?;
+            let cpu = unsafe {
+                crate::sync::rseq::lock_slot(self.rseq_off, self.slots.cast(), self.cpus)
+            }?;
             let slot = self.slot(cpu, 0);
             // SAFETY: the lock sequence just set this slot's flag for us.
             return Some((slot, unsafe { slot.lock.adopt() }));
@@ -407,7 +422,7 @@ impl Cache {
         // SAFETY: as in `slot`; i < nslots.
         let slot = unsafe { &*self.slots.add(i) };
         let g = slot.lock.try_lock()?;
-        if self.rseq && i % LEVELS == 0 && !crate::sync::rseq::fence_cpu(i / LEVELS) {
+        if self.rseq && i.is_multiple_of(LEVELS) && !crate::sync::rseq::fence_cpu(i / LEVELS) {
             return None; // cannot stop that CPU's sequences: leave the slot
         }
         Some((slot, g))
@@ -432,11 +447,53 @@ impl Cache {
     #[inline(always)]
     pub(crate) fn alloc(&self, pages: &PageAllocator) -> Option<usize> {
         if self.deferred.is_empty() {
-            if let Some(o) = self.fast_pop(pages, false) {
+            if let Some(o) = self.fast_pop::<false>(pages) {
                 return Some(o);
             }
         }
         self.alloc_slow(pages, pages.cpu())
+    }
+
+    /// The normal allocation's fast path alone, with rseq: nothing
+    /// deferred, and an object in this CPU's main sheaf. `None`: take
+    /// [`alloc`](Self::alloc) (always, without rseq: that keeps the
+    /// try-locked variant and its call out of the callers' fast path).
+    #[inline(always)]
+    pub(crate) fn alloc_fast(&self) -> Option<usize> {
+        if self.rseq && self.deferred.is_empty() {
+            self.seq_pop::<false>()
+        } else {
+            None
+        }
+    }
+
+    /// The nolock allocation's fast path alone, with rseq. `None`: take
+    /// [`alloc_nolock`](Self::alloc_nolock).
+    #[inline(always)]
+    pub(crate) fn alloc_nolock_fast(&self) -> Option<usize> {
+        if self.rseq {
+            self.seq_pop::<true>()
+        } else {
+            None
+        }
+    }
+
+    /// The fast path of a validated free of `mode` alone, with rseq (for
+    /// the normal mode: nothing deferred). `false`: the object is still the
+    /// caller's; hand it to [`free_miss`](Self::free_miss).
+    #[inline(always)]
+    pub(crate) fn free_fast(&self, obj: usize, mode: Mode) -> bool {
+        self.rseq && (mode == Mode::NoLock || self.deferred.is_empty()) && self.seq_push(obj)
+    }
+
+    /// A validated free of `mode` that [`free_fast`](Self::free_fast) did
+    /// not take: the whole free (the try-locked fast path without rseq).
+    #[inline(never)]
+    pub(crate) fn free_miss(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
+        match mode {
+            Mode::Normal => self.free(pages, obj),
+            Mode::NoLock => self.free_nolock(pages, obj),
+        }
     }
 
     /// The fast path of both allocation paths: pop from the main sheaf of
@@ -444,58 +501,76 @@ impl Cache {
     /// With rseq, a restartable sequence (no atomic instruction); otherwise
     /// under the slot's try-lock.
     #[inline(always)]
-    fn fast_pop(&self, pages: &PageAllocator, count_nolock: bool) -> Option<usize> {
+    fn fast_pop<const COUNT_NOLOCK: bool>(&self, pages: &PageAllocator) -> Option<usize> {
         if self.rseq {
-            if let Some(off) = crate::sync::rseq::area_offset() {
-                // `rseq` was chosen at init: this heap has a slot group for
-                // every possible CPU laid out as the sequences expect
-                // (asserted above), living as long as the cache.
-                // SAFETY: as just said; level-0 slots are changed only by
-                // sequences and by lock holders, as `sync::rseq` prescribes.
-                return unsafe {
-                    crate::sync::rseq::sheaf_pop(
-                        off,
-                        self.slots.cast(),
-                        self.cpus,
-                        count_nolock as u64,
-                    )
-                }
-                .ok();
-            }
+            return self.seq_pop::<COUNT_NOLOCK>();
         }
+        self.locked_pop::<COUNT_NOLOCK>(pages)
+    }
+
+    /// `fast_pop` with rseq (a heap that chose it at init).
+    #[inline(always)]
+    fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
+        crate::check!(self.rseq, "a sequence on a heap without rseq");
+        // `rseq` was chosen at init: `rseq_off` is glibc's registered area
+        // offset, and this heap has a slot group for every possible CPU
+        // laid out as the sequences expect (asserted above), living as long
+        // as the cache.
+        // SAFETY: as just said; level-0 slots are changed only by sequences
+        // and by lock holders, as `sync::rseq` prescribes.
+        unsafe {
+            crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK>(
+                self.rseq_off,
+                self.slots.cast(),
+                self.cpus,
+            )
+        }
+    }
+
+    /// `fast_pop` without rseq: under the slot's try-lock. Out of line, so
+    /// that the rseq fast path around it needs no stack frame.
+    #[inline(never)]
+    fn locked_pop<const COUNT_NOLOCK: bool>(&self, pages: &PageAllocator) -> Option<usize> {
         let slot = self.slot(pages.cpu(), 0);
         let g = slot.lock.try_lock()?;
         crate::interrupt_point!(SheafAlloc);
         let o = slot.main().pop()?;
-        if count_nolock {
+        if COUNT_NOLOCK {
             crate::page::bump(&slot.nolock_ok, &g);
         }
         Some(o)
     }
 
     /// The fast path of both free paths: push onto the main sheaf of this
-    /// CPU's level-0 slot, if the slot is free and main has room (and `obj`
-    /// is not its top: an immediate double free goes to the slow path, which
-    /// reports it).
+    /// CPU's level-0 slot, if the slot is free and main has room. (A double
+    /// free never gets here: the key test before it sent it to the exact
+    /// search.)
     #[inline(always)]
     fn fast_push(&self, pages: &PageAllocator, obj: usize) -> bool {
         if self.rseq {
-            if let Some(off) = crate::sync::rseq::area_offset() {
-                // SAFETY: as in `fast_pop`; `obj` is a validated object of
-                // this cache being freed.
-                return unsafe {
-                    crate::sync::rseq::sheaf_push(off, self.slots.cast(), self.cpus, obj)
-                }
-                .is_ok();
-            }
+            return self.seq_push(obj);
         }
+        self.locked_push(pages, obj)
+    }
+
+    /// `fast_push` with rseq (a heap that chose it at init).
+    #[inline(always)]
+    fn seq_push(&self, obj: usize) -> bool {
+        crate::check!(self.rseq, "a sequence on a heap without rseq");
+        // SAFETY: as in `seq_pop`; `obj` is a validated object of this
+        // cache being freed.
+        unsafe { crate::sync::rseq::sheaf_push(self.rseq_off, self.slots.cast(), self.cpus, obj) }
+    }
+
+    /// `fast_push` without rseq: under the slot's try-lock, out of line.
+    #[inline(never)]
+    fn locked_push(&self, pages: &PageAllocator, obj: usize) -> bool {
         let slot = self.slot(pages.cpu(), 0);
         let Some(_g) = slot.lock.try_lock() else {
             return false;
         };
         crate::interrupt_point!(SheafFree);
-        let main = slot.main();
-        main.top() != obj && main.push(obj)
+        slot.main().push(obj)
     }
 
     /// Normal-path allocation: deferred frees first, then the slot (spare,
@@ -527,7 +602,7 @@ impl Cache {
     /// in its main sheaf. Otherwise [`alloc_nolock_slow`](Self::alloc_nolock_slow).
     #[inline(always)]
     pub(crate) fn alloc_nolock(&self, pages: &PageAllocator) -> Result<usize, Fail> {
-        match self.fast_pop(pages, true) {
+        match self.fast_pop::<true>(pages) {
             Some(o) => Ok(o),
             None => self.alloc_nolock_slow(pages, pages.cpu()),
         }
@@ -1207,6 +1282,34 @@ impl Cache {
         unsafe { kw.write_unaligned(self.key) };
     }
 
+    /// The key test's common case, for the fast paths: an object of a
+    /// class with room for the key at offset 8 whose key word does not
+    /// match. Then it writes the key and says `true`; otherwise it changes
+    /// nothing and the caller takes [`free_checked`](Self::free_checked).
+    #[inline(always)]
+    pub(crate) fn check_free_quick(&self, obj: usize) -> bool {
+        let kw = (obj + self.key_off) as *mut usize;
+        // SAFETY: as in `check_free`.
+        let w = unsafe { kw.read_unaligned() } ^ self.key;
+        if w == 0 || self.key_off == 0 {
+            return false;
+        }
+        // SAFETY: as in `check_free`.
+        unsafe { kw.write_unaligned(self.key) };
+        true
+    }
+
+    /// A free whose quick key test could not decide: the full test
+    /// ([`check_free`](Self::check_free)), then the free of `mode`.
+    #[inline(never)]
+    pub(crate) fn free_checked(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
+        self.check_free(pages, zone, obj, mode);
+        match mode {
+            Mode::Normal => self.free(pages, obj),
+            Mode::NoLock => self.free_nolock(pages, obj),
+        }
+    }
+
     /// Tiny classes: whether a first word XOR the key looks like a free
     /// object's link (the end of the deferred stack, or a heap address:
     /// the object's own zone first, the others only if there are others).
@@ -1304,21 +1407,26 @@ impl Cache {
 
     /// Checks that `addr` (in page `idx` of `zone`, owned by this cache) is the
     /// start of an object slot; aborts otherwise.
-    #[inline]
-    pub(crate) fn validate(&self, pages: &PageAllocator, zone: &Zone, idx: u32, addr: usize) {
-        let head = idx & !((1u32 << self.order) - 1);
-        let off = addr - zone.addr_of(head);
+    #[inline(always)]
+    pub(crate) fn validate(&self, pages: &PageAllocator, addr: usize) {
+        let off = addr & self.slab_mask;
         let n = self.index_in_slab(off);
         if n * self.size != off || n >= self.objs {
-            pages.fatal(
-                crate::platform::FatalMessage::new()
-                    .text("anyalloc: free of ")
-                    .hex(addr)
-                    .text(", which is not the start of an object (interior pointer into a ")
-                    .dec(self.size)
-                    .text("-byte object)"),
-            );
+            self.interior_free(pages, addr);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn interior_free(&self, pages: &PageAllocator, addr: usize) -> ! {
+        pages.fatal(
+            crate::platform::FatalMessage::new()
+                .text("anyalloc: free of ")
+                .hex(addr)
+                .text(", which is not the start of an object (interior pointer into a ")
+                .dec(self.size)
+                .text("-byte object)"),
+        )
     }
 
     /// `off / size` for an offset inside a slab, by multiplication (exact

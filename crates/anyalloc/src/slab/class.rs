@@ -52,6 +52,24 @@ const LOOKUP_ALIGN8: [u8; 257] = {
     t
 };
 
+/// Class of each size above 1024 in 256-byte steps up to 8 KiB:
+/// `LOOKUP_BIG[(size + 255) / 256]` (entries 0..=4 unused). Every class
+/// above 1024 bytes is a multiple of 256, so its natural alignment is at
+/// least 256.
+const LOOKUP_BIG: [u8; 33] = {
+    let mut t = [0u8; 33];
+    let mut i = 5;
+    let mut c = 0;
+    while i < 33 {
+        while (SIZES[c] as usize) < i * 256 {
+            c += 1;
+        }
+        t[i] = c as u8;
+        i += 1;
+    }
+    t
+};
+
 /// The natural alignment of class `c`.
 #[inline]
 pub(crate) const fn natural_align(c: usize) -> usize {
@@ -63,18 +81,29 @@ pub(crate) const fn natural_align(c: usize) -> usize {
     }
 }
 
-/// The class serving `size` bytes aligned to `align`, or `None` for large
-/// requests (more than 8 KiB, or alignment above a page).
-#[inline]
-pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
+/// The common cases of [`class_for`], one table load each: alignment up
+/// to 8 and any small size. `None` means "ask `class_for`", not "large".
+#[inline(always)]
+pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
     if size <= 1024 {
-        // The common cases: one table load.
         if align <= 4 {
             return Some(LOOKUP[size.div_ceil(4)] as usize);
         }
         if align == 8 {
             return Some(LOOKUP_ALIGN8[size.div_ceil(4)] as usize);
         }
+    } else if size <= MAX_SMALL && align <= 8 {
+        return Some(LOOKUP_BIG[size.div_ceil(256)] as usize);
+    }
+    None
+}
+
+/// The class serving `size` bytes aligned to `align`, or `None` for large
+/// requests (more than 8 KiB, or alignment above a page).
+#[inline]
+pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
+    if let Some(c) = class_fast(size, align) {
+        return Some(c);
     }
     if size > MAX_SMALL || align > PAGE_SIZE {
         return None;
@@ -157,6 +186,30 @@ mod tests {
         }
         assert_eq!(class_for(8193, 8), None);
         assert_eq!(class_for(8, 8192), None);
+    }
+
+    /// The table shortcut picks exactly what the search would: the
+    /// smallest class that fits the size and has the alignment.
+    #[test]
+    fn the_fast_lookup_agrees_with_the_search() {
+        let mut hits = 0;
+        for align in [1, 2, 4, 8, 16] {
+            for size in 1..=MAX_SMALL + 1 {
+                let searched =
+                    (0..CLASSES).find(|&c| SIZES[c] as usize >= size && natural_align(c) >= align);
+                if let Some(c) = class_fast(size, align) {
+                    hits += 1;
+                    assert_eq!(Some(c), searched, "size {size} align {align}");
+                }
+                assert_eq!(
+                    class_for(size, align),
+                    searched,
+                    "size {size} align {align}"
+                );
+            }
+        }
+        // Every small size with alignment up to 8 takes the shortcut.
+        assert_eq!(hits, 4 * MAX_SMALL);
     }
 
     #[test]

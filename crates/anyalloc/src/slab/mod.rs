@@ -562,7 +562,7 @@ impl Heap {
     /// `alloc` for `Global`: routed the same way, without the debug checker
     /// (a nolock scope is a route for `Global`, not a violation).
     #[cfg(feature = "std")]
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alloc_routed(&self, layout: Layout) -> Option<NonNull<u8>> {
         self.core().alloc(layout)
     }
@@ -578,10 +578,10 @@ impl Heap {
     /// # Safety
     /// As for [`free`](Self::free).
     #[cfg(feature = "std")]
-    #[inline]
-    pub(crate) unsafe fn free_routed(&self, ptr: NonNull<u8>) {
+    #[inline(always)]
+    pub(crate) unsafe fn free_routed(&self, ptr: NonNull<u8>, layout: Layout) {
         // SAFETY: forwarded contract.
-        unsafe { self.core().free(ptr) }
+        unsafe { self.core().free_sized(ptr, layout) }
     }
 
     /// Allocates from any context: only `try_lock`s, never waits, never
@@ -780,6 +780,24 @@ impl HeapCore {
     /// scope takes the nolock path (`alloc_once` then returns `None`).
     #[inline(always)]
     pub(crate) fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+        // The fast path: a table class, and this CPU's main sheaf. Every
+        // other case is one tail call, so the fast path needs no stack
+        // frame of its own.
+        if let Some(c) = class::class_fast(layout.size(), layout.align()) {
+            let cache = self.cache(c);
+            if let Some(obj) = cache.alloc_fast() {
+                if !self.pages.reclaim_requested() {
+                    return Some(self.hand_out(cache, obj));
+                }
+                return self.hand_out_then_reclaim(cache, obj);
+            }
+        }
+        self.alloc_general(layout)
+    }
+
+    /// `alloc` beyond its fast path: any class, the slow paths, routing.
+    #[inline(never)]
+    fn alloc_general(&self, layout: Layout) -> Option<NonNull<u8>> {
         match self.alloc_once(layout, 0) {
             Some(p) => {
                 if self.pages.reclaim_requested() {
@@ -789,6 +807,14 @@ impl HeapCore {
             }
             None => self.alloc_miss(layout),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn hand_out_then_reclaim(&self, cache: &Cache, obj: usize) -> Option<NonNull<u8>> {
+        let p = self.hand_out(cache, obj);
+        self.reclaim_requested_now();
+        Some(p)
     }
 
     #[cold]
@@ -837,7 +863,7 @@ impl HeapCore {
         Some(p)
     }
 
-    #[inline]
+    #[inline(always)]
     fn hand_out(&self, cache: &Cache, obj: usize) -> NonNull<u8> {
         cache.clear_free_mark(obj);
         #[cfg(feature = "debug-checks")]
@@ -900,6 +926,25 @@ impl HeapCore {
     /// or in a nolock scope take the nolock path.
     #[inline(always)]
     pub(crate) unsafe fn free(&self, ptr: NonNull<u8>) {
+        let addr = ptr.as_ptr() as usize;
+        if let Some((zone, idx)) = self.pages.locate_first(addr) {
+            let owner = zone.desc(idx).owner.load(Ordering::Acquire) as usize;
+            // A plain (unaccounted) cache's object: the fast route.
+            if owner.wrapping_sub(1) < CLASSES {
+                return self.free_plain::<false>(self.cache(owner - 1), zone, idx, addr);
+            }
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.free_general(ptr) }
+    }
+
+    /// `free` beyond its fast route: every kind of block, and the release
+    /// of accounting groups owed to a normal context.
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[inline(never)]
+    unsafe fn free_general(&self, ptr: NonNull<u8>) {
         // SAFETY: forwarded contract.
         unsafe { self.free_in(ptr, Mode::Normal) };
         if !self.released_groups.is_empty() && !crate::context::nested() {
@@ -907,10 +952,72 @@ impl HeapCore {
         }
     }
 
-    #[inline]
+    /// A free that is told the allocation's layout (`GlobalAlloc`'s
+    /// `dealloc`). The layout names the cache, so the object goes to that
+    /// cache's fast path without waiting for the page lookup; the lookup
+    /// still runs, as a check: the page must belong to that cache, or the
+    /// free takes the full, layout-blind path (which validates and reports
+    /// exactly as `free` does). So a wrong layout costs speed, never
+    /// safety. Routed like `free`.
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[cfg(feature = "std")]
+    #[inline(always)]
+    pub(crate) unsafe fn free_sized(&self, ptr: NonNull<u8>, layout: Layout) {
+        let addr = ptr.as_ptr() as usize;
+        if let Some(c) = class::class_fast(layout.size(), layout.align()) {
+            if let Some((zone, idx)) = self.pages.locate_first(addr) {
+                if zone.desc(idx).owner.load(Ordering::Acquire) as usize == c + 1 {
+                    return self.free_plain::<false>(self.cache(c), zone, idx, addr);
+                }
+            }
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.free_general(ptr) }
+    }
+
+    #[inline(always)]
     pub(crate) unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+        let addr = ptr.as_ptr() as usize;
+        if let Some((zone, idx)) = self.pages.locate_first(addr) {
+            let owner = zone.desc(idx).owner.load(Ordering::Acquire) as usize;
+            if owner.wrapping_sub(1) < CLASSES {
+                return self.free_plain::<true>(self.cache(owner - 1), zone, idx, addr);
+            }
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.free_nolock_general(ptr) }
+    }
+
+    /// `free_nolock` beyond its fast route.
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[inline(never)]
+    unsafe fn free_nolock_general(&self, ptr: NonNull<u8>) {
         // SAFETY: forwarded contract.
         unsafe { self.free_in(ptr, Mode::NoLock) };
+    }
+
+    /// The free of an object of a plain cache, found in page `idx` of
+    /// `zone`: validated (the start of an object, not already free), then
+    /// pushed on this CPU's main sheaf, or handed to the cache's slow path
+    /// in one tail call.
+    #[inline(always)]
+    fn free_plain<const NOLOCK: bool>(&self, cache: &Cache, zone: &Zone, idx: u32, addr: usize) {
+        let mode = if NOLOCK { Mode::NoLock } else { Mode::Normal };
+        cache.validate(&self.pages, addr);
+        #[cfg(feature = "debug-checks")]
+        cache.mark(&self.pages, zone, idx, addr, false);
+        #[cfg(not(feature = "debug-checks"))]
+        let _ = idx;
+        if !cache.check_free_quick(addr) {
+            return cache.free_checked(&self.pages, zone, addr, mode);
+        }
+        if !cache.free_fast(addr, mode) {
+            cache.free_miss(&self.pages, addr, mode);
+        }
     }
 
     /// Both free paths: validate, uncharge, then the cache, page or mmap
@@ -1007,8 +1114,20 @@ impl HeapCore {
 
     // ----- nolock path -----------------------------------------------------------
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
+        if let Some(c) = class::class_fast(layout.size(), layout.align()) {
+            let cache = self.cache(c);
+            if let Some(obj) = cache.alloc_nolock_fast() {
+                return Some(self.hand_out(cache, obj));
+            }
+        }
+        self.alloc_nolock_general(layout)
+    }
+
+    /// `alloc_nolock` beyond its fast path.
+    #[inline(never)]
+    fn alloc_nolock_general(&self, layout: Layout) -> Option<NonNull<u8>> {
         self.alloc_nolock_from(layout, 0)
     }
 
@@ -1317,7 +1436,7 @@ impl HeapCore {
                 return None;
             }
             if owner == LARGE_OWNER {
-                if addr % PAGE_SIZE != 0 {
+                if !addr.is_multiple_of(PAGE_SIZE) {
                     return None;
                 }
                 let order = crate::page::order_of_state(zone.desc(idx).load());
@@ -1335,8 +1454,8 @@ impl HeapCore {
     #[inline(always)]
     fn classify_or_abort(&self, addr: usize) -> Kind<'_> {
         match self.classify(addr) {
-            Some(k @ Kind::Object(cache, zone, idx)) => {
-                cache.validate(&self.pages, zone, idx, addr);
+            Some(k @ Kind::Object(cache, ..)) => {
+                cache.validate(&self.pages, addr);
                 k
             }
             Some(k) => k,

@@ -1,21 +1,18 @@
-//! Targets without the rseq fast path: the same signatures, always `Busy`,
+//! Targets without the rseq fast path: the same signatures, always failing,
 //! so the compiler catches drift. Never called: [`super::available`] is
 //! false here, and the heap uses its try-locked slots.
-
-use super::SeqFail;
 
 /// See the x86-64 version.
 ///
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop(
+pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
     _off: isize,
     _slots: *const u8,
     _cpus: usize,
-    _count: u64,
-) -> Result<usize, SeqFail> {
-    Err(SeqFail::Busy)
+) -> Option<usize> {
+    None
 }
 
 /// See the x86-64 version.
@@ -23,13 +20,8 @@ pub(crate) unsafe fn sheaf_pop(
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push(
-    _off: isize,
-    _slots: *const u8,
-    _cpus: usize,
-    _obj: usize,
-) -> Result<(), SeqFail> {
-    Err(SeqFail::Busy)
+pub(crate) unsafe fn sheaf_push(_off: isize, _slots: *const u8, _cpus: usize, _obj: usize) -> bool {
+    false
 }
 
 /// See the x86-64 version.

@@ -85,27 +85,6 @@ mod fallback;
 )))]
 pub(crate) use fallback::{lock_slot, sheaf_pop, sheaf_push};
 
-/// Why a sequence did not commit. On `Err`, nothing changed.
-#[cfg_attr(
-    not(all(
-        feature = "std",
-        target_os = "linux",
-        target_env = "gnu",
-        target_arch = "x86_64"
-    )),
-    allow(dead_code)
-)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SeqFail {
-    /// The slot is held (locally or remotely), or this CPU has no slot.
-    Busy,
-    /// Pop: the main sheaf is empty. Push: it is full.
-    Exhausted,
-    /// Push: the object is already the sheaf's top (an immediate double
-    /// free; the slow path reports it).
-    Duplicate,
-}
-
 /// The memory layout the sequences work on: per CPU, a group of `LEVELS`
 /// slots `STRIDE` bytes long; the sequences use only the first (level 0).
 pub(crate) mod layout {

@@ -9,41 +9,31 @@
 //!   ends with one committing instruction (marked `// commit`);
 //! * after the section, the signature and the abort handler, which jumps
 //!   back to the restart point;
-//! * the failure exits, outside the section.
+//! * the failure exits, outside the section (`sheaf_push` jumps to the
+//!   caller's failure code directly).
 //!
 //! Registers: `off` = `__rseq_offset`, `slots` = the slot array, `cpus` =
 //! CPUs with a slot group; scratch registers are named for what they hold.
 
 use super::abi::{CPU_ID, RSEQ_CS, RSEQ_SIG};
 use super::layout::*;
-use super::SeqFail;
 
-/// Status codes the sequences leave in their status register.
+/// Status codes `lock_slot` leaves in its status register.
 const OK: usize = 0;
 const BUSY: usize = 1;
-const EXHAUSTED: usize = 2;
-const DUPLICATE: usize = 3;
 
-#[inline(always)]
-fn status(st: usize) -> Result<(), SeqFail> {
-    match st {
-        OK => Ok(()),
-        BUSY => Err(SeqFail::Busy),
-        EXHAUSTED => Err(SeqFail::Exhausted),
-        _ => Err(SeqFail::Duplicate),
-    }
-}
-
-/// Pops an object from this CPU's level-0 main sheaf and adds `count` (0 or
-/// 1) to the slot's nolock counter:
+/// Pops an object from this CPU's level-0 main sheaf and, when `COUNT` (a
+/// nolock allocation), adds 1 to the slot's nolock counter. `None` when
+/// this CPU has no slot group, its slot is held, or its main sheaf is
+/// empty (objects are never at address 0, so 0 means "none"):
 ///
 /// ```text
 /// restart: rseq->rseq_cs = &cs
-/// start:   cpu = rseq->cpu_id;            if cpu >= cpus: Busy
-///          slot = slots + cpu * STRIDE;   if slot.lock != 0: Busy
-///          sheaf = slot.main; n = sheaf.count; if n == 0: Exhausted
+/// start:   cpu = rseq->cpu_id;            if cpu >= cpus: None
+///          slot = slots + cpu * STRIDE;   if slot.lock != 0: None
+///          sheaf = slot.main; n = sheaf.count; if n == 0: None
 ///          obj = sheaf.objs[n - 1]
-///          slot.nolock_ok += count        (this CPU only; redone on restart:
+///          if COUNT: slot.nolock_ok += 1  (this CPU only; redone on restart:
 ///                                          may overcount, never undercount)
 ///          sheaf.count = n - 1            // commit
 /// ```
@@ -54,13 +44,11 @@ fn status(st: usize) -> Result<(), SeqFail> {
 /// each main pointer a valid sheaf, live as long as the call; only
 /// sequences and lock holders (see the module documentation) change them.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop(
+pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
     off: isize,
     slots: *const u8,
     cpus: usize,
-    count: u64,
-) -> Result<usize, SeqFail> {
-    let st: usize;
+) -> Option<usize> {
     let obj: usize;
     // SAFETY: per the contract; the block touches only this thread's rseq
     // area and the current CPU's slot and main sheaf, uses no stack, and
@@ -73,7 +61,6 @@ pub(crate) unsafe fn sheaf_pop(
             ".long 0, 0",
             ".quad 21f, 22f - 21f, 24f",
             ".popsection",
-            "xor {st:e}, {st:e}",
             "23:",
             "lea {t}, [rip + 20b]",
             "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
@@ -88,9 +75,11 @@ pub(crate) unsafe fn sheaf_pop(
             "mov {sheaf}, qword ptr [{t} + {SLOT_MAIN}]",
             "mov {n}, qword ptr [{sheaf} + {SHEAF_COUNT}]",
             "test {n}, {n}",
-            "jz 26f",
+            "jz 25f",
             "mov {obj}, qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS} - 8]",
-            "add qword ptr [{t} + {SLOT_NOLOCK_OK}], {count}",
+            ".if {COUNT}",
+            "add qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
+            ".endif",
             "dec {n}",
             "mov qword ptr [{sheaf} + {SHEAF_COUNT}], {n}", // commit
             "22:",
@@ -100,16 +89,11 @@ pub(crate) unsafe fn sheaf_pop(
             "24:",
             "jmp 23b",
             "25:",
-            "mov {st:e}, {BUSY}",
-            "jmp 29f",
-            "26:",
-            "mov {st:e}, {EXHAUSTED}",
+            "xor {obj:e}, {obj:e}",
             "29:",
             off = in(reg) off,
             slots = in(reg) slots,
             cpus = in(reg) cpus,
-            count = in(reg) count,
-            st = out(reg) st,
             obj = out(reg) obj,
             t = out(reg) _,
             sheaf = out(reg) _,
@@ -120,41 +104,39 @@ pub(crate) unsafe fn sheaf_pop(
             SLOT_LOCK = const SLOT_LOCK,
             SLOT_MAIN = const SLOT_MAIN,
             SLOT_NOLOCK_OK = const SLOT_NOLOCK_OK,
+            COUNT = const COUNT as u8,
             SHEAF_COUNT = const SHEAF_COUNT,
             SHEAF_OBJS = const SHEAF_OBJS,
             SIG = const RSEQ_SIG,
-            BUSY = const BUSY,
-            EXHAUSTED = const EXHAUSTED,
             options(nostack),
         );
     }
-    status(st).map(|()| obj)
+    (obj != 0).then_some(obj)
 }
 
-/// Pushes `obj` onto this CPU's level-0 main sheaf:
+/// Pushes `obj` onto this CPU's level-0 main sheaf; `false` (nothing
+/// changed) when this CPU has no slot group, its slot is held, or its main
+/// sheaf is full:
 ///
 /// ```text
 /// restart: rseq->rseq_cs = &cs
-/// start:   cpu, slot as in sheaf_pop;      Busy if none or held
+/// start:   cpu, slot as in sheaf_pop;      false if none or held
 ///          sheaf = slot.main; n = sheaf.count
-///          if n == CAP: Exhausted
-///          if n > 0 and sheaf.objs[n - 1] == obj: Duplicate
+///          if n == CAP: false
 ///          sheaf.objs[n] = obj            (above the count: invisible)
 ///          sheaf.count = n + 1            // commit
 /// ```
 ///
+/// The failure exits jump straight to the caller's code (`asm goto`), so
+/// the fast path carries no status register.
+///
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push(
-    off: isize,
-    slots: *const u8,
-    cpus: usize,
-    obj: usize,
-) -> Result<(), SeqFail> {
-    let st: usize;
+pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: usize) -> bool {
     // SAFETY: as in `sheaf_pop`; the store to `objs[n]` lies above the
-    // count, where no other context looks until a commit covers it.
+    // count, where no other context looks until a commit covers it. The
+    // failure label is outside the section, reached before any store.
     unsafe {
         core::arch::asm!(
             ".pushsection __rseq_cs, \"aw\"",
@@ -163,27 +145,21 @@ pub(crate) unsafe fn sheaf_push(
             ".long 0, 0",
             ".quad 21f, 22f - 21f, 24f",
             ".popsection",
-            "xor {st:e}, {st:e}",
             "23:",
             "lea {t}, [rip + 20b]",
             "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
             "21:",
             "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
             "cmp {t}, {cpus}",
-            "jae 25f",
+            "jae {fail}",
             "imul {t}, {t}, {STRIDE}",
             "add {t}, {slots}",
             "cmp byte ptr [{t} + {SLOT_LOCK}], 0",
-            "jne 25f",
+            "jne {fail}",
             "mov {sheaf}, qword ptr [{t} + {SLOT_MAIN}]",
             "mov {n}, qword ptr [{sheaf} + {SHEAF_COUNT}]",
             "cmp {n}, {CAP}",
-            "jae 26f",
-            "test {n}, {n}",
-            "jz 27f",
-            "cmp qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS} - 8], {obj}",
-            "je 28f",
-            "27:",
+            "jae {fail}",
             "mov qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS}], {obj}",
             "inc {n}",
             "mov qword ptr [{sheaf} + {SHEAF_COUNT}], {n}", // commit
@@ -193,20 +169,11 @@ pub(crate) unsafe fn sheaf_push(
             ".long {SIG}",
             "24:",
             "jmp 23b",
-            "25:",
-            "mov {st:e}, {BUSY}",
-            "jmp 29f",
-            "26:",
-            "mov {st:e}, {EXHAUSTED}",
-            "jmp 29f",
-            "28:",
-            "mov {st:e}, {DUPLICATE}",
             "29:",
             off = in(reg) off,
             slots = in(reg) slots,
             cpus = in(reg) cpus,
             obj = in(reg) obj,
-            st = out(reg) st,
             t = out(reg) _,
             sheaf = out(reg) _,
             n = out(reg) _,
@@ -219,13 +186,13 @@ pub(crate) unsafe fn sheaf_push(
             SHEAF_OBJS = const SHEAF_OBJS,
             CAP = const SHEAF_CAP,
             SIG = const RSEQ_SIG,
-            BUSY = const BUSY,
-            EXHAUSTED = const EXHAUSTED,
-            DUPLICATE = const DUPLICATE,
+            fail = label {
+                return false;
+            },
             options(nostack),
         );
     }
-    status(st)
+    true
 }
 
 /// Takes this CPU's level-0 slot lock, ordered with every sequence on that
