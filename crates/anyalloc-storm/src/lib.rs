@@ -15,7 +15,7 @@
 //! |---|---|
 //! | [`signal`] | handlers (`SA_SIGINFO`, a chosen mask), per-thread timers ([`ThreadTimer`], `SIGEV_THREAD_ID`), signal masks, raising a signal on this thread, `errno` preservation, reading a timer signal's value |
 //! | [`reentry`] | evidence of re-entry: the narrow per-thread "inside an allocator call" flag ([`inside`]) and the handlers' nesting depth ([`HandlerEntry`]) |
-//! | [`stash`] | [`Stash`]: a fixed array of atomic handles that a thread and the handlers nested on top of it share without losing or duplicating one |
+//! | [`stash`] | [`Stash`]: a fixed array of atomic handles that a thread and the handlers nested on top of it share without losing or duplicating one; [`HandlerSlot`]: what one thread's handlers share (a stash, a random counter, run counts) |
 //! | [`pattern`] | owner-tagged block contents: a handle ([`Entry`]) packs an address with a kind and a per-allocation nonce; the fill is derived from address, size, kind and nonce, so two owners of one block are caught even when they asked for the same size |
 //! | [`rng`] | [`XorShift`] for threads and [`mix64`] for handlers |
 //! | [`thread`] | thread id, CPU pinning, the current CPU, a monotonic clock |
@@ -36,7 +36,8 @@
 //!   [`HandlerEntry`], [`raise_here`], [`ErrnoGuard`],
 //!   [`signal::signal_value`], [`signal::timer_signal`], [`signal::die`],
 //!   every method of [`Stash`] except `drain` (which is meant for teardown,
-//!   but is no less safe), everything in [`pattern`] and [`rng`],
+//!   but is no less safe) and of [`HandlerSlot`], everything in [`pattern`]
+//!   and [`rng`],
 //!   [`thread::gettid`], [`thread::current_cpu`], [`thread::now_ns`];
 //! * normal context only (they report failure through `std::io::Error` or
 //!   may panic): [`install_handler`], [`mask`], [`ThreadTimer::start`] and
@@ -85,4 +86,4 @@ pub use rng::{mix64, XorShift};
 pub use signal::{
     install_handler, mask, raise_here, storm_signals, ErrnoGuard, Handler, ThreadTimer,
 };
-pub use stash::Stash;
+pub use stash::{HandlerSlot, Stash};

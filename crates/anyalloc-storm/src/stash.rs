@@ -9,7 +9,9 @@
 //! state or the other, and no handle is lost or seen twice. The stash is a
 //! fixed array (no `Vec`, no lock), usable as a `static`. Handler-safe.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::rng::mix64;
 
 /// A fixed set of `N` atomic handle slots. Handler-safe.
 pub struct Stash<const N: usize> {
@@ -88,6 +90,51 @@ impl<const N: usize> Default for Stash<N> {
     }
 }
 
+/// What one thread's storm handlers share, for a storm of two signals: a
+/// stash of `N` blocks that one handler invocation leaves to a later one
+/// (of either signal), a random counter and each signal's run count. Keep
+/// one per worker in a static array and give its index to the worker's
+/// timers ([`ThreadTimer::start`](crate::ThreadTimer::start)'s `value`).
+/// Handler-safe.
+pub struct HandlerSlot<const N: usize> {
+    /// Blocks parked for a later handler invocation.
+    pub stash: Stash<N>,
+    rng: AtomicU64,
+    runs: [AtomicU64; 2],
+}
+
+impl<const N: usize> HandlerSlot<N> {
+    /// An empty slot.
+    pub const fn new() -> Self {
+        HandlerSlot {
+            stash: Stash::new(),
+            rng: AtomicU64::new(0),
+            runs: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    /// A fresh random word: the slot's counter (one atomic add, so a
+    /// nested handler cannot tear it) mixed with `salt`.
+    #[inline]
+    pub fn draw(&self, salt: u64) -> u64 {
+        mix64(self.rng.fetch_add(1, Ordering::Relaxed) ^ salt)
+    }
+
+    /// Counts a run of the handler of signal `which` (0 or 1) and returns
+    /// how many came before it (to act every n-th run, such as forcing the
+    /// other signal to nest).
+    #[inline]
+    pub fn run(&self, which: usize) -> u64 {
+        self.runs[which & 1].fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl<const N: usize> Default for HandlerSlot<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +157,14 @@ mod tests {
         want.sort_unstable();
         assert_eq!(rest, want);
         assert!(s.take(0).is_none());
+    }
+
+    #[test]
+    fn a_handler_slot_counts_runs_and_draws_fresh_words() {
+        let h: HandlerSlot<2> = HandlerSlot::new();
+        assert_eq!((h.run(0), h.run(0), h.run(1)), (0, 1, 0));
+        assert_ne!(h.draw(7), h.draw(7));
+        assert!(h.stash.put(9, 0));
     }
 
     #[test]

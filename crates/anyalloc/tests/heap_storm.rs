@@ -38,8 +38,8 @@ use anyalloc::{Config, Heap};
 use anyalloc_storm::pattern::{self, Entry};
 use anyalloc_storm::signal::signal_value;
 use anyalloc_storm::{
-    inside, install_handler, mix64, raise_here, storm_signals, ErrnoGuard, HandlerEntry, Stash,
-    ThreadTimer, XorShift,
+    inside, install_handler, raise_here, storm_signals, ErrnoGuard, HandlerEntry, HandlerSlot,
+    Stash, ThreadTimer, XorShift,
 };
 
 // ----- object sizes ----------------------------------------------------------------
@@ -160,22 +160,8 @@ static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 static SIGNAL_A: AtomicUsize = AtomicUsize::new(0);
 
 /// Per-thread handler state, indexed by the timers' `sigval`.
-struct HandlerState {
-    stash: Stash<HANDLER_STASH>,
-    rng: AtomicU64,
-    /// Whether the handler of signal A / B is running on this thread.
-    active: [AtomicBool; 2],
-    runs: [AtomicU64; 2],
-}
-
-static HANDLERS: [HandlerState; MAX_THREADS] = [const {
-    HandlerState {
-        stash: Stash::new(),
-        rng: AtomicU64::new(0),
-        active: [const { AtomicBool::new(false) }; 2],
-        runs: [const { AtomicU64::new(0) }; 2],
-    }
-}; MAX_THREADS];
+static HANDLERS: [HandlerSlot<HANDLER_STASH>; MAX_THREADS] =
+    [const { HandlerSlot::new() }; MAX_THREADS];
 
 /// Worker `i` frees what lands in `MAILBOXES[i]` (put there by worker `i-1`);
 /// its handlers take from it too.
@@ -310,14 +296,14 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
         return;
     }
     let st = &HANDLERS[index];
-    st.active[which].store(true, Ordering::Relaxed);
-    if st.active[1 - which].load(Ordering::Relaxed) {
+    // A signal never interrupts its own handler: a nested handler
+    // interrupted the other signal's, on this thread.
+    if entry.nested() {
         bump(&C.nested[which]);
     }
-    let run = st.runs[which].fetch_add(1, Ordering::Relaxed);
+    let run = st.run(which);
     for op in 0..OPS_PER_SIGNAL {
-        // A nested handler cannot tear this state: one fetch_add.
-        let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ (index as u64) << 56);
+        let r = st.draw((index as u64) << 56);
         // One request in 16 large (64 KiB to 4 MiB; one of those in 64 above
         // 4 MiB); of the rest 7 in 8 small (<= 1 KiB), the others up to 32 KiB.
         let large = (r >> 58) % 16 == 0;
@@ -387,7 +373,6 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
             }
         }
     }
-    st.active[which].store(false, Ordering::Relaxed);
 }
 
 // ----- workers -----------------------------------------------------------------

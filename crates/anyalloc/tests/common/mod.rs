@@ -26,8 +26,8 @@ use anyalloc::{Config, PageAllocator, PageStats, MAX_ORDER, PAGE_SIZE, PCP_MAX_O
 use anyalloc_storm::pattern::{self, Entry};
 use anyalloc_storm::signal::signal_value;
 use anyalloc_storm::{
-    inside, install_handler, mix64, raise_here, storm_signals, ErrnoGuard, HandlerEntry, Stash,
-    ThreadTimer, XorShift,
+    inside, install_handler, mix64, raise_here, storm_signals, ErrnoGuard, HandlerEntry,
+    HandlerSlot, Stash, ThreadTimer, XorShift,
 };
 
 // ----- page-block handles -----------------------------------------------------
@@ -244,24 +244,9 @@ static SIGNAL_B: AtomicUsize = AtomicUsize::new(0);
 static OPS_PER_SIGNAL: AtomicUsize = AtomicUsize::new(2);
 static LARGE_EVERY: AtomicUsize = AtomicUsize::new(0);
 
-/// Per-thread handler state, indexed by the timer's `sigval`.
-struct HandlerState {
-    stash: Stash<HANDLER_STASH>,
-    rng: AtomicU64,
-    /// Whether the handler of signal A / B is running on this thread.
-    active: [AtomicBool; 2],
-    /// Handler runs of A / B on this thread (drives the forced nesting).
-    runs: [AtomicU64; 2],
-}
-
-static HANDLERS: [HandlerState; MAX_THREADS] = [const {
-    HandlerState {
-        stash: Stash::new(),
-        rng: AtomicU64::new(0),
-        active: [const { AtomicBool::new(false) }; 2],
-        runs: [const { AtomicU64::new(0) }; 2],
-    }
-}; MAX_THREADS];
+/// Per-thread handler state, indexed by the timers' `sigval`.
+static HANDLERS: [HandlerSlot<HANDLER_STASH>; MAX_THREADS] =
+    [const { HandlerSlot::new() }; MAX_THREADS];
 /// Worker `i` takes blocks from `MAILBOXES[i]`; worker `i - 1` puts them there.
 static MAILBOXES: [Stash<MAILBOX>; MAX_THREADS] = [const { Stash::new() }; MAX_THREADS];
 
@@ -374,14 +359,15 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
         return;
     }
     let st = &HANDLERS[slot];
-    st.active[which].store(true, Ordering::Relaxed);
-    if st.active[1 - which].load(Ordering::Relaxed) {
+    // A signal never interrupts its own handler: a nested handler
+    // interrupted the other signal's, on this thread.
+    if entry.nested() {
         C.nested[which].fetch_add(1, Ordering::Relaxed);
     }
-    let run = st.runs[which].fetch_add(1, Ordering::Relaxed);
+    let run = st.run(which);
     let ops = OPS_PER_SIGNAL.load(Ordering::Relaxed);
     for op in 0..ops {
-        let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ ((slot as u64) << 48));
+        let r = st.draw((slot as u64) << 48);
         let every = LARGE_EVERY.load(Ordering::Relaxed) as u64;
         let large = every != 0 && (r >> 56) % every == 0;
         let order = if large {
@@ -432,7 +418,6 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
             }
         }
     }
-    st.active[which].store(false, Ordering::Relaxed);
 }
 
 /// A worker: normal-path churn with its own timers interrupting it.
