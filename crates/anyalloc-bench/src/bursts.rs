@@ -46,8 +46,11 @@ use serde_json::{json, Value};
 
 use crate::peers::SIGMASKED_GLIBC;
 use crate::pools::{PreallocPool, WatermarkPool};
-use crate::survival::{check, fill};
-use crate::sys::{self, XorShift};
+use crate::sys;
+use anyalloc_storm::pattern::{self, Entry};
+use anyalloc_storm::signal::timer_signal;
+use anyalloc_storm::thread::now_ns;
+use anyalloc_storm::{install_handler, mask, ErrnoGuard, Stash, ThreadTimer, XorShift};
 
 /// Bytes per burst object (the watermark pool's 32/96 marks apply up to
 /// 256 B).
@@ -157,14 +160,16 @@ static SOURCE: OnceLock<Source> = OnceLock::new();
 /// One worker's burst state, touched by its handler and (at the end, with
 /// the signal blocked) by the worker itself.
 struct Held {
-    objs: [AtomicUsize; MAX_BURST],
+    /// The burst's objects (entries: address and owner tag) in slots
+    /// `0..n`.
+    objs: Stash<MAX_BURST>,
     n: AtomicUsize,
     rng: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
 const HELD: Held = Held {
-    objs: [const { AtomicUsize::new(0) }; MAX_BURST],
+    objs: Stash::new(),
     n: AtomicUsize::new(0),
     rng: AtomicU64::new(0),
 };
@@ -184,8 +189,6 @@ struct Counters {
     corrupted: AtomicU64,
     /// Time spent in handlers, ns.
     handler_ns: AtomicU64,
-    /// Nonces: one per burst object.
-    nonces: AtomicU64,
 }
 
 static C: Counters = Counters {
@@ -200,11 +203,7 @@ static C: Counters = Counters {
     churn_fail: AtomicU64::new(0),
     corrupted: AtomicU64::new(0),
     handler_ns: AtomicU64::new(0),
-    nonces: AtomicU64::new(1),
 };
-
-/// A held object: its address and (top 16 bits) its nonce.
-const ADDR_MASK: usize = (1 << 48) - 1;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -232,15 +231,15 @@ fn burst_size(rng: &mut XorShift) -> (usize, usize) {
 /// signal blocked).
 fn free_held(src: &Source, h: &Held) {
     let n = h.n.swap(0, Relaxed);
-    for slot in &h.objs[..n] {
-        let e = slot.swap(0, Relaxed);
+    for k in 0..n {
+        let e = h.objs.swap(k, 0);
         if e != 0 {
-            let p = (e & ADDR_MASK) as *mut u8;
+            let e = Entry(e);
             // SAFETY: an object this thread's handler allocated, filled for
-            // this nonce and kept; checked, then freed once.
+            // this entry and kept; checked, then freed once.
             unsafe {
-                if check(p, OBJECT, (e >> 48) as u64) {
-                    src.free(p);
+                if pattern::check(e, OBJECT).is_ok() {
+                    src.free(e.ptr());
                 } else {
                     C.corrupted.fetch_add(1, Relaxed);
                 }
@@ -260,11 +259,10 @@ fn burst(h: &Held) {
     let mut n = 0;
     for _ in 0..k {
         if let Some(p) = src.alloc() {
-            let nonce = C.nonces.fetch_add(1, Relaxed) & 0xFFFF;
-            // SAFETY: a fresh, 8-aligned object of OBJECT bytes: every byte
-            // written.
-            unsafe { fill(p, OBJECT, nonce) };
-            h.objs[n].store(p as usize | (nonce as usize) << 48, Relaxed);
+            let e = Entry::fresh(p as usize, 0);
+            // SAFETY: a fresh object of OBJECT bytes: every byte written.
+            unsafe { pattern::fill(e, OBJECT) };
+            h.objs.swap(n, e.0);
             n += 1;
         }
     }
@@ -279,25 +277,14 @@ fn burst(h: &Held) {
     C.handler_ns.fetch_add(now_ns().wrapping_sub(t0), Relaxed);
 }
 
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write; clock_gettime is async-signal-safe.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 extern "C" fn on_signal(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    sys::preserving_errno(|| {
-        // SAFETY: the kernel's siginfo for this SA_SIGINFO handler.
-        if let Some(i) = unsafe { sys::timer_value(info) } {
-            if i < MAX_THREADS {
-                burst(&HELD_BY[i]);
-            }
+    let _errno = ErrnoGuard::save();
+    // SAFETY: the kernel's siginfo for this SA_SIGINFO handler.
+    if let Some(t) = unsafe { timer_signal(info) } {
+        if t.value < MAX_THREADS {
+            burst(&HELD_BY[t.value]);
         }
-    });
+    }
 }
 
 fn worker(i: usize, hz: u64, ready: &std::sync::Barrier) -> Result<(), String> {
@@ -316,9 +303,9 @@ fn worker(i: usize, hz: u64, ready: &std::sync::Barrier) -> Result<(), String> {
             *s = (p as usize, size);
         }
     }
-    let timer = sys::ThreadTimer::start(sig, Duration::from_nanos(1_000_000_000 / hz.max(1)), i)
+    let timer = ThreadTimer::start(sig, Duration::from_nanos(1_000_000_000 / hz.max(1)), i)
         .map_err(|e| format!("timer_create: {e}"))?;
-    sys::mask(&[sig], false);
+    mask(&[sig], false);
     ready.wait();
     while !STOP.load(Relaxed) {
         for _ in 0..64 {
@@ -344,7 +331,7 @@ fn worker(i: usize, hz: u64, ready: &std::sync::Barrier) -> Result<(), String> {
         C.churn_ops.fetch_add(64, Relaxed);
     }
     drop(timer);
-    sys::mask(&[sig], true);
+    mask(&[sig], true);
     free_held(src, &HELD_BY[i]);
     for (p, size) in slots {
         if p != 0 {
@@ -368,8 +355,8 @@ pub fn child(args: &[String]) -> i32 {
     };
     let threads = sys::cpus().clamp(1, MAX_THREADS);
     let sig = libc::SIGRTMIN();
-    sys::mask(&[sig], true);
-    if let Err(e) = sys::install_handler(sig, on_signal, &[]) {
+    mask(&[sig], true);
+    if let Err(e) = install_handler(sig, on_signal, &[]) {
         eprintln!("bursts child: sigaction: {e}");
         return 1;
     }

@@ -13,8 +13,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use crate::peers::{alloc_retrying, Alloc, Named};
-use crate::sys::XorShift;
 use crate::{measure, progress, Options, Peer, WorkloadResult};
+use anyalloc_storm::XorShift;
 
 /// Worker threads at a time.
 pub const THREADS: usize = 2;

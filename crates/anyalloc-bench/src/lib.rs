@@ -3,7 +3,10 @@
 //!
 //! The workloads, the peers (mimalloc, jemalloc, buddy_system_allocator) and
 //! the plots need the default `peers` feature; without it the crate is the
-//! measurement core and [`sys`], which `anyalloc stress` uses.
+//! measurement core, the baseline pools and [`sys`]. The signal storms of
+//! the burst and survival workloads are built from the storm kit shared
+//! with the allocator's tests, `anyalloc stress` and the examples
+//! (`anyalloc_storm`: timers, handlers, stashes, owner-tagged patterns).
 //!
 //! This module holds the shared machinery: command-line options,
 //! calibration, interleaved multi-round measurement, statistics, the text

@@ -274,7 +274,7 @@ impl WatermarkPool {
     #[inline]
     fn cache(&self) -> &CpuCache {
         let cpus = &self.shared.cpus;
-        &cpus[sys::cpu() % cpus.len()]
+        &cpus[anyalloc_storm::thread::current_cpu() % cpus.len()]
     }
 
     /// From any context: pops this CPU's list, or fails (`None`) when the
@@ -536,13 +536,7 @@ mod tests {
         assert_eq!((low, high), (32, 96));
         assert_eq!(WatermarkPool::watermarks(4096), (2, 6));
         // Pin to one CPU so that every call sees the same list.
-        // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity only
-        // reads it.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(sys::cpu(), &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
-        }
+        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu());
         let mut got = Vec::new();
         while let Some(p) = pool.alloc() {
             got.push(p);

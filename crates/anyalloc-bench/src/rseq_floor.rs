@@ -299,11 +299,12 @@ mod tests {
         let Some(f) = floor_or_skip() else { return };
         let f = STORM.get_or_init(|| f);
         let sig = libc::SIGRTMIN() + 3;
-        crate::sys::install_handler(sig, on_signal, &[]).unwrap();
+        anyalloc_storm::install_handler(sig, on_signal, &[]).unwrap();
         let before = f.tokens();
         let timer =
-            crate::sys::ThreadTimer::start(sig, std::time::Duration::from_micros(20), 0).unwrap();
-        crate::sys::mask(&[sig], false);
+            anyalloc_storm::ThreadTimer::start(sig, std::time::Duration::from_micros(20), 0)
+                .unwrap();
+        anyalloc_storm::mask(&[sig], false);
         let t0 = std::time::Instant::now();
         let mut pairs = 0u64;
         while t0.elapsed() < std::time::Duration::from_millis(300) {
@@ -316,7 +317,7 @@ mod tests {
             }
             pairs += 1000;
         }
-        crate::sys::mask(&[sig], true);
+        anyalloc_storm::mask(&[sig], true);
         drop(timer);
         let handled = HANDLED.load(std::sync::atomic::Ordering::Relaxed);
         assert!(handled > 100, "only {handled} signals in 300 ms");

@@ -28,7 +28,8 @@
 //!
 //! "Survived" means the data survived too: every byte of every block, the
 //! threads' and the handlers', is filled with a pattern keyed by its
-//! address and a per-allocation nonce kept with its owner, and read back
+//! address and a per-allocation nonce kept with its owner (the storm kit's
+//! owner-tagged pattern, `anyalloc_storm::pattern`), and read back
 //! before the block is freed; a block that fails is counted as corrupted
 //! (and not freed). A run survives when the child exits cleanly, handled
 //! signals, found no corrupted block, and at least one handler allocation
@@ -42,7 +43,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::io::Read;
 use std::ptr::{null_mut, NonNull};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,13 @@ use serde_json::{json, Value};
 
 use crate::peers::{Alloc, GLOBAL_A, JEMALLOC_A, MIMALLOC_A, SIGMASKED_GLIBC, SYSTEM};
 use crate::pools::PreallocPool;
-use crate::sys::{self, XorShift};
+use crate::sys;
+use anyalloc_storm::pattern::{self, Entry};
+use anyalloc_storm::signal::timer_signal;
+use anyalloc_storm::thread::now_ns;
+use anyalloc_storm::{
+    install_handler, mask, storm_signals, ErrnoGuard, Stash, ThreadTimer, XorShift,
+};
 
 /// Worker threads per run.
 const MAX_THREADS: usize = 8;
@@ -61,7 +68,7 @@ const LIVE: usize = 256;
 const STASH: usize = 16;
 /// Rate of signal A per thread.
 pub const SIGNAL_HZ: u64 = 10_000;
-/// Handler object sizes (the index lives in a parked pointer's low bits).
+/// Handler object sizes (the index is a parked entry's kind).
 const SIZES: [usize; 8] = [16, 32, 64, 128, 256, 512, 1024, 2048];
 
 /// The allocators, as (child key, printed name).
@@ -115,73 +122,6 @@ unsafe impl GlobalAlloc for Pool {
     }
 }
 
-const STEP: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// The pattern key of a block: its address and its owner's nonce.
-#[inline]
-fn key(p: *const u8, nonce: u64) -> u64 {
-    mix(p as u64 ^ nonce.rotate_left(29))
-}
-
-/// splitmix64's finaliser.
-#[inline]
-pub(crate) fn mix(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// Fills every byte of `size` bytes at `p` (8-aligned) with the pattern of
-/// the owner holding `nonce`. Any context.
-///
-/// # Safety
-/// `p` is valid for writes of `size` bytes and 8-aligned.
-#[inline]
-pub(crate) unsafe fn fill(p: *mut u8, size: usize, nonce: u64) {
-    let k = key(p, nonce);
-    let words = p as *mut u64;
-    // SAFETY: per the caller: `size / 8` words, then the tail bytes.
-    unsafe {
-        for j in 0..size / 8 {
-            words.add(j).write(k.wrapping_add(j as u64 * STEP));
-        }
-        for t in size & !7..size {
-            p.add(t).write((k >> ((t & 7) * 8)) as u8 ^ 0x5A);
-        }
-    }
-}
-
-/// Whether every byte of the block still holds the pattern [`fill`] wrote
-/// for the owner holding `nonce`. Any context.
-///
-/// # Safety
-/// As for [`fill`] (reads).
-#[inline]
-pub(crate) unsafe fn check(p: *const u8, size: usize, nonce: u64) -> bool {
-    let k = key(p, nonce);
-    let words = p as *const u64;
-    let mut ok = true;
-    // SAFETY: per the caller.
-    unsafe {
-        for j in 0..size / 8 {
-            ok &= words.add(j).read_volatile() == k.wrapping_add(j as u64 * STEP);
-        }
-        for t in size & !7..size {
-            ok &= p.add(t).read_volatile() == (k >> ((t & 7) * 8)) as u8 ^ 0x5A;
-        }
-    }
-    ok
-}
-
-/// A parked handler block: address, size index (low 3 bits) and a 16-bit
-/// nonce (top bits: user-space addresses stay below 2^48).
-#[inline]
-fn park_entry(p: *mut u8, idx: usize, nonce: u64) -> usize {
-    p as usize | idx | ((nonce as usize & 0xFFFF) << 48)
-}
-
 /// An `anyalloc::Heap` seen through `GlobalAlloc`, normal or nolock path.
 struct HeapPath(&'static Heap, bool);
 
@@ -217,13 +157,14 @@ static HANDLER: OnceLock<Alloc> = OnceLock::new();
 
 struct ThreadState {
     rng: AtomicU64,
-    stash: [AtomicUsize; STASH],
+    /// Parked handler blocks: entries whose kind is the size index.
+    stash: Stash<STASH>,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
 const STATE: ThreadState = ThreadState {
     rng: AtomicU64::new(0),
-    stash: [const { AtomicUsize::new(0) }; STASH],
+    stash: Stash::new(),
 };
 static STATES: [ThreadState; MAX_THREADS] = [STATE; MAX_THREADS];
 
@@ -238,8 +179,6 @@ static W_NULLS: AtomicU64 = AtomicU64::new(0);
 static W_NS: AtomicU64 = AtomicU64::new(0);
 /// Blocks whose bytes changed while they were allocated (left unfreed).
 static CORRUPTED: AtomicU64 = AtomicU64::new(0);
-/// Nonces: one per allocation.
-static NONCES: AtomicU64 = AtomicU64::new(1);
 static STOP: AtomicBool = AtomicBool::new(false);
 
 #[inline]
@@ -248,44 +187,34 @@ fn layout_of(idx: usize) -> Layout {
     unsafe { Layout::from_size_align_unchecked(SIZES[idx], 8) }
 }
 
-/// Checks every byte of a block and frees it; a block that fails is counted
-/// and left allocated. Any context.
+/// Checks every byte of a block (the storm kit's owner-tagged pattern)
+/// and frees it; a block that fails is counted and left allocated. Any
+/// context.
 ///
 /// # Safety
-/// `p` is a live block of `a` with layout `l`, filled for `nonce`, owned by
-/// the caller (freed once).
+/// `e` names a live block of `a` with layout `l`, filled for `e`'s owner,
+/// owned by the caller (freed once).
 #[inline]
-unsafe fn check_and_free(a: Alloc, p: *mut u8, l: Layout, nonce: u64) {
+unsafe fn check_and_free(a: Alloc, e: Entry, l: Layout) {
     // SAFETY: per the caller.
     unsafe {
-        if check(p, l.size(), nonce) {
-            a.dealloc(p, l);
+        if pattern::check(e, l.size()).is_ok() {
+            a.dealloc(e.ptr(), l);
         } else {
             CORRUPTED.fetch_add(1, Relaxed);
         }
     }
 }
 
-/// Frees a parked entry (see [`park_entry`]).
+/// Frees a parked entry (0: none).
 fn free_parked(a: Alloc, e: usize) {
     if e != 0 {
-        let p = (e & ((1 << 48) - 1) & !7) as *mut u8;
+        let e = Entry(e);
         // SAFETY: parked by a handler: a live block of `a` with this layout,
-        // filled for this nonce, taken out of its stash slot by swap, so
+        // filled for this entry, taken out of its stash slot by swap, so
         // freed once.
-        unsafe { check_and_free(a, p, layout_of(e & 7), (e >> 48) as u64) };
+        unsafe { check_and_free(a, e, layout_of(e.kind())) };
     }
-}
-
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write; CLOCK_MONOTONIC is always there
-    // and clock_gettime is async-signal-safe.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn handle(st: &ThreadState) {
@@ -303,61 +232,49 @@ fn handle(st: &ThreadState) {
             H_NULLS.fetch_add(1, Relaxed);
             continue;
         }
-        let nonce = NONCES.fetch_add(1, Relaxed) & 0xFFFF;
-        // SAFETY: a fresh, 8-aligned block of SIZES[idx] bytes.
-        unsafe { fill(p, l.size(), nonce) };
+        let e = Entry::fresh(p as usize, idx);
+        // SAFETY: a fresh block of SIZES[idx] bytes.
+        unsafe { pattern::fill(e, l.size()) };
         if rng.below(2) == 0 {
             // SAFETY: just allocated with `l` and filled; freed once.
-            unsafe { check_and_free(a, p, l, nonce) };
+            unsafe { check_and_free(a, e, l) };
         } else {
-            let slot = &st.stash[rng.below(STASH as u64) as usize];
-            free_parked(a, slot.swap(park_entry(p, idx, nonce), Relaxed));
+            free_parked(a, st.stash.swap(rng.below(STASH as u64) as usize, e.0));
         }
     }
     H_NS.fetch_add(now_ns().wrapping_sub(t0), Relaxed);
 }
 
 extern "C" fn on_signal(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    sys::preserving_errno(|| {
-        // SAFETY: the kernel's siginfo for this SA_SIGINFO handler.
-        if let Some(i) = unsafe { sys::timer_value(info) } {
-            if i < MAX_THREADS {
-                handle(&STATES[i]);
-            }
+    let _errno = ErrnoGuard::save();
+    // SAFETY: the kernel's siginfo for this SA_SIGINFO handler.
+    if let Some(t) = unsafe { timer_signal(info) } {
+        if t.value < MAX_THREADS {
+            handle(&STATES[t.value]);
         }
-    });
-}
-
-fn signals() -> [libc::c_int; 2] {
-    [libc::SIGRTMIN(), libc::SIGRTMIN() + 1]
+    }
 }
 
 fn worker(i: usize, a: Alloc, ready: &std::sync::Barrier) -> Result<(), String> {
     STATES[i].rng.store(0xABCD ^ ((i as u64) << 32), Relaxed);
     let mut rng = XorShift::new(0x5EED + i as u64);
-    let mut live = vec![(0usize, 0usize, 0u64); LIVE];
-    let [sa, sb] = signals();
+    // (entry, size); entry 0: none.
+    let mut live = vec![(0usize, 0usize); LIVE];
+    let [sa, sb] = storm_signals();
     let period = Duration::from_nanos(1_000_000_000 / SIGNAL_HZ);
-    let ta = sys::ThreadTimer::start(sa, period, i).map_err(|e| format!("timer: {e}"))?;
-    let tb = sys::ThreadTimer::start(sb, period * 33 / 10, i).map_err(|e| format!("timer: {e}"))?;
-    sys::mask(&signals(), false);
+    let ta = ThreadTimer::start(sa, period, i).map_err(|e| format!("timer: {e}"))?;
+    let tb = ThreadTimer::start(sb, period * 33 / 10, i).map_err(|e| format!("timer: {e}"))?;
+    mask(&storm_signals(), false);
     ready.wait();
     let t0 = now_ns();
     while !STOP.load(Relaxed) {
         for _ in 0..64 {
             let j = rng.below(LIVE as u64) as usize;
-            let (p, size, nonce) = live[j];
-            if p != 0 {
+            let (e, size) = live[j];
+            if e != 0 {
                 // SAFETY: a live block of `a` of this size, filled for this
-                // nonce, freed once.
-                unsafe {
-                    check_and_free(
-                        a,
-                        p as *mut u8,
-                        Layout::from_size_align_unchecked(size, 8),
-                        nonce,
-                    )
-                };
+                // entry, freed once.
+                unsafe { check_and_free(a, Entry(e), Layout::from_size_align_unchecked(size, 8)) };
             }
             let size = 8 + rng.below(4089) as usize;
             // SAFETY: 8 <= size <= 4096 with alignment 8: a valid layout.
@@ -366,35 +283,28 @@ fn worker(i: usize, a: Alloc, ready: &std::sync::Barrier) -> Result<(), String> 
             let q = unsafe { a.alloc(l) };
             if q.is_null() {
                 W_NULLS.fetch_add(1, Relaxed);
-                live[j] = (0, 0, 0);
+                live[j] = (0, 0);
             } else {
-                let nonce = rng.next_u64();
-                // SAFETY: a fresh, 8-aligned block of `size` bytes.
-                unsafe { fill(q, size, nonce) };
-                live[j] = (q as usize, size, nonce);
+                let e = Entry::fresh(q as usize, 0);
+                // SAFETY: a fresh block of `size` bytes.
+                unsafe { pattern::fill(e, size) };
+                live[j] = (e.0, size);
             }
         }
         W_OPS.fetch_add(64, Relaxed);
     }
     W_NS.fetch_add(now_ns() - t0, Relaxed);
     drop((ta, tb));
-    sys::mask(&signals(), true);
-    for (p, size, nonce) in live {
-        if p != 0 {
+    mask(&storm_signals(), true);
+    for (e, size) in live {
+        if e != 0 {
             // SAFETY: as above.
-            unsafe {
-                check_and_free(
-                    a,
-                    p as *mut u8,
-                    Layout::from_size_align_unchecked(size, 8),
-                    nonce,
-                )
-            };
+            unsafe { check_and_free(a, Entry(e), Layout::from_size_align_unchecked(size, 8)) };
         }
     }
     let h = *HANDLER.get().expect("set");
-    for s in &STATES[i].stash {
-        free_parked(h, s.swap(0, Relaxed));
+    for e in STATES[i].stash.drain() {
+        free_parked(h, e);
     }
     Ok(())
 }
@@ -441,10 +351,9 @@ pub fn child(args: &[String]) -> i32 {
         }
     };
     let _ = HANDLER.set(handlers);
-    let [sa, sb] = signals();
-    sys::mask(&signals(), true);
-    for s in [sa, sb] {
-        if let Err(e) = sys::install_handler(s, on_signal, &[]) {
+    mask(&storm_signals(), true);
+    for s in storm_signals() {
+        if let Err(e) = install_handler(s, on_signal, &[]) {
             eprintln!("survival child: sigaction: {e}");
             return 1;
         }
@@ -619,25 +528,24 @@ mod tests {
     #[test]
     fn every_byte_is_checked_and_owners_differ() {
         let mut buf = vec![0u64; 513];
-        let p = buf.as_mut_ptr() as *mut u8;
+        let p = buf.as_mut_ptr() as usize;
         for size in [8, 13, 16, 100, 4096] {
-            // SAFETY: the buffer holds 4104 bytes, 8-aligned.
+            let (mine, theirs) = (Entry::new(p, 5, 5), Entry::new(p, 5, 6));
+            // SAFETY: the buffer holds 4104 bytes.
             unsafe {
-                fill(p, size, 5);
-                assert!(check(p, size, 5));
-                assert!(!check(p, size, 6), "another owner's nonce");
+                pattern::fill(mine, size);
+                assert!(pattern::check(mine, size).is_ok());
+                assert!(
+                    pattern::check(theirs, size).is_err(),
+                    "another owner's nonce"
+                );
                 for at in [0, size / 2, size - 1] {
-                    *p.add(at) ^= 1;
-                    assert!(!check(p, size, 5), "byte {at} of {size}");
-                    *p.add(at) ^= 1;
+                    *(p as *mut u8).add(at) ^= 1;
+                    assert!(pattern::check(mine, size).is_err(), "byte {at} of {size}");
+                    *(p as *mut u8).add(at) ^= 1;
                 }
             }
         }
-        let e = park_entry(0x7f00_0000_1000 as *mut u8, 5, 0xABCD);
-        assert_eq!(
-            (e & ((1 << 48) - 1) & !7, e & 7, e >> 48),
-            (0x7f00_0000_1000, 5, 0xABCD)
-        );
     }
 
     #[test]

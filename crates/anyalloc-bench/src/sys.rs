@@ -1,11 +1,10 @@
-//! Small OS helpers for the any-context workloads: resident set size,
-//! per-thread POSIX timers, signal handlers and masks, the current CPU, a
-//! xorshift generator, and the machine description. (Futex wait and wake
-//! come from the allocator: `anyalloc::platform::futex`.)
-//!
-//! Everything here that a signal handler may call (`cpu`, [`XorShift`]) is
-//! async-signal-safe: no allocation, no lock.
+//! Small OS helpers for the benchmarks: resident set size, CPU counts,
+//! thread CPU times, and the machine description. Normal context only.
+//! (The storm machinery, timers, signal handlers and masks, the current
+//! CPU, xorshift and patterns, is the `anyalloc_storm` kit; futex wait and
+//! wake come from the allocator: `anyalloc::platform::futex`.)
 
+#[cfg(test)]
 use std::time::Duration;
 
 /// Bytes resident in memory now (`/proc/self/statm`, second field, in
@@ -22,15 +21,6 @@ pub fn rss_bytes() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
     pages * page
-}
-
-/// The CPU this thread runs on (`sched_getcpu`: rseq or vDSO, no lock, no
-/// allocation), `0` if unknown.
-#[inline]
-pub fn cpu() -> usize {
-    // SAFETY: sched_getcpu has no preconditions and is async-signal-safe.
-    let c = unsafe { libc::sched_getcpu() };
-    c.max(0) as usize
 }
 
 /// CPUs this process may run on.
@@ -82,156 +72,6 @@ pub fn thread_cpu_ns(tid: i32) -> u64 {
 /// The summed CPU time of `tids`, in ns.
 pub fn threads_cpu_ns(tids: &[i32]) -> u64 {
     tids.iter().map(|&t| thread_cpu_ns(t)).sum()
-}
-
-/// A xorshift64* generator: tiny, no allocation, good enough for workloads.
-#[derive(Debug, Clone)]
-pub struct XorShift(u64);
-
-impl XorShift {
-    /// A generator from `seed` (any value; 0 is remapped).
-    pub fn new(seed: u64) -> Self {
-        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    /// The next value.
-    #[inline]
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    #[inline]
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() >> 32) * n) >> 32
-    }
-}
-
-/// A handler with the `SA_SIGINFO` signature.
-pub type Handler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
-
-/// Installs `handler` for `sig`; while it runs, `sig` and every signal in
-/// `also_mask` are blocked (so a signal never recurses into itself: see
-/// DESIGN.md's pitfalls).
-pub fn install_handler(
-    sig: libc::c_int,
-    handler: Handler,
-    also_mask: &[libc::c_int],
-) -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction is a valid start; the handler has the
-    // SA_SIGINFO signature; the mask is initialised by sigemptyset before
-    // sigaddset and sigaction read it.
-    let rc = unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = handler as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaddset(&mut sa.sa_mask, sig);
-        for &s in also_mask {
-            libc::sigaddset(&mut sa.sa_mask, s);
-        }
-        libc::sigaction(sig, &sa, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Blocks (or unblocks) `sigs` for the calling thread.
-pub fn mask(sigs: &[libc::c_int], block: bool) {
-    // SAFETY: the set is initialised by sigemptyset before use;
-    // pthread_sigmask only changes this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &s in sigs {
-            libc::sigaddset(&mut set, s);
-        }
-        let how = if block {
-            libc::SIG_BLOCK
-        } else {
-            libc::SIG_UNBLOCK
-        };
-        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
-    }
-}
-
-/// A periodic POSIX timer that sends `sig` to the calling thread every
-/// `interval`, with `value` as the signal's `sival_ptr`. Deleted on drop.
-pub struct ThreadTimer(libc::timer_t);
-
-impl ThreadTimer {
-    /// Creates and arms the timer.
-    pub fn start(sig: libc::c_int, interval: Duration, value: usize) -> std::io::Result<Self> {
-        let interval = interval.max(Duration::from_nanos(1));
-        let ts = libc::timespec {
-            tv_sec: interval.as_secs() as libc::time_t,
-            tv_nsec: interval.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: gettid has no preconditions; the sigevent is zeroed then
-        // filled for SIGEV_THREAD_ID (the calling thread exists);
-        // timer_create writes the id into `t`.
-        unsafe {
-            let mut sev: libc::sigevent = std::mem::zeroed();
-            sev.sigev_notify = libc::SIGEV_THREAD_ID;
-            sev.sigev_signo = sig;
-            sev.sigev_notify_thread_id = libc::gettid();
-            sev.sigev_value = libc::sigval {
-                sival_ptr: value as *mut libc::c_void,
-            };
-            let mut t: libc::timer_t = std::ptr::null_mut();
-            if libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let its = libc::itimerspec {
-                it_interval: ts,
-                it_value: ts,
-            };
-            if libc::timer_settime(t, 0, &its, std::ptr::null_mut()) != 0 {
-                let e = std::io::Error::last_os_error();
-                libc::timer_delete(t);
-                return Err(e);
-            }
-            Ok(ThreadTimer(t))
-        }
-    }
-}
-
-impl Drop for ThreadTimer {
-    fn drop(&mut self) {
-        // SAFETY: a timer created by `start`, deleted once.
-        unsafe { libc::timer_delete(self.0) };
-    }
-}
-
-/// The `sival_ptr` of a timer signal (`None` for a signal not sent by a
-/// timer).
-///
-/// # Safety
-/// `info` is the `siginfo_t` the kernel passed to an `SA_SIGINFO` handler.
-pub unsafe fn timer_value(info: *const libc::siginfo_t) -> Option<usize> {
-    if info.is_null() {
-        return None;
-    }
-    // SAFETY: per the caller; for SI_TIMER the value field is filled.
-    let (code, value) = unsafe { ((*info).si_code, (*info).si_value()) };
-    (code == libc::SI_TIMER).then_some(value.sival_ptr as usize)
-}
-
-/// Runs `f` with `errno` saved and restored (for signal handlers).
-#[inline]
-pub fn preserving_errno(f: impl FnOnce()) {
-    // SAFETY: errno is this thread's; read and restored around `f`.
-    let e = unsafe { *libc::__errno_location() };
-    f();
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = e };
 }
 
 /// The machine a run came from, for reports.
@@ -393,11 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn rss_is_positive_and_rng_is_bounded() {
+    fn rss_is_positive() {
         assert!(rss_bytes() > 0);
-        let mut r = XorShift::new(0);
-        for _ in 0..10_000 {
-            assert!(r.below(7) < 7);
-        }
     }
 }

@@ -14,7 +14,6 @@
 //! that building the stress command builds none of the peers.
 
 mod hist;
-mod pattern;
 mod report;
 mod storm;
 

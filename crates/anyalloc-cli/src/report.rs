@@ -546,7 +546,7 @@ pub fn write_thread_report(threads: usize, stalled_for_s: u64) {
         "\nanyalloc stress: DEADLOCK SUSPECTED: no progress for {stalled_for_s} s. Last operation of each thread:"
     );
     for (i, t) in SLOTS[..threads].iter().enumerate() {
-        let depth = t.depth.load(Relaxed);
+        let depth = t.reentry.depth();
         let _ = writeln!(
             w,
             "  thread {i:3}: worker {:<22} ops {:>12}  | signal A handler {:<24} | signal B handler {:<24} | signals {:>9}, in a handler now: {}{}",

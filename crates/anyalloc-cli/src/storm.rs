@@ -12,18 +12,21 @@
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{
-    compiler_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
-    Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 use std::time::Duration;
 
 use allocator_api2::boxed::Box as NBox;
 use anyalloc::{Heap, NoLock, PAGE_SIZE};
 
-use anyalloc_bench::sys::ThreadTimer;
+use anyalloc_storm::pattern::{self, Entry, Mismatch};
+use anyalloc_storm::signal::timer_signal;
+use anyalloc_storm::{
+    install_handler, mask, mix64, storm_signals, ErrnoGuard, Reentry, Stash, ThreadTimer, XorShift,
+};
 
 use crate::hist::Histogram;
-use crate::pattern::{self, Entry, Mismatch, XorShift};
 
 /// At most this many worker threads (each has a static slot).
 pub const MAX_THREADS: usize = 256;
@@ -38,8 +41,8 @@ pub const STASH: usize = 32;
 /// Cross-thread handler stash (blocks a handler on another thread frees).
 const XSTASH: usize = 256;
 
-// Entry kinds, in the low bits of a stashed block address (all blocks are
-// at least 8-aligned); the owner's nonce is in the top bits (`Entry`).
+// Entry kinds: with the owner's nonce, the tag a stashed block's address
+// carries (`anyalloc_storm::Entry`) and its pattern is derived from.
 pub const KIND_PAGE: usize = 1;
 pub const KIND_OBJECT: usize = 2;
 pub const KIND_BOX: usize = 3;
@@ -138,16 +141,16 @@ pub struct ThreadSlot {
     /// one was still pending: the thread was not running, or was in the
     /// handler with that signal masked).
     pub overruns: AtomicU64,
-    /// Handlers running right now on this thread (0, 1 or 2).
-    pub depth: AtomicU32,
     /// The deepest nesting seen.
     pub max_depth: AtomicU32,
-    /// Allocator calls this thread is inside right now (its worker and its
-    /// handlers): set just before each call into anyalloc, cleared just
-    /// after, so a handler can tell that it interrupted one.
-    pub in_alloc: AtomicU32,
+    /// The thread's re-entry state: the allocator calls it (its worker and
+    /// its handlers) is inside right now, raised around each call into
+    /// anyalloc so a handler can tell that it interrupted one, and the
+    /// handlers running on it right now (0, 1 or 2). In the slot, not a
+    /// thread-local, so that the watchdog can read the depth.
+    pub reentry: Reentry,
     /// Handler invocations that began while this thread was inside an
-    /// allocator call ([`ThreadSlot::in_alloc`] non-zero).
+    /// allocator call.
     pub interrupted_inside: AtomicU64,
     /// Whether the worker is between start and exit.
     pub running: AtomicBool,
@@ -157,8 +160,8 @@ pub struct ThreadSlot {
     pub handler_op: [AtomicU8; 2],
     /// Handler randomness: every invocation takes a fresh value.
     rng: AtomicU64,
-    /// Blocks the handlers parked for a later invocation (tagged addresses).
-    stash: [AtomicUsize; STASH],
+    /// Blocks the handlers parked for a later invocation (entries).
+    stash: Stash<STASH>,
 }
 
 impl ThreadSlot {
@@ -168,15 +171,14 @@ impl ThreadSlot {
         signals: AtomicU64::new(0),
         nested: AtomicU64::new(0),
         overruns: AtomicU64::new(0),
-        depth: AtomicU32::new(0),
         max_depth: AtomicU32::new(0),
-        in_alloc: AtomicU32::new(0),
+        reentry: Reentry::new(),
         interrupted_inside: AtomicU64::new(0),
         running: AtomicBool::new(false),
         worker_op: AtomicU8::new(0),
         handler_op: [const { AtomicU8::new(0) }; 2],
         rng: AtomicU64::new(0),
-        stash: [const { AtomicUsize::new(0) }; STASH],
+        stash: Stash::new(),
     };
 }
 
@@ -264,8 +266,8 @@ pub static CORRUPT: AtomicBool = AtomicBool::new(false);
 /// The stress heap, for the handlers (set once before any timer starts).
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 
-static HANDOFF_SLOTS: [AtomicUsize; HANDOFF] = [const { AtomicUsize::new(0) }; HANDOFF];
-static XSTASH_SLOTS: [AtomicUsize; XSTASH] = [const { AtomicUsize::new(0) }; XSTASH];
+static HANDOFF_SLOTS: Stash<HANDOFF> = Stash::new();
+static XSTASH_SLOTS: Stash<XSTASH> = Stash::new();
 
 pub fn set_heap(heap: &'static Heap) {
     HEAP.store(heap as *const Heap as *mut Heap, Release);
@@ -277,34 +279,17 @@ fn heap() -> Option<&'static Heap> {
     (!p.is_null()).then(|| unsafe { &*p })
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds (vDSO: no syscall, signal-safe).
-#[inline]
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always
-    // exists, and clock_gettime is async-signal-safe.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use anyalloc_storm::thread::now_ns;
 
-/// Runs `f`, one call into the allocator, with the thread's
-/// [`ThreadSlot::in_alloc`] raised around exactly that call. Only this
-/// thread and the handlers that interrupt it touch the counter, and a
-/// handler restores it before returning, so a plain load and store suffice;
-/// the compiler fences keep the call's code between them.
+/// Runs `f`, one call into the allocator, with the thread's in-allocator
+/// flag ([`ThreadSlot::reentry`]) raised around exactly that call; the main
+/// thread's teardown (no slot, no signals) runs it plainly.
 #[inline(always)]
 fn inside<R>(slot: Option<&ThreadSlot>, f: impl FnOnce() -> R) -> R {
-    let Some(slot) = slot else { return f() };
-    let n = slot.in_alloc.load(Relaxed);
-    slot.in_alloc.store(n + 1, Relaxed);
-    compiler_fence(SeqCst);
-    let r = f();
-    compiler_fence(SeqCst);
-    slot.in_alloc.store(n, Relaxed);
-    r
+    match slot {
+        Some(slot) => slot.reentry.inside(f),
+        None => f(),
+    }
 }
 
 #[cold]
@@ -329,7 +314,7 @@ enum Path {
 }
 
 /// Who frees: the operation word the watchdog reads, and the thread slot
-/// whose [`ThreadSlot::in_alloc`] marks the allocator call (`None` for the
+/// whose [`ThreadSlot::reentry`] marks the allocator call (`None` for the
 /// main thread's teardown, which takes no signals).
 #[derive(Clone, Copy)]
 struct Ctx<'a> {
@@ -343,7 +328,6 @@ struct Ctx<'a> {
 fn free_entry(heap: &Heap, entry: usize, cx: Ctx<'_>, path: Path) {
     let e = Entry(entry);
     let kind = e.kind();
-    let nonce = e.nonce();
     let p = e.addr() as *mut u8;
     let op = cx.op;
     let code = match kind {
@@ -356,12 +340,12 @@ fn free_entry(heap: &Heap, entry: usize, cx: Ctx<'_>, path: Path) {
     op.store(Op::Check as u8, Relaxed);
     // SAFETY: every tagged entry is a live block we filled (at least 8
     // bytes, 8-aligned), owned by whoever took it out of its stash.
-    let size = match unsafe { pattern::size_of(p, nonce) } {
+    let size = match unsafe { pattern::size_of(e) } {
         Ok(s) => s,
         Err(m) => return leak(code, p as usize, kind, m),
     };
     // SAFETY: as above; the header says the block has `size` bytes.
-    if let Err(m) = unsafe { pattern::check(p, size, nonce) } {
+    if let Err(m) = unsafe { pattern::check(e, size) } {
         return leak(code, p as usize, kind, m);
     }
     op.store(code as u8, Relaxed);
@@ -477,15 +461,16 @@ fn object_size(rng: &mut XorShift) -> usize {
 /// filled, then freed now, parked in this thread's stash, or handed to the
 /// cross-thread stash; sometimes an older stashed block is freed too.
 fn handle(slot: &'static ThreadSlot, level: usize) {
-    if slot.in_alloc.load(Relaxed) != 0 {
+    // Held until the handler returns: its nesting level.
+    let entry = slot.reentry.enter();
+    if entry.in_allocator() {
         slot.interrupted_inside.fetch_add(1, Relaxed);
     }
-    let depth = slot.depth.fetch_add(1, Relaxed);
     slot.signals.fetch_add(1, Relaxed);
-    if depth > 0 {
+    if entry.nested() {
         slot.nested.fetch_add(1, Relaxed);
     }
-    slot.max_depth.fetch_max(depth + 1, Relaxed);
+    slot.max_depth.fetch_max(entry.depth() + 1, Relaxed);
     let op = &slot.handler_op[level];
     let cx = Ctx {
         op,
@@ -508,10 +493,9 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
         match r {
             Some(p) => {
                 k.ok.fetch_add(1, Relaxed);
-                let nonce = pattern::next_nonce();
+                let e = Entry::fresh(p.as_ptr() as usize, KIND_PAGE);
                 // SAFETY: a fresh block of 2^order pages.
-                unsafe { pattern::fill(p.as_ptr(), PAGE_SIZE << order, nonce) };
-                let e = Entry::new(p.as_ptr() as usize, KIND_PAGE, nonce);
+                unsafe { pattern::fill(e, PAGE_SIZE << order) };
                 dispose(heap, slot, cx, &mut rng, e);
             }
             None => {
@@ -541,11 +525,9 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
         k.attempts.fetch_add(1, Relaxed);
         if let Some(p) = r {
             k.ok.fetch_add(1, Relaxed);
-            let nonce = pattern::next_nonce();
-            // SAFETY: a fresh object of at least `layout.size()` bytes,
-            // 8-aligned.
-            unsafe { pattern::fill(p.as_ptr(), layout.size(), nonce) };
-            let e = Entry::new(p.as_ptr() as usize, KIND_OBJECT, nonce);
+            let e = Entry::fresh(p.as_ptr() as usize, KIND_OBJECT);
+            // SAFETY: a fresh object of at least `layout.size()` bytes.
+            unsafe { pattern::fill(e, layout.size()) };
             dispose(heap, slot, cx, &mut rng, e);
         }
 
@@ -564,16 +546,10 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
         if let Some(p) = r {
             k.ok.fetch_add(1, Relaxed);
             let bytes = [16, 128, 1024][which as usize];
-            let nonce = pattern::next_nonce();
-            // SAFETY: the box's memory: `bytes` bytes, 8-aligned.
-            unsafe { pattern::fill(p, bytes, nonce) };
-            dispose(
-                heap,
-                slot,
-                cx,
-                &mut rng,
-                Entry::new(p as usize, KIND_BOX, nonce),
-            );
+            let e = Entry::fresh(p as usize, KIND_BOX);
+            // SAFETY: the box's memory: `bytes` bytes.
+            unsafe { pattern::fill(e, bytes) };
+            dispose(heap, slot, cx, &mut rng, e);
         }
 
         // Every fourth time a large object (64 KiB to 4 MiB).
@@ -590,10 +566,9 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
             k.attempts.fetch_add(1, Relaxed);
             if let Some(p) = r {
                 k.ok.fetch_add(1, Relaxed);
-                let nonce = pattern::next_nonce();
-                // SAFETY: a fresh object of at least `size` bytes, 8-aligned.
-                unsafe { pattern::fill(p.as_ptr(), size, nonce) };
-                let e = Entry::new(p.as_ptr() as usize, KIND_LARGE, nonce);
+                let e = Entry::fresh(p.as_ptr() as usize, KIND_LARGE);
+                // SAFETY: a fresh object of at least `size` bytes.
+                unsafe { pattern::fill(e, size) };
                 dispose(heap, slot, cx, &mut rng, e);
             }
         }
@@ -601,14 +576,13 @@ fn handle(slot: &'static ThreadSlot, level: usize) {
         // Sometimes free an older stashed block, whatever its kind.
         if rng.below(4) == 0 {
             op.store(Op::Stash as u8, Relaxed);
-            let e = slot.stash[rng.below(STASH as u64) as usize].swap(0, AcqRel);
+            let e = slot.stash.swap(rng.below(STASH as u64) as usize, 0);
             if e != 0 {
                 free_entry(heap, e, cx, Path::Nolock);
             }
         }
     }
     op.store(Op::Idle as u8, Relaxed);
-    slot.depth.fetch_sub(1, Relaxed);
 }
 
 fn dispose(heap: &Heap, slot: &ThreadSlot, cx: Ctx<'_>, rng: &mut XorShift, e: Entry) {
@@ -618,7 +592,7 @@ fn dispose(heap: &Heap, slot: &ThreadSlot, cx: Ctx<'_>, rng: &mut XorShift, e: E
         4..=6 => {
             op.store(Op::Stash as u8, Relaxed);
             KINDS[kind].stashed.fetch_add(1, Relaxed);
-            let old = slot.stash[rng.below(STASH as u64) as usize].swap(entry, AcqRel);
+            let old = slot.stash.swap(rng.below(STASH as u64) as usize, entry);
             if old != 0 {
                 free_entry(heap, old, cx, Path::Nolock);
             }
@@ -626,7 +600,7 @@ fn dispose(heap: &Heap, slot: &ThreadSlot, cx: Ctx<'_>, rng: &mut XorShift, e: E
         _ => {
             op.store(Op::Stash as u8, Relaxed);
             KINDS[kind].crossed.fetch_add(1, Relaxed);
-            let old = XSTASH_SLOTS[rng.below(XSTASH as u64) as usize].swap(entry, AcqRel);
+            let old = XSTASH_SLOTS.swap(rng.below(XSTASH as u64) as usize, entry);
             if old != 0 {
                 free_entry(heap, old, cx, Path::Nolock);
             }
@@ -637,36 +611,25 @@ fn dispose(heap: &Heap, slot: &ThreadSlot, cx: Ctx<'_>, rng: &mut XorShift, e: E
 /// The slot a timer signal is for: the timer's `sival_ptr`, checked to be
 /// one of [`SLOTS`]; and the timer's overrun count.
 fn slot_of(info: *const libc::siginfo_t) -> Option<(&'static ThreadSlot, u64)> {
-    if info.is_null() {
-        return None;
-    }
-    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t; for
-    // SI_TIMER its timer fields (value, overrun) are the ones filled.
-    let (code, value, overrun) =
-        unsafe { ((*info).si_code, (*info).si_value(), (*info).si_overrun()) };
-    if code != libc::SI_TIMER {
-        return None; // not from our timers (someone sent it by hand)
-    }
-    let p = value.sival_ptr as usize;
+    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t.
+    let t = unsafe { timer_signal(info) }?; // None: not from our timers
+    let p = t.value;
     let base = SLOTS.as_ptr() as usize;
     let size = std::mem::size_of::<ThreadSlot>();
     if p < base || !(p - base).is_multiple_of(size) || (p - base) / size >= MAX_THREADS {
         return None;
     }
-    Some((&SLOTS[(p - base) / size], overrun.max(0) as u64))
+    Some((&SLOTS[(p - base) / size], t.overrun))
 }
 
 fn on_signal(level: usize, info: *const libc::siginfo_t) {
-    // SAFETY: errno is this thread's; saved and restored around the handler.
-    let errno = unsafe { *libc::__errno_location() };
+    let _errno = ErrnoGuard::save();
     if let Some((slot, overrun)) = slot_of(info) {
         if overrun > 0 {
             slot.overruns.fetch_add(overrun, Relaxed);
         }
         handle(slot, level);
     }
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
 }
 
 extern "C" fn on_signal_a(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
@@ -677,59 +640,19 @@ extern "C" fn on_signal_b(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *
     on_signal(1, info);
 }
 
-/// The two timer signals.
-pub fn signals() -> [libc::c_int; 2] {
-    [libc::SIGRTMIN(), libc::SIGRTMIN() + 1]
-}
-
 /// Installs both handlers. With `nested`, each masks only its own signal,
 /// so either can interrupt the other's handler (depth at most 2); without,
 /// each masks both.
 pub fn install_handlers(nested: bool) -> std::io::Result<()> {
-    let [a, b] = signals();
-    for (sig, f) in [
-        (a, on_signal_a as extern "C" fn(_, _, _)),
-        (b, on_signal_b as extern "C" fn(_, _, _)),
-    ] {
-        // SAFETY: a zeroed sigaction is a valid start; the handler is an
-        // extern "C" fn with the SA_SIGINFO signature; the mask is built
-        // with sigemptyset/sigaddset before sigaction reads it.
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = f as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaddset(&mut sa.sa_mask, sig);
-            if !nested {
-                libc::sigaddset(&mut sa.sa_mask, a);
-                libc::sigaddset(&mut sa.sa_mask, b);
-            }
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    let both = storm_signals();
+    let also: &[libc::c_int] = if nested { &[] } else { &both };
+    install_handler(both[0], on_signal_a, also)?;
+    install_handler(both[1], on_signal_b, also)
 }
 
 /// Blocks (or unblocks) both timer signals for the calling thread.
 pub fn mask_signals(block: bool) {
-    let [a, b] = signals();
-    // SAFETY: the set is initialised by sigemptyset before use;
-    // pthread_sigmask only changes this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, a);
-        libc::sigaddset(&mut set, b);
-        let how = if block {
-            libc::SIG_BLOCK
-        } else {
-            libc::SIG_UNBLOCK
-        };
-        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
-    }
+    mask(&storm_signals(), block);
 }
 
 // ----- workers ---------------------------------------------------------------------
@@ -763,10 +686,10 @@ fn alloc_filled(heap: &Heap, slot: &ThreadSlot, size: usize) -> usize {
     match inside(Some(slot), || heap.alloc(layout)) {
         Some(p) => {
             KINDS[KIND_WORKER].ok.fetch_add(1, Relaxed);
-            let nonce = pattern::next_nonce();
-            // SAFETY: a fresh block of at least `size` bytes, 8-aligned.
-            unsafe { pattern::fill(p.as_ptr(), size, nonce) };
-            Entry::new(p.as_ptr() as usize, KIND_WORKER, nonce).0
+            let e = Entry::fresh(p.as_ptr() as usize, KIND_WORKER);
+            // SAFETY: a fresh block of at least `size` bytes.
+            unsafe { pattern::fill(e, size) };
+            e.0
         }
         None => {
             NORMAL_FAIL.fetch_add(1, Relaxed);
@@ -784,15 +707,15 @@ fn global_vec(slot: &ThreadSlot, rng: &mut XorShift) -> (Vec<u64>, u64) {
         7..=8 => rng.below(512),
         _ => rng.below(8192),
     } as usize;
-    let nonce = pattern::mix(rng.next_u64());
+    let nonce = mix64(rng.next_u64());
     let mut v: Vec<u64> = inside(Some(slot), || Vec::with_capacity(len));
-    let base = pattern::mix(len as u64 ^ nonce);
+    let base = mix64(len as u64 ^ nonce);
     v.extend((0..len as u64).map(|i| base ^ i));
     (v, nonce)
 }
 
 fn check_global_vec((v, nonce): &(Vec<u64>, u64), op: &AtomicU8) {
-    let base = pattern::mix(v.len() as u64 ^ nonce);
+    let base = mix64(v.len() as u64 ^ nonce);
     if let Some(i) = (0..v.len()).find(|&i| v[i] != base ^ i as u64) {
         let m = Mismatch {
             offset: i * 8,
@@ -827,7 +750,7 @@ pub fn worker(
     let mut timers = Vec::new();
     let mut setup = Ok(());
     if cfg.interval_ns > 0 {
-        let [a, b] = signals();
+        let [a, b] = storm_signals();
         let ib = cfg.interval_ns * 33 / 10;
         for (sig, interval) in [(a, cfg.interval_ns), (b, ib)] {
             let value = slot as *const ThreadSlot as usize;
@@ -875,7 +798,7 @@ pub fn worker(
                 let j = rng.below(LIVE as u64) as usize;
                 let mine = std::mem::take(&mut live[j]);
                 let h = rng.below(HANDOFF as u64) as usize;
-                let theirs = HANDOFF_SLOTS[h].swap(mine, AcqRel);
+                let theirs = HANDOFF_SLOTS.swap(h, mine);
                 HANDOFFS.fetch_add(1, Relaxed);
                 if theirs != 0 {
                     op.store(Op::HeapFree as u8, Relaxed);
@@ -917,12 +840,9 @@ pub fn worker(
         check_global_vec(v, op);
     }
     drop(vecs);
-    for s in &slot.stash {
-        let e = s.swap(0, AcqRel);
-        if e != 0 {
-            free_entry(heap, e, cx, Path::Normal);
-            slot.ops.fetch_add(1, Relaxed);
-        }
+    for e in slot.stash.drain() {
+        free_entry(heap, e, cx, Path::Normal);
+        slot.ops.fetch_add(1, Relaxed);
     }
     op.store(Op::Done as u8, Relaxed);
     slot.running.store(false, Release);
@@ -932,12 +852,9 @@ pub fn worker(
 /// After every worker has exited: frees what is left in the hand-off array
 /// and the cross-thread stash (no handler runs any more).
 pub fn free_shared(heap: &Heap, op: &AtomicU8) {
-    for s in HANDOFF_SLOTS.iter().chain(XSTASH_SLOTS.iter()) {
-        let e = s.swap(0, AcqRel);
-        if e != 0 {
-            free_entry(heap, e, Ctx { op, slot: None }, Path::Normal);
-            TEARDOWN_OPS.fetch_add(1, Relaxed);
-        }
+    for e in HANDOFF_SLOTS.drain().chain(XSTASH_SLOTS.drain()) {
+        free_entry(heap, e, Ctx { op, slot: None }, Path::Normal);
+        TEARDOWN_OPS.fetch_add(1, Relaxed);
     }
 }
 

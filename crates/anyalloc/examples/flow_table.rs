@@ -32,6 +32,10 @@
 //! Linux only (per-thread timers with `SIGEV_THREAD_ID`).
 
 use anyalloc::Heap;
+// The storm kit shared by the tests, `anyalloc stress` and the benchmarks:
+// per-thread timers, handler installation, errno preservation, a clock.
+use anyalloc_storm::thread::now_ns;
+use anyalloc_storm::{install_handler, mix64, ErrnoGuard, ThreadTimer};
 use core::alloc::Layout;
 use core::cell::Cell;
 use core::ptr::{null_mut, NonNull};
@@ -96,18 +100,8 @@ const PEAK_MS: u64 = 150;
 const RECENT: u64 = 2048;
 
 std::thread_local! {
-    /// Per-thread random state (const, no destructor: handler-safe).
+    /// Per-thread random counter (const, no destructor: handler-safe).
     static RNG: Cell<u64> = const { Cell::new(0) };
-}
-
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec; async-signal-safe.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn now_ms() -> u64 {
@@ -119,13 +113,12 @@ fn in_peak(ms: u64) -> bool {
     (PEAK_START_MS..PEAK_START_MS + PEAK_MS).contains(&phase)
 }
 
+/// A random number: the thread's counter, mixed (a handler that lands
+/// between the read and the write only repeats a value).
 fn rand() -> u64 {
-    let mut x = RNG.get();
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    RNG.set(x);
-    x
+    let n = RNG.get().wrapping_add(1);
+    RNG.set(n);
+    mix64(n)
 }
 
 /// A flow id's key: a well-mixed non-zero hash.
@@ -350,12 +343,11 @@ fn duplicate_keys() -> usize {
 
 /// A burst of packets: the signal handler. Allocates only with the nolock
 /// path; no locks, no printing.
-extern "C" fn on_burst(_sig: libc::c_int) {
+extern "C" fn on_burst(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     if !RUNNING.load(Ordering::Acquire) {
         return;
     }
-    // SAFETY: errno is thread-local; restored before returning.
-    let errno = unsafe { *libc::__errno_location() };
+    let _errno = ErrnoGuard::save();
     SIGNALS.fetch_add(1, Ordering::Relaxed);
     if let Some(heap) = anyalloc::global_heap() {
         let now = now_ms();
@@ -395,61 +387,14 @@ extern "C" fn on_burst(_sig: libc::c_int) {
         PACKETS.fetch_add((new + packets) as u64, Ordering::Relaxed);
         read_leave(r);
     }
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
-}
-
-fn install(sig: libc::c_int) {
-    // SAFETY: a zeroed sigaction is a valid start; the handler is an extern
-    // "C" fn; the signal is masked while its handler runs.
-    unsafe {
-        let mut sa: libc::sigaction = core::mem::zeroed();
-        let handler: extern "C" fn(libc::c_int) = on_burst;
-        sa.sa_sigaction = handler as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaddset(&mut sa.sa_mask, sig);
-        assert_eq!(libc::sigaction(sig, &sa, null_mut()), 0, "sigaction");
-    }
-}
-
-/// A timer that signals the calling thread every `interval_ns`.
-fn thread_timer(sig: libc::c_int, interval_ns: i64) -> libc::timer_t {
-    // SAFETY: sigevent zeroed then filled for SIGEV_THREAD_ID; the timer id
-    // is written by timer_create; gettid has no preconditions.
-    unsafe {
-        let mut sev: libc::sigevent = core::mem::zeroed();
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = sig;
-        sev.sigev_notify_thread_id = libc::gettid();
-        let mut t: libc::timer_t = null_mut();
-        assert_eq!(
-            libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t),
-            0,
-            "timer_create"
-        );
-        let ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: interval_ns,
-        };
-        let its = libc::itimerspec {
-            it_interval: ts,
-            it_value: ts,
-        };
-        assert_eq!(
-            libc::timer_settime(t, 0, &its, null_mut()),
-            0,
-            "timer_settime"
-        );
-        t
-    }
 }
 
 /// Normal-context work on a worker: allocator churn (so bursts often land
 /// while this thread is inside the allocator).
 fn worker(heap: &'static Heap, sig: libc::c_int, hz: u64, stop: &AtomicBool) -> u64 {
-    RNG.set(key_of(now_ns()) | 1);
-    let timer = thread_timer(sig, (1_000_000_000 / hz) as i64);
+    RNG.set(key_of(now_ns()));
+    let timer =
+        ThreadTimer::start(sig, Duration::from_nanos(1_000_000_000 / hz), 0).expect("timer_create");
     let mut ring: [Option<NonNull<u8>>; 128] = [None; 128];
     let mut ops = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -462,8 +407,7 @@ fn worker(heap: &'static Heap, sig: libc::c_int, hz: u64, stop: &AtomicBool) -> 
         ring[i] = heap.alloc(Layout::from_size_align(size, 8).expect("layout"));
         ops += 1;
     }
-    // SAFETY: the timer was created above.
-    unsafe { libc::timer_delete(timer) };
+    drop(timer);
     for p in ring.into_iter().flatten() {
         // SAFETY: as above.
         unsafe { heap.free(p) };
@@ -733,7 +677,7 @@ fn run(args: &Args) -> Result<Report, String> {
     let heap_before = heap_held(heap);
 
     let sig = libc::SIGRTMIN() + 3;
-    install(sig);
+    install_handler(sig, on_burst, &[]).expect("sigaction");
     RUNNING.store(true, Ordering::Release);
     let stop = AtomicBool::new(false);
     let start = Instant::now();

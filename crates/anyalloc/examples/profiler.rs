@@ -382,9 +382,9 @@ mod imp {
         _info: *mut libc::siginfo_t,
         ctx: *mut libc::c_void,
     ) {
-        // SAFETY: errno is thread-local; restored before returning so the
-        // interrupted code never sees our changes.
-        let errno = unsafe { *libc::__errno_location() };
+        // Restored when the handler returns: the interrupted code never
+        // sees our changes.
+        let _errno = anyalloc_storm::ErrnoGuard::save();
         SAMPLES.fetch_add(1, Ordering::Relaxed);
         let (frames, len) = capture(ctx);
         let stack = &frames[..len.min(MAX_FRAMES)];
@@ -393,21 +393,14 @@ mod imp {
             Counted::NoMemory => DROPPED_NO_MEMORY.fetch_add(1, Ordering::Relaxed),
             Counted::Busy => DROPPED_BUSY.fetch_add(1, Ordering::Relaxed),
         };
-        // SAFETY: as above.
-        unsafe { *libc::__errno_location() = errno };
     }
 
-    fn set_handler(action: libc::sighandler_t, siginfo: bool) -> std::io::Result<()> {
-        // SAFETY: a zeroed sigaction is a valid start; the handler, if any,
-        // is an extern "C" fn with the SA_SIGINFO signature.
-        unsafe {
-            let mut sa: libc::sigaction = core::mem::zeroed();
-            sa.sa_sigaction = action;
-            sa.sa_flags = libc::SA_RESTART | if siginfo { libc::SA_SIGINFO } else { 0 };
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(libc::SIGPROF, &sa, core::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+    /// Ignores `SIGPROF` from now on (the handler is installed with the
+    /// storm kit's `install_handler`).
+    fn ignore_sigprof() -> std::io::Result<()> {
+        // SAFETY: SIG_IGN is a valid disposition for SIGPROF.
+        if unsafe { libc::signal(libc::SIGPROF, libc::SIG_IGN) } == libc::SIG_ERR {
+            return Err(std::io::Error::last_os_error());
         }
         Ok(())
     }
@@ -640,9 +633,8 @@ mod imp {
         unsafe { *PROFILE.map.get() = Samples::with_hasher_in(BuildStackHasher(0), NoLock) };
         PROFILE.busy.store(false, Ordering::Release);
 
-        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            on_sigprof;
-        set_handler(handler as usize, true).map_err(|e| format!("sigaction: {e}"))?;
+        anyalloc_storm::install_handler(libc::SIGPROF, on_sigprof, &[])
+            .map_err(|e| format!("sigaction: {e}"))?;
         set_timer(1000).map_err(|e| format!("setitimer: {e}"))?;
         let t0 = thread_cpu_time();
         std::hint::black_box(workload(Duration::from_secs_f64(args.seconds)));
@@ -650,7 +642,7 @@ mod imp {
         set_timer(0).map_err(|e| format!("setitimer: {e}"))?;
         // A SIGPROF still pending must not kill the process (its default
         // action): ignore the signal from now on.
-        set_handler(libc::SIG_IGN, false).map_err(|e| format!("sigaction: {e}"))?;
+        ignore_sigprof().map_err(|e| format!("sigaction: {e}"))?;
 
         lock_profile(&PROFILE);
         let empty = Samples::with_hasher_in(BuildStackHasher(0), NoLock);

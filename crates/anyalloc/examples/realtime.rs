@@ -31,6 +31,9 @@
 //! Linux only (`clock_nanosleep`, `SCHED_FIFO`). Timings on a shared or
 //! virtual machine swing between runs; compare the two columns of one run.
 
+// A clock and random numbers from the storm kit shared with the tests.
+use anyalloc_storm::thread::now_ns;
+use anyalloc_storm::XorShift;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
@@ -144,16 +147,6 @@ impl Args {
         }
         Ok(a)
     }
-}
-
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec (vDSO, no system call).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn sleep_until(ns: u64) {
@@ -366,20 +359,14 @@ fn hammer<A: GlobalAlloc>(alloc: &A, stop: &AtomicBool, seed: u64, consumer: boo
             unsafe { alloc.dealloc(p, BLOCK) };
         }
     };
-    let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = XorShift::new(seed);
     let mut slots: Vec<(*mut u8, Layout)> = vec![(std::ptr::null_mut(), Layout::new::<u8>()); 256];
     let mut ops = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if consumer {
             drain();
         }
-        let r = next();
+        let r = rng.next_u64();
         let i = (r % 256) as usize;
         let (old, old_layout) = slots[i];
         if !old.is_null() {

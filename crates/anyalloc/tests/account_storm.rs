@@ -5,10 +5,9 @@
 //! (nesting) and signals that interrupted a thread inside `alloc_in` /
 //! `free` (re-entry).
 
-mod common;
-
 use anyalloc::{Config, Group, Heap};
-use common::{
+use anyalloc_storm::pattern::{self, Entry};
+use anyalloc_storm::{
     inside, install_handler, mix64, storm_signals, HandlerEntry, Stash, ThreadTimer, XorShift,
 };
 use std::alloc::Layout;
@@ -31,30 +30,31 @@ static NESTED: AtomicU64 = AtomicU64::new(0);
 static INSIDE: AtomicU64 = AtomicU64::new(0);
 static RUNNING: AtomicBool = AtomicBool::new(true);
 
-const MAGIC: usize = 0x5eed_acc0_0000_0000;
+/// Kinds of a block's owner tag: charged by a handler, or by a thread.
+const KIND_HANDLER: usize = 1;
+const KIND_THREAD: usize = 2;
 
-/// Writes a self-describing pattern: [addr ^ MAGIC, size, bytes...].
-unsafe fn fill(p: usize, size: usize) {
-    // SAFETY: the caller owns `size >= 16` bytes at `p`.
-    unsafe {
-        (p as *mut usize).write_unaligned(p ^ MAGIC);
-        (p as *mut usize).add(1).write_unaligned(size);
-        std::ptr::write_bytes((p + 16) as *mut u8, p as u8, size - 16);
-    }
+/// The entry (address and owner tag: `kind`, a fresh nonce) of a new block
+/// of `size` bytes, filled with the kit's owner-tagged pattern.
+///
+/// # Safety
+/// The caller owns `size >= 8` bytes at `p`.
+unsafe fn fill(p: NonNull<u8>, size: usize, kind: usize) -> usize {
+    let e = Entry::fresh(p.as_ptr() as usize, kind);
+    // SAFETY: per the caller.
+    unsafe { pattern::fill(e, size) };
+    e.0
 }
 
-unsafe fn check(p: usize) -> bool {
-    // SAFETY: the caller owns the block, which was filled by `fill`.
-    unsafe {
-        if (p as *const usize).read_unaligned() != p ^ MAGIC {
-            return false;
-        }
-        let size = (p as *const usize).add(1).read_unaligned();
-        size <= 4096
-            && std::slice::from_raw_parts((p + 16) as *const u8, size - 16)
-                .iter()
-                .all(|&b| b == p as u8)
-    }
+/// Whether the block behind `e` still holds its owner's pattern (its size
+/// read from its header); its pointer.
+///
+/// # Safety
+/// The caller owns the block, which was filled by `fill`.
+unsafe fn check(e: usize) -> (bool, NonNull<u8>) {
+    let e = Entry(e);
+    // SAFETY: per the caller; an entry's address is never null.
+    unsafe { (pattern::verify(e).is_ok(), NonNull::new_unchecked(e.ptr())) }
 }
 
 extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -64,10 +64,10 @@ extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
         return;
     }
     SIGNALS.fetch_add(1, Relaxed);
-    if entry.nested {
+    if entry.nested() {
         NESTED.fetch_add(1, Relaxed);
     }
-    if entry.interrupted_allocator {
+    if entry.interrupted_allocator() {
         INSIDE.fetch_add(1, Relaxed);
     }
     let (Some(heap), Some(groups)) = (HEAP.get(), GROUPS.get()) else {
@@ -77,13 +77,15 @@ extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     for k in 0..4u64 {
         let r = mix64(r ^ k);
         if r.is_multiple_of(3) {
-            if let Some(p) = STASH.take(r as usize) {
-                // SAFETY: stashed blocks are live allocations of HEAP.
+            if let Some(e) = STASH.take(r as usize) {
+                // SAFETY: stashed blocks are live allocations of HEAP, owned
+                // by whoever swapped them out.
                 unsafe {
-                    if !check(p) {
+                    let (intact, p) = check(e);
+                    if !intact {
                         VIOLATIONS.fetch_add(1, Relaxed);
                     }
-                    heap.free_nolock(NonNull::new_unchecked(p as *mut u8));
+                    heap.free_nolock(p);
                 }
             }
             continue;
@@ -93,10 +95,9 @@ extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
         ATTEMPTS.fetch_add(1, Relaxed);
         if let Some(p) = heap.alloc_nolock_in(Layout::from_size_align(size, 8).unwrap(), g) {
             OK.fetch_add(1, Relaxed);
-            let a = p.as_ptr() as usize;
             // SAFETY: a fresh block of `size` bytes.
-            unsafe { fill(a, size) };
-            if !STASH.put(a, r as usize) {
+            let e = unsafe { fill(p, size, KIND_HANDLER) };
+            if !STASH.put(e, r as usize) {
                 // SAFETY: not stashed: still ours.
                 unsafe { heap.free_nolock(p) };
             }
@@ -111,17 +112,17 @@ fn usage_is_zero_after_a_storm_of_charged_nolock_allocations() {
     let a = Group::new("a", Some(100 << 20), Some(&root));
     let b = Group::new("b", None, Some(&root));
     let groups = GROUPS.get_or_init(|| [root.clone(), a.clone(), b.clone()]);
-    let (sa, sb) = storm_signals();
-    install_handler(sa, handler);
-    install_handler(sb, handler);
+    let [sa, sb] = storm_signals();
+    install_handler(sa, handler, &[]).expect("sigaction A");
+    install_handler(sb, handler, &[]).expect("sigaction B");
     let workers: Vec<_> = (0..2u64)
         .map(|t| {
             std::thread::spawn(move || {
                 let heap = HEAP.get().unwrap();
                 let groups = GROUPS.get().unwrap();
-                let (sa, sb) = storm_signals();
-                let _ta = ThreadTimer::for_current_thread(sa, Duration::from_micros(100), 0);
-                let _tb = ThreadTimer::for_current_thread(sb, Duration::from_micros(330), 0);
+                let [sa, sb] = storm_signals();
+                let _ta = ThreadTimer::start(sa, Duration::from_micros(100), 0).expect("timer A");
+                let _tb = ThreadTimer::start(sb, Duration::from_micros(330), 0).expect("timer B");
                 let mut rng = XorShift::new(t + 7);
                 let mut held: Vec<usize> = Vec::new();
                 let start = Instant::now();
@@ -132,16 +133,16 @@ fn usage_is_zero_after_a_storm_of_charged_nolock_allocations() {
                         let l = Layout::from_size_align(size, 8).unwrap();
                         let p = inside(|| heap.alloc_in(l, g)).expect("memory to spare");
                         // SAFETY: fresh block of `size` bytes.
-                        unsafe { fill(p.as_ptr() as usize, size) };
-                        held.push(p.as_ptr() as usize);
+                        held.push(unsafe { fill(p, size, KIND_THREAD) });
                     } else if !held.is_empty() {
-                        let p = held.swap_remove(rng.below(held.len() as u64) as usize);
+                        let e = held.swap_remove(rng.below(held.len() as u64) as usize);
                         // SAFETY: our live block.
                         unsafe {
-                            if !check(p) {
+                            let (intact, p) = check(e);
+                            if !intact {
                                 VIOLATIONS.fetch_add(1, Relaxed);
                             }
-                            inside(|| heap.free(NonNull::new_unchecked(p as *mut u8)));
+                            inside(|| heap.free(p));
                         }
                     }
                 }
@@ -155,14 +156,15 @@ fn usage_is_zero_after_a_storm_of_charged_nolock_allocations() {
         .collect();
     RUNNING.store(false, Relaxed);
     std::thread::sleep(Duration::from_millis(20)); // queued signals run out
-    for p in leftovers
+    for e in leftovers
         .into_iter()
         .chain(STASH.drain().collect::<Vec<_>>())
     {
         // SAFETY: every remaining block is live and owned by us now.
         unsafe {
-            assert!(check(p), "pattern damaged at {p:#x}");
-            heap.free(NonNull::new_unchecked(p as *mut u8));
+            let (intact, p) = check(e);
+            assert!(intact, "pattern damaged at {p:?}");
+            heap.free(p);
         }
     }
     let (attempts, ok) = (ATTEMPTS.load(Relaxed), OK.load(Relaxed));

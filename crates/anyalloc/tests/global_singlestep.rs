@@ -81,7 +81,7 @@ const HANDLER_TAG: u8 = 0x5a;
 const MAIN_TAG: u8 = 0xc3;
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    let _errno = common::ErrnoGuard::save();
+    let _errno = anyalloc_storm::ErrnoGuard::save();
     // SAFETY: the kernel passes a valid, writable ucontext_t to SA_SIGINFO
     // handlers; its general registers are what the thread resumes with.
     let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
@@ -207,10 +207,10 @@ fn global_and_nolock_reenter_each_other_at_every_instruction() {
         "the child runs with glibc's rseq off: the try-locked fast path"
     );
     assert!(
-        common::pin_to_cpu(common::current_cpu()),
+        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
         "could not pin the thread"
     );
-    common::install_handler(libc::SIGTRAP, on_trap);
+    anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
 
     HANDLER_NOLOCK.store(false, Ordering::SeqCst);
     let (d1, ok1, fail1) = phase(&NoLock, 2);

@@ -5,13 +5,12 @@
 //! and asserts, signals that interrupted the other signal's handler (nesting)
 //! and signals that interrupted a thread inside a `Global` call (re-entry).
 
-// Only the re-entry evidence (`common::inside`, `common::HandlerEntry`) is
-// used from the shared kit.
-mod common;
-
 use allocator_api2::boxed::Box as NBox;
 use allocator_api2::vec::Vec as NVec;
 use anyalloc::{Global, NoLock};
+use anyalloc_storm::{
+    inside, install_handler, raise_here, storm_signals, ErrnoGuard, HandlerEntry, ThreadTimer,
+};
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
@@ -19,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// `Global`, with this thread's in-allocator flag raised around each call
-/// (`common::inside`), so a handler can tell that it interrupted one. A
-/// handler's own calls raise it too; `common::HandlerEntry` counts only the
+/// ([`inside`]), so a handler can tell that it interrupted one. A
+/// handler's own calls raise it too; [`HandlerEntry`] counts only the
 /// handlers that interrupted no other handler.
 struct Flagged;
 
@@ -30,19 +29,19 @@ struct Flagged;
 unsafe impl GlobalAlloc for Flagged {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded contract.
-        common::inside(|| unsafe { GlobalAlloc::alloc(&Global, layout) })
+        inside(|| unsafe { GlobalAlloc::alloc(&Global, layout) })
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded contract.
-        common::inside(|| unsafe { GlobalAlloc::dealloc(&Global, ptr, layout) })
+        inside(|| unsafe { GlobalAlloc::dealloc(&Global, ptr, layout) })
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded contract.
-        common::inside(|| unsafe { GlobalAlloc::alloc_zeroed(&Global, layout) })
+        inside(|| unsafe { GlobalAlloc::alloc_zeroed(&Global, layout) })
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: forwarded contract.
-        common::inside(|| unsafe { GlobalAlloc::realloc(&Global, ptr, layout, new_size) })
+        inside(|| unsafe { GlobalAlloc::realloc(&Global, ptr, layout, new_size) })
     }
 }
 
@@ -62,14 +61,15 @@ static OK: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 static GLOBAL_BOXES: AtomicU64 = AtomicU64::new(0);
 
-extern "C" fn handler(sig: libc::c_int) {
+extern "C" fn handler(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let _errno = ErrnoGuard::save();
     // Held until the handler returns: its nesting level.
-    let entry = common::HandlerEntry::enter();
+    let entry = HandlerEntry::enter();
     let run = SIGNALS.fetch_add(1, Relaxed);
-    if entry.nested {
+    if entry.nested() {
         NESTED.fetch_add(1, Relaxed);
     }
-    if entry.interrupted_allocator {
+    if entry.interrupted_allocator() {
         INSIDE.fetch_add(1, Relaxed);
     }
     let n = (sig as u64) ^ SIGNALS.load(Relaxed);
@@ -82,7 +82,7 @@ extern "C" fn handler(sig: libc::c_int) {
         // timers alone make the two nest only a few times per storm.
         if run.is_multiple_of(64) {
             let a = SIG_A.load(Relaxed);
-            common::raise_here(if sig == a { a + 1 } else { a });
+            raise_here(if sig == a { a + 1 } else { a });
         }
         if b.iter().any(|&x| x != n) {
             VIOLATIONS.fetch_add(1, Relaxed);
@@ -120,64 +120,20 @@ extern "C" fn handler(sig: libc::c_int) {
     }
 }
 
-fn install(sig: libc::c_int) {
-    // SAFETY: a zeroed sigaction is a valid starting point; the handler is an
-    // extern "C" fn; the mask blocks only this signal during its handler, so
-    // the other signal can nest inside it.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = handler as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaddset(&mut sa.sa_mask, sig);
-        assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
-    }
-}
-
-fn thread_timer(sig: libc::c_int, tid: libc::pid_t, interval_ns: i64) -> libc::timer_t {
-    // SAFETY: sigevent zeroed then filled for SIGEV_THREAD_ID; the timer id
-    // is written by timer_create.
-    unsafe {
-        let mut sev: libc::sigevent = std::mem::zeroed();
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = sig;
-        sev.sigev_notify_thread_id = tid;
-        let mut t: libc::timer_t = std::ptr::null_mut();
-        assert_eq!(
-            libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t),
-            0
-        );
-        let its = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: interval_ns,
-            },
-            it_value: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: interval_ns,
-            },
-        };
-        assert_eq!(libc::timer_settime(t, 0, &its, std::ptr::null_mut()), 0);
-        t
-    }
-}
-
 #[test]
 fn global_survives_a_signal_storm_with_std_collections() {
-    let sig_a = libc::SIGRTMIN();
-    let sig_b = libc::SIGRTMIN() + 1;
+    let [sig_a, sig_b] = storm_signals();
     SIG_A.store(sig_a, Relaxed);
-    install(sig_a);
-    install(sig_b);
+    install_handler(sig_a, handler, &[]).expect("sigaction A");
+    install_handler(sig_b, handler, &[]).expect("sigaction B");
     let shared = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
     let threads: Vec<_> = (0..2)
         .map(|t| {
             let shared = shared.clone();
             std::thread::spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                let tid = unsafe { libc::gettid() };
-                let ta = thread_timer(sig_a, tid, 100_000); // 10 kHz
-                let tb = thread_timer(sig_b, tid, 330_000);
+                let ta = ThreadTimer::start(sig_a, Duration::from_micros(100), 0); // 10 kHz
+                let tb = ThreadTimer::start(sig_b, Duration::from_micros(330), 0);
+                let timers = (ta.expect("timer A"), tb.expect("timer B"));
                 let mut map: HashMap<u64, String> = HashMap::new();
                 let mut tree: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
                 let mut i = 0u64;
@@ -200,11 +156,7 @@ fn global_survives_a_signal_storm_with_std_collections() {
                         }
                     }
                 }
-                // SAFETY: timers created above.
-                unsafe {
-                    libc::timer_delete(ta);
-                    libc::timer_delete(tb);
-                }
+                drop(timers);
                 for (k, v) in &map {
                     assert!(v.starts_with("value "), "{k}: {v}");
                 }

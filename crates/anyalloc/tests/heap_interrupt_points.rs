@@ -26,71 +26,37 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering}
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Heap};
+use anyalloc_storm::pattern::{self, Entry};
+use anyalloc_storm::{mix64, Stash};
 
 // ----- objects: handles and patterns ----------------------------------------
 
-/// A handle: the address (below 2^47) and the requested size (bits 47..).
-fn pack(p: NonNull<u8>, size: usize) -> usize {
-    let a = p.as_ptr() as usize;
-    assert!(a >> 47 == 0 && size < 1 << 17);
-    a | size << 47
-}
-
-fn unpack(h: usize) -> (*mut u8, usize) {
-    ((h & ((1 << 47) - 1)) as *mut u8, h >> 47)
-}
-
-fn pattern(h: usize, i: usize) -> u8 {
-    ((h >> 4) as u8) ^ (h >> 47) as u8 ^ (i as u8).wrapping_mul(31)
-}
-
+/// An object's handle: the storm kit's [`Entry`] (its address and an owner
+/// tag with a fresh nonce), the object filled with the kit's owner-tagged
+/// pattern for `size` bytes (the size is in the pattern's header).
+///
 /// # Safety
-/// The caller owns the object behind `h`.
-unsafe fn fill(h: usize) {
-    let (p, size) = unpack(h);
-    for i in 0..size {
-        // SAFETY: `i < size`, inside the caller's object.
-        unsafe { p.add(i).write(pattern(h, i)) };
-    }
+/// The caller owns the object behind `p`, at least `size >= 8` bytes.
+unsafe fn filled(p: NonNull<u8>, size: usize) -> usize {
+    let e = Entry::fresh(p.as_ptr() as usize, 0);
+    // SAFETY: per the caller.
+    unsafe { pattern::fill(e, size) };
+    e.0
 }
 
+/// Whether the object behind `h` still holds its owner's pattern.
+///
 /// # Safety
-/// As for [`fill`].
+/// The caller owns the object behind `h`, filled by [`filled`].
 unsafe fn intact(h: usize) -> bool {
-    let (p, size) = unpack(h);
-    // SAFETY: as in `fill`.
-    (0..size).all(|i| unsafe { p.add(i).read() } == pattern(h, i))
+    // SAFETY: per the caller.
+    unsafe { pattern::verify(Entry(h)) }.is_ok()
 }
 
-/// A fixed set of handles in atomics (put: one CAS, take: one swap), usable
-/// from nested hook invocations.
-struct Stash<const N: usize>([AtomicUsize; N]);
-
-impl<const N: usize> Stash<N> {
-    const fn new() -> Self {
-        Stash([const { AtomicUsize::new(0) }; N])
-    }
-    fn put(&self, h: usize) -> bool {
-        self.0.iter().any(|s| {
-            s.compare_exchange(0, h, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        })
-    }
-    fn take(&self) -> Option<usize> {
-        self.0
-            .iter()
-            .find_map(|s| match s.swap(0, Ordering::Relaxed) {
-                0 => None,
-                h => Some(h),
-            })
-    }
-}
-
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// The object behind a handle.
+fn ptr(h: usize) -> NonNull<u8> {
+    // SAFETY: an entry's address is a live object's, never null.
+    unsafe { NonNull::new_unchecked(Entry(h).ptr()) }
 }
 
 // ----- the hook's state --------------------------------------------------------
@@ -195,10 +161,8 @@ fn hook_alloc(site: Site, size: usize, align: usize) -> Option<usize> {
     if !(p.as_ptr() as usize).is_multiple_of(align) || heap().usable_size(p) < size {
         bump(&VIOLATIONS);
     }
-    let h = pack(p, size);
     // SAFETY: just allocated: the hook owns it.
-    unsafe { fill(h) };
-    Some(h)
+    Some(unsafe { filled(p, size) })
 }
 
 /// Checks and nolock-frees a hook-owned object.
@@ -209,7 +173,7 @@ fn hook_free(h: usize) {
         bump(&VIOLATIONS);
     }
     // SAFETY: a live object of this heap, owned here.
-    unsafe { heap().free_nolock(NonNull::new_unchecked(unpack(h).0)) };
+    unsafe { heap().free_nolock(ptr(h)) };
 }
 
 fn deferred_frees() -> u64 {
@@ -240,16 +204,16 @@ fn probe(site: Site) {
             let keep = (r >> 8).is_multiple_of(4);
             let kept = keep
                 && if size == driven {
-                    KEEP_DRIVEN.put(h)
+                    KEEP_DRIVEN.put(h, 0)
                 } else {
-                    KEEP.put(h)
+                    KEEP.put(h, 0)
                 };
             if !kept {
                 hook_free(h);
             }
         }
     }
-    if let Some(h) = KEEP.take() {
+    if let Some(h) = KEEP.take(0) {
         hook_free(h);
     }
 }
@@ -268,13 +232,13 @@ fn step(site: Site, depth: usize) {
         && DEPTH0_HOLDS_NODE.load(Ordering::Relaxed)
         && NESTED_FREES.load(Ordering::Relaxed) < NESTED_FREE_BUDGET
     {
-        if let Some(h) = KEEP_DRIVEN.take() {
+        if let Some(h) = KEEP_DRIVEN.take(0) {
             bump(&NESTED_FREES);
             hook_free(h);
         }
     }
     if let Some(h) = hook_alloc(site, driven, 8) {
-        if random().is_multiple_of(2) || !KEEP_DRIVEN.put(h) {
+        if random().is_multiple_of(2) || !KEEP_DRIVEN.put(h, 0) {
             hook_free(h);
         }
     }
@@ -294,7 +258,7 @@ fn chain(site: Site, depth: usize) {
         (0, 0, Site::SheafFlush) | (1, 1, Site::SheafAlloc) => {
             CHAIN_STAGE.store(stage + 1, Ordering::Relaxed);
             if let Some(h) = hook_alloc(site, driven, 8) {
-                assert!(CHAIN_HELD.put(h));
+                assert!(CHAIN_HELD.put(h, 0));
             }
         }
         (2, 2, Site::SheafAlloc) => {
@@ -335,7 +299,7 @@ fn hook(site: Site) {
                 // A deferred push has linked its object but not published
                 // it: push another one onto the same stack right now.
                 if PUSH_RACES.load(Ordering::Relaxed) < PUSH_RACE_BUDGET {
-                    if let Some(h) = KEEP_DRIVEN.take() {
+                    if let Some(h) = KEEP_DRIVEN.take(0) {
                         bump(&PUSH_RACES);
                         hook_free(h);
                     }
@@ -365,10 +329,8 @@ fn driver_alloc(size: usize, nolock: bool) -> usize {
     } else {
         h.alloc(layout(size))
     };
-    let h = pack(p.expect("driver allocation"), size);
     // SAFETY: just allocated: the driver owns it.
-    unsafe { fill(h) };
-    h
+    unsafe { filled(p.expect("driver allocation"), size) }
 }
 
 fn driver_free(h: usize, nolock: bool) {
@@ -376,7 +338,7 @@ fn driver_free(h: usize, nolock: bool) {
     assert!(unsafe { intact(h) }, "driver object damaged");
     // SAFETY: a live object of this heap, owned here.
     unsafe {
-        let p = NonNull::new_unchecked(unpack(h).0);
+        let p = ptr(h);
         if nolock {
             heap().free_nolock(p)
         } else {
@@ -463,7 +425,7 @@ fn every_heap_site_survives_nolock_reentry() {
     for h in objs {
         driver_free(h, false);
     }
-    while let Some(h) = CHAIN_HELD.take() {
+    while let Some(h) = CHAIN_HELD.take(0) {
         driver_free(h, false);
     }
     println!("chain: the nested free was deferred and then drained");
@@ -556,7 +518,7 @@ fn every_heap_site_survives_nolock_reentry() {
     // 3. Done: give back what the hook kept, drain, count.
     MODE.store(OFF, Ordering::Relaxed);
     set_hook(None);
-    while let Some(h) = KEEP.take().or_else(|| KEEP_DRIVEN.take()) {
+    while let Some(h) = KEEP.take(0).or_else(|| KEEP_DRIVEN.take(0)) {
         driver_free(h, false);
     }
     heap.drain();

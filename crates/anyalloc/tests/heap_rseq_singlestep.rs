@@ -24,8 +24,6 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 
-mod common;
-
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -164,7 +162,7 @@ fn check(p: usize, tag: u8) -> bool {
 }
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    let _errno = common::ErrnoGuard::save();
+    let _errno = anyalloc_storm::ErrnoGuard::save();
     let fd = BP_FD.swap(-1, Ordering::Relaxed);
     if fd < 0 {
         return;
@@ -269,11 +267,11 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     // Pinned after the heap exists (its slot count follows the affinity
     // mask): handler and interrupted code then share one CPU's sheaves.
     assert!(
-        common::pin_to_cpu(common::current_cpu()),
+        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
         "could not pin the thread"
     );
     HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
-    common::install_handler(libc::SIGTRAP, on_trap);
+    anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
     let probe = arm(round as fn(&Heap, &mut Vec<usize>) as usize);
     match probe {
         Some(fd) => disarm(fd),

@@ -107,7 +107,7 @@ fn free_checked(heap: &Heap, h: usize) {
 }
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    let _errno = common::ErrnoGuard::save();
+    let _errno = anyalloc_storm::ErrnoGuard::save();
     // SAFETY: the kernel passes a valid, writable ucontext_t to SA_SIGINFO
     // handlers; its general registers are what the thread resumes with.
     let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
@@ -308,9 +308,9 @@ fn new_heap(cpus: usize) -> &'static Heap {
 
 #[test]
 fn nolock_reentry_at_every_instruction_of_the_object_allocator() {
-    let home = common::current_cpu();
-    common::pin_to_cpu(home);
-    common::install_handler(libc::SIGTRAP, on_trap);
+    let home = anyalloc_storm::thread::current_cpu();
+    anyalloc_storm::thread::pin_to_cpu(home);
+    anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
     let mut phases = Vec::new();
 
     phases.push(phase("normal path", new_heap(1), |h| workload(h, 3, false)));
@@ -320,7 +320,8 @@ fn nolock_reentry_at_every_instruction_of_the_object_allocator() {
     // this thread may run there), then step on this CPU.
     let two = new_heap(2);
     let other = (home + 1) % 2;
-    let moved = common::pin_to_cpu(other) && common::current_cpu() % 2 == other;
+    let moved = anyalloc_storm::thread::pin_to_cpu(other)
+        && anyalloc_storm::thread::current_cpu() % 2 == other;
     if moved {
         let objs: Vec<NonNull<u8>> = (0..40).map(|_| two.alloc(layout(64)).unwrap()).collect();
         for p in objs {
@@ -333,7 +334,7 @@ fn nolock_reentry_at_every_instruction_of_the_object_allocator() {
             unsafe { two.pages().free_pages(p, order) };
         }
     }
-    common::pin_to_cpu(home);
+    anyalloc_storm::thread::pin_to_cpu(home);
     let stocked_other = two.stats().classes.iter().any(|c| c.cached_in_sheaves > 0);
     phases.push(phase("2 CPU slot sets", two, |h| {
         workload(h, 2, false);

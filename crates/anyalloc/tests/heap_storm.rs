@@ -17,9 +17,10 @@
 //! 10 ms meanwhile (deferred frees, stocking the slots that ran empty,
 //! returning idle memory to the OS).
 //!
-//! Every object is filled with a pattern derived from its handle (address,
-//! size and a random owner tag) and checked when it is freed: two owners of
-//! the same memory would break it. At the end everything is freed and
+//! Every object is filled with the storm kit's owner-tagged pattern
+//! (`anyalloc_storm::pattern`: derived from its address, its size and the
+//! kind and per-allocation nonce kept in its entry) and checked when it is
+//! freed: two owners of the same memory would break it. At the end everything is freed and
 //! drained: no object may be left in use, every page must be free and on the
 //! buddy lists, the page allocator's invariants must hold, and at least
 //! 99.9% of the nolock allocations must have succeeded, the large ones on
@@ -34,14 +35,16 @@ use std::time::{Duration, Instant};
 
 use anyalloc::{Config, Heap};
 
-// Only the re-entry evidence (`common::inside`, `common::HandlerEntry`) is
-// used from the shared kit; the rest of this storm is self-contained.
-mod common;
+use anyalloc_storm::pattern::{self, Entry};
+use anyalloc_storm::signal::signal_value;
+use anyalloc_storm::{
+    inside, install_handler, raise_here, storm_signals, ErrnoGuard, HandlerEntry, HandlerSlot,
+    Stash, ThreadTimer, XorShift,
+};
 
-// ----- object handles and patterns -------------------------------------------
+// ----- object sizes ----------------------------------------------------------------
 
-/// Request sizes, ascending; a handle stores an index into this table. The
-/// handlers use the first `HANDLER_SIZES` entries (up to 32 KiB) and the
+/// Request sizes, ascending. The handlers use the first `HANDLER_SIZES` entries (up to 32 KiB) and the
 /// large ones from `LARGE_SIZES` on; the workers the first `WORKER_SIZES`.
 const SIZES: [usize; 76] = [
     8,
@@ -136,259 +139,11 @@ const SMALL_SIZES: usize = 39;
 const _: () = assert!(SIZES[HANDLER_SIZES - 1] == 32768 && SIZES[SMALL_SIZES - 1] == 1024);
 const _: () = assert!(SIZES[LARGE_SIZES - 1] == 65536 && SIZES[SIZES.len() - 1] == 4 << 20);
 
-/// Bits of a handle: the address (below 2^47 on Linux x86-64 / aarch64
-/// userspace), then 7 bits of size index, then 10 bits of owner tag.
-const ADDR_BITS: u32 = 47;
-
-fn pack(ptr: NonNull<u8>, size_idx: usize, tag: u64) -> usize {
-    let p = ptr.as_ptr() as usize;
-    if p >> ADDR_BITS != 0 {
-        // Cannot happen with the default mmap layout; never silently lose
-        // bits of an address (this also runs in handlers: no panic there).
-        std::process::abort();
-    }
-    p | (size_idx & 127) << ADDR_BITS | ((tag & 0x3ff) as usize) << (ADDR_BITS + 7)
-}
-
-/// `(ptr, size)` of a handle.
-fn unpack(h: usize) -> (*mut u8, usize) {
-    (
-        (h & ((1 << ADDR_BITS) - 1)) as *mut u8,
-        SIZES[(h >> ADDR_BITS) & 127],
-    )
-}
-
-/// splitmix64's finaliser.
-const fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Objects above this are filled and checked in sampled words (one per
-/// 256 bytes, and the last one): 4 MiB in full would dominate a handler.
-const SAMPLED_ABOVE: usize = 65536;
-
-/// Fills (`write`) or checks the sampled words of a large object.
-///
-/// # Safety
-/// As for [`fill`].
-unsafe fn sampled(h: usize, write: bool) -> bool {
-    let (p, size) = unpack(h);
-    let seed = mix64(h as u64);
-    let mut ok = true;
-    for i in (0..size - 8).step_by(256).chain([size - 8]) {
-        // SAFETY: `i + 8 <= size`: inside the caller's object.
-        unsafe {
-            let w = p.add(i) as *mut u64;
-            if write {
-                w.write_unaligned(seed.wrapping_add(i as u64));
-            } else {
-                ok &= std::hint::black_box(w.read_unaligned()) == seed.wrapping_add(i as u64);
-            }
-        }
-    }
-    ok
-}
-
-/// Fills the object behind `h` with its pattern (all `size` bytes, or a
-/// sample above `SAMPLED_ABOVE`).
-///
-/// # Safety
-/// The caller owns the object behind `h`, at least `size` bytes.
-unsafe fn fill(h: usize) {
-    let (p, size) = unpack(h);
-    if size > SAMPLED_ABOVE {
-        // SAFETY: forwarded contract.
-        unsafe { sampled(h, true) };
-        return;
-    }
-    let seed = mix64(h as u64);
-    let mut i = 0;
-    while i + 8 <= size {
-        // SAFETY: `i + 8 <= size`: inside the caller's object.
-        unsafe { (p.add(i) as *mut u64).write_unaligned(seed.wrapping_add(i as u64)) };
-        i += 8;
-    }
-    while i < size {
-        // SAFETY: `i < size`: inside the caller's object.
-        unsafe {
-            p.add(i)
-                .write_volatile((seed >> (8 * (i % 8))) as u8 ^ i as u8)
-        };
-        i += 1;
-    }
-}
-
-/// Whether the object behind `h` still holds its pattern.
-///
-/// # Safety
-/// As for [`fill`].
-unsafe fn check(h: usize) -> bool {
-    let (p, size) = unpack(h);
-    if size > SAMPLED_ABOVE {
-        // SAFETY: forwarded contract.
-        return unsafe { sampled(h, false) };
-    }
-    let seed = mix64(h as u64);
-    let mut ok = true;
-    let mut i = 0;
-    while i + 8 <= size {
-        // SAFETY: as in `fill`.
-        let w = unsafe { (p.add(i) as *const u64).read_unaligned() };
-        ok &= std::hint::black_box(w) == seed.wrapping_add(i as u64);
-        i += 8;
-    }
-    while i < size {
-        // SAFETY: as in `fill`.
-        ok &= unsafe { p.add(i).read_volatile() } == (seed >> (8 * (i % 8))) as u8 ^ i as u8;
-        i += 1;
-    }
-    ok
-}
-
 /// A request layout; aborts instead of panicking (handlers call it).
 fn layout(size: usize, align: usize) -> Layout {
     match Layout::from_size_align(size, align) {
         Ok(l) => l,
         Err(_) => std::process::abort(),
-    }
-}
-
-/// A fixed set of handles in atomics: `put` is one CAS (0 -> handle), `take`
-/// one swap (-> 0), so a thread and the handlers nested on top of it never
-/// lose or duplicate an entry.
-struct Stash<const N: usize> {
-    slots: [AtomicUsize; N],
-}
-
-impl<const N: usize> Stash<N> {
-    const fn new() -> Self {
-        Stash {
-            slots: [const { AtomicUsize::new(0) }; N],
-        }
-    }
-    fn put(&self, h: usize, start: usize) -> bool {
-        (0..N).any(|k| {
-            self.slots[(start + k) % N]
-                .compare_exchange(0, h, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        })
-    }
-    fn take(&self, start: usize) -> Option<usize> {
-        (0..N).find_map(|k| {
-            let s = &self.slots[(start + k) % N];
-            if s.load(Ordering::Relaxed) == 0 {
-                return None;
-            }
-            match s.swap(0, Ordering::AcqRel) {
-                0 => None,
-                h => Some(h),
-            }
-        })
-    }
-}
-
-// ----- signals and timers ------------------------------------------------------
-
-type Handler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
-
-/// Installs `handler` for `sig` (`SA_SIGINFO | SA_RESTART`), blocking only
-/// `sig` itself while it runs.
-fn install_handler(sig: libc::c_int, handler: Handler) {
-    // SAFETY: a zeroed `sigaction` is a valid starting value; the fields we
-    // rely on are set below.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = handler as usize;
-    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // SAFETY: `sa.sa_mask` is a valid sigset_t; sigaction only reads `sa`.
-    let rc = unsafe {
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaddset(&mut sa.sa_mask, sig);
-        libc::sigaction(sig, &sa, std::ptr::null_mut())
-    };
-    assert_eq!(rc, 0, "sigaction: {}", std::io::Error::last_os_error());
-}
-
-/// Sends `sig` to the calling thread now (async-signal-safe).
-fn raise_here(sig: libc::c_int) {
-    // SAFETY: tgkill to our own thread with a signal whose handler is
-    // installed; no memory is passed.
-    unsafe {
-        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), sig);
-    }
-}
-
-/// A POSIX timer sending a signal to one thread; deleted on drop.
-struct ThreadTimer(libc::timer_t);
-
-impl ThreadTimer {
-    fn for_current_thread(sig: libc::c_int, period: Duration, value: usize) -> ThreadTimer {
-        // SAFETY: an all-zero sigevent is valid; the SIGEV_THREAD_ID fields
-        // are set below.
-        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = sig;
-        sev.sigev_value = libc::sigval {
-            sival_ptr: value as *mut libc::c_void,
-        };
-        // SAFETY: gettid has no preconditions.
-        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut id: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: `sev` and `id` are valid for the call.
-        let rc = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) };
-        assert_eq!(rc, 0, "timer_create: {}", std::io::Error::last_os_error());
-        let ts = libc::timespec {
-            tv_sec: period.as_secs() as libc::time_t,
-            tv_nsec: period.subsec_nanos() as libc::c_long,
-        };
-        let spec = libc::itimerspec {
-            it_interval: ts,
-            it_value: ts,
-        };
-        // SAFETY: `id` is the timer just created; `spec` is valid.
-        let rc = unsafe { libc::timer_settime(id, 0, &spec, std::ptr::null_mut()) };
-        assert_eq!(rc, 0, "timer_settime: {}", std::io::Error::last_os_error());
-        ThreadTimer(id)
-    }
-}
-
-impl Drop for ThreadTimer {
-    fn drop(&mut self) {
-        // SAFETY: a live timer owned by this value.
-        unsafe { libc::timer_delete(self.0) };
-    }
-}
-
-/// Saves `errno` and restores it on drop (handlers must not clobber it).
-struct ErrnoGuard(libc::c_int);
-
-impl ErrnoGuard {
-    fn save() -> Self {
-        // SAFETY: `__errno_location` returns this thread's errno slot.
-        ErrnoGuard(unsafe { *libc::__errno_location() })
-    }
-}
-
-impl Drop for ErrnoGuard {
-    fn drop(&mut self) {
-        // SAFETY: as in `save`.
-        unsafe { *libc::__errno_location() = self.0 };
-    }
-}
-
-/// xorshift64 for the workers.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
     }
 }
 
@@ -405,31 +160,18 @@ static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 static SIGNAL_A: AtomicUsize = AtomicUsize::new(0);
 
 /// Per-thread handler state, indexed by the timers' `sigval`.
-struct HandlerState {
-    stash: Stash<HANDLER_STASH>,
-    rng: AtomicU64,
-    /// Whether the handler of signal A / B is running on this thread.
-    active: [AtomicBool; 2],
-    runs: [AtomicU64; 2],
-}
-
-static HANDLERS: [HandlerState; MAX_THREADS] = [const {
-    HandlerState {
-        stash: Stash::new(),
-        rng: AtomicU64::new(0),
-        active: [const { AtomicBool::new(false) }; 2],
-        runs: [const { AtomicU64::new(0) }; 2],
-    }
-}; MAX_THREADS];
+static HANDLERS: [HandlerSlot<HANDLER_STASH>; MAX_THREADS] =
+    [const { HandlerSlot::new() }; MAX_THREADS];
 
 /// Worker `i` frees what lands in `MAILBOXES[i]` (put there by worker `i-1`);
 /// its handlers take from it too.
 static MAILBOXES: [Stash<MAILBOX>; MAX_THREADS] = [const { Stash::new() }; MAX_THREADS];
 
-/// Owner tags: bit 10 set for objects from the normal path (workers), bit 9
-/// for objects from signal B's handler.
-const TAG_WORKER: u64 = 1 << 9;
-const TAG_SIGNAL_B: u64 = 1 << 8;
+/// Kinds of an object's entry (its owner tag, with a fresh nonce): which
+/// signal's handler allocated it, or a worker on the normal path.
+const KIND_SIGNAL_A: usize = 0;
+const KIND_SIGNAL_B: usize = 1;
+const KIND_WORKER: usize = 2;
 
 struct Counters {
     signals: [AtomicU64; 2],
@@ -486,22 +228,48 @@ fn load(c: &AtomicU64) -> u64 {
 
 // ----- handlers ----------------------------------------------------------------
 
+/// The entry (owner tag: `kind` and a fresh nonce) of a new object of
+/// `SIZES[idx]` bytes, filled with its pattern.
+///
+/// # Safety
+/// The caller owns the object behind `p`, at least `SIZES[idx]` bytes.
+unsafe fn filled(p: NonNull<u8>, idx: usize, kind: usize) -> usize {
+    let e = Entry::fresh(p.as_ptr() as usize, kind);
+    // SAFETY: per the caller.
+    unsafe { pattern::fill(e, SIZES[idx]) };
+    e.0
+}
+
+/// Checks the pattern of the object behind `h` (its size comes from its
+/// header, which its owner's tag must match), counting a violation, and
+/// returns the object's pointer.
+///
+/// # Safety
+/// The caller owns the object behind `h`, filled by [`filled`].
+unsafe fn checked(h: usize) -> NonNull<u8> {
+    let e = Entry(h);
+    // SAFETY: per the caller.
+    if unsafe { pattern::verify(e) }.is_err() {
+        bump(&C.violations);
+    }
+    // SAFETY: an entry's address is a live object's, never null.
+    unsafe { NonNull::new_unchecked(e.ptr()) }
+}
+
 /// Checks and nolock-frees an object (in a handler; `which` is the signal).
 fn handler_free(heap: &Heap, h: usize, which: usize) {
     // SAFETY: `h` came out of a stash or mailbox through one atomic swap, so
     // this context owns the object.
-    if !unsafe { check(h) } {
-        bump(&C.violations);
-    }
-    let tag = (h >> (ADDR_BITS + 7)) as u64;
-    if tag & TAG_WORKER != 0 {
+    let p = unsafe { checked(h) };
+    let kind = Entry(h).kind();
+    if kind == KIND_WORKER {
         bump(&C.handler_frees_of_worker_objects);
-    } else if (tag & TAG_SIGNAL_B != 0) != (which == 1) {
+    } else if (kind == KIND_SIGNAL_B) != (which == 1) {
         bump(&C.handler_frees_other_signal);
     }
     bump(&C.handler_frees);
     // SAFETY: allocated by this heap and owned here (see above).
-    unsafe { heap.free_nolock(NonNull::new_unchecked(unpack(h).0)) };
+    unsafe { heap.free_nolock(p) };
 }
 
 /// The storm's handler (both signals). Async-signal-safe: atomics, plain
@@ -509,8 +277,8 @@ fn handler_free(heap: &Heap, h: usize, which: usize) {
 extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let _errno = ErrnoGuard::save();
     // Held until the handler returns: its nesting level.
-    let entry = common::HandlerEntry::enter();
-    if entry.interrupted_allocator {
+    let entry = HandlerEntry::enter();
+    if entry.interrupted_allocator() {
         bump(&C.inside);
     }
     let sig_a = SIGNAL_A.load(Ordering::Relaxed) as libc::c_int;
@@ -523,19 +291,19 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
     // SAFETY: the heap is leaked, so a non-null pointer stays valid.
     let heap = unsafe { &*heap };
     // SAFETY: a timer signal's siginfo: `si_value` carries the worker index.
-    let index = unsafe { (*info).si_value().sival_ptr as usize };
+    let index = unsafe { signal_value(info) };
     if index >= MAX_THREADS {
         return;
     }
     let st = &HANDLERS[index];
-    st.active[which].store(true, Ordering::Relaxed);
-    if st.active[1 - which].load(Ordering::Relaxed) {
+    // A signal never interrupts its own handler: a nested handler
+    // interrupted the other signal's, on this thread.
+    if entry.nested() {
         bump(&C.nested[which]);
     }
-    let run = st.runs[which].fetch_add(1, Ordering::Relaxed);
+    let run = st.run(which);
     for op in 0..OPS_PER_SIGNAL {
-        // A nested handler cannot tear this state: one fetch_add.
-        let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ (index as u64) << 56);
+        let r = st.draw((index as u64) << 56);
         // One request in 16 large (64 KiB to 4 MiB; one of those in 64 above
         // 4 MiB); of the rest 7 in 8 small (<= 1 KiB), the others up to 32 KiB.
         let large = (r >> 58).is_multiple_of(16);
@@ -569,10 +337,13 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
                 if !(p.as_ptr() as usize).is_multiple_of(align) {
                     bump(&C.violations);
                 }
-                let tag = (r >> 20) & 0xff | if which == 1 { TAG_SIGNAL_B } else { 0 };
-                let h = pack(p, idx, tag);
+                let kind = if which == 1 {
+                    KIND_SIGNAL_B
+                } else {
+                    KIND_SIGNAL_A
+                };
                 // SAFETY: just allocated: this context owns it.
-                unsafe { fill(h) };
+                let h = unsafe { filled(p, idx, kind) };
                 // Every 64th run forces the other signal to nest right here,
                 // while this handler holds an object it has not stashed.
                 if op == 0 && run.is_multiple_of(64) {
@@ -602,35 +373,32 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mu
             }
         }
     }
-    st.active[which].store(false, Ordering::Relaxed);
 }
 
 // ----- workers -----------------------------------------------------------------
 
 fn worker_free(heap: &Heap, h: usize) {
     // SAFETY: the worker owns `h` (its own list, or swapped out of a stash).
-    if !unsafe { check(h) } {
-        bump(&C.violations);
-    }
+    let p = unsafe { checked(h) };
     bump(&C.normal_frees);
     // SAFETY: allocated by this heap, owned here.
-    common::inside(|| unsafe { heap.free(NonNull::new_unchecked(unpack(h).0)) });
+    inside(|| unsafe { heap.free(p) });
 }
 
 fn worker(heap: &'static Heap, index: usize, threads: usize, stop: &AtomicBool) {
     let sig_a = SIGNAL_A.load(Ordering::Relaxed) as libc::c_int;
     let timers = [
-        ThreadTimer::for_current_thread(sig_a, Duration::from_micros(100), index),
-        ThreadTimer::for_current_thread(sig_a + 1, Duration::from_micros(110), index),
+        ThreadTimer::start(sig_a, Duration::from_micros(100), index).expect("timer A"),
+        ThreadTimer::start(sig_a + 1, Duration::from_micros(110), index).expect("timer B"),
     ];
-    let mut rng = XorShift(mix64(0x5eed + index as u64) | 1);
+    let mut rng = XorShift::new(0x5eed + index as u64);
     // (handle, expiry)
     let mut held: Vec<(usize, u64)> = Vec::with_capacity(4096);
     let mut now = 0u64;
     let next_box = &MAILBOXES[(index + 1) % threads];
     while !stop.load(Ordering::Relaxed) {
         now += 1;
-        let r = rng.next();
+        let r = rng.next_u64();
         if held.len() < 3000 {
             let idx = if !r.is_multiple_of(8) {
                 ((r >> 3) % SMALL_SIZES as u64) as usize
@@ -639,15 +407,14 @@ fn worker(heap: &'static Heap, index: usize, threads: usize, stop: &AtomicBool) 
             };
             let align = [1, 8, 16, 64, 1, 8, 16, 4096][((r >> 12) % 8) as usize];
             let l = layout(SIZES[idx], align);
-            match common::inside(|| heap.alloc(l)) {
+            match inside(|| heap.alloc(l)) {
                 Some(p) => {
                     bump(&C.normal_allocs);
                     if !(p.as_ptr() as usize).is_multiple_of(align) {
                         bump(&C.violations);
                     }
-                    let h = pack(p, idx, TAG_WORKER | (r >> 20) & 0xff);
                     // SAFETY: just allocated: owned by this worker.
-                    unsafe { fill(h) };
+                    let h = unsafe { filled(p, idx, KIND_WORKER) };
                     // Lifetimes: mostly short, some long.
                     let life = if (r >> 30).is_multiple_of(4) {
                         (r >> 32) % 4096
@@ -667,7 +434,8 @@ fn worker(heap: &'static Heap, index: usize, threads: usize, stop: &AtomicBool) 
             let i = ((r >> (k * 16)) % held.len() as u64) as usize;
             if held[i].1 <= now {
                 let (h, _) = held.swap_remove(i);
-                if threads > 1 && (r >> 48).is_multiple_of(8) && next_box.put(h, (r >> 52) as usize) {
+                if threads > 1 && (r >> 48).is_multiple_of(8) && next_box.put(h, (r >> 52) as usize)
+                {
                     continue;
                 }
                 worker_free(heap, h);
@@ -708,11 +476,11 @@ fn heap_storm_with_nested_signals() {
         )
         .expect("heap"),
     ));
-    let (sig_a, sig_b) = (libc::SIGRTMIN(), libc::SIGRTMIN() + 1);
+    let [sig_a, sig_b] = storm_signals();
     SIGNAL_A.store(sig_a as usize, Ordering::Relaxed);
     HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
-    install_handler(sig_a, storm_handler);
-    install_handler(sig_b, storm_handler);
+    install_handler(sig_a, storm_handler, &[]).expect("sigaction A");
+    install_handler(sig_b, storm_handler, &[]).expect("sigaction B");
 
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())

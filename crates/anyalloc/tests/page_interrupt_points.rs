@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering}
 
 use anyalloc::interrupt::{self, Site};
 use anyalloc::{Config, PageAllocator, MAX_ORDER, PCP_MAX_ORDER};
-use common::{check, fill, pack, unpack, Stash, XorShift};
+use anyalloc_storm::{Stash, XorShift};
+use common::{check, fill, pack, unpack};
 
 const SITES: usize = 17;
 /// Hook nesting: the driver's operation (depth 0) and two handler levels.
@@ -48,6 +49,12 @@ static FAIL: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
 static LARGE_OK: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
 static LARGE_FAIL: [AtomicU64; SITES] = [const { AtomicU64::new(0) }; SITES];
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+/// Kinds of the blocks' owner tags (`common::pack`): the driver's, the
+/// hook's, the prepared order-4 blocks, the steal chain's block.
+const KIND_DRIVER: usize = 0;
+const KIND_HOOK: usize = 1;
+const KIND_BIG: usize = 2;
+const KIND_CHAIN: usize = 3;
 /// A block allocated at one site and freed at the next.
 static CARRY: AtomicUsize = AtomicUsize::new(0);
 static CARRIED: AtomicU64 = AtomicU64::new(0);
@@ -197,7 +204,7 @@ fn reenter(site: Site, i: usize, depth: usize) {
         match p {
             Some(p) => {
                 OK[i].fetch_add(1, Ordering::Relaxed);
-                let h = pack(p.as_ptr() as usize, order, (n & 0xff) as u32);
+                let h = pack(p.as_ptr() as usize, order, KIND_HOOK);
                 // SAFETY: just allocated: owned here.
                 unsafe { fill(h) };
                 got[k] = h;
@@ -242,7 +249,7 @@ fn alloc_free(i: usize, order: u32) {
     match pa().alloc_pages_nolock(order) {
         Some(p) => {
             OK[i].fetch_add(1, Ordering::Relaxed);
-            let h = pack(p.as_ptr() as usize, order, 0xff);
+            let h = pack(p.as_ptr() as usize, order, KIND_HOOK);
             // SAFETY: just allocated: owned here.
             unsafe { fill(h) };
             nolock_free_checked(h);
@@ -303,14 +310,14 @@ fn chain(site: Site, i: usize, depth: usize) {
 struct Held(Vec<usize>);
 
 impl Held {
-    fn alloc(&mut self, pa: &PageAllocator, order: u32, nolock: bool, key: u32) {
+    fn alloc(&mut self, pa: &PageAllocator, order: u32, nolock: bool) {
         let p = if nolock {
             pa.alloc_pages_nolock(order)
         } else {
             Some(pa.alloc_pages(order).expect("memory to spare"))
         };
         if let Some(p) = p {
-            let h = pack(p.as_ptr() as usize, order, key & 0xff);
+            let h = pack(p.as_ptr() as usize, order, KIND_DRIVER);
             // SAFETY: just allocated: owned by the driver.
             unsafe { fill(h) };
             self.0.push(h);
@@ -363,7 +370,7 @@ fn grow_phase() {
     interrupt::set_hook(Some(hook));
     let mut held = Held(Vec::new());
     while small.stats().zones < 2 {
-        held.alloc(small, 7, false, 1);
+        held.alloc(small, 7, false);
     }
     interrupt::set_hook(None);
     while !held.0.is_empty() {
@@ -475,7 +482,7 @@ fn nolock_reentry_at_every_page_site() {
         BIG_ARMED.store(false, Ordering::Relaxed);
         while BIG.len() < 8 {
             let p = pa.alloc_pages(4).expect("memory to spare");
-            let h = pack(p.as_ptr() as usize, 4, round & 0xff);
+            let h = pack(p.as_ptr() as usize, 4, KIND_BIG);
             // SAFETY: just allocated: owned, then handed to the stash.
             unsafe { fill(h) };
             assert!(BIG.put(h, 0));
@@ -483,22 +490,22 @@ fn nolock_reentry_at_every_page_site() {
         BIG_ARMED.store(true, Ordering::Relaxed);
         // Per-CPU hits and refills, orders 0..=3, both paths.
         for k in 0..12 {
-            held.alloc(pa, k % 4, k % 3 == 2, round);
+            held.alloc(pa, k % 4, k % 3 == 2);
         }
         // Direct zone allocations (orders above 3): ZoneAlloc, splits; on
         // the nolock path a zone try-lock (NolockZoneAlloc), up to 4 MiB.
         for order in 4..=6 {
-            held.alloc(pa, order, false, round);
+            held.alloc(pa, order, false);
         }
         for order in PCP_MAX_ORDER + 1..=MAX_ORDER {
             if order <= 7 || round % 4 == order % 4 {
-                held.alloc(pa, order, true, round);
+                held.alloc(pa, order, true);
             }
         }
         // A slot over `high` drains (PcpDrain, merges).
         let base = held.0.len();
         for _ in 0..120 {
-            held.alloc(pa, 0, false, round);
+            held.alloc(pa, 0, false);
         }
         while held.0.len() > base {
             let last = held.0.len() - 1;
@@ -531,20 +538,20 @@ fn nolock_reentry_at_every_page_site() {
     MODE.store(OFF, Ordering::Relaxed);
     pa.drain();
     MODE.store(STOCK, Ordering::Relaxed);
-    held.alloc(pa, 0, false, 0);
+    held.alloc(pa, 0, false);
     MODE.store(PROBE, Ordering::Relaxed);
 
     // The deterministic steal (see `chain`), from empty slots.
     BIG_ARMED.store(false, Ordering::Relaxed);
     while BIG.len() < 8 {
         let p = pa.alloc_pages(4).expect("memory to spare");
-        let h = pack(p.as_ptr() as usize, 4, 0);
+        let h = pack(p.as_ptr() as usize, 4, KIND_BIG);
         // SAFETY: just allocated: owned, then handed to the stash.
         unsafe { fill(h) };
         assert!(BIG.put(h, 0));
     }
     let p = pa.alloc_pages(0).expect("memory to spare");
-    let h = pack(p.as_ptr() as usize, 0, 0);
+    let h = pack(p.as_ptr() as usize, 0, KIND_CHAIN);
     // SAFETY: just allocated: owned, then handed to the chain.
     unsafe { fill(h) };
     CHAIN_BLOCK.store(h, Ordering::Relaxed);
@@ -552,7 +559,7 @@ fn nolock_reentry_at_every_page_site() {
     pa.drain();
     MODE.store(CHAIN, Ordering::Relaxed);
     STAGE.store(0, Ordering::Relaxed);
-    held.alloc(pa, 0, false, 0);
+    held.alloc(pa, 0, false);
     MODE.store(PROBE, Ordering::Relaxed);
     assert_eq!(STAGE.load(Ordering::Relaxed), 4, "the steal chain ran");
     assert_eq!(

@@ -45,7 +45,7 @@ static CARRY: AtomicUsize = AtomicUsize::new(0);
 static SEEN: common::SeenSet = common::SeenSet::new();
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    let _errno = common::ErrnoGuard::save();
+    let _errno = anyalloc_storm::ErrnoGuard::save();
     // SAFETY: the kernel passes a valid, writable ucontext_t to SA_SIGINFO
     // handlers; its general registers are what the thread resumes with.
     let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
@@ -81,7 +81,8 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
             if order > 3 {
                 LARGE_OK.fetch_add(1, Ordering::Relaxed);
             }
-            let h = pack(p.as_ptr() as usize, order, (n & 0xff) as u32);
+            // Kind 1: a handler's block (the test's own are kind 0).
+            let h = pack(p.as_ptr() as usize, order, 1);
             // SAFETY: just allocated: this handler owns the block.
             unsafe { fill(h) };
             free_checked(pa, CARRY.swap(h, Ordering::Relaxed));
@@ -130,7 +131,7 @@ fn stepped_alloc(pa: &PageAllocator, order: u32, nolock: bool) -> usize {
     };
     trap_off();
     let p = p.expect("memory to spare");
-    let h = pack(p.as_ptr() as usize, order, order);
+    let h = pack(p.as_ptr() as usize, order, 0);
     // SAFETY: just allocated: owned by the test.
     unsafe { fill(h) };
     h
@@ -159,7 +160,7 @@ fn stepped_free(pa: &PageAllocator, h: usize, nolock: bool) {
 #[test]
 fn nolock_reentry_at_every_instruction_of_the_normal_path() {
     // One slot set and a pinned thread: the paths below are taken in order.
-    common::pin_to_cpu(common::current_cpu());
+    anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu());
     let pa: &'static PageAllocator = Box::leak(Box::new(
         PageAllocator::new(Config::default().memory(32 << 20).cpus(1).grow(false)).unwrap(),
     ));
@@ -167,7 +168,7 @@ fn nolock_reentry_at_every_instruction_of_the_normal_path() {
         pa as *const PageAllocator as *mut PageAllocator,
         Ordering::Release,
     );
-    common::install_handler(libc::SIGTRAP, on_trap);
+    anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
     let total = pa.stats().total_pages;
     let mut held = Vec::new();
 

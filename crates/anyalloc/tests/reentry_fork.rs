@@ -18,7 +18,6 @@
 //! under a watchdog (its whole process group is killed on timeout), so a
 //! deadlock fails the test.
 
-mod common;
 mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -26,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyalloc::{Global, Group};
-use common::{install_handler, storm_signals, ErrnoGuard, ThreadTimer};
+use anyalloc_storm::{install_handler, storm_signals, ErrnoGuard, ThreadTimer};
 
 #[global_allocator]
 static A: Global = Global;
@@ -81,9 +80,9 @@ fn fork_storm_with_allocating_handlers() {
             n
         })
     };
-    let (sig, _) = storm_signals();
-    install_handler(sig, handler);
-    let timer = ThreadTimer::for_current_thread(sig, Duration::from_micros(20), 0);
+    let [sig, _] = storm_signals();
+    install_handler(sig, handler, &[]).expect("sigaction");
+    let timer = ThreadTimer::start(sig, Duration::from_micros(20), 0).expect("timer");
     for i in 0..FORKS {
         // SAFETY: the child only allocates (through Global, whose fork
         // handlers released every lock in it) and creates a group, then

@@ -12,7 +12,6 @@
 //! thread inside the allocator, takes the nolock route. The scenario runs in
 //! a child process under a watchdog: a deadlock fails the test.
 
-mod common;
 mod watchdog;
 
 use std::alloc::Layout;
@@ -21,7 +20,7 @@ use std::time::Duration;
 
 use allocator_api2::vec::Vec as NVec;
 use anyalloc::{Global, NoLock};
-use common::{install_handler, storm_signals, ErrnoGuard, ThreadTimer};
+use anyalloc_storm::{install_handler, storm_signals, ErrnoGuard, ThreadTimer};
 
 #[global_allocator]
 static A: Global = Global;
@@ -65,13 +64,13 @@ fn global_handlers_interrupting_nolock_calls() {
         return;
     }
     let heap = anyalloc::init().expect("global heap");
-    let (sig, _) = storm_signals();
-    install_handler(sig, handler);
+    let [sig, _] = storm_signals();
+    install_handler(sig, handler, &[]).expect("sigaction");
     // Everything the loop needs is allocated before the timer starts.
     let mut ring: Vec<Option<NVec<u8, NoLock>>> = (0..RING).map(|_| None).collect();
     let mut objs: Vec<Option<std::ptr::NonNull<u8>>> = vec![None; RING];
     let small = Layout::from_size_align(96, 8).unwrap();
-    let timer = ThreadTimer::for_current_thread(sig, Duration::from_micros(20), 0);
+    let timer = ThreadTimer::start(sig, Duration::from_micros(20), 0).expect("timer");
     for i in 0..ROUNDS {
         let slot = i % RING;
         // A page block through NoLock (order 2 or 3), replacing the oldest.

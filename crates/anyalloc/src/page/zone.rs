@@ -1006,7 +1006,8 @@ impl Zone {
                 if d.load() != desc::state(desc::BUDDY, order) {
                     return Err("a block on a buddy list is not marked BUDDY of its order");
                 }
-                if !i.is_multiple_of(1 << order) || i < self.first || i + (1 << order) > self.limit {
+                if !i.is_multiple_of(1 << order) || i < self.first || i + (1 << order) > self.limit
+                {
                     return Err("a buddy block is misaligned or outside its zone");
                 }
                 if d.prev.load(Ordering::Relaxed) != prev {

@@ -1,430 +1,76 @@
-//! Shared helpers for the proof tests (and `examples/page_storm.rs`).
+//! Shared helpers for the proof tests (and `examples/page_storm.rs`): what
+//! is specific to anyalloc. The storm machinery itself (signal handlers,
+//! per-thread timers, re-entry evidence, the stash, owner-tagged patterns,
+//! random numbers) is the `anyalloc_storm` kit, which the tests import
+//! directly.
 //!
-//! Generic, allocator-independent pieces, usable by any storm test (pages
-//! today, the object heap later):
+//! * [`pack`] / [`unpack`] / [`fill`] / [`check`]: page-block handles that
+//!   fit in one atomic word: a kit [`Entry`] (address, kind, nonce) with the
+//!   block's order in the low bits (blocks are page-aligned), so the order
+//!   never has to be read from memory that a second owner may have
+//!   overwritten; the fill is the kit's owner-tagged pattern;
+//! * the page storm itself ([`run_page_storm`]), shared by the `page_storm`
+//!   test (which asserts) and example (which prints);
+//! * [`SeenSet`]: instruction addresses seen by the single-step tests.
 //!
-//! * [`install_handler`]: a `SA_SIGINFO` handler whose `sa_mask` blocks only
-//!   its own signal (never `SA_NODEFER`), so two signals can nest at most two
-//!   deep: each can interrupt the other's handler, neither itself;
-//! * [`ThreadTimer`]: a POSIX timer that delivers a signal to one thread
-//!   (`SIGEV_THREAD_ID`) with a `sigval` the handler reads back;
-//! * [`XorShift`] and [`mix64`]: random numbers for threads and for handlers
-//!   (the latter from an atomic counter: no state a nested handler could tear);
-//! * [`pack`] / [`fill`] / [`check`]: block handles that fit in one atomic
-//!   word and an owner-specific fill pattern that detects two owners of the
-//!   same memory;
-//! * [`Stash`]: a fixed array of atomic handles, safe to share between a
-//!   thread and the handlers that interrupt it (no `Vec`, no lock);
-//! * [`inside`] / [`HandlerEntry`]: evidence of re-entry. A worker raises a
-//!   narrow per-thread flag around each of its allocator calls; a handler
-//!   learns on entry whether it interrupted such a call, and whether it
-//!   interrupted another storm handler (nesting).
-//!
-//! And the page storm itself ([`run_page_storm`]), shared by the
-//! `page_storm` test (which asserts) and example (which prints).
-//!
-//! Everything called from a signal handler here is async-signal-safe: atomics,
-//! plain memory accesses, `tgkill`, and the allocator's nolock path.
+//! Everything called from a signal handler here is async-signal-safe: the
+//! kit's handler-safe pieces, atomics, plain memory accesses and the
+//! allocator's nolock path.
 
 #![allow(dead_code)]
 
-use std::sync::atomic::{
-    compiler_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyalloc::{Config, PageAllocator, PageStats, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
+use anyalloc_storm::pattern::{self, Entry};
+use anyalloc_storm::signal::signal_value;
+use anyalloc_storm::{
+    inside, install_handler, mix64, raise_here, storm_signals, ErrnoGuard, HandlerEntry,
+    HandlerSlot, Stash, ThreadTimer, XorShift,
+};
 
-// ----- signals and timers ---------------------------------------------------
-
-/// A `SA_SIGINFO` signal handler.
-pub type Handler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
-
-/// The two storm signals: `SIGRTMIN` and `SIGRTMIN + 1`.
-pub fn storm_signals() -> (libc::c_int, libc::c_int) {
-    let a = libc::SIGRTMIN();
-    (a, a + 1)
-}
-
-/// Installs `handler` for `sig` with `SA_SIGINFO | SA_RESTART`, blocking
-/// only `sig` itself while it runs (no `SA_NODEFER`: a signal never nests in
-/// its own handler, so nesting is bounded by the number of signals).
-pub fn install_handler(sig: libc::c_int, handler: Handler) {
-    // SAFETY: a zeroed `sigaction` is a valid starting value (empty mask, no
-    // flags); every field we rely on is set below.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = handler as usize;
-    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // SAFETY: `sa.sa_mask` is a valid, writable sigset_t; `sigaction` reads
-    // `sa` and writes nothing (no old action requested).
-    let rc = unsafe {
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaddset(&mut sa.sa_mask, sig);
-        libc::sigaction(sig, &sa, std::ptr::null_mut())
-    };
-    assert_eq!(
-        rc,
-        0,
-        "sigaction({sig}) failed: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// The kernel thread id of the calling thread.
-pub fn gettid() -> libc::pid_t {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
-}
-
-/// Sends `sig` to the calling thread, right now (async-signal-safe: usable
-/// inside a handler to force a nested signal at a chosen point).
-pub fn raise_here(sig: libc::c_int) {
-    // SAFETY: tgkill on our own process and thread with a signal whose
-    // handler is installed; no memory is passed.
-    unsafe {
-        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), sig);
-    }
-}
-
-/// Reads the `sigval` a [`ThreadTimer`] (or `sigqueue`) attached to a signal.
-///
-/// # Safety
-/// `info` must be the `siginfo_t` the kernel passed to a `SA_SIGINFO`
-/// handler for a timer or queued signal.
-pub unsafe fn signal_value(info: *const libc::siginfo_t) -> usize {
-    // SAFETY: the caller passes the kernel's siginfo of a timer / rt signal,
-    // whose `si_value` union member is the one that was filled in.
-    unsafe { (*info).si_value().sival_ptr as usize }
-}
-
-/// Saves `errno` and restores it on drop: handlers must not clobber the
-/// errno of the code they interrupted (a futex wake can set it).
-pub struct ErrnoGuard(libc::c_int);
-
-impl ErrnoGuard {
-    pub fn save() -> Self {
-        // SAFETY: `__errno_location` returns this thread's errno slot.
-        ErrnoGuard(unsafe { *libc::__errno_location() })
-    }
-}
-
-impl Drop for ErrnoGuard {
-    fn drop(&mut self) {
-        // SAFETY: as in `save`.
-        unsafe { *libc::__errno_location() = self.0 };
-    }
-}
-
-// ----- evidence of re-entry ---------------------------------------------------
-
-// Const-initialised atomics without a destructor: a handler reads them with
-// a plain thread-local access (no lazy initialisation, no allocation).
-thread_local! {
-    /// Allocator calls the worker on this thread is inside right now.
-    static IN_ALLOC: AtomicU32 = const { AtomicU32::new(0) };
-    /// Storm handlers running right now on this thread.
-    static HANDLER_DEPTH: AtomicU32 = const { AtomicU32::new(0) };
-}
-
-/// Runs `f`, one allocator call of a worker, with this thread's
-/// in-allocator flag raised around exactly that call. Only this thread and
-/// the handlers that interrupt it see the flag, and they never change it,
-/// so relaxed accesses suffice; the compiler fences keep the call's code
-/// between them.
-#[inline(always)]
-pub fn inside<R>(f: impl FnOnce() -> R) -> R {
-    IN_ALLOC.with(|n| n.fetch_add(1, Ordering::Relaxed));
-    compiler_fence(Ordering::SeqCst);
-    let r = f();
-    compiler_fence(Ordering::SeqCst);
-    IN_ALLOC.with(|n| n.fetch_sub(1, Ordering::Relaxed));
-    r
-}
-
-/// Whether the code this thread was running when the current handler
-/// interrupted it was inside a worker's allocator call (see [`inside`]).
-/// Async-signal-safe.
-pub fn in_allocator() -> bool {
-    IN_ALLOC.with(|n| n.load(Ordering::Relaxed)) != 0
-}
-
-/// What a storm handler learns on entry; leaving (drop) ends the handler's
-/// nesting level. Async-signal-safe.
-pub struct HandlerEntry {
-    /// This handler interrupted another storm handler on the same thread.
-    pub nested: bool,
-    /// This handler interrupted a worker's allocator call directly (not
-    /// another handler running on top of one).
-    pub interrupted_allocator: bool,
-}
-
-impl HandlerEntry {
-    /// Call first thing in a storm handler; keep the value until it returns.
-    pub fn enter() -> Self {
-        let depth = HANDLER_DEPTH.with(|d| d.fetch_add(1, Ordering::Relaxed));
-        compiler_fence(Ordering::SeqCst);
-        HandlerEntry {
-            nested: depth > 0,
-            interrupted_allocator: depth == 0 && in_allocator(),
-        }
-    }
-}
-
-impl Drop for HandlerEntry {
-    fn drop(&mut self) {
-        compiler_fence(Ordering::SeqCst);
-        HANDLER_DEPTH.with(|d| d.fetch_sub(1, Ordering::Relaxed));
-    }
-}
-
-/// A POSIX timer delivering a signal to one thread (`SIGEV_THREAD_ID`).
-/// Deleted on drop.
-pub struct ThreadTimer {
-    id: libc::timer_t,
-}
-
-impl ThreadTimer {
-    /// Starts a `CLOCK_MONOTONIC` timer that sends `sig` to the calling thread
-    /// every `period`, with `value` as the signal's `sigval`.
-    pub fn for_current_thread(sig: libc::c_int, period: Duration, value: usize) -> ThreadTimer {
-        // SAFETY: an all-zero sigevent is valid; the fields used by
-        // SIGEV_THREAD_ID are set below.
-        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = sig;
-        sev.sigev_value = libc::sigval {
-            sival_ptr: value as *mut libc::c_void,
-        };
-        sev.sigev_notify_thread_id = gettid();
-        let mut id: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: `sev` and `id` are valid for the call; the kernel copies
-        // `sev` and writes the new timer id into `id`.
-        let rc = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) };
-        assert_eq!(
-            rc,
-            0,
-            "timer_create failed: {}",
-            std::io::Error::last_os_error()
-        );
-        let ts = libc::timespec {
-            tv_sec: period.as_secs() as libc::time_t,
-            tv_nsec: period.subsec_nanos() as libc::c_long,
-        };
-        let spec = libc::itimerspec {
-            it_interval: ts,
-            it_value: ts,
-        };
-        // SAFETY: `id` is the timer just created; `spec` is valid for reads.
-        let rc = unsafe { libc::timer_settime(id, 0, &spec, std::ptr::null_mut()) };
-        assert_eq!(
-            rc,
-            0,
-            "timer_settime failed: {}",
-            std::io::Error::last_os_error()
-        );
-        ThreadTimer { id }
-    }
-}
-
-impl Drop for ThreadTimer {
-    fn drop(&mut self) {
-        // SAFETY: `id` is a live timer owned by this value; deleting it
-        // disarms it (a signal already queued may still arrive).
-        unsafe {
-            libc::timer_delete(self.id);
-        }
-    }
-}
-
-/// Pins the calling thread to `cpu`; `false` if the OS refused.
-pub fn pin_to_cpu(cpu: usize) -> bool {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it;
-    // sched_setaffinity(0, ..) affects only the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
-}
-
-/// The CPU the calling thread runs on now.
-pub fn current_cpu() -> usize {
-    // SAFETY: sched_getcpu has no preconditions.
-    let c = unsafe { libc::sched_getcpu() };
-    c.max(0) as usize
-}
-
-// ----- random numbers -------------------------------------------------------
-
-/// Marsaglia's xorshift64: for normal threads.
-#[derive(Debug, Clone)]
-pub struct XorShift(u64);
-
-impl XorShift {
-    pub fn new(seed: u64) -> Self {
-        XorShift(mix64(seed) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    /// A number in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-/// splitmix64's finaliser. A handler draws its numbers as
-/// `mix64(counter.fetch_add(1))`: a nested handler cannot tear that state.
-pub const fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-// ----- block handles and patterns -------------------------------------------
+// ----- page-block handles -----------------------------------------------------
 
 /// Packs a page-aligned block, its order (`< 16`: every order up to
-/// `MAX_ORDER`) and an owner key (`< 256`) into one word. 0 never is a
-/// handle.
-pub fn pack(ptr: usize, order: u32, key: u32) -> usize {
-    debug_assert_eq!(ptr % PAGE_SIZE, 0);
-    debug_assert!(order < 16 && key < 256);
-    ptr | order as usize | (key as usize) << 4
+/// `MAX_ORDER`) and a kind (`< 8`, the caller's) into one word, with a
+/// fresh nonce: a kit [`Entry`] plus the order in the page-offset bits.
+/// 0 never is a handle.
+pub fn pack(ptr: usize, order: u32, kind: usize) -> usize {
+    debug_assert!(ptr.is_multiple_of(PAGE_SIZE) && order < 16 && kind < 8);
+    Entry::fresh(ptr, kind).0 | order as usize
 }
 
-/// The inverse of [`pack`]: `(ptr, order, key)`.
-pub fn unpack(h: usize) -> (usize, u32, u32) {
-    (
-        h & !(PAGE_SIZE - 1),
-        (h & 15) as u32,
-        ((h >> 4) & 255) as u32,
-    )
+/// The inverse of [`pack`]: `(ptr, order, kind)`.
+pub fn unpack(h: usize) -> (usize, u32, usize) {
+    let e = entry(h);
+    (e.addr(), (h & 15) as u32, e.kind())
 }
 
-/// The pattern word at `addr` of a block owned under `handle`'s low bits:
-/// address-derived *and* owner-derived, so a second owner of the same memory
-/// writes different words than the first expects.
-#[inline]
-fn pattern(addr: usize, handle: usize) -> u64 {
-    (addr as u64) ^ mix64((handle & (PAGE_SIZE - 1)) as u64)
+/// The kit entry of a handle (its owner tag, without the order).
+fn entry(h: usize) -> Entry {
+    Entry(h & !(PAGE_SIZE - 1))
 }
 
-/// Words between two pattern words of a block of `order`: every word up to
-/// 32 KiB; above (64 KiB to 4 MiB, filled in signal handlers too) one word
-/// in 32 (every 256 bytes). Blocks are page-aligned, so two overlapping
-/// blocks share sampled words and the second owner still breaks the first
-/// one's pattern.
-#[inline]
-fn stride(order: u32) -> usize {
-    if order <= PCP_MAX_ORDER {
-        1
-    } else {
-        32
-    }
-}
-
-/// Fills the block behind `handle` with its pattern.
+/// Fills the block behind `handle` with its owner's pattern.
 ///
 /// # Safety
 /// The caller owns the block behind `handle` (`PAGE_SIZE << order` bytes).
 pub unsafe fn fill(handle: usize) {
-    let (ptr, order, _) = unpack(handle);
-    let words = (PAGE_SIZE << order) / 8;
-    let p = ptr as *mut u64;
-    for i in (0..words).step_by(stride(order)) {
-        // SAFETY: `i < words`, inside the caller's block; u64-aligned.
-        unsafe { p.add(i).write_volatile(pattern(ptr + i * 8, handle)) };
-    }
+    let (_, order, _) = unpack(handle);
+    // SAFETY: per the caller.
+    unsafe { pattern::fill(entry(handle), PAGE_SIZE << order) };
 }
 
-/// Whether the block behind `handle` still holds its pattern.
+/// Whether the block behind `handle` still holds its owner's pattern (its
+/// header, with the size of its order, included).
 ///
 /// # Safety
 /// As for [`fill`].
 pub unsafe fn check(handle: usize) -> bool {
-    let (ptr, order, _) = unpack(handle);
-    let words = (PAGE_SIZE << order) / 8;
-    let p = ptr as *const u64;
-    let mut ok = true;
-    for i in (0..words).step_by(stride(order)) {
-        // SAFETY: as in `fill`.
-        ok &= unsafe { p.add(i).read_volatile() } == pattern(ptr + i * 8, handle);
-    }
-    ok
-}
-
-// ----- a stash of handles ----------------------------------------------------
-
-/// A fixed set of handles in atomics: `put` (CAS 0 -> handle) and `take`
-/// (swap -> 0) are single atomic operations, so a thread and the handlers
-/// nested on top of it never lose or duplicate an entry.
-pub struct Stash<const N: usize> {
-    slots: [AtomicUsize; N],
-}
-
-impl<const N: usize> Stash<N> {
-    pub const fn new() -> Self {
-        Stash {
-            slots: [const { AtomicUsize::new(0) }; N],
-        }
-    }
-
-    /// Stores `h` in a free slot, searching from `start`; `false` when full.
-    pub fn put(&self, h: usize, start: usize) -> bool {
-        (0..N).any(|k| {
-            self.slots[(start + k) % N]
-                .compare_exchange(0, h, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        })
-    }
-
-    /// Takes some handle, searching from `start`.
-    pub fn take(&self, start: usize) -> Option<usize> {
-        (0..N).find_map(|k| {
-            let s = &self.slots[(start + k) % N];
-            if s.load(Ordering::Relaxed) == 0 {
-                return None;
-            }
-            match s.swap(0, Ordering::AcqRel) {
-                0 => None,
-                h => Some(h),
-            }
-        })
-    }
-
-    /// How many handles it holds (exact only while nothing else uses it).
-    pub fn len(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| s.load(Ordering::Relaxed) != 0)
-            .count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Takes every handle (normal context, nothing else using the stash).
-    pub fn drain(&self) -> impl Iterator<Item = usize> + '_ {
-        self.slots
-            .iter()
-            .filter_map(|s| match s.swap(0, Ordering::AcqRel) {
-                0 => None,
-                h => Some(h),
-            })
-    }
-}
-
-impl<const N: usize> Default for Stash<N> {
-    fn default() -> Self {
-        Self::new()
-    }
+    let (_, order, _) = unpack(handle);
+    // SAFETY: per the caller.
+    unsafe { pattern::check(entry(handle), PAGE_SIZE << order) }.is_ok()
 }
 
 // ----- the page storm ------------------------------------------------------
@@ -598,24 +244,9 @@ static SIGNAL_B: AtomicUsize = AtomicUsize::new(0);
 static OPS_PER_SIGNAL: AtomicUsize = AtomicUsize::new(2);
 static LARGE_EVERY: AtomicUsize = AtomicUsize::new(0);
 
-/// Per-thread handler state, indexed by the timer's `sigval`.
-struct HandlerState {
-    stash: Stash<HANDLER_STASH>,
-    rng: AtomicU64,
-    /// Whether the handler of signal A / B is running on this thread.
-    active: [AtomicBool; 2],
-    /// Handler runs of A / B on this thread (drives the forced nesting).
-    runs: [AtomicU64; 2],
-}
-
-static HANDLERS: [HandlerState; MAX_THREADS] = [const {
-    HandlerState {
-        stash: Stash::new(),
-        rng: AtomicU64::new(0),
-        active: [const { AtomicBool::new(false) }; 2],
-        runs: [const { AtomicU64::new(0) }; 2],
-    }
-}; MAX_THREADS];
+/// Per-thread handler state, indexed by the timers' `sigval`.
+static HANDLERS: [HandlerSlot<HANDLER_STASH>; MAX_THREADS] =
+    [const { HandlerSlot::new() }; MAX_THREADS];
 /// Worker `i` takes blocks from `MAILBOXES[i]`; worker `i - 1` puts them there.
 static MAILBOXES: [Stash<MAILBOX>; MAX_THREADS] = [const { Stash::new() }; MAX_THREADS];
 
@@ -676,20 +307,21 @@ impl Counters {
     }
 }
 
-/// Key bit 7 of a handler block: which signal's handler allocated it.
-const KEY_SIGNAL_B: u32 = 1 << 7;
-/// Key bit 6: allocated by a worker (normal path).
-const KEY_WORKER: u32 = 1 << 6;
+/// Kinds of a storm block: which signal's handler allocated it, or a
+/// worker (normal path).
+const KIND_SIGNAL_A: usize = 0;
+const KIND_SIGNAL_B: usize = 1;
+const KIND_WORKER: usize = 2;
 
 /// Checks and nolock-frees a handler block (in a handler).
 fn handler_free(pa: &PageAllocator, h: usize, which: usize) {
-    let (ptr, order, key) = unpack(h);
+    let (ptr, order, kind) = unpack(h);
     // SAFETY: the handle was taken out of a stash with one atomic swap, so
     // this context owns the block it names.
     if !unsafe { check(h) } {
         C.violations.fetch_add(1, Ordering::Relaxed);
     }
-    let from_b = key & KEY_SIGNAL_B != 0;
+    let from_b = kind == KIND_SIGNAL_B;
     if from_b != (which == 1) {
         C.frees_other.fetch_add(1, Ordering::Relaxed);
     }
@@ -704,7 +336,7 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     let _errno = ErrnoGuard::save();
     // Held until the handler returns: its nesting level.
     let entry = HandlerEntry::enter();
-    if entry.interrupted_allocator {
+    if entry.interrupted_allocator() {
         C.inside.fetch_add(1, Ordering::Relaxed);
     }
     let which = if sig == SIGNAL_A.load(Ordering::Relaxed) as libc::c_int {
@@ -727,14 +359,15 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
         return;
     }
     let st = &HANDLERS[slot];
-    st.active[which].store(true, Ordering::Relaxed);
-    if st.active[1 - which].load(Ordering::Relaxed) {
+    // A signal never interrupts its own handler: a nested handler
+    // interrupted the other signal's, on this thread.
+    if entry.nested() {
         C.nested[which].fetch_add(1, Ordering::Relaxed);
     }
-    let run = st.runs[which].fetch_add(1, Ordering::Relaxed);
+    let run = st.run(which);
     let ops = OPS_PER_SIGNAL.load(Ordering::Relaxed);
     for op in 0..ops {
-        let r = mix64(st.rng.fetch_add(1, Ordering::Relaxed) ^ ((slot as u64) << 48));
+        let r = st.draw((slot as u64) << 48);
         let every = LARGE_EVERY.load(Ordering::Relaxed) as u64;
         let large = every != 0 && (r >> 56).is_multiple_of(every);
         let order = if large {
@@ -752,8 +385,12 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
                 if large {
                     C.large[1].fetch_add(1, Ordering::Relaxed);
                 }
-                let key = ((r >> 8) as u32 & 0x3f) | if which == 1 { KEY_SIGNAL_B } else { 0 };
-                let h = pack(p.as_ptr() as usize, order, key);
+                let kind = if which == 1 {
+                    KIND_SIGNAL_B
+                } else {
+                    KIND_SIGNAL_A
+                };
+                let h = pack(p.as_ptr() as usize, order, kind);
                 // SAFETY: just allocated: this context owns it.
                 unsafe { fill(h) };
                 // Every 64th run forces the other signal to nest right here,
@@ -781,15 +418,14 @@ extern "C" fn storm_handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
             }
         }
     }
-    st.active[which].store(false, Ordering::Relaxed);
 }
 
 /// A worker: normal-path churn with its own timers interrupting it.
 fn storm_worker(pa: &PageAllocator, index: usize, stop: &AtomicBool, cfg: &StormConfig) {
-    let (sig_a, sig_b) = storm_signals();
+    let [sig_a, sig_b] = storm_signals();
     let timers = [
-        ThreadTimer::for_current_thread(sig_a, cfg.period_a, index),
-        ThreadTimer::for_current_thread(sig_b, cfg.period_b, index),
+        ThreadTimer::start(sig_a, cfg.period_a, index).expect("timer A"),
+        ThreadTimer::start(sig_b, cfg.period_b, index).expect("timer B"),
     ];
     let mut rng = XorShift::new(0x5eed_0000 + index as u64);
     // (handle, expiry op)
@@ -820,11 +456,7 @@ fn storm_worker(pa: &PageAllocator, index: usize, stop: &AtomicBool, cfg: &Storm
             match inside(|| pa.alloc_pages(order)) {
                 Some(p) => {
                     C.normal_allocs.fetch_add(1, Ordering::Relaxed);
-                    let h = pack(
-                        p.as_ptr() as usize,
-                        order,
-                        KEY_WORKER | ((r >> 40) as u32 & 0x3f),
-                    );
+                    let h = pack(p.as_ptr() as usize, order, KIND_WORKER);
                     // SAFETY: just allocated: owned by this worker.
                     unsafe { fill(h) };
                     held.push((h, now + ((r >> 8) & 255)));
@@ -879,15 +511,15 @@ pub fn run_page_storm(cfg: &StormConfig) -> StormReport {
     C.reset();
     OPS_PER_SIGNAL.store(cfg.ops_per_signal as usize, Ordering::Relaxed);
     LARGE_EVERY.store(cfg.large_every as usize, Ordering::Relaxed);
-    let (sig_a, sig_b) = storm_signals();
+    let [sig_a, sig_b] = storm_signals();
     SIGNAL_A.store(sig_a as usize, Ordering::Relaxed);
     SIGNAL_B.store(sig_b as usize, Ordering::Relaxed);
     STORM_PA.store(
         &*pa as *const PageAllocator as *mut PageAllocator,
         Ordering::Release,
     );
-    install_handler(sig_a, storm_handler);
-    install_handler(sig_b, storm_handler);
+    install_handler(sig_a, storm_handler, &[]).expect("sigaction A");
+    install_handler(sig_b, storm_handler, &[]).expect("sigaction B");
 
     let stop = AtomicBool::new(false);
     let started = Instant::now();
