@@ -88,11 +88,11 @@ pub use config::{Config, Error, MIN_MEMORY};
 pub use global::init_without_maintainer;
 #[cfg(feature = "std")]
 pub use global::{global_heap, in_nolock_scope, init, nolock_scope, Global, NoLock, NoLockScope};
-pub use page::{PageAllocator, PageStats};
+pub use page::{FastPath, PageAllocator, PageStats};
 pub use platform::Platform;
 #[cfg(feature = "std")]
 pub use platform::StdPlatform;
-pub use slab::{ClassStats, FastPath, Heap, HeapStats};
+pub use slab::{ClassStats, Heap, HeapStats};
 
 /// Bytes per page.
 pub const PAGE_SIZE: usize = 4096;

@@ -10,11 +10,12 @@
 //! test walks every byte of every sequence in this binary (found through
 //! the `__rseq_cs` descriptors the assembly emits), from the restart point
 //! to the abort handler's jump: it arms a breakpoint there and runs a round
-//! of heap operations that execute every sequence (pop hits, pushes, the
-//! lock sequence before a refill and before a flush, normal and nolock).
+//! of heap and page operations that execute every sequence (pop hits,
+//! pushes, the lock sequence before a refill and before a flush, normal
+//! and nolock, objects and page blocks of orders 0 to 3).
 //! When the breakpoint fires, the handler disarms it, then allocates and
-//! frees on the *same CPU's* sheaf (nolock), as a signal landing there
-//! would, and the interrupted sequence restarts after it.
+//! frees on the *same CPU's* sheaf and page list (nolock), as a signal
+//! landing there would, and the interrupted sequence restarts after it.
 //!
 //! Asserted: breakpoints fired at many distinct addresses inside every
 //! kind of sequence, some of them with the handler seeing the abort address
@@ -26,7 +27,7 @@
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use anyalloc::{Config, FastPath, Heap};
 
@@ -47,6 +48,14 @@ static NOLOCK_FAIL: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// The object the handler allocated last time (0: none).
 static CARRY: AtomicUsize = AtomicUsize::new(0);
+/// The page block the handler allocated last time (0: none).
+static PAGE_CARRY: AtomicUsize = AtomicUsize::new(0);
+static PAGE_OK: AtomicU64 = AtomicU64::new(0);
+/// Set while `round` runs its page operations (no object sequence runs
+/// then): a breakpoint that fires meanwhile sits in a page sequence.
+static IN_PAGE_ROUND: AtomicBool = AtomicBool::new(false);
+static FIRED_IN_PAGES: AtomicU64 = AtomicU64::new(0);
+static PAGE_FAIL: AtomicU64 = AtomicU64::new(0);
 
 /// `struct perf_event_attr` (`include/uapi/linux/perf_event.h`, version 8).
 #[repr(C)]
@@ -171,6 +180,9 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     // SAFETY: `fd` is the armed perf event; DISABLE takes no argument.
     unsafe { libc::ioctl(fd, PERF_EVENT_IOC_DISABLE, 0) };
     FIRED.fetch_add(1, Ordering::Relaxed);
+    if IN_PAGE_ROUND.load(Ordering::Relaxed) {
+        FIRED_IN_PAGES.fetch_add(1, Ordering::Relaxed);
+    }
     // SAFETY: the kernel passes a valid ucontext_t to SA_SIGINFO handlers.
     let rip =
         unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] }
@@ -198,6 +210,37 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
         // SAFETY: just allocated on `heap`; freed once.
         unsafe { heap.free_nolock(p) };
     }
+    // And the same CPU's page lists: a block carried to the next trap (the
+    // interrupted code may be inside a page sequence of that order).
+    let pages = heap.pages();
+    match pages.alloc_pages_nolock(HANDLER_PAGE_ORDER) {
+        Some(p) => {
+            PAGE_OK.fetch_add(1, Ordering::Relaxed);
+            let p = p.as_ptr() as usize;
+            fill(p, HANDLER_TAG);
+            free_page_carry(heap, PAGE_CARRY.swap(p, Ordering::Relaxed));
+        }
+        None => {
+            PAGE_FAIL.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The order of the handler's page blocks.
+const HANDLER_PAGE_ORDER: u32 = 0;
+
+fn free_page_carry(heap: &Heap, p: usize) {
+    if p == 0 {
+        return;
+    }
+    if !check(p, HANDLER_TAG) {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: allocated by the handler on `heap.pages()` with this order.
+    unsafe {
+        heap.pages()
+            .free_pages_nolock(NonNull::new_unchecked(p as *mut u8), HANDLER_PAGE_ORDER)
+    };
 }
 
 fn free_carry(heap: &Heap, p: usize) {
@@ -213,8 +256,13 @@ fn free_carry(heap: &Heap, p: usize) {
 
 /// Heap operations that run every sequence: hits and pushes on both paths,
 /// the lock sequence before a refill (both sheaves empty after `drain`) and
-/// before a flush (both full after 60 frees).
+/// before a flush (both full after 60 frees); then page blocks of orders 0
+/// to 3 on both paths (list pops and pushes, the lock sequence before a
+/// refill: the lists are empty after `drain`).
 fn round(heap: &Heap, live: &mut Vec<usize>) {
+    IN_PAGE_ROUND.store(true, Ordering::Relaxed);
+    page_round(heap);
+    IN_PAGE_ROUND.store(false, Ordering::Relaxed);
     let mut alloc = |nolock: bool| {
         let p = if nolock {
             heap.alloc_nolock(layout())
@@ -244,6 +292,40 @@ fn round(heap: &Heap, live: &mut Vec<usize>) {
                 heap.free(p)
             } else {
                 heap.free_nolock(p)
+            }
+        }
+    }
+}
+
+fn page_round(heap: &Heap) {
+    let pages = heap.pages();
+    let mut held = Vec::new();
+    for i in 0..24u32 {
+        let order = i % 4;
+        let p = if i % 3 == 1 {
+            pages.alloc_pages_nolock(order)
+        } else {
+            pages.alloc_pages(order)
+        }
+        .expect("pages to spare")
+        .as_ptr() as usize;
+        if held.iter().any(|&(q, _)| q == p) || p == PAGE_CARRY.load(Ordering::Relaxed) {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        fill(p, MAIN_TAG);
+        held.push((p, order));
+    }
+    for (i, (p, order)) in held.into_iter().enumerate() {
+        if !check(p, MAIN_TAG) {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        let p = NonNull::new(p as *mut u8).unwrap();
+        // SAFETY: allocated above with this order; freed once.
+        unsafe {
+            if i % 2 == 0 {
+                pages.free_pages(p, order)
+            } else {
+                pages.free_pages_nolock(p, order)
             }
         }
     }
@@ -289,6 +371,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     let mut fired_addrs = 0u64;
     let mut fired_descs = 0usize;
     let mut inside = 0u64;
+    let mut page_inside = 0u64;
     for d in &descs {
         let first = d.start_ip as usize - RESTART_BYTES;
         let last = d.abort_ip as usize + 2; // the abort handler's `jmp`
@@ -298,6 +381,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
             heap.drain();
             let fd = arm(addr).expect("perf_event_open");
             let before = FIRED.load(Ordering::Relaxed);
+            let before_pages = FIRED_IN_PAGES.load(Ordering::Relaxed);
             BP_FD.store(fd, Ordering::Relaxed);
             round(heap, &mut live);
             BP_FD.store(-1, Ordering::Relaxed);
@@ -308,6 +392,9 @@ fn every_instruction_of_every_sequence_survives_reentry() {
                 let in_section = addr >= d.start_ip as usize
                     && addr < (d.start_ip + d.post_commit_offset) as usize;
                 inside += in_section as u64;
+                if FIRED_IN_PAGES.load(Ordering::Relaxed) > before_pages {
+                    page_inside += in_section as u64;
+                }
             }
         }
         fired_descs += (fired_here > 0) as usize;
@@ -315,17 +402,22 @@ fn every_instruction_of_every_sequence_survives_reentry() {
 
     HEAP.store(std::ptr::null_mut(), Ordering::Release);
     free_carry(heap, CARRY.swap(0, Ordering::Relaxed));
+    free_page_carry(heap, PAGE_CARRY.swap(0, Ordering::Relaxed));
     heap.drain();
     let s = heap.stats();
     let p = heap.pages().stats();
     let at_abort = AT_ABORT.load(Ordering::Relaxed);
     let ok = NOLOCK_OK.load(Ordering::Relaxed);
     let fail = NOLOCK_FAIL.load(Ordering::Relaxed);
+    let page_ok = PAGE_OK.load(Ordering::Relaxed);
+    let page_fail = PAGE_FAIL.load(Ordering::Relaxed);
     println!(
         "rseq breakpoints: {} sequences in the binary, {fired_descs} executed; {bytes} bytes \
          armed, {fired_addrs} instruction addresses interrupted ({inside} inside a critical \
-         section, {at_abort} seen by the handler at the abort address); handler nolock \
-         alloc+free: {ok} ok, {fail} failed",
+         section, {page_inside} of them in page sequences, {at_abort} seen by the handler at \
+         the abort address); handler nolock \
+         alloc+free: {ok} ok, {fail} failed; handler page blocks: {page_ok} ok, \
+         {page_fail} failed",
         descs.len()
     );
     assert_eq!(
@@ -333,7 +425,17 @@ fn every_instruction_of_every_sequence_survives_reentry() {
         0,
         "a pattern broke or an object was handed out twice"
     );
-    assert!(fired_descs >= 3, "only {fired_descs} sequences ran");
+    // Object pop, push and lock; page pop and push (and their inlined
+    // copies, each with its own descriptor).
+    assert!(fired_descs >= 5, "only {fired_descs} sequences ran");
+    assert!(
+        page_inside >= 10,
+        "only {page_inside} instructions inside page sequences were interrupted"
+    );
+    assert!(
+        page_ok >= fired_addrs / 2 && page_fail == 0,
+        "the handler's page blocks failed: {page_ok} ok, {page_fail} failed"
+    );
     assert!(
         inside >= 30,
         "only {inside} instructions inside sections were interrupted"

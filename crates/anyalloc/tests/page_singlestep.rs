@@ -162,7 +162,17 @@ fn nolock_reentry_at_every_instruction_of_the_normal_path() {
     // One slot set and a pinned thread: the paths below are taken in order.
     anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu());
     let pa: &'static PageAllocator = Box::leak(Box::new(
-        PageAllocator::new(Config::default().memory(32 << 20).cpus(1).grow(false)).unwrap(),
+        PageAllocator::new(
+            Config::default()
+                .memory(32 << 20)
+                .cpus(1)
+                .grow(false)
+                // The trap flag cannot step through a restartable sequence
+                // (heap_rseq_singlestep.rs covers those): this test proves
+                // the try-locked slots.
+                .rseq(false),
+        )
+        .unwrap(),
     ));
     PA.store(
         pa as *const PageAllocator as *mut PageAllocator,

@@ -99,10 +99,26 @@ pub(crate) fn bump(counter: &AtomicU64, _held: &crate::sync::SlotGuard<'_>) {
     counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }
 
+/// How the per-CPU fast paths (page lists, and a heap's object sheaves)
+/// are guarded: chosen once, when the page allocator is created, and
+/// followed by a heap built on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FastPath {
+    /// Restartable sequences: no atomic instruction; an interrupted pop or
+    /// push starts over (x86-64 Linux with glibc's rseq registration).
+    Rseq,
+    /// A try-only lock (one CAS) per operation: everywhere else, and when
+    /// [`Config::rseq`](crate::Config::rseq) is off.
+    #[default]
+    SlotLock,
+}
+
 /// A snapshot of a page allocator's state. Exact when nothing runs
 /// concurrently; otherwise each field is individually consistent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PageStats {
+    /// The per-CPU fast path's mechanism.
+    pub fast_path: FastPath,
     /// Pages managed, in all zones.
     pub total_pages: usize,
     /// Free pages wherever they sit: buddy lists, per-CPU lists, deferred,
@@ -163,6 +179,10 @@ pub struct PageAllocator {
     /// Whether the zones are OS reservations to release on drop.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     owns_mappings: bool,
+    /// The rseq fast path (chosen once, in `new`): glibc's rseq area
+    /// offset; every zone's level-0 page lists then have restartable pop
+    /// and push (see `sync::rseq`). `None`: the try-locked slots.
+    rseq_off: Option<isize>,
     /// The maintainer's wake word, if a maintainer serves this allocator.
     waker: AtomicPtr<core::sync::atomic::AtomicU32>,
     /// The owner's reclaim callback (runs shrinkers) and its argument.
@@ -205,6 +225,7 @@ impl PageAllocator {
             grow_lock: ZoneLock::new(),
             std_platform: false,
             owns_mappings: owns,
+            rseq_off: None,
             waker: AtomicPtr::new(core::ptr::null_mut()),
             reclaimer: AtomicPtr::new(core::ptr::null_mut()),
             reclaim_ctx: AtomicPtr::new(core::ptr::null_mut()),
@@ -229,6 +250,9 @@ impl PageAllocator {
         let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
         let mut pa = Self::empty(platform, config, cpus, true);
         pa.std_platform = true;
+        if config.rseq && crate::sync::rseq::available(cpus) {
+            pa.rseq_off = crate::sync::rseq::area_offset();
+        }
         pa.add_os_zone(config.memory)?;
         Ok(pa)
     }
@@ -337,7 +361,10 @@ impl PageAllocator {
 
     fn publish_zone(&self, z: *mut Zone) {
         // SAFETY: initialised by `Zone::init`, not shared yet.
-        unsafe { (*z).lock.set_polling(!self.config.nolock_syscalls) };
+        unsafe {
+            (*z).lock.set_polling(!self.config.nolock_syscalls);
+            (*z).set_rseq(self.rseq_off);
+        }
         let n = self.nzones.load(Ordering::Relaxed);
         self.zones[n].store(z, Ordering::Release);
         // Release: a reader that sees the new count sees the zone pointer and
@@ -436,6 +463,12 @@ impl PageAllocator {
         self.cpus
     }
 
+    /// The rseq area offset if the fast path uses restartable sequences.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) fn rseq_off(&self) -> Option<isize> {
+        self.rseq_off
+    }
+
     /// The current CPU id (a hint: the context may migrate right after).
     #[inline(always)]
     pub(crate) fn cpu(&self) -> usize {
@@ -455,11 +488,22 @@ impl PageAllocator {
     /// Called by a thread already inside the allocator (a signal handler
     /// that interrupted it) or inside a nolock scope, it takes the nolock
     /// path instead (the crate's `context` module).
+    #[inline]
     pub fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
+        crate::context::might_wait("PageAllocator::alloc_pages");
+        // Every context shares the rseq fast path; the rest is one call.
+        if let Some(p) = self.seq_alloc::<false>(order) {
+            return Some(p);
+        }
+        self.alloc_pages_routed(order)
+    }
+
+    /// `alloc_pages` beyond its fast path: routed by the thread's context.
+    #[inline(never)]
+    fn alloc_pages_routed(&self, order: u32) -> Option<NonNull<u8>> {
         if order > MAX_ORDER {
             return None;
         }
-        crate::context::might_wait("PageAllocator::alloc_pages");
         if crate::context::nested() {
             return self.alloc_pages_nolock(order);
         }
@@ -469,7 +513,16 @@ impl PageAllocator {
     /// The normal path of `alloc_pages`, for callers that decided the
     /// route already (the heap). Not routed: a caller holding a lock of the
     /// heap is marked inside, and still means the normal path.
+    #[inline]
     pub(crate) fn alloc_pages_normal(&self, order: u32) -> Option<NonNull<u8>> {
+        if let Some(p) = self.seq_alloc::<false>(order) {
+            return Some(p);
+        }
+        self.alloc_pages_normal_slow(order)
+    }
+
+    #[inline(never)]
+    fn alloc_pages_normal_slow(&self, order: u32) -> Option<NonNull<u8>> {
         if order > MAX_ORDER {
             return None;
         }
@@ -648,12 +701,14 @@ impl PageAllocator {
     }
 
     fn alloc_normal_once(&self, order: u32, above_min: bool) -> Option<NonNull<u8>> {
+        if let Some(p) = self.seq_alloc::<false>(order) {
+            return Some(p);
+        }
         let cpu = self.cpu();
         for zone in self.zones() {
             let reserve = if above_min { zone.min } else { 0 };
             if order <= PCP_MAX_ORDER {
-                let slot = zone.slot(cpu, 0);
-                if let Some(s) = slot.lock.try_lock() {
+                if let Some((slot, s)) = zone.lock_own(cpu, 0) {
                     match zone.pcp_alloc(slot, &s, order, Mode::Normal, reserve, Some(cpu)) {
                         Ok(idx) => return Some(self.ptr(zone, idx)),
                         Err(_) => continue,
@@ -702,6 +757,27 @@ impl PageAllocator {
         self.add_os_zone(bytes).is_ok()
     }
 
+    /// The rseq fast path of every allocation of at most `PCP_MAX_ORDER`:
+    /// the first zone's level-0 list of this CPU. `None`: the slow path.
+    #[inline(always)]
+    fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<NonNull<u8>> {
+        if self.rseq_off.is_none() || order > PCP_MAX_ORDER {
+            return None;
+        }
+        let (zone, _) = self.first_zone();
+        let idx = zone.seq_alloc::<COUNT_NOLOCK>(order)?;
+        Some(self.ptr(zone, idx))
+    }
+
+    /// The first zone (always present) and the zone count.
+    #[inline(always)]
+    fn first_zone(&self) -> (&Zone, usize) {
+        let z0 = self.zones[0].load(Ordering::Acquire);
+        // SAFETY: zone 0 is published before the allocator is returned and
+        // lives as long as `self`.
+        (unsafe { &*z0 }, self.nzones.load(Ordering::Relaxed))
+    }
+
     #[inline]
     fn ptr(&self, zone: &Zone, idx: u32) -> NonNull<u8> {
         // SAFETY: a zone's page addresses are never null.
@@ -720,6 +796,7 @@ impl PageAllocator {
     /// Called by a thread already inside the allocator (a signal handler
     /// that interrupted it) or inside a nolock scope, it takes the nolock
     /// path instead (the crate's `context` module).
+    #[inline]
     pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
         crate::context::might_wait("PageAllocator::free_pages");
         // SAFETY: forwarded contract.
@@ -736,11 +813,32 @@ impl PageAllocator {
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
+    #[inline]
     pub(crate) unsafe fn free_pages_normal(&self, ptr: NonNull<u8>, order: u32) {
-        let (zone, idx) = self.claim(ptr, order);
+        let Some((zone, idx)) = self.claim_fast(ptr, order) else {
+            return self.free_pages_normal_slow(ptr, order);
+        };
+        if order <= PCP_MAX_ORDER && zone.seq_free(idx, order) {
+            if zone.over_high_here() {
+                zone.trim_own(self.cpu());
+            }
+            return;
+        }
+        self.free_claimed_normal(zone, idx, order);
+    }
+
+    /// `free_pages_normal` when the inline claim could not decide.
+    #[inline(never)]
+    fn free_pages_normal_slow(&self, ptr: NonNull<u8>, order: u32) {
+        let (zone, idx) = self.claim_slow(ptr, order);
+        self.free_claimed_normal(zone, idx, order);
+    }
+
+    /// The normal free of a claimed block, beyond the fast path.
+    #[inline(never)]
+    fn free_claimed_normal(&self, zone: &Zone, idx: u32, order: u32) {
         if order <= PCP_MAX_ORDER {
-            let slot = zone.slot(self.cpu(), 0);
-            if let Some(s) = slot.lock.try_lock() {
+            if let Some((slot, s)) = zone.lock_own(self.cpu(), 0) {
                 zone.pcp_free(slot, &s, idx, order, Mode::Normal);
                 return;
             }
@@ -788,7 +886,16 @@ impl PageAllocator {
 
     /// As [`alloc_pages_nolock`](Self::alloc_pages_nolock), saying why it
     /// failed (and counting the failure).
+    #[inline]
     pub(crate) fn alloc_pages_nolock_why(&self, order: u32) -> Result<NonNull<u8>, Fail> {
+        if let Some(p) = self.seq_alloc::<true>(order) {
+            return Ok(p);
+        }
+        self.alloc_pages_nolock_slow(order)
+    }
+
+    #[inline(never)]
+    fn alloc_pages_nolock_slow(&self, order: u32) -> Result<NonNull<u8>, Fail> {
         if order > MAX_ORDER {
             return Err(Fail::Empty); // refused, not counted: not a memory shortage
         }
@@ -829,8 +936,7 @@ impl PageAllocator {
         let mut zone_busy = false;
         // 1 + 2: this CPU's slots, one per context level; refill when empty.
         for level in 0..LEVELS {
-            let slot = zone.slot(cpu, level);
-            let Some(s) = slot.lock.try_lock() else {
+            let Some((slot, s)) = zone.lock_own(cpu, level) else {
                 busy = true;
                 continue;
             };
@@ -857,7 +963,7 @@ impl PageAllocator {
         }
         // 3: the other CPUs' stock.
         for other in (0..self.cpus).filter(|&c| c != cpu % self.cpus) {
-            for level in 0..LEVELS {
+            for level in (0..LEVELS).filter(|&l| zone.remote_nolock_ok(l)) {
                 let slot = zone.slot(other, level);
                 if slot.pages() == 0 {
                     continue;
@@ -938,18 +1044,42 @@ impl PageAllocator {
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
+    #[inline]
     pub unsafe fn free_pages_nolock(&self, ptr: NonNull<u8>, order: u32) {
-        let (zone, idx) = self.claim(ptr, order);
+        let Some((zone, idx)) = self.claim_fast(ptr, order) else {
+            return self.free_pages_nolock_slow(ptr, order);
+        };
+        if order <= PCP_MAX_ORDER
+            && zone.uses_rseq()
+            && zone.has_room_here()
+            && zone.seq_free(idx, order)
+        {
+            return;
+        }
+        self.free_claimed_nolock(zone, idx, order);
+    }
+
+    /// `free_pages_nolock` when the inline claim could not decide.
+    #[inline(never)]
+    fn free_pages_nolock_slow(&self, ptr: NonNull<u8>, order: u32) {
+        let (zone, idx) = self.claim_slow(ptr, order);
+        self.free_claimed_nolock(zone, idx, order);
+    }
+
+    /// The nolock free of a claimed block, beyond the fast path.
+    #[inline(never)]
+    fn free_claimed_nolock(&self, zone: &Zone, idx: u32, order: u32) {
         if order <= PCP_MAX_ORDER {
             let cpu = self.cpu();
             for level in 0..LEVELS {
-                let slot = zone.slot(cpu, level);
-                if !zone.pcp_has_room(slot) {
+                if !zone.pcp_has_room(zone.slot(cpu, level)) {
                     continue;
                 }
-                if let Some(s) = slot.lock.try_lock() {
-                    zone.pcp_free(slot, &s, idx, order, Mode::NoLock);
-                    return;
+                if let Some((slot, s)) = zone.lock_own(cpu, level) {
+                    if zone.pcp_has_room(slot) {
+                        zone.pcp_free(slot, &s, idx, order, Mode::NoLock);
+                        return;
+                    }
                 }
             }
         }
@@ -969,10 +1099,36 @@ impl PageAllocator {
         self.wake_maintainer();
     }
 
+    /// The inline half of a free's claim: a block of the first zone,
+    /// aligned for `order`, claimed (`ALLOCATED -> FREEING`). `None`: ask
+    /// [`claim_slow`](Self::claim_slow), which decides and reports.
+    #[inline(always)]
+    fn claim_fast(&self, ptr: NonNull<u8>, order: u32) -> Option<(&Zone, u32)> {
+        // The common case inline: a well-aligned block of the first zone
+        // whose claim succeeds. Anything else (other zones, every report)
+        // is `claim_slow`, which starts over: a failed CAS changed nothing.
+        let addr = ptr.as_ptr() as usize;
+        if order > MAX_ORDER || addr & ((PAGE_SIZE << order) - 1) != 0 {
+            return None;
+        }
+        let (zone, idx) = self.locate_first(addr)?;
+        zone.desc(idx)
+            .state
+            .compare_exchange(
+                desc::state(desc::ALLOCATED, order),
+                desc::state(desc::FREEING, order),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .ok()?;
+        crate::interrupt_point!(PageClaimed);
+        Some((zone, idx))
+    }
+
     /// Validates a free and claims the block (`ALLOCATED -> FREEING`), or
     /// reports the corruption and aborts.
-    #[inline]
-    fn claim(&self, ptr: NonNull<u8>, order: u32) -> (&Zone, u32) {
+    #[inline(never)]
+    fn claim_slow(&self, ptr: NonNull<u8>, order: u32) -> (&Zone, u32) {
         let addr = ptr.as_ptr() as usize;
         if order > MAX_ORDER {
             self.corrupt(
@@ -1087,6 +1243,11 @@ impl PageAllocator {
     /// A snapshot of the allocator's counters; see [`PageStats`].
     pub fn stats(&self) -> PageStats {
         let mut s = PageStats {
+            fast_path: if self.rseq_off.is_some() {
+                FastPath::Rseq
+            } else {
+                FastPath::SlotLock
+            },
             nolock_alloc_ok: self.nolock_ok_direct.load(Ordering::Relaxed),
             nolock_alloc_fail_busy: self.nolock_fail_busy.load(Ordering::Relaxed),
             nolock_alloc_fail_empty: self.nolock_fail_empty.load(Ordering::Relaxed),

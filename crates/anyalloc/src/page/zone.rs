@@ -94,25 +94,55 @@ pub(crate) enum Fail {
 #[repr(C, align(64))]
 pub(crate) struct PcpSlot {
     pub(crate) lock: SlotLock,
-    /// Pages held across all orders (for `high`).
-    pages: AtomicU32,
-    heads: [AtomicU32; PCP_MAX_ORDER as usize + 1],
-    counts: [AtomicU32; PCP_MAX_ORDER as usize + 1],
-    /// Nolock allocations served from this slot (updated under its lock).
-    pub(crate) nolock_ok: AtomicU64,
     /// Set when an allocation found this slot's lists empty; the maintainer
     /// keeps such slots stocked. Cleared by drain.
     pub(crate) demand: AtomicU32,
+    /// Per order, one word: the list's head (low 32 bits, `NIL` when empty)
+    /// and its block count (high 32 bits), so that a restartable sequence
+    /// changes both with one committing store (`sync::rseq`).
+    lists: [AtomicU64; PCP_MAX_ORDER as usize + 1],
+    /// Nolock allocations served from this slot (updated under its lock,
+    /// or by a sequence on this slot's CPU).
+    pub(crate) nolock_ok: AtomicU64,
     /// Maintenance: for how many passes the slot's lists have not changed.
     idle: IdleWatch,
 }
 
+/// A per-CPU list word: `head` in the low half, `count` in the high half.
+#[inline(always)]
+const fn list_word(head: u32, count: u32) -> u64 {
+    (count as u64) << 32 | head as u64
+}
+
 impl PcpSlot {
+    /// The head and block count of the list of `order` (racy unless the
+    /// slot is held).
+    #[inline]
+    fn list(&self, order: u32) -> (u32, u32) {
+        let w = self.lists[order as usize].load(Ordering::Relaxed);
+        (w as u32, (w >> 32) as u32)
+    }
+
     /// Pages on this slot's lists (racy unless the slot is held).
     pub(crate) fn pages(&self) -> usize {
-        self.pages.load(Ordering::Relaxed) as usize
+        (0..=PCP_MAX_ORDER)
+            .map(|o| (self.list(o).1 as usize) << o)
+            .sum()
     }
 }
+
+// The rseq sequences' view of a slot and a descriptor (`sync::rseq::layout`).
+#[cfg(not(loom))]
+const _: () = {
+    use crate::sync::rseq::layout as l;
+    assert!(core::mem::offset_of!(PcpSlot, lock) == l::SLOT_LOCK);
+    assert!(core::mem::offset_of!(PcpSlot, lists) == l::PCP_LISTS);
+    assert!(core::mem::offset_of!(PcpSlot, nolock_ok) == l::PCP_NOLOCK_OK);
+    assert!(core::mem::size_of::<PcpSlot>() * LEVELS == l::STRIDE);
+    assert!(core::mem::size_of::<PageDesc>() == l::DESC_SIZE);
+    assert!(core::mem::offset_of!(PageDesc, next) == l::DESC_NEXT);
+    assert!(NIL == u32::MAX);
+};
 
 /// See the module documentation.
 pub(crate) struct Zone {
@@ -137,6 +167,11 @@ pub(crate) struct Zone {
     pub(crate) min: usize,
     pcp_high: u32,
     pcp_batch: u32,
+    /// With the rseq fast path (chosen by the page allocator before the
+    /// zone is published): glibc's rseq area offset. The level-0 slots are
+    /// then changed only by sequences on their CPU and by holders of their
+    /// lock taken as `lock_own` / `lock_remote` say.
+    rseq_off: Option<isize>,
     /// Free blocks of orders above `PCP_MAX_ORDER` kept for the nolock path,
     /// for when the zone lock is busy (a handler that interrupted its own
     /// thread inside a zone section finds its large block here): one block
@@ -232,6 +267,7 @@ impl Zone {
             min,
             pcp_high,
             pcp_batch,
+            rseq_off: None,
             stock: [const { [const { AtomicU32::new(NIL) }; STOCK_CELLS] }; STOCK_ORDERS],
             stock_pages: AtomicUsize::new(0),
             stock_want: AtomicU32::new(0),
@@ -251,11 +287,10 @@ impl Zone {
                 let s = slots.add(i);
                 s.write(PcpSlot {
                     lock: SlotLock::new(),
-                    pages: AtomicU32::new(0),
-                    heads: [const { AtomicU32::new(NIL) }; PCP_MAX_ORDER as usize + 1],
-                    counts: [const { AtomicU32::new(0) }; PCP_MAX_ORDER as usize + 1],
-                    nolock_ok: AtomicU64::new(0),
                     demand: AtomicU32::new(0),
+                    lists: [const { AtomicU64::new(list_word(NIL, 0)) };
+                        PCP_MAX_ORDER as usize + 1],
+                    nolock_ok: AtomicU64::new(0),
                     idle: IdleWatch::new(),
                 });
             }
@@ -321,6 +356,153 @@ impl Zone {
         // SAFETY: `slots` has cpus * LEVELS initialised entries (init), and
         // `slot_index` is below that.
         unsafe { &*self.slots.add(slot_index(cpu, self.cpus, level)) }
+    }
+
+    /// Before the zone is published: use the rseq fast path (see
+    /// `rseq_off`).
+    pub(crate) fn set_rseq(&mut self, off: Option<isize>) {
+        self.rseq_off = off;
+    }
+
+    /// Whether the level-0 lists have the rseq fast path.
+    #[inline(always)]
+    pub(crate) fn uses_rseq(&self) -> bool {
+        self.rseq_off.is_some()
+    }
+
+    /// Takes this CPU's slot at `level` for a slow path of this context.
+    /// With rseq, the level-0 slot is taken by the lock sequence (ordered
+    /// with every fast-path sequence on the CPU it runs on, whose slot it
+    /// returns); every other slot by its try-lock.
+    #[inline]
+    pub(crate) fn lock_own(&self, cpu: usize, level: usize) -> Option<(&PcpSlot, SlotGuard<'_>)> {
+        if let (Some(off), 0) = (self.rseq_off, level) {
+            // SAFETY: `rseq_off` is set only when the allocator chose rseq:
+            // glibc's registered offset, and a slot group for every
+            // possible CPU laid out as `sync::rseq::layout` says (asserted
+            // above), living as long as the zone.
+            let cpu = unsafe { crate::sync::rseq::lock_slot(off, self.slots.cast(), self.cpus) }?;
+            let slot = self.slot(cpu, 0);
+            // SAFETY: the lock sequence just set this slot's flag for us.
+            return Some((slot, unsafe { slot.lock.adopt() }));
+        }
+        let slot = self.slot(cpu, level);
+        slot.lock.try_lock().map(|g| (slot, g))
+    }
+
+    /// Takes slot `i` (of `cpus * LEVELS`) from a context that may run on
+    /// any CPU (drain, maintenance, invariant checks). With rseq, a level-0
+    /// slot is then fenced (every sequence on its CPU restarted) before it
+    /// is returned: a syscall, so normal context only.
+    pub(crate) fn lock_remote(&self, i: usize) -> Option<(&PcpSlot, SlotGuard<'_>)> {
+        crate::check!(i < self.cpus * LEVELS, "a slot index out of range");
+        // SAFETY: as in `slot`; i < cpus * LEVELS.
+        let slot = unsafe { &*self.slots.add(i) };
+        let g = slot.lock.try_lock()?;
+        if self.rseq_off.is_some()
+            && i.is_multiple_of(LEVELS)
+            && !crate::sync::rseq::fence_cpu(i / LEVELS)
+        {
+            return None; // cannot stop that CPU's sequences: leave the slot
+        }
+        Some((slot, g))
+    }
+
+    /// Whether the nolock path may take another CPU's slot at `level`: not
+    /// a level-0 slot under rseq (that would need a fence, a syscall).
+    #[inline]
+    pub(crate) fn remote_nolock_ok(&self, level: usize) -> bool {
+        !(self.rseq_off.is_some() && level == 0)
+    }
+
+    /// The rseq fast path of an allocation of `order` (at most
+    /// `PCP_MAX_ORDER`): a block from this CPU's level-0 list, marked
+    /// allocated. `None` without rseq, or when the list is empty or the
+    /// slot is held (then the slow path decides).
+    #[inline(always)]
+    pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<u32> {
+        let off = self.rseq_off?;
+        // SAFETY: as in `lock_own`; `descs` holds every index on a list.
+        let idx = unsafe {
+            crate::sync::rseq::pcp_pop::<COUNT_NOLOCK>(
+                off,
+                self.slots.cast(),
+                self.cpus,
+                self.descs.cast(),
+                order,
+            )
+        };
+        if idx == NIL {
+            return None;
+        }
+        // The block left the list with the commit: it is ours.
+        self.desc(idx).set(desc::state(desc::ALLOCATED, order));
+        Some(idx)
+    }
+
+    /// The rseq fast path of a free: the claimed block `idx` of `order` (at
+    /// most `PCP_MAX_ORDER`, state FREEING) onto this CPU's level-0 list.
+    /// `false` (the block still claimed, FREEING) without rseq or when the
+    /// slot is held.
+    #[inline(always)]
+    pub(crate) fn seq_free(&self, idx: u32, order: u32) -> bool {
+        let Some(off) = self.rseq_off else {
+            return false;
+        };
+        let d = self.desc(idx);
+        // Marked before the commit: once on the list, a handler on this CPU
+        // may pop it at once. Until then it is still only ours.
+        d.set(desc::state(desc::PCP, order));
+        // SAFETY: as in `lock_own`; the block is ours (claimed), of `order`,
+        // marked PCP, inside `descs`.
+        let pushed = unsafe {
+            crate::sync::rseq::pcp_push(
+                off,
+                self.slots.cast(),
+                self.cpus,
+                self.descs.cast(),
+                order,
+                idx,
+            )
+        };
+        if !pushed {
+            d.set(desc::state(desc::FREEING, order));
+        }
+        pushed
+    }
+
+    /// Normal context, after a fast free put this CPU's level-0 slot over
+    /// `high`: drains a batch to the buddy lists, as `pcp_free` does.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn trim_own(&self, cpu: usize) {
+        if let Some((slot, s)) = self.lock_own(cpu, 0) {
+            if slot.pages() > self.pcp_high as usize {
+                self.pcp_drain_to(slot, &s, self.pcp_high.saturating_sub(self.pcp_batch));
+            }
+        }
+    }
+
+    /// With rseq: this CPU's level-0 slot (racy hint: the thread may
+    /// migrate right after).
+    #[inline(always)]
+    fn own_slot_hint(&self) -> &PcpSlot {
+        let off = self.rseq_off.unwrap_or(0);
+        self.slot(crate::sync::rseq::cpu_hint(off), 0)
+    }
+
+    /// With rseq: whether this CPU's level-0 slot holds more than `high`
+    /// pages (the normal free's hint to drain a batch).
+    #[inline(always)]
+    pub(crate) fn over_high_here(&self) -> bool {
+        self.own_slot_hint().pages() > self.pcp_high as usize
+    }
+
+    /// With rseq: whether a nolock free may still add to this CPU's
+    /// level-0 slot (`pcp_has_room`).
+    #[inline(always)]
+    pub(crate) fn has_room_here(&self) -> bool {
+        self.pcp_has_room(self.own_slot_hint())
     }
 
     pub(crate) fn slots(&self) -> impl Iterator<Item = &PcpSlot> {
@@ -516,37 +698,24 @@ impl Zone {
 
     #[inline]
     fn pcp_pop(&self, slot: &PcpSlot, order: u32, _s: &SlotGuard<'_>) -> Option<u32> {
-        let head = &slot.heads[order as usize];
-        let idx = head.load(Ordering::Relaxed);
+        let (idx, count) = slot.list(order);
         if idx == NIL {
             return None;
         }
         let d = self.desc(idx);
-        head.store(d.next.load(Ordering::Relaxed), Ordering::Relaxed);
-        let c = &slot.counts[order as usize];
-        c.store(c.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-        slot.pages.store(
-            slot.pages.load(Ordering::Relaxed) - (1 << order),
-            Ordering::Relaxed,
-        );
+        let next = d.next.load(Ordering::Relaxed);
+        slot.lists[order as usize].store(list_word(next, count - 1), Ordering::Relaxed);
         d.set(desc::state(desc::ALLOCATED, order));
         Some(idx)
     }
 
     #[inline]
     fn pcp_push(&self, slot: &PcpSlot, idx: u32, order: u32, _s: &SlotGuard<'_>) {
-        let head = &slot.heads[order as usize];
+        let (head, count) = slot.list(order);
         let d = self.desc(idx);
-        d.next
-            .store(head.load(Ordering::Relaxed), Ordering::Relaxed);
+        d.next.store(head, Ordering::Relaxed);
         d.set(desc::state(desc::PCP, order));
-        head.store(idx, Ordering::Relaxed);
-        let c = &slot.counts[order as usize];
-        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        slot.pages.store(
-            slot.pages.load(Ordering::Relaxed) + (1 << order),
-            Ordering::Relaxed,
-        );
+        slot.lists[order as usize].store(list_word(idx, count + 1), Ordering::Relaxed);
     }
 
     #[inline]
@@ -625,7 +794,7 @@ impl Zone {
     fn stock_handler_levels(&self, cpu: usize, order: u32, reserve: usize, g: &ZoneGuard<'_>) {
         for level in 1..LEVELS {
             let sib = self.slot(cpu, level);
-            if sib.counts[order as usize].load(Ordering::Relaxed) != 0 {
+            if sib.list(order).1 != 0 {
                 continue;
             }
             let Some(ss) = sib.lock.try_lock() else {
@@ -653,7 +822,7 @@ impl Zone {
     ) {
         self.pcp_push(slot, idx, order, s);
         crate::interrupt_point!(PcpFree);
-        if mode == Mode::Normal && slot.pages.load(Ordering::Relaxed) > self.pcp_high {
+        if mode == Mode::Normal && slot.pages() > self.pcp_high as usize {
             self.pcp_drain_to(slot, s, self.pcp_high.saturating_sub(self.pcp_batch));
         }
     }
@@ -661,7 +830,7 @@ impl Zone {
     /// Whether a nolock free may still add to this slot.
     #[inline]
     pub(crate) fn pcp_has_room(&self, slot: &PcpSlot) -> bool {
-        slot.pages.load(Ordering::Relaxed) < self.pcp_high + self.pcp_batch
+        slot.pages() < (self.pcp_high + self.pcp_batch) as usize
     }
 
     /// Normal context: moves blocks from a held slot to the buddy lists until
@@ -686,7 +855,7 @@ impl Zone {
         g: &ZoneGuard<'_>,
     ) {
         for order in (0..=PCP_MAX_ORDER).rev() {
-            while slot.pages.load(Ordering::Relaxed) > target {
+            while slot.pages() > target as usize {
                 let Some(idx) = self.pcp_pop(slot, order, s) else {
                     break;
                 };
@@ -879,8 +1048,8 @@ impl Zone {
         let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
             return; // held by this very thread: nothing to do now
         };
-        for slot in self.slots() {
-            if let Some(s) = slot.lock.try_lock() {
+        for i in 0..self.cpus * LEVELS {
+            if let Some((slot, s)) = self.lock_remote(i) {
                 self.pcp_drain_locked(slot, &s, 0, &g);
                 slot.demand.store(0, Ordering::Relaxed);
             }
@@ -899,11 +1068,13 @@ impl Zone {
     ///   up to half its `high`, so a burst of nolock allocations finds pages.
     pub(crate) fn maintain_slots(&self, idle_passes: u32) {
         let target = self.pcp_high / 2;
-        for slot in self.slots() {
-            let pages = slot.pages.load(Ordering::Relaxed);
+        for i in 0..self.cpus * LEVELS {
+            // SAFETY: as in `slot`; i < cpus * LEVELS.
+            let slot = unsafe { &*self.slots.add(i) };
+            let pages = slot.pages() as u32;
             let idle = slot
                 .idle
-                .observe((pages as usize) << 32 ^ slot.heads[0].load(Ordering::Relaxed) as usize);
+                .observe((pages as usize) << 32 ^ slot.list(0).0 as usize);
             let demand = slot.demand.load(Ordering::Relaxed) != 0;
             let decay = idle >= idle_passes && pages > 0;
             let trim = pages > target + self.pcp_batch;
@@ -911,7 +1082,7 @@ impl Zone {
             if !(decay || trim || stock) {
                 continue;
             }
-            let Some(s) = slot.lock.try_lock() else {
+            let Some((slot, s)) = self.lock_remote(i) else {
                 continue;
             };
             let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
@@ -924,7 +1095,7 @@ impl Zone {
             } else if trim {
                 self.pcp_drain_locked(slot, &s, target, &g);
             } else {
-                let want = target.saturating_sub(slot.pages.load(Ordering::Relaxed));
+                let want = target.saturating_sub(slot.pages() as u32);
                 self.fill_slot(slot, &s, 0, want, self.min, &g);
             }
         }
@@ -1052,13 +1223,13 @@ impl Zone {
             return Err("the stock page count is wrong");
         }
         let mut pcp = 0usize;
-        for slot in self.slots() {
-            let Some(_s) = slot.lock.try_lock() else {
+        for i in 0..self.cpus * LEVELS {
+            let Some((slot, _s)) = self.lock_remote(i) else {
                 return Err("a slot is held during an invariant check");
             };
             let mut pages = 0;
             for order in 0..=PCP_MAX_ORDER {
-                let mut i = slot.heads[order as usize].load(Ordering::Relaxed);
+                let (mut i, count) = slot.list(order);
                 let mut n = 0;
                 while i != NIL {
                     if self.desc(i).load() != desc::state(desc::PCP, order) {
@@ -1068,12 +1239,9 @@ impl Zone {
                     pages += 1 << order;
                     i = self.desc(i).next.load(Ordering::Relaxed);
                 }
-                if n != slot.counts[order as usize].load(Ordering::Relaxed) {
+                if n != count {
                     return Err("a per-CPU list count is wrong");
                 }
-            }
-            if pages != slot.pages() {
-                return Err("a per-CPU page count is wrong");
             }
             pcp += pages;
         }

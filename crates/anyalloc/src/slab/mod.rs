@@ -100,7 +100,7 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsiz
 
 use crate::account::{self, Group};
 use crate::config::{Config, Error};
-use crate::page::{Fail, Mode, PageAllocator, PageStats, Zone};
+use crate::page::{Fail, FastPath, Mode, PageAllocator, PageStats, Zone};
 use crate::platform::FatalMessage;
 use crate::sync::IndexStack;
 use crate::{MAX_ORDER, PAGE_SIZE};
@@ -114,18 +114,6 @@ const LARGE_OWNER: u16 = u16::MAX;
 const CACHES: usize = 2 * CLASSES;
 /// Bytes a shrinker is asked for when the heap reclaims.
 const RECLAIM_BYTES: usize = 4 << 20;
-
-/// How a heap's per-CPU object fast path is guarded (chosen once, when the
-/// heap is created).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FastPath {
-    /// Restartable sequences: no atomic instruction; an interrupted pop or
-    /// push starts over (x86-64 Linux with glibc's rseq registration).
-    Rseq,
-    /// A try-only lock (one CAS) per operation: everywhere else, and when
-    /// [`Config::rseq`](crate::Config::rseq) is off.
-    SlotLock,
-}
 
 /// A snapshot of a heap's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,7 +336,8 @@ impl Heap {
         let len = meta_layout(pages.cpus()).3.next_multiple_of(PAGE_SIZE);
         let meta =
             crate::platform::os_reserve(len, PAGE_SIZE).ok_or(Error::Reserve { bytes: len })?;
-        let rseq = config.rseq && crate::sync::rseq::available(pages.cpus());
+        // The page allocator chose the mechanism; the caches follow it.
+        let rseq = pages.rseq_off().is_some();
         // SAFETY: `meta` is a fresh, zero-filled, page-aligned reservation of
         // `len` bytes that only this heap uses.
         Ok(unsafe { Self::build(pages, meta, (meta as usize, len), rseq) })

@@ -32,3 +32,34 @@ pub(crate) unsafe fn sheaf_push(_off: isize, _slots: *const u8, _cpus: usize, _o
 pub(crate) unsafe fn lock_slot(_off: isize, _slots: *const u8, _cpus: usize) -> Option<usize> {
     None
 }
+
+/// See the x86-64 version.
+///
+/// # Safety
+/// As there.
+#[inline(always)]
+pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
+    _off: isize,
+    _slots: *const u8,
+    _cpus: usize,
+    _descs: *const u8,
+    _order: u32,
+) -> u32 {
+    u32::MAX
+}
+
+/// See the x86-64 version.
+///
+/// # Safety
+/// As there.
+#[inline(always)]
+pub(crate) unsafe fn pcp_push(
+    _off: isize,
+    _slots: *const u8,
+    _cpus: usize,
+    _descs: *const u8,
+    _order: u32,
+    _idx: u32,
+) -> bool {
+    false
+}

@@ -68,7 +68,7 @@ mod x86_64;
     target_env = "gnu",
     target_arch = "x86_64"
 ))]
-pub(crate) use x86_64::{lock_slot, sheaf_pop, sheaf_push};
+pub(crate) use x86_64::{lock_slot, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
 
 #[cfg(not(all(
     feature = "std",
@@ -83,7 +83,7 @@ mod fallback;
     target_env = "gnu",
     target_arch = "x86_64"
 )))]
-pub(crate) use fallback::{lock_slot, sheaf_pop, sheaf_push};
+pub(crate) use fallback::{lock_slot, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
 
 /// The memory layout the sequences work on: per CPU, a group of `LEVELS`
 /// slots `STRIDE` bytes long; the sequences use only the first (level 0).
@@ -102,6 +102,16 @@ pub(crate) mod layout {
     pub(crate) const SHEAF_OBJS: usize = 16;
     /// Objects a sheaf holds.
     pub(crate) const SHEAF_CAP: usize = 30;
+    /// A page slot's list words, one per order (u64: head index in the low
+    /// half, block count in the high half). Page slots have the object
+    /// slots' `STRIDE` and lock byte.
+    pub(crate) const PCP_LISTS: usize = 8;
+    /// A page slot's count of nolock allocations served (u64).
+    pub(crate) const PCP_NOLOCK_OK: usize = 40;
+    /// Bytes of a page descriptor.
+    pub(crate) const DESC_SIZE: usize = 32;
+    /// A page descriptor's list link (u32 page index).
+    pub(crate) const DESC_NEXT: usize = 4;
 }
 
 /// This thread's rseq area offset from the thread pointer, if glibc
@@ -117,6 +127,45 @@ pub(crate) fn area_offset() -> Option<isize> {
     // user code and never changed afterwards.
     let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
     (size != 0).then_some(offset)
+}
+
+/// The CPU id the kernel last wrote into this thread's rseq area at `off`
+/// (outside a sequence: a hint, the thread may migrate right after). A
+/// thread whose registration failed reads a negative id: a huge `usize`,
+/// which the slot lookups reduce modulo their CPU count.
+#[inline(always)]
+pub(crate) fn cpu_hint(off: isize) -> usize {
+    #[cfg(all(
+        feature = "std",
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    ))]
+    {
+        let cpu: u32;
+        // SAFETY: `off` is glibc's `__rseq_offset`: `fs:[off]` is this
+        // thread's live `struct rseq`, whose `cpu_id` the kernel maintains.
+        unsafe {
+            core::arch::asm!(
+                "mov {cpu:e}, dword ptr fs:[{off} + {CPU_ID}]",
+                off = in(reg) off,
+                cpu = out(reg) cpu,
+                CPU_ID = const abi::CPU_ID,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        cpu as usize
+    }
+    #[cfg(not(all(
+        feature = "std",
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    )))]
+    {
+        let _ = off;
+        0
+    }
 }
 
 #[cfg(not(all(feature = "std", target_os = "linux", target_env = "gnu")))]

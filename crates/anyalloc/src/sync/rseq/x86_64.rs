@@ -195,6 +195,192 @@ pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: 
     true
 }
 
+const _: () = assert!(DESC_SIZE == 32, "pcp_pop scales a page index by `shl 5`");
+
+/// Pops a block from this CPU's level-0 page list of `order` (and, when
+/// `COUNT`, adds 1 to the slot's nolock counter). Returns its page index,
+/// or `u32::MAX` (the lists' `NIL`) when this CPU has no slot group, its
+/// slot is held, or the list is empty:
+///
+/// ```text
+/// restart: rseq->rseq_cs = &cs
+/// start:   cpu, slot as in sheaf_pop;     NIL if none or held
+///          w = slot.lists[order]; head = low half of w; if head == NIL: NIL
+///          next = descs[head].next        (stable: the block is on this
+///                                          CPU's list, which only this
+///                                          CPU's sequences or a holder of
+///                                          the slot change)
+///          if COUNT: slot.nolock_ok += 1
+///          slot.lists[order] = (count - 1) << 32 | next   // commit
+/// ```
+///
+/// # Safety
+/// As for [`sheaf_pop`], with page slots (see `page::zone`) at `slots`;
+/// `descs` is the zone's descriptor array, and every index on a list is
+/// inside it.
+#[inline(always)]
+pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
+    off: isize,
+    slots: *const u8,
+    cpus: usize,
+    descs: *const u8,
+    order: u32,
+) -> u32 {
+    let idx: usize;
+    // SAFETY: per the contract; the block touches only this thread's rseq
+    // area, the current CPU's level-0 page slot and the descriptor of the
+    // list's head, uses no stack, and commits with its last store.
+    unsafe {
+        core::arch::asm!(
+            ".pushsection __rseq_cs, \"aw\"",
+            ".balign 32",
+            "20:",
+            ".long 0, 0",
+            ".quad 21f, 22f - 21f, 24f",
+            ".popsection",
+            "23:",
+            "lea {t}, [rip + 20b]",
+            "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
+            "21:",
+            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
+            "cmp {t}, {cpus}",
+            "jae 25f",
+            "imul {t}, {t}, {STRIDE}",
+            "add {t}, {slots}",
+            "cmp byte ptr [{t} + {SLOT_LOCK}], 0",
+            "jne 25f",
+            "mov {w}, qword ptr [{t} + {oo} + {PCP_LISTS}]",
+            "mov {idx:e}, {w:e}",
+            "cmp {idx:e}, -1",
+            "je 25f",
+            "mov {n}, {idx}",
+            "shl {n}, 5",
+            "mov {n:e}, dword ptr [{descs} + {n} + {DESC_NEXT}]",
+            "shr {w}, 32",
+            "dec {w}",
+            "shl {w}, 32",
+            "or {w}, {n}",
+            ".if {COUNT}",
+            "add qword ptr [{t} + {PCP_NOLOCK_OK}], 1",
+            ".endif",
+            "mov qword ptr [{t} + {oo} + {PCP_LISTS}], {w}", // commit
+            "22:",
+            "jmp 29f",
+            ".byte 0x0f, 0xb9, 0x3d",
+            ".long {SIG}",
+            "24:",
+            "jmp 23b",
+            "25:",
+            "mov {idx:e}, -1",
+            "29:",
+            off = in(reg) off,
+            slots = in(reg) slots,
+            cpus = in(reg) cpus,
+            descs = in(reg) descs,
+            oo = in(reg) order as usize * 8,
+            idx = out(reg) idx,
+            t = out(reg) _,
+            w = out(reg) _,
+            n = out(reg) _,
+            RSEQ_CS = const RSEQ_CS,
+            CPU_ID = const CPU_ID,
+            STRIDE = const STRIDE,
+            SLOT_LOCK = const SLOT_LOCK,
+            PCP_LISTS = const PCP_LISTS,
+            PCP_NOLOCK_OK = const PCP_NOLOCK_OK,
+            DESC_NEXT = const DESC_NEXT,
+            COUNT = const COUNT as u8,
+            SIG = const RSEQ_SIG,
+            options(nostack),
+        );
+    }
+    idx as u32
+}
+
+/// Pushes the block at page index `idx` onto this CPU's level-0 page list
+/// of `order`; `false` (the list unchanged) when this CPU has no slot group
+/// or its slot is held:
+///
+/// ```text
+/// restart: rseq->rseq_cs = &cs
+/// start:   cpu, slot as in sheaf_pop;     false if none or held
+///          w = slot.lists[order]
+///          descs[idx].next = low half of w   (the caller's block: invisible
+///                                             until the commit)
+///          slot.lists[order] = (count + 1) << 32 | idx   // commit
+/// ```
+///
+/// # Safety
+/// As for [`pcp_pop`]; the block `idx` (of `order`) belongs to the caller,
+/// already marked as on a per-CPU list of `order`, and `idx < u32::MAX`.
+#[inline(always)]
+pub(crate) unsafe fn pcp_push(
+    off: isize,
+    slots: *const u8,
+    cpus: usize,
+    descs: *const u8,
+    order: u32,
+    idx: u32,
+) -> bool {
+    // SAFETY: as in `pcp_pop`; the store to the block's link touches only
+    // the caller's own block, which no list holds until the commit.
+    unsafe {
+        core::arch::asm!(
+            ".pushsection __rseq_cs, \"aw\"",
+            ".balign 32",
+            "20:",
+            ".long 0, 0",
+            ".quad 21f, 22f - 21f, 24f",
+            ".popsection",
+            "23:",
+            "lea {t}, [rip + 20b]",
+            "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
+            "21:",
+            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
+            "cmp {t}, {cpus}",
+            "jae {fail}",
+            "imul {t}, {t}, {STRIDE}",
+            "add {t}, {slots}",
+            "cmp byte ptr [{t} + {SLOT_LOCK}], 0",
+            "jne {fail}",
+            "mov {w}, qword ptr [{t} + {oo} + {PCP_LISTS}]",
+            "mov dword ptr [{d} + {DESC_NEXT}], {w:e}",
+            "shr {w}, 32",
+            "inc {w}",
+            "shl {w}, 32",
+            "or {w}, {idx}",
+            "mov qword ptr [{t} + {oo} + {PCP_LISTS}], {w}", // commit
+            "22:",
+            "jmp 29f",
+            ".byte 0x0f, 0xb9, 0x3d",
+            ".long {SIG}",
+            "24:",
+            "jmp 23b",
+            "29:",
+            off = in(reg) off,
+            slots = in(reg) slots,
+            cpus = in(reg) cpus,
+            d = in(reg) descs.wrapping_add(idx as usize * DESC_SIZE),
+            oo = in(reg) order as usize * 8,
+            idx = in(reg) idx as usize,
+            t = out(reg) _,
+            w = out(reg) _,
+            RSEQ_CS = const RSEQ_CS,
+            CPU_ID = const CPU_ID,
+            STRIDE = const STRIDE,
+            SLOT_LOCK = const SLOT_LOCK,
+            PCP_LISTS = const PCP_LISTS,
+            DESC_NEXT = const DESC_NEXT,
+            SIG = const RSEQ_SIG,
+            fail = label {
+                return false;
+            },
+            options(nostack),
+        );
+    }
+    true
+}
+
 /// Takes this CPU's level-0 slot lock, ordered with every sequence on that
 /// CPU, and returns the CPU whose slot it took:
 ///
