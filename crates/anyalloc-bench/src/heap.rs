@@ -254,7 +254,7 @@ pub fn run_producer_consumer(opts: &Options, peers: &[Named<Alloc>]) -> Workload
 }
 
 /// `normal / best of glibc, mimalloc, jemalloc <= 1.0` (and the same for
-/// `Global` when it took part) and `nolock / normal <= 1.2` for each
+/// `Global` when it took part) and `nolock / normal <= 1.1` for each
 /// workload.
 pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
     let mut targets = Vec::new();
@@ -291,7 +291,7 @@ pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
         targets.push(Target::new(
             format!("nolock / normal, {}", w.name),
             value,
-            1.2,
+            1.1,
             "x",
             note,
         ));

@@ -764,18 +764,18 @@ impl PageAllocator {
         if self.rseq_off.is_none() || order > PCP_MAX_ORDER {
             return None;
         }
-        let (zone, _) = self.first_zone();
+        let zone = self.first_zone();
         let idx = zone.seq_alloc::<COUNT_NOLOCK>(order)?;
         Some(self.ptr(zone, idx))
     }
 
-    /// The first zone (always present) and the zone count.
+    /// The first zone (always present).
     #[inline(always)]
-    fn first_zone(&self) -> (&Zone, usize) {
+    fn first_zone(&self) -> &Zone {
         let z0 = self.zones[0].load(Ordering::Acquire);
         // SAFETY: zone 0 is published before the allocator is returned and
         // lives as long as `self`.
-        (unsafe { &*z0 }, self.nzones.load(Ordering::Relaxed))
+        unsafe { &*z0 }
     }
 
     #[inline]
@@ -880,6 +880,7 @@ impl PageAllocator {
     /// from the buddy lists of a zone whose lock could be *tried* (a busy
     /// zone: its deferred stack, then the next zone). `None` means "no
     /// memory for you in this context now"; don't spin on it.
+    #[inline]
     pub fn alloc_pages_nolock(&self, order: u32) -> Option<NonNull<u8>> {
         self.alloc_pages_nolock_why(order).ok()
     }

@@ -117,13 +117,14 @@ const fn list_word(head: u32, count: u32) -> u64 {
 impl PcpSlot {
     /// The head and block count of the list of `order` (racy unless the
     /// slot is held).
-    #[inline]
+    #[inline(always)]
     fn list(&self, order: u32) -> (u32, u32) {
         let w = self.lists[order as usize].load(Ordering::Relaxed);
         (w as u32, (w >> 32) as u32)
     }
 
     /// Pages on this slot's lists (racy unless the slot is held).
+    #[inline]
     pub(crate) fn pages(&self) -> usize {
         (0..=PCP_MAX_ORDER)
             .map(|o| (self.list(o).1 as usize) << o)
