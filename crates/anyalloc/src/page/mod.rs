@@ -761,7 +761,7 @@ impl PageAllocator {
     /// the first zone's level-0 list of this CPU. `None`: the slow path.
     #[inline(always)]
     fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<NonNull<u8>> {
-        if self.rseq_off.is_none() || order > PCP_MAX_ORDER {
+        if order > PCP_MAX_ORDER {
             return None;
         }
         let zone = self.first_zone();
@@ -799,13 +799,48 @@ impl PageAllocator {
     #[inline]
     pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
         crate::context::might_wait("PageAllocator::free_pages");
-        // SAFETY: forwarded contract.
-        unsafe {
-            if crate::context::nested() {
-                self.free_pages_nolock(ptr, order)
-            } else {
-                self.free_pages_normal(ptr, order)
+        // The fast path is the same for both routes: the slot has room (a
+        // nolock free's condition), and only a slot over `high` afterwards
+        // asks the route (a normal free then drains a batch).
+        let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
+            return self.free_pages_routed_slow(ptr, order);
+        };
+        if order <= PCP_MAX_ORDER && zone.uses_rseq() {
+            let pages = zone.pages_here();
+            if zone.room_for(pages) && zone.seq_free(idx, d, order) {
+                if zone.over_high(pages + (1 << order)) {
+                    return self.trim_if_normal(zone);
+                }
+                return;
             }
+        }
+        self.free_claimed_routed(zone, idx, order);
+    }
+
+    /// After a fast free put this CPU's slot over `high`: a normal free
+    /// drains a batch; a nested one leaves it (nolock frees may overshoot).
+    #[cold]
+    #[inline(never)]
+    fn trim_if_normal(&self, zone: &Zone) {
+        if !crate::context::nested() {
+            zone.trim_own(self.cpu());
+        }
+    }
+
+    /// `free_pages` when the inline claim could not decide.
+    #[inline(never)]
+    fn free_pages_routed_slow(&self, ptr: NonNull<u8>, order: u32) {
+        let (zone, idx) = self.claim_slow(ptr, order);
+        self.free_claimed_routed(zone, idx, order);
+    }
+
+    /// A claimed block, beyond the fast path, by the thread's route.
+    #[inline(never)]
+    fn free_claimed_routed(&self, zone: &Zone, idx: u32, order: u32) {
+        if crate::context::nested() {
+            self.free_claimed_nolock(zone, idx, order)
+        } else {
+            self.free_claimed_normal(zone, idx, order)
         }
     }
 
@@ -815,10 +850,10 @@ impl PageAllocator {
     /// As for [`free_pages`](Self::free_pages).
     #[inline]
     pub(crate) unsafe fn free_pages_normal(&self, ptr: NonNull<u8>, order: u32) {
-        let Some((zone, idx)) = self.claim_fast(ptr, order) else {
+        let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
             return self.free_pages_normal_slow(ptr, order);
         };
-        if order <= PCP_MAX_ORDER && zone.seq_free(idx, order) {
+        if order <= PCP_MAX_ORDER && zone.seq_free(idx, d, order) {
             if zone.over_high_here() {
                 zone.trim_own(self.cpu());
             }
@@ -1047,13 +1082,13 @@ impl PageAllocator {
     /// As for [`free_pages`](Self::free_pages).
     #[inline]
     pub unsafe fn free_pages_nolock(&self, ptr: NonNull<u8>, order: u32) {
-        let Some((zone, idx)) = self.claim_fast(ptr, order) else {
+        let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
             return self.free_pages_nolock_slow(ptr, order);
         };
         if order <= PCP_MAX_ORDER
             && zone.uses_rseq()
             && zone.has_room_here()
-            && zone.seq_free(idx, order)
+            && zone.seq_free(idx, d, order)
         {
             return;
         }
@@ -1104,7 +1139,7 @@ impl PageAllocator {
     /// aligned for `order`, claimed (`ALLOCATED -> FREEING`). `None`: ask
     /// [`claim_slow`](Self::claim_slow), which decides and reports.
     #[inline(always)]
-    fn claim_fast(&self, ptr: NonNull<u8>, order: u32) -> Option<(&Zone, u32)> {
+    fn claim_fast(&self, ptr: NonNull<u8>, order: u32) -> Option<(&Zone, u32, &PageDesc)> {
         // The common case inline: a well-aligned block of the first zone
         // whose claim succeeds. Anything else (other zones, every report)
         // is `claim_slow`, which starts over: a failed CAS changed nothing.
@@ -1113,8 +1148,8 @@ impl PageAllocator {
             return None;
         }
         let (zone, idx) = self.locate_first(addr)?;
-        zone.desc(idx)
-            .state
+        let d = zone.desc(idx);
+        d.state
             .compare_exchange(
                 desc::state(desc::ALLOCATED, order),
                 desc::state(desc::FREEING, order),
@@ -1123,7 +1158,7 @@ impl PageAllocator {
             )
             .ok()?;
         crate::interrupt_point!(PageClaimed);
-        Some((zone, idx))
+        Some((zone, idx, d))
     }
 
     /// Validates a free and claims the block (`ALLOCATED -> FREEING`), or

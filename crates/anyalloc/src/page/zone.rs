@@ -441,16 +441,16 @@ impl Zone {
         Some(idx)
     }
 
-    /// The rseq fast path of a free: the claimed block `idx` of `order` (at
-    /// most `PCP_MAX_ORDER`, state FREEING) onto this CPU's level-0 list.
+    /// The rseq fast path of a free: the claimed block `idx` (descriptor
+    /// `d`) of `order` (at most `PCP_MAX_ORDER`, state FREEING) onto this
+    /// CPU's level-0 list.
     /// `false` (the block still claimed, FREEING) without rseq or when the
     /// slot is held.
     #[inline(always)]
-    pub(crate) fn seq_free(&self, idx: u32, order: u32) -> bool {
+    pub(crate) fn seq_free(&self, idx: u32, d: &PageDesc, order: u32) -> bool {
         let Some(off) = self.rseq_off else {
             return false;
         };
-        let d = self.desc(idx);
         // Marked before the commit: once on the list, a handler on this CPU
         // may pop it at once. Until then it is still only ours.
         d.set(desc::state(desc::PCP, order));
@@ -504,6 +504,26 @@ impl Zone {
     #[inline(always)]
     pub(crate) fn has_room_here(&self) -> bool {
         self.pcp_has_room(self.own_slot_hint())
+    }
+
+    /// With rseq: the pages on this CPU's level-0 slot (a racy hint).
+    #[inline(always)]
+    pub(crate) fn pages_here(&self) -> usize {
+        self.own_slot_hint().pages()
+    }
+
+    /// Whether a slot holding `pages` may take one more block from a
+    /// nolock free (`pcp_has_room`).
+    #[inline(always)]
+    pub(crate) fn room_for(&self, pages: usize) -> bool {
+        pages < (self.pcp_high + self.pcp_batch) as usize
+    }
+
+    /// Whether a slot holding `pages` is over `high` (a normal free then
+    /// drains a batch).
+    #[inline(always)]
+    pub(crate) fn over_high(&self, pages: usize) -> bool {
+        pages > self.pcp_high as usize
     }
 
     pub(crate) fn slots(&self) -> impl Iterator<Item = &PcpSlot> {
