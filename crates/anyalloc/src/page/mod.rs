@@ -407,16 +407,16 @@ impl PageAllocator {
             .map(|(i, z)| (i, z, z.index_of(addr)))
     }
 
-    /// The first zone and the index of the page holding `addr`, if that
-    /// zone holds it: the fast paths' lookup (most memory is there), two
-    /// compares and a shift. `None` says only "not in the first zone".
+    /// The first zone, the index of the page holding `addr` and its
+    /// descriptor, if that zone holds it: the fast paths' lookup (most
+    /// memory is there). `None` says only "not in the first zone".
     #[inline(always)]
-    pub(crate) fn locate_first(&self, addr: usize) -> Option<(&Zone, u32)> {
+    pub(crate) fn locate_first(&self, addr: usize) -> Option<(&Zone, u32, &PageDesc)> {
         let z0 = self.zones[0].load(Ordering::Acquire);
         // SAFETY: zone 0 is published before the allocator is returned and
         // lives as long as `self`.
         let z0 = unsafe { &*z0 };
-        z0.contains(addr).then(|| (z0, z0.index_of(addr)))
+        z0.locate(addr).map(|(idx, d)| (z0, idx, d))
     }
 
     /// As `locate_indexed`, for an address known to be managed here (aborts
@@ -1147,8 +1147,7 @@ impl PageAllocator {
         if order > MAX_ORDER || addr & ((PAGE_SIZE << order) - 1) != 0 {
             return None;
         }
-        let (zone, idx) = self.locate_first(addr)?;
-        let d = zone.desc(idx);
+        let (zone, idx, d) = self.locate_first(addr)?;
         d.state
             .compare_exchange(
                 desc::state(desc::ALLOCATED, order),

@@ -339,6 +339,21 @@ impl Zone {
         self.base + ((idx as usize) << PAGE_SHIFT)
     }
 
+    /// The index and descriptor of the page holding `addr`, if the zone
+    /// holds it. (The zone's pages `[start, end)` are exactly the indices
+    /// `first..limit`, so no second bounds check is needed.)
+    #[inline(always)]
+    pub(crate) fn locate(&self, addr: usize) -> Option<(u32, &PageDesc)> {
+        if !self.contains(addr) {
+            return None;
+        }
+        let idx = self.index_of(addr);
+        // SAFETY: start <= addr < end, and start = base + first pages, end =
+        // base + limit pages (init), so first <= idx < limit: an entry of
+        // `descs`, which lives as long as the zone.
+        Some((idx, unsafe { &*self.descs.add(idx as usize) }))
+    }
+
     /// The descriptor of page `idx`.
     #[inline]
     pub(crate) fn desc(&self, idx: u32) -> &PageDesc {

@@ -916,8 +916,8 @@ impl HeapCore {
     #[inline(always)]
     pub(crate) unsafe fn free(&self, ptr: NonNull<u8>) {
         let addr = ptr.as_ptr() as usize;
-        if let Some((zone, idx)) = self.pages.locate_first(addr) {
-            let owner = zone.desc(idx).owner.load(Ordering::Acquire) as usize;
+        if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
+            let owner = d.owner.load(Ordering::Acquire) as usize;
             // A plain (unaccounted) cache's object: the fast route.
             if owner.wrapping_sub(1) < CLASSES {
                 return self.free_plain::<false>(self.cache(owner - 1), zone, idx, addr);
@@ -956,8 +956,8 @@ impl HeapCore {
     pub(crate) unsafe fn free_sized(&self, ptr: NonNull<u8>, layout: Layout) {
         let addr = ptr.as_ptr() as usize;
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
-            if let Some((zone, idx)) = self.pages.locate_first(addr) {
-                if zone.desc(idx).owner.load(Ordering::Acquire) as usize == c + 1 {
+            if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
+                if d.owner.load(Ordering::Acquire) as usize == c + 1 {
                     return self.free_plain::<false>(self.cache(c), zone, idx, addr);
                 }
             }
@@ -969,8 +969,8 @@ impl HeapCore {
     #[inline(always)]
     pub(crate) unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
         let addr = ptr.as_ptr() as usize;
-        if let Some((zone, idx)) = self.pages.locate_first(addr) {
-            let owner = zone.desc(idx).owner.load(Ordering::Acquire) as usize;
+        if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
+            let owner = d.owner.load(Ordering::Acquire) as usize;
             if owner.wrapping_sub(1) < CLASSES {
                 return self.free_plain::<true>(self.cache(owner - 1), zone, idx, addr);
             }
