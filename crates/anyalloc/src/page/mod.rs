@@ -76,6 +76,17 @@ use crate::{MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
 #[cfg(feature = "std")]
 use zone::MAX_BLOCK;
 
+/// Which path a free of pages takes beyond the shared fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FreeRoute {
+    /// The normal path (the heap decided the route already).
+    Normal,
+    /// The nolock path.
+    NoLock,
+    /// By the thread's context (`free_pages`): nolock when nested.
+    Routed,
+}
+
 /// Max-order blocks one maintenance pass returns to the OS per zone: keeps a
 /// pass short (each madvise of touched memory costs up to milliseconds), so
 /// deferred frees queued behind it are drained promptly. At one pass every
@@ -464,7 +475,6 @@ impl PageAllocator {
     }
 
     /// The rseq area offset if the fast path uses restartable sequences.
-    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) fn rseq_off(&self) -> Option<isize> {
         self.rseq_off
     }
@@ -799,49 +809,8 @@ impl PageAllocator {
     #[inline]
     pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
         crate::context::might_wait("PageAllocator::free_pages");
-        // The fast path is the same for both routes: the slot has room (a
-        // nolock free's condition), and only a slot over `high` afterwards
-        // asks the route (a normal free then drains a batch).
-        let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
-            return self.free_pages_routed_slow(ptr, order);
-        };
-        if order <= PCP_MAX_ORDER && zone.uses_rseq() {
-            let pages = zone.pages_here();
-            if zone.room_for(pages) && zone.seq_free(idx, d, order) {
-                if zone.over_high(pages + (1 << order)) {
-                    return self.trim_if_normal(zone);
-                }
-                return;
-            }
-        }
-        self.free_claimed_routed(zone, idx, order);
-    }
-
-    /// After a fast free put this CPU's slot over `high`: a normal free
-    /// drains a batch; a nested one leaves it (nolock frees may overshoot).
-    #[cold]
-    #[inline(never)]
-    fn trim_if_normal(&self, zone: &Zone) {
-        if !crate::context::nested() {
-            zone.trim_own(self.cpu());
-        }
-    }
-
-    /// `free_pages` when the inline claim could not decide.
-    #[inline(never)]
-    fn free_pages_routed_slow(&self, ptr: NonNull<u8>, order: u32) {
-        let (zone, idx) = self.claim_slow(ptr, order);
-        self.free_claimed_routed(zone, idx, order);
-    }
-
-    /// A claimed block, beyond the fast path, by the thread's route.
-    #[inline(never)]
-    fn free_claimed_routed(&self, zone: &Zone, idx: u32, order: u32) {
-        if crate::context::nested() {
-            self.free_claimed_nolock(zone, idx, order)
-        } else {
-            self.free_claimed_normal(zone, idx, order)
-        }
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_via(ptr, order, FreeRoute::Routed) };
     }
 
     /// The normal path of `free_pages` (not routed, as `alloc_pages_normal`).
@@ -850,23 +819,70 @@ impl PageAllocator {
     /// As for [`free_pages`](Self::free_pages).
     #[inline]
     pub(crate) unsafe fn free_pages_normal(&self, ptr: NonNull<u8>, order: u32) {
-        let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
-            return self.free_pages_normal_slow(ptr, order);
-        };
-        if order <= PCP_MAX_ORDER && zone.seq_free(idx, d, order) {
-            if zone.over_high_here() {
-                zone.trim_own(self.cpu());
-            }
-            return;
-        }
-        self.free_claimed_normal(zone, idx, order);
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_via(ptr, order, FreeRoute::Normal) };
     }
 
-    /// `free_pages_normal` when the inline claim could not decide.
+    /// Every free of pages: the inline fast path, then one out-of-line call.
+    /// The fast path is the same for every route: the block is claimed, and
+    /// this CPU's level-0 slot has room (a nolock free's condition); only a
+    /// slot left over `high` asks the route (a normal free drains a batch).
+    /// `route` is a constant at each call site.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline(always)]
+    unsafe fn free_pages_via(&self, ptr: NonNull<u8>, order: u32, route: FreeRoute) {
+        let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_pages_slow(ptr, order, route) };
+        };
+        if order <= PCP_MAX_ORDER && zone.uses_rseq() {
+            let pages = zone.pages_here();
+            if zone.room_for(pages) && zone.seq_free(idx, d, order) {
+                if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
+                    return self.trim_after_free(zone, route);
+                }
+                return;
+            }
+        }
+        self.free_claimed(zone, idx, order, route);
+    }
+
+    /// After a fast free put this CPU's slot over `high`: a normal free
+    /// drains a batch; a nested one leaves it (nolock frees may overshoot).
+    #[cold]
     #[inline(never)]
-    fn free_pages_normal_slow(&self, ptr: NonNull<u8>, order: u32) {
+    fn trim_after_free(&self, zone: &Zone, route: FreeRoute) {
+        if route == FreeRoute::Normal || !crate::context::nested() {
+            zone.trim_own(self.cpu());
+        }
+    }
+
+    /// A free whose inline claim could not decide: the full claim (which
+    /// reports a bad free), then the slow path.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline(never)]
+    unsafe fn free_pages_slow(&self, ptr: NonNull<u8>, order: u32, route: FreeRoute) {
         let (zone, idx) = self.claim_slow(ptr, order);
-        self.free_claimed_normal(zone, idx, order);
+        self.free_claimed(zone, idx, order, route);
+    }
+
+    /// A claimed block, beyond the fast path, by `route`.
+    #[inline(never)]
+    fn free_claimed(&self, zone: &Zone, idx: u32, order: u32, route: FreeRoute) {
+        let nolock = match route {
+            FreeRoute::Normal => false,
+            FreeRoute::NoLock => true,
+            FreeRoute::Routed => crate::context::nested(),
+        };
+        if nolock {
+            self.free_claimed_nolock(zone, idx, order)
+        } else {
+            self.free_claimed_normal(zone, idx, order)
+        }
     }
 
     /// The normal free of a claimed block, beyond the fast path.
@@ -1082,24 +1098,8 @@ impl PageAllocator {
     /// As for [`free_pages`](Self::free_pages).
     #[inline]
     pub unsafe fn free_pages_nolock(&self, ptr: NonNull<u8>, order: u32) {
-        let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
-            return self.free_pages_nolock_slow(ptr, order);
-        };
-        if order <= PCP_MAX_ORDER
-            && zone.uses_rseq()
-            && zone.has_room_here()
-            && zone.seq_free(idx, d, order)
-        {
-            return;
-        }
-        self.free_claimed_nolock(zone, idx, order);
-    }
-
-    /// `free_pages_nolock` when the inline claim could not decide.
-    #[inline(never)]
-    fn free_pages_nolock_slow(&self, ptr: NonNull<u8>, order: u32) {
-        let (zone, idx) = self.claim_slow(ptr, order);
-        self.free_claimed_nolock(zone, idx, order);
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_via(ptr, order, FreeRoute::NoLock) };
     }
 
     /// The nolock free of a claimed block, beyond the fast path.

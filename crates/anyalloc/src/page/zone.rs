@@ -507,20 +507,6 @@ impl Zone {
         self.slot(crate::sync::rseq::cpu_hint(off), 0)
     }
 
-    /// With rseq: whether this CPU's level-0 slot holds more than `high`
-    /// pages (the normal free's hint to drain a batch).
-    #[inline(always)]
-    pub(crate) fn over_high_here(&self) -> bool {
-        self.own_slot_hint().pages() > self.pcp_high as usize
-    }
-
-    /// With rseq: whether a nolock free may still add to this CPU's
-    /// level-0 slot (`pcp_has_room`).
-    #[inline(always)]
-    pub(crate) fn has_room_here(&self) -> bool {
-        self.pcp_has_room(self.own_slot_hint())
-    }
-
     /// With rseq: the pages on this CPU's level-0 slot (a racy hint).
     #[inline(always)]
     pub(crate) fn pages_here(&self) -> usize {

@@ -238,8 +238,8 @@ pub(crate) struct Cache {
     /// them like every other slot.
     rseq: bool,
     /// With `rseq`: the rseq area's offset from the thread pointer (glibc's
-    /// `__rseq_offset`, the same for every thread of the process), read
-    /// once at init so the fast path loads it from this cache's own line.
+    /// `__rseq_offset`, the same for every thread of the process), kept
+    /// here so the fast path loads it from this cache's own line.
     rseq_off: isize,
     slabs: AtomicUsize,
     /// Objects out of slabs (in sheaves, in the barn, deferred, or in use).
@@ -286,8 +286,8 @@ pub(crate) struct CacheSetup {
     pub(crate) accounted: bool,
     /// CPU slot sets.
     pub(crate) cpus: usize,
-    /// The fast path runs as restartable sequences.
-    pub(crate) rseq: bool,
+    /// With the rseq fast path: glibc's rseq area offset.
+    pub(crate) rseq_off: Option<isize>,
     /// The heap's double-free key.
     pub(crate) key: usize,
 }
@@ -306,7 +306,7 @@ impl Cache {
             class,
             accounted,
             cpus,
-            rseq,
+            rseq_off,
             key,
         } = setup;
         let nslots = cpus * LEVELS;
@@ -341,12 +341,8 @@ impl Cache {
                 slots,
                 nslots,
                 cpus,
-                rseq,
-                rseq_off: if rseq {
-                    crate::sync::rseq::area_offset().unwrap_or(0)
-                } else {
-                    0
-                },
+                rseq: rseq_off.is_some(),
+                rseq_off: rseq_off.unwrap_or(0),
                 slabs: AtomicUsize::new(0),
                 out_of_slabs: AtomicUsize::new(0),
                 fail_busy: AtomicU64::new(0),
@@ -1304,10 +1300,7 @@ impl Cache {
     #[inline(never)]
     pub(crate) fn free_checked(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
         self.check_free(pages, zone, obj, mode);
-        match mode {
-            Mode::Normal => self.free(pages, obj),
-            Mode::NoLock => self.free_nolock(pages, obj),
-        }
+        self.free_miss(pages, obj, mode);
     }
 
     /// Tiny classes: whether a first word XOR the key looks like a free
@@ -1405,8 +1398,8 @@ impl Cache {
         false
     }
 
-    /// Checks that `addr` (in page `idx` of `zone`, owned by this cache) is the
-    /// start of an object slot; aborts otherwise.
+    /// Checks that `addr` (in a page this cache owns) is the start of an
+    /// object slot; aborts otherwise.
     #[inline(always)]
     pub(crate) fn validate(&self, pages: &PageAllocator, addr: usize) {
         let off = addr & self.slab_mask;

@@ -336,11 +336,9 @@ impl Heap {
         let len = meta_layout(pages.cpus()).3.next_multiple_of(PAGE_SIZE);
         let meta =
             crate::platform::os_reserve(len, PAGE_SIZE).ok_or(Error::Reserve { bytes: len })?;
-        // The page allocator chose the mechanism; the caches follow it.
-        let rseq = pages.rseq_off().is_some();
         // SAFETY: `meta` is a fresh, zero-filled, page-aligned reservation of
         // `len` bytes that only this heap uses.
-        Ok(unsafe { Self::build(pages, meta, (meta as usize, len), rseq) })
+        Ok(unsafe { Self::build(pages, meta, (meta as usize, len)) })
     }
 
     /// Creates a heap over an embedder's memory region (`no_std`): the heap's
@@ -407,21 +405,18 @@ impl Heap {
         // is zeroed here as `build` requires.
         unsafe {
             core::ptr::write_bytes(start as *mut u8, 0, meta_len);
-            Ok(Self::build(pages, start as *mut u8, (0, 0), false))
+            Ok(Self::build(pages, start as *mut u8, (0, 0)))
         }
     }
 
     /// # Safety
     /// `meta` is 64-aligned, zero-filled, `meta_layout(cpus).3` bytes long,
-    /// and lives (unused by others) as long as the heap. `rseq`: the
-    /// caches' fast path uses restartable sequences (`rseq::available`).
-    unsafe fn build(
-        pages: PageAllocator,
-        meta: *mut u8,
-        mapping: (usize, usize),
-        rseq: bool,
-    ) -> Heap {
+    /// and lives (unused by others) as long as the heap. The caches' fast
+    /// path follows the page allocator's choice (restartable sequences or
+    /// not).
+    unsafe fn build(pages: PageAllocator, meta: *mut u8, mapping: (usize, usize)) -> Heap {
         let cpus = pages.cpus();
+        let rseq_off = pages.rseq_off();
         let (caches_off, per_cache, huge_off, _) = meta_layout(cpus);
         let caches = meta.wrapping_add(caches_off) as *mut Cache;
         let areas = caches_off + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
@@ -438,7 +433,7 @@ impl Heap {
                         class,
                         accounted,
                         cpus,
-                        rseq,
+                        rseq_off,
                         key,
                     },
                     meta.add(areas + i * per_cache),
