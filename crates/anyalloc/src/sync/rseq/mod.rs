@@ -168,7 +168,9 @@ pub(crate) fn cpu_hint(off: isize) -> usize {
     }
 }
 
+/// Elsewhere there is no rseq area (`no_std` never asks).
 #[cfg(not(all(feature = "std", target_os = "linux", target_env = "gnu")))]
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn area_offset() -> Option<isize> {
     None
