@@ -910,16 +910,39 @@ impl HeapCore {
     /// or in a nolock scope take the nolock path.
     #[inline(always)]
     pub(crate) unsafe fn free(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_by_owner::<false>(ptr) }
+    }
+
+    #[inline(always)]
+    pub(crate) unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_by_owner::<true>(ptr) }
+    }
+
+    /// Both layout-blind frees: the page's owner names the cache; a plain
+    /// (unaccounted) cache's object takes the fast route, everything else
+    /// the general path of the mode.
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[inline(always)]
+    unsafe fn free_by_owner<const NOLOCK: bool>(&self, ptr: NonNull<u8>) {
         let addr = ptr.as_ptr() as usize;
         if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
             let owner = d.owner.load(Ordering::Acquire) as usize;
-            // A plain (unaccounted) cache's object: the fast route.
             if owner.wrapping_sub(1) < CLASSES {
-                return self.free_plain::<false>(self.cache(owner - 1), zone, idx, addr);
+                return self.free_plain::<NOLOCK>(self.cache(owner - 1), zone, idx, addr);
             }
         }
         // SAFETY: forwarded contract.
-        unsafe { self.free_general(ptr) }
+        unsafe {
+            if NOLOCK {
+                self.free_nolock_general(ptr)
+            } else {
+                self.free_general(ptr)
+            }
+        }
     }
 
     /// `free` beyond its fast route: every kind of block, and the release
@@ -959,19 +982,6 @@ impl HeapCore {
         }
         // SAFETY: forwarded contract.
         unsafe { self.free_general(ptr) }
-    }
-
-    #[inline(always)]
-    pub(crate) unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
-        let addr = ptr.as_ptr() as usize;
-        if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
-            let owner = d.owner.load(Ordering::Acquire) as usize;
-            if owner.wrapping_sub(1) < CLASSES {
-                return self.free_plain::<true>(self.cache(owner - 1), zone, idx, addr);
-            }
-        }
-        // SAFETY: forwarded contract.
-        unsafe { self.free_nolock_general(ptr) }
     }
 
     /// `free_nolock` beyond its fast route.

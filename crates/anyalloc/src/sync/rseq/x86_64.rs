@@ -12,8 +12,72 @@
 //! * the failure exits, outside the section (`sheaf_push` jumps to the
 //!   caller's failure code directly).
 //!
+//! The parts every sequence shares are three template macros below
+//! (`seq_start!`, `seq_find_slot!`, `seq_abort!`), so the protocol is
+//! written once.
+//!
 //! Registers: `off` = `__rseq_offset`, `slots` = the slot array, `cpus` =
 //! CPUs with a slot group; scratch registers are named for what they hold.
+
+/// Opens a sequence (the first template piece of every `asm!` block): its
+/// descriptor, emitted into `__rseq_cs` (label 20; the section runs from
+/// label 21 to label 22, the abort handler is label 24), then the restart
+/// point (label 23), which stores the descriptor's address into this
+/// thread's `rseq_cs`, then the section's first instruction (label 21).
+/// Operands it uses: `t` (scratch), `off`; constant `RSEQ_CS`.
+macro_rules! seq_start {
+    () => {
+        concat!(
+            ".pushsection __rseq_cs, \"aw\"\n",
+            ".balign 32\n",
+            "20:\n",
+            ".long 0, 0\n",
+            ".quad 21f, 22f - 21f, 24f\n",
+            ".popsection\n",
+            "23:\n",
+            "lea {t}, [rip + 20b]\n",
+            "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}\n",
+            "21:\n",
+        )
+    };
+}
+
+/// Inside a section: this CPU's level-0 slot into `t`, or a jump to
+/// `$fail` when this CPU has no slot group (`cpu_id >= cpus`, which also
+/// catches a failed registration's negative id) or the slot is held.
+/// Operands: `t`, `off`, `cpus`, `slots`; constants `CPU_ID`, `STRIDE`,
+/// `SLOT_LOCK`.
+macro_rules! seq_find_slot {
+    ($fail:literal) => {
+        concat!(
+            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]\n",
+            "cmp {t}, {cpus}\n",
+            "jae ",
+            $fail,
+            "\n",
+            "imul {t}, {t}, {STRIDE}\n",
+            "add {t}, {slots}\n",
+            "cmp byte ptr [{t} + {SLOT_LOCK}], 0\n",
+            "jne ",
+            $fail,
+            "\n",
+        )
+    };
+}
+
+/// After the section: the signature the kernel checks before an abort
+/// address, and the abort handler (label 24), which restarts at the restart
+/// point, never at label 21 (the kernel cleared `rseq_cs`). Constant: `SIG`.
+macro_rules! seq_abort {
+    () => {
+        concat!(
+            ".byte 0x0f, 0xb9, 0x3d\n",
+            ".long {SIG}\n",
+            "24:\n",
+            "jmp 23b\n",
+        )
+    };
+}
 
 use super::abi::{CPU_ID, RSEQ_CS, RSEQ_SIG};
 use super::layout::*;
@@ -55,23 +119,8 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
     // commits with its last store.
     unsafe {
         core::arch::asm!(
-            ".pushsection __rseq_cs, \"aw\"",
-            ".balign 32",
-            "20:",
-            ".long 0, 0",
-            ".quad 21f, 22f - 21f, 24f",
-            ".popsection",
-            "23:",
-            "lea {t}, [rip + 20b]",
-            "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
-            "21:",
-            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
-            "cmp {t}, {cpus}",
-            "jae 25f",
-            "imul {t}, {t}, {STRIDE}",
-            "add {t}, {slots}",
-            "cmp byte ptr [{t} + {SLOT_LOCK}], 0",
-            "jne 25f",
+            seq_start!(),
+            seq_find_slot!("25f"),
             "mov {sheaf}, qword ptr [{t} + {SLOT_MAIN}]",
             "mov {n}, qword ptr [{sheaf} + {SHEAF_COUNT}]",
             "test {n}, {n}",
@@ -84,10 +133,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
             "mov qword ptr [{sheaf} + {SHEAF_COUNT}], {n}", // commit
             "22:",
             "jmp 29f",
-            ".byte 0x0f, 0xb9, 0x3d",
-            ".long {SIG}",
-            "24:",
-            "jmp 23b",
+            seq_abort!(),
             "25:",
             "xor {obj:e}, {obj:e}",
             "29:",
@@ -139,23 +185,8 @@ pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: 
     // failure label is outside the section, reached before any store.
     unsafe {
         core::arch::asm!(
-            ".pushsection __rseq_cs, \"aw\"",
-            ".balign 32",
-            "20:",
-            ".long 0, 0",
-            ".quad 21f, 22f - 21f, 24f",
-            ".popsection",
-            "23:",
-            "lea {t}, [rip + 20b]",
-            "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
-            "21:",
-            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
-            "cmp {t}, {cpus}",
-            "jae {fail}",
-            "imul {t}, {t}, {STRIDE}",
-            "add {t}, {slots}",
-            "cmp byte ptr [{t} + {SLOT_LOCK}], 0",
-            "jne {fail}",
+            seq_start!(),
+            seq_find_slot!("{fail}"),
             "mov {sheaf}, qword ptr [{t} + {SLOT_MAIN}]",
             "mov {n}, qword ptr [{sheaf} + {SHEAF_COUNT}]",
             "cmp {n}, {CAP}",
@@ -165,10 +196,7 @@ pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: 
             "mov qword ptr [{sheaf} + {SHEAF_COUNT}], {n}", // commit
             "22:",
             "jmp 29f",
-            ".byte 0x0f, 0xb9, 0x3d",
-            ".long {SIG}",
-            "24:",
-            "jmp 23b",
+            seq_abort!(),
             "29:",
             off = in(reg) off,
             slots = in(reg) slots,
@@ -232,23 +260,8 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
     // list's head, uses no stack, and commits with its last store.
     unsafe {
         core::arch::asm!(
-            ".pushsection __rseq_cs, \"aw\"",
-            ".balign 32",
-            "20:",
-            ".long 0, 0",
-            ".quad 21f, 22f - 21f, 24f",
-            ".popsection",
-            "23:",
-            "lea {t}, [rip + 20b]",
-            "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
-            "21:",
-            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
-            "cmp {t}, {cpus}",
-            "jae 25f",
-            "imul {t}, {t}, {STRIDE}",
-            "add {t}, {slots}",
-            "cmp byte ptr [{t} + {SLOT_LOCK}], 0",
-            "jne 25f",
+            seq_start!(),
+            seq_find_slot!("25f"),
             "mov {w}, qword ptr [{t} + {oo} + {PCP_LISTS}]",
             "mov {idx:e}, {w:e}",
             "cmp {idx:e}, -1",
@@ -266,10 +279,7 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
             "mov qword ptr [{t} + {oo} + {PCP_LISTS}], {w}", // commit
             "22:",
             "jmp 29f",
-            ".byte 0x0f, 0xb9, 0x3d",
-            ".long {SIG}",
-            "24:",
-            "jmp 23b",
+            seq_abort!(),
             "25:",
             "mov {idx:e}, -1",
             "29:",
@@ -326,23 +336,8 @@ pub(crate) unsafe fn pcp_push(
     // the caller's own block, which no list holds until the commit.
     unsafe {
         core::arch::asm!(
-            ".pushsection __rseq_cs, \"aw\"",
-            ".balign 32",
-            "20:",
-            ".long 0, 0",
-            ".quad 21f, 22f - 21f, 24f",
-            ".popsection",
-            "23:",
-            "lea {t}, [rip + 20b]",
-            "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
-            "21:",
-            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
-            "cmp {t}, {cpus}",
-            "jae {fail}",
-            "imul {t}, {t}, {STRIDE}",
-            "add {t}, {slots}",
-            "cmp byte ptr [{t} + {SLOT_LOCK}], 0",
-            "jne {fail}",
+            seq_start!(),
+            seq_find_slot!("{fail}"),
             "mov {w}, qword ptr [{t} + {oo} + {PCP_LISTS}]",
             "mov dword ptr [{d} + {DESC_NEXT}], {w:e}",
             "shr {w}, 32",
@@ -352,10 +347,7 @@ pub(crate) unsafe fn pcp_push(
             "mov qword ptr [{t} + {oo} + {PCP_LISTS}], {w}", // commit
             "22:",
             "jmp 29f",
-            ".byte 0x0f, 0xb9, 0x3d",
-            ".long {SIG}",
-            "24:",
-            "jmp 23b",
+            seq_abort!(),
             "29:",
             off = in(reg) off,
             slots = in(reg) slots,
@@ -407,17 +399,8 @@ pub(crate) unsafe fn lock_slot(off: isize, slots: *const u8, cpus: usize) -> Opt
     // SAFETY: as in `sheaf_pop`; the committing instruction is the CAS.
     unsafe {
         core::arch::asm!(
-            ".pushsection __rseq_cs, \"aw\"",
-            ".balign 32",
-            "20:",
-            ".long 0, 0",
-            ".quad 21f, 22f - 21f, 24f",
-            ".popsection",
             "xor {st:e}, {st:e}",
-            "23:",
-            "lea {t}, [rip + 20b]",
-            "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}",
-            "21:",
+            seq_start!(),
             "mov {cpu:e}, dword ptr fs:[{off} + {CPU_ID}]",
             "cmp {cpu}, {cpus}",
             "jae 25f",
@@ -429,10 +412,7 @@ pub(crate) unsafe fn lock_slot(off: isize, slots: *const u8, cpus: usize) -> Opt
             "22:",
             "jne 25f",
             "jmp 29f",
-            ".byte 0x0f, 0xb9, 0x3d",
-            ".long {SIG}",
-            "24:",
-            "jmp 23b",
+            seq_abort!(),
             "25:",
             "mov {st:e}, {BUSY}",
             "29:",
