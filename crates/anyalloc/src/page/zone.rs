@@ -493,7 +493,7 @@ impl Zone {
     #[inline(never)]
     pub(crate) fn trim_own(&self, cpu: usize) {
         if let Some((slot, s)) = self.lock_own(cpu, 0) {
-            if slot.pages() > self.pcp_high as usize {
+            if self.over_high(slot.pages()) {
                 self.pcp_drain_to(slot, &s, self.pcp_high.saturating_sub(self.pcp_batch));
             }
         }
@@ -844,7 +844,7 @@ impl Zone {
     ) {
         self.pcp_push(slot, idx, order, s);
         crate::interrupt_point!(PcpFree);
-        if mode == Mode::Normal && slot.pages() > self.pcp_high as usize {
+        if mode == Mode::Normal && self.over_high(slot.pages()) {
             self.pcp_drain_to(slot, s, self.pcp_high.saturating_sub(self.pcp_batch));
         }
     }
@@ -852,7 +852,7 @@ impl Zone {
     /// Whether a nolock free may still add to this slot.
     #[inline]
     pub(crate) fn pcp_has_room(&self, slot: &PcpSlot) -> bool {
-        slot.pages() < (self.pcp_high + self.pcp_batch) as usize
+        self.room_for(slot.pages())
     }
 
     /// Normal context: moves blocks from a held slot to the buddy lists until
