@@ -33,10 +33,9 @@ pub fn install_handler(
     handler: Handler,
     also_mask: &[libc::c_int],
 ) -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction is a valid start (empty mask, no flags);
-    // the handler has the SA_SIGINFO signature; the mask is initialised by
-    // sigemptyset before sigaddset and sigaction read it; no old action is
-    // requested.
+    // SAFETY: a zeroed sigaction is a valid start; the handler has the
+    // SA_SIGINFO signature; sigemptyset initialises the mask before
+    // sigaddset and sigaction read it; no old action is requested.
     let rc = unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = handler as usize;

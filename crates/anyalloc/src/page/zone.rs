@@ -393,10 +393,9 @@ impl Zone {
     #[inline]
     pub(crate) fn lock_own(&self, cpu: usize, level: usize) -> Option<(&PcpSlot, SlotGuard<'_>)> {
         if let (Some(off), 0) = (self.rseq_off, level) {
-            // SAFETY: `rseq_off` is set only when the allocator chose rseq:
-            // glibc's registered offset, and a slot group for every
-            // possible CPU laid out as `sync::rseq::layout` says (asserted
-            // above), living as long as the zone.
+            // SAFETY: `rseq_off` is set only when rseq was chosen (glibc's
+            // offset; a slot group per possible CPU laid out as
+            // `sync::rseq::layout` says, asserted above; as long as the zone).
             let cpu = unsafe { crate::sync::rseq::lock_slot(off, self.slots.cast(), self.cpus) }?;
             let slot = self.slot(cpu, 0);
             // SAFETY: the lock sequence just set this slot's flag for us.
