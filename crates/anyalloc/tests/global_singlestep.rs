@@ -49,7 +49,6 @@ static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 static CARRY: AtomicUsize = AtomicUsize::new(0);
 static CARRY_SIZE: AtomicUsize = AtomicUsize::new(0);
 
-const TF: i64 = 0x100;
 const SIZES: [usize; 4] = [24, 200, 3000, 20_000];
 
 fn fill(p: *mut u8, size: usize, tag: u8) {
@@ -82,14 +81,11 @@ const MAIN_TAG: u8 = 0xc3;
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let _errno = anyalloc_storm::ErrnoGuard::save();
-    // SAFETY: the kernel passes a valid, writable ucontext_t to SA_SIGINFO
-    // handlers; its general registers are what the thread resumes with.
-    let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
-    if !STEPPING.load(Ordering::Relaxed) {
-        gregs[libc::REG_EFL as usize] &= !TF;
+    // SAFETY: `ctx` is this SA_SIGINFO handler's context argument.
+    let Some(rip) = (unsafe { common::next_step(ctx, STEPPING.load(Ordering::Relaxed)) }) else {
         return;
-    }
-    if !SEEN.insert(gregs[libc::REG_RIP as usize] as usize) {
+    };
+    if !SEEN.insert(rip) {
         return;
     }
     let n = DISTINCT.fetch_add(1, Ordering::Relaxed) as usize;
@@ -121,18 +117,6 @@ fn free_carry(a: &dyn GlobalAlloc, p: usize, size: usize) {
     unsafe { a.dealloc(p as *mut u8, Layout::from_size_align(size, 8).unwrap()) };
 }
 
-#[inline(always)]
-fn trap_on() {
-    // SAFETY: only RFLAGS.TF changes; pushfq/popfq balance the stack.
-    unsafe { std::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
-}
-
-#[inline(always)]
-fn trap_off() {
-    // SAFETY: as in `trap_on`.
-    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], ~0x100", "popfq") };
-}
-
 /// One phase: `rounds` rounds of allocations of every size through `main`,
 /// kept for a while and freed, each call stepped.
 fn phase(main: &dyn GlobalAlloc, rounds: usize) -> (u64, u64, u64) {
@@ -146,10 +130,10 @@ fn phase(main: &dyn GlobalAlloc, rounds: usize) -> (u64, u64, u64) {
         for (k, &size) in SIZES.iter().cycle().take(40).enumerate() {
             let layout = Layout::from_size_align(size, 8).unwrap();
             STEPPING.store(true, Ordering::SeqCst);
-            trap_on();
+            common::trap_on();
             // SAFETY: a valid non-zero layout.
             let p = unsafe { main.alloc(layout) };
-            trap_off();
+            common::trap_off();
             STEPPING.store(false, Ordering::SeqCst);
             assert!(!p.is_null(), "memory to spare");
             fill(p, size, MAIN_TAG);
@@ -176,10 +160,10 @@ fn free_stepped(main: &dyn GlobalAlloc, p: usize, size: usize) {
     }
     let layout = Layout::from_size_align(size, 8).unwrap();
     STEPPING.store(true, Ordering::SeqCst);
-    trap_on();
+    common::trap_on();
     // SAFETY: allocated by `main` with this layout; not used afterwards.
     unsafe { main.dealloc(p as *mut u8, layout) };
-    trap_off();
+    common::trap_off();
     STEPPING.store(false, Ordering::SeqCst);
 }
 

@@ -39,7 +39,6 @@ use anyalloc::{Config, Heap};
 
 /// Steps after which the handler stops stepping (bounds the run time).
 const MAX_STEPS: u64 = 3_000_000;
-const TF: i64 = 0x100;
 
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 static STEPPING: AtomicBool = AtomicBool::new(false);
@@ -108,15 +107,12 @@ fn free_checked(heap: &Heap, h: usize) {
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let _errno = anyalloc_storm::ErrnoGuard::save();
-    // SAFETY: the kernel passes a valid, writable ucontext_t to SA_SIGINFO
-    // handlers; its general registers are what the thread resumes with.
-    let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
     let steps = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
-    if !STEPPING.load(Ordering::Relaxed) || steps >= MAX_STEPS {
-        gregs[libc::REG_EFL as usize] &= !TF;
+    let stepping = STEPPING.load(Ordering::Relaxed) && steps < MAX_STEPS;
+    // SAFETY: `ctx` is this SA_SIGINFO handler's context argument.
+    let Some(rip) = (unsafe { common::next_step(ctx, stepping) }) else {
         return;
-    }
-    let rip = gregs[libc::REG_RIP as usize] as usize;
+    };
     if !SEEN.insert(rip) {
         return;
     }
@@ -143,27 +139,14 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     }
 }
 
-/// Sets the trap flag: a `SIGTRAP` follows every instruction from here on.
-#[inline(always)]
-fn trap_on() {
-    // SAFETY: only RFLAGS.TF changes; pushfq/popfq balance the stack.
-    unsafe { std::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
-}
-
-#[inline(always)]
-fn trap_off() {
-    // SAFETY: as in `trap_on`.
-    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], ~0x100", "popfq") };
-}
-
 fn stepped_alloc(heap: &Heap, size: usize, nolock: bool) -> usize {
-    trap_on();
+    common::trap_on();
     let p = if nolock {
         heap.alloc_nolock(layout(size))
     } else {
         heap.alloc(layout(size))
     };
-    trap_off();
+    common::trap_off();
     let h = pack(p.expect("memory to spare"), size);
     // SAFETY: just allocated: owned by the driver.
     unsafe { fill(h) };
@@ -177,7 +160,7 @@ fn stepped_free(heap: &Heap, h: usize, nolock: bool) {
     }
     // SAFETY: a live object of `heap`, not used afterwards.
     let p = unsafe { NonNull::new_unchecked(unpack(h).0) };
-    trap_on();
+    common::trap_on();
     // SAFETY: as above.
     unsafe {
         if nolock {
@@ -186,18 +169,18 @@ fn stepped_free(heap: &Heap, h: usize, nolock: bool) {
             heap.free(p)
         }
     };
-    trap_off();
+    common::trap_off();
 }
 
 fn stepped_pages(heap: &Heap, order: u32) {
-    trap_on();
+    common::trap_on();
     let p = heap.pages().alloc_pages_nolock(order);
-    trap_off();
+    common::trap_off();
     if let Some(p) = p {
-        trap_on();
+        common::trap_on();
         // SAFETY: allocated just above with `order`.
         unsafe { heap.pages().free_pages_nolock(p, order) };
-        trap_off();
+        common::trap_off();
     }
 }
 

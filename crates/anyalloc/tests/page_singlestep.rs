@@ -27,7 +27,6 @@ use common::{check, fill, pack, unpack};
 
 /// Steps after which the handler stops stepping (bounds the run time).
 const MAX_STEPS: u64 = 2_000_000;
-const TF: i64 = 0x100;
 
 static PA: AtomicPtr<PageAllocator> = AtomicPtr::new(std::ptr::null_mut());
 static STEPPING: AtomicBool = AtomicBool::new(false);
@@ -46,15 +45,12 @@ static SEEN: common::SeenSet = common::SeenSet::new();
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let _errno = anyalloc_storm::ErrnoGuard::save();
-    // SAFETY: the kernel passes a valid, writable ucontext_t to SA_SIGINFO
-    // handlers; its general registers are what the thread resumes with.
-    let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
     let steps = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
-    if !STEPPING.load(Ordering::Relaxed) || steps >= MAX_STEPS {
-        gregs[libc::REG_EFL as usize] &= !TF;
+    let stepping = STEPPING.load(Ordering::Relaxed) && steps < MAX_STEPS;
+    // SAFETY: `ctx` is this SA_SIGINFO handler's context argument.
+    let Some(rip) = (unsafe { common::next_step(ctx, stepping) }) else {
         return;
-    }
-    let rip = gregs[libc::REG_RIP as usize] as usize;
+    };
     if !SEEN.insert(rip) {
         return;
     }
@@ -107,29 +103,14 @@ fn free_checked(pa: &PageAllocator, h: usize) {
     unsafe { pa.free_pages_nolock(NonNull::new_unchecked(ptr as *mut u8), order) };
 }
 
-/// Sets the trap flag: a `SIGTRAP` follows every instruction from here on.
-#[inline(always)]
-fn trap_on() {
-    // SAFETY: only RFLAGS.TF changes; pushfq/popfq balance the stack (the
-    // asm may use the stack: no `nostack`).
-    unsafe { std::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
-}
-
-/// Clears the trap flag.
-#[inline(always)]
-fn trap_off() {
-    // SAFETY: as in `trap_on`.
-    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], ~0x100", "popfq") };
-}
-
 fn stepped_alloc(pa: &PageAllocator, order: u32, nolock: bool) -> usize {
-    trap_on();
+    common::trap_on();
     let p = if nolock {
         pa.alloc_pages_nolock(order)
     } else {
         pa.alloc_pages(order)
     };
-    trap_off();
+    common::trap_off();
     let p = p.expect("memory to spare");
     let h = pack(p.as_ptr() as usize, order, 0);
     // SAFETY: just allocated: owned by the test.
@@ -145,7 +126,7 @@ fn stepped_free(pa: &PageAllocator, h: usize, nolock: bool) {
     let (ptr, order, _) = unpack(h);
     // SAFETY: allocated on `pa` with `order`; not used afterwards.
     let p = unsafe { NonNull::new_unchecked(ptr as *mut u8) };
-    trap_on();
+    common::trap_on();
     // SAFETY: as above.
     unsafe {
         if nolock {
@@ -154,7 +135,7 @@ fn stepped_free(pa: &PageAllocator, h: usize, nolock: bool) {
             pa.free_pages(p, order)
         }
     };
-    trap_off();
+    common::trap_off();
 }
 
 #[test]

@@ -11,7 +11,9 @@
 //!   overwritten; the fill is the kit's owner-tagged pattern;
 //! * the page storm itself ([`run_page_storm`]), shared by the `page_storm`
 //!   test (which asserts) and example (which prints);
-//! * [`SeenSet`]: instruction addresses seen by the single-step tests.
+//! * single-step support: [`SeenSet`] (instruction addresses seen),
+//!   [`trap_on`] / [`trap_off`] (the trap flag) and [`next_step`] (a
+//!   `SIGTRAP` handler's view of the interrupted instruction).
 //!
 //! Everything called from a signal handler here is async-signal-safe: the
 //! kit's handler-safe pieces, atomics, plain memory accesses and the
@@ -588,6 +590,45 @@ pub fn run_page_storm(cfg: &StormConfig) -> StormReport {
     drop(pa);
     STORM_RUNNING.store(false, Ordering::SeqCst);
     report
+}
+
+/// RFLAGS' trap flag.
+#[cfg(target_arch = "x86_64")]
+const TF: i64 = 0x100;
+
+/// Sets the trap flag: a `SIGTRAP` follows every instruction from here on.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn trap_on() {
+    // SAFETY: only RFLAGS.TF changes; pushfq/popfq balance the stack (the
+    // asm may use the stack: no `nostack`).
+    unsafe { std::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
+}
+
+/// Clears the trap flag.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn trap_off() {
+    // SAFETY: as in `trap_on`.
+    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], ~0x100", "popfq") };
+}
+
+/// In a `SIGTRAP` handler: the address of the instruction the thread
+/// resumes at, if it is to go on stepping; otherwise clears the trap flag
+/// in the saved context (the thread stops stepping) and says `None`.
+///
+/// # Safety
+/// `ctx` is the context argument of an `SA_SIGINFO` handler.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub unsafe fn next_step(ctx: *mut libc::c_void, keep_stepping: bool) -> Option<usize> {
+    // SAFETY: per the contract, the kernel's valid, writable ucontext_t;
+    // its general registers are what the thread resumes with.
+    let gregs = unsafe { &mut (*(ctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
+    if !keep_stepping {
+        gregs[libc::REG_EFL as usize] &= !TF;
+        return None;
+    }
+    Some(gregs[libc::REG_RIP as usize] as usize)
 }
 
 /// Slots of a [`SeenSet`].
