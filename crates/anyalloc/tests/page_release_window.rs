@@ -13,16 +13,15 @@
 //! in a child process (this binary re-executed with `ANYALLOC_BAD_INPUT`
 //! set); the parent requires `SIGABRT` and exactly the announced line.
 
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::Command;
+mod watchdog;
+
+use std::os::unix::process::ExitStatusExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Heap, MAX_ORDER};
-
-const VAR: &str = "ANYALLOC_BAD_INPUT";
 
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 /// The block to free (wrongly) inside the release window.
@@ -88,61 +87,21 @@ fn child() {
 
 #[test]
 fn wrong_free_inside_the_release_window_aborts() {
-    if std::env::var_os(VAR).is_some() {
+    if watchdog::in_child() {
         child();
     }
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "wrong_free_inside_the_release_window_aborts",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(VAR, "release_window");
-    // SAFETY: the closure runs in the forked child before exec and only
-    // calls setrlimit, which is async-signal-safe (no core dump files).
-    unsafe {
-        cmd.pre_exec(|| {
-            let none = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            libc::setrlimit(libc::RLIMIT_CORE, &none);
-            Ok(())
-        });
-    }
-    let mut c = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let read = |mut r: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = read(Box::new(c.stdout.take().unwrap()));
-    let err = read(Box::new(c.stderr.take().unwrap()));
     // A watchdog, not a timing assertion: the child needs milliseconds; a
     // block inserted twice can make a free-list walk loop forever.
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            c.kill().unwrap();
-            let _ = c.wait();
-            panic!(
-                "the child hung (a corrupted free list?)\nstdout:\n{}",
-                out.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    let watchdog::Outcome {
+        status,
+        stdout,
+        stderr,
+    } = watchdog::run(
+        "wrong_free_inside_the_release_window_aborts",
+        &[],
+        Duration::from_secs(60),
+        "the wrong free (a corrupted free list?)",
+    );
     assert!(
         !stdout.contains("SURVIVED"),
         "the wrong free was accepted:\n{stdout}"

@@ -3,10 +3,10 @@
 //!
 //! `Global` is this test binary's allocator, so every `Vec` or `Box` the
 //! heap's own code might allocate comes from the same heap. The scenario runs
-//! in a child process (this binary re-executed with `ANYALLOC_SHRINKER_CHILD`
-//! set) with a small global heap that cannot grow, and the parent is a
-//! watchdog: a child that does not finish within a minute is killed and the
-//! test fails (a deadlock fails the test instead of hanging CI).
+//! in a child process (this binary re-executed by `tests/watchdog`) with a
+//! small global heap that cannot grow, and the parent is a watchdog: a child
+//! that does not finish within a minute is killed and the test fails (a
+//! deadlock fails the test instead of hanging CI).
 //!
 //! The child registers some shrinkers (20 to 80), takes the heap below its min watermark
 //! with nolock page allocations of every per-CPU order (which never reclaim), and then makes one normal
@@ -19,16 +19,15 @@
 //! its own outer frame held. One shrinker also allocates while it runs (a
 //! reclaim nested in a shrinker, which must not call the shrinkers again).
 
+mod watchdog;
+
 use std::alloc::Layout;
-use std::process::Command;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[global_allocator]
 static A: anyalloc::Global = anyalloc::Global;
-
-const CHILD: &str = "ANYALLOC_SHRINKER_CHILD";
 
 /// Page blocks the shrinkers give back (address | order).
 static STASH: [AtomicUsize; 4096] = [const { AtomicUsize::new(0) }; 4096];
@@ -161,53 +160,23 @@ fn child() {
 
 #[test]
 fn running_shrinkers_never_waits_for_the_registry() {
-    if std::env::var_os(CHILD).is_some() {
+    if watchdog::in_child() {
         child();
         return;
     }
-    let mut c = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "running_shrinkers_never_waits_for_the_registry",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "1")
-        .env("ANYALLOC_MEMORY", "8m")
-        .env("ANYALLOC_GROW", "0")
-        .env("ANYALLOC_MAINTENANCE", "0")
-        .env("ANYALLOC_CPUS", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let read = |mut r: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = read(Box::new(c.stdout.take().unwrap()));
-    let err = read(Box::new(c.stderr.take().unwrap()));
     // The watchdog: a deadlocked child is killed (not a timing assertion:
     // the child needs milliseconds; a minute only bounds a hang).
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            break Some(s);
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            c.kill().unwrap();
-            c.wait().unwrap();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out.join().unwrap();
-    let stderr = err.join().unwrap();
+    let watchdog::Outcome { stdout, stderr, .. } = watchdog::run_ok(
+        "running_shrinkers_never_waits_for_the_registry",
+        &[
+            ("ANYALLOC_MEMORY", "8m"),
+            ("ANYALLOC_GROW", "0"),
+            ("ANYALLOC_MAINTENANCE", "0"),
+            ("ANYALLOC_CPUS", "1"),
+        ],
+        Duration::from_secs(60),
+        "running the shrinkers",
+    );
     println!("child stdout:\n{stdout}\nchild stderr:\n{stderr}");
-    let status = status.expect("the child deadlocked (killed by the watchdog)");
-    assert!(status.success(), "the child failed: {status:?}");
     assert!(stdout.contains("CHILD DONE"));
 }

@@ -6,6 +6,9 @@
 //! environment variable [`CHILD`] set; the test body checks
 //! [`in_child`] and runs the scenario there.
 
+// Each test binary that includes this module uses part of it.
+#![allow(dead_code)]
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,19 @@ pub fn run(name: &str, env: &[(&str, &str)], limit: Duration, what: &str) -> Out
         .stderr(Stdio::piped());
     // Its own process group: the watchdog kills grandchildren (forks) too.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // No core files from children that are meant to abort.
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setrlimit, which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            Ok(())
+        });
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
