@@ -1,15 +1,18 @@
 //! Bad frees abort with a one-line message from anyalloc.
 //!
-//! Each scenario runs in a child process: the test re-executes this test
-//! binary with `ANYALLOC_BAD_INPUT=<scenario>` and `--exact <test name>`;
+//! Each scenario runs in a child process under a watchdog (`tests/watchdog`):
+//! the test re-executes this test binary with `ANYALLOC_BAD_INPUT=<scenario>`
+//! and `--exact <test name>`;
 //! in the child the same test function sees the variable and commits the
 //! bad free. The parent requires the child to die of `SIGABRT` and its stderr
 //! to hold exactly one line from anyalloc, containing the expected words.
 
+mod watchdog;
+
 use std::alloc::Layout;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::Command;
+use std::os::unix::process::ExitStatusExt;
 use std::ptr::NonNull;
+use std::time::Duration;
 
 use anyalloc::{Config, Heap, PAGE_SIZE};
 
@@ -26,29 +29,14 @@ fn expect_abort(test: &str, expect: &str, bad: fn()) {
         eprintln!("survived: the bad free of {test} returned");
         std::process::exit(SURVIVED);
     }
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(exe);
-    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(VAR, test);
-    // SAFETY: the closure runs in the forked child before exec and only
-    // calls setrlimit, which is async-signal-safe (no core dump files).
-    unsafe {
-        cmd.pre_exec(|| {
-            let none = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            libc::setrlimit(libc::RLIMIT_CORE, &none);
-            Ok(())
-        });
-    }
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A watchdog, not a timing assertion: a bad free that corrupts a list
+    // could make the child loop forever instead of aborting.
+    let watchdog::Outcome { status, stderr, .. } =
+        watchdog::run(test, &[(VAR, test)], Duration::from_secs(60), test);
     assert_eq!(
-        out.status.signal(),
+        status.signal(),
         Some(libc::SIGABRT),
-        "{test}: the child did not abort ({:?}); stderr:\n{stderr}",
-        out.status
+        "{test}: the child did not abort ({status:?}); stderr:\n{stderr}"
     );
     let lines: Vec<&str> = stderr
         .lines()

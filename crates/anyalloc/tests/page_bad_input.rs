@@ -1,12 +1,14 @@
 //! Bad frees abort the process with a one-line message instead of corrupting
-//! the heap. Each scenario runs in a child process (this test binary,
-//! re-executed with `ANYALLOC_BAD_INPUT=<scenario>` selecting the
-//! `child_scenario` test); the parent checks that the child was killed by
-//! `SIGABRT` and that stderr holds exactly the expected line.
+//! the heap. Each scenario runs in a child process under a watchdog (this
+//! test binary, re-executed with `ANYALLOC_BAD_INPUT=<scenario>` selecting
+//! the `child_scenario` test); the parent checks that the child was killed
+//! by `SIGABRT` and that stderr holds exactly the expected line.
+
+mod watchdog;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
 use std::ptr::NonNull;
+use std::time::Duration;
 
 use anyalloc::{Config, PageAllocator, PAGE_SIZE};
 
@@ -165,14 +167,8 @@ fn run_scenario(name: &str) {
 /// The child side: does nothing unless `ANYALLOC_BAD_INPUT` names a scenario.
 #[test]
 fn child_scenario() {
+    // (The watchdog's children dump no core for the expected abort.)
     if let Ok(name) = std::env::var(SCENARIO_ENV) {
-        // No core dump for the expected abort.
-        let no_core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: a valid rlimit for the calling process.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
         run_scenario(&name);
     }
 }
@@ -180,18 +176,15 @@ fn child_scenario() {
 /// Runs `scenario` in a child and checks it died of `SIGABRT` with exactly
 /// the announced message as one line of its stderr.
 fn expect_abort(scenario: &str) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_scenario",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(SCENARIO_ENV, scenario)
-        .output()
-        .expect("spawn the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A watchdog, not a timing assertion: a bad free that corrupts a list
+    // could make the child loop forever instead of aborting.
+    let out = watchdog::run(
+        "child_scenario",
+        &[(SCENARIO_ENV, scenario)],
+        Duration::from_secs(60),
+        scenario,
+    );
+    let (stdout, stderr) = (&out.stdout, &out.stderr);
     assert!(
         !stdout.contains("SURVIVED"),
         "{scenario}: the bad free was accepted\n{stdout}"
