@@ -229,22 +229,11 @@ impl Platform for StdPlatform {
 
     #[cfg(target_os = "linux")]
     fn wait_timeout(&self, word: &AtomicU32, expected: u32, nanos: u64) {
-        let ts = libc::timespec {
-            tv_sec: (nanos / 1_000_000_000) as libc::time_t,
-            tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
-        };
-        // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word`, which lives
-        // as long as the call, and returns at the latest after the relative
-        // timeout `ts` (a live local).
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                expected,
-                &ts as *const libc::timespec,
-            );
-        }
+        super::futex::wait(
+            word,
+            expected,
+            Some(core::time::Duration::from_nanos(nanos)),
+        );
     }
 
     #[cfg(target_os = "linux")]
