@@ -480,13 +480,7 @@ fn nolock_reentry_at_every_page_site() {
     for round in 0..40u32 {
         // Prepared order-4 blocks for deferred frees (direct zone allocs).
         BIG_ARMED.store(false, Ordering::Relaxed);
-        while BIG.len() < 8 {
-            let p = pa.alloc_pages(4).expect("memory to spare");
-            let h = pack(p.as_ptr() as usize, 4, KIND_BIG);
-            // SAFETY: just allocated: owned, then handed to the stash.
-            unsafe { fill(h) };
-            assert!(BIG.put(h, 0));
-        }
+        stock_big(pa);
         BIG_ARMED.store(true, Ordering::Relaxed);
         // Per-CPU hits and refills, orders 0..=3, both paths.
         for k in 0..12 {
@@ -543,13 +537,7 @@ fn nolock_reentry_at_every_page_site() {
 
     // The deterministic steal (see `chain`), from empty slots.
     BIG_ARMED.store(false, Ordering::Relaxed);
-    while BIG.len() < 8 {
-        let p = pa.alloc_pages(4).expect("memory to spare");
-        let h = pack(p.as_ptr() as usize, 4, KIND_BIG);
-        // SAFETY: just allocated: owned, then handed to the stash.
-        unsafe { fill(h) };
-        assert!(BIG.put(h, 0));
-    }
+    stock_big(pa);
     let p = pa.alloc_pages(0).expect("memory to spare");
     let h = pack(p.as_ptr() as usize, 0, KIND_CHAIN);
     // SAFETY: just allocated: owned, then handed to the chain.
@@ -681,4 +669,16 @@ fn nolock_reentry_at_every_page_site() {
         "a large nolock allocation found no memory with 32 MiB"
     );
     assert!(CARRIED.load(Ordering::Relaxed) > 0);
+}
+
+/// Fills the stash of prepared order-4 blocks for deferred frees (direct
+/// zone allocations) up to 8.
+fn stock_big(pa: &PageAllocator) {
+    while BIG.len() < 8 {
+        let p = pa.alloc_pages(4).expect("memory to spare");
+        let h = pack(p.as_ptr() as usize, 4, KIND_BIG);
+        // SAFETY: just allocated: owned, then handed to the stash.
+        unsafe { fill(h) };
+        assert!(BIG.put(h, 0));
+    }
 }
