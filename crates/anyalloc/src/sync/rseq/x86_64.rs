@@ -97,8 +97,10 @@ const BUSY: usize = 1;
 ///          slot = slots + cpu * STRIDE;   if slot.lock != 0: None
 ///          sheaf = slot.main; n = sheaf.count; if n == 0: None
 ///          obj = sheaf.objs[n - 1]
-///          if COUNT: slot.nolock_ok += 1  (this CPU only; redone on restart:
-///                                          may overcount, never undercount)
+///          if COUNT: slot.nolock_ok += 1  (this CPU only; redone if the
+///                                          one-instruction commit below is
+///                                          interrupted: may overcount,
+///                                          never undercount)
 ///          sheaf.count = n - 1            // commit
 /// ```
 ///
@@ -113,10 +115,17 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
     slots: *const u8,
     cpus: usize,
 ) -> Option<usize> {
-    let obj: usize;
+    let (t_out, n_out): (usize, usize);
     // SAFETY: per the contract; the block touches only this thread's rseq
     // area and the current CPU's slot and main sheaf, uses no stack, and
-    // commits with its last store.
+    // commits with its last store. Registers are reused as the section
+    // goes, so that the callers' fast paths fit in the caller-saved
+    // registers: `t` is the slot, then (normal) the object; `n` the count,
+    // then (COUNT) the object. The COUNT variant keeps the slot for its
+    // counter, so it commits with a single read-modify-write instruction
+    // (an interrupt cannot split an instruction), right after the counter:
+    // a restart can count one success twice only in that one-instruction
+    // window.
     unsafe {
         core::arch::asm!(
             seq_start!(),
@@ -125,25 +134,31 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
             "mov {n}, qword ptr [{sheaf} + {SHEAF_COUNT}]",
             "test {n}, {n}",
             "jz 25f",
-            "mov {obj}, qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS} - 8]",
             ".if {COUNT}",
+            "mov {n}, qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS} - 8]",
             "add qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
-            ".endif",
+            "dec qword ptr [{sheaf} + {SHEAF_COUNT}]", // commit
+            ".else",
+            "mov {t}, qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS} - 8]",
             "dec {n}",
             "mov qword ptr [{sheaf} + {SHEAF_COUNT}], {n}", // commit
+            ".endif",
             "22:",
             "jmp 29f",
             seq_abort!(),
             "25:",
-            "xor {obj:e}, {obj:e}",
+            ".if {COUNT}",
+            "xor {n:e}, {n:e}",
+            ".else",
+            "xor {t:e}, {t:e}",
+            ".endif",
             "29:",
             off = in(reg) off,
             slots = in(reg) slots,
             cpus = in(reg) cpus,
-            obj = out(reg) obj,
-            t = out(reg) _,
+            t = out(reg) t_out,
             sheaf = out(reg) _,
-            n = out(reg) _,
+            n = out(reg) n_out,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
             STRIDE = const STRIDE,
@@ -157,6 +172,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
             options(nostack),
         );
     }
+    let obj = if COUNT { n_out } else { t_out };
     (obj != 0).then_some(obj)
 }
 
@@ -187,13 +203,13 @@ pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: 
         core::arch::asm!(
             seq_start!(),
             seq_find_slot!("{fail}"),
-            "mov {sheaf}, qword ptr [{t} + {SLOT_MAIN}]",
-            "mov {n}, qword ptr [{sheaf} + {SHEAF_COUNT}]",
+            "mov {t}, qword ptr [{t} + {SLOT_MAIN}]", // t: the sheaf
+            "mov {n}, qword ptr [{t} + {SHEAF_COUNT}]",
             "cmp {n}, {CAP}",
             "jae {fail}",
-            "mov qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS}], {obj}",
+            "mov qword ptr [{t} + {n} * 8 + {SHEAF_OBJS}], {obj}",
             "inc {n}",
-            "mov qword ptr [{sheaf} + {SHEAF_COUNT}], {n}", // commit
+            "mov qword ptr [{t} + {SHEAF_COUNT}], {n}", // commit
             "22:",
             "jmp 29f",
             seq_abort!(),
@@ -203,7 +219,6 @@ pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: 
             cpus = in(reg) cpus,
             obj = in(reg) obj,
             t = out(reg) _,
-            sheaf = out(reg) _,
             n = out(reg) _,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
