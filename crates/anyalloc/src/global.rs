@@ -73,7 +73,7 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 
 use crate::config::{Config, Error};
 use crate::context;
-use crate::slab::Heap;
+use crate::slab::{Heap, HeapCore};
 
 const UNINIT: u8 = 0;
 const INITIALIZING: u8 = 1;
@@ -94,6 +94,21 @@ static GLOBAL_HEAP: HeapCell = HeapCell {
     state: AtomicU8::new(UNINIT),
     heap: UnsafeCell::new(MaybeUninit::uninit()),
 };
+
+/// The global heap's core, published (Release) with READY and null before:
+/// `Global`'s fast paths load this one word instead of the state and then
+/// the heap. The global heap is never dropped, so once non-null it stays
+/// valid.
+static GLOBAL_CORE: AtomicPtr<HeapCore> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The global heap's core, if the heap is ready.
+#[inline(always)]
+fn global_core() -> Option<&'static HeapCore> {
+    let c = GLOBAL_CORE.load(Ordering::Acquire);
+    // SAFETY: non-null only after the heap was written (Release, read with
+    // Acquire above); the global heap lives as long as the process.
+    unsafe { c.as_ref() }
+}
 
 /// The process-wide heap, creating it if needed (normal context: waits for
 /// a concurrent initialisation), and doing the setup still owed to an
@@ -185,7 +200,8 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
                     Ok(h) => {
                         // SAFETY: we won the CAS: no other context reads or
                         // writes the cell until READY is published.
-                        unsafe { (*GLOBAL_HEAP.heap.get()).write(h) };
+                        let h = unsafe { (*GLOBAL_HEAP.heap.get()).write(h) };
+                        GLOBAL_CORE.store(h.core_ptr().cast_mut(), Ordering::Release);
                         // The maintainer starts at an ordinary point (see
                         // the module documentation), never here: this call
                         // may be a signal handler.
@@ -366,23 +382,24 @@ pub struct Global;
 // are not handed out again before they are freed; dealloc frees only what
 // alloc returned.
 unsafe impl GlobalAlloc for Global {
+    /// The fast path is the heap's: one load finds the ready heap, and
+    /// everything else (creation, every slow path) is one tail call.
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match routed_heap() {
-            Some(h) => h
-                .alloc_routed(layout)
+        match global_core() {
+            Some(c) => c
+                .alloc(layout)
                 .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
-            None => core::ptr::null_mut(),
+            None => alloc_creating(layout),
         }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let Some(p) = NonNull::new(ptr) else { return };
-        // Only a ready heap can have handed out `ptr`.
-        if let Some(h) = global_heap() {
+        // Only a ready heap can have handed out a non-null `ptr`.
+        if let (Some(p), Some(c)) = (NonNull::new(ptr), global_core()) {
             // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap.
-            unsafe { h.free_routed(p, layout) }
+            unsafe { c.free_sized(p, layout) }
         }
     }
 
@@ -419,6 +436,20 @@ unsafe impl GlobalAlloc for Global {
             }
         }
         q
+    }
+}
+
+/// `Global::alloc` before the heap is ready: creates it (waiting for a
+/// creation in progress elsewhere only when this thread may wait), then
+/// allocates.
+#[cold]
+#[inline(never)]
+fn alloc_creating(layout: Layout) -> *mut u8 {
+    match routed_heap() {
+        Some(h) => h
+            .alloc_routed(layout)
+            .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
+        None => core::ptr::null_mut(),
     }
 }
 

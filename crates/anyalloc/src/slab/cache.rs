@@ -52,7 +52,7 @@
 //! takes a slot. The nolock path only `try_lock`s.
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use super::class::{self, SIZES};
 use crate::idle::IdleWatch;
@@ -237,6 +237,21 @@ pub(crate) struct Cache {
     /// (chosen once, at init; see `sync::rseq`). Otherwise it try-locks
     /// them like every other slot.
     rseq: bool,
+    /// Whether the normal fast paths may run: `rseq`, and nothing deferred
+    /// as far as this word knows. One byte read instead of two tests, it
+    /// keeps the property that the next normal operation on this cache
+    /// drains its deferred stack:
+    ///
+    /// * `defer` pushes, *then* clears it;
+    /// * a normal slow path that finds it clear drains the stack, sets it,
+    ///   then checks the stack again (a SeqCst fence on both sides), and
+    ///   clears it again if something was pushed meanwhile (`reopen_fast`).
+    ///
+    /// So a push is always followed by a clear that no reopening can
+    /// overwrite without having seen the push: it may be clear over an
+    /// empty stack for a moment (a slow path reopens it), never set over a
+    /// pushed object that no drain has taken.
+    fast_open: AtomicBool,
     /// With `rseq`: the rseq area's offset from the thread pointer (glibc's
     /// `__rseq_offset`, the same for every thread of the process), kept
     /// here so the fast path loads it from this cache's own line.
@@ -342,6 +357,7 @@ impl Cache {
                 nslots,
                 cpus,
                 rseq: rseq_off.is_some(),
+                fast_open: AtomicBool::new(rseq_off.is_some()),
                 rseq_off: rseq_off.unwrap_or(0),
                 slabs: AtomicUsize::new(0),
                 out_of_slabs: AtomicUsize::new(0),
@@ -442,12 +458,23 @@ impl Cache {
     /// the main sheaf of this CPU's level-0 slot.
     #[inline(always)]
     pub(crate) fn alloc(&self, pages: &PageAllocator) -> Option<usize> {
-        if self.deferred.is_empty() {
+        if self.normal_fast_ok() {
             if let Some(o) = self.fast_pop::<false>(pages) {
                 return Some(o);
             }
         }
         self.alloc_slow(pages, pages.cpu())
+    }
+
+    /// Whether a normal operation may take the fast path: nothing deferred
+    /// (with rseq, as `fast_open` says).
+    #[inline(always)]
+    fn normal_fast_ok(&self) -> bool {
+        if self.rseq {
+            self.fast_open.load(Ordering::Relaxed)
+        } else {
+            self.deferred.is_empty()
+        }
     }
 
     /// The normal allocation's fast path alone, with rseq: nothing
@@ -456,7 +483,7 @@ impl Cache {
     /// try-locked variant and its call out of the callers' fast path).
     #[inline(always)]
     pub(crate) fn alloc_fast(&self) -> Option<usize> {
-        if self.rseq && self.deferred.is_empty() {
+        if self.fast_open.load(Ordering::Relaxed) {
             self.seq_pop::<false>()
         } else {
             None
@@ -479,7 +506,11 @@ impl Cache {
     /// caller's; hand it to [`free_miss`](Self::free_miss).
     #[inline(always)]
     pub(crate) fn free_fast(&self, obj: usize, mode: Mode) -> bool {
-        self.rseq && (mode == Mode::NoLock || self.deferred.is_empty()) && self.seq_push(obj)
+        let open = match mode {
+            Mode::Normal => self.fast_open.load(Ordering::Relaxed),
+            Mode::NoLock => self.rseq,
+        };
+        open && self.seq_push(obj)
     }
 
     /// A validated free of `mode` that [`free_fast`](Self::free_fast) did
@@ -579,9 +610,7 @@ impl Cache {
         if crate::context::nested() {
             return None;
         }
-        if !self.deferred.is_empty() {
-            self.drain_deferred(pages);
-        }
+        self.drain_and_reopen(pages);
         if let Some((slot, g)) = self.lock_own(cpu, 0) {
             crate::interrupt_point!(SheafAlloc);
             if let Some(o) = self.pop_slot(slot, &g) {
@@ -860,7 +889,7 @@ impl Cache {
     /// and room in the main sheaf of this CPU's level-0 slot.
     #[inline(always)]
     pub(crate) fn free(&self, pages: &PageAllocator, obj: usize) {
-        if !(self.deferred.is_empty() && self.fast_push(pages, obj)) {
+        if !(self.normal_fast_ok() && self.fast_push(pages, obj)) {
             self.free_slow(pages, pages.cpu(), obj);
         }
     }
@@ -873,9 +902,7 @@ impl Cache {
         if crate::context::nested() {
             return self.free_nolock_slow(pages, cpu, obj);
         }
-        if !self.deferred.is_empty() {
-            self.drain_deferred(pages);
-        }
+        self.drain_and_reopen(pages);
         self.free_normal(pages, cpu, obj);
     }
 
@@ -937,6 +964,38 @@ impl Cache {
             unsafe { (o as *mut usize).write_unaligned(next ^ self.key) };
             crate::interrupt_point!(ObjectDeferredPush);
         });
+        // After the push (see `fast_open`): the next normal operation takes
+        // the slow path, which drains.
+        core::sync::atomic::fence(Ordering::SeqCst);
+        self.fast_open.store(false, Ordering::Relaxed);
+    }
+
+    /// Normal context, a slow path: drains the deferred stack if anything is
+    /// on it, then reopens the fast path if it was closed (`fast_open`).
+    #[inline]
+    fn drain_and_reopen(&self, pages: &PageAllocator) {
+        if !self.deferred.is_empty() {
+            self.drain_deferred(pages);
+        }
+        if self.rseq && !self.fast_open.load(Ordering::Relaxed) {
+            self.reopen_fast();
+        }
+    }
+
+    /// Sets `fast_open` after a drain, then looks at the stack again. Both
+    /// sides put a SeqCst fence between their two accesses (`defer`: push,
+    /// fence, clear; here: set, fence, look): if this fence comes first in
+    /// their total order, `defer`'s clear lands after this set; if
+    /// `defer`'s comes first, the look below sees its push and clears the
+    /// word again. So the word is never left set over an object no drain
+    /// has taken.
+    #[cold]
+    fn reopen_fast(&self) {
+        self.fast_open.store(true, Ordering::Relaxed);
+        core::sync::atomic::fence(Ordering::SeqCst);
+        if !self.deferred.is_empty() {
+            self.fast_open.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Normal context: frees every deferred object through the normal path.
@@ -1130,9 +1189,7 @@ impl Cache {
     ///   its spare filled (from the barn or the slabs), so a burst of nolock
     ///   allocations finds objects ready.
     pub(crate) fn maintain_slots(&self, pages: &PageAllocator, idle_passes: u32) {
-        if !self.deferred.is_empty() {
-            self.drain_deferred(pages);
-        }
+        self.drain_and_reopen(pages);
         let idle = self
             .node
             .barn_idle
@@ -1402,11 +1459,18 @@ impl Cache {
     /// object slot; aborts otherwise.
     #[inline(always)]
     pub(crate) fn validate(&self, pages: &PageAllocator, addr: usize) {
-        let off = addr & self.slab_mask;
-        let n = self.index_in_slab(off);
-        if n * self.size != off || n >= self.objs {
+        if !self.is_object_start(addr) {
             self.interior_free(pages, addr);
         }
+    }
+
+    /// Whether `addr` (in a page this cache owns) is the start of an object
+    /// slot.
+    #[inline(always)]
+    pub(crate) fn is_object_start(&self, addr: usize) -> bool {
+        let off = addr & self.slab_mask;
+        let n = self.index_in_slab(off);
+        n * self.size == off && n < self.objs
     }
 
     #[cold]

@@ -303,10 +303,13 @@ impl core::fmt::Debug for Heap {
     }
 }
 
+/// Where the caches start in the metadata area, from its start (the core).
+const CACHES_OFF: usize = core::mem::size_of::<HeapCore>().next_multiple_of(64);
+
 /// Offsets in the metadata area: (caches, bytes per cache's slots and
 /// sheaves, huge table, total).
 fn meta_layout(cpus: usize) -> (usize, usize, usize, usize) {
-    let caches = core::mem::size_of::<HeapCore>().next_multiple_of(64);
+    let caches = CACHES_OFF;
     let per_cache = cache_meta_bytes(cpus).next_multiple_of(64);
     let huge =
         caches + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64) + CACHES * per_cache;
@@ -489,6 +492,12 @@ impl Heap {
         }
     }
 
+    /// The core's address, for `Global`, which keeps it in one word.
+    #[cfg(feature = "std")]
+    pub(crate) fn core_ptr(&self) -> *const HeapCore {
+        self.core.as_ptr()
+    }
+
     #[inline(always)]
     pub(crate) fn core(&self) -> &HeapCore {
         // SAFETY: the core lives in the metadata area until `drop`.
@@ -555,17 +564,6 @@ impl Heap {
     #[cfg(feature = "std")]
     pub(crate) fn alloc_zeroed_routed(&self, layout: Layout) -> Option<NonNull<u8>> {
         self.core().alloc_zeroed(layout)
-    }
-
-    /// `free` for `Global` (see `alloc_routed`).
-    ///
-    /// # Safety
-    /// As for [`free`](Self::free).
-    #[cfg(feature = "std")]
-    #[inline(always)]
-    pub(crate) unsafe fn free_routed(&self, ptr: NonNull<u8>, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { self.core().free_sized(ptr, layout) }
     }
 
     /// Allocates from any context: only `try_lock`s, never waits, never
@@ -743,12 +741,17 @@ impl Heap {
 }
 
 impl HeapCore {
-    #[inline]
+    /// Cache `i`. The caches follow the core in the metadata area at a
+    /// fixed offset (`meta_layout`), so the fast path computes the address
+    /// instead of loading `caches`.
+    #[inline(always)]
     fn cache(&self, i: usize) -> &Cache {
         crate::check!(i < CACHES, "a cache index out of range");
-        // SAFETY: `caches` has CACHES initialised entries (build) that live
-        // as long as the heap.
-        unsafe { &*self.caches.add(i) }
+        let caches = (self as *const HeapCore).wrapping_byte_add(CACHES_OFF) as *const Cache;
+        crate::check!(caches == self.caches, "the caches moved");
+        // SAFETY: `caches` (= self.caches, build) has CACHES initialised
+        // entries that live as long as the heap.
+        unsafe { &*caches.add(i) }
     }
 
     #[inline(always)]
@@ -770,16 +773,19 @@ impl HeapCore {
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
             let cache = self.cache(c);
             if let Some(obj) = cache.alloc_fast() {
-                if !self.pages.reclaim_requested() {
-                    return Some(self.hand_out(cache, obj));
-                }
-                return self.hand_out_then_reclaim(cache, obj);
+                return Some(self.hand_out(cache, obj));
             }
         }
         self.alloc_general(layout)
     }
 
     /// `alloc` beyond its fast path: any class, the slow paths, routing.
+    ///
+    /// Reclaim requests are run here, not on the fast path: only a slow path
+    /// makes one (a page allocation below the watermark while a cache's
+    /// node lock is held, which must not run shrinkers), and the allocation
+    /// that made it runs it once that lock is released, right here (or in
+    /// `alloc_in`); a nested context leaves it for the next one.
     #[inline(never)]
     fn alloc_general(&self, layout: Layout) -> Option<NonNull<u8>> {
         match self.alloc_once(layout, 0) {
@@ -791,14 +797,6 @@ impl HeapCore {
             }
             None => self.alloc_miss(layout),
         }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn hand_out_then_reclaim(&self, cache: &Cache, obj: usize) -> Option<NonNull<u8>> {
-        let p = self.hand_out(cache, obj);
-        self.reclaim_requested_now();
-        Some(p)
     }
 
     #[cold]
@@ -932,17 +930,14 @@ impl HeapCore {
         if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
             let owner = d.owner.load(Ordering::Acquire) as usize;
             if owner.wrapping_sub(1) < CLASSES {
-                return self.free_plain::<NOLOCK>(self.cache(owner - 1), zone, idx, addr);
+                // SAFETY: forwarded contract.
+                return unsafe {
+                    self.free_plain::<NOLOCK>(self.cache(owner - 1), zone, idx, addr)
+                };
             }
         }
         // SAFETY: forwarded contract.
-        unsafe {
-            if NOLOCK {
-                self.free_nolock_general(ptr)
-            } else {
-                self.free_general(ptr)
-            }
-        }
+        unsafe { self.free_general_of::<NOLOCK>(ptr) }
     }
 
     /// `free` beyond its fast route: every kind of block, and the release
@@ -976,7 +971,8 @@ impl HeapCore {
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
             if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
                 if d.owner.load(Ordering::Acquire) as usize == c + 1 {
-                    return self.free_plain::<false>(self.cache(c), zone, idx, addr);
+                    // SAFETY: forwarded contract.
+                    return unsafe { self.free_plain::<false>(self.cache(c), zone, idx, addr) };
                 }
             }
         }
@@ -997,11 +993,28 @@ impl HeapCore {
     /// The free of an object of a plain cache, found in page `idx` of
     /// `zone`: validated (the start of an object, not already free), then
     /// pushed on this CPU's main sheaf, or handed to the cache's slow path
-    /// in one tail call.
+    /// in one tail call. Not the start of an object: the general path of
+    /// the mode, which validates again and reports it (so the fast path
+    /// makes no call that returns and needs no stack frame).
+    ///
+    /// # Safety
+    /// As for `Heap::free`, for `addr`.
     #[inline(always)]
-    fn free_plain<const NOLOCK: bool>(&self, cache: &Cache, zone: &Zone, idx: u32, addr: usize) {
+    unsafe fn free_plain<const NOLOCK: bool>(
+        &self,
+        cache: &Cache,
+        zone: &Zone,
+        idx: u32,
+        addr: usize,
+    ) {
         let mode = if NOLOCK { Mode::NoLock } else { Mode::Normal };
-        cache.validate(&self.pages, addr);
+        if !cache.is_object_start(addr) {
+            // SAFETY: forwarded contract; `addr` is the caller's non-null
+            // pointer (it is inside a zone).
+            return unsafe {
+                self.free_general_of::<NOLOCK>(NonNull::new_unchecked(addr as *mut u8))
+            };
+        }
         #[cfg(feature = "debug-checks")]
         cache.mark(&self.pages, zone, idx, addr, false);
         #[cfg(not(feature = "debug-checks"))]
@@ -1011,6 +1024,22 @@ impl HeapCore {
         }
         if !cache.free_fast(addr, mode) {
             cache.free_miss(&self.pages, addr, mode);
+        }
+    }
+
+    /// The general free of the mode, `free_general` or `free_nolock_general`.
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[inline(always)]
+    unsafe fn free_general_of<const NOLOCK: bool>(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            if NOLOCK {
+                self.free_nolock_general(ptr)
+            } else {
+                self.free_general(ptr)
+            }
         }
     }
 
@@ -1210,6 +1239,9 @@ impl HeapCore {
             account::drop_released(&self.released_groups);
         }
         if let Some(p) = self.try_alloc_in(layout, group, false) {
+            if self.pages.reclaim_requested() {
+                self.reclaim_requested_now();
+            }
             return Some(p);
         }
         // Over a limit or out of memory: reclaim once, then retry.
