@@ -176,6 +176,8 @@ pub struct PageAllocator {
     cpus: usize,
     zones: [AtomicPtr<Zone>; MAX_ZONES],
     nzones: AtomicUsize,
+    /// The first zone's lookup window, copied when the allocator is built.
+    first: FirstZone,
     /// Serialises `drain`, maintenance passes and invariant checks (normal
     /// context only), so a maintenance pass can never refill a slot that a
     /// concurrent drain skipped.
@@ -224,6 +226,45 @@ unsafe impl Send for PageAllocator {}
 // SAFETY: as above: every mutable state is behind atomics or locks.
 unsafe impl Sync for PageAllocator {}
 
+/// The first zone's lookup window, plain words copied once when the
+/// allocator is built (a zone's bounds never change): the fast paths' page
+/// lookup reads them from the allocator itself, without following the zone
+/// pointer.
+#[derive(Clone, Copy)]
+struct FirstZone {
+    /// The zone's first page.
+    start: usize,
+    /// Its bytes (`end - start`): `addr - start < len` is the bounds check.
+    len: usize,
+    /// The page index of `start`.
+    first: u32,
+    /// The descriptor of `start`'s page.
+    descs: *const PageDesc,
+    zone: *const Zone,
+}
+
+impl FirstZone {
+    /// Before the first zone is published: holds no address.
+    const NONE: FirstZone = FirstZone {
+        start: 0,
+        len: 0,
+        first: 0,
+        descs: core::ptr::null(),
+        zone: core::ptr::null(),
+    };
+
+    fn of(zone: &Zone) -> FirstZone {
+        let (start, first, len, descs) = zone.window();
+        FirstZone {
+            start,
+            len,
+            first,
+            descs,
+            zone,
+        }
+    }
+}
+
 impl PageAllocator {
     fn empty(platform: &'static dyn Platform, config: Config, cpus: usize, owns: bool) -> Self {
         PageAllocator {
@@ -231,6 +272,7 @@ impl PageAllocator {
             config,
             cpus,
             zones: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_ZONES],
+            first: FirstZone::NONE,
             nzones: AtomicUsize::new(0),
             drain_lock: ZoneLock::new(),
             grow_lock: ZoneLock::new(),
@@ -265,6 +307,7 @@ impl PageAllocator {
             pa.rseq_off = crate::sync::rseq::area_offset();
         }
         pa.add_os_zone(config.memory)?;
+        pa.first = FirstZone::of(pa.zone_at(0));
         Ok(pa)
     }
 
@@ -322,7 +365,7 @@ impl PageAllocator {
         }
         let end = start + n * PAGE_SIZE;
         // The region is the cap: never grow with OS zones (nor own mappings).
-        let pa = Self::empty(platform, config.grow(false), cpus, false);
+        let mut pa = Self::empty(platform, config.grow(false), cpus, false);
         // SAFETY: metadata [end rounded to 64, region_end) and pages
         // [start, end) lie in the caller's exclusive region (`fits`); its
         // contents are arbitrary, so `zeroed` is false.
@@ -339,6 +382,7 @@ impl PageAllocator {
             )
         };
         pa.publish_zone(z as *mut Zone);
+        pa.first = FirstZone::of(pa.zone_at(0));
         Ok(pa)
     }
 
@@ -422,12 +466,18 @@ impl PageAllocator {
     /// descriptor, if that zone holds it: the fast paths' lookup (most
     /// memory is there). `None` says only "not in the first zone".
     #[inline(always)]
-    pub(crate) fn locate_first(&self, addr: usize) -> Option<(&Zone, u32, &PageDesc)> {
-        let z0 = self.zones[0].load(Ordering::Acquire);
-        // SAFETY: zone 0 is published before the allocator is returned and
-        // lives as long as `self`.
-        let z0 = unsafe { &*z0 };
-        z0.locate(addr).map(|(idx, d)| (z0, idx, d))
+    pub(crate) fn locate_first(&self, addr: usize) -> Option<(u32, &PageDesc)> {
+        let f = &self.first;
+        let off = addr.wrapping_sub(f.start);
+        if off >= f.len {
+            return None;
+        }
+        let k = off >> crate::PAGE_SHIFT;
+        // SAFETY: `f` is the first zone's window (`FirstZone::of`, set before
+        // the allocator was returned): page `k` of it is inside the zone, so
+        // its descriptor is inside the zone's `descs`, which live as long as
+        // `self`.
+        unsafe { Some((f.first + k as u32, &*f.descs.add(k))) }
     }
 
     /// As `locate_indexed`, for an address known to be managed here (aborts
@@ -779,13 +829,12 @@ impl PageAllocator {
         Some(self.ptr(zone, idx))
     }
 
-    /// The first zone (always present).
+    /// The first zone (always present once the allocator is built).
     #[inline(always)]
-    fn first_zone(&self) -> &Zone {
-        let z0 = self.zones[0].load(Ordering::Acquire);
-        // SAFETY: zone 0 is published before the allocator is returned and
-        // lives as long as `self`.
-        unsafe { &*z0 }
+    pub(crate) fn first_zone(&self) -> &Zone {
+        // SAFETY: `first` was copied from zone 0 before the allocator was
+        // returned, and the zone lives as long as `self`.
+        unsafe { &*self.first.zone }
     }
 
     #[inline]
@@ -1147,7 +1196,8 @@ impl PageAllocator {
         if order > MAX_ORDER || addr & ((PAGE_SIZE << order) - 1) != 0 {
             return None;
         }
-        let (zone, idx, d) = self.locate_first(addr)?;
+        let (idx, d) = self.locate_first(addr)?;
+        let zone = self.first_zone();
         d.state
             .compare_exchange(
                 desc::state(desc::ALLOCATED, order),

@@ -339,19 +339,13 @@ impl Zone {
         self.base + ((idx as usize) << PAGE_SHIFT)
     }
 
-    /// The index and descriptor of the page holding `addr`, if the zone
-    /// holds it. (The zone's pages `[start, end)` are exactly the indices
-    /// `first..limit`, so no second bounds check is needed.)
-    #[inline(always)]
-    pub(crate) fn locate(&self, addr: usize) -> Option<(u32, &PageDesc)> {
-        if !self.contains(addr) {
-            return None;
-        }
-        let idx = self.index_of(addr);
-        // SAFETY: start <= addr < end, and start = base + first pages, end =
-        // base + limit pages (init), so first <= idx < limit: an entry of
-        // `descs`, which lives as long as the zone.
-        Some((idx, unsafe { &*self.descs.add(idx as usize) }))
+    /// The lookup window of this zone, for [`super::FirstZone`]: its first
+    /// page's address and index, its length in bytes, and the descriptor of
+    /// its first page.
+    pub(crate) fn window(&self) -> (usize, u32, usize, *const PageDesc) {
+        // `first` is below `limit`, the length of `descs`.
+        let d = self.descs.wrapping_add(self.first as usize);
+        (self.start, self.first, self.end - self.start, d)
     }
 
     /// The descriptor of page `idx`.

@@ -60,6 +60,20 @@ use crate::page::{slot_index, Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES
 use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::PAGE_SIZE;
 
+/// The first class whose objects hold the key at offset 8 (16 bytes and
+/// up); the smaller ones hold it at 0 (see "Double-free detection").
+pub(crate) const FIRST_KEYED_CLASS: usize = 2;
+const _: () = assert!(SIZES[FIRST_KEYED_CLASS - 1] < 16 && SIZES[FIRST_KEYED_CLASS] >= 16);
+// The packed validation words (`recip_size`, `mask_objs`) need every
+// reciprocal, size, slab mask and object count to fit in 32 bits.
+const _: () = {
+    let mut c = 0;
+    while c < SIZES.len() {
+        assert!(SIZES[c] >= 2 && (PAGE_SIZE << class::slab_order(c)) <= 1 << 32);
+        c += 1;
+    }
+};
+
 /// Object pointers per sheaf (the sheaf is 256 bytes).
 pub(crate) const SHEAF_CAP: usize = 30;
 /// Sheaves in each cache's barn.
@@ -217,14 +231,18 @@ pub(crate) struct Cache {
     /// Index of this cache in the heap (owner ids are index + 1).
     index: usize,
     size: usize,
-    /// `ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size` exactly
-    /// for every multiple of `size` inside a slab (off * (recip - 2^32/size)
-    /// < 2^15 * 2^13 < 2^32), so validation needs no division.
-    recip: u64,
-    /// Bytes of a slab minus one. Slabs are buddy blocks of their order,
-    /// naturally aligned (a zone's base is aligned to the largest block),
-    /// so an address's offset in its slab is `addr & slab_mask`.
-    slab_mask: usize,
+    /// Validation's words, packed two by two so that the fast free loads
+    /// two words instead of four (see `is_object_start`). Low half:
+    /// `recip = ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size`
+    /// exactly for every multiple of `size` inside a slab (off * (recip -
+    /// 2^32/size) < 2^15 * 2^13 < 2^32), so validation needs no division.
+    /// High half: `size`.
+    recip_size: u64,
+    /// Low half: `slab_mask`, the bytes of a slab minus one. Slabs are buddy
+    /// blocks of their order, naturally aligned (a zone's base is aligned to
+    /// the largest block), so an address's offset in its slab is `addr &
+    /// slab_mask`. High half: `objs`.
+    mask_objs: u64,
     order: u32,
     objs: usize,
     node: Node,
@@ -337,9 +355,11 @@ impl Cache {
                 accounted,
                 index,
                 size: SIZES[class] as usize,
-                recip: (1u64 << 32).div_ceil(SIZES[class] as u64),
+                recip_size: (1u64 << 32).div_ceil(SIZES[class] as u64)
+                    | (SIZES[class] as u64) << 32,
                 order: class::slab_order(class),
-                slab_mask: (PAGE_SIZE << class::slab_order(class)) - 1,
+                mask_objs: ((PAGE_SIZE << class::slab_order(class)) - 1) as u64
+                    | (objects_per_slab(class, accounted) as u64) << 32,
                 objs: objects_per_slab(class, accounted),
                 node: Node {
                     lock: ZoneLock::new(),
@@ -1339,12 +1359,20 @@ impl Cache {
     /// class with room for the key at offset 8 whose key word does not
     /// match. Then it writes the key and says `true`; otherwise it changes
     /// nothing and the caller takes [`free_checked`](Self::free_checked).
+    ///
+    /// `class` is this cache's class (the caller has it in hand: the key
+    /// word's place follows from it, without a load).
     #[inline(always)]
-    pub(crate) fn check_free_quick(&self, obj: usize) -> bool {
-        let kw = (obj + self.key_off) as *mut usize;
-        // SAFETY: as in `check_free`.
+    pub(crate) fn check_free_quick(&self, obj: usize, class: usize) -> bool {
+        crate::check!(class == self.class, "a quick key test of another class");
+        if class < FIRST_KEYED_CLASS {
+            return false;
+        }
+        let kw = (obj + 8) as *mut usize;
+        // SAFETY: as in `check_free`; this class's objects are at least 16
+        // bytes (FIRST_KEYED_CLASS).
         let w = unsafe { kw.read_unaligned() } ^ self.key;
-        if w == 0 || self.key_off == 0 {
+        if w == 0 {
             return false;
         }
         // SAFETY: as in `check_free`.
@@ -1366,6 +1394,16 @@ impl Cache {
     #[inline(never)]
     fn tiny_suspect(&self, pages: &PageAllocator, zone: &Zone, w: usize) -> bool {
         w == crate::sync::NIL || zone.contains(w) || (pages.zone_count() > 1 && pages.contains(w))
+    }
+
+    /// `clear_free_mark` for a caller that has the class in hand (the key
+    /// word's place follows from it, without a load).
+    #[inline(always)]
+    pub(crate) fn clear_free_mark_of(&self, obj: usize, class: usize) {
+        crate::check!(class == self.class, "a key word of another class");
+        let key_off = if class < FIRST_KEYED_CLASS { 0 } else { 8 };
+        // SAFETY: as in `clear_free_mark`.
+        unsafe { ((obj + key_off) as *mut usize).write_unaligned(0) };
     }
 
     /// Allocation: the object is live, its key word no longer says "free".
@@ -1468,9 +1506,10 @@ impl Cache {
     /// slot.
     #[inline(always)]
     pub(crate) fn is_object_start(&self, addr: usize) -> bool {
-        let off = addr & self.slab_mask;
-        let n = self.index_in_slab(off);
-        n * self.size == off && n < self.objs
+        let (rs, mo) = (self.recip_size, self.mask_objs);
+        let off = addr & (mo as u32 as usize);
+        let n = ((off as u64 * (rs as u32 as u64)) >> 32) as usize;
+        n * (rs >> 32) as usize == off && n < (mo >> 32) as usize
     }
 
     #[cold]
@@ -1487,10 +1526,10 @@ impl Cache {
     }
 
     /// `off / size` for an offset inside a slab, by multiplication (exact
-    /// for multiples of `size`; see `recip`).
+    /// for multiples of `size`; see `recip_size`).
     #[inline(always)]
     fn index_in_slab(&self, off: usize) -> usize {
-        ((off as u64 * self.recip) >> 32) as usize
+        ((off as u64 * (self.recip_size as u32 as u64)) >> 32) as usize
     }
 
     /// Accounted caches: the owner word of object `n` of the slab at `slab`.

@@ -773,7 +773,8 @@ impl HeapCore {
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
             let cache = self.cache(c);
             if let Some(obj) = cache.alloc_fast() {
-                return Some(self.hand_out(cache, obj));
+                cache.clear_free_mark_of(obj, c);
+                return Some(self.handed_out(obj));
             }
         }
         self.alloc_general(layout)
@@ -848,6 +849,12 @@ impl HeapCore {
     #[inline(always)]
     fn hand_out(&self, cache: &Cache, obj: usize) -> NonNull<u8> {
         cache.clear_free_mark(obj);
+        self.handed_out(obj)
+    }
+
+    /// `hand_out` after the key word was cleared.
+    #[inline(always)]
+    fn handed_out(&self, obj: usize) -> NonNull<u8> {
         #[cfg(feature = "debug-checks")]
         if let Some(Kind::Object(cache, zone, idx)) = self.classify(obj) {
             cache.mark(&self.pages, zone, idx, obj, true);
@@ -927,13 +934,11 @@ impl HeapCore {
     #[inline(always)]
     unsafe fn free_by_owner<const NOLOCK: bool>(&self, ptr: NonNull<u8>) {
         let addr = ptr.as_ptr() as usize;
-        if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
+        if let Some((idx, d)) = self.pages.locate_first(addr) {
             let owner = d.owner.load(Ordering::Acquire) as usize;
             if owner.wrapping_sub(1) < CLASSES {
                 // SAFETY: forwarded contract.
-                return unsafe {
-                    self.free_plain::<NOLOCK>(self.cache(owner - 1), zone, idx, addr)
-                };
+                return unsafe { self.free_plain::<NOLOCK>(owner - 1, idx, addr) };
             }
         }
         // SAFETY: forwarded contract.
@@ -969,10 +974,10 @@ impl HeapCore {
     pub(crate) unsafe fn free_sized(&self, ptr: NonNull<u8>, layout: Layout) {
         let addr = ptr.as_ptr() as usize;
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
-            if let Some((zone, idx, d)) = self.pages.locate_first(addr) {
+            if let Some((idx, d)) = self.pages.locate_first(addr) {
                 if d.owner.load(Ordering::Acquire) as usize == c + 1 {
                     // SAFETY: forwarded contract.
-                    return unsafe { self.free_plain::<false>(self.cache(c), zone, idx, addr) };
+                    return unsafe { self.free_plain::<false>(c, idx, addr) };
                 }
             }
         }
@@ -990,8 +995,8 @@ impl HeapCore {
         unsafe { self.free_in(ptr, Mode::NoLock) };
     }
 
-    /// The free of an object of a plain cache, found in page `idx` of
-    /// `zone`: validated (the start of an object, not already free), then
+    /// The free of an object of the plain cache of `class`, found in page
+    /// `idx` of the first zone: validated (the start of an object, not already free), then
     /// pushed on this CPU's main sheaf, or handed to the cache's slow path
     /// in one tail call. Not the start of an object: the general path of
     /// the mode, which validates again and reports it (so the fast path
@@ -1000,14 +1005,9 @@ impl HeapCore {
     /// # Safety
     /// As for `Heap::free`, for `addr`.
     #[inline(always)]
-    unsafe fn free_plain<const NOLOCK: bool>(
-        &self,
-        cache: &Cache,
-        zone: &Zone,
-        idx: u32,
-        addr: usize,
-    ) {
+    unsafe fn free_plain<const NOLOCK: bool>(&self, class: usize, idx: u32, addr: usize) {
         let mode = if NOLOCK { Mode::NoLock } else { Mode::Normal };
+        let cache = self.cache(class);
         if !cache.is_object_start(addr) {
             // SAFETY: forwarded contract; `addr` is the caller's non-null
             // pointer (it is inside a zone).
@@ -1016,11 +1016,11 @@ impl HeapCore {
             };
         }
         #[cfg(feature = "debug-checks")]
-        cache.mark(&self.pages, zone, idx, addr, false);
+        cache.mark(&self.pages, self.pages.first_zone(), idx, addr, false);
         #[cfg(not(feature = "debug-checks"))]
         let _ = idx;
-        if !cache.check_free_quick(addr) {
-            return cache.free_checked(&self.pages, zone, addr, mode);
+        if !cache.check_free_quick(addr, class) {
+            return cache.free_checked(&self.pages, self.pages.first_zone(), addr, mode);
         }
         if !cache.free_fast(addr, mode) {
             cache.free_miss(&self.pages, addr, mode);
