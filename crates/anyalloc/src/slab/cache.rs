@@ -184,11 +184,25 @@ impl SheafSlot {
     }
 }
 
+/// Adds `n` (wrapping: a subtraction is the negation) to a node counter.
+/// Only node lock holders write these counters, so the guard is the proof
+/// that a plain load and store suffice (no locked instruction); readers
+/// without the lock see a whole, possibly stale, value.
+#[inline]
+fn node_add(counter: &AtomicUsize, n: usize, _node: &ZoneGuard<'_>) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
 /// The shared part of a cache, under `lock`.
 struct Node {
     lock: ZoneLock,
     full: AtomicPtr<Sheaf>,
     empty: AtomicPtr<Sheaf>,
+    /// Objects in full barn sheaves (the node counters are written under
+    /// the lock, `node_add`).
     barn_objects: AtomicUsize,
     partial: [AtomicU32Head; MAX_ZONES],
     empty_slabs: AtomicUsize,
@@ -274,8 +288,10 @@ pub(crate) struct Cache {
     /// `__rseq_offset`, the same for every thread of the process), kept
     /// here so the fast path loads it from this cache's own line.
     rseq_off: isize,
+    /// Slabs this cache holds (written under the node lock, `node_add`).
     slabs: AtomicUsize,
-    /// Objects out of slabs (in sheaves, in the barn, deferred, or in use).
+    /// Objects out of slabs (in sheaves, in the barn, deferred, or in use;
+    /// written under the node lock, `node_add`).
     out_of_slabs: AtomicUsize,
     pub(crate) fail_busy: AtomicU64,
     pub(crate) fail_empty: AtomicU64,
@@ -754,8 +770,8 @@ impl Cache {
             self.node
                 .full
                 .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.node.barn_objects.fetch_sub(f.len(), Ordering::Relaxed);
-            self.node.barn_ops.fetch_add(1, Ordering::Relaxed);
+            node_add(&self.node.barn_objects, f.len().wrapping_neg(), &node);
+            node_add(&self.node.barn_ops, 1, &node);
             let empty = slot.main.load(Ordering::Relaxed);
             // SAFETY: as above.
             unsafe {
@@ -842,8 +858,8 @@ impl Cache {
                     .store(0, Ordering::Relaxed);
             }
         }
-        self.slabs.fetch_add(1, Ordering::Relaxed);
-        self.node.empty_slabs.fetch_add(1, Ordering::Relaxed);
+        node_add(&self.slabs, 1, node);
+        node_add(&self.node.empty_slabs, 1, node);
         self.partial_push(zone, zi, head, node);
     }
 
@@ -866,12 +882,12 @@ impl Cache {
         let inuse = d.inuse.load(Ordering::Relaxed) as usize + 1;
         d.inuse.store(inuse as u16, Ordering::Relaxed);
         if inuse == 1 {
-            self.node.empty_slabs.fetch_sub(1, Ordering::Relaxed);
+            node_add(&self.node.empty_slabs, 1usize.wrapping_neg(), node);
         }
         if inuse == self.objs {
             self.partial_remove(zone, zi, head, node);
         }
-        self.out_of_slabs.fetch_add(1, Ordering::Relaxed);
+        node_add(&self.out_of_slabs, 1, node);
         obj
     }
 
@@ -1095,8 +1111,8 @@ impl Cache {
             let full = slot.main.load(Ordering::Relaxed);
             // SAFETY: as above.
             let f = unsafe { &*full };
-            self.node.barn_objects.fetch_add(f.len(), Ordering::Relaxed);
-            self.node.barn_ops.fetch_add(1, Ordering::Relaxed);
+            node_add(&self.node.barn_objects, f.len(), &node);
+            node_add(&self.node.barn_ops, 1, &node);
             f.next
                 .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
             self.node.full.store(full, Ordering::Relaxed);
@@ -1140,12 +1156,13 @@ impl Cache {
         };
         d.freelist.store(obj, Ordering::Relaxed);
         d.inuse.store((inuse - 1) as u16, Ordering::Relaxed);
-        self.out_of_slabs.fetch_sub(1, Ordering::Relaxed);
+        node_add(&self.out_of_slabs, 1usize.wrapping_neg(), node);
         if inuse == self.objs {
             self.partial_push(zone, zi, head, node);
         }
         if inuse == 1 {
-            let empties = self.node.empty_slabs.fetch_add(1, Ordering::Relaxed) + 1;
+            node_add(&self.node.empty_slabs, 1, node);
+            let empties = self.node.empty_slabs.load(Ordering::Relaxed);
             if empties > EMPTY_SLAB_RESERVE {
                 self.release_slab(zone, zi, head, pages, node, mode);
             }
@@ -1162,8 +1179,8 @@ impl Cache {
         mode: Mode,
     ) {
         self.partial_remove(zone, zi, head, node);
-        self.node.empty_slabs.fetch_sub(1, Ordering::Relaxed);
-        self.slabs.fetch_sub(1, Ordering::Relaxed);
+        node_add(&self.node.empty_slabs, 1usize.wrapping_neg(), node);
+        node_add(&self.slabs, 1usize.wrapping_neg(), node);
         for i in 0..(1u32 << self.order) {
             zone.desc(head + i).owner.store(0, Ordering::Relaxed);
         }
@@ -1188,9 +1205,7 @@ impl Cache {
             // SAFETY: barn sheaves are cache sheaves; node lock held.
             let sh = unsafe { &*s };
             let next = sh.next.load(Ordering::Relaxed);
-            self.node
-                .barn_objects
-                .fetch_sub(sh.len(), Ordering::Relaxed);
+            node_add(&self.node.barn_objects, sh.len().wrapping_neg(), node);
             self.flush_sheaf(sh, pages, node, Mode::Normal);
             sh.next
                 .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
