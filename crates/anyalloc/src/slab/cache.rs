@@ -52,7 +52,7 @@
 //! takes a slot. The nolock path only `try_lock`s.
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use super::class::{self, SIZES};
 use crate::idle::IdleWatch;
@@ -269,21 +269,26 @@ pub(crate) struct Cache {
     /// (chosen once, at init; see `sync::rseq`). Otherwise it try-locks
     /// them like every other slot.
     rseq: bool,
-    /// Whether the normal fast paths may run: `rseq`, and nothing deferred
-    /// as far as this word knows. One byte read instead of two tests, it
-    /// keeps the property that the next normal operation on this cache
-    /// drains its deferred stack:
+    /// The CPU count the normal fast paths hand to the sequences: `cpus`
+    /// while they are open (`rseq`, and nothing deferred as far as this
+    /// word knows), 0 while closed. A sequence given 0 CPUs fails at its
+    /// first instruction, so the gate costs the fast path no test of its
+    /// own. It keeps the property that the next normal operation on this
+    /// cache drains its deferred stack:
     ///
-    /// * `defer` pushes, *then* clears it;
-    /// * a normal slow path that finds it clear drains the stack, sets it,
+    /// * `defer` pushes, *then* closes it;
+    /// * a normal slow path that finds it closed drains the stack, opens it,
     ///   then checks the stack again (a SeqCst fence on both sides), and
-    ///   clears it again if something was pushed meanwhile (`reopen_fast`).
+    ///   closes it again if something was pushed meanwhile (`reopen_fast`).
     ///
-    /// So a push is always followed by a clear that no reopening can
-    /// overwrite without having seen the push: it may be clear over an
-    /// empty stack for a moment (a slow path reopens it), never set over a
-    /// pushed object that no drain has taken.
-    fast_open: AtomicBool,
+    /// So a push is always followed by a close that no reopening can
+    /// overwrite without having seen the push: it may be closed over an
+    /// empty stack for a moment (a slow path reopens it), never open over
+    /// a pushed object that no drain has taken.
+    normal_cpus: AtomicUsize,
+    /// The CPU count the nolock fast paths hand to the sequences: `cpus`
+    /// with `rseq`, else 0 (see `normal_cpus`).
+    nolock_cpus: usize,
     /// With `rseq`: the rseq area's offset from the thread pointer (glibc's
     /// `__rseq_offset`, the same for every thread of the process), kept
     /// here so the fast path loads it from this cache's own line.
@@ -393,7 +398,8 @@ impl Cache {
                 nslots,
                 cpus,
                 rseq: rseq_off.is_some(),
-                fast_open: AtomicBool::new(rseq_off.is_some()),
+                normal_cpus: AtomicUsize::new(if rseq_off.is_some() { cpus } else { 0 }),
+                nolock_cpus: if rseq_off.is_some() { cpus } else { 0 },
                 rseq_off: rseq_off.unwrap_or(0),
                 slabs: AtomicUsize::new(0),
                 out_of_slabs: AtomicUsize::new(0),
@@ -503,13 +509,22 @@ impl Cache {
     }
 
     /// Whether a normal operation may take the fast path: nothing deferred
-    /// (with rseq, as `fast_open` says).
+    /// (with rseq, as `normal_cpus` says).
     #[inline(always)]
     fn normal_fast_ok(&self) -> bool {
         if self.rseq {
-            self.fast_open.load(Ordering::Relaxed)
+            self.normal_cpus.load(Ordering::Relaxed) != 0
         } else {
             self.deferred.is_empty()
+        }
+    }
+
+    /// The sequences' CPU count for `mode` (0: the fast path is closed).
+    #[inline(always)]
+    fn seq_cpus(&self, mode: Mode) -> usize {
+        match mode {
+            Mode::Normal => self.normal_cpus.load(Ordering::Relaxed),
+            Mode::NoLock => self.nolock_cpus,
         }
     }
 
@@ -519,22 +534,14 @@ impl Cache {
     /// try-locked variant and its call out of the callers' fast path).
     #[inline(always)]
     pub(crate) fn alloc_fast(&self) -> Option<usize> {
-        if self.fast_open.load(Ordering::Relaxed) {
-            self.seq_pop::<false>()
-        } else {
-            None
-        }
+        self.seq_pop::<false>()
     }
 
     /// The nolock allocation's fast path alone, with rseq. `None`: take
     /// [`alloc_nolock`](Self::alloc_nolock).
     #[inline(always)]
     pub(crate) fn alloc_nolock_fast(&self) -> Option<usize> {
-        if self.rseq {
-            self.seq_pop::<true>()
-        } else {
-            None
-        }
+        self.seq_pop::<true>()
     }
 
     /// The fast path of a validated free of `mode` alone, with rseq (for
@@ -542,11 +549,7 @@ impl Cache {
     /// caller's; hand it to [`free_miss`](Self::free_miss).
     #[inline(always)]
     pub(crate) fn free_fast(&self, obj: usize, mode: Mode) -> bool {
-        let open = match mode {
-            Mode::Normal => self.fast_open.load(Ordering::Relaxed),
-            Mode::NoLock => self.rseq,
-        };
-        open && self.seq_push(obj)
+        self.seq_push(obj, mode)
     }
 
     /// A validated free of `mode` that [`free_fast`](Self::free_fast) did
@@ -571,21 +574,27 @@ impl Cache {
         self.locked_pop::<COUNT_NOLOCK>(pages)
     }
 
-    /// `fast_pop` with rseq (a heap that chose it at init).
+    /// `fast_pop` with rseq, the mode's gate applied (`normal_cpus`,
+    /// `nolock_cpus`): `None` at once when it is closed, or without rseq.
     #[inline(always)]
     fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
-        crate::check!(self.rseq, "a sequence on a heap without rseq");
-        // `rseq` was chosen at init: `rseq_off` is glibc's registered area
-        // offset, and this heap has a slot group for every possible CPU
-        // laid out as the sequences expect (asserted above), living as long
-        // as the cache.
-        // SAFETY: as just said; level-0 slots are changed only by sequences
-        // and by lock holders, as `sync::rseq` prescribes.
+        let mode = if COUNT_NOLOCK {
+            Mode::NoLock
+        } else {
+            Mode::Normal
+        };
+        // A non-zero CPU count means `rseq` was chosen at init: `rseq_off`
+        // is glibc's registered area offset, and this heap has a slot group
+        // for every one of those CPUs laid out as the sequences expect
+        // (asserted above), living as long as the cache.
+        // SAFETY: as just said (with 0 CPUs the sequence touches nothing);
+        // level-0 slots are changed only by sequences and by lock holders,
+        // as `sync::rseq` prescribes.
         unsafe {
             crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK>(
                 self.rseq_off,
                 self.slots.cast(),
-                self.cpus,
+                self.seq_cpus(mode),
             )
         }
     }
@@ -609,20 +618,26 @@ impl Cache {
     /// free never gets here: the key test before it sent it to the exact
     /// search.)
     #[inline(always)]
-    fn fast_push(&self, pages: &PageAllocator, obj: usize) -> bool {
+    fn fast_push(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
         if self.rseq {
-            return self.seq_push(obj);
+            return self.seq_push(obj, mode);
         }
         self.locked_push(pages, obj)
     }
 
-    /// `fast_push` with rseq (a heap that chose it at init).
+    /// `fast_push` with rseq, the gate of `mode` applied (see `seq_pop`).
     #[inline(always)]
-    fn seq_push(&self, obj: usize) -> bool {
-        crate::check!(self.rseq, "a sequence on a heap without rseq");
+    fn seq_push(&self, obj: usize, mode: Mode) -> bool {
         // SAFETY: as in `seq_pop`; `obj` is a validated object of this
         // cache being freed.
-        unsafe { crate::sync::rseq::sheaf_push(self.rseq_off, self.slots.cast(), self.cpus, obj) }
+        unsafe {
+            crate::sync::rseq::sheaf_push(
+                self.rseq_off,
+                self.slots.cast(),
+                self.seq_cpus(mode),
+                obj,
+            )
+        }
     }
 
     /// `fast_push` without rseq: under the slot's try-lock, out of line.
@@ -925,7 +940,7 @@ impl Cache {
     /// and room in the main sheaf of this CPU's level-0 slot.
     #[inline(always)]
     pub(crate) fn free(&self, pages: &PageAllocator, obj: usize) {
-        if !(self.normal_fast_ok() && self.fast_push(pages, obj)) {
+        if !(self.normal_fast_ok() && self.fast_push(pages, obj, Mode::Normal)) {
             self.free_slow(pages, pages.cpu(), obj);
         }
     }
@@ -964,7 +979,7 @@ impl Cache {
     /// of this CPU's level-0 slot. Otherwise [`free_nolock_slow`](Self::free_nolock_slow).
     #[inline(always)]
     pub(crate) fn free_nolock(&self, pages: &PageAllocator, obj: usize) {
-        if !self.fast_push(pages, obj) {
+        if !self.fast_push(pages, obj, Mode::NoLock) {
             self.free_nolock_slow(pages, pages.cpu(), obj);
         }
     }
@@ -1000,37 +1015,37 @@ impl Cache {
             unsafe { (o as *mut usize).write_unaligned(next ^ self.key) };
             crate::interrupt_point!(ObjectDeferredPush);
         });
-        // After the push (see `fast_open`): the next normal operation takes
-        // the slow path, which drains.
+        // After the push (see `normal_cpus`): the next normal operation
+        // takes the slow path, which drains.
         core::sync::atomic::fence(Ordering::SeqCst);
-        self.fast_open.store(false, Ordering::Relaxed);
+        self.normal_cpus.store(0, Ordering::Relaxed);
     }
 
     /// Normal context, a slow path: drains the deferred stack if anything is
-    /// on it, then reopens the fast path if it was closed (`fast_open`).
+    /// on it, then reopens the fast path if it was closed (`normal_cpus`).
     #[inline]
     fn drain_and_reopen(&self, pages: &PageAllocator) {
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
-        if self.rseq && !self.fast_open.load(Ordering::Relaxed) {
+        if self.rseq && self.normal_cpus.load(Ordering::Relaxed) == 0 {
             self.reopen_fast();
         }
     }
 
-    /// Sets `fast_open` after a drain, then looks at the stack again. Both
+    /// Opens `normal_cpus` after a drain, then looks at the stack again. Both
     /// sides put a SeqCst fence between their two accesses (`defer`: push,
     /// fence, clear; here: set, fence, look): if this fence comes first in
-    /// their total order, `defer`'s clear lands after this set; if
-    /// `defer`'s comes first, the look below sees its push and clears the
-    /// word again. So the word is never left set over an object no drain
-    /// has taken.
+    /// their total order, `defer`'s close lands after this open; if
+    /// `defer`'s comes first, the look below sees its push and closes the
+    /// gate again. So it is never left open over an object no drain has
+    /// taken.
     #[cold]
     fn reopen_fast(&self) {
-        self.fast_open.store(true, Ordering::Relaxed);
+        self.normal_cpus.store(self.cpus, Ordering::Relaxed);
         core::sync::atomic::fence(Ordering::SeqCst);
         if !self.deferred.is_empty() {
-            self.fast_open.store(false, Ordering::Relaxed);
+            self.normal_cpus.store(0, Ordering::Relaxed);
         }
     }
 

@@ -98,6 +98,23 @@ pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
     None
 }
 
+/// A layout that class `c` serves and maps back to `c`: its size, and its
+/// natural alignment up to 8 (the most `class_fast` serves), so a slow path
+/// handed only the class of a `class_fast` request keeps that request's
+/// alignment when it falls back to larger classes. For slow paths that
+/// must not keep the caller's layout alive across a fast path.
+#[inline]
+pub(crate) fn layout_of(c: usize) -> core::alloc::Layout {
+    let align = if natural_align(c) < 8 {
+        natural_align(c)
+    } else {
+        8
+    };
+    // SAFETY: class sizes are non-zero and far below isize::MAX; the
+    // alignment is a power of two.
+    unsafe { core::alloc::Layout::from_size_align_unchecked(SIZES[c] as usize, align) }
+}
+
 /// The class serving `size` bytes aligned to `align`, or `None` for large
 /// requests (more than 8 KiB, or alignment above a page).
 #[inline]
@@ -146,6 +163,25 @@ pub(crate) const fn slab_order(c: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_class_layout_maps_back_to_its_class_and_keeps_its_requests_alignment() {
+        for c in 0..CLASSES {
+            let l = layout_of(c);
+            assert_eq!(class_fast(l.size(), l.align()), Some(c), "class {c}");
+            assert_eq!(class_for(l.size(), l.align()), Some(c), "class {c}");
+        }
+        // Every request `class_fast` maps to c asks for at most c's layout's
+        // alignment, so a fallback to a larger class that satisfies that
+        // layout satisfies the request.
+        for size in 1..=MAX_SMALL {
+            for align in [1, 2, 4, 8] {
+                if let Some(c) = class_fast(size, align) {
+                    assert!(align <= layout_of(c).align(), "size {size} align {align}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_size_gets_the_smallest_fitting_class_with_bounded_waste() {

@@ -776,8 +776,17 @@ impl HeapCore {
                 cache.clear_free_mark_of(obj, c);
                 return Some(self.handed_out(obj));
             }
+            return self.alloc_class_general(c);
         }
         self.alloc_general(layout)
+    }
+
+    /// `alloc_general` for a request that class `c` serves. Taking only the
+    /// class keeps the caller's layout out of the registers the fast path
+    /// needs across its sequence.
+    #[inline(never)]
+    fn alloc_class_general(&self, c: usize) -> Option<NonNull<u8>> {
+        self.alloc_general(class::layout_of(c))
     }
 
     /// `alloc` beyond its fast path: any class, the slow paths, routing.
@@ -1142,10 +1151,19 @@ impl HeapCore {
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
             let cache = self.cache(c);
             if let Some(obj) = cache.alloc_nolock_fast() {
-                return Some(self.hand_out(cache, obj));
+                cache.clear_free_mark_of(obj, c);
+                return Some(self.handed_out(obj));
             }
+            return self.alloc_nolock_class_general(c);
         }
         self.alloc_nolock_general(layout)
+    }
+
+    /// `alloc_nolock_general` for a request that class `c` serves (see
+    /// `alloc_class_general`).
+    #[inline(never)]
+    fn alloc_nolock_class_general(&self, c: usize) -> Option<NonNull<u8>> {
+        self.alloc_nolock_general(class::layout_of(c))
     }
 
     /// `alloc_nolock` beyond its fast path.

@@ -92,6 +92,8 @@ const BUSY: usize = 1;
 /// empty (objects are never at address 0, so 0 means "none"):
 ///
 /// ```text
+/// gate:    if cpus == 0: None             (the caller's closed fast path:
+///                                          nothing touched, not even `off`)
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= cpus: None
 ///          slot = slots + cpu * STRIDE;   if slot.lock != 0: None
@@ -105,10 +107,11 @@ const BUSY: usize = 1;
 /// ```
 ///
 /// # Safety
-/// `off` is this thread's registered rseq offset ([`super::area_offset`]);
-/// `slots` points to `cpus` slot groups laid out as [`super::layout`] says,
-/// each main pointer a valid sheaf, live as long as the call; only
-/// sequences and lock holders (see the module documentation) change them.
+/// `cpus` is 0 (then nothing else is used), or: `off` is this thread's
+/// registered rseq offset ([`super::area_offset`]); `slots` points to
+/// `cpus` slot groups laid out as [`super::layout`] says, each main pointer
+/// a valid sheaf, live as long as the call; only sequences and lock holders
+/// (see the module documentation) change them.
 #[inline(always)]
 pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
     off: isize,
@@ -128,6 +131,8 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
     // window.
     unsafe {
         core::arch::asm!(
+            "test {cpus}, {cpus}",
+            "jz 25f",
             seq_start!(),
             seq_find_slot!("25f"),
             "mov {sheaf}, qword ptr [{t} + {SLOT_MAIN}]",
@@ -181,6 +186,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
 /// sheaf is full:
 ///
 /// ```text
+/// gate:    if cpus == 0: false            (as in sheaf_pop)
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu, slot as in sheaf_pop;      false if none or held
 ///          sheaf = slot.main; n = sheaf.count
@@ -201,6 +207,8 @@ pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: 
     // failure label is outside the section, reached before any store.
     unsafe {
         core::arch::asm!(
+            "test {cpus}, {cpus}",
+            "jz {fail}",
             seq_start!(),
             seq_find_slot!("{fail}"),
             "mov {t}, qword ptr [{t} + {SLOT_MAIN}]", // t: the sheaf
