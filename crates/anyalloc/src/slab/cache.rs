@@ -44,7 +44,10 @@
 //! cache's `BARN_SHEAVES` others (full or empty). Exchanges with the barn
 //! swap one sheaf for another, so no sheaf is ever allocated or freed: the
 //! sheaves live in the heap's metadata area, zero-filled (a zeroed sheaf is
-//! a valid empty one).
+//! a valid empty one). The barn's empty sheaves that were never used are
+//! not on its list but counted (`Node::fresh`, handed out from the end of
+//! the area): building a heap writes none of them, so their pages are not
+//! resident until a cache needs them.
 //!
 //! # Lock order
 //!
@@ -201,6 +204,10 @@ struct Node {
     lock: ZoneLock,
     full: AtomicPtr<Sheaf>,
     empty: AtomicPtr<Sheaf>,
+    /// Barn sheaves never used yet, besides the `empty` list: the first
+    /// `fresh` of the barn's part of the sheaf area (`barn`), zero-filled.
+    fresh: AtomicUsize,
+    barn: *mut Sheaf,
     /// Objects in full barn sheaves (the node counters are written under
     /// the lock, `node_add`).
     barn_objects: AtomicUsize,
@@ -386,6 +393,8 @@ impl Cache {
                     lock: ZoneLock::new(),
                     full: AtomicPtr::new(core::ptr::null_mut()),
                     empty: AtomicPtr::new(core::ptr::null_mut()),
+                    fresh: AtomicUsize::new(BARN_SHEAVES),
+                    barn: sheaves.add(2 * nslots),
                     barn_objects: AtomicUsize::new(0),
                     partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
                     empty_slabs: AtomicUsize::new(0),
@@ -417,15 +426,28 @@ impl Cache {
                     idle: IdleWatch::new(),
                 });
             }
-            for k in 0..BARN_SHEAVES {
-                let s = sheaves.add(2 * nslots + k);
-                (*s).next.store(
-                    (*this).node.empty.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
-                (*this).node.empty.store(s, Ordering::Relaxed);
-            }
         }
+    }
+
+    /// Takes an empty sheaf from the barn (node lock held): from its list,
+    /// else one never used. Null when the barn has none.
+    fn take_empty(&self, _node: &ZoneGuard<'_>) -> *mut Sheaf {
+        let empty = self.node.empty.load(Ordering::Relaxed);
+        if !empty.is_null() {
+            // SAFETY: barn sheaves are cache sheaves; the node lock gives us
+            // the barn lists.
+            let next = unsafe { (*empty).next.load(Ordering::Relaxed) };
+            self.node.empty.store(next, Ordering::Relaxed);
+            return empty;
+        }
+        let fresh = self.node.fresh.load(Ordering::Relaxed);
+        if fresh == 0 {
+            return core::ptr::null_mut();
+        }
+        self.node.fresh.store(fresh - 1, Ordering::Relaxed);
+        // The first `fresh` barn sheaves are unused and zero-filled: valid
+        // empty sheaves (`barn` has BARN_SHEAVES of them, init).
+        self.node.barn.wrapping_add(fresh - 1)
     }
 
     /// Whether the fast path runs as restartable sequences.
@@ -1113,16 +1135,14 @@ impl Cache {
             .lock_in(mode, pages.platform())
             .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafFlush);
-        let empty = self.node.empty.load(Ordering::Relaxed);
         let room =
             (self.node.barn_objects.load(Ordering::Relaxed) + SHEAF_CAP) * self.size <= BARN_BYTES;
-        if !empty.is_null() && room {
-            // SAFETY: barn sheaves are cache sheaves; the node lock gives us
-            // the barn lists.
-            let e = unsafe { &*empty };
-            self.node
-                .empty
-                .store(e.next.load(Ordering::Relaxed), Ordering::Relaxed);
+        let empty = if room {
+            self.take_empty(&node)
+        } else {
+            core::ptr::null_mut()
+        };
+        if !empty.is_null() {
             let full = slot.main.load(Ordering::Relaxed);
             // SAFETY: as above.
             let f = unsafe { &*full };
