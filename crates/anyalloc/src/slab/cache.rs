@@ -310,11 +310,15 @@ pub(crate) struct Cache {
     pub(crate) free_deferred: AtomicU64,
 }
 
-/// Bytes of metadata one cache needs beyond the `Cache` struct: its slots
-/// and its sheaves.
-pub(crate) fn cache_meta_bytes(cpus: usize) -> usize {
+/// Bytes of one cache's slots (written when the heap is built; the heap
+/// packs every cache's slots together, so they share pages).
+pub(crate) fn cache_slot_bytes(cpus: usize) -> usize {
     cpus * LEVELS * core::mem::size_of::<SheafSlot>()
-        + (cpus * LEVELS * 2 + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
+}
+
+/// Bytes of one cache's sheaves (zero-filled, written only once used).
+pub(crate) fn cache_sheaf_bytes(cpus: usize) -> usize {
+    (cpus * LEVELS * 2 + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
 }
 
 /// Bytes at a slab's end reserved for the `debug-checks` bitmap.
@@ -354,14 +358,21 @@ pub(crate) struct CacheSetup {
 }
 
 impl Cache {
-    /// Initialises the cache `setup` describes at `this`, with its slots
-    /// and sheaves in `meta` (zero-filled, `cache_meta_bytes(cpus)` long,
-    /// 64-byte aligned).
+    /// Initialises the cache `setup` describes at `this`, with its slots at
+    /// `slot_meta` (`cache_slot_bytes(cpus)` long) and its sheaves at
+    /// `sheaf_meta` (`cache_sheaf_bytes(cpus)` long), both zero-filled and
+    /// 64-byte aligned.
     ///
     /// # Safety
-    /// `this` and `meta` are valid for writes, suitably aligned, zero-filled
-    /// (meta), and live and unused by anything else as long as the cache.
-    pub(crate) unsafe fn init(this: *mut Cache, setup: CacheSetup, meta: *mut u8) {
+    /// `this`, `slot_meta` and `sheaf_meta` are valid for writes, suitably
+    /// aligned, zero-filled (the metadata), and live and unused by anything
+    /// else as long as the cache.
+    pub(crate) unsafe fn init(
+        this: *mut Cache,
+        setup: CacheSetup,
+        slot_meta: *mut u8,
+        sheaf_meta: *mut u8,
+    ) {
         let CacheSetup {
             index,
             class,
@@ -371,8 +382,8 @@ impl Cache {
             key,
         } = setup;
         let nslots = cpus * LEVELS;
-        let slots = meta as *mut SheafSlot;
-        let sheaves = meta.wrapping_add(nslots * core::mem::size_of::<SheafSlot>()) as *mut Sheaf;
+        let slots = slot_meta as *mut SheafSlot;
+        let sheaves = sheaf_meta as *mut Sheaf;
         // SAFETY: per the contract, all of it is ours to write; sheaves are
         // zero-filled, i.e. valid empty sheaves.
         unsafe {

@@ -105,7 +105,7 @@ use crate::platform::FatalMessage;
 use crate::sync::IndexStack;
 use crate::{MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
-use cache::{cache_meta_bytes, Cache, CacheSetup};
+use cache::{cache_sheaf_bytes, cache_slot_bytes, Cache, CacheSetup};
 pub(crate) use class::CLASSES;
 
 /// `owner` of the head page of a large (page-backed) allocation.
@@ -306,18 +306,41 @@ impl core::fmt::Debug for Heap {
 /// Where the caches start in the metadata area, from its start (the core).
 const CACHES_OFF: usize = core::mem::size_of::<HeapCore>().next_multiple_of(64);
 
-/// Offsets in the metadata area: (caches, bytes per cache's slots and
-/// sheaves, huge table, total).
-fn meta_layout(cpus: usize) -> (usize, usize, usize, usize) {
+/// Where things are in the metadata area (bytes from its start, where the
+/// core is): the caches, every cache's slots packed together (they are
+/// written when the heap is built, so packing keeps that to a few pages),
+/// every cache's sheaves (written only once used), the huge table, and the
+/// total length.
+struct MetaLayout {
+    caches: usize,
+    slots: usize,
+    slots_per_cache: usize,
+    sheaves: usize,
+    sheaves_per_cache: usize,
+    huge: usize,
+    total: usize,
+}
+
+fn meta_layout(cpus: usize) -> MetaLayout {
     let caches = CACHES_OFF;
-    let per_cache = cache_meta_bytes(cpus).next_multiple_of(64);
-    let huge =
-        caches + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64) + CACHES * per_cache;
+    let slots = caches + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+    let slots_per_cache = cache_slot_bytes(cpus).next_multiple_of(64);
+    let sheaves = (slots + CACHES * slots_per_cache).next_multiple_of(PAGE_SIZE);
+    let sheaves_per_cache = cache_sheaf_bytes(cpus).next_multiple_of(64);
+    let huge = sheaves + CACHES * sheaves_per_cache;
     #[cfg(feature = "std")]
     let total = huge + huge::HugeTable::BYTES;
     #[cfg(not(feature = "std"))]
     let total = huge;
-    (caches, per_cache, huge, total)
+    MetaLayout {
+        caches,
+        slots,
+        slots_per_cache,
+        sheaves,
+        sheaves_per_cache,
+        huge,
+        total,
+    }
 }
 
 impl Heap {
@@ -336,7 +359,7 @@ impl Heap {
     #[cfg(feature = "std")]
     pub(crate) fn new_without_maintainer(config: Config) -> Result<Heap, Error> {
         let pages = PageAllocator::new(config)?;
-        let len = meta_layout(pages.cpus()).3.next_multiple_of(PAGE_SIZE);
+        let len = meta_layout(pages.cpus()).total.next_multiple_of(PAGE_SIZE);
         let meta =
             crate::platform::os_reserve(len, PAGE_SIZE).ok_or(Error::Reserve { bytes: len })?;
         // SAFETY: `meta` is a fresh, zero-filled, page-aligned reservation of
@@ -386,7 +409,7 @@ impl Heap {
     ) -> Result<Heap, Error> {
         let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
         let start = (region.as_ptr() as usize).next_multiple_of(64);
-        let meta_len = meta_layout(cpus).3;
+        let meta_len = meta_layout(cpus).total;
         let rest = start + meta_len;
         let end = region.as_ptr() as usize + len;
         if rest >= end {
@@ -413,21 +436,20 @@ impl Heap {
     }
 
     /// # Safety
-    /// `meta` is 64-aligned, zero-filled, `meta_layout(cpus).3` bytes long,
+    /// `meta` is 64-aligned, zero-filled, `meta_layout(cpus).total` bytes long,
     /// and lives (unused by others) as long as the heap. The caches' fast
     /// path follows the page allocator's choice (restartable sequences or
     /// not).
     unsafe fn build(pages: PageAllocator, meta: *mut u8, mapping: (usize, usize)) -> Heap {
         let cpus = pages.cpus();
         let rseq_off = pages.rseq_off();
-        let (caches_off, per_cache, huge_off, _) = meta_layout(cpus);
-        let caches = meta.wrapping_add(caches_off) as *mut Cache;
-        let areas = caches_off + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+        let m = meta_layout(cpus);
+        let caches = meta.wrapping_add(m.caches) as *mut Cache;
         let key = free_key(meta as usize);
         for i in 0..CACHES {
             let (class, accounted) = (i % CLASSES, i >= CLASSES);
-            // SAFETY: cache `i` and its slot/sheaf area lie inside `meta`
-            // (meta_layout), suitably aligned and zeroed.
+            // SAFETY: cache `i` and its slot and sheaf areas lie inside
+            // `meta` (meta_layout), 64-byte aligned and zeroed.
             unsafe {
                 Cache::init(
                     caches.add(i),
@@ -439,7 +461,8 @@ impl Heap {
                         rseq_off,
                         key,
                     },
-                    meta.add(areas + i * per_cache),
+                    meta.add(m.slots + i * m.slots_per_cache),
+                    meta.add(m.sheaves + i * m.sheaves_per_cache),
                 )
             };
         }
@@ -448,13 +471,13 @@ impl Heap {
             unsafe { (*caches.add(i)).set_polling(!pages.nolock_syscalls()) };
         }
         #[cfg(not(feature = "std"))]
-        let _ = huge_off;
+        let _ = m.huge;
         let core = HeapCore {
             pages,
             caches,
             #[cfg(feature = "std")]
             // SAFETY: the table's bytes are the zeroed tail of `meta`.
-            huge: unsafe { huge::HugeTable::new(meta.add(huge_off)) },
+            huge: unsafe { huge::HugeTable::new(meta.add(m.huge)) },
             #[cfg(feature = "std")]
             huge_deferred: IndexStack::new(),
             released_groups: IndexStack::new(),
