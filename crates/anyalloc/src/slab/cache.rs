@@ -810,25 +810,13 @@ impl Cache {
             .lock_in(mode, pages.platform())
             .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafRefill);
-        let full = self.node.full.load(Ordering::Relaxed);
-        if !full.is_null() {
-            // SAFETY: barn sheaves are cache sheaves (live as long as the
-            // heap); the node lock gives us the barn lists.
-            let f = unsafe { &*full };
-            self.node
-                .full
-                .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
-            node_add(&self.node.barn_objects, f.len().wrapping_neg(), &node);
-            node_add(&self.node.barn_ops, 1, &node);
-            let empty = slot.main.load(Ordering::Relaxed);
-            // SAFETY: as above.
-            unsafe {
-                (*empty)
-                    .next
-                    .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed)
-            };
-            self.node.empty.store(empty, Ordering::Relaxed);
-            slot.main.store(full, Ordering::Relaxed);
+        if self.trade_for_full(&slot.main, &node) {
+            // Refill runs when the spare is empty too: trade it as well when
+            // the barn has another full sheaf, so the next refill (and its
+            // node lock) comes two sheaves later instead of one.
+            if slot.spare().len() == 0 {
+                self.trade_for_full(&slot.spare, &node);
+            }
             let _ = g;
             return slot.main().pop().ok_or(Fail::Empty);
         }
@@ -1146,27 +1134,70 @@ impl Cache {
             .lock_in(mode, pages.platform())
             .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafFlush);
-        let room =
-            (self.node.barn_objects.load(Ordering::Relaxed) + SHEAF_CAP) * self.size <= BARN_BYTES;
-        let empty = if room {
-            self.take_empty(&node)
-        } else {
-            core::ptr::null_mut()
-        };
-        if !empty.is_null() {
-            let full = slot.main.load(Ordering::Relaxed);
-            // SAFETY: as above.
-            let f = unsafe { &*full };
-            node_add(&self.node.barn_objects, f.len(), &node);
-            node_add(&self.node.barn_ops, 1, &node);
-            f.next
-                .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.node.full.store(full, Ordering::Relaxed);
-            slot.main.store(empty, Ordering::Relaxed);
+        if self.trade_for_empty(&slot.main, &node) {
+            // Flush runs when the spare is full too: trade it as well when
+            // the barn has room, so the next flush comes two sheaves later.
+            if slot.spare().len() == SHEAF_CAP {
+                self.trade_for_empty(&slot.spare, &node);
+            }
             return Ok(());
         }
         self.flush_sheaf(slot.main(), pages, &node, mode);
         Ok(())
+    }
+
+    /// Node lock held, and the slot of `place` (its main or spare pointer)
+    /// held by the caller: trades the sheaf there for a full barn sheaf,
+    /// the old one joining the barn's empty list. `false` when the barn has
+    /// no full sheaf.
+    fn trade_for_full(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
+        let full = self.node.full.load(Ordering::Relaxed);
+        if full.is_null() {
+            return false;
+        }
+        // SAFETY: barn and slot sheaves are cache sheaves (live as long as
+        // the heap); the node lock gives us the barn lists, the caller's
+        // slot lock the sheaf at `place`.
+        unsafe {
+            self.node
+                .full
+                .store((*full).next.load(Ordering::Relaxed), Ordering::Relaxed);
+            node_add(&self.node.barn_objects, (*full).len().wrapping_neg(), node);
+            node_add(&self.node.barn_ops, 1, node);
+            let old = place.load(Ordering::Relaxed);
+            (*old)
+                .next
+                .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.node.empty.store(old, Ordering::Relaxed);
+        }
+        place.store(full, Ordering::Relaxed);
+        true
+    }
+
+    /// Node lock held, and the slot of `place` held by the caller: trades
+    /// the sheaf there for an empty barn sheaf, the old one joining the
+    /// barn's full list. `false` when the barn has no room (`BARN_BYTES`)
+    /// or no empty sheaf.
+    fn trade_for_empty(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
+        let room =
+            (self.node.barn_objects.load(Ordering::Relaxed) + SHEAF_CAP) * self.size <= BARN_BYTES;
+        if !room {
+            return false;
+        }
+        let empty = self.take_empty(node);
+        if empty.is_null() {
+            return false;
+        }
+        let full = place.load(Ordering::Relaxed);
+        // SAFETY: as in `trade_for_full`.
+        let f = unsafe { &*full };
+        node_add(&self.node.barn_objects, f.len(), node);
+        node_add(&self.node.barn_ops, 1, node);
+        f.next
+            .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.node.full.store(full, Ordering::Relaxed);
+        place.store(empty, Ordering::Relaxed);
+        true
     }
 
     fn flush_sheaf(&self, sheaf: &Sheaf, pages: &PageAllocator, node: &ZoneGuard<'_>, mode: Mode) {
