@@ -882,18 +882,25 @@ impl PageAllocator {
     /// As for [`free_pages`](Self::free_pages).
     #[inline(always)]
     unsafe fn free_pages_via(&self, ptr: NonNull<u8>, order: u32, route: FreeRoute) {
+        // This CPU's page count (a hint) is read before the claim: the
+        // claim's locked instruction waits for earlier stores to drain, and
+        // these loads run meanwhile instead of after it.
+        let first = self.first_zone();
+        let pages = if order <= PCP_MAX_ORDER && first.uses_rseq() {
+            first.pages_here()
+        } else {
+            usize::MAX
+        };
         let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
             // SAFETY: forwarded contract.
             return unsafe { self.free_pages_slow(ptr, order, route) };
         };
-        if order <= PCP_MAX_ORDER && zone.uses_rseq() {
-            let pages = zone.pages_here();
-            if zone.room_for(pages) && zone.seq_free(idx, d, order) {
-                if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
-                    return self.trim_after_free(zone, route);
-                }
-                return;
+        // (`usize::MAX`, no fast path, never has room.)
+        if zone.room_for(pages) && zone.seq_free(idx, d, order) {
+            if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
+                return self.trim_after_free(zone, route);
             }
+            return;
         }
         self.free_claimed(zone, idx, order, route);
     }
