@@ -47,8 +47,12 @@ impl Config {
         self
     }
 
-    /// Number of CPU slot sets (default: the platform's CPU count). CPU ids at
-    /// or above it share slots (modulo).
+    /// Number of CPU slot sets (default: the platform's CPU count, and with
+    /// the restartable-sequence fast path at least every possible CPU id,
+    /// so that a process restricted to some CPUs keeps that fast path). CPU
+    /// ids at or above it share slots (modulo); the rseq fast path needs a
+    /// slot set for every possible CPU id, so a smaller explicit count
+    /// selects the try-locked slots.
     pub fn cpus(mut self, n: usize) -> Self {
         self.cpus = Some(n);
         self

@@ -243,3 +243,41 @@ fn min_reserve_is_validated_and_kept_from_the_nolock_path() {
     pa.drain();
     assert_eq!(pa.stats().buddy_pages, total);
 }
+
+/// A thread allowed only some CPUs (taskset, a cpuset) still runs on CPU ids
+/// up to the possible count: the default slot count covers them all, so the
+/// restartable-sequence fast path is kept wherever the machine offers it.
+#[test]
+fn a_thread_restricted_to_one_cpu_keeps_the_rseq_fast_path() {
+    let unrestricted = PageAllocator::new(Config::default().memory(16 << 20).grow(false))
+        .unwrap()
+        .stats()
+        .fast_path;
+    let last = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let (restricted, cpus) = std::thread::spawn(move || {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+        // inside it; sched_setaffinity(0) changes only this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(last, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0,
+                "could not restrict the thread to CPU {last}"
+            );
+        }
+        let pa = PageAllocator::new(Config::default().memory(16 << 20).grow(false)).unwrap();
+        let p = pa.alloc_pages(0).expect("a page");
+        // SAFETY: just allocated with order 0.
+        unsafe { pa.free_pages(p, 0) };
+        (pa.stats().fast_path, pa.cpus())
+    })
+    .join()
+    .unwrap();
+    println!("unrestricted {unrestricted:?}; restricted to CPU {last}: {restricted:?} with {cpus} slot sets");
+    assert_eq!(
+        restricted, unrestricted,
+        "restricting the CPUs changed the fast path"
+    );
+    assert!(cpus > last, "no slot set for CPU {last}");
+}

@@ -300,7 +300,16 @@ impl PageAllocator {
     pub fn new(config: Config) -> Result<PageAllocator, Error> {
         config.validate()?;
         let platform: &'static dyn Platform = crate::platform::StdPlatform::get();
-        let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
+        let mut cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
+        if config.cpus.is_none() && config.rseq {
+            // A process allowed fewer CPUs than the machine has (taskset, a
+            // cpuset) still runs on CPU ids up to the possible count, and the
+            // restartable sequences need a slot set for each of those ids:
+            // without them the fast path would be the try-locked one.
+            if let Some(possible) = crate::platform::StdPlatform::possible_cpus() {
+                cpus = cpus.max(possible);
+            }
+        }
         let mut pa = Self::empty(platform, config, cpus, true);
         pa.std_platform = true;
         if config.rseq && crate::sync::rseq::available(cpus) {
