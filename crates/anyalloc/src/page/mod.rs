@@ -838,6 +838,13 @@ impl PageAllocator {
         Some(self.ptr(zone, idx))
     }
 
+    /// Whether `addr` lies in the first zone (its window: no zone pointer
+    /// followed).
+    #[inline(always)]
+    pub(crate) fn in_first_zone(&self, addr: usize) -> bool {
+        addr.wrapping_sub(self.first.start) < self.first.len
+    }
+
     /// The first zone (always present once the allocator is built).
     #[inline(always)]
     pub(crate) fn first_zone(&self) -> &Zone {

@@ -1447,24 +1447,28 @@ impl Cache {
         unsafe { kw.write_unaligned(self.key) };
     }
 
-    /// The key test's common case, for the fast paths: an object of a
-    /// class with room for the key at offset 8 whose key word does not
-    /// match. Then it writes the key and says `true`; otherwise it changes
-    /// nothing and the caller takes [`free_checked`](Self::free_checked).
+    /// The key test's common case, for the fast paths: the key word does
+    /// not match, and (tiny classes, whose key word is the free-list link)
+    /// it does not look like a link either: not NIL, not an address in the
+    /// first zone, with no other zone to ask about. Then it writes the key
+    /// and says `true`; otherwise it changes nothing and the caller takes
+    /// [`free_checked`](Self::free_checked), which decides exactly as
+    /// [`check_free`](Self::check_free) does.
     ///
     /// `class` is this cache's class (the caller has it in hand: the key
     /// word's place follows from it, without a load).
     #[inline(always)]
-    pub(crate) fn check_free_quick(&self, obj: usize, class: usize) -> bool {
+    pub(crate) fn check_free_quick(&self, pages: &PageAllocator, obj: usize, class: usize) -> bool {
         crate::check!(class == self.class, "a quick key test of another class");
-        if class < FIRST_KEYED_CLASS {
-            return false;
-        }
-        let kw = (obj + 8) as *mut usize;
-        // SAFETY: as in `check_free`; this class's objects are at least 16
-        // bytes (FIRST_KEYED_CLASS).
+        let key_off = if class < FIRST_KEYED_CLASS { 0 } else { 8 };
+        let kw = (obj + key_off) as *mut usize;
+        // SAFETY: as in `check_free`: a validated object of this class, at
+        // least `key_off + 8` bytes.
         let w = unsafe { kw.read_unaligned() } ^ self.key;
-        if w == 0 {
+        if w == 0
+            || (key_off == 0
+                && (w == crate::sync::NIL || pages.in_first_zone(w) || pages.zone_count() > 1))
+        {
             return false;
         }
         // SAFETY: as in `check_free`.

@@ -1051,7 +1051,7 @@ impl HeapCore {
         cache.mark(&self.pages, self.pages.first_zone(), idx, addr, false);
         #[cfg(not(feature = "debug-checks"))]
         let _ = idx;
-        if !cache.check_free_quick(addr, class) {
+        if !cache.check_free_quick(&self.pages, addr, class) {
             return cache.free_checked(&self.pages, self.pages.first_zone(), addr, mode);
         }
         if !cache.free_fast(addr, mode) {
