@@ -387,9 +387,7 @@ unsafe impl GlobalAlloc for Global {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match global_core() {
-            Some(c) => c
-                .alloc(layout)
-                .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
+            Some(c) => raw(c.alloc(layout)),
             None => alloc_creating(layout),
         }
     }
@@ -404,12 +402,7 @@ unsafe impl GlobalAlloc for Global {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        match routed_heap() {
-            Some(h) => h
-                .alloc_zeroed_routed(layout)
-                .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
-            None => core::ptr::null_mut(),
-        }
+        raw(routed_heap().and_then(|h| h.alloc_zeroed_routed(layout)))
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -445,12 +438,13 @@ unsafe impl GlobalAlloc for Global {
 #[cold]
 #[inline(never)]
 fn alloc_creating(layout: Layout) -> *mut u8 {
-    match routed_heap() {
-        Some(h) => h
-            .alloc_routed(layout)
-            .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
-        None => core::ptr::null_mut(),
-    }
+    raw(routed_heap().and_then(|h| h.alloc_routed(layout)))
+}
+
+/// An allocation's result as `GlobalAlloc` returns it (null: none).
+#[inline(always)]
+fn raw(p: Option<NonNull<u8>>) -> *mut u8 {
+    p.map_or(core::ptr::null_mut(), NonNull::as_ptr)
 }
 
 /// The heap for a `Global` allocation: created if needed, waiting for a
@@ -465,12 +459,7 @@ fn routed_heap() -> Option<&'static Heap> {
 
 #[inline]
 fn nolock_alloc(layout: Layout) -> *mut u8 {
-    match nolock_heap() {
-        Some(h) => h
-            .alloc_nolock(layout)
-            .map_or(core::ptr::null_mut(), |p| p.as_ptr()),
-        None => core::ptr::null_mut(),
-    }
+    raw(nolock_heap().and_then(|h| h.alloc_nolock(layout)))
 }
 
 /// An allocator that only ever takes the nolock paths of the process-wide
