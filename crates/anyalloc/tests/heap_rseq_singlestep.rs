@@ -34,9 +34,30 @@ use anyalloc::{Config, FastPath, Heap};
 const SIZE: usize = 64;
 /// The signature that precedes every rseq abort address (x86-64, glibc).
 const RSEQ_SIG: u32 = 0x5305_3053;
-/// Bytes before a sequence's start that belong to it (the restart point:
-/// `lea` of the descriptor, store into `rseq_cs`).
-const RESTART_BYTES: usize = 16;
+/// A sequence's abort handler is one `jmp` back to its restart point (the
+/// store of the descriptor's address, and for page sequences the reload of
+/// the rseq offset before it): returns the restart point and the end of
+/// that `jmp`, so a walk covers every byte from the restart to the handler.
+fn restart_and_end(abort_ip: usize) -> (usize, usize) {
+    // SAFETY: `abort_ip` is an address in this binary's text (from a
+    // descriptor), and the handler's jump is at least two bytes long.
+    let op = unsafe { *(abort_ip as *const u8) };
+    match op {
+        // jmp rel8
+        0xeb => {
+            // SAFETY: as above.
+            let rel = unsafe { *((abort_ip + 1) as *const i8) } as isize;
+            ((abort_ip + 2).wrapping_add_signed(rel), abort_ip + 2)
+        }
+        // jmp rel32
+        0xe9 => {
+            // SAFETY: as above; a rel32 jump is five bytes.
+            let rel = unsafe { ((abort_ip + 1) as *const i32).read_unaligned() } as isize;
+            ((abort_ip + 5).wrapping_add_signed(rel), abort_ip + 5)
+        }
+        _ => panic!("the abort handler at {abort_ip:#x} is not a jmp (opcode {op:#x})"),
+    }
+}
 
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 /// The armed breakpoint's perf event (-1: none).
@@ -373,8 +394,12 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     let mut inside = 0u64;
     let mut page_inside = 0u64;
     for d in &descs {
-        let first = d.start_ip as usize - RESTART_BYTES;
-        let last = d.abort_ip as usize + 2; // the abort handler's `jmp`
+        let (first, last) = restart_and_end(d.abort_ip as usize);
+        assert!(
+            first < d.start_ip as usize && d.start_ip as usize - first <= 32,
+            "restart point {first:#x} not just before the section at {:#x}",
+            d.start_ip
+        );
         let mut fired_here = 0;
         for addr in first..last {
             bytes += 1;

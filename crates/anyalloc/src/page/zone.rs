@@ -40,6 +40,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use super::desc::{self, PageDesc};
 use crate::idle::IdleWatch;
 use crate::platform::Platform;
+use crate::sync::rseq::SeqTarget;
 use crate::sync::{Mode, SlotGuard, SlotLock, TaggedStack, ZoneGuard, ZoneLock, TAGGED_NIL};
 pub(crate) use crate::PCP_MAX_ORDER;
 use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
@@ -146,7 +147,14 @@ const _: () = {
 };
 
 /// See the module documentation.
+///
+/// `repr(C)` with `seq` first, so the zone's address is its sequences'
+/// target: a fast path holding the zone needs no second register for it.
+#[repr(C)]
 pub(crate) struct Zone {
+    /// What the page sequences read to find this CPU's level-0 slot
+    /// (`cpus` is 0 until rseq is chosen, `set_rseq`).
+    seq: SeqTarget,
     pub(crate) start: usize,
     pub(crate) end: usize,
     base: usize,
@@ -249,6 +257,12 @@ impl Zone {
         let pcp_batch = (total / (cpus * LEVELS * 64)).clamp(1, 16) as u32;
         let pcp_high = (pcp_batch * 6).max(8);
         let zone = Zone {
+            seq: SeqTarget {
+                off: 0,
+                slots: slots.cast(),
+                cpus: 0,
+                descs: descs.cast(),
+            },
             start,
             end,
             base,
@@ -372,6 +386,8 @@ impl Zone {
     /// `rseq_off`).
     pub(crate) fn set_rseq(&mut self, off: Option<isize>) {
         self.rseq_off = off;
+        self.seq.off = off.unwrap_or(0);
+        self.seq.cpus = if off.is_some() { self.cpus } else { 0 };
     }
 
     /// Whether the level-0 lists have the rseq fast path.
@@ -430,17 +446,11 @@ impl Zone {
     /// slot is held (then the slow path decides).
     #[inline(always)]
     pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<u32> {
-        let off = self.rseq_off?;
-        // SAFETY: as in `lock_own`; `descs` holds every index on a list.
-        let idx = unsafe {
-            crate::sync::rseq::pcp_pop::<COUNT_NOLOCK>(
-                off,
-                self.slots.cast(),
-                self.cpus,
-                self.descs.cast(),
-                order,
-            )
-        };
+        // SAFETY: `seq` has 0 CPUs without rseq, else (`set_rseq`) glibc's
+        // offset, a slot group per possible CPU laid out as
+        // `sync::rseq::layout` says (asserted above) and the descriptors,
+        // which hold every index on a list; all live as long as the zone.
+        let idx = unsafe { crate::sync::rseq::pcp_pop::<COUNT_NOLOCK>(&self.seq, order) };
         if idx == NIL {
             return None;
         }
@@ -456,24 +466,12 @@ impl Zone {
     /// slot is held.
     #[inline(always)]
     pub(crate) fn seq_free(&self, idx: u32, d: &PageDesc, order: u32) -> bool {
-        let Some(off) = self.rseq_off else {
-            return false;
-        };
         // Marked before the commit: once on the list, a handler on this CPU
         // may pop it at once. Until then it is still only ours.
         d.set(desc::state(desc::PCP, order));
-        // SAFETY: as in `lock_own`; the block is ours (claimed), of `order`,
-        // marked PCP, inside `descs`.
-        let pushed = unsafe {
-            crate::sync::rseq::pcp_push(
-                off,
-                self.slots.cast(),
-                self.cpus,
-                self.descs.cast(),
-                order,
-                idx,
-            )
-        };
+        // SAFETY: as in `seq_alloc`; the block is ours (claimed), of
+        // `order`, marked PCP, inside `descs`.
+        let pushed = unsafe { crate::sync::rseq::pcp_push(&self.seq, order, idx) };
         if !pushed {
             d.set(desc::state(desc::FREEING, order));
         }

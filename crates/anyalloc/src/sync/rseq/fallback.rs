@@ -39,10 +39,7 @@ pub(crate) unsafe fn lock_slot(_off: isize, _slots: *const u8, _cpus: usize) -> 
 /// As there.
 #[inline(always)]
 pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
-    _off: isize,
-    _slots: *const u8,
-    _cpus: usize,
-    _descs: *const u8,
+    _target: *const super::SeqTarget,
     _order: u32,
 ) -> u32 {
     u32::MAX
@@ -53,13 +50,6 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn pcp_push(
-    _off: isize,
-    _slots: *const u8,
-    _cpus: usize,
-    _descs: *const u8,
-    _order: u32,
-    _idx: u32,
-) -> bool {
+pub(crate) unsafe fn pcp_push(_target: *const super::SeqTarget, _order: u32, _idx: u32) -> bool {
     false
 }

@@ -85,6 +85,31 @@ mod fallback;
 )))]
 pub(crate) use fallback::{lock_slot, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
 
+/// What a page sequence needs to find this CPU's level-0 slot, in one
+/// place: the caller hands the sequence a single pointer, and the sequence
+/// reads the fields itself (they never change once their zone is
+/// published), which leaves the caller's fast path more registers.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct SeqTarget {
+    /// glibc's rseq area offset (not read while `cpus` is 0).
+    pub(crate) off: isize,
+    /// The slot groups, laid out as [`layout`] says.
+    pub(crate) slots: *const u8,
+    /// How many slot groups; 0 while there is no rseq fast path (the
+    /// sequences then fail before touching anything else).
+    pub(crate) cpus: usize,
+    /// The page descriptors whose indices the lists hold.
+    pub(crate) descs: *const u8,
+}
+
+const _: () = {
+    assert!(core::mem::offset_of!(SeqTarget, off) == layout::TARGET_OFF);
+    assert!(core::mem::offset_of!(SeqTarget, slots) == layout::TARGET_SLOTS);
+    assert!(core::mem::offset_of!(SeqTarget, cpus) == layout::TARGET_CPUS);
+    assert!(core::mem::offset_of!(SeqTarget, descs) == layout::TARGET_DESCS);
+};
+
 /// The memory layout the sequences work on: per CPU, a group of `LEVELS`
 /// slots `STRIDE` bytes long; the sequences use only the first (level 0).
 pub(crate) mod layout {
@@ -110,6 +135,11 @@ pub(crate) mod layout {
     pub(crate) const PCP_NOLOCK_OK: usize = 40;
     /// Bytes of a page descriptor.
     pub(crate) const DESC_SIZE: usize = 32;
+    /// [`super::SeqTarget`]'s fields.
+    pub(crate) const TARGET_OFF: usize = 0;
+    pub(crate) const TARGET_SLOTS: usize = 8;
+    pub(crate) const TARGET_CPUS: usize = 16;
+    pub(crate) const TARGET_DESCS: usize = 24;
     /// A page descriptor's list link (u32 page index).
     pub(crate) const DESC_NEXT: usize = 4;
 }

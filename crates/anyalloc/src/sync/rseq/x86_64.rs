@@ -22,11 +22,13 @@
 /// Opens a sequence (the first template piece of every `asm!` block): its
 /// descriptor, emitted into `__rseq_cs` (label 20; the section runs from
 /// label 21 to label 22, the abort handler is label 24), then the restart
-/// point (label 23), which stores the descriptor's address into this
-/// thread's `rseq_cs`, then the section's first instruction (label 21).
-/// Operands it uses: `t` (scratch), `off`; constant `RSEQ_CS`.
+/// point (label 23), which runs the instructions given (a page sequence
+/// reloads `off` there: it reuses that register inside the section), and
+/// stores the descriptor's address into this thread's `rseq_cs`, then the
+/// section's first instruction (label 21). Operands it uses: `t`
+/// (scratch), `off`; constant `RSEQ_CS`.
 macro_rules! seq_start {
-    () => {
+    ($($at_restart:literal),*) => {
         concat!(
             ".pushsection __rseq_cs, \"aw\"\n",
             ".balign 32\n",
@@ -35,6 +37,7 @@ macro_rules! seq_start {
             ".quad 21f, 22f - 21f, 24f\n",
             ".popsection\n",
             "23:\n",
+            $($at_restart, "\n",)*
             "lea {t}, [rip + 20b]\n",
             "mov qword ptr fs:[{off} + {RSEQ_CS}], {t}\n",
             "21:\n",
@@ -45,18 +48,26 @@ macro_rules! seq_start {
 /// Inside a section: this CPU's level-0 slot into `t`, or a jump to
 /// `$fail` when this CPU has no slot group (`cpu_id >= cpus`, which also
 /// catches a failed registration's negative id) or the slot is held.
-/// Operands: `t`, `off`, `cpus`, `slots`; constants `CPU_ID`, `STRIDE`,
-/// `SLOT_LOCK`.
+/// Operands: `t`, `off`, and the CPU count and slot array (registers
+/// `cpus` and `slots`, or the memory operands given); constants `CPU_ID`,
+/// `STRIDE`, `SLOT_LOCK`.
 macro_rules! seq_find_slot {
     ($fail:literal) => {
+        seq_find_slot!($fail, "{cpus}", "{slots}")
+    };
+    ($fail:literal, $cpus:literal, $slots:literal) => {
         concat!(
             "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]\n",
-            "cmp {t}, {cpus}\n",
+            "cmp {t}, ",
+            $cpus,
+            "\n",
             "jae ",
             $fail,
             "\n",
             "imul {t}, {t}, {STRIDE}\n",
-            "add {t}, {slots}\n",
+            "add {t}, ",
+            $slots,
+            "\n",
             "cmp byte ptr [{t} + {SLOT_LOCK}], 0\n",
             "jne ",
             $fail,
@@ -81,6 +92,7 @@ macro_rules! seq_abort {
 
 use super::abi::{CPU_ID, RSEQ_CS, RSEQ_SIG};
 use super::layout::*;
+use super::SeqTarget;
 
 /// Status codes `lock_slot` leaves in its status register.
 const OK: usize = 0;
@@ -246,16 +258,21 @@ pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: 
     true
 }
 
-const _: () = assert!(DESC_SIZE == 32, "pcp_pop scales a page index by `shl 5`");
+const _: () = assert!(
+    DESC_SIZE == 32,
+    "pcp_pop and pcp_push scale a page index by `shl 5`"
+);
 
 /// Pops a block from this CPU's level-0 page list of `order` (and, when
 /// `COUNT`, adds 1 to the slot's nolock counter). Returns its page index,
-/// or `u32::MAX` (the lists' `NIL`) when this CPU has no slot group, its
-/// slot is held, or the list is empty:
+/// or `u32::MAX` (the lists' `NIL`) when the target has no slot groups, this
+/// CPU has none, its slot is held, or the list is empty:
 ///
 /// ```text
-/// restart: rseq->rseq_cs = &cs
-/// start:   cpu, slot as in sheaf_pop;     NIL if none or held
+/// gate:    if target.cpus == 0: NIL       (no rseq fast path: nothing touched)
+/// restart: off = target.off; rseq->rseq_cs = &cs
+/// start:   cpu, slot as in sheaf_pop (the target's slots and CPU count);
+///                                         NIL if none or held
 ///          w = slot.lists[order]; head = low half of w; if head == NIL: NIL
 ///          next = descs[head].next        (stable: the block is on this
 ///                                          CPU's list, which only this
@@ -265,56 +282,62 @@ const _: () = assert!(DESC_SIZE == 32, "pcp_pop scales a page index by `shl 5`")
 ///          slot.lists[order] = (count - 1) << 32 | next   // commit
 /// ```
 ///
+/// The target's fields are read inside the sequence, and `off`'s register
+/// is reused once the CPU id is read (the restart point reloads it), so the
+/// sequence takes six registers.
+///
 /// # Safety
-/// As for [`sheaf_pop`], with page slots (see `page::zone`) at `slots`;
-/// `descs` is the zone's descriptor array, and every index on a list is
-/// inside it.
+/// `target` points to a live [`SeqTarget`] whose `cpus` is 0, or whose
+/// `off` is this thread's registered rseq offset ([`super::area_offset`]),
+/// `slots` `cpus` page slot groups laid out as [`super::layout`] says (see
+/// `page::zone`), and `descs` the zone's descriptor array, holding every
+/// index on a list; only sequences and lock holders (see the module
+/// documentation) change the slots.
 #[inline(always)]
-pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
-    off: isize,
-    slots: *const u8,
-    cpus: usize,
-    descs: *const u8,
-    order: u32,
-) -> u32 {
+pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order: u32) -> u32 {
     let idx: usize;
     // SAFETY: per the contract; the block touches only this thread's rseq
-    // area, the current CPU's level-0 page slot and the descriptor of the
-    // list's head, uses no stack, and commits with its last store.
+    // area, the target, the current CPU's level-0 page slot and the
+    // descriptor of the list's head, uses no stack, and commits with its
+    // last store.
     unsafe {
         core::arch::asm!(
-            seq_start!(),
-            seq_find_slot!("25f"),
-            "mov {w}, qword ptr [{t} + {oo} + {PCP_LISTS}]",
+            "cmp qword ptr [{tg} + {T_CPUS}], 0",
+            "je 25f",
+            seq_start!("mov {off}, qword ptr [{tg} + {T_OFF}]"),
+            seq_find_slot!("25f", "qword ptr [{tg} + {T_CPUS}]", "qword ptr [{tg} + {T_SLOTS}]"),
+            "mov {w}, qword ptr [{t} + {order} * 8 + {PCP_LISTS}]",
             "mov {idx:e}, {w:e}",
             "cmp {idx:e}, -1",
             "je 25f",
-            "mov {n}, {idx}",
-            "shl {n}, 5",
-            "mov {n:e}, dword ptr [{descs} + {n} + {DESC_NEXT}]",
+            "mov {off}, {idx}", // off: the head's descriptor, then its link
+            "shl {off}, 5",
+            "add {off}, qword ptr [{tg} + {T_DESCS}]",
+            "mov {off:e}, dword ptr [{off} + {DESC_NEXT}]",
             "shr {w}, 32",
             "dec {w}",
             "shl {w}, 32",
-            "or {w}, {n}",
+            "or {w}, {off}",
             ".if {COUNT}",
             "add qword ptr [{t} + {PCP_NOLOCK_OK}], 1",
             ".endif",
-            "mov qword ptr [{t} + {oo} + {PCP_LISTS}], {w}", // commit
+            "mov qword ptr [{t} + {order} * 8 + {PCP_LISTS}], {w}", // commit
             "22:",
             "jmp 29f",
             seq_abort!(),
             "25:",
             "mov {idx:e}, -1",
             "29:",
-            off = in(reg) off,
-            slots = in(reg) slots,
-            cpus = in(reg) cpus,
-            descs = in(reg) descs,
-            oo = in(reg) order as usize * 8,
+            tg = in(reg) target,
+            order = in(reg) order as usize,
             idx = out(reg) idx,
+            off = out(reg) _,
             t = out(reg) _,
             w = out(reg) _,
-            n = out(reg) _,
+            T_OFF = const TARGET_OFF,
+            T_SLOTS = const TARGET_SLOTS,
+            T_CPUS = const TARGET_CPUS,
+            T_DESCS = const TARGET_DESCS,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
             STRIDE = const STRIDE,
@@ -331,12 +354,13 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
 }
 
 /// Pushes the block at page index `idx` onto this CPU's level-0 page list
-/// of `order`; `false` (the list unchanged) when this CPU has no slot group
-/// or its slot is held:
+/// of `order`; `false` (the list unchanged) when the target has no slot
+/// groups, this CPU has none, or its slot is held:
 ///
 /// ```text
-/// restart: rseq->rseq_cs = &cs
-/// start:   cpu, slot as in sheaf_pop;     false if none or held
+/// gate:    if target.cpus == 0: false
+/// restart: off = target.off; rseq->rseq_cs = &cs
+/// start:   cpu, slot as in pcp_pop;       false if none or held
 ///          w = slot.lists[order]
 ///          descs[idx].next = low half of w   (the caller's block: invisible
 ///                                             until the commit)
@@ -347,39 +371,39 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
 /// As for [`pcp_pop`]; the block `idx` (of `order`) belongs to the caller,
 /// already marked as on a per-CPU list of `order`, and `idx < u32::MAX`.
 #[inline(always)]
-pub(crate) unsafe fn pcp_push(
-    off: isize,
-    slots: *const u8,
-    cpus: usize,
-    descs: *const u8,
-    order: u32,
-    idx: u32,
-) -> bool {
+pub(crate) unsafe fn pcp_push(target: *const SeqTarget, order: u32, idx: u32) -> bool {
     // SAFETY: as in `pcp_pop`; the store to the block's link touches only
     // the caller's own block, which no list holds until the commit.
     unsafe {
         core::arch::asm!(
-            seq_start!(),
-            seq_find_slot!("{fail}"),
-            "mov {w}, qword ptr [{t} + {oo} + {PCP_LISTS}]",
-            "mov dword ptr [{d} + {DESC_NEXT}], {w:e}",
+            "cmp qword ptr [{tg} + {T_CPUS}], 0",
+            "je {fail}",
+            seq_start!("mov {off}, qword ptr [{tg} + {T_OFF}]"),
+            seq_find_slot!("{fail}", "qword ptr [{tg} + {T_CPUS}]", "qword ptr [{tg} + {T_SLOTS}]"),
+            "mov {w}, qword ptr [{t} + {order} * 8 + {PCP_LISTS}]",
+            "mov {off}, {idx}", // off: the block's descriptor
+            "shl {off}, 5",
+            "add {off}, qword ptr [{tg} + {T_DESCS}]",
+            "mov dword ptr [{off} + {DESC_NEXT}], {w:e}",
             "shr {w}, 32",
             "inc {w}",
             "shl {w}, 32",
             "or {w}, {idx}",
-            "mov qword ptr [{t} + {oo} + {PCP_LISTS}], {w}", // commit
+            "mov qword ptr [{t} + {order} * 8 + {PCP_LISTS}], {w}", // commit
             "22:",
             "jmp 29f",
             seq_abort!(),
             "29:",
-            off = in(reg) off,
-            slots = in(reg) slots,
-            cpus = in(reg) cpus,
-            d = in(reg) descs.wrapping_add(idx as usize * DESC_SIZE),
-            oo = in(reg) order as usize * 8,
+            tg = in(reg) target,
+            order = in(reg) order as usize,
             idx = in(reg) idx as usize,
+            off = out(reg) _,
             t = out(reg) _,
             w = out(reg) _,
+            T_OFF = const TARGET_OFF,
+            T_SLOTS = const TARGET_SLOTS,
+            T_CPUS = const TARGET_CPUS,
+            T_DESCS = const TARGET_DESCS,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
             STRIDE = const STRIDE,
