@@ -482,10 +482,10 @@ impl PageAllocator {
             return None;
         }
         let k = off >> crate::PAGE_SHIFT;
-        // SAFETY: `f` is the first zone's window (`FirstZone::of`, set before
-        // the allocator was returned): page `k` of it is inside the zone, so
-        // its descriptor is inside the zone's `descs`, which live as long as
-        // `self`.
+        // `f` is the first zone's window (`FirstZone::of`, set before the
+        // allocator was returned), and page `k` of it is inside the zone.
+        // SAFETY: so its descriptor is inside the zone's `descs`, which live
+        // as long as `self`.
         unsafe { Some((f.first + k as u32, &*f.descs.add(k))) }
     }
 

@@ -446,10 +446,11 @@ impl Zone {
     /// slot is held (then the slow path decides).
     #[inline(always)]
     pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<u32> {
-        // SAFETY: `seq` has 0 CPUs without rseq, else (`set_rseq`) glibc's
-        // offset, a slot group per possible CPU laid out as
-        // `sync::rseq::layout` says (asserted above) and the descriptors,
-        // which hold every index on a list; all live as long as the zone.
+        // `seq` has 0 CPUs without rseq, else (`set_rseq`) glibc's offset, a
+        // slot group per possible CPU laid out as `sync::rseq::layout` says
+        // (asserted above) and the descriptors.
+        // SAFETY: as just said; the descriptors hold every index on a list,
+        // and all of it lives as long as the zone.
         let idx = unsafe { crate::sync::rseq::pcp_pop::<COUNT_NOLOCK>(&self.seq, order) };
         if idx == NIL {
             return None;

@@ -131,16 +131,16 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
     cpus: usize,
 ) -> Option<usize> {
     let (t_out, n_out): (usize, usize);
+    // Registers are reused as the section goes, so that the callers' fast
+    // paths fit in the caller-saved registers: `t` is the slot, then
+    // (normal) the object; `n` the count, then (COUNT) the object. The COUNT
+    // variant keeps the slot for its counter, so it commits with a single
+    // read-modify-write instruction (an interrupt cannot split one), right
+    // after the counter: a restart can count one success twice only in
+    // that one-instruction window.
     // SAFETY: per the contract; the block touches only this thread's rseq
     // area and the current CPU's slot and main sheaf, uses no stack, and
-    // commits with its last store. Registers are reused as the section
-    // goes, so that the callers' fast paths fit in the caller-saved
-    // registers: `t` is the slot, then (normal) the object; `n` the count,
-    // then (COUNT) the object. The COUNT variant keeps the slot for its
-    // counter, so it commits with a single read-modify-write instruction
-    // (an interrupt cannot split an instruction), right after the counter:
-    // a restart can count one success twice only in that one-instruction
-    // window.
+    // commits with its last store.
     unsafe {
         core::arch::asm!(
             "test {cpus}, {cpus}",
@@ -297,9 +297,8 @@ const _: () = assert!(
 pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order: u32) -> u32 {
     let idx: usize;
     // SAFETY: per the contract; the block touches only this thread's rseq
-    // area, the target, the current CPU's level-0 page slot and the
-    // descriptor of the list's head, uses no stack, and commits with its
-    // last store.
+    // area, the target, this CPU's level-0 page slot and the head's
+    // descriptor, uses no stack, and commits with its last store.
     unsafe {
         core::arch::asm!(
             "cmp qword ptr [{tg} + {T_CPUS}], 0",
