@@ -34,17 +34,20 @@ use anyalloc::{Config, FastPath, Heap};
 const SIZE: usize = 64;
 /// The signature that precedes every rseq abort address (x86-64, glibc).
 const RSEQ_SIG: u32 = 0x5305_3053;
-/// A sequence's abort handler is one `jmp` back to its restart point (the
-/// store of the descriptor's address, and for page sequences the reload of
-/// the rseq offset before it): returns the restart point and the end of
-/// that `jmp`, so a walk covers every byte from the restart to the handler.
+/// A sequence's abort handler starts with a jump back to its restart point
+/// (the store of the descriptor's address, and for page sequences the
+/// reload of the rseq offset before it): a `jmp`, or for a counting pop the
+/// `jc` of its take-back check. Returns the restart point and the end of
+/// that jump, so a walk covers every byte from the restart to the handler.
 fn restart_and_end(abort_ip: usize) -> (usize, usize) {
     // SAFETY: `abort_ip` is an address in this binary's text (from a
     // descriptor), and the handler's jump is at least two bytes long.
     let op = unsafe { *(abort_ip as *const u8) };
     match op {
-        // jmp rel8
-        0xeb => {
+        // jmp rel8, or jc rel8: a counting pop's handler first checks
+        // whether to take its count back, and every branch of it ends at
+        // the restart point
+        0xeb | 0x72 => {
             // SAFETY: as above.
             let rel = unsafe { *((abort_ip + 1) as *const i8) } as isize;
             ((abort_ip + 2).wrapping_add_signed(rel), abort_ip + 2)
@@ -66,6 +69,11 @@ static FIRED: AtomicU64 = AtomicU64::new(0);
 static AT_ABORT: AtomicU64 = AtomicU64::new(0);
 static NOLOCK_OK: AtomicU64 = AtomicU64::new(0);
 static NOLOCK_FAIL: AtomicU64 = AtomicU64::new(0);
+/// Every nolock object allocation that succeeded, the driver's and the
+/// handler's: the heap's own count must agree exactly, although
+/// breakpoints abort counting pops between their counter's add and their
+/// commit (the abort handler takes such a count back).
+static ALL_NOLOCK_OK: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// The object the handler allocated last time (0: none).
 static CARRY: AtomicUsize = AtomicUsize::new(0);
@@ -218,6 +226,7 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     match heap.alloc_nolock(layout()) {
         Some(p) => {
             NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+            ALL_NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
             let p = p.as_ptr() as usize;
             fill(p, HANDLER_TAG);
             free_carry(heap, CARRY.swap(p, Ordering::Relaxed));
@@ -228,6 +237,7 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     }
     // Push onto the same sheaf too (an alloc just popped from it).
     if let Some(p) = heap.alloc_nolock(layout()) {
+        ALL_NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
         // SAFETY: just allocated on `heap`; freed once.
         unsafe { heap.free_nolock(p) };
     }
@@ -286,7 +296,9 @@ fn round(heap: &Heap, live: &mut Vec<usize>) {
     IN_PAGE_ROUND.store(false, Ordering::Relaxed);
     let mut alloc = |nolock: bool| {
         let p = if nolock {
-            heap.alloc_nolock(layout())
+            heap.alloc_nolock(layout()).inspect(|_| {
+                ALL_NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+            })
         } else {
             heap.alloc(layout())
         }
@@ -475,4 +487,9 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     );
     assert_eq!(s.objects_in_use, 0, "objects leaked: {s:?}");
     assert_eq!(p.free_pages, p.total_pages, "pages leaked");
+    assert_eq!(
+        s.nolock_alloc_ok,
+        ALL_NOLOCK_OK.load(Ordering::Relaxed),
+        "the heap's count of nolock allocations is not exact"
+    );
 }

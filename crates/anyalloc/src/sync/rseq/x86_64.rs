@@ -77,14 +77,17 @@ macro_rules! seq_find_slot {
 }
 
 /// After the section: the signature the kernel checks before an abort
-/// address, and the abort handler (label 24), which restarts at the restart
-/// point, never at label 21 (the kernel cleared `rseq_cs`). Constant: `SIG`.
+/// address, and the abort handler (label 24), which runs the instructions
+/// given (a counting pop takes back a count whose commit did not happen)
+/// and restarts at the restart point, never at label 21 (the kernel
+/// cleared `rseq_cs`). Constant: `SIG`.
 macro_rules! seq_abort {
-    () => {
+    ($($before_restart:literal),*) => {
         concat!(
             ".byte 0x0f, 0xb9, 0x3d\n",
             ".long {SIG}\n",
             "24:\n",
+            $($before_restart, "\n",)*
             "jmp 23b\n",
         )
     };
@@ -111,12 +114,20 @@ const BUSY: usize = 1;
 ///          slot = slots + cpu * STRIDE;   if slot.lock != 0: None
 ///          sheaf = slot.main; n = sheaf.count; if n == 0: None
 ///          obj = sheaf.objs[n - 1]
-///          if COUNT: slot.nolock_ok += 1  (this CPU only; redone if the
-///                                          one-instruction commit below is
-///                                          interrupted: may overcount,
-///                                          never undercount)
+///          if COUNT: slot.nolock_ok += 1  (this CPU only)
 ///          sheaf.count = n - 1            // commit
+/// abort:   if COUNT and the add ran: slot.nolock_ok -= 1 (locked), then
+///          restart
 /// ```
+///
+/// The counter is exact. A restart redoes the add, so an abort that lands
+/// between the add and the commit takes the first one back. The abort
+/// handler knows that case without a register of its own: `stc` before the
+/// object load sets CF, which only the add clears, and `n` holds a count
+/// (at most `SHEAF_CAP`, 0 from the restart point) until the object load
+/// replaces it with an address. So CF clear with `n` at least 4096 means
+/// the add ran. The take-back is a locked subtraction: the thread may have
+/// migrated, and another CPU may be adding to that counter.
 ///
 /// # Safety
 /// `cpus` is 0 (then nothing else is used), or: `off` is this thread's
@@ -135,9 +146,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
     // paths fit in the caller-saved registers: `t` is the slot, then
     // (normal) the object; `n` the count, then (COUNT) the object. The COUNT
     // variant keeps the slot for its counter, so it commits with a single
-    // read-modify-write instruction (an interrupt cannot split one), right
-    // after the counter: a restart can count one success twice only in
-    // that one-instruction window.
+    // read-modify-write instruction (an interrupt cannot split one).
     // SAFETY: per the contract; the block touches only this thread's rseq
     // area and the current CPU's slot and main sheaf, uses no stack, and
     // commits with its last store.
@@ -145,13 +154,14 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
         core::arch::asm!(
             "test {cpus}, {cpus}",
             "jz 25f",
-            seq_start!(),
+            seq_start!(".if {COUNT}", "xor {n:e}, {n:e}", ".endif"),
             seq_find_slot!("25f"),
             "mov {sheaf}, qword ptr [{t} + {SLOT_MAIN}]",
             "mov {n}, qword ptr [{sheaf} + {SHEAF_COUNT}]",
             "test {n}, {n}",
             "jz 25f",
             ".if {COUNT}",
+            "stc", // CF = 1 until the counter's add clears it
             "mov {n}, qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS} - 8]",
             "add qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
             "dec qword ptr [{sheaf} + {SHEAF_COUNT}]", // commit
@@ -162,7 +172,16 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
             ".endif",
             "22:",
             "jmp 29f",
-            seq_abort!(),
+            // Aborted between the counter's add and the commit (CF clear, `n`
+            // an object address rather than a count): take the count back.
+            seq_abort!(
+                ".if {COUNT}",
+                "jc 23b",
+                "cmp {n}, 4096",
+                "jb 23b",
+                "lock sub qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
+                ".endif"
+            ),
             "25:",
             ".if {COUNT}",
             "xor {n:e}, {n:e}",
@@ -280,7 +299,14 @@ const _: () = assert!(
 ///                                          the slot change)
 ///          if COUNT: slot.nolock_ok += 1
 ///          slot.lists[order] = (count - 1) << 32 | next   // commit
+/// abort:   if COUNT and the add ran: slot.nolock_ok -= 1 (locked), then
+///          restart
 /// ```
+///
+/// The counter is exact, as in [`sheaf_pop`]. Here the marker is `off`:
+/// set to -1 right after `stc` and before the add. No other value of `off`
+/// is -1 (the rseq offset is 32-byte aligned, and indices are zero-extended
+/// 32-bit values).
 ///
 /// The target's fields are read inside the sequence, and `off`'s register
 /// is reused once the CPU id is read (the restart point reloads it), so the
@@ -318,12 +344,23 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order:
             "shl {w}, 32",
             "or {w}, {off}",
             ".if {COUNT}",
+            "stc",          // CF = 1 until the counter's add clears it
+            "mov {off}, -1", // the marker: no other value of `off` is -1
             "add qword ptr [{t} + {PCP_NOLOCK_OK}], 1",
             ".endif",
             "mov qword ptr [{t} + {order} * 8 + {PCP_LISTS}], {w}", // commit
             "22:",
             "jmp 29f",
-            seq_abort!(),
+            // Aborted between the counter's add and the commit (CF clear,
+            // the marker set): take the count back.
+            seq_abort!(
+                ".if {COUNT}",
+                "jc 23b",
+                "cmp {off}, -1",
+                "jne 23b",
+                "lock sub qword ptr [{t} + {PCP_NOLOCK_OK}], 1",
+                ".endif"
+            ),
             "25:",
             "mov {idx:e}, -1",
             "29:",
