@@ -67,6 +67,17 @@ use crate::PAGE_SIZE;
 /// up); the smaller ones hold it at 0 (see "Double-free detection").
 pub(crate) const FIRST_KEYED_CLASS: usize = 2;
 const _: () = assert!(SIZES[FIRST_KEYED_CLASS - 1] < 16 && SIZES[FIRST_KEYED_CLASS] >= 16);
+
+/// Offset of the key word in an object of `class`: 8, or 0 for the tiny
+/// classes (objects smaller than 16 bytes), whose key word is the link.
+#[inline(always)]
+const fn key_off(class: usize) -> usize {
+    if class < FIRST_KEYED_CLASS {
+        0
+    } else {
+        8
+    }
+}
 // The packed validation words (`recip_size`, `mask_objs`) need every
 // reciprocal, size, slab mask and object count to fit in 32 bits.
 const _: () = {
@@ -243,9 +254,6 @@ pub(crate) struct Cache {
     class: usize,
     /// The heap's secret (see "Double-free detection").
     key: usize,
-    /// Offset of the key word in an object: 8, or 0 for the tiny classes
-    /// (objects smaller than 16 bytes).
-    key_off: usize,
     /// Slabs of accounted caches end with an array of owner groups, one
     /// word per object (0: none).
     pub(crate) accounted: bool,
@@ -390,7 +398,6 @@ impl Cache {
             this.write(Cache {
                 class,
                 key,
-                key_off: if SIZES[class] >= 16 { 8 } else { 0 },
                 accounted,
                 index,
                 size: SIZES[class] as usize,
@@ -541,15 +548,12 @@ impl Cache {
         self.alloc_slow(pages, pages.cpu())
     }
 
-    /// Whether a normal operation may take the fast path: nothing deferred
-    /// (with rseq, as `normal_cpus` says).
+    /// Whether a normal operation may try the fast path: with rseq always
+    /// (the sequences apply the gate, `normal_cpus`), otherwise when nothing
+    /// is deferred.
     #[inline(always)]
     fn normal_fast_ok(&self) -> bool {
-        if self.rseq {
-            self.normal_cpus.load(Ordering::Relaxed) != 0
-        } else {
-            self.deferred.is_empty()
-        }
+        self.rseq || self.deferred.is_empty()
     }
 
     /// The sequences' CPU count for `mode` (0: the fast path is closed).
@@ -561,31 +565,7 @@ impl Cache {
         }
     }
 
-    /// The normal allocation's fast path alone, with rseq: nothing
-    /// deferred, and an object in this CPU's main sheaf. `None`: take
-    /// [`alloc`](Self::alloc) (always, without rseq: that keeps the
-    /// try-locked variant and its call out of the callers' fast path).
-    #[inline(always)]
-    pub(crate) fn alloc_fast(&self) -> Option<usize> {
-        self.seq_pop::<false>()
-    }
-
-    /// The nolock allocation's fast path alone, with rseq. `None`: take
-    /// [`alloc_nolock`](Self::alloc_nolock).
-    #[inline(always)]
-    pub(crate) fn alloc_nolock_fast(&self) -> Option<usize> {
-        self.seq_pop::<true>()
-    }
-
-    /// The fast path of a validated free of `mode` alone, with rseq (for
-    /// the normal mode: nothing deferred). `false`: the object is still the
-    /// caller's; hand it to [`free_miss`](Self::free_miss).
-    #[inline(always)]
-    pub(crate) fn free_fast(&self, obj: usize, mode: Mode) -> bool {
-        self.seq_push(obj, mode)
-    }
-
-    /// A validated free of `mode` that [`free_fast`](Self::free_fast) did
+    /// A validated free of `mode` that [`seq_push`](Self::seq_push) did
     /// not take: the whole free (the try-locked fast path without rseq).
     #[inline(never)]
     pub(crate) fn free_miss(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
@@ -607,10 +587,13 @@ impl Cache {
         self.locked_pop::<COUNT_NOLOCK>(pages)
     }
 
-    /// `fast_pop` with rseq, the mode's gate applied (`normal_cpus`,
-    /// `nolock_cpus`): `None` at once when it is closed, or without rseq.
+    /// The allocation fast path alone: `fast_pop` with rseq, the gate of
+    /// the mode applied (`normal_cpus`, `nolock_cpus`). `None`, at once when
+    /// the gate is closed or without rseq: take [`alloc`](Self::alloc) or
+    /// [`alloc_nolock`](Self::alloc_nolock) (which keeps the try-locked
+    /// variant and its call out of the callers' fast path).
     #[inline(always)]
-    fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
+    pub(crate) fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
         let mode = if COUNT_NOLOCK {
             Mode::NoLock
         } else {
@@ -658,9 +641,11 @@ impl Cache {
         self.locked_push(pages, obj)
     }
 
-    /// `fast_push` with rseq, the gate of `mode` applied (see `seq_pop`).
+    /// The free fast path of a validated object alone: `fast_push` with
+    /// rseq, the gate of `mode` applied (see `seq_pop`). `false`: the object
+    /// is still the caller's; hand it to [`free_miss`](Self::free_miss).
     #[inline(always)]
-    fn seq_push(&self, obj: usize, mode: Mode) -> bool {
+    pub(crate) fn seq_push(&self, obj: usize, mode: Mode) -> bool {
         // SAFETY: as in `seq_pop`; `obj` is a validated object of this
         // cache being freed.
         unsafe {
@@ -1436,11 +1421,12 @@ impl Cache {
     /// (see "Double-free detection"), then the key is written.
     #[inline(always)]
     pub(crate) fn check_free(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
-        let kw = (obj + self.key_off) as *mut usize;
+        let off = key_off(self.class);
+        let kw = (obj + off) as *mut usize;
         // SAFETY: `obj` is a validated object of this cache (at least 8
-        // bytes, 16 when `key_off` is 8), owned by this free.
+        // bytes, 16 when the key is at 8), owned by this free.
         let w = unsafe { kw.read_unaligned() } ^ self.key;
-        if w == 0 || (self.key_off == 0 && self.tiny_suspect(pages, zone, w)) {
+        if w == 0 || (off == 0 && self.tiny_suspect(pages, zone, w)) {
             self.suspect_double_free(pages, obj, mode);
         }
         // SAFETY: as above.
@@ -1460,13 +1446,13 @@ impl Cache {
     #[inline(always)]
     pub(crate) fn check_free_quick(&self, pages: &PageAllocator, obj: usize, class: usize) -> bool {
         crate::check!(class == self.class, "a quick key test of another class");
-        let key_off = if class < FIRST_KEYED_CLASS { 0 } else { 8 };
-        let kw = (obj + key_off) as *mut usize;
+        let off = key_off(class);
+        let kw = (obj + off) as *mut usize;
         // SAFETY: as in `check_free`: a validated object of this class, at
-        // least `key_off + 8` bytes.
+        // least `off + 8` bytes.
         let w = unsafe { kw.read_unaligned() } ^ self.key;
         if w == 0
-            || (key_off == 0
+            || (off == 0
                 && (w == crate::sync::NIL || pages.in_first_zone(w) || pages.zone_count() > 1))
         {
             return false;
@@ -1497,17 +1483,15 @@ impl Cache {
     #[inline(always)]
     pub(crate) fn clear_free_mark_of(&self, obj: usize, class: usize) {
         crate::check!(class == self.class, "a key word of another class");
-        let key_off = if class < FIRST_KEYED_CLASS { 0 } else { 8 };
-        // SAFETY: as in `clear_free_mark`.
-        unsafe { ((obj + key_off) as *mut usize).write_unaligned(0) };
+        // SAFETY: `obj` is an object of this cache being handed out, at
+        // least `key_off(class) + 8` bytes, owned by the allocating context.
+        unsafe { ((obj + key_off(class)) as *mut usize).write_unaligned(0) };
     }
 
     /// Allocation: the object is live, its key word no longer says "free".
     #[inline(always)]
     pub(crate) fn clear_free_mark(&self, obj: usize) {
-        // SAFETY: `obj` is an object of this cache being handed out, at
-        // least `key_off + 8` bytes, owned by the allocating context.
-        unsafe { ((obj + self.key_off) as *mut usize).write_unaligned(0) };
+        self.clear_free_mark_of(obj, self.class);
     }
 
     /// The key matched: abort if the object really is free.

@@ -790,26 +790,39 @@ impl HeapCore {
     /// scope takes the nolock path (`alloc_once` then returns `None`).
     #[inline(always)]
     pub(crate) fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
-        // The fast path: a table class, and this CPU's main sheaf. Every
-        // other case is one tail call, so the fast path needs no stack
-        // frame of its own.
+        self.alloc_by_class::<false>(layout)
+    }
+
+    /// Both allocation paths' fast path: a table class, and this CPU's main
+    /// sheaf. Every other case is one tail call to the general path of the
+    /// mode, so the fast path needs no stack frame of its own.
+    #[inline(always)]
+    fn alloc_by_class<const NOLOCK: bool>(&self, layout: Layout) -> Option<NonNull<u8>> {
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
             let cache = self.cache(c);
-            if let Some(obj) = cache.alloc_fast() {
+            if let Some(obj) = cache.seq_pop::<NOLOCK>() {
                 cache.clear_free_mark_of(obj, c);
                 return Some(self.handed_out(obj));
             }
-            return self.alloc_class_general(c);
+            return self.alloc_class_general::<NOLOCK>(c);
         }
-        self.alloc_general(layout)
+        if NOLOCK {
+            self.alloc_nolock_general(layout)
+        } else {
+            self.alloc_general(layout)
+        }
     }
 
-    /// `alloc_general` for a request that class `c` serves. Taking only the
-    /// class keeps the caller's layout out of the registers the fast path
-    /// needs across its sequence.
+    /// The general path of the mode for a request that class `c` serves.
+    /// Taking only the class keeps the caller's layout out of the registers
+    /// the fast path needs across its sequence.
     #[inline(never)]
-    fn alloc_class_general(&self, c: usize) -> Option<NonNull<u8>> {
-        self.alloc_general(class::layout_of(c))
+    fn alloc_class_general<const NOLOCK: bool>(&self, c: usize) -> Option<NonNull<u8>> {
+        if NOLOCK {
+            self.alloc_nolock_general(class::layout_of(c))
+        } else {
+            self.alloc_general(class::layout_of(c))
+        }
     }
 
     /// `alloc` beyond its fast path: any class, the slow paths, routing.
@@ -1054,7 +1067,7 @@ impl HeapCore {
         if !cache.check_free_quick(&self.pages, addr, class) {
             return cache.free_checked(&self.pages, self.pages.first_zone(), addr, mode);
         }
-        if !cache.free_fast(addr, mode) {
+        if !cache.seq_push(addr, mode) {
             cache.free_miss(&self.pages, addr, mode);
         }
     }
@@ -1171,22 +1184,7 @@ impl HeapCore {
 
     #[inline(always)]
     pub(crate) fn alloc_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
-        if let Some(c) = class::class_fast(layout.size(), layout.align()) {
-            let cache = self.cache(c);
-            if let Some(obj) = cache.alloc_nolock_fast() {
-                cache.clear_free_mark_of(obj, c);
-                return Some(self.handed_out(obj));
-            }
-            return self.alloc_nolock_class_general(c);
-        }
-        self.alloc_nolock_general(layout)
-    }
-
-    /// `alloc_nolock_general` for a request that class `c` serves (see
-    /// `alloc_class_general`).
-    #[inline(never)]
-    fn alloc_nolock_class_general(&self, c: usize) -> Option<NonNull<u8>> {
-        self.alloc_nolock_general(class::layout_of(c))
+        self.alloc_by_class::<true>(layout)
     }
 
     /// `alloc_nolock` beyond its fast path.
