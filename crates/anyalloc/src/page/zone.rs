@@ -73,13 +73,15 @@ const STOCK_ORDERS: usize = (MAX_ORDER - PCP_MAX_ORDER) as usize;
 const STOCK_CELLS: usize = 2;
 
 /// Where the slot of `cpu` at context `level` sits in a per-CPU slot array
-/// of `cpus * LEVELS` entries: CPU ids at or above `cpus` share slots
-/// (modulo), so the index is always in bounds.
+/// of `cpus * LEVELS` entries, level by level: first every CPU's level-0
+/// slot (what the rseq sequences use, one slot apart, so they find theirs
+/// with a shift), then level 1, then level 2. CPU ids at or above `cpus`
+/// share slots (modulo), so the index is always in bounds.
 #[inline(always)]
 pub(crate) fn slot_index(cpu: usize, cpus: usize, level: usize) -> usize {
     crate::check!(level < LEVELS, "a slot level out of range");
     let cpu = if cpu < cpus { cpu } else { cpu % cpus };
-    cpu * LEVELS + level
+    level * cpus + cpu
 }
 
 /// Why a nolock attempt on one zone failed.
@@ -140,7 +142,7 @@ const _: () = {
     assert!(core::mem::offset_of!(PcpSlot, lock) == l::SLOT_LOCK);
     assert!(core::mem::offset_of!(PcpSlot, lists) == l::PCP_LISTS);
     assert!(core::mem::offset_of!(PcpSlot, nolock_ok) == l::PCP_NOLOCK_OK);
-    assert!(core::mem::size_of::<PcpSlot>() * LEVELS == l::STRIDE);
+    assert!(core::mem::size_of::<PcpSlot>() == l::STRIDE);
     assert!(core::mem::size_of::<PageDesc>() == l::DESC_SIZE);
     assert!(core::mem::offset_of!(PageDesc, next) == l::DESC_NEXT);
     assert!(NIL == u32::MAX);
@@ -404,9 +406,15 @@ impl Zone {
     pub(crate) fn lock_own(&self, cpu: usize, level: usize) -> Option<(&PcpSlot, SlotGuard<'_>)> {
         if let (Some(off), 0) = (self.rseq_off, level) {
             // SAFETY: `rseq_off` is set only when rseq was chosen (glibc's
-            // offset; a slot group per possible CPU laid out as
+            // offset; a level-0 slot per possible CPU laid out as
             // `sync::rseq::layout` says, asserted above; as long as the zone).
-            let cpu = unsafe { crate::sync::rseq::lock_slot(off, self.slots.cast(), self.cpus) }?;
+            let cpu = unsafe {
+                crate::sync::rseq::lock_slot::<{ crate::sync::rseq::layout::STRIDE }>(
+                    off,
+                    self.slots.cast(),
+                    self.cpus,
+                )
+            }?;
             let slot = self.slot(cpu, 0);
             // SAFETY: the lock sequence just set this slot's flag for us.
             return Some((slot, unsafe { slot.lock.adopt() }));
@@ -424,10 +432,8 @@ impl Zone {
         // SAFETY: as in `slot`; i < cpus * LEVELS.
         let slot = unsafe { &*self.slots.add(i) };
         let g = slot.lock.try_lock()?;
-        if self.rseq_off.is_some()
-            && i.is_multiple_of(LEVELS)
-            && !crate::sync::rseq::fence_cpu(i / LEVELS)
-        {
+        // Level-0 slots come first (`slot_index`): slot `i < cpus` is CPU `i`'s.
+        if self.rseq_off.is_some() && i < self.cpus && !crate::sync::rseq::fence_cpu(i) {
             return None; // cannot stop that CPU's sequences: leave the slot
         }
         Some((slot, g))
@@ -447,7 +453,7 @@ impl Zone {
     #[inline(always)]
     pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<u32> {
         // `seq` has 0 CPUs without rseq, else (`set_rseq`) glibc's offset, a
-        // slot group per possible CPU laid out as `sync::rseq::layout` says
+        // level-0 slot per possible CPU laid out as `sync::rseq::layout` says
         // (asserted above) and the descriptors.
         // SAFETY: as just said; the descriptors hold every index on a list,
         // and all of it lives as long as the zone.

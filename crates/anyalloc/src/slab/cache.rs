@@ -78,8 +78,9 @@ const fn key_off(class: usize) -> usize {
         8
     }
 }
-// The packed validation words (`recip_size`, `mask_objs`) need every
-// reciprocal, size, slab mask and object count to fit in 32 bits.
+// Validation's 32-bit words (`slab_mask`, `objects_end`, `recip`) and its
+// divisibility test (`div_magic`, exact for 32-bit offsets) need every slab
+// to fit in 32 bits.
 const _: () = {
     let mut c = 0;
     while c < SIZES.len() {
@@ -98,6 +99,17 @@ pub(crate) const BARN_SHEAVES: usize = 32;
 const BARN_BYTES: usize = 256 << 10;
 /// Empty slabs a cache keeps before returning slabs to the page allocator.
 const EMPTY_SLAB_RESERVE: usize = 1;
+
+/// Bytes of a sheaf slot (one cache line).
+pub(crate) const SLOT_BYTES: usize = 64;
+const _: () = assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
+
+/// Bytes from one CPU's level-0 slot of a cache to the next CPU's: the heap
+/// keeps the level-0 slots of every cache side by side per CPU (see
+/// `slab::MetaLayout`), so a CPU's fast paths touch one small region, and
+/// the fast path finds a cache's level-0 slot from the heap's address and
+/// the class, without a load (`HeapCore::level0_of`).
+pub(crate) const LEVEL0_STRIDE: usize = super::CACHES * SLOT_BYTES;
 
 /// An array of free object pointers.
 #[repr(C)]
@@ -120,7 +132,7 @@ const _: () = {
     assert!(core::mem::offset_of!(SheafSlot, lock) == l::SLOT_LOCK);
     assert!(core::mem::offset_of!(SheafSlot, main) == l::SLOT_MAIN);
     assert!(core::mem::offset_of!(SheafSlot, nolock_ok) == l::SLOT_NOLOCK_OK);
-    assert!(core::mem::size_of::<SheafSlot>() * LEVELS == l::STRIDE);
+    assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
     assert!(core::mem::size_of::<SlotLock>() == 1);
 };
 
@@ -250,6 +262,7 @@ pub struct ClassStats {
 }
 
 /// See the module documentation.
+#[repr(align(512))]
 pub(crate) struct Cache {
     class: usize,
     /// The heap's secret (see "Double-free detection").
@@ -260,24 +273,35 @@ pub(crate) struct Cache {
     /// Index of this cache in the heap (owner ids are index + 1).
     index: usize,
     size: usize,
-    /// Validation's words, packed two by two so that the fast free loads
-    /// two words instead of four (see `is_object_start`). Low half:
-    /// `recip = ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size`
-    /// exactly for every multiple of `size` inside a slab (off * (recip -
-    /// 2^32/size) < 2^15 * 2^13 < 2^32), so validation needs no division.
-    /// High half: `size`.
-    recip_size: u64,
-    /// Low half: `slab_mask`, the bytes of a slab minus one. Slabs are buddy
-    /// blocks of their order, naturally aligned (a zone's base is aligned to
-    /// the largest block), so an address's offset in its slab is `addr &
-    /// slab_mask`. High half: `objs`.
-    mask_objs: u64,
+    /// Validation's divisibility constant, `u64::MAX / size + 1`: for any
+    /// 32-bit `off`, `off` is a multiple of `size` exactly when
+    /// `off.wrapping_mul(div_magic) < div_magic` (Lemire, Kaser and Kurz,
+    /// "Faster remainder by direct computation", 2019). One multiplication
+    /// and one comparison, no division (see `is_object_start`).
+    div_magic: u64,
+    /// The bytes of a slab minus one. Slabs are buddy blocks of their
+    /// order, naturally aligned (a zone's base is aligned to the largest
+    /// block), so an address's offset in its slab is `addr & slab_mask`.
+    slab_mask: u32,
+    /// `objs * size`: offsets at or above it are the slab's tail (owner
+    /// words, bitmap, slack), never an object.
+    objects_end: u32,
+    /// `ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size` exactly
+    /// for every multiple of `size` inside a slab (off * (recip - 2^32 /
+    /// size) < 2^15 * 2^13 < 2^32), for the slow paths that need an
+    /// object's index.
+    recip: u32,
     order: u32,
     objs: usize,
     node: Node,
     deferred: IndexStack,
     deferred_count: AtomicUsize,
+    /// CPU 0's level-0 slot; CPU `c`'s is `c * LEVEL0_STRIDE` bytes further.
+    level0: *const SheafSlot,
+    /// The slots of the other levels, level by level (`slot_index`):
+    /// `(LEVELS - 1) * cpus` of them.
     slots: *const SheafSlot,
+    /// All slots: `cpus * LEVELS`.
     nslots: usize,
     cpus: usize,
     /// The fast path runs as restartable sequences on the level-0 slots
@@ -318,10 +342,11 @@ pub(crate) struct Cache {
     pub(crate) free_deferred: AtomicU64,
 }
 
-/// Bytes of one cache's slots (written when the heap is built; the heap
-/// packs every cache's slots together, so they share pages).
+/// Bytes of one cache's slots above level 0 (written when the heap is
+/// built; the heap packs every cache's slots together, so they share
+/// pages). The level-0 slots are in the heap's per-CPU region.
 pub(crate) fn cache_slot_bytes(cpus: usize) -> usize {
-    cpus * LEVELS * core::mem::size_of::<SheafSlot>()
+    cpus * (LEVELS - 1) * SLOT_BYTES
 }
 
 /// Bytes of one cache's sheaves (zero-filled, written only once used).
@@ -366,18 +391,20 @@ pub(crate) struct CacheSetup {
 }
 
 impl Cache {
-    /// Initialises the cache `setup` describes at `this`, with its slots at
-    /// `slot_meta` (`cache_slot_bytes(cpus)` long) and its sheaves at
-    /// `sheaf_meta` (`cache_sheaf_bytes(cpus)` long), both zero-filled and
-    /// 64-byte aligned.
+    /// Initialises the cache `setup` describes at `this`, with CPU 0's
+    /// level-0 slot at `level0` (CPU `c`'s `c * LEVEL0_STRIDE` bytes
+    /// further), its other slots at `slot_meta` (`cache_slot_bytes(cpus)`
+    /// long) and its sheaves at `sheaf_meta` (`cache_sheaf_bytes(cpus)`
+    /// long), all zero-filled and 64-byte aligned.
     ///
     /// # Safety
-    /// `this`, `slot_meta` and `sheaf_meta` are valid for writes, suitably
-    /// aligned, zero-filled (the metadata), and live and unused by anything
-    /// else as long as the cache.
+    /// `this`, the `cpus` level-0 slots, `slot_meta` and `sheaf_meta` are
+    /// valid for writes, suitably aligned, zero-filled (the metadata), and
+    /// live and unused by anything else as long as the cache.
     pub(crate) unsafe fn init(
         this: *mut Cache,
         setup: CacheSetup,
+        level0: *mut u8,
         slot_meta: *mut u8,
         sheaf_meta: *mut u8,
     ) {
@@ -391,6 +418,14 @@ impl Cache {
         } = setup;
         let nslots = cpus * LEVELS;
         let slots = slot_meta as *mut SheafSlot;
+        let level0 = level0 as *mut SheafSlot;
+        let slot_at = |i: usize| {
+            if i < cpus {
+                level0.wrapping_byte_add(i * LEVEL0_STRIDE)
+            } else {
+                slots.wrapping_add(i - cpus)
+            }
+        };
         let sheaves = sheaf_meta as *mut Sheaf;
         // SAFETY: per the contract, all of it is ours to write; sheaves are
         // zero-filled, i.e. valid empty sheaves.
@@ -401,11 +436,11 @@ impl Cache {
                 accounted,
                 index,
                 size: SIZES[class] as usize,
-                recip_size: (1u64 << 32).div_ceil(SIZES[class] as u64)
-                    | (SIZES[class] as u64) << 32,
+                div_magic: u64::MAX / SIZES[class] as u64 + 1,
+                slab_mask: ((PAGE_SIZE << class::slab_order(class)) - 1) as u32,
+                objects_end: (objects_per_slab(class, accounted) * SIZES[class] as usize) as u32,
+                recip: (1u64 << 32).div_ceil(SIZES[class] as u64) as u32,
                 order: class::slab_order(class),
-                mask_objs: ((PAGE_SIZE << class::slab_order(class)) - 1) as u64
-                    | (objects_per_slab(class, accounted) as u64) << 32,
                 objs: objects_per_slab(class, accounted),
                 node: Node {
                     lock: ZoneLock::new(),
@@ -421,6 +456,7 @@ impl Cache {
                 },
                 deferred: IndexStack::new(),
                 deferred_count: AtomicUsize::new(0),
+                level0,
                 slots,
                 nslots,
                 cpus,
@@ -435,7 +471,7 @@ impl Cache {
                 free_deferred: AtomicU64::new(0),
             });
             for i in 0..nslots {
-                slots.add(i).write(SheafSlot {
+                slot_at(i).write(SheafSlot {
                     lock: SlotLock::new(),
                     main: AtomicPtr::new(sheaves.add(2 * i)),
                     spare: AtomicPtr::new(sheaves.add(2 * i + 1)),
@@ -484,9 +520,22 @@ impl Cache {
 
     #[inline]
     pub(crate) fn slot(&self, cpu: usize, level: usize) -> &SheafSlot {
-        // SAFETY: `slots` has cpus * LEVELS initialised entries (init), and
-        // `slot_index` is below that.
-        unsafe { &*self.slots.add(slot_index(cpu, self.cpus, level)) }
+        self.slot_at(slot_index(cpu, self.cpus, level))
+    }
+
+    /// Slot `i` of `nslots`, numbered as `slot_index` says: the first
+    /// `cpus` are the level-0 slots, in the heap's per-CPU region.
+    #[inline]
+    fn slot_at(&self, i: usize) -> &SheafSlot {
+        crate::check!(i < self.nslots, "a slot index out of range");
+        let slot = if i < self.cpus {
+            self.level0.wrapping_byte_add(i * LEVEL0_STRIDE)
+        } else {
+            self.slots.wrapping_add(i - self.cpus)
+        };
+        // SAFETY: `init` wrote all `nslots` slots where this finds them;
+        // they live as long as the cache.
+        unsafe { &*slot }
     }
 
     /// Takes this CPU's slot at `level` for a slow path of this context. With
@@ -498,7 +547,11 @@ impl Cache {
         if self.rseq && level == 0 {
             // SAFETY: as in `fast_pop`.
             let cpu = unsafe {
-                crate::sync::rseq::lock_slot(self.rseq_off, self.slots.cast(), self.cpus)
+                crate::sync::rseq::lock_slot::<LEVEL0_STRIDE>(
+                    self.rseq_off,
+                    self.level0.cast(),
+                    self.cpus,
+                )
             }?;
             let slot = self.slot(cpu, 0);
             // SAFETY: the lock sequence just set this slot's flag for us.
@@ -513,10 +566,10 @@ impl Cache {
     /// (every sequence on its CPU restarted, see `sync::rseq`) before it is
     /// returned: a syscall, so normal context only.
     fn lock_remote(&self, i: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
-        // SAFETY: as in `slot`; i < nslots.
-        let slot = unsafe { &*self.slots.add(i) };
+        let slot = self.slot_at(i);
         let g = slot.lock.try_lock()?;
-        if self.rseq && i.is_multiple_of(LEVELS) && !crate::sync::rseq::fence_cpu(i / LEVELS) {
+        // Level-0 slots come first (`slot_index`): slot `i < cpus` is CPU `i`'s.
+        if self.rseq && i < self.cpus && !crate::sync::rseq::fence_cpu(i) {
             return None; // cannot stop that CPU's sequences: leave the slot
         }
         Some((slot, g))
@@ -530,8 +583,7 @@ impl Cache {
     }
 
     fn slots(&self) -> impl Iterator<Item = &SheafSlot> {
-        // SAFETY: as in `slot`.
-        (0..self.nslots).map(move |i| unsafe { &*self.slots.add(i) })
+        (0..self.nslots).map(move |i| self.slot_at(i))
     }
 
     // ----- allocation --------------------------------------------------------
@@ -582,7 +634,7 @@ impl Cache {
     #[inline(always)]
     fn fast_pop<const COUNT_NOLOCK: bool>(&self, pages: &PageAllocator) -> Option<usize> {
         if self.rseq {
-            return self.seq_pop::<COUNT_NOLOCK>();
+            return self.seq_pop::<COUNT_NOLOCK>(self.level0);
         }
         self.locked_pop::<COUNT_NOLOCK>(pages)
     }
@@ -592,24 +644,33 @@ impl Cache {
     /// the gate is closed or without rseq: take [`alloc`](Self::alloc) or
     /// [`alloc_nolock`](Self::alloc_nolock) (which keeps the try-locked
     /// variant and its call out of the callers' fast path).
+    ///
+    /// `level0` is this cache's `level0` pointer, which the heap's fast
+    /// path computes instead of loading it.
     #[inline(always)]
-    pub(crate) fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
+    pub(crate) fn seq_pop<const COUNT_NOLOCK: bool>(
+        &self,
+        level0: *const SheafSlot,
+    ) -> Option<usize> {
+        crate::check!(level0 == self.level0, "a level-0 slot of another cache");
         let mode = if COUNT_NOLOCK {
             Mode::NoLock
         } else {
             Mode::Normal
         };
-        // A non-zero CPU count means `rseq` was chosen at init: `rseq_off`
-        // is glibc's registered area offset, and this heap has a slot group
-        // for every one of those CPUs laid out as the sequences expect
-        // (asserted above), living as long as the cache.
+        // A non-zero CPU count means `rseq` was chosen at init: `raw_offset`
+        // is glibc's registered area offset (this cache's `rseq_off`), and
+        // `level0` (this cache's, checked above) is CPU 0's level-0 slot of
+        // a slot per one of those CPUs, `LEVEL0_STRIDE` bytes apart, laid out
+        // as the sequences expect (asserted above), living as long as the
+        // cache.
         // SAFETY: as just said (with 0 CPUs the sequence touches nothing);
         // level-0 slots are changed only by sequences and by lock holders,
         // as `sync::rseq` prescribes.
         unsafe {
-            crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK>(
-                self.rseq_off,
-                self.slots.cast(),
+            crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK, LEVEL0_STRIDE>(
+                crate::sync::rseq::raw_offset(),
+                level0.cast(),
                 self.seq_cpus(mode),
             )
         }
@@ -636,22 +697,24 @@ impl Cache {
     #[inline(always)]
     fn fast_push(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
         if self.rseq {
-            return self.seq_push(obj, mode);
+            return self.seq_push(self.level0, obj, mode);
         }
         self.locked_push(pages, obj)
     }
 
     /// The free fast path of a validated object alone: `fast_push` with
-    /// rseq, the gate of `mode` applied (see `seq_pop`). `false`: the object
+    /// rseq, the gate of `mode` applied (see `seq_pop`, also for `level0`).
+    /// `false`: the object
     /// is still the caller's; hand it to [`free_miss`](Self::free_miss).
     #[inline(always)]
-    pub(crate) fn seq_push(&self, obj: usize, mode: Mode) -> bool {
+    pub(crate) fn seq_push(&self, level0: *const SheafSlot, obj: usize, mode: Mode) -> bool {
+        crate::check!(level0 == self.level0, "a level-0 slot of another cache");
         // SAFETY: as in `seq_pop`; `obj` is a validated object of this
         // cache being freed.
         unsafe {
-            crate::sync::rseq::sheaf_push(
-                self.rseq_off,
-                self.slots.cast(),
+            crate::sync::rseq::sheaf_push::<LEVEL0_STRIDE>(
+                crate::sync::rseq::raw_offset(),
+                level0.cast(),
                 self.seq_cpus(mode),
                 obj,
             )
@@ -1586,10 +1649,8 @@ impl Cache {
     /// slot.
     #[inline(always)]
     pub(crate) fn is_object_start(&self, addr: usize) -> bool {
-        let (rs, mo) = (self.recip_size, self.mask_objs);
-        let off = addr & (mo as u32 as usize);
-        let n = ((off as u64 * (rs as u32 as u64)) >> 32) as usize;
-        n * (rs >> 32) as usize == off && n < (mo >> 32) as usize
+        let off = addr as u32 & self.slab_mask;
+        (off as u64).wrapping_mul(self.div_magic) < self.div_magic && off < self.objects_end
     }
 
     #[cold]
@@ -1606,10 +1667,10 @@ impl Cache {
     }
 
     /// `off / size` for an offset inside a slab, by multiplication (exact
-    /// for multiples of `size`; see `recip_size`).
+    /// for multiples of `size`; see `recip`).
     #[inline(always)]
     fn index_in_slab(&self, off: usize) -> usize {
-        ((off as u64 * (self.recip_size as u32 as u64)) >> 32) as usize
+        ((off as u64 * self.recip as u64) >> 32) as usize
     }
 
     /// Accounted caches: the owner word of object `n` of the slab at `slab`.

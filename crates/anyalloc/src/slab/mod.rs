@@ -306,13 +306,22 @@ impl core::fmt::Debug for Heap {
 /// Where the caches start in the metadata area, from its start (the core).
 const CACHES_OFF: usize = core::mem::size_of::<HeapCore>().next_multiple_of(64);
 
+/// Where the per-CPU region starts in the metadata area: for each CPU, the
+/// level-0 slot of every cache, one cache line each in cache order
+/// (`cache::LEVEL0_STRIDE` bytes per CPU). A constant, so the fast path finds
+/// a cache's level-0 slots from the core's address and the class alone.
+const LEVEL0_OFF: usize =
+    (CACHES_OFF + CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+
 /// Where things are in the metadata area (bytes from its start, where the
-/// core is): the caches, every cache's slots packed together (they are
+/// core is): the caches, the per-CPU region of level-0 slots
+/// (`LEVEL0_OFF`), every cache's other slots packed together (they are
 /// written when the heap is built, so packing keeps that to a few pages),
 /// every cache's sheaves (written only once used), the huge table, and the
 /// total length.
 struct MetaLayout {
     caches: usize,
+    level0: usize,
     slots: usize,
     slots_per_cache: usize,
     sheaves: usize,
@@ -323,7 +332,8 @@ struct MetaLayout {
 
 fn meta_layout(cpus: usize) -> MetaLayout {
     let caches = CACHES_OFF;
-    let slots = caches + (CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+    let level0 = LEVEL0_OFF;
+    let slots = level0 + cpus * cache::LEVEL0_STRIDE;
     let slots_per_cache = cache_slot_bytes(cpus).next_multiple_of(64);
     let sheaves = (slots + CACHES * slots_per_cache).next_multiple_of(PAGE_SIZE);
     let sheaves_per_cache = cache_sheaf_bytes(cpus).next_multiple_of(64);
@@ -334,6 +344,7 @@ fn meta_layout(cpus: usize) -> MetaLayout {
     let total = huge;
     MetaLayout {
         caches,
+        level0,
         slots,
         slots_per_cache,
         sheaves,
@@ -461,6 +472,7 @@ impl Heap {
                         rseq_off,
                         key,
                     },
+                    meta.add(m.level0 + i * cache::SLOT_BYTES),
                     meta.add(m.slots + i * m.slots_per_cache),
                     meta.add(m.sheaves + i * m.sheaves_per_cache),
                 )
@@ -777,6 +789,16 @@ impl HeapCore {
         unsafe { &*caches.add(i) }
     }
 
+    /// CPU 0's level-0 slot of cache `i`, computed from the core's address
+    /// like [`cache`](Self::cache) (see `LEVEL0_OFF`).
+    #[inline(always)]
+    fn level0_of(&self, i: usize) -> *const cache::SheafSlot {
+        crate::check!(i < CACHES, "a cache index out of range");
+        (self as *const HeapCore)
+            .wrapping_byte_add(LEVEL0_OFF + i * cache::SLOT_BYTES)
+            .cast()
+    }
+
     #[inline(always)]
     fn cpu(&self) -> usize {
         self.pages.cpu()
@@ -800,7 +822,7 @@ impl HeapCore {
     fn alloc_by_class<const NOLOCK: bool>(&self, layout: Layout) -> Option<NonNull<u8>> {
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
             let cache = self.cache(c);
-            if let Some(obj) = cache.seq_pop::<NOLOCK>() {
+            if let Some(obj) = cache.seq_pop::<NOLOCK>(self.level0_of(c)) {
                 cache.clear_free_mark_of(obj, c);
                 return Some(self.handed_out(obj));
             }
@@ -1067,7 +1089,7 @@ impl HeapCore {
         if !cache.check_free_quick(&self.pages, addr, class) {
             return cache.free_checked(&self.pages, self.pages.first_zone(), addr, mode);
         }
-        if !cache.seq_push(addr, mode) {
+        if !cache.seq_push(self.level0_of(class), addr, mode) {
             cache.free_miss(&self.pages, addr, mode);
         }
     }

@@ -7,7 +7,7 @@
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
+pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
     _off: isize,
     _slots: *const u8,
     _cpus: usize,
@@ -20,7 +20,12 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push(_off: isize, _slots: *const u8, _cpus: usize, _obj: usize) -> bool {
+pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
+    _off: isize,
+    _slots: *const u8,
+    _cpus: usize,
+    _obj: usize,
+) -> bool {
     false
 }
 
@@ -29,7 +34,11 @@ pub(crate) unsafe fn sheaf_push(_off: isize, _slots: *const u8, _cpus: usize, _o
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn lock_slot(_off: isize, _slots: *const u8, _cpus: usize) -> Option<usize> {
+pub(crate) unsafe fn lock_slot<const STRIDE: usize>(
+    _off: isize,
+    _slots: *const u8,
+    _cpus: usize,
+) -> Option<usize> {
     None
 }
 

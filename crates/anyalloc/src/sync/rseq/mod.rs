@@ -94,9 +94,9 @@ pub(crate) use fallback::{lock_slot, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
 pub(crate) struct SeqTarget {
     /// glibc's rseq area offset (not read while `cpus` is 0).
     pub(crate) off: isize,
-    /// The slot groups, laid out as [`layout`] says.
+    /// The level-0 slots, laid out as [`layout`] says.
     pub(crate) slots: *const u8,
-    /// How many slot groups; 0 while there is no rseq fast path (the
+    /// How many CPUs have a slot; 0 while there is no rseq fast path (the
     /// sequences then fail before touching anything else).
     pub(crate) cpus: usize,
     /// The page descriptors whose indices the lists hold.
@@ -110,11 +110,14 @@ const _: () = {
     assert!(core::mem::offset_of!(SeqTarget, descs) == layout::TARGET_DESCS);
 };
 
-/// The memory layout the sequences work on: per CPU, a group of `LEVELS`
-/// slots `STRIDE` bytes long; the sequences use only the first (level 0).
+/// The memory layout the sequences work on: the level-0 slots of all CPUs
+/// side by side, `STRIDE` bytes apart (the other levels follow them, see
+/// `page::slot_index`; the sequences use only level 0).
 pub(crate) mod layout {
-    /// Bytes from one CPU's slot group to the next.
-    pub(crate) const STRIDE: usize = 3 * 64;
+    /// Bytes from one CPU's level-0 slot to the next: one slot.
+    pub(crate) const STRIDE: usize = 1 << STRIDE_SHIFT;
+    /// `log2(STRIDE)`: the sequences find a CPU's slot with a shift.
+    pub(crate) const STRIDE_SHIFT: usize = 6;
     /// The slot's lock byte (0: free).
     pub(crate) const SLOT_LOCK: usize = 0;
     /// The slot's main sheaf pointer.
@@ -157,6 +160,28 @@ pub(crate) fn area_offset() -> Option<isize> {
     // user code and never changed afterwards.
     let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
     (size != 0).then_some(offset)
+}
+
+/// glibc's `__rseq_offset` as it is, for the fast paths: meaningful only
+/// once [`area_offset`] said rseq is registered (the sequences run only
+/// then), read straight from glibc's global so that the load depends on
+/// nothing the caller computes.
+#[cfg(all(feature = "std", target_os = "linux", target_env = "gnu"))]
+#[inline(always)]
+pub(crate) fn raw_offset() -> isize {
+    extern "C" {
+        static __rseq_offset: isize;
+    }
+    // SAFETY: a plain read of a glibc global set before any thread runs
+    // user code and never changed afterwards.
+    unsafe { __rseq_offset }
+}
+
+/// Elsewhere there is no rseq area: the sequences never run.
+#[cfg(not(all(feature = "std", target_os = "linux", target_env = "gnu")))]
+#[inline(always)]
+pub(crate) fn raw_offset() -> isize {
+    0
 }
 
 /// The CPU id the kernel last wrote into this thread's rseq area at `off`

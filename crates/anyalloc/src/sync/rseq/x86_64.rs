@@ -17,7 +17,7 @@
 //! written once.
 //!
 //! Registers: `off` = `__rseq_offset`, `slots` = the slot array, `cpus` =
-//! CPUs with a slot group; scratch registers are named for what they hold.
+//! CPUs with a level-0 slot; scratch registers are named for what they hold.
 
 /// Opens a sequence (the first template piece of every `asm!` block): its
 /// descriptor, emitted into `__rseq_cs` (label 20; the section runs from
@@ -46,16 +46,19 @@ macro_rules! seq_start {
 }
 
 /// Inside a section: this CPU's level-0 slot into `t`, or a jump to
-/// `$fail` when this CPU has no slot group (`cpu_id >= cpus`, which also
-/// catches a failed registration's negative id) or the slot is held.
+/// `$fail` when this CPU has no slot (`cpu_id >= cpus`, which also catches
+/// a failed registration's negative id) or the slot is held. The slot is
+/// `slots + cpu * STRIDE`: object sequences pass their stride as the const
+/// operand `STRIDE`, page sequences (whose slots are `layout::STRIDE`
+/// apart) use the shift `STRIDE_SHIFT` (the `$scale` given).
 /// Operands: `t`, `off`, and the CPU count and slot array (registers
 /// `cpus` and `slots`, or the memory operands given); constants `CPU_ID`,
-/// `STRIDE`, `SLOT_LOCK`.
+/// `SLOT_LOCK`, and `STRIDE` or `STRIDE_SHIFT`.
 macro_rules! seq_find_slot {
     ($fail:literal) => {
-        seq_find_slot!($fail, "{cpus}", "{slots}")
+        seq_find_slot!($fail, "{cpus}", "{slots}", "imul {t}, {t}, {STRIDE}")
     };
-    ($fail:literal, $cpus:literal, $slots:literal) => {
+    ($fail:literal, $cpus:literal, $slots:literal, $scale:literal) => {
         concat!(
             "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]\n",
             "cmp {t}, ",
@@ -64,7 +67,8 @@ macro_rules! seq_find_slot {
             "jae ",
             $fail,
             "\n",
-            "imul {t}, {t}, {STRIDE}\n",
+            $scale,
+            "\n",
             "add {t}, ",
             $slots,
             "\n",
@@ -103,7 +107,7 @@ const BUSY: usize = 1;
 
 /// Pops an object from this CPU's level-0 main sheaf and, when `COUNT` (a
 /// nolock allocation), adds 1 to the slot's nolock counter. `None` when
-/// this CPU has no slot group, its slot is held, or its main sheaf is
+/// this CPU has no slot, its slot is held, or its main sheaf is
 /// empty (objects are never at address 0, so 0 means "none"):
 ///
 /// ```text
@@ -132,11 +136,12 @@ const BUSY: usize = 1;
 /// # Safety
 /// `cpus` is 0 (then nothing else is used), or: `off` is this thread's
 /// registered rseq offset ([`super::area_offset`]); `slots` points to
-/// `cpus` slot groups laid out as [`super::layout`] says, each main pointer
+/// the level-0 slots of `cpus` CPUs, `STRIDE` bytes apart, laid out as
+/// [`super::layout`] says, each main pointer
 /// a valid sheaf, live as long as the call; only sequences and lock holders
 /// (see the module documentation) change them.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
+pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
     off: isize,
     slots: *const u8,
     cpus: usize,
@@ -213,7 +218,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
 }
 
 /// Pushes `obj` onto this CPU's level-0 main sheaf; `false` (nothing
-/// changed) when this CPU has no slot group, its slot is held, or its main
+/// changed) when this CPU has no slot, its slot is held, or its main
 /// sheaf is full:
 ///
 /// ```text
@@ -232,7 +237,12 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool>(
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push(off: isize, slots: *const u8, cpus: usize, obj: usize) -> bool {
+pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
+    off: isize,
+    slots: *const u8,
+    cpus: usize,
+    obj: usize,
+) -> bool {
     // SAFETY: as in `sheaf_pop`; the store to `objs[n]` lies above the
     // count, where no other context looks until a commit covers it. The
     // failure label is outside the section, reached before any store.
@@ -284,7 +294,7 @@ const _: () = assert!(
 
 /// Pops a block from this CPU's level-0 page list of `order` (and, when
 /// `COUNT`, adds 1 to the slot's nolock counter). Returns its page index,
-/// or `u32::MAX` (the lists' `NIL`) when the target has no slot groups, this
+/// or `u32::MAX` (the lists' `NIL`) when the target has no slots, this
 /// CPU has none, its slot is held, or the list is empty:
 ///
 /// ```text
@@ -315,7 +325,8 @@ const _: () = assert!(
 /// # Safety
 /// `target` points to a live [`SeqTarget`] whose `cpus` is 0, or whose
 /// `off` is this thread's registered rseq offset ([`super::area_offset`]),
-/// `slots` `cpus` page slot groups laid out as [`super::layout`] says (see
+/// `slots` the level-0 page slots of `cpus` CPUs laid out as
+/// [`super::layout`] says (see
 /// `page::zone`), and `descs` the zone's descriptor array, holding every
 /// index on a list; only sequences and lock holders (see the module
 /// documentation) change the slots.
@@ -330,7 +341,12 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order:
             "cmp qword ptr [{tg} + {T_CPUS}], 0",
             "je 25f",
             seq_start!("mov {off}, qword ptr [{tg} + {T_OFF}]"),
-            seq_find_slot!("25f", "qword ptr [{tg} + {T_CPUS}]", "qword ptr [{tg} + {T_SLOTS}]"),
+            seq_find_slot!(
+                "25f",
+                "qword ptr [{tg} + {T_CPUS}]",
+                "qword ptr [{tg} + {T_SLOTS}]",
+                "shl {t}, {STRIDE_SHIFT}"
+            ),
             "mov {w}, qword ptr [{t} + {order} * 8 + {PCP_LISTS}]",
             "mov {idx:e}, {w:e}",
             "cmp {idx:e}, -1",
@@ -376,7 +392,7 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order:
             T_DESCS = const TARGET_DESCS,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
-            STRIDE = const STRIDE,
+            STRIDE_SHIFT = const STRIDE_SHIFT,
             SLOT_LOCK = const SLOT_LOCK,
             PCP_LISTS = const PCP_LISTS,
             PCP_NOLOCK_OK = const PCP_NOLOCK_OK,
@@ -415,7 +431,12 @@ pub(crate) unsafe fn pcp_push(target: *const SeqTarget, order: u32, idx: u32) ->
             "cmp qword ptr [{tg} + {T_CPUS}], 0",
             "je {fail}",
             seq_start!("mov {off}, qword ptr [{tg} + {T_OFF}]"),
-            seq_find_slot!("{fail}", "qword ptr [{tg} + {T_CPUS}]", "qword ptr [{tg} + {T_SLOTS}]"),
+            seq_find_slot!(
+                "{fail}",
+                "qword ptr [{tg} + {T_CPUS}]",
+                "qword ptr [{tg} + {T_SLOTS}]",
+                "shl {t}, {STRIDE_SHIFT}"
+            ),
             "mov {w}, qword ptr [{t} + {order} * 8 + {PCP_LISTS}]",
             "mov {off}, {idx}", // off: the block's descriptor
             "shl {off}, 5",
@@ -442,7 +463,7 @@ pub(crate) unsafe fn pcp_push(target: *const SeqTarget, order: u32, idx: u32) ->
             T_DESCS = const TARGET_DESCS,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
-            STRIDE = const STRIDE,
+            STRIDE_SHIFT = const STRIDE_SHIFT,
             SLOT_LOCK = const SLOT_LOCK,
             PCP_LISTS = const PCP_LISTS,
             DESC_NEXT = const DESC_NEXT,
@@ -476,7 +497,11 @@ pub(crate) unsafe fn pcp_push(target: *const SeqTarget, order: u32, idx: u32) ->
 /// As for [`sheaf_pop`]. The caller releases the lock (a Release store of
 /// 0) through the slot's guard.
 #[inline(always)]
-pub(crate) unsafe fn lock_slot(off: isize, slots: *const u8, cpus: usize) -> Option<usize> {
+pub(crate) unsafe fn lock_slot<const STRIDE: usize>(
+    off: isize,
+    slots: *const u8,
+    cpus: usize,
+) -> Option<usize> {
     let st: usize;
     let cpu: usize;
     // SAFETY: as in `sheaf_pop`; the committing instruction is the CAS.
