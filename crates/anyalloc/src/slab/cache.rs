@@ -354,6 +354,30 @@ pub(crate) fn cache_sheaf_bytes(cpus: usize) -> usize {
     (cpus * LEVELS * 2 + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
 }
 
+/// The divisibility constant of `size` (see `Cache::div_magic`).
+const fn div_magic(size: u32) -> u64 {
+    u64::MAX / size as u64 + 1
+}
+
+/// Whether `off` is a multiple of the size whose [`div_magic`] is `magic`:
+/// exact for every 32-bit `off` (Lemire, Kaser and Kurz).
+#[inline(always)]
+fn is_multiple(off: u32, magic: u64) -> bool {
+    (off as u64).wrapping_mul(magic) < magic
+}
+
+/// `ceil(2^32 / size)` (see `Cache::recip`).
+const fn recip(size: u32) -> u32 {
+    (1u64 << 32).div_ceil(size as u64) as u32
+}
+
+/// `off / size` for an offset inside a slab that is a multiple of `size`,
+/// from `size`'s [`recip`].
+#[inline(always)]
+fn index_by_recip(off: u32, recip: u32) -> usize {
+    ((off as u64 * recip as u64) >> 32) as usize
+}
+
 /// Bytes at a slab's end reserved for the `debug-checks` bitmap.
 const fn bitmap_bytes(c: usize) -> usize {
     let bytes = PAGE_SIZE << class::slab_order(c);
@@ -436,10 +460,10 @@ impl Cache {
                 accounted,
                 index,
                 size: SIZES[class] as usize,
-                div_magic: u64::MAX / SIZES[class] as u64 + 1,
+                div_magic: div_magic(SIZES[class]),
                 slab_mask: ((PAGE_SIZE << class::slab_order(class)) - 1) as u32,
                 objects_end: (objects_per_slab(class, accounted) * SIZES[class] as usize) as u32,
-                recip: (1u64 << 32).div_ceil(SIZES[class] as u64) as u32,
+                recip: recip(SIZES[class]),
                 order: class::slab_order(class),
                 objs: objects_per_slab(class, accounted),
                 node: Node {
@@ -1650,7 +1674,7 @@ impl Cache {
     #[inline(always)]
     pub(crate) fn is_object_start(&self, addr: usize) -> bool {
         let off = addr as u32 & self.slab_mask;
-        (off as u64).wrapping_mul(self.div_magic) < self.div_magic && off < self.objects_end
+        is_multiple(off, self.div_magic) && off < self.objects_end
     }
 
     #[cold]
@@ -1670,7 +1694,7 @@ impl Cache {
     /// for multiples of `size`; see `recip`).
     #[inline(always)]
     fn index_in_slab(&self, off: usize) -> usize {
-        ((off as u64 * self.recip as u64) >> 32) as usize
+        index_by_recip(off as u32, self.recip)
     }
 
     /// Accounted caches: the owner word of object `n` of the slab at `slab`.
@@ -1747,25 +1771,35 @@ impl Cache {
 mod tests {
     use super::*;
 
-    /// The reciprocal division used by validation is exact: for every class
-    /// and every byte offset in a slab, the computed index times the size
-    /// equals the offset exactly when the offset is an object boundary.
+    /// Validation's arithmetic is exact for every class and every byte
+    /// offset in a slab: the divisibility test says "multiple of the size"
+    /// exactly for object boundaries, and the reciprocal gives their index.
     #[test]
-    fn reciprocal_index_is_exact_for_every_offset() {
+    fn validation_arithmetic_is_exact_for_every_offset() {
         for (c, &size) in SIZES.iter().enumerate() {
-            let size = size as usize;
-            let recip = (1u64 << 32).div_ceil(size as u64);
-            let bytes = PAGE_SIZE << class::slab_order(c);
+            let (magic, r) = (div_magic(size), recip(size));
+            let bytes = (PAGE_SIZE << class::slab_order(c)) as u32;
             for off in 0..bytes {
-                let n = ((off as u64 * recip) >> 32) as usize;
                 assert_eq!(
-                    n * size == off,
+                    is_multiple(off, magic),
                     off % size == 0,
                     "class {size}, offset {off}"
                 );
                 if off % size == 0 {
-                    assert_eq!(n, off / size);
+                    assert_eq!(index_by_recip(off, r), (off / size) as usize);
                 }
+            }
+        }
+        // The test holds for any 32-bit offset, not only inside a slab.
+        for &size in SIZES.iter() {
+            let magic = div_magic(size);
+            for off in [
+                u32::MAX,
+                u32::MAX - size + 1,
+                u32::MAX / size * size,
+                1 << 31,
+            ] {
+                assert_eq!(is_multiple(off, magic), off % size == 0, "{size} {off}");
             }
         }
     }
