@@ -324,21 +324,22 @@ fn double_free_of_an_object_in_the_barn_aborts() {
         "double free of object",
         || {
             let h = heap();
-            let objs = allocs(h, 64, 100);
-            let a = objs[99];
-            // 30 fill main, 1 more swaps it to spare; then a and 29 more
-            // fill main again, and the next free trades that full main
+            let cap = h.stats().classes[10].sheaf_capacity;
+            let objs = allocs(h, 64, 2 * cap + 40);
+            let a = objs[2 * cap + 39];
+            // `cap` fill main, 1 more swaps it to spare; then a and cap - 1
+            // more fill main again, and the next free trades that full main
             // (with a in it), and the full spare, for empty barn sheaves.
-            for &p in &objs[..31] {
+            for &p in &objs[..cap + 1] {
                 free(h, p);
             }
             free(h, a);
-            for &p in &objs[31..61] {
+            for &p in &objs[cap + 1..2 * cap + 1] {
                 free(h, p);
             }
             assert_eq!(
                 h.stats().classes[10].cached_in_barn,
-                60,
+                2 * cap,
                 "a's sheaf (and the spare) in the barn"
             );
             free(h, a);
@@ -458,8 +459,11 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
                 .unwrap(),
             ));
             H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
-            let objs = allocs(h, 64, 100);
-            VICTIM.store(objs[99].as_ptr() as usize, Ordering::Relaxed);
+            // Enough objects for a flush (two full sheaves) before the last.
+            let cap = h.stats().classes[10].sheaf_capacity;
+            let objs = allocs(h, 64, 2 * cap + 40);
+            let victim = objs[2 * cap + 39];
+            VICTIM.store(victim.as_ptr() as usize, Ordering::Relaxed);
             set_hook(Some(hook));
             let mut i = 0;
             while STAGE.load(Ordering::Relaxed) != 3 {
@@ -468,7 +472,7 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
             }
             set_hook(None);
             assert_eq!(h.stats().classes[10].deferred, 1, "the victim is deferred");
-            free(h, objs[99]);
+            free(h, victim);
         },
     );
 }

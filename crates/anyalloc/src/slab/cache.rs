@@ -89,8 +89,28 @@ const _: () = {
     }
 };
 
-/// Object pointers per sheaf (the sheaf is 256 bytes).
-pub(crate) const SHEAF_CAP: usize = 30;
+/// Object pointers a sheaf has room for (the sheaf is 1 KiB); a class uses
+/// [`sheaf_capacity`] of them.
+pub(crate) const SHEAF_CAP: usize = 126;
+/// Bytes of objects a sheaf of a class holds at most, unless that is fewer
+/// than 30 objects: 30 objects of 256 bytes and above, up to `SHEAF_CAP`
+/// of the smallest. Small objects come and go in larger numbers, and a
+/// sheaf of them is cheap to keep; large ones keep the caches' memory
+/// bounded.
+const SHEAF_BYTES: usize = 30 * 256;
+
+/// Objects per sheaf of class `c`: `SHEAF_BYTES` of them, between 30 and
+/// `SHEAF_CAP`.
+pub(crate) const fn sheaf_capacity(c: usize) -> usize {
+    let n = SHEAF_BYTES / SIZES[c] as usize;
+    if n < 30 {
+        30
+    } else if n > SHEAF_CAP {
+        SHEAF_CAP
+    } else {
+        n
+    }
+}
 /// Sheaves in each cache's barn.
 pub(crate) const BARN_SHEAVES: usize = 32;
 /// At most this many bytes of free objects wait in full barn sheaves per
@@ -119,7 +139,7 @@ pub(crate) struct Sheaf {
     objs: [AtomicUsize; SHEAF_CAP],
 }
 
-const _: () = assert!(core::mem::size_of::<Sheaf>() == 256);
+const _: () = assert!(core::mem::size_of::<Sheaf>() == 1024);
 
 // The rseq sequences' view of a sheaf and a slot (`sync::rseq::layout`).
 // (Under loom the lock is loom's model type, and rseq is never used.)
@@ -132,6 +152,7 @@ const _: () = {
     assert!(core::mem::offset_of!(SheafSlot, lock) == l::SLOT_LOCK);
     assert!(core::mem::offset_of!(SheafSlot, main) == l::SLOT_MAIN);
     assert!(core::mem::offset_of!(SheafSlot, nolock_ok) == l::SLOT_NOLOCK_OK);
+    assert!(core::mem::offset_of!(SheafSlot, cap) == l::SLOT_CAP);
     assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
     assert!(core::mem::size_of::<SlotLock>() == 1);
 };
@@ -150,10 +171,11 @@ impl Sheaf {
         self.count.store(n - 1, Ordering::Relaxed);
         Some(self.objs[n - 1].load(Ordering::Relaxed))
     }
+    /// Pushes `obj` unless the sheaf holds `cap` objects already.
     #[inline]
-    fn push(&self, obj: usize) -> bool {
+    fn push(&self, obj: usize, cap: usize) -> bool {
         let n = self.len();
-        if n == SHEAF_CAP {
+        if n >= cap {
             return false;
         }
         self.objs[n].store(obj, Ordering::Relaxed);
@@ -181,6 +203,10 @@ pub(crate) struct SheafSlot {
     /// Set when an allocation found this slot empty; the maintainer keeps
     /// such slots stocked. Cleared by drain.
     demand: core::sync::atomic::AtomicU32,
+    /// Objects its sheaves hold at most (the class's `sheaf_capacity`),
+    /// here for the push sequence, which finds it on the line it reads
+    /// anyway. Never changes.
+    cap: u32,
     /// Maintenance: for how many passes the slot's sheaves have not changed.
     idle: IdleWatch,
 }
@@ -253,6 +279,9 @@ pub struct ClassStats {
     pub objects_in_use: usize,
     /// Slabs the class holds.
     pub slabs: usize,
+    /// Objects a sheaf of this class holds: 30 for objects of 256 bytes and
+    /// up, more for smaller ones (about 7.5 KiB of objects, at most 126).
+    pub sheaf_capacity: usize,
     /// Free objects cached in per-CPU sheaves.
     pub cached_in_sheaves: usize,
     /// Free objects cached in full sheaves in the barn.
@@ -293,6 +322,8 @@ pub(crate) struct Cache {
     recip: u32,
     order: u32,
     objs: usize,
+    /// Objects per sheaf (`sheaf_capacity`).
+    cap: usize,
     node: Node,
     deferred: IndexStack,
     deferred_count: AtomicUsize,
@@ -466,6 +497,7 @@ impl Cache {
                 recip: recip(SIZES[class]),
                 order: class::slab_order(class),
                 objs: objects_per_slab(class, accounted),
+                cap: sheaf_capacity(class),
                 node: Node {
                     lock: ZoneLock::new(),
                     full: AtomicPtr::new(core::ptr::null_mut()),
@@ -501,6 +533,7 @@ impl Cache {
                     spare: AtomicPtr::new(sheaves.add(2 * i + 1)),
                     nolock_ok: AtomicU64::new(0),
                     demand: core::sync::atomic::AtomicU32::new(0),
+                    cap: sheaf_capacity(class) as u32,
                     idle: IdleWatch::new(),
                 });
             }
@@ -753,7 +786,7 @@ impl Cache {
             return false;
         };
         crate::interrupt_point!(SheafFree);
-        slot.main().push(obj)
+        slot.main().push(obj, self.cap)
     }
 
     /// Normal-path allocation: deferred frees first, then the slot (spare,
@@ -896,11 +929,11 @@ impl Cache {
         let first = self.take_object(&node, pages, mode)?;
         // Fill main from the slabs that have free objects; don't make new
         // slabs just to fill a sheaf.
-        while main.len() < SHEAF_CAP && !self.partial_is_empty(pages) {
+        while main.len() < self.cap && !self.partial_is_empty(pages) {
             crate::interrupt_point!(SheafRefill);
             match self.take_object(&node, pages, mode) {
                 Ok(o) => {
-                    main.push(o);
+                    main.push(o, self.cap);
                 }
                 Err(_) => break,
             }
@@ -1177,16 +1210,16 @@ impl Cache {
                     .hex(obj),
             );
         }
-        if main.push(obj) {
+        if main.push(obj, self.cap) {
             return Ok(());
         }
-        if slot.spare().len() < SHEAF_CAP {
+        if slot.spare().len() < self.cap {
             slot.swap(g);
-            slot.main().push(obj);
+            slot.main().push(obj, self.cap);
             return Ok(());
         }
         self.flush(slot, g, pages, mode)?;
-        slot.main().push(obj);
+        slot.main().push(obj, self.cap);
         Ok(())
     }
 
@@ -1209,7 +1242,7 @@ impl Cache {
         if self.trade_for_empty(&slot.main, &node) {
             // Flush runs when the spare is full too: trade it as well when
             // the barn has room, so the next flush comes two sheaves later.
-            if slot.spare().len() == SHEAF_CAP {
+            if slot.spare().len() >= self.cap {
                 self.trade_for_empty(&slot.spare, &node);
             }
             return Ok(());
@@ -1252,7 +1285,7 @@ impl Cache {
     /// or no empty sheaf.
     fn trade_for_empty(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
         let room =
-            (self.node.barn_objects.load(Ordering::Relaxed) + SHEAF_CAP) * self.size <= BARN_BYTES;
+            (self.node.barn_objects.load(Ordering::Relaxed) + self.cap) * self.size <= BARN_BYTES;
         if !room {
             return false;
         }
@@ -1401,7 +1434,7 @@ impl Cache {
                 slot.demand.store(0, Ordering::Relaxed);
                 continue;
             }
-            if slot.demand.load(Ordering::Relaxed) == 0 || slot.cached() >= SHEAF_CAP / 2 {
+            if slot.demand.load(Ordering::Relaxed) == 0 || slot.cached() >= self.cap / 2 {
                 continue;
             }
             let Some((_, g)) = self.lock_remote(i) else {
@@ -1416,7 +1449,7 @@ impl Cache {
             if let Ok(o) = filled {
                 // A refill from the slabs can fill the sheaf completely
                 // besides the object it returns: then that one goes back.
-                if !slot.main().push(o) && !slot.spare().push(o) {
+                if !slot.main().push(o, self.cap) && !slot.spare().push(o, self.cap) {
                     match self.node.lock.lock_in(Mode::Normal, pages.platform()) {
                         Some(node) => self.return_to_slab(o, pages, &node, Mode::Normal),
                         None => self.defer(o),
@@ -1490,6 +1523,7 @@ impl Cache {
             size: self.size,
             objects_in_use: out.saturating_sub(cached_in_sheaves + cached_in_barn + deferred),
             slabs: self.slabs.load(Ordering::Relaxed),
+            sheaf_capacity: self.cap,
             cached_in_sheaves,
             cached_in_barn,
             deferred,

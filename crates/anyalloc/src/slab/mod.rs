@@ -1602,6 +1602,7 @@ impl HeapCore {
             let cs = cache.stats();
             let c = &mut s.classes[i % CLASSES];
             c.size = cs.size;
+            c.sheaf_capacity = cs.sheaf_capacity;
             c.objects_in_use += cs.objects_in_use;
             c.slabs += cs.slabs;
             c.cached_in_sheaves += cs.cached_in_sheaves;

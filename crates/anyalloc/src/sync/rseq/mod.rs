@@ -124,12 +124,14 @@ pub(crate) mod layout {
     pub(crate) const SLOT_MAIN: usize = 8;
     /// The slot's count of nolock allocations served (u64).
     pub(crate) const SLOT_NOLOCK_OK: usize = 24;
+    /// The slot's sheaf capacity (u32).
+    pub(crate) const SLOT_CAP: usize = 36;
     /// The sheaf's object count (u64).
     pub(crate) const SHEAF_COUNT: usize = 0;
     /// The sheaf's object array (u64 each).
     pub(crate) const SHEAF_OBJS: usize = 16;
-    /// Objects a sheaf holds.
-    pub(crate) const SHEAF_CAP: usize = 30;
+    /// Objects a sheaf has room for (a class uses the slot's `SLOT_CAP`).
+    pub(crate) const SHEAF_CAP: usize = 126;
     /// A page slot's list words, one per order (u64: head index in the low
     /// half, block count in the high half). Page slots have the object
     /// slots' `STRIDE` and lock byte.

@@ -226,7 +226,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu, slot as in sheaf_pop;      false if none or held
 ///          sheaf = slot.main; n = sheaf.count
-///          if n == CAP: false
+///          if n >= slot.cap: false        (the class's sheaf capacity)
 ///          sheaf.objs[n] = obj            (above the count: invisible)
 ///          sheaf.count = n + 1            // commit
 /// ```
@@ -252,10 +252,14 @@ pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
             "jz {fail}",
             seq_start!(),
             seq_find_slot!("{fail}"),
-            "mov {t}, qword ptr [{t} + {SLOT_MAIN}]", // t: the sheaf
-            "mov {n}, qword ptr [{t} + {SHEAF_COUNT}]",
-            "cmp {n}, {CAP}",
+            // The capacity is the slot's, so the sheaf passes through `n`
+            // until the slot is no longer needed: t = cap, then t = sheaf.
+            "mov {n}, qword ptr [{t} + {SLOT_MAIN}]",
+            "mov {t:e}, dword ptr [{t} + {SLOT_CAP}]",
+            "cmp qword ptr [{n} + {SHEAF_COUNT}], {t}",
             "jae {fail}",
+            "mov {t}, {n}",
+            "mov {n}, qword ptr [{t} + {SHEAF_COUNT}]",
             "mov qword ptr [{t} + {n} * 8 + {SHEAF_OBJS}], {obj}",
             "inc {n}",
             "mov qword ptr [{t} + {SHEAF_COUNT}], {n}", // commit
@@ -276,7 +280,7 @@ pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
             SLOT_MAIN = const SLOT_MAIN,
             SHEAF_COUNT = const SHEAF_COUNT,
             SHEAF_OBJS = const SHEAF_OBJS,
-            CAP = const SHEAF_CAP,
+            SLOT_CAP = const SLOT_CAP,
             SIG = const RSEQ_SIG,
             fail = label {
                 return false;
