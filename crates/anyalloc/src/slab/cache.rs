@@ -1585,6 +1585,7 @@ impl Cache {
 
     /// A free whose quick key test could not decide: the full test
     /// ([`check_free`](Self::check_free)), then the free of `mode`.
+    #[cold]
     #[inline(never)]
     pub(crate) fn free_checked(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
         self.check_free(pages, zone, obj, mode);

@@ -818,21 +818,44 @@ impl HeapCore {
     /// Both allocation paths' fast path: a table class, and this CPU's main
     /// sheaf. Every other case is one tail call to the general path of the
     /// mode, so the fast path needs no stack frame of its own.
+    ///
+    /// The tiny classes (8 and 12 bytes), whose key word is at offset 0
+    /// rather than 8, take an out-of-line copy of it (`alloc_tiny`), so that
+    /// here the key word's place is a constant: one predicted branch instead
+    /// of computing an address from the class.
     #[inline(always)]
     fn alloc_by_class<const NOLOCK: bool>(&self, layout: Layout) -> Option<NonNull<u8>> {
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
-            let cache = self.cache(c);
-            if let Some(obj) = cache.seq_pop::<NOLOCK>(self.level0_of(c)) {
-                cache.clear_free_mark_of(obj, c);
-                return Some(self.handed_out(obj));
+            if c < cache::FIRST_KEYED_CLASS {
+                return self.alloc_tiny::<NOLOCK>(c);
             }
-            return self.alloc_class_general::<NOLOCK>(c);
+            return self.alloc_in_class::<NOLOCK>(c);
         }
         if NOLOCK {
             self.alloc_nolock_general(layout)
         } else {
             self.alloc_general(layout)
         }
+    }
+
+    /// `alloc_by_class` for a tiny class (see there). Marked cold so that
+    /// the fast path's code falls through for the other classes.
+    #[cold]
+    #[inline(never)]
+    fn alloc_tiny<const NOLOCK: bool>(&self, c: usize) -> Option<NonNull<u8>> {
+        self.alloc_in_class::<NOLOCK>(c)
+    }
+
+    /// The allocation fast path for class `c`: this CPU's main sheaf, or
+    /// one tail call to the general path of the mode.
+    #[inline(always)]
+    fn alloc_in_class<const NOLOCK: bool>(&self, c: usize) -> Option<NonNull<u8>> {
+        let cache = self.cache(c);
+        if let Some(obj) = cache.seq_pop::<NOLOCK>(self.level0_of(c)) {
+            cache.clear_free_mark_of(obj, c);
+            return Some(self.handed_out(obj));
+        }
+        self.alloc_class_general::<NOLOCK>(c)
     }
 
     /// The general path of the mode for a request that class `c` serves.
@@ -1071,8 +1094,36 @@ impl HeapCore {
     ///
     /// # Safety
     /// As for `Heap::free`, for `addr`.
+    ///
+    /// Tiny classes take an out-of-line copy (`free_tiny`), as in
+    /// `alloc_by_class`, so that here the key word's place is a constant.
     #[inline(always)]
     unsafe fn free_plain<const NOLOCK: bool>(&self, class: usize, idx: u32, addr: usize) {
+        if class < cache::FIRST_KEYED_CLASS {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_tiny::<NOLOCK>(class, idx, addr) };
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.free_in_class::<NOLOCK>(class, idx, addr) }
+    }
+
+    /// `free_plain` for a tiny class (cold: see `alloc_tiny`).
+    ///
+    /// # Safety
+    /// As for `free_plain`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_tiny<const NOLOCK: bool>(&self, class: usize, idx: u32, addr: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_in_class::<NOLOCK>(class, idx, addr) }
+    }
+
+    /// The body of `free_plain`.
+    ///
+    /// # Safety
+    /// As for `free_plain`.
+    #[inline(always)]
+    unsafe fn free_in_class<const NOLOCK: bool>(&self, class: usize, idx: u32, addr: usize) {
         let mode = if NOLOCK { Mode::NoLock } else { Mode::Normal };
         let cache = self.cache(class);
         if !cache.is_object_start(addr) {
