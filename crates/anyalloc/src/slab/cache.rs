@@ -120,8 +120,9 @@ const BARN_BYTES: usize = 256 << 10;
 /// Empty slabs a cache keeps before returning slabs to the page allocator.
 const EMPTY_SLAB_RESERVE: usize = 1;
 
-/// Bytes of a sheaf slot (one cache line).
-pub(crate) const SLOT_BYTES: usize = 64;
+/// Bytes of a sheaf slot: a cache line of bookkeeping, then its main
+/// sheaf.
+pub(crate) const SLOT_BYTES: usize = 64 + core::mem::size_of::<Sheaf>();
 const _: () = assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
 
 /// Bytes from one CPU's level-0 slot of a cache to the next CPU's: the heap
@@ -131,8 +132,9 @@ const _: () = assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
 /// the class, without a load (`HeapCore::level0_of`).
 pub(crate) const LEVEL0_STRIDE: usize = super::CACHES * SLOT_BYTES;
 
-/// An array of free object pointers.
-#[repr(C)]
+/// An array of free object pointers (cache-line aligned: a slot's main
+/// sheaf starts the slot's second line).
+#[repr(C, align(64))]
 pub(crate) struct Sheaf {
     count: AtomicUsize,
     next: AtomicPtr<Sheaf>,
@@ -158,6 +160,35 @@ const _: () = {
 };
 
 impl Sheaf {
+    /// Exchanges the objects of two sheaves (both held by the caller).
+    ///
+    /// The common cases, one of them empty, copy one way only. Each count
+    /// is stored after the objects it covers, the receiving one first, so
+    /// `is_free`'s unlocked scan finds every object in one of the two at
+    /// every moment.
+    fn exchange(&self, other: &Sheaf) {
+        let (a, b) = (self.len(), other.len());
+        if a == 0 || b == 0 {
+            let (from, to, n) = if a == 0 {
+                (other, self, b)
+            } else {
+                (self, other, a)
+            };
+            for (t, f) in to.objs[..n].iter().zip(&from.objs[..n]) {
+                t.store(f.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            to.count.store(n, Ordering::Relaxed);
+            from.count.store(0, Ordering::Relaxed);
+            return;
+        }
+        for i in 0..a.max(b) {
+            let x = self.objs[i].load(Ordering::Relaxed);
+            self.objs[i].store(other.objs[i].load(Ordering::Relaxed), Ordering::Relaxed);
+            other.objs[i].store(x, Ordering::Relaxed);
+        }
+        self.count.store(b, Ordering::Relaxed);
+        other.count.store(a, Ordering::Relaxed);
+    }
     #[inline]
     fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
@@ -193,11 +224,12 @@ impl Sheaf {
     }
 }
 
-/// One CPU's (at one context level) sheaves of one cache.
+/// One CPU's (at one context level) sheaves of one cache: the main sheaf
+/// inside the slot (the fast paths reach its count with no pointer to
+/// load), the spare one by pointer (it is traded with the barn whole).
 #[repr(C, align(64))]
 pub(crate) struct SheafSlot {
     pub(crate) lock: SlotLock,
-    main: AtomicPtr<Sheaf>,
     spare: AtomicPtr<Sheaf>,
     pub(crate) nolock_ok: AtomicU64,
     /// Set when an allocation found this slot empty; the maintainer keeps
@@ -205,34 +237,46 @@ pub(crate) struct SheafSlot {
     demand: core::sync::atomic::AtomicU32,
     /// Objects its sheaves hold at most (the class's `sheaf_capacity`),
     /// here for the push sequence, which finds it on the line it reads
-    /// anyway. Never changes.
-    cap: u32,
+    /// anyway. 0 until the slot is first taken (`Cache::prepare`), which
+    /// makes every push sequence fail until then.
+    cap: core::sync::atomic::AtomicU32,
     /// Maintenance: for how many passes the slot's sheaves have not changed.
     idle: IdleWatch,
+    main: Sheaf,
 }
 
 impl SheafSlot {
     #[inline]
     fn main(&self) -> &Sheaf {
-        // SAFETY: main always points to one of the cache's sheaves, which
-        // live in the heap's metadata area as long as the heap (init).
-        unsafe { &*self.main.load(Ordering::Relaxed) }
+        &self.main
     }
+    /// The spare sheaf, for a holder of a prepared slot (every slot a
+    /// `Cache` hands out locked is prepared).
     #[inline]
     fn spare(&self) -> &Sheaf {
-        // SAFETY: as for `main`.
-        unsafe { &*self.spare.load(Ordering::Relaxed) }
+        let p = self.spare.load(Ordering::Relaxed);
+        crate::check!(!p.is_null(), "the spare sheaf of a slot never prepared");
+        // SAFETY: once prepared, spare always points to one of the cache's
+        // sheaves, which live in the heap's metadata area as long as the
+        // heap (init).
+        unsafe { &*p }
     }
+    /// The spare sheaf, if the slot was ever prepared (for readers that
+    /// do not hold the slot).
+    #[inline]
+    fn spare_if_any(&self) -> Option<&Sheaf> {
+        // SAFETY: null, or as in `spare`.
+        unsafe { self.spare.load(Ordering::Relaxed).as_ref() }
+    }
+    /// Exchanges the contents of main and spare (slot held: no sequence
+    /// and no other holder looks at either but `is_free`'s racy scan).
     #[inline]
     fn swap(&self, _g: &SlotGuard<'_>) {
-        let m = self.main.load(Ordering::Relaxed);
-        self.main
-            .store(self.spare.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.spare.store(m, Ordering::Relaxed);
+        self.main.exchange(self.spare());
     }
     /// Objects cached in this slot (racy).
     pub(crate) fn cached(&self) -> usize {
-        self.main().len() + self.spare().len()
+        self.main().len() + self.spare_if_any().map_or(0, Sheaf::len)
     }
 }
 
@@ -332,6 +376,9 @@ pub(crate) struct Cache {
     /// The slots of the other levels, level by level (`slot_index`):
     /// `(LEVELS - 1) * cpus` of them.
     slots: *const SheafSlot,
+    /// The cache's sheaves outside its slots: the spare of slot `i` is
+    /// sheaf `i`, the barn's follow.
+    sheaves: *mut Sheaf,
     /// All slots: `cpus * LEVELS`.
     nslots: usize,
     cpus: usize,
@@ -380,9 +427,10 @@ pub(crate) fn cache_slot_bytes(cpus: usize) -> usize {
     cpus * (LEVELS - 1) * SLOT_BYTES
 }
 
-/// Bytes of one cache's sheaves (zero-filled, written only once used).
+/// Bytes of one cache's sheaves outside its slots (the spare sheaves and
+/// the barn's; zero-filled, written only once used).
 pub(crate) fn cache_sheaf_bytes(cpus: usize) -> usize {
-    (cpus * LEVELS * 2 + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
+    (cpus * LEVELS + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
 }
 
 /// The divisibility constant of `size` (see `Cache::div_magic`).
@@ -474,13 +522,6 @@ impl Cache {
         let nslots = cpus * LEVELS;
         let slots = slot_meta as *mut SheafSlot;
         let level0 = level0 as *mut SheafSlot;
-        let slot_at = |i: usize| {
-            if i < cpus {
-                level0.wrapping_byte_add(i * LEVEL0_STRIDE)
-            } else {
-                slots.wrapping_add(i - cpus)
-            }
-        };
         let sheaves = sheaf_meta as *mut Sheaf;
         // SAFETY: per the contract, all of it is ours to write; sheaves are
         // zero-filled, i.e. valid empty sheaves.
@@ -503,7 +544,7 @@ impl Cache {
                     full: AtomicPtr::new(core::ptr::null_mut()),
                     empty: AtomicPtr::new(core::ptr::null_mut()),
                     fresh: AtomicUsize::new(BARN_SHEAVES),
-                    barn: sheaves.add(2 * nslots),
+                    barn: sheaves.add(nslots),
                     barn_objects: AtomicUsize::new(0),
                     partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
                     empty_slabs: AtomicUsize::new(0),
@@ -514,6 +555,7 @@ impl Cache {
                 deferred_count: AtomicUsize::new(0),
                 level0,
                 slots,
+                sheaves,
                 nslots,
                 cpus,
                 rseq: rseq_off.is_some(),
@@ -526,17 +568,10 @@ impl Cache {
                 fail_empty: AtomicU64::new(0),
                 free_deferred: AtomicU64::new(0),
             });
-            for i in 0..nslots {
-                slot_at(i).write(SheafSlot {
-                    lock: SlotLock::new(),
-                    main: AtomicPtr::new(sheaves.add(2 * i)),
-                    spare: AtomicPtr::new(sheaves.add(2 * i + 1)),
-                    nolock_ok: AtomicU64::new(0),
-                    demand: core::sync::atomic::AtomicU32::new(0),
-                    cap: sheaf_capacity(class) as u32,
-                    idle: IdleWatch::new(),
-                });
-            }
+            // The slots are left as the zero-filled metadata: a free lock,
+            // an empty main sheaf, no spare and capacity 0, which `prepare`
+            // completes when the slot is first taken. So building a heap
+            // makes none of them resident.
         }
     }
 
@@ -595,6 +630,20 @@ impl Cache {
         unsafe { &*slot }
     }
 
+    /// Completes slot `i` the first time it is taken (the heap leaves
+    /// slots zero-filled, see `init`): its spare sheaf and its capacity,
+    /// which opens it to the push sequence. The holder's guard is the proof
+    /// that nobody else writes it.
+    #[inline]
+    fn prepare(&self, i: usize, slot: &SheafSlot, _g: &SlotGuard<'_>) {
+        if slot.cap.load(Ordering::Relaxed) == 0 {
+            crate::check!(i < self.nslots, "a slot index out of range");
+            slot.spare
+                .store(self.sheaves.wrapping_add(i), Ordering::Relaxed);
+            slot.cap.store(self.cap as u32, Ordering::Relaxed);
+        }
+    }
+
     /// Takes this CPU's slot at `level` for a slow path of this context. With
     /// rseq, the level-0 slot is taken by the lock sequence (ordered with
     /// every fast-path sequence on the CPU it runs on, whose slot it
@@ -612,10 +661,15 @@ impl Cache {
             }?;
             let slot = self.slot(cpu, 0);
             // SAFETY: the lock sequence just set this slot's flag for us.
-            return Some((slot, unsafe { slot.lock.adopt() }));
+            let g = unsafe { slot.lock.adopt() };
+            self.prepare(slot_index(cpu, self.cpus, 0), slot, &g);
+            return Some((slot, g));
         }
-        let slot = self.slot(cpu, level);
-        slot.lock.try_lock().map(|g| (slot, g))
+        let i = slot_index(cpu, self.cpus, level);
+        let slot = self.slot_at(i);
+        let g = slot.lock.try_lock()?;
+        self.prepare(i, slot, &g);
+        Some((slot, g))
     }
 
     /// Takes slot `i` (of `nslots`) from a context that may be on any CPU:
@@ -629,6 +683,7 @@ impl Cache {
         if self.rseq && i < self.cpus && !crate::sync::rseq::fence_cpu(i) {
             return None; // cannot stop that CPU's sequences: leave the slot
         }
+        self.prepare(i, slot, &g);
         Some((slot, g))
     }
 
@@ -857,7 +912,8 @@ impl Cache {
         }
         for other in (0..self.cpus).filter(|&c| c != cpu % self.cpus) {
             for level in (0..LEVELS).filter(|&l| self.remote_nolock_ok(l)) {
-                let slot = self.slot(other, level);
+                let i = slot_index(other, self.cpus, level);
+                let slot = self.slot_at(i);
                 if slot.cached() == 0 {
                     continue;
                 }
@@ -865,6 +921,7 @@ impl Cache {
                     busy = true;
                     continue;
                 };
+                self.prepare(i, slot, &g);
                 if let Some(o) = self.pop_slot(slot, &g) {
                     crate::page::bump(&slot.nolock_ok, &g);
                     return Ok(o);
@@ -915,14 +972,13 @@ impl Cache {
             .lock_in(mode, pages.platform())
             .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafRefill);
-        if self.trade_for_full(&slot.main, &node) {
+        if self.trade_main_for_full(slot, g, &node) {
             // Refill runs when the spare is empty too: trade it as well when
             // the barn has another full sheaf, so the next refill (and its
             // node lock) comes two sheaves later instead of one.
             if slot.spare().len() == 0 {
                 self.trade_for_full(&slot.spare, &node);
             }
-            let _ = g;
             return slot.main().pop().ok_or(Fail::Empty);
         }
         let main = slot.main();
@@ -1229,7 +1285,7 @@ impl Cache {
     fn flush(
         &self,
         slot: &SheafSlot,
-        _g: &SlotGuard<'_>,
+        g: &SlotGuard<'_>,
         pages: &PageAllocator,
         mode: Mode,
     ) -> Result<(), Fail> {
@@ -1239,7 +1295,7 @@ impl Cache {
             .lock_in(mode, pages.platform())
             .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafFlush);
-        if self.trade_for_empty(&slot.main, &node) {
+        if self.trade_main_for_empty(slot, g, &node) {
             // Flush runs when the spare is full too: trade it as well when
             // the barn has room, so the next flush comes two sheaves later.
             if slot.spare().len() >= self.cap {
@@ -1251,10 +1307,74 @@ impl Cache {
         Ok(())
     }
 
-    /// Node lock held, and the slot of `place` (its main or spare pointer)
-    /// held by the caller: trades the sheaf there for a full barn sheaf,
-    /// the old one joining the barn's empty list. `false` when the barn has
-    /// no full sheaf.
+    /// Node lock held, and `slot` held by the caller (`_g`), its main sheaf
+    /// empty: moves a full barn sheaf's objects into main (which lives in
+    /// the slot), the emptied barn sheaf joining the barn's empty list.
+    /// `false` when the barn has no full sheaf.
+    fn trade_main_for_full(
+        &self,
+        slot: &SheafSlot,
+        _g: &SlotGuard<'_>,
+        node: &ZoneGuard<'_>,
+    ) -> bool {
+        let full = self.node.full.load(Ordering::Relaxed);
+        if full.is_null() {
+            return false;
+        }
+        // SAFETY: barn sheaves are cache sheaves (live as long as the
+        // heap); the node lock gives us the barn lists and their sheaves.
+        let f = unsafe { &*full };
+        self.node
+            .full
+            .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
+        node_add(&self.node.barn_objects, f.len().wrapping_neg(), node);
+        node_add(&self.node.barn_ops, 1, node);
+        slot.main().exchange(f);
+        f.next
+            .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.node.empty.store(full, Ordering::Relaxed);
+        true
+    }
+
+    /// Node lock held, and `slot` held by the caller (`_g`): moves main's
+    /// objects into an empty barn sheaf, which joins the barn's full list.
+    /// `false` when the barn has no room (`BARN_BYTES`) or no empty sheaf.
+    fn trade_main_for_empty(
+        &self,
+        slot: &SheafSlot,
+        _g: &SlotGuard<'_>,
+        node: &ZoneGuard<'_>,
+    ) -> bool {
+        let Some(empty) = self.barn_empty_with_room(node) else {
+            return false;
+        };
+        // SAFETY: as in `trade_main_for_full`.
+        let e = unsafe { &*empty };
+        e.exchange(slot.main());
+        node_add(&self.node.barn_objects, e.len(), node);
+        node_add(&self.node.barn_ops, 1, node);
+        e.next
+            .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.node.full.store(empty, Ordering::Relaxed);
+        true
+    }
+
+    /// An empty barn sheaf to take a sheaf's worth of objects, if the barn
+    /// has room for them (`BARN_BYTES`) and an empty sheaf (node lock held).
+    fn barn_empty_with_room(&self, node: &ZoneGuard<'_>) -> Option<*mut Sheaf> {
+        let room =
+            (self.node.barn_objects.load(Ordering::Relaxed) + self.cap) * self.size <= BARN_BYTES;
+        if !room {
+            return None;
+        }
+        let empty = self.take_empty(node);
+        (!empty.is_null()).then_some(empty)
+    }
+
+    /// Node lock held, and the slot whose spare pointer is `place` held by
+    /// the caller: trades the sheaf there for a full barn sheaf, the old
+    /// one joining the barn's empty list. `false` when the barn has no full
+    /// sheaf.
     fn trade_for_full(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
         let full = self.node.full.load(Ordering::Relaxed);
         if full.is_null() {
@@ -1284,15 +1404,9 @@ impl Cache {
     /// barn's full list. `false` when the barn has no room (`BARN_BYTES`)
     /// or no empty sheaf.
     fn trade_for_empty(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
-        let room =
-            (self.node.barn_objects.load(Ordering::Relaxed) + self.cap) * self.size <= BARN_BYTES;
-        if !room {
+        let Some(empty) = self.barn_empty_with_room(node) else {
             return false;
-        }
-        let empty = self.take_empty(node);
-        if empty.is_null() {
-            return false;
-        }
+        };
         let full = place.load(Ordering::Relaxed);
         // SAFETY: as in `trade_for_full`.
         let f = unsafe { &*full };
@@ -1417,10 +1531,17 @@ impl Cache {
             }
         }
         for (i, slot) in self.slots().enumerate() {
+            // Never taken (and empty: the try-locked fallback's fast path
+            // pushes without preparing): nothing to watch, and observing
+            // would make its page resident.
+            if slot.cap.load(Ordering::Relaxed) == 0 && slot.main().len() == 0 {
+                continue;
+            }
             let idle = slot.idle.observe(
-                slot.main.load(Ordering::Relaxed) as usize
+                slot.spare.load(Ordering::Relaxed) as usize
+                    ^ slot.main().top()
                     ^ slot.main().len() << 48
-                    ^ slot.spare().len() << 56,
+                    ^ slot.spare_if_any().map_or(0, Sheaf::len) << 56,
             );
             if idle >= idle_passes && slot.cached() > 0 {
                 let Some((_, _g)) = self.lock_remote(i) else {
@@ -1645,7 +1766,7 @@ impl Cache {
         };
         if self
             .slots()
-            .any(|s| in_sheaf(s.main()) || in_sheaf(s.spare()))
+            .any(|s| in_sheaf(s.main()) || s.spare_if_any().is_some_and(in_sheaf))
         {
             return true;
         }

@@ -110,22 +110,25 @@ const _: () = {
     assert!(core::mem::offset_of!(SeqTarget, descs) == layout::TARGET_DESCS);
 };
 
-/// The memory layout the sequences work on: the level-0 slots of all CPUs
-/// side by side, `STRIDE` bytes apart (the other levels follow them, see
-/// `page::slot_index`; the sequences use only level 0).
+/// The memory layout the sequences work on: one level-0 slot per CPU, at
+/// a stride the caller gives (sheaf slots: the heap's per-CPU region, see
+/// `slab::cache::LEVEL0_STRIDE`) or `STRIDE` (page slots: all CPUs' level-0
+/// slots side by side, the other levels after them, see
+/// `page::slot_index`). The sequences use only level 0.
 pub(crate) mod layout {
-    /// Bytes from one CPU's level-0 slot to the next: one slot.
+    /// Bytes from one CPU's level-0 page slot to the next: one page slot.
     pub(crate) const STRIDE: usize = 1 << STRIDE_SHIFT;
-    /// `log2(STRIDE)`: the sequences find a CPU's slot with a shift.
+    /// `log2(STRIDE)`: the page sequences find a CPU's slot with a shift.
     pub(crate) const STRIDE_SHIFT: usize = 6;
-    /// The slot's lock byte (0: free).
+    /// The slot's lock byte (0: free), in sheaf and page slots alike.
     pub(crate) const SLOT_LOCK: usize = 0;
-    /// The slot's main sheaf pointer.
-    pub(crate) const SLOT_MAIN: usize = 8;
-    /// The slot's count of nolock allocations served (u64).
-    pub(crate) const SLOT_NOLOCK_OK: usize = 24;
-    /// The slot's sheaf capacity (u32).
-    pub(crate) const SLOT_CAP: usize = 36;
+    /// The sheaf slot's main sheaf, which lives inside the slot (so the
+    /// sequences reach its count without loading a pointer).
+    pub(crate) const SLOT_MAIN: usize = 64;
+    /// The sheaf slot's count of nolock allocations served (u64).
+    pub(crate) const SLOT_NOLOCK_OK: usize = 16;
+    /// The sheaf slot's sheaf capacity (u32).
+    pub(crate) const SLOT_CAP: usize = 28;
     /// The sheaf's object count (u64).
     pub(crate) const SHEAF_COUNT: usize = 0;
     /// The sheaf's object array (u64 each).
@@ -133,8 +136,8 @@ pub(crate) mod layout {
     /// Objects a sheaf has room for (a class uses the slot's `SLOT_CAP`).
     pub(crate) const SHEAF_CAP: usize = 126;
     /// A page slot's list words, one per order (u64: head index in the low
-    /// half, block count in the high half). Page slots have the object
-    /// slots' `STRIDE` and lock byte.
+    /// half, block count in the high half). Page slots have the sheaf
+    /// slots' lock byte.
     pub(crate) const PCP_LISTS: usize = 8;
     /// A page slot's count of nolock allocations served (u64).
     pub(crate) const PCP_NOLOCK_OK: usize = 40;

@@ -116,10 +116,11 @@ const BUSY: usize = 1;
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= cpus: None
 ///          slot = slots + cpu * STRIDE;   if slot.lock != 0: None
-///          sheaf = slot.main; n = sheaf.count; if n == 0: None
-///          obj = sheaf.objs[n - 1]
+///          main = slot.main (in the slot)
+///          n = main.count;                if n == 0: None
+///          obj = main.objs[n - 1]
 ///          if COUNT: slot.nolock_ok += 1  (this CPU only)
-///          sheaf.count = n - 1            // commit
+///          main.count = n - 1             // commit
 /// abort:   if COUNT and the add ran: slot.nolock_ok -= 1 (locked), then
 ///          restart
 /// ```
@@ -137,16 +138,16 @@ const BUSY: usize = 1;
 /// `cpus` is 0 (then nothing else is used), or: `off` is this thread's
 /// registered rseq offset ([`super::area_offset`]); `slots` points to
 /// the level-0 slots of `cpus` CPUs, `STRIDE` bytes apart, laid out as
-/// [`super::layout`] says, each main pointer
-/// a valid sheaf, live as long as the call; only sequences and lock holders
-/// (see the module documentation) change them.
+/// [`super::layout`] says (the main sheaf inside each), live as long as
+/// the call; only sequences and lock holders (see the module
+/// documentation) change them.
 #[inline(always)]
 pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
     off: isize,
     slots: *const u8,
     cpus: usize,
 ) -> Option<usize> {
-    let (t_out, n_out): (usize, usize);
+    let (obj_out, n_out): (usize, usize);
     // Registers are reused as the section goes, so that the callers' fast
     // paths fit in the caller-saved registers: `t` is the slot, then
     // (normal) the object; `n` the count, then (COUNT) the object. The COUNT
@@ -161,19 +162,18 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
             "jz 25f",
             seq_start!(".if {COUNT}", "xor {n:e}, {n:e}", ".endif"),
             seq_find_slot!("25f"),
-            "mov {sheaf}, qword ptr [{t} + {SLOT_MAIN}]",
-            "mov {n}, qword ptr [{sheaf} + {SHEAF_COUNT}]",
+            "mov {n}, qword ptr [{t} + {MAIN_COUNT}]",
             "test {n}, {n}",
             "jz 25f",
             ".if {COUNT}",
             "stc", // CF = 1 until the counter's add clears it
-            "mov {n}, qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS} - 8]",
+            "mov {n}, qword ptr [{t} + {n} * 8 + {MAIN_OBJS} - 8]",
             "add qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
-            "dec qword ptr [{sheaf} + {SHEAF_COUNT}]", // commit
+            "dec qword ptr [{t} + {MAIN_COUNT}]", // commit
             ".else",
-            "mov {t}, qword ptr [{sheaf} + {n} * 8 + {SHEAF_OBJS} - 8]",
+            "mov {obj}, qword ptr [{t} + {n} * 8 + {MAIN_OBJS} - 8]",
             "dec {n}",
-            "mov qword ptr [{sheaf} + {SHEAF_COUNT}], {n}", // commit
+            "mov qword ptr [{t} + {MAIN_COUNT}], {n}", // commit
             ".endif",
             "22:",
             "jmp 29f",
@@ -191,29 +191,28 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
             ".if {COUNT}",
             "xor {n:e}, {n:e}",
             ".else",
-            "xor {t:e}, {t:e}",
+            "xor {obj:e}, {obj:e}",
             ".endif",
             "29:",
             off = in(reg) off,
             slots = in(reg) slots,
             cpus = in(reg) cpus,
-            t = out(reg) t_out,
-            sheaf = out(reg) _,
+            t = out(reg) _,
+            obj = out(reg) obj_out,
             n = out(reg) n_out,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
             STRIDE = const STRIDE,
             SLOT_LOCK = const SLOT_LOCK,
-            SLOT_MAIN = const SLOT_MAIN,
             SLOT_NOLOCK_OK = const SLOT_NOLOCK_OK,
             COUNT = const COUNT as u8,
-            SHEAF_COUNT = const SHEAF_COUNT,
-            SHEAF_OBJS = const SHEAF_OBJS,
+            MAIN_COUNT = const SLOT_MAIN + SHEAF_COUNT,
+            MAIN_OBJS = const SLOT_MAIN + SHEAF_OBJS,
             SIG = const RSEQ_SIG,
             options(nostack),
         );
     }
-    let obj = if COUNT { n_out } else { t_out };
+    let obj = if COUNT { n_out } else { obj_out };
     (obj != 0).then_some(obj)
 }
 
@@ -225,10 +224,10 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
 /// gate:    if cpus == 0: false            (as in sheaf_pop)
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu, slot as in sheaf_pop;      false if none or held
-///          sheaf = slot.main; n = sheaf.count
+///          main = slot.main (in the slot); n = main.count
 ///          if n >= slot.cap: false        (the class's sheaf capacity)
-///          sheaf.objs[n] = obj            (above the count: invisible)
-///          sheaf.count = n + 1            // commit
+///          main.objs[n] = obj             (above the count: invisible)
+///          main.count = n + 1             // commit
 /// ```
 ///
 /// The failure exits jump straight to the caller's code (`asm goto`), so
@@ -252,17 +251,12 @@ pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
             "jz {fail}",
             seq_start!(),
             seq_find_slot!("{fail}"),
-            // The capacity is the slot's, so the sheaf passes through `n`
-            // until the slot is no longer needed: t = cap, then t = sheaf.
-            "mov {n}, qword ptr [{t} + {SLOT_MAIN}]",
-            "mov {t:e}, dword ptr [{t} + {SLOT_CAP}]",
-            "cmp qword ptr [{n} + {SHEAF_COUNT}], {t}",
+            "mov {n}, qword ptr [{t} + {MAIN_COUNT}]",
+            "cmp {n:e}, dword ptr [{t} + {SLOT_CAP}]",
             "jae {fail}",
-            "mov {t}, {n}",
-            "mov {n}, qword ptr [{t} + {SHEAF_COUNT}]",
-            "mov qword ptr [{t} + {n} * 8 + {SHEAF_OBJS}], {obj}",
+            "mov qword ptr [{t} + {n} * 8 + {MAIN_OBJS}], {obj}",
             "inc {n}",
-            "mov qword ptr [{t} + {SHEAF_COUNT}], {n}", // commit
+            "mov qword ptr [{t} + {MAIN_COUNT}], {n}", // commit
             "22:",
             "jmp 29f",
             seq_abort!(),
@@ -277,9 +271,8 @@ pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
             CPU_ID = const CPU_ID,
             STRIDE = const STRIDE,
             SLOT_LOCK = const SLOT_LOCK,
-            SLOT_MAIN = const SLOT_MAIN,
-            SHEAF_COUNT = const SHEAF_COUNT,
-            SHEAF_OBJS = const SHEAF_OBJS,
+            MAIN_COUNT = const SLOT_MAIN + SHEAF_COUNT,
+            MAIN_OBJS = const SLOT_MAIN + SHEAF_OBJS,
             SLOT_CAP = const SLOT_CAP,
             SIG = const RSEQ_SIG,
             fail = label {
