@@ -130,7 +130,13 @@ const _: () = assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
 /// `slab::MetaLayout`), so a CPU's fast paths touch one small region, and
 /// the fast path finds a cache's level-0 slot from the heap's address and
 /// the class, without a load (`HeapCore::level0_of`).
-pub(crate) const LEVEL0_STRIDE: usize = super::CACHES * SLOT_BYTES;
+///
+/// A power of two (the caches' slots rounded up; the rest of each CPU's
+/// region is address space never touched), so a sequence finds its CPU's
+/// slot with a shift (`LEVEL0_SHIFT`) rather than a multiplication.
+pub(crate) const LEVEL0_STRIDE: usize = (super::CACHES * SLOT_BYTES).next_power_of_two();
+/// `log2(LEVEL0_STRIDE)`.
+pub(crate) const LEVEL0_SHIFT: u32 = LEVEL0_STRIDE.trailing_zeros();
 
 /// An array of free object pointers (cache-line aligned: a slot's main
 /// sheaf starts the slot's second line).
@@ -780,7 +786,7 @@ impl Cache {
         // level-0 slots are changed only by sequences and by lock holders,
         // as `sync::rseq` prescribes.
         unsafe {
-            crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK, LEVEL0_STRIDE>(
+            crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK, LEVEL0_SHIFT>(
                 crate::sync::rseq::raw_offset(),
                 level0.cast(),
                 self.seq_cpus(mode),
@@ -824,7 +830,7 @@ impl Cache {
         // SAFETY: as in `seq_pop`; `obj` is a validated object of this
         // cache being freed.
         unsafe {
-            crate::sync::rseq::sheaf_push::<LEVEL0_STRIDE>(
+            crate::sync::rseq::sheaf_push::<LEVEL0_SHIFT>(
                 crate::sync::rseq::raw_offset(),
                 level0.cast(),
                 self.seq_cpus(mode),

@@ -7,7 +7,7 @@
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
+pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
     _off: isize,
     _slots: *const u8,
     _cpus: usize,
@@ -20,7 +20,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
+pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
     _off: isize,
     _slots: *const u8,
     _cpus: usize,

@@ -48,15 +48,16 @@ macro_rules! seq_start {
 /// Inside a section: this CPU's level-0 slot into `t`, or a jump to
 /// `$fail` when this CPU has no slot (`cpu_id >= cpus`, which also catches
 /// a failed registration's negative id) or the slot is held. The slot is
-/// `slots + cpu * STRIDE`: object sequences pass their stride as the const
-/// operand `STRIDE`, page sequences (whose slots are `layout::STRIDE`
-/// apart) use the shift `STRIDE_SHIFT` (the `$scale` given).
+/// `slots + (cpu << shift)`: sheaf sequences take the shift as the const
+/// operand `SHIFT` (their caller's stride, a power of two), page sequences
+/// (whose slots are `layout::STRIDE` apart) use `STRIDE_SHIFT` (the
+/// `$scale` given).
 /// Operands: `t`, `off`, and the CPU count and slot array (registers
 /// `cpus` and `slots`, or the memory operands given); constants `CPU_ID`,
-/// `SLOT_LOCK`, and `STRIDE` or `STRIDE_SHIFT`.
+/// `SLOT_LOCK`, and `SHIFT` or `STRIDE_SHIFT`.
 macro_rules! seq_find_slot {
     ($fail:literal) => {
-        seq_find_slot!($fail, "{cpus}", "{slots}", "imul {t}, {t}, {STRIDE}")
+        seq_find_slot!($fail, "{cpus}", "{slots}", "shl {t}, {SHIFT}")
     };
     ($fail:literal, $cpus:literal, $slots:literal, $scale:literal) => {
         concat!(
@@ -115,7 +116,7 @@ const BUSY: usize = 1;
 ///                                          nothing touched, not even `off`)
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= cpus: None
-///          slot = slots + cpu * STRIDE;   if slot.lock != 0: None
+///          slot = slots + (cpu << SHIFT); if slot.lock != 0: None
 ///          main = slot.main (in the slot)
 ///          n = main.count;                if n == 0: None
 ///          obj = main.objs[n - 1]
@@ -137,12 +138,12 @@ const BUSY: usize = 1;
 /// # Safety
 /// `cpus` is 0 (then nothing else is used), or: `off` is this thread's
 /// registered rseq offset ([`super::area_offset`]); `slots` points to
-/// the level-0 slots of `cpus` CPUs, `STRIDE` bytes apart, laid out as
+/// the level-0 slots of `cpus` CPUs, `1 << SHIFT` bytes apart, laid out as
 /// [`super::layout`] says (the main sheaf inside each), live as long as
 /// the call; only sequences and lock holders (see the module
 /// documentation) change them.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
+pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
     off: isize,
     slots: *const u8,
     cpus: usize,
@@ -202,7 +203,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
             n = out(reg) n_out,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
-            STRIDE = const STRIDE,
+            SHIFT = const SHIFT,
             SLOT_LOCK = const SLOT_LOCK,
             SLOT_NOLOCK_OK = const SLOT_NOLOCK_OK,
             COUNT = const COUNT as u8,
@@ -236,7 +237,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const STRIDE: usize>(
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
+pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
     off: isize,
     slots: *const u8,
     cpus: usize,
@@ -269,7 +270,7 @@ pub(crate) unsafe fn sheaf_push<const STRIDE: usize>(
             n = out(reg) _,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
-            STRIDE = const STRIDE,
+            SHIFT = const SHIFT,
             SLOT_LOCK = const SLOT_LOCK,
             MAIN_COUNT = const SLOT_MAIN + SHEAF_COUNT,
             MAIN_OBJS = const SLOT_MAIN + SHEAF_OBJS,
