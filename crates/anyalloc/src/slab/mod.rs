@@ -1024,11 +1024,11 @@ impl HeapCore {
     #[inline(always)]
     unsafe fn free_by_owner<const NOLOCK: bool>(&self, ptr: NonNull<u8>) {
         let addr = ptr.as_ptr() as usize;
-        if let Some((idx, d)) = self.pages.locate_first(addr) {
+        if let Some((_, d)) = self.pages.locate_first(addr) {
             let owner = d.owner.load(Ordering::Acquire) as usize;
             if owner.wrapping_sub(1) < CLASSES {
                 // SAFETY: forwarded contract.
-                return unsafe { self.free_plain::<NOLOCK>(owner - 1, idx, addr) };
+                return unsafe { self.free_plain::<NOLOCK>(owner - 1, addr) };
             }
         }
         // SAFETY: forwarded contract.
@@ -1064,10 +1064,10 @@ impl HeapCore {
     pub(crate) unsafe fn free_sized(&self, ptr: NonNull<u8>, layout: Layout) {
         let addr = ptr.as_ptr() as usize;
         if let Some(c) = class::class_fast(layout.size(), layout.align()) {
-            if let Some((idx, d)) = self.pages.locate_first(addr) {
+            if let Some((_, d)) = self.pages.locate_first(addr) {
                 if d.owner.load(Ordering::Acquire) as usize == c + 1 {
                     // SAFETY: forwarded contract.
-                    return unsafe { self.free_plain::<false>(c, idx, addr) };
+                    return unsafe { self.free_plain::<false>(c, addr) };
                 }
             }
         }
@@ -1085,26 +1085,26 @@ impl HeapCore {
         unsafe { self.free_in(ptr, Mode::NoLock) };
     }
 
-    /// The free of an object of the plain cache of `class`, found in page
-    /// `idx` of the first zone: validated (the start of an object, not already free), then
+    /// The free of an object of the plain cache of `class`, in the first
+    /// zone: validated (the start of an object, not already free), then
     /// pushed on this CPU's main sheaf, or handed to the cache's slow path
     /// in one tail call. Not the start of an object: the general path of
     /// the mode, which validates again and reports it (so the fast path
     /// makes no call that returns and needs no stack frame).
     ///
-    /// # Safety
-    /// As for `Heap::free`, for `addr`.
-    ///
     /// Tiny classes take an out-of-line copy (`free_tiny`), as in
     /// `alloc_by_class`, so that here the key word's place is a constant.
+    ///
+    /// # Safety
+    /// As for `Heap::free`, for `addr`.
     #[inline(always)]
-    unsafe fn free_plain<const NOLOCK: bool>(&self, class: usize, idx: u32, addr: usize) {
+    unsafe fn free_plain<const NOLOCK: bool>(&self, class: usize, addr: usize) {
         if class < cache::FIRST_KEYED_CLASS {
             // SAFETY: forwarded contract.
-            return unsafe { self.free_tiny::<NOLOCK>(class, idx, addr) };
+            return unsafe { self.free_tiny::<NOLOCK>(class, addr) };
         }
         // SAFETY: forwarded contract.
-        unsafe { self.free_in_class::<NOLOCK>(class, idx, addr) }
+        unsafe { self.free_in_class::<NOLOCK>(class, addr) }
     }
 
     /// `free_plain` for a tiny class (cold: see `alloc_tiny`).
@@ -1113,9 +1113,9 @@ impl HeapCore {
     /// As for `free_plain`.
     #[cold]
     #[inline(never)]
-    unsafe fn free_tiny<const NOLOCK: bool>(&self, class: usize, idx: u32, addr: usize) {
+    unsafe fn free_tiny<const NOLOCK: bool>(&self, class: usize, addr: usize) {
         // SAFETY: forwarded contract.
-        unsafe { self.free_in_class::<NOLOCK>(class, idx, addr) }
+        unsafe { self.free_in_class::<NOLOCK>(class, addr) }
     }
 
     /// The body of `free_plain`.
@@ -1123,7 +1123,7 @@ impl HeapCore {
     /// # Safety
     /// As for `free_plain`.
     #[inline(always)]
-    unsafe fn free_in_class<const NOLOCK: bool>(&self, class: usize, idx: u32, addr: usize) {
+    unsafe fn free_in_class<const NOLOCK: bool>(&self, class: usize, addr: usize) {
         let mode = if NOLOCK { Mode::NoLock } else { Mode::Normal };
         let cache = self.cache(class);
         if !cache.is_object_start(addr) {
@@ -1134,9 +1134,10 @@ impl HeapCore {
             };
         }
         #[cfg(feature = "debug-checks")]
-        cache.mark(&self.pages, self.pages.first_zone(), idx, addr, false);
-        #[cfg(not(feature = "debug-checks"))]
-        let _ = idx;
+        {
+            let (_, zone, idx) = self.pages.locate_known(addr);
+            cache.mark(&self.pages, zone, idx, addr, false);
+        }
         if !cache.check_free_quick(&self.pages, addr, class) {
             return cache.free_checked(&self.pages, self.pages.first_zone(), addr, mode);
         }
