@@ -364,6 +364,12 @@ impl Zone {
         (self.start, self.first, self.end - self.start, d)
     }
 
+    /// Every page's descriptor, in order (for counts that are cheaper to
+    /// take by a scan, once in a while, than to keep on the fast paths).
+    pub(crate) fn descs(&self) -> impl Iterator<Item = &PageDesc> {
+        (self.first..self.limit).map(move |i| self.desc(i))
+    }
+
     /// The descriptor of page `idx`.
     #[inline]
     pub(crate) fn desc(&self, idx: u32) -> &PageDesc {
