@@ -828,14 +828,38 @@ impl PageAllocator {
 
     /// The rseq fast path of every allocation of at most `PCP_MAX_ORDER`:
     /// the first zone's level-0 list of this CPU. `None`: the slow path.
+    /// Any context may call it (it is a restartable sequence, or nothing
+    /// without rseq).
     #[inline(always)]
-    fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<NonNull<u8>> {
+    pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<NonNull<u8>> {
         if order > PCP_MAX_ORDER {
             return None;
         }
         let zone = self.first_zone();
         let idx = zone.seq_alloc::<COUNT_NOLOCK>(order)?;
         Some(self.ptr(zone, idx))
+    }
+
+    /// `seq_alloc::<true>` for a heap's nolock large block, counted apart
+    /// from the page allocator's own nolock successes (it still counts in
+    /// [`PageStats::nolock_alloc_ok`]): see [`heap_large_nolock_ok`](Self::heap_large_nolock_ok).
+    #[inline(always)]
+    pub(crate) fn seq_alloc_heap_large(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > PCP_MAX_ORDER {
+            return None;
+        }
+        let zone = self.first_zone();
+        let idx = zone.seq_alloc_heap_large(order)?;
+        Some(self.ptr(zone, idx))
+    }
+
+    /// How many blocks [`seq_alloc_heap_large`](Self::seq_alloc_heap_large)
+    /// handed out (racy while they run).
+    pub(crate) fn heap_large_nolock_ok(&self) -> u64 {
+        self.zones()
+            .flat_map(|z| z.slots())
+            .map(|s| s.heap_nolock_ok.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Whether `addr` lies in the first zone (its window: no zone pointer
@@ -876,6 +900,23 @@ impl PageAllocator {
         crate::context::might_wait("PageAllocator::free_pages");
         // SAFETY: forwarded contract.
         unsafe { self.free_pages_via(ptr, order, FreeRoute::Routed) };
+    }
+
+    /// `free_pages` without its context check, for the heap's large-block
+    /// fast path: routed by the thread's context (`nolock`: the nolock
+    /// path).
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline(always)]
+    pub(crate) unsafe fn free_pages_fast(&self, ptr: NonNull<u8>, order: u32, nolock: bool) {
+        let route = if nolock {
+            FreeRoute::NoLock
+        } else {
+            FreeRoute::Routed
+        };
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_via(ptr, order, route) };
     }
 
     /// The normal path of `free_pages` (not routed, as `alloc_pages_normal`).
@@ -1449,6 +1490,7 @@ fn zone_stats(s: &mut PageStats, zone: &Zone) {
     s.stock_pages += zone.stock_pages();
     for slot in zone.slots() {
         s.percpu_pages += slot.pages();
-        s.nolock_alloc_ok += slot.nolock_ok.load(Ordering::Relaxed);
+        s.nolock_alloc_ok +=
+            slot.nolock_ok.load(Ordering::Relaxed) + slot.heap_nolock_ok.load(Ordering::Relaxed);
     }
 }

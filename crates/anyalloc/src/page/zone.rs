@@ -109,6 +109,11 @@ pub(crate) struct PcpSlot {
     pub(crate) nolock_ok: AtomicU64,
     /// Maintenance: for how many passes the slot's lists have not changed.
     idle: IdleWatch,
+    /// Nolock large blocks of a heap built on this allocator served by the
+    /// fast path from this slot (by a sequence on this slot's CPU): the
+    /// heap's share of the slot's nolock successes, which it counts as its
+    /// own without a locked instruction (`PageAllocator::seq_alloc_heap_large`).
+    pub(crate) heap_nolock_ok: AtomicU64,
 }
 
 /// A per-CPU list word: `head` in the low half, `count` in the high half.
@@ -142,6 +147,7 @@ const _: () = {
     assert!(core::mem::offset_of!(PcpSlot, lock) == l::SLOT_LOCK);
     assert!(core::mem::offset_of!(PcpSlot, lists) == l::PCP_LISTS);
     assert!(core::mem::offset_of!(PcpSlot, nolock_ok) == l::PCP_NOLOCK_OK);
+    assert!(core::mem::offset_of!(PcpSlot, heap_nolock_ok) == l::PCP_HEAP_NOLOCK_OK);
     assert!(core::mem::size_of::<PcpSlot>() == l::STRIDE);
     assert!(core::mem::size_of::<PageDesc>() == l::DESC_SIZE);
     assert!(core::mem::offset_of!(PageDesc, next) == l::DESC_NEXT);
@@ -309,6 +315,7 @@ impl Zone {
                         PCP_MAX_ORDER as usize + 1],
                     nolock_ok: AtomicU64::new(0),
                     idle: IdleWatch::new(),
+                    heap_nolock_ok: AtomicU64::new(0),
                 });
             }
             if !zeroed {
@@ -463,7 +470,30 @@ impl Zone {
         // (asserted above) and the descriptors.
         // SAFETY: as just said; the descriptors hold every index on a list,
         // and all of it lives as long as the zone.
-        let idx = unsafe { crate::sync::rseq::pcp_pop::<COUNT_NOLOCK>(&self.seq, order) };
+        let idx = unsafe {
+            crate::sync::rseq::pcp_pop::<COUNT_NOLOCK, { crate::sync::rseq::layout::PCP_NOLOCK_OK }>(
+                &self.seq, order,
+            )
+        };
+        self.popped(idx, order)
+    }
+
+    /// `seq_alloc::<true>` for a heap's nolock large block: counted in the
+    /// slot's `heap_nolock_ok` instead of its `nolock_ok`.
+    #[inline(always)]
+    pub(crate) fn seq_alloc_heap_large(&self, order: u32) -> Option<u32> {
+        // SAFETY: as in `seq_alloc`.
+        let idx = unsafe {
+            crate::sync::rseq::pcp_pop::<true, { crate::sync::rseq::layout::PCP_HEAP_NOLOCK_OK }>(
+                &self.seq, order,
+            )
+        };
+        self.popped(idx, order)
+    }
+
+    /// After a pop sequence: the block it took, marked allocated.
+    #[inline(always)]
+    fn popped(&self, idx: u32, order: u32) -> Option<u32> {
         if idx == NIL {
             return None;
         }

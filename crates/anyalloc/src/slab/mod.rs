@@ -876,8 +876,16 @@ impl HeapCore {
     /// node lock is held, which must not run shrinkers), and the allocation
     /// that made it runs it once that lock is released, right here (or in
     /// `alloc_in`); a nested context leaves it for the next one.
+    ///
+    /// A large block of a per-CPU list's order (16 and 32 KiB) first tries
+    /// the page allocator's rseq fast path, which any context may run.
     #[inline(never)]
     fn alloc_general(&self, layout: Layout) -> Option<NonNull<u8>> {
+        if layout.size() > class::MAX_SMALL {
+            if let Some(p) = large_order(layout).and_then(|o| self.pages.seq_alloc::<false>(o)) {
+                return Some(self.mark_large(p));
+            }
+        }
         match self.alloc_once(layout, 0) {
             Some(p) => {
                 if self.pages.reclaim_requested() {
@@ -1026,6 +1034,10 @@ impl HeapCore {
                 // SAFETY: forwarded contract.
                 return unsafe { self.free_plain::<NOLOCK>(owner - 1, addr) };
             }
+            if owner == LARGE_OWNER as usize {
+                // SAFETY: forwarded contract.
+                return unsafe { self.free_large::<NOLOCK>(ptr, d) };
+            }
         }
         // SAFETY: forwarded contract.
         unsafe { self.free_general_of::<NOLOCK>(ptr) }
@@ -1065,6 +1077,11 @@ impl HeapCore {
                     // SAFETY: forwarded contract.
                     return unsafe { self.free_plain::<false>(c, addr) };
                 }
+            }
+        } else if let Some((_, d)) = self.pages.locate_first(addr) {
+            if d.owner.load(Ordering::Acquire) == LARGE_OWNER {
+                // SAFETY: forwarded contract.
+                return unsafe { self.free_large::<false>(ptr, d) };
             }
         }
         // SAFETY: forwarded contract.
@@ -1140,6 +1157,30 @@ impl HeapCore {
         if !cache.seq_push(self.level0_of(class), addr, mode) {
             cache.free_miss(&self.pages, addr, mode);
         }
+    }
+
+    /// The free of a block whose page `d` (in the first zone) says it is
+    /// the head of a large block: a plain one aligned to its order goes
+    /// straight to the page allocator (its fast path runs in any context,
+    /// its slow path is routed by the mode, or by the thread's context for
+    /// the normal mode); anything else (misaligned, accounted) takes the
+    /// general path of the mode, which validates, reports, uncharges.
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[inline(never)]
+    unsafe fn free_large<const NOLOCK: bool>(&self, ptr: NonNull<u8>, d: &crate::page::PageDesc) {
+        let order = crate::page::order_of_state(d.load());
+        let addr = ptr.as_ptr() as usize;
+        if !addr.is_multiple_of(PAGE_SIZE << order) || d.freelist.load(Ordering::Relaxed) != 0 {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_general_of::<NOLOCK>(ptr) };
+        }
+        d.owner.store(0, Ordering::Release);
+        // SAFETY: a live, unaccounted large block of this order (its head
+        // descriptor says so, and the page free's claim catches a racing
+        // second free).
+        unsafe { self.pages.free_pages_fast(ptr, order, NOLOCK) };
     }
 
     /// The general free of the mode, `free_general` or `free_nolock_general`.
@@ -1262,6 +1303,13 @@ impl HeapCore {
     /// `alloc_nolock` beyond its fast path.
     #[inline(never)]
     fn alloc_nolock_general(&self, layout: Layout) -> Option<NonNull<u8>> {
+        // As in `alloc_general`: a large block of a per-CPU list's order
+        // tries the page fast path first.
+        if layout.size() > class::MAX_SMALL {
+            if let Some(p) = large_order(layout).and_then(|o| self.pages.seq_alloc_heap_large(o)) {
+                return Some(self.mark_large(p));
+            }
+        }
         self.alloc_nolock_from(layout, 0)
     }
 
@@ -1295,13 +1343,20 @@ impl HeapCore {
 
     fn alloc_large_nolock(&self, layout: Layout) -> Option<NonNull<u8>> {
         match large_order(layout) {
-            Some(order) => match self.pages.alloc_pages_nolock_why(order) {
-                Ok(p) => {
-                    self.nolock_large_ok.fetch_add(1, Ordering::Relaxed);
-                    Some(self.mark_large(p))
+            Some(order) => {
+                // The fast path counts the success in this CPU's page slot
+                // (no locked instruction); the slow path here.
+                if let Some(p) = self.pages.seq_alloc_heap_large(order) {
+                    return Some(self.mark_large(p));
                 }
-                Err(f) => self.count_fail(f),
-            },
+                match self.pages.alloc_pages_nolock_why(order) {
+                    Ok(p) => {
+                        self.nolock_large_ok.fetch_add(1, Ordering::Relaxed);
+                        Some(self.mark_large(p))
+                    }
+                    Err(f) => self.count_fail(f),
+                }
+            }
             // Above 4 MiB: `mmap`, which the nolock path never calls.
             None => {
                 self.fail_too_large.fetch_add(1, Ordering::Relaxed);
@@ -1636,7 +1691,8 @@ impl HeapCore {
             huge_in_use: self.huge_live.load(Ordering::Relaxed),
             large_bytes: 0,
             huge_bytes: self.huge_bytes.load(Ordering::Relaxed),
-            nolock_alloc_ok: self.nolock_large_ok.load(Ordering::Relaxed),
+            nolock_alloc_ok: self.nolock_large_ok.load(Ordering::Relaxed)
+                + self.pages.heap_large_nolock_ok(),
             nolock_alloc_fail_busy: self.fail_busy.load(Ordering::Relaxed),
             nolock_alloc_fail_empty: self.fail_empty.load(Ordering::Relaxed),
             nolock_alloc_fail_too_large: self.fail_too_large.load(Ordering::Relaxed),

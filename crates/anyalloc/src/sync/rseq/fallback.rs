@@ -47,7 +47,7 @@ pub(crate) unsafe fn lock_slot<const STRIDE: usize>(
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn pcp_pop<const COUNT: bool>(
+pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
     _target: *const super::SeqTarget,
     _order: u32,
 ) -> u32 {

@@ -119,7 +119,7 @@ pub(crate) mod layout {
     /// Bytes from one CPU's level-0 page slot to the next: one page slot.
     pub(crate) const STRIDE: usize = 1 << STRIDE_SHIFT;
     /// `log2(STRIDE)`: the page sequences find a CPU's slot with a shift.
-    pub(crate) const STRIDE_SHIFT: usize = 6;
+    pub(crate) const STRIDE_SHIFT: usize = 7;
     /// The slot's lock byte (0: free), in sheaf and page slots alike.
     pub(crate) const SLOT_LOCK: usize = 0;
     /// The sheaf slot's main sheaf, which lives inside the slot (so the
@@ -141,6 +141,8 @@ pub(crate) mod layout {
     pub(crate) const PCP_LISTS: usize = 8;
     /// A page slot's count of nolock allocations served (u64).
     pub(crate) const PCP_NOLOCK_OK: usize = 40;
+    /// A page slot's count of a heap's nolock large blocks served (u64).
+    pub(crate) const PCP_HEAP_NOLOCK_OK: usize = 64;
     /// Bytes of a page descriptor.
     pub(crate) const DESC_SIZE: usize = 32;
     /// [`super::SeqTarget`]'s fields.

@@ -305,9 +305,12 @@ const _: () = assert!(
 ///                                          CPU's list, which only this
 ///                                          CPU's sequences or a holder of
 ///                                          the slot change)
-///          if COUNT: slot.nolock_ok += 1
+///          if COUNT: slot.counter += 1    (the u64 at offset COUNTER:
+///                                          `PCP_NOLOCK_OK`, or
+///                                          `PCP_HEAP_NOLOCK_OK` for a
+///                                          heap's large block)
 ///          slot.lists[order] = (count - 1) << 32 | next   // commit
-/// abort:   if COUNT and the add ran: slot.nolock_ok -= 1 (locked), then
+/// abort:   if COUNT and the add ran: slot.counter -= 1 (locked), then
 ///          restart
 /// ```
 ///
@@ -329,7 +332,10 @@ const _: () = assert!(
 /// index on a list; only sequences and lock holders (see the module
 /// documentation) change the slots.
 #[inline(always)]
-pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order: u32) -> u32 {
+pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
+    target: *const SeqTarget,
+    order: u32,
+) -> u32 {
     let idx: usize;
     // SAFETY: per the contract; the block touches only this thread's rseq
     // area, the target, this CPU's level-0 page slot and the head's
@@ -360,7 +366,7 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order:
             ".if {COUNT}",
             "stc",          // CF = 1 until the counter's add clears it
             "mov {off}, -1", // the marker: no other value of `off` is -1
-            "add qword ptr [{t} + {PCP_NOLOCK_OK}], 1",
+            "add qword ptr [{t} + {COUNTER}], 1",
             ".endif",
             "mov qword ptr [{t} + {order} * 8 + {PCP_LISTS}], {w}", // commit
             "22:",
@@ -372,7 +378,7 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order:
                 "jc 23b",
                 "cmp {off}, -1",
                 "jne 23b",
-                "lock sub qword ptr [{t} + {PCP_NOLOCK_OK}], 1",
+                "lock sub qword ptr [{t} + {COUNTER}], 1",
                 ".endif"
             ),
             "25:",
@@ -393,7 +399,7 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool>(target: *const SeqTarget, order:
             STRIDE_SHIFT = const STRIDE_SHIFT,
             SLOT_LOCK = const SLOT_LOCK,
             PCP_LISTS = const PCP_LISTS,
-            PCP_NOLOCK_OK = const PCP_NOLOCK_OK,
+            COUNTER = const COUNTER,
             DESC_NEXT = const DESC_NEXT,
             COUNT = const COUNT as u8,
             SIG = const RSEQ_SIG,
