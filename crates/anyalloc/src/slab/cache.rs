@@ -3,9 +3,14 @@
 //! # Structure
 //!
 //! * **Slots** (per CPU, per context level, like the page allocator's): each
-//!   holds a *main* and a *spare* `Sheaf`, arrays of free object pointers,
-//!   guarded by a try-only [`SlotLock`]. Allocation pops from main, free
-//!   pushes to main; when main is empty (full) it trades places with spare.
+//!   holds a *main* and a *spare* `Sheaf`, arrays of free object pointers
+//!   (`sheaf_capacity` of them: about 7.5 KiB worth, 30 to 126), guarded by
+//!   a try-only [`SlotLock`]. The main sheaf lives inside the slot, so the
+//!   fast paths reach its count without loading a pointer; the spare is a
+//!   pointer. Allocation pops from main, free pushes to main; when main is
+//!   empty (full) it trades contents with spare. Level-0 slots (the fast
+//!   paths') live in the heap's per-CPU region (see `LEVEL0_STRIDE`); the
+//!   others follow the cache's own array, level by level.
 //! * **Node** (one per cache, under a [`ZoneLock`]): the *barn* of full and
 //!   empty sheaves, and the *partial slabs* (slabs with free objects), one
 //!   doubly linked list per zone through the slab head pages' descriptor
@@ -40,14 +45,19 @@
 //!
 //! # Sheaf conservation
 //!
-//! Every slot always holds exactly two sheaves and the barn holds the
-//! cache's `BARN_SHEAVES` others (full or empty). Exchanges with the barn
-//! swap one sheaf for another, so no sheaf is ever allocated or freed: the
-//! sheaves live in the heap's metadata area, zero-filled (a zeroed sheaf is
-//! a valid empty one). The barn's empty sheaves that were never used are
-//! not on its list but counted (`Node::fresh`, handed out from the end of
-//! the area): building a heap writes none of them, so their pages are not
-//! resident until a cache needs them.
+//! Every slot holds its main sheaf and, once prepared, one spare; the barn
+//! holds the cache's `BARN_SHEAVES` others (full or empty). The spare is
+//! traded with the barn whole (a pointer swap); main's objects are copied
+//! into or out of a barn sheaf (or the spare), under the slot lock, each
+//! count stored after the objects it covers, the receiving one first, so
+//! `is_free`'s unlocked scan finds every object in one of the two. No sheaf
+//! is ever allocated or freed: the slots and sheaves live in the heap's
+//! metadata area, zero-filled, and a zeroed slot or sheaf is valid (a slot
+//! gets its spare and its capacity when first taken, `Cache::prepare`). The
+//! barn's empty sheaves that were never used are not on its list but
+//! counted (`Node::fresh`, handed out from the end of the area). So
+//! building a heap writes none of them, and their pages are not resident
+//! until a cache needs them.
 //!
 //! # Lock order
 //!
