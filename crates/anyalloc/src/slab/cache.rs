@@ -1333,22 +1333,13 @@ impl Cache {
         _g: &SlotGuard<'_>,
         node: &ZoneGuard<'_>,
     ) -> bool {
-        let full = self.node.full.load(Ordering::Relaxed);
-        if full.is_null() {
+        let Some(full) = self.take_full(node) else {
             return false;
-        }
+        };
         // SAFETY: barn sheaves are cache sheaves (live as long as the
-        // heap); the node lock gives us the barn lists and their sheaves.
-        let f = unsafe { &*full };
-        self.node
-            .full
-            .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
-        node_add(&self.node.barn_objects, f.len().wrapping_neg(), node);
-        node_add(&self.node.barn_ops, 1, node);
-        slot.main().exchange(f);
-        f.next
-            .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.node.empty.store(full, Ordering::Relaxed);
+        // heap); this one is off the barn's lists, ours under the node lock.
+        slot.main().exchange(unsafe { &*full });
+        self.give_empty(full, node);
         true
     }
 
@@ -1365,14 +1356,74 @@ impl Cache {
             return false;
         };
         // SAFETY: as in `trade_main_for_full`.
-        let e = unsafe { &*empty };
-        e.exchange(slot.main());
-        node_add(&self.node.barn_objects, e.len(), node);
-        node_add(&self.node.barn_ops, 1, node);
-        e.next
-            .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.node.full.store(empty, Ordering::Relaxed);
+        unsafe { &*empty }.exchange(slot.main());
+        self.give_full(empty, node);
         true
+    }
+
+    /// Node lock held, and the slot whose spare pointer is `place` held by
+    /// the caller: trades the sheaf there for a full barn sheaf, the old
+    /// one joining the barn's empty list. `false` when the barn has no full
+    /// sheaf.
+    fn trade_for_full(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
+        let Some(full) = self.take_full(node) else {
+            return false;
+        };
+        // (A load and a store: the slot lock is held, no locked swap needed.)
+        let old = place.load(Ordering::Relaxed);
+        place.store(full, Ordering::Relaxed);
+        self.give_empty(old, node);
+        true
+    }
+
+    /// Node lock held, and the slot whose spare pointer is `place` held by
+    /// the caller: trades the sheaf there for an empty barn sheaf, the old
+    /// one joining the barn's full list. `false` when the barn has no room
+    /// (`BARN_BYTES`) or no empty sheaf.
+    fn trade_for_empty(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
+        let Some(empty) = self.barn_empty_with_room(node) else {
+            return false;
+        };
+        let old = place.load(Ordering::Relaxed);
+        place.store(empty, Ordering::Relaxed);
+        self.give_full(old, node);
+        true
+    }
+
+    /// Takes the barn's first full sheaf off its list (node lock held),
+    /// counting its objects out of the barn and one exchange.
+    fn take_full(&self, node: &ZoneGuard<'_>) -> Option<*mut Sheaf> {
+        let full = self.node.full.load(Ordering::Relaxed);
+        // SAFETY: barn sheaves are cache sheaves (live as long as the
+        // heap); the node lock gives us the barn lists.
+        let f = unsafe { full.as_ref() }?;
+        self.node
+            .full
+            .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
+        node_add(&self.node.barn_objects, f.len().wrapping_neg(), node);
+        node_add(&self.node.barn_ops, 1, node);
+        Some(full)
+    }
+
+    /// Puts `sheaf`, now empty, on the barn's empty list (node lock held).
+    fn give_empty(&self, sheaf: *mut Sheaf, _node: &ZoneGuard<'_>) {
+        // SAFETY: a cache sheaf the caller took out of a slot or the barn.
+        let e = unsafe { &*sheaf };
+        e.next
+            .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.node.empty.store(sheaf, Ordering::Relaxed);
+    }
+
+    /// Puts `sheaf`, now full, on the barn's full list (node lock held),
+    /// counting its objects into the barn and one exchange.
+    fn give_full(&self, sheaf: *mut Sheaf, node: &ZoneGuard<'_>) {
+        // SAFETY: as in `give_empty`.
+        let f = unsafe { &*sheaf };
+        node_add(&self.node.barn_objects, f.len(), node);
+        node_add(&self.node.barn_ops, 1, node);
+        f.next
+            .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.node.full.store(sheaf, Ordering::Relaxed);
     }
 
     /// An empty barn sheaf to take a sheaf's worth of objects, if the barn
@@ -1385,54 +1436,6 @@ impl Cache {
         }
         let empty = self.take_empty(node);
         (!empty.is_null()).then_some(empty)
-    }
-
-    /// Node lock held, and the slot whose spare pointer is `place` held by
-    /// the caller: trades the sheaf there for a full barn sheaf, the old
-    /// one joining the barn's empty list. `false` when the barn has no full
-    /// sheaf.
-    fn trade_for_full(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
-        let full = self.node.full.load(Ordering::Relaxed);
-        if full.is_null() {
-            return false;
-        }
-        // SAFETY: barn and slot sheaves are cache sheaves (live as long as
-        // the heap); the node lock gives us the barn lists, the caller's
-        // slot lock the sheaf at `place`.
-        unsafe {
-            self.node
-                .full
-                .store((*full).next.load(Ordering::Relaxed), Ordering::Relaxed);
-            node_add(&self.node.barn_objects, (*full).len().wrapping_neg(), node);
-            node_add(&self.node.barn_ops, 1, node);
-            let old = place.load(Ordering::Relaxed);
-            (*old)
-                .next
-                .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.node.empty.store(old, Ordering::Relaxed);
-        }
-        place.store(full, Ordering::Relaxed);
-        true
-    }
-
-    /// Node lock held, and the slot of `place` held by the caller: trades
-    /// the sheaf there for an empty barn sheaf, the old one joining the
-    /// barn's full list. `false` when the barn has no room (`BARN_BYTES`)
-    /// or no empty sheaf.
-    fn trade_for_empty(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
-        let Some(empty) = self.barn_empty_with_room(node) else {
-            return false;
-        };
-        let full = place.load(Ordering::Relaxed);
-        // SAFETY: as in `trade_for_full`.
-        let f = unsafe { &*full };
-        node_add(&self.node.barn_objects, f.len(), node);
-        node_add(&self.node.barn_ops, 1, node);
-        f.next
-            .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.node.full.store(full, Ordering::Relaxed);
-        place.store(empty, Ordering::Relaxed);
-        true
     }
 
     fn flush_sheaf(&self, sheaf: &Sheaf, pages: &PageAllocator, node: &ZoneGuard<'_>, mode: Mode) {
@@ -1519,9 +1522,7 @@ impl Cache {
             let next = sh.next.load(Ordering::Relaxed);
             node_add(&self.node.barn_objects, sh.len().wrapping_neg(), node);
             self.flush_sheaf(sh, pages, node, Mode::Normal);
-            sh.next
-                .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.node.empty.store(s, Ordering::Relaxed);
+            self.give_empty(s, node);
             s = next;
         }
     }
