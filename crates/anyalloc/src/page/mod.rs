@@ -1069,12 +1069,8 @@ impl PageAllocator {
         let large = order > PCP_MAX_ORDER;
         for zone in self.zones() {
             match self.nolock_from_zone(zone, cpu, order) {
-                Ok(p) => {
-                    if large {
-                        self.nolock_large[0].fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Ok(p);
-                }
+                // (A large success was counted where it was found.)
+                Ok(p) => return Ok(p),
                 Err(Fail::Busy) => busy = true,
                 Err(Fail::Empty) => {}
             }
@@ -1149,7 +1145,7 @@ impl PageAllocator {
                 zone.drain_deferred_bounded(&g);
                 crate::interrupt_point!(NolockZoneAlloc);
                 if let Some(idx) = zone.buddy_alloc(order, zone.min, &g) {
-                    self.nolock_ok_direct.fetch_add(1, Ordering::Relaxed);
+                    g.add(&zone.nolock_ok_locked, 1);
                     return Ok(self.ptr(zone, idx));
                 }
                 return Err(if busy { Fail::Busy } else { Fail::Empty });
@@ -1176,9 +1172,16 @@ impl PageAllocator {
                 zone.drain_deferred_bounded(&g);
                 crate::interrupt_point!(NolockZoneAlloc);
                 let got = zone.buddy_alloc(order, zone.min, &g);
+                if got.is_some() {
+                    g.add(&zone.nolock_ok_locked, 1);
+                    g.add(&zone.nolock_large_ok_locked, 1);
+                }
                 zone.stock_refill(&g);
                 drop(g);
-                (got.or_else(|| zone.stock_take(order)), Fail::Empty)
+                if let Some(idx) = got {
+                    return Ok(self.ptr(zone, idx));
+                }
+                (zone.stock_take(order), Fail::Empty)
             }
             None => {
                 let got = zone
@@ -1197,6 +1200,7 @@ impl PageAllocator {
         match got {
             Some(idx) => {
                 self.nolock_ok_direct.fetch_add(1, Ordering::Relaxed);
+                self.nolock_large[0].fetch_add(1, Ordering::Relaxed);
                 Ok(self.ptr(zone, idx))
             }
             None => Err(why),
@@ -1488,6 +1492,8 @@ fn zone_stats(s: &mut PageStats, zone: &Zone) {
     s.buddy_pages += zone.free_buddy();
     s.deferred_pages += zone.deferred_pages();
     s.stock_pages += zone.stock_pages();
+    s.nolock_alloc_ok += zone.nolock_ok_locked.load(Ordering::Relaxed) as u64;
+    s.nolock_large_alloc_ok += zone.nolock_large_ok_locked.load(Ordering::Relaxed) as u64;
     for slot in zone.slots() {
         s.percpu_pages += slot.pages();
         s.nolock_alloc_ok +=

@@ -177,6 +177,12 @@ pub(crate) struct Zone {
     counts: [AtomicU32; MAX_ORDER as usize + 1],
     /// Pages on the buddy free lists (written under `lock`).
     free_buddy: AtomicUsize,
+    /// Nolock allocations served from the buddy lists under a tried
+    /// `lock` (written under it, so counted with no locked instruction).
+    pub(crate) nolock_ok_locked: AtomicUsize,
+    /// How many of those were above the per-CPU orders (written under
+    /// `lock`).
+    pub(crate) nolock_large_ok_locked: AtomicUsize,
     /// Deferred frees, one stack per order.
     deferred: [TaggedStack; MAX_ORDER as usize + 1],
     deferred_pages: AtomicUsize,
@@ -284,6 +290,8 @@ impl Zone {
             heads: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
             counts: [const { AtomicU32::new(0) }; MAX_ORDER as usize + 1],
             free_buddy: AtomicUsize::new(0),
+            nolock_ok_locked: AtomicUsize::new(0),
+            nolock_large_ok_locked: AtomicUsize::new(0),
             deferred: core::array::from_fn(|_| TaggedStack::new()),
             deferred_pages: AtomicUsize::new(0),
             total,
@@ -580,7 +588,7 @@ impl Zone {
 
     // ----- buddy free lists (zone lock held) ---------------------------
 
-    fn list_push(&self, idx: u32, order: u32, _g: &ZoneGuard<'_>) {
+    fn list_push(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
         let head = &self.heads[order as usize];
         let old = head.load(Ordering::Relaxed);
         let d = self.desc(idx);
@@ -597,10 +605,10 @@ impl Zone {
             d.carved
                 .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        self.counts[order as usize].fetch_add(1, Ordering::Relaxed);
+        g.add_u32(&self.counts[order as usize], 1);
     }
 
-    fn list_remove(&self, idx: u32, order: u32, _g: &ZoneGuard<'_>) {
+    fn list_remove(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
         let d = self.desc(idx);
         let next = d.next.load(Ordering::Relaxed);
         let prev = d.prev.load(Ordering::Relaxed);
@@ -612,7 +620,7 @@ impl Zone {
         if next != NIL {
             self.desc(next).prev.store(prev, Ordering::Relaxed);
         }
-        self.counts[order as usize].fetch_sub(1, Ordering::Relaxed);
+        g.add_u32(&self.counts[order as usize], 1u32.wrapping_neg());
     }
 
     /// Takes a block of `order` from the buddy lists, leaving at least
@@ -641,14 +649,14 @@ impl Zone {
             self.list_push(idx + (1 << o), o, g);
         }
         self.desc(idx).set(desc::state(desc::ALLOCATED, order));
-        self.free_buddy.fetch_sub(need, Ordering::Relaxed);
+        g.add(&self.free_buddy, need.wrapping_neg());
         Some(idx)
     }
 
     /// Returns the claimed block `idx` of `order` to the buddy lists,
     /// merging it with free buddies.
     pub(crate) fn buddy_free(&self, mut idx: u32, mut order: u32, g: &ZoneGuard<'_>) {
-        self.free_buddy.fetch_add(1 << order, Ordering::Relaxed);
+        g.add(&self.free_buddy, 1 << order);
         while order < MAX_ORDER {
             let buddy = idx ^ (1 << order);
             if buddy < self.first || buddy + (1 << order) > self.limit {
@@ -1188,7 +1196,7 @@ impl Zone {
                 "a releasing block changed state"
             );
             self.releasing.store(0, Ordering::Relaxed);
-            self.free_buddy.fetch_sub(1 << order, Ordering::Relaxed);
+            g.add(&self.free_buddy, (1usize << order).wrapping_neg());
             self.buddy_free(pick, order, &g);
             // Unless it merged with a buddy (the merged block carries a fresh
             // stamp, and is discarded again later: harmless), mark it.

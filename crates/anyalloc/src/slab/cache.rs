@@ -296,18 +296,6 @@ impl SheafSlot {
     }
 }
 
-/// Adds `n` (wrapping: a subtraction is the negation) to a node counter.
-/// Only node lock holders write these counters, so the guard is the proof
-/// that a plain load and store suffice (no locked instruction); readers
-/// without the lock see a whole, possibly stale, value.
-#[inline]
-fn node_add(counter: &AtomicUsize, n: usize, _node: &ZoneGuard<'_>) {
-    counter.store(
-        counter.load(Ordering::Relaxed).wrapping_add(n),
-        Ordering::Relaxed,
-    );
-}
-
 /// The shared part of a cache, under `lock`.
 struct Node {
     lock: ZoneLock,
@@ -318,7 +306,7 @@ struct Node {
     fresh: AtomicUsize,
     barn: *mut Sheaf,
     /// Objects in full barn sheaves (the node counters are written under
-    /// the lock, `node_add`).
+    /// the lock, `ZoneGuard::add`).
     barn_objects: AtomicUsize,
     partial: [AtomicU32Head; MAX_ZONES],
     empty_slabs: AtomicUsize,
@@ -426,10 +414,10 @@ pub(crate) struct Cache {
     /// `__rseq_offset`, the same for every thread of the process), kept
     /// here so the fast path loads it from this cache's own line.
     rseq_off: isize,
-    /// Slabs this cache holds (written under the node lock, `node_add`).
+    /// Slabs this cache holds (written under the node lock, `ZoneGuard::add`).
     slabs: AtomicUsize,
     /// Objects out of slabs (in sheaves, in the barn, deferred, or in use;
-    /// written under the node lock, `node_add`).
+    /// written under the node lock, `ZoneGuard::add`).
     out_of_slabs: AtomicUsize,
     pub(crate) fail_busy: AtomicU64,
     pub(crate) fail_empty: AtomicU64,
@@ -1071,8 +1059,8 @@ impl Cache {
                     .store(0, Ordering::Relaxed);
             }
         }
-        node_add(&self.slabs, 1, node);
-        node_add(&self.node.empty_slabs, 1, node);
+        node.add(&self.slabs, 1);
+        node.add(&self.node.empty_slabs, 1);
         self.partial_push(zone, zi, head, node);
     }
 
@@ -1095,12 +1083,12 @@ impl Cache {
         let inuse = d.inuse.load(Ordering::Relaxed) as usize + 1;
         d.inuse.store(inuse as u16, Ordering::Relaxed);
         if inuse == 1 {
-            node_add(&self.node.empty_slabs, 1usize.wrapping_neg(), node);
+            node.add(&self.node.empty_slabs, 1usize.wrapping_neg());
         }
         if inuse == self.objs {
             self.partial_remove(zone, zi, head, node);
         }
-        node_add(&self.out_of_slabs, 1, node);
+        node.add(&self.out_of_slabs, 1);
         obj
     }
 
@@ -1400,8 +1388,8 @@ impl Cache {
         self.node
             .full
             .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
-        node_add(&self.node.barn_objects, f.len().wrapping_neg(), node);
-        node_add(&self.node.barn_ops, 1, node);
+        node.add(&self.node.barn_objects, f.len().wrapping_neg());
+        node.add(&self.node.barn_ops, 1);
         Some(full)
     }
 
@@ -1419,8 +1407,8 @@ impl Cache {
     fn give_full(&self, sheaf: *mut Sheaf, node: &ZoneGuard<'_>) {
         // SAFETY: as in `give_empty`.
         let f = unsafe { &*sheaf };
-        node_add(&self.node.barn_objects, f.len(), node);
-        node_add(&self.node.barn_ops, 1, node);
+        node.add(&self.node.barn_objects, f.len());
+        node.add(&self.node.barn_ops, 1);
         f.next
             .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
         self.node.full.store(sheaf, Ordering::Relaxed);
@@ -1471,12 +1459,12 @@ impl Cache {
         };
         d.freelist.store(obj, Ordering::Relaxed);
         d.inuse.store((inuse - 1) as u16, Ordering::Relaxed);
-        node_add(&self.out_of_slabs, 1usize.wrapping_neg(), node);
+        node.add(&self.out_of_slabs, 1usize.wrapping_neg());
         if inuse == self.objs {
             self.partial_push(zone, zi, head, node);
         }
         if inuse == 1 {
-            node_add(&self.node.empty_slabs, 1, node);
+            node.add(&self.node.empty_slabs, 1);
             let empties = self.node.empty_slabs.load(Ordering::Relaxed);
             if empties > EMPTY_SLAB_RESERVE {
                 self.release_slab(zone, zi, head, pages, node, mode);
@@ -1494,8 +1482,8 @@ impl Cache {
         mode: Mode,
     ) {
         self.partial_remove(zone, zi, head, node);
-        node_add(&self.node.empty_slabs, 1usize.wrapping_neg(), node);
-        node_add(&self.slabs, 1usize.wrapping_neg(), node);
+        node.add(&self.node.empty_slabs, 1usize.wrapping_neg());
+        node.add(&self.slabs, 1usize.wrapping_neg());
         for i in 0..(1u32 << self.order) {
             zone.desc(head + i).owner.store(0, Ordering::Relaxed);
         }
@@ -1520,7 +1508,7 @@ impl Cache {
             // SAFETY: barn sheaves are cache sheaves; node lock held.
             let sh = unsafe { &*s };
             let next = sh.next.load(Ordering::Relaxed);
-            node_add(&self.node.barn_objects, sh.len().wrapping_neg(), node);
+            node.add(&self.node.barn_objects, sh.len().wrapping_neg());
             self.flush_sheaf(sh, pages, node, Mode::Normal);
             self.give_empty(s, node);
             s = next;

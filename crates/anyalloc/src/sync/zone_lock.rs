@@ -95,6 +95,25 @@ pub struct ZoneGuard<'a> {
     _not_send: core::marker::PhantomData<*const ()>,
 }
 
+impl ZoneGuard<'_> {
+    /// Adds `n` (wrapping: a subtraction is the negation) to a counter that
+    /// only holders of this lock write: the guard is the proof that a plain
+    /// load and store suffice (no locked instruction); readers without the
+    /// lock see a whole, possibly stale, value.
+    #[inline]
+    pub(crate) fn add(&self, counter: &core::sync::atomic::AtomicUsize, n: usize) {
+        use core::sync::atomic::Ordering::Relaxed;
+        counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    /// [`add`](Self::add) for a 32-bit counter.
+    #[inline]
+    pub(crate) fn add_u32(&self, counter: &core::sync::atomic::AtomicU32, n: u32) {
+        use core::sync::atomic::Ordering::Relaxed;
+        counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+}
+
 impl core::fmt::Debug for ZoneGuard<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ZoneGuard").finish_non_exhaustive()
