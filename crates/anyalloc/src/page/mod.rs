@@ -832,12 +832,7 @@ impl PageAllocator {
     /// without rseq).
     #[inline(always)]
     pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<NonNull<u8>> {
-        if order > PCP_MAX_ORDER {
-            return None;
-        }
-        let zone = self.first_zone();
-        let idx = zone.seq_alloc::<COUNT_NOLOCK>(order)?;
-        Some(self.ptr(zone, idx))
+        self.seq_alloc_counted::<COUNT_NOLOCK, { crate::sync::rseq::layout::PCP_NOLOCK_OK }>(order)
     }
 
     /// `seq_alloc::<true>` for a heap's nolock large block, counted apart
@@ -845,11 +840,21 @@ impl PageAllocator {
     /// [`PageStats::nolock_alloc_ok`]): see [`heap_large_nolock_ok`](Self::heap_large_nolock_ok).
     #[inline(always)]
     pub(crate) fn seq_alloc_heap_large(&self, order: u32) -> Option<NonNull<u8>> {
+        self.seq_alloc_counted::<true, { crate::sync::rseq::layout::PCP_HEAP_NOLOCK_OK }>(order)
+    }
+
+    /// Both of the above: the counter a counting pop adds to is the page
+    /// slot's field at offset `COUNTER` (see `Zone::seq_alloc`).
+    #[inline(always)]
+    fn seq_alloc_counted<const COUNT: bool, const COUNTER: usize>(
+        &self,
+        order: u32,
+    ) -> Option<NonNull<u8>> {
         if order > PCP_MAX_ORDER {
             return None;
         }
         let zone = self.first_zone();
-        let idx = zone.seq_alloc_heap_large(order)?;
+        let idx = zone.seq_alloc::<COUNT, COUNTER>(order)?;
         Some(self.ptr(zone, idx))
     }
 

@@ -470,38 +470,20 @@ impl Zone {
     /// The rseq fast path of an allocation of `order` (at most
     /// `PCP_MAX_ORDER`): a block from this CPU's level-0 list, marked
     /// allocated. `None` without rseq, or when the list is empty or the
-    /// slot is held (then the slow path decides).
+    /// slot is held (then the slow path decides). A `COUNT` pop adds 1 to
+    /// the slot's counter at offset `COUNTER` (`layout::PCP_NOLOCK_OK`, or
+    /// `PCP_HEAP_NOLOCK_OK` for a heap's nolock large block).
     #[inline(always)]
-    pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<u32> {
+    pub(crate) fn seq_alloc<const COUNT: bool, const COUNTER: usize>(
+        &self,
+        order: u32,
+    ) -> Option<u32> {
         // `seq` has 0 CPUs without rseq, else (`set_rseq`) glibc's offset, a
         // level-0 slot per possible CPU laid out as `sync::rseq::layout` says
         // (asserted above) and the descriptors.
         // SAFETY: as just said; the descriptors hold every index on a list,
         // and all of it lives as long as the zone.
-        let idx = unsafe {
-            crate::sync::rseq::pcp_pop::<COUNT_NOLOCK, { crate::sync::rseq::layout::PCP_NOLOCK_OK }>(
-                &self.seq, order,
-            )
-        };
-        self.popped(idx, order)
-    }
-
-    /// `seq_alloc::<true>` for a heap's nolock large block: counted in the
-    /// slot's `heap_nolock_ok` instead of its `nolock_ok`.
-    #[inline(always)]
-    pub(crate) fn seq_alloc_heap_large(&self, order: u32) -> Option<u32> {
-        // SAFETY: as in `seq_alloc`.
-        let idx = unsafe {
-            crate::sync::rseq::pcp_pop::<true, { crate::sync::rseq::layout::PCP_HEAP_NOLOCK_OK }>(
-                &self.seq, order,
-            )
-        };
-        self.popped(idx, order)
-    }
-
-    /// After a pop sequence: the block it took, marked allocated.
-    #[inline(always)]
-    fn popped(&self, idx: u32, order: u32) -> Option<u32> {
+        let idx = unsafe { crate::sync::rseq::pcp_pop::<COUNT, COUNTER>(&self.seq, order) };
         if idx == NIL {
             return None;
         }
