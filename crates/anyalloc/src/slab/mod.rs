@@ -1071,17 +1071,19 @@ impl HeapCore {
     #[inline(always)]
     pub(crate) unsafe fn free_sized(&self, ptr: NonNull<u8>, layout: Layout) {
         let addr = ptr.as_ptr() as usize;
-        if let Some(c) = class::class_fast(layout.size(), layout.align()) {
-            if let Some((_, d)) = self.pages.locate_first(addr) {
-                if d.owner.load(Ordering::Acquire) as usize == c + 1 {
+        let class = class::class_fast(layout.size(), layout.align());
+        if let Some((_, d)) = self.pages.locate_first(addr) {
+            let owner = d.owner.load(Ordering::Acquire);
+            match class {
+                Some(c) if owner as usize == c + 1 => {
                     // SAFETY: forwarded contract.
                     return unsafe { self.free_plain::<false>(c, addr) };
                 }
-            }
-        } else if let Some((_, d)) = self.pages.locate_first(addr) {
-            if d.owner.load(Ordering::Acquire) == LARGE_OWNER {
-                // SAFETY: forwarded contract.
-                return unsafe { self.free_large::<false>(ptr, d) };
+                None if owner == LARGE_OWNER => {
+                    // SAFETY: forwarded contract.
+                    return unsafe { self.free_large::<false>(ptr, d) };
+                }
+                _ => {}
             }
         }
         // SAFETY: forwarded contract.
@@ -1303,12 +1305,11 @@ impl HeapCore {
     /// `alloc_nolock` beyond its fast path.
     #[inline(never)]
     fn alloc_nolock_general(&self, layout: Layout) -> Option<NonNull<u8>> {
-        // As in `alloc_general`: a large block of a per-CPU list's order
-        // tries the page fast path first.
+        // A large block goes straight to the large path (as
+        // `alloc_nolock_from` would send it, after a class search that
+        // cannot succeed), which tries the page fast path first.
         if layout.size() > class::MAX_SMALL {
-            if let Some(p) = large_order(layout).and_then(|o| self.pages.seq_alloc_heap_large(o)) {
-                return Some(self.mark_large(p));
-            }
+            return self.alloc_large_nolock(layout);
         }
         self.alloc_nolock_from(layout, 0)
     }
