@@ -981,7 +981,7 @@ impl Cache {
             // the barn has another full sheaf, so the next refill (and its
             // node lock) comes two sheaves later instead of one.
             if slot.spare().len() == 0 {
-                self.trade_for_full(&slot.spare, &node);
+                self.trade_spare_for_full(slot, g, &node);
             }
             return slot.main().pop().ok_or(Fail::Empty);
         }
@@ -1303,7 +1303,7 @@ impl Cache {
             // Flush runs when the spare is full too: trade it as well when
             // the barn has room, so the next flush comes two sheaves later.
             if slot.spare().len() >= self.cap {
-                self.trade_for_empty(&slot.spare, &node);
+                self.trade_spare_for_empty(slot, g, &node);
             }
             return Ok(());
         }
@@ -1349,31 +1349,41 @@ impl Cache {
         true
     }
 
-    /// Node lock held, and the slot whose spare pointer is `place` held by
-    /// the caller: trades the sheaf there for a full barn sheaf, the old
-    /// one joining the barn's empty list. `false` when the barn has no full
+    /// Node lock held, and `slot` held by the caller (`_g`), its spare
+    /// sheaf empty: trades the spare for a full barn sheaf, the old one
+    /// joining the barn's empty list. `false` when the barn has no full
     /// sheaf.
-    fn trade_for_full(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
+    fn trade_spare_for_full(
+        &self,
+        slot: &SheafSlot,
+        _g: &SlotGuard<'_>,
+        node: &ZoneGuard<'_>,
+    ) -> bool {
         let Some(full) = self.take_full(node) else {
             return false;
         };
         // (A load and a store: the slot lock is held, no locked swap needed.)
-        let old = place.load(Ordering::Relaxed);
-        place.store(full, Ordering::Relaxed);
+        let old = slot.spare.load(Ordering::Relaxed);
+        slot.spare.store(full, Ordering::Relaxed);
         self.give_empty(old, node);
         true
     }
 
-    /// Node lock held, and the slot whose spare pointer is `place` held by
-    /// the caller: trades the sheaf there for an empty barn sheaf, the old
-    /// one joining the barn's full list. `false` when the barn has no room
-    /// (`BARN_BYTES`) or no empty sheaf.
-    fn trade_for_empty(&self, place: &AtomicPtr<Sheaf>, node: &ZoneGuard<'_>) -> bool {
+    /// Node lock held, and `slot` held by the caller (`_g`): trades its
+    /// spare sheaf for an empty barn sheaf, the old one joining the barn's
+    /// full list. `false` when the barn has no room (`BARN_BYTES`) or no
+    /// empty sheaf.
+    fn trade_spare_for_empty(
+        &self,
+        slot: &SheafSlot,
+        _g: &SlotGuard<'_>,
+        node: &ZoneGuard<'_>,
+    ) -> bool {
         let Some(empty) = self.barn_empty_with_room(node) else {
             return false;
         };
-        let old = place.load(Ordering::Relaxed);
-        place.store(empty, Ordering::Relaxed);
+        let old = slot.spare.load(Ordering::Relaxed);
+        slot.spare.store(empty, Ordering::Relaxed);
         self.give_full(old, node);
         true
     }
