@@ -281,3 +281,38 @@ fn a_thread_restricted_to_one_cpu_keeps_the_rseq_fast_path() {
     );
     assert!(cpus > last, "no slot set for CPU {last}");
 }
+
+/// Nolock frees beyond the room of this CPU's slot drain it in batches
+/// under a tried zone lock, as normal frees do: the per-CPU lists end with
+/// at most one slot's room (`high + batch`, at most 112 pages) plus what the
+/// normal refills stocked the two handler-level slots with (a batch of each
+/// order used, at most 16 pages each: 64 here), instead of filling every
+/// level's slot (3 x 112 pages) and then taking the zone lock once per
+/// block.
+#[test]
+fn nolock_frees_past_a_full_slot_drain_it_in_batches() {
+    // One CPU slot set: whichever CPU the thread runs on, one level-0 slot.
+    let pa = PageAllocator::new(Config::default().memory(64 << 20).cpus(1).grow(false)).unwrap();
+    let before = pa.stats().free_pages;
+    for order in [0, 3] {
+        let blocks: Vec<_> = (0..(1024 >> order))
+            .map(|_| pa.alloc_pages(order).unwrap())
+            .collect();
+        for p in blocks {
+            // SAFETY: allocated above with this order, freed once.
+            unsafe { pa.free_pages_nolock(p, order) };
+        }
+        let s = pa.stats();
+        assert!(
+            s.percpu_pages <= 112 + 64,
+            "order {order}: {} pages left on the per-CPU lists",
+            s.percpu_pages
+        );
+        assert_eq!(
+            s.deferred_pages, 0,
+            "order {order}: nothing had to be parked"
+        );
+        assert_eq!(s.free_pages, before, "order {order}: every page came back");
+    }
+    pa.check_invariants().unwrap();
+}

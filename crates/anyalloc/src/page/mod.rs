@@ -1227,10 +1227,14 @@ impl PageAllocator {
     /// The nolock free of a claimed block, beyond the fast path.
     #[inline(never)]
     fn free_claimed_nolock(&self, zone: &Zone, idx: u32, order: u32) {
+        // Whether the zone lock was tried (and found busy) already.
+        let mut zone_tried = false;
         if order <= PCP_MAX_ORDER {
             let cpu = self.cpu();
             for level in 0..LEVELS {
-                if !zone.pcp_has_room(zone.slot(cpu, level)) {
+                // A full level-0 slot is still taken: the block may go to
+                // the buddy lists with a batch of it.
+                if level > 0 && !zone.pcp_has_room(zone.slot(cpu, level)) {
                     continue;
                 }
                 if let Some((slot, s)) = zone.lock_own(cpu, level) {
@@ -1238,10 +1242,18 @@ impl PageAllocator {
                         zone.pcp_free(slot, &s, idx, order, Mode::NoLock);
                         return;
                     }
+                    if level == 0 {
+                        if zone.pcp_trim_nolock(slot, &s, idx, order) {
+                            return;
+                        }
+                        zone_tried = true;
+                    }
                 }
             }
         }
-        if let Some(g) = zone.lock.try_lock(zone.platform()) {
+        if zone_tried {
+            // Busy a moment ago: go on to the lock-free places.
+        } else if let Some(g) = zone.lock.try_lock(zone.platform()) {
             crate::interrupt_point!(NolockZoneFree);
             zone.buddy_free(idx, order, &g);
             zone.drain_deferred_bounded(&g);

@@ -855,8 +855,10 @@ impl Zone {
     }
 
     /// Frees a claimed block onto a held slot. In normal mode a slot over
-    /// `high` drains a batch to the buddy lists; nolock never drains (it may
-    /// overshoot `high`).
+    /// `high` drains a batch to the buddy lists; nolock does not drain here
+    /// (it may overshoot `high` up to `high + batch`, then
+    /// [`pcp_trim_nolock`](Self::pcp_trim_nolock) drains under a tried zone
+    /// lock).
     #[inline]
     pub(crate) fn pcp_free(
         &self,
@@ -871,6 +873,31 @@ impl Zone {
         if mode == Mode::Normal && self.over_high(slot.pages()) {
             self.pcp_drain_to(slot, s, self.pcp_high.saturating_sub(self.pcp_batch));
         }
+    }
+
+    /// A nolock free that found its own level-0 slot held and full: under a
+    /// *tried* zone lock, the block goes to the buddy lists and the slot
+    /// drains to `high - batch`, as a normal free's trim does, so frees
+    /// beyond the slot's room take the zone lock once per batch rather than
+    /// once per block. Bounded: the slot holds less than `high + batch`
+    /// pages plus one block (`room_for`), so at most `2 * batch` pages and
+    /// one block move. `false`: the zone lock is busy, nothing was done.
+    pub(crate) fn pcp_trim_nolock(
+        &self,
+        slot: &PcpSlot,
+        s: &SlotGuard<'_>,
+        idx: u32,
+        order: u32,
+    ) -> bool {
+        let Some(g) = self.lock.try_lock(self.platform) else {
+            return false;
+        };
+        crate::interrupt_point!(NolockZoneFree);
+        self.buddy_free(idx, order, &g);
+        self.pcp_drain_locked(slot, s, self.pcp_high.saturating_sub(self.pcp_batch), &g);
+        self.drain_deferred_bounded(&g);
+        self.stock_refill(&g);
+        true
     }
 
     /// Whether a nolock free may still add to this slot.
