@@ -1048,14 +1048,12 @@ impl Zone {
     /// order from the buddy lists, above the min watermark. Bounded: at most
     /// `STOCK_ORDERS * STOCK_CELLS` blocks.
     pub(crate) fn stock_refill(&self, g: &ZoneGuard<'_>) {
-        let want = self.stock_want.load(Ordering::Relaxed);
-        if want == 0 {
-            return;
-        }
-        for order in PCP_MAX_ORDER + 1..=MAX_ORDER {
-            if want & (1 << order) == 0 {
-                continue;
-            }
+        // Only the wanted orders' bits (above `PCP_MAX_ORDER`, by
+        // `stock_wanted`), lowest first: usually one, often none.
+        let mut want = self.stock_want.load(Ordering::Relaxed);
+        while want != 0 {
+            let order = want.trailing_zeros();
+            want &= want - 1;
             let cells = &self.stock_of(order)[..self.stock_cells(order)];
             for cell in cells {
                 if cell.load(Ordering::Relaxed) != NIL {
