@@ -169,11 +169,103 @@ pub(crate) fn area_offset() -> Option<isize> {
     (size != 0).then_some(offset)
 }
 
-/// glibc's `__rseq_offset` as it is, for the fast paths: meaningful only
-/// once [`area_offset`] said rseq is registered (the sequences run only
-/// then), read straight from glibc's global so that the load depends on
+/// A copy of glibc's `__rseq_offset` in a symbol of this crate's own,
+/// written by [`available`] before it says yes (so before any sequence
+/// runs), for the fast paths.
+///
+/// Why a copy: code that uses the offset is inlined into the user's crate,
+/// and rustc reaches glibc's variable (and a static of another crate)
+/// through a GOT slot with a relocation the linker may not turn into a
+/// direct access, so the CPU id, the deepest link of every fast path's
+/// chain of loads, waited for two loads before its own. The copy is a
+/// hidden symbol (`global_asm!`, as the context module's route word):
+/// read with one RIP-relative load in any binary, a shared library
+/// included, and never exported from one. Like glibc's, its value never
+/// changes once set (every thread of the process has its area at the same
+/// offset), and a forked child inherits it.
+#[cfg(all(
+    feature = "std",
+    target_os = "linux",
+    target_env = "gnu",
+    target_arch = "x86_64"
+))]
+mod offset_copy {
+    use core::sync::atomic::{AtomicIsize, Ordering};
+
+    core::arch::global_asm!(
+        ".pushsection .bss.anyalloc_rseq_offset,\"aw\",@nobits",
+        ".p2align 3",
+        ".globl anyalloc_rseq_offset",
+        ".hidden anyalloc_rseq_offset",
+        ".type anyalloc_rseq_offset,@object",
+        ".size anyalloc_rseq_offset,8",
+        "anyalloc_rseq_offset:",
+        ".zero 8",
+        ".popsection",
+    );
+
+    /// Stores `off` (glibc's offset, checked registered by the caller).
+    pub(super) fn set(off: isize) {
+        let addr: usize;
+        // SAFETY: computes the variable's address; no memory access.
+        unsafe {
+            core::arch::asm!(
+                "lea {a}, [rip + anyalloc_rseq_offset]",
+                a = out(reg) addr,
+                options(nostack, pure, nomem, preserves_flags),
+            );
+        }
+        // SAFETY: `addr` is the 8-aligned, 8-byte, zero-initialised
+        // variable above, live for the whole process; only this function
+        // writes it, atomically, always with the same value.
+        let cell = unsafe { &*(addr as *const AtomicIsize) };
+        if cell.load(Ordering::Relaxed) != off {
+            cell.store(off, Ordering::Relaxed);
+        }
+    }
+
+    /// The copy, with one load. Meaningful once `set` ran: a sequence runs
+    /// only after `available` said yes, on this thread or on one that
+    /// published the allocator to this one.
+    #[inline(always)]
+    pub(super) fn get() -> isize {
+        let off: isize;
+        // SAFETY: an aligned 8-byte load of the variable above (the same as
+        // a relaxed atomic load on x86-64); no other effect.
+        unsafe {
+            core::arch::asm!(
+                "mov {o}, qword ptr [rip + anyalloc_rseq_offset]",
+                o = out(reg) off,
+                options(nostack, pure, readonly, preserves_flags),
+            );
+        }
+        off
+    }
+}
+
+/// glibc's `__rseq_offset`, for the fast paths: meaningful only once
+/// [`available`] said rseq may be used (the sequences run only then). On
+/// x86-64, the crate's own copy (`offset_copy`), one load that depends on
 /// nothing the caller computes.
-#[cfg(all(feature = "std", target_os = "linux", target_env = "gnu"))]
+#[cfg(all(
+    feature = "std",
+    target_os = "linux",
+    target_env = "gnu",
+    target_arch = "x86_64"
+))]
+#[inline(always)]
+pub(crate) fn raw_offset() -> isize {
+    offset_copy::get()
+}
+
+/// glibc's `__rseq_offset` as it is (no sequences run on this
+/// architecture; kept for `cpu_hint`'s callers).
+#[cfg(all(
+    feature = "std",
+    target_os = "linux",
+    target_env = "gnu",
+    not(target_arch = "x86_64")
+))]
 #[inline(always)]
 pub(crate) fn raw_offset() -> isize {
     extern "C" {
@@ -269,7 +361,14 @@ pub(crate) fn available(cpus: usize) -> bool {
             Some(possible) if cpus >= possible => {}
             _ => return false,
         }
-        membarrier::call(membarrier::REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0)
+        if !membarrier::call(membarrier::REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0) {
+            return false;
+        }
+        // Before the caller enables any sequence (see `raw_offset`).
+        if let Some(off) = area_offset() {
+            offset_copy::set(off);
+        }
+        true
     }
     #[cfg(not(all(
         feature = "std",
