@@ -231,3 +231,86 @@ fn the_nolock_stock_fills_on_demand_and_idles_back() {
     assert_eq!(s.stock_pages, 0, "an idle stock went back: {s:?}");
     assert_eq!(s.free_pages, s.total_pages);
 }
+
+/// 64 KiB blocks (order 4, above the page allocator's per-CPU orders) have
+/// a per-CPU list of the heap's own on the normal path: with rseq, a normal
+/// free puts the block there and the next normal allocation of that size on
+/// the CPU takes it back without the zone lock; a drain gives the listed
+/// blocks back to the buddy lists.
+#[test]
+fn normal_64_kib_blocks_come_back_from_a_per_cpu_list() {
+    let h = Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .grow(false)
+            .maintenance(false),
+    )
+    .unwrap();
+    let l = Layout::from_size_align(64 << 10, 8).unwrap();
+    let rseq = h.stats().fast_path == anyalloc::FastPath::Rseq;
+    let total = h.stats().pages.total_pages;
+    for _ in 0..100 {
+        let before = h.stats().pages;
+        let p = h.alloc(l).expect("memory to spare");
+        // SAFETY: a fresh 64 KiB block.
+        unsafe { p.as_ptr().write_bytes(0x5a, 64 << 10) };
+        // SAFETY: allocated above, freed once.
+        unsafe { h.free(p) };
+        let after = h.stats().pages;
+        assert_eq!(after.free_pages, before.free_pages, "a page went missing");
+        if !rseq {
+            assert_eq!(after.percpu_pages, 0, "no per-CPU list without rseq");
+        }
+    }
+    if rseq {
+        // The thread may have moved between CPUs: one block per CPU at most.
+        let listed = h.stats().pages.percpu_pages;
+        assert!(
+            listed >= 16 && listed.is_multiple_of(16) && listed <= 16 * h.pages().cpus(),
+            "the freed block waits on a per-CPU list: {listed} pages"
+        );
+    }
+    h.drain();
+    let s = h.stats().pages;
+    assert_eq!(s.percpu_pages, 0, "drain empties the per-CPU lists");
+    assert_eq!(s.free_pages, total, "every page came back");
+    h.pages().check_invariants().unwrap();
+}
+
+/// A nested call (here `Global` inside a nolock scope) never uses the
+/// heap's per-CPU list of 64 KiB blocks, even when it holds one: it takes
+/// the nolock path for large orders, as the large nolock counters show.
+#[test]
+fn nested_64_kib_requests_take_the_nolock_path() {
+    use std::alloc::GlobalAlloc;
+    let heap = anyalloc::init().expect("global heap");
+    let l = Layout::from_size_align(64 << 10, 8).unwrap();
+    let large = || {
+        let s = heap.stats().pages;
+        s.nolock_large_alloc_ok + s.nolock_large_alloc_fail_busy + s.nolock_large_alloc_fail_empty
+    };
+    for _ in 0..10 {
+        // A normal pair leaves the block on this CPU's list (with rseq).
+        // SAFETY: a non-zero size; the block is freed once, with its layout.
+        unsafe {
+            let p = anyalloc::Global.alloc(l);
+            assert!(!p.is_null());
+            anyalloc::Global.dealloc(p, l);
+        }
+        let before = large();
+        {
+            let _nested = anyalloc::nolock_scope();
+            // SAFETY: as above.
+            unsafe {
+                let p = anyalloc::Global.alloc(l);
+                assert!(!p.is_null(), "memory to spare");
+                anyalloc::Global.dealloc(p, l);
+            }
+        }
+        assert_eq!(
+            large(),
+            before + 1,
+            "the nested 64 KiB request took the nolock path"
+        );
+    }
+}

@@ -71,8 +71,10 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crate::config::{Config, Error};
 use crate::platform::{FatalMessage, Platform};
+use crate::sync::rseq::layout;
 use crate::sync::ZoneLock;
 use crate::{MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
+use zone::HEAP_PCP_ORDER;
 #[cfg(feature = "std")]
 use zone::MAX_BLOCK;
 
@@ -832,7 +834,26 @@ impl PageAllocator {
     /// without rseq).
     #[inline(always)]
     pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<NonNull<u8>> {
-        self.seq_alloc_counted::<COUNT_NOLOCK, { crate::sync::rseq::layout::PCP_NOLOCK_OK }>(order)
+        if order > PCP_MAX_ORDER {
+            return None;
+        }
+        self.seq_alloc_counted::<COUNT_NOLOCK, { layout::PCP_NOLOCK_OK }>(order)
+    }
+
+    /// `seq_alloc::<false>` for a heap's large block on the normal path:
+    /// also [`HEAP_PCP_ORDER`] (64 KiB), whose list only the heap's normal
+    /// frees fill ([`free_pages_fast`](Self::free_pages_fast)), and only
+    /// outside a nested context. A handler, or a call inside a nolock
+    /// scope, is routed to the nolock path, and for it 64 KiB stays a large
+    /// order like any other (buddy lists under a tried lock, the stock,
+    /// the large nolock counters): the list is an optimisation of ordinary
+    /// code, not a new place the nolock path looks.
+    #[inline(always)]
+    pub(crate) fn seq_alloc_heap(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > PCP_MAX_ORDER && (order != HEAP_PCP_ORDER || crate::context::nested()) {
+            return None;
+        }
+        self.seq_alloc_counted::<false, { layout::PCP_NOLOCK_OK }>(order)
     }
 
     /// `seq_alloc::<true>` for a heap's nolock large block, counted apart
@@ -840,19 +861,20 @@ impl PageAllocator {
     /// [`PageStats::nolock_alloc_ok`]): see [`heap_large_nolock_ok`](Self::heap_large_nolock_ok).
     #[inline(always)]
     pub(crate) fn seq_alloc_heap_large(&self, order: u32) -> Option<NonNull<u8>> {
-        self.seq_alloc_counted::<true, { crate::sync::rseq::layout::PCP_HEAP_NOLOCK_OK }>(order)
+        if order > PCP_MAX_ORDER {
+            return None;
+        }
+        self.seq_alloc_counted::<true, { layout::PCP_HEAP_NOLOCK_OK }>(order)
     }
 
-    /// Both of the above: the counter a counting pop adds to is the page
-    /// slot's field at offset `COUNTER` (see `Zone::seq_alloc`).
+    /// The above, for an order with a per-CPU list: the counter a counting
+    /// pop adds to is the page slot's field at offset `COUNTER` (see
+    /// `Zone::seq_alloc`).
     #[inline(always)]
     fn seq_alloc_counted<const COUNT: bool, const COUNTER: usize>(
         &self,
         order: u32,
     ) -> Option<NonNull<u8>> {
-        if order > PCP_MAX_ORDER {
-            return None;
-        }
         let zone = self.first_zone();
         let idx = zone.seq_alloc::<COUNT, COUNTER>(order)?;
         Some(self.ptr(zone, idx))
@@ -904,12 +926,14 @@ impl PageAllocator {
     pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
         crate::context::might_wait("PageAllocator::free_pages");
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via(ptr, order, FreeRoute::Routed) };
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER>(ptr, order, FreeRoute::Routed) };
     }
 
     /// `free_pages` without its context check, for the heap's large-block
     /// fast path: routed by the thread's context (`nolock`: the nolock
-    /// path).
+    /// path). Outside a nested context, its rseq fast path also takes
+    /// blocks of [`HEAP_PCP_ORDER`] (for `seq_alloc_heap`); beyond that
+    /// fast path they are a large order like any other.
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
@@ -920,8 +944,12 @@ impl PageAllocator {
         } else {
             FreeRoute::Routed
         };
+        if order == HEAP_PCP_ORDER && !nolock && !crate::context::nested() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_pages_via::<HEAP_PCP_ORDER>(ptr, order, FreeRoute::Normal) };
+        }
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via(ptr, order, route) };
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER>(ptr, order, route) };
     }
 
     /// The normal path of `free_pages` (not routed, as `alloc_pages_normal`).
@@ -931,24 +959,30 @@ impl PageAllocator {
     #[inline]
     pub(crate) unsafe fn free_pages_normal(&self, ptr: NonNull<u8>, order: u32) {
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via(ptr, order, FreeRoute::Normal) };
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER>(ptr, order, FreeRoute::Normal) };
     }
 
     /// Every free of pages: the inline fast path, then one out-of-line call.
     /// The fast path is the same for every route: the block is claimed, and
     /// this CPU's level-0 slot has room (a nolock free's condition); only a
     /// slot left over `high` asks the route (a normal free drains a batch).
-    /// `route` is a constant at each call site.
+    /// `route` is a constant at each call site, and so is `FAST_MAX`, the
+    /// largest order the fast path takes.
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
     #[inline(always)]
-    unsafe fn free_pages_via(&self, ptr: NonNull<u8>, order: u32, route: FreeRoute) {
+    unsafe fn free_pages_via<const FAST_MAX: u32>(
+        &self,
+        ptr: NonNull<u8>,
+        order: u32,
+        route: FreeRoute,
+    ) {
         // This CPU's page count (a hint) is read before the claim: the
         // claim's locked instruction waits for earlier stores to drain, and
         // these loads run meanwhile instead of after it.
         let first = self.first_zone();
-        let pages = if order <= PCP_MAX_ORDER && first.uses_rseq() {
+        let pages = if order <= FAST_MAX && first.uses_rseq() {
             first.pages_here()
         } else {
             usize::MAX
@@ -1221,7 +1255,7 @@ impl PageAllocator {
     #[inline]
     pub unsafe fn free_pages_nolock(&self, ptr: NonNull<u8>, order: u32) {
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via(ptr, order, FreeRoute::NoLock) };
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER>(ptr, order, FreeRoute::NoLock) };
     }
 
     /// The nolock free of a claimed block, beyond the fast path.

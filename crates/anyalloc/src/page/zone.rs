@@ -43,6 +43,14 @@ use crate::platform::Platform;
 use crate::sync::rseq::SeqTarget;
 use crate::sync::{Mode, SlotGuard, SlotLock, TaggedStack, ZoneGuard, ZoneLock, TAGGED_NIL};
 pub(crate) use crate::PCP_MAX_ORDER;
+/// One order above [`PCP_MAX_ORDER`] (64 KiB) has a per-CPU list too, used
+/// by a heap's large blocks on the normal path only: pushed by the rseq
+/// fast path of a heap's normal free, popped by the rseq fast path of a
+/// heap's normal allocation, drained like the others (by any slot holder:
+/// trims, drains, maintenance). The page allocator's own calls of this
+/// order and every nolock or nested call never push or pop it (for them
+/// it is a large order: buddy lists, stock, large nolock counters).
+pub(crate) const HEAP_PCP_ORDER: u32 = PCP_MAX_ORDER + 1;
 use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 
 /// Slots per CPU: normal context, first handler, nested handler.
@@ -93,7 +101,8 @@ pub(crate) enum Fail {
     Empty,
 }
 
-/// One per-CPU, per-context-level set of page lists (orders 0..=3).
+/// One per-CPU, per-context-level set of page lists (orders 0..=3, and
+/// [`HEAP_PCP_ORDER`] for a heap's large blocks).
 #[repr(C, align(64))]
 pub(crate) struct PcpSlot {
     pub(crate) lock: SlotLock,
@@ -103,7 +112,7 @@ pub(crate) struct PcpSlot {
     /// Per order, one word: the list's head (low 32 bits, `NIL` when empty)
     /// and its block count (high 32 bits), so that a restartable sequence
     /// changes both with one committing store (`sync::rseq`).
-    lists: [AtomicU64; PCP_MAX_ORDER as usize + 1],
+    lists: [AtomicU64; HEAP_PCP_ORDER as usize + 1],
     /// Nolock allocations served from this slot (updated under its lock,
     /// or by a sequence on this slot's CPU).
     pub(crate) nolock_ok: AtomicU64,
@@ -134,7 +143,7 @@ impl PcpSlot {
     /// Pages on this slot's lists (racy unless the slot is held).
     #[inline]
     pub(crate) fn pages(&self) -> usize {
-        (0..=PCP_MAX_ORDER)
+        (0..=HEAP_PCP_ORDER)
             .map(|o| (self.list(o).1 as usize) << o)
             .sum()
     }
@@ -320,7 +329,7 @@ impl Zone {
                     lock: SlotLock::new(),
                     demand: AtomicU32::new(0),
                     lists: [const { AtomicU64::new(list_word(NIL, 0)) };
-                        PCP_MAX_ORDER as usize + 1],
+                        HEAP_PCP_ORDER as usize + 1],
                     nolock_ok: AtomicU64::new(0),
                     idle: IdleWatch::new(),
                     heap_nolock_ok: AtomicU64::new(0),
@@ -468,7 +477,8 @@ impl Zone {
     }
 
     /// The rseq fast path of an allocation of `order` (at most
-    /// `PCP_MAX_ORDER`): a block from this CPU's level-0 list, marked
+    /// `PCP_MAX_ORDER`, or `HEAP_PCP_ORDER` for a heap's normal path): a
+    /// block from this CPU's level-0 list, marked
     /// allocated. `None` without rseq, or when the list is empty or the
     /// slot is held (then the slow path decides). A `COUNT` pop adds 1 to
     /// the slot's counter at offset `COUNTER` (`layout::PCP_NOLOCK_OK`, or
@@ -493,7 +503,8 @@ impl Zone {
     }
 
     /// The rseq fast path of a free: the claimed block `idx` (descriptor
-    /// `d`) of `order` (at most `PCP_MAX_ORDER`, state FREEING) onto this
+    /// `d`) of `order` (at most `PCP_MAX_ORDER`, or `HEAP_PCP_ORDER` for a
+    /// heap's normal free; state FREEING) onto this
     /// CPU's level-0 list.
     /// `false` (the block still claimed, FREEING) without rseq or when the
     /// slot is held.
@@ -927,7 +938,7 @@ impl Zone {
         target: u32,
         g: &ZoneGuard<'_>,
     ) {
-        for order in (0..=PCP_MAX_ORDER).rev() {
+        for order in (0..=HEAP_PCP_ORDER).rev() {
             while slot.pages() > target as usize {
                 let Some(idx) = self.pcp_pop(slot, order, s) else {
                     break;
@@ -1299,7 +1310,7 @@ impl Zone {
                 return Err("a slot is held during an invariant check");
             };
             let mut pages = 0;
-            for order in 0..=PCP_MAX_ORDER {
+            for order in 0..=HEAP_PCP_ORDER {
                 let (mut i, count) = slot.list(order);
                 let mut n = 0;
                 while i != NIL {

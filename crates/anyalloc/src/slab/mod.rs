@@ -878,11 +878,12 @@ impl HeapCore {
     /// `alloc_in`); a nested context leaves it for the next one.
     ///
     /// A large block of a per-CPU list's order (16 and 32 KiB) first tries
-    /// the page allocator's rseq fast path, which any context may run.
+    /// the page allocator's rseq fast path, which any context may run; a
+    /// 64 KiB one too, outside a nested context (`seq_alloc_heap`).
     #[inline(never)]
     fn alloc_general(&self, layout: Layout) -> Option<NonNull<u8>> {
         if layout.size() > class::MAX_SMALL {
-            if let Some(p) = large_order(layout).and_then(|o| self.pages.seq_alloc::<false>(o)) {
+            if let Some(p) = large_order(layout).and_then(|o| self.pages.seq_alloc_heap(o)) {
                 return Some(self.mark_large(p));
             }
         }

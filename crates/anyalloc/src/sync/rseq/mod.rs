@@ -140,9 +140,9 @@ pub(crate) mod layout {
     /// slots' lock byte.
     pub(crate) const PCP_LISTS: usize = 8;
     /// A page slot's count of nolock allocations served (u64).
-    pub(crate) const PCP_NOLOCK_OK: usize = 40;
+    pub(crate) const PCP_NOLOCK_OK: usize = 48;
     /// A page slot's count of a heap's nolock large blocks served (u64).
-    pub(crate) const PCP_HEAP_NOLOCK_OK: usize = 64;
+    pub(crate) const PCP_HEAP_NOLOCK_OK: usize = 72;
     /// Bytes of a page descriptor.
     pub(crate) const DESC_SIZE: usize = 32;
     /// [`super::SeqTarget`]'s fields.
