@@ -100,65 +100,32 @@ static GLOBAL_HEAP: HeapCell = HeapCell {
 /// the heap. The global heap is never dropped, so once non-null it stays
 /// valid.
 ///
-/// On x86-64 Linux the word is a hidden symbol of its own (`global_asm!`,
-/// as the context module's route word), loaded with one RIP-relative
-/// instruction: `Global`'s fast paths are inlined into the user's crate,
-/// where rustc reaches a static of this crate through a GOT slot whose
-/// relocation the linker may not relax, one more dependent load at the head
-/// of every allocation and free.
+/// On x86-64 Linux the word is a hidden symbol loaded with one RIP-relative
+/// instruction (`sync::hidden_word`): reached through the GOT, as a static
+/// of this crate would be from `Global`'s fast paths inlined into the
+/// user's crate, it cost one more dependent load at the head of every
+/// allocation and free.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod core_word {
     use core::sync::atomic::{AtomicPtr, Ordering};
 
     use crate::slab::HeapCore;
 
-    core::arch::global_asm!(
-        ".pushsection .bss.anyalloc_global_core,\"aw\",@nobits",
-        ".p2align 3",
-        ".globl anyalloc_global_core",
-        ".hidden anyalloc_global_core",
-        ".type anyalloc_global_core,@object",
-        ".size anyalloc_global_core,8",
-        "anyalloc_global_core:",
-        ".zero 8",
-        ".popsection",
-    );
+    crate::sync::hidden_word!(mod word = "anyalloc_global_core");
 
     /// Publishes the ready heap's core (Release).
     pub(super) fn publish(core: *mut HeapCore) {
-        let addr: usize;
-        // SAFETY: computes the variable's address; no memory access.
-        unsafe {
-            core::arch::asm!(
-                "lea {a}, [rip + anyalloc_global_core]",
-                a = out(reg) addr,
-                options(nostack, pure, nomem, preserves_flags),
-            );
-        }
-        // SAFETY: `addr` is the 8-aligned, 8-byte, zero-initialised (null)
-        // variable above, live for the whole process and accessed only
-        // atomically (here, and by `load`'s plain x86-64 load).
-        let cell = unsafe { &*(addr as *const AtomicPtr<HeapCore>) };
+        // SAFETY: the hidden word: 8-aligned, 8 bytes, null at start, live
+        // for the whole process, and accessed only atomically (here, and by
+        // `load`).
+        let cell = unsafe { &*(word::addr() as *const AtomicPtr<HeapCore>) };
         cell.store(core, Ordering::Release);
     }
 
     /// The word, with Acquire ordering.
     #[inline(always)]
     pub(super) fn load() -> *mut HeapCore {
-        let c: *mut HeapCore;
-        // SAFETY: an aligned 8-byte load of the variable above: on x86-64 a
-        // plain load is an Acquire load (loads are not reordered with later
-        // loads or stores). Without `readonly`/`pure` the compiler treats
-        // the block as touching any memory, so it moves no later access
-        // above it either.
-        unsafe {
-            core::arch::asm!(
-                "mov {c}, qword ptr [rip + anyalloc_global_core]",
-                c = out(reg) c,
-                options(nostack, preserves_flags),
-            );
-        }
-        c
+        word::load_acquire() as *mut HeapCore
     }
 }
 

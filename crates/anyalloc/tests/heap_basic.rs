@@ -8,6 +8,18 @@ fn heap() -> Heap {
     Heap::new(Config::default().memory(64 << 20).cpus(2)).unwrap()
 }
 
+/// 64 MiB, no growth, no maintenance thread: page counts change only by
+/// what the test does.
+fn quiet_heap() -> Heap {
+    Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .grow(false)
+            .maintenance(false),
+    )
+    .unwrap()
+}
+
 fn fill(p: NonNull<u8>, len: usize, seed: u8) {
     // SAFETY: the block is a live allocation of at least that many bytes, owned by this test.
     unsafe { std::ptr::write_bytes(p.as_ptr(), seed, len) };
@@ -199,13 +211,7 @@ fn exhaustion_and_growth() {
 
 #[test]
 fn the_nolock_stock_fills_on_demand_and_idles_back() {
-    let h = Heap::new(
-        Config::default()
-            .memory(64 << 20)
-            .grow(false)
-            .maintenance(false),
-    )
-    .unwrap();
+    let h = quiet_heap();
     assert_eq!(h.stats().pages.stock_pages, 0, "no stock before demand");
     // A nolock request of 1 MiB (order 8): served from the buddy lists under
     // a tried zone lock, and from then on order 8 is kept stocked.
@@ -239,13 +245,7 @@ fn the_nolock_stock_fills_on_demand_and_idles_back() {
 /// blocks back to the buddy lists.
 #[test]
 fn normal_64_kib_blocks_come_back_from_a_per_cpu_list() {
-    let h = Heap::new(
-        Config::default()
-            .memory(64 << 20)
-            .grow(false)
-            .maintenance(false),
-    )
-    .unwrap();
+    let h = quiet_heap();
     let l = Layout::from_size_align(64 << 10, 8).unwrap();
     let rseq = h.stats().fast_path == anyalloc::FastPath::Rseq;
     let total = h.stats().pages.total_pages;

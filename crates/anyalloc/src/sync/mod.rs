@@ -26,6 +26,8 @@
 pub(crate) mod atomic;
 #[cfg(all(test, loom))]
 mod handoff_loom;
+#[cfg(all(feature = "std", target_arch = "x86_64", target_os = "linux"))]
+mod hidden_word;
 mod index_stack;
 mod registry_lock;
 pub(crate) mod rseq;
@@ -33,6 +35,8 @@ mod slot_lock;
 mod tagged_stack;
 mod zone_lock;
 
+#[cfg(all(feature = "std", target_arch = "x86_64", target_os = "linux"))]
+pub(crate) use hidden_word::hidden_word;
 pub use index_stack::{IndexStack, NIL};
 pub(crate) use registry_lock::{RegistryGuard, RegistryLock};
 pub use slot_lock::{SlotGuard, SlotLock};

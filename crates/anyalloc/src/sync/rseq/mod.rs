@@ -174,15 +174,12 @@ pub(crate) fn area_offset() -> Option<isize> {
 /// runs), for the fast paths.
 ///
 /// Why a copy: code that uses the offset is inlined into the user's crate,
-/// and rustc reaches glibc's variable (and a static of another crate)
-/// through a GOT slot with a relocation the linker may not turn into a
-/// direct access, so the CPU id, the deepest link of every fast path's
-/// chain of loads, waited for two loads before its own. The copy is a
-/// hidden symbol (`global_asm!`, as the context module's route word):
-/// read with one RIP-relative load in any binary, a shared library
-/// included, and never exported from one. Like glibc's, its value never
-/// changes once set (every thread of the process has its area at the same
-/// offset), and a forked child inherits it.
+/// where rustc reaches glibc's variable through a GOT slot, so the CPU id,
+/// the deepest link of every fast path's chain of loads, waited for two
+/// loads before its own. The copy is a hidden word (`sync::hidden_word`),
+/// read with one RIP-relative load. Like glibc's, its value never changes
+/// once set (every thread of the process has its area at the same offset),
+/// and a forked child inherits it.
 #[cfg(all(
     feature = "std",
     target_os = "linux",
@@ -192,33 +189,14 @@ pub(crate) fn area_offset() -> Option<isize> {
 mod offset_copy {
     use core::sync::atomic::{AtomicIsize, Ordering};
 
-    core::arch::global_asm!(
-        ".pushsection .bss.anyalloc_rseq_offset,\"aw\",@nobits",
-        ".p2align 3",
-        ".globl anyalloc_rseq_offset",
-        ".hidden anyalloc_rseq_offset",
-        ".type anyalloc_rseq_offset,@object",
-        ".size anyalloc_rseq_offset,8",
-        "anyalloc_rseq_offset:",
-        ".zero 8",
-        ".popsection",
-    );
+    crate::sync::hidden_word!(mod word = "anyalloc_rseq_offset");
 
     /// Stores `off` (glibc's offset, checked registered by the caller).
     pub(super) fn set(off: isize) {
-        let addr: usize;
-        // SAFETY: computes the variable's address; no memory access.
-        unsafe {
-            core::arch::asm!(
-                "lea {a}, [rip + anyalloc_rseq_offset]",
-                a = out(reg) addr,
-                options(nostack, pure, nomem, preserves_flags),
-            );
-        }
-        // SAFETY: `addr` is the 8-aligned, 8-byte, zero-initialised
-        // variable above, live for the whole process; only this function
-        // writes it, atomically, always with the same value.
-        let cell = unsafe { &*(addr as *const AtomicIsize) };
+        // SAFETY: the hidden word: 8-aligned, 8 bytes, zero at start, live
+        // for the whole process; only this function writes it, atomically,
+        // always with the same value.
+        let cell = unsafe { &*(word::addr() as *const AtomicIsize) };
         if cell.load(Ordering::Relaxed) != off {
             cell.store(off, Ordering::Relaxed);
         }
@@ -226,20 +204,10 @@ mod offset_copy {
 
     /// The copy, with one load. Meaningful once `set` ran: a sequence runs
     /// only after `available` said yes, on this thread or on one that
-    /// published the allocator to this one.
+    /// published the allocator to this one; the value never changes after.
     #[inline(always)]
     pub(super) fn get() -> isize {
-        let off: isize;
-        // SAFETY: an aligned 8-byte load of the variable above (the same as
-        // a relaxed atomic load on x86-64); no other effect.
-        unsafe {
-            core::arch::asm!(
-                "mov {o}, qword ptr [rip + anyalloc_rseq_offset]",
-                o = out(reg) off,
-                options(nostack, pure, readonly, preserves_flags),
-            );
-        }
-        off
+        word::load_settled() as isize
     }
 }
 
