@@ -58,15 +58,15 @@ macro_rules! hidden_word {
                 a
             }
 
-            /// The word, with Acquire ordering.
+            /// The word, with Acquire ordering: on x86-64 a plain load is
+            /// one (loads are not reordered with later loads or stores),
+            /// and without `pure`/`readonly` the compiler treats the block
+            /// as touching any memory, so it moves no later access above it.
             #[inline(always)]
             pub(crate) fn load_acquire() -> usize {
                 let v: usize;
-                // SAFETY: an aligned 8-byte load of the word (a relaxed
-                // atomic load, and on x86-64 an Acquire one: loads are not
-                // reordered with later loads or stores). Without
-                // `pure`/`readonly` the compiler treats the block as
-                // touching any memory, so it moves no later access above it.
+                // SAFETY: an aligned 8-byte load of the word (an atomic
+                // load on x86-64); no other effect.
                 unsafe {
                     core::arch::asm!(
                         concat!("mov {v}, qword ptr [rip + ", $sym, "]"),
