@@ -214,6 +214,22 @@ fn double_free_of_a_large_allocation_aborts() {
     );
 }
 
+/// A 64 KiB block waits on a per-CPU list after its first free (with
+/// rseq): the second free still finds it not live.
+#[test]
+fn double_free_of_a_64_kib_block_aborts() {
+    expect_abort(
+        "double_free_of_a_64_kib_block_aborts",
+        "not a live object",
+        || {
+            let h = heap();
+            let p = alloc(h, 64 << 10);
+            free(h, p);
+            free(h, p);
+        },
+    );
+}
+
 #[test]
 fn double_free_of_a_huge_allocation_aborts() {
     expect_abort(
