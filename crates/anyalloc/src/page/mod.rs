@@ -1285,13 +1285,14 @@ impl PageAllocator {
                 }
             }
         }
-        if zone_tried {
-            // Busy a moment ago: go on to the lock-free places.
-        } else if let Some(g) = zone.lock.try_lock(zone.platform()) {
-            crate::interrupt_point!(NolockZoneFree);
-            zone.buddy_free(idx, order, &g);
-            zone.drain_deferred_bounded(&g);
-            zone.stock_refill(&g);
+        // (Busy a moment ago: straight on to the lock-free places.)
+        let g = if zone_tried {
+            None
+        } else {
+            zone.lock.try_lock(zone.platform())
+        };
+        if let Some(g) = g {
+            zone.buddy_free_nolock(idx, order, &g);
             return;
         }
         // A large block refills an empty stock cell of its order, if wanted.

@@ -903,12 +903,19 @@ impl Zone {
         let Some(g) = self.lock.try_lock(self.platform) else {
             return false;
         };
-        crate::interrupt_point!(NolockZoneFree);
-        self.buddy_free(idx, order, &g);
         self.pcp_drain_locked(slot, s, self.pcp_high.saturating_sub(self.pcp_batch), &g);
-        self.drain_deferred_bounded(&g);
-        self.stock_refill(&g);
+        self.buddy_free_nolock(idx, order, &g);
         true
+    }
+
+    /// A nolock free holding the zone lock it tried: the block goes to the
+    /// buddy lists, then the call does its bounded share of the zone's
+    /// upkeep (deferred blocks, the stock), as every nolock lock holder.
+    pub(crate) fn buddy_free_nolock(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
+        crate::interrupt_point!(NolockZoneFree);
+        self.buddy_free(idx, order, g);
+        self.drain_deferred_bounded(g);
+        self.stock_refill(g);
     }
 
     /// Whether a nolock free may still add to this slot.

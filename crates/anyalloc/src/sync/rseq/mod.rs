@@ -322,7 +322,10 @@ pub(crate) fn available(cpus: usize) -> bool {
         target_arch = "x86_64"
     ))]
     {
-        if area_offset().is_none() || crate::platform::StdPlatform::rseq_cpu().is_none() {
+        let Some(off) = area_offset() else {
+            return false;
+        };
+        if crate::platform::StdPlatform::rseq_cpu().is_none() {
             return false;
         }
         match crate::platform::StdPlatform::possible_cpus() {
@@ -333,9 +336,7 @@ pub(crate) fn available(cpus: usize) -> bool {
             return false;
         }
         // Before the caller enables any sequence (see `raw_offset`).
-        if let Some(off) = area_offset() {
-            offset_copy::set(off);
-        }
+        offset_copy::set(off);
         true
     }
     #[cfg(not(all(
