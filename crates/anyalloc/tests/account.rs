@@ -169,3 +169,57 @@ fn shrinkers_run_when_memory_runs_out_and_are_credited() {
         unsafe { h.free(NonNull::new(a as *mut u8).unwrap()) };
     }
 }
+
+/// Pins the calling thread to `cpu` (false if the OS refuses).
+fn pin_to(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // inside it; sched_setaffinity(0) changes only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// The shrinkers' frees uncharge into the per-CPU stock of the CPU they run
+/// on; if the thread is on another CPU when the allocation retries, that
+/// credit must still count. Here the shrinker itself moves the thread to
+/// another CPU after freeing (the retry used to fail then).
+#[test]
+fn a_retry_after_reclaim_on_another_cpu_sees_the_shrinkers_credit() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return; // needs two CPUs to move between
+    }
+    std::thread::spawn(|| {
+        assert!(pin_to(0), "could not pin the thread to CPU 0");
+        let heap: &'static Heap = Box::leak(Box::new(heap()));
+        let buffer = l(16 << 10);
+        static SPARE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        static MOVED: AtomicUsize = AtomicUsize::new(0);
+        heap.register_shrinker(move |_wanted| {
+            let mut freed = 0;
+            while let Some(p) = SPARE.lock().unwrap().pop() {
+                // SAFETY: the spare buffers came from `heap`, freed once.
+                unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
+                freed += buffer.size();
+            }
+            assert!(pin_to(1), "could not move the thread to CPU 1");
+            MOVED.fetch_add(1, Ordering::Relaxed);
+            freed
+        });
+        let group = Group::new("buffers", Some(64 << 10), None);
+        for _ in 0..4 {
+            let p = heap.alloc_in(buffer, &group).expect("within the limit");
+            SPARE.lock().unwrap().push(p.as_ptr() as usize);
+        }
+        let p = heap
+            .alloc_in(buffer, &group)
+            .expect("the shrinker made room, whichever CPU the retry runs on");
+        assert_eq!(MOVED.load(Ordering::Relaxed), 1, "the shrinker ran once");
+        assert!(group.usage() <= 64 << 10);
+        // SAFETY: allocated above, freed once.
+        unsafe { heap.free(p) };
+    })
+    .join()
+    .unwrap();
+}

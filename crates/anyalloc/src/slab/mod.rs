@@ -1412,13 +1412,14 @@ impl HeapCore {
             }
             return Some(p);
         }
-        // Over a limit or out of memory: reclaim once, then retry.
-        let mut g = Some(&**group);
-        while let Some(x) = g {
-            x.flush_stocks();
-            g = x.parent_group();
-        }
+        // Over a limit or out of memory: reclaim once, then retry. The
+        // group chain's per-CPU stocks are returned to the counters before
+        // (credit parked on other CPUs) and after (the shrinkers' frees
+        // uncharge into this CPU's stock, and the thread may have moved to
+        // another CPU since: the retry would not see that credit).
+        flush_group_stocks(group);
         self.reclaim();
+        flush_group_stocks(group);
         self.try_alloc_in(layout, group, false)
     }
 
@@ -1799,6 +1800,16 @@ fn large_order(layout: Layout) -> Option<u32> {
     let pages = bytes.div_ceil(PAGE_SIZE).next_power_of_two();
     let order = pages.trailing_zeros();
     (order <= MAX_ORDER).then_some(order)
+}
+
+/// Returns the per-CPU charge stocks of `group` and its ancestors to their
+/// counters (normal context).
+fn flush_group_stocks(group: &Group) {
+    let mut g = Some(group);
+    while let Some(x) = g {
+        x.flush_stocks();
+        g = x.parent_group();
+    }
 }
 
 #[cold]
