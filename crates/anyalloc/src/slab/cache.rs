@@ -88,9 +88,9 @@ const fn key_off(class: usize) -> usize {
         8
     }
 }
-// Validation's 32-bit words (`slab_mask`, `objects_end`, `recip`) and its
-// divisibility test (`div_magic`, exact for 32-bit offsets) need every slab
-// to fit in 32 bits.
+// Validation's 32-bit words (`slab_mask`, `recip`) and its object-start
+// test (`start_magic`, exact for 32-bit offsets) need every slab to fit in
+// 32 bits.
 const _: () = {
     let mut c = 0;
     while c < SIZES.len() {
@@ -350,19 +350,18 @@ pub(crate) struct Cache {
     /// Index of this cache in the heap (owner ids are index + 1).
     index: usize,
     size: usize,
-    /// Validation's divisibility constant, `u64::MAX / size + 1`: for any
-    /// 32-bit `off`, `off` is a multiple of `size` exactly when
-    /// `off.wrapping_mul(div_magic) < div_magic` (Lemire, Kaser and Kurz,
-    /// "Faster remainder by direct computation", 2019). One multiplication
-    /// and one comparison, no division (see `is_object_start`).
-    div_magic: u64,
+    /// Validation's multiplier, [`start_magic`]`(size)`: an offset `off`
+    /// in a slab is the start of an object exactly when
+    /// `off.wrapping_mul(start_magic) < start_bound` (see
+    /// [`is_start`]). One multiplication and one comparison, no division.
+    start_magic: u64,
+    /// `objs * (size * start_magic mod 2^64)`: the bound of that test, which
+    /// also excludes the slab's tail (owner words, bitmap, slack).
+    start_bound: u64,
     /// The bytes of a slab minus one. Slabs are buddy blocks of their
     /// order, naturally aligned (a zone's base is aligned to the largest
     /// block), so an address's offset in its slab is `addr & slab_mask`.
     slab_mask: u32,
-    /// `objs * size`: offsets at or above it are the slab's tail (owner
-    /// words, bitmap, slack), never an object.
-    objects_end: u32,
     /// `ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size` exactly
     /// for every multiple of `size` inside a slab (off * (recip - 2^32 /
     /// size) < 2^15 * 2^13 < 2^32), for the slow paths that need an
@@ -437,16 +436,38 @@ pub(crate) fn cache_sheaf_bytes(cpus: usize) -> usize {
     (cpus * LEVELS + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
 }
 
-/// The divisibility constant of `size` (see `Cache::div_magic`).
-const fn div_magic(size: u32) -> u64 {
-    u64::MAX / size as u64 + 1
+/// The object-start multiplier of `size`: `m = floor(2^64 / size) + 1`.
+///
+/// Why one comparison decides "a multiple of `size` below `objs * size`"
+/// (after Lemire, Kaser and Kurz, "Faster remainder by direct
+/// computation", 2019, whose divisibility test this extends with the
+/// bound): let `e = size * m - 2^64`, so `1 <= e <= size` (`e = size` when
+/// `size` is a power of two). Write a 32-bit `off` as `q * size + r` with
+/// `r < size`. Then `off * m = q * 2^64 + q * e + r * m`, so modulo 2^64
+/// the product is `q * e + r * m`, which does not wrap (`q * e <= 2^32`,
+/// `r * m < 2^64 - 2^64 / size + size`, and `2^64 / size > 2^32 + size`
+/// for any size up to 2^31):
+///
+/// - `r = 0`, a multiple: the product is `q * e`, below `objs * e`
+///   exactly when `q < objs`;
+/// - `r > 0`: the product is at least `m > 2^32 >= objs * e`.
+///
+/// So `off * m mod 2^64 < objs * e` exactly for the objects' starts.
+const fn start_magic(size: u32) -> u64 {
+    ((1u128 << 64) / size as u128) as u64 + 1
 }
 
-/// Whether `off` is a multiple of the size whose [`div_magic`] is `magic`:
-/// exact for every 32-bit `off` (Lemire, Kaser and Kurz).
+/// The bound that goes with [`start_magic`] for `objs` objects of `size`.
+const fn start_bound(size: u32, objs: usize) -> u64 {
+    (size as u64).wrapping_mul(start_magic(size)) * objs as u64
+}
+
+/// Whether slab offset `off` is the start of one of the objects that
+/// [`start_magic`] and [`start_bound`] describe: exact for every 32-bit
+/// `off`.
 #[inline(always)]
-fn is_multiple(off: u32, magic: u64) -> bool {
-    (off as u64).wrapping_mul(magic) < magic
+fn is_start(off: u32, magic: u64, bound: u64) -> bool {
+    (off as u64).wrapping_mul(magic) < bound
 }
 
 /// `ceil(2^32 / size)` (see `Cache::recip`).
@@ -536,9 +557,9 @@ impl Cache {
                 accounted,
                 index,
                 size: SIZES[class] as usize,
-                div_magic: div_magic(SIZES[class]),
+                start_magic: start_magic(SIZES[class]),
+                start_bound: start_bound(SIZES[class], objects_per_slab(class, accounted)),
                 slab_mask: ((PAGE_SIZE << class::slab_order(class)) - 1) as u32,
-                objects_end: (objects_per_slab(class, accounted) * SIZES[class] as usize) as u32,
                 recip: recip(SIZES[class]),
                 order: class::slab_order(class),
                 objs: objects_per_slab(class, accounted),
@@ -1845,7 +1866,7 @@ impl Cache {
     #[inline(always)]
     pub(crate) fn is_object_start(&self, addr: usize) -> bool {
         let off = addr as u32 & self.slab_mask;
-        is_multiple(off, self.div_magic) && off < self.objects_end
+        is_start(off, self.start_magic, self.start_bound)
     }
 
     #[cold]
@@ -1943,34 +1964,44 @@ mod tests {
     use super::*;
 
     /// Validation's arithmetic is exact for every class and every byte
-    /// offset in a slab: the divisibility test says "multiple of the size"
-    /// exactly for object boundaries, and the reciprocal gives their index.
+    /// offset in a slab, plain and accounted: the object-start test says
+    /// yes exactly at the starts of the slab's objects (not in its tail),
+    /// and the reciprocal gives their index.
     #[test]
     fn validation_arithmetic_is_exact_for_every_offset() {
         for (c, &size) in SIZES.iter().enumerate() {
-            let (magic, r) = (div_magic(size), recip(size));
+            let r = recip(size);
             let bytes = (PAGE_SIZE << class::slab_order(c)) as u32;
-            for off in 0..bytes {
-                assert_eq!(
-                    is_multiple(off, magic),
-                    off % size == 0,
-                    "class {size}, offset {off}"
-                );
-                if off % size == 0 {
-                    assert_eq!(index_by_recip(off, r), (off / size) as usize);
+            for accounted in [false, true] {
+                let objs = objects_per_slab(c, accounted);
+                let (magic, bound) = (start_magic(size), start_bound(size, objs));
+                for off in 0..bytes {
+                    let start = off % size == 0 && ((off / size) as usize) < objs;
+                    assert_eq!(
+                        is_start(off, magic, bound),
+                        start,
+                        "class {size}, accounted {accounted}, offset {off}"
+                    );
+                    if off % size == 0 {
+                        assert_eq!(index_by_recip(off, r), (off / size) as usize);
+                    }
                 }
             }
         }
         // The test holds for any 32-bit offset, not only inside a slab.
         for &size in SIZES.iter() {
-            let magic = div_magic(size);
+            let objs = (u32::MAX / size) as usize;
+            let (magic, bound) = (start_magic(size), start_bound(size, objs));
             for off in [
                 u32::MAX,
                 u32::MAX - size + 1,
                 u32::MAX / size * size,
+                (u32::MAX / size - 1) * size,
                 1 << 31,
+                (1 << 31) + 1,
             ] {
-                assert_eq!(is_multiple(off, magic), off % size == 0, "{size} {off}");
+                let start = off % size == 0 && ((off / size) as usize) < objs;
+                assert_eq!(is_start(off, magic, bound), start, "{size} {off}");
             }
         }
     }
