@@ -441,10 +441,11 @@ unsafe impl GlobalAlloc for Global {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // Only a ready heap can have handed out a non-null `ptr`.
-        if let (Some(p), Some(c)) = (NonNull::new(ptr), global_core()) {
+        // Only a ready heap can have handed out a non-null `ptr` (and
+        // `free_sized` ignores a null one).
+        if let Some(c) = global_core() {
             // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap.
-            unsafe { c.free_sized(p, layout) }
+            unsafe { c.free_sized(ptr, layout) }
         }
     }
 

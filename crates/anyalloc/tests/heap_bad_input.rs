@@ -492,3 +492,46 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
         },
     );
 }
+
+/// `Global::dealloc` with the layout that allocated, twice: the fast path
+/// the layout names catches it.
+#[test]
+fn double_free_through_global_aborts() {
+    expect_abort(
+        "double_free_through_global_aborts",
+        "double free of object",
+        || {
+            use std::alloc::GlobalAlloc;
+            let l = Layout::from_size_align(64, 8).unwrap();
+            // SAFETY: a non-zero size; the second free is the bad input.
+            unsafe {
+                let p = anyalloc::Global.alloc(l);
+                assert!(!p.is_null());
+                anyalloc::Global.dealloc(p, l);
+                anyalloc::Global.dealloc(p, l);
+            }
+        },
+    );
+}
+
+/// The same with a layout whose size names another class than the one that
+/// serves it (12 bytes aligned to 8: the 16-byte class): the layout-blind
+/// path catches it.
+#[test]
+fn double_free_through_global_with_a_layout_of_another_class_aborts() {
+    expect_abort(
+        "double_free_through_global_with_a_layout_of_another_class_aborts",
+        "double free of object",
+        || {
+            use std::alloc::GlobalAlloc;
+            let l = Layout::from_size_align(12, 8).unwrap();
+            // SAFETY: as above.
+            unsafe {
+                let p = anyalloc::Global.alloc(l);
+                assert!(!p.is_null());
+                anyalloc::Global.dealloc(p, l);
+                anyalloc::Global.dealloc(p, l);
+            }
+        },
+    );
+}

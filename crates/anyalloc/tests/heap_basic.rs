@@ -314,3 +314,63 @@ fn nested_64_kib_requests_take_the_nolock_path() {
         );
     }
 }
+
+/// `Global::dealloc` names the class from the layout's size alone and lets
+/// the page's owner decide. Layouts whose size is not a multiple of their
+/// alignment, or whose alignment is above 8, are served by another class
+/// than their size names: those frees must take the layout-blind path and
+/// free the right object, with nothing lost and nothing handed out twice.
+#[test]
+fn global_frees_of_layouts_served_by_another_class_free_the_right_object() {
+    use std::alloc::GlobalAlloc;
+    let heap = anyalloc::init().expect("global heap");
+    let in_use = |size: usize| {
+        let s = heap.stats();
+        s.classes
+            .iter()
+            .find(|c| c.size == size)
+            .unwrap()
+            .objects_in_use
+    };
+    // (size, align, the class that serves it)
+    let cases = [
+        (12, 8, 16),
+        (20, 8, 24),
+        (28, 8, 32),
+        (8, 16, 16),
+        (40, 16, 48),
+        (100, 64, 128),
+    ];
+    for (size, align, class) in cases {
+        let l = Layout::from_size_align(size, align).unwrap();
+        let before = in_use(class);
+        for round in 0..3u8 {
+            let live: Vec<NonNull<u8>> = (0..300)
+                .map(|i| {
+                    // SAFETY: a non-zero size.
+                    let p = NonNull::new(unsafe { anyalloc::Global.alloc(l) }).expect("memory");
+                    assert_eq!(p.as_ptr() as usize % align, 0, "{size}/{align} aligned");
+                    fill(p, size, round.wrapping_add(i as u8));
+                    p
+                })
+                .collect();
+            assert_eq!(
+                in_use(class),
+                before + 300,
+                "{size}/{align} is served by the {class}-byte class"
+            );
+            for (i, &p) in live.iter().enumerate() {
+                check(p, size, round.wrapping_add(i as u8));
+            }
+            for &p in &live {
+                // SAFETY: allocated above with `l`, freed once.
+                unsafe { anyalloc::Global.dealloc(p.as_ptr(), l) };
+            }
+            assert_eq!(
+                in_use(class),
+                before,
+                "{size}/{align}: every object came back"
+            );
+        }
+    }
+}

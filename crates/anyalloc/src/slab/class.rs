@@ -20,12 +20,17 @@ pub(crate) const CLASSES: usize = SIZES.len();
 /// The largest object served by a class.
 pub(crate) const MAX_SMALL: usize = 8192;
 
-/// Class of each size in 4-byte steps up to 1024: `LOOKUP[(size + 3) / 4]`.
-const LOOKUP: [u8; 257] = {
-    let mut t = [0u8; 257];
+/// Entries of the lookup tables: sizes 0 to 8 KiB in 4-byte steps.
+const STEPS: usize = MAX_SMALL / 4 + 1;
+
+/// Class of each size in 4-byte steps up to 8 KiB: `LOOKUP[(size + 3) / 4]`.
+/// Two KiB, so that one index computation and one load serve every small
+/// size (a program touches only the lines of the sizes it uses).
+const LOOKUP: [u8; STEPS] = {
+    let mut t = [0u8; STEPS];
     let mut i = 0;
     let mut c = 0;
-    while i < 257 {
+    while i < STEPS {
         let size = if i == 0 { 1 } else { i * 4 };
         while (SIZES[c] as usize) < size {
             c += 1;
@@ -36,32 +41,14 @@ const LOOKUP: [u8; 257] = {
     t
 };
 
-/// Class of each size in 4-byte steps up to 1024 for 8-byte alignment (the
-/// common Rust case): skips the 4-aligned classes 12, 20 and 28.
-const LOOKUP_ALIGN8: [u8; 257] = {
-    let mut t = [0u8; 257];
+/// `LOOKUP` for 8-byte alignment (the common Rust case): skips the
+/// 4-aligned classes 12, 20 and 28.
+const LOOKUP_ALIGN8: [u8; STEPS] = {
+    let mut t = [0u8; STEPS];
     let mut i = 0;
-    while i < 257 {
+    while i < STEPS {
         let mut c = LOOKUP[i] as usize;
         while natural_align(c) < 8 {
-            c += 1;
-        }
-        t[i] = c as u8;
-        i += 1;
-    }
-    t
-};
-
-/// Class of each size above 1024 in 256-byte steps up to 8 KiB:
-/// `LOOKUP_BIG[(size + 255) / 256]` (entries 0..=4 unused). Every class
-/// above 1024 bytes is a multiple of 256, so its natural alignment is at
-/// least 256.
-const LOOKUP_BIG: [u8; 33] = {
-    let mut t = [0u8; 33];
-    let mut i = 5;
-    let mut c = 0;
-    while i < 33 {
-        while (SIZES[c] as usize) < i * 256 {
             c += 1;
         }
         t[i] = c as u8;
@@ -85,17 +72,30 @@ pub(crate) const fn natural_align(c: usize) -> usize {
 /// to 8 and any small size. `None` means "ask `class_for`", not "large".
 #[inline(always)]
 pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
-    if size <= 1024 {
+    if size <= MAX_SMALL {
         if align <= 4 {
             return Some(LOOKUP[size.div_ceil(4)] as usize);
         }
         if align == 8 {
             return Some(LOOKUP_ALIGN8[size.div_ceil(4)] as usize);
         }
-    } else if size <= MAX_SMALL && align <= 8 {
-        return Some(LOOKUP_BIG[size.div_ceil(256)] as usize);
     }
     None
+}
+
+/// The class a block of `size` bytes most likely belongs to, for a free
+/// told the layout: [`class_fast`] without the alignment. A hint, not an
+/// answer: the caller checks it against the page's owner and takes the
+/// layout-blind path when they differ. It differs only for requests whose
+/// size is not a multiple of an alignment above 4 (a Rust type's size
+/// always is), or whose alignment is above 8.
+#[inline(always)]
+pub(crate) fn class_hint(size: usize) -> Option<usize> {
+    if size <= MAX_SMALL {
+        Some(LOOKUP[size.div_ceil(4)] as usize)
+    } else {
+        None
+    }
 }
 
 /// A layout that class `c` serves and maps back to `c`: its size, and its
@@ -125,15 +125,7 @@ pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     if size > MAX_SMALL || align > PAGE_SIZE {
         return None;
     }
-    let mut c = if size <= 1024 {
-        LOOKUP[size.div_ceil(4)] as usize
-    } else {
-        let mut c = LOOKUP[256] as usize;
-        while (SIZES[c] as usize) < size {
-            c += 1;
-        }
-        c
-    };
+    let mut c = LOOKUP[size.div_ceil(4)] as usize;
     while natural_align(c) < align {
         c += 1;
         if c == CLASSES {
@@ -246,6 +238,28 @@ mod tests {
         }
         // Every small size with alignment up to 8 takes the shortcut.
         assert_eq!(hits, 4 * MAX_SMALL);
+    }
+
+    /// The free's hint names the class `class_fast` gave the allocation
+    /// whenever the size is a multiple of the alignment (every Rust type),
+    /// and says "large" above the small sizes.
+    #[test]
+    fn the_free_hint_agrees_with_the_allocation_for_type_layouts() {
+        for align in [1, 2, 4, 8] {
+            for size in (0..=MAX_SMALL).step_by(align) {
+                assert_eq!(
+                    class_hint(size),
+                    class_fast(size, align),
+                    "size {size} align {align}"
+                );
+            }
+        }
+        assert_eq!(class_hint(MAX_SMALL + 1), None);
+        // An 8-aligned request of 12 bytes is served by the 16-byte class:
+        // the hint (12) differs, and the owner check sends that free the
+        // layout-blind way.
+        assert_eq!(class_fast(12, 8).map(|c| SIZES[c]), Some(16));
+        assert_eq!(class_hint(12).map(|c| SIZES[c]), Some(12));
     }
 
     #[test]

@@ -1064,31 +1064,41 @@ impl HeapCore {
     /// still runs, as a check: the page must belong to that cache, or the
     /// free takes the full, layout-blind path (which validates and reports
     /// exactly as `free` does). So a wrong layout costs speed, never
-    /// safety. Routed like `free`.
+    /// safety. Routed like `free`. A null `ptr` is ignored (it lies in no
+    /// zone, so only the path beyond the fast arms tells it apart).
     ///
     /// # Safety
-    /// As for `Heap::free`.
+    /// As for `Heap::free`, or null.
     #[cfg(feature = "std")]
     #[inline(always)]
-    pub(crate) unsafe fn free_sized(&self, ptr: NonNull<u8>, layout: Layout) {
-        let addr = ptr.as_ptr() as usize;
-        let class = class::class_fast(layout.size(), layout.align());
-        if let Some((_, d)) = self.pages.locate_first(addr) {
-            let owner = d.owner.load(Ordering::Acquire);
-            match class {
-                Some(c) if owner as usize == c + 1 => {
-                    // SAFETY: forwarded contract.
-                    return unsafe { self.free_plain::<false>(c, addr) };
+    pub(crate) unsafe fn free_sized(&self, ptr: *mut u8, layout: Layout) {
+        let addr = ptr as usize;
+        // The size alone names the class (`class_hint`: the page's owner
+        // decides). Two separate arms, not one lookup shared by both: each
+        // tests its own owner value, and neither carries a "which arm" flag.
+        match class::class_hint(layout.size()) {
+            Some(c) => {
+                if let Some((_, d)) = self.pages.locate_first(addr) {
+                    if d.owner.load(Ordering::Acquire) as usize == c + 1 {
+                        // SAFETY: forwarded contract.
+                        return unsafe { self.free_plain::<false>(c, addr) };
+                    }
                 }
-                None if owner == LARGE_OWNER => {
-                    // SAFETY: forwarded contract.
-                    return unsafe { self.free_large::<false>(ptr, d) };
+            }
+            None => {
+                if let Some((_, d)) = self.pages.locate_first(addr) {
+                    if d.owner.load(Ordering::Acquire) == LARGE_OWNER {
+                        // SAFETY: forwarded contract; inside a zone, so
+                        // not null.
+                        return unsafe { self.free_large::<false>(NonNull::new_unchecked(ptr), d) };
+                    }
                 }
-                _ => {}
             }
         }
-        // SAFETY: forwarded contract.
-        unsafe { self.free_general(ptr) }
+        if let Some(p) = NonNull::new(ptr) {
+            // SAFETY: forwarded contract.
+            unsafe { self.free_general(p) }
+        }
     }
 
     /// `free_nolock` beyond its fast route.
