@@ -9,7 +9,8 @@
 //! raises `SIGTRAP` exactly when the thread is about to execute `a`. So the
 //! test walks every byte of every sequence in this binary (found through
 //! the `__rseq_cs` descriptors the assembly emits), from the restart point
-//! to the abort handler's jump: it arms a breakpoint there and runs a round
+//! to the end of the section, and the abort handler's jump (out of line):
+//! it arms a breakpoint there and runs a round
 //! of heap and page operations that execute every sequence (pop hits,
 //! pushes, the lock sequence before a refill and before a flush, normal
 //! and nolock, objects and page blocks of orders 0 to 3).
@@ -38,22 +39,28 @@ const RSEQ_SIG: u32 = 0x5305_3053;
 /// (the store of the descriptor's address, and for page sequences the
 /// reload of the rseq offset before it): a `jmp`, or for a counting pop the
 /// `jc` of its take-back check. Returns the restart point and the end of
-/// that jump, so a walk covers every byte from the restart to the handler.
+/// that jump: a walk covers every byte from the restart to the end of the
+/// section, then the handler's first jump (the handler is out of line).
 fn restart_and_end(abort_ip: usize) -> (usize, usize) {
     // SAFETY: `abort_ip` is an address in this binary's text (from a
     // descriptor), and the handler's jump is at least two bytes long.
-    let op = unsafe { *(abort_ip as *const u8) };
-    match op {
+    let (op, op2) = unsafe { (*(abort_ip as *const u8), *((abort_ip + 1) as *const u8)) };
+    match (op, op2) {
         // jmp rel8, or jc rel8: a counting pop's handler first checks
         // whether to take its count back, and every branch of it ends at
         // the restart point
-        0xeb | 0x72 => {
-            // SAFETY: as above.
-            let rel = unsafe { *((abort_ip + 1) as *const i8) } as isize;
+        (0xeb | 0x72, _) => {
+            let rel = op2 as i8 as isize;
             ((abort_ip + 2).wrapping_add_signed(rel), abort_ip + 2)
         }
+        // jc rel32: the same, when the handler lies far from its section
+        (0x0f, 0x82) => {
+            // SAFETY: as above; a rel32 jc is six bytes.
+            let rel = unsafe { ((abort_ip + 2) as *const i32).read_unaligned() } as isize;
+            ((abort_ip + 6).wrapping_add_signed(rel), abort_ip + 6)
+        }
         // jmp rel32
-        0xe9 => {
+        (0xe9, _) => {
             // SAFETY: as above; a rel32 jump is five bytes.
             let rel = unsafe { ((abort_ip + 1) as *const i32).read_unaligned() } as isize;
             ((abort_ip + 5).wrapping_add_signed(rel), abort_ip + 5)
@@ -413,7 +420,8 @@ fn every_instruction_of_every_sequence_survives_reentry() {
             d.start_ip
         );
         let mut fired_here = 0;
-        for addr in first..last {
+        let section_end = (d.start_ip + d.post_commit_offset) as usize;
+        for addr in (first..section_end).chain(d.abort_ip as usize..last) {
             bytes += 1;
             heap.drain();
             let fd = arm(addr).expect("perf_event_open");

@@ -7,10 +7,11 @@
 //!   thread's `rseq_cs` (`fs:[off + 8]`), then the section itself, which
 //!   reads `cpu_id` (`fs:[off + 4]`), finds that CPU's level-0 slot, and
 //!   ends with one committing instruction (marked `// commit`);
-//! * after the section, the signature and the abort handler, which jumps
-//!   back to the restart point;
-//! * the failure exits, outside the section (`sheaf_push` jumps to the
-//!   caller's failure code directly).
+//! * the signature and the abort handler, which jumps back to the restart
+//!   point, out of line in the `__rseq_failure` section (so the success
+//!   path falls through the end of the section, with no jump over them);
+//! * the failure exits, outside the section (out of line too, or straight
+//!   to the caller's failure code: `sheaf_push`).
 //!
 //! The parts every sequence shares are three template macros below
 //! (`seq_start!`, `seq_find_slot!`, `seq_abort!`), so the protocol is
@@ -81,19 +82,22 @@ macro_rules! seq_find_slot {
     };
 }
 
-/// After the section: the signature the kernel checks before an abort
-/// address, and the abort handler (label 24), which runs the instructions
-/// given (a counting pop takes back a count whose commit did not happen)
-/// and restarts at the restart point, never at label 21 (the kernel
-/// cleared `rseq_cs`). Constant: `SIG`.
+/// After the section, out of line (section `__rseq_failure`, so the code
+/// after the section follows it directly): the signature the kernel
+/// checks before an abort address, and the abort handler (label 24), which
+/// runs the instructions given (a counting pop takes back a count whose
+/// commit did not happen) and restarts at the restart point, never at
+/// label 21 (the kernel cleared `rseq_cs`). Constant: `SIG`.
 macro_rules! seq_abort {
     ($($before_restart:literal),*) => {
         concat!(
+            ".pushsection __rseq_failure, \"ax\"\n",
             ".byte 0x0f, 0xb9, 0x3d\n",
             ".long {SIG}\n",
             "24:\n",
             $($before_restart, "\n",)*
             "jmp 23b\n",
+            ".popsection\n",
         )
     };
 }
@@ -177,7 +181,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
             "mov qword ptr [{t} + {MAIN_COUNT}], {n}", // commit
             ".endif",
             "22:",
-            "jmp 29f",
+            "29:",
             // Aborted between the counter's add and the commit (CF clear, `n`
             // an object address rather than a count): take the count back.
             seq_abort!(
@@ -188,13 +192,15 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
                 "lock sub qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
                 ".endif"
             ),
+            ".pushsection __rseq_failure, \"ax\"",
             "25:",
             ".if {COUNT}",
             "xor {n:e}, {n:e}",
             ".else",
             "xor {obj:e}, {obj:e}",
             ".endif",
-            "29:",
+            "jmp 29b",
+            ".popsection",
             off = in(reg) off,
             slots = in(reg) slots,
             cpus = in(reg) cpus,
@@ -259,9 +265,7 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
             "inc {n}",
             "mov qword ptr [{t} + {MAIN_COUNT}], {n}", // commit
             "22:",
-            "jmp 29f",
             seq_abort!(),
-            "29:",
             off = in(reg) off,
             slots = in(reg) slots,
             cpus = in(reg) cpus,
@@ -370,7 +374,7 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
             ".endif",
             "mov qword ptr [{t} + {order} * 8 + {PCP_LISTS}], {w}", // commit
             "22:",
-            "jmp 29f",
+            "29:",
             // Aborted between the counter's add and the commit (CF clear,
             // the marker set): take the count back.
             seq_abort!(
@@ -381,9 +385,11 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
                 "lock sub qword ptr [{t} + {COUNTER}], 1",
                 ".endif"
             ),
+            ".pushsection __rseq_failure, \"ax\"",
             "25:",
             "mov {idx:e}, -1",
-            "29:",
+            "jmp 29b",
+            ".popsection",
             tg = in(reg) target,
             order = in(reg) order as usize,
             idx = out(reg) idx,
@@ -452,9 +458,7 @@ pub(crate) unsafe fn pcp_push(target: *const SeqTarget, order: u32, idx: u32) ->
             "or {w}, {idx}",
             "mov qword ptr [{t} + {order} * 8 + {PCP_LISTS}], {w}", // commit
             "22:",
-            "jmp 29f",
             seq_abort!(),
-            "29:",
             tg = in(reg) target,
             order = in(reg) order as usize,
             idx = in(reg) idx as usize,
@@ -522,12 +526,11 @@ pub(crate) unsafe fn lock_slot<const STRIDE: usize>(
             "mov {one:e}, 1",
             "lock cmpxchg byte ptr [{t} + {SLOT_LOCK}], {one:l}", // commit
             "22:",
-            "jne 25f",
-            "jmp 29f",
-            seq_abort!(),
+            "je 29f",
             "25:",
             "mov {st:e}, {BUSY}",
             "29:",
+            seq_abort!(),
             off = in(reg) off,
             slots = in(reg) slots,
             cpus = in(reg) cpus,
