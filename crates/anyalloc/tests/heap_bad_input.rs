@@ -493,6 +493,20 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
     );
 }
 
+/// Allocates through `Global` with `size` bytes aligned to `align` and
+/// frees the block twice with that layout (the bad input).
+fn double_free_through_global(size: usize, align: usize) {
+    use std::alloc::GlobalAlloc;
+    let l = Layout::from_size_align(size, align).unwrap();
+    // SAFETY: a non-zero size; the second free is the bad input.
+    unsafe {
+        let p = anyalloc::Global.alloc(l);
+        assert!(!p.is_null());
+        anyalloc::Global.dealloc(p, l);
+        anyalloc::Global.dealloc(p, l);
+    }
+}
+
 /// `Global::dealloc` with the layout that allocated, twice: the fast path
 /// the layout names catches it.
 #[test]
@@ -500,17 +514,7 @@ fn double_free_through_global_aborts() {
     expect_abort(
         "double_free_through_global_aborts",
         "double free of object",
-        || {
-            use std::alloc::GlobalAlloc;
-            let l = Layout::from_size_align(64, 8).unwrap();
-            // SAFETY: a non-zero size; the second free is the bad input.
-            unsafe {
-                let p = anyalloc::Global.alloc(l);
-                assert!(!p.is_null());
-                anyalloc::Global.dealloc(p, l);
-                anyalloc::Global.dealloc(p, l);
-            }
-        },
+        || double_free_through_global(64, 8),
     );
 }
 
@@ -522,16 +526,6 @@ fn double_free_through_global_with_a_layout_of_another_class_aborts() {
     expect_abort(
         "double_free_through_global_with_a_layout_of_another_class_aborts",
         "double free of object",
-        || {
-            use std::alloc::GlobalAlloc;
-            let l = Layout::from_size_align(12, 8).unwrap();
-            // SAFETY: as above.
-            unsafe {
-                let p = anyalloc::Global.alloc(l);
-                assert!(!p.is_null());
-                anyalloc::Global.dealloc(p, l);
-                anyalloc::Global.dealloc(p, l);
-            }
-        },
+        || double_free_through_global(12, 8),
     );
 }
