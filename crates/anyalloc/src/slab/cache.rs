@@ -339,17 +339,14 @@ pub struct ClassStats {
 }
 
 /// See the module documentation.
-#[repr(align(512))]
+///
+/// `repr(C)`, so that what the fast paths read (the gates, the
+/// object-start test, the key) comes first and shares one cache line: a
+/// free touches one line of its cache, not four.
+#[repr(C, align(512))]
 pub(crate) struct Cache {
-    class: usize,
     /// The heap's secret (see "Double-free detection").
     key: usize,
-    /// Slabs of accounted caches end with an array of owner groups, one
-    /// word per object (0: none).
-    pub(crate) accounted: bool,
-    /// Index of this cache in the heap (owner ids are index + 1).
-    index: usize,
-    size: usize,
     /// Validation's multiplier, [`start_magic`]`(size)`: an offset `off`
     /// in a slab is the start of an object exactly when
     /// `off.wrapping_mul(start_magic) < start_bound` (see
@@ -362,6 +359,33 @@ pub(crate) struct Cache {
     /// order, naturally aligned (a zone's base is aligned to the largest
     /// block), so an address's offset in its slab is `addr & slab_mask`.
     slab_mask: u32,
+    /// The CPU count the normal fast paths hand to the sequences: `cpus`
+    /// while they are open (`rseq`, and nothing deferred as far as this
+    /// word knows), 0 while closed. A sequence given 0 CPUs fails at its
+    /// first instruction, so the gate costs the fast path no test of its
+    /// own. It keeps the property that the next normal operation on this
+    /// cache drains its deferred stack:
+    ///
+    /// * `defer` pushes, *then* closes it;
+    /// * a normal slow path that finds it closed drains the stack, opens it,
+    ///   then checks the stack again (a SeqCst fence on both sides), and
+    ///   closes it again if something was pushed meanwhile (`reopen_fast`).
+    ///
+    /// So a push is always followed by a close that no reopening can
+    /// overwrite without having seen the push: it may be closed over an
+    /// empty stack for a moment (a slow path reopens it), never open over
+    /// a pushed object that no drain has taken.
+    normal_cpus: AtomicUsize,
+    /// The CPU count the nolock fast paths hand to the sequences: `cpus`
+    /// with `rseq`, else 0 (see `normal_cpus`).
+    nolock_cpus: usize,
+    class: usize,
+    /// Slabs of accounted caches end with an array of owner groups, one
+    /// word per object (0: none).
+    pub(crate) accounted: bool,
+    /// Index of this cache in the heap (owner ids are index + 1).
+    index: usize,
+    size: usize,
     /// `ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size` exactly
     /// for every multiple of `size` inside a slab (off * (recip - 2^32 /
     /// size) < 2^15 * 2^13 < 2^32), for the slow paths that need an
@@ -389,26 +413,6 @@ pub(crate) struct Cache {
     /// (chosen once, at init; see `sync::rseq`). Otherwise it try-locks
     /// them like every other slot.
     rseq: bool,
-    /// The CPU count the normal fast paths hand to the sequences: `cpus`
-    /// while they are open (`rseq`, and nothing deferred as far as this
-    /// word knows), 0 while closed. A sequence given 0 CPUs fails at its
-    /// first instruction, so the gate costs the fast path no test of its
-    /// own. It keeps the property that the next normal operation on this
-    /// cache drains its deferred stack:
-    ///
-    /// * `defer` pushes, *then* closes it;
-    /// * a normal slow path that finds it closed drains the stack, opens it,
-    ///   then checks the stack again (a SeqCst fence on both sides), and
-    ///   closes it again if something was pushed meanwhile (`reopen_fast`).
-    ///
-    /// So a push is always followed by a close that no reopening can
-    /// overwrite without having seen the push: it may be closed over an
-    /// empty stack for a moment (a slow path reopens it), never open over
-    /// a pushed object that no drain has taken.
-    normal_cpus: AtomicUsize,
-    /// The CPU count the nolock fast paths hand to the sequences: `cpus`
-    /// with `rseq`, else 0 (see `normal_cpus`).
-    nolock_cpus: usize,
     /// With `rseq`: the rseq area's offset from the thread pointer (glibc's
     /// `__rseq_offset`, the same for every thread of the process), kept
     /// here so the fast path loads it from this cache's own line.
@@ -422,6 +426,18 @@ pub(crate) struct Cache {
     pub(crate) fail_empty: AtomicU64,
     pub(crate) free_deferred: AtomicU64,
 }
+
+// The fast paths' fields share the first cache line; a cache is 512 bytes
+// (the class reaches its cache with a shift). (Under loom the atomics are
+// loom's model types, and rseq is never used.)
+#[cfg(not(loom))]
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Cache, key) < 64 && offset_of!(Cache, start_magic) < 64);
+    assert!(offset_of!(Cache, start_bound) < 64 && offset_of!(Cache, slab_mask) < 64);
+    assert!(offset_of!(Cache, normal_cpus) < 64 && offset_of!(Cache, nolock_cpus) < 64);
+    assert!(core::mem::size_of::<Cache>() == 512);
+};
 
 /// Bytes of one cache's slots above level 0 (written when the heap is
 /// built; the heap packs every cache's slots together, so they share
