@@ -83,6 +83,15 @@ fn offset(p: NonNull<u8>, by: usize) -> NonNull<u8> {
     NonNull::new(p.as_ptr().wrapping_add(by)).unwrap()
 }
 
+/// Allocates `size` bytes from a fresh heap and frees the block twice (the
+/// bad input).
+fn free_twice(size: usize) {
+    let h = heap();
+    let p = alloc(h, size);
+    free(h, p);
+    free(h, p);
+}
+
 #[test]
 fn free_of_a_stack_address_aborts() {
     expect_abort("free_of_a_stack_address_aborts", "outside the heap", || {
@@ -177,12 +186,7 @@ fn immediate_double_free_of_a_small_object_aborts() {
     expect_abort(
         "immediate_double_free_of_a_small_object_aborts",
         "double free of object",
-        || {
-            let h = heap();
-            let p = alloc(h, 64);
-            free(h, p);
-            free(h, p);
-        },
+        || free_twice(64),
     );
 }
 
@@ -205,12 +209,7 @@ fn double_free_of_a_large_allocation_aborts() {
     expect_abort(
         "double_free_of_a_large_allocation_aborts",
         "not a live object",
-        || {
-            let h = heap();
-            let p = alloc(h, 16 << 10);
-            free(h, p);
-            free(h, p);
-        },
+        || free_twice(16 << 10),
     );
 }
 
@@ -221,12 +220,7 @@ fn double_free_of_a_64_kib_block_aborts() {
     expect_abort(
         "double_free_of_a_64_kib_block_aborts",
         "not a live object",
-        || {
-            let h = heap();
-            let p = alloc(h, 64 << 10);
-            free(h, p);
-            free(h, p);
-        },
+        || free_twice(64 << 10),
     );
 }
 
