@@ -330,7 +330,7 @@ pub fn bin_main() {
         "every peer called through &dyn GlobalAlloc; Layout align 8".to_string(),
         format!("{}: std::alloc::System; {}: mimalloc::MiMalloc; {}: tikv_jemallocator::Jemalloc",
             crate::peers::GLIBC, crate::peers::MIMALLOC, crate::peers::JEMALLOC),
-        format!("{NORMAL}: Heap::alloc / free; {NOLOCK}: Heap::alloc_nolock / free_nolock; one Heap each, Config::default()"),
+        format!("{NORMAL}: Heap::alloc / free_sized; {NOLOCK}: Heap::alloc_nolock / free_nolock_sized; one Heap each, Config::default()"),
         format!(
             "producer/consumer: bounded lock-free SPSC ring of {RING} pointers, one persistent consumer thread; \
              the (ref) row is the same hand-off without allocating or freeing, in the same rounds"

@@ -5,7 +5,8 @@
 //! * `anyalloc Global`: the real [`anyalloc::Global`] (the process-wide
 //!   heap, with its re-entry routing);
 //! * `anyalloc normal` / `anyalloc nolock`: an [`anyalloc::Heap`] each,
-//!   called through `Heap::alloc`/`free` or `alloc_nolock`/`free_nolock`.
+//!   called through `Heap::alloc`/`free_sized` or `alloc_nolock`/`free_nolock_sized`
+//!   (told the layout `GlobalAlloc::dealloc` passes, as the peers are).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::{null_mut, NonNull};
@@ -26,11 +27,11 @@ pub const MIMALLOC: &str = "mimalloc";
 pub const JEMALLOC: &str = "jemalloc";
 /// `anyalloc::Global`.
 pub const GLOBAL: &str = "anyalloc Global";
-/// `Heap::alloc` / `Heap::free`.
+/// `Heap::alloc` / `Heap::free_sized`.
 pub const NORMAL: &str = "anyalloc normal";
-/// `Heap::alloc_nolock` / `Heap::free_nolock`.
+/// `Heap::alloc_nolock` / `Heap::free_nolock_sized`.
 pub const NOLOCK: &str = "anyalloc nolock";
-/// `Heap::alloc` / `Heap::free` of a heap without a maintenance thread.
+/// `Heap::alloc` / `Heap::free_sized` of a heap without a maintenance thread.
 pub const NORMAL_NO_MAINTAINER: &str = "anyalloc normal, maintainer off";
 /// The peers anyalloc's normal path is measured against.
 pub const OTHERS: [&str; 3] = [GLIBC, MIMALLOC, JEMALLOC];
@@ -93,9 +94,9 @@ unsafe impl GlobalAlloc for SigmaskedGlibc {
     }
 }
 
-/// `Heap::alloc` / `Heap::free` behind `GlobalAlloc`.
+/// `Heap::alloc` / `Heap::free_sized` behind `GlobalAlloc`.
 pub struct Normal(pub Heap);
-/// `Heap::alloc_nolock` / `Heap::free_nolock` behind `GlobalAlloc`.
+/// `Heap::alloc_nolock` / `Heap::free_nolock_sized` behind `GlobalAlloc`.
 pub struct NoLockHeap(pub Heap);
 
 /// A heap as the benchmarks use it: `Config::default()`.
@@ -112,11 +113,11 @@ unsafe impl GlobalAlloc for Normal {
         self.0.alloc(layout).map_or(null_mut(), NonNull::as_ptr)
     }
     #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if let Some(p) = NonNull::new(ptr) {
             // SAFETY: the `GlobalAlloc` contract: `ptr` came from `alloc` on
-            // this adapter, i.e. from this heap, and is dead.
-            unsafe { self.0.free(p) }
+            // this adapter with `layout`, i.e. from this heap, and is dead.
+            unsafe { self.0.free_sized(p, layout) }
         }
     }
 }
@@ -130,11 +131,11 @@ unsafe impl GlobalAlloc for NoLockHeap {
             .map_or(null_mut(), NonNull::as_ptr)
     }
     #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if let Some(p) = NonNull::new(ptr) {
             // SAFETY: the `GlobalAlloc` contract: `ptr` came from `alloc` on
-            // this adapter, i.e. from this heap, and is dead.
-            unsafe { self.0.free_nolock(p) }
+            // this adapter with `layout`, i.e. from this heap, and is dead.
+            unsafe { self.0.free_nolock_sized(p, layout) }
         }
     }
 }

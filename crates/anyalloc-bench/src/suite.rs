@@ -320,7 +320,7 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
             peers::GLIBC, peers::MIMALLOC, peers::JEMALLOC, peers::GLOBAL
         ),
         format!(
-            "{}: Heap::alloc / free; {}: Heap::alloc_nolock / free_nolock (serves at most 4 MiB); one Heap each, Config::default()",
+            "{}: Heap::alloc / free_sized; {}: Heap::alloc_nolock / free_nolock_sized (serves at most 4 MiB); one Heap each, Config::default()",
             peers::NORMAL, peers::NOLOCK
         ),
         "a null from any peer in a multi-threaded workload is retried (and counted); in a single-threaded one it aborts the run".to_string(),

@@ -445,7 +445,7 @@ unsafe impl GlobalAlloc for Global {
         // `free_sized` ignores a null one).
         if let Some(c) = global_core() {
             // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap.
-            unsafe { c.free_sized(ptr, layout) }
+            unsafe { c.free_sized::<false>(ptr, layout) }
         }
     }
 
@@ -531,10 +531,11 @@ unsafe impl GlobalAlloc for NoLock {
     }
 
     #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if let (Some(p), Some(h)) = (NonNull::new(ptr), global_heap()) {
-            // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap.
-            unsafe { h.free_nolock(p) };
+            // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap
+            // with `layout`.
+            unsafe { h.free_nolock_sized(p, layout) };
         }
     }
 }
@@ -562,8 +563,9 @@ unsafe impl allocator_api2::alloc::Allocator for NoLock {
             return;
         }
         if let Some(h) = global_heap() {
-            // SAFETY: per Allocator's contract, `ptr` came from `allocate`.
-            unsafe { h.free_nolock(ptr) };
+            // SAFETY: per Allocator's contract, `ptr` came from `allocate`
+            // with `layout`.
+            unsafe { h.free_nolock_sized(ptr, layout) };
         }
     }
 }

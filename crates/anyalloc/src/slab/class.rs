@@ -89,7 +89,6 @@ pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
 /// layout-blind path when they differ. It differs only for requests whose
 /// size is not a multiple of an alignment above 4 (a Rust type's size
 /// always is), or whose alignment is above 8.
-#[cfg(any(feature = "std", test))]
 #[inline(always)]
 pub(crate) fn class_hint(size: usize) -> Option<usize> {
     if size <= MAX_SMALL {

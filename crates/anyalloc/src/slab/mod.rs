@@ -661,6 +661,54 @@ impl Heap {
         unsafe { self.core().free_nolock(ptr) }
     }
 
+    /// [`free`](Self::free), told the layout the block was allocated with
+    /// (as C23's `free_sized` and Rust's `GlobalAlloc::dealloc` are): the
+    /// layout names the size class at once, so the free need not wait for
+    /// the page's descriptor to learn it. The descriptor is still read, and
+    /// decides: a layout that names another class than the block's costs
+    /// speed (the free falls back to `free`'s path), never safety, and every
+    /// check `free` makes is made.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let layout = Layout::new::<[u64; 8]>();
+    /// let p = heap.alloc(layout).unwrap();
+    /// unsafe { heap.free_sized(p, layout) };
+    /// ```
+    ///
+    /// # Safety
+    /// As for [`free`](Self::free); `layout` should be the one the block
+    /// was allocated with.
+    #[inline]
+    pub unsafe fn free_sized(&self, ptr: NonNull<u8>, layout: Layout) {
+        crate::context::might_wait("Heap::free_sized");
+        // SAFETY: forwarded contract.
+        unsafe { self.core().free_sized::<false>(ptr.as_ptr(), layout) }
+    }
+
+    /// [`free_nolock`](Self::free_nolock), told the layout: from any
+    /// context, as fast as [`free_sized`](Self::free_sized) and with the
+    /// same checks.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let layout = Layout::from_size_align(200, 8).unwrap();
+    /// let p = heap.alloc_nolock(layout).expect("a fresh heap has memory");
+    /// unsafe { heap.free_nolock_sized(p, layout) };
+    /// ```
+    ///
+    /// # Safety
+    /// As for [`free_sized`](Self::free_sized).
+    #[inline]
+    pub unsafe fn free_nolock_sized(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { self.core().free_sized::<true>(ptr.as_ptr(), layout) }
+    }
+
     /// How many bytes the allocation at `ptr` can use (at least the size it
     /// was asked for). Aborts like [`free`](Self::free) if `ptr` is not a
     /// live allocation of this heap.
@@ -1066,19 +1114,19 @@ impl HeapCore {
     }
 
     /// A free that is told the allocation's layout (`GlobalAlloc`'s
-    /// `dealloc`). The layout names the cache, so the object goes to that
-    /// cache's fast path without waiting for the page lookup; the lookup
-    /// still runs, as a check: the page must belong to that cache, or the
-    /// free takes the full, layout-blind path (which validates and reports
-    /// exactly as `free` does). So a wrong layout costs speed, never
-    /// safety. Routed like `free`. A null `ptr` is ignored (it lies in no
-    /// zone, so only the path beyond the fast arms tells it apart).
+    /// `dealloc`, `Heap::free_sized`), of the mode `NOLOCK` names. The
+    /// layout names the cache, so the object goes to that cache's fast path
+    /// without waiting for the page lookup; the lookup still runs, as a
+    /// check: the page must belong to that cache, or the free takes the
+    /// full, layout-blind path of the mode (which validates and reports
+    /// exactly as `free` does). So a wrong layout costs speed, never safety.
+    /// Routed like `free`. A null `ptr` is ignored (it lies in no zone, so
+    /// only the path beyond the fast arms tells it apart).
     ///
     /// # Safety
     /// As for `Heap::free`, or null.
-    #[cfg(feature = "std")]
     #[inline(always)]
-    pub(crate) unsafe fn free_sized(&self, ptr: *mut u8, layout: Layout) {
+    pub(crate) unsafe fn free_sized<const NOLOCK: bool>(&self, ptr: *mut u8, layout: Layout) {
         let addr = ptr as usize;
         // The size alone names the class (`class_hint`: the page's owner
         // decides). Two separate arms, not one lookup shared by both: each
@@ -1088,7 +1136,7 @@ impl HeapCore {
                 if let Some((_, d)) = self.pages.locate_first(addr) {
                     if d.owner.load(Ordering::Acquire) as usize == c + 1 {
                         // SAFETY: forwarded contract.
-                        return unsafe { self.free_plain::<false>(c, addr) };
+                        return unsafe { self.free_plain::<NOLOCK>(c, addr) };
                     }
                 }
             }
@@ -1097,14 +1145,16 @@ impl HeapCore {
                     if d.owner.load(Ordering::Acquire) == LARGE_OWNER {
                         // SAFETY: forwarded contract; inside a zone, so
                         // not null.
-                        return unsafe { self.free_large::<false>(NonNull::new_unchecked(ptr), d) };
+                        return unsafe {
+                            self.free_large::<NOLOCK>(NonNull::new_unchecked(ptr), d)
+                        };
                     }
                 }
             }
         }
         if let Some(p) = NonNull::new(ptr) {
             // SAFETY: forwarded contract.
-            unsafe { self.free_general(p) }
+            unsafe { self.free_general_of::<NOLOCK>(p) }
         }
     }
 
