@@ -138,8 +138,8 @@ const _: () = assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
 /// Bytes from one CPU's level-0 slot of a cache to the next CPU's: the heap
 /// keeps the level-0 slots of every cache side by side per CPU (see
 /// `slab::MetaLayout`), so a CPU's fast paths touch one small region, and
-/// the fast path finds a cache's level-0 slot from the heap's address and
-/// the class, without a load (`HeapCore::level0_of`).
+/// the fast path finds a cache's level-0 slot from one word of the cache's
+/// first line (`level0`) and the CPU id.
 ///
 /// A power of two (the caches' slots rounded up; the rest of each CPU's
 /// region is address space never touched), so a sequence finds its CPU's
@@ -341,8 +341,8 @@ pub struct ClassStats {
 /// See the module documentation.
 ///
 /// `repr(C)`, so that what the fast paths read (the gates, the
-/// object-start test, the key) comes first and shares one cache line: a
-/// free touches one line of its cache, not four.
+/// object-start test, the key, the level-0 slots' address) comes first and
+/// shares one cache line: a free touches one line of its cache, not four.
 #[repr(C, align(512))]
 pub(crate) struct Cache {
     /// The heap's secret (see "Double-free detection").
@@ -379,6 +379,8 @@ pub(crate) struct Cache {
     /// The CPU count the nolock fast paths hand to the sequences: `cpus`
     /// with `rseq`, else 0 (see `normal_cpus`).
     nolock_cpus: usize,
+    /// CPU 0's level-0 slot; CPU `c`'s is `c * LEVEL0_STRIDE` bytes further.
+    level0: *const SheafSlot,
     class: usize,
     /// Slabs of accounted caches end with an array of owner groups, one
     /// word per object (0: none).
@@ -398,8 +400,6 @@ pub(crate) struct Cache {
     node: Node,
     deferred: IndexStack,
     deferred_count: AtomicUsize,
-    /// CPU 0's level-0 slot; CPU `c`'s is `c * LEVEL0_STRIDE` bytes further.
-    level0: *const SheafSlot,
     /// The slots of the other levels, level by level (`slot_index`):
     /// `(LEVELS - 1) * cpus` of them.
     slots: *const SheafSlot,
@@ -436,6 +436,7 @@ const _: () = {
     assert!(offset_of!(Cache, key) < 64 && offset_of!(Cache, start_magic) < 64);
     assert!(offset_of!(Cache, start_bound) < 64 && offset_of!(Cache, slab_mask) < 64);
     assert!(offset_of!(Cache, normal_cpus) < 64 && offset_of!(Cache, nolock_cpus) < 64);
+    assert!(offset_of!(Cache, level0) < 64);
     assert!(core::mem::size_of::<Cache>() == 512);
 };
 
@@ -787,7 +788,7 @@ impl Cache {
     #[inline(always)]
     fn fast_pop<const COUNT_NOLOCK: bool>(&self, pages: &PageAllocator) -> Option<usize> {
         if self.rseq {
-            return self.seq_pop::<COUNT_NOLOCK>(self.level0);
+            return self.seq_pop::<COUNT_NOLOCK>();
         }
         self.locked_pop::<COUNT_NOLOCK>(pages)
     }
@@ -798,14 +799,10 @@ impl Cache {
     /// [`alloc_nolock`](Self::alloc_nolock) (which keeps the try-locked
     /// variant and its call out of the callers' fast path).
     ///
-    /// `level0` is this cache's `level0` pointer, which the heap's fast
-    /// path computes instead of loading it.
+    /// The slot array's address, `level0`, is read from the cache's first
+    /// line, which the gate's read brings in anyway.
     #[inline(always)]
-    pub(crate) fn seq_pop<const COUNT_NOLOCK: bool>(
-        &self,
-        level0: *const SheafSlot,
-    ) -> Option<usize> {
-        crate::check!(level0 == self.level0, "a level-0 slot of another cache");
+    pub(crate) fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
         let mode = if COUNT_NOLOCK {
             Mode::NoLock
         } else {
@@ -813,7 +810,7 @@ impl Cache {
         };
         // A non-zero CPU count means `rseq` was chosen at init: `raw_offset`
         // is glibc's registered area offset (this cache's `rseq_off`), and
-        // `level0` (this cache's, checked above) is CPU 0's level-0 slot of
+        // `level0` is CPU 0's level-0 slot of
         // a slot per one of those CPUs, `LEVEL0_STRIDE` bytes apart, laid out
         // as the sequences expect (asserted above), living as long as the
         // cache.
@@ -823,7 +820,7 @@ impl Cache {
         unsafe {
             crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK, LEVEL0_SHIFT>(
                 crate::sync::rseq::raw_offset(),
-                level0.cast(),
+                self.level0.cast(),
                 self.seq_cpus(mode),
             )
         }
@@ -850,24 +847,23 @@ impl Cache {
     #[inline(always)]
     fn fast_push(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
         if self.rseq {
-            return self.seq_push(self.level0, obj, mode);
+            return self.seq_push(obj, mode);
         }
         self.locked_push(pages, obj)
     }
 
     /// The free fast path of a validated object alone: `fast_push` with
-    /// rseq, the gate of `mode` applied (see `seq_pop`, also for `level0`).
-    /// `false`: the object
-    /// is still the caller's; hand it to [`free_miss`](Self::free_miss).
+    /// rseq, the gate of `mode` applied (see `seq_pop`). `false`: the
+    /// object is still the caller's; hand it to
+    /// [`free_miss`](Self::free_miss).
     #[inline(always)]
-    pub(crate) fn seq_push(&self, level0: *const SheafSlot, obj: usize, mode: Mode) -> bool {
-        crate::check!(level0 == self.level0, "a level-0 slot of another cache");
+    pub(crate) fn seq_push(&self, obj: usize, mode: Mode) -> bool {
         // SAFETY: as in `seq_pop`; `obj` is a validated object of this
         // cache being freed.
         unsafe {
             crate::sync::rseq::sheaf_push::<LEVEL0_SHIFT>(
                 crate::sync::rseq::raw_offset(),
-                level0.cast(),
+                self.level0.cast(),
                 self.seq_cpus(mode),
                 obj,
             )

@@ -308,9 +308,10 @@ impl core::fmt::Debug for Heap {
 const CACHES_OFF: usize = core::mem::size_of::<HeapCore>().next_multiple_of(64);
 
 /// Where the per-CPU region starts in the metadata area: for each CPU, the
-/// level-0 slot of every cache, one cache line each in cache order
-/// (`cache::LEVEL0_STRIDE` bytes per CPU). A constant, so the fast path finds
-/// a cache's level-0 slots from the core's address and the class alone.
+/// level-0 slot of every cache, `cache::SLOT_BYTES` apart in cache order
+/// (`cache::LEVEL0_STRIDE` bytes per CPU). Each cache keeps the address of
+/// its CPU 0 slot in its first line (`level0`), next to the fast paths'
+/// other fields.
 const LEVEL0_OFF: usize =
     (CACHES_OFF + CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
 
@@ -836,16 +837,6 @@ impl HeapCore {
         unsafe { &*caches.add(i) }
     }
 
-    /// CPU 0's level-0 slot of cache `i`, computed from the core's address
-    /// like [`cache`](Self::cache) (see `LEVEL0_OFF`).
-    #[inline(always)]
-    fn level0_of(&self, i: usize) -> *const cache::SheafSlot {
-        crate::check!(i < CACHES, "a cache index out of range");
-        (self as *const HeapCore)
-            .wrapping_byte_add(LEVEL0_OFF + i * cache::SLOT_BYTES)
-            .cast()
-    }
-
     #[inline(always)]
     fn cpu(&self) -> usize {
         self.pages.cpu()
@@ -898,7 +889,7 @@ impl HeapCore {
     #[inline(always)]
     fn alloc_in_class<const NOLOCK: bool>(&self, c: usize) -> Option<NonNull<u8>> {
         let cache = self.cache(c);
-        if let Some(obj) = cache.seq_pop::<NOLOCK>(self.level0_of(c)) {
+        if let Some(obj) = cache.seq_pop::<NOLOCK>() {
             cache.clear_free_mark_of(obj, c);
             return Some(self.handed_out(obj));
         }
@@ -1224,7 +1215,7 @@ impl HeapCore {
         if !cache.check_free_quick(&self.pages, addr, class) {
             return cache.free_checked(&self.pages, self.pages.first_zone(), addr, mode);
         }
-        if !cache.seq_push(self.level0_of(class), addr, mode) {
+        if !cache.seq_push(addr, mode) {
             cache.free_miss(&self.pages, addr, mode);
         }
     }
