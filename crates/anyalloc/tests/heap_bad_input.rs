@@ -523,3 +523,59 @@ fn double_free_through_global_with_a_layout_of_another_class_aborts() {
         || double_free_through_global(12, 8),
     );
 }
+
+/// Allocates `size` bytes aligned to 8 from a fresh heap and frees the
+/// block twice with `free_sized` (or `free_nolock_sized`), the second time
+/// with `second` as the layout (the bad input).
+fn free_sized_twice(size: usize, second: usize, nolock: bool) {
+    let h = heap();
+    let l = Layout::from_size_align(size, 8).unwrap();
+    let l2 = Layout::from_size_align(second, 8).unwrap();
+    let p = h.alloc(l).expect("memory");
+    // SAFETY: the first free is valid; the second is the bad input.
+    unsafe {
+        if nolock {
+            h.free_nolock_sized(p, l);
+            h.free_nolock_sized(p, l2);
+        } else {
+            h.free_sized(p, l);
+            h.free_sized(p, l2);
+        }
+    }
+}
+
+/// A double free told the right layout: the fast arm's key test catches it.
+#[test]
+fn double_free_sized_aborts() {
+    expect_abort("double_free_sized_aborts", "double free of object", || {
+        free_sized_twice(64, 64, false)
+    });
+}
+
+/// A nolock double free told a layout of another class (the layout-blind
+/// path catches it).
+#[test]
+fn nolock_double_free_sized_with_a_layout_of_another_class_aborts() {
+    expect_abort(
+        "nolock_double_free_sized_with_a_layout_of_another_class_aborts",
+        "double free of object",
+        || free_sized_twice(64, 256, true),
+    );
+}
+
+/// A sized free of a pointer into the middle of an object aborts, whatever
+/// the layout says.
+#[test]
+fn sized_free_of_an_interior_pointer_aborts() {
+    expect_abort(
+        "sized_free_of_an_interior_pointer_aborts",
+        "not the start of an object",
+        || {
+            let h = heap();
+            let l = Layout::from_size_align(64, 8).unwrap();
+            let p = h.alloc(l).expect("memory");
+            // SAFETY: the bad input: not a pointer the heap handed out.
+            unsafe { h.free_sized(offset(p, 8), l) };
+        },
+    );
+}

@@ -374,3 +374,72 @@ fn global_frees_of_layouts_served_by_another_class_free_the_right_object() {
         }
     }
 }
+
+/// `free_sized` and `free_nolock_sized` take every kind of block back,
+/// whatever the layout names: the layout it was allocated with (the fast
+/// arms), or one that names another class, a large block for an object, or
+/// an object for a large block (the layout-blind path). Counts come back to
+/// where they were, and the memory is handed out again intact.
+#[test]
+fn sized_frees_take_every_block_back_whatever_the_layout_names() {
+    let h = quiet_heap();
+    let l = |size: usize, align: usize| Layout::from_size_align(size, align).unwrap();
+    // (allocated with, freed with)
+    let cases = [
+        (l(16, 8), l(16, 8)),
+        (l(64, 8), l(64, 8)),
+        (l(200, 8), l(200, 8)),
+        (l(4096, 8), l(4096, 8)),
+        (l(8192, 8), l(8192, 8)),
+        (l(12, 4), l(12, 4)),
+        (l(12, 8), l(12, 8)),
+        (l(100, 64), l(100, 64)),
+        (l(16 << 10, 8), l(16 << 10, 8)),
+        (l(64 << 10, 8), l(64 << 10, 8)),
+        (l(1 << 20, 4096), l(1 << 20, 4096)),
+        (l(64, 8), l(128, 8)),
+        (l(64, 8), l(64 << 10, 8)),
+        (l(16 << 10, 8), l(64, 8)),
+        (l(8192, 8), l(16, 8)),
+    ];
+    let before = h.stats();
+    for nolock in [false, true] {
+        for (round, &(alloc_l, free_l)) in cases.iter().enumerate() {
+            let seed = round as u8 + 1;
+            let live: Vec<NonNull<u8>> = (0..40)
+                .map(|_| {
+                    let p = h.alloc(alloc_l).expect("memory");
+                    assert_eq!(p.as_ptr() as usize % alloc_l.align(), 0);
+                    fill(p, alloc_l.size(), seed);
+                    p
+                })
+                .collect();
+            for &p in &live {
+                check(p, alloc_l.size(), seed);
+                // SAFETY: allocated above from `h`, freed once.
+                unsafe {
+                    if nolock {
+                        h.free_nolock_sized(p, free_l)
+                    } else {
+                        h.free_sized(p, free_l)
+                    }
+                };
+            }
+            let s = h.stats();
+            assert_eq!(
+                (s.objects_in_use, s.large_in_use, s.huge_in_use),
+                (
+                    before.objects_in_use,
+                    before.large_in_use,
+                    before.huge_in_use
+                ),
+                "{alloc_l:?} freed as {free_l:?} (nolock: {nolock}): every block came back"
+            );
+        }
+    }
+    assert_eq!(before.objects_in_use, 0);
+    h.drain();
+    let p = h.pages().stats();
+    assert_eq!(p.free_pages, p.total_pages, "no page lost");
+    h.pages().check_invariants().unwrap();
+}
