@@ -647,6 +647,11 @@ impl Cache {
         self.size
     }
 
+    /// The size class this cache serves.
+    pub(crate) fn class(&self) -> usize {
+        self.class
+    }
+
     /// Whether the node lock's waiters poll (see `ZoneLock::set_polling`).
     pub(crate) fn set_polling(&self, poll: bool) {
         self.node.lock.set_polling(poll);

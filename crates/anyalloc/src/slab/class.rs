@@ -23,9 +23,14 @@ pub(crate) const MAX_SMALL: usize = 8192;
 /// Entries of the lookup tables: sizes 0 to 8 KiB in 4-byte steps.
 const STEPS: usize = MAX_SMALL / 4 + 1;
 
-/// Class of each size in 4-byte steps up to 8 KiB: `LOOKUP[(size + 3) / 4]`.
-/// Two KiB, so that one index computation and one load serve every small
-/// size (a program touches only the lines of the sizes it uses).
+/// The class of each size in 4-byte steps up to 8 KiB, plus one:
+/// `LOOKUP[(size + 3) / 4] - 1`. Two KiB, so that one index computation and
+/// one load serve every small size (a program touches only the lines of
+/// the sizes it uses). Plus one, because that is the class's plain cache's
+/// owner id, which page descriptors hold: the sized free compares the entry
+/// with the descriptor's owner as loaded, and the fast paths fold the `- 1`
+/// into the offsets they address the cache with ([`owner_fast`],
+/// [`owner_hint`]).
 const LOOKUP: [u8; STEPS] = {
     let mut t = [0u8; STEPS];
     let mut i = 0;
@@ -35,11 +40,12 @@ const LOOKUP: [u8; STEPS] = {
         while (SIZES[c] as usize) < size {
             c += 1;
         }
-        t[i] = c as u8;
+        t[i] = c as u8 + 1;
         i += 1;
     }
     t
 };
+const _: () = assert!(CLASSES < u8::MAX as usize);
 
 /// `LOOKUP` for 8-byte alignment (the common Rust case): skips the
 /// 4-aligned classes 12, 20 and 28.
@@ -47,11 +53,11 @@ const LOOKUP_ALIGN8: [u8; STEPS] = {
     let mut t = [0u8; STEPS];
     let mut i = 0;
     while i < STEPS {
-        let mut c = LOOKUP[i] as usize;
+        let mut c = LOOKUP[i] as usize - 1;
         while natural_align(c) < 8 {
             c += 1;
         }
-        t[i] = c as u8;
+        t[i] = c as u8 + 1;
         i += 1;
     }
     t
@@ -72,6 +78,13 @@ pub(crate) const fn natural_align(c: usize) -> usize {
 /// to 8 and any small size. `None` means "ask `class_for`", not "large".
 #[inline(always)]
 pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
+    owner_fast(size, align).map(|k| k - 1)
+}
+
+/// [`class_fast`] plus one: the owner id of the class's plain cache, as
+/// the table holds it (see `LOOKUP`).
+#[inline(always)]
+pub(crate) fn owner_fast(size: usize, align: usize) -> Option<usize> {
     if size <= MAX_SMALL {
         if align <= 4 {
             return Some(LOOKUP[size.div_ceil(4)] as usize);
@@ -89,8 +102,15 @@ pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
 /// layout-blind path when they differ. It differs only for requests whose
 /// size is not a multiple of an alignment above 4 (a Rust type's size
 /// always is), or whose alignment is above 8.
-#[inline(always)]
+#[cfg(test)]
 pub(crate) fn class_hint(size: usize) -> Option<usize> {
+    owner_hint(size).map(|k| k - 1)
+}
+
+/// [`class_hint`] plus one: the owner id of the class's plain cache, as
+/// the table holds it (see `LOOKUP`).
+#[inline(always)]
+pub(crate) fn owner_hint(size: usize) -> Option<usize> {
     if size <= MAX_SMALL {
         Some(LOOKUP[size.div_ceil(4)] as usize)
     } else {
@@ -125,7 +145,7 @@ pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     if size > MAX_SMALL || align > PAGE_SIZE {
         return None;
     }
-    let mut c = LOOKUP[size.div_ceil(4)] as usize;
+    let mut c = LOOKUP[size.div_ceil(4)] as usize - 1;
     while natural_align(c) < align {
         c += 1;
         if c == CLASSES {

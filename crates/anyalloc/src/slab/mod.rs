@@ -863,11 +863,12 @@ impl HeapCore {
     /// of computing an address from the class.
     #[inline(always)]
     fn alloc_by_class<const NOLOCK: bool>(&self, layout: Layout) -> Option<NonNull<u8>> {
-        if let Some(c) = class::class_fast(layout.size(), layout.align()) {
-            if c < cache::FIRST_KEYED_CLASS {
-                return self.alloc_tiny::<NOLOCK>(c);
+        // The table gives the owner id, class + 1 (see `class::LOOKUP`).
+        if let Some(k) = class::owner_fast(layout.size(), layout.align()) {
+            if k <= cache::FIRST_KEYED_CLASS {
+                return self.alloc_tiny::<NOLOCK>(k - 1);
             }
-            return self.alloc_in_class::<NOLOCK>(c);
+            return self.alloc_in_class::<NOLOCK>(k - 1);
         }
         if NOLOCK {
             self.alloc_nolock_general(layout)
@@ -893,14 +894,16 @@ impl HeapCore {
             cache.clear_free_mark_of(obj, c);
             return Some(self.handed_out(obj));
         }
-        self.alloc_class_general::<NOLOCK>(c)
+        self.alloc_class_general::<NOLOCK>(cache)
     }
 
-    /// The general path of the mode for a request that class `c` serves.
-    /// Taking only the class keeps the caller's layout out of the registers
-    /// the fast path needs across its sequence.
+    /// The general path of the mode for a request that `cache`'s class
+    /// serves. Taking only the cache (at hand in a register) keeps the
+    /// caller's layout out of the registers the fast path needs across its
+    /// sequence.
     #[inline(never)]
-    fn alloc_class_general<const NOLOCK: bool>(&self, c: usize) -> Option<NonNull<u8>> {
+    fn alloc_class_general<const NOLOCK: bool>(&self, cache: &Cache) -> Option<NonNull<u8>> {
+        let c = cache.class();
         if NOLOCK {
             self.alloc_nolock_general(class::layout_of(c))
         } else {
@@ -1119,15 +1122,23 @@ impl HeapCore {
     #[inline(always)]
     pub(crate) unsafe fn free_sized<const NOLOCK: bool>(&self, ptr: *mut u8, layout: Layout) {
         let addr = ptr as usize;
-        // The size alone names the class (`class_hint`: the page's owner
-        // decides). Two separate arms, not one lookup shared by both: each
-        // tests its own owner value, and neither carries a "which arm" flag.
-        match class::class_hint(layout.size()) {
-            Some(c) => {
+        // The size alone names the class (`owner_hint`, the owner id of its
+        // plain cache: the page's owner decides). Two separate arms, not one
+        // lookup shared by both: each tests its own owner value, and neither
+        // carries a "which arm" flag.
+        match class::owner_hint(layout.size()) {
+            Some(k) => {
                 if let Some((_, d)) = self.pages.locate_first(addr) {
-                    if d.owner.load(Ordering::Acquire) as usize == c + 1 {
+                    if d.owner.load(Ordering::Acquire) as usize == k {
+                        // `free_plain`, with its test on the owner id.
                         // SAFETY: forwarded contract.
-                        return unsafe { self.free_plain::<NOLOCK>(c, addr) };
+                        return unsafe {
+                            if k <= cache::FIRST_KEYED_CLASS {
+                                self.free_tiny::<NOLOCK>(k - 1, addr)
+                            } else {
+                                self.free_in_class::<NOLOCK>(k - 1, addr)
+                            }
+                        };
                     }
                 }
             }
