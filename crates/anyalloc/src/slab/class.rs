@@ -96,19 +96,13 @@ pub(crate) fn owner_fast(size: usize, align: usize) -> Option<usize> {
     None
 }
 
-/// The class a block of `size` bytes most likely belongs to, for a free
-/// told the layout: [`class_fast`] without the alignment. A hint, not an
-/// answer: the caller checks it against the page's owner and takes the
-/// layout-blind path when they differ. It differs only for requests whose
-/// size is not a multiple of an alignment above 4 (a Rust type's size
-/// always is), or whose alignment is above 8.
-#[cfg(test)]
-pub(crate) fn class_hint(size: usize) -> Option<usize> {
-    owner_hint(size).map(|k| k - 1)
-}
-
-/// [`class_hint`] plus one: the owner id of the class's plain cache, as
-/// the table holds it (see `LOOKUP`).
+/// The owner id (class + 1, as `LOOKUP` holds it) of the plain cache a
+/// block of `size` bytes most likely belongs to, for a free told the
+/// layout: [`owner_fast`] without the alignment. A hint, not an answer: the
+/// caller checks it against the page's owner and takes the layout-blind
+/// path when they differ. It differs only for requests whose size is not a
+/// multiple of an alignment above 4 (a Rust type's size always is), or
+/// whose alignment is above 8.
 #[inline(always)]
 pub(crate) fn owner_hint(size: usize) -> Option<usize> {
     if size <= MAX_SMALL {
@@ -116,6 +110,12 @@ pub(crate) fn owner_hint(size: usize) -> Option<usize> {
     } else {
         None
     }
+}
+
+/// [`owner_hint`] as a class, for the tests.
+#[cfg(test)]
+fn class_hint(size: usize) -> Option<usize> {
+    owner_hint(size).map(|k| k - 1)
 }
 
 /// A layout that class `c` serves and maps back to `c`: its size, and its
