@@ -88,13 +88,15 @@ const fn key_off(class: usize) -> usize {
         8
     }
 }
-// Validation's 32-bit words (`slab_mask`, `recip`) and its object-start
+// Validation's 32-bit words (the slab mask, `recip`) and its object-start
 // test (`start_magic`, exact for 32-bit offsets) need every slab to fit in
-// 32 bits.
+// 32 bits; `mask_and_bound` needs the test's bound to fit too.
 const _: () = {
     let mut c = 0;
     while c < SIZES.len() {
         assert!(SIZES[c] >= 2 && (PAGE_SIZE << class::slab_order(c)) <= 1 << 32);
+        assert!(start_bound(SIZES[c], objects_per_slab(c, false)) <= u32::MAX as u64);
+        assert!(start_bound(SIZES[c], objects_per_slab(c, true)) <= u32::MAX as u64);
         c += 1;
     }
 };
@@ -246,16 +248,17 @@ impl Sheaf {
 #[repr(C, align(64))]
 pub(crate) struct SheafSlot {
     pub(crate) lock: SlotLock,
+    /// Objects its sheaves hold at most (the class's `sheaf_capacity`),
+    /// here for the push sequence, which reads it with the lock byte in one
+    /// load (bytes 0-7: the lock in byte 0, this in bytes 4-7). 0 until the
+    /// slot is first taken (`Cache::prepare`), which makes every push
+    /// sequence fail until then.
+    cap: core::sync::atomic::AtomicU32,
     spare: AtomicPtr<Sheaf>,
     pub(crate) nolock_ok: AtomicU64,
     /// Set when an allocation found this slot empty; the maintainer keeps
     /// such slots stocked. Cleared by drain.
     demand: core::sync::atomic::AtomicU32,
-    /// Objects its sheaves hold at most (the class's `sheaf_capacity`),
-    /// here for the push sequence, which finds it on the line it reads
-    /// anyway. 0 until the slot is first taken (`Cache::prepare`), which
-    /// makes every push sequence fail until then.
-    cap: core::sync::atomic::AtomicU32,
     /// Maintenance: for how many passes the slot's sheaves have not changed.
     idle: IdleWatch,
     main: Sheaf,
@@ -349,16 +352,19 @@ pub(crate) struct Cache {
     key: usize,
     /// Validation's multiplier, [`start_magic`]`(size)`: an offset `off`
     /// in a slab is the start of an object exactly when
-    /// `off.wrapping_mul(start_magic) < start_bound` (see
+    /// `off.wrapping_mul(start_magic)` is below the bound in `mask_and_bound` (see
     /// [`is_start`]). One multiplication and one comparison, no division.
     start_magic: u64,
-    /// `objs * (size * start_magic mod 2^64)`: the bound of that test, which
-    /// also excludes the slab's tail (owner words, bitmap, slack).
-    start_bound: u64,
-    /// The bytes of a slab minus one. Slabs are buddy blocks of their
-    /// order, naturally aligned (a zone's base is aligned to the largest
-    /// block), so an address's offset in its slab is `addr & slab_mask`.
-    slab_mask: u32,
+    /// Two 32-bit words in one, so that a free loads them together:
+    /// * the low half is the *slab mask*, the bytes of a slab minus one.
+    ///   Slabs are buddy blocks of their order, naturally aligned (a zone's
+    ///   base is aligned to the largest block), so an address's offset in
+    ///   its slab is `addr & mask`;
+    /// * the high half is [`start_bound`]`(size, objs)`, `objs * (size *
+    ///   start_magic mod 2^64)`: the bound of the object-start test, which
+    ///   also excludes the slab's tail (owner words, bitmap, slack). It is
+    ///   at most the slab's bytes, so it fits (asserted for every class).
+    mask_and_bound: u64,
     /// The CPU count the normal fast paths hand to the sequences: `cpus`
     /// while they are open (`rseq`, and nothing deferred as far as this
     /// word knows), 0 while closed. A sequence given 0 CPUs fails at its
@@ -434,7 +440,7 @@ pub(crate) struct Cache {
 const _: () = {
     use core::mem::offset_of;
     assert!(offset_of!(Cache, key) < 64 && offset_of!(Cache, start_magic) < 64);
-    assert!(offset_of!(Cache, start_bound) < 64 && offset_of!(Cache, slab_mask) < 64);
+    assert!(offset_of!(Cache, mask_and_bound) < 64);
     assert!(offset_of!(Cache, normal_cpus) < 64 && offset_of!(Cache, nolock_cpus) < 64);
     assert!(offset_of!(Cache, level0) < 64);
     assert!(core::mem::size_of::<Cache>() == 512);
@@ -575,8 +581,8 @@ impl Cache {
                 index,
                 size: SIZES[class] as usize,
                 start_magic: start_magic(SIZES[class]),
-                start_bound: start_bound(SIZES[class], objects_per_slab(class, accounted)),
-                slab_mask: ((PAGE_SIZE << class::slab_order(class)) - 1) as u32,
+                mask_and_bound: ((PAGE_SIZE << class::slab_order(class)) - 1) as u64
+                    | start_bound(SIZES[class], objects_per_slab(class, accounted)) << 32,
                 recip: recip(SIZES[class]),
                 order: class::slab_order(class),
                 objs: objects_per_slab(class, accounted),
@@ -1882,8 +1888,9 @@ impl Cache {
     /// slot.
     #[inline(always)]
     pub(crate) fn is_object_start(&self, addr: usize) -> bool {
-        let off = addr as u32 & self.slab_mask;
-        is_start(off, self.start_magic, self.start_bound)
+        let w = self.mask_and_bound;
+        let off = addr as u32 & w as u32;
+        is_start(off, self.start_magic, w >> 32)
     }
 
     #[cold]

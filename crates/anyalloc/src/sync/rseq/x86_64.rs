@@ -230,15 +230,20 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
 /// ```text
 /// gate:    if cpus == 0: false            (as in sheaf_pop)
 /// restart: rseq->rseq_cs = &cs
-/// start:   cpu, slot as in sheaf_pop;      false if none or held
+/// start:   cpu = rseq->cpu_id;            if cpu >= cpus: false
+///          slot = slots + (cpu << SHIFT)
+///          w = slot's first 8 bytes       (lock byte 0, capacity 4..8)
+///          if w.lock != 0: false          (held)
 ///          main = slot.main (in the slot); n = main.count
-///          if n >= slot.cap: false        (the class's sheaf capacity)
+///          if n >= w.cap: false           (the class's sheaf capacity)
 ///          main.objs[n] = obj             (above the count: invisible)
 ///          main.count = n + 1             // commit
 /// ```
 ///
-/// The failure exits jump straight to the caller's code (`asm goto`), so
-/// the fast path carries no status register.
+/// The lock byte and the capacity come from one load (a free is bound by
+/// how many loads and stores it makes, more than by its instructions). The
+/// failure exits jump straight to the caller's code (`asm goto`), so the
+/// fast path carries no status register.
 ///
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
@@ -257,9 +262,17 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
             "test {cpus}, {cpus}",
             "jz {fail}",
             seq_start!(),
-            seq_find_slot!("{fail}"),
+            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
+            "cmp {t}, {cpus}",
+            "jae {fail}",
+            "shl {t}, {SHIFT}",
+            "add {t}, {slots}",
+            "mov {w}, qword ptr [{t}]", // the lock byte and the capacity
+            "test {w:l}, {w:l}",
+            "jnz {fail}",
+            "shr {w}, 32",
             "mov {n}, qword ptr [{t} + {MAIN_COUNT}]",
-            "cmp {n:e}, dword ptr [{t} + {SLOT_CAP}]",
+            "cmp {n}, {w}",
             "jae {fail}",
             "mov qword ptr [{t} + {n} * 8 + {MAIN_OBJS}], {obj}",
             "inc {n}",
@@ -272,13 +285,12 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
             obj = in(reg) obj,
             t = out(reg) _,
             n = out(reg) _,
+            w = out(reg) _,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
             SHIFT = const SHIFT,
-            SLOT_LOCK = const SLOT_LOCK,
             MAIN_COUNT = const SLOT_MAIN + SHEAF_COUNT,
             MAIN_OBJS = const SLOT_MAIN + SHEAF_OBJS,
-            SLOT_CAP = const SLOT_CAP,
             SIG = const RSEQ_SIG,
             fail = label {
                 return false;
@@ -288,6 +300,11 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
     }
     true
 }
+
+const _: () = assert!(
+    SLOT_LOCK == 0 && SLOT_CAP == 4,
+    "sheaf_push reads the lock byte and the capacity as one word"
+);
 
 const _: () = assert!(
     DESC_SIZE == 32,
