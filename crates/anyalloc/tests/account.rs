@@ -223,3 +223,30 @@ fn a_retry_after_reclaim_on_another_cpu_sees_the_shrinkers_credit() {
     .join()
     .unwrap();
 }
+
+/// The sized frees uncharge what they free: an accounted object or block
+/// lives in a cache (or carries a group) the layout cannot name, so the
+/// sized free's check sends it down the full path.
+#[test]
+fn sized_frees_uncharge_accounted_blocks() {
+    let h = heap();
+    let g = Group::new("sized", Some(16 << 20), None);
+    let small: Vec<NonNull<u8>> = (0..200).map(|_| h.alloc_in(l(64), &g).unwrap()).collect();
+    let large = h.alloc_in(l(64 << 10), &g).unwrap();
+    let huge = h.alloc_in(l(5 << 20), &g).unwrap();
+    assert_eq!(g.usage(), 200 * 64 + (64 << 10) + (5 << 20));
+    // SAFETY: live allocations of this test's heap, each freed once.
+    unsafe {
+        for (i, &p) in small.iter().enumerate() {
+            if i % 2 == 0 {
+                h.free_sized(p, l(64));
+            } else {
+                h.free_nolock_sized(p, l(64));
+            }
+        }
+        h.free_nolock_sized(large, l(64 << 10));
+        h.free_sized(huge, l(5 << 20));
+    }
+    assert_eq!(g.usage(), 0);
+    assert_eq!(h.stats().objects_in_use, 0);
+}
