@@ -352,8 +352,9 @@ pub(crate) struct Cache {
     key: usize,
     /// Validation's multiplier, [`start_magic`]`(size)`: an offset `off`
     /// in a slab is the start of an object exactly when
-    /// `off.wrapping_mul(start_magic)` is below the bound in `mask_and_bound` (see
-    /// [`is_start`]). One multiplication and one comparison, no division.
+    /// `off.wrapping_mul(start_magic)` is below the bound in
+    /// `mask_and_bound` (see [`is_start`]). One multiplication and one
+    /// comparison, no division.
     start_magic: u64,
     /// Two 32-bit words in one, so that a free loads them together:
     /// * the low half is the *slab mask*, the bytes of a slab minus one.
@@ -821,10 +822,9 @@ impl Cache {
         };
         // A non-zero CPU count means `rseq` was chosen at init: `raw_offset`
         // is glibc's registered area offset (this cache's `rseq_off`), and
-        // `level0` is CPU 0's level-0 slot of
-        // a slot per one of those CPUs, `LEVEL0_STRIDE` bytes apart, laid out
-        // as the sequences expect (asserted above), living as long as the
-        // cache.
+        // `level0` is CPU 0's level-0 slot, the first of a slot per one of
+        // those CPUs, `LEVEL0_STRIDE` bytes apart, laid out as the sequences
+        // expect (asserted above), living as long as the cache.
         // SAFETY: as just said (with 0 CPUs the sequence touches nothing);
         // level-0 slots are changed only by sequences and by lock holders,
         // as `sync::rseq` prescribes.

@@ -1082,7 +1082,7 @@ impl HeapCore {
             }
             if owner.wrapping_sub(1) < CLASSES {
                 // SAFETY: forwarded contract.
-                return unsafe { self.free_plain::<NOLOCK>(owner - 1, addr) };
+                return unsafe { self.free_plain::<NOLOCK>(owner, addr) };
             }
             if owner == LARGE_OWNER as usize {
                 // SAFETY: forwarded contract.
@@ -1130,15 +1130,8 @@ impl HeapCore {
             Some(k) => {
                 if let Some((_, d)) = self.pages.locate_first(addr) {
                     if d.owner.load(Ordering::Acquire) as usize == k {
-                        // `free_plain`, with its test on the owner id.
                         // SAFETY: forwarded contract.
-                        return unsafe {
-                            if k <= cache::FIRST_KEYED_CLASS {
-                                self.free_tiny::<NOLOCK>(k - 1, addr)
-                            } else {
-                                self.free_in_class::<NOLOCK>(k - 1, addr)
-                            }
-                        };
+                        return unsafe { self.free_plain::<NOLOCK>(k, addr) };
                     }
                 }
             }
@@ -1170,8 +1163,9 @@ impl HeapCore {
         unsafe { self.free_in(ptr, Mode::NoLock) };
     }
 
-    /// The free of an object of the plain cache of `class`, in the first
-    /// zone: validated (the start of an object, not already free), then
+    /// The free of an object of the plain cache whose owner id is `owner`
+    /// (its class + 1, as page descriptors and the size tables hold it), in
+    /// the first zone: validated (the start of an object, not already free), then
     /// pushed on this CPU's main sheaf, or handed to the cache's slow path
     /// in one tail call. Not the start of an object: the general path of
     /// the mode, which validates again and reports it (so the fast path
@@ -1183,13 +1177,15 @@ impl HeapCore {
     /// # Safety
     /// As for `Heap::free`, for `addr`.
     #[inline(always)]
-    unsafe fn free_plain<const NOLOCK: bool>(&self, class: usize, addr: usize) {
-        if class < cache::FIRST_KEYED_CLASS {
+    unsafe fn free_plain<const NOLOCK: bool>(&self, owner: usize, addr: usize) {
+        // The test and the `- 1` on the owner id itself: the callers have
+        // the id, and the `- 1` folds into the cache's offsets.
+        if owner <= cache::FIRST_KEYED_CLASS {
             // SAFETY: forwarded contract.
-            return unsafe { self.free_tiny::<NOLOCK>(class, addr) };
+            return unsafe { self.free_tiny::<NOLOCK>(owner - 1, addr) };
         }
         // SAFETY: forwarded contract.
-        unsafe { self.free_in_class::<NOLOCK>(class, addr) }
+        unsafe { self.free_in_class::<NOLOCK>(owner - 1, addr) }
     }
 
     /// `free_plain` for a tiny class (cold: see `alloc_tiny`).
