@@ -108,7 +108,9 @@ fn check_common(v: &Value, stderr: &str) {
         u(&v["objects"], "attempts") - objects_ok + large_failed,
         "stress heap's nolock failures vs the storm's: {v}"
     );
-    assert_eq!(u(heap, "pages_nolock_large_alloc_ok"), large_ok, "{v}");
+    // The page allocator's large nolock path served every large block but
+    // the 64 KiB ones the heap's per-CPU list had (its rseq fast path).
+    assert!(u(heap, "pages_nolock_large_alloc_ok") <= large_ok, "{v}");
     // Every large failure has its reason in the stats.
     assert_eq!(
         u(heap, "pages_nolock_large_alloc_fail_busy")

@@ -239,36 +239,68 @@ fn the_nolock_stock_fills_on_demand_and_idles_back() {
 }
 
 /// 64 KiB blocks (order 4, above the page allocator's per-CPU orders) have
-/// a per-CPU list of the heap's own on the normal path: with rseq, a normal
-/// free puts the block there and the next normal allocation of that size on
-/// the CPU takes it back without the zone lock; a drain gives the listed
-/// blocks back to the buddy lists.
-#[test]
-fn normal_64_kib_blocks_come_back_from_a_per_cpu_list() {
+/// a per-CPU list of the heap's own, which both modes share: with rseq, a
+/// free puts the block there and the next allocation of that size on the
+/// CPU, normal or nolock, takes it back without the zone lock; a drain
+/// gives the listed blocks back to the buddy lists.
+fn sixty_four_kib_blocks_come_back_from_a_per_cpu_list(nolock: bool) {
     let h = quiet_heap();
     let l = Layout::from_size_align(64 << 10, 8).unwrap();
     let rseq = h.stats().fast_path == anyalloc::FastPath::Rseq;
     let total = h.stats().pages.total_pages;
+    // One CPU, one list: every pair after the first finds its block there.
+    assert!(
+        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
+        "could not pin the thread"
+    );
+    let large_nolock = || {
+        let s = h.stats().pages;
+        s.nolock_large_alloc_ok + s.nolock_large_alloc_fail_busy + s.nolock_large_alloc_fail_empty
+    };
+    let (ok0, large0) = (h.stats().nolock_alloc_ok, large_nolock());
     for _ in 0..100 {
         let before = h.stats().pages;
-        let p = h.alloc(l).expect("memory to spare");
+        let p = if nolock {
+            h.alloc_nolock(l)
+        } else {
+            h.alloc(l)
+        };
+        let p = p.expect("memory to spare");
         // SAFETY: a fresh 64 KiB block.
         unsafe { p.as_ptr().write_bytes(0x5a, 64 << 10) };
         // SAFETY: allocated above, freed once.
-        unsafe { h.free(p) };
+        unsafe {
+            if nolock {
+                h.free_nolock(p)
+            } else {
+                h.free(p)
+            }
+        };
         let after = h.stats().pages;
         assert_eq!(after.free_pages, before.free_pages, "a page went missing");
         if !rseq {
             assert_eq!(after.percpu_pages, 0, "no per-CPU list without rseq");
         }
     }
-    if rseq {
-        // The thread may have moved between CPUs: one block per CPU at most.
-        let listed = h.stats().pages.percpu_pages;
-        assert!(
-            listed >= 16 && listed.is_multiple_of(16) && listed <= 16 * h.pages().cpus(),
-            "the freed block waits on a per-CPU list: {listed} pages"
+    if nolock {
+        assert_eq!(
+            h.stats().nolock_alloc_ok - ok0,
+            100,
+            "every nolock block counted"
         );
+        // The page allocator's large nolock path (buddy lists under a tried
+        // lock): once to make the first block with rseq, every time without.
+        let want = if rseq { 1 } else { 100 };
+        assert_eq!(
+            large_nolock() - large0,
+            want,
+            "nolock blocks from the buddy lists"
+        );
+    }
+    unpin();
+    if rseq {
+        let listed = h.stats().pages.percpu_pages;
+        assert_eq!(listed, 16, "the freed block waits on the per-CPU list");
     }
     h.drain();
     let s = h.stats().pages;
@@ -277,42 +309,76 @@ fn normal_64_kib_blocks_come_back_from_a_per_cpu_list() {
     h.pages().check_invariants().unwrap();
 }
 
-/// A nested call (here `Global` inside a nolock scope) never uses the
-/// heap's per-CPU list of 64 KiB blocks, even when it holds one: it takes
-/// the nolock path for large orders, as the large nolock counters show.
+/// Lets the thread run on every CPU again.
+fn unpin() {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it;
+    // sched_setaffinity(0, ..) changes only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 #[test]
-fn nested_64_kib_requests_take_the_nolock_path() {
+fn normal_64_kib_blocks_come_back_from_a_per_cpu_list() {
+    sixty_four_kib_blocks_come_back_from_a_per_cpu_list(false);
+}
+
+#[test]
+fn nolock_64_kib_blocks_come_back_from_the_same_per_cpu_list() {
+    sixty_four_kib_blocks_come_back_from_a_per_cpu_list(true);
+}
+
+/// A nested call (here `Global` inside a nolock scope) of a large order
+/// without a per-CPU list (128 KiB) takes the nolock path for large orders,
+/// as the large nolock counters show; one of 64 KiB first tries the heap's
+/// per-CPU list, which any context may use, and finds the block a normal
+/// pair left there.
+#[test]
+fn nested_large_requests_take_the_nolock_path() {
     use std::alloc::GlobalAlloc;
     let heap = anyalloc::init().expect("global heap");
-    let l = Layout::from_size_align(64 << 10, 8).unwrap();
+    let rseq = heap.stats().fast_path == anyalloc::FastPath::Rseq;
     let large = || {
         let s = heap.stats().pages;
         s.nolock_large_alloc_ok + s.nolock_large_alloc_fail_busy + s.nolock_large_alloc_fail_empty
     };
-    for _ in 0..10 {
-        // A normal pair leaves the block on this CPU's list (with rseq).
-        // SAFETY: a non-zero size; the block is freed once, with its layout.
-        unsafe {
-            let p = anyalloc::Global.alloc(l);
-            assert!(!p.is_null());
-            anyalloc::Global.dealloc(p, l);
-        }
-        let before = large();
-        {
-            let _nested = anyalloc::nolock_scope();
-            // SAFETY: as above.
+    assert!(
+        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
+        "could not pin the thread"
+    );
+    for (size, from_list) in [(128usize << 10, false), (64 << 10, rseq)] {
+        let l = Layout::from_size_align(size, 8).unwrap();
+        for _ in 0..10 {
+            // A normal pair (with rseq, a 64 KiB one leaves the block on
+            // this CPU's list).
+            // SAFETY: a non-zero size; the block is freed once, with its layout.
             unsafe {
                 let p = anyalloc::Global.alloc(l);
-                assert!(!p.is_null(), "memory to spare");
+                assert!(!p.is_null());
                 anyalloc::Global.dealloc(p, l);
             }
+            let before = large();
+            {
+                let _nested = anyalloc::nolock_scope();
+                // SAFETY: as above.
+                unsafe {
+                    let p = anyalloc::Global.alloc(l);
+                    assert!(!p.is_null(), "memory to spare");
+                    anyalloc::Global.dealloc(p, l);
+                }
+            }
+            assert_eq!(
+                large(),
+                before + u64::from(!from_list),
+                "the nested {size}-byte request took the nolock path (per-CPU list: {from_list})"
+            );
         }
-        assert_eq!(
-            large(),
-            before + 1,
-            "the nested 64 KiB request took the nolock path"
-        );
     }
+    unpin();
 }
 
 /// `Global::dealloc` names the class from the layout's size alone and lets

@@ -11,7 +11,7 @@
 //! * `SheafRefill` under `alloc_nolock` (a `NoLock` 256-byte box): the
 //!   class's node lock is held by a try-lock, and the level-0 slot too;
 //! * `NolockZoneFree` under `free_pages_nolock` (a `NoLock` free of a
-//!   64 KiB block, which has no per-CPU list): the zone lock again.
+//!   128 KiB block, which has no per-CPU list): the zone lock again.
 //!
 //! There the hook calls every normal-path entry that could wait for that
 //! lock: `Global` (small and large, alloc and free), `Heap::alloc`,
@@ -40,7 +40,7 @@ static ARMED: AtomicU8 = AtomicU8::new(0);
 static FIRED: AtomicU32 = AtomicU32::new(0);
 /// Normal-path calls the hook made that returned.
 static RETURNED: AtomicU32 = AtomicU32::new(0);
-/// Order-4 (64 KiB) requests on the normal path that went through the page
+/// Order-5 (128 KiB) requests on the normal path that went through the page
 /// allocator's nolock path for large orders (its `nolock_large_alloc_*`
 /// counters moved, whether they were served or not): each proves the call
 /// was routed (the normal path never touches those counters).
@@ -93,15 +93,15 @@ fn normal_calls() {
     drop(small);
     done();
     let mut large: Vec<u8> = Vec::new();
-    if routed(heap.pages(), || large.try_reserve_exact(64 << 10)).is_ok() {
+    if routed(heap.pages(), || large.try_reserve_exact(128 << 10)).is_ok() {
         large.push(1);
     }
     drop(large);
     done();
     // The heap's normal entries.
-    for size in [256usize, 16 << 10, 64 << 10] {
+    for size in [256usize, 16 << 10, 64 << 10, 128 << 10] {
         let layout = Layout::from_size_align(size, 8).unwrap();
-        let p = if size == 64 << 10 {
+        let p = if size == 128 << 10 {
             routed(heap.pages(), || heap.alloc(layout))
         } else {
             heap.alloc(layout)
@@ -128,8 +128,8 @@ fn normal_calls() {
     done();
     // The page allocator's normal entries.
     let pages = heap.pages();
-    for order in [0u32, 2, 4] {
-        let p = if order == 4 {
+    for order in [0u32, 2, 4, 5] {
+        let p = if order == 5 {
             routed(pages, || pages.alloc_pages(order))
         } else {
             pages.alloc_pages(order)
@@ -145,7 +145,7 @@ fn normal_calls() {
 }
 
 /// Normal-path calls `normal_calls` makes that must return.
-const CALLS: u32 = 12;
+const CALLS: u32 = 14;
 
 std::thread_local! {
     // Created before the hook is armed (creating a group allocates).
@@ -172,7 +172,7 @@ fn finish(site: Site) {
     assert_eq!(
         ROUTED.load(Ordering::SeqCst),
         3,
-        "the order-4 requests at {site:?} (Global, Heap::alloc, alloc_pages) took the nolock route"
+        "the order-5 requests at {site:?} (Global, Heap::alloc, alloc_pages) took the nolock route"
     );
     interrupt::set_hook(None);
     println!("scenario at {site:?}: ok");
@@ -249,11 +249,11 @@ fn normal_path_inside_a_nolock_zone_free() {
         return;
     }
     prepare();
-    // 64 KiB blocks (order 4) have no per-CPU list: their nolock free goes
+    // 128 KiB blocks (order 5) have no per-CPU list: their nolock free goes
     // straight to the zone with a try-lock.
     let heap = anyalloc::global_heap().unwrap();
-    let layout = Layout::from_size_align(64 << 10, 8).unwrap();
-    let p = heap.alloc(layout).expect("a 64 KiB block");
+    let layout = Layout::from_size_align(128 << 10, 8).unwrap();
+    let p = heap.alloc(layout).expect("a 128 KiB block");
     arm(Site::NolockZoneFree);
     // SAFETY: allocated above, freed once.
     unsafe { heap.free_nolock(p) };

@@ -841,27 +841,26 @@ impl PageAllocator {
     }
 
     /// `seq_alloc::<false>` for a heap's large block on the normal path:
-    /// also [`HEAP_PCP_ORDER`] (64 KiB), whose list only the heap's normal
-    /// frees fill ([`free_pages_fast`](Self::free_pages_fast)), and only
-    /// outside a nested context. A handler, or a call inside a nolock
-    /// scope, is routed to the nolock path, and for it 64 KiB stays a large
-    /// order like any other (buddy lists under a tried lock, the stock,
-    /// the large nolock counters): the list is an optimisation of ordinary
-    /// code, not a new place the nolock path looks.
+    /// also [`HEAP_PCP_ORDER`] (64 KiB), whose list only a heap's large
+    /// frees fill ([`free_pages_fast`](Self::free_pages_fast)). Any context
+    /// may pop it (a restartable sequence); beyond this fast path, 64 KiB
+    /// is a large order like any other (buddy lists, stock, and for a
+    /// nested or nolock call the large nolock counters).
     #[inline(always)]
     pub(crate) fn seq_alloc_heap(&self, order: u32) -> Option<NonNull<u8>> {
-        if order > PCP_MAX_ORDER && (order != HEAP_PCP_ORDER || crate::context::nested()) {
+        if order > HEAP_PCP_ORDER {
             return None;
         }
         self.seq_alloc_counted::<false, { layout::PCP_NOLOCK_OK }>(order)
     }
 
-    /// `seq_alloc::<true>` for a heap's nolock large block, counted apart
+    /// `seq_alloc::<true>` for a heap's nolock large block (orders up to
+    /// [`HEAP_PCP_ORDER`], as `seq_alloc_heap`), counted apart
     /// from the page allocator's own nolock successes (it still counts in
     /// [`PageStats::nolock_alloc_ok`]): see [`heap_large_nolock_ok`](Self::heap_large_nolock_ok).
     #[inline(always)]
     pub(crate) fn seq_alloc_heap_large(&self, order: u32) -> Option<NonNull<u8>> {
-        if order > PCP_MAX_ORDER {
+        if order > HEAP_PCP_ORDER {
             return None;
         }
         self.seq_alloc_counted::<true, { layout::PCP_HEAP_NOLOCK_OK }>(order)
@@ -931,9 +930,9 @@ impl PageAllocator {
 
     /// `free_pages` without its context check, for the heap's large-block
     /// fast path: routed by the thread's context (`nolock`: the nolock
-    /// path). Outside a nested context, its rseq fast path also takes
-    /// blocks of [`HEAP_PCP_ORDER`] (for `seq_alloc_heap`); beyond that
-    /// fast path they are a large order like any other.
+    /// path). Its rseq fast path also takes blocks of [`HEAP_PCP_ORDER`]
+    /// (for `seq_alloc_heap`), in every context; beyond that fast path they
+    /// are a large order like any other.
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
@@ -944,12 +943,8 @@ impl PageAllocator {
         } else {
             FreeRoute::Routed
         };
-        if order == HEAP_PCP_ORDER && !nolock && !crate::context::nested() {
-            // SAFETY: forwarded contract.
-            return unsafe { self.free_pages_via::<HEAP_PCP_ORDER>(ptr, order, FreeRoute::Normal) };
-        }
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via::<PCP_MAX_ORDER>(ptr, order, route) };
+        unsafe { self.free_pages_via::<HEAP_PCP_ORDER>(ptr, order, route) };
     }
 
     /// The normal path of `free_pages` (not routed, as `alloc_pages_normal`).

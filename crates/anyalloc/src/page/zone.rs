@@ -44,12 +44,15 @@ use crate::sync::rseq::SeqTarget;
 use crate::sync::{Mode, SlotGuard, SlotLock, TaggedStack, ZoneGuard, ZoneLock, TAGGED_NIL};
 pub(crate) use crate::PCP_MAX_ORDER;
 /// One order above [`PCP_MAX_ORDER`] (64 KiB) has a per-CPU list too, used
-/// by a heap's large blocks on the normal path only: pushed by the rseq
-/// fast path of a heap's normal free, popped by the rseq fast path of a
-/// heap's normal allocation, drained like the others (by any slot holder:
-/// trims, drains, maintenance). The page allocator's own calls of this
-/// order and every nolock or nested call never push or pop it (for them
-/// it is a large order: buddy lists, stock, large nolock counters).
+/// by a heap's large blocks only: pushed by the rseq fast path of a heap's
+/// large free, popped by the rseq fast path of a heap's large allocation,
+/// in every context (normal, nolock, nested: the sequences restart rather
+/// than wait), and drained like the others (by any slot holder: trims,
+/// drains, maintenance). The page allocator's own calls of this order
+/// never push or pop it (for them it is a large order: buddy lists, stock,
+/// large nolock counters), and neither does anything once the list is
+/// empty or the slot has no room: beyond the fast path, 64 KiB is a large
+/// order for the heap too.
 pub(crate) const HEAP_PCP_ORDER: u32 = PCP_MAX_ORDER + 1;
 use crate::{MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 
@@ -477,7 +480,7 @@ impl Zone {
     }
 
     /// The rseq fast path of an allocation of `order` (at most
-    /// `PCP_MAX_ORDER`, or `HEAP_PCP_ORDER` for a heap's normal path): a
+    /// `PCP_MAX_ORDER`, or `HEAP_PCP_ORDER` for a heap's large block): a
     /// block from this CPU's level-0 list, marked
     /// allocated. `None` without rseq, or when the list is empty or the
     /// slot is held (then the slow path decides). A `COUNT` pop adds 1 to
@@ -504,7 +507,7 @@ impl Zone {
 
     /// The rseq fast path of a free: the claimed block `idx` (descriptor
     /// `d`) of `order` (at most `PCP_MAX_ORDER`, or `HEAP_PCP_ORDER` for a
-    /// heap's normal free; state FREEING) onto this
+    /// heap's large free; state FREEING) onto this
     /// CPU's level-0 list.
     /// `false` (the block still claimed, FREEING) without rseq or when the
     /// slot is held.

@@ -919,9 +919,9 @@ impl HeapCore {
     /// that made it runs it once that lock is released, right here (or in
     /// `alloc_in`); a nested context leaves it for the next one.
     ///
-    /// A large block of a per-CPU list's order (16 and 32 KiB) first tries
-    /// the page allocator's rseq fast path, which any context may run; a
-    /// 64 KiB one too, outside a nested context (`seq_alloc_heap`).
+    /// A large block of a per-CPU list's order (16 to 64 KiB) first tries
+    /// the page allocator's rseq fast path, which any context may run
+    /// (`seq_alloc_heap`).
     #[inline(never)]
     fn alloc_general(&self, layout: Layout) -> Option<NonNull<u8>> {
         if layout.size() > class::MAX_SMALL {
