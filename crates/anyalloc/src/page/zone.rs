@@ -15,7 +15,7 @@
 //!
 //! * `lock` (a [`ZoneLock`]): the buddy free lists, their counts, and the
 //!   state of every block on them.
-//! * each slot's [`SlotLock`](crate::sync::SlotLock): that slot's lists.
+//! * each slot's [`SlotLock`]: that slot's lists.
 //! * `deferred`: lock-free, one [`TaggedStack`] per order; pages pushed
 //!   there are owned by the stack until a zone-lock holder takes them (all,
 //!   on the normal path; at most [`NOLOCK_DRAIN_BUDGET`] on the nolock
