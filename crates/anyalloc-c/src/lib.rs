@@ -94,6 +94,17 @@ fn malloc_align(size: usize) -> usize {
     }
 }
 
+/// The layout a sized free names for a block of `size` bytes asked with
+/// alignment `align` (1 for `malloc`), as the allocation computed it, when
+/// the size alone names the block's size class: a size that is a multiple
+/// of the alignment, as every Rust layout's is (`Heap::free_sized`). `None`:
+/// the layout-blind free, which is faster for the other sizes.
+#[inline(always)]
+fn sized_layout(size: usize, align: usize) -> Option<Layout> {
+    let l = layout(size, align.max(malloc_align(size)))?;
+    l.size().is_multiple_of(l.align()).then_some(l)
+}
+
 /// The layout of a C request: at least one byte (so `malloc(0)` returns a
 /// unique pointer), `None` when no block that large can exist.
 #[inline(always)]
@@ -240,6 +251,19 @@ fn owner(p: NonNull<u8>, what: &str) -> &'static Heap {
 /// `p` came from this library's allocation functions and is not used again.
 #[inline(always)]
 unsafe fn free_routed(p: NonNull<u8>, what: &str) {
+    // SAFETY: forwarded contract.
+    unsafe { free_routed_sized(p, None, what) }
+}
+
+/// `free_routed`, told the layout the block was allocated with when the
+/// caller knows it (`free_sized`): the heap's sized free, which needs no
+/// page lookup to name the class (the page's owner still decides, so a
+/// wrong size costs speed, never a check).
+///
+/// # Safety
+/// As for `free_routed`.
+#[inline(always)]
+unsafe fn free_routed_sized(p: NonNull<u8>, sized: Option<Layout>, what: &str) {
     let h = owner(p, what);
     let t = tls::state();
     // Read and written through the raw pointer: the system calls under
@@ -254,7 +278,12 @@ unsafe fn free_routed(p: NonNull<u8>, what: &str) {
         unsafe { free_slow(t, h, p) };
     } else {
         // SAFETY: forwarded contract (the heap aborts on foreign pointers).
-        inside(t, || unsafe { h.free(p) });
+        inside(t, || unsafe {
+            match sized {
+                Some(l) => h.free_sized(p, l),
+                None => h.free(p),
+            }
+        });
     }
     // SAFETY: as above.
     unsafe { errno.write(saved) };
@@ -485,8 +514,10 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
 }
 
 /// C23 `free_sized(3)`: `free(p)` for a block from `malloc`, `calloc` or
-/// `realloc` of `size` bytes. With the `debug-checks` feature a size the
-/// block cannot have been allocated with aborts with a one-line message.
+/// `realloc` of `size` bytes. The size names the block's size class without
+/// a page lookup (`Heap::free_sized`); a wrong one is only slower. With the
+/// `debug-checks` feature a size the block cannot have been allocated with
+/// aborts with a one-line message.
 ///
 /// # Safety
 /// As for [`free`].
@@ -495,10 +526,8 @@ pub unsafe extern "C" fn free_sized(p: *mut c_void, size: usize) {
     if let Some(p) = NonNull::new(p.cast::<u8>()) {
         #[cfg(feature = "debug-checks")]
         check_size(p, MAX_ALIGN, size, "free_sized");
-        #[cfg(not(feature = "debug-checks"))]
-        let _ = size;
         // SAFETY: forwarded contract.
-        unsafe { free_routed(p, "free_sized") };
+        unsafe { free_routed_sized(p, sized_layout(size, 1), "free_sized") };
     }
 }
 
@@ -512,10 +541,8 @@ pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: 
     if let Some(p) = NonNull::new(p.cast::<u8>()) {
         #[cfg(feature = "debug-checks")]
         check_size(p, align, size, "free_aligned_sized");
-        #[cfg(not(feature = "debug-checks"))]
-        let _ = (align, size);
         // SAFETY: forwarded contract.
-        unsafe { free_routed(p, "free_aligned_sized") };
+        unsafe { free_routed_sized(p, sized_layout(size, align), "free_aligned_sized") };
     }
 }
 

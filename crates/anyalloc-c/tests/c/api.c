@@ -553,6 +553,50 @@ static void test_free_sized(void) {
             CHECK(errno == 556);
         }
     }
+    /* Blocks freed with their size come back to the class they came from:
+     * churn blocks of many sizes (multiples of 16, which name their class,
+     * and others), some from aligned_alloc, each filled with its own byte
+     * and checked whole before its sized free. A block freed into another
+     * class would be handed out again over a live one. */
+    enum { LIVE = 512 };
+    static unsigned char *live[LIVE];
+    static size_t live_size[LIVE], live_align[LIVE];
+    unsigned seed = 12345;
+    for (int round = 0; round < 200000; round++) {
+        seed = seed * 1103515245u + 12345u;
+        unsigned r = seed >> 8;
+        size_t i = r % LIVE;
+        unsigned char fill = (unsigned char)(i * 7 + 1);
+        if (live[i] != NULL) {
+            for (size_t k = 0; k < live_size[i]; k++) {
+                CHECK(live[i][k] == fill);
+            }
+            if (live_align[i] != 0) {
+                free_aligned_sized(live[i], live_align[i], live_size[i]);
+            } else {
+                free_sized(live[i], live_size[i]);
+            }
+            live[i] = NULL;
+            continue;
+        }
+        size_t size = (r >> 9) % 2048 + 1;
+        if (r & 0x100) {
+            size = (size + 15) & ~(size_t)15;
+        }
+        size_t align = (r >> 20) % 4 == 0 ? (size_t)32 << ((r >> 22) % 3) : 0;
+        live[i] = align != 0 ? aligned_alloc(align, size) : malloc(size);
+        CHECK(live[i] != NULL && malloc_usable_size(live[i]) >= size);
+        memset(live[i], fill, size);
+        live_size[i] = size;
+        live_align[i] = align;
+    }
+    for (size_t i = 0; i < LIVE; i++) {
+        if (live[i] != NULL && live_align[i] != 0) {
+            free_aligned_sized(live[i], live_align[i], live_size[i]);
+        } else if (live[i] != NULL) {
+            free_sized(live[i], live_size[i]);
+        }
+    }
 }
 
 /* Interposes the library's munmap (freeing a huge block calls it): it
