@@ -63,6 +63,22 @@ const LOOKUP_ALIGN8: [u8; STEPS] = {
     t
 };
 
+/// `LOOKUP` for 16-byte alignment (C's `malloc`, `max_align_t`, `u128`):
+/// skips the classes whose size is not a multiple of 16.
+const LOOKUP_ALIGN16: [u8; STEPS] = {
+    let mut t = [0u8; STEPS];
+    let mut i = 0;
+    while i < STEPS {
+        let mut c = LOOKUP[i] as usize - 1;
+        while natural_align(c) < 16 {
+            c += 1;
+        }
+        t[i] = c as u8 + 1;
+        i += 1;
+    }
+    t
+};
+
 /// The natural alignment of class `c`.
 #[inline]
 pub(crate) const fn natural_align(c: usize) -> usize {
@@ -75,7 +91,7 @@ pub(crate) const fn natural_align(c: usize) -> usize {
 }
 
 /// The common cases of [`class_for`], one table load each: alignment up
-/// to 8 and any small size. `None` means "ask `class_for`", not "large".
+/// to 16 and any small size. `None` means "ask `class_for`", not "large".
 #[inline(always)]
 pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
     owner_fast(size, align).map(|k| k - 1)
@@ -91,6 +107,9 @@ pub(crate) fn owner_fast(size: usize, align: usize) -> Option<usize> {
         }
         if align == 8 {
             return Some(LOOKUP_ALIGN8[size.div_ceil(4)] as usize);
+        }
+        if align == 16 {
+            return Some(LOOKUP_ALIGN16[size.div_ceil(4)] as usize);
         }
     }
     None
@@ -119,16 +138,16 @@ fn class_hint(size: usize) -> Option<usize> {
 }
 
 /// A layout that class `c` serves and maps back to `c`: its size, and its
-/// natural alignment up to 8 (the most `class_fast` serves), so a slow path
+/// natural alignment up to 16 (the most `class_fast` serves), so a slow path
 /// handed only the class of a `class_fast` request keeps that request's
 /// alignment when it falls back to larger classes. For slow paths that
 /// must not keep the caller's layout alive across a fast path.
 #[inline]
 pub(crate) fn layout_of(c: usize) -> core::alloc::Layout {
-    let align = if natural_align(c) < 8 {
+    let align = if natural_align(c) < 16 {
         natural_align(c)
     } else {
-        8
+        16
     };
     // SAFETY: class sizes are non-zero and far below isize::MAX; the
     // alignment is a power of two.
@@ -187,7 +206,7 @@ mod tests {
         // alignment, so a fallback to a larger class that satisfies that
         // layout satisfies the request.
         for size in 1..=MAX_SMALL {
-            for align in [1, 2, 4, 8] {
+            for align in [1, 2, 4, 8, 16] {
                 if let Some(c) = class_fast(size, align) {
                     assert!(align <= layout_of(c).align(), "size {size} align {align}");
                 }
@@ -256,8 +275,8 @@ mod tests {
                 );
             }
         }
-        // Every small size with alignment up to 8 takes the shortcut.
-        assert_eq!(hits, 4 * MAX_SMALL);
+        // Every small size with alignment up to 16 takes the shortcut.
+        assert_eq!(hits, 5 * MAX_SMALL);
     }
 
     /// The free's hint names the class `class_fast` gave the allocation
@@ -265,8 +284,9 @@ mod tests {
     /// and says "large" above the small sizes.
     #[test]
     fn the_free_hint_agrees_with_the_allocation_for_type_layouts() {
-        for align in [1, 2, 4, 8] {
-            for size in (0..=MAX_SMALL).step_by(align) {
+        // (From `align` up: `GlobalAlloc` is never asked for 0 bytes.)
+        for align in [1, 2, 4, 8, 16] {
+            for size in (align..=MAX_SMALL).step_by(align) {
                 assert_eq!(
                     class_hint(size),
                     class_fast(size, align),
