@@ -12,12 +12,17 @@
 //!
 //! # Routing
 //!
-//! As in `anyalloc::Global`: a call that finds its own thread already inside
-//! the allocator (a signal handler that interrupted `malloc`, `free`, ...)
-//! or inside an `anyalloc_nolock_enter` scope takes the nolock path, which
-//! never waits and may fail (`NULL`, `errno = ENOMEM`). Every other call takes
-//! the normal path. The two per-thread words live in initial-exec TLS (see
-//! [`tls`]): reading them never calls into the dynamic loader.
+//! As in `anyalloc::Global`: a call inside an `anyalloc_nolock_enter` scope,
+//! or one that finds its own thread inside a section this library marks
+//! (the heap's creation, `malloc_trim`, `realloc`'s `mremap`, the fork
+//! window), takes the nolock path, which never waits and may fail (`NULL`,
+//! `errno = ENOMEM`). Every other call takes the heap's normal path,
+//! unmarked: the heap marks the thread itself before it takes any lock
+//! another context may wait for, and its slow paths route a thread so
+//! marked (a signal handler that interrupted it there) to the nolock path;
+//! its restartable fast path is safe in any context. The two per-thread
+//! words live in initial-exec TLS (see [`tls`]): reading them never calls
+//! into the dynamic loader.
 //!
 //! # Initialisation
 //!
@@ -130,16 +135,6 @@ fn inside<R>(t: &ThreadState, f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// The heap for a normal-path call, created if needed (waits for a
-/// concurrent initialisation on another thread).
-#[inline(always)]
-fn normal_heap() -> Option<&'static Heap> {
-    match anyalloc::global_heap() {
-        Some(h) => Some(h),
-        None => anyalloc::init_without_maintainer(false),
-    }
-}
-
 /// The heap for a nolock call: never waits for an initialisation elsewhere.
 #[inline(always)]
 fn nolock_heap() -> Option<&'static Heap> {
@@ -166,9 +161,35 @@ fn alloc_routed(layout: Layout, zeroed: bool) -> *mut c_void {
 
 #[inline(always)]
 fn alloc_normal(t: &ThreadState, layout: Layout, zeroed: bool) -> *mut c_void {
-    inside(t, || match normal_heap() {
-        Some(h) if zeroed => out(h.alloc_zeroed(layout)),
-        Some(h) => out(h.alloc(layout)),
+    // Not marked: the heap marks the thread itself before it takes a lock
+    // another context may wait for, so a handler that interrupts this call
+    // elsewhere (its restartable fast path, or between locks) may take the
+    // normal path too (see "Routing" in the README).
+    match anyalloc::global_heap() {
+        Some(h) => alloc_in(h, layout, zeroed),
+        None => alloc_creating(t, layout, zeroed),
+    }
+}
+
+#[inline(always)]
+fn alloc_in(h: &Heap, layout: Layout, zeroed: bool) -> *mut c_void {
+    if zeroed {
+        out(h.alloc_zeroed(layout))
+    } else {
+        out(h.alloc(layout))
+    }
+}
+
+/// `alloc_normal` before the heap exists: creates it (waiting for a
+/// creation in progress on another thread), marked as inside the
+/// allocator, so that anything underneath that called `malloc` would take
+/// the nolock path (and get `NULL`) instead of recursing or waiting for
+/// itself.
+#[cold]
+#[inline(never)]
+fn alloc_creating(t: &ThreadState, layout: Layout, zeroed: bool) -> *mut c_void {
+    inside(t, || match anyalloc::init_without_maintainer(false) {
+        Some(h) => alloc_in(h, layout, zeroed),
         None => ptr::null_mut(),
     })
 }
@@ -268,22 +289,21 @@ unsafe fn free_routed_sized(p: NonNull<u8>, sized: Option<Layout>, what: &str) {
     let t = tls::state();
     // Read and written through the raw pointer: the system calls under
     // `free` write the same word.
-    // SAFETY: __errno_location returns this thread's errno, always valid.
-    let (errno, saved) = unsafe {
-        let e = libc::__errno_location();
-        (e, e.read())
-    };
+    let errno = t.errno_location();
+    // SAFETY: this thread's errno, always valid.
+    let saved = unsafe { errno.read() };
     if must_nolock(t) || SLOW.load(Ordering::Relaxed) != 0 {
         // SAFETY: forwarded contract.
         unsafe { free_slow(t, h, p) };
     } else {
+        // Not marked, as in `alloc_normal`.
         // SAFETY: forwarded contract (the heap aborts on foreign pointers).
-        inside(t, || unsafe {
+        unsafe {
             match sized {
                 Some(l) => h.free_sized(p, l),
                 None => h.free(p),
             }
-        });
+        }
     }
     // SAFETY: as above.
     unsafe { errno.write(saved) };
@@ -681,7 +701,7 @@ pub extern "C" fn anyalloc_nolock_exit() {
 /// dependency of this library), before `main`: normal context.
 extern "C" fn constructor() {
     let t = tls::state();
-    // Not `normal_heap`: this call must also do the setup owed since a nolock
+    // Not only when no heap exists yet: this call must also do the setup owed since a nolock
     // caller created the heap (the heap's own fork handlers, registered
     // before ours below).
     let Some(heap) = inside(t, || anyalloc::init_without_maintainer(false)) else {

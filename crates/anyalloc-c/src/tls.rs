@@ -18,7 +18,8 @@
 //! Other architectures fall back to a const-initialised `thread_local!`
 //! without `Drop` (correct, but exposed to the DTV update described above).
 
-use core::sync::atomic::AtomicU32;
+use core::ffi::c_int;
+use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 /// The routing state of one thread. Zero-initialised: a new thread starts
 /// outside the allocator and outside any nolock scope.
@@ -28,25 +29,57 @@ pub(crate) struct ThreadState {
     pub(crate) depth: AtomicU32,
     /// How many `anyalloc_nolock_enter` scopes are open on this thread.
     pub(crate) scope: AtomicU32,
+    /// This thread's `errno` (`__errno_location()`), once asked: `free`
+    /// saves and restores it on every call, and a call into libc through
+    /// the PLT each time cost more than the rest of the routing.
+    errno: AtomicPtr<c_int>,
+}
+
+impl ThreadState {
+    /// This thread's `errno`.
+    #[inline(always)]
+    pub(crate) fn errno_location(&self) -> *mut c_int {
+        let p = self.errno.load(Ordering::Relaxed);
+        if p.is_null() {
+            return self.errno_location_slow();
+        }
+        p
+    }
+
+    /// The first ask on this thread. A signal handler that interrupts it
+    /// and asks too stores the same address.
+    #[cold]
+    #[inline(never)]
+    fn errno_location_slow(&self) -> *mut c_int {
+        // SAFETY: __errno_location returns this thread's errno, valid as
+        // long as the thread (and the same in a forked child's only thread).
+        let p = unsafe { libc::__errno_location() };
+        self.errno.store(p, Ordering::Relaxed);
+        p
+    }
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
     use super::ThreadState;
 
-    // Eight zero bytes of thread-local storage (`.tbss`) with the layout of
-    // `ThreadState`: global so that every codegen unit's object links to it,
-    // hidden so that it is not exported from the library.
+    // Sixteen zero bytes of thread-local storage (`.tbss`) with the layout
+    // of `ThreadState` (asserted below): global so that every codegen
+    // unit's object links to it, hidden so that it is not exported from
+    // the library.
     core::arch::global_asm!(
         ".pushsection .tbss,\"awT\",@nobits",
         ".p2align 3",
         ".globl anyalloc_c_thread_state",
         ".hidden anyalloc_c_thread_state",
         ".type anyalloc_c_thread_state,@object",
-        ".size anyalloc_c_thread_state,8",
+        ".size anyalloc_c_thread_state,16",
         "anyalloc_c_thread_state:",
-        ".zero 8",
+        ".zero 16",
         ".popsection",
+    );
+    const _: () = assert!(
+        core::mem::size_of::<ThreadState>() == 16 && core::mem::align_of::<ThreadState>() <= 8
     );
 
     /// This thread's state.
@@ -68,7 +101,7 @@ mod imp {
         // The `'static` is a white lie the callers respect: they use the
         // reference at once, on this thread (a signal handler on this thread
         // sees the same words, which are atomics).
-        // SAFETY: `addr` is this thread's copy of the 8-aligned, 8-byte
+        // SAFETY: `addr` is this thread's copy of the 8-aligned, 16-byte
         // variable, zeroed by the loader, live as long as the thread.
         unsafe { &*(addr as *const ThreadState) }
     }
@@ -77,11 +110,15 @@ mod imp {
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod imp {
     use super::ThreadState;
-    use core::sync::atomic::AtomicU32;
+    use core::sync::atomic::{AtomicPtr, AtomicU32};
 
     std::thread_local! {
         static STATE: ThreadState = const {
-            ThreadState { depth: AtomicU32::new(0), scope: AtomicU32::new(0) }
+            ThreadState {
+                depth: AtomicU32::new(0),
+                scope: AtomicU32::new(0),
+                errno: AtomicPtr::new(core::ptr::null_mut()),
+            }
         };
     }
 
