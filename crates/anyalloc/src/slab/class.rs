@@ -49,35 +49,27 @@ const _: () = assert!(CLASSES < u8::MAX as usize);
 
 /// `LOOKUP` for 8-byte alignment (the common Rust case): skips the
 /// 4-aligned classes 12, 20 and 28.
-const LOOKUP_ALIGN8: [u8; STEPS] = {
-    let mut t = [0u8; STEPS];
-    let mut i = 0;
-    while i < STEPS {
-        let mut c = LOOKUP[i] as usize - 1;
-        while natural_align(c) < 8 {
-            c += 1;
-        }
-        t[i] = c as u8 + 1;
-        i += 1;
-    }
-    t
-};
+const LOOKUP_ALIGN8: [u8; STEPS] = lookup_aligned(8);
 
 /// `LOOKUP` for 16-byte alignment (C's `malloc`, `max_align_t`, `u128`):
 /// skips the classes whose size is not a multiple of 16.
-const LOOKUP_ALIGN16: [u8; STEPS] = {
+const LOOKUP_ALIGN16: [u8; STEPS] = lookup_aligned(16);
+
+/// `LOOKUP` for requests aligned to `align`: each entry moves up to the
+/// first class whose natural alignment provides it.
+const fn lookup_aligned(align: usize) -> [u8; STEPS] {
     let mut t = [0u8; STEPS];
     let mut i = 0;
     while i < STEPS {
         let mut c = LOOKUP[i] as usize - 1;
-        while natural_align(c) < 16 {
+        while natural_align(c) < align {
             c += 1;
         }
         t[i] = c as u8 + 1;
         i += 1;
     }
     t
-};
+}
 
 /// The natural alignment of class `c`.
 #[inline]
