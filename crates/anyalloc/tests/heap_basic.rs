@@ -248,11 +248,6 @@ fn sixty_four_kib_blocks_come_back_from_a_per_cpu_list(nolock: bool) {
     let l = Layout::from_size_align(64 << 10, 8).unwrap();
     let rseq = h.stats().fast_path == anyalloc::FastPath::Rseq;
     let total = h.stats().pages.total_pages;
-    // One CPU, one list: every pair after the first finds its block there.
-    assert!(
-        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
-        "could not pin the thread"
-    );
     let large_nolock = || {
         let s = h.stats().pages;
         s.nolock_large_alloc_ok + s.nolock_large_alloc_fail_busy + s.nolock_large_alloc_fail_empty
@@ -297,7 +292,6 @@ fn sixty_four_kib_blocks_come_back_from_a_per_cpu_list(nolock: bool) {
             "nolock blocks from the buddy lists"
         );
     }
-    unpin();
     if rseq {
         let listed = h.stats().pages.percpu_pages;
         assert_eq!(listed, 16, "the freed block waits on the per-CPU list");
@@ -309,27 +303,29 @@ fn sixty_four_kib_blocks_come_back_from_a_per_cpu_list(nolock: bool) {
     h.pages().check_invariants().unwrap();
 }
 
-/// Lets the thread run on every CPU again.
-fn unpin() {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it;
-    // sched_setaffinity(0, ..) changes only this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+/// Runs `f` on a thread of its own pinned to one CPU (one CPU, one
+/// per-CPU list: every pair after the first finds its block there). The
+/// pin ends with that thread, not with the test's.
+fn on_one_cpu(f: impl FnOnce() + Send) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(
+                anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
+                "could not pin the thread"
+            );
+            f()
+        });
+    });
 }
 
 #[test]
 fn normal_64_kib_blocks_come_back_from_a_per_cpu_list() {
-    sixty_four_kib_blocks_come_back_from_a_per_cpu_list(false);
+    on_one_cpu(|| sixty_four_kib_blocks_come_back_from_a_per_cpu_list(false));
 }
 
 #[test]
 fn nolock_64_kib_blocks_come_back_from_the_same_per_cpu_list() {
-    sixty_four_kib_blocks_come_back_from_a_per_cpu_list(true);
+    on_one_cpu(|| sixty_four_kib_blocks_come_back_from_a_per_cpu_list(true));
 }
 
 /// A nested call (here `Global` inside a nolock scope) of a large order
@@ -339,6 +335,10 @@ fn nolock_64_kib_blocks_come_back_from_the_same_per_cpu_list() {
 /// pair left there.
 #[test]
 fn nested_large_requests_take_the_nolock_path() {
+    on_one_cpu(nested_large_requests);
+}
+
+fn nested_large_requests() {
     use std::alloc::GlobalAlloc;
     let heap = anyalloc::init().expect("global heap");
     let rseq = heap.stats().fast_path == anyalloc::FastPath::Rseq;
@@ -346,10 +346,6 @@ fn nested_large_requests_take_the_nolock_path() {
         let s = heap.stats().pages;
         s.nolock_large_alloc_ok + s.nolock_large_alloc_fail_busy + s.nolock_large_alloc_fail_empty
     };
-    assert!(
-        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
-        "could not pin the thread"
-    );
     for (size, from_list) in [(128usize << 10, false), (64 << 10, rseq)] {
         let l = Layout::from_size_align(size, 8).unwrap();
         for _ in 0..10 {
@@ -378,7 +374,6 @@ fn nested_large_requests_take_the_nolock_path() {
             );
         }
     }
-    unpin();
 }
 
 /// `Global::dealloc` names the class from the layout's size alone and lets
