@@ -701,9 +701,9 @@ pub extern "C" fn anyalloc_nolock_exit() {
 /// dependency of this library), before `main`: normal context.
 extern "C" fn constructor() {
     let t = tls::state();
-    // Not only when no heap exists yet: this call must also do the setup owed since a nolock
-    // caller created the heap (the heap's own fork handlers, registered
-    // before ours below).
+    // Called even when the heap exists: this call must also do the setup
+    // owed since a nolock caller created the heap (the heap's own fork
+    // handlers, registered before ours below).
     let Some(heap) = inside(t, || anyalloc::init_without_maintainer(false)) else {
         return;
     };
