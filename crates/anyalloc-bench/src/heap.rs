@@ -20,6 +20,30 @@ use crate::{
 
 /// Reference row of the producer/consumer workload.
 pub const RING_ONLY: &str = "ring hand-off only";
+/// Reference row of the pairs and the batch: the same loop calling an
+/// allocator that does nothing ([`CallsOnly`]).
+pub const CALLS_ONLY: &str = "reference: calls only";
+
+/// The allocator of the [`CALLS_ONLY`] row: `alloc` returns a dangling,
+/// aligned pointer that is never dereferenced, `dealloc` returns at once.
+/// Called through `&dyn GlobalAlloc` like every peer, it measures what the
+/// loop and the two dynamic calls per alloc+free cost without any
+/// allocator, so that each peer's own cost is visible as its figure minus
+/// this one (out-of-order execution overlaps the two, so the difference is
+/// an estimate, not an exact split).
+pub struct CallsOnly;
+
+// SAFETY: never used to hold data: the workloads that call it
+// (`pairs`, `batches`) only pass the pointer back to `dealloc`.
+unsafe impl GlobalAlloc for CallsOnly {
+    #[inline(never)]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // A non-null pointer aligned to `layout` (no memory behind it).
+        std::ptr::without_provenance_mut(layout.align())
+    }
+    #[inline(never)]
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
+}
 /// Objects per batch in the batch workload.
 pub const BATCH: usize = 1000;
 /// Slots of the producer/consumer ring.
@@ -232,6 +256,11 @@ pub fn run_single(opts: &Options, w: &Single, peers: &[Named<Alloc>]) -> Workloa
         .filter(|&&(pname, _)| pname != NOLOCK || *size <= NOLOCK_MAX_BYTES)
         .map(|&(pname, a)| Peer::new(pname, move |n| work(pname, a, l, n)))
         .collect();
+    if opts.peer_selected(CALLS_ONLY) {
+        ps.push(Peer::reference(CALLS_ONLY, move |n| {
+            work(CALLS_ONLY, &CallsOnly, l, n)
+        }));
+    }
     measure(opts, name, op, *ops_per_iter, &mut ps)
 }
 
@@ -335,6 +364,7 @@ pub fn bin_main() {
             "producer/consumer: bounded lock-free SPSC ring of {RING} pointers, one persistent consumer thread; \
              the (ref) row is the same hand-off without allocating or freeing, in the same rounds"
         ),
+        format!("pairs and batch: the (ref) row `{CALLS_ONLY}` is the same loop calling an allocator that does nothing"),
     ];
     setup.extend(
         hp.heaps
@@ -349,4 +379,67 @@ pub fn bin_main() {
         targets,
     };
     report.print();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pairs and the batch carry the calls-only row: measured in every
+    /// round, marked as a reference, never the best. (No timing is
+    /// asserted: the figures are the benchmark's to print.)
+    #[test]
+    fn pairs_and_batch_carry_the_calls_only_reference() {
+        let opts = Options::parse(&["--quick".into(), "--sample-ms".into(), "1".into()])
+            .expect("options")
+            .expect("not --help");
+        let peers: Vec<Named<Alloc>> = vec![("glibc", &std::alloc::System)];
+        for w in [pair_workload(64), batch_workload(64)] {
+            let r = run_single(&opts, &w, &peers);
+            let glibc = r
+                .peers
+                .iter()
+                .find(|p| p.name == "glibc")
+                .expect("glibc row");
+            let calls = r
+                .peers
+                .iter()
+                .find(|p| p.name == CALLS_ONLY)
+                .expect("reference row");
+            assert!(calls.reference && !glibc.reference);
+            assert_eq!(
+                glibc.vs_best, 1.0,
+                "{}: the reference was taken as the best",
+                w.0
+            );
+            assert_eq!(
+                calls.samples.len(),
+                glibc.samples.len(),
+                "{}: not in every round",
+                w.0
+            );
+            assert!(
+                calls.summary.median > 0.0,
+                "{}: the reference was not timed",
+                w.0
+            );
+        }
+    }
+
+    /// `--peer` leaves the reference out when it does not match it.
+    #[test]
+    fn the_reference_row_follows_the_peer_filter() {
+        let opts = Options::parse(&[
+            "--quick".into(),
+            "--sample-ms".into(),
+            "1".into(),
+            "--peer".into(),
+            "glibc".into(),
+        ])
+        .expect("options")
+        .expect("not --help");
+        let peers: Vec<Named<Alloc>> = vec![("glibc", &std::alloc::System)];
+        let r = run_single(&opts, &pair_workload(16), &peers);
+        assert!(r.peers.iter().all(|p| p.name != CALLS_ONLY));
+    }
 }
