@@ -315,7 +315,7 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
     let mut failures: Vec<String> = Vec::new();
     let mut setup = vec![
         "workloads 1-5: every peer called through &dyn GlobalAlloc (Layout align 8), one dynamic call per alloc and per free".to_string(),
-        format!("pairs and batch: the (ref) row `{}` is the same loop calling an allocator that does nothing (its figure is the loop's and the calls' share of every row)", heap::CALLS_ONLY),
+        heap::CALLS_ONLY_SETUP.to_string(),
         format!(
             "{}: std::alloc::System; {}: mimalloc::MiMalloc; {}: tikv_jemallocator::Jemalloc; {}: anyalloc::Global (the process-wide heap, with its re-entry routing)",
             peers::GLIBC, peers::MIMALLOC, peers::JEMALLOC, peers::GLOBAL
