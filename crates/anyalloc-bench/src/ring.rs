@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 struct Line<T>(T);
 
 /// A bounded SPSC ring of `N` pointer slots (`N` a power of two). One thread
-/// may call [`push`](Ring::push) and one other thread [`pop`](Ring::pop); the
+/// may call [`push`](Producer::push) and one other thread [`pop`](Consumer::pop); the
 /// side caches are plain [`Cell`]s, so the ring is shared through the
 /// [`Producer`] and [`Consumer`] handles, which are `Send` but not `Clone`.
 #[derive(Debug)]
