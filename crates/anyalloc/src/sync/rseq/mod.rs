@@ -127,8 +127,8 @@ pub(crate) mod layout {
     pub(crate) const SLOT_MAIN: usize = 64;
     /// The sheaf slot's count of nolock allocations served (u64).
     pub(crate) const SLOT_NOLOCK_OK: usize = 16;
-    /// The sheaf slot's sheaf capacity (u32), in the same 8 bytes as the
-    /// lock byte: the push sequence loads both at once.
+    /// The sheaf slot's sheaf capacity (u32), which the push sequence
+    /// compares its count with.
     pub(crate) const SLOT_CAP: usize = 4;
     /// The sheaf's object count (u64).
     pub(crate) const SHEAF_COUNT: usize = 0;
