@@ -77,6 +77,13 @@ impl Config {
     /// where rseq is unavailable, every context uses the try-locked per-CPU
     /// slots instead. [`HeapStats::fast_path`](crate::HeapStats::fast_path)
     /// says which one a heap chose.
+    ///
+    /// On x86-64 glibc the fast path still starts a restartable sequence
+    /// when this is off, which ends at once (it finds no CPU slots): that
+    /// costs a heap without rseq nothing and spares every heap with rseq a
+    /// test. So to single-step through allocations in a debugger (every
+    /// step aborts a sequence), switch glibc's registration off instead:
+    /// `GLIBC_TUNABLES=glibc.pthread.rseq=0`.
     pub fn rseq(mut self, on: bool) -> Self {
         self.rseq = on;
         self

@@ -21,19 +21,25 @@
 //! afterwards nothing is in use and every page is back. The report lists
 //! the allocator's functions by interrupted addresses.
 //!
-//! The heaps use the try-locked fast path (`Config::rseq(false)`): the trap
-//! flag cannot step through a restartable sequence (each step aborts it at
-//! its first instruction); `heap_rseq_singlestep.rs` covers those with
-//! execution breakpoints.
+//! The heaps use the try-locked fast path (`Config::rseq(false)`), in a
+//! child process with glibc's rseq registration switched off
+//! (`GLIBC_TUNABLES=glibc.pthread.rseq=0`): the trap flag cannot step
+//! through a restartable sequence (each step aborts it at its first
+//! instruction), and every heap's fast path starts one, which ends at once
+//! when the heap does not use rseq; with no registered area the kernel
+//! never aborts it. `heap_rseq_singlestep.rs` covers the sequences with
+//! execution breakpoints. The child runs under a watchdog.
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
 mod common;
+mod watchdog;
 
 use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use anyalloc::{Config, Heap};
 
@@ -291,6 +297,17 @@ fn new_heap(cpus: usize) -> &'static Heap {
 
 #[test]
 fn nolock_reentry_at_every_instruction_of_the_object_allocator() {
+    if !watchdog::in_child() {
+        let out = watchdog::run_ok(
+            "nolock_reentry_at_every_instruction_of_the_object_allocator",
+            &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
+            Duration::from_secs(400),
+            "object allocator single-step",
+        );
+        print!("{}", out.stdout);
+        assert!(out.stdout.contains("heap single-step ok"), "{}", out.stdout);
+        return;
+    }
     let home = anyalloc_storm::thread::current_cpu();
     anyalloc_storm::thread::pin_to_cpu(home);
     anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
@@ -358,4 +375,5 @@ fn nolock_reentry_at_every_instruction_of_the_object_allocator() {
             p.distinct
         );
     }
+    println!("heap single-step ok");
 }

@@ -372,8 +372,7 @@ pub(crate) struct Cache {
     /// The CPU count the normal fast paths hand to the sequences: `cpus`
     /// while they are open (`rseq`, and nothing deferred as far as this
     /// word knows), 0 while closed. A sequence given 0 CPUs fails at its
-    /// first instruction, so the gate costs the fast path no test of its
-    /// own. It keeps the property that the next normal operation on this
+    /// CPU test, so the gate costs the fast path no test of its own. It keeps the property that the next normal operation on this
     /// cache drains its deferred stack:
     ///
     /// * `defer` pushes, *then* closes it;
@@ -823,14 +822,15 @@ impl Cache {
         } else {
             Mode::Normal
         };
-        // A non-zero CPU count means `rseq` was chosen at init: `raw_offset`
-        // is glibc's registered area offset (this cache's `rseq_off`), and
+        // `raw_offset` is glibc's area offset (the heap's build ran
+        // `prepare_offset`). A non-zero CPU count means `rseq` was chosen at
+        // init: the area is registered (this cache's `rseq_off`), and
         // `level0` is CPU 0's level-0 slot, the first of a slot per one of
         // those CPUs, `LEVEL0_STRIDE` bytes apart, laid out as the sequences
         // expect (asserted above), living as long as the cache.
-        // SAFETY: as just said (with 0 CPUs the sequence touches nothing);
-        // level-0 slots are changed only by sequences and by lock holders,
-        // as `sync::rseq` prescribes.
+        // SAFETY: as just said (with 0 CPUs the sequence touches only this
+        // thread's rseq area); level-0 slots are changed only by sequences
+        // and by lock holders, as `sync::rseq` prescribes.
         unsafe {
             crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK, LEVEL0_SHIFT>(
                 crate::sync::rseq::raw_offset(),

@@ -454,6 +454,9 @@ impl Heap {
     /// path follows the page allocator's choice (restartable sequences or
     /// not).
     unsafe fn build(pages: PageAllocator, meta: *mut u8, mapping: (usize, usize)) -> Heap {
+        // Every cache's fast path runs its sequences, rseq or not (see
+        // `sync::rseq::prepare_offset`).
+        crate::sync::rseq::prepare_offset();
         let cpus = pages.cpus();
         let rseq_off = pages.rseq_off();
         let m = meta_layout(cpus);

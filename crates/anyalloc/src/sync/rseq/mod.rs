@@ -171,8 +171,8 @@ pub(crate) fn area_offset() -> Option<isize> {
 }
 
 /// A copy of glibc's `__rseq_offset` in a symbol of this crate's own,
-/// written by [`available`] before it says yes (so before any sequence
-/// runs), for the fast paths.
+/// written by [`prepare_offset`] (and [`available`]) before any sequence
+/// runs, for the fast paths.
 ///
 /// Why a copy: code that uses the offset is inlined into the user's crate,
 /// where rustc reaches glibc's variable through a GOT slot, so the CPU id,
@@ -192,7 +192,7 @@ mod offset_copy {
 
     crate::sync::hidden_word!(mod word = "anyalloc_rseq_offset");
 
-    /// Stores `off` (glibc's offset, checked registered by the caller).
+    /// Stores `off` (glibc's offset).
     pub(super) fn set(off: isize) {
         // SAFETY: the hidden word: 8-aligned, 8 bytes, zero at start, live
         // for the whole process; only this function writes it, atomically,
@@ -204,18 +204,19 @@ mod offset_copy {
     }
 
     /// The copy, with one load. Meaningful once `set` ran: a sequence runs
-    /// only after `available` said yes, on this thread or on one that
-    /// published the allocator to this one; the value never changes after.
+    /// only on a heap that was built (`prepare_offset`), on this thread or
+    /// on one that published the heap to this one; the value never changes
+    /// after.
     #[inline(always)]
     pub(super) fn get() -> isize {
         word::load_settled() as isize
     }
 }
 
-/// glibc's `__rseq_offset`, for the fast paths: meaningful only once
-/// [`available`] said rseq may be used (the sequences run only then). On
-/// x86-64, the crate's own copy (`offset_copy`), one load that depends on
-/// nothing the caller computes.
+/// glibc's `__rseq_offset`, for the fast paths: meaningful once
+/// [`prepare_offset`] ran (every heap runs it before any of its sequences
+/// can). On x86-64, the crate's own copy (`offset_copy`), one load that
+/// depends on nothing the caller computes.
 #[cfg(all(
     feature = "std",
     target_os = "linux",
@@ -225,6 +226,33 @@ mod offset_copy {
 #[inline(always)]
 pub(crate) fn raw_offset() -> isize {
     offset_copy::get()
+}
+
+/// Sets what [`raw_offset`] returns to glibc's `__rseq_offset`, whether
+/// or not glibc registered the area: the sheaf sequences run on every fast
+/// path, given 0 CPUs when the heap does not use rseq, and then they still
+/// store their descriptor's address into this thread's area and read its
+/// CPU id (see `sheaf_pop`). glibc (2.35 and later) keeps the area in
+/// every thread's descriptor and sets the offset either way; when it did
+/// not register the area, the area's CPU id reads -2
+/// (`RSEQ_CPU_ID_REGISTRATION_FAILED`). Called when a heap is built,
+/// before any of its sequences can run; the value never changes.
+#[inline]
+pub(crate) fn prepare_offset() {
+    #[cfg(all(
+        feature = "std",
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    ))]
+    {
+        extern "C" {
+            static __rseq_offset: isize;
+        }
+        // SAFETY: a plain read of a glibc global set before any thread runs
+        // user code and never changed afterwards.
+        offset_copy::set(unsafe { __rseq_offset });
+    }
 }
 
 /// glibc's `__rseq_offset` as it is (no sequences run on this

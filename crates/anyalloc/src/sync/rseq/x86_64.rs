@@ -127,8 +127,6 @@ const BUSY: usize = 1;
 /// empty (objects are never at address 0, so 0 means "none"):
 ///
 /// ```text
-/// gate:    if cpus == 0: None             (the caller's closed fast path:
-///                                          nothing touched, not even `off`)
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= cpus: None
 ///          slot = slots + (cpu << SHIFT); if slot.lock != 0: None
@@ -150,13 +148,21 @@ const BUSY: usize = 1;
 /// the add ran. The take-back is a locked subtraction: the thread may have
 /// migrated, and another CPU may be adding to that counter.
 ///
+/// A closed fast path is a CPU count of 0 (a heap without rseq, or a
+/// cache whose normal path is closed): the section fails at its CPU test,
+/// having stored only the descriptor's address into this thread's own
+/// rseq area. So an open fast path pays no test for the closed case.
+///
 /// # Safety
-/// `cpus` is 0 (then nothing else is used), or: `off` is this thread's
-/// registered rseq offset ([`super::area_offset`]); `slots` points to
-/// the level-0 slots of `cpus` CPUs, `1 << SHIFT` bytes apart, laid out as
-/// [`super::layout`] says (the main sheaf inside each), live as long as
-/// the call; only sequences and lock holders (see the module
-/// documentation) change them.
+/// `off` is glibc's `__rseq_offset` ([`super::raw_offset`], set by
+/// [`super::prepare_offset`]): this thread's rseq area, registered or not
+/// (glibc keeps the area in every thread's descriptor either way; an
+/// unregistered area's `cpu_id` reads -2, above any CPU count, and the
+/// kernel never reads its `rseq_cs`). `cpus` is 0, or: the area is
+/// registered, and `slots` points to the level-0 slots of `cpus` CPUs,
+/// `1 << SHIFT` bytes apart, laid out as [`super::layout`] says (the main
+/// sheaf inside each), live as long as the call; only sequences and lock
+/// holders (see the module documentation) change them.
 #[inline(always)]
 pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
     off: isize,
@@ -174,8 +180,6 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
     // commits with its last store.
     unsafe {
         core::arch::asm!(
-            "test {cpus}, {cpus}",
-            "jz 25f",
             seq_start!(".if {COUNT}", "xor {n:e}, {n:e}", ".endif"),
             seq_find_slot!("25f"),
             "mov {n}, qword ptr [{t} + {MAIN_COUNT}]",
@@ -239,7 +243,6 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
 /// sheaf is full:
 ///
 /// ```text
-/// gate:    if cpus == 0: false            (as in sheaf_pop)
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= cpus: false
 ///          slot = slots + (cpu << SHIFT); if slot.lock != 0: false
@@ -269,8 +272,6 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
     // failure label is outside the section, reached before any store.
     unsafe {
         core::arch::asm!(
-            "test {cpus}, {cpus}",
-            "jz {fail}",
             seq_start!(),
             seq_find_slot!("{fail}"),
             "mov {n}, qword ptr [{t} + {MAIN_COUNT}]",
