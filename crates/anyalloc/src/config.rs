@@ -78,10 +78,10 @@ impl Config {
     /// slots instead. [`HeapStats::fast_path`](crate::HeapStats::fast_path)
     /// says which one a heap chose.
     ///
-    /// On x86-64 glibc the fast path still starts a restartable sequence
+    /// On x86-64 glibc the fast paths still start a restartable sequence
     /// when this is off, which ends at once (it finds no CPU slots): that
-    /// costs a heap without rseq nothing and spares every heap with rseq a
-    /// test. So to single-step through allocations in a debugger (every
+    /// costs an allocator without rseq nothing and spares every one with
+    /// rseq a test. So to single-step through allocations in a debugger (every
     /// step aborts a sequence), switch glibc's registration off instead:
     /// `GLIBC_TUNABLES=glibc.pthread.rseq=0`.
     pub fn rseq(mut self, on: bool) -> Self {

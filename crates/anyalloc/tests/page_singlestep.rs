@@ -14,13 +14,24 @@
 //! Asserted: a meaningful number of distinct instruction addresses was
 //! interrupted, nolock allocations succeeded there, every block kept its
 //! pattern, and afterwards every page is free and every invariant holds.
+//!
+//! The allocator uses the try-locked fast path (`Config::rseq(false)`), in
+//! a child process with glibc's rseq registration switched off
+//! (`GLIBC_TUNABLES=glibc.pthread.rseq=0`): the trap flag cannot step
+//! through a restartable sequence (each step aborts it at its first
+//! instruction), and every page fast path starts one, which ends at once
+//! when the allocator does not use rseq; with no registered area the
+//! kernel never aborts it. `heap_rseq_singlestep.rs` covers the sequences
+//! with execution breakpoints. The child runs under a watchdog.
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
 mod common;
+mod watchdog;
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use anyalloc::{Config, PageAllocator};
 use common::{check, fill, pack, unpack};
@@ -140,6 +151,17 @@ fn stepped_free(pa: &PageAllocator, h: usize, nolock: bool) {
 
 #[test]
 fn nolock_reentry_at_every_instruction_of_the_normal_path() {
+    if !watchdog::in_child() {
+        let out = watchdog::run_ok(
+            "nolock_reentry_at_every_instruction_of_the_normal_path",
+            &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
+            Duration::from_secs(400),
+            "page allocator single-step",
+        );
+        print!("{}", out.stdout);
+        assert!(out.stdout.contains("page single-step ok"), "{}", out.stdout);
+        return;
+    }
     // One slot set and a pinned thread: the paths below are taken in order.
     anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu());
     let pa: &'static PageAllocator = Box::leak(Box::new(
@@ -231,4 +253,5 @@ fn nolock_reentry_at_every_instruction_of_the_normal_path() {
     assert_eq!(s.free_pages, total);
     assert_eq!(s.buddy_pages, total);
     assert_eq!(pa.check_invariants(), Ok(()));
+    println!("page single-step ok");
 }

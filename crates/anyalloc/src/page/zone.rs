@@ -284,7 +284,7 @@ impl Zone {
         let pcp_high = (pcp_batch * 6).max(8);
         let zone = Zone {
             seq: SeqTarget {
-                off: 0,
+                off: crate::sync::rseq::glibc_offset(),
                 slots: slots.cast(),
                 cpus: 0,
                 descs: descs.cast(),
@@ -421,7 +421,7 @@ impl Zone {
     /// `rseq_off`).
     pub(crate) fn set_rseq(&mut self, off: Option<isize>) {
         self.rseq_off = off;
-        self.seq.off = off.unwrap_or(0);
+        self.seq.off = off.unwrap_or_else(crate::sync::rseq::glibc_offset);
         self.seq.cpus = if off.is_some() { self.cpus } else { 0 };
     }
 
@@ -491,9 +491,10 @@ impl Zone {
         &self,
         order: u32,
     ) -> Option<u32> {
-        // `seq` has 0 CPUs without rseq, else (`set_rseq`) glibc's offset, a
-        // level-0 slot per possible CPU laid out as `sync::rseq::layout` says
-        // (asserted above) and the descriptors.
+        // `seq` holds glibc's offset (registered or not), and 0 CPUs without
+        // rseq, else (`set_rseq`) a registered area, a level-0 slot per
+        // possible CPU laid out as `sync::rseq::layout` says (asserted
+        // above) and the descriptors.
         // SAFETY: as just said; the descriptors hold every index on a list,
         // and all of it lives as long as the zone.
         let idx = unsafe { crate::sync::rseq::pcp_pop::<COUNT, COUNTER>(&self.seq, order) };

@@ -92,12 +92,14 @@ pub(crate) use fallback::{lock_slot, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
 #[repr(C)]
 #[derive(Debug)]
 pub(crate) struct SeqTarget {
-    /// glibc's rseq area offset (not read while `cpus` is 0).
+    /// glibc's rseq area offset ([`glibc_offset`]), which every sequence
+    /// uses, registered or not.
     pub(crate) off: isize,
     /// The level-0 slots, laid out as [`layout`] says.
     pub(crate) slots: *const u8,
     /// How many CPUs have a slot; 0 while there is no rseq fast path (the
-    /// sequences then fail before touching anything else).
+    /// sequences then fail at their CPU test, having touched only this
+    /// thread's rseq area).
     pub(crate) cpus: usize,
     /// The page descriptors whose indices the lists hold.
     pub(crate) descs: *const u8,
@@ -245,14 +247,36 @@ pub(crate) fn prepare_offset() {
         target_env = "gnu",
         target_arch = "x86_64"
     ))]
+    offset_copy::set(glibc_offset());
+}
+
+/// glibc's `__rseq_offset`, registered or not (see [`prepare_offset`]),
+/// where the sequences exist (x86-64 glibc); 0 elsewhere, where no
+/// sequence runs. The page sequences read it from their zone's
+/// [`SeqTarget`].
+#[inline]
+pub(crate) fn glibc_offset() -> isize {
+    #[cfg(all(
+        feature = "std",
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    ))]
     {
         extern "C" {
             static __rseq_offset: isize;
         }
         // SAFETY: a plain read of a glibc global set before any thread runs
         // user code and never changed afterwards.
-        offset_copy::set(unsafe { __rseq_offset });
+        unsafe { __rseq_offset }
     }
+    #[cfg(not(all(
+        feature = "std",
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    )))]
+    0
 }
 
 /// glibc's `__rseq_offset` as it is (no sequences run on this

@@ -311,7 +311,6 @@ const _: () = assert!(
 /// CPU has none, its slot is held, or the list is empty:
 ///
 /// ```text
-/// gate:    if target.cpus == 0: NIL       (no rseq fast path: nothing touched)
 /// restart: off = target.off; rseq->rseq_cs = &cs
 /// start:   cpu, slot as in sheaf_pop (the target's slots and CPU count);
 ///                                         NIL if none or held
@@ -338,14 +337,18 @@ const _: () = assert!(
 /// is reused once the CPU id is read (the restart point reloads it), so the
 /// sequence takes six registers.
 ///
+/// A target with 0 CPUs (no rseq fast path) fails at the CPU test, as in
+/// [`sheaf_pop`], having stored only the descriptor's address into this
+/// thread's rseq area.
+///
 /// # Safety
-/// `target` points to a live [`SeqTarget`] whose `cpus` is 0, or whose
-/// `off` is this thread's registered rseq offset ([`super::area_offset`]),
-/// `slots` the level-0 page slots of `cpus` CPUs laid out as
-/// [`super::layout`] says (see
-/// `page::zone`), and `descs` the zone's descriptor array, holding every
-/// index on a list; only sequences and lock holders (see the module
-/// documentation) change the slots.
+/// `target` points to a live [`SeqTarget`] whose `off` is glibc's
+/// `__rseq_offset` ([`super::glibc_offset`]: this thread's rseq area,
+/// registered or not, as for [`sheaf_pop`]), and whose `cpus` is 0, or:
+/// the area is registered, `slots` the level-0 page slots of `cpus` CPUs
+/// laid out as [`super::layout`] says (see `page::zone`), and `descs` the
+/// zone's descriptor array, holding every index on a list; only sequences
+/// and lock holders (see the module documentation) change the slots.
 #[inline(always)]
 pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
     target: *const SeqTarget,
@@ -357,8 +360,6 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
     // descriptor, uses no stack, and commits with its last store.
     unsafe {
         core::arch::asm!(
-            "cmp qword ptr [{tg} + {T_CPUS}], 0",
-            "je 25f",
             seq_start!("mov {off}, qword ptr [{tg} + {T_OFF}]"),
             seq_find_slot!(
                 "25f",
@@ -431,7 +432,6 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
 /// groups, this CPU has none, or its slot is held:
 ///
 /// ```text
-/// gate:    if target.cpus == 0: false
 /// restart: off = target.off; rseq->rseq_cs = &cs
 /// start:   cpu, slot as in pcp_pop;       false if none or held
 ///          w = slot.lists[order]
@@ -449,8 +449,6 @@ pub(crate) unsafe fn pcp_push(target: *const SeqTarget, order: u32, idx: u32) ->
     // the caller's own block, which no list holds until the commit.
     unsafe {
         core::arch::asm!(
-            "cmp qword ptr [{tg} + {T_CPUS}], 0",
-            "je {fail}",
             seq_start!("mov {off}, qword ptr [{tg} + {T_OFF}]"),
             seq_find_slot!(
                 "{fail}",
