@@ -169,19 +169,12 @@ fn free_stepped(main: &dyn GlobalAlloc, p: usize, size: usize) {
 
 #[test]
 fn global_and_nolock_reenter_each_other_at_every_instruction() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "global_and_nolock_reenter_each_other_at_every_instruction",
-            &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
-            Duration::from_secs(240),
-            "Global/NoLock single-step",
-        );
-        print!("{}", out.stdout);
-        assert!(
-            out.stdout.contains("global single-step ok"),
-            "{}",
-            out.stdout
-        );
+    if watchdog::stepped_in_child(
+        "global_and_nolock_reenter_each_other_at_every_instruction",
+        Duration::from_secs(240),
+        "Global/NoLock single-step",
+        "global single-step ok",
+    ) {
         return;
     }
     let heap = anyalloc::init().expect("the global heap");

@@ -297,15 +297,12 @@ fn new_heap(cpus: usize) -> &'static Heap {
 
 #[test]
 fn nolock_reentry_at_every_instruction_of_the_object_allocator() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "nolock_reentry_at_every_instruction_of_the_object_allocator",
-            &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
-            Duration::from_secs(400),
-            "object allocator single-step",
-        );
-        print!("{}", out.stdout);
-        assert!(out.stdout.contains("heap single-step ok"), "{}", out.stdout);
+    if watchdog::stepped_in_child(
+        "nolock_reentry_at_every_instruction_of_the_object_allocator",
+        Duration::from_secs(400),
+        "object allocator single-step",
+        "heap single-step ok",
+    ) {
         return;
     }
     let home = anyalloc_storm::thread::current_cpu();

@@ -151,15 +151,12 @@ fn stepped_free(pa: &PageAllocator, h: usize, nolock: bool) {
 
 #[test]
 fn nolock_reentry_at_every_instruction_of_the_normal_path() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "nolock_reentry_at_every_instruction_of_the_normal_path",
-            &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
-            Duration::from_secs(400),
-            "page allocator single-step",
-        );
-        print!("{}", out.stdout);
-        assert!(out.stdout.contains("page single-step ok"), "{}", out.stdout);
+    if watchdog::stepped_in_child(
+        "nolock_reentry_at_every_instruction_of_the_normal_path",
+        Duration::from_secs(400),
+        "page allocator single-step",
+        "page single-step ok",
+    ) {
         return;
     }
     // One slot set and a pinned thread: the paths below are taken in order.

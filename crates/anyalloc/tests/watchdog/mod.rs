@@ -110,3 +110,27 @@ pub fn run_ok(name: &str, env: &[(&str, &str)], limit: Duration, what: &str) -> 
     );
     out
 }
+
+/// glibc's switch that turns its rseq registration off, for the
+/// single-step tests: the trap flag cannot step through a restartable
+/// sequence (every step aborts it), and the fast paths start one even
+/// where they do not use rseq.
+pub const RSEQ_OFF: (&str, &str) = ("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
+
+/// For a single-step test: in the parent, runs test `name` in a child with
+/// glibc's rseq off ([`RSEQ_OFF`]) under the watchdog, prints its output,
+/// asserts it printed `done` and returns `true` (the parent is finished);
+/// in the child, returns `false` (run the scenario).
+pub fn stepped_in_child(name: &str, limit: Duration, what: &str, done: &str) -> bool {
+    if in_child() {
+        return false;
+    }
+    let out = run_ok(name, &[RSEQ_OFF], limit, what);
+    print!("{}", out.stdout);
+    assert!(
+        out.stdout.contains(done),
+        "{what}: no \"{done}\" line.\n{}",
+        out.stdout
+    );
+    true
+}
