@@ -48,18 +48,17 @@ macro_rules! seq_start {
 
 /// Inside a section: this CPU's level-0 slot into `t`, or a jump to
 /// `$fail` when this CPU has no slot (`cpu_id >= cpus`, which also catches
-/// a failed registration's negative id). The slot is
-/// `slots + (cpu << shift)`: sheaf sequences take the shift as the const
-/// operand `SHIFT` (their caller's stride, a power of two), page sequences
-/// (whose slots are `layout::STRIDE` apart) use `STRIDE_SHIFT` (the
-/// `$scale` given). The caller then checks the slot's lock byte (as
-/// `seq_find_slot!` does).
-/// Operands: `t`, `off`, and the CPU count and slot array (registers
-/// `cpus` and `slots`, or the memory operands given); constants `CPU_ID`,
-/// and `SHIFT` or `STRIDE_SHIFT`.
-macro_rules! seq_cpu_slot {
+/// a failed registration's negative id) or when the slot is held (its lock
+/// byte is not 0). The slot is `slots + (cpu << shift)`: sheaf sequences
+/// take the shift as the const operand `SHIFT` (their caller's stride, a
+/// power of two), page sequences (whose slots are `layout::STRIDE` apart)
+/// use `STRIDE_SHIFT` (the `$scale` given). Operands: `t`, `off`, and the
+/// CPU count and slot array (registers `cpus` and `slots`, or the memory
+/// operands given); constants `CPU_ID`, `SLOT_LOCK`, and `SHIFT` or
+/// `STRIDE_SHIFT`.
+macro_rules! seq_find_slot {
     ($fail:literal) => {
-        seq_cpu_slot!($fail, "{cpus}", "{slots}", "shl {t}, {SHIFT}")
+        seq_find_slot!($fail, "{cpus}", "{slots}", "shl {t}, {SHIFT}")
     };
     ($fail:literal, $cpus:literal, $slots:literal, $scale:literal) => {
         concat!(
@@ -75,16 +74,6 @@ macro_rules! seq_cpu_slot {
             "add {t}, ",
             $slots,
             "\n",
-        )
-    };
-}
-
-/// `seq_cpu_slot!`, then a jump to `$fail` when the slot is held (its lock
-/// byte is not 0). Operands: those of `seq_cpu_slot!`, and `SLOT_LOCK`.
-macro_rules! seq_find_slot {
-    ($fail:literal $(, $rest:literal)*) => {
-        concat!(
-            seq_cpu_slot!($fail $(, $rest)*),
             "cmp byte ptr [{t} + {SLOT_LOCK}], 0\n",
             "jne ",
             $fail,
