@@ -442,8 +442,13 @@ impl Zone {
     /// Before the zone is published: use the rseq fast path (see
     /// `rseq_off`).
     pub(crate) fn set_rseq(&mut self, off: Option<isize>) {
+        // The target holds glibc's offset from the start (`init`), which
+        // is the registered area's when there is one.
+        crate::check!(
+            off.is_none_or(|o| o == self.seq.off),
+            "an rseq offset that is not glibc's"
+        );
         self.rseq_off = off;
-        self.seq.off = off.unwrap_or_else(crate::sync::rseq::glibc_offset);
         self.seq.cpus = if off.is_some() { self.cpus } else { 0 };
     }
 

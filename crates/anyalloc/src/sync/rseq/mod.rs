@@ -163,13 +163,12 @@ pub(crate) mod layout {
 #[inline(always)]
 pub(crate) fn area_offset() -> Option<isize> {
     extern "C" {
-        static __rseq_offset: isize;
         static __rseq_size: u32;
     }
-    // SAFETY: plain reads of two glibc globals, set before any thread runs
+    // SAFETY: a plain read of a glibc global set before any thread runs
     // user code and never changed afterwards.
-    let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
-    (size != 0).then_some(offset)
+    let size = unsafe { __rseq_size };
+    (size != 0).then(glibc_offset)
 }
 
 /// A copy of glibc's `__rseq_offset` in a symbol of this crate's own,
@@ -250,18 +249,12 @@ pub(crate) fn prepare_offset() {
     offset_copy::set(glibc_offset());
 }
 
-/// glibc's `__rseq_offset`, registered or not (see [`prepare_offset`]),
-/// where the sequences exist (x86-64 glibc); 0 elsewhere, where no
-/// sequence runs. The page sequences read it from their zone's
-/// [`SeqTarget`].
+/// glibc's `__rseq_offset`, registered or not (see [`prepare_offset`]);
+/// 0 where glibc is not the platform, where no sequence runs. The page
+/// sequences read it from their zone's [`SeqTarget`].
 #[inline]
 pub(crate) fn glibc_offset() -> isize {
-    #[cfg(all(
-        feature = "std",
-        target_os = "linux",
-        target_env = "gnu",
-        target_arch = "x86_64"
-    ))]
+    #[cfg(all(feature = "std", target_os = "linux", target_env = "gnu"))]
     {
         extern "C" {
             static __rseq_offset: isize;
@@ -270,12 +263,7 @@ pub(crate) fn glibc_offset() -> isize {
         // user code and never changed afterwards.
         unsafe { __rseq_offset }
     }
-    #[cfg(not(all(
-        feature = "std",
-        target_os = "linux",
-        target_env = "gnu",
-        target_arch = "x86_64"
-    )))]
+    #[cfg(not(all(feature = "std", target_os = "linux", target_env = "gnu")))]
     0
 }
 
@@ -289,12 +277,7 @@ pub(crate) fn glibc_offset() -> isize {
 ))]
 #[inline(always)]
 pub(crate) fn raw_offset() -> isize {
-    extern "C" {
-        static __rseq_offset: isize;
-    }
-    // SAFETY: a plain read of a glibc global set before any thread runs
-    // user code and never changed afterwards.
-    unsafe { __rseq_offset }
+    glibc_offset()
 }
 
 /// Elsewhere there is no rseq area: the sequences never run.
@@ -375,9 +358,9 @@ pub(crate) fn available(cpus: usize) -> bool {
         target_arch = "x86_64"
     ))]
     {
-        let Some(off) = area_offset() else {
+        if area_offset().is_none() {
             return false;
-        };
+        }
         if crate::platform::StdPlatform::rseq_cpu().is_none() {
             return false;
         }
@@ -389,7 +372,7 @@ pub(crate) fn available(cpus: usize) -> bool {
             return false;
         }
         // Before the caller enables any sequence (see `raw_offset`).
-        offset_copy::set(off);
+        prepare_offset();
         true
     }
     #[cfg(not(all(
