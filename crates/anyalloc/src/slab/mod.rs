@@ -304,8 +304,11 @@ impl core::fmt::Debug for Heap {
     }
 }
 
-/// Where the caches start in the metadata area, from its start (the core).
-const CACHES_OFF: usize = core::mem::size_of::<HeapCore>().next_multiple_of(64);
+/// Where the caches start in the metadata area, from its start (the core,
+/// page-aligned): the first multiple of a cache's alignment (512) after the
+/// core, so that every `&Cache` is aligned as its type says.
+const CACHES_OFF: usize =
+    core::mem::size_of::<HeapCore>().next_multiple_of(core::mem::align_of::<Cache>());
 
 /// Where the per-CPU region starts in the metadata area: for each CPU, the
 /// level-0 slot of every cache, `cache::SLOT_BYTES` apart in cache order
