@@ -115,12 +115,21 @@ fn small_objects_do_not_overlap() {
     for w in sorted.windows(2) {
         assert!(w[0].0 + w[0].1 <= w[1].0, "overlap {w:?}");
     }
-    assert_eq!(h.stats().objects_in_use, 20000);
+    // A nolock allocation that finds its class and the next one up busy (the
+    // maintainer holds their node locks while it stocks or flushes) is
+    // served by a page block instead: a large allocation, counted apart.
+    let s = h.stats();
+    assert_eq!(s.objects_in_use + s.large_in_use, 20000, "{s:?}");
+    assert!(
+        s.large_in_use <= 10000,
+        "only nolock allocations fall back: {s:?}"
+    );
     for (a, _) in v {
         // SAFETY: the pointer came from this heap, is live, and is freed exactly once.
         unsafe { h.free(NonNull::new(a as *mut u8).unwrap()) };
     }
-    assert_eq!(h.stats().objects_in_use, 0);
+    let s = h.stats();
+    assert_eq!((s.objects_in_use, s.large_in_use), (0, 0), "{s:?}");
     h.drain();
     let p = h.pages().stats();
     assert_eq!(p.free_pages, p.total_pages);
