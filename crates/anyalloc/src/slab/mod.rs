@@ -127,7 +127,12 @@ pub struct HeapStats {
     /// Large (page-backed) allocations in use, counted from the page
     /// descriptors when the statistics are taken (a scan of every page's
     /// descriptor: cheap next to a large allocation, and nothing on the
-    /// allocation paths).
+    /// allocation paths). This includes small nolock requests served by a
+    /// page block: one that finds its class and the next class up busy (a
+    /// lock held by the context it interrupted, or by the maintainer) gets
+    /// the smallest page block that fits instead of failing. So the
+    /// allocations in use are `objects_in_use + large_in_use +
+    /// huge_in_use`.
     pub large_in_use: usize,
     /// Huge (mmap'd) allocations in use.
     pub huge_in_use: usize,
