@@ -513,3 +513,42 @@ fn sized_frees_take_every_block_back_whatever_the_layout_names() {
     assert_eq!(p.free_pages, p.total_pages, "no page lost");
     h.pages().check_invariants().unwrap();
 }
+
+/// A heap over a region whose start is not page-aligned (64 bytes past a
+/// page boundary): the metadata moves up to the next page, so every cache
+/// is aligned as its type requires (a debug build checks each reference),
+/// and objects of every class come and go.
+#[test]
+fn heap_from_a_region_that_starts_off_a_page_boundary() {
+    struct OneCpu;
+    impl anyalloc::Platform for OneCpu {
+        fn cpu_id(&self) -> usize {
+            0
+        }
+        fn cpu_count(&self) -> usize {
+            1
+        }
+    }
+    static PLATFORM: OneCpu = OneCpu;
+    let len = 16 << 20;
+    let buf: &'static mut [u8] = Box::leak(vec![0u8; len + 2 * PAGE_SIZE].into_boxed_slice());
+    let page = (buf.as_mut_ptr() as usize).next_multiple_of(PAGE_SIZE);
+    let region = NonNull::new((page + 64) as *mut u8).unwrap();
+    // SAFETY: the region lies inside the leaked buffer, which nothing else
+    // uses and which is never freed.
+    let heap = unsafe { Heap::from_region(region, len, &PLATFORM, Config::default()) }.unwrap();
+    let mut held = Vec::new();
+    for size in (8..=8192).step_by(40) {
+        let l = Layout::from_size_align(size, 8).unwrap();
+        held.push(heap.alloc(l).unwrap());
+        held.push(heap.alloc_nolock(l).unwrap());
+    }
+    let s = heap.stats();
+    assert_eq!(s.objects_in_use + s.large_in_use, held.len(), "{s:?}");
+    for p in held {
+        // SAFETY: allocated above, freed once.
+        unsafe { heap.free(p) };
+    }
+    let s = heap.stats();
+    assert_eq!((s.objects_in_use, s.large_in_use), (0, 0), "{s:?}");
+}

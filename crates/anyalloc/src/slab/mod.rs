@@ -429,7 +429,9 @@ impl Heap {
         config: Config,
     ) -> Result<Heap, Error> {
         let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
-        let start = (region.as_ptr() as usize).next_multiple_of(64);
+        // Page-aligned, as `build` requires: the layout places the caches
+        // (512-byte aligned) and the rest at offsets from this start.
+        let start = (region.as_ptr() as usize).next_multiple_of(PAGE_SIZE);
         let meta_len = meta_layout(cpus).total;
         let rest = start + meta_len;
         let end = region.as_ptr() as usize + len;
@@ -457,7 +459,7 @@ impl Heap {
     }
 
     /// # Safety
-    /// `meta` is 64-aligned, zero-filled, `meta_layout(cpus).total` bytes long,
+    /// `meta` is page-aligned, zero-filled, `meta_layout(cpus).total` bytes long,
     /// and lives (unused by others) as long as the heap. The caches' fast
     /// path follows the page allocator's choice (restartable sequences or
     /// not).
@@ -468,6 +470,13 @@ impl Heap {
         let cpus = pages.cpus();
         let rseq_off = pages.rseq_off();
         let m = meta_layout(cpus);
+        // Checked in every build (once per heap): the caches' alignment,
+        // and with it every `&Cache`, rests on it.
+        if !(meta as usize).is_multiple_of(PAGE_SIZE) {
+            crate::platform::die(
+                b"anyalloc: internal error: the heap's metadata is not page-aligned\n",
+            );
+        }
         let caches = meta.wrapping_add(m.caches) as *mut Cache;
         let key = free_key(meta as usize);
         for i in 0..CACHES {
