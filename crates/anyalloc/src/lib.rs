@@ -57,7 +57,14 @@ pub(crate) use interrupt_point;
 /// the one line `anyalloc: internal error: <what>` and aborts, without
 /// formatting or panicking (std's panic machinery allocates and formats,
 /// which no context that interrupted the allocator may do).
+/// `check!(always: cond, what)` checks in every build, for conditions
+/// checked once (at set-up), not on a fast path.
 macro_rules! check {
+    (always: $cond:expr, $what:literal) => {
+        if !$cond {
+            $crate::platform::die(concat!("anyalloc: internal error: ", $what, "\n").as_bytes());
+        }
+    };
     ($cond:expr, $what:literal) => {
         if cfg!(debug_assertions) && !$cond {
             $crate::platform::die(concat!("anyalloc: internal error: ", $what, "\n").as_bytes());

@@ -472,11 +472,10 @@ impl Heap {
         let m = meta_layout(cpus);
         // Checked in every build (once per heap): the caches' alignment,
         // and with it every `&Cache`, rests on it.
-        if !(meta as usize).is_multiple_of(PAGE_SIZE) {
-            crate::platform::die(
-                b"anyalloc: internal error: the heap's metadata is not page-aligned\n",
-            );
-        }
+        crate::check!(
+            always: (meta as usize).is_multiple_of(PAGE_SIZE),
+            "the heap's metadata is not page-aligned"
+        );
         let caches = meta.wrapping_add(m.caches) as *mut Cache;
         let key = free_key(meta as usize);
         for i in 0..CACHES {
