@@ -372,8 +372,9 @@ pub(crate) struct Cache {
     /// The CPU count the normal fast paths hand to the sequences: `cpus`
     /// while they are open (`rseq`, and nothing deferred as far as this
     /// word knows), 0 while closed. A sequence given 0 CPUs fails at its
-    /// CPU test, so the gate costs the fast path no test of its own. It keeps the property that the next normal operation on this
-    /// cache drains its deferred stack:
+    /// CPU test, so the gate costs the fast path no test of its own. It
+    /// keeps the property that the next normal operation on this cache
+    /// drains its deferred stack:
     ///
     /// * `defer` pushes, *then* closes it;
     /// * a normal slow path that finds it closed drains the stack, opens it,
