@@ -199,6 +199,7 @@ pub fn producer_consumer(
                                 let p = alloc_retrying(pname, a, black_box(layout));
                                 spin_until(|| prod.push(p));
                             }
+                            prod.flush();
                         }
                         None => {
                             let dummy = std::ptr::NonNull::<u64>::dangling().as_ptr().cast::<u8>();
@@ -206,6 +207,7 @@ pub fn producer_consumer(
                                 let p = black_box(dummy);
                                 spin_until(|| prod.push(p));
                             }
+                            prod.flush();
                         }
                     }
                     spin_until(|| done.load(Ordering::Acquire) == id);
