@@ -5,12 +5,15 @@
 //! * **Slots** (per CPU, per context level, like the page allocator's): each
 //!   holds a *main* and a *spare* `Sheaf`, arrays of free object pointers
 //!   (`sheaf_capacity` of them: about 7.5 KiB worth, 30 to 126), guarded by
-//!   a try-only [`SlotLock`]. The main sheaf lives inside the slot, so the
-//!   fast paths reach its count without loading a pointer; the spare is a
-//!   pointer. Allocation pops from main, free pushes to main; when main is
-//!   empty (full) it trades contents with spare. Level-0 slots (the fast
-//!   paths') live in the heap's per-CPU region (see `LEVEL0_STRIDE`); the
-//!   others follow the cache's own array, level by level.
+//!   a try-only [`SlotLock`]. The slot holds `top`, a pointer to the main
+//!   sheaf's next free entry (sheaves are 1 KiB-aligned with their objects
+//!   first, so `top`'s low bits are the count and its high bits the
+//!   sheaf), and the spare as a pointer. Allocation pops from main, free
+//!   pushes to main; when main is empty (full) the slot trades it for the
+//!   spare or a barn sheaf by pointer, never by copying objects. Level-0
+//!   slots (the fast paths') live in the heap's per-CPU region (see
+//!   `LEVEL0_STRIDE`); the others follow the cache's own array, level by
+//!   level.
 //! * **Node** (one per cache, under a [`ZoneLock`]): the *barn* of full and
 //!   empty sheaves, and the *partial slabs* (slabs with free objects), one
 //!   doubly linked list per zone through the slab head pages' descriptor
@@ -45,15 +48,17 @@
 //!
 //! # Sheaf conservation
 //!
-//! Every slot holds its main sheaf and, once prepared, one spare; the barn
-//! holds the cache's `BARN_SHEAVES` others (full or empty). The spare is
-//! traded with the barn whole (a pointer swap); main's objects are copied
-//! into or out of a barn sheaf (or the spare), under the slot lock, each
-//! count stored after the objects it covers, the receiving one first, so
-//! `is_free`'s unlocked scan finds every object in one of the two. No sheaf
+//! Every slot, once prepared, holds a main sheaf and a spare; the barn
+//! holds the cache's `BARN_SHEAVES` others (full or empty). Sheaves change
+//! places whole, under the slot lock (and the node lock for the barn): a
+//! sheaf leaving main gets its count written from `top` first, a sheaf
+//! becoming main sets `top` from its count. While a sheaf is main its own
+//! count is stale; `top` is the truth. `is_free`'s unlocked scan may miss
+//! a sheaf that changes places while it looks, never report an object that
+//! was not free. No sheaf
 //! is ever allocated or freed: the slots and sheaves live in the heap's
 //! metadata area, zero-filled, and a zeroed slot or sheaf is valid (a slot
-//! gets its spare and its capacity when first taken, `Cache::prepare`). The
+//! gets its sheaves and its capacity when first taken, `Cache::prepare`). The
 //! barn's empty sheaves that were never used are not on its list but
 //! counted (`Node::fresh`, handed out from the end of the area). So
 //! building a heap writes none of them, and their pages are not resident
@@ -132,10 +137,11 @@ const BARN_BYTES: usize = 256 << 10;
 /// Empty slabs a cache keeps before returning slabs to the page allocator.
 const EMPTY_SLAB_RESERVE: usize = 1;
 
-/// Bytes of a sheaf slot: a cache line of bookkeeping, then its main
-/// sheaf.
-pub(crate) const SLOT_BYTES: usize = 64 + core::mem::size_of::<Sheaf>();
-const _: () = assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
+/// Bytes of a sheaf slot: a cache line (its sheaves are elsewhere; under
+/// loom the lock is loom's larger model type).
+pub(crate) const SLOT_BYTES: usize = core::mem::size_of::<SheafSlot>();
+#[cfg(not(loom))]
+const _: () = assert!(SLOT_BYTES == 64);
 
 /// Bytes from one CPU's level-0 slot of a cache to the next CPU's: the heap
 /// keeps the level-0 slots of every cache side by side per CPU (see
@@ -150,63 +156,38 @@ pub(crate) const LEVEL0_STRIDE: usize = (super::CACHES * SLOT_BYTES).next_power_
 /// `log2(LEVEL0_STRIDE)`.
 pub(crate) const LEVEL0_SHIFT: u32 = LEVEL0_STRIDE.trailing_zeros();
 
-/// An array of free object pointers (cache-line aligned: a slot's main
-/// sheaf starts the slot's second line).
-#[repr(C, align(64))]
+/// An array of free object pointers, its objects first and 1 KiB-aligned:
+/// a pointer to the next free entry (a slot's `top`) is the sheaf in its
+/// high bits and 8 times the count in its low ten (0: empty; a full sheaf's
+/// 126 entries end at 1008).
+#[repr(C, align(1024))]
 pub(crate) struct Sheaf {
+    objs: [AtomicUsize; SHEAF_CAP],
+    /// The count, while the sheaf is not a slot's main (then `top` says).
     count: AtomicUsize,
     next: AtomicPtr<Sheaf>,
-    objs: [AtomicUsize; SHEAF_CAP],
 }
 
 const _: () = assert!(core::mem::size_of::<Sheaf>() == 1024);
+/// `top`'s bits below a sheaf's alignment: 8 times the main sheaf's count.
+const TOP_COUNT_BITS: usize = core::mem::align_of::<Sheaf>() - 1;
+const _: () = assert!(core::mem::offset_of!(Sheaf, objs) == 0 && SHEAF_CAP * 8 <= TOP_COUNT_BITS);
 
 // The rseq sequences' view of a sheaf and a slot (`sync::rseq::layout`).
 // (Under loom the lock is loom's model type, and rseq is never used.)
 #[cfg(not(loom))]
 const _: () = {
     use crate::sync::rseq::layout as l;
-    assert!(core::mem::offset_of!(Sheaf, count) == l::SHEAF_COUNT);
-    assert!(core::mem::offset_of!(Sheaf, objs) == l::SHEAF_OBJS);
-    assert!(SHEAF_CAP == l::SHEAF_CAP);
+    assert!(core::mem::align_of::<Sheaf>() == l::SHEAF_ALIGN);
     assert!(core::mem::offset_of!(SheafSlot, lock) == l::SLOT_LOCK);
-    assert!(core::mem::offset_of!(SheafSlot, main) == l::SLOT_MAIN);
+    assert!(core::mem::offset_of!(SheafSlot, top) == l::SLOT_TOP);
+    assert!(core::mem::offset_of!(SheafSlot, limit) == l::SLOT_LIMIT);
     assert!(core::mem::offset_of!(SheafSlot, nolock_ok) == l::SLOT_NOLOCK_OK);
-    assert!(core::mem::offset_of!(SheafSlot, cap) == l::SLOT_CAP);
     assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
     assert!(core::mem::size_of::<SlotLock>() == 1);
 };
 
 impl Sheaf {
-    /// Exchanges the objects of two sheaves (both held by the caller).
-    ///
-    /// The common cases, one of them empty, copy one way only. Each count
-    /// is stored after the objects it covers, the receiving one first, so
-    /// `is_free`'s unlocked scan finds every object in one of the two at
-    /// every moment.
-    fn exchange(&self, other: &Sheaf) {
-        let (a, b) = (self.len(), other.len());
-        if a == 0 || b == 0 {
-            let (from, to, n) = if a == 0 {
-                (other, self, b)
-            } else {
-                (self, other, a)
-            };
-            for (t, f) in to.objs[..n].iter().zip(&from.objs[..n]) {
-                t.store(f.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
-            to.count.store(n, Ordering::Relaxed);
-            from.count.store(0, Ordering::Relaxed);
-            return;
-        }
-        for i in 0..a.max(b) {
-            let x = self.objs[i].load(Ordering::Relaxed);
-            self.objs[i].store(other.objs[i].load(Ordering::Relaxed), Ordering::Relaxed);
-            other.objs[i].store(x, Ordering::Relaxed);
-        }
-        self.count.store(b, Ordering::Relaxed);
-        other.count.store(a, Ordering::Relaxed);
-    }
     #[inline]
     fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
@@ -231,28 +212,24 @@ impl Sheaf {
         self.count.store(n + 1, Ordering::Relaxed);
         true
     }
-    #[inline]
-    fn top(&self) -> usize {
-        let n = self.len();
-        if n == 0 {
-            0
-        } else {
-            self.objs[n - 1].load(Ordering::Relaxed)
-        }
-    }
 }
 
 /// One CPU's (at one context level) sheaves of one cache: the main sheaf
-/// inside the slot (the fast paths reach its count with no pointer to
-/// load), the spare one by pointer (it is traded with the barn whole).
+/// through `top`, a pointer to its next free entry (so the fast paths load
+/// one word to find both the sheaf and its count), the spare by pointer.
+/// Both are traded whole (see "Sheaf conservation").
 #[repr(C, align(64))]
 pub(crate) struct SheafSlot {
     pub(crate) lock: SlotLock,
-    /// Objects its sheaves hold at most (the class's `sheaf_capacity`),
-    /// here for the push sequence, which compares main's count with it. 0
-    /// until the slot is first taken (`Cache::prepare`), which makes every
-    /// push sequence fail until then.
+    /// Objects its sheaves hold at most (the class's `sheaf_capacity`). 0
+    /// until the slot is first taken (`Cache::prepare`).
     cap: core::sync::atomic::AtomicU32,
+    /// The main sheaf's next free entry: the sheaf's address plus 8 times
+    /// its count. 0 until prepared, which makes every pop sequence fail.
+    top: AtomicUsize,
+    /// The main sheaf's address plus 8 times `cap`: the push sequence fails
+    /// at `top >= limit`, so every push fails until the slot is prepared.
+    limit: AtomicUsize,
     spare: AtomicPtr<Sheaf>,
     pub(crate) nolock_ok: AtomicU64,
     /// Set when an allocation found this slot empty; the maintainer keeps
@@ -260,13 +237,92 @@ pub(crate) struct SheafSlot {
     demand: core::sync::atomic::AtomicU32,
     /// Maintenance: for how many passes the slot's sheaves have not changed.
     idle: IdleWatch,
-    main: Sheaf,
 }
 
 impl SheafSlot {
+    /// The main sheaf and its count, from one reading of `top` (racy for a
+    /// reader that does not hold the slot); `None` before the slot is
+    /// prepared.
     #[inline]
-    fn main(&self) -> &Sheaf {
-        &self.main
+    fn main_view(&self) -> Option<(&Sheaf, usize)> {
+        let t = self.top.load(Ordering::Relaxed);
+        if t == 0 {
+            return None;
+        }
+        // SAFETY: a non-zero `top` points into one of the cache's sheaves
+        // (`set_main`), which live in the heap's metadata area as long as
+        // the heap (init); the sheaf starts at the alignment below it.
+        let sheaf = unsafe { &*((t & !TOP_COUNT_BITS) as *const Sheaf) };
+        Some((sheaf, (t & TOP_COUNT_BITS) / 8))
+    }
+    /// Objects in the main sheaf (racy unless held).
+    #[inline]
+    fn main_len(&self) -> usize {
+        (self.top.load(Ordering::Relaxed) & TOP_COUNT_BITS) / 8
+    }
+    /// Pops from the main sheaf (slot held: no sequence runs on it).
+    #[inline]
+    fn main_pop(&self, _g: &SlotGuard<'_>) -> Option<usize> {
+        let (sheaf, n) = self.main_view()?;
+        if n == 0 {
+            return None;
+        }
+        let o = sheaf.objs[n - 1].load(Ordering::Relaxed);
+        self.top
+            .store(self.top.load(Ordering::Relaxed) - 8, Ordering::Relaxed);
+        Some(o)
+    }
+    /// Pushes onto the main sheaf unless it is full (slot held). The object
+    /// is stored before `top` covers it.
+    #[inline]
+    fn main_push(&self, obj: usize, _g: &SlotGuard<'_>) -> bool {
+        let t = self.top.load(Ordering::Relaxed);
+        if t >= self.limit.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some((sheaf, n)) = self.main_view() else {
+            return false;
+        };
+        sheaf.objs[n].store(obj, Ordering::Relaxed);
+        self.top.store(t + 8, Ordering::Relaxed);
+        true
+    }
+    /// The object on top of the main sheaf, or 0 (racy unless held).
+    #[inline]
+    fn main_last(&self) -> usize {
+        match self.main_view() {
+            Some((sheaf, n)) if n > 0 => sheaf.objs[n - 1].load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+    /// Makes `sheaf` (one of the cache's, off every list, its count
+    /// current) the main sheaf (slot held). The slot's old main must have
+    /// been taken off with [`detach_main`](Self::detach_main) first.
+    #[inline]
+    fn set_main(&self, sheaf: *mut Sheaf, _g: &SlotGuard<'_>) {
+        let cap = self.cap.load(Ordering::Relaxed) as usize;
+        // SAFETY: per the caller, one of the cache's sheaves.
+        let n = unsafe { &*sheaf }.len();
+        crate::check!(
+            sheaf as usize & TOP_COUNT_BITS == 0 && n <= cap,
+            "a main sheaf misaligned or over capacity"
+        );
+        self.limit
+            .store(sheaf as usize + cap * 8, Ordering::Relaxed);
+        self.top.store(sheaf as usize + n * 8, Ordering::Relaxed);
+    }
+    /// The main sheaf with its count written back (slot held), for the
+    /// caller to put elsewhere and replace with [`set_main`](Self::set_main).
+    #[inline]
+    fn detach_main(&self, _g: &SlotGuard<'_>) -> *mut Sheaf {
+        let t = self.top.load(Ordering::Relaxed);
+        crate::check!(t != 0, "the main sheaf of a slot never prepared");
+        let sheaf = (t & !TOP_COUNT_BITS) as *mut Sheaf;
+        // SAFETY: as in `main_view`.
+        unsafe { &*sheaf }
+            .count
+            .store((t & TOP_COUNT_BITS) / 8, Ordering::Relaxed);
+        sheaf
     }
     /// The spare sheaf, for a holder of a prepared slot (every slot a
     /// `Cache` hands out locked is prepared).
@@ -286,15 +342,18 @@ impl SheafSlot {
         // SAFETY: null, or as in `spare`.
         unsafe { self.spare.load(Ordering::Relaxed).as_ref() }
     }
-    /// Exchanges the contents of main and spare (slot held: no sequence
-    /// and no other holder looks at either but `is_free`'s racy scan).
+    /// Main becomes spare and spare main (slot held): two pointers change,
+    /// no object moves.
     #[inline]
-    fn swap(&self, _g: &SlotGuard<'_>) {
-        self.main.exchange(self.spare());
+    fn swap(&self, g: &SlotGuard<'_>) {
+        let old = self.detach_main(g);
+        let spare = self.spare.load(Ordering::Relaxed);
+        self.spare.store(old, Ordering::Relaxed);
+        self.set_main(spare, g);
     }
     /// Objects cached in this slot (racy).
     pub(crate) fn cached(&self) -> usize {
-        self.main().len() + self.spare_if_any().map_or(0, Sheaf::len)
+        self.main_len() + self.spare_if_any().map_or(0, Sheaf::len)
     }
 }
 
@@ -457,10 +516,12 @@ pub(crate) fn cache_slot_bytes(cpus: usize) -> usize {
     cpus * (LEVELS - 1) * SLOT_BYTES
 }
 
-/// Bytes of one cache's sheaves outside its slots (the spare sheaves and
-/// the barn's; zero-filled, written only once used).
+/// Bytes of one cache's sheaves (a main and a spare per slot, then the
+/// barn's; zero-filled, written only once used). A multiple of a sheaf's
+/// alignment, so that every cache's area, laid out after an aligned start,
+/// keeps its sheaves aligned.
 pub(crate) fn cache_sheaf_bytes(cpus: usize) -> usize {
-    (cpus * LEVELS + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
+    (2 * cpus * LEVELS + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
 }
 
 /// The object-start multiplier of `size`: `m = floor(2^64 / size) + 1`.
@@ -550,7 +611,8 @@ impl Cache {
     /// level-0 slot at `level0` (CPU `c`'s `c * LEVEL0_STRIDE` bytes
     /// further), its other slots at `slot_meta` (`cache_slot_bytes(cpus)`
     /// long) and its sheaves at `sheaf_meta` (`cache_sheaf_bytes(cpus)`
-    /// long), all zero-filled and 64-byte aligned.
+    /// long), all zero-filled and 64-byte aligned, the sheaves aligned as
+    /// a `Sheaf`.
     ///
     /// # Safety
     /// `this`, the `cpus` level-0 slots, `slot_meta` and `sheaf_meta` are
@@ -575,6 +637,7 @@ impl Cache {
         let slots = slot_meta as *mut SheafSlot;
         let level0 = level0 as *mut SheafSlot;
         let sheaves = sheaf_meta as *mut Sheaf;
+        crate::check!(sheaves.is_aligned(), "the sheaves are misaligned");
         // SAFETY: per the contract, all of it is ours to write; sheaves are
         // zero-filled, i.e. valid empty sheaves.
         unsafe {
@@ -596,7 +659,7 @@ impl Cache {
                     full: AtomicPtr::new(core::ptr::null_mut()),
                     empty: AtomicPtr::new(core::ptr::null_mut()),
                     fresh: AtomicUsize::new(BARN_SHEAVES),
-                    barn: sheaves.add(nslots),
+                    barn: sheaves.add(2 * nslots),
                     barn_objects: AtomicUsize::new(0),
                     partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
                     empty_slabs: AtomicUsize::new(0),
@@ -688,16 +751,18 @@ impl Cache {
     }
 
     /// Completes slot `i` the first time it is taken (the heap leaves
-    /// slots zero-filled, see `init`): its spare sheaf and its capacity,
-    /// which opens it to the push sequence. The holder's guard is the proof
-    /// that nobody else writes it.
+    /// slots zero-filled, see `init`): its capacity, its main sheaf (which
+    /// opens it to the sequences) and its spare, sheaves `2i` and `2i + 1`
+    /// of the cache's area. The holder's guard is the proof that nobody
+    /// else writes it.
     #[inline]
-    fn prepare(&self, i: usize, slot: &SheafSlot, _g: &SlotGuard<'_>) {
+    fn prepare(&self, i: usize, slot: &SheafSlot, g: &SlotGuard<'_>) {
         if slot.cap.load(Ordering::Relaxed) == 0 {
             crate::check!(i < self.nslots, "a slot index out of range");
-            slot.spare
-                .store(self.sheaves.wrapping_add(i), Ordering::Relaxed);
             slot.cap.store(self.cap as u32, Ordering::Relaxed);
+            slot.spare
+                .store(self.sheaves.wrapping_add(2 * i + 1), Ordering::Relaxed);
+            slot.set_main(self.sheaves.wrapping_add(2 * i), g);
         }
     }
 
@@ -848,7 +913,7 @@ impl Cache {
         let slot = self.slot(pages.cpu(), 0);
         let g = slot.lock.try_lock()?;
         crate::interrupt_point!(SheafAlloc);
-        let o = slot.main().pop()?;
+        let o = slot.main_pop(&g)?;
         if COUNT_NOLOCK {
             crate::page::bump(&slot.nolock_ok, &g);
         }
@@ -889,11 +954,11 @@ impl Cache {
     #[inline(never)]
     fn locked_push(&self, pages: &PageAllocator, obj: usize) -> bool {
         let slot = self.slot(pages.cpu(), 0);
-        let Some(_g) = slot.lock.try_lock() else {
+        let Some(g) = slot.lock.try_lock() else {
             return false;
         };
         crate::interrupt_point!(SheafFree);
-        slot.main().push(obj, self.cap)
+        slot.main_push(obj, &g)
     }
 
     /// Normal-path allocation: deferred frees first, then the slot (spare,
@@ -996,12 +1061,12 @@ impl Cache {
 
     #[inline]
     fn pop_slot(&self, slot: &SheafSlot, g: &SlotGuard<'_>) -> Option<usize> {
-        if let Some(o) = slot.main().pop() {
+        if let Some(o) = slot.main_pop(g) {
             return Some(o);
         }
         if slot.spare().len() > 0 {
             slot.swap(g);
-            return slot.main().pop();
+            return slot.main_pop(g);
         }
         None
     }
@@ -1031,17 +1096,16 @@ impl Cache {
             if slot.spare().len() == 0 {
                 self.trade_spare_for_full(slot, g, &node);
             }
-            return slot.main().pop().ok_or(Fail::Empty);
+            return slot.main_pop(g).ok_or(Fail::Empty);
         }
-        let main = slot.main();
         let first = self.take_object(&node, pages, mode)?;
         // Fill main from the slabs that have free objects; don't make new
         // slabs just to fill a sheaf.
-        while main.len() < self.cap && !self.partial_is_empty(pages) {
+        while slot.main_len() < self.cap && !self.partial_is_empty(pages) {
             crate::interrupt_point!(SheafRefill);
             match self.take_object(&node, pages, mode) {
                 Ok(o) => {
-                    main.push(o, self.cap);
+                    slot.main_push(o, g);
                 }
                 Err(_) => break,
             }
@@ -1310,24 +1374,23 @@ impl Cache {
         pages: &PageAllocator,
         mode: Mode,
     ) -> Result<(), Fail> {
-        let main = slot.main();
-        if main.top() == obj {
+        if slot.main_last() == obj {
             pages.fatal(
                 crate::platform::FatalMessage::new()
                     .text("anyalloc: double free of object ")
                     .hex(obj),
             );
         }
-        if main.push(obj, self.cap) {
+        if slot.main_push(obj, g) {
             return Ok(());
         }
         if slot.spare().len() < self.cap {
             slot.swap(g);
-            slot.main().push(obj, self.cap);
+            slot.main_push(obj, g);
             return Ok(());
         }
         self.flush(slot, g, pages, mode)?;
-        slot.main().push(obj, self.cap);
+        slot.main_push(obj, g);
         Ok(())
     }
 
@@ -1355,45 +1418,43 @@ impl Cache {
             }
             return Ok(());
         }
-        self.flush_sheaf(slot.main(), pages, &node, mode);
+        self.flush_main(slot, g, pages, &node, mode);
         Ok(())
     }
 
-    /// Node lock held, and `slot` held by the caller (`_g`), its main sheaf
-    /// empty: moves a full barn sheaf's objects into main (which lives in
-    /// the slot), the emptied barn sheaf joining the barn's empty list.
-    /// `false` when the barn has no full sheaf.
+    /// Node lock held, and `slot` held by the caller (`g`), its main sheaf
+    /// empty: a full barn sheaf becomes main, the old main joining the
+    /// barn's empty list. `false` when the barn has no full sheaf.
     fn trade_main_for_full(
         &self,
         slot: &SheafSlot,
-        _g: &SlotGuard<'_>,
+        g: &SlotGuard<'_>,
         node: &ZoneGuard<'_>,
     ) -> bool {
         let Some(full) = self.take_full(node) else {
             return false;
         };
-        // SAFETY: barn sheaves are cache sheaves (live as long as the
-        // heap); this one is off the barn's lists, ours under the node lock.
-        slot.main().exchange(unsafe { &*full });
-        self.give_empty(full, node);
+        let old = slot.detach_main(g);
+        slot.set_main(full, g);
+        self.give_empty(old, node);
         true
     }
 
-    /// Node lock held, and `slot` held by the caller (`_g`): moves main's
-    /// objects into an empty barn sheaf, which joins the barn's full list.
+    /// Node lock held, and `slot` held by the caller (`g`): an empty barn
+    /// sheaf becomes main, the old main joining the barn's full list.
     /// `false` when the barn has no room (`BARN_BYTES`) or no empty sheaf.
     fn trade_main_for_empty(
         &self,
         slot: &SheafSlot,
-        _g: &SlotGuard<'_>,
+        g: &SlotGuard<'_>,
         node: &ZoneGuard<'_>,
     ) -> bool {
         let Some(empty) = self.barn_empty_with_room(node) else {
             return false;
         };
-        // SAFETY: as in `trade_main_for_full`.
-        unsafe { &*empty }.exchange(slot.main());
-        self.give_full(empty, node);
+        let old = slot.detach_main(g);
+        slot.set_main(empty, g);
+        self.give_full(old, node);
         true
     }
 
@@ -1482,6 +1543,22 @@ impl Cache {
         }
         let empty = self.take_empty(node);
         (!empty.is_null()).then_some(empty)
+    }
+
+    /// Returns every object of a held slot's main sheaf to its slab (node
+    /// lock held).
+    fn flush_main(
+        &self,
+        slot: &SheafSlot,
+        g: &SlotGuard<'_>,
+        pages: &PageAllocator,
+        node: &ZoneGuard<'_>,
+        mode: Mode,
+    ) {
+        while let Some(o) = slot.main_pop(g) {
+            crate::interrupt_point!(SheafFlush);
+            self.return_to_slab(o, pages, node, mode);
+        }
     }
 
     fn flush_sheaf(&self, sheaf: &Sheaf, pages: &PageAllocator, node: &ZoneGuard<'_>, mode: Mode) {
@@ -1594,26 +1671,25 @@ impl Cache {
             }
         }
         for (i, slot) in self.slots().enumerate() {
-            // Never taken (and empty: the try-locked fallback's fast path
-            // pushes without preparing): nothing to watch, and observing
-            // would make its page resident.
-            if slot.cap.load(Ordering::Relaxed) == 0 && slot.main().len() == 0 {
+            // Never taken (every sequence fails on a slot never prepared):
+            // nothing to watch.
+            if slot.cap.load(Ordering::Relaxed) == 0 {
                 continue;
             }
             let idle = slot.idle.observe(
                 slot.spare.load(Ordering::Relaxed) as usize
-                    ^ slot.main().top()
-                    ^ slot.main().len() << 48
+                    ^ slot.top.load(Ordering::Relaxed).rotate_left(16)
+                    ^ slot.main_last()
                     ^ slot.spare_if_any().map_or(0, Sheaf::len) << 56,
             );
             if idle >= idle_passes && slot.cached() > 0 {
-                let Some((_, _g)) = self.lock_remote(i) else {
+                let Some((_, g)) = self.lock_remote(i) else {
                     continue;
                 };
                 let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) else {
                     return;
                 };
-                self.flush_sheaf(slot.main(), pages, &node, Mode::Normal);
+                self.flush_main(slot, &g, pages, &node, Mode::Normal);
                 self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
                 slot.demand.store(0, Ordering::Relaxed);
                 continue;
@@ -1633,7 +1709,7 @@ impl Cache {
             if let Ok(o) = filled {
                 // A refill from the slabs can fill the sheaf completely
                 // besides the object it returns: then that one goes back.
-                if !slot.main().push(o, self.cap) && !slot.spare().push(o, self.cap) {
+                if !slot.main_push(o, &g) && !slot.spare().push(o, self.cap) {
                     match self.node.lock.lock_in(Mode::Normal, pages.platform()) {
                         Some(node) => self.return_to_slab(o, pages, &node, Mode::Normal),
                         None => self.defer(o),
@@ -1650,7 +1726,7 @@ impl Cache {
     pub(crate) fn drain(&self, pages: &PageAllocator) {
         self.drain_deferred(pages);
         for i in 0..self.nslots {
-            let Some((slot, _g)) = self.lock_remote(i) else {
+            let Some((slot, g)) = self.lock_remote(i) else {
                 continue;
             };
             slot.demand.store(0, Ordering::Relaxed);
@@ -1659,7 +1735,7 @@ impl Cache {
             let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) else {
                 return;
             };
-            self.flush_sheaf(slot.main(), pages, &node, Mode::Normal);
+            self.flush_main(slot, &g, pages, &node, Mode::Normal);
             self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
         }
         let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) else {
@@ -1821,16 +1897,16 @@ impl Cache {
     /// only tries (busy: not reported).
     fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
         crate::interrupt_point!(DoubleFreeCheck);
-        let in_sheaf = |sh: &Sheaf| {
-            let n = sh.len().min(SHEAF_CAP);
-            sh.objs[..n]
+        let in_first = |sh: &Sheaf, n: usize| {
+            sh.objs[..n.min(SHEAF_CAP)]
                 .iter()
                 .any(|o| o.load(Ordering::Relaxed) == obj)
         };
-        if self
-            .slots()
-            .any(|s| in_sheaf(s.main()) || s.spare_if_any().is_some_and(in_sheaf))
-        {
+        let in_sheaf = |sh: &Sheaf| in_first(sh, sh.len());
+        if self.slots().any(|s| {
+            s.main_view().is_some_and(|(sh, n)| in_first(sh, n))
+                || s.spare_if_any().is_some_and(in_sheaf)
+        }) {
             return true;
         }
         // The deferred stack: take it (we own the chain), look, push back.

@@ -124,20 +124,19 @@ pub(crate) mod layout {
     pub(crate) const STRIDE_SHIFT: usize = 7;
     /// The slot's lock byte (0: free), in sheaf and page slots alike.
     pub(crate) const SLOT_LOCK: usize = 0;
-    /// The sheaf slot's main sheaf, which lives inside the slot (so the
-    /// sequences reach its count without loading a pointer).
-    pub(crate) const SLOT_MAIN: usize = 64;
+    /// The sheaf slot's `top`: the address of the next free entry of its
+    /// main sheaf (the sheaf's object array starts the sheaf, which is
+    /// `SHEAF_ALIGN`-aligned, so the address's low bits are 8 times the
+    /// count: 0 when the sheaf is empty). 0 until the slot is prepared.
+    pub(crate) const SLOT_TOP: usize = 8;
+    /// The sheaf slot's `limit`: the main sheaf's entry at its class's
+    /// capacity (the push sequence fails at `top >= limit`). 0 until the
+    /// slot is prepared.
+    pub(crate) const SLOT_LIMIT: usize = 16;
     /// The sheaf slot's count of nolock allocations served (u64).
-    pub(crate) const SLOT_NOLOCK_OK: usize = 16;
-    /// The sheaf slot's sheaf capacity (u32), which the push sequence
-    /// compares its count with.
-    pub(crate) const SLOT_CAP: usize = 4;
-    /// The sheaf's object count (u64).
-    pub(crate) const SHEAF_COUNT: usize = 0;
-    /// The sheaf's object array (u64 each).
-    pub(crate) const SHEAF_OBJS: usize = 16;
-    /// Objects a sheaf has room for (a class uses the slot's `SLOT_CAP`).
-    pub(crate) const SHEAF_CAP: usize = 126;
+    pub(crate) const SLOT_NOLOCK_OK: usize = 32;
+    /// The alignment of a sheaf, whose object array comes first.
+    pub(crate) const SHEAF_ALIGN: usize = 1024;
     /// A page slot's list words, one per order (u64: head index in the low
     /// half, block count in the high half). Page slots have the sheaf
     /// slots' lock byte.

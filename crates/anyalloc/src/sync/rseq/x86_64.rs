@@ -119,14 +119,20 @@ const BUSY: usize = 1;
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= cpus: None
 ///          slot = slots + (cpu << SHIFT); if slot.lock != 0: None
-///          main = slot.main (in the slot)
-///          n = main.count;                if n == 0: None
-///          obj = main.objs[n - 1]
+///          top = slot.top                 (the main sheaf's next free entry)
+///          if top % SHEAF_ALIGN == 0: None  (main empty, or no main yet)
+///          obj = *(top - 8)
 ///          if COUNT: slot.nolock_ok += 1  (this CPU only)
-///          main.count = n - 1             // commit
+///          slot.top = top - 8             // commit
 /// abort:   if COUNT and the add ran: slot.nolock_ok -= 1 (locked), then
 ///          restart
 /// ```
+///
+/// The slot holds a pointer into its main sheaf rather than the sheaf
+/// itself: a sheaf's objects start it and sheaves are `SHEAF_ALIGN`-aligned,
+/// so the pointer's low bits are the count, and the slow paths trade the
+/// main sheaf with the spare or the barn by changing `top` (no copy). The
+/// fast path runs as many instructions and loads as with a count.
 ///
 /// The counter is exact. A restart redoes the add, so an abort that lands
 /// between the add and the commit takes the first one back. The abort
@@ -134,11 +140,11 @@ const BUSY: usize = 1;
 /// object load sets CF, which only the add clears (the `dec` and the moves
 /// after it leave CF alone), and `obj` is 0 from the restart point until
 /// the object load gives it an address. So CF clear with `obj` not 0 means
-/// the add ran. The take-back is a locked subtraction: the thread may have
-/// migrated, and another CPU may be adding to that counter. Both variants
-/// commit the same way, with a store of the decremented count (an earlier
-/// form committed with a `dec` on memory, and took 0.1-0.3 ns more per
-/// nolock pair).
+/// the add ran (the `lea` after it leaves the flags alone). The take-back
+/// is a locked subtraction: the thread may have migrated, and another CPU
+/// may be adding to that counter. Both variants commit the same way, with
+/// a store of the lowered `top` (an earlier form committed with a `dec` on
+/// memory, and took 0.1-0.3 ns more per nolock pair).
 ///
 /// A closed fast path is a CPU count of 0 (a heap without rseq, or a
 /// cache whose normal path is closed): the section fails at its CPU test,
@@ -152,9 +158,9 @@ const BUSY: usize = 1;
 /// unregistered area's `cpu_id` reads -2, above any CPU count, and the
 /// kernel never reads its `rseq_cs`). `cpus` is 0, or: the area is
 /// registered, and `slots` points to the level-0 slots of `cpus` CPUs,
-/// `1 << SHIFT` bytes apart, laid out as [`super::layout`] says (the main
-/// sheaf inside each), live as long as the call; only sequences and lock
-/// holders (see the module documentation) change them.
+/// `1 << SHIFT` bytes apart, laid out as [`super::layout`] says, each `top`
+/// 0 or a pointer into a live sheaf (as long as the call); only sequences
+/// and lock holders (see the module documentation) change them.
 #[inline(always)]
 pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
     off: isize,
@@ -162,7 +168,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
     cpus: usize,
 ) -> Option<usize> {
     let obj: usize;
-    // Registers: `t` is the slot, `n` the count, `obj` the object (0 from
+    // Registers: `t` is the slot, `n` its `top`, `obj` the object (0 from
     // the restart point in the COUNT variant, for the abort handler).
     // SAFETY: per the contract; the block touches only this thread's rseq
     // area and the current CPU's slot and main sheaf, uses no stack, and
@@ -171,18 +177,18 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
         core::arch::asm!(
             seq_start!(".if {COUNT}", "xor {obj:e}, {obj:e}", ".endif"),
             seq_find_slot!("25f"),
-            "mov {n}, qword ptr [{t} + {MAIN_COUNT}]",
-            "test {n}, {n}",
+            "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
+            "test {n:e}, {ALIGN_MASK}",
             "jz 25f",
             ".if {COUNT}",
             "stc", // CF = 1 until the counter's add clears it
             ".endif",
-            "mov {obj}, qword ptr [{t} + {n} * 8 + {MAIN_OBJS} - 8]",
+            "mov {obj}, qword ptr [{n} - 8]",
             ".if {COUNT}",
             "add qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
             ".endif",
-            "dec {n}",
-            "mov qword ptr [{t} + {MAIN_COUNT}], {n}", // commit
+            "lea {n}, [{n} - 8]",
+            "mov qword ptr [{t} + {SLOT_TOP}], {n}", // commit
             "22:",
             "29:",
             // Aborted between the counter's add and the commit (CF clear,
@@ -213,8 +219,8 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
             SLOT_LOCK = const SLOT_LOCK,
             SLOT_NOLOCK_OK = const SLOT_NOLOCK_OK,
             COUNT = const COUNT as u8,
-            MAIN_COUNT = const SLOT_MAIN + SHEAF_COUNT,
-            MAIN_OBJS = const SLOT_MAIN + SHEAF_OBJS,
+            SLOT_TOP = const SLOT_TOP,
+            ALIGN_MASK = const SHEAF_ALIGN - 1,
             SIG = const RSEQ_SIG,
             options(nostack),
         );
@@ -230,17 +236,19 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= cpus: false
 ///          slot = slots + (cpu << SHIFT); if slot.lock != 0: false
-///          main = slot.main (in the slot); n = main.count
-///          if n >= slot.cap: false        (the class's sheaf capacity)
-///          main.objs[n] = obj             (above the count: invisible)
-///          main.count = n + 1             // commit
+///          top = slot.top
+///          if top >= slot.limit: false    (the class's sheaf capacity;
+///                                          0 >= 0 before the slot is
+///                                          prepared)
+///          *top = obj                     (above the count: invisible)
+///          slot.top = top + 8             // commit
 /// ```
 ///
-/// The lock byte and the capacity are compared in memory, one instruction
+/// The lock byte and the limit are compared in memory, one instruction
 /// each: a small pair is bound by the instructions it runs, and loading
-/// both as one word took two more (measured: 0.1 ns of a 4.7 ns pair). The
-/// failure exits jump straight to the caller's code (`asm goto`), so the
-/// fast path carries no status register.
+/// two fields as one word took two more (measured: 0.1 ns of a 4.7 ns
+/// pair). The failure exits jump straight to the caller's code (`asm
+/// goto`), so the fast path carries no status register.
 ///
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
@@ -251,19 +259,20 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
     cpus: usize,
     obj: usize,
 ) -> bool {
-    // SAFETY: as in `sheaf_pop`; the store to `objs[n]` lies above the
-    // count, where no other context looks until a commit covers it. The
-    // failure label is outside the section, reached before any store.
+    // SAFETY: as in `sheaf_pop`; the store at `top` lies above the count,
+    // where no other context looks until a commit covers it, and below the
+    // limit, inside the main sheaf. The failure label is outside the
+    // section, reached before any store.
     unsafe {
         core::arch::asm!(
             seq_start!(),
             seq_find_slot!("{fail}"),
-            "mov {n}, qword ptr [{t} + {MAIN_COUNT}]",
-            "cmp {n:e}, dword ptr [{t} + {SLOT_CAP}]",
+            "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
+            "cmp {n}, qword ptr [{t} + {SLOT_LIMIT}]",
             "jae {fail}",
-            "mov qword ptr [{t} + {n} * 8 + {MAIN_OBJS}], {obj}",
-            "inc {n}",
-            "mov qword ptr [{t} + {MAIN_COUNT}], {n}", // commit
+            "mov qword ptr [{n}], {obj}",
+            "lea {n}, [{n} + 8]",
+            "mov qword ptr [{t} + {SLOT_TOP}], {n}", // commit
             "22:",
             seq_abort!(),
             off = in(reg) off,
@@ -276,9 +285,8 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
             CPU_ID = const CPU_ID,
             SHIFT = const SHIFT,
             SLOT_LOCK = const SLOT_LOCK,
-            SLOT_CAP = const SLOT_CAP,
-            MAIN_COUNT = const SLOT_MAIN + SHEAF_COUNT,
-            MAIN_OBJS = const SLOT_MAIN + SHEAF_OBJS,
+            SLOT_TOP = const SLOT_TOP,
+            SLOT_LIMIT = const SLOT_LIMIT,
             SIG = const RSEQ_SIG,
             fail = label {
                 return false;
