@@ -13,13 +13,15 @@
 //! |-------------|---------------------------------------|----------------------------|
 //! | `TAIL`      | inside a larger block, or untouched   | zone lock (split / merge)   |
 //! | `BUDDY`     | on the zone's free list of its order  | zone lock                   |
-//! | `PCP`       | on a per-CPU list                     | that slot's lock            |
+//! | `PCP`       | on a per-CPU list (or being pushed by the free that claimed it) | that slot's lock (that free) |
 //! | `DEFERRED`  | on the zone's deferred-free stack     | the draining zone-lock holder |
 //! | `ALLOCATED` | handed out                            | the owner (CAS on free)     |
 //! | `FREEING`   | claimed by a free in progress         | that free                  |
 //! | `RELEASING` | free, off its list while the maintainer returns its memory to the OS | the maintainer |
 //!
-//! A free claims the block with one CAS `ALLOCATED|order -> FREEING`, so a
+//! A free claims the block with one CAS `ALLOCATED|order -> FREEING` (or
+//! `-> PCP|order` when it is about to push the block onto its CPU's list: a
+//! fast free stores no other state; FREEING again if the push fails), so a
 //! double free, a free with the wrong order, or a free of a page that is not
 //! a block head fails that CAS and is reported instead of corrupting a list,
 //! even when two contexts race to free the same block. A free block whose

@@ -982,16 +982,23 @@ impl PageAllocator {
         } else {
             usize::MAX
         };
-        let Some((zone, idx, d)) = self.claim_fast(ptr, order) else {
+        // When the block will go onto this CPU's list, the claim marks it
+        // PCP at once (a racing free fails its claim just the same), so the
+        // fast path stores no state of its own. (`usize::MAX`, no fast
+        // path, never has room.)
+        let room = first.room_for(pages);
+        let kind = if room { desc::PCP } else { desc::FREEING };
+        let Some((zone, idx, d)) = self.claim_fast(ptr, order, kind) else {
             // SAFETY: forwarded contract.
             return unsafe { self.free_pages_slow(ptr, order, route) };
         };
-        // (`usize::MAX`, no fast path, never has room.)
-        if zone.room_for(pages) && zone.seq_free(idx, d, order) {
-            if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
-                return self.trim_after_free(zone, route);
+        if room {
+            if zone.seq_free(idx, d, order) {
+                if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
+                    return self.trim_after_free(zone, route);
+                }
+                return;
             }
-            return;
         }
         self.free_claimed(zone, idx, order, route);
     }
@@ -1300,10 +1307,16 @@ impl PageAllocator {
     }
 
     /// The inline half of a free's claim: a block of the first zone,
-    /// aligned for `order`, claimed (`ALLOCATED -> FREEING`). `None`: ask
-    /// [`claim_slow`](Self::claim_slow), which decides and reports.
+    /// aligned for `order`, claimed (`ALLOCATED -> kind`: `FREEING`, or
+    /// `PCP` for a block about to be pushed onto this CPU's list). `None`:
+    /// ask [`claim_slow`](Self::claim_slow), which decides and reports.
     #[inline(always)]
-    fn claim_fast(&self, ptr: NonNull<u8>, order: u32) -> Option<(&Zone, u32, &PageDesc)> {
+    fn claim_fast(
+        &self,
+        ptr: NonNull<u8>,
+        order: u32,
+        kind: u32,
+    ) -> Option<(&Zone, u32, &PageDesc)> {
         // The common case inline: a well-aligned block of the first zone
         // whose claim succeeds. Anything else (other zones, every report)
         // is `claim_slow`, which starts over: a failed CAS changed nothing.
@@ -1316,7 +1329,7 @@ impl PageAllocator {
         d.state
             .compare_exchange(
                 desc::state(desc::ALLOCATED, order),
-                desc::state(desc::FREEING, order),
+                desc::state(kind, order),
                 Ordering::Acquire,
                 Ordering::Relaxed,
             )

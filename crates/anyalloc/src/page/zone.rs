@@ -535,15 +535,18 @@ impl Zone {
 
     /// The rseq fast path of a free: the claimed block `idx` (descriptor
     /// `d`) of `order` (at most `PCP_MAX_ORDER`, or `HEAP_PCP_ORDER` for a
-    /// heap's large free; state FREEING) onto this
-    /// CPU's level-0 list.
-    /// `false` (the block still claimed, FREEING) without rseq or when the
-    /// slot is held.
+    /// heap's large free), which its claim marked PCP, onto this CPU's
+    /// level-0 list. `false` (the block still claimed, now FREEING) without
+    /// rseq or when the slot is held.
     #[inline(always)]
     pub(crate) fn seq_free(&self, idx: u32, d: &PageDesc, order: u32) -> bool {
-        // Marked before the commit: once on the list, a handler on this CPU
-        // may pop it at once. Until then it is still only ours.
-        d.set(desc::state(desc::PCP, order));
+        // Marked PCP by the claim, before the commit: once on the list, a
+        // handler on this CPU may pop it at once. Until then it is still
+        // only ours.
+        crate::check!(
+            d.load() == desc::state(desc::PCP, order),
+            "a block pushed onto a per-CPU list is not marked PCP"
+        );
         // SAFETY: as in `seq_alloc`; the block is ours (claimed), of
         // `order`, marked PCP, inside `descs`.
         let pushed = unsafe { crate::sync::rseq::pcp_push(&self.seq, order, idx) };
