@@ -992,13 +992,11 @@ impl PageAllocator {
             // SAFETY: forwarded contract.
             return unsafe { self.free_pages_slow(ptr, order, route) };
         };
-        if room {
-            if zone.seq_free(idx, d, order) {
-                if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
-                    return self.trim_after_free(zone, route);
-                }
-                return;
+        if room && zone.seq_free(idx, d, order) {
+            if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
+                return self.trim_after_free(zone, route);
             }
+            return;
         }
         self.free_claimed(zone, idx, order, route);
     }
