@@ -259,10 +259,9 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
     cpus: usize,
     obj: usize,
 ) -> bool {
-    // SAFETY: as in `sheaf_pop`; the store at `top` lies above the count,
-    // where no other context looks until a commit covers it, and below the
-    // limit, inside the main sheaf. The failure label is outside the
-    // section, reached before any store.
+    // SAFETY: as in `sheaf_pop`; the store at `top` lies above the count (unseen
+    // until a commit covers it) and below the limit, inside the main sheaf; the
+    // failure label, outside the section, is reached before any store.
     unsafe {
         core::arch::asm!(
             seq_start!(),
