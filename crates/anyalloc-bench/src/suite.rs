@@ -44,6 +44,19 @@ pub struct SuiteConfig {
     pub command: String,
 }
 
+/// The optional checks compiled into anyalloc, as the reports print them:
+/// a checked build's figures are not the release fast paths'.
+fn build_checks_line() -> String {
+    if anyalloc::BUILD_CHECKS.is_empty() {
+        "release, no optional checks".to_string()
+    } else {
+        format!(
+            "WITH {} (not the release fast paths: rebuild with `cargo build --release -p anyalloc-cli --features bench`)",
+            anyalloc::BUILD_CHECKS.join(", ")
+        )
+    }
+}
+
 /// The workload groups: number, id, title.
 pub const GROUPS: [(u8, &str, &str); 8] = [
     (1, "pairs", "alloc+free pair latency by size"),
@@ -688,6 +701,7 @@ impl SuiteReport {
             m.nproc, m.cpu_model, m.kernel, m.date
         );
         let _ = writeln!(out, "commit: {}", m.commit_line());
+        let _ = writeln!(out, "anyalloc build: {}", build_checks_line());
         let _ = writeln!(
             out,
             "ns per op: median [min p25 p75 max] across rounds; spread = p25..p75"
@@ -1004,6 +1018,7 @@ impl SuiteReport {
             "command": self.command,
             "commit": m.commit,
             "dirty": m.dirty,
+            "anyalloc_checks": anyalloc::BUILD_CHECKS,
             "cpu": m.cpu_model,
             "kernel": m.kernel,
             "date": m.date,
@@ -1036,6 +1051,7 @@ impl SuiteReport {
         let _ = writeln!(out, "| | |\n|---|---|");
         let _ = writeln!(out, "| command | `{}` |", self.command);
         let _ = writeln!(out, "| commit | `{}` |", m.commit_line());
+        let _ = writeln!(out, "| anyalloc build | {} |", build_checks_line());
         let _ = writeln!(out, "| date | {} |", m.date);
         let _ = writeln!(out, "| CPUs (nproc) | {} |", m.nproc);
         let _ = writeln!(out, "| CPU model | {} |", m.cpu_model);

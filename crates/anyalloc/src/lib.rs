@@ -101,6 +101,28 @@ pub use platform::Platform;
 pub use platform::StdPlatform;
 pub use slab::{ClassStats, Heap, HeapStats};
 
+/// The optional checks compiled into this build of the crate: any of
+/// `"debug-checks"` and `"interrupt-points"` (the features) and `"debug
+/// assertions"`; empty for a release build with neither feature. Each one
+/// slows the paths it checks (`debug-checks` searches for every double free,
+/// several times the cost of a small free), so a report that measures the
+/// allocator should say which were in: note that `cargo test --workspace
+/// --all-features` rebuilds the workspace's binaries with all of them.
+///
+/// ```
+/// if !anyalloc::BUILD_CHECKS.is_empty() {
+///     eprintln!("note: anyalloc built with {}", anyalloc::BUILD_CHECKS.join(", "));
+/// }
+/// ```
+pub const BUILD_CHECKS: &[&str] = &[
+    #[cfg(feature = "debug-checks")]
+    "debug-checks",
+    #[cfg(feature = "interrupt-points")]
+    "interrupt-points",
+    #[cfg(debug_assertions)]
+    "debug assertions",
+];
+
 /// Bytes per page.
 pub const PAGE_SIZE: usize = 4096;
 pub(crate) const PAGE_SHIFT: u32 = 12;
