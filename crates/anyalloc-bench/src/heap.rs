@@ -339,6 +339,15 @@ pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
     targets
 }
 
+/// A description of the producer/consumer workload for reports.
+pub fn producer_consumer_setup_line() -> String {
+    format!(
+        "producer/consumer: bounded lock-free SPSC ring of {RING} pointers, both ends publishing in groups of {}, \
+         one persistent consumer thread; the (ref) row is the same hand-off without allocating or freeing, in the same rounds",
+        Ring::<RING>::GROUP
+    )
+}
+
 /// The `heap` binary: pairs of 16 B to 4 KiB, a batch and the
 /// producer/consumer workload, printed as tables (or `--json`).
 pub fn bin_main() {
@@ -371,10 +380,7 @@ pub fn bin_main() {
         format!("{}: std::alloc::System; {}: mimalloc::MiMalloc; {}: tikv_jemallocator::Jemalloc",
             crate::peers::GLIBC, crate::peers::MIMALLOC, crate::peers::JEMALLOC),
         format!("{NORMAL}: Heap::alloc / free_sized; {NOLOCK}: Heap::alloc_nolock / free_nolock_sized; one Heap each, Config::default()"),
-        format!(
-            "producer/consumer: bounded lock-free SPSC ring of {RING} pointers, one persistent consumer thread; \
-             the (ref) row is the same hand-off without allocating or freeing, in the same rounds"
-        ),
+        producer_consumer_setup_line(),
         CALLS_ONLY_SETUP.to_string(),
     ];
     setup.extend(

@@ -59,6 +59,10 @@ impl<const N: usize> Ring<N> {
         N - 1
     };
 
+    /// How many slots each end hands to the other at a time (see the
+    /// module documentation): `N / 8`, or 1 for a ring of fewer than 64.
+    pub const GROUP: usize = if N >= 64 { N / 8 } else { 1 };
+
     /// An empty ring.
     pub fn new() -> Self {
         let _ = Self::MASK;
@@ -126,9 +130,10 @@ pub struct Consumer<'a, const N: usize> {
 }
 
 impl<const N: usize> Producer<'_, N> {
-    /// Filled slots are handed to the consumer in groups of this many (and
-    /// whenever the ring is full, and on [`flush`](Self::flush)).
-    const PUBLISH_EVERY: usize = if N >= 64 { N / 8 } else { 1 };
+    /// Filled slots are handed to the consumer in groups of
+    /// [`Ring::GROUP`] (and whenever the ring is full, and on
+    /// [`flush`](Self::flush)).
+    const PUBLISH_EVERY: usize = Ring::<N>::GROUP;
 
     /// Makes every pushed pointer visible to the consumer.
     #[inline]
@@ -173,10 +178,11 @@ impl<const N: usize> Drop for Producer<'_, N> {
 }
 
 impl<const N: usize> Consumer<'_, N> {
-    /// Slots are handed back to the producer in groups of this many (and
-    /// whenever the ring runs empty), which keeps the `head` cache line
-    /// from bouncing on every message while the producer waits for room.
-    const PUBLISH_EVERY: usize = if N >= 64 { N / 8 } else { 1 };
+    /// Slots are handed back to the producer in groups of [`Ring::GROUP`]
+    /// (and whenever the ring runs empty), which keeps the `head` cache
+    /// line from bouncing on every message while the producer waits for
+    /// room.
+    const PUBLISH_EVERY: usize = Ring::<N>::GROUP;
 
     #[inline]
     fn publish(&self) {

@@ -394,6 +394,7 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
                 }));
             }
         }
+        setup.push(heap::producer_consumer_setup_line());
         setup.push(larson::setup_line());
         setup.push(scratch::setup_line());
         let retries = peers::RETRIES.load(std::sync::atomic::Ordering::Relaxed);
