@@ -552,6 +552,37 @@ fn double_free_sized_aborts() {
     });
 }
 
+/// The same for a tiny class (8 bytes, whose key word is the first one):
+/// the sized free reaches it through its own arm.
+#[test]
+fn double_free_sized_of_a_tiny_object_aborts() {
+    expect_abort(
+        "double_free_sized_of_a_tiny_object_aborts",
+        "double free of object",
+        || free_sized_twice(8, 8, false),
+    );
+}
+
+/// The other tiny class (12 bytes, 4-aligned), freed twice by the nolock
+/// sized free.
+#[test]
+fn nolock_double_free_sized_of_a_12_byte_object_aborts() {
+    expect_abort(
+        "nolock_double_free_sized_of_a_12_byte_object_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let l = Layout::from_size_align(12, 4).unwrap();
+            let p = h.alloc(l).expect("memory");
+            // SAFETY: the first free is valid; the second is the bad input.
+            unsafe {
+                h.free_nolock_sized(p, l);
+                h.free_nolock_sized(p, l);
+            }
+        },
+    );
+}
+
 /// A nolock double free told a layout of another class (the layout-blind
 /// path catches it).
 #[test]

@@ -94,11 +94,12 @@ pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
 #[inline(always)]
 pub(crate) fn owner_fast(size: usize, align: usize) -> Option<usize> {
     if size <= MAX_SMALL {
-        if align <= 4 {
-            return Some(LOOKUP[size.div_ceil(4)] as usize);
-        }
+        // 8 first: the common Rust case takes one test.
         if align == 8 {
             return Some(LOOKUP_ALIGN8[size.div_ceil(4)] as usize);
+        }
+        if align <= 4 {
+            return Some(LOOKUP[size.div_ceil(4)] as usize);
         }
         if align == 16 {
             return Some(LOOKUP_ALIGN16[size.div_ceil(4)] as usize);
@@ -109,24 +110,51 @@ pub(crate) fn owner_fast(size: usize, align: usize) -> Option<usize> {
 
 /// The owner id (class + 1, as `LOOKUP` holds it) of the plain cache a
 /// block of `size` bytes most likely belongs to, for a free told the
-/// layout: [`owner_fast`] without the alignment. A hint, not an answer: the
-/// caller checks it against the page's owner and takes the layout-blind
-/// path when they differ. It differs only for requests whose size is not a
-/// multiple of an alignment above 4 (a Rust type's size always is), or
-/// whose alignment is above 8.
+/// layout: [`owner_fast`] without the alignment, with [`TINY_HINT`] set
+/// for the tiny classes (8 and 12 bytes, whose key word sits elsewhere).
+/// A hint, not an answer: the caller checks it against the page's owner,
+/// so a keyed class's free matches with one comparison and a tiny class's
+/// never does (no owner id has that bit); a mismatch takes the tiny or the
+/// layout-blind path. The class differs from the allocation's only for
+/// requests whose size is not a multiple of an alignment above 4 (a Rust
+/// type's size always is), or whose alignment is above 8.
 #[inline(always)]
 pub(crate) fn owner_hint(size: usize) -> Option<usize> {
     if size <= MAX_SMALL {
-        Some(LOOKUP[size.div_ceil(4)] as usize)
+        Some(HINT[size.div_ceil(4)] as usize)
     } else {
         None
     }
 }
 
-/// [`owner_hint`] as a class, for the tests.
+/// Set in an [`owner_hint`] of a tiny class. Above every owner id a page
+/// descriptor can hold but `LARGE_OWNER` (plain and accounted caches:
+/// 1 to `2 * CLASSES`), whose bits include it, so `owner | TINY_HINT ==
+/// hint` says "this tiny class" exactly.
+pub(crate) const TINY_HINT: usize = 0x80;
+const _: () = assert!(2 * CLASSES < TINY_HINT && TINY_HINT < u8::MAX as usize);
+
+/// `LOOKUP` with [`TINY_HINT`] set in the tiny classes' entries.
+const HINT: [u8; STEPS] = {
+    let mut t = LOOKUP;
+    let mut i = 0;
+    while i < STEPS {
+        if t[i] as usize <= crate::slab::cache::FIRST_KEYED_CLASS {
+            t[i] |= TINY_HINT as u8;
+        }
+        // Either a keyed class's id or a tiny one's with the bit: the
+        // sized free relies on it (an entry equal to an owner id is keyed).
+        let k = t[i] as usize;
+        assert!(k & TINY_HINT != 0 || (k > crate::slab::cache::FIRST_KEYED_CLASS && k < TINY_HINT));
+        i += 1;
+    }
+    t
+};
+
+/// [`owner_hint`] as a class (the tiny bit taken off), for the tests.
 #[cfg(test)]
 fn class_hint(size: usize) -> Option<usize> {
-    owner_hint(size).map(|k| k - 1)
+    owner_hint(size).map(|k| (k & !TINY_HINT) - 1)
 }
 
 /// A layout that class `c` serves and maps back to `c`: its size, and its
@@ -292,6 +320,27 @@ mod tests {
         // layout-blind way.
         assert_eq!(class_fast(12, 8).map(|c| SIZES[c]), Some(16));
         assert_eq!(class_hint(12).map(|c| SIZES[c]), Some(12));
+    }
+
+    /// Exactly the tiny classes' hints carry the tiny bit, and with it
+    /// they match no owner id but their own class's (`owner | TINY_HINT`).
+    #[test]
+    fn tiny_hints_match_no_owner_directly() {
+        let first_keyed = crate::slab::cache::FIRST_KEYED_CLASS;
+        for size in 1..=MAX_SMALL {
+            let k = owner_hint(size).unwrap();
+            let tiny = class_fast(size, 1).unwrap() < first_keyed;
+            assert_eq!(k & TINY_HINT != 0, tiny, "size {size}");
+            for owner in (1..=2 * CLASSES).chain([usize::from(u16::MAX)]) {
+                let own = owner == class_fast(size, 1).unwrap() + 1;
+                assert_eq!(owner == k, !tiny && own, "size {size} owner {owner}");
+                assert_eq!(
+                    (owner | TINY_HINT) == k,
+                    tiny && own,
+                    "size {size} owner {owner}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1148,9 +1148,26 @@ impl HeapCore {
         match class::owner_hint(layout.size()) {
             Some(k) => {
                 if let Some((_, d)) = self.pages.locate_first(addr) {
-                    if d.owner.load(Ordering::Acquire) as usize == k {
+                    let owner = d.owner.load(Ordering::Acquire);
+                    // A keyed class: one comparison (a tiny class's hint
+                    // has `TINY_HINT` set, which no owner id has). (`k`
+                    // is a table byte: `as u16` keeps it whole.)
+                    if owner == k as u16 {
+                        crate::check!(k > cache::FIRST_KEYED_CLASS, "a tiny owner id");
+                        // SAFETY: 1. forwarded contract; 2. `k` is a
+                        // keyed class's id: `HINT` holds those and tiny
+                        // ids with `TINY_HINT` set, and no owner id has
+                        // that bit but `LARGE_OWNER`, which is above any
+                        // entry (const-asserted beside `TINY_HINT`). The
+                        // hint lets the key word's place be a constant.
+                        return unsafe {
+                            core::hint::assert_unchecked(k > cache::FIRST_KEYED_CLASS);
+                            self.free_in_class::<NOLOCK>(k - 1, addr)
+                        };
+                    }
+                    if owner as usize | class::TINY_HINT == k {
                         // SAFETY: forwarded contract.
-                        return unsafe { self.free_plain::<NOLOCK>(k, addr) };
+                        return unsafe { self.free_tiny::<NOLOCK>(owner as usize - 1, addr) };
                     }
                 }
             }
