@@ -20,23 +20,16 @@ pub(crate) const CLASSES: usize = SIZES.len();
 /// The largest object served by a class.
 pub(crate) const MAX_SMALL: usize = 8192;
 
-/// Entries of the lookup tables: sizes 0 to 8 KiB in 4-byte steps.
-const STEPS: usize = MAX_SMALL / 4 + 1;
+/// Entries of the lookup tables: every size from 0 to 8 KiB.
+const STEPS: usize = MAX_SMALL + 1;
 
-/// The class of each size in 4-byte steps up to 8 KiB, plus one:
-/// `LOOKUP[(size + 3) / 4] - 1`. Two KiB, so that one index computation and
-/// one load serve every small size (a program touches only the lines of
-/// the sizes it uses). Plus one, because that is the class's plain cache's
-/// owner id, which page descriptors hold: the sized free compares the entry
-/// with the descriptor's owner as loaded, and the fast paths fold the `- 1`
-/// into the offsets they address the cache with ([`owner_fast`],
-/// [`owner_hint`]).
-const LOOKUP: [u8; STEPS] = {
+/// The class of each size up to 8 KiB, plus one (`ClassTables::plain`).
+const fn lookup_plain() -> [u8; STEPS] {
     let mut t = [0u8; STEPS];
     let mut i = 0;
     let mut c = 0;
     while i < STEPS {
-        let size = if i == 0 { 1 } else { i * 4 };
+        let size = if i == 0 { 1 } else { i };
         while (SIZES[c] as usize) < size {
             c += 1;
         }
@@ -44,24 +37,17 @@ const LOOKUP: [u8; STEPS] = {
         i += 1;
     }
     t
-};
+}
 const _: () = assert!(CLASSES < u8::MAX as usize);
 
-/// `LOOKUP` for 8-byte alignment (the common Rust case): skips the
-/// 4-aligned classes 12, 20 and 28.
-const LOOKUP_ALIGN8: [u8; STEPS] = lookup_aligned(8);
-
-/// `LOOKUP` for 16-byte alignment (C's `malloc`, `max_align_t`, `u128`):
-/// skips the classes whose size is not a multiple of 16.
-const LOOKUP_ALIGN16: [u8; STEPS] = lookup_aligned(16);
-
-/// `LOOKUP` for requests aligned to `align`: each entry moves up to the
+/// `lookup_plain` for requests aligned to `align`: each entry moves up to the
 /// first class whose natural alignment provides it.
 const fn lookup_aligned(align: usize) -> [u8; STEPS] {
+    let plain = lookup_plain();
     let mut t = [0u8; STEPS];
     let mut i = 0;
     while i < STEPS {
-        let mut c = LOOKUP[i] as usize - 1;
+        let mut c = plain[i] as usize - 1;
         while natural_align(c) < align {
             c += 1;
         }
@@ -82,61 +68,103 @@ pub(crate) const fn natural_align(c: usize) -> usize {
     }
 }
 
-/// The common cases of [`class_for`], one table load each: alignment up
-/// to 16 and any small size. `None` means "ask `class_for`", not "large".
-#[inline(always)]
-pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
-    owner_fast(size, align).map(|k| k - 1)
+/// The size-to-class tables of the fast paths: for every size from 0 to
+/// 8 KiB, the owner id of the plain cache that serves it (class + 1), by
+/// alignment, and the sized free's hint.
+///
+/// Indexed by the size itself, so that one load serves every small size
+/// with no index computation. Plus one, because that is what page
+/// descriptors hold: the sized free compares its entry with the
+/// descriptor's owner as loaded, and the fast paths fold the `- 1` into the
+/// offsets they address the cache with.
+///
+/// Every heap keeps a copy in its metadata area at a fixed offset from its
+/// core (`HeapCore::tables`), so the fast paths address an entry from the
+/// core pointer they hold anyway: no table address to form or load (a
+/// `static` in this crate is reached through the GOT from an inlining
+/// crate; a `const` would be copied into every code unit that indexes it).
+/// [`TABLES`] is the original, which the build copies and the slow paths
+/// and tests read.
+#[repr(C)]
+pub(crate) struct ClassTables {
+    /// Alignment up to 4.
+    plain: [u8; STEPS],
+    /// 8-byte alignment (the common Rust case): skips the 4-aligned classes
+    /// 12, 20 and 28.
+    align8: [u8; STEPS],
+    /// 16-byte alignment (C's `malloc`, `max_align_t`, `u128`): skips the
+    /// classes whose size is not a multiple of 16.
+    align16: [u8; STEPS],
+    /// `plain` with [`TINY_HINT`] set in the tiny classes' entries
+    /// ([`owner_hint`](Self::owner_hint)).
+    hint: [u8; STEPS],
 }
 
-/// [`class_fast`] plus one: the owner id of the class's plain cache, as
-/// the table holds it (see `LOOKUP`).
-#[inline(always)]
-pub(crate) fn owner_fast(size: usize, align: usize) -> Option<usize> {
-    if size <= MAX_SMALL {
-        // 8 first: the common Rust case takes one test.
-        if align == 8 {
-            return Some(LOOKUP_ALIGN8[size.div_ceil(4)] as usize);
-        }
-        if align <= 4 {
-            return Some(LOOKUP[size.div_ceil(4)] as usize);
-        }
-        if align == 16 {
-            return Some(LOOKUP_ALIGN16[size.div_ceil(4)] as usize);
-        }
-    }
-    None
-}
+/// The tables, as every heap's copy starts.
+pub(crate) static TABLES: ClassTables = ClassTables {
+    plain: lookup_plain(),
+    align8: lookup_aligned(8),
+    align16: lookup_aligned(16),
+    hint: hint_table(),
+};
 
-/// The owner id (class + 1, as `LOOKUP` holds it) of the plain cache a
-/// block of `size` bytes most likely belongs to, for a free told the
-/// layout: [`owner_fast`] without the alignment, with [`TINY_HINT`] set
-/// for the tiny classes (8 and 12 bytes, whose key word sits elsewhere).
-/// A hint, not an answer: the caller checks it against the page's owner,
-/// so a keyed class's free matches with one comparison and a tiny class's
-/// never does (no owner id has that bit); a mismatch takes the tiny or the
-/// layout-blind path. The class differs from the allocation's only for
-/// requests whose size is not a multiple of an alignment above 4 (a Rust
-/// type's size always is), or whose alignment is above 8.
-#[inline(always)]
-pub(crate) fn owner_hint(size: usize) -> Option<usize> {
-    if size <= MAX_SMALL {
-        Some(HINT[size.div_ceil(4)] as usize)
-    } else {
+impl ClassTables {
+    /// The owner id of the plain cache serving a request (class + 1): the
+    /// common cases of [`class_for`], one table load each (alignment up to
+    /// 16, any small size). `None` means "ask `class_for`", not "large".
+    #[inline(always)]
+    pub(crate) fn owner_fast(&self, size: usize, align: usize) -> Option<usize> {
+        if size <= MAX_SMALL {
+            // 8 first: the common Rust case takes one test.
+            if align == 8 {
+                return Some(self.align8[size] as usize);
+            }
+            if align <= 4 {
+                return Some(self.plain[size] as usize);
+            }
+            if align == 16 {
+                return Some(self.align16[size] as usize);
+            }
+        }
         None
     }
+
+    /// The owner id of the plain cache a block of `size` bytes most likely
+    /// belongs to, for a free told the layout: [`owner_fast`](Self::owner_fast)
+    /// without the alignment, with [`TINY_HINT`] set for the tiny classes
+    /// (8 and 12 bytes, whose key word sits elsewhere). A hint, not an
+    /// answer: the caller checks it against the page's owner, so a keyed
+    /// class's free matches with one comparison and a tiny class's never
+    /// does (no owner id has that bit); a mismatch takes the tiny or the
+    /// layout-blind path. The class differs from the allocation's only for
+    /// requests whose size is not a multiple of an alignment above 4 (a
+    /// Rust type's size always is), or whose alignment is above 8.
+    #[inline(always)]
+    pub(crate) fn owner_hint(&self, size: usize) -> Option<usize> {
+        if size <= MAX_SMALL {
+            Some(self.hint[size] as usize)
+        } else {
+            None
+        }
+    }
 }
 
-/// Set in an [`owner_hint`] of a tiny class. Above every owner id a page
-/// descriptor can hold but `LARGE_OWNER` (plain and accounted caches:
-/// 1 to `2 * CLASSES`), whose bits include it, so `owner | TINY_HINT ==
-/// hint` says "this tiny class" exactly.
+/// [`ClassTables::owner_fast`] of [`TABLES`], as a class.
+#[inline(always)]
+pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
+    TABLES.owner_fast(size, align).map(|k| k - 1)
+}
+
+/// Set in an [`owner_hint`](ClassTables::owner_hint) of a tiny class.
+/// Above every owner id a page descriptor can hold but `LARGE_OWNER`
+/// (plain and accounted caches: 1 to `2 * CLASSES`), whose bits include it,
+/// so `owner | TINY_HINT == hint` says "this tiny class" exactly.
 pub(crate) const TINY_HINT: usize = 0x80;
 const _: () = assert!(2 * CLASSES < TINY_HINT && TINY_HINT < u8::MAX as usize);
 
-/// `LOOKUP` with [`TINY_HINT`] set in the tiny classes' entries.
-const HINT: [u8; STEPS] = {
-    let mut t = LOOKUP;
+/// `ClassTables::hint`'s contents.
+const fn hint_table() -> [u8; STEPS] {
+    let mut t = lookup_plain();
     let mut i = 0;
     while i < STEPS {
         if t[i] as usize <= crate::slab::cache::FIRST_KEYED_CLASS {
@@ -149,12 +177,12 @@ const HINT: [u8; STEPS] = {
         i += 1;
     }
     t
-};
+}
 
 /// [`owner_hint`] as a class (the tiny bit taken off), for the tests.
 #[cfg(test)]
 fn class_hint(size: usize) -> Option<usize> {
-    owner_hint(size).map(|k| (k & !TINY_HINT) - 1)
+    TABLES.owner_hint(size).map(|k| (k & !TINY_HINT) - 1)
 }
 
 /// A layout that class `c` serves and maps back to `c`: its size, and its
@@ -184,7 +212,7 @@ pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     if size > MAX_SMALL || align > PAGE_SIZE {
         return None;
     }
-    let mut c = LOOKUP[size.div_ceil(4)] as usize - 1;
+    let mut c = TABLES.plain[size] as usize - 1;
     while natural_align(c) < align {
         c += 1;
         if c == CLASSES {
@@ -328,7 +356,7 @@ mod tests {
     fn tiny_hints_match_no_owner_directly() {
         let first_keyed = crate::slab::cache::FIRST_KEYED_CLASS;
         for size in 1..=MAX_SMALL {
-            let k = owner_hint(size).unwrap();
+            let k = TABLES.owner_hint(size).unwrap();
             let tiny = class_fast(size, 1).unwrap() < first_keyed;
             assert_eq!(k & TINY_HINT != 0, tiny, "size {size}");
             for owner in (1..=2 * CLASSES).chain([usize::from(u16::MAX)]) {

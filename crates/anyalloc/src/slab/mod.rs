@@ -315,16 +315,23 @@ impl core::fmt::Debug for Heap {
 const CACHES_OFF: usize =
     core::mem::size_of::<HeapCore>().next_multiple_of(core::mem::align_of::<Cache>());
 
+/// Where the heap's copy of the size-to-class tables starts in the
+/// metadata area (`HeapCore::tables`): after the caches, so the fast paths
+/// read an entry at a constant offset from the core pointer.
+const TABLES_OFF: usize =
+    (CACHES_OFF + CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+
 /// Where the per-CPU region starts in the metadata area: for each CPU, the
 /// level-0 slot of every cache, `cache::SLOT_BYTES` apart in cache order
 /// (`cache::LEVEL0_STRIDE` bytes per CPU). Each cache keeps the address of
 /// its CPU 0 slot in its first line (`level0`), next to the fast paths'
 /// other fields.
 const LEVEL0_OFF: usize =
-    (CACHES_OFF + CACHES * core::mem::size_of::<Cache>()).next_multiple_of(64);
+    (TABLES_OFF + core::mem::size_of::<class::ClassTables>()).next_multiple_of(64);
 
 /// Where things are in the metadata area (bytes from its start, where the
-/// core is): the caches, the per-CPU region of level-0 slots
+/// core is): the caches, the size-to-class tables (`TABLES_OFF`), the
+/// per-CPU region of level-0 slots
 /// (`LEVEL0_OFF`), every cache's other slots packed together (they are
 /// written when the heap is built, so packing keeps that to a few pages),
 /// every cache's sheaves (written only once used), the huge table, and the
@@ -477,6 +484,16 @@ impl Heap {
             "the heap's metadata is not page-aligned"
         );
         let caches = meta.wrapping_add(m.caches) as *mut Cache;
+        // SAFETY: the tables' place lies inside `meta` (meta_layout, which
+        // puts nothing else there), not shared yet; `ClassTables` is plain
+        // bytes (alignment 1), copied whole from the original.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                &class::TABLES,
+                meta.wrapping_add(TABLES_OFF) as *mut class::ClassTables,
+                1,
+            )
+        };
         let key = free_key(meta as usize);
         for i in 0..CACHES {
             let (class, accounted) = (i % CLASSES, i >= CLASSES);
@@ -856,6 +873,16 @@ impl HeapCore {
         unsafe { &*caches.add(i) }
     }
 
+    /// The heap's copy of the size-to-class tables (see
+    /// [`class::ClassTables`]), at a fixed offset from the core.
+    #[inline(always)]
+    fn tables(&self) -> &class::ClassTables {
+        let t = (self as *const HeapCore).wrapping_byte_add(TABLES_OFF);
+        // SAFETY: `build` copied the tables there; they live, unchanged,
+        // as long as the heap.
+        unsafe { &*(t as *const class::ClassTables) }
+    }
+
     #[inline(always)]
     fn cpu(&self) -> usize {
         self.pages.cpu()
@@ -882,8 +909,8 @@ impl HeapCore {
     /// of computing an address from the class.
     #[inline(always)]
     fn alloc_by_class<const NOLOCK: bool>(&self, layout: Layout) -> Option<NonNull<u8>> {
-        // The table gives the owner id, class + 1 (see `class::LOOKUP`).
-        if let Some(k) = class::owner_fast(layout.size(), layout.align()) {
+        // The table gives the owner id, class + 1 (see `class::ClassTables`).
+        if let Some(k) = self.tables().owner_fast(layout.size(), layout.align()) {
             if k <= cache::FIRST_KEYED_CLASS {
                 return self.alloc_tiny::<NOLOCK>(k - 1);
             }
@@ -1145,7 +1172,7 @@ impl HeapCore {
         // plain cache: the page's owner decides). Two separate arms, not one
         // lookup shared by both: each tests its own owner value, and neither
         // carries a "which arm" flag.
-        match class::owner_hint(layout.size()) {
+        match self.tables().owner_hint(layout.size()) {
             Some(k) => {
                 if let Some((_, d)) = self.pages.locate_first(addr) {
                     let owner = d.owner.load(Ordering::Acquire);
@@ -1155,7 +1182,7 @@ impl HeapCore {
                     if owner == k as u16 {
                         crate::check!(k > cache::FIRST_KEYED_CLASS, "a tiny owner id");
                         // SAFETY: 1. forwarded contract; 2. `k` is a
-                        // keyed class's id: `HINT` holds those and tiny
+                        // keyed class's id: the hint table holds those and tiny
                         // ids with `TINY_HINT` set, and no owner id has
                         // that bit but `LARGE_OWNER`, which is above any
                         // entry (const-asserted beside `TINY_HINT`). The
