@@ -524,13 +524,13 @@ fn double_free_through_global_with_a_layout_of_another_class_aborts() {
     );
 }
 
-/// Allocates `size` bytes aligned to 8 from a fresh heap and frees the
-/// block twice with `free_sized` (or `free_nolock_sized`), the second time
-/// with `second` as the layout (the bad input).
-fn free_sized_twice(size: usize, second: usize, nolock: bool) {
+/// Allocates `size` bytes aligned to `align` from a fresh heap and frees
+/// the block twice with `free_sized` (or `free_nolock_sized`), the second
+/// time with `second` bytes as the layout's size (the bad input).
+fn free_sized_twice(size: usize, align: usize, second: usize, nolock: bool) {
     let h = heap();
-    let l = Layout::from_size_align(size, 8).unwrap();
-    let l2 = Layout::from_size_align(second, 8).unwrap();
+    let l = Layout::from_size_align(size, align).unwrap();
+    let l2 = Layout::from_size_align(second, align).unwrap();
     let p = h.alloc(l).expect("memory");
     // SAFETY: the first free is valid; the second is the bad input.
     unsafe {
@@ -548,7 +548,7 @@ fn free_sized_twice(size: usize, second: usize, nolock: bool) {
 #[test]
 fn double_free_sized_aborts() {
     expect_abort("double_free_sized_aborts", "double free of object", || {
-        free_sized_twice(64, 64, false)
+        free_sized_twice(64, 8, 64, false)
     });
 }
 
@@ -559,7 +559,7 @@ fn double_free_sized_of_a_tiny_object_aborts() {
     expect_abort(
         "double_free_sized_of_a_tiny_object_aborts",
         "double free of object",
-        || free_sized_twice(8, 8, false),
+        || free_sized_twice(8, 8, 8, false),
     );
 }
 
@@ -570,16 +570,7 @@ fn nolock_double_free_sized_of_a_12_byte_object_aborts() {
     expect_abort(
         "nolock_double_free_sized_of_a_12_byte_object_aborts",
         "double free of object",
-        || {
-            let h = heap();
-            let l = Layout::from_size_align(12, 4).unwrap();
-            let p = h.alloc(l).expect("memory");
-            // SAFETY: the first free is valid; the second is the bad input.
-            unsafe {
-                h.free_nolock_sized(p, l);
-                h.free_nolock_sized(p, l);
-            }
-        },
+        || free_sized_twice(12, 4, 12, true),
     );
 }
 
@@ -590,7 +581,7 @@ fn nolock_double_free_sized_with_a_layout_of_another_class_aborts() {
     expect_abort(
         "nolock_double_free_sized_with_a_layout_of_another_class_aborts",
         "double free of object",
-        || free_sized_twice(64, 256, true),
+        || free_sized_twice(64, 8, 256, true),
     );
 }
 
