@@ -1176,17 +1176,16 @@ impl HeapCore {
             Some(k) => {
                 if let Some((_, d)) = self.pages.locate_first(addr) {
                     let owner = d.owner.load(Ordering::Acquire);
-                    // A keyed class: one comparison (a tiny class's hint
-                    // has `TINY_HINT` set, which no owner id has). (`k`
-                    // is a table byte: `as u16` keeps it whole.)
+                    // A keyed class: one comparison. The hint table holds
+                    // keyed ids and tiny ids with `TINY_HINT` set, and no
+                    // owner id has that bit but `LARGE_OWNER`, which is
+                    // above any entry (const-asserted beside `TINY_HINT`).
+                    // So `k` is keyed here, which makes the key word's
+                    // place a constant. (`k` is a table byte: `as u16`
+                    // keeps it whole.)
                     if owner == k as u16 {
                         crate::check!(k > cache::FIRST_KEYED_CLASS, "a tiny owner id");
-                        // SAFETY: 1. forwarded contract; 2. `k` is a
-                        // keyed class's id: the hint table holds those and tiny
-                        // ids with `TINY_HINT` set, and no owner id has
-                        // that bit but `LARGE_OWNER`, which is above any
-                        // entry (const-asserted beside `TINY_HINT`). The
-                        // hint lets the key word's place be a constant.
+                        // SAFETY: forwarded contract; `k` is keyed (above).
                         return unsafe {
                             core::hint::assert_unchecked(k > cache::FIRST_KEYED_CLASS);
                             self.free_in_class::<NOLOCK>(k - 1, addr)
