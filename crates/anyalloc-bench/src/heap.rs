@@ -1,5 +1,6 @@
 //! Workloads 1 to 3 (and the `heap` binary): alloc+free pairs by size, a
-//! batch of 1000 allocations then 1000 frees, and a producer/consumer pair
+//! batch of 1000 allocations then 1000 frees (and its two phases, each
+//! timed alone), and a producer/consumer pair
 //! of threads, for glibc, mimalloc, jemalloc, anyalloc `Global` and
 //! anyalloc `Heap` (normal and nolock paths).
 //!
@@ -106,6 +107,43 @@ pub fn batches(name: &str, a: &dyn GlobalAlloc, layout: Layout, iters: u64) -> D
         }
     }
     t.elapsed()
+}
+
+/// The batch workload with one of its two phases timed: `iters` times,
+/// allocate `BATCH` objects, then free them in allocation order (as
+/// [`batches`]), adding up only the time of the allocations (`FREES`
+/// false) or only that of the frees (`FREES` true). The clock is read
+/// three times per batch, outside both phases' loops.
+#[inline(never)]
+fn batch_phase<const FREES: bool>(
+    name: &str,
+    a: &dyn GlobalAlloc,
+    layout: Layout,
+    iters: u64,
+) -> Duration {
+    let a = black_box(a);
+    let mut held = vec![std::ptr::null_mut::<u8>(); BATCH];
+    let mut timed = Duration::ZERO;
+    for _ in 0..iters {
+        let start = Instant::now();
+        for slot in held.iter_mut() {
+            // SAFETY: `layout` has a non-zero size.
+            let p = unsafe { a.alloc(black_box(layout)) };
+            if p.is_null() {
+                out_of_memory(name, "an object");
+            }
+            *slot = p;
+        }
+        let middle = Instant::now();
+        for &p in black_box(&held).iter() {
+            // SAFETY: each entry was allocated by `a` with `layout` in this
+            // iteration and is freed exactly once.
+            unsafe { a.dealloc(p, layout) };
+        }
+        let end = Instant::now();
+        timed += if FREES { end - middle } else { middle - start };
+    }
+    timed
 }
 
 /// One sample of the producer/consumer workload, for the consumer thread.
@@ -255,6 +293,45 @@ pub fn batch_workload(size: usize) -> Single {
     )
 }
 
+/// The op of the batch's alloc phase ([`batch_phase_workloads`]).
+const ALLOC_PHASE_OP: &str = "alloc (the batch's alloc phase alone)";
+/// The op of the batch's free phase ([`batch_phase_workloads`]).
+const FREE_PHASE_OP: &str = "free (the batch's free phase alone)";
+
+/// The batch workload's two phases, each timed alone (`BATCH` x `size`
+/// bytes, the same loop as [`batch_workload`]): where a batch's time goes,
+/// per allocator. Informational: they carry no targets ([`targets`]), and
+/// their names do not contain the batch's (a filter that selects the batch
+/// selects only it).
+pub fn batch_phase_workloads(size: usize) -> [Single; 2] {
+    let of = format!("{BATCH} x {}", crate::fmt_bytes(size));
+    [
+        (
+            format!("alloc phase, {of}"),
+            ALLOC_PHASE_OP,
+            BATCH as u64,
+            batch_phase::<false> as Work,
+            size,
+        ),
+        (
+            format!("free phase, {of}"),
+            FREE_PHASE_OP,
+            BATCH as u64,
+            batch_phase::<true> as Work,
+            size,
+        ),
+    ]
+}
+
+/// Whether `w` is one of the batch's phases (informational, no targets).
+pub fn is_batch_phase(w: &WorkloadResult) -> bool {
+    w.op == ALLOC_PHASE_OP || w.op == FREE_PHASE_OP
+}
+
+/// What the batch phases are, for the reports' set-up lines.
+pub const PHASES_SETUP: &str = "batch phases (informational, no targets): the batch's loop with only its \
+     alloc phase or only its free phase timed (the clock read between the phases), ns per alloc or per free";
+
 /// Measures one single-threaded workload over `peers`; the nolock peer
 /// sits out requests beyond what its path serves.
 pub fn run_single(opts: &Options, w: &Single, peers: &[Named<Alloc>]) -> WorkloadResult {
@@ -295,10 +372,11 @@ pub fn run_producer_consumer(opts: &Options, peers: &[Named<Alloc>]) -> Workload
 
 /// `normal / best of glibc, mimalloc, jemalloc <= 1.0` (and the same for
 /// `Global` when it took part) and `nolock / normal <= 1.1` for each
-/// workload.
+/// workload but the batch's phases (informational).
 pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
     let mut targets = Vec::new();
-    for w in results {
+    let results: Vec<&WorkloadResult> = results.iter().filter(|w| !is_batch_phase(w)).collect();
+    for &w in &results {
         let best = w.best_of(&OTHERS);
         for who in [NORMAL, crate::peers::GLOBAL] {
             if who == crate::peers::GLOBAL && w.median_of(who).is_none() {
@@ -318,7 +396,7 @@ pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
             ));
         }
     }
-    for w in results {
+    for &w in &results {
         let value = w
             .median_of(NOLOCK)
             .zip(w.median_of(NORMAL))
@@ -364,6 +442,7 @@ pub fn bin_main() {
         .map(pair_workload)
         .collect();
     single.push(batch_workload(64));
+    single.extend(batch_phase_workloads(64));
 
     let mut results = Vec::new();
     for w in &single {
@@ -382,6 +461,7 @@ pub fn bin_main() {
         format!("{NORMAL}: Heap::alloc / free_sized; {NOLOCK}: Heap::alloc_nolock / free_nolock_sized; one Heap each, Config::default()"),
         producer_consumer_setup_line(),
         CALLS_ONLY_SETUP.to_string(),
+        PHASES_SETUP.to_string(),
     ];
     setup.extend(
         hp.heaps
@@ -402,14 +482,19 @@ pub fn bin_main() {
 mod tests {
     use super::*;
 
+    /// `--quick` with 1 ms samples.
+    fn quick() -> Options {
+        Options::parse(&["--quick".into(), "--sample-ms".into(), "1".into()])
+            .expect("options")
+            .expect("not --help")
+    }
+
     /// The pairs and the batch carry the calls-only row: measured in every
     /// round, marked as a reference, never the best. (No timing is
     /// asserted: the figures are the benchmark's to print.)
     #[test]
     fn pairs_and_batch_carry_the_calls_only_reference() {
-        let opts = Options::parse(&["--quick".into(), "--sample-ms".into(), "1".into()])
-            .expect("options")
-            .expect("not --help");
+        let opts = quick();
         let peers: Vec<Named<Alloc>> = vec![("glibc", &std::alloc::System)];
         for w in [pair_workload(64), batch_workload(64)] {
             let r = run_single(&opts, &w, &peers);
@@ -441,6 +526,54 @@ mod tests {
                 w.0
             );
         }
+    }
+
+    /// A phase workload runs the whole batch (every object allocated and
+    /// freed once per iteration, as the batch does), times a part of it,
+    /// and carries no targets; a filter that selects the batch by name
+    /// does not select the phases.
+    #[test]
+    fn batch_phases_run_the_whole_batch_and_carry_no_targets() {
+        use std::sync::atomic::AtomicUsize;
+        struct Counting {
+            allocs: AtomicUsize,
+            frees: AtomicUsize,
+        }
+        // SAFETY: forwards to `System`, counting the calls.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                self.allocs.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: forwarded contract.
+                unsafe { std::alloc::System.alloc(layout) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                self.frees.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: forwarded contract.
+                unsafe { std::alloc::System.dealloc(ptr, layout) }
+            }
+        }
+        let batch = batch_workload(64);
+        for w in batch_phase_workloads(64) {
+            assert!(!w.0.contains(&batch.0), "{} selects with the batch", w.0);
+            let c = Counting {
+                allocs: AtomicUsize::new(0),
+                frees: AtomicUsize::new(0),
+            };
+            let t = Instant::now();
+            let phase = (w.3)("counting", &c, layout(w.4), 3);
+            assert!(phase <= t.elapsed(), "{}: more than the whole run", w.0);
+            assert_eq!(c.allocs.load(Ordering::Relaxed), 3 * BATCH, "{}", w.0);
+            assert_eq!(c.frees.load(Ordering::Relaxed), 3 * BATCH, "{}", w.0);
+
+            let opts = quick();
+            let peers: Vec<Named<Alloc>> = vec![("glibc", &std::alloc::System)];
+            let r = run_single(&opts, &w, &peers);
+            assert!(is_batch_phase(&r), "{}", w.0);
+            assert!(targets(std::slice::from_ref(&r)).is_empty(), "{}", w.0);
+            assert!(r.median_of("glibc").is_some_and(|ns| ns > 0.0), "{}", w.0);
+        }
+        let r = run_single(&quick(), &batch, &[("glibc", &std::alloc::System)]);
+        assert!(!is_batch_phase(&r));
     }
 
     /// The set-up line names the row as the tables print it.

@@ -4,6 +4,7 @@
 //! |---|----|----------|-------|
 //! | 1 | `pairs` | alloc+free pair by size, 16 B to 64 KiB | glibc, mimalloc, jemalloc, anyalloc Global, Heap normal, Heap nolock (+ calls-only reference) |
 //! | 2 | `batch` | 1000 allocations then 1000 frees | same (+ calls-only reference) |
+//! | 2 | `phases` | the batch's alloc phase and free phase, each timed alone (informational) | same |
 //! | 3 | `producer-consumer` | one thread allocates, another frees | same (+ ring-only reference) |
 //! | 4 | `larson` | server churn, slot arrays handed to new threads | same |
 //! | 5 | `cache-scratch` | passive false sharing | same (+ two references) |
@@ -329,6 +330,7 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
     let mut setup = vec![
         "workloads 1-5: every peer called through &dyn GlobalAlloc (Layout align 8), one dynamic call per alloc and per free".to_string(),
         heap::CALLS_ONLY_SETUP.to_string(),
+        heap::PHASES_SETUP.to_string(),
         format!(
             "{}: std::alloc::System; {}: mimalloc::MiMalloc; {}: tikv_jemallocator::Jemalloc; {}: anyalloc::Global (the process-wide heap, with its re-entry routing)",
             peers::GLIBC, peers::MIMALLOC, peers::JEMALLOC, peers::GLOBAL
@@ -346,6 +348,11 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
         .map(|s| format!("pairs: {}", heap::pair_workload(s).0))
         .collect();
     candidates.push(format!("batch: {}", heap::batch_workload(64).0));
+    candidates.extend(
+        heap::batch_phase_workloads(64)
+            .iter()
+            .map(|w| format!("phases: {}", w.0)),
+    );
     candidates.push("producer-consumer: producer/consumer 64 B".into());
     candidates.push("larson: larson server churn".into());
     candidates.push("cache-scratch: cache-scratch 8 B".into());
@@ -377,6 +384,13 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
                 timed.push(with_maintainers(2, "batch", hp, &list, || {
                     heap::run_single(opts, &w, &list)
                 }));
+            }
+            for w in heap::batch_phase_workloads(64) {
+                if sel("phases", &w.0) {
+                    timed.push(with_maintainers(2, "phases", hp, &list, || {
+                        heap::run_single(opts, &w, &list)
+                    }));
+                }
             }
             if sel("producer-consumer", "producer/consumer 64 B") {
                 timed.push(with_maintainers(3, "producer-consumer", hp, &list, || {
