@@ -27,7 +27,8 @@
 //!   lazily, so their pages are not touched before use).
 //! * **Deferred stack**: objects whose nolock free found every lock held;
 //!   the object's first word is the link. Drained by the next normal-path
-//!   operation on this cache and by `Heap::drain`.
+//!   operation on this cache and by `Heap::drain`; a nolock allocation that
+//!   finds the node lock held takes objects from it (`alloc_deferred`).
 //!
 //! # Double-free detection (every build)
 //!
@@ -1056,7 +1057,85 @@ impl Cache {
                 });
             }
         }
-        Err(Fail::Busy)
+        self.alloc_deferred(cpu).ok_or(Fail::Busy)
+    }
+
+    /// Nolock allocation while the node lock is held elsewhere (another
+    /// CPU's refill or flush, the maintainer, or the context this one
+    /// interrupted): the objects that frees parked on the deferred stack
+    /// meanwhile, waiting for a normal context to return them to their
+    /// slabs, are free objects of this cache like a sheaf's. Takes the
+    /// stack, keeps its first object, moves as many of the rest as the main
+    /// sheaf of a slot of this CPU has room for (if one can be locked), and
+    /// puts the remainder back without walking it
+    /// ([`IndexStack::put_back`]), so the work does not grow with the
+    /// backlog. Then, as `defer` does after a push, it closes the normal
+    /// fast path, so the next normal operation drains what was put back.
+    ///
+    /// Without this, the two CPUs' bursts of nolock allocations, each
+    /// holding the node lock in turn for its refills, sent each other to
+    /// the next class up while their frees piled up here: memory that no
+    /// allocation could reuse until a normal context drained it.
+    ///
+    /// Accounted caches keep their objects on the stack (their frees have
+    /// owner words to settle in the normal drain).
+    #[cold]
+    fn alloc_deferred(&self, cpu: usize) -> Option<usize> {
+        if self.accounted {
+            return None;
+        }
+        let link = |o: usize| {
+            // SAFETY: `o` is on a chain this context took from the deferred
+            // stack (`take_all`, or `put_back`'s own take), so it owns it;
+            // `defer` wrote its first word (the link, keyed), and the
+            // take's Acquire made that write visible.
+            unsafe { (o as *const usize).read_unaligned() ^ self.key }
+        };
+        let first = self.deferred.take_all();
+        if first == crate::sync::NIL {
+            return None;
+        }
+        crate::interrupt_point!(ObjectDeferredDrain);
+        let mut rest = link(first);
+        let mut taken = 1;
+        if rest != crate::sync::NIL {
+            if let Some((slot, g)) = (0..LEVELS).find_map(|l| self.lock_own(cpu, l)) {
+                crate::page::bump(&slot.nolock_ok, &g);
+                while rest != crate::sync::NIL && slot.main_len() < self.cap {
+                    let next = link(rest);
+                    if !slot.main_push(rest, &g) {
+                        break;
+                    }
+                    // A free object in a sheaf carries the key in its key
+                    // word: for tiny classes that word held the link.
+                    self.set_free_mark(rest);
+                    crate::interrupt_point!(ObjectDeferredDrain);
+                    taken += 1;
+                    rest = next;
+                }
+            }
+        }
+        self.deferred_count.fetch_sub(taken, Ordering::Relaxed);
+        if rest != crate::sync::NIL {
+            self.deferred.put_back(rest, link, |o, next| {
+                // SAFETY: as for `link`: an object of a chain this context
+                // owns; its first word becomes the link.
+                unsafe { (o as *mut usize).write_unaligned(next ^ self.key) };
+            });
+            // As in `defer`: after the push, close the normal fast path.
+            core::sync::atomic::fence(Ordering::SeqCst);
+            self.normal_cpus.store(0, Ordering::Relaxed);
+        }
+        Some(first)
+    }
+
+    /// Writes the key into a free object's key word (as a free's key test
+    /// leaves it).
+    fn set_free_mark(&self, obj: usize) {
+        // SAFETY: `obj` is a free object of this cache owned by the caller
+        // (taken off the deferred stack and held in a locked slot), at
+        // least `key_off + 8` bytes.
+        unsafe { ((obj + key_off(self.class)) as *mut usize).write_unaligned(self.key) };
     }
 
     #[inline]
