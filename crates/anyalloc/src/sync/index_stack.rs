@@ -230,20 +230,25 @@ mod loom_tests {
         }
     }
 
+    /// An empty stack and four unlinked elements, for several threads.
+    fn shared_stack() -> Arc<(IndexStack, Links)> {
+        Arc::new((
+            IndexStack::new(),
+            Links([
+                LoomUsize::new(NIL),
+                LoomUsize::new(NIL),
+                LoomUsize::new(NIL),
+                LoomUsize::new(NIL),
+            ]),
+        ))
+    }
+
     /// Two pushers and a concurrent taker: every pushed element is taken
     /// exactly once (by the concurrent take or the final one).
     #[test]
     fn push_and_take_all_lose_nothing() {
         loom::model(|| {
-            let shared = Arc::new((
-                IndexStack::new(),
-                Links([
-                    LoomUsize::new(NIL),
-                    LoomUsize::new(NIL),
-                    LoomUsize::new(NIL),
-                    LoomUsize::new(NIL),
-                ]),
-            ));
+            let shared = shared_stack();
             let a = shared.clone();
             let t1 = loom::thread::spawn(move || {
                 a.0.push(0, |i, n| a.1 .0[i].store(n, Ordering::Relaxed));
@@ -268,15 +273,7 @@ mod loom_tests {
     #[test]
     fn put_back_races_a_push() {
         loom::model(|| {
-            let shared = Arc::new((
-                IndexStack::new(),
-                Links([
-                    LoomUsize::new(NIL),
-                    LoomUsize::new(NIL),
-                    LoomUsize::new(NIL),
-                    LoomUsize::new(NIL),
-                ]),
-            ));
+            let shared = shared_stack();
             let set =
                 |s: &(IndexStack, Links), i: usize, n: usize| s.1 .0[i].store(n, Ordering::Relaxed);
             shared.0.push(0, |i, n| set(&shared, i, n));
