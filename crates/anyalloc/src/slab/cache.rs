@@ -1077,18 +1077,14 @@ impl Cache {
     /// the next class up while their frees piled up here: memory that no
     /// allocation could reuse until a normal context drained it.
     ///
-    /// Accounted caches keep their objects on the stack (their frees have
-    /// owner words to settle in the normal drain).
+    /// (Accounted caches too: a free uncharges before the cache sees the
+    /// object, and an allocation charges whatever object it is given.)
     #[cold]
     fn alloc_deferred(&self, cpu: usize) -> Option<usize> {
-        if self.accounted {
-            return None;
-        }
         let link = |o: usize| {
-            // SAFETY: `o` is on a chain this context took from the deferred
-            // stack (`take_all`, or `put_back`'s own take), so it owns it;
-            // `defer` wrote its first word (the link, keyed), and the
-            // take's Acquire made that write visible.
+            // SAFETY: `o` is on a chain this context took (`take_all`, or
+            // `put_back`'s own take) and owns; `defer` wrote its first word
+            // (the keyed link), made visible by the take's Acquire.
             unsafe { (o as *const usize).read_unaligned() ^ self.key }
         };
         let first = self.deferred.take_all();
