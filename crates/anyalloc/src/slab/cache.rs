@@ -495,6 +495,10 @@ pub(crate) struct Cache {
     pub(crate) fail_busy: AtomicU64,
     pub(crate) fail_empty: AtomicU64,
     pub(crate) free_deferred: AtomicU64,
+    /// Nolock allocations served without a slot of this CPU to count them
+    /// in (`nolock_ok` of a slot): a slab under a tried node lock, or the
+    /// deferred stack (`alloc_deferred`).
+    nolock_ok_slotless: AtomicU64,
 }
 
 // The fast paths' fields share the first cache line; a cache is 512 bytes
@@ -683,6 +687,7 @@ impl Cache {
                 fail_busy: AtomicU64::new(0),
                 fail_empty: AtomicU64::new(0),
                 free_deferred: AtomicU64::new(0),
+                nolock_ok_slotless: AtomicU64::new(0),
             });
             // The slots are left as the zero-filled metadata: a free lock,
             // an empty main sheaf, no spare and capacity 0, which `prepare`
@@ -1048,16 +1053,16 @@ impl Cache {
         }
         if !node_busy {
             if let Some(node) = self.node.lock.try_lock(pages.platform()) {
-                return self.take_object(&node, pages, Mode::NoLock).map_err(|e| {
-                    if busy {
-                        Fail::Busy
-                    } else {
-                        e
-                    }
-                });
+                let r = self.take_object(&node, pages, Mode::NoLock);
+                if r.is_ok() {
+                    self.nolock_ok_slotless.fetch_add(1, Ordering::Relaxed);
+                }
+                return r.map_err(|e| if busy { Fail::Busy } else { e });
             }
         }
-        self.alloc_deferred(cpu).ok_or(Fail::Busy)
+        let o = self.alloc_deferred(cpu).ok_or(Fail::Busy)?;
+        self.nolock_ok_slotless.fetch_add(1, Ordering::Relaxed);
+        Ok(o)
     }
 
     /// Nolock allocation while the node lock is held elsewhere (another
@@ -1096,7 +1101,6 @@ impl Cache {
         let mut taken = 1;
         if rest != crate::sync::NIL {
             if let Some((slot, g)) = (0..LEVELS).find_map(|l| self.lock_own(cpu, l)) {
-                crate::page::bump(&slot.nolock_ok, &g);
                 while rest != crate::sync::NIL && slot.main_len() < self.cap {
                     let next = link(rest);
                     if !slot.main_push(rest, &g) {
@@ -1868,7 +1872,8 @@ impl Cache {
     pub(crate) fn nolock_ok(&self) -> u64 {
         self.slots()
             .map(|s| s.nolock_ok.load(Ordering::Relaxed))
-            .sum()
+            .sum::<u64>()
+            + self.nolock_ok_slotless.load(Ordering::Relaxed)
     }
 
     // ----- validation ------------------------------------------------------------
