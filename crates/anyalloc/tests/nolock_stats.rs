@@ -6,12 +6,26 @@
 //! node lock.
 
 use std::alloc::Layout;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Heap};
 
-static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+/// One CPU (so one set of level slots), no maintainer thread.
+static HEAP: OnceLock<Heap> = OnceLock::new();
+
+fn heap() -> &'static Heap {
+    HEAP.get_or_init(|| {
+        Heap::new(
+            Config::default()
+                .memory(16 << 20)
+                .cpus(1)
+                .maintenance(false),
+        )
+        .expect("heap")
+    })
+}
 /// Nested allocations made so far (the hook stops at `NESTED`).
 static DEPTH: AtomicUsize = AtomicUsize::new(0);
 /// Nested nolock allocations that returned memory.
@@ -35,9 +49,7 @@ fn hook(site: Site) {
     if depth >= NESTED {
         return;
     }
-    // SAFETY: set before the hook is installed, leaked.
-    let h = unsafe { &*HEAP.load(Ordering::Relaxed) };
-    if let Some(p) = h.alloc_nolock(layout()) {
+    if let Some(p) = heap().alloc_nolock(layout()) {
         SERVED.fetch_add(1, Ordering::Relaxed);
         HELD[depth].store(p.as_ptr() as usize, Ordering::Relaxed);
     }
@@ -45,16 +57,7 @@ fn hook(site: Site) {
 
 #[test]
 fn every_nolock_success_is_counted() {
-    let h: &'static Heap = Box::leak(Box::new(
-        Heap::new(
-            Config::default()
-                .memory(16 << 20)
-                .cpus(1)
-                .maintenance(false),
-        )
-        .unwrap(),
-    ));
-    HEAP.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
+    let h = heap();
     let before = h.stats().nolock_alloc_ok;
     // The heap's first allocation of the class takes its slow path, which
     // holds the level-0 slot at its `SheafAlloc` site.
