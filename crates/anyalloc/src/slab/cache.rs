@@ -1086,12 +1086,9 @@ impl Cache {
     /// object, and an allocation charges whatever object it is given.)
     #[cold]
     fn alloc_deferred(&self, cpu: usize) -> Option<usize> {
-        let link = |o: usize| {
-            // SAFETY: `o` is on a chain this context took (`take_all`, or
-            // `put_back`'s own take) and owns; `defer` wrote its first word
-            // (the keyed link), made visible by the take's Acquire.
-            unsafe { (o as *const usize).read_unaligned() ^ self.key }
-        };
+        // Every object below is on a chain this context took (`take_all`,
+        // or `put_back`'s own take) and owns.
+        let link = |o: usize| self.deferred_link(o);
         let first = self.deferred.take_all();
         if first == crate::sync::NIL {
             return None;
@@ -1117,14 +1114,9 @@ impl Cache {
         }
         self.deferred_count.fetch_sub(taken, Ordering::Relaxed);
         if rest != crate::sync::NIL {
-            self.deferred.put_back(rest, link, |o, next| {
-                // SAFETY: as for `link`: an object of a chain this context
-                // owns; its first word becomes the link.
-                unsafe { (o as *mut usize).write_unaligned(next ^ self.key) };
-            });
-            // As in `defer`: after the push, close the normal fast path.
-            core::sync::atomic::fence(Ordering::SeqCst);
-            self.normal_cpus.store(0, Ordering::Relaxed);
+            self.deferred
+                .put_back(rest, link, |o, next| self.set_deferred_link(o, next));
+            self.close_normal_after_push();
         }
         Some(first)
     }
@@ -1387,15 +1379,37 @@ impl Cache {
         self.deferred_count.fetch_add(1, Ordering::Relaxed);
         self.free_deferred.fetch_add(1, Ordering::Relaxed);
         self.deferred.push(obj, |o, next| {
-            // SAFETY: `o` is a validated object being freed (at least 8
-            // bytes, owned by this free); its first word becomes the link.
-            unsafe { (o as *mut usize).write_unaligned(next ^ self.key) };
+            // `o` is a validated object being freed, owned by this free.
+            self.set_deferred_link(o, next);
             crate::interrupt_point!(ObjectDeferredPush);
         });
-        // After the push (see `normal_cpus`): the next normal operation
-        // takes the slow path, which drains.
+        self.close_normal_after_push();
+    }
+
+    /// After a push onto the deferred stack (see `normal_cpus`): closes the
+    /// normal fast path, so the next normal operation takes the slow path,
+    /// which drains.
+    fn close_normal_after_push(&self) {
         core::sync::atomic::fence(Ordering::SeqCst);
         self.normal_cpus.store(0, Ordering::Relaxed);
+    }
+
+    /// A deferred object's link: its first word, keyed (`set_deferred_link`).
+    /// `o` is on a deferred chain the caller took (`take_all`) and owns.
+    fn deferred_link(&self, o: usize) -> usize {
+        // SAFETY: per the caller: an object of this cache (at least 8
+        // bytes) on a chain it owns, whose link `set_deferred_link` wrote,
+        // made visible by the take's Acquire.
+        unsafe { (o as *const usize).read_unaligned() ^ self.key }
+    }
+
+    /// Writes a deferred object's link into its first word, keyed. `o` is a
+    /// free object of this cache that the caller owns (being freed, or on a
+    /// deferred chain it took).
+    fn set_deferred_link(&self, o: usize, next: usize) {
+        // SAFETY: per the caller: an object of this cache (at least 8
+        // bytes) that no other context uses.
+        unsafe { (o as *mut usize).write_unaligned(next ^ self.key) };
     }
 
     /// Normal context, a slow path: drains the deferred stack if anything is
@@ -1431,9 +1445,8 @@ impl Cache {
         let mut o = self.deferred.take_all();
         let cpu = pages.cpu();
         while o != crate::sync::NIL {
-            // SAFETY: `o` was pushed by `defer`, which wrote the link there;
-            // take_all's Acquire makes that write visible.
-            let next = unsafe { (o as *const usize).read_unaligned() } ^ self.key;
+            // The chain is ours (take_all).
+            let next = self.deferred_link(o);
             crate::interrupt_point!(ObjectDeferredDrain);
             self.deferred_count.fetch_sub(1, Ordering::Relaxed);
             self.free_normal(pages, cpu, o);
@@ -1993,14 +2006,10 @@ impl Cache {
         let mut found = false;
         let mut o = self.deferred.take_all();
         while o != crate::sync::NIL {
-            // SAFETY: the chain is ours (take_all); each element was linked
-            // by `defer`, which wrote its first word.
-            let next = unsafe { (o as *const usize).read_unaligned() } ^ self.key;
+            // The chain is ours (take_all), each element ours until pushed.
+            let next = self.deferred_link(o);
             found |= o == obj;
-            self.deferred.push(o, |x, n| {
-                // SAFETY: as above: `x` is a deferred object we own again.
-                unsafe { (x as *mut usize).write_unaligned(n ^ self.key) };
-            });
+            self.deferred.push(o, |x, n| self.set_deferred_link(x, n));
             o = next;
         }
         if found {
