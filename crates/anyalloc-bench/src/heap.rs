@@ -84,6 +84,30 @@ pub fn pairs(name: &str, a: &dyn GlobalAlloc, layout: Layout, iters: u64) -> Dur
     t.elapsed()
 }
 
+/// The batch's alloc phase: fills `held` with objects of `layout`.
+#[inline(always)]
+fn alloc_batch(name: &str, a: &dyn GlobalAlloc, layout: Layout, held: &mut [*mut u8]) {
+    for slot in held.iter_mut() {
+        // SAFETY: `layout` has a non-zero size.
+        let p = unsafe { a.alloc(black_box(layout)) };
+        if p.is_null() {
+            out_of_memory(name, "an object");
+        }
+        *slot = p;
+    }
+}
+
+/// The batch's free phase: frees `held` (filled by `alloc_batch` with
+/// `layout`) in allocation order.
+#[inline(always)]
+fn free_batch(a: &dyn GlobalAlloc, layout: Layout, held: &[*mut u8]) {
+    for &p in black_box(held).iter() {
+        // SAFETY: each entry was allocated by `a` with `layout` in this
+        // iteration and is freed exactly once.
+        unsafe { a.dealloc(p, layout) };
+    }
+}
+
 /// `iters` times: allocate `BATCH` objects, then free them in allocation
 /// order.
 #[inline(never)]
@@ -92,19 +116,8 @@ pub fn batches(name: &str, a: &dyn GlobalAlloc, layout: Layout, iters: u64) -> D
     let mut held = vec![std::ptr::null_mut::<u8>(); BATCH];
     let t = Instant::now();
     for _ in 0..iters {
-        for slot in held.iter_mut() {
-            // SAFETY: `layout` has a non-zero size.
-            let p = unsafe { a.alloc(black_box(layout)) };
-            if p.is_null() {
-                out_of_memory(name, "an object");
-            }
-            *slot = p;
-        }
-        for &p in black_box(&held).iter() {
-            // SAFETY: each entry was allocated by `a` with `layout` in this
-            // iteration and is freed exactly once.
-            unsafe { a.dealloc(p, layout) };
-        }
+        alloc_batch(name, a, layout, &mut held);
+        free_batch(a, layout, &held);
     }
     t.elapsed()
 }
@@ -126,20 +139,9 @@ fn batch_phase<const FREES: bool>(
     let mut timed = Duration::ZERO;
     for _ in 0..iters {
         let start = Instant::now();
-        for slot in held.iter_mut() {
-            // SAFETY: `layout` has a non-zero size.
-            let p = unsafe { a.alloc(black_box(layout)) };
-            if p.is_null() {
-                out_of_memory(name, "an object");
-            }
-            *slot = p;
-        }
+        alloc_batch(name, a, layout, &mut held);
         let middle = Instant::now();
-        for &p in black_box(&held).iter() {
-            // SAFETY: each entry was allocated by `a` with `layout` in this
-            // iteration and is freed exactly once.
-            unsafe { a.dealloc(p, layout) };
-        }
+        free_batch(a, layout, &held);
         let end = Instant::now();
         timed += if FREES { end - middle } else { middle - start };
     }
