@@ -92,6 +92,10 @@ static STEAL_SITE_DEFERRED: AtomicU64 = AtomicU64::new(0);
 /// WAKE: the helper thread may start, and is waiting on the zone lock.
 static GO: AtomicBool = AtomicBool::new(false);
 static WAITING: AtomicBool = AtomicBool::new(false);
+/// Set once the hook at `ZoneWake` has done its nolock work (or the wake
+/// phase's allocation returned): until then the waiter keeps waiting, so it
+/// cannot take the zone lock away from the hook's allocations.
+static WAKE_SERVED: AtomicBool = AtomicBool::new(false);
 
 std::thread_local! {
     /// Only the test thread's critical sections are re-entered (the WAKE
@@ -183,6 +187,9 @@ fn hook(site: Site) {
     DEPTH.store(depth + 1, Ordering::Relaxed);
     reenter(site, i, depth);
     DEPTH.store(depth, Ordering::Relaxed);
+    if site == Site::ZoneWake {
+        WAKE_SERVED.store(true, Ordering::Release);
+    }
 }
 
 /// What a handler that landed at `site` does.
@@ -387,7 +394,10 @@ fn grow_phase() {
 }
 
 /// A platform whose `wait` says that a waiter is waiting (and spins until
-/// the word changes): the test knows when the zone lock is contended.
+/// the word changes): the test knows when the zone lock is contended. It
+/// also spins until the hook at `ZoneWake` is served (`WAKE_SERVED`):
+/// otherwise the waiter, which sees the unlock before the wake, could take
+/// the zone lock while the hook's nolock allocations need it.
 struct WaitPlatform;
 impl anyalloc::Platform for WaitPlatform {
     fn cpu_id(&self) -> usize {
@@ -398,7 +408,7 @@ impl anyalloc::Platform for WaitPlatform {
     }
     fn wait(&self, word: &std::sync::atomic::AtomicU32, expected: u32) {
         WAITING.store(true, Ordering::Release);
-        while word.load(Ordering::Acquire) == expected {
+        while word.load(Ordering::Acquire) == expected || !WAKE_SERVED.load(Ordering::Acquire) {
             std::thread::yield_now();
         }
     }
@@ -441,6 +451,9 @@ fn wake_phase() {
     interrupt::set_hook(Some(hook));
     let p = pa2.alloc_pages(5).expect("memory to spare");
     interrupt::set_hook(None);
+    // If the hook never ran at `ZoneWake`, the waiter must not wait forever
+    // (the assertion below reports it).
+    WAKE_SERVED.store(true, Ordering::Release);
     MODE.store(PROBE, Ordering::Relaxed);
     helper.join().unwrap();
     assert!(
