@@ -9,8 +9,9 @@
 //! `Config::nolock_syscalls(false)` nobody wakes it: it looks at the word
 //! every millisecond instead. Each wake it
 //! drains the deferred lists at once; every 50 ms it also runs a full pass
-//! ([`Maintained::pass`]): per-CPU lists and sheaves that saw demand
-//! are stocked, caches and barns left unchanged for half a second give their
+//! ([`Maintained::pass`]): per-CPU lists and sheaves that a nolock
+//! allocation found empty are stocked (a normal one can wait for the lock
+//! instead), caches and barns left unchanged for half a second give their
 //! objects back to the slabs and their pages back to the buddy lists,
 //! shrinkers run below the low watermark, and free blocks of 256 KiB or
 //! more that stayed idle for half a second go back to the OS (`MADV_DONTNEED`).

@@ -289,6 +289,51 @@ fn the_nolock_stock_fills_on_demand_and_idles_back() {
     assert_eq!(s.free_pages, s.total_pages);
 }
 
+/// Maintenance tops up a per-CPU page list that a nolock allocation found
+/// empty (a burst in a handler then finds pages), and not one that only the
+/// normal path found empty: a normal refill can wait for the zone lock, so a
+/// stock kept for it would only hold memory.
+#[test]
+fn page_lists_are_stocked_for_the_nolock_path_only() {
+    let h = Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .grow(false)
+            .maintenance(false)
+            .cpus(1),
+    )
+    .unwrap();
+    // 16 KiB: an order-2 block from the page allocator's per-CPU lists.
+    let l = Layout::from_size_align(16 << 10, 8).unwrap();
+    let percpu = |h: &Heap| h.stats().pages.percpu_pages;
+    h.drain();
+    assert_eq!(percpu(&h), 0, "drained");
+    let p = h.alloc(l).expect("memory to spare");
+    let before = percpu(&h);
+    h.maintain();
+    assert_eq!(
+        percpu(&h),
+        before,
+        "maintenance stocked a list that only the normal path found empty"
+    );
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free(p) };
+    h.drain();
+    assert_eq!(percpu(&h), 0, "drained");
+    let p = h.alloc_nolock(l).expect("memory to spare");
+    let before = percpu(&h);
+    h.maintain();
+    assert!(
+        percpu(&h) > before,
+        "maintenance did not stock the list the nolock path found empty: {before} pages"
+    );
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free_nolock(p) };
+    h.drain();
+    let s = h.stats().pages;
+    assert_eq!(s.free_pages, s.total_pages, "pages lost: {s:?}");
+}
+
 /// 64 KiB blocks (order 4, above the page allocator's per-CPU orders) have
 /// a per-CPU list of the heap's own, which both modes share: with rseq, a
 /// free puts the block there and the next allocation of that size on the

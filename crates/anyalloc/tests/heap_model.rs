@@ -238,8 +238,9 @@ fn many_objects_of_two_classes() {
     run(ops, 2).unwrap();
 }
 
-/// Maintenance keeps slots that ran empty stocked: a pass fills the spare
-/// sheaf of such a slot from the slabs. Nothing may be lost doing so: after
+/// Maintenance keeps slots that ran empty on the nolock path stocked: a pass
+/// fills the spare sheaf of such a slot from the slabs (and of no slot that
+/// only the normal path found empty). Nothing may be lost doing so: after
 /// everything is freed and drained, every object and page is back.
 #[test]
 fn maintenance_stocking_keeps_every_object() {
@@ -269,9 +270,10 @@ fn maintenance_stocking_keeps_every_object() {
         class(&heap).cached_in_sheaves + class(&heap).cached_in_barn,
         0
     );
-    // The slot runs empty (demand): a refill from the slabs (a sheaf's
-    // worth: the slabs have 150 free objects), then use most of it, so the
-    // slot holds less than half a sheaf.
+    // The slot runs empty on the normal path: a refill from the slabs (a
+    // sheaf's worth: the slabs have 150 free objects), then use most of it,
+    // so the slot holds less than half a sheaf. That refill could wait for
+    // the node lock: maintenance keeps no stock for it.
     let cap = class(&heap).sheaf_capacity;
     assert!(cap < 150, "a sheaf of 64-byte objects holds {cap}");
     live.extend((0..cap - cap / 4).map(|_| heap.alloc(l).unwrap()));
@@ -279,9 +281,20 @@ fn maintenance_stocking_keeps_every_object() {
     assert!(before.cached_in_sheaves < cap / 2, "{before:?}");
     heap.maintain();
     let after = class(&heap);
+    assert_eq!(
+        after.cached_in_sheaves, before.cached_in_sheaves,
+        "maintenance stocked a slot that only the normal path found empty"
+    );
+    // Empty again, and the same on the nolock path: now the slot is stocked.
+    heap.drain();
+    live.extend((0..cap - cap / 4).map(|_| heap.alloc_nolock(l).unwrap()));
+    let before = class(&heap);
+    assert!(before.cached_in_sheaves < cap / 2, "{before:?}");
+    heap.maintain();
+    let after = class(&heap);
     assert!(
         after.cached_in_sheaves > before.cached_in_sheaves,
-        "maintenance did not stock the slot that ran empty: {before:?} -> {after:?}"
+        "maintenance did not stock the slot that ran empty on the nolock path: {before:?} -> {after:?}"
     );
     assert_eq!(
         after.objects_in_use,

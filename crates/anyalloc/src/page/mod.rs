@@ -728,7 +728,7 @@ impl PageAllocator {
     }
 
     /// One maintenance pass (normal context): merges deferred frees, keeps
-    /// per-CPU lists that saw demand stocked (and returns idle ones, see
+    /// per-CPU lists that ran empty on the nolock path stocked (and returns idle ones, see
     /// `Zone::maintain_slots`), and (std) returns free blocks idle for
     /// `idle_epochs` epochs to the OS. Returns the bytes released.
     #[cfg_attr(not(feature = "std"), allow(unused_mut))]

@@ -109,8 +109,10 @@ pub(crate) enum Fail {
 #[repr(C, align(64))]
 pub(crate) struct PcpSlot {
     pub(crate) lock: SlotLock,
-    /// Set when an allocation found this slot's lists empty; the maintainer
-    /// keeps such slots stocked. Cleared by drain.
+    /// Set when a nolock allocation found this slot's lists empty; the
+    /// maintainer keeps such slots stocked. A normal allocation does not set
+    /// it: its refill can wait for the zone lock, so a stock kept for it
+    /// would only hold memory. Cleared by drain.
     pub(crate) demand: AtomicU32,
     /// Per order, one word: the list's head (low 32 bits, `NIL` when empty)
     /// and its block count (high 32 bits), so that a restartable sequence
@@ -843,7 +845,9 @@ impl Zone {
         reserve: usize,
         stock_cpu: Option<usize>,
     ) -> Result<u32, Fail> {
-        slot.demand.store(1, Ordering::Relaxed);
+        if mode == Mode::NoLock {
+            slot.demand.store(1, Ordering::Relaxed);
+        }
         let g = self.lock.lock_in(mode, self.platform).ok_or(Fail::Busy)?;
         self.drain_deferred_in(mode, &g);
         self.stock_refill(&g);
@@ -1187,8 +1191,9 @@ impl Zone {
     ///   again once an allocation finds it empty);
     /// - a slot holding more than half its `high` plus a batch is trimmed to
     ///   half its `high` (nolock frees may overshoot `high`);
-    /// - a slot that has seen demand and holds less than a batch is topped
-    ///   up to half its `high`, so a burst of nolock allocations finds pages.
+    /// - a slot that a nolock allocation found empty (`demand`) and that
+    ///   holds less than a batch is topped up to half its `high`, so a burst
+    ///   of nolock allocations finds pages.
     pub(crate) fn maintain_slots(&self, idle_passes: u32) {
         let target = self.pcp_high / 2;
         for i in 0..self.cpus * LEVELS {

@@ -233,8 +233,10 @@ pub(crate) struct SheafSlot {
     limit: AtomicUsize,
     spare: AtomicPtr<Sheaf>,
     pub(crate) nolock_ok: AtomicU64,
-    /// Set when an allocation found this slot empty; the maintainer keeps
-    /// such slots stocked. Cleared by drain.
+    /// Set when a nolock allocation found this slot empty; the maintainer
+    /// keeps such slots stocked. A normal allocation does not set it: its
+    /// refill can wait for the node lock, so a stock kept for it would only
+    /// hold memory. Cleared by drain.
     demand: core::sync::atomic::AtomicU32,
     /// Maintenance: for how many passes the slot's sheaves have not changed.
     idle: IdleWatch,
@@ -1152,8 +1154,11 @@ impl Cache {
         pages: &PageAllocator,
         mode: Mode,
     ) -> Result<usize, Fail> {
-        // This slot ran empty: the maintainer keeps it stocked from now on.
-        slot.demand.store(1, Ordering::Relaxed);
+        // This slot ran empty on the nolock path: the maintainer keeps it
+        // stocked from now on.
+        if mode == Mode::NoLock {
+            slot.demand.store(1, Ordering::Relaxed);
+        }
         let node = self
             .node
             .lock
@@ -1748,9 +1753,9 @@ impl Cache {
     ///   slabs' pages);
     /// - a slot whose sheaves have not changed for `idle_passes` passes is
     ///   flushed to the slabs and forgets its demand;
-    /// - a slot that has seen demand and holds less than half a sheaf gets
-    ///   its spare filled (from the barn or the slabs), so a burst of nolock
-    ///   allocations finds objects ready.
+    /// - a slot that a nolock allocation found empty (`demand`) and that
+    ///   holds less than half a sheaf gets its spare filled (from the barn or
+    ///   the slabs), so a burst of nolock allocations finds objects ready.
     pub(crate) fn maintain_slots(&self, pages: &PageAllocator, idle_passes: u32) {
         self.drain_and_reopen(pages);
         let idle = self
