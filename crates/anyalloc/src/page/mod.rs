@@ -728,9 +728,9 @@ impl PageAllocator {
     }
 
     /// One maintenance pass (normal context): merges deferred frees, keeps
-    /// per-CPU lists that ran empty on the nolock path stocked (and returns idle ones, see
-    /// `Zone::maintain_slots`), and (std) returns free blocks idle for
-    /// `idle_epochs` epochs to the OS. Returns the bytes released.
+    /// per-CPU lists that ran empty on the nolock path stocked (and returns
+    /// idle ones, see `Zone::maintain_slots`), and (std) returns free blocks
+    /// idle for `idle_epochs` epochs to the OS. Returns the bytes released.
     #[cfg_attr(not(feature = "std"), allow(unused_mut))]
     pub(crate) fn maintain(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) -> usize {
         let Some(_serial) = self.drain_lock.lock_in(Mode::Normal, self.platform) else {

@@ -1188,7 +1188,7 @@ impl Zone {
     /// Maintenance (normal context), for every slot not held right now:
     /// - a slot whose lists have not changed for `idle_passes` passes goes
     ///   back to the buddy lists, and forgets its demand (it is stocked
-    ///   again once an allocation finds it empty);
+    ///   again once a nolock allocation finds it empty);
     /// - a slot holding more than half its `high` plus a batch is trimmed to
     ///   half its `high` (nolock frees may overshoot `high`);
     /// - a slot that a nolock allocation found empty (`demand`) and that
