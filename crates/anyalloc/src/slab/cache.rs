@@ -1123,15 +1123,6 @@ impl Cache {
         Some(first)
     }
 
-    /// Writes the key into a free object's key word (as a free's key test
-    /// leaves it).
-    fn set_free_mark(&self, obj: usize) {
-        // SAFETY: `obj` is a free object of this cache owned by the caller
-        // (taken off the deferred stack and held in a locked slot), at
-        // least `key_off + 8` bytes.
-        unsafe { ((obj + key_off(self.class)) as *mut usize).write_unaligned(self.key) };
-    }
-
     #[inline]
     fn pop_slot(&self, slot: &SheafSlot, g: &SlotGuard<'_>) -> Option<usize> {
         if let Some(o) = slot.main_pop(g) {
@@ -1956,6 +1947,15 @@ impl Cache {
     #[inline(never)]
     fn tiny_suspect(&self, pages: &PageAllocator, zone: &Zone, w: usize) -> bool {
         w == crate::sync::NIL || zone.contains(w) || (pages.zone_count() > 1 && pages.contains(w))
+    }
+
+    /// Writes the key into a free object's key word (as a free's key test
+    /// leaves it).
+    fn set_free_mark(&self, obj: usize) {
+        // SAFETY: `obj` is a free object of this cache owned by the caller
+        // (taken off the deferred stack and held in a locked slot), at
+        // least `key_off + 8` bytes.
+        unsafe { ((obj + key_off(self.class)) as *mut usize).write_unaligned(self.key) };
     }
 
     /// `clear_free_mark` for a caller that has the class in hand (the key

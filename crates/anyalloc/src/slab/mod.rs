@@ -577,9 +577,9 @@ impl Heap {
 
     /// Starts the maintenance thread if it is not running (std). It drains
     /// deferred frees promptly, keeps per-CPU caches that ran empty on the
-    /// nolock path stocked,
-    /// runs shrinkers below the low watermark, and returns idle memory to
-    /// the OS. Returns whether a thread is running afterwards.
+    /// nolock path stocked, runs shrinkers below the low watermark, and
+    /// returns idle memory to the OS. Returns whether a thread is running
+    /// afterwards.
     #[cfg(feature = "std")]
     pub fn start_maintenance(&self) -> bool {
         let started = self.maintainer.start(self.core());
