@@ -422,18 +422,47 @@ fn user_data_equal_to_the_key_is_not_a_double_free() {
 
 /// A nolock free parked on the deferred stack (every level slot and the
 /// node lock held by the contexts below it, reached with interrupt points),
-/// then freed again. The nested allocations, finding the node lock held,
-/// take objects off the deferred stack when they return (a sheaf's worth
-/// at most, plus one each), so the victim is freed first and enough decoys
-/// after it that it stays below what they take.
+/// then freed again by the normal path once the handlers have returned. The
+/// nested allocations, finding the node lock held, take objects off the
+/// deferred stack when they return (a sheaf's worth at most, plus one
+/// each), so the victim is freed first and enough decoys after it that it
+/// stays below what they take.
 #[cfg(feature = "interrupt-points")]
 #[test]
 fn double_free_of_an_object_on_the_deferred_stack_aborts() {
+    expect_abort(
+        "double_free_of_an_object_on_the_deferred_stack_aborts",
+        "double free of object",
+        || deferred_victim_freed_again(false),
+    );
+}
+
+/// The same victim freed again by the innermost handler itself, while every
+/// lock is still held: the second free cannot drain the deferred stack or
+/// take the node lock, so only the exact check's walk of the deferred stack
+/// can find the victim (the test above is also caught once the normal free
+/// has drained the stack into a sheaf).
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn double_free_in_a_handler_of_an_object_on_the_deferred_stack_aborts() {
+    expect_abort(
+        "double_free_in_a_handler_of_an_object_on_the_deferred_stack_aborts",
+        "double free of object",
+        || deferred_victim_freed_again(true),
+    );
+}
+
+/// The scenario of the two tests above: parks a victim and decoys on the
+/// deferred stack from a handler nested three deep, then frees the victim
+/// again from that handler (`in_handler`) or from the driver afterwards.
+#[cfg(feature = "interrupt-points")]
+fn deferred_victim_freed_again(in_handler: bool) {
     use anyalloc::interrupt::{set_hook, Site};
-    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
     static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
     static VICTIM: AtomicUsize = AtomicUsize::new(0);
     static STAGE: AtomicUsize = AtomicUsize::new(0);
+    static IN_HANDLER: AtomicBool = AtomicBool::new(false);
     /// Objects freed after the victim, in the same handler.
     static DECOYS: [AtomicUsize; 512] = [const { AtomicUsize::new(0) }; 512];
     fn hook(site: Site) {
@@ -450,9 +479,9 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
             // ... and a third frees the victim: every lock is held.
             (2, Site::SheafAlloc) => {
                 STAGE.store(3, Ordering::Relaxed);
-                let v = VICTIM.swap(0, Ordering::Relaxed) as *mut u8;
+                let v = NonNull::new(VICTIM.swap(0, Ordering::Relaxed) as *mut u8).unwrap();
                 let before = h.stats().nolock_free_deferred;
-                free_nolock(h, NonNull::new(v).unwrap());
+                free_nolock(h, v);
                 assert_eq!(h.stats().nolock_free_deferred, before + 1, "deferred");
                 let mut decoys = 0;
                 for d in &DECOYS {
@@ -467,50 +496,56 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
                     before + 1 + decoys,
                     "decoys deferred"
                 );
+                if IN_HANDLER.load(Ordering::Relaxed) {
+                    assert!(
+                        h.stats().classes[10].deferred as u64 > decoys,
+                        "victim deferred"
+                    );
+                    free_nolock(h, v);
+                    // It returned: what the driver does next could catch
+                    // the victim some other way, so stop here.
+                    eprintln!("survived: the second free in the handler returned");
+                    std::process::exit(SURVIVED);
+                }
             }
             _ => {}
         }
     }
-    expect_abort(
-        "double_free_of_an_object_on_the_deferred_stack_aborts",
-        "double free of object",
-        || {
-            // No maintainer: it would drain the deferred victim before the
-            // check below (a wake is owed after every deferred free).
-            let h: &'static Heap = Box::leak(Box::new(
-                Heap::new(
-                    Config::default()
-                        .memory(16 << 20)
-                        .cpus(1)
-                        .maintenance(false),
-                )
-                .unwrap(),
-            ));
-            H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
-            // Enough objects for a flush (two full sheaves) before the last.
-            let cap = h.stats().classes[10].sheaf_capacity;
-            let objs = allocs(h, 64, 2 * cap + 40);
-            let victim = objs[2 * cap + 39];
-            VICTIM.store(victim.as_ptr() as usize, Ordering::Relaxed);
-            // Two nested allocations each take one object and may fill a
-            // main sheaf (`cap`): more than that above the victim.
-            let decoys = allocs(h, 64, 2 * cap + 4);
-            assert!(decoys.len() <= DECOYS.len());
-            for (d, p) in DECOYS.iter().zip(&decoys) {
-                d.store(p.as_ptr() as usize, Ordering::Relaxed);
-            }
-            set_hook(Some(hook));
-            let mut i = 0;
-            while STAGE.load(Ordering::Relaxed) != 3 {
-                free(h, objs[i]);
-                i += 1;
-            }
-            set_hook(None);
-            // The victim and the decoys the nested allocations left there.
-            assert!(h.stats().classes[10].deferred >= 1, "nothing deferred");
-            free(h, victim);
-        },
-    );
+    // No maintainer: it would drain the deferred victim before the check
+    // below (a wake is owed after every deferred free).
+    let h: &'static Heap = Box::leak(Box::new(
+        Heap::new(
+            Config::default()
+                .memory(16 << 20)
+                .cpus(1)
+                .maintenance(false),
+        )
+        .unwrap(),
+    ));
+    H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
+    IN_HANDLER.store(in_handler, Ordering::Relaxed);
+    // Enough objects for a flush (two full sheaves) before the last.
+    let cap = h.stats().classes[10].sheaf_capacity;
+    let objs = allocs(h, 64, 2 * cap + 40);
+    let victim = objs[2 * cap + 39];
+    VICTIM.store(victim.as_ptr() as usize, Ordering::Relaxed);
+    // Two nested allocations each take one object and may fill a main
+    // sheaf (`cap`): more than that above the victim.
+    let decoys = allocs(h, 64, 2 * cap + 4);
+    assert!(decoys.len() <= DECOYS.len());
+    for (d, p) in DECOYS.iter().zip(&decoys) {
+        d.store(p.as_ptr() as usize, Ordering::Relaxed);
+    }
+    set_hook(Some(hook));
+    let mut i = 0;
+    while STAGE.load(Ordering::Relaxed) != 3 {
+        free(h, objs[i]);
+        i += 1;
+    }
+    set_hook(None);
+    // The victim and the decoys the nested allocations left there.
+    assert!(h.stats().classes[10].deferred >= 1, "nothing deferred");
+    free(h, victim);
 }
 
 /// Allocates through `Global` with `size` bytes aligned to `align` and
