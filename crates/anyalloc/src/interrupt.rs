@@ -96,7 +96,8 @@ pub enum Site {
     /// Object allocator: a huge-table entry is `BUSY` (being filled).
     HugeBusy,
     /// Object allocator: a free found the double-free key in the object and
-    /// is checking whether it really is free.
+    /// is checking whether it really is free; it has taken the deferred
+    /// stack to walk it and not yet put it back.
     DoubleFreeCheck,
     /// Object allocator: a shrinker is being linked into the registry, or
     /// the registry is being walked to run the shrinkers.

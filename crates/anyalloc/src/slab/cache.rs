@@ -1994,7 +1994,6 @@ impl Cache {
     /// the barn and the free list need the node lock, which the nolock path
     /// only tries (busy: not reported).
     fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
-        crate::interrupt_point!(DoubleFreeCheck);
         let in_first = |sh: &Sheaf, n: usize| {
             sh.objs[..n.min(SHEAF_CAP)]
                 .iter()
@@ -2007,15 +2006,27 @@ impl Cache {
         }) {
             return true;
         }
-        // The deferred stack: take it (we own the chain), look, push back.
+        // The deferred stack: take it (we own the chain), look, put it back
+        // whole (behind whatever was pushed meanwhile) and close the normal
+        // fast path as a push does: a drain and reopen that ran while the
+        // chain was taken saw an empty stack (see `reopen_fast`).
+        let first = self.deferred.take_all();
+        // Re-entered here, a normal operation finds no deferred object.
+        crate::interrupt_point!(DoubleFreeCheck);
         let mut found = false;
-        let mut o = self.deferred.take_all();
+        let mut o = first;
         while o != crate::sync::NIL {
-            // The chain is ours (take_all), each element ours until pushed.
-            let next = self.deferred_link(o);
+            // The chain is ours (take_all) until it is put back.
             found |= o == obj;
-            self.deferred.push(o, |x, n| self.set_deferred_link(x, n));
-            o = next;
+            o = self.deferred_link(o);
+        }
+        if first != crate::sync::NIL {
+            self.deferred.put_back(
+                first,
+                |x| self.deferred_link(x),
+                |x, n| self.set_deferred_link(x, n),
+            );
+            self.close_normal_after_push();
         }
         if found {
             return true;

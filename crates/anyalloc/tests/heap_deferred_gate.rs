@@ -1,0 +1,163 @@
+//! The normal fast path's gate and the deferred stack, made deterministic
+//! with interrupt points (feature `interrupt-points`).
+//!
+//! With restartable sequences a cache closes its normal fast path while
+//! objects are parked on its deferred stack (a nolock free that found every
+//! slot and the node lock held), so that the next normal operation takes
+//! the slow path and drains them; the drain reopens it. A context that takes
+//! the stack for a while hides it from a drain: the exact double-free check
+//! (a free that found the key in the object) takes it to walk it. A normal
+//! operation that runs meanwhile (here at the check's interrupt point, as
+//! another thread could) finds nothing to drain and reopens the fast path.
+//! So the check, putting the stack back, must close the fast path again, as
+//! a deferred push does: otherwise the parked objects stay parked behind an
+//! open fast path until some slow path happens to run.
+//!
+//! Without restartable sequences (`GLIBC_TUNABLES=glibc.pthread.rseq=0`)
+//! there is no gate; the test then checks the rest: the stack is put back
+//! whole and the next normal operation drains it.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::{Config, FastPath, Heap};
+
+const SIZE: usize = 64;
+static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+/// What the hook does: nothing, park objects, or run normal operations.
+static MODE: AtomicUsize = AtomicUsize::new(OFF);
+const OFF: usize = 0;
+/// At a flush (level-0 slot and node lock held): nolock-free every object
+/// in `TO_PARK`; what the other level slots cannot take is deferred.
+const PARK: usize = 1;
+/// At the exact double-free check: a normal allocation and free.
+const REOPEN: usize = 2;
+static TO_PARK: [AtomicUsize; 1024] = [const { AtomicUsize::new(0) }; 1024];
+/// How many times the hook acted (it acts once per mode).
+static ACTED: AtomicUsize = AtomicUsize::new(0);
+
+fn layout() -> Layout {
+    Layout::from_size_align(SIZE, 8).unwrap()
+}
+
+fn heap() -> &'static Heap {
+    // SAFETY: set before the hook is installed, leaked.
+    unsafe { &*HEAP.load(Ordering::Acquire) }
+}
+
+fn deferred() -> usize {
+    let s = heap().stats();
+    s.classes.iter().find(|c| c.size >= SIZE).unwrap().deferred
+}
+
+fn hook(site: Site) {
+    let h = heap();
+    match (MODE.load(Ordering::Relaxed), site) {
+        (PARK, Site::SheafFlush) => {
+            // Once: the frees below reach sites of their own.
+            MODE.store(OFF, Ordering::Relaxed);
+            for p in &TO_PARK {
+                if let Some(p) = NonNull::new(p.swap(0, Ordering::Relaxed) as *mut u8) {
+                    // SAFETY: a live object of this heap, handed to the hook.
+                    unsafe { h.free_nolock(p) };
+                }
+            }
+            ACTED.fetch_add(1, Ordering::Relaxed);
+        }
+        (REOPEN, Site::DoubleFreeCheck) => {
+            MODE.store(OFF, Ordering::Relaxed);
+            let p = h.alloc(layout()).expect("a normal allocation");
+            // SAFETY: just allocated.
+            unsafe { h.free(p) };
+            ACTED.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn a_double_free_check_leaves_the_normal_fast_path_closed_over_parked_objects() {
+    let heap: &'static Heap = Box::leak(Box::new(
+        Heap::new(Config::default().memory(64 << 20).maintenance(false)).unwrap(),
+    ));
+    // Without restartable sequences there is no gate (every normal
+    // operation looks at the deferred stack), and the rest still holds.
+    let rseq = heap.stats().fast_path == FastPath::Rseq;
+    // One CPU's slots for every operation below (the heap has slots for
+    // every CPU; the fast paths use the one the thread runs on).
+    assert!(
+        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
+        "could not pin the thread"
+    );
+    HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
+
+    // The class's double-free key (a freed object's key word, its second)
+    // and a live object to write it into, taken before anything is parked
+    // (a normal operation afterwards would drain).
+    let probe = heap.alloc(layout()).unwrap();
+    // SAFETY: just allocated here.
+    unsafe { heap.free(probe) };
+    // SAFETY: the freed object's memory stays mapped: read its key word.
+    let key = unsafe { probe.as_ptr().add(8).cast::<usize>().read() };
+    let forged = heap.alloc(layout()).unwrap();
+
+    // 1. Park objects: a normal free that flushes, and nolock frees inside
+    //    the flush, more than the other level slots' sheaves hold.
+    for p in &TO_PARK {
+        p.store(
+            heap.alloc(layout()).unwrap().as_ptr() as usize,
+            Ordering::Relaxed,
+        );
+    }
+    let mut objs: Vec<NonNull<u8>> = (0..4000).map(|_| heap.alloc(layout()).unwrap()).collect();
+    set_hook(Some(hook));
+    MODE.store(PARK, Ordering::Relaxed);
+    while ACTED.load(Ordering::Relaxed) == 0 {
+        let p = objs.pop().expect("no free flushed a sheaf");
+        // SAFETY: allocated above, freed once.
+        unsafe { heap.free(p) };
+    }
+    let parked = deferred();
+    assert!(parked > 0, "no free was deferred");
+    println!(
+        "parked {parked} objects; fast path {:?}",
+        heap.stats().fast_path
+    );
+
+    // 2. The exact check walks the stack (a nolock free, whose slow path
+    //    does not drain), and a normal operation runs meanwhile.
+    MODE.store(REOPEN, Ordering::Relaxed);
+    // SAFETY: `forged` is live, SIZE bytes, owned here; its key word holds
+    // the key, so the free runs the exact check, which finds it live.
+    unsafe {
+        forged.as_ptr().add(8).cast::<usize>().write(key);
+        heap.free_nolock(forged);
+    }
+    assert_eq!(
+        ACTED.load(Ordering::Relaxed),
+        2,
+        "the exact check did not run"
+    );
+    set_hook(None);
+    assert_eq!(deferred(), parked, "the stack was not put back whole");
+
+    // 3. The next normal operation drains it.
+    let p = heap.alloc(layout()).unwrap();
+    assert_eq!(
+        deferred(),
+        0,
+        "the normal fast path was open over parked objects (rseq: {rseq})"
+    );
+    // SAFETY: allocated just above.
+    unsafe { heap.free(p) };
+    for p in objs {
+        // SAFETY: allocated above, not freed yet.
+        unsafe { heap.free(p) };
+    }
+    heap.drain();
+    let s = heap.stats();
+    assert_eq!(s.objects_in_use, 0);
+    assert_eq!(s.pages.free_pages, s.pages.total_pages, "pages leaked");
+}
