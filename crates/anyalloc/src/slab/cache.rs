@@ -438,7 +438,8 @@ pub(crate) struct Cache {
     /// keeps the property that the next normal operation on this cache
     /// drains its deferred stack:
     ///
-    /// * `defer` pushes, *then* closes it;
+    /// * `defer` pushes, *then* closes it; so does every context that took
+    ///   the stack and puts part of it back (`alloc_deferred`, `is_free`);
     /// * a normal slow path that finds it closed drains the stack, opens it,
     ///   then checks the stack again (a SeqCst fence on both sides), and
     ///   closes it again if something was pushed meanwhile (`reopen_fast`).
