@@ -13,6 +13,9 @@
 //! a deferred push does: otherwise the parked objects stay parked behind an
 //! open fast path until some slow path happens to run.
 //!
+//! The first test checks the gate itself: a deferred free closes it, and
+//! the next normal operation drains.
+//!
 //! Without restartable sequences (`GLIBC_TUNABLES=glibc.pthread.rseq=0`)
 //! there is no gate; the test then checks the rest: the stack is put back
 //! whole and the next normal operation drains it.
@@ -20,6 +23,7 @@
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, FastPath, Heap};
@@ -37,6 +41,8 @@ const REOPEN: usize = 2;
 static TO_PARK: [AtomicUsize; 1024] = [const { AtomicUsize::new(0) }; 1024];
 /// How many times the hook acted (it acts once per mode).
 static ACTED: AtomicUsize = AtomicUsize::new(0);
+/// The tests share the statics above and the hook: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn layout() -> Layout {
     Layout::from_size_align(SIZE, 8).unwrap()
@@ -77,14 +83,15 @@ fn hook(site: Site) {
     }
 }
 
-#[test]
-fn a_double_free_check_leaves_the_normal_fast_path_closed_over_parked_objects() {
+/// A heap (no maintainer: it would drain) with the calling thread pinned,
+/// whether it uses restartable sequences, and the tests' lock. Without
+/// restartable sequences there is no gate (every normal operation looks at
+/// the deferred stack), and the rest of the tests still holds.
+fn setup() -> (&'static Heap, bool, MutexGuard<'static, ()>) {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let heap: &'static Heap = Box::leak(Box::new(
         Heap::new(Config::default().memory(64 << 20).maintenance(false)).unwrap(),
     ));
-    // Without restartable sequences there is no gate (every normal
-    // operation looks at the deferred stack), and the rest still holds.
-    let rseq = heap.stats().fast_path == FastPath::Rseq;
     // One CPU's slots for every operation below (the heap has slots for
     // every CPU; the fast paths use the one the thread runs on).
     assert!(
@@ -92,19 +99,13 @@ fn a_double_free_check_leaves_the_normal_fast_path_closed_over_parked_objects() 
         "could not pin the thread"
     );
     HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
+    (heap, heap.stats().fast_path == FastPath::Rseq, serial)
+}
 
-    // The class's double-free key (a freed object's key word, its second)
-    // and a live object to write it into, taken before anything is parked
-    // (a normal operation afterwards would drain).
-    let probe = heap.alloc(layout()).unwrap();
-    // SAFETY: just allocated here.
-    unsafe { heap.free(probe) };
-    // SAFETY: the freed object's memory stays mapped: read its key word.
-    let key = unsafe { probe.as_ptr().add(8).cast::<usize>().read() };
-    let forged = heap.alloc(layout()).unwrap();
-
-    // 1. Park objects: a normal free that flushes, and nolock frees inside
-    //    the flush, more than the other level slots' sheaves hold.
+/// Parks objects on the deferred stack: normal frees until one flushes,
+/// and nolock frees inside the flush, more than the other level slots'
+/// sheaves hold. Returns how many are parked and the objects not freed.
+fn park(heap: &Heap) -> (usize, Vec<NonNull<u8>>) {
     for p in &TO_PARK {
         p.store(
             heap.alloc(layout()).unwrap().as_ptr() as usize,
@@ -112,38 +113,23 @@ fn a_double_free_check_leaves_the_normal_fast_path_closed_over_parked_objects() 
         );
     }
     let mut objs: Vec<NonNull<u8>> = (0..4000).map(|_| heap.alloc(layout()).unwrap()).collect();
+    let acted = ACTED.load(Ordering::Relaxed);
     set_hook(Some(hook));
     MODE.store(PARK, Ordering::Relaxed);
-    while ACTED.load(Ordering::Relaxed) == 0 {
+    while ACTED.load(Ordering::Relaxed) == acted {
         let p = objs.pop().expect("no free flushed a sheaf");
         // SAFETY: allocated above, freed once.
         unsafe { heap.free(p) };
     }
+    set_hook(None);
     let parked = deferred();
     assert!(parked > 0, "no free was deferred");
-    println!(
-        "parked {parked} objects; fast path {:?}",
-        heap.stats().fast_path
-    );
+    (parked, objs)
+}
 
-    // 2. The exact check walks the stack (a nolock free, whose slow path
-    //    does not drain), and a normal operation runs meanwhile.
-    MODE.store(REOPEN, Ordering::Relaxed);
-    // SAFETY: `forged` is live, SIZE bytes, owned here; its key word holds
-    // the key, so the free runs the exact check, which finds it live.
-    unsafe {
-        forged.as_ptr().add(8).cast::<usize>().write(key);
-        heap.free_nolock(forged);
-    }
-    assert_eq!(
-        ACTED.load(Ordering::Relaxed),
-        2,
-        "the exact check did not run"
-    );
-    set_hook(None);
-    assert_eq!(deferred(), parked, "the stack was not put back whole");
-
-    // 3. The next normal operation drains it.
+/// The next normal operation drains the deferred stack; then everything
+/// goes back.
+fn next_normal_operation_drains(heap: &Heap, rseq: bool, objs: Vec<NonNull<u8>>) {
     let p = heap.alloc(layout()).unwrap();
     assert_eq!(
         deferred(),
@@ -153,11 +139,55 @@ fn a_double_free_check_leaves_the_normal_fast_path_closed_over_parked_objects() 
     // SAFETY: allocated just above.
     unsafe { heap.free(p) };
     for p in objs {
-        // SAFETY: allocated above, not freed yet.
+        // SAFETY: allocated by `park`, not freed yet.
         unsafe { heap.free(p) };
     }
     heap.drain();
     let s = heap.stats();
     assert_eq!(s.objects_in_use, 0);
     assert_eq!(s.pages.free_pages, s.pages.total_pages, "pages leaked");
+}
+
+#[test]
+fn a_deferred_free_closes_the_normal_fast_path() {
+    let (heap, rseq, _serial) = setup();
+    let (parked, objs) = park(heap);
+    println!("parked {parked} objects (rseq: {rseq})");
+    next_normal_operation_drains(heap, rseq, objs);
+}
+
+#[test]
+fn a_double_free_check_leaves_the_normal_fast_path_closed_over_parked_objects() {
+    let (heap, rseq, _serial) = setup();
+    // The class's double-free key (a freed object's key word, its second)
+    // and a live object to write it into, taken before anything is parked
+    // (a normal operation afterwards would drain).
+    let probe = heap.alloc(layout()).unwrap();
+    // SAFETY: just allocated here.
+    unsafe { heap.free(probe) };
+    // SAFETY: the freed object's memory stays mapped: read its key word.
+    let key = unsafe { probe.as_ptr().add(8).cast::<usize>().read() };
+    let forged = heap.alloc(layout()).unwrap();
+    let (parked, objs) = park(heap);
+    println!("parked {parked} objects (rseq: {rseq})");
+
+    // The exact check walks the stack (a nolock free, whose slow path does
+    // not drain), and a normal operation runs meanwhile.
+    let acted = ACTED.load(Ordering::Relaxed);
+    set_hook(Some(hook));
+    MODE.store(REOPEN, Ordering::Relaxed);
+    // SAFETY: `forged` is live, SIZE bytes, owned here; its key word holds
+    // the key, so the free runs the exact check, which finds it live.
+    unsafe {
+        forged.as_ptr().add(8).cast::<usize>().write(key);
+        heap.free_nolock(forged);
+    }
+    set_hook(None);
+    assert_eq!(
+        ACTED.load(Ordering::Relaxed),
+        acted + 1,
+        "the exact check did not run"
+    );
+    assert_eq!(deferred(), parked, "the stack was not put back whole");
+    next_normal_operation_drains(heap, rseq, objs);
 }
