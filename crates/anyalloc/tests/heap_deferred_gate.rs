@@ -14,7 +14,10 @@
 //! open fast path until some slow path happens to run.
 //!
 //! The first test checks the gate itself: a deferred free closes it, and
-//! the next normal operation drains.
+//! the next normal operation drains. The third checks the other context
+//! that takes the stack and puts part of it back: a nolock allocation that
+//! found the node lock held takes parked objects (`alloc_deferred`), while
+//! a normal operation on another CPU reopens the gate.
 //!
 //! Without restartable sequences (`GLIBC_TUNABLES=glibc.pthread.rseq=0`)
 //! there is no gate; the test then checks the rest: the stack is put back
@@ -22,7 +25,7 @@
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use anyalloc::interrupt::{set_hook, Site};
@@ -38,6 +41,15 @@ const OFF: usize = 0;
 const PARK: usize = 1;
 /// At the exact double-free check: a normal allocation and free.
 const REOPEN: usize = 2;
+/// Where a nolock allocation has taken the deferred stack: a normal
+/// allocation and free by a thread on `OTHER_CPU`.
+const REOPEN_REMOTE: usize = 3;
+/// After parking (`PARK`), nolock allocations until one takes parked
+/// objects (into `TAKEN`), with `REOPEN_REMOTE` armed.
+static TAKE_AFTER_PARK: AtomicBool = AtomicBool::new(false);
+static TAKEN: [AtomicUsize; 2048] = [const { AtomicUsize::new(0) }; 2048];
+static OTHER_CPU: AtomicUsize = AtomicUsize::new(0);
+static REMOTE_DONE: AtomicBool = AtomicBool::new(false);
 static TO_PARK: [AtomicUsize; 1024] = [const { AtomicUsize::new(0) }; 1024];
 /// How many times the hook acted (it acts once per mode).
 static ACTED: AtomicUsize = AtomicUsize::new(0);
@@ -70,7 +82,42 @@ fn hook(site: Site) {
                     unsafe { h.free_nolock(p) };
                 }
             }
+            if TAKE_AFTER_PARK.load(Ordering::Relaxed) {
+                // Empty this CPU's other levels: the allocation after them
+                // finds the node lock held and takes parked objects.
+                MODE.store(REOPEN_REMOTE, Ordering::Relaxed);
+                for t in &TAKEN {
+                    let p = h.alloc_nolock(layout()).expect("a nolock allocation");
+                    t.store(p.as_ptr() as usize, Ordering::Relaxed);
+                    if REMOTE_DONE.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+                MODE.store(OFF, Ordering::Relaxed);
+            }
             ACTED.fetch_add(1, Ordering::Relaxed);
+        }
+        (REOPEN_REMOTE, Site::ObjectDeferredDrain) => {
+            MODE.store(OFF, Ordering::Relaxed);
+            // This thread holds its CPU's level-0 slot and the node lock:
+            // the normal operation runs where another CPU would run it,
+            // from the objects its level-0 slot holds (no node lock).
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                assert!(anyalloc_storm::thread::pin_to_cpu(
+                    OTHER_CPU.load(Ordering::Relaxed)
+                ));
+                let h = heap();
+                let p = h.alloc(layout()).expect("a normal allocation");
+                // SAFETY: just allocated.
+                unsafe { h.free(p) };
+                tx.send(()).unwrap();
+            });
+            // A watchdog, not a timing assertion: a refill there would wait
+            // for the node lock this thread holds.
+            rx.recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the other CPU's normal operation did not finish");
+            REMOTE_DONE.store(true, Ordering::Relaxed);
         }
         (REOPEN, Site::DoubleFreeCheck) => {
             MODE.store(OFF, Ordering::Relaxed);
@@ -189,5 +236,70 @@ fn a_double_free_check_leaves_the_normal_fast_path_closed_over_parked_objects() 
         "the exact check did not run"
     );
     assert_eq!(deferred(), parked, "the stack was not put back whole");
+    next_normal_operation_drains(heap, rseq, objs);
+}
+
+#[test]
+fn taking_parked_objects_leaves_the_normal_fast_path_closed() {
+    // This thread's affinity mask, before `setup` pins it.
+    // SAFETY: a zeroed cpu_set_t is the empty set, filled by the kernel.
+    let mask = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        set
+    };
+    let (heap, rseq, _serial) = setup();
+    if !rseq {
+        // Without rseq there is no gate, and the other CPU's level-0 slot
+        // is open to this CPU's nolock allocations, which would take its
+        // objects before the parked ones: nothing here applies.
+        return;
+    }
+    // Another CPU of the mask than the one `setup` pinned this thread to.
+    let here = anyalloc_storm::thread::current_cpu();
+    // SAFETY: CPU_ISSET reads inside the set, for c < CPU_SETSIZE.
+    let other = (0..libc::CPU_SETSIZE as usize)
+        .find(|&c| c != here && unsafe { libc::CPU_ISSET(c, &mask) });
+    let Some(other) = other else {
+        assert!(
+            std::env::var("ANYALLOC_ALLOW_SKIP").as_deref() == Ok("1"),
+            "this test needs two CPUs; set ANYALLOC_ALLOW_SKIP=1 to skip"
+        );
+        eprintln!("skipped: this test needs two CPUs");
+        return;
+    };
+    OTHER_CPU.store(other, Ordering::Relaxed);
+    // Stock the other CPU's level-0 slot (its main sheaf neither empty nor
+    // full), so its normal operation needs no node lock.
+    let kept = std::thread::spawn(move || {
+        assert!(anyalloc_storm::thread::pin_to_cpu(other));
+        let h = self::heap();
+        let a = h.alloc(layout()).unwrap();
+        let b = h.alloc(layout()).unwrap();
+        // SAFETY: allocated just above.
+        unsafe { h.free(a) };
+        b.as_ptr() as usize
+    })
+    .join()
+    .unwrap();
+
+    TAKE_AFTER_PARK.store(true, Ordering::Relaxed);
+    let (_, mut objs) = park(heap);
+    TAKE_AFTER_PARK.store(false, Ordering::Relaxed);
+    assert!(
+        REMOTE_DONE.load(Ordering::Relaxed),
+        "no nolock allocation took parked objects"
+    );
+    assert!(deferred() > 0, "nothing was put back");
+    println!("{} objects still parked (rseq: {rseq})", deferred());
+    objs.extend(
+        TAKEN
+            .iter()
+            .filter_map(|t| NonNull::new(t.swap(0, Ordering::Relaxed) as *mut u8)),
+    );
+    objs.push(NonNull::new(kept as *mut u8).unwrap());
     next_normal_operation_drains(heap, rseq, objs);
 }
