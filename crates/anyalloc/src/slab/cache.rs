@@ -76,7 +76,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use super::class::{self, SIZES};
 use crate::idle::IdleWatch;
 use crate::page::{slot_index, Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES, NIL};
-use crate::sync::{IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
+use crate::sync::{FastGate, IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::PAGE_SIZE;
 
 /// The first class whose objects hold the key at offset 8 (16 bytes and
@@ -431,24 +431,15 @@ pub(crate) struct Cache {
     /// slab's tail (owner words, bitmap, slack). It is at most the slab's
     /// bytes, so it fits in 32 bits (asserted for every class).
     start_bound: u32,
-    /// The CPU count the normal fast paths hand to the sequences: `cpus`
-    /// while they are open (`rseq`, and nothing deferred as far as this
-    /// word knows), 0 while closed. A sequence given 0 CPUs fails at its
-    /// CPU test, so the gate costs the fast path no test of its own. It
-    /// keeps the property that the next normal operation on this cache
-    /// drains its deferred stack:
-    ///
-    /// * `defer` pushes, *then* closes it; so does every context that took
-    ///   the stack and puts part of it back (`alloc_deferred`, `is_free`);
-    /// * a normal slow path that finds it closed drains the stack, opens it,
-    ///   then checks the stack again (a SeqCst fence on both sides), and
-    ///   closes it again if something was pushed meanwhile (`reopen_fast`).
-    ///
-    /// So a push is always followed by a close that no reopening can
-    /// overwrite without having seen the push: it may be closed over an
-    /// empty stack for a moment (a slow path reopens it), never open over
-    /// a pushed object that no drain has taken.
-    normal_cpus: AtomicUsize,
+    /// The gate of the normal fast paths: the CPU count they hand to the
+    /// sequences, `cpus` while open (`rseq`, and nothing deferred as far as
+    /// the gate knows), 0 while closed (see [`FastGate`] for the protocol
+    /// and why it is never left open over a parked object). `defer` closes
+    /// it after its push, and so does every context that took the deferred
+    /// stack and puts part of it back (`alloc_deferred`, `is_free`); a
+    /// normal slow path that finds it closed drains, then reopens it
+    /// (`drain_and_reopen`).
+    normal_cpus: FastGate,
     /// The CPU count the nolock fast paths hand to the sequences: `cpus`
     /// with `rseq`, else 0 (see `normal_cpus`).
     nolock_cpus: usize,
@@ -682,7 +673,7 @@ impl Cache {
                 nslots,
                 cpus,
                 rseq: rseq_off.is_some(),
-                normal_cpus: AtomicUsize::new(if rseq_off.is_some() { cpus } else { 0 }),
+                normal_cpus: FastGate::new(if rseq_off.is_some() { cpus } else { 0 }),
                 nolock_cpus: if rseq_off.is_some() { cpus } else { 0 },
                 rseq_off: rseq_off.unwrap_or(0),
                 slabs: AtomicUsize::new(0),
@@ -855,7 +846,7 @@ impl Cache {
     #[inline(always)]
     fn seq_cpus(&self, mode: Mode) -> usize {
         match mode {
-            Mode::Normal => self.normal_cpus.load(Ordering::Relaxed),
+            Mode::Normal => self.normal_cpus.cpus(),
             Mode::NoLock => self.nolock_cpus,
         }
     }
@@ -1387,8 +1378,7 @@ impl Cache {
     /// normal fast path, so the next normal operation takes the slow path,
     /// which drains.
     fn close_normal_after_push(&self) {
-        core::sync::atomic::fence(Ordering::SeqCst);
-        self.normal_cpus.store(0, Ordering::Relaxed);
+        self.normal_cpus.close_after_push();
     }
 
     /// A deferred object's link: its first word, keyed (`set_deferred_link`).
@@ -1416,24 +1406,8 @@ impl Cache {
         if !self.deferred.is_empty() {
             self.drain_deferred(pages);
         }
-        if self.rseq && self.normal_cpus.load(Ordering::Relaxed) == 0 {
-            self.reopen_fast();
-        }
-    }
-
-    /// Opens `normal_cpus` after a drain, then looks at the stack again. Both
-    /// sides put a SeqCst fence between their two accesses (`defer`: push,
-    /// fence, clear; here: set, fence, look): if this fence comes first in
-    /// their total order, `defer`'s close lands after this open; if
-    /// `defer`'s comes first, the look below sees its push and closes the
-    /// gate again. So it is never left open over an object no drain has
-    /// taken.
-    #[cold]
-    fn reopen_fast(&self) {
-        self.normal_cpus.store(self.cpus, Ordering::Relaxed);
-        core::sync::atomic::fence(Ordering::SeqCst);
-        if !self.deferred.is_empty() {
-            self.normal_cpus.store(0, Ordering::Relaxed);
+        if self.rseq && self.normal_cpus.cpus() == 0 {
+            self.normal_cpus.reopen(self.cpus, &self.deferred);
         }
     }
 
@@ -2010,7 +1984,7 @@ impl Cache {
         // The deferred stack: take it (we own the chain), look, put it back
         // whole (behind whatever was pushed meanwhile) and close the normal
         // fast path as a push does: a drain and reopen that ran while the
-        // chain was taken saw an empty stack (see `reopen_fast`).
+        // chain was taken saw an empty stack (see `FastGate`).
         let first = self.deferred.take_all();
         // Re-entered here, a normal operation finds no deferred object.
         crate::interrupt_point!(DoubleFreeCheck);

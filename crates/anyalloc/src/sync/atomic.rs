@@ -26,3 +26,12 @@ pub(crate) fn fence_acquire() {
     #[cfg(loom)]
     loom::sync::atomic::fence(Ordering::Acquire);
 }
+
+/// A sequentially consistent fence (loom: its model of one).
+#[inline]
+pub(crate) fn fence_seq_cst() {
+    #[cfg(not(loom))]
+    core::sync::atomic::fence(Ordering::SeqCst);
+    #[cfg(loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}

@@ -16,6 +16,8 @@
 //! * [`TaggedStack`]: an intrusive lock-free stack of `u32` page indices
 //!   with a version tag, so it can also `pop` one element (O(1), ABA-safe):
 //!   the zones' per-order deferred page frees.
+//! * `FastGate` (crate-internal): the gate of a cache's normal fast path,
+//!   closed while objects may wait on its deferred stack.
 //! * `RegistryLock` (crate-internal): a spin lock with an owner word for the
 //!   rarely changed registries (shrinkers, groups' children); a thread that
 //!   interrupted itself inside one gets `None` instead of spinning.
@@ -24,6 +26,7 @@
 //! the `atomic` module) so the loom tests beside them explore every interleaving.
 
 pub(crate) mod atomic;
+mod fast_gate;
 #[cfg(all(test, loom))]
 mod handoff_loom;
 #[cfg(all(feature = "std", target_arch = "x86_64", target_os = "linux"))]
@@ -35,6 +38,7 @@ mod slot_lock;
 mod tagged_stack;
 mod zone_lock;
 
+pub(crate) use fast_gate::FastGate;
 #[cfg(all(feature = "std", target_arch = "x86_64", target_os = "linux"))]
 pub(crate) use hidden_word::hidden_word;
 pub use index_stack::{IndexStack, NIL};
