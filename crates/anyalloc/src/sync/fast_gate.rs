@@ -40,7 +40,7 @@
 //! and reopens. So whoever puts objects back closes the gate again, exactly
 //! as a push does. The loom tests below explore both.
 
-use super::atomic::{fence_seq_cst, AtomicUsize, Ordering};
+use super::atomic::{fence, AtomicUsize, Ordering};
 use super::IndexStack;
 
 /// See the module documentation.
@@ -64,7 +64,7 @@ impl FastGate {
     /// or put objects back on it.
     #[inline]
     pub(crate) fn close_after_push(&self) {
-        fence_seq_cst();
+        fence(Ordering::SeqCst);
         self.0.store(0, Ordering::Relaxed);
     }
 
@@ -73,7 +73,7 @@ impl FastGate {
     #[cold]
     pub(crate) fn reopen(&self, cpus: usize, deferred: &IndexStack) {
         self.0.store(cpus, Ordering::Relaxed);
-        fence_seq_cst();
+        fence(Ordering::SeqCst);
         if !deferred.is_empty() {
             self.0.store(0, Ordering::Relaxed);
         }

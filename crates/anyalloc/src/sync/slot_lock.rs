@@ -78,7 +78,7 @@ impl SlotLock {
     pub(crate) unsafe fn adopt(&self) -> SlotGuard<'_> {
         // The CAS in assembly is a full barrier on x86-64; this keeps the
         // compiler from moving the holder's accesses above it.
-        super::atomic::fence_acquire();
+        super::atomic::fence(Ordering::Acquire);
         SlotGuard { lock: self }
     }
 
