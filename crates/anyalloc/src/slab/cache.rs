@@ -1110,7 +1110,7 @@ impl Cache {
         if rest != crate::sync::NIL {
             self.deferred
                 .put_back(rest, link, |o, next| self.set_deferred_link(o, next));
-            self.close_normal_after_push();
+            self.normal_cpus.close_after_push();
         }
         Some(first)
     }
@@ -1371,13 +1371,6 @@ impl Cache {
             self.set_deferred_link(o, next);
             crate::interrupt_point!(ObjectDeferredPush);
         });
-        self.close_normal_after_push();
-    }
-
-    /// After a push onto the deferred stack (see `normal_cpus`): closes the
-    /// normal fast path, so the next normal operation takes the slow path,
-    /// which drains.
-    fn close_normal_after_push(&self) {
         self.normal_cpus.close_after_push();
     }
 
@@ -2001,7 +1994,7 @@ impl Cache {
                 |x| self.deferred_link(x),
                 |x, n| self.set_deferred_link(x, n),
             );
-            self.close_normal_after_push();
+            self.normal_cpus.close_after_push();
         }
         if found {
             return true;
