@@ -20,8 +20,9 @@
 //! a normal operation on another CPU reopens the gate.
 //!
 //! Without restartable sequences (`GLIBC_TUNABLES=glibc.pthread.rseq=0`)
-//! there is no gate; the test then checks the rest: the stack is put back
-//! whole and the next normal operation drains it.
+//! there is no gate; the first two tests then check the rest (the stack is
+//! put back whole and the next normal operation drains it), and the third
+//! has nothing to check.
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
