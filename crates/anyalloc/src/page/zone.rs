@@ -260,7 +260,10 @@ pub(crate) fn meta_size(start: usize, end: usize, cpus: usize) -> usize {
 /// partial-address aliasing between loads and stores does); with the
 /// array 128 bytes into its page, none of 44. An unaligned block's
 /// descriptor can still share the target's page offset (page index 124
-/// mod 128), which a program reuses far less often.
+/// mod 128), which a program reuses far less often. Other hot words still
+/// share some descriptors' offsets, the running CPU's level-0 slot and
+/// glibc's rseq area among them (the latter at an offset that depends on
+/// the thread and the libraries loaded): measured in DESIGN.md, section 7.
 const DESCS_PAGE_OFFSET: usize = 128;
 
 /// Where the descriptor array starts in a zone's metadata, given the bytes
