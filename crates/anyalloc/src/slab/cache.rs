@@ -1108,9 +1108,7 @@ impl Cache {
         }
         self.deferred_count.fetch_sub(taken, Ordering::Relaxed);
         if rest != crate::sync::NIL {
-            self.deferred
-                .put_back(rest, link, |o, next| self.set_deferred_link(o, next));
-            self.normal_cpus.close_after_push();
+            self.put_back_deferred(rest);
         }
         Some(first)
     }
@@ -1371,6 +1369,19 @@ impl Cache {
             self.set_deferred_link(o, next);
             crate::interrupt_point!(ObjectDeferredPush);
         });
+        self.normal_cpus.close_after_push();
+    }
+
+    /// Puts a chain this context took off the deferred stack (from `chain`,
+    /// not `NIL`) back on it, then closes the normal fast path as `defer`
+    /// does: a drain that ran while the chain was taken saw an empty stack
+    /// and may have reopened it (see `FastGate`).
+    fn put_back_deferred(&self, chain: usize) {
+        self.deferred.put_back(
+            chain,
+            |o| self.deferred_link(o),
+            |o, next| self.set_deferred_link(o, next),
+        );
         self.normal_cpus.close_after_push();
     }
 
@@ -1975,9 +1986,7 @@ impl Cache {
             return true;
         }
         // The deferred stack: take it (we own the chain), look, put it back
-        // whole (behind whatever was pushed meanwhile) and close the normal
-        // fast path as a push does: a drain and reopen that ran while the
-        // chain was taken saw an empty stack (see `FastGate`).
+        // whole (behind whatever was pushed meanwhile).
         let first = self.deferred.take_all();
         // Re-entered here, a normal operation finds no deferred object.
         crate::interrupt_point!(DoubleFreeCheck);
@@ -1989,12 +1998,7 @@ impl Cache {
             o = self.deferred_link(o);
         }
         if first != crate::sync::NIL {
-            self.deferred.put_back(
-                first,
-                |x| self.deferred_link(x),
-                |x, n| self.set_deferred_link(x, n),
-            );
-            self.normal_cpus.close_after_push();
+            self.put_back_deferred(first);
         }
         if found {
             return true;
