@@ -219,6 +219,13 @@ pub(crate) struct Zone {
     /// Bit `order`: a nolock allocation asked for that order, so zone-lock
     /// holders keep its cells filled (cleared by a drain).
     stock_want: AtomicU32,
+    /// Bit `order`: a cell of that order may be empty (set by whatever
+    /// empties one: `stock_wanted` when it starts wanting the order, a
+    /// lock-free take; cleared by `stock_refill`, which then looks at the
+    /// cells and sets it again for any it could not fill). So a refill with
+    /// every wanted cell full, the usual case, is one load, not a walk of
+    /// the cells.
+    stock_short: AtomicU32,
     /// Set by every nolock allocation above `PCP_MAX_ORDER`; maintenance
     /// counts the passes without one (`stock_idle`) and gives an idle stock
     /// back to the buddy lists.
@@ -341,6 +348,7 @@ impl Zone {
             stock: [const { [const { AtomicU32::new(NIL) }; STOCK_CELLS] }; STOCK_ORDERS],
             stock_pages: AtomicUsize::new(0),
             stock_want: AtomicU32::new(0),
+            stock_short: AtomicU32::new(0),
             stock_used: AtomicU32::new(0),
             stock_idle: AtomicU32::new(0),
             releasing: AtomicUsize::new(0),
@@ -1026,6 +1034,10 @@ impl Zone {
         }
         let bit = 1 << order;
         if self.stock_want.load(Ordering::Relaxed) & bit == 0 {
+            // Its cells are empty (a drain emptied them, or none was ever
+            // filled): short first, so a refill that sees the want sees
+            // that too, or finds the cells itself later.
+            self.stock_short.fetch_or(bit, Ordering::Relaxed);
             self.stock_want.fetch_or(bit, Ordering::Relaxed);
         }
     }
@@ -1049,6 +1061,9 @@ impl Zone {
             let idx = cell.swap(NIL, Ordering::Acquire);
             if idx != NIL {
                 self.stock_pages.fetch_sub(1 << order, Ordering::Relaxed);
+                // Release: a refill whose clearing of the bit reads this
+                // (or later) sees the emptied cell.
+                self.stock_short.fetch_or(1 << order, Ordering::Release);
                 return Some(idx);
             }
         }
@@ -1106,19 +1121,36 @@ impl Zone {
     /// Zone lock held (either path): fills the empty cells of every wanted
     /// order from the buddy lists, above the min watermark. Bounded: at most
     /// `STOCK_ORDERS * STOCK_CELLS` blocks.
+    #[inline]
     pub(crate) fn stock_refill(&self, g: &ZoneGuard<'_>) {
-        // Only the wanted orders' bits (above `PCP_MAX_ORDER`, by
-        // `stock_wanted`), lowest first: usually one, often none.
-        let mut want = self.stock_want.load(Ordering::Relaxed);
-        while want != 0 {
-            let order = want.trailing_zeros();
-            want &= want - 1;
+        // Only the wanted orders (above `PCP_MAX_ORDER`, by `stock_wanted`)
+        // that may have an empty cell: usually none.
+        let todo =
+            self.stock_want.load(Ordering::Relaxed) & self.stock_short.load(Ordering::Relaxed);
+        if todo != 0 {
+            self.stock_fill(todo, g);
+        }
+    }
+
+    /// `stock_refill`'s work: fills the empty cells of the orders in `todo`.
+    #[inline(never)]
+    fn stock_fill(&self, todo: u32, g: &ZoneGuard<'_>) {
+        // Cleared before the cells are read: a take that empties one after
+        // this sets its bit again; one before it is seen (Acquire, paired
+        // with the take's Release).
+        self.stock_short.fetch_and(!todo, Ordering::Acquire);
+        let mut todo = todo;
+        while todo != 0 {
+            let order = todo.trailing_zeros();
+            todo &= todo - 1;
             let cells = &self.stock_of(order)[..self.stock_cells(order)];
             for cell in cells {
                 if cell.load(Ordering::Relaxed) != NIL {
                     continue;
                 }
                 let Some(idx) = self.buddy_alloc(order, self.min, g) else {
+                    // Still short: a later holder tries again.
+                    self.stock_short.fetch_or(1 << order, Ordering::Relaxed);
                     break;
                 };
                 self.desc(idx).set(desc::state(desc::PCP, order));

@@ -1,0 +1,162 @@
+//! The zone's nolock stock of large blocks, made deterministic with
+//! interrupt points (feature `interrupt-points`).
+//!
+//! A nolock allocation above the per-CPU orders that finds the zone lock
+//! held (here: a handler that interrupted its own thread inside a nolock
+//! zone section) takes a block from the stock, without the lock. The next
+//! holder of the zone lock must fill that cell again, or the next handler
+//! finds the stock empty. Refills look only at the orders marked short, so
+//! this checks that a lock-free take marks its order short, and that a
+//! refill that could not fill a cell leaves its order marked.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::{Config, PageAllocator};
+
+/// An order above the per-CPU lists (those take orders 0 to 3).
+const ORDER: u32 = 6;
+const BLOCK_PAGES: usize = 1 << ORDER;
+/// 32 MiB: two stock cells for order 6.
+const MEMORY: usize = 32 << 20;
+
+static PA: AtomicPtr<PageAllocator> = AtomicPtr::new(std::ptr::null_mut());
+/// Whether the hook takes a block (once) at the nolock zone section.
+static ARMED: AtomicBool = AtomicBool::new(false);
+/// The block the hook took (address), 0 if none.
+static TAKEN: AtomicUsize = AtomicUsize::new(0);
+/// The tests share the statics above and the hook: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn pages() -> &'static PageAllocator {
+    // SAFETY: set before the hook is installed, leaked.
+    unsafe { &*PA.load(Ordering::Acquire) }
+}
+
+fn hook(site: Site) {
+    if site == Site::NolockZoneAlloc && ARMED.swap(false, Ordering::Relaxed) {
+        // This thread holds the zone lock: the stock is the only place a
+        // large block can come from here.
+        let p = pages().alloc_pages_nolock(ORDER).expect("a stocked block");
+        TAKEN.store(p.as_ptr() as usize, Ordering::Relaxed);
+    }
+}
+
+fn new_pages(memory: usize) -> &'static PageAllocator {
+    let pa: &'static PageAllocator = Box::leak(Box::new(
+        PageAllocator::new(
+            Config::default()
+                .memory(memory)
+                .cpus(1)
+                .grow(false)
+                .maintenance(false),
+        )
+        .unwrap(),
+    ));
+    PA.store(pa as *const _ as *mut _, Ordering::Release);
+    pa
+}
+
+/// Allocates with the hook armed: the hook takes one block from the stock
+/// while this call holds the zone lock. Returns (the call's block, the
+/// hook's block).
+fn alloc_with_a_take(pa: &PageAllocator) -> (NonNull<u8>, NonNull<u8>) {
+    TAKEN.store(0, Ordering::Relaxed);
+    ARMED.store(true, Ordering::Relaxed);
+    let outer = pa.alloc_pages_nolock(ORDER).expect("memory to spare");
+    assert!(!ARMED.load(Ordering::Relaxed), "the hook did not run");
+    let inner = NonNull::new(TAKEN.load(Ordering::Relaxed) as *mut u8).unwrap();
+    (outer, inner)
+}
+
+#[test]
+fn a_block_taken_from_the_stock_without_the_lock_is_restocked_by_the_holder() {
+    let _s = serial();
+    let pa = new_pages(MEMORY);
+    set_hook(Some(hook));
+    // The first nolock request of the order asks for a stock, which the
+    // holder fills before it releases the lock.
+    let first = pa.alloc_pages_nolock(ORDER).expect("memory to spare");
+    let full = pa.stats().stock_pages;
+    assert!(
+        full >= BLOCK_PAGES,
+        "order {ORDER} stocked: {:?}",
+        pa.stats()
+    );
+    assert_eq!(full % BLOCK_PAGES, 0);
+    // Twice: the second take finds the cell the first refill filled.
+    let mut held = vec![first];
+    for round in 0..2 {
+        let (outer, inner) = alloc_with_a_take(pa);
+        assert_ne!(outer, inner);
+        held.extend([outer, inner]);
+        // The interrupted call refilled the emptied cell before it released
+        // the lock.
+        assert_eq!(
+            pa.stats().stock_pages,
+            full,
+            "round {round}: the cell the handler emptied stayed empty"
+        );
+    }
+    set_hook(None);
+    for p in held {
+        // SAFETY: allocated above with `ORDER`, freed once.
+        unsafe { pa.free_pages_nolock(p, ORDER) };
+    }
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages, "{s:?}");
+    assert_eq!(pa.check_invariants(), Ok(()));
+}
+
+/// A refill that finds no memory for a cell leaves its order marked
+/// short, so the next holder, once a block is back, fills it.
+#[test]
+fn a_stock_cell_left_empty_for_want_of_memory_is_filled_later() {
+    let _s = serial();
+    // Order 10 in 32 MiB: one stock cell.
+    const BIG: u32 = 10;
+    let pa = new_pages(MEMORY);
+    // Nolock allocations of the order until none is left: the buddy lists
+    // run out above the watermark first, then the stock's block goes (its
+    // order marked short), then a refill finds no memory, and the request
+    // fails.
+    let mut held = Vec::new();
+    while let Some(p) = pa.alloc_pages_nolock(BIG) {
+        held.push(p);
+        assert!(
+            held.len() <= MEMORY >> (BIG as usize + 12),
+            "more blocks than memory"
+        );
+    }
+    assert!(held.len() >= 2, "{:?}", pa.stats());
+    assert_eq!(
+        pa.stats().stock_pages,
+        0,
+        "the stock's block was taken last"
+    );
+    // One block back, through the zone lock: the holder refills the cell.
+    let p = held.pop().unwrap();
+    // SAFETY: allocated above with `BIG`, freed once.
+    unsafe { pa.free_pages_nolock(p, BIG) };
+    let s = pa.stats();
+    assert_eq!(
+        s.stock_pages,
+        1 << BIG,
+        "the cell a refill could not fill stayed empty: {s:?}"
+    );
+    for p in held {
+        // SAFETY: allocated above with `BIG`, freed once.
+        unsafe { pa.free_pages_nolock(p, BIG) };
+    }
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages, "{s:?}");
+    assert_eq!(pa.check_invariants(), Ok(()));
+}
