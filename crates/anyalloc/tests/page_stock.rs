@@ -75,6 +75,20 @@ fn alloc_with_a_take(pa: &PageAllocator) -> (NonNull<u8>, NonNull<u8>) {
     (outer, inner)
 }
 
+/// Frees `held` (blocks of `order` from `pa`) and checks that every page
+/// is free again and the structures hold.
+fn free_all(pa: &PageAllocator, held: Vec<NonNull<u8>>, order: u32) {
+    for p in held {
+        // SAFETY: the caller allocated each block with `order`; each is
+        // freed once, here.
+        unsafe { pa.free_pages_nolock(p, order) };
+    }
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages, "{s:?}");
+    assert_eq!(pa.check_invariants(), Ok(()));
+}
+
 #[test]
 fn a_block_taken_from_the_stock_without_the_lock_is_restocked_by_the_holder() {
     let _s = serial();
@@ -105,14 +119,7 @@ fn a_block_taken_from_the_stock_without_the_lock_is_restocked_by_the_holder() {
         );
     }
     set_hook(None);
-    for p in held {
-        // SAFETY: allocated above with `ORDER`, freed once.
-        unsafe { pa.free_pages_nolock(p, ORDER) };
-    }
-    pa.drain();
-    let s = pa.stats();
-    assert_eq!(s.free_pages, s.total_pages, "{s:?}");
-    assert_eq!(pa.check_invariants(), Ok(()));
+    free_all(pa, held, ORDER);
 }
 
 /// A refill that finds no memory for a cell leaves its order marked
@@ -151,12 +158,5 @@ fn a_stock_cell_left_empty_for_want_of_memory_is_filled_later() {
         1 << BIG,
         "the cell a refill could not fill stayed empty: {s:?}"
     );
-    for p in held {
-        // SAFETY: allocated above with `BIG`, freed once.
-        unsafe { pa.free_pages_nolock(p, BIG) };
-    }
-    pa.drain();
-    let s = pa.stats();
-    assert_eq!(s.free_pages, s.total_pages, "{s:?}");
-    assert_eq!(pa.check_invariants(), Ok(()));
+    free_all(pa, held, BIG);
 }
