@@ -41,7 +41,9 @@ use super::desc::{self, PageDesc};
 use crate::idle::IdleWatch;
 use crate::platform::Platform;
 use crate::sync::rseq::SeqTarget;
-use crate::sync::{Mode, SlotGuard, SlotLock, TaggedStack, ZoneGuard, ZoneLock, TAGGED_NIL};
+use crate::sync::{
+    Mode, ShortOrders, SlotGuard, SlotLock, TaggedStack, ZoneGuard, ZoneLock, TAGGED_NIL,
+};
 pub(crate) use crate::PCP_MAX_ORDER;
 /// One order above [`PCP_MAX_ORDER`] (64 KiB) has a per-CPU list too, used
 /// by a heap's large blocks only: pushed by the rseq fast path of a heap's
@@ -219,13 +221,10 @@ pub(crate) struct Zone {
     /// Bit `order`: a nolock allocation asked for that order, so zone-lock
     /// holders keep its cells filled (cleared by a drain).
     stock_want: AtomicU32,
-    /// Bit `order`: a cell of that order may be empty (set by whatever
-    /// empties one: `stock_wanted` when it starts wanting the order, a
-    /// lock-free take; cleared by `stock_refill`, which then looks at the
-    /// cells and sets it again for any it could not fill). So a refill with
-    /// every wanted cell full, the usual case, is one load, not a walk of
-    /// the cells.
-    stock_short: AtomicU32,
+    /// The orders whose cells may be empty (see [`ShortOrders`]): a refill
+    /// with every wanted cell full, the usual case, is one load, not a
+    /// walk of the cells.
+    stock_short: ShortOrders,
     /// Set by every nolock allocation above `PCP_MAX_ORDER`; maintenance
     /// counts the passes without one (`stock_idle`) and gives an idle stock
     /// back to the buddy lists.
@@ -348,7 +347,7 @@ impl Zone {
             stock: [const { [const { AtomicU32::new(NIL) }; STOCK_CELLS] }; STOCK_ORDERS],
             stock_pages: AtomicUsize::new(0),
             stock_want: AtomicU32::new(0),
-            stock_short: AtomicU32::new(0),
+            stock_short: ShortOrders::new(),
             stock_used: AtomicU32::new(0),
             stock_idle: AtomicU32::new(0),
             releasing: AtomicUsize::new(0),
@@ -1037,7 +1036,7 @@ impl Zone {
             // Its cells are empty (a drain emptied them, or none was ever
             // filled): short first, so a refill that sees the want sees
             // that too, or finds the cells itself later.
-            self.stock_short.fetch_or(bit, Ordering::Relaxed);
+            self.stock_short.mark(order);
             self.stock_want.fetch_or(bit, Ordering::Relaxed);
         }
     }
@@ -1061,9 +1060,7 @@ impl Zone {
             let idx = cell.swap(NIL, Ordering::Acquire);
             if idx != NIL {
                 self.stock_pages.fetch_sub(1 << order, Ordering::Relaxed);
-                // Release: a refill whose clearing of the bit reads this
-                // (or later) sees the emptied cell.
-                self.stock_short.fetch_or(1 << order, Ordering::Release);
+                self.stock_short.mark(order);
                 return Some(idx);
             }
         }
@@ -1125,21 +1122,19 @@ impl Zone {
     pub(crate) fn stock_refill(&self, g: &ZoneGuard<'_>) {
         // Only the wanted orders (above `PCP_MAX_ORDER`, by `stock_wanted`)
         // that may have an empty cell: usually none.
-        let todo =
-            self.stock_want.load(Ordering::Relaxed) & self.stock_short.load(Ordering::Relaxed);
+        let todo = self
+            .stock_short
+            .take(self.stock_want.load(Ordering::Relaxed));
         if todo != 0 {
             self.stock_fill(todo, g);
         }
     }
 
-    /// `stock_refill`'s work: fills the empty cells of the orders in `todo`.
+    /// `stock_refill`'s work: fills the empty cells of the orders in `todo`
+    /// (taken off `stock_short`, so a take that empties one from now on
+    /// marks its order again).
     #[inline(never)]
-    fn stock_fill(&self, todo: u32, g: &ZoneGuard<'_>) {
-        // Cleared before the cells are read: a take that empties one after
-        // this sets its bit again; one before it is seen (Acquire, paired
-        // with the take's Release).
-        self.stock_short.fetch_and(!todo, Ordering::Acquire);
-        let mut todo = todo;
+    fn stock_fill(&self, mut todo: u32, g: &ZoneGuard<'_>) {
         while todo != 0 {
             let order = todo.trailing_zeros();
             todo &= todo - 1;
@@ -1150,7 +1145,7 @@ impl Zone {
                 }
                 let Some(idx) = self.buddy_alloc(order, self.min, g) else {
                     // Still short: a later holder tries again.
-                    self.stock_short.fetch_or(1 << order, Ordering::Relaxed);
+                    self.stock_short.mark(order);
                     break;
                 };
                 self.desc(idx).set(desc::state(desc::PCP, order));

@@ -18,6 +18,8 @@
 //!   the zones' per-order deferred page frees.
 //! * `FastGate` (crate-internal): the gate of a cache's normal fast path,
 //!   closed while objects may wait on its deferred stack.
+//! * `ShortOrders` (crate-internal): which orders of a zone's nolock stock
+//!   may have an empty cell, so that zone-lock holders refill only those.
 //! * `RegistryLock` (crate-internal): a spin lock with an owner word for the
 //!   rarely changed registries (shrinkers, groups' children); a thread that
 //!   interrupted itself inside one gets `None` instead of spinning.
@@ -34,6 +36,7 @@ mod hidden_word;
 mod index_stack;
 mod registry_lock;
 pub(crate) mod rseq;
+mod short_orders;
 mod slot_lock;
 mod tagged_stack;
 mod zone_lock;
@@ -43,6 +46,7 @@ pub(crate) use fast_gate::FastGate;
 pub(crate) use hidden_word::hidden_word;
 pub use index_stack::{IndexStack, NIL};
 pub(crate) use registry_lock::{RegistryGuard, RegistryLock};
+pub(crate) use short_orders::ShortOrders;
 pub use slot_lock::{SlotGuard, SlotLock};
 pub use tagged_stack::{TaggedStack, TAGGED_NIL};
 pub use zone_lock::{Mode, ZoneGuard, ZoneLock};
