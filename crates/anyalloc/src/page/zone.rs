@@ -1034,8 +1034,10 @@ impl Zone {
         let bit = 1 << order;
         if self.stock_want.load(Ordering::Relaxed) & bit == 0 {
             // Its cells are empty (a drain emptied them, or none was ever
-            // filled): short first, so a refill that sees the want sees
-            // that too, or finds the cells itself later.
+            // filled): marked short before it is wanted. The mark stays
+            // until a holder takes it, so a refill from then on (this
+            // call's own, under the zone lock it tries next, or a later
+            // one) fills them.
             self.stock_short.mark(order);
             self.stock_want.fetch_or(bit, Ordering::Relaxed);
         }
