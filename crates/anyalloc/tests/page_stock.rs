@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use anyalloc::interrupt::{set_hook, Site};
-use anyalloc::{Config, PageAllocator};
+use anyalloc::{Config, PageAllocator, PAGE_SIZE};
 
 /// An order above the per-CPU lists (those take orders 0 to 3).
 const ORDER: u32 = 6;
@@ -138,7 +138,7 @@ fn a_stock_cell_left_empty_for_want_of_memory_is_filled_later() {
     while let Some(p) = pa.alloc_pages_nolock(BIG) {
         held.push(p);
         assert!(
-            held.len() <= MEMORY >> (BIG as usize + 12),
+            held.len() <= MEMORY / (PAGE_SIZE << BIG),
             "more blocks than memory"
         );
     }

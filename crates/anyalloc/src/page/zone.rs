@@ -1117,9 +1117,9 @@ impl Zone {
         false
     }
 
-    /// Zone lock held (either path): fills the empty cells of every wanted
-    /// order from the buddy lists, above the min watermark. Bounded: at most
-    /// `STOCK_ORDERS * STOCK_CELLS` blocks.
+    /// Zone lock held (either path): fills the empty cells of the wanted
+    /// orders marked short (`stock_short`) from the buddy lists, above the
+    /// min watermark. Bounded: at most `STOCK_ORDERS * STOCK_CELLS` blocks.
     #[inline]
     pub(crate) fn stock_refill(&self, g: &ZoneGuard<'_>) {
         // Only the wanted orders (above `PCP_MAX_ORDER`, by `stock_wanted`)
