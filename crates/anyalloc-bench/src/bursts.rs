@@ -11,8 +11,11 @@
 //! 1000-10000) and keeps it. Every attempt counts: success rate overall and
 //! per burst-size decade.
 //!
-//! Memory: RSS (`/proc/self/statm`) before the allocator exists (`base`),
-//! after it is set up (`before`), the largest sampled during the storm
+//! Memory: RSS (`/proc/self/statm`) before the allocator exists (`base`:
+//! the harness is set up by then, the worker threads run and have touched
+//! their own bookkeeping, the burst stash among it, so that what RSS gains
+//! from here is the allocator's doing and not the harness's), after it is
+//! set up (`before`), the largest sampled during the storm
 //! (every 5 ms: `peak`), right after every burst and churn object is freed
 //! (`freed`) and 2 s later (`after`: anyalloc's maintainer returns idle
 //! memory to the OS after about a second). For anyalloc also after an
@@ -287,14 +290,35 @@ extern "C" fn on_signal(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
-fn worker(i: usize, hz: u64, ready: &std::sync::Barrier) -> Result<(), String> {
-    let src = SOURCE.get().expect("source set");
+/// The points where the workers and the main thread meet, in order.
+struct Start {
+    /// The harness is set up: every worker runs and has touched its own
+    /// bookkeeping; the allocator does not exist yet (the main thread reads
+    /// `base` here, then creates it).
+    set_up: std::sync::Barrier,
+    /// The allocator exists (or could not be made: the workers then return
+    /// at once). No churn or burst object exists yet.
+    source: std::sync::Barrier,
+    /// The churn objects exist and the timers run: the storm starts.
+    ready: std::sync::Barrier,
+}
+
+fn worker(i: usize, hz: u64, start: &Start) -> Result<(), String> {
     let sig = libc::SIGRTMIN();
     HELD_BY[i]
         .rng
         .store(0x1234_5678 ^ (i as u64) << 40, Relaxed);
     let mut rng = XorShift::new(i as u64 + 99);
     let mut slots = vec![(0usize, 0usize); CHURN];
+    // The harness's own memory is not the allocator's: the burst stash
+    // (MAX_BURST entries, in static memory) is touched before `base`,
+    // not page by page as the first large bursts fill it.
+    for k in 0..MAX_BURST {
+        HELD_BY[i].objs.swap(k, 0);
+    }
+    start.set_up.wait();
+    start.source.wait();
+    let src = SOURCE.get().ok_or("no allocator to test")?;
     for s in slots.iter_mut() {
         let size = 16 + rng.below(1009) as usize;
         let p = src.churn_alloc(size);
@@ -303,10 +327,11 @@ fn worker(i: usize, hz: u64, ready: &std::sync::Barrier) -> Result<(), String> {
             *s = (p as usize, size);
         }
     }
-    let timer = ThreadTimer::start(sig, Duration::from_nanos(1_000_000_000 / hz.max(1)), i)
-        .map_err(|e| format!("timer_create: {e}"))?;
+    let timer = ThreadTimer::start(sig, Duration::from_nanos(1_000_000_000 / hz.max(1)), i);
+    // Met even on failure, so that the main thread is not left waiting.
+    start.ready.wait();
+    let timer = timer.map_err(|e| format!("timer_create: {e}"))?;
     mask(&[sig], false);
-    ready.wait();
     while !STOP.load(Relaxed) {
         for _ in 0..64 {
             let j = rng.below(CHURN as u64) as usize;
@@ -343,6 +368,53 @@ fn worker(i: usize, hz: u64, ready: &std::sync::Barrier) -> Result<(), String> {
     Ok(())
 }
 
+/// What the storm measured, for the report.
+struct Storm {
+    rss_base: u64,
+    rss_before: u64,
+    rss_peak: u64,
+    results: Vec<Result<(), String>>,
+    elapsed: f64,
+    maintainers: Vec<i32>,
+    maintainer_ns: u64,
+    /// The pools' set-up figures: (capacity, marks).
+    info: (Value, Value),
+}
+
+/// Creates the allocator `key` names (one of [`PEERS`]), with the pools'
+/// set-up figures (capacity, marks; null where they do not apply).
+fn make_source(key: &str, threads: usize) -> Result<(Source, (Value, Value)), String> {
+    Ok(match key {
+        "anyalloc-maint" | "anyalloc-nomaint" => {
+            let h = Heap::new(Config::default().maintenance(key == "anyalloc-maint"))
+                .map_err(|e| format!("anyalloc heap: {e}"))?;
+            (
+                Source::Heap(Box::leak(Box::new(h))),
+                (Value::Null, Value::Null),
+            )
+        }
+        "watermark" => {
+            let p = WatermarkPool::new(OBJECT);
+            let marks = json!(p.marks());
+            (
+                Source::Watermark(Box::leak(Box::new(p))),
+                (Value::Null, marks),
+            )
+        }
+        "prealloc" => {
+            let p = PreallocPool::new(OBJECT, threads * MAX_BURST);
+            let capacity =
+                json!({ "objects": p.capacity(), "committed_bytes": p.committed_bytes() });
+            (
+                Source::Prealloc(Box::leak(Box::new(p))),
+                (capacity, Value::Null),
+            )
+        }
+        "glibc-sigmask" => (Source::Masked, (Value::Null, Value::Null)),
+        other => return Err(format!("unknown allocator {other:?}")),
+    })
+}
+
 /// The child: `bursts <key> <seconds> <hz>`. Prints one JSON object.
 pub fn child(args: &[String]) -> i32 {
     let (Some(key), Some(secs), Some(hz)) = (
@@ -360,57 +432,51 @@ pub fn child(args: &[String]) -> i32 {
         eprintln!("bursts child: sigaction: {e}");
         return 1;
     }
-    let rss_base = sys::rss_bytes();
-    // Every thread before the heap exists (a new thread names itself only
-    // once it runs, so threads are told apart by id, not by name).
-    let threads_before = sys::threads_named("");
-    let mut capacity = Value::Null;
-    let mut marks = Value::Null;
-    let src = match key.as_str() {
-        "anyalloc-maint" | "anyalloc-nomaint" => {
-            let h = Heap::new(Config::default().maintenance(key == "anyalloc-maint"))
-                .expect("anyalloc heap");
-            Source::Heap(Box::leak(Box::new(h)))
-        }
-        "watermark" => {
-            let p = WatermarkPool::new(OBJECT);
-            marks = json!(p.marks());
-            Source::Watermark(Box::leak(Box::new(p)))
-        }
-        "prealloc" => {
-            let p = PreallocPool::new(OBJECT, threads * MAX_BURST);
-            capacity = json!({ "objects": p.capacity(), "committed_bytes": p.committed_bytes() });
-            Source::Prealloc(Box::leak(Box::new(p)))
-        }
-        "glibc-sigmask" => Source::Masked,
-        other => {
-            eprintln!("bursts child: unknown allocator {other:?}");
-            return 64;
-        }
+    if !PEERS.iter().any(|(k, _)| k == key) {
+        eprintln!("bursts child: unknown allocator {key:?}");
+        return 64;
+    }
+    let start = Start {
+        set_up: std::sync::Barrier::new(threads + 1),
+        source: std::sync::Barrier::new(threads + 1),
+        ready: std::sync::Barrier::new(threads + 1),
     };
-    let _ = SOURCE.set(src);
-    let src = SOURCE.get().expect("just set");
-    let rss_before = sys::rss_bytes();
-    // The burst heap's maintainer: the thread that started with it (the
-    // process-wide heap's, if any, was there before).
-    let maintainers: Vec<i32> = match src {
-        Source::Heap(_) => sys::threads_named("")
-            .into_iter()
-            .filter(|t| !threads_before.contains(t))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let maintainer_cpu0 = sys::threads_cpu_ns(&maintainers);
-
-    let ready = std::sync::Barrier::new(threads + 1);
-    let (rss_peak, results, elapsed, maintainer_ns) = std::thread::scope(|s| {
+    let storm = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
-                let ready = &ready;
-                s.spawn(move || worker(i, hz, ready))
+                let start = &start;
+                s.spawn(move || worker(i, hz, start))
             })
             .collect();
-        ready.wait();
+        start.set_up.wait();
+        let rss_base = sys::rss_bytes();
+        // Every thread before the heap exists, the workers among them (a
+        // new thread names itself only once it runs, so threads are told
+        // apart by id, not by name).
+        let threads_before = sys::threads_named("");
+        let made = make_source(key, threads).map(|(src, info)| {
+            let _ = SOURCE.set(src);
+            info
+        });
+        let rss_before = sys::rss_bytes();
+        // Met either way: without a source the workers return at once.
+        start.source.wait();
+        let info = match made {
+            Ok(info) => info,
+            Err(e) => return Err(e),
+        };
+        let src = SOURCE.get().expect("just set");
+        // The burst heap's maintainer: the thread that started with it (the
+        // process-wide heap's, if any, was there before).
+        let maintainers: Vec<i32> = match src {
+            Source::Heap(_) => sys::threads_named("")
+                .into_iter()
+                .filter(|t| !threads_before.contains(t))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let maintainer_cpu0 = sys::threads_cpu_ns(&maintainers);
+        start.ready.wait();
         let t0 = Instant::now();
         let end = t0 + Duration::from_secs_f64(secs);
         let mut peak = sys::rss_bytes();
@@ -425,8 +491,34 @@ pub fn child(args: &[String]) -> i32 {
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err("worker panicked".into())))
             .collect();
-        (peak.max(sys::rss_bytes()), results, elapsed, maintainer_ns)
+        Ok(Storm {
+            rss_base,
+            rss_before,
+            rss_peak: peak.max(sys::rss_bytes()),
+            results,
+            elapsed,
+            maintainers,
+            maintainer_ns,
+            info,
+        })
     });
+    let Storm {
+        rss_base,
+        rss_before,
+        rss_peak,
+        results,
+        elapsed,
+        maintainers,
+        maintainer_ns,
+        info: (capacity, marks),
+    } = match storm {
+        Ok(storm) => storm,
+        Err(e) => {
+            eprintln!("bursts child: {e}");
+            return 1;
+        }
+    };
+    let src = SOURCE.get().expect("set by the storm");
     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
         eprintln!("bursts child: {e}");
         return 1;
