@@ -7,10 +7,12 @@
 //! holder of the zone lock must fill that cell again, or the next handler
 //! finds the stock empty. Refills look only at the orders marked short, so
 //! this checks that a lock-free take marks its order short, and that a
-//! refill that could not fill a cell leaves its order marked.
+//! refill that could not fill a cell leaves its order marked. The 2 and
+//! 4 MiB orders, which nothing larger can be split for, keep four cells:
+//! a busy zone of 256 MiB gives four 4 MiB blocks without its lock.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use anyalloc::interrupt::{set_hook, Site};
@@ -39,8 +41,27 @@ fn pages() -> &'static PageAllocator {
     unsafe { &*PA.load(Ordering::Acquire) }
 }
 
+/// Armed for [`hook`] to take, instead of one block of `ORDER`, every
+/// block of this order the stock gives (0: not armed).
+static TAKE_ALL: AtomicU32 = AtomicU32::new(0);
+/// The blocks that took (addresses), in order.
+static TAKEN_ALL: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
+
 fn hook(site: Site) {
-    if site == Site::NolockZoneAlloc && ARMED.swap(false, Ordering::Relaxed) {
+    if site != Site::NolockZoneAlloc {
+        return;
+    }
+    let order = TAKE_ALL.swap(0, Ordering::Relaxed);
+    if order != 0 {
+        for cell in &TAKEN_ALL {
+            match pages().alloc_pages_nolock(order) {
+                Some(p) => cell.store(p.as_ptr() as usize, Ordering::Relaxed),
+                None => break,
+            }
+        }
+        return;
+    }
+    if ARMED.swap(false, Ordering::Relaxed) {
         // This thread holds the zone lock: the stock is the only place a
         // large block can come from here.
         let p = pages().alloc_pages_nolock(ORDER).expect("a stocked block");
@@ -158,5 +179,46 @@ fn a_stock_cell_left_empty_for_want_of_memory_is_filled_later() {
         1 << BIG,
         "the cell a refill could not fill stayed empty: {s:?}"
     );
+    free_all(pa, held, BIG);
+}
+
+/// The two largest orders keep four cells on a zone of 256 MiB (the others
+/// two): nothing larger can be split for them while the zone is busy, so a
+/// handler that interrupted a zone section (or a preempted lock holder's
+/// neighbours) finds four 4 MiB blocks, and the fifth request fails busy.
+#[test]
+fn a_busy_zone_of_256_mib_still_gives_four_blocks_of_4_mib() {
+    let _s = serial();
+    const BIG: u32 = 10;
+    const CELLS: usize = 4;
+    let pa = new_pages(256 << 20);
+    set_hook(Some(hook));
+    // The first request asks for the stock; its holder fills the cells.
+    let first = pa.alloc_pages_nolock(BIG).expect("memory to spare");
+    let full = pa.stats().stock_pages;
+    assert_eq!(full, CELLS << BIG, "{:?}", pa.stats());
+    for cell in &TAKEN_ALL {
+        cell.store(0, Ordering::Relaxed);
+    }
+    let busy = pa.stats().nolock_large_alloc_fail_busy;
+    TAKE_ALL.store(BIG, Ordering::Relaxed);
+    let outer = pa.alloc_pages_nolock(BIG).expect("memory to spare");
+    assert_eq!(TAKE_ALL.load(Ordering::Relaxed), 0, "the hook did not run");
+    let taken: Vec<NonNull<u8>> = TAKEN_ALL
+        .iter()
+        .filter_map(|c| NonNull::new(c.load(Ordering::Relaxed) as *mut u8))
+        .collect();
+    assert_eq!(taken.len(), CELLS, "blocks the busy zone gave: {taken:?}");
+    let s = pa.stats();
+    assert_eq!(
+        s.nolock_large_alloc_fail_busy,
+        busy + 1,
+        "the request after the stock ran out failed, and as busy: {s:?}"
+    );
+    // The interrupted call refilled all four before it released the lock.
+    assert_eq!(s.stock_pages, full, "{s:?}");
+    set_hook(None);
+    let mut held = vec![first, outer];
+    held.extend(taken);
     free_all(pa, held, BIG);
 }

@@ -145,7 +145,7 @@ pub struct PageStats {
     pub deferred_pages: usize,
     /// Free blocks of 64 KiB to 4 MiB kept aside for the nolock path (the
     /// zone's stock: once a nolock allocation asked for an order, zone-lock
-    /// holders keep one or two blocks of it ready for when the zone lock is
+    /// holders keep one to four blocks of it ready for when the zone lock is
     /// busy; `drain` returns them).
     pub stock_pages: usize,
     /// Zones (the first, plus those added by growth).
