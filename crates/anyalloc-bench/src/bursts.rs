@@ -441,7 +441,7 @@ pub fn child(args: &[String]) -> i32 {
         source: std::sync::Barrier::new(threads + 1),
         ready: std::sync::Barrier::new(threads + 1),
     };
-    let storm = std::thread::scope(|s| {
+    let storm: Result<Storm, String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 let start = &start;
@@ -461,10 +461,7 @@ pub fn child(args: &[String]) -> i32 {
         let rss_before = sys::rss_bytes();
         // Met either way: without a source the workers return at once.
         start.source.wait();
-        let info = match made {
-            Ok(info) => info,
-            Err(e) => return Err(e),
-        };
+        let info = made?;
         let src = SOURCE.get().expect("just set");
         // The burst heap's maintainer: the thread that started with it (the
         // process-wide heap's, if any, was there before).
