@@ -44,7 +44,7 @@ fn pages() -> &'static PageAllocator {
 /// Armed for [`hook`] to take, instead of one block of `ORDER`, every
 /// block of this order the stock gives (0: not armed).
 static TAKE_ALL: AtomicU32 = AtomicU32::new(0);
-/// The blocks that took (addresses), in order.
+/// The blocks the hook took that way (addresses), in order.
 static TAKEN_ALL: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
 
 fn hook(site: Site) {

@@ -108,6 +108,14 @@ const STOCK_FIRST: [usize; STOCK_ORDERS + 1] = {
 };
 const STOCK_TOTAL: usize = STOCK_FIRST[STOCK_ORDERS];
 
+/// The index of `order` (above `PCP_MAX_ORDER`) in the stock's per-order
+/// tables.
+#[inline]
+fn stock_index(order: u32) -> usize {
+    debug_assert!(order > PCP_MAX_ORDER && order <= MAX_ORDER);
+    (order - PCP_MAX_ORDER - 1) as usize
+}
+
 /// Where the slot of `cpu` at context `level` sits in a per-CPU slot array
 /// of `cpus * LEVELS` entries, level by level: first every CPU's level-0
 /// slot (what the rseq sequences use, one slot apart, so they find theirs
@@ -1040,15 +1048,13 @@ impl Zone {
     /// keeps all of them), and one at least.
     #[inline]
     fn stock_cells(&self, order: u32) -> usize {
-        let k = (order - PCP_MAX_ORDER - 1) as usize;
-        (self.total >> (order + 4)).clamp(1, STOCK_CELLS[k])
+        (self.total >> (order + 4)).clamp(1, STOCK_CELLS[stock_index(order)])
     }
 
     /// Every cell of `order` (the ones beyond `stock_cells` stay empty).
     #[inline]
     fn stock_of(&self, order: u32) -> &[AtomicU32] {
-        debug_assert!(order > PCP_MAX_ORDER && order <= MAX_ORDER);
-        let k = (order - PCP_MAX_ORDER - 1) as usize;
+        let k = stock_index(order);
         &self.stock[STOCK_FIRST[k]..STOCK_FIRST[k + 1]]
     }
 
