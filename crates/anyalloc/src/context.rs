@@ -42,6 +42,40 @@
 //! returns), fenced against compiler reordering so that a handler sees the
 //! mark before the lock is touched and after it is released.
 //!
+//! # The fork window
+//!
+//! `Global`'s `pthread_atfork` prepare handler marks the forking thread and
+//! takes every lock that can be waited on, and the parent and child
+//! handlers release them. Other libraries' fork handlers registered before
+//! ours run *inside* that window (prepare handlers run in the reverse order
+//! of registration, parent and child handlers in order), and they may
+//! allocate, as they may under glibc's malloc, whose locks are taken after
+//! every prepare handler. On the nolock route they would find every lock
+//! held by their own thread and fail (and nothing above 4 MiB can be
+//! served there at all).
+//!
+//! So the window is *borrowable*: once prepare holds everything, and if
+//! the thread's word was 0 before it marked itself (no section in progress,
+//! no scope), it records the thread as the window's owner and its word at
+//! that point as the word *at rest*. Then:
+//!
+//! 1. [`nested`] is false for the owner at exactly that word: a call
+//!    starting there (another library's handler, or a signal handler that
+//!    interrupted the thread between handlers) takes the normal route;
+//! 2. a normal-path `lock` that finds a lock held across the fork by this
+//!    thread (owner word: this thread's id with [`FORK_HELD`] set) borrows
+//!    it: it marks the thread as for any lock, and its guard releases only
+//!    the mark. Every such lock was taken with nothing in progress under it
+//!    and is released only by the parent's or child's handler, so the
+//!    borrower sees its data at rest;
+//! 3. a call that starts anywhere else (a signal handler that interrupted a
+//!    borrowed section: the word is above the rest word) is nested as
+//!    always and takes the nolock route, whose `try_lock`s never borrow.
+//!
+//! The window closes (before any lock is released) in the parent's or the
+//! child's handler. Another thread never matches the owner: ids are unique
+//! among live threads, and the owner cannot exit inside `fork`.
+//!
 //! Without std there is no TLS: routing is the embedder's (call the nolock
 //! functions from interrupt handlers); [`nested`] is `false`, marking
 //! compiles to nothing and [`thread_id`] is unknown (0; the
@@ -154,11 +188,13 @@ mod word {
 mod word {
     use core::cell::Cell;
 
-    static NEXT_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
+    // Even, as the real ids (addresses) are: the locks' owner words use
+    // the low bit (`FORK_HELD`).
+    static NEXT_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(2);
 
     loom::thread_local! {
         static ROUTE: Cell<u32> = Cell::new(0);
-        static ID: usize = NEXT_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        static ID: usize = NEXT_ID.fetch_add(2, core::sync::atomic::Ordering::Relaxed);
     }
 
     pub(super) fn load() -> u32 {
@@ -187,11 +223,16 @@ fn fence() {}
 // ----- DEPTH ---------------------------------------------------------------------
 
 /// Whether this thread must take the nolock route: it is inside the
-/// allocator (it interrupted itself there) or inside a nolock scope.
+/// allocator (it interrupted itself there) or inside a nolock scope. A
+/// thread at rest in its own fork window (see [the fork window](#the-fork-window))
+/// is not: it holds every lock, with no section in progress.
 #[inline(always)]
 pub(crate) fn nested() -> bool {
     #[cfg(feature = "std")]
-    return word::load() != 0;
+    {
+        let w = word::load();
+        w != 0 && !at_rest_in_fork_window(w)
+    }
     #[cfg(not(feature = "std"))]
     false
 }
@@ -257,13 +298,78 @@ impl Drop for Inside {
 }
 
 /// This thread's id for lock owner words: never 0 for a live thread, unique
-/// among live threads; 0 when unknown (no std).
+/// among live threads, even (the owner words' low bit is [`FORK_HELD`]);
+/// 0 when unknown (no std).
 #[inline(always)]
 pub(crate) fn thread_id() -> usize {
     #[cfg(feature = "std")]
     return word::id();
     #[cfg(not(feature = "std"))]
     0
+}
+
+// ----- the fork window -------------------------------------------------------------
+
+/// The low bit of a lock's owner word: the lock is held across `fork` (by
+/// the fork handler's `lock_raw`), by the thread the other bits name.
+pub(crate) const FORK_HELD: usize = 1;
+
+/// The thread that holds the global heap's locks across `fork` with no
+/// section in progress (0: none); see the module documentation.
+#[cfg(feature = "std")]
+static FORK_OWNER: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+/// The owner's word while it is at rest in the window: its `DEPTH` is the
+/// fork handler's mark plus one per lock held across the fork.
+#[cfg(feature = "std")]
+static FORK_REST: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Opens the fork window on this thread: call when it has taken every lock
+/// it holds across `fork`, with nothing else of the allocator in progress
+/// on it and no nolock scope open (the caller checked its word was 0 before
+/// it marked itself).
+#[cfg(feature = "std")]
+pub(crate) fn fork_window_open() {
+    use core::sync::atomic::Ordering::Relaxed;
+    FORK_REST.store(word::load(), Relaxed);
+    // The rest word before the owner: a handler that sees itself as the
+    // owner compares with the right word.
+    fence();
+    FORK_OWNER.store(word::id(), Relaxed);
+    fence();
+}
+
+/// Closes this thread's fork window: call before releasing the locks.
+#[cfg(feature = "std")]
+pub(crate) fn fork_window_close() {
+    fence();
+    FORK_OWNER.store(0, core::sync::atomic::Ordering::Relaxed);
+    fence();
+}
+
+/// Whether this thread owns an open fork window: a normal-path lock that
+/// finds a lock this thread holds across `fork` borrows it.
+#[inline]
+pub(crate) fn owns_fork_window() -> bool {
+    #[cfg(feature = "std")]
+    return FORK_OWNER.load(core::sync::atomic::Ordering::Relaxed) == word::id();
+    #[cfg(not(feature = "std"))]
+    false
+}
+
+/// Whether `w`, this thread's non-zero word, is its word at rest in its
+/// own fork window.
+#[cfg(feature = "std")]
+#[cold]
+#[inline(never)]
+fn at_rest_in_fork_window(w: u32) -> bool {
+    use core::sync::atomic::Ordering::Relaxed;
+    FORK_OWNER.load(Relaxed) == word::id() && FORK_REST.load(Relaxed) == w
+}
+
+/// Whether this thread's word is 0: not inside the allocator, no scope.
+#[cfg(feature = "std")]
+pub(crate) fn clear() -> bool {
+    word::load() == 0
 }
 
 // ----- SCOPE ---------------------------------------------------------------------

@@ -62,8 +62,16 @@
 //! heap's maintenance, node, drain, growth and zone locks — and the parent
 //! and child handlers release them and unmark the thread. The child never
 //! inherits a lock held by a thread that does not exist there, and a signal
-//! handler that runs on the forking thread inside that window takes the
-//! nolock route instead of waiting for the locks its own thread holds.
+//! handler that runs on the forking thread while prepare takes the locks,
+//! or that interrupted an allocation there, takes the nolock route instead
+//! of waiting for the locks its own thread holds.
+//!
+//! Other libraries' fork handlers registered before ours run inside that
+//! window (prepare handlers in the reverse order of registration, the
+//! others in order), and glibc's malloc lets them allocate. Here they can
+//! too, on the normal path (huge blocks included): with every lock held
+//! and nothing in progress, the forking thread *borrows* the locks it
+//! holds (the `context` module's fork window).
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
@@ -345,8 +353,11 @@ fn register_atfork() {
         // inside the allocator: its locks may be this thread's own, so none
         // is taken (as without these handlers) rather than waited for.
         let inside = context::inside();
+        // Nothing of the allocator in progress on this thread, no nolock
+        // scope: the window may be borrowed (below).
+        let clear = context::clear();
         // Marked before the first lock: a signal handler on this thread
-        // from here until `release` takes the nolock route.
+        // from here until the window opens takes the nolock route.
         context::enter();
         if inside {
             return;
@@ -359,8 +370,19 @@ fn register_atfork() {
             h.lock_all();
             FORK_HEAP.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
         }
+        // Every lock held, nothing in progress under them: other fork
+        // handlers that run from here until `release` (those registered
+        // before ours), and signal handlers that interrupt this thread
+        // between them, allocate on the normal path with the locks
+        // borrowed (the `context` module's fork window).
+        if clear {
+            context::fork_window_open();
+        }
     }
     extern "C" fn release() {
+        // Closed before any lock is released: from here a signal handler
+        // on this thread takes the nolock route again until `leave`.
+        context::fork_window_close();
         let h = FORK_HEAP.swap(core::ptr::null_mut(), Ordering::Relaxed);
         if !h.is_null() {
             // SAFETY: `prepare` took every lock of this heap (which lives

@@ -187,6 +187,11 @@ pub struct PageAllocator {
     /// Serialises growth (normal path only).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     grow_lock: ZoneLock,
+    /// How many zones `lock_all` locked: a zone added inside the fork
+    /// window (the normal path may grow there) was never locked, so
+    /// `unlock_all` must not release it.
+    #[cfg(feature = "std")]
+    fork_zones: AtomicUsize,
     /// Whether the platform is `StdPlatform` (CPU ids read inline, without
     /// dynamic dispatch).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
@@ -276,6 +281,8 @@ impl PageAllocator {
             zones: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_ZONES],
             first: FirstZone::NONE,
             nzones: AtomicUsize::new(0),
+            #[cfg(feature = "std")]
+            fork_zones: AtomicUsize::new(0),
             drain_lock: ZoneLock::new(),
             grow_lock: ZoneLock::new(),
             std_platform: false,
@@ -1490,9 +1497,14 @@ impl PageAllocator {
     pub(crate) fn lock_all(&self) {
         self.drain_lock.lock_raw(self.platform);
         self.grow_lock.lock_raw(self.platform);
+        // Under the growth lock no other thread adds a zone until
+        // unlock_all (the fork window's own normal path may: `fork_zones`).
+        let mut n = 0;
         for zone in self.zones() {
             zone.lock.lock_raw(self.platform);
+            n += 1;
         }
+        self.fork_zones.store(n, Ordering::Relaxed);
     }
 
     /// Releases what [`lock_all`](Self::lock_all) took.
@@ -1502,7 +1514,10 @@ impl PageAllocator {
     /// child) and not yet undone.
     #[cfg(feature = "std")]
     pub(crate) unsafe fn unlock_all(&self) {
-        for zone in self.zones() {
+        // Only the zones lock_all locked: the fork window's normal path may
+        // have added one since (with the borrowed growth lock).
+        let n = self.fork_zones.load(Ordering::Relaxed);
+        for zone in self.zones().take(n) {
             // SAFETY: taken by lock_all, per the caller.
             unsafe { zone.lock.force_unlock(self.platform) };
         }

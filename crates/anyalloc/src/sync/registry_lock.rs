@@ -7,7 +7,10 @@
 //!
 //! * `lock`: CAS 0 -> me (Acquire), spinning while another thread holds it;
 //!   if *this* thread holds it (it interrupted itself) it returns `None`
-//!   at once instead of spinning forever;
+//!   at once instead of spinning forever; if this thread holds it across
+//!   `fork` (`me | FORK_HELD`, stored by `lock_raw`) and owns the fork
+//!   window (the `context` module), it borrows it: the guard's drop
+//!   releases nothing;
 //! * `try_lock`: one CAS;
 //! * release (guard drop): store 0 (Release), then unmark the thread.
 //!
@@ -36,6 +39,8 @@ pub(crate) struct RegistryLock {
 /// Proof that a [`RegistryLock`] is held; releases it when dropped.
 pub(crate) struct RegistryGuard<'a> {
     lock: &'a RegistryLock,
+    /// Borrowed in the fork window: dropping it releases nothing.
+    borrowed: bool,
 }
 
 fn me() -> usize {
@@ -61,8 +66,19 @@ impl RegistryLock {
                 .owner
                 .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
             {
-                Ok(_) => return Some(RegistryGuard { lock: self }),
+                Ok(_) => {
+                    return Some(RegistryGuard {
+                        lock: self,
+                        borrowed: false,
+                    })
+                }
                 Err(cur) if cur == me && me != usize::MAX => return None,
+                Err(cur) if cur == me | context::FORK_HELD && me != usize::MAX => {
+                    return context::owns_fork_window().then_some(RegistryGuard {
+                        lock: self,
+                        borrowed: true,
+                    });
+                }
                 Err(_) => core::hint::spin_loop(),
             }
         }
@@ -73,19 +89,25 @@ impl RegistryLock {
         self.owner
             .compare_exchange(0, me(), Ordering::Acquire, Ordering::Relaxed)
             .ok()
-            .map(|_| RegistryGuard { lock: self })
+            .map(|_| RegistryGuard {
+                lock: self,
+                borrowed: false,
+            })
     }
 
-    /// Fork support: takes the lock without a guard (`false`: this thread
-    /// holds it already). Pair with [`force_unlock`](Self::force_unlock).
+    /// Fork support: takes the lock without a guard and marks it held
+    /// across the fork (`FORK_HELD`); `false`: this thread holds it already.
+    /// Pair with [`force_unlock`](Self::force_unlock).
     #[cfg(feature = "std")]
     pub(crate) fn lock_raw(&self) -> bool {
         match self.lock() {
-            Some(g) => {
+            Some(g) if !g.borrowed => {
                 core::mem::forget(g);
+                self.owner
+                    .store(me() | context::FORK_HELD, Ordering::Relaxed);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -102,6 +124,9 @@ impl RegistryLock {
 
 impl Drop for RegistryGuard<'_> {
     fn drop(&mut self) {
+        if self.borrowed {
+            return;
+        }
         self.lock.owner.store(0, Ordering::Release);
     }
 }

@@ -13,8 +13,9 @@
 //! | 2     | locked, some context may be waiting        |
 //!
 //! `owner` holds the holder's thread id (see `context::thread_id`;
-//! without std, [`Platform::thread_id`]), or 0: unlocked, or the holder's id
-//! is unknown, or the holder is between its acquiring CAS and the owner
+//! without std, [`Platform::thread_id`]), with `context::FORK_HELD` set
+//! when `lock_raw` holds it across `fork`, or 0: unlocked, or the holder's
+//! id is unknown, or the holder is between its acquiring CAS and the owner
 //! store.
 //!
 //! Transitions:
@@ -28,9 +29,13 @@
 //! * `lock` / `lock_in(Normal)`: CAS 0 -> 1; on failure, if `owner == me`
 //!   this thread interrupted itself while holding the lock: it does not wait
 //!   (`lock_in` returns `None` and the caller takes its nolock fallback; a
-//!   bare `lock` reports the internal error and aborts, never hangs).
-//!   Otherwise spin a little while the state is 1 (short critical sections
-//!   usually end within the spin); then `waiters + 1`, swap in 2 (AcqRel)
+//!   bare `lock` reports the internal error and aborts, never hangs). If
+//!   `owner == me | FORK_HELD` (taken by `lock_raw` across `fork`) and this
+//!   thread owns the fork window (the `context` module), it borrows the
+//!   lock: a guard whose drop undoes only the mark; otherwise as for
+//!   `owner == me`. When another thread holds it: spin a little while the
+//!   state is 1 (short critical sections usually end within the spin);
+//!   then `waiters + 1`, swap in 2 (AcqRel)
 //!   and, while the previous state was not 0, wait until the state changes
 //!   from 2; then `waiters - 1` and `owner = me`. Swapping in 2 (rather
 //!   than CAS 0 -> 1) is conservative: the state may stay 2 with nobody
@@ -38,7 +43,10 @@
 //! * polling locks (`set_polling(true)`, for `Config::nolock_syscalls(false)`):
 //!   waiters never announce themselves (the state never becomes 2); they
 //!   CAS 0 -> 1 after each short timed wait on the word instead.
-//! * unlock (guard drop): `owner = 0`, swap 0 (AcqRel); if the previous
+//! * `lock_raw` (the fork handler): `lock`, then `owner = me | FORK_HELD`;
+//!   `force_unlock` releases it like a guard.
+//! * unlock (guard drop): a borrowed guard only unmarks the thread;
+//!   otherwise `owner = 0`, swap 0 (AcqRel); if the previous
 //!   state was 2 and `waiters` is not 0, wake one waiter (a waiter's count
 //!   precedes its swap, which the unlocking swap reads, so no wake is
 //!   missed); then unmark the thread (`DEPTH - 1`). Releasing a polling
@@ -58,6 +66,17 @@ use crate::platform::Platform;
 const UNLOCKED: u32 = 0;
 const LOCKED: u32 = 1;
 const CONTENDED: u32 = 2;
+
+/// What a `lock` that found the lock taken ended with.
+enum Contended {
+    /// It waited, and now holds the lock.
+    Acquired,
+    /// This thread holds it across `fork` and owns the fork window: it
+    /// uses the lock without taking it.
+    Borrowed,
+    /// This thread holds it (it interrupted itself): it did not wait.
+    SelfHeld,
+}
 
 /// How many times `lock()` spins before it starts waiting.
 const SPIN_LIMIT: u32 = 100;
@@ -91,6 +110,9 @@ pub struct ZoneLock {
 pub struct ZoneGuard<'a> {
     lock: &'a ZoneLock,
     platform: &'a dyn Platform,
+    /// Borrowed in the fork window (the lock is held across `fork` by this
+    /// thread): dropping it releases only the thread's mark.
+    borrowed: bool,
     /// The thread's mark belongs to the thread: not `Send`.
     _not_send: core::marker::PhantomData<*const ()>,
 }
@@ -194,17 +216,29 @@ impl ZoneLock {
         ZoneGuard {
             lock: self,
             platform,
+            borrowed: false,
             _not_send: core::marker::PhantomData,
         }
     }
 
-    /// Waits for the lock; `false` (without waiting) when this thread is its
-    /// owner.
+    /// Waits for the lock, unless this thread holds it: then it borrows it
+    /// if it holds it across `fork` and owns the fork window (see the
+    /// `context` module), and otherwise gives up without waiting.
     #[cold]
-    fn lock_contended(&self, platform: &dyn Platform) -> bool {
+    fn lock_contended(&self, platform: &dyn Platform) -> Contended {
         let me = me(platform);
-        if me != 0 && self.owner.load(Ordering::Relaxed) == me {
-            return false;
+        if me != 0 {
+            let owner = self.owner.load(Ordering::Relaxed);
+            if owner == me {
+                return Contended::SelfHeld;
+            }
+            if owner == me | context::FORK_HELD {
+                return if context::owns_fork_window() {
+                    Contended::Borrowed
+                } else {
+                    Contended::SelfHeld
+                };
+            }
         }
         // Spin while the holder is (probably) running its short section.
         let mut state = self.state.load(Ordering::Relaxed);
@@ -220,7 +254,7 @@ impl ZoneLock {
                 .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
         {
-            return true;
+            return Contended::Acquired;
         }
         if self.poll.load(core::sync::atomic::Ordering::Relaxed) {
             // Never announced: the holder's release makes no system call;
@@ -232,7 +266,7 @@ impl ZoneLock {
             {
                 poll_while(platform, &self.state, LOCKED);
             }
-            return true;
+            return Contended::Acquired;
         }
         // Announce a waiter: counted first, so a release that sees state 2
         // also sees the count (the swaps are AcqRel). If the lock was free
@@ -243,14 +277,20 @@ impl ZoneLock {
             wait_while(platform, &self.state, CONTENDED);
         }
         self.waiters.fetch_sub(1, Ordering::Relaxed);
-        true
+        Contended::Acquired
     }
 
-    /// Takes the lock without a guard (fork handling: held across `fork`).
+    /// Takes the lock without a guard (fork handling: held across `fork`),
+    /// and marks it held across the fork by this thread (`FORK_HELD` in the
+    /// owner word), which the fork window's normal-path calls may borrow.
     /// Pair with [`force_unlock`](Self::force_unlock).
     #[cfg(feature = "std")]
     pub(crate) fn lock_raw(&self, platform: &dyn Platform) {
-        core::mem::forget(self.lock(platform));
+        let g = self.lock(platform);
+        crate::check!(!g.borrowed, "lock_raw borrowed a lock");
+        core::mem::forget(g);
+        self.owner
+            .store(me(platform) | context::FORK_HELD, Ordering::Relaxed);
     }
 
     /// Releases a lock taken with [`lock_raw`](Self::lock_raw), waking a
@@ -264,6 +304,7 @@ impl ZoneLock {
         drop(ZoneGuard {
             lock: self,
             platform,
+            borrowed: false,
             _not_send: core::marker::PhantomData,
         });
     }
@@ -283,10 +324,22 @@ impl ZoneLock {
             .state
             .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
-            && !self.lock_contended(platform)
         {
-            context::leave();
-            return None;
+            match self.lock_contended(platform) {
+                Contended::Acquired => {}
+                Contended::Borrowed => {
+                    return Some(ZoneGuard {
+                        lock: self,
+                        platform,
+                        borrowed: true,
+                        _not_send: core::marker::PhantomData,
+                    })
+                }
+                Contended::SelfHeld => {
+                    context::leave();
+                    return None;
+                }
+            }
         }
         Some(self.acquired(platform))
     }
@@ -373,6 +426,11 @@ fn wait_while(_platform: &dyn Platform, word: &AtomicU32, expected: u32) {
 impl Drop for ZoneGuard<'_> {
     #[inline]
     fn drop(&mut self) {
+        if self.borrowed {
+            // The fork handler's hold goes on: only the mark is undone.
+            context::leave();
+            return;
+        }
         // Cleared before the release: the next holder's store comes later.
         self.lock.owner.store(0, Ordering::Relaxed);
         // Release publishes the critical section to the next Acquire.
