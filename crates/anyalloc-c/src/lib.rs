@@ -14,8 +14,8 @@
 //!
 //! As in `anyalloc::Global`: a call inside an `anyalloc_nolock_enter` scope,
 //! or one that finds its own thread inside a section this library marks
-//! (the heap's creation, `malloc_trim`, `realloc`'s `mremap`, the fork
-//! window), takes the nolock path, which never waits and may fail (`NULL`,
+//! (the heap's creation, `malloc_trim`, `realloc`'s `mremap`), takes the
+//! nolock path, which never waits and may fail (`NULL`,
 //! `errno = ENOMEM`). Every other call takes the heap's normal path,
 //! unmarked: the heap marks the thread itself before it takes any lock
 //! another context may wait for, and its slow paths route a thread so
@@ -707,14 +707,16 @@ extern "C" fn constructor() {
     let Some(heap) = inside(t, || anyalloc::init_without_maintainer(false)) else {
         return;
     };
-    // Registered after the heap's own handlers (made when it was created),
-    // so `prepare` runs before the heap takes its locks and the others after
-    // the heap released them: while this thread holds every heap lock in
-    // `fork`, a signal handler's `malloc` on it takes the nolock path
-    // instead of waiting for itself.
-    // SAFETY: the handlers are `extern "C"` functions that live forever.
+    // Only a child handler: the heap's own handlers hold its locks across
+    // `fork` and route the forking thread's calls in that window (a call
+    // that interrupted an allocation takes the nolock path; one at rest,
+    // such as another library's fork handler, the normal path with the
+    // locks borrowed). Raising this library's depth there too would send
+    // other libraries' fork handlers to the nolock path, where nothing
+    // above 4 MiB is served and every lock is found held.
+    // SAFETY: the handler is an `extern "C"` function that lives forever.
     unsafe {
-        libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_child));
+        libc::pthread_atfork(None, None, Some(fork_child));
     }
     if maintenance_wanted() {
         heap.start_maintenance();
@@ -725,25 +727,10 @@ extern "C" fn constructor() {
 #[link_section = ".init_array"]
 static CONSTRUCTOR: extern "C" fn() = constructor;
 
-extern "C" fn fork_prepare() {
-    let t = tls::state();
-    t.depth
-        .store(t.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-    compiler_fence(Ordering::SeqCst);
-}
-
-extern "C" fn fork_release() {
-    let t = tls::state();
-    compiler_fence(Ordering::SeqCst);
-    t.depth
-        .store(t.depth.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-}
-
 /// In the child the maintenance thread did not survive the fork: the first
 /// normal-path call starts a new one (not this handler: the child may be
 /// about to `exec`, and spawning here would run inside `fork`).
 extern "C" fn fork_child() {
-    fork_release();
     if anyalloc::global_heap().is_some_and(|h| h.forget_maintainer_after_fork()) {
         SLOW.fetch_or(SLOW_RESTART, Ordering::Relaxed);
     }

@@ -67,6 +67,41 @@ fn heap_created_inside_another_constructors_malloc() {
     assert!(o.success(), "early: {} {}", o.describe(), o.stdout);
 }
 
+/// Another library's fork handlers, registered before the heap's (its
+/// constructor ran first), allocate inside the heap's fork window: small,
+/// 64 KiB and huge blocks, in prepare, parent and child, while other
+/// threads allocate and a timer's handler allocates on the forking thread.
+/// Linked (listed after us, so initialised first) and preloaded.
+#[test]
+fn fork_handlers_registered_earlier_allocate() {
+    let out = out_dir();
+    compile(
+        &["atfork_lib.c"],
+        "libanyalloc_c_atfork.so",
+        &["-shared", "-fPIC"],
+    );
+    let lib_args = [
+        format!("-L{}", out.display()),
+        "-lanyalloc_c_atfork".to_string(),
+        format!("-Wl,-rpath,{}", out.display()),
+        "-pthread".to_string(),
+    ];
+    let mut args = link_args();
+    args.extend(lib_args.iter().cloned());
+    let linked_exe = compile(&["atfork_main.c"], "atfork_main_linked", &args);
+    let plain_exe = compile(&["atfork_main.c"], "atfork_main", &lib_args);
+    for (how, cmd) in [
+        ("linked", std::process::Command::new(&linked_exe)),
+        ("preloaded", preloaded(&plain_exe)),
+    ] {
+        let o = run(cmd, TIMEOUT);
+        print!("{how}: {}", o.stdout);
+        eprint!("{}", o.stderr);
+        assert!(o.success(), "atfork ({how}): {} {}", o.describe(), o.stdout);
+        assert!(o.stdout.contains("atfork: ok 20"), "{}", o.stdout);
+    }
+}
+
 #[test]
 fn fork_while_threads_allocate() {
     let exe = compile::<&str>(&["fork.c"], "fork", &[]);
