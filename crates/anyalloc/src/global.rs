@@ -56,28 +56,15 @@
 //!
 //! # Fork
 //!
-//! The `pthread_atfork` prepare handler marks the forking thread inside the
-//! allocator, then takes every lock that can be waited on or spun on — the
-//! accounting groups' children registry, the shrinker registry, then the
-//! heap's maintenance, node, drain, growth and zone locks — and the parent
-//! and child handlers release them and unmark the thread. The child never
-//! inherits a lock held by a thread that does not exist there, and a signal
-//! handler that runs on the forking thread while prepare takes the locks,
-//! or that interrupted an allocation there, takes the nolock route instead
-//! of waiting for the locks its own thread holds.
-//!
-//! Other libraries' fork handlers registered before ours run inside that
-//! window (prepare handlers in the reverse order of registration, the
-//! others in order), and glibc's malloc lets them allocate. Here they can
-//! too, on the normal path (huge blocks included): with every lock held
-//! and nothing in progress, the forking thread *borrows* the locks it
-//! holds (the `context` module's fork window).
+//! The `pthread_atfork` handlers registered here hold every heap's locks
+//! across `fork` (the global heap and every `Heap::new`); see the `fork`
+//! module.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use crate::config::{Config, Error};
 use crate::context;
@@ -212,7 +199,7 @@ fn nolock_heap() -> Option<&'static Heap> {
 /// fork handlers if not yet, and starts the maintainer if it is owed.
 fn ordinary_setup(h: &Heap) {
     if !ATFORK_REGISTERED.swap(true, Ordering::AcqRel) {
-        register_atfork();
+        crate::fork::register_atfork();
     }
     if MAINTAINER_OWED.swap(false, Ordering::AcqRel) {
         h.start_maintenance();
@@ -342,73 +329,12 @@ fn parse_size(bytes: &[u8]) -> Option<usize> {
     n.checked_mul(1usize << shift)
 }
 
-/// The heap whose locks the fork prepare handler took (null: none), and
-/// whether it took the children registry.
-static FORK_HEAP: AtomicPtr<Heap> = AtomicPtr::new(core::ptr::null_mut());
-static FORK_CHILDREN: AtomicBool = AtomicBool::new(false);
-
-fn register_atfork() {
-    extern "C" fn prepare() {
-        // `fork` called by a signal handler that interrupted this thread
-        // inside the allocator: its locks may be this thread's own, so none
-        // is taken (as without these handlers) rather than waited for.
-        let inside = context::inside();
-        // Nothing of the allocator in progress on this thread, no nolock
-        // scope: the window may be borrowed (below).
-        let clear = context::clear();
-        // Marked before the first lock: a signal handler on this thread
-        // from here until the window opens takes the nolock route.
-        context::enter();
-        if inside {
-            return;
-        }
-        // Registries first: their holders may allocate, which needs the
-        // heap's locks. (`false`: this thread holds it already, having
-        // forked from a handler that interrupted it there: left alone.)
-        FORK_CHILDREN.store(crate::account::CHILDREN.lock_raw(), Ordering::Relaxed);
-        if let Some(h) = global_heap() {
-            h.lock_all();
-            FORK_HEAP.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
-        }
-        // Every lock held, nothing in progress under them: other fork
-        // handlers that run from here until `release` (those registered
-        // before ours), and signal handlers that interrupt this thread
-        // between them, allocate on the normal path with the locks
-        // borrowed (the `context` module's fork window).
-        if clear {
-            context::fork_window_open();
-        }
-    }
-    extern "C" fn release() {
-        // Closed before any lock is released: from here a signal handler
-        // on this thread takes the nolock route again until `leave`.
-        context::fork_window_close();
-        let h = FORK_HEAP.swap(core::ptr::null_mut(), Ordering::Relaxed);
-        if !h.is_null() {
-            // SAFETY: `prepare` took every lock of this heap (which lives
-            // forever) before fork; this runs once after it, in the parent
-            // or in the child.
-            unsafe { (*h).unlock_all() };
-        }
-        if FORK_CHILDREN.swap(false, Ordering::Relaxed) {
-            // SAFETY: taken by `prepare`, as above.
-            unsafe { crate::account::CHILDREN.force_unlock() };
-        }
-        // Every lock released: handlers may take the normal path again.
-        context::leave();
-    }
-    // SAFETY: the handlers are `extern "C"` functions that live forever.
-    unsafe {
-        libc::pthread_atfork(Some(prepare), Some(release), Some(release));
-    }
-}
-
 /// Runs from `.init_array` before `main` (after libc's own initialisation):
 /// ordinary context, where the setup that must never run in a signal
 /// handler happens (see the module documentation).
 extern "C" fn startup() {
     if !ATFORK_REGISTERED.swap(true, Ordering::AcqRel) {
-        register_atfork();
+        crate::fork::register_atfork();
     }
     // Is `Global` the process's allocator? Allocate a probe byte through
     // the global allocator and see whether the global heap served it.

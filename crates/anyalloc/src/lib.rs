@@ -77,6 +77,8 @@ pub mod account;
 mod config;
 mod context;
 #[cfg(feature = "std")]
+mod fork;
+#[cfg(feature = "std")]
 mod global;
 mod idle;
 #[cfg(feature = "interrupt-points")]

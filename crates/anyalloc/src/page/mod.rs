@@ -305,6 +305,10 @@ impl PageAllocator {
     ///
     /// Errors name the setting and its value: too little memory, zero CPUs,
     /// or the OS refusing the reservation.
+    ///
+    /// Unlike a [`Heap`](crate::Heap)'s, the locks of a page allocator used
+    /// on its own are not held across `fork`: fork only while no other
+    /// thread is inside it, or do not use it in the child.
     #[cfg(feature = "std")]
     pub fn new(config: Config) -> Result<PageAllocator, Error> {
         config.validate()?;

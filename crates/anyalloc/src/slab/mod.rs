@@ -277,6 +277,9 @@ pub(crate) struct HeapCore {
     passes: AtomicU64,
     epoch: AtomicUsize,
     released_bytes: AtomicU64,
+    /// Its place in the registry of heaps whose locks `fork` takes.
+    #[cfg(feature = "std")]
+    fork: crate::fork::ForkLink,
 }
 
 /// The object allocator. See the module documentation.
@@ -374,10 +377,17 @@ fn meta_layout(cpus: usize) -> MetaLayout {
 impl Heap {
     /// Creates a heap over a new [`PageAllocator`] configured by `config`,
     /// and (unless `config.maintenance(false)`) starts its maintenance
-    /// thread.
+    /// thread. Its locks are held across `fork` (a forked child can use it
+    /// whatever other threads were doing), until it is dropped; its
+    /// maintenance thread does not survive in the child
+    /// ([`forget_maintainer_after_fork`](Self::forget_maintainer_after_fork)).
     #[cfg(feature = "std")]
     pub fn new(config: Config) -> Result<Heap, Error> {
         let heap = Self::new_without_maintainer(config)?;
+        // Its locks are held across `fork` from now on (the global heap,
+        // made by `new_without_maintainer`, is taken by the fork handler
+        // directly).
+        crate::fork::register(heap.core());
         if config.maintenance {
             heap.start_maintenance();
         }
@@ -546,6 +556,8 @@ impl Heap {
             passes: AtomicU64::new(0),
             epoch: AtomicUsize::new(0),
             released_bytes: AtomicU64::new(0),
+            #[cfg(feature = "std")]
+            fork: crate::fork::ForkLink::new(),
         };
         let core_ptr = meta as *mut HeapCore;
         // SAFETY: the core's place is the start of `meta`, aligned and ours.
@@ -887,6 +899,12 @@ impl HeapCore {
     #[inline(always)]
     fn cpu(&self) -> usize {
         self.pages.cpu()
+    }
+
+    /// Its place in the registry of heaps whose locks `fork` takes.
+    #[cfg(feature = "std")]
+    pub(crate) fn fork_link(&self) -> &crate::fork::ForkLink {
+        &self.fork
     }
 
     // ----- normal path -----------------------------------------------------------
@@ -1870,7 +1888,7 @@ impl HeapCore {
     /// (drain, growth, zones). The shrinker registry is lock-free: nothing
     /// to take.
     #[cfg(feature = "std")]
-    fn lock_all(&self) {
+    pub(crate) fn lock_all(&self) {
         self.maint_lock.lock_raw(self.pages.platform());
         for i in 0..CACHES {
             self.cache(i).lock_node_raw(&self.pages);
@@ -1878,9 +1896,14 @@ impl HeapCore {
         self.pages.lock_all();
     }
 
+    /// Releases what [`lock_all`](Self::lock_all) took.
+    ///
+    /// # Safety
+    /// `lock_all` was called (in this process or the parent of this forked
+    /// child) and not yet undone.
     #[cfg(feature = "std")]
-    unsafe fn unlock_all(&self) {
-        // SAFETY: per the caller (Heap::unlock_all).
+    pub(crate) unsafe fn unlock_all(&self) {
+        // SAFETY: per the caller.
         unsafe { self.pages.unlock_all() };
         for i in 0..CACHES {
             // SAFETY: per the caller.
@@ -1952,6 +1975,8 @@ fn unreachable_kind(pages: &PageAllocator, addr: usize) -> ! {
 
 impl Drop for Heap {
     fn drop(&mut self) {
+        #[cfg(feature = "std")]
+        crate::fork::unregister(self.core());
         #[cfg(feature = "std")]
         self.maintainer.stop(self.core());
         let core = self.core();

@@ -1,0 +1,222 @@
+//! Fork: every heap's locks are held across `fork`.
+//!
+//! A forked child has only the thread that called `fork`. A lock that any
+//! other thread held at that moment stays held in the child forever, so the
+//! child's first allocation that needs it would wait for ever (glibc's
+//! malloc takes all its arenas' locks around `fork` for the same reason).
+//! The `pthread_atfork` handlers registered here (by `Global`'s start-up
+//! constructor, or [`init`](crate::init)) prevent that:
+//!
+//! 1. **prepare** marks the forking thread inside the allocator, then takes
+//!    every lock that can be waited on or spun on, in this order: the
+//!    accounting groups' children registry, the heap registry below, then
+//!    for the global heap and for every heap in the registry its
+//!    maintenance, node, drain, growth and zone locks;
+//! 2. **parent** and **child** release them (in the child, on behalf of the
+//!    same thread) and unmark the thread.
+//!
+//! A signal handler that runs on the forking thread while prepare takes the
+//! locks, or that interrupted an allocation there, takes the nolock route
+//! instead of waiting for the locks its own thread holds.
+//!
+//! Other libraries' fork handlers registered before ours run inside that
+//! window (prepare handlers in the reverse order of registration, the
+//! others in order), and glibc's malloc lets them allocate. Here they can
+//! too, on the normal path (huge blocks included): with every lock held and
+//! nothing in progress, the forking thread *borrows* the locks it holds
+//! (the `context` module's fork window).
+//!
+//! # The heap registry
+//!
+//! Every heap made by [`Heap::new`] is linked into a list (through its
+//! core, which never moves) under a [`RegistryLock`], and unlinked when it
+//! is dropped. The global heap is not in the list: prepare takes it
+//! directly. Lock order: the registry, then each heap's locks; no path
+//! holds a heap's lock while it waits for the registry (a heap is linked
+//! after it is built and unlinked before it is torn down).
+//!
+//! Each heap's core records whether prepare locked it (`ForkLink::locked`):
+//! a heap made inside the window (by a fork handler registered before ours)
+//! is linked with the registry borrowed but was never locked, so release
+//! skips it. Not covered: a [`PageAllocator`](crate::page::PageAllocator)
+//! used on its own (it is returned by value, so it has no fixed address to
+//! link), and heaps made by `Heap::from_region` (an embedder's). Dropping a
+//! heap inside the window (in a fork handler registered before ours) waits
+//! for its maintenance thread, which may be waiting for a lock the window
+//! holds: do not.
+
+use core::ptr;
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+
+use crate::context;
+use crate::slab::{Heap, HeapCore};
+use crate::sync::RegistryLock;
+
+/// A heap core's place in the registry.
+#[derive(Debug)]
+pub(crate) struct ForkLink {
+    /// The next registered core (null: the last), under `HEAPS`.
+    next: AtomicPtr<HeapCore>,
+    /// Linked into the registry (a heap made by `Heap::new`).
+    linked: AtomicBool,
+    /// Locked by the prepare handler, not yet released.
+    locked: AtomicBool,
+}
+
+impl ForkLink {
+    pub(crate) const fn new() -> Self {
+        ForkLink {
+            next: AtomicPtr::new(ptr::null_mut()),
+            linked: AtomicBool::new(false),
+            locked: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Serialises the list, and is held across `fork` by the prepare handler.
+static HEAPS: RegistryLock = RegistryLock::new();
+/// The first registered core (null: none), under `HEAPS`.
+static FIRST: AtomicPtr<HeapCore> = AtomicPtr::new(ptr::null_mut());
+
+/// Whether prepare took the children registry and the heap registry.
+static CHILDREN_TAKEN: AtomicBool = AtomicBool::new(false);
+static HEAPS_TAKEN: AtomicBool = AtomicBool::new(false);
+/// The global heap's core, if prepare locked it (null: not).
+static GLOBAL_LOCKED: AtomicPtr<Heap> = AtomicPtr::new(ptr::null_mut());
+
+/// Links a new heap's core into the registry. Normal context (`Heap::new`).
+/// Without the registry (this thread holds it: a heap made in a signal
+/// handler that interrupted its own thread there), the heap is not linked
+/// and `fork` leaves its locks alone.
+pub(crate) fn register(core: &HeapCore) {
+    let Some(_g) = HEAPS.lock() else {
+        return;
+    };
+    let link = core.fork_link();
+    link.next
+        .store(FIRST.load(Ordering::Relaxed), Ordering::Relaxed);
+    FIRST.store(core as *const HeapCore as *mut HeapCore, Ordering::Relaxed);
+    link.linked.store(true, Ordering::Relaxed);
+}
+
+/// Unlinks a heap's core before the heap is torn down. Normal context
+/// (dropping a `Heap`).
+pub(crate) fn unregister(core: &HeapCore) {
+    let link = core.fork_link();
+    if !link.linked.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(_g) = HEAPS.lock() else {
+        // Its thread holds the registry (a heap dropped in a signal handler
+        // that interrupted the registry's holder): the core cannot leave
+        // the list, and the next fork would walk into freed memory.
+        crate::platform::die(
+            b"anyalloc: a Heap dropped while its own thread holds the heap registry (in a signal handler?)\n",
+        )
+    };
+    let me = core as *const HeapCore as *mut HeapCore;
+    let mut at = &FIRST;
+    loop {
+        let cur = at.load(Ordering::Relaxed);
+        crate::check!(!cur.is_null(), "a linked heap is not in the registry");
+        if cur == me {
+            at.store(link.next.load(Ordering::Relaxed), Ordering::Relaxed);
+            link.linked.store(false, Ordering::Relaxed);
+            return;
+        }
+        // SAFETY: linked cores stay valid until they unlink themselves,
+        // which needs the registry this thread holds.
+        at = unsafe { &(*cur).fork_link().next };
+    }
+}
+
+/// Registers the fork handlers. Ordinary context only (`pthread_atfork`
+/// takes libc's fork lock and allocates): `Global`'s start-up constructor
+/// or `init`.
+pub(crate) fn register_atfork() {
+    // SAFETY: the handlers are `extern "C"` functions that live forever.
+    unsafe {
+        libc::pthread_atfork(Some(prepare), Some(release), Some(release));
+    }
+}
+
+extern "C" fn prepare() {
+    // `fork` called by a signal handler that interrupted this thread inside
+    // the allocator: its locks may be this thread's own, so none is taken
+    // (as without these handlers) rather than waited for.
+    let inside = context::inside();
+    // Nothing of the allocator in progress on this thread, no nolock scope:
+    // the window may be borrowed (below).
+    let clear = context::clear();
+    // Marked before the first lock: a signal handler on this thread from
+    // here until the window opens takes the nolock route.
+    context::enter();
+    if inside {
+        return;
+    }
+    // Registries first: their holders may allocate, which needs the heaps'
+    // locks. (`false`: this thread holds it already, having forked from a
+    // handler that interrupted it there: left alone.)
+    CHILDREN_TAKEN.store(crate::account::CHILDREN.lock_raw(), Ordering::Relaxed);
+    let heaps = HEAPS.lock_raw();
+    HEAPS_TAKEN.store(heaps, Ordering::Relaxed);
+    if let Some(h) = crate::global_heap() {
+        h.lock_all();
+        GLOBAL_LOCKED.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
+    }
+    if heaps {
+        let mut cur = FIRST.load(Ordering::Relaxed);
+        while !cur.is_null() {
+            // SAFETY: a linked core, valid while this thread holds the
+            // registry (a heap unlinks itself before it is torn down).
+            let core = unsafe { &*cur };
+            core.lock_all();
+            core.fork_link().locked.store(true, Ordering::Relaxed);
+            cur = core.fork_link().next.load(Ordering::Relaxed);
+        }
+    }
+    // Every lock held, nothing in progress under them: other fork handlers
+    // that run from here until `release` (those registered before ours),
+    // and signal handlers that interrupt this thread between them, allocate
+    // on the normal path with the locks borrowed.
+    if clear {
+        context::fork_window_open();
+    }
+}
+
+extern "C" fn release() {
+    // Closed before any lock is released: from here a signal handler on
+    // this thread takes the nolock route again until `leave`.
+    context::fork_window_close();
+    let heaps = HEAPS_TAKEN.swap(false, Ordering::Relaxed);
+    if heaps {
+        let mut cur = FIRST.load(Ordering::Relaxed);
+        while !cur.is_null() {
+            // SAFETY: as in `prepare`: this thread still holds the registry
+            // (the window's own changes to the list were made by it too).
+            let core = unsafe { &*cur };
+            if core.fork_link().locked.swap(false, Ordering::Relaxed) {
+                // SAFETY: `prepare` took every lock of this heap, and this
+                // runs once after it, in the parent or in the child.
+                unsafe { core.unlock_all() };
+            }
+            cur = core.fork_link().next.load(Ordering::Relaxed);
+        }
+    }
+    let h = GLOBAL_LOCKED.swap(ptr::null_mut(), Ordering::Relaxed);
+    if !h.is_null() {
+        // SAFETY: `prepare` took every lock of this heap (which lives
+        // forever), as above.
+        unsafe { (*h).unlock_all() };
+    }
+    if heaps {
+        // SAFETY: taken by `prepare`, as above.
+        unsafe { HEAPS.force_unlock() };
+    }
+    if CHILDREN_TAKEN.swap(false, Ordering::Relaxed) {
+        // SAFETY: taken by `prepare`, as above.
+        unsafe { crate::account::CHILDREN.force_unlock() };
+    }
+    // Every lock released: handlers may take the normal path again.
+    context::leave();
+}
