@@ -93,7 +93,8 @@ pub enum Site {
     FreeHuge,
     /// Object allocator: the deferred huge frees are being unmapped.
     HugeDeferredDrain,
-    /// Object allocator: a huge-table entry is `BUSY` (being filled).
+    /// Object allocator: a huge-table entry is `BUSY` (being filled, or
+    /// claimed while its block is being moved).
     HugeBusy,
     /// Object allocator: a free found the double-free key in the object and
     /// is checking whether it really is free; it has taken the deferred

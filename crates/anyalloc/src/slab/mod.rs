@@ -784,17 +784,20 @@ impl Heap {
         if new <= PAGE_SIZE << MAX_ORDER {
             return None;
         }
-        let (old, group) = core.huge.remove(addr)?;
+        // The entry stays ours (`BUSY`) while the block moves: another
+        // thread's huge allocation cannot take it meanwhile.
+        let claimed = core.huge.claim(addr)?;
+        let (old, group) = (claimed.size, claimed.group);
         let moved = match group {
-            // SAFETY: a registered huge allocation, unregistered while it moves.
+            // SAFETY: a registered huge allocation, its entry claimed while it
+            // moves: nothing else looks it up or frees it.
             0 => unsafe { crate::platform::os_remap(ptr.as_ptr(), old, new) },
             _ => None,
         };
+        // Moved or not, the block goes back in the table: in the claimed
+        // entry or a free one before it on the probe path, so it cannot fail.
         let (at, len) = moved.map_or((addr, old), |p| (p as usize, new));
-        if !core.huge.insert(at, len, group) {
-            core.pages
-                .fatal(FatalMessage::new().text("anyalloc: huge table full in remap_huge"));
-        }
+        core.huge.insert_claimed(claimed, at, len, group);
         core.huge_bytes.fetch_add(len, Ordering::Relaxed);
         core.huge_bytes.fetch_sub(old, Ordering::Relaxed);
         moved.and_then(NonNull::new)
