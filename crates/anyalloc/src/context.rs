@@ -84,8 +84,9 @@
 #[cfg(all(feature = "std", not(loom)))]
 use core::sync::atomic::{compiler_fence, Ordering};
 
-/// One level of `DEPTH`. Depth is bounded by lock nesting (the fork
-/// handler holds about a hundred locks) plus signal nesting.
+/// One level of `DEPTH`. Depth is bounded by lock nesting plus signal
+/// nesting (the fork handler marks its whole window once, whatever the
+/// number of locks it holds across the fork).
 #[cfg(feature = "std")]
 const DEPTH_ONE: u32 = 1;
 /// One level of `SCOPE`. Nesting 65,535 scopes deep would overflow into

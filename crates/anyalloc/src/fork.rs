@@ -35,15 +35,24 @@
 //! holds a heap's lock while it waits for the registry (a heap is linked
 //! after it is built and unlinked before it is torn down).
 //!
-//! Each heap's core records whether prepare locked it (`ForkLink::locked`):
-//! a heap made inside the window (by a fork handler registered before ours)
-//! is linked with the registry borrowed but was never locked, so release
-//! skips it. Not covered: a [`PageAllocator`](crate::page::PageAllocator)
-//! used on its own (it is returned by value, so it has no fixed address to
-//! link), and heaps made by `Heap::from_region` (an embedder's). Dropping a
-//! heap inside the window (in a fork handler registered before ours) waits
-//! for its maintenance thread, which may be waiting for a lock the window
-//! holds: do not.
+//! Each heap's core records whether its locks are held across the fork
+//! (`ForkLink::locked`), which release reads. What the window itself makes
+//! is held too, before any other thread can see it: a heap made there (by a
+//! fork handler registered before ours) is linked with the registry
+//! borrowed and locked at once, before its maintenance thread starts; a
+//! zone that the window's growth adds is locked before it is published
+//! (`PageAllocator::grow`); the global heap, if the window makes it, before
+//! it is published ([`adopt_global`]). Other threads keep running during
+//! the window: without that, a nolock allocation of theirs could hold the
+//! new zone's or heap's lock at the clone.
+//!
+//! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
+//! own (it is returned by value, so it has no fixed address to link), heaps
+//! made by `Heap::from_region` (an embedder's), and a global heap made by
+//! another thread while a fork is in progress. Dropping a heap inside the
+//! window (in a fork handler registered before ours) waits for its
+//! maintenance thread, which may be waiting for a lock the window holds: do
+//! not.
 
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
@@ -89,14 +98,32 @@ static GLOBAL_LOCKED: AtomicPtr<Heap> = AtomicPtr::new(ptr::null_mut());
 /// handler that interrupted its own thread there), the heap is not linked
 /// and `fork` leaves its locks alone.
 pub(crate) fn register(core: &HeapCore) {
-    let Some(_g) = HEAPS.lock() else {
+    let Some(g) = HEAPS.lock() else {
         return;
     };
     let link = core.fork_link();
+    if g.borrowed() {
+        // Made inside the fork window (by a fork handler registered before
+        // ours): held across this fork like the others, before anything
+        // else (its maintenance thread) can take its locks.
+        core.lock_all();
+        link.locked.store(true, Ordering::Relaxed);
+    }
     link.next
         .store(FIRST.load(Ordering::Relaxed), Ordering::Relaxed);
     FIRST.store(core as *const HeapCore as *mut HeapCore, Ordering::Relaxed);
     link.linked.store(true, Ordering::Relaxed);
+}
+
+/// The global heap `h`, just made and not yet published: if this thread
+/// owns the fork window, its locks are held across this fork like the
+/// others'. (A global heap made by another thread while a fork is in
+/// progress is not: the global heap is made before `main` in practice.)
+pub(crate) fn adopt_global(h: &Heap) {
+    if context::owns_fork_window() && GLOBAL_LOCKED.load(Ordering::Relaxed).is_null() {
+        h.lock_all();
+        GLOBAL_LOCKED.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
+    }
 }
 
 /// Unlinks a heap's core before the heap is torn down. Normal context

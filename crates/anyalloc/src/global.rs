@@ -243,6 +243,9 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
                         // SAFETY: we won the CAS: no other context reads or
                         // writes the cell until READY is published.
                         let h = unsafe { (*GLOBAL_HEAP.heap.get()).write(h) };
+                        // Made inside a fork window: held across the fork
+                        // before any other thread can use it.
+                        crate::fork::adopt_global(h);
                         core_word::publish(h.core_ptr().cast_mut());
                         // The maintainer starts at an ordinary point (see
                         // the module documentation), never here: this call

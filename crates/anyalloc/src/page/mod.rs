@@ -328,7 +328,7 @@ impl PageAllocator {
         if config.rseq && crate::sync::rseq::available(cpus) {
             pa.rseq_off = crate::sync::rseq::area_offset();
         }
-        pa.add_os_zone(config.memory)?;
+        pa.add_os_zone(config.memory, false)?;
         pa.first = FirstZone::of(pa.zone_at(0));
         Ok(pa)
     }
@@ -408,8 +408,11 @@ impl PageAllocator {
         Ok(pa)
     }
 
+    /// Reserves a zone of `bytes` from the OS and publishes it; with
+    /// `fork_held`, first takes its lock as `lock_all` does (the fork window
+    /// adds it: see `grow`).
     #[cfg(feature = "std")]
-    fn add_os_zone(&self, bytes: usize) -> Result<(), Error> {
+    fn add_os_zone(&self, bytes: usize, fork_held: bool) -> Result<(), Error> {
         let pages_len = bytes.next_multiple_of(PAGE_SIZE);
         let meta = zone::meta_size(0, pages_len, self.cpus).next_multiple_of(PAGE_SIZE);
         let total = pages_len + meta;
@@ -432,6 +435,18 @@ impl PageAllocator {
                 self.config.min_reserve.map(|b| b.div_ceil(PAGE_SIZE)),
             )
         };
+        if fork_held {
+            // Every zone before it is held across the fork (`fork_zones`
+            // counts them from the first): so is this one, counted too.
+            let n = self.fork_zones.load(Ordering::Relaxed);
+            crate::check!(
+                n == self.nzones.load(Ordering::Relaxed),
+                "a zone of the fork window not held across it"
+            );
+            // SAFETY: initialised by `Zone::init`, not shared yet.
+            unsafe { (*z).lock.lock_raw(self.platform) };
+            self.fork_zones.store(n + 1, Ordering::Relaxed);
+        }
         self.publish_zone(z as *mut Zone);
         Ok(())
     }
@@ -818,7 +833,7 @@ impl PageAllocator {
     #[cold]
     fn grow(&self) -> bool {
         let before = self.nzones.load(Ordering::Acquire);
-        let Some(_g) = self.grow_lock.lock_in(Mode::Normal, self.platform) else {
+        let Some(g) = self.grow_lock.lock_in(Mode::Normal, self.platform) else {
             return false;
         };
         let now = self.nzones.load(Ordering::Acquire);
@@ -836,7 +851,10 @@ impl PageAllocator {
             .saturating_mul(1usize << now.min(16))
             .min(64 << 30);
         crate::interrupt_point!(ZoneGrow);
-        self.add_os_zone(bytes).is_ok()
+        // Borrowed: this is the fork window, every zone is held across the
+        // fork, and so must the new one be, from before any other thread
+        // can see it (their nolock paths try every zone).
+        self.add_os_zone(bytes, g.borrowed()).is_ok()
     }
 
     /// The rseq fast path of every allocation of at most `PCP_MAX_ORDER`:

@@ -9,8 +9,9 @@
 //!   if *this* thread holds it (it interrupted itself) it returns `None`
 //!   at once instead of spinning forever; if this thread holds it across
 //!   `fork` (`me | FORK_HELD`, stored by `lock_raw`) and owns the fork
-//!   window (the `context` module), it borrows it: the guard's drop
-//!   releases nothing;
+//!   window (the `context` module), it borrows it, unless a borrowed guard
+//!   is live (`lent`: a handler that interrupted that section gets `None`,
+//!   as above): the guard's drop releases nothing but `lent`;
 //! * `try_lock`: one CAS;
 //! * release (guard drop): store 0 (Release), then unmark the thread.
 //!
@@ -26,7 +27,7 @@
 //! (a `static` needs a `const` constructor): the registries hold plain
 //! data, and the protocol is the slot lock's plus the owner check.
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, AtomicUsize, Ordering};
 
 use crate::context;
 
@@ -34,6 +35,11 @@ use crate::context;
 #[derive(Debug)]
 pub(crate) struct RegistryLock {
     owner: AtomicUsize,
+    /// A borrowed guard of the fork window is live: the holder is inside a
+    /// section of its own, which a signal handler on its thread must not
+    /// enter. Only the window's owner thread (and its handlers, which nest)
+    /// touches it.
+    lent: AtomicBool,
 }
 
 /// Proof that a [`RegistryLock`] is held; releases it when dropped.
@@ -54,6 +60,7 @@ impl RegistryLock {
     pub(crate) const fn new() -> Self {
         RegistryLock {
             owner: AtomicUsize::new(0),
+            lent: AtomicBool::new(false),
         }
     }
 
@@ -74,7 +81,14 @@ impl RegistryLock {
                 }
                 Err(cur) if cur == me && me != usize::MAX => return None,
                 Err(cur) if cur == me | context::FORK_HELD && me != usize::MAX => {
-                    return context::owns_fork_window().then_some(RegistryGuard {
+                    // Borrowed once at a time: a handler that interrupted
+                    // a borrowed section is told "held by this thread".
+                    if !context::owns_fork_window() || self.lent.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    self.lent.store(true, Ordering::Relaxed);
+                    compiler_fence(Ordering::SeqCst);
+                    return Some(RegistryGuard {
                         lock: self,
                         borrowed: true,
                     });
@@ -122,9 +136,19 @@ impl RegistryLock {
     }
 }
 
+impl RegistryGuard<'_> {
+    /// Whether the lock is borrowed in the fork window (held across `fork`
+    /// by this thread) rather than taken.
+    pub(crate) fn borrowed(&self) -> bool {
+        self.borrowed
+    }
+}
+
 impl Drop for RegistryGuard<'_> {
     fn drop(&mut self) {
         if self.borrowed {
+            compiler_fence(Ordering::SeqCst);
+            self.lock.lent.store(false, Ordering::Relaxed);
             return;
         }
         self.lock.owner.store(0, Ordering::Release);

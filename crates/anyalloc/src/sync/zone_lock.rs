@@ -43,8 +43,10 @@
 //! * polling locks (`set_polling(true)`, for `Config::nolock_syscalls(false)`):
 //!   waiters never announce themselves (the state never becomes 2); they
 //!   CAS 0 -> 1 after each short timed wait on the word instead.
-//! * `lock_raw` (the fork handler): `lock`, then `owner = me | FORK_HELD`;
-//!   `force_unlock` releases it like a guard.
+//! * `lock_raw` (the fork handler): `lock`, then `owner = me | FORK_HELD`,
+//!   and the thread's mark undone (the fork handler marks the thread once
+//!   for the whole window); `force_unlock` releases it like a guard, without
+//!   the mark.
 //! * unlock (guard drop): a borrowed guard only unmarks the thread;
 //!   otherwise `owner = 0`, swap 0 (AcqRel); if the previous
 //!   state was 2 and `waiters` is not 0, wake one waiter (a waiter's count
@@ -283,7 +285,10 @@ impl ZoneLock {
     /// Takes the lock without a guard (fork handling: held across `fork`),
     /// and marks it held across the fork by this thread (`FORK_HELD` in the
     /// owner word), which the fork window's normal-path calls may borrow.
-    /// Pair with [`force_unlock`](Self::force_unlock).
+    /// Unlike a guard, it does not leave the thread marked: the fork handler
+    /// marks it once for the whole window, so that a lock taken inside the
+    /// window (a zone or heap made there) does not move the window's word
+    /// at rest. Pair with [`force_unlock`](Self::force_unlock).
     #[cfg(feature = "std")]
     pub(crate) fn lock_raw(&self, platform: &dyn Platform) {
         let g = self.lock(platform);
@@ -291,6 +296,7 @@ impl ZoneLock {
         core::mem::forget(g);
         self.owner
             .store(me(platform) | context::FORK_HELD, Ordering::Relaxed);
+        context::leave();
     }
 
     /// Releases a lock taken with [`lock_raw`](Self::lock_raw), waking a
@@ -301,12 +307,7 @@ impl ZoneLock {
     /// parent of this forked child) and nothing else releases it.
     #[cfg(feature = "std")]
     pub(crate) unsafe fn force_unlock(&self, platform: &dyn Platform) {
-        drop(ZoneGuard {
-            lock: self,
-            platform,
-            borrowed: false,
-            _not_send: core::marker::PhantomData,
-        });
+        self.release(platform);
     }
 
     /// Takes the lock as `mode` allows: waiting for it (`Normal`), or only if
@@ -423,25 +424,40 @@ fn wait_while(_platform: &dyn Platform, word: &AtomicU32, expected: u32) {
     }
 }
 
-impl Drop for ZoneGuard<'_> {
+impl ZoneLock {
+    /// Releases the lock (a guard's drop, without the thread's mark).
     #[inline]
-    fn drop(&mut self) {
-        if self.borrowed {
-            // The fork handler's hold goes on: only the mark is undone.
-            context::leave();
-            return;
-        }
+    fn release(&self, platform: &dyn Platform) {
         // Cleared before the release: the next holder's store comes later.
-        self.lock.owner.store(0, Ordering::Relaxed);
+        self.owner.store(0, Ordering::Relaxed);
         // Release publishes the critical section to the next Acquire.
-        if self.lock.state.swap(UNLOCKED, Ordering::AcqRel) == CONTENDED
-            && self.lock.waiters.load(Ordering::Relaxed) != 0
+        if self.state.swap(UNLOCKED, Ordering::AcqRel) == CONTENDED
+            && self.waiters.load(Ordering::Relaxed) != 0
         {
             // A `lock()` caller announced that it waits and still does:
             // wake one. The platform's wake never blocks (a futex wake on
             // std), so this is safe on the nolock path too; a polling lock
             // is never in state 2, so its release never gets here.
-            wake(self.platform, &self.lock.state);
+            wake(platform, &self.state);
+        }
+    }
+}
+
+impl ZoneGuard<'_> {
+    /// Whether the lock is borrowed in the fork window (held across `fork`
+    /// by this thread) rather than taken.
+    #[cfg(feature = "std")]
+    pub(crate) fn borrowed(&self) -> bool {
+        self.borrowed
+    }
+}
+
+impl Drop for ZoneGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        // Borrowed: the fork handler's hold goes on, only the mark is undone.
+        if !self.borrowed {
+            self.lock.release(self.platform);
         }
         // Released: a handler after this sees the thread as before the lock.
         context::leave();
