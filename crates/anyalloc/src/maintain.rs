@@ -73,6 +73,9 @@ const IDLE_PASSES: u32 = 10;
 pub(crate) struct MaintainerSlot {
     state: AtomicU8,
     handle: UnsafeCell<Option<std::thread::JoinHandle<()>>>,
+    /// The process the thread was started in: a forked child has a copy of
+    /// the slot but not the thread.
+    pid: core::sync::atomic::AtomicI32,
 }
 
 impl MaintainerSlot {
@@ -80,6 +83,7 @@ impl MaintainerSlot {
         MaintainerSlot {
             state: AtomicU8::new(NONE),
             handle: UnsafeCell::new(None),
+            pid: core::sync::atomic::AtomicI32::new(0),
         }
     }
 
@@ -107,6 +111,8 @@ impl MaintainerSlot {
                 // SAFETY: only the context that won the CAS writes the
                 // handle, before publishing RUNNING.
                 unsafe { *self.handle.get() = Some(h) };
+                // SAFETY: getpid has no preconditions.
+                self.pid.store(unsafe { libc::getpid() }, Ordering::Relaxed);
                 self.state.store(RUNNING, Ordering::Release);
                 true
             }
@@ -127,9 +133,17 @@ impl MaintainerSlot {
         self.state.swap(NONE, Ordering::AcqRel) == RUNNING
     }
 
-    /// Stops and joins the thread, if one runs.
+    /// Stops and joins the thread, if one runs. In a forked child whose
+    /// parent ran it (nobody called `forget_after_fork`) there is no thread
+    /// to stop or join (joining it would report it dead): the handle is
+    /// forgotten instead.
     pub(crate) fn stop(&self, core: &impl Maintained) {
         if self.state.load(Ordering::Acquire) != RUNNING {
+            return;
+        }
+        // SAFETY: getpid has no preconditions.
+        if self.pid.load(Ordering::Relaxed) != unsafe { libc::getpid() } {
+            self.forget_after_fork();
             return;
         }
         core.stop_flag().store(true, Ordering::Release);

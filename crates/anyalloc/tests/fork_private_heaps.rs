@@ -129,3 +129,35 @@ fn fork_while_another_thread_holds_a_private_heaps_lock() {
     assert_eq!(hung, 0, "a forked child hung on a lock of a private heap");
     assert_eq!(failed, 0, "a forked child could not allocate");
 }
+
+/// A heap whose maintenance thread stayed in the parent can be dropped in
+/// the child without `forget_maintainer_after_fork`: there is no thread to
+/// join there (joining its handle reported the thread dead: a panic inside
+/// `drop`, and an abort).
+#[test]
+fn a_child_drops_a_heap_whose_maintainer_stayed_in_the_parent() {
+    let heap = Heap::new(Config::default().memory(16 << 20)).expect("heap");
+    let p = heap.alloc(block()).expect("a block");
+    // SAFETY: the child frees a block it inherited, drops the heap and
+    // _exits; it starts no thread.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: allocated from this heap above, freed once (in this
+        // process).
+        unsafe { heap.free(p) };
+        // A panic must not unwind into the test harness's copy here.
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(heap)));
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(if dropped.is_ok() { 0 } else { 1 }) };
+    }
+    assert!(pid > 0, "fork failed");
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child could not drop the heap: status {status:#x}"
+    );
+    // SAFETY: allocated above, freed once in this process.
+    unsafe { heap.free(p) };
+}

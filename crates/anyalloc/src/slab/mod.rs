@@ -380,7 +380,8 @@ impl Heap {
     /// thread. Its locks are held across `fork` (a forked child can use it
     /// whatever other threads were doing), until it is dropped; its
     /// maintenance thread does not survive in the child
-    /// ([`forget_maintainer_after_fork`](Self::forget_maintainer_after_fork)).
+    /// ([`forget_maintainer_after_fork`](Self::forget_maintainer_after_fork)
+    /// says what to do there).
     #[cfg(feature = "std")]
     pub fn new(config: Config) -> Result<Heap, Error> {
         let heap = Self::new_without_maintainer(config)?;
@@ -604,7 +605,13 @@ impl Heap {
     /// In a forked child, before anything else uses the heap: the
     /// maintenance thread stayed in the parent; forget it so that
     /// [`start_maintenance`](Self::start_maintenance) starts a new one.
-    /// Returns whether one ran in the parent.
+    /// Returns whether one ran in the parent. (Dropping the heap in the
+    /// child needs nothing: it finds the thread was the parent's.)
+    ///
+    /// Starting a thread in the child of a multithreaded process is outside
+    /// what POSIX promises there, and Rust's `std::thread` can wait forever
+    /// for a lock of its own that another thread held at the fork: in such a
+    /// child, prefer heaps without maintenance, or `exec` first.
     #[cfg(feature = "std")]
     pub fn forget_maintainer_after_fork(&self) -> bool {
         self.maintainer.forget_after_fork()
