@@ -1814,7 +1814,10 @@ impl HeapCore {
                 addr,
                 ", which is not a live object of this heap (its page is not owned by a cache: double free or interior pointer?)",
             ),
-            None => self.bad_free(addr, ", which is outside the heap's memory"),
+            None => self.bad_free(
+                addr,
+                ", which is outside the heap's memory (a foreign pointer, or a block above 4 MiB freed already?)",
+            ),
         }
     }
 
