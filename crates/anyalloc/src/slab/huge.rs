@@ -81,23 +81,33 @@ impl HugeTable {
     /// Records a huge allocation; `false` when the table is full.
     pub(crate) fn insert(&self, addr: usize, size: usize, group: usize) -> bool {
         let h = Self::home(addr);
-        for i in h..h + HUGE_ENTRIES {
-            let e = self.entry(i);
-            let cur = e.addr.load(Ordering::Relaxed);
-            if (cur == EMPTY || cur == TOMB)
-                && e.addr
-                    .compare_exchange(cur, BUSY, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                // BUSY: lookups pass over the entry, inserts skip it.
-                crate::interrupt_point!(HugeBusy);
-                e.size.store(size, Ordering::Relaxed);
-                e.group.store(group, Ordering::Relaxed);
-                e.addr.store(addr, Ordering::Release);
-                return true;
-            }
+        (h..h + HUGE_ENTRIES).any(|i| self.take(self.entry(i), addr, size, group))
+    }
+
+    /// Records the allocation in entry `e` if the entry is free (`EMPTY` or
+    /// `TOMB`): CAS to `BUSY`, then the size and group, then the address
+    /// (Release). `false` (nothing written) if it is not free.
+    fn take(&self, e: &Entry, addr: usize, size: usize, group: usize) -> bool {
+        let cur = e.addr.load(Ordering::Relaxed);
+        if (cur == EMPTY || cur == TOMB)
+            && e.addr
+                .compare_exchange(cur, BUSY, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            // BUSY: lookups pass over the entry, inserts skip it.
+            crate::interrupt_point!(HugeBusy);
+            Self::fill(e, addr, size, group);
+            return true;
         }
         false
+    }
+
+    /// Writes the allocation into entry `e`, which is `BUSY` and the
+    /// caller's: the size and group, then the address (Release).
+    fn fill(e: &Entry, addr: usize, size: usize, group: usize) {
+        e.size.store(size, Ordering::Relaxed);
+        e.group.store(group, Ordering::Relaxed);
+        e.addr.store(addr, Ordering::Release);
     }
 
     /// The size of the huge allocation at `addr`, if there is one.
@@ -191,18 +201,7 @@ impl HugeTable {
     pub(crate) fn insert_claimed(&self, claimed: Claimed, addr: usize, size: usize, group: usize) {
         let mut i = Self::home(addr);
         while i != claimed.index {
-            let e = self.entry(i);
-            let cur = e.addr.load(Ordering::Relaxed);
-            if (cur == EMPTY || cur == TOMB)
-                && e.addr
-                    .compare_exchange(cur, BUSY, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                // BUSY: lookups pass over the entry, inserts skip it.
-                crate::interrupt_point!(HugeBusy);
-                e.size.store(size, Ordering::Relaxed);
-                e.group.store(group, Ordering::Relaxed);
-                e.addr.store(addr, Ordering::Release);
+            if self.take(self.entry(i), addr, size, group) {
                 self.entry(claimed.index)
                     .addr
                     .store(TOMB, Ordering::Release);
@@ -210,10 +209,7 @@ impl HugeTable {
             }
             i = (i + 1) & (HUGE_ENTRIES - 1);
         }
-        let e = self.entry(claimed.index);
-        e.size.store(size, Ordering::Relaxed);
-        e.group.store(group, Ordering::Relaxed);
-        e.addr.store(addr, Ordering::Release);
+        Self::fill(self.entry(claimed.index), addr, size, group);
     }
 }
 
