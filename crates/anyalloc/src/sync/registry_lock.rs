@@ -139,6 +139,7 @@ impl RegistryLock {
 impl RegistryGuard<'_> {
     /// Whether the lock is borrowed in the fork window (held across `fork`
     /// by this thread) rather than taken.
+    #[cfg(feature = "std")]
     pub(crate) fn borrowed(&self) -> bool {
         self.borrowed
     }
