@@ -127,36 +127,28 @@ impl HugeTable {
     /// Removes the allocation at `addr`; returns its size and group, `None`
     /// if it is not registered (never allocated, or already freed).
     pub(crate) fn remove(&self, addr: usize) -> Option<(usize, usize)> {
-        let h = Self::home(addr);
-        for i in h..h + HUGE_ENTRIES {
-            let e = self.entry(i);
-            match e.addr.load(Ordering::Acquire) {
-                EMPTY => return None,
-                a if a == addr => {
-                    let size = e.size.load(Ordering::Relaxed);
-                    let group = e.group.load(Ordering::Relaxed);
-                    if e.addr
-                        .compare_exchange(addr, TOMB, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        return Some((size, group));
-                    }
-                    return None; // a racing free removed it first
-                }
-                _ => {}
-            }
-        }
-        None
+        self.take_out(addr, TOMB).map(|c| (c.size, c.group))
     }
 
     /// Takes the entry of the allocation at `addr` while its block moves:
     /// the address word goes from `addr` to `BUSY`, so lookups and removes
     /// pass over the entry and inserts skip it, and the entry stays the
     /// claimer's until [`insert_claimed`](Self::insert_claimed). Returns the
-    /// entry with the allocation's size and group, read before the CAS (the
-    /// entry cannot be reused before it, as for [`remove`](Self::remove));
-    /// `None` if `addr` is not registered.
+    /// entry with the allocation's size and group; `None` if `addr` is not
+    /// registered.
     pub(crate) fn claim(&self, addr: usize) -> Option<Claimed> {
+        let c = self.take_out(addr, BUSY)?;
+        // BUSY: the block is the claimer's, and its entry too.
+        crate::interrupt_point!(HugeBusy);
+        Some(c)
+    }
+
+    /// Finds the entry holding `addr` and CASes its address word to `to`
+    /// (`TOMB`: removed; `BUSY`: claimed). The size and group are read
+    /// before the CAS: the entry cannot be reused before it, so they are
+    /// the allocation's. `None` if `addr` is not registered, or a racing
+    /// free took it out first.
+    fn take_out(&self, addr: usize, to: usize) -> Option<Claimed> {
         let h = Self::home(addr);
         for i in h..h + HUGE_ENTRIES {
             let e = self.entry(i);
@@ -165,19 +157,15 @@ impl HugeTable {
                 a if a == addr => {
                     let size = e.size.load(Ordering::Relaxed);
                     let group = e.group.load(Ordering::Relaxed);
-                    if e.addr
-                        .compare_exchange(addr, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        // BUSY: the block is the claimer's, and its entry too.
-                        crate::interrupt_point!(HugeBusy);
-                        return Some(Claimed {
-                            index: i & (HUGE_ENTRIES - 1),
-                            size,
-                            group,
-                        });
-                    }
-                    return None; // a racing free removed it first
+                    let taken = e
+                        .addr
+                        .compare_exchange(addr, to, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok();
+                    return taken.then_some(Claimed {
+                        index: i & (HUGE_ENTRIES - 1),
+                        size,
+                        group,
+                    });
                 }
                 _ => {}
             }
