@@ -97,29 +97,13 @@ fn fork_while_another_thread_holds_a_private_heaps_lock() {
             }
             FORKED.store(true, SeqCst);
             assert!(pid > 0, "fork failed");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut status = 0;
-            loop {
-                // SAFETY: polling our own child.
-                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-                    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-                        failed += 1;
-                    }
-                    break;
-                }
-                if Instant::now() > deadline {
+            match watchdog::wait_child(pid, Duration::from_secs(5)) {
+                Some(status) if !watchdog::exited_ok(status) => failed += 1,
+                Some(_) => {}
+                None => {
                     hung += 1;
-                    // SAFETY: killing and reaping our own child.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                        libc::waitpid(pid, &mut status, 0);
-                    }
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if hung > 0 {
-                break;
             }
         }
         stop.store(true, SeqCst);
@@ -155,7 +139,7 @@ fn a_child_drops_a_heap_whose_maintainer_stayed_in_the_parent() {
     // SAFETY: waiting for our own child.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
     assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        watchdog::exited_ok(status),
         "the child could not drop the heap: status {status:#x}"
     );
     // SAFETY: allocated above, freed once in this process.

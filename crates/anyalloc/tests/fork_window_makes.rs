@@ -130,33 +130,6 @@ fn fork_child(child: impl FnOnce() -> i32) -> libc::pid_t {
     pid
 }
 
-/// Waits for forked child `pid`: its exit status, or `None` if it had not
-/// exited after [`HUNG_AFTER`] (it is then killed with SIGKILL and reaped).
-fn wait_child(pid: libc::pid_t) -> Option<libc::c_int> {
-    let deadline = Instant::now() + HUNG_AFTER;
-    let mut status = 0;
-    loop {
-        // SAFETY: polling our own child.
-        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            // SAFETY: killing and reaping our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Whether a forked child exited with status 0.
-fn exited_ok(status: libc::c_int) -> bool {
-    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
-}
-
 /// Spins until `flag` is set or `limit` has passed.
 fn wait_for(flag: &AtomicBool, limit: Duration) {
     let until = Instant::now() + limit;
@@ -301,7 +274,7 @@ fn zone_grown_in_the_fork_window_is_held_across_the_fork() {
             i32::from(heap.alloc(layout(256 << 10)).is_none())
         });
         FORKED.store(true, SeqCst);
-        let status = wait_child(pid);
+        let status = watchdog::wait_child(pid, HUNG_AFTER);
         stop.store(true, SeqCst);
         pauser.join().unwrap();
         paused += usize::from(PAUSED_AT_FORK.load(SeqCst));
@@ -317,7 +290,7 @@ fn zone_grown_in_the_fork_window_is_held_across_the_fork() {
                 println!("round {round}: the forked child hung (killed)");
                 break;
             }
-            Some(s) if !exited_ok(s) => failed += 1,
+            Some(s) if !watchdog::exited_ok(s) => failed += 1,
             Some(_) => {}
         }
     }
@@ -492,11 +465,14 @@ fn heap_made_in_the_fork_window_is_held_across_the_fork() {
             h.drain();
             // A second fork: its prepare handler takes every heap's locks.
             let grandchild = fork_child(|| 0);
-            i32::from(wait_child(grandchild).is_none_or(|s| !exited_ok(s)))
+            i32::from(
+                watchdog::wait_child(grandchild, HUNG_AFTER)
+                    .is_none_or(|s| !watchdog::exited_ok(s)),
+            )
         });
         FORKED.store(true, SeqCst);
         forks += 1;
-        let status = wait_child(pid);
+        let status = watchdog::wait_child(pid, HUNG_AFTER);
         paused += usize::from(PAUSED_AT_FORK.load(SeqCst));
         drop(HEAP.lock().unwrap().take());
         match status {
@@ -505,7 +481,7 @@ fn heap_made_in_the_fork_window_is_held_across_the_fork() {
                 println!("round {round}: the forked child hung (killed)");
                 break;
             }
-            Some(s) if !exited_ok(s) => failed += 1,
+            Some(s) if !watchdog::exited_ok(s) => failed += 1,
             Some(_) => {}
         }
     }
@@ -659,7 +635,7 @@ fn group_registry_is_lent_once_in_the_fork_window() {
         PARENT.set(Some(parent.clone()));
         FROM_HANDLERS.with_borrow_mut(|k| k.reserve(2 * CHILDREN));
         let pid = fork_child(|| 0);
-        let status = wait_child(pid);
+        let status = watchdog::wait_child(pid, HUNG_AFTER);
         // Walks the registry (every child's Weak).
         let _ = parent.usage();
         PARENT.set(None);
@@ -671,7 +647,7 @@ fn group_registry_is_lent_once_in_the_fork_window() {
                 println!("round {round}: the forked child hung (killed)");
                 break;
             }
-            Some(s) if !exited_ok(s) => failed += 1,
+            Some(s) if !watchdog::exited_ok(s) => failed += 1,
             Some(_) => {}
         }
     }

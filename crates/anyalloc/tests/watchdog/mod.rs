@@ -134,3 +134,31 @@ pub fn stepped_in_child(name: &str, limit: Duration, what: &str, done: &str) -> 
     );
     true
 }
+
+/// Waits for forked child `pid`: its exit status, or `None` if it had not
+/// exited after `limit` (it is then killed with SIGKILL and reaped): a
+/// child hung on a lock fails its test instead of hanging it.
+pub fn wait_child(pid: libc::pid_t, limit: Duration) -> Option<libc::c_int> {
+    let deadline = Instant::now() + limit;
+    let mut status = 0;
+    loop {
+        // SAFETY: polling our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether a forked child exited with status 0.
+pub fn exited_ok(status: libc::c_int) -> bool {
+    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+}
