@@ -169,13 +169,7 @@ impl Config {
                 reason: "too much memory: at most 64 TiB per zone",
             });
         }
-        if self.cpus == Some(0) {
-            return Err(Error::Config {
-                setting: "Config::cpus",
-                value: 0,
-                reason: "at least one CPU is needed",
-            });
-        }
+        self.validate_cpus()?;
         if let Some(r) = self.min_reserve {
             if r > self.memory / 2 {
                 return Err(Error::Config {
@@ -185,18 +179,49 @@ impl Config {
                 });
             }
         }
-        if let Some(n) = self.cpus {
-            if n > 4096 {
-                return Err(Error::Config {
-                    setting: "Config::cpus",
-                    value: n,
-                    reason: "at most 4096 CPUs are supported",
-                });
-            }
-        }
         Ok(())
     }
+
+    /// The CPU setting's own checks (every constructor, `from_region`'s
+    /// too): at least one, at most [`MAX_CPUS`].
+    pub(crate) fn validate_cpus(&self) -> Result<(), Error> {
+        match self.cpus {
+            Some(0) => Err(Error::Config {
+                setting: "Config::cpus",
+                value: 0,
+                reason: "at least one CPU is needed",
+            }),
+            Some(n) if n > MAX_CPUS => Err(Error::Config {
+                setting: "Config::cpus",
+                value: n,
+                reason: "at most 4096 CPUs are supported",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The slot sets a `from_region` allocator gets: `Config::cpus`, else
+    /// the platform's count (0 taken as 1). Errors on a bad setting, and on
+    /// a platform count above [`MAX_CPUS`] (per-CPU metadata of that size
+    /// would not fit any region, and its size could overflow).
+    pub(crate) fn region_cpus(&self, platform: &dyn crate::Platform) -> Result<usize, Error> {
+        self.validate_cpus()?;
+        if let Some(n) = self.cpus {
+            return Ok(n);
+        }
+        match platform.cpu_count() {
+            n if n > MAX_CPUS => Err(Error::Config {
+                setting: "Platform::cpu_count",
+                value: n,
+                reason: "at most 4096 CPUs are supported (set Config::cpus to use fewer)",
+            }),
+            n => Ok(n.max(1)),
+        }
+    }
 }
+
+/// The most CPUs (slot sets) an allocator supports.
+pub const MAX_CPUS: usize = 4096;
 
 /// Why an allocator could not be created.
 #[derive(Debug, Clone, PartialEq, Eq)]

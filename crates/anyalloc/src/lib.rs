@@ -91,7 +91,7 @@ pub mod slab;
 pub mod sync;
 
 pub use account::Group;
-pub use config::{Config, Error, MIN_MEMORY};
+pub use config::{Config, Error, MAX_CPUS, MIN_MEMORY};
 #[cfg(feature = "std")]
 #[doc(hidden)]
 pub use global::init_without_maintainer;

@@ -1,6 +1,6 @@
 //! Basic behaviour of the object allocator.
 
-use anyalloc::{Config, Heap, PAGE_SIZE};
+use anyalloc::{Config, Error, Heap, PageAllocator, PAGE_SIZE};
 use std::alloc::Layout;
 use std::ptr::NonNull;
 
@@ -638,4 +638,75 @@ fn heap_from_a_region_that_starts_off_a_page_boundary() {
     }
     let s = heap.stats();
     assert_eq!((s.objects_in_use, s.large_in_use), (0, 0), "{s:?}");
+}
+
+/// `from_region` checks the CPU count it would build slot sets for, from
+/// the configuration or from the platform, as `Heap::new` does: a count
+/// above `MAX_CPUS` is a clear error, not per-CPU metadata whose size
+/// overflows (it used to pass the fit check and write past the region).
+/// A region whose end wraps the address space is named as such.
+#[test]
+fn from_region_rejects_cpu_counts_above_the_maximum() {
+    struct Many;
+    impl anyalloc::Platform for Many {
+        fn cpu_id(&self) -> usize {
+            0
+        }
+        fn cpu_count(&self) -> usize {
+            usize::MAX / 2
+        }
+    }
+    static MANY: Many = Many;
+    let len = 16 << 20;
+    let buf: &'static mut [u8] = Box::leak(vec![0u8; len].into_boxed_slice());
+    let region = NonNull::new(buf.as_mut_ptr()).unwrap();
+    for cpus in [anyalloc::MAX_CPUS + 1, 5000, usize::MAX / 2] {
+        let config = Config::default().cpus(cpus);
+        // SAFETY: the leaked buffer is ours alone; every call fails before
+        // touching it.
+        let pages = unsafe { PageAllocator::from_region(region, len, &MANY, config) };
+        let heap = unsafe { Heap::from_region(region, len, &MANY, config) };
+        for e in [pages.err(), heap.err()] {
+            assert_eq!(
+                e,
+                Some(Error::Config {
+                    setting: "Config::cpus",
+                    value: cpus,
+                    reason: "at most 4096 CPUs are supported",
+                })
+            );
+        }
+    }
+    // The platform's count, when the configuration leaves it open.
+    // SAFETY: as above.
+    let pages = unsafe { PageAllocator::from_region(region, len, &MANY, Config::default()) };
+    let heap = unsafe { Heap::from_region(region, len, &MANY, Config::default()) };
+    for e in [pages.err(), heap.err()] {
+        let e = e.expect("refused");
+        assert!(
+            matches!(e, Error::Config { setting: "Platform::cpu_count", value, .. } if value == usize::MAX / 2),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("set Config::cpus to use fewer"),
+            "{e}"
+        );
+    }
+    // With Config::cpus set, the platform's count does not matter.
+    // SAFETY: as above; the allocator is dropped before the next use.
+    let ok = unsafe { Heap::from_region(region, len, &MANY, Config::default().cpus(2)) };
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    drop(ok);
+    // A region whose end wraps: both constructors name it.
+    let high = NonNull::new((usize::MAX - 4095) as *mut u8).unwrap();
+    let wraps = Error::Region {
+        len: 1 << 20,
+        reason: "the region wraps around the address space",
+    };
+    // SAFETY: refused before the region is touched.
+    let pages =
+        unsafe { PageAllocator::from_region(high, 1 << 20, &MANY, Config::default().cpus(1)) };
+    let heap = unsafe { Heap::from_region(high, 1 << 20, &MANY, Config::default().cpus(1)) };
+    assert_eq!(pages.err(), Some(wraps.clone()));
+    assert_eq!(heap.err(), Some(wraps));
 }

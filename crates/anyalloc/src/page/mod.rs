@@ -347,14 +347,7 @@ impl PageAllocator {
         platform: &'static dyn Platform,
         config: Config,
     ) -> Result<PageAllocator, Error> {
-        if config.cpus == Some(0) {
-            return Err(Error::Config {
-                setting: "Config::cpus",
-                value: 0,
-                reason: "at least one CPU is needed",
-            });
-        }
-        let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
+        let cpus = config.region_cpus(platform)?;
         let region_start = region.as_ptr() as usize;
         let region_end = region_start.checked_add(len).ok_or(Error::Region {
             len,

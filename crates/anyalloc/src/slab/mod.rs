@@ -446,13 +446,18 @@ impl Heap {
         platform: &'static dyn crate::Platform,
         config: Config,
     ) -> Result<Heap, Error> {
-        let cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
+        let cpus = config.region_cpus(platform)?;
+        let end = (region.as_ptr() as usize)
+            .checked_add(len)
+            .ok_or(Error::Region {
+                len,
+                reason: "the region wraps around the address space",
+            })?;
         // Page-aligned, as `build` requires: the layout places the caches
         // (512-byte aligned) and the rest at offsets from this start.
         let start = (region.as_ptr() as usize).next_multiple_of(PAGE_SIZE);
         let meta_len = meta_layout(cpus).total;
-        let rest = start + meta_len;
-        let end = region.as_ptr() as usize + len;
+        let rest = start.saturating_add(meta_len);
         if rest >= end {
             return Err(Error::Region {
                 len,
