@@ -260,3 +260,112 @@ fn sized_frees_uncharge_accounted_blocks() {
     assert_eq!(g.usage(), 0);
     assert_eq!(h.stats().objects_in_use, 0);
 }
+
+/// Unused per-CPU stock must not strand credit. A dropped child gives its
+/// stock back to its ancestors: 40 short-lived children, each allocating
+/// and freeing one object, leave the parent at exactly 0 (each used to
+/// leave about 32 KiB charged to it for good, until the parent was full).
+#[test]
+fn a_dropped_child_gives_its_unused_stock_back() {
+    let h = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    let parent = Group::new("parent", Some(1 << 20), None);
+    for _ in 0..40 {
+        let child = Group::new("child", None, Some(&parent));
+        let p = h.alloc_in(l(64), &child).unwrap();
+        // SAFETY: allocated above, freed once.
+        unsafe { h.free(p) };
+        h.drain(); // drops the object's released reference
+        assert_eq!(child.usage(), 0);
+        drop(child);
+        assert_eq!(parent.usage(), 0, "the child's stock stayed charged");
+    }
+    parent.flush_stocks();
+    assert_eq!(parent.usage(), 0);
+    // The parent's whole limit is there to use.
+    let p = h
+        .alloc_in(l(1 << 20), &parent)
+        .expect("the parent's limit is free");
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free(p) };
+    assert_eq!(parent.failcnt(), 0);
+}
+
+/// A sibling's unused stock counts against the limit the siblings share;
+/// a normal-path allocation that the limit refuses flushes the stocks of
+/// the whole tree before it retries, so it succeeds when the live bytes
+/// fit. (The retry flushed only the allocating group's chain before.)
+#[test]
+fn a_refused_allocation_flushes_the_siblings_stocks() {
+    let h = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    let parent = Group::new("parent", Some(64 << 10), None);
+    let a = Group::new("a", None, Some(&parent));
+    let b = Group::new("b", None, Some(&parent));
+    // `a` allocates and frees one small object: its stock keeps credit.
+    let p = h.alloc_in(l(64), &a).unwrap();
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free(p) };
+    assert_eq!((parent.usage(), a.usage()), (0, 0));
+    // A 64 KiB block fills the parent's limit exactly.
+    let q = h
+        .alloc_in(l(60 << 10), &b)
+        .expect("64 KiB under a 64 KiB limit with nothing in use");
+    assert_eq!(parent.usage(), 64 << 10);
+    // The refusal before the flush is not a failure of the allocation.
+    assert_eq!(parent.failcnt(), 0);
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free(q) };
+    assert_eq!(parent.usage(), 0);
+}
+
+/// The nolock path cannot reach other groups' stocks, but it uses its own
+/// group's: a group whose stock holds credit from a free takes a block of
+/// its whole limit (refused before, with usage 0).
+#[test]
+fn a_nolock_charge_uses_its_own_stock_credit() {
+    let h = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    let g = Group::new("g", Some(64 << 10), None);
+    let p = h.alloc_nolock_in(l(100), &g).unwrap();
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free_nolock(p) };
+    assert_eq!(g.usage(), 0);
+    let q = h
+        .alloc_nolock_in(l(60 << 10), &g)
+        .expect("64 KiB under a 64 KiB limit with nothing in use");
+    assert_eq!(g.usage(), 64 << 10);
+    assert_eq!(g.failcnt(), 0);
+    // SAFETY: allocated above, freed once.
+    unsafe { h.free_nolock(q) };
+    assert_eq!(g.usage(), 0);
+}
+
+/// A refused allocation is one failure: in the refusing group's `failcnt`
+/// once (not once per attempt), and, on the nolock path, in the heap's
+/// failure statistics and not in its successes.
+#[test]
+fn a_refused_allocation_counts_one_failure_and_no_success() {
+    let h = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    let g = Group::new("zero", Some(0), None);
+    let before = h.stats();
+    let sizes = [8usize, 64, 1000, 8192, 16 << 10, 64 << 10, 1 << 20];
+    for &size in &sizes {
+        assert!(h.alloc_nolock_in(l(size), &g).is_none());
+    }
+    let after = h.stats();
+    assert_eq!(
+        after.nolock_alloc_ok, before.nolock_alloc_ok,
+        "counted as successes"
+    );
+    assert_eq!(
+        after.nolock_alloc_fail_empty - before.nolock_alloc_fail_empty,
+        sizes.len() as u64
+    );
+    assert_eq!(g.failcnt(), sizes.len() as u64);
+    for &size in &sizes {
+        assert!(h.alloc_in(l(size), &g).is_none());
+    }
+    assert_eq!(
+        g.failcnt(),
+        2 * sizes.len() as u64,
+        "one failure per refused alloc_in"
+    );
+}

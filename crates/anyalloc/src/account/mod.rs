@@ -24,6 +24,23 @@
 //! the group and its descendants, so it returns to exactly 0 once every
 //! accounted object is freed.
 //!
+//! Stock still counts against limits, so it must not strand credit:
+//!
+//! * A batch is at most a sixteenth of the smallest limit on the group's
+//!   chain (`Group::batch`; no stock at all under 16 bytes of limit), so
+//!   a stock never holds a large share of a limit.
+//! * A refused charge returns the free stocks of the group and its
+//!   ancestors to the counters (try-locks, any context) and tries once
+//!   more, exactly, before it gives up.
+//! * A normal-context allocation that is still refused flushes the stocks
+//!   of the whole tree its group belongs to (siblings and cousins
+//!   included, as the kernel drains every CPU's stock), reclaims, and
+//!   retries. The nolock path cannot reach other groups' stocks (that
+//!   needs the children registry and references it may not drop), so
+//!   there a sibling's unused stock, at most `2 * batch` per CPU, can
+//!   still count against a shared ancestor's limit.
+//! * A group that is dropped returns its unused stock to its ancestors.
+//!
 //! # Lifetime
 //!
 //! Every accounted object holds a strong reference to its group (the heap
@@ -47,10 +64,10 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crate::sync::{RegistryGuard, RegistryLock, SlotLock};
 
-/// Bytes pre-charged into a CPU's stock at once.
+/// Bytes pre-charged into a CPU's stock at once, at most (a group's
+/// `batch`); a stock keeps at most twice its group's batch, and beyond it
+/// uncharges go to the counters.
 const STOCK_BATCH: usize = 32 << 10;
-/// Unused stock a CPU keeps; beyond it, uncharges go to the counters.
-const STOCK_MAX: usize = 2 * STOCK_BATCH;
 /// Stock slots per group (CPU ids are reduced modulo this).
 const STOCK_SLOTS: usize = 64;
 
@@ -83,6 +100,8 @@ pub struct Group {
     parent: Option<Arc<Group>>,
     children: std_like::Children,
     stocks: [Stock; STOCK_SLOTS],
+    /// Bytes pre-charged into a stock at once (see "Per-CPU charge stock").
+    batch: usize,
     /// References released but not yet dropped (see "Lifetime").
     pending: AtomicUsize,
     /// Link on the heap's release list.
@@ -102,9 +121,10 @@ impl fmt::Debug for Group {
 }
 
 /// The children registries of every group, under one process-wide lock
-/// ([`CHILDREN`]): only normal-context functions take it (`Group::new`;
-/// `usage` only tries it), the charge paths never touch it, and the global
-/// heap's fork handler takes it, so a forked child never inherits it held.
+/// ([`CHILDREN`]): only normal-context functions take it (`Group::new`,
+/// `usage`, `flush_stocks`), the charge paths never touch it, and the
+/// global heap's fork handler takes it, so a forked child never inherits
+/// it held.
 mod std_like {
     use super::*;
     use core::cell::UnsafeCell;
@@ -152,9 +172,15 @@ impl Group {
     /// A new group with an optional byte limit and an optional parent.
     /// Normal context (it allocates).
     pub fn new(name: &str, limit_bytes: Option<usize>, parent: Option<&Arc<Group>>) -> Arc<Group> {
+        let limit = limit_bytes.unwrap_or(usize::MAX);
+        // A sixteenth of the tightest limit on the chain, at most
+        // STOCK_BATCH (the parent's batch already reflects its ancestors').
+        let batch = (limit / 16)
+            .min(STOCK_BATCH)
+            .min(parent.map_or(STOCK_BATCH, |p| p.batch));
         let g = Arc::new(Group {
             name: String::from(name),
-            limit: limit_bytes.unwrap_or(usize::MAX),
+            limit,
             counter: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             failcnt: AtomicU64::new(0),
@@ -164,6 +190,7 @@ impl Group {
                 lock: SlotLock::new(),
                 bytes: AtomicUsize::new(0),
             }),
+            batch,
             pending: AtomicUsize::new(0),
             next_dead: AtomicPtr::new(core::ptr::null_mut()),
         });
@@ -191,8 +218,9 @@ impl Group {
     /// Bytes charged by live objects of this group and its descendants.
     /// Exact when nothing is allocating concurrently. Normal context (it
     /// briefly holds references to descendants, and dropping the last one
-    /// frees memory); it never waits: if a descendant is being created
-    /// right now, the descendants' unused per-CPU stock counts as usage.
+    /// frees memory; it waits while another thread registers a new group).
+    /// In a signal handler that interrupted its own thread's `Group::new`,
+    /// the descendants' unused per-CPU stock counts as usage.
     pub fn usage(&self) -> usize {
         self.counter
             .load(Ordering::Acquire)
@@ -200,10 +228,10 @@ impl Group {
     }
 
     fn stocked_below(&self) -> usize {
-        match CHILDREN.try_lock() {
+        match CHILDREN.lock() {
             Some(g) => self.stocked_below_locked(&g),
-            // Another context is creating a group right now: the
-            // descendants' unused stock counts as usage.
+            // This thread is creating a group (a handler interrupted it
+            // there): the descendants' unused stock counts as usage.
             None => self.own_stock(),
         }
     }
@@ -272,12 +300,25 @@ impl Group {
     }
 
     /// Charges `bytes` from any context: this CPU's stock, else a batch into
-    /// the stock, else the counters directly. `false` when a limit refuses.
-    pub(crate) fn try_charge(&self, bytes: usize, cpu: usize) -> bool {
+    /// the stock, else the counters directly. A refusal returns the free
+    /// stocks of this group and its ancestors to the counters and tries
+    /// once more (see "Per-CPU charge stock"). `false` when a limit still
+    /// refuses; the refusing group counts a failure if `count_failure`
+    /// (the caller's last attempt).
+    pub(crate) fn try_charge(&self, bytes: usize, cpu: usize, count_failure: bool) -> bool {
+        if self.charge_from_stock(bytes, cpu) {
+            return true;
+        }
+        self.flush_chain_stocks();
+        self.charge_counters(bytes, count_failure)
+    }
+
+    /// `try_charge` without the flush, counting no failure.
+    fn charge_from_stock(&self, bytes: usize, cpu: usize) -> bool {
         let stock = &self.stocks[cpu % STOCK_SLOTS];
         let Some(_g) = stock.lock.try_lock() else {
             crate::interrupt_point!(AccountCharge);
-            return self.charge_counters(bytes, true);
+            return self.charge_counters(bytes, false);
         };
         crate::interrupt_point!(AccountCharge);
         let have = stock.bytes.load(Ordering::Relaxed);
@@ -285,13 +326,17 @@ impl Group {
             stock.bytes.store(have - bytes, Ordering::Release);
             return true;
         }
-        // Pre-charge a batch; near a limit, charge exactly.
-        let batch = bytes + STOCK_BATCH;
-        if self.charge_counters(batch, false) {
-            stock.bytes.store(have + batch - bytes, Ordering::Release);
+        // Pre-charge a batch; near a limit, charge exactly what the stock
+        // lacks, and use the stock up.
+        if self.batch > 0 && self.charge_counters(bytes - have + self.batch, false) {
+            stock.bytes.store(self.batch, Ordering::Release);
             return true;
         }
-        self.charge_counters(bytes, true)
+        if self.charge_counters(bytes - have, false) {
+            stock.bytes.store(0, Ordering::Release);
+            return true;
+        }
+        false
     }
 
     /// Uncharges `bytes` from any context (into this CPU's stock when it is
@@ -301,7 +346,7 @@ impl Group {
         if let Some(_g) = stock.lock.try_lock() {
             crate::interrupt_point!(AccountCharge);
             let have = stock.bytes.load(Ordering::Relaxed);
-            if have + bytes <= STOCK_MAX {
+            if have + bytes <= 2 * self.batch {
                 stock.bytes.store(have + bytes, Ordering::Release);
                 return;
             }
@@ -309,10 +354,13 @@ impl Group {
         self.uncharge_counters(bytes);
     }
 
-    /// Normal context: returns every free stock to the counters (reclaim,
-    /// and before measuring). Busy stocks are skipped.
-    pub fn flush_stocks(&self) {
+    /// Returns this group's free stocks to the counters (try-locks: any
+    /// context). Busy stocks are skipped.
+    fn flush_own_stocks(&self) {
         for s in &self.stocks {
+            if s.bytes.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
             if let Some(_g) = s.lock.try_lock() {
                 let b = s.bytes.swap(0, Ordering::AcqRel);
                 if b > 0 {
@@ -322,9 +370,56 @@ impl Group {
         }
     }
 
-    /// The parent group, if any.
-    pub(crate) fn parent_group(&self) -> Option<&Group> {
-        self.parent.as_deref()
+    /// `flush_own_stocks` for this group and every ancestor (any context).
+    fn flush_chain_stocks(&self) {
+        let mut g = Some(self);
+        while let Some(x) = g {
+            x.flush_own_stocks();
+            g = x.parent.as_deref();
+        }
+    }
+
+    /// Normal context: returns every free stock of this group and of its
+    /// descendants to the counters (reclaim, and before measuring). Busy
+    /// stocks are skipped, and so are the descendants when this thread
+    /// interrupted itself inside the children registry.
+    pub fn flush_stocks(&self) {
+        self.flush_own_stocks();
+        if let Some(g) = CHILDREN.lock() {
+            self.flush_descendants_locked(&g);
+        }
+    }
+
+    fn flush_descendants_locked(&self, g: &RegistryGuard<'_>) {
+        for c in self.children.locked(g).iter().filter_map(|w| w.upgrade()) {
+            c.flush_own_stocks();
+            c.flush_descendants_locked(g);
+        }
+    }
+
+    /// Normal context: `flush_stocks` of the root of this group's tree, so
+    /// that no group's unused stock counts against a limit this group
+    /// shares (before a refused allocation retries).
+    pub(crate) fn flush_tree_stocks(&self) {
+        let mut root = self;
+        while let Some(p) = root.parent.as_deref() {
+            root = p;
+        }
+        root.flush_stocks();
+    }
+}
+
+impl Drop for Group {
+    /// The last reference is gone, so no object is charged to the group and
+    /// no context can be using its stocks: what its counter still holds is
+    /// unused stock, charged to every ancestor too. Give it back to them.
+    fn drop(&mut self) {
+        let left = *self.counter.get_mut();
+        if let Some(p) = self.parent.as_deref() {
+            if left > 0 {
+                p.uncharge_counters(left);
+            }
+        }
     }
 }
 

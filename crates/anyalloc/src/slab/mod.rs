@@ -263,12 +263,18 @@ pub(crate) struct HeapCore {
     nolock_large_ok: AtomicU64,
     fail_busy: AtomicU64,
     fail_empty: AtomicU64,
+    /// Nolock allocations that succeeded (and counted a success where they
+    /// were served) but whose charge a group limit refused.
+    nolock_refused: AtomicU64,
     fail_too_large: AtomicU64,
     reclaims: AtomicU64,
     shrinker_freed: AtomicU64,
     /// Serialises `drain` and maintenance (normal context only): a
     /// maintenance pass never holds a slot that a drain would skip.
     maint_lock: crate::sync::ZoneLock,
+    /// Whether `lock_all` holds every cache's level-0 slots.
+    #[cfg(feature = "std")]
+    fork_slots: core::sync::atomic::AtomicBool,
     /// The maintainer's wake word and stop flag.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) wake: AtomicU32,
@@ -553,10 +559,13 @@ impl Heap {
             nolock_large_ok: AtomicU64::new(0),
             fail_busy: AtomicU64::new(0),
             fail_empty: AtomicU64::new(0),
+            nolock_refused: AtomicU64::new(0),
             fail_too_large: AtomicU64::new(0),
             reclaims: AtomicU64::new(0),
             shrinker_freed: AtomicU64::new(0),
             maint_lock: crate::sync::ZoneLock::new(),
+            #[cfg(feature = "std")]
+            fork_slots: core::sync::atomic::AtomicBool::new(false),
             wake: AtomicU32::new(0),
             stop: AtomicBool::new(false),
             passes: AtomicU64::new(0),
@@ -1567,41 +1576,45 @@ impl HeapCore {
         if !self.released_groups.is_empty() {
             account::drop_released(&self.released_groups);
         }
-        if let Some(p) = self.try_alloc_in(layout, group, false) {
+        if let Some(p) = self.try_alloc_in(layout, group, false, false) {
             if self.pages.reclaim_requested() {
                 self.reclaim_requested_now();
             }
             return Some(p);
         }
         // Over a limit or out of memory: reclaim once, then retry. The
-        // group chain's per-CPU stocks are returned to the counters before
-        // (credit parked on other CPUs) and after (the shrinkers' frees
-        // uncharge into this CPU's stock, and the thread may have moved to
-        // another CPU since: the retry would not see that credit).
-        flush_group_stocks(group);
+        // per-CPU stocks of every group of the tree are returned to the
+        // counters before (credit parked on other CPUs and in other groups
+        // under a shared limit) and after (the shrinkers' frees uncharge
+        // into this CPU's stock, and the thread may have moved to another
+        // CPU since: the retry would not see that credit).
+        group.flush_tree_stocks();
         self.reclaim();
-        flush_group_stocks(group);
-        self.try_alloc_in(layout, group, false)
+        group.flush_tree_stocks();
+        self.try_alloc_in(layout, group, false, true)
     }
 
     fn alloc_nolock_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
-        self.try_alloc_in(layout, group, true)
+        self.try_alloc_in(layout, group, true, true)
     }
 
     /// Allocates from the accounted caches (or pages, or mmap), charges the
     /// usable size to `group`, and records the group with the memory.
+    /// `last`: the caller's last attempt (a refusal counts in the refusing
+    /// group's `failcnt`).
     fn try_alloc_in(
         &self,
         layout: Layout,
         group: &Arc<Group>,
         nolock: bool,
+        last: bool,
     ) -> Option<NonNull<u8>> {
         #[cfg(feature = "std")]
         let is_huge = class::class_for(layout.size(), layout.align()).is_none()
             && large_order(layout).is_none();
         #[cfg(feature = "std")]
         if is_huge && !nolock {
-            return self.alloc_huge_in(layout, group);
+            return self.alloc_huge_in(layout, group, last);
         }
         let p = if nolock {
             self.alloc_nolock_from(layout, CLASSES)?
@@ -1615,7 +1628,7 @@ impl HeapCore {
             Some(Kind::Large(zone, idx, order)) => (&zone.desc(idx).freelist, PAGE_SIZE << order),
             _ => unreachable_kind(&self.pages, addr),
         };
-        if !group.try_charge(bytes, cpu) {
+        if !group.try_charge(bytes, cpu, last) {
             // Refused by a limit: give the memory back unaccounted.
             // SAFETY: `p` was just allocated here and has no owner yet.
             unsafe {
@@ -1626,6 +1639,8 @@ impl HeapCore {
                 }
             }
             if nolock {
+                // The allocation counted a success: a refusal is a failure.
+                self.nolock_refused.fetch_add(1, Ordering::Relaxed);
                 self.fail_empty.fetch_add(1, Ordering::Relaxed);
             }
             return None;
@@ -1635,9 +1650,9 @@ impl HeapCore {
     }
 
     #[cfg(feature = "std")]
-    fn alloc_huge_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
+    fn alloc_huge_in(&self, layout: Layout, group: &Arc<Group>, last: bool) -> Option<NonNull<u8>> {
         let size = layout.size().checked_next_multiple_of(PAGE_SIZE)?;
-        if !group.try_charge(size, self.cpu()) {
+        if !group.try_charge(size, self.cpu(), last) {
             return None;
         }
         let align = layout.align().max(PAGE_SIZE);
@@ -1969,16 +1984,6 @@ fn large_order(layout: Layout) -> Option<u32> {
     let pages = bytes.div_ceil(PAGE_SIZE).next_power_of_two();
     let order = pages.trailing_zeros();
     (order <= MAX_ORDER).then_some(order)
-}
-
-/// Returns the per-CPU charge stocks of `group` and its ancestors to their
-/// counters (normal context).
-fn flush_group_stocks(group: &Group) {
-    let mut g = Some(group);
-    while let Some(x) = g {
-        x.flush_stocks();
-        g = x.parent_group();
-    }
 }
 
 #[cold]
