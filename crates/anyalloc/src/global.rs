@@ -411,9 +411,7 @@ unsafe impl GlobalAlloc for Global {
         let Some(h) = global_heap() else {
             return core::ptr::null_mut();
         };
-        // In place when the block is big enough and not wastefully so.
-        let usable = h.usable_size(p);
-        if new_size <= usable && new_size > usable / 2 {
+        if stays_in_place(new_size, h.usable_size(p)) {
             return ptr;
         }
         // SAFETY: GlobalAlloc's contract: the new layout is valid.
@@ -489,6 +487,77 @@ unsafe impl GlobalAlloc for NoLock {
             unsafe { h.free_nolock_sized(p, layout) };
         }
     }
+
+    /// In place when the block fits (as `Allocator::grow` and `shrink` do).
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: GlobalAlloc's contract: the new layout is valid.
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        match NonNull::new(ptr) {
+            // SAFETY: per GlobalAlloc's contract, `ptr` is a live block of
+            // this allocator allocated with `layout`.
+            Some(p) => raw(unsafe { nolock_resize(p, layout, new, false) }),
+            None => core::ptr::null_mut(),
+        }
+    }
+}
+
+/// Whether a resize to `size` keeps a block of `usable` bytes: it is big
+/// enough, and not wastefully so (more than half used).
+#[inline]
+fn stays_in_place(size: usize, usable: usize) -> bool {
+    size <= usable && size > usable / 2
+}
+
+/// Resizes a nolock block of `old` to `new` (both of non-zero size): in
+/// place when the block is aligned for `new`, big enough for it and (a
+/// shrink) not wastefully so, more than half used; otherwise a new nolock
+/// block, the contents copied, the old one freed. A shrink that finds no
+/// smaller block keeps the old one rather than fail (the later free's
+/// layout then names another class: slower, never unsafe, see
+/// `Heap::free_sized`). `None`, `ptr` untouched: no memory in this context.
+/// With `zero`, the bytes from `old.size()` to `new.size()` are zeroed.
+///
+/// # Safety
+/// `ptr` is a live block of the global heap allocated with `old`.
+unsafe fn nolock_resize(
+    ptr: NonNull<u8>,
+    old: Layout,
+    new: Layout,
+    zero: bool,
+) -> Option<NonNull<u8>> {
+    let h = global_heap()?;
+    let usable = h.usable_size(ptr);
+    let aligned = (ptr.as_ptr() as usize).is_multiple_of(new.align());
+    let fits = aligned && new.size() <= usable;
+    let result = if aligned && stays_in_place(new.size(), usable) {
+        ptr
+    } else {
+        match h.alloc_nolock(new) {
+            Some(q) => {
+                // SAFETY: both blocks are live and distinct; the copy is no
+                // longer than either.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        ptr.as_ptr(),
+                        q.as_ptr(),
+                        old.size().min(new.size()),
+                    );
+                    h.free_nolock_sized(ptr, old);
+                }
+                q
+            }
+            // A shrink keeps its block.
+            None if fits => ptr,
+            None => return None,
+        }
+    };
+    if zero && new.size() > old.size() {
+        // SAFETY: the result holds at least `new.size()` bytes.
+        unsafe {
+            core::ptr::write_bytes(result.as_ptr().add(old.size()), 0, new.size() - old.size())
+        };
+    }
+    Some(result)
 }
 
 // SAFETY: allocate returns blocks valid for the layout until deallocated;
@@ -518,6 +587,77 @@ unsafe impl allocator_api2::alloc::Allocator for NoLock {
             // with `layout`.
             unsafe { h.free_nolock_sized(ptr, layout) };
         }
+    }
+
+    /// In place when the block has room (a `Vec` that grows in a handler
+    /// often does: blocks are rounded up to their size class).
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        // SAFETY: per Allocator's contract, `ptr` is a live block of this
+        // allocator allocated with `old`, and `new` is not smaller.
+        unsafe { self.resize(ptr, old, new, false) }
+    }
+
+    unsafe fn grow_zeroed(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        // SAFETY: as for `grow`.
+        unsafe { self.resize(ptr, old, new, true) }
+    }
+
+    /// In place when the block stays more than half used; otherwise moved
+    /// to a smaller block, or kept when there is none in this context: a
+    /// shrink (`Vec::shrink_to_fit` in a handler) never fails for want of
+    /// memory.
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        // SAFETY: per Allocator's contract, `ptr` is a live block of this
+        // allocator allocated with `old`, and `new` is not larger.
+        unsafe { self.resize(ptr, old, new, false) }
+    }
+}
+
+impl NoLock {
+    /// `grow`, `grow_zeroed` and `shrink`: zero-sized blocks (dangling
+    /// pointers) are allocated or freed, anything else goes to
+    /// [`nolock_resize`].
+    ///
+    /// # Safety
+    /// `ptr` is a live block of this allocator allocated with `old`.
+    unsafe fn resize(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zero: bool,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        use allocator_api2::alloc::{AllocError, Allocator};
+        if old.size() == 0 {
+            return if zero {
+                self.allocate_zeroed(new)
+            } else {
+                self.allocate(new)
+            };
+        }
+        if new.size() == 0 {
+            // SAFETY: forwarded contract.
+            unsafe { self.deallocate(ptr, old) };
+            return self.allocate(new);
+        }
+        // SAFETY: forwarded contract; both sizes are non-zero.
+        let p = unsafe { nolock_resize(ptr, old, new, zero) }.ok_or(AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, new.size()))
     }
 }
 

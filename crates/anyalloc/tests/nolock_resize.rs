@@ -1,0 +1,115 @@
+//! `NoLock` resizes blocks in place when they have room (as `Global`'s
+//! `realloc` does), and a shrink never fails for want of memory: a `Vec`
+//! grown or shrunk inside a signal handler used to take a new block every
+//! time (and `shrink_to_fit` aborted the process when none was there).
+
+use allocator_api2::alloc::Allocator;
+use allocator_api2::vec::Vec;
+use anyalloc::NoLock;
+use std::alloc::{GlobalAlloc, Layout};
+
+fn l(size: usize, align: usize) -> Layout {
+    Layout::from_size_align(size, align).unwrap()
+}
+
+#[test]
+fn grow_and_shrink_stay_in_place_when_the_block_has_room() {
+    anyalloc::init().unwrap();
+    // 20 bytes live in a 24- or 32-byte object: 30 fits.
+    let a = NoLock.allocate(l(20, 8)).unwrap().cast::<u8>();
+    let usable = anyalloc::global_heap().unwrap().usable_size(a);
+    assert!(usable >= 24, "{usable}");
+    // SAFETY: `a` is live with the layout each call names.
+    unsafe {
+        a.as_ptr().write_bytes(0x5a, 20);
+        let b = NoLock.grow(a, l(20, 8), l(usable, 8)).unwrap().cast::<u8>();
+        assert_eq!(b, a, "grown within its block: in place");
+        assert!((0..20).all(|i| *b.as_ptr().add(i) == 0x5a));
+        // Dirty the whole block, shrink, then grow zeroed: the new tail is 0.
+        b.as_ptr().write_bytes(0xff, usable);
+        let c = NoLock
+            .shrink(b, l(usable, 8), l(usable - 4, 8))
+            .unwrap()
+            .cast::<u8>();
+        assert_eq!(c, b, "more than half used: in place");
+        let d = NoLock
+            .grow_zeroed(c, l(usable - 4, 8), l(usable, 8))
+            .unwrap()
+            .cast::<u8>();
+        assert_eq!(d, c);
+        assert!((usable - 4..usable).all(|i| *d.as_ptr().add(i) == 0));
+        assert!((0..usable - 4).all(|i| *d.as_ptr().add(i) == 0xff));
+        // Past the block: moved, contents kept.
+        let e = NoLock
+            .grow(d, l(usable, 8), l(5000, 8))
+            .unwrap()
+            .cast::<u8>();
+        assert_ne!(e, d);
+        assert!((0..usable - 4).all(|i| *e.as_ptr().add(i) == 0xff));
+        e.as_ptr().write_bytes(0xff, 5000);
+        // Shrunk to less than half: moved to a smaller block.
+        let f = NoLock
+            .shrink(e, l(5000, 8), l(100, 8))
+            .unwrap()
+            .cast::<u8>();
+        assert_ne!(f, e);
+        assert!(anyalloc::global_heap().unwrap().usable_size(f) < 5000 / 2);
+        assert!((0..100).all(|i| *f.as_ptr().add(i) == 0xff));
+        // A larger alignment than the block has: moved to an aligned block.
+        let g = NoLock
+            .grow(f, l(100, 8), l(200, 4096))
+            .unwrap()
+            .cast::<u8>();
+        assert_eq!(g.as_ptr() as usize % 4096, 0);
+        assert!((0..100).all(|i| *g.as_ptr().add(i) == 0xff));
+        // To and from zero bytes.
+        let h = NoLock
+            .shrink(g, l(200, 4096), l(0, 4096))
+            .unwrap()
+            .cast::<u8>();
+        let i = NoLock
+            .grow_zeroed(h, l(0, 4096), l(64, 4096))
+            .unwrap()
+            .cast::<u8>();
+        assert!((0..64).all(|k| *i.as_ptr().add(k) == 0));
+        NoLock.deallocate(i, l(64, 4096));
+    }
+}
+
+#[test]
+fn a_vec_grows_in_place_within_its_size_class() {
+    anyalloc::init().unwrap();
+    let mut v: Vec<u8, NoLock> = Vec::new_in(NoLock);
+    v.try_reserve_exact(1000).unwrap();
+    let first = v.as_ptr();
+    let usable = anyalloc::global_heap()
+        .unwrap()
+        .usable_size(std::ptr::NonNull::new(first as *mut u8).unwrap());
+    v.extend(std::iter::repeat_n(7u8, 1000));
+    v.try_reserve_exact(usable - 1000).unwrap();
+    assert_eq!(v.as_ptr(), first, "reserved within the block: no move");
+    v.truncate(900);
+    v.shrink_to_fit();
+    assert_eq!(v.as_ptr(), first, "shrunk within the block: no move");
+    assert!(v.iter().all(|&b| b == 7));
+}
+
+#[test]
+fn global_alloc_realloc_of_nolock_is_in_place_when_it_fits() {
+    anyalloc::init().unwrap();
+    // SAFETY: each block is used with the layout it has.
+    unsafe {
+        let p = GlobalAlloc::alloc(&NoLock, l(40, 8));
+        assert!(!p.is_null());
+        p.write_bytes(3, 40);
+        let usable = anyalloc::global_heap()
+            .unwrap()
+            .usable_size(std::ptr::NonNull::new(p).unwrap());
+        let q = GlobalAlloc::realloc(&NoLock, p, l(40, 8), usable);
+        assert_eq!(q, p, "grown within its block: in place");
+        let r = GlobalAlloc::realloc(&NoLock, q, l(usable, 8), 3000);
+        assert!(!r.is_null());
+        assert!((0..40).all(|i| *r.add(i) == 3));
+        GlobalAlloc::dealloc(&NoLock, r, l(3000, 8));
+    }
+}
