@@ -112,6 +112,61 @@ fn fork_while_threads_allocate() {
     assert!(o.stdout.contains("fork: ok 60"));
 }
 
+/// A process whose main thread ends with `pthread_exit` exits when its
+/// last thread returns, with the maintenance thread on too: that thread
+/// used to keep the process alive for ever (and blocks every signal, so
+/// only SIGKILL ended it). It now ends the process, as the last thread's
+/// exit would have, within about a second.
+#[test]
+fn a_process_whose_main_thread_exits_first_ends_with_its_last_thread() {
+    let exe = compile::<&str>(&["main_exits_first.c"], "main_exits_first", &["-pthread"]);
+    for maintenance in ["1", "0"] {
+        let mut cmd = preloaded(&exe);
+        cmd.env("ANYALLOC_MAINTENANCE", maintenance);
+        let o = run(cmd, TIMEOUT);
+        print!("maintenance {maintenance}: {}", o.stdout);
+        eprint!("{}", o.stderr);
+        assert!(
+            o.success(),
+            "maintenance {maintenance}: {} {}",
+            o.describe(),
+            o.stdout
+        );
+        assert!(
+            o.stdout.contains("main_exits_first: worker done"),
+            "{}",
+            o.stdout
+        );
+    }
+}
+
+/// Under `ulimit -v` below the default first zone (256 MiB of address
+/// space), every malloc of the process returned NULL; the heap now starts
+/// with a smaller first zone, and a 64 MiB block still fits under 200 MB.
+#[test]
+fn a_limit_on_address_space_gets_a_smaller_first_zone() {
+    let exe = compile::<&str>(&["rlimit.c"], "rlimit", &[]);
+    let mut cmd = preloaded(&exe);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setrlimit, which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let limit = libc::rlimit {
+                rlim_cur: 200 << 20,
+                rlim_max: 200 << 20,
+            };
+            libc::setrlimit(libc::RLIMIT_AS, &limit);
+            Ok(())
+        });
+    }
+    let o = run(cmd, TIMEOUT);
+    print!("{}", o.stdout);
+    eprint!("{}", o.stderr);
+    assert!(o.success(), "rlimit: {} {}", o.describe(), o.stdout);
+    assert!(o.stdout.contains("rlimit: ok"), "{}", o.stdout);
+    assert!(!o.stderr.contains("could not create"), "{}", o.stderr);
+}
+
 /// Caches are per CPU, not per thread: threads that exit strand nothing.
 #[test]
 fn threads_that_exit_strand_nothing() {

@@ -27,7 +27,7 @@
 extern crate std;
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::page::{MAINTAINER_SLEEPING, WAKE_OWED};
@@ -161,7 +161,51 @@ fn wait(word: &AtomicU32, seen: u32, timeout: Duration) {
     crate::platform::futex::wait(word, seen, Some(timeout));
 }
 
+/// Maintenance threads running in this process.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// How often a maintenance thread checks whether it is all that is left of
+/// the process (see [`only_maintainers_left`]).
+const LAST_THREAD_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the process's main thread has ended (`pthread_exit`: a zombie
+/// until the process exits) and every thread still running is a
+/// maintenance thread. glibc ends a process when its last thread exits
+/// (`exit(0)`); a maintenance thread would keep it alive for ever, with
+/// every signal blocked, so nothing but SIGKILL could end it. Reads
+/// `/proc/self/stat` into a stack buffer (no allocation); `false` when it
+/// cannot.
+fn only_maintainers_left() -> bool {
+    let mut buf = [0u8; 1024];
+    let Some(text) = crate::platform::read_small_file(c"/proc/self/stat", &mut buf) else {
+        return false;
+    };
+    // After the command name (in parentheses, which it may contain): the
+    // state, then 16 more fields, then the thread count.
+    let Some(close) = text.iter().rposition(|&b| b == b')') else {
+        return false;
+    };
+    let mut fields = text[close + 1..]
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty());
+    let leader_gone = matches!(fields.next(), Some([b'Z'] | [b'X']));
+    let threads = fields
+        .nth(16)
+        .and_then(|f| core::str::from_utf8(f).ok())
+        .and_then(|f| f.parse::<usize>().ok());
+    match threads {
+        // The ended main thread still counts until the process exits.
+        Some(t) if leader_gone => t.saturating_sub(1) <= LIVE.load(Ordering::Relaxed),
+        _ => false,
+    }
+}
+
 fn run(core: &impl Maintained) {
+    LIVE.fetch_add(1, Ordering::Relaxed);
+    run_loop(core);
+    LIVE.fetch_sub(1, Ordering::Relaxed);
+}
+
+fn run_loop(core: &impl Maintained) {
     // Signals go to other threads: a handler interrupting this thread while
     // it holds a zone or node lock, and allocating through `Global` (whose
     // re-entry routing does not know about this thread), would wait on a
@@ -175,6 +219,7 @@ fn run(core: &impl Maintained) {
     }
     let start = Instant::now();
     let mut last_pass: Option<Instant> = None;
+    let mut last_check = Instant::now();
     let nap = if core.nolock_syscalls() { PERIOD } else { POLL };
     loop {
         // Take the owed wake before the work: work announced from now on
@@ -190,6 +235,15 @@ fn run(core: &impl Maintained) {
             let epoch = (start.elapsed().as_millis() / EPOCH.as_millis()) as usize + 1;
             core.pass(epoch, IDLE_EPOCHS, IDLE_PASSES);
             last_pass = Some(Instant::now());
+        }
+        if last_check.elapsed() >= LAST_THREAD_CHECK {
+            last_check = Instant::now();
+            if only_maintainers_left() {
+                // What the last thread's exit would have done.
+                // SAFETY: exit has no preconditions; no lock of the heap
+                // is held here.
+                unsafe { libc::exit(0) };
+            }
         }
         // Announce the sleep; sleep only if nothing was owed meanwhile (the
         // futex compares the word with exactly MAINTAINER_SLEEPING, so a

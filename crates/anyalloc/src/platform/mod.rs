@@ -19,7 +19,9 @@ mod std_os;
 #[cfg(feature = "std")]
 pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
-pub(crate) use std_os::{os_discard, os_release, os_remap, os_reserve, thread_token, write_stderr};
+pub(crate) use std_os::{
+    os_discard, os_release, os_remap, os_reserve, read_small_file, thread_token, write_stderr,
+};
 
 /// A word identifying the calling thread (never 0). Without std there are
 /// no threads to tell apart: always 1.

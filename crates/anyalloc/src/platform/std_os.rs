@@ -148,24 +148,8 @@ impl StdPlatform {
         #[cfg(target_os = "linux")]
         {
             let mut buf = [0u8; 64];
-            // SAFETY: a NUL-terminated path; `buf` is valid for its length;
-            // the descriptor is closed before returning.
-            let n = unsafe {
-                let fd = libc::open(
-                    c"/sys/devices/system/cpu/possible".as_ptr(),
-                    libc::O_RDONLY | libc::O_CLOEXEC,
-                );
-                if fd < 0 {
-                    return None;
-                }
-                let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
-                libc::close(fd);
-                n
-            };
-            if n <= 0 {
-                return None;
-            }
-            parse_cpu_list_max(&buf[..n as usize]).map(|max| max + 1)
+            let list = read_small_file(c"/sys/devices/system/cpu/possible", &mut buf)?;
+            parse_cpu_list_max(list).map(|max| max + 1)
         }
         #[cfg(not(target_os = "linux"))]
         None
@@ -243,6 +227,27 @@ impl Platform for StdPlatform {
 
     fn fatal(&self, message: &[u8]) -> ! {
         super::die(message)
+    }
+}
+
+/// The start of the file at `path`, read into `buf` with raw `open`/`read`
+/// (no allocation, unlike `std::fs`): at most `buf.len()` bytes, from one
+/// `read`. `None` when it cannot be opened or read, or is empty.
+pub(crate) fn read_small_file<'a>(path: &core::ffi::CStr, buf: &'a mut [u8]) -> Option<&'a [u8]> {
+    // SAFETY: a NUL-terminated path; `read` writes at most `buf.len()`
+    // bytes into `buf`; the descriptor is closed before returning.
+    let n = unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    match usize::try_from(n) {
+        Ok(n) if n > 0 => Some(&buf[..n]),
+        _ => None,
     }
 }
 

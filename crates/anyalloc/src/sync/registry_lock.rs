@@ -98,17 +98,6 @@ impl RegistryLock {
         }
     }
 
-    /// Takes the lock if it is free right now.
-    pub(crate) fn try_lock(&self) -> Option<RegistryGuard<'_>> {
-        self.owner
-            .compare_exchange(0, me(), Ordering::Acquire, Ordering::Relaxed)
-            .ok()
-            .map(|_| RegistryGuard {
-                lock: self,
-                borrowed: false,
-            })
-    }
-
     /// Fork support: takes the lock without a guard and marks it held
     /// across the fork (`FORK_HELD`); `false`: this thread holds it already.
     /// Pair with [`force_unlock`](Self::force_unlock).
