@@ -237,7 +237,24 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
                 // the thread inside the allocator, takes the nolock route,
                 // and gets null instead of waiting for INITIALIZING to end.
                 let _inside = context::Inside::enter();
-                let built = Heap::new_without_maintainer(env_config());
+                let mut config = env_config();
+                let mut built = Heap::new_without_maintainer(config);
+                // The first zone is address space only, but a limit on it
+                // (`ulimit -v` or `-d`) may refuse the default 256 MiB:
+                // then 32 MiB, halved down to 4 MiB (the heap grows on
+                // demand; a first zone that barely fits would leave the
+                // limit no room for anything else), unless ANYALLOC_MEMORY
+                // asked for a size.
+                if env_size(c"ANYALLOC_MEMORY").is_none()
+                    && matches!(built, Err(Error::Reserve { .. }))
+                {
+                    let mut size = FALLBACK_FIRST_ZONE;
+                    while matches!(built, Err(Error::Reserve { .. })) && size >= MIN_FIRST_ZONE {
+                        config = config.memory(size);
+                        built = Heap::new_without_maintainer(config);
+                        size /= 2;
+                    }
+                }
                 return match built {
                     Ok(h) => {
                         // SAFETY: we won the CAS: no other context reads or
@@ -272,6 +289,11 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
         }
     }
 }
+
+/// The first zone the global heap falls back to when the default one
+/// cannot be reserved (a limit on address space), and the smallest.
+const FALLBACK_FIRST_ZONE: usize = 32 << 20;
+const MIN_FIRST_ZONE: usize = 4 << 20;
 
 /// Reads the heap's configuration from the environment without allocating.
 fn env_config() -> Config {
