@@ -188,7 +188,11 @@ fn put(fp: *mut libc::FILE, l: &Line) -> bool {
 /// `fp` is null or an open `FILE`.
 #[no_mangle]
 pub unsafe extern "C" fn malloc_info(options: c_int, fp: *mut libc::FILE) -> c_int {
-    if options != 0 || fp.is_null() {
+    // As glibc: options other than 0 are refused by the return value.
+    if options != 0 {
+        return libc::EINVAL;
+    }
+    if fp.is_null() {
         set_errno(libc::EINVAL);
         return -1;
     }

@@ -429,7 +429,7 @@ static int count(const char *hay, const char *needle) {
 
 static void test_malloc_info(void) {
     errno = 0;
-    CHECK(malloc_info(1, stdout) == -1 && errno == EINVAL);
+    CHECK(malloc_info(1, stdout) == EINVAL && errno == 0); /* as glibc */
     errno = 0;
     CHECK(malloc_info(0, NULL) == -1 && errno == EINVAL);
     char *buf = NULL;
