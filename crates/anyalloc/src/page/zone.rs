@@ -1241,6 +1241,15 @@ impl Zone {
             return; // held by this very thread: nothing to do now
         };
         for i in 0..self.cpus * LEVELS {
+            // An empty slot is left alone: taking a level-0 slot under rseq
+            // costs a fence, an interrupt of its CPU (a hint, as in
+            // `maintain_slots`).
+            // SAFETY: as in `slot`; i < cpus * LEVELS.
+            let hint = unsafe { &*self.slots.add(i) };
+            if hint.pages() == 0 {
+                hint.demand.store(0, Ordering::Relaxed);
+                continue;
+            }
             if let Some((slot, s)) = self.lock_remote(i) {
                 self.pcp_drain_locked(slot, &s, 0, &g);
                 slot.demand.store(0, Ordering::Relaxed);

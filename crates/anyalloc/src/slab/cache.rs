@@ -1793,6 +1793,13 @@ impl Cache {
     pub(crate) fn drain(&self, pages: &PageAllocator) {
         self.drain_deferred(pages);
         for i in 0..self.nslots {
+            // An empty slot (never used, or emptied) is left alone: taking
+            // a level-0 slot under rseq costs a fence, an interrupt of its
+            // CPU. (A hint: a slot filled concurrently is that context's.)
+            if self.slot_at(i).cached() == 0 {
+                self.slot_at(i).demand.store(0, Ordering::Relaxed);
+                continue;
+            }
             let Some((slot, g)) = self.lock_remote(i) else {
                 continue;
             };

@@ -345,6 +345,35 @@ mod membarrier {
     }
 }
 
+/// Runs the calling thread on `cpu` once, then restores its affinity (see
+/// `fence_cpu`). `false` when the thread may not run there.
+#[cfg(all(feature = "std", target_os = "linux"))]
+#[cold]
+fn visit_cpu(cpu: usize) -> bool {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return false;
+    }
+    let size = core::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: zeroed cpu_set_t values are valid empty sets; the calls get
+    // valid pointers to them and their size, and change only this thread's
+    // affinity (restored before returning).
+    unsafe {
+        let mut old: libc::cpu_set_t = core::mem::zeroed();
+        if libc::sched_getaffinity(0, size, &mut old) != 0 {
+            return false;
+        }
+        let mut only: libc::cpu_set_t = core::mem::zeroed();
+        libc::CPU_SET(cpu, &mut only);
+        if libc::sched_setaffinity(0, size, &only) != 0 {
+            return false;
+        }
+        // The call returns on an allowed CPU: `cpu`, the only one.
+        let visited = libc::sched_getcpu() == cpu as libc::c_int;
+        libc::sched_setaffinity(0, size, &old);
+        visited
+    }
+}
+
 /// Whether a heap with slot sets for `cpus` CPUs can use the rseq fast path
 /// (see the module documentation). Normal context: registers this process
 /// for membarrier's rseq fence (a syscall).
@@ -388,7 +417,13 @@ pub(crate) fn available(cpus: usize) -> bool {
 
 /// Restarts every sequence running on `cpu` now; afterwards no sequence on
 /// `cpu` that read a slot before this call can commit. Normal context only
-/// (a syscall). `false` when the fence failed (then nothing may be touched).
+/// (system calls). `false` when it could not (then nothing may be touched).
+///
+/// With membarrier's rseq fence; if that fails (a seccomp filter installed
+/// after the heap chose rseq, say), by running this thread on `cpu` once:
+/// a sequence never survives its thread being switched out, so once this
+/// thread has run there, every sequence that was in flight on `cpu` has
+/// committed or will restart. The thread's affinity is restored after.
 pub(crate) fn fence_cpu(cpu: usize) -> bool {
     #[cfg(all(feature = "std", target_os = "linux"))]
     {
@@ -397,8 +432,12 @@ pub(crate) fn fence_cpu(cpu: usize) -> bool {
             return true;
         }
         // A forked child may not inherit the registration: register again.
-        call(REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0)
+        if call(REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0)
             && call(PRIVATE_EXPEDITED_RSEQ, FLAG_CPU, cpu as libc::c_long)
+        {
+            return true;
+        }
+        visit_cpu(cpu)
     }
     #[cfg(not(all(feature = "std", target_os = "linux")))]
     {
