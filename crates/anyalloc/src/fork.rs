@@ -10,8 +10,12 @@
 //! 1. **prepare** marks the forking thread inside the allocator, then takes
 //!    every lock that can be waited on or spun on, in this order: the
 //!    accounting groups' children registry, the heap registry below, then
-//!    for the global heap and for every heap in the registry its
-//!    maintenance, node, drain, growth and zone locks;
+//!    for the global heap and for every heap in the registry its caches'
+//!    level-0 slots, maintenance and node locks, drain and growth locks,
+//!    page lists' level-0 slots and zone locks. The level-0 slots are
+//!    try-locks, but the normal path's holders may wait for a node or zone
+//!    lock: cloned while held, a slot would stay held in the child (see
+//!    `SlotLock::hold_all`);
 //! 2. **parent** and **child** release them (in the child, on behalf of the
 //!    same thread) and unmark the thread.
 //!
@@ -49,7 +53,11 @@
 //! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
 //! own (it is returned by value, so it has no fixed address to link), heaps
 //! made by `Heap::from_region` (an embedder's), and a global heap made by
-//! another thread while a fork is in progress. Dropping a heap inside the
+//! another thread while a fork is in progress. Try-locks whose holders
+//! never wait (the nolock levels' slots, a group's per-CPU charge stock)
+//! are not held: one is left held in the child only if a thread was inside
+//! it at the very instant of the clone (its contents are then out of reach
+//! there, a sheaf or a stock's worth). Dropping a heap inside the
 //! window (in a fork handler registered before ours) waits for its
 //! maintenance thread, which may be waiting for a lock the window holds: do
 //! not.
@@ -166,6 +174,14 @@ pub(crate) fn register_atfork() {
         libc::pthread_atfork(Some(prepare), Some(release), Some(release));
     }
 }
+
+/// How long `prepare` waits for the holders of the normal path's per-CPU
+/// slots to finish before it leaves those slots alone
+/// (`SlotLock::hold_all`): a holder waits
+/// at most for another thread's short section under a node or zone lock,
+/// so only a holder that cannot finish (the forking thread itself,
+/// interrupted inside the allocator by the handler that forked) reaches it.
+pub(crate) const SLOT_PATIENCE: core::time::Duration = core::time::Duration::from_secs(1);
 
 extern "C" fn prepare() {
     // `fork` called by a signal handler that interrupted this thread inside

@@ -72,6 +72,8 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use crate::config::{Config, Error};
 use crate::platform::{FatalMessage, Platform};
 use crate::sync::rseq::layout;
+#[cfg(feature = "std")]
+use crate::sync::SlotLock;
 use crate::sync::ZoneLock;
 use crate::{MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
 use zone::HEAP_PCP_ORDER;
@@ -192,6 +194,9 @@ pub struct PageAllocator {
     /// `unlock_all` must not release it.
     #[cfg(feature = "std")]
     fork_zones: AtomicUsize,
+    /// Whether `lock_all` holds every level-0 slot (`SlotLock::hold_all`).
+    #[cfg(feature = "std")]
+    fork_slots: core::sync::atomic::AtomicBool,
     /// Whether the platform is `StdPlatform` (CPU ids read inline, without
     /// dynamic dispatch).
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
@@ -283,6 +288,8 @@ impl PageAllocator {
             nzones: AtomicUsize::new(0),
             #[cfg(feature = "std")]
             fork_zones: AtomicUsize::new(0),
+            #[cfg(feature = "std")]
+            fork_slots: core::sync::atomic::AtomicBool::new(false),
             drain_lock: ZoneLock::new(),
             grow_lock: ZoneLock::new(),
             std_platform: false,
@@ -437,7 +444,14 @@ impl PageAllocator {
                 "a zone of the fork window not held across it"
             );
             // SAFETY: initialised by `Zone::init`, not shared yet.
-            unsafe { (*z).lock.lock_raw(self.platform) };
+            let zone = unsafe { &*z };
+            zone.lock.lock_raw(self.platform);
+            // Its slots too, if the others are held: nobody can hold them
+            // yet, so this takes them at once.
+            if self.fork_slots.load(Ordering::Relaxed) {
+                let held = SlotLock::hold_all(zone.level0_locks(), crate::fork::SLOT_PATIENCE);
+                crate::check!(held, "a fresh zone's slot was held");
+            }
             self.fork_zones.store(n + 1, Ordering::Relaxed);
         }
         self.publish_zone(z as *mut Zone);
@@ -459,7 +473,7 @@ impl PageAllocator {
 
     /// The zones, first to last.
     #[inline]
-    pub(crate) fn zones(&self) -> impl Iterator<Item = &Zone> {
+    pub(crate) fn zones(&self) -> impl Iterator<Item = &Zone> + Clone {
         let n = self.nzones.load(Ordering::Acquire);
         self.zones[..n].iter().map(|z| {
             // SAFETY: entries below `nzones` were published (Release) after
@@ -1506,14 +1520,22 @@ impl PageAllocator {
         Some(s)
     }
 
-    /// Fork support: takes the growth lock and every zone lock (normal
-    /// context, waits for them). Release with [`unlock_all`](Self::unlock_all).
+    /// Fork support: takes the drain and growth locks, every CPU's level-0
+    /// slot (see `SlotLock::hold_all`; the normal path's, whose holders
+    /// wait only for zone locks, taken last) and every zone lock (normal
+    /// context, waits for them). Release with
+    /// [`unlock_all`](Self::unlock_all).
     #[cfg(feature = "std")]
     pub(crate) fn lock_all(&self) {
         self.drain_lock.lock_raw(self.platform);
         self.grow_lock.lock_raw(self.platform);
         // Under the growth lock no other thread adds a zone until
         // unlock_all (the fork window's own normal path may: `fork_zones`).
+        let slots = SlotLock::hold_all(
+            self.zones().flat_map(|z| z.level0_locks()),
+            crate::fork::SLOT_PATIENCE,
+        );
+        self.fork_slots.store(slots, Ordering::Relaxed);
         let mut n = 0;
         for zone in self.zones() {
             zone.lock.lock_raw(self.platform);
@@ -1535,6 +1557,11 @@ impl PageAllocator {
         for zone in self.zones().take(n) {
             // SAFETY: taken by lock_all, per the caller.
             unsafe { zone.lock.force_unlock(self.platform) };
+        }
+        if self.fork_slots.swap(false, Ordering::Relaxed) {
+            // SAFETY: held since lock_all (a zone the window added: since
+            // `add_os_zone`), per the caller.
+            unsafe { SlotLock::release_all(self.zones().take(n).flat_map(|z| z.level0_locks())) };
         }
         // SAFETY: as above.
         unsafe { self.grow_lock.force_unlock(self.platform) };

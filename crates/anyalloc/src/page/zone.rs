@@ -512,13 +512,22 @@ impl Zone {
             // SAFETY: `rseq_off` is set only when rseq was chosen (glibc's
             // offset; a level-0 slot per possible CPU laid out as
             // `sync::rseq::layout` says, asserted above; as long as the zone).
-            let cpu = unsafe {
+            let Some(cpu) = (unsafe {
                 crate::sync::rseq::lock_slot::<{ crate::sync::rseq::layout::STRIDE }>(
                     off,
                     self.slots.cast(),
                     self.cpus,
                 )
-            }?;
+            }) else {
+                // Busy: on the fork window's owner thread, a slot held
+                // across the fork is borrowed (`cpu` was read after the
+                // fork handler took it: see `SlotLock::hold_all`).
+                if !crate::context::owns_fork_window() {
+                    return None;
+                }
+                let slot = self.slot(cpu, 0);
+                return slot.lock.borrow().map(|g| (slot, g));
+            };
             let slot = self.slot(cpu, 0);
             // SAFETY: the lock sequence just set this slot's flag for us.
             return Some((slot, unsafe { slot.lock.adopt() }));
@@ -643,6 +652,13 @@ impl Zone {
     pub(crate) fn slots(&self) -> impl Iterator<Item = &PcpSlot> {
         // SAFETY: as in `slot`.
         (0..self.cpus * LEVELS).map(move |i| unsafe { &*self.slots.add(i) })
+    }
+
+    /// Every CPU's level-0 slot lock (the normal path's, whose holders may
+    /// wait for the zone lock), for fork (`SlotLock::hold_all`).
+    #[cfg(feature = "std")]
+    pub(crate) fn level0_locks(&self) -> impl Iterator<Item = &SlotLock> + Clone {
+        (0..self.cpus).map(move |c| &self.slot(c, 0).lock)
     }
 
     pub(crate) fn platform(&self) -> &'static dyn Platform {

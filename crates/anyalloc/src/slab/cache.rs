@@ -774,13 +774,15 @@ impl Cache {
     fn lock_own(&self, cpu: usize, level: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
         if self.rseq && level == 0 {
             // SAFETY: as in `fast_pop`.
-            let cpu = unsafe {
+            let Some(cpu) = (unsafe {
                 crate::sync::rseq::lock_slot::<LEVEL0_STRIDE>(
                     self.rseq_off,
                     self.level0.cast(),
                     self.cpus,
                 )
-            }?;
+            }) else {
+                return self.borrow_level0(cpu);
+            };
             let slot = self.slot(cpu, 0);
             // SAFETY: the lock sequence just set this slot's flag for us.
             let g = unsafe { slot.lock.adopt() };
@@ -790,6 +792,22 @@ impl Cache {
         let i = slot_index(cpu, self.cpus, level);
         let slot = self.slot_at(i);
         let g = slot.lock.try_lock()?;
+        self.prepare(i, slot, &g);
+        Some((slot, g))
+    }
+
+    /// The lock sequence found this CPU's level-0 slot busy: on the fork
+    /// window's owner thread, a slot held across the fork is borrowed
+    /// (`SlotLock::borrow`; `cpu` was read after the fork handler took it,
+    /// so no sequence that read it free is still in flight on it).
+    #[cold]
+    fn borrow_level0(&self, cpu: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
+        if !crate::context::owns_fork_window() {
+            return None;
+        }
+        let i = slot_index(cpu, self.cpus, 0);
+        let slot = self.slot_at(i);
+        let g = slot.lock.borrow()?;
         self.prepare(i, slot, &g);
         Some((slot, g))
     }
@@ -1829,6 +1847,13 @@ impl Cache {
                 i = next;
             }
         }
+    }
+
+    /// Every CPU's level-0 slot lock (the normal path's, whose holders may
+    /// wait for the node lock), for fork (`SlotLock::hold_all`).
+    #[cfg(feature = "std")]
+    pub(crate) fn level0_locks(&self) -> impl Iterator<Item = &SlotLock> + Clone {
+        (0..self.cpus).map(move |c| &self.slot_at(slot_index(c, self.cpus, 0)).lock)
     }
 
     /// Fork support: takes the node lock without a guard.

@@ -103,6 +103,8 @@ use crate::config::{Config, Error};
 use crate::page::{Fail, FastPath, Mode, PageAllocator, PageStats, Zone};
 use crate::platform::FatalMessage;
 use crate::sync::IndexStack;
+#[cfg(feature = "std")]
+use crate::sync::SlotLock;
 use crate::{MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
 use cache::{cache_sheaf_bytes, cache_slot_bytes, Cache, CacheSetup};
@@ -1914,19 +1916,39 @@ impl HeapCore {
             s.nolock_alloc_fail_empty += cache.fail_empty.load(Ordering::Relaxed);
             s.nolock_free_deferred += cache.free_deferred.load(Ordering::Relaxed);
         }
+        // Served, counted, then refused by a group's limit: failures.
+        s.nolock_alloc_ok = s
+            .nolock_alloc_ok
+            .saturating_sub(self.nolock_refused.load(Ordering::Relaxed));
         s
     }
 
-    /// Lock order: maintenance, cache nodes, then the page allocator's
-    /// (drain, growth, zones). The shrinker registry is lock-free: nothing
-    /// to take.
+    /// Lock order: the caches' level-0 slots, maintenance, cache nodes,
+    /// then the page allocator's (drain, growth, its level-0 slots, zones).
+    /// The shrinker registry is lock-free: nothing to take.
+    ///
+    /// The level-0 slots (the normal path's) come first
+    /// (`SlotLock::hold_all`): their holders may wait for a node lock, or
+    /// in a refill for the page allocator's growth and zone locks, all
+    /// taken after them; the maintenance lock's holders take slots only
+    /// with `try_lock`, and hold none once it is taken. The other levels'
+    /// holders are nolock contexts, which never wait: those slots stay
+    /// free for other threads' signal handlers during the fork.
     #[cfg(feature = "std")]
     pub(crate) fn lock_all(&self) {
+        let slots = SlotLock::hold_all(self.level0_slot_locks(), crate::fork::SLOT_PATIENCE);
+        self.fork_slots.store(slots, Ordering::Relaxed);
         self.maint_lock.lock_raw(self.pages.platform());
         for i in 0..CACHES {
             self.cache(i).lock_node_raw(&self.pages);
         }
         self.pages.lock_all();
+    }
+
+    /// Every cache's level-0 slot locks.
+    #[cfg(feature = "std")]
+    fn level0_slot_locks(&self) -> impl Iterator<Item = &SlotLock> + Clone {
+        (0..CACHES).flat_map(move |i| self.cache(i).level0_locks())
     }
 
     /// Releases what [`lock_all`](Self::lock_all) took.
@@ -1944,6 +1966,10 @@ impl HeapCore {
         }
         // SAFETY: per the caller.
         unsafe { self.maint_lock.force_unlock(self.pages.platform()) };
+        if self.fork_slots.swap(false, Ordering::Relaxed) {
+            // SAFETY: held since `lock_all`, per the caller.
+            unsafe { SlotLock::release_all(self.level0_slot_locks()) };
+        }
     }
 }
 

@@ -1,19 +1,44 @@
 //! A try-only lock guarding one per-CPU slot.
 //!
-//! State table of the single atomic:
+//! State table of the single byte (the rseq sequences test it for zero:
+//! any other value is "busy" to them):
 //!
-//! | value   | meaning                       | transitions                          |
-//! |---------|-------------------------------|--------------------------------------|
-//! | `false` | free                          | `try_lock`: CAS false -> true (Acquire) |
-//! | `true`  | held by one context           | guard drop: store false (Release)    |
+//! | value | meaning | transitions |
+//! |---|---|---|
+//! | `FREE` (0) | free | `try_lock`: CAS to `HELD` (Acquire) |
+//! | `HELD` (1) | held by one context | guard drop: store `FREE` (Release) |
+//! | `FORK_HELD` (2) | held across `fork` by the fork handler | `try_lock` on the fork window's owner thread: CAS to `FORK_LENT`; the handler's release: store `FREE` |
+//! | `FORK_LENT` (3) | lent to one context of the fork window's owner | guard drop: store `FORK_HELD` (Release) |
 //!
 //! There is deliberately no blocking `lock()`. A holder may be a thread that
 //! was preempted, migrated to another CPU, or interrupted by a signal handler
 //! on its own stack; waiting for it could deadlock (the handler) or stall
 //! (the preempted thread). Callers that find the slot busy take another
 //! route: another slot, the zone, or the deferred list.
+//!
+//! **Fork.** A forked child must not inherit a slot that another thread
+//! held at the fork (nobody would release it there: the slot's objects or
+//! pages would stay out of reach, and its CPU's fast path closed). The
+//! normal path's slots (level 0) have holders that wait for node and zone
+//! locks, which `fork`'s prepare handler holds across the fork; so it
+//! holds those slots too ([`hold_all`](SlotLock::hold_all)), taken before
+//! any lock their holders may wait for, so each holder finishes. (The
+//! other levels' holders are nolock contexts, which never wait; those
+//! slots stay free for other threads' signal handlers during the fork.
+//! Only a nolock section running on another CPU at the very instant of
+//! the clone leaves its slot held in the child.) Fork handlers registered
+//! before the allocator's run in that window and may allocate (see
+//! `context`), and so may signal handlers that interrupt them: a context
+//! of the window's owner thread borrows a held slot, one at a time
+//! (`FORK_LENT`: a handler that interrupts a borrowed section finds it
+//! busy, as it would a held one).
 
-use super::atomic::{AtomicBool, Ordering};
+use super::atomic::{AtomicU8, Ordering};
+
+const FREE: u8 = 0;
+const HELD: u8 = 1;
+const FORK_HELD: u8 = 2;
+const FORK_LENT: u8 = 3;
 
 /// A try-only lock; see the module documentation.
 ///
@@ -29,7 +54,7 @@ use super::atomic::{AtomicBool, Ordering};
 /// ```
 #[derive(Debug)]
 pub struct SlotLock {
-    held: AtomicBool,
+    state: AtomicU8,
 }
 
 /// Proof that a [`SlotLock`] is held; releases it when dropped.
@@ -37,6 +62,8 @@ pub struct SlotLock {
 #[derive(Debug)]
 pub struct SlotGuard<'a> {
     lock: &'a SlotLock,
+    /// Borrowed in the fork window: the drop gives it back to the fork.
+    lent: bool,
 }
 
 impl SlotLock {
@@ -44,7 +71,7 @@ impl SlotLock {
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         SlotLock {
-            held: AtomicBool::new(false),
+            state: AtomicU8::new(FREE),
         }
     }
 
@@ -52,19 +79,43 @@ impl SlotLock {
     #[cfg(loom)]
     pub fn new() -> Self {
         SlotLock {
-            held: AtomicBool::new(false),
+            state: AtomicU8::new(FREE),
         }
     }
 
-    /// Takes the lock if it is free; never waits.
+    /// Takes the lock if it is free (or, on the fork window's owner thread,
+    /// held across the fork and not lent); never waits.
     #[inline]
     pub fn try_lock(&self) -> Option<SlotGuard<'_>> {
         // Acquire pairs with the Release store of the previous holder's
         // guard drop, so everything it wrote in the slot is visible to us.
-        self.held
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        match self
+            .state
+            .compare_exchange(FREE, HELD, Ordering::Acquire, Ordering::Relaxed)
+        {
+            Ok(_) => Some(SlotGuard {
+                lock: self,
+                lent: false,
+            }),
+            Err(FORK_HELD) => self.borrow(),
+            Err(_) => None,
+        }
+    }
+
+    /// The fork window's owner borrows a slot held across the fork.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn borrow(&self) -> Option<SlotGuard<'_>> {
+        if !crate::context::owns_fork_window() {
+            return None;
+        }
+        self.state
+            .compare_exchange(FORK_HELD, FORK_LENT, Ordering::Acquire, Ordering::Relaxed)
             .ok()
-            .map(|_| SlotGuard { lock: self })
+            .map(|_| SlotGuard {
+                lock: self,
+                lent: true,
+            })
     }
 
     /// The guard of a lock the caller took by other means: the rseq lock
@@ -72,20 +123,85 @@ impl SlotLock {
     /// set the flag on this CPU.
     ///
     /// # Safety
-    /// The caller's context set the flag (false -> true) and holds no other
-    /// guard of this lock.
+    /// The caller's context set the flag (`FREE` -> `HELD`) and holds no
+    /// other guard of this lock.
     #[inline]
     pub(crate) unsafe fn adopt(&self) -> SlotGuard<'_> {
         // The CAS in assembly is a full barrier on x86-64; this keeps the
         // compiler from moving the holder's accesses above it.
         super::atomic::fence(Ordering::Acquire);
-        SlotGuard { lock: self }
+        SlotGuard {
+            lock: self,
+            lent: false,
+        }
     }
 
     /// Whether some context holds the lock right now (a racy hint).
     #[inline]
     pub fn is_locked(&self) -> bool {
-        self.held.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) != FREE
+    }
+}
+
+#[cfg(feature = "std")]
+impl SlotLock {
+    /// Takes every lock of `locks` for `fork` (`FORK_HELD`), waiting while
+    /// their holders finish, or none: if one is still held when `patience`
+    /// has passed (its holder may be the forking thread itself, interrupted
+    /// inside the allocator by the signal handler that forked), releases
+    /// the ones it took and returns `false`. Normal context. Release with
+    /// [`release_all`](Self::release_all).
+    ///
+    /// Taking a level-0 slot needs no fence here, though sequences on its
+    /// CPU may have read "free" before the take and commit after it: such
+    /// a commit is one store, so the slot is consistent at the fork, and
+    /// the only context that changes a held slot before the release is the
+    /// window's owner, through [`borrow`](Self::borrow) on the CPU it runs
+    /// on (where no sequence that started before the take can still be in
+    /// flight: the owner ran the take, and the sequence's thread has been
+    /// switched out since) or after a fence (`lock_remote`).
+    pub(crate) fn hold_all<'a>(
+        locks: impl Iterator<Item = &'a SlotLock> + Clone,
+        patience: std::time::Duration,
+    ) -> bool {
+        let start = std::time::Instant::now();
+        for (taken, lock) in locks.clone().enumerate() {
+            let mut spins = 0u32;
+            while lock
+                .state
+                .compare_exchange(FREE, FORK_HELD, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                spins += 1;
+                if !spins.is_multiple_of(64) {
+                    core::hint::spin_loop();
+                    continue;
+                }
+                if start.elapsed() > patience {
+                    // SAFETY: the first `taken` locks were taken above.
+                    unsafe { Self::release_all(locks.take(taken)) };
+                    return false;
+                }
+                std::thread::yield_now();
+            }
+        }
+        true
+    }
+
+    /// Releases locks taken by [`hold_all`](Self::hold_all).
+    ///
+    /// # Safety
+    /// `hold_all` returned `true` for these locks (in this process, or in
+    /// the parent of this forked child), they were not released since, and
+    /// none is lent.
+    pub(crate) unsafe fn release_all<'a>(locks: impl Iterator<Item = &'a SlotLock>) {
+        for lock in locks {
+            crate::check!(
+                lock.state.load(Ordering::Relaxed) == FORK_HELD,
+                "a slot released after fork that the fork did not hold"
+            );
+            lock.state.store(FREE, Ordering::Release);
+        }
     }
 }
 
@@ -100,7 +216,8 @@ impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         // Release publishes every write made under the lock to the next
         // holder (its Acquire CAS in `try_lock`).
-        self.lock.held.store(false, Ordering::Release);
+        let to = if self.lent { FORK_HELD } else { FREE };
+        self.lock.state.store(to, Ordering::Release);
     }
 }
 
