@@ -23,6 +23,23 @@
 //! locks, or that interrupted an allocation there, takes the nolock route
 //! instead of waiting for the locks its own thread holds.
 //!
+//! # Forks that overlap
+//!
+//! The locks and what prepare records about them are process-wide, so at
+//! most one fork holds them, and only its own handlers release them:
+//!
+//! - Two forks on different threads: the second prepare waits for the
+//!   children registry, the first lock the first one took, until the first
+//!   fork's parent handler releases it (`HOLDER` names the thread in
+//!   between).
+//! - A fork called by a signal handler that interrupted the allocator (on
+//!   any thread, the holder's own fork window included): its prepare takes
+//!   nothing, since the thread may hold the locks itself, and so its parent
+//!   and child handlers release nothing either. On the holder's thread the
+//!   count of such forks in progress (`SKIPPED`) tells the holder's release
+//!   from theirs. Its child, like any fork's without these handlers, may
+//!   inherit locks held at the clone.
+//!
 //! Other libraries' fork handlers registered before ours run inside that
 //! window (prepare handlers in the reverse order of registration, the
 //! others in order), and glibc's malloc lets them allocate. Here they can
@@ -63,7 +80,7 @@
 //! not.
 
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 use crate::context;
 use crate::slab::{Heap, HeapCore};
@@ -100,6 +117,19 @@ static CHILDREN_TAKEN: AtomicBool = AtomicBool::new(false);
 static HEAPS_TAKEN: AtomicBool = AtomicBool::new(false);
 /// The global heap's core, if prepare locked it (null: not).
 static GLOBAL_LOCKED: AtomicPtr<Heap> = AtomicPtr::new(ptr::null_mut());
+
+/// The thread whose `prepare` holds the locks above (its
+/// [`context::thread_id`]; 0: none). Set once that prepare holds the
+/// children registry, the first lock it takes, so one real prepare at a
+/// time sets it (another thread's prepare waits for the registry), and
+/// cleared by its `release` before the registry is released.
+static HOLDER: AtomicUsize = AtomicUsize::new(0);
+/// The holder thread's `prepare`s that took nothing (a `fork` called by a
+/// signal handler that interrupted the holder's own fork) and whose
+/// `release` has not run yet. Only the holder thread changes it, and each
+/// such fork runs to its end inside the interruption: plain loads and
+/// stores.
+static SKIPPED: AtomicU32 = AtomicU32::new(0);
 
 /// Links a new heap's core into the registry. Normal context (`Heap::new`).
 /// Without the registry (this thread holds it: a heap made in a signal
@@ -195,12 +225,22 @@ extern "C" fn prepare() {
     // here until the window opens takes the nolock route.
     context::enter();
     if inside {
+        // Its `release` must leave alone what another fork's prepare took:
+        // the locks and records above are process-wide, and may belong to
+        // a fork in progress on another thread or, if this handler
+        // interrupted the holder's own window, on this one.
+        if HOLDER.load(Ordering::Relaxed) == context::thread_id() {
+            SKIPPED.store(SKIPPED.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
         return;
     }
     // Registries first: their holders may allocate, which needs the heaps'
     // locks. (`false`: this thread holds it already, having forked from a
-    // handler that interrupted it there: left alone.)
+    // handler that interrupted it there: left alone.) Another thread's
+    // fork in progress holds the children registry until its `release`:
+    // forks are serialised here.
     CHILDREN_TAKEN.store(crate::account::CHILDREN.lock_raw(), Ordering::Relaxed);
+    HOLDER.store(context::thread_id(), Ordering::Relaxed);
     let heaps = HEAPS.lock_raw();
     HEAPS_TAKEN.store(heaps, Ordering::Relaxed);
     if let Some(h) = crate::global_heap() {
@@ -228,6 +268,20 @@ extern "C" fn prepare() {
 }
 
 extern "C" fn release() {
+    // Only the prepare that took the locks releases them: a fork whose
+    // prepare took nothing (called by a signal handler that interrupted
+    // the allocator, on any thread) must not release the locks another
+    // fork holds across its clone, nor close its window.
+    if HOLDER.load(Ordering::Relaxed) != context::thread_id() {
+        context::leave();
+        return;
+    }
+    let skipped = SKIPPED.load(Ordering::Relaxed);
+    if skipped > 0 {
+        SKIPPED.store(skipped - 1, Ordering::Relaxed);
+        context::leave();
+        return;
+    }
     // Closed before any lock is released: from here a signal handler on
     // this thread takes the nolock route again until `leave`.
     context::fork_window_close();
@@ -256,6 +310,9 @@ extern "C" fn release() {
         // SAFETY: taken by `prepare`, as above.
         unsafe { HEAPS.force_unlock() };
     }
+    // Before the children registry, which the next fork's prepare waits
+    // for, is released.
+    HOLDER.store(0, Ordering::Relaxed);
     if CHILDREN_TAKEN.swap(false, Ordering::Relaxed) {
         // SAFETY: taken by `prepare`, as above.
         unsafe { crate::account::CHILDREN.force_unlock() };
