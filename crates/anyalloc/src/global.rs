@@ -226,6 +226,13 @@ pub fn init_without_maintainer(nolock: bool) -> Option<&'static Heap> {
 #[cold]
 fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
     loop {
+        // Marked before the state can become INITIALIZING: a signal handler
+        // on this thread that interrupts the creation (from the CAS on)
+        // sees the thread inside the allocator, takes the nolock route, and
+        // gets null instead of waiting for INITIALIZING to end. (Marked
+        // after the CAS, a handler in between would wait for ever for its
+        // own thread.)
+        let _inside = context::Inside::enter();
         match GLOBAL_HEAP.state.compare_exchange(
             UNINIT,
             INITIALIZING,
@@ -233,10 +240,6 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
             Ordering::Acquire,
         ) {
             Ok(_) => {
-                // Marked: a signal handler on this thread from here on sees
-                // the thread inside the allocator, takes the nolock route,
-                // and gets null instead of waiting for INITIALIZING to end.
-                let _inside = context::Inside::enter();
                 let mut config = env_config();
                 let mut built = Heap::new_without_maintainer(config);
                 // The first zone is address space only, but a limit on it
