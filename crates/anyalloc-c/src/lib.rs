@@ -48,7 +48,7 @@ mod tls;
 use core::alloc::Layout;
 use core::ffi::{c_int, c_void};
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{compiler_fence, AtomicU8, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicPtr, AtomicU8, Ordering};
 
 use anyalloc::Heap;
 use line::Line;
@@ -726,6 +726,78 @@ extern "C" fn constructor() {
 #[used]
 #[link_section = ".init_array"]
 static CONSTRUCTOR: extern "C" fn() = constructor;
+
+// ----- fork handler order ------------------------------------------------------
+
+/// A fork handler.
+type ForkHandler = Option<unsafe extern "C" fn()>;
+/// libc's `__register_atfork(prepare, parent, child, dso_handle)`.
+type RegisterAtfork = unsafe extern "C" fn(ForkHandler, ForkHandler, ForkHandler, *mut c_void) -> c_int;
+
+/// libc's `__register_atfork`, looked up on first use (null: not yet).
+static REAL_REGISTER_ATFORK: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
+
+/// Registers fork handlers: the entry point behind `pthread_atfork`
+/// (glibc's `libc_nonshared.a` links a `pthread_atfork` into every program
+/// and library that calls it, which calls this with its `__dso_handle`).
+///
+/// Interposed so that the heap's own handlers are registered *first*,
+/// before any other library's: prepare handlers run in the reverse order of
+/// registration, so the heap's prepare, which takes every heap lock, runs
+/// after all the others, and its parent and child handlers, which release
+/// them, run before the others. glibc's malloc takes its locks at the same
+/// point. A library whose constructor ran before this one's and registered
+/// a prepare handler that takes its own mutex would otherwise deadlock the
+/// fork: a thread holding that mutex could be waiting in `malloc` for a
+/// heap lock held by the forking thread, which waits for the mutex in that
+/// prepare handler.
+///
+/// # Safety
+/// As `pthread_atfork`'s: the handlers are valid for as long as they stay
+/// registered (until `dso_handle`'s object is unloaded).
+#[no_mangle]
+pub unsafe extern "C" fn __register_atfork(
+    prepare: ForkHandler,
+    parent: ForkHandler,
+    child: ForkHandler,
+    dso_handle: *mut c_void,
+) -> c_int {
+    // The heap's handlers first (that registration comes back here, and
+    // goes straight through: it is marked done before it starts).
+    anyalloc::register_fork_handlers();
+    let Some(real) = real_register_atfork() else {
+        return libc::ENOMEM;
+    };
+    // SAFETY: libc's own function, with the caller's arguments.
+    unsafe { real(prepare, parent, child, dso_handle) }
+}
+
+/// `pthread_atfork` for callers that bind to libc's exported one (old
+/// binaries, this crate's own registrations): the same as
+/// [`__register_atfork`] with no object to unregister them with.
+///
+/// # Safety
+/// As `pthread_atfork`'s: the handlers stay valid for ever.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_atfork(prepare: ForkHandler, parent: ForkHandler, child: ForkHandler) -> c_int {
+    // SAFETY: the caller's contract, with no object handle.
+    unsafe { __register_atfork(prepare, parent, child, ptr::null_mut()) }
+}
+
+/// libc's `__register_atfork` (the next definition after this library's).
+fn real_register_atfork() -> Option<RegisterAtfork> {
+    let mut f = REAL_REGISTER_ATFORK.load(Ordering::Acquire);
+    if f.is_null() {
+        // SAFETY: a NUL-terminated name; RTLD_NEXT looks past this object.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"__register_atfork".as_ptr()) };
+        if f.is_null() {
+            return None;
+        }
+        REAL_REGISTER_ATFORK.store(f, Ordering::Release);
+    }
+    // SAFETY: glibc's `__register_atfork` has this signature.
+    Some(unsafe { core::mem::transmute::<*mut c_void, RegisterAtfork>(f) })
+}
 
 /// In the child the maintenance thread did not survive the fork: the first
 /// normal-path call starts a new one (not this handler: the child may be

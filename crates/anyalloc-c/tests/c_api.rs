@@ -67,8 +67,10 @@ fn heap_created_inside_another_constructors_malloc() {
     assert!(o.success(), "early: {} {}", o.describe(), o.stdout);
 }
 
-/// Another library's fork handlers, registered before the heap's (its
-/// constructor ran first), allocate inside the heap's fork window: small,
+/// Another library's fork handlers, registered by a constructor that ran
+/// before ours, allocate around `fork` (the heap's handlers are registered
+/// first all the same, see `__register_atfork`; without that, these would
+/// run inside the heap's fork window, which allows it too): small,
 /// 64 KiB and huge blocks, in prepare, parent and child, while other
 /// threads allocate and a timer's handler allocates on the forking thread.
 /// Linked (listed after us, so initialised first) and preloaded.
@@ -99,6 +101,42 @@ fn fork_handlers_registered_earlier_allocate() {
         eprint!("{}", o.stderr);
         assert!(o.success(), "atfork ({how}): {} {}", o.describe(), o.stdout);
         assert!(o.stdout.contains("atfork: ok 20"), "{}", o.stdout);
+    }
+}
+
+/// A library whose fork handlers take its mutex (registered by its
+/// constructor, which runs before ours), while another thread allocates
+/// under that mutex: the heap's prepare handler must run after the
+/// library's (as glibc's malloc locks are taken after every prepare
+/// handler), or a fork can deadlock against a thread that waits in
+/// `malloc` for a heap lock while holding the mutex. Linked and preloaded.
+#[test]
+fn fork_handlers_that_take_a_mutex_held_around_malloc() {
+    let out = out_dir();
+    compile(
+        &["atfork_mutex_lib.c"],
+        "libanyalloc_c_atfork_mutex.so",
+        &["-shared", "-fPIC", "-pthread"],
+    );
+    let lib_args = [
+        format!("-L{}", out.display()),
+        "-lanyalloc_c_atfork_mutex".to_string(),
+        format!("-Wl,-rpath,{}", out.display()),
+        "-pthread".to_string(),
+    ];
+    let mut args = link_args();
+    args.extend(lib_args.iter().cloned());
+    let linked_exe = compile(&["atfork_mutex_main.c"], "atfork_mutex_main_linked", &args);
+    let plain_exe = compile(&["atfork_mutex_main.c"], "atfork_mutex_main", &lib_args);
+    for (how, cmd) in [
+        ("linked", std::process::Command::new(&linked_exe)),
+        ("preloaded", preloaded(&plain_exe)),
+    ] {
+        let o = run(cmd, Duration::from_secs(60));
+        print!("{how}: {}", o.stdout);
+        eprint!("{}", o.stderr);
+        assert!(o.success(), "atfork_mutex ({how}): {} {}", o.describe(), o.stdout);
+        assert!(o.stdout.contains("atfork_mutex: ok 2000"), "{}", o.stdout);
     }
 }
 

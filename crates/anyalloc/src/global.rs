@@ -198,11 +198,25 @@ fn nolock_heap() -> Option<&'static Heap> {
 /// Ordinary context only (`init`, the start-up constructor): registers the
 /// fork handlers if not yet, and starts the maintainer if it is owed.
 fn ordinary_setup(h: &Heap) {
-    if !ATFORK_REGISTERED.swap(true, Ordering::AcqRel) {
-        crate::fork::register_atfork();
-    }
+    register_fork_handlers();
     if MAINTAINER_OWED.swap(false, Ordering::AcqRel) {
         h.start_maintenance();
+    }
+}
+
+/// Registers the global heap's fork handlers (they hold its locks across
+/// `fork`) unless they are registered already. Ordinary context only
+/// (`pthread_atfork` takes libc's lock and allocates). The crate's
+/// start-up constructor and [`init`] call it; a C `malloc` built on this
+/// heap (`crates/anyalloc-c`) calls it before any other library's
+/// `pthread_atfork` registration, so that the heap's prepare handler, the
+/// first registered, runs after every other one (prepare handlers run in
+/// the reverse order of registration) and holds the locks for the clone
+/// only, as glibc's malloc does.
+#[doc(hidden)]
+pub fn register_fork_handlers() {
+    if !ATFORK_REGISTERED.swap(true, Ordering::AcqRel) {
+        crate::fork::register_atfork();
     }
 }
 
@@ -361,9 +375,7 @@ fn parse_size(bytes: &[u8]) -> Option<usize> {
 /// ordinary context, where the setup that must never run in a signal
 /// handler happens (see the module documentation).
 extern "C" fn startup() {
-    if !ATFORK_REGISTERED.swap(true, Ordering::AcqRel) {
-        crate::fork::register_atfork();
-    }
+    register_fork_handlers();
     // Is `Global` the process's allocator? Allocate a probe byte through
     // the global allocator and see whether the global heap served it.
     let probe = Layout::new::<u8>();
