@@ -732,7 +732,8 @@ static CONSTRUCTOR: extern "C" fn() = constructor;
 /// A fork handler.
 type ForkHandler = Option<unsafe extern "C" fn()>;
 /// libc's `__register_atfork(prepare, parent, child, dso_handle)`.
-type RegisterAtfork = unsafe extern "C" fn(ForkHandler, ForkHandler, ForkHandler, *mut c_void) -> c_int;
+type RegisterAtfork =
+    unsafe extern "C" fn(ForkHandler, ForkHandler, ForkHandler, *mut c_void) -> c_int;
 
 /// libc's `__register_atfork`, looked up on first use (null: not yet).
 static REAL_REGISTER_ATFORK: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
@@ -779,7 +780,11 @@ pub unsafe extern "C" fn __register_atfork(
 /// # Safety
 /// As `pthread_atfork`'s: the handlers stay valid for ever.
 #[no_mangle]
-pub unsafe extern "C" fn pthread_atfork(prepare: ForkHandler, parent: ForkHandler, child: ForkHandler) -> c_int {
+pub unsafe extern "C" fn pthread_atfork(
+    prepare: ForkHandler,
+    parent: ForkHandler,
+    child: ForkHandler,
+) -> c_int {
     // SAFETY: the caller's contract, with no object handle.
     unsafe { __register_atfork(prepare, parent, child, ptr::null_mut()) }
 }

@@ -135,7 +135,12 @@ fn fork_handlers_that_take_a_mutex_held_around_malloc() {
         let o = run(cmd, Duration::from_secs(60));
         print!("{how}: {}", o.stdout);
         eprint!("{}", o.stderr);
-        assert!(o.success(), "atfork_mutex ({how}): {} {}", o.describe(), o.stdout);
+        assert!(
+            o.success(),
+            "atfork_mutex ({how}): {} {}",
+            o.describe(),
+            o.stdout
+        );
         assert!(o.stdout.contains("atfork_mutex: ok 2000"), "{}", o.stdout);
     }
 }

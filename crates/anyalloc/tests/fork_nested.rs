@@ -140,7 +140,10 @@ fn fork_in_handler_leaves_the_window_locks_held() {
         heap.drain();
         DRAINED.store(true, SeqCst);
     });
-    X.store(std::os::unix::thread::JoinHandleExt::as_pthread_t(&x) as usize, SeqCst);
+    X.store(
+        std::os::unix::thread::JoinHandleExt::as_pthread_t(&x) as usize,
+        SeqCst,
+    );
     // Keeps the zone and node locks busy around the clone.
     let churn = {
         let stop = stop.clone();
@@ -148,7 +151,11 @@ fn fork_in_handler_leaves_the_window_locks_held() {
             let mut keep: Vec<Vec<u8>> = (0..64).map(|_| Vec::new()).collect();
             let mut i = 0usize;
             while !stop.load(SeqCst) {
-                let size = if i % 3 == 0 { 70_000 << (i % 4) } else { 1 + (i * 37) % 3000 };
+                let size = if i.is_multiple_of(3) {
+                    70_000 << (i % 4)
+                } else {
+                    1 + (i * 37) % 3000
+                };
                 keep[i % 64] = vec![i as u8; size];
                 i += 1;
             }
@@ -164,7 +171,14 @@ fn fork_in_handler_leaves_the_window_locks_held() {
         heap.drain();
         let mut keep: Vec<Vec<u8>> = Vec::new();
         for i in 0..2000usize {
-            keep.push(vec![1u8; if i % 3 == 0 { 70_000 } else { 1 + i % 3000 }]);
+            keep.push(vec![
+                1u8;
+                if i.is_multiple_of(3) {
+                    70_000
+                } else {
+                    1 + i % 3000
+                }
+            ]);
         }
         drop(keep);
         // SAFETY: _exit has no preconditions.
@@ -182,7 +196,14 @@ fn fork_in_handler_leaves_the_window_locks_held() {
         NESTED_FORKS.load(SeqCst)
     );
     assert_eq!(checked, 2, "the prepare handler ran its checks");
-    assert_eq!(bad, 0, "a fork called by a handler released the window's locks");
-    let status = status.expect("the outer fork's child hung (locks held by other threads were cloned)");
-    assert!(watchdog::exited_ok(status), "the outer fork's child failed (status {status:#x})");
+    assert_eq!(
+        bad, 0,
+        "a fork called by a handler released the window's locks"
+    );
+    let status =
+        status.expect("the outer fork's child hung (locks held by other threads were cloned)");
+    assert!(
+        watchdog::exited_ok(status),
+        "the outer fork's child failed (status {status:#x})"
+    );
 }
