@@ -813,14 +813,8 @@ extern "C" fn fork_child() {
     }
 }
 
-/// `ANYALLOC_MAINTENANCE` set to something other than `0` (default: off).
+/// `ANYALLOC_MAINTENANCE` switched on (`1`; default: off). A value that is
+/// not a switch is reported on stderr and leaves it off.
 fn maintenance_wanted() -> bool {
-    // SAFETY: a NUL-terminated name; getenv returns null or a C string.
-    let v = unsafe { libc::getenv(c"ANYALLOC_MAINTENANCE".as_ptr()) };
-    if v.is_null() {
-        return false;
-    }
-    // SAFETY: a non-null result of getenv is a valid C string.
-    let bytes = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
-    !bytes.is_empty() && bytes != b"0"
+    anyalloc::env_flag(c"ANYALLOC_MAINTENANCE").unwrap_or(false)
 }

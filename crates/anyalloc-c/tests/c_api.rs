@@ -183,31 +183,203 @@ fn a_process_whose_main_thread_exits_first_ends_with_its_last_thread() {
     }
 }
 
-/// Under `ulimit -v` below the default first zone (256 MiB of address
-/// space), every malloc of the process returned NULL; the heap now starts
-/// with a smaller first zone, and a 64 MiB block still fits under 200 MB.
+/// Under a limit on address space the heap starts smaller: under 200 MiB
+/// (too little for the default 256 MiB first zone) instead of failing
+/// every malloc, and under 320 MiB (which the default would just fit
+/// under) leaving room for a 64 MiB block and four threads' stacks.
 #[test]
 fn a_limit_on_address_space_gets_a_smaller_first_zone() {
-    let exe = compile::<&str>(&["rlimit.c"], "rlimit", &[]);
-    let mut cmd = preloaded(&exe);
-    // SAFETY: the closure runs in the forked child before exec and only
-    // calls setrlimit, which is async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            let limit = libc::rlimit {
-                rlim_cur: 200 << 20,
-                rlim_max: 200 << 20,
-            };
-            libc::setrlimit(libc::RLIMIT_AS, &limit);
-            Ok(())
-        });
+    let exe = compile::<&str>(&["rlimit.c"], "rlimit", &["-pthread"]);
+    for mib in [200, 320] {
+        let mut cmd = preloaded(&exe);
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls setrlimit, which is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let limit = libc::rlimit {
+                    rlim_cur: mib << 20,
+                    rlim_max: mib << 20,
+                };
+                libc::setrlimit(libc::RLIMIT_AS, &limit);
+                Ok(())
+            });
+        }
+        let o = run(cmd, TIMEOUT);
+        print!("{mib} MiB: {}", o.stdout);
+        eprint!("{}", o.stderr);
+        assert!(
+            o.success(),
+            "rlimit {mib} MiB: {} {}",
+            o.describe(),
+            o.stdout
+        );
+        assert!(o.stdout.contains("rlimit: ok"), "{}", o.stdout);
+        assert!(!o.stderr.contains("could not create"), "{}", o.stderr);
     }
-    let o = run(cmd, TIMEOUT);
-    print!("{}", o.stdout);
-    eprint!("{}", o.stderr);
-    assert!(o.success(), "rlimit: {} {}", o.describe(), o.stdout);
-    assert!(o.stdout.contains("rlimit: ok"), "{}", o.stdout);
-    assert!(!o.stderr.contains("could not create"), "{}", o.stderr);
+}
+
+/// Under a limit on address space the heap grows into nearly all of it:
+/// growth that doubles each zone used to stop when the next doubling did
+/// not fit (with a 16 MiB first zone and 900 MiB of room, at 496 MiB);
+/// now a refused zone is retried at half the size, down to 4 MiB, and
+/// each growth takes at most half of the room left.
+#[test]
+fn growth_under_a_limit_on_address_space_uses_most_of_it() {
+    let exe = compile::<&str>(&["rlimit_fill.c"], "rlimit_fill", &[]);
+    const HEADROOM_MIB: usize = 900;
+    for block in [256 << 10, 1 << 20, 4 << 20] {
+        let mut cmd = preloaded(&exe);
+        cmd.env("ANYALLOC_MEMORY", "16m")
+            .arg(HEADROOM_MIB.to_string())
+            .arg(block.to_string());
+        let o = run(cmd, TIMEOUT);
+        print!("{block}-byte blocks: {}", o.stdout);
+        eprint!("{}", o.stderr);
+        assert!(
+            o.success(),
+            "rlimit_fill {block}: {} {}",
+            o.describe(),
+            o.stdout
+        );
+        let got: usize = o
+            .stdout
+            .split("rlimit_fill: ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .expect("the MiB allocated in the output");
+        assert!(
+            got >= HEADROOM_MIB * 8 / 10,
+            "{block}-byte blocks: only {got} of {HEADROOM_MIB} MiB of room used"
+        );
+    }
+}
+
+/// The heap's settings from the environment, each checked on its own: one
+/// that is invalid is named in one line on stderr and keeps its default,
+/// and the others still apply.
+#[test]
+fn an_invalid_setting_is_reported_and_the_others_still_apply() {
+    let exe = compile::<&str>(&["settings.c"], "settings", &[]);
+    /// The environment, the one complaint expected if any, the only
+    /// zone's bytes when ANYALLOC_GROW=0 caps the heap.
+    type Case = (
+        &'static [(&'static str, &'static str)],
+        Option<&'static str>,
+        Option<usize>,
+    );
+    let cases: &[Case] = &[
+        (
+            &[("ANYALLOC_MEMORY", "64Mfoo"), ("ANYALLOC_GROW", "0")],
+            Some(
+                "anyalloc: ANYALLOC_MEMORY=\"64Mfoo\" is not a size (expected e.g. 256M, 4G); \
+                 using the default",
+            ),
+            Some(256 << 20),
+        ),
+        (
+            &[("ANYALLOC_MEMORY", "64 M"), ("ANYALLOC_GROW", "0")],
+            Some(
+                "anyalloc: ANYALLOC_MEMORY=\"64 M\" is not a size (expected e.g. 256M, 4G); \
+                 using the default",
+            ),
+            Some(256 << 20),
+        ),
+        (
+            &[("ANYALLOC_MEMORY", "1k"), ("ANYALLOC_GROW", "0")],
+            Some(
+                "anyalloc: ANYALLOC_MEMORY=\"1k\" is out of range (too little memory: at least \
+                 65536 bytes (16 pages) are needed); using the default",
+            ),
+            Some(256 << 20),
+        ),
+        (
+            &[
+                ("ANYALLOC_MEMORY", "16m"),
+                ("ANYALLOC_CPUS", "lots"),
+                ("ANYALLOC_GROW", "0"),
+            ],
+            Some(
+                "anyalloc: ANYALLOC_CPUS=\"lots\" is not a number (expected e.g. 4); using the \
+                 default",
+            ),
+            Some(16 << 20),
+        ),
+        (
+            &[("ANYALLOC_MEMORY", "16m"), ("ANYALLOC_GROW", "nope")],
+            Some(
+                "anyalloc: ANYALLOC_GROW=\"nope\" is not a switch (expected 0 or 1); using the \
+                 default",
+            ),
+            None,
+        ),
+        (
+            &[
+                ("ANYALLOC_MEMORY", "16m"),
+                ("ANYALLOC_GROW", "0"),
+                ("ANYALLOC_MAINTENANCE", "sometimes"),
+            ],
+            Some(
+                "anyalloc: ANYALLOC_MAINTENANCE=\"sometimes\" is not a switch (expected 0 or 1); \
+                 using the default",
+            ),
+            Some(16 << 20),
+        ),
+        (
+            &[("ANYALLOC_MEMORY", "16MiB"), ("ANYALLOC_GROW", "off")],
+            None,
+            Some(16 << 20),
+        ),
+    ];
+    for &(env, complaint, capped) in cases {
+        let mut cmd = preloaded(&exe);
+        for var in [
+            "ANYALLOC_MEMORY",
+            "ANYALLOC_CPUS",
+            "ANYALLOC_GROW",
+            "ANYALLOC_MAINTENANCE",
+            "ANYALLOC_NOLOCK_SYSCALLS",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        let o = run(cmd, TIMEOUT);
+        print!("{env:?}: {}", o.stdout);
+        eprint!("{}", o.stderr);
+        assert!(o.success(), "{env:?}: {}", o.describe());
+        let complaints: Vec<&str> = o
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("anyalloc: ANYALLOC_"))
+            .collect();
+        assert_eq!(
+            complaints,
+            complaint.into_iter().collect::<Vec<_>>(),
+            "{env:?}"
+        );
+        let blocks: usize = o
+            .stdout
+            .split("settings: ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .expect("the block count in the output");
+        match capped {
+            // ANYALLOC_GROW=0 applied: one zone of that size, and about as
+            // many 1 MiB blocks as it holds.
+            Some(zone) => {
+                let summary = format!("anyalloc: 1 zones of {zone} bytes");
+                assert!(o.stderr.contains(&summary), "{env:?}: {}", o.stderr);
+                let mib = zone >> 20;
+                assert!(
+                    blocks <= mib && blocks >= mib * 3 / 4,
+                    "{env:?}: {blocks} blocks"
+                );
+            }
+            // Growth on: every block the program asked for.
+            None => assert_eq!(blocks, 512, "{env:?}"),
+        }
+    }
 }
 
 /// Caches are per CPU, not per thread: threads that exit strand nothing.

@@ -19,11 +19,17 @@
 //!
 //! | variable          | meaning                                     | default |
 //! |-------------------|---------------------------------------------|---------|
-//! | `ANYALLOC_MEMORY` | first zone size, bytes; suffixes k, m, g    | 256m    |
+//! | `ANYALLOC_MEMORY` | first zone size, bytes; suffixes k, m, g, t | 256m    |
 //! | `ANYALLOC_CPUS`   | CPU slot sets                               | all CPUs |
 //! | `ANYALLOC_GROW`   | `0` makes `ANYALLOC_MEMORY` a hard cap      | 1       |
 //! | `ANYALLOC_MAINTENANCE` | `0`: no maintenance thread             | 1       |
 //! | `ANYALLOC_NOLOCK_SYSCALLS` | `0`: the nolock path makes no system call (`Config::nolock_syscalls`) | 1 |
+//!
+//! Values are read strictly: a size is digits and an optional unit (`k`,
+//! `m`, `g`, `t`, either case, optionally followed by `b` or `ib`), a
+//! switch `0` or `1` (or `on`/`off`, `true`/`false`, `yes`/`no`). A value
+//! that does not parse, or that [`Config`] refuses, is named in one line
+//! on stderr and that setting keeps its default; the other settings apply.
 //!
 //! A nolock caller that finds another context initialising gets null; a
 //! normal caller waits. The creating call is marked inside the allocator, so
@@ -161,7 +167,7 @@ pub fn init() -> Result<&'static Heap, Error> {
     let h = match global_heap() {
         Some(h) => h,
         None => init_slow(false, true).ok_or(Error::Reserve {
-            bytes: env_config().memory_bytes(),
+            bytes: env_config(false).config.memory_bytes(),
         })?,
     };
     ordinary_setup(h);
@@ -254,18 +260,22 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
             Ordering::Acquire,
         ) {
             Ok(_) => {
-                let mut config = env_config();
-                let mut built = Heap::new_without_maintainer(config);
+                let env = env_config(true);
+                let mut config = env.config;
                 // The first zone is address space only, but a limit on it
-                // (`ulimit -v` or `-d`) may refuse the default 256 MiB:
-                // then 32 MiB, halved down to 4 MiB (the heap grows on
-                // demand; a first zone that barely fits would leave the
-                // limit no room for anything else), unless ANYALLOC_MEMORY
-                // asked for a size.
-                if env_size(c"ANYALLOC_MEMORY").is_none()
-                    && matches!(built, Err(Error::Reserve { .. }))
-                {
-                    let mut size = FALLBACK_FIRST_ZONE;
+                // (`ulimit -v` or `-d`) counts it: unless ANYALLOC_MEMORY
+                // asked for a size, the default takes at most a quarter of
+                // the room the limit leaves (the heap grows on demand; a
+                // first zone that barely fits would leave no room for
+                // anything else), and if even that is refused, 32 MiB
+                // halved down to 4 MiB.
+                if !env.memory_set {
+                    let headroom = crate::platform::address_space_headroom();
+                    config = config.memory(first_zone_size(headroom));
+                }
+                let mut built = Heap::new_without_maintainer(config);
+                if !env.memory_set && matches!(built, Err(Error::Reserve { .. })) {
+                    let mut size = FALLBACK_FIRST_ZONE.min(config.memory_bytes() / 2);
                     while matches!(built, Err(Error::Reserve { .. })) && size >= MIN_FIRST_ZONE {
                         config = config.memory(size);
                         built = Heap::new_without_maintainer(config);
@@ -284,7 +294,7 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
                         // The maintainer starts at an ordinary point (see
                         // the module documentation), never here: this call
                         // may be a signal handler.
-                        if maintainer && env_size(c"ANYALLOC_MAINTENANCE") != Some(0) {
+                        if maintainer && env_flag(c"ANYALLOC_MAINTENANCE") != Some(false) {
                             MAINTAINER_OWED.store(true, Ordering::Release);
                         }
                         GLOBAL_HEAP.state.store(READY, Ordering::Release);
@@ -312,63 +322,235 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
 const FALLBACK_FIRST_ZONE: usize = 32 << 20;
 const MIN_FIRST_ZONE: usize = 4 << 20;
 
-/// Reads the heap's configuration from the environment without allocating.
-fn env_config() -> Config {
-    let mut c = Config::default().memory(256 << 20);
-    if let Some(v) = env_size(c"ANYALLOC_MEMORY") {
-        c = c.memory(v);
+/// The default first zone under a limit on address space that leaves
+/// `headroom` bytes to map (`None`: no limit): at most a quarter of that,
+/// in whole 4 MiB blocks, between 4 MiB and the default 256 MiB.
+fn first_zone_size(headroom: Option<usize>) -> usize {
+    match headroom {
+        Some(room) => {
+            ((room / 4) & !(MIN_FIRST_ZONE - 1)).clamp(MIN_FIRST_ZONE, DEFAULT_FIRST_ZONE)
+        }
+        None => DEFAULT_FIRST_ZONE,
     }
-    if let Some(v) = env_size(c"ANYALLOC_CPUS") {
-        c = c.cpus(v);
-    }
-    if let Some(v) = env_size(c"ANYALLOC_GROW") {
-        c = c.grow(v != 0);
-    }
-    if let Some(v) = env_size(c"ANYALLOC_NOLOCK_SYSCALLS") {
-        c = c.nolock_syscalls(v != 0);
-    }
-    if c.validate().is_err() {
-        crate::platform::write_stderr(
-            b"anyalloc: ignoring invalid ANYALLOC_* settings, using defaults\n",
-        );
-        return Config::default().memory(256 << 20);
-    }
-    c
 }
 
-/// A number with an optional k/m/g suffix from the environment.
-fn env_size(name: &core::ffi::CStr) -> Option<usize> {
+/// The global heap's settings from the environment.
+#[derive(Clone, Copy)]
+struct EnvConfig {
+    config: Config,
+    /// Whether a valid `ANYALLOC_MEMORY` chose the first zone's size (else
+    /// the default, which a limit on address space may shrink).
+    memory_set: bool,
+}
+
+/// Reads the heap's configuration from the environment without allocating.
+/// Each setting is checked on its own: one that does not parse, or that
+/// the configuration refuses (`Config::validate`), is named in one line on
+/// stderr (with `report`) and left at its default, and the others still
+/// apply.
+fn env_config(report: bool) -> EnvConfig {
+    let mut c = Config::default().memory(DEFAULT_FIRST_ZONE);
+    let mut memory_set = false;
+    if let Some(v) = env_setting(c"ANYALLOC_MEMORY", SIZE, report) {
+        if let Some(next) = checked(c.memory(v), c"ANYALLOC_MEMORY", report) {
+            c = next;
+            memory_set = true;
+        }
+    }
+    if let Some(v) = env_setting(c"ANYALLOC_CPUS", COUNT, report) {
+        c = checked(c.cpus(v), c"ANYALLOC_CPUS", report).unwrap_or(c);
+    }
+    if let Some(v) = env_setting(c"ANYALLOC_GROW", FLAG, report) {
+        c = c.grow(v);
+    }
+    if let Some(v) = env_setting(c"ANYALLOC_NOLOCK_SYSCALLS", FLAG, report) {
+        c = c.nolock_syscalls(v);
+    }
+    EnvConfig {
+        config: c,
+        memory_set,
+    }
+}
+
+/// The first zone when `ANYALLOC_MEMORY` does not choose one.
+const DEFAULT_FIRST_ZONE: usize = 256 << 20;
+
+/// `next` (a valid configuration with one setting changed) if it is
+/// valid; else (reported when `report`) `None`.
+fn checked(next: Config, name: &core::ffi::CStr, report: bool) -> Option<Config> {
+    match next.validate() {
+        Ok(()) => Some(next),
+        Err(e) => {
+            let reason = match e {
+                Error::Config { reason, .. } => reason,
+                _ => "refused",
+            };
+            if report {
+                let value = env_value(name).unwrap_or(b"");
+                report_setting(name, value, b"is out of range (", reason.as_bytes(), b")");
+            }
+            None
+        }
+    }
+}
+
+/// The value of the environment variable `name`, if set.
+fn env_value(name: &core::ffi::CStr) -> Option<&'static [u8]> {
     // SAFETY: `name` is NUL-terminated; getenv returns null or a pointer to
     // a NUL-terminated string owned by the environment.
     let p = unsafe { libc::getenv(name.as_ptr()) };
     if p.is_null() {
         return None;
     }
-    // SAFETY: non-null result of getenv: a valid C string.
-    let bytes = unsafe { core::ffi::CStr::from_ptr(p) }.to_bytes();
-    parse_size(bytes)
+    // SAFETY: non-null result of getenv: a valid C string, which lives as
+    // long as nobody changes the variable (nothing here keeps it longer
+    // than the configuration is being read).
+    Some(unsafe { core::ffi::CStr::from_ptr(p) }.to_bytes())
 }
 
-fn parse_size(bytes: &[u8]) -> Option<usize> {
-    let (digits, suffix) = match bytes.iter().position(|b| !b.is_ascii_digit()) {
-        Some(i) => (&bytes[..i], &bytes[i..]),
-        None => (bytes, &[][..]),
-    };
-    if digits.is_empty() {
+/// A setting parsed with `parse` (see the [`Parser`]s), `None` when unset
+/// or invalid; an invalid one is reported when `report`.
+fn env_setting<T>(name: &core::ffi::CStr, parse: Parser<T>, report: bool) -> Option<T> {
+    let value = env_value(name)?;
+    match (parse.parse)(value) {
+        Some(v) => Some(v),
+        None => {
+            if report {
+                report_setting(name, value, parse.expected, b"", b"");
+            }
+            None
+        }
+    }
+}
+
+/// How one kind of setting is read, and what its error says is expected.
+#[derive(Clone, Copy)]
+struct Parser<T> {
+    parse: fn(&[u8]) -> Option<T>,
+    expected: &'static [u8],
+}
+
+/// A size: decimal digits and an optional unit, `k`, `m`, `g` or `t`
+/// (powers of 1024, either case), which may be followed by `b` or `ib`
+/// (`64M`, `64mb`, `64MiB`); a bare `b` means bytes. Nothing else: no
+/// sign, space, fraction, or other trailing text.
+const SIZE: Parser<usize> = Parser {
+    parse: parse_size_bytes,
+    expected: b"is not a size (expected e.g. 256M, 4G)",
+};
+
+/// A count: decimal digits only.
+const COUNT: Parser<usize> = Parser {
+    parse: parse_digits,
+    expected: b"is not a number (expected e.g. 4)",
+};
+
+/// A switch: `0` or `1` (any other number means on, as it always did),
+/// or `on`/`off`, `true`/`false`, `yes`/`no` in either case.
+const FLAG: Parser<bool> = Parser {
+    parse: parse_flag_bytes,
+    expected: b"is not a switch (expected 0 or 1)",
+};
+
+/// An `ANYALLOC_*` switch read by another part of the program (the C
+/// library's `ANYALLOC_MAINTENANCE`), parsed and reported like the heap's
+/// own: `None` when unset or invalid (then one line on stderr).
+#[doc(hidden)]
+pub fn env_flag(name: &core::ffi::CStr) -> Option<bool> {
+    env_setting(name, FLAG, true)
+}
+
+fn parse_digits(bytes: &[u8]) -> Option<usize> {
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let mut n: usize = 0;
-    for &d in digits {
-        n = n.checked_mul(10)?.checked_add((d - b'0') as usize)?;
-    }
-    let shift = match suffix {
-        [] | [b'b' | b'B'] => 0,
-        [b'k' | b'K', ..] => 10,
-        [b'm' | b'M', ..] => 20,
-        [b'g' | b'G', ..] => 30,
-        _ => return None,
+    bytes.iter().try_fold(0usize, |n, &d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    })
+}
+
+fn parse_size_bytes(bytes: &[u8]) -> Option<usize> {
+    let split = bytes
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(bytes.len());
+    let (digits, suffix) = bytes.split_at(split);
+    let n = parse_digits(digits)?;
+    let lower = |i: usize| suffix.get(i).map(u8::to_ascii_lowercase);
+    let shift = match lower(0) {
+        None => return Some(n),
+        Some(b'b') if suffix.len() == 1 => return Some(n),
+        Some(b'k') => 10,
+        Some(b'm') => 20,
+        Some(b'g') => 30,
+        Some(b't') => 40,
+        Some(_) => return None,
     };
+    let unit_tail_ok = match suffix.len() {
+        1 => true,
+        2 => lower(1) == Some(b'b'),
+        3 => lower(1) == Some(b'i') && lower(2) == Some(b'b'),
+        _ => false,
+    };
+    if !unit_tail_ok {
+        return None;
+    }
     n.checked_mul(1usize << shift)
+}
+
+fn parse_flag_bytes(bytes: &[u8]) -> Option<bool> {
+    if let Some(n) = parse_digits(bytes) {
+        return Some(n != 0);
+    }
+    let word = |w: &[u8]| bytes.eq_ignore_ascii_case(w);
+    if word(b"on") || word(b"true") || word(b"yes") {
+        Some(true)
+    } else if word(b"off") || word(b"false") || word(b"no") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Writes one line to stderr, with one write(2) (nothing allocated, no
+/// formatting machinery): `anyalloc: NAME="value" <what><detail><close>;
+/// using the default`. A long value is cut short (`...`), and bytes that
+/// are not printable ASCII are written as `?`.
+fn report_setting(name: &core::ffi::CStr, value: &[u8], what: &[u8], detail: &[u8], close: &[u8]) {
+    const MAX_VALUE: usize = 64;
+    let mut buf = [0u8; 512];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        for &b in bytes {
+            if len < buf.len() {
+                buf[len] = b;
+                len += 1;
+            }
+        }
+    };
+    put(b"anyalloc: ");
+    put(name.to_bytes());
+    put(b"=\"");
+    for &b in value.iter().take(MAX_VALUE) {
+        put(&[if b.is_ascii_graphic() || b == b' ' {
+            b
+        } else {
+            b'?'
+        }]);
+    }
+    if value.len() > MAX_VALUE {
+        put(b"...");
+    }
+    put(b"\" ");
+    put(what);
+    put(detail);
+    put(close);
+    put(b"; using the default\n");
+    // The line ends with a newline even when cut short.
+    if len == buf.len() {
+        buf[len - 1] = b'\n';
+    }
+    crate::platform::write_stderr(&buf[..len]);
 }
 
 /// Runs from `.init_array` before `main` (after libc's own initialisation):
@@ -738,17 +920,69 @@ pub fn in_nolock_scope() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{first_zone_size, parse_digits, parse_flag_bytes, parse_size_bytes as parse_size};
+
+    #[test]
+    fn the_default_first_zone_leaves_room_under_a_limit() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(first_zone_size(None), 256 * MIB);
+        assert_eq!(first_zone_size(Some(64 << 30)), 256 * MIB);
+        // A quarter of the room, in whole 4 MiB blocks.
+        assert_eq!(first_zone_size(Some(300 * MIB)), 72 * MIB);
+        assert_eq!(first_zone_size(Some(190 * MIB)), 44 * MIB);
+        // At least 4 MiB (the fallback then halves no further).
+        assert_eq!(first_zone_size(Some(MIB)), 4 * MIB);
+    }
 
     #[test]
     fn sizes_parse_with_suffixes() {
         assert_eq!(parse_size(b"4096"), Some(4096));
+        assert_eq!(parse_size(b"4096b"), Some(4096));
         assert_eq!(parse_size(b"64k"), Some(64 << 10));
         assert_eq!(parse_size(b"256M"), Some(256 << 20));
+        assert_eq!(parse_size(b"256mb"), Some(256 << 20));
+        assert_eq!(parse_size(b"256MiB"), Some(256 << 20));
         assert_eq!(parse_size(b"2g"), Some(2 << 30));
+        assert_eq!(parse_size(b"1T"), Some(1 << 40));
         assert_eq!(parse_size(b""), None);
         assert_eq!(parse_size(b"x"), None);
         assert_eq!(parse_size(b"12q"), None);
         assert_eq!(parse_size(b"99999999999999999999999"), None);
+        assert_eq!(parse_size(b"99999999999999G"), None);
+    }
+
+    /// Trailing text, signs, spaces and fractions are refused, not cut off.
+    #[test]
+    fn sizes_with_junk_are_refused() {
+        for junk in [
+            &b"64Mfoo"[..],
+            b"64mm",
+            b"64 M",
+            b" 64M",
+            b"64M ",
+            b"+64M",
+            b"-1",
+            b"1.5G",
+            b"64Mib ",
+            b"64ib",
+            b"64bb",
+            b"0x100",
+            b"M",
+        ] {
+            assert_eq!(parse_size(junk), None, "{:?}", core::str::from_utf8(junk));
+        }
+    }
+
+    #[test]
+    fn counts_and_switches() {
+        assert_eq!(parse_digits(b"4"), Some(4));
+        assert_eq!(parse_digits(b"4k"), None);
+        assert_eq!(parse_digits(b""), None);
+        assert_eq!(parse_flag_bytes(b"0"), Some(false));
+        assert_eq!(parse_flag_bytes(b"1"), Some(true));
+        assert_eq!(parse_flag_bytes(b"OFF"), Some(false));
+        assert_eq!(parse_flag_bytes(b"yes"), Some(true));
+        assert_eq!(parse_flag_bytes(b"0x"), None);
+        assert_eq!(parse_flag_bytes(b"nope"), None);
     }
 }

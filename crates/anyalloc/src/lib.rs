@@ -96,7 +96,7 @@ pub use config::{Config, Error, MAX_CPUS, MIN_MEMORY};
 pub use global::{global_heap, in_nolock_scope, init, nolock_scope, Global, NoLock, NoLockScope};
 #[cfg(feature = "std")]
 #[doc(hidden)]
-pub use global::{init_without_maintainer, register_fork_handlers};
+pub use global::{env_flag, init_without_maintainer, register_fork_handlers};
 pub use page::{FastPath, PageAllocator, PageStats};
 pub use platform::Platform;
 #[cfg(feature = "std")]

@@ -107,6 +107,23 @@ pub(crate) const MAINTAINER_SLEEPING: u32 = 2;
 /// At most this many zones (the first plus growth).
 pub(crate) const MAX_ZONES: usize = 32;
 
+/// The size of the next zone the heap grows by: `doubled` (the growth
+/// schedule's), but under a limit on address space (`headroom`, the bytes
+/// the process may still map: `platform::address_space_headroom`) at most
+/// half of what is left, in whole largest blocks and at least one: a zone
+/// that took all the room would leave none for the program's other
+/// mappings (thread stacks, libraries, blocks above 4 MiB, which are
+/// mapped apart). The next growth takes half of the rest again, so the
+/// heap can still reach nearly all of the limit. `grow` halves further
+/// when the reservation is refused all the same.
+#[cfg(feature = "std")]
+fn growth_size(doubled: usize, headroom: Option<usize>) -> usize {
+    match headroom {
+        Some(room) => doubled.min((room / 2) & !(MAX_BLOCK - 1)).max(MAX_BLOCK),
+        None => doubled,
+    }
+}
+
 /// Increments a per-slot counter; holding the slot's lock is the proof that
 /// a plain load + store is enough.
 #[inline]
@@ -851,17 +868,28 @@ impl PageAllocator {
             return false;
         }
         // Each new zone doubles the previous one (capped at 64 GiB).
-        let bytes = self
+        let doubled = self
             .config
             .memory
             .max(MAX_BLOCK)
             .saturating_mul(1usize << now.min(16))
             .min(64 << 30);
         crate::interrupt_point!(ZoneGrow);
-        // Borrowed: this is the fork window, every zone is held across the
-        // fork, and so must the new one be, from before any other thread
-        // can see it (their nolock paths try every zone).
-        self.add_os_zone(bytes, g.borrowed()).is_ok()
+        let mut bytes = growth_size(doubled, crate::platform::address_space_headroom());
+        loop {
+            // Borrowed: this is the fork window, every zone is held across
+            // the fork, and so must the new one be, from before any other
+            // thread can see it (their nolock paths try every zone).
+            if self.add_os_zone(bytes, g.borrowed()).is_ok() {
+                return true;
+            }
+            // Refused (a limit on address space, or no room left in it):
+            // halve, down to one largest block, before reporting no memory.
+            if bytes <= MAX_BLOCK {
+                return false;
+            }
+            bytes = (bytes / 2).next_multiple_of(MAX_BLOCK).max(MAX_BLOCK);
+        }
     }
 
     /// The rseq fast path of every allocation of at most `PCP_MAX_ORDER`:
@@ -1613,5 +1641,25 @@ fn zone_stats(s: &mut PageStats, zone: &Zone) {
         s.percpu_pages += slot.pages();
         s.nolock_alloc_ok +=
             slot.nolock_ok.load(Ordering::Relaxed) + slot.heap_nolock_ok.load(Ordering::Relaxed);
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::{growth_size, MAX_BLOCK};
+
+    #[test]
+    fn growth_takes_at_most_half_of_the_room_a_limit_leaves() {
+        const MIB: usize = 1 << 20;
+        // No limit: the doubling schedule.
+        assert_eq!(growth_size(512 * MIB, None), 512 * MIB);
+        // Room enough: the same.
+        assert_eq!(growth_size(512 * MIB, Some(4096 * MIB)), 512 * MIB);
+        // Half of the room, in whole 4 MiB blocks.
+        assert_eq!(growth_size(512 * MIB, Some(600 * MIB)), 300 * MIB);
+        assert_eq!(growth_size(512 * MIB, Some(602 * MIB)), 300 * MIB);
+        // At least one largest block (`grow` then finds out).
+        assert_eq!(growth_size(512 * MIB, Some(5 * MIB)), MAX_BLOCK);
+        assert_eq!(growth_size(512 * MIB, Some(0)), MAX_BLOCK);
     }
 }

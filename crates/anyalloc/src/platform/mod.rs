@@ -20,7 +20,8 @@ mod std_os;
 pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
 pub(crate) use std_os::{
-    os_discard, os_release, os_remap, os_reserve, read_small_file, thread_token, write_stderr,
+    address_space_headroom, os_discard, os_release, os_remap, os_reserve, read_small_file,
+    thread_token, write_stderr,
 };
 
 /// A word identifying the calling thread (never 0). Without std there are

@@ -274,6 +274,57 @@ pub(crate) fn write_stderr(mut bytes: &[u8]) {
     }
 }
 
+/// How many more bytes of address space this process may reserve before a
+/// limit refuses it: `RLIMIT_AS` (every mapping counts) or `RLIMIT_DATA`
+/// (private writable mappings count, Linux 4.7 and later), less what the
+/// process maps already (`/proc/self/statm`: its size, and its data and
+/// stack). `None` when neither limit is set. An estimate (other threads
+/// map and unmap meanwhile; without `/proc` nothing is taken as used): a
+/// hint for choosing sizes, never a promise that a reservation will
+/// succeed. No allocation; normal context (it reads a file).
+pub(crate) fn address_space_headroom() -> Option<usize> {
+    let limit = |resource| {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `l` is a valid, writable rlimit.
+        let ok = unsafe { libc::getrlimit(resource, &mut l) } == 0;
+        (ok && l.rlim_cur != libc::RLIM_INFINITY)
+            .then(|| usize::try_from(l.rlim_cur).unwrap_or(usize::MAX))
+    };
+    let as_limit = limit(libc::RLIMIT_AS);
+    let data_limit = limit(libc::RLIMIT_DATA);
+    if as_limit.is_none() && data_limit.is_none() {
+        return None;
+    }
+    let (size, data) = mapped_now().unwrap_or((0, 0));
+    let room = |l: Option<usize>, used: usize| l.map_or(usize::MAX, |l| l.saturating_sub(used));
+    Some(room(as_limit, size).min(room(data_limit, data)))
+}
+
+/// The process's mapped bytes and its data and stack bytes, from
+/// `/proc/self/statm` (fields 1 and 6, in pages).
+fn mapped_now() -> Option<(usize, usize)> {
+    let mut buf = [0u8; 128];
+    let text = read_small_file(c"/proc/self/statm", &mut buf)?;
+    let mut fields = text
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|f| !f.is_empty());
+    let number = |f: &[u8]| {
+        f.iter().try_fold(0usize, |n, &d| {
+            d.is_ascii_digit()
+                .then_some(())
+                .and_then(|()| n.checked_mul(10)?.checked_add(usize::from(d - b'0')))
+        })
+    };
+    let size = number(fields.next()?)?;
+    let data = number(fields.nth(4)?)?;
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    Some((size.checked_mul(page)?, data.checked_mul(page)?))
+}
+
 /// Reserves `size` bytes of address space aligned to `align` (a power of two
 /// and a multiple of the OS page size), readable and writable, committed on
 /// first touch. Normal context only (mmap can block). `None` when refused.
