@@ -382,6 +382,33 @@ fn an_invalid_setting_is_reported_and_the_others_still_apply() {
     }
 }
 
+/// A big first zone costs address space, not memory: with
+/// ANYALLOC_MEMORY=64G the process stays at a few MiB resident (creating
+/// the zone used to write a descriptor page in eight, 64 MiB, and take
+/// tens of milliseconds; the statistics read every descriptor).
+#[test]
+fn a_big_first_zone_is_not_resident() {
+    let exe = compile::<&str>(&["big_zone.c"], "big_zone", &[]);
+    let mut cmd = preloaded(&exe);
+    cmd.env("ANYALLOC_MEMORY", "64G");
+    let o = run(cmd, TIMEOUT);
+    print!("{}", o.stdout);
+    eprint!("{}", o.stderr);
+    assert!(o.success(), "big_zone: {} {}", o.describe(), o.stdout);
+    assert!(!o.stderr.contains("anyalloc:"), "{}", o.stderr);
+    let kib: usize = o
+        .stdout
+        .split("rss ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("rss in the output");
+    assert!(
+        kib < 16 << 10,
+        "resident {kib} KiB with a 64 GiB first zone"
+    );
+}
+
 /// Caches are per CPU, not per thread: threads that exit strand nothing.
 #[test]
 fn threads_that_exit_strand_nothing() {

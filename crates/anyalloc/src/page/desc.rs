@@ -4,8 +4,10 @@
 //! descriptor of a block's *head* page carries state; every other page of a
 //! block (and every page never split off) is [`TAIL`], which is also what the
 //! OS's zero-filled memory reads as. That is what lets the descriptor array be
-//! committed lazily: creating a zone writes only the head descriptor of each
-//! initial block.
+//! committed lazily: creating a zone writes no descriptor of its whole
+//! largest blocks (they stay untouched until the buddy allocator carves one,
+//! `Zone::fresh`), only the head descriptors of the partial blocks at its
+//! ends.
 //!
 //! `state` packs a kind and an order: `kind | order << 8`.
 //!
