@@ -5,6 +5,20 @@ use core::fmt;
 /// The smallest allowed zone: 16 pages.
 pub const MIN_MEMORY: usize = 16 * crate::PAGE_SIZE;
 
+/// The largest allowed zone ([`Config::memory`]): 16 TiB less 4 MiB
+/// (17,592,181,850,112 bytes) on 64-bit targets. A zone numbers its pages
+/// with 32-bit indices, `u32::MAX` meaning "no page", and its blocks are
+/// whole 4 MiB blocks up to index 2^32: so at most 2^32 - 2^10 pages. (On a
+/// 32-bit target, the largest page-aligned size, which no OS can reserve.)
+pub const MAX_MEMORY: usize = {
+    let pages = crate::page::MAX_ZONE_PAGES;
+    if pages > usize::MAX / crate::PAGE_SIZE {
+        usize::MAX / crate::PAGE_SIZE * crate::PAGE_SIZE
+    } else {
+        pages * crate::PAGE_SIZE
+    }
+};
+
 /// How an allocator is set up. Start from [`Config::default`] and adjust:
 ///
 /// ```
@@ -162,11 +176,12 @@ impl Config {
                 reason: "too little memory: at least 65536 bytes (16 pages) are needed",
             });
         }
-        if self.memory > (1usize << 46) {
+        if self.memory > MAX_MEMORY {
             return Err(Error::Config {
                 setting: "Config::memory",
                 value: self.memory,
-                reason: "too much memory: at most 64 TiB per zone",
+                reason: "too much memory: at most 17592181850112 bytes (16 TiB - 4 MiB, \
+                         2^32 - 2^10 pages: a zone's page indices are 32-bit) per zone",
             });
         }
         self.validate_cpus()?;
@@ -272,3 +287,24 @@ impl fmt::Display for Error {
 extern crate std;
 #[cfg(feature = "std")]
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest zone the 32-bit page indices number is accepted; one
+    /// byte more is refused, naming the limit (validation only: a zone of
+    /// that size would write a descriptor per 4 MiB block, gigabytes).
+    #[test]
+    fn memory_up_to_the_index_limit_validates() {
+        assert_eq!(MAX_MEMORY / crate::PAGE_SIZE, crate::page::MAX_ZONE_PAGES);
+        assert!(crate::page::MAX_ZONE_PAGES < crate::page::NIL as usize);
+        assert_eq!(crate::page::MAX_ZONE_PAGES % (1 << crate::MAX_ORDER), 0);
+        assert_eq!(Config::default().memory(MAX_MEMORY).validate(), Ok(()));
+        let e = Config::default().memory(MAX_MEMORY + 1).validate();
+        assert!(
+            matches!(e, Err(Error::Config { setting: "Config::memory", value, .. }) if value == MAX_MEMORY + 1),
+            "{e:?}"
+        );
+    }
+}

@@ -91,7 +91,7 @@ pub mod slab;
 pub mod sync;
 
 pub use account::Group;
-pub use config::{Config, Error, MAX_CPUS, MIN_MEMORY};
+pub use config::{Config, Error, MAX_CPUS, MAX_MEMORY, MIN_MEMORY};
 #[cfg(feature = "std")]
 pub use global::{global_heap, in_nolock_scope, init, nolock_scope, Global, NoLock, NoLockScope};
 #[cfg(feature = "std")]

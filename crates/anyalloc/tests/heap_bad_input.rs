@@ -239,6 +239,93 @@ fn double_free_of_a_huge_allocation_aborts() {
     );
 }
 
+// ----- usable_size of a block that is not live --------------------------------
+
+/// Returns the usable size of `p` (the bad input under test).
+fn usable(h: &Heap, p: NonNull<u8>) {
+    println!("usable_size = {}", h.usable_size(p));
+}
+
+/// A freed small object is caught as a double free of it would be (its key
+/// word says "free"), and the message names `usable_size`.
+#[test]
+fn usable_size_of_a_freed_small_object_aborts() {
+    expect_abort(
+        "usable_size_of_a_freed_small_object_aborts",
+        "usable_size of 0x",
+        || {
+            let h = heap();
+            let (a, _b) = (alloc(h, 64), alloc(h, 64));
+            free(h, a);
+            usable(h, a);
+        },
+    );
+}
+
+/// The same for a tiny object (its key word is its first word, the link)
+/// back on its slab's free list.
+#[test]
+fn usable_size_of_a_freed_8_byte_object_on_its_slab_aborts() {
+    expect_abort(
+        "usable_size_of_a_freed_8_byte_object_on_its_slab_aborts",
+        "which is a freed object",
+        || {
+            let h = heap();
+            let objs = allocs(h, 8, 3);
+            free(h, objs[0]);
+            free(h, objs[1]);
+            h.drain();
+            usable(h, objs[1]);
+        },
+    );
+}
+
+#[test]
+fn usable_size_of_a_freed_large_block_aborts() {
+    expect_abort(
+        "usable_size_of_a_freed_large_block_aborts",
+        "usable_size of 0x",
+        || {
+            let h = heap();
+            let p = alloc(h, 64 << 10);
+            free(h, p);
+            usable(h, p);
+        },
+    );
+}
+
+#[test]
+fn usable_size_of_an_interior_pointer_aborts() {
+    expect_abort(
+        "usable_size_of_an_interior_pointer_aborts",
+        "usable_size of 0x",
+        || {
+            let h = heap();
+            let p = alloc(h, 64);
+            usable(h, offset(p, 8));
+        },
+    );
+}
+
+/// A live object whose key word happens to hold the key (user data) is not
+/// reported: the exact search finds it nowhere free.
+#[test]
+fn usable_size_of_a_live_object_holding_the_key_is_its_size() {
+    let h = Heap::new(Config::default().memory(16 << 20).cpus(1)).unwrap();
+    for size in [8, 12, 64, 1000] {
+        let probe = alloc(&h, size);
+        free(&h, probe);
+        let off = if size >= 16 { 8 } else { 0 };
+        // SAFETY: reading a freed object of our own heap: mapped memory.
+        let key = unsafe { probe.as_ptr().add(off).cast::<usize>().read_unaligned() };
+        let p = alloc(&h, size);
+        // SAFETY: `p` is live and at least off + 8 bytes long.
+        unsafe { p.as_ptr().add(off).cast::<usize>().write_unaligned(key) };
+        assert!(h.usable_size(p) >= size);
+        free(&h, p);
+    }
+}
+
 /// With `debug-checks`, every object has an allocation bit: a double free
 /// is caught even when the object is no longer on top of a sheaf.
 #[cfg(feature = "debug-checks")]

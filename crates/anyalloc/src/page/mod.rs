@@ -63,8 +63,14 @@ pub(crate) use desc::PageDesc;
 pub(crate) fn order_of_state(state: u32) -> u32 {
     desc::order_of(state)
 }
+
+/// Whether a descriptor state word says "handed out" (`ALLOCATED`).
+#[inline]
+pub(crate) fn is_allocated_state(state: u32) -> bool {
+    desc::kind_of(state) == desc::ALLOCATED
+}
 pub(crate) use crate::sync::Mode;
-pub(crate) use zone::{slot_index, Fail, Zone, LEVELS, NIL};
+pub(crate) use zone::{slot_index, Fail, Zone, LEVELS, MAX_ZONE_PAGES, NIL};
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -77,7 +83,6 @@ use crate::sync::SlotLock;
 use crate::sync::ZoneLock;
 use crate::{MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
 use zone::HEAP_PCP_ORDER;
-#[cfg(feature = "std")]
 use zone::MAX_BLOCK;
 
 /// Which path a free of pages takes beyond the shared fast path.
@@ -372,19 +377,34 @@ impl PageAllocator {
         config: Config,
     ) -> Result<PageAllocator, Error> {
         let cpus = config.region_cpus(platform)?;
-        let region_start = region.as_ptr() as usize;
-        let region_end = region_start.checked_add(len).ok_or(Error::Region {
+        let wraps = Error::Region {
             len,
             reason: "the region wraps around the address space",
-        })?;
-        let start = region_start.next_multiple_of(PAGE_SIZE);
-        let fits = |n: usize| {
-            let end = start + n * PAGE_SIZE;
-            let meta = end.next_multiple_of(64);
-            meta + zone::meta_size(start, end, cpus) <= region_end
         };
-        let mut n =
-            region_end.saturating_sub(start) / (PAGE_SIZE + core::mem::size_of::<PageDesc>());
+        let region_start = region.as_ptr() as usize;
+        let region_end = region_start.checked_add(len).ok_or(wraps.clone())?;
+        // A region in the address space's last page has no page start.
+        let start = region_start
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(wraps)?;
+        // Checked throughout: a region near the top of the address space
+        // must not wrap any of these sums.
+        let fits = |n: usize| {
+            n.checked_mul(PAGE_SIZE)
+                .and_then(|bytes| start.checked_add(bytes))
+                .and_then(|end| {
+                    let meta = end.checked_next_multiple_of(64)?;
+                    meta.checked_add(zone::meta_size(start, end, cpus))
+                })
+                .is_some_and(|meta_end| meta_end <= region_end)
+        };
+        // At most the pages 32-bit indices can number (counted from the
+        // 4 MiB boundary below `start`): the rest of a larger region is
+        // left unused.
+        let below = (start & (MAX_BLOCK - 1)) / PAGE_SIZE;
+        let mut n = (region_end.saturating_sub(start)
+            / (PAGE_SIZE + core::mem::size_of::<PageDesc>()))
+        .min(MAX_ZONE_PAGES - below);
         while n > 0 && !fits(n) {
             n -= 1;
         }
@@ -867,13 +887,16 @@ impl PageAllocator {
         if now >= MAX_ZONES {
             return false;
         }
-        // Each new zone doubles the previous one (capped at 64 GiB).
+        // Each new zone doubles the previous one (capped at 64 GiB, far
+        // below what a zone's 32-bit page indices can number).
+        const GROWN_MAX: usize = 64 << 30;
+        const _: () = assert!(GROWN_MAX <= crate::MAX_MEMORY);
         let doubled = self
             .config
             .memory
             .max(MAX_BLOCK)
             .saturating_mul(1usize << now.min(16))
-            .min(64 << 30);
+            .min(GROWN_MAX);
         crate::interrupt_point!(ZoneGrow);
         let mut bytes = growth_size(doubled, crate::platform::address_space_headroom());
         loop {

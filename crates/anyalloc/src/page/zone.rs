@@ -75,6 +75,13 @@ pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
 /// The "no page" index of the zone's lists.
 pub(crate) const NIL: u32 = u32::MAX;
 
+/// The most page indices a zone may span (its `limit`, counted from the
+/// 4 MiB boundary at or below its start): 2^32 - 2^10. Every index stays
+/// below [`NIL`], and a naturally aligned block below the limit ends at or
+/// below it, so `index + (1 << order)` never wraps a `u32`. `Config::memory`
+/// (`MAX_MEMORY`) and `from_region` keep zones within it.
+pub(crate) const MAX_ZONE_PAGES: usize = u32::MAX as usize - ((1 << MAX_ORDER) - 1);
+
 /// Deferred blocks one nolock call merges into the buddy lists at most
 /// after it took the zone lock (the rest waits for a normal-path holder or
 /// the maintainer): a nolock call's work must not grow with the backlog.
@@ -346,6 +353,10 @@ impl Zone {
         min_reserve: Option<usize>,
     ) -> *const Zone {
         let base = start & !(MAX_BLOCK - 1);
+        crate::check!(
+            always: (end - base) >> PAGE_SHIFT <= MAX_ZONE_PAGES,
+            "a zone beyond 32-bit page indices"
+        );
         let first = ((start - base) >> PAGE_SHIFT) as u32;
         let limit = ((end - base) >> PAGE_SHIFT) as u32;
         let head = core::mem::size_of::<Zone>().next_multiple_of(64);
@@ -490,6 +501,29 @@ impl Zone {
         (self.first..fresh)
             .chain(self.fresh_end..self.limit)
             .map(move |i| self.desc(i))
+    }
+
+    /// Every block of the zone, first to last: the index and descriptor of
+    /// its head page, whose state holds its kind and order (the walk steps
+    /// by it, so it reads one descriptor per block). A `TAIL` where a head
+    /// belongs, which a consistent zone never has, steps one page. The
+    /// caller makes sure nothing changes the zone meanwhile.
+    pub(crate) fn block_heads(&self) -> impl Iterator<Item = (u32, &PageDesc)> {
+        let mut i = self.first;
+        core::iter::from_fn(move || {
+            if i >= self.limit {
+                return None;
+            }
+            let (here, d) = (i, self.desc(i));
+            let s = d.load();
+            // No wrap: `limit` is at most MAX_ZONE_PAGES, and a block
+            // below it ends at or below it.
+            i += match desc::kind_of(s) {
+                desc::TAIL => 1,
+                _ => 1 << desc::order_of(s),
+            };
+            Some((here, d))
+        })
     }
 
     /// The descriptor of page `idx`.

@@ -327,8 +327,12 @@ fn mapped_now() -> Option<(usize, usize)> {
 
 /// Reserves `size` bytes of address space aligned to `align` (a power of two
 /// and a multiple of the OS page size), readable and writable, committed on
-/// first touch. Normal context only (mmap can block). `None` when refused.
+/// first touch. Normal context only (mmap can block). `None` when refused,
+/// and for `size` 0 (nothing would stay mapped at the address).
 pub(crate) fn os_reserve(size: usize, align: usize) -> Option<*mut u8> {
+    if size == 0 {
+        return None;
+    }
     let span = size.checked_add(align)?;
     // SAFETY: an anonymous private mapping at an address of the kernel's
     // choosing; no existing memory is affected.

@@ -2065,12 +2065,25 @@ impl Cache {
     }
 
     /// Checks that `addr` (in a page this cache owns) is the start of an
-    /// object slot; aborts otherwise.
+    /// object slot; aborts otherwise, naming the call `what` ("free").
     #[inline(always)]
-    pub(crate) fn validate(&self, pages: &PageAllocator, addr: usize) {
+    pub(crate) fn validate(&self, pages: &PageAllocator, addr: usize, what: &str) {
         if !self.is_object_start(addr) {
-            self.interior_free(pages, addr);
+            self.interior_pointer(pages, addr, what);
         }
+    }
+
+    /// Whether the validated object `obj` is free right now, for a check
+    /// that must not change it (`usable_size`): the key test of a free,
+    /// without writing the key, then (a suspect) the exact search, which
+    /// only tries the node lock. Any context.
+    pub(crate) fn is_freed(&self, pages: &PageAllocator, zone: &Zone, obj: usize) -> bool {
+        let off = key_off(self.class);
+        // SAFETY: `obj` is a validated object of this cache (at least
+        // `off + 8` bytes); reading its key word changes nothing.
+        let w = unsafe { ((obj + off) as *const usize).read_unaligned() } ^ self.key;
+        (w == 0 || (off == 0 && self.tiny_suspect(pages, zone, w)))
+            && self.is_free(pages, obj, Mode::NoLock)
     }
 
     /// Whether `addr` (in a page this cache owns) is the start of an object
@@ -2083,10 +2096,12 @@ impl Cache {
 
     #[cold]
     #[inline(never)]
-    fn interior_free(&self, pages: &PageAllocator, addr: usize) -> ! {
+    fn interior_pointer(&self, pages: &PageAllocator, addr: usize, what: &str) -> ! {
         pages.fatal(
             crate::platform::FatalMessage::new()
-                .text("anyalloc: free of ")
+                .text("anyalloc: ")
+                .text(what)
+                .text(" of ")
                 .hex(addr)
                 .text(", which is not the start of an object (interior pointer into a ")
                 .dec(self.size)
@@ -2112,6 +2127,20 @@ impl Cache {
         // SAFETY: the owner array is the 8-aligned tail of a live slab of
         // this cache reserved by `objects_per_slab`; n < objs.
         unsafe { &*((array + n * 8) as *const AtomicUsize) }
+    }
+
+    /// Accounted caches: takes every group reference out of the owner array
+    /// of the slab whose head page is `head` (the heap is going away: no
+    /// other context uses it), calling `f` with each (those of live
+    /// objects: a free object's word is 0).
+    pub(crate) fn take_owners(&self, zone: &Zone, head: u32, mut f: impl FnMut(usize)) {
+        let slab = zone.addr_of(head);
+        for n in 0..self.objs {
+            let g = self.owner_word(slab, n).swap(0, Ordering::AcqRel);
+            if g != 0 {
+                f(g);
+            }
+        }
     }
 
     /// Accounted caches: the owner word of the (validated) object `addr` in

@@ -173,6 +173,23 @@ impl HugeTable {
         None
     }
 
+    /// Removes every allocation from the table, calling `f(addr, size,
+    /// group)` for each: for a heap going away, which nothing else uses.
+    pub(crate) fn take_all(&self, mut f: impl FnMut(usize, usize, usize)) {
+        for i in 0..HUGE_ENTRIES {
+            let e = self.entry(i);
+            let addr = e.addr.load(Ordering::Acquire);
+            if addr > BUSY {
+                let (size, group) = (
+                    e.size.load(Ordering::Relaxed),
+                    e.group.load(Ordering::Relaxed),
+                );
+                e.addr.store(TOMB, Ordering::Release);
+                f(addr, size, group);
+            }
+        }
+    }
+
     /// Records the allocation at `addr` (the claimed block, moved or not)
     /// and gives up the claimed entry. The probe starts at `addr`'s home:
     /// when it reaches the claimed entry, the allocation goes there (the

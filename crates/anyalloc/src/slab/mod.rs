@@ -259,6 +259,9 @@ pub(crate) struct HeapCore {
     huge_deferred: IndexStack,
     /// Accounting groups whose references were released (see `account`).
     released_groups: IndexStack,
+    /// Whether an accounted object or large block was ever handed out:
+    /// only then does a drop look for live ones to uncharge.
+    accounted_used: AtomicBool,
     shrinkers: Shrinkers,
     huge_live: AtomicUsize,
     huge_bytes: AtomicUsize,
@@ -455,15 +458,19 @@ impl Heap {
         config: Config,
     ) -> Result<Heap, Error> {
         let cpus = config.region_cpus(platform)?;
+        let wraps = Error::Region {
+            len,
+            reason: "the region wraps around the address space",
+        };
         let end = (region.as_ptr() as usize)
             .checked_add(len)
-            .ok_or(Error::Region {
-                len,
-                reason: "the region wraps around the address space",
-            })?;
+            .ok_or(wraps.clone())?;
         // Page-aligned, as `build` requires: the layout places the caches
-        // (512-byte aligned) and the rest at offsets from this start.
-        let start = (region.as_ptr() as usize).next_multiple_of(PAGE_SIZE);
+        // (512-byte aligned) and the rest at offsets from this start. (A
+        // region in the address space's last page has none.)
+        let start = (region.as_ptr() as usize)
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(wraps)?;
         let meta_len = meta_layout(cpus).total;
         let rest = start.saturating_add(meta_len);
         if rest >= end {
@@ -555,6 +562,7 @@ impl Heap {
             #[cfg(feature = "std")]
             huge_deferred: IndexStack::new(),
             released_groups: IndexStack::new(),
+            accounted_used: AtomicBool::new(false),
             shrinkers: Shrinkers::new(),
             huge_live: AtomicUsize::new(0),
             huge_bytes: AtomicUsize::new(0),
@@ -783,8 +791,10 @@ impl Heap {
     }
 
     /// How many bytes the allocation at `ptr` can use (at least the size it
-    /// was asked for). Aborts like [`free`](Self::free) if `ptr` is not a
-    /// live allocation of this heap.
+    /// was asked for). Any context. Aborts like [`free`](Self::free), with
+    /// a one-line message naming `usable_size`, if `ptr` is not a live
+    /// allocation of this heap: a freed object too, as a double free of it
+    /// would be caught (its key word still says "free").
     pub fn usable_size(&self, ptr: NonNull<u8>) -> usize {
         self.core().usable_size(ptr)
     }
@@ -1125,7 +1135,7 @@ impl HeapCore {
 
     #[cfg(feature = "std")]
     fn alloc_huge(&self, layout: Layout) -> Option<NonNull<u8>> {
-        let size = layout.size().checked_next_multiple_of(PAGE_SIZE)?;
+        let size = huge_size(layout)?;
         let align = layout.align().max(PAGE_SIZE);
         let p = crate::platform::os_reserve(size, align)?;
         if !self.huge.insert(p as usize, size, 0) {
@@ -1441,7 +1451,8 @@ impl HeapCore {
     #[cfg(feature = "std")]
     fn free_huge(&self, addr: usize, mode: Mode) {
         let Some((size, group)) = self.huge.remove(addr) else {
-            self.bad_free(
+            self.bad_pointer(
+                "free",
                 addr,
                 ", which is not a live allocation of this heap (double free?)",
             )
@@ -1568,6 +1579,45 @@ impl HeapCore {
         }
     }
 
+    /// A heap going away (`Drop`, nothing else uses it): unmaps the huge
+    /// blocks still live, and takes the charges and group references of
+    /// every accounted block still live (huge, large and objects), which
+    /// would otherwise keep their groups' usage, and the groups, for good.
+    fn release_at_drop(&self) {
+        #[cfg(feature = "std")]
+        {
+            self.drain_huge_deferred();
+            self.huge.take_all(|addr, size, group| {
+                self.huge_live.fetch_sub(1, Ordering::Relaxed);
+                self.huge_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.uncharge(group, size);
+                // SAFETY: a live huge allocation of this heap, now out of
+                // its table; the heap is going away, and the memory with it.
+                unsafe { crate::platform::os_release(addr as *mut u8, size) };
+            });
+        }
+        if self.accounted_used.load(Ordering::Relaxed) {
+            for zone in self.pages.zones() {
+                for (idx, d) in zone.block_heads() {
+                    let state = d.load();
+                    if !crate::page::is_allocated_state(state) {
+                        continue;
+                    }
+                    let owner = d.owner.load(Ordering::Acquire);
+                    if owner == LARGE_OWNER {
+                        let g = d.freelist.swap(0, Ordering::AcqRel);
+                        self.uncharge(g, PAGE_SIZE << crate::page::order_of_state(state));
+                    } else if (owner as usize).wrapping_sub(CLASSES + 1) < CLASSES {
+                        // A slab of an accounted cache (owner ids above CLASSES).
+                        let cache = self.cache(owner as usize - 1);
+                        cache.take_owners(zone, idx, |g| self.uncharge(g, cache.size()));
+                    }
+                }
+            }
+        }
+        account::drop_released(&self.released_groups);
+    }
+
     // ----- accounting --------------------------------------------------------------
 
     fn alloc_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
@@ -1648,12 +1698,15 @@ impl HeapCore {
             return None;
         }
         slot.store(account::retain(group), Ordering::Release);
+        if !self.accounted_used.load(Ordering::Relaxed) {
+            self.accounted_used.store(true, Ordering::Relaxed);
+        }
         Some(p)
     }
 
     #[cfg(feature = "std")]
     fn alloc_huge_in(&self, layout: Layout, group: &Arc<Group>, last: bool) -> Option<NonNull<u8>> {
-        let size = layout.size().checked_next_multiple_of(PAGE_SIZE)?;
+        let size = huge_size(layout)?;
         if !group.try_charge(size, self.cpu(), last) {
             return None;
         }
@@ -1826,36 +1879,63 @@ impl HeapCore {
 
     #[inline(always)]
     fn classify_or_abort(&self, addr: usize) -> Kind<'_> {
+        self.classify_or_abort_for(addr, "free")
+    }
+
+    /// `classify`, aborting with a message that names the call `what`
+    /// (`free`, `usable_size`) when `addr` is not a block of this heap.
+    #[inline(always)]
+    fn classify_or_abort_for(&self, addr: usize, what: &str) -> Kind<'_> {
         match self.classify(addr) {
             Some(k @ Kind::Object(cache, ..)) => {
-                cache.validate(&self.pages, addr);
+                cache.validate(&self.pages, addr, what);
                 k
             }
             Some(k) => k,
-            None if self.pages.contains(addr) => self.bad_free(
+            None if self.pages.contains(addr) => self.bad_pointer(
+                what,
                 addr,
                 ", which is not a live object of this heap (its page is not owned by a cache: double free or interior pointer?)",
             ),
-            None => self.bad_free(
+            None => self.bad_pointer(
+                what,
                 addr,
                 ", which is outside the heap's memory (a foreign pointer, or a block above 4 MiB freed already?)",
             ),
         }
     }
 
+    /// The one-line report of a pointer that call `what` cannot take.
     #[cold]
-    fn bad_free(&self, addr: usize, why: &str) -> ! {
+    fn bad_pointer(&self, what: &str, addr: usize, why: &str) -> ! {
         self.pages.fatal(
             FatalMessage::new()
-                .text("anyalloc: free of ")
+                .text("anyalloc: ")
+                .text(what)
+                .text(" of ")
                 .hex(addr)
                 .text(why),
         )
     }
 
+    /// Aborts like a bad free (naming `usable_size`) for a pointer that is
+    /// not a live block of this heap, a freed object included: the key
+    /// test a free makes, without its write (an object whose key word
+    /// holds the key, or a tiny one whose first word looks like a free
+    /// link, takes the exact search).
     fn usable_size(&self, ptr: NonNull<u8>) -> usize {
-        match self.classify_or_abort(ptr.as_ptr() as usize) {
-            Kind::Object(cache, _, _) => cache.size(),
+        let addr = ptr.as_ptr() as usize;
+        match self.classify_or_abort_for(addr, "usable_size") {
+            Kind::Object(cache, zone, _) => {
+                if cache.is_freed(&self.pages, zone, addr) {
+                    self.bad_pointer(
+                        "usable_size",
+                        addr,
+                        ", which is a freed object (use after free?)",
+                    );
+                }
+                cache.size()
+            }
             Kind::Large(_, _, order) => PAGE_SIZE << order,
             #[cfg(feature = "std")]
             Kind::Huge(size) => size,
@@ -2012,6 +2092,15 @@ fn large_order(layout: Layout) -> Option<u32> {
     (order <= MAX_ORDER).then_some(order)
 }
 
+/// The bytes of a huge block (its mapping): the size in whole pages, and at
+/// least one page. A zero-size layout gets a page too: an empty mapping
+/// would leave its address free for the OS to hand to anything else while
+/// the huge table still held it. `None` when the size overflows.
+#[cfg(feature = "std")]
+fn huge_size(layout: Layout) -> Option<usize> {
+    layout.size().max(1).checked_next_multiple_of(PAGE_SIZE)
+}
+
 #[cold]
 fn unreachable_kind(pages: &PageAllocator, addr: usize) -> ! {
     pages.fatal(
@@ -2028,10 +2117,7 @@ impl Drop for Heap {
         crate::fork::unregister(self.core());
         #[cfg(feature = "std")]
         self.maintainer.stop(self.core());
-        let core = self.core();
-        #[cfg(feature = "std")]
-        core.drain_huge_deferred();
-        account::drop_released(&core.released_groups);
+        self.core().release_at_drop();
         // SAFETY: the maintainer is stopped and the handle is going away:
         // nothing uses the core any more; it was written by `build`.
         unsafe { core::ptr::drop_in_place(self.core.as_ptr()) };
