@@ -239,6 +239,41 @@ fn double_free_of_a_huge_allocation_aborts() {
     );
 }
 
+// ----- slots of a slab never handed out ---------------------------------------
+
+/// A slot carved from its slab into a sheaf (the refill after the first
+/// allocation takes the slab's next objects) but never handed out: free,
+/// so a free of it is a double free (it used to be taken, and the slot
+/// was then handed out twice).
+#[test]
+fn free_of_a_slot_waiting_in_a_sheaf_aborts() {
+    expect_abort(
+        "free_of_a_slot_waiting_in_a_sheaf_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let p = alloc(h, 64);
+            free(h, offset(p, 64 * 5));
+        },
+    );
+}
+
+#[test]
+fn sized_nolock_free_of_a_slot_waiting_in_a_sheaf_aborts() {
+    expect_abort(
+        "sized_nolock_free_of_a_slot_waiting_in_a_sheaf_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let p = alloc(h, 64);
+            // SAFETY: deliberately violated, as in `free`.
+            unsafe {
+                h.free_nolock_sized(offset(p, 64 * 5), Layout::from_size_align(64, 8).unwrap())
+            };
+        },
+    );
+}
+
 // ----- usable_size of a block that is not live --------------------------------
 
 /// Returns the usable size of `p` (the bad input under test).

@@ -41,7 +41,8 @@
 //! deferred stack, the barn and the object's slab free list, and aborts
 //! with a one-line message only when it finds the object (user data that
 //! happens to equal the key costs a search, never an abort). Allocation
-//! clears the key word. The links of the slab free lists and the deferred
+//! clears the key word; carving an object from a slab's untouched tail
+//! writes it (the object is free until handed out, in a sheaf meanwhile). The links of the slab free lists and the deferred
 //! stack (first words) are stored XOR the key, so in the tiny classes,
 //! whose key word is that link, a free object's first word XOR the key is
 //! 0, [`NIL`](crate::sync::NIL) or a heap address: those values are
@@ -1265,7 +1266,14 @@ impl Cache {
             let c = d.carved.load(Ordering::Relaxed);
             crate::check!(c < self.objs, "carving beyond a full slab");
             d.carved.store(c + 1, Ordering::Relaxed);
-            zone.addr_of(head) + c * self.size
+            let obj = zone.addr_of(head) + c * self.size;
+            // Free, as every object off a slab is (its key word says so, as
+            // a free leaves it), until an allocation hands it out: so a
+            // free of it while it waits in a sheaf is the double free it
+            // is (with a stale or zero key word it was taken, and the
+            // object was later handed out twice).
+            self.set_free_mark(obj);
+            obj
         };
         let inuse = d.inuse.load(Ordering::Relaxed) as usize + 1;
         d.inuse.store(inuse as u16, Ordering::Relaxed);
@@ -1964,8 +1972,8 @@ impl Cache {
     /// leaves it).
     fn set_free_mark(&self, obj: usize) {
         // SAFETY: `obj` is a free object of this cache owned by the caller
-        // (taken off the deferred stack and held in a locked slot), at
-        // least `key_off + 8` bytes.
+        // (taken off the deferred stack and held in a locked slot, or just
+        // carved under the node lock), at least `key_off + 8` bytes.
         unsafe { ((obj + key_off(self.class)) as *mut usize).write_unaligned(self.key) };
     }
 
