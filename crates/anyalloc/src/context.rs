@@ -76,6 +76,24 @@
 //! child's handler. Another thread never matches the owner: ids are unique
 //! among live threads, and the owner cannot exit inside `fork`.
 //!
+//! # The shrinker mark
+//!
+//! A second per-thread word, next to the route word (the same 8-byte
+//! initial-exec variable on x86-64 Linux; a second const `thread_local!`
+//! without a destructor elsewhere): non-zero while this thread runs a
+//! heap's shrinkers ([`Shrinking`]). A shrinker may allocate; an allocation
+//! that reclaims again finds the mark and does not call the shrinkers a
+//! second time on this thread, so reclaim recurses at most once per thread
+//! (and a shrinker is never re-entered on its own thread, which could
+//! deadlock on a lock it holds). Being per thread, it holds for any number
+//! of threads reclaiming at once (a single "owner" word per heap recorded
+//! only one of them: the others recursed without bound), and for reclaims
+//! of another heap started inside a shrinker. It is not part of the route:
+//! a thread running shrinkers is in normal context ([`nested`] ignores the
+//! mark). A signal handler that interrupts the shrinkers sees the mark
+//! and skips them; one that interrupts the mark's load and store restores
+//! it before it returns, as for the route word.
+//!
 //! Without std there is no TLS: routing is the embedder's (call the nolock
 //! functions from interrupt handlers); [`nested`] is `false`, marking
 //! compiles to nothing and [`thread_id`] is unknown (0; the
@@ -105,9 +123,10 @@ const SCOPE_ONE: u32 = 1 << 16;
 mod word {
     use core::sync::atomic::{AtomicU32, Ordering};
 
-    // Four zero bytes of thread-local storage (`.tbss`): global so that
-    // every codegen unit's object links to the same variable, hidden so
-    // that a shared library does not export it.
+    // Eight zero bytes of thread-local storage (`.tbss`): the route word,
+    // then the shrinker mark (see [the shrinker mark](super#the-shrinker-mark)).
+    // Global so that every codegen unit's object links to the same
+    // variable, hidden so that a shared library does not export it.
     core::arch::global_asm!(
         ".pushsection .tbss,\"awT\",@nobits",
         ".p2align 3",
@@ -154,6 +173,24 @@ mod word {
     pub(super) fn id() -> usize {
         get() as *const AtomicU32 as usize
     }
+
+    /// The variable's second half: this thread's shrinker mark.
+    #[inline(always)]
+    pub(super) fn shrinking() -> &'static AtomicU32 {
+        // SAFETY: the variable is 8 bytes, 8-aligned: its second half is
+        // this thread's, 4-aligned, live as long as the thread.
+        unsafe { &*(get() as *const AtomicU32).add(1) }
+    }
+
+    #[inline(always)]
+    pub(super) fn load_shrinking() -> u32 {
+        shrinking().load(Ordering::Relaxed)
+    }
+
+    #[inline(always)]
+    pub(super) fn store_shrinking(v: u32) {
+        shrinking().store(v, Ordering::Relaxed)
+    }
 }
 
 #[cfg(all(
@@ -166,6 +203,7 @@ mod word {
 
     std::thread_local! {
         static ROUTE: Cell<u32> = const { Cell::new(0) };
+        static SHRINKING: Cell<u32> = const { Cell::new(0) };
     }
 
     #[inline(always)]
@@ -182,6 +220,16 @@ mod word {
     pub(super) fn id() -> usize {
         ROUTE.with(|c| c as *const Cell<u32> as usize)
     }
+
+    #[inline(always)]
+    pub(super) fn load_shrinking() -> u32 {
+        SHRINKING.get()
+    }
+
+    #[inline(always)]
+    pub(super) fn store_shrinking(v: u32) {
+        SHRINKING.set(v)
+    }
 }
 
 /// Under loom, threads are loom's: per-loom-thread words and ids.
@@ -195,6 +243,7 @@ mod word {
 
     loom::thread_local! {
         static ROUTE: Cell<u32> = Cell::new(0);
+        static SHRINKING: Cell<u32> = Cell::new(0);
         static ID: usize = NEXT_ID.fetch_add(2, core::sync::atomic::Ordering::Relaxed);
     }
 
@@ -208,6 +257,14 @@ mod word {
 
     pub(super) fn id() -> usize {
         ID.with(|i| *i)
+    }
+
+    pub(super) fn load_shrinking() -> u32 {
+        SHRINKING.with(|c| c.get())
+    }
+
+    pub(super) fn store_shrinking(v: u32) {
+        SHRINKING.with(|c| c.set(v))
     }
 }
 
@@ -393,6 +450,46 @@ pub(crate) fn scope_leave() {
 #[cfg(feature = "std")]
 pub(crate) fn in_scope() -> bool {
     word::load() >= SCOPE_ONE
+}
+
+// ----- the shrinker mark -------------------------------------------------------
+
+/// This thread's shrinker mark, while it runs a heap's shrinkers: see
+/// [the shrinker mark](self#the-shrinker-mark). Not `Send`.
+#[cfg(feature = "std")]
+#[must_use = "the mark is cleared as soon as the guard is dropped"]
+pub(crate) struct Shrinking {
+    _not_send: core::marker::PhantomData<*const ()>,
+}
+
+#[cfg(feature = "std")]
+impl Shrinking {
+    /// Marks this thread as running shrinkers, or `None` if it already is
+    /// (a reclaim started inside one of its shrinkers, on any heap, or in a
+    /// signal handler that interrupted them).
+    #[inline]
+    pub(crate) fn enter() -> Option<Shrinking> {
+        if word::load_shrinking() != 0 {
+            return None;
+        }
+        // A handler between the load and the store sees 0, runs its own
+        // shrinkers and restores 0 before it returns.
+        word::store_shrinking(1);
+        fence();
+        Some(Shrinking {
+            _not_send: core::marker::PhantomData,
+        })
+    }
+}
+
+#[cfg(feature = "std")]
+impl Drop for Shrinking {
+    /// Clears the mark, also when a shrinker unwinds.
+    #[inline]
+    fn drop(&mut self) {
+        fence();
+        word::store_shrinking(0);
+    }
 }
 
 // ----- the debug checker -----------------------------------------------------------

@@ -21,15 +21,8 @@ pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
 pub(crate) use std_os::{
     address_space_headroom, os_discard, os_release, os_remap, os_reserve, read_small_file,
-    thread_token, write_stderr,
+    write_stderr,
 };
-
-/// A word identifying the calling thread (never 0). Without std there are
-/// no threads to tell apart: always 1.
-#[cfg(not(feature = "std"))]
-pub(crate) fn thread_token() -> usize {
-    1
-}
 
 mod fatal;
 pub(crate) use fatal::{die, FatalMessage};

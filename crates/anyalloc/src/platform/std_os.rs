@@ -251,12 +251,6 @@ pub(crate) fn read_small_file<'a>(path: &core::ffi::CStr, buf: &'a mut [u8]) -> 
     }
 }
 
-/// A word identifying the calling thread (never 0): its pthread handle.
-pub(crate) fn thread_token() -> usize {
-    // SAFETY: pthread_self has no preconditions and never fails.
-    (unsafe { libc::pthread_self() }) as usize | 1
-}
-
 /// Writes all of `bytes` to stderr with write(2): no allocation, any context.
 pub(crate) fn write_stderr(mut bytes: &[u8]) {
     while !bytes.is_empty() {

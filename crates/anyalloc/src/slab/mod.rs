@@ -188,17 +188,21 @@ struct ShrinkerNode {
 /// nested reclaim's) can never wait for this registry.
 struct Shrinkers {
     head: AtomicPtr<ShrinkerNode>,
-    /// The thread running the shrinkers (0: none): a reclaim nested in a
-    /// shrinker on the same thread (the shrinker allocated) does not run
-    /// them again, so reclaim cannot recurse without bound.
-    running: AtomicUsize,
+    /// Without std (no per-thread state): whether some context runs the
+    /// shrinkers; a reclaim meanwhile (one nested in a shrinker, which
+    /// allocated) does not run them again, so reclaim cannot recurse
+    /// without bound. With std, each thread's shrinker mark does this
+    /// (see `run_shrinkers`).
+    #[cfg(not(feature = "std"))]
+    running: AtomicBool,
 }
 
 impl Shrinkers {
     const fn new() -> Self {
         Shrinkers {
             head: AtomicPtr::new(core::ptr::null_mut()),
-            running: AtomicUsize::new(0),
+            #[cfg(not(feature = "std"))]
+            running: AtomicBool::new(false),
         }
     }
 
@@ -841,8 +845,9 @@ impl Heap {
     /// many it freed. The heap runs shrinkers when a zone falls below its
     /// min watermark, when an accounting group is over its limit, and (the
     /// maintainer) below the low watermark. Shrinkers may run on several
-    /// threads at once; a reclaim started inside a shrinker (it allocated)
-    /// does not call the shrinkers again on that thread. Normal context
+    /// threads at once; a reclaim started inside a shrinker (it allocated),
+    /// from this heap or another, does not call shrinkers again on that
+    /// thread, however many threads reclaim at once. Normal context
     /// (it allocates; no lock is held meanwhile).
     pub fn register_shrinker(&self, shrinker: impl Fn(usize) -> usize + Send + Sync + 'static) {
         let node = alloc::boxed::Box::new(ShrinkerNode {
@@ -1746,30 +1751,33 @@ impl HeapCore {
     }
 
     /// Calls every shrinker: no lock held, nothing allocated here. A call
-    /// nested in a shrinker on the same thread returns at once.
+    /// nested in a shrinker on the same thread (the shrinker allocated and
+    /// the allocation reclaimed), of this heap or another one, returns at
+    /// once: with std, this thread's shrinker mark
+    /// ([`context::Shrinking`](crate::context::Shrinking)) says so, for
+    /// any number of threads reclaiming at once; without std (no
+    /// per-thread state), the heap's `running` flag does, and a reclaim
+    /// anywhere while the shrinkers run skips them.
     fn run_shrinkers(&self) {
-        let me = crate::platform::thread_token();
-        let running = &self.shrinkers.running;
-        let owner = running.load(Ordering::Relaxed);
-        if owner == me {
-            return; // inside one of our own shrinkers
-        }
-        // Record this thread unless another one is running them (then both
-        // run, as shrinkers may; only the recorded one is guarded).
-        let mine = owner == 0
-            && running
-                .compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
-        /// Clears the owner word even if a shrinker unwinds.
-        struct Owned<'a>(Option<&'a AtomicUsize>);
-        impl Drop for Owned<'_> {
-            fn drop(&mut self) {
-                if let Some(r) = self.0 {
-                    r.store(0, Ordering::Relaxed);
+        #[cfg(feature = "std")]
+        let Some(_mark) = crate::context::Shrinking::enter() else {
+            return; // inside a shrinker on this thread
+        };
+        #[cfg(not(feature = "std"))]
+        let _running = {
+            let running = &self.shrinkers.running;
+            if running.swap(true, Ordering::Acquire) {
+                return; // inside a shrinker (or another context runs them)
+            }
+            /// Clears the flag even if a shrinker unwinds.
+            struct Running<'a>(&'a AtomicBool);
+            impl Drop for Running<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
                 }
             }
-        }
-        let _owned = Owned(mine.then_some(running));
+            Running(running)
+        };
         self.reclaims.fetch_add(1, Ordering::Relaxed);
         self.shrinkers.for_each(|s| {
             let freed = s(RECLAIM_BYTES);
