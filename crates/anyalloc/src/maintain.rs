@@ -27,7 +27,7 @@
 extern crate std;
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::page::{MAINTAINER_SLEEPING, WAKE_OWED};
@@ -130,6 +130,9 @@ impl MaintainerSlot {
         // SAFETY: only the forking thread exists in the child: nothing else
         // reads or writes the handle.
         core::mem::forget(unsafe { (*self.handle.get()).take() });
+        // No maintenance thread of the parent runs here: the count starts
+        // again at 0 (unless this child's own threads are counted already).
+        forget_live_after_fork();
         self.state.swap(NONE, Ordering::AcqRel) == RUNNING
     }
 
@@ -161,8 +164,47 @@ fn wait(word: &AtomicU32, seen: u32, timeout: Duration) {
     crate::platform::futex::wait(word, seen, Some(timeout));
 }
 
+/// Maintenance threads running in this process: the count (low 32 bits)
+/// and the process it was counted in (its pid, high 32 bits). A forked
+/// child inherits the parent's word but none of its threads: a word
+/// counted in another process counts 0 here, so the child's first update
+/// (`forget_after_fork`, or its first maintainer's start) starts again
+/// from 0, and [`live`] reads 0 before that. (A reset by each heap's
+/// `forget_after_fork` alone would be wrong once the child has started a
+/// maintainer of its own and forgets another heap's: the word keeps
+/// the count of the process it belongs to.)
+static LIVE: AtomicU64 = AtomicU64::new(0);
+
+fn this_pid() -> u64 {
+    // SAFETY: getpid has no preconditions.
+    u64::from(unsafe { libc::getpid() } as u32)
+}
+
+/// Applies `f` to this process's count of maintenance threads.
+fn update_live(f: impl Fn(u64) -> u64) {
+    let me = this_pid();
+    let _ = LIVE.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+        let n = if w >> 32 == me { w & 0xffff_ffff } else { 0 };
+        Some(me << 32 | (f(n) & 0xffff_ffff))
+    });
+}
+
 /// Maintenance threads running in this process.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
+fn live() -> u64 {
+    let w = LIVE.load(Ordering::Relaxed);
+    if w >> 32 == this_pid() {
+        w & 0xffff_ffff
+    } else {
+        0
+    }
+}
+
+/// In a forked child: the parent's maintenance threads are not counted
+/// here (a count made in this process already is kept).
+fn forget_live_after_fork() {
+    update_live(|n| n);
+}
+
 /// How often a maintenance thread checks whether it is all that is left of
 /// the process (see [`only_maintainers_left`]).
 const LAST_THREAD_CHECK: Duration = Duration::from_secs(1);
@@ -194,15 +236,15 @@ fn only_maintainers_left() -> bool {
         .and_then(|f| f.parse::<usize>().ok());
     match threads {
         // The ended main thread still counts until the process exits.
-        Some(t) if leader_gone => t.saturating_sub(1) <= LIVE.load(Ordering::Relaxed),
+        Some(t) if leader_gone => t.saturating_sub(1) as u64 <= live(),
         _ => false,
     }
 }
 
 fn run(core: &impl Maintained) {
-    LIVE.fetch_add(1, Ordering::Relaxed);
+    update_live(|n| n + 1);
     run_loop(core);
-    LIVE.fetch_sub(1, Ordering::Relaxed);
+    update_live(|n| n.saturating_sub(1));
 }
 
 fn run_loop(core: &impl Maintained) {
