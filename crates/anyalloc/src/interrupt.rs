@@ -56,7 +56,8 @@ pub enum Site {
     /// Object allocator: the cache is draining its deferred list.
     ObjectDeferredDrain,
     /// Accounting: a group's per-CPU charge stock is held (or was busy and
-    /// the counters are charged directly).
+    /// the counters are charged directly), or a counter's charge is between
+    /// its load and its compare-and-swap.
     AccountCharge,
     /// Accounting: a released group reference is linked on the heap's
     /// release list but not published, or the list is being drained.

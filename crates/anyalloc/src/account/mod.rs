@@ -3,10 +3,13 @@
 //!
 //! A [`Group`] has a usage counter, an optional limit, a peak and a failure
 //! count, and an optional parent. Charging `n` bytes adds `n` to the group's
-//! counter and every ancestor's with `fetch_add`; if any counter ends above
-//! its limit, every counter charged so far is rolled back and the group
-//! whose limit refused counts a failure. No lock, no waiting: the nolock
-//! path charges at once, never deferred.
+//! counter and then to every ancestor's, each with a compare-and-swap loop
+//! that checks the limit first, so no counter ever goes above its limit
+//! (not even for a moment: a charge that cannot fit never touches it); if
+//! an ancestor's limit refuses, the counters charged below it are rolled
+//! back and the group whose limit refused counts a failure. No lock, no
+//! waiting (lock-free: a retry means another context changed the counter):
+//! the nolock path charges at once, never deferred.
 //!
 //! # Per-CPU charge stock
 //!
@@ -31,14 +34,18 @@
 //!   a stock never holds a large share of a limit.
 //! * A refused charge returns the free stocks of the group and its
 //!   ancestors to the counters (try-locks, any context) and tries once
-//!   more, exactly, before it gives up.
+//!   more, exactly. Still refused, it returns the free stocks of every
+//!   descendant of the group whose limit refused (the charging group's
+//!   siblings and cousins under it: an idle tenant keeps up to
+//!   `2 * batch` per CPU) and tries a last time. That walk try-locks the
+//!   children registry (skipped when another context holds it), and the
+//!   references it takes to the descendants are released on the heap's
+//!   release list (see "Lifetime"), never dropped there, so the nolock
+//!   path may do it.
 //! * A normal-context allocation that is still refused flushes the stocks
-//!   of the whole tree its group belongs to (siblings and cousins
-//!   included, as the kernel drains every CPU's stock), reclaims, and
-//!   retries. The nolock path cannot reach other groups' stocks (that
-//!   needs the children registry and references it may not drop), so
-//!   there a sibling's unused stock, at most `2 * batch` per CPU, can
-//!   still count against a shared ancestor's limit.
+//!   of the whole tree its group belongs to (as the kernel drains every
+//!   CPU's stock; waiting for the registry if need be), reclaims, and
+//!   retries.
 //! * A group that is dropped returns its unused stock to its ancestors.
 //!
 //! # Lifetime
@@ -121,8 +128,9 @@ impl fmt::Debug for Group {
 }
 
 /// The children registries of every group, under one process-wide lock
-/// ([`CHILDREN`]): only normal-context functions take it (`Group::new`,
-/// `usage`, `flush_stocks`), the charge paths never touch it, and the
+/// ([`CHILDREN`]): only normal-context functions wait for it
+/// (`Group::new`, `usage`, `flush_stocks`), a refused charge only tries
+/// it (never waits; it allocates and frees nothing under it), and the
 /// global heap's fork handler takes it, so a forked child never inherits
 /// it held.
 mod std_like {
@@ -264,16 +272,23 @@ impl Group {
         self.failcnt.load(Ordering::Relaxed)
     }
 
-    /// Charges `bytes` to this group and every ancestor, or none of them.
-    fn charge_counters(&self, bytes: usize, count_failure: bool) -> bool {
+    /// Charges `bytes` to this group and every ancestor, or none of them
+    /// (`Err`: the group whose limit refused).
+    ///
+    /// Each level is a compare-and-swap loop (load, check the limit, swap
+    /// in the sum): a counter never goes above its limit, not even for a
+    /// moment, so a charge that does not fit is refused without touching
+    /// the counter, and concurrent charges that fit never see it over the
+    /// limit (adding first and rolling back on excess refused them, and
+    /// let `usage` read more than the limit). Lock-free: a retry means
+    /// another context changed the counter, so the work is bounded by the
+    /// contention (a context interrupted between load and swap retries once
+    /// its handler's change is seen). Only a refusal at an ancestor rolls
+    /// back the levels below it, which stayed within their limits.
+    fn charge_counters(&self, bytes: usize) -> Result<(), &Group> {
         let mut g = Some(self);
         while let Some(cur) = g {
-            let new = cur.counter.fetch_add(bytes, Ordering::AcqRel) + bytes;
-            if new > cur.limit {
-                cur.counter.fetch_sub(bytes, Ordering::AcqRel);
-                if count_failure {
-                    cur.failcnt.fetch_add(1, Ordering::Relaxed);
-                }
+            let Some(new) = cur.charge_one(bytes) else {
                 // Roll back the descendants charged before `cur`.
                 let mut r = Some(self);
                 while let Some(x) = r {
@@ -283,12 +298,30 @@ impl Group {
                     x.counter.fetch_sub(bytes, Ordering::AcqRel);
                     r = x.parent.as_deref();
                 }
-                return false;
-            }
+                return Err(cur);
+            };
             cur.peak.fetch_max(new, Ordering::Relaxed);
             g = cur.parent.as_deref();
         }
-        true
+        Ok(())
+    }
+
+    /// Adds `bytes` to this group's counter alone if the sum stays within
+    /// its limit: the new value, or `None` (counter unchanged).
+    #[inline]
+    fn charge_one(&self, bytes: usize) -> Option<usize> {
+        let mut old = self.counter.load(Ordering::Relaxed);
+        loop {
+            let new = old.checked_add(bytes).filter(|&n| n <= self.limit)?;
+            crate::interrupt_point!(AccountCharge);
+            match self
+                .counter
+                .compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(new),
+                Err(seen) => old = seen,
+            }
+        }
     }
 
     fn uncharge_counters(&self, bytes: usize) {
@@ -302,15 +335,41 @@ impl Group {
     /// Charges `bytes` from any context: this CPU's stock, else a batch into
     /// the stock, else the counters directly. A refusal returns the free
     /// stocks of this group and its ancestors to the counters and tries
-    /// once more (see "Per-CPU charge stock"). `false` when a limit still
-    /// refuses; the refusing group counts a failure if `count_failure`
-    /// (the caller's last attempt).
-    pub(crate) fn try_charge(&self, bytes: usize, cpu: usize, count_failure: bool) -> bool {
+    /// once more; if a limit still refuses, the free stocks of the refusing
+    /// group's descendants (this group's siblings and cousins under it,
+    /// idle tenants' included) are returned too, and the charge is tried
+    /// a last time (see "Per-CPU charge stock"). Try-locks only, never a
+    /// wait: nolock. `false` when a limit still refuses; the refusing group
+    /// counts a failure if `count_failure` (the caller's last attempt).
+    /// References to descendants taken meanwhile are released on
+    /// `released` (the heap's release list), never dropped here.
+    pub(crate) fn try_charge(
+        &self,
+        bytes: usize,
+        cpu: usize,
+        count_failure: bool,
+        released: &crate::sync::IndexStack,
+    ) -> bool {
         if self.charge_from_stock(bytes, cpu) {
             return true;
         }
         self.flush_chain_stocks();
-        self.charge_counters(bytes, count_failure)
+        let refused = match self.charge_counters(bytes) {
+            Ok(()) => return true,
+            Err(refused) => refused,
+        };
+        let refused = if refused.flush_descendants_nolock(released) > 0 {
+            match self.charge_counters(bytes) {
+                Ok(()) => return true,
+                Err(refused) => refused,
+            }
+        } else {
+            refused
+        };
+        if count_failure {
+            refused.failcnt.fetch_add(1, Ordering::Relaxed);
+        }
+        false
     }
 
     /// `try_charge` without the flush, counting no failure.
@@ -318,7 +377,7 @@ impl Group {
         let stock = &self.stocks[cpu % STOCK_SLOTS];
         let Some(_g) = stock.lock.try_lock() else {
             crate::interrupt_point!(AccountCharge);
-            return self.charge_counters(bytes, false);
+            return self.charge_counters(bytes).is_ok();
         };
         crate::interrupt_point!(AccountCharge);
         let have = stock.bytes.load(Ordering::Relaxed);
@@ -328,11 +387,11 @@ impl Group {
         }
         // Pre-charge a batch; near a limit, charge exactly what the stock
         // lacks, and use the stock up.
-        if self.batch > 0 && self.charge_counters(bytes - have + self.batch, false) {
+        if self.batch > 0 && self.charge_counters(bytes - have + self.batch).is_ok() {
             stock.bytes.store(self.batch, Ordering::Release);
             return true;
         }
-        if self.charge_counters(bytes - have, false) {
+        if self.charge_counters(bytes - have).is_ok() {
             stock.bytes.store(0, Ordering::Release);
             return true;
         }
@@ -355,8 +414,9 @@ impl Group {
     }
 
     /// Returns this group's free stocks to the counters (try-locks: any
-    /// context). Busy stocks are skipped.
-    fn flush_own_stocks(&self) {
+    /// context). Busy stocks are skipped. Returns the bytes returned.
+    fn flush_own_stocks(&self) -> usize {
+        let mut returned = 0;
         for s in &self.stocks {
             if s.bytes.load(Ordering::Relaxed) == 0 {
                 continue;
@@ -365,9 +425,46 @@ impl Group {
                 let b = s.bytes.swap(0, Ordering::AcqRel);
                 if b > 0 {
                     self.uncharge_counters(b);
+                    returned += b;
                 }
             }
         }
+        returned
+    }
+
+    /// Any context: returns the free stocks of every descendant of this
+    /// group to the counters, if the children registry is free right now
+    /// (a try-lock: `0` at once when another context holds it). Each
+    /// descendant is held by a reference taken from its registry entry
+    /// (so that it cannot be torn down meanwhile), and that reference is
+    /// released on `released`, to be dropped by the heap in normal context,
+    /// as an object's is: dropping it here might free the group. Returns
+    /// the bytes returned. Work: the descendants' stock slots, only on a
+    /// refused charge.
+    fn flush_descendants_nolock(&self, released: &crate::sync::IndexStack) -> usize {
+        let Some(g) = CHILDREN.try_lock() else {
+            return 0;
+        };
+        crate::interrupt_point!(GroupChildren);
+        self.flush_descendants_parked(&g, released)
+    }
+
+    fn flush_descendants_parked(
+        &self,
+        g: &RegistryGuard<'_>,
+        released: &crate::sync::IndexStack,
+    ) -> usize {
+        let mut returned = 0;
+        for w in self.children.locked(g) {
+            let Some(c) = w.upgrade() else {
+                continue;
+            };
+            returned += c.flush_own_stocks();
+            returned += c.flush_descendants_parked(g, released);
+            // SAFETY: a reference of our own, released once.
+            unsafe { release(Arc::into_raw(c) as usize, released) };
+        }
+        returned
     }
 
     /// `flush_own_stocks` for this group and every ancestor (any context).
@@ -464,5 +561,161 @@ pub(crate) fn drop_released(list: &crate::sync::IndexStack) {
             unsafe { Arc::decrement_strong_count(g) };
         }
         r = next;
+    }
+}
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::sync::IndexStack;
+    use std::sync::Barrier;
+
+    /// Pins the calling thread to `cpu` if this process may run there
+    /// (else leaves it alone): the fillers and the doomed charges below run
+    /// in parallel, whatever the scheduler would do.
+    fn pin(cpu: usize) {
+        // SAFETY: a zeroed cpu_set_t is an empty set; these calls only read
+        // and change the calling thread's affinity.
+        unsafe {
+            let mut allowed: libc::cpu_set_t = core::mem::zeroed();
+            if libc::sched_getaffinity(0, core::mem::size_of_val(&allowed), &mut allowed) != 0 {
+                return;
+            }
+            let Some(c) = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &allowed))
+                .nth(cpu)
+            else {
+                return;
+            };
+            let mut one: libc::cpu_set_t = core::mem::zeroed();
+            libc::CPU_SET(c, &mut one);
+            libc::sched_setaffinity(0, core::mem::size_of_val(&one), &one);
+        }
+    }
+
+    /// Fillers that together charge exactly a shared limit are never
+    /// refused, however often a charge that can never fit is tried at the
+    /// same time, and no counter is ever seen above its limit. (Adding
+    /// first and rolling back on excess let the doomed charge push the
+    /// shared counter over the limit for a moment, refusing the fillers
+    /// that charged meanwhile.)
+    #[test]
+    fn charges_that_fit_are_never_refused_because_of_one_that_does_not() {
+        const FILLERS: usize = 2;
+        const STEPS: usize = 200_000;
+        const STEP: usize = 8;
+        let limit = FILLERS * STEPS * STEP;
+        let parent = Group::new("parent", Some(limit), None);
+        let kids: Vec<_> = (0..FILLERS)
+            .map(|_| Group::new("filler", None, Some(&parent)))
+            .collect();
+        let greedy = Group::new("greedy", None, Some(&parent));
+        let done = AtomicUsize::new(0);
+        let refused = AtomicUsize::new(0);
+        let above = AtomicUsize::new(0);
+        let tries = AtomicUsize::new(0);
+        let start = Barrier::new(FILLERS + 1);
+        std::thread::scope(|s| {
+            for k in &kids {
+                let (start, done, refused, tries) = (&start, &done, &refused, &tries);
+                let (above, parent) = (&above, &parent);
+                s.spawn(move || {
+                    pin(0);
+                    start.wait();
+                    // Only while the doomed charges are being tried.
+                    while tries.load(Ordering::Relaxed) == 0 {
+                        core::hint::spin_loop();
+                    }
+                    for _ in 0..STEPS {
+                        if k.charge_counters(STEP).is_err() {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if parent.counter.load(Ordering::Acquire) > limit {
+                            above.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Release);
+                });
+            }
+            // A charge that never fits (more than the whole limit), at a
+            // sibling and directly at the parent, until every filler is
+            // done; and the shared counter is never above the limit.
+            s.spawn(|| {
+                pin(1);
+                start.wait();
+                while done.load(Ordering::Acquire) < FILLERS {
+                    assert!(greedy.charge_counters(limit + 1).is_err());
+                    assert!(parent.charge_counters(limit + 1).is_err());
+                    tries.fetch_add(2, Ordering::Relaxed);
+                    if parent.counter.load(Ordering::Acquire) > limit {
+                        above.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        });
+        let (refused, above) = (refused.into_inner(), above.into_inner());
+        std::println!(
+            "{} doomed charges; fillers refused {refused} times; counter read above the limit {above} times",
+            tries.into_inner()
+        );
+        assert_eq!(refused, 0, "a charge that fitted was refused");
+        assert_eq!(above, 0, "the counter was seen above its limit");
+        assert_eq!(parent.counter.load(Ordering::Relaxed), limit);
+        assert!(parent.peak() <= limit);
+        assert_eq!(greedy.counter.load(Ordering::Relaxed), 0);
+        for k in &kids {
+            assert_eq!(k.counter.load(Ordering::Relaxed), STEPS * STEP);
+            k.uncharge_counters(STEPS * STEP);
+        }
+        assert_eq!(parent.counter.load(Ordering::Relaxed), 0);
+    }
+
+    /// Idle siblings' stocks do not strand their parent's limit: tenants
+    /// that charged and uncharged on various CPUs each keep up to two
+    /// batches of stock, more than the whole limit together; a new
+    /// tenant's charge (the nolock entry point: try-locks only) gets that
+    /// credit back when the limit refuses it. The references the walk took
+    /// wait on the release list, and dropping them leaves the tenants with
+    /// one reference each.
+    #[test]
+    fn a_refused_charge_takes_idle_siblings_stock_back() {
+        const LIMIT: usize = 1 << 20;
+        const CHARGE: usize = 1000;
+        let released = IndexStack::new();
+        let parent = Group::new("parent", Some(LIMIT), None);
+        let mut tenants = Vec::new();
+        for t in 0..40 {
+            let k = Group::new("tenant", None, Some(&parent));
+            let cpu = t % STOCK_SLOTS;
+            // 64 KiB each, then all of it uncharged (into this CPU's stock,
+            // up to two batches).
+            for _ in 0..64 {
+                assert!(
+                    k.try_charge(CHARGE, cpu, true, &released),
+                    "tenant {t}: refused with usage {} of {LIMIT}",
+                    parent.usage()
+                );
+            }
+            for _ in 0..64 {
+                k.uncharge(CHARGE, cpu);
+            }
+            assert_eq!(k.usage(), 0);
+            tenants.push(k);
+        }
+        assert_eq!(parent.usage(), 0);
+        assert_eq!(parent.failcnt(), 0);
+        drop_released(&released);
+        for k in &tenants {
+            assert_eq!(
+                Arc::strong_count(k),
+                1,
+                "a reference left on the release list"
+            );
+        }
+        // Still charged to the parent: the last tenants' stocks (a bounded
+        // amount), not the whole limit.
+        assert!(parent.counter.load(Ordering::Relaxed) < LIMIT);
     }
 }

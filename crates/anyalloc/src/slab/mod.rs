@@ -1685,7 +1685,7 @@ impl HeapCore {
             Some(Kind::Large(zone, idx, order)) => (&zone.desc(idx).freelist, PAGE_SIZE << order),
             _ => unreachable_kind(&self.pages, addr),
         };
-        if !group.try_charge(bytes, cpu, last) {
+        if !group.try_charge(bytes, cpu, last, &self.released_groups) {
             // Refused by a limit: give the memory back unaccounted.
             // SAFETY: `p` was just allocated here and has no owner yet.
             unsafe {
@@ -1712,7 +1712,7 @@ impl HeapCore {
     #[cfg(feature = "std")]
     fn alloc_huge_in(&self, layout: Layout, group: &Arc<Group>, last: bool) -> Option<NonNull<u8>> {
         let size = huge_size(layout)?;
-        if !group.try_charge(size, self.cpu(), last) {
+        if !group.try_charge(size, self.cpu(), last, &self.released_groups) {
             return None;
         }
         let align = layout.align().max(PAGE_SIZE);

@@ -1,5 +1,6 @@
 //! A spin lock for the rarely changed registries (shrinkers, accounting
-//! groups' children), taken only on normal paths and by the fork handler.
+//! groups' children), taken only on normal paths and by the fork handler,
+//! and tried (never waited for) by a refused nolock charge.
 //!
 //! State: one word, `owner`: 0 when free, else the holder's thread id
 //! (`context::thread_id`; `usize::MAX` when the id is unknown,
@@ -12,7 +13,8 @@
 //!   window (the `context` module), it borrows it, unless a borrowed guard
 //!   is live (`lent`: a handler that interrupted that section gets `None`,
 //!   as above): the guard's drop releases nothing but `lent`;
-//! * `try_lock`: one CAS;
+//! * `try_lock`: one CAS (any context: the nolock charge path uses it to
+//!   reach other groups' stocks on a refusal);
 //! * release (guard drop): store 0 (Release), then unmark the thread.
 //!
 //! The owner is set by the acquiring CAS itself, so "this thread holds it"
@@ -96,6 +98,18 @@ impl RegistryLock {
                 Err(_) => core::hint::spin_loop(),
             }
         }
+    }
+
+    /// Takes the lock if it is free right now (any context: one CAS, never
+    /// a wait; `None` when anyone holds it, this thread included).
+    pub(crate) fn try_lock(&self) -> Option<RegistryGuard<'_>> {
+        self.owner
+            .compare_exchange(0, me(), Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| RegistryGuard {
+                lock: self,
+                borrowed: false,
+            })
     }
 
     /// Fork support: takes the lock without a guard and marks it held
