@@ -311,9 +311,16 @@ impl Group {
     #[inline]
     fn charge_one(&self, bytes: usize) -> Option<usize> {
         let mut old = self.counter.load(Ordering::Relaxed);
+        #[cfg(feature = "interrupt-points")]
+        let mut first = true;
         loop {
             let new = old.checked_add(bytes).filter(|&n| n <= self.limit)?;
-            crate::interrupt_point!(AccountCharge);
+            // Between the load and the swap, on the first attempt only (a
+            // hook that charges each time would otherwise fail every swap).
+            #[cfg(feature = "interrupt-points")]
+            if core::mem::take(&mut first) {
+                crate::interrupt_point!(AccountCharge);
+            }
             match self
                 .counter
                 .compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Relaxed)
