@@ -577,7 +577,11 @@ mod tests {
 
     use super::*;
     use crate::sync::IndexStack;
-    use std::sync::Barrier;
+    use std::sync::{Barrier, Mutex};
+
+    /// One test at a time: the flush of the siblings' stocks only tries the
+    /// process-wide children registry, which `Group::new` takes.
+    static SERIAL: Mutex<()> = Mutex::new(());
 
     /// Pins the calling thread to `cpu` if this process may run there
     /// (else leaves it alone): the fillers and the doomed charges below run
@@ -610,6 +614,7 @@ mod tests {
     /// that charged meanwhile.)
     #[test]
     fn charges_that_fit_are_never_refused_because_of_one_that_does_not() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         const FILLERS: usize = 2;
         const STEPS: usize = 200_000;
         const STEP: usize = 8;
@@ -688,6 +693,7 @@ mod tests {
     /// one reference each.
     #[test]
     fn a_refused_charge_takes_idle_siblings_stock_back() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         const LIMIT: usize = 1 << 20;
         const CHARGE: usize = 1000;
         let released = IndexStack::new();
