@@ -93,10 +93,10 @@ pub mod sync;
 pub use account::Group;
 pub use config::{Config, Error, MAX_CPUS, MAX_MEMORY, MIN_MEMORY};
 #[cfg(feature = "std")]
-pub use global::{global_heap, in_nolock_scope, init, nolock_scope, Global, NoLock, NoLockScope};
-#[cfg(feature = "std")]
 #[doc(hidden)]
 pub use global::{env_flag, init_without_maintainer, register_fork_handlers};
+#[cfg(feature = "std")]
+pub use global::{global_heap, in_nolock_scope, init, nolock_scope, Global, NoLock, NoLockScope};
 pub use page::{FastPath, PageAllocator, PageStats};
 pub use platform::Platform;
 #[cfg(feature = "std")]

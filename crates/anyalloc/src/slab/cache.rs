@@ -42,7 +42,8 @@
 //! with a one-line message only when it finds the object (user data that
 //! happens to equal the key costs a search, never an abort). Allocation
 //! clears the key word; carving an object from a slab's untouched tail
-//! writes it (the object is free until handed out, in a sheaf meanwhile). The links of the slab free lists and the deferred
+//! writes it (the object is free until handed out, in a sheaf meanwhile).
+//! The links of the slab free lists and the deferred
 //! stack (first words) are stored XOR the key, so in the tiny classes,
 //! whose key word is that link, a free object's first word XOR the key is
 //! 0, [`NIL`](crate::sync::NIL) or a heap address: those values are
