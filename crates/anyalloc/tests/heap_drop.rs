@@ -5,6 +5,8 @@
 //! One test in this binary: it reads the process's mappings, which no
 //! other test thread may change meanwhile.
 
+mod maps;
+
 use std::alloc::Layout;
 use std::sync::Arc;
 
@@ -12,16 +14,9 @@ use anyalloc::{Config, Group, Heap};
 
 /// Whether any byte of `[addr, addr + len)` is mapped in this process.
 fn any_mapped(addr: usize, len: usize) -> bool {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    maps.lines().any(|l| {
-        let range = l.split_whitespace().next().unwrap();
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            usize::from_str_radix(a, 16).unwrap(),
-            usize::from_str_radix(b, 16).unwrap(),
-        );
-        a < addr + len && addr < b
-    })
+    maps::mappings()
+        .into_iter()
+        .any(|(a, b)| a < addr + len && addr < b)
 }
 
 #[test]

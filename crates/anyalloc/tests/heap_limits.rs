@@ -2,6 +2,7 @@
 //! the largest zone a configuration may ask for, and regions at the top of
 //! the address space.
 
+mod maps;
 mod watchdog;
 
 use std::alloc::{GlobalAlloc, Layout};
@@ -12,16 +13,9 @@ use anyalloc::{Config, Error, Group, Heap, PageAllocator, MAX_MEMORY, PAGE_SIZE}
 
 /// Whether `[addr, addr + len)` lies inside one mapping of this process.
 fn mapped(addr: usize, len: usize) -> bool {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    maps.lines().any(|l| {
-        let range = l.split_whitespace().next().unwrap();
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            usize::from_str_radix(a, 16).unwrap(),
-            usize::from_str_radix(b, 16).unwrap(),
-        );
-        a <= addr && addr + len <= b
-    })
+    maps::mappings()
+        .into_iter()
+        .any(|(a, b)| a <= addr && addr + len <= b)
 }
 
 /// The blocks `(address, usable bytes)` do not overlap.
