@@ -518,39 +518,28 @@ fn parse_flag_bytes(bytes: &[u8]) -> Option<bool> {
 /// are not printable ASCII are written as `?`.
 fn report_setting(name: &core::ffi::CStr, value: &[u8], what: &[u8], detail: &[u8], close: &[u8]) {
     const MAX_VALUE: usize = 64;
-    let mut buf = [0u8; 512];
-    let mut len = 0;
-    let mut put = |bytes: &[u8]| {
-        for &b in bytes {
-            if len < buf.len() {
-                buf[len] = b;
-                len += 1;
-            }
-        }
-    };
-    put(b"anyalloc: ");
-    put(name.to_bytes());
-    put(b"=\"");
+    let mut m = crate::platform::FatalMessage::new()
+        .text("anyalloc: ")
+        .bytes(name.to_bytes())
+        .text("=\"");
     for &b in value.iter().take(MAX_VALUE) {
-        put(&[if b.is_ascii_graphic() || b == b' ' {
+        m = m.bytes(&[if b.is_ascii_graphic() || b == b' ' {
             b
         } else {
             b'?'
         }]);
     }
     if value.len() > MAX_VALUE {
-        put(b"...");
+        m = m.text("...");
     }
-    put(b"\" ");
-    put(what);
-    put(detail);
-    put(close);
-    put(b"; using the default\n");
+    let mut m = m
+        .text("\" ")
+        .bytes(what)
+        .bytes(detail)
+        .bytes(close)
+        .text("; using the default");
     // The line ends with a newline even when cut short.
-    if len == buf.len() {
-        buf[len - 1] = b'\n';
-    }
-    crate::platform::write_stderr(&buf[..len]);
+    crate::platform::write_stderr(m.line());
 }
 
 /// Runs from `.init_array` before `main` (after libc's own initialisation):

@@ -58,23 +58,31 @@ fn trap() -> ! {
     }
 }
 
-/// A one-line message built without allocating or formatting.
+/// A one-line message built without allocating or formatting: a fatal
+/// one for [`die`], or a warning for `write_stderr` (the global heap's
+/// report of an invalid setting).
 pub(crate) struct FatalMessage {
-    buf: [u8; 160],
+    buf: [u8; 512],
     len: usize,
 }
 
 impl FatalMessage {
     pub(crate) fn new() -> Self {
         FatalMessage {
-            buf: [0; 160],
+            buf: [0; 512],
             len: 0,
         }
     }
 
     /// Appends text (truncated at the buffer's end).
-    pub(crate) fn text(mut self, s: &str) -> Self {
-        for &b in s.as_bytes() {
+    pub(crate) fn text(self, s: &str) -> Self {
+        self.bytes(s.as_bytes())
+    }
+
+    /// Appends bytes (truncated at the buffer's end, which keeps room for
+    /// the newline).
+    pub(crate) fn bytes(mut self, bytes: &[u8]) -> Self {
+        for &b in bytes {
             if self.len < self.buf.len() - 1 {
                 self.buf[self.len] = b;
                 self.len += 1;
