@@ -250,6 +250,43 @@ fn an_unaligned_region_is_used_to_its_last_page() {
     unsafe { std::alloc::dealloc(base, layout) };
 }
 
+/// A region that starts past a 4 MiB boundary and ends before the next
+/// one has no untouched largest block: the (empty) untouched part then
+/// sits at its end, off a 4 MiB boundary, and the zone is still
+/// consistent (the invariant check used to report "the untouched part's
+/// bound is wrong" for it).
+#[test]
+fn a_region_inside_one_largest_block_checks_clean() {
+    use std::ptr::NonNull;
+    const MIB: usize = 1 << 20;
+    let layout = std::alloc::Layout::from_size_align(4 * MIB, 4 * MIB).unwrap();
+    // SAFETY: a non-zero size.
+    let base = unsafe { std::alloc::alloc(layout) };
+    assert!(!base.is_null());
+    // SAFETY: the region (1 MiB in, 2 MiB long) lies inside the block just
+    // allocated, which outlives the allocator and nothing else uses.
+    let pa = unsafe {
+        PageAllocator::from_region(
+            NonNull::new(base.add(MIB)).unwrap(),
+            2 * MIB,
+            anyalloc::StdPlatform::get(),
+            Config::default().cpus(1).min_reserve(0),
+        )
+    }
+    .unwrap();
+    pa.check_invariants().unwrap();
+    let p = pa.alloc_pages(0).expect("memory");
+    // SAFETY: allocated just above with order 0, freed once.
+    unsafe { pa.free_pages(p, 0) };
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages);
+    pa.check_invariants().unwrap();
+    drop(pa);
+    // SAFETY: allocated above with `layout`; the allocator is gone.
+    unsafe { std::alloc::dealloc(base, layout) };
+}
+
 #[test]
 fn min_reserve_is_validated_and_kept_from_the_nolock_path() {
     // Bad values name the setting.
