@@ -710,3 +710,33 @@ fn from_region_rejects_cpu_counts_above_the_maximum() {
     assert_eq!(pages.err(), Some(wraps.clone()));
     assert_eq!(heap.err(), Some(wraps));
 }
+
+/// Dropping a heap that has accounted blocks walks its zones' blocks to
+/// uncharge them; a zone's untouched largest blocks hold no block and
+/// are skipped, as `Heap::stats` skips them. The walk used to read them
+/// one descriptor per page: for a 64 GiB zone, 16 Mi descriptors (512 MiB
+/// of untouched metadata, 131072 page faults, about 180 ms) for one
+/// accounted object.
+#[test]
+fn dropping_a_big_accounted_heap_skips_its_untouched_blocks() {
+    fn minor_faults() -> i64 {
+        // SAFETY: a zeroed rusage is valid; getrusage only writes it.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid rusage to fill, for this thread.
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) }, 0);
+        u.ru_minflt
+    }
+    let g = anyalloc::Group::new("big", None, None);
+    let h = Heap::new(Config::default().memory(64 << 30).maintenance(false)).unwrap();
+    let p = h.alloc_in(Layout::new::<u64>(), &g).unwrap();
+    assert!(g.usage() > 0, "charged");
+    let before = minor_faults();
+    drop(h);
+    let faults = minor_faults() - before;
+    assert!(
+        faults < 4096,
+        "dropping the heap took {faults} page faults (reading untouched descriptors)"
+    );
+    assert_eq!(g.usage(), 0, "uncharged at drop");
+    let _ = p;
+}
