@@ -37,7 +37,9 @@
 //!   more, exactly. Still refused, it returns the free stocks of every
 //!   descendant of the group whose limit refused (the charging group's
 //!   siblings and cousins under it: an idle tenant keeps up to
-//!   `2 * batch` per CPU) and tries a last time. That walk try-locks the
+//!   `2 * batch` per CPU) and tries again; refused then by a group
+//!   further up the chain, it does the same for that group (at most once
+//!   per level), else that was the last try. That walk try-locks the
 //!   children registry (skipped when another context holds it), and the
 //!   references it takes to the descendants are released on the heap's
 //!   release list (see "Lifetime"), never dropped there, so the nolock
@@ -345,7 +347,8 @@ impl Group {
     /// once more; if a limit still refuses, the free stocks of the refusing
     /// group's descendants (this group's siblings and cousins under it,
     /// idle tenants' included) are returned too, and the charge is tried
-    /// a last time (see "Per-CPU charge stock"). Try-locks only, never a
+    /// again, and again after the same for each group further up the chain
+    /// that refuses it then (see "Per-CPU charge stock"). Try-locks only, never a
     /// wait: nolock. `false` when a limit still refuses; the refusing group
     /// counts a failure if `count_failure` (the caller's last attempt).
     /// References to descendants taken meanwhile are released on
@@ -365,18 +368,30 @@ impl Group {
             Ok(()) => return true,
             Err(refused) => refused,
         };
-        let refused = if refused.flush_descendants_nolock(released) > 0 {
+        let mut refused = refused;
+        // A retry refused further up the chain (the flushed stock made room
+        // below, not there) flushes that group's descendants in turn: at
+        // most once per level.
+        while refused.flush_descendants_nolock(released) > 0 {
             match self.charge_counters(bytes) {
                 Ok(()) => return true,
-                Err(refused) => refused,
+                Err(r) if refused.is_ancestor(r) => refused = r,
+                Err(r) => {
+                    refused = r;
+                    break;
+                }
             }
-        } else {
-            refused
-        };
+        }
         if count_failure {
             refused.failcnt.fetch_add(1, Ordering::Relaxed);
         }
         false
+    }
+
+    /// Whether `g` is a strict ancestor of this group.
+    fn is_ancestor(&self, g: &Group) -> bool {
+        core::iter::successors(self.parent.as_deref(), |x| x.parent.as_deref())
+            .any(|x| core::ptr::eq(x, g))
     }
 
     /// `try_charge` without the flush, counting no failure.
@@ -730,5 +745,50 @@ mod tests {
         // Still charged to the parent: the last tenants' stocks (a bounded
         // amount), not the whole limit.
         assert!(parent.counter.load(Ordering::Relaxed) < LIMIT);
+    }
+
+    /// A refusal that moves up the chain after the flush takes that
+    /// group's idle stock back too: a charge refused by its parent's limit
+    /// gets room there from an idle sibling's stock, and is then refused by
+    /// the grandparent's limit, whose other subtree (an idle cousin) holds
+    /// most of that limit as stock. (Only the first refusing group's
+    /// descendants used to be flushed: the charge failed, with the
+    /// grandparent counting a failure, and its limit stranded in stock.)
+    #[test]
+    fn a_refusal_further_up_after_the_flush_takes_that_groups_idle_stock_back() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        const K: usize = 1 << 10;
+        let released = IndexStack::new();
+        let root = Group::new("root", Some(1024 * K), None);
+        let mid = Group::new("mid", Some(512 * K), Some(&root));
+        let a = Group::new("a", None, Some(&mid));
+        let b = Group::new("b", None, Some(&mid));
+        let cousin = Group::new("cousin", None, Some(&root));
+        // b: 8 KiB of idle stock; a: 496 KiB in use (mid at 504 of 512 KiB).
+        assert!(b.charge_counters(8 * K).is_ok());
+        b.uncharge(8 * K, 1);
+        assert!(a.charge_counters(496 * K).is_ok());
+        // The cousin: 520 KiB of idle stock (root at its limit).
+        for cpu in 0..8 {
+            assert!(cousin.charge_counters(64 * K).is_ok());
+            cousin.uncharge(64 * K, cpu);
+        }
+        assert!(cousin.charge_counters(8 * K).is_ok());
+        cousin.uncharge(8 * K, 8);
+        assert_eq!(root.counter.load(Ordering::Relaxed), 1024 * K);
+        assert_eq!(root.usage(), 496 * K);
+        assert!(
+            a.try_charge(16 * K, 0, true, &released),
+            "refused with root usage {} of {} KiB",
+            root.usage() / K,
+            1024
+        );
+        assert_eq!((mid.failcnt(), root.failcnt()), (0, 0));
+        a.uncharge_counters(512 * K);
+        assert_eq!(root.usage(), 0);
+        drop_released(&released);
+        for g in [&a, &b, &cousin] {
+            assert_eq!(Arc::strong_count(g), 1);
+        }
     }
 }
