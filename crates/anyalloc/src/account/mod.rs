@@ -285,9 +285,21 @@ impl Group {
     /// let `usage` read more than the limit). Lock-free: a retry means
     /// another context changed the counter, so the work is bounded by the
     /// contention (a context interrupted between load and swap retries once
-    /// its handler's change is seen). Only a refusal at an ancestor rolls
-    /// back the levels below it, which stayed within their limits.
+    /// its handler's change is seen). Every level's limit is checked
+    /// before any level is charged, so a charge that cannot fit at an
+    /// ancestor never holds the levels below it meanwhile (charged, then
+    /// rolled back: charges that fit there were refused); only an ancestor
+    /// that a concurrent charge filled after that check makes the levels
+    /// below roll back, which stayed within their limits.
     fn charge_counters(&self, bytes: usize) -> Result<(), &Group> {
+        let mut g = Some(self);
+        while let Some(cur) = g {
+            let now = cur.counter.load(Ordering::Relaxed);
+            if now.checked_add(bytes).is_none_or(|n| n > cur.limit) {
+                return Err(cur);
+            }
+            g = cur.parent.as_deref();
+        }
         let mut g = Some(self);
         while let Some(cur) = g {
             let Some(new) = cur.charge_one(bytes) else {
@@ -745,6 +757,65 @@ mod tests {
         // Still charged to the parent: the last tenants' stocks (a bounded
         // amount), not the whole limit.
         assert!(parent.counter.load(Ordering::Relaxed) < LIMIT);
+    }
+
+    /// A charge that cannot fit further up the chain refuses no charge
+    /// that fits, even below: a context interrupted inside such a charge
+    /// (between a counter's load and its swap, at each level it reaches)
+    /// charges a sibling for what fits everywhere. (The levels below the
+    /// refusing one used to be charged first and rolled back: interrupted
+    /// at the level between, the doomed charge held its parent's counter,
+    /// and the sibling's charge, which fits, failed there.)
+    #[cfg(feature = "interrupt-points")]
+    #[test]
+    fn a_charge_refused_further_up_refuses_no_charge_that_fits_below() {
+        use crate::interrupt::{set_hook, Site};
+        use core::cell::Cell;
+        use std::sync::OnceLock;
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        const K: usize = 1 << 10;
+        static SIBLING: OnceLock<Arc<Group>> = OnceLock::new();
+        static REFUSED: AtomicUsize = AtomicUsize::new(0);
+        std::thread_local! {
+            static ARMED: Cell<bool> = const { Cell::new(false) };
+        }
+        fn hook(site: Site) {
+            if site != Site::AccountCharge || !ARMED.get() {
+                return;
+            }
+            ARMED.set(false);
+            let sibling = SIBLING.get().unwrap();
+            match sibling.charge_counters(40 * K) {
+                Ok(()) => sibling.uncharge_counters(40 * K),
+                Err(_) => {
+                    REFUSED.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            ARMED.set(true);
+        }
+        let root = Group::new("root", Some(100 * K), None);
+        let upper = Group::new("upper", None, Some(&root));
+        let mid = Group::new("mid", Some(100 * K), Some(&upper));
+        let doomed = Group::new("doomed", None, Some(&mid));
+        let sibling = SIBLING.get_or_init(|| Group::new("sibling", None, Some(&mid)));
+        let cousin = Group::new("cousin", None, Some(&root));
+        // Root at 60 of 100 KiB: 40 KiB fit under mid, 70 do not.
+        assert!(cousin.charge_counters(60 * K).is_ok());
+        set_hook(Some(hook));
+        ARMED.set(true);
+        let r = doomed.charge_counters(70 * K);
+        ARMED.set(false);
+        set_hook(None);
+        assert!(r.is_err());
+        assert_eq!(
+            REFUSED.load(Ordering::Relaxed),
+            0,
+            "a charge that fits was refused"
+        );
+        assert_eq!(mid.counter.load(Ordering::Relaxed), 0);
+        cousin.uncharge_counters(60 * K);
+        assert_eq!(root.counter.load(Ordering::Relaxed), 0);
+        assert_eq!(sibling.counter.load(Ordering::Relaxed), 0);
     }
 
     /// A refusal that moves up the chain after the flush takes that
