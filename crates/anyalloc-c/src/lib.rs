@@ -773,21 +773,15 @@ pub unsafe extern "C" fn __register_atfork(
     unsafe { real(prepare, parent, child, dso_handle) }
 }
 
-/// `pthread_atfork` for callers that bind to libc's exported one (old
-/// binaries, this crate's own registrations): the same as
-/// [`__register_atfork`] with no object to unregister them with.
-///
-/// # Safety
-/// As `pthread_atfork`'s: the handlers stay valid for ever.
-#[no_mangle]
-pub unsafe extern "C" fn pthread_atfork(
-    prepare: ForkHandler,
-    parent: ForkHandler,
-    child: ForkHandler,
-) -> c_int {
-    // SAFETY: the caller's contract, with no object handle.
-    unsafe { __register_atfork(prepare, parent, child, ptr::null_mut()) }
-}
+// `pthread_atfork` itself is deliberately not defined here. Every program
+// and library linked since glibc 2.28 gets its own hidden copy from
+// `libc_nonshared.a` (libc's exported one is a compat symbol), which calls
+// `__register_atfork` above with the caller's `__dso_handle`: so `dlclose`
+// unregisters the handlers of the object it unloads. A `pthread_atfork`
+// exported here would be bound instead by every object linked against this
+// library, and could only pass no handle: a plugin's handlers would outlive
+// its `dlclose`, and the next `fork` would call into unmapped memory
+// (`fork_after_dlclose_of_a_plugin_that_registered_fork_handlers`).
 
 /// libc's `__register_atfork` (the next definition after this library's).
 fn real_register_atfork() -> Option<RegisterAtfork> {

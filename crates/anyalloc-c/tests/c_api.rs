@@ -145,6 +145,43 @@ fn fork_handlers_that_take_a_mutex_held_around_malloc() {
     }
 }
 
+/// A plugin linked against libanyalloc registers fork handlers with
+/// `pthread_atfork`, and is unloaded with `dlclose`: its handlers must go
+/// with it (glibc unregisters them by the object's `__dso_handle`, which
+/// only the `pthread_atfork` of `libc_nonshared.a` passes on). A fork after
+/// the `dlclose` used to call them in unmapped memory. The program linked
+/// and preloaded.
+#[test]
+fn fork_after_dlclose_of_a_plugin_that_registered_fork_handlers() {
+    let plugin = compile(
+        &["atfork_dlclose_lib.c"],
+        "libanyalloc_c_atfork_dlclose.so",
+        &linked(&["-shared", "-fPIC"]),
+    );
+    let linked_exe = compile(
+        &["atfork_dlclose_main.c"],
+        "atfork_dlclose_main_linked",
+        &linked(&["-ldl"]),
+    );
+    let plain_exe = compile(&["atfork_dlclose_main.c"], "atfork_dlclose_main", &["-ldl"]);
+    for (how, mut cmd) in [
+        ("linked", std::process::Command::new(&linked_exe)),
+        ("preloaded", preloaded(&plain_exe)),
+    ] {
+        cmd.arg(&plugin);
+        let o = run(cmd, TIMEOUT);
+        print!("{how}: {}", o.stdout);
+        eprint!("{}", o.stderr);
+        assert!(
+            o.success(),
+            "atfork_dlclose ({how}): {} {}",
+            o.describe(),
+            o.stdout
+        );
+        assert!(o.stdout.contains("atfork_dlclose: ok"), "{}", o.stdout);
+    }
+}
+
 #[test]
 fn fork_while_threads_allocate() {
     let exe = compile::<&str>(&["fork.c"], "fork", &[]);
