@@ -67,10 +67,14 @@
 //! the window: without that, a nolock allocation of theirs could hold the
 //! new zone's or heap's lock at the clone.
 //!
+//! A creation of the global heap in progress on another thread when
+//! prepare looks for the heap is waited for (it takes no lock), and the heap
+//! held: cloned half made, it would stay "being made" in the child for ever.
+//!
 //! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
 //! own (it is returned by value, so it has no fixed address to link), heaps
-//! made by `Heap::from_region` (an embedder's), and a global heap made by
-//! another thread while a fork is in progress. Try-locks whose holders
+//! made by `Heap::from_region` (an embedder's), and a global heap whose
+//! creation another thread starts after prepare looked for it. Try-locks whose holders
 //! never wait (the nolock levels' slots, a group's per-CPU charge stock)
 //! are not held: one is left held in the child only if a thread was inside
 //! it at the very instant of the clone (its contents are then out of reach
@@ -155,8 +159,9 @@ pub(crate) fn register(core: &HeapCore) {
 
 /// The global heap `h`, just made and not yet published: if this thread
 /// owns the fork window, its locks are held across this fork like the
-/// others'. (A global heap made by another thread while a fork is in
-/// progress is not: the global heap is made before `main` in practice.)
+/// others'. (A global heap whose creation another thread starts after
+/// prepare looked for it is not: the global heap is made before `main` in
+/// practice.)
 pub(crate) fn adopt_global(h: &Heap) {
     if context::owns_fork_window() && GLOBAL_LOCKED.load(Ordering::Relaxed).is_null() {
         h.lock_all();
@@ -243,6 +248,9 @@ extern "C" fn prepare() {
     HOLDER.store(context::thread_id(), Ordering::Relaxed);
     let heaps = HEAPS.lock_raw();
     HEAPS_TAKEN.store(heaps, Ordering::Relaxed);
+    // A creation of the global heap in progress on another thread ends
+    // before the clone, and its heap is held like the others.
+    crate::global::wait_for_creation();
     if let Some(h) = crate::global_heap() {
         h.lock_all();
         GLOBAL_LOCKED.store(h as *const Heap as *mut Heap, Ordering::Relaxed);

@@ -185,6 +185,19 @@ pub fn global_heap() -> Option<&'static Heap> {
     }
 }
 
+/// Waits while another thread creates the global heap: for the fork
+/// handler's prepare (normal context), before it looks for the heap to hold
+/// its locks. Cloned half made, the heap would stay `INITIALIZING` for ever
+/// in the child, whose first `init` or normal-path allocation would wait
+/// for a creator that does not exist there. The creation takes no lock, so
+/// it ends; a creation of the forking thread's own (interrupted by a signal
+/// handler that forked) never gets here: that prepare takes nothing.
+pub(crate) fn wait_for_creation() {
+    while GLOBAL_HEAP.state.load(Ordering::Acquire) == INITIALIZING {
+        std::thread::yield_now();
+    }
+}
+
 /// Whether the heap's creator wanted a maintainer that nobody started yet.
 static MAINTAINER_OWED: AtomicBool = AtomicBool::new(false);
 /// Whether the fork handlers are registered.
