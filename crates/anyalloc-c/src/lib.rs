@@ -769,8 +769,27 @@ pub unsafe extern "C" fn __register_atfork(
     let Some(real) = real_register_atfork() else {
         return libc::ENOMEM;
     };
+    // This library's own registrations (the heap's handlers, `fork_child`)
+    // come with its own handle, by which glibc unregisters them when this
+    // library's finalisers run at exit, before those of the libraries
+    // initialised before it and while other threads may still fork: a
+    // fork from there would clone locks held by other threads. Registered
+    // with no handle, they stay for the life of the process, as glibc's
+    // malloc's fork handling does.
+    let own = ptr::addr_of!(__dso_handle).cast_mut().cast::<c_void>();
+    let dso_handle = if dso_handle == own {
+        ptr::null_mut()
+    } else {
+        dso_handle
+    };
     // SAFETY: libc's own function, with the caller's arguments.
     unsafe { real(prepare, parent, child, dso_handle) }
+}
+
+extern "C" {
+    /// This library's handle for `__cxa_finalize` and `__unregister_atfork`
+    /// (crtbeginS.o's hidden symbol, unique to each loaded object).
+    static __dso_handle: u8;
 }
 
 // `pthread_atfork` itself is deliberately not defined here. Every program

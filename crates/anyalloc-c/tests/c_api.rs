@@ -182,6 +182,60 @@ fn fork_after_dlclose_of_a_plugin_that_registered_fork_handlers() {
     }
 }
 
+/// The heap's fork handlers stay registered for the life of the process: a
+/// fork after this library's finalisers have run (here from the destructor
+/// of a library initialised before it; as well another thread of an exiting
+/// process) runs them too. Registered with this library's `__dso_handle`,
+/// they were unregistered by its finalisers, and such a fork cloned locks
+/// held by other threads. Counted in gdb: a breakpoint on the prepare
+/// handler, hit by the fork in `main` and by the one at exit.
+#[test]
+fn fork_handlers_outlive_the_librarys_finalisers() {
+    if !require("gdb") {
+        return;
+    }
+    let out = out_dir();
+    compile(
+        &["atfork_exit_lib.c"],
+        "libanyalloc_c_atfork_exit.so",
+        &["-shared", "-fPIC"],
+    );
+    let mut args = link_args();
+    // Listed after us: initialised before us, finalised after us.
+    args.push(format!("-L{}", out.display()));
+    args.push("-lanyalloc_c_atfork_exit".into());
+    args.push(format!("-Wl,-rpath,{}", out.display()));
+    let exe = compile(&["atfork_exit_main.c"], "atfork_exit_main", &args);
+    let mut cmd = std::process::Command::new("gdb");
+    cmd.args(["-nx", "-batch", "-iex", "set debuginfod enabled off"]);
+    for c in [
+        "set breakpoint pending on",
+        "break anyalloc::fork::prepare",
+        "run",
+        "continue",
+        "continue",
+        "continue",
+    ] {
+        cmd.args(["-ex", c]);
+    }
+    cmd.arg(&exe);
+    let o = run(cmd, Duration::from_secs(120));
+    print!("{}", o.stdout);
+    eprint!("{}", o.stderr);
+    assert!(
+        o.stdout.contains("atfork_exit: fork in main ok")
+            && o.stdout.contains("atfork_exit: fork at exit ok"),
+        "atfork_exit: {} {}",
+        o.describe(),
+        o.stdout
+    );
+    let hits = o.stdout.matches("Breakpoint 1, ").count();
+    assert_eq!(
+        hits, 2,
+        "the heap's prepare handler ran for {hits} of the 2 forks"
+    );
+}
+
 #[test]
 fn fork_while_threads_allocate() {
     let exe = compile::<&str>(&["fork.c"], "fork", &[]);
