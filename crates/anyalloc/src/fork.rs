@@ -140,9 +140,15 @@ static SKIPPED: AtomicU32 = AtomicU32::new(0);
 /// handler that interrupted its own thread there), the heap is not linked
 /// and `fork` leaves its locks alone.
 pub(crate) fn register(core: &HeapCore) {
+    // Marked before the registry is taken, and until it is released (as a
+    // zone lock's holder is): a signal handler that forks here takes
+    // nothing in its prepare instead of waiting for the children registry,
+    // which another thread's prepare may hold while it waits for this one.
+    let _inside = context::Inside::enter();
     let Some(g) = HEAPS.lock() else {
         return;
     };
+    crate::interrupt_point!(HeapRegistry);
     let link = core.fork_link();
     if g.borrowed() {
         // Made inside the fork window (by a fork handler registered before
@@ -176,6 +182,8 @@ pub(crate) fn unregister(core: &HeapCore) {
     if !link.linked.load(Ordering::Relaxed) {
         return;
     }
+    // Marked, as in `register`.
+    let _inside = context::Inside::enter();
     let Some(_g) = HEAPS.lock() else {
         // Its thread holds the registry (a heap dropped in a signal handler
         // that interrupted the registry's holder): the core cannot leave
@@ -184,6 +192,7 @@ pub(crate) fn unregister(core: &HeapCore) {
             b"anyalloc: a Heap dropped while its own thread holds the heap registry (in a signal handler?)\n",
         )
     };
+    crate::interrupt_point!(HeapRegistry);
     let me = core as *const HeapCore as *mut HeapCore;
     let mut at = &FIRST;
     loop {

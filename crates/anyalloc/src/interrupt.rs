@@ -104,6 +104,9 @@ pub enum Site {
     /// Object allocator: a shrinker is being linked into the registry, or
     /// the registry is being walked to run the shrinkers.
     ShrinkerRegistry,
+    /// Fork: the heap registry is held, a heap being linked into it
+    /// (`Heap::new`) or unlinked (dropping a heap).
+    HeapRegistry,
 }
 
 impl Site {
