@@ -239,6 +239,53 @@ fn double_free_of_a_huge_allocation_aborts() {
     );
 }
 
+/// A heap whose huge table has every entry removed (`TOMB`): huge blocks
+/// until the table is full (reserved, never touched), all freed again.
+fn heap_with_a_table_of_tombs() -> &'static Heap {
+    let h = heap();
+    let filler = Layout::from_size_align((4 << 20) + PAGE_SIZE, 8).unwrap();
+    let mut blocks = Vec::new();
+    while let Some(p) = h.alloc(filler) {
+        blocks.push(p);
+        assert!(blocks.len() <= 100_000, "the huge table never filled");
+    }
+    for p in blocks {
+        // SAFETY: live allocations of this heap, freed once.
+        unsafe { h.free(p) };
+    }
+    assert_eq!(h.stats().huge_in_use, 0);
+    h
+}
+
+/// `NonNull::dangling()` (address 1, an empty `Vec<u8>`'s pointer) is no
+/// block of the heap, though 1 is the huge table's mark of a removed entry:
+/// a free of it must not take such an entry for a huge block (it did: the
+/// free returned, having unmapped nothing and uncounted a huge block).
+#[test]
+fn free_of_a_dangling_pointer_aborts() {
+    expect_abort(
+        "free_of_a_dangling_pointer_aborts",
+        "free of 0x1, which is outside the heap's memory",
+        || {
+            let h = heap_with_a_table_of_tombs();
+            free(h, NonNull::dangling());
+        },
+    );
+}
+
+/// As above, for `usable_size` (it returned a removed block's size).
+#[test]
+fn usable_size_of_a_dangling_pointer_aborts() {
+    expect_abort(
+        "usable_size_of_a_dangling_pointer_aborts",
+        "usable_size of 0x1, which is outside the heap's memory",
+        || {
+            let h = heap_with_a_table_of_tombs();
+            usable(h, NonNull::dangling());
+        },
+    );
+}
+
 // ----- slots of a slab never handed out ---------------------------------------
 
 /// A slot carved from its slab into a sheaf (the refill after the first

@@ -78,6 +78,15 @@ impl HugeTable {
         ((addr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) & (HUGE_ENTRIES - 1)
     }
 
+    /// Whether `addr` may be a registered allocation's address: not one of
+    /// the entry states (`EMPTY`, `TOMB`, `BUSY`), which an address word
+    /// also holds. A lookup of a pointer equal to one (`NonNull::dangling()`
+    /// is 1) must not match a removed or busy entry: mappings are never
+    /// there.
+    fn may_be_registered(addr: usize) -> bool {
+        addr > BUSY
+    }
+
     /// Records a huge allocation; `false` when the table is full.
     pub(crate) fn insert(&self, addr: usize, size: usize, group: usize) -> bool {
         let h = Self::home(addr);
@@ -112,6 +121,9 @@ impl HugeTable {
 
     /// The size of the huge allocation at `addr`, if there is one.
     pub(crate) fn size_of(&self, addr: usize) -> Option<usize> {
+        if !Self::may_be_registered(addr) {
+            return None;
+        }
         let h = Self::home(addr);
         for i in h..h + HUGE_ENTRIES {
             let e = self.entry(i);
@@ -149,6 +161,9 @@ impl HugeTable {
     /// the allocation's. `None` if `addr` is not registered, or a racing
     /// free took it out first.
     fn take_out(&self, addr: usize, to: usize) -> Option<Claimed> {
+        if !Self::may_be_registered(addr) {
+            return None;
+        }
         let h = Self::home(addr);
         for i in h..h + HUGE_ENTRIES {
             let e = self.entry(i);
@@ -266,6 +281,23 @@ mod tests {
         for i in (0..HUGE_ENTRIES).filter(|&i| i != except) {
             assert_eq!(t.size_of(addr(i)), Some(size(i)), "addr({i})");
         }
+    }
+
+    /// The entry states are no addresses: a lookup, remove or claim of 1
+    /// or 2 (dangling pointers) matches no removed or claimed entry.
+    #[test]
+    fn an_entry_state_is_not_found_as_an_address() {
+        let mut mem = memory();
+        let t = full(&mut mem);
+        assert_eq!(t.remove(addr(3)), Some((size(3), 3)));
+        let c = t.claim(addr(5)).unwrap();
+        for state in [EMPTY, TOMB, BUSY] {
+            assert_eq!(t.size_of(state), None, "{state}");
+            assert!(t.remove(state).is_none(), "{state}");
+            assert!(t.claim(state).is_none(), "{state}");
+        }
+        t.insert_claimed(c, addr(5), size(5), 5);
+        others_found(&t, 3);
     }
 
     #[test]
