@@ -364,19 +364,19 @@ struct EnvConfig {
 fn env_config(report: bool) -> EnvConfig {
     let mut c = Config::default().memory(DEFAULT_FIRST_ZONE);
     let mut memory_set = false;
-    if let Some(v) = env_setting(c"ANYALLOC_MEMORY", SIZE, report) {
-        if let Some(next) = checked(c.memory(v), c"ANYALLOC_MEMORY", report) {
+    if let Some((v, raw)) = env_setting(c"ANYALLOC_MEMORY", SIZE, report) {
+        if let Some(next) = checked(c.memory(v), c"ANYALLOC_MEMORY", raw, report) {
             c = next;
             memory_set = true;
         }
     }
-    if let Some(v) = env_setting(c"ANYALLOC_CPUS", COUNT, report) {
-        c = checked(c.cpus(v), c"ANYALLOC_CPUS", report).unwrap_or(c);
+    if let Some((v, raw)) = env_setting(c"ANYALLOC_CPUS", COUNT, report) {
+        c = checked(c.cpus(v), c"ANYALLOC_CPUS", raw, report).unwrap_or(c);
     }
-    if let Some(v) = env_setting(c"ANYALLOC_GROW", FLAG, report) {
+    if let Some((v, _)) = env_setting(c"ANYALLOC_GROW", FLAG, report) {
         c = c.grow(v);
     }
-    if let Some(v) = env_setting(c"ANYALLOC_NOLOCK_SYSCALLS", FLAG, report) {
+    if let Some((v, _)) = env_setting(c"ANYALLOC_NOLOCK_SYSCALLS", FLAG, report) {
         c = c.nolock_syscalls(v);
     }
     EnvConfig {
@@ -388,9 +388,10 @@ fn env_config(report: bool) -> EnvConfig {
 /// The first zone when `ANYALLOC_MEMORY` does not choose one.
 const DEFAULT_FIRST_ZONE: usize = 256 << 20;
 
-/// `next` (a valid configuration with one setting changed) if it is
-/// valid; else (reported when `report`) `None`.
-fn checked(next: Config, name: &core::ffi::CStr, report: bool) -> Option<Config> {
+/// `next` (a valid configuration with one setting changed, to `value`,
+/// the variable `name` as read) if it is valid; else (reported when
+/// `report`) `None`.
+fn checked(next: Config, name: &core::ffi::CStr, value: &[u8], report: bool) -> Option<Config> {
     match next.validate() {
         Ok(()) => Some(next),
         Err(e) => {
@@ -399,7 +400,6 @@ fn checked(next: Config, name: &core::ffi::CStr, report: bool) -> Option<Config>
                 _ => "refused",
             };
             if report {
-                let value = env_value(name).unwrap_or(b"");
                 report_setting(name, value, b"is out of range (", reason.as_bytes(), b")");
             }
             None
@@ -421,12 +421,17 @@ fn env_value(name: &core::ffi::CStr) -> Option<&'static [u8]> {
     Some(unsafe { core::ffi::CStr::from_ptr(p) }.to_bytes())
 }
 
-/// A setting parsed with `parse` (see the [`Parser`]s), `None` when unset
-/// or invalid; an invalid one is reported when `report`.
-fn env_setting<T>(name: &core::ffi::CStr, parse: Parser<T>, report: bool) -> Option<T> {
+/// A setting parsed with `parse` (see the [`Parser`]s), with the value as
+/// read; `None` when unset or invalid (an invalid one is reported when
+/// `report`).
+fn env_setting<T>(
+    name: &core::ffi::CStr,
+    parse: Parser<T>,
+    report: bool,
+) -> Option<(T, &'static [u8])> {
     let value = env_value(name)?;
     match (parse.parse)(value) {
-        Some(v) => Some(v),
+        Some(v) => Some((v, value)),
         None => {
             if report {
                 report_setting(name, value, parse.expected, b"", b"");
@@ -470,17 +475,10 @@ const FLAG: Parser<bool> = Parser {
 /// own: `None` when unset or invalid (then one line on stderr).
 #[doc(hidden)]
 pub fn env_flag(name: &core::ffi::CStr) -> Option<bool> {
-    env_setting(name, FLAG, true)
+    env_setting(name, FLAG, true).map(|(v, _)| v)
 }
 
-fn parse_digits(bytes: &[u8]) -> Option<usize> {
-    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    bytes.iter().try_fold(0usize, |n, &d| {
-        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
-    })
-}
+use crate::platform::parse_decimal as parse_digits;
 
 fn parse_size_bytes(bytes: &[u8]) -> Option<usize> {
     let split = bytes

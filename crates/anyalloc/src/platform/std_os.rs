@@ -297,6 +297,17 @@ pub(crate) fn address_space_headroom() -> Option<usize> {
     Some(room(as_limit, size).min(room(data_limit, data)))
 }
 
+/// A decimal number: digits only (no sign, space or other text), and
+/// `None` for an empty one or one beyond `usize`. No allocation.
+pub(crate) fn parse_decimal(bytes: &[u8]) -> Option<usize> {
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    bytes.iter().try_fold(0usize, |n, &d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    })
+}
+
 /// The process's mapped bytes and its data and stack bytes, from
 /// `/proc/self/statm` (fields 1 and 6, in pages).
 fn mapped_now() -> Option<(usize, usize)> {
@@ -305,15 +316,8 @@ fn mapped_now() -> Option<(usize, usize)> {
     let mut fields = text
         .split(|b| b.is_ascii_whitespace())
         .filter(|f| !f.is_empty());
-    let number = |f: &[u8]| {
-        f.iter().try_fold(0usize, |n, &d| {
-            d.is_ascii_digit()
-                .then_some(())
-                .and_then(|()| n.checked_mul(10)?.checked_add(usize::from(d - b'0')))
-        })
-    };
-    let size = number(fields.next()?)?;
-    let data = number(fields.nth(4)?)?;
+    let size = parse_decimal(fields.next()?)?;
+    let data = parse_decimal(fields.nth(4)?)?;
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
     Some((size.checked_mul(page)?, data.checked_mul(page)?))
