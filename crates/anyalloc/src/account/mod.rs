@@ -294,8 +294,10 @@ impl Group {
     fn charge_counters(&self, bytes: usize) -> Result<(), &Group> {
         let mut g = Some(self);
         while let Some(cur) = g {
-            let now = cur.counter.load(Ordering::Relaxed);
-            if now.checked_add(bytes).is_none_or(|n| n > cur.limit) {
+            if cur
+                .after_charge(cur.counter.load(Ordering::Relaxed), bytes)
+                .is_none()
+            {
                 return Err(cur);
             }
             g = cur.parent.as_deref();
@@ -322,13 +324,20 @@ impl Group {
 
     /// Adds `bytes` to this group's counter alone if the sum stays within
     /// its limit: the new value, or `None` (counter unchanged).
+    /// The counter after a charge of `bytes` to `now`, if that stays
+    /// within the limit.
+    #[inline]
+    fn after_charge(&self, now: usize, bytes: usize) -> Option<usize> {
+        now.checked_add(bytes).filter(|&n| n <= self.limit)
+    }
+
     #[inline]
     fn charge_one(&self, bytes: usize) -> Option<usize> {
         let mut old = self.counter.load(Ordering::Relaxed);
         #[cfg(feature = "interrupt-points")]
         let mut first = true;
         loop {
-            let new = old.checked_add(bytes).filter(|&n| n <= self.limit)?;
+            let new = self.after_charge(old, bytes)?;
             // Between the load and the swap, on the first attempt only (a
             // hook that charges each time would otherwise fail every swap).
             #[cfg(feature = "interrupt-points")]
@@ -376,11 +385,10 @@ impl Group {
             return true;
         }
         self.flush_chain_stocks();
-        let refused = match self.charge_counters(bytes) {
+        let mut refused = match self.charge_counters(bytes) {
             Ok(()) => return true,
             Err(refused) => refused,
         };
-        let mut refused = refused;
         // A retry refused further up the chain (the flushed stock made room
         // below, not there) flushes that group's descendants in turn: at
         // most once per level.
