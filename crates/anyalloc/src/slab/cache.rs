@@ -1911,16 +1911,25 @@ impl Cache {
     /// (see "Double-free detection"), then the key is written.
     #[inline(always)]
     pub(crate) fn check_free(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
-        let off = key_off(self.class);
-        let kw = (obj + off) as *mut usize;
-        // SAFETY: `obj` is a validated object of this cache (at least 8
-        // bytes, 16 when the key is at 8), owned by this free.
-        let w = unsafe { kw.read_unaligned() } ^ self.key;
-        if w == 0 || (off == 0 && self.tiny_suspect(pages, zone, w)) {
+        if self.key_suspect(pages, zone, obj) {
             self.suspect_double_free(pages, obj, mode);
         }
-        // SAFETY: as above.
+        let kw = (obj + key_off(self.class)) as *mut usize;
+        // SAFETY: `obj` is a validated object of this cache (at least 8
+        // bytes, 16 when the key is at 8), owned by this free.
         unsafe { kw.write_unaligned(self.key) };
+    }
+
+    /// The key test alone, which changes nothing: whether the key
+    /// word of the validated object `obj` says it may be free (it holds the
+    /// key, or, in the tiny classes, something that looks like a free-list
+    /// link). Only the exact search (`is_free`) decides.
+    fn key_suspect(&self, pages: &PageAllocator, zone: &Zone, obj: usize) -> bool {
+        let off = key_off(self.class);
+        // SAFETY: `obj` is a validated object of this cache (at least
+        // `off + 8` bytes); reading its key word changes nothing.
+        let w = unsafe { ((obj + off) as *const usize).read_unaligned() } ^ self.key;
+        w == 0 || (off == 0 && self.tiny_suspect(pages, zone, w))
     }
 
     /// The key test's common case, for the fast paths: the key word does
@@ -2087,12 +2096,7 @@ impl Cache {
     /// without writing the key, then (a suspect) the exact search, which
     /// only tries the node lock. Any context.
     pub(crate) fn is_freed(&self, pages: &PageAllocator, zone: &Zone, obj: usize) -> bool {
-        let off = key_off(self.class);
-        // SAFETY: `obj` is a validated object of this cache (at least
-        // `off + 8` bytes); reading its key word changes nothing.
-        let w = unsafe { ((obj + off) as *const usize).read_unaligned() } ^ self.key;
-        (w == 0 || (off == 0 && self.tiny_suspect(pages, zone, w)))
-            && self.is_free(pages, obj, Mode::NoLock)
+        self.key_suspect(pages, zone, obj) && self.is_free(pages, obj, Mode::NoLock)
     }
 
     /// Whether `addr` (in a page this cache owns) is the start of an object

@@ -194,7 +194,7 @@ impl HugeTable {
         for i in 0..HUGE_ENTRIES {
             let e = self.entry(i);
             let addr = e.addr.load(Ordering::Acquire);
-            if addr > BUSY {
+            if Self::may_be_registered(addr) {
                 let (size, group) = (
                     e.size.load(Ordering::Relaxed),
                     e.group.load(Ordering::Relaxed),
