@@ -627,10 +627,13 @@ unsafe impl GlobalAlloc for Global {
         let Some(p) = NonNull::new(ptr) else {
             return core::ptr::null_mut();
         };
-        let Some(h) = global_heap() else {
+        // The core, as `alloc` and `dealloc` find it: it is published
+        // before the heap is `READY`, and `alloc` may have served `ptr` in
+        // between.
+        let Some(c) = global_core() else {
             return core::ptr::null_mut();
         };
-        if stays_in_place(new_size, h.usable_size(p)) {
+        if stays_in_place(new_size, c.usable_size(p)) {
             return ptr;
         }
         // SAFETY: GlobalAlloc's contract: the new layout is valid.
@@ -921,6 +924,39 @@ pub fn in_nolock_scope() -> bool {
 #[cfg(test)]
 mod tests {
     use super::{first_zone_size, parse_digits, parse_flag_bytes, parse_size_bytes as parse_size};
+    use super::{Global, GLOBAL_HEAP, INITIALIZING, READY};
+    use core::alloc::{GlobalAlloc, Layout};
+    use core::sync::atomic::Ordering;
+
+    /// Between publishing the global heap's core and storing `READY`, its
+    /// creator's signal handler, or another thread, finds the core and
+    /// `Global::alloc` serves it. `Global::realloc` of such a block used to
+    /// look for the heap by its state instead, and returned null (the
+    /// caller's `Vec` aborted) for a live block with memory to spare. (No
+    /// other test of this binary uses the global heap.)
+    #[test]
+    fn realloc_of_a_block_served_before_ready_succeeds() {
+        crate::init().unwrap();
+        let l = Layout::from_size_align(100, 8).unwrap();
+        // The window: the core published, the state not yet `READY`.
+        GLOBAL_HEAP.state.store(INITIALIZING, Ordering::Release);
+        // SAFETY: a valid, non-zero layout; the blocks are freed below.
+        let (p, q) = unsafe {
+            let p = Global.alloc(l);
+            if !p.is_null() {
+                p.write_bytes(0x5a, 100);
+            }
+            (p, Global.realloc(p, l, 10_000))
+        };
+        GLOBAL_HEAP.state.store(READY, Ordering::Release);
+        assert!(!p.is_null(), "the core serves the allocation");
+        assert!(!q.is_null(), "realloc of a live block failed");
+        // SAFETY: `q` is live with 10_000 bytes, its first 100 copied.
+        unsafe {
+            assert!((0..100).all(|i| *q.add(i) == 0x5a));
+            Global.dealloc(q, Layout::from_size_align(10_000, 8).unwrap());
+        }
+    }
 
     #[test]
     fn the_default_first_zone_leaves_room_under_a_limit() {

@@ -1931,7 +1931,7 @@ impl HeapCore {
     /// test a free makes, without its write (an object whose key word
     /// holds the key, or a tiny one whose first word looks like a free
     /// link, takes the exact search).
-    fn usable_size(&self, ptr: NonNull<u8>) -> usize {
+    pub(crate) fn usable_size(&self, ptr: NonNull<u8>) -> usize {
         let addr = ptr.as_ptr() as usize;
         match self.classify_or_abort_for(addr, "usable_size") {
             Kind::Object(cache, zone, _) => {
