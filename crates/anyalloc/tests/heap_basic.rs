@@ -711,6 +711,49 @@ fn from_region_rejects_cpu_counts_above_the_maximum() {
     assert_eq!(heap.err(), Some(wraps));
 }
 
+/// `Heap::from_region` refusing a region names the region the caller
+/// passed: a region whose metadata fit but whose remaining pages did not
+/// was reported with the length of that remainder ("unusable memory region
+/// of 49152 bytes" for a region of 3.2 MB).
+#[test]
+fn a_heap_region_too_small_for_its_pages_is_reported_with_its_own_length() {
+    struct OneCpu;
+    impl anyalloc::Platform for OneCpu {
+        fn cpu_id(&self) -> usize {
+            0
+        }
+        fn cpu_count(&self) -> usize {
+            1
+        }
+    }
+    static PLATFORM: OneCpu = OneCpu;
+    let max = 16 << 20;
+    let buf: &'static mut [u8] = Box::leak(vec![0u8; max + PAGE_SIZE].into_boxed_slice());
+    let page = (buf.as_mut_ptr() as usize).next_multiple_of(PAGE_SIZE);
+    let region = NonNull::new(page as *mut u8).unwrap();
+    let mut reasons = Vec::new();
+    let mut len = PAGE_SIZE;
+    loop {
+        assert!(len <= max, "no region up to {max} bytes holds a heap");
+        // SAFETY: the region lies inside the leaked buffer, which nothing
+        // else uses and which is never freed.
+        match unsafe { Heap::from_region(region, len, &PLATFORM, Config::default()) } {
+            Ok(_) => break,
+            Err(Error::Region { len: named, reason }) => {
+                assert_eq!(named, len, "{reason}");
+                if !reasons.contains(&reason) {
+                    reasons.push(reason);
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+        len += PAGE_SIZE;
+    }
+    // Both refusals were seen: no room for the metadata, then no room for
+    // 16 pages after it.
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+}
+
 /// Dropping a heap that has accounted blocks walks its zones' blocks to
 /// uncharge them; a zone's untouched largest blocks hold no block and
 /// are skipped, as `Heap::stats` skips them. The walk used to read them

@@ -490,8 +490,17 @@ impl Heap {
                 end - rest,
                 platform,
                 config,
-            )?
-        };
+            )
+        }
+        // A refusal of the part after the metadata names the caller's region
+        // (its length, not the part's).
+        .map_err(|e| match e {
+            Error::Region { .. } => Error::Region {
+                len,
+                reason: "too small: after the heap's metadata, at least 16 pages plus their metadata are needed",
+            },
+            e => e,
+        })?;
         // SAFETY: [start, rest) is part of the caller's exclusive region; it
         // is zeroed here as `build` requires.
         unsafe {
