@@ -633,7 +633,8 @@ unsafe impl GlobalAlloc for Global {
         let Some(c) = global_core() else {
             return core::ptr::null_mut();
         };
-        if stays_in_place(new_size, c.usable_size(p)) {
+        let usable = c.usable_size(p);
+        if stays_in_place(new_size, usable) {
             return ptr;
         }
         // SAFETY: GlobalAlloc's contract: the new layout is valid.
@@ -646,6 +647,13 @@ unsafe impl GlobalAlloc for Global {
                 core::ptr::copy_nonoverlapping(ptr, q, layout.size().min(new_size));
                 self.dealloc(ptr, layout);
             }
+        } else if new_size <= usable {
+            // No smaller block in this context (a nolock route): the block
+            // fits, and keeping it is better than failing a shrink, which
+            // `Vec::shrink_to_fit` turns into an abort (as `NoLock` does;
+            // the later free's layout names another class: see
+            // `Heap::free_sized`).
+            return ptr;
         }
         q
     }

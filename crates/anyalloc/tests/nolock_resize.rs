@@ -5,7 +5,7 @@
 
 use allocator_api2::alloc::Allocator;
 use allocator_api2::vec::Vec;
-use anyalloc::NoLock;
+use anyalloc::{Global, NoLock};
 use std::alloc::{GlobalAlloc, Layout};
 
 fn l(size: usize, align: usize) -> Layout {
@@ -111,5 +111,36 @@ fn global_alloc_realloc_of_nolock_is_in_place_when_it_fits() {
         assert!(!r.is_null());
         assert!((0..40).all(|i| *r.add(i) == 3));
         GlobalAlloc::dealloc(&NoLock, r, l(3000, 8));
+    }
+}
+
+/// `Global::realloc` on the nolock route (a nolock scope, a signal handler)
+/// keeps a block that fits when no smaller one is there, as `NoLock`'s
+/// shrink does: it returned null, and `Vec::shrink_to_fit` (or
+/// `into_boxed_slice`) aborted the process. A huge block shrunk below half
+/// its size needs a new mapping, which the nolock path never makes.
+#[test]
+fn global_realloc_shrink_on_the_nolock_route_keeps_a_block_that_fits() {
+    anyalloc::init().unwrap();
+    let old = l(16 << 20, 8);
+    let new = 5 << 20;
+    // SAFETY: each block is used with the layout it has.
+    unsafe {
+        let p = Global.alloc(old);
+        assert!(!p.is_null());
+        p.write_bytes(0x77, new);
+        let q = {
+            let _rt = anyalloc::nolock_scope();
+            Global.realloc(p, old, new)
+        };
+        assert_eq!(q, p, "kept: the nolock route has no 5 MiB block");
+        assert!((0..new).step_by(4093).all(|i| *q.add(i) == 0x77));
+        // Grown again within it on the nolock route: kept too.
+        let r = {
+            let _rt = anyalloc::nolock_scope();
+            Global.realloc(q, l(new, 8), 6 << 20)
+        };
+        assert_eq!(r, q, "fits: kept");
+        Global.dealloc(r, l(6 << 20, 8));
     }
 }
