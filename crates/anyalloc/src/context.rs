@@ -107,10 +107,16 @@ use core::sync::atomic::{compiler_fence, Ordering};
 /// number of locks it holds across the fork).
 #[cfg(feature = "std")]
 const DEPTH_ONE: u32 = 1;
-/// One level of `SCOPE`. Nesting 65,535 scopes deep would overflow into
-/// nothing worse than a wrong route.
+/// One level of `SCOPE`.
 #[cfg(feature = "std")]
 const SCOPE_ONE: u32 = 1 << 16;
+/// The lowest word whose `SCOPE` is full (65,535 open scopes). `SCOPE`
+/// saturates there and stays: a thread that opened that many (safe code
+/// can, by forgetting guards) is pinned to the nolock route for good,
+/// rather than wrapping round to "no scope" and taking the normal route,
+/// which can wait, inside a scope.
+#[cfg(feature = "std")]
+const SCOPE_FULL: u32 = !(SCOPE_ONE - 1);
 
 // ----- the word --------------------------------------------------------------
 
@@ -432,18 +438,26 @@ pub(crate) fn clear() -> bool {
 
 // ----- SCOPE ---------------------------------------------------------------------
 
-/// Opens a nolock scope on this thread.
+/// Opens a nolock scope on this thread (a full `SCOPE` stays full: see
+/// [`SCOPE_FULL`]).
 #[cfg(feature = "std")]
 pub(crate) fn scope_enter() {
-    word::store(word::load() + SCOPE_ONE);
+    let w = word::load();
+    if w < SCOPE_FULL {
+        word::store(w + SCOPE_ONE);
+    }
     fence();
 }
 
-/// Closes a nolock scope on this thread.
+/// Closes a nolock scope on this thread (a full `SCOPE` stays full: the
+/// scopes it lost count of may still be open).
 #[cfg(feature = "std")]
 pub(crate) fn scope_leave() {
     fence();
-    word::store(word::load() - SCOPE_ONE);
+    let w = word::load();
+    if w < SCOPE_FULL {
+        word::store(w - SCOPE_ONE);
+    }
 }
 
 /// Whether this thread is inside a nolock scope.

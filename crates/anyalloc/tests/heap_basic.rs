@@ -783,3 +783,27 @@ fn dropping_a_big_accounted_heap_skips_its_untouched_blocks() {
     assert_eq!(g.usage(), 0, "uncharged at drop");
     let _ = p;
 }
+
+/// Safe code can leave nolock scopes open for good (`mem::forget` of the
+/// guard). At 65,535 open scopes the count saturates and stays: the thread
+/// keeps taking the nolock route, as it did inside the first of them. (It
+/// used to wrap round to "no scope" at 65,536, sending the thread back to
+/// the normal route, which can wait; debug builds panicked on the
+/// overflow.)
+#[test]
+fn forgotten_nolock_scopes_never_wrap_round_to_none() {
+    std::thread::spawn(|| {
+        for _ in 0..70_000 {
+            std::mem::forget(anyalloc::nolock_scope());
+            assert!(anyalloc::in_nolock_scope());
+        }
+        // A guard opened and dropped at the limit leaves the scopes open.
+        drop(anyalloc::nolock_scope());
+        assert!(anyalloc::in_nolock_scope(), "the scope count wrapped round");
+        // Allocation still works there.
+        let b = Box::new([7u8; 100]);
+        assert_eq!(b[99], 7);
+    })
+    .join()
+    .unwrap();
+}
