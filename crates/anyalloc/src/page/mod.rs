@@ -129,11 +129,28 @@ fn growth_size(doubled: usize, headroom: Option<usize>) -> usize {
     }
 }
 
-/// Increments a per-slot counter; holding the slot's lock is the proof that
-/// a plain load + store is enough.
+/// Increments a per-slot counter of a held slot. A locked add: a counting
+/// pop aborted after its count, on another CPU, may be taking its count
+/// back from this slot's counter at the same time (see
+/// `sync::rseq::sheaf_pop`), which a plain load + store would undo.
 #[inline]
 pub(crate) fn bump(counter: &AtomicU64, _held: &crate::sync::SlotGuard<'_>) {
-    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The total of per-slot counters that the rseq pops count in: a count is
+/// taken back from the slot of the CPU its pop's thread runs on after the
+/// abort, not always the one it was added to, so a slot's own counter may
+/// run below zero (wrapping) and only the sum is meaningful. A sum read
+/// while pops run may see a take-back but not its count, one below the
+/// true total for a moment: below zero, it reads as 0.
+pub(crate) fn slot_count_total(counts: impl Iterator<Item = u64>) -> u64 {
+    let total = counts.fold(0u64, u64::wrapping_add);
+    if total > i64::MAX as u64 {
+        0
+    } else {
+        total
+    }
 }
 
 /// How the per-CPU fast paths (page lists, and a heap's object sheaves)
@@ -969,10 +986,11 @@ impl PageAllocator {
     /// How many blocks [`seq_alloc_heap_large`](Self::seq_alloc_heap_large)
     /// handed out (racy while they run).
     pub(crate) fn heap_large_nolock_ok(&self) -> u64 {
-        self.zones()
-            .flat_map(|z| z.slots())
-            .map(|s| s.heap_nolock_ok.load(Ordering::Relaxed))
-            .sum()
+        slot_count_total(
+            self.zones()
+                .flat_map(|z| z.slots())
+                .map(|s| s.heap_nolock_ok.load(Ordering::Relaxed)),
+        )
     }
 
     /// Whether `addr` lies in the first zone (its window: no zone pointer
@@ -1662,9 +1680,13 @@ fn zone_stats(s: &mut PageStats, zone: &Zone) {
     s.nolock_large_alloc_ok += zone.nolock_large_ok_locked.load(Ordering::Relaxed) as u64;
     for slot in zone.slots() {
         s.percpu_pages += slot.pages();
-        s.nolock_alloc_ok +=
-            slot.nolock_ok.load(Ordering::Relaxed) + slot.heap_nolock_ok.load(Ordering::Relaxed);
     }
+    s.nolock_alloc_ok += slot_count_total(zone.slots().flat_map(|slot| {
+        [
+            slot.nolock_ok.load(Ordering::Relaxed),
+            slot.heap_nolock_ok.load(Ordering::Relaxed),
+        ]
+    }));
 }
 
 #[cfg(all(test, feature = "std"))]

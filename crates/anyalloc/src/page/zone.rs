@@ -159,7 +159,9 @@ pub(crate) struct PcpSlot {
     /// changes both with one committing store (`sync::rseq`).
     lists: [AtomicU64; HEAP_PCP_ORDER as usize + 1],
     /// Nolock allocations served from this slot (updated under its lock,
-    /// or by a sequence on this slot's CPU).
+    /// or by a sequence on this slot's CPU), less the counts that aborted
+    /// pops took back here: only the sum over the slots is meaningful
+    /// (`page::slot_count_total`).
     pub(crate) nolock_ok: AtomicU64,
     /// Maintenance: for how many passes the slot's lists have not changed.
     idle: IdleWatch,
@@ -167,6 +169,7 @@ pub(crate) struct PcpSlot {
     /// fast path from this slot (by a sequence on this slot's CPU): the
     /// heap's share of the slot's nolock successes, which it counts as its
     /// own without a locked instruction (`PageAllocator::seq_alloc_heap_large`).
+    /// Summed like `nolock_ok`.
     pub(crate) heap_nolock_ok: AtomicU64,
 }
 

@@ -234,6 +234,9 @@ pub(crate) struct SheafSlot {
     /// at `top >= limit`, so every push fails until the slot is prepared.
     limit: AtomicUsize,
     spare: AtomicPtr<Sheaf>,
+    /// Nolock allocations served from this slot, less the counts that
+    /// aborted pops took back here: only the sum over the slots is
+    /// meaningful (`page::slot_count_total`).
     pub(crate) nolock_ok: AtomicU64,
     /// Set when a nolock allocation found this slot empty; the maintainer
     /// keeps such slots stocked. A normal allocation does not set it: its
@@ -1899,9 +1902,7 @@ impl Cache {
     }
 
     pub(crate) fn nolock_ok(&self) -> u64 {
-        self.slots()
-            .map(|s| s.nolock_ok.load(Ordering::Relaxed))
-            .sum::<u64>()
+        crate::page::slot_count_total(self.slots().map(|s| s.nolock_ok.load(Ordering::Relaxed)))
             + self.nolock_ok_slotless.load(Ordering::Relaxed)
     }
 

@@ -102,6 +102,63 @@ macro_rules! seq_abort {
     };
 }
 
+/// A counting pop's take-back (out of line, section `__rseq_failure`; the
+/// pop's abort handler jumps to its label 33 when the pop was aborted
+/// after its count): a sequence of its own, with its descriptor (label 30;
+/// section from label 31 to 32, abort handler 34), that subtracts 1 from
+/// the counter at offset `$counter` of the level-0 slot of the CPU the
+/// thread runs on *now*, then restarts the pop (label 23). The count the
+/// aborted pop added may be on another CPU's slot (the thread migrated):
+/// the counters are only ever summed, and a slot's counter is changed with
+/// plain instructions only by sequences on its own CPU, which the
+/// take-back, running there, never overlaps (a locked subtraction from
+/// another CPU could: a plain add overlapping it loses it). Its committing
+/// instruction is a locked subtraction, as a holder of the slot may be
+/// bumping the counter from another CPU (`page::bump`, locked). A CPU
+/// without a slot (which cannot happen while the pop could count: every
+/// possible CPU has one) takes the count back from the pop's slot (label
+/// 35, which the caller supplies). Operands: the register named `$r`
+/// (scratch), `off` (after the instructions given, if any, at the restart
+/// point); constants `RSEQ_CS`, `CPU_ID`, `SIG`.
+macro_rules! take_back {
+    (
+        $r:literal,
+        $cpus:literal,
+        $slots:literal,
+        $scale:literal,
+        $counter:literal
+        $(, $at_restart:literal)*
+    ) => {
+        concat!(
+            ".pushsection __rseq_cs, \"aw\"\n",
+            ".balign 32\n",
+            "30:\n",
+            ".long 0, 0\n",
+            ".quad 31f, 32f - 31f, 34f\n",
+            ".popsection\n",
+            ".pushsection __rseq_failure, \"ax\"\n",
+            "33:\n",
+            $($at_restart, "\n",)*
+            "lea {", $r, "}, [rip + 30b]\n",
+            "mov qword ptr fs:[{off} + {RSEQ_CS}], {", $r, "}\n",
+            "31:\n",
+            "mov {", $r, ":e}, dword ptr fs:[{off} + {CPU_ID}]\n",
+            "cmp {", $r, "}, ", $cpus, "\n",
+            "jae 35f\n",
+            $scale, "\n",
+            "add {", $r, "}, ", $slots, "\n",
+            "lock sub qword ptr [{", $r, "} + ", $counter, "], 1\n", // commit
+            "32:\n",
+            "jmp 23b\n",
+            ".byte 0x0f, 0xb9, 0x3d\n",
+            ".long {SIG}\n",
+            "34:\n",
+            "jmp 33b\n",
+            ".popsection\n",
+        )
+    };
+}
+
 use super::abi::{CPU_ID, RSEQ_CS, RSEQ_SIG};
 use super::layout::*;
 use super::SeqTarget;
@@ -124,8 +181,10 @@ const BUSY: usize = 1;
 ///          obj = *(top - 8)
 ///          if COUNT: slot.nolock_ok += 1  (this CPU only)
 ///          slot.top = top - 8             // commit
-/// abort:   if COUNT and the add ran: slot.nolock_ok -= 1 (locked), then
-///          restart
+/// abort:   if COUNT and the add ran: take_back (below), then restart
+/// take_back, a sequence of its own:
+///          cpu = rseq->cpu_id (where the thread runs now)
+///          slots[cpu].nolock_ok -= 1 (locked) // commit
 /// ```
 ///
 /// The slot holds a pointer into its main sheaf rather than the sheaf
@@ -134,17 +193,22 @@ const BUSY: usize = 1;
 /// main sheaf with the spare or the barn by changing `top` (no copy). The
 /// fast path runs as many instructions and loads as with a count.
 ///
-/// The counter is exact. A restart redoes the add, so an abort that lands
+/// The count is exact. A restart redoes the add, so an abort that lands
 /// between the add and the commit takes the first one back. The abort
 /// handler knows that case without a register of its own: `stc` before the
 /// object load sets CF, which only the add clears (the `dec` and the moves
 /// after it leave CF alone), and `obj` is 0 from the restart point until
 /// the object load gives it an address. So CF clear with `obj` not 0 means
-/// the add ran (the `lea` after it leaves the flags alone). The take-back
-/// is a locked subtraction: the thread may have migrated, and another CPU
-/// may be adding to that counter. Both variants commit the same way, with
-/// a store of the lowered `top` (an earlier form committed with a `dec` on
-/// memory, and took 0.1-0.3 ns more per nolock pair).
+/// the add ran (the `lea` after it leaves the flags alone). The thread may
+/// have migrated since the add, and the slot's CPU may be running pops
+/// that add to the counter with a plain `add`, which a locked subtraction
+/// from here would not be atomic with (measured: a few counts lost in
+/// seconds of pops on threads moved between two CPUs). So the take-back is
+/// a sequence of its own (`take_back!`) on the CPU the thread runs on, from
+/// that CPU's slot: no pop there can overlap it, and the slots' counters
+/// are only summed (`page::slot_count_total`). Both variants commit the
+/// same way, with a store of the lowered `top` (an earlier form committed
+/// with a `dec` on memory, and took 0.1-0.3 ns more per nolock pair).
 ///
 /// A closed fast path is a CPU count of 0 (a heap without rseq, or a
 /// cache whose normal path is closed): the section fails at its CPU test,
@@ -199,9 +263,20 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
                 "jc 23b",
                 "test {obj}, {obj}",
                 "jz 23b",
-                "lock sub qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
+                "jmp 33f",
                 ".endif"
             ),
+            // The take-back, a sequence of its own on the CPU the thread
+            // runs on now (see the function's documentation); `n` is
+            // scratch until the pop restarts.
+            ".if {COUNT}",
+            take_back!("n", "{cpus}", "{slots}", "shl {n}, {SHIFT}", "{SLOT_NOLOCK_OK}"),
+            ".pushsection __rseq_failure, \"ax\"",
+            "35:",
+            "lock sub qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
+            "jmp 23b",
+            ".popsection",
+            ".endif",
             ".pushsection __rseq_failure, \"ax\"",
             "25:",
             "xor {obj:e}, {obj:e}",
@@ -320,11 +395,12 @@ const _: () = assert!(
 ///                                          `PCP_HEAP_NOLOCK_OK` for a
 ///                                          heap's large block)
 ///          slot.lists[order] = (count - 1) << 32 | next   // commit
-/// abort:   if COUNT and the add ran: slot.counter -= 1 (locked), then
-///          restart
+/// abort:   if COUNT and the add ran: take the count back from the
+///          counter of the slot of the CPU the thread runs on now (a
+///          sequence of its own, as in sheaf_pop), then restart
 /// ```
 ///
-/// The counter is exact, as in [`sheaf_pop`]. Here the marker is `off`:
+/// The count is exact, as in [`sheaf_pop`]. Here the marker is `off`:
 /// set to -1 right after `stc` and before the add. No other value of `off`
 /// is -1 (the rseq offset is 32-byte aligned, and indices are zero-extended
 /// 32-bit values).
@@ -390,9 +466,26 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
                 "jc 23b",
                 "cmp {off}, -1",
                 "jne 23b",
-                "lock sub qword ptr [{t} + {COUNTER}], 1",
+                "jmp 33f",
                 ".endif"
             ),
+            // The take-back, as in `sheaf_pop` (`w` is scratch until the
+            // pop restarts; `off` is reloaded first, the pop reused it).
+            ".if {COUNT}",
+            take_back!(
+                "w",
+                "qword ptr [{tg} + {T_CPUS}]",
+                "qword ptr [{tg} + {T_SLOTS}]",
+                "shl {w}, {STRIDE_SHIFT}",
+                "{COUNTER}",
+                "mov {off}, qword ptr [{tg} + {T_OFF}]"
+            ),
+            ".pushsection __rseq_failure, \"ax\"",
+            "35:",
+            "lock sub qword ptr [{t} + {COUNTER}], 1",
+            "jmp 23b",
+            ".popsection",
+            ".endif",
             ".pushsection __rseq_failure, \"ax\"",
             "25:",
             "mov {idx:e}, -1",
