@@ -3,10 +3,10 @@
 //! Exports the C allocation functions (`malloc`, `free`, `calloc`,
 //! `realloc`, `reallocarray`, `posix_memalign`, `aligned_alloc`, `memalign`,
 //! `valloc`, `pvalloc`, `malloc_usable_size`, C23's `free_sized` and
-//! `free_aligned_sized`, glibc's `__libc_*` names) and glibc's malloc
-//! control and statistics interface (`malloc_trim`, `mallinfo2`, `mallinfo`,
-//! `malloc_stats`, `malloc_info`, `mallopt`) over the process-wide
-//! [`anyalloc`] heap, plus the explicit any-context calls of
+//! `free_aligned_sized`, glibc's `__libc_*` names, the compat `cfree`) and
+//! glibc's malloc control and statistics interface (`malloc_trim`,
+//! `mallinfo2`, `mallinfo`, `malloc_stats`, `malloc_info`, `mallopt`) over
+//! the process-wide [`anyalloc`] heap, plus the explicit any-context calls of
 //! `include/anyalloc.h`. Link it, or load it with `LD_PRELOAD`; see the
 //! crate's README for semantics and limits.
 //!
@@ -640,6 +640,20 @@ pub extern "C" fn __libc_valloc(size: usize) -> *mut c_void {
 #[no_mangle]
 pub extern "C" fn __libc_pvalloc(size: usize) -> *mut c_void {
     pvalloc(size)
+}
+
+/// The old `cfree(3)`: [`free`]. glibc keeps it as a compat symbol
+/// (`cfree@GLIBC_2.2.5`, an alias of its own free) for programs linked
+/// before 2.26; without this definition their `cfree` reached glibc's
+/// free with a block of this library and aborted ("free(): invalid
+/// pointer"). The unversioned definition binds their versioned reference.
+///
+/// # Safety
+/// As for [`free`].
+#[no_mangle]
+pub unsafe extern "C" fn cfree(p: *mut c_void) {
+    // SAFETY: forwarded contract.
+    unsafe { free(p) }
 }
 
 // ----- the explicit any-context calls (include/anyalloc.h) ----------------------

@@ -657,3 +657,29 @@ fn free_sized_with_a_wrong_size() {
         }
     }
 }
+
+/// A program linked before glibc 2.26 frees with `cfree`, which binds to
+/// glibc's compat `cfree@GLIBC_2.2.5` (its own free) unless this library
+/// defines one: preloaded, such a program aborted on its first `cfree`
+/// ("free(): invalid pointer"). Preloaded and linked.
+#[test]
+fn cfree_of_an_old_binary_frees_through_anyalloc() {
+    if !cfg!(all(
+        target_env = "gnu",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )) {
+        return;
+    }
+    let plain_exe = compile::<&str>(&["cfree.c"], "cfree", &[]);
+    let linked_exe = compile(&["cfree.c"], "cfree_linked", &link_args());
+    for (how, cmd) in [
+        ("preloaded", preloaded(&plain_exe)),
+        ("linked", std::process::Command::new(&linked_exe)),
+    ] {
+        let o = run(cmd, TIMEOUT);
+        print!("{how}: {}", o.stdout);
+        eprint!("{}", o.stderr);
+        assert!(o.success(), "cfree ({how}): {}", o.describe());
+        assert!(o.stdout.contains("cfree: ok"), "{}", o.stdout);
+    }
+}
