@@ -683,3 +683,22 @@ fn cfree_of_an_old_binary_frees_through_anyalloc() {
         assert!(o.stdout.contains("cfree: ok"), "{}", o.stdout);
     }
 }
+
+/// A thread with a pending `pthread_cancel` allocates until the heap grows
+/// under a limit on address space: `malloc` is no cancellation point (as
+/// glibc's), so the thread is not cancelled inside it. Growth read
+/// `/proc/self/statm` with libc's `open`/`read`, cancellation points: the
+/// thread was cancelled there with the growth lock held, and the next
+/// growth waited for ever.
+#[test]
+fn malloc_is_no_cancellation_point() {
+    let exe = compile::<&str>(&["cancel.c"], "cancel", &["-pthread"]);
+    let mut cmd = preloaded(&exe);
+    cmd.env("ANYALLOC_MEMORY", "16m");
+    let o = run(cmd, TIMEOUT);
+    print!("{}", o.stdout);
+    eprint!("{}", o.stderr);
+    assert!(o.success(), "cancel: {} {}", o.describe(), o.stdout);
+    assert!(o.stdout.contains("cancel: worker finished"), "{}", o.stdout);
+    assert!(o.stdout.contains("cancel: ok"), "{}", o.stdout);
+}

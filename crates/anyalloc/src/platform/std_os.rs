@@ -233,9 +233,33 @@ impl Platform for StdPlatform {
 /// The start of the file at `path`, read into `buf` with raw `open`/`read`
 /// (no allocation, unlike `std::fs`): at most `buf.len()` bytes, from one
 /// `read`. `None` when it cannot be opened or read, or is empty.
+///
+/// On Linux the three calls are system calls made with `syscall(2)`, not
+/// libc's `open`, `read` and `close`: those are cancellation points, and
+/// this runs under the heap's locks (zone growth reads `/proc/self/statm`
+/// under a limit on address space). A thread with a pending
+/// `pthread_cancel` was cancelled there, inside `malloc`, the lock left
+/// held, and the next growth waited for ever. glibc's malloc has no
+/// cancellation point.
 pub(crate) fn read_small_file<'a>(path: &core::ffi::CStr, buf: &'a mut [u8]) -> Option<&'a [u8]> {
     // SAFETY: a NUL-terminated path; `read` writes at most `buf.len()`
-    // bytes into `buf`; the descriptor is closed before returning.
+    // bytes into `buf`; the descriptor is closed before returning. Every
+    // `syscall` argument is passed as the `long` it reads.
+    #[cfg(target_os = "linux")]
+    let n = unsafe {
+        use libc::{c_long, syscall};
+        let flags = c_long::from(libc::O_RDONLY | libc::O_CLOEXEC);
+        let at = c_long::from(libc::AT_FDCWD);
+        let fd = syscall(libc::SYS_openat, at, path.as_ptr(), flags);
+        if fd < 0 {
+            return None;
+        }
+        let n = syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len());
+        syscall(libc::SYS_close, fd);
+        n
+    };
+    // SAFETY: as above.
+    #[cfg(not(target_os = "linux"))]
     let n = unsafe {
         let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
         if fd < 0 {
