@@ -807,3 +807,75 @@ fn forgotten_nolock_scopes_never_wrap_round_to_none() {
     .join()
     .unwrap();
 }
+
+/// `Platform::cpu_count` is read once when a heap is made over a region,
+/// as its documentation says: a platform whose count changes between calls
+/// (CPUs brought online meanwhile; the freestanding example's count comes
+/// from the thread's affinity mask) gets a heap whose metadata and page
+/// allocator agree on one count. (`Heap::from_region` read it twice: the
+/// heap's metadata was laid out for the first count and the page allocator
+/// got the second, so a larger second count made the caches' per-CPU slots
+/// and sheaves run past the metadata into the zone's pages, where they were
+/// handed out as memory and overwritten.)
+#[test]
+fn a_region_heap_reads_the_cpu_count_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Hotplug;
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    impl anyalloc::Platform for Hotplug {
+        fn cpu_id(&self) -> usize {
+            0
+        }
+        fn cpu_count(&self) -> usize {
+            // One CPU at the first call, 64 at every later one.
+            if CALLS.fetch_add(1, Ordering::Relaxed) == 0 {
+                1
+            } else {
+                64
+            }
+        }
+    }
+    static PLATFORM: Hotplug = Hotplug;
+    let len = 32 << 20;
+    let buf: &'static mut [u8] = Box::leak(vec![0u8; len].into_boxed_slice());
+    let region = NonNull::new(buf.as_mut_ptr()).unwrap();
+    // SAFETY: the region is the leaked buffer, which nothing else uses and
+    // which is never freed.
+    let heap = unsafe { Heap::from_region(region, len, &PLATFORM, Config::default()) }.unwrap();
+    assert_eq!(
+        CALLS.load(Ordering::Relaxed),
+        1,
+        "cpu_count read more than once"
+    );
+    assert_eq!(
+        heap.pages().cpus(),
+        1,
+        "the page allocator's count is not the heap's"
+    );
+    // Every page handed out is overwritten: nothing of the heap lives there.
+    let pages = heap.pages();
+    let mut held = Vec::new();
+    while let Some(p) = pages.alloc_pages(0) {
+        fill(p, PAGE_SIZE, 0xa5);
+        held.push(p);
+    }
+    for p in held {
+        // SAFETY: allocated above with order 0, freed once.
+        unsafe { pages.free_pages(p, 0) };
+    }
+    let mut objs = Vec::new();
+    for size in (8..=8192).step_by(40) {
+        let l = Layout::from_size_align(size, 8).unwrap();
+        for p in [heap.alloc(l).unwrap(), heap.alloc_nolock(l).unwrap()] {
+            fill(p, size, size as u8);
+            objs.push((p, size));
+        }
+    }
+    for (p, size) in objs {
+        check(p, size, size as u8);
+        // SAFETY: allocated above, freed once.
+        unsafe { heap.free(p) };
+    }
+    let s = heap.stats();
+    assert_eq!((s.objects_in_use, s.large_in_use), (0, 0), "{s:?}");
+}

@@ -484,12 +484,14 @@ impl Heap {
             });
         }
         // SAFETY: [rest, end) is part of the caller's exclusive region.
+        // With the count the metadata was laid out for: the platform's
+        // count is read once (it may change between calls).
         let pages = unsafe {
             PageAllocator::from_region(
                 NonNull::new_unchecked(rest as *mut u8),
                 end - rest,
                 platform,
-                config,
+                config.cpus(cpus),
             )
         }
         // A refusal of the part after the metadata names the caller's region
