@@ -68,9 +68,10 @@ pub enum Violation {
     NormalPathInIrq,
     IrqPriority,
     Leak,
+    TooLarge,
 }
 
-const REASONS: [&str; 8] = [
+const REASONS: [&str; 9] = [
     "",
     "a main-loop block failed its pattern check",
     "a block from the low IRQ failed its pattern check in the main loop",
@@ -79,6 +80,7 @@ const REASONS: [&str; 8] = [
     "the normal path was called in interrupt context",
     "the low-priority IRQ interrupted the high-priority one",
     "memory was not all back in the heap at the end",
+    "a request above 4 MiB was not refused at once (without std nothing serves it)",
 ];
 
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
@@ -186,6 +188,19 @@ fn parse(mut args: sys::Args) -> Option<Options> {
 /// The main loop: normal-context churn of blocks from 16 B to 1 MiB,
 /// receive and transmit queues, deferred maintenance every 10 ms.
 fn run(heap: &anyalloc::Heap, o: &Options) {
+    // Above 4 MiB (`mmap` with std) nothing can serve a request: it is
+    // refused at once, without running reclaim (every shrinker, every
+    // CPU's caches drained) for nothing.
+    let reclaims = heap.stats().reclaims;
+    let too_large = core::alloc::Layout::from_size_align(8 << 20, 8).expect("a valid layout");
+    let group = anyalloc::Group::new("boot", None, None);
+    if heap.alloc(too_large).is_some()
+        || heap.alloc_in(too_large, &group).is_some()
+        || heap.stats().reclaims != reclaims
+    {
+        violation(Violation::TooLarge);
+    }
+    drop(group);
     let start = sys::now_ns();
     let end = start + o.seconds * 1_000_000_000;
     let mut next_maintain = start;

@@ -1062,6 +1062,9 @@ impl HeapCore {
         if crate::context::nested() {
             return self.alloc_nolock(layout);
         }
+        if never_served(layout) {
+            return None;
+        }
         self.pages.take_reclaim_request();
         self.reclaim();
         self.alloc_once(layout, 0)
@@ -1650,6 +1653,9 @@ impl HeapCore {
             }
             return Some(p);
         }
+        if never_served(layout) {
+            return None;
+        }
         // Over a limit or out of memory: reclaim once, then retry. The
         // per-CPU stocks of every group of the tree are returned to the
         // counters before (credit parked on other CPUs and in other groups
@@ -2101,6 +2107,17 @@ fn free_key(seed: usize) -> usize {
     return (x as usize & ((1 << 48) - 1)) | 0xa5c3 << 48;
     #[cfg(not(target_pointer_width = "64"))]
     return x as usize | 3; // never 4-aligned: never an object's address
+}
+
+/// Whether no allocation of `layout` can ever succeed, so that a miss
+/// must not reclaim: without std, a request above 4 MiB (`mmap` with std)
+/// has nothing to serve it, and running every shrinker and draining every
+/// CPU's caches would only empty them for nothing.
+#[inline]
+fn never_served(layout: Layout) -> bool {
+    !cfg!(feature = "std")
+        && class::class_for(layout.size(), layout.align()).is_none()
+        && large_order(layout).is_none()
 }
 
 /// The page order serving a large request, or `None` beyond MAX_ORDER.
