@@ -78,9 +78,16 @@ pub trait Platform: Sync {
 
     /// An id of the current thread (or context) that no other live thread
     /// shares, for the zone lock's owner word; 0 (the default) means
-    /// unknown: then a context that waits for a lock its own thread holds is
-    /// not caught. Any context. With std the crate uses its own thread id
+    /// unknown. Any context. With std the crate uses its own thread id
     /// and never calls this.
+    ///
+    /// It is a backstop, not a router: with an id, a normal-path call that
+    /// waits for a zone lock its own thread holds (an interrupt handler
+    /// that interrupted the holder) stops with [`fatal`](Self::fatal)
+    /// instead of hanging, except in the instant between the holder's
+    /// acquisition and its store of the owner word, where it still hangs.
+    /// Without an id it always hangs. Route handlers to the nolock calls
+    /// either way.
     fn thread_id(&self) -> usize {
         0
     }
