@@ -1,0 +1,127 @@
+//! The exact public names the resolved issues promised (2: pages, 3: heap,
+//! 4: `Global`/`NoLock`/scope, 5: accounting and reclaim, 12: the
+//! no-syscall nolock option, 14: nolock for every order). Checks by other
+//! crates, examples and users depend on these spellings and signatures: this
+//! test fails to compile when one is renamed or removed, and at run time when
+//! a constant's value or a promised behaviour drifts.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use anyalloc::{
+    ClassStats, Config, Error, Global, Group, Heap, HeapStats, NoLock, NoLockScope, PageAllocator,
+    PageStats, Platform, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER,
+};
+
+/// `from_region`'s shape, for the page allocator and the heap.
+type FromRegion<T> =
+    unsafe fn(NonNull<u8>, usize, &'static dyn Platform, Config) -> Result<T, Error>;
+/// `Group::new`'s shape.
+type NewGroup = fn(&str, Option<usize>, Option<&Arc<Group>>) -> Arc<Group>;
+
+fn send_sync<T: Send + Sync>() {}
+fn global_alloc<T: GlobalAlloc>() {}
+fn allocator<T: allocator_api2::alloc::Allocator>() {}
+
+/// Issue 2: the page allocator's names and signatures.
+#[test]
+fn page_allocator_names() {
+    assert_eq!(PAGE_SIZE, 4096);
+    assert_eq!(MAX_ORDER, 10);
+    assert_eq!(PCP_MAX_ORDER, 3);
+    send_sync::<PageAllocator>();
+    let _: fn(Config) -> Result<PageAllocator, Error> = PageAllocator::new;
+    let _: fn(&PageAllocator, u32) -> Option<NonNull<u8>> = PageAllocator::alloc_pages;
+    let _: fn(&PageAllocator, u32) -> Option<NonNull<u8>> = PageAllocator::alloc_pages_nolock;
+    let _: unsafe fn(&PageAllocator, NonNull<u8>, u32) = PageAllocator::free_pages;
+    let _: unsafe fn(&PageAllocator, NonNull<u8>, u32) = PageAllocator::free_pages_nolock;
+    let _: fn(&PageAllocator) = PageAllocator::drain;
+    let _: fn(&PageAllocator) -> PageStats = PageAllocator::stats;
+    let _: FromRegion<PageAllocator> = PageAllocator::from_region;
+    let _: Config = Config::default().memory(16 << 20).cpus(2);
+    let s = PageStats::default();
+    let _: (usize, usize, usize, usize) = (
+        s.total_pages,
+        s.free_pages,
+        s.percpu_pages,
+        s.deferred_pages,
+    );
+    let _: (u64, u64, u64, u64) = (
+        s.nolock_alloc_ok,
+        s.nolock_alloc_fail_busy,
+        s.nolock_alloc_fail_empty,
+        s.nolock_free_deferred,
+    );
+}
+
+/// Issues 3 and 5: the heap's names and signatures.
+#[test]
+fn heap_names() {
+    send_sync::<Heap>();
+    let _: fn(Config) -> Result<Heap, Error> = Heap::new;
+    let _: fn(&Heap) -> &PageAllocator = Heap::pages;
+    let _: fn(&Heap, Layout) -> Option<NonNull<u8>> = Heap::alloc;
+    let _: fn(&Heap, Layout) -> Option<NonNull<u8>> = Heap::alloc_nolock;
+    let _: unsafe fn(&Heap, NonNull<u8>) = Heap::free;
+    let _: unsafe fn(&Heap, NonNull<u8>) = Heap::free_nolock;
+    let _: fn(&Heap, NonNull<u8>) -> usize = Heap::usable_size;
+    let _: fn(&Heap) = Heap::drain;
+    let _: fn(&Heap) -> HeapStats = Heap::stats;
+    let _: fn(&Heap, Layout, &Arc<Group>) -> Option<NonNull<u8>> = Heap::alloc_in;
+    let _: fn(&Heap, Layout, &Arc<Group>) -> Option<NonNull<u8>> = Heap::alloc_nolock_in;
+    let _: fn(&Heap) = Heap::maintain;
+    let _: FromRegion<Heap> = Heap::from_region;
+    send_sync::<Group>();
+    let _: NewGroup = Group::new;
+    let _: fn(&Group) -> usize = Group::usage;
+    let _: fn(&Group) -> usize = Group::peak;
+    let _: fn(&Group) -> u64 = Group::failcnt;
+    let _: Config = Config::default()
+        .maintenance(false)
+        .nolock_syscalls(false)
+        .min_reserve(0);
+
+    let heap = Heap::new(
+        Config::default()
+            .memory(16 << 20)
+            .cpus(1)
+            .maintenance(false),
+    )
+    .unwrap();
+    heap.register_shrinker(|_want: usize| -> usize { 0 });
+    let s: HeapStats = heap.stats();
+    let c: &ClassStats = &s.classes[0];
+    let _ = (
+        s.nolock_alloc_ok,
+        s.nolock_alloc_fail_busy,
+        s.nolock_alloc_fail_empty,
+    );
+    let _ = (
+        c.objects_in_use,
+        c.slabs,
+        c.cached_in_sheaves,
+        c.cached_in_barn,
+        c.deferred,
+    );
+    // Issue 14: nolock objects up to 4 MiB; above, `None`.
+    let p = heap
+        .alloc_nolock(Layout::from_size_align(4 << 20, 8).unwrap())
+        .expect("a 4 MiB nolock object");
+    // SAFETY: allocated above, freed once.
+    unsafe { heap.free_nolock(p) };
+    assert!(heap
+        .alloc_nolock(Layout::from_size_align((4 << 20) + 1, 8).unwrap())
+        .is_none());
+}
+
+/// Issue 4: `Global`, `NoLock` and the nolock scope.
+#[test]
+fn global_names() {
+    global_alloc::<Global>();
+    global_alloc::<NoLock>();
+    allocator::<NoLock>();
+    let _: fn() -> NoLockScope = anyalloc::nolock_scope;
+    let b = allocator_api2::boxed::Box::try_new_in(7u64, NoLock).expect("nolock box");
+    assert_eq!(*b, 7);
+}
