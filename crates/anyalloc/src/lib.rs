@@ -136,8 +136,10 @@ pub const MAX_ORDER: u32 = 10;
 /// The highest order kept on per-CPU page lists (32 KiB, the kernel's
 /// costly order): blocks up to it are cached per CPU and context level.
 pub const PCP_MAX_ORDER: u32 = 3;
-/// Formerly the nolock path's limit (order 3). The nolock path now serves
-/// every order up to [`MAX_ORDER`]; the per-CPU limit is [`PCP_MAX_ORDER`].
-#[deprecated(note = "the nolock path serves every order up to MAX_ORDER; \
+/// The highest order the nolock path serves: [`MAX_ORDER`], as for the
+/// normal path (it was 3, the per-CPU lists' limit, before the nolock path
+/// served every order; that limit is [`PCP_MAX_ORDER`]). A nolock request
+/// above it gets `None`.
+#[deprecated(note = "equals MAX_ORDER, the nolock path's limit now; \
                      the per-CPU list limit is PCP_MAX_ORDER")]
-pub const NOLOCK_MAX_ORDER: u32 = PCP_MAX_ORDER;
+pub const NOLOCK_MAX_ORDER: u32 = MAX_ORDER;

@@ -5,13 +5,15 @@
 //! test fails to compile when one is renamed or removed, and at run time when
 //! a constant's value or a promised behaviour drifts.
 
+#![allow(deprecated)] // NOLOCK_MAX_ORDER is deprecated, not gone
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use anyalloc::{
     ClassStats, Config, Error, Global, Group, Heap, HeapStats, NoLock, NoLockScope, PageAllocator,
-    PageStats, Platform, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER,
+    PageStats, Platform, MAX_ORDER, NOLOCK_MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER,
 };
 
 /// `from_region`'s shape, for the page allocator and the heap.
@@ -53,6 +55,24 @@ fn page_allocator_names() {
         s.nolock_alloc_fail_empty,
         s.nolock_free_deferred,
     );
+}
+
+/// Issue 14: "`NOLOCK_MAX_ORDER` becomes `MAX_ORDER`": the nolock path
+/// serves every order up to it, and issue 2's "nolock order above
+/// NOLOCK_MAX_ORDER: `None`" still holds.
+#[test]
+fn nolock_max_order_is_max_order() {
+    assert_eq!(NOLOCK_MAX_ORDER, MAX_ORDER);
+    let pa = PageAllocator::new(Config::default().memory(16 << 20).cpus(1).grow(false)).unwrap();
+    let p = pa
+        .alloc_pages_nolock(NOLOCK_MAX_ORDER)
+        .expect("the nolock path serves orders up to NOLOCK_MAX_ORDER");
+    // SAFETY: allocated above with this order, freed once.
+    unsafe { pa.free_pages_nolock(p, NOLOCK_MAX_ORDER) };
+    assert!(pa.alloc_pages_nolock(NOLOCK_MAX_ORDER + 1).is_none());
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages);
 }
 
 /// Issues 3 and 5: the heap's names and signatures.
