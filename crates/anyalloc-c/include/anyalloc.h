@@ -51,7 +51,7 @@ void anyalloc_free_nolock(void *ptr);
  * anyalloc_nolock_exit(), every allocation function called by this thread
  * (malloc, free, calloc, realloc, ... included) takes the nolock path. For
  * real-time code: nothing in the scope waits or makes a system call, and
- * allocations may fail (large ones always do). Scopes nest.
+ * allocations may fail (those above 4 MiB always do). Scopes nest.
  */
 void anyalloc_nolock_enter(void);
 
