@@ -584,11 +584,10 @@ impl PageAllocator {
     pub(crate) fn locate_known(&self, addr: usize) -> (usize, &Zone, u32) {
         match self.locate_indexed(addr) {
             Some(found) => found,
-            None => self.fatal(
-                FatalMessage::new()
-                    .text("anyalloc: internal error: ")
-                    .hex(addr)
-                    .text(" should be managed memory"),
+            None => self.fatal_at(
+                "anyalloc: internal error: ",
+                addr,
+                " should be managed memory",
             ),
         }
     }
@@ -1531,6 +1530,18 @@ impl PageAllocator {
     #[cold]
     pub(crate) fn fatal(&self, mut msg: FatalMessage) -> ! {
         self.platform.fatal(msg.line())
+    }
+
+    /// `fatal` with the line `before`, `addr` in hexadecimal, `after`,
+    /// built in this function's own frame. For the checks of the nolock
+    /// paths' hot functions: a message built in place is a 512-byte buffer
+    /// (copied once per builder call) in *their* frames, reserved on every
+    /// call, fatal or not, which nested handlers on a small alternate
+    /// signal stack pay for.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn fatal_at(&self, before: &str, addr: usize, after: &str) -> ! {
+        self.fatal(FatalMessage::new().text(before).hex(addr).text(after))
     }
 
     // ----- maintenance ------------------------------------------------------

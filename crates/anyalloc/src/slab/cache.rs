@@ -1472,11 +1472,7 @@ impl Cache {
         mode: Mode,
     ) -> Result<(), Fail> {
         if slot.main_last() == obj {
-            pages.fatal(
-                crate::platform::FatalMessage::new()
-                    .text("anyalloc: double free of object ")
-                    .hex(obj),
-            );
+            pages.fatal_at("anyalloc: double free of object ", obj, "");
         }
         if slot.main_push(obj, g) {
             return Ok(());
@@ -1676,11 +1672,10 @@ impl Cache {
         if inuse == 0 {
             // More objects came back than went out: a double free that the
             // key did not catch (two racing frees of one object).
-            pages.fatal(
-                crate::platform::FatalMessage::new()
-                    .text("anyalloc: double free of object ")
-                    .hex(obj)
-                    .text(" (its slab has no object in use)"),
+            pages.fatal_at(
+                "anyalloc: double free of object ",
+                obj,
+                " (its slab has no object in use)",
             );
         }
         // SAFETY: `obj` is a free object of this slab (validated by the
@@ -2204,11 +2199,7 @@ impl Cache {
         } else {
             let old = w.fetch_and(!bit, Ordering::AcqRel);
             if old & bit == 0 {
-                pages.fatal(
-                    crate::platform::FatalMessage::new()
-                        .text("anyalloc: double free of object ")
-                        .hex(addr),
-                );
+                pages.fatal_at("anyalloc: double free of object ", addr, "");
             }
         }
     }
