@@ -72,7 +72,9 @@ const VIA_GLOBAL: u64 = 1;
 /// 64 KiB, then every 64th, and the last. Sizes are at least 16.
 fn words(size: usize) -> impl Iterator<Item = usize> {
     let n = size / 8;
-    (2..n).filter(move |&i| i < 8192 || i % 64 == 0 || i + 1 == n)
+    (2..n.min(8192))
+        .chain((8192..n).step_by(64))
+        .chain((n > 8192 && !(n - 1).is_multiple_of(64)).then(|| n - 1))
 }
 
 /// Fills a block.
@@ -297,6 +299,10 @@ unsafe fn resize_block(h: usize, new: usize, nolock: bool, force_nest: Option<i3
 
 // ----- the handlers --------------------------------------------------------------
 
+/// Divides the run's counts, and multiplies the timers' periods, in a debug
+/// build (unoptimised code with every check is many times slower).
+const SCALE: u64 = if cfg!(debug_assertions) { 20 } else { 1 };
+
 const MAX_THREADS: usize = 4;
 const STASH: usize = 12;
 /// Per thread: the blocks its handlers and itself share.
@@ -368,8 +374,8 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 fn worker(t: usize, steps: u64, signals: u64) {
     let a = SIG_A.load(Relaxed) as i32;
     let timers = (
-        ThreadTimer::start(a, Duration::from_micros(250), t).expect("timer A"),
-        ThreadTimer::start(a + 1, Duration::from_micros(370), t).expect("timer B"),
+        ThreadTimer::start(a, Duration::from_micros(250 * SCALE), t).expect("timer A"),
+        ThreadTimer::start(a + 1, Duration::from_micros(370 * SCALE), t).expect("timer B"),
     );
     let stash = &STASHES[t];
     let mut vecs: Vec<Vec<u64>> = Vec::new();
@@ -437,11 +443,20 @@ fn resizes_in_handlers() {
     std::thread::spawn(|| worker(MAX_THREADS - 1, 1, 0))
         .join()
         .unwrap();
+    // The baseline after two maintenance passes: the maintenance thread's
+    // first passes set up state of their own, which is no leak of the storm.
+    let passes = heap.stats().maintenance_passes;
+    for _ in 0..300 {
+        if heap.stats().maintenance_passes >= passes + 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     heap.drain();
     let before = heap.stats();
     ACTIVE.store(true, Relaxed);
     let workers: Vec<_> = (0..2)
-        .map(|t| std::thread::spawn(move || worker(t, 800, 1_500)))
+        .map(|t| std::thread::spawn(move || worker(t, 800 / SCALE, 3_000 / SCALE)))
         .collect();
     for w in workers {
         w.join().unwrap();
@@ -453,8 +468,23 @@ fn resizes_in_handlers() {
             unsafe { free_block(h, false) };
         }
     }
-    heap.drain();
-    let after = heap.stats();
+    // The counters are exact only with nothing moving objects: the
+    // maintenance thread may be in a pass. A leak stays; a pass ends.
+    let mut after = heap.stats();
+    for _ in 0..100 {
+        heap.drain();
+        after = heap.stats();
+        let same = (after.objects_in_use, after.large_in_use, after.huge_in_use)
+            == (
+                before.objects_in_use,
+                before.large_in_use,
+                before.huge_in_use,
+            );
+        if same {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let load = |x: &AtomicU64| x.load(Relaxed);
     let (res, res_ok) = (load(&C.resizes), load(&C.resize_ok));
     let (al, al_ok) = (load(&C.allocs), load(&C.alloc_ok));
@@ -472,14 +502,16 @@ fn resizes_in_handlers() {
         load(&C.violations),
     );
     println!(
-        "heap before/after: objects {}/{}, large {}/{}, huge {}/{}; nolock ok {}, busy {}, \
-         empty {}, too large {}",
+        "heap before/after: objects {}/{}, large {}/{}, huge {}/{}, maintenance passes {}/{}; \
+         nolock ok {}, busy {}, empty {}, too large {}",
         before.objects_in_use,
         after.objects_in_use,
         before.large_in_use,
         after.large_in_use,
         before.huge_in_use,
         after.huge_in_use,
+        before.maintenance_passes,
+        after.maintenance_passes,
         after.nolock_alloc_ok,
         after.nolock_alloc_fail_busy,
         after.nolock_alloc_fail_empty,
@@ -490,7 +522,7 @@ fn resizes_in_handlers() {
         0,
         "pattern, zeroing or alignment violations"
     );
-    assert!(load(&C.signals) >= 3_000, "the storm happened");
+    assert!(load(&C.signals) >= 6_000 / SCALE, "the storm happened");
     assert!(load(&C.nested) > 0, "the two signals never nested");
     assert!(
         load(&C.inside) > 0,
