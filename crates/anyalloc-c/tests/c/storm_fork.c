@@ -3,17 +3,20 @@
  * _exits), posix_spawn of `true` and, now and then, system(), while a
  * per-thread timer interrupts them with a handler that allocates and frees
  * and, now and then, forks itself (its child allocates and frees too; the
- * handler waits for it). CHURNERS threads keep the heap's locks busy, and
- * the main thread, under its own timer, loops on calls that allocate inside
- * libc: getaddrinfo, strdup, qsort, printf to an open_memstream.
+ * handler waits for it) or runs posix_spawn and system. CHURNERS threads
+ * keep the heap's locks busy, and the main thread, under its own timer,
+ * loops on calls that allocate inside libc: getaddrinfo, strdup, qsort,
+ * printf to an open_memstream.
  *
  * Every child must exit 0; every block's pattern is checked before it is
- * freed. A handler forks only when it did not interrupt its thread's own
- * fork, posix_spawn or system (glibc's fork takes its atfork lock, a plain
- * lock, for the whole fork: a fork from a handler that interrupted one on
- * the same thread waits for itself inside glibc, whatever the allocator).
- * Bounded by counts; alarm(WATCHDOG) turns a hang into a failure, in the
- * parent and in every child. Usage: storm_fork [ITERS].
+ * freed. A handler forks or spawns only when it did not interrupt its
+ * thread's own fork, posix_spawn or system (glibc's fork holds its
+ * atfork_lock, a plain lock, for the whole fork: a fork from a handler that
+ * interrupted one on the same thread waits for itself in
+ * __run_prefork_handlers, whatever the allocator; argv[2] == "nested" lets
+ * handlers do it). Bounded by counts; alarm(WATCHDOG) turns a hang into a
+ * failure, in the parent and in every child.
+ * Usage: storm_fork [ITERS [nested|nosystem]].
  * Prints "storm_fork: ok ..." and exits 0. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -53,7 +56,7 @@ struct blk {
 };
 
 static atomic_int stop;
-static atomic_long sig_handled, h_ok, h_null, h_forks, forks, spawns, systems, libc_rounds, gai_ok;
+static atomic_long sig_handled, h_ok, h_null, h_forks, h_spawns, forks, spawns, systems, libc_rounds, gai_ok;
 
 static void die(const char *what) {
     ssize_t r = write(2, what, strlen(what));
@@ -121,6 +124,7 @@ static void reap(pid_t pid, const char *what) {
 static __thread struct blk hring[HSLOTS];
 static __thread unsigned hseed;
 static __thread volatile int in_fork; /* this thread is inside fork & co. */
+static int system_in_handlers = 1; /* after each handler's posix_spawn; argv[2] == "nosystem": not */
 static int nested_forks; /* argv[2] == "nested": handlers fork inside forks too (glibc deadlocks) */
 
 static void handler(int sig) {
@@ -154,6 +158,15 @@ static void handler(int sig) {
         if (pid < 0) die("storm_fork: fork failed in a handler\n");
         reap(pid, "storm_fork: the child of a handler's fork failed\n");
         atomic_fetch_add_explicit(&h_forks, 1, memory_order_relaxed);
+        in_fork = 0;
+    } else if (!in_fork && rnd(&hseed) % 48 == 0 && !atomic_load_explicit(&stop, memory_order_relaxed)) {
+        in_fork = 1;
+        pid_t pid;
+        char *argv[] = {"true", NULL};
+        if (posix_spawnp(&pid, "true", NULL, NULL, argv, environ)) die("storm_fork: posix_spawn failed in a handler\n");
+        reap(pid, "storm_fork: a handler's spawned true failed\n");
+        atomic_fetch_add_explicit(&h_spawns, 1, memory_order_relaxed);
+        if (system_in_handlers && system("exit 0") != 0) die("storm_fork: system failed in a handler\n");
         in_fork = 0;
     }
     errno = saved;
@@ -309,6 +322,7 @@ static void libc_round(unsigned *seed) {
 int main(int argc, char **argv) {
     if (argc > 1) iters = atol(argv[1]);
     nested_forks = argc > 2 && !strcmp(argv[2], "nested");
+    system_in_handlers = !(argc > 2 && !strcmp(argv[2], "nosystem"));
     setvbuf(stdout, NULL, _IONBF, 0);
     signal(SIGALRM, watchdog);
     alarm(WATCHDOG);
@@ -348,11 +362,11 @@ int main(int argc, char **argv) {
     free_ring();
 
     int stormed = sig_handled > 0 && h_ok > 0 && forks > 0 && spawns > 0;
-    printf("storm_fork: %s: %ld forks, %ld posix_spawns, %ld systems, %ld forks in handlers, "
+    printf("storm_fork: %s: %ld forks, %ld posix_spawns, %ld systems, %ld forks + %ld posix_spawns in handlers, "
            "%ld signals handled, %ld handler allocations (%ld NULL), %ld libc rounds "
            "(%ld getaddrinfo ok)\n",
            stormed ? "ok" : "FAILED (no storm)", (long)forks, (long)spawns, (long)systems,
-           (long)h_forks, (long)sig_handled, (long)h_ok, (long)h_null, (long)libc_rounds,
+           (long)h_forks, (long)h_spawns, (long)sig_handled, (long)h_ok, (long)h_null, (long)libc_rounds,
            (long)gai_ok);
     return stormed ? 0 : 1;
 }
