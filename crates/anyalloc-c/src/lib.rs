@@ -797,63 +797,7 @@ pub unsafe extern "C" fn __register_atfork(
         dso_handle
     };
     // SAFETY: libc's own function, with the caller's arguments.
-    let r = unsafe { real(prepare, parent, child, dso_handle) };
-    // Right after the heap's handlers (registered by the call nested in
-    // `register_fork_handlers` above, which gets here first).
-    register_stdio_fork_handlers(real);
-    r
-}
-
-// glibc's lock of the list of open `FILE`s (recursive: its owner may take
-// it again), exported by libc.so.6.
-#[cfg(target_env = "gnu")]
-extern "C" {
-    fn _IO_list_lock();
-    fn _IO_list_unlock();
-    fn _IO_list_resetlock();
-}
-
-/// Registers, once, handlers that hold stdio's list lock around the heap's:
-/// registered right after the heap's, so its prepare runs just before the
-/// heap's and its parent and child handlers just after the heap's.
-///
-/// glibc's `fork` takes that lock itself, but after every prepare handler
-/// ran, so after the heap's had taken every heap lock; glibc's malloc takes
-/// its own locks after the list lock. A thread inside `fflush(NULL)`,
-/// `fopen` or `fclose` (which hold the list lock) interrupted by a signal
-/// handler that called `free` or `malloc` waited for a heap lock held by
-/// the forking thread, which waited for the list lock: both for ever
-/// (`tests/c/fork_stdio.c`). Taken first, the list lock is held by the
-/// forking thread before any heap lock, and glibc's own acquisition nests.
-fn register_stdio_fork_handlers(real: RegisterAtfork) {
-    #[cfg(target_env = "gnu")]
-    {
-        static DONE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-        if DONE.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        extern "C" fn prepare() {
-            // SAFETY: glibc's recursive list lock; released by `parent` or
-            // reset by `child` below.
-            unsafe { _IO_list_lock() }
-        }
-        extern "C" fn parent() {
-            // SAFETY: taken by `prepare` (glibc's own nested acquisition
-            // was released before the parent handlers run).
-            unsafe { _IO_list_unlock() }
-        }
-        extern "C" fn child() {
-            // SAFETY: the child's only thread; glibc resets the lock there
-            // too (when the parent had several threads), so it is reset,
-            // not unlocked (its count would go below zero).
-            unsafe { _IO_list_resetlock() }
-        }
-        // SAFETY: libc's own function; the handlers live forever (no
-        // handle: never unregistered, like the heap's).
-        unsafe { real(Some(prepare), Some(parent), Some(child), ptr::null_mut()) };
-    }
-    #[cfg(not(target_env = "gnu"))]
-    let _ = real;
+    unsafe { real(prepare, parent, child, dso_handle) }
 }
 
 extern "C" {

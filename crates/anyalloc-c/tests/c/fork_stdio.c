@@ -6,8 +6,10 @@
  * heap lock held by the fork, which waits for the list lock: both wait for
  * ever. glibc's malloc takes its own locks after the list lock, for this
  * reason. FORKERS threads fork FORKS times each (the child allocates, frees
- * and exits) while the main thread opens and closes a stream in a loop
- * under a fast per-thread timer whose handler allocates and frees.
+ * and exits) while the main thread writes to STREAMS streams, flushes them
+ * all (fflush(NULL) holds the list lock while it writes them) and opens and
+ * closes one, in a loop, under a fast per-thread timer whose handler
+ * allocates and frees. Most runs hang (tests/fork_stdio.rs is ignored).
  *
  * Bounded by counts; alarm(WATCHDOG) turns a hang into a failure. Usage:
  * fork_stdio [FORKS]. Prints "fork_stdio: ok ..." and exits 0. */
