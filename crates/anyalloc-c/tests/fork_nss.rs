@@ -5,8 +5,9 @@
 //! handler takes every heap lock before glibc's `fork` takes the NSS lock
 //! (after all prepare handlers): the handler waits for a heap lock held by
 //! the forking thread, which waits for the NSS lock. Most runs hang; not
-//! fixed (the lock is internal to glibc, the library cannot take it first
-//! as it does stdio's list lock), so ignored: run it with `--ignored`.
+//! fixed (the lock is internal to glibc, not exported: the library cannot
+//! even take it first; see fork_stdio for the same inversion with stdio's
+//! list lock), so ignored: run it with `--ignored`.
 
 mod common;
 

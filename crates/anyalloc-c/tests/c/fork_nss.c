@@ -5,8 +5,8 @@
  * (getpwuid: nss_database_check_reload_and_get holds the lock) interrupted
  * by a signal handler that calls free or malloc waits for a heap lock held
  * by the forking thread, which waits for the NSS lock: both for ever. The
- * lock is internal to glibc (not exported, not recursive), so the library
- * cannot take it first as it does stdio's list lock (fork_stdio.c).
+ * lock is internal to glibc (not exported, not recursive): the library
+ * cannot even take it first (fork_stdio.c: the same with stdio's lock).
  * FORKERS threads fork FORKS times each while the main thread calls
  * getpwuid(0) in a loop under a fast per-thread timer whose handler
  * allocates and frees. Most runs hang (tests/fork_nss.rs is ignored).
