@@ -82,6 +82,15 @@
 //! window (in a fork handler registered before ours) waits for its
 //! maintenance thread, which may be waiting for a lock the window holds: do
 //! not.
+//!
+//! A known deadlock: glibc's `fork` takes its stdio list lock and its NSS
+//! database lock after every prepare handler, so after this one. A signal
+//! handler on another thread that holds one of those (inside `fopen`,
+//! `fflush(NULL)`, `getpwuid`, ...) and whose allocation or free needs a lock
+//! held here waits for the fork, which waits for that thread. Taking the
+//! stdio lock first only reverses it (a handler that interrupted the
+//! allocator and calls `fork` then waits for it). The C library's ignored
+//! tests `fork_stdio` and `fork_nss` reproduce it.
 
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
