@@ -19,6 +19,7 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
+mod cpus;
 mod watchdog;
 
 use std::alloc::Layout;
@@ -26,21 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyalloc::{Config, FastPath, Heap};
-
-/// The CPUs this thread may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is valid; the call fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
-            0
-        );
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
+use cpus::allowed_cpus;
 
 /// From now on this thread's `membarrier` calls get the seccomp `action`
 /// (every other call is allowed).

@@ -23,28 +23,16 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
+mod cpus;
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyalloc::{Config, Heap};
+use cpus::allowed_cpus;
 
 const THREADS: usize = 4;
 const ROUNDS: usize = 5_000;
-
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is valid; the call fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
-            0
-        );
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
 
 /// Moves thread `tid` to `cpu` (and only there).
 fn move_to(tid: libc::pid_t, cpu: usize) {

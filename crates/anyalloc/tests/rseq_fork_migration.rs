@@ -9,6 +9,7 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
+mod cpus;
 mod watchdog;
 
 use std::alloc::Layout;
@@ -18,32 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyalloc::{Config, Heap};
+use cpus::{allowed_cpus, pin};
 
 const SIZES: [usize; 6] = [16, 64, 256, 1024, 4096, 64 << 10];
 const FORKS: usize = 20;
-
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is valid; the call fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
-            0
-        );
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a valid set of one CPU, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
 
 /// Objects come and go while the thread flips between CPUs.
 fn churn(heap: &Heap, cpus: &[usize], seed: usize) {

@@ -24,11 +24,13 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
+mod cpus;
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use anyalloc::{Config, Heap};
+use cpus::{allowed_cpus, pin};
 
 const SIZES: [usize; 8] = [16, 24, 64, 200, 1024, 4096, 16 << 10, 64 << 10];
 const WORKERS: usize = 3;
@@ -99,29 +101,6 @@ extern "C" fn on_signal(_: libc::c_int) {
         check(o);
         // SAFETY: a live object of this heap, freed once.
         unsafe { h.free_nolock(NonNull::new(o as *mut u8).unwrap()) };
-    }
-}
-
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is valid; the call fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
-            0
-        );
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a valid set of one CPU, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
