@@ -90,7 +90,7 @@
 //! held here waits for the fork, which waits for that thread. Taking the
 //! stdio lock first only reverses it (a handler that interrupted the
 //! allocator and calls `fork` then waits for it). The C library's ignored
-//! tests `fork_stdio` and `fork_nss` reproduce it.
+//! tests in `fork_glibc_locks.rs` reproduce it.
 
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};

@@ -356,7 +356,7 @@ int main(int argc, char **argv) {
      * /etc/hosts in getaddrinfo, open_memstream, fclose) or glibc's NSS
      * lock deadlocks against a fork in progress elsewhere (the heap's
      * prepare holds its locks before glibc's fork takes those): a known
-     * limitation, reproduced by fork_stdio.c and fork_nss.c. */
+     * limitation, reproduced by fork_glibc_locks.c. */
     unsigned seed = 99;
     long done = 0;
     for (;;) {
