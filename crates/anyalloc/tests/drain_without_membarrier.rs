@@ -20,6 +20,7 @@
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
 mod cpus;
+mod seccomp;
 mod watchdog;
 
 use std::alloc::Layout;
@@ -32,43 +33,14 @@ use cpus::allowed_cpus;
 /// From now on this thread's `membarrier` calls get the seccomp `action`
 /// (every other call is allowed).
 fn filter_membarrier(action: u32) {
-    const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET: u16 = 0x06; // BPF_RET | BPF_K
-    const ALLOW: u32 = 0x7fff_0000; // SECCOMP_RET_ALLOW
-    const ARCH_X86_64: u32 = 0xc000_003e; // AUDIT_ARCH_X86_64
-    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let mut prog = [
-        f(LD_ABS, 0, 0, 4), // seccomp_data.arch
-        f(JEQ, 1, 0, ARCH_X86_64),
-        f(RET, 0, 0, ALLOW),
-        f(LD_ABS, 0, 0, 0), // seccomp_data.nr
-        f(JEQ, 0, 1, libc::SYS_membarrier as u32),
-        f(RET, 0, 0, action),
-        f(RET, 0, 0, ALLOW),
-    ];
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_mut_ptr(),
-    };
-    // SAFETY: valid prctl arguments; the kernel copies the program; the
-    // filter applies to the calling thread only.
-    unsafe {
-        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        let rc = libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &fprog as *const libc::sock_fprog,
-        );
-        assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
-    }
+    seccomp::filter_syscall(libc::SYS_membarrier, action, seccomp::ALLOW);
 }
 
 /// From now on `membarrier` fails with EPERM for this thread.
 fn deny_membarrier() {
-    filter_membarrier(0x0005_0000 | libc::EPERM as u32); // SECCOMP_RET_ERRNO
-                                                         // The filter works: the fence's own call now fails.
-                                                         // SAFETY: membarrier takes plain integers.
+    filter_membarrier(seccomp::ERRNO | libc::EPERM as u32);
+    // The filter works: the fence's own call now fails.
+    // SAFETY: membarrier takes plain integers.
     assert_eq!(unsafe { libc::syscall(libc::SYS_membarrier, 0, 0, 0) }, -1);
 }
 
@@ -162,7 +134,7 @@ fn count_membarrier() {
         sa.sa_flags = libc::SA_SIGINFO;
         assert_eq!(libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()), 0);
     }
-    filter_membarrier(0x0003_0000); // SECCOMP_RET_TRAP
+    filter_membarrier(seccomp::TRAP);
 }
 
 #[test]

@@ -19,6 +19,7 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
+mod seccomp;
 mod watchdog;
 
 use std::alloc::Layout;
@@ -56,37 +57,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 
 /// Traps every system call of the calling thread but `rt_sigreturn`.
 fn trap_all_syscalls() {
-    const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET: u16 = 0x06; // BPF_RET | BPF_K
-    const ALLOW: u32 = 0x7fff_0000; // SECCOMP_RET_ALLOW
-    const TRAP: u32 = 0x0003_0000; // SECCOMP_RET_TRAP
-    const ARCH_X86_64: u32 = 0xc000_003e; // AUDIT_ARCH_X86_64
-    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let mut prog = [
-        f(LD_ABS, 0, 0, 4), // seccomp_data.arch
-        f(JEQ, 1, 0, ARCH_X86_64),
-        f(RET, 0, 0, ALLOW),
-        f(LD_ABS, 0, 0, 0), // seccomp_data.nr
-        f(JEQ, 0, 1, libc::SYS_rt_sigreturn as u32),
-        f(RET, 0, 0, ALLOW),
-        f(RET, 0, 0, TRAP),
-    ];
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_mut_ptr(),
-    };
-    // SAFETY: valid prctl arguments; the filter program outlives the call
-    // (the kernel copies it); it applies to the calling thread only.
-    unsafe {
-        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        let rc = libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &fprog as *const libc::sock_fprog,
-        );
-        assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
-    }
+    seccomp::filter_syscall(libc::SYS_rt_sigreturn, seccomp::ALLOW, seccomp::TRAP);
 }
 
 fn hook(site: Site) {

@@ -25,6 +25,7 @@
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
 mod cpus;
+mod seccomp;
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -188,38 +189,13 @@ fn migrating_threads_with_concurrent_drain_and_signals() {
 
 /// From now on `membarrier` fails with EPERM for the calling thread.
 fn deny_membarrier() {
-    const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET: u16 = 0x06; // BPF_RET | BPF_K
-    const ALLOW: u32 = 0x7fff_0000; // SECCOMP_RET_ALLOW
-    const ERRNO: u32 = 0x0005_0000; // SECCOMP_RET_ERRNO
-    const ARCH_X86_64: u32 = 0xc000_003e; // AUDIT_ARCH_X86_64
-    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let mut prog = [
-        f(LD_ABS, 0, 0, 4), // seccomp_data.arch
-        f(JEQ, 1, 0, ARCH_X86_64),
-        f(RET, 0, 0, ALLOW),
-        f(LD_ABS, 0, 0, 0), // seccomp_data.nr
-        f(JEQ, 0, 1, libc::SYS_membarrier as u32),
-        f(RET, 0, 0, ERRNO | libc::EPERM as u32),
-        f(RET, 0, 0, ALLOW),
-    ];
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_mut_ptr(),
-    };
-    // SAFETY: valid prctl arguments; the kernel copies the program; the
-    // filter applies to the calling thread only.
-    unsafe {
-        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        let rc = libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &fprog as *const libc::sock_fprog,
-        );
-        assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
-        assert_eq!(libc::syscall(libc::SYS_membarrier, 0, 0, 0), -1);
-    }
+    seccomp::filter_syscall(
+        libc::SYS_membarrier,
+        seccomp::ERRNO | libc::EPERM as u32,
+        seccomp::ALLOW,
+    );
+    // SAFETY: membarrier takes plain integers.
+    assert_eq!(unsafe { libc::syscall(libc::SYS_membarrier, 0, 0, 0) }, -1);
 }
 
 fn storm(config: Config, no_membarrier: bool) {
