@@ -242,10 +242,10 @@ impl Platform for StdPlatform {
 /// held, and the next growth waited for ever. glibc's malloc has no
 /// cancellation point.
 pub(crate) fn read_small_file<'a>(path: &core::ffi::CStr, buf: &'a mut [u8]) -> Option<&'a [u8]> {
+    #[cfg(target_os = "linux")]
     // SAFETY: a NUL-terminated path; `read` writes at most `buf.len()`
     // bytes into `buf`; the descriptor is closed before returning. Every
     // `syscall` argument is passed as the `long` it reads.
-    #[cfg(target_os = "linux")]
     let n = unsafe {
         use libc::{c_long, syscall};
         let flags = c_long::from(libc::O_RDONLY | libc::O_CLOEXEC);
@@ -258,8 +258,8 @@ pub(crate) fn read_small_file<'a>(path: &core::ffi::CStr, buf: &'a mut [u8]) -> 
         syscall(libc::SYS_close, fd);
         n
     };
-    // SAFETY: as above.
     #[cfg(not(target_os = "linux"))]
+    // SAFETY: as above.
     let n = unsafe {
         let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
         if fd < 0 {
