@@ -35,44 +35,15 @@ fn fork_while_a_handler_interrupts_an_nss_lookup() {
     reproduce("nss");
 }
 
-/// Runs the program on `lock` (`stdio` or `nss`) preloaded and linked, with
-/// rseq on and off; each run must finish and print its "ok" line.
+/// Runs the program on `lock` (`stdio` or `nss`) four ways
+/// (`common::run_four_ways`): each run must finish and print its "ok" line.
 fn reproduce(lock: &str) {
-    let preload_exe = compile::<&str>(&["fork_glibc_locks.c"], "fork_glibc_locks", &["-lrt"]);
-    let mut args = vec!["-lrt".to_string()];
-    args.extend(link_args());
-    let linked_exe = compile(&["fork_glibc_locks.c"], "fork_glibc_locks_linked", &args);
-    for (how, rseq_off) in [
-        ("preloaded", false),
-        ("linked", false),
-        ("preloaded", true),
-        ("linked", true),
-    ] {
-        let mut cmd = if how == "preloaded" {
-            preloaded(&preload_exe)
-        } else {
-            plain(&linked_exe)
-        };
-        cmd.arg(lock);
-        if rseq_off {
-            cmd.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
-        }
-        let o = run(cmd, TIMEOUT);
-        println!(
-            "{lock} {how}{}: {} in {:.1} s: {}",
-            if rseq_off { ", rseq off" } else { "" },
-            o.describe(),
-            o.elapsed.as_secs_f64(),
-            o.stdout.trim()
-        );
-        let ok = format!("fork_glibc_locks {lock}: ok");
-        assert!(
-            o.success() && o.stdout.contains(&ok),
-            "fork_glibc_locks {lock} {how} (rseq off: {rseq_off}): {}\nstdout: {}\nstderr: {}",
-            o.describe(),
-            o.stdout,
-            o.stderr
-        );
-        assert!(o.stderr.is_empty(), "stderr: {}", o.stderr);
-    }
+    let ok = format!("fork_glibc_locks {lock}: ok");
+    run_four_ways(
+        "fork_glibc_locks.c",
+        "fork_glibc_locks",
+        &[lock],
+        &ok,
+        TIMEOUT,
+    );
 }

@@ -19,50 +19,14 @@
 mod common;
 
 use common::*;
-use std::path::PathBuf;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(45);
 
-/// Compiles `source` once plain (for the preload) and once linked, then
-/// runs both with and without rseq; each run must print `"<name>: ok"`,
-/// exit 0 and write nothing on stderr.
+/// Runs the storm `source` four ways (`common::run_four_ways`): each run
+/// must print `"<name>: ok"`.
 fn storm(source: &str, name: &str) {
-    let preload_exe: PathBuf = compile::<&str>(&[source], name, &["-lrt"]);
-    let mut args = vec!["-lrt".to_string()];
-    args.extend(link_args());
-    let linked_exe = compile(&[source], &format!("{name}_linked"), &args);
-    for (how, rseq_off) in [
-        ("preloaded", false),
-        ("linked", false),
-        ("preloaded", true),
-        ("linked", true),
-    ] {
-        let mut cmd = if how == "preloaded" {
-            preloaded(&preload_exe)
-        } else {
-            plain(&linked_exe)
-        };
-        if rseq_off {
-            cmd.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
-        }
-        let o = run(cmd, TIMEOUT);
-        println!(
-            "{how}{}: {} in {:.1} s: {}",
-            if rseq_off { ", rseq off" } else { "" },
-            o.describe(),
-            o.elapsed.as_secs_f64(),
-            o.stdout.trim()
-        );
-        assert!(
-            o.success() && o.stdout.contains(&format!("{name}: ok")),
-            "{name} {how} (rseq off: {rseq_off}): {}\nstdout: {}\nstderr: {}",
-            o.describe(),
-            o.stdout,
-            o.stderr
-        );
-        assert!(o.stderr.is_empty(), "stderr: {}", o.stderr);
-    }
+    run_four_ways(source, name, &[], &format!("{name}: ok"), TIMEOUT);
 }
 
 #[test]

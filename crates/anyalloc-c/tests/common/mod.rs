@@ -266,6 +266,50 @@ pub fn plain(program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
+/// Compiles `source` (with `-lrt`) once plain, for the preload, and once
+/// linked against the library, then runs each with and without rseq
+/// (`GLIBC_TUNABLES=glibc.pthread.rseq=0`), passing `args`: every run must
+/// finish within `timeout`, exit 0, print `ok` and write nothing on stderr.
+/// `name` names the executables and the failures.
+pub fn run_four_ways(source: &str, name: &str, args: &[&str], ok: &str, timeout: Duration) {
+    let preload_exe = compile::<&str>(&[source], name, &["-lrt"]);
+    let mut link = vec!["-lrt".to_string()];
+    link.extend(link_args());
+    let linked_exe = compile(&[source], &format!("{name}_linked"), &link);
+    for (how, rseq_off) in [
+        ("preloaded", false),
+        ("linked", false),
+        ("preloaded", true),
+        ("linked", true),
+    ] {
+        let mut cmd = if how == "preloaded" {
+            preloaded(&preload_exe)
+        } else {
+            plain(&linked_exe)
+        };
+        cmd.args(args);
+        if rseq_off {
+            cmd.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
+        }
+        let o = run(cmd, timeout);
+        println!(
+            "{name} {how}{}: {} in {:.1} s: {}",
+            if rseq_off { ", rseq off" } else { "" },
+            o.describe(),
+            o.elapsed.as_secs_f64(),
+            o.stdout.trim()
+        );
+        assert!(
+            o.success() && o.stdout.contains(ok),
+            "{name} {how} (rseq off: {rseq_off}): {}\nstdout: {}\nstderr: {}",
+            o.describe(),
+            o.stdout,
+            o.stderr
+        );
+        assert!(o.stderr.is_empty(), "stderr: {}", o.stderr);
+    }
+}
+
 /// Whether `program` runs at all (`--version`, without the preload).
 pub fn available(program: &str) -> bool {
     Command::new(program)
