@@ -2,19 +2,20 @@
 //! prepare handler (tests/c/fork_glibc_locks.c): a thread holding one of
 //! them is interrupted by a signal handler that allocates and frees, while
 //! other threads fork. The heap's prepare handler takes every heap lock
-//! before glibc's `fork` takes these: the handler waits for a heap lock
-//! held by the forking thread, which waits for the glibc lock, for ever
-//! (most runs hang). Not fixed, so both tests are ignored: run them with
-//! `--ignored`.
+//! before glibc's `fork` takes these, so the handler must not wait for a
+//! heap lock: the fork waits for its thread. Normal-path waiters give way
+//! to a lock held across a fork (the `fork` module's "Other threads give
+//! way"); before they did, most runs hung.
 //!
 //! * stdio's list of open `FILE`s (held inside `fflush(NULL)`). Taking the
-//!   list lock in a prepare handler that runs just before the heap's (tried)
-//!   makes the opposite order deadlock instead: a fork called by a signal
-//!   handler that interrupted `malloc` holding a heap lock waits (in glibc's
-//!   `fork`) for the list lock, held by another thread's fork that waits for
-//!   that heap lock (seen in tests/c/storm_fork.c, 1 run in about 40).
+//!   list lock in a prepare handler that runs just before the heap's (tried
+//!   once) made the opposite order deadlock instead: a fork called by a
+//!   signal handler that interrupted `malloc` holding a heap lock waits (in
+//!   glibc's `fork`) for the list lock, held by another thread's fork that
+//!   waits for that heap lock (seen in tests/c/storm_fork.c, 1 run in about
+//!   40).
 //! * the NSS database lock (held inside `getpwuid`): internal to glibc, not
-//!   exported, so the library cannot even take it first.
+//!   exported, so the library could not even take it first.
 
 mod common;
 
@@ -24,13 +25,11 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(45);
 
 #[test]
-#[ignore = "known deadlock: the heap's fork prepare holds its locks before glibc's fork takes the stdio list lock"]
 fn fork_while_a_handler_interrupts_stdio_holding_its_list_lock() {
     reproduce("stdio");
 }
 
 #[test]
-#[ignore = "known deadlock: the heap's fork prepare holds its locks before glibc's fork takes the NSS database lock"]
 fn fork_while_a_handler_interrupts_an_nss_lookup() {
     reproduce("nss");
 }

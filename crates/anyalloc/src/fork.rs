@@ -83,14 +83,34 @@
 //! maintenance thread, which may be waiting for a lock the window holds: do
 //! not.
 //!
-//! A known deadlock: glibc's `fork` takes its stdio list lock and its NSS
-//! database lock after every prepare handler, so after this one. A signal
-//! handler on another thread that holds one of those (inside `fopen`,
-//! `fflush(NULL)`, `getpwuid`, ...) and whose allocation or free needs a lock
-//! held here waits for the fork, which waits for that thread. Taking the
-//! stdio lock first only reverses it (a handler that interrupted the
-//! allocator and calls `fork` then waits for it). The C library's ignored
-//! tests in `fork_glibc_locks.rs` reproduce it.
+//! # Other threads give way
+//!
+//! glibc's `fork` takes its stdio list lock and its NSS database lock after
+//! every prepare handler, so after this one. A signal handler on another
+//! thread that interrupted their holder (inside `fopen`, `fflush(NULL)`,
+//! `getpwuid`, ...) and allocates must therefore never wait for a lock held
+//! here: the fork waits for that thread. (Taking the stdio lock first only
+//! reverses the order: a handler that interrupted the allocator and calls
+//! `fork` would wait for it; and the NSS lock is not exported.) So no
+//! thread but the forking one waits for this fork:
+//!
+//! 1. prepare counts itself in `FORKING` before it takes its first lock,
+//!    and each waitable lock it takes is marked held across the fork
+//!    (`ZoneLock::lock_raw`: its waiters are woken);
+//! 2. a normal-path `lock_in` on such a lock *gives way*: it returns `None`
+//!    at once, as for a lock its own thread holds, and its caller takes
+//!    its nolock fallback (a free defers its block, a refill or trim does
+//!    nothing);
+//! 3. an allocation that then misses tries the nolock path (its levels'
+//!    try-locks are not held across the fork), then waits for the fork to
+//!    end, at most [`FORK_PATIENCE`], and is served as usual. A fork still
+//!    in progress after that may be waiting for this very thread: the
+//!    block is mapped on its own instead, beside the heap, and registered
+//!    like a huge block (`free`, `realloc` and `usable_size` handle it as
+//!    one).
+//!
+//! A heap registry or accounting registry wait (making or dropping a
+//! `Heap`, `Group::new`) in such a handler still waits for the fork.
 
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
@@ -137,6 +157,57 @@ static GLOBAL_LOCKED: AtomicPtr<Heap> = AtomicPtr::new(ptr::null_mut());
 /// time sets it (another thread's prepare waits for the registry), and
 /// cleared by its `release` before the registry is released.
 static HOLDER: AtomicUsize = AtomicUsize::new(0);
+/// Forks whose `prepare` is taking or holds the locks and whose parent's
+/// `release` has not run yet: normal-path allocations that miss wait for it
+/// to drop to 0, at most [`FORK_PATIENCE`] (the word is also their futex).
+static FORKING: AtomicU32 = AtomicU32::new(0);
+
+/// Incremented by each `prepare` that counts itself in `FORKING` (never 0).
+static FORK_EPOCH: AtomicU32 = AtomicU32::new(0);
+/// The last `FORK_EPOCH` for which a wait in [`wait_for_fork`] ran out of
+/// patience (0: none): later misses during that fork do not wait for it.
+static GAVE_UP: AtomicU32 = AtomicU32::new(0);
+
+/// How long an allocation that missed while another thread's fork holds
+/// the heap's locks waits for that fork to end before it maps its block
+/// beside the heap instead (see [Other threads give way](self#other-threads-give-way)).
+/// A fork usually ends within a millisecond; one that waits for this
+/// thread ends only after it. Once one wait for a fork ran out, later
+/// misses during the same fork do not wait at all: a signal handler that
+/// interrupted the thread the fork waits for may run again and again.
+pub(crate) const FORK_PATIENCE: core::time::Duration = core::time::Duration::from_millis(2);
+
+/// Whether a `fork` on another thread is taking or holds the heap locks
+/// (so a normal-path lock may have given way). Any context; a hint read
+/// only by allocations that missed.
+#[inline]
+pub(crate) fn forking_elsewhere() -> bool {
+    FORKING.load(Ordering::SeqCst) != 0 && !context::owns_fork_window()
+}
+
+/// Waits, at most [`FORK_PATIENCE`], until no fork holds the heap locks
+/// (not at all if a wait for the same fork ran out before). `true`: none
+/// does (any more). Normal context (a futex wait with a timeout).
+pub(crate) fn wait_for_fork() -> bool {
+    let epoch = FORK_EPOCH.load(Ordering::SeqCst);
+    if GAVE_UP.load(Ordering::Relaxed) == epoch {
+        return FORKING.load(Ordering::SeqCst) == 0;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let forks = FORKING.load(Ordering::SeqCst);
+        if forks == 0 {
+            return true;
+        }
+        let left = FORK_PATIENCE.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            GAVE_UP.store(epoch, Ordering::Relaxed);
+            return false;
+        }
+        crate::platform::futex::wait(&FORKING, forks, Some(left));
+    }
+}
+
 /// The holder thread's `prepare`s that took nothing (a `fork` called by a
 /// signal handler that interrupted the holder's own fork) and whose
 /// `release` has not run yet. Only the holder thread changes it, and each
@@ -224,7 +295,7 @@ pub(crate) fn unregister(core: &HeapCore) {
 pub(crate) fn register_atfork() {
     // SAFETY: the handlers are `extern "C"` functions that live forever.
     unsafe {
-        libc::pthread_atfork(Some(prepare), Some(release), Some(release));
+        libc::pthread_atfork(Some(prepare), Some(release_parent), Some(release_child));
     }
 }
 
@@ -256,6 +327,14 @@ extern "C" fn prepare() {
             SKIPPED.store(SKIPPED.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         }
         return;
+    }
+    // Counted before the first lock: from here a normal-path allocation on
+    // another thread that finds a lock given way waits only so long for
+    // this fork (see "Other threads give way").
+    FORKING.fetch_add(1, Ordering::SeqCst);
+    // (0 is "no epoch" for `GAVE_UP`.)
+    if FORK_EPOCH.fetch_add(1, Ordering::SeqCst) == u32::MAX {
+        FORK_EPOCH.store(1, Ordering::SeqCst);
     }
     // Registries first: their holders may allocate, which needs the heaps'
     // locks. (`false`: this thread holds it already, having forked from a
@@ -293,20 +372,39 @@ extern "C" fn prepare() {
     }
 }
 
-extern "C" fn release() {
+extern "C" fn release_parent() {
+    if release() {
+        // Every lock released: threads waiting for this fork go on.
+        FORKING.fetch_sub(1, Ordering::SeqCst);
+        crate::platform::futex::wake_many(&FORKING, u32::MAX);
+    }
+}
+
+extern "C" fn release_child() {
+    if release() {
+        // The only thread: no fork of another thread is in progress here
+        // (their prepares were counted in the parent).
+        FORKING.store(0, Ordering::SeqCst);
+    }
+}
+
+/// The parent's and the child's handler: releases what `prepare` took.
+/// `true` when this fork's `prepare` took the locks (and counted itself
+/// in `FORKING`).
+fn release() -> bool {
     // Only the prepare that took the locks releases them: a fork whose
     // prepare took nothing (called by a signal handler that interrupted
     // the allocator, on any thread) must not release the locks another
     // fork holds across its clone, nor close its window.
     if HOLDER.load(Ordering::Relaxed) != context::thread_id() {
         context::leave();
-        return;
+        return false;
     }
     let skipped = SKIPPED.load(Ordering::Relaxed);
     if skipped > 0 {
         SKIPPED.store(skipped - 1, Ordering::Relaxed);
         context::leave();
-        return;
+        return false;
     }
     // Closed before any lock is released: from here a signal handler on
     // this thread takes the nolock route again until `leave`.
@@ -345,4 +443,5 @@ extern "C" fn release() {
     }
     // Every lock released: handlers may take the normal path again.
     context::leave();
+    true
 }

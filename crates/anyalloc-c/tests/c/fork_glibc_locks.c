@@ -2,8 +2,9 @@
  * pthread_atfork prepare handler ran, so after the heap's, which holds
  * every heap lock (glibc's malloc takes its own locks after them, for this
  * reason). A thread that holds such a lock and is interrupted by a signal
- * handler that calls free or malloc waits for a heap lock held by the
- * fork, which waits for that lock: both wait for ever. Two of them:
+ * handler that calls free or malloc must not wait for a heap lock held by
+ * the fork, which waits for that lock (before normal-path waiters gave way
+ * to a fork's hold, both waited for ever). Two of them:
  *
  * - stdio: the list of open streams (_IO_list_lock; fopen links its
  *   stream in, fclose unlinks it, fflush(NULL) holds it while it writes
@@ -16,8 +17,7 @@
  *
  * FORKERS threads fork FORKS times each (the child allocates, frees and
  * exits) while the main thread runs its loop under a fast per-thread timer
- * whose handler allocates and frees. Most runs hang
- * (tests/fork_glibc_locks.rs is ignored).
+ * whose handler allocates and frees. Most runs hung before that fix.
  *
  * Bounded by counts; alarm(WATCHDOG) turns a hang into a failure. Usage:
  * fork_glibc_locks stdio|nss [FORKS]. Prints "fork_glibc_locks <lock>: ok

@@ -1151,11 +1151,10 @@ impl PageAllocator {
             }
         }
         let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) else {
-            // This thread holds the zone lock itself: park the block.
-            zone.defer_free(idx, order);
-            self.nolock_free_deferred.fetch_add(1, Ordering::Relaxed);
-            self.wake_maintainer();
-            return;
+            // This thread holds the zone lock itself, or a fork on another
+            // thread does: the nolock free (a higher level's list, or
+            // parked), which waits for neither.
+            return self.free_claimed_nolock(zone, idx, order);
         };
         crate::interrupt_point!(ZoneFree);
         zone.buddy_free(idx, order, &g);

@@ -51,13 +51,21 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
 /// any context (a signal handler, the nolock path).
 #[inline]
 pub fn wake_one(word: &AtomicU32) {
+    wake_many(word, 1);
+}
+
+/// Wakes up to `n` contexts waiting in [`wait`] on `word` (`u32::MAX`: all
+/// of them). Never blocks; safe in any context.
+#[inline]
+pub fn wake_many(word: &AtomicU32, n: u32) {
+    let n = n.min(i32::MAX as u32) as libc::c_int;
     // SAFETY: FUTEX_WAKE only uses the address as a key; it never blocks.
     unsafe {
         libc::syscall(
             libc::SYS_futex,
             word.as_ptr(),
             libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            1,
+            n,
         );
     }
 }

@@ -76,6 +76,16 @@ pub trait Platform: Sync {
         let _ = word;
     }
 
+    /// Wake up to `n` contexts waiting in [`Platform::wait`] on `word` (a
+    /// lock held across `fork` wakes all its waiters, so that they give
+    /// way). Normal context. The default calls
+    /// [`wake_one`](Self::wake_one) `n` times.
+    fn wake_many(&self, word: &AtomicU32, n: u32) {
+        for _ in 0..n {
+            self.wake_one(word);
+        }
+    }
+
     /// An id of the current thread (or context) that no other live thread
     /// shares, for the zone lock's owner word; 0 (the default) means
     /// unknown. Any context. With std the crate uses its own thread id

@@ -225,6 +225,11 @@ impl Platform for StdPlatform {
         super::futex::wake_one(word);
     }
 
+    #[cfg(target_os = "linux")]
+    fn wake_many(&self, word: &AtomicU32, n: u32) {
+        super::futex::wake_many(word, n);
+    }
+
     fn fatal(&self, message: &[u8]) -> ! {
         super::die(message)
     }

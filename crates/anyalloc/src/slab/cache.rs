@@ -1352,11 +1352,11 @@ impl Cache {
         }
         match self.node.lock.lock_in(Mode::Normal, pages.platform()) {
             Some(node) => self.return_to_slab(obj, pages, &node, Mode::Normal),
-            // This thread holds the node lock itself (it interrupted itself).
-            None => {
-                self.defer(obj);
-                pages.wake_maintainer();
-            }
+            // This thread holds the node lock itself (it interrupted
+            // itself), or a fork on another thread does: the nolock free (a
+            // higher level's sheaf, where the nolock path can use it again
+            // at once, or the deferred stack), which waits for neither.
+            None => self.free_nolock_slow(pages, cpu, obj),
         }
     }
 

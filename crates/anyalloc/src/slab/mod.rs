@@ -873,7 +873,7 @@ impl Heap {
     /// allocator's own drain. With nothing allocated, every page is free
     /// in the buddy lists afterwards.
     pub fn drain(&self) {
-        self.core().drain();
+        self.core().drain(true);
     }
 
     /// One maintenance pass (normal context): what the maintenance thread
@@ -1067,7 +1067,37 @@ impl HeapCore {
         }
         self.pages.take_reclaim_request();
         self.reclaim();
-        self.alloc_once(layout, 0)
+        loop {
+            match self.alloc_once(layout, 0) {
+                None if Self::fork_gave_way() => {}
+                p => return p,
+            }
+            // A fork on another thread holds the locks (the miss may be
+            // theirs, not memory's): the nolock path, whose try-locks are
+            // not held; else wait for the fork and try again; if it does
+            // not end in time, it may be waiting for this thread.
+            #[cfg(feature = "std")]
+            {
+                if let Some(p) = self.alloc_nolock(layout) {
+                    return Some(p);
+                }
+                if !crate::fork::wait_for_fork() {
+                    return self.alloc_huge(layout);
+                }
+            }
+        }
+    }
+
+    /// Whether a `fork` on another thread holds (or is taking) the locks,
+    /// so that a normal-path miss may be the locks giving way rather than
+    /// memory running out (see the `fork` module's "Other threads give
+    /// way").
+    #[inline]
+    fn fork_gave_way() -> bool {
+        #[cfg(feature = "std")]
+        return crate::fork::forking_elsewhere();
+        #[cfg(not(feature = "std"))]
+        false
     }
 
     /// An allocation asked for reclaim it could not run: run it, unless this
@@ -1665,7 +1695,22 @@ impl HeapCore {
         group.flush_tree_stocks();
         self.reclaim();
         group.flush_tree_stocks();
-        self.try_alloc_in(layout, group, false, true)
+        loop {
+            match self.try_alloc_in(layout, group, false, true) {
+                None if Self::fork_gave_way() => {}
+                p => return p,
+            }
+            // As in `alloc_miss`.
+            #[cfg(feature = "std")]
+            {
+                if let Some(p) = self.alloc_nolock_in(layout, group) {
+                    return Some(p);
+                }
+                if !crate::fork::wait_for_fork() {
+                    return self.alloc_huge_in(layout, group, true);
+                }
+            }
+        }
     }
 
     fn alloc_nolock_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
@@ -1764,7 +1809,9 @@ impl HeapCore {
     /// no allocator lock held.
     fn reclaim(&self) {
         self.run_shrinkers();
-        self.drain();
+        // Not patient: the allocation that reclaims may be one a fork on
+        // another thread waits for (see the `fork` module).
+        self.drain(false);
     }
 
     /// Calls every shrinker: no lock held, nothing allocated here. A call
@@ -1803,13 +1850,23 @@ impl HeapCore {
         });
     }
 
-    fn drain(&self) {
+    /// `patient`: waits for the maintenance lock even while a `fork` on
+    /// another thread holds it (`Heap::drain`), rather than give way and
+    /// skip the drain (reclaim inside an allocation).
+    fn drain(&self, patient: bool) {
         crate::context::might_wait("Heap::drain");
         if crate::context::nested() {
             return;
         }
-        // `None`: this thread is draining already (it interrupted itself).
-        let Some(_serial) = self.maint_lock.lock_in(Mode::Normal, self.pages.platform()) else {
+        let platform = self.pages.platform();
+        let serial = if patient {
+            self.maint_lock.lock_patient(platform)
+        } else {
+            self.maint_lock.lock_in(Mode::Normal, platform)
+        };
+        // `None`: this thread is draining already (it interrupted itself),
+        // or (not patient) a fork holds the lock.
+        let Some(_serial) = serial else {
             return;
         };
         for i in 0..CACHES {

@@ -6,11 +6,12 @@
 //!
 //! State table of `state`:
 //!
-//! | state | meaning                                   |
-//! |-------|-------------------------------------------|
-//! | 0     | unlocked                                  |
-//! | 1     | locked, no context is waiting              |
-//! | 2     | locked, some context may be waiting        |
+//! | state | meaning                                              |
+//! |-------|------------------------------------------------------|
+//! | 0     | unlocked                                             |
+//! | 1     | locked, no context is waiting                         |
+//! | 2     | locked, some context may be waiting                   |
+//! | 3     | held across `fork` (`lock_raw`); waiters may be asleep |
 //!
 //! `owner` holds the holder's thread id (see `context::thread_id`;
 //! without std, [`Platform::thread_id`]), with `context::FORK_HELD` set
@@ -35,22 +36,36 @@
 //!   lock: a guard whose drop undoes only the mark; otherwise as for
 //!   `owner == me`. When another thread holds it: spin a little while the
 //!   state is 1 (short critical sections usually end within the spin);
-//!   then `waiters + 1`, swap in 2 (AcqRel)
-//!   and, while the previous state was not 0, wait until the state changes
-//!   from 2; then `waiters - 1` and `owner = me`. Swapping in 2 (rather
-//!   than CAS 0 -> 1) is conservative: the state may stay 2 with nobody
-//!   waiting, which `waiters` tells apart.
+//!   then `waiters + 1` and loop on the state: 0, CAS 0 -> 2 (Acquire: it
+//!   is ours); 1 or 2, CAS it to 2 (AcqRel) and wait until the state
+//!   changes from 2; 3, see "held across fork" below. Then `waiters - 1`
+//!   and `owner = me`. Acquiring in state 2 (rather than 1) is
+//!   conservative: the state may stay 2 with nobody waiting, which
+//!   `waiters` tells apart.
+//! * held across fork (state 3): `lock_in(Normal)` *gives way*: `waiters - 1`
+//!   and `None`, at once, and its caller takes its nolock fallback, exactly
+//!   as when its own thread holds the lock. The fork that holds it may be
+//!   waiting for this very thread: glibc's `fork` takes its stdio and NSS
+//!   locks after every prepare handler, and this thread may be a signal
+//!   handler that interrupted their holder. A bare `lock` (callers that
+//!   cannot fall back: maintenance, checks) waits instead: CAS 3 -> 3
+//!   (AcqRel, to be counted by the release), then wait while the state is 3.
 //! * polling locks (`set_polling(true)`, for `Config::nolock_syscalls(false)`):
 //!   waiters never announce themselves (the state never becomes 2); they
-//!   CAS 0 -> 1 after each short timed wait on the word instead.
+//!   CAS 0 -> 1 after each short timed wait on the word instead (and give
+//!   way in state 3 as above).
 //! * `lock_raw` (the fork handler): `lock`, then `owner = me | FORK_HELD`,
-//!   and the thread's mark undone (the fork handler marks the thread once
-//!   for the whole window); `force_unlock` releases it like a guard, without
-//!   the mark.
+//!   swap in 3 (AcqRel), and if `waiters` is not 0, wake that many, so that
+//!   every waiter asleep in state 2 looks again and gives way (a waiter's
+//!   count precedes its CAS to 2, which the swap reads; a waiter whose wait
+//!   starts after the swap finds 3, not 2, and does not sleep). Then the
+//!   thread's mark is undone (the fork handler marks the thread once for the
+//!   whole window). `force_unlock` releases it like a guard, without the
+//!   mark.
 //! * unlock (guard drop): a borrowed guard only unmarks the thread;
 //!   otherwise `owner = 0`, swap 0 (AcqRel); if the previous
-//!   state was 2 and `waiters` is not 0, wake one waiter (a waiter's count
-//!   precedes its swap, which the unlocking swap reads, so no wake is
+//!   state was 2 or 3 and `waiters` is not 0, wake one waiter (a waiter's
+//!   count precedes its CAS, which the unlocking swap reads, so no wake is
 //!   missed); then unmark the thread (`DEPTH - 1`). Releasing a polling
 //!   lock, or one nobody waits for, makes no system call.
 //!
@@ -68,6 +83,8 @@ use crate::platform::Platform;
 const UNLOCKED: u32 = 0;
 const LOCKED: u32 = 1;
 const CONTENDED: u32 = 2;
+/// Held across `fork` by `lock_raw`: normal-path waiters give way.
+const FORK: u32 = 3;
 
 /// What a `lock` that found the lock taken ended with.
 enum Contended {
@@ -78,6 +95,9 @@ enum Contended {
     Borrowed,
     /// This thread holds it (it interrupted itself): it did not wait.
     SelfHeld,
+    /// Held across a `fork` on another thread: it gave way instead of
+    /// waiting (`lock_in(Normal)` only).
+    GaveWay,
 }
 
 /// How many times `lock()` spins before it starts waiting.
@@ -198,14 +218,16 @@ impl ZoneLock {
         }
     }
 
-    /// Takes the lock, waiting for it if needed. Normal context only.
+    /// Takes the lock, waiting for it if needed, even while a `fork` on
+    /// another thread holds it. Normal context only; for callers that have
+    /// no fallback (maintenance, checks).
     ///
     /// If this very thread holds the lock (it interrupted itself: a routing
     /// error), it reports that and aborts instead of waiting forever. Paths
     /// that can fall back use [`lock_in`](Self::lock_in) instead.
     #[inline]
     pub fn lock<'a>(&'a self, platform: &'a dyn Platform) -> ZoneGuard<'a> {
-        match self.lock_in(Mode::Normal, platform) {
+        match self.lock_waiting(false, platform) {
             Some(g) => g,
             None => self_deadlock(platform),
         }
@@ -225,9 +247,11 @@ impl ZoneLock {
 
     /// Waits for the lock, unless this thread holds it: then it borrows it
     /// if it holds it across `fork` and owns the fork window (see the
-    /// `context` module), and otherwise gives up without waiting.
+    /// `context` module), and otherwise gives up without waiting. With
+    /// `give_way`, a lock held across a `fork` by another thread is not
+    /// waited for either (see the module docs).
     #[cold]
-    fn lock_contended(&self, platform: &dyn Platform) -> Contended {
+    fn lock_contended(&self, give_way: bool, platform: &dyn Platform) -> Contended {
         let me = me(platform);
         if me != 0 {
             let owner = self.owner.load(Ordering::Relaxed);
@@ -261,25 +285,53 @@ impl ZoneLock {
         if self.poll.load(core::sync::atomic::Ordering::Relaxed) {
             // Never announced: the holder's release makes no system call;
             // re-check after each short timed wait.
-            while self
-                .state
-                .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-            {
-                poll_while(platform, &self.state, LOCKED);
+            loop {
+                match self.state.compare_exchange(
+                    UNLOCKED,
+                    LOCKED,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return Contended::Acquired,
+                    Err(FORK) if give_way => return Contended::GaveWay,
+                    Err(seen) => poll_while(platform, &self.state, seen),
+                }
             }
-            return Contended::Acquired;
         }
-        // Announce a waiter: counted first, so a release that sees state 2
-        // also sees the count (the swaps are AcqRel). If the lock was free
-        // at the swap we now own it (in state 2: the count says whether a
-        // release must wake anyone).
+        // Announce a waiter: counted first, so a release (or `lock_raw`)
+        // whose swap reads one of this waiter's CASes also sees the count.
         self.waiters.fetch_add(1, Ordering::Relaxed);
-        while self.state.swap(CONTENDED, Ordering::AcqRel) != UNLOCKED {
-            wait_while(platform, &self.state, CONTENDED);
-        }
+        let got = loop {
+            match self.state.load(Ordering::Relaxed) {
+                UNLOCKED => {
+                    // Acquired in state 2: the count says whether a release
+                    // must wake anyone.
+                    if self
+                        .state
+                        .compare_exchange(UNLOCKED, CONTENDED, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        break Contended::Acquired;
+                    }
+                }
+                FORK if give_way => break Contended::GaveWay,
+                seen => {
+                    // 1, 2 or 3: marked (2 stays 2, 3 stays 3) by a write of
+                    // this waiter's, then slept on while unchanged. A change
+                    // in between fails the CAS: look again.
+                    let mark = if seen == FORK { FORK } else { CONTENDED };
+                    if self
+                        .state
+                        .compare_exchange(seen, mark, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        wait_while(platform, &self.state, mark);
+                    }
+                }
+            }
+        };
         self.waiters.fetch_sub(1, Ordering::Relaxed);
-        Contended::Acquired
+        got
     }
 
     /// Takes the lock without a guard (fork handling: held across `fork`),
@@ -296,6 +348,13 @@ impl ZoneLock {
         core::mem::forget(g);
         self.owner
             .store(me(platform) | context::FORK_HELD, Ordering::Relaxed);
+        // From here normal-path waiters give way; those asleep in state 2
+        // are woken to see it (the module docs say why none is missed).
+        self.state.swap(FORK, Ordering::AcqRel);
+        let waiting = self.waiters.load(Ordering::Relaxed);
+        if waiting != 0 {
+            wake_many(platform, &self.state, waiting);
+        }
         context::leave();
     }
 
@@ -311,14 +370,36 @@ impl ZoneLock {
     }
 
     /// Takes the lock as `mode` allows: waiting for it (`Normal`), or only if
-    /// it is free right now (`NoLock`). `None` when busy (`NoLock`), or when
-    /// this thread itself holds it (`Normal`: it interrupted itself; the
-    /// caller takes its nolock fallback instead of waiting forever).
+    /// it is free right now (`NoLock`). `None` when busy (`NoLock`); with
+    /// `Normal`, when this thread itself holds it (it interrupted itself),
+    /// or when a `fork` on another thread holds it (that fork may be
+    /// waiting for this thread: see the module docs). The caller then takes
+    /// its nolock fallback instead of waiting.
     #[inline]
     pub fn lock_in<'a>(&'a self, mode: Mode, platform: &'a dyn Platform) -> Option<ZoneGuard<'a>> {
         if mode == Mode::NoLock {
             return self.try_lock(platform);
         }
+        self.lock_waiting(true, platform)
+    }
+
+    /// As [`lock_in`](Self::lock_in)`(Normal)`, but waits for a lock held
+    /// across a `fork` on another thread too: `None` only when this thread
+    /// holds it. For explicit maintenance calls (`Heap::drain`), which a
+    /// fork is not waiting for and which must not skip their work.
+    #[inline]
+    pub(crate) fn lock_patient<'a>(&'a self, platform: &'a dyn Platform) -> Option<ZoneGuard<'a>> {
+        self.lock_waiting(false, platform)
+    }
+
+    /// The waiting acquisition of `lock` and `lock_in(Normal)`; `give_way`:
+    /// not for a lock held across another thread's `fork`.
+    #[inline]
+    fn lock_waiting<'a>(
+        &'a self,
+        give_way: bool,
+        platform: &'a dyn Platform,
+    ) -> Option<ZoneGuard<'a>> {
         // Marked before the CAS and during any wait.
         context::enter();
         if self
@@ -326,7 +407,7 @@ impl ZoneLock {
             .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            match self.lock_contended(platform) {
+            match self.lock_contended(give_way, platform) {
                 Contended::Acquired => {}
                 Contended::Borrowed => {
                     return Some(ZoneGuard {
@@ -336,7 +417,7 @@ impl ZoneLock {
                         _not_send: core::marker::PhantomData,
                     })
                 }
-                Contended::SelfHeld => {
+                Contended::SelfHeld | Contended::GaveWay => {
                     context::leave();
                     return None;
                 }
@@ -431,8 +512,10 @@ impl ZoneLock {
         // Cleared before the release: the next holder's store comes later.
         self.owner.store(0, Ordering::Relaxed);
         // Release publishes the critical section to the next Acquire.
-        if self.state.swap(UNLOCKED, Ordering::AcqRel) == CONTENDED
-            && self.waiters.load(Ordering::Relaxed) != 0
+        if matches!(
+            self.state.swap(UNLOCKED, Ordering::AcqRel),
+            CONTENDED | FORK
+        ) && self.waiters.load(Ordering::Relaxed) != 0
         {
             // A `lock()` caller announced that it waits and still does:
             // wake one. The platform's wake never blocks (a futex wake on
@@ -473,6 +556,14 @@ fn wake(platform: &dyn Platform, word: &AtomicU32) {
 
 #[cfg(loom)]
 fn wake(_platform: &dyn Platform, _word: &AtomicU32) {}
+
+#[cfg(all(feature = "std", not(loom)))]
+fn wake_many(platform: &dyn Platform, word: &AtomicU32, n: u32) {
+    platform.wake_many(word, n);
+}
+
+#[cfg(all(feature = "std", loom))]
+fn wake_many(_platform: &dyn Platform, _word: &AtomicU32, _n: u32) {}
 
 #[cfg(all(test, loom))]
 mod loom_tests {
@@ -591,6 +682,59 @@ mod loom_tests {
                 drop(g);
             }
             assert!(!shared.0.held_by_me(&P));
+            t.join().unwrap();
+            // SAFETY: loom checks that no other access overlaps this one.
+            assert_eq!(shared.1.with(|v| unsafe { *v }), 2);
+            assert!(!shared.0.is_locked());
+        });
+    }
+
+    /// A normal-path waiter against a fork's hold (`lock_raw`): it either
+    /// gets the lock before the fork does (and the fork waits for it) or
+    /// gives way (`None`), whether it was already waiting when the hold
+    /// began or came later; it never waits for the hold. A bare `lock`
+    /// waits through the hold and gets the lock after `force_unlock`.
+    #[cfg(feature = "std")]
+    #[test]
+    fn normal_waiters_give_way_to_a_fork_hold() {
+        loom::model(|| {
+            let shared = Arc::new((ZoneLock::new(), UnsafeCell::new(0u32)));
+            let other = shared.clone();
+            let t = loom::thread::spawn(move || {
+                if let Some(_g) = other.0.lock_in(Mode::Normal, &P) {
+                    // SAFETY: loom checks that no other access overlaps this one.
+                    other.1.with_mut(|v| unsafe { *v += 1 });
+                }
+            });
+            shared.0.lock_raw(&P);
+            // SAFETY: loom checks that no other access overlaps this one.
+            shared.1.with_mut(|v| unsafe { *v += 1 });
+            t.join().unwrap();
+            assert!(shared.0.is_locked());
+            assert!(shared.0.try_lock(&P).is_none());
+            // SAFETY: taken by lock_raw above.
+            unsafe { shared.0.force_unlock(&P) };
+            assert!(!shared.0.is_locked());
+        });
+    }
+
+    /// A bare `lock` does not give way: it waits through a fork's hold.
+    #[cfg(feature = "std")]
+    #[test]
+    fn a_bare_lock_waits_through_a_fork_hold() {
+        loom::model(|| {
+            let shared = Arc::new((ZoneLock::new(), UnsafeCell::new(0u32)));
+            let other = shared.clone();
+            shared.0.lock_raw(&P);
+            let t = loom::thread::spawn(move || {
+                let _g = other.0.lock(&P);
+                // SAFETY: loom checks that no other access overlaps this one.
+                other.1.with_mut(|v| unsafe { *v += 1 });
+            });
+            // SAFETY: loom checks that no other access overlaps this one.
+            shared.1.with_mut(|v| unsafe { *v += 1 });
+            // SAFETY: taken by lock_raw above.
+            unsafe { shared.0.force_unlock(&P) };
             t.join().unwrap();
             // SAFETY: loom checks that no other access overlaps this one.
             assert_eq!(shared.1.with(|v| unsafe { *v }), 2);

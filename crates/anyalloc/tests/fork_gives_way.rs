@@ -1,0 +1,166 @@
+//! A thread that the fork waits for allocates while the fork holds every
+//! heap lock.
+//!
+//! glibc's `fork` takes its stdio list lock and its NSS database lock after
+//! every `pthread_atfork` prepare handler, so after `Global`'s, which holds
+//! every heap lock. A thread (or a signal handler that interrupted it)
+//! holding one of those and allocating must not wait for a heap lock: the
+//! fork waits for that thread. Here a prepare handler registered before
+//! `Global`'s (from `.preinit_array`, so it runs after `Global`'s, as
+//! glibc's own locking does) stands for that lock: it waits until the
+//! "holder" thread has finished allocating, growing, reallocating and
+//! freeing small, large and huge blocks, which it starts only once the fork
+//! holds the heap locks. Before normal-path waiters gave way to a fork, the
+//! holder's first allocation that missed its per-CPU sheaf waited for a lock
+//! held by the fork for ever. The scenario runs in a child process under a
+//! watchdog.
+
+mod watchdog;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::time::Duration;
+
+use anyalloc::Global;
+
+#[global_allocator]
+static A: Global = Global;
+
+/// Set by the scenario: the handler does nothing in other forks.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// Set by the handler: the fork holds every heap lock now.
+static FORK_HOLDS: AtomicBool = AtomicBool::new(false);
+/// The stand-in for glibc's lock: the fork goes on once it is false.
+static HELD: AtomicBool = AtomicBool::new(false);
+/// Blocks the holder made while the fork held the heap locks.
+static MADE: AtomicU64 = AtomicU64::new(0);
+/// Blocks whose contents were wrong, or allocations that failed.
+static BAD: AtomicU64 = AtomicU64::new(0);
+
+/// Runs after `Global`'s prepare handler (registered before it): waits
+/// until the holder lets the fork go on, as glibc's `fork` waits for its
+/// stdio list lock.
+extern "C" fn late_prepare() {
+    if !ACTIVE.load(SeqCst) {
+        return;
+    }
+    FORK_HOLDS.store(true, SeqCst);
+    while HELD.load(SeqCst) {
+        std::thread::yield_now();
+    }
+}
+
+extern "C" fn register_early() {
+    // SAFETY: the handler is an `extern "C"` function that lives forever.
+    unsafe { libc::pthread_atfork(Some(late_prepare), None, None) };
+}
+
+#[used]
+#[link_section = ".preinit_array"]
+static REGISTER_EARLY: extern "C" fn() = register_early;
+
+/// What the holder does while the fork waits for it: blocks of every kind
+/// (small classes, large page blocks, a huge mapping), grown by `realloc`,
+/// checked and freed.
+fn allocate_under_the_fork(round: usize) {
+    let small = [8, 24, 64, 200, 1000, 3000];
+    let big = [64 << 10, 1 << 20, 6 << 20];
+    let mut live: Vec<Vec<u8>> = Vec::new();
+    for i in 0..1500 {
+        let size = if i % 50 == 0 {
+            big[(i / 50) % big.len()]
+        } else {
+            small[i % small.len()]
+        };
+        let mut b: Vec<u8> = Vec::new();
+        if b.try_reserve_exact(size).is_err() {
+            BAD.fetch_add(1, SeqCst);
+            continue;
+        }
+        b.resize(size, (i + round) as u8);
+        MADE.fetch_add(1, SeqCst);
+        live.push(b);
+    }
+    // Grow some (realloc: a move into another class).
+    for b in live.iter_mut().step_by(7) {
+        let (n, fill) = (b.len(), b[0]);
+        if b.try_reserve_exact(n + 5000).is_err() {
+            BAD.fetch_add(1, SeqCst);
+            continue;
+        }
+        b.resize(n + 5000, fill);
+    }
+    for (i, b) in live.iter().enumerate() {
+        let want = (i + round) as u8;
+        if b.iter().any(|&x| x != want) {
+            BAD.fetch_add(1, SeqCst);
+        }
+    }
+    drop(live);
+}
+
+const ROUNDS: usize = 10;
+
+#[test]
+fn a_thread_the_fork_waits_for_allocates_under_the_held_locks() {
+    if !watchdog::in_child() {
+        let out = watchdog::run_ok(
+            "a_thread_the_fork_waits_for_allocates_under_the_held_locks",
+            &[],
+            Duration::from_secs(120),
+            "a thread the fork waits for allocating while the fork holds the heap locks",
+        );
+        print!("{}", out.stdout);
+        return;
+    }
+    let heap = anyalloc::init().expect("global heap");
+    for round in 0..ROUNDS {
+        HELD.store(true, SeqCst);
+        FORK_HOLDS.store(false, SeqCst);
+        ACTIVE.store(true, SeqCst);
+        let holder = std::thread::spawn(move || {
+            while !FORK_HOLDS.load(SeqCst) {
+                std::thread::yield_now();
+            }
+            allocate_under_the_fork(round);
+            // Still inside the fork's prepare: nothing let it go on.
+            assert!(FORK_HOLDS.load(SeqCst));
+            HELD.store(false, SeqCst);
+        });
+        // SAFETY: the child only allocates a little and _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let v = vec![7u8; 100_000];
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(if v[99_999] == 7 { 0 } else { 1 }) };
+        }
+        assert!(pid > 0, "fork failed");
+        ACTIVE.store(false, SeqCst);
+        holder.join().expect("the holder thread");
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "forked child {round} failed (status {status:#x})"
+        );
+    }
+    // Everything the holder made under the fork went back: the heap serves
+    // as before, and no block mapped beside it is left.
+    allocate_under_the_fork(ROUNDS);
+    heap.drain();
+    let stats = heap.stats();
+    let (made, bad) = (MADE.load(SeqCst), BAD.load(SeqCst));
+    println!(
+        "{ROUNDS} forks: {made} blocks made while the fork held the heap locks, {bad} bad; huge blocks in use after: {}",
+        stats.huge_in_use
+    );
+    assert_eq!(
+        bad, 0,
+        "allocations under the fork failed or were corrupted"
+    );
+    assert_eq!(made, (ROUNDS as u64 + 1) * 1500);
+    assert_eq!(
+        stats.huge_in_use, 0,
+        "blocks mapped beside the heap were not freed"
+    );
+}
