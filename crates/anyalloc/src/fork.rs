@@ -107,7 +107,10 @@
 //!    in progress after that may be waiting for this very thread: the
 //!    block is mapped on its own instead, beside the heap, and registered
 //!    like a huge block (`free`, `realloc` and `usable_size` handle it as
-//!    one).
+//!    one; `HeapStats::fork_mapped` counts them). Such blocks take at most
+//!    half the huge table: beyond that (a long fork, and threads it does
+//!    not wait for that keep allocating) a miss waits for the fork again,
+//!    [`FORK_PATIENCE`] at a time.
 //!
 //! A heap registry or accounting registry wait (making or dropping a
 //! `Heap`, `Group::new`) in such a handler still waits for the fork.
@@ -206,6 +209,18 @@ pub(crate) fn wait_for_fork() -> bool {
         }
         crate::platform::futex::wait(&FORKING, forks, Some(left));
     }
+}
+
+/// Waits at most [`FORK_PATIENCE`] (once, whatever an earlier wait for
+/// the same fork found) while a fork holds the heap locks. `true`: none
+/// does (any more). Normal context.
+pub(crate) fn wait_a_while_for_fork() -> bool {
+    let forks = FORKING.load(Ordering::SeqCst);
+    if forks == 0 {
+        return true;
+    }
+    crate::platform::futex::wait(&FORKING, forks, Some(FORK_PATIENCE));
+    FORKING.load(Ordering::SeqCst) == 0
 }
 
 /// The holder thread's `prepare`s that took nothing (a `fork` called by a

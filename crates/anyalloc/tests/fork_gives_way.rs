@@ -36,14 +36,23 @@ static MADE: AtomicU64 = AtomicU64::new(0);
 /// Blocks whose contents were wrong, or allocations that failed.
 static BAD: AtomicU64 = AtomicU64::new(0);
 
+/// Set by the second scenario: the fork is long, and waits for nobody.
+static LONG_FORK: AtomicBool = AtomicBool::new(false);
+/// How long the long fork holds the heap locks.
+const LONG: Duration = Duration::from_millis(400);
+
 /// Runs after `Global`'s prepare handler (registered before it): waits
 /// until the holder lets the fork go on, as glibc's `fork` waits for its
-/// stdio list lock.
+/// stdio list lock (or, for the long fork, a while).
 extern "C" fn late_prepare() {
     if !ACTIVE.load(SeqCst) {
         return;
     }
     FORK_HOLDS.store(true, SeqCst);
+    if LONG_FORK.load(SeqCst) {
+        std::thread::sleep(LONG);
+        return;
+    }
     while HELD.load(SeqCst) {
         std::thread::yield_now();
     }
@@ -159,8 +168,81 @@ fn a_thread_the_fork_waits_for_allocates_under_the_held_locks() {
         "allocations under the fork failed or were corrupted"
     );
     assert_eq!(made, (ROUNDS as u64 + 1) * 1500);
+    assert!(stats.fork_mapped > 0, "no block was mapped beside the heap");
     assert_eq!(
         stats.huge_in_use, 0,
+        "blocks mapped beside the heap were not freed"
+    );
+}
+/// Small objects a thread keeps during the long fork: more than the huge
+/// table's 4096 entries.
+const KEPT: usize = 6000;
+
+/// A long fork that waits for nobody, while another thread keeps
+/// allocating small objects and keeps them all: blocks mapped beside the
+/// heap take at most half the huge table (2048 entries), then the thread
+/// waits for the fork; every allocation succeeds. Mapping without that
+/// bound filled the table and the next allocation failed (an abort).
+#[test]
+fn a_long_fork_maps_at_most_half_the_huge_table() {
+    if !watchdog::in_child() {
+        let out = watchdog::run_ok(
+            "a_long_fork_maps_at_most_half_the_huge_table",
+            &[],
+            Duration::from_secs(120),
+            "a thread allocating during a long fork",
+        );
+        print!("{}", out.stdout);
+        return;
+    }
+    let heap = anyalloc::init().expect("global heap");
+    LONG_FORK.store(true, SeqCst);
+    FORK_HOLDS.store(false, SeqCst);
+    ACTIVE.store(true, SeqCst);
+    let keeper = std::thread::spawn(|| {
+        let mut kept: Vec<Box<[u64; 12]>> = Vec::with_capacity(KEPT);
+        while !FORK_HOLDS.load(SeqCst) {
+            std::thread::yield_now();
+        }
+        let start = std::time::Instant::now();
+        for i in 0..KEPT {
+            kept.push(Box::new([i as u64; 12]));
+        }
+        (kept, start.elapsed())
+    });
+    // SAFETY: the child only _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0, "fork failed");
+    ACTIVE.store(false, SeqCst);
+    let (kept, took) = keeper.join().expect("the keeper thread");
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
+    for (i, b) in kept.iter().enumerate() {
+        assert!(b.iter().all(|&w| w == i as u64), "object {i} corrupted");
+    }
+    let during = heap.stats();
+    drop(kept);
+    let after = heap.stats();
+    println!(
+        "{KEPT} objects kept during a {LONG:?} fork in {took:?}: {} mapped beside the heap, {} huge blocks in use before the frees, {} after",
+        during.fork_mapped, during.huge_in_use, after.huge_in_use
+    );
+    assert!(
+        during.fork_mapped > 0,
+        "no block was mapped beside the heap"
+    );
+    assert!(
+        during.fork_mapped <= 2048,
+        "{} blocks mapped beside the heap: more than half the huge table",
+        during.fork_mapped
+    );
+    assert_eq!(
+        after.huge_in_use, 0,
         "blocks mapped beside the heap were not freed"
     );
 }

@@ -162,6 +162,11 @@ pub struct HeapStats {
     pub maintenance_passes: u64,
     /// Bytes of idle max-order blocks given back to the OS.
     pub released_to_os_bytes: u64,
+    /// Allocations served by a mapping of their own, beside the heap,
+    /// because a `fork` on another thread held the heap's locks and did not
+    /// end in time (it may have been waiting for the allocating thread; see
+    /// the README's notes on `fork`). Counted in `huge_in_use` while live.
+    pub fork_mapped: u64,
     /// The page allocator underneath.
     pub pages: PageStats,
 }
@@ -269,6 +274,9 @@ pub(crate) struct HeapCore {
     shrinkers: Shrinkers,
     huge_live: AtomicUsize,
     huge_bytes: AtomicUsize,
+    /// Allocations mapped beside the heap during another thread's fork
+    /// (`alloc_while_forking`).
+    fork_mapped: AtomicU64,
     nolock_large_ok: AtomicU64,
     fail_busy: AtomicU64,
     fail_empty: AtomicU64,
@@ -580,6 +588,7 @@ impl Heap {
             accounted_used: AtomicBool::new(false),
             shrinkers: Shrinkers::new(),
             huge_live: AtomicUsize::new(0),
+            fork_mapped: AtomicU64::new(0),
             huge_bytes: AtomicUsize::new(0),
             nolock_large_ok: AtomicU64::new(0),
             fail_busy: AtomicU64::new(0),
@@ -1072,18 +1081,65 @@ impl HeapCore {
                 None if Self::fork_gave_way() => {}
                 p => return p,
             }
-            // A fork on another thread holds the locks (the miss may be
-            // theirs, not memory's): the nolock path, whose try-locks are
-            // not held; else wait for the fork and try again; if it does
-            // not end in time, it may be waiting for this thread.
+            // A fork on another thread holds the locks: the miss may be
+            // theirs, not memory's.
             #[cfg(feature = "std")]
-            {
-                if let Some(p) = self.alloc_nolock(layout) {
+            if let Some(p) = self.alloc_while_forking(layout, None) {
+                return p;
+            }
+        }
+    }
+
+    /// A normal allocation (into `group`, if any) that missed while a
+    /// `fork` on another thread holds, or is taking, the heap's locks,
+    /// which its normal path gave way to (see the `fork` module's "Other
+    /// threads give way"):
+    ///
+    /// 1. the nolock path, whose levels' try-locks the fork does not hold;
+    /// 2. else wait for the fork to end, at most `FORK_PATIENCE` (not at
+    ///    all once a wait for the same fork ran out): `None` when it ended,
+    ///    and the caller tries its normal path again;
+    /// 3. else the fork may be waiting for this very thread: map the block
+    ///    on its own, beside the heap (registered like a huge block), while
+    ///    less than half the huge table is in use;
+    /// 4. else wait for the fork, `FORK_PATIENCE` at a time, and go back to
+    ///    3 (`None` once it ended).
+    ///
+    /// `Some(None)` only when the fork ended and the attempt failed anyway.
+    #[cfg(feature = "std")]
+    #[cold]
+    #[inline(never)]
+    fn alloc_while_forking(
+        &self,
+        layout: Layout,
+        group: Option<&Arc<Group>>,
+    ) -> Option<Option<NonNull<u8>>> {
+        let p = match group {
+            None => self.alloc_nolock(layout),
+            Some(g) => self.alloc_nolock_in(layout, g),
+        };
+        if p.is_some() {
+            return Some(p);
+        }
+        if crate::fork::wait_for_fork() {
+            return None;
+        }
+        loop {
+            if self.huge_live.load(Ordering::Relaxed) < huge::HUGE_ENTRIES / 2 {
+                let p = match group {
+                    None => self.alloc_huge(layout),
+                    Some(g) => self.alloc_huge_in(layout, g, true),
+                };
+                if p.is_some() {
+                    self.fork_mapped.fetch_add(1, Ordering::Relaxed);
                     return Some(p);
                 }
-                if !crate::fork::wait_for_fork() {
-                    return self.alloc_huge(layout);
-                }
+            }
+            // The table is half full (a long fork: threads that do not
+            // hold what it waits for would fill it), the mapping failed, or
+            // the group refused: wait, then look again.
+            if crate::fork::wait_a_while_for_fork() {
+                return None;
             }
         }
     }
@@ -1702,13 +1758,8 @@ impl HeapCore {
             }
             // As in `alloc_miss`.
             #[cfg(feature = "std")]
-            {
-                if let Some(p) = self.alloc_nolock_in(layout, group) {
-                    return Some(p);
-                }
-                if !crate::fork::wait_for_fork() {
-                    return self.alloc_huge_in(layout, group, true);
-                }
+            if let Some(p) = self.alloc_while_forking(layout, Some(group)) {
+                return p;
             }
         }
     }
@@ -2047,6 +2098,7 @@ impl HeapCore {
             shrinker_freed_bytes: self.shrinker_freed.load(Ordering::Relaxed),
             maintenance_passes: self.passes.load(Ordering::Relaxed),
             released_to_os_bytes: self.released_bytes.load(Ordering::Relaxed),
+            fork_mapped: self.fork_mapped.load(Ordering::Relaxed),
             pages: self.pages.stats(),
         };
         // Large blocks are counted by a scan of the descriptors (their head
