@@ -109,8 +109,11 @@
 //!    like a huge block (`free`, `realloc` and `usable_size` handle it as
 //!    one).
 //!
-//! A heap registry or accounting registry wait (making or dropping a
-//! `Heap`, `Group::new`) in such a handler still waits for the fork.
+//! The accounting groups' children registry, which prepare holds too, is
+//! likewise given way to by an accounted allocation's retry (it flushes
+//! only the stocks it can reach without it). A heap registry or accounting
+//! registry wait outside allocations (making or dropping a `Heap`,
+//! `Group::new`, `Group::usage`) in such a handler still waits for the fork.
 
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
