@@ -107,7 +107,9 @@
 //!    in progress after that may be waiting for this very thread: the
 //!    block is mapped on its own instead, beside the heap, and registered
 //!    like a huge block (`free`, `realloc` and `usable_size` handle it as
-//!    one).
+//!    one). If that fails too (the heap's table of huge blocks is full:
+//!    a slow fork and a thread allocating on), it waits for the fork
+//!    longer, at most [`FORK_PATIENCE_LAST`], before it fails.
 //!
 //! The accounting groups' children registry, which prepare holds too, is
 //! likewise given way to by an accounted allocation's retry (it flushes
@@ -180,6 +182,13 @@ static GAVE_UP: AtomicU32 = AtomicU32::new(0);
 /// interrupted the thread the fork waits for may run again and again.
 pub(crate) const FORK_PATIENCE: core::time::Duration = core::time::Duration::from_millis(2);
 
+/// How long an allocation that could not be served beside the heap either
+/// (the heap's table of huge blocks is full, or no mapping) waits for the
+/// fork before it fails: such a fork is most likely just slow (a large
+/// process's page tables, other libraries' handlers), not waiting for this
+/// thread, and its end serves the allocation as usual.
+pub(crate) const FORK_PATIENCE_LAST: core::time::Duration = core::time::Duration::from_secs(1);
+
 /// Whether a `fork` on another thread is taking or holds the heap locks
 /// (so a normal-path lock may have given way). Any context; a hint read
 /// only by allocations that missed.
@@ -196,15 +205,25 @@ pub(crate) fn wait_for_fork() -> bool {
     if GAVE_UP.load(Ordering::Relaxed) == epoch {
         return FORKING.load(Ordering::SeqCst) == 0;
     }
+    if wait_for_fork_at_most(FORK_PATIENCE) {
+        return true;
+    }
+    GAVE_UP.store(epoch, Ordering::Relaxed);
+    false
+}
+
+/// Waits, at most `patience`, until no fork holds the heap locks (whether
+/// or not a wait for the same fork ran out before). `true`: none does (any
+/// more). Normal context.
+pub(crate) fn wait_for_fork_at_most(patience: core::time::Duration) -> bool {
     let start = std::time::Instant::now();
     loop {
         let forks = FORKING.load(Ordering::SeqCst);
         if forks == 0 {
             return true;
         }
-        let left = FORK_PATIENCE.saturating_sub(start.elapsed());
+        let left = patience.saturating_sub(start.elapsed());
         if left.is_zero() {
-            GAVE_UP.store(epoch, Ordering::Relaxed);
             return false;
         }
         crate::platform::futex::wait(&FORKING, forks, Some(left));

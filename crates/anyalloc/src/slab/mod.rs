@@ -1082,7 +1082,14 @@ impl HeapCore {
                     return Some(p);
                 }
                 if !crate::fork::wait_for_fork() {
-                    return self.alloc_huge(layout);
+                    if let Some(p) = self.alloc_huge(layout) {
+                        return Some(p);
+                    }
+                    // Not beside the heap either (its table of huge
+                    // blocks full): wait for the fork longer, then retry.
+                    if !Self::wait_for_fork_last() {
+                        return None;
+                    }
                 }
             }
         }
@@ -1098,6 +1105,18 @@ impl HeapCore {
         return crate::fork::forking_elsewhere();
         #[cfg(not(feature = "std"))]
         false
+    }
+
+    /// An allocation that missed while a fork holds the locks, and that
+    /// could not be served beside the heap either: waits for the fork, at
+    /// most [`FORK_PATIENCE_LAST`](crate::fork::FORK_PATIENCE_LAST), rather
+    /// than fail at once (a slow fork, not one waiting for this thread,
+    /// and a thread allocating on fill the heap's table of huge blocks).
+    /// `true`: no fork holds the locks any more.
+    #[cfg(feature = "std")]
+    #[cold]
+    fn wait_for_fork_last() -> bool {
+        crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST)
     }
 
     /// An allocation asked for reclaim it could not run: run it, unless this
@@ -1707,7 +1726,12 @@ impl HeapCore {
                     return Some(p);
                 }
                 if !crate::fork::wait_for_fork() {
-                    return self.alloc_huge_in(layout, group, true);
+                    if let Some(p) = self.alloc_huge_in(layout, group, true) {
+                        return Some(p);
+                    }
+                    if !Self::wait_for_fork_last() {
+                        return None;
+                    }
                 }
             }
         }
