@@ -814,6 +814,22 @@ impl Heap {
         self.core().usable_size(ptr)
     }
 
+    /// Whether the live allocation at `ptr` is whole pages (a page block
+    /// or a mapping) rather than an object of a size class: its usable
+    /// size is its request rounded up to pages, however small the request
+    /// (the nolock route serves small requests from page blocks when their
+    /// classes are busy, and a miss while another thread's `fork` holds
+    /// the heap's locks may map its block beside the heap). For the C
+    /// library's size checks. Any context; `false` for a pointer that is
+    /// not a live block of this heap.
+    #[doc(hidden)]
+    pub fn is_paged(&self, ptr: NonNull<u8>) -> bool {
+        match self.core().classify(ptr.as_ptr() as usize) {
+            Some(Kind::Object(..)) | None => false,
+            Some(_) => true,
+        }
+    }
+
     /// Resizes a huge allocation (above 4 MiB, `mmap`ed) to `size` bytes
     /// with `mremap`: the pages move, the contents are not copied. Normal
     /// context. `None`, with `ptr` untouched, when `ptr` is not a huge
