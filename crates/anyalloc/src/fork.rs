@@ -189,12 +189,39 @@ pub(crate) const FORK_PATIENCE: core::time::Duration = core::time::Duration::fro
 /// thread, and its end serves the allocation as usual.
 pub(crate) const FORK_PATIENCE_LAST: core::time::Duration = core::time::Duration::from_secs(1);
 
-/// Whether a `fork` on another thread is taking or holds the heap locks
-/// (so a normal-path lock may have given way). Any context; a hint read
-/// only by allocations that missed.
+/// The forks in progress before a normal-path attempt ([`fork_mark`]), to
+/// tell afterwards whether one may have made it give way
+/// ([`forked_elsewhere_since`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ForkMark {
+    forking: bool,
+    epoch: u32,
+}
+
+/// Notes the forks in progress, before a normal-path attempt. Any context.
 #[inline]
-pub(crate) fn forking_elsewhere() -> bool {
-    FORKING.load(Ordering::SeqCst) != 0 && !context::owns_fork_window()
+pub(crate) fn fork_mark() -> ForkMark {
+    ForkMark {
+        forking: FORKING.load(Ordering::SeqCst) != 0,
+        epoch: FORK_EPOCH.load(Ordering::SeqCst),
+    }
+}
+
+/// Whether a `fork` on another thread was taking or held the heap locks
+/// at any time since `mark` (so a normal-path lock may have given way in
+/// between), even if it has ended since: an attempt that failed then must
+/// be retried, not reported as out of memory. Any context; read only by
+/// attempts that missed.
+#[inline]
+pub(crate) fn forked_elsewhere_since(mark: ForkMark) -> bool {
+    // The attempt read a lock held across the fork with a relaxed load:
+    // this fence makes the count that `prepare` stored before it took the
+    // lock visible below.
+    core::sync::atomic::fence(Ordering::Acquire);
+    (mark.forking
+        || FORKING.load(Ordering::SeqCst) != 0
+        || FORK_EPOCH.load(Ordering::SeqCst) != mark.epoch)
+        && !context::owns_fork_window()
 }
 
 /// Waits, at most [`FORK_PATIENCE`], until no fork holds the heap locks

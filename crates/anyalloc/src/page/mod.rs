@@ -666,8 +666,9 @@ impl PageAllocator {
         }
         #[cfg(feature = "std")]
         loop {
+            let mark = crate::fork::fork_mark();
             match self.alloc_pages_normal(order) {
-                None if crate::fork::forking_elsewhere() => {}
+                None if crate::fork::forked_elsewhere_since(mark) => {}
                 p => return p,
             }
             // A fork on another thread holds the locks (the miss may be

@@ -1084,8 +1084,9 @@ impl HeapCore {
         self.pages.take_reclaim_request();
         self.reclaim();
         loop {
+            let mark = Self::fork_mark();
             match self.alloc_once(layout, 0) {
-                None if Self::fork_gave_way() => {}
+                None if Self::fork_gave_way(mark) => {}
                 p => return p,
             }
             // A fork on another thread holds the locks (the miss may be
@@ -1111,16 +1112,30 @@ impl HeapCore {
         }
     }
 
-    /// Whether a `fork` on another thread holds (or is taking) the locks,
-    /// so that a normal-path miss may be the locks giving way rather than
-    /// memory running out (see the `fork` module's "Other threads give
-    /// way").
+    /// The forks in progress before a normal-path attempt, for
+    /// [`fork_gave_way`](Self::fork_gave_way) (without std: no fork).
     #[inline]
-    fn fork_gave_way() -> bool {
+    fn fork_mark() -> ForkMark {
         #[cfg(feature = "std")]
-        return crate::fork::forking_elsewhere();
+        return crate::fork::fork_mark();
         #[cfg(not(feature = "std"))]
-        false
+        ForkMark
+    }
+
+    /// Whether a `fork` on another thread held (or was taking) the locks
+    /// at some time since `mark`, so that a normal-path miss may be the
+    /// locks giving way rather than memory running out (see the `fork`
+    /// module's "Other threads give way"), even if that fork has ended
+    /// since.
+    #[inline]
+    fn fork_gave_way(mark: ForkMark) -> bool {
+        #[cfg(feature = "std")]
+        return crate::fork::forked_elsewhere_since(mark);
+        #[cfg(not(feature = "std"))]
+        {
+            let _ = mark;
+            false
+        }
     }
 
     /// An allocation that missed while a fork holds the locks, and that
@@ -1731,8 +1746,9 @@ impl HeapCore {
         self.reclaim();
         group.flush_tree_stocks();
         loop {
+            let mark = Self::fork_mark();
             match self.try_alloc_in(layout, group, false, true) {
-                None if Self::fork_gave_way() => {}
+                None if Self::fork_gave_way(mark) => {}
                 p => return p,
             }
             // As in `alloc_miss`.
@@ -2174,6 +2190,14 @@ impl HeapCore {
         }
     }
 }
+
+/// What `HeapCore::fork_mark` notes: the forks in progress (none
+/// without std).
+#[cfg(feature = "std")]
+use crate::fork::ForkMark;
+#[cfg(not(feature = "std"))]
+#[derive(Clone, Copy)]
+struct ForkMark;
 
 /// The route of a free asked for in `mode`: a normal free by a thread inside
 /// the allocator or in a nolock scope takes the nolock path.
