@@ -569,12 +569,26 @@ pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: 
 /// A block allocated for `size` bytes aligned to `align` has at least
 /// `size` and at most `max(2 * size, align, 16)` usable bytes (size classes
 /// waste at most 20%, page blocks less than half, `realloc` keeps a block
-/// in place only while it is less than twice the new size); anything else
-/// was allocated with another size.
+/// in place only while it is less than twice the new size); a block of
+/// whole pages (`Heap::is_paged`) may also have `size` rounded up to pages:
+/// a small request served by a page block (the nolock route, when its size
+/// classes are busy) or mapped on its own beside the heap (a miss while
+/// another thread's `fork` held the heap's locks: see the heap's `fork`
+/// module, "Other threads give way"). Anything else was allocated with
+/// another size.
 #[cfg(feature = "debug-checks")]
 fn check_size(p: NonNull<u8>, align: usize, size: usize, what: &str) {
-    let usable = owner(p, what).usable_size(p);
-    if size > usable || usable > size.saturating_mul(2).max(align).max(MAX_ALIGN) {
+    let heap = owner(p, what);
+    let usable = heap.usable_size(p);
+    let pages = if heap.is_paged(p) {
+        size.max(1)
+            .checked_next_multiple_of(PAGE)
+            .unwrap_or(usize::MAX)
+    } else {
+        0
+    };
+    let most = size.saturating_mul(2).max(align).max(MAX_ALIGN).max(pages);
+    if size > usable || usable > most {
         let mut l = Line::new();
         l.text("anyalloc: ")
             .text(what)

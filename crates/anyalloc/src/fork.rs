@@ -107,13 +107,18 @@
 //!    in progress after that may be waiting for this very thread: the
 //!    block is mapped on its own instead, beside the heap, and registered
 //!    like a huge block (`free`, `realloc` and `usable_size` handle it as
-//!    one; `HeapStats::fork_mapped` counts them). Such blocks take at most
-//!    half the huge table: beyond that (a long fork, and threads it does
-//!    not wait for that keep allocating) a miss waits for the fork again,
-//!    [`FORK_PATIENCE`] at a time.
+//!    one; `HeapStats::fork_mapped` counts them), while less than half
+//!    the huge table is in use: a slow fork that waits for nobody, with
+//!    threads allocating on, would fill it. Beyond that the miss waits for
+//!    the fork longer, at most [`FORK_PATIENCE_LAST`]; a fork still in
+//!    progress after that gets the rest of the table, and only then does
+//!    the allocation fail.
 //!
-//! A heap registry or accounting registry wait (making or dropping a
-//! `Heap`, `Group::new`) in such a handler still waits for the fork.
+//! The accounting groups' children registry, which prepare holds too, is
+//! likewise given way to by an accounted allocation's retry (it flushes
+//! only the stocks it can reach without it). A heap registry or accounting
+//! registry wait outside allocations (making or dropping a `Heap`,
+//! `Group::new`, `Group::usage`) in such a handler still waits for the fork.
 
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
@@ -180,12 +185,46 @@ static GAVE_UP: AtomicU32 = AtomicU32::new(0);
 /// interrupted the thread the fork waits for may run again and again.
 pub(crate) const FORK_PATIENCE: core::time::Duration = core::time::Duration::from_millis(2);
 
-/// Whether a `fork` on another thread is taking or holds the heap locks
-/// (so a normal-path lock may have given way). Any context; a hint read
-/// only by allocations that missed.
+/// How long an allocation that could not be served beside the heap either
+/// (the heap's table of huge blocks is full, or no mapping) waits for the
+/// fork before it fails: such a fork is most likely just slow (a large
+/// process's page tables, other libraries' handlers), not waiting for this
+/// thread, and its end serves the allocation as usual.
+pub(crate) const FORK_PATIENCE_LAST: core::time::Duration = core::time::Duration::from_secs(1);
+
+/// The forks in progress before a normal-path attempt ([`fork_mark`]), to
+/// tell afterwards whether one may have made it give way
+/// ([`forked_elsewhere_since`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ForkMark {
+    forking: bool,
+    epoch: u32,
+}
+
+/// Notes the forks in progress, before a normal-path attempt. Any context.
 #[inline]
-pub(crate) fn forking_elsewhere() -> bool {
-    FORKING.load(Ordering::SeqCst) != 0 && !context::owns_fork_window()
+pub(crate) fn fork_mark() -> ForkMark {
+    ForkMark {
+        forking: FORKING.load(Ordering::SeqCst) != 0,
+        epoch: FORK_EPOCH.load(Ordering::SeqCst),
+    }
+}
+
+/// Whether a `fork` on another thread was taking or held the heap locks
+/// at any time since `mark` (so a normal-path lock may have given way in
+/// between), even if it has ended since: an attempt that failed then must
+/// be retried, not reported as out of memory. Any context; read only by
+/// attempts that missed.
+#[inline]
+pub(crate) fn forked_elsewhere_since(mark: ForkMark) -> bool {
+    // The attempt read a lock held across the fork with a relaxed load:
+    // this fence makes the count that `prepare` stored before it took the
+    // lock visible below.
+    core::sync::atomic::fence(Ordering::Acquire);
+    (mark.forking
+        || FORKING.load(Ordering::SeqCst) != 0
+        || FORK_EPOCH.load(Ordering::SeqCst) != mark.epoch)
+        && !context::owns_fork_window()
 }
 
 /// Waits, at most [`FORK_PATIENCE`], until no fork holds the heap locks
@@ -196,31 +235,29 @@ pub(crate) fn wait_for_fork() -> bool {
     if GAVE_UP.load(Ordering::Relaxed) == epoch {
         return FORKING.load(Ordering::SeqCst) == 0;
     }
+    if wait_for_fork_at_most(FORK_PATIENCE) {
+        return true;
+    }
+    GAVE_UP.store(epoch, Ordering::Relaxed);
+    false
+}
+
+/// Waits, at most `patience`, until no fork holds the heap locks (whether
+/// or not a wait for the same fork ran out before). `true`: none does (any
+/// more). Normal context.
+pub(crate) fn wait_for_fork_at_most(patience: core::time::Duration) -> bool {
     let start = std::time::Instant::now();
     loop {
         let forks = FORKING.load(Ordering::SeqCst);
         if forks == 0 {
             return true;
         }
-        let left = FORK_PATIENCE.saturating_sub(start.elapsed());
+        let left = patience.saturating_sub(start.elapsed());
         if left.is_zero() {
-            GAVE_UP.store(epoch, Ordering::Relaxed);
             return false;
         }
         crate::platform::futex::wait(&FORKING, forks, Some(left));
     }
-}
-
-/// Waits at most [`FORK_PATIENCE`] (once, whatever an earlier wait for
-/// the same fork found) while a fork holds the heap locks. `true`: none
-/// does (any more). Normal context.
-pub(crate) fn wait_a_while_for_fork() -> bool {
-    let forks = FORKING.load(Ordering::SeqCst);
-    if forks == 0 {
-        return true;
-    }
-    crate::platform::futex::wait(&FORKING, forks, Some(FORK_PATIENCE));
-    FORKING.load(Ordering::SeqCst) == 0
 }
 
 /// The holder thread's `prepare`s that took nothing (a `fork` called by a

@@ -538,13 +538,19 @@ impl Group {
 
     /// Normal context: `flush_stocks` of the root of this group's tree, so
     /// that no group's unused stock counts against a limit this group
-    /// shares (before a refused allocation retries).
+    /// shares (before a refused allocation retries). While a `fork` on
+    /// another thread holds the children registry, only the root's own
+    /// stocks: that fork may be waiting for this allocation (see the `fork`
+    /// module's "Other threads give way").
     pub(crate) fn flush_tree_stocks(&self) {
         let mut root = self;
         while let Some(p) = root.parent.as_deref() {
             root = p;
         }
-        root.flush_stocks();
+        root.flush_own_stocks();
+        if let Some(g) = CHILDREN.lock_giving_way() {
+            root.flush_descendants_locked(&g);
+        }
     }
 }
 

@@ -664,6 +664,26 @@ impl PageAllocator {
         if crate::context::nested() {
             return self.alloc_pages_nolock(order);
         }
+        #[cfg(feature = "std")]
+        loop {
+            let mark = crate::fork::fork_mark();
+            match self.alloc_pages_normal(order) {
+                None if crate::fork::forked_elsewhere_since(mark) => {}
+                p => return p,
+            }
+            // A fork on another thread holds the locks (the miss may be
+            // theirs, not memory's; see the `fork` module's "Other threads
+            // give way"): the nolock path, whose try-locks are not held;
+            // else wait for the fork (pages cannot be served beside the
+            // allocator), at most `FORK_PATIENCE_LAST`, and try again.
+            if let Some(p) = self.alloc_pages_nolock(order) {
+                return Some(p);
+            }
+            if !crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST) {
+                return None;
+            }
+        }
+        #[cfg(not(feature = "std"))]
         self.alloc_pages_normal(order)
     }
 

@@ -823,6 +823,22 @@ impl Heap {
         self.core().usable_size(ptr)
     }
 
+    /// Whether the live allocation at `ptr` is whole pages (a page block
+    /// or a mapping) rather than an object of a size class: its usable
+    /// size is its request rounded up to pages, however small the request
+    /// (the nolock route serves small requests from page blocks when their
+    /// classes are busy, and a miss while another thread's `fork` holds
+    /// the heap's locks may map its block beside the heap). For the C
+    /// library's size checks. Any context; `false` for a pointer that is
+    /// not a live block of this heap.
+    #[doc(hidden)]
+    pub fn is_paged(&self, ptr: NonNull<u8>) -> bool {
+        match self.core().classify(ptr.as_ptr() as usize) {
+            Some(Kind::Object(..)) | None => false,
+            Some(_) => true,
+        }
+    }
+
     /// Resizes a huge allocation (above 4 MiB, `mmap`ed) to `size` bytes
     /// with `mremap`: the pages move, the contents are not copied. Normal
     /// context. `None`, with `ptr` untouched, when `ptr` is not a huge
@@ -1077,8 +1093,9 @@ impl HeapCore {
         self.pages.take_reclaim_request();
         self.reclaim();
         loop {
+            let mark = Self::fork_mark();
             match self.alloc_once(layout, 0) {
-                None if Self::fork_gave_way() => {}
+                None if Self::fork_gave_way(mark) => {}
                 p => return p,
             }
             // A fork on another thread holds the locks: the miss may be
@@ -1091,7 +1108,7 @@ impl HeapCore {
     }
 
     /// A normal allocation (into `group`, if any) that missed while a
-    /// `fork` on another thread holds, or is taking, the heap's locks,
+    /// `fork` on another thread held, or was taking, the heap's locks,
     /// which its normal path gave way to (see the `fork` module's "Other
     /// threads give way"):
     ///
@@ -1101,11 +1118,12 @@ impl HeapCore {
     ///    and the caller tries its normal path again;
     /// 3. else the fork may be waiting for this very thread: map the block
     ///    on its own, beside the heap (registered like a huge block), while
-    ///    less than half the huge table is in use;
-    /// 4. else wait for the fork, `FORK_PATIENCE` at a time, and go back to
-    ///    3 (`None` once it ended).
-    ///
-    /// `Some(None)` only when the fork ended and the attempt failed anyway.
+    ///    less than half the huge table is in use (a slow fork that waits
+    ///    for nobody, with threads allocating on, would fill it);
+    /// 4. else wait for the fork longer, at most `FORK_PATIENCE_LAST`:
+    ///    `None` when it ended;
+    /// 5. else map the block beside the heap with the rest of the table,
+    ///    or fail (`Some(None)`).
     #[cfg(feature = "std")]
     #[cold]
     #[inline(never)]
@@ -1124,36 +1142,63 @@ impl HeapCore {
         if crate::fork::wait_for_fork() {
             return None;
         }
-        loop {
-            if self.huge_live.load(Ordering::Relaxed) < huge::HUGE_ENTRIES / 2 {
-                let p = match group {
-                    None => self.alloc_huge(layout),
-                    Some(g) => self.alloc_huge_in(layout, g, true),
-                };
-                if p.is_some() {
-                    self.fork_mapped.fetch_add(1, Ordering::Relaxed);
-                    return Some(p);
-                }
+        let beside = || {
+            let p = match group {
+                None => self.alloc_huge(layout),
+                Some(g) => self.alloc_huge_in(layout, g, true),
+            };
+            if p.is_some() {
+                self.fork_mapped.fetch_add(1, Ordering::Relaxed);
             }
-            // The table is half full (a long fork: threads that do not
-            // hold what it waits for would fill it), the mapping failed, or
-            // the group refused: wait, then look again.
-            if crate::fork::wait_a_while_for_fork() {
-                return None;
+            p
+        };
+        if self.huge_live.load(Ordering::Relaxed) < huge::HUGE_ENTRIES / 2 {
+            if let Some(p) = beside() {
+                return Some(Some(p));
             }
+        }
+        if Self::wait_for_fork_last() {
+            return None;
+        }
+        Some(beside())
+    }
+
+    /// The forks in progress before a normal-path attempt, for
+    /// [`fork_gave_way`](Self::fork_gave_way) (without std: no fork).
+    #[inline]
+    fn fork_mark() -> ForkMark {
+        #[cfg(feature = "std")]
+        return crate::fork::fork_mark();
+        #[cfg(not(feature = "std"))]
+        ForkMark
+    }
+
+    /// Whether a `fork` on another thread held (or was taking) the locks
+    /// at some time since `mark`, so that a normal-path miss may be the
+    /// locks giving way rather than memory running out (see the `fork`
+    /// module's "Other threads give way"), even if that fork has ended
+    /// since.
+    #[inline]
+    fn fork_gave_way(mark: ForkMark) -> bool {
+        #[cfg(feature = "std")]
+        return crate::fork::forked_elsewhere_since(mark);
+        #[cfg(not(feature = "std"))]
+        {
+            let _ = mark;
+            false
         }
     }
 
-    /// Whether a `fork` on another thread holds (or is taking) the locks,
-    /// so that a normal-path miss may be the locks giving way rather than
-    /// memory running out (see the `fork` module's "Other threads give
-    /// way").
-    #[inline]
-    fn fork_gave_way() -> bool {
-        #[cfg(feature = "std")]
-        return crate::fork::forking_elsewhere();
-        #[cfg(not(feature = "std"))]
-        false
+    /// An allocation that missed while a fork holds the locks, and that
+    /// could not be served beside the heap either: waits for the fork, at
+    /// most [`FORK_PATIENCE_LAST`](crate::fork::FORK_PATIENCE_LAST), rather
+    /// than fail at once (a slow fork, not one waiting for this thread,
+    /// and a thread allocating on fill the heap's table of huge blocks).
+    /// `true`: no fork holds the locks any more.
+    #[cfg(feature = "std")]
+    #[cold]
+    fn wait_for_fork_last() -> bool {
+        crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST)
     }
 
     /// An allocation asked for reclaim it could not run: run it, unless this
@@ -1752,8 +1797,9 @@ impl HeapCore {
         self.reclaim();
         group.flush_tree_stocks();
         loop {
+            let mark = Self::fork_mark();
             match self.try_alloc_in(layout, group, false, true) {
-                None if Self::fork_gave_way() => {}
+                None if Self::fork_gave_way(mark) => {}
                 p => return p,
             }
             // As in `alloc_miss`.
@@ -2186,6 +2232,14 @@ impl HeapCore {
         }
     }
 }
+
+/// What `HeapCore::fork_mark` notes: the forks in progress (none
+/// without std).
+#[cfg(feature = "std")]
+use crate::fork::ForkMark;
+#[cfg(not(feature = "std"))]
+#[derive(Clone, Copy)]
+struct ForkMark;
 
 /// The route of a free asked for in `mode`: a normal free by a thread inside
 /// the allocator or in a nolock scope takes the nolock path.

@@ -23,7 +23,9 @@
 //! zone lock, it does not mark the thread inside the allocator: the
 //! registries' owners allocate under it (a `Vec` push), and those
 //! allocations must stay on the normal path, which may wait and so never
-//! fails for want of a lock. No allocation path takes a registry lock.
+//! fails for want of a lock. No allocation path waits for a registry lock
+//! held across another thread's `fork` (`lock_giving_way`: an accounted
+//! allocation's retry, which flushes its group tree's stocks).
 //!
 //! It never allocates and never makes a syscall. Not modelled under loom
 //! (a `static` needs a `const` constructor): the registries hold plain
@@ -69,6 +71,18 @@ impl RegistryLock {
     /// Takes the lock, spinning while another thread holds it; `None` when
     /// this thread holds it already (normal context only).
     pub(crate) fn lock(&self) -> Option<RegistryGuard<'_>> {
+        self.lock_waiting(false)
+    }
+
+    /// As [`lock`](Self::lock), but also `None`, at once, while a `fork` on
+    /// another thread holds the lock (`lock_raw`): that fork may be waiting
+    /// for this thread (see the `fork` module's "Other threads give way").
+    /// For callers on an allocation's path that can do without the lock.
+    pub(crate) fn lock_giving_way(&self) -> Option<RegistryGuard<'_>> {
+        self.lock_waiting(true)
+    }
+
+    fn lock_waiting(&self, give_way: bool) -> Option<RegistryGuard<'_>> {
         let me = me();
         loop {
             match self
@@ -94,6 +108,11 @@ impl RegistryLock {
                         lock: self,
                         borrowed: true,
                     });
+                }
+                // Held across another thread's fork (`usize::MAX`, an
+                // unknown holder, has the bit too but is never held so).
+                Err(cur) if give_way && cur & context::FORK_HELD != 0 && cur != usize::MAX => {
+                    return None
                 }
                 Err(_) => core::hint::spin_loop(),
             }
