@@ -27,8 +27,11 @@
 //!
 //! Orders above [`PCP_MAX_ORDER`] (64 KiB to 4 MiB)
 //! have no per-CPU lists: they start at step 4. A busy zone means "the
-//! deferred stack, then the next zone, then fail", never waiting; the min
-//! watermark (`Config::min_reserve`) holds as for small orders.
+//! zone's nolock stock (a few blocks of each order handlers asked for,
+//! refilled by zone-lock holders), then the deferred stack, then a larger
+//! stocked block split without the lock, then the next zone, then fail",
+//! never waiting; the min watermark (`Config::min_reserve`) holds as for
+//! small orders.
 //!
 //! Upstream stops after the equivalent of steps 1, 2 (one level) and 4; the
 //! extra levels and steps 3 and 5 are what keeps a handler that interrupted a
