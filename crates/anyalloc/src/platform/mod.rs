@@ -6,9 +6,10 @@
 //! CPU id, futex, write(2) + abort); in `no_std` the embedder implements it
 //! (its CPU id, a spin loop with interrupts enabled, its panic path).
 //!
-//! Every method except [`Platform::wait`] is called on the nolock path and
-//! must itself be safe in any context: no lock that can wait, no allocation,
-//! no blocking syscall.
+//! Every method except [`Platform::wait`], [`Platform::wait_timeout`] and
+//! [`Platform::wake_many`] (normal context only) may be called on the
+//! nolock path and must itself be safe in any context: no lock that can
+//! wait, no allocation, no blocking syscall.
 
 use core::sync::atomic::AtomicU32;
 
