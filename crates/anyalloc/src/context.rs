@@ -7,10 +7,14 @@
 //!
 //! A thread is marked *inside the allocator* (`DEPTH` raised) **before** it
 //! takes any lock that another context may wait on — a zone lock, a node
-//! lock, the drain and growth locks, the shrinker and group registries —
+//! lock, the drain and growth locks, the heap registry —
 //! whether it takes it with `lock()` or `try_lock()`, and stays marked until
 //! it has released it. [`ZoneLock`](crate::sync::ZoneLock) does this itself;
-//! the spin-locked registries call [`Inside::enter`]. The pure fast paths,
+//! the heap registry's users call [`Inside::enter`]. The accounting groups'
+//! children registry is the exception: its holders allocate under it (a
+//! `Vec` push), which must stay on the normal path, so it is not marked; its
+//! owner word tells a handler that its own thread holds it (see
+//! `sync::registry_lock`). (The shrinker list takes no lock.) The pure fast paths,
 //! which hold only per-CPU slot try-locks (never waited on), are not marked:
 //! a handler that interrupts them finds the slot busy and goes elsewhere.
 //!
