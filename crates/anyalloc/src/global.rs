@@ -161,8 +161,10 @@ fn global_core() -> Option<&'static HeapCore> {
 /// The process-wide heap, creating it if needed (normal context: waits for
 /// a concurrent initialisation), and doing the setup still owed to an
 /// ordinary context (see the module documentation): call it from ordinary
-/// code, never from a signal handler. Errors when the configuration from
-/// the environment is invalid or the OS refuses memory.
+/// code, never from a signal handler. Errors ([`Error::Reserve`]) when the
+/// heap could not be created: the OS refused the memory. (A setting in the
+/// environment that does not parse or is out of range is not an error: it
+/// is named on stderr and keeps its default.)
 pub fn init() -> Result<&'static Heap, Error> {
     let h = match global_heap() {
         Some(h) => h,
