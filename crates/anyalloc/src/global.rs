@@ -894,8 +894,11 @@ impl NoLock {
 }
 
 /// While the returned guard lives, every allocation and free on this thread,
-/// through [`Global`] too, takes the nolock path: it never waits and never
-/// makes a syscall (and may fail). For real-time code.
+/// through [`Global`] too, takes the nolock path: it never waits and makes
+/// no blocking system call (and may fail). For real-time code. By default
+/// the nolock path may still make a non-blocking `FUTEX_WAKE` (waking the
+/// maintenance thread or a waiter for a lock it held); with
+/// `ANYALLOC_NOLOCK_SYSCALLS=0` ([`Config::nolock_syscalls`]) it makes none.
 ///
 /// In debug builds (or with the `debug-checks` feature), calling a normal-path function of the allocator directly
 /// (`Heap::alloc`, `PageAllocator::alloc_pages`, ...) inside the scope aborts
