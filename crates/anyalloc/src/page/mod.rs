@@ -1203,12 +1203,14 @@ impl PageAllocator {
     // ----- nolock path -----------------------------------------------------
 
     /// Allocates `2^order` pages (order at most [`MAX_ORDER`]) from any
-    /// context: never waits, never makes a syscall, never reclaims, never
-    /// grows the heap, never takes a zone below its min watermark. Orders up
-    /// to [`PCP_MAX_ORDER`] come from the per-CPU lists first; larger ones
-    /// from the buddy lists of a zone whose lock could be *tried* (a busy
-    /// zone: its deferred stack, then the next zone). `None` means "no
-    /// memory for you in this context now"; don't spin on it.
+    /// context: never waits, makes no blocking system call (at most a
+    /// `FUTEX_WAKE`, none with [`Config::nolock_syscalls`] off), never
+    /// reclaims, never grows the heap, never takes a zone below its min
+    /// watermark. Orders up to [`PCP_MAX_ORDER`] come from the per-CPU lists
+    /// first; larger ones from the buddy lists of a zone whose lock could be
+    /// *tried* (a busy zone: its nolock stock, its deferred stack, then the
+    /// next zone). `None` means "no memory for you in this context now";
+    /// don't spin on it.
     #[inline]
     pub fn alloc_pages_nolock(&self, order: u32) -> Option<NonNull<u8>> {
         self.alloc_pages_nolock_why(order).ok()

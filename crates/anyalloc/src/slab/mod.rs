@@ -705,8 +705,9 @@ impl Heap {
         self.core().alloc_zeroed(layout)
     }
 
-    /// Allocates from any context: only `try_lock`s, never waits, never
-    /// makes a syscall, never grows the heap. Large requests are served up to
+    /// Allocates from any context: only `try_lock`s, never waits, makes no
+    /// blocking system call (at most a `FUTEX_WAKE`, none with
+    /// [`Config::nolock_syscalls`] off), never grows the heap. Large requests are served up to
     /// [`MAX_ORDER`] pages (4 MiB), from a zone whose lock could be tried;
     /// above 4 MiB (`mmap`, normal path only) it returns `None`, counted in
     /// [`HeapStats::nolock_alloc_fail_too_large`]. `None` means "no memory
