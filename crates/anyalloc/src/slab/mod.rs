@@ -136,7 +136,9 @@ pub struct HeapStats {
     /// allocations in use are `objects_in_use + large_in_use +
     /// huge_in_use`.
     pub large_in_use: usize,
-    /// Huge (mmap'd) allocations in use.
+    /// Huge (mmap'd) allocations in use: those above 4 MiB, and (std) any
+    /// block of a normal-path allocation that was mapped on its own because
+    /// another thread's `fork` held the heap's locks for too long.
     pub huge_in_use: usize,
     /// Bytes of the large allocations in use (whole page blocks).
     pub large_bytes: usize,
