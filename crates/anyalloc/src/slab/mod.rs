@@ -162,7 +162,8 @@ pub struct HeapStats {
     pub shrinker_freed_bytes: u64,
     /// Maintenance passes (by the maintenance thread or `maintain()`).
     pub maintenance_passes: u64,
-    /// Bytes of idle max-order blocks given back to the OS.
+    /// Bytes of free blocks (256 KiB or more) given back to the OS, idle ones
+    /// by maintenance and the rest by [`Heap::trim`].
     pub released_to_os_bytes: u64,
     /// Allocations served by a mapping of their own, beside the heap,
     /// because a `fork` on another thread held the heap's locks and did not
