@@ -352,8 +352,11 @@ impl PageAllocator {
     /// Creates a page allocator whose first zone is `config.memory` bytes of
     /// address space reserved with mmap (committed by the OS on first touch).
     ///
-    /// Errors name the setting and its value: too little memory, zero CPUs,
-    /// or the OS refusing the reservation.
+    /// Errors: [`Error::Config`], naming the setting and its value (memory
+    /// below [`MIN_MEMORY`](crate::MIN_MEMORY) or above
+    /// [`MAX_MEMORY`](crate::MAX_MEMORY), zero CPUs or more than
+    /// [`MAX_CPUS`](crate::MAX_CPUS), a `min_reserve` above half the
+    /// memory), or [`Error::Reserve`]: the OS refused the reservation.
     ///
     /// Unlike a [`Heap`](crate::Heap)'s, the locks of a page allocator used
     /// on its own are not held across `fork`: fork only while no other
