@@ -920,9 +920,15 @@ impl Heap {
 
     /// Normal context: [`drain`](Self::drain), then every free block of
     /// 256 KiB or more goes back to the OS now, not after it stayed idle
-    /// (C's `malloc_trim`). Returns the bytes given back.
+    /// (C's `malloc_trim`). Returns the bytes given back. Called by a
+    /// thread already inside the allocator or inside a nolock scope, it
+    /// does nothing (as `drain`): it may hold the drain lock.
     #[cfg(feature = "std")]
     pub fn trim(&self) -> usize {
+        crate::context::might_wait("Heap::trim");
+        if crate::context::nested() {
+            return 0;
+        }
         self.drain();
         let bytes = self.core().pages.release_free_blocks();
         let released = &self.core().released_bytes;
