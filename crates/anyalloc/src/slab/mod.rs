@@ -847,7 +847,9 @@ impl Heap {
     /// with `mremap`: the pages move, the contents are not copied. Normal
     /// context. `None`, with `ptr` untouched, when `ptr` is not a huge
     /// allocation, `size` is not above 4 MiB, the allocation is charged to
-    /// a group, or the OS refuses. The result is page-aligned.
+    /// a group, the OS refuses, or the caller is inside the allocator or a
+    /// nolock scope (routed like the other normal-path calls: the nolock
+    /// path makes no `mremap`). The result is page-aligned.
     ///
     /// # Safety
     /// `ptr` is a live allocation of this heap; after `Some`, only the
@@ -855,6 +857,9 @@ impl Heap {
     #[cfg(feature = "std")]
     pub unsafe fn remap_huge(&self, ptr: NonNull<u8>, size: usize) -> Option<NonNull<u8>> {
         crate::context::might_wait("Heap::remap_huge");
+        if crate::context::nested() {
+            return None;
+        }
         let core = self.core();
         let addr = ptr.as_ptr() as usize;
         let new = size.checked_next_multiple_of(PAGE_SIZE)?;
