@@ -702,3 +702,35 @@ fn malloc_is_no_cancellation_point() {
     assert!(o.stdout.contains("cancel: worker finished"), "{}", o.stdout);
     assert!(o.stdout.contains("cancel: ok"), "{}", o.stdout);
 }
+
+/// `fork_handlers_registered_earlier_allocate`'s program, preloaded, run
+/// twelve times: its busy threads' `malloc` must never return NULL. An
+/// allocation that gave way to a fork (another thread's fork held the lock
+/// it needed) returned NULL when that fork ended before the allocation
+/// checked for a fork in progress; the program aborted in about one run in
+/// five.
+#[test]
+fn allocations_that_gave_way_to_a_fork_that_ended_retry() {
+    let out = out_dir();
+    compile(
+        &["atfork_lib.c"],
+        "libanyalloc_c_atfork.so",
+        &["-shared", "-fPIC"],
+    );
+    let lib_args = [
+        format!("-L{}", out.display()),
+        "-lanyalloc_c_atfork".to_string(),
+        format!("-Wl,-rpath,{}", out.display()),
+        "-pthread".to_string(),
+    ];
+    let exe = compile(&["atfork_main.c"], "atfork_main_repeated", &lib_args);
+    for run_no in 0..12 {
+        let o = run(preloaded(&exe), TIMEOUT);
+        assert!(
+            o.success() && o.stdout.contains("atfork: ok 20"),
+            "run {run_no}: {} {}",
+            o.describe(),
+            o.stdout
+        );
+    }
+}

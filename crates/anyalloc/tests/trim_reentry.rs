@@ -98,5 +98,8 @@ fn trim_interrupting_a_maintenance_pass_does_nothing() {
         scenario(&std::env::var("TRIM_OUTER").unwrap());
         return;
     }
-    check("trim_interrupting_a_maintenance_pass_does_nothing", "maintain");
+    check(
+        "trim_interrupting_a_maintenance_pass_does_nothing",
+        "maintain",
+    );
 }
