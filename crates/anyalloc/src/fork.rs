@@ -201,6 +201,15 @@ pub(crate) struct ForkMark {
     epoch: u32,
 }
 
+impl ForkMark {
+    /// Whether a fork on another thread was taking or held the heap locks
+    /// when the mark was taken.
+    #[inline]
+    pub(crate) fn forking_elsewhere(self) -> bool {
+        self.forking && !context::owns_fork_window()
+    }
+}
+
 /// Notes the forks in progress, before a normal-path attempt. Any context.
 #[inline]
 pub(crate) fn fork_mark() -> ForkMark {

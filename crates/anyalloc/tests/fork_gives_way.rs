@@ -35,6 +35,10 @@ static HELD: AtomicBool = AtomicBool::new(false);
 static MADE: AtomicU64 = AtomicU64::new(0);
 /// Blocks whose contents were wrong, or allocations that failed.
 static BAD: AtomicU64 = AtomicU64::new(0);
+/// Calls of the heap's shrinker, and those made while the holder allocated
+/// under the fork.
+static SHRUNK: AtomicU64 = AtomicU64::new(0);
+static SHRUNK_UNDER_FORK: AtomicU64 = AtomicU64::new(0);
 
 /// Set by the second scenario: the fork is long, and waits for nobody.
 static LONG_FORK: AtomicBool = AtomicBool::new(false);
@@ -122,6 +126,10 @@ fn a_thread_the_fork_waits_for_allocates_under_the_held_locks() {
         return;
     }
     let heap = anyalloc::init().expect("global heap");
+    heap.register_shrinker(|_| {
+        SHRUNK.fetch_add(1, SeqCst);
+        0
+    });
     for round in 0..ROUNDS {
         HELD.store(true, SeqCst);
         FORK_HOLDS.store(false, SeqCst);
@@ -130,9 +138,13 @@ fn a_thread_the_fork_waits_for_allocates_under_the_held_locks() {
             while !FORK_HOLDS.load(SeqCst) {
                 std::thread::yield_now();
             }
+            let shrunk = SHRUNK.load(SeqCst);
             allocate_under_the_fork(round);
             // Still inside the fork's prepare: nothing let it go on.
             assert!(FORK_HOLDS.load(SeqCst));
+            // Misses during the fork are the fork's, not memory's: no
+            // reclaim (it ran every shrinker on each of them).
+            SHRUNK_UNDER_FORK.fetch_add(SHRUNK.load(SeqCst) - shrunk, SeqCst);
             HELD.store(false, SeqCst);
         });
         // SAFETY: the child only allocates a little and _exits.
@@ -169,6 +181,11 @@ fn a_thread_the_fork_waits_for_allocates_under_the_held_locks() {
     );
     assert_eq!(made, (ROUNDS as u64 + 1) * 1500);
     assert!(stats.fork_mapped > 0, "no block was mapped beside the heap");
+    assert_eq!(
+        SHRUNK_UNDER_FORK.load(SeqCst),
+        0,
+        "allocations under the fork ran the shrinkers"
+    );
     assert_eq!(
         stats.huge_in_use, 0,
         "blocks mapped beside the heap were not freed"

@@ -729,6 +729,14 @@ impl PageAllocator {
 
     #[cold]
     fn alloc_slow(&self, order: u32, may_reclaim: bool) -> Option<NonNull<u8>> {
+        // A fork on another thread holds the locks, which the attempt gave
+        // way to: draining, growing and reclaiming would give way too, or
+        // run the shrinkers for nothing. The callers wait for the fork or
+        // go round it (see the `fork` module's "Other threads give way").
+        #[cfg(feature = "std")]
+        if crate::fork::fork_mark().forking_elsewhere() {
+            return None;
+        }
         // Reclaim: every per-CPU list and deferred stack back to the buddy
         // lists, then try again above the watermark.
         self.drain_normal();

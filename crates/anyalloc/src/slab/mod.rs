@@ -1105,10 +1105,17 @@ impl HeapCore {
         if never_served(layout) {
             return None;
         }
-        self.pages.take_reclaim_request();
-        self.reclaim();
+        let mut reclaimed = false;
         loop {
             let mark = Self::fork_mark();
+            // Not while another thread's fork holds the locks: the miss is
+            // most likely theirs, and the shrinkers would give back memory
+            // for nothing (every allocation misses during a fork).
+            if !reclaimed && !Self::forking(mark) {
+                self.pages.take_reclaim_request();
+                self.reclaim();
+                reclaimed = true;
+            }
             match self.alloc_once(layout, 0) {
                 None if Self::fork_gave_way(mark) => {}
                 p => return p,
@@ -1186,6 +1193,19 @@ impl HeapCore {
         return crate::fork::fork_mark();
         #[cfg(not(feature = "std"))]
         ForkMark
+    }
+
+    /// Whether a `fork` on another thread held (or was taking) the locks
+    /// when `mark` was taken.
+    #[inline]
+    fn forking(mark: ForkMark) -> bool {
+        #[cfg(feature = "std")]
+        return mark.forking_elsewhere();
+        #[cfg(not(feature = "std"))]
+        {
+            let _ = mark;
+            false
+        }
     }
 
     /// Whether a `fork` on another thread held (or was taking) the locks
@@ -1808,11 +1828,16 @@ impl HeapCore {
         // under a shared limit) and after (the shrinkers' frees uncharge
         // into this CPU's stock, and the thread may have moved to another
         // CPU since: the retry would not see that credit).
-        group.flush_tree_stocks();
-        self.reclaim();
-        group.flush_tree_stocks();
+        let mut reclaimed = false;
         loop {
             let mark = Self::fork_mark();
+            // As in `alloc_miss`: not during another thread's fork.
+            if !reclaimed && !Self::forking(mark) {
+                group.flush_tree_stocks();
+                self.reclaim();
+                group.flush_tree_stocks();
+                reclaimed = true;
+            }
             match self.try_alloc_in(layout, group, false, true) {
                 None if Self::fork_gave_way(mark) => {}
                 p => return p,
