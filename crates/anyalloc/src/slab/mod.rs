@@ -1648,9 +1648,17 @@ impl HeapCore {
         self.huge_bytes.fetch_sub(size, Ordering::Relaxed);
         self.uncharge(group, size);
         match mode {
-            // SAFETY: a registered huge allocation, now unregistered, so
-            // nothing else will release it.
-            Mode::Normal => unsafe { crate::platform::os_release(addr as *mut u8, size) },
+            Mode::Normal => {
+                // SAFETY: a registered huge allocation, now unregistered, so
+                // nothing else will release it.
+                unsafe { crate::platform::os_release(addr as *mut u8, size) };
+                // Blocks parked by nolock frees go too: without a
+                // maintenance thread, a program that goes on with small
+                // blocks only would keep them mapped for good.
+                if !self.huge_deferred.is_empty() {
+                    self.drain_huge_deferred();
+                }
+            }
             Mode::NoLock => {
                 // SAFETY: the mapping is at least a page, writable, and no
                 // longer registered, so nothing else uses it.
