@@ -187,7 +187,7 @@ fn worker(t: usize) {
         .collect();
     assert!(keep.iter().all(|f| !f.is_null()), "fopen failed");
     // From here this thread's own code makes no `Global` call.
-    let timers = start_timers(t, Duration::from_micros(20 + 20 * t as u64));
+    let timers = start_timers(t, Duration::from_micros(40 + 20 * t as u64));
     let mut i = 0usize;
     while !STOP.load(SeqCst) {
         // SAFETY: valid NUL-terminated strings and open streams; fclose
@@ -224,7 +224,7 @@ fn worker(t: usize) {
 }
 
 fn forker(t: usize) {
-    let timers = start_timers(t, Duration::from_micros(50 * (t - WORKERS + 1) as u64));
+    let timers = start_timers(t, Duration::from_micros(100 * (t - WORKERS + 1) as u64));
     while !STOP.load(SeqCst) {
         // SAFETY: the child only allocates, frees and _exits.
         let pid = unsafe { libc::fork() };
@@ -242,7 +242,13 @@ fn forker(t: usize) {
             unsafe { libc::_exit(code) };
         }
         assert!(pid > 0, "fork failed");
+        // Not under the timers: a thread whose handlers take longer than
+        // their period (a loaded machine) never returns to its own code,
+        // and the wait's 1 ms sleeps would never end (seen: the parent
+        // stuck for a minute beside its exited child).
+        mask(&storm_signals(), true);
         let status = watchdog::wait_child(pid, Duration::from_secs(20)).expect("a child hung");
+        mask(&storm_signals(), false);
         assert!(watchdog::exited_ok(status), "a child failed ({status:#x})");
         FORKS.fetch_add(1, SeqCst);
     }

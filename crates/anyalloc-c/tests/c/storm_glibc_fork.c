@@ -230,11 +230,16 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* Not under the timers: a thread whose handlers take longer than their
+ * period (a loaded machine) would never get back to its own waitpid (seen
+ * with the Rust storm's sleeping wait). */
 static void wait_child(pid_t pid) {
     int st;
+    block_signals(SIG_BLOCK);
     while (waitpid(pid, &st, 0) < 0)
         if (errno != EINTR) die("storm_glibc_fork: waitpid failed\n");
     if (!WIFEXITED(st) || WEXITSTATUS(st)) die("storm_glibc_fork: a child failed\n");
+    block_signals(SIG_UNBLOCK);
 }
 
 static void *forker(void *arg) {
