@@ -101,9 +101,9 @@
 //!    at once, as for a lock its own thread holds, and its caller takes
 //!    its nolock fallback (a free defers its block, a refill or trim does
 //!    nothing);
-//! 3. an allocation that then misses tries the nolock path (its levels'
-//!    try-locks are not held across the fork), then waits for the fork to
-//!    end, at most [`FORK_PATIENCE`], and is served as usual. A fork still
+//! 3. an allocation that then misses waits for the fork to end, at most
+//!    [`FORK_PATIENCE`] (not at all once a wait for the same fork ran
+//!    out), and is served as usual. A fork still
 //!    in progress after that may be waiting for this very thread: the
 //!    block is mapped on its own instead, beside the heap, and registered
 //!    like a huge block (`free`, `realloc` and `usable_size` handle it as
@@ -113,6 +113,14 @@
 //!    the fork longer, at most [`FORK_PATIENCE_LAST`]; a fork still in
 //!    progress after that gets the rest of the table, and only then does
 //!    the allocation fail.
+//!
+//! The frees and allocations that give way use a nolock level's slots only
+//! once the fork is stalled (a wait for it ran out: [`fork_stalled`]),
+//! where a storm of signal handlers' allocations and frees needs them to
+//! recycle its objects: an operation in progress there at the clone would
+//! leave the slot held in the child, and its sheaf or list out of reach
+//! for good. Before that a free is parked on a deferred stack (one CAS),
+//! and a wait or a mapping leaves nothing half done in the heap.
 //!
 //! The accounting groups' children registry, which prepare holds too, is
 //! likewise given way to by an accounted allocation's retry (it flushes
@@ -233,6 +241,22 @@ pub(crate) fn forked_elsewhere_since(mark: ForkMark) -> bool {
     (mark.forking
         || FORKING.load(Ordering::SeqCst) != 0
         || FORK_EPOCH.load(Ordering::SeqCst) != mark.epoch)
+        && !context::owns_fork_window()
+}
+
+/// Whether a fork on another thread holds the heap locks and a wait for
+/// it already ran out of patience ([`wait_for_fork`]): it may be waiting
+/// for this very thread, as when this is a signal handler that interrupted
+/// the holder of glibc's stdio lock. Calls that gave way to it then use the
+/// nolock levels, where a storm of handlers' allocations and frees recycle
+/// their objects (mapping each block beside the heap would take longer
+/// than the handlers' period); during a fork that ends in time they do
+/// not, so that none is inside a nolock level's slot at the clone (the
+/// slot would stay held in the child). Any context.
+#[inline]
+pub(crate) fn fork_stalled() -> bool {
+    FORKING.load(Ordering::SeqCst) != 0
+        && GAVE_UP.load(Ordering::Relaxed) == FORK_EPOCH.load(Ordering::SeqCst)
         && !context::owns_fork_window()
 }
 

@@ -679,12 +679,10 @@ impl PageAllocator {
             }
             // A fork on another thread holds the locks (the miss may be
             // theirs, not memory's; see the `fork` module's "Other threads
-            // give way"): the nolock path, whose try-locks are not held;
-            // else wait for the fork (pages cannot be served beside the
-            // allocator), at most `FORK_PATIENCE_LAST`, and try again.
-            if let Some(p) = self.alloc_pages_nolock(order) {
-                return Some(p);
-            }
+            // give way"): wait for the fork (pages cannot be served beside
+            // the allocator), at most `FORK_PATIENCE_LAST`, and try again.
+            // (Not the nolock path: an allocation in progress on a nolock
+            // level's list at the clone would leave it held in the child.)
             if !crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST) {
                 return None;
             }
@@ -1185,10 +1183,20 @@ impl PageAllocator {
             }
         }
         let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) else {
+            // A stalled fork on another thread holds it: the nolock free
+            // (see `fork::fork_stalled`).
+            #[cfg(feature = "std")]
+            if crate::fork::fork_stalled() {
+                return self.free_claimed_nolock(zone, idx, order);
+            }
             // This thread holds the zone lock itself, or a fork on another
-            // thread does: the nolock free (a higher level's list, or
-            // parked), which waits for neither.
-            return self.free_claimed_nolock(zone, idx, order);
+            // thread does: park the block (one CAS; not a nolock level's
+            // list, which a free in progress at the clone would leave held
+            // in the child).
+            zone.defer_free(idx, order);
+            self.nolock_free_deferred.fetch_add(1, Ordering::Relaxed);
+            self.wake_maintainer();
+            return;
         };
         crate::interrupt_point!(ZoneFree);
         zone.buddy_free(idx, order, &g);

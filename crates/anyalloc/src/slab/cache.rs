@@ -1352,11 +1352,21 @@ impl Cache {
         }
         match self.node.lock.lock_in(Mode::Normal, pages.platform()) {
             Some(node) => self.return_to_slab(obj, pages, &node, Mode::Normal),
+            // A stalled fork on another thread holds it: the nolock free,
+            // whose sheaves the nolock path uses again at once (see
+            // `fork::fork_stalled`).
+            #[cfg(feature = "std")]
+            None if crate::fork::fork_stalled() => self.free_nolock_slow(pages, cpu, obj),
             // This thread holds the node lock itself (it interrupted
-            // itself), or a fork on another thread does: the nolock free (a
-            // higher level's sheaf, where the nolock path can use it again
-            // at once, or the deferred stack), which waits for neither.
-            None => self.free_nolock_slow(pages, cpu, obj),
+            // itself), or a fork on another thread does: park the object
+            // on the deferred stack. (Not a nolock level's sheaf: a free in
+            // progress there at the clone would leave that slot held, and
+            // its sheaf out of reach, in the child; a push on the stack is
+            // one CAS.)
+            None => {
+                self.defer(obj);
+                pages.wake_maintainer();
+            }
         }
     }
 

@@ -1134,18 +1134,22 @@ impl HeapCore {
     /// which its normal path gave way to (see the `fork` module's "Other
     /// threads give way"):
     ///
-    /// 1. the nolock path, whose levels' try-locks the fork does not hold;
-    /// 2. else wait for the fork to end, at most `FORK_PATIENCE` (not at
-    ///    all once a wait for the same fork ran out): `None` when it ended,
-    ///    and the caller tries its normal path again;
-    /// 3. else the fork may be waiting for this very thread: map the block
+    /// 1. wait for the fork to end, at most `FORK_PATIENCE` (not at all
+    ///    once a wait for the same fork ran out): `None` when it ended, and
+    ///    the caller tries its normal path again;
+    /// 2. else the fork is stalled, and may be waiting for this very
+    ///    thread: the nolock path (see `fork::fork_stalled`); else map the block
     ///    on its own, beside the heap (registered like a huge block), while
     ///    less than half the huge table is in use (a slow fork that waits
     ///    for nobody, with threads allocating on, would fill it);
-    /// 4. else wait for the fork longer, at most `FORK_PATIENCE_LAST`:
+    /// 3. else wait for the fork longer, at most `FORK_PATIENCE_LAST`:
     ///    `None` when it ended;
-    /// 5. else map the block beside the heap with the rest of the table,
+    /// 4. else map the block beside the heap with the rest of the table,
     ///    or fail (`Some(None)`).
+    ///
+    /// The nolock path only once the fork is stalled: an allocation in
+    /// progress on a nolock level's sheaf at the clone would leave that
+    /// slot held, and its objects out of reach, in the child.
     #[cfg(feature = "std")]
     #[cold]
     #[inline(never)]
@@ -1154,15 +1158,16 @@ impl HeapCore {
         layout: Layout,
         group: Option<&Arc<Group>>,
     ) -> Option<Option<NonNull<u8>>> {
+        if crate::fork::wait_for_fork() {
+            return None;
+        }
+        // A stalled fork (see `fork::fork_stalled`): the nolock path first.
         let p = match group {
             None => self.alloc_nolock(layout),
             Some(g) => self.alloc_nolock_in(layout, g),
         };
         if p.is_some() {
             return Some(p);
-        }
-        if crate::fork::wait_for_fork() {
-            return None;
         }
         let beside = || {
             let p = match group {
