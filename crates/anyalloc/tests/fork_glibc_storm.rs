@@ -278,6 +278,11 @@ fn a_fork_storm_against_stdio_and_nss_locks() {
     // Warm up stdio and NSS before the baseline.
     // SAFETY: getpwuid with a valid uid.
     unsafe { libc::getpwuid(0) };
+    // Other threads' first, long-lived blocks (the test harness's main
+    // thread sets up its waiting state once it blocks) before any fork:
+    // made while a fork holds the locks, they would be mapped beside the
+    // heap and stay, and the last check would count them.
+    std::thread::sleep(Duration::from_millis(200));
     let huge_before = global.stats().huge_in_use;
     mask(&storm_signals(), true);
     for sig in storm_signals() {
