@@ -12,15 +12,17 @@
 //! freeing small, large and huge blocks, which it starts only once the fork
 //! holds the heap locks. Before normal-path waiters gave way to a fork, the
 //! holder's first allocation that missed its per-CPU sheaf waited for a lock
-//! held by the fork for ever. The scenario runs in a child process under a
-//! watchdog.
+//! held by the fork for ever. The same holder makes accounted allocations
+//! in a third scenario, and the second is a long fork that waits for
+//! nobody. Each scenario runs in a child process under a watchdog.
 
 mod watchdog;
 
+use std::alloc::Layout;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
-use anyalloc::Global;
+use anyalloc::{Global, Group};
 
 #[global_allocator]
 static A: Global = Global;
@@ -70,6 +72,53 @@ extern "C" fn register_early() {
 #[used]
 #[link_section = ".preinit_array"]
 static REGISTER_EARLY: extern "C" fn() = register_early;
+
+/// Lets other threads make their first, long-lived blocks before any fork
+/// (the test harness's main thread sets up its channel's waiting state once
+/// it blocks; the maintenance thread starts): made while a fork holds the
+/// locks, they would be mapped beside the heap and stay, and the last
+/// checks would count them as the holder's. Returns the huge blocks in use
+/// then.
+fn settle(heap: &anyalloc::Heap) -> usize {
+    std::thread::sleep(Duration::from_millis(200));
+    heap.stats().huge_in_use
+}
+
+/// One fork that waits for a "holder" thread running `work`: the holder
+/// starts once the fork holds every heap lock (`late_prepare` has run), and
+/// the fork goes on once `work` is done. The child allocates a little and
+/// exits.
+fn fork_waiting_for(work: impl FnOnce() + Send + 'static) {
+    HELD.store(true, SeqCst);
+    FORK_HOLDS.store(false, SeqCst);
+    ACTIVE.store(true, SeqCst);
+    let holder = std::thread::spawn(move || {
+        while !FORK_HOLDS.load(SeqCst) {
+            std::thread::yield_now();
+        }
+        work();
+        // Still inside the fork's prepare: nothing let it go on.
+        assert!(FORK_HOLDS.load(SeqCst));
+        HELD.store(false, SeqCst);
+    });
+    // SAFETY: the child only allocates a little and _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let v = vec![7u8; 100_000];
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(if v[99_999] == 7 { 0 } else { 1 }) };
+    }
+    assert!(pid > 0, "fork failed");
+    ACTIVE.store(false, SeqCst);
+    holder.join().expect("the holder thread");
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "forked child failed (status {status:#x})"
+    );
+}
 
 /// What the holder does while the fork waits for it: blocks of every kind
 /// (small classes, large page blocks, a huge mapping), grown by `realloc`,
@@ -126,51 +175,19 @@ fn a_thread_the_fork_waits_for_allocates_under_the_held_locks() {
         return;
     }
     let heap = anyalloc::init().expect("global heap");
-    // Other threads' first allocations (the test harness's main thread sets
-    // up its channel's waiting state once it blocks; the maintenance thread
-    // starts) are long-lived: made while a fork holds the locks, they would
-    // be mapped beside the heap and stay, and the last check would count
-    // them as the holder's. Let them happen before the first fork.
-    std::thread::sleep(Duration::from_millis(200));
-    let settled = heap.stats().huge_in_use;
+    let settled = settle(heap);
     heap.register_shrinker(|_| {
         SHRUNK.fetch_add(1, SeqCst);
         0
     });
     for round in 0..ROUNDS {
-        HELD.store(true, SeqCst);
-        FORK_HOLDS.store(false, SeqCst);
-        ACTIVE.store(true, SeqCst);
-        let holder = std::thread::spawn(move || {
-            while !FORK_HOLDS.load(SeqCst) {
-                std::thread::yield_now();
-            }
+        fork_waiting_for(move || {
             let shrunk = SHRUNK.load(SeqCst);
             allocate_under_the_fork(round);
-            // Still inside the fork's prepare: nothing let it go on.
-            assert!(FORK_HOLDS.load(SeqCst));
             // Misses during the fork are the fork's, not memory's: no
             // reclaim (it ran every shrinker on each of them).
             SHRUNK_UNDER_FORK.fetch_add(SHRUNK.load(SeqCst) - shrunk, SeqCst);
-            HELD.store(false, SeqCst);
         });
-        // SAFETY: the child only allocates a little and _exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            let v = vec![7u8; 100_000];
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(if v[99_999] == 7 { 0 } else { 1 }) };
-        }
-        assert!(pid > 0, "fork failed");
-        ACTIVE.store(false, SeqCst);
-        holder.join().expect("the holder thread");
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "forked child {round} failed (status {status:#x})"
-        );
     }
     // Everything the holder made under the fork went back: the heap serves
     // as before, and no block mapped beside it is left.
@@ -220,10 +237,7 @@ fn a_long_fork_maps_at_most_half_the_huge_table() {
         return;
     }
     let heap = anyalloc::init().expect("global heap");
-    // As in the first scenario: other threads' first, long-lived blocks
-    // before the fork.
-    std::thread::sleep(Duration::from_millis(200));
-    let settled = heap.stats().huge_in_use;
+    let settled = settle(heap);
     LONG_FORK.store(true, SeqCst);
     FORK_HOLDS.store(false, SeqCst);
     ACTIVE.store(true, SeqCst);
@@ -273,4 +287,74 @@ fn a_long_fork_maps_at_most_half_the_huge_table() {
         after.huge_in_use, settled,
         "blocks mapped beside the heap were not freed"
     );
+}
+
+/// Accounted blocks of every kind (small, large, huge), written, checked
+/// and freed.
+fn allocate_accounted(heap: &anyalloc::Heap, group: &std::sync::Arc<Group>, round: usize) {
+    let sizes = [16, 48, 200, 1000, 3000, 64 << 10, 6 << 20];
+    let mut live = Vec::with_capacity(700);
+    for i in 0..700 {
+        let size = sizes[i % sizes.len()];
+        let l = Layout::from_size_align(size, 8).unwrap();
+        let Some(p) = heap.alloc_in(l, group) else {
+            BAD.fetch_add(1, SeqCst);
+            continue;
+        };
+        let fill = (i + round) as u8;
+        // SAFETY: a fresh block of `size` bytes.
+        unsafe { p.as_ptr().write_bytes(fill, size) };
+        MADE.fetch_add(1, SeqCst);
+        live.push((p, size, fill));
+    }
+    for (p, size, fill) in live {
+        // SAFETY: the block is live and `size` bytes long.
+        let ok = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) }
+            .iter()
+            .all(|&b| b == fill);
+        if !ok {
+            BAD.fetch_add(1, SeqCst);
+        }
+        // SAFETY: allocated above, freed once.
+        unsafe { heap.free(p) };
+    }
+}
+
+/// Forks of the accounted scenario.
+const ACCOUNTED_ROUNDS: usize = 5;
+
+/// A thread that the fork waits for makes accounted allocations
+/// (`Heap::alloc_in`) while the fork holds every heap lock and the
+/// accounting groups' children registry. An accounted allocation that
+/// misses returns the group tree's per-CPU stocks to the counters before it
+/// retries, which took the children registry with a spinning lock: held by
+/// the fork, that spun for ever while the fork waited for the holder.
+#[test]
+fn a_thread_the_fork_waits_for_allocates_accounted_blocks() {
+    if !watchdog::in_child() {
+        let out = watchdog::run_ok(
+            "a_thread_the_fork_waits_for_allocates_accounted_blocks",
+            &[],
+            Duration::from_secs(30),
+            "accounted allocations by a thread the fork waits for",
+        );
+        print!("{}", out.stdout);
+        return;
+    }
+    let heap = anyalloc::init().expect("global heap");
+    let settled = settle(heap);
+    let root = Group::new("root", None, None);
+    let group = Group::new("tenant", None, Some(&root));
+    for round in 0..ACCOUNTED_ROUNDS {
+        let g = group.clone();
+        fork_waiting_for(move || allocate_accounted(heap, &g, round));
+    }
+    allocate_accounted(heap, &group, ACCOUNTED_ROUNDS);
+    heap.drain();
+    let (made, bad) = (MADE.load(SeqCst), BAD.load(SeqCst));
+    println!("{ACCOUNTED_ROUNDS} forks: {made} accounted blocks, {bad} bad");
+    assert_eq!(bad, 0, "accounted allocations under the fork failed");
+    assert_eq!(made, (ACCOUNTED_ROUNDS as u64 + 1) * 700);
+    assert_eq!(group.usage(), 0, "charges left after every block was freed");
+    assert_eq!(heap.stats().huge_in_use, settled);
 }
