@@ -1105,25 +1105,47 @@ impl HeapCore {
         if never_served(layout) {
             return None;
         }
+        self.retry_after_miss(
+            layout,
+            None,
+            || {
+                self.pages.take_reclaim_request();
+                self.reclaim();
+            },
+            || self.alloc_once(layout, 0),
+        )
+    }
+
+    /// A normal allocation's last attempts after a miss (into `group`, if
+    /// any): reclaim once, then `attempt` again, around other threads'
+    /// forks. Reclaim runs only in an attempt that starts with no fork in
+    /// progress: during a fork every allocation misses, the miss is most
+    /// likely the fork's, and the shrinkers would give back memory for
+    /// nothing. An attempt that failed while a fork held the locks at any
+    /// time during it (it may have given way) goes on in
+    /// `alloc_while_forking`, and is tried again once the fork has ended.
+    fn retry_after_miss(
+        &self,
+        layout: Layout,
+        group: Option<&Arc<Group>>,
+        reclaim: impl Fn(),
+        attempt: impl Fn() -> Option<NonNull<u8>>,
+    ) -> Option<NonNull<u8>> {
+        #[cfg(not(feature = "std"))]
+        let _ = (layout, group);
         let mut reclaimed = false;
         loop {
             let mark = Self::fork_mark();
-            // Not while another thread's fork holds the locks: the miss is
-            // most likely theirs, and the shrinkers would give back memory
-            // for nothing (every allocation misses during a fork).
             if !reclaimed && !Self::forking(mark) {
-                self.pages.take_reclaim_request();
-                self.reclaim();
+                reclaim();
                 reclaimed = true;
             }
-            match self.alloc_once(layout, 0) {
+            match attempt() {
                 None if Self::fork_gave_way(mark) => {}
                 p => return p,
             }
-            // A fork on another thread holds the locks: the miss may be
-            // theirs, not memory's.
             #[cfg(feature = "std")]
-            if let Some(p) = self.alloc_while_forking(layout, None) {
+            if let Some(p) = self.alloc_while_forking(layout, group) {
                 return p;
             }
         }
@@ -1184,7 +1206,7 @@ impl HeapCore {
                 return Some(Some(p));
             }
         }
-        if Self::wait_for_fork_last() {
+        if crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST) {
             return None;
         }
         Some(beside())
@@ -1227,18 +1249,6 @@ impl HeapCore {
             let _ = mark;
             false
         }
-    }
-
-    /// An allocation that missed while a fork holds the locks, and that
-    /// could not be served beside the heap either: waits for the fork, at
-    /// most [`FORK_PATIENCE_LAST`](crate::fork::FORK_PATIENCE_LAST), rather
-    /// than fail at once (a slow fork, not one waiting for this thread,
-    /// and a thread allocating on fill the heap's table of huge blocks).
-    /// `true`: no fork holds the locks any more.
-    #[cfg(feature = "std")]
-    #[cold]
-    fn wait_for_fork_last() -> bool {
-        crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST)
     }
 
     /// An allocation asked for reclaim it could not run: run it, unless this
@@ -1841,26 +1851,16 @@ impl HeapCore {
         // under a shared limit) and after (the shrinkers' frees uncharge
         // into this CPU's stock, and the thread may have moved to another
         // CPU since: the retry would not see that credit).
-        let mut reclaimed = false;
-        loop {
-            let mark = Self::fork_mark();
-            // As in `alloc_miss`: not during another thread's fork.
-            if !reclaimed && !Self::forking(mark) {
+        self.retry_after_miss(
+            layout,
+            Some(group),
+            || {
                 group.flush_tree_stocks();
                 self.reclaim();
                 group.flush_tree_stocks();
-                reclaimed = true;
-            }
-            match self.try_alloc_in(layout, group, false, true) {
-                None if Self::fork_gave_way(mark) => {}
-                p => return p,
-            }
-            // As in `alloc_miss`.
-            #[cfg(feature = "std")]
-            if let Some(p) = self.alloc_while_forking(layout, Some(group)) {
-                return p;
-            }
-        }
+            },
+            || self.try_alloc_in(layout, group, false, true),
+        )
     }
 
     fn alloc_nolock_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
