@@ -70,6 +70,13 @@
 //! A creation of the global heap in progress on another thread when
 //! prepare looks for the heap is waited for (it takes no lock), and the heap
 //! held: cloned half made, it would stay "being made" in the child for ever.
+//! So are the moves of huge blocks in progress ([`Heap::remap_huge`]), before
+//! each heap's locks are taken: cloned halfway, a block's entry in the
+//! table of huge blocks would stay claimed in the child, and the block
+//! could never be freed there. A move that starts once the fork is counted
+//! moves nothing (the caller copies instead). A huge allocation in progress
+//! at the clone (it takes no lock either) costs the child one table entry
+//! and leaves the block, which the child never got, mapped.
 //!
 //! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
 //! own (it is returned by value, so it has no fixed address to link), heaps
@@ -458,7 +465,7 @@ extern "C" fn prepare() {
 }
 
 extern "C" fn release_parent() {
-    if release() {
+    if release(false) {
         // Every lock released: threads waiting for this fork go on.
         FORKING.fetch_sub(1, Ordering::SeqCst);
         crate::platform::futex::wake_many(&FORKING, u32::MAX);
@@ -466,17 +473,17 @@ extern "C" fn release_parent() {
 }
 
 extern "C" fn release_child() {
-    if release() {
+    if release(true) {
         // The only thread: no fork of another thread is in progress here
         // (their prepares were counted in the parent).
         FORKING.store(0, Ordering::SeqCst);
     }
 }
 
-/// The parent's and the child's handler: releases what `prepare` took.
-/// `true` when this fork's `prepare` took the locks (and counted itself
+/// The parent's and the child's handler (`child`): releases what
+/// `prepare` took. `true` when this fork's `prepare` took the locks (and counted itself
 /// in `FORKING`).
-fn release() -> bool {
+fn release(child: bool) -> bool {
     // Only the prepare that took the locks releases them: a fork whose
     // prepare took nothing (called by a signal handler that interrupted
     // the allocator, on any thread) must not release the locks another
@@ -504,7 +511,7 @@ fn release() -> bool {
             if core.fork_link().locked.swap(false, Ordering::Relaxed) {
                 // SAFETY: `prepare` took every lock of this heap, and this
                 // runs once after it, in the parent or in the child.
-                unsafe { core.unlock_all() };
+                unsafe { core.unlock_all(child) };
             }
             cur = core.fork_link().next.load(Ordering::Relaxed);
         }
@@ -513,7 +520,7 @@ fn release() -> bool {
     if !h.is_null() {
         // SAFETY: `prepare` took every lock of this heap (which lives
         // forever), as above.
-        unsafe { (*h).unlock_all() };
+        unsafe { (*h).unlock_all(child) };
     }
     if heaps {
         // SAFETY: taken by `prepare`, as above.

@@ -188,6 +188,14 @@ impl HugeTable {
         None
     }
 
+    /// Entries claimed (`BUSY`) right now: blocks being moved, or
+    /// entries being filled. A walk of the whole table, for tests.
+    pub(crate) fn claimed(&self) -> usize {
+        (0..HUGE_ENTRIES)
+            .filter(|&i| self.entry(i).addr.load(Ordering::Relaxed) == BUSY)
+            .count()
+    }
+
     /// Removes every allocation from the table, calling `f(addr, size,
     /// group)` for each: for a heap going away, which nothing else uses.
     pub(crate) fn take_all(&self, mut f: impl FnMut(usize, usize, usize)) {

@@ -295,6 +295,12 @@ pub(crate) struct HeapCore {
     /// Whether `lock_all` holds every cache's level-0 slots.
     #[cfg(feature = "std")]
     fork_slots: core::sync::atomic::AtomicBool,
+    /// `remap_huge` calls between their count and their end (see there):
+    /// a fork's `lock_all` waits for none to be in progress, so that no
+    /// block is cloned halfway through its move, its table entry claimed
+    /// (`BUSY`) for ever in the child.
+    #[cfg(feature = "std")]
+    remaps: AtomicU32,
     /// The maintainer's wake word and stop flag.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) wake: AtomicU32,
@@ -603,6 +609,8 @@ impl Heap {
             maint_lock: crate::sync::ZoneLock::new(),
             #[cfg(feature = "std")]
             fork_slots: core::sync::atomic::AtomicBool::new(false),
+            #[cfg(feature = "std")]
+            remaps: AtomicU32::new(0),
             wake: AtomicU32::new(0),
             stop: AtomicBool::new(false),
             passes: AtomicU64::new(0),
@@ -843,13 +851,27 @@ impl Heap {
         }
     }
 
+    /// Entries of the table of huge blocks claimed right now (`BUSY`: a
+    /// block being moved by [`remap_huge`](Self::remap_huge), or an entry
+    /// being filled by a huge allocation). For tests: in a forked child, a
+    /// claimed entry belongs to a thread the child does not have, and the
+    /// block it stood for can never be freed. Any context; walks the whole
+    /// table.
+    #[doc(hidden)]
+    #[cfg(feature = "std")]
+    pub fn huge_entries_claimed(&self) -> usize {
+        self.core().huge.claimed()
+    }
+
     /// Resizes a huge allocation (above 4 MiB, `mmap`ed) to `size` bytes
     /// with `mremap`: the pages move, the contents are not copied. Normal
     /// context. `None`, with `ptr` untouched, when `ptr` is not a huge
     /// allocation, `size` is not above 4 MiB, the allocation is charged to
     /// a group, the OS refuses, or the caller is inside the allocator or a
     /// nolock scope (routed like the other normal-path calls: the nolock
-    /// path makes no `mremap`). The result is page-aligned.
+    /// path makes no `mremap`), or another thread's `fork` is in progress
+    /// (a fork waits for moves that started before it; see the crate's
+    /// notes on `fork`). The result is page-aligned.
     ///
     /// # Safety
     /// `ptr` is a live allocation of this heap; after `Some`, only the
@@ -864,6 +886,20 @@ impl Heap {
         let addr = ptr.as_ptr() as usize;
         let new = size.checked_next_multiple_of(PAGE_SIZE)?;
         if new <= PAGE_SIZE << MAX_ORDER {
+            return None;
+        }
+        // Inside the allocator (a `fork` from a signal handler that
+        // interrupted this call takes no lock and waits for nothing, as for
+        // any call it interrupts), and counted, so that a fork on another
+        // thread waits (in `lock_all`) until the block is back in the
+        // table. Counted first, then the forks read (both SeqCst, as
+        // `prepare` counts itself in `FORKING` before it reads `remaps`):
+        // either that fork sees this call, or this call sees the fork and
+        // leaves the block where it is (the caller copies instead, which
+        // gives way to the fork as every allocation does).
+        let _inside = crate::context::Inside::enter();
+        let _counted = RemapCount::new(&core.remaps);
+        if crate::fork::fork_mark().forking_elsewhere() {
             return None;
         }
         // The entry stays ours (`BUSY`) while the block moves: another
@@ -958,9 +994,9 @@ impl Heap {
     /// `lock_all` was called (here or in the parent of this forked child) and
     /// not yet undone.
     #[cfg(feature = "std")]
-    pub(crate) unsafe fn unlock_all(&self) {
+    pub(crate) unsafe fn unlock_all(&self, child: bool) {
         // SAFETY: forwarded contract.
-        unsafe { self.core().unlock_all() };
+        unsafe { self.core().unlock_all(child) };
     }
 }
 
@@ -2249,6 +2285,12 @@ impl HeapCore {
     /// free for other threads' signal handlers during the fork.
     #[cfg(feature = "std")]
     pub(crate) fn lock_all(&self) {
+        // `remap_huge` calls in progress end without waiting for anything
+        // (a system call and the table's atomics); any that starts from
+        // here sees the fork and moves nothing (see there).
+        while self.remaps.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
         let slots = SlotLock::hold_all(self.level0_slot_locks(), crate::fork::SLOT_PATIENCE);
         self.fork_slots.store(slots, Ordering::Relaxed);
         self.maint_lock.lock_raw(self.pages.platform());
@@ -2270,7 +2312,13 @@ impl HeapCore {
     /// `lock_all` was called (in this process or the parent of this forked
     /// child) and not yet undone.
     #[cfg(feature = "std")]
-    pub(crate) unsafe fn unlock_all(&self) {
+    pub(crate) unsafe fn unlock_all(&self, child: bool) {
+        if child {
+            // The only thread: a count left by a `remap_huge` that saw the
+            // fork and was cloned before it took its count back belongs
+            // to a thread the child does not have.
+            self.remaps.store(0, Ordering::Relaxed);
+        }
         // SAFETY: per the caller.
         unsafe { self.pages.unlock_all() };
         for i in 0..CACHES {
@@ -2283,6 +2331,28 @@ impl HeapCore {
             // SAFETY: held since `lock_all`, per the caller.
             unsafe { SlotLock::release_all(self.level0_slot_locks()) };
         }
+    }
+}
+
+/// One `remap_huge` call in a heap's count of them (see
+/// `HeapCore::remaps`), from creation to drop.
+#[cfg(feature = "std")]
+struct RemapCount<'a>(&'a AtomicU32);
+
+#[cfg(feature = "std")]
+impl<'a> RemapCount<'a> {
+    fn new(count: &'a AtomicU32) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        RemapCount(count)
+    }
+}
+
+#[cfg(feature = "std")]
+impl Drop for RemapCount<'_> {
+    fn drop(&mut self) {
+        // Release: the block is back in the table before a fork that
+        // reads 0 here goes on.
+        self.0.fetch_sub(1, Ordering::Release);
     }
 }
 
