@@ -10,6 +10,18 @@ fn heap() -> Heap {
     Heap::new(Config::default().memory(64 << 20).cpus(2)).unwrap()
 }
 
+/// `heap()` without a maintenance thread, for counts that a pass running
+/// at the same time would make depend on timing.
+fn heap_without_maintenance() -> Heap {
+    Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .cpus(2)
+            .maintenance(false),
+    )
+    .unwrap()
+}
+
 fn l(size: usize) -> Layout {
     Layout::from_size_align(size, 8).unwrap()
 }
@@ -20,13 +32,7 @@ fn charges_are_hierarchical_and_come_back_to_zero() {
     // maintenance pass changes while it moves objects between sheaves and
     // slabs, so with one running the count read below could be off by the
     // objects in its hands (seen once in a loaded full run: 1).
-    let h = Heap::new(
-        Config::default()
-            .memory(64 << 20)
-            .cpus(2)
-            .maintenance(false),
-    )
-    .unwrap();
+    let h = heap_without_maintenance();
     let root = Group::new("root", None, None);
     let a = Group::new("a", Some(16 << 20), Some(&root));
     let b = Group::new("b", None, Some(&root));
@@ -76,13 +82,7 @@ fn a_child_within_its_limit_is_refused_by_a_full_parent() {
     // locks, and a nolock allocation that meets one fails as busy before
     // the limit is asked (counted in `nolock_alloc_fail_busy`), which
     // would make the count checked below depend on timing.
-    let h = Heap::new(
-        Config::default()
-            .memory(64 << 20)
-            .cpus(2)
-            .maintenance(false),
-    )
-    .unwrap();
+    let h = heap_without_maintenance();
     let parent = Group::new("parent", Some(64 << 10), None);
     let child = Group::new("child", Some(1 << 20), Some(&parent));
     let mut held = Vec::new();

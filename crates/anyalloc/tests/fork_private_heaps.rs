@@ -18,38 +18,18 @@
 //! has not exited after 5 s is counted as hung; the scenario also runs
 //! under a watchdog.
 
+mod fork_pause;
 mod watchdog;
 
 use std::alloc::Layout;
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::interrupt::Site;
 use anyalloc::{Config, Heap};
 
 const ROUNDS: usize = 10;
 const BLOCK: usize = 256 << 10;
-
-thread_local! {
-    /// Set on the thread that pauses inside its zone sections.
-    static PAUSER: Cell<bool> = const { Cell::new(false) };
-}
-/// The pauser is inside a zone section, pausing (this round).
-static PAUSED: AtomicBool = AtomicBool::new(false);
-/// The main thread's `fork` returned (this round).
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-fn pause_in_zone_section(site: Site) {
-    if site != Site::ZoneAlloc || !PAUSER.get() || PAUSED.load(SeqCst) {
-        return;
-    }
-    PAUSED.store(true, SeqCst);
-    let until = Instant::now() + Duration::from_millis(50);
-    while !FORKED.load(SeqCst) && Instant::now() < until {
-        std::thread::yield_now();
-    }
-}
 
 fn block() -> Layout {
     Layout::from_size_align(BLOCK, 8).unwrap()
@@ -69,49 +49,35 @@ fn fork_while_another_thread_holds_a_private_heaps_lock() {
     }
     let heap = Heap::new(Config::default().memory(64 << 20)).expect("heap");
     let stop = AtomicBool::new(false);
-    let (mut hung, mut failed, mut paused) = (0, 0, 0);
-    set_hook(Some(pause_in_zone_section));
+    let mut forks = None;
     std::thread::scope(|s| {
         s.spawn(|| {
-            PAUSER.set(true);
+            fork_pause::become_pauser();
             while !stop.load(SeqCst) {
                 let p = heap.alloc(block()).expect("a 256 KiB block");
                 // SAFETY: allocated just above from this heap, freed once.
                 unsafe { heap.free(p) };
             }
         });
-        for _ in 0..ROUNDS {
-            FORKED.store(false, SeqCst);
-            PAUSED.store(false, SeqCst);
-            while !PAUSED.load(SeqCst) {
-                std::thread::yield_now();
-            }
-            paused += 1;
-            // SAFETY: the child allocates from the heap (whose fork
-            // handling is under test) and _exits.
-            let pid = unsafe { libc::fork() };
-            if pid == 0 {
-                let ok = heap.alloc(block()).is_some();
-                // SAFETY: _exit has no preconditions.
-                unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-            }
-            FORKED.store(true, SeqCst);
-            assert!(pid > 0, "fork failed");
-            match watchdog::wait_child(pid, Duration::from_secs(5)) {
-                Some(status) if !watchdog::exited_ok(status) => failed += 1,
-                Some(_) => {}
-                None => {
-                    hung += 1;
-                    break;
-                }
-            }
-        }
+        // Each child allocates from the heap (whose fork handling is under
+        // test).
+        forks = Some(fork_pause::fork_during_pauses(
+            Site::ZoneAlloc,
+            ROUNDS,
+            || heap.alloc(block()).is_some(),
+        ));
         stop.store(true, SeqCst);
     });
-    set_hook(None);
-    println!("{paused} forks during a zone section of another thread: {hung} children hung, {failed} failed");
-    assert_eq!(hung, 0, "a forked child hung on a lock of a private heap");
-    assert_eq!(failed, 0, "a forked child could not allocate");
+    let forks = forks.expect("the forks ran");
+    println!(
+        "{} forks during a zone section of another thread: {} children hung, {} failed",
+        forks.paused, forks.hung, forks.failed
+    );
+    assert_eq!(
+        forks.hung, 0,
+        "a forked child hung on a lock of a private heap"
+    );
+    assert_eq!(forks.failed, 0, "a forked child could not allocate");
 }
 
 /// A heap whose maintenance thread stayed in the parent can be dropped in

@@ -16,15 +16,15 @@
 //! happens during the pause and the child finds a claimed entry. The
 //! scenario runs under a watchdog.
 
+mod fork_pause;
 mod watchdog;
 
 use std::alloc::Layout;
-use std::cell::Cell;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::interrupt::Site;
 use anyalloc::{Config, Heap};
 
 const ROUNDS: usize = 10;
@@ -32,26 +32,6 @@ const MIB: usize = 1 << 20;
 /// The sizes the block alternates between (both above 4 MiB: huge).
 const SMALL: usize = 5 * MIB;
 const LARGE: usize = 13 * MIB;
-
-thread_local! {
-    /// Set on the thread that pauses inside its moves.
-    static PAUSER: Cell<bool> = const { Cell::new(false) };
-}
-/// The mover is paused with its entry claimed (this round).
-static PAUSED: AtomicBool = AtomicBool::new(false);
-/// The main thread's `fork` returned (this round).
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-fn pause_with_the_entry_claimed(site: Site) {
-    if site != Site::HugeBusy || !PAUSER.get() || PAUSED.load(SeqCst) {
-        return;
-    }
-    PAUSED.store(true, SeqCst);
-    let until = Instant::now() + Duration::from_millis(50);
-    while !FORKED.load(SeqCst) && Instant::now() < until {
-        std::thread::yield_now();
-    }
-}
 
 #[test]
 fn fork_while_another_thread_moves_a_huge_block() {
@@ -67,9 +47,8 @@ fn fork_while_another_thread_moves_a_huge_block() {
     }
     let heap = Heap::new(Config::default().memory(64 << 20)).expect("heap");
     let stop = AtomicBool::new(false);
-    let (mut hung, mut claimed, mut paused) = (0, 0, 0);
     let mut moves = 0usize;
-    set_hook(Some(pause_with_the_entry_claimed));
+    let mut forks = None;
     std::thread::scope(|s| {
         let mover = s.spawn(|| {
             let mut size = SMALL;
@@ -79,7 +58,7 @@ fn fork_while_another_thread_moves_a_huge_block() {
             // From here on (not inside the allocation above, whose entry is
             // claimed while it is filled: a fork then leaves the child one
             // entry short, and the block, which the child never got, mapped).
-            PAUSER.set(true);
+            fork_pause::become_pauser();
             let mut moved = 0usize;
             while !stop.load(SeqCst) {
                 let want = if size == SMALL { LARGE } else { SMALL };
@@ -94,41 +73,23 @@ fn fork_while_another_thread_moves_a_huge_block() {
             unsafe { heap.free(p) };
             moved
         });
-        for _ in 0..ROUNDS {
-            FORKED.store(false, SeqCst);
-            PAUSED.store(false, SeqCst);
-            while !PAUSED.load(SeqCst) {
-                std::thread::yield_now();
-            }
-            paused += 1;
-            // SAFETY: the child only reads the heap's table and _exits.
-            let pid = unsafe { libc::fork() };
-            if pid == 0 {
-                let ok = heap.huge_entries_claimed() == 0;
-                // SAFETY: _exit has no preconditions.
-                unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-            }
-            FORKED.store(true, SeqCst);
-            assert!(pid > 0, "fork failed");
-            match watchdog::wait_child(pid, Duration::from_secs(5)) {
-                Some(status) if !watchdog::exited_ok(status) => claimed += 1,
-                Some(_) => {}
-                None => {
-                    hung += 1;
-                    break;
-                }
-            }
-        }
+        // Each child only reads the heap's table.
+        forks = Some(fork_pause::fork_during_pauses(
+            Site::HugeBusy,
+            ROUNDS,
+            || heap.huge_entries_claimed() == 0,
+        ));
         stop.store(true, SeqCst);
         moves = mover.join().expect("the mover");
     });
-    set_hook(None);
+    let forks = forks.expect("the forks ran");
     println!(
-        "{paused} forks while another thread's huge block moved ({moves} moves): \
-         {claimed} children inherited a claimed entry, {hung} hung"
+        "{} forks while another thread's huge block moved ({moves} moves): \
+         {} children inherited a claimed entry, {} hung",
+        forks.paused, forks.failed, forks.hung
     );
-    assert_eq!(hung, 0, "a forked child hung");
-    assert_eq!(claimed, 0, "a forked child inherited a claimed entry");
+    assert_eq!(forks.hung, 0, "a forked child hung");
+    assert_eq!(forks.failed, 0, "a forked child inherited a claimed entry");
     assert_eq!(heap.huge_entries_claimed(), 0, "an entry stayed claimed");
     assert_eq!(heap.stats().huge_in_use, 0, "the block was not freed");
 }
