@@ -98,6 +98,11 @@ impl MaintainerSlot {
             Ok(_) => {}
             Err(_) => return true,
         }
+        // The process the thread runs in, from now on: a start in progress
+        // here is told from one a forked child inherited
+        // (`forget_if_forked`).
+        // SAFETY: getpid has no preconditions.
+        self.pid.store(unsafe { libc::getpid() }, Ordering::Relaxed);
         let core = core as *const M as usize;
         let spawned = std::thread::Builder::new()
             .name(std::string::String::from("anyalloc-maintainer"))
@@ -111,8 +116,6 @@ impl MaintainerSlot {
                 // SAFETY: only the context that won the CAS writes the
                 // handle, before publishing RUNNING.
                 unsafe { *self.handle.get() = Some(h) };
-                // SAFETY: getpid has no preconditions.
-                self.pid.store(unsafe { libc::getpid() }, Ordering::Relaxed);
                 self.state.store(RUNNING, Ordering::Release);
                 true
             }
@@ -121,6 +124,26 @@ impl MaintainerSlot {
                 false
             }
         }
+    }
+
+    /// [`forget_after_fork`](Self::forget_after_fork) for the public call,
+    /// which any code may make, in any process: a thread started (or being
+    /// started) in this very process runs here and is not forgotten (the
+    /// heap's drop must stop and join it before the core goes, and another
+    /// thread of this process may be writing its handle), and a slot that
+    /// never started one has nothing to forget. Returns whether a thread
+    /// of the parent was forgotten.
+    pub(crate) fn forget_if_forked(&self) -> bool {
+        // SAFETY: getpid has no preconditions.
+        if self.pid.load(Ordering::Relaxed) == unsafe { libc::getpid() } {
+            return false;
+        }
+        if self.state.load(Ordering::Acquire) == NONE {
+            // The parent's maintenance threads are still not counted here.
+            forget_live_after_fork();
+            return false;
+        }
+        self.forget_after_fork()
     }
 
     /// In a forked child: the thread stayed in the parent. Forgets it (its

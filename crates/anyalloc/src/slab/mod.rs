@@ -665,7 +665,9 @@ impl Heap {
     /// maintenance thread stayed in the parent; forget it so that
     /// [`start_maintenance`](Self::start_maintenance) starts a new one.
     /// Returns whether one ran in the parent. (Dropping the heap in the
-    /// child needs nothing: it finds the thread was the parent's.)
+    /// child needs nothing: it finds the thread was the parent's.) In the
+    /// process that started the thread it does nothing and returns
+    /// `false`: the thread runs there, and the heap's drop stops it.
     ///
     /// Starting a thread in the child of a multithreaded process is outside
     /// what POSIX promises there, and Rust's `std::thread` can wait forever
@@ -673,7 +675,7 @@ impl Heap {
     /// child, prefer heaps without maintenance, or `exec` first.
     #[cfg(feature = "std")]
     pub fn forget_maintainer_after_fork(&self) -> bool {
-        self.maintainer.forget_after_fork()
+        self.maintainer.forget_if_forked()
     }
 
     /// The page allocator underneath (its memory is shared with the heap).
