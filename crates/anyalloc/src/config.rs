@@ -56,6 +56,12 @@ impl Default for Config {
 impl Config {
     /// Size in bytes of the first zone (rounded up to whole pages). With
     /// growth off this is a hard cap on the memory the allocator manages.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator, PAGE_SIZE};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// assert_eq!(pages.stats().total_pages, (16 << 20) / PAGE_SIZE);
+    /// ```
     pub fn memory(mut self, bytes: usize) -> Self {
         self.memory = bytes;
         self
@@ -67,6 +73,14 @@ impl Config {
     /// ids at or above it share slots (modulo); the rseq fast path needs a
     /// slot set for every possible CPU id, so a smaller explicit count
     /// selects the try-locked slots.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Error, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20).cpus(2)).unwrap();
+    /// assert_eq!(pages.cpus(), 2);
+    /// let none = PageAllocator::new(Config::default().memory(16 << 20).cpus(0));
+    /// assert!(matches!(none, Err(Error::Config { setting: "Config::cpus", .. })));
+    /// ```
     pub fn cpus(mut self, n: usize) -> Self {
         self.cpus = Some(n);
         self
@@ -74,6 +88,14 @@ impl Config {
 
     /// Whether the normal path may reserve further zones from the OS when
     /// every zone is exhausted (std only; default on).
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator, MAX_ORDER};
+    /// // 1 MiB and no growth: a 4 MiB block can never fit.
+    /// let pages = PageAllocator::new(Config::default().memory(1 << 20).grow(false)).unwrap();
+    /// assert!(pages.alloc_pages(MAX_ORDER).is_none());
+    /// assert_eq!(pages.stats().zones, 1);
+    /// ```
     pub fn grow(mut self, grow: bool) -> Self {
         self.grow = grow;
         self
@@ -81,6 +103,14 @@ impl Config {
 
     /// Whether a maintenance thread may be started for this allocator (std;
     /// default on).
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// let heap = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    /// // No thread: the program runs the passes itself.
+    /// heap.maintain();
+    /// assert_eq!(heap.stats().maintenance_passes, 1);
+    /// ```
     pub fn maintenance(mut self, on: bool) -> Self {
         self.maintenance = on;
         self
@@ -98,6 +128,12 @@ impl Config {
     /// rseq a test. So to single-step through allocations in a debugger (every
     /// step aborts a sequence), switch glibc's registration off instead:
     /// `GLIBC_TUNABLES=glibc.pthread.rseq=0`.
+    ///
+    /// ```
+    /// use anyalloc::{Config, FastPath, Heap};
+    /// let heap = Heap::new(Config::default().memory(16 << 20).rseq(false)).unwrap();
+    /// assert_eq!(heap.stats().fast_path, FastPath::SlotLock);
+    /// ```
     pub fn rseq(mut self, on: bool) -> Self {
         self.rseq = on;
         self
@@ -115,6 +151,17 @@ impl Config {
     /// waiting for a lock re-checks it every 50 microseconds (a timed
     /// futex wait on its own thread, never woken by the nolock path). The
     /// normal path is unchanged otherwise.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// // For a real-time thread that counts its system calls.
+    /// let heap = Heap::new(Config::default().memory(16 << 20).nolock_syscalls(false)).unwrap();
+    /// let p = heap.alloc_nolock(Layout::new::<[u64; 4]>()).expect("memory to spare");
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free_nolock(p) };
+    /// assert_eq!(heap.stats().objects_in_use, 0);
+    /// ```
     pub fn nolock_syscalls(mut self, on: bool) -> Self {
         self.nolock_syscalls = on;
         self
@@ -163,6 +210,12 @@ impl Config {
     }
 
     /// The configured first-zone size in bytes.
+    ///
+    /// ```
+    /// use anyalloc::Config;
+    /// assert_eq!(Config::default().memory_bytes(), 64 << 20);
+    /// assert_eq!(Config::default().memory(1 << 30).memory_bytes(), 1 << 30);
+    /// ```
     pub fn memory_bytes(&self) -> usize {
         self.memory
     }

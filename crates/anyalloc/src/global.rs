@@ -165,6 +165,16 @@ fn global_core() -> Option<&'static HeapCore> {
 /// heap could not be created: the OS refused the memory. (A setting in the
 /// environment that does not parse or is out of range is not an error: it
 /// is named on stderr and keeps its default.)
+///
+/// ```
+/// use core::alloc::Layout;
+/// // Early in `main`, from ordinary code:
+/// let heap = anyalloc::init().expect("the OS gave the heap its memory");
+/// let p = heap.alloc(Layout::new::<u64>()).unwrap();
+/// // SAFETY: allocated above, freed once.
+/// unsafe { heap.free(p) };
+/// assert!(core::ptr::eq(heap, anyalloc::init().unwrap())); // one heap per process
+/// ```
 pub fn init() -> Result<&'static Heap, Error> {
     let h = match global_heap() {
         Some(h) => h,
@@ -177,6 +187,12 @@ pub fn init() -> Result<&'static Heap, Error> {
 }
 
 /// The process-wide heap if it exists already (for its statistics, say).
+///
+/// ```
+/// let heap = anyalloc::init().unwrap();
+/// let same = anyalloc::global_heap().expect("`init` created it");
+/// assert!(core::ptr::eq(heap, same));
+/// ```
 #[inline(always)]
 pub fn global_heap() -> Option<&'static Heap> {
     if GLOBAL_HEAP.state.load(Ordering::Acquire) == READY {
@@ -930,6 +946,15 @@ impl Drop for NoLockScope {
 }
 
 /// Whether this thread is inside a [`nolock_scope`].
+///
+/// ```
+/// assert!(!anyalloc::in_nolock_scope());
+/// {
+///     let _rt = anyalloc::nolock_scope();
+///     assert!(anyalloc::in_nolock_scope());
+/// }
+/// assert!(!anyalloc::in_nolock_scope());
+/// ```
 pub fn in_nolock_scope() -> bool {
     context::in_scope()
 }

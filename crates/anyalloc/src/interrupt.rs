@@ -158,6 +158,25 @@ impl Site {
 static HOOK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
 
 /// Installs (or with `None` removes) the hook called at every site.
+///
+/// ```
+/// use anyalloc::interrupt::{self, Site};
+/// use anyalloc::{Config, PageAllocator};
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// static HITS: AtomicUsize = AtomicUsize::new(0);
+/// // Runs inside the allocator's critical sections: a test would allocate
+/// // with the nolock path here, as a signal handler would.
+/// fn hook(_site: Site) {
+///     HITS.fetch_add(1, Ordering::Relaxed);
+/// }
+/// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+/// interrupt::set_hook(Some(hook));
+/// let p = pages.alloc_pages(0).unwrap(); // a fresh allocator: fills a per-CPU list
+/// interrupt::set_hook(None);
+/// assert!(HITS.load(Ordering::Relaxed) > 0);
+/// // SAFETY: allocated above, freed once.
+/// unsafe { pages.free_pages(p, 0) };
+/// ```
 pub fn set_hook(hook: Option<fn(Site)>) {
     let p = match hook {
         Some(f) => f as *mut (),
@@ -167,6 +186,23 @@ pub fn set_hook(hook: Option<fn(Site)>) {
 }
 
 /// Calls the installed hook, if any.
+///
+/// ```
+/// use anyalloc::interrupt::{self, Site};
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// static SEEN: AtomicBool = AtomicBool::new(false);
+/// fn hook(site: Site) {
+///     if site == Site::ZoneAlloc {
+///         SEEN.store(true, Ordering::Relaxed);
+///     }
+/// }
+/// interrupt::point(Site::ZoneAlloc); // no hook: nothing happens
+/// assert!(!SEEN.load(Ordering::Relaxed));
+/// interrupt::set_hook(Some(hook));
+/// interrupt::point(Site::ZoneAlloc);
+/// interrupt::set_hook(None);
+/// assert!(SEEN.load(Ordering::Relaxed));
+/// ```
 #[inline(never)]
 pub fn point(site: Site) {
     let p = HOOK.load(Ordering::Acquire);

@@ -181,6 +181,14 @@ pub(crate) use std_like::CHILDREN;
 impl Group {
     /// A new group with an optional byte limit and an optional parent.
     /// Normal context (it allocates).
+    ///
+    /// ```
+    /// use anyalloc::Group;
+    /// let tenants = Group::new("tenants", Some(1 << 20), None);
+    /// let alice = Group::new("alice", None, Some(&tenants)); // limited by its parent only
+    /// assert_eq!((alice.name(), alice.limit()), ("alice", None));
+    /// assert_eq!(tenants.usage(), 0);
+    /// ```
     pub fn new(name: &str, limit_bytes: Option<usize>, parent: Option<&Arc<Group>>) -> Arc<Group> {
         let limit = limit_bytes.unwrap_or(usize::MAX);
         // A sixteenth of the tightest limit on the chain, at most
@@ -216,11 +224,22 @@ impl Group {
     }
 
     /// The group's name.
+    ///
+    /// ```
+    /// use anyalloc::Group;
+    /// assert_eq!(Group::new("cache", None, None).name(), "cache");
+    /// ```
     pub fn name(&self) -> &str {
         &self.name
     }
 
     /// The limit in bytes, if any.
+    ///
+    /// ```
+    /// use anyalloc::Group;
+    /// assert_eq!(Group::new("capped", Some(64 << 10), None).limit(), Some(64 << 10));
+    /// assert_eq!(Group::new("free", None, None).limit(), None);
+    /// ```
     pub fn limit(&self) -> Option<usize> {
         (self.limit != usize::MAX).then_some(self.limit)
     }
@@ -231,6 +250,20 @@ impl Group {
     /// frees memory; it waits while another thread registers a new group).
     /// In a signal handler that interrupted its own thread's `Group::new`,
     /// the descendants' unused per-CPU stock counts as usage.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Group, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let parent = Group::new("parent", None, None);
+    /// let child = Group::new("child", None, Some(&parent));
+    /// let p = heap.alloc_in(Layout::from_size_align(500, 8).unwrap(), &child).unwrap();
+    /// assert!(child.usage() >= 500);
+    /// assert_eq!(parent.usage(), child.usage()); // a descendant's usage counts
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) };
+    /// assert_eq!((parent.usage(), child.usage()), (0, 0));
+    /// ```
     pub fn usage(&self) -> usize {
         self.counter
             .load(Ordering::Acquire)
@@ -265,11 +298,33 @@ impl Group {
     }
 
     /// The highest the charged counter has been (including per-CPU stock).
+    ///
+    /// ```
+    /// use anyalloc::{Config, Group, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let group = Group::new("bursty", None, None);
+    /// let p = heap.alloc_in(Layout::from_size_align(2000, 8).unwrap(), &group).unwrap();
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) };
+    /// assert_eq!(group.usage(), 0);
+    /// assert!(group.peak() >= 2000, "the high-water mark stays");
+    /// ```
     pub fn peak(&self) -> usize {
         self.peak.load(Ordering::Relaxed)
     }
 
     /// How many charges a limit of this group refused.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Group, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let group = Group::new("small", Some(1024), None);
+    /// assert_eq!(group.failcnt(), 0);
+    /// assert!(heap.alloc_nolock_in(Layout::from_size_align(4096, 8).unwrap(), &group).is_none());
+    /// assert!(group.failcnt() >= 1);
+    /// ```
     pub fn failcnt(&self) -> u64 {
         self.failcnt.load(Ordering::Relaxed)
     }
@@ -522,6 +577,18 @@ impl Group {
     /// descendants to the counters (reclaim, and before measuring). Busy
     /// stocks are skipped, and so are the descendants when this thread
     /// interrupted itself inside the children registry.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Group, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let group = Group::new("measured", Some(1 << 20), None);
+    /// let p = heap.alloc_in(Layout::from_size_align(100, 8).unwrap(), &group).unwrap();
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) };
+    /// group.flush_stocks(); // pre-charged bytes go back to the counters
+    /// assert_eq!(group.usage(), 0);
+    /// ```
     pub fn flush_stocks(&self) {
         self.flush_own_stocks();
         if let Some(g) = CHILDREN.lock() {

@@ -361,6 +361,14 @@ impl PageAllocator {
     /// Unlike a [`Heap`](crate::Heap)'s, the locks of a page allocator used
     /// on its own are not held across `fork`: fork only while no other
     /// thread is inside it, or do not use it in the child.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Error, PageAllocator, PAGE_SIZE};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// assert_eq!(pages.stats().total_pages, (16 << 20) / PAGE_SIZE);
+    /// let tiny = PageAllocator::new(Config::default().memory(PAGE_SIZE));
+    /// assert!(matches!(tiny, Err(Error::Config { setting: "Config::memory", .. })));
+    /// ```
     #[cfg(feature = "std")]
     pub fn new(config: Config) -> Result<PageAllocator, Error> {
         config.validate()?;
@@ -388,6 +396,35 @@ impl PageAllocator {
     /// Creates a page allocator over an embedder's memory region (`no_std`).
     /// The zone's metadata is carved from the end of the region. `config`'s
     /// memory size and growth settings do not apply (the region is the cap).
+    ///
+    /// ```
+    /// use anyalloc::{Config, Error, PageAllocator, Platform};
+    /// use core::ptr::NonNull;
+    ///
+    /// struct OneCpu;
+    /// impl Platform for OneCpu {
+    ///     fn cpu_id(&self) -> usize { 0 }
+    ///     fn cpu_count(&self) -> usize { 1 }
+    /// }
+    /// static PLATFORM: OneCpu = OneCpu;
+    ///
+    /// // 1 MiB that belongs to the allocator for good (here: leaked from the process heap).
+    /// let len = 1 << 20;
+    /// let region = NonNull::from(Box::leak(vec![0u8; len].into_boxed_slice())).cast::<u8>();
+    /// // SAFETY: the region is ours alone, valid for reads and writes, never freed.
+    /// let pages = unsafe { PageAllocator::from_region(region, len, &PLATFORM, Config::default()) }
+    ///     .unwrap();
+    /// let p = pages.alloc_pages_nolock(0).expect("memory to spare");
+    /// assert!(pages.contains(p.as_ptr() as usize));
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { pages.free_pages_nolock(p, 0) };
+    ///
+    /// // A region too small for 16 pages and their metadata is refused.
+    /// let small = NonNull::from(Box::leak(vec![0u8; 4096].into_boxed_slice())).cast::<u8>();
+    /// // SAFETY: as above.
+    /// let refused = unsafe { PageAllocator::from_region(small, 4096, &PLATFORM, Config::default()) };
+    /// assert!(matches!(refused, Err(Error::Region { .. })));
+    /// ```
     ///
     /// # Safety
     /// `region` must be valid for reads and writes of `len` bytes for as long
@@ -613,16 +650,40 @@ impl PageAllocator {
     }
 
     /// Whether `addr` lies in memory this allocator manages.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(0).unwrap();
+    /// assert!(pages.contains(p.as_ptr() as usize));
+    /// let local = 0u64;
+    /// assert!(!pages.contains(&local as *const u64 as usize));
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { pages.free_pages(p, 0) };
+    /// ```
     pub fn contains(&self, addr: usize) -> bool {
         self.locate(addr).is_some()
     }
 
     /// The platform this allocator runs on.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// // `new` runs on the std platform, which reports at least one CPU.
+    /// assert!(pages.platform().cpu_count() >= 1);
+    /// ```
     pub fn platform(&self) -> &'static dyn Platform {
         self.platform
     }
 
     /// How many CPU slot sets the allocator has.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20).cpus(3)).unwrap();
+    /// assert_eq!(pages.cpus(), 3);
+    /// ```
     pub fn cpus(&self) -> usize {
         self.cpus
     }
@@ -651,6 +712,16 @@ impl PageAllocator {
     /// Called by a thread already inside the allocator (a signal handler
     /// that interrupted it) or inside a nolock scope, it takes the nolock
     /// path instead (the crate's `context` module).
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator, MAX_ORDER, PAGE_SIZE};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(2).expect("memory to spare"); // 4 pages, 16 KiB
+    /// assert_eq!(p.as_ptr() as usize % (4 * PAGE_SIZE), 0, "aligned to its size");
+    /// assert!(pages.alloc_pages(MAX_ORDER + 1).is_none());
+    /// // SAFETY: allocated above with order 2, freed once.
+    /// unsafe { pages.free_pages(p, 2) };
+    /// ```
     #[inline]
     pub fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
         crate::context::might_wait("PageAllocator::alloc_pages");
@@ -1048,6 +1119,16 @@ impl PageAllocator {
     /// Frees a block from [`alloc_pages`](Self::alloc_pages) or
     /// [`alloc_pages_nolock`](Self::alloc_pages_nolock). Normal context.
     ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(1).unwrap();
+    /// assert_eq!(pages.stats().free_pages, pages.stats().total_pages - 2);
+    /// // SAFETY: allocated above with order 1, not used afterwards.
+    /// unsafe { pages.free_pages(p, 1) };
+    /// assert_eq!(pages.stats().free_pages, pages.stats().total_pages);
+    /// ```
+    ///
     /// # Safety
     /// `ptr` must have been returned by this allocator for `order` and not be
     /// used afterwards. Violations that can be detected (a pointer outside
@@ -1230,6 +1311,16 @@ impl PageAllocator {
     /// *tried* (a busy zone: its nolock stock, its deferred stack, then the
     /// next zone). `None` means "no memory for you in this context now";
     /// don't spin on it.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// // In a signal handler, `None` is an answer to handle, not a reason to retry.
+    /// let Some(p) = pages.alloc_pages_nolock(0) else { return };
+    /// assert_eq!(pages.stats().nolock_alloc_ok, 1);
+    /// // SAFETY: allocated above with order 0, freed once.
+    /// unsafe { pages.free_pages_nolock(p, 0) };
+    /// ```
     #[inline]
     pub fn alloc_pages_nolock(&self, order: u32) -> Option<NonNull<u8>> {
         self.alloc_pages_nolock_why(order).ok()
@@ -1396,6 +1487,15 @@ impl PageAllocator {
     /// Frees a block from any context, whichever path allocated it. Never
     /// waits and never fails: when every lock is held the block is parked on
     /// the zone's deferred stack until the next zone-lock holder merges it.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(3).unwrap(); // normal path...
+    /// // SAFETY: allocated above with order 3, not used afterwards.
+    /// unsafe { pages.free_pages_nolock(p, 3) }; // ...freed from any context
+    /// assert_eq!(pages.stats().free_pages, pages.stats().total_pages);
+    /// ```
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
@@ -1593,6 +1693,18 @@ impl PageAllocator {
     /// buddy lists (slots held by other contexts right now are skipped).
     /// Called by a thread already inside the allocator or inside a nolock
     /// scope, it does nothing.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(0).unwrap();
+    /// // SAFETY: allocated above with order 0, freed once.
+    /// unsafe { pages.free_pages(p, 0) };
+    /// pages.drain();
+    /// let s = pages.stats();
+    /// assert_eq!((s.percpu_pages, s.deferred_pages, s.stock_pages), (0, 0, 0));
+    /// assert_eq!(s.buddy_pages, s.total_pages);
+    /// ```
     pub fn drain(&self) {
         crate::context::might_wait("PageAllocator::drain");
         if !crate::context::nested() {
@@ -1611,6 +1723,18 @@ impl PageAllocator {
     }
 
     /// A snapshot of the allocator's counters; see [`PageStats`].
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator, PAGE_SIZE};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(4).unwrap(); // 16 pages
+    /// let s = pages.stats();
+    /// assert_eq!(s.zones, 1);
+    /// assert_eq!(s.total_pages, (16 << 20) / PAGE_SIZE);
+    /// assert_eq!(s.free_pages, s.total_pages - 16);
+    /// // SAFETY: allocated above with order 4, freed once.
+    /// unsafe { pages.free_pages(p, 4) };
+    /// ```
     pub fn stats(&self) -> PageStats {
         let mut s = PageStats {
             fast_path: if self.rseq_off.is_some() {
@@ -1636,6 +1760,14 @@ impl PageAllocator {
 
     /// The page counts of zone `i` alone (the first is 0; `None` past the
     /// last); of the nolock counters, only its slots' successes.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let first = pages.zone_stats(0).expect("there is always a first zone");
+    /// assert_eq!(first.total_pages, pages.stats().total_pages); // the only one so far
+    /// assert!(pages.zone_stats(1).is_none());
+    /// ```
     pub fn zone_stats(&self, i: usize) -> Option<PageStats> {
         let mut s = PageStats::default();
         zone_stats(&mut s, self.zones().nth(i)?);
@@ -1695,6 +1827,16 @@ impl PageAllocator {
     /// Checks every structural invariant (buddy lists well-formed and fully
     /// coalesced, counts consistent, per-CPU lists well-formed). Call only
     /// while no other context uses the allocator; meant for tests.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(5).unwrap();
+    /// assert_eq!(pages.check_invariants(), Ok(()));
+    /// // SAFETY: allocated above with order 5, freed once.
+    /// unsafe { pages.free_pages(p, 5) };
+    /// assert_eq!(pages.check_invariants(), Ok(()));
+    /// ```
     pub fn check_invariants(&self) -> Result<(), &'static str> {
         let _serial = self.drain_lock.lock(self.platform);
         for zone in self.zones() {

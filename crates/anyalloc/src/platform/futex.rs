@@ -25,6 +25,22 @@ use core::time::Duration;
 /// most `timeout` (`None`: no limit). May return early (a signal, or the
 /// word changed before the kernel compared it): callers re-check their
 /// condition. Normal context only.
+///
+/// ```
+/// use anyalloc::platform::futex;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// let ready = AtomicU32::new(0);
+/// std::thread::scope(|s| {
+///     s.spawn(|| {
+///         // Re-check after every return: it may be early or spurious.
+///         while ready.load(Ordering::Acquire) == 0 {
+///             futex::wait(&ready, 0, None);
+///         }
+///     });
+///     ready.store(1, Ordering::Release);
+///     futex::wake_one(&ready);
+/// });
+/// ```
 pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
@@ -49,6 +65,23 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
 
 /// Wakes one context waiting in [`wait`] on `word`. Never blocks; safe in
 /// any context (a signal handler, the nolock path).
+///
+/// ```
+/// use anyalloc::platform::futex;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use std::time::Duration;
+/// let word = AtomicU32::new(0);
+/// std::thread::scope(|s| {
+///     s.spawn(|| {
+///         while word.load(Ordering::Acquire) == 0 {
+///             futex::wait(&word, 0, Some(Duration::from_secs(1)));
+///         }
+///     });
+///     word.store(1, Ordering::Release); // change the word first, then wake
+///     futex::wake_one(&word);
+/// });
+/// assert_eq!(word.load(Ordering::Relaxed), 1);
+/// ```
 #[inline]
 pub fn wake_one(word: &AtomicU32) {
     wake_many(word, 1);
@@ -56,6 +89,23 @@ pub fn wake_one(word: &AtomicU32) {
 
 /// Wakes up to `n` contexts waiting in [`wait`] on `word` (`u32::MAX`: all
 /// of them). Never blocks; safe in any context.
+///
+/// ```
+/// use anyalloc::platform::futex;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// let go = AtomicU32::new(0);
+/// std::thread::scope(|s| {
+///     for _ in 0..3 {
+///         s.spawn(|| {
+///             while go.load(Ordering::Acquire) == 0 {
+///                 futex::wait(&go, 0, None);
+///             }
+///         });
+///     }
+///     go.store(1, Ordering::Release);
+///     futex::wake_many(&go, u32::MAX); // every waiter
+/// });
+/// ```
 #[inline]
 pub fn wake_many(word: &AtomicU32, n: u32) {
     let n = n.min(i32::MAX as u32) as libc::c_int;

@@ -21,6 +21,13 @@ static STD_PLATFORM: StdPlatform = StdPlatform;
 
 impl StdPlatform {
     /// The process-wide instance.
+    ///
+    /// ```
+    /// use anyalloc::{Platform, StdPlatform};
+    /// let platform = StdPlatform::get();
+    /// assert!(core::ptr::eq(platform, StdPlatform::get()));
+    /// assert!(platform.cpu_count() >= 1);
+    /// ```
     pub fn get() -> &'static StdPlatform {
         &STD_PLATFORM
     }

@@ -414,6 +414,17 @@ impl Heap {
     /// maintenance thread does not survive in the child
     /// ([`forget_maintainer_after_fork`](Self::forget_maintainer_after_fork)
     /// says what to do there).
+    ///
+    /// ```
+    /// use anyalloc::{Config, Error, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = heap.alloc(Layout::new::<[u32; 16]>()).expect("memory to spare");
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) };
+    /// let bad = Heap::new(Config::default().memory(16 << 20).min_reserve(9 << 20));
+    /// assert!(matches!(bad, Err(Error::Config { setting: "Config::min_reserve", .. })));
+    /// ```
     #[cfg(feature = "std")]
     pub fn new(config: Config) -> Result<Heap, Error> {
         let heap = Self::new_without_maintainer(config)?;
@@ -652,6 +663,15 @@ impl Heap {
     /// nolock path stocked, runs shrinkers below the low watermark, and
     /// returns idle memory to the OS. Returns whether a thread is running
     /// afterwards.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// let heap = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    /// // Later, from ordinary code (it spawns a thread):
+    /// if heap.start_maintenance() {
+    ///     assert!(heap.start_maintenance(), "still running: not started twice");
+    /// }
+    /// ```
     #[cfg(feature = "std")]
     pub fn start_maintenance(&self) -> bool {
         let started = self.maintainer.start(self.core());
@@ -673,12 +693,44 @@ impl Heap {
     /// what POSIX promises there, and Rust's `std::thread` can wait forever
     /// for a lock of its own that another thread held at the fork: in such a
     /// child, prefer heaps without maintenance, or `exec` first.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let ran = heap.start_maintenance(); // running already, unless the OS refused the thread
+    /// // SAFETY: the child only uses the heap and `_exit`s; it runs no destructor.
+    /// let pid = unsafe { libc::fork() };
+    /// assert!(pid >= 0, "fork failed");
+    /// if pid == 0 {
+    ///     // The child: first thing, forget the parent's maintainer.
+    ///     let ok = heap.forget_maintainer_after_fork() == ran
+    ///         && heap.alloc(Layout::new::<u64>()).is_some();
+    ///     // SAFETY: `_exit` ends the child at once, as a forked child should.
+    ///     unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    /// }
+    /// let mut status = 0;
+    /// // SAFETY: `pid` is our child; `status` is a valid place to write.
+    /// assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    /// assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    /// ```
     #[cfg(feature = "std")]
     pub fn forget_maintainer_after_fork(&self) -> bool {
         self.maintainer.forget_if_forked()
     }
 
     /// The page allocator underneath (its memory is shared with the heap).
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap, PAGE_SIZE};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// assert_eq!(heap.pages().stats().total_pages, (16 << 20) / PAGE_SIZE);
+    /// let p = heap.alloc(Layout::new::<u64>()).unwrap();
+    /// assert!(heap.pages().contains(p.as_ptr() as usize));
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) };
+    /// ```
     pub fn pages(&self) -> &PageAllocator {
         &self.core().pages
     }
@@ -691,6 +743,20 @@ impl Heap {
     /// that interrupted it) or inside a nolock scope, it takes the nolock
     /// path instead (the crate's `context` module); so do `alloc_zeroed`,
     /// `alloc_in` and `free`, while `drain` and `maintain` do nothing.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let layout = Layout::from_size_align(100, 64).unwrap();
+    /// let p = heap.alloc(layout).expect("memory to spare");
+    /// assert_eq!(p.as_ptr() as usize % 64, 0);
+    /// // SAFETY: `p` is valid for `layout.size()` bytes, allocated above and freed once.
+    /// unsafe {
+    ///     p.as_ptr().write_bytes(0xab, layout.size());
+    ///     heap.free(p);
+    /// }
+    /// ```
     #[inline]
     pub fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
         crate::context::might_wait("Heap::alloc");
@@ -699,6 +765,19 @@ impl Heap {
 
     /// Allocates zeroed memory; skips the zeroing for fresh `mmap` memory,
     /// which the OS zeroed. Normal context.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let layout = Layout::new::<[u8; 256]>();
+    /// let p = heap.alloc_zeroed(layout).unwrap();
+    /// // SAFETY: `p` is valid for 256 initialised (zeroed) bytes until it is freed.
+    /// let bytes = unsafe { core::slice::from_raw_parts(p.as_ptr(), layout.size()) };
+    /// assert!(bytes.iter().all(|&b| b == 0));
+    /// // SAFETY: allocated above, freed once (`bytes` is not used afterwards).
+    /// unsafe { heap.free(p) };
+    /// ```
     pub fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
         crate::context::might_wait("Heap::alloc_zeroed");
         self.core().alloc_zeroed(layout)
@@ -744,18 +823,59 @@ impl Heap {
     /// Allocates and charges `group` (and its ancestors). Normal context: over
     /// a limit, runs reclaim once and retries. The charge is released when
     /// the memory is freed, with `free` or `free_nolock`.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Group, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let group = Group::new("requests", Some(1 << 20), None);
+    /// let p = heap.alloc_in(Layout::from_size_align(4096, 8).unwrap(), &group).unwrap();
+    /// assert!(group.usage() >= 4096);
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) }; // releases the charge
+    /// assert_eq!(group.usage(), 0);
+    /// ```
     pub fn alloc_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
         self.core().alloc_in(layout, group)
     }
 
     /// Allocates and charges `group` from any context; `None` (and a failure
     /// counted on the group that refused) when a limit would be exceeded.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Group, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let group = Group::new("handlers", Some(4096), None);
+    /// let p = heap.alloc_nolock_in(Layout::from_size_align(1000, 8).unwrap(), &group);
+    /// let p = p.expect("within the limit, with memory to spare");
+    /// // Over the limit: refused at once, and counted on the group.
+    /// assert!(heap.alloc_nolock_in(Layout::from_size_align(8192, 8).unwrap(), &group).is_none());
+    /// assert!(group.failcnt() >= 1);
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free_nolock(p) };
+    /// ```
     pub fn alloc_nolock_in(&self, layout: Layout, group: &Arc<Group>) -> Option<NonNull<u8>> {
         self.core().alloc_nolock_in(layout, group)
     }
 
     /// Frees memory from any of this heap's allocation functions. Normal
     /// context. No size is needed: the page descriptor says who owns it.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let small = heap.alloc(Layout::new::<[u64; 2]>()).unwrap();
+    /// let large = heap.alloc(Layout::from_size_align(100_000, 8).unwrap()).unwrap();
+    /// assert_eq!((heap.stats().objects_in_use, heap.stats().large_in_use), (1, 1));
+    /// // SAFETY: both allocated above, freed once; no size is needed.
+    /// unsafe {
+    ///     heap.free(small);
+    ///     heap.free(large);
+    /// }
+    /// assert_eq!((heap.stats().objects_in_use, heap.stats().large_in_use), (0, 0));
+    /// ```
     ///
     /// # Safety
     /// `ptr` must have come from this heap and not be used afterwards.
@@ -771,6 +891,16 @@ impl Heap {
 
     /// Frees any object of this heap from any context. Never waits, never
     /// fails: what cannot take a lock is parked on a deferred stack.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = heap.alloc(Layout::new::<[u64; 2]>()).unwrap(); // normal path...
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free_nolock(p) }; // ...freed from any context
+    /// assert_eq!(heap.stats().objects_in_use, 0);
+    /// ```
     ///
     /// # Safety
     /// As for [`free`](Self::free).
@@ -833,6 +963,20 @@ impl Heap {
     /// a one-line message naming `usable_size`, if `ptr` is not a live
     /// allocation of this heap: a freed object too, as a double free of it
     /// would be caught (its key word still says "free").
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = heap.alloc(Layout::from_size_align(100, 8).unwrap()).unwrap();
+    /// let usable = heap.usable_size(p);
+    /// assert!(usable >= 100);
+    /// // SAFETY: every one of the usable bytes may be written; `p` is freed once.
+    /// unsafe {
+    ///     p.as_ptr().write_bytes(0, usable);
+    ///     heap.free(p);
+    /// }
+    /// ```
     pub fn usable_size(&self, ptr: NonNull<u8>) -> usize {
         self.core().usable_size(ptr)
     }
@@ -874,6 +1018,31 @@ impl Heap {
     /// path makes no `mremap`), or another thread's `fork` is in progress
     /// (a fork waits for moves that started before it; see the crate's
     /// notes on `fork`). The result is page-aligned.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let mut p = heap.alloc(Layout::from_size_align(8 << 20, 8).unwrap()).unwrap(); // huge
+    /// // SAFETY: `p` is valid for 8 MiB.
+    /// unsafe { p.as_ptr().write(42) };
+    /// // SAFETY: `p` is a live allocation of `heap`; after `Some`, only the result is.
+    /// if let Some(q) = unsafe { heap.remap_huge(p, 16 << 20) } {
+    ///     // SAFETY: the contents moved with the pages.
+    ///     assert_eq!(unsafe { q.as_ptr().read() }, 42);
+    ///     assert!(heap.usable_size(q) >= 16 << 20);
+    ///     p = q;
+    /// } // else `p` is untouched: copy to a new block instead
+    /// // Not a huge allocation: never remapped.
+    /// let small = heap.alloc(Layout::new::<u64>()).unwrap();
+    /// // SAFETY: a live allocation; it stays live after `None`.
+    /// assert!(unsafe { heap.remap_huge(small, 16 << 20) }.is_none());
+    /// // SAFETY: both live, freed once.
+    /// unsafe {
+    ///     heap.free(small);
+    ///     heap.free(p);
+    /// }
+    /// ```
     ///
     /// # Safety
     /// `ptr` is a live allocation of this heap; after `Some`, only the
@@ -932,6 +1101,26 @@ impl Heap {
     /// from this heap or another, does not call shrinkers again on that
     /// thread, however many threads reclaim at once. Normal context
     /// (it allocates; no lock is held meanwhile).
+    ///
+    /// ```
+    /// use anyalloc::{Config, Group, Heap};
+    /// use core::alloc::Layout;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// static CALLS: AtomicUsize = AtomicUsize::new(0);
+    /// let heap = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    /// heap.register_shrinker(|_wanted| {
+    ///     CALLS.fetch_add(1, Ordering::Relaxed);
+    ///     0 // this one has nothing to give back
+    /// });
+    /// let group = Group::new("full", Some(16 << 10), None);
+    /// let layout = Layout::from_size_align(16 << 10, 8).unwrap();
+    /// let p = heap.alloc_in(layout, &group).unwrap();
+    /// // Over the limit: the normal path runs the shrinkers, then gives up.
+    /// assert!(heap.alloc_in(layout, &group).is_none());
+    /// assert!(CALLS.load(Ordering::Relaxed) >= 1);
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) };
+    /// ```
     pub fn register_shrinker(&self, shrinker: impl Fn(usize) -> usize + Send + Sync + 'static) {
         let node = alloc::boxed::Box::new(ShrinkerNode {
             f: alloc::boxed::Box::new(shrinker),
@@ -944,6 +1133,18 @@ impl Heap {
     /// every empty slab back to the page allocator, then the page
     /// allocator's own drain. With nothing allocated, every page is free
     /// in the buddy lists afterwards.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = heap.alloc(Layout::new::<[u8; 48]>()).unwrap();
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) };
+    /// heap.drain();
+    /// let pages = heap.pages().stats();
+    /// assert_eq!(pages.buddy_pages, pages.total_pages);
+    /// ```
     pub fn drain(&self) {
         self.core().drain(true);
     }
@@ -952,6 +1153,15 @@ impl Heap {
     /// does, for `no_std` embedders to run from a deferred context (and for
     /// tests). Each call counts as one epoch: memory idle for two calls
     /// goes back (cached objects to their slabs, free blocks to the OS).
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// let heap = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    /// for _ in 0..3 {
+    ///     heap.maintain(); // e.g. from the embedder's timer
+    /// }
+    /// assert_eq!(heap.stats().maintenance_passes, 3);
+    /// ```
     pub fn maintain(&self) {
         if crate::context::nested() {
             return;
@@ -966,6 +1176,20 @@ impl Heap {
     /// (C's `malloc_trim`). Returns the bytes given back. Called by a
     /// thread already inside the allocator or inside a nolock scope, it
     /// does nothing (as `drain`): it may hold the drain lock.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap();
+    /// let p = heap.alloc(Layout::from_size_align(1 << 20, 8).unwrap()).unwrap();
+    /// // SAFETY: `p` is valid for 1 MiB, and freed once.
+    /// unsafe {
+    ///     p.as_ptr().write_bytes(1, 1 << 20); // touched: memory the OS committed
+    ///     heap.free(p);
+    /// }
+    /// let given_back = heap.trim();
+    /// assert_eq!(heap.stats().released_to_os_bytes, given_back as u64);
+    /// ```
     #[cfg(feature = "std")]
     pub fn trim(&self) -> usize {
         crate::context::might_wait("Heap::trim");
@@ -980,6 +1204,19 @@ impl Heap {
     }
 
     /// A snapshot of the heap's counters; see [`HeapStats`].
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// use core::alloc::Layout;
+    /// let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = heap.alloc(Layout::new::<[u64; 4]>()).unwrap();
+    /// let s = heap.stats();
+    /// assert_eq!(s.objects_in_use, 1);
+    /// assert_eq!(s.pages.total_pages, heap.pages().stats().total_pages);
+    /// // SAFETY: allocated above, freed once.
+    /// unsafe { heap.free(p) };
+    /// assert_eq!(heap.stats().objects_in_use, 0);
+    /// ```
     pub fn stats(&self) -> HeapStats {
         self.core().stats()
     }

@@ -56,6 +56,12 @@ pub struct IndexStack {
 
 impl IndexStack {
     /// An empty stack.
+    ///
+    /// ```
+    /// use anyalloc::sync::IndexStack;
+    /// static PARKED: IndexStack = IndexStack::new(); // `const`: fits a static
+    /// assert!(PARKED.is_empty());
+    /// ```
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         IndexStack {
@@ -73,6 +79,17 @@ impl IndexStack {
 
     /// Pushes `index`; `set_link(index, next)` must store `next` as the
     /// element's link. The caller owns `index` exclusively until this returns.
+    ///
+    /// ```
+    /// use anyalloc::sync::{IndexStack, NIL};
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// let links: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(NIL)).collect();
+    /// let stack = IndexStack::new();
+    /// stack.push(2, |i, next| links[i].store(next, Ordering::Relaxed));
+    /// stack.push(0, |i, next| links[i].store(next, Ordering::Relaxed));
+    /// assert_eq!(links[0].load(Ordering::Relaxed), 2, "0's link is the old top");
+    /// assert_eq!(links[2].load(Ordering::Relaxed), NIL);
+    /// ```
     #[inline]
     pub fn push(&self, index: usize, mut set_link: impl FnMut(usize, usize)) {
         crate::check!(index != NIL, "NIL pushed on a lock-free stack");
@@ -92,6 +109,21 @@ impl IndexStack {
 
     /// Takes the whole chain; returns its first index or [`NIL`]. Follow the
     /// chain through the links written by `push`.
+    ///
+    /// ```
+    /// use anyalloc::sync::{IndexStack, NIL};
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// let links: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(NIL)).collect();
+    /// let stack = IndexStack::new();
+    /// assert_eq!(stack.take_all(), NIL);
+    /// for i in 0..3 {
+    ///     stack.push(i, |i, next| links[i].store(next, Ordering::Relaxed));
+    /// }
+    /// let first = stack.take_all();
+    /// assert_eq!(first, 2); // the last pushed; follow the links from there
+    /// assert_eq!(links[first].load(Ordering::Relaxed), 1);
+    /// assert!(stack.is_empty());
+    /// ```
     #[inline]
     pub fn take_all(&self) -> usize {
         if self.head.load(Ordering::Relaxed) == NIL {
@@ -113,6 +145,23 @@ impl IndexStack {
     /// the chain being put back, so a caller with a long chain in hand can
     /// keep a few elements and return the rest in O(1) when nothing
     /// else pushes. Lock-free: each retry follows a push that succeeded.
+    ///
+    /// ```
+    /// use anyalloc::sync::{IndexStack, NIL};
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// let links: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(NIL)).collect();
+    /// let link = |i: usize| links[i].load(Ordering::Relaxed);
+    /// let set_link = |i: usize, next: usize| links[i].store(next, Ordering::Relaxed);
+    /// let stack = IndexStack::new();
+    /// for i in 0..3 {
+    ///     stack.push(i, set_link);
+    /// }
+    /// // Keep the first element of the chain, return the rest in O(1).
+    /// let kept = stack.take_all();
+    /// stack.put_back(link(kept), link, set_link);
+    /// assert_eq!(kept, 2);
+    /// assert_eq!(stack.take_all(), 1);
+    /// ```
     pub fn put_back(
         &self,
         first: usize,
@@ -152,6 +201,18 @@ impl IndexStack {
     }
 
     /// Whether the stack looks empty (a racy hint).
+    ///
+    /// ```
+    /// use anyalloc::sync::{IndexStack, NIL};
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// let link = AtomicUsize::new(NIL);
+    /// let stack = IndexStack::new();
+    /// assert!(stack.is_empty());
+    /// stack.push(7, |_, next| link.store(next, Ordering::Relaxed));
+    /// assert!(!stack.is_empty());
+    /// assert_eq!(stack.take_all(), 7);
+    /// assert!(stack.is_empty());
+    /// ```
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.head.load(Ordering::Relaxed) == NIL

@@ -68,6 +68,12 @@ pub struct SlotGuard<'a> {
 
 impl SlotLock {
     /// A free lock.
+    ///
+    /// ```
+    /// use anyalloc::sync::SlotLock;
+    /// static SLOT: SlotLock = SlotLock::new(); // `const`: fits a static
+    /// assert!(!SLOT.is_locked());
+    /// ```
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         SlotLock {
@@ -85,6 +91,16 @@ impl SlotLock {
 
     /// Takes the lock if it is free (or, on the fork window's owner thread,
     /// held across the fork and not lent); never waits.
+    ///
+    /// ```
+    /// use anyalloc::sync::SlotLock;
+    /// let slots = [SlotLock::new(), SlotLock::new()];
+    /// let _mine = slots[0].try_lock().expect("free");
+    /// // Busy: take another route (here, the next slot) instead of waiting.
+    /// let guard = slots.iter().find_map(|s| s.try_lock());
+    /// assert!(guard.is_some());
+    /// assert!(slots.iter().all(|s| s.try_lock().is_none()));
+    /// ```
     #[inline]
     pub fn try_lock(&self) -> Option<SlotGuard<'_>> {
         // Acquire pairs with the Release store of the previous holder's
@@ -137,6 +153,16 @@ impl SlotLock {
     }
 
     /// Whether some context holds the lock right now (a racy hint).
+    ///
+    /// ```
+    /// use anyalloc::sync::SlotLock;
+    /// let slot = SlotLock::new();
+    /// assert!(!slot.is_locked());
+    /// let guard = slot.try_lock().unwrap();
+    /// assert!(slot.is_locked());
+    /// drop(guard);
+    /// assert!(!slot.is_locked());
+    /// ```
     #[inline]
     pub fn is_locked(&self) -> bool {
         self.state.load(Ordering::Relaxed) != FREE

@@ -52,6 +52,12 @@ pub struct TaggedStack {
 
 impl TaggedStack {
     /// An empty stack.
+    ///
+    /// ```
+    /// use anyalloc::sync::TaggedStack;
+    /// static DEFERRED: TaggedStack = TaggedStack::new(); // `const`: fits a static
+    /// assert!(DEFERRED.is_empty());
+    /// ```
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         TaggedStack {
@@ -69,6 +75,17 @@ impl TaggedStack {
 
     /// Pushes `index`; `set_link(index, next)` must store `next` as the
     /// element's link. The caller owns `index` exclusively until this returns.
+    ///
+    /// ```
+    /// use anyalloc::sync::{TaggedStack, TAGGED_NIL};
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// let links: Vec<AtomicU32> = (0..4).map(|_| AtomicU32::new(TAGGED_NIL)).collect();
+    /// let stack = TaggedStack::new();
+    /// stack.push(2, |i, next| links[i as usize].store(next, Ordering::Relaxed));
+    /// stack.push(0, |i, next| links[i as usize].store(next, Ordering::Relaxed));
+    /// assert_eq!(links[0].load(Ordering::Relaxed), 2, "0's link is the old top");
+    /// assert_eq!(links[2].load(Ordering::Relaxed), TAGGED_NIL);
+    /// ```
     #[inline]
     pub fn push(&self, index: u32, mut set_link: impl FnMut(u32, u32)) {
         debug_assert_ne!(index, NIL);
@@ -91,6 +108,20 @@ impl TaggedStack {
 
     /// Pops the top element, if any; `link(index)` must read the element's
     /// link as `push` stored it. The caller owns the element afterwards.
+    ///
+    /// ```
+    /// use anyalloc::sync::{TaggedStack, TAGGED_NIL};
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// let links: Vec<AtomicU32> = (0..4).map(|_| AtomicU32::new(TAGGED_NIL)).collect();
+    /// let stack = TaggedStack::new();
+    /// for i in [1, 3] {
+    ///     stack.push(i, |i, next| links[i as usize].store(next, Ordering::Relaxed));
+    /// }
+    /// let link = |i: u32| links[i as usize].load(Ordering::Relaxed);
+    /// assert_eq!(stack.pop(link), Some(3)); // one element, last in first out
+    /// assert_eq!(stack.pop(link), Some(1));
+    /// assert_eq!(stack.pop(link), None);
+    /// ```
     #[inline]
     pub fn pop(&self, link: impl Fn(u32) -> u32) -> Option<u32> {
         // Acquire pairs with the pusher's Release: its link is visible.
@@ -115,6 +146,23 @@ impl TaggedStack {
 
     /// Takes the whole chain; returns its first index or [`TAGGED_NIL`].
     /// Follow the chain through the links written by `push`.
+    ///
+    /// ```
+    /// use anyalloc::sync::{TaggedStack, TAGGED_NIL};
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// let links: Vec<AtomicU32> = (0..4).map(|_| AtomicU32::new(TAGGED_NIL)).collect();
+    /// let stack = TaggedStack::new();
+    /// for i in 0..3 {
+    ///     stack.push(i, |i, next| links[i as usize].store(next, Ordering::Relaxed));
+    /// }
+    /// let (mut taken, mut i) = (Vec::new(), stack.take_all());
+    /// while i != TAGGED_NIL {
+    ///     taken.push(i);
+    ///     i = links[i as usize].load(Ordering::Relaxed);
+    /// }
+    /// assert_eq!(taken, [2, 1, 0]);
+    /// assert!(stack.is_empty());
+    /// ```
     #[inline]
     pub fn take_all(&self) -> u32 {
         let mut head = self.head.load(Ordering::Relaxed);
@@ -137,6 +185,18 @@ impl TaggedStack {
     }
 
     /// Whether the stack looks empty (a racy hint).
+    ///
+    /// ```
+    /// use anyalloc::sync::{TaggedStack, TAGGED_NIL};
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// let link = AtomicU32::new(TAGGED_NIL);
+    /// let stack = TaggedStack::new();
+    /// assert!(stack.is_empty());
+    /// stack.push(0, |_, next| link.store(next, Ordering::Relaxed));
+    /// assert!(!stack.is_empty());
+    /// assert_eq!(stack.pop(|_| link.load(Ordering::Relaxed)), Some(0));
+    /// assert!(stack.is_empty());
+    /// ```
     #[inline]
     pub fn is_empty(&self) -> bool {
         unpack(self.head.load(Ordering::Relaxed)).1 == NIL

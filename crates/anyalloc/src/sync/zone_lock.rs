@@ -166,6 +166,12 @@ impl core::fmt::Debug for ZoneGuard<'_> {
 
 impl ZoneLock {
     /// An unlocked lock.
+    ///
+    /// ```
+    /// use anyalloc::sync::ZoneLock;
+    /// static LOCK: ZoneLock = ZoneLock::new(); // `const`: fits a static
+    /// assert!(!LOCK.is_locked());
+    /// ```
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self::with_polling(false)
@@ -179,6 +185,20 @@ impl ZoneLock {
 
     /// An unlocked lock whose waiters poll (`poll`: releasing it never
     /// makes a system call) or sleep until woken.
+    ///
+    /// ```
+    /// use anyalloc::sync::ZoneLock;
+    /// use anyalloc::StdPlatform;
+    /// // Waiters re-check on a timer: releasing it never makes a system call.
+    /// static LOCK: ZoneLock = ZoneLock::with_polling(true);
+    /// let platform = StdPlatform::get();
+    /// std::thread::scope(|s| {
+    ///     let held = LOCK.lock(platform);
+    ///     s.spawn(|| drop(LOCK.lock(platform))); // waits, polling, until released
+    ///     drop(held);
+    /// });
+    /// assert!(!LOCK.is_locked());
+    /// ```
     #[cfg(not(loom))]
     pub const fn with_polling(poll: bool) -> Self {
         ZoneLock {
@@ -201,6 +221,16 @@ impl ZoneLock {
     }
 
     /// Takes the lock if it is free. Never waits: safe in any context.
+    ///
+    /// ```
+    /// use anyalloc::sync::ZoneLock;
+    /// use anyalloc::StdPlatform;
+    /// let (lock, platform) = (ZoneLock::new(), StdPlatform::get());
+    /// let guard = lock.try_lock(platform).expect("free");
+    /// assert!(lock.try_lock(platform).is_none(), "held: no waiting, just `None`");
+    /// drop(guard);
+    /// assert!(lock.try_lock(platform).is_some());
+    /// ```
     #[inline]
     pub fn try_lock<'a>(&'a self, platform: &'a dyn Platform) -> Option<ZoneGuard<'a>> {
         // Marked before the CAS: a handler from here on takes the nolock route.
@@ -225,6 +255,24 @@ impl ZoneLock {
     /// If this very thread holds the lock (it interrupted itself: a routing
     /// error), it reports that and aborts instead of waiting forever. Paths
     /// that can fall back use [`lock_in`](Self::lock_in) instead.
+    ///
+    /// ```
+    /// use anyalloc::sync::ZoneLock;
+    /// use anyalloc::StdPlatform;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// let (lock, platform) = (ZoneLock::new(), StdPlatform::get());
+    /// let count = AtomicUsize::new(0);
+    /// std::thread::scope(|s| {
+    ///     for _ in 0..2 {
+    ///         s.spawn(|| {
+    ///             let _guard = lock.lock(platform); // waits while the other holds it
+    ///             count.fetch_add(1, Ordering::Relaxed);
+    ///         });
+    ///     }
+    /// });
+    /// assert_eq!(count.load(Ordering::Relaxed), 2);
+    /// assert!(!lock.is_locked());
+    /// ```
     #[inline]
     pub fn lock<'a>(&'a self, platform: &'a dyn Platform) -> ZoneGuard<'a> {
         match self.lock_waiting(false, platform) {
@@ -375,6 +423,18 @@ impl ZoneLock {
     /// or when a `fork` on another thread holds it (that fork may be
     /// waiting for this thread: see the module docs). The caller then takes
     /// its nolock fallback instead of waiting.
+    ///
+    /// ```
+    /// use anyalloc::sync::{Mode, ZoneLock};
+    /// use anyalloc::StdPlatform;
+    /// let (lock, platform) = (ZoneLock::new(), StdPlatform::get());
+    /// let held = lock.lock_in(Mode::Normal, platform).expect("free");
+    /// assert!(lock.lock_in(Mode::NoLock, platform).is_none()); // busy: no waiting
+    /// // This thread holds it (as if a handler interrupted the holder): no waiting
+    /// // for itself either, the caller falls back.
+    /// assert!(lock.lock_in(Mode::Normal, platform).is_none());
+    /// drop(held);
+    /// ```
     #[inline]
     pub fn lock_in<'a>(&'a self, mode: Mode, platform: &'a dyn Platform) -> Option<ZoneGuard<'a>> {
         if mode == Mode::NoLock {
@@ -428,18 +488,55 @@ impl ZoneLock {
 
     /// Makes waiters poll (`true`) or sleep until woken; call before the lock
     /// is shared.
+    ///
+    /// ```
+    /// use anyalloc::sync::ZoneLock;
+    /// use anyalloc::StdPlatform;
+    /// let (lock, platform) = (ZoneLock::new(), StdPlatform::get());
+    /// lock.set_polling(true); // before any other thread sees the lock
+    /// std::thread::scope(|s| {
+    ///     let held = lock.lock(platform);
+    ///     s.spawn(|| drop(lock.lock(platform))); // polls until released
+    ///     drop(held);
+    /// });
+    /// assert!(!lock.is_locked());
+    /// ```
     pub fn set_polling(&self, poll: bool) {
         self.poll.store(poll, core::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether this thread holds the lock (exact when the thread id is known;
     /// `false` when it is not).
+    ///
+    /// ```
+    /// use anyalloc::sync::ZoneLock;
+    /// use anyalloc::StdPlatform;
+    /// let (lock, platform) = (ZoneLock::new(), StdPlatform::get());
+    /// let guard = lock.lock(platform);
+    /// assert!(lock.held_by_me(platform));
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| assert!(!lock.held_by_me(platform)));
+    /// });
+    /// drop(guard);
+    /// assert!(!lock.held_by_me(platform));
+    /// ```
     pub fn held_by_me(&self, platform: &dyn Platform) -> bool {
         let me = me(platform);
         me != 0 && self.owner.load(Ordering::Relaxed) == me
     }
 
     /// Whether the lock is held right now (a racy hint, for stats and tests).
+    ///
+    /// ```
+    /// use anyalloc::sync::ZoneLock;
+    /// use anyalloc::StdPlatform;
+    /// let lock = ZoneLock::new();
+    /// assert!(!lock.is_locked());
+    /// let guard = lock.try_lock(StdPlatform::get()).unwrap();
+    /// assert!(lock.is_locked());
+    /// drop(guard);
+    /// assert!(!lock.is_locked());
+    /// ```
     pub fn is_locked(&self) -> bool {
         self.state.load(Ordering::Relaxed) != UNLOCKED
     }
