@@ -49,8 +49,9 @@
 //! run only at points that are ordinary context by construction:
 //!
 //! * the crate's start-up constructor (`.init_array`, before `main`):
-//!   registers the fork handlers (they do nothing while there is no global
-//!   heap), and, when `Global` is the process's allocator (it allocates one
+//!   registers the fork handlers (they hold the locks of the global heap,
+//!   once there is one, and of every heap made with [`Heap::new`] across
+//!   `fork`), and, when `Global` is the process's allocator (it allocates one
 //!   probe byte and checks who served it), creates the global heap and
 //!   starts its maintainer;
 //! * [`init`]: creates the heap if needed and does whatever is still owed
@@ -241,8 +242,8 @@ fn ordinary_setup(h: &Heap) {
     }
 }
 
-/// Registers the global heap's fork handlers (they hold its locks across
-/// `fork`) unless they are registered already. Ordinary context only
+/// Registers the fork handlers (they hold the locks of the global heap and
+/// of every heap made with [`Heap::new`] across `fork`) unless they are registered already. Ordinary context only
 /// (`pthread_atfork` takes libc's lock and allocates). The crate's
 /// start-up constructor and [`init`] call it; a C `malloc` built on this
 /// heap (`crates/anyalloc-c`) calls it before any other library's

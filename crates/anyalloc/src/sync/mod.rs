@@ -1,6 +1,7 @@
 //! Synchronisation primitives that are safe to use from any context.
 //!
-//! Three building blocks, each small enough to be model-checked with loom:
+//! The building blocks, each small enough to be model-checked with
+//! loom: four public ones, then three the crate keeps to itself.
 //!
 //! * [`SlotLock`]: a try-only lock for per-CPU slots. It has no `lock()`: a
 //!   busy slot means "fall back", never "spin". This is the userspace
