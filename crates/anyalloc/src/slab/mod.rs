@@ -2526,8 +2526,17 @@ impl HeapCore {
     pub(crate) fn lock_all(&self) {
         // `remap_huge` calls in progress end without waiting for anything
         // (a system call and the table's atomics); any that starts from
-        // here sees the fork and moves nothing (see there).
-        while self.remaps.load(Ordering::SeqCst) != 0 {
+        // here sees the fork and moves nothing (see there). But the wait
+        // has an end, as `SlotLock::hold_all`'s: a move's thread may be
+        // interrupted by a signal handler that waits for this fork (one
+        // that forks too, and waits in another library's prepare handler
+        // for the mutex this fork's took), and the child of a fork whose
+        // prepare took nothing inherits the counts of moves on threads it
+        // does not have. Past it, the fork may clone a move half done.
+        let start = std::time::Instant::now();
+        while self.remaps.load(Ordering::SeqCst) != 0
+            && start.elapsed() <= crate::fork::SLOT_PATIENCE
+        {
             std::thread::yield_now();
         }
         let slots = SlotLock::hold_all(self.level0_slot_locks(), crate::fork::SLOT_PATIENCE);
