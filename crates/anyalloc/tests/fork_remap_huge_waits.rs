@@ -233,7 +233,8 @@ fn child_of_a_handler_fork_forks() {
                 // SAFETY: as above.
                 unsafe { libc::_exit(0) };
             }
-            let ok = watchdog::wait_child(pid, Duration::from_secs(5)).is_some_and(watchdog::exited_ok);
+            let ok =
+                watchdog::wait_child(pid, Duration::from_secs(5)).is_some_and(watchdog::exited_ok);
             // SAFETY: as above.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
