@@ -364,9 +364,12 @@ static void *forker(void *arg) {
     init_blocks(idx, &seed);
     start_timers(idx, 400000 + 200000 * (idx - REALLOCERS));
     block_signals(SIG_UNBLOCK);
-    for (long i = 0; !atomic_load(&stop); i++) {
+    /* At least one spawn and one fork, however slow the forks are (one
+     * that waits for a move interrupted by a handler that forks takes up
+     * to a second). */
+    for (long i = 0; i < 2 || !atomic_load(&stop); i++) {
         for (int k = 0; k < 3; k++) churn(idx, &seed);
-        if (i % 4 == 3) {
+        if (i % 4 == 0) {
             pid_t pid;
             char *argv[] = {"true", NULL};
             int e;
