@@ -336,6 +336,27 @@ static void child(int idx, unsigned seed) {
         unsigned r = next(&seed);
         if (move_block(&blocks[idx][r % BLOCKS], pick(r >> 2))) _exit(11);
     }
+    /* Now and then a grandchild: the child's own fork, with the counts of
+     * moves and forks it inherited, must not wait for threads it lacks. */
+    if (seed % 4 == 0) {
+        pid_t g = fork();
+        if (g == 0) {
+            if (move_block(&blocks[idx][0], 11 * MIB)) _exit(20);
+            if (move_block(&blocks[idx][0], 5 * MIB)) _exit(21);
+            _exit(0);
+        }
+        if (g < 0) _exit(22);
+        int st;
+        for (int t = 0;; t++) {
+            pid_t w = waitpid(g, &st, WNOHANG);
+            if (w == g) break;
+            if (w < 0 && errno != EINTR) _exit(23);
+            if (t > CHILD_WAIT * 1000) _exit(24);
+            struct timespec d = {0, 1000000};
+            nanosleep(&d, NULL);
+        }
+        if (!WIFEXITED(st) || WEXITSTATUS(st)) _exit(25);
+    }
     struct block extra;
     if (new_block(&extra, 6 * MIB, 3)) _exit(12);
     if (move_block(&extra, 13 * MIB)) _exit(13);
