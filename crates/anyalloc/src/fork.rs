@@ -74,12 +74,12 @@
 //! each heap's locks are taken: cloned halfway, a block's entry in the
 //! table of huge blocks would stay claimed in the child, and the block
 //! could never be freed there. A move that starts once the fork is counted
-//! moves nothing (the caller copies instead). That wait, like the one for
-//! the level-0 slots, ends after [`SLOT_PATIENCE`]: a move's thread may be
-//! interrupted by a signal handler that waits for this fork (one that
-//! forks, in another library's prepare handler), and a child of a fork
-//! whose prepare took nothing keeps the counts of its parent's other
-//! threads' moves. A huge allocation in progress
+//! moves nothing (the caller copies instead). A move blocks signals while
+//! it is counted, so no signal handler that waits for this fork (one that
+//! forks, in another library's prepare handler) holds it up; and the wait,
+//! like the one for the level-0 slots, ends after [`SLOT_PATIENCE`]: a
+//! child of a fork whose prepare took nothing keeps the counts of its
+//! parent's other threads' moves. A huge allocation in progress
 //! at the clone (it takes no lock either) costs the child one table entry
 //! and leaves the block, which the child never got, mapped.
 //!

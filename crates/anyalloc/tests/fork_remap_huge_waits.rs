@@ -11,6 +11,9 @@
 //!    mutex and waits for the move; the move's thread waits in the handler
 //!    for the mutex. (glibc 2.28 to 2.33 hold their own `atfork_lock`
 //!    across all prepare handlers: there no other handler is needed.)
+//!    Both ends are covered now: a move blocks signals while it is counted
+//!    (the signal raised inside it is handled once the count is back), and
+//!    the fork's wait ends after `SLOT_PATIENCE` anyway.
 //! 2. `child_of_a_handler_fork_forks`: a fork from a signal handler that
 //!    interrupted the allocator takes nothing and resets nothing, so its
 //!    child inherits the count of another thread's move in progress, a

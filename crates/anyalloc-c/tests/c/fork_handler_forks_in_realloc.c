@@ -8,8 +8,11 @@
  * its prepare runs before the heap's). The main thread's fork holds the
  * mutex while the heap's prepare waits for the move to end; the mover's
  * handler, its move counted, forks and waits in that prepare handler for
- * the mutex. With an unbounded wait: deadlock at once. With glibc's malloc:
- * no wait. Usage: fork_handler_forks_in_realloc [ROUNDS] (each costs the fork's patience, 1 s, once the wait is bounded) */
+ * the mutex. With an unbounded wait: deadlock at once; with the wait
+ * bounded, each round cost the fork's patience (1 s). A move now blocks
+ * signals while it is counted, so the handler runs outside it and no round
+ * waits. With glibc's malloc: no wait.
+ * Usage: fork_handler_forks_in_realloc [ROUNDS] */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>

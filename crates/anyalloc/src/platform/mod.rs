@@ -22,7 +22,7 @@ pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
 pub(crate) use std_os::{
     address_space_headroom, os_discard, os_release, os_remap, os_reserve, parse_decimal,
-    read_small_file, write_stderr,
+    read_small_file, write_stderr, SignalsBlocked,
 };
 
 mod fatal;

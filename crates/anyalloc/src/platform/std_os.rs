@@ -426,6 +426,42 @@ pub(crate) unsafe fn os_remap(ptr: *mut u8, old: usize, new: usize) -> Option<*m
     (p != libc::MAP_FAILED).then_some(p.cast())
 }
 
+/// Every signal that can be blocked is blocked on this thread until the
+/// guard is dropped, which restores the mask as it was (signals that came
+/// meanwhile are handled then). Normal context: two system calls.
+#[must_use = "the signals are unblocked as soon as the guard is dropped"]
+pub(crate) struct SignalsBlocked {
+    old: libc::sigset_t,
+    /// Not `Send`: the mask is the thread's.
+    _thread: core::marker::PhantomData<*const ()>,
+}
+
+impl SignalsBlocked {
+    pub(crate) fn new() -> Self {
+        let mut all = core::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        let mut old = core::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigfillset initialises `all`; pthread_sigmask reads it and
+        // writes the previous mask into `old` (it cannot fail with a valid
+        // `how` and set; glibc leaves its own internal signals alone).
+        unsafe {
+            libc::sigfillset(all.as_mut_ptr());
+            libc::pthread_sigmask(libc::SIG_BLOCK, all.as_ptr(), old.as_mut_ptr());
+            SignalsBlocked {
+                old: old.assume_init(),
+                _thread: core::marker::PhantomData,
+            }
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: `old` is the mask `new` read on this same thread (the
+        // guard is not `Send`), a valid set.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, core::ptr::null_mut()) };
+    }
+}
+
 /// Gives the memory of `[addr, addr + len)` back to the OS; it reads as
 /// zeros when next touched. Normal context (madvise can block).
 pub(crate) fn os_discard(addr: usize, len: usize) {

@@ -1069,6 +1069,11 @@ impl Heap {
         // leaves the block where it is (the caller copies instead, which
         // gives way to the fork as every allocation does).
         let _inside = crate::context::Inside::enter();
+        // And no signal handler runs on this thread while the move is
+        // counted (signals that come meanwhile are handled once the count
+        // is taken back): a handler that forks, or waits for a fork, would
+        // hold up another thread's fork, which waits for the count.
+        let _quiet = crate::platform::SignalsBlocked::new();
         let _counted = RemapCount::new(&core.remaps);
         if crate::fork::fork_mark().forking_elsewhere() {
             return None;
@@ -2526,11 +2531,9 @@ impl HeapCore {
     pub(crate) fn lock_all(&self) {
         // `remap_huge` calls in progress end without waiting for anything
         // (a system call and the table's atomics); any that starts from
-        // here sees the fork and moves nothing (see there). But the wait
-        // has an end, as `SlotLock::hold_all`'s: a move's thread may be
-        // interrupted by a signal handler that waits for this fork (one
-        // that forks too, and waits in another library's prepare handler
-        // for the mutex this fork's took), and the child of a fork whose
+        // here sees the fork and moves nothing (see there). No signal
+        // handler runs inside a counted move (it blocks them). But the wait
+        // has an end, as `SlotLock::hold_all`'s: the child of a fork whose
         // prepare took nothing inherits the counts of moves on threads it
         // does not have. Past it, the fork may clone a move half done.
         let start = std::time::Instant::now();
