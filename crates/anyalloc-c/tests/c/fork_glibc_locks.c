@@ -36,6 +36,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "storm_util.h"
+
 #ifndef sigev_notify_thread_id
 #define sigev_notify_thread_id _sigev_un._tid
 #endif
@@ -47,12 +49,6 @@
 
 static atomic_long handled, forks, opens;
 static atomic_int forkers_done;
-
-static void die(const char *what) {
-    ssize_t r = write(2, what, strlen(what));
-    (void)r;
-    abort();
-}
 
 static void watchdog(int sig) {
     (void)sig;

@@ -24,6 +24,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "storm_util.h"
+
 #ifndef sigev_notify_thread_id
 #define sigev_notify_thread_id _sigev_un._tid
 #endif
@@ -42,13 +44,6 @@ struct blk {
 static atomic_int stop_workers, stop_killer;
 static atomic_long sig_handled[2], h_ok, h_fail, w_ops, short_threads;
 static pthread_t workers[WORKERS];
-
-static void die(const char *what) {
-    /* write(2) and abort: async-signal-safe. */
-    ssize_t r = write(2, what, strlen(what));
-    (void)r;
-    abort();
-}
 
 static inline unsigned rnd(unsigned *s) {
     *s = *s * 1103515245u + 12345u;

@@ -28,6 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "storm_util.h"
+
 #ifndef sigev_notify_thread_id
 #define sigev_notify_thread_id _sigev_un._tid
 #endif
@@ -52,12 +54,6 @@ static void (*free_aligned_sized_fn)(void *, size_t, size_t);
 static atomic_int stop_killer;
 static atomic_long sig_handled[2], h_ok, h_null, h_huge_null, h_huge_ok, w_ops, w_huge;
 static pthread_t workers[WORKERS];
-
-static void die(const char *what) {
-    ssize_t r = write(2, what, strlen(what));
-    (void)r;
-    abort();
-}
 
 static void watchdog(int sig) {
     (void)sig;

@@ -35,6 +35,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "storm_util.h"
+
 #ifndef sigev_notify_thread_id
 #define sigev_notify_thread_id _sigev_un._tid
 #endif
@@ -57,12 +59,6 @@ struct blk {
 
 static atomic_int stop;
 static atomic_long sig_handled, h_ok, h_null, h_forks, h_spawns, forks, spawns, systems, libc_rounds, gai_ok;
-
-static void die(const char *what) {
-    ssize_t r = write(2, what, strlen(what));
-    (void)r;
-    abort();
-}
 
 static void watchdog(int sig) {
     (void)sig;

@@ -35,9 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#ifndef sigev_notify_thread_id
-#define sigev_notify_thread_id _sigev_un._tid
-#endif
+#include "storm_util.h"
 
 #define WORKERS 3
 #define FORKERS 2
@@ -48,12 +46,6 @@ extern char **environ;
 
 static atomic_long handled, forks, spawns, rounds;
 static atomic_int stop;
-
-static void die(const char *what) {
-    ssize_t r = write(2, what, strlen(what));
-    (void)r;
-    abort();
-}
 
 static void watchdog(int sig) {
     (void)sig;
@@ -157,41 +149,12 @@ static void free_rings(void) {
 
 static timer_t timers[WORKERS + FORKERS][2];
 
-/* Two timers on this thread, at period_ns and a prime-ish multiple. */
-static void start_timers(int idx, long period_ns) {
-    pid_t tid = (pid_t)syscall(SYS_gettid);
-    for (int s = 0; s < 2; s++) {
-        struct sigevent sev;
-        memset(&sev, 0, sizeof sev);
-        sev.sigev_notify = SIGEV_THREAD_ID;
-        sev.sigev_signo = s ? SIGUSR2 : SIGUSR1;
-        sev.sigev_notify_thread_id = tid;
-        if (timer_create(CLOCK_MONOTONIC, &sev, &timers[idx][s])) die("storm_glibc_fork: timer_create\n");
-        long ns = s ? period_ns * 7 / 3 : period_ns;
-        struct itimerspec its = {{0, ns}, {0, ns}};
-        if (timer_settime(timers[idx][s], 0, &its, NULL)) die("storm_glibc_fork: timer_settime\n");
-    }
-}
-
-static void block_signals(int how) {
-    sigset_t s;
-    sigemptyset(&s);
-    sigaddset(&s, SIGUSR1);
-    sigaddset(&s, SIGUSR2);
-    pthread_sigmask(how, &s, NULL);
-}
-
-static void stop_timers(int idx) {
-    block_signals(SIG_BLOCK);
-    for (int s = 0; s < 2; s++) timer_delete(timers[idx][s]);
-}
-
 static void *worker(void *arg) {
     int idx = (int)(intptr_t)arg;
     rings[0].seed = 7 + idx;
     rings[1].seed = 1000 + idx;
-    start_timers(idx, 20000 + 20000 * idx);
-    block_signals(SIG_UNBLOCK);
+    storm_timers_start(timers[idx], 20000 + 20000 * idx, "storm_glibc_fork");
+    storm_block_signals(SIG_UNBLOCK);
     char path[64];
     snprintf(path, sizeof path, "/tmp/storm_glibc_fork.%d.%d", (int)getpid(), idx);
     FILE *keep[8];
@@ -223,7 +186,7 @@ static void *worker(void *arg) {
         }
         atomic_fetch_add_explicit(&rounds, 1, memory_order_relaxed);
     }
-    stop_timers(idx);
+    storm_timers_stop(timers[idx]);
     for (int i = 0; i < 8; i++) fclose(keep[i]);
     unlink(path);
     free_rings();
@@ -235,19 +198,19 @@ static void *worker(void *arg) {
  * with the Rust storm's sleeping wait). */
 static void wait_child(pid_t pid) {
     int st;
-    block_signals(SIG_BLOCK);
+    storm_block_signals(SIG_BLOCK);
     while (waitpid(pid, &st, 0) < 0)
         if (errno != EINTR) die("storm_glibc_fork: waitpid failed\n");
     if (!WIFEXITED(st) || WEXITSTATUS(st)) die("storm_glibc_fork: a child failed\n");
-    block_signals(SIG_UNBLOCK);
+    storm_block_signals(SIG_UNBLOCK);
 }
 
 static void *forker(void *arg) {
     int idx = (int)(intptr_t)arg;
     rings[0].seed = 77 + idx;
     rings[1].seed = 2000 + idx;
-    start_timers(idx, 50000 + 50000 * (idx - WORKERS));
-    block_signals(SIG_UNBLOCK);
+    storm_timers_start(timers[idx], 50000 + 50000 * (idx - WORKERS), "storm_glibc_fork");
+    storm_block_signals(SIG_UNBLOCK);
     for (long i = 0; !atomic_load(&stop); i++) {
         if (i % 4 == 3) {
             pid_t pid;
@@ -285,7 +248,7 @@ static void *forker(void *arg) {
         wait_child(pid);
         atomic_fetch_add(&forks, 1);
     }
-    stop_timers(idx);
+    storm_timers_stop(timers[idx]);
     free_rings();
     return NULL;
 }
@@ -306,7 +269,7 @@ int main(int argc, char **argv) {
     malloc_trim(0);
     struct mallinfo2 before = mallinfo2();
 
-    block_signals(SIG_BLOCK); /* the threads unblock once their timers run */
+    storm_block_signals(SIG_BLOCK); /* the threads unblock once their timers run */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = handler;

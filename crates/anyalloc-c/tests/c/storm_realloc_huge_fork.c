@@ -41,9 +41,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#ifndef sigev_notify_thread_id
-#define sigev_notify_thread_id _sigev_un._tid
-#endif
+#include "storm_util.h"
 
 #define REALLOCERS 3
 #define FORKERS 2
@@ -63,12 +61,6 @@ static int no_watchdog;
 /* One in this many SIGUSR1 handlers on the first reallocer forks
  * (STORM_HANDLER_FORK_EVERY, default 64; 0: none). */
 static int handler_fork_every = 64;
-
-static void die(const char *what) {
-    ssize_t r = write(2, what, strlen(what));
-    (void)r;
-    abort();
-}
 
 static void watchdog(int sig) {
     (void)sig;
@@ -213,35 +205,6 @@ static void handler(int sig) {
 
 static timer_t timers[THREADS][2];
 
-static void start_timers(int idx, long period_ns) {
-    pid_t tid = (pid_t)syscall(SYS_gettid);
-    for (int s = 0; s < 2; s++) {
-        struct sigevent sev;
-        memset(&sev, 0, sizeof sev);
-        sev.sigev_notify = SIGEV_THREAD_ID;
-        sev.sigev_signo = s ? SIGUSR2 : SIGUSR1;
-        sev.sigev_notify_thread_id = tid;
-        if (timer_create(CLOCK_MONOTONIC, &sev, &timers[idx][s]))
-            die("storm_realloc_huge_fork: timer_create\n");
-        long ns = s ? period_ns * 7 / 3 : period_ns;
-        struct itimerspec its = {{0, ns}, {0, ns}};
-        if (timer_settime(timers[idx][s], 0, &its, NULL)) die("storm_realloc_huge_fork: timer_settime\n");
-    }
-}
-
-static void block_signals(int how) {
-    sigset_t s;
-    sigemptyset(&s);
-    sigaddset(&s, SIGUSR1);
-    sigaddset(&s, SIGUSR2);
-    pthread_sigmask(how, &s, NULL);
-}
-
-static void stop_timers(int idx) {
-    block_signals(SIG_BLOCK);
-    for (int s = 0; s < 2; s++) timer_delete(timers[idx][s]);
-}
-
 static void free_handler_blocks(void) {
     for (int s = 0; s < 2; s++)
         if (hs[s].b.p) {
@@ -285,10 +248,10 @@ static void *reallocer(void *arg) {
     hs[1].seed = 1000 + idx;
     hs[0].fork_every = idx == 0 ? handler_fork_every : 0; /* this thread never forks itself */
     init_blocks(idx, &seed);
-    start_timers(idx, 300000 + 100000 * idx);
-    block_signals(SIG_UNBLOCK);
+    storm_timers_start(timers[idx], 300000 + 100000 * idx, "storm_realloc_huge_fork");
+    storm_block_signals(SIG_UNBLOCK);
     while (!atomic_load(&stop)) churn(idx, &seed);
-    stop_timers(idx);
+    storm_timers_stop(timers[idx]);
     free_handler_blocks();
     free_blocks(idx);
     return NULL;
@@ -297,7 +260,7 @@ static void *reallocer(void *arg) {
 /* Waits for pid at most CHILD_WAIT seconds, not under the timers. */
 static void wait_child(pid_t pid) {
     int st;
-    block_signals(SIG_BLOCK);
+    storm_block_signals(SIG_BLOCK);
     struct timespec start, now;
     clock_gettime(CLOCK_MONOTONIC, &start);
     for (;;) {
@@ -324,7 +287,7 @@ static void wait_child(pid_t pid) {
         snprintf(m, sizeof m, "storm_realloc_huge_fork: a child failed (status %#x)\n", st);
         die(m);
     }
-    block_signals(SIG_UNBLOCK);
+    storm_block_signals(SIG_UNBLOCK);
 }
 
 /* In the child of a forker: the forking thread's blocks are all it has. */
@@ -383,8 +346,8 @@ static void *forker(void *arg) {
     /* No forks from these handlers: one that interrupted this thread's own
      * fork would wait for glibc's atfork lock, which that fork holds. */
     init_blocks(idx, &seed);
-    start_timers(idx, 400000 + 200000 * (idx - REALLOCERS));
-    block_signals(SIG_UNBLOCK);
+    storm_timers_start(timers[idx], 400000 + 200000 * (idx - REALLOCERS), "storm_realloc_huge_fork");
+    storm_block_signals(SIG_UNBLOCK);
     /* At least one spawn and one fork, however slow the forks are (one
      * that waits for a move interrupted by a handler that forks takes up
      * to a second). */
@@ -414,7 +377,7 @@ static void *forker(void *arg) {
         wait_child(pid);
         atomic_fetch_add(&forks, 1);
     }
-    stop_timers(idx);
+    storm_timers_stop(timers[idx]);
     free_handler_blocks();
     free_blocks(idx);
     return NULL;
@@ -455,7 +418,7 @@ int main(int argc, char **argv) {
     malloc_trim(0);
     struct mallinfo2 before = mallinfo2();
 
-    block_signals(SIG_BLOCK); /* the threads unblock once their timers run */
+    storm_block_signals(SIG_BLOCK); /* the threads unblock once their timers run */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = handler;

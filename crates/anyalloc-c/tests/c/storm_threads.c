@@ -28,6 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "storm_util.h"
+
 #define LIVE 12
 #define POOL 512
 #define HPOOL 256
@@ -51,12 +53,6 @@ static atomic_long sig_handled[2], h_ok, h_null, created, key_dtors, tls_dtors, 
 static atomic_int tids[TIDS];
 static atomic_uint tid_next;
 static pthread_key_t key;
-
-static void die(const char *what) {
-    ssize_t r = write(2, what, strlen(what));
-    (void)r;
-    abort();
-}
 
 static void watchdog(int sig) {
     (void)sig;

@@ -1,0 +1,67 @@
+/* Helpers shared by the C storm programs (static functions: each program
+ * includes this once).
+ *
+ * - die: one line on stderr with write(2) (safe in a signal handler), then
+ *   abort.
+ * - storm_timers_start / storm_timers_stop: two POSIX timers aimed at the
+ *   calling thread (SIGEV_THREAD_ID), SIGUSR1 every period_ns and SIGUSR2
+ *   every 7/3 of it, so their handlers interrupt each other at shifting
+ *   points; stopping blocks both signals first.
+ * - storm_block_signals: blocks or unblocks SIGUSR1 and SIGUSR2. */
+#ifndef STORM_UTIL_H
+#define STORM_UTIL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
+
+__attribute__((unused)) static void die(const char *what) {
+    ssize_t r = write(2, what, strlen(what));
+    (void)r;
+    abort();
+}
+
+__attribute__((unused)) static void storm_block_signals(int how) {
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR1);
+    sigaddset(&s, SIGUSR2);
+    pthread_sigmask(how, &s, NULL);
+}
+
+/* The calling thread's two timers into t[0] and t[1]; `prog` names the
+ * program in the message if the OS refuses one. */
+__attribute__((unused)) static void storm_timers_start(timer_t t[2], long period_ns, const char *prog) {
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    for (int s = 0; s < 2; s++) {
+        struct sigevent sev;
+        memset(&sev, 0, sizeof sev);
+        sev.sigev_notify = SIGEV_THREAD_ID;
+        sev.sigev_signo = s ? SIGUSR2 : SIGUSR1;
+        sev.sigev_notify_thread_id = tid;
+        long ns = s ? period_ns * 7 / 3 : period_ns;
+        struct itimerspec its = {{0, ns}, {0, ns}};
+        if (timer_create(CLOCK_MONOTONIC, &sev, &t[s]) || timer_settime(t[s], 0, &its, NULL)) {
+            ssize_t r = write(2, prog, strlen(prog));
+            (void)r;
+            die(": timer_create or timer_settime failed\n");
+        }
+    }
+}
+
+__attribute__((unused)) static void storm_timers_stop(timer_t t[2]) {
+    storm_block_signals(SIG_BLOCK);
+    for (int s = 0; s < 2; s++) timer_delete(t[s]);
+}
+
+#endif
