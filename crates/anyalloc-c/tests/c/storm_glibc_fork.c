@@ -213,13 +213,7 @@ static void *forker(void *arg) {
     storm_block_signals(SIG_UNBLOCK);
     for (long i = 0; !atomic_load(&stop); i++) {
         if (i % 4 == 3) {
-            pid_t pid;
-            char *argv[] = {"true", NULL};
-            int e;
-            while ((e = posix_spawnp(&pid, "true", NULL, NULL, argv, environ)) == EINTR)
-                ;
-            if (e) die("storm_glibc_fork: posix_spawn failed\n");
-            wait_child(pid);
+            wait_child(storm_spawn_true("storm_glibc_fork"));
             atomic_fetch_add(&spawns, 1);
             continue;
         }

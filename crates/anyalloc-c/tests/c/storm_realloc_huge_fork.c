@@ -354,13 +354,7 @@ static void *forker(void *arg) {
     for (long i = 0; i < 2 || !atomic_load(&stop); i++) {
         for (int k = 0; k < 3; k++) churn(idx, &seed);
         if (i % 4 == 0) {
-            pid_t pid;
-            char *argv[] = {"true", NULL};
-            int e;
-            while ((e = posix_spawn(&pid, "/bin/true", NULL, NULL, argv, environ)) == EINTR)
-                ;
-            if (e) die("storm_realloc_huge_fork: posix_spawn failed\n");
-            wait_child(pid);
+            wait_child(storm_spawn_true("storm_realloc_huge_fork"));
             atomic_fetch_add(&spawns, 1);
             continue;
         }

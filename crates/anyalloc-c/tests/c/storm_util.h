@@ -7,7 +7,8 @@
  *   calling thread (SIGEV_THREAD_ID), SIGUSR1 every period_ns and SIGUSR2
  *   every 7/3 of it, so their handlers interrupt each other at shifting
  *   points; stopping blocks both signals first.
- * - storm_block_signals: blocks or unblocks SIGUSR1 and SIGUSR2. */
+ * - storm_block_signals: blocks or unblocks SIGUSR1 and SIGUSR2.
+ * - storm_spawn_true: posix_spawn of /bin/true (retried on EINTR). */
 #ifndef STORM_UTIL_H
 #define STORM_UTIL_H
 
@@ -15,6 +16,8 @@
 #define _GNU_SOURCE
 #endif
 #include <signal.h>
+#include <spawn.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -62,6 +65,23 @@ __attribute__((unused)) static void storm_timers_start(timer_t t[2], long period
 __attribute__((unused)) static void storm_timers_stop(timer_t t[2]) {
     storm_block_signals(SIG_BLOCK);
     for (int s = 0; s < 2; s++) timer_delete(t[s]);
+}
+
+/* Starts /bin/true with posix_spawn (retried while a signal interrupts
+ * it); returns its pid, for the caller to wait for. Dies naming `prog`. */
+extern char **environ;
+__attribute__((unused)) static pid_t storm_spawn_true(const char *prog) {
+    pid_t pid;
+    char *argv[] = {"true", NULL};
+    int e;
+    while ((e = posix_spawn(&pid, "/bin/true", NULL, NULL, argv, environ)) == EINTR)
+        ;
+    if (e) {
+        ssize_t r = write(2, prog, strlen(prog));
+        (void)r;
+        die(": posix_spawn failed\n");
+    }
+    return pid;
 }
 
 #endif
