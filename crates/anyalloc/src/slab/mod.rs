@@ -117,7 +117,11 @@ const CACHES: usize = 2 * CLASSES;
 /// Bytes a shrinker is asked for when the heap reclaims.
 const RECLAIM_BYTES: usize = 4 << 20;
 
-/// A snapshot of a heap's counters.
+/// A snapshot of a heap's counters, read one after another while other
+/// threads (the maintenance thread included) may be moving objects: exact
+/// when the heap is quiet, otherwise off by the objects in flight (a
+/// maintenance pass stocking a sheaf between two reads, say). A test that
+/// checks exact counts runs its heap with `Config::maintenance(false)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeapStats {
     /// The fast path's mechanism.
