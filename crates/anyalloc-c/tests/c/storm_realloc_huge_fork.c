@@ -412,13 +412,7 @@ int main(int argc, char **argv) {
     malloc_trim(0);
     struct mallinfo2 before = mallinfo2();
 
-    storm_block_signals(SIG_BLOCK); /* the threads unblock once their timers run */
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = handler;
-    sa.sa_flags = SA_RESTART;
-    if (sigaction(SIGUSR1, &sa, NULL) || sigaction(SIGUSR2, &sa, NULL))
-        die("storm_realloc_huge_fork: sigaction\n");
+    storm_handle_signals(handler, "storm_realloc_huge_fork");
     pthread_t t[THREADS];
     for (int i = 0; i < THREADS; i++)
         if (pthread_create(&t[i], NULL, i < REALLOCERS ? reallocer : forker, (void *)(intptr_t)i))

@@ -8,7 +8,10 @@
  *   every 7/3 of it, so their handlers interrupt each other at shifting
  *   points; stopping blocks both signals first.
  * - storm_block_signals: blocks or unblocks SIGUSR1 and SIGUSR2.
- * - storm_spawn_true: posix_spawn of /bin/true (retried on EINTR). */
+ * - storm_spawn_true: posix_spawn of /bin/true (retried on EINTR).
+ * - storm_handle_signals: blocks SIGUSR1 and SIGUSR2 on the calling thread
+ *   (the threads it starts inherit the mask and unblock once their timers
+ *   run) and installs one handler for both. */
 #ifndef STORM_UTIL_H
 #define STORM_UTIL_H
 
@@ -82,6 +85,20 @@ __attribute__((unused)) static pid_t storm_spawn_true(const char *prog) {
         die(": posix_spawn failed\n");
     }
     return pid;
+}
+
+/* See the list above; dies naming `prog` if sigaction fails. */
+__attribute__((unused)) static void storm_handle_signals(void (*handler)(int), const char *prog) {
+    storm_block_signals(SIG_BLOCK);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = handler;
+    sa.sa_flags = SA_RESTART;
+    if (sigaction(SIGUSR1, &sa, NULL) || sigaction(SIGUSR2, &sa, NULL)) {
+        ssize_t r = write(2, prog, strlen(prog));
+        (void)r;
+        die(": sigaction failed\n");
+    }
 }
 
 #endif
