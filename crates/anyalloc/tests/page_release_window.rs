@@ -13,6 +13,7 @@
 //! in a child process (this binary re-executed with `ANYALLOC_BAD_INPUT`
 //! set); the parent requires `SIGABRT` and exactly the announced line.
 
+mod release_window;
 mod watchdog;
 
 use std::os::unix::process::ExitStatusExt;
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyalloc::interrupt::{set_hook, Site};
-use anyalloc::{Config, Heap, MAX_ORDER};
+use anyalloc::{Heap, MAX_ORDER};
 
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 /// The block to free (wrongly) inside the release window.
@@ -46,25 +47,8 @@ fn hook(site: Site) {
 }
 
 fn child() {
-    let heap: &'static Heap = Box::leak(Box::new(
-        Heap::new(
-            Config::default()
-                .memory(16 << 20)
-                .cpus(1)
-                .grow(false)
-                .maintenance(false),
-        )
-        .unwrap(),
-    ));
+    let (heap, p) = release_window::heap_with_a_block_to_release();
     HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
-    // A max-order block, used and freed: the only free block whose memory
-    // is not yet back with the OS (the untouched ones are marked released).
-    let p = heap.pages().alloc_pages(MAX_ORDER).unwrap();
-    // SAFETY: touching our own block, then a valid free.
-    unsafe {
-        p.as_ptr().write_bytes(0x5a, 4096);
-        heap.pages().free_pages(p, MAX_ORDER);
-    }
     VICTIM.store(p.as_ptr() as usize, Ordering::Relaxed);
     println!(
         "\nEXPECT anyalloc: double free of page {:#x}, a free block being returned to the OS (order {MAX_ORDER})",

@@ -13,13 +13,14 @@
 //! hook at `ReleaseWindow` (drain lock held, zone lock dropped) calls
 //! `trim`. Runs in a child under the watchdog.
 
+mod release_window;
 mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyalloc::interrupt::{set_hook, Site};
-use anyalloc::{Config, Heap, MAX_ORDER};
+use anyalloc::{Heap, MAX_ORDER};
 
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 static ARMED: AtomicBool = AtomicBool::new(false);
@@ -36,25 +37,8 @@ fn hook(site: Site) {
 }
 
 fn scenario(outer: &str) {
-    let heap: &'static Heap = Box::leak(Box::new(
-        Heap::new(
-            Config::default()
-                .memory(16 << 20)
-                .cpus(1)
-                .grow(false)
-                .maintenance(false),
-        )
-        .unwrap(),
-    ));
+    let (heap, _) = release_window::heap_with_a_block_to_release();
     HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
-    // A max-order block, used and freed: a free block whose memory is not
-    // yet back with the OS.
-    let p = heap.pages().alloc_pages(MAX_ORDER).unwrap();
-    // SAFETY: touching our own block, then a valid free.
-    unsafe {
-        p.as_ptr().write_bytes(0x5a, 4096);
-        heap.pages().free_pages(p, MAX_ORDER);
-    }
     ARMED.store(true, Ordering::Relaxed);
     set_hook(Some(hook));
     let released = match outer {
