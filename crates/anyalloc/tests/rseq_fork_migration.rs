@@ -6,6 +6,16 @@
 //! `drain` empties every CPU's caches (the child's first fences: membarrier
 //! registration may not be inherited), and the page allocator's invariants
 //! hold.
+//!
+//! Except for one documented loss (the `fork` module: "Try-locks whose
+//! holders never wait ... are not held"): the parent's threads call the
+//! nolock path explicitly, and one that was inside a nolock level's slot
+//! at the very instant of the clone leaves that slot held in the child,
+//! its objects or pages out of reach of `drain` (and the page allocator's
+//! invariant check stops at it). Each thread holds at most one slot, so at
+//! most that much may stay cached: two sheaves of one class per thread, or
+//! one page slot's worth (seen in about 1 run in 40, one child in 20 each:
+//! 5 to 63 objects; none without the explicit nolock calls in 120 runs).
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
@@ -23,6 +33,12 @@ use cpus::{allowed_cpus, pin};
 
 const SIZES: [usize; 6] = [16, 64, 256, 1024, 4096, 64 << 10];
 const FORKS: usize = 20;
+/// The parent's threads that churn while it forks.
+const CHURNERS: usize = 2;
+/// The most pages one per-CPU page slot holds: the room a nolock free
+/// leaves (`high + batch`, at most 6 x 16 + 16 pages) plus one block of the
+/// largest order the lists take (16 pages).
+const SLOT_PAGES_MAX: usize = 6 * 16 + 16 + 16;
 
 /// Objects come and go while the thread flips between CPUs.
 fn churn(heap: &Heap, cpus: &[usize], seed: usize) {
@@ -92,25 +108,45 @@ fn child(heap: &Heap, cpus: &[usize]) -> bool {
         unsafe { heap.free(p) };
     }
     heap.drain();
+    // Left cached: only what slots held at the clone can hold (see the
+    // module documentation).
     let s = heap.stats();
-    let cached: usize = s.classes.iter().map(|c| c.cached_in_sheaves).sum();
-    if cached != 0 {
-        eprintln!("{cached} objects still cached in sheaves after drain");
+    let left: Vec<_> = s
+        .classes
+        .iter()
+        .filter(|c| c.cached_in_sheaves != 0)
+        .collect();
+    if left.len() > CHURNERS
+        || left
+            .iter()
+            .any(|c| c.cached_in_sheaves > 2 * c.sheaf_capacity)
+    {
+        for c in &left {
+            eprintln!(
+                "{} objects of {} bytes still cached in sheaves after drain",
+                c.cached_in_sheaves, c.size
+            );
+        }
         return false;
     }
     let p = heap.pages().stats();
-    if p.percpu_pages != 0 {
+    if p.percpu_pages > CHURNERS * SLOT_PAGES_MAX {
         eprintln!(
             "{} pages still on per-CPU lists after drain",
             p.percpu_pages
         );
         return false;
     }
-    if let Err(e) = heap.pages().check_invariants() {
-        eprintln!("invariants: {e}");
-        return false;
+    match heap.pages().check_invariants() {
+        Ok(()) => true,
+        // A page slot held at the clone (see the module documentation): the
+        // check stops there, the rest was checked above.
+        Err(e) if e.contains("a slot is held") => true,
+        Err(e) => {
+            eprintln!("invariants: {e}");
+            false
+        }
     }
-    true
 }
 
 #[test]
@@ -121,7 +157,7 @@ fn fork_while_threads_migrate_on_the_fast_path() {
     let stop = AtomicBool::new(false);
     let mut failed = 0;
     std::thread::scope(|s| {
-        for id in 0..2 {
+        for id in 0..CHURNERS {
             let (heap, cpus, stop) = (&heap, &cpus, &stop);
             s.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {

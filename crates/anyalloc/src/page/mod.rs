@@ -1805,7 +1805,14 @@ impl PageAllocator {
     /// `lock_all` was called (in this process or the parent of this forked
     /// child) and not yet undone.
     #[cfg(feature = "std")]
-    pub(crate) unsafe fn unlock_all(&self) {
+    pub(crate) unsafe fn unlock_all(&self, child: bool) {
+        if child {
+            // Before the zone locks go: the child's counts of what other
+            // threads' nolock calls were changing at the clone.
+            for zone in self.zones() {
+                zone.recount_stock_after_fork();
+            }
+        }
         // Only the zones lock_all locked: the fork window's normal path may
         // have added one since (with the borrowed growth lock).
         let n = self.fork_zones.load(Ordering::Relaxed);

@@ -1186,6 +1186,25 @@ impl Zone {
         }
     }
 
+    /// In a forked child (its only thread, before anything else uses the
+    /// zone): counts `stock_pages` again from the cells. A nolock call of
+    /// another thread of the parent may have been cloned between a cell's
+    /// change and the count's (`stock_put`, `stock_pop`); the child has no
+    /// thread to finish it. (A block such a call had taken out of a cell is
+    /// that thread's, and lost to the child.)
+    #[cfg(feature = "std")]
+    pub(crate) fn recount_stock_after_fork(&self) {
+        let mut pages = 0usize;
+        for order in PCP_MAX_ORDER + 1..=MAX_ORDER {
+            for cell in self.stock_of(order) {
+                if cell.load(Ordering::Relaxed) != NIL {
+                    pages += 1 << order;
+                }
+            }
+        }
+        self.stock_pages.store(pages, Ordering::Relaxed);
+    }
+
     /// Any context, no lock: takes a stocked block of exactly `order`
     /// (marked `ALLOCATED`), if there is one.
     pub(crate) fn stock_take(&self, order: u32) -> Option<u32> {

@@ -2575,7 +2575,7 @@ impl HeapCore {
             self.remaps.store(0, Ordering::Relaxed);
         }
         // SAFETY: per the caller.
-        unsafe { self.pages.unlock_all() };
+        unsafe { self.pages.unlock_all(child) };
         for i in 0..CACHES {
             // SAFETY: per the caller.
             unsafe { self.cache(i).unlock_node_raw(&self.pages) };
