@@ -1194,15 +1194,19 @@ impl Zone {
     /// that thread's, and lost to the child.)
     #[cfg(feature = "std")]
     pub(crate) fn recount_stock_after_fork(&self) {
-        let mut pages = 0usize;
-        for order in PCP_MAX_ORDER + 1..=MAX_ORDER {
-            for cell in self.stock_of(order) {
-                if cell.load(Ordering::Relaxed) != NIL {
-                    pages += 1 << order;
-                }
-            }
-        }
+        let pages = self.stocked().map(|(_, order)| 1usize << order).sum();
         self.stock_pages.store(pages, Ordering::Relaxed);
+    }
+
+    /// The blocks in the stock cells now, as (index, order): a racy walk
+    /// unless nothing else uses the stock (checks, a forked child).
+    fn stocked(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        (PCP_MAX_ORDER + 1..=MAX_ORDER).flat_map(move |order| {
+            self.stock_of(order)
+                .iter()
+                .map(move |cell| (cell.load(Ordering::Relaxed), order))
+                .filter(|&(idx, _)| idx != NIL)
+        })
     }
 
     /// Any context, no lock: takes a stocked block of exactly `order`
@@ -1546,17 +1550,11 @@ impl Zone {
             return Err("free_buddy does not match the buddy lists");
         }
         let mut stock = 0usize;
-        for order in PCP_MAX_ORDER + 1..=MAX_ORDER {
-            for cell in self.stock_of(order) {
-                let i = cell.load(Ordering::Relaxed);
-                if i == NIL {
-                    continue;
-                }
-                if self.desc(i).load() != desc::state(desc::PCP, order) {
-                    return Err("a stocked block is not marked PCP of its order");
-                }
-                stock += 1 << order;
+        for (i, order) in self.stocked() {
+            if self.desc(i).load() != desc::state(desc::PCP, order) {
+                return Err("a stocked block is not marked PCP of its order");
             }
+            stock += 1 << order;
         }
         if stock != self.stock_pages() {
             return Err("the stock page count is wrong");
