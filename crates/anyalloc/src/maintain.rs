@@ -274,14 +274,8 @@ fn run_loop(core: &impl Maintained) {
     // Signals go to other threads: a handler interrupting this thread while
     // it holds a zone or node lock, and allocating through `Global` (whose
     // re-entry routing does not know about this thread), would wait on a
-    // lock its own thread holds.
-    // SAFETY: a filled sigset_t and a null old-set pointer are valid
-    // arguments; this only changes the calling thread's mask.
-    unsafe {
-        let mut all: libc::sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
-    }
+    // lock its own thread holds. For the thread's whole life.
+    crate::platform::block_all_signals();
     let start = Instant::now();
     let mut last_pass: Option<Instant> = None;
     let mut last_check = Instant::now();

@@ -21,8 +21,8 @@ mod std_os;
 pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
 pub(crate) use std_os::{
-    address_space_headroom, os_discard, os_release, os_remap, os_reserve, parse_decimal,
-    read_small_file, write_stderr, SignalsBlocked,
+    address_space_headroom, block_all_signals, os_discard, os_release, os_remap, os_reserve,
+    parse_decimal, read_small_file, write_stderr, SignalsBlocked,
 };
 
 mod fatal;

@@ -438,19 +438,26 @@ pub(crate) struct SignalsBlocked {
 
 impl SignalsBlocked {
     pub(crate) fn new() -> Self {
-        let mut all = core::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        let mut old = core::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        // SAFETY: sigfillset initialises `all`; pthread_sigmask reads it and
-        // writes the previous mask into `old` (it cannot fail with a valid
-        // `how` and set; glibc leaves its own internal signals alone).
-        unsafe {
-            libc::sigfillset(all.as_mut_ptr());
-            libc::pthread_sigmask(libc::SIG_BLOCK, all.as_ptr(), old.as_mut_ptr());
-            SignalsBlocked {
-                old: old.assume_init(),
-                _thread: core::marker::PhantomData,
-            }
+        SignalsBlocked {
+            old: block_all_signals(),
+            _thread: core::marker::PhantomData,
         }
+    }
+}
+
+/// Blocks every signal that can be blocked on the calling thread (glibc
+/// leaves its own internal ones alone); returns the mask as it was. Normal
+/// context: one system call.
+pub(crate) fn block_all_signals() -> libc::sigset_t {
+    let mut all = core::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    let mut old = core::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigfillset initialises `all`; pthread_sigmask reads it and
+    // writes the previous mask into `old` (it cannot fail with a valid
+    // `how` and set); it changes only the calling thread's mask.
+    unsafe {
+        libc::sigfillset(all.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_BLOCK, all.as_ptr(), old.as_mut_ptr());
+        old.assume_init()
     }
 }
 
