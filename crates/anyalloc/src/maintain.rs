@@ -266,8 +266,18 @@ fn only_maintainers_left() -> bool {
 
 fn run(core: &impl Maintained) {
     update_live(|n| n + 1);
+    /// Uncounts the thread when it ends, also when a shrinker it runs
+    /// panics and unwinds out of the loop: still counted, the dead thread
+    /// would let another maintainer take a live thread for one of its kind
+    /// (see `only_maintainers_left`) and end the process under it.
+    struct Counted;
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            update_live(|n| n.saturating_sub(1));
+        }
+    }
+    let _counted = Counted;
     run_loop(core);
-    update_live(|n| n.saturating_sub(1));
 }
 
 fn run_loop(core: &impl Maintained) {
