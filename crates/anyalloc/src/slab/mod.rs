@@ -1111,6 +1111,11 @@ impl Heap {
     /// thread, however many threads reclaim at once. Normal context
     /// (it allocates; no lock is held meanwhile).
     ///
+    /// A shrinker must not panic: it runs inside allocations (perhaps a
+    /// `GlobalAlloc` call, which must not unwind) and on the maintenance
+    /// thread, so with std a panic in it aborts the process with the line
+    /// `anyalloc: a shrinker panicked (...)` after the panic's own message.
+    ///
     /// ```
     /// use anyalloc::{Config, Group, Heap};
     /// use core::alloc::Layout;
@@ -2278,10 +2283,34 @@ impl HeapCore {
         };
         self.reclaims.fetch_add(1, Ordering::Relaxed);
         self.shrinkers.for_each(|s| {
-            let freed = s(RECLAIM_BYTES);
+            let freed = self.call_shrinker(s);
             self.shrinker_freed
                 .fetch_add(freed as u64, Ordering::Relaxed);
         });
+    }
+
+    /// Runs one shrinker. A shrinker runs inside an allocation (perhaps a
+    /// `GlobalAlloc` call, which must not unwind) or on the maintenance
+    /// thread, so a panic in it ends the process with a one-line message
+    /// (after the panic's own), rather than unwind through the allocator.
+    #[cfg(feature = "std")]
+    fn call_shrinker(&self, s: &(dyn Fn(usize) -> usize + Send + Sync)) -> usize {
+        match std::panic::catch_unwind(core::panic::AssertUnwindSafe(|| s(RECLAIM_BYTES))) {
+            Ok(freed) => freed,
+            // The payload is not dropped (that would free through the
+            // global allocator): `fatal` does not return.
+            Err(_payload) => self.pages.fatal(
+                FatalMessage::new()
+                    .text("anyalloc: a shrinker panicked (shrinkers run inside allocations and must not unwind)"),
+            ),
+        }
+    }
+
+    /// Runs one shrinker (without std, a panic is the embedder's panic
+    /// handler's to deal with).
+    #[cfg(not(feature = "std"))]
+    fn call_shrinker(&self, s: &(dyn Fn(usize) -> usize + Send + Sync)) -> usize {
+        s(RECLAIM_BYTES)
     }
 
     /// `patient`: waits for the maintenance lock even while a `fork` on
