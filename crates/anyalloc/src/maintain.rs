@@ -45,10 +45,14 @@ pub(crate) trait Maintained: Sync + 'static {
     fn nolock_syscalls(&self) -> bool;
     /// The quick duty after a wake: deferred frees only.
     fn drain_deferred(&self);
-    /// One full maintenance pass at `epoch`: blocks idle for `idle_epochs`
-    /// epochs go back to the OS, caches unchanged for `idle_passes` passes
-    /// go back to the slabs and the page allocator.
-    fn pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32);
+    /// One full maintenance pass, `elapsed` epochs after the thread's
+    /// previous one (the first: since the thread started, plus one). The
+    /// core advances its epoch counter by `elapsed`, the counter that
+    /// `Heap::maintain` advances by one per call: one clock for both, so a
+    /// block's stamp is read against the clock that made it. Blocks idle
+    /// for `idle_epochs` epochs go back to the OS, caches unchanged for
+    /// `idle_passes` passes go back to the slabs and the page allocator.
+    fn pass(&self, elapsed: usize, idle_epochs: usize, idle_passes: u32);
 }
 
 const NONE: u8 = 0;
@@ -288,6 +292,8 @@ fn run_loop(core: &impl Maintained) {
     crate::platform::block_all_signals();
     let start = Instant::now();
     let mut last_pass: Option<Instant> = None;
+    // The thread's own epochs (time since it started) at its last pass.
+    let mut last_epoch = 0;
     let mut last_check = Instant::now();
     let nap = if core.nolock_syscalls() { PERIOD } else { POLL };
     loop {
@@ -302,7 +308,8 @@ fn run_loop(core: &impl Maintained) {
         }
         if last_pass.is_none_or(|t| t.elapsed() >= PERIOD) {
             let epoch = (start.elapsed().as_millis() / EPOCH.as_millis()) as usize + 1;
-            core.pass(epoch, IDLE_EPOCHS, IDLE_PASSES);
+            core.pass(epoch - last_epoch, IDLE_EPOCHS, IDLE_PASSES);
+            last_epoch = epoch;
             last_pass = Some(Instant::now());
         }
         if last_check.elapsed() >= LAST_THREAD_CHECK {

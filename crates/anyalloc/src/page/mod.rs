@@ -927,7 +927,9 @@ impl PageAllocator {
         };
         let mut released = 0;
         for zone in self.zones() {
-            zone.epoch.store(epoch, Ordering::Relaxed);
+            // Never back: passes that advanced the epoch one after the
+            // other may get here the other way round.
+            zone.epoch.fetch_max(epoch, Ordering::Relaxed);
             if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
                 zone.drain_deferred(&g);
                 zone.stock_maintain(idle_passes, &g);

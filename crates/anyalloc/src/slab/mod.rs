@@ -1181,7 +1181,7 @@ impl Heap {
             return;
         }
         let core = self.core();
-        let epoch = core.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        let epoch = core.advance_epoch(1);
         core.maintain_pass(epoch, 2, 2);
     }
 
@@ -2341,6 +2341,14 @@ impl HeapCore {
         self.pages.drain_normal();
     }
 
+    /// Advances the heap's maintenance epoch by `n` and returns it: the one
+    /// clock of `Heap::maintain` (one per call) and the maintenance thread
+    /// (one per `EPOCH` of its time), which each pass gives the zones to
+    /// stamp the blocks freed from then on.
+    pub(crate) fn advance_epoch(&self, n: usize) -> usize {
+        self.epoch.fetch_add(n, Ordering::Relaxed) + n
+    }
+
     /// One maintenance pass at `epoch`: free blocks idle for `idle_epochs`
     /// epochs go back to the OS, caches unchanged for `idle_passes` passes
     /// go back to the slabs and the page allocator.
@@ -2757,7 +2765,8 @@ impl crate::maintain::Maintained for HeapCore {
         self.drain_deferred_only();
     }
 
-    fn pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) {
+    fn pass(&self, elapsed: usize, idle_epochs: usize, idle_passes: u32) {
+        let epoch = self.advance_epoch(elapsed);
         self.maintain_pass(epoch, idle_epochs, idle_passes);
     }
 }
