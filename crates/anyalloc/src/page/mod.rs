@@ -1811,6 +1811,7 @@ impl PageAllocator {
             // threads' nolock calls were changing at the clone.
             for zone in self.zones() {
                 zone.recount_stock_after_fork();
+                zone.recount_deferred_after_fork();
             }
         }
         // Only the zones lock_all locked: the fork window's normal path may
