@@ -175,8 +175,9 @@ impl Config {
     /// kernel's `ALLOC_NO_WATERMARKS`); twice the reserve is the low mark
     /// below which the maintainer runs shrinkers. Default: about 1/256 of
     /// each zone, between 16 KiB and 16 MiB. At most half of
-    /// [`memory`](Self::memory) (and of a `from_region` zone); 0 lets
-    /// handlers take the last page.
+    /// [`memory`](Self::memory) (and of a `from_region` zone; a zone added
+    /// by growth, which a limit on address space may make smaller, keeps
+    /// at most half of its own pages); 0 lets handlers take the last page.
     ///
     /// A larger reserve keeps memory for the normal path when handlers
     /// allocate heavily (they fail sooner); a smaller one lets handlers use

@@ -517,6 +517,16 @@ impl PageAllocator {
             crate::platform::os_reserve(total, MAX_BLOCK).ok_or(Error::Reserve { bytes: total })?;
         let start = p as usize;
         let end = start + pages_len;
+        // The reserve, at most half of the zone (rounded up, as
+        // `Config::validate` allows for the first one): a zone added by
+        // growth under a limit on address space may be smaller than twice
+        // the configured reserve, and a watermark above the zone's own
+        // size would keep every page of it from both paths but the last
+        // resort.
+        let min_reserve = self.config.min_reserve.map(|b| {
+            b.div_ceil(PAGE_SIZE)
+                .min((pages_len / PAGE_SIZE).div_ceil(2))
+        });
         // SAFETY: `os_reserve` gave `total` fresh, zeroed, writable bytes,
         // MAX_BLOCK-aligned, known to nothing else: the pages [start, end),
         // then `meta` bytes of page-aligned metadata.
@@ -529,7 +539,7 @@ impl PageAllocator {
                 self.platform,
                 true,
                 (start, total),
-                self.config.min_reserve.map(|b| b.div_ceil(PAGE_SIZE)),
+                min_reserve,
             )
         };
         if fork_held {
@@ -1813,6 +1823,7 @@ impl PageAllocator {
             // threads' nolock calls were changing at the clone.
             for zone in self.zones() {
                 zone.recount_stock_after_fork();
+                zone.recount_deferred_after_fork();
             }
         }
         // Only the zones lock_all locked: the fork window's normal path may

@@ -1198,6 +1198,26 @@ impl Zone {
         self.stock_pages.store(pages, Ordering::Relaxed);
     }
 
+    /// In a forked child (its only thread, before anything else uses the
+    /// zone): counts `deferred_pages` again from the deferred stacks. A
+    /// nolock call of another thread of the parent may have been cloned
+    /// between a stack's change and the count's (`defer_free` counts, then
+    /// pushes; `steal_deferred` pops, then uncounts): the child's count
+    /// would cover a block on no stack (lost to the child, as the thread
+    /// that held it), which no drain ever takes off the count.
+    #[cfg(feature = "std")]
+    pub(crate) fn recount_deferred_after_fork(&self) {
+        let mut pages = 0;
+        for (order, stack) in self.deferred.iter().enumerate() {
+            let mut i = stack.top();
+            while i != TAGGED_NIL {
+                pages += 1usize << order;
+                i = self.deferred_link(i);
+            }
+        }
+        self.deferred_pages.store(pages, Ordering::Relaxed);
+    }
+
     /// The blocks in the stock cells now, as (index, order): a racy walk
     /// unless nothing else uses the stock (checks, a forked child).
     fn stocked(&self) -> impl Iterator<Item = (u32, u32)> + '_ {

@@ -184,6 +184,15 @@ impl TaggedStack {
         }
     }
 
+    /// The index on top of the stack ([`TAGGED_NIL`] when empty), left
+    /// there: a racy read unless nothing else uses the stack (a forked
+    /// child, before its first allocation, walks the links from it).
+    #[cfg(feature = "std")]
+    #[inline]
+    pub(crate) fn top(&self) -> u32 {
+        unpack(self.head.load(Ordering::Acquire)).1
+    }
+
     /// Whether the stack looks empty (a racy hint).
     ///
     /// ```
