@@ -1820,7 +1820,10 @@ impl PageAllocator {
     pub(crate) unsafe fn unlock_all(&self, child: bool) {
         if child {
             // Before the zone locks go: the child's counts of what other
-            // threads' nolock calls were changing at the clone.
+            // threads' nolock calls were changing at the clone. No signal
+            // handler runs meanwhile: its nolock calls could stock or park
+            // a block behind a walk, whose count then overwrites theirs.
+            let _quiet = crate::platform::SignalsBlocked::new();
             for zone in self.zones() {
                 zone.recount_stock_after_fork();
                 zone.recount_deferred_after_fork();
