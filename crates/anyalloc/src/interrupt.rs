@@ -107,6 +107,9 @@ pub enum Site {
     /// Fork: the heap registry is held, a heap being linked into it
     /// (`Heap::new`) or unlinked (dropping a heap).
     HeapRegistry,
+    /// Fork: a huge allocation is in the table of huge blocks, not yet
+    /// counted in the heap's statistics (for the child's recount).
+    HugeCount,
 }
 
 impl Site {

@@ -196,6 +196,17 @@ impl HugeTable {
             .count()
     }
 
+    /// The allocations in the table and their bytes: a racy count unless
+    /// nothing else uses the table (a forked child, before anything else).
+    pub(crate) fn live(&self) -> (usize, usize) {
+        (0..HUGE_ENTRIES)
+            .map(|i| self.entry(i))
+            .filter(|e| Self::may_be_registered(e.addr.load(Ordering::Acquire)))
+            .fold((0, 0), |(n, bytes), e| {
+                (n + 1, bytes + e.size.load(Ordering::Relaxed))
+            })
+    }
+
     /// Removes every allocation from the table, calling `f(addr, size,
     /// group)` for each: for a heap going away, which nothing else uses.
     pub(crate) fn take_all(&self, mut f: impl FnMut(usize, usize, usize)) {

@@ -1632,6 +1632,7 @@ impl HeapCore {
             unsafe { crate::platform::os_release(p, size) };
             return None;
         }
+        crate::interrupt_point!(HugeCount);
         self.huge_live.fetch_add(1, Ordering::Relaxed);
         self.huge_bytes.fetch_add(size, Ordering::Relaxed);
         NonNull::new(p)
@@ -2610,6 +2611,12 @@ impl HeapCore {
             // fork and was cloned before it took its count back belongs
             // to a thread the child does not have.
             self.remaps.store(0, Ordering::Relaxed);
+            // Nor are the huge blocks' counts: a huge allocation or free
+            // of another thread changes the table and then the counts,
+            // and may have been cloned in between. The table is the truth.
+            let (live, bytes) = self.huge.live();
+            self.huge_live.store(live, Ordering::Relaxed);
+            self.huge_bytes.store(bytes, Ordering::Relaxed);
         }
         // SAFETY: per the caller.
         unsafe { self.pages.unlock_all(child) };
