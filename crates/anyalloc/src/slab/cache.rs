@@ -2009,11 +2009,15 @@ impl Cache {
         self.clear_free_mark_of(obj, self.class);
     }
 
-    /// The key matched: abort if the object really is free.
+    /// The key matched: abort if the object really is free. A normal free
+    /// of a thread inside the allocator or in a nolock scope searches as
+    /// the nolock route it takes does (`routed`): it only tries the node
+    /// lock, whose holder may be waiting for a lock its interrupted context
+    /// holds.
     #[cold]
     #[inline(never)]
     fn suspect_double_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
-        if self.is_free(pages, obj, mode) {
+        if self.is_free(pages, obj, super::routed(mode)) {
             pages.fatal(
                 crate::platform::FatalMessage::new()
                     .text("anyalloc: double free of object ")
