@@ -191,9 +191,12 @@ const _: () = {
 };
 
 impl Sheaf {
+    /// The count, Acquire: a lock-free reader (`Cache::is_free`'s scan)
+    /// that finds `n` objects finds the first `n` entries written (see
+    /// "Unlocked readers" on [`SheafSlot`]).
     #[inline]
     fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
+        self.count.load(Ordering::Acquire)
     }
     #[inline]
     fn pop(&self) -> Option<usize> {
@@ -212,7 +215,8 @@ impl Sheaf {
             return false;
         }
         self.objs[n].store(obj, Ordering::Relaxed);
-        self.count.store(n + 1, Ordering::Relaxed);
+        // Release: the entry before the count that covers it.
+        self.count.store(n + 1, Ordering::Release);
         true
     }
 }
@@ -221,6 +225,20 @@ impl Sheaf {
 /// through `top`, a pointer to its next free entry (so the fast paths load
 /// one word to find both the sheaf and its count), the spare by pointer.
 /// Both are traded whole (see "Sheaf conservation").
+///
+/// # Unlocked readers
+///
+/// `Cache::is_free`'s scan reads slots without their locks, and must never
+/// take an object for free that is not: it must not see a count that
+/// covers an entry with an older object in it (popped and handed out since,
+/// perhaps the very object being freed). So every store that makes entries
+/// visible is Release and comes after them (`top` in `main_push` and
+/// `set_main`, `spare`, a sheaf's `count` in `Sheaf::push` and when it
+/// leaves main), and the scan loads `top`, `spare` and `count` with
+/// Acquire. On x86-64 (TSO) these are the plain moves they replace, and
+/// the restartable sequences' commits are plain stores; on weakly ordered
+/// CPUs (aarch64, which runs the try-locked fallback) they are what makes
+/// the scan sound.
 #[repr(C, align(64))]
 pub(crate) struct SheafSlot {
     pub(crate) lock: SlotLock,
@@ -253,7 +271,8 @@ impl SheafSlot {
     /// prepared.
     #[inline]
     fn main_view(&self) -> Option<(&Sheaf, usize)> {
-        let t = self.top.load(Ordering::Relaxed);
+        // Acquire: the entries `top` covers (see "Unlocked readers").
+        let t = self.top.load(Ordering::Acquire);
         if t == 0 {
             return None;
         }
@@ -292,7 +311,8 @@ impl SheafSlot {
             return false;
         };
         sheaf.objs[n].store(obj, Ordering::Relaxed);
-        self.top.store(t + 8, Ordering::Relaxed);
+        // Release: the entry before the `top` that covers it.
+        self.top.store(t + 8, Ordering::Release);
         true
     }
     /// The object on top of the main sheaf, or 0 (racy unless held).
@@ -317,7 +337,9 @@ impl SheafSlot {
         );
         self.limit
             .store(sheaf as usize + cap * 8, Ordering::Relaxed);
-        self.top.store(sheaf as usize + n * 8, Ordering::Relaxed);
+        // Release: the sheaf's entries (written by whoever filled it, seen
+        // here through the locks) before the `top` that covers them.
+        self.top.store(sheaf as usize + n * 8, Ordering::Release);
     }
     /// The main sheaf with its count written back (slot held), for the
     /// caller to put elsewhere and replace with [`set_main`](Self::set_main).
@@ -329,7 +351,7 @@ impl SheafSlot {
         // SAFETY: as in `main_view`.
         unsafe { &*sheaf }
             .count
-            .store((t & TOP_COUNT_BITS) / 8, Ordering::Relaxed);
+            .store((t & TOP_COUNT_BITS) / 8, Ordering::Release);
         sheaf
     }
     /// The spare sheaf, for a holder of a prepared slot (every slot a
@@ -347,8 +369,9 @@ impl SheafSlot {
     /// do not hold the slot).
     #[inline]
     fn spare_if_any(&self) -> Option<&Sheaf> {
+        // Acquire: the sheaf's count and entries (see "Unlocked readers").
         // SAFETY: null, or as in `spare`.
-        unsafe { self.spare.load(Ordering::Relaxed).as_ref() }
+        unsafe { self.spare.load(Ordering::Acquire).as_ref() }
     }
     /// Main becomes spare and spare main (slot held): two pointers change,
     /// no object moves.
@@ -356,7 +379,7 @@ impl SheafSlot {
     fn swap(&self, g: &SlotGuard<'_>) {
         let old = self.detach_main(g);
         let spare = self.spare.load(Ordering::Relaxed);
-        self.spare.store(old, Ordering::Relaxed);
+        self.spare.store(old, Ordering::Release);
         self.set_main(spare, g);
     }
     /// Objects cached in this slot (racy).
@@ -1576,7 +1599,7 @@ impl Cache {
         };
         // (A load and a store: the slot lock is held, no locked swap needed.)
         let old = slot.spare.load(Ordering::Relaxed);
-        slot.spare.store(full, Ordering::Relaxed);
+        slot.spare.store(full, Ordering::Release);
         self.give_empty(old, node);
         true
     }
@@ -1595,7 +1618,7 @@ impl Cache {
             return false;
         };
         let old = slot.spare.load(Ordering::Relaxed);
-        slot.spare.store(empty, Ordering::Relaxed);
+        slot.spare.store(empty, Ordering::Release);
         self.give_full(old, node);
         true
     }
