@@ -270,10 +270,11 @@ fn only_maintainers_left() -> bool {
 
 fn run(core: &impl Maintained) {
     update_live(|n| n + 1);
-    /// Uncounts the thread when it ends, also when a shrinker it runs
-    /// panics and unwinds out of the loop: still counted, the dead thread
-    /// would let another maintainer take a live thread for one of its kind
-    /// (see `only_maintainers_left`) and end the process under it.
+    /// Uncounts the thread when it ends, also if a panic unwinds out of the
+    /// loop (a shrinker's no longer can: it aborts, see `run_shrinkers`):
+    /// still counted, the dead thread would let another maintainer take a
+    /// live thread for one of its kind (see `only_maintainers_left`) and
+    /// end the process under it.
     struct Counted;
     impl Drop for Counted {
         fn drop(&mut self) {
