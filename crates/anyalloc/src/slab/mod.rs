@@ -2614,6 +2614,9 @@ impl HeapCore {
             // Nor are the huge blocks' counts: a huge allocation or free
             // of another thread changes the table and then the counts,
             // and may have been cloned in between. The table is the truth.
+            // (No signal handler runs meanwhile: a huge free of its would
+            // change both behind the walk.)
+            let _quiet = crate::platform::SignalsBlocked::new();
             let (live, bytes) = self.huge.live();
             self.huge_live.store(live, Ordering::Relaxed);
             self.huge_bytes.store(bytes, Ordering::Relaxed);
