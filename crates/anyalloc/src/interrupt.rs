@@ -110,6 +110,9 @@ pub enum Site {
     /// Fork: a huge allocation is in the table of huge blocks, not yet
     /// counted in the heap's statistics (for the child's recount).
     HugeCount,
+    /// Page allocator: a nolock free is about to park a large block in an
+    /// empty stock cell of its order, having seen the order wanted.
+    StockPut,
 }
 
 impl Site {

@@ -1283,6 +1283,7 @@ impl Zone {
         if self.stock_want.load(Ordering::Relaxed) & (1 << order) == 0 {
             return false;
         }
+        crate::interrupt_point!(StockPut);
         let cells = &self.stock_of(order)[..self.stock_cells(order)];
         for cell in cells {
             if cell.load(Ordering::Relaxed) != NIL {
@@ -1353,14 +1354,19 @@ impl Zone {
     /// Maintenance (zone lock held, normal context): a stock for which no
     /// nolock allocation of a large order asked during `idle_passes` passes
     /// goes back to the buddy lists (from there idle memory goes back to
-    /// the OS); otherwise it is refilled.
+    /// the OS); otherwise it is refilled. A stock that holds blocks with no
+    /// order wanted goes back too: a nolock free that saw its order wanted
+    /// may fill a cell just after a drain cleared the wants and emptied
+    /// the cells (`stock_put` takes no lock).
     pub(crate) fn stock_maintain(&self, idle_passes: u32, g: &ZoneGuard<'_>) {
         let idle = if self.stock_used.swap(0, Ordering::Relaxed) != 0 {
             0
         } else {
             self.stock_idle.load(Ordering::Relaxed) + 1
         };
-        if idle >= idle_passes && self.stock_want.load(Ordering::Relaxed) != 0 {
+        let stocked = self.stock_want.load(Ordering::Relaxed) != 0
+            || self.stock_pages.load(Ordering::Relaxed) != 0;
+        if idle >= idle_passes && stocked {
             self.stock_drain(g);
             self.stock_idle.store(0, Ordering::Relaxed);
         } else {

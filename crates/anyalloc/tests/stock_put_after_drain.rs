@@ -1,0 +1,122 @@
+//! A large block that a nolock free parks in the stock just after a drain
+//! of the stock goes back all the same once the stock stays unused.
+//!
+//! A nolock free of a large block that finds the zone lock busy parks it
+//! in an empty stock cell of its order if that order is wanted
+//! (`Zone::stock_put`). It reads the "wanted" bit, then fills a cell, with
+//! no lock: a drain of the stock (which clears the bit, then empties the
+//! cells) between the two left the block stocked with its order no longer
+//! wanted. Maintenance drained an unused stock only while some order was
+//! wanted, so the block stayed there, neither given back to the buddy lists
+//! nor to the OS, until a `drain()` or a nolock allocation of that order.
+//!
+//! Deterministic, with interrupt points: a thread holds the zone lock
+//! (paused at `Site::ZoneAlloc`) while a second one's nolock free of a
+//! 256 KiB block, its order wanted, pauses at `Site::StockPut`; the first
+//! thread goes on, the main thread drains, then the free fills a cell.
+//! Three `Heap::maintain()` passes (the stock unused for two) must give
+//! the block back.
+
+mod watchdog;
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::{Config, Heap};
+
+/// The block's order (256 KiB: above the per-CPU lists, so the stock's).
+const ORDER: u32 = 6;
+
+thread_local! {
+    /// 1: the thread that holds the zone lock; 2: the thread that frees.
+    static ROLE: Cell<u8> = const { Cell::new(0) };
+}
+/// 0: armed; 1: the zone lock is held; 2: the free is paused before its
+/// cell; 3: the holder may go on; 4: the stock is drained, the free may go on.
+static STEP: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits (yielding) until `done` holds, at most 5 s (a hang would only
+/// mean the scenario did not happen; the watchdog ends the run anyway).
+fn wait_for(done: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while !done() && Instant::now() < until {
+        std::thread::yield_now();
+    }
+}
+
+fn hook(site: Site) {
+    match (ROLE.get(), site) {
+        (1, Site::ZoneAlloc) if STEP.load(SeqCst) == 0 => {
+            STEP.store(1, SeqCst);
+            wait_for(|| STEP.load(SeqCst) == 3);
+        }
+        (2, Site::StockPut) if STEP.load(SeqCst) == 1 => {
+            STEP.store(2, SeqCst);
+            wait_for(|| STEP.load(SeqCst) == 4);
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn a_block_stocked_after_a_drain_goes_back() {
+    if !watchdog::in_child() {
+        let out = watchdog::run_ok(
+            "a_block_stocked_after_a_drain_goes_back",
+            &[],
+            Duration::from_secs(60),
+            "a block stocked just after a drain of the stock",
+        );
+        print!("{}", out.stdout);
+        return;
+    }
+    let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap");
+    let pages = heap.pages();
+    // A nolock allocation of the order: the order is wanted from now on.
+    let block = pages.alloc_pages_nolock(ORDER).expect("a block").as_ptr() as usize;
+    set_hook(Some(hook));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| {
+            ROLE.set(1);
+            // Normal path above the per-CPU lists: the zone lock is held
+            // at `ZoneAlloc`.
+            let p = pages.alloc_pages(ORDER + 1).expect("a block");
+            // SAFETY: allocated above with this order, freed once.
+            unsafe { pages.free_pages(p, ORDER + 1) };
+        });
+        let freer = s.spawn(|| {
+            ROLE.set(2);
+            wait_for(|| STEP.load(SeqCst) == 1);
+            let p = std::ptr::NonNull::new(block as *mut u8).unwrap();
+            // SAFETY: allocated by the main thread with ORDER, freed once.
+            unsafe { pages.free_pages_nolock(p, ORDER) };
+        });
+        wait_for(|| STEP.load(SeqCst) == 2);
+        assert_eq!(STEP.load(SeqCst), 2, "the free did not pause at its cell");
+        STEP.store(3, SeqCst);
+        holder.join().unwrap();
+        // The stock drained (its order no longer wanted), then the free
+        // fills a cell.
+        pages.drain();
+        STEP.store(4, SeqCst);
+        freer.join().unwrap();
+    });
+    set_hook(None);
+    assert_eq!(
+        pages.stats().stock_pages,
+        1 << ORDER,
+        "the free did not park its block in the stock"
+    );
+    for _ in 0..3 {
+        heap.maintain();
+    }
+    let s = pages.stats();
+    assert_eq!(
+        s.stock_pages, 0,
+        "the block parked after the drain stayed in the unused stock"
+    );
+    assert_eq!(s.free_pages, s.total_pages);
+    pages.check_invariants().expect("invariants");
+}
