@@ -83,8 +83,9 @@
 //! at the clone (it takes no lock either) costs the child one table entry
 //! and leaves the block, which the child never got, mapped. The child's
 //! counts that other threads' lock-free steps change one after another
-//! (the zones' stock and deferred pages, the heaps' huge blocks) are
-//! counted again, in its release handler, from what they count.
+//! (the zones' stock and deferred pages, the caches' deferred objects, the
+//! heaps' huge blocks) are counted again, in its release handler, from
+//! what they count.
 //!
 //! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
 //! own (it is returned by value, so it has no fixed address to link), heaps

@@ -1478,6 +1478,25 @@ impl Cache {
         }
     }
 
+    /// In a forked child (its only thread, before anything else uses the
+    /// cache): counts `deferred_count` again from the deferred stack. A
+    /// nolock free of another thread of the parent may have been cloned
+    /// between its count and its push (`defer`), or a nolock allocation
+    /// between taking objects off the stack and uncounting them: the
+    /// child's count would cover objects on no stack (lost to the child, as
+    /// the thread that held them), which no drain ever takes off it.
+    #[cfg(feature = "std")]
+    pub(crate) fn recount_deferred_after_fork(&self) {
+        let mut n = 0;
+        let mut o = self.deferred.head();
+        while o != crate::sync::NIL {
+            n += 1;
+            // On the stack, with nothing else running: its link is written.
+            o = self.deferred_link(o);
+        }
+        self.deferred_count.store(n, Ordering::Relaxed);
+    }
+
     /// Normal context: frees every deferred object through the normal path.
     pub(crate) fn drain_deferred(&self, pages: &PageAllocator) {
         let mut o = self.deferred.take_all();

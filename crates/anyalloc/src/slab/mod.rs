@@ -2614,12 +2614,16 @@ impl HeapCore {
             // Nor are the huge blocks' counts: a huge allocation or free
             // of another thread changes the table and then the counts,
             // and may have been cloned in between. The table is the truth.
-            // (No signal handler runs meanwhile: a huge free of its would
-            // change both behind the walk.)
+            // (No signal handler runs meanwhile: a free of its would change
+            // a table or stack and its count behind the walk.)
             let _quiet = crate::platform::SignalsBlocked::new();
             let (live, bytes) = self.huge.live();
             self.huge_live.store(live, Ordering::Relaxed);
             self.huge_bytes.store(bytes, Ordering::Relaxed);
+            // And each cache's count of deferred objects, from its stack.
+            for i in 0..CACHES {
+                self.cache(i).recount_deferred_after_fork();
+            }
         }
         // SAFETY: per the caller.
         unsafe { self.pages.unlock_all(child) };

@@ -217,6 +217,14 @@ impl IndexStack {
     pub fn is_empty(&self) -> bool {
         self.head.load(Ordering::Relaxed) == NIL
     }
+
+    /// The index on top of the stack ([`NIL`] when empty), left there: a
+    /// racy read unless nothing else uses the stack (a forked child, before
+    /// anything else runs, walks the links from it).
+    #[cfg(feature = "std")]
+    pub(crate) fn head(&self) -> usize {
+        self.head.load(Ordering::Acquire)
+    }
 }
 
 impl Default for IndexStack {
