@@ -20,10 +20,12 @@
 
 mod watchdog;
 
+use watchdog::wait_for;
+
 use std::cell::Cell;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Heap};
@@ -41,15 +43,6 @@ thread_local! {
 static STEP: AtomicUsize = AtomicUsize::new(0);
 /// The main thread's `fork` returned.
 static FORKED: AtomicBool = AtomicBool::new(false);
-
-/// Waits (yielding) until `done` holds, at most 5 s (a hang would only
-/// mean the scenario did not happen; the watchdog ends the run anyway).
-fn wait_for(done: impl Fn() -> bool) {
-    let until = Instant::now() + Duration::from_secs(5);
-    while !done() && Instant::now() < until {
-        std::thread::yield_now();
-    }
-}
 
 fn hook(site: Site) {
     match (ROLE.get(), site) {

@@ -19,9 +19,11 @@
 
 mod watchdog;
 
+use watchdog::wait_for;
+
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Heap};
@@ -36,15 +38,6 @@ thread_local! {
 /// 0: armed; 1: the zone lock is held; 2: the free is paused before its
 /// cell; 3: the holder may go on; 4: the stock is drained, the free may go on.
 static STEP: AtomicUsize = AtomicUsize::new(0);
-
-/// Waits (yielding) until `done` holds, at most 5 s (a hang would only
-/// mean the scenario did not happen; the watchdog ends the run anyway).
-fn wait_for(done: impl Fn() -> bool) {
-    let until = Instant::now() + Duration::from_secs(5);
-    while !done() && Instant::now() < until {
-        std::thread::yield_now();
-    }
-}
 
 fn hook(site: Site) {
     match (ROLE.get(), site) {

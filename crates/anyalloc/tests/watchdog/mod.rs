@@ -162,3 +162,44 @@ pub fn wait_child(pid: libc::pid_t, limit: Duration) -> Option<libc::c_int> {
 pub fn exited_ok(status: libc::c_int) -> bool {
     libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
 }
+
+/// Asserts that the child of `test` died of `SIGABRT` with exactly one line
+/// from anyalloc on its stderr, containing `expect`; returns that line.
+pub fn assert_aborted_with<'a>(out: &'a Outcome, test: &str, expect: &str) -> &'a str {
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{test}: the child did not abort ({:?}); stderr:\n{}",
+        out.status,
+        out.stderr
+    );
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("anyalloc:"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{test}: expected one line from anyalloc; stderr:\n{}",
+        out.stderr
+    );
+    assert!(
+        lines[0].contains(expect),
+        "{test}: the message does not say {expect:?}: {}",
+        lines[0]
+    );
+    lines[0]
+}
+
+/// In a scenario paused at interrupt points: waits (yielding) until `done`
+/// holds, at most 5 s. A wait that runs out only means the scenario did not
+/// happen as planned, which the test then asserts; the watchdog ends a run
+/// that hangs anyway.
+pub fn wait_for(done: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while !done() && Instant::now() < until {
+        std::thread::yield_now();
+    }
+}
