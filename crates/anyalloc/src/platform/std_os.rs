@@ -150,12 +150,20 @@ impl StdPlatform {
 
     /// The number of possible CPU ids (`/sys/devices/system/cpu/possible`,
     /// read with raw `open`/`read`: `sysconf` would call `malloc`), or
-    /// `None` if it cannot be read.
+    /// `None` if it cannot be read whole.
     pub(crate) fn possible_cpus() -> Option<usize> {
         #[cfg(target_os = "linux")]
         {
-            let mut buf = [0u8; 64];
+            const BUF: usize = 1024;
+            let mut buf = [0u8; BUF];
             let list = read_small_file(c"/sys/devices/system/cpu/possible", &mut buf)?;
+            // A list that fills the buffer may have been cut short, and a
+            // count from it too small: the restartable sequences need a
+            // slot set for every CPU id (without one, `available` refuses
+            // them).
+            if list.len() == BUF {
+                return None;
+            }
             parse_cpu_list_max(list).map(|max| max + 1)
         }
         #[cfg(not(target_os = "linux"))]
