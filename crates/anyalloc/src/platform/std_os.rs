@@ -154,7 +154,7 @@ impl StdPlatform {
     pub(crate) fn possible_cpus() -> Option<usize> {
         #[cfg(target_os = "linux")]
         {
-            const BUF: usize = 1024;
+            const BUF: usize = 256;
             let mut buf = [0u8; BUF];
             let list = read_small_file(c"/sys/devices/system/cpu/possible", &mut buf)?;
             // A list that fills the buffer may have been cut short, and a
