@@ -48,6 +48,8 @@ mod tls;
 use core::alloc::Layout;
 use core::ffi::{c_int, c_void};
 use core::ptr::{self, NonNull};
+#[cfg(feature = "debug-checks")]
+use core::sync::atomic::AtomicBool;
 use core::sync::atomic::{compiler_fence, AtomicPtr, AtomicU8, Ordering};
 
 use anyalloc::Heap;
@@ -72,6 +74,11 @@ const SLOW_PERTURB: u8 = 1;
 const SLOW_RESTART: u8 = 2;
 /// The `M_PERTURB` byte.
 static PERTURB: AtomicU8 = AtomicU8::new(0);
+/// A shrinking `realloc` found no smaller block and kept one in place, so
+/// a block's usable size may now exceed twice its size: `check_size` no
+/// longer bounds it from above.
+#[cfg(feature = "debug-checks")]
+static KEPT_IN_PLACE: AtomicBool = AtomicBool::new(false);
 
 // ----- plumbing ----------------------------------------------------------------
 
@@ -395,8 +402,9 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 /// `realloc(3)`. `realloc(NULL, n)` is `malloc(n)`; `realloc(p, 0)` frees
 /// `p` and returns `NULL` (glibc's behaviour; errno untouched). In place when
 /// the block's usable size fits `size` and is less than twice it; otherwise
-/// a new block, the contents copied, the old block freed. On failure
-/// `NULL`, `errno = ENOMEM`, and `p` is untouched.
+/// a new block, the contents copied, the old block freed. A shrink never
+/// fails: when no smaller block can be had, `p` stays as it is. On failure
+/// (to grow) `NULL`, `errno = ENOMEM`, and `p` is untouched.
 ///
 /// # Safety
 /// `p` is null or a live block from this library's allocation functions.
@@ -424,14 +432,25 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
             }
         }
     }
+    let saved = errno();
     let q = malloc(size);
-    if !q.is_null() {
-        // SAFETY: both blocks are live and distinct; `old` has `usable`
-        // bytes, `q` at least `size`.
-        unsafe {
-            ptr::copy_nonoverlapping(old.as_ptr(), q.cast::<u8>(), usable.min(size));
-            free_routed(old, "realloc");
+    if q.is_null() {
+        if size <= usable {
+            // No smaller block to be had (the heap is full, or this is the
+            // nolock path): the block holds `size` as it is. glibc's
+            // realloc never fails to shrink, and programs rely on that.
+            #[cfg(feature = "debug-checks")]
+            KEPT_IN_PLACE.store(true, Ordering::Relaxed);
+            set_errno(saved);
+            return p;
         }
+        return q;
+    }
+    // SAFETY: both blocks are live and distinct; `old` has `usable`
+    // bytes, `q` at least `size`.
+    unsafe {
+        ptr::copy_nonoverlapping(old.as_ptr(), q.cast::<u8>(), usable.min(size));
+        free_routed(old, "realloc");
     }
     q
 }
@@ -575,7 +594,8 @@ pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: 
 /// classes are busy) or mapped on its own beside the heap (a miss while
 /// another thread's `fork` held the heap's locks: see the heap's `fork`
 /// module, "Other threads give way"). Anything else was allocated with
-/// another size.
+/// another size; but once a shrinking `realloc` has kept a block in place
+/// for want of a smaller one (`KEPT_IN_PLACE`), only the lower bound holds.
 #[cfg(feature = "debug-checks")]
 fn check_size(p: NonNull<u8>, align: usize, size: usize, what: &str) {
     let heap = owner(p, what);
@@ -588,7 +608,7 @@ fn check_size(p: NonNull<u8>, align: usize, size: usize, what: &str) {
         0
     };
     let most = size.saturating_mul(2).max(align).max(MAX_ALIGN).max(pages);
-    if size > usable || usable > most {
+    if size > usable || (usable > most && !KEPT_IN_PLACE.load(Ordering::Relaxed)) {
         let mut l = Line::new();
         l.text("anyalloc: ")
             .text(what)
