@@ -235,6 +235,7 @@ impl Default for IndexStack {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    extern crate std;
     use super::*;
     use std::sync::atomic::AtomicUsize as StdUsize;
     use std::vec::Vec;
