@@ -304,7 +304,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The OS refused to reserve the memory (mmap failed).
+    /// The OS refused to reserve the memory (mmap failed): a zone (its
+    /// size is `Config::memory`) or a heap's metadata, whose address space
+    /// grows with `Config::cpus` (about 0.5 MiB per CPU).
     Reserve {
         /// How many bytes were asked for.
         bytes: usize,
@@ -328,7 +330,9 @@ impl fmt::Display for Error {
             } => write!(f, "invalid {setting} = {value}: {reason}"),
             Error::Reserve { bytes } => write!(
                 f,
-                "the OS refused to reserve {bytes} bytes for Config::memory (mmap failed)"
+                "the OS refused to reserve {bytes} bytes of address space (mmap failed): \
+                 a zone is Config::memory, a heap's metadata grows with Config::cpus \
+                 (about 0.5 MiB per CPU)"
             ),
             Error::Region { len, reason } => {
                 write!(f, "unusable memory region of {len} bytes: {reason}")

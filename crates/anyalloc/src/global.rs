@@ -335,7 +335,7 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
                     Err(_) => {
                         GLOBAL_HEAP.state.store(FAILED, Ordering::Release);
                         crate::platform::write_stderr(
-                            b"anyalloc: could not create the global heap (check ANYALLOC_MEMORY)\n",
+                            b"anyalloc: could not create the global heap (check ANYALLOC_MEMORY and ANYALLOC_CPUS)\n",
                         );
                         None
                     }
