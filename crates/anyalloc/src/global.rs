@@ -963,7 +963,7 @@ pub fn in_nolock_scope() -> bool {
 #[cfg(test)]
 mod tests {
     use super::{first_zone_size, parse_digits, parse_flag_bytes, parse_size_bytes as parse_size};
-    use super::{Global, GLOBAL_HEAP, INITIALIZING, READY};
+    use super::{stays_in_place, Global, GLOBAL_HEAP, INITIALIZING, READY};
     use core::alloc::{GlobalAlloc, Layout};
     use core::sync::atomic::Ordering;
 
@@ -994,6 +994,20 @@ mod tests {
         unsafe {
             assert!((0..100).all(|i| *q.add(i) == 0x5a));
             Global.dealloc(q, Layout::from_size_align(10_000, 8).unwrap());
+        }
+    }
+
+    /// `realloc` (`Global`'s and `NoLock`'s) keeps a block only if it holds
+    /// the new size: one byte more than its usable size must move it (kept,
+    /// the caller would write past its end), and a block at most half used
+    /// moves too.
+    #[test]
+    fn a_resize_stays_in_place_only_within_the_usable_size() {
+        for usable in [8, 64, 4096, 1 << 20] {
+            assert!(stays_in_place(usable, usable));
+            assert!(!stays_in_place(usable + 1, usable), "grown past {usable}");
+            assert!(stays_in_place(usable / 2 + 1, usable));
+            assert!(!stays_in_place(usable / 2, usable), "half of {usable}");
         }
     }
 

@@ -538,6 +538,31 @@ fn double_free_of_an_8_byte_object_on_its_slab_free_list_aborts() {
     );
 }
 
+/// A tiny object in the middle of its slab's free list: its first word is
+/// the link to another free object (XOR the key), not the key, so only the
+/// tiny classes' link test (the quick one, then the full one) makes the free
+/// search for it. (The test above may free the list's tail, whose link is 0
+/// and so reads as the key itself, whichever order the drain returns its
+/// objects in.)
+#[test]
+fn double_free_of_a_linked_8_byte_object_on_its_slab_free_list_aborts() {
+    expect_abort(
+        "double_free_of_a_linked_8_byte_object_on_its_slab_free_list_aborts",
+        "double free of object",
+        || {
+            let h = heap();
+            let objs = allocs(h, 8, 4);
+            for &p in &objs[..3] {
+                free(h, p);
+            }
+            h.drain(); // all three on the free list (objs[3] keeps the slab)
+            assert_eq!(h.stats().classes[0].cached_in_sheaves, 0);
+            // objs[1] is neither the head nor the tail: it links to another.
+            free(h, objs[1]);
+        },
+    );
+}
+
 /// User data equal to the key is not a double free: the exact check finds
 /// the object nowhere free, and the free goes through.
 #[test]
