@@ -113,6 +113,9 @@ pub enum Site {
     /// Page allocator: a nolock free is about to park a large block in an
     /// empty stock cell of its order, having seen the order wanted.
     StockPut,
+    /// Page allocator: a nolock free has counted its block in the stock,
+    /// not yet put it in the cell (for a forked child's recount).
+    StockCounted,
 }
 
 impl Site {

@@ -1291,6 +1291,7 @@ impl Zone {
             }
             self.desc(idx).set(desc::state(desc::PCP, order));
             self.stock_pages.fetch_add(1 << order, Ordering::Relaxed);
+            crate::interrupt_point!(StockCounted);
             // Release: state and count before the block is visible.
             if cell
                 .compare_exchange(NIL, idx, Ordering::Release, Ordering::Relaxed)
