@@ -19,6 +19,7 @@
 //! and must find no deferred pages left, and every invariant holding.
 
 mod watchdog;
+mod zone_holder;
 
 use watchdog::wait_for;
 
@@ -77,11 +78,7 @@ fn fork_between_a_deferred_free_count_and_its_push() {
     let status = std::thread::scope(|s| {
         let holder = s.spawn(|| {
             ROLE.set(1);
-            // Normal path above the per-CPU lists: the zone lock is held
-            // at `ZoneAlloc`.
-            let p = pages.alloc_pages(ORDER + 1).expect("a block");
-            // SAFETY: allocated above with this order, freed once.
-            unsafe { pages.free_pages(p, ORDER + 1) };
+            zone_holder::allocate_under_the_zone_lock(pages, ORDER + 1);
         });
         s.spawn(|| {
             ROLE.set(2);

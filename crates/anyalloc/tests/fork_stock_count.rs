@@ -15,6 +15,7 @@
 //! forks. The child drains and must find no stocked page counted.
 
 mod watchdog;
+mod zone_holder;
 
 use watchdog::wait_for;
 
@@ -75,11 +76,7 @@ fn fork_between_a_stock_count_and_its_cell() {
     let status = std::thread::scope(|s| {
         let holder = s.spawn(|| {
             ROLE.set(1);
-            // Normal path above the per-CPU lists: the zone lock is held
-            // at `ZoneAlloc`.
-            let p = pages.alloc_pages(ORDER + 1).expect("a block");
-            // SAFETY: allocated above with this order, freed once.
-            unsafe { pages.free_pages(p, ORDER + 1) };
+            zone_holder::allocate_under_the_zone_lock(pages, ORDER + 1);
         });
         wait_for(|| STEP.load(SeqCst) == 1);
         assert_eq!(STEP.load(SeqCst), 1, "the zone lock was not held");

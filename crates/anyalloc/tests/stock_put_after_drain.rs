@@ -18,6 +18,7 @@
 //! the block back.
 
 mod watchdog;
+mod zone_holder;
 
 use watchdog::wait_for;
 
@@ -73,11 +74,7 @@ fn a_block_stocked_after_a_drain_goes_back() {
     std::thread::scope(|s| {
         let holder = s.spawn(|| {
             ROLE.set(1);
-            // Normal path above the per-CPU lists: the zone lock is held
-            // at `ZoneAlloc`.
-            let p = pages.alloc_pages(ORDER + 1).expect("a block");
-            // SAFETY: allocated above with this order, freed once.
-            unsafe { pages.free_pages(p, ORDER + 1) };
+            zone_holder::allocate_under_the_zone_lock(pages, ORDER + 1);
         });
         let freer = s.spawn(|| {
             ROLE.set(2);
