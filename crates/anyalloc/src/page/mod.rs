@@ -1811,24 +1811,25 @@ impl PageAllocator {
         self.fork_zones.store(n, Ordering::Relaxed);
     }
 
+    /// In a forked child, before [`unlock_all`](Self::unlock_all) (the zone
+    /// locks still held) and with signals blocked by the caller: counts
+    /// again what other threads' nolock calls were changing at the clone,
+    /// each zone's stock and deferred pages.
+    #[cfg(feature = "std")]
+    pub(crate) fn recount_after_fork(&self) {
+        for zone in self.zones() {
+            zone.recount_stock_after_fork();
+            zone.recount_deferred_after_fork();
+        }
+    }
+
     /// Releases what [`lock_all`](Self::lock_all) took.
     ///
     /// # Safety
     /// `lock_all` was called (in this process or the parent of this forked
     /// child) and not yet undone.
     #[cfg(feature = "std")]
-    pub(crate) unsafe fn unlock_all(&self, child: bool) {
-        if child {
-            // Before the zone locks go: the child's counts of what other
-            // threads' nolock calls were changing at the clone. No signal
-            // handler runs meanwhile: its nolock calls could stock or park
-            // a block behind a walk, whose count then overwrites theirs.
-            let _quiet = crate::platform::SignalsBlocked::new();
-            for zone in self.zones() {
-                zone.recount_stock_after_fork();
-                zone.recount_deferred_after_fork();
-            }
-        }
+    pub(crate) unsafe fn unlock_all(&self) {
         // Only the zones lock_all locked: the fork window's normal path may
         // have added one since (with the borrowed growth lock).
         let n = self.fork_zones.load(Ordering::Relaxed);

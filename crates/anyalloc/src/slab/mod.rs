@@ -2611,22 +2611,23 @@ impl HeapCore {
             // fork and was cloned before it took its count back belongs
             // to a thread the child does not have.
             self.remaps.store(0, Ordering::Relaxed);
-            // Nor are the huge blocks' counts: a huge allocation or free
-            // of another thread changes the table and then the counts,
-            // and may have been cloned in between. The table is the truth.
-            // (No signal handler runs meanwhile: a free of its would change
-            // a table or stack and its count behind the walk.)
+            // Nor are the counts that other threads' lock-free steps change
+            // one after the other (a table or stack, then its count): they
+            // may have been cloned in between. What they count is the
+            // truth, and it is counted again, before the locks go. No
+            // signal handler runs meanwhile: a free of its would change a
+            // table or stack and its count behind the walk.
             let _quiet = crate::platform::SignalsBlocked::new();
             let (live, bytes) = self.huge.live();
             self.huge_live.store(live, Ordering::Relaxed);
             self.huge_bytes.store(bytes, Ordering::Relaxed);
-            // And each cache's count of deferred objects, from its stack.
             for i in 0..CACHES {
                 self.cache(i).recount_deferred_after_fork();
             }
+            self.pages.recount_after_fork();
         }
         // SAFETY: per the caller.
-        unsafe { self.pages.unlock_all(child) };
+        unsafe { self.pages.unlock_all() };
         for i in 0..CACHES {
             // SAFETY: per the caller.
             unsafe { self.cache(i).unlock_node_raw(&self.pages) };
