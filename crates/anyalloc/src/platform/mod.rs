@@ -88,9 +88,9 @@ pub trait Platform: Sync {
     }
 
     /// An id of the current thread (or context) that no other live thread
-    /// shares, for the zone lock's owner word; 0 (the default) means
-    /// unknown. Any context. With std the crate uses its own thread id
-    /// and never calls this.
+    /// shares, for the zone lock's owner word: any value but 0, which (the
+    /// default) means unknown. Any context. With std the crate uses its own
+    /// thread id and never calls this.
     ///
     /// It is a backstop, not a router: with an id, a normal-path call that
     /// waits for a zone lock its own thread holds (an interrupt handler
