@@ -27,10 +27,20 @@
 //! Every block carries its owner's pattern ([`block`]) and is checked before
 //! it is freed; at the end every page must be back in the heap. The program
 //! prints one line and exits 0:
-//! `freestanding ok: irqs N nested M nolock_ok A nolock_fail B normal_ops C violations 0`,
-//! or a line starting `freestanding FAIL` and exits 1: on a violation, or if
-//! no interrupt nested in another, none landed while the normal path was
-//! inside the heap, or no nolock allocation succeeded.
+//! `freestanding ok: irqs N nested M nolock_ok A nolock_fail B normal_ops C busy D violations 0`
+//! (`busy`: nolock calls that found a lock held by the context their
+//! handler interrupted, and went around it), or a line starting
+//! `freestanding FAIL` and exits 1: on a violation, or if no interrupt
+//! nested in another, none landed while the normal path was inside the
+//! heap, or no nolock allocation succeeded.
+//!
+//! The timers rarely land while the main loop holds a zone or node lock.
+//! With the feature `interrupt-points` ([`points`]) the high IRQ is also
+//! raised inside every kind of the heap's locks, the line adds
+//! `in_locks zone Z node N slot S` (interrupts that landed inside each),
+//! and the run fails unless each is above 0 and so is `busy`: a nolock path
+//! that ignored a lock held by the context it interrupted would never find
+//! one busy.
 //!
 //! Options: `--seconds N` (default 3); two switches that break the program
 //! on purpose to show the checks work: `--corrupt` (a stray write into one
@@ -48,6 +58,8 @@ extern crate alloc;
 mod block;
 mod irq;
 mod kalloc;
+#[cfg(feature = "interrupt-points")]
+mod points;
 mod sys;
 
 use core::fmt::Write;
@@ -161,6 +173,23 @@ pub fn high_irq() {
     }
 }
 
+/// The high IRQ raised where the main loop holds a zone or node lock
+/// (feature `interrupt-points`, see [`points`]): work that needs those
+/// locks too, which the nolock path must go around. More blocks of one
+/// class than a sheaf holds (its refill and flush take the node lock),
+/// and one of 64 or 128 KiB (above the per-CPU page lists: the zone lock).
+#[cfg(feature = "interrupt-points")]
+pub fn lock_burst() {
+    static RNG: AtomicU64 = AtomicU64::new(0x5851_f42d_4c95_7f2d);
+    let r = next(&RNG);
+    let small: [Option<Block>; 48] =
+        core::array::from_fn(|i| Block::new(256, Owner::HighIrq, r + i as u64));
+    let large = Block::new(64 << (10 + r % 2), Owner::HighIrq, r);
+    for block in small.into_iter().chain([large]).flatten() {
+        check_and_free(block, Owner::HighIrq, Violation::IrqScratch);
+    }
+}
+
 struct Options {
     seconds: u64,
     corrupt: bool,
@@ -186,8 +215,10 @@ fn parse(mut args: sys::Args) -> Option<Options> {
 }
 
 /// The main loop: normal-context churn of blocks from 16 B to 1 MiB,
-/// receive and transmit queues, deferred maintenance every 10 ms.
-fn run(heap: &anyalloc::Heap, o: &Options) {
+/// receive and transmit queues, deferred maintenance every 10 ms. Returns
+/// how many times a nolock call found a lock busy and went around it: on
+/// this one thread, a lock held by the context its handler interrupted.
+fn run(heap: &anyalloc::Heap, o: &Options) -> u64 {
     // Above 4 MiB (`mmap` with std) nothing can serve a request: it is
     // refused at once, without running reclaim (every shrinker, every
     // CPU's caches drained) for nothing.
@@ -248,6 +279,8 @@ fn run(heap: &anyalloc::Heap, o: &Options) {
             }
         }
     }
+    #[cfg(feature = "interrupt-points")]
+    points::disable();
     irq::disable();
     for block in held.into_iter().flatten() {
         check_and_free(block, Owner::Main, Violation::MainBlock);
@@ -263,6 +296,10 @@ fn run(heap: &anyalloc::Heap, o: &Options) {
     if s.objects_in_use != 0 || s.large_in_use != 0 || s.pages.free_pages != s.pages.total_pages {
         violation(Violation::Leak);
     }
+    s.nolock_alloc_fail_busy
+        + s.nolock_free_deferred
+        + s.pages.nolock_alloc_fail_busy
+        + s.pages.nolock_free_deferred
 }
 
 /// Called by `_start`; returns the exit code.
@@ -281,7 +318,9 @@ pub fn kmain(args: sys::Args) -> i32 {
         return 1;
     }
     let heap = kalloc::heap().expect("initialised");
-    run(heap, &options);
+    #[cfg(feature = "interrupt-points")]
+    points::enable();
+    let busy = run(heap, &options);
 
     let (irqs, nested) = (irq::IRQS.load(Relaxed), irq::NESTED.load(Relaxed));
     let (ok, fail) = (
@@ -295,6 +334,13 @@ pub fn kmain(args: sys::Args) -> i32 {
         0 if kalloc::INTERRUPTED_NORMAL_PATH.load(Relaxed) == 0 => {
             Some("no interrupt landed inside the normal path")
         }
+        #[cfg(feature = "interrupt-points")]
+        0 if points::missing().is_some() => points::missing(),
+        // Interrupts landed inside every kind of lock, and the burst needs
+        // them: some handler must have found one busy (a nolock path that
+        // ignored the interrupted context's lock never does).
+        #[cfg(feature = "interrupt-points")]
+        0 if busy == 0 => Some("no handler found a lock held by the context it interrupted"),
         0 => None,
         v => Some(REASONS[v as usize]),
     };
@@ -305,8 +351,14 @@ pub fn kmain(args: sys::Args) -> i32 {
     };
     let _ = write!(
         line,
-        "irqs {irqs} nested {nested} nolock_ok {ok} nolock_fail {fail} normal_ops {normal} violations {violations}"
+        "irqs {irqs} nested {nested} nolock_ok {ok} nolock_fail {fail} normal_ops {normal} "
     );
+    #[cfg(feature = "interrupt-points")]
+    {
+        let [zone, node, slot] = points::landed_in_locks();
+        let _ = write!(line, "in_locks zone {zone} node {node} slot {slot} ");
+    }
+    let _ = write!(line, "busy {busy} violations {violations}");
     line.print(1);
     i32::from(failure.is_some())
 }
