@@ -44,7 +44,10 @@
 //!
 //! Options: `--seconds N` (default 3); two switches that break the program
 //! on purpose to show the checks work: `--corrupt` (a stray write into one
-//! block) and `--normal-in-irq` (the high IRQ calls the normal path).
+//! block) and `--normal-in-irq` (the high IRQ calls the normal path); and
+//! `--double-free` (the high IRQ frees a block twice), which the heap must
+//! detect and report through the platform's `fatal` (`freestanding FAIL:
+//! anyalloc: ...`).
 
 #![no_std]
 #![no_main]
@@ -120,6 +123,8 @@ static RX: Ring<256> = Ring::new();
 static TX: Ring<64> = Ring::new();
 /// `--normal-in-irq`.
 static NORMAL_IN_IRQ: AtomicBool = AtomicBool::new(false);
+/// `--double-free`, until done.
+static DOUBLE_FREE: AtomicBool = AtomicBool::new(false);
 
 /// A xorshift step on a context's state (no context interrupts itself, so
 /// load-then-store is enough).
@@ -167,6 +172,9 @@ pub fn high_irq() {
     for block in scratch.into_iter().flatten() {
         check_and_free(block, Owner::HighIrq, Violation::IrqScratch);
     }
+    if DOUBLE_FREE.load(Relaxed) {
+        double_free();
+    }
     if NORMAL_IN_IRQ.load(Relaxed) {
         // The bug `--normal-in-irq` demonstrates: caught, never run.
         let _ = kalloc::alloc_normal(core::alloc::Layout::new::<u64>());
@@ -190,6 +198,26 @@ pub fn lock_burst() {
     }
 }
 
+/// The bug `--double-free` demonstrates, in the high IRQ (nothing runs
+/// between the two frees): a 64 KiB block freed twice on the nolock path.
+/// The heap detects the second free and stops the program through
+/// `Platform::fatal` (`kalloc`'s prints the FAIL line), in interrupt
+/// context; the program only returns here if no memory was to be had.
+/// (The heap's own calls, not `alloc::alloc`'s: the compiler may drop an
+/// allocation that is only freed.)
+fn double_free() {
+    let layout = core::alloc::Layout::from_size_align(64 << 10, 16).expect("a valid layout");
+    let Some(heap) = kalloc::heap() else { return };
+    if let Some(p) = heap.alloc_nolock(layout) {
+        // SAFETY: the second free is the deliberate bug: the heap must
+        // refuse it (report and stop) before touching anything.
+        unsafe {
+            heap.free_nolock(p);
+            heap.free_nolock(p);
+        }
+    }
+}
+
 struct Options {
     seconds: u64,
     corrupt: bool,
@@ -208,6 +236,7 @@ fn parse(mut args: sys::Args) -> Option<Options> {
             }
             b"--corrupt" => o.corrupt = true,
             b"--normal-in-irq" => NORMAL_IN_IRQ.store(true, Relaxed),
+            b"--double-free" => DOUBLE_FREE.store(true, Relaxed),
             _ => return None,
         }
     }
@@ -307,7 +336,7 @@ pub fn kmain(args: sys::Args) -> i32 {
     let Some(options) = parse(args) else {
         sys::write(
             2,
-            b"usage: freestanding [--seconds N] [--corrupt] [--normal-in-irq]\n",
+            b"usage: freestanding [--seconds N] [--corrupt] [--normal-in-irq] [--double-free]\n",
         );
         return 2;
     };
