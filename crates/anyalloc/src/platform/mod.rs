@@ -116,7 +116,10 @@ pub trait Platform: Sync {
     /// format, panic or wait. The default writes the line to stderr with
     /// write(2) and aborts (std); without std it executes the CPU's trap
     /// instruction, so an embedder that wants the message reported
-    /// overrides this.
+    /// overrides this. (The allocator's internal consistency checks, which
+    /// find a bug of its own rather than of the caller, and all but two of
+    /// which are compiled into debug builds only, do not go through the
+    /// platform: without std they trap at once, with no message.)
     fn fatal(&self, message: &[u8]) -> ! {
         fatal::die(message)
     }
