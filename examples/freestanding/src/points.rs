@@ -12,17 +12,18 @@
 //! and the handler records the site. At the end, [`missing`] says which
 //! kind of lock never had an interrupt land inside it.
 
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use anyalloc::interrupt::{self, Site};
 
 use crate::{irq, kalloc};
 
-/// Calls of each site by the main loop, and interrupts delivered there.
-static CALLS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
-static LANDED: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+/// Calls of each site by the main loop, and interrupts delivered there
+/// (indexed by the site, a `u8`).
+static CALLS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+static LANDED: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 /// The site (plus one) whose interrupt is being raised; 0: none.
-static RAISING: AtomicU8 = AtomicU8::new(0);
+static RAISING: AtomicUsize = AtomicUsize::new(0);
 
 /// The kinds of lock a handler may find held by the context it interrupted
 /// (named by the failure if no interrupt landed inside one), and the sites
@@ -66,7 +67,7 @@ fn hook(site: Site) {
     if !CALLS[i].fetch_add(1, Relaxed).is_multiple_of(4) {
         return;
     }
-    RAISING.store(i as u8 + 1, Relaxed);
+    RAISING.store(i + 1, Relaxed);
     irq::raise_high();
     RAISING.store(0, Relaxed);
 }
@@ -78,10 +79,10 @@ pub fn landed() -> bool {
     let Some(i) = RAISING.swap(0, Relaxed).checked_sub(1) else {
         return false;
     };
-    LANDED[i as usize].fetch_add(1, Relaxed);
+    LANDED[i].fetch_add(1, Relaxed);
     KINDS[..2]
         .iter()
-        .any(|(_, sites)| sites.iter().any(|&s| s as usize == i as usize))
+        .any(|(_, sites)| sites.iter().any(|&s| s as usize == i))
 }
 
 /// Installs the hook. Normal context, interrupts enabled.
