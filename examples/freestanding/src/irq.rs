@@ -104,11 +104,22 @@ extern "C" fn on_low(_sig: i32) {
     kalloc::irq_exit();
 }
 
+/// Raises the high-priority IRQ on this CPU now: it runs before this
+/// returns (unless masked: in a handler, or after [`disable`]).
+#[cfg(feature = "interrupt-points")]
+pub fn raise_high() {
+    sys::raise(SIGALRM);
+}
+
 extern "C" fn on_high(_sig: i32) {
     if kalloc::irq_enter() > 0 {
         NESTED.fetch_add(1, Relaxed);
     }
     IRQS.fetch_add(1, Relaxed);
+    #[cfg(feature = "interrupt-points")]
+    if crate::points::landed() {
+        crate::lock_burst();
+    }
     crate::high_irq();
     kalloc::irq_exit();
 }

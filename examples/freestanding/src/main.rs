@@ -27,14 +27,27 @@
 //! Every block carries its owner's pattern ([`block`]) and is checked before
 //! it is freed; at the end every page must be back in the heap. The program
 //! prints one line and exits 0:
-//! `freestanding ok: irqs N nested M nolock_ok A nolock_fail B normal_ops C violations 0`,
-//! or a line starting `freestanding FAIL` and exits 1: on a violation, or if
-//! no interrupt nested in another, none landed while the normal path was
-//! inside the heap, or no nolock allocation succeeded.
+//! `freestanding ok: irqs N nested M nolock_ok A nolock_fail B normal_ops C busy D violations 0`
+//! (`busy`: nolock calls that found a lock held by the context their
+//! handler interrupted, and went around it), or a line starting
+//! `freestanding FAIL` and exits 1: on a violation, or if no interrupt
+//! nested in another, none landed while the normal path was inside the
+//! heap, or no nolock allocation succeeded.
+//!
+//! The timers rarely land while the main loop holds a zone or node lock.
+//! With the feature `interrupt-points` ([`points`]) the high IRQ is also
+//! raised inside every kind of the heap's locks, the line adds
+//! `in_locks zone Z node N slot S` (interrupts that landed inside each),
+//! and the run fails unless each is above 0 and so is `busy`: a nolock path
+//! that ignored a lock held by the context it interrupted would never find
+//! one busy.
 //!
 //! Options: `--seconds N` (default 3); two switches that break the program
 //! on purpose to show the checks work: `--corrupt` (a stray write into one
-//! block) and `--normal-in-irq` (the high IRQ calls the normal path).
+//! block) and `--normal-in-irq` (the high IRQ calls the normal path); and
+//! `--double-free` (the high IRQ frees a block twice), which the heap must
+//! detect and report through the platform's `fatal` (`freestanding FAIL:
+//! anyalloc: ...`).
 
 #![no_std]
 #![no_main]
@@ -48,6 +61,8 @@ extern crate alloc;
 mod block;
 mod irq;
 mod kalloc;
+#[cfg(feature = "interrupt-points")]
+mod points;
 mod sys;
 
 use core::fmt::Write;
@@ -108,6 +123,8 @@ static RX: Ring<256> = Ring::new();
 static TX: Ring<64> = Ring::new();
 /// `--normal-in-irq`.
 static NORMAL_IN_IRQ: AtomicBool = AtomicBool::new(false);
+/// `--double-free`, until done.
+static DOUBLE_FREE: AtomicBool = AtomicBool::new(false);
 
 /// A xorshift step on a context's state (no context interrupts itself, so
 /// load-then-store is enough).
@@ -155,9 +172,49 @@ pub fn high_irq() {
     for block in scratch.into_iter().flatten() {
         check_and_free(block, Owner::HighIrq, Violation::IrqScratch);
     }
+    if DOUBLE_FREE.load(Relaxed) {
+        double_free();
+    }
     if NORMAL_IN_IRQ.load(Relaxed) {
         // The bug `--normal-in-irq` demonstrates: caught, never run.
         let _ = kalloc::alloc_normal(core::alloc::Layout::new::<u64>());
+    }
+}
+
+/// The high IRQ raised where the main loop holds a zone or node lock
+/// (feature `interrupt-points`, see [`points`]): work that needs those
+/// locks too, which the nolock path must go around. More blocks of one
+/// class than a sheaf holds (its refill and flush take the node lock),
+/// and one of 64 or 128 KiB (above the per-CPU page lists: the zone lock).
+#[cfg(feature = "interrupt-points")]
+pub fn lock_burst() {
+    static RNG: AtomicU64 = AtomicU64::new(0x5851_f42d_4c95_7f2d);
+    let r = next(&RNG);
+    let small: [Option<Block>; 48] =
+        core::array::from_fn(|i| Block::new(256, Owner::HighIrq, r + i as u64));
+    let large = Block::new(64 << (10 + r % 2), Owner::HighIrq, r);
+    for block in small.into_iter().chain([large]).flatten() {
+        check_and_free(block, Owner::HighIrq, Violation::IrqScratch);
+    }
+}
+
+/// The bug `--double-free` demonstrates, in the high IRQ (nothing runs
+/// between the two frees): a 64 KiB block freed twice on the nolock path.
+/// The heap detects the second free and stops the program through
+/// `Platform::fatal` (`kalloc`'s prints the FAIL line), in interrupt
+/// context; the program only returns here if no memory was to be had.
+/// (The heap's own calls, not `alloc::alloc`'s: the compiler may drop an
+/// allocation that is only freed.)
+fn double_free() {
+    let layout = core::alloc::Layout::from_size_align(64 << 10, 16).expect("a valid layout");
+    let Some(heap) = kalloc::heap() else { return };
+    if let Some(p) = heap.alloc_nolock(layout) {
+        // SAFETY: the second free is the deliberate bug: the heap must
+        // refuse it (report and stop) before touching anything.
+        unsafe {
+            heap.free_nolock(p);
+            heap.free_nolock(p);
+        }
     }
 }
 
@@ -179,6 +236,7 @@ fn parse(mut args: sys::Args) -> Option<Options> {
             }
             b"--corrupt" => o.corrupt = true,
             b"--normal-in-irq" => NORMAL_IN_IRQ.store(true, Relaxed),
+            b"--double-free" => DOUBLE_FREE.store(true, Relaxed),
             _ => return None,
         }
     }
@@ -186,8 +244,10 @@ fn parse(mut args: sys::Args) -> Option<Options> {
 }
 
 /// The main loop: normal-context churn of blocks from 16 B to 1 MiB,
-/// receive and transmit queues, deferred maintenance every 10 ms.
-fn run(heap: &anyalloc::Heap, o: &Options) {
+/// receive and transmit queues, deferred maintenance every 10 ms. Returns
+/// how many times a nolock call found a lock busy and went around it: on
+/// this one thread, a lock held by the context its handler interrupted.
+fn run(heap: &anyalloc::Heap, o: &Options) -> u64 {
     // Above 4 MiB (`mmap` with std) nothing can serve a request: it is
     // refused at once, without running reclaim (every shrinker, every
     // CPU's caches drained) for nothing.
@@ -248,6 +308,8 @@ fn run(heap: &anyalloc::Heap, o: &Options) {
             }
         }
     }
+    #[cfg(feature = "interrupt-points")]
+    points::disable();
     irq::disable();
     for block in held.into_iter().flatten() {
         check_and_free(block, Owner::Main, Violation::MainBlock);
@@ -263,6 +325,10 @@ fn run(heap: &anyalloc::Heap, o: &Options) {
     if s.objects_in_use != 0 || s.large_in_use != 0 || s.pages.free_pages != s.pages.total_pages {
         violation(Violation::Leak);
     }
+    s.nolock_alloc_fail_busy
+        + s.nolock_free_deferred
+        + s.pages.nolock_alloc_fail_busy
+        + s.pages.nolock_free_deferred
 }
 
 /// Called by `_start`; returns the exit code.
@@ -270,7 +336,7 @@ pub fn kmain(args: sys::Args) -> i32 {
     let Some(options) = parse(args) else {
         sys::write(
             2,
-            b"usage: freestanding [--seconds N] [--corrupt] [--normal-in-irq]\n",
+            b"usage: freestanding [--seconds N] [--corrupt] [--normal-in-irq] [--double-free]\n",
         );
         return 2;
     };
@@ -281,7 +347,9 @@ pub fn kmain(args: sys::Args) -> i32 {
         return 1;
     }
     let heap = kalloc::heap().expect("initialised");
-    run(heap, &options);
+    #[cfg(feature = "interrupt-points")]
+    points::enable();
+    let busy = run(heap, &options);
 
     let (irqs, nested) = (irq::IRQS.load(Relaxed), irq::NESTED.load(Relaxed));
     let (ok, fail) = (
@@ -295,6 +363,13 @@ pub fn kmain(args: sys::Args) -> i32 {
         0 if kalloc::INTERRUPTED_NORMAL_PATH.load(Relaxed) == 0 => {
             Some("no interrupt landed inside the normal path")
         }
+        #[cfg(feature = "interrupt-points")]
+        0 if points::missing().is_some() => points::missing(),
+        // Interrupts landed inside every kind of lock, and the burst needs
+        // them: some handler must have found one busy (a nolock path that
+        // ignored the interrupted context's lock never does).
+        #[cfg(feature = "interrupt-points")]
+        0 if busy == 0 => Some("no handler found a lock held by the context it interrupted"),
         0 => None,
         v => Some(REASONS[v as usize]),
     };
@@ -305,8 +380,14 @@ pub fn kmain(args: sys::Args) -> i32 {
     };
     let _ = write!(
         line,
-        "irqs {irqs} nested {nested} nolock_ok {ok} nolock_fail {fail} normal_ops {normal} violations {violations}"
+        "irqs {irqs} nested {nested} nolock_ok {ok} nolock_fail {fail} normal_ops {normal} "
     );
+    #[cfg(feature = "interrupt-points")]
+    {
+        let [zone, node, slot] = points::landed_in_locks();
+        let _ = write!(line, "in_locks zone {zone} node {node} slot {slot} ");
+    }
+    let _ = write!(line, "busy {busy} violations {violations}");
     line.print(1);
     i32::from(failure.is_some())
 }

@@ -18,6 +18,10 @@ const SYS_FUTEX: usize = 202;
 const SYS_SCHED_GETAFFINITY: usize = 204;
 const SYS_CLOCK_GETTIME: usize = 228;
 const SYS_EXIT_GROUP: usize = 231;
+#[cfg(feature = "interrupt-points")]
+const SYS_GETPID: usize = 39;
+#[cfg(feature = "interrupt-points")]
+const SYS_KILL: usize = 62;
 
 /// The process starts here with `rsp` pointing at `argc`, then `argv[]`.
 /// Clear the frame pointer, align the stack to 16 bytes, call [`start`].
@@ -245,6 +249,18 @@ pub fn setitimer(which: usize, interval_us: u64) {
             [which, itimerval.as_ptr() as usize, 0, 0, 0, 0],
         )
     };
+}
+
+/// Sends signal `sig` to this (single-threaded) process: unless it is
+/// blocked, its handler runs before this returns.
+#[cfg(feature = "interrupt-points")]
+pub fn raise(sig: usize) {
+    // SAFETY: getpid takes no arguments; kill takes a pid and a signal
+    // number and touches no memory.
+    unsafe {
+        let pid = syscall(SYS_GETPID, [0; 6]) as usize;
+        syscall(SYS_KILL, [pid, sig, 0, 0, 0, 0]);
+    }
 }
 
 /// Blocks the signals in `mask` (bit `sig - 1` per signal) for good.

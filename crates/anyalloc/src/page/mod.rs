@@ -397,6 +397,14 @@ impl PageAllocator {
     /// The zone's metadata is carved from the end of the region. `config`'s
     /// memory size and growth settings do not apply (the region is the cap).
     ///
+    /// Errors (nothing of the region is touched then):
+    /// [`Error::Config`] naming the setting: `Config::cpus` of 0 or above
+    /// [`MAX_CPUS`](crate::MAX_CPUS), `Platform::cpu_count` above it when
+    /// `Config::cpus` is not set, `Config::min_reserve` above half the
+    /// region's pages; [`Error::Region`] naming the region's length: it
+    /// wraps around the address space (or ends at its very top), or is too
+    /// small for the metadata and 16 pages.
+    ///
     /// ```
     /// use anyalloc::{Config, Error, PageAllocator, Platform};
     /// use core::ptr::NonNull;

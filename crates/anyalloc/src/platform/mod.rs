@@ -9,7 +9,12 @@
 //! Every method except [`Platform::wait`], [`Platform::wait_timeout`] and
 //! [`Platform::wake_many`] (normal context only) may be called on the
 //! nolock path and must itself be safe in any context: no lock that can
-//! wait, no allocation, no blocking syscall.
+//! wait, no allocation, no blocking syscall. The three normal-context ones
+//! may sleep, but must not allocate from an allocator built on this
+//! platform either: they run while the caller holds some of its locks
+//! (a waiter for a zone lock may hold a cache's node lock), and without a
+//! [`Platform::thread_id`] a normal-path call that needs one of those
+//! waits for its own thread for ever.
 
 use core::sync::atomic::AtomicU32;
 
@@ -50,7 +55,10 @@ pub trait Platform: Sync {
     /// How many CPUs there are. Read once, when an allocator is created.
     fn cpu_count(&self) -> usize;
 
-    /// Called while spinning on a lock held by another context.
+    /// Called while spinning on a lock held by another context: by the
+    /// default [`wait`](Self::wait) and [`wait_timeout`](Self::wait_timeout)
+    /// (the locks' own short spins before they wait use the CPU's spin
+    /// hint), so an override matters only to a platform that keeps those.
     fn relax(&self) {
         core::hint::spin_loop();
     }
@@ -88,9 +96,9 @@ pub trait Platform: Sync {
     }
 
     /// An id of the current thread (or context) that no other live thread
-    /// shares, for the zone lock's owner word; 0 (the default) means
-    /// unknown. Any context. With std the crate uses its own thread id
-    /// and never calls this.
+    /// shares, for the zone lock's owner word: any value but 0, which (the
+    /// default) means unknown. Any context. With std the crate uses its own
+    /// thread id and never calls this.
     ///
     /// It is a backstop, not a router: with an id, a normal-path call that
     /// waits for a zone lock its own thread holds (an interrupt handler
@@ -108,7 +116,10 @@ pub trait Platform: Sync {
     /// format, panic or wait. The default writes the line to stderr with
     /// write(2) and aborts (std); without std it executes the CPU's trap
     /// instruction, so an embedder that wants the message reported
-    /// overrides this.
+    /// overrides this. (The allocator's internal consistency checks, which
+    /// find a bug of its own rather than of the caller, and all but two of
+    /// which are compiled into debug builds only, do not go through the
+    /// platform: without std they trap at once, with no message.)
     fn fatal(&self, message: &[u8]) -> ! {
         fatal::die(message)
     }

@@ -458,6 +458,14 @@ impl Heap {
     /// page allocator's zone. There is no maintenance thread: call
     /// [`maintain`](Self::maintain) from a deferred context.
     ///
+    /// Errors (nothing of the region is touched then):
+    /// [`Error::Config`] naming the setting: `Config::cpus` of 0 or above
+    /// [`MAX_CPUS`](crate::MAX_CPUS), `Platform::cpu_count` above it when
+    /// `Config::cpus` is not set, `Config::min_reserve` above half the
+    /// region's pages; [`Error::Region`] naming the region's length: it
+    /// wraps around the address space (or ends at its very top), or is too
+    /// small for the heap's metadata, then for the zone's and 16 pages.
+    ///
     /// An embedding in brief (a kernel would take the region from its boot
     /// memory map, and give the platform its real CPU id):
     ///

@@ -306,7 +306,11 @@ impl ZoneLock {
             if owner == me {
                 return Contended::SelfHeld;
             }
-            if owner == me | context::FORK_HELD {
+            // Only the crate's own ids (std) are even, leaving the low bit
+            // to `lock_raw` (std only too); a platform's id may be any
+            // value but 0, and a thread whose id is `me | 1` is another
+            // thread, not this one holding the lock across a fork.
+            if context::thread_id() != 0 && owner == me | context::FORK_HELD {
                 return if context::owns_fork_window() {
                     Contended::Borrowed
                 } else {
@@ -837,5 +841,93 @@ mod loom_tests {
             assert_eq!(shared.1.with(|v| unsafe { *v }), 2);
             assert!(!shared.0.is_locked());
         });
+    }
+}
+
+/// Without std the owner word holds the [`Platform::thread_id`] the
+/// embedder supplies, whatever its low bit.
+#[cfg(all(test, not(feature = "std"), not(loom)))]
+mod platform_id_tests {
+    extern crate std;
+
+    use super::*;
+    use core::sync::atomic::AtomicBool;
+    use core::sync::atomic::Ordering::SeqCst;
+    use std::cell::Cell;
+
+    std::thread_local! {
+        static ID: Cell<usize> = const { Cell::new(0) };
+    }
+    /// A waiter has gone to sleep (called `Platform::wait`).
+    static SLEPT: AtomicBool = AtomicBool::new(false);
+
+    /// Thread ids from a thread-local, set by each test thread.
+    struct Ids;
+    impl Platform for Ids {
+        fn cpu_id(&self) -> usize {
+            0
+        }
+        fn cpu_count(&self) -> usize {
+            1
+        }
+        fn thread_id(&self) -> usize {
+            ID.with(Cell::get)
+        }
+        fn wait(&self, _word: &AtomicU32, _expected: u32) {
+            SLEPT.store(true, SeqCst);
+            std::thread::yield_now();
+        }
+    }
+    static IDS: Ids = Ids;
+
+    /// Two threads whose ids differ only in the low bit (2 and 3, as an
+    /// embedder numbering its threads 1, 2, 3, ... gives them): the one
+    /// with the even id waits for the other's lock and gets it once it is
+    /// released. (The owner check took `3 == 2 | FORK_HELD` for "held by
+    /// this thread across a fork": `lock_in(Normal)` gave up at once, so
+    /// the normal path failed an allocation under mere contention, and a
+    /// bare `lock` reported a self-deadlock and stopped the program.)
+    #[test]
+    fn ids_that_differ_in_the_low_bit_are_different_threads() {
+        for (holder, waiter) in [(3usize, 2usize), (usize::MAX, usize::MAX - 1)] {
+            SLEPT.store(false, SeqCst);
+            let lock = ZoneLock::new();
+            ID.with(|id| id.set(holder));
+            let held = lock.lock(&IDS);
+            assert!(lock.held_by_me(&IDS));
+            let got = std::thread::scope(|s| {
+                let t = s.spawn(|| {
+                    ID.with(|id| id.set(waiter));
+                    assert!(!lock.held_by_me(&IDS));
+                    lock.lock_in(Mode::Normal, &IDS).map(drop).is_some()
+                });
+                // Released once the waiter sleeps (it then gets the lock),
+                // or once it has given up (the bug).
+                while !SLEPT.load(SeqCst) && !t.is_finished() {
+                    std::thread::yield_now();
+                }
+                drop(held);
+                t.join().unwrap()
+            });
+            assert!(
+                got,
+                "thread {waiter:#x} took thread {holder:#x}'s lock for its own and gave up"
+            );
+            assert!(!lock.is_locked());
+        }
+    }
+
+    /// The owner check still works with an odd id: a thread that holds the
+    /// lock and asks for it again (an interrupt handler that interrupted
+    /// the holder) gets `None` instead of waiting for itself.
+    #[test]
+    fn an_odd_id_still_sees_its_own_lock() {
+        ID.with(|id| id.set(3));
+        let lock = ZoneLock::new();
+        let held = lock.lock(&IDS);
+        assert!(lock.held_by_me(&IDS));
+        assert!(lock.lock_in(Mode::Normal, &IDS).is_none());
+        drop(held);
+        assert!(lock.lock_in(Mode::Normal, &IDS).is_some());
     }
 }
