@@ -167,7 +167,7 @@ pub struct HeapStats {
     /// Maintenance passes (by the maintenance thread or `maintain()`).
     pub maintenance_passes: u64,
     /// Bytes of free blocks (256 KiB or more) given back to the OS, idle ones
-    /// by maintenance and the rest by [`Heap::trim`].
+    /// by maintenance and the rest by `Heap::trim` (std).
     pub released_to_os_bytes: u64,
     /// Allocations served by a mapping of their own, beside the heap,
     /// because a `fork` on another thread held the heap's locks and did not
