@@ -1111,6 +1111,15 @@ impl Heap {
     /// thread, however many threads reclaim at once. Normal context
     /// (it allocates; no lock is held meanwhile).
     ///
+    /// A shrinker runs on the thread whose allocation reclaims, in whatever
+    /// context that allocation was made: a signal handler that allocates
+    /// through the normal path (`Global`, `Heap::alloc`) without having
+    /// interrupted the allocator itself runs it inside the handler (only
+    /// nolock calls and calls routed to the nolock path never reclaim).
+    /// So a shrinker that takes a lock which its own thread may hold where
+    /// such a handler can interrupt it should take it with `try_lock` and
+    /// free nothing when it is busy.
+    ///
     /// A shrinker must not panic: it runs inside allocations (perhaps a
     /// `GlobalAlloc` call, which must not unwind) and on the maintenance
     /// thread, so with std a panic in it aborts the process with the line
