@@ -687,8 +687,8 @@ const HANDLER_SLACK: usize = if cfg!(debug_assertions) {
     1024
 };
 
-/// The kernel's signal frame on this machine (`AT_MINSIGSTKSZ`: 2 to 3.5
-/// KiB with AVX-512's register state), or glibc's `MINSIGSTKSZ`.
+/// The largest kernel signal frame on this machine (`AT_MINSIGSTKSZ`: 2 to 3.5
+/// KiB with AVX-512's register state, 11.7 KiB with AMX's), or glibc's `MINSIGSTKSZ`.
 fn kernel_frame() -> usize {
     // SAFETY: getauxval has no preconditions; 0 means "not provided".
     let v = unsafe {

@@ -2,7 +2,7 @@
 //!
 //! [`Platform`] is the whole contract: the current CPU id, the CPU count, how
 //! to relax while spinning, how a normal-path waiter sleeps and is woken, and
-//! how to die on heap corruption. On std, [`StdPlatform`] provides it (rseq
+//! how to die on heap corruption. On std, `StdPlatform` provides it (rseq
 //! CPU id, futex, write(2) + abort); in `no_std` the embedder implements it
 //! (its CPU id, a spin loop with interrupts enabled, its panic path).
 //!

@@ -167,7 +167,7 @@ pub struct HeapStats {
     /// Maintenance passes (by the maintenance thread or `maintain()`).
     pub maintenance_passes: u64,
     /// Bytes of free blocks (256 KiB or more) given back to the OS, idle ones
-    /// by maintenance and the rest by [`Heap::trim`].
+    /// by maintenance and the rest by `Heap::trim` (std).
     pub released_to_os_bytes: u64,
     /// Allocations served by a mapping of their own, beside the heap,
     /// because a `fork` on another thread held the heap's locks and did not
@@ -1118,6 +1118,15 @@ impl Heap {
     /// from this heap or another, does not call shrinkers again on that
     /// thread, however many threads reclaim at once. Normal context
     /// (it allocates; no lock is held meanwhile).
+    ///
+    /// A shrinker runs on the thread whose allocation reclaims, in whatever
+    /// context that allocation was made: a signal handler that allocates
+    /// through the normal path (`Global`, `Heap::alloc`) without having
+    /// interrupted the allocator itself runs it inside the handler (only
+    /// nolock calls and calls routed to the nolock path never reclaim).
+    /// So a shrinker that takes a lock which its own thread may hold where
+    /// such a handler can interrupt it should take it with `try_lock` and
+    /// free nothing when it is busy.
     ///
     /// A shrinker must not panic: it runs inside allocations (perhaps a
     /// `GlobalAlloc` call, which must not unwind) and on the maintenance
