@@ -955,15 +955,13 @@ impl PageAllocator {
         released
     }
 
-    /// Normal context: every free block of 256 KiB or more that is not yet
-    /// returned to the OS goes back now (`malloc_trim`). Returns the bytes.
+    /// Normal context: every free block on the buddy lists that is not yet
+    /// returned to the OS goes back now, whatever its order (`malloc_trim`).
+    /// Returns the bytes.
     #[cfg(feature = "std")]
     pub(crate) fn release_free_blocks(&self) -> usize {
         let _serial = self.drain_lock.lock(self.platform);
-        let epoch = |z: &Zone| z.epoch.load(Ordering::Relaxed);
-        self.zones()
-            .map(|z| z.release_idle_blocks(epoch(z), 0, usize::MAX))
-            .sum()
+        self.zones().map(|z| z.release_all_free_blocks()).sum()
     }
 
     /// Whether some zone's free buddy pages are below twice its min

@@ -759,12 +759,12 @@ impl Zone {
         }
         head.store(idx, Ordering::Relaxed);
         d.set(desc::state(desc::BUDDY, order));
-        if order >= RELEASE_MIN_ORDER {
-            // When it became free (maintenance epoch), for returning idle
-            // blocks to the OS; `carved` is unused while a block is free.
-            d.carved
-                .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+        // When it became free (maintenance epoch), for returning idle
+        // blocks to the OS, and (no `RELEASED` flag) not returned yet, for
+        // `trim`, which returns blocks of every order; `carved` is unused
+        // while a block is free.
+        d.carved
+            .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
         g.add_u32(&self.counts[order as usize], 1);
     }
 
@@ -1478,33 +1478,84 @@ impl Zone {
             let Some((pick, order)) = self.idle_block(epoch, age) else {
                 return bytes;
             };
-            self.list_remove(pick, order, &g);
-            // Not ALLOCATED: a (wrong) free of this block must fail its
-            // claim while the lock is dropped, not insert it a second time.
-            self.desc(pick).set(desc::state(desc::RELEASING, order));
-            self.releasing.store(1 << order, Ordering::Relaxed);
-            crate::interrupt_point!(ReleaseIdle);
-            drop(g);
-            crate::interrupt_point!(ReleaseWindow);
-            crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
-            let g = self.lock.lock(self.platform);
-            crate::check!(
-                self.desc(pick).load() == desc::state(desc::RELEASING, order),
-                "a releasing block changed state"
-            );
-            self.releasing.store(0, Ordering::Relaxed);
-            g.add(&self.free_buddy, (1usize << order).wrapping_neg());
-            self.buddy_free(pick, order, &g);
-            // Unless it merged with a buddy (the merged block carries a fresh
-            // stamp, and is discarded again later: harmless), mark it.
-            if self.desc(pick).load() == desc::state(desc::BUDDY, order) {
-                self.desc(pick)
-                    .carved
-                    .store(epoch | RELEASED, Ordering::Relaxed);
-            }
+            self.release_block(pick, order, epoch, g);
             bytes += PAGE_SIZE << order;
         }
         bytes
+    }
+
+    /// `Heap::trim` (normal context): returns to the OS the memory of every
+    /// free block on the buddy lists that has not gone back yet, of every
+    /// order, as glibc's `malloc_trim` returns every free page: after a
+    /// burst of small objects of which a few stay live, the free memory
+    /// lies in blocks below `RELEASE_MIN_ORDER` between the survivors'
+    /// slabs, and only this gives it back. One pass over each list: the
+    /// walk goes on from the released block's successor while that is still
+    /// a free block of the order (else from the list's head again, where
+    /// released blocks are skipped). At most twice as many blocks per order
+    /// as the list held when the walk began, so that frees on other threads
+    /// cannot keep it going. Returns the bytes released.
+    #[cfg(feature = "std")]
+    pub(crate) fn release_all_free_blocks(&self) -> usize {
+        let mut bytes = 0;
+        for order in (0..=MAX_ORDER).rev() {
+            let free = desc::state(desc::BUDDY, order);
+            let mut from = NIL;
+            let mut left = 2 * self.counts[order as usize].load(Ordering::Relaxed) as usize + 2;
+            while left > 0 {
+                left -= 1;
+                let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+                    return bytes;
+                };
+                if from == NIL || self.desc(from).load() != free {
+                    from = self.heads[order as usize].load(Ordering::Relaxed);
+                }
+                while from != NIL && self.desc(from).carved.load(Ordering::Relaxed) & RELEASED != 0
+                {
+                    from = self.desc(from).next.load(Ordering::Relaxed);
+                }
+                if from == NIL {
+                    break;
+                }
+                let pick = from;
+                from = self.desc(pick).next.load(Ordering::Relaxed);
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                self.release_block(pick, order, epoch, g);
+                bytes += PAGE_SIZE << order;
+            }
+        }
+        bytes
+    }
+
+    /// Returns free block `pick` of `order` (on its buddy list; the zone
+    /// lock `g` held) to the OS: off its list while the syscall runs
+    /// without the lock, then freed again and stamped released at `epoch`.
+    #[cfg(feature = "std")]
+    fn release_block(&self, pick: u32, order: u32, epoch: usize, g: ZoneGuard<'_>) {
+        self.list_remove(pick, order, &g);
+        // Not ALLOCATED: a (wrong) free of this block must fail its
+        // claim while the lock is dropped, not insert it a second time.
+        self.desc(pick).set(desc::state(desc::RELEASING, order));
+        self.releasing.store(1 << order, Ordering::Relaxed);
+        crate::interrupt_point!(ReleaseIdle);
+        drop(g);
+        crate::interrupt_point!(ReleaseWindow);
+        crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
+        let g = self.lock.lock(self.platform);
+        crate::check!(
+            self.desc(pick).load() == desc::state(desc::RELEASING, order),
+            "a releasing block changed state"
+        );
+        self.releasing.store(0, Ordering::Relaxed);
+        g.add(&self.free_buddy, (1usize << order).wrapping_neg());
+        self.buddy_free(pick, order, &g);
+        // Unless it merged with a buddy (the merged block carries a fresh
+        // stamp, and is discarded again later: harmless), mark it.
+        if self.desc(pick).load() == desc::state(desc::BUDDY, order) {
+            self.desc(pick)
+                .carved
+                .store(epoch | RELEASED, Ordering::Relaxed);
+        }
     }
 
     /// A free block of order `RELEASE_MIN_ORDER` or more, idle since before
