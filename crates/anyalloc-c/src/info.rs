@@ -13,8 +13,8 @@ use anyalloc::{Heap, HeapStats, PAGE_SIZE};
 use crate::line::Line;
 use crate::{inside, must_nolock, set_errno, tls, PERTURB, SLOW, SLOW_PERTURB};
 
-/// `malloc_trim(3)`: drains the heap's caches and gives every free block of
-/// 256 KiB or more back to the OS now; 1 if memory was released, else 0.
+/// `malloc_trim(3)`: drains the heap's caches and gives every free block
+/// (of any size) back to the OS now; 1 if memory was released, else 0.
 /// `pad` is ignored (there is no "top of the heap" to keep). Inside a
 /// signal handler that interrupted the allocator, or a nolock scope, it does
 /// nothing and returns 0.

@@ -14,7 +14,8 @@
 //! instead), caches and barns left unchanged for half a second give their
 //! objects back to the slabs and their pages back to the buddy lists,
 //! shrinkers run below the low watermark, and free blocks of 256 KiB or
-//! more that stayed idle for half a second go back to the OS (`MADV_DONTNEED`).
+//! more that stayed idle for half a second go back to the OS (`MADV_DONTNEED`),
+//! smaller ones after two seconds (a bounded number per pass).
 //!
 //! It never holds a lock a nolock caller needs for longer than an ordinary
 //! normal-path operation would: it uses the same normal-path functions. It

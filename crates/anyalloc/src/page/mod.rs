@@ -106,6 +106,12 @@ enum FreeRoute {
 #[cfg(feature = "std")]
 const RELEASE_BUDGET: usize = 8;
 
+/// Blocks below 256 KiB one maintenance pass returns to the OS per zone
+/// (each one system call): at most 32 MiB per pass, and in a burst's
+/// leftovers (a few slabs still live in every 64 KiB) about 4 MiB.
+#[cfg(feature = "std")]
+const SMALL_RELEASE_BUDGET: usize = 256;
+
 /// Maintainer wake word: work was announced since the maintainer last
 /// looked (set by any context, cleared by the maintainer).
 pub(crate) const WAKE_OWED: u32 = 1;
@@ -956,6 +962,11 @@ impl PageAllocator {
             #[cfg(feature = "std")]
             {
                 released += zone.release_idle_blocks(epoch, idle_epochs, RELEASE_BUDGET);
+                released += zone.release_idle_small_blocks(
+                    epoch,
+                    idle_epochs * zone::SMALL_AGE_FACTOR,
+                    SMALL_RELEASE_BUDGET,
+                );
             }
             #[cfg(not(feature = "std"))]
             let _ = idle_epochs;
@@ -963,15 +974,13 @@ impl PageAllocator {
         released
     }
 
-    /// Normal context: every free block of 256 KiB or more that is not yet
-    /// returned to the OS goes back now (`malloc_trim`). Returns the bytes.
+    /// Normal context: every free block on the buddy lists that is not yet
+    /// returned to the OS goes back now, whatever its order (`malloc_trim`).
+    /// Returns the bytes.
     #[cfg(feature = "std")]
     pub(crate) fn release_free_blocks(&self) -> usize {
         let _serial = self.drain_lock.lock(self.platform);
-        let epoch = |z: &Zone| z.epoch.load(Ordering::Relaxed);
-        self.zones()
-            .map(|z| z.release_idle_blocks(epoch(z), 0, usize::MAX))
-            .sum()
+        self.zones().map(|z| z.release_all_free_blocks()).sum()
     }
 
     /// Whether some zone's free buddy pages are below twice its min

@@ -69,8 +69,23 @@ const RELEASED: usize = 1 << (usize::BITS - 1);
 
 /// The lowest order whose free blocks the maintainer returns to the OS when
 /// they stay idle (256 KiB): a burst's memory rarely re-forms whole 4 MiB
-/// blocks.
+/// blocks. Smaller free blocks go back too, but only after staying idle
+/// [`SMALL_AGE_FACTOR`] times as long, a bounded number per pass
+/// (`Zone::release_idle_small_blocks`).
 pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
+
+/// Free blocks below `RELEASE_MIN_ORDER` go back to the OS after staying
+/// idle this many times as long as the larger ones: they are the pages
+/// between live slabs, the likeliest to be allocated again soon, and each
+/// costs a system call of its own.
+#[cfg(feature = "std")]
+pub(crate) const SMALL_AGE_FACTOR: usize = 4;
+
+/// List entries one maintenance pass looks at per order below
+/// `RELEASE_MIN_ORDER` when it searches for idle blocks (bounds the time it
+/// holds the zone lock); the next pass goes on from there.
+#[cfg(feature = "std")]
+const SMALL_SCAN: usize = 1024;
 
 /// The "no page" index of the zone's lists.
 pub(crate) const NIL: u32 = u32::MAX;
@@ -275,6 +290,11 @@ pub(crate) struct Zone {
     /// Pages of a free block taken off its list while its memory goes back
     /// to the OS (still counted in `free_buddy`).
     releasing: AtomicUsize,
+    /// Per order below `RELEASE_MIN_ORDER`: the free block where the
+    /// maintainer's last walk for idle blocks stopped (`NIL`: at the head
+    /// next time). A hint, read and written under `lock`, followed only
+    /// while it is still a free block of its order.
+    release_cursor: [AtomicU32; RELEASE_MIN_ORDER as usize],
     /// The maintenance epoch (advanced by the maintainer), stamped on
     /// max-order blocks as they become free.
     pub(crate) epoch: AtomicUsize,
@@ -411,6 +431,7 @@ impl Zone {
             stock_used: AtomicU32::new(0),
             stock_idle: AtomicU32::new(0),
             releasing: AtomicUsize::new(0),
+            release_cursor: [const { AtomicU32::new(NIL) }; RELEASE_MIN_ORDER as usize],
             epoch: AtomicUsize::new(0),
             mapping,
             fresh: AtomicU32::new(fresh_start),
@@ -759,12 +780,12 @@ impl Zone {
         }
         head.store(idx, Ordering::Relaxed);
         d.set(desc::state(desc::BUDDY, order));
-        if order >= RELEASE_MIN_ORDER {
-            // When it became free (maintenance epoch), for returning idle
-            // blocks to the OS; `carved` is unused while a block is free.
-            d.carved
-                .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+        // When it became free (maintenance epoch), for returning idle
+        // blocks to the OS, and (no `RELEASED` flag) not returned yet, for
+        // `trim`, which returns blocks of every order; `carved` is unused
+        // while a block is free.
+        d.carved
+            .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
         g.add_u32(&self.counts[order as usize], 1);
     }
 
@@ -1478,33 +1499,143 @@ impl Zone {
             let Some((pick, order)) = self.idle_block(epoch, age) else {
                 return bytes;
             };
-            self.list_remove(pick, order, &g);
-            // Not ALLOCATED: a (wrong) free of this block must fail its
-            // claim while the lock is dropped, not insert it a second time.
-            self.desc(pick).set(desc::state(desc::RELEASING, order));
-            self.releasing.store(1 << order, Ordering::Relaxed);
-            crate::interrupt_point!(ReleaseIdle);
-            drop(g);
-            crate::interrupt_point!(ReleaseWindow);
-            crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
-            let g = self.lock.lock(self.platform);
-            crate::check!(
-                self.desc(pick).load() == desc::state(desc::RELEASING, order),
-                "a releasing block changed state"
-            );
-            self.releasing.store(0, Ordering::Relaxed);
-            g.add(&self.free_buddy, (1usize << order).wrapping_neg());
-            self.buddy_free(pick, order, &g);
-            // Unless it merged with a buddy (the merged block carries a fresh
-            // stamp, and is discarded again later: harmless), mark it.
-            if self.desc(pick).load() == desc::state(desc::BUDDY, order) {
-                self.desc(pick)
-                    .carved
-                    .store(epoch | RELEASED, Ordering::Relaxed);
-            }
+            self.release_block(pick, order, epoch, g);
             bytes += PAGE_SIZE << order;
         }
         bytes
+    }
+
+    /// Maintenance (normal context): returns to the OS the memory of free
+    /// blocks below `RELEASE_MIN_ORDER` that have been free since before
+    /// `epoch - age`, at most `budget` blocks, looking at most `SMALL_SCAN`
+    /// list entries per order. After a burst of small objects of which a
+    /// few stay live, the free memory is in such blocks, between the
+    /// survivors' slabs: without this it stayed resident for good (unless
+    /// the program called `trim`). Each order's walk goes on where the
+    /// previous pass stopped (`release_cursor`), so a long list is covered
+    /// over a few passes instead of its head being searched again each
+    /// time. Returns the bytes released.
+    #[cfg(feature = "std")]
+    pub(crate) fn release_idle_small_blocks(
+        &self,
+        epoch: usize,
+        age: usize,
+        budget: usize,
+    ) -> usize {
+        let mut bytes = 0;
+        let mut budget = budget;
+        for order in (0..RELEASE_MIN_ORDER).rev() {
+            let free = desc::state(desc::BUDDY, order);
+            let cursor = &self.release_cursor[order as usize];
+            let mut steps = SMALL_SCAN;
+            'walk: while budget > 0 {
+                let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+                    return bytes;
+                };
+                let mut at = cursor.load(Ordering::Relaxed);
+                if at == NIL || self.desc(at).load() != free {
+                    at = self.heads[order as usize].load(Ordering::Relaxed);
+                }
+                loop {
+                    if at == NIL {
+                        // The end of the list: from its head next time.
+                        cursor.store(NIL, Ordering::Relaxed);
+                        break 'walk;
+                    }
+                    if steps == 0 {
+                        cursor.store(at, Ordering::Relaxed);
+                        break 'walk;
+                    }
+                    steps -= 1;
+                    let d = self.desc(at);
+                    let stamp = d.carved.load(Ordering::Relaxed);
+                    let next = d.next.load(Ordering::Relaxed);
+                    if stamp & RELEASED == 0 && stamp.saturating_add(age) <= epoch {
+                        cursor.store(next, Ordering::Relaxed);
+                        self.release_block(at, order, epoch, g);
+                        budget -= 1;
+                        bytes += PAGE_SIZE << order;
+                        continue 'walk;
+                    }
+                    at = next;
+                }
+            }
+        }
+        bytes
+    }
+
+    /// `Heap::trim` (normal context): returns to the OS the memory of every
+    /// free block on the buddy lists that has not gone back yet, of every
+    /// order, as glibc's `malloc_trim` returns every free page: after a
+    /// burst of small objects of which a few stay live, the free memory
+    /// lies in blocks below `RELEASE_MIN_ORDER` between the survivors'
+    /// slabs, and only this gives it back. One pass over each list: the
+    /// walk goes on from the released block's successor while that is still
+    /// a free block of the order (else from the list's head again, where
+    /// released blocks are skipped). At most twice as many blocks per order
+    /// as the list held when the walk began, so that frees on other threads
+    /// cannot keep it going. Returns the bytes released.
+    #[cfg(feature = "std")]
+    pub(crate) fn release_all_free_blocks(&self) -> usize {
+        let mut bytes = 0;
+        for order in (0..=MAX_ORDER).rev() {
+            let free = desc::state(desc::BUDDY, order);
+            let mut from = NIL;
+            let mut left = 2 * self.counts[order as usize].load(Ordering::Relaxed) as usize + 2;
+            while left > 0 {
+                left -= 1;
+                let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+                    return bytes;
+                };
+                if from == NIL || self.desc(from).load() != free {
+                    from = self.heads[order as usize].load(Ordering::Relaxed);
+                }
+                while from != NIL && self.desc(from).carved.load(Ordering::Relaxed) & RELEASED != 0
+                {
+                    from = self.desc(from).next.load(Ordering::Relaxed);
+                }
+                if from == NIL {
+                    break;
+                }
+                let pick = from;
+                from = self.desc(pick).next.load(Ordering::Relaxed);
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                self.release_block(pick, order, epoch, g);
+                bytes += PAGE_SIZE << order;
+            }
+        }
+        bytes
+    }
+
+    /// Returns free block `pick` of `order` (on its buddy list; the zone
+    /// lock `g` held) to the OS: off its list while the syscall runs
+    /// without the lock, then freed again and stamped released at `epoch`.
+    #[cfg(feature = "std")]
+    fn release_block(&self, pick: u32, order: u32, epoch: usize, g: ZoneGuard<'_>) {
+        self.list_remove(pick, order, &g);
+        // Not ALLOCATED: a (wrong) free of this block must fail its
+        // claim while the lock is dropped, not insert it a second time.
+        self.desc(pick).set(desc::state(desc::RELEASING, order));
+        self.releasing.store(1 << order, Ordering::Relaxed);
+        crate::interrupt_point!(ReleaseIdle);
+        drop(g);
+        crate::interrupt_point!(ReleaseWindow);
+        crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
+        let g = self.lock.lock(self.platform);
+        crate::check!(
+            self.desc(pick).load() == desc::state(desc::RELEASING, order),
+            "a releasing block changed state"
+        );
+        self.releasing.store(0, Ordering::Relaxed);
+        g.add(&self.free_buddy, (1usize << order).wrapping_neg());
+        self.buddy_free(pick, order, &g);
+        // Unless it merged with a buddy (the merged block carries a fresh
+        // stamp, and is discarded again later: harmless), mark it.
+        if self.desc(pick).load() == desc::state(desc::BUDDY, order) {
+            self.desc(pick)
+                .carved
+                .store(epoch | RELEASED, Ordering::Relaxed);
+        }
     }
 
     /// A free block of order `RELEASE_MIN_ORDER` or more, idle since before

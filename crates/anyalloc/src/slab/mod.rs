@@ -166,8 +166,8 @@ pub struct HeapStats {
     pub shrinker_freed_bytes: u64,
     /// Maintenance passes (by the maintenance thread or `maintain()`).
     pub maintenance_passes: u64,
-    /// Bytes of free blocks (256 KiB or more) given back to the OS, idle ones
-    /// by maintenance and the rest by `Heap::trim` (std).
+    /// Bytes of free blocks given back to the OS: idle ones by maintenance,
+    /// and every other by `Heap::trim` (std).
     pub released_to_os_bytes: u64,
     /// Allocations served by a mapping of their own, beside the heap,
     /// because a `fork` on another thread held the heap's locks and did not
@@ -1183,7 +1183,9 @@ impl Heap {
     /// One maintenance pass (normal context): what the maintenance thread
     /// does, for `no_std` embedders to run from a deferred context (and for
     /// tests). Each call counts as one epoch: memory idle for two calls
-    /// goes back (cached objects to their slabs, free blocks to the OS).
+    /// goes back (cached objects to their slabs, free blocks to the OS;
+    /// free blocks below 256 KiB after eight calls, at most 256 per zone
+    /// per call).
     ///
     /// ```
     /// use anyalloc::{Config, Heap};
@@ -1202,9 +1204,12 @@ impl Heap {
         core.maintain_pass(epoch, 2, 2);
     }
 
-    /// Normal context: [`drain`](Self::drain), then every free block of
-    /// 256 KiB or more goes back to the OS now, not after it stayed idle
-    /// (C's `malloc_trim`). Returns the bytes given back. Called by a
+    /// Normal context: [`drain`](Self::drain), then every free block of the
+    /// buddy lists goes back to the OS now, whatever its size, not after it
+    /// stayed idle (C's `malloc_trim`, which also returns every free page;
+    /// maintenance returns the free pages that the few survivors of a burst
+    /// of small objects leave between their slabs only after two seconds
+    /// idle, a bounded number per pass). Returns the bytes given back. Called by a
     /// thread already inside the allocator or inside a nolock scope, it
     /// does nothing (as `drain`): it may hold the drain lock.
     ///
