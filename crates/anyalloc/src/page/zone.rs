@@ -87,6 +87,13 @@ pub(crate) const SMALL_AGE_FACTOR: usize = 4;
 #[cfg(feature = "std")]
 const SMALL_SCAN: usize = 1024;
 
+/// Of those, the entries looked at in one hold of the zone lock: the walk
+/// drops the lock and takes it again after each such stretch, so a nolock
+/// caller finds it busy for no longer than a normal path's refill would
+/// keep it (the maintainer's promise, see `crate::maintain`).
+#[cfg(feature = "std")]
+const SMALL_SCAN_PER_HOLD: usize = 64;
+
 /// The "no page" index of the zone's lists.
 pub(crate) const NIL: u32 = u32::MAX;
 
@@ -1536,6 +1543,7 @@ impl Zone {
                 if at == NIL || self.desc(at).load() != free {
                     at = self.heads[order as usize].load(Ordering::Relaxed);
                 }
+                let mut held = SMALL_SCAN_PER_HOLD;
                 loop {
                     if at == NIL {
                         // The end of the list: from its head next time.
@@ -1546,6 +1554,15 @@ impl Zone {
                         cursor.store(at, Ordering::Relaxed);
                         break 'walk;
                     }
+                    if held == 0 {
+                        // Let the lock go between stretches; on from `at`
+                        // (or the head, if `at` stopped being a free block
+                        // of this order meanwhile).
+                        cursor.store(at, Ordering::Relaxed);
+                        drop(g);
+                        continue 'walk;
+                    }
+                    held -= 1;
                     steps -= 1;
                     let d = self.desc(at);
                     let stamp = d.carved.load(Ordering::Relaxed);
