@@ -891,3 +891,137 @@ fn rseq_off_in_a_child() {
     print!("{}", out.stdout);
     assert!(out.stdout.contains("rseq off: done"), "{}", out.stdout);
 }
+
+/// `Heap::remap_huge`: contents kept to the smaller size, the grown tail
+/// zero (fresh pages), the usable size the new one, for blocks of every
+/// alignment a huge block can have; a shrink and a grow again.
+#[test]
+fn remap_huge_keeps_contents_and_grows_zeroed() {
+    for rseq in [true, false] {
+        let h = heap(rseq);
+        for shift in [3u32, 12, 16, 22, 23, 30] {
+            let l = Layout::from_size_align(NOLOCK_MAX + 1, 1 << shift).unwrap();
+            let mut p = h.alloc(l).unwrap();
+            let mut n = h.usable_size(p);
+            // SAFETY: `n` usable bytes.
+            unsafe { fill(p.as_ptr(), n, 1) };
+            for (k, size) in [12 << 20, 6 << 20, NOLOCK_MAX + 4097, 9 << 20]
+                .into_iter()
+                .enumerate()
+            {
+                // SAFETY: a live huge block; after `Some` only the result is.
+                let Some(q) = (unsafe { h.remap_huge(p, size) }) else {
+                    panic!("remap_huge to {size} refused");
+                };
+                let u = h.usable_size(q);
+                assert!(u >= size && u.is_multiple_of(PAGE_SIZE));
+                // SAFETY: `u` usable bytes of the live result.
+                unsafe {
+                    assert_eq!(damaged(q.as_ptr(), n.min(u), k as u8 + 1), None);
+                    if u > n {
+                        assert_eq!(nonzero(q.as_ptr().add(n), u - n), None, "grown tail");
+                    }
+                    fill(q.as_ptr(), u, k as u8 + 2);
+                }
+                p = q;
+                n = u;
+            }
+            // SAFETY: live, freed once.
+            unsafe { h.free(p) };
+        }
+        assert_eq!(h.stats().huge_in_use, 0);
+    }
+}
+
+/// `Global::realloc` routed to the nolock path (a nolock scope): a huge
+/// block cannot grow there (null, the block untouched) but every shrink
+/// succeeds and keeps the contents.
+#[test]
+fn global_realloc_in_a_nolock_scope() {
+    anyalloc::init().unwrap();
+    let l = Layout::from_size_align(NOLOCK_MAX * 2, 64).unwrap();
+    // SAFETY: a non-zero layout; the blocks are freed below.
+    unsafe {
+        let p = Global.alloc(l);
+        assert!(!p.is_null());
+        fill(p, l.size(), 9);
+        let _scope = anyalloc::nolock_scope();
+        assert!(Global.realloc(p, l, NOLOCK_MAX * 3).is_null());
+        assert_eq!(damaged(p, l.size(), 9), None);
+        let mut cur = (p, l);
+        for size in [
+            NOLOCK_MAX * 2 - 1,
+            NOLOCK_MAX + 1,
+            NOLOCK_MAX,
+            70_000,
+            8193,
+            100,
+        ] {
+            let q = Global.realloc(cur.0, cur.1, size);
+            assert!(!q.is_null(), "shrink to {size} in a nolock scope");
+            assert_eq!(q as usize % 64, 0);
+            assert_eq!(damaged(q, size, 9), None, "shrink to {size}");
+            cur = (q, Layout::from_size_align(size, 64).unwrap());
+        }
+        Global.dealloc(cur.0, cur.1);
+    }
+}
+
+/// Alignments beyond 1 GiB, to the largest a `Layout` allows (2^63, size
+/// 0): served when the address space has room (aligned, usable), refused
+/// cleanly otherwise, on every path; never a bad pointer or a crash.
+#[test]
+fn extreme_alignments_are_served_aligned_or_refused() {
+    anyalloc::init().unwrap();
+    let h = heap(true);
+    let gh = anyalloc::global_heap().unwrap();
+    for shift in 31..=63u32 {
+        let align = 1usize << shift;
+        for size in [0usize, 1, 4097] {
+            let Ok(l) = Layout::from_size_align(size, align) else {
+                continue;
+            };
+            for nolock in [false, true] {
+                let p = if nolock {
+                    h.alloc_nolock(l)
+                } else {
+                    h.alloc(l)
+                };
+                assert!(!nolock || p.is_none(), "nolock served {l:?}");
+                if let Some(p) = p {
+                    assert_eq!(p.as_ptr() as usize % align, 0, "{l:?}");
+                    let u = h.usable_size(p);
+                    assert!(u >= size);
+                    // SAFETY: `u` usable bytes; freed once.
+                    unsafe {
+                        touch_all(p.as_ptr(), u, shift as u8);
+                        h.free(p);
+                    }
+                }
+            }
+            if size != 0 {
+                // SAFETY: a non-zero layout; freed once.
+                unsafe {
+                    let p = Global.alloc_zeroed(l);
+                    if !p.is_null() {
+                        assert_eq!(p as usize % align, 0, "Global {l:?}");
+                        let u = gh.usable_size(NonNull::new(p).unwrap());
+                        assert_eq!(nonzero(p, size), None);
+                        touch_all(p, u, 1);
+                        Global.dealloc(p, l);
+                    }
+                }
+            }
+            match NoLock.allocate(l) {
+                Ok(p) => {
+                    assert_eq!(p.len(), size);
+                    assert_eq!(p.cast::<u8>().as_ptr() as usize % align, 0);
+                    // SAFETY: allocated above with `l`.
+                    unsafe { NoLock.deallocate(p.cast(), l) };
+                }
+                Err(_) => assert!(size != 0, "a zero-size block needs no memory"),
+            }
+        }
+    }
+    assert_eq!(h.stats().huge_in_use, 0);
+}

@@ -13,6 +13,10 @@
 
 #include "anyalloc.h"
 
+/* C23 (glibc >= 2.39 declares them). */
+void free_sized(void *ptr, size_t size);
+void free_aligned_sized(void *ptr, size_t alignment, size_t size);
+
 static int checks, failures;
 static int nolock;
 
@@ -113,7 +117,12 @@ static void test_alignment(void) {
                 size_t u = malloc_usable_size(p);
                 CHECK(u >= s);
                 touch(p, u, (unsigned)(k + j));
-                free(p);
+                /* The sized frees name the request (checked against the
+                 * block's usable size with debug-checks). */
+                if (f == 1)
+                    free_aligned_sized(p, a, s);
+                else
+                    free(p);
             }
         }
     }
@@ -259,7 +268,11 @@ static void test_usable(void) {
                 }
     for (size_t i = 0; i < n; i++) {
         CHECK(intact(blocks[i], usable[i], (unsigned)i));
-        free(blocks[i]);
+        /* malloc's blocks (every fourth) freed with their size. */
+        if (i / PER % 4 == 0)
+            free_sized(blocks[i], classes[i / (PER * 4 * 3)] + (int)(i / (PER * 4) % 3) - 1);
+        else
+            free(blocks[i]);
     }
 }
 
