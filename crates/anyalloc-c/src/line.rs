@@ -86,5 +86,12 @@ impl Line {
 /// (-1 on error).
 pub(crate) fn write_raw(fd: i32, bytes: &[u8]) -> isize {
     // SAFETY: write(2) reads `bytes.len()` bytes of the live slice.
-    unsafe { libc::syscall(libc::SYS_write, fd, bytes.as_ptr(), bytes.len()) as isize }
+    unsafe {
+        libc::syscall(
+            libc::SYS_write,
+            libc::c_long::from(fd),
+            bytes.as_ptr(),
+            bytes.len(),
+        ) as isize
+    }
 }

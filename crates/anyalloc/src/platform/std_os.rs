@@ -310,7 +310,14 @@ pub(crate) fn write_stderr(mut bytes: &[u8]) {
         #[cfg(target_os = "linux")]
         // SAFETY: the pointer and length describe the live slice `bytes`;
         // write(2) only reads them.
-        let n = unsafe { libc::syscall(libc::SYS_write, 2, bytes.as_ptr(), bytes.len()) };
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_write,
+                libc::c_long::from(2),
+                bytes.as_ptr(),
+                bytes.len(),
+            )
+        };
         #[cfg(not(target_os = "linux"))]
         // SAFETY: the pointer and length describe the live slice `bytes`.
         let n = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
