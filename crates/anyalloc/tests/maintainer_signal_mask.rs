@@ -59,7 +59,9 @@ fn traced() -> ! {
     unsafe {
         let none = core::mem::zeroed::<libc::sigset_t>();
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, core::ptr::null_mut());
-        libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+        if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
+            libc::_exit(3);
+        }
         libc::raise(libc::SIGSTOP);
     }
     let heap = Heap::new(Config::default().memory(4 << 20).maintenance(true)).unwrap();
@@ -90,7 +92,10 @@ fn maintainer_starts_with_signals_blocked() {
         traced();
     }
     let status = wait(pid);
-    assert!(libc::WIFSTOPPED(status), "the child stops for its tracer");
+    assert!(
+        libc::WIFSTOPPED(status),
+        "the child stops for its tracer (status {status:#x}; exit status 3: ptrace refused)"
+    );
     // SAFETY: ptrace requests on our stopped, traced child.
     unsafe {
         assert_eq!(
