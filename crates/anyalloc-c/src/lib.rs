@@ -349,12 +349,10 @@ fn not_ours(addr: usize, what: &str) -> ! {
 
 #[cold]
 fn fatal(msg: &[u8]) -> ! {
-    // SAFETY: write(2) reads `msg.len()` bytes of the live slice; abort
-    // has no preconditions. Both are async-signal-safe.
-    unsafe {
-        libc::write(2, msg.as_ptr().cast(), msg.len());
-        libc::abort()
-    }
+    // Not libc's `write`: a cancellation point (see `line::write_raw`).
+    line::write_raw(2, msg);
+    // SAFETY: abort has no preconditions and is async-signal-safe.
+    unsafe { libc::abort() }
 }
 
 fn is_power_of_two(x: usize) -> bool {

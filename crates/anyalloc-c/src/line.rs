@@ -70,12 +70,28 @@ impl Line {
         let b = self.bytes();
         let mut done = 0;
         while done < b.len() {
-            // SAFETY: write(2) reads `b.len() - done` bytes of a live slice.
-            let n = unsafe { libc::write(fd, b[done..].as_ptr().cast(), b.len() - done) };
+            let n = write_raw(fd, &b[done..]);
             if n <= 0 {
                 return;
             }
             done += n as usize;
         }
+    }
+}
+
+/// write(2) of `bytes` to `fd` as a direct system call: libc's `write` is a
+/// cancellation point, and a thread with a `pthread_cancel` pending would
+/// end there quietly, before a fatal message and the abort after it (the
+/// process running on with its heap corrupt). Returns what write(2) does
+/// (-1 on error).
+pub(crate) fn write_raw(fd: i32, bytes: &[u8]) -> isize {
+    // SAFETY: write(2) reads `bytes.len()` bytes of the live slice.
+    unsafe {
+        libc::syscall(
+            libc::SYS_write,
+            libc::c_long::from(fd),
+            bytes.as_ptr(),
+            bytes.len(),
+        ) as isize
     }
 }

@@ -703,6 +703,33 @@ fn malloc_is_no_cancellation_point() {
     assert!(o.stdout.contains("cancel: ok"), "{}", o.stdout);
 }
 
+/// A thread with a pending `pthread_cancel` frees a block twice, or frees a
+/// foreign pointer: the process aborts with the one-line message, as
+/// without the cancel. The message was written with libc's `write`, a
+/// cancellation point: the thread was cancelled there, before the message
+/// and the abort, and the process ran on with the heap corrupt.
+#[test]
+fn heap_corruption_aborts_under_a_pending_cancel() {
+    let exe = compile::<&str>(&["cancel_fatal.c"], "cancel_fatal", &["-pthread"]);
+    for (mode, message) in [("double", "double free"), ("foreign", "0x")] {
+        let mut cmd = preloaded(&exe);
+        cmd.arg(mode);
+        let o = run(cmd, TIMEOUT);
+        assert_eq!(
+            o.signal(),
+            Some(libc::SIGABRT),
+            "{mode}: {} {}",
+            o.describe(),
+            o.stdout
+        );
+        assert!(
+            o.stderr.starts_with("anyalloc: ") && o.stderr.contains(message),
+            "{mode}: {}",
+            o.stderr
+        );
+    }
+}
+
 /// `fork_handlers_registered_earlier_allocate`'s program, preloaded, run
 /// twelve times: its busy threads' `malloc` must never return NULL. An
 /// allocation that gave way to a fork (another thread's fork held the lock

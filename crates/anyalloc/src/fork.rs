@@ -393,11 +393,77 @@ pub(crate) fn unregister(core: &HeapCore) {
 /// Registers the fork handlers. Ordinary context only (`pthread_atfork`
 /// takes libc's fork lock and allocates): `Global`'s start-up constructor
 /// or `init`.
+///
+/// `pthread_atfork` registers them with the handle of the object that
+/// contains this crate, and `__cxa_finalize` of that object unregisters
+/// them: for the main program, that is one of `exit`'s last steps, while
+/// the program's other threads still run. A fork on one of them after it
+/// would clone the heap with locks other threads hold, and the child would
+/// wait for ever for them. So in the main program (glibc) they are
+/// registered with no handle, for the life of the process, as glibc's
+/// malloc's own fork handling is. In a shared library they keep its
+/// handle: once `dlclose` unmapped it, handlers left registered would be
+/// called at the next fork.
 pub(crate) fn register_atfork() {
-    // SAFETY: the handlers are `extern "C"` functions that live forever.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if in_main_program(prepare as extern "C" fn() as usize) {
+        extern "C" {
+            /// glibc's registration behind `pthread_atfork`, which passes
+            /// the caller's `__dso_handle` (null: never unregistered).
+            fn __register_atfork(
+                prepare: Option<unsafe extern "C" fn()>,
+                parent: Option<unsafe extern "C" fn()>,
+                child: Option<unsafe extern "C" fn()>,
+                dso_handle: *mut libc::c_void,
+            ) -> libc::c_int;
+        }
+        // SAFETY: the handlers are `extern "C"` functions of the main
+        // program, which is never unloaded.
+        unsafe {
+            __register_atfork(
+                Some(prepare),
+                Some(release_parent),
+                Some(release_child),
+                ptr::null_mut(),
+            );
+        }
+        return;
+    }
+    // SAFETY: the handlers are `extern "C"` functions that live as long as
+    // the object that contains them, whose handle `pthread_atfork` passes.
     unsafe {
         libc::pthread_atfork(Some(prepare), Some(release_parent), Some(release_child));
     }
+}
+
+/// Whether `addr` lies in the main program (the first object
+/// `dl_iterate_phdr` reports) rather than in a shared library.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn in_main_program(addr: usize) -> bool {
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: `data` is the `(usize, bool)` below, live for the call;
+        // glibc passes a valid `info` whose `dlpi_phdr` holds
+        // `dlpi_phnum` program headers.
+        unsafe {
+            let (addr, found) = &mut *(data as *mut (usize, bool));
+            let info = &*info;
+            let headers = core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize);
+            *found = headers.iter().any(|h| {
+                let start = (info.dlpi_addr as usize).wrapping_add(h.p_vaddr as usize);
+                h.p_type == libc::PT_LOAD && *addr >= start && *addr - start < h.p_memsz as usize
+            });
+        }
+        1 // the first object only
+    }
+    let mut data = (addr, false);
+    // SAFETY: `first` only reads what glibc passes and writes `data`,
+    // which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(first), (&mut data as *mut (usize, bool)).cast()) };
+    data.1
 }
 
 /// How long `prepare` waits for the holders of the normal path's per-CPU

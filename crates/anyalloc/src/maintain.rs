@@ -109,6 +109,16 @@ impl MaintainerSlot {
         // SAFETY: getpid has no preconditions.
         self.pid.store(unsafe { libc::getpid() }, Ordering::Relaxed);
         let core = core as *const M as usize;
+        // A thread inherits its creator's signal mask, and glibc's thread
+        // start restores it before the thread's first instruction of ours:
+        // spawned from a thread with signals unblocked (the start-up
+        // constructor, `init`, `Heap::new`), it could take a
+        // process-directed signal before `run_loop` blocks them, running a
+        // handler meant for the program's threads, or dying of a signal
+        // (`SIGTERM`) that the program blocks in every thread of its own and
+        // takes with `sigwait`. Spawned with every signal blocked, it is
+        // born with them blocked.
+        let quiet = crate::platform::SignalsBlocked::new();
         let spawned = std::thread::Builder::new()
             .name(std::string::String::from("anyalloc-maintainer"))
             .spawn(move || {
@@ -116,6 +126,7 @@ impl MaintainerSlot {
                 // before the heap releases the core.
                 run(unsafe { &*(core as *const M) })
             });
+        drop(quiet);
         match spawned {
             Ok(h) => {
                 // SAFETY: only the context that won the CAS writes the
@@ -290,7 +301,9 @@ fn run_loop(core: &impl Maintained) {
     // Signals go to other threads: a handler interrupting this thread while
     // it holds a zone or node lock, and allocating through `Global` (whose
     // re-entry routing does not know about this thread), would wait on a
-    // lock its own thread holds. For the thread's whole life.
+    // lock its own thread holds. For the thread's whole life. (It was
+    // spawned with them blocked, so this changes nothing unless another
+    // path starts it.)
     crate::platform::block_all_signals();
     let start = Instant::now();
     let mut last_pass: Option<Instant> = None;

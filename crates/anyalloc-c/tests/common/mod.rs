@@ -119,7 +119,14 @@ pub fn compile_with<S: AsRef<std::ffi::OsStr>>(
             c_source(s)
         });
     }
-    cmd.args(args).arg("-o").arg(&out);
+    // Built under a name of its own, then renamed into place: two tests
+    // build some outputs (a shared library) under one name, and one of
+    // them may be loading it while the other's linker writes it.
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = out.file_name().unwrap().to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.{}.{n}", std::process::id()));
+    cmd.args(args).arg("-o").arg(&tmp);
     let o = cmd
         .output()
         .unwrap_or_else(|e| panic!("running {compiler}: {e}"));
@@ -129,6 +136,7 @@ pub fn compile_with<S: AsRef<std::ffi::OsStr>>(
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    std::fs::rename(&tmp, &out).unwrap_or_else(|e| panic!("renaming {output} into place: {e}"));
     out
 }
 

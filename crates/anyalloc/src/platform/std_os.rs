@@ -296,8 +296,29 @@ pub(crate) fn read_small_file<'a>(path: &core::ffi::CStr, buf: &'a mut [u8]) -> 
 }
 
 /// Writes all of `bytes` to stderr with write(2): no allocation, any context.
+///
+/// On Linux the system call is made directly, not through libc's `write`,
+/// which is a cancellation point: in a thread with a `pthread_cancel`
+/// pending, a heap corruption's message would otherwise end the thread
+/// quietly there, before the message and the abort that follows it, and
+/// the process would run on with the heap corrupt (and any lock of the
+/// reporting call held); and a report made while the global heap is being
+/// created would leave it half made for ever. (glibc writes its own fatal
+/// messages with a direct system call for the same reason.)
 pub(crate) fn write_stderr(mut bytes: &[u8]) {
     while !bytes.is_empty() {
+        #[cfg(target_os = "linux")]
+        // SAFETY: the pointer and length describe the live slice `bytes`;
+        // write(2) only reads them.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_write,
+                libc::c_long::from(2),
+                bytes.as_ptr(),
+                bytes.len(),
+            )
+        };
+        #[cfg(not(target_os = "linux"))]
         // SAFETY: the pointer and length describe the live slice `bytes`.
         let n = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
         if n <= 0 {

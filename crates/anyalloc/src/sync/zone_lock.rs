@@ -565,7 +565,7 @@ fn me(platform: &dyn Platform) -> usize {
 #[cold]
 fn self_deadlock(platform: &dyn Platform) -> ! {
     platform.fatal(
-        b"anyalloc: internal error: a thread waited for a lock it holds itself (re-entry not routed to the nolock path)",
+        b"anyalloc: a thread waited for a lock it holds itself (a call left half done by siglongjmp or asynchronous cancellation, or an internal error: re-entry not routed to the nolock path)",
     )
 }
 
