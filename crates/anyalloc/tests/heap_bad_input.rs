@@ -836,3 +836,88 @@ fn sized_free_of_an_interior_pointer_aborts() {
         },
     );
 }
+
+// ----- writes after free, other heaps, huge blocks --------------------------------
+
+/// Overwrites the first word of freed object `p` (a use after free).
+fn scribble(p: NonNull<u8>, value: usize) {
+    // SAFETY: the bad input: a write into a freed object of our own heap
+    // (its slab stays mapped while another object keeps it).
+    unsafe { p.as_ptr().cast::<usize>().write_unaligned(value) };
+}
+
+/// Frees two objects of `size` bytes back to their slab's free list,
+/// writes `value` over the first word (the list link) of both, then
+/// allocates from the slab: the corrupt link must be reported, not followed
+/// to wherever it points.
+fn uaf_link_then_alloc(size: usize, value: usize) {
+    let h = heap();
+    let objs = allocs(h, size, 3);
+    free(h, objs[0]);
+    free(h, objs[1]);
+    h.drain(); // both on their slab's free list (objs[2] keeps the slab)
+    scribble(objs[0], value);
+    scribble(objs[1], value);
+    for _ in 0..64 {
+        let p = alloc(h, size);
+        // Writing the block is what a caller does with it.
+        // SAFETY: `p` is `size` bytes, or the corruption went unnoticed.
+        unsafe { p.as_ptr().write_bytes(0x5a, size) };
+    }
+}
+
+#[test]
+fn zero_written_over_a_free_list_link_aborts_at_the_next_alloc() {
+    expect_abort(
+        "zero_written_over_a_free_list_link_aborts_at_the_next_alloc",
+        "was written to",
+        || uaf_link_then_alloc(64, 0),
+    );
+}
+
+#[test]
+fn data_written_over_a_free_list_link_aborts_at_the_next_alloc() {
+    expect_abort(
+        "data_written_over_a_free_list_link_aborts_at_the_next_alloc",
+        "was written to",
+        || uaf_link_then_alloc(64, 0x4141_4141_4141_4141),
+    );
+}
+
+#[test]
+fn zero_written_over_a_free_list_link_of_8_byte_objects_aborts() {
+    expect_abort(
+        "zero_written_over_a_free_list_link_of_8_byte_objects_aborts",
+        "was written to",
+        || uaf_link_then_alloc(8, 0),
+    );
+}
+
+/// `usable_size` of a freed object, whose exact check walks a slab free
+/// list through an object whose link a write after free corrupted: the
+/// walk reports the corruption instead of following the link.
+#[test]
+fn freed_check_walking_a_corrupt_free_list_aborts() {
+    expect_abort(
+        "freed_check_walking_a_corrupt_free_list_aborts",
+        "was written to",
+        || {
+            let h = heap();
+            let objs = allocs(h, 64, 8);
+            // Two objects of one page (so of one slab), a third keeps it.
+            let page = |p: &NonNull<u8>| p.as_ptr() as usize / PAGE_SIZE;
+            let (a, rest) = objs.split_first().unwrap();
+            let mut same = rest.iter().filter(|p| page(p) == page(a));
+            let (b, _keeps_the_slab) = (*same.next().unwrap(), same.next().unwrap());
+            free(h, *a);
+            h.drain();
+            free(h, b);
+            h.drain(); // the slab's free list: b first, a further down
+            assert_eq!(h.stats().classes[10].cached_in_sheaves, 0);
+            scribble(b, 0);
+            // Its key says free: the exact check walks the list (as a
+            // double free's does, where `debug-checks` has no bit to test).
+            usable(h, *a);
+        },
+    );
+}

@@ -47,7 +47,9 @@
 //! stack (first words) are stored XOR the key, so in the tiny classes,
 //! whose key word is that link, a free object's first word XOR the key is
 //! 0, [`NIL`](crate::sync::NIL) or a heap address: those values are
-//! suspects too.
+//! suspects too. A slab free list's link is checked whenever it is
+//! followed (`Cache::slab_link`): 0 or an object of the same slab, or the
+//! object was written after its free, which is reported.
 //!
 //! # Sheaf conservation
 //!
@@ -78,6 +80,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use super::class::{self, SIZES};
 use crate::idle::IdleWatch;
 use crate::page::{slot_index, Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES, NIL};
+use crate::platform::{FatalMessage, Platform};
 use crate::sync::{FastGate, IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::PAGE_SIZE;
 
@@ -583,6 +586,20 @@ const fn start_bound(size: u32, objs: usize) -> u64 {
 #[inline(always)]
 fn is_start(off: u32, magic: u64, bound: u64) -> bool {
     (off as u64).wrapping_mul(magic) < bound
+}
+
+/// Reports a free object whose free-list link a write after its free
+/// corrupted (see `Cache::slab_link`), and aborts.
+#[cold]
+#[inline(never)]
+fn corrupt_link(platform: &dyn Platform, obj: usize) -> ! {
+    platform.fatal(
+        FatalMessage::new()
+            .text("anyalloc: use after free: the free object ")
+            .hex(obj)
+            .text(" was written to (its free-list link is corrupt)")
+            .line(),
+    )
 }
 
 /// `ceil(2^32 / size)` (see `Cache::recip`).
@@ -1283,10 +1300,7 @@ impl Cache {
         let d = zone.desc(head);
         let free = d.freelist.load(Ordering::Relaxed);
         let obj = if free != 0 {
-            // SAFETY: `free` is a free object of this slab (it was pushed by
-            // `return_to_slab`), at least 8 bytes long; its first word is the
-            // list link (possibly unaligned: 12-byte classes).
-            let next = unsafe { (free as *const usize).read_unaligned() } ^ self.key;
+            let next = self.slab_link(free, d.carved.load(Ordering::Relaxed), zone.platform());
             d.freelist.store(next, Ordering::Relaxed);
             free
         } else {
@@ -2127,11 +2141,38 @@ impl Cache {
             if f == obj {
                 return true;
             }
-            // SAFETY: `f` is on this slab's free list (node lock held): a
-            // free object whose first word is the link XOR the key.
-            f = unsafe { (f as *const usize).read_unaligned() } ^ self.key;
+            // `f` is on this slab's free list (node lock held).
+            f = self.slab_link(f, d.carved.load(Ordering::Relaxed), pages.platform());
         }
         false
+    }
+
+    /// The link of `obj`, a free object on its slab's free list (node lock
+    /// held), decoded: 0 (the end) or another object of the same slab,
+    /// already carved (`carved` objects were). Anything else means the
+    /// object was written after its free (a use after free overwrote its
+    /// first word): abort instead of handing out memory at whatever address
+    /// the write made of the link. A canonical value written there decodes
+    /// to a non-canonical address (the key is non-canonical), so any such
+    /// write is caught; only data that matches the key's pattern could
+    /// decode to another object of the slab.
+    fn slab_link(&self, obj: usize, carved: usize, platform: &dyn Platform) -> usize {
+        // SAFETY: `obj` is a free object of this slab (pushed by
+        // `return_to_slab`; node lock held), at least 8 bytes long; its
+        // first word is the list link XOR the key (possibly unaligned:
+        // 12-byte classes).
+        let next = unsafe { (obj as *const usize).read_unaligned() } ^ self.key;
+        if next != 0 {
+            let mask = self.slab_mask as usize;
+            let same_slab = next & !mask == obj & !mask;
+            if !same_slab
+                || !self.is_object_start(next)
+                || self.index_in_slab(next & mask) >= carved
+            {
+                corrupt_link(platform, obj);
+            }
+        }
+        next
     }
 
     /// Checks that `addr` (in a page this cache owns) is the start of an
