@@ -921,3 +921,161 @@ fn freed_check_walking_a_corrupt_free_list_aborts() {
         },
     );
 }
+/// An object freed on another heap than its own, both alive.
+#[test]
+fn free_of_an_object_of_another_live_heap_aborts() {
+    expect_abort(
+        "free_of_an_object_of_another_live_heap_aborts",
+        "outside the heap",
+        || {
+            let (a, b) = (heap(), heap());
+            let p = alloc(a, 64);
+            free(b, p);
+        },
+    );
+}
+
+/// The same for a large block and the nolock free.
+#[test]
+fn nolock_free_of_a_large_block_of_another_live_heap_aborts() {
+    expect_abort(
+        "nolock_free_of_a_large_block_of_another_live_heap_aborts",
+        "outside the heap",
+        || {
+            let (a, b) = (heap(), heap());
+            let p = alloc(a, 64 << 10);
+            free_nolock(b, p);
+        },
+    );
+}
+
+/// The old address of a huge block that `remap_huge` moved is no block.
+#[test]
+fn free_of_a_huge_block_that_remap_huge_moved_aborts() {
+    expect_abort(
+        "free_of_a_huge_block_that_remap_huge_moved_aborts",
+        "outside the heap",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            // SAFETY: live huge block.
+            let q = unsafe { h.remap_huge(p, 64 << 20) }.expect("moved");
+            assert_ne!(p, q, "not moved");
+            free(h, p);
+        },
+    );
+}
+
+/// `remap_huge` of a freed huge block aborts (it used to return `None`,
+/// and the caller copied from the unmapped block).
+#[test]
+fn remap_huge_of_a_freed_huge_block_aborts() {
+    expect_abort(
+        "remap_huge_of_a_freed_huge_block_aborts",
+        "remap_huge of",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            free(h, p);
+            // SAFETY: the bad input.
+            let r = unsafe { h.remap_huge(p, 64 << 20) };
+            eprintln!("remap_huge of a freed block returned {r:?}");
+        },
+    );
+}
+
+/// `remap_huge` of a foreign pointer aborts as its free would.
+#[test]
+fn remap_huge_of_a_stack_address_aborts() {
+    expect_abort(
+        "remap_huge_of_a_stack_address_aborts",
+        "remap_huge of",
+        || {
+            let h = heap();
+            let mut x = [0u64; 4];
+            // SAFETY: the bad input.
+            let r = unsafe { h.remap_huge(NonNull::from(&mut x).cast(), 64 << 20) };
+            eprintln!("remap_huge of a stack address returned {r:?}");
+        },
+    );
+}
+
+/// The address just past a huge block.
+#[test]
+fn free_past_the_end_of_a_huge_block_aborts() {
+    expect_abort(
+        "free_past_the_end_of_a_huge_block_aborts",
+        "outside the heap",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            free(h, offset(p, 8 << 20));
+        },
+    );
+}
+
+/// A page-aligned pointer inside a huge block.
+#[test]
+fn free_of_an_interior_page_of_a_huge_block_aborts() {
+    expect_abort(
+        "free_of_an_interior_page_of_a_huge_block_aborts",
+        "outside the heap",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            free(h, offset(p, PAGE_SIZE));
+        },
+    );
+}
+
+/// A large block freed again once the drain merged it with its buddy.
+#[test]
+fn double_free_of_a_large_block_merged_with_its_buddy_aborts() {
+    expect_abort(
+        "double_free_of_a_large_block_merged_with_its_buddy_aborts",
+        "double free",
+        || {
+            let h = heap();
+            let a = alloc(h, 16 << 10);
+            let b = alloc(h, 16 << 10);
+            free(h, a);
+            free(h, b);
+            h.drain();
+            free(h, a);
+        },
+    );
+}
+
+/// A large block freed again while it waits on a per-CPU page list.
+#[test]
+fn double_free_of_a_large_block_on_a_per_cpu_list_aborts() {
+    expect_abort(
+        "double_free_of_a_large_block_on_a_per_cpu_list_aborts",
+        "double free",
+        || {
+            let h = heap();
+            let a = alloc(h, 16 << 10);
+            free(h, a);
+            free_nolock(h, a);
+        },
+    );
+}
+
+/// `remap_huge` of a freed small object aborts (a live one gets `None`).
+#[test]
+fn remap_huge_of_a_freed_small_object_aborts() {
+    expect_abort(
+        "remap_huge_of_a_freed_small_object_aborts",
+        "remap_huge of",
+        || {
+            let h = heap();
+            let (p, _keeps_the_slab) = (alloc(h, 64), alloc(h, 64));
+            // SAFETY: a live object: not huge, so `None`, and still live.
+            assert!(unsafe { h.remap_huge(p, 64 << 20) }.is_none());
+            free(h, p);
+            // SAFETY: the bad input.
+            let r = unsafe { h.remap_huge(p, 64 << 20) };
+            eprintln!("remap_huge of a freed object returned {r:?}");
+        },
+    );
+}

@@ -1029,7 +1029,9 @@ impl Heap {
     /// nolock scope (routed like the other normal-path calls: the nolock
     /// path makes no `mremap`), or another thread's `fork` is in progress
     /// (a fork waits for moves that started before it; see the crate's
-    /// notes on `fork`). The result is page-aligned.
+    /// notes on `fork`). The result is page-aligned. A pointer that is not
+    /// a live block of this heap (freed, foreign, interior) is reported
+    /// and aborts, as its free would.
     ///
     /// ```
     /// use anyalloc::{Config, Heap};
@@ -1092,7 +1094,14 @@ impl Heap {
         }
         // The entry stays ours (`BUSY`) while the block moves: another
         // thread's huge allocation cannot take it meanwhile.
-        let claimed = core.huge.claim(addr)?;
+        let Some(claimed) = core.huge.claim(addr) else {
+            // Not a huge block: a live block of this heap gets `None` (the
+            // caller copies), anything else (freed, foreign, interior) is
+            // reported as a free of it would be, rather than left for the
+            // caller to copy from.
+            core.usable_size_for(ptr, "remap_huge");
+            return None;
+        };
         let (old, group) = (claimed.size, claimed.group);
         let moved = match group {
             // SAFETY: a registered huge allocation, its entry claimed while it
@@ -2500,15 +2509,16 @@ impl HeapCore {
     /// holds the key, or a tiny one whose first word looks like a free
     /// link, takes the exact search).
     pub(crate) fn usable_size(&self, ptr: NonNull<u8>) -> usize {
+        self.usable_size_for(ptr, "usable_size")
+    }
+
+    /// `usable_size`, its report naming the call `what`.
+    fn usable_size_for(&self, ptr: NonNull<u8>, what: &str) -> usize {
         let addr = ptr.as_ptr() as usize;
-        match self.classify_or_abort_for(addr, "usable_size") {
+        match self.classify_or_abort_for(addr, what) {
             Kind::Object(cache, zone, _) => {
                 if cache.is_freed(&self.pages, zone, addr) {
-                    self.bad_pointer(
-                        "usable_size",
-                        addr,
-                        ", which is a freed object (use after free?)",
-                    );
+                    self.bad_pointer(what, addr, ", which is a freed object (use after free?)");
                 }
                 cache.size()
             }
