@@ -607,7 +607,21 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
     expect_abort(
         "double_free_of_an_object_on_the_deferred_stack_aborts",
         "double free of object",
-        || deferred_victim_freed_again(false),
+        || deferred_victim_then(Then::FreeAfter),
+    );
+}
+
+/// A nolock free parked on the deferred stack (as above), its object then
+/// written over (a use after free by the code the handler interrupted):
+/// the drain that follows the stack's links reports it instead of
+/// following a link to wherever the write pointed.
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn write_over_a_deferred_object_aborts_at_the_drain() {
+    expect_abort(
+        "write_over_a_deferred_object_aborts_at_the_drain",
+        "was written to",
+        || deferred_victim_then(Then::Scribble),
     );
 }
 
@@ -622,15 +636,28 @@ fn double_free_in_a_handler_of_an_object_on_the_deferred_stack_aborts() {
     expect_abort(
         "double_free_in_a_handler_of_an_object_on_the_deferred_stack_aborts",
         "double free of object",
-        || deferred_victim_freed_again(true),
+        || deferred_victim_then(Then::FreeInHandler),
     );
 }
 
-/// The scenario of the two tests above: parks a victim and decoys on the
-/// deferred stack from a handler nested three deep, then frees the victim
-/// again from that handler (`in_handler`) or from the driver afterwards.
+/// What `deferred_victim_then` does with the victim.
 #[cfg(feature = "interrupt-points")]
-fn deferred_victim_freed_again(in_handler: bool) {
+#[derive(PartialEq)]
+enum Then {
+    /// Frees it again from the innermost handler.
+    FreeInHandler,
+    /// Frees it again from the driver, once the handlers have returned.
+    FreeAfter,
+    /// Writes over the first word of the victim and every decoy (some are
+    /// still deferred), then drains.
+    Scribble,
+}
+
+/// The scenario of the tests above: parks a victim and decoys on the
+/// deferred stack from a handler nested three deep, then does `then`.
+#[cfg(feature = "interrupt-points")]
+fn deferred_victim_then(then: Then) {
+    let in_handler = then == Then::FreeInHandler;
     use anyalloc::interrupt::{set_hook, Site};
     use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
     static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
@@ -719,7 +746,15 @@ fn deferred_victim_freed_again(in_handler: bool) {
     set_hook(None);
     // The victim and the decoys the nested allocations left there.
     assert!(h.stats().classes[10].deferred >= 1, "nothing deferred");
-    free(h, victim);
+    if then == Then::Scribble {
+        scribble(victim, 0);
+        for d in &decoys {
+            scribble(*d, 0);
+        }
+        h.drain();
+    } else {
+        free(h, victim);
+    }
 }
 
 /// Allocates through `Global` with `size` bytes aligned to `align` and

@@ -47,9 +47,11 @@
 //! stack (first words) are stored XOR the key, so in the tiny classes,
 //! whose key word is that link, a free object's first word XOR the key is
 //! 0, [`NIL`](crate::sync::NIL) or a heap address: those values are
-//! suspects too. A slab free list's link is checked whenever it is
-//! followed (`Cache::slab_link`): 0 or an object of the same slab, or the
-//! object was written after its free, which is reported.
+//! suspects too. A link is checked whenever it is followed: a slab free
+//! list's must be 0 or an object of the same slab (`Cache::slab_link`), the
+//! deferred stack's the end or an object of the cache
+//! (`Cache::deferred_link`); anything else means the object was written
+//! after its free, which is reported.
 //!
 //! # Sheaf conservation
 //!
@@ -1117,7 +1119,7 @@ impl Cache {
                 return r.map_err(|e| if busy { Fail::Busy } else { e });
             }
         }
-        let o = self.alloc_deferred(cpu).ok_or(Fail::Busy)?;
+        let o = self.alloc_deferred(pages, cpu).ok_or(Fail::Busy)?;
         self.nolock_ok_slotless.fetch_add(1, Ordering::Relaxed);
         Ok(o)
     }
@@ -1142,10 +1144,10 @@ impl Cache {
     /// (Accounted caches too: a free uncharges before the cache sees the
     /// object, and an allocation charges whatever object it is given.)
     #[cold]
-    fn alloc_deferred(&self, cpu: usize) -> Option<usize> {
+    fn alloc_deferred(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
         // Every object below is on a chain this context took (`take_all`,
         // or `put_back`'s own take) and owns.
-        let link = |o: usize| self.deferred_link(o);
+        let link = |o: usize| self.deferred_link(pages, o);
         let first = self.deferred.take_all();
         if first == crate::sync::NIL {
             return None;
@@ -1171,7 +1173,7 @@ impl Cache {
         }
         self.deferred_count.fetch_sub(taken, Ordering::Relaxed);
         if rest != crate::sync::NIL {
-            self.put_back_deferred(rest);
+            self.put_back_deferred(pages, rest);
         }
         Some(first)
     }
@@ -1453,10 +1455,10 @@ impl Cache {
     /// not `NIL`) back on it, then closes the normal fast path as `defer`
     /// does: a drain that ran while the chain was taken saw an empty stack
     /// and may have reopened it (see `FastGate`).
-    fn put_back_deferred(&self, chain: usize) {
+    fn put_back_deferred(&self, pages: &PageAllocator, chain: usize) {
         self.deferred.put_back(
             chain,
-            |o| self.deferred_link(o),
+            |o| self.deferred_link(pages, o),
             |o, next| self.set_deferred_link(o, next),
         );
         self.normal_cpus.close_after_push();
@@ -1464,11 +1466,27 @@ impl Cache {
 
     /// A deferred object's link: its first word, keyed (`set_deferred_link`).
     /// `o` is on a deferred chain the caller took (`take_all`) and owns.
-    fn deferred_link(&self, o: usize) -> usize {
+    /// The link must be the end of the stack or an object of this cache:
+    /// anything else means `o` was written after its free (a use after
+    /// free, say by the code a handler's free interrupted), which is
+    /// reported rather than followed.
+    fn deferred_link(&self, pages: &PageAllocator, o: usize) -> usize {
         // SAFETY: per the caller: an object of this cache (at least 8
         // bytes) on a chain it owns, whose link `set_deferred_link` wrote,
         // made visible by the take's Acquire.
-        unsafe { (o as *const usize).read_unaligned() ^ self.key }
+        let next = unsafe { (o as *const usize).read_unaligned() } ^ self.key;
+        if next != crate::sync::NIL && !self.is_object_of(pages, next) {
+            corrupt_link(pages.platform(), o);
+        }
+        next
+    }
+
+    /// Whether `addr` is the start of an object slot of this cache (its
+    /// page is owned by this cache). Any context, no lock.
+    fn is_object_of(&self, pages: &PageAllocator, addr: usize) -> bool {
+        pages.locate_indexed(addr).is_some_and(|(_, zone, idx)| {
+            zone.desc(idx).owner.load(Ordering::Acquire) as usize == self.index + 1
+        }) && self.is_object_start(addr)
     }
 
     /// Writes a deferred object's link into its first word, keyed. `o` is a
@@ -1500,13 +1518,13 @@ impl Cache {
     /// child's count would cover objects on no stack (lost to the child, as
     /// the thread that held them), which no drain ever takes off it.
     #[cfg(feature = "std")]
-    pub(crate) fn recount_deferred_after_fork(&self) {
+    pub(crate) fn recount_deferred_after_fork(&self, pages: &PageAllocator) {
         let mut n = 0;
         let mut o = self.deferred.head();
         while o != crate::sync::NIL {
             n += 1;
             // On the stack, with nothing else running: its link is written.
-            o = self.deferred_link(o);
+            o = self.deferred_link(pages, o);
         }
         self.deferred_count.store(n, Ordering::Relaxed);
     }
@@ -1517,7 +1535,7 @@ impl Cache {
         let cpu = pages.cpu();
         while o != crate::sync::NIL {
             // The chain is ours (take_all).
-            let next = self.deferred_link(o);
+            let next = self.deferred_link(pages, o);
             crate::interrupt_point!(ObjectDeferredDrain);
             self.deferred_count.fetch_sub(1, Ordering::Relaxed);
             self.free_normal(pages, cpu, o);
@@ -2111,10 +2129,10 @@ impl Cache {
         while o != crate::sync::NIL {
             // The chain is ours (take_all) until it is put back.
             found |= o == obj;
-            o = self.deferred_link(o);
+            o = self.deferred_link(pages, o);
         }
         if first != crate::sync::NIL {
-            self.put_back_deferred(first);
+            self.put_back_deferred(pages, first);
         }
         if found {
             return true;

@@ -2654,7 +2654,7 @@ impl HeapCore {
             self.huge_live.store(live, Ordering::Relaxed);
             self.huge_bytes.store(bytes, Ordering::Relaxed);
             for i in 0..CACHES {
-                self.cache(i).recount_deferred_after_fork();
+                self.cache(i).recount_deferred_after_fork(&self.pages);
             }
             self.pages.recount_after_fork();
         }
