@@ -188,18 +188,18 @@ fn immediate_nolock_double_free_of_a_small_object_aborts() {
 fn double_free_of_a_large_allocation_aborts() {
     expect_abort(
         "double_free_of_a_large_allocation_aborts",
-        "not a live object",
+        "a block of pages freed already (double free?)",
         || free_twice(16 << 10),
     );
 }
 
 /// A 64 KiB block waits on a per-CPU list after its first free (with
-/// rseq): the second free still finds it not live.
+/// rseq): the second free finds it free, and says so.
 #[test]
 fn double_free_of_a_64_kib_block_aborts() {
     expect_abort(
         "double_free_of_a_64_kib_block_aborts",
-        "not a live object",
+        "a block of pages freed already (double free?)",
         || free_twice(64 << 10),
     );
 }
@@ -1086,7 +1086,7 @@ fn double_free_of_a_large_block_merged_with_its_buddy_aborts() {
 fn double_free_of_a_large_block_on_a_per_cpu_list_aborts() {
     expect_abort(
         "double_free_of_a_large_block_on_a_per_cpu_list_aborts",
-        "double free",
+        "freed already (double free?)",
         || {
             let h = heap();
             let a = alloc(h, 16 << 10);

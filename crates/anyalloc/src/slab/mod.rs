@@ -2477,6 +2477,11 @@ impl HeapCore {
                 k
             }
             Some(k) => k,
+            None if self.is_free_block(addr) => self.bad_pointer(
+                what,
+                addr,
+                ", which is a block of pages freed already (double free?)",
+            ),
             None if self.pages.contains(addr) => self.bad_pointer(
                 what,
                 addr,
@@ -2488,6 +2493,18 @@ impl HeapCore {
                 ", which is outside the heap's memory (a foreign pointer, or a block above 4 MiB freed already?)",
             ),
         }
+    }
+
+    /// Whether `addr` is the head page of a free page block (a large
+    /// block freed, on any of the page allocator's lists). For reports.
+    fn is_free_block(&self, addr: usize) -> bool {
+        addr.is_multiple_of(PAGE_SIZE)
+            && self
+                .pages
+                .locate_indexed(addr)
+                .is_some_and(|(_, zone, idx)| {
+                    crate::page::is_free_block_state(zone.desc(idx).load())
+                })
     }
 
     /// The one-line report of a pointer that call `what` cannot take.
