@@ -1054,7 +1054,7 @@ fn free_past_the_end_of_a_huge_block_aborts() {
 fn free_of_an_interior_page_of_a_huge_block_aborts() {
     expect_abort(
         "free_of_an_interior_page_of_a_huge_block_aborts",
-        "outside the heap",
+        "not the start of a block above 4 MiB (interior pointer)",
         || {
             let h = heap();
             let p = alloc(h, 8 << 20);
@@ -1111,6 +1111,20 @@ fn remap_huge_of_a_freed_small_object_aborts() {
             // SAFETY: the bad input.
             let r = unsafe { h.remap_huge(p, 64 << 20) };
             eprintln!("remap_huge of a freed object returned {r:?}");
+        },
+    );
+}
+
+/// An unaligned pointer into a huge block, to `usable_size`.
+#[test]
+fn usable_size_of_an_interior_pointer_of_a_huge_block_aborts() {
+    expect_abort(
+        "usable_size_of_an_interior_pointer_of_a_huge_block_aborts",
+        "4 MiB (interior pointer)",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            usable(h, offset(p, (4 << 20) + 24));
         },
     );
 }

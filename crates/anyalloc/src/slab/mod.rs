@@ -2482,6 +2482,12 @@ impl HeapCore {
                 addr,
                 ", which is a block of pages freed already (double free?)",
             ),
+            #[cfg(feature = "std")]
+            None if self.huge.holding(addr).is_some() => self.bad_pointer(
+                what,
+                addr,
+                ", which is not the start of a block above 4 MiB (interior pointer)",
+            ),
             None if self.pages.contains(addr) => self.bad_pointer(
                 what,
                 addr,
