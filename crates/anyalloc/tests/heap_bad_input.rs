@@ -1128,3 +1128,99 @@ fn usable_size_of_an_interior_pointer_of_a_huge_block_aborts() {
         },
     );
 }
+
+/// A nolock double free (a handler's) of an object that sits on its slab's
+/// free list, made while the interrupted context holds that cache's node
+/// lock (here at `PartialLocked`, returning other objects to their slabs):
+/// the exact check cannot search the free list, so the object is parked
+/// and checked again by the next normal operation. (It went to a sheaf,
+/// and was later handed out twice.)
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn nolock_double_free_under_a_held_node_lock_aborts() {
+    expect_abort(
+        "nolock_double_free_under_a_held_node_lock_aborts",
+        "double free of object",
+        || nolock_free_under_a_held_node_lock(true),
+    );
+}
+
+/// The same free of a live object whose key word holds the key (user
+/// data): parked, then freed by the next normal operation; nothing is
+/// lost, nothing handed out twice. In a child: the scenario installs an
+/// interrupt hook.
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn nolock_free_of_a_key_holder_under_a_held_node_lock_is_freed_later() {
+    let test = "nolock_free_of_a_key_holder_under_a_held_node_lock_is_freed_later";
+    if std::env::var(VAR).as_deref() == Ok(test) {
+        nolock_free_under_a_held_node_lock(false);
+        return;
+    }
+    for env in [vec![(VAR, test)], vec![(VAR, test), watchdog::RSEQ_OFF]] {
+        watchdog::run_ok(test, &env, Duration::from_secs(60), test);
+    }
+}
+
+/// Frees a victim with the nolock free from inside a drain holding the
+/// 64-byte class's node lock: a `double` free of an object on its slab's
+/// free list, or the only free of a live object holding the key.
+#[cfg(feature = "interrupt-points")]
+fn nolock_free_under_a_held_node_lock(double: bool) {
+    use anyalloc::interrupt::{set_hook, Site};
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+    static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+    static VICTIM: AtomicUsize = AtomicUsize::new(0);
+    fn hook(site: Site) {
+        if site != Site::PartialLocked {
+            return;
+        }
+        if let Some(v) = NonNull::new(VICTIM.swap(0, Ordering::Relaxed) as *mut u8) {
+            // SAFETY: set before the hook is installed, leaked.
+            let h = unsafe { &*H.load(Ordering::Relaxed) };
+            free_nolock(h, v);
+        }
+    }
+    let h: &'static Heap = Box::leak(Box::new(
+        Heap::new(
+            Config::default()
+                .memory(16 << 20)
+                .cpus(1)
+                .maintenance(false),
+        )
+        .unwrap(),
+    ));
+    H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
+    let objs = allocs(h, 64, 8);
+    free(h, objs[0]);
+    h.drain(); // objs[0] on its slab's free list, its key word the key
+    assert_eq!(h.stats().classes[10].cached_in_sheaves, 0);
+    let victim = if double {
+        objs[0]
+    } else {
+        // SAFETY: reading a freed object of our own heap (mapped memory).
+        let key = unsafe { objs[0].as_ptr().add(8).cast::<usize>().read() };
+        // SAFETY: a live 64-byte object.
+        unsafe { objs[2].as_ptr().add(8).cast::<usize>().write(key) };
+        objs[2]
+    };
+    VICTIM.store(victim.as_ptr() as usize, Ordering::Relaxed);
+    free(h, objs[1]);
+    set_hook(Some(hook));
+    h.drain(); // returns objs[1] with the node lock held: the hook runs
+    set_hook(None);
+    assert_eq!(VICTIM.load(Ordering::Relaxed), 0, "the hook ran");
+    let again = allocs(h, 64, 200);
+    let mut seen = std::collections::HashSet::new();
+    for p in &again {
+        assert!(seen.insert(p.as_ptr() as usize), "{p:?} handed out twice");
+    }
+    for p in again.into_iter().chain(objs[3..].iter().copied()) {
+        free(h, p);
+    }
+    // (objs[0] to objs[2] were freed above; `again` may hold them.)
+    h.drain();
+    let s = h.stats();
+    assert_eq!(s.objects_in_use, 0, "every object came back");
+    assert_eq!(s.pages.free_pages, s.pages.total_pages);
+}

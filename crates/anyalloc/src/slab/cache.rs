@@ -40,7 +40,10 @@
 //! makes the exact check, `Cache::is_free`: it searches every sheaf, the
 //! deferred stack, the barn and the object's slab free list, and aborts
 //! with a one-line message only when it finds the object (user data that
-//! happens to equal the key costs a search, never an abort). Allocation
+//! happens to equal the key costs a search, never an abort). A nolock
+//! search that finds the node lock held cannot look in the barn and the
+//! free list: the object is parked on `suspects` (never handed out from
+//! there) until a normal drain searches again, with the lock. Allocation
 //! clears the key word; carving an object from a slab's untouched tail
 //! writes it (the object is free until handed out, in a sheaf meanwhile).
 //! The links of the slab free lists and the deferred
@@ -497,6 +500,12 @@ pub(crate) struct Cache {
     node: Node,
     deferred: IndexStack,
     deferred_count: AtomicUsize,
+    /// Freed objects whose key said "maybe a double free" when the exact
+    /// check could not decide (a nolock free that found the node lock
+    /// held): never handed out from here; the next normal drain checks
+    /// them again with the lock (`drain_suspects`). Linked as the deferred
+    /// stack is.
+    suspects: IndexStack,
     /// The slots of the other levels, level by level (`slot_index`):
     /// `(LEVELS - 1) * cpus` of them.
     slots: *const SheafSlot,
@@ -588,6 +597,18 @@ const fn start_bound(size: u32, objs: usize) -> u64 {
 #[inline(always)]
 fn is_start(off: u32, magic: u64, bound: u64) -> bool {
     (off as u64).wrapping_mul(magic) < bound
+}
+
+/// Reports a double free of object `obj`, and aborts.
+#[cold]
+#[inline(never)]
+fn double_free(platform: &dyn Platform, obj: usize) -> ! {
+    platform.fatal(
+        FatalMessage::new()
+            .text("anyalloc: double free of object ")
+            .hex(obj)
+            .line(),
+    )
 }
 
 /// Reports a free object whose free-list link a write after its free
@@ -714,6 +735,7 @@ impl Cache {
                 },
                 deferred: IndexStack::new(),
                 deferred_count: AtomicUsize::new(0),
+                suspects: IndexStack::new(),
                 level0,
                 slots,
                 sheaves,
@@ -1502,7 +1524,7 @@ impl Cache {
     /// on it, then reopens the fast path if it was closed (`normal_cpus`).
     #[inline]
     fn drain_and_reopen(&self, pages: &PageAllocator) {
-        if !self.deferred.is_empty() {
+        if !self.deferred.is_empty() || !self.suspects.is_empty() {
             self.drain_deferred(pages);
         }
         if self.rseq && self.normal_cpus.cpus() == 0 {
@@ -1531,6 +1553,9 @@ impl Cache {
 
     /// Normal context: frees every deferred object through the normal path.
     pub(crate) fn drain_deferred(&self, pages: &PageAllocator) {
+        if !self.suspects.is_empty() {
+            self.drain_suspects(pages);
+        }
         let mut o = self.deferred.take_all();
         let cpu = pages.cpu();
         while o != crate::sync::NIL {
@@ -1988,16 +2013,26 @@ impl Cache {
     // ----- validation ------------------------------------------------------------
 
     /// Both free paths, before the object goes anywhere: the O(1) key test
-    /// (see "Double-free detection"), then the key is written.
+    /// (see "Double-free detection"), then the key is written. `false`:
+    /// the object was parked as a suspect (`suspects`) and the free is
+    /// done; the caller must not free it anywhere else.
     #[inline(always)]
-    pub(crate) fn check_free(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
-        if self.key_suspect(pages, zone, obj) {
-            self.suspect_double_free(pages, obj, mode);
+    #[must_use]
+    pub(crate) fn check_free(
+        &self,
+        pages: &PageAllocator,
+        zone: &Zone,
+        obj: usize,
+        mode: Mode,
+    ) -> bool {
+        if self.key_suspect(pages, zone, obj) && !self.suspect_double_free(pages, obj, mode) {
+            return false;
         }
         let kw = (obj + key_off(self.class)) as *mut usize;
         // SAFETY: `obj` is a validated object of this cache (at least 8
         // bytes, 16 when the key is at 8), owned by this free.
         unsafe { kw.write_unaligned(self.key) };
+        true
     }
 
     /// The key test alone, which changes nothing: whether the key
@@ -2046,8 +2081,9 @@ impl Cache {
     #[cold]
     #[inline(never)]
     pub(crate) fn free_checked(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
-        self.check_free(pages, zone, obj, mode);
-        self.free_miss(pages, obj, mode);
+        if self.check_free(pages, zone, obj, mode) {
+            self.free_miss(pages, obj, mode);
+        }
     }
 
     /// Tiny classes: whether a first word XOR the key looks like a free
@@ -2088,15 +2124,53 @@ impl Cache {
     /// the nolock route it takes does (`routed`): it only tries the node
     /// lock, whose holder may be waiting for a lock its interrupted context
     /// holds.
+    ///
+    /// `true`: not free, the free goes on. When the search cannot decide
+    /// (the node lock is busy), the object is parked on `suspects` instead
+    /// and `false` returned: going on would put a double-freed object in a
+    /// sheaf while it is still on its slab's free list or in the barn, and
+    /// it would be handed out twice.
     #[cold]
     #[inline(never)]
-    fn suspect_double_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
-        if self.is_free(pages, obj, super::routed(mode)) {
-            pages.fatal(
-                crate::platform::FatalMessage::new()
-                    .text("anyalloc: double free of object ")
-                    .hex(obj),
-            );
+    fn suspect_double_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
+        match self.is_free(pages, obj, super::routed(mode)) {
+            Some(true) => double_free(pages.platform(), obj),
+            Some(false) => true,
+            None => {
+                self.suspects
+                    .push(obj, |o, next| self.set_deferred_link(o, next));
+                pages.wake_maintainer();
+                false
+            }
+        }
+    }
+
+    /// Normal context: checks every parked suspect again, now able to wait
+    /// for the node lock: one still free elsewhere, or handed out since
+    /// (its key word cleared by the allocation), was freed twice;
+    /// the others are freed (user data that equalled the key).
+    fn drain_suspects(&self, pages: &PageAllocator) {
+        let mut o = self.suspects.take_all();
+        while o != crate::sync::NIL {
+            // The chain is ours (take_all).
+            let next = self.deferred_link(pages, o);
+            let off = key_off(self.class);
+            // SAFETY: a parked object of this cache (at least `off + 8`
+            // bytes), ours; reading its key word changes nothing.
+            let kw = unsafe { ((o + off) as *const usize).read_unaligned() };
+            match self.is_free(pages, o, super::routed(Mode::Normal)) {
+                Some(true) => double_free(pages.platform(), o),
+                _ if off != 0 && kw != self.key => double_free(pages.platform(), o),
+                Some(false) => {
+                    if off == 0 {
+                        self.set_free_mark(o);
+                    }
+                    self.free_normal(pages, pages.cpu(), o);
+                }
+                // Still undecided (this drain runs nested): back it goes.
+                None => self.suspects.push(o, |p, n| self.set_deferred_link(p, n)),
+            }
+            o = next;
         }
     }
 
@@ -2106,7 +2180,9 @@ impl Cache {
     /// (a concurrent move may hide the object: then it is not reported);
     /// the barn and the free list need the node lock, which the nolock path
     /// only tries (busy: not reported).
-    fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
+    /// `None`: the node lock was busy (nolock), so the barn and the free
+    /// list were not searched.
+    fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> Option<bool> {
         let in_first = |sh: &Sheaf, n: usize| {
             sh.objs[..n.min(SHEAF_CAP)]
                 .iter()
@@ -2117,7 +2193,7 @@ impl Cache {
             s.main_view().is_some_and(|(sh, n)| in_first(sh, n))
                 || s.spare_if_any().is_some_and(in_sheaf)
         }) {
-            return true;
+            return Some(true);
         }
         // The deferred stack: take it (we own the chain), look, put it back
         // whole (behind whatever was pushed meanwhile).
@@ -2135,17 +2211,17 @@ impl Cache {
             self.put_back_deferred(pages, first);
         }
         if found {
-            return true;
+            return Some(true);
         }
         let Some(_node) = self.node.lock.lock_in(mode, pages.platform()) else {
-            return false;
+            return None;
         };
         let mut s = self.node.full.load(Ordering::Relaxed);
         while !s.is_null() {
             // SAFETY: barn sheaves are cache sheaves; the node lock is held.
             let sh = unsafe { &*s };
             if in_sheaf(sh) {
-                return true;
+                return Some(true);
             }
             s = sh.next.load(Ordering::Relaxed);
         }
@@ -2157,12 +2233,12 @@ impl Cache {
                 break;
             }
             if f == obj {
-                return true;
+                return Some(true);
             }
             // `f` is on this slab's free list (node lock held).
             f = self.slab_link(f, d.carved.load(Ordering::Relaxed), pages.platform());
         }
-        false
+        Some(false)
     }
 
     /// The link of `obj`, a free object on its slab's free list (node lock
@@ -2207,7 +2283,7 @@ impl Cache {
     /// without writing the key, then (a suspect) the exact search, which
     /// only tries the node lock. Any context.
     pub(crate) fn is_freed(&self, pages: &PageAllocator, zone: &Zone, obj: usize) -> bool {
-        self.key_suspect(pages, zone, obj) && self.is_free(pages, obj, Mode::NoLock)
+        self.key_suspect(pages, zone, obj) && self.is_free(pages, obj, Mode::NoLock) == Some(true)
     }
 
     /// Whether `addr` (in a page this cache owns) is the start of an object

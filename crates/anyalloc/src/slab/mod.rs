@@ -1917,9 +1917,13 @@ impl HeapCore {
             Kind::Object(cache, zone, idx) => {
                 #[cfg(feature = "debug-checks")]
                 cache.mark(&self.pages, zone, idx, addr, false);
-                cache.check_free(&self.pages, zone, addr, mode);
+                let goes_on = cache.check_free(&self.pages, zone, addr, mode);
                 if cache.accounted {
                     self.uncharge_object(cache, zone, idx, addr);
+                }
+                if !goes_on {
+                    // Parked as a suspect (see `Cache::check_free`).
+                    return;
                 }
                 match mode {
                     Mode::Normal => cache.free(&self.pages, addr),
