@@ -2213,9 +2213,8 @@ impl Cache {
         if found {
             return Some(true);
         }
-        let Some(_node) = self.node.lock.lock_in(mode, pages.platform()) else {
-            return None;
-        };
+        // Busy (nolock): undecided.
+        let _node = self.node.lock.lock_in(mode, pages.platform())?;
         let mut s = self.node.full.load(Ordering::Relaxed);
         while !s.is_null() {
             // SAFETY: barn sheaves are cache sheaves; the node lock is held.
