@@ -1162,11 +1162,57 @@ fn nolock_free_of_a_key_holder_under_a_held_node_lock_is_freed_later() {
     }
 }
 
+/// A live object holding the key, parked by a nolock free under a held
+/// node lock (as above), then freed again by the normal path before any
+/// drain looked at it: the exact check finds it parked.
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn free_of_a_parked_suspect_aborts() {
+    expect_abort(
+        "free_of_a_parked_suspect_aborts",
+        "double free of object",
+        || {
+            let (h, victim) = park_a_key_holder();
+            free(h, victim);
+        },
+    );
+}
+
 /// Frees a victim with the nolock free from inside a drain holding the
 /// 64-byte class's node lock: a `double` free of an object on its slab's
-/// free list, or the only free of a live object holding the key.
+/// free list, or the only free of a live object holding the key. Then
+/// allocates and frees everything, checking that nothing is handed out
+/// twice and nothing is lost.
 #[cfg(feature = "interrupt-points")]
 fn nolock_free_under_a_held_node_lock(double: bool) {
+    let (h, _, objs) = nolock_free_in_a_drain(double);
+    let again = allocs(h, 64, 200);
+    let mut seen = std::collections::HashSet::new();
+    for p in &again {
+        assert!(seen.insert(p.as_ptr() as usize), "{p:?} handed out twice");
+    }
+    for p in again.into_iter().chain(objs[3..].iter().copied()) {
+        free(h, p);
+    }
+    // (objs[0] to objs[2] were freed above; `again` may hold them.)
+    h.drain();
+    let s = h.stats();
+    assert_eq!(s.objects_in_use, 0, "every object came back");
+    assert_eq!(s.pages.free_pages, s.pages.total_pages);
+}
+
+/// A live object holding the key, freed by the nolock free under a held
+/// node lock (so parked), and its heap.
+#[cfg(feature = "interrupt-points")]
+fn park_a_key_holder() -> (&'static Heap, NonNull<u8>) {
+    let (h, victim, _) = nolock_free_in_a_drain(false);
+    (h, victim)
+}
+
+/// The setup of the tests above: returns the heap, the victim and the 8
+/// objects allocated (0 to 2 freed, the victim among them).
+#[cfg(feature = "interrupt-points")]
+fn nolock_free_in_a_drain(double: bool) -> (&'static Heap, NonNull<u8>, Vec<NonNull<u8>>) {
     use anyalloc::interrupt::{set_hook, Site};
     use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
     static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
@@ -1210,17 +1256,5 @@ fn nolock_free_under_a_held_node_lock(double: bool) {
     h.drain(); // returns objs[1] with the node lock held: the hook runs
     set_hook(None);
     assert_eq!(VICTIM.load(Ordering::Relaxed), 0, "the hook ran");
-    let again = allocs(h, 64, 200);
-    let mut seen = std::collections::HashSet::new();
-    for p in &again {
-        assert!(seen.insert(p.as_ptr() as usize), "{p:?} handed out twice");
-    }
-    for p in again.into_iter().chain(objs[3..].iter().copied()) {
-        free(h, p);
-    }
-    // (objs[0] to objs[2] were freed above; `again` may hold them.)
-    h.drain();
-    let s = h.stats();
-    assert_eq!(s.objects_in_use, 0, "every object came back");
-    assert_eq!(s.pages.free_pages, s.pages.total_pages);
+    (h, victim, objs)
 }

@@ -2213,6 +2213,25 @@ impl Cache {
         if found {
             return Some(true);
         }
+        // The parked suspects, the same way (no gate to close: nothing is
+        // handed out from there).
+        let first = self.suspects.take_all();
+        let mut o = first;
+        while o != crate::sync::NIL {
+            // The chain is ours (take_all) until it is put back.
+            found |= o == obj;
+            o = self.deferred_link(pages, o);
+        }
+        if first != crate::sync::NIL {
+            self.suspects.put_back(
+                first,
+                |o| self.deferred_link(pages, o),
+                |o, next| self.set_deferred_link(o, next),
+            );
+        }
+        if found {
+            return Some(true);
+        }
         // Busy (nolock): undecided.
         let _node = self.node.lock.lock_in(mode, pages.platform())?;
         let mut s = self.node.full.load(Ordering::Relaxed);
