@@ -188,18 +188,18 @@ fn immediate_nolock_double_free_of_a_small_object_aborts() {
 fn double_free_of_a_large_allocation_aborts() {
     expect_abort(
         "double_free_of_a_large_allocation_aborts",
-        "not a live object",
+        "a block of pages freed already (double free?)",
         || free_twice(16 << 10),
     );
 }
 
 /// A 64 KiB block waits on a per-CPU list after its first free (with
-/// rseq): the second free still finds it not live.
+/// rseq): the second free finds it free, and says so.
 #[test]
 fn double_free_of_a_64_kib_block_aborts() {
     expect_abort(
         "double_free_of_a_64_kib_block_aborts",
-        "not a live object",
+        "a block of pages freed already (double free?)",
         || free_twice(64 << 10),
     );
 }
@@ -607,7 +607,21 @@ fn double_free_of_an_object_on_the_deferred_stack_aborts() {
     expect_abort(
         "double_free_of_an_object_on_the_deferred_stack_aborts",
         "double free of object",
-        || deferred_victim_freed_again(false),
+        || deferred_victim_then(Then::FreeAfter),
+    );
+}
+
+/// A nolock free parked on the deferred stack (as above), its object then
+/// written over (a use after free by the code the handler interrupted):
+/// the drain that follows the stack's links reports it instead of
+/// following a link to wherever the write pointed.
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn write_over_a_deferred_object_aborts_at_the_drain() {
+    expect_abort(
+        "write_over_a_deferred_object_aborts_at_the_drain",
+        "was written to",
+        || deferred_victim_then(Then::Scribble),
     );
 }
 
@@ -622,15 +636,28 @@ fn double_free_in_a_handler_of_an_object_on_the_deferred_stack_aborts() {
     expect_abort(
         "double_free_in_a_handler_of_an_object_on_the_deferred_stack_aborts",
         "double free of object",
-        || deferred_victim_freed_again(true),
+        || deferred_victim_then(Then::FreeInHandler),
     );
 }
 
-/// The scenario of the two tests above: parks a victim and decoys on the
-/// deferred stack from a handler nested three deep, then frees the victim
-/// again from that handler (`in_handler`) or from the driver afterwards.
+/// What `deferred_victim_then` does with the victim.
 #[cfg(feature = "interrupt-points")]
-fn deferred_victim_freed_again(in_handler: bool) {
+#[derive(PartialEq)]
+enum Then {
+    /// Frees it again from the innermost handler.
+    FreeInHandler,
+    /// Frees it again from the driver, once the handlers have returned.
+    FreeAfter,
+    /// Writes over the first word of the victim and every decoy (some are
+    /// still deferred), then drains.
+    Scribble,
+}
+
+/// The scenario of the tests above: parks a victim and decoys on the
+/// deferred stack from a handler nested three deep, then does `then`.
+#[cfg(feature = "interrupt-points")]
+fn deferred_victim_then(then: Then) {
+    let in_handler = then == Then::FreeInHandler;
     use anyalloc::interrupt::{set_hook, Site};
     use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
     static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
@@ -719,7 +746,15 @@ fn deferred_victim_freed_again(in_handler: bool) {
     set_hook(None);
     // The victim and the decoys the nested allocations left there.
     assert!(h.stats().classes[10].deferred >= 1, "nothing deferred");
-    free(h, victim);
+    if then == Then::Scribble {
+        scribble(victim, 0);
+        for d in &decoys {
+            scribble(*d, 0);
+        }
+        h.drain();
+    } else {
+        free(h, victim);
+    }
 }
 
 /// Allocates through `Global` with `size` bytes aligned to `align` and
@@ -835,4 +870,391 @@ fn sized_free_of_an_interior_pointer_aborts() {
             unsafe { h.free_sized(offset(p, 8), l) };
         },
     );
+}
+
+// ----- writes after free, other heaps, huge blocks --------------------------------
+
+/// Overwrites the first word of freed object `p` (a use after free).
+fn scribble(p: NonNull<u8>, value: usize) {
+    // SAFETY: the bad input: a write into a freed object of our own heap
+    // (its slab stays mapped while another object keeps it).
+    unsafe { p.as_ptr().cast::<usize>().write_unaligned(value) };
+}
+
+/// Frees two objects of `size` bytes back to their slab's free list,
+/// writes `value` over the first word (the list link) of both, then
+/// allocates from the slab: the corrupt link must be reported, not followed
+/// to wherever it points.
+fn uaf_link_then_alloc(size: usize, value: usize) {
+    let h = heap();
+    let objs = allocs(h, size, 3);
+    free(h, objs[0]);
+    free(h, objs[1]);
+    h.drain(); // both on their slab's free list (objs[2] keeps the slab)
+    scribble(objs[0], value);
+    scribble(objs[1], value);
+    for _ in 0..64 {
+        let p = alloc(h, size);
+        // Writing the block is what a caller does with it.
+        // SAFETY: `p` is `size` bytes, or the corruption went unnoticed.
+        unsafe { p.as_ptr().write_bytes(0x5a, size) };
+    }
+}
+
+#[test]
+fn zero_written_over_a_free_list_link_aborts_at_the_next_alloc() {
+    expect_abort(
+        "zero_written_over_a_free_list_link_aborts_at_the_next_alloc",
+        "was written to",
+        || uaf_link_then_alloc(64, 0),
+    );
+}
+
+#[test]
+fn data_written_over_a_free_list_link_aborts_at_the_next_alloc() {
+    expect_abort(
+        "data_written_over_a_free_list_link_aborts_at_the_next_alloc",
+        "was written to",
+        || uaf_link_then_alloc(64, 0x4141_4141_4141_4141),
+    );
+}
+
+#[test]
+fn zero_written_over_a_free_list_link_of_8_byte_objects_aborts() {
+    expect_abort(
+        "zero_written_over_a_free_list_link_of_8_byte_objects_aborts",
+        "was written to",
+        || uaf_link_then_alloc(8, 0),
+    );
+}
+
+/// `usable_size` of a freed object, whose exact check walks a slab free
+/// list through an object whose link a write after free corrupted: the
+/// walk reports the corruption instead of following the link.
+#[test]
+fn freed_check_walking_a_corrupt_free_list_aborts() {
+    expect_abort(
+        "freed_check_walking_a_corrupt_free_list_aborts",
+        "was written to",
+        || {
+            let h = heap();
+            let objs = allocs(h, 64, 8);
+            // Two objects of one page (so of one slab), a third keeps it.
+            let page = |p: &NonNull<u8>| p.as_ptr() as usize / PAGE_SIZE;
+            let (a, rest) = objs.split_first().unwrap();
+            let mut same = rest.iter().filter(|p| page(p) == page(a));
+            let (b, _keeps_the_slab) = (*same.next().unwrap(), same.next().unwrap());
+            free(h, *a);
+            h.drain();
+            free(h, b);
+            h.drain(); // the slab's free list: b first, a further down
+            assert_eq!(h.stats().classes[10].cached_in_sheaves, 0);
+            scribble(b, 0);
+            // Its key says free: the exact check walks the list (as a
+            // double free's does, where `debug-checks` has no bit to test).
+            usable(h, *a);
+        },
+    );
+}
+/// An object freed on another heap than its own, both alive.
+#[test]
+fn free_of_an_object_of_another_live_heap_aborts() {
+    expect_abort(
+        "free_of_an_object_of_another_live_heap_aborts",
+        "outside the heap",
+        || {
+            let (a, b) = (heap(), heap());
+            let p = alloc(a, 64);
+            free(b, p);
+        },
+    );
+}
+
+/// The same for a large block and the nolock free.
+#[test]
+fn nolock_free_of_a_large_block_of_another_live_heap_aborts() {
+    expect_abort(
+        "nolock_free_of_a_large_block_of_another_live_heap_aborts",
+        "outside the heap",
+        || {
+            let (a, b) = (heap(), heap());
+            let p = alloc(a, 64 << 10);
+            free_nolock(b, p);
+        },
+    );
+}
+
+/// The old address of a huge block that `remap_huge` moved is no block.
+#[test]
+fn free_of_a_huge_block_that_remap_huge_moved_aborts() {
+    expect_abort(
+        "free_of_a_huge_block_that_remap_huge_moved_aborts",
+        "outside the heap",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            // SAFETY: live huge block.
+            let q = unsafe { h.remap_huge(p, 64 << 20) }.expect("moved");
+            assert_ne!(p, q, "not moved");
+            free(h, p);
+        },
+    );
+}
+
+/// `remap_huge` of a freed huge block aborts (it used to return `None`,
+/// and the caller copied from the unmapped block).
+#[test]
+fn remap_huge_of_a_freed_huge_block_aborts() {
+    expect_abort(
+        "remap_huge_of_a_freed_huge_block_aborts",
+        "remap_huge of",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            free(h, p);
+            // SAFETY: the bad input.
+            let r = unsafe { h.remap_huge(p, 64 << 20) };
+            eprintln!("remap_huge of a freed block returned {r:?}");
+        },
+    );
+}
+
+/// `remap_huge` of a foreign pointer aborts as its free would.
+#[test]
+fn remap_huge_of_a_stack_address_aborts() {
+    expect_abort(
+        "remap_huge_of_a_stack_address_aborts",
+        "remap_huge of",
+        || {
+            let h = heap();
+            let mut x = [0u64; 4];
+            // SAFETY: the bad input.
+            let r = unsafe { h.remap_huge(NonNull::from(&mut x).cast(), 64 << 20) };
+            eprintln!("remap_huge of a stack address returned {r:?}");
+        },
+    );
+}
+
+/// The address just past a huge block.
+#[test]
+fn free_past_the_end_of_a_huge_block_aborts() {
+    expect_abort(
+        "free_past_the_end_of_a_huge_block_aborts",
+        "outside the heap",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            free(h, offset(p, 8 << 20));
+        },
+    );
+}
+
+/// A page-aligned pointer inside a huge block.
+#[test]
+fn free_of_an_interior_page_of_a_huge_block_aborts() {
+    expect_abort(
+        "free_of_an_interior_page_of_a_huge_block_aborts",
+        "not the start of a block above 4 MiB (interior pointer)",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            free(h, offset(p, PAGE_SIZE));
+        },
+    );
+}
+
+/// A large block freed again once the drain merged it with its buddy.
+#[test]
+fn double_free_of_a_large_block_merged_with_its_buddy_aborts() {
+    expect_abort(
+        "double_free_of_a_large_block_merged_with_its_buddy_aborts",
+        "double free",
+        || {
+            let h = heap();
+            let a = alloc(h, 16 << 10);
+            let b = alloc(h, 16 << 10);
+            free(h, a);
+            free(h, b);
+            h.drain();
+            free(h, a);
+        },
+    );
+}
+
+/// A large block freed again while it waits on a per-CPU page list.
+#[test]
+fn double_free_of_a_large_block_on_a_per_cpu_list_aborts() {
+    expect_abort(
+        "double_free_of_a_large_block_on_a_per_cpu_list_aborts",
+        "freed already (double free?)",
+        || {
+            let h = heap();
+            let a = alloc(h, 16 << 10);
+            free(h, a);
+            free_nolock(h, a);
+        },
+    );
+}
+
+/// `remap_huge` of a freed small object aborts (a live one gets `None`).
+#[test]
+fn remap_huge_of_a_freed_small_object_aborts() {
+    expect_abort(
+        "remap_huge_of_a_freed_small_object_aborts",
+        "remap_huge of",
+        || {
+            let h = heap();
+            let (p, _keeps_the_slab) = (alloc(h, 64), alloc(h, 64));
+            // SAFETY: a live object: not huge, so `None`, and still live.
+            assert!(unsafe { h.remap_huge(p, 64 << 20) }.is_none());
+            free(h, p);
+            // SAFETY: the bad input.
+            let r = unsafe { h.remap_huge(p, 64 << 20) };
+            eprintln!("remap_huge of a freed object returned {r:?}");
+        },
+    );
+}
+
+/// An unaligned pointer into a huge block, to `usable_size`.
+#[test]
+fn usable_size_of_an_interior_pointer_of_a_huge_block_aborts() {
+    expect_abort(
+        "usable_size_of_an_interior_pointer_of_a_huge_block_aborts",
+        "4 MiB (interior pointer)",
+        || {
+            let h = heap();
+            let p = alloc(h, 8 << 20);
+            usable(h, offset(p, (4 << 20) + 24));
+        },
+    );
+}
+
+/// A nolock double free (a handler's) of an object that sits on its slab's
+/// free list, made while the interrupted context holds that cache's node
+/// lock (here at `PartialLocked`, returning other objects to their slabs):
+/// the exact check cannot search the free list, so the object is parked
+/// and checked again by the next normal operation. (It went to a sheaf,
+/// and was later handed out twice.)
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn nolock_double_free_under_a_held_node_lock_aborts() {
+    expect_abort(
+        "nolock_double_free_under_a_held_node_lock_aborts",
+        "double free of object",
+        || nolock_free_under_a_held_node_lock(true),
+    );
+}
+
+/// The same free of a live object whose key word holds the key (user
+/// data): parked, then freed by the next normal operation; nothing is
+/// lost, nothing handed out twice. In a child: the scenario installs an
+/// interrupt hook.
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn nolock_free_of_a_key_holder_under_a_held_node_lock_is_freed_later() {
+    let test = "nolock_free_of_a_key_holder_under_a_held_node_lock_is_freed_later";
+    if std::env::var(VAR).as_deref() == Ok(test) {
+        nolock_free_under_a_held_node_lock(false);
+        return;
+    }
+    for env in [vec![(VAR, test)], vec![(VAR, test), watchdog::RSEQ_OFF]] {
+        watchdog::run_ok(test, &env, Duration::from_secs(60), test);
+    }
+}
+
+/// A live object holding the key, parked by a nolock free under a held
+/// node lock (as above), then freed again by the normal path before any
+/// drain looked at it: the exact check finds it parked.
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn free_of_a_parked_suspect_aborts() {
+    expect_abort(
+        "free_of_a_parked_suspect_aborts",
+        "double free of object",
+        || {
+            let (h, victim) = park_a_key_holder();
+            free(h, victim);
+        },
+    );
+}
+
+/// Frees a victim with the nolock free from inside a drain holding the
+/// 64-byte class's node lock: a `double` free of an object on its slab's
+/// free list, or the only free of a live object holding the key. Then
+/// allocates and frees everything, checking that nothing is handed out
+/// twice and nothing is lost.
+#[cfg(feature = "interrupt-points")]
+fn nolock_free_under_a_held_node_lock(double: bool) {
+    let (h, _, objs) = nolock_free_in_a_drain(double);
+    let again = allocs(h, 64, 200);
+    let mut seen = std::collections::HashSet::new();
+    for p in &again {
+        assert!(seen.insert(p.as_ptr() as usize), "{p:?} handed out twice");
+    }
+    for p in again.into_iter().chain(objs[3..].iter().copied()) {
+        free(h, p);
+    }
+    // (objs[0] to objs[2] were freed above; `again` may hold them.)
+    h.drain();
+    let s = h.stats();
+    assert_eq!(s.objects_in_use, 0, "every object came back");
+    assert_eq!(s.pages.free_pages, s.pages.total_pages);
+}
+
+/// A live object holding the key, freed by the nolock free under a held
+/// node lock (so parked), and its heap.
+#[cfg(feature = "interrupt-points")]
+fn park_a_key_holder() -> (&'static Heap, NonNull<u8>) {
+    let (h, victim, _) = nolock_free_in_a_drain(false);
+    (h, victim)
+}
+
+/// The setup of the tests above: returns the heap, the victim and the 8
+/// objects allocated (0 to 2 freed, the victim among them).
+#[cfg(feature = "interrupt-points")]
+fn nolock_free_in_a_drain(double: bool) -> (&'static Heap, NonNull<u8>, Vec<NonNull<u8>>) {
+    use anyalloc::interrupt::{set_hook, Site};
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+    static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+    static VICTIM: AtomicUsize = AtomicUsize::new(0);
+    fn hook(site: Site) {
+        if site != Site::PartialLocked {
+            return;
+        }
+        if let Some(v) = NonNull::new(VICTIM.swap(0, Ordering::Relaxed) as *mut u8) {
+            // SAFETY: set before the hook is installed, leaked.
+            let h = unsafe { &*H.load(Ordering::Relaxed) };
+            free_nolock(h, v);
+        }
+    }
+    let h: &'static Heap = Box::leak(Box::new(
+        Heap::new(
+            Config::default()
+                .memory(16 << 20)
+                .cpus(1)
+                .maintenance(false),
+        )
+        .unwrap(),
+    ));
+    H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
+    let objs = allocs(h, 64, 8);
+    free(h, objs[0]);
+    h.drain(); // objs[0] on its slab's free list, its key word the key
+    assert_eq!(h.stats().classes[10].cached_in_sheaves, 0);
+    let victim = if double {
+        objs[0]
+    } else {
+        // SAFETY: reading a freed object of our own heap (mapped memory).
+        let key = unsafe { objs[0].as_ptr().add(8).cast::<usize>().read() };
+        // SAFETY: a live 64-byte object.
+        unsafe { objs[2].as_ptr().add(8).cast::<usize>().write(key) };
+        objs[2]
+    };
+    VICTIM.store(victim.as_ptr() as usize, Ordering::Relaxed);
+    free(h, objs[1]);
+    set_hook(Some(hook));
+    h.drain(); // returns objs[1] with the node lock held: the hook runs
+    set_hook(None);
+    assert_eq!(VICTIM.load(Ordering::Relaxed), 0, "the hook ran");
+    (h, victim, objs)
 }

@@ -72,6 +72,16 @@ pub(crate) fn order_of_state(state: u32) -> u32 {
 pub(crate) fn is_allocated_state(state: u32) -> bool {
     desc::kind_of(state) == desc::ALLOCATED
 }
+/// Whether a descriptor state word says "the head of a free block" (on a
+/// buddy, per-CPU or deferred list, in the stock, being freed or being
+/// returned to the OS).
+#[inline]
+pub(crate) fn is_free_block_state(state: u32) -> bool {
+    matches!(
+        desc::kind_of(state),
+        desc::BUDDY | desc::PCP | desc::DEFERRED | desc::FREEING | desc::RELEASING
+    )
+}
 pub(crate) use crate::sync::Mode;
 pub(crate) use zone::{slot_index, Fail, Zone, LEVELS, MAX_ZONE_PAGES, NIL};
 

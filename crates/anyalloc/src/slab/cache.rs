@@ -40,14 +40,21 @@
 //! makes the exact check, `Cache::is_free`: it searches every sheaf, the
 //! deferred stack, the barn and the object's slab free list, and aborts
 //! with a one-line message only when it finds the object (user data that
-//! happens to equal the key costs a search, never an abort). Allocation
+//! happens to equal the key costs a search, never an abort). A nolock
+//! search that finds the node lock held cannot look in the barn and the
+//! free list: the object is parked on `suspects` (never handed out from
+//! there) until a normal drain searches again, with the lock. Allocation
 //! clears the key word; carving an object from a slab's untouched tail
 //! writes it (the object is free until handed out, in a sheaf meanwhile).
 //! The links of the slab free lists and the deferred
 //! stack (first words) are stored XOR the key, so in the tiny classes,
 //! whose key word is that link, a free object's first word XOR the key is
 //! 0, [`NIL`](crate::sync::NIL) or a heap address: those values are
-//! suspects too.
+//! suspects too. A link is checked whenever it is followed: a slab free
+//! list's must be 0 or an object of the same slab (`Cache::slab_link`), the
+//! deferred stack's the end or an object of the cache
+//! (`Cache::deferred_link`); anything else means the object was written
+//! after its free, which is reported.
 //!
 //! # Sheaf conservation
 //!
@@ -78,6 +85,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use super::class::{self, SIZES};
 use crate::idle::IdleWatch;
 use crate::page::{slot_index, Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES, NIL};
+use crate::platform::{FatalMessage, Platform};
 use crate::sync::{FastGate, IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
 use crate::PAGE_SIZE;
 
@@ -492,6 +500,12 @@ pub(crate) struct Cache {
     node: Node,
     deferred: IndexStack,
     deferred_count: AtomicUsize,
+    /// Freed objects whose key said "maybe a double free" when the exact
+    /// check could not decide (a nolock free that found the node lock
+    /// held): never handed out from here; the next normal drain checks
+    /// them again with the lock (`drain_suspects`). Linked as the deferred
+    /// stack is.
+    suspects: IndexStack,
     /// The slots of the other levels, level by level (`slot_index`):
     /// `(LEVELS - 1) * cpus` of them.
     slots: *const SheafSlot,
@@ -583,6 +597,32 @@ const fn start_bound(size: u32, objs: usize) -> u64 {
 #[inline(always)]
 fn is_start(off: u32, magic: u64, bound: u64) -> bool {
     (off as u64).wrapping_mul(magic) < bound
+}
+
+/// Reports a double free of object `obj`, and aborts.
+#[cold]
+#[inline(never)]
+fn double_free(platform: &dyn Platform, obj: usize) -> ! {
+    platform.fatal(
+        FatalMessage::new()
+            .text("anyalloc: double free of object ")
+            .hex(obj)
+            .line(),
+    )
+}
+
+/// Reports a free object whose free-list link a write after its free
+/// corrupted (see `Cache::slab_link`), and aborts.
+#[cold]
+#[inline(never)]
+fn corrupt_link(platform: &dyn Platform, obj: usize) -> ! {
+    platform.fatal(
+        FatalMessage::new()
+            .text("anyalloc: use after free: the free object ")
+            .hex(obj)
+            .text(" was written to (its free-list link is corrupt)")
+            .line(),
+    )
 }
 
 /// `ceil(2^32 / size)` (see `Cache::recip`).
@@ -695,6 +735,7 @@ impl Cache {
                 },
                 deferred: IndexStack::new(),
                 deferred_count: AtomicUsize::new(0),
+                suspects: IndexStack::new(),
                 level0,
                 slots,
                 sheaves,
@@ -1100,7 +1141,7 @@ impl Cache {
                 return r.map_err(|e| if busy { Fail::Busy } else { e });
             }
         }
-        let o = self.alloc_deferred(cpu).ok_or(Fail::Busy)?;
+        let o = self.alloc_deferred(pages, cpu).ok_or(Fail::Busy)?;
         self.nolock_ok_slotless.fetch_add(1, Ordering::Relaxed);
         Ok(o)
     }
@@ -1125,10 +1166,10 @@ impl Cache {
     /// (Accounted caches too: a free uncharges before the cache sees the
     /// object, and an allocation charges whatever object it is given.)
     #[cold]
-    fn alloc_deferred(&self, cpu: usize) -> Option<usize> {
+    fn alloc_deferred(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
         // Every object below is on a chain this context took (`take_all`,
         // or `put_back`'s own take) and owns.
-        let link = |o: usize| self.deferred_link(o);
+        let link = |o: usize| self.deferred_link(pages, o);
         let first = self.deferred.take_all();
         if first == crate::sync::NIL {
             return None;
@@ -1154,7 +1195,7 @@ impl Cache {
         }
         self.deferred_count.fetch_sub(taken, Ordering::Relaxed);
         if rest != crate::sync::NIL {
-            self.put_back_deferred(rest);
+            self.put_back_deferred(pages, rest);
         }
         Some(first)
     }
@@ -1283,10 +1324,7 @@ impl Cache {
         let d = zone.desc(head);
         let free = d.freelist.load(Ordering::Relaxed);
         let obj = if free != 0 {
-            // SAFETY: `free` is a free object of this slab (it was pushed by
-            // `return_to_slab`), at least 8 bytes long; its first word is the
-            // list link (possibly unaligned: 12-byte classes).
-            let next = unsafe { (free as *const usize).read_unaligned() } ^ self.key;
+            let next = self.slab_link(free, d.carved.load(Ordering::Relaxed), zone.platform());
             d.freelist.store(next, Ordering::Relaxed);
             free
         } else {
@@ -1439,10 +1477,10 @@ impl Cache {
     /// not `NIL`) back on it, then closes the normal fast path as `defer`
     /// does: a drain that ran while the chain was taken saw an empty stack
     /// and may have reopened it (see `FastGate`).
-    fn put_back_deferred(&self, chain: usize) {
+    fn put_back_deferred(&self, pages: &PageAllocator, chain: usize) {
         self.deferred.put_back(
             chain,
-            |o| self.deferred_link(o),
+            |o| self.deferred_link(pages, o),
             |o, next| self.set_deferred_link(o, next),
         );
         self.normal_cpus.close_after_push();
@@ -1450,11 +1488,27 @@ impl Cache {
 
     /// A deferred object's link: its first word, keyed (`set_deferred_link`).
     /// `o` is on a deferred chain the caller took (`take_all`) and owns.
-    fn deferred_link(&self, o: usize) -> usize {
+    /// The link must be the end of the stack or an object of this cache:
+    /// anything else means `o` was written after its free (a use after
+    /// free, say by the code a handler's free interrupted), which is
+    /// reported rather than followed.
+    fn deferred_link(&self, pages: &PageAllocator, o: usize) -> usize {
         // SAFETY: per the caller: an object of this cache (at least 8
         // bytes) on a chain it owns, whose link `set_deferred_link` wrote,
         // made visible by the take's Acquire.
-        unsafe { (o as *const usize).read_unaligned() ^ self.key }
+        let next = unsafe { (o as *const usize).read_unaligned() } ^ self.key;
+        if next != crate::sync::NIL && !self.is_object_of(pages, next) {
+            corrupt_link(pages.platform(), o);
+        }
+        next
+    }
+
+    /// Whether `addr` is the start of an object slot of this cache (its
+    /// page is owned by this cache). Any context, no lock.
+    fn is_object_of(&self, pages: &PageAllocator, addr: usize) -> bool {
+        pages.locate_indexed(addr).is_some_and(|(_, zone, idx)| {
+            zone.desc(idx).owner.load(Ordering::Acquire) as usize == self.index + 1
+        }) && self.is_object_start(addr)
     }
 
     /// Writes a deferred object's link into its first word, keyed. `o` is a
@@ -1470,7 +1524,7 @@ impl Cache {
     /// on it, then reopens the fast path if it was closed (`normal_cpus`).
     #[inline]
     fn drain_and_reopen(&self, pages: &PageAllocator) {
-        if !self.deferred.is_empty() {
+        if !self.deferred.is_empty() || !self.suspects.is_empty() {
             self.drain_deferred(pages);
         }
         if self.rseq && self.normal_cpus.cpus() == 0 {
@@ -1486,24 +1540,27 @@ impl Cache {
     /// child's count would cover objects on no stack (lost to the child, as
     /// the thread that held them), which no drain ever takes off it.
     #[cfg(feature = "std")]
-    pub(crate) fn recount_deferred_after_fork(&self) {
+    pub(crate) fn recount_deferred_after_fork(&self, pages: &PageAllocator) {
         let mut n = 0;
         let mut o = self.deferred.head();
         while o != crate::sync::NIL {
             n += 1;
             // On the stack, with nothing else running: its link is written.
-            o = self.deferred_link(o);
+            o = self.deferred_link(pages, o);
         }
         self.deferred_count.store(n, Ordering::Relaxed);
     }
 
     /// Normal context: frees every deferred object through the normal path.
     pub(crate) fn drain_deferred(&self, pages: &PageAllocator) {
+        if !self.suspects.is_empty() {
+            self.drain_suspects(pages);
+        }
         let mut o = self.deferred.take_all();
         let cpu = pages.cpu();
         while o != crate::sync::NIL {
             // The chain is ours (take_all).
-            let next = self.deferred_link(o);
+            let next = self.deferred_link(pages, o);
             crate::interrupt_point!(ObjectDeferredDrain);
             self.deferred_count.fetch_sub(1, Ordering::Relaxed);
             self.free_normal(pages, cpu, o);
@@ -1956,16 +2013,26 @@ impl Cache {
     // ----- validation ------------------------------------------------------------
 
     /// Both free paths, before the object goes anywhere: the O(1) key test
-    /// (see "Double-free detection"), then the key is written.
+    /// (see "Double-free detection"), then the key is written. `false`:
+    /// the object was parked as a suspect (`suspects`) and the free is
+    /// done; the caller must not free it anywhere else.
     #[inline(always)]
-    pub(crate) fn check_free(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
-        if self.key_suspect(pages, zone, obj) {
-            self.suspect_double_free(pages, obj, mode);
+    #[must_use]
+    pub(crate) fn check_free(
+        &self,
+        pages: &PageAllocator,
+        zone: &Zone,
+        obj: usize,
+        mode: Mode,
+    ) -> bool {
+        if self.key_suspect(pages, zone, obj) && !self.suspect_double_free(pages, obj, mode) {
+            return false;
         }
         let kw = (obj + key_off(self.class)) as *mut usize;
         // SAFETY: `obj` is a validated object of this cache (at least 8
         // bytes, 16 when the key is at 8), owned by this free.
         unsafe { kw.write_unaligned(self.key) };
+        true
     }
 
     /// The key test alone, which changes nothing: whether the key
@@ -2014,8 +2081,9 @@ impl Cache {
     #[cold]
     #[inline(never)]
     pub(crate) fn free_checked(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
-        self.check_free(pages, zone, obj, mode);
-        self.free_miss(pages, obj, mode);
+        if self.check_free(pages, zone, obj, mode) {
+            self.free_miss(pages, obj, mode);
+        }
     }
 
     /// Tiny classes: whether a first word XOR the key looks like a free
@@ -2056,15 +2124,53 @@ impl Cache {
     /// the nolock route it takes does (`routed`): it only tries the node
     /// lock, whose holder may be waiting for a lock its interrupted context
     /// holds.
+    ///
+    /// `true`: not free, the free goes on. When the search cannot decide
+    /// (the node lock is busy), the object is parked on `suspects` instead
+    /// and `false` returned: going on would put a double-freed object in a
+    /// sheaf while it is still on its slab's free list or in the barn, and
+    /// it would be handed out twice.
     #[cold]
     #[inline(never)]
-    fn suspect_double_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
-        if self.is_free(pages, obj, super::routed(mode)) {
-            pages.fatal(
-                crate::platform::FatalMessage::new()
-                    .text("anyalloc: double free of object ")
-                    .hex(obj),
-            );
+    fn suspect_double_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
+        match self.is_free(pages, obj, super::routed(mode)) {
+            Some(true) => double_free(pages.platform(), obj),
+            Some(false) => true,
+            None => {
+                self.suspects
+                    .push(obj, |o, next| self.set_deferred_link(o, next));
+                pages.wake_maintainer();
+                false
+            }
+        }
+    }
+
+    /// Normal context: checks every parked suspect again, now able to wait
+    /// for the node lock: one still free elsewhere, or handed out since
+    /// (its key word cleared by the allocation), was freed twice;
+    /// the others are freed (user data that equalled the key).
+    fn drain_suspects(&self, pages: &PageAllocator) {
+        let mut o = self.suspects.take_all();
+        while o != crate::sync::NIL {
+            // The chain is ours (take_all).
+            let next = self.deferred_link(pages, o);
+            let off = key_off(self.class);
+            // SAFETY: a parked object of this cache (at least `off + 8`
+            // bytes), ours; reading its key word changes nothing.
+            let kw = unsafe { ((o + off) as *const usize).read_unaligned() };
+            match self.is_free(pages, o, super::routed(Mode::Normal)) {
+                Some(true) => double_free(pages.platform(), o),
+                _ if off != 0 && kw != self.key => double_free(pages.platform(), o),
+                Some(false) => {
+                    if off == 0 {
+                        self.set_free_mark(o);
+                    }
+                    self.free_normal(pages, pages.cpu(), o);
+                }
+                // Still undecided (this drain runs nested): back it goes.
+                None => self.suspects.push(o, |p, n| self.set_deferred_link(p, n)),
+            }
+            o = next;
         }
     }
 
@@ -2074,7 +2180,9 @@ impl Cache {
     /// (a concurrent move may hide the object: then it is not reported);
     /// the barn and the free list need the node lock, which the nolock path
     /// only tries (busy: not reported).
-    fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
+    /// `None`: the node lock was busy (nolock), so the barn and the free
+    /// list were not searched.
+    fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> Option<bool> {
         let in_first = |sh: &Sheaf, n: usize| {
             sh.objs[..n.min(SHEAF_CAP)]
                 .iter()
@@ -2085,7 +2193,7 @@ impl Cache {
             s.main_view().is_some_and(|(sh, n)| in_first(sh, n))
                 || s.spare_if_any().is_some_and(in_sheaf)
         }) {
-            return true;
+            return Some(true);
         }
         // The deferred stack: take it (we own the chain), look, put it back
         // whole (behind whatever was pushed meanwhile).
@@ -2097,23 +2205,41 @@ impl Cache {
         while o != crate::sync::NIL {
             // The chain is ours (take_all) until it is put back.
             found |= o == obj;
-            o = self.deferred_link(o);
+            o = self.deferred_link(pages, o);
         }
         if first != crate::sync::NIL {
-            self.put_back_deferred(first);
+            self.put_back_deferred(pages, first);
         }
         if found {
-            return true;
+            return Some(true);
         }
-        let Some(_node) = self.node.lock.lock_in(mode, pages.platform()) else {
-            return false;
-        };
+        // The parked suspects, the same way (no gate to close: nothing is
+        // handed out from there).
+        let first = self.suspects.take_all();
+        let mut o = first;
+        while o != crate::sync::NIL {
+            // The chain is ours (take_all) until it is put back.
+            found |= o == obj;
+            o = self.deferred_link(pages, o);
+        }
+        if first != crate::sync::NIL {
+            self.suspects.put_back(
+                first,
+                |o| self.deferred_link(pages, o),
+                |o, next| self.set_deferred_link(o, next),
+            );
+        }
+        if found {
+            return Some(true);
+        }
+        // Busy (nolock): undecided.
+        let _node = self.node.lock.lock_in(mode, pages.platform())?;
         let mut s = self.node.full.load(Ordering::Relaxed);
         while !s.is_null() {
             // SAFETY: barn sheaves are cache sheaves; the node lock is held.
             let sh = unsafe { &*s };
             if in_sheaf(sh) {
-                return true;
+                return Some(true);
             }
             s = sh.next.load(Ordering::Relaxed);
         }
@@ -2125,13 +2251,40 @@ impl Cache {
                 break;
             }
             if f == obj {
-                return true;
+                return Some(true);
             }
-            // SAFETY: `f` is on this slab's free list (node lock held): a
-            // free object whose first word is the link XOR the key.
-            f = unsafe { (f as *const usize).read_unaligned() } ^ self.key;
+            // `f` is on this slab's free list (node lock held).
+            f = self.slab_link(f, d.carved.load(Ordering::Relaxed), pages.platform());
         }
-        false
+        Some(false)
+    }
+
+    /// The link of `obj`, a free object on its slab's free list (node lock
+    /// held), decoded: 0 (the end) or another object of the same slab,
+    /// already carved (`carved` objects were). Anything else means the
+    /// object was written after its free (a use after free overwrote its
+    /// first word): abort instead of handing out memory at whatever address
+    /// the write made of the link. A canonical value written there decodes
+    /// to a non-canonical address (the key is non-canonical), so any such
+    /// write is caught; only data that matches the key's pattern could
+    /// decode to another object of the slab.
+    fn slab_link(&self, obj: usize, carved: usize, platform: &dyn Platform) -> usize {
+        // SAFETY: `obj` is a free object of this slab (pushed by
+        // `return_to_slab`; node lock held), at least 8 bytes long; its
+        // first word is the list link XOR the key (possibly unaligned:
+        // 12-byte classes).
+        let next = unsafe { (obj as *const usize).read_unaligned() } ^ self.key;
+        if next != 0 {
+            let mask = self.slab_mask as usize;
+            let same_slab = next & !mask == obj & !mask;
+            if !same_slab
+                || !self.is_object_start(next)
+                || self.index_in_slab(next & mask) >= carved
+            {
+                corrupt_link(platform, obj);
+            }
+        }
+        next
     }
 
     /// Checks that `addr` (in a page this cache owns) is the start of an
@@ -2148,7 +2301,7 @@ impl Cache {
     /// without writing the key, then (a suspect) the exact search, which
     /// only tries the node lock. Any context.
     pub(crate) fn is_freed(&self, pages: &PageAllocator, zone: &Zone, obj: usize) -> bool {
-        self.key_suspect(pages, zone, obj) && self.is_free(pages, obj, Mode::NoLock)
+        self.key_suspect(pages, zone, obj) && self.is_free(pages, obj, Mode::NoLock) == Some(true)
     }
 
     /// Whether `addr` (in a page this cache owns) is the start of an object

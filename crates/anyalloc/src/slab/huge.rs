@@ -136,6 +136,18 @@ impl HugeTable {
         None
     }
 
+    /// The registered allocation whose pages hold `addr` (a pointer into
+    /// it, not its start), if any: for reports only (a racy scan of the
+    /// whole table).
+    pub(crate) fn holding(&self, addr: usize) -> Option<usize> {
+        (0..HUGE_ENTRIES).find_map(|i| {
+            let e = self.entry(i);
+            let a = e.addr.load(Ordering::Acquire);
+            let size = e.size.load(Ordering::Relaxed);
+            (Self::may_be_registered(a) && addr.wrapping_sub(a) < size).then_some(a)
+        })
+    }
+
     /// Removes the allocation at `addr`; returns its size and group, `None`
     /// if it is not registered (never allocated, or already freed).
     pub(crate) fn remove(&self, addr: usize) -> Option<(usize, usize)> {

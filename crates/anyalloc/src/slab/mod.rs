@@ -1029,7 +1029,9 @@ impl Heap {
     /// nolock scope (routed like the other normal-path calls: the nolock
     /// path makes no `mremap`), or another thread's `fork` is in progress
     /// (a fork waits for moves that started before it; see the crate's
-    /// notes on `fork`). The result is page-aligned.
+    /// notes on `fork`). The result is page-aligned. A pointer that is not
+    /// a live block of this heap (freed, foreign, interior) is reported
+    /// and aborts, as its free would.
     ///
     /// ```
     /// use anyalloc::{Config, Heap};
@@ -1092,7 +1094,14 @@ impl Heap {
         }
         // The entry stays ours (`BUSY`) while the block moves: another
         // thread's huge allocation cannot take it meanwhile.
-        let claimed = core.huge.claim(addr)?;
+        let Some(claimed) = core.huge.claim(addr) else {
+            // Not a huge block: a live block of this heap gets `None` (the
+            // caller copies), anything else (freed, foreign, interior) is
+            // reported as a free of it would be, rather than left for the
+            // caller to copy from.
+            core.usable_size_for(ptr, "remap_huge");
+            return None;
+        };
         let (old, group) = (claimed.size, claimed.group);
         let moved = match group {
             // SAFETY: a registered huge allocation, its entry claimed while it
@@ -1908,9 +1917,13 @@ impl HeapCore {
             Kind::Object(cache, zone, idx) => {
                 #[cfg(feature = "debug-checks")]
                 cache.mark(&self.pages, zone, idx, addr, false);
-                cache.check_free(&self.pages, zone, addr, mode);
+                let goes_on = cache.check_free(&self.pages, zone, addr, mode);
                 if cache.accounted {
                     self.uncharge_object(cache, zone, idx, addr);
+                }
+                if !goes_on {
+                    // Parked as a suspect (see `Cache::check_free`).
+                    return;
                 }
                 match mode {
                     Mode::Normal => cache.free(&self.pages, addr),
@@ -2468,6 +2481,17 @@ impl HeapCore {
                 k
             }
             Some(k) => k,
+            None if self.is_free_block(addr) => self.bad_pointer(
+                what,
+                addr,
+                ", which is a block of pages freed already (double free?)",
+            ),
+            #[cfg(feature = "std")]
+            None if self.huge.holding(addr).is_some() => self.bad_pointer(
+                what,
+                addr,
+                ", which is not the start of a block above 4 MiB (interior pointer)",
+            ),
             None if self.pages.contains(addr) => self.bad_pointer(
                 what,
                 addr,
@@ -2479,6 +2503,18 @@ impl HeapCore {
                 ", which is outside the heap's memory (a foreign pointer, or a block above 4 MiB freed already?)",
             ),
         }
+    }
+
+    /// Whether `addr` is the head page of a free page block (a large
+    /// block freed, on any of the page allocator's lists). For reports.
+    fn is_free_block(&self, addr: usize) -> bool {
+        addr.is_multiple_of(PAGE_SIZE)
+            && self
+                .pages
+                .locate_indexed(addr)
+                .is_some_and(|(_, zone, idx)| {
+                    crate::page::is_free_block_state(zone.desc(idx).load())
+                })
     }
 
     /// The one-line report of a pointer that call `what` cannot take.
@@ -2500,15 +2536,16 @@ impl HeapCore {
     /// holds the key, or a tiny one whose first word looks like a free
     /// link, takes the exact search).
     pub(crate) fn usable_size(&self, ptr: NonNull<u8>) -> usize {
+        self.usable_size_for(ptr, "usable_size")
+    }
+
+    /// `usable_size`, its report naming the call `what`.
+    fn usable_size_for(&self, ptr: NonNull<u8>, what: &str) -> usize {
         let addr = ptr.as_ptr() as usize;
-        match self.classify_or_abort_for(addr, "usable_size") {
+        match self.classify_or_abort_for(addr, what) {
             Kind::Object(cache, zone, _) => {
                 if cache.is_freed(&self.pages, zone, addr) {
-                    self.bad_pointer(
-                        "usable_size",
-                        addr,
-                        ", which is a freed object (use after free?)",
-                    );
+                    self.bad_pointer(what, addr, ", which is a freed object (use after free?)");
                 }
                 cache.size()
             }
@@ -2644,7 +2681,7 @@ impl HeapCore {
             self.huge_live.store(live, Ordering::Relaxed);
             self.huge_bytes.store(bytes, Ordering::Relaxed);
             for i in 0..CACHES {
-                self.cache(i).recount_deferred_after_fork();
+                self.cache(i).recount_deferred_after_fork(&self.pages);
             }
             self.pages.recount_after_fork();
         }
