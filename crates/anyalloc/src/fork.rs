@@ -85,7 +85,8 @@
 //! counts that other threads' lock-free steps change one after another
 //! (the zones' stock and deferred pages, the caches' deferred objects, the
 //! heaps' huge blocks) are counted again, in its release handler, from
-//! what they count.
+//! what they count; and every order of the zones' stocks is marked short,
+//! so that a cell emptied by a take cloned before its mark is filled again.
 //!
 //! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
 //! own (it is returned by value, so it has no fixed address to link), heaps
