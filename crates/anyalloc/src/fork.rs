@@ -79,13 +79,23 @@
 //! forks, in another library's prepare handler) holds it up; and the wait,
 //! like the one for the level-0 slots, ends after [`SLOT_PATIENCE`]: a
 //! child of a fork whose prepare took nothing keeps the counts of its
-//! parent's other threads' moves. A huge allocation in progress
+//! parent's other threads' moves. So are the drains of the caches'
+//! deferred stacks in progress (a normal slow path, or a nolock
+//! allocation, that took the whole stack and frees or stocks its objects):
+//! cloned halfway, the rest of the chain would be lost to the child, its
+//! objects counted in use there for good. A drain that starts once the
+//! fork is counted leaves the stack alone; the normal path's drains block
+//! signals while counted (a nolock one that a signal handler interrupts,
+//! if the handler forks, holds that fork up to `SLOT_PATIENCE`, and is
+//! then cloned on the forking thread, which finishes it in the child). A
+//! huge allocation in progress
 //! at the clone (it takes no lock either) costs the child one table entry
 //! and leaves the block, which the child never got, mapped. The child's
 //! counts that other threads' lock-free steps change one after another
 //! (the zones' stock and deferred pages, the caches' deferred objects, the
 //! heaps' huge blocks) are counted again, in its release handler, from
-//! what they count.
+//! what they count; and every order of the zones' stocks is marked short,
+//! so that a cell emptied by a take cloned before its mark is filled again.
 //!
 //! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
 //! own (it is returned by value, so it has no fixed address to link), heaps

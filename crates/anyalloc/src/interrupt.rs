@@ -116,6 +116,9 @@ pub enum Site {
     /// Page allocator: a nolock free has counted its block in the stock,
     /// not yet put it in the cell (for a forked child's recount).
     StockCounted,
+    /// Page allocator: a nolock allocation has emptied a stock cell, not
+    /// yet marked its order short (for a forked child's marks).
+    StockTaken,
 }
 
 impl Site {

@@ -1219,11 +1219,18 @@ impl Zone {
     /// another thread of the parent may have been cloned between a cell's
     /// change and the count's (`stock_put`, `stock_pop`); the child has no
     /// thread to finish it. (A block such a call had taken out of a cell is
-    /// that thread's, and lost to the child.)
+    /// that thread's, and lost to the child.) Every order is marked short
+    /// too: such a call may have been cloned between a cell's emptying and
+    /// its order's mark (`stock_pop`), and a cell left empty under no mark
+    /// is never filled again by the zone-lock holders, which look only at
+    /// the marked orders (a mark over full cells costs one look).
     #[cfg(feature = "std")]
     pub(crate) fn recount_stock_after_fork(&self) {
         let pages = self.stocked().map(|(_, order)| 1usize << order).sum();
         self.stock_pages.store(pages, Ordering::Relaxed);
+        for order in PCP_MAX_ORDER + 1..=MAX_ORDER {
+            self.stock_short.mark(order);
+        }
     }
 
     /// In a forked child (its only thread, before anything else uses the
@@ -1276,6 +1283,7 @@ impl Zone {
             let idx = cell.swap(NIL, Ordering::Acquire);
             if idx != NIL {
                 self.stock_pages.fetch_sub(1 << order, Ordering::Relaxed);
+                crate::interrupt_point!(StockTaken);
                 self.stock_short.mark(order);
                 return Some(idx);
             }

@@ -506,6 +506,12 @@ pub(crate) struct Cache {
     /// them again with the lock (`drain_suspects`). Linked as the deferred
     /// stack is.
     suspects: IndexStack,
+    /// Contexts holding a chain they took off the deferred stack
+    /// (`take_all`) to drain it, not yet freed or put back
+    /// ([`DeferredTaker`]): a fork waits for them (`HeapCore::lock_all`),
+    /// so that no chain is cloned in the hands of a thread the child does
+    /// not have (its objects would be lost there, and counted in use).
+    takers: core::sync::atomic::AtomicU32,
     /// The slots of the other levels, level by level (`slot_index`):
     /// `(LEVELS - 1) * cpus` of them.
     slots: *const SheafSlot,
@@ -736,6 +742,7 @@ impl Cache {
                 deferred: IndexStack::new(),
                 deferred_count: AtomicUsize::new(0),
                 suspects: IndexStack::new(),
+                takers: core::sync::atomic::AtomicU32::new(0),
                 level0,
                 slots,
                 sheaves,
@@ -1170,6 +1177,7 @@ impl Cache {
         // Every object below is on a chain this context took (`take_all`,
         // or `put_back`'s own take) and owns.
         let link = |o: usize| self.deferred_link(pages, o);
+        let _taker = self.deferred_taker()?;
         let first = self.deferred.take_all();
         if first == crate::sync::NIL {
             return None;
@@ -1541,6 +1549,9 @@ impl Cache {
     /// the thread that held them), which no drain ever takes off it.
     #[cfg(feature = "std")]
     pub(crate) fn recount_deferred_after_fork(&self, pages: &PageAllocator) {
+        // Takers of the parent's other threads (or cloned before they
+        // uncounted themselves) are not here.
+        self.takers.store(0, Ordering::Relaxed);
         let mut n = 0;
         let mut o = self.deferred.head();
         while o != crate::sync::NIL {
@@ -1551,11 +1562,46 @@ impl Cache {
         self.deferred_count.store(n, Ordering::Relaxed);
     }
 
+    /// Counts this context as a taker of the deferred stack, until the
+    /// guard is dropped; `None` (uncounted) while a fork on another thread
+    /// is in progress: it may have looked for takers already, so the stack
+    /// is left alone. Counted first, then the forks read (both `SeqCst`,
+    /// as `prepare` counts itself in `FORKING` before `lock_all` reads the
+    /// takers): either that fork waits for this one, or this one sees the
+    /// fork. Any context.
+    fn deferred_taker(&self) -> Option<DeferredTaker<'_>> {
+        self.takers.fetch_add(1, Ordering::SeqCst);
+        let taker = DeferredTaker(&self.takers);
+        #[cfg(feature = "std")]
+        if crate::fork::fork_mark().forking_elsewhere() {
+            return None;
+        }
+        Some(taker)
+    }
+
+    /// Contexts that hold a chain taken off the deferred stack (see
+    /// `takers`).
+    #[cfg(feature = "std")]
+    pub(crate) fn deferred_takers(&self) -> u32 {
+        self.takers.load(Ordering::SeqCst)
+    }
+
     /// Normal context: frees every deferred object through the normal path.
     pub(crate) fn drain_deferred(&self, pages: &PageAllocator) {
         if !self.suspects.is_empty() {
             self.drain_suspects(pages);
         }
+        if self.deferred.is_empty() {
+            return;
+        }
+        // No signal handler runs on this thread while the chain is counted
+        // (those that come meanwhile run once it is drained): one that
+        // forks would wait for this count, its own thread's.
+        #[cfg(feature = "std")]
+        let _quiet = crate::platform::SignalsBlocked::new();
+        let Some(_taker) = self.deferred_taker() else {
+            return;
+        };
         let mut o = self.deferred.take_all();
         let cpu = pages.cpu();
         while o != crate::sync::NIL {
@@ -2411,6 +2457,16 @@ impl Cache {
                 pages.fatal_at("anyalloc: double free of object ", addr, "");
             }
         }
+    }
+}
+
+/// One context in a cache's count of deferred-stack takers (see
+/// `Cache::takers`), from creation to drop.
+struct DeferredTaker<'a>(&'a core::sync::atomic::AtomicU32);
+
+impl Drop for DeferredTaker<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -2637,8 +2637,16 @@ impl HeapCore {
         // has an end, as `SlotLock::hold_all`'s: the child of a fork whose
         // prepare took nothing inherits the counts of moves on threads it
         // does not have. Past it, the fork may clone a move half done.
+        // So are the drains of the caches' deferred stacks in progress
+        // (the chain taken, its objects being freed): cloned halfway, the
+        // rest of the chain would be lost to the child. Any that starts
+        // from here leaves the stack alone (`Cache::deferred_taker`); the
+        // normal path's drains block signals while counted, and the nolock
+        // path's are short and marked inside the allocator (a handler that
+        // interrupts one and forks takes nothing).
         let start = std::time::Instant::now();
-        while self.remaps.load(Ordering::SeqCst) != 0
+        while (self.remaps.load(Ordering::SeqCst) != 0
+            || (0..CACHES).any(|i| self.cache(i).deferred_takers() != 0))
             && start.elapsed() <= crate::fork::SLOT_PATIENCE
         {
             std::thread::yield_now();
