@@ -408,7 +408,11 @@ fn every_heap_site_survives_nolock_reentry() {
     for d in &CHAIN_DECOYS[..2 * cap + 4] {
         d.store(driver_alloc(driven, false), Ordering::Relaxed);
     }
-    let mut objs: Vec<usize> = (0..200).map(|_| driver_alloc(driven, false)).collect();
+    // Enough that freeing them fills main and spare and must flush,
+    // whatever main held after these allocations.
+    let mut objs: Vec<usize> = (0..3 * cap + 8)
+        .map(|_| driver_alloc(driven, false))
+        .collect();
     MODE.store(CHAIN, Ordering::Relaxed);
     // Free until one free had to flush (and the chain ran inside it).
     while let Some(h) = objs.pop() {
