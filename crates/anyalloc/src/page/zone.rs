@@ -63,8 +63,10 @@ pub(crate) const LEVELS: usize = 3;
 /// Bytes of the largest block; zones are indexed from such a boundary.
 pub(crate) const MAX_BLOCK: usize = PAGE_SIZE << MAX_ORDER;
 
-/// Flag in a free max-order block's stamp: its memory went back to the OS.
-#[cfg(feature = "std")]
+/// Flag in a free block's stamp (`carved`): its memory is not with the
+/// process (given back to the OS, or never touched). Such blocks sit at the
+/// tail of their buddy list, after every block without the flag (see
+/// `Zone::tails`).
 const RELEASED: usize = 1 << (usize::BITS - 1);
 
 /// The lowest order whose free blocks the maintainer returns to the OS when
@@ -253,6 +255,14 @@ pub(crate) struct Zone {
     platform: &'static dyn Platform,
     pub(crate) lock: ZoneLock,
     heads: [AtomicU32; MAX_ORDER as usize + 1],
+    /// The last block of each buddy list (`NIL` when empty). Each list holds
+    /// its blocks whose memory is with the process first, then those whose
+    /// memory is not (stamped `RELEASED`): a free pushes at the head, a
+    /// block given back (or split off one) goes to the tail. So allocations,
+    /// which take the head, reuse resident memory before memory that would
+    /// fault again, and the walks for blocks to give back stop at the first
+    /// `RELEASED` block instead of stepping over them all.
+    tails: [AtomicU32; MAX_ORDER as usize + 1],
     counts: [AtomicU32; MAX_ORDER as usize + 1],
     /// Pages on the buddy free lists (written under `lock`).
     free_buddy: AtomicUsize,
@@ -420,6 +430,7 @@ impl Zone {
             platform,
             lock: ZoneLock::new(),
             heads: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
+            tails: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
             counts: [const { AtomicU32::new(0) }; MAX_ORDER as usize + 1],
             free_buddy: AtomicUsize::new(0),
             nolock_ok_locked: AtomicUsize::new(0),
@@ -472,11 +483,7 @@ impl Zone {
         // Free the pages outside the untouched middle as the largest
         // naturally aligned blocks that fit (none lies in the middle's
         // largest blocks, so none ever merges with a block carved from
-        // it). They were never touched: stamp them as already back with
-        // the OS (the epoch value is what `list_push` stamps on max-order
-        // blocks).
-        #[cfg(feature = "std")]
-        z.epoch.store(RELEASED, Ordering::Relaxed);
+        // it). They were never touched: as good as back with the OS.
         let g = z.lock.lock(platform);
         for (from, to) in [(first, fresh_start), (fresh_end, limit)] {
             let mut i = from;
@@ -486,12 +493,11 @@ impl Zone {
                     order -= 1;
                 }
                 z.desc(i).set(desc::state(desc::ALLOCATED, order));
-                z.buddy_free(i, order, &g);
+                z.buddy_free_as(i, order, true, &g);
                 i += 1 << order;
             }
         }
         g.add(&z.free_buddy, (fresh_end - fresh_start) as usize);
-        z.epoch.store(0, Ordering::Relaxed);
         drop(g);
         zp
     }
@@ -776,6 +782,8 @@ impl Zone {
 
     // ----- buddy free lists (zone lock held) ---------------------------
 
+    /// Puts free block `idx` at the head of its list: its memory is with
+    /// the process (it was touched since it last went back to the OS).
     fn list_push(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
         let head = &self.heads[order as usize];
         let old = head.load(Ordering::Relaxed);
@@ -784,6 +792,8 @@ impl Zone {
         d.prev.store(NIL, Ordering::Relaxed);
         if old != NIL {
             self.desc(old).prev.store(idx, Ordering::Relaxed);
+        } else {
+            self.tails[order as usize].store(idx, Ordering::Relaxed);
         }
         head.store(idx, Ordering::Relaxed);
         d.set(desc::state(desc::BUDDY, order));
@@ -794,6 +804,35 @@ impl Zone {
         d.carved
             .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
         g.add_u32(&self.counts[order as usize], 1);
+    }
+
+    /// Puts free block `idx`, whose memory is not with the process (given
+    /// back to the OS, or never touched), at the tail of its list, stamped
+    /// `RELEASED`: allocated last, and never given back again.
+    fn list_push_released(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
+        let tail = &self.tails[order as usize];
+        let old = tail.load(Ordering::Relaxed);
+        let d = self.desc(idx);
+        d.next.store(NIL, Ordering::Relaxed);
+        d.prev.store(old, Ordering::Relaxed);
+        if old != NIL {
+            self.desc(old).next.store(idx, Ordering::Relaxed);
+        } else {
+            self.heads[order as usize].store(idx, Ordering::Relaxed);
+        }
+        tail.store(idx, Ordering::Relaxed);
+        d.set(desc::state(desc::BUDDY, order));
+        d.carved.store(
+            self.epoch.load(Ordering::Relaxed) | RELEASED,
+            Ordering::Relaxed,
+        );
+        g.add_u32(&self.counts[order as usize], 1);
+    }
+
+    /// Whether free block `idx` (on a buddy list) is stamped `RELEASED`.
+    #[inline]
+    fn is_released(&self, idx: u32) -> bool {
+        self.desc(idx).carved.load(Ordering::Relaxed) & RELEASED != 0
     }
 
     fn list_remove(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
@@ -807,6 +846,8 @@ impl Zone {
         }
         if next != NIL {
             self.desc(next).prev.store(prev, Ordering::Relaxed);
+        } else {
+            self.tails[order as usize].store(prev, Ordering::Relaxed);
         }
         g.add_u32(&self.counts[order as usize], 1u32.wrapping_neg());
     }
@@ -820,23 +861,29 @@ impl Zone {
             return None;
         }
         let mut o = order;
-        let idx = loop {
+        // Whether the block's memory is not with the process: its halves,
+        // untouched, are not either.
+        let (idx, released) = loop {
             if o > MAX_ORDER {
                 // Nothing on the lists: the next untouched largest block.
                 o = MAX_ORDER;
-                break self.take_fresh(g)?;
+                break (self.take_fresh(g)?, true);
             }
             let h = self.heads[o as usize].load(Ordering::Relaxed);
             if h != NIL {
                 self.list_remove(h, o, g);
-                break h;
+                break (h, self.is_released(h));
             }
             o += 1;
         };
         while o > order {
             o -= 1;
             crate::interrupt_point!(BuddySplit);
-            self.list_push(idx + (1 << o), o, g);
+            if released {
+                self.list_push_released(idx + (1 << o), o, g);
+            } else {
+                self.list_push(idx + (1 << o), o, g);
+            }
         }
         self.desc(idx).set(desc::state(desc::ALLOCATED, order));
         g.add(&self.free_buddy, need.wrapping_neg());
@@ -863,7 +910,15 @@ impl Zone {
 
     /// Returns the claimed block `idx` of `order` to the buddy lists,
     /// merging it with free buddies.
-    pub(crate) fn buddy_free(&self, mut idx: u32, mut order: u32, g: &ZoneGuard<'_>) {
+    pub(crate) fn buddy_free(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
+        self.buddy_free_as(idx, order, false, g);
+    }
+
+    /// [`buddy_free`](Self::buddy_free) of a block whose memory is not
+    /// with the process (`released`) or is: the block it ends up in (after
+    /// merging) is stamped `RELEASED` only if all of it is not.
+    fn buddy_free_as(&self, mut idx: u32, mut order: u32, released: bool, g: &ZoneGuard<'_>) {
+        let mut released = released;
         g.add(&self.free_buddy, 1 << order);
         while order < MAX_ORDER {
             let buddy = idx ^ (1 << order);
@@ -873,6 +928,7 @@ impl Zone {
             if self.desc(buddy).load() != desc::state(desc::BUDDY, order) {
                 break;
             }
+            released &= self.is_released(buddy);
             self.list_remove(buddy, order, g);
             crate::interrupt_point!(BuddyMerge);
             // The higher half stops being a block head.
@@ -885,7 +941,11 @@ impl Zone {
             idx = lo;
             order += 1;
         }
-        self.list_push(idx, order, g);
+        if released {
+            self.list_push_released(idx, order, g);
+        } else {
+            self.list_push(idx, order, g);
+        }
     }
 
     // ----- deferred frees ------------------------------------------------
@@ -1506,7 +1566,7 @@ impl Zone {
             let Some((pick, order)) = self.idle_block(epoch, age) else {
                 return bytes;
             };
-            self.release_block(pick, order, epoch, g);
+            self.release_block(pick, order, g);
             bytes += PAGE_SIZE << order;
         }
         bytes
@@ -1515,13 +1575,15 @@ impl Zone {
     /// Maintenance (normal context): returns to the OS the memory of free
     /// blocks below `RELEASE_MIN_ORDER` that have been free since before
     /// `epoch - age`, at most `budget` blocks, looking at most `SMALL_SCAN`
-    /// list entries per order. After a burst of small objects of which a
-    /// few stay live, the free memory is in such blocks, between the
-    /// survivors' slabs: without this it stayed resident for good (unless
-    /// the program called `trim`). Each order's walk goes on where the
-    /// previous pass stopped (`release_cursor`), so a long list is covered
-    /// over a few passes instead of its head being searched again each
-    /// time. Returns the bytes released.
+    /// list entries per order, `SMALL_SCAN_PER_HOLD` per hold of the zone
+    /// lock. After a burst of small objects of which a few stay live, the
+    /// free memory is in such blocks, between the survivors' slabs: without
+    /// this it stayed resident for good (unless the program called `trim`).
+    /// Each order's walk goes on where the previous pass stopped
+    /// (`release_cursor`), so a long list is covered over a few passes
+    /// instead of its head being searched again each time, and it ends at
+    /// the list's first block already given back (they all follow the
+    /// others, see `tails`). Returns the bytes released.
     #[cfg(feature = "std")]
     pub(crate) fn release_idle_small_blocks(
         &self,
@@ -1545,8 +1607,9 @@ impl Zone {
                 }
                 let mut held = SMALL_SCAN_PER_HOLD;
                 loop {
-                    if at == NIL {
-                        // The end of the list: from its head next time.
+                    if at == NIL || self.is_released(at) {
+                        // The end of the blocks not yet given back: from
+                        // the head next time.
                         cursor.store(NIL, Ordering::Relaxed);
                         break 'walk;
                     }
@@ -1567,9 +1630,9 @@ impl Zone {
                     let d = self.desc(at);
                     let stamp = d.carved.load(Ordering::Relaxed);
                     let next = d.next.load(Ordering::Relaxed);
-                    if stamp & RELEASED == 0 && stamp.saturating_add(age) <= epoch {
+                    if stamp.saturating_add(age) <= epoch {
                         cursor.store(next, Ordering::Relaxed);
-                        self.release_block(at, order, epoch, g);
+                        self.release_block(at, order, g);
                         budget -= 1;
                         bytes += PAGE_SIZE << order;
                         continue 'walk;
@@ -1586,38 +1649,27 @@ impl Zone {
     /// order, as glibc's `malloc_trim` returns every free page: after a
     /// burst of small objects of which a few stay live, the free memory
     /// lies in blocks below `RELEASE_MIN_ORDER` between the survivors'
-    /// slabs, and only this gives it back. One pass over each list: the
-    /// walk goes on from the released block's successor while that is still
-    /// a free block of the order (else from the list's head again, where
-    /// released blocks are skipped). At most twice as many blocks per order
-    /// as the list held when the walk began, so that frees on other threads
-    /// cannot keep it going. Returns the bytes released.
+    /// slabs, and only this gives it back. Each list's blocks not yet given
+    /// back come first (see `tails`), and a block given back goes to the
+    /// tail: so each step takes the list's head, until the head is a block
+    /// given back (O(1) per hold of the zone lock). At most twice as many
+    /// blocks per order as the list held when the walk began, so that frees
+    /// on other threads cannot keep it going. Returns the bytes released.
     #[cfg(feature = "std")]
     pub(crate) fn release_all_free_blocks(&self) -> usize {
         let mut bytes = 0;
         for order in (0..=MAX_ORDER).rev() {
-            let free = desc::state(desc::BUDDY, order);
-            let mut from = NIL;
             let mut left = 2 * self.counts[order as usize].load(Ordering::Relaxed) as usize + 2;
             while left > 0 {
                 left -= 1;
                 let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
                     return bytes;
                 };
-                if from == NIL || self.desc(from).load() != free {
-                    from = self.heads[order as usize].load(Ordering::Relaxed);
-                }
-                while from != NIL && self.desc(from).carved.load(Ordering::Relaxed) & RELEASED != 0
-                {
-                    from = self.desc(from).next.load(Ordering::Relaxed);
-                }
-                if from == NIL {
+                let pick = self.heads[order as usize].load(Ordering::Relaxed);
+                if pick == NIL || self.is_released(pick) {
                     break;
                 }
-                let pick = from;
-                from = self.desc(pick).next.load(Ordering::Relaxed);
-                let epoch = self.epoch.load(Ordering::Relaxed);
-                self.release_block(pick, order, epoch, g);
+                self.release_block(pick, order, g);
                 bytes += PAGE_SIZE << order;
             }
         }
@@ -1626,14 +1678,17 @@ impl Zone {
 
     /// Returns free block `pick` of `order` (on its buddy list; the zone
     /// lock `g` held) to the OS: off its list while the syscall runs
-    /// without the lock, then freed again and stamped released at `epoch`.
+    /// without the lock, then freed again, to the tail of its list, stamped
+    /// `RELEASED` (unless it merged with a buddy that freed meanwhile,
+    /// whose memory is with the process: the merged block goes to the head,
+    /// not given back, and a later release gives all of it back).
     #[cfg(feature = "std")]
-    fn release_block(&self, pick: u32, order: u32, epoch: usize, g: ZoneGuard<'_>) {
+    fn release_block(&self, pick: u32, order: u32, g: ZoneGuard<'_>) {
         self.list_remove(pick, order, &g);
         // Not ALLOCATED: a (wrong) free of this block must fail its
         // claim while the lock is dropped, not insert it a second time.
         self.desc(pick).set(desc::state(desc::RELEASING, order));
-        self.releasing.store(1 << order, Ordering::Relaxed);
+        g.add(&self.releasing, 1 << order);
         crate::interrupt_point!(ReleaseIdle);
         drop(g);
         crate::interrupt_point!(ReleaseWindow);
@@ -1643,27 +1698,21 @@ impl Zone {
             self.desc(pick).load() == desc::state(desc::RELEASING, order),
             "a releasing block changed state"
         );
-        self.releasing.store(0, Ordering::Relaxed);
+        g.add(&self.releasing, (1usize << order).wrapping_neg());
         g.add(&self.free_buddy, (1usize << order).wrapping_neg());
-        self.buddy_free(pick, order, &g);
-        // Unless it merged with a buddy (the merged block carries a fresh
-        // stamp, and is discarded again later: harmless), mark it.
-        if self.desc(pick).load() == desc::state(desc::BUDDY, order) {
-            self.desc(pick)
-                .carved
-                .store(epoch | RELEASED, Ordering::Relaxed);
-        }
+        self.buddy_free_as(pick, order, true, &g);
     }
 
     /// A free block of order `RELEASE_MIN_ORDER` or more, idle since before
-    /// `epoch - age` and not yet returned to the OS (zone lock held).
+    /// `epoch - age` and not yet returned to the OS (zone lock held): each
+    /// list is searched up to its first block given back.
     #[cfg(feature = "std")]
     fn idle_block(&self, epoch: usize, age: usize) -> Option<(u32, u32)> {
         for order in (RELEASE_MIN_ORDER..=MAX_ORDER).rev() {
             let mut i = self.heads[order as usize].load(Ordering::Relaxed);
-            while i != NIL {
+            while i != NIL && !self.is_released(i) {
                 let stamp = self.desc(i).carved.load(Ordering::Relaxed);
-                if stamp & RELEASED == 0 && stamp + age <= epoch {
+                if stamp.saturating_add(age) <= epoch {
                     return Some((i, order));
                 }
                 i = self.desc(i).next.load(Ordering::Relaxed);
@@ -1681,11 +1730,16 @@ impl Zone {
             let mut i = self.heads[order as usize].load(Ordering::Relaxed);
             let mut prev = NIL;
             let mut n = 0;
+            let mut released = false;
             while i != NIL {
                 let d = self.desc(i);
                 if d.load() != desc::state(desc::BUDDY, order) {
                     return Err("a block on a buddy list is not marked BUDDY of its order");
                 }
+                if released && !self.is_released(i) {
+                    return Err("a buddy block not given back follows one given back");
+                }
+                released = self.is_released(i);
                 if !i.is_multiple_of(1 << order) || i < self.first || i + (1 << order) > self.limit
                 {
                     return Err("a buddy block is misaligned or outside its zone");
@@ -1709,6 +1763,9 @@ impl Zone {
             }
             if n != self.counts[order as usize].load(Ordering::Relaxed) {
                 return Err("a buddy list count is wrong");
+            }
+            if prev != self.tails[order as usize].load(Ordering::Relaxed) {
+                return Err("a buddy list tail is wrong");
             }
         }
         // Off a largest-block boundary only when nothing is left: a zone
