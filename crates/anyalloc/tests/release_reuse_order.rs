@@ -19,8 +19,17 @@
 //! Residency is read with `mincore`, whatever the timing.
 
 use std::ptr::NonNull;
+use std::sync::{Mutex, MutexGuard};
 
 use anyalloc::{Config, Heap, PAGE_SIZE};
+
+/// One test at a time: one installs a process-wide interrupt hook, which
+/// the others' releases would run.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Below 256 KiB (the maintainer's small blocks) and above the per-CPU
 /// orders: `alloc_pages` takes these from the buddy lists directly.
@@ -55,6 +64,7 @@ fn heap() -> Heap {
 
 #[test]
 fn blocks_given_back_are_reused_after_resident_ones() {
+    let _serial = serial();
     let heap = heap();
     let pages = heap.pages();
     // Blocks of ORDER, touched; of each pair of buddies, the lower one stays
@@ -123,6 +133,7 @@ fn blocks_given_back_are_reused_after_resident_ones() {
 
 #[test]
 fn untouched_memory_does_not_count_as_given_back() {
+    let _serial = serial();
     let heap = heap();
     let pages = heap.pages();
     // Split off the zone's untouched part; the rest of that block (and
@@ -163,4 +174,83 @@ fn untouched_memory_does_not_count_as_given_back() {
     // SAFETY: allocated above with ORDER, freed once.
     unsafe { pages.free_pages(r, ORDER) };
     assert_eq!(pages.check_invariants(), Ok(()));
+}
+
+#[cfg(feature = "interrupt-points")]
+mod window {
+    //! A free of the buddy of a block being given back, inside the release
+    //! window (feature `interrupt-points`): no merge with the `RELEASING`
+    //! block; the two merge when it comes back, into a block not given
+    //! back (half of it is resident), which the next trim gives back.
+
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+    use anyalloc::interrupt::{set_hook, Site};
+
+    use super::*;
+
+    static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+    static BUDDY: AtomicUsize = AtomicUsize::new(0);
+
+    fn hook(site: Site) {
+        if site != Site::ReleaseWindow {
+            return;
+        }
+        let p = BUDDY.swap(0, Ordering::Relaxed);
+        if p != 0 {
+            // SAFETY: set below to a live heap and a block of ORDER it
+            // handed out, freed once (here: the nolock path, as from a
+            // signal handler, since the thread is inside `trim`).
+            unsafe {
+                let heap = &*HEAP.load(Ordering::Acquire);
+                heap.pages()
+                    .free_pages(NonNull::new(p as *mut u8).unwrap(), ORDER);
+            }
+        }
+    }
+
+    #[test]
+    fn buddy_freed_inside_the_release_window() {
+        let _serial = serial();
+        let heap: &'static Heap = Box::leak(Box::new(heap()));
+        let pages = heap.pages();
+        let all: Vec<NonNull<u8>> = (0..8).map(|_| pages.alloc_pages(ORDER).unwrap()).collect();
+        let addrs: Vec<usize> = all.iter().map(|p| p.as_ptr() as usize).collect();
+        let x = *all
+            .iter()
+            .find(|p| addrs.contains(&(p.as_ptr() as usize ^ BLOCK)))
+            .unwrap();
+        let y = NonNull::new((x.as_ptr() as usize ^ BLOCK) as *mut u8).unwrap();
+        // SAFETY: both valid for BLOCK bytes; x freed once.
+        unsafe {
+            x.as_ptr().write_bytes(0x5a, BLOCK);
+            y.as_ptr().write_bytes(0x5a, BLOCK);
+            pages.free_pages(x, ORDER);
+        }
+        HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
+        BUDDY.store(y.as_ptr() as usize, Ordering::Relaxed);
+        set_hook(Some(hook));
+        let first = heap.trim();
+        set_hook(None);
+        assert_eq!(BUDDY.load(Ordering::Relaxed), 0, "the hook did not run");
+        assert_eq!(first, BLOCK, "the first trim gave back {first} bytes");
+        assert_eq!(pages.check_invariants(), Ok(()));
+        assert!(!block_resident(x) && block_resident(y));
+        // The merged block is not marked given back: it goes now.
+        let second = heap.trim();
+        assert!(
+            second >= 2 * BLOCK,
+            "the second trim gave back {second} bytes"
+        );
+        assert!(!block_resident(y));
+        assert_eq!(heap.trim(), 0);
+        for p in all.into_iter().filter(|&p| p != x && p != y) {
+            // SAFETY: allocated above with ORDER, freed once.
+            unsafe { pages.free_pages(p, ORDER) };
+        }
+        heap.drain();
+        let s = heap.stats();
+        assert_eq!(s.pages.free_pages, s.pages.total_pages);
+        assert_eq!(pages.check_invariants(), Ok(()));
+    }
 }
