@@ -254,3 +254,68 @@ mod window {
         assert_eq!(pages.check_invariants(), Ok(()));
     }
 }
+
+/// The oldest free blocks of a list are the ones just before those given
+/// back (a free pushes at the head, stamped with the epoch, which only
+/// grows): a pass finds the idle ones there at once, with no walk over the
+/// younger ones in front of them. The walk it replaces looked at most 1024
+/// entries per order per pass from a cursor: idle blocks behind 2048 young
+/// ones of their order went back only two passes late.
+#[test]
+fn idle_blocks_behind_young_ones_go_back_in_the_first_idle_pass() {
+    const SMALL: u32 = 0; // 4 KiB: of the per-CPU orders; freed through a drain
+    let _serial = serial();
+    let heap = heap();
+    let pages = heap.pages();
+    let n = 2 * 2048 + 2 * 16;
+    let mut all: Vec<NonNull<u8>> = (0..n)
+        .map(|_| {
+            let p = pages.alloc_pages(SMALL).unwrap();
+            // SAFETY: valid for a page.
+            unsafe { p.as_ptr().write_bytes(0x5a, PAGE_SIZE) };
+            p
+        })
+        .collect();
+    all.sort_by_key(|p| p.as_ptr() as usize);
+    let addrs: Vec<usize> = all.iter().map(|p| p.as_ptr() as usize).collect();
+    // Upper halves of buddy pairs both allocated: freed, they stay 4 KiB
+    // blocks while the lower halves stay allocated.
+    let upper: Vec<NonNull<u8>> = all
+        .iter()
+        .copied()
+        .filter(|p| {
+            let a = p.as_ptr() as usize;
+            a & PAGE_SIZE != 0 && addrs.binary_search(&(a ^ PAGE_SIZE)).is_ok()
+        })
+        .collect();
+    assert!(upper.len() >= 2048 + 16, "{} pairs", upper.len());
+    let (old, young) = upper.split_at(16);
+    // SAFETY (both loops): allocated above with SMALL, freed once.
+    for &p in old {
+        unsafe { pages.free_pages(p, SMALL) };
+    }
+    heap.drain(); // the per-CPU lists' blocks to the buddy lists
+    for _ in 0..7 {
+        heap.maintain();
+    }
+    for &p in young {
+        unsafe { pages.free_pages(p, SMALL) };
+    }
+    heap.drain();
+    assert!(old.iter().all(|p| resident(p.as_ptr() as usize)));
+    // The eighth pass since the old ones were freed: they are idle.
+    heap.maintain();
+    let still = old.iter().filter(|p| resident(p.as_ptr() as usize)).count();
+    assert_eq!(
+        still,
+        0,
+        "{still} of {} idle blocks still resident after the first pass they were idle in",
+        old.len()
+    );
+    assert!(young.iter().all(|p| resident(p.as_ptr() as usize)));
+    for p in all.into_iter().filter(|p| !upper.contains(p)) {
+        // SAFETY: allocated above with SMALL, freed once.
+        unsafe { pages.free_pages(p, SMALL) };
+    }
+    assert_eq!(pages.check_invariants(), Ok(()));
+}

@@ -74,6 +74,7 @@ const RELEASED: usize = 1 << (usize::BITS - 1);
 /// blocks. Smaller free blocks go back too, but only after staying idle
 /// [`SMALL_AGE_FACTOR`] times as long, a bounded number per pass
 /// (`Zone::release_idle_small_blocks`).
+#[cfg(feature = "std")]
 pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
 
 /// Free blocks below `RELEASE_MIN_ORDER` go back to the OS after staying
@@ -82,19 +83,6 @@ pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
 /// costs a system call of its own.
 #[cfg(feature = "std")]
 pub(crate) const SMALL_AGE_FACTOR: usize = 4;
-
-/// List entries one maintenance pass looks at per order below
-/// `RELEASE_MIN_ORDER` when it searches for idle blocks (bounds the time it
-/// holds the zone lock); the next pass goes on from there.
-#[cfg(feature = "std")]
-const SMALL_SCAN: usize = 1024;
-
-/// Of those, the entries looked at in one hold of the zone lock: the walk
-/// drops the lock and takes it again after each such stretch, so a nolock
-/// caller finds it busy for no longer than a normal path's refill would
-/// keep it (the maintainer's promise, see `crate::maintain`).
-#[cfg(feature = "std")]
-const SMALL_SCAN_PER_HOLD: usize = 64;
 
 /// The "no page" index of the zone's lists.
 pub(crate) const NIL: u32 = u32::MAX;
@@ -261,8 +249,13 @@ pub(crate) struct Zone {
     /// block given back (or split off one) goes to the tail. So allocations,
     /// which take the head, reuse resident memory before memory that would
     /// fault again, and the walks for blocks to give back stop at the first
-    /// `RELEASED` block instead of stepping over them all.
+    /// `RELEASED` block instead of stepping over them all. The blocks before
+    /// that one are in the order they were freed, the latest first (a push
+    /// at the head is stamped with the epoch, which never goes back): the
+    /// oldest, the ones to give back first, are just before it.
     tails: [AtomicU32; MAX_ORDER as usize + 1],
+    /// The first block stamped `RELEASED` of each buddy list (`NIL`: none).
+    released_first: [AtomicU32; MAX_ORDER as usize + 1],
     counts: [AtomicU32; MAX_ORDER as usize + 1],
     /// Pages on the buddy free lists (written under `lock`).
     free_buddy: AtomicUsize,
@@ -307,11 +300,6 @@ pub(crate) struct Zone {
     /// Pages of a free block taken off its list while its memory goes back
     /// to the OS (still counted in `free_buddy`).
     releasing: AtomicUsize,
-    /// Per order below `RELEASE_MIN_ORDER`: the free block where the
-    /// maintainer's last walk for idle blocks stopped (`NIL`: at the head
-    /// next time). A hint, read and written under `lock`, followed only
-    /// while it is still a free block of its order.
-    release_cursor: [AtomicU32; RELEASE_MIN_ORDER as usize],
     /// The maintenance epoch (advanced by the maintainer), stamped on
     /// max-order blocks as they become free.
     pub(crate) epoch: AtomicUsize,
@@ -431,6 +419,7 @@ impl Zone {
             lock: ZoneLock::new(),
             heads: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
             tails: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
+            released_first: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
             counts: [const { AtomicU32::new(0) }; MAX_ORDER as usize + 1],
             free_buddy: AtomicUsize::new(0),
             nolock_ok_locked: AtomicUsize::new(0),
@@ -449,7 +438,6 @@ impl Zone {
             stock_used: AtomicU32::new(0),
             stock_idle: AtomicU32::new(0),
             releasing: AtomicUsize::new(0),
-            release_cursor: [const { AtomicU32::new(NIL) }; RELEASE_MIN_ORDER as usize],
             epoch: AtomicUsize::new(0),
             mapping,
             fresh: AtomicU32::new(fresh_start),
@@ -821,12 +809,28 @@ impl Zone {
             self.heads[order as usize].store(idx, Ordering::Relaxed);
         }
         tail.store(idx, Ordering::Relaxed);
+        let first = &self.released_first[order as usize];
+        if first.load(Ordering::Relaxed) == NIL {
+            first.store(idx, Ordering::Relaxed);
+        }
         d.set(desc::state(desc::BUDDY, order));
         d.carved.store(
             self.epoch.load(Ordering::Relaxed) | RELEASED,
             Ordering::Relaxed,
         );
         g.add_u32(&self.counts[order as usize], 1);
+    }
+
+    /// The last block of the list of `order` not stamped `RELEASED`: the
+    /// one freed the longest ago of those (`NIL`: none). Zone lock held.
+    #[cfg(feature = "std")]
+    fn oldest_unreleased(&self, order: u32) -> u32 {
+        let first = self.released_first[order as usize].load(Ordering::Relaxed);
+        if first == NIL {
+            self.tails[order as usize].load(Ordering::Relaxed)
+        } else {
+            self.desc(first).prev.load(Ordering::Relaxed)
+        }
     }
 
     /// Whether free block `idx` (on a buddy list) is stamped `RELEASED`.
@@ -839,6 +843,11 @@ impl Zone {
         let d = self.desc(idx);
         let next = d.next.load(Ordering::Relaxed);
         let prev = d.prev.load(Ordering::Relaxed);
+        let first = &self.released_first[order as usize];
+        if first.load(Ordering::Relaxed) == idx {
+            // The next one, if any, is stamped `RELEASED` too.
+            first.store(next, Ordering::Relaxed);
+        }
         if prev == NIL {
             self.heads[order as usize].store(next, Ordering::Relaxed);
         } else {
@@ -1574,16 +1583,13 @@ impl Zone {
 
     /// Maintenance (normal context): returns to the OS the memory of free
     /// blocks below `RELEASE_MIN_ORDER` that have been free since before
-    /// `epoch - age`, at most `budget` blocks, looking at most `SMALL_SCAN`
-    /// list entries per order, `SMALL_SCAN_PER_HOLD` per hold of the zone
-    /// lock. After a burst of small objects of which a few stay live, the
-    /// free memory is in such blocks, between the survivors' slabs: without
-    /// this it stayed resident for good (unless the program called `trim`).
-    /// Each order's walk goes on where the previous pass stopped
-    /// (`release_cursor`), so a long list is covered over a few passes
-    /// instead of its head being searched again each time, and it ends at
-    /// the list's first block already given back (they all follow the
-    /// others, see `tails`). Returns the bytes released.
+    /// `epoch - age`, at most `budget` blocks. After a burst of small
+    /// objects of which a few stay live, the free memory is in such blocks,
+    /// between the survivors' slabs: without this it stayed resident for
+    /// good (unless the program called `trim`). Each list's oldest block not
+    /// yet given back is found at once (`oldest_unreleased`), and the ones
+    /// before it are younger: each step is O(1) under the zone lock, which
+    /// is let go for each block's system call. Returns the bytes released.
     #[cfg(feature = "std")]
     pub(crate) fn release_idle_small_blocks(
         &self,
@@ -1594,54 +1600,27 @@ impl Zone {
         let mut bytes = 0;
         let mut budget = budget;
         for order in (0..RELEASE_MIN_ORDER).rev() {
-            let free = desc::state(desc::BUDDY, order);
-            let cursor = &self.release_cursor[order as usize];
-            let mut steps = SMALL_SCAN;
-            'walk: while budget > 0 {
+            while budget > 0 {
                 let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
                     return bytes;
                 };
-                let mut at = cursor.load(Ordering::Relaxed);
-                if at == NIL || self.desc(at).load() != free {
-                    at = self.heads[order as usize].load(Ordering::Relaxed);
+                let pick = self.oldest_unreleased(order);
+                if pick == NIL || !self.idle_since(pick, epoch, age) {
+                    break;
                 }
-                let mut held = SMALL_SCAN_PER_HOLD;
-                loop {
-                    if at == NIL || self.is_released(at) {
-                        // The end of the blocks not yet given back: from
-                        // the head next time.
-                        cursor.store(NIL, Ordering::Relaxed);
-                        break 'walk;
-                    }
-                    if steps == 0 {
-                        cursor.store(at, Ordering::Relaxed);
-                        break 'walk;
-                    }
-                    if held == 0 {
-                        // Let the lock go between stretches; on from `at`
-                        // (or the head, if `at` stopped being a free block
-                        // of this order meanwhile).
-                        cursor.store(at, Ordering::Relaxed);
-                        drop(g);
-                        continue 'walk;
-                    }
-                    held -= 1;
-                    steps -= 1;
-                    let d = self.desc(at);
-                    let stamp = d.carved.load(Ordering::Relaxed);
-                    let next = d.next.load(Ordering::Relaxed);
-                    if stamp.saturating_add(age) <= epoch {
-                        cursor.store(next, Ordering::Relaxed);
-                        self.release_block(at, order, g);
-                        budget -= 1;
-                        bytes += PAGE_SIZE << order;
-                        continue 'walk;
-                    }
-                    at = next;
-                }
+                self.release_block(pick, order, g);
+                budget -= 1;
+                bytes += PAGE_SIZE << order;
             }
         }
         bytes
+    }
+
+    /// Whether free block `idx` has been free since before `epoch - age`.
+    #[cfg(feature = "std")]
+    fn idle_since(&self, idx: u32, epoch: usize, age: usize) -> bool {
+        let stamp = self.desc(idx).carved.load(Ordering::Relaxed);
+        stamp.saturating_add(age) <= epoch
     }
 
     /// `Heap::trim` (normal context): returns to the OS the memory of every
@@ -1704,21 +1683,14 @@ impl Zone {
     }
 
     /// A free block of order `RELEASE_MIN_ORDER` or more, idle since before
-    /// `epoch - age` and not yet returned to the OS (zone lock held): each
-    /// list is searched up to its first block given back.
+    /// `epoch - age` and not yet returned to the OS (zone lock held): the
+    /// oldest of its list, so O(1) per order.
     #[cfg(feature = "std")]
     fn idle_block(&self, epoch: usize, age: usize) -> Option<(u32, u32)> {
-        for order in (RELEASE_MIN_ORDER..=MAX_ORDER).rev() {
-            let mut i = self.heads[order as usize].load(Ordering::Relaxed);
-            while i != NIL && !self.is_released(i) {
-                let stamp = self.desc(i).carved.load(Ordering::Relaxed);
-                if stamp.saturating_add(age) <= epoch {
-                    return Some((i, order));
-                }
-                i = self.desc(i).next.load(Ordering::Relaxed);
-            }
-        }
-        None
+        (RELEASE_MIN_ORDER..=MAX_ORDER).rev().find_map(|order| {
+            let i = self.oldest_unreleased(order);
+            (i != NIL && self.idle_since(i, epoch, age)).then_some((i, order))
+        })
     }
 
     /// Checks the zone's invariants; the caller makes sure nothing else uses
@@ -1731,6 +1703,7 @@ impl Zone {
             let mut prev = NIL;
             let mut n = 0;
             let mut released = false;
+            let mut first_released = NIL;
             while i != NIL {
                 let d = self.desc(i);
                 if d.load() != desc::state(desc::BUDDY, order) {
@@ -1738,6 +1711,17 @@ impl Zone {
                 }
                 if released && !self.is_released(i) {
                     return Err("a buddy block not given back follows one given back");
+                }
+                if !released && self.is_released(i) {
+                    first_released = i;
+                }
+                // The epoch never goes back: the later a block is freed,
+                // the nearer the head.
+                if !self.is_released(i) && prev != NIL && !self.is_released(prev) {
+                    let p = self.desc(prev).carved.load(Ordering::Relaxed);
+                    if d.carved.load(Ordering::Relaxed) > p {
+                        return Err("a buddy list's free blocks are not latest first");
+                    }
                 }
                 released = self.is_released(i);
                 if !i.is_multiple_of(1 << order) || i < self.first || i + (1 << order) > self.limit
@@ -1766,6 +1750,9 @@ impl Zone {
             }
             if prev != self.tails[order as usize].load(Ordering::Relaxed) {
                 return Err("a buddy list tail is wrong");
+            }
+            if first_released != self.released_first[order as usize].load(Ordering::Relaxed) {
+                return Err("a buddy list's first block given back is wrong");
             }
         }
         // Off a largest-block boundary only when nothing is left: a zone
