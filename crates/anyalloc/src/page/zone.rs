@@ -63,8 +63,10 @@ pub(crate) const LEVELS: usize = 3;
 /// Bytes of the largest block; zones are indexed from such a boundary.
 pub(crate) const MAX_BLOCK: usize = PAGE_SIZE << MAX_ORDER;
 
-/// Flag in a free max-order block's stamp: its memory went back to the OS.
-#[cfg(feature = "std")]
+/// Flag in a free block's stamp (`carved`): its memory is not with the
+/// process (given back to the OS, or never touched). Such blocks sit at the
+/// tail of their buddy list, after every block without the flag (see
+/// `Zone::tails`).
 const RELEASED: usize = 1 << (usize::BITS - 1);
 
 /// The lowest order whose free blocks the maintainer returns to the OS when
@@ -72,6 +74,7 @@ const RELEASED: usize = 1 << (usize::BITS - 1);
 /// blocks. Smaller free blocks go back too, but only after staying idle
 /// [`SMALL_AGE_FACTOR`] times as long, a bounded number per pass
 /// (`Zone::release_idle_small_blocks`).
+#[cfg(feature = "std")]
 pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
 
 /// Free blocks below `RELEASE_MIN_ORDER` go back to the OS after staying
@@ -80,19 +83,6 @@ pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
 /// costs a system call of its own.
 #[cfg(feature = "std")]
 pub(crate) const SMALL_AGE_FACTOR: usize = 4;
-
-/// List entries one maintenance pass looks at per order below
-/// `RELEASE_MIN_ORDER` when it searches for idle blocks (bounds the time it
-/// holds the zone lock); the next pass goes on from there.
-#[cfg(feature = "std")]
-const SMALL_SCAN: usize = 1024;
-
-/// Of those, the entries looked at in one hold of the zone lock: the walk
-/// drops the lock and takes it again after each such stretch, so a nolock
-/// caller finds it busy for no longer than a normal path's refill would
-/// keep it (the maintainer's promise, see `crate::maintain`).
-#[cfg(feature = "std")]
-const SMALL_SCAN_PER_HOLD: usize = 64;
 
 /// The "no page" index of the zone's lists.
 pub(crate) const NIL: u32 = u32::MAX;
@@ -253,6 +243,19 @@ pub(crate) struct Zone {
     platform: &'static dyn Platform,
     pub(crate) lock: ZoneLock,
     heads: [AtomicU32; MAX_ORDER as usize + 1],
+    /// The last block of each buddy list (`NIL` when empty). Each list holds
+    /// its blocks whose memory is with the process first, then those whose
+    /// memory is not (stamped `RELEASED`): a free pushes at the head, a
+    /// block given back (or split off one) goes to the tail. So allocations,
+    /// which take the head, reuse resident memory before memory that would
+    /// fault again, and the walks for blocks to give back stop at the first
+    /// `RELEASED` block instead of stepping over them all. The blocks before
+    /// that one are in the order they were freed, the latest first (a push
+    /// at the head is stamped with the epoch, which never goes back): the
+    /// oldest, the ones to give back first, are just before it.
+    tails: [AtomicU32; MAX_ORDER as usize + 1],
+    /// The first block stamped `RELEASED` of each buddy list (`NIL`: none).
+    released_first: [AtomicU32; MAX_ORDER as usize + 1],
     counts: [AtomicU32; MAX_ORDER as usize + 1],
     /// Pages on the buddy free lists (written under `lock`).
     free_buddy: AtomicUsize,
@@ -297,11 +300,6 @@ pub(crate) struct Zone {
     /// Pages of a free block taken off its list while its memory goes back
     /// to the OS (still counted in `free_buddy`).
     releasing: AtomicUsize,
-    /// Per order below `RELEASE_MIN_ORDER`: the free block where the
-    /// maintainer's last walk for idle blocks stopped (`NIL`: at the head
-    /// next time). A hint, read and written under `lock`, followed only
-    /// while it is still a free block of its order.
-    release_cursor: [AtomicU32; RELEASE_MIN_ORDER as usize],
     /// The maintenance epoch (advanced by the maintainer), stamped on
     /// max-order blocks as they become free.
     pub(crate) epoch: AtomicUsize,
@@ -420,6 +418,8 @@ impl Zone {
             platform,
             lock: ZoneLock::new(),
             heads: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
+            tails: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
+            released_first: [const { AtomicU32::new(NIL) }; MAX_ORDER as usize + 1],
             counts: [const { AtomicU32::new(0) }; MAX_ORDER as usize + 1],
             free_buddy: AtomicUsize::new(0),
             nolock_ok_locked: AtomicUsize::new(0),
@@ -438,7 +438,6 @@ impl Zone {
             stock_used: AtomicU32::new(0),
             stock_idle: AtomicU32::new(0),
             releasing: AtomicUsize::new(0),
-            release_cursor: [const { AtomicU32::new(NIL) }; RELEASE_MIN_ORDER as usize],
             epoch: AtomicUsize::new(0),
             mapping,
             fresh: AtomicU32::new(fresh_start),
@@ -472,11 +471,7 @@ impl Zone {
         // Free the pages outside the untouched middle as the largest
         // naturally aligned blocks that fit (none lies in the middle's
         // largest blocks, so none ever merges with a block carved from
-        // it). They were never touched: stamp them as already back with
-        // the OS (the epoch value is what `list_push` stamps on max-order
-        // blocks).
-        #[cfg(feature = "std")]
-        z.epoch.store(RELEASED, Ordering::Relaxed);
+        // it). They were never touched: as good as back with the OS.
         let g = z.lock.lock(platform);
         for (from, to) in [(first, fresh_start), (fresh_end, limit)] {
             let mut i = from;
@@ -486,12 +481,11 @@ impl Zone {
                     order -= 1;
                 }
                 z.desc(i).set(desc::state(desc::ALLOCATED, order));
-                z.buddy_free(i, order, &g);
+                z.buddy_free_as(i, order, true, &g);
                 i += 1 << order;
             }
         }
         g.add(&z.free_buddy, (fresh_end - fresh_start) as usize);
-        z.epoch.store(0, Ordering::Relaxed);
         drop(g);
         zp
     }
@@ -776,6 +770,8 @@ impl Zone {
 
     // ----- buddy free lists (zone lock held) ---------------------------
 
+    /// Puts free block `idx` at the head of its list: its memory is with
+    /// the process (it was touched since it last went back to the OS).
     fn list_push(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
         let head = &self.heads[order as usize];
         let old = head.load(Ordering::Relaxed);
@@ -784,6 +780,8 @@ impl Zone {
         d.prev.store(NIL, Ordering::Relaxed);
         if old != NIL {
             self.desc(old).prev.store(idx, Ordering::Relaxed);
+        } else {
+            self.tails[order as usize].store(idx, Ordering::Relaxed);
         }
         head.store(idx, Ordering::Relaxed);
         d.set(desc::state(desc::BUDDY, order));
@@ -796,10 +794,60 @@ impl Zone {
         g.add_u32(&self.counts[order as usize], 1);
     }
 
+    /// Puts free block `idx`, whose memory is not with the process (given
+    /// back to the OS, or never touched), at the tail of its list, stamped
+    /// `RELEASED`: allocated last, and never given back again.
+    fn list_push_released(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
+        let tail = &self.tails[order as usize];
+        let old = tail.load(Ordering::Relaxed);
+        let d = self.desc(idx);
+        d.next.store(NIL, Ordering::Relaxed);
+        d.prev.store(old, Ordering::Relaxed);
+        if old != NIL {
+            self.desc(old).next.store(idx, Ordering::Relaxed);
+        } else {
+            self.heads[order as usize].store(idx, Ordering::Relaxed);
+        }
+        tail.store(idx, Ordering::Relaxed);
+        let first = &self.released_first[order as usize];
+        if first.load(Ordering::Relaxed) == NIL {
+            first.store(idx, Ordering::Relaxed);
+        }
+        d.set(desc::state(desc::BUDDY, order));
+        d.carved.store(
+            self.epoch.load(Ordering::Relaxed) | RELEASED,
+            Ordering::Relaxed,
+        );
+        g.add_u32(&self.counts[order as usize], 1);
+    }
+
+    /// The last block of the list of `order` not stamped `RELEASED`: the
+    /// one freed the longest ago of those (`NIL`: none). Zone lock held.
+    #[cfg(feature = "std")]
+    fn oldest_unreleased(&self, order: u32) -> u32 {
+        let first = self.released_first[order as usize].load(Ordering::Relaxed);
+        if first == NIL {
+            self.tails[order as usize].load(Ordering::Relaxed)
+        } else {
+            self.desc(first).prev.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Whether free block `idx` (on a buddy list) is stamped `RELEASED`.
+    #[inline]
+    fn is_released(&self, idx: u32) -> bool {
+        self.desc(idx).carved.load(Ordering::Relaxed) & RELEASED != 0
+    }
+
     fn list_remove(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
         let d = self.desc(idx);
         let next = d.next.load(Ordering::Relaxed);
         let prev = d.prev.load(Ordering::Relaxed);
+        let first = &self.released_first[order as usize];
+        if first.load(Ordering::Relaxed) == idx {
+            // The next one, if any, is stamped `RELEASED` too.
+            first.store(next, Ordering::Relaxed);
+        }
         if prev == NIL {
             self.heads[order as usize].store(next, Ordering::Relaxed);
         } else {
@@ -807,6 +855,8 @@ impl Zone {
         }
         if next != NIL {
             self.desc(next).prev.store(prev, Ordering::Relaxed);
+        } else {
+            self.tails[order as usize].store(prev, Ordering::Relaxed);
         }
         g.add_u32(&self.counts[order as usize], 1u32.wrapping_neg());
     }
@@ -820,23 +870,29 @@ impl Zone {
             return None;
         }
         let mut o = order;
-        let idx = loop {
+        // Whether the block's memory is not with the process: its halves,
+        // untouched, are not either.
+        let (idx, released) = loop {
             if o > MAX_ORDER {
                 // Nothing on the lists: the next untouched largest block.
                 o = MAX_ORDER;
-                break self.take_fresh(g)?;
+                break (self.take_fresh(g)?, true);
             }
             let h = self.heads[o as usize].load(Ordering::Relaxed);
             if h != NIL {
                 self.list_remove(h, o, g);
-                break h;
+                break (h, self.is_released(h));
             }
             o += 1;
         };
         while o > order {
             o -= 1;
             crate::interrupt_point!(BuddySplit);
-            self.list_push(idx + (1 << o), o, g);
+            if released {
+                self.list_push_released(idx + (1 << o), o, g);
+            } else {
+                self.list_push(idx + (1 << o), o, g);
+            }
         }
         self.desc(idx).set(desc::state(desc::ALLOCATED, order));
         g.add(&self.free_buddy, need.wrapping_neg());
@@ -863,7 +919,15 @@ impl Zone {
 
     /// Returns the claimed block `idx` of `order` to the buddy lists,
     /// merging it with free buddies.
-    pub(crate) fn buddy_free(&self, mut idx: u32, mut order: u32, g: &ZoneGuard<'_>) {
+    pub(crate) fn buddy_free(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
+        self.buddy_free_as(idx, order, false, g);
+    }
+
+    /// [`buddy_free`](Self::buddy_free) of a block whose memory is not
+    /// with the process (`released`) or is: the block it ends up in (after
+    /// merging) is stamped `RELEASED` only if all of it is not.
+    fn buddy_free_as(&self, mut idx: u32, mut order: u32, released: bool, g: &ZoneGuard<'_>) {
+        let mut released = released;
         g.add(&self.free_buddy, 1 << order);
         while order < MAX_ORDER {
             let buddy = idx ^ (1 << order);
@@ -873,6 +937,7 @@ impl Zone {
             if self.desc(buddy).load() != desc::state(desc::BUDDY, order) {
                 break;
             }
+            released &= self.is_released(buddy);
             self.list_remove(buddy, order, g);
             crate::interrupt_point!(BuddyMerge);
             // The higher half stops being a block head.
@@ -885,7 +950,11 @@ impl Zone {
             idx = lo;
             order += 1;
         }
-        self.list_push(idx, order, g);
+        if released {
+            self.list_push_released(idx, order, g);
+        } else {
+            self.list_push(idx, order, g);
+        }
     }
 
     // ----- deferred frees ------------------------------------------------
@@ -1514,7 +1583,7 @@ impl Zone {
             let Some((pick, order)) = self.idle_block(epoch, age) else {
                 return bytes;
             };
-            self.release_block(pick, order, epoch, g);
+            self.release_block(pick, order, g);
             bytes += PAGE_SIZE << order;
         }
         bytes
@@ -1522,14 +1591,13 @@ impl Zone {
 
     /// Maintenance (normal context): returns to the OS the memory of free
     /// blocks below `RELEASE_MIN_ORDER` that have been free since before
-    /// `epoch - age`, at most `budget` blocks, looking at most `SMALL_SCAN`
-    /// list entries per order. After a burst of small objects of which a
-    /// few stay live, the free memory is in such blocks, between the
-    /// survivors' slabs: without this it stayed resident for good (unless
-    /// the program called `trim`). Each order's walk goes on where the
-    /// previous pass stopped (`release_cursor`), so a long list is covered
-    /// over a few passes instead of its head being searched again each
-    /// time. Returns the bytes released.
+    /// `epoch - age`, at most `budget` blocks. After a burst of small
+    /// objects of which a few stay live, the free memory is in such blocks,
+    /// between the survivors' slabs: without this it stayed resident for
+    /// good (unless the program called `trim`). Each list's oldest block not
+    /// yet given back is found at once (`oldest_unreleased`), and the ones
+    /// before it are younger: each step is O(1) under the zone lock, which
+    /// is let go for each block's system call. Returns the bytes released.
     #[cfg(feature = "std")]
     pub(crate) fn release_idle_small_blocks(
         &self,
@@ -1540,53 +1608,27 @@ impl Zone {
         let mut bytes = 0;
         let mut budget = budget;
         for order in (0..RELEASE_MIN_ORDER).rev() {
-            let free = desc::state(desc::BUDDY, order);
-            let cursor = &self.release_cursor[order as usize];
-            let mut steps = SMALL_SCAN;
-            'walk: while budget > 0 {
+            while budget > 0 {
                 let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
                     return bytes;
                 };
-                let mut at = cursor.load(Ordering::Relaxed);
-                if at == NIL || self.desc(at).load() != free {
-                    at = self.heads[order as usize].load(Ordering::Relaxed);
+                let pick = self.oldest_unreleased(order);
+                if pick == NIL || !self.idle_since(pick, epoch, age) {
+                    break;
                 }
-                let mut held = SMALL_SCAN_PER_HOLD;
-                loop {
-                    if at == NIL {
-                        // The end of the list: from its head next time.
-                        cursor.store(NIL, Ordering::Relaxed);
-                        break 'walk;
-                    }
-                    if steps == 0 {
-                        cursor.store(at, Ordering::Relaxed);
-                        break 'walk;
-                    }
-                    if held == 0 {
-                        // Let the lock go between stretches; on from `at`
-                        // (or the head, if `at` stopped being a free block
-                        // of this order meanwhile).
-                        cursor.store(at, Ordering::Relaxed);
-                        drop(g);
-                        continue 'walk;
-                    }
-                    held -= 1;
-                    steps -= 1;
-                    let d = self.desc(at);
-                    let stamp = d.carved.load(Ordering::Relaxed);
-                    let next = d.next.load(Ordering::Relaxed);
-                    if stamp & RELEASED == 0 && stamp.saturating_add(age) <= epoch {
-                        cursor.store(next, Ordering::Relaxed);
-                        self.release_block(at, order, epoch, g);
-                        budget -= 1;
-                        bytes += PAGE_SIZE << order;
-                        continue 'walk;
-                    }
-                    at = next;
-                }
+                self.release_block(pick, order, g);
+                budget -= 1;
+                bytes += PAGE_SIZE << order;
             }
         }
         bytes
+    }
+
+    /// Whether free block `idx` has been free since before `epoch - age`.
+    #[cfg(feature = "std")]
+    fn idle_since(&self, idx: u32, epoch: usize, age: usize) -> bool {
+        let stamp = self.desc(idx).carved.load(Ordering::Relaxed);
+        stamp.saturating_add(age) <= epoch
     }
 
     /// `Heap::trim` (normal context): returns to the OS the memory of every
@@ -1594,38 +1636,27 @@ impl Zone {
     /// order, as glibc's `malloc_trim` returns every free page: after a
     /// burst of small objects of which a few stay live, the free memory
     /// lies in blocks below `RELEASE_MIN_ORDER` between the survivors'
-    /// slabs, and only this gives it back. One pass over each list: the
-    /// walk goes on from the released block's successor while that is still
-    /// a free block of the order (else from the list's head again, where
-    /// released blocks are skipped). At most twice as many blocks per order
-    /// as the list held when the walk began, so that frees on other threads
-    /// cannot keep it going. Returns the bytes released.
+    /// slabs, and only this gives it back. Each list's blocks not yet given
+    /// back come first (see `tails`), and a block given back goes to the
+    /// tail: so each step takes the list's head, until the head is a block
+    /// given back (O(1) per hold of the zone lock). At most twice as many
+    /// blocks per order as the list held when the walk began, so that frees
+    /// on other threads cannot keep it going. Returns the bytes released.
     #[cfg(feature = "std")]
     pub(crate) fn release_all_free_blocks(&self) -> usize {
         let mut bytes = 0;
         for order in (0..=MAX_ORDER).rev() {
-            let free = desc::state(desc::BUDDY, order);
-            let mut from = NIL;
             let mut left = 2 * self.counts[order as usize].load(Ordering::Relaxed) as usize + 2;
             while left > 0 {
                 left -= 1;
                 let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
                     return bytes;
                 };
-                if from == NIL || self.desc(from).load() != free {
-                    from = self.heads[order as usize].load(Ordering::Relaxed);
-                }
-                while from != NIL && self.desc(from).carved.load(Ordering::Relaxed) & RELEASED != 0
-                {
-                    from = self.desc(from).next.load(Ordering::Relaxed);
-                }
-                if from == NIL {
+                let pick = self.heads[order as usize].load(Ordering::Relaxed);
+                if pick == NIL || self.is_released(pick) {
                     break;
                 }
-                let pick = from;
-                from = self.desc(pick).next.load(Ordering::Relaxed);
-                let epoch = self.epoch.load(Ordering::Relaxed);
-                self.release_block(pick, order, epoch, g);
+                self.release_block(pick, order, g);
                 bytes += PAGE_SIZE << order;
             }
         }
@@ -1634,14 +1665,17 @@ impl Zone {
 
     /// Returns free block `pick` of `order` (on its buddy list; the zone
     /// lock `g` held) to the OS: off its list while the syscall runs
-    /// without the lock, then freed again and stamped released at `epoch`.
+    /// without the lock, then freed again, to the tail of its list, stamped
+    /// `RELEASED` (unless it merged with a buddy that freed meanwhile,
+    /// whose memory is with the process: the merged block goes to the head,
+    /// not given back, and a later release gives all of it back).
     #[cfg(feature = "std")]
-    fn release_block(&self, pick: u32, order: u32, epoch: usize, g: ZoneGuard<'_>) {
+    fn release_block(&self, pick: u32, order: u32, g: ZoneGuard<'_>) {
         self.list_remove(pick, order, &g);
         // Not ALLOCATED: a (wrong) free of this block must fail its
         // claim while the lock is dropped, not insert it a second time.
         self.desc(pick).set(desc::state(desc::RELEASING, order));
-        self.releasing.store(1 << order, Ordering::Relaxed);
+        g.add(&self.releasing, 1 << order);
         crate::interrupt_point!(ReleaseIdle);
         drop(g);
         crate::interrupt_point!(ReleaseWindow);
@@ -1651,33 +1685,20 @@ impl Zone {
             self.desc(pick).load() == desc::state(desc::RELEASING, order),
             "a releasing block changed state"
         );
-        self.releasing.store(0, Ordering::Relaxed);
+        g.add(&self.releasing, (1usize << order).wrapping_neg());
         g.add(&self.free_buddy, (1usize << order).wrapping_neg());
-        self.buddy_free(pick, order, &g);
-        // Unless it merged with a buddy (the merged block carries a fresh
-        // stamp, and is discarded again later: harmless), mark it.
-        if self.desc(pick).load() == desc::state(desc::BUDDY, order) {
-            self.desc(pick)
-                .carved
-                .store(epoch | RELEASED, Ordering::Relaxed);
-        }
+        self.buddy_free_as(pick, order, true, &g);
     }
 
     /// A free block of order `RELEASE_MIN_ORDER` or more, idle since before
-    /// `epoch - age` and not yet returned to the OS (zone lock held).
+    /// `epoch - age` and not yet returned to the OS (zone lock held): the
+    /// oldest of its list, so O(1) per order.
     #[cfg(feature = "std")]
     fn idle_block(&self, epoch: usize, age: usize) -> Option<(u32, u32)> {
-        for order in (RELEASE_MIN_ORDER..=MAX_ORDER).rev() {
-            let mut i = self.heads[order as usize].load(Ordering::Relaxed);
-            while i != NIL {
-                let stamp = self.desc(i).carved.load(Ordering::Relaxed);
-                if stamp & RELEASED == 0 && stamp + age <= epoch {
-                    return Some((i, order));
-                }
-                i = self.desc(i).next.load(Ordering::Relaxed);
-            }
-        }
-        None
+        (RELEASE_MIN_ORDER..=MAX_ORDER).rev().find_map(|order| {
+            let i = self.oldest_unreleased(order);
+            (i != NIL && self.idle_since(i, epoch, age)).then_some((i, order))
+        })
     }
 
     /// Checks the zone's invariants; the caller makes sure nothing else uses
@@ -1689,11 +1710,28 @@ impl Zone {
             let mut i = self.heads[order as usize].load(Ordering::Relaxed);
             let mut prev = NIL;
             let mut n = 0;
+            let mut released = false;
+            let mut first_released = NIL;
             while i != NIL {
                 let d = self.desc(i);
                 if d.load() != desc::state(desc::BUDDY, order) {
                     return Err("a block on a buddy list is not marked BUDDY of its order");
                 }
+                if released && !self.is_released(i) {
+                    return Err("a buddy block not given back follows one given back");
+                }
+                if !released && self.is_released(i) {
+                    first_released = i;
+                }
+                // The epoch never goes back: the later a block is freed,
+                // the nearer the head.
+                if !self.is_released(i) && prev != NIL && !self.is_released(prev) {
+                    let p = self.desc(prev).carved.load(Ordering::Relaxed);
+                    if d.carved.load(Ordering::Relaxed) > p {
+                        return Err("a buddy list's free blocks are not latest first");
+                    }
+                }
+                released = self.is_released(i);
                 if !i.is_multiple_of(1 << order) || i < self.first || i + (1 << order) > self.limit
                 {
                     return Err("a buddy block is misaligned or outside its zone");
@@ -1717,6 +1755,12 @@ impl Zone {
             }
             if n != self.counts[order as usize].load(Ordering::Relaxed) {
                 return Err("a buddy list count is wrong");
+            }
+            if prev != self.tails[order as usize].load(Ordering::Relaxed) {
+                return Err("a buddy list tail is wrong");
+            }
+            if first_released != self.released_first[order as usize].load(Ordering::Relaxed) {
+                return Err("a buddy list's first block given back is wrong");
             }
         }
         // Off a largest-block boundary only when nothing is left: a zone
