@@ -32,6 +32,18 @@ use proptest::prelude::*;
 #[global_allocator]
 static A: Global = Global;
 
+/// Held for reading by every test here, for writing by the one that forks
+/// (`rseq_off_in_a_child`, whose watchdog spawns the child with `fork`):
+/// the fork's handlers hold every heap's locks for the fork's duration,
+/// and a nolock call that meets a held lock fails rather than wait (by
+/// design, see the README's notes on `fork`). These tests check what the
+/// calls return, not how they meet a fork, so none runs beside it.
+static FORK_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn no_fork_meanwhile() -> std::sync::RwLockReadGuard<'static, ()> {
+    FORK_GATE.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The class sizes (the crate's `class::SIZES`).
 const CLASS_SIZES: [usize; 39] = [
     8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448,
@@ -231,6 +243,7 @@ fn alignment_sweep(h: &Heap, nolock: bool, group: Option<&std::sync::Arc<anyallo
 
 #[test]
 fn heap_alignment_sweep_normal_and_nolock_rseq_on_and_off() {
+    let _gate = no_fork_meanwhile();
     for rseq in [true, false] {
         let h = heap(rseq);
         let g = anyalloc::Group::new("sweep", None, None);
@@ -309,6 +322,7 @@ fn zeroing_after_reuse(h: &Heap, nolock_free: bool) {
 
 #[test]
 fn heap_alloc_zeroed_after_every_kind_of_reuse() {
+    let _gate = no_fork_meanwhile();
     for rseq in [true, false] {
         let h = heap(rseq);
         zeroing_after_reuse(&h, false);
@@ -505,6 +519,7 @@ fn usable_sizes_are_usable() {
 
 #[test]
 fn global_and_nolock_alignment_usable_size_zeroing() {
+    let _gate = no_fork_meanwhile();
     anyalloc::init().unwrap();
     nolock_allocator_zeroing_and_usable();
 }
@@ -761,6 +776,7 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
 
 #[test]
 fn resize_model() {
+    let _gate = no_fork_meanwhile();
     anyalloc::init().unwrap();
     resize_model_cases(64);
 }
@@ -781,6 +797,7 @@ fn resize_model_cases(cases: u32) {
 /// `NoLock`'s grow/shrink, one byte below and above each boundary.
 #[test]
 fn resize_walk_across_every_boundary() {
+    let _gate = no_fork_meanwhile();
     anyalloc::init().unwrap();
     resize_walk();
 }
@@ -882,6 +899,7 @@ fn rseq_off_in_a_child() {
         println!("rseq off: done");
         return;
     }
+    let _gate = FORK_GATE.write().unwrap_or_else(|e| e.into_inner());
     let out = watchdog::run_ok(
         "rseq_off_in_a_child",
         &[watchdog::RSEQ_OFF],
@@ -897,6 +915,7 @@ fn rseq_off_in_a_child() {
 /// alignment a huge block can have; a shrink and a grow again.
 #[test]
 fn remap_huge_keeps_contents_and_grows_zeroed() {
+    let _gate = no_fork_meanwhile();
     for rseq in [true, false] {
         let h = heap(rseq);
         for shift in [3u32, 12, 16, 22, 23, 30] {
@@ -938,6 +957,7 @@ fn remap_huge_keeps_contents_and_grows_zeroed() {
 /// succeeds and keeps the contents.
 #[test]
 fn global_realloc_in_a_nolock_scope() {
+    let _gate = no_fork_meanwhile();
     anyalloc::init().unwrap();
     let l = Layout::from_size_align(NOLOCK_MAX * 2, 64).unwrap();
     // SAFETY: a non-zero layout; the blocks are freed below.
@@ -972,6 +992,7 @@ fn global_realloc_in_a_nolock_scope() {
 /// cleanly otherwise, on every path; never a bad pointer or a crash.
 #[test]
 fn extreme_alignments_are_served_aligned_or_refused() {
+    let _gate = no_fork_meanwhile();
     anyalloc::init().unwrap();
     let h = heap(true);
     let gh = anyalloc::global_heap().unwrap();
