@@ -102,6 +102,7 @@ fn blocks_given_back_are_reused_after_resident_ones() {
         "idle small blocks were given back after seven passes"
     );
     for &p in young {
+        // SAFETY: allocated above with this order, freed once.
         unsafe { pages.free_pages(p, ORDER) };
     }
     heap.maintain();
@@ -299,6 +300,7 @@ fn idle_blocks_behind_young_ones_go_back_in_the_first_idle_pass() {
         heap.maintain();
     }
     for &p in young {
+        // SAFETY: allocated above with this order, freed once.
         unsafe { pages.free_pages(p, SMALL) };
     }
     heap.drain();

@@ -2315,10 +2315,9 @@ impl Cache {
     /// write is caught; only data that matches the key's pattern could
     /// decode to another object of the slab.
     fn slab_link(&self, obj: usize, carved: usize, platform: &dyn Platform) -> usize {
+        // Its first word is the list link XOR the key (unaligned in 12-byte classes).
         // SAFETY: `obj` is a free object of this slab (pushed by
-        // `return_to_slab`; node lock held), at least 8 bytes long; its
-        // first word is the list link XOR the key (possibly unaligned:
-        // 12-byte classes).
+        // `return_to_slab`; node lock held), at least 8 bytes long.
         let next = unsafe { (obj as *const usize).read_unaligned() } ^ self.key;
         if next != 0 {
             let mask = self.slab_mask as usize;
