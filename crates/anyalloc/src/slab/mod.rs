@@ -2645,9 +2645,9 @@ impl HeapCore {
         // (the chain taken, its objects being freed): cloned halfway, the
         // rest of the chain would be lost to the child. Any that starts
         // from here leaves the stack alone (`Cache::deferred_taker`); the
-        // normal path's drains block signals while counted, and the nolock
-        // path's are short and marked inside the allocator (a handler that
-        // interrupts one and forks takes nothing).
+        // normal path's drains block signals while counted; a nolock one
+        // that a signal handler interrupts, if the handler forks, holds that
+        // fork up to the patience below (see the `fork` module's notes).
         let start = std::time::Instant::now();
         while (self.remaps.load(Ordering::SeqCst) != 0
             || (0..CACHES).any(|i| self.cache(i).deferred_takers() != 0))
