@@ -971,8 +971,11 @@ impl PageAllocator {
             zone.maintain_slots(idle_passes);
             #[cfg(feature = "std")]
             {
-                released += zone.release_idle_blocks(epoch, idle_epochs, RELEASE_BUDGET);
-                released += zone.release_idle_small_blocks(
+                let small = zone::RELEASE_MIN_ORDER;
+                released +=
+                    zone.release_idle_blocks(small..=MAX_ORDER, epoch, idle_epochs, RELEASE_BUDGET);
+                released += zone.release_idle_blocks(
+                    0..=small - 1,
                     epoch,
                     idle_epochs * zone::SMALL_AGE_FACTOR,
                     SMALL_RELEASE_BUDGET,

@@ -73,7 +73,7 @@ const RELEASED: usize = 1 << (usize::BITS - 1);
 /// they stay idle (256 KiB): a burst's memory rarely re-forms whole 4 MiB
 /// blocks. Smaller free blocks go back too, but only after staying idle
 /// [`SMALL_AGE_FACTOR`] times as long, a bounded number per pass
-/// (`Zone::release_idle_small_blocks`).
+/// (`Zone::release_idle_blocks`).
 #[cfg(feature = "std")]
 pub(crate) const RELEASE_MIN_ORDER: u32 = 6;
 
@@ -1568,58 +1568,38 @@ impl Zone {
     }
 
     /// Maintenance (normal context): returns to the OS the memory of free
-    /// blocks of order `RELEASE_MIN_ORDER` or more that have been free since
-    /// before `epoch - age` (MADV_DONTNEED), largest first, at most `budget`
-    /// blocks per call. Each block is taken off its free list while the
-    /// syscall runs (still counted as free, in `releasing`), so nobody can be
-    /// handed memory that is being discarded. Returns the bytes released.
+    /// blocks of the `orders` given that have been free since before
+    /// `epoch - age` (MADV_DONTNEED), largest first, at most `budget`
+    /// blocks per call. Each list's oldest block not yet given back is found
+    /// at once (`oldest_unreleased`; the ones before it are younger), so each
+    /// step is O(1) per order under the zone lock, which is let go for each
+    /// block's system call: the block is taken off its free list meanwhile
+    /// (still counted as free, in `releasing`), so nobody can be handed
+    /// memory that is being discarded. Returns the bytes released.
+    ///
+    /// The maintainer calls it twice: for `RELEASE_MIN_ORDER` and up, and,
+    /// with a longer `age`, for the blocks below. After a burst of small
+    /// objects of which a few stay live, the free memory is in those small
+    /// blocks, between the survivors' slabs: without the second call it
+    /// stayed resident for good (unless the program called `trim`).
     #[cfg(feature = "std")]
-    pub(crate) fn release_idle_blocks(&self, epoch: usize, age: usize, budget: usize) -> usize {
-        let mut bytes = 0;
-        for _ in 0..budget {
-            let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
-                return bytes;
-            };
-            let Some((pick, order)) = self.idle_block(epoch, age) else {
-                return bytes;
-            };
-            self.release_block(pick, order, g);
-            bytes += PAGE_SIZE << order;
-        }
-        bytes
-    }
-
-    /// Maintenance (normal context): returns to the OS the memory of free
-    /// blocks below `RELEASE_MIN_ORDER` that have been free since before
-    /// `epoch - age`, at most `budget` blocks. After a burst of small
-    /// objects of which a few stay live, the free memory is in such blocks,
-    /// between the survivors' slabs: without this it stayed resident for
-    /// good (unless the program called `trim`). Each list's oldest block not
-    /// yet given back is found at once (`oldest_unreleased`), and the ones
-    /// before it are younger: each step is O(1) under the zone lock, which
-    /// is let go for each block's system call. Returns the bytes released.
-    #[cfg(feature = "std")]
-    pub(crate) fn release_idle_small_blocks(
+    pub(crate) fn release_idle_blocks(
         &self,
+        orders: core::ops::RangeInclusive<u32>,
         epoch: usize,
         age: usize,
         budget: usize,
     ) -> usize {
         let mut bytes = 0;
-        let mut budget = budget;
-        for order in (0..RELEASE_MIN_ORDER).rev() {
-            while budget > 0 {
-                let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
-                    return bytes;
-                };
-                let pick = self.oldest_unreleased(order);
-                if pick == NIL || !self.idle_since(pick, epoch, age) {
-                    break;
-                }
-                self.release_block(pick, order, g);
-                budget -= 1;
-                bytes += PAGE_SIZE << order;
-            }
+        for _ in 0..budget {
+            let Some(g) = self.lock.lock_in(Mode::Normal, self.platform) else {
+                return bytes;
+            };
+            let Some((pick, order)) = self.idle_block(orders.clone(), epoch, age) else {
+                return bytes;
+            };
+            self.release_block(pick, order, g);
+            bytes += PAGE_SIZE << order;
         }
         bytes
     }
@@ -1690,12 +1670,17 @@ impl Zone {
         self.buddy_free_as(pick, order, true, &g);
     }
 
-    /// A free block of order `RELEASE_MIN_ORDER` or more, idle since before
-    /// `epoch - age` and not yet returned to the OS (zone lock held): the
-    /// oldest of its list, so O(1) per order.
+    /// A free block of one of `orders` (the largest first), idle since
+    /// before `epoch - age` and not yet returned to the OS (zone lock held):
+    /// the oldest of its list, so O(1) per order.
     #[cfg(feature = "std")]
-    fn idle_block(&self, epoch: usize, age: usize) -> Option<(u32, u32)> {
-        (RELEASE_MIN_ORDER..=MAX_ORDER).rev().find_map(|order| {
+    fn idle_block(
+        &self,
+        orders: core::ops::RangeInclusive<u32>,
+        epoch: usize,
+        age: usize,
+    ) -> Option<(u32, u32)> {
+        orders.rev().find_map(|order| {
             let i = self.oldest_unreleased(order);
             (i != NIL && self.idle_since(i, epoch, age)).then_some((i, order))
         })
