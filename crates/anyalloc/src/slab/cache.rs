@@ -2183,12 +2183,18 @@ impl Cache {
             Some(true) => double_free(pages.platform(), obj),
             Some(false) => true,
             None => {
-                self.suspects
-                    .push(obj, |o, next| self.set_deferred_link(o, next));
+                self.park_suspect(obj);
                 pages.wake_maintainer();
                 false
             }
         }
+    }
+
+    /// Parks `obj` on `suspects` (linked as the deferred stack is). Any
+    /// context.
+    fn park_suspect(&self, obj: usize) {
+        self.suspects
+            .push(obj, |o, next| self.set_deferred_link(o, next));
     }
 
     /// Normal context: checks every parked suspect again, now able to wait
@@ -2214,7 +2220,7 @@ impl Cache {
                     self.free_normal(pages, pages.cpu(), o);
                 }
                 // Still undecided (this drain runs nested): back it goes.
-                None => self.suspects.push(o, |p, n| self.set_deferred_link(p, n)),
+                None => self.park_suspect(o),
             }
             o = next;
         }
@@ -2246,13 +2252,7 @@ impl Cache {
         let first = self.deferred.take_all();
         // Re-entered here, a normal operation finds no deferred object.
         crate::interrupt_point!(DoubleFreeCheck);
-        let mut found = false;
-        let mut o = first;
-        while o != crate::sync::NIL {
-            // The chain is ours (take_all) until it is put back.
-            found |= o == obj;
-            o = self.deferred_link(pages, o);
-        }
+        let found = self.chain_holds(pages, first, obj);
         if first != crate::sync::NIL {
             self.put_back_deferred(pages, first);
         }
@@ -2262,12 +2262,7 @@ impl Cache {
         // The parked suspects, the same way (no gate to close: nothing is
         // handed out from there).
         let first = self.suspects.take_all();
-        let mut o = first;
-        while o != crate::sync::NIL {
-            // The chain is ours (take_all) until it is put back.
-            found |= o == obj;
-            o = self.deferred_link(pages, o);
-        }
+        let found = self.chain_holds(pages, first, obj);
         if first != crate::sync::NIL {
             self.suspects.put_back(
                 first,
@@ -2303,6 +2298,19 @@ impl Cache {
             f = self.slab_link(f, d.carved.load(Ordering::Relaxed), pages.platform());
         }
         Some(false)
+    }
+
+    /// Whether the chain from `first` (taken off the deferred stack or the
+    /// suspects with `take_all`, so ours until put back) holds `obj`.
+    fn chain_holds(&self, pages: &PageAllocator, first: usize, obj: usize) -> bool {
+        // The whole chain: each link is checked as it is followed.
+        let mut found = false;
+        let mut o = first;
+        while o != crate::sync::NIL {
+            found |= o == obj;
+            o = self.deferred_link(pages, o);
+        }
+        found
     }
 
     /// The link of `obj`, a free object on its slab's free list (node lock
