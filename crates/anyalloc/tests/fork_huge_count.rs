@@ -13,36 +13,23 @@
 //! thread forks. The child's statistics must count that block (it is in
 //! the child's table, a block the child never got).
 
+mod script;
 mod watchdog;
 
-use watchdog::wait_for;
-
 use std::alloc::Layout;
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
-use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::interrupt::Site;
 use anyalloc::{Config, Heap};
+
+use script::Pause;
 
 /// The huge allocation's size.
 const SIZE: usize = 8 << 20;
 
-thread_local! {
-    /// Whether this thread is the allocating one.
-    static ALLOCATOR: Cell<bool> = const { Cell::new(false) };
-}
-/// 0: armed; 1: the allocation is registered and paused.
-static STEP: AtomicUsize = AtomicUsize::new(0);
-/// The main thread's `fork` returned.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-fn hook(site: Site) {
-    if site == Site::HugeCount && ALLOCATOR.get() && STEP.load(SeqCst) == 0 {
-        STEP.store(1, SeqCst);
-        wait_for(|| FORKED.load(SeqCst));
-    }
-}
+/// Role 1's allocation pauses registered, not counted (step 1), until the
+/// fork (step 2).
+static SCRIPT: [Pause; 1] = [Pause::new(1, Site::HugeCount, 0, 2)];
 
 #[test]
 fn fork_between_a_huge_allocation_and_its_count() {
@@ -58,45 +45,32 @@ fn fork_between_a_huge_allocation_and_its_count() {
     }
     let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap");
     let layout = Layout::from_size_align(SIZE, 8).unwrap();
-    set_hook(Some(hook));
+    script::play(&SCRIPT);
     let (status, block) = std::thread::scope(|s| {
         let t = s.spawn(|| {
-            ALLOCATOR.set(true);
+            script::act(1);
             heap.alloc(layout).expect("a huge block").as_ptr() as usize
         });
-        wait_for(|| STEP.load(SeqCst) == 1);
-        assert_eq!(STEP.load(SeqCst), 1, "the allocation did not pause");
-        // SAFETY: the child reads the heap's statistics and _exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
+        script::reached(1, "the allocation paused");
+        let status = script::fork_child(2, || {
             let s = heap.stats();
-            let code = if s.huge_in_use != 1 {
+            if s.huge_in_use != 1 {
                 3
             } else if s.huge_bytes != SIZE {
                 4
             } else {
                 0
-            };
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
-        FORKED.store(true, SeqCst);
-        assert!(pid > 0, "fork failed");
-        let status = watchdog::wait_child(pid, Duration::from_secs(10)).expect("the child hung");
+            }
+        });
         (status, t.join().unwrap())
     });
-    set_hook(None);
+    script::end();
     // SAFETY: allocated above, freed once.
     unsafe { heap.free(std::ptr::NonNull::new(block as *mut u8).unwrap()) };
     let s = heap.stats();
     assert_eq!((s.huge_in_use, s.huge_bytes), (0, 0));
-    assert!(
-        libc::WIFEXITED(status),
-        "the child did not exit: status {status}"
-    );
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "the child's statistics missed the registered block: huge_in_use (3) or huge_bytes (4)"
+    script::assert_child_ok(
+        status,
+        "the child's statistics missed the registered block: huge_in_use (3) or huge_bytes (4)",
     );
 }

@@ -18,50 +18,29 @@
 //! `Site::ObjectDeferredPush` (counted, not yet pushed) while the main
 //! thread forks. The child drains and must find no deferred object left.
 
+mod script;
 mod watchdog;
 
-use watchdog::wait_for;
-
 use std::alloc::Layout;
-use std::cell::Cell;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
-use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::interrupt::Site;
 use anyalloc::{Config, Heap};
+
+use script::Pause;
 
 const SIZE: usize = 64;
 
-thread_local! {
-    /// 1: H (level 0 and the node lock); 2, 3: T1, T2 (levels 1, 2); 4: B.
-    static ROLE: Cell<usize> = const { Cell::new(0) };
-}
-/// How many of the roles are paused, in order (role r pauses at step r).
-static STEP: AtomicUsize = AtomicUsize::new(0);
-/// B's free is parked: H, T1 and T2 may go on (before the fork, which
-/// waits for the node lock H holds).
-static RELEASED: AtomicBool = AtomicBool::new(false);
-/// The main thread's `fork` returned.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-fn hook(site: Site) {
-    let role = ROLE.get();
-    let at = match role {
-        1 => Site::SheafRefill,
-        2 | 3 => Site::SheafAlloc,
-        4 => Site::ObjectDeferredPush,
-        _ => return,
-    };
-    if site == at && STEP.load(SeqCst) == role - 1 {
-        STEP.store(role, SeqCst);
-        if role == 4 {
-            wait_for(|| FORKED.load(SeqCst));
-        } else {
-            wait_for(|| RELEASED.load(SeqCst));
-        }
-    }
-}
+/// Role r pauses at step r: 1, H (level 0 and the node lock); 2, 3: T1, T2
+/// (levels 1, 2), all until step 5 (B's free is parked); 4: B, counted but
+/// not pushed, until the fork (step 6).
+static SCRIPT: [Pause; 4] = [
+    Pause::new(1, Site::SheafRefill, 0, 5),
+    Pause::new(2, Site::SheafAlloc, 1, 5),
+    Pause::new(3, Site::SheafAlloc, 2, 5),
+    Pause::new(4, Site::ObjectDeferredPush, 3, 6),
+];
 
 /// The class's deferred objects.
 fn deferred(heap: &Heap) -> usize {
@@ -91,14 +70,14 @@ fn fork_between_a_deferred_object_free_count_and_its_push() {
     let victim = heap.alloc(layout).expect("an object").as_ptr() as usize;
     // Every cached object back to its slab: H's allocation refills.
     heap.drain();
-    set_hook(Some(hook));
+    script::play(&SCRIPT);
     let (status, held) = std::thread::scope(|s| {
         let mut threads = Vec::new();
-        for role in 1..=3 {
+        for role in 1..=3u8 {
             let heap = &heap;
             threads.push(s.spawn(move || {
-                ROLE.set(role);
-                wait_for(|| STEP.load(SeqCst) == role - 1);
+                script::act(role);
+                script::wait_step(usize::from(role) - 1);
                 let p = if role == 1 {
                     heap.alloc(layout)
                 } else {
@@ -108,51 +87,40 @@ fn fork_between_a_deferred_object_free_count_and_its_push() {
             }));
         }
         let b = s.spawn(|| {
-            ROLE.set(4);
-            wait_for(|| STEP.load(SeqCst) == 3);
+            script::act(4);
+            script::wait_step(3);
             // SAFETY: allocated by the main thread, freed once.
             unsafe { heap.free_nolock(NonNull::new(victim as *mut u8).unwrap()) };
         });
-        wait_for(|| STEP.load(SeqCst) == 4);
-        assert_eq!(
-            STEP.load(SeqCst),
+        script::reached(
             4,
-            "the scenario stopped at step {} (1: H holds the node lock, 2, 3: T1, T2 \
-             hold the upper slots, 4: B's free is counted, not pushed)",
-            STEP.load(SeqCst)
+            "1: H holds the node lock, 2, 3: T1, T2 hold the upper slots, \
+             4: B's free is counted, not pushed",
         );
         // H, T1 and T2 finish (the fork waits for the locks they hold);
         // B stays between its count and its push.
-        RELEASED.store(true, SeqCst);
+        script::advance_to(5);
         let held: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        assert!(!FORKED.load(SeqCst) && STEP.load(SeqCst) == 4);
-        // SAFETY: the child uses the heap and _exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
+        let status = script::fork_child(6, || {
             heap.drain();
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(if deferred(&heap) != 0 { 3 } else { 0 }) };
-        }
-        FORKED.store(true, SeqCst);
-        assert!(pid > 0, "fork failed");
-        let status = watchdog::wait_child(pid, Duration::from_secs(10)).expect("the child hung");
+            if deferred(&heap) != 0 {
+                3
+            } else {
+                0
+            }
+        });
         b.join().unwrap();
         (status, held)
     });
-    set_hook(None);
+    script::end();
     for p in held.into_iter().filter(|&p| p != 0) {
         // SAFETY: allocated by a role thread above, freed once.
         unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
     }
     heap.drain();
     assert_eq!(deferred(&heap), 0);
-    assert!(
-        libc::WIFEXITED(status),
-        "the child did not exit: status {status}"
-    );
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "the child's drain left a deferred object counted (3)"
+    script::assert_child_ok(
+        status,
+        "the child's drain left a deferred object counted (3)",
     );
 }

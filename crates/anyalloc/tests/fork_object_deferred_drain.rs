@@ -24,58 +24,33 @@
 //! fork's patience). The child drains and must count in use only what was
 //! in use at the fork (D's last allocation may have completed).
 
+mod script;
 mod watchdog;
 
-use watchdog::wait_for;
-
 use std::alloc::Layout;
-use std::cell::Cell;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::interrupt::Site;
 use anyalloc::{Config, Heap};
+
+use script::Pause;
 
 const SIZE: usize = 64;
 /// The objects parked on the deferred stack (more than H's refill takes
 /// off it when it goes on).
 const N: usize = 512;
 
-thread_local! {
-    /// 1: H (level 0 and the node lock); 2, 3: T1, T2 (levels 1, 2);
-    /// 5: D, the drainer.
-    static ROLE: Cell<usize> = const { Cell::new(0) };
-}
-/// How many of the roles are paused, in order (role r pauses at step r;
-/// step 4: B's frees are parked).
-static STEP: AtomicUsize = AtomicUsize::new(0);
-/// H, T1 and T2 may go on.
-static RELEASED: AtomicBool = AtomicBool::new(false);
-/// The main thread's `fork` returned.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-fn hook(site: Site) {
-    let role = ROLE.get();
-    let at = match role {
-        1 => Site::SheafRefill,
-        2 | 3 => Site::SheafAlloc,
-        5 => Site::ObjectDeferredDrain,
-        _ => return,
-    };
-    if site == at && STEP.load(SeqCst) == role - 1 {
-        STEP.store(role, SeqCst);
-        if role == 5 {
-            // Less than the fork's wait for drains in progress.
-            let until = Instant::now() + Duration::from_millis(200);
-            while !FORKED.load(SeqCst) && Instant::now() < until {
-                std::thread::yield_now();
-            }
-        } else {
-            wait_for(|| RELEASED.load(SeqCst));
-        }
-    }
-}
+/// Role r pauses at step r: 1, H (level 0 and the node lock); 2, 3: T1, T2
+/// (levels 1, 2), all until step 4 (B's frees are parked); then 5: D, the
+/// drainer, until the fork (step 6), but for less than the fork's wait for
+/// drains in progress.
+static SCRIPT: [Pause; 4] = [
+    Pause::new(1, Site::SheafRefill, 0, 4),
+    Pause::new(2, Site::SheafAlloc, 1, 4),
+    Pause::new(3, Site::SheafAlloc, 2, 4),
+    Pause::new(5, Site::ObjectDeferredDrain, 4, 6).briefly(Duration::from_millis(200)),
+];
 
 /// The class's statistics: (objects in use, deferred objects).
 fn class(heap: &Heap) -> (usize, usize) {
@@ -108,14 +83,14 @@ fn fork_while_another_thread_drains_deferred_objects() {
         .collect();
     // Every cached object back to its slab: H's allocation refills.
     heap.drain();
-    set_hook(Some(hook));
+    script::play(&SCRIPT);
     let (status, held, mine) = std::thread::scope(|s| {
         let mut threads = Vec::new();
-        for role in 1..=3 {
+        for role in 1..=3u8 {
             let heap = &heap;
             threads.push(s.spawn(move || {
-                ROLE.set(role);
-                wait_for(|| STEP.load(SeqCst) == role - 1);
+                script::act(role);
+                script::wait_step(usize::from(role) - 1);
                 let p = if role == 1 {
                     heap.alloc(layout)
                 } else {
@@ -124,8 +99,7 @@ fn fork_while_another_thread_drains_deferred_objects() {
                 p.map_or(0, |p| p.as_ptr() as usize)
             }));
         }
-        wait_for(|| STEP.load(SeqCst) == 3);
-        assert_eq!(STEP.load(SeqCst), 3, "the slots and node lock are not held");
+        script::reached(3, "the slots and node lock are held");
         s.spawn(|| {
             for &v in &victims {
                 // SAFETY: allocated by the main thread, freed once.
@@ -135,57 +109,44 @@ fn fork_while_another_thread_drains_deferred_objects() {
         .join()
         .unwrap();
         assert_eq!(class(&heap).1, N, "the frees were not all deferred");
-        STEP.store(4, SeqCst);
-        RELEASED.store(true, SeqCst);
+        script::advance_to(4);
         let held: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         let parked = class(&heap).1;
         println!("{parked} objects still parked after the holders went on");
         assert!(parked >= 8, "the deferred objects were drained early");
         let d = s.spawn(|| {
-            ROLE.set(5);
+            script::act(5);
             let mut mine = Vec::new();
             // Until the slow path drains (the pause), and that allocation.
-            while STEP.load(SeqCst) != 5 {
+            while script::step() < 5 {
                 mine.push(heap.alloc(layout).expect("an object").as_ptr() as usize);
             }
             mine
         });
-        wait_for(|| STEP.load(SeqCst) == 5);
-        assert_eq!(STEP.load(SeqCst), 5, "the drain did not pause");
+        script::reached(5, "the drain paused");
         // In use at the fork: D's allocations so far, H's, T1's and T2's.
         let (in_use, _) = class(&heap);
-        // SAFETY: the child uses the heap and _exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
+        let status = script::fork_child(6, || {
             heap.drain();
             let (now, deferred) = class(&heap);
-            let ok = deferred == 0 && (now == in_use || now == in_use + 1);
-            if !ok {
-                eprintln!("child: {now} objects in use, {in_use} at the fork, {deferred} deferred");
+            if deferred == 0 && (now == in_use || now == in_use + 1) {
+                return 0;
             }
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(if ok { 0 } else { 3 }) };
-        }
-        FORKED.store(true, SeqCst);
-        assert!(pid > 0, "fork failed");
-        let status = watchdog::wait_child(pid, Duration::from_secs(10)).expect("the child hung");
+            eprintln!("child: {now} objects in use, {in_use} at the fork, {deferred} deferred");
+            3
+        });
         let mine = d.join().unwrap();
         (status, held, mine)
     });
-    set_hook(None);
+    script::end();
     for p in held.into_iter().chain(mine).filter(|&p| p != 0) {
         // SAFETY: allocated by a thread above, freed once.
         unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
     }
     heap.drain();
     assert_eq!(class(&heap), (0, 0));
-    assert!(
-        libc::WIFEXITED(status),
-        "the child did not exit: status {status}"
-    );
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "the child lost the deferred objects being drained (3)"
+    script::assert_child_ok(
+        status,
+        "the child lost the deferred objects being drained (3)",
     );
 }

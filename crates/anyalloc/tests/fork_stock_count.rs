@@ -14,47 +14,27 @@
 //! order pauses at `Site::StockCounted`; H goes on and the main thread
 //! forks. The child drains and must find no stocked page counted.
 
+mod script;
 mod watchdog;
 mod zone_holder;
 
-use watchdog::wait_for;
-
-use std::cell::Cell;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
-use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::interrupt::Site;
 use anyalloc::{Config, Heap};
+
+use script::Pause;
 
 /// The block's order (256 KiB: above the per-CPU lists, so the stock's).
 const ORDER: u32 = 6;
 
-thread_local! {
-    /// 1: the thread that holds the zone lock; 2: the thread that frees.
-    static ROLE: Cell<u8> = const { Cell::new(0) };
-}
-/// 0: armed; 1: the zone lock is held; 2: the free is counted, not in its
-/// cell.
-static STEP: AtomicUsize = AtomicUsize::new(0);
-/// H may go on.
-static RELEASED: AtomicBool = AtomicBool::new(false);
-/// The main thread's `fork` returned.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-fn hook(site: Site) {
-    match (ROLE.get(), site) {
-        (1, Site::ZoneAlloc) if STEP.load(SeqCst) == 0 => {
-            STEP.store(1, SeqCst);
-            wait_for(|| RELEASED.load(SeqCst));
-        }
-        (2, Site::StockCounted) if STEP.load(SeqCst) == 1 => {
-            STEP.store(2, SeqCst);
-            wait_for(|| FORKED.load(SeqCst));
-        }
-        _ => {}
-    }
-}
+/// Role 1 holds the zone lock (step 1) until step 3; role 2's free stops
+/// counted but not in its cell (step 2) until the fork (step 4).
+static SCRIPT: [Pause; 2] = [
+    Pause::new(1, Site::ZoneAlloc, 0, 3),
+    Pause::new(2, Site::StockCounted, 1, 4),
+];
 
 #[test]
 fn fork_between_a_stock_count_and_its_cell() {
@@ -72,14 +52,13 @@ fn fork_between_a_stock_count_and_its_cell() {
     let pages = heap.pages();
     // A nolock allocation of the order: the order is wanted from now on.
     let block = pages.alloc_pages_nolock(ORDER).expect("a block").as_ptr() as usize;
-    set_hook(Some(hook));
+    script::play(&SCRIPT);
     let status = std::thread::scope(|s| {
         let holder = s.spawn(|| {
-            ROLE.set(1);
+            script::act(1);
             zone_holder::allocate_under_the_zone_lock(pages, ORDER + 1);
         });
-        wait_for(|| STEP.load(SeqCst) == 1);
-        assert_eq!(STEP.load(SeqCst), 1, "the zone lock was not held");
+        script::reached(1, "the zone lock is held");
         // The zone lock busy, nolock allocations of the order take the
         // stock's blocks until it is empty.
         let mut taken = Vec::new();
@@ -87,31 +66,23 @@ fn fork_between_a_stock_count_and_its_cell() {
             taken.push(p.as_ptr() as usize);
         }
         let freer = s.spawn(|| {
-            ROLE.set(2);
+            script::act(2);
             let p = NonNull::new(block as *mut u8).unwrap();
             // SAFETY: allocated by the main thread with ORDER, freed once.
             unsafe { pages.free_pages_nolock(p, ORDER) };
         });
-        wait_for(|| STEP.load(SeqCst) == 2);
-        assert_eq!(
-            STEP.load(SeqCst),
-            2,
-            "the free did not stop between count and cell"
-        );
+        script::reached(2, "the free stopped between count and cell");
         // H finishes (the fork waits for the zone lock it holds).
-        RELEASED.store(true, SeqCst);
+        script::advance_to(3);
         holder.join().unwrap();
-        // SAFETY: the child uses the heap, reads its statistics and _exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
+        let status = script::fork_child(4, || {
             pages.drain();
-            let code = if pages.stats().stock_pages != 0 { 3 } else { 0 };
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
-        FORKED.store(true, SeqCst);
-        assert!(pid > 0, "fork failed");
-        let status = watchdog::wait_child(pid, Duration::from_secs(10)).expect("the child hung");
+            if pages.stats().stock_pages != 0 {
+                3
+            } else {
+                0
+            }
+        });
         freer.join().unwrap();
         for p in taken {
             // SAFETY: allocated above with ORDER, freed once.
@@ -119,18 +90,10 @@ fn fork_between_a_stock_count_and_its_cell() {
         }
         status
     });
-    set_hook(None);
+    script::end();
     pages.drain();
     let s = pages.stats();
     assert_eq!(s.stock_pages, 0);
     assert_eq!(s.free_pages, s.total_pages);
-    assert!(
-        libc::WIFEXITED(status),
-        "the child did not exit: status {status}"
-    );
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "the child's drain left stocked pages counted (3)"
-    );
+    script::assert_child_ok(status, "the child's drain left stocked pages counted (3)");
 }

@@ -20,47 +20,27 @@
 //! the zone lock once (a normal allocation and free) and must find its
 //! stock full again.
 
+mod script;
 mod watchdog;
 mod zone_holder;
 
-use watchdog::wait_for;
-
-use std::cell::Cell;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
-use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::interrupt::Site;
 use anyalloc::{Config, Heap};
+
+use script::Pause;
 
 /// The block's order (256 KiB: above the per-CPU lists, so the stock's).
 const ORDER: u32 = 6;
 
-thread_local! {
-    /// 1: the thread that holds the zone lock; 2: the thread that allocates.
-    static ROLE: Cell<u8> = const { Cell::new(0) };
-}
-/// 0: armed; 1: the zone lock is held; 2: a cell is emptied, its order not
-/// marked.
-static STEP: AtomicUsize = AtomicUsize::new(0);
-/// H may go on.
-static RELEASED: AtomicBool = AtomicBool::new(false);
-/// The main thread's `fork` returned.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-fn hook(site: Site) {
-    match (ROLE.get(), site) {
-        (1, Site::ZoneAlloc) if STEP.load(SeqCst) == 0 => {
-            STEP.store(1, SeqCst);
-            wait_for(|| RELEASED.load(SeqCst));
-        }
-        (2, Site::StockTaken) if STEP.load(SeqCst) == 1 => {
-            STEP.store(2, SeqCst);
-            wait_for(|| FORKED.load(SeqCst));
-        }
-        _ => {}
-    }
-}
+/// Role 1 holds the zone lock (step 1) until step 3; role 2's allocation
+/// stops between its take and its mark (step 2) until the fork (step 4).
+static SCRIPT: [Pause; 2] = [
+    Pause::new(1, Site::ZoneAlloc, 0, 3),
+    Pause::new(2, Site::StockTaken, 1, 4),
+];
 
 #[test]
 fn fork_between_a_stock_take_and_its_mark() {
@@ -82,65 +62,48 @@ fn fork_between_a_stock_take_and_its_mark() {
     zone_holder::allocate_under_the_zone_lock(pages, ORDER + 1);
     let full = pages.stats().stock_pages;
     assert!(full >= 1 << ORDER, "no block stocked ({full} pages)");
-    set_hook(Some(hook));
+    script::play(&SCRIPT);
     let status = std::thread::scope(|s| {
         let holder = s.spawn(|| {
-            ROLE.set(1);
+            script::act(1);
             zone_holder::allocate_under_the_zone_lock(pages, ORDER + 1);
         });
-        wait_for(|| STEP.load(SeqCst) == 1);
-        assert_eq!(STEP.load(SeqCst), 1, "the zone lock was not held");
+        script::reached(1, "the zone lock is held");
         let taker = s.spawn(|| {
-            ROLE.set(2);
+            script::act(2);
             pages
                 .alloc_pages_nolock(ORDER)
                 .expect("a stocked block")
                 .as_ptr() as usize
         });
-        wait_for(|| STEP.load(SeqCst) == 2);
-        assert_eq!(
-            STEP.load(SeqCst),
-            2,
-            "the allocation did not stop between its take and its mark"
-        );
+        script::reached(2, "the allocation stopped between its take and its mark");
         // H finishes (the fork waits for the zone lock it holds).
-        RELEASED.store(true, SeqCst);
+        script::advance_to(3);
         holder.join().unwrap();
-        // SAFETY: the child uses the heap, reads its statistics and _exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
+        let status = script::fork_child(4, || {
             // One zone-lock holder: it fills the stock's empty cells.
             zone_holder::allocate_under_the_zone_lock(pages, ORDER + 1);
             let stocked = pages.stats().stock_pages;
             if stocked != full {
                 eprintln!("the child's stock: {stocked} pages, not {full}");
+                return 3;
             }
-            let code = if stocked == full { 0 } else { 3 };
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
-        FORKED.store(true, SeqCst);
-        assert!(pid > 0, "fork failed");
-        let status = watchdog::wait_child(pid, Duration::from_secs(10)).expect("the child hung");
+            0
+        });
         let taken = taker.join().unwrap();
         // SAFETY: allocated above with ORDER, freed once.
         unsafe { pages.free_pages(NonNull::new(taken as *mut u8).unwrap(), ORDER) };
         status
     });
-    set_hook(None);
+    script::end();
     // SAFETY: allocated above with ORDER, freed once.
     unsafe { pages.free_pages(block, ORDER) };
     pages.drain();
     let s = pages.stats();
     assert_eq!(s.stock_pages, 0);
     assert_eq!(s.free_pages, s.total_pages);
-    assert!(
-        libc::WIFEXITED(status),
-        "the child did not exit: status {status}"
-    );
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "the child's zone-lock holder left its stock short (3)"
+    script::assert_child_ok(
+        status,
+        "the child's zone-lock holder left its stock short (3)",
     );
 }

@@ -17,42 +17,26 @@
 //! Three `Heap::maintain()` passes (the stock unused for two) must give
 //! the block back.
 
+mod script;
 mod watchdog;
 mod zone_holder;
 
-use watchdog::wait_for;
-
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
-use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::interrupt::Site;
 use anyalloc::{Config, Heap};
+
+use script::Pause;
 
 /// The block's order (256 KiB: above the per-CPU lists, so the stock's).
 const ORDER: u32 = 6;
 
-thread_local! {
-    /// 1: the thread that holds the zone lock; 2: the thread that frees.
-    static ROLE: Cell<u8> = const { Cell::new(0) };
-}
-/// 0: armed; 1: the zone lock is held; 2: the free is paused before its
-/// cell; 3: the holder may go on; 4: the stock is drained, the free may go on.
-static STEP: AtomicUsize = AtomicUsize::new(0);
-
-fn hook(site: Site) {
-    match (ROLE.get(), site) {
-        (1, Site::ZoneAlloc) if STEP.load(SeqCst) == 0 => {
-            STEP.store(1, SeqCst);
-            wait_for(|| STEP.load(SeqCst) == 3);
-        }
-        (2, Site::StockPut) if STEP.load(SeqCst) == 1 => {
-            STEP.store(2, SeqCst);
-            wait_for(|| STEP.load(SeqCst) == 4);
-        }
-        _ => {}
-    }
-}
+/// Role 1 holds the zone lock (step 1) until step 3; role 2's free pauses
+/// before its cell (step 2) until the stock is drained (step 4).
+static SCRIPT: [Pause; 2] = [
+    Pause::new(1, Site::ZoneAlloc, 0, 3),
+    Pause::new(2, Site::StockPut, 1, 4),
+];
 
 #[test]
 fn a_block_stocked_after_a_drain_goes_back() {
@@ -70,30 +54,29 @@ fn a_block_stocked_after_a_drain_goes_back() {
     let pages = heap.pages();
     // A nolock allocation of the order: the order is wanted from now on.
     let block = pages.alloc_pages_nolock(ORDER).expect("a block").as_ptr() as usize;
-    set_hook(Some(hook));
+    script::play(&SCRIPT);
     std::thread::scope(|s| {
         let holder = s.spawn(|| {
-            ROLE.set(1);
+            script::act(1);
             zone_holder::allocate_under_the_zone_lock(pages, ORDER + 1);
         });
         let freer = s.spawn(|| {
-            ROLE.set(2);
-            wait_for(|| STEP.load(SeqCst) == 1);
+            script::act(2);
+            script::wait_step(1);
             let p = std::ptr::NonNull::new(block as *mut u8).unwrap();
             // SAFETY: allocated by the main thread with ORDER, freed once.
             unsafe { pages.free_pages_nolock(p, ORDER) };
         });
-        wait_for(|| STEP.load(SeqCst) == 2);
-        assert_eq!(STEP.load(SeqCst), 2, "the free did not pause at its cell");
-        STEP.store(3, SeqCst);
+        script::reached(2, "the free paused at its cell");
+        script::advance_to(3);
         holder.join().unwrap();
         // The stock drained (its order no longer wanted), then the free
         // fills a cell.
         pages.drain();
-        STEP.store(4, SeqCst);
+        script::advance_to(4);
         freer.join().unwrap();
     });
-    set_hook(None);
+    script::end();
     assert_eq!(
         pages.stats().stock_pages,
         1 << ORDER,

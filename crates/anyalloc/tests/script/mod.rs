@@ -1,0 +1,174 @@
+//! Scripted interleavings: threads paused at interrupt points in a set
+//! order, for the tests that check one exact window of the allocator (most
+//! often, what a `fork` clones of a thread caught halfway through a step).
+//!
+//! A scenario has a step counter, 0 when [`play`] starts a script. Each
+//! thread that takes part names its role with [`act`] (1, 2, ...: the main
+//! thread has none). A [`Pause`] says: when the thread of role `role`
+//! reaches interrupt point `site` while the step is `at`, the step becomes
+//! `at + 1` and the thread waits there until the step is at least `until`,
+//! which the main thread sets with [`advance_to`] once it has done its part
+//! (or for the pause's patience, 5 s unless [`Pause::briefly`] says less).
+//! A wait that runs out only means that the scenario did not go as planned,
+//! which the test asserts with [`reached`]; the watchdog ends a run that
+//! hangs anyway.
+//!
+//! ```ignore
+//! // Role 1 holds the zone lock, role 2's nolock allocation stops between
+//! // its take and its mark; step 3: the holder may go on; 4: forked.
+//! static SCRIPT: [Pause; 2] = [
+//!     Pause::new(1, Site::ZoneAlloc, 0, 3),
+//!     Pause::new(2, Site::StockTaken, 1, 4),
+//! ];
+//! ```
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use anyalloc::interrupt::{set_hook, Site};
+
+/// One pause of a script (see the module documentation).
+pub struct Pause {
+    role: u8,
+    site: Site,
+    at: usize,
+    until: usize,
+    patience: Duration,
+}
+
+impl Pause {
+    /// Role `role` pauses at `site` when the step is `at`, until the step
+    /// is `until`.
+    pub const fn new(role: u8, site: Site, at: usize, until: usize) -> Pause {
+        Pause {
+            role,
+            site,
+            at,
+            until,
+            patience: Duration::from_secs(5),
+        }
+    }
+
+    /// The same pause, waiting at most `patience` (for a pause that the
+    /// step under test may rightly cut short: a fork that waits for the
+    /// paused thread lets it run out, then clones the thread after it).
+    pub const fn briefly(self, patience: Duration) -> Pause {
+        Pause { patience, ..self }
+    }
+}
+
+thread_local! {
+    /// This thread's role (0: none).
+    static ROLE: Cell<u8> = const { Cell::new(0) };
+}
+/// The scenario's step.
+static STEP: AtomicUsize = AtomicUsize::new(0);
+/// The script being played (`SCRIPT_LEN` pauses).
+static SCRIPT: AtomicPtr<Pause> = AtomicPtr::new(std::ptr::null_mut());
+static SCRIPT_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The interrupt hook: takes the pause this thread's role has at `site` at
+/// the current step, if any.
+fn hook(site: Site) {
+    let role = ROLE.get();
+    if role == 0 {
+        return;
+    }
+    let script = SCRIPT.load(SeqCst);
+    let len = SCRIPT_LEN.load(SeqCst);
+    // SAFETY: `play` stores a `'static` slice's start and its length.
+    let script = unsafe { std::slice::from_raw_parts(script, len) };
+    let step = STEP.load(SeqCst);
+    let Some(p) = script
+        .iter()
+        .find(|p| p.role == role && p.site == site && p.at == step)
+    else {
+        return;
+    };
+    STEP.store(step + 1, SeqCst);
+    let deadline = Instant::now() + p.patience;
+    while STEP.load(SeqCst) < p.until && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+}
+
+/// Starts `script` at step 0 (installs the interrupt hook until [`end`]).
+pub fn play(script: &'static [Pause]) {
+    STEP.store(0, SeqCst);
+    SCRIPT_LEN.store(0, SeqCst);
+    SCRIPT.store(script.as_ptr().cast_mut(), SeqCst);
+    SCRIPT_LEN.store(script.len(), SeqCst);
+    set_hook(Some(hook));
+}
+
+/// Ends the script: no more pauses.
+pub fn end() {
+    set_hook(None);
+}
+
+/// Makes the calling thread play `role`.
+pub fn act(role: u8) {
+    ROLE.set(role);
+}
+
+/// The current step.
+pub fn step() -> usize {
+    STEP.load(SeqCst)
+}
+
+/// Waits (at most 5 s) for the step to reach `n`.
+pub fn wait_step(n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while step() < n && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+}
+
+/// Waits for step `n`, and asserts that the scenario is exactly there:
+/// `what` says what step `n` means, for the failure's message.
+pub fn reached(n: usize, what: &str) {
+    wait_step(n);
+    assert_eq!(step(), n, "the scenario did not reach step {n} ({what})");
+}
+
+/// Sets the step to `n`: the pauses waiting for `n` go on.
+pub fn advance_to(n: usize) {
+    STEP.store(n, SeqCst);
+}
+
+/// Forks. The child runs `child` and `_exit`s with the code it returns;
+/// the parent sets the step to `forked` (releasing the pauses that wait
+/// for the fork) and waits for the child, at most 10 s (panics if it
+/// hung). Returns the child's wait status.
+pub fn fork_child(forked: usize, child: impl FnOnce() -> i32) -> libc::c_int {
+    // SAFETY: the children of these tests use the heap (whose fork
+    // handlers made it usable), read statistics and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = child();
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(code) };
+    }
+    advance_to(forked);
+    assert!(pid > 0, "fork failed");
+    crate::watchdog::wait_child(pid, Duration::from_secs(10)).expect("the child hung")
+}
+
+/// Asserts that a child of [`fork_child`] exited with status 0; `what`
+/// says what its other codes mean.
+pub fn assert_child_ok(status: libc::c_int, what: &str) {
+    assert!(
+        libc::WIFEXITED(status),
+        "the child did not exit: status {status}"
+    );
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "{what} (exit code {})",
+        libc::WEXITSTATUS(status)
+    );
+}
