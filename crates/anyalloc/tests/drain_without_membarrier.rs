@@ -64,14 +64,11 @@ fn fill_this_cpus_caches(heap: &Heap) {
 
 #[test]
 fn drain_empties_every_cpus_caches_when_membarrier_fails() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "drain_empties_every_cpus_caches_when_membarrier_fails",
-            &[],
-            Duration::from_secs(60),
-            "drain after membarrier started failing",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "drain_empties_every_cpus_caches_when_membarrier_fails",
+        Duration::from_secs(60),
+        "drain after membarrier started failing",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).unwrap();
@@ -139,14 +136,11 @@ fn count_membarrier() {
 
 #[test]
 fn drain_fences_only_the_slots_that_hold_something() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "drain_fences_only_the_slots_that_hold_something",
-            &[],
-            Duration::from_secs(60),
-            "counting drain's fences",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "drain_fences_only_the_slots_that_hold_something",
+        Duration::from_secs(60),
+        "counting drain's fences",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).unwrap();

@@ -43,14 +43,11 @@ static SCRIPT: [Pause; 2] = [
 
 #[test]
 fn fork_between_a_deferred_free_count_and_its_push() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_between_a_deferred_free_count_and_its_push",
-            &[],
-            Duration::from_secs(60),
-            "fork between a deferred free's count and its push",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_between_a_deferred_free_count_and_its_push",
+        Duration::from_secs(60),
+        "fork between a deferred free's count and its push",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap");

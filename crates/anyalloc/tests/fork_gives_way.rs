@@ -164,14 +164,11 @@ const ROUNDS: usize = 10;
 
 #[test]
 fn a_thread_the_fork_waits_for_allocates_under_the_held_locks() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "a_thread_the_fork_waits_for_allocates_under_the_held_locks",
-            &[],
-            Duration::from_secs(120),
-            "a thread the fork waits for allocating while the fork holds the heap locks",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "a_thread_the_fork_waits_for_allocates_under_the_held_locks",
+        Duration::from_secs(120),
+        "a thread the fork waits for allocating while the fork holds the heap locks",
+    ) {
         return;
     }
     let heap = anyalloc::init().expect("global heap");
@@ -226,14 +223,11 @@ const KEPT: usize = 6000;
 /// bound filled the table and the next allocation failed (an abort).
 #[test]
 fn a_long_fork_maps_at_most_half_the_huge_table() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "a_long_fork_maps_at_most_half_the_huge_table",
-            &[],
-            Duration::from_secs(120),
-            "a thread allocating during a long fork",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "a_long_fork_maps_at_most_half_the_huge_table",
+        Duration::from_secs(120),
+        "a thread allocating during a long fork",
+    ) {
         return;
     }
     let heap = anyalloc::init().expect("global heap");
@@ -331,14 +325,11 @@ const ACCOUNTED_ROUNDS: usize = 5;
 /// the fork, that spun for ever while the fork waited for the holder.
 #[test]
 fn a_thread_the_fork_waits_for_allocates_accounted_blocks() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "a_thread_the_fork_waits_for_allocates_accounted_blocks",
-            &[],
-            Duration::from_secs(30),
-            "accounted allocations by a thread the fork waits for",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "a_thread_the_fork_waits_for_allocates_accounted_blocks",
+        Duration::from_secs(30),
+        "accounted allocations by a thread the fork waits for",
+    ) {
         return;
     }
     let heap = anyalloc::init().expect("global heap");

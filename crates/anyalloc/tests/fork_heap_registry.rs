@@ -95,14 +95,11 @@ fn hook(site: Site) {
 
 #[test]
 fn fork_in_handler_inside_the_heap_registry() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_in_handler_inside_the_heap_registry",
-            &[],
-            Duration::from_secs(30),
-            "a fork called by a signal handler inside the heap registry while another fork waits for it",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_in_handler_inside_the_heap_registry",
+        Duration::from_secs(30),
+        "a fork called by a signal handler inside the heap registry while another fork waits for it",
+    ) {
         return;
     }
     anyalloc::init().expect("global heap");

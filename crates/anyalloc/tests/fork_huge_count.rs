@@ -33,14 +33,11 @@ static SCRIPT: [Pause; 1] = [Pause::new(1, Site::HugeCount, 0, 2)];
 
 #[test]
 fn fork_between_a_huge_allocation_and_its_count() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_between_a_huge_allocation_and_its_count",
-            &[],
-            Duration::from_secs(60),
-            "fork between a huge allocation's registration and its count",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_between_a_huge_allocation_and_its_count",
+        Duration::from_secs(60),
+        "fork between a huge allocation's registration and its count",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap");

@@ -120,14 +120,11 @@ static REGISTER_EARLY: extern "C" fn() = register_early;
 
 #[test]
 fn fork_in_handler_leaves_the_window_locks_held() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_in_handler_leaves_the_window_locks_held",
-            &[],
-            Duration::from_secs(60),
-            "a fork called by signal handlers inside another fork's window",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_in_handler_leaves_the_window_locks_held",
+        Duration::from_secs(60),
+        "a fork called by signal handlers inside another fork's window",
+    ) {
         return;
     }
     let heap = anyalloc::init().expect("global heap");

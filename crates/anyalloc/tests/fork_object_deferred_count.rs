@@ -50,14 +50,11 @@ fn deferred(heap: &Heap) -> usize {
 
 #[test]
 fn fork_between_a_deferred_object_free_count_and_its_push() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_between_a_deferred_object_free_count_and_its_push",
-            &[],
-            Duration::from_secs(60),
-            "fork between a deferred object free's count and its push",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_between_a_deferred_object_free_count_and_its_push",
+        Duration::from_secs(60),
+        "fork between a deferred object free's count and its push",
+    ) {
         return;
     }
     let config = Config::default()

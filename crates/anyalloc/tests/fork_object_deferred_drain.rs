@@ -61,14 +61,11 @@ fn class(heap: &Heap) -> (usize, usize) {
 
 #[test]
 fn fork_while_another_thread_drains_deferred_objects() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_while_another_thread_drains_deferred_objects",
-            &[],
-            Duration::from_secs(60),
-            "fork while another thread drains deferred objects",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_while_another_thread_drains_deferred_objects",
+        Duration::from_secs(60),
+        "fork while another thread drains deferred objects",
+    ) {
         return;
     }
     let config = Config::default()

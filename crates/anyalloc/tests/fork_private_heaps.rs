@@ -37,14 +37,11 @@ fn block() -> Layout {
 
 #[test]
 fn fork_while_another_thread_holds_a_private_heaps_lock() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_while_another_thread_holds_a_private_heaps_lock",
-            &[],
-            Duration::from_secs(120),
-            "fork while another thread holds a private heap's lock",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_while_another_thread_holds_a_private_heaps_lock",
+        Duration::from_secs(120),
+        "fork while another thread holds a private heap's lock",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20)).expect("heap");

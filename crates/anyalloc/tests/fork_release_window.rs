@@ -76,14 +76,11 @@ fn child(heap: &Heap) -> bool {
 
 #[test]
 fn fork_while_another_thread_releases_a_block() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_while_another_thread_releases_a_block",
-            &[],
-            Duration::from_secs(120),
-            "fork while another thread releases a block",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_while_another_thread_releases_a_block",
+        Duration::from_secs(120),
+        "fork while another thread releases a block",
+    ) {
         return;
     }
     let heap = Heap::new(

@@ -35,14 +35,11 @@ const LARGE: usize = 13 * MIB;
 
 #[test]
 fn fork_while_another_thread_moves_a_huge_block() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_while_another_thread_moves_a_huge_block",
-            &[],
-            Duration::from_secs(120),
-            "fork while another thread moves a huge block",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_while_another_thread_moves_a_huge_block",
+        Duration::from_secs(120),
+        "fork while another thread moves a huge block",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20)).expect("heap");

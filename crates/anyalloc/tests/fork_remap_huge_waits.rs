@@ -159,14 +159,11 @@ fn mover(heap: &Heap, stop: &AtomicBool) {
 
 #[test]
 fn handler_fork_on_the_mover() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "handler_fork_on_the_mover",
-            &[],
-            Duration::from_secs(20),
-            "a fork while a signal handler that interrupted a huge move forks",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "handler_fork_on_the_mover",
+        Duration::from_secs(20),
+        "a fork while a signal handler that interrupted a huge move forks",
+    ) {
         return;
     }
     // The heap's handlers first, then a library's (run before the heap's).
@@ -202,14 +199,11 @@ fn handler_fork_on_the_mover() {
 
 #[test]
 fn child_of_a_handler_fork_forks() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "child_of_a_handler_fork_forks",
-            &[],
-            Duration::from_secs(20),
-            "the child of a handler's fork forks",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "child_of_a_handler_fork_forks",
+        Duration::from_secs(20),
+        "the child of a handler's fork forks",
+    ) {
         return;
     }
     anyalloc::register_fork_handlers();

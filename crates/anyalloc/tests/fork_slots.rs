@@ -158,14 +158,11 @@ fn churn_pages(heap: &Heap) {
 
 #[test]
 fn fork_while_another_thread_holds_a_sheaf_slot() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_while_another_thread_holds_a_sheaf_slot",
-            &[],
-            Duration::from_secs(120),
-            "fork while another thread holds a sheaf slot",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_while_another_thread_holds_a_sheaf_slot",
+        Duration::from_secs(120),
+        "fork while another thread holds a sheaf slot",
+    ) {
         return;
     }
     let (stuck, failed) = fork_during(Site::SheafFree, churn_objects, sheaves_empty_after_drain);
@@ -179,14 +176,11 @@ fn fork_while_another_thread_holds_a_sheaf_slot() {
 
 #[test]
 fn fork_while_another_thread_holds_a_page_list_slot() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_while_another_thread_holds_a_page_list_slot",
-            &[],
-            Duration::from_secs(120),
-            "fork while another thread holds a page list slot",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_while_another_thread_holds_a_page_list_slot",
+        Duration::from_secs(120),
+        "fork while another thread holds a page list slot",
+    ) {
         return;
     }
     pin_to_cpu0();

@@ -54,14 +54,11 @@ const BLOCKS: usize = 10_000;
 
 #[test]
 fn a_slow_fork_does_not_fail_other_threads_allocations() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "a_slow_fork_does_not_fail_other_threads_allocations",
-            &[],
-            Duration::from_secs(60),
-            "allocations during a slow fork",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "a_slow_fork_does_not_fail_other_threads_allocations",
+        Duration::from_secs(60),
+        "allocations during a slow fork",
+    ) {
         return;
     }
     let heap = anyalloc::init().expect("global heap");
@@ -102,14 +99,11 @@ const PAGES: usize = 3000;
 
 #[test]
 fn a_slow_fork_does_not_fail_other_threads_page_allocations() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "a_slow_fork_does_not_fail_other_threads_page_allocations",
-            &[],
-            Duration::from_secs(60),
-            "page allocations during a slow fork",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "a_slow_fork_does_not_fail_other_threads_page_allocations",
+        Duration::from_secs(60),
+        "page allocations during a slow fork",
+    ) {
         return;
     }
     let heap = anyalloc::init().expect("global heap");

@@ -38,14 +38,11 @@ static SCRIPT: [Pause; 2] = [
 
 #[test]
 fn fork_between_a_stock_count_and_its_cell() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_between_a_stock_count_and_its_cell",
-            &[],
-            Duration::from_secs(60),
-            "fork between a stock put's count and its cell",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_between_a_stock_count_and_its_cell",
+        Duration::from_secs(60),
+        "fork between a stock put's count and its cell",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap");

@@ -44,14 +44,11 @@ static SCRIPT: [Pause; 2] = [
 
 #[test]
 fn fork_between_a_stock_take_and_its_mark() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_between_a_stock_take_and_its_mark",
-            &[],
-            Duration::from_secs(60),
-            "fork between a stock take and its mark",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_between_a_stock_take_and_its_mark",
+        Duration::from_secs(60),
+        "fork between a stock take and its mark",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap");

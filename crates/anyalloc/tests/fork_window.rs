@@ -120,14 +120,11 @@ const FORKS: usize = 20;
 
 #[test]
 fn fork_handlers_registered_before_ours_allocate() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_handlers_registered_before_ours_allocate",
-            &[],
-            Duration::from_secs(120),
-            "fork handlers registered before Global's allocating in its fork window",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_handlers_registered_before_ours_allocate",
+        Duration::from_secs(120),
+        "fork handlers registered before Global's allocating in its fork window",
+    ) {
         return;
     }
     anyalloc::init().expect("global heap");

@@ -208,14 +208,11 @@ mod grown_zone {
 
 #[test]
 fn zone_grown_in_the_fork_window_is_held_across_the_fork() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "zone_grown_in_the_fork_window_is_held_across_the_fork",
-            &[],
-            Duration::from_secs(120),
-            "a zone grown in the fork window, another thread in it at the fork",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "zone_grown_in_the_fork_window_is_held_across_the_fork",
+        Duration::from_secs(120),
+        "a zone grown in the fork window, another thread in it at the fork",
+    ) {
         return;
     }
     use grown_zone::*;
@@ -434,14 +431,11 @@ mod window_heap {
 
 #[test]
 fn heap_made_in_the_fork_window_is_held_across_the_fork() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "heap_made_in_the_fork_window_is_held_across_the_fork",
-            &[],
-            Duration::from_secs(120),
-            "a heap made in the fork window, its maintainer in it at the fork",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "heap_made_in_the_fork_window_is_held_across_the_fork",
+        Duration::from_secs(120),
+        "a heap made in the fork window, its maintainer in it at the fork",
+    ) {
         return;
     }
     use window_heap::*;
@@ -612,14 +606,11 @@ mod group_signal {
 
 #[test]
 fn group_registry_is_lent_once_in_the_fork_window() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "group_registry_is_lent_once_in_the_fork_window",
-            &[],
-            Duration::from_secs(120),
-            "a signal handler's Group::new inside the fork window's Group::new",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "group_registry_is_lent_once_in_the_fork_window",
+        Duration::from_secs(120),
+        "a signal handler's Group::new inside the fork window's Group::new",
+    ) {
         return;
     }
     use group_signal::*;

@@ -51,14 +51,11 @@ const FORKS: usize = 200;
 
 #[test]
 fn fork_storm_with_allocating_handlers() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_storm_with_allocating_handlers",
-            &[],
-            Duration::from_secs(120),
-            "fork with Global-allocating signal handlers",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_storm_with_allocating_handlers",
+        Duration::from_secs(120),
+        "fork with Global-allocating signal handlers",
+    ) {
         return;
     }
     anyalloc::init().expect("global heap");

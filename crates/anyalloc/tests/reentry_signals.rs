@@ -53,14 +53,11 @@ const RING: usize = 48;
 
 #[test]
 fn global_handlers_interrupting_nolock_calls() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "global_handlers_interrupting_nolock_calls",
-            &[],
-            Duration::from_secs(120),
-            "Global in handlers interrupting NoLock calls",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "global_handlers_interrupting_nolock_calls",
+        Duration::from_secs(120),
+        "Global in handlers interrupting NoLock calls",
+    ) {
         return;
     }
     let heap = anyalloc::init().expect("global heap");

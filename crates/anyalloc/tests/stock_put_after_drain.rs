@@ -40,14 +40,11 @@ static SCRIPT: [Pause; 2] = [
 
 #[test]
 fn a_block_stocked_after_a_drain_goes_back() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "a_block_stocked_after_a_drain_goes_back",
-            &[],
-            Duration::from_secs(60),
-            "a block stocked just after a drain of the stock",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "a_block_stocked_after_a_drain_goes_back",
+        Duration::from_secs(60),
+        "a block stocked just after a drain of the stock",
+    ) {
         return;
     }
     let heap = Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap");

@@ -117,6 +117,26 @@ pub fn run_ok(name: &str, env: &[(&str, &str)], limit: Duration, what: &str) -> 
 /// where they do not use rseq.
 pub const RSEQ_OFF: (&str, &str) = ("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
 
+/// The prologue of a test that runs its scenario in a child: in the
+/// parent, runs test `name` in a child under the watchdog (which fails the
+/// test if the child fails, or kills it after `limit`), prints its output
+/// and returns `true` (the parent is finished); in the child, returns
+/// `false` (run the scenario).
+///
+/// ```ignore
+/// if watchdog::ran_in_child("my_test", Duration::from_secs(60), "what it does") {
+///     return;
+/// }
+/// ```
+pub fn ran_in_child(name: &str, limit: Duration, what: &str) -> bool {
+    if in_child() {
+        return false;
+    }
+    let out = run_ok(name, &[], limit, what);
+    print!("{}", out.stdout);
+    true
+}
+
 /// For a single-step test: in the parent, runs test `name` in a child with
 /// glibc's rseq off ([`RSEQ_OFF`]) under the watchdog, prints its output,
 /// asserts it printed `done` and returns `true` (the parent is finished);
