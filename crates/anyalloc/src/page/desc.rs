@@ -70,7 +70,9 @@ pub(crate) struct PageDesc {
     pub(crate) prev: AtomicU32,
     /// Slab layer: owning cache index + 1, or a large-allocation marker, on
     /// every page of a slab and the head page of a large allocation; 0 on
-    /// pages the object allocator does not own.
+    /// pages the object allocator does not own. The heap clears it before
+    /// its own free of the block; the page allocator's public frees report
+    /// a block whose owner is set (`PageAllocator::claim_fast`).
     pub(crate) owner: AtomicU16,
     /// Slab layer: objects of this slab out of its free list.
     pub(crate) inuse: AtomicU16,
