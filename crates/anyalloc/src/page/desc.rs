@@ -33,7 +33,10 @@
 //!
 //! While a block is `ALLOCATED` its `next`/`prev` links are free for the
 //! slab layer (partial-slab lists), which also owns `owner`, `inuse`,
-//! `freelist` and `carved` (see `crate::slab`).
+//! `freelist` and `carved` (see `crate::slab`). While it is `BUDDY`, the
+//! zone uses `carved` (when it became free, and whether its memory is back
+//! with the OS) and `inuse` (at most how many of its pages are: see
+//! `Zone::gone_pages`).
 
 use core::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
 
