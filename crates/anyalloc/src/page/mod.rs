@@ -148,6 +148,24 @@ fn growth_size(doubled: usize, headroom: Option<usize>) -> usize {
     }
 }
 
+/// The slot sets of an allocator `new` creates without `Config::cpus`: the
+/// platform's CPU count, or the possible CPU ids if more (`possible`, read
+/// when the rseq fast path may be used), at least one and at most
+/// [`MAX_CPUS`](crate::MAX_CPUS), as `Config::cpus` allows. A machine with
+/// more possible ids (a kernel built for 8192, say) would otherwise give
+/// every zone and every heap per-CPU metadata for each of them: a heap's is
+/// about 0.5 MiB per CPU, 4 GiB of address space at 8192. Capped, the
+/// CPU ids from 4096 up share slots (modulo, `zone::slot_index`) and, as
+/// with an explicit `Config::cpus` below the possible count, the fast path
+/// is the try-locked slots: the restartable sequences need a slot set of
+/// their own for every CPU id (`sync::rseq::available` refuses them).
+#[cfg(feature = "std")]
+fn default_cpus(count: usize, possible: Option<usize>) -> usize {
+    count
+        .max(possible.unwrap_or(0))
+        .clamp(1, crate::config::MAX_CPUS)
+}
+
 /// Increments a per-slot counter of a held slot. A locked add: a counting
 /// pop aborted after its count, on another CPU, may be taking its count
 /// back from this slot's counter at the same time (see
@@ -389,16 +407,18 @@ impl PageAllocator {
     pub fn new(config: Config) -> Result<PageAllocator, Error> {
         config.validate()?;
         let platform: &'static dyn Platform = crate::platform::StdPlatform::get();
-        let mut cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
-        if config.cpus.is_none() && config.rseq {
+        let cpus = config.cpus.unwrap_or_else(|| {
             // A process allowed fewer CPUs than the machine has (taskset, a
             // cpuset) still runs on CPU ids up to the possible count, and the
             // restartable sequences need a slot set for each of those ids:
             // without them the fast path would be the try-locked one.
-            if let Some(possible) = crate::platform::StdPlatform::possible_cpus() {
-                cpus = cpus.max(possible);
-            }
-        }
+            let possible = if config.rseq {
+                crate::platform::StdPlatform::possible_cpus()
+            } else {
+                None
+            };
+            default_cpus(platform.cpu_count(), possible)
+        });
         let mut pa = Self::empty(platform, config, cpus, true);
         pa.std_platform = true;
         if config.rseq && crate::sync::rseq::available(cpus) {
@@ -1998,7 +2018,20 @@ fn zone_stats(s: &mut PageStats, zone: &Zone) {
 
 #[cfg(all(test, feature = "std"))]
 mod tests {
-    use super::{growth_size, MAX_BLOCK};
+    use super::{default_cpus, growth_size, MAX_BLOCK};
+
+    #[test]
+    fn default_cpus_covers_the_possible_ids_up_to_max_cpus() {
+        // The larger of the count and the possible ids.
+        assert_eq!(default_cpus(2, None), 2);
+        assert_eq!(default_cpus(2, Some(8)), 8);
+        assert_eq!(default_cpus(8, Some(2)), 8);
+        assert_eq!(default_cpus(0, None), 1);
+        assert_eq!(default_cpus(4096, Some(4096)), 4096);
+        // More possible ids (or CPUs) than slot sets are supported: capped.
+        assert_eq!(default_cpus(64, Some(8192)), 4096);
+        assert_eq!(default_cpus(5000, None), 4096);
+    }
 
     #[test]
     fn growth_takes_at_most_half_of_the_room_a_limit_leaves() {
