@@ -69,10 +69,12 @@ impl Config {
 
     /// Number of CPU slot sets (default: the platform's CPU count, and with
     /// the restartable-sequence fast path at least every possible CPU id,
-    /// so that a process restricted to some CPUs keeps that fast path). CPU
-    /// ids at or above it share slots (modulo); the rseq fast path needs a
-    /// slot set for every possible CPU id, so a smaller explicit count
-    /// selects the try-locked slots.
+    /// so that a process restricted to some CPUs keeps that fast path; at
+    /// most [`MAX_CPUS`] either way). CPU ids at or above it share slots
+    /// (modulo); the rseq fast path needs a slot set for every possible CPU
+    /// id, so a smaller count (explicit, or the default on a machine with
+    /// more than [`MAX_CPUS`] possible CPU ids) selects the try-locked
+    /// slots.
     ///
     /// ```
     /// use anyalloc::{Config, Error, PageAllocator};

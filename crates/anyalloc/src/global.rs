@@ -20,7 +20,7 @@
 //! | variable          | meaning                                     | default |
 //! |-------------------|---------------------------------------------|---------|
 //! | `ANYALLOC_MEMORY` | first zone size, bytes; suffixes k, m, g, t | 256m    |
-//! | `ANYALLOC_CPUS`   | CPU slot sets (fewer than the possible CPU ids: no rseq fast path, see [`Config::cpus`]) | one per possible CPU id |
+//! | `ANYALLOC_CPUS`   | CPU slot sets (fewer than the possible CPU ids: no rseq fast path, see [`Config::cpus`]) | one per possible CPU id, at most 4096 |
 //! | `ANYALLOC_GROW`   | `0` makes `ANYALLOC_MEMORY` a hard cap      | 1       |
 //! | `ANYALLOC_MAINTENANCE` | `0`: no maintenance thread             | 1       |
 //! | `ANYALLOC_NOLOCK_SYSCALLS` | `0`: the nolock path makes no system call (`Config::nolock_syscalls`) | 1 |

@@ -161,6 +161,40 @@ fn free_of_a_page_no_cache_owns_aborts() {
     );
 }
 
+/// The other way round: a page of the heap's own (here a one-page slab of
+/// 64-byte objects, allocated with the right order) handed to its page
+/// allocator's public free. Accepted, the page would go onto a free list
+/// while the heap still hands out its objects.
+#[test]
+fn page_free_of_a_slab_page_aborts() {
+    expect_abort("page_free_of_a_slab_page_aborts", "page free of 0x", || {
+        let h = heap();
+        let p = alloc(h, 64);
+        let page = (p.as_ptr() as usize) & !(PAGE_SIZE - 1);
+        // SAFETY: deliberately violated: the page is the heap's slab.
+        unsafe {
+            h.pages()
+                .free_pages(NonNull::new(page as *mut u8).unwrap(), 0)
+        };
+    });
+}
+
+/// The same for a large block (16 KiB, order 2: its exact order and
+/// address) and the nolock page free.
+#[test]
+fn nolock_page_free_of_a_large_block_aborts() {
+    expect_abort(
+        "nolock_page_free_of_a_large_block_aborts",
+        "which a heap owns (a slab or a large allocation",
+        || {
+            let h = heap();
+            let p = alloc(h, 16 << 10);
+            // SAFETY: deliberately violated: the block is the heap's.
+            unsafe { h.pages().free_pages_nolock(p, 2) };
+        },
+    );
+}
+
 #[test]
 fn immediate_double_free_of_a_small_object_aborts() {
     expect_abort(

@@ -33,7 +33,10 @@
 //!
 //! While a block is `ALLOCATED` its `next`/`prev` links are free for the
 //! slab layer (partial-slab lists), which also owns `owner`, `inuse`,
-//! `freelist` and `carved` (see `crate::slab`).
+//! `freelist` and `carved` (see `crate::slab`). While it is `BUDDY`, the
+//! zone uses `carved` (when it became free, and whether its memory is back
+//! with the OS) and `inuse` (at most how many of its pages are: see
+//! `Zone::gone_pages`).
 
 use core::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
 
@@ -70,7 +73,9 @@ pub(crate) struct PageDesc {
     pub(crate) prev: AtomicU32,
     /// Slab layer: owning cache index + 1, or a large-allocation marker, on
     /// every page of a slab and the head page of a large allocation; 0 on
-    /// pages the object allocator does not own.
+    /// pages the object allocator does not own. The heap clears it before
+    /// its own free of the block; the page allocator's public frees report
+    /// a block whose owner is set (`PageAllocator::claim_fast`).
     pub(crate) owner: AtomicU16,
     /// Slab layer: objects of this slab out of its free list.
     pub(crate) inuse: AtomicU16,

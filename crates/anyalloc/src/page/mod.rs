@@ -148,6 +148,24 @@ fn growth_size(doubled: usize, headroom: Option<usize>) -> usize {
     }
 }
 
+/// The slot sets of an allocator `new` creates without `Config::cpus`: the
+/// platform's CPU count, or the possible CPU ids if more (`possible`, read
+/// when the rseq fast path may be used), at least one and at most
+/// [`MAX_CPUS`](crate::MAX_CPUS), as `Config::cpus` allows. A machine with
+/// more possible ids (a kernel built for 8192, say) would otherwise give
+/// every zone and every heap per-CPU metadata for each of them: a heap's is
+/// about 0.5 MiB per CPU, 4 GiB of address space at 8192. Capped, the
+/// CPU ids from 4096 up share slots (modulo, `zone::slot_index`) and, as
+/// with an explicit `Config::cpus` below the possible count, the fast path
+/// is the try-locked slots: the restartable sequences need a slot set of
+/// their own for every CPU id (`sync::rseq::available` refuses them).
+#[cfg(feature = "std")]
+fn default_cpus(count: usize, possible: Option<usize>) -> usize {
+    count
+        .max(possible.unwrap_or(0))
+        .clamp(1, crate::config::MAX_CPUS)
+}
+
 /// Increments a per-slot counter of a held slot. A locked add: a counting
 /// pop aborted after its count, on another CPU, may be taking its count
 /// back from this slot's counter at the same time (see
@@ -389,16 +407,18 @@ impl PageAllocator {
     pub fn new(config: Config) -> Result<PageAllocator, Error> {
         config.validate()?;
         let platform: &'static dyn Platform = crate::platform::StdPlatform::get();
-        let mut cpus = config.cpus.unwrap_or_else(|| platform.cpu_count()).max(1);
-        if config.cpus.is_none() && config.rseq {
+        let cpus = config.cpus.unwrap_or_else(|| {
             // A process allowed fewer CPUs than the machine has (taskset, a
             // cpuset) still runs on CPU ids up to the possible count, and the
             // restartable sequences need a slot set for each of those ids:
             // without them the fast path would be the try-locked one.
-            if let Some(possible) = crate::platform::StdPlatform::possible_cpus() {
-                cpus = cpus.max(possible);
-            }
-        }
+            let possible = if config.rseq {
+                crate::platform::StdPlatform::possible_cpus()
+            } else {
+                None
+            };
+            default_cpus(platform.cpu_count(), possible)
+        });
         let mut pa = Self::empty(platform, config, cpus, true);
         pa.std_platform = true;
         if config.rseq && crate::sync::rseq::available(cpus) {
@@ -1174,8 +1194,10 @@ impl PageAllocator {
     /// # Safety
     /// `ptr` must have been returned by this allocator for `order` and not be
     /// used afterwards. Violations that can be detected (a pointer outside
-    /// managed memory, misaligned, already free, or freed with another order)
-    /// abort the process with a one-line message.
+    /// managed memory, misaligned, already free, freed with another order,
+    /// or a block of a heap built on this allocator, such as a slab page or
+    /// a large allocation of [`Heap`](crate::Heap)) abort the process with a
+    /// one-line message.
     ///
     /// Called by a thread already inside the allocator (a signal handler
     /// that interrupted it) or inside a nolock scope, it takes the nolock
@@ -1184,7 +1206,7 @@ impl PageAllocator {
     pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
         crate::context::might_wait("PageAllocator::free_pages");
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via::<PCP_MAX_ORDER>(ptr, order, FreeRoute::Routed) };
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER, true>(ptr, order, FreeRoute::Routed) };
     }
 
     /// `free_pages` without its context check, for the heap's large-block
@@ -1203,7 +1225,7 @@ impl PageAllocator {
             FreeRoute::Routed
         };
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via::<HEAP_PCP_ORDER>(ptr, order, route) };
+        unsafe { self.free_pages_via::<HEAP_PCP_ORDER, false>(ptr, order, route) };
     }
 
     /// The normal path of `free_pages` (not routed, as `alloc_pages_normal`).
@@ -1213,20 +1235,24 @@ impl PageAllocator {
     #[inline]
     pub(crate) unsafe fn free_pages_normal(&self, ptr: NonNull<u8>, order: u32) {
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via::<PCP_MAX_ORDER>(ptr, order, FreeRoute::Normal) };
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER, false>(ptr, order, FreeRoute::Normal) };
     }
 
     /// Every free of pages: the inline fast path, then one out-of-line call.
     /// The fast path is the same for every route: the block is claimed, and
     /// this CPU's level-0 slot has room (a nolock free's condition); only a
     /// slot left over `high` asks the route (a normal free drains a batch).
-    /// `route` is a constant at each call site, and so is `FAST_MAX`, the
-    /// largest order the fast path takes.
+    /// `route` is a constant at each call site, and so are `FAST_MAX`, the
+    /// largest order the fast path takes, and `PUBLIC`: a free through the
+    /// public API (`free_pages`, `free_pages_nolock`), which may be handed
+    /// a block of a heap built on this allocator by mistake, and checks its
+    /// owner (see [`claim_fast`](Self::claim_fast)). The heap's own frees
+    /// clear the owner first and skip the check.
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
     #[inline(always)]
-    unsafe fn free_pages_via<const FAST_MAX: u32>(
+    unsafe fn free_pages_via<const FAST_MAX: u32, const PUBLIC: bool>(
         &self,
         ptr: NonNull<u8>,
         order: u32,
@@ -1247,9 +1273,9 @@ impl PageAllocator {
         // path, never has room.)
         let room = first.room_for(pages);
         let kind = if room { desc::PCP } else { desc::FREEING };
-        let Some((zone, idx, d)) = self.claim_fast(ptr, order, kind) else {
+        let Some((zone, idx, d)) = self.claim_fast::<PUBLIC>(ptr, order, kind) else {
             // SAFETY: forwarded contract.
-            return unsafe { self.free_pages_slow(ptr, order, route) };
+            return unsafe { self.free_pages_slow(ptr, order, route, PUBLIC) };
         };
         if room && zone.seq_free(idx, d, order) {
             if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
@@ -1271,13 +1297,14 @@ impl PageAllocator {
     }
 
     /// A free whose inline claim could not decide: the full claim (which
-    /// reports a bad free), then the slow path.
+    /// reports a bad free; `public`: a free through the public API, see
+    /// `free_pages_via`), then the slow path.
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
     #[inline(never)]
-    unsafe fn free_pages_slow(&self, ptr: NonNull<u8>, order: u32, route: FreeRoute) {
-        let (zone, idx) = self.claim_slow(ptr, order);
+    unsafe fn free_pages_slow(&self, ptr: NonNull<u8>, order: u32, route: FreeRoute, public: bool) {
+        let (zone, idx) = self.claim_slow(ptr, order, public);
         self.free_claimed(zone, idx, order, route);
     }
 
@@ -1327,7 +1354,9 @@ impl PageAllocator {
         zone.stock_refill(&g);
     }
 
-    /// `free_pages` or `free_pages_nolock`, as `mode` says.
+    /// The heap's free of a block of its own (a slab, a large block) whose
+    /// owner it cleared: `free_pages_normal` or `free_pages_nolock_owned`,
+    /// as `mode` says.
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
@@ -1337,7 +1366,7 @@ impl PageAllocator {
         unsafe {
             match mode {
                 Mode::Normal => self.free_pages_normal(ptr, order),
-                Mode::NoLock => self.free_pages_nolock(ptr, order),
+                Mode::NoLock => self.free_pages_nolock_owned(ptr, order),
             }
         }
     }
@@ -1544,7 +1573,18 @@ impl PageAllocator {
     #[inline]
     pub unsafe fn free_pages_nolock(&self, ptr: NonNull<u8>, order: u32) {
         // SAFETY: forwarded contract.
-        unsafe { self.free_pages_via::<PCP_MAX_ORDER>(ptr, order, FreeRoute::NoLock) };
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER, true>(ptr, order, FreeRoute::NoLock) };
+    }
+
+    /// The nolock free of a block the heap owned, after the heap cleared
+    /// its owner (not checked again, as `free_pages_normal`).
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline]
+    pub(crate) unsafe fn free_pages_nolock_owned(&self, ptr: NonNull<u8>, order: u32) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER, false>(ptr, order, FreeRoute::NoLock) };
     }
 
     /// The nolock free of a claimed block, beyond the fast path.
@@ -1597,8 +1637,28 @@ impl PageAllocator {
     /// aligned for `order`, claimed (`ALLOCATED -> kind`: `FREEING`, or
     /// `PCP` for a block about to be pushed onto this CPU's list). `None`:
     /// ask [`claim_slow`](Self::claim_slow), which decides and reports.
+    ///
+    /// `PUBLIC` (a free through the public API): a block whose descriptor
+    /// names an owner is not claimed either. The owner is the object
+    /// allocator's word (`desc`): set on every page of a slab and on the
+    /// head page of a large allocation by a heap built on this allocator,
+    /// for as long as the heap holds the block, and cleared by the heap
+    /// before its own free of the block (which skips this check), so it is
+    /// 0 on every block a caller of `alloc_pages` got. A block it names is
+    /// the heap's, handed to `heap.pages().free_pages` by mistake: claimed,
+    /// it would go onto a free list while the heap still uses it (a slab's
+    /// objects handed out again, a page given out twice). The check is one
+    /// load and compare of the descriptor the claim's CAS has just written
+    /// (same 32 bytes, same cache line), after the CAS: that way it costs
+    /// the order-0 page pair nothing measurable (before the CAS, the load
+    /// sat on the way to the locked instruction: about 0.8 ns of 9.5 in
+    /// `anyalloc bench --filter pages`). A block it names is put back
+    /// (`ALLOCATED` again, nothing else was touched) and `claim_slow`
+    /// reports it. Between the claim and the put-back a racing free of the
+    /// heap's would report a double free instead: either way the program
+    /// freed a block of the heap's through the page allocator, and dies.
     #[inline(always)]
-    fn claim_fast(
+    fn claim_fast<const PUBLIC: bool>(
         &self,
         ptr: NonNull<u8>,
         order: u32,
@@ -1621,14 +1681,21 @@ impl PageAllocator {
                 Ordering::Relaxed,
             )
             .ok()?;
+        if PUBLIC && d.owner.load(Ordering::Relaxed) != 0 {
+            // A heap's block: put back as it was, for `claim_slow`'s report.
+            d.set(desc::state(desc::ALLOCATED, order));
+            return None;
+        }
         crate::interrupt_point!(PageClaimed);
         Some((zone, idx, d))
     }
 
     /// Validates a free and claims the block (`ALLOCATED -> FREEING`), or
-    /// reports the corruption and aborts.
+    /// reports the corruption and aborts. `public`: a free through the
+    /// public API, which must not name a block a heap owns (see
+    /// `claim_fast`).
     #[inline(never)]
-    fn claim_slow(&self, ptr: NonNull<u8>, order: u32) -> (&Zone, u32) {
+    fn claim_slow(&self, ptr: NonNull<u8>, order: u32, public: bool) -> (&Zone, u32) {
         let addr = ptr.as_ptr() as usize;
         if order > MAX_ORDER {
             self.corrupt(
@@ -1646,6 +1713,16 @@ impl PageAllocator {
                 order,
             );
         };
+        if public && zone.desc(idx).owner.load(Ordering::Relaxed) != 0 {
+            // Any address in a page the heap owns: a slab's every page, a
+            // large block's head (its other pages report as interior).
+            self.corrupt(
+                "page free of ",
+                addr,
+                ", which a heap owns (a slab or a large allocation: free it with the heap) (order ",
+                order,
+            );
+        }
         if addr & ((PAGE_SIZE << order) - 1) != 0 {
             self.corrupt(
                 "free of ",
@@ -1941,7 +2018,20 @@ fn zone_stats(s: &mut PageStats, zone: &Zone) {
 
 #[cfg(all(test, feature = "std"))]
 mod tests {
-    use super::{growth_size, MAX_BLOCK};
+    use super::{default_cpus, growth_size, MAX_BLOCK};
+
+    #[test]
+    fn default_cpus_covers_the_possible_ids_up_to_max_cpus() {
+        // The larger of the count and the possible ids.
+        assert_eq!(default_cpus(2, None), 2);
+        assert_eq!(default_cpus(2, Some(8)), 8);
+        assert_eq!(default_cpus(8, Some(2)), 8);
+        assert_eq!(default_cpus(0, None), 1);
+        assert_eq!(default_cpus(4096, Some(4096)), 4096);
+        // More possible ids (or CPUs) than slot sets are supported: capped.
+        assert_eq!(default_cpus(64, Some(8192)), 4096);
+        assert_eq!(default_cpus(5000, None), 4096);
+    }
 
     #[test]
     fn growth_takes_at_most_half_of_the_room_a_limit_leaves() {

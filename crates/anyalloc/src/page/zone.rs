@@ -771,8 +771,9 @@ impl Zone {
     // ----- buddy free lists (zone lock held) ---------------------------
 
     /// Puts free block `idx` at the head of its list: its memory is with
-    /// the process (it was touched since it last went back to the OS).
-    fn list_push(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
+    /// the process (it was touched since it last went back to the OS), all
+    /// but at most `gone` of its pages (see [`gone_pages`](Self::gone_pages)).
+    fn list_push(&self, idx: u32, order: u32, gone: usize, g: &ZoneGuard<'_>) {
         let head = &self.heads[order as usize];
         let old = head.load(Ordering::Relaxed);
         let d = self.desc(idx);
@@ -791,6 +792,11 @@ impl Zone {
         // while a block is free.
         d.carved
             .store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+        crate::check!(
+            gone <= 1 << order,
+            "a free block with more pages gone than it has"
+        );
+        d.inuse.store(gone as u16, Ordering::Relaxed);
         g.add_u32(&self.counts[order as usize], 1);
     }
 
@@ -839,6 +845,33 @@ impl Zone {
         self.desc(idx).carved.load(Ordering::Relaxed) & RELEASED != 0
     }
 
+    /// At most how many pages of free block `idx` of `order` (on a buddy
+    /// list; zone lock held) are not with the process (given back to the
+    /// OS, or never touched, and not handed out since): all of a block
+    /// stamped `RELEASED`; of any other, the count its head descriptor's
+    /// `inuse` keeps while the block is free (the slab layer's word, unused
+    /// then). Without it, a touched block that merged with buddies given
+    /// back was given back whole and counted whole in the bytes released
+    /// (`released_to_os_bytes`), memory the process no longer had. Kept so
+    /// that it never falls below the truth (the bytes a release counts,
+    /// the block's size less this, never exceed what went back):
+    /// * a block freed (touched) has none, one given back or split off
+    ///   such a block all (`RELEASED`);
+    /// * a block merged from two has the sum of theirs;
+    /// * each half split off a block has the whole's count, at most its
+    ///   own size (which half holds the pages is not known);
+    /// * a block handed out and freed again counts as touched, all of it,
+    ///   as before (so does one a per-CPU list or the stock held and that
+    ///   comes back unused: a count too high, as before, never too low).
+    #[inline]
+    fn gone_pages(&self, idx: u32, order: u32) -> usize {
+        if self.is_released(idx) {
+            1 << order
+        } else {
+            self.desc(idx).inuse.load(Ordering::Relaxed) as usize
+        }
+    }
+
     fn list_remove(&self, idx: u32, order: u32, g: &ZoneGuard<'_>) {
         let d = self.desc(idx);
         let next = d.next.load(Ordering::Relaxed);
@@ -871,17 +904,18 @@ impl Zone {
         }
         let mut o = order;
         // Whether the block's memory is not with the process: its halves,
-        // untouched, are not either.
-        let (idx, released) = loop {
+        // untouched, are not either. Otherwise, at most how many of its
+        // pages are not (`gone_pages`).
+        let (idx, released, mut gone) = loop {
             if o > MAX_ORDER {
                 // Nothing on the lists: the next untouched largest block.
                 o = MAX_ORDER;
-                break (self.take_fresh(g)?, true);
+                break (self.take_fresh(g)?, true, 1 << MAX_ORDER);
             }
             let h = self.heads[o as usize].load(Ordering::Relaxed);
             if h != NIL {
                 self.list_remove(h, o, g);
-                break (h, self.is_released(h));
+                break (h, self.is_released(h), self.gone_pages(h, o));
             }
             o += 1;
         };
@@ -891,7 +925,9 @@ impl Zone {
             if released {
                 self.list_push_released(idx + (1 << o), o, g);
             } else {
-                self.list_push(idx + (1 << o), o, g);
+                // Either half may hold the pages gone.
+                gone = gone.min(1 << o);
+                self.list_push(idx + (1 << o), o, gone, g);
             }
         }
         self.desc(idx).set(desc::state(desc::ALLOCATED, order));
@@ -925,9 +961,12 @@ impl Zone {
 
     /// [`buddy_free`](Self::buddy_free) of a block whose memory is not
     /// with the process (`released`) or is: the block it ends up in (after
-    /// merging) is stamped `RELEASED` only if all of it is not.
+    /// merging) is stamped `RELEASED` only if all of it is not, and
+    /// otherwise counts the pages of its buddies that are not
+    /// (`gone_pages`).
     fn buddy_free_as(&self, mut idx: u32, mut order: u32, released: bool, g: &ZoneGuard<'_>) {
         let mut released = released;
+        let mut gone = if released { 1 << order } else { 0 };
         g.add(&self.free_buddy, 1 << order);
         while order < MAX_ORDER {
             let buddy = idx ^ (1 << order);
@@ -938,6 +977,7 @@ impl Zone {
                 break;
             }
             released &= self.is_released(buddy);
+            gone += self.gone_pages(buddy, order);
             self.list_remove(buddy, order, g);
             crate::interrupt_point!(BuddyMerge);
             // The higher half stops being a block head.
@@ -953,7 +993,7 @@ impl Zone {
         if released {
             self.list_push_released(idx, order, g);
         } else {
-            self.list_push(idx, order, g);
+            self.list_push(idx, order, gone, g);
         }
     }
 
@@ -1598,8 +1638,7 @@ impl Zone {
             let Some((pick, order)) = self.idle_block(orders.clone(), epoch, age) else {
                 return bytes;
             };
-            self.release_block(pick, order, g);
-            bytes += PAGE_SIZE << order;
+            bytes += self.release_block(pick, order, g);
         }
         bytes
     }
@@ -1636,8 +1675,7 @@ impl Zone {
                 if pick == NIL || self.is_released(pick) {
                     break;
                 }
-                self.release_block(pick, order, g);
-                bytes += PAGE_SIZE << order;
+                bytes += self.release_block(pick, order, g);
             }
         }
         bytes
@@ -1648,9 +1686,14 @@ impl Zone {
     /// without the lock, then freed again, to the tail of its list, stamped
     /// `RELEASED` (unless it merged with a buddy that freed meanwhile,
     /// whose memory is with the process: the merged block goes to the head,
-    /// not given back, and a later release gives all of it back).
+    /// not given back, and a later release gives all of it back). Returns
+    /// the bytes that went back: the block's, less its pages that were not
+    /// with the process already (`gone_pages`: a block that merged with
+    /// buddies given back goes back whole, but only its own memory leaves
+    /// the process).
     #[cfg(feature = "std")]
-    fn release_block(&self, pick: u32, order: u32, g: ZoneGuard<'_>) {
+    fn release_block(&self, pick: u32, order: u32, g: ZoneGuard<'_>) -> usize {
+        let gone = self.gone_pages(pick, order);
         self.list_remove(pick, order, &g);
         // Not ALLOCATED: a (wrong) free of this block must fail its
         // claim while the lock is dropped, not insert it a second time.
@@ -1668,6 +1711,7 @@ impl Zone {
         g.add(&self.releasing, (1usize << order).wrapping_neg());
         g.add(&self.free_buddy, (1usize << order).wrapping_neg());
         self.buddy_free_as(pick, order, true, &g);
+        ((1usize << order) - gone) * PAGE_SIZE
     }
 
     /// A free block of one of `orders` (the largest first), idle since
@@ -1723,6 +1767,9 @@ impl Zone {
                 }
                 if d.prev.load(Ordering::Relaxed) != prev {
                     return Err("a buddy list back link is wrong");
+                }
+                if self.gone_pages(i, order) > 1 << order {
+                    return Err("a buddy block counts more pages given back than it has");
                 }
                 if order < MAX_ORDER {
                     let b = i ^ (1 << order);

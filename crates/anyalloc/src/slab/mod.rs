@@ -167,11 +167,10 @@ pub struct HeapStats {
     /// Maintenance passes (by the maintenance thread or `maintain()`).
     pub maintenance_passes: u64,
     /// Bytes of free blocks given back to the OS: idle ones by maintenance,
-    /// and every other by `Heap::trim` (std). Counted per block, so a block
-    /// freed after it merged with free memory already given back (or never
-    /// touched) counts whole when it goes back; memory never touched and
-    /// memory already given back do not go back (nor count) again on their
-    /// own.
+    /// and every other by `Heap::trim` (std). Memory never touched and
+    /// memory already given back do not count (again), also when a block
+    /// freed merged with such memory and goes back whole. Memory handed out
+    /// and freed counts as touched, all of it.
     pub released_to_os_bytes: u64,
     /// Allocations served by a mapping of their own, beside the heap,
     /// because a `fork` on another thread held the heap's locks and did not
