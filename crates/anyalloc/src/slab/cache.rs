@@ -2220,13 +2220,27 @@ impl Cache {
         };
         let mut o = self.suspects.take_all();
         while o != crate::sync::NIL {
-            // The chain is ours (take_all).
-            let next = self.deferred_link(pages, o);
-            crate::interrupt_point!(ObjectDeferredDrain);
             let off = key_off(self.class);
             // SAFETY: a parked object of this cache (at least `off + 8`
             // bytes), ours; reading its key word changes nothing.
             let kw = unsafe { ((o + off) as *const usize).read_unaligned() };
+            // Tiny classes: the key word is the link. A parked object is
+            // never handed out from here; one handed out from where it was
+            // still free (freed twice) lost its link to the allocation,
+            // which cleared the word (or to its new owner's writes): it no
+            // longer decodes to the end or an object of this cache. That
+            // is the double free (the rest of the chain is lost with the
+            // link, and the process ends here), not the use after free that
+            // `deferred_link` would report.
+            if off == 0
+                && kw ^ self.key != crate::sync::NIL
+                && !self.is_object_of(pages, kw ^ self.key)
+            {
+                double_free(pages.platform(), o);
+            }
+            // The chain is ours (take_all).
+            let next = self.deferred_link(pages, o);
+            crate::interrupt_point!(ObjectDeferredDrain);
             match self.is_free(pages, o, super::routed(Mode::Normal)) {
                 Some(true) => double_free(pages.platform(), o),
                 _ if off != 0 && kw != self.key => double_free(pages.platform(), o),
@@ -2353,6 +2367,13 @@ impl Cache {
         // SAFETY: `obj` is a free object of this slab (pushed by
         // `return_to_slab`; node lock held), at least 8 bytes long.
         let next = unsafe { (obj as *const usize).read_unaligned() } ^ self.key;
+        if next == crate::sync::NIL {
+            // The end of the deferred stack or of the suspects, which no
+            // slab list holds: a free pushed the object there (parking it
+            // as a suspect, say, when its exact check could not take the
+            // node lock) while it was free on this list. A double free.
+            double_free(platform, obj);
+        }
         if next != 0 {
             let mask = self.slab_mask as usize;
             let same_slab = next & !mask == obj & !mask;
