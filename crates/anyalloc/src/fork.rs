@@ -81,10 +81,14 @@
 //! child of a fork whose prepare took nothing keeps the counts of its
 //! parent's other threads' moves. So are the drains of the caches'
 //! deferred stacks in progress (a normal slow path, or a nolock
-//! allocation, that took the whole stack and frees or stocks its objects):
+//! allocation, that took the whole stack and frees or stocks its objects),
+//! of their parked double-free suspects, and the double-free checks that
+//! take both stacks to search them:
 //! cloned halfway, the rest of the chain would be lost to the child, its
-//! objects counted in use there for good. A drain that starts once the
-//! fork is counted leaves the stack alone; the normal path's drains block
+//! objects counted in use there for good. A drain or check that starts
+//! once the fork is counted leaves the stacks alone (the check is then
+//! undecided, and its free parks the object as a suspect); the normal
+//! path's drains block
 //! signals while counted (a nolock one that a signal handler interrupts,
 //! if the handler forks, holds that fork up to `SLOT_PATIENCE`, and is
 //! then cloned on the forking thread, which finishes it in the child). A

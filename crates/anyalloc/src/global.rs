@@ -761,9 +761,11 @@ fn stays_in_place(size: usize, usable: usize) -> bool {
 /// place when the block is aligned for `new`, big enough for it and (a
 /// shrink) not wastefully so, more than half used; otherwise a new nolock
 /// block, the contents copied, the old one freed. A shrink that finds no
-/// smaller block keeps the old one rather than fail (the later free's
-/// layout then names another class: slower, never unsafe, see
-/// `Heap::free_sized`). `None`, `ptr` untouched: no memory in this context.
+/// smaller block keeps the old one rather than fail, when its address is
+/// aligned for `new` (the later free's layout then names another class:
+/// slower, never unsafe, see `Heap::free_sized`); one that is not must
+/// move. `None`, `ptr` untouched: no memory in this context (for a
+/// shrink, only one to an alignment the address lacks).
 /// With `zero`, the bytes from `old.size()` to `new.size()` are zeroed.
 ///
 /// # Safety
@@ -864,7 +866,11 @@ unsafe impl allocator_api2::alloc::Allocator for NoLock {
     /// In place when the block stays more than half used; otherwise moved
     /// to a smaller block, or kept when there is none in this context: a
     /// shrink (`Vec::shrink_to_fit` in a handler) never fails for want of
-    /// memory.
+    /// memory, with one exception. A shrink to a larger alignment than
+    /// the block's address has (`new.align()` does not divide it) must
+    /// move the block, and fails (`Err`, the block untouched) when this
+    /// context has no free block for `new`. A larger alignment that the
+    /// address already has is no exception: the block is kept as above.
     unsafe fn shrink(
         &self,
         ptr: NonNull<u8>,

@@ -53,7 +53,9 @@ pub enum Site {
     PartialLocked,
     /// Object allocator: an object deferred-free has linked but not published.
     ObjectDeferredPush,
-    /// Object allocator: the cache is draining its deferred list.
+    /// Object allocator: the cache is draining its deferred list, or its
+    /// parked double-free suspects (the whole stack taken, each object
+    /// checked again).
     ObjectDeferredDrain,
     /// Accounting: a group's per-CPU charge stock is held (or was busy and
     /// the counters are charged directly), or a counter's charge is between

@@ -193,6 +193,10 @@ impl MaintainerSlot {
         // SAFETY: RUNNING was published after the handle was written; `stop`
         // runs from the heap's drop, with exclusive access to the handle.
         if let Some(h) = unsafe { (*self.handle.get()).take() } {
+            // `pthread_join` is a cancellation point: a cancel pending on
+            // the dropping thread acted there, and the drop never gave the
+            // heap back. It acts after the drop instead.
+            let _no_cancel = crate::platform::CancelDisabled::new();
             let _ = h.join();
         }
         self.state.store(NONE, Ordering::Release);

@@ -1292,3 +1292,158 @@ fn nolock_free_in_a_drain(double: bool) -> (&'static Heap, NonNull<u8>, Vec<NonN
     assert_eq!(VICTIM.load(Ordering::Relaxed), 0, "the hook ran");
     (h, victim, objs)
 }
+
+/// A heap for the tiny-class suspect scenarios below: one CPU slot set
+/// and no restartable sequences (every free goes to the same sheaves, in
+/// the order made), no maintenance thread (it would drain the suspects),
+/// leaked.
+#[cfg(feature = "interrupt-points")]
+fn quiet_heap() -> &'static Heap {
+    Box::leak(Box::new(
+        Heap::new(
+            Config::default()
+                .memory(16 << 20)
+                .cpus(1)
+                .rseq(false)
+                .maintenance(false),
+        )
+        .unwrap(),
+    ))
+}
+
+/// The victim of the tiny-class scenarios, freed with the nolock free by
+/// the hook (as a signal handler would) at the first `site` once armed.
+#[cfg(feature = "interrupt-points")]
+mod tiny_victim {
+    use super::*;
+    use anyalloc::interrupt::{set_hook, Site};
+    use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+
+    static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+    static VICTIM: AtomicUsize = AtomicUsize::new(0);
+    /// 0: disarmed; 1: at `PartialLocked`; 2: at `SheafFlush`.
+    static AT: AtomicU8 = AtomicU8::new(0);
+
+    fn hook(site: Site) {
+        let at = match AT.load(Ordering::Relaxed) {
+            1 => Site::PartialLocked,
+            2 => Site::SheafFlush,
+            _ => return,
+        };
+        if site != at {
+            return;
+        }
+        if let Some(v) = NonNull::new(VICTIM.swap(0, Ordering::Relaxed) as *mut u8) {
+            AT.store(0, Ordering::Relaxed);
+            // SAFETY: set before the hook is installed, leaked.
+            let h = unsafe { &*H.load(Ordering::Relaxed) };
+            free_nolock(h, v);
+        }
+    }
+
+    /// Runs `op` with the hook armed to free `victim` (nolock) at `site`
+    /// (`PartialLocked` or `SheafFlush`, both with the node lock held),
+    /// and checks that it ran.
+    pub fn free_inside(h: &'static Heap, victim: NonNull<u8>, site: Site, op: impl FnOnce()) {
+        H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
+        VICTIM.store(victim.as_ptr() as usize, Ordering::Relaxed);
+        AT.store(
+            if site == Site::PartialLocked { 1 } else { 2 },
+            Ordering::Relaxed,
+        );
+        set_hook(Some(hook));
+        op();
+        set_hook(None);
+        assert_eq!(VICTIM.load(Ordering::Relaxed), 0, "the hook ran");
+    }
+}
+
+/// An 8-byte object on its slab's free list, freed again by the nolock
+/// free while the node lock is held (so parked as a suspect: parking
+/// writes the suspects' link over its first word, which was its free-list
+/// link), then reached by a nolock allocation's refill from the slab
+/// before any drain checked it. The link it finds is the end of the
+/// suspects stack, which no slab list holds: a double free (it was
+/// reported as a use after free). With `debug-checks` the bitmap reports
+/// the second free itself, with the same words; the key's path is tested
+/// without it (`.ci/run`'s `--features interrupt-points` run).
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn parked_tiny_double_free_reached_on_its_slab_aborts_as_a_double_free() {
+    expect_abort(
+        "parked_tiny_double_free_reached_on_its_slab_aborts_as_a_double_free",
+        "double free of object",
+        || {
+            let h = quiet_heap();
+            let objs = allocs(h, 8, 8);
+            free(h, objs[0]);
+            h.drain(); // objs[0] on its slab's free list
+            free(h, objs[1]);
+            // The drain returns objs[1] with the node lock held: the hook
+            // frees objs[0] there, and it is parked.
+            tiny_victim::free_inside(h, objs[0], anyalloc::interrupt::Site::PartialLocked, || {
+                h.drain()
+            });
+            let l = Layout::from_size_align(8, 8).unwrap();
+            // The refills walk the slab's free list down to objs[0].
+            for _ in 0..4096 {
+                if h.alloc_nolock(l).is_none() {
+                    break;
+                }
+            }
+        },
+    );
+}
+
+/// An 8-byte object waiting in a full barn sheaf, freed again by the
+/// nolock free while the node lock is held (the barn is searched under it:
+/// parked as a suspect), then handed out from that sheaf by nolock
+/// allocations before any drain checked it. The allocation clears its
+/// first word, which for the tiny classes is the suspects' link too: the
+/// drain that finds it so reports a double free (it was reported as a use
+/// after free of a corrupt link). As above, without `debug-checks`.
+#[cfg(feature = "interrupt-points")]
+#[test]
+fn parked_tiny_double_free_handed_out_aborts_as_a_double_free_at_the_drain() {
+    expect_abort(
+        "parked_tiny_double_free_handed_out_aborts_as_a_double_free_at_the_drain",
+        "double free of object",
+        || {
+            let h = quiet_heap();
+            let cap = h.stats().classes[0].sheaf_capacity;
+            assert_eq!(h.stats().classes[0].size, 8);
+            let objs = allocs(h, 8, 4 * cap + 1);
+            h.drain(); // the slot's sheaves empty
+                       // Main, then (swapped) spare fill with objs[..2 * cap]; the
+                       // next free flushes both to the barn.
+            for &p in &objs[..4 * cap] {
+                free(h, p);
+            }
+            assert!(
+                h.stats().classes[0].cached_in_barn >= 2 * cap,
+                "{:?}",
+                h.stats().classes[0]
+            );
+            // The next flush (main and spare full again) holds the node
+            // lock: the hook frees objs[0], in a barn sheaf, there.
+            tiny_victim::free_inside(h, objs[0], anyalloc::interrupt::Site::SheafFlush, || {
+                free(h, objs[4 * cap])
+            });
+            // Nolock allocations (no drain) until objs[0] is handed out.
+            let l = Layout::from_size_align(8, 8).unwrap();
+            let mut found = false;
+            for _ in 0..8 * cap {
+                match h.alloc_nolock(l) {
+                    Some(p) if p == objs[0] => {
+                        found = true;
+                        break;
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            assert!(found, "objs[0] was not handed out");
+            h.drain(); // the suspects' drain
+        },
+    );
+}

@@ -455,6 +455,65 @@ pub(crate) unsafe fn os_remap(ptr: *mut u8, old: usize, new: usize) -> Option<*m
     (p != libc::MAP_FAILED).then_some(p.cast())
 }
 
+/// `pthread_cancel` cannot act on this thread until the guard is dropped,
+/// which restores the thread's cancelability as it was (a cancel that came
+/// meanwhile stays pending, and acts at the next cancellation point after
+/// that). For a wait the heap makes through libc's cancellation points
+/// (`pthread_join`, joining the maintenance thread as a heap is dropped):
+/// a pending cancel acting there cut the drop short, the process aborting
+/// (glibc's forced unwind finds no way through the Rust frames) or, where
+/// it could unwind, the heap's memory leaked. Normal context: two calls
+/// that make no system call. (On other systems than Linux a no-op: the
+/// constant's value differs there, and the `libc` crate names none.)
+#[must_use = "cancellation is enabled again as soon as the guard is dropped"]
+pub(crate) struct CancelDisabled {
+    #[cfg(target_os = "linux")]
+    old: libc::c_int,
+    /// Not `Send`: the state is the thread's.
+    _thread: core::marker::PhantomData<*const ()>,
+}
+
+#[cfg(target_os = "linux")]
+extern "C" {
+    fn pthread_setcancelstate(state: libc::c_int, oldstate: *mut libc::c_int) -> libc::c_int;
+}
+
+/// `PTHREAD_CANCEL_DISABLE` in glibc's and musl's `pthread.h`.
+#[cfg(target_os = "linux")]
+const PTHREAD_CANCEL_DISABLE: libc::c_int = 1;
+
+impl CancelDisabled {
+    pub(crate) fn new() -> Self {
+        #[cfg(target_os = "linux")]
+        let mut old = 0;
+        // SAFETY: a valid state; `old` is written with the previous one.
+        // It changes only the calling thread's state and is not a
+        // cancellation point.
+        #[cfg(target_os = "linux")]
+        unsafe {
+            pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &mut old)
+        };
+        CancelDisabled {
+            #[cfg(target_os = "linux")]
+            old,
+            _thread: core::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for CancelDisabled {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            let mut was = 0;
+            // SAFETY: `old` is the state `new` read on this same thread
+            // (the guard is not `Send`), a valid one; not a cancellation
+            // point.
+            unsafe { pthread_setcancelstate(self.old, &mut was) };
+        }
+    }
+}
+
 /// Every signal that can be blocked is blocked on this thread until the
 /// guard is dropped, which restores the mask as it was (signals that came
 /// meanwhile are handled then). Normal context: two system calls.

@@ -506,11 +506,13 @@ pub(crate) struct Cache {
     /// them again with the lock (`drain_suspects`). Linked as the deferred
     /// stack is.
     suspects: IndexStack,
-    /// Contexts holding a chain they took off the deferred stack
-    /// (`take_all`) to drain it, not yet freed or put back
-    /// ([`DeferredTaker`]): a fork waits for them (`HeapCore::lock_all`),
-    /// so that no chain is cloned in the hands of a thread the child does
-    /// not have (its objects would be lost there, and counted in use).
+    /// Contexts holding a chain they took off the deferred stack or the
+    /// suspects (`take_all`) to drain or search it, not yet freed, checked
+    /// or put back ([`DeferredTaker`]): a fork waits for them
+    /// (`HeapCore::lock_all`), so that no chain is cloned in the hands of a
+    /// thread the child does not have (its objects would be lost there, and
+    /// counted in use for good: a suspect is counted in use until a drain
+    /// frees it).
     takers: core::sync::atomic::AtomicU32,
     /// The slots of the other levels, level by level (`slot_index`):
     /// `(LEVELS - 1) * cpus` of them.
@@ -1562,13 +1564,14 @@ impl Cache {
         self.deferred_count.store(n, Ordering::Relaxed);
     }
 
-    /// Counts this context as a taker of the deferred stack, until the
-    /// guard is dropped; `None` (uncounted) while a fork on another thread
-    /// is in progress: it may have looked for takers already, so the stack
-    /// is left alone. Counted first, then the forks read (both `SeqCst`,
-    /// as `prepare` counts itself in `FORKING` before `lock_all` reads the
-    /// takers): either that fork waits for this one, or this one sees the
-    /// fork. Any context.
+    /// Counts this context as a taker of the deferred stack or the
+    /// suspects, until the guard is dropped; `None` (uncounted) while a
+    /// fork on another thread is in progress: it may have looked for takers
+    /// already, so the stacks are left alone. Counted first, then the forks
+    /// read (both `SeqCst`, as `prepare` counts itself in `FORKING` before
+    /// `lock_all` reads the takers): either that fork waits for this one,
+    /// or this one sees the fork. Counts nest (a drain of the suspects
+    /// counts itself, then each `is_free` it runs). Any context.
     fn deferred_taker(&self) -> Option<DeferredTaker<'_>> {
         self.takers.fetch_add(1, Ordering::SeqCst);
         let taker = DeferredTaker(&self.takers);
@@ -1579,8 +1582,8 @@ impl Cache {
         Some(taker)
     }
 
-    /// Contexts that hold a chain taken off the deferred stack (see
-    /// `takers`).
+    /// Contexts that hold a chain taken off the deferred stack or the
+    /// suspects (see `takers`).
     #[cfg(feature = "std")]
     pub(crate) fn deferred_takers(&self) -> u32 {
         self.takers.load(Ordering::SeqCst)
@@ -2201,15 +2204,43 @@ impl Cache {
     /// for the node lock: one still free elsewhere, or handed out since
     /// (its key word cleared by the allocation), was freed twice;
     /// the others are freed (user data that equalled the key).
+    ///
+    /// A taker (`deferred_taker`), as the deferred stack's drain: the
+    /// whole stack is taken, then each object checked and freed without a
+    /// lock a fork holds; cloned halfway, the rest of the chain would be
+    /// lost to the child, its objects counted in use there for good. While
+    /// a fork is in progress the stack is left alone; signals are blocked
+    /// while counted (a handler of this thread that forks would wait for
+    /// its own thread's count).
     fn drain_suspects(&self, pages: &PageAllocator) {
+        #[cfg(feature = "std")]
+        let _quiet = crate::platform::SignalsBlocked::new();
+        let Some(_taker) = self.deferred_taker() else {
+            return;
+        };
         let mut o = self.suspects.take_all();
         while o != crate::sync::NIL {
-            // The chain is ours (take_all).
-            let next = self.deferred_link(pages, o);
             let off = key_off(self.class);
             // SAFETY: a parked object of this cache (at least `off + 8`
             // bytes), ours; reading its key word changes nothing.
             let kw = unsafe { ((o + off) as *const usize).read_unaligned() };
+            // Tiny classes: the key word is the link. A parked object is
+            // never handed out from here; one handed out from where it was
+            // still free (freed twice) lost its link to the allocation,
+            // which cleared the word (or to its new owner's writes): it no
+            // longer decodes to the end or an object of this cache. That
+            // is the double free (the rest of the chain is lost with the
+            // link, and the process ends here), not the use after free that
+            // `deferred_link` would report.
+            if off == 0
+                && kw ^ self.key != crate::sync::NIL
+                && !self.is_object_of(pages, kw ^ self.key)
+            {
+                double_free(pages.platform(), o);
+            }
+            // The chain is ours (take_all).
+            let next = self.deferred_link(pages, o);
+            crate::interrupt_point!(ObjectDeferredDrain);
             match self.is_free(pages, o, super::routed(Mode::Normal)) {
                 Some(true) => double_free(pages.platform(), o),
                 _ if off != 0 && kw != self.key => double_free(pages.platform(), o),
@@ -2233,7 +2264,9 @@ impl Cache {
     /// the barn and the free list need the node lock, which the nolock path
     /// only tries (busy: not reported).
     /// `None`: the node lock was busy (nolock), so the barn and the free
-    /// list were not searched.
+    /// list were not searched; or a fork on another thread is in progress,
+    /// so the deferred stack and the suspects were not taken to be searched
+    /// (see `deferred_taker`).
     fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> Option<bool> {
         let in_first = |sh: &Sheaf, n: usize| {
             sh.objs[..n.min(SHEAF_CAP)]
@@ -2247,6 +2280,12 @@ impl Cache {
         }) {
             return Some(true);
         }
+        // The deferred stack and the suspects are taken whole below: a
+        // taker, as their drains (a fork waits for it; while one is in
+        // progress nothing is taken, and the search is undecided), until
+        // both are put back (dropped before the node lock, which a fork
+        // takes once the takers are done).
+        let taker = self.deferred_taker()?;
         // The deferred stack: take it (we own the chain), look, put it back
         // whole (behind whatever was pushed meanwhile).
         let first = self.deferred.take_all();
@@ -2273,6 +2312,7 @@ impl Cache {
         if found {
             return Some(true);
         }
+        drop(taker);
         // Busy (nolock): undecided.
         let _node = self.node.lock.lock_in(mode, pages.platform())?;
         let mut s = self.node.full.load(Ordering::Relaxed);
@@ -2327,6 +2367,13 @@ impl Cache {
         // SAFETY: `obj` is a free object of this slab (pushed by
         // `return_to_slab`; node lock held), at least 8 bytes long.
         let next = unsafe { (obj as *const usize).read_unaligned() } ^ self.key;
+        if next == crate::sync::NIL {
+            // The end of the deferred stack or of the suspects, which no
+            // slab list holds: a free pushed the object there (parking it
+            // as a suspect, say, when its exact check could not take the
+            // node lock) while it was free on this list. A double free.
+            double_free(platform, obj);
+        }
         if next != 0 {
             let mask = self.slab_mask as usize;
             let same_slab = next & !mask == obj & !mask;

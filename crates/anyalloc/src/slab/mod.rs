@@ -2641,8 +2641,10 @@ impl HeapCore {
         // prepare took nothing inherits the counts of moves on threads it
         // does not have. Past it, the fork may clone a move half done.
         // So are the drains of the caches' deferred stacks in progress
-        // (the chain taken, its objects being freed): cloned halfway, the
-        // rest of the chain would be lost to the child. Any that starts
+        // (the chain taken, its objects being freed), and of their parked
+        // double-free suspects, and the exact double-free checks that
+        // search both stacks: cloned halfway, the rest of the chain would
+        // be lost to the child. Any that starts
         // from here leaves the stack alone (`Cache::deferred_taker`); the
         // normal path's drains block signals while counted; a nolock one
         // that a signal handler interrupts, if the handler forks, holds that
