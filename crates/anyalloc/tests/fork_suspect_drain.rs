@@ -26,6 +26,7 @@
 //! in use only D's allocations made before the fork (and perhaps the one
 //! whose slow path drained, if it completed before the clone).
 
+mod script;
 mod watchdog;
 
 use watchdog::wait_for;
@@ -86,14 +87,11 @@ fn class(heap: &Heap) -> (usize, usize) {
 
 #[test]
 fn fork_while_another_thread_drains_suspects() {
-    if !watchdog::in_child() {
-        let out = watchdog::run_ok(
-            "fork_while_another_thread_drains_suspects",
-            &[],
-            Duration::from_secs(60),
-            "fork while another thread drains parked suspects",
-        );
-        print!("{}", out.stdout);
+    if watchdog::ran_in_child(
+        "fork_while_another_thread_drains_suspects",
+        Duration::from_secs(60),
+        "fork while another thread drains parked suspects",
+    ) {
         return;
     }
     let config = Config::default()
@@ -168,14 +166,6 @@ fn fork_while_another_thread_drains_suspects() {
     }
     heap.drain();
     assert_eq!(class(&heap), (0, 0));
-    assert!(
-        libc::WIFEXITED(status),
-        "the child did not exit: status {status}"
-    );
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
-        "the child lost the suspects being drained (3)"
-    );
+    script::assert_child_ok(status, "the child lost the suspects being drained (3)");
     println!("the child freed the {K} suspects");
 }
