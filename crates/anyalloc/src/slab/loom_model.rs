@@ -9,7 +9,7 @@
 //! free list (node lock), each object's first word (the deferred link, owned
 //! by whoever holds the object).
 //!
-//! The protocol, as in `cache.rs`:
+//! The protocol, as in the `cache` module:
 //!
 //! * nolock free: slot `try_lock` -> push onto main; main full -> trade it
 //!   for an empty barn sheaf under a *tried* node lock; else the node lock

@@ -1,0 +1,468 @@
+//! A cache's allocations: the fast path (this CPU's main sheaf, through a
+//! restartable sequence or the slot try-lock), the slow path of each mode
+//! (the spare sheaf, a full sheaf from the barn, a refill from the slabs),
+//! and the carving of new slabs.
+
+use super::*;
+
+impl Cache {
+    /// Normal-path allocation. Fast path: nothing deferred, and an object in
+    /// the main sheaf of this CPU's level-0 slot.
+    #[inline(always)]
+    pub(crate) fn alloc(&self, pages: &PageAllocator) -> Option<usize> {
+        if self.normal_fast_ok() {
+            if let Some(o) = self.fast_pop::<false>(pages) {
+                return Some(o);
+            }
+        }
+        self.alloc_slow(pages, pages.cpu())
+    }
+
+    /// Whether a normal operation may try the fast path: with rseq always
+    /// (the sequences apply the gate, `normal_cpus`), otherwise when nothing
+    /// is deferred.
+    #[inline(always)]
+    pub(super) fn normal_fast_ok(&self) -> bool {
+        self.rseq || self.deferred.is_empty()
+    }
+
+    /// The sequences' CPU count for `mode` (0: the fast path is closed).
+    #[inline(always)]
+    pub(super) fn seq_cpus(&self, mode: Mode) -> usize {
+        match mode {
+            Mode::Normal => self.normal_cpus.cpus(),
+            Mode::NoLock => self.nolock_cpus,
+        }
+    }
+
+    /// A validated free of `mode` that [`seq_push`](Self::seq_push) did
+    /// not take: the whole free (the try-locked fast path without rseq).
+    #[inline(never)]
+    pub(crate) fn free_miss(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
+        match mode {
+            Mode::Normal => self.free(pages, obj),
+            Mode::NoLock => self.free_nolock(pages, obj),
+        }
+    }
+
+    /// The fast path of both allocation paths: pop from the main sheaf of
+    /// this CPU's level-0 slot, if the slot is free and main is not empty.
+    /// With rseq, a restartable sequence (no atomic instruction); otherwise
+    /// under the slot's try-lock.
+    #[inline(always)]
+    pub(super) fn fast_pop<const COUNT_NOLOCK: bool>(
+        &self,
+        pages: &PageAllocator,
+    ) -> Option<usize> {
+        if self.rseq {
+            return self.seq_pop::<COUNT_NOLOCK>();
+        }
+        self.locked_pop::<COUNT_NOLOCK>(pages)
+    }
+
+    /// The allocation fast path alone: `fast_pop` with rseq, the gate of
+    /// the mode applied (`normal_cpus`, `nolock_cpus`). `None`, at once when
+    /// the gate is closed or without rseq: take [`alloc`](Self::alloc) or
+    /// [`alloc_nolock`](Self::alloc_nolock) (which keeps the try-locked
+    /// variant and its call out of the callers' fast path).
+    ///
+    /// The slot array's address, `level0`, is read from the cache's first
+    /// line, which the gate's read brings in anyway.
+    #[inline(always)]
+    pub(crate) fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
+        let mode = if COUNT_NOLOCK {
+            Mode::NoLock
+        } else {
+            Mode::Normal
+        };
+        // `raw_offset` is glibc's area offset (the heap's build ran
+        // `prepare_offset`). A non-zero CPU count means `rseq` was chosen at
+        // init: the area is registered (this cache's `rseq_off`), and
+        // `level0` is CPU 0's level-0 slot, the first of a slot per one of
+        // those CPUs, `LEVEL0_STRIDE` bytes apart, laid out as the sequences
+        // expect (asserted above), living as long as the cache.
+        // SAFETY: as just said (with 0 CPUs the sequence touches only this
+        // thread's rseq area); level-0 slots are changed only by sequences
+        // and by lock holders, as `sync::rseq` prescribes.
+        unsafe {
+            crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK, LEVEL0_SHIFT>(
+                crate::sync::rseq::raw_offset(),
+                self.level0.cast(),
+                self.seq_cpus(mode),
+            )
+        }
+    }
+
+    /// `fast_pop` without rseq: under the slot's try-lock. Out of line, so
+    /// that the rseq fast path around it needs no stack frame.
+    #[inline(never)]
+    pub(super) fn locked_pop<const COUNT_NOLOCK: bool>(
+        &self,
+        pages: &PageAllocator,
+    ) -> Option<usize> {
+        let slot = self.slot(pages.cpu(), 0);
+        let g = slot.lock.try_lock()?;
+        crate::interrupt_point!(SheafAlloc);
+        let o = slot.main_pop(&g)?;
+        if COUNT_NOLOCK {
+            crate::page::bump(&slot.nolock_ok, &g);
+        }
+        Some(o)
+    }
+
+    /// The fast path of both free paths: push onto the main sheaf of this
+    /// CPU's level-0 slot, if the slot is free and main has room. (A double
+    /// free never gets here: the key test before it sent it to the exact
+    /// search.)
+    #[inline(always)]
+    pub(super) fn fast_push(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
+        if self.rseq {
+            return self.seq_push(obj, mode);
+        }
+        self.locked_push(pages, obj)
+    }
+
+    /// The free fast path of a validated object alone: `fast_push` with
+    /// rseq, the gate of `mode` applied (see `seq_pop`). `false`: the
+    /// object is still the caller's; hand it to
+    /// [`free_miss`](Self::free_miss).
+    #[inline(always)]
+    pub(crate) fn seq_push(&self, obj: usize, mode: Mode) -> bool {
+        // SAFETY: as in `seq_pop`; `obj` is a validated object of this
+        // cache being freed.
+        unsafe {
+            crate::sync::rseq::sheaf_push::<LEVEL0_SHIFT>(
+                crate::sync::rseq::raw_offset(),
+                self.level0.cast(),
+                self.seq_cpus(mode),
+                obj,
+            )
+        }
+    }
+
+    /// `fast_push` without rseq: under the slot's try-lock, out of line.
+    #[inline(never)]
+    pub(super) fn locked_push(&self, pages: &PageAllocator, obj: usize) -> bool {
+        let slot = self.slot(pages.cpu(), 0);
+        let Some(g) = slot.lock.try_lock() else {
+            return false;
+        };
+        crate::interrupt_point!(SheafFree);
+        slot.main_push(obj, &g)
+    }
+
+    /// Normal-path allocation: deferred frees first, then the slot (spare,
+    /// refill), or the slabs directly when the slot is busy. `None` at once
+    /// for a thread inside the allocator or in a nolock scope: the caller
+    /// takes the nolock path (see [`crate::context`]).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn alloc_slow(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
+        if crate::context::nested() {
+            return None;
+        }
+        self.drain_and_reopen(pages);
+        if let Some((slot, g)) = self.lock_own(cpu, 0) {
+            crate::interrupt_point!(SheafAlloc);
+            if let Some(o) = self.pop_slot(slot, &g) {
+                return Some(o);
+            }
+            return self.refill(slot, &g, pages, Mode::Normal).ok();
+        }
+        // The slot is held by another context: straight to the slabs.
+        let node = self.node.lock.lock_in(Mode::Normal, pages.platform())?;
+        self.take_object(&node, pages, Mode::Normal).ok()
+    }
+
+    /// Nolock allocation. Fast path: this CPU's level-0 slot has an object
+    /// in its main sheaf. Otherwise [`alloc_nolock_slow`](Self::alloc_nolock_slow).
+    #[inline(always)]
+    pub(crate) fn alloc_nolock(&self, pages: &PageAllocator) -> Result<usize, Fail> {
+        match self.fast_pop::<true>(pages) {
+            Some(o) => Ok(o),
+            None => self.alloc_nolock_slow(pages, pages.cpu()),
+        }
+    }
+
+    /// Nolock allocation, the whole search: every level of this CPU's slots
+    /// (spare sheaves, refills with a tried node lock), the other CPUs'
+    /// sheaves, then the slabs directly, all with `try_lock`.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn alloc_nolock_slow(
+        &self,
+        pages: &PageAllocator,
+        cpu: usize,
+    ) -> Result<usize, Fail> {
+        let mut busy = false;
+        let mut node_busy = false;
+        for level in 0..LEVELS {
+            let Some((slot, g)) = self.lock_own(cpu, level) else {
+                busy = true;
+                continue;
+            };
+            crate::interrupt_point!(SheafAlloc);
+            if let Some(o) = self.pop_slot(slot, &g) {
+                crate::page::bump(&slot.nolock_ok, &g);
+                return Ok(o);
+            }
+            if node_busy {
+                continue;
+            }
+            match self.refill(slot, &g, pages, Mode::NoLock) {
+                Ok(o) => {
+                    crate::page::bump(&slot.nolock_ok, &g);
+                    return Ok(o);
+                }
+                Err(Fail::Busy) => {
+                    busy = true;
+                    node_busy = true;
+                }
+                Err(Fail::Empty) => {}
+            }
+        }
+        for other in (0..self.cpus).filter(|&c| c != cpu % self.cpus) {
+            for level in (0..LEVELS).filter(|&l| self.remote_nolock_ok(l)) {
+                let i = slot_index(other, self.cpus, level);
+                let slot = self.slot_at(i);
+                if slot.cached() == 0 {
+                    continue;
+                }
+                let Some(g) = slot.lock.try_lock() else {
+                    busy = true;
+                    continue;
+                };
+                self.prepare(i, slot, &g);
+                if let Some(o) = self.pop_slot(slot, &g) {
+                    crate::page::bump(&slot.nolock_ok, &g);
+                    return Ok(o);
+                }
+            }
+        }
+        if !node_busy {
+            if let Some(node) = self.node.lock.try_lock(pages.platform()) {
+                let r = self.take_object(&node, pages, Mode::NoLock);
+                if r.is_ok() {
+                    self.nolock_ok_slotless.fetch_add(1, Ordering::Relaxed);
+                }
+                return r.map_err(|e| if busy { Fail::Busy } else { e });
+            }
+        }
+        let o = self.alloc_deferred(pages, cpu).ok_or(Fail::Busy)?;
+        self.nolock_ok_slotless.fetch_add(1, Ordering::Relaxed);
+        Ok(o)
+    }
+
+    /// Nolock allocation while the node lock is held elsewhere (another
+    /// CPU's refill or flush, the maintainer, or the context this one
+    /// interrupted): the objects that frees parked on the deferred stack
+    /// meanwhile, waiting for a normal context to return them to their
+    /// slabs, are free objects of this cache like a sheaf's. Takes the
+    /// stack, keeps its first object, moves as many of the rest as the main
+    /// sheaf of a slot of this CPU has room for (if one can be locked), and
+    /// puts the remainder back without walking it
+    /// ([`IndexStack::put_back`]), so the work does not grow with the
+    /// backlog. Then, as `defer` does after a push, it closes the normal
+    /// fast path, so the next normal operation drains what was put back.
+    ///
+    /// Without this, the two CPUs' bursts of nolock allocations, each
+    /// holding the node lock in turn for its refills, sent each other to
+    /// the next class up while their frees piled up here: memory that no
+    /// allocation could reuse until a normal context drained it.
+    ///
+    /// (Accounted caches too: a free uncharges before the cache sees the
+    /// object, and an allocation charges whatever object it is given.)
+    #[cold]
+    pub(super) fn alloc_deferred(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
+        // Every object below is on a chain this context took (`take_all`,
+        // or `put_back`'s own take) and owns.
+        let link = |o: usize| self.deferred_link(pages, o);
+        let _taker = self.deferred_taker()?;
+        let first = self.deferred.take_all();
+        if first == crate::sync::NIL {
+            return None;
+        }
+        crate::interrupt_point!(ObjectDeferredDrain);
+        let mut rest = link(first);
+        let mut taken = 1;
+        if rest != crate::sync::NIL {
+            if let Some((slot, g)) = (0..LEVELS).find_map(|l| self.lock_own(cpu, l)) {
+                while rest != crate::sync::NIL && slot.main_len() < self.cap {
+                    let next = link(rest);
+                    if !slot.main_push(rest, &g) {
+                        break;
+                    }
+                    // A free object in a sheaf carries the key in its key
+                    // word: for tiny classes that word held the link.
+                    self.set_free_mark(rest);
+                    crate::interrupt_point!(ObjectDeferredDrain);
+                    taken += 1;
+                    rest = next;
+                }
+            }
+        }
+        self.deferred_count.fetch_sub(taken, Ordering::Relaxed);
+        if rest != crate::sync::NIL {
+            self.put_back_deferred(pages, rest);
+        }
+        Some(first)
+    }
+
+    #[inline]
+    pub(super) fn pop_slot(&self, slot: &SheafSlot, g: &SlotGuard<'_>) -> Option<usize> {
+        if let Some(o) = slot.main_pop(g) {
+            return Some(o);
+        }
+        if slot.spare().len() > 0 {
+            slot.swap(g);
+            return slot.main_pop(g);
+        }
+        None
+    }
+
+    /// Main and spare are empty: trade main for a full sheaf from the barn,
+    /// or fill it from the slabs. Returns one object.
+    #[cold]
+    pub(super) fn refill(
+        &self,
+        slot: &SheafSlot,
+        g: &SlotGuard<'_>,
+        pages: &PageAllocator,
+        mode: Mode,
+    ) -> Result<usize, Fail> {
+        // This slot ran empty on the nolock path: the maintainer keeps it
+        // stocked from now on.
+        if mode == Mode::NoLock {
+            slot.demand.store(1, Ordering::Relaxed);
+        }
+        let node = self
+            .node
+            .lock
+            .lock_in(mode, pages.platform())
+            .ok_or(Fail::Busy)?;
+        crate::interrupt_point!(SheafRefill);
+        if self.trade_main_for_full(slot, g, &node) {
+            // Refill runs when the spare is empty too: trade it as well when
+            // the barn has another full sheaf, so the next refill (and its
+            // node lock) comes two sheaves later instead of one.
+            if slot.spare().len() == 0 {
+                self.trade_spare_for_full(slot, g, &node);
+            }
+            return slot.main_pop(g).ok_or(Fail::Empty);
+        }
+        let first = self.take_object(&node, pages, mode)?;
+        // Fill main from the slabs that have free objects; don't make new
+        // slabs just to fill a sheaf.
+        while slot.main_len() < self.cap && !self.partial_is_empty(pages) {
+            crate::interrupt_point!(SheafRefill);
+            match self.take_object(&node, pages, mode) {
+                Ok(o) => {
+                    slot.main_push(o, g);
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(first)
+    }
+
+    pub(super) fn partial_is_empty(&self, pages: &PageAllocator) -> bool {
+        (0..pages.zone_count()).all(|z| self.node.partial[z].load(Ordering::Relaxed) == NIL)
+    }
+
+    /// Takes one object from a partial slab, making a new slab if none has
+    /// free objects (through the nolock page path in nolock mode).
+    pub(super) fn take_object(
+        &self,
+        node: &ZoneGuard<'_>,
+        pages: &PageAllocator,
+        mode: Mode,
+    ) -> Result<usize, Fail> {
+        crate::interrupt_point!(PartialLocked);
+        for zi in 0..pages.zone_count() {
+            let head = self.node.partial[zi].load(Ordering::Relaxed);
+            if head != NIL {
+                let zone = pages.zone_at(zi);
+                return Ok(self.take_from_slab(zone, zi, head, node));
+            }
+        }
+        // Normal mode holds the node lock here, so the page allocator must
+        // not run shrinkers (one could free into this very cache): the heap
+        // runs them itself, with no lock held, when this fails.
+        let slab = match mode {
+            Mode::Normal => pages
+                .alloc_pages_without_reclaim(self.order)
+                .ok_or(Fail::Empty),
+            Mode::NoLock => pages.alloc_pages_nolock_why(self.order),
+        }?;
+        let (zi, zone, head) = pages.locate_known(slab.as_ptr() as usize);
+        self.init_slab(zone, zi, head, node);
+        Ok(self.take_from_slab(zone, zi, head, node))
+    }
+
+    pub(super) fn init_slab(&self, zone: &Zone, zi: usize, head: u32, node: &ZoneGuard<'_>) {
+        for i in 0..(1u32 << self.order) {
+            zone.desc(head + i)
+                .owner
+                .store(self.index as u16 + 1, Ordering::Relaxed);
+        }
+        let d = zone.desc(head);
+        d.inuse.store(0, Ordering::Relaxed);
+        d.freelist.store(0, Ordering::Relaxed);
+        d.carved.store(0, Ordering::Relaxed);
+        #[cfg(feature = "debug-checks")]
+        {
+            let (words, _) = self.bitmap(zone.addr_of(head));
+            for w in words {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        if self.accounted {
+            // The owner array may hold stale words from the pages' last use.
+            for i in 0..self.objs {
+                self.owner_word(zone.addr_of(head), i)
+                    .store(0, Ordering::Relaxed);
+            }
+        }
+        node.add(&self.slabs, 1);
+        node.add(&self.node.empty_slabs, 1);
+        self.partial_push(zone, zi, head, node);
+    }
+
+    pub(super) fn take_from_slab(
+        &self,
+        zone: &Zone,
+        zi: usize,
+        head: u32,
+        node: &ZoneGuard<'_>,
+    ) -> usize {
+        let d = zone.desc(head);
+        let free = d.freelist.load(Ordering::Relaxed);
+        let obj = if free != 0 {
+            let next = self.slab_link(free, d.carved.load(Ordering::Relaxed), zone.platform());
+            d.freelist.store(next, Ordering::Relaxed);
+            free
+        } else {
+            let c = d.carved.load(Ordering::Relaxed);
+            crate::check!(c < self.objs, "carving beyond a full slab");
+            d.carved.store(c + 1, Ordering::Relaxed);
+            let obj = zone.addr_of(head) + c * self.size;
+            // Free, as every object off a slab is (its key word says so, as
+            // a free leaves it), until an allocation hands it out: so a
+            // free of it while it waits in a sheaf is the double free it
+            // is (with a stale or zero key word it was taken, and the
+            // object was later handed out twice).
+            self.set_free_mark(obj);
+            obj
+        };
+        let inuse = d.inuse.load(Ordering::Relaxed) as usize + 1;
+        d.inuse.store(inuse as u16, Ordering::Relaxed);
+        if inuse == 1 {
+            node.add(&self.node.empty_slabs, 1usize.wrapping_neg());
+        }
+        if inuse == self.objs {
+            self.partial_remove(zone, zi, head, node);
+        }
+        node.add(&self.out_of_slabs, 1);
+        obj
+    }
+}

@@ -1,0 +1,1032 @@
+//! One size class's cache: per-CPU sheaves, a barn, and partial slabs.
+//!
+//! # Structure
+//!
+//! * **Slots** (per CPU, per context level, like the page allocator's): each
+//!   holds a *main* and a *spare* `Sheaf`, arrays of free object pointers
+//!   (`sheaf_capacity` of them: about 7.5 KiB worth, 30 to 126), guarded by
+//!   a try-only [`SlotLock`]. The slot holds `top`, a pointer to the main
+//!   sheaf's next free entry (sheaves are 1 KiB-aligned with their objects
+//!   first, so `top`'s low bits are the count and its high bits the
+//!   sheaf), and the spare as a pointer. Allocation pops from main, free
+//!   pushes to main; when main is empty (full) the slot trades it for the
+//!   spare or a barn sheaf by pointer, never by copying objects. Level-0
+//!   slots (the fast paths') live in the heap's per-CPU region (see
+//!   `LEVEL0_STRIDE`); the others follow the cache's own array, level by
+//!   level.
+//! * **Node** (one per cache, under a [`ZoneLock`]): the *barn* of full and
+//!   empty sheaves, and the *partial slabs* (slabs with free objects), one
+//!   doubly linked list per zone through the slab head pages' descriptor
+//!   links (`next`/`prev`, unused by the page layer while a block is
+//!   allocated).
+//! * **Slabs**: runs of `2^order` pages. Every page of a slab has `owner =
+//!   class + 1` in its descriptor; the head page's descriptor holds the free
+//!   list (`freelist`, links stored in the free objects themselves), the count
+//!   of objects out of the slab (`inuse`), and how many objects were ever
+//!   carved from the slab's untouched tail (`carved`: fresh slabs are carved
+//!   lazily, so their pages are not touched before use).
+//! * **Deferred stack**: objects whose nolock free found every lock held;
+//!   the object's first word is the link. Drained by the next normal-path
+//!   operation on this cache and by `Heap::drain`; a nolock allocation that
+//!   finds the node lock held takes objects from it (`alloc_deferred`).
+//!
+//! The code, by file: this one holds the types, the constants and a
+//! cache's setup; `allocate` and `free` the paths of each mode;
+//! `barn` the exchanges of sheaves with the barn and the slabs, flushes,
+//! maintenance and `drain`; `validate` the checks a pointer passes before
+//! a cache takes it back.
+//!
+//! # Double-free detection (every build)
+//!
+//! As glibc's tcache key: each heap has a secret `key` (a non-canonical
+//! address, so never a heap address), and a free writes it into the freed
+//! object's *key word*: the second word for objects of 16 bytes or more,
+//! the first for the 8- and 12-byte classes. A free that finds the key
+//! there already (O(1): one load and compare) suspects a double free and
+//! makes the exact check, `Cache::is_free`: it searches every sheaf, the
+//! deferred stack, the barn and the object's slab free list, and aborts
+//! with a one-line message only when it finds the object (user data that
+//! happens to equal the key costs a search, never an abort). A nolock
+//! search that finds the node lock held cannot look in the barn and the
+//! free list: the object is parked on `suspects` (never handed out from
+//! there) until a normal drain searches again, with the lock. Allocation
+//! clears the key word; carving an object from a slab's untouched tail
+//! writes it (the object is free until handed out, in a sheaf meanwhile).
+//! The links of the slab free lists and the deferred
+//! stack (first words) are stored XOR the key, so in the tiny classes,
+//! whose key word is that link, a free object's first word XOR the key is
+//! 0, [`NIL`](crate::sync::NIL) or a heap address: those values are
+//! suspects too. A link is checked whenever it is followed: a slab free
+//! list's must be 0 or an object of the same slab (`Cache::slab_link`), the
+//! deferred stack's the end or an object of the cache
+//! (`Cache::deferred_link`); anything else means the object was written
+//! after its free, which is reported.
+//!
+//! # Sheaf conservation
+//!
+//! Every slot, once prepared, holds a main sheaf and a spare; the barn
+//! holds the cache's `BARN_SHEAVES` others (full or empty). Sheaves change
+//! places whole, under the slot lock (and the node lock for the barn): a
+//! sheaf leaving main gets its count written from `top` first, a sheaf
+//! becoming main sets `top` from its count. While a sheaf is main its own
+//! count is stale; `top` is the truth. `is_free`'s unlocked scan may miss
+//! a sheaf that changes places while it looks, never report an object that
+//! was not free. No sheaf
+//! is ever allocated or freed: the slots and sheaves live in the heap's
+//! metadata area, zero-filled, and a zeroed slot or sheaf is valid (a slot
+//! gets its sheaves and its capacity when first taken, `Cache::prepare`). The
+//! barn's empty sheaves that were never used are not on its list but
+//! counted (`Node::fresh`, handed out from the end of the area). So
+//! building a heap writes none of them, and their pages are not resident
+//! until a cache needs them.
+//!
+//! # Lock order
+//!
+//! slot, then node, then the page allocator's locks. A node holder never
+//! takes a slot. The nolock path only `try_lock`s.
+
+mod allocate;
+mod barn;
+mod free;
+mod validate;
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use super::class::{self, SIZES};
+use crate::idle::IdleWatch;
+use crate::page::{slot_index, Fail, Mode, PageAllocator, Zone, LEVELS, MAX_ZONES, NIL};
+use crate::platform::{FatalMessage, Platform};
+use crate::sync::{FastGate, IndexStack, SlotGuard, SlotLock, ZoneGuard, ZoneLock};
+use crate::PAGE_SIZE;
+
+/// The first class whose objects hold the key at offset 8 (16 bytes and
+/// up); the smaller ones hold it at 0 (see "Double-free detection").
+pub(crate) const FIRST_KEYED_CLASS: usize = 2;
+const _: () = assert!(SIZES[FIRST_KEYED_CLASS - 1] < 16 && SIZES[FIRST_KEYED_CLASS] >= 16);
+
+/// Offset of the key word in an object of `class`: 8, or 0 for the tiny
+/// classes (objects smaller than 16 bytes), whose key word is the link.
+#[inline(always)]
+const fn key_off(class: usize) -> usize {
+    if class < FIRST_KEYED_CLASS {
+        0
+    } else {
+        8
+    }
+}
+// Validation's 32-bit words (the slab mask, `recip`) and its object-start
+// test (`start_magic`, exact for 32-bit offsets) need every slab to fit in
+// 32 bits; `start_bound` needs the test's bound to fit too.
+const _: () = {
+    let mut c = 0;
+    while c < SIZES.len() {
+        assert!(SIZES[c] >= 2 && (PAGE_SIZE << class::slab_order(c)) <= 1 << 32);
+        assert!(start_bound(SIZES[c], objects_per_slab(c, false)) <= u32::MAX as u64);
+        assert!(start_bound(SIZES[c], objects_per_slab(c, true)) <= u32::MAX as u64);
+        c += 1;
+    }
+};
+
+/// Object pointers a sheaf has room for (the sheaf is 1 KiB); a class uses
+/// [`sheaf_capacity`] of them.
+pub(crate) const SHEAF_CAP: usize = 126;
+/// Bytes of objects a sheaf of a class holds at most, unless that is fewer
+/// than 30 objects: 30 objects of 256 bytes and above, up to `SHEAF_CAP`
+/// of the smallest. Small objects come and go in larger numbers, and a
+/// sheaf of them is cheap to keep; large ones keep the caches' memory
+/// bounded.
+const SHEAF_BYTES: usize = 30 * 256;
+
+/// Objects per sheaf of class `c`: `SHEAF_BYTES` of them, between 30 and
+/// `SHEAF_CAP`.
+pub(crate) const fn sheaf_capacity(c: usize) -> usize {
+    let n = SHEAF_BYTES / SIZES[c] as usize;
+    if n < 30 {
+        30
+    } else if n > SHEAF_CAP {
+        SHEAF_CAP
+    } else {
+        n
+    }
+}
+/// Sheaves in each cache's barn.
+pub(crate) const BARN_SHEAVES: usize = 32;
+/// At most this many bytes of free objects wait in full barn sheaves per
+/// cache (big classes keep fewer full sheaves); beyond it, a flush returns
+/// objects to their slabs so memory freed is memory returned.
+const BARN_BYTES: usize = 256 << 10;
+/// Empty slabs a cache keeps before returning slabs to the page allocator.
+const EMPTY_SLAB_RESERVE: usize = 1;
+
+/// Bytes of a sheaf slot: a cache line (its sheaves are elsewhere; under
+/// loom the lock is loom's larger model type).
+pub(crate) const SLOT_BYTES: usize = core::mem::size_of::<SheafSlot>();
+#[cfg(not(loom))]
+const _: () = assert!(SLOT_BYTES == 64);
+
+/// Bytes from one CPU's level-0 slot of a cache to the next CPU's: the heap
+/// keeps the level-0 slots of every cache side by side per CPU (see
+/// `slab::MetaLayout`), so a CPU's fast paths touch one small region, and
+/// the fast path finds a cache's level-0 slot from one word of the cache's
+/// first line (`level0`) and the CPU id.
+///
+/// A power of two (the caches' slots rounded up; the rest of each CPU's
+/// region is address space never touched), so a sequence finds its CPU's
+/// slot with a shift (`LEVEL0_SHIFT`) rather than a multiplication.
+pub(crate) const LEVEL0_STRIDE: usize = (super::CACHES * SLOT_BYTES).next_power_of_two();
+/// `log2(LEVEL0_STRIDE)`.
+pub(crate) const LEVEL0_SHIFT: u32 = LEVEL0_STRIDE.trailing_zeros();
+
+/// An array of free object pointers, its objects first and 1 KiB-aligned:
+/// a pointer to the next free entry (a slot's `top`) is the sheaf in its
+/// high bits and 8 times the count in its low ten (0: empty; a full sheaf's
+/// 126 entries end at 1008).
+#[repr(C, align(1024))]
+pub(crate) struct Sheaf {
+    objs: [AtomicUsize; SHEAF_CAP],
+    /// The count, while the sheaf is not a slot's main (then `top` says).
+    count: AtomicUsize,
+    next: AtomicPtr<Sheaf>,
+}
+
+const _: () = assert!(core::mem::size_of::<Sheaf>() == 1024);
+/// `top`'s bits below a sheaf's alignment: 8 times the main sheaf's count.
+const TOP_COUNT_BITS: usize = core::mem::align_of::<Sheaf>() - 1;
+const _: () = assert!(core::mem::offset_of!(Sheaf, objs) == 0 && SHEAF_CAP * 8 <= TOP_COUNT_BITS);
+
+// The rseq sequences' view of a sheaf and a slot (`sync::rseq::layout`).
+// (Under loom the lock is loom's model type, and rseq is never used.)
+#[cfg(not(loom))]
+const _: () = {
+    use crate::sync::rseq::layout as l;
+    assert!(core::mem::align_of::<Sheaf>() == l::SHEAF_ALIGN);
+    assert!(core::mem::offset_of!(SheafSlot, lock) == l::SLOT_LOCK);
+    assert!(core::mem::offset_of!(SheafSlot, top) == l::SLOT_TOP);
+    assert!(core::mem::offset_of!(SheafSlot, limit) == l::SLOT_LIMIT);
+    assert!(core::mem::offset_of!(SheafSlot, nolock_ok) == l::SLOT_NOLOCK_OK);
+    assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
+    assert!(core::mem::size_of::<SlotLock>() == 1);
+};
+
+impl Sheaf {
+    /// The count, Acquire: a lock-free reader (`Cache::is_free`'s scan)
+    /// that finds `n` objects finds the first `n` entries written (see
+    /// "Unlocked readers" on [`SheafSlot`]).
+    #[inline]
+    fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+    #[inline]
+    fn pop(&self) -> Option<usize> {
+        let n = self.len();
+        if n == 0 {
+            return None;
+        }
+        self.count.store(n - 1, Ordering::Relaxed);
+        Some(self.objs[n - 1].load(Ordering::Relaxed))
+    }
+    /// Pushes `obj` unless the sheaf holds `cap` objects already.
+    #[inline]
+    fn push(&self, obj: usize, cap: usize) -> bool {
+        let n = self.len();
+        if n >= cap {
+            return false;
+        }
+        self.objs[n].store(obj, Ordering::Relaxed);
+        // Release: the entry before the count that covers it.
+        self.count.store(n + 1, Ordering::Release);
+        true
+    }
+}
+
+/// One CPU's (at one context level) sheaves of one cache: the main sheaf
+/// through `top`, a pointer to its next free entry (so the fast paths load
+/// one word to find both the sheaf and its count), the spare by pointer.
+/// Both are traded whole (see "Sheaf conservation").
+///
+/// # Unlocked readers
+///
+/// `Cache::is_free`'s scan reads slots without their locks, and must never
+/// take an object for free that is not: it must not see a count that
+/// covers an entry with an older object in it (popped and handed out since,
+/// perhaps the very object being freed). So every store that makes entries
+/// visible is Release and comes after them (`top` in `main_push` and
+/// `set_main`, `spare`, a sheaf's `count` in `Sheaf::push` and when it
+/// leaves main), and the scan loads `top`, `spare` and `count` with
+/// Acquire. On x86-64 (TSO) these are the plain moves they replace, and
+/// the restartable sequences' commits are plain stores; on weakly ordered
+/// CPUs (aarch64, which runs the try-locked fallback) they are what makes
+/// the scan sound.
+#[repr(C, align(64))]
+pub(crate) struct SheafSlot {
+    pub(crate) lock: SlotLock,
+    /// Objects its sheaves hold at most (the class's `sheaf_capacity`). 0
+    /// until the slot is first taken (`Cache::prepare`).
+    cap: core::sync::atomic::AtomicU32,
+    /// The main sheaf's next free entry: the sheaf's address plus 8 times
+    /// its count. 0 until prepared, which makes every pop sequence fail.
+    top: AtomicUsize,
+    /// The main sheaf's address plus 8 times `cap`: the push sequence fails
+    /// at `top >= limit`, so every push fails until the slot is prepared.
+    limit: AtomicUsize,
+    spare: AtomicPtr<Sheaf>,
+    /// Nolock allocations served from this slot, less the counts that
+    /// aborted pops took back here: only the sum over the slots is
+    /// meaningful (`page::slot_count_total`).
+    pub(crate) nolock_ok: AtomicU64,
+    /// Set when a nolock allocation found this slot empty; the maintainer
+    /// keeps such slots stocked. A normal allocation does not set it: its
+    /// refill can wait for the node lock, so a stock kept for it would only
+    /// hold memory. Cleared by drain.
+    demand: core::sync::atomic::AtomicU32,
+    /// Maintenance: for how many passes the slot's sheaves have not changed.
+    idle: IdleWatch,
+}
+
+impl SheafSlot {
+    /// The main sheaf and its count, from one reading of `top` (racy for a
+    /// reader that does not hold the slot); `None` before the slot is
+    /// prepared.
+    #[inline]
+    fn main_view(&self) -> Option<(&Sheaf, usize)> {
+        // Acquire: the entries `top` covers (see "Unlocked readers").
+        let t = self.top.load(Ordering::Acquire);
+        if t == 0 {
+            return None;
+        }
+        // SAFETY: a non-zero `top` points into one of the cache's sheaves
+        // (`set_main`), which live in the heap's metadata area as long as
+        // the heap (init); the sheaf starts at the alignment below it.
+        let sheaf = unsafe { &*((t & !TOP_COUNT_BITS) as *const Sheaf) };
+        Some((sheaf, (t & TOP_COUNT_BITS) / 8))
+    }
+    /// Objects in the main sheaf (racy unless held).
+    #[inline]
+    fn main_len(&self) -> usize {
+        (self.top.load(Ordering::Relaxed) & TOP_COUNT_BITS) / 8
+    }
+    /// Pops from the main sheaf (slot held: no sequence runs on it).
+    #[inline]
+    fn main_pop(&self, _g: &SlotGuard<'_>) -> Option<usize> {
+        let (sheaf, n) = self.main_view()?;
+        if n == 0 {
+            return None;
+        }
+        let o = sheaf.objs[n - 1].load(Ordering::Relaxed);
+        self.top
+            .store(self.top.load(Ordering::Relaxed) - 8, Ordering::Relaxed);
+        Some(o)
+    }
+    /// Pushes onto the main sheaf unless it is full (slot held). The object
+    /// is stored before `top` covers it.
+    #[inline]
+    fn main_push(&self, obj: usize, _g: &SlotGuard<'_>) -> bool {
+        let t = self.top.load(Ordering::Relaxed);
+        if t >= self.limit.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some((sheaf, n)) = self.main_view() else {
+            return false;
+        };
+        sheaf.objs[n].store(obj, Ordering::Relaxed);
+        // Release: the entry before the `top` that covers it.
+        self.top.store(t + 8, Ordering::Release);
+        true
+    }
+    /// The object on top of the main sheaf, or 0 (racy unless held).
+    #[inline]
+    fn main_last(&self) -> usize {
+        match self.main_view() {
+            Some((sheaf, n)) if n > 0 => sheaf.objs[n - 1].load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+    /// Makes `sheaf` (one of the cache's, off every list, its count
+    /// current) the main sheaf (slot held). The slot's old main must have
+    /// been taken off with [`detach_main`](Self::detach_main) first.
+    #[inline]
+    fn set_main(&self, sheaf: *mut Sheaf, _g: &SlotGuard<'_>) {
+        let cap = self.cap.load(Ordering::Relaxed) as usize;
+        // SAFETY: per the caller, one of the cache's sheaves.
+        let n = unsafe { &*sheaf }.len();
+        crate::check!(
+            sheaf as usize & TOP_COUNT_BITS == 0 && n <= cap,
+            "a main sheaf misaligned or over capacity"
+        );
+        self.limit
+            .store(sheaf as usize + cap * 8, Ordering::Relaxed);
+        // Release: the sheaf's entries (written by whoever filled it, seen
+        // here through the locks) before the `top` that covers them.
+        self.top.store(sheaf as usize + n * 8, Ordering::Release);
+    }
+    /// The main sheaf with its count written back (slot held), for the
+    /// caller to put elsewhere and replace with [`set_main`](Self::set_main).
+    #[inline]
+    fn detach_main(&self, _g: &SlotGuard<'_>) -> *mut Sheaf {
+        let t = self.top.load(Ordering::Relaxed);
+        crate::check!(t != 0, "the main sheaf of a slot never prepared");
+        let sheaf = (t & !TOP_COUNT_BITS) as *mut Sheaf;
+        // SAFETY: as in `main_view`.
+        unsafe { &*sheaf }
+            .count
+            .store((t & TOP_COUNT_BITS) / 8, Ordering::Release);
+        sheaf
+    }
+    /// The spare sheaf, for a holder of a prepared slot (every slot a
+    /// `Cache` hands out locked is prepared).
+    #[inline]
+    fn spare(&self) -> &Sheaf {
+        let p = self.spare.load(Ordering::Relaxed);
+        crate::check!(!p.is_null(), "the spare sheaf of a slot never prepared");
+        // SAFETY: once prepared, spare always points to one of the cache's
+        // sheaves, which live in the heap's metadata area as long as the
+        // heap (init).
+        unsafe { &*p }
+    }
+    /// The spare sheaf, if the slot was ever prepared (for readers that
+    /// do not hold the slot).
+    #[inline]
+    fn spare_if_any(&self) -> Option<&Sheaf> {
+        // Acquire: the sheaf's count and entries (see "Unlocked readers").
+        // SAFETY: null, or as in `spare`.
+        unsafe { self.spare.load(Ordering::Acquire).as_ref() }
+    }
+    /// Main becomes spare and spare main (slot held): two pointers change,
+    /// no object moves.
+    #[inline]
+    fn swap(&self, g: &SlotGuard<'_>) {
+        let old = self.detach_main(g);
+        let spare = self.spare.load(Ordering::Relaxed);
+        self.spare.store(old, Ordering::Release);
+        self.set_main(spare, g);
+    }
+    /// Objects cached in this slot (racy).
+    pub(crate) fn cached(&self) -> usize {
+        self.main_len() + self.spare_if_any().map_or(0, Sheaf::len)
+    }
+}
+
+/// The shared part of a cache, under `lock`.
+struct Node {
+    lock: ZoneLock,
+    full: AtomicPtr<Sheaf>,
+    empty: AtomicPtr<Sheaf>,
+    /// Barn sheaves never used yet, besides the `empty` list: the first
+    /// `fresh` of the barn's part of the sheaf area (`barn`), zero-filled.
+    fresh: AtomicUsize,
+    barn: *mut Sheaf,
+    /// Objects in full barn sheaves (the node counters are written under
+    /// the lock, `ZoneGuard::add`).
+    barn_objects: AtomicUsize,
+    partial: [AtomicU32Head; MAX_ZONES],
+    empty_slabs: AtomicUsize,
+    /// Exchanges with the barn so far, and (maintenance) for how many passes
+    /// that count has not moved.
+    barn_ops: AtomicUsize,
+    barn_idle: IdleWatch,
+}
+
+type AtomicU32Head = core::sync::atomic::AtomicU32;
+
+/// Counters of a cache, for [`HeapStats`](super::HeapStats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClassStats {
+    /// Object size of the class in bytes.
+    pub size: usize,
+    /// Objects handed out and not freed.
+    pub objects_in_use: usize,
+    /// Slabs the class holds.
+    pub slabs: usize,
+    /// Objects a sheaf of this class holds: 30 for objects of 256 bytes and
+    /// up, more for smaller ones (about 7.5 KiB of objects, at most 126).
+    pub sheaf_capacity: usize,
+    /// Free objects cached in per-CPU sheaves.
+    pub cached_in_sheaves: usize,
+    /// Free objects cached in full sheaves in the barn.
+    pub cached_in_barn: usize,
+    /// Objects parked on the deferred stack.
+    pub deferred: usize,
+}
+
+/// See the module documentation.
+///
+/// `repr(C)`, so that what the fast paths read (the gates, the
+/// object-start test, the key, the level-0 slots' address) comes first and
+/// shares one cache line: a free touches one line of its cache, not four.
+#[repr(C, align(512))]
+pub(crate) struct Cache {
+    /// The heap's secret (see "Double-free detection").
+    key: usize,
+    /// Validation's multiplier, [`start_magic`]`(size)`: an offset `off`
+    /// in a slab is the start of an object exactly when
+    /// `off.wrapping_mul(start_magic)` is below `start_bound` (see
+    /// [`is_start`]). One multiplication and one
+    /// comparison, no division.
+    start_magic: u64,
+    /// The bytes of a slab minus one. Slabs are buddy blocks of their
+    /// order, naturally aligned (a zone's base is aligned to the largest
+    /// block), so an address's offset in its slab is `addr & slab_mask`.
+    ///
+    /// This and `start_bound` are two fields, not one word loaded once:
+    /// the free's test then takes its operands from memory, two
+    /// instructions fewer than splitting a word (measured: about 0.1 ns of
+    /// a small pair, which is bound by the instructions it runs).
+    slab_mask: u32,
+    /// [`start_bound`]`(size, objs)`, `objs * (size * start_magic mod
+    /// 2^64)`: the bound of the object-start test, which also excludes the
+    /// slab's tail (owner words, bitmap, slack). It is at most the slab's
+    /// bytes, so it fits in 32 bits (asserted for every class).
+    start_bound: u32,
+    /// The gate of the normal fast paths: the CPU count they hand to the
+    /// sequences, `cpus` while open (`rseq`, and nothing deferred as far as
+    /// the gate knows), 0 while closed (see [`FastGate`] for the protocol
+    /// and why it is never left open over a parked object). `defer` closes
+    /// it after its push, and so does every context that took the deferred
+    /// stack and puts part of it back (`alloc_deferred`, `is_free`); a
+    /// normal slow path that finds it closed drains, then reopens it
+    /// (`drain_and_reopen`).
+    normal_cpus: FastGate,
+    /// The CPU count the nolock fast paths hand to the sequences: `cpus`
+    /// with `rseq`, else 0 (see `normal_cpus`).
+    nolock_cpus: usize,
+    /// CPU 0's level-0 slot; CPU `c`'s is `c * LEVEL0_STRIDE` bytes further.
+    level0: *const SheafSlot,
+    class: usize,
+    /// Slabs of accounted caches end with an array of owner groups, one
+    /// word per object (0: none).
+    pub(crate) accounted: bool,
+    /// Index of this cache in the heap (owner ids are index + 1).
+    index: usize,
+    size: usize,
+    /// `ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size` exactly
+    /// for every multiple of `size` inside a slab (off * (recip - 2^32 /
+    /// size) < 2^15 * 2^13 < 2^32), for the slow paths that need an
+    /// object's index.
+    recip: u32,
+    order: u32,
+    objs: usize,
+    /// Objects per sheaf (`sheaf_capacity`).
+    cap: usize,
+    node: Node,
+    deferred: IndexStack,
+    deferred_count: AtomicUsize,
+    /// Freed objects whose key said "maybe a double free" when the exact
+    /// check could not decide (a nolock free that found the node lock
+    /// held): never handed out from here; the next normal drain checks
+    /// them again with the lock (`drain_suspects`). Linked as the deferred
+    /// stack is.
+    suspects: IndexStack,
+    /// Contexts holding a chain they took off the deferred stack or the
+    /// suspects (`take_all`) to drain or search it, not yet freed, checked
+    /// or put back ([`DeferredTaker`]): a fork waits for them
+    /// (`HeapCore::lock_all`), so that no chain is cloned in the hands of a
+    /// thread the child does not have (its objects would be lost there, and
+    /// counted in use for good: a suspect is counted in use until a drain
+    /// frees it).
+    takers: core::sync::atomic::AtomicU32,
+    /// The slots of the other levels, level by level (`slot_index`):
+    /// `(LEVELS - 1) * cpus` of them.
+    slots: *const SheafSlot,
+    /// The cache's sheaves outside its slots: the spare of slot `i` is
+    /// sheaf `i`, the barn's follow.
+    sheaves: *mut Sheaf,
+    /// All slots: `cpus * LEVELS`.
+    nslots: usize,
+    cpus: usize,
+    /// The fast path runs as restartable sequences on the level-0 slots
+    /// (chosen once, at init; see `sync::rseq`). Otherwise it try-locks
+    /// them like every other slot.
+    rseq: bool,
+    /// With `rseq`: the rseq area's offset from the thread pointer (glibc's
+    /// `__rseq_offset`, the same for every thread of the process), kept
+    /// here so the fast path loads it from this cache's own line.
+    rseq_off: isize,
+    /// Slabs this cache holds (written under the node lock, `ZoneGuard::add`).
+    slabs: AtomicUsize,
+    /// Objects out of slabs (in sheaves, in the barn, deferred, or in use;
+    /// written under the node lock, `ZoneGuard::add`).
+    out_of_slabs: AtomicUsize,
+    pub(crate) fail_busy: AtomicU64,
+    pub(crate) fail_empty: AtomicU64,
+    pub(crate) free_deferred: AtomicU64,
+    /// Nolock allocations served without a slot of this CPU to count them
+    /// in (`nolock_ok` of a slot): a slab under a tried node lock, or the
+    /// deferred stack (`alloc_deferred`).
+    nolock_ok_slotless: AtomicU64,
+}
+
+// The fast paths' fields share the first cache line; a cache is 512 bytes
+// (the class reaches its cache with a shift). (Under loom the atomics are
+// loom's model types, and rseq is never used.)
+#[cfg(not(loom))]
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Cache, key) < 64 && offset_of!(Cache, start_magic) < 64);
+    assert!(offset_of!(Cache, slab_mask) < 64 && offset_of!(Cache, start_bound) < 64);
+    assert!(offset_of!(Cache, normal_cpus) < 64 && offset_of!(Cache, nolock_cpus) < 64);
+    assert!(offset_of!(Cache, level0) < 64);
+    assert!(core::mem::size_of::<Cache>() == 512);
+};
+
+/// Bytes of one cache's slots above level 0 (written when the heap is
+/// built; the heap packs every cache's slots together, so they share
+/// pages). The level-0 slots are in the heap's per-CPU region.
+pub(crate) fn cache_slot_bytes(cpus: usize) -> usize {
+    cpus * (LEVELS - 1) * SLOT_BYTES
+}
+
+/// Bytes of one cache's sheaves (a main and a spare per slot, then the
+/// barn's; zero-filled, written only once used). A multiple of a sheaf's
+/// alignment, so that every cache's area, laid out after an aligned start,
+/// keeps its sheaves aligned.
+pub(crate) fn cache_sheaf_bytes(cpus: usize) -> usize {
+    (2 * cpus * LEVELS + BARN_SHEAVES) * core::mem::size_of::<Sheaf>()
+}
+
+/// The object-start multiplier of `size`: `m = floor(2^64 / size) + 1`.
+///
+/// Why one comparison decides "a multiple of `size` below `objs * size`"
+/// (after Lemire, Kaser and Kurz, "Faster remainder by direct
+/// computation", 2019, whose divisibility test this extends with the
+/// bound): let `e = size * m - 2^64`, so `1 <= e <= size` (`e = size` when
+/// `size` is a power of two). Write a 32-bit `off` as `q * size + r` with
+/// `r < size`. Then `off * m = q * 2^64 + q * e + r * m`, so modulo 2^64
+/// the product is `q * e + r * m`, which does not wrap (`q * e <= 2^32`,
+/// `r * m < 2^64 - 2^64 / size + size`, and `2^64 / size > 2^32 + size`
+/// for any size up to 2^31):
+///
+/// - `r = 0`, a multiple: the product is `q * e`, below `objs * e`
+///   exactly when `q < objs`;
+/// - `r > 0`: the product is at least `m > 2^32 >= objs * e`.
+///
+/// So `off * m mod 2^64 < objs * e` exactly for the objects' starts.
+const fn start_magic(size: u32) -> u64 {
+    ((1u128 << 64) / size as u128) as u64 + 1
+}
+
+/// The bound that goes with [`start_magic`] for `objs` objects of `size`.
+const fn start_bound(size: u32, objs: usize) -> u64 {
+    (size as u64).wrapping_mul(start_magic(size)) * objs as u64
+}
+
+/// Whether slab offset `off` is the start of one of the objects that
+/// [`start_magic`] and [`start_bound`] describe: exact for every 32-bit
+/// `off`.
+#[inline(always)]
+fn is_start(off: u32, magic: u64, bound: u64) -> bool {
+    (off as u64).wrapping_mul(magic) < bound
+}
+
+/// Reports a double free of object `obj`, and aborts.
+#[cold]
+#[inline(never)]
+fn double_free(platform: &dyn Platform, obj: usize) -> ! {
+    platform.fatal(
+        FatalMessage::new()
+            .text("anyalloc: double free of object ")
+            .hex(obj)
+            .line(),
+    )
+}
+
+/// Reports a free object whose free-list link a write after its free
+/// corrupted (see `Cache::slab_link`), and aborts.
+#[cold]
+#[inline(never)]
+fn corrupt_link(platform: &dyn Platform, obj: usize) -> ! {
+    platform.fatal(
+        FatalMessage::new()
+            .text("anyalloc: use after free: the free object ")
+            .hex(obj)
+            .text(" was written to (its free-list link is corrupt)")
+            .line(),
+    )
+}
+
+/// `ceil(2^32 / size)` (see `Cache::recip`).
+const fn recip(size: u32) -> u32 {
+    (1u64 << 32).div_ceil(size as u64) as u32
+}
+
+/// `off / size` for an offset inside a slab that is a multiple of `size`,
+/// from `size`'s [`recip`].
+#[inline(always)]
+fn index_by_recip(off: u32, recip: u32) -> usize {
+    ((off as u64 * recip as u64) >> 32) as usize
+}
+
+/// Bytes at a slab's end reserved for the `debug-checks` bitmap.
+const fn bitmap_bytes(c: usize) -> usize {
+    let bytes = PAGE_SIZE << class::slab_order(c);
+    if cfg!(feature = "debug-checks") {
+        (bytes / SIZES[c] as usize).div_ceil(64) * 8
+    } else {
+        0
+    }
+}
+
+/// Objects a slab of class `c` holds. The slab's tail holds, from the end:
+/// the `debug-checks` bitmap, then (accounted caches) one owner word per
+/// object.
+pub(crate) const fn objects_per_slab(c: usize, accounted: bool) -> usize {
+    let room = (PAGE_SIZE << class::slab_order(c)) - bitmap_bytes(c);
+    let per_object = SIZES[c] as usize + if accounted { 8 } else { 0 };
+    room / per_object
+}
+
+/// What one cache is: its place in the heap, its class, and the heap-wide
+/// choices it shares.
+pub(crate) struct CacheSetup {
+    /// Index of the cache in the heap (owner ids are index + 1).
+    pub(crate) index: usize,
+    /// Size class.
+    pub(crate) class: usize,
+    /// Whether objects carry an owner group word.
+    pub(crate) accounted: bool,
+    /// CPU slot sets.
+    pub(crate) cpus: usize,
+    /// With the rseq fast path: glibc's rseq area offset.
+    pub(crate) rseq_off: Option<isize>,
+    /// The heap's double-free key.
+    pub(crate) key: usize,
+}
+
+impl Cache {
+    /// Initialises the cache `setup` describes at `this`, with CPU 0's
+    /// level-0 slot at `level0` (CPU `c`'s `c * LEVEL0_STRIDE` bytes
+    /// further), its other slots at `slot_meta` (`cache_slot_bytes(cpus)`
+    /// long) and its sheaves at `sheaf_meta` (`cache_sheaf_bytes(cpus)`
+    /// long), all zero-filled and 64-byte aligned, the sheaves aligned as
+    /// a `Sheaf`.
+    ///
+    /// # Safety
+    /// `this`, the `cpus` level-0 slots, `slot_meta` and `sheaf_meta` are
+    /// valid for writes, suitably aligned, zero-filled (the metadata), and
+    /// live and unused by anything else as long as the cache.
+    pub(crate) unsafe fn init(
+        this: *mut Cache,
+        setup: CacheSetup,
+        level0: *mut u8,
+        slot_meta: *mut u8,
+        sheaf_meta: *mut u8,
+    ) {
+        let CacheSetup {
+            index,
+            class,
+            accounted,
+            cpus,
+            rseq_off,
+            key,
+        } = setup;
+        let nslots = cpus * LEVELS;
+        let slots = slot_meta as *mut SheafSlot;
+        let level0 = level0 as *mut SheafSlot;
+        let sheaves = sheaf_meta as *mut Sheaf;
+        crate::check!(sheaves.is_aligned(), "the sheaves are misaligned");
+        // SAFETY: per the contract, all of it is ours to write; sheaves are
+        // zero-filled, i.e. valid empty sheaves.
+        unsafe {
+            this.write(Cache {
+                class,
+                key,
+                accounted,
+                index,
+                size: SIZES[class] as usize,
+                start_magic: start_magic(SIZES[class]),
+                slab_mask: ((PAGE_SIZE << class::slab_order(class)) - 1) as u32,
+                start_bound: start_bound(SIZES[class], objects_per_slab(class, accounted)) as u32,
+                recip: recip(SIZES[class]),
+                order: class::slab_order(class),
+                objs: objects_per_slab(class, accounted),
+                cap: sheaf_capacity(class),
+                node: Node {
+                    lock: ZoneLock::new(),
+                    full: AtomicPtr::new(core::ptr::null_mut()),
+                    empty: AtomicPtr::new(core::ptr::null_mut()),
+                    fresh: AtomicUsize::new(BARN_SHEAVES),
+                    barn: sheaves.add(2 * nslots),
+                    barn_objects: AtomicUsize::new(0),
+                    partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
+                    empty_slabs: AtomicUsize::new(0),
+                    barn_ops: AtomicUsize::new(0),
+                    barn_idle: IdleWatch::new(),
+                },
+                deferred: IndexStack::new(),
+                deferred_count: AtomicUsize::new(0),
+                suspects: IndexStack::new(),
+                takers: core::sync::atomic::AtomicU32::new(0),
+                level0,
+                slots,
+                sheaves,
+                nslots,
+                cpus,
+                rseq: rseq_off.is_some(),
+                normal_cpus: FastGate::new(if rseq_off.is_some() { cpus } else { 0 }),
+                nolock_cpus: if rseq_off.is_some() { cpus } else { 0 },
+                rseq_off: rseq_off.unwrap_or(0),
+                slabs: AtomicUsize::new(0),
+                out_of_slabs: AtomicUsize::new(0),
+                fail_busy: AtomicU64::new(0),
+                fail_empty: AtomicU64::new(0),
+                free_deferred: AtomicU64::new(0),
+                nolock_ok_slotless: AtomicU64::new(0),
+            });
+            // The slots are left as the zero-filled metadata: a free lock,
+            // an empty main sheaf, no spare and capacity 0, which `prepare`
+            // completes when the slot is first taken. So building a heap
+            // makes none of them resident.
+        }
+    }
+
+    /// Takes an empty sheaf from the barn (node lock held): from its list,
+    /// else one never used. Null when the barn has none.
+    fn take_empty(&self, _node: &ZoneGuard<'_>) -> *mut Sheaf {
+        let empty = self.node.empty.load(Ordering::Relaxed);
+        if !empty.is_null() {
+            // SAFETY: barn sheaves are cache sheaves; the node lock gives us
+            // the barn lists.
+            let next = unsafe { (*empty).next.load(Ordering::Relaxed) };
+            self.node.empty.store(next, Ordering::Relaxed);
+            return empty;
+        }
+        let fresh = self.node.fresh.load(Ordering::Relaxed);
+        if fresh == 0 {
+            return core::ptr::null_mut();
+        }
+        self.node.fresh.store(fresh - 1, Ordering::Relaxed);
+        // The first `fresh` barn sheaves are unused and zero-filled: valid
+        // empty sheaves (`barn` has BARN_SHEAVES of them, init).
+        self.node.barn.wrapping_add(fresh - 1)
+    }
+
+    /// Whether the fast path runs as restartable sequences.
+    pub(crate) fn uses_rseq(&self) -> bool {
+        self.rseq
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The size class this cache serves.
+    pub(crate) fn class(&self) -> usize {
+        self.class
+    }
+
+    /// Whether the node lock's waiters poll (see `ZoneLock::set_polling`).
+    pub(crate) fn set_polling(&self, poll: bool) {
+        self.node.lock.set_polling(poll);
+    }
+
+    #[inline]
+    pub(crate) fn slot(&self, cpu: usize, level: usize) -> &SheafSlot {
+        self.slot_at(slot_index(cpu, self.cpus, level))
+    }
+
+    /// Slot `i` of `nslots`, numbered as `slot_index` says: the first
+    /// `cpus` are the level-0 slots, in the heap's per-CPU region.
+    #[inline]
+    fn slot_at(&self, i: usize) -> &SheafSlot {
+        crate::check!(i < self.nslots, "a slot index out of range");
+        let slot = if i < self.cpus {
+            self.level0.wrapping_byte_add(i * LEVEL0_STRIDE)
+        } else {
+            self.slots.wrapping_add(i - self.cpus)
+        };
+        // SAFETY: `init` wrote all `nslots` slots where this finds them;
+        // they live as long as the cache.
+        unsafe { &*slot }
+    }
+
+    /// Completes slot `i` the first time it is taken (the heap leaves
+    /// slots zero-filled, see `init`): its capacity, its main sheaf (which
+    /// opens it to the sequences) and its spare, sheaves `2i` and `2i + 1`
+    /// of the cache's area. The holder's guard is the proof that nobody
+    /// else writes it.
+    #[inline]
+    fn prepare(&self, i: usize, slot: &SheafSlot, g: &SlotGuard<'_>) {
+        if slot.cap.load(Ordering::Relaxed) == 0 {
+            crate::check!(i < self.nslots, "a slot index out of range");
+            slot.cap.store(self.cap as u32, Ordering::Relaxed);
+            slot.spare
+                .store(self.sheaves.wrapping_add(2 * i + 1), Ordering::Relaxed);
+            slot.set_main(self.sheaves.wrapping_add(2 * i), g);
+        }
+    }
+
+    /// Takes this CPU's slot at `level` for a slow path of this context. With
+    /// rseq, the level-0 slot is taken by the lock sequence (ordered with
+    /// every fast-path sequence on the CPU it runs on, whose slot it
+    /// returns); every other slot by its try-lock.
+    #[inline]
+    fn lock_own(&self, cpu: usize, level: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
+        if self.rseq && level == 0 {
+            // SAFETY: as in `fast_pop`.
+            let Some(cpu) = (unsafe {
+                crate::sync::rseq::lock_slot::<LEVEL0_STRIDE>(
+                    self.rseq_off,
+                    self.level0.cast(),
+                    self.cpus,
+                )
+            }) else {
+                return self.borrow_level0(cpu);
+            };
+            let slot = self.slot(cpu, 0);
+            // SAFETY: the lock sequence just set this slot's flag for us.
+            let g = unsafe { slot.lock.adopt() };
+            self.prepare(slot_index(cpu, self.cpus, 0), slot, &g);
+            return Some((slot, g));
+        }
+        let i = slot_index(cpu, self.cpus, level);
+        let slot = self.slot_at(i);
+        let g = slot.lock.try_lock()?;
+        self.prepare(i, slot, &g);
+        Some((slot, g))
+    }
+
+    /// The lock sequence found this CPU's level-0 slot busy: on the fork
+    /// window's owner thread, a slot held across the fork is borrowed
+    /// (`SlotLock::borrow`; `cpu` was read after the fork handler took it,
+    /// so no sequence that read it free is still in flight on it).
+    #[cold]
+    fn borrow_level0(&self, cpu: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
+        if !crate::context::owns_fork_window() {
+            return None;
+        }
+        let i = slot_index(cpu, self.cpus, 0);
+        let slot = self.slot_at(i);
+        let g = slot.lock.borrow()?;
+        self.prepare(i, slot, &g);
+        Some((slot, g))
+    }
+
+    /// Takes slot `i` (of `nslots`) from a context that may be on any CPU:
+    /// the maintainer, `drain`. With rseq, a level-0 slot is then fenced
+    /// (every sequence on its CPU restarted, see `sync::rseq`) before it is
+    /// returned: a syscall, so normal context only.
+    fn lock_remote(&self, i: usize) -> Option<(&SheafSlot, SlotGuard<'_>)> {
+        let slot = self.slot_at(i);
+        let g = slot.lock.try_lock()?;
+        // Level-0 slots come first (`slot_index`): slot `i < cpus` is CPU `i`'s.
+        if self.rseq && i < self.cpus && !crate::sync::rseq::fence_cpu(i) {
+            return None; // cannot stop that CPU's sequences: leave the slot
+        }
+        self.prepare(i, slot, &g);
+        Some((slot, g))
+    }
+
+    /// Whether the nolock path may take another CPU's slot at `level`:
+    /// not a level-0 slot under rseq (that would need a fence, a syscall).
+    #[inline]
+    fn remote_nolock_ok(&self, level: usize) -> bool {
+        !(self.rseq && level == 0)
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &SheafSlot> {
+        (0..self.nslots).map(move |i| self.slot_at(i))
+    }
+
+    /// Every CPU's level-0 slot lock (the normal path's, whose holders may
+    /// wait for the node lock), for fork (`SlotLock::hold_all`).
+    #[cfg(feature = "std")]
+    pub(crate) fn level0_locks(&self) -> impl Iterator<Item = &SlotLock> + Clone {
+        (0..self.cpus).map(move |c| &self.slot_at(slot_index(c, self.cpus, 0)).lock)
+    }
+
+    /// Fork support: takes the node lock without a guard.
+    #[cfg(feature = "std")]
+    pub(crate) fn lock_node_raw(&self, pages: &PageAllocator) {
+        self.node.lock.lock_raw(pages.platform());
+    }
+
+    /// Releases the node lock taken by `lock_node_raw`.
+    ///
+    /// # Safety
+    /// `lock_node_raw` was called and not yet undone.
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn unlock_node_raw(&self, pages: &PageAllocator) {
+        // SAFETY: per the caller.
+        unsafe { self.node.lock.force_unlock(pages.platform()) };
+    }
+
+    /// This cache's counters.
+    pub(crate) fn stats(&self) -> ClassStats {
+        let cached_in_sheaves: usize = self.slots().map(|s| s.cached()).sum();
+        let cached_in_barn = self.node.barn_objects.load(Ordering::Relaxed);
+        let deferred = self.deferred_count.load(Ordering::Relaxed);
+        let out = self.out_of_slabs.load(Ordering::Relaxed);
+        ClassStats {
+            size: self.size,
+            objects_in_use: out.saturating_sub(cached_in_sheaves + cached_in_barn + deferred),
+            slabs: self.slabs.load(Ordering::Relaxed),
+            sheaf_capacity: self.cap,
+            cached_in_sheaves,
+            cached_in_barn,
+            deferred,
+        }
+    }
+
+    pub(crate) fn nolock_ok(&self) -> u64 {
+        crate::page::slot_count_total(self.slots().map(|s| s.nolock_ok.load(Ordering::Relaxed)))
+            + self.nolock_ok_slotless.load(Ordering::Relaxed)
+    }
+}
+
+/// One context in a cache's count of deferred-stack takers (see
+/// `Cache::takers`), from creation to drop.
+struct DeferredTaker<'a>(&'a core::sync::atomic::AtomicU32);
+
+impl Drop for DeferredTaker<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Validation's arithmetic is exact for every class and every byte
+    /// offset in a slab, plain and accounted: the object-start test says
+    /// yes exactly at the starts of the slab's objects (not in its tail),
+    /// and the reciprocal gives their index.
+    #[test]
+    fn validation_arithmetic_is_exact_for_every_offset() {
+        for (c, &size) in SIZES.iter().enumerate() {
+            let r = recip(size);
+            let bytes = (PAGE_SIZE << class::slab_order(c)) as u32;
+            for accounted in [false, true] {
+                let objs = objects_per_slab(c, accounted);
+                let (magic, bound) = (start_magic(size), start_bound(size, objs));
+                for off in 0..bytes {
+                    let start = off % size == 0 && ((off / size) as usize) < objs;
+                    assert_eq!(
+                        is_start(off, magic, bound),
+                        start,
+                        "class {size}, accounted {accounted}, offset {off}"
+                    );
+                    if off % size == 0 {
+                        assert_eq!(index_by_recip(off, r), (off / size) as usize);
+                    }
+                }
+            }
+        }
+        // The test holds for any 32-bit offset, not only inside a slab.
+        for &size in SIZES.iter() {
+            let objs = (u32::MAX / size) as usize;
+            let (magic, bound) = (start_magic(size), start_bound(size, objs));
+            for off in [
+                u32::MAX,
+                u32::MAX - size + 1,
+                u32::MAX / size * size,
+                (u32::MAX / size - 1) * size,
+                1 << 31,
+                (1 << 31) + 1,
+            ] {
+                let start = off % size == 0 && ((off / size) as usize) < objs;
+                assert_eq!(is_start(off, magic, bound), start, "{size} {off}");
+            }
+        }
+    }
+}
