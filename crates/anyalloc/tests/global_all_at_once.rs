@@ -135,10 +135,32 @@ fn layout(size: usize) -> Layout {
     Layout::from_size_align(size, 16).unwrap()
 }
 
-/// Allocates a marked block through `Global` (null tolerated in handlers).
+/// Allocates a marked block through `Global` (null tolerated in handlers):
+/// one size in three with `alloc_zeroed`, whose first and last 4 KiB must
+/// be zero.
 fn g_alloc(size: usize) -> *mut u8 {
+    let zeroed = size.is_multiple_of(3);
     // SAFETY: a non-zero size.
-    let p = unsafe { GlobalAlloc::alloc(&A, layout(size)) };
+    let p = unsafe {
+        if zeroed {
+            GlobalAlloc::alloc_zeroed(&A, layout(size))
+        } else {
+            GlobalAlloc::alloc(&A, layout(size))
+        }
+    };
+    if !p.is_null() && zeroed {
+        let edge = size.min(4096);
+        // SAFETY: the block is `size` bytes; both ranges lie inside it.
+        let (head, tail) = unsafe {
+            (
+                std::slice::from_raw_parts(p, edge),
+                std::slice::from_raw_parts(p.add(size - edge), edge),
+            )
+        };
+        if head.iter().chain(tail).any(|&b| b != 0) {
+            die("all at once: alloc_zeroed's block is not zeroed");
+        }
+    }
     if !p.is_null() {
         // SAFETY: just allocated with `size` bytes.
         unsafe { mark(p, size) };
@@ -700,7 +722,7 @@ fn counts() -> Counts {
 }
 
 #[test]
-fn everything_at_once() {
+fn every_kind_of_caller_at_once() {
     anyalloc::init().unwrap();
     let secs: u64 = std::env::var("ALL_AT_ONCE_SECS")
         .ok()
