@@ -14,7 +14,9 @@
 //!   being created or exiting; its handler allocates and reallocs, and now
 //!   and then calls `trim`, `drain` and `stats` itself;
 //! * a thread that forks without a pause (the child frees its parent's
-//!   block, allocates, reallocs a huge block and `_exit`s);
+//!   block and one another thread left in a slot, allocates, moves a huge
+//!   block, runs `trim`, `drain` and `maintain`, and one time in four forks
+//!   a grandchild that allocates);
 //! * threads created and exiting four at a time, each with its own timer
 //!   and thread-local blocks;
 //! * a thread that runs `trim`, `drain`, `maintain` and `stats` without a
@@ -332,23 +334,54 @@ fn backtrace_of(pid: libc::pid_t) {
 
 /// A forked child: allocates and frees through `Global` (the normal path,
 /// or the nolock one if the fork came from a handler that interrupted the
-/// allocator), then `_exit(0)`.
-fn child_work(seed: u64, huge: bool) -> ! {
+/// allocator), then `_exit(0)`. The child of the forking thread
+/// (`from_thread`) must get every block; it also frees a block another
+/// thread left in a slot, moves a huge block, runs `trim`, `drain` and
+/// `maintain`, and with `grandchild` forks a child that allocates and trims.
+fn child_work(seed: u64, from_thread: bool, grandchild: bool) -> ! {
+    BAD_CHILD.store(0, Relaxed); // the parent's count, copied
     let mut r = XorShift::new(seed | 1);
     for _ in 0..20 {
         let p = g_alloc(16 + r.below(8192) as usize);
         if !p.is_null() {
             // SAFETY: marked just now, ours.
             unsafe { g_free(p, "child") };
+        } else if from_thread {
+            die("all at once: an allocation failed in a forking thread's child");
         }
     }
-    if huge {
-        let p = g_alloc(5 << 20);
+    if from_thread {
+        let p = take_shared(r.below(SLOTS as u64) as usize);
         if !p.is_null() {
-            // SAFETY: marked just now, ours.
-            let (q, _) = unsafe { g_realloc(p, 9 << 20, "child huge") };
-            // SAFETY: ours.
-            unsafe { g_free(q, "child huge") };
+            // SAFETY: the child's copy of a slot's block: ours now.
+            unsafe { g_free(p, "child's slot") };
+        }
+        let p = g_alloc(5 << 20);
+        if p.is_null() {
+            die("all at once: a huge allocation failed in a forking thread's child");
+        }
+        // SAFETY: marked just now, ours.
+        let (q, _) = unsafe { g_realloc(p, 9 << 20, "child huge") };
+        // SAFETY: ours.
+        unsafe { g_free(q, "child huge") };
+        let heap = anyalloc::global_heap().unwrap();
+        heap.trim();
+        heap.drain();
+        heap.maintain();
+        if grandchild {
+            // SAFETY: the grandchild only allocates, trims and _exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                child_work(r.next_u64(), false, false);
+            }
+            if pid < 0 {
+                die("all at once: a child's fork failed");
+            }
+            reap(pid, 20);
+            if BAD_CHILD.load(Relaxed) != 0 {
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(1) }
+            }
         }
     }
     // SAFETY: ends the child without running the parent's atexit work.
@@ -449,7 +482,7 @@ fn handler_work(sig: libc::c_int, depth: u32, r: &mut XorShift) {
         // SAFETY: the child only allocates, frees and _exits.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            child_work(r.next_u64(), false);
+            child_work(r.next_u64(), false, false);
         }
         if pid > 0 {
             H_FORKS.fetch_add(1, Relaxed);
@@ -610,7 +643,7 @@ fn forker() {
                 // SAFETY: the forking thread's block, copied into the child.
                 unsafe { g_free(keep, "child keep") };
             }
-            child_work(r.next_u64(), true);
+            child_work(r.next_u64(), true, r.below(4) == 0);
         }
         assert!(pid > 0, "fork failed");
         FORKS.fetch_add(1, Relaxed);
