@@ -7,8 +7,9 @@
  * - each runs two per-thread timers (SIGRTMIN, SIGRTMIN + 1) installed with
  *   SA_NODEFER, so a handler also nests in itself (and raises its own
  *   signal now and then, up to 3 deep); handlers do the same calls (and
- *   malloc_trim, now and then), and on a churner one in 300 forks (its
- *   child allocates and _exits) and waits for its child;
+ *   malloc_trim, now and then), and on a churner or a short-lived thread
+ *   one in 300 forks (its child allocates and _exits) and waits for its
+ *   child;
  * - a process-wide SIGALRM (setitimer) lands on whichever thread does not
  *   block it: the forkers in their fork (its prepare handler holding the
  *   heap's locks), the trimmer in malloc_trim, a thread being created or
