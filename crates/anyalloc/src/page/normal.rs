@@ -1,0 +1,627 @@
+//! The page allocator's normal path: allocations (the restartable
+//! sequences' fast path, then the zones under their locks, reclaim, and
+//! growth by new zones), frees (the shared fast path, then the route's slow
+//! path), and the hooks through which it asks for reclaim and wakes the
+//! maintainer.
+
+use super::*;
+
+impl PageAllocator {
+    /// Allocates `2^order` contiguous pages, aligned to their size. Normal
+    /// context: may wait on a lock, reclaim, and grow the heap. `None` when
+    /// `order > MAX_ORDER` or memory is exhausted.
+    ///
+    /// Called by a thread already inside the allocator (a signal handler
+    /// that interrupted it) or inside a nolock scope, it takes the nolock
+    /// path instead (the crate's `context` module).
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator, MAX_ORDER, PAGE_SIZE};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(2).expect("memory to spare"); // 4 pages, 16 KiB
+    /// assert_eq!(p.as_ptr() as usize % (4 * PAGE_SIZE), 0, "aligned to its size");
+    /// assert!(pages.alloc_pages(MAX_ORDER + 1).is_none());
+    /// // SAFETY: allocated above with order 2, freed once.
+    /// unsafe { pages.free_pages(p, 2) };
+    /// ```
+    #[inline]
+    pub fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
+        crate::context::might_wait("PageAllocator::alloc_pages");
+        // Every context shares the rseq fast path; the rest is one call.
+        if let Some(p) = self.seq_alloc::<false>(order) {
+            return Some(p);
+        }
+        self.alloc_pages_routed(order)
+    }
+
+    /// `alloc_pages` beyond its fast path: routed by the thread's context.
+    #[inline(never)]
+    pub(super) fn alloc_pages_routed(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > MAX_ORDER {
+            return None;
+        }
+        if crate::context::nested() {
+            return self.alloc_pages_nolock(order);
+        }
+        #[cfg(feature = "std")]
+        loop {
+            let mark = crate::fork::fork_mark();
+            match self.alloc_pages_normal(order) {
+                None if crate::fork::forked_elsewhere_since(mark) => {}
+                p => return p,
+            }
+            // A fork on another thread holds the locks (the miss may be
+            // theirs, not memory's; see the `fork` module's "Other threads
+            // give way"): wait for the fork (pages cannot be served beside
+            // the allocator), at most `FORK_PATIENCE_LAST`, and try again.
+            // (Not the nolock path: an allocation in progress on a nolock
+            // level's list at the clone would leave it held in the child.)
+            if !crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST) {
+                return None;
+            }
+        }
+        #[cfg(not(feature = "std"))]
+        self.alloc_pages_normal(order)
+    }
+
+    /// The normal path of `alloc_pages`, for callers that decided the
+    /// route already (the heap). Not routed: a caller holding a lock of the
+    /// heap is marked inside, and still means the normal path.
+    #[inline]
+    pub(crate) fn alloc_pages_normal(&self, order: u32) -> Option<NonNull<u8>> {
+        if let Some(p) = self.seq_alloc::<false>(order) {
+            return Some(p);
+        }
+        self.alloc_pages_normal_slow(order)
+    }
+
+    #[inline(never)]
+    pub(super) fn alloc_pages_normal_slow(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > MAX_ORDER {
+            return None;
+        }
+        if let Some(p) = self.alloc_normal_once(order, true) {
+            return Some(p);
+        }
+        self.alloc_slow(order, true)
+    }
+
+    /// As `alloc_pages`, but never runs the owner's reclaim callback (for
+    /// callers that hold a lock a shrinker might need).
+    pub(crate) fn alloc_pages_without_reclaim(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > MAX_ORDER {
+            return None;
+        }
+        if let Some(p) = self.alloc_normal_once(order, true) {
+            return Some(p);
+        }
+        self.alloc_slow(order, false)
+    }
+
+    #[cold]
+    pub(super) fn alloc_slow(&self, order: u32, may_reclaim: bool) -> Option<NonNull<u8>> {
+        // A fork on another thread holds the locks, which the attempt gave
+        // way to: draining, growing and reclaiming would give way too, or
+        // run the shrinkers for nothing. The callers wait for the fork or
+        // go round it (see the `fork` module's "Other threads give way").
+        #[cfg(feature = "std")]
+        if crate::fork::fork_mark().forking_elsewhere() {
+            return None;
+        }
+        // Reclaim: every per-CPU list and deferred stack back to the buddy
+        // lists, then try again above the watermark.
+        self.drain_normal();
+        if let Some(p) = self.alloc_normal_once(order, true) {
+            return Some(p);
+        }
+        #[cfg(feature = "std")]
+        if self.config.grow && self.grow() {
+            if let Some(p) = self.alloc_normal_once(order, true) {
+                return Some(p);
+            }
+        }
+        // Below the min watermark with no zone to add: ask the owner's
+        // shrinkers to give memory back, drain again, retry.
+        if !may_reclaim {
+            // The caller holds a lock a shrinker may need: ask the owner to
+            // reclaim once that lock is released.
+            if !self.reclaimer.load(Ordering::Relaxed).is_null() {
+                self.reclaim_wanted.store(true, Ordering::Relaxed);
+            }
+        } else if self.run_reclaimer() {
+            self.drain_normal();
+            if let Some(p) = self.alloc_normal_once(order, true) {
+                return Some(p);
+            }
+        }
+        // Last resort of a caller that has reclaimed: the min reserve.
+        self.alloc_normal_once(order, false)
+    }
+
+    /// Installs the owner's reclaim callback (`f(ctx)` runs shrinkers; normal
+    /// context). `ctx` must stay valid as long as the allocator.
+    pub(crate) fn set_reclaimer(&self, f: fn(*const ()), ctx: *const ()) {
+        self.reclaim_ctx.store(ctx as *mut (), Ordering::Relaxed);
+        self.reclaimer.store(f as *mut (), Ordering::Release);
+    }
+
+    pub(super) fn run_reclaimer(&self) -> bool {
+        let f = self.reclaimer.load(Ordering::Acquire);
+        if f.is_null() {
+            return false;
+        }
+        // SAFETY: only `set_reclaimer` stores non-null values, and it stores
+        // `fn(*const ())` pointers.
+        let f: fn(*const ()) = unsafe { core::mem::transmute::<*mut (), fn(*const ())>(f) };
+        f(self.reclaim_ctx.load(Ordering::Relaxed));
+        true
+    }
+
+    /// Whether an allocation asked for reclaim it could not run (a hint;
+    /// does not clear the request).
+    #[inline]
+    pub(crate) fn reclaim_requested(&self) -> bool {
+        self.reclaim_wanted.load(Ordering::Relaxed)
+    }
+
+    /// Whether an allocation asked for reclaim it could not run (and clears
+    /// the request).
+    #[inline]
+    pub(crate) fn take_reclaim_request(&self) -> bool {
+        self.reclaim_wanted.load(Ordering::Relaxed)
+            && self.reclaim_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// Installs the maintainer's wake word: a deferred free wakes it.
+    /// `word` must stay valid as long as the allocator.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) fn set_waker(&self, word: *const core::sync::atomic::AtomicU32) {
+        self.waker.store(word as *mut _, Ordering::Release);
+    }
+
+    /// Whether the nolock path may make system calls (see
+    /// `Config::nolock_syscalls`).
+    #[inline]
+    pub(crate) fn nolock_syscalls(&self) -> bool {
+        self.config.nolock_syscalls
+    }
+
+    /// Tells the maintainer, if there is one, that it has work. Any context:
+    /// one atomic OR on the wake word (`WAKE_OWED`); only the 0 -> 1
+    /// transition of a *sleeping* maintainer (`MAINTAINER_SLEEPING` set)
+    /// issues the platform's wake (a futex wake on std: never blocks), so
+    /// at most one per maintainer sleep; none with `nolock_syscalls` off
+    /// (the maintainer polls then).
+    #[inline]
+    pub(crate) fn wake_maintainer(&self) {
+        let w = self.waker.load(Ordering::Acquire);
+        if !w.is_null() {
+            // SAFETY: set_waker's contract keeps the word alive.
+            let w = unsafe { &*w };
+            let old = w.fetch_or(WAKE_OWED, Ordering::AcqRel);
+            if old == MAINTAINER_SLEEPING && self.config.nolock_syscalls {
+                self.platform.wake_one(w);
+            }
+        }
+    }
+
+    /// Normal context (stopping the maintainer): owes it a wake and wakes
+    /// it whatever its state.
+    #[cfg(feature = "std")]
+    pub(crate) fn wake_maintainer_now(&self) {
+        let w = self.waker.load(Ordering::Acquire);
+        if !w.is_null() {
+            // SAFETY: set_waker's contract keeps the word alive.
+            let w = unsafe { &*w };
+            w.fetch_or(WAKE_OWED, Ordering::AcqRel);
+            self.platform.wake_one(w);
+        }
+    }
+
+    /// One maintenance pass (normal context): merges deferred frees, keeps
+    /// per-CPU lists that ran empty on the nolock path stocked (and returns
+    /// idle ones, see `Zone::maintain_slots`), and (std) returns free blocks
+    /// idle for `idle_epochs` epochs to the OS. Returns the bytes released.
+    #[cfg_attr(not(feature = "std"), allow(unused_mut))]
+    pub(crate) fn maintain(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) -> usize {
+        let Some(_serial) = self.drain_lock.lock_in(Mode::Normal, self.platform) else {
+            return 0;
+        };
+        let mut released = 0;
+        for zone in self.zones() {
+            // Never back: passes that advanced the epoch one after the
+            // other may get here the other way round.
+            zone.epoch.fetch_max(epoch, Ordering::Relaxed);
+            if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
+                zone.drain_deferred(&g);
+                zone.stock_maintain(idle_passes, &g);
+            }
+            zone.maintain_slots(idle_passes);
+            #[cfg(feature = "std")]
+            {
+                let small = zone::RELEASE_MIN_ORDER;
+                released +=
+                    zone.release_idle_blocks(small..=MAX_ORDER, epoch, idle_epochs, RELEASE_BUDGET);
+                released += zone.release_idle_blocks(
+                    0..=small - 1,
+                    epoch,
+                    idle_epochs * zone::SMALL_AGE_FACTOR,
+                    SMALL_RELEASE_BUDGET,
+                );
+            }
+            #[cfg(not(feature = "std"))]
+            let _ = idle_epochs;
+        }
+        released
+    }
+
+    /// Normal context: every free block on the buddy lists that is not yet
+    /// returned to the OS goes back now, whatever its order (`malloc_trim`).
+    /// Returns the bytes.
+    #[cfg(feature = "std")]
+    pub(crate) fn release_free_blocks(&self) -> usize {
+        let _serial = self.drain_lock.lock(self.platform);
+        self.zones().map(|z| z.release_all_free_blocks()).sum()
+    }
+
+    /// Whether some zone's free buddy pages are below twice its min
+    /// watermark (the "low" mark at which shrinkers run).
+    pub(crate) fn below_low(&self) -> bool {
+        self.zones().any(|z| z.free_buddy() < 2 * z.min)
+    }
+
+    pub(super) fn alloc_normal_once(&self, order: u32, above_min: bool) -> Option<NonNull<u8>> {
+        if let Some(p) = self.seq_alloc::<false>(order) {
+            return Some(p);
+        }
+        let cpu = self.cpu();
+        for zone in self.zones() {
+            let reserve = if above_min { zone.min } else { 0 };
+            if order <= PCP_MAX_ORDER {
+                if let Some((slot, s)) = zone.lock_own(cpu, 0) {
+                    match zone.pcp_alloc(slot, &s, order, Mode::Normal, reserve, Some(cpu)) {
+                        Ok(idx) => return Some(self.ptr(zone, idx)),
+                        Err(_) => continue,
+                    }
+                }
+                // The slot is held by another context (a preempted thread):
+                // go to the zone directly.
+            }
+            // (`None`: this thread holds the lock itself; next zone.)
+            let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) else {
+                continue;
+            };
+            zone.drain_deferred(&g);
+            crate::interrupt_point!(ZoneAlloc);
+            if let Some(idx) = zone.buddy_alloc(order, reserve, &g) {
+                zone.stock_refill(&g);
+                return Some(self.ptr(zone, idx));
+            }
+        }
+        None
+    }
+
+    /// Adds a zone from the OS; `true` if there is a new zone to try.
+    #[cfg(feature = "std")]
+    #[cold]
+    pub(super) fn grow(&self) -> bool {
+        let before = self.nzones.load(Ordering::Acquire);
+        let Some(g) = self.grow_lock.lock_in(Mode::Normal, self.platform) else {
+            return false;
+        };
+        let now = self.nzones.load(Ordering::Acquire);
+        if now != before {
+            return true; // another thread grew the heap meanwhile
+        }
+        if now >= MAX_ZONES {
+            return false;
+        }
+        // Each new zone doubles the previous one (capped at 64 GiB, far
+        // below what a zone's 32-bit page indices can number).
+        const GROWN_MAX: usize = 64 << 30;
+        const _: () = assert!(GROWN_MAX <= crate::MAX_MEMORY);
+        let doubled = self
+            .config
+            .memory
+            .max(MAX_BLOCK)
+            .saturating_mul(1usize << now.min(16))
+            .min(GROWN_MAX);
+        crate::interrupt_point!(ZoneGrow);
+        let mut bytes = growth_size(doubled, crate::platform::address_space_headroom());
+        loop {
+            // Borrowed: this is the fork window, every zone is held across
+            // the fork, and so must the new one be, from before any other
+            // thread can see it (their nolock paths try every zone).
+            if self.add_os_zone(bytes, g.borrowed()).is_ok() {
+                return true;
+            }
+            // Refused (a limit on address space, or no room left in it):
+            // halve, down to one largest block, before reporting no memory.
+            if bytes <= MAX_BLOCK {
+                return false;
+            }
+            bytes = (bytes / 2).next_multiple_of(MAX_BLOCK).max(MAX_BLOCK);
+        }
+    }
+
+    /// The rseq fast path of every allocation of at most `PCP_MAX_ORDER`:
+    /// the first zone's level-0 list of this CPU. `None`: the slow path.
+    /// Any context may call it (it is a restartable sequence, or nothing
+    /// without rseq).
+    #[inline(always)]
+    pub(crate) fn seq_alloc<const COUNT_NOLOCK: bool>(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > PCP_MAX_ORDER {
+            return None;
+        }
+        self.seq_alloc_counted::<COUNT_NOLOCK, { layout::PCP_NOLOCK_OK }>(order)
+    }
+
+    /// `seq_alloc::<false>` for a heap's large block on the normal path:
+    /// also [`HEAP_PCP_ORDER`] (64 KiB), whose list only a heap's large
+    /// frees fill ([`free_pages_fast`](Self::free_pages_fast)). Any context
+    /// may pop it (a restartable sequence); beyond this fast path, 64 KiB
+    /// is a large order like any other (buddy lists, stock, and for a
+    /// nested or nolock call the large nolock counters).
+    #[inline(always)]
+    pub(crate) fn seq_alloc_heap(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > HEAP_PCP_ORDER {
+            return None;
+        }
+        self.seq_alloc_counted::<false, { layout::PCP_NOLOCK_OK }>(order)
+    }
+
+    /// `seq_alloc::<true>` for a heap's nolock large block (orders up to
+    /// [`HEAP_PCP_ORDER`], as `seq_alloc_heap`), counted apart
+    /// from the page allocator's own nolock successes (it still counts in
+    /// [`PageStats::nolock_alloc_ok`]): see [`heap_large_nolock_ok`](Self::heap_large_nolock_ok).
+    #[inline(always)]
+    pub(crate) fn seq_alloc_heap_large(&self, order: u32) -> Option<NonNull<u8>> {
+        if order > HEAP_PCP_ORDER {
+            return None;
+        }
+        self.seq_alloc_counted::<true, { layout::PCP_HEAP_NOLOCK_OK }>(order)
+    }
+
+    /// The above, for an order with a per-CPU list: the counter a counting
+    /// pop adds to is the page slot's field at offset `COUNTER` (see
+    /// `Zone::seq_alloc`).
+    #[inline(always)]
+    pub(super) fn seq_alloc_counted<const COUNT: bool, const COUNTER: usize>(
+        &self,
+        order: u32,
+    ) -> Option<NonNull<u8>> {
+        let zone = self.first_zone();
+        let idx = zone.seq_alloc::<COUNT, COUNTER>(order)?;
+        Some(self.ptr(zone, idx))
+    }
+
+    /// How many blocks [`seq_alloc_heap_large`](Self::seq_alloc_heap_large)
+    /// handed out (racy while they run).
+    pub(crate) fn heap_large_nolock_ok(&self) -> u64 {
+        slot_count_total(
+            self.zones()
+                .flat_map(|z| z.slots())
+                .map(|s| s.heap_nolock_ok.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Whether `addr` lies in the first zone (its window: no zone pointer
+    /// followed).
+    #[inline(always)]
+    pub(crate) fn in_first_zone(&self, addr: usize) -> bool {
+        addr.wrapping_sub(self.first.start) < self.first.len
+    }
+
+    /// The first zone (always present once the allocator is built).
+    #[inline(always)]
+    pub(crate) fn first_zone(&self) -> &Zone {
+        // SAFETY: `first` was copied from zone 0 before the allocator was
+        // returned, and the zone lives as long as `self`.
+        unsafe { &*self.first.zone }
+    }
+
+    #[inline]
+    pub(super) fn ptr(&self, zone: &Zone, idx: u32) -> NonNull<u8> {
+        // SAFETY: a zone's page addresses are never null.
+        unsafe { NonNull::new_unchecked(zone.addr_of(idx) as *mut u8) }
+    }
+
+    /// Frees a block from [`alloc_pages`](Self::alloc_pages) or
+    /// [`alloc_pages_nolock`](Self::alloc_pages_nolock). Normal context.
+    ///
+    /// ```
+    /// use anyalloc::{Config, PageAllocator};
+    /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
+    /// let p = pages.alloc_pages(1).unwrap();
+    /// assert_eq!(pages.stats().free_pages, pages.stats().total_pages - 2);
+    /// // SAFETY: allocated above with order 1, not used afterwards.
+    /// unsafe { pages.free_pages(p, 1) };
+    /// assert_eq!(pages.stats().free_pages, pages.stats().total_pages);
+    /// ```
+    ///
+    /// # Safety
+    /// `ptr` must have been returned by this allocator for `order` and not be
+    /// used afterwards. Violations that can be detected (a pointer outside
+    /// managed memory, misaligned, already free, freed with another order,
+    /// or a block of a heap built on this allocator, such as a slab page or
+    /// a large allocation of [`Heap`](crate::Heap)) abort the process with a
+    /// one-line message.
+    ///
+    /// Called by a thread already inside the allocator (a signal handler
+    /// that interrupted it) or inside a nolock scope, it takes the nolock
+    /// path instead (the crate's `context` module).
+    #[inline]
+    pub unsafe fn free_pages(&self, ptr: NonNull<u8>, order: u32) {
+        crate::context::might_wait("PageAllocator::free_pages");
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER, true>(ptr, order, FreeRoute::Routed) };
+    }
+
+    /// `free_pages` without its context check, for the heap's large-block
+    /// fast path: routed by the thread's context (`nolock`: the nolock
+    /// path). Its rseq fast path also takes blocks of [`HEAP_PCP_ORDER`]
+    /// (for `seq_alloc_heap`), in every context; beyond that fast path they
+    /// are a large order like any other.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline(always)]
+    pub(crate) unsafe fn free_pages_fast(&self, ptr: NonNull<u8>, order: u32, nolock: bool) {
+        let route = if nolock {
+            FreeRoute::NoLock
+        } else {
+            FreeRoute::Routed
+        };
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_via::<HEAP_PCP_ORDER, false>(ptr, order, route) };
+    }
+
+    /// The normal path of `free_pages` (not routed, as `alloc_pages_normal`).
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline]
+    pub(crate) unsafe fn free_pages_normal(&self, ptr: NonNull<u8>, order: u32) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_via::<PCP_MAX_ORDER, false>(ptr, order, FreeRoute::Normal) };
+    }
+
+    /// Every free of pages: the inline fast path, then one out-of-line call.
+    /// The fast path is the same for every route: the block is claimed, and
+    /// this CPU's level-0 slot has room (a nolock free's condition); only a
+    /// slot left over `high` asks the route (a normal free drains a batch).
+    /// `route` is a constant at each call site, and so are `FAST_MAX`, the
+    /// largest order the fast path takes, and `PUBLIC`: a free through the
+    /// public API (`free_pages`, `free_pages_nolock`), which may be handed
+    /// a block of a heap built on this allocator by mistake, and checks its
+    /// owner (see [`claim_fast`](Self::claim_fast)). The heap's own frees
+    /// clear the owner first and skip the check.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline(always)]
+    pub(super) unsafe fn free_pages_via<const FAST_MAX: u32, const PUBLIC: bool>(
+        &self,
+        ptr: NonNull<u8>,
+        order: u32,
+        route: FreeRoute,
+    ) {
+        // This CPU's page count (a hint) is read before the claim: the
+        // claim's locked instruction waits for earlier stores to drain, and
+        // these loads run meanwhile instead of after it.
+        let first = self.first_zone();
+        let pages = if order <= FAST_MAX && first.uses_rseq() {
+            first.pages_here()
+        } else {
+            usize::MAX
+        };
+        // When the block will go onto this CPU's list, the claim marks it
+        // PCP at once (a racing free fails its claim just the same), so the
+        // fast path stores no state of its own. (`usize::MAX`, no fast
+        // path, never has room.)
+        let room = first.room_for(pages);
+        let kind = if room { desc::PCP } else { desc::FREEING };
+        let Some((zone, idx, d)) = self.claim_fast::<PUBLIC>(ptr, order, kind) else {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_pages_slow(ptr, order, route, PUBLIC) };
+        };
+        if room && zone.seq_free(idx, d, order) {
+            if route != FreeRoute::NoLock && zone.over_high(pages + (1 << order)) {
+                return self.trim_after_free(zone, route);
+            }
+            return;
+        }
+        self.free_claimed(zone, idx, order, route);
+    }
+
+    /// After a fast free put this CPU's slot over `high`: a normal free
+    /// drains a batch; a nested one leaves it (nolock frees may overshoot).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn trim_after_free(&self, zone: &Zone, route: FreeRoute) {
+        if route == FreeRoute::Normal || !crate::context::nested() {
+            zone.trim_own(self.cpu());
+        }
+    }
+
+    /// A free whose inline claim could not decide: the full claim (which
+    /// reports a bad free; `public`: a free through the public API, see
+    /// `free_pages_via`), then the slow path.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline(never)]
+    pub(super) unsafe fn free_pages_slow(
+        &self,
+        ptr: NonNull<u8>,
+        order: u32,
+        route: FreeRoute,
+        public: bool,
+    ) {
+        let (zone, idx) = self.claim_slow(ptr, order, public);
+        self.free_claimed(zone, idx, order, route);
+    }
+
+    /// A claimed block, beyond the fast path, by `route`.
+    #[inline(never)]
+    pub(super) fn free_claimed(&self, zone: &Zone, idx: u32, order: u32, route: FreeRoute) {
+        let nolock = match route {
+            FreeRoute::Normal => false,
+            FreeRoute::NoLock => true,
+            FreeRoute::Routed => crate::context::nested(),
+        };
+        if nolock {
+            self.free_claimed_nolock(zone, idx, order)
+        } else {
+            self.free_claimed_normal(zone, idx, order)
+        }
+    }
+
+    /// The normal free of a claimed block, beyond the fast path.
+    #[inline(never)]
+    pub(super) fn free_claimed_normal(&self, zone: &Zone, idx: u32, order: u32) {
+        if order <= PCP_MAX_ORDER {
+            if let Some((slot, s)) = zone.lock_own(self.cpu(), 0) {
+                zone.pcp_free(slot, &s, idx, order, Mode::Normal);
+                return;
+            }
+        }
+        let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) else {
+            // A stalled fork on another thread holds it: the nolock free
+            // (see `fork::fork_stalled`).
+            #[cfg(feature = "std")]
+            if crate::fork::fork_stalled() {
+                return self.free_claimed_nolock(zone, idx, order);
+            }
+            // This thread holds the zone lock itself, or a fork on another
+            // thread does: park the block (one CAS; not a nolock level's
+            // list, which a free in progress at the clone would leave held
+            // in the child).
+            zone.defer_free(idx, order);
+            self.nolock_free_deferred.fetch_add(1, Ordering::Relaxed);
+            self.wake_maintainer();
+            return;
+        };
+        crate::interrupt_point!(ZoneFree);
+        zone.buddy_free(idx, order, &g);
+        zone.drain_deferred(&g);
+        zone.stock_refill(&g);
+    }
+
+    /// The heap's free of a block of its own (a slab, a large block) whose
+    /// owner it cleared: `free_pages_normal` or `free_pages_nolock_owned`,
+    /// as `mode` says.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages).
+    #[inline]
+    pub(crate) unsafe fn free_pages_in(&self, ptr: NonNull<u8>, order: u32, mode: Mode) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match mode {
+                Mode::Normal => self.free_pages_normal(ptr, order),
+                Mode::NoLock => self.free_pages_nolock_owned(ptr, order),
+            }
+        }
+    }
+}
