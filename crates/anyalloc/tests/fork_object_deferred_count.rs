@@ -26,7 +26,6 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use anyalloc::interrupt::Site;
-use anyalloc::{Config, Heap};
 
 use script::Pause;
 
@@ -42,12 +41,6 @@ static SCRIPT: [Pause; 4] = [
     Pause::new(4, Site::ObjectDeferredPush, 3, 6),
 ];
 
-/// The class's deferred objects.
-fn deferred(heap: &Heap) -> usize {
-    let s = heap.stats();
-    s.classes.iter().find(|c| c.size >= SIZE).unwrap().deferred
-}
-
 #[test]
 fn fork_between_a_deferred_object_free_count_and_its_push() {
     if watchdog::ran_in_child(
@@ -57,12 +50,7 @@ fn fork_between_a_deferred_object_free_count_and_its_push() {
     ) {
         return;
     }
-    let config = Config::default()
-        .memory(64 << 20)
-        .cpus(1)
-        .rseq(false)
-        .maintenance(false);
-    let heap = Heap::new(config).expect("heap");
+    let heap = script::one_slot_heap();
     let layout = Layout::from_size_align(SIZE, 8).unwrap();
     let victim = heap.alloc(layout).expect("an object").as_ptr() as usize;
     // Every cached object back to its slab: H's allocation refills.
@@ -100,7 +88,7 @@ fn fork_between_a_deferred_object_free_count_and_its_push() {
         let held: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         let status = script::fork_child(6, || {
             heap.drain();
-            if deferred(&heap) != 0 {
+            if script::class_counts(&heap, SIZE).1 != 0 {
                 3
             } else {
                 0
@@ -115,7 +103,7 @@ fn fork_between_a_deferred_object_free_count_and_its_push() {
         unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
     }
     heap.drain();
-    assert_eq!(deferred(&heap), 0);
+    assert_eq!(script::class_counts(&heap, SIZE).1, 0);
     script::assert_child_ok(
         status,
         "the child's drain left a deferred object counted (3)",

@@ -32,7 +32,6 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use anyalloc::interrupt::Site;
-use anyalloc::{Config, Heap};
 
 use script::Pause;
 
@@ -52,13 +51,6 @@ static SCRIPT: [Pause; 4] = [
     Pause::new(5, Site::ObjectDeferredDrain, 4, 6).briefly(Duration::from_millis(200)),
 ];
 
-/// The class's statistics: (objects in use, deferred objects).
-fn class(heap: &Heap) -> (usize, usize) {
-    let s = heap.stats();
-    let c = s.classes.iter().find(|c| c.size >= SIZE).unwrap();
-    (c.objects_in_use, c.deferred)
-}
-
 #[test]
 fn fork_while_another_thread_drains_deferred_objects() {
     if watchdog::ran_in_child(
@@ -68,12 +60,7 @@ fn fork_while_another_thread_drains_deferred_objects() {
     ) {
         return;
     }
-    let config = Config::default()
-        .memory(64 << 20)
-        .cpus(1)
-        .rseq(false)
-        .maintenance(false);
-    let heap = Heap::new(config).expect("heap");
+    let heap = script::one_slot_heap();
     let layout = Layout::from_size_align(SIZE, 8).unwrap();
     let victims: Vec<usize> = (0..N)
         .map(|_| heap.alloc(layout).expect("an object").as_ptr() as usize)
@@ -105,10 +92,14 @@ fn fork_while_another_thread_drains_deferred_objects() {
         })
         .join()
         .unwrap();
-        assert_eq!(class(&heap).1, N, "the frees were not all deferred");
+        assert_eq!(
+            script::class_counts(&heap, SIZE).1,
+            N,
+            "the frees were not all deferred"
+        );
         script::advance_to(4);
         let held: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        let parked = class(&heap).1;
+        let parked = script::class_counts(&heap, SIZE).1;
         println!("{parked} objects still parked after the holders went on");
         assert!(parked >= 8, "the deferred objects were drained early");
         let d = s.spawn(|| {
@@ -122,10 +113,10 @@ fn fork_while_another_thread_drains_deferred_objects() {
         });
         script::reached(5, "the drain paused");
         // In use at the fork: D's allocations so far, H's, T1's and T2's.
-        let (in_use, _) = class(&heap);
+        let (in_use, _) = script::class_counts(&heap, SIZE);
         let status = script::fork_child(6, || {
             heap.drain();
-            let (now, deferred) = class(&heap);
+            let (now, deferred) = script::class_counts(&heap, SIZE);
             if deferred == 0 && (now == in_use || now == in_use + 1) {
                 return 0;
             }
@@ -141,7 +132,7 @@ fn fork_while_another_thread_drains_deferred_objects() {
         unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
     }
     heap.drain();
-    assert_eq!(class(&heap), (0, 0));
+    assert_eq!(script::class_counts(&heap, SIZE), (0, 0));
     script::assert_child_ok(
         status,
         "the child lost the deferred objects being drained (3)",

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::interrupt::{set_hook, Site};
-use anyalloc::{Config, Heap};
+use anyalloc::Heap;
 
 const SIZE: usize = 64;
 /// The parked suspects.
@@ -78,13 +78,6 @@ fn hook(site: Site) {
     }
 }
 
-/// The class's statistics: (objects in use, deferred objects).
-fn class(heap: &Heap) -> (usize, usize) {
-    let s = heap.stats();
-    let c = s.classes.iter().find(|c| c.size >= SIZE).unwrap();
-    (c.objects_in_use, c.deferred)
-}
-
 #[test]
 fn fork_while_another_thread_drains_suspects() {
     if watchdog::ran_in_child(
@@ -94,12 +87,7 @@ fn fork_while_another_thread_drains_suspects() {
     ) {
         return;
     }
-    let config = Config::default()
-        .memory(64 << 20)
-        .cpus(1)
-        .rseq(false)
-        .maintenance(false);
-    let heap = Heap::new(config).expect("heap");
+    let heap = script::one_slot_heap();
     HEAP.store(&heap as *const Heap as *mut Heap, SeqCst);
     let layout = Layout::from_size_align(SIZE, 8).unwrap();
     // The key: the key word (the second) of a freed object, whose memory
@@ -123,7 +111,11 @@ fn fork_while_another_thread_drains_suspects() {
     PARK.store(true, SeqCst);
     heap.drain();
     assert!(!PARK.load(SeqCst), "the hook did not free the victims");
-    assert_eq!(class(&heap), (K, 0), "the victims were not parked");
+    assert_eq!(
+        script::class_counts(&heap, SIZE),
+        (K, 0),
+        "the victims were not parked"
+    );
     let (status, mine) = std::thread::scope(|s| {
         let d = s.spawn(|| {
             DRAINER.set(true);
@@ -137,12 +129,12 @@ fn fork_while_another_thread_drains_suspects() {
         wait_for(|| PAUSED.load(SeqCst));
         assert!(PAUSED.load(SeqCst), "the drain did not pause");
         // In use at the fork: the suspects, and D's allocations so far.
-        let (in_use, _) = class(&heap);
+        let (in_use, _) = script::class_counts(&heap, SIZE);
         // SAFETY: the child uses the heap and _exits.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             heap.drain();
-            let (now, deferred) = class(&heap);
+            let (now, deferred) = script::class_counts(&heap, SIZE);
             // (D's allocation may have completed before the clone.)
             let ok = deferred == 0 && (now + K == in_use || now + K == in_use + 1);
             if !ok {
@@ -165,7 +157,7 @@ fn fork_while_another_thread_drains_suspects() {
         unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
     }
     heap.drain();
-    assert_eq!(class(&heap), (0, 0));
+    assert_eq!(script::class_counts(&heap, SIZE), (0, 0));
     script::assert_child_ok(status, "the child lost the suspects being drained (3)");
     println!("the child freed the {K} suspects");
 }

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::{Config, Heap};
 
 /// One pause of a script (see the module documentation).
 pub struct Pause {
@@ -171,4 +172,25 @@ pub fn assert_child_ok(status: libc::c_int, what: &str) {
         "{what} (exit code {})",
         libc::WEXITSTATUS(status)
     );
+}
+
+/// The heap of the object scenarios: 64 MiB, one CPU slot set and no
+/// restartable sequences (every thread meets the slots and the node lock
+/// the script's pauses hold), no maintenance thread (nothing runs but the
+/// script).
+pub fn one_slot_heap() -> Heap {
+    let config = Config::default()
+        .memory(64 << 20)
+        .cpus(1)
+        .rseq(false)
+        .maintenance(false);
+    Heap::new(config).expect("heap")
+}
+
+/// The counts of the class that serves `size`: (objects in use, deferred
+/// objects).
+pub fn class_counts(heap: &Heap, size: usize) -> (usize, usize) {
+    let s = heap.stats();
+    let c = s.classes.iter().find(|c| c.size >= size).unwrap();
+    (c.objects_in_use, c.deferred)
 }
