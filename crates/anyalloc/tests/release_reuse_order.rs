@@ -187,6 +187,26 @@ fn resident_pages(from: usize, len: usize) -> usize {
     v.iter().filter(|&&b| b & 1 != 0).count()
 }
 
+/// Eight blocks of `ORDER`, and two of them that are buddies (`x`, `y`),
+/// both touched (resident).
+fn touched_buddies(
+    pages: &anyalloc::PageAllocator,
+) -> (Vec<NonNull<u8>>, NonNull<u8>, NonNull<u8>) {
+    let all: Vec<NonNull<u8>> = (0..8).map(|_| pages.alloc_pages(ORDER).unwrap()).collect();
+    let addrs: Vec<usize> = all.iter().map(|p| p.as_ptr() as usize).collect();
+    let x = *all
+        .iter()
+        .find(|p| addrs.contains(&(p.as_ptr() as usize ^ BLOCK)))
+        .unwrap();
+    let y = NonNull::new((x.as_ptr() as usize ^ BLOCK) as *mut u8).unwrap();
+    // SAFETY: both are live blocks of BLOCK bytes.
+    unsafe {
+        x.as_ptr().write_bytes(0x5a, BLOCK);
+        y.as_ptr().write_bytes(0x5a, BLOCK);
+    }
+    (all, x, y)
+}
+
 /// A touched block freed next to its buddy given back merges with it into
 /// a block not given back (part of it is resident), which the next trim
 /// gives back whole: only the part that was resident counts in
@@ -198,18 +218,7 @@ fn a_block_merged_with_given_back_buddies_counts_only_its_own_pages() {
     let _serial = serial();
     let heap = heap();
     let pages = heap.pages();
-    let all: Vec<NonNull<u8>> = (0..8).map(|_| pages.alloc_pages(ORDER).unwrap()).collect();
-    let addrs: Vec<usize> = all.iter().map(|p| p.as_ptr() as usize).collect();
-    let x = *all
-        .iter()
-        .find(|p| addrs.contains(&(p.as_ptr() as usize ^ BLOCK)))
-        .unwrap();
-    let y = NonNull::new((x.as_ptr() as usize ^ BLOCK) as *mut u8).unwrap();
-    // SAFETY: both valid for BLOCK bytes.
-    unsafe {
-        x.as_ptr().write_bytes(0x5a, BLOCK);
-        y.as_ptr().write_bytes(0x5a, BLOCK);
-    }
+    let (all, x, y) = touched_buddies(pages);
     // Nothing else free is resident after this one.
     heap.trim();
     let released = || heap.stats().released_to_os_bytes as usize;
@@ -289,19 +298,9 @@ mod window {
         let _serial = serial();
         let heap: &'static Heap = Box::leak(Box::new(heap()));
         let pages = heap.pages();
-        let all: Vec<NonNull<u8>> = (0..8).map(|_| pages.alloc_pages(ORDER).unwrap()).collect();
-        let addrs: Vec<usize> = all.iter().map(|p| p.as_ptr() as usize).collect();
-        let x = *all
-            .iter()
-            .find(|p| addrs.contains(&(p.as_ptr() as usize ^ BLOCK)))
-            .unwrap();
-        let y = NonNull::new((x.as_ptr() as usize ^ BLOCK) as *mut u8).unwrap();
-        // SAFETY: both valid for BLOCK bytes; x freed once.
-        unsafe {
-            x.as_ptr().write_bytes(0x5a, BLOCK);
-            y.as_ptr().write_bytes(0x5a, BLOCK);
-            pages.free_pages(x, ORDER);
-        }
+        let (all, x, y) = touched_buddies(pages);
+        // SAFETY: allocated with ORDER, freed once.
+        unsafe { pages.free_pages(x, ORDER) };
         HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
         BUDDY.store(y.as_ptr() as usize, Ordering::Relaxed);
         set_hook(Some(hook));
