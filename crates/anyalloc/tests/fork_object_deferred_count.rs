@@ -57,20 +57,7 @@ fn fork_between_a_deferred_object_free_count_and_its_push() {
     heap.drain();
     script::play(&SCRIPT);
     let (status, held) = std::thread::scope(|s| {
-        let mut threads = Vec::new();
-        for role in 1..=3u8 {
-            let heap = &heap;
-            threads.push(s.spawn(move || {
-                script::act(role);
-                script::wait_step(usize::from(role) - 1);
-                let p = if role == 1 {
-                    heap.alloc(layout)
-                } else {
-                    heap.alloc_nolock(layout)
-                };
-                p.map_or(0, |p| p.as_ptr() as usize)
-            }));
-        }
+        let threads = script::spawn_slot_holders(s, &heap, layout);
         let b = s.spawn(|| {
             script::act(4);
             script::wait_step(3);

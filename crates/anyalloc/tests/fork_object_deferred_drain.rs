@@ -69,20 +69,7 @@ fn fork_while_another_thread_drains_deferred_objects() {
     heap.drain();
     script::play(&SCRIPT);
     let (status, held, mine) = std::thread::scope(|s| {
-        let mut threads = Vec::new();
-        for role in 1..=3u8 {
-            let heap = &heap;
-            threads.push(s.spawn(move || {
-                script::act(role);
-                script::wait_step(usize::from(role) - 1);
-                let p = if role == 1 {
-                    heap.alloc(layout)
-                } else {
-                    heap.alloc_nolock(layout)
-                };
-                p.map_or(0, |p| p.as_ptr() as usize)
-            }));
-        }
+        let threads = script::spawn_slot_holders(s, &heap, layout);
         script::reached(3, "the slots and node lock are held");
         s.spawn(|| {
             for &v in &victims {

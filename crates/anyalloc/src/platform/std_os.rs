@@ -486,10 +486,10 @@ impl CancelDisabled {
     pub(crate) fn new() -> Self {
         #[cfg(target_os = "linux")]
         let mut old = 0;
+        #[cfg(target_os = "linux")]
         // SAFETY: a valid state; `old` is written with the previous one.
         // It changes only the calling thread's state and is not a
         // cancellation point.
-        #[cfg(target_os = "linux")]
         unsafe {
             pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &mut old)
         };

@@ -194,3 +194,29 @@ pub fn class_counts(heap: &Heap, size: usize) -> (usize, usize) {
     let c = s.classes.iter().find(|c| c.size >= size).unwrap();
     (c.objects_in_use, c.deferred)
 }
+
+/// The three threads of an object scenario that hold a class's slots: role
+/// 1 (H) allocates on the normal path, roles 2 and 3 (T1, T2) with the
+/// nolock path, each once the previous one has paused (the script pauses
+/// H in its refill with level 0 and the node lock held, T1 and T2 on
+/// levels 1 and 2). Each thread returns its object's address (0: none).
+pub fn spawn_slot_holders<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    heap: &'scope Heap,
+    layout: std::alloc::Layout,
+) -> Vec<std::thread::ScopedJoinHandle<'scope, usize>> {
+    (1..=3u8)
+        .map(|role| {
+            s.spawn(move || {
+                act(role);
+                wait_step(usize::from(role) - 1);
+                let p = if role == 1 {
+                    heap.alloc(layout)
+                } else {
+                    heap.alloc_nolock(layout)
+                };
+                p.map_or(0, |p| p.as_ptr() as usize)
+            })
+        })
+        .collect()
+}
