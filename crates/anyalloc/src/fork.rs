@@ -113,6 +113,26 @@
 //! maintenance thread, which may be waiting for a lock the window holds: do
 //! not.
 //!
+//! # Orphaned locks
+//!
+//! The child of a fork whose prepare took nothing (called by a signal
+//! handler that interrupted the allocator) has only the forking thread, and
+//! every lock another thread of the parent held at the clone stays held
+//! there for good: the child is *orphaned* ([`orphaned`], inherited by its
+//! own children). Once the handler returns, the child's thread goes on
+//! with the allocator as usual, so a wait for such a lock would never end.
+//! There, normal-path waits are bounded by [`ORPHAN_PATIENCE`]: a
+//! `ZoneLock::lock_in` that waited that long *gives way*, as for a lock
+//! held across a fork (and marks the lock so, so that the next ones give
+//! way at once; a holder that is alive after all releases it as usual);
+//! an allocation whose normal path then misses takes the nolock path; a
+//! registry lock's wait returns `None`, as for a lock its own thread
+//! holds; a wait that has no fallback (`ZoneLock::lock`: checks, a zone's
+//! set-up) reports the lock and aborts. The data such a lock guards may
+//! have been left half changed, so it is never taken again. A fork in an
+//! orphaned process takes nothing either (its prepare would wait for those
+//! locks), so its children are orphaned too.
+//!
 //! # Other threads give way
 //!
 //! glibc's `fork` takes its stdio list lock and its NSS database lock after
@@ -213,6 +233,28 @@ static FORK_EPOCH: AtomicU32 = AtomicU32::new(0);
 /// The last `FORK_EPOCH` for which a wait in [`wait_for_fork`] ran out of
 /// patience (0: none): later misses during that fork do not wait for it.
 static GAVE_UP: AtomicU32 = AtomicU32::new(0);
+
+/// Set in the child of a fork whose `prepare` took nothing (called by a
+/// signal handler that interrupted the allocator), and inherited by that
+/// child's own children; never cleared. Such a child may have inherited
+/// locks that other threads of its parent held at the clone, which no
+/// thread there will ever release (see [Orphaned locks](self#orphaned-locks)).
+static ORPHANED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process may hold locks no thread will release: it is (a
+/// descendant of) the child of a fork whose `prepare` took nothing. Its
+/// normal-path waits are then bounded ([`ORPHAN_PATIENCE`]). Any context.
+#[inline]
+pub(crate) fn orphaned() -> bool {
+    ORPHANED.load(Ordering::Relaxed)
+}
+
+/// How long a normal-path wait for a lock lasts in a process that may hold
+/// orphaned locks ([`orphaned`]) before it gives way (or, for a wait that
+/// cannot, reports the lock and aborts): far longer than any critical
+/// section of a thread that is alive (they last microseconds), so only a
+/// lock whose holder is gone, or a holder stopped by a debugger, reaches it.
+pub(crate) const ORPHAN_PATIENCE: core::time::Duration = core::time::Duration::from_millis(200);
 
 /// How long an allocation that missed while another thread's fork holds
 /// the heap's locks waits for that fork to end before it maps its block
@@ -380,6 +422,12 @@ pub(crate) fn unregister(core: &HeapCore) {
     // Marked, as in `register`.
     let _inside = context::Inside::enter();
     let Some(_g) = HEAPS.lock() else {
+        if orphaned() {
+            // A thread of the parent held it at the clone (see "Orphaned
+            // locks"): no fork here walks the list (their prepares take
+            // nothing), so the core may stay on it.
+            return;
+        }
         // Its thread holds the registry (a heap dropped in a signal handler
         // that interrupted the registry's holder): the core cannot leave
         // the list, and the next fork would walk into freed memory.
@@ -492,7 +540,10 @@ extern "C" fn prepare() {
     // `fork` called by a signal handler that interrupted this thread inside
     // the allocator: its locks may be this thread's own, so none is taken
     // (as without these handlers) rather than waited for.
-    let inside = context::inside();
+    // In a process that may hold orphaned locks, nothing is taken either:
+    // a lock no thread releases would keep prepare waiting for ever (its
+    // children are orphaned too, see `release`).
+    let inside = context::inside() || orphaned();
     // Nothing of the allocator in progress on this thread, no nolock scope:
     // the window may be borrowed (below).
     let clear = context::clear();
@@ -578,12 +629,22 @@ fn release(child: bool) -> bool {
     // the allocator, on any thread) must not release the locks another
     // fork holds across its clone, nor close its window.
     if HOLDER.load(Ordering::Relaxed) != context::thread_id() {
+        if child {
+            // Other threads' locks were not taken: those held at the clone
+            // are never released here.
+            ORPHANED.store(true, Ordering::Relaxed);
+        }
         context::leave();
         return false;
     }
     let skipped = SKIPPED.load(Ordering::Relaxed);
     if skipped > 0 {
         SKIPPED.store(skipped - 1, Ordering::Relaxed);
+        if child {
+            // As above (here the holder's own fork holds the heaps' locks,
+            // but not the try-locks it may have left to other threads).
+            ORPHANED.store(true, Ordering::Relaxed);
+        }
         context::leave();
         return false;
     }

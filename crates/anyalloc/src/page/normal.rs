@@ -48,6 +48,9 @@ impl PageAllocator {
             let mark = crate::fork::fork_mark();
             match self.alloc_pages_normal(order) {
                 None if crate::fork::forked_elsewhere_since(mark) => {}
+                // A lock it gave way to may be orphaned (the `fork`
+                // module's "Orphaned locks"): what the nolock path serves.
+                None if crate::fork::orphaned() => return self.alloc_pages_nolock(order),
                 p => return p,
             }
             // A fork on another thread holds the locks (the miss may be
@@ -260,7 +263,12 @@ impl PageAllocator {
     /// Returns the bytes.
     #[cfg(feature = "std")]
     pub(crate) fn release_free_blocks(&self) -> usize {
-        let _serial = self.drain_lock.lock(self.platform);
+        // (`None`: this thread holds it, a trim called inside a drain; or,
+        // in an orphaned child, a thread of the parent held it at the
+        // fork: see the `fork` module's "Orphaned locks".)
+        let Some(_serial) = self.drain_lock.lock_patient(self.platform) else {
+            return 0;
+        };
         self.zones().map(|z| z.release_all_free_blocks()).sum()
     }
 

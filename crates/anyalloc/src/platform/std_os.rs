@@ -12,6 +12,11 @@
 use super::Platform;
 use core::sync::atomic::AtomicU32;
 
+/// The longest single wait of [`StdPlatform::wait`]: far longer than a
+/// lock is normally held, short enough that a child's only thread, left
+/// waiting for a lock of a thread that is not there, finds out soon.
+const WAIT_SLICE: core::time::Duration = core::time::Duration::from_millis(50);
+
 /// The platform of a std program. Stateless; use the [`StdPlatform::get`]
 /// static.
 #[derive(Debug, Default, Clone, Copy)]
@@ -220,10 +225,14 @@ impl Platform for StdPlatform {
     }
 
     /// Until woken (or EINTR / EAGAIN, which callers treat as spurious
-    /// wake-ups).
+    /// wake-ups), or 50 ms at most (`WAIT_SLICE`): a waiter looks again at least
+    /// that often. Its thread may have become the only one of a forked
+    /// child meanwhile, in a signal handler that forked (the kernel resumes
+    /// an interrupted wait), and the holder be gone: the lock then gives
+    /// way instead of waiting (the `fork` module's "Orphaned locks").
     #[cfg(target_os = "linux")]
     fn wait(&self, word: &AtomicU32, expected: u32) {
-        super::futex::wait(word, expected, None);
+        super::futex::wait(word, expected, Some(WAIT_SLICE));
     }
 
     #[cfg(target_os = "linux")]

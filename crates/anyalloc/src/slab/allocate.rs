@@ -117,7 +117,7 @@ impl HeapCore {
         if never_served(layout) {
             return None;
         }
-        self.retry_after_miss(
+        let p = self.retry_after_miss(
             layout,
             None,
             || {
@@ -125,7 +125,14 @@ impl HeapCore {
                 self.reclaim();
             },
             || self.alloc_once(layout, 0),
-        )
+        );
+        // A lock it gave way to may be orphaned (the `fork` module's
+        // "Orphaned locks"): what the nolock path serves.
+        #[cfg(feature = "std")]
+        if p.is_none() && crate::fork::orphaned() {
+            return self.alloc_nolock(layout);
+        }
+        p
     }
 
     /// A normal allocation's last attempts after a miss (into `group`, if

@@ -12,7 +12,9 @@
 //!   `fork` (`me | FORK_HELD`, stored by `lock_raw`) and owns the fork
 //!   window (the `context` module), it borrows it, unless a borrowed guard
 //!   is live (`lent`: a handler that interrupted that section gets `None`,
-//!   as above): the guard's drop releases nothing but `lent`;
+//!   as above): the guard's drop releases nothing but `lent`. In a process that may hold orphaned locks (the `fork` module's
+//!   "Orphaned locks"), the spin ends after `fork::ORPHAN_PATIENCE` with
+//!   `None` too;
 //! * `try_lock`: one CAS (any context: the nolock charge path uses it to
 //!   reach other groups' stocks on a refusal);
 //! * release (guard drop): store 0 (Release), then unmark the thread.
@@ -84,6 +86,10 @@ impl RegistryLock {
 
     fn lock_waiting(&self, give_way: bool) -> Option<RegistryGuard<'_>> {
         let me = me();
+        // When the spin started, in a process that may hold orphaned locks
+        // (set on its first turn there).
+        #[cfg(feature = "std")]
+        let mut orphan_since: Option<std::time::Instant> = None;
         loop {
             match self
                 .owner
@@ -114,7 +120,20 @@ impl RegistryLock {
                 Err(cur) if give_way && cur & context::FORK_HELD != 0 && cur != usize::MAX => {
                     return None
                 }
-                Err(_) => core::hint::spin_loop(),
+                Err(_) => {
+                    // A holder that is gone (see the `fork` module's
+                    // "Orphaned locks"): `None`, as for this thread's own.
+                    #[cfg(feature = "std")]
+                    if crate::fork::orphaned()
+                        && orphan_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            >= crate::fork::ORPHAN_PATIENCE
+                    {
+                        return None;
+                    }
+                    core::hint::spin_loop()
+                }
             }
         }
     }

@@ -50,6 +50,16 @@
 //!   handler that interrupted their holder. A bare `lock` (callers that
 //!   cannot fall back: maintenance, checks) waits instead: CAS 3 -> 3
 //!   (AcqRel, to be counted by the release), then wait while the state is 3.
+//! * in a process that may hold orphaned locks (a forked child whose
+//!   fork's prepare handler took nothing: see the `fork` module's
+//!   "Orphaned locks"), a contended acquisition polls, never announced,
+//!   for at most `fork::ORPHAN_PATIENCE`, then gives way (`lock_in` and
+//!   `lock_patient` return `None`; a bare `lock` reports the lock and
+//!   aborts), and marks the lock 3 so that the next `lock_in(Normal)`
+//!   gives way at once (a holder that is alive releases it as usual). A
+//!   waiter already asleep when its thread became such a child (a signal
+//!   handler forked) finds out on its next look: the std platform's waits
+//!   last 50 ms at most.
 //! * polling locks (`set_polling(true)`, for `Config::nolock_syscalls(false)`):
 //!   waiters never announce themselves (the state never becomes 2); they
 //!   CAS 0 -> 1 after each short timed wait on the word instead (and give
@@ -96,7 +106,8 @@ enum Contended {
     /// This thread holds it (it interrupted itself): it did not wait.
     SelfHeld,
     /// Held across a `fork` on another thread: it gave way instead of
-    /// waiting (`lock_in(Normal)` only).
+    /// waiting (`lock_in(Normal)` only); or, in a process that may hold
+    /// orphaned locks, held longer than `fork::ORPHAN_PATIENCE`.
     GaveWay,
 }
 
@@ -334,6 +345,12 @@ impl ZoneLock {
         {
             return Contended::Acquired;
         }
+        // A holder that may be gone for good (see the `fork` module's
+        // "Orphaned locks"): a bounded wait.
+        #[cfg(all(feature = "std", not(loom)))]
+        if crate::fork::orphaned() {
+            return self.lock_orphaned(give_way, platform);
+        }
         if self.poll.load(core::sync::atomic::Ordering::Relaxed) {
             // Never announced: the holder's release makes no system call;
             // re-check after each short timed wait.
@@ -367,6 +384,10 @@ impl ZoneLock {
                     }
                 }
                 FORK if give_way => break Contended::GaveWay,
+                // This thread became a forked child's only one while it
+                // waited (a signal handler forked): the holder may be gone.
+                #[cfg(all(feature = "std", not(loom)))]
+                _ if crate::fork::orphaned() => break self.lock_orphaned(give_way, platform),
                 seen => {
                     // 1, 2 or 3: marked (2 stays 2, 3 stays 3) by a write of
                     // this waiter's, then slept on while unchanged. A change
@@ -384,6 +405,41 @@ impl ZoneLock {
         };
         self.waiters.fetch_sub(1, Ordering::Relaxed);
         got
+    }
+
+    /// `lock_contended` in a process that may hold locks no thread will
+    /// release (the `fork` module's "Orphaned locks"): polls, never
+    /// announced, at most `fork::ORPHAN_PATIENCE`, then gives way (a lock
+    /// held across a fork gives way at once, as usual, when `give_way`).
+    /// A lock it gave way to is marked held across a fork (state 3), so
+    /// that the next `lock_in(Normal)` gives way at once; a holder that is
+    /// alive after all releases it as usual (its swap reads any state).
+    #[cfg(all(feature = "std", not(loom)))]
+    #[cold]
+    fn lock_orphaned(&self, give_way: bool, platform: &dyn Platform) -> Contended {
+        let start = std::time::Instant::now();
+        loop {
+            match self.state.compare_exchange(
+                UNLOCKED,
+                LOCKED,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Contended::Acquired,
+                Err(FORK) if give_way => return Contended::GaveWay,
+                Err(seen) if start.elapsed() >= crate::fork::ORPHAN_PATIENCE => {
+                    if seen == FORK
+                        || self
+                            .state
+                            .compare_exchange(seen, FORK, Ordering::Relaxed, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        return Contended::GaveWay;
+                    }
+                }
+                Err(seen) => poll_while(platform, &self.state, seen),
+            }
+        }
     }
 
     /// Takes the lock without a guard (fork handling: held across `fork`),
@@ -564,6 +620,12 @@ fn me(platform: &dyn Platform) -> usize {
 
 #[cold]
 fn self_deadlock(platform: &dyn Platform) -> ! {
+    #[cfg(all(feature = "std", not(loom)))]
+    if crate::fork::orphaned() {
+        platform.fatal(
+            b"anyalloc: a lock stayed held in the child of a fork made by a signal handler that interrupted the allocator (a thread of the parent held it at the fork; no thread here releases it)",
+        )
+    }
     platform.fatal(
         b"anyalloc: a thread waited for a lock it holds itself (a call left half done by siglongjmp or asynchronous cancellation, or an internal error: re-entry not routed to the nolock path)",
     )

@@ -1,0 +1,291 @@
+//! The child of a `fork` made by a signal handler that interrupted the
+//! allocator must not wait for ever for a lock that another thread of its
+//! parent held at the clone.
+//!
+//! Such a fork's prepare handler takes no lock (its own thread, inside the
+//! allocator, may hold them), so the child inherits every lock the
+//! parent's other threads held then, and none of those threads exists
+//! there. Once the handler returns, the child's thread goes on as usual:
+//! its normal path used to wait for those locks for ever. Now it gives way
+//! to them after `fork::ORPHAN_PATIENCE` and is served by the nolock path
+//! (the `fork` module's "Orphaned locks").
+//!
+//! In both scenarios thread H holds heap A's zone lock (paused at
+//! `Site::ZoneAlloc`, inside a normal allocation of a block above the
+//! per-CPU lists), and a signal handler on the main thread forks while the
+//! main thread is inside the allocator:
+//!
+//! 1. the main thread is inside heap B's zone lock (its own hook raises the
+//!    signal there); in the child it finishes that allocation, then
+//!    allocates from A, which needs A's zone lock;
+//! 2. the main thread is waiting for A's zone lock itself (another thread
+//!    signals it): in the child its wait goes on, for a holder that is not
+//!    there.
+//!
+//! Each child then allocates blocks and objects from A on the normal path,
+//! drains and trims A, and forks once more (a fork in such a child takes no
+//! lock either: its prepare would wait for the same locks). Before the fix
+//! every child hung (the watchdog killed it).
+
+mod watchdog;
+mod zone_holder;
+
+use std::alloc::Layout;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::{Config, Heap};
+
+/// The block H allocates under A's zone lock (256 KiB: above the per-CPU
+/// lists, so the zone's).
+const ORDER: u32 = 6;
+
+/// Roles: H holds A's zone lock; the main thread, in scenario 1, raises
+/// the signal inside B's.
+const HOLDER: u8 = 1;
+const RAISER: u8 = 2;
+
+thread_local! {
+    static ROLE: Cell<u8> = const { Cell::new(0) };
+}
+
+/// 0: H has not paused yet; 1: H holds A's zone lock; 2: the signal was
+/// raised; 3: H may go on.
+static STEP: AtomicUsize = AtomicUsize::new(0);
+/// Set in the child of the handler's fork.
+static IN_CHILD: AtomicBool = AtomicBool::new(false);
+/// The handler's child (in the parent).
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+fn hook(site: Site) {
+    if site != Site::ZoneAlloc {
+        return;
+    }
+    match ROLE.get() {
+        HOLDER if STEP.load(SeqCst) == 0 => {
+            STEP.store(1, SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while STEP.load(SeqCst) < 3 && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+        }
+        RAISER if STEP.load(SeqCst) == 1 => {
+            STEP.store(2, SeqCst);
+            // SAFETY: raising a signal whose handler is installed.
+            unsafe { libc::raise(libc::SIGUSR1) };
+        }
+        _ => {}
+    }
+}
+
+extern "C" fn fork_here(_: libc::c_int) {
+    // SAFETY: fork is async-signal-safe; the child returns from the
+    // handler and goes on (that is the scenario).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        IN_CHILD.store(true, SeqCst);
+    } else {
+        CHILD.store(pid, SeqCst);
+    }
+}
+
+fn install_fork_handler() {
+    // SAFETY: a plain handler that only forks and stores atomics.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = fork_here as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+}
+
+fn heap() -> Heap {
+    Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap")
+}
+
+/// Writes a line with write(2) (the child leaves stdio alone: another
+/// thread of the parent may have held its lock at the clone).
+fn say(line: &str) {
+    // SAFETY: writing a live buffer to stdout.
+    unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+}
+
+/// The child's work, once the handler has returned: everything must come
+/// back (an allocation may fail, as nothing may wait for A's zone lock,
+/// but here the nolock path serves them). Returns the exit code.
+fn child_work(a: &Heap) -> i32 {
+    let mut code = 0;
+    // A block above the per-CPU lists: A's zone lock, then the nolock path.
+    match a.pages().alloc_pages(ORDER) {
+        // SAFETY: allocated just above with this order, freed once.
+        Some(p) => unsafe { a.pages().free_pages(p, ORDER) },
+        None => {
+            say("child: no block of order 6\n");
+            code = 1;
+        }
+    }
+    // Objects: enough slabs to need pages from the zone.
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    let mut objs = [std::ptr::null_mut::<u8>(); 4096];
+    let mut got = 0;
+    for o in objs.iter_mut() {
+        if let Some(p) = a.alloc(layout) {
+            *o = p.as_ptr();
+            got += 1;
+        }
+    }
+    for &o in objs.iter().filter(|o| !o.is_null()) {
+        // SAFETY: allocated above from `a`, freed once.
+        unsafe { a.free(std::ptr::NonNull::new_unchecked(o)) };
+    }
+    if got != objs.len() {
+        say("child: objects missing\n");
+        code = 2;
+    }
+    a.drain();
+    a.trim();
+    // A fork here: its prepare must not wait for A's zone lock either.
+    // SAFETY: the grandchild only _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if pid < 0 || unsafe { libc::waitpid(pid, &mut status, 0) } != pid || status != 0 {
+        say("child: its own fork failed\n");
+        code = 3;
+    }
+    if code == 0 {
+        say("child: served, drained, trimmed and forked\n");
+    }
+    code
+}
+
+/// In the parent: waits for the handler's child (it must not hang), lets
+/// H go on, and checks the child's status.
+fn check_child(h: std::thread::ScopedJoinHandle<'_, ()>) {
+    let pid = CHILD.load(SeqCst);
+    assert!(pid > 0, "the handler did not fork");
+    let status = watchdog::wait_child(pid, Duration::from_secs(20));
+    STEP.store(3, SeqCst);
+    h.join().unwrap();
+    let status =
+        status.expect("the child hung: it waited for a lock held by a thread it does not have");
+    assert!(
+        watchdog::exited_ok(status),
+        "the child failed: status {status:#x}"
+    );
+}
+
+#[test]
+fn a_handler_forks_inside_another_heap() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_inside_another_heap",
+        Duration::from_secs(90),
+        "a fork in a handler inside heap B, then heap A in the child",
+    ) {
+        return;
+    }
+    let (a, b) = (heap(), heap());
+    install_fork_handler();
+    set_hook(Some(hook));
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            ROLE.set(HOLDER);
+            zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+        ROLE.set(RAISER);
+        zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+        ROLE.set(0);
+        if IN_CHILD.load(SeqCst) {
+            set_hook(None);
+            let code = child_work(&a);
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(code) };
+        }
+        assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
+        check_child(h);
+    });
+    set_hook(None);
+}
+
+#[test]
+fn a_handler_forks_while_its_thread_waits_for_the_lock() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_while_its_thread_waits_for_the_lock",
+        Duration::from_secs(90),
+        "a fork in a handler while its thread waits for heap A's zone lock",
+    ) {
+        return;
+    }
+    let a = heap();
+    install_fork_handler();
+    set_hook(Some(hook));
+    // SAFETY: pthread_self has no preconditions.
+    let main = unsafe { libc::pthread_self() } as usize;
+    let started = AtomicBool::new(false);
+    let status = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            ROLE.set(HOLDER);
+            zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+        // The signaller, once the main thread has had time to start
+        // waiting for A's zone lock (it spins a little, then sleeps); then
+        // (the main thread waits for H meanwhile) it waits for the child
+        // and lets H go on.
+        let signaller = s.spawn(|| {
+            while !started.load(SeqCst) {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            STEP.store(2, SeqCst);
+            // SAFETY: signalling a live thread of this process whose
+            // handler is installed.
+            unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while CHILD.load(SeqCst) == 0 && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            let pid = CHILD.load(SeqCst);
+            let status = (pid > 0)
+                .then(|| watchdog::wait_child(pid, Duration::from_secs(20)))
+                .flatten();
+            STEP.store(3, SeqCst);
+            (pid, status)
+        });
+        started.store(true, SeqCst);
+        zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER - 1);
+        if IN_CHILD.load(SeqCst) {
+            set_hook(None);
+            let code = child_work(&a);
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(code) };
+        }
+        h.join().unwrap();
+        signaller.join().unwrap()
+    });
+    set_hook(None);
+    let (pid, status) = status;
+    assert!(pid > 0, "the handler did not fork");
+    let status =
+        status.expect("the child hung: it waited for a lock held by a thread it does not have");
+    assert!(
+        watchdog::exited_ok(status),
+        "the child failed: status {status:#x}"
+    );
+}
