@@ -26,15 +26,6 @@ impl Cache {
         self.rseq || self.deferred.is_empty()
     }
 
-    /// The sequences' CPU count for `mode` (0: the fast path is closed).
-    #[inline(always)]
-    pub(super) fn seq_cpus(&self, mode: Mode) -> usize {
-        match mode {
-            Mode::Normal => self.normal_cpus.cpus(),
-            Mode::NoLock => self.nolock_cpus,
-        }
-    }
-
     /// A validated free of `mode` that [`seq_push`](Self::seq_push) did
     /// not take: the whole free (the try-locked fast path without rseq).
     #[inline(never)]
@@ -70,26 +61,29 @@ impl Cache {
     /// line, which the gate's read brings in anyway.
     #[inline(always)]
     pub(crate) fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
-        let mode = if COUNT_NOLOCK {
-            Mode::NoLock
-        } else {
-            Mode::Normal
-        };
+        let target = (self as *const Self).cast::<u8>();
         // `raw_offset` is glibc's area offset (the heap's build ran
-        // `prepare_offset`). A non-zero CPU count means `rseq` was chosen at
-        // init: the area is registered (this cache's `rseq_off`), and
-        // `level0` is CPU 0's level-0 slot, the first of a slot per one of
-        // those CPUs, `LEVEL0_STRIDE` bytes apart, laid out as the sequences
-        // expect (asserted above), living as long as the cache.
+        // `prepare_offset`). The target is this cache, whose head the
+        // sequences read as `sync::rseq::layout` says (asserted beside the
+        // type): a non-zero CPU count of the mode's gate means `rseq` was
+        // chosen at init, so the area is registered (this cache's
+        // `rseq_off`), and `level0` is CPU 0's level-0 slot, the first of a
+        // slot per one of those CPUs, `LEVEL0_STRIDE` bytes apart, laid out
+        // as the sequences expect (asserted above), living as long as the
+        // cache.
         // SAFETY: as just said (with 0 CPUs the sequence touches only this
         // thread's rseq area); level-0 slots are changed only by sequences
         // and by lock holders, as `sync::rseq` prescribes.
         unsafe {
-            crate::sync::rseq::sheaf_pop::<COUNT_NOLOCK, LEVEL0_SHIFT>(
-                crate::sync::rseq::raw_offset(),
-                self.level0.cast(),
-                self.seq_cpus(mode),
-            )
+            use crate::sync::rseq::{layout, raw_offset, sheaf_pop};
+            if COUNT_NOLOCK {
+                sheaf_pop::<true, LEVEL0_SHIFT, { layout::SHEAF_NOLOCK_CPUS }>(raw_offset(), target)
+            } else {
+                sheaf_pop::<false, LEVEL0_SHIFT, { layout::SHEAF_NORMAL_CPUS }>(
+                    raw_offset(),
+                    target,
+                )
+            }
         }
     }
 
@@ -128,15 +122,23 @@ impl Cache {
     /// [`free_miss`](Self::free_miss).
     #[inline(always)]
     pub(crate) fn seq_push(&self, obj: usize, mode: Mode) -> bool {
+        let target = (self as *const Self).cast::<u8>();
         // SAFETY: as in `seq_pop`; `obj` is a validated object of this
         // cache being freed.
         unsafe {
-            crate::sync::rseq::sheaf_push::<LEVEL0_SHIFT>(
-                crate::sync::rseq::raw_offset(),
-                self.level0.cast(),
-                self.seq_cpus(mode),
-                obj,
-            )
+            use crate::sync::rseq::{layout, raw_offset, sheaf_push};
+            match mode {
+                Mode::Normal => sheaf_push::<LEVEL0_SHIFT, { layout::SHEAF_NORMAL_CPUS }>(
+                    raw_offset(),
+                    target,
+                    obj,
+                ),
+                Mode::NoLock => sheaf_push::<LEVEL0_SHIFT, { layout::SHEAF_NOLOCK_CPUS }>(
+                    raw_offset(),
+                    target,
+                    obj,
+                ),
+            }
         }
     }
 

@@ -456,6 +456,20 @@ pub struct ClassStats {
 /// shares one cache line: a free touches one line of its cache, not four.
 #[repr(C, align(512))]
 pub(crate) struct Cache {
+    /// The gate of the normal fast paths: the CPU count they hand to the
+    /// sequences, `cpus` while open (`rseq`, and nothing deferred as far as
+    /// the gate knows), 0 while closed (see [`FastGate`] for the protocol
+    /// and why it is never left open over a parked object). `defer` closes
+    /// it after its push, and so does every context that took the deferred
+    /// stack and puts part of it back (`alloc_deferred`, `is_free`); a
+    /// normal slow path that finds it closed drains, then reopens it
+    /// (`drain_and_reopen`).
+    normal_cpus: FastGate,
+    /// The CPU count the nolock fast paths hand to the sequences: `cpus`
+    /// with `rseq`, else 0 (see `normal_cpus`).
+    nolock_cpus: usize,
+    /// CPU 0's level-0 slot; CPU `c`'s is `c * LEVEL0_STRIDE` bytes further.
+    level0: *const SheafSlot,
     /// The heap's secret (see "Double-free detection").
     key: usize,
     /// Validation's multiplier, [`start_magic`]`(size)`: an offset `off`
@@ -477,21 +491,7 @@ pub(crate) struct Cache {
     /// 2^64)`: the bound of the object-start test, which also excludes the
     /// slab's tail (owner words, bitmap, slack). It is at most the slab's
     /// bytes, so it fits in 32 bits (asserted for every class).
-    start_bound: u32,
-    /// The gate of the normal fast paths: the CPU count they hand to the
-    /// sequences, `cpus` while open (`rseq`, and nothing deferred as far as
-    /// the gate knows), 0 while closed (see [`FastGate`] for the protocol
-    /// and why it is never left open over a parked object). `defer` closes
-    /// it after its push, and so does every context that took the deferred
-    /// stack and puts part of it back (`alloc_deferred`, `is_free`); a
-    /// normal slow path that finds it closed drains, then reopens it
-    /// (`drain_and_reopen`).
-    normal_cpus: FastGate,
-    /// The CPU count the nolock fast paths hand to the sequences: `cpus`
-    /// with `rseq`, else 0 (see `normal_cpus`).
-    nolock_cpus: usize,
-    /// CPU 0's level-0 slot; CPU `c`'s is `c * LEVEL0_STRIDE` bytes further.
-    level0: *const SheafSlot,
+    start_bound: u64,
     class: usize,
     /// Slabs of accounted caches end with an array of owner groups, one
     /// word per object (0: none).
@@ -564,8 +564,13 @@ const _: () = {
     use core::mem::offset_of;
     assert!(offset_of!(Cache, key) < 64 && offset_of!(Cache, start_magic) < 64);
     assert!(offset_of!(Cache, slab_mask) < 64 && offset_of!(Cache, start_bound) < 64);
-    assert!(offset_of!(Cache, normal_cpus) < 64 && offset_of!(Cache, nolock_cpus) < 64);
-    assert!(offset_of!(Cache, level0) < 64);
+    // The sheaf sequences' target is the cache itself
+    // (`sync::rseq::layout`).
+    use crate::sync::rseq::layout as l;
+    assert!(offset_of!(Cache, normal_cpus) == l::SHEAF_NORMAL_CPUS);
+    assert!(offset_of!(Cache, nolock_cpus) == l::SHEAF_NOLOCK_CPUS);
+    assert!(offset_of!(Cache, level0) == l::SHEAF_SLOTS);
+    assert!(core::mem::size_of::<FastGate>() == 8);
     assert!(core::mem::size_of::<Cache>() == 512);
 };
 
@@ -735,7 +740,7 @@ impl Cache {
                 size: SIZES[class] as usize,
                 start_magic: start_magic(SIZES[class]),
                 slab_mask: ((PAGE_SIZE << class::slab_order(class)) - 1) as u32,
-                start_bound: start_bound(SIZES[class], objects_per_slab(class, accounted)) as u32,
+                start_bound: start_bound(SIZES[class], objects_per_slab(class, accounted)),
                 recip: recip(SIZES[class]),
                 order: class::slab_order(class),
                 objs: objects_per_slab(class, accounted),

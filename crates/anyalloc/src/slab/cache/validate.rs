@@ -361,7 +361,7 @@ impl Cache {
     #[inline(always)]
     pub(crate) fn is_object_start(&self, addr: usize) -> bool {
         let off = addr as u32 & self.slab_mask;
-        is_start(off, self.start_magic, self.start_bound as u64)
+        is_start(off, self.start_magic, self.start_bound)
     }
 
     #[cold]

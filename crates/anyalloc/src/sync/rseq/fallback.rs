@@ -7,10 +7,9 @@
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
+pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: usize>(
     _off: isize,
-    _slots: *const u8,
-    _cpus: usize,
+    _target: *const u8,
 ) -> Option<usize> {
     None
 }
@@ -20,10 +19,9 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
+pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
     _off: isize,
-    _slots: *const u8,
-    _cpus: usize,
+    _target: *const u8,
     _obj: usize,
 ) -> bool {
     false

@@ -17,8 +17,10 @@
 //! (`seq_start!`, `seq_find_slot!`, `seq_abort!`), so the protocol is
 //! written once.
 //!
-//! Registers: `off` = `__rseq_offset`, `slots` = the slot array, `cpus` =
-//! CPUs with a level-0 slot; scratch registers are named for what they hold.
+//! Registers: `off` = `__rseq_offset`, `target` = what the sheaf sequences
+//! read their CPU count and slot array from (`layout::SHEAF_*`), `slots` =
+//! the slot array, `cpus` = CPUs with a level-0 slot; scratch registers
+//! are named for what they hold.
 
 /// Opens a sequence (the first template piece of every `asm!` block): its
 /// descriptor, emitted into `__rseq_cs` (label 20; the section runs from
@@ -53,13 +55,10 @@ macro_rules! seq_start {
 /// take the shift as the const operand `SHIFT` (their caller's stride, a
 /// power of two), page sequences (whose slots are `layout::STRIDE` apart)
 /// use `STRIDE_SHIFT` (the `$scale` given). Operands: `t`, `off`, and the
-/// CPU count and slot array (registers `cpus` and `slots`, or the memory
-/// operands given); constants `CPU_ID`, `SLOT_LOCK`, and `SHIFT` or
-/// `STRIDE_SHIFT`.
+/// CPU count and slot array given (memory operands: the sheaf sequences'
+/// target fields, the page sequences' `SeqTarget` fields); constants
+/// `CPU_ID`, `SLOT_LOCK`, and `SHIFT` or `STRIDE_SHIFT`.
 macro_rules! seq_find_slot {
-    ($fail:literal) => {
-        seq_find_slot!($fail, "{cpus}", "{slots}", "shl {t}, {SHIFT}")
-    };
     ($fail:literal, $cpus:literal, $slots:literal, $scale:literal) => {
         concat!(
             "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]\n",
@@ -174,8 +173,9 @@ const BUSY: usize = 1;
 ///
 /// ```text
 /// restart: rseq->rseq_cs = &cs
-/// start:   cpu = rseq->cpu_id;            if cpu >= cpus: None
-///          slot = slots + (cpu << SHIFT); if slot.lock != 0: None
+/// start:   cpu = rseq->cpu_id;            if cpu >= target.cpus: None
+///          slot = target.slots + (cpu << SHIFT)
+///                                         if slot.lock != 0: None
 ///          top = slot.top                 (the main sheaf's next free entry)
 ///          if top % SHEAF_ALIGN == 0: None  (main empty, or no main yet)
 ///          obj = *(top - 8)
@@ -220,16 +220,22 @@ const BUSY: usize = 1;
 /// [`super::prepare_offset`]): this thread's rseq area, registered or not
 /// (glibc keeps the area in every thread's descriptor either way; an
 /// unregistered area's `cpu_id` reads -2, above any CPU count, and the
-/// kernel never reads its `rseq_cs`). `cpus` is 0, or: the area is
-/// registered, and `slots` points to the level-0 slots of `cpus` CPUs,
-/// `1 << SHIFT` bytes apart, laid out as [`super::layout`] says, each `top`
-/// 0 or a pointer into a live sheaf (as long as the call); only sequences
-/// and lock holders (see the module documentation) change them.
+/// kernel never reads its `rseq_cs`). `target` points to a live sheaf
+/// target ([`super::layout`]`::SHEAF_*`, the head of a cache) whose u64 at
+/// offset `CPUS` (`SHEAF_NORMAL_CPUS` or `SHEAF_NOLOCK_CPUS`: its CPU
+/// count, which may change, read inside the section) is 0, or: the area
+/// is registered, and the pointer at `SHEAF_SLOTS` (which never changes)
+/// points to the level-0 slots of that many CPUs, `1 << SHIFT` bytes
+/// apart, laid out as [`super::layout`] says, each `top` 0 or a pointer
+/// into a live sheaf (as long as the call); only sequences and lock
+/// holders (see the module documentation) change them. The CPU count and
+/// the slot array are read inside the section, each folded into the
+/// instruction that uses it: two loads fewer for the caller, which has the
+/// target (the cache) in a register already.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
+pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: usize>(
     off: isize,
-    slots: *const u8,
-    cpus: usize,
+    target: *const u8,
 ) -> Option<usize> {
     let obj: usize;
     // Registers: `t` is the slot, `n` its `top`, `obj` the object (0 from
@@ -240,7 +246,12 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
     unsafe {
         core::arch::asm!(
             seq_start!(".if {COUNT}", "xor {obj:e}, {obj:e}", ".endif"),
-            seq_find_slot!("25f"),
+            seq_find_slot!(
+                "25f",
+                "qword ptr [{target} + {CPUS}]",
+                "qword ptr [{target} + {SLOTS}]",
+                "shl {t}, {SHIFT}"
+            ),
             "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
             "test {n:e}, {ALIGN_MASK}",
             "jz 25f",
@@ -270,7 +281,13 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
             // runs on now (see the function's documentation); `n` is
             // scratch until the pop restarts.
             ".if {COUNT}",
-            take_back!("n", "{cpus}", "{slots}", "shl {n}, {SHIFT}", "{SLOT_NOLOCK_OK}"),
+            take_back!(
+                "n",
+                "qword ptr [{target} + {CPUS}]",
+                "qword ptr [{target} + {SLOTS}]",
+                "shl {n}, {SHIFT}",
+                "{SLOT_NOLOCK_OK}"
+            ),
             ".pushsection __rseq_failure, \"ax\"",
             "35:",
             "lock sub qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
@@ -283,13 +300,14 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
             "jmp 29b",
             ".popsection",
             off = in(reg) off,
-            slots = in(reg) slots,
-            cpus = in(reg) cpus,
+            target = in(reg) target,
             t = out(reg) _,
             obj = out(reg) obj,
             n = out(reg) _,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
+            CPUS = const CPUS,
+            SLOTS = const SHEAF_SLOTS,
             SHIFT = const SHIFT,
             SLOT_LOCK = const SLOT_LOCK,
             SLOT_NOLOCK_OK = const SLOT_NOLOCK_OK,
@@ -309,8 +327,9 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
 ///
 /// ```text
 /// restart: rseq->rseq_cs = &cs
-/// start:   cpu = rseq->cpu_id;            if cpu >= cpus: false
-///          slot = slots + (cpu << SHIFT); if slot.lock != 0: false
+/// start:   cpu = rseq->cpu_id;            if cpu >= target.cpus: false
+///          slot = target.slots + (cpu << SHIFT)
+///                                         if slot.lock != 0: false
 ///          top = slot.top
 ///          if top >= slot.limit: false    (the class's sheaf capacity;
 ///                                          0 >= 0 before the slot is
@@ -328,10 +347,9 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32>(
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
+pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
     off: isize,
-    slots: *const u8,
-    cpus: usize,
+    target: *const u8,
     obj: usize,
 ) -> bool {
     // SAFETY: as in `sheaf_pop`; the store at `top` lies above the count (unseen
@@ -340,7 +358,12 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
     unsafe {
         core::arch::asm!(
             seq_start!(),
-            seq_find_slot!("{fail}"),
+            seq_find_slot!(
+                "{fail}",
+                "qword ptr [{target} + {CPUS}]",
+                "qword ptr [{target} + {SLOTS}]",
+                "shl {t}, {SHIFT}"
+            ),
             "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
             "cmp {n}, qword ptr [{t} + {SLOT_LIMIT}]",
             "jae {fail}",
@@ -350,13 +373,14 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32>(
             "22:",
             seq_abort!(),
             off = in(reg) off,
-            slots = in(reg) slots,
-            cpus = in(reg) cpus,
+            target = in(reg) target,
             obj = in(reg) obj,
             t = out(reg) _,
             n = out(reg) _,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
+            CPUS = const CPUS,
+            SLOTS = const SHEAF_SLOTS,
             SHIFT = const SHIFT,
             SLOT_LOCK = const SLOT_LOCK,
             SLOT_TOP = const SLOT_TOP,
