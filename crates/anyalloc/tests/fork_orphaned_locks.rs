@@ -19,8 +19,8 @@
 //!    signal there); in the child it finishes that allocation, then
 //!    allocates from A, which needs A's zone lock;
 //! 2. the main thread is waiting for A's zone lock itself (another thread
-//!    signals it): in the child its wait goes on, for a holder that is not
-//!    there.
+//!    signals it once `/proc` shows it asleep in a futex wait): in the
+//!    child its wait goes on, for a holder that is not there.
 //!
 //! Each child then allocates blocks and objects from A on the normal path,
 //! drains and trims A, and forks once more (a fork in such a child takes no
@@ -166,6 +166,13 @@ fn child_work(a: &Heap) -> i32 {
     code
 }
 
+/// Whether thread `tid` of this process is blocked in a `futex` call (its
+/// `/proc` syscall file starts with the call's number).
+fn in_futex_wait(tid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+        .is_ok_and(|s| s.split(' ').next() == Some(&libc::SYS_futex.to_string()))
+}
+
 /// In the parent: waits for the handler's child (it must not hang), lets
 /// H go on, and checks the child's status.
 fn check_child(h: std::thread::ScopedJoinHandle<'_, ()>) {
@@ -231,8 +238,8 @@ fn a_handler_forks_while_its_thread_waits_for_the_lock() {
     let a = heap();
     install_fork_handler();
     set_hook(Some(hook));
-    // SAFETY: pthread_self has no preconditions.
-    let main = unsafe { libc::pthread_self() } as usize;
+    // SAFETY: pthread_self and gettid have no preconditions.
+    let (main, main_tid) = unsafe { (libc::pthread_self() as usize, libc::gettid()) };
     let started = AtomicBool::new(false);
     let status = std::thread::scope(|s| {
         let h = s.spawn(|| {
@@ -244,15 +251,21 @@ fn a_handler_forks_while_its_thread_waits_for_the_lock() {
             std::thread::yield_now();
         }
         assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
-        // The signaller, once the main thread has had time to start
-        // waiting for A's zone lock (it spins a little, then sleeps); then
-        // (the main thread waits for H meanwhile) it waits for the child
-        // and lets H go on.
+        // The signaller, once the main thread sleeps on A's zone lock (in
+        // a futex wait, which /proc shows); then (the main thread waits for
+        // H meanwhile) it waits for the child and lets H go on.
         let signaller = s.spawn(|| {
             while !started.load(SeqCst) {
                 std::thread::yield_now();
             }
-            std::thread::sleep(Duration::from_millis(200));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !in_futex_wait(main_tid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                in_futex_wait(main_tid),
+                "the main thread did not wait for the lock"
+            );
             STEP.store(2, SeqCst);
             // SAFETY: signalling a live thread of this process whose
             // handler is installed.
