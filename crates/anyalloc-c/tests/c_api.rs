@@ -313,7 +313,9 @@ fn a_limit_on_address_space_gets_a_smaller_first_zone() {
 /// growth that doubles each zone used to stop when the next doubling did
 /// not fit (with a 16 MiB first zone and 900 MiB of room, at 496 MiB);
 /// now a refused zone is retried at half the size, down to 4 MiB, and
-/// each growth takes at most half of the room left.
+/// each growth takes at most half of the room left. Every `malloc` that
+/// succeeds leaves `errno` alone, as glibc's does (a refused zone mapping,
+/// retried smaller, left `ENOMEM` there).
 #[test]
 fn growth_under_a_limit_on_address_space_uses_most_of_it() {
     let exe = compile::<&str>(&["rlimit_fill.c"], "rlimit_fill", &[]);
