@@ -296,7 +296,8 @@ const MAX_FAST_SIZE: usize = 80 * core::mem::size_of::<usize>() / 4;
 /// `mallopt(3)`: glibc's parameters and return values (as glibc 2.36: 0
 /// only for an `M_MXFAST` above 160 bytes or negative, 1 for everything
 /// else, unknown parameters included).
-/// Honoured: `M_PERTURB` (its low byte; allocations other than `calloc`
+/// Honoured: `M_PERTURB` (on for any value but 0, filling with its low
+/// byte; allocations other than `calloc`
 /// are filled with the complement of the byte, freed blocks with the byte). Accepted and
 /// checked like glibc but without effect, because anyalloc has no
 /// equivalent knob: `M_MXFAST`, `M_TRIM_THRESHOLD`, `M_TOP_PAD`,
@@ -310,9 +311,11 @@ pub extern "C" fn mallopt(param: c_int, value: c_int) -> c_int {
     match param {
         M_MXFAST => c_int::from(v <= MAX_FAST_SIZE),
         M_PERTURB => {
-            let byte = value as u8;
-            PERTURB.store(byte, Ordering::Relaxed);
-            if byte != 0 {
+            // As glibc (and its manual): any value other than 0 turns the
+            // fills on, one whose low byte is 0 included (allocations then
+            // filled with 0xff, freed blocks with 0).
+            PERTURB.store(value as u8, Ordering::Relaxed);
+            if value != 0 {
                 SLOW.fetch_or(SLOW_PERTURB, Ordering::Relaxed);
             } else {
                 SLOW.fetch_and(!SLOW_PERTURB, Ordering::Relaxed);

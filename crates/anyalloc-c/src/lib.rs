@@ -66,7 +66,7 @@ const HUGE_ABOVE: usize = anyalloc::PAGE_SIZE << anyalloc::MAX_ORDER;
 
 /// Work the normal path owes, checked with one load per call: bits below.
 static SLOW: AtomicU8 = AtomicU8::new(0);
-/// `mallopt(M_PERTURB, v)` with `v & 0xff != 0`: allocations (but not
+/// `mallopt(M_PERTURB, v)` with `v != 0`: allocations (but not
 /// `calloc`) are filled with `!PERTURB`, freed blocks with `PERTURB`.
 const SLOW_PERTURB: u8 = 1;
 /// A forked child whose parent ran the maintenance thread: the first

@@ -485,6 +485,15 @@ static void test_mallopt(void) {
     free(p);
     /* Reads freed memory on purpose: the fill must be there. */
     CHECK(p[50] == 0xa5 && p[99] == 0xa5);
+    /* Any value but 0 turns it on, one whose low byte is 0 too (glibc's
+     * manual, and glibc: allocations filled with 0xff, frees with 0). */
+    CHECK(mallopt(M_PERTURB, 0x100) == 1);
+    p = malloc(100);
+    filled = p != NULL;
+    for (int i = 0; filled && i < 100; i++) filled = p[i] == 0xff;
+    CHECK(filled);
+    free(p);
+    CHECK(p[50] == 0 && p[99] == 0);
     CHECK(mallopt(M_PERTURB, 0) == 1);
     p = malloc(100);
     CHECK(p != NULL);
