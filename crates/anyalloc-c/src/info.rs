@@ -123,6 +123,14 @@ pub extern "C" fn mallinfo() -> Mallinfo {
     }
 }
 
+/// glibc's `__libc_mallinfo`: [`mallinfo`] (glibc exports it beside the
+/// other `__libc_*` names of `lib.rs`; without it a caller reached glibc's
+/// own, idle arena and read zeros).
+#[no_mangle]
+pub extern "C" fn __libc_mallinfo() -> Mallinfo {
+    mallinfo()
+}
+
 /// `malloc_stats(3)`: a short summary on stderr, written with write(2).
 #[no_mangle]
 pub extern "C" fn malloc_stats() {
@@ -286,6 +294,13 @@ pub unsafe extern "C" fn malloc_info(options: c_int, fp: *mut libc::FILE) -> c_i
     } else {
         -1
     }
+}
+
+/// glibc's `__libc_mallopt`: [`mallopt`] (without it a caller's
+/// `M_PERTURB` went to glibc's own, unused malloc).
+#[no_mangle]
+pub extern "C" fn __libc_mallopt(param: c_int, value: c_int) -> c_int {
+    mallopt(param, value)
 }
 
 const M_MXFAST: c_int = 1;

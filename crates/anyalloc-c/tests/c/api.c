@@ -32,6 +32,8 @@ void *__libc_realloc(void *ptr, size_t size);
 void *__libc_memalign(size_t alignment, size_t size);
 void *__libc_valloc(size_t size);
 void *__libc_pvalloc(size_t size);
+struct mallinfo __libc_mallinfo(void);
+int __libc_mallopt(int param, int value);
 
 #define CHECK(cond)                                                            \
     do {                                                                       \
@@ -532,6 +534,17 @@ static void test_libc_names(void) {
     CHECK(p != NULL && aligned_to(p, 4096) && malloc_usable_size(p) >= 8192);
     __libc_free(p);
     CHECK(__libc_realloc(NULL, 10) != NULL); /* leaked on purpose: tiny */
+    /* glibc's two other __libc_ names reach this heap too (glibc's own
+     * would read and set its idle arena). */
+    p = malloc(10 << 20);
+    struct mallinfo mi = __libc_mallinfo();
+    CHECK(p != NULL && mi.hblks >= 1 && mi.hblkhd >= 10 << 20);
+    free(p);
+    CHECK(__libc_mallopt(M_PERTURB, 0x11) == 1);
+    p = malloc(100);
+    CHECK(p != NULL && p[0] == 0xee && p[99] == 0xee);
+    free(p);
+    CHECK(__libc_mallopt(M_PERTURB, 0) == 1);
 }
 
 static void test_free_sized(void) {
