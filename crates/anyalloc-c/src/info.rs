@@ -303,6 +303,82 @@ pub extern "C" fn __libc_mallopt(param: c_int, value: c_int) -> c_int {
     mallopt(param, value)
 }
 
+/// glibc's own switch for [`mallopt`]'s `M_PERTURB`, read once by the
+/// library's constructor: `GLIBC_TUNABLES=glibc.malloc.perturb=N`, else
+/// `MALLOC_PERTURB_=N` (Meson's test runner, for one, sets it for every
+/// test, to catch reads of uninitialised and freed memory). As glibc 2.36:
+/// `N` as C's `strtoul` with base 0 reads it (decimal, `0x` hex, `0` octal;
+/// what follows the digits is ignored, no digits is 0), from 0 to 255, else
+/// ignored (silently, as glibc: these are glibc's variables, not ours); and
+/// both are ignored in a set-user-ID or set-group-ID program
+/// (`AT_SECURE`), as glibc ignores them there.
+pub(crate) fn perturb_from_environment() {
+    // SAFETY: getauxval has no preconditions.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+        return;
+    }
+    // The last valid one: glibc sets a tunable each time it is named.
+    let tunable = env(c"GLIBC_TUNABLES").and_then(|list| {
+        list.split(|&b| b == b':')
+            .filter_map(|kv| kv.strip_prefix(b"glibc.malloc.perturb=".as_slice()))
+            .filter_map(perturb_value)
+            .next_back()
+    });
+    let value = tunable.or_else(|| env(c"MALLOC_PERTURB_").and_then(perturb_value));
+    if let Some(v) = value {
+        mallopt(M_PERTURB, v);
+    }
+}
+
+/// The value of the environment variable `name`, if set. Normal context
+/// (the constructor): nothing changes the environment meanwhile.
+fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+    // SAFETY: `name` is NUL-terminated; getenv returns null or a pointer to
+    // a NUL-terminated string owned by the environment.
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    // SAFETY: a non-null result is a valid C string, read at once.
+    (!p.is_null()).then(|| unsafe { core::ffi::CStr::from_ptr(p) }.to_bytes())
+}
+
+/// A `glibc.malloc.perturb` value as glibc's tunables read it (see
+/// [`perturb_from_environment`]); `None` outside 0..=255.
+fn perturb_value(text: &[u8]) -> Option<c_int> {
+    let mut t = text;
+    while let [b' ' | b'\t', rest @ ..] = t {
+        t = rest;
+    }
+    let negative = match t {
+        [b'-', rest @ ..] => {
+            t = rest;
+            true
+        }
+        [b'+', rest @ ..] => {
+            t = rest;
+            false
+        }
+        _ => false,
+    };
+    let (base, digits) = match t {
+        [b'0', b'x' | b'X', rest @ ..] => (16, rest),
+        [b'0', rest @ ..] => (8, rest),
+        _ => (10, t),
+    };
+    let mut v: u64 = 0;
+    for &b in digits {
+        let Some(d) = (b as char).to_digit(base) else {
+            break;
+        };
+        // Saturates: anything that large is out of range anyway.
+        v = v
+            .saturating_mul(u64::from(base))
+            .saturating_add(u64::from(d));
+    }
+    if negative && v != 0 {
+        return None;
+    }
+    c_int::try_from(v).ok().filter(|&v| v <= 0xff)
+}
+
 const M_MXFAST: c_int = 1;
 const M_PERTURB: c_int = -6;
 /// glibc's `MAX_FAST_SIZE` (`80 * sizeof(size_t) / 4`).

@@ -764,6 +764,7 @@ extern "C" fn constructor() {
     unsafe {
         libc::pthread_atfork(None, None, Some(fork_child));
     }
+    info::perturb_from_environment();
     if maintenance_wanted() {
         heap.start_maintenance();
     }

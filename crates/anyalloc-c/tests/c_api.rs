@@ -348,6 +348,65 @@ fn growth_under_a_limit_on_address_space_uses_most_of_it() {
     }
 }
 
+/// glibc's own switch for `M_PERTURB` in the environment, read as glibc
+/// 2.36 reads it (`strtoul` with base 0, trailing text ignored, 0 to 255,
+/// `GLIBC_TUNABLES` before `MALLOC_PERTURB_`): before, the library ignored
+/// both, and a test runner that sets `MALLOC_PERTURB_` (Meson's does, for
+/// every test) caught no read of uninitialised memory under it.
+#[test]
+fn malloc_perturb_from_the_environment_as_glibc() {
+    let exe = compile::<&str>(&["perturb_env.c"], "perturb_env", &[]);
+    let bytes = |env: &[(&str, &str)]| -> Vec<String> {
+        let mut cmd = preloaded(&exe);
+        cmd.env_remove("MALLOC_PERTURB_")
+            .env_remove("GLIBC_TUNABLES");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let o = run(cmd, TIMEOUT);
+        assert!(o.success(), "{env:?}: {} {}", o.describe(), o.stderr);
+        let line = o
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("perturb_env: "))
+            .unwrap_or_else(|| panic!("{env:?}: {}", o.stdout))
+            .to_string();
+        line.split(' ').map(str::to_string).collect()
+    };
+    // On: allocations filled with the complement of the byte, calloc zeroed.
+    for (env, fill) in [
+        (vec![("MALLOC_PERTURB_", "165")], "5a"),
+        (vec![("MALLOC_PERTURB_", "0xa5")], "5a"),
+        (vec![("MALLOC_PERTURB_", "0245")], "5a"),
+        (vec![("MALLOC_PERTURB_", "12abc")], "f3"),
+        (vec![("GLIBC_TUNABLES", "glibc.malloc.perturb=90")], "a5"),
+        (
+            vec![
+                ("MALLOC_PERTURB_", "165"),
+                (
+                    "GLIBC_TUNABLES",
+                    "glibc.malloc.check=1:glibc.malloc.perturb=90",
+                ),
+            ],
+            "a5",
+        ),
+    ] {
+        assert_eq!(bytes(&env), [fill, fill, "00"], "{env:?}");
+    }
+    // Off: out of range (glibc ignores it), or not set.
+    for env in [
+        vec![("MALLOC_PERTURB_", "256")],
+        vec![("MALLOC_PERTURB_", "300")],
+        vec![],
+    ] {
+        let b = bytes(&env);
+        assert!(
+            (b[0] == "33" || b[0] == "00") && b[1] == "00" && b[2] == "00",
+            "{env:?}: {b:?}"
+        );
+    }
+}
+
 /// The heap's settings from the environment, each checked on its own: one
 /// that is invalid is named in one line on stderr and keeps its default,
 /// and the others still apply.
