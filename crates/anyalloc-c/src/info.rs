@@ -6,7 +6,7 @@
 //! written line by line, so nothing here allocates while it reads the heap.
 
 use core::ffi::c_int;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use anyalloc::{Heap, HeapStats, PAGE_SIZE};
 
@@ -325,8 +325,26 @@ pub(crate) fn perturb_from_environment() {
             .next_back()
     });
     let value = tunable.or_else(|| env(c"MALLOC_PERTURB_").and_then(perturb_value));
-    if let Some(v) = value {
-        mallopt(M_PERTURB, v);
+    // glibc reads them before any constructor runs; this constructor may run
+    // after another library's, whose own `mallopt(M_PERTURB, ..)` must win.
+    if let Some(v) = value.filter(|_| !PERTURB_CHOSEN.load(Ordering::Relaxed)) {
+        set_perturb(v);
+    }
+}
+
+/// A program's `mallopt(M_PERTURB, ..)` has been made: the environment
+/// (read later, by the constructor) no longer applies.
+static PERTURB_CHOSEN: AtomicBool = AtomicBool::new(false);
+
+/// `M_PERTURB`: any value other than 0 turns the fills on, one whose low
+/// byte is 0 included (as glibc and its manual: allocations are then filled
+/// with 0xff, freed blocks with 0).
+fn set_perturb(value: c_int) {
+    PERTURB.store(value as u8, Ordering::Relaxed);
+    if value != 0 {
+        SLOW.fetch_or(SLOW_PERTURB, Ordering::Relaxed);
+    } else {
+        SLOW.fetch_and(!SLOW_PERTURB, Ordering::Relaxed);
     }
 }
 
@@ -402,15 +420,8 @@ pub extern "C" fn mallopt(param: c_int, value: c_int) -> c_int {
     match param {
         M_MXFAST => c_int::from(v <= MAX_FAST_SIZE),
         M_PERTURB => {
-            // As glibc (and its manual): any value other than 0 turns the
-            // fills on, one whose low byte is 0 included (allocations then
-            // filled with 0xff, freed blocks with 0).
-            PERTURB.store(value as u8, Ordering::Relaxed);
-            if value != 0 {
-                SLOW.fetch_or(SLOW_PERTURB, Ordering::Relaxed);
-            } else {
-                SLOW.fetch_and(!SLOW_PERTURB, Ordering::Relaxed);
-            }
+            PERTURB_CHOSEN.store(true, Ordering::Relaxed);
+            set_perturb(value);
             1
         }
         // M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX,

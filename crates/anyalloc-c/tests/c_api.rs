@@ -393,6 +393,30 @@ fn malloc_perturb_from_the_environment_as_glibc() {
     ] {
         assert_eq!(bytes(&env), [fill, fill, "00"], "{env:?}");
     }
+    // A library initialised before this one's constructor chose its own
+    // byte in its constructor: that choice stands, as under glibc (which
+    // reads the environment before any constructor runs).
+    let out = out_dir();
+    compile(
+        &["perturb_lib.c"],
+        "libanyalloc_c_perturb.so",
+        &["-shared", "-fPIC"],
+    );
+    let mut args = link_args();
+    // Listed after us: initialised before us.
+    args.push(format!("-L{}", out.display()));
+    args.push("-lanyalloc_c_perturb".into());
+    args.push(format!("-Wl,-rpath,{}", out.display()));
+    let chooser = compile(&["perturb_env.c"], "perturb_env_chosen", &args);
+    let mut cmd = std::process::Command::new(&chooser);
+    cmd.env("MALLOC_PERTURB_", "165");
+    let o = run(cmd, TIMEOUT);
+    assert!(
+        o.success() && o.stdout.contains("perturb_env: ee ee 00"),
+        "a constructor's mallopt, then MALLOC_PERTURB_: {} {}",
+        o.describe(),
+        o.stdout
+    );
     // Off: out of range (glibc ignores it), or not set.
     for env in [
         vec![("MALLOC_PERTURB_", "256")],
