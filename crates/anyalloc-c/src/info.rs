@@ -6,7 +6,7 @@
 //! written line by line, so nothing here allocates while it reads the heap.
 
 use core::ffi::c_int;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use anyalloc::{Heap, HeapStats, PAGE_SIZE};
 
@@ -121,6 +121,14 @@ pub extern "C" fn mallinfo() -> Mallinfo {
         fordblks: sat(i.fordblks),
         keepcost: sat(i.keepcost),
     }
+}
+
+/// glibc's `__libc_mallinfo`: [`mallinfo`] (glibc exports it beside the
+/// other `__libc_*` names of `lib.rs`; without it a caller reached glibc's
+/// own, idle arena and read zeros).
+#[no_mangle]
+pub extern "C" fn __libc_mallinfo() -> Mallinfo {
+    mallinfo()
 }
 
 /// `malloc_stats(3)`: a short summary on stderr, written with write(2).
@@ -288,6 +296,107 @@ pub unsafe extern "C" fn malloc_info(options: c_int, fp: *mut libc::FILE) -> c_i
     }
 }
 
+/// glibc's `__libc_mallopt`: [`mallopt`] (without it a caller's
+/// `M_PERTURB` went to glibc's own, unused malloc).
+#[no_mangle]
+pub extern "C" fn __libc_mallopt(param: c_int, value: c_int) -> c_int {
+    mallopt(param, value)
+}
+
+/// glibc's own switch for [`mallopt`]'s `M_PERTURB`, read once by the
+/// library's constructor: `GLIBC_TUNABLES=glibc.malloc.perturb=N`, else
+/// `MALLOC_PERTURB_=N` (Meson's test runner, for one, sets it for every
+/// test, to catch reads of uninitialised and freed memory). As glibc 2.36:
+/// `N` as C's `strtoul` with base 0 reads it (decimal, `0x` hex, `0` octal;
+/// what follows the digits is ignored, no digits is 0), from 0 to 255, else
+/// ignored (silently, as glibc: these are glibc's variables, not ours); and
+/// both are ignored in a set-user-ID or set-group-ID program
+/// (`AT_SECURE`), as glibc ignores them there.
+pub(crate) fn perturb_from_environment() {
+    // SAFETY: getauxval has no preconditions.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+        return;
+    }
+    // The last valid one: glibc sets a tunable each time it is named.
+    let tunable = env(c"GLIBC_TUNABLES").and_then(|list| {
+        list.split(|&b| b == b':')
+            .filter_map(|kv| kv.strip_prefix(b"glibc.malloc.perturb=".as_slice()))
+            .filter_map(perturb_value)
+            .next_back()
+    });
+    let value = tunable.or_else(|| env(c"MALLOC_PERTURB_").and_then(perturb_value));
+    // glibc reads them before any constructor runs; this constructor may run
+    // after another library's, whose own `mallopt(M_PERTURB, ..)` must win.
+    if let Some(v) = value.filter(|_| !PERTURB_CHOSEN.load(Ordering::Relaxed)) {
+        set_perturb(v);
+    }
+}
+
+/// A program's `mallopt(M_PERTURB, ..)` has been made: the environment
+/// (read later, by the constructor) no longer applies.
+static PERTURB_CHOSEN: AtomicBool = AtomicBool::new(false);
+
+/// `M_PERTURB`: any value other than 0 turns the fills on, one whose low
+/// byte is 0 included (as glibc and its manual: allocations are then filled
+/// with 0xff, freed blocks with 0).
+fn set_perturb(value: c_int) {
+    PERTURB.store(value as u8, Ordering::Relaxed);
+    if value != 0 {
+        SLOW.fetch_or(SLOW_PERTURB, Ordering::Relaxed);
+    } else {
+        SLOW.fetch_and(!SLOW_PERTURB, Ordering::Relaxed);
+    }
+}
+
+/// The value of the environment variable `name`, if set. Normal context
+/// (the constructor): nothing changes the environment meanwhile.
+fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+    // SAFETY: `name` is NUL-terminated; getenv returns null or a pointer to
+    // a NUL-terminated string owned by the environment.
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    // SAFETY: a non-null result is a valid C string, read at once.
+    (!p.is_null()).then(|| unsafe { core::ffi::CStr::from_ptr(p) }.to_bytes())
+}
+
+/// A `glibc.malloc.perturb` value as glibc's tunables read it (see
+/// [`perturb_from_environment`]); `None` outside 0..=255.
+fn perturb_value(text: &[u8]) -> Option<c_int> {
+    let mut t = text;
+    while let [b' ' | b'\t', rest @ ..] = t {
+        t = rest;
+    }
+    let negative = match t {
+        [b'-', rest @ ..] => {
+            t = rest;
+            true
+        }
+        [b'+', rest @ ..] => {
+            t = rest;
+            false
+        }
+        _ => false,
+    };
+    let (base, digits) = match t {
+        [b'0', b'x' | b'X', rest @ ..] => (16, rest),
+        [b'0', rest @ ..] => (8, rest),
+        _ => (10, t),
+    };
+    let mut v: u64 = 0;
+    for &b in digits {
+        let Some(d) = (b as char).to_digit(base) else {
+            break;
+        };
+        // Saturates: anything that large is out of range anyway.
+        v = v
+            .saturating_mul(u64::from(base))
+            .saturating_add(u64::from(d));
+    }
+    if negative && v != 0 {
+        return None;
+    }
+    c_int::try_from(v).ok().filter(|&v| v <= 0xff)
+}
+
 const M_MXFAST: c_int = 1;
 const M_PERTURB: c_int = -6;
 /// glibc's `MAX_FAST_SIZE` (`80 * sizeof(size_t) / 4`).
@@ -296,7 +405,8 @@ const MAX_FAST_SIZE: usize = 80 * core::mem::size_of::<usize>() / 4;
 /// `mallopt(3)`: glibc's parameters and return values (as glibc 2.36: 0
 /// only for an `M_MXFAST` above 160 bytes or negative, 1 for everything
 /// else, unknown parameters included).
-/// Honoured: `M_PERTURB` (its low byte; allocations other than `calloc`
+/// Honoured: `M_PERTURB` (on for any value but 0, filling with its low
+/// byte; allocations other than `calloc`
 /// are filled with the complement of the byte, freed blocks with the byte). Accepted and
 /// checked like glibc but without effect, because anyalloc has no
 /// equivalent knob: `M_MXFAST`, `M_TRIM_THRESHOLD`, `M_TOP_PAD`,
@@ -310,13 +420,8 @@ pub extern "C" fn mallopt(param: c_int, value: c_int) -> c_int {
     match param {
         M_MXFAST => c_int::from(v <= MAX_FAST_SIZE),
         M_PERTURB => {
-            let byte = value as u8;
-            PERTURB.store(byte, Ordering::Relaxed);
-            if byte != 0 {
-                SLOW.fetch_or(SLOW_PERTURB, Ordering::Relaxed);
-            } else {
-                SLOW.fetch_and(!SLOW_PERTURB, Ordering::Relaxed);
-            }
+            PERTURB_CHOSEN.store(true, Ordering::Relaxed);
+            set_perturb(value);
             1
         }
         // M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX,

@@ -66,7 +66,7 @@ const HUGE_ABOVE: usize = anyalloc::PAGE_SIZE << anyalloc::MAX_ORDER;
 
 /// Work the normal path owes, checked with one load per call: bits below.
 static SLOW: AtomicU8 = AtomicU8::new(0);
-/// `mallopt(M_PERTURB, v)` with `v & 0xff != 0`: allocations (but not
+/// `mallopt(M_PERTURB, v)` with `v != 0`: allocations (but not
 /// `calloc`) are filled with `!PERTURB`, freed blocks with `PERTURB`.
 const SLOW_PERTURB: u8 = 1;
 /// A forked child whose parent ran the maintenance thread: the first
@@ -301,7 +301,7 @@ unsafe fn free_routed_sized(p: NonNull<u8>, sized: Option<Layout>, what: &str) {
     let saved = unsafe { errno.read() };
     if must_nolock(t) || SLOW.load(Ordering::Relaxed) != 0 {
         // SAFETY: forwarded contract.
-        unsafe { free_slow(t, h, p) };
+        unsafe { free_slow(t, h, p, what) };
     } else {
         // Not marked, as in `alloc_normal`.
         // SAFETY: forwarded contract (the heap aborts on foreign pointers).
@@ -321,9 +321,9 @@ unsafe fn free_routed_sized(p: NonNull<u8>, sized: Option<Layout>, what: &str) {
 /// # Safety
 /// As for `free_routed`.
 #[cold]
-unsafe fn free_slow(t: &ThreadState, h: &Heap, p: NonNull<u8>) {
+unsafe fn free_slow(t: &ThreadState, h: &Heap, p: NonNull<u8>, what: &str) {
     if SLOW.load(Ordering::Relaxed) & SLOW_PERTURB != 0 {
-        let n = h.usable_size(p);
+        let n = h.usable_size_for(p, what);
         // SAFETY: a live block of `n` usable bytes, no longer used.
         unsafe { ptr::write_bytes(p.as_ptr(), PERTURB.load(Ordering::Relaxed), n) };
     }
@@ -417,7 +417,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         return ptr::null_mut();
     }
     let heap = owner(old, "realloc");
-    let usable = heap.usable_size(old);
+    let usable = heap.usable_size_for(old, "realloc");
     if size <= usable && size > usable / 2 {
         return p;
     }
@@ -545,7 +545,7 @@ pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
 #[no_mangle]
 pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     match NonNull::new(p.cast::<u8>()) {
-        Some(p) => owner(p, "malloc_usable_size").usable_size(p),
+        Some(p) => owner(p, "malloc_usable_size").usable_size_for(p, "malloc_usable_size"),
         None => 0,
     }
 }
@@ -597,7 +597,7 @@ pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: 
 #[cfg(feature = "debug-checks")]
 fn check_size(p: NonNull<u8>, align: usize, size: usize, what: &str) {
     let heap = owner(p, what);
-    let usable = heap.usable_size(p);
+    let usable = heap.usable_size_for(p, what);
     let pages = if heap.is_paged(p) {
         size.max(1)
             .checked_next_multiple_of(PAGE)
@@ -764,6 +764,7 @@ extern "C" fn constructor() {
     unsafe {
         libc::pthread_atfork(None, None, Some(fork_child));
     }
+    info::perturb_from_environment();
     if maintenance_wanted() {
         heap.start_maintenance();
     }

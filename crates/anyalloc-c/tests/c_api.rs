@@ -313,7 +313,9 @@ fn a_limit_on_address_space_gets_a_smaller_first_zone() {
 /// growth that doubles each zone used to stop when the next doubling did
 /// not fit (with a 16 MiB first zone and 900 MiB of room, at 496 MiB);
 /// now a refused zone is retried at half the size, down to 4 MiB, and
-/// each growth takes at most half of the room left.
+/// each growth takes at most half of the room left. Every `malloc` that
+/// succeeds leaves `errno` alone, as glibc's does (a refused zone mapping,
+/// retried smaller, left `ENOMEM` there).
 #[test]
 fn growth_under_a_limit_on_address_space_uses_most_of_it() {
     let exe = compile::<&str>(&["rlimit_fill.c"], "rlimit_fill", &[]);
@@ -342,6 +344,89 @@ fn growth_under_a_limit_on_address_space_uses_most_of_it() {
         assert!(
             got >= HEADROOM_MIB * 8 / 10,
             "{block}-byte blocks: only {got} of {HEADROOM_MIB} MiB of room used"
+        );
+    }
+}
+
+/// glibc's own switch for `M_PERTURB` in the environment, read as glibc
+/// 2.36 reads it (`strtoul` with base 0, trailing text ignored, 0 to 255,
+/// `GLIBC_TUNABLES` before `MALLOC_PERTURB_`): before, the library ignored
+/// both, and a test runner that sets `MALLOC_PERTURB_` (Meson's does, for
+/// every test) caught no read of uninitialised memory under it.
+#[test]
+fn malloc_perturb_from_the_environment_as_glibc() {
+    let exe = compile::<&str>(&["perturb_env.c"], "perturb_env", &[]);
+    let bytes = |env: &[(&str, &str)]| -> Vec<String> {
+        let mut cmd = preloaded(&exe);
+        cmd.env_remove("MALLOC_PERTURB_")
+            .env_remove("GLIBC_TUNABLES");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let o = run(cmd, TIMEOUT);
+        assert!(o.success(), "{env:?}: {} {}", o.describe(), o.stderr);
+        let line = o
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("perturb_env: "))
+            .unwrap_or_else(|| panic!("{env:?}: {}", o.stdout))
+            .to_string();
+        line.split(' ').map(str::to_string).collect()
+    };
+    // On: allocations filled with the complement of the byte, calloc zeroed.
+    for (env, fill) in [
+        (vec![("MALLOC_PERTURB_", "165")], "5a"),
+        (vec![("MALLOC_PERTURB_", "0xa5")], "5a"),
+        (vec![("MALLOC_PERTURB_", "0245")], "5a"),
+        (vec![("MALLOC_PERTURB_", "12abc")], "f3"),
+        (vec![("GLIBC_TUNABLES", "glibc.malloc.perturb=90")], "a5"),
+        (
+            vec![
+                ("MALLOC_PERTURB_", "165"),
+                (
+                    "GLIBC_TUNABLES",
+                    "glibc.malloc.check=1:glibc.malloc.perturb=90",
+                ),
+            ],
+            "a5",
+        ),
+    ] {
+        assert_eq!(bytes(&env), [fill, fill, "00"], "{env:?}");
+    }
+    // A library initialised before this one's constructor chose its own
+    // byte in its constructor: that choice stands, as under glibc (which
+    // reads the environment before any constructor runs).
+    let out = out_dir();
+    compile(
+        &["perturb_lib.c"],
+        "libanyalloc_c_perturb.so",
+        &["-shared", "-fPIC"],
+    );
+    let mut args = link_args();
+    // Listed after us: initialised before us.
+    args.push(format!("-L{}", out.display()));
+    args.push("-lanyalloc_c_perturb".into());
+    args.push(format!("-Wl,-rpath,{}", out.display()));
+    let chooser = compile(&["perturb_env.c"], "perturb_env_chosen", &args);
+    let mut cmd = std::process::Command::new(&chooser);
+    cmd.env("MALLOC_PERTURB_", "165");
+    let o = run(cmd, TIMEOUT);
+    assert!(
+        o.success() && o.stdout.contains("perturb_env: ee ee 00"),
+        "a constructor's mallopt, then MALLOC_PERTURB_: {} {}",
+        o.describe(),
+        o.stdout
+    );
+    // Off: out of range (glibc ignores it), or not set.
+    for env in [
+        vec![("MALLOC_PERTURB_", "256")],
+        vec![("MALLOC_PERTURB_", "300")],
+        vec![],
+    ] {
+        let b = bytes(&env);
+        assert!(
+            (b[0] == "33" || b[0] == "00") && b[1] == "00" && b[2] == "00",
+            "{env:?}: {b:?}"
         );
     }
 }

@@ -51,10 +51,22 @@ fn free_of_an_interior_pointer_aborts_with_one_line() {
     assert!(line.contains("not the start of an object"), "{line}");
 }
 
+/// Each message names the function the program called: `realloc` and
+/// `malloc_usable_size` (and `free` with `M_PERTURB` on, which reads the
+/// block's size to fill it) named the heap's internal `usable_size`.
 #[test]
 fn realloc_usable_size_and_free_nolock_of_foreign_pointers_abort() {
-    for mode in ["realloc", "usable", "nolock"] {
-        expect_one_line_abort(mode);
+    for (mode, call) in [
+        ("realloc", "realloc"),
+        ("usable", "malloc_usable_size"),
+        ("perturb", "free"),
+        ("nolock", "free"),
+    ] {
+        let line = expect_one_line_abort(mode);
+        assert!(
+            line.starts_with(&format!("anyalloc: {call} of 0x")),
+            "{mode}: {line}"
+        );
     }
 }
 

@@ -32,6 +32,8 @@ void *__libc_realloc(void *ptr, size_t size);
 void *__libc_memalign(size_t alignment, size_t size);
 void *__libc_valloc(size_t size);
 void *__libc_pvalloc(size_t size);
+struct mallinfo __libc_mallinfo(void);
+int __libc_mallopt(int param, int value);
 
 #define CHECK(cond)                                                            \
     do {                                                                       \
@@ -485,6 +487,15 @@ static void test_mallopt(void) {
     free(p);
     /* Reads freed memory on purpose: the fill must be there. */
     CHECK(p[50] == 0xa5 && p[99] == 0xa5);
+    /* Any value but 0 turns it on, one whose low byte is 0 too (glibc's
+     * manual, and glibc: allocations filled with 0xff, frees with 0). */
+    CHECK(mallopt(M_PERTURB, 0x100) == 1);
+    p = malloc(100);
+    filled = p != NULL;
+    for (int i = 0; filled && i < 100; i++) filled = p[i] == 0xff;
+    CHECK(filled);
+    free(p);
+    CHECK(p[50] == 0 && p[99] == 0);
     CHECK(mallopt(M_PERTURB, 0) == 1);
     p = malloc(100);
     CHECK(p != NULL);
@@ -523,6 +534,17 @@ static void test_libc_names(void) {
     CHECK(p != NULL && aligned_to(p, 4096) && malloc_usable_size(p) >= 8192);
     __libc_free(p);
     CHECK(__libc_realloc(NULL, 10) != NULL); /* leaked on purpose: tiny */
+    /* glibc's two other __libc_ names reach this heap too (glibc's own
+     * would read and set its idle arena). */
+    p = malloc(10 << 20);
+    struct mallinfo mi = __libc_mallinfo();
+    CHECK(p != NULL && mi.hblks >= 1 && mi.hblkhd >= 10 << 20);
+    free(p);
+    CHECK(__libc_mallopt(M_PERTURB, 0x11) == 1);
+    p = malloc(100);
+    CHECK(p != NULL && p[0] == 0xee && p[99] == 0xee);
+    free(p);
+    CHECK(__libc_mallopt(M_PERTURB, 0) == 1);
 }
 
 static void test_free_sized(void) {

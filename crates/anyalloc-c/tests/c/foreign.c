@@ -1,6 +1,8 @@
 /* Passes a pointer anyalloc did not hand out to one of its functions:
  * foreign MODE, MODE one of stack, static, interior, realloc, usable,
- * nolock. Must abort with a one-line message before printing "survived". */
+ * perturb (free with mallopt's M_PERTURB on), nolock. Must abort with a
+ * one-line message that names the function called before printing
+ * "survived". */
 #include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +34,9 @@ int main(int argc, char **argv) {
         (void)q;
     } else if (!strcmp(mode, "usable")) {
         printf("%zu\n", malloc_usable_size(stack));
+    } else if (!strcmp(mode, "perturb")) {
+        mallopt(M_PERTURB, 0x5a);
+        free(stack);
 #ifndef PLAIN
     } else if (!strcmp(mode, "nolock")) {
         anyalloc_free_nolock(stack);

@@ -8,7 +8,8 @@
  * not memory): "rlimit_fill: <allocated MiB> of <headroom MiB>". Growth used
  * to double the heap's zones and give up when the next doubling did not
  * fit, leaving up to half of the room unused. The child then frees every
- * block and allocates again, and checks that errno was ENOMEM. */
+ * block and allocates again, and checks that errno was ENOMEM (and stayed
+ * 0 through every malloc that succeeded before). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
@@ -49,10 +50,18 @@ int main(int argc, char **argv) {
             char *p = malloc(block);
             if (!p) break;
             blocks[n++] = p;
+            /* As glibc's: a malloc that succeeds leaves errno alone, even
+             * when the heap's growth had a mapping refused on the way (and
+             * retried it smaller). */
+            if (errno != 0) {
+                printf("rlimit_fill: errno %d after the successful malloc of block %zu\n", errno, n);
+                fflush(stdout);
+                _exit(1);
+            }
         }
         int err = errno;
         if (n == MAX_BLOCKS) { puts("rlimit_fill: never failed"); _exit(2); }
-        if (err != ENOMEM) { printf("rlimit_fill: errno %d, not ENOMEM\n", err); _exit(1); }
+        if (err != ENOMEM) { printf("rlimit_fill: errno %d, not ENOMEM\n", err); fflush(stdout); _exit(1); }
         size_t got = n * block;
         for (size_t i = 0; i < n; i++) free(blocks[i]);
         /* What was freed can be allocated again. */
@@ -60,6 +69,7 @@ int main(int argc, char **argv) {
         while (again < n && (blocks[again] = malloc(block)) != 0) again++;
         if (again < n * 9 / 10) {
             printf("rlimit_fill: after freeing %zu blocks only %zu could be allocated again\n", n, again);
+            fflush(stdout);
             _exit(1);
         }
         printf("rlimit_fill: %zu of %zu MiB\n", got >> 20, headroom >> 20);

@@ -24,7 +24,9 @@ use core::time::Duration;
 /// Sleeps while `*word == expected`, until woken by [`wake_one`], for at
 /// most `timeout` (`None`: no limit). May return early (a signal, or the
 /// word changed before the kernel compared it): callers re-check their
-/// condition. Normal context only.
+/// condition. `errno` is left as it was (a lock wait inside a `malloc`
+/// that succeeds must not leave `EAGAIN` or `ETIMEDOUT` there). Normal
+/// context only.
 ///
 /// ```
 /// use anyalloc::platform::futex;
@@ -49,6 +51,7 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
     let ts_ptr = ts
         .as_ref()
         .map_or(core::ptr::null(), |t| t as *const libc::timespec);
+    let _errno = super::KeepErrno::new();
     // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word`, which outlives
     // the call, and compares it with `expected` atomically; `ts_ptr` is null
     // or points at `ts`, alive for the call (a relative timeout).

@@ -27,7 +27,7 @@ pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
 pub(crate) use std_os::{
     address_space_headroom, block_all_signals, os_discard, os_release, os_remap, os_reserve,
-    parse_decimal, read_small_file, write_stderr, CancelDisabled, SignalsBlocked,
+    parse_decimal, read_small_file, write_stderr, CancelDisabled, KeepErrno, SignalsBlocked,
 };
 
 mod fatal;

@@ -271,6 +271,8 @@ impl Platform for StdPlatform {
 /// held, and the next growth waited for ever. glibc's malloc has no
 /// cancellation point.
 pub(crate) fn read_small_file<'a>(path: &core::ffi::CStr, buf: &'a mut [u8]) -> Option<&'a [u8]> {
+    // A missing file (no /proc in a container) is not the caller's error.
+    let _errno = KeepErrno::new();
     #[cfg(target_os = "linux")]
     // SAFETY: a NUL-terminated path; `read` writes at most `buf.len()`
     // bytes into `buf`; the descriptor is closed before returning. Every
@@ -406,6 +408,8 @@ pub(crate) fn os_reserve(size: usize, align: usize) -> Option<*mut u8> {
         return None;
     }
     let span = size.checked_add(align)?;
+    // A refused mapping is retried smaller, or reported by the caller.
+    let _errno = KeepErrno::new();
     // SAFETY: an anonymous private mapping at an address of the kernel's
     // choosing; no existing memory is affected.
     let raw = unsafe {
@@ -459,6 +463,8 @@ pub(crate) unsafe fn os_release(ptr: *mut u8, size: usize) {
 /// `ptr` and `old` describe exactly one reservation from `os_reserve`; on
 /// success it is replaced by the result.
 pub(crate) unsafe fn os_remap(ptr: *mut u8, old: usize, new: usize) -> Option<*mut u8> {
+    // A refused move is made with a copy instead, or reported by the caller.
+    let _errno = KeepErrno::new();
     // SAFETY: the caller guarantees the range is one of our mappings.
     let p = unsafe { libc::mremap(ptr.cast(), old, new, libc::MREMAP_MAYMOVE) };
     (p != libc::MAP_FAILED).then_some(p.cast())
@@ -520,6 +526,45 @@ impl Drop for CancelDisabled {
             // point.
             unsafe { pthread_setcancelstate(self.old, &mut was) };
         }
+    }
+}
+
+/// This thread's `errno` as it was when the guard was made, put back when
+/// it is dropped: around the system calls that may fail on the way to an
+/// allocation that succeeds all the same. A futex wait returns `EAGAIN`
+/// when the lock word changed first, `ETIMEDOUT` after its slice, `EINTR`
+/// for a signal; zone growth under a limit on address space has a mapping
+/// refused and retries it smaller; a huge block that `mremap` cannot move
+/// is copied instead; a refused membarrier falls back to visiting the CPU.
+/// glibc's malloc leaves `errno` alone on success (its locks make their
+/// futex calls without it), and C code relies on that: a loop that sets
+/// `errno = 0`, then tests it after calls that may allocate, must not see
+/// the `ENOMEM` of a mapping the heap did without (or a signal handler's
+/// `malloc` change the `errno` of the code it interrupted). Any context:
+/// `__errno_location` is async-signal-safe, and this is two plain accesses.
+pub(crate) struct KeepErrno {
+    saved: libc::c_int,
+    /// Not `Send`: `errno` is the thread's.
+    _thread: core::marker::PhantomData<*const ()>,
+}
+
+impl KeepErrno {
+    #[inline]
+    pub(crate) fn new() -> Self {
+        KeepErrno {
+            // SAFETY: libc's accessor returns this thread's errno, always
+            // valid.
+            saved: unsafe { *libc::__errno_location() },
+            _thread: core::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for KeepErrno {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: as in `new`, on the same thread (the guard is not `Send`).
+        unsafe { *libc::__errno_location() = self.saved };
     }
 }
 

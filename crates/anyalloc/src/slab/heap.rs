@@ -592,6 +592,15 @@ impl Heap {
         self.core().usable_size(ptr)
     }
 
+    /// [`usable_size`](Self::usable_size), its report naming the call
+    /// `what` instead: the C library's `realloc` and `malloc_usable_size`
+    /// read the usable size first, and a report of a foreign pointer there
+    /// should name the function the program called, not this one.
+    #[doc(hidden)]
+    pub fn usable_size_for(&self, ptr: NonNull<u8>, what: &str) -> usize {
+        self.core().usable_size_for(ptr, what)
+    }
+
     /// Whether the live allocation at `ptr` is whole pages (a page block
     /// or a mapping) rather than an object of a size class: its usable
     /// size is its request rounded up to pages, however small the request

@@ -347,7 +347,10 @@ mod membarrier {
     pub(super) const REGISTER_PRIVATE_EXPEDITED_RSEQ: libc::c_long = 1 << 8;
     pub(super) const FLAG_CPU: libc::c_long = 1;
 
+    /// Whether the call succeeded; `errno` is left as it was either way
+    /// (a refusal is answered by a fallback, inside a call that succeeds).
     pub(super) fn call(cmd: libc::c_long, flags: libc::c_long, cpu: libc::c_long) -> bool {
+        let _errno = crate::platform::KeepErrno::new();
         // SAFETY: membarrier takes plain integers and touches no user memory.
         unsafe { libc::syscall(libc::SYS_membarrier, cmd, flags, cpu) == 0 }
     }
@@ -362,6 +365,8 @@ fn visit_cpu(cpu: usize) -> bool {
         return false;
     }
     let size = core::mem::size_of::<libc::cpu_set_t>();
+    // A CPU this thread may not run on is no error of the caller's.
+    let _errno = crate::platform::KeepErrno::new();
     // SAFETY: zeroed cpu_set_t values are valid empty sets; the calls get
     // valid pointers to them and their size, and change only this thread's
     // affinity (restored before returning).
