@@ -131,7 +131,10 @@
 //! set-up) reports the lock and aborts. The data such a lock guards may
 //! have been left half changed, so it is never taken again. A fork in an
 //! orphaned process takes nothing either (its prepare would wait for those
-//! locks), so its children are orphaned too.
+//! locks), so its children are orphaned too. Nor is a fork that another
+//! thread's prepare was taking or holding at the clone in progress there:
+//! its count in `FORKING` is cleared in the child, where it would never
+//! end (every miss would wait for it, and no slow path would grow).
 //!
 //! # Other threads give way
 //!
@@ -607,7 +610,14 @@ extern "C" fn prepare() {
 extern "C" fn release_parent() {
     if release(false) {
         // Every lock released: threads waiting for this fork go on.
-        FORKING.fetch_sub(1, Ordering::SeqCst);
+        if orphaned() {
+            // This fork's prepare ran on (the clone of) its thread while a
+            // signal handler there forked, and the count was cleared in
+            // that child (`forks_gone`): it is the only one here.
+            FORKING.store(0, Ordering::SeqCst);
+        } else {
+            FORKING.fetch_sub(1, Ordering::SeqCst);
+        }
         crate::platform::futex::wake_many(&FORKING, u32::MAX);
     }
 }
@@ -618,6 +628,21 @@ extern "C" fn release_child() {
         // (their prepares were counted in the parent).
         FORKING.store(0, Ordering::SeqCst);
     }
+}
+
+/// In the child of a fork whose prepare took nothing (see "Orphaned
+/// locks"): the forks that other threads' prepares counted in `FORKING`
+/// are not in progress here (their threads are not), and never end: left
+/// counted, every miss of the normal path would wait for them (a second at
+/// a time, then fail), no slow path would drain, grow or reclaim, and no
+/// deferred stack would be taken again. A prepare of this thread's own
+/// that the handler interrupted (counted, not yet the holder, or the
+/// holder's: `SKIPPED`) goes on here and holds its locks as before; its
+/// parent handler finds the process orphaned and clears the count rather
+/// than decrementing it. (Their locks stay held, marked held across a
+/// fork: the normal path gives way to them as to any orphaned lock.)
+fn forks_gone() {
+    FORKING.store(0, Ordering::SeqCst);
 }
 
 /// The parent's and the child's handler (`child`): releases what
@@ -633,6 +658,7 @@ fn release(child: bool) -> bool {
             // Other threads' locks were not taken: those held at the clone
             // are never released here.
             ORPHANED.store(true, Ordering::Relaxed);
+            forks_gone();
         }
         context::leave();
         return false;
@@ -644,6 +670,7 @@ fn release(child: bool) -> bool {
             // As above (here the holder's own fork holds the heaps' locks,
             // but not the try-locks it may have left to other threads).
             ORPHANED.store(true, Ordering::Relaxed);
+            forks_gone();
         }
         context::leave();
         return false;

@@ -20,12 +20,18 @@
 //!    allocates from A, which needs A's zone lock;
 //! 2. the main thread is waiting for A's zone lock itself (another thread
 //!    signals it once `/proc` shows it asleep in a futex wait): in the
-//!    child its wait goes on, for a holder that is not there.
+//!    child its wait goes on, for a holder that is not there;
+//! 3. as 1, while a third thread forks on its own: its prepare has counted
+//!    itself and waits for A's zone lock (held by H) at the clone, and
+//!    has not reached B. In the child that fork is not in progress: B must
+//!    grow beyond its first zone, at once. Before the fix the child kept
+//!    the count, and B's first miss waited a second for that fork, then
+//!    failed (1 of 1).
 //!
-//! Each child then allocates blocks and objects from A on the normal path,
-//! drains and trims A, and forks once more (a fork in such a child takes no
-//! lock either: its prepare would wait for the same locks). Before the fix
-//! every child hung (the watchdog killed it).
+//! The children of 1 and 2 then allocate blocks and objects from A on the
+//! normal path, drain and trim A, and fork once more (a fork in such a
+//! child takes no lock either: its prepare would wait for the same locks).
+//! Before the fix every child hung (the watchdog killed it).
 
 mod watchdog;
 mod zone_holder;
@@ -301,4 +307,109 @@ fn a_handler_forks_while_its_thread_waits_for_the_lock() {
         watchdog::exited_ok(status),
         "the child failed: status {status:#x}"
     );
+}
+
+/// The thread id of the thread that forks on its own in scenario 3.
+static FORKER_TID: AtomicI32 = AtomicI32::new(0);
+
+/// Scenario 3's child: B, which no lock of which was held at the clone,
+/// must serve more than its first zone (it grows), and at once: the fork
+/// in progress on the forker at the clone is not in progress here.
+fn grow_work(b: &Heap) -> i32 {
+    const BLOCKS: usize = (80 << 20) / (anyalloc::PAGE_SIZE << ORDER);
+    let mut blocks = [std::ptr::null_mut::<u8>(); BLOCKS];
+    let start = Instant::now();
+    let mut got = 0;
+    for p in blocks.iter_mut() {
+        match b.pages().alloc_pages(ORDER) {
+            Some(q) => {
+                *p = q.as_ptr();
+                got += 1;
+            }
+            None => break,
+        }
+    }
+    let took = start.elapsed();
+    for &p in blocks.iter().filter(|p| !p.is_null()) {
+        // SAFETY: allocated above from B with this order, freed once.
+        unsafe {
+            b.pages()
+                .free_pages(std::ptr::NonNull::new_unchecked(p), ORDER)
+        };
+    }
+    if got != BLOCKS {
+        say("child: B did not grow (a fork of the parent's seemed in progress)\n");
+        return 1;
+    }
+    if took > Duration::from_secs(5) {
+        say("child: B's blocks took seconds (waits for a fork not in progress here)\n");
+        return 2;
+    }
+    0
+}
+
+#[test]
+fn a_handler_forks_while_another_thread_forks() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_while_another_thread_forks",
+        Duration::from_secs(90),
+        "a fork in a handler while another thread's fork waits in its prepare",
+    ) {
+        return;
+    }
+    // B first: the forker's prepare locks A (made last, first in the
+    // registry), waits there for H, and has not reached B at the clone.
+    let b = heap();
+    let a = heap();
+    install_fork_handler();
+    set_hook(Some(hook));
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            ROLE.set(HOLDER);
+            zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+        let forker = s.spawn(|| {
+            // SAFETY: gettid has no preconditions.
+            FORKER_TID.store(unsafe { libc::gettid() }, SeqCst);
+            // SAFETY: the child only _exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: _exit has no preconditions.
+                unsafe { libc::_exit(0) };
+            }
+            assert!(pid > 0, "the forker's fork failed");
+            watchdog::wait_child(pid, Duration::from_secs(20))
+        });
+        // The forker's prepare is counted, holds the registries and waits
+        // for A's zone lock (its only futex wait here).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(FORKER_TID.load(SeqCst) != 0 && in_futex_wait(FORKER_TID.load(SeqCst)))
+            && Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
+        assert!(
+            in_futex_wait(FORKER_TID.load(SeqCst)),
+            "the forker's prepare did not wait for A's zone lock"
+        );
+        ROLE.set(RAISER);
+        zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+        ROLE.set(0);
+        if IN_CHILD.load(SeqCst) {
+            set_hook(None);
+            let code = grow_work(&b);
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(code) };
+        }
+        assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
+        check_child(h);
+        let status = forker.join().unwrap().expect("the forker's child hung");
+        assert!(watchdog::exited_ok(status), "the forker's child failed");
+    });
+    set_hook(None);
 }
