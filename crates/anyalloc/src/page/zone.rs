@@ -1703,7 +1703,17 @@ impl Zone {
         drop(g);
         crate::interrupt_point!(ReleaseWindow);
         crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
-        let g = self.lock.lock(self.platform);
+        // `None` only in a process that may hold orphaned locks (the
+        // `fork` module's "Orphaned locks"): this thread's signal handler
+        // forked in the window above while another thread of the parent
+        // held the lock, which no thread here releases. The block stays
+        // `RELEASING`, off every list, in this process (what such a lock
+        // guards is never touched again), and its memory is with the OS.
+        // Elsewhere this thread holding the lock is a routing error.
+        let Some(g) = self.lock.lock_patient(self.platform) else {
+            crate::check!(always: crate::fork::orphaned(), "a trim's thread holds the zone lock it dropped");
+            return ((1usize << order) - gone) * PAGE_SIZE;
+        };
         crate::check!(
             self.desc(pick).load() == desc::state(desc::RELEASING, order),
             "a releasing block changed state"
