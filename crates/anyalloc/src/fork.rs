@@ -134,7 +134,13 @@
 //! locks), so its children are orphaned too. Nor is a fork that another
 //! thread's prepare was taking or holding at the clone in progress there:
 //! its count in `FORKING` is cleared in the child, where it would never
-//! end (every miss would wait for it, and no slow path would grow).
+//! end (every miss would wait for it, and no slow path would grow). A
+//! prepare of the forking thread's own that the handler interrupted goes
+//! on in the child: a lock it has yet to take whose holder is gone is left
+//! as it is after the same patience (`ZoneLock::lock_raw`; a registry's
+//! `lock_raw` returns `false`), and its release leaves that lock alone
+//! (`ZoneLock::force_unlock` releases only what this thread holds across
+//! the fork).
 //!
 //! # Other threads give way
 //!

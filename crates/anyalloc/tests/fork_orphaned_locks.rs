@@ -26,9 +26,16 @@
 //!    has not reached B. In the child that fork is not in progress: B must
 //!    grow beyond its first zone, at once. Before the fix the child kept
 //!    the count, and B's first miss waited a second for that fork, then
-//!    failed (1 of 1).
+//!    failed (1 of 1);
+//! 4. the main thread forks on its own, and its prepare waits for A's zone
+//!    lock (held by H) when another thread signals it: the handler forks
+//!    (taking nothing), and in that child the main thread's prepare goes
+//!    on, for a holder that is not there. Before the fix its bare wait
+//!    gave way after the patience and aborted (1 of 1); now it leaves that
+//!    lock, its fork ends in the child (whose own child and itself then
+//!    use A), and its release leaves the lock alone.
 //!
-//! The children of 1 and 2 then allocate blocks and objects from A on the
+//! The children of 1, 2 and 4 then allocate blocks and objects from A on the
 //! normal path, drain and trim A, and fork once more (a fork in such a
 //! child takes no lock either: its prepare would wait for the same locks).
 //! Before the fix every child hung (the watchdog killed it).
@@ -412,4 +419,110 @@ fn a_handler_forks_while_another_thread_forks() {
         assert!(watchdog::exited_ok(status), "the forker's child failed");
     });
     set_hook(None);
+}
+
+/// Scenario 4: the handler's child's status, as the signaller saw it (-1:
+/// hung; -2: not yet).
+static HANDLER_CHILD_STATUS: AtomicI32 = AtomicI32::new(-2);
+
+#[test]
+fn a_handler_forks_inside_its_threads_prepare() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_inside_its_threads_prepare",
+        Duration::from_secs(90),
+        "a fork in a handler while its thread's own fork waits in its prepare",
+    ) {
+        return;
+    }
+    let a = heap();
+    install_fork_handler();
+    set_hook(Some(hook));
+    // SAFETY: gettid has no preconditions.
+    let main_tid = unsafe { libc::gettid() };
+    // SAFETY: pthread_self has no preconditions.
+    let main = unsafe { libc::pthread_self() } as usize;
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            ROLE.set(HOLDER);
+            zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+        // Once the main thread's prepare waits for A's zone lock (its only
+        // futex wait there), the signaller interrupts it; the handler
+        // forks; then (the main thread's fork waits for H meanwhile) the
+        // signaller waits for the handler's child and lets H go on.
+        let signaller = s.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !in_futex_wait(main_tid) && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            assert!(
+                in_futex_wait(main_tid),
+                "the main thread's prepare did not wait"
+            );
+            STEP.store(2, SeqCst);
+            // SAFETY: signalling a live thread of this process whose
+            // handler is installed.
+            unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while CHILD.load(SeqCst) == 0 && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            let pid = CHILD.load(SeqCst);
+            let status = (pid > 0)
+                .then(|| watchdog::wait_child(pid, Duration::from_secs(20)))
+                .flatten();
+            HANDLER_CHILD_STATUS.store(status.unwrap_or(-1), SeqCst);
+            STEP.store(3, SeqCst);
+        });
+        // SAFETY: each child below runs the allocator's calls of
+        // `child_work` (or none) and _exits.
+        let pid = unsafe { libc::fork() };
+        if IN_CHILD.load(SeqCst) {
+            // The handler's child, where this fork went on (`pid`: its own
+            // child), or that child (0).
+            set_hook(None);
+            let mut code = child_work(&a);
+            if pid > 0 {
+                let status = watchdog::wait_child(pid, Duration::from_secs(20));
+                if !status.is_some_and(watchdog::exited_ok) {
+                    say("child: the fork its handler interrupted failed in it\n");
+                    code = 4;
+                }
+            } else if pid < 0 {
+                code = 5;
+            }
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(code) };
+        }
+        if pid == 0 {
+            // The main thread's own fork's child (its prepare took every
+            // lock): nothing to check here.
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(0) };
+        }
+        assert!(pid > 0, "the main thread's fork failed");
+        let status = watchdog::wait_child(pid, Duration::from_secs(30));
+        assert!(
+            status.is_some_and(watchdog::exited_ok),
+            "the main thread's own child failed: {status:?}"
+        );
+        signaller.join().unwrap();
+        h.join().unwrap();
+    });
+    set_hook(None);
+    let status = HANDLER_CHILD_STATUS.load(SeqCst);
+    assert!(CHILD.load(SeqCst) > 0, "the handler did not fork");
+    assert_ne!(
+        status, -1,
+        "the handler's child hung: it waited for a lock held by a thread it does not have"
+    );
+    assert!(
+        watchdog::exited_ok(status),
+        "the handler's child failed: status {status:#x}"
+    );
 }

@@ -449,9 +449,23 @@ impl ZoneLock {
     /// marks it once for the whole window, so that a lock taken inside the
     /// window (a zone or heap made there) does not move the window's word
     /// at rest. Pair with [`force_unlock`](Self::force_unlock).
+    ///
+    /// In a process that may hold orphaned locks (the `fork` module's
+    /// "Orphaned locks"; here: a signal handler forked while this thread's
+    /// own prepare waited), a lock that another thread of the parent held
+    /// at the clone is not taken: after `fork::ORPHAN_PATIENCE` it stays
+    /// as it is (marked held across a fork), and `force_unlock` leaves it
+    /// alone.
     #[cfg(feature = "std")]
     pub(crate) fn lock_raw(&self, platform: &dyn Platform) {
-        let g = self.lock(platform);
+        let Some(g) = self.lock_waiting(false, platform) else {
+            #[cfg(not(loom))]
+            if crate::fork::orphaned() && !self.held_by_me(platform) {
+                // (`lock_waiting` undid the thread's mark.)
+                return;
+            }
+            self_deadlock(platform)
+        };
         crate::check!(!g.borrowed, "lock_raw borrowed a lock");
         core::mem::forget(g);
         self.owner
@@ -472,8 +486,18 @@ impl ZoneLock {
     /// # Safety
     /// The caller took the lock with `lock_raw` (in this process, or in the
     /// parent of this forked child) and nothing else releases it.
+    ///
+    /// In a process that may hold orphaned locks, a lock that `lock_raw`
+    /// did not take (it gave way to a holder that is gone: its owner word
+    /// is not this thread's, held across the fork) is left as it is.
     #[cfg(feature = "std")]
     pub(crate) unsafe fn force_unlock(&self, platform: &dyn Platform) {
+        #[cfg(not(loom))]
+        if crate::fork::orphaned()
+            && self.owner.load(Ordering::Relaxed) != me(platform) | context::FORK_HELD
+        {
+            return;
+        }
         self.release(platform);
     }
 
