@@ -197,7 +197,19 @@ impl MaintainerSlot {
             // the dropping thread acted there, and the drop never gave the
             // heap back. It acts after the drop instead.
             let _no_cancel = crate::platform::CancelDisabled::new();
-            let _ = h.join();
+            // Joined with `pthread_join` itself, not `JoinHandle::join`: a
+            // signal handler may fork during the wait, and its child, which
+            // goes on with this drop once the handler returns, has no such
+            // thread; glibc's join returns at once there (the thread's
+            // descriptor reads as ended), and std's join, finding no result
+            // from the thread, panicked in the middle of the drop. (The
+            // result is not read: the thread returns nothing, and a panic
+            // that ended it was ignored before too.)
+            use std::os::unix::thread::JoinHandleExt;
+            let t = h.into_pthread_t();
+            // SAFETY: the thread's handle was consumed above, so nothing
+            // else joins or detaches it; joined once.
+            unsafe { libc::pthread_join(t, core::ptr::null_mut()) };
         }
         self.state.store(NONE, Ordering::Release);
     }

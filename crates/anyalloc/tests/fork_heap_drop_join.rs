@@ -1,0 +1,132 @@
+//! A signal handler that forks while its thread drops a `Heap` and waits
+//! for the heap's maintenance thread to end: the child, which goes on once
+//! the handler returns, must finish the drop.
+//!
+//! The drop joins the maintenance thread. Cloned in that wait, the child
+//! has no such thread, and glibc's `pthread_join` there returns at once (the
+//! child's copy of the thread's descriptor reads as ended); std's
+//! `JoinHandle::join` then found no result from the thread and panicked
+//! ("threads should not terminate unexpectedly"), in the middle of the
+//! heap's drop (1 of 1 before the fix; found by a storm of forking
+//! handlers whose children went on). Here the maintenance thread is held
+//! in a shrinker (the heap is full, so its pass runs them) while the main
+//! thread drops the heap, and another thread signals the main thread once
+//! it waits; the handler forks. The child must come out of the drop and
+//! exit 0 under a watchdog.
+
+mod watchdog;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use anyalloc::{Config, Heap};
+
+/// The maintenance thread is inside the shrinker.
+static IN_SHRINKER: AtomicBool = AtomicBool::new(false);
+/// The shrinker may return.
+static RELEASE: AtomicBool = AtomicBool::new(false);
+static IN_CHILD: AtomicBool = AtomicBool::new(false);
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn fork_here(_: libc::c_int) {
+    // SAFETY: fork is async-signal-safe; the child returns from the
+    // handler and goes on (that is the scenario).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        IN_CHILD.store(true, SeqCst);
+    } else {
+        CHILD.store(pid, SeqCst);
+    }
+}
+
+/// Whether thread `tid` of this process is inside a futex call.
+fn in_futex(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+        .is_ok_and(|s| s.split(' ').next() == Some(&libc::SYS_futex.to_string()))
+}
+
+#[test]
+fn a_handler_forks_while_a_heap_drop_joins_its_maintainer() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_while_a_heap_drop_joins_its_maintainer",
+        Duration::from_secs(60),
+        "a fork in a handler while a heap's drop joins its maintenance thread",
+    ) {
+        return;
+    }
+    // SAFETY: a plain handler that only forks and stores atomics.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = fork_here as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+    let heap = Heap::new(Config::default().memory(4 << 20).grow(false)).expect("heap");
+    heap.register_shrinker(|_| {
+        if std::thread::current().name() == Some("anyalloc-maintainer") {
+            IN_SHRINKER.store(true, SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !RELEASE.load(SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        0
+    });
+    // Full: the maintenance thread's next pass runs the shrinkers (the
+    // blocks go with the heap).
+    while heap.pages().alloc_pages(0).is_some() {}
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !IN_SHRINKER.load(SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        IN_SHRINKER.load(SeqCst),
+        "the maintenance thread ran no shrinker"
+    );
+    // SAFETY: gettid and pthread_self have no preconditions.
+    let (main_tid, main) = unsafe { (libc::gettid(), libc::pthread_self() as usize) };
+    let dropping = AtomicBool::new(false);
+    let status = std::thread::scope(|s| {
+        let signaller = s.spawn(|| {
+            while !dropping.load(SeqCst) {
+                std::thread::yield_now();
+            }
+            // The drop's only futex wait: the join.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !in_futex(main_tid) && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            assert!(in_futex(main_tid), "the drop did not wait for the thread");
+            // SAFETY: signalling a live thread of this process whose
+            // handler is installed.
+            unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while CHILD.load(SeqCst) == 0 && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            let pid = CHILD.load(SeqCst);
+            let status = (pid > 0)
+                .then(|| watchdog::wait_child(pid, Duration::from_secs(20)))
+                .flatten();
+            RELEASE.store(true, SeqCst);
+            (pid, status)
+        });
+        dropping.store(true, SeqCst);
+        let dropped = std::panic::catch_unwind(AssertUnwindSafe(|| drop(heap)));
+        if IN_CHILD.load(SeqCst) {
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(if dropped.is_ok() { 0 } else { 1 }) };
+        }
+        assert!(dropped.is_ok(), "the drop panicked in the parent");
+        signaller.join().unwrap()
+    });
+    let (pid, status) = status;
+    assert!(pid > 0, "the handler did not fork");
+    let status = status.expect("the child hung in the heap's drop");
+    assert!(
+        watchdog::exited_ok(status),
+        "the child did not finish the heap's drop: status {status:#x}"
+    );
+}
