@@ -125,7 +125,9 @@
 //! `ZoneLock::lock_in` that waited that long *gives way*, as for a lock
 //! held across a fork (and marks the lock so, so that the next ones give
 //! way at once; a holder that is alive after all releases it as usual);
-//! an allocation whose normal path then misses takes the nolock path; a
+//! an allocation whose normal path then misses takes the nolock path, and
+//! if that has nothing, its block is mapped beside the heap as during a
+//! stalled fork (the lock may be the growth lock: the heap cannot grow); a
 //! registry lock's wait returns `None`, as for a lock its own thread
 //! holds; a wait that has no fallback (`ZoneLock::lock`: checks, a zone's
 //! set-up) reports the lock and aborts. The data such a lock guards may

@@ -30,7 +30,7 @@ impl HeapCore {
         // under a shared limit) and after (the shrinkers' frees uncharge
         // into this CPU's stock, and the thread may have moved to another
         // CPU since: the retry would not see that credit).
-        self.retry_after_miss(
+        let p = self.retry_after_miss(
             layout,
             Some(group),
             || {
@@ -39,7 +39,13 @@ impl HeapCore {
                 group.flush_tree_stocks();
             },
             || self.try_alloc_in(layout, group, false, true),
-        )
+        );
+        // (A lock it gave way to may be orphaned: see `alloc_orphaned`.)
+        #[cfg(feature = "std")]
+        if p.is_none() && crate::fork::orphaned() {
+            return self.alloc_orphaned(layout, Some(group));
+        }
+        p
     }
 
     pub(super) fn alloc_nolock_in(

@@ -126,11 +126,42 @@ impl HeapCore {
             },
             || self.alloc_once(layout, 0),
         );
-        // A lock it gave way to may be orphaned (the `fork` module's
-        // "Orphaned locks"): what the nolock path serves.
         #[cfg(feature = "std")]
         if p.is_none() && crate::fork::orphaned() {
-            return self.alloc_nolock(layout);
+            return self.alloc_orphaned(layout, None);
+        }
+        p
+    }
+
+    /// A normal allocation (into `group`, if any) that missed in a process
+    /// that may hold orphaned locks (the `fork` module's "Orphaned
+    /// locks"): a lock it gave way to may never be released here (a zone's,
+    /// or the growth lock, so the heap cannot grow). What the nolock path
+    /// serves; else the block is mapped beside the heap and registered like
+    /// a huge block, as during a stalled fork (`HeapStats::fork_mapped`),
+    /// while the huge table has room. `None` only when memory or the
+    /// table ran out, or the group's limit refuses it.
+    #[cfg(feature = "std")]
+    #[cold]
+    #[inline(never)]
+    pub(super) fn alloc_orphaned(
+        &self,
+        layout: Layout,
+        group: Option<&Arc<Group>>,
+    ) -> Option<NonNull<u8>> {
+        let p = match group {
+            None => self.alloc_nolock(layout),
+            Some(g) => self.alloc_nolock_in(layout, g),
+        };
+        if p.is_some() {
+            return p;
+        }
+        let p = match group {
+            None => self.alloc_huge(layout),
+            Some(g) => self.alloc_huge_in(layout, g, true),
+        };
+        if p.is_some() {
+            self.fork_mapped.fetch_add(1, Ordering::Relaxed);
         }
         p
     }
