@@ -104,7 +104,9 @@
 //! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
 //! own (it is returned by value, so it has no fixed address to link), heaps
 //! made by `Heap::from_region` (an embedder's), and a global heap whose
-//! creation another thread starts after prepare looked for it. Try-locks whose holders
+//! creation another thread starts after prepare looked for it (cloned
+//! half made, its creation is taken over by the child's first normal
+//! call: the creation records the process it runs in). Try-locks whose holders
 //! never wait (the nolock levels' slots, a group's per-CPU charge stock)
 //! are not held: one is left held in the child only if a thread was inside
 //! it at the very instant of the clone (its contents are then out of reach
@@ -133,7 +135,9 @@
 //! set-up) reports the lock and aborts. The data such a lock guards may
 //! have been left half changed, so it is never taken again. A fork in an
 //! orphaned process takes nothing either (its prepare would wait for those
-//! locks), so its children are orphaned too. Nor is a fork that another
+//! locks), so its children are orphaned too. Nor does such a prepare wait
+//! for a creation of the global heap in progress on another thread: in the
+//! child, the first normal call takes that creation over. Nor is a fork that another
 //! thread's prepare was taking or holding at the clone in progress there:
 //! its count in `FORKING` is cleared in the child, where it would never
 //! end (every miss would wait for it, and no slow path would grow). A

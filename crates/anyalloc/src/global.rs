@@ -32,7 +32,10 @@
 //! on stderr and that setting keeps its default; the other settings apply.
 //!
 //! A nolock caller that finds another context initialising gets null; a
-//! normal caller waits. The creating call is marked inside the allocator, so
+//! normal caller waits, unless the creator's thread is in another process
+//! (a forked child cloned during the creation, by a fork whose prepare
+//! did not wait for it): then the first normal caller takes the creation
+//! over. The creating call is marked inside the allocator, so
 //! a signal handler that interrupts the creation on its own thread takes
 //! the nolock route (and gets null) instead of waiting for itself. Creating
 //! the heap makes a few `mmap` calls: call [`init`] early if even the first
@@ -71,7 +74,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 
 use crate::config::{Config, Error};
 use crate::context;
@@ -212,9 +215,47 @@ pub fn global_heap() -> Option<&'static Heap> {
 /// it ends; a creation of the forking thread's own (interrupted by a signal
 /// handler that forked) never gets here: that prepare takes nothing.
 pub(crate) fn wait_for_creation() {
-    while GLOBAL_HEAP.state.load(Ordering::Acquire) == INITIALIZING {
+    // (Not for a creator in another process: it will never end here, and
+    // the next normal call takes it over, see `creator_gone`.)
+    while GLOBAL_HEAP.state.load(Ordering::Acquire) == INITIALIZING && !creator_gone() {
         std::thread::yield_now();
     }
+}
+
+/// The process whose thread is creating the global heap (its `getpid`):
+/// stored by each caller that found the heap `UNINIT`, just before its CAS
+/// to `INITIALIZING`, so that while the state is `INITIALIZING` it names
+/// the process whose thread won (callers of one process store the same
+/// value; a forked child inherits the value with the state).
+static CREATOR: AtomicI32 = AtomicI32::new(0);
+
+/// Whether the creation in progress runs in another process: this one is a
+/// forked child cloned while a thread of its parent created the heap (a
+/// fork whose prepare took nothing, called by a signal handler that
+/// interrupted the allocator, does not wait for the creation; the `fork`
+/// module's "Orphaned locks"). No thread here will ever finish it.
+fn creator_gone() -> bool {
+    let c = CREATOR.load(Ordering::Acquire);
+    // SAFETY: getpid has no preconditions.
+    c != 0 && c != unsafe { libc::getpid() }
+}
+
+/// In a forked child whose parent's thread was creating the global heap
+/// (`creator_gone`): takes the creation over, if this caller is the first
+/// of this process to try (`false`: another one did, and it is this
+/// process's creation now, to be waited for). What the parent's thread
+/// did with the cell before the clone is not read, except a heap that was
+/// complete already (its core published: only READY was missing), which
+/// is kept.
+fn take_over_creation() -> bool {
+    let c = CREATOR.load(Ordering::Acquire);
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    c != 0
+        && c != me
+        && CREATOR
+            .compare_exchange(c, me, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
 }
 
 /// Whether the heap's creator wanted a maintainer that nobody started yet.
@@ -285,12 +326,33 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
         // after the CAS, a handler in between would wait for ever for its
         // own thread.)
         let _inside = context::Inside::enter();
-        match GLOBAL_HEAP.state.compare_exchange(
+        if GLOBAL_HEAP.state.load(Ordering::Acquire) == UNINIT {
+            // SAFETY: getpid has no preconditions.
+            CREATOR.store(unsafe { libc::getpid() }, Ordering::Release);
+        }
+        let won = match GLOBAL_HEAP.state.compare_exchange(
             UNINIT,
             INITIALIZING,
             Ordering::Acquire,
             Ordering::Acquire,
         ) {
+            Ok(_) => Ok(UNINIT),
+            // A creation whose thread stayed in the parent process: taken
+            // over by one normal caller (see `take_over_creation`).
+            Err(INITIALIZING) if !nolock && take_over_creation() => {
+                if !core_word::load().is_null() {
+                    // Complete but for READY: the heap is whole.
+                    if maintainer && env_flag(c"ANYALLOC_MAINTENANCE") != Some(false) {
+                        MAINTAINER_OWED.store(true, Ordering::Release);
+                    }
+                    GLOBAL_HEAP.state.store(READY, Ordering::Release);
+                    return global_heap();
+                }
+                Ok(INITIALIZING)
+            }
+            Err(state) => Err(state),
+        };
+        match won {
             Ok(_) => {
                 let env = env_config(true);
                 let mut config = env.config;
