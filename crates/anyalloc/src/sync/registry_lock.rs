@@ -12,9 +12,11 @@
 //!   `fork` (`me | FORK_HELD`, stored by `lock_raw`) and owns the fork
 //!   window (the `context` module), it borrows it, unless a borrowed guard
 //!   is live (`lent`: a handler that interrupted that section gets `None`,
-//!   as above): the guard's drop releases nothing but `lent`. In a process that may hold orphaned locks (the `fork` module's
-//!   "Orphaned locks"), the spin ends after `fork::ORPHAN_PATIENCE` with
-//!   `None` too;
+//!   as above): the guard's drop releases nothing but `lent`. In a
+//!   process that may hold orphaned locks (the `fork` module's "Orphaned
+//!   locks"), the spin ends after `fork::ORPHAN_PATIENCE` with `None` too,
+//!   and marks the lock held across a fork (`cur | FORK_HELD`), which
+//!   every caller there gives up on at once;
 //! * `try_lock`: one CAS (any context: the nolock charge path uses it to
 //!   reach other groups' stocks on a refusal);
 //! * release (guard drop): store 0 (Release), then unmark the thread.
@@ -53,6 +55,16 @@ pub(crate) struct RegistryGuard<'a> {
     lock: &'a RegistryLock,
     /// Borrowed in the fork window: dropping it releases nothing.
     borrowed: bool,
+}
+
+/// Whether this process may hold orphaned locks (the `fork` module's
+/// "Orphaned locks"; without std: no fork).
+#[inline]
+fn orphaned() -> bool {
+    #[cfg(feature = "std")]
+    return crate::fork::orphaned();
+    #[cfg(not(feature = "std"))]
+    false
 }
 
 fn me() -> usize {
@@ -117,12 +129,24 @@ impl RegistryLock {
                 }
                 // Held across another thread's fork (`usize::MAX`, an
                 // unknown holder, has the bit too but is never held so).
-                Err(cur) if give_way && cur & context::FORK_HELD != 0 && cur != usize::MAX => {
+                // In a process that may hold orphaned locks, for every
+                // caller: no fork there takes it (their prepares take
+                // nothing), so its holder is a thread of the parent held
+                // it at the clone, or a wait below marked it so.
+                Err(cur)
+                    if (give_way || orphaned())
+                        && cur & context::FORK_HELD != 0
+                        && cur != usize::MAX =>
+                {
                     return None
                 }
-                Err(_) => {
+                Err(_cur) => {
                     // A holder that is gone (see the `fork` module's
-                    // "Orphaned locks"): `None`, as for this thread's own.
+                    // "Orphaned locks"): `None`, as for this thread's own,
+                    // and the lock marked held across a fork, so that the
+                    // next callers give up at once (a holder that is alive
+                    // after all releases it as usual: its store reads
+                    // nothing).
                     #[cfg(feature = "std")]
                     if crate::fork::orphaned()
                         && orphan_since
@@ -130,6 +154,14 @@ impl RegistryLock {
                             .elapsed()
                             >= crate::fork::ORPHAN_PATIENCE
                     {
+                        if _cur != usize::MAX {
+                            let _ = self.owner.compare_exchange(
+                                _cur,
+                                _cur | context::FORK_HELD,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            );
+                        }
                         return None;
                     }
                     core::hint::spin_loop()

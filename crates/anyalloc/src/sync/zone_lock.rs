@@ -55,8 +55,9 @@
 //!   "Orphaned locks"), a contended acquisition polls, never announced,
 //!   for at most `fork::ORPHAN_PATIENCE`, then gives way (`lock_in` and
 //!   `lock_patient` return `None`; a bare `lock` reports the lock and
-//!   aborts), and marks the lock 3 so that the next `lock_in(Normal)`
-//!   gives way at once (a holder that is alive releases it as usual). A
+//!   aborts), and marks the lock 3 so that the next callers give way at
+//!   once, `lock_patient` included (a holder that is alive releases it as
+//!   usual; no fork there takes a lock: a lock in state 3 is orphaned). A
 //!   waiter already asleep when its thread became such a child (a signal
 //!   handler forked) finds out on its next look: the std platform's waits
 //!   last 50 ms at most.
@@ -349,7 +350,7 @@ impl ZoneLock {
         // "Orphaned locks"): a bounded wait.
         #[cfg(all(feature = "std", not(loom)))]
         if crate::fork::orphaned() {
-            return self.lock_orphaned(give_way, platform);
+            return self.lock_orphaned(platform);
         }
         if self.poll.load(core::sync::atomic::Ordering::Relaxed) {
             // Never announced: the holder's release makes no system call;
@@ -387,7 +388,7 @@ impl ZoneLock {
                 // This thread became a forked child's only one while it
                 // waited (a signal handler forked): the holder may be gone.
                 #[cfg(all(feature = "std", not(loom)))]
-                _ if crate::fork::orphaned() => break self.lock_orphaned(give_way, platform),
+                _ if crate::fork::orphaned() => break self.lock_orphaned(platform),
                 seen => {
                     // 1, 2 or 3: marked (2 stays 2, 3 stays 3) by a write of
                     // this waiter's, then slept on while unchanged. A change
@@ -410,13 +411,13 @@ impl ZoneLock {
     /// `lock_contended` in a process that may hold locks no thread will
     /// release (the `fork` module's "Orphaned locks"): polls, never
     /// announced, at most `fork::ORPHAN_PATIENCE`, then gives way (a lock
-    /// held across a fork gives way at once, as usual, when `give_way`).
+    /// held across a fork gives way at once, for every caller: see below).
     /// A lock it gave way to is marked held across a fork (state 3), so
-    /// that the next `lock_in(Normal)` gives way at once; a holder that is
-    /// alive after all releases it as usual (its swap reads any state).
+    /// that the next callers give way at once; a holder that is alive
+    /// after all releases it as usual (its swap reads any state).
     #[cfg(all(feature = "std", not(loom)))]
     #[cold]
-    fn lock_orphaned(&self, give_way: bool, platform: &dyn Platform) -> Contended {
+    fn lock_orphaned(&self, platform: &dyn Platform) -> Contended {
         let start = std::time::Instant::now();
         loop {
             match self.state.compare_exchange(
@@ -426,7 +427,12 @@ impl ZoneLock {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return Contended::Acquired,
-                Err(FORK) if give_way => return Contended::GaveWay,
+                // Held across a fork: here, by a thread of the parent at
+                // the clone, or marked so by a wait that ran out (no fork
+                // in such a process takes it, and this thread's own
+                // prepare was told apart above): patient callers too give
+                // way at once rather than wait the patience out again.
+                Err(FORK) => return Contended::GaveWay,
                 Err(seen) if start.elapsed() >= crate::fork::ORPHAN_PATIENCE => {
                     if seen == FORK
                         || self
