@@ -14,10 +14,11 @@
 //! it waits; the handler forks. The child must come out of the drop and
 //! exit 0 under a watchdog.
 
+mod handler_fork;
 mod watchdog;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::{Config, Heap};
@@ -26,25 +27,6 @@ use anyalloc::{Config, Heap};
 static IN_SHRINKER: AtomicBool = AtomicBool::new(false);
 /// The shrinker may return.
 static RELEASE: AtomicBool = AtomicBool::new(false);
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-static CHILD: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn fork_here(_: libc::c_int) {
-    // SAFETY: fork is async-signal-safe; the child returns from the
-    // handler and goes on (that is the scenario).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        IN_CHILD.store(true, SeqCst);
-    } else {
-        CHILD.store(pid, SeqCst);
-    }
-}
-
-/// Whether thread `tid` of this process is inside a futex call.
-fn in_futex(tid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
-        .is_ok_and(|s| s.split(' ').next() == Some(&libc::SYS_futex.to_string()))
-}
 
 #[test]
 fn a_handler_forks_while_a_heap_drop_joins_its_maintainer() {
@@ -55,14 +37,7 @@ fn a_handler_forks_while_a_heap_drop_joins_its_maintainer() {
     ) {
         return;
     }
-    // SAFETY: a plain handler that only forks and stores atomics.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = fork_here as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
-    }
+    handler_fork::install();
     let heap = Heap::new(Config::default().memory(4 << 20).grow(false)).expect("heap");
     heap.register_shrinker(|_| {
         if std::thread::current().name() == Some("anyalloc-maintainer") {
@@ -95,18 +70,21 @@ fn a_handler_forks_while_a_heap_drop_joins_its_maintainer() {
             }
             // The drop's only futex wait: the join.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !in_futex(main_tid) && Instant::now() < deadline {
+            while !handler_fork::in_futex_wait(main_tid) && Instant::now() < deadline {
                 std::thread::yield_now();
             }
-            assert!(in_futex(main_tid), "the drop did not wait for the thread");
+            assert!(
+                handler_fork::in_futex_wait(main_tid),
+                "the drop did not wait for the thread"
+            );
             // SAFETY: signalling a live thread of this process whose
             // handler is installed.
             unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
             let deadline = Instant::now() + Duration::from_secs(10);
-            while CHILD.load(SeqCst) == 0 && Instant::now() < deadline {
+            while handler_fork::child() == 0 && Instant::now() < deadline {
                 std::thread::yield_now();
             }
-            let pid = CHILD.load(SeqCst);
+            let pid = handler_fork::child();
             let status = (pid > 0)
                 .then(|| watchdog::wait_child(pid, Duration::from_secs(20)))
                 .flatten();
@@ -115,7 +93,7 @@ fn a_handler_forks_while_a_heap_drop_joins_its_maintainer() {
         });
         dropping.store(true, SeqCst);
         let dropped = std::panic::catch_unwind(AssertUnwindSafe(|| drop(heap)));
-        if IN_CHILD.load(SeqCst) {
+        if handler_fork::in_child() {
             // SAFETY: _exit has no preconditions.
             unsafe { libc::_exit(if dropped.is_ok() { 0 } else { 1 }) };
         }

@@ -18,11 +18,12 @@
 //! `Site::ZoneAlloc`), raises a signal whose handler forks; the child
 //! calls `init`, allocates and frees, under a watchdog.
 
+mod handler_fork;
 mod watchdog;
 mod zone_holder;
 
 use std::ffi::{c_char, CStr};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::interrupt::{set_hook, Site};
@@ -36,8 +37,6 @@ static PARKED: AtomicBool = AtomicBool::new(false);
 static RELEASED: AtomicBool = AtomicBool::new(false);
 /// The main thread raises the signal at its next `Site::ZoneAlloc`.
 static RAISE: AtomicBool = AtomicBool::new(false);
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-static CHILD: AtomicI32 = AtomicI32::new(0);
 
 extern "C" {
     static environ: *const *const c_char;
@@ -76,19 +75,7 @@ pub unsafe extern "C" fn getenv(name: *const c_char) -> *mut c_char {
 
 fn hook(site: Site) {
     if site == Site::ZoneAlloc && RAISE.swap(false, SeqCst) {
-        // SAFETY: raising a signal whose handler is installed.
-        unsafe { libc::raise(libc::SIGUSR1) };
-    }
-}
-
-extern "C" fn fork_here(_: libc::c_int) {
-    // SAFETY: fork is async-signal-safe; the child returns from the
-    // handler and goes on (that is the scenario).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        IN_CHILD.store(true, SeqCst);
-    } else {
-        CHILD.store(pid, SeqCst);
+        handler_fork::raise();
     }
 }
 
@@ -119,14 +106,7 @@ fn a_handler_forks_while_another_thread_creates_the_global_heap() {
     }
     assert!(anyalloc::global_heap().is_none(), "no heap before the test");
     let b = Heap::new(Config::default().memory(16 << 20).maintenance(false)).expect("heap");
-    // SAFETY: a plain handler that only forks and stores atomics.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = fork_here as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
-    }
+    handler_fork::install();
     ACTIVE.store(true, SeqCst);
     let t = std::thread::spawn(|| anyalloc::init().is_ok());
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -137,7 +117,7 @@ fn a_handler_forks_while_another_thread_creates_the_global_heap() {
     set_hook(Some(hook));
     RAISE.store(true, SeqCst);
     zone_holder::allocate_under_the_zone_lock(b.pages(), 6);
-    if IN_CHILD.load(SeqCst) {
+    if handler_fork::in_child() {
         set_hook(None);
         ACTIVE.store(false, SeqCst);
         let ok = child_work();
@@ -145,7 +125,7 @@ fn a_handler_forks_while_another_thread_creates_the_global_heap() {
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
     set_hook(None);
-    let pid = CHILD.load(SeqCst);
+    let pid = handler_fork::child();
     assert!(pid > 0, "the handler did not fork");
     let status = watchdog::wait_child(pid, Duration::from_secs(20));
     RELEASED.store(true, SeqCst);

@@ -14,12 +14,13 @@
 //! during a stalled fork (`HeapStats::fork_mapped`), plain and accounted
 //! alike.
 
+mod handler_fork;
 mod watchdog;
 mod zone_holder;
 
 use std::alloc::Layout;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::interrupt::{set_hook, Site};
@@ -42,8 +43,6 @@ thread_local! {
 /// 0: H has not paused yet; 1: H holds A's growth lock; 2: the signal was
 /// raised; 3: H may go on.
 static STEP: AtomicUsize = AtomicUsize::new(0);
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-static CHILD: AtomicI32 = AtomicI32::new(0);
 
 fn hook(site: Site) {
     match (ROLE.get(), site) {
@@ -56,28 +55,10 @@ fn hook(site: Site) {
         }
         (RAISER, Site::ZoneAlloc) if STEP.load(SeqCst) == 1 => {
             STEP.store(2, SeqCst);
-            // SAFETY: raising a signal whose handler is installed.
-            unsafe { libc::raise(libc::SIGUSR1) };
+            handler_fork::raise();
         }
         _ => {}
     }
-}
-
-extern "C" fn fork_here(_: libc::c_int) {
-    // SAFETY: fork is async-signal-safe; the child returns from the
-    // handler and goes on (that is the scenario).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        IN_CHILD.store(true, SeqCst);
-    } else {
-        CHILD.store(pid, SeqCst);
-    }
-}
-
-/// Writes a line with write(2).
-fn say(line: &str) {
-    // SAFETY: writing a live buffer to stdout.
-    unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
 }
 
 /// `BLOCKS` blocks of `BLOCK` bytes from A (`group`: accounted), written
@@ -109,16 +90,16 @@ fn child_work(a: &Heap) -> i32 {
     let group = Group::new("child", None, None);
     let accounted = blocks(a, Some(&group));
     if plain != BLOCKS || accounted != BLOCKS {
-        say(&format!(
+        handler_fork::say(&format!(
             "child: {plain} and {accounted} (accounted) of {BLOCKS} blocks\n"
         ));
         return 1;
     }
     if group.usage() != 0 {
-        say("child: the group still charged\n");
+        handler_fork::say("child: the group still charged\n");
         return 2;
     }
-    say("child: served beside the full heap\n");
+    handler_fork::say("child: served beside the full heap\n");
     0
 }
 
@@ -133,14 +114,7 @@ fn a_handler_forks_while_another_thread_grows_the_heap() {
     }
     let a = Heap::new(Config::default().memory(8 << 20).maintenance(false)).expect("heap");
     let b = Heap::new(Config::default().memory(8 << 20).maintenance(false)).expect("heap");
-    // SAFETY: a plain handler that only forks and stores atomics.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = fork_here as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
-    }
+    handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
         let h = s.spawn(|| {
@@ -159,23 +133,12 @@ fn a_handler_forks_while_another_thread_grows_the_heap() {
         ROLE.set(RAISER);
         zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
         ROLE.set(0);
-        if IN_CHILD.load(SeqCst) {
-            set_hook(None);
-            let code = child_work(&a);
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
+        handler_fork::finish_in_child(|| child_work(&a));
         assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
-        let pid = CHILD.load(SeqCst);
-        assert!(pid > 0, "the handler did not fork");
-        let status = watchdog::wait_child(pid, Duration::from_secs(30));
+        let status = handler_fork::reap(Duration::from_secs(30));
         STEP.store(3, SeqCst);
         h.join().unwrap();
-        let status = status.expect("the child hung");
-        assert!(
-            watchdog::exited_ok(status),
-            "the child failed: status {status:#x}"
-        );
+        handler_fork::assert_child_ok(status);
     });
     set_hook(None);
 }

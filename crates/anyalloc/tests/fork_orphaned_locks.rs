@@ -40,6 +40,7 @@
 //! child takes no lock either: its prepare would wait for the same locks).
 //! Before the fix every child hung (the watchdog killed it).
 
+mod handler_fork;
 mod watchdog;
 mod zone_holder;
 
@@ -67,10 +68,6 @@ thread_local! {
 /// 0: H has not paused yet; 1: H holds A's zone lock; 2: the signal was
 /// raised; 3: H may go on.
 static STEP: AtomicUsize = AtomicUsize::new(0);
-/// Set in the child of the handler's fork.
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-/// The handler's child (in the parent).
-static CHILD: AtomicI32 = AtomicI32::new(0);
 
 fn hook(site: Site) {
     if site != Site::ZoneAlloc {
@@ -86,44 +83,14 @@ fn hook(site: Site) {
         }
         RAISER if STEP.load(SeqCst) == 1 => {
             STEP.store(2, SeqCst);
-            // SAFETY: raising a signal whose handler is installed.
-            unsafe { libc::raise(libc::SIGUSR1) };
+            handler_fork::raise();
         }
         _ => {}
     }
 }
 
-extern "C" fn fork_here(_: libc::c_int) {
-    // SAFETY: fork is async-signal-safe; the child returns from the
-    // handler and goes on (that is the scenario).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        IN_CHILD.store(true, SeqCst);
-    } else {
-        CHILD.store(pid, SeqCst);
-    }
-}
-
-fn install_fork_handler() {
-    // SAFETY: a plain handler that only forks and stores atomics.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = fork_here as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
-    }
-}
-
 fn heap() -> Heap {
     Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap")
-}
-
-/// Writes a line with write(2) (the child leaves stdio alone: another
-/// thread of the parent may have held its lock at the clone).
-fn say(line: &str) {
-    // SAFETY: writing a live buffer to stdout.
-    unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
 }
 
 /// The child's work, once the handler has returned: everything must come
@@ -136,7 +103,7 @@ fn child_work(a: &Heap) -> i32 {
         // SAFETY: allocated just above with this order, freed once.
         Some(p) => unsafe { a.pages().free_pages(p, ORDER) },
         None => {
-            say("child: no block of order 6\n");
+            handler_fork::say("child: no block of order 6\n");
             code = 1;
         }
     }
@@ -155,7 +122,7 @@ fn child_work(a: &Heap) -> i32 {
         unsafe { a.free(std::ptr::NonNull::new_unchecked(o)) };
     }
     if got != objs.len() {
-        say("child: objects missing\n");
+        handler_fork::say("child: objects missing\n");
         code = 2;
     }
     a.drain();
@@ -170,36 +137,22 @@ fn child_work(a: &Heap) -> i32 {
     let mut status = 0;
     // SAFETY: waiting for our own child.
     if pid < 0 || unsafe { libc::waitpid(pid, &mut status, 0) } != pid || status != 0 {
-        say("child: its own fork failed\n");
+        handler_fork::say("child: its own fork failed\n");
         code = 3;
     }
     if code == 0 {
-        say("child: served, drained, trimmed and forked\n");
+        handler_fork::say("child: served, drained, trimmed and forked\n");
     }
     code
-}
-
-/// Whether thread `tid` of this process is blocked in a `futex` call (its
-/// `/proc` syscall file starts with the call's number).
-fn in_futex_wait(tid: libc::pid_t) -> bool {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
-        .is_ok_and(|s| s.split(' ').next() == Some(&libc::SYS_futex.to_string()))
 }
 
 /// In the parent: waits for the handler's child (it must not hang), lets
 /// H go on, and checks the child's status.
 fn check_child(h: std::thread::ScopedJoinHandle<'_, ()>) {
-    let pid = CHILD.load(SeqCst);
-    assert!(pid > 0, "the handler did not fork");
-    let status = watchdog::wait_child(pid, Duration::from_secs(20));
+    let status = handler_fork::reap(Duration::from_secs(20));
     STEP.store(3, SeqCst);
     h.join().unwrap();
-    let status =
-        status.expect("the child hung: it waited for a lock held by a thread it does not have");
-    assert!(
-        watchdog::exited_ok(status),
-        "the child failed: status {status:#x}"
-    );
+    handler_fork::assert_child_ok(status);
 }
 
 #[test]
@@ -212,7 +165,7 @@ fn a_handler_forks_inside_another_heap() {
         return;
     }
     let (a, b) = (heap(), heap());
-    install_fork_handler();
+    handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
         let h = s.spawn(|| {
@@ -227,12 +180,7 @@ fn a_handler_forks_inside_another_heap() {
         ROLE.set(RAISER);
         zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
         ROLE.set(0);
-        if IN_CHILD.load(SeqCst) {
-            set_hook(None);
-            let code = child_work(&a);
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
+        handler_fork::finish_in_child(|| child_work(&a));
         assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
         check_child(h);
     });
@@ -249,7 +197,7 @@ fn a_handler_forks_while_its_thread_waits_for_the_lock() {
         return;
     }
     let a = heap();
-    install_fork_handler();
+    handler_fork::install();
     set_hook(Some(hook));
     // SAFETY: pthread_self and gettid have no preconditions.
     let (main, main_tid) = unsafe { (libc::pthread_self() as usize, libc::gettid()) };
@@ -272,11 +220,11 @@ fn a_handler_forks_while_its_thread_waits_for_the_lock() {
                 std::thread::yield_now();
             }
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !in_futex_wait(main_tid) && Instant::now() < deadline {
+            while !handler_fork::in_futex_wait(main_tid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
             assert!(
-                in_futex_wait(main_tid),
+                handler_fork::in_futex_wait(main_tid),
                 "the main thread did not wait for the lock"
             );
             STEP.store(2, SeqCst);
@@ -284,36 +232,25 @@ fn a_handler_forks_while_its_thread_waits_for_the_lock() {
             // handler is installed.
             unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
             let deadline = Instant::now() + Duration::from_secs(10);
-            while CHILD.load(SeqCst) == 0 && Instant::now() < deadline {
+            while handler_fork::child() == 0 && Instant::now() < deadline {
                 std::thread::yield_now();
             }
-            let pid = CHILD.load(SeqCst);
-            let status = (pid > 0)
-                .then(|| watchdog::wait_child(pid, Duration::from_secs(20)))
+            // (Reaped only if the handler forked; if not, `assert_child_ok`
+            // says so once H has gone on, which the main thread waits for.)
+            let status = (handler_fork::child() > 0)
+                .then(|| handler_fork::reap(Duration::from_secs(20)))
                 .flatten();
             STEP.store(3, SeqCst);
-            (pid, status)
+            status
         });
         started.store(true, SeqCst);
         zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER - 1);
-        if IN_CHILD.load(SeqCst) {
-            set_hook(None);
-            let code = child_work(&a);
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
+        handler_fork::finish_in_child(|| child_work(&a));
         h.join().unwrap();
         signaller.join().unwrap()
     });
     set_hook(None);
-    let (pid, status) = status;
-    assert!(pid > 0, "the handler did not fork");
-    let status =
-        status.expect("the child hung: it waited for a lock held by a thread it does not have");
-    assert!(
-        watchdog::exited_ok(status),
-        "the child failed: status {status:#x}"
-    );
+    handler_fork::assert_child_ok(status);
 }
 
 /// The thread id of the thread that forks on its own in scenario 3.
@@ -345,11 +282,13 @@ fn grow_work(b: &Heap) -> i32 {
         };
     }
     if got != BLOCKS {
-        say("child: B did not grow (a fork of the parent's seemed in progress)\n");
+        handler_fork::say("child: B did not grow (a fork of the parent's seemed in progress)\n");
         return 1;
     }
     if took > Duration::from_secs(5) {
-        say("child: B's blocks took seconds (waits for a fork not in progress here)\n");
+        handler_fork::say(
+            "child: B's blocks took seconds (waits for a fork not in progress here)\n",
+        );
         return 2;
     }
     0
@@ -368,7 +307,7 @@ fn a_handler_forks_while_another_thread_forks() {
     // registry), waits there for H, and has not reached B at the clone.
     let b = heap();
     let a = heap();
-    install_fork_handler();
+    handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
         let h = s.spawn(|| {
@@ -395,24 +334,20 @@ fn a_handler_forks_while_another_thread_forks() {
         // The forker's prepare is counted, holds the registries and waits
         // for A's zone lock (its only futex wait here).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(FORKER_TID.load(SeqCst) != 0 && in_futex_wait(FORKER_TID.load(SeqCst)))
+        while !(FORKER_TID.load(SeqCst) != 0
+            && handler_fork::in_futex_wait(FORKER_TID.load(SeqCst)))
             && Instant::now() < deadline
         {
             std::thread::yield_now();
         }
         assert!(
-            in_futex_wait(FORKER_TID.load(SeqCst)),
+            handler_fork::in_futex_wait(FORKER_TID.load(SeqCst)),
             "the forker's prepare did not wait for A's zone lock"
         );
         ROLE.set(RAISER);
         zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
         ROLE.set(0);
-        if IN_CHILD.load(SeqCst) {
-            set_hook(None);
-            let code = grow_work(&b);
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
+        handler_fork::finish_in_child(|| grow_work(&b));
         assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
         check_child(h);
         let status = forker.join().unwrap().expect("the forker's child hung");
@@ -435,7 +370,7 @@ fn a_handler_forks_inside_its_threads_prepare() {
         return;
     }
     let a = heap();
-    install_fork_handler();
+    handler_fork::install();
     set_hook(Some(hook));
     // SAFETY: gettid has no preconditions.
     let main_tid = unsafe { libc::gettid() };
@@ -457,11 +392,11 @@ fn a_handler_forks_inside_its_threads_prepare() {
         // signaller waits for the handler's child and lets H go on.
         let signaller = s.spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !in_futex_wait(main_tid) && Instant::now() < deadline {
+            while !handler_fork::in_futex_wait(main_tid) && Instant::now() < deadline {
                 std::thread::yield_now();
             }
             assert!(
-                in_futex_wait(main_tid),
+                handler_fork::in_futex_wait(main_tid),
                 "the main thread's prepare did not wait"
             );
             STEP.store(2, SeqCst);
@@ -469,10 +404,10 @@ fn a_handler_forks_inside_its_threads_prepare() {
             // handler is installed.
             unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
             let deadline = Instant::now() + Duration::from_secs(10);
-            while CHILD.load(SeqCst) == 0 && Instant::now() < deadline {
+            while handler_fork::child() == 0 && Instant::now() < deadline {
                 std::thread::yield_now();
             }
-            let pid = CHILD.load(SeqCst);
+            let pid = handler_fork::child();
             let status = (pid > 0)
                 .then(|| watchdog::wait_child(pid, Duration::from_secs(20)))
                 .flatten();
@@ -482,7 +417,7 @@ fn a_handler_forks_inside_its_threads_prepare() {
         // SAFETY: each child below runs the allocator's calls of
         // `child_work` (or none) and _exits.
         let pid = unsafe { libc::fork() };
-        if IN_CHILD.load(SeqCst) {
+        if handler_fork::in_child() {
             // The handler's child, where this fork went on (`pid`: its own
             // child), or that child (0).
             set_hook(None);
@@ -490,7 +425,7 @@ fn a_handler_forks_inside_its_threads_prepare() {
             if pid > 0 {
                 let status = watchdog::wait_child(pid, Duration::from_secs(20));
                 if !status.is_some_and(watchdog::exited_ok) {
-                    say("child: the fork its handler interrupted failed in it\n");
+                    handler_fork::say("child: the fork its handler interrupted failed in it\n");
                     code = 4;
                 }
             } else if pid < 0 {
@@ -516,7 +451,7 @@ fn a_handler_forks_inside_its_threads_prepare() {
     });
     set_hook(None);
     let status = HANDLER_CHILD_STATUS.load(SeqCst);
-    assert!(CHILD.load(SeqCst) > 0, "the handler did not fork");
+    assert!(handler_fork::child() > 0, "the handler did not fork");
     assert_ne!(
         status, -1,
         "the handler's child hung: it waited for a lock held by a thread it does not have"

@@ -20,11 +20,12 @@
 //! `Site::CacheDrain`) at the clone, and the child's 10 drains of A took
 //! 10 patiences (with a trim, 2.2 s before the fix, 1 of 1).
 
+mod handler_fork;
 mod watchdog;
 mod zone_holder;
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::interrupt::{set_hook, Site};
@@ -41,8 +42,6 @@ thread_local! {
 /// 0: H has not paused yet; 1: H holds the registry; 2: the signal was
 /// raised; 3: H may go on.
 static STEP: AtomicUsize = AtomicUsize::new(0);
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-static CHILD: AtomicI32 = AtomicI32::new(0);
 /// D holds heap A's maintenance lock (inside `Heap::drain`).
 static DRAINING: AtomicBool = AtomicBool::new(false);
 
@@ -64,28 +63,10 @@ fn hook(site: Site) {
         }
         (RAISER, Site::ZoneAlloc) if STEP.load(SeqCst) == 1 && DRAINING.load(SeqCst) => {
             STEP.store(2, SeqCst);
-            // SAFETY: raising a signal whose handler is installed.
-            unsafe { libc::raise(libc::SIGUSR1) };
+            handler_fork::raise();
         }
         _ => {}
     }
-}
-
-extern "C" fn fork_here(_: libc::c_int) {
-    // SAFETY: fork is async-signal-safe; the child returns from the
-    // handler and goes on (that is the scenario).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        IN_CHILD.store(true, SeqCst);
-    } else {
-        CHILD.store(pid, SeqCst);
-    }
-}
-
-/// Writes a line with write(2).
-fn say(line: &str) {
-    // SAFETY: writing a live buffer to stdout.
-    unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
 }
 
 /// The child's calls that need the registry: far quicker than one
@@ -101,7 +82,7 @@ fn child_work(root: &std::sync::Arc<Group>, a: &Heap) -> i32 {
     drop(kids);
     let took = start.elapsed();
     if took >= Duration::from_secs(2) {
-        say(&format!("child: 25 calls took {took:?}\n"));
+        handler_fork::say(&format!("child: 25 calls took {took:?}\n"));
         return 1;
     }
     // A's maintenance lock (patient callers: `drain`, `trim`): 10 drains,
@@ -113,10 +94,10 @@ fn child_work(root: &std::sync::Arc<Group>, a: &Heap) -> i32 {
     a.trim();
     let took = start.elapsed();
     if took >= Duration::from_millis(1500) {
-        say(&format!("child: 10 drains and a trim took {took:?}\n"));
+        handler_fork::say(&format!("child: 10 drains and a trim took {took:?}\n"));
         return 2;
     }
-    say("child: groups made, usage read, A drained\n");
+    handler_fork::say("child: groups made, usage read, A drained\n");
     0
 }
 
@@ -138,14 +119,7 @@ fn a_handler_forks_while_another_thread_registers_a_group() {
     // SAFETY: allocated just above, freed once.
     unsafe { a.free(freed) };
     let root = Group::new("root", None, None);
-    // SAFETY: a plain handler that only forks and stores atomics.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = fork_here as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
-    }
+    handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
         let h = s.spawn(|| {
@@ -165,24 +139,13 @@ fn a_handler_forks_while_another_thread_registers_a_group() {
         ROLE.set(RAISER);
         zone_holder::allocate_under_the_zone_lock(b.pages(), 6);
         ROLE.set(0);
-        if IN_CHILD.load(SeqCst) {
-            set_hook(None);
-            let code = child_work(&root, &a);
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
+        handler_fork::finish_in_child(|| child_work(&root, &a));
         assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
-        let pid = CHILD.load(SeqCst);
-        assert!(pid > 0, "the handler did not fork");
-        let status = watchdog::wait_child(pid, Duration::from_secs(30));
+        let status = handler_fork::reap(Duration::from_secs(30));
         STEP.store(3, SeqCst);
         drop(h.join().unwrap());
         d.join().unwrap();
-        let status = status.expect("the child hung");
-        assert!(
-            watchdog::exited_ok(status),
-            "the child failed: status {status:#x}"
-        );
+        handler_fork::assert_child_ok(status);
     });
     set_hook(None);
     // SAFETY: allocated above, freed once.

@@ -16,11 +16,12 @@
 //! guards is never touched again), the trim ends, and the child goes on:
 //! it allocates and frees from the heap, trims again and exits 0.
 
+mod handler_fork;
 mod watchdog;
 mod zone_holder;
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::interrupt::{set_hook, Site};
@@ -39,8 +40,6 @@ thread_local! {
 /// 0: the trim has not reached its window; 1: it has (H may take the
 /// lock); 2: H holds the zone lock; 3: H may go on.
 static STEP: AtomicUsize = AtomicUsize::new(0);
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-static CHILD: AtomicI32 = AtomicI32::new(0);
 /// The child's exit status, as the parent's hook saw it (-1: hung).
 static STATUS: AtomicI32 = AtomicI32::new(-2);
 
@@ -60,14 +59,13 @@ fn hook(site: Site) {
         (TRIMMER, Site::ReleaseWindow) if STEP.load(SeqCst) == 0 => {
             STEP.store(1, SeqCst);
             wait_step(2);
-            // SAFETY: raising a signal whose handler is installed.
-            unsafe { libc::raise(libc::SIGUSR1) };
-            if IN_CHILD.load(SeqCst) {
+            handler_fork::raise();
+            if handler_fork::in_child() {
                 return;
             }
             // The parent: the trim takes the lock again once H is done,
             // after the child.
-            let pid = CHILD.load(SeqCst);
+            let pid = handler_fork::child();
             let status = if pid > 0 {
                 watchdog::wait_child(pid, Duration::from_secs(20)).unwrap_or(-1)
             } else {
@@ -80,23 +78,6 @@ fn hook(site: Site) {
     }
 }
 
-extern "C" fn fork_here(_: libc::c_int) {
-    // SAFETY: fork is async-signal-safe; the child returns from the
-    // handler and goes on (that is the scenario).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        IN_CHILD.store(true, SeqCst);
-    } else {
-        CHILD.store(pid, SeqCst);
-    }
-}
-
-/// Writes a line with write(2).
-fn say(line: &str) {
-    // SAFETY: writing a live buffer to stdout.
-    unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
-}
-
 /// The child's life after its trim: blocks of every order from the heap
 /// (served by the nolock path where the zone lock is needed), a second
 /// trim, and exit status 0 if everything came back.
@@ -107,14 +88,14 @@ fn child_work(a: &Heap) -> i32 {
             // SAFETY: allocated just above with this order, freed once.
             Some(p) => unsafe { a.pages().free_pages(p, order) },
             None => {
-                say("child: a block missing\n");
+                handler_fork::say("child: a block missing\n");
                 code = 1;
             }
         }
     }
     a.trim();
     if code == 0 {
-        say("child: trimmed, allocated and trimmed again\n");
+        handler_fork::say("child: trimmed, allocated and trimmed again\n");
     }
     code
 }
@@ -129,14 +110,7 @@ fn a_handler_forks_while_trim_returns_a_block() {
         return;
     }
     let a = Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap");
-    // SAFETY: a plain handler that only forks and stores atomics.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = fork_here as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
-    }
+    handler_fork::install();
     // A free block that is with the process: one for the trim to return.
     let p = a.pages().alloc_pages(10).expect("a 4 MiB block");
     // SAFETY: the block is 4 MiB, ours; freed once with its order.
@@ -154,12 +128,7 @@ fn a_handler_forks_while_trim_returns_a_block() {
         ROLE.set(TRIMMER);
         let trimmed = a.trim();
         ROLE.set(0);
-        if IN_CHILD.load(SeqCst) {
-            set_hook(None);
-            let code = child_work(&a);
-            // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(code) };
-        }
+        handler_fork::finish_in_child(|| child_work(&a));
         h.join().unwrap();
         trimmed
     });
