@@ -16,53 +16,10 @@
 //! thread forks while T is parked there; the child calls `init` and
 //! allocates, under a watchdog.
 
+mod parked_creation;
 mod watchdog;
 
-use std::ffi::{c_char, CStr};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::time::{Duration, Instant};
-
-/// Set by the scenario: `getenv` parks T's creation.
-static ACTIVE: AtomicBool = AtomicBool::new(false);
-/// T's creation is parked in `getenv`.
-static PARKED: AtomicBool = AtomicBool::new(false);
-/// The main thread's `fork` has returned in the parent.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-extern "C" {
-    static environ: *const *const c_char;
-}
-
-/// `getenv` without libc's (no allocation, no lock): the heap's creation
-/// calls this one.
-///
-/// # Safety
-/// As libc's: `name` is a NUL-terminated string.
-#[no_mangle]
-pub unsafe extern "C" fn getenv(name: *const c_char) -> *mut c_char {
-    // SAFETY: the caller passes a NUL-terminated name.
-    let name = unsafe { CStr::from_ptr(name) }.to_bytes();
-    if ACTIVE.load(SeqCst) && name == b"ANYALLOC_MEMORY" {
-        PARKED.store(true, SeqCst);
-        let start = Instant::now();
-        while !FORKED.load(SeqCst) && start.elapsed() < Duration::from_secs(3) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-    // SAFETY: `environ` is the process's NUL-terminated array of
-    // NUL-terminated "NAME=value" strings.
-    unsafe {
-        let mut e = environ;
-        while !e.is_null() && !(*e).is_null() {
-            let entry = CStr::from_ptr(*e).to_bytes();
-            if entry.len() > name.len() && entry.starts_with(name) && entry[name.len()] == b'=' {
-                return (*e).add(name.len() + 1).cast_mut();
-            }
-            e = e.add(1);
-        }
-    }
-    std::ptr::null_mut()
-}
+use std::time::Duration;
 
 #[test]
 fn fork_while_another_thread_creates_the_global_heap() {
@@ -77,32 +34,21 @@ fn fork_while_another_thread_creates_the_global_heap() {
         return;
     }
     assert!(anyalloc::global_heap().is_none(), "no heap before the test");
-    ACTIVE.store(true, SeqCst);
+    // Parked until the fork has returned in the parent, or for 3 s (a
+    // prepare handler that waits for the creation returns only after it).
+    parked_creation::arm(Duration::from_secs(3));
     let t = std::thread::spawn(|| anyalloc::init().is_ok());
-    while !PARKED.load(SeqCst) {
+    while !parked_creation::parked() {
         std::thread::yield_now();
     }
     // SAFETY: the child calls `init`, allocates and _exits.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        let ok = match anyalloc::init() {
-            Ok(heap) => {
-                let layout = std::alloc::Layout::from_size_align(100, 8).unwrap();
-                match heap.alloc(layout) {
-                    Some(p) => {
-                        // SAFETY: allocated just above, freed once.
-                        unsafe { heap.free(p) };
-                        true
-                    }
-                    None => false,
-                }
-            }
-            Err(_) => false,
-        };
+        let ok = parked_creation::init_and_allocate();
         // SAFETY: _exit has no preconditions.
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
-    FORKED.store(true, SeqCst);
+    parked_creation::release();
     assert!(pid > 0, "fork failed");
     let status = watchdog::wait_child(pid, Duration::from_secs(20));
     assert!(t.join().unwrap(), "the heap was created in the parent");
