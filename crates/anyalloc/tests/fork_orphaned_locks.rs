@@ -146,6 +146,24 @@ fn child_work(a: &Heap) -> i32 {
     code
 }
 
+/// Spawns H, which allocates a block of `ORDER` from `a` under its zone
+/// lock and pauses there (step 1) until step 3; returns once it has.
+fn spawn_holder<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    a: &'env Heap,
+) -> std::thread::ScopedJoinHandle<'scope, ()> {
+    let h = s.spawn(|| {
+        ROLE.set(HOLDER);
+        zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+    h
+}
+
 /// In the parent: waits for the handler's child (it must not hang), lets
 /// H go on, and checks the child's status.
 fn check_child(h: std::thread::ScopedJoinHandle<'_, ()>) {
@@ -168,15 +186,7 @@ fn a_handler_forks_inside_another_heap() {
     handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            ROLE.set(HOLDER);
-            zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
-        assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+        let h = spawn_holder(s, &a);
         ROLE.set(RAISER);
         zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
         ROLE.set(0);
@@ -203,15 +213,7 @@ fn a_handler_forks_while_its_thread_waits_for_the_lock() {
     let (main, main_tid) = unsafe { (libc::pthread_self() as usize, libc::gettid()) };
     let started = AtomicBool::new(false);
     let status = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            ROLE.set(HOLDER);
-            zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
-        assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+        let h = spawn_holder(s, &a);
         // The signaller, once the main thread sleeps on A's zone lock (in
         // a futex wait, which /proc shows); then (the main thread waits for
         // H meanwhile) it waits for the child and lets H go on.
@@ -310,15 +312,7 @@ fn a_handler_forks_while_another_thread_forks() {
     handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            ROLE.set(HOLDER);
-            zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
-        assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+        let h = spawn_holder(s, &a);
         let forker = s.spawn(|| {
             // SAFETY: gettid has no preconditions.
             FORKER_TID.store(unsafe { libc::gettid() }, SeqCst);
@@ -377,15 +371,7 @@ fn a_handler_forks_inside_its_threads_prepare() {
     // SAFETY: pthread_self has no preconditions.
     let main = unsafe { libc::pthread_self() } as usize;
     std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            ROLE.set(HOLDER);
-            zone_holder::allocate_under_the_zone_lock(a.pages(), ORDER);
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while STEP.load(SeqCst) < 1 && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
-        assert_eq!(STEP.load(SeqCst), 1, "H did not pause with A's zone lock");
+        let h = spawn_holder(s, &a);
         // Once the main thread's prepare waits for A's zone lock (its only
         // futex wait there), the signaller interrupts it; the handler
         // forks; then (the main thread's fork waits for H meanwhile) the
