@@ -221,27 +221,12 @@ fn a_handler_forks_while_its_thread_waits_for_the_lock() {
             while !started.load(SeqCst) {
                 std::thread::yield_now();
             }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !handler_fork::in_futex_wait(main_tid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            assert!(
-                handler_fork::in_futex_wait(main_tid),
-                "the main thread did not wait for the lock"
+            handler_fork::wait_until_in_futex(
+                main_tid,
+                "the main thread did not wait for the lock",
             );
             STEP.store(2, SeqCst);
-            // SAFETY: signalling a live thread of this process whose
-            // handler is installed.
-            unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while handler_fork::child() == 0 && Instant::now() < deadline {
-                std::thread::yield_now();
-            }
-            // (Reaped only if the handler forked; if not, `assert_child_ok`
-            // says so once H has gone on, which the main thread waits for.)
-            let status = (handler_fork::child() > 0)
-                .then(|| handler_fork::reap(Duration::from_secs(20)))
-                .flatten();
+            let status = handler_fork::signal_and_reap(main);
             STEP.store(3, SeqCst);
             status
         });
@@ -377,26 +362,9 @@ fn a_handler_forks_inside_its_threads_prepare() {
         // forks; then (the main thread's fork waits for H meanwhile) the
         // signaller waits for the handler's child and lets H go on.
         let signaller = s.spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !handler_fork::in_futex_wait(main_tid) && Instant::now() < deadline {
-                std::thread::yield_now();
-            }
-            assert!(
-                handler_fork::in_futex_wait(main_tid),
-                "the main thread's prepare did not wait"
-            );
+            handler_fork::wait_until_in_futex(main_tid, "the main thread's prepare did not wait");
             STEP.store(2, SeqCst);
-            // SAFETY: signalling a live thread of this process whose
-            // handler is installed.
-            unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while handler_fork::child() == 0 && Instant::now() < deadline {
-                std::thread::yield_now();
-            }
-            let pid = handler_fork::child();
-            let status = (pid > 0)
-                .then(|| watchdog::wait_child(pid, Duration::from_secs(20)))
-                .flatten();
+            let status = handler_fork::signal_and_reap(main);
             HANDLER_CHILD_STATUS.store(status.unwrap_or(-1), SeqCst);
             STEP.store(3, SeqCst);
         });

@@ -82,6 +82,33 @@ pub fn in_futex_wait(tid: libc::pid_t) -> bool {
         .is_ok_and(|s| s.split(' ').next() == Some(&libc::SYS_futex.to_string()))
 }
 
+/// Waits (at most 10 s) until thread `tid` sleeps in a futex wait, and
+/// asserts that it does: `what` says what that wait is, for the message.
+pub fn wait_until_in_futex(tid: libc::pid_t, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !in_futex_wait(tid) && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert!(in_futex_wait(tid), "{what}");
+}
+
+/// From another thread: sends the forking signal to `thread` (a
+/// `pthread_t`), waits (at most 10 s) for the handler to fork, then reaps
+/// the child (at most 20 s): its status, or `None` if it hung or the
+/// handler did not fork ([`assert_child_ok`] tells them apart).
+pub fn signal_and_reap(thread: usize) -> Option<libc::c_int> {
+    // SAFETY: signalling a live thread of this process (the caller's
+    // contract) whose handler `install` installed.
+    unsafe { libc::pthread_kill(thread as libc::pthread_t, libc::SIGUSR1) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child() == 0 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    (child() > 0)
+        .then(|| reap(std::time::Duration::from_secs(20)))
+        .flatten()
+}
+
 /// In the parent: waits for the handler's child, at most `limit` (then
 /// kills it): its wait status, or `None` if it hung.
 pub fn reap(limit: std::time::Duration) -> Option<libc::c_int> {
