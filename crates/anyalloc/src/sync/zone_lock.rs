@@ -433,12 +433,12 @@ impl ZoneLock {
                 // prepare was told apart above): patient callers too give
                 // way at once rather than wait the patience out again.
                 Err(FORK) => return Contended::GaveWay,
+                // (A failed mark: the state changed; look again.)
                 Err(seen) if start.elapsed() >= crate::fork::ORPHAN_PATIENCE => {
-                    if seen == FORK
-                        || self
-                            .state
-                            .compare_exchange(seen, FORK, Ordering::Relaxed, Ordering::Relaxed)
-                            .is_ok()
+                    if self
+                        .state
+                        .compare_exchange(seen, FORK, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
                     {
                         return Contended::GaveWay;
                     }
