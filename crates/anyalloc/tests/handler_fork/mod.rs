@@ -61,6 +61,8 @@ pub fn child() -> libc::pid_t {
 /// `work` and `_exit`s with the code it returns. Elsewhere: nothing.
 pub fn finish_in_child(work: impl FnOnce() -> i32) {
     if in_child() {
+        // (The scenarios without interrupt points build without them.)
+        #[cfg(feature = "interrupt-points")]
         anyalloc::interrupt::set_hook(None);
         let code = work();
         // SAFETY: _exit has no preconditions.
