@@ -700,8 +700,13 @@ unsafe impl GlobalAlloc for Global {
         }
     }
 
+    /// Found as `alloc` finds it (the core first), so that it is served
+    /// wherever `alloc` is.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        raw(routed_heap().and_then(|h| h.alloc_zeroed_routed(layout)))
+        match global_core() {
+            Some(c) => raw(c.alloc_zeroed(layout)),
+            None => raw(routed_heap().and_then(|h| h.alloc_zeroed_routed(layout))),
+        }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -1116,6 +1121,32 @@ mod tests {
         assert!(grown, "NoLock::grow of a live block failed");
         assert!(reallocated, "NoLock's realloc of a live block failed");
         assert_eq!(heap.stats().large_in_use, base, "blocks leaked");
+    }
+
+    /// And `Global::alloc_zeroed` there: `alloc` is served by the core, so
+    /// `alloc_zeroed` must be too. It looked for the heap by its state, and
+    /// a call that may not wait (a handler that interrupted the creation,
+    /// here a nolock scope) got null: `vec![0; n]` aborted where
+    /// `Vec::with_capacity(n)` was served.
+    #[test]
+    fn alloc_zeroed_is_served_before_ready_as_alloc_is() {
+        let _window = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
+        crate::init().unwrap();
+        let l = Layout::from_size_align(3000, 8).unwrap();
+        GLOBAL_HEAP.state.store(INITIALIZING, Ordering::Release);
+        let scope = crate::nolock_scope();
+        // SAFETY: a valid, non-zero layout; the blocks are freed below.
+        let (p, z) = unsafe { (Global.alloc(l), Global.alloc_zeroed(l)) };
+        drop(scope);
+        GLOBAL_HEAP.state.store(READY, Ordering::Release);
+        assert!(!p.is_null(), "the core serves alloc");
+        assert!(!z.is_null(), "alloc_zeroed failed where alloc was served");
+        // SAFETY: `z` is live with 3000 bytes; both blocks freed once.
+        unsafe {
+            assert!((0..3000).all(|i| *z.add(i) == 0));
+            Global.dealloc(p, l);
+            Global.dealloc(z, l);
+        }
     }
 
     /// `realloc` (`Global`'s and `NoLock`'s) keeps a block only if it holds
