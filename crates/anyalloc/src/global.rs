@@ -778,6 +778,13 @@ fn nolock_alloc(layout: Layout) -> *mut u8 {
 /// An allocator that only ever takes the nolock paths of the process-wide
 /// heap: for explicit allocation from any context.
 ///
+/// It shares that heap with [`Global`] (and [`global_heap`]): a block of
+/// either may be freed or resized through the other, with the layout it
+/// has (`tests/crossing.rs` trades them under a signal storm). A block of
+/// another heap (a [`Heap::new`](crate::Heap::new), or a second copy of
+/// this crate such as `libanyalloc.so`'s) is a foreign pointer to it, and
+/// its free aborts with a one-line report.
+///
 /// ```
 /// use allocator_api2::boxed::Box;
 /// use anyalloc::NoLock;
