@@ -319,3 +319,161 @@ fn blocks_cross_every_way_in_and_out_under_a_signal_storm() {
         "the global heap counts live blocks"
     );
 }
+
+/// Sizes at and around every class and page-block boundary (and 0).
+const BOUNDARY_SIZES: &[usize] = &[
+    0,
+    1,
+    7,
+    8,
+    9,
+    15,
+    16,
+    17,
+    24,
+    31,
+    32,
+    33,
+    48,
+    63,
+    64,
+    65,
+    96,
+    127,
+    128,
+    129,
+    255,
+    256,
+    257,
+    511,
+    512,
+    513,
+    1023,
+    1024,
+    1025,
+    2047,
+    2048,
+    2049,
+    4095,
+    4096,
+    4097,
+    8191,
+    8192,
+    8193,
+    16383,
+    16384,
+    16385,
+    65535,
+    65536,
+    65537,
+    1 << 20,
+    (1 << 20) + 1,
+    4 << 20,
+    (4 << 20) + 1,
+];
+
+/// Every way into a `Heap` against every way out, one block at a time, at
+/// every boundary size and alignments from 1 to 2 MiB, with glibc's rseq
+/// fast path on and off: each block is aligned, its whole usable size
+/// writable, and after its free (a sized free told the right layout, or
+/// one of another class) the heap counts no live block and the group no
+/// charge; at the end every page is free and the group's references are
+/// gone with the heap.
+#[test]
+fn every_way_in_against_every_way_out_at_every_boundary() {
+    #[derive(Clone, Copy, Debug)]
+    enum In {
+        Alloc,
+        Nolock,
+        Group,
+        NolockGroup,
+    }
+    #[derive(Clone, Copy, Debug)]
+    enum Out {
+        Free,
+        Nolock,
+        Sized,
+        NolockSized,
+        SizedWrong,
+        NolockSizedWrong,
+    }
+    for rseq in [true, false] {
+        let h = Heap::new(
+            Config::default()
+                .memory(64 << 20)
+                .cpus(2)
+                .maintenance(false)
+                .rseq(rseq),
+        )
+        .unwrap();
+        let g = Group::new("matrix", None, None);
+        for align in [1usize, 8, 16, 64, 4096, 8192, 1 << 16, 1 << 21] {
+            for &size in BOUNDARY_SIZES {
+                let l = Layout::from_size_align(size, align).unwrap();
+                // A layout of another class: half the size, or triple.
+                let wrong =
+                    Layout::from_size_align(if size > 8 { size / 2 } else { size * 3 }, 1).unwrap();
+                for way_in in [In::Alloc, In::Nolock, In::Group, In::NolockGroup] {
+                    for way_out in [
+                        Out::Free,
+                        Out::Nolock,
+                        Out::Sized,
+                        Out::NolockSized,
+                        Out::SizedWrong,
+                        Out::NolockSizedWrong,
+                    ] {
+                        let p = match way_in {
+                            In::Alloc => h.alloc(l),
+                            In::Nolock => h.alloc_nolock(l),
+                            In::Group => h.alloc_in(l, &g),
+                            In::NolockGroup => h.alloc_nolock_in(l, &g),
+                        };
+                        let what = format!("{way_in:?} -> {way_out:?}, {l:?}, rseq {rseq}");
+                        let Some(p) = p else {
+                            // Only the nolock path may refuse: above 4 MiB
+                            // of block.
+                            assert!(
+                                matches!(way_in, In::Nolock | In::NolockGroup)
+                                    && size.max(align) > 4 << 20,
+                                "{what}: refused"
+                            );
+                            continue;
+                        };
+                        assert_eq!(p.as_ptr() as usize % align, 0, "{what}");
+                        let usable = h.usable_size(p);
+                        assert!(usable >= size, "{what}: usable {usable}");
+                        if matches!(way_in, In::Group | In::NolockGroup) {
+                            assert_eq!(g.usage(), usable, "{what}: charged");
+                        }
+                        // SAFETY: `usable` bytes of a live block, freed once
+                        // below.
+                        unsafe {
+                            p.as_ptr().write_bytes(0x5a, usable);
+                            match way_out {
+                                Out::Free => h.free(p),
+                                Out::Nolock => h.free_nolock(p),
+                                Out::Sized => h.free_sized(p, l),
+                                Out::NolockSized => h.free_nolock_sized(p, l),
+                                Out::SizedWrong => h.free_sized(p, wrong),
+                                Out::NolockSizedWrong => h.free_nolock_sized(p, wrong),
+                            }
+                        }
+                        assert_eq!(g.usage(), 0, "{what}: still charged");
+                        let s = h.stats();
+                        assert_eq!(
+                            (s.objects_in_use, s.large_in_use, s.huge_in_use),
+                            (0, 0, 0),
+                            "{what}: live blocks counted"
+                        );
+                    }
+                }
+            }
+        }
+        h.drain();
+        h.trim();
+        let s = h.stats();
+        assert_eq!(s.pages.free_pages, s.pages.total_pages, "rseq {rseq}");
+        drop(h);
+        assert_eq!(Arc::strong_count(&g), 1, "references to the group left");
+    }
+}
