@@ -700,8 +700,13 @@ unsafe impl GlobalAlloc for Global {
         }
     }
 
+    /// Found as `alloc` finds it (the core first), so that it is served
+    /// wherever `alloc` is.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        raw(routed_heap().and_then(|h| h.alloc_zeroed_routed(layout)))
+        match global_core() {
+            Some(c) => raw(c.alloc_zeroed(layout)),
+            None => raw(routed_heap().and_then(|h| h.alloc_zeroed_routed(layout))),
+        }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -773,6 +778,13 @@ fn nolock_alloc(layout: Layout) -> *mut u8 {
 /// An allocator that only ever takes the nolock paths of the process-wide
 /// heap: for explicit allocation from any context.
 ///
+/// It shares that heap with [`Global`] (and [`global_heap`]): a block of
+/// either may be freed or resized through the other, with the layout it
+/// has (`tests/crossing.rs` trades them under a signal storm). A block of
+/// another heap (a [`Heap::new`](crate::Heap::new), or a second copy of
+/// this crate such as `libanyalloc.so`'s) is a foreign pointer to it, and
+/// its free aborts with a one-line report.
+///
 /// ```
 /// use allocator_api2::boxed::Box;
 /// use anyalloc::NoLock;
@@ -790,12 +802,14 @@ unsafe impl GlobalAlloc for NoLock {
         nolock_alloc(layout)
     }
 
+    /// Finds the heap as `Global::dealloc` does (its core), so that a
+    /// block `Global` served before the heap was `READY` is freed too.
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if let (Some(p), Some(h)) = (NonNull::new(ptr), global_heap()) {
+        if let Some(c) = global_core() {
             // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap
-            // with `layout`.
-            unsafe { h.free_nolock_sized(p, layout) };
+            // with `layout` (and `free_sized` ignores a null one).
+            unsafe { c.free_sized::<true>(ptr, layout) };
         }
     }
 
@@ -838,7 +852,9 @@ unsafe fn nolock_resize(
     new: Layout,
     zero: bool,
 ) -> Option<NonNull<u8>> {
-    let h = global_heap()?;
+    // The core, as `Global` finds it: published before the heap is
+    // `READY`, and `Global` may have served `ptr` in between.
+    let h = global_core()?;
     let usable = h.usable_size(ptr);
     let aligned = (ptr.as_ptr() as usize).is_multiple_of(new.align());
     let fits = aligned && new.size() <= usable;
@@ -855,7 +871,7 @@ unsafe fn nolock_resize(
                         q.as_ptr(),
                         old.size().min(new.size()),
                     );
-                    h.free_nolock_sized(ptr, old);
+                    h.free_sized::<true>(ptr.as_ptr(), old);
                 }
                 q
             }
@@ -895,11 +911,9 @@ unsafe impl allocator_api2::alloc::Allocator for NoLock {
         if layout.size() == 0 {
             return;
         }
-        if let Some(h) = global_heap() {
-            // SAFETY: per Allocator's contract, `ptr` came from `allocate`
-            // with `layout`.
-            unsafe { h.free_nolock_sized(ptr, layout) };
-        }
+        // SAFETY: per Allocator's contract, `ptr` came from `allocate` with
+        // `layout`.
+        unsafe { GlobalAlloc::dealloc(self, ptr.as_ptr(), layout) };
     }
 
     /// In place when the block has room (a `Vec` that grows in a handler
@@ -1031,9 +1045,15 @@ pub fn in_nolock_scope() -> bool {
 #[cfg(test)]
 mod tests {
     use super::{first_zone_size, parse_digits, parse_flag_bytes, parse_size_bytes as parse_size};
-    use super::{stays_in_place, Global, GLOBAL_HEAP, INITIALIZING, READY};
+    use super::{stays_in_place, Global, NoLock, GLOBAL_HEAP, INITIALIZING, READY};
     use core::alloc::{GlobalAlloc, Layout};
+    use core::ptr::NonNull;
     use core::sync::atomic::Ordering;
+
+    /// Held by each test that opens the creation window (the state set
+    /// back to `INITIALIZING` with the core published): two such windows
+    /// at once would close each other.
+    static WINDOW: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// Between publishing the global heap's core and storing `READY`, its
     /// creator's signal handler, or another thread, finds the core and
@@ -1043,6 +1063,7 @@ mod tests {
     /// other test of this binary uses the global heap.)
     #[test]
     fn realloc_of_a_block_served_before_ready_succeeds() {
+        let _window = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
         crate::init().unwrap();
         let l = Layout::from_size_align(100, 8).unwrap();
         // The window: the core published, the state not yet `READY`.
@@ -1062,6 +1083,76 @@ mod tests {
         unsafe {
             assert!((0..100).all(|i| *q.add(i) == 0x5a));
             Global.dealloc(q, Layout::from_size_align(10_000, 8).unwrap());
+        }
+    }
+
+    /// The same window for `NoLock`: a block `Global` served there (to the
+    /// creator's signal handler, or another thread) and handed to
+    /// `NoLock` in the window is freed and resized like any other. Its
+    /// free used to look for the heap by its state and silently did
+    /// nothing (the block leaked: `large_in_use` stayed up), and its
+    /// resizes failed for a live block with memory to spare.
+    #[test]
+    fn nolock_frees_and_resizes_a_block_served_before_ready() {
+        use allocator_api2::alloc::Allocator;
+        let _window = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
+        let heap = crate::init().unwrap();
+        // Large blocks: `large_in_use` counts them exactly.
+        let l = Layout::from_size_align(100_000, 8).unwrap();
+        let big = Layout::from_size_align(300_000, 8).unwrap();
+        let base = heap.stats().large_in_use;
+        GLOBAL_HEAP.state.store(INITIALIZING, Ordering::Release);
+        // SAFETY: valid, non-zero layouts; each block is freed once, with
+        // the layout it has at that point (a failed resize leaves it as it
+        // was).
+        let (served, freed, grown, reallocated) = unsafe {
+            let a = Global.alloc(l);
+            let b = Global.alloc(l);
+            let c = Global.alloc(l);
+            let served = !a.is_null() && !b.is_null() && !c.is_null();
+            GlobalAlloc::dealloc(&NoLock, a, l);
+            let freed = heap.stats().large_in_use == base + 2;
+            let grown = NoLock.grow(NonNull::new(b).unwrap(), l, big);
+            let b_layout = if grown.is_ok() { big } else { l };
+            let b = grown.map_or(b, |q| q.cast::<u8>().as_ptr());
+            let r = GlobalAlloc::realloc(&NoLock, c, l, big.size());
+            let reallocated = !r.is_null();
+            NoLock.deallocate(NonNull::new(b).unwrap(), b_layout);
+            let (c, c_layout) = if reallocated { (r, big) } else { (c, l) };
+            NoLock.deallocate(NonNull::new(c).unwrap(), c_layout);
+            (served, freed, b_layout == big, reallocated)
+        };
+        GLOBAL_HEAP.state.store(READY, Ordering::Release);
+        assert!(served, "the core serves the allocations");
+        assert!(freed, "NoLock's dealloc of a live block did nothing");
+        assert!(grown, "NoLock::grow of a live block failed");
+        assert!(reallocated, "NoLock's realloc of a live block failed");
+        assert_eq!(heap.stats().large_in_use, base, "blocks leaked");
+    }
+
+    /// And `Global::alloc_zeroed` there: `alloc` is served by the core, so
+    /// `alloc_zeroed` must be too. It looked for the heap by its state, and
+    /// a call that may not wait (a handler that interrupted the creation,
+    /// here a nolock scope) got null: `vec![0; n]` aborted where
+    /// `Vec::with_capacity(n)` was served.
+    #[test]
+    fn alloc_zeroed_is_served_before_ready_as_alloc_is() {
+        let _window = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
+        crate::init().unwrap();
+        let l = Layout::from_size_align(3000, 8).unwrap();
+        GLOBAL_HEAP.state.store(INITIALIZING, Ordering::Release);
+        let scope = crate::nolock_scope();
+        // SAFETY: a valid, non-zero layout; the blocks are freed below.
+        let (p, z) = unsafe { (Global.alloc(l), Global.alloc_zeroed(l)) };
+        drop(scope);
+        GLOBAL_HEAP.state.store(READY, Ordering::Release);
+        assert!(!p.is_null(), "the core serves alloc");
+        assert!(!z.is_null(), "alloc_zeroed failed where alloc was served");
+        // SAFETY: `z` is live with 3000 bytes; both blocks freed once.
+        unsafe {
+            assert!((0..3000).all(|i| *z.add(i) == 0));
+            Global.dealloc(p, l);
+            Global.dealloc(z, l);
         }
     }
 

@@ -148,15 +148,48 @@ fn unaligned_pointer_into_a_large_allocation_aborts() {
     );
 }
 
+/// A block of the heap's page allocator handed to the heap's free: the
+/// report names it as such (it said "double free or interior pointer?").
 #[test]
 fn free_of_a_page_no_cache_owns_aborts() {
     expect_abort(
         "free_of_a_page_no_cache_owns_aborts",
-        "not owned by a cache",
+        "which is a block of the heap's page allocator that no cache owns",
         || {
             let h = heap();
             let page = h.pages().alloc_pages(0).unwrap();
             free(h, page);
+        },
+    );
+}
+
+/// The same through the nolock sized free, for a block of several pages.
+#[test]
+fn sized_nolock_free_of_a_page_block_aborts() {
+    expect_abort(
+        "sized_nolock_free_of_a_page_block_aborts",
+        "which is a block of the heap's page allocator that no cache owns",
+        || {
+            let h = heap();
+            let block = h.pages().alloc_pages_nolock(2).unwrap();
+            // SAFETY: deliberately violated: the block is the page
+            // allocator's, not the heap's.
+            unsafe { h.free_nolock_sized(block, Layout::from_size_align(16 << 10, 8).unwrap()) };
+        },
+    );
+}
+
+/// An interior page of such a block is an interior pointer, not named as
+/// a page block.
+#[test]
+fn free_of_an_interior_page_of_a_page_block_aborts() {
+    expect_abort(
+        "free_of_an_interior_page_of_a_page_block_aborts",
+        "its page is not owned by a cache",
+        || {
+            let h = heap();
+            let block = h.pages().alloc_pages(1).unwrap();
+            free(h, offset(block, PAGE_SIZE));
         },
     );
 }

@@ -409,6 +409,11 @@ impl HeapCore {
                 addr,
                 ", which is not the start of a block above 4 MiB (interior pointer)",
             ),
+            None if self.is_page_block(addr) => self.bad_pointer(
+                what,
+                addr,
+                ", which is a block of the heap's page allocator that no cache owns (from pages().alloc_pages? free it with free_pages)",
+            ),
             None if self.pages.contains(addr) => self.bad_pointer(
                 what,
                 addr,
@@ -431,6 +436,23 @@ impl HeapCore {
                 .locate_indexed(addr)
                 .is_some_and(|(_, zone, idx)| {
                     crate::page::is_free_block_state(zone.desc(idx).load())
+                })
+    }
+
+    /// Whether `addr` is the head page of a block of pages handed out that
+    /// no cache owns: a block of the page allocator's own public API
+    /// (`Heap::pages`), passed to a call of the heap's. (A slab or large
+    /// block has an owner from just after its pages are taken until just
+    /// before they are freed.) For reports.
+    pub(super) fn is_page_block(&self, addr: usize) -> bool {
+        addr.is_multiple_of(PAGE_SIZE)
+            && self
+                .pages
+                .locate_indexed(addr)
+                .is_some_and(|(_, zone, idx)| {
+                    let d = zone.desc(idx);
+                    crate::page::is_allocated_state(d.load())
+                        && d.owner.load(Ordering::Acquire) == 0
                 })
     }
 

@@ -265,6 +265,20 @@ pub(crate) struct HeapCore {
 }
 
 /// The object allocator. See the module documentation.
+///
+/// # Dropping
+///
+/// Dropping a heap ends every block it handed out, live or not: it stops
+/// the maintainer, releases the charges (and group references) of the
+/// accounted blocks still live, and gives its memory back (std: its zones,
+/// huge blocks and metadata are unmapped; a heap made with
+/// [`from_region`](Heap::from_region) leaves its region to the caller). A
+/// block of a dropped heap must not be used or freed afterwards. Freed
+/// into another heap, it is a foreign pointer there, reported in one line
+/// before an abort, as long as that heap has no memory at the block's
+/// address; a heap made later may have been given that very address by the
+/// OS (or the same region), and then a block of its own there is freed in
+/// its place: a use after free that no heap can tell apart.
 pub struct Heap {
     core: NonNull<HeapCore>,
     /// The metadata reservation to release on drop (std; `(0, 0)` for a
