@@ -2,14 +2,27 @@
 //! context.
 //!
 //! A [`Group`] has a usage counter, an optional limit, a peak and a failure
-//! count, and an optional parent. Charging `n` bytes adds `n` to the group's
-//! counter and then to every ancestor's, each with a compare-and-swap loop
-//! that checks the limit first, so no counter ever goes above its limit
+//! count, and an optional parent. Charging `n` bytes adds `n` to the
+//! counters of every ancestor and of the group, root first (see
+//! "Counters"), each with a compare-and-swap loop that checks the limit first, so no counter ever goes above its limit
 //! (not even for a moment: a charge that cannot fit never touches it); if
 //! an ancestor's limit refuses, the counters charged below it are rolled
 //! back and the group whose limit refused counts a failure. No lock, no
 //! waiting (lock-free: a retry means another context changed the counter):
 //! the nolock path charges at once, never deferred.
+//!
+//! # Counters
+//!
+//! A counter never holds less than its children's counters together:
+//! charges add to the levels root first, uncharges subtract leaf first.
+//! So a group that is dropped can give everything its counter still holds
+//! back to its ancestors ("Lifetime"). A `fork` that clones another thread
+//! halfway up a charge or down an uncharge leaves the child's upper levels
+//! that charge's bytes too many (lost there for good, as the contents of
+//! a stock held at the clone are), never too few. (Charged leaf first, the
+//! group cloned halfway held bytes its parent never got; dropped, it gave
+//! them back, and the parent's counter wrapped below zero: every later
+//! charge of the tree was refused.)
 //!
 //! # Per-CPU charge stock
 //!
@@ -341,11 +354,12 @@ impl Group {
     /// another context changed the counter, so the work is bounded by the
     /// contention (a context interrupted between load and swap retries once
     /// its handler's change is seen). Every level's limit is checked
-    /// before any level is charged, so a charge that cannot fit at an
-    /// ancestor never holds the levels below it meanwhile (charged, then
-    /// rolled back: charges that fit there were refused); only an ancestor
-    /// that a concurrent charge filled after that check makes the levels
-    /// below roll back, which stayed within their limits.
+    /// before any level is charged, so a charge that cannot fit at one
+    /// level never holds the others meanwhile (charged, then rolled back:
+    /// charges that fit there were refused); only a level that a
+    /// concurrent charge filled after that check makes the levels above it
+    /// roll back, which stayed within their limits. The levels are charged
+    /// root first (see "Counters"; `uncharge_counters` goes leaf first).
     fn charge_counters(&self, bytes: usize) -> Result<(), &Group> {
         let mut g = Some(self);
         while let Some(cur) = g {
@@ -357,24 +371,33 @@ impl Group {
             }
             g = cur.parent.as_deref();
         }
-        let mut g = Some(self);
-        while let Some(cur) = g {
+        // Root first (see "Counters"): level `up` is the group `up` steps
+        // above this one.
+        let levels = core::iter::successors(Some(self), |x| x.parent.as_deref()).count();
+        for up in (0..levels).rev() {
+            let cur = self.up(up);
             let Some(new) = cur.charge_one(bytes) else {
-                // Roll back the descendants charged before `cur`.
-                let mut r = Some(self);
+                // Roll back the ancestors charged before `cur`.
+                let mut r = cur.parent.as_deref();
                 while let Some(x) = r {
-                    if core::ptr::eq(x, cur) {
-                        break;
-                    }
                     x.counter.fetch_sub(bytes, Ordering::AcqRel);
                     r = x.parent.as_deref();
                 }
                 return Err(cur);
             };
             cur.peak.fetch_max(new, Ordering::Relaxed);
-            g = cur.parent.as_deref();
         }
         Ok(())
+    }
+
+    /// The group `n` steps up the chain from this one (0: this one); `n`
+    /// is below the chain's length.
+    fn up(&self, n: usize) -> &Group {
+        let mut g = self;
+        for _ in 0..n {
+            g = g.parent.as_deref().unwrap_or(g);
+        }
+        g
     }
 
     /// Adds `bytes` to this group's counter alone if the sum stays within
@@ -409,6 +432,8 @@ impl Group {
         }
     }
 
+    /// Uncharges `bytes` from this group and every ancestor, leaf first
+    /// (see "Counters").
     fn uncharge_counters(&self, bytes: usize) {
         let mut g = Some(self);
         while let Some(cur) = g {
