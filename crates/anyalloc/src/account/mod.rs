@@ -178,6 +178,19 @@ mod std_like {
             unsafe { &*self.list.get() }
         }
 
+        /// Takes out the entry of `child`, a child being dropped (its weak
+        /// reference keeps the child's allocation). Frees nothing: the
+        /// dropping child's allocation outlives its drop.
+        pub(super) fn forget(&self, child: *const Group, _g: &RegistryGuard<'_>) {
+            crate::interrupt_point!(GroupChildren);
+            // SAFETY: `_g` proves `CHILDREN` is held, and only for this
+            // call: no other borrow of the list is live.
+            let list = unsafe { &mut *self.list.get() };
+            if let Some(i) = list.iter().position(|w| core::ptr::eq(w.as_ptr(), child)) {
+                list.swap_remove(i);
+            }
+        }
+
         /// Runs `f` on the list under `CHILDREN` (normal context: spins while
         /// another thread holds it). `None` without running `f` when this
         /// thread holds it already (it interrupted itself in there).
@@ -650,11 +663,19 @@ impl Drop for Group {
     /// The last reference is gone, so no object is charged to the group and
     /// no context can be using its stocks: what its counter still holds is
     /// unused stock, charged to every ancestor too. Give it back to them.
+    /// And its entry in the parent's registry goes, if the registry is
+    /// free right now: a try-lock, so a drop never waits (for a `fork`,
+    /// say), and a drop inside a walk of the registry (`usage` held the
+    /// last reference) leaves the list alone. An entry left keeps the
+    /// group's allocation until the parent's next `Group::new`.
     fn drop(&mut self) {
         let left = *self.counter.get_mut();
         if let Some(p) = self.parent.as_deref() {
             if left > 0 {
                 p.uncharge_counters(left);
+            }
+            if let Some(g) = CHILDREN.try_lock() {
+                p.children.forget(self, &g);
             }
         }
     }
