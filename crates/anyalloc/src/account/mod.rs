@@ -4,10 +4,11 @@
 //! A [`Group`] has a usage counter, an optional limit, a peak and a failure
 //! count, and an optional parent. Charging `n` bytes adds `n` to the
 //! counters of every ancestor and of the group, root first (see
-//! "Counters"), each with a compare-and-swap loop that checks the limit first, so no counter ever goes above its limit
-//! (not even for a moment: a charge that cannot fit never touches it); if
-//! an ancestor's limit refuses, the counters charged below it are rolled
-//! back and the group whose limit refused counts a failure. No lock, no
+//! "Counters"), each with a compare-and-swap loop that checks the limit
+//! first, so no counter ever goes above its limit (not even for a moment:
+//! a charge that cannot fit never touches it); if a level's limit
+//! refuses, the counters charged above it are rolled back and the group
+//! whose limit refused counts a failure. No lock, no
 //! waiting (lock-free: a retry means another context changed the counter):
 //! the nolock path charges at once, never deferred.
 //!
