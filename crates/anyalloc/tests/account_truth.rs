@@ -140,7 +140,11 @@ fn truth_below(g: usize) -> usize {
 
 #[test]
 fn usage_matches_a_ground_truth_after_a_storm() {
-    let heap = HEAP.get_or_init(|| Heap::new(Config::default().memory(256 << 20)).unwrap());
+    // No maintenance thread: its drop of a released group (which gives
+    // the group's stock back to the parent) would race with the `usage`
+    // reads checked below.
+    let heap = HEAP
+        .get_or_init(|| Heap::new(Config::default().memory(256 << 20).maintenance(false)).unwrap());
     let tree = TREE.get_or_init(|| {
         let mut t: Vec<Arc<Group>> = Vec::new();
         for g in 0..GROUPS {
@@ -256,7 +260,9 @@ fn usage_matches_a_ground_truth_after_a_storm() {
     );
     assert!(HANDLER_OK.load(Relaxed) > 1000, "the handlers charged");
     assert!(!shorts.lock().unwrap().is_empty(), "no short-lived group");
-    // Blocks still live: every usage is its subtree's count.
+    // Blocks still live: every usage is its subtree's count (the released
+    // groups dropped first: short-lived ones whose blocks are all freed).
+    heap.drain();
     for (g, group) in tree.iter().enumerate() {
         assert_eq!(
             group.usage(),
