@@ -110,7 +110,9 @@
 //! never wait (the nolock levels' slots, a group's per-CPU charge stock)
 //! are not held: one is left held in the child only if a thread was inside
 //! it at the very instant of the clone (its contents are then out of reach
-//! there, a sheaf or a stock's worth). Dropping a heap inside the
+//! there, a sheaf or a stock's worth; a group charge cloned halfway along
+//! its chain leaves the upper levels that charge's bytes, see the `account`
+//! module's "Counters"). Dropping a heap inside the
 //! window (in a fork handler registered before ours) waits for its
 //! maintenance thread, which may be waiting for a lock the window holds: do
 //! not.

@@ -2,14 +2,28 @@
 //! context.
 //!
 //! A [`Group`] has a usage counter, an optional limit, a peak and a failure
-//! count, and an optional parent. Charging `n` bytes adds `n` to the group's
-//! counter and then to every ancestor's, each with a compare-and-swap loop
-//! that checks the limit first, so no counter ever goes above its limit
-//! (not even for a moment: a charge that cannot fit never touches it); if
-//! an ancestor's limit refuses, the counters charged below it are rolled
-//! back and the group whose limit refused counts a failure. No lock, no
+//! count, and an optional parent. Charging `n` bytes adds `n` to the
+//! counters of every ancestor and of the group, root first (see
+//! "Counters"), each with a compare-and-swap loop that checks the limit
+//! first, so no counter ever goes above its limit (not even for a moment:
+//! a charge that cannot fit never touches it); if a level's limit
+//! refuses, the counters charged above it are rolled back and the group
+//! whose limit refused counts a failure. No lock, no
 //! waiting (lock-free: a retry means another context changed the counter):
 //! the nolock path charges at once, never deferred.
+//!
+//! # Counters
+//!
+//! A counter never holds less than its children's counters together:
+//! charges add to the levels root first, uncharges subtract leaf first.
+//! So a group that is dropped can give everything its counter still holds
+//! back to its ancestors ("Lifetime"). A `fork` that clones another thread
+//! halfway up a charge or down an uncharge leaves the child's upper levels
+//! that charge's bytes too many (lost there for good, as the contents of
+//! a stock held at the clone are), never too few. (Charged leaf first, the
+//! group cloned halfway held bytes its parent never got; dropped, it gave
+//! them back, and the parent's counter wrapped below zero: every later
+//! charge of the tree was refused.)
 //!
 //! # Per-CPU charge stock
 //!
@@ -163,6 +177,19 @@ mod std_like {
             // SAFETY: `_g` proves `CHILDREN` is held, for as long as the
             // borrow lasts.
             unsafe { &*self.list.get() }
+        }
+
+        /// Takes out the entry of `child`, a child being dropped (its weak
+        /// reference keeps the child's allocation). Frees nothing: the
+        /// dropping child's allocation outlives its drop.
+        pub(super) fn forget(&self, child: *const Group, _g: &RegistryGuard<'_>) {
+            crate::interrupt_point!(GroupChildren);
+            // SAFETY: `_g` proves `CHILDREN` is held, and only for this
+            // call: no other borrow of the list is live.
+            let list = unsafe { &mut *self.list.get() };
+            if let Some(i) = list.iter().position(|w| core::ptr::eq(w.as_ptr(), child)) {
+                list.swap_remove(i);
+            }
         }
 
         /// Runs `f` on the list under `CHILDREN` (normal context: spins while
@@ -341,11 +368,12 @@ impl Group {
     /// another context changed the counter, so the work is bounded by the
     /// contention (a context interrupted between load and swap retries once
     /// its handler's change is seen). Every level's limit is checked
-    /// before any level is charged, so a charge that cannot fit at an
-    /// ancestor never holds the levels below it meanwhile (charged, then
-    /// rolled back: charges that fit there were refused); only an ancestor
-    /// that a concurrent charge filled after that check makes the levels
-    /// below roll back, which stayed within their limits.
+    /// before any level is charged, so a charge that cannot fit at one
+    /// level never holds the others meanwhile (charged, then rolled back:
+    /// charges that fit there were refused); only a level that a
+    /// concurrent charge filled after that check makes the levels above it
+    /// roll back, which stayed within their limits. The levels are charged
+    /// root first (see "Counters"; `uncharge_counters` goes leaf first).
     fn charge_counters(&self, bytes: usize) -> Result<(), &Group> {
         let mut g = Some(self);
         while let Some(cur) = g {
@@ -357,24 +385,33 @@ impl Group {
             }
             g = cur.parent.as_deref();
         }
-        let mut g = Some(self);
-        while let Some(cur) = g {
+        // Root first (see "Counters"): level `up` is the group `up` steps
+        // above this one.
+        let levels = core::iter::successors(Some(self), |x| x.parent.as_deref()).count();
+        for up in (0..levels).rev() {
+            let cur = self.up(up);
             let Some(new) = cur.charge_one(bytes) else {
-                // Roll back the descendants charged before `cur`.
-                let mut r = Some(self);
+                // Roll back the ancestors charged before `cur`.
+                let mut r = cur.parent.as_deref();
                 while let Some(x) = r {
-                    if core::ptr::eq(x, cur) {
-                        break;
-                    }
                     x.counter.fetch_sub(bytes, Ordering::AcqRel);
                     r = x.parent.as_deref();
                 }
                 return Err(cur);
             };
             cur.peak.fetch_max(new, Ordering::Relaxed);
-            g = cur.parent.as_deref();
         }
         Ok(())
+    }
+
+    /// The group `n` steps up the chain from this one (0: this one); `n`
+    /// is below the chain's length.
+    fn up(&self, n: usize) -> &Group {
+        let mut g = self;
+        for _ in 0..n {
+            g = g.parent.as_deref().unwrap_or(g);
+        }
+        g
     }
 
     /// Adds `bytes` to this group's counter alone if the sum stays within
@@ -409,6 +446,8 @@ impl Group {
         }
     }
 
+    /// Uncharges `bytes` from this group and every ancestor, leaf first
+    /// (see "Counters").
     fn uncharge_counters(&self, bytes: usize) {
         let mut g = Some(self);
         while let Some(cur) = g {
@@ -625,11 +664,19 @@ impl Drop for Group {
     /// The last reference is gone, so no object is charged to the group and
     /// no context can be using its stocks: what its counter still holds is
     /// unused stock, charged to every ancestor too. Give it back to them.
+    /// And its entry in the parent's registry goes, if the registry is
+    /// free right now: a try-lock, so a drop never waits (for a `fork`,
+    /// say), and a drop inside a walk of the registry (`usage` held the
+    /// last reference) leaves the list alone. An entry left keeps the
+    /// group's allocation until the parent's next `Group::new`.
     fn drop(&mut self) {
         let left = *self.counter.get_mut();
         if let Some(p) = self.parent.as_deref() {
             if left > 0 {
                 p.uncharge_counters(left);
+            }
+            if let Some(g) = CHILDREN.try_lock() {
+                p.children.forget(self, &g);
             }
         }
     }
