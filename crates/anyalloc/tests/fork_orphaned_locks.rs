@@ -10,7 +10,7 @@
 //! to them after `fork::ORPHAN_PATIENCE` and is served by the nolock path
 //! (the `fork` module's "Orphaned locks").
 //!
-//! In both scenarios thread H holds heap A's zone lock (paused at
+//! In every scenario thread H holds heap A's zone lock (paused at
 //! `Site::ZoneAlloc`, inside a normal allocation of a block above the
 //! per-CPU lists), and a signal handler on the main thread forks while the
 //! main thread is inside the allocator:
@@ -33,9 +33,28 @@
 //!    on, for a holder that is not there. Before the fix its bare wait
 //!    gave way after the patience and aborted (1 of 1); now it leaves that
 //!    lock, its fork ends in the child (whose own child and itself then
-//!    use A), and its release leaves the lock alone.
+//!    use A), and its release leaves the lock alone;
+//! 5. as 1, with A's locks polling (`Config::nolock_syscalls(false)`):
+//!    a contended wait there never announces itself, and polled for ever
+//!    for a lock whose holder is gone unless it first checks whether the
+//!    process may hold orphaned locks (hung, 1 of 1, with that check
+//!    removed from `ZoneLock::lock_contended`).
+//! In 4, once the handler's child has finished the fork its handler
+//! interrupted, that fork's release must leave A's zone lock as it is (a
+//! thread of the parent held it, and no thread here releases it: the data
+//! it guards may be half changed). Both that child and its own child check
+//! that A's first block there comes from a zone added for it, not from
+//! the first zone, whose lock H held; before `ZoneLock::force_unlock` left
+//! such a lock alone, it released it, and the block came from the first
+//! zone (1 of 1 with that check reverted).
 //!
-//! The children of 1, 2 and 4 then allocate blocks and objects from A on the
+//! In 3 the child also drops a heap made before the clone: the heap
+//! registry, which the forker's prepare held then, stays held in the
+//! child, and the heap stays on its list (no fork there walks it) rather
+//! than abort as a heap dropped by its registry's own holder (1 of 1 with
+//! that case removed from `fork::unregister`).
+//!
+//! The children of 1, 2, 4 and 5 then allocate blocks and objects from A on the
 //! normal path, drain and trim A, and fork once more (a fork in such a
 //! child takes no lock either: its prepare would wait for the same locks).
 //! Before the fix every child hung (the watchdog killed it).
@@ -91,6 +110,17 @@ fn hook(site: Site) {
 
 fn heap() -> Heap {
     Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap")
+}
+
+/// A heap whose locks' waiters poll rather than sleep until woken.
+fn polling_heap() -> Heap {
+    Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .maintenance(false)
+            .nolock_syscalls(false),
+    )
+    .expect("heap")
 }
 
 /// The child's work, once the handler has returned: everything must come
@@ -182,7 +212,24 @@ fn a_handler_forks_inside_another_heap() {
     ) {
         return;
     }
-    let (a, b) = (heap(), heap());
+    handler_forks_inside_b(heap());
+}
+
+#[test]
+fn a_handler_forks_inside_another_heap_whose_locks_poll() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_inside_another_heap_whose_locks_poll",
+        Duration::from_secs(90),
+        "a fork in a handler inside heap B, then heap A (polling locks) in the child",
+    ) {
+        return;
+    }
+    handler_forks_inside_b(polling_heap());
+}
+
+/// Scenarios 1 and 5 (A given).
+fn handler_forks_inside_b(a: Heap) {
+    let b = heap();
     handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
@@ -294,6 +341,8 @@ fn a_handler_forks_while_another_thread_forks() {
     // registry), waits there for H, and has not reached B at the clone.
     let b = heap();
     let a = heap();
+    // Dropped in the child (in the parent, once the forker's fork ended).
+    let c = heap();
     handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
@@ -326,7 +375,13 @@ fn a_handler_forks_while_another_thread_forks() {
         ROLE.set(RAISER);
         zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
         ROLE.set(0);
-        handler_fork::finish_in_child(|| grow_work(&b));
+        if handler_fork::in_child() {
+            set_hook(None);
+            let code = grow_work(&b);
+            drop(c);
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(code) };
+        }
         assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
         check_child(h);
         let status = forker.join().unwrap().expect("the forker's child hung");
@@ -375,7 +430,22 @@ fn a_handler_forks_inside_its_threads_prepare() {
             // The handler's child, where this fork went on (`pid`: its own
             // child), or that child (0).
             set_hook(None);
-            let mut code = child_work(&a);
+            let mut code = 0;
+            // A's first zone, whose lock H held at the clone, stays out of
+            // reach: a block that fits there comes from a zone added for it.
+            let zones = a.pages().stats().zones;
+            match a.pages().alloc_pages(ORDER) {
+                // SAFETY: allocated just above with this order, freed once.
+                Some(p) => unsafe { a.pages().free_pages(p, ORDER) },
+                None => code = 6,
+            }
+            if zones != 1 || a.pages().stats().zones == 1 {
+                handler_fork::say("child: A's first zone, whose lock H held, served a block\n");
+                code = 7;
+            }
+            if code == 0 {
+                code = child_work(&a);
+            }
             if pid > 0 {
                 let status = watchdog::wait_child(pid, Duration::from_secs(20));
                 if !status.is_some_and(watchdog::exited_ok) {
