@@ -379,6 +379,8 @@ fn malloc_perturb_from_the_environment_as_glibc() {
         (vec![("MALLOC_PERTURB_", "0xa5")], "5a"),
         (vec![("MALLOC_PERTURB_", "0245")], "5a"),
         (vec![("MALLOC_PERTURB_", "12abc")], "f3"),
+        // Leading blanks skipped, as glibc's strtoul.
+        (vec![("MALLOC_PERTURB_", " 165")], "5a"),
         (vec![("GLIBC_TUNABLES", "glibc.malloc.perturb=90")], "a5"),
         (
             vec![
@@ -389,6 +391,21 @@ fn malloc_perturb_from_the_environment_as_glibc() {
                 ),
             ],
             "a5",
+        ),
+        // Named twice: the last valid value (glibc sets it each time).
+        (
+            vec![(
+                "GLIBC_TUNABLES",
+                "glibc.malloc.perturb=90:glibc.malloc.perturb=165",
+            )],
+            "5a",
+        ),
+        (
+            vec![(
+                "GLIBC_TUNABLES",
+                "glibc.malloc.perturb=165:glibc.malloc.perturb=300",
+            )],
+            "5a",
         ),
     ] {
         assert_eq!(bytes(&env), [fill, fill, "00"], "{env:?}");
@@ -417,11 +434,17 @@ fn malloc_perturb_from_the_environment_as_glibc() {
         o.describe(),
         o.stdout
     );
-    // Off: out of range (glibc ignores it), or not set.
+    // Off: out of range (glibc ignores it), or not set; or set to 0 by
+    // the tunable, which MALLOC_PERTURB_ does not override ("-0" is 0 to
+    // strtoul, not a negative number out of range).
     for env in [
         vec![("MALLOC_PERTURB_", "256")],
         vec![("MALLOC_PERTURB_", "300")],
         vec![],
+        vec![
+            ("GLIBC_TUNABLES", "glibc.malloc.perturb=-0"),
+            ("MALLOC_PERTURB_", "165"),
+        ],
     ] {
         let b = bytes(&env);
         assert!(
