@@ -39,6 +39,7 @@
 //!    for a lock whose holder is gone unless it first checks whether the
 //!    process may hold orphaned locks (hung, 1 of 1, with that check
 //!    removed from `ZoneLock::lock_contended`).
+//!
 //! In 4, once the handler's child has finished the fork its handler
 //! interrupted, that fork's release must leave A's zone lock as it is (a
 //! thread of the parent held it, and no thread here releases it: the data
