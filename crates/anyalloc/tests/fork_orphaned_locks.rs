@@ -38,7 +38,14 @@
 //!    a contended wait there never announces itself, and polled for ever
 //!    for a lock whose holder is gone unless it first checks whether the
 //!    process may hold orphaned locks (hung, 1 of 1, with that check
-//!    removed from `ZoneLock::lock_contended`).
+//!    removed from `ZoneLock::lock_contended`);
+//! 6. as 1, and in the child a thread of its own, L, holds B's zone lock
+//!    (paused at `Site::ZoneAlloc`) until the main thread waits for it:
+//!    a holder that is alive is waited for, not given way to (which would
+//!    mark the lock orphaned for every later caller): the main thread's
+//!    block comes from B's only zone. With `fork::ORPHAN_PATIENCE` taken
+//!    as 0 in `ZoneLock::lock_orphaned`, it gave way at once, and B grew
+//!    (1 of 1).
 //!
 //! In 4, once the handler's child has finished the fork its handler
 //! interrupted, that fork's release must leave A's zone lock as it is (a
@@ -80,6 +87,8 @@ const ORDER: u32 = 6;
 /// the signal inside B's.
 const HOLDER: u8 = 1;
 const RAISER: u8 = 2;
+/// Scenario 6's live holder in the child.
+const LIVE_HOLDER: u8 = 3;
 
 thread_local! {
     static ROLE: Cell<u8> = const { Cell::new(0) };
@@ -88,6 +97,9 @@ thread_local! {
 /// 0: H has not paused yet; 1: H holds A's zone lock; 2: the signal was
 /// raised; 3: H may go on.
 static STEP: AtomicUsize = AtomicUsize::new(0);
+/// Scenario 6: L holds B's zone lock; the main thread's id in the child.
+static LIVE_HOLDING: AtomicBool = AtomicBool::new(false);
+static MAIN_TID: AtomicI32 = AtomicI32::new(0);
 
 fn hook(site: Site) {
     if site != Site::ZoneAlloc {
@@ -104,6 +116,15 @@ fn hook(site: Site) {
         RAISER if STEP.load(SeqCst) == 1 => {
             STEP.store(2, SeqCst);
             handler_fork::raise();
+        }
+        LIVE_HOLDER if !LIVE_HOLDING.load(SeqCst) => {
+            // Until the main thread waits for this lock (its polls are
+            // timed futex waits), at most 10 s.
+            LIVE_HOLDING.store(true, SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !handler_fork::in_futex_wait(MAIN_TID.load(SeqCst)) && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
         }
         _ => {}
     }
@@ -226,6 +247,53 @@ fn a_handler_forks_inside_another_heap_whose_locks_poll() {
         return;
     }
     handler_forks_inside_b(polling_heap());
+}
+
+#[test]
+fn a_handler_forks_inside_another_heap_then_a_live_holder_is_waited_for() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_inside_another_heap_then_a_live_holder_is_waited_for",
+        Duration::from_secs(90),
+        "a fork in a handler inside heap B, then a lock of B held by a thread of the child",
+    ) {
+        return;
+    }
+    let (a, b) = (heap(), heap());
+    handler_fork::install();
+    set_hook(Some(hook));
+    std::thread::scope(|s| {
+        let h = spawn_holder(s, &a);
+        ROLE.set(RAISER);
+        zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+        ROLE.set(0);
+        if handler_fork::in_child() {
+            // SAFETY: gettid has no preconditions.
+            MAIN_TID.store(unsafe { libc::gettid() }, SeqCst);
+            let code = std::thread::scope(|s| {
+                let l = s.spawn(|| {
+                    ROLE.set(LIVE_HOLDER);
+                    zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+                });
+                while !LIVE_HOLDING.load(SeqCst) {
+                    std::thread::yield_now();
+                }
+                let zones = b.pages().stats().zones;
+                zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+                l.join().unwrap();
+                if zones != 1 || b.pages().stats().zones != 1 {
+                    handler_fork::say("child: gave way to a lock of B held by a live thread\n");
+                    return 1;
+                }
+                0
+            });
+            set_hook(None);
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(code) };
+        }
+        assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
+        check_child(h);
+    });
+    set_hook(None);
 }
 
 /// Scenarios 1 and 5 (A given).
