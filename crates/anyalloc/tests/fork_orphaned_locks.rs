@@ -45,7 +45,13 @@
 //!    mark the lock orphaned for every later caller): the main thread's
 //!    block comes from B's only zone. With `fork::ORPHAN_PATIENCE` taken
 //!    as 0 in `ZoneLock::lock_orphaned`, it gave way at once, and B grew
-//!    (1 of 1).
+//!    (1 of 1);
+//! 7. as 1, with A unable to grow (`Config::grow(false)`) and pages
+//!    cached on one CPU's per-CPU lists: the child gets every one of
+//!    them. The normal path reaches only the level-0 list (refilling it
+//!    needs A's zone lock), the nolock path the other levels too; without
+//!    that fallback in `PageAllocator::alloc_pages` for an orphaned
+//!    process, the child got 90 of 122 (1 of 1).
 //!
 //! In 4, once the handler's child has finished the fork its handler
 //! interrupted, that fork's release must leave A's zone lock as it is (a
@@ -290,6 +296,73 @@ fn a_handler_forks_inside_another_heap_then_a_live_holder_is_waited_for() {
             // SAFETY: _exit has no preconditions.
             unsafe { libc::_exit(code) };
         }
+        assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
+        check_child(h);
+    });
+    set_hook(None);
+}
+
+#[test]
+fn a_handler_forks_inside_another_heap_that_cannot_grow() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_inside_another_heap_that_cannot_grow",
+        Duration::from_secs(90),
+        "a fork in a handler inside heap B, then pages of A (no growth) in the child",
+    ) {
+        return;
+    }
+    let a = Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .maintenance(false)
+            .grow(false),
+    )
+    .expect("heap");
+    // Pages cached on A's per-CPU lists, at every level of one CPU's (the
+    // thread pinned, in the child too: the nolock path takes no other
+    // CPU's level-0 list, which only a fenced drain may touch).
+    assert!(anyalloc_storm::thread::pin_to_cpu(
+        anyalloc_storm::thread::current_cpu()
+    ));
+    let warm: Vec<_> = (0..1000)
+        .map(|_| a.pages().alloc_pages(0).unwrap())
+        .collect();
+    for p in warm {
+        // SAFETY: allocated above with order 0, freed once.
+        unsafe { a.pages().free_pages(p, 0) };
+    }
+    let cached = a.pages().stats().percpu_pages;
+    assert!(cached > 0, "no page cached on A's per-CPU lists");
+    let b = heap();
+    handler_fork::install();
+    set_hook(Some(hook));
+    std::thread::scope(|s| {
+        let h = spawn_holder(s, &a);
+        ROLE.set(RAISER);
+        zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+        ROLE.set(0);
+        handler_fork::finish_in_child(|| {
+            let mut pages = Vec::new();
+            while pages.len() < 100_000 {
+                match a.pages().alloc_pages(0) {
+                    Some(p) => pages.push(p),
+                    None => break,
+                }
+            }
+            let got = pages.len();
+            for p in pages {
+                // SAFETY: allocated above with order 0, freed once.
+                unsafe { a.pages().free_pages(p, 0) };
+            }
+            if got < cached {
+                handler_fork::say(&format!(
+                    "child: {got} of the {cached} pages cached on A's per-CPU lists\n"
+                ));
+                return 1;
+            }
+            handler_fork::say("child: every cached page served\n");
+            0
+        });
         assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
         check_child(h);
     });
