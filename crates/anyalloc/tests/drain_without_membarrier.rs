@@ -12,6 +12,11 @@
 //! be removed): objects and pages come and go on every allowed CPU, then a
 //! filter makes membarrier fail with EPERM for this thread, then `drain`.
 //!
+//! The refused fences leave `errno` as it was (a drain runs inside an
+//! allocation that misses, as its reclaim, and a `malloc` that succeeds
+//! leaves `errno` alone): with the `KeepErrno` of `rseq::membarrier::call`
+//! removed, the drain left EPERM there (1 of 1).
+//!
 //! A second test counts the fences: `drain` used to take, and so fence,
 //! every level-0 slot of every cache and zone, used or not (about 160
 //! membarrier calls, each an interrupt of a CPU, per drain of an idle heap
@@ -85,7 +90,12 @@ fn drain_empties_every_cpus_caches_when_membarrier_fails() {
         "nothing cached to drain"
     );
     deny_membarrier();
+    // SAFETY: libc's accessor returns this thread's errno, always valid.
+    unsafe { *libc::__errno_location() = 4242 };
     heap.drain();
+    // SAFETY: as above.
+    let errno = unsafe { *libc::__errno_location() };
+    assert_eq!(errno, 4242, "the drain's refused fences changed errno");
     let s = heap.stats();
     println!(
         "fast path {:?}, {} CPUs: after drain {} objects cached, {} pages on per-CPU lists",

@@ -11,8 +11,8 @@
 //! 1; found by a storm of forking handlers whose children went on, where
 //! the children's large allocations failed, in 4 runs of 4); now such a
 //! miss maps the block beside the heap, as
-//! during a stalled fork (`HeapStats::fork_mapped`), plain and accounted
-//! alike.
+//! during a stalled fork (`HeapStats::fork_mapped`, which the child checks:
+//! without the count, 1 of 1), plain and accounted alike.
 
 mod handler_fork;
 mod watchdog;
@@ -98,6 +98,12 @@ fn child_work(a: &Heap) -> i32 {
     if group.usage() != 0 {
         handler_fork::say("child: the group still charged\n");
         return 2;
+    }
+    // Every block the full heap could not serve was mapped beside it, and
+    // counted so.
+    if a.stats().fork_mapped == 0 {
+        handler_fork::say("child: no block counted as mapped beside the heap\n");
+        return 3;
     }
     handler_fork::say("child: served beside the full heap\n");
     0

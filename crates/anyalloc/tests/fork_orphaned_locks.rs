@@ -10,7 +10,7 @@
 //! to them after `fork::ORPHAN_PATIENCE` and is served by the nolock path
 //! (the `fork` module's "Orphaned locks").
 //!
-//! In both scenarios thread H holds heap A's zone lock (paused at
+//! In every scenario thread H holds heap A's zone lock (paused at
 //! `Site::ZoneAlloc`, inside a normal allocation of a block above the
 //! per-CPU lists), and a signal handler on the main thread forks while the
 //! main thread is inside the allocator:
@@ -33,9 +33,42 @@
 //!    on, for a holder that is not there. Before the fix its bare wait
 //!    gave way after the patience and aborted (1 of 1); now it leaves that
 //!    lock, its fork ends in the child (whose own child and itself then
-//!    use A), and its release leaves the lock alone.
+//!    use A), and its release leaves the lock alone;
+//! 5. as 1, with A's locks polling (`Config::nolock_syscalls(false)`):
+//!    a contended wait there never announces itself, and polled for ever
+//!    for a lock whose holder is gone unless it first checks whether the
+//!    process may hold orphaned locks (hung, 1 of 1, with that check
+//!    removed from `ZoneLock::lock_contended`);
+//! 6. as 1, and in the child a thread of its own, L, holds B's zone lock
+//!    (paused at `Site::ZoneAlloc`) until the main thread waits for it:
+//!    a holder that is alive is waited for, not given way to (which would
+//!    mark the lock orphaned for every later caller): the main thread's
+//!    block comes from B's only zone. With `fork::ORPHAN_PATIENCE` taken
+//!    as 0 in `ZoneLock::lock_orphaned`, it gave way at once, and B grew
+//!    (1 of 1);
+//! 7. as 1, with A unable to grow (`Config::grow(false)`) and pages
+//!    cached on one CPU's per-CPU lists: the child gets every one of
+//!    them. The normal path reaches only the level-0 list (refilling it
+//!    needs A's zone lock), the nolock path the other levels too; without
+//!    that fallback in `PageAllocator::alloc_pages` for an orphaned
+//!    process, the child got 90 of 122 (1 of 1).
 //!
-//! The children of 1, 2 and 4 then allocate blocks and objects from A on the
+//! In 4, once the handler's child has finished the fork its handler
+//! interrupted, that fork's release must leave A's zone lock as it is (a
+//! thread of the parent held it, and no thread here releases it: the data
+//! it guards may be half changed). Both that child and its own child check
+//! that A's first block there comes from a zone added for it, not from
+//! the first zone, whose lock H held; before `ZoneLock::force_unlock` left
+//! such a lock alone, it released it, and the block came from the first
+//! zone (1 of 1 with that check reverted).
+//!
+//! In 3 the child also drops a heap made before the clone: the heap
+//! registry, which the forker's prepare held then, stays held in the
+//! child, and the heap stays on its list (no fork there walks it) rather
+//! than abort as a heap dropped by its registry's own holder (1 of 1 with
+//! that case removed from `fork::unregister`).
+//!
+//! The children of 1, 2, 4 and 5 then allocate blocks and objects from A on the
 //! normal path, drain and trim A, and fork once more (a fork in such a
 //! child takes no lock either: its prepare would wait for the same locks).
 //! Before the fix every child hung (the watchdog killed it).
@@ -60,6 +93,8 @@ const ORDER: u32 = 6;
 /// the signal inside B's.
 const HOLDER: u8 = 1;
 const RAISER: u8 = 2;
+/// Scenario 6's live holder in the child.
+const LIVE_HOLDER: u8 = 3;
 
 thread_local! {
     static ROLE: Cell<u8> = const { Cell::new(0) };
@@ -68,6 +103,9 @@ thread_local! {
 /// 0: H has not paused yet; 1: H holds A's zone lock; 2: the signal was
 /// raised; 3: H may go on.
 static STEP: AtomicUsize = AtomicUsize::new(0);
+/// Scenario 6: L holds B's zone lock; the main thread's id in the child.
+static LIVE_HOLDING: AtomicBool = AtomicBool::new(false);
+static MAIN_TID: AtomicI32 = AtomicI32::new(0);
 
 fn hook(site: Site) {
     if site != Site::ZoneAlloc {
@@ -85,12 +123,32 @@ fn hook(site: Site) {
             STEP.store(2, SeqCst);
             handler_fork::raise();
         }
+        LIVE_HOLDER if !LIVE_HOLDING.load(SeqCst) => {
+            // Until the main thread waits for this lock (its polls are
+            // timed futex waits), at most 10 s.
+            LIVE_HOLDING.store(true, SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !handler_fork::in_futex_wait(MAIN_TID.load(SeqCst)) && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+        }
         _ => {}
     }
 }
 
 fn heap() -> Heap {
     Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap")
+}
+
+/// A heap whose locks' waiters poll rather than sleep until woken.
+fn polling_heap() -> Heap {
+    Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .maintenance(false)
+            .nolock_syscalls(false),
+    )
+    .expect("heap")
 }
 
 /// The child's work, once the handler has returned: everything must come
@@ -182,7 +240,138 @@ fn a_handler_forks_inside_another_heap() {
     ) {
         return;
     }
+    handler_forks_inside_b(heap());
+}
+
+#[test]
+fn a_handler_forks_inside_another_heap_whose_locks_poll() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_inside_another_heap_whose_locks_poll",
+        Duration::from_secs(90),
+        "a fork in a handler inside heap B, then heap A (polling locks) in the child",
+    ) {
+        return;
+    }
+    handler_forks_inside_b(polling_heap());
+}
+
+#[test]
+fn a_handler_forks_inside_another_heap_then_a_live_holder_is_waited_for() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_inside_another_heap_then_a_live_holder_is_waited_for",
+        Duration::from_secs(90),
+        "a fork in a handler inside heap B, then a lock of B held by a thread of the child",
+    ) {
+        return;
+    }
     let (a, b) = (heap(), heap());
+    handler_fork::install();
+    set_hook(Some(hook));
+    std::thread::scope(|s| {
+        let h = spawn_holder(s, &a);
+        ROLE.set(RAISER);
+        zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+        ROLE.set(0);
+        if handler_fork::in_child() {
+            // SAFETY: gettid has no preconditions.
+            MAIN_TID.store(unsafe { libc::gettid() }, SeqCst);
+            let code = std::thread::scope(|s| {
+                let l = s.spawn(|| {
+                    ROLE.set(LIVE_HOLDER);
+                    zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+                });
+                while !LIVE_HOLDING.load(SeqCst) {
+                    std::thread::yield_now();
+                }
+                let zones = b.pages().stats().zones;
+                zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+                l.join().unwrap();
+                if zones != 1 || b.pages().stats().zones != 1 {
+                    handler_fork::say("child: gave way to a lock of B held by a live thread\n");
+                    return 1;
+                }
+                0
+            });
+            set_hook(None);
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(code) };
+        }
+        assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
+        check_child(h);
+    });
+    set_hook(None);
+}
+
+#[test]
+fn a_handler_forks_inside_another_heap_that_cannot_grow() {
+    if watchdog::ran_in_child(
+        "a_handler_forks_inside_another_heap_that_cannot_grow",
+        Duration::from_secs(90),
+        "a fork in a handler inside heap B, then pages of A (no growth) in the child",
+    ) {
+        return;
+    }
+    let a = Heap::new(
+        Config::default()
+            .memory(64 << 20)
+            .maintenance(false)
+            .grow(false),
+    )
+    .expect("heap");
+    // Pages cached on A's per-CPU lists, at every level of one CPU's (the
+    // thread pinned, in the child too: the nolock path takes no other
+    // CPU's level-0 list, which only a fenced drain may touch).
+    assert!(anyalloc_storm::thread::pin_to_cpu(
+        anyalloc_storm::thread::current_cpu()
+    ));
+    let warm: Vec<_> = (0..1000)
+        .map(|_| a.pages().alloc_pages(0).unwrap())
+        .collect();
+    for p in warm {
+        // SAFETY: allocated above with order 0, freed once.
+        unsafe { a.pages().free_pages(p, 0) };
+    }
+    let cached = a.pages().stats().percpu_pages;
+    assert!(cached > 0, "no page cached on A's per-CPU lists");
+    let b = heap();
+    handler_fork::install();
+    set_hook(Some(hook));
+    std::thread::scope(|s| {
+        let h = spawn_holder(s, &a);
+        ROLE.set(RAISER);
+        zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
+        ROLE.set(0);
+        handler_fork::finish_in_child(|| {
+            let mut pages = Vec::new();
+            while pages.len() < 100_000 {
+                match a.pages().alloc_pages(0) {
+                    Some(p) => pages.push(p),
+                    None => break,
+                }
+            }
+            let got = pages.len();
+            for p in pages {
+                // SAFETY: allocated above with order 0, freed once.
+                unsafe { a.pages().free_pages(p, 0) };
+            }
+            if got < cached {
+                handler_fork::say(&format!(
+                    "child: {got} of the {cached} pages cached on A's per-CPU lists\n"
+                ));
+                return 1;
+            }
+            handler_fork::say("child: every cached page served\n");
+            0
+        });
+        assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
+        check_child(h);
+    });
+    set_hook(None);
+}
+
+/// Scenarios 1 and 5 (A given).
+fn handler_forks_inside_b(a: Heap) {
+    let b = heap();
     handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
@@ -294,6 +483,8 @@ fn a_handler_forks_while_another_thread_forks() {
     // registry), waits there for H, and has not reached B at the clone.
     let b = heap();
     let a = heap();
+    // Dropped in the child (in the parent, once the forker's fork ended).
+    let c = heap();
     handler_fork::install();
     set_hook(Some(hook));
     std::thread::scope(|s| {
@@ -326,7 +517,13 @@ fn a_handler_forks_while_another_thread_forks() {
         ROLE.set(RAISER);
         zone_holder::allocate_under_the_zone_lock(b.pages(), ORDER);
         ROLE.set(0);
-        handler_fork::finish_in_child(|| grow_work(&b));
+        if handler_fork::in_child() {
+            set_hook(None);
+            let code = grow_work(&b);
+            drop(c);
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(code) };
+        }
         assert_eq!(STEP.load(SeqCst), 2, "the signal was not raised");
         check_child(h);
         let status = forker.join().unwrap().expect("the forker's child hung");
@@ -375,7 +572,22 @@ fn a_handler_forks_inside_its_threads_prepare() {
             // The handler's child, where this fork went on (`pid`: its own
             // child), or that child (0).
             set_hook(None);
-            let mut code = child_work(&a);
+            let mut code = 0;
+            // A's first zone, whose lock H held at the clone, stays out of
+            // reach: a block that fits there comes from a zone added for it.
+            let zones = a.pages().stats().zones;
+            match a.pages().alloc_pages(ORDER) {
+                // SAFETY: allocated just above with this order, freed once.
+                Some(p) => unsafe { a.pages().free_pages(p, ORDER) },
+                None => code = 6,
+            }
+            if zones != 1 || a.pages().stats().zones == 1 {
+                handler_fork::say("child: A's first zone, whose lock H held, served a block\n");
+                code = 7;
+            }
+            if code == 0 {
+                code = child_work(&a);
+            }
             if pid > 0 {
                 let status = watchdog::wait_child(pid, Duration::from_secs(20));
                 if !status.is_some_and(watchdog::exited_ok) {

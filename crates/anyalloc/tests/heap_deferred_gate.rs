@@ -204,6 +204,26 @@ fn a_deferred_free_closes_the_normal_fast_path() {
     next_normal_operation_drains(heap, rseq, objs);
 }
 
+/// As above, with a free as the next normal operation: the gate closes
+/// the free's fast path too (`seq_push` of `Mode::Normal` reads the
+/// normal gate; reading the nolock one, which never closes, the free went
+/// into the sheaf and left the objects parked, 1 of 1).
+#[test]
+fn a_deferred_free_closes_the_normal_free_fast_path() {
+    let (heap, rseq, _serial) = setup();
+    let (parked, mut objs) = park(heap);
+    println!("parked {parked} objects (rseq: {rseq})");
+    let p = objs.pop().unwrap();
+    // SAFETY: allocated by `park`, not freed yet.
+    unsafe { heap.free(p) };
+    assert_eq!(
+        deferred(),
+        0,
+        "the normal free's fast path was open over parked objects (rseq: {rseq})"
+    );
+    next_normal_operation_drains(heap, rseq, objs);
+}
+
 #[test]
 fn a_double_free_check_leaves_the_normal_fast_path_closed_over_parked_objects() {
     let (heap, rseq, _serial) = setup();

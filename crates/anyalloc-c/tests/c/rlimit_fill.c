@@ -1,6 +1,6 @@
 /* Under a limit on address space, the heap grows into nearly all of it.
  *
- * usage: rlimit_fill HEADROOM_MIB BLOCK_BYTES
+ * usage: rlimit_fill HEADROOM_MIB BLOCK_BYTES [nofds]
  *
  * A forked child limits its address space (RLIMIT_AS) to what the process
  * maps now plus HEADROOM_MIB, then allocates blocks of BLOCK_BYTES until malloc fails, and reports how much
@@ -9,11 +9,15 @@
  * to double the heap's zones and give up when the next doubling did not
  * fit, leaving up to half of the room unused. The child then frees every
  * block and allocates again, and checks that errno was ENOMEM (and stayed
- * 0 through every malloc that succeeded before). */
+ * 0 through every malloc that succeeded before). With "nofds", the child
+ * first fills its table of file descriptors, so that the heap's reads of
+ * /proc/self/statm as it grows fail (EMFILE): those mallocs succeed too,
+ * and leave errno alone as well. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -34,7 +38,7 @@ static size_t mapped_bytes(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) return 2;
+    if (argc != 3 && !(argc == 4 && strcmp(argv[3], "nofds") == 0)) return 2;
     size_t headroom = strtoull(argv[1], 0, 0) << 20;
     size_t block = strtoull(argv[2], 0, 0);
     fflush(stdout);
@@ -44,6 +48,12 @@ int main(int argc, char **argv) {
         size_t now = mapped_bytes();
         struct rlimit l = {now + headroom, now + headroom};
         if (setrlimit(RLIMIT_AS, &l) != 0) { puts("rlimit_fill: setrlimit failed"); _exit(2); }
+        if (argc == 4) {
+            struct rlimit f = {32, 32};
+            if (setrlimit(RLIMIT_NOFILE, &f) != 0) { puts("rlimit_fill: setrlimit failed"); _exit(2); }
+            while (dup(1) >= 0) {}
+            if (errno != EMFILE) { puts("rlimit_fill: the descriptors did not run out"); _exit(2); }
+        }
         size_t n = 0;
         errno = 0;
         while (n < MAX_BLOCKS) {
