@@ -15,12 +15,19 @@
 //! (a futex or a timed sleep) lets the holder run, finish its section and
 //! release.
 //!
-//! The verdict is a count, not a time: the real-time thread's voluntary
-//! context switches during its call (`getrusage(RUSAGE_THREAD)`'s
-//! `ru_nvcsw`). A spinning call never blocks (the kernel only preempts it:
-//! `ru_nivcsw`), a call that waits for the preempted holder must block at
-//! least once, since nothing but the holder's progress ends the wait. The
-//! elapsed time is printed for the report only.
+//! The verdict is a count, not a time, from the real-time thread's
+//! `getrusage(RUSAGE_THREAD)` and the holder's progress:
+//!
+//! * the holder ran again during the call (it only can while the
+//!   real-time thread blocks or is throttled): then the call must have
+//!   blocked (`ru_nvcsw`): a spinning call never does;
+//! * the call was preempted (`ru_nivcsw`): nothing but the kernel's
+//!   real-time throttling preempts the only real-time thread of the CPU,
+//!   and that takes a spin through the period's budget (0.95 s by
+//!   default), which no call that does not wait for the holder comes near;
+//! * a nolock call must neither block nor let the holder run.
+//!
+//! The elapsed times are printed for the report only.
 //!
 //! Needs `SCHED_FIFO` (root, or `RLIMIT_RTPRIO`) and at least one CPU; a
 //! machine without it fails the test with a message, or skips it with
@@ -31,16 +38,20 @@ mod watchdog;
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Group, Heap};
 use std::alloc::Layout;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::cell::Cell;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The holder's kernel thread id (0: none yet).
 static HOLDER_TID: AtomicI32 = AtomicI32::new(0);
 /// The site the holder parks at (a `Site as u8`).
 static TARGET: AtomicU8 = AtomicU8::new(u8::MAX);
-/// The holder reached the site (once).
-static FIRED: AtomicBool = AtomicBool::new(false);
+/// The holder reached the site (once per round).
+static REACHED: AtomicBool = AtomicBool::new(false);
+/// The holder ran again after it woke the real-time thread at the site.
+static RESUMED: AtomicU64 = AtomicU64::new(0);
 /// The holder's call returned.
 static HOLDER_DONE: AtomicBool = AtomicBool::new(false);
 /// The pipe whose write wakes the real-time thread: [read end, write end].
@@ -51,17 +62,78 @@ fn gettid() -> i32 {
     unsafe { libc::gettid() }
 }
 
+/// Wakes the real-time thread (blocked reading the pipe).
+fn wake_rt() {
+    let w = PIPE.get().unwrap()[1];
+    // SAFETY: one byte from a live buffer to our pipe.
+    assert_eq!(unsafe { libc::write(w, [1u8].as_ptr().cast(), 1) }, 1);
+}
+
+/// Nolock work the holder does at every other site (as a signal handler
+/// of its own would), to reach the nolock path's sections too, with the
+/// heap whose blocks it allocates and frees.
+static NESTED: Mutex<Option<Nested>> = Mutex::new(None);
+
+struct Nested {
+    heap: Arc<Heap>,
+    /// Blocks allocated at one site and freed at a later one.
+    stash: Vec<(usize, Layout)>,
+}
+
+thread_local! {
+    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The holder's nested nolock work at a site: frees what an earlier site
+/// allocated, and allocates a few blocks of each size range for a later
+/// one (pages, too).
+fn nested_work() {
+    let Ok(mut guard) = NESTED.try_lock() else {
+        return;
+    };
+    let Some(n) = guard.as_mut() else {
+        return;
+    };
+    for (p, l) in n.stash.drain(..) {
+        // SAFETY: allocated from this heap below, at an earlier site; once.
+        unsafe {
+            n.heap
+                .free_nolock_sized(NonNull::new(p as *mut u8).unwrap(), l)
+        };
+    }
+    for size in [16, 200, 3000, 64 << 10, 1 << 20] {
+        let l = layout(size);
+        if let Some(p) = n.heap.alloc_nolock(l) {
+            n.stash.push((p.as_ptr() as usize, l));
+        }
+    }
+    if let Some(p) = n.heap.pages().alloc_pages_nolock(0) {
+        // SAFETY: allocated above with order 0, freed once.
+        unsafe { n.heap.pages().free_pages_nolock(p, 0) };
+    }
+}
+
 fn hook(site: Site) {
-    if site as u8 != TARGET.load(Ordering::Relaxed)
-        || gettid() != HOLDER_TID.load(Ordering::Relaxed)
-        || FIRED.swap(true, Ordering::Relaxed)
-    {
+    if gettid() != HOLDER_TID.load(Ordering::Relaxed) {
         return;
     }
-    let w = PIPE.get().unwrap()[1];
-    // SAFETY: one byte from a live buffer to our pipe. The real-time
-    // thread, woken on this CPU, preempts this thread on return.
-    assert_eq!(unsafe { libc::write(w, [1u8].as_ptr().cast(), 1) }, 1);
+    if site as u8 != TARGET.load(Ordering::Relaxed) {
+        if !IN_HOOK.get() {
+            IN_HOOK.set(true);
+            nested_work();
+            IN_HOOK.set(false);
+        }
+        return;
+    }
+    if REACHED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    // The real-time thread, woken on this CPU, preempts this thread on
+    // the way out of the write: this thread stays here, inside the
+    // section, until the real-time thread blocks or ends (or the kernel
+    // throttles it).
+    wake_rt();
+    RESUMED.fetch_add(1, Ordering::SeqCst);
 }
 
 fn pin(cpu: usize) {
@@ -122,28 +194,53 @@ fn fifo_available() -> bool {
     panic!("SCHED_FIFO is not permitted here (needs root or RLIMIT_RTPRIO); ANYALLOC_ALLOW_SKIP=1 skips");
 }
 
-/// What the real-time thread saw.
-struct RtOutcome {
-    /// The holder was still inside its call when the real-time call began.
-    holder_inside: bool,
+/// What a call of the real-time thread did while the holder was parked.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
     voluntary: i64,
     involuntary: i64,
+    /// The holder ran again during the call.
+    resumed: bool,
     elapsed: Duration,
+}
+
+/// Runs `f` on the real-time thread and reports what it did.
+fn probe(f: impl FnOnce()) -> Probe {
+    let r0 = RESUMED.load(Ordering::SeqCst);
+    let before = switches();
+    let start = Instant::now();
+    f();
+    let elapsed = start.elapsed();
+    let after = switches();
+    Probe {
+        voluntary: after.0 - before.0,
+        involuntary: after.1 - before.1,
+        resumed: RESUMED.load(Ordering::SeqCst) != r0,
+        elapsed,
+    }
 }
 
 /// Runs `holder` on a SCHED_OTHER thread pinned to one CPU, parks it at
 /// `site` (preempted there by the real-time thread), and runs `rt` on a
-/// SCHED_FIFO thread pinned to the same CPU.
-fn preempted_at(
+/// SCHED_FIFO thread pinned to the same CPU. `holder` gets a function
+/// that says whether it reached the site (it should stop its work then);
+/// `rt` runs only if it did, and its result is returned (`Err`: the
+/// real-time thread could not preempt the holder there).
+fn preempted_at<R: Send + 'static>(
     site: Site,
-    holder: impl FnOnce() + Send + 'static,
-    rt: impl FnOnce() + Send + 'static,
-) -> RtOutcome {
-    let mut fds = [0i32; 2];
-    // SAFETY: a valid array of two descriptors for the call to fill.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    PIPE.set(fds).unwrap();
-    TARGET.store(site as u8, Ordering::Relaxed);
+    holder: impl FnOnce(&dyn Fn() -> bool) + Send + 'static,
+    rt: impl FnOnce() -> R + Send + 'static,
+) -> Option<Result<R, String>> {
+    let fds = *PIPE.get_or_init(|| {
+        let mut fds = [0i32; 2];
+        // SAFETY: a valid array of two descriptors for the call to fill.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        fds
+    });
+    HOLDER_TID.store(0, Ordering::SeqCst);
+    REACHED.store(false, Ordering::SeqCst);
+    HOLDER_DONE.store(false, Ordering::SeqCst);
+    TARGET.store(site as u8, Ordering::SeqCst);
     set_hook(Some(hook));
     let cpu = first_cpu();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -157,34 +254,33 @@ fn preempted_at(
             unsafe { libc::read(fds[0], (&mut b as *mut u8).cast(), 1) },
             1
         );
-        let holder_inside = !HOLDER_DONE.load(Ordering::SeqCst);
-        let before = switches();
-        let start = Instant::now();
-        rt();
-        let elapsed = start.elapsed();
-        let after = switches();
-        RtOutcome {
-            holder_inside,
-            voluntary: after.0 - before.0,
-            involuntary: after.1 - before.1,
-            elapsed,
+        if !REACHED.load(Ordering::SeqCst) {
+            return None;
         }
+        // Woken at the site, the real-time thread runs before the holder
+        // can go on, unless the kernel throttles real-time threads right
+        // now (an earlier call spun through this period's budget).
+        if HOLDER_DONE.load(Ordering::SeqCst) {
+            return Some(Err(String::from(
+                "the holder finished before the real-time thread ran (throttled after an earlier spin?)",
+            )));
+        }
+        Some(Ok(rt()))
     });
     ready_rx.recv().unwrap();
     let holder_thread = std::thread::spawn(move || {
         pin(cpu);
         HOLDER_TID.store(gettid(), Ordering::SeqCst);
-        holder();
+        holder(&|| REACHED.load(Ordering::SeqCst));
+        HOLDER_TID.store(0, Ordering::SeqCst);
         HOLDER_DONE.store(true, Ordering::SeqCst);
+        if !REACHED.load(Ordering::SeqCst) {
+            wake_rt();
+        }
     });
     holder_thread.join().unwrap();
     let out = rt_thread.join().unwrap();
     set_hook(None);
-    assert!(FIRED.load(Ordering::Relaxed), "the holder reached {site:?}");
-    println!(
-        "{site:?}: real-time call took {:?}, {} voluntary and {} involuntary context switches",
-        out.elapsed, out.voluntary, out.involuntary
-    );
     out
 }
 
@@ -211,26 +307,347 @@ fn accounted_retry_waits_for_a_preempted_registry_holder() {
     let h = heap.clone();
     let out = preempted_at(
         Site::GroupChildren,
-        move || {
+        move |_| {
             // Holds the children registry at `GroupChildren`.
             let child = Group::new("new child", None, Some(&other));
             drop(child);
         },
         move || {
-            // Over the limit: refused, then the normal path's retry.
-            let p = h.alloc_in(Layout::from_size_align(4096, 8).unwrap(), &tight);
-            assert!(p.is_none(), "4 KiB fits no group of 1 KiB");
+            probe(|| {
+                // Over the limit: refused, then the normal path's retry.
+                let p = h.alloc_in(Layout::from_size_align(4096, 8).unwrap(), &tight);
+                assert!(p.is_none(), "4 KiB fits no group of 1 KiB");
+            })
         },
-    );
-    assert!(
-        out.holder_inside,
-        "the real-time call began inside the holder's section"
-    );
+    )
+    .expect("the holder reached GroupChildren")
+    .unwrap();
+    println!("real-time call: {out:?}");
     assert!(
         out.voluntary > 0,
         "the real-time thread never blocked while the preempted holder held the registry: \
          it spun ({:?}, {} involuntary switches)",
         out.elapsed,
         out.involuntary
+    );
+}
+
+fn layout(size: usize) -> Layout {
+    Layout::from_size_align(size, 8).unwrap()
+}
+
+/// The holder's normal-path work: every kind of allocation and free of the
+/// heap (objects of each size range, large blocks, huge blocks, pages,
+/// accounted objects, a new group), then drain, maintenance passes and
+/// trim; it stops starting new operations once it reached its site (and
+/// frees what it holds).
+fn holder_work(heap: &Heap, group: &Arc<Group>, stop: &dyn Fn() -> bool) {
+    const SIZES: [usize; 11] = [
+        16,
+        48,
+        200,
+        1000,
+        3000,
+        8000,
+        20_000,
+        64 << 10,
+        300 << 10,
+        1 << 20,
+        3 << 20,
+    ];
+    for round in 0..4 {
+        let mut live = Vec::new();
+        for size in SIZES {
+            for _ in 0..if size < 10_000 { 300 } else { 3 } {
+                if stop() {
+                    break;
+                }
+                if let Some(p) = heap.alloc(layout(size)) {
+                    live.push(p);
+                }
+            }
+        }
+        let mut charged = Vec::new();
+        for _ in 0..64 {
+            if stop() {
+                break;
+            }
+            if let Some(p) = heap.alloc_in(layout(100), group) {
+                charged.push(p);
+            }
+        }
+        for (i, p) in live.into_iter().chain(charged).enumerate() {
+            // SAFETY: allocated above from `heap`, freed once. Some frees
+            // take the nolock path, whose deferred frees the normal path
+            // then drains.
+            unsafe {
+                if i % 3 == round % 3 {
+                    heap.free_nolock(p)
+                } else {
+                    heap.free(p)
+                }
+            }
+        }
+        if !stop() {
+            if let Some(mut p) = heap.alloc(layout(8 << 20)) {
+                // SAFETY: a live huge allocation; after `Some` only the
+                // result is.
+                if let Some(q) = unsafe { heap.remap_huge(p, 16 << 20) } {
+                    p = q;
+                }
+                // SAFETY: allocated above, freed once.
+                unsafe { heap.free(p) };
+            }
+        }
+        for order in 0..=10 {
+            if stop() {
+                break;
+            }
+            if let Some(p) = heap.pages().alloc_pages(order) {
+                // SAFETY: allocated above with this order, freed once.
+                unsafe { heap.pages().free_pages(p, order) };
+            }
+        }
+        if !stop() {
+            drop(Group::new("child", None, Some(group)));
+        }
+        for _ in 0..3 {
+            if !stop() {
+                heap.maintain();
+            }
+        }
+        if !stop() {
+            heap.drain();
+        }
+        if !stop() {
+            heap.trim();
+        }
+    }
+}
+
+/// At every interrupt point of the heap, its page allocator and the
+/// accounting layer that the holder's normal-path work reaches, a
+/// real-time thread of the holder's CPU preempts it there and calls:
+///
+/// * the nolock path (objects of each size range, pages of orders 0 to 10,
+///   an accounted object; each freed at once): it must neither block nor
+///   let the holder run (a call that waits for the holder's progress,
+///   spinning, only ends when RT throttling lets the holder run);
+/// * the normal path (the same and a huge block): it may wait, but a call
+///   during which the holder ran must have blocked to let it (a spinning
+///   one only lets it run when throttled).
+#[test]
+fn rt_calls_never_spin_on_a_preempted_holder() {
+    if watchdog::ran_in_child(
+        "rt_calls_never_spin_on_a_preempted_holder",
+        Duration::from_secs(240),
+        "real-time calls at every site of a preempted holder",
+    ) || !fifo_available()
+    {
+        return;
+    }
+    let heap =
+        Arc::new(Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("a heap"));
+    let group = Group::new("tenant", None, None);
+    heap.register_shrinker(|_| 0);
+    *NESTED.lock().unwrap() = Some(Nested {
+        heap: heap.clone(),
+        stash: Vec::new(),
+    });
+    let sites: Vec<Site> = [Site::PAGE, Site::RELEASE, Site::HEAP, Site::ACCOUNT]
+        .concat()
+        .into_iter()
+        .collect();
+    let mut bad = Vec::new();
+    let mut missed = Vec::new();
+    for site in sites {
+        let (h, g) = (heap.clone(), group.clone());
+        let (h2, g2) = (heap.clone(), group.clone());
+        let out = preempted_at(
+            site,
+            move |stop| holder_work(&h, &g, stop),
+            move || {
+                let nolock = probe(|| {
+                    for size in [16, 200, 3000, 8000, 64 << 10, 1 << 20] {
+                        if let Some(p) = h2.alloc_nolock(layout(size)) {
+                            // SAFETY: allocated above, freed once.
+                            unsafe { h2.free_nolock(p) };
+                        }
+                    }
+                    if let Some(p) = h2.alloc_nolock_in(layout(100), &g2) {
+                        // SAFETY: allocated above, freed once.
+                        unsafe { h2.free_nolock(p) };
+                    }
+                    for order in [0, 3, 6, 10] {
+                        if let Some(p) = h2.pages().alloc_pages_nolock(order) {
+                            // SAFETY: allocated above with this order, freed once.
+                            unsafe { h2.pages().free_pages_nolock(p, order) };
+                        }
+                    }
+                });
+                let normal = probe(|| {
+                    for size in [16, 200, 3000, 8000, 64 << 10, 1 << 20, 8 << 20] {
+                        if let Some(p) = h2.alloc(layout(size)) {
+                            // SAFETY: allocated above, freed once.
+                            unsafe { h2.free(p) };
+                        }
+                    }
+                    if let Some(p) = h2.alloc_in(layout(100), &g2) {
+                        // SAFETY: allocated above, freed once.
+                        unsafe { h2.free(p) };
+                    }
+                    for order in [0, 3, 6, 10] {
+                        if let Some(p) = h2.pages().alloc_pages(order) {
+                            // SAFETY: allocated above with this order, freed once.
+                            unsafe { h2.pages().free_pages(p, order) };
+                        }
+                    }
+                });
+                // A fork: its prepare handler takes every heap's locks.
+                let mut pid = 0;
+                let fork = probe(|| {
+                    // SAFETY: the child only calls `_exit`.
+                    pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        // SAFETY: ends the child at once.
+                        unsafe { libc::_exit(0) };
+                    }
+                });
+                assert!(pid > 0, "fork");
+                let mut status = 0;
+                // SAFETY: our own child.
+                assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+                (nolock, normal, fork)
+            },
+        );
+        let (nolock, normal, fork) = match out {
+            None => {
+                missed.push(site);
+                continue;
+            }
+            Some(Err(e)) => {
+                bad.push(format!("{site:?}: {e}"));
+                continue;
+            }
+            Some(Ok(probes)) => probes,
+        };
+        println!(
+            "{site:?}: nolock {:?} vol {} invol {} resumed {}; normal {:?} vol {} invol {} resumed {}",
+            nolock.elapsed,
+            nolock.voluntary,
+            nolock.involuntary,
+            nolock.resumed,
+            normal.elapsed,
+            normal.voluntary,
+            normal.involuntary,
+            normal.resumed
+        );
+        if nolock.voluntary != 0 || nolock.involuntary != 0 || nolock.resumed {
+            bad.push(format!("{site:?}: the nolock calls waited ({nolock:?})"));
+        }
+        println!(
+            "{site:?}: fork {:?} vol {} invol {} resumed {}",
+            fork.elapsed, fork.voluntary, fork.involuntary, fork.resumed
+        );
+        if fork.involuntary != 0 || (fork.resumed && fork.voluntary == 0) {
+            bad.push(format!(
+                "{site:?}: the fork spun until the holder was let run ({fork:?})"
+            ));
+        }
+        if normal.involuntary != 0 || (normal.resumed && normal.voluntary == 0) {
+            bad.push(format!(
+                "{site:?}: the normal calls spun until the holder was let run ({normal:?})"
+            ));
+        }
+    }
+    println!("not reached by the holder's work: {missed:?}");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// A real-time thread's first `anyalloc::init()` while a preempted thread
+/// of its CPU is creating the global heap (parked inside the creation, at
+/// `GlobalCreation`): the real-time call waits for the creation to end,
+/// and must let the creator run to end it (it yielded in a loop, which
+/// returns at once to a real-time caller: a spin until RT throttling).
+#[test]
+fn global_creation_waits_for_a_preempted_creator() {
+    if watchdog::ran_in_child(
+        "global_creation_waits_for_a_preempted_creator",
+        Duration::from_secs(60),
+        "a real-time init() against a preempted creator of the global heap",
+    ) || !fifo_available()
+    {
+        return;
+    }
+    assert!(
+        anyalloc::global_heap().is_none(),
+        "the global heap is not made before the test"
+    );
+    let out = preempted_at(
+        Site::GlobalCreation,
+        |_| {
+            anyalloc::init_without_maintainer(false).expect("the global heap");
+        },
+        || {
+            let mut made = false;
+            let p = probe(|| made = anyalloc::init_without_maintainer(false).is_some());
+            assert!(made, "the real-time thread got the global heap");
+            p
+        },
+    )
+    .expect("the creation reached GlobalCreation")
+    .unwrap();
+    println!("real-time call: {out:?}");
+    assert!(
+        out.involuntary == 0 && (out.voluntary > 0 || !out.resumed),
+        "the real-time thread spun while the preempted creator made the global heap: {out:?}"
+    );
+}
+
+/// As above, with a `fork` of the real-time thread: its prepare handler
+/// waits for the creation in progress to end before the clone, and must
+/// let the preempted creator run to end it (it yielded in a loop).
+#[test]
+fn fork_waits_for_a_preempted_creator() {
+    if watchdog::ran_in_child(
+        "fork_waits_for_a_preempted_creator",
+        Duration::from_secs(60),
+        "a real-time fork against a preempted creator of the global heap",
+    ) || !fifo_available()
+    {
+        return;
+    }
+    assert!(
+        anyalloc::global_heap().is_none(),
+        "the global heap is not made before the test"
+    );
+    let out = preempted_at(
+        Site::GlobalCreation,
+        |_| {
+            anyalloc::init_without_maintainer(false).expect("the global heap");
+        },
+        || {
+            let mut pid = 0;
+            let p = probe(|| {
+                // SAFETY: the child only calls `_exit`.
+                pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    // SAFETY: ends the child at once.
+                    unsafe { libc::_exit(0) };
+                }
+            });
+            assert!(pid > 0, "fork");
+            let mut status = 0;
+            // SAFETY: our own child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            p
+        },
+    )
+    .expect("the creation reached GlobalCreation")
+    .unwrap();
+    println!("real-time fork: {out:?}");
+    assert!(
+        out.involuntary == 0 && (out.voluntary > 0 || !out.resumed),
+        "the real-time fork spun while the preempted creator made the global heap: {out:?}"
     );
 }
