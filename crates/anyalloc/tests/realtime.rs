@@ -425,6 +425,67 @@ fn holder_work(heap: &Heap, group: &Arc<Group>, stop: &dyn Fn() -> bool) {
     }
 }
 
+/// The real-time thread's nolock calls: objects of each size range, an
+/// accounted object, pages of orders 0 to 10; each freed at once.
+fn nolock_calls(heap: &Heap, group: &Arc<Group>) {
+    for size in [16, 200, 3000, 8000, 64 << 10, 1 << 20] {
+        if let Some(p) = heap.alloc_nolock(layout(size)) {
+            // SAFETY: allocated above, freed once.
+            unsafe { heap.free_nolock(p) };
+        }
+    }
+    if let Some(p) = heap.alloc_nolock_in(layout(100), group) {
+        // SAFETY: allocated above, freed once.
+        unsafe { heap.free_nolock(p) };
+    }
+    for order in [0, 3, 6, 10] {
+        if let Some(p) = heap.pages().alloc_pages_nolock(order) {
+            // SAFETY: allocated above with this order, freed once.
+            unsafe { heap.pages().free_pages_nolock(p, order) };
+        }
+    }
+}
+
+/// The real-time thread's normal-path calls: as [`nolock_calls`], and a
+/// huge block.
+fn normal_calls(heap: &Heap, group: &Arc<Group>) {
+    for size in [16, 200, 3000, 8000, 64 << 10, 1 << 20, 8 << 20] {
+        if let Some(p) = heap.alloc(layout(size)) {
+            // SAFETY: allocated above, freed once.
+            unsafe { heap.free(p) };
+        }
+    }
+    if let Some(p) = heap.alloc_in(layout(100), group) {
+        // SAFETY: allocated above, freed once.
+        unsafe { heap.free(p) };
+    }
+    for order in [0, 3, 6, 10] {
+        if let Some(p) = heap.pages().alloc_pages(order) {
+            // SAFETY: allocated above with this order, freed once.
+            unsafe { heap.pages().free_pages(p, order) };
+        }
+    }
+}
+
+/// A fork of the real-time thread (its prepare handler takes every heap's
+/// locks), probed; the child exits at once and is reaped after the probe.
+fn probe_fork() -> Probe {
+    let mut pid = 0;
+    let p = probe(|| {
+        // SAFETY: the child only calls `_exit`.
+        pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) };
+        }
+    });
+    assert!(pid > 0, "fork");
+    let mut status = 0;
+    // SAFETY: our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    p
+}
+
 /// At every interrupt point of the heap, its page allocator and the
 /// accounting layer that the holder's normal-path work reaches, a
 /// real-time thread of the holder's CPU preempts it there and calls:
@@ -461,103 +522,51 @@ fn rt_calls_never_spin_on_a_preempted_holder() {
     let mut bad = Vec::new();
     let mut missed = Vec::new();
     for site in sites {
-        let (h, g) = (heap.clone(), group.clone());
-        let (h2, g2) = (heap.clone(), group.clone());
-        let out = preempted_at(
-            site,
-            move |stop| holder_work(&h, &g, stop),
-            move || {
-                let nolock = probe(|| {
-                    for size in [16, 200, 3000, 8000, 64 << 10, 1 << 20] {
-                        if let Some(p) = h2.alloc_nolock(layout(size)) {
-                            // SAFETY: allocated above, freed once.
-                            unsafe { h2.free_nolock(p) };
-                        }
+        // Two rounds, each with the holder parked at the site when the
+        // real-time thread starts: its calls, then a fork.
+        for fork in [false, true] {
+            let (h, g) = (heap.clone(), group.clone());
+            let (h2, g2) = (heap.clone(), group.clone());
+            let out = preempted_at(
+                site,
+                move |stop| holder_work(&h, &g, stop),
+                move || {
+                    if fork {
+                        vec![("fork", false, probe_fork())]
+                    } else {
+                        vec![
+                            ("nolock calls", true, probe(|| nolock_calls(&h2, &g2))),
+                            ("normal calls", false, probe(|| normal_calls(&h2, &g2))),
+                        ]
                     }
-                    if let Some(p) = h2.alloc_nolock_in(layout(100), &g2) {
-                        // SAFETY: allocated above, freed once.
-                        unsafe { h2.free_nolock(p) };
+                },
+            );
+            let probes = match out {
+                None => {
+                    if !fork {
+                        missed.push(site);
                     }
-                    for order in [0, 3, 6, 10] {
-                        if let Some(p) = h2.pages().alloc_pages_nolock(order) {
-                            // SAFETY: allocated above with this order, freed once.
-                            unsafe { h2.pages().free_pages_nolock(p, order) };
-                        }
-                    }
-                });
-                let normal = probe(|| {
-                    for size in [16, 200, 3000, 8000, 64 << 10, 1 << 20, 8 << 20] {
-                        if let Some(p) = h2.alloc(layout(size)) {
-                            // SAFETY: allocated above, freed once.
-                            unsafe { h2.free(p) };
-                        }
-                    }
-                    if let Some(p) = h2.alloc_in(layout(100), &g2) {
-                        // SAFETY: allocated above, freed once.
-                        unsafe { h2.free(p) };
-                    }
-                    for order in [0, 3, 6, 10] {
-                        if let Some(p) = h2.pages().alloc_pages(order) {
-                            // SAFETY: allocated above with this order, freed once.
-                            unsafe { h2.pages().free_pages(p, order) };
-                        }
-                    }
-                });
-                // A fork: its prepare handler takes every heap's locks.
-                let mut pid = 0;
-                let fork = probe(|| {
-                    // SAFETY: the child only calls `_exit`.
-                    pid = unsafe { libc::fork() };
-                    if pid == 0 {
-                        // SAFETY: ends the child at once.
-                        unsafe { libc::_exit(0) };
-                    }
-                });
-                assert!(pid > 0, "fork");
-                let mut status = 0;
-                // SAFETY: our own child.
-                assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-                (nolock, normal, fork)
-            },
-        );
-        let (nolock, normal, fork) = match out {
-            None => {
-                missed.push(site);
-                continue;
+                    continue;
+                }
+                Some(Err(e)) => {
+                    bad.push(format!("{site:?}: {e}"));
+                    continue;
+                }
+                Some(Ok(probes)) => probes,
+            };
+            for (what, nolock, p) in probes {
+                println!("{site:?}: {what}: {p:?}");
+                if nolock && (p.voluntary != 0 || p.involuntary != 0 || p.resumed) {
+                    bad.push(format!(
+                        "{site:?}: the {what} waited for the holder ({p:?})"
+                    ));
+                }
+                if p.involuntary != 0 || (p.resumed && p.voluntary == 0) {
+                    bad.push(format!(
+                        "{site:?}: the {what} spun until the holder was let run ({p:?})"
+                    ));
+                }
             }
-            Some(Err(e)) => {
-                bad.push(format!("{site:?}: {e}"));
-                continue;
-            }
-            Some(Ok(probes)) => probes,
-        };
-        println!(
-            "{site:?}: nolock {:?} vol {} invol {} resumed {}; normal {:?} vol {} invol {} resumed {}",
-            nolock.elapsed,
-            nolock.voluntary,
-            nolock.involuntary,
-            nolock.resumed,
-            normal.elapsed,
-            normal.voluntary,
-            normal.involuntary,
-            normal.resumed
-        );
-        if nolock.voluntary != 0 || nolock.involuntary != 0 || nolock.resumed {
-            bad.push(format!("{site:?}: the nolock calls waited ({nolock:?})"));
-        }
-        println!(
-            "{site:?}: fork {:?} vol {} invol {} resumed {}",
-            fork.elapsed, fork.voluntary, fork.involuntary, fork.resumed
-        );
-        if fork.involuntary != 0 || (fork.resumed && fork.voluntary == 0) {
-            bad.push(format!(
-                "{site:?}: the fork spun until the holder was let run ({fork:?})"
-            ));
-        }
-        if normal.involuntary != 0 || (normal.resumed && normal.voluntary == 0) {
-            bad.push(format!(
-                "{site:?}: the normal calls spun until the holder was let run ({normal:?})"
-            ));
         }
     }
     println!("not reached by the holder's work: {missed:?}");
@@ -626,22 +635,7 @@ fn fork_waits_for_a_preempted_creator() {
         |_| {
             anyalloc::init_without_maintainer(false).expect("the global heap");
         },
-        || {
-            let mut pid = 0;
-            let p = probe(|| {
-                // SAFETY: the child only calls `_exit`.
-                pid = unsafe { libc::fork() };
-                if pid == 0 {
-                    // SAFETY: ends the child at once.
-                    unsafe { libc::_exit(0) };
-                }
-            });
-            assert!(pid > 0, "fork");
-            let mut status = 0;
-            // SAFETY: our own child.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            p
-        },
+        probe_fork,
     )
     .expect("the creation reached GlobalCreation")
     .unwrap();
