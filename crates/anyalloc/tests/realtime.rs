@@ -645,3 +645,90 @@ fn fork_waits_for_a_preempted_creator() {
         "the real-time fork spun while the preempted creator made the global heap: {out:?}"
     );
 }
+
+/// The kernel thread ids of this process's threads named `name`.
+fn threads_named(name: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim_end() == name).then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect()
+}
+
+/// A maintenance thread started by a real-time thread pinned to one CPU
+/// (`Heap::new` there, or the first `anyalloc::init()` of a program that
+/// uses the global heap through `NoLock` only) runs as an ordinary thread
+/// on the CPUs of the process's main thread. It inherited both from its
+/// creator: at the creator's real-time priority, a maintenance pass
+/// (drains, trims with `madvise`) held off the application's real-time
+/// threads of that priority on its CPU; pinned to the creator's CPU, it
+/// starved whenever the real-time thread kept that CPU busy.
+#[test]
+fn maintainer_runs_as_an_ordinary_thread() {
+    if watchdog::ran_in_child(
+        "maintainer_runs_as_an_ordinary_thread",
+        Duration::from_secs(60),
+        "the scheduling of a maintainer started by a real-time thread",
+    ) || !fifo_available()
+    {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let main_cpus = {
+        // SAFETY: a zeroed cpu_set_t is valid; the call fills it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+                0
+            );
+            libc::CPU_COUNT(&set)
+        }
+    };
+    let heap = std::thread::spawn(|| {
+        pin(first_cpu());
+        assert!(make_fifo(), "SCHED_FIFO");
+        Heap::new(Config::default().memory(16 << 20)).expect("a heap")
+    })
+    .join()
+    .unwrap();
+    assert!(heap.start_maintenance(), "a maintainer");
+    // (`comm` holds 15 bytes of the name.)
+    watchdog::wait_for(|| !threads_named("anyalloc-mainta").is_empty());
+    let tids = threads_named("anyalloc-mainta");
+    assert_eq!(tids.len(), 1, "one maintainer: {tids:?}");
+    let tid = tids[0];
+    let sched = || {
+        // SAFETY: a thread of this process, alive while the heap is; a
+        // zeroed cpu_set_t is valid, the call fills it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+                0
+            );
+            (libc::sched_getscheduler(tid), libc::CPU_COUNT(&set))
+        }
+    };
+    // The thread sets its own scheduling as it starts: give it the time.
+    watchdog::wait_for(|| sched() == (libc::SCHED_OTHER, main_cpus));
+    let (policy, maintainer_cpus) = sched();
+    println!(
+        "maintainer {tid}: policy {policy} (SCHED_OTHER {}), {maintainer_cpus} CPUs \
+         (main thread {main_cpus}, machine {cpus})",
+        libc::SCHED_OTHER
+    );
+    assert_eq!(
+        policy,
+        libc::SCHED_OTHER,
+        "the maintainer inherited its creator's real-time policy"
+    );
+    assert_eq!(
+        maintainer_cpus, main_cpus,
+        "the maintainer inherited its creator's CPU pinning"
+    );
+    drop(heap);
+}
