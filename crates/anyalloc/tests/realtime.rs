@@ -29,6 +29,9 @@
 //!
 //! The elapsed times are printed for the report only.
 //!
+//! The counts assume that no other real-time thread of a higher priority
+//! runs on the first CPU meanwhile (it would preempt the test's thread).
+//!
 //! Needs `SCHED_FIFO` (root, or `RLIMIT_RTPRIO`) and at least one CPU; a
 //! machine without it fails the test with a message, or skips it with
 //! `ANYALLOC_ALLOW_SKIP=1`.
@@ -163,9 +166,11 @@ fn first_cpu() -> usize {
     }
 }
 
-/// Makes the calling thread SCHED_FIFO at priority 10; whether it could.
+/// Makes the calling thread SCHED_FIFO at priority 80 (above the usual
+/// real-time load, such as the `realtime` example's 50, that may share the
+/// machine); whether it could.
 fn make_fifo() -> bool {
-    let param = libc::sched_param { sched_priority: 10 };
+    let param = libc::sched_param { sched_priority: 80 };
     // SAFETY: our own thread, a valid parameter block.
     unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) == 0 }
 }
