@@ -88,8 +88,10 @@ thread_local! {
 }
 
 /// The holder's nested nolock work at a site: frees what an earlier site
-/// allocated, and allocates a few blocks of each size range for a later
-/// one (pages, too).
+/// allocated, and allocates blocks of each size range for a later one
+/// (pages, too); many small ones, so that frees at a site where the holder
+/// holds the node lock overflow the sheaves and park objects on the
+/// deferred stack.
 fn nested_work() {
     let Ok(mut guard) = NESTED.try_lock() else {
         return;
@@ -104,10 +106,12 @@ fn nested_work() {
                 .free_nolock_sized(NonNull::new(p as *mut u8).unwrap(), l)
         };
     }
-    for size in [16, 200, 3000, 64 << 10, 1 << 20] {
+    for (size, count) in [(16, 200), (200, 4), (3000, 4), (64 << 10, 1), (1 << 20, 1)] {
         let l = layout(size);
-        if let Some(p) = n.heap.alloc_nolock(l) {
-            n.stash.push((p.as_ptr() as usize, l));
+        for _ in 0..count {
+            if let Some(p) = n.heap.alloc_nolock(l) {
+                n.stash.push((p.as_ptr() as usize, l));
+            }
         }
     }
     if let Some(p) = n.heap.pages().alloc_pages_nolock(0) {
