@@ -1,4 +1,4 @@
-//! A spin lock for the rarely changed registries (shrinkers, accounting
+//! A lock for the rarely changed registries (the heaps, accounting
 //! groups' children), taken only on normal paths and by the fork handler,
 //! and tried (never waited for) by a refused nolock charge.
 //!
