@@ -364,7 +364,7 @@ fn holder_work(heap: &Heap, group: &Arc<Group>, stop: &dyn Fn() -> bool) {
         1 << 20,
         3 << 20,
     ];
-    for round in 0..4 {
+    for round in 0..2 {
         let mut live = Vec::new();
         for size in SIZES {
             for _ in 0..if size < 10_000 { 300 } else { 3 } {
@@ -552,10 +552,9 @@ fn rt_calls_never_spin_on_a_preempted_holder() {
             );
             let probes = match out {
                 None => {
-                    if !fork {
-                        missed.push(site);
-                    }
-                    continue;
+                    // (Not reached: no fork round either.)
+                    missed.push(site);
+                    break;
                 }
                 Some(Err(e)) => {
                     bad.push(format!("{site:?}: {e}"));
