@@ -17,8 +17,11 @@
 //! fills them and frees them, except one block that it hands to another
 //! thread through a lock-free ring (recorded audio on its way to disk: the
 //! other thread frees it), while hammer threads run alloc/free storms of
-//! 16 B to 1 MiB blocks. It measures the latency of every allocation and the
-//! deadline misses, first with anyalloc (the scope, [`anyalloc::Global`] for
+//! 16 B to 1 MiB blocks. It measures the latency of every allocation, the
+//! deadline misses, and the periods in which the real-time thread blocked
+//! between its first allocation and its last free (its voluntary context
+//! switches, from `getrusage`: a wait for a lock, a sleeping system call, a
+//! page fault that had to wait), first with anyalloc (the scope, [`anyalloc::Global`] for
 //! the hammers), then in a second process (this binary, re-executed) with
 //! glibc's `malloc` through explicit [`std::alloc::System`] calls for the
 //! real-time thread and the hammers alike, and prints both side by side.
@@ -187,6 +190,9 @@ struct RtStats {
     max_free_ns: u64,
     max_wake_late_ns: u64,
     deadline_misses: u64,
+    /// Measured periods in which the thread blocked between its first
+    /// allocation and its last free (voluntary context switches).
+    blocked_periods: u64,
     hammer_ops: u64,
     fifo: bool,
     /// anyalloc: nolock allocations counted by the heap during the run.
@@ -198,7 +204,7 @@ impl RtStats {
     fn to_line(&self, mode: Mode) -> String {
         format!(
             "RTRESULT mode={} periods={} allocs={} failed={} p50={} p99={} p999={} max={} \
-             free_max={} wake_max={} misses={} hammer_ops={} fifo={} nolock_ok={}",
+             free_max={} wake_max={} misses={} blocked={} hammer_ops={} fifo={} nolock_ok={}",
             mode.name(),
             self.periods,
             self.allocs,
@@ -210,6 +216,7 @@ impl RtStats {
             self.max_free_ns,
             self.max_wake_late_ns,
             self.deadline_misses,
+            self.blocked_periods,
             self.hammer_ops,
             self.fifo as u8,
             self.nolock_ok
@@ -238,10 +245,22 @@ impl RtStats {
             max_free_ns: n("free_max")?,
             max_wake_late_ns: n("wake_max")?,
             deadline_misses: n("misses")?,
+            blocked_periods: n("blocked")?,
             hammer_ops: n("hammer_ops")?,
             fifo: n("fifo")? != 0,
             nolock_ok: n("nolock_ok")?,
         })
+    }
+}
+
+/// The calling thread's voluntary context switches so far: each one is a
+/// time it blocked (waited for a lock, slept in a system call).
+fn voluntary_switches() -> i64 {
+    // SAFETY: a zeroed rusage is valid; the call fills it for this thread.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru.ru_nvcsw
     }
 }
 
@@ -270,6 +289,7 @@ fn rt_thread<A: GlobalAlloc>(alloc: &A, scope: bool, seconds: f64) -> RtStats {
             s.max_wake_late_ns = s.max_wake_late_ns.max(woke.saturating_sub(next));
         }
         // The period's work: small buffers, filled and read.
+        let switches = voluntary_switches();
         for (i, slot) in bufs.iter_mut().enumerate() {
             // 16 B .. 1 KiB; buffer 0 is the block handed off.
             let layout = if i == 0 {
@@ -317,6 +337,9 @@ fn rt_thread<A: GlobalAlloc>(alloc: &A, scope: bool, seconds: f64) -> RtStats {
             }
         }
         let done = now_ns();
+        if measured && voluntary_switches() != switches {
+            s.blocked_periods += 1;
+        }
         if measured {
             s.periods += 1;
             if done > next + PERIOD_NS {
@@ -521,6 +544,11 @@ fn print_side_by_side(seconds: f64, hammers: usize, a: &RtStats, g: &RtStats) {
         g.deadline_misses.to_string(),
     );
     row(
+        "periods that blocked",
+        a.blocked_periods.to_string(),
+        g.blocked_periods.to_string(),
+    );
+    row(
         "hammer ops (millions)",
         format!("{:.1}", a.hammer_ops as f64 / 1e6),
         format!("{:.1}", g.hammer_ops as f64 / 1e6),
@@ -588,6 +616,10 @@ mod tests {
         assert!(a.periods > 100, "the real-time loop ran: {}", a.periods);
         assert_eq!(a.allocs, a.periods * PER_PERIOD as u64);
         assert_eq!(a.failed, 0, "every allocation in the scope succeeded");
+        assert_eq!(
+            a.blocked_periods, 0,
+            "the real-time thread never blocked in its allocations and frees"
+        );
         // (Not `nolock_ok >= allocs`: allocations served by the per-CPU
         // fast path, the same on both routes, count as neither; the scope
         // routes the slow paths, which `global_storm` proves.)
@@ -603,6 +635,7 @@ mod tests {
             p999_ns: 7,
             fifo: true,
             nolock_ok: 9,
+            blocked_periods: 2,
             ..RtStats::default()
         };
         let line = format!(

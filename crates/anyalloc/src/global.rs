@@ -218,7 +218,9 @@ pub(crate) fn wait_for_creation() {
     // (Not for a creator in another process: it will never end here, and
     // the next normal call takes it over, see `creator_gone`.)
     while GLOBAL_HEAP.state.load(Ordering::Acquire) == INITIALIZING && !creator_gone() {
-        std::thread::yield_now();
+        // A sleep, not a yield: the creator may be a thread this one
+        // preempted on its CPU (a real-time caller).
+        crate::platform::nap();
     }
 }
 
@@ -354,6 +356,7 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
         };
         match won {
             Ok(_) => {
+                crate::interrupt_point!(GlobalCreation);
                 let env = env_config(true);
                 let mut config = env.config;
                 // The first zone is address space only, but a limit on it
@@ -406,7 +409,10 @@ fn init_slow(nolock: bool, maintainer: bool) -> Option<&'static Heap> {
             Err(READY) => return global_heap(),
             Err(FAILED) => return None,
             Err(_) if nolock => return None, // initialising elsewhere: never wait
-            Err(_) => std::thread::yield_now(),
+            // Created by another thread: wait. A sleep, not a yield: the
+            // creator may be a thread this one preempted on its CPU (a
+            // real-time caller), which a yield would not let run.
+            Err(_) => crate::platform::nap(),
         }
     }
 }

@@ -121,6 +121,9 @@ pub enum Site {
     /// Page allocator: a nolock allocation has emptied a stock cell, not
     /// yet marked its order short (for a forked child's marks).
     StockTaken,
+    /// The global heap is being created (`INITIALIZING`): this thread won
+    /// the creation, other normal callers wait for it to end.
+    GlobalCreation,
 }
 
 impl Site {

@@ -321,6 +321,9 @@ fn run_loop(core: &impl Maintained) {
     // spawned with them blocked, so this changes nothing unless another
     // path starts it.)
     crate::platform::block_all_signals();
+    // An ordinary thread on the main thread's CPUs, whatever started it (a
+    // real-time thread pinned to one CPU: see `ordinary_scheduling`).
+    crate::platform::ordinary_scheduling();
     let start = Instant::now();
     let mut last_pass: Option<Instant> = None;
     // The thread's own epochs (time since it started) at its last pass.

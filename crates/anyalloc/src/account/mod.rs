@@ -192,7 +192,7 @@ mod std_like {
             }
         }
 
-        /// Runs `f` on the list under `CHILDREN` (normal context: spins while
+        /// Runs `f` on the list under `CHILDREN` (normal context: waits while
         /// another thread holds it). `None` without running `f` when this
         /// thread holds it already (it interrupted itself in there).
         pub(super) fn with<R>(&self, f: impl FnOnce(&mut Vec<Weak<Group>>) -> R) -> Option<R> {

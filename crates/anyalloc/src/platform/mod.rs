@@ -26,12 +26,38 @@ mod std_os;
 pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
 pub(crate) use std_os::{
-    address_space_headroom, block_all_signals, os_discard, os_release, os_remap, os_reserve,
-    parse_decimal, read_small_file, write_stderr, CancelDisabled, KeepErrno, SignalsBlocked,
+    address_space_headroom, block_all_signals, ordinary_scheduling, os_discard, os_release,
+    os_remap, os_reserve, parse_decimal, read_small_file, write_stderr, CancelDisabled, KeepErrno,
+    SignalsBlocked,
 };
 
 mod fatal;
 pub(crate) use fatal::{die, FatalMessage};
+
+/// How long [`nap`] sleeps.
+#[cfg(feature = "std")]
+pub(crate) const NAP: core::time::Duration = core::time::Duration::from_micros(50);
+
+/// Sleeps about [`NAP`] (normal context only; `errno` kept): for a wait
+/// that polls for another thread's progress. Unlike `sched_yield`, which
+/// returns at once to a real-time (`SCHED_FIFO`) caller when only
+/// lower-priority threads are ready, it lets the thread being waited for
+/// run even when the caller preempted it on its own CPU.
+#[cfg(feature = "std")]
+pub(crate) fn nap() {
+    #[cfg(target_os = "linux")]
+    {
+        // Nobody wakes this word: the wait lasts the timeout (or less,
+        // after a signal).
+        let word = AtomicU32::new(0);
+        futex::wait(&word, 0, Some(NAP));
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _errno = KeepErrno::new();
+        std::thread::sleep(NAP);
+    }
+}
 
 /// The environment of an allocator. See the module documentation.
 ///

@@ -587,6 +587,32 @@ impl SignalsBlocked {
     }
 }
 
+/// Makes the calling thread an ordinary one, whatever thread created it:
+/// `SCHED_OTHER` (a real-time policy and priority inherited from the
+/// creator dropped) and, on Linux, the CPUs of the process's main thread
+/// (a creator's pinning dropped). For the maintenance thread, which a
+/// real-time thread pinned to its CPU may start: at the creator's
+/// priority its passes would hold off the application's real-time threads
+/// of that priority, and pinned to a CPU a real-time thread keeps busy it
+/// would never run. Best effort: a call the system refuses changes
+/// nothing. Normal context.
+pub(crate) fn ordinary_scheduling() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the calling thread, a valid policy and parameter block.
+    unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_OTHER, &param) };
+    #[cfg(target_os = "linux")]
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it with
+    // the main thread's CPUs (its thread id is the process id), and
+    // sched_setaffinity applies them to the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = core::mem::zeroed();
+        let size = core::mem::size_of::<libc::cpu_set_t>();
+        if libc::sched_getaffinity(libc::getpid(), size, &mut set) == 0 {
+            libc::sched_setaffinity(0, size, &set);
+        }
+    }
+}
+
 /// Blocks every signal that can be blocked on the calling thread (glibc
 /// leaves its own internal ones alone); returns the mask as it was. Normal
 /// context: one system call.

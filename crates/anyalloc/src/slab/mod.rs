@@ -560,7 +560,8 @@ impl HeapCore {
             || (0..CACHES).any(|i| self.cache(i).deferred_takers() != 0))
             && start.elapsed() <= crate::fork::SLOT_PATIENCE
         {
-            std::thread::yield_now();
+            // (A sleep: see `SlotLock::hold_all`.)
+            crate::platform::nap();
         }
         let slots = SlotLock::hold_all(self.level0_slot_locks(), crate::fork::SLOT_PATIENCE);
         self.fork_slots.store(slots, Ordering::Relaxed);

@@ -21,9 +21,11 @@
 //!   closed while objects may wait on its deferred stack.
 //! * `ShortOrders` (crate-internal): which orders of a zone's nolock stock
 //!   may have an empty cell, so that zone-lock holders refill only those.
-//! * `RegistryLock` (crate-internal): a spin lock with an owner word for the
-//!   rarely changed registries (shrinkers, groups' children); a thread that
-//!   interrupted itself inside one gets `None` instead of spinning.
+//! * `RegistryLock` (crate-internal): a lock with an owner word for the
+//!   rarely changed registries (heaps, groups' children): waiters spin a
+//!   little, then sleep in short naps (std), so that a holder preempted by
+//!   a real-time waiter on its CPU runs; a thread that interrupted itself
+//!   inside one gets `None` instead of waiting.
 //!
 //! None of them allocates. Under `cfg(loom)` they use loom's atomics (see
 //! the `atomic` module) so the loom tests beside them explore every interleaving.

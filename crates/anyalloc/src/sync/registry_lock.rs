@@ -1,4 +1,4 @@
-//! A spin lock for the rarely changed registries (shrinkers, accounting
+//! A lock for the rarely changed registries (the heaps, accounting
 //! groups' children), taken only on normal paths and by the fork handler,
 //! and tried (never waited for) by a refused nolock charge.
 //!
@@ -6,7 +6,13 @@
 //! (`context::thread_id`; `usize::MAX` when the id is unknown,
 //! without std).
 //!
-//! * `lock`: CAS 0 -> me (Acquire), spinning while another thread holds it;
+//! * `lock`: CAS 0 -> me (Acquire), spinning a little while another thread
+//!   holds it, then (std) polling: sleeps [`POLL`] at a time on `released`
+//!   until it changes, so that a holder this waiter preempted (a real-time
+//!   thread on the holder's CPU) gets the CPU to finish its section: a
+//!   waiter that only spun would keep it off the CPU, a livelock that only
+//!   the kernel's real-time throttling breaks. Releases make no system
+//!   call (nothing wakes a poller: it re-checks after each sleep);
 //!   if *this* thread holds it (it interrupted itself) it returns `None`
 //!   at once instead of spinning forever; if this thread holds it across
 //!   `fork` (`me | FORK_HELD`, stored by `lock_raw`) and owns the fork
@@ -19,7 +25,8 @@
 //!   every caller there gives up on at once;
 //! * `try_lock`: one CAS (any context: the nolock charge path uses it to
 //!   reach other groups' stocks on a refusal);
-//! * release (guard drop): store 0 (Release), then unmark the thread.
+//! * release (guard drop): store 0 (Release), then `released + 1`
+//!   (a poller that looked before the release does not sleep through it).
 //!
 //! The owner is set by the acquiring CAS itself, so "this thread holds it"
 //! is exact at every instant: a handler that interrupted the holder and
@@ -31,11 +38,12 @@
 //! held across another thread's `fork` (`lock_giving_way`: an accounted
 //! allocation's retry, which flushes its group tree's stocks).
 //!
-//! It never allocates and never makes a syscall. Not modelled under loom
+//! It never allocates; only a waiting `lock` makes system calls (its
+//! timed sleeps, std only; without std it spins). Not modelled under loom
 //! (a `static` needs a `const` constructor): the registries hold plain
 //! data, and the protocol is the slot lock's plus the owner check.
 
-use core::sync::atomic::{compiler_fence, AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use crate::context;
 
@@ -48,7 +56,18 @@ pub(crate) struct RegistryLock {
     /// enter. Only the window's owner thread (and its handlers, which nest)
     /// touches it.
     lent: AtomicBool,
+    /// Bumped by every release: what a polling waiter sleeps on.
+    released: AtomicU32,
 }
+
+/// How many times a waiting `lock` retries before it starts sleeping.
+const SPIN_LIMIT: u32 = 100;
+
+/// How long a waiting `lock` sleeps between looks (std): short against
+/// the sections it waits for to end, long enough to let a preempted
+/// holder run.
+#[cfg(feature = "std")]
+const POLL: core::time::Duration = core::time::Duration::from_micros(50);
 
 /// Proof that a [`RegistryLock`] is held; releases it when dropped.
 pub(crate) struct RegistryGuard<'a> {
@@ -79,10 +98,12 @@ impl RegistryLock {
         RegistryLock {
             owner: AtomicUsize::new(0),
             lent: AtomicBool::new(false),
+            released: AtomicU32::new(0),
         }
     }
 
-    /// Takes the lock, spinning while another thread holds it; `None` when
+    /// Takes the lock, spinning a little and then sleeping (std) while
+    /// another thread holds it; `None` when
     /// this thread holds it already (normal context only).
     pub(crate) fn lock(&self) -> Option<RegistryGuard<'_>> {
         self.lock_waiting(false)
@@ -102,7 +123,12 @@ impl RegistryLock {
         // (set on its first turn there).
         #[cfg(feature = "std")]
         let mut orphan_since: Option<std::time::Instant> = None;
+        let mut spins = 0u32;
         loop {
+            // Read before the CAS: a release after it changes the word, and
+            // a sleep on the old value then returns at once.
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            let released = self.released.load(Ordering::Acquire);
             match self
                 .owner
                 .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
@@ -164,7 +190,20 @@ impl RegistryLock {
                         }
                         return None;
                     }
-                    core::hint::spin_loop()
+                    if spins < SPIN_LIMIT {
+                        spins += 1;
+                        core::hint::spin_loop();
+                        continue;
+                    }
+                    // The holder is not finishing within a spin: it may be
+                    // off the CPU, preempted by this very thread (a
+                    // real-time one). Sleep, so that it can run.
+                    #[cfg(all(feature = "std", target_os = "linux"))]
+                    crate::platform::futex::wait(&self.released, released, Some(POLL));
+                    #[cfg(all(feature = "std", not(target_os = "linux")))]
+                    std::thread::sleep(POLL);
+                    #[cfg(not(feature = "std"))]
+                    core::hint::spin_loop();
                 }
             }
         }
@@ -206,6 +245,7 @@ impl RegistryLock {
     #[cfg(feature = "std")]
     pub(crate) unsafe fn force_unlock(&self) {
         self.owner.store(0, Ordering::Release);
+        self.released.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -226,5 +266,6 @@ impl Drop for RegistryGuard<'_> {
             return;
         }
         self.lock.owner.store(0, Ordering::Release);
+        self.lock.released.fetch_add(1, Ordering::Release);
     }
 }

@@ -208,7 +208,10 @@ impl SlotLock {
                     unsafe { Self::release_all(locks.take(taken)) };
                     return false;
                 }
-                std::thread::yield_now();
+                // A sleep, not a yield: the holder may be a thread this
+                // one preempted on its CPU (a real-time caller), which
+                // only gets the CPU while this one sleeps.
+                crate::platform::nap();
             }
         }
         true
