@@ -129,7 +129,7 @@ impl PageAllocator {
                     busy = true;
                     continue;
                 };
-                if let Ok(idx) = zone.pcp_alloc(slot, &s, order, Mode::NoLock, usize::MAX, None) {
+                if let Some(idx) = zone.pcp_take(slot, &s, order) {
                     bump(&slot.nolock_ok, &s);
                     return Ok(self.ptr(zone, idx));
                 }
