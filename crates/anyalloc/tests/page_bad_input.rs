@@ -8,6 +8,7 @@ mod watchdog;
 
 use std::os::unix::process::ExitStatusExt;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyalloc::{Config, PageAllocator, PAGE_SIZE};
@@ -70,6 +71,72 @@ fn run_scenario(name: &str) {
             let p = pa.alloc_pages(2).unwrap();
             expect(format!(
                 "anyalloc: free of page {:#x} with order 0, but it was allocated with order 2",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: see above: must abort.
+            unsafe { pa.free_pages(p, 0) };
+        }
+        "wrong_larger_order" => {
+            // An order-0 page at an address aligned for order 1, freed with
+            // order 1: the fast path's claim (a per-CPU list has room).
+            let p = std::iter::repeat_with(|| pa.alloc_pages(0).unwrap())
+                .find(|p| (p.as_ptr() as usize).is_multiple_of(2 * PAGE_SIZE))
+                .unwrap();
+            expect(format!(
+                "anyalloc: free of page {:#x} with order 1, but it was allocated with order 0",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: see above: must abort.
+            unsafe { pa.free_pages(p, 1) };
+        }
+        "double_free_by_another_thread" => {
+            let p = pa.alloc_pages(3).unwrap();
+            let addr = p.as_ptr() as usize;
+            std::thread::scope(|s| {
+                // SAFETY: see above: the first free is valid.
+                s.spawn(|| unsafe { pa.free_pages(NonNull::new(addr as *mut u8).unwrap(), 3) });
+            });
+            expect(format!("anyalloc: double free of page {addr:#x} (order 3)"));
+            // SAFETY: see above: the second free must abort.
+            unsafe { pa.free_pages_nolock(p, 3) };
+        }
+        "double_free_in_a_handler" => {
+            // The second free comes from a signal handler (the routed free).
+            static PA: AtomicPtr<PageAllocator> = AtomicPtr::new(std::ptr::null_mut());
+            static BLOCK: AtomicUsize = AtomicUsize::new(0);
+            extern "C" fn free_again(_: libc::c_int) {
+                let pa = PA.load(Ordering::Acquire);
+                let p = NonNull::new(BLOCK.load(Ordering::Acquire) as *mut u8).unwrap();
+                // SAFETY: `pa` lives until the child exits; the free must abort.
+                unsafe { (*pa).free_pages(p, 1) };
+            }
+            let p = pa.alloc_pages(1).unwrap();
+            // SAFETY: see above: the first free is valid.
+            unsafe { pa.free_pages(p, 1) };
+            PA.store(
+                &pa as *const PageAllocator as *mut PageAllocator,
+                Ordering::Release,
+            );
+            BLOCK.store(p.as_ptr() as usize, Ordering::Release);
+            expect(format!(
+                "anyalloc: double free of page {:#x} (order 1)",
+                p.as_ptr() as usize
+            ));
+            // SAFETY: installs a handler with the plain signature; raise
+            // runs it on this thread before returning.
+            unsafe {
+                libc::signal(
+                    libc::SIGUSR1,
+                    free_again as extern "C" fn(libc::c_int) as usize,
+                );
+                libc::raise(libc::SIGUSR1);
+            }
+        }
+        "block_of_another_allocator" => {
+            let other = PageAllocator::new(Config::default().memory(16 << 20).grow(false)).unwrap();
+            let p = other.alloc_pages(0).unwrap();
+            expect(format!(
+                "anyalloc: free of {:#x}, which is outside managed memory (order 0)",
                 p.as_ptr() as usize
             ));
             // SAFETY: see above: must abort.
@@ -228,6 +295,26 @@ fn double_free_of_a_large_block_aborts() {
 #[test]
 fn free_with_the_wrong_order_aborts() {
     expect_abort("wrong_order");
+}
+
+#[test]
+fn free_with_a_larger_order_aborts() {
+    expect_abort("wrong_larger_order");
+}
+
+#[test]
+fn double_free_by_another_thread_aborts() {
+    expect_abort("double_free_by_another_thread");
+}
+
+#[test]
+fn double_free_in_a_signal_handler_aborts() {
+    expect_abort("double_free_in_a_handler");
+}
+
+#[test]
+fn block_of_another_page_allocator_aborts() {
+    expect_abort("block_of_another_allocator");
 }
 
 #[test]

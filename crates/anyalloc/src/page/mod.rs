@@ -261,6 +261,28 @@ pub struct PageStats {
 }
 
 /// The page allocator. See the module documentation.
+///
+/// # Dropping
+///
+/// Dropping a page allocator ends every block it handed out, live or not:
+/// an allocator made with [`new`](Self::new) unmaps its zones (a block
+/// still in use is then unmapped memory), one made with
+/// [`from_region`](Self::from_region) leaves its region to the caller. A
+/// block of a dropped allocator must not be used or freed afterwards;
+/// freed into another allocator it is a foreign pointer there ("outside
+/// managed memory", one line before an abort) as long as that allocator
+/// has no memory at its address. The allocator of a [`Heap`](crate::Heap)
+/// ([`Heap::pages`](crate::Heap::pages)) is borrowed from the heap and
+/// cannot outlive it:
+///
+/// ```compile_fail,E0597
+/// use anyalloc::{Config, Heap, PageAllocator};
+/// let pages: &PageAllocator = {
+///     let heap = Heap::new(Config::default().memory(16 << 20)).unwrap();
+///     heap.pages() // error: `heap` does not live long enough
+/// };
+/// let _ = pages.alloc_pages(0);
+/// ```
 pub struct PageAllocator {
     platform: &'static dyn Platform,
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
@@ -841,7 +863,11 @@ impl PageAllocator {
     }
 
     /// The page counts of zone `i` alone (the first is 0; `None` past the
-    /// last); of the nolock counters, only its slots' successes.
+    /// last); of the nolock counters, only the successes the zone counts
+    /// itself: those from its slots and from its buddy lists under its
+    /// tried lock (not those from its stock or deferred stack while the
+    /// lock was busy, nor any failure, which only [`stats`](Self::stats)
+    /// counts).
     ///
     /// ```
     /// use anyalloc::{Config, PageAllocator};
@@ -849,6 +875,12 @@ impl PageAllocator {
     /// let first = pages.zone_stats(0).expect("there is always a first zone");
     /// assert_eq!(first.total_pages, pages.stats().total_pages); // the only one so far
     /// assert!(pages.zone_stats(1).is_none());
+    /// // A large nolock block, from the buddy lists under the tried lock.
+    /// let p = pages.alloc_pages_nolock(5).unwrap();
+    /// let first = pages.zone_stats(0).unwrap();
+    /// assert_eq!((first.nolock_alloc_ok, first.nolock_large_alloc_ok), (1, 1));
+    /// // SAFETY: allocated above with order 5, freed once.
+    /// unsafe { pages.free_pages(p, 5) };
     /// ```
     pub fn zone_stats(&self, i: usize) -> Option<PageStats> {
         let mut s = PageStats::default();

@@ -16,6 +16,16 @@ impl PageAllocator {
     /// next zone). `None` means "no memory for you in this context now";
     /// don't spin on it.
     ///
+    /// Never reclaiming means: free blocks cached on the per-CPU lists or in
+    /// the nolock stock are not merged back into larger blocks here (nor
+    /// deferred frees beyond the few each call merges). An allocator whose
+    /// pages are all free but scattered over those caches may refuse a large
+    /// order on this path (counted as `nolock_large_alloc_fail_empty`) until
+    /// a normal-context call merges them: [`drain`](Self::drain), a normal
+    /// allocation that misses, or a heap's maintenance. A page allocator
+    /// used on its own from handlers or interrupts only should have some
+    /// normal context call `drain` now and then.
+    ///
     /// ```
     /// use anyalloc::{Config, PageAllocator};
     /// let pages = PageAllocator::new(Config::default().memory(16 << 20)).unwrap();
@@ -119,7 +129,7 @@ impl PageAllocator {
                     busy = true;
                     continue;
                 };
-                if let Ok(idx) = zone.pcp_alloc(slot, &s, order, Mode::NoLock, usize::MAX, None) {
+                if let Some(idx) = zone.pcp_take(slot, &s, order) {
                     bump(&slot.nolock_ok, &s);
                     return Ok(self.ptr(zone, idx));
                 }

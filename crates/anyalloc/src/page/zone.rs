@@ -1104,6 +1104,18 @@ impl Zone {
         (self.pcp_batch >> order).max(1)
     }
 
+    /// Takes a block of `order` from a held slot's list, never refilling
+    /// it: another CPU's slot, which a nolock allocation may only take
+    /// from (a refill there could take nothing, its reserve being
+    /// everything, and would still take the zone lock, merge deferred
+    /// blocks, refill the stock and mark the slot wanted: work for every
+    /// slot a nolock miss looks at, which grew with the CPU count).
+    #[inline]
+    pub(crate) fn pcp_take(&self, slot: &PcpSlot, s: &SlotGuard<'_>, order: u32) -> Option<u32> {
+        crate::interrupt_point!(PcpAlloc);
+        self.pcp_pop(slot, order, s)
+    }
+
     /// Allocates from a held slot: its list, else a refill from the buddy
     /// lists (the zone lock taken in `mode`).
     #[inline]
