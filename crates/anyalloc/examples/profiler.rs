@@ -24,7 +24,7 @@
 //! written as folded stacks (`frame;frame;frame count`, flamegraph input),
 //! and a top-10 table goes to stdout.
 //!
-//! The profiled workload has an obvious hot function (`hot_spin`, ~80% of
+//! The profiled workload has an obvious hot function (`hot_spin`, ~90% of
 //! the work), a colder one (`cold_path`) and some allocation churn (so
 //! samples do land inside the allocator).
 //!
@@ -458,7 +458,7 @@ mod imp {
         x
     }
 
-    /// A colder function: about a tenth of the time.
+    /// A colder function: about a twentieth of the time.
     #[inline(never)]
     pub fn cold_path(n: u64) -> u64 {
         let mut x = std::hint::black_box(7u64);
