@@ -35,7 +35,8 @@
 //! # its interrupted PC, and the top-10 "self" column is exact):
 //! RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target/fp \
 //!     cargo run --release -p anyalloc --example profiler
-//! # A flame graph: inferno-flamegraph < profile.folded > profile.svg
+//! # A flame graph (the folded stacks go to $TMPDIR/profile.folded unless --out):
+//! #   inferno-flamegraph < /tmp/profile.folded > profile.svg
 //! ```
 //!
 //! x86_64 Linux only (the frame walk reads x86_64 registers); elsewhere the
