@@ -97,7 +97,7 @@ enum Command {
         long_about = "Benchmarks of anyalloc side by side with its peers.\n\n\
         Workloads: 1 pairs (alloc+free by size, 16 B-64 KiB), 2 batch (1000 allocs then 1000 frees; and its two phases, each timed alone, as the informational group phases), \
         3 producer-consumer (across threads), 4 larson (server churn, cross-thread frees), \
-        5 cache-scratch (false sharing), 6 pages (orders 0-3), 7 bursts (1-10,000 objects \
+        5 cache-scratch (false sharing), 6 pages (orders 0-3, 6 and 10), 7 bursts (1-10,000 objects \
         from signal handlers: success rate and RSS, each allocator in a child process), \
         8 survival (malloc/free in signal handlers during a storm, each run a child under a \
         watchdog).\n\n\

@@ -24,7 +24,7 @@
 //! written as folded stacks (`frame;frame;frame count`, flamegraph input),
 //! and a top-10 table goes to stdout.
 //!
-//! The profiled workload has an obvious hot function (`hot_spin`, ~80% of
+//! The profiled workload has an obvious hot function (`hot_spin`, ~90% of
 //! the work), a colder one (`cold_path`) and some allocation churn (so
 //! samples do land inside the allocator).
 //!
@@ -35,7 +35,8 @@
 //! # its interrupted PC, and the top-10 "self" column is exact):
 //! RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target/fp \
 //!     cargo run --release -p anyalloc --example profiler
-//! # A flame graph: inferno-flamegraph < profile.folded > profile.svg
+//! # A flame graph (the folded stacks go to $TMPDIR/profile.folded unless --out):
+//! #   inferno-flamegraph < /tmp/profile.folded > profile.svg
 //! ```
 //!
 //! x86_64 Linux only (the frame walk reads x86_64 registers); elsewhere the
@@ -458,7 +459,7 @@ mod imp {
         x
     }
 
-    /// A colder function: about a tenth of the time.
+    /// A colder function: about a twentieth of the time.
     #[inline(never)]
     pub fn cold_path(n: u64) -> u64 {
         let mut x = std::hint::black_box(7u64);

@@ -8,8 +8,8 @@
 //! locks, and `SCOPE`, by [`nolock_scope`]) is read on the slow paths, and a
 //! call that finds its thread inside the allocator (a signal handler that
 //! interrupted it there) or in a nolock scope takes the nolock path. The
-//! fast path (this CPU's sheaf, under a slot try-lock) is the same for both
-//! routes and reads nothing.
+//! fast path (this CPU's sheaf, in a restartable sequence, or under a slot
+//! try-lock without one) is the same for both routes and reads nothing.
 //!
 //! # Initialisation
 //!
@@ -27,7 +27,8 @@
 //!
 //! Values are read strictly: a size is digits and an optional unit (`k`,
 //! `m`, `g`, `t`, either case, optionally followed by `b` or `ib`), a
-//! switch `0` or `1` (or `on`/`off`, `true`/`false`, `yes`/`no`). A value
+//! switch `0` or `1` (any other number means on; or `on`/`off`,
+//! `true`/`false`, `yes`/`no`). A value
 //! that does not parse, or that [`Config`] refuses, is named in one line
 //! on stderr and that setting keeps its default; the other settings apply.
 //!

@@ -1,6 +1,6 @@
-//! The exact public names the resolved issues promised (2: pages, 3: heap,
-//! 4: `Global`/`NoLock`/scope, 5: accounting and reclaim, 12: the
-//! no-syscall nolock option, 14: nolock for every order). Checks by other
+//! The exact public names the crate promises (pages, heap, `Global` /
+//! `NoLock` / scope, accounting and reclaim, the no-syscall nolock option,
+//! nolock for every order). Checks by other
 //! crates, examples and users depend on these spellings and signatures: this
 //! test fails to compile when one is renamed or removed, and at run time when
 //! a constant's value or a promised behaviour drifts.
@@ -26,7 +26,7 @@ fn send_sync<T: Send + Sync>() {}
 fn global_alloc<T: GlobalAlloc>() {}
 fn allocator<T: allocator_api2::alloc::Allocator>() {}
 
-/// Issue 2: the page allocator's names and signatures.
+/// The page allocator's names and signatures.
 #[test]
 fn page_allocator_names() {
     assert_eq!(PAGE_SIZE, 4096);
@@ -57,9 +57,8 @@ fn page_allocator_names() {
     );
 }
 
-/// Issue 14: "`NOLOCK_MAX_ORDER` becomes `MAX_ORDER`": the nolock path
-/// serves every order up to it, and issue 2's "nolock order above
-/// NOLOCK_MAX_ORDER: `None`" still holds.
+/// `NOLOCK_MAX_ORDER` equals `MAX_ORDER`: the nolock path serves every
+/// order up to it, and a nolock order above `NOLOCK_MAX_ORDER` gets `None`.
 #[test]
 fn nolock_max_order_is_max_order() {
     assert_eq!(NOLOCK_MAX_ORDER, MAX_ORDER);
@@ -75,7 +74,7 @@ fn nolock_max_order_is_max_order() {
     assert_eq!(s.free_pages, s.total_pages);
 }
 
-/// Issues 3 and 5: the heap's names and signatures.
+/// The heap's names and signatures (objects, accounting and reclaim).
 #[test]
 fn heap_names() {
     send_sync::<Heap>();
@@ -124,7 +123,7 @@ fn heap_names() {
         c.cached_in_barn,
         c.deferred,
     );
-    // Issue 14: nolock objects up to 4 MiB; above, `None`.
+    // Nolock objects up to 4 MiB; above, `None`.
     let p = heap
         .alloc_nolock(Layout::from_size_align(4 << 20, 8).unwrap())
         .expect("a 4 MiB nolock object");
@@ -135,7 +134,7 @@ fn heap_names() {
         .is_none());
 }
 
-/// Issue 4: `Global`, `NoLock` and the nolock scope.
+/// `Global`, `NoLock` and the nolock scope.
 #[test]
 fn global_names() {
     global_alloc::<Global>();

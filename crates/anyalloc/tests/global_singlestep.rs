@@ -1,5 +1,5 @@
 //! Re-entry at every instruction where `Global` and `NoLock` meet on one
-//! thread (issue scenario: a handler that uses `Global` after interrupting
+//! thread (a handler that uses `Global` after interrupting
 //! a `NoLock` call, and the other way round), by single-stepping with the
 //! x86 trap flag.
 //!

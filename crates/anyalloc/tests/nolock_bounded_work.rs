@@ -1,4 +1,4 @@
-//! Issue 12, item 5: the work of one nolock call does not grow with the
+//! The work of one nolock call does not grow with the
 //! backlog of deferred frees (feature `interrupt-points`).
 //!
 //! While the test's own normal-path allocation holds the zone lock (the

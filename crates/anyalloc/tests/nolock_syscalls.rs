@@ -1,4 +1,4 @@
-//! Issue 12, item 4: system calls on the nolock path (feature
+//! System calls on the nolock path (feature
 //! `interrupt-points`, x86-64 Linux).
 //!
 //! A thread installs a seccomp filter that traps every system call it makes

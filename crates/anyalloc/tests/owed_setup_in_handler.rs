@@ -1,4 +1,4 @@
-//! Issue 12, item 6: setup owed to an ordinary context never runs in a call
+//! Setup owed to an ordinary context never runs in a call
 //! that may be a signal handler.
 //!
 //! The process's allocator is glibc's here. A first handler creates the

@@ -1,5 +1,4 @@
-//! A wrong free of a block the maintainer is returning to the OS aborts
-//! (issue 12, item 7).
+//! A wrong free of a block the maintainer is returning to the OS aborts.
 //!
 //! While the maintainer `madvise`s an idle free block it holds no zone
 //! lock, and the block is off every free list. It used to be marked

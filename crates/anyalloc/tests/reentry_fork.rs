@@ -1,4 +1,4 @@
-//! Issue 12, scenario 2: signals during `fork`, and registries inherited
+//! Signals during `fork`, and registries inherited
 //! held.
 //!
 //! * A thread forks again and again while a per-thread timer interrupts it

@@ -1,4 +1,4 @@
-//! Issue 12, scenario 1, deterministically (feature `interrupt-points`): a
+//! Re-entry, deterministically (feature `interrupt-points`): a
 //! "signal handler" that uses the normal path (`Global`, and the global
 //! heap's `Heap` / `PageAllocator` entries directly) right where a `NoLock`
 //! call of its own thread holds a lock taken with `try_lock`.

@@ -1,4 +1,4 @@
-//! Issue 12, scenario 1, with real signals: a thread allocates and frees
+//! Re-entry with real signals: a thread allocates and frees
 //! through `NoLock` and the heap's nolock calls (page blocks of 16 and
 //! 32 KiB, whose per-CPU refills and frees take the zone lock with a
 //! try-lock, and small objects) while a per-thread timer interrupts it
@@ -8,7 +8,7 @@
 //! lock).
 //!
 //! Before the fix the handler's normal path waited for the zone lock its
-//! own thread held (the issue's reproduction). Now the handler, finding its
+//! own thread held. Now the handler, finding its
 //! thread inside the allocator, takes the nolock route. The scenario runs in
 //! a child process under a watchdog: a deadlock fails the test.
 

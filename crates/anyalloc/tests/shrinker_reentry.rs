@@ -1,5 +1,5 @@
 //! Running the shrinkers never waits for the shrinker registry, even when an
-//! allocation made while they run needs reclaim itself (issue 12, item 3).
+//! allocation made while they run needs reclaim itself.
 //!
 //! `Global` is this test binary's allocator, so every `Vec` or `Box` the
 //! heap's own code might allocate comes from the same heap. The scenario runs

@@ -240,7 +240,11 @@ pub struct PageStats {
     pub stock_pages: usize,
     /// Zones (the first, plus those added by growth).
     pub zones: usize,
-    /// Successful nolock allocations.
+    /// Successful nolock allocations: every success of a nolock call
+    /// (`alloc_pages_nolock`). A normal-path call routed to the nolock
+    /// path (re-entry, a `nolock_scope`) counts only when it misses this
+    /// CPU's list: that fast path, which never waits, is the same on both
+    /// routes and counts neither.
     pub nolock_alloc_ok: u64,
     /// Nolock allocations that failed because every lock they needed was held.
     pub nolock_alloc_fail_busy: u64,

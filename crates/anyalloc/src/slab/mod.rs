@@ -169,7 +169,11 @@ pub struct HeapStats {
     pub large_bytes: usize,
     /// Bytes of the huge allocations in use (whole pages).
     pub huge_bytes: usize,
-    /// Successful nolock allocations.
+    /// Successful nolock allocations: every success of a nolock call
+    /// (`alloc_nolock*`, `NoLock`). A normal-path call
+    /// routed to the nolock path (re-entry, a `nolock_scope`) counts only
+    /// when it misses the per-CPU sheaf: that fast path, which never
+    /// waits, is the same on both routes and counts neither.
     pub nolock_alloc_ok: u64,
     /// Nolock allocations that failed because every lock they needed was held.
     pub nolock_alloc_fail_busy: u64,
