@@ -1128,8 +1128,7 @@ impl Zone {
         reserve: usize,
         stock_cpu: Option<usize>,
     ) -> Result<u32, Fail> {
-        crate::interrupt_point!(PcpAlloc);
-        if let Some(idx) = self.pcp_pop(slot, order, s) {
+        if let Some(idx) = self.pcp_take(slot, s, order) {
             return Ok(idx);
         }
         self.pcp_refill(slot, s, order, mode, reserve, stock_cpu)
