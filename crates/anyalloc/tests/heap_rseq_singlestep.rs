@@ -37,35 +37,53 @@ const SIZE: usize = 64;
 const RSEQ_SIG: u32 = 0x5305_3053;
 /// A sequence's abort handler starts with a jump back to its restart point
 /// (the store of the descriptor's address, and for page sequences the
-/// reload of the rseq offset before it): a `jmp`, or for a counting pop the
-/// `jc` of its take-back check. Returns the restart point and the end of
-/// that jump: a walk covers every byte from the restart to the end of the
-/// section, then the handler's first jump (the handler is out of line).
+/// reload of the rseq offset before it): a `jmp`, or for a counting pop a
+/// `jnc` over the `jnz` to the restart point (its check of whether to take
+/// its count back; every branch of it ends at the restart point). Returns
+/// the restart point and the end of that jump: a walk covers every byte
+/// from the restart to the end of the section, then the handler's jumps up
+/// to that one (the handler is out of line).
 fn restart_and_end(abort_ip: usize) -> (usize, usize) {
-    // SAFETY: `abort_ip` is an address in this binary's text (from a
-    // descriptor), and the handler's jump is at least two bytes long.
-    let (op, op2) = unsafe { (*(abort_ip as *const u8), *((abort_ip + 1) as *const u8)) };
+    let (op, target, end) = jump_at(abort_ip);
+    match op {
+        Jump::Jmp => (target, end),
+        Jump::Jnc => match jump_at(end) {
+            (Jump::Jnz, target, end) => (target, end),
+            _ => panic!("the abort handler at {abort_ip:#x}: no jnz after its jnc"),
+        },
+        Jump::Jnz => panic!("the abort handler at {abort_ip:#x} starts with a jnz"),
+    }
+}
+
+enum Jump {
+    Jmp,
+    Jnc,
+    Jnz,
+}
+
+/// The jump at `at`: its kind, target and end.
+fn jump_at(at: usize) -> (Jump, usize, usize) {
+    // SAFETY: `at` is an address in this binary's text (an abort handler
+    // from a descriptor, or the instruction after its first jump), and a
+    // jump is at least two bytes long.
+    let (op, op2) = unsafe { (*(at as *const u8), *((at + 1) as *const u8)) };
+    let rel8 = |kind| {
+        let rel = op2 as i8 as isize;
+        (kind, (at + 2).wrapping_add_signed(rel), at + 2)
+    };
+    let rel32 = |kind, len: usize| {
+        // SAFETY: as above; the rel32 ends the `len`-byte instruction.
+        let rel = unsafe { ((at + len - 4) as *const i32).read_unaligned() } as isize;
+        (kind, (at + len).wrapping_add_signed(rel), at + len)
+    };
     match (op, op2) {
-        // jmp rel8, or jc rel8: a counting pop's handler first checks
-        // whether to take its count back, and every branch of it ends at
-        // the restart point
-        (0xeb | 0x72, _) => {
-            let rel = op2 as i8 as isize;
-            ((abort_ip + 2).wrapping_add_signed(rel), abort_ip + 2)
-        }
-        // jc rel32: the same, when the handler lies far from its section
-        (0x0f, 0x82) => {
-            // SAFETY: as above; a rel32 jc is six bytes.
-            let rel = unsafe { ((abort_ip + 2) as *const i32).read_unaligned() } as isize;
-            ((abort_ip + 6).wrapping_add_signed(rel), abort_ip + 6)
-        }
-        // jmp rel32
-        (0xe9, _) => {
-            // SAFETY: as above; a rel32 jump is five bytes.
-            let rel = unsafe { ((abort_ip + 1) as *const i32).read_unaligned() } as isize;
-            ((abort_ip + 5).wrapping_add_signed(rel), abort_ip + 5)
-        }
-        _ => panic!("the abort handler at {abort_ip:#x} is not a jmp (opcode {op:#x})"),
+        (0xeb, _) => rel8(Jump::Jmp),
+        (0x73, _) => rel8(Jump::Jnc),
+        (0x75, _) => rel8(Jump::Jnz),
+        (0xe9, _) => rel32(Jump::Jmp, 5),
+        (0x0f, 0x83) => rel32(Jump::Jnc, 6),
+        (0x0f, 0x85) => rel32(Jump::Jnz, 6),
+        _ => panic!("no jmp, jnc or jnz at {at:#x} (opcode {op:#x})"),
     }
 }
 

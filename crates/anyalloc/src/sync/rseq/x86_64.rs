@@ -195,11 +195,16 @@ const BUSY: usize = 1;
 ///
 /// The count is exact. A restart redoes the add, so an abort that lands
 /// between the add and the commit takes the first one back. The abort
-/// handler knows that case without a register of its own: `stc` before the
-/// object load sets CF, which only the add clears (the `dec` and the moves
-/// after it leave CF alone), and `obj` is 0 from the restart point until
-/// the object load gives it an address. So CF clear with `obj` not 0 means
-/// the add ran (the `lea` after it leaves the flags alone). The thread may
+/// handler knows that case without a register of its own: `obj` is 0 from
+/// the restart point until the object load gives it an address, and from
+/// `stc` (before the object load) to the add the flags say CF set, ZF
+/// clear (the `test` before `stc` found the sheaf not empty), which the
+/// add never leaves: it sets CF only when it wraps the counter to 0, and
+/// then sets ZF too (the `lea` after it leaves the flags alone). So `obj`
+/// not 0 with the flags not "CF set, ZF clear" means the add ran. (CF
+/// alone is not enough: a take-back on another CPU's slot can leave its
+/// counter at `u64::MAX`, and the next add there wraps and sets CF; test
+/// `rseq_count_wrap`.) The thread may
 /// have migrated since the add, and the slot's CPU may be running pops
 /// that add to the counter with a plain `add`, which a locked subtraction
 /// from here would not be atomic with (measured: a few counts lost in
@@ -256,7 +261,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
             "test {n:e}, {ALIGN_MASK}",
             "jz 25f",
             ".if {COUNT}",
-            "stc", // CF = 1 until the counter's add clears it
+            "stc", // CF = 1, ZF = 0 (the `test` above) until the add
             ".endif",
             "mov {obj}, qword ptr [{n} - 8]",
             ".if {COUNT}",
@@ -266,12 +271,14 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
             "mov qword ptr [{t} + {SLOT_TOP}], {n}", // commit
             "22:",
             "29:",
-            // Aborted between the counter's add and the commit (CF clear,
-            // `obj` an object rather than the restart point's 0): take the
-            // count back.
+            // Aborted between the counter's add and the commit (the flags
+            // not "CF set, ZF clear", `obj` an object rather than the
+            // restart point's 0): take the count back.
             seq_abort!(
                 ".if {COUNT}",
-                "jc 23b",
+                "jnc 26f",
+                "jnz 23b", // CF set, ZF clear: `stc` ran, the add did not
+                "26:",
                 "test {obj}, {obj}",
                 "jz 23b",
                 "jmp 33f",
@@ -425,9 +432,10 @@ const _: () = assert!(
 /// ```
 ///
 /// The count is exact, as in [`sheaf_pop`]. Here the marker is `off`:
-/// set to -1 right after `stc` and before the add. No other value of `off`
-/// is -1 (the rseq offset is 32-byte aligned, and indices are zero-extended
-/// 32-bit values).
+/// set to -1 by the `neg` right before the add, which leaves the flags at
+/// CF set, ZF clear, as `stc` does in [`sheaf_pop`]. No other value of
+/// `off` is -1 (the rseq offset is 32-byte aligned, and indices are
+/// zero-extended 32-bit values).
 ///
 /// The target's fields are read inside the sequence, and `off`'s register
 /// is reused once the CPU id is read (the restart point reloads it), so the
@@ -476,18 +484,20 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
             "shl {w}, 32",
             "or {w}, {off}",
             ".if {COUNT}",
-            "stc",          // CF = 1 until the counter's add clears it
-            "mov {off}, -1", // the marker: no other value of `off` is -1
+            "mov {off}, 1",
+            "neg {off}", // the marker (no other value of `off` is -1); CF = 1, ZF = 0
             "add qword ptr [{t} + {COUNTER}], 1",
             ".endif",
             "mov qword ptr [{t} + {order} * 8 + {PCP_LISTS}], {w}", // commit
             "22:",
             "29:",
-            // Aborted between the counter's add and the commit (CF clear,
-            // the marker set): take the count back.
+            // Aborted between the counter's add and the commit (the flags
+            // not "CF set, ZF clear", the marker set): take the count back.
             seq_abort!(
                 ".if {COUNT}",
-                "jc 23b",
+                "jnc 26f",
+                "jnz 23b", // CF set, ZF clear: `neg` ran, the add did not
+                "26:",
                 "cmp {off}, -1",
                 "jne 23b",
                 "jmp 33f",
