@@ -727,17 +727,18 @@ unsafe impl GlobalAlloc for Global {
             return core::ptr::null_mut();
         };
         let usable = c.usable_size(p);
-        if stays_in_place(new_size, usable) {
-            return ptr;
-        }
-        // A huge block resized to another huge size moves its pages
-        // (`mremap`, as C's `realloc` does) rather than holding the old and
-        // the new block resident at once while it copies (a `Vec` grown to
-        // 128 MiB peaked 64 MiB higher). Normal route only (`remap_huge` is
-        // a normal-path call), for alignments its page-aligned result has.
+        // A huge block resized to another huge size of other pages moves
+        // them (`mremap`, as C's `realloc` does): a growth does not hold
+        // the old and the new block resident at once while it copies (a
+        // `Vec` grown to 128 MiB peaked 64 MiB higher), a shrink gives its
+        // tail back to the OS (kept in place, a 100 MiB block shrunk to
+        // 51 MiB stayed resident whole). Normal route only (`remap_huge`
+        // is a normal-path call), for alignments its page-aligned result
+        // has.
         const HUGE_ABOVE: usize = crate::PAGE_SIZE << crate::MAX_ORDER;
         if usable > HUGE_ABOVE
             && new_size > HUGE_ABOVE
+            && new_size.div_ceil(crate::PAGE_SIZE) * crate::PAGE_SIZE != usable
             && layout.align() <= crate::PAGE_SIZE
             && !context::nested()
         {
@@ -748,6 +749,9 @@ unsafe impl GlobalAlloc for Global {
                     return q.as_ptr();
                 }
             }
+        }
+        if stays_in_place(new_size, usable) {
+            return ptr;
         }
         // SAFETY: GlobalAlloc's contract: the new layout is valid.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };

@@ -1,12 +1,15 @@
 //! `Global::realloc` of a huge block (above 4 MiB, `mmap`ed) to another huge
 //! size moves its pages with `mremap`, as C's `realloc` does, instead of
-//! copying them: a `Vec<u8>` grown past 4 MiB, or a buffer grown by
-//! `realloc`, must not hold the old and the new block resident at once.
+//! copying them or keeping them: a `Vec<u8>` grown past 4 MiB, or a buffer
+//! grown by `realloc`, must not hold the old and the new block resident at
+//! once, and one shrunk (`shrink_to_fit`) gives its tail back to the OS.
 //!
-//! Measured by the peak RSS (`VmHWM`), reset just before the `realloc`
-//! (`/proc/self/clear_refs` `5`): a copy faults in every page of the new
-//! block while the old one is still resident (+64 MiB here); a move faults
-//! in nothing. One test, so that no other test thread adds to the peak.
+//! Growth is measured by the peak RSS (`VmHWM`), reset just before the
+//! `realloc` (`/proc/self/clear_refs` `5`): a copy faults in every page of
+//! the new block while the old one is still resident (+64 MiB here); a move
+//! faults in nothing. A shrink by the RSS after it: a block kept in place
+//! stays resident whole. One test, so that no other test thread adds to the
+//! RSS while it is measured.
 
 use anyalloc::Global;
 use std::alloc::{GlobalAlloc, Layout};
@@ -30,7 +33,43 @@ fn reset_peak() {
 }
 
 #[test]
-fn a_huge_realloc_moves_the_pages_instead_of_copying_them() {
+fn huge_reallocs_move_the_pages() {
+    a_huge_growth_moves_the_pages_instead_of_copying_them();
+    a_huge_shrink_gives_the_tail_back();
+    a_huge_block_aligned_beyond_a_page_keeps_its_alignment();
+}
+
+fn a_huge_shrink_gives_the_tail_back() {
+    const OLD: usize = 100 << 20;
+    const NEW: usize = 51 << 20;
+    let layout = Layout::from_size_align(OLD, 8).unwrap();
+    // SAFETY: a non-zero size.
+    let p = unsafe { ALLOC.alloc(layout) };
+    assert!(!p.is_null());
+    // SAFETY: `p` is a live block of OLD bytes: every page made resident.
+    unsafe { std::ptr::write_bytes(p, 0x6b, OLD) };
+    let full = status_kib("VmRSS:");
+    // SAFETY: `p` is live with `layout`; NEW is a valid size.
+    let q = unsafe { ALLOC.realloc(p, layout, NEW) };
+    assert!(!q.is_null());
+    let shrunk = status_kib("VmRSS:");
+    // SAFETY: `q` is live for NEW bytes, all preserved; freed once.
+    unsafe {
+        assert_eq!(*q, 0x6b);
+        assert_eq!(*q.add(NEW - 1), 0x6b);
+        ALLOC.dealloc(q, Layout::from_size_align(NEW, 8).unwrap());
+    }
+    assert!(
+        full.saturating_sub(shrunk) > 40 << 10,
+        "RSS {} MiB with the {} MiB block, {} MiB once shrunk to {} MiB",
+        full >> 10,
+        OLD >> 20,
+        shrunk >> 10,
+        NEW >> 20
+    );
+}
+
+fn a_huge_growth_moves_the_pages_instead_of_copying_them() {
     const OLD: usize = 64 << 20;
     const NEW: usize = 128 << 20;
     let layout = Layout::from_size_align(OLD, 8).unwrap();
@@ -59,9 +98,11 @@ fn a_huge_realloc_moves_the_pages_instead_of_copying_them() {
         grew_kib >> 10,
         OLD >> 20
     );
+}
 
-    // A block aligned beyond a page keeps its alignment across the realloc
-    // (a move returns a page-aligned address only).
+/// A block aligned beyond a page keeps its alignment across the realloc (a
+/// move returns a page-aligned address only).
+fn a_huge_block_aligned_beyond_a_page_keeps_its_alignment() {
     let big_align = Layout::from_size_align(8 << 20, 2 << 20).unwrap();
     for size in [16 << 20, 24 << 20, 6 << 20] {
         // SAFETY: a non-zero size.
