@@ -422,8 +422,9 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // with `mremap`: a growth copies nothing, a shrink gives its tail back
     // to the OS (kept in place, a 100 MiB block shrunk to 51 MiB stayed
     // resident whole; glibc's shrinks too).
-    let pages = size.div_ceil(anyalloc::PAGE_SIZE) * anyalloc::PAGE_SIZE;
-    if usable > HUGE_ABOVE && size > HUGE_ABOVE && pages != usable {
+    // (`None` for a size that no page count holds: `remap_huge` refuses it.)
+    let pages = size.checked_next_multiple_of(anyalloc::PAGE_SIZE);
+    if usable > HUGE_ABOVE && size > HUGE_ABOVE && pages != Some(usable) {
         let t = tls::state();
         if !must_nolock(t) {
             // SAFETY: forwarded contract; on success only the result lives.

@@ -738,7 +738,7 @@ unsafe impl GlobalAlloc for Global {
         const HUGE_ABOVE: usize = crate::PAGE_SIZE << crate::MAX_ORDER;
         if usable > HUGE_ABOVE
             && new_size > HUGE_ABOVE
-            && new_size.div_ceil(crate::PAGE_SIZE) * crate::PAGE_SIZE != usable
+            && new_size.checked_next_multiple_of(crate::PAGE_SIZE) != Some(usable)
             && layout.align() <= crate::PAGE_SIZE
             && !context::nested()
         {
