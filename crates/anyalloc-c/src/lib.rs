@@ -398,7 +398,9 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 }
 
 /// `realloc(3)`. `realloc(NULL, n)` is `malloc(n)`; `realloc(p, 0)` frees
-/// `p` and returns `NULL` (glibc's behaviour; errno untouched). In place when
+/// `p` and returns `NULL` (glibc's behaviour; errno untouched). A block above
+/// 4 MiB resized to another page count above 4 MiB moves with `mremap` when
+/// it can (a shrink gives its tail back to the OS). Otherwise in place when
 /// the block's usable size fits `size` and is less than twice it; otherwise
 /// a new block, the contents copied, the old block freed. A shrink never
 /// fails: when no smaller block can be had, `p` stays as it is. On failure
