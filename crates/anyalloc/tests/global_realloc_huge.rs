@@ -107,12 +107,18 @@ fn a_huge_block_aligned_beyond_a_page_keeps_its_alignment() {
     for size in [16 << 20, 24 << 20, 6 << 20] {
         // SAFETY: a non-zero size.
         let p = unsafe { ALLOC.alloc(big_align) };
-        assert!(!p.is_null() && p as usize % (2 << 20) == 0, "{p:p}");
+        assert!(
+            !p.is_null() && (p as usize).is_multiple_of(2 << 20),
+            "{p:p}"
+        );
         // SAFETY: `p` is live for 8 MiB.
         unsafe { p.write(7) };
         // SAFETY: `p` is live with `big_align`; `size` is valid.
         let q = unsafe { ALLOC.realloc(p, big_align, size) };
-        assert!(!q.is_null() && q as usize % (2 << 20) == 0, "{q:p}");
+        assert!(
+            !q.is_null() && (q as usize).is_multiple_of(2 << 20),
+            "{q:p}"
+        );
         // SAFETY: `q` is live with this size, its first byte preserved;
         // freed once.
         unsafe {
