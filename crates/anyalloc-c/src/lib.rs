@@ -398,7 +398,9 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 }
 
 /// `realloc(3)`. `realloc(NULL, n)` is `malloc(n)`; `realloc(p, 0)` frees
-/// `p` and returns `NULL` (glibc's behaviour; errno untouched). In place when
+/// `p` and returns `NULL` (glibc's behaviour; errno untouched). A block above
+/// 4 MiB resized to another page count above 4 MiB moves with `mremap` when
+/// it can (a shrink gives its tail back to the OS). Otherwise in place when
 /// the block's usable size fits `size` and is less than twice it; otherwise
 /// a new block, the contents copied, the old block freed. A shrink never
 /// fails: when no smaller block can be had, `p` stays as it is. On failure
@@ -418,10 +420,13 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     }
     let heap = owner(old, "realloc");
     let usable = heap.usable_size_for(old, "realloc");
-    if size <= usable && size > usable / 2 {
-        return p;
-    }
-    if usable > HUGE_ABOVE && size > HUGE_ABOVE {
+    // A huge block resized to another huge size of other pages moves them
+    // with `mremap`: a growth copies nothing, a shrink gives its tail back
+    // to the OS (kept in place, a 100 MiB block shrunk to 51 MiB stayed
+    // resident whole; glibc's shrinks too).
+    // (`None` for a size that no page count holds: `remap_huge` refuses it.)
+    let pages = size.checked_next_multiple_of(anyalloc::PAGE_SIZE);
+    if usable > HUGE_ABOVE && size > HUGE_ABOVE && pages != Some(usable) {
         let t = tls::state();
         if !must_nolock(t) {
             // SAFETY: forwarded contract; on success only the result lives.
@@ -429,6 +434,9 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
                 return q.as_ptr().cast();
             }
         }
+    }
+    if size <= usable && size > usable / 2 {
+        return p;
     }
     let saved = errno();
     let q = malloc(size);

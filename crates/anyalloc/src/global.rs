@@ -727,6 +727,29 @@ unsafe impl GlobalAlloc for Global {
             return core::ptr::null_mut();
         };
         let usable = c.usable_size(p);
+        // A huge block resized to another huge size of other pages moves
+        // them (`mremap`, as C's `realloc` does): a growth does not hold
+        // the old and the new block resident at once while it copies (a
+        // `Vec` grown to 128 MiB peaked 64 MiB higher), a shrink gives its
+        // tail back to the OS (kept in place, a 100 MiB block shrunk to
+        // 51 MiB stayed resident whole). Normal route only (`remap_huge`
+        // is a normal-path call), for alignments its page-aligned result
+        // has.
+        const HUGE_ABOVE: usize = crate::PAGE_SIZE << crate::MAX_ORDER;
+        if usable > HUGE_ABOVE
+            && new_size > HUGE_ABOVE
+            && new_size.checked_next_multiple_of(crate::PAGE_SIZE) != Some(usable)
+            && layout.align() <= crate::PAGE_SIZE
+            && !context::nested()
+        {
+            if let Some(h) = global_heap() {
+                // SAFETY: per GlobalAlloc's contract `ptr` is a live block
+                // of this heap; after `Some` only the result is.
+                if let Some(q) = unsafe { h.remap_huge(p, new_size) } {
+                    return q.as_ptr();
+                }
+            }
+        }
         if stays_in_place(new_size, usable) {
             return ptr;
         }
