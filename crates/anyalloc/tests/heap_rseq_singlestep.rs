@@ -26,6 +26,8 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 
+mod breakpoint;
+
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -111,96 +113,6 @@ static IN_PAGE_ROUND: AtomicBool = AtomicBool::new(false);
 static FIRED_IN_PAGES: AtomicU64 = AtomicU64::new(0);
 static PAGE_FAIL: AtomicU64 = AtomicU64::new(0);
 
-/// `struct perf_event_attr` (`include/uapi/linux/perf_event.h`, version 8).
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    bp_addr: u64,
-    bp_len: u64,
-    branch_sample_type: u64,
-    sample_regs_user: u64,
-    sample_stack_user: u32,
-    clockid: i32,
-    sample_regs_intr: u64,
-    aux_watermark: u32,
-    sample_max_stack: u16,
-    reserved_2: u16,
-    aux_sample_size: u32,
-    reserved_3: u32,
-    sig_data: u64,
-    config3: u64,
-}
-const _: () = assert!(std::mem::size_of::<PerfEventAttr>() == 136);
-
-const PERF_TYPE_BREAKPOINT: u32 = 5;
-const HW_BREAKPOINT_X: u32 = 4;
-const EXCLUDE_KERNEL: u64 = 1 << 5;
-const EXCLUDE_HV: u64 = 1 << 6;
-const REMOVE_ON_EXEC: u64 = 1 << 36;
-const SIGTRAP: u64 = 1 << 37;
-const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
-
-/// Arms an execution breakpoint at `addr` for this thread; its hit raises
-/// `SIGTRAP` synchronously. `None` if the kernel refused.
-fn arm(addr: usize) -> Option<i32> {
-    let attr = PerfEventAttr {
-        type_: PERF_TYPE_BREAKPOINT,
-        size: std::mem::size_of::<PerfEventAttr>() as u32,
-        sample_period: 1,
-        flags: EXCLUDE_KERNEL | EXCLUDE_HV | REMOVE_ON_EXEC | SIGTRAP,
-        bp_type: HW_BREAKPOINT_X,
-        bp_addr: addr as u64,
-        bp_len: 8,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is a valid perf_event_attr of the size it states;
-    // pid 0 / cpu -1: this thread on any CPU; no group, no flags.
-    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr, 0, -1, -1, 0) };
-    (fd >= 0).then_some(fd as i32)
-}
-
-fn disarm(fd: i32) {
-    // SAFETY: `fd` is a perf event this test opened; closing it once.
-    unsafe { libc::close(fd) };
-}
-
-/// One `struct rseq_cs` as the assembly emits it.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RseqCs {
-    version: u32,
-    flags: u32,
-    start_ip: u64,
-    post_commit_offset: u64,
-    abort_ip: u64,
-}
-
-extern "C" {
-    static __start___rseq_cs: RseqCs;
-    static __stop___rseq_cs: RseqCs;
-}
-
-/// Every sequence descriptor in this binary.
-fn descriptors() -> Vec<RseqCs> {
-    // SAFETY: the linker defines the two symbols around the `__rseq_cs`
-    // section, an array of 32-byte descriptors.
-    unsafe {
-        let start = std::ptr::addr_of!(__start___rseq_cs);
-        let stop = std::ptr::addr_of!(__stop___rseq_cs);
-        let n = stop.offset_from(start) as usize;
-        std::slice::from_raw_parts(start, n).to_vec()
-    }
-}
-
 fn layout() -> Layout {
     Layout::from_size_align(SIZE, 8).unwrap()
 }
@@ -231,8 +143,7 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
         return;
     }
     // Disarm first: the handler's own allocation runs the same sequences.
-    // SAFETY: `fd` is the armed perf event; DISABLE takes no argument.
-    unsafe { libc::ioctl(fd, PERF_EVENT_IOC_DISABLE, 0) };
+    breakpoint::disable(fd);
     FIRED.fetch_add(1, Ordering::Relaxed);
     if IN_PAGE_ROUND.load(Ordering::Relaxed) {
         FIRED_IN_PAGES.fetch_add(1, Ordering::Relaxed);
@@ -412,13 +323,13 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     );
     HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
     anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
-    let probe = arm(round as fn(&Heap, &mut Vec<usize>) as usize);
+    let probe = breakpoint::arm(round as fn(&Heap, &mut Vec<usize>) as usize);
     match probe {
-        Some(fd) => disarm(fd),
+        Some(fd) => breakpoint::close(fd),
         None => return skip("perf_event_open refused an execution breakpoint"),
     }
 
-    let descs = descriptors();
+    let descs = breakpoint::descriptors();
     assert!(
         descs.len() >= 3,
         "expected the three sequences, found {} descriptors",
@@ -442,13 +353,13 @@ fn every_instruction_of_every_sequence_survives_reentry() {
         for addr in (first..section_end).chain(d.abort_ip as usize..last) {
             bytes += 1;
             heap.drain();
-            let fd = arm(addr).expect("perf_event_open");
+            let fd = breakpoint::arm(addr).expect("perf_event_open");
             let before = FIRED.load(Ordering::Relaxed);
             let before_pages = FIRED_IN_PAGES.load(Ordering::Relaxed);
             BP_FD.store(fd, Ordering::Relaxed);
             round(heap, &mut live);
             BP_FD.store(-1, Ordering::Relaxed);
-            disarm(fd);
+            breakpoint::close(fd);
             if FIRED.load(Ordering::Relaxed) > before {
                 fired_here += 1;
                 fired_addrs += 1;

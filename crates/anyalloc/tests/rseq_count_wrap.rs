@@ -30,6 +30,8 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 
+mod breakpoint;
+
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
@@ -37,96 +39,12 @@ use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use anyalloc::{Config, FastPath, Heap, PageAllocator};
 use anyalloc_storm::thread::{current_cpu, pin_to_cpu};
 
-/// `struct perf_event_attr` (`include/uapi/linux/perf_event.h`, version 8).
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    bp_addr: u64,
-    bp_len: u64,
-    branch_sample_type: u64,
-    sample_regs_user: u64,
-    sample_stack_user: u32,
-    clockid: i32,
-    sample_regs_intr: u64,
-    aux_watermark: u32,
-    sample_max_stack: u16,
-    reserved_2: u16,
-    aux_sample_size: u32,
-    reserved_3: u32,
-    sig_data: u64,
-    config3: u64,
-}
-const _: () = assert!(std::mem::size_of::<PerfEventAttr>() == 136);
-
-const PERF_TYPE_BREAKPOINT: u32 = 5;
-const HW_BREAKPOINT_X: u32 = 4;
-const EXCLUDE_KERNEL: u64 = 1 << 5;
-const EXCLUDE_HV: u64 = 1 << 6;
-const REMOVE_ON_EXEC: u64 = 1 << 36;
-const SIGTRAP: u64 = 1 << 37;
-const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
-
-/// Arms an execution breakpoint at `addr` for this thread (on any CPU);
-/// its hit raises `SIGTRAP` synchronously. `None` if the kernel refused.
-fn arm(addr: usize) -> Option<i32> {
-    let attr = PerfEventAttr {
-        type_: PERF_TYPE_BREAKPOINT,
-        size: std::mem::size_of::<PerfEventAttr>() as u32,
-        sample_period: 1,
-        flags: EXCLUDE_KERNEL | EXCLUDE_HV | REMOVE_ON_EXEC | SIGTRAP,
-        bp_type: HW_BREAKPOINT_X,
-        bp_addr: addr as u64,
-        bp_len: 8,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is a valid perf_event_attr of the size it states;
-    // pid 0 / cpu -1: this thread on any CPU; no group, no flags.
-    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr, 0, -1, -1, 0) };
-    (fd >= 0).then_some(fd as i32)
-}
-
-/// One `struct rseq_cs` as the assembly emits it.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RseqCs {
-    version: u32,
-    flags: u32,
-    start_ip: u64,
-    post_commit_offset: u64,
-    abort_ip: u64,
-}
-
-extern "C" {
-    static __start___rseq_cs: RseqCs;
-    static __stop___rseq_cs: RseqCs;
-}
-
-fn descriptors() -> Vec<RseqCs> {
-    // SAFETY: the linker defines the two symbols around the `__rseq_cs`
-    // section, an array of 32-byte descriptors.
-    unsafe {
-        let start = std::ptr::addr_of!(__start___rseq_cs);
-        let stop = std::ptr::addr_of!(__stop___rseq_cs);
-        let n = stop.offset_from(start) as usize;
-        std::slice::from_raw_parts(start, n).to_vec()
-    }
-}
-
 /// The addresses right after every `add qword ptr [reg + disp], 1` with
 /// the 8-bit displacement `disp` inside a section: a counting pop's add
 /// (`disp` is the counter's offset in the slot).
 fn after_counter_adds(disp: u8) -> Vec<usize> {
     let mut found = Vec::new();
-    for d in descriptors() {
+    for d in breakpoint::descriptors() {
         let start = d.start_ip as usize;
         let len = d.post_commit_offset as usize;
         // SAFETY: the section lies in this binary's text, readable.
@@ -171,17 +89,15 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut
     }
     let fd = BP_FD.load(Ordering::Relaxed);
     if fd >= 0 {
-        // SAFETY: `fd` is the armed perf event (closed by `disarm` only);
-        // DISABLE takes no argument.
-        unsafe { libc::ioctl(fd, PERF_EVENT_IOC_DISABLE, 0) };
+        // The armed perf event (closed by `disarm` only).
+        breakpoint::disable(fd);
     }
 }
 
 fn disarm() {
     let fd = BP_FD.swap(-1, Ordering::Relaxed);
     if fd >= 0 {
-        // SAFETY: `fd` is a perf event this test opened; closed once.
-        unsafe { libc::close(fd) };
+        breakpoint::close(fd);
     }
 }
 
@@ -298,7 +214,10 @@ fn wrapped_counter_abort(kind: &Kind, (a, b): (usize, usize)) -> bool {
         for _ in 0..4 {
             HITS.store(0, Ordering::Relaxed);
             MOVED.store(0, Ordering::Relaxed);
-            BP_FD.store(arm(addr).expect("perf_event_open"), Ordering::Relaxed);
+            BP_FD.store(
+                breakpoint::arm(addr).expect("perf_event_open"),
+                Ordering::Relaxed,
+            );
             let got = (kind.take)(heap).expect("a nolock allocation");
             taken += 1;
             disarm();
@@ -345,11 +264,8 @@ fn an_abort_after_a_wrapping_add_takes_its_count_back() {
     let Some(cpus) = two_cpus() else {
         return skip("fewer than two CPUs");
     };
-    match arm(two_cpus as fn() -> Option<(usize, usize)> as usize) {
-        // SAFETY: the probe's perf event, closed once.
-        Some(fd) => unsafe {
-            libc::close(fd);
-        },
+    match breakpoint::arm(two_cpus as fn() -> Option<(usize, usize)> as usize) {
+        Some(fd) => breakpoint::close(fd),
         None => return skip("perf_event_open refused an execution breakpoint"),
     }
     for kind in [&OBJECTS, &PAGES] {
