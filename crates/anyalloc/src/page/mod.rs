@@ -269,7 +269,7 @@ pub struct PageStats {
 /// # Dropping
 ///
 /// Dropping a page allocator ends every block it handed out, live or not:
-/// an allocator made with [`new`](Self::new) unmaps its zones (a block
+/// an allocator made with `new` (std) unmaps its zones (a block
 /// still in use is then unmapped memory), one made with
 /// [`from_region`](Self::from_region) leaves its region to the caller. A
 /// block of a dropped allocator must not be used or freed afterwards;
