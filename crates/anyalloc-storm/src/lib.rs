@@ -81,7 +81,7 @@ pub mod stash;
 pub mod thread;
 
 pub use pattern::{Entry, Mismatch};
-pub use reentry::{in_allocator, inside, HandlerEntry, Reentry};
+pub use reentry::{in_allocator, inside, HandlerEntry, Reentry, StormCounts};
 pub use rng::{mix64, XorShift};
 pub use signal::{
     install_handler, mask, raise_here, storm_signals, ErrnoGuard, Handler, ThreadTimer,

@@ -26,7 +26,8 @@
 //! could move the call's code outside the flag, and the fences forbid it.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{compiler_fence, AtomicU32, Ordering};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{compiler_fence, AtomicU32, AtomicU64, Ordering};
 
 /// One thread's re-entry state: the allocator calls it is inside and the
 /// storm handlers running on it. Handler-safe.
@@ -189,6 +190,70 @@ impl Drop for HandlerEntry<'_> {
             Some(r) => r.leave(),
             None => THREAD.with(Reentry::leave),
         }
+    }
+}
+
+/// The counts a storm keeps of its handlers' runs: every run, the nested
+/// ones, and those that interrupted an allocator call of the thread's
+/// ordinary code; and the check, at the end, that the storm did what it
+/// was for. Handler-safe (relaxed atomics), `const`-constructed for a
+/// `static`.
+pub struct StormCounts {
+    signals: AtomicU64,
+    nested: AtomicU64,
+    inside: AtomicU64,
+}
+
+impl StormCounts {
+    /// All counts at 0.
+    pub const fn new() -> Self {
+        StormCounts {
+            signals: AtomicU64::new(0),
+            nested: AtomicU64::new(0),
+            inside: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts the run of a handler entered as `entry`; returns how many
+    /// runs came before it.
+    pub fn record(&self, entry: &HandlerEntry<'_>) -> u64 {
+        let run = self.signals.fetch_add(1, Relaxed);
+        if entry.nested() {
+            self.nested.fetch_add(1, Relaxed);
+        }
+        if entry.interrupted_allocator() {
+            self.inside.fetch_add(1, Relaxed);
+        }
+        run
+    }
+
+    /// Handler runs so far.
+    pub fn signals(&self) -> u64 {
+        self.signals.load(Relaxed)
+    }
+
+    /// Runs that interrupted another storm handler.
+    pub fn nested(&self) -> u64 {
+        self.nested.load(Relaxed)
+    }
+
+    /// Runs that interrupted an allocator call of ordinary code.
+    pub fn inside(&self) -> u64 {
+        self.inside.load(Relaxed)
+    }
+
+    /// Panics unless the storm happened (more than 1000 runs), two signals
+    /// nested at least once, and a signal interrupted an allocator call.
+    pub fn assert_storm(&self) {
+        assert!(self.signals() > 1000, "the storm happened");
+        assert!(self.nested() > 0, "the two signals never nested");
+        assert!(self.inside() > 0, "no signal interrupted an allocator call");
+    }
+}
+
+impl Default for StormCounts {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -8,7 +8,8 @@
 use anyalloc::{Config, Group, Heap};
 use anyalloc_storm::pattern::{self, Entry};
 use anyalloc_storm::{
-    inside, install_handler, mix64, storm_signals, HandlerEntry, Stash, ThreadTimer, XorShift,
+    inside, install_handler, mix64, storm_signals, HandlerEntry, Stash, StormCounts, ThreadTimer,
+    XorShift,
 };
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -23,11 +24,7 @@ static RNG: AtomicU64 = AtomicU64::new(1);
 static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 static OK: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
-static SIGNALS: AtomicU64 = AtomicU64::new(0);
-/// Handler runs that interrupted another handler on the same thread.
-static NESTED: AtomicU64 = AtomicU64::new(0);
-/// Handler runs that interrupted a thread inside `alloc_in` / `free`.
-static INSIDE: AtomicU64 = AtomicU64::new(0);
+static COUNTS: StormCounts = StormCounts::new();
 static RUNNING: AtomicBool = AtomicBool::new(true);
 
 /// Kinds of a block's owner tag: charged by a handler, or by a thread.
@@ -63,13 +60,7 @@ extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     if !RUNNING.load(Relaxed) {
         return;
     }
-    SIGNALS.fetch_add(1, Relaxed);
-    if entry.nested() {
-        NESTED.fetch_add(1, Relaxed);
-    }
-    if entry.interrupted_allocator() {
-        INSIDE.fetch_add(1, Relaxed);
-    }
+    COUNTS.record(&entry);
     let (Some(heap), Some(groups)) = (HEAP.get(), GROUPS.get()) else {
         return;
     };
@@ -171,19 +162,14 @@ fn usage_is_zero_after_a_storm_of_charged_nolock_allocations() {
     println!(
         "signals {}, nested {}, interrupted inside an allocator call {}, \
          charged nolock attempts {attempts}, ok {ok} ({:.4}%), root peak {} KiB",
-        SIGNALS.load(Relaxed),
-        NESTED.load(Relaxed),
-        INSIDE.load(Relaxed),
+        COUNTS.signals(),
+        COUNTS.nested(),
+        COUNTS.inside(),
         100.0 * ok as f64 / attempts.max(1) as f64,
         root.peak() >> 10
     );
     assert_eq!(VIOLATIONS.load(Relaxed), 0);
-    assert!(SIGNALS.load(Relaxed) > 1000, "the storm happened");
-    assert!(NESTED.load(Relaxed) > 0, "the two signals never nested");
-    assert!(
-        INSIDE.load(Relaxed) > 0,
-        "no signal interrupted an allocator call"
-    );
+    COUNTS.assert_storm();
     assert!(
         ok * 1000 >= attempts * 999,
         "charged nolock success below 99.9%"

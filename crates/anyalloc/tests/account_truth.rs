@@ -13,7 +13,8 @@
 use anyalloc::{Config, Group, Heap};
 use anyalloc_storm::pattern::{self, Entry};
 use anyalloc_storm::{
-    inside, install_handler, mix64, storm_signals, HandlerEntry, Stash, ThreadTimer, XorShift,
+    inside, install_handler, mix64, storm_signals, HandlerEntry, Stash, StormCounts, ThreadTimer,
+    XorShift,
 };
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -43,9 +44,7 @@ static STASH: Stash<512> = Stash::new();
 /// Live bytes charged to each kind's group, by this test's count.
 static TRUTH: [AtomicUsize; GROUPS + 1] = [const { AtomicUsize::new(0) }; GROUPS + 1];
 static RNG: AtomicU64 = AtomicU64::new(1);
-static SIGNALS: AtomicU64 = AtomicU64::new(0);
-static NESTED: AtomicU64 = AtomicU64::new(0);
-static INSIDE: AtomicU64 = AtomicU64::new(0);
+static COUNTS: StormCounts = StormCounts::new();
 static HANDLER_OK: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 static RUNNING: AtomicBool = AtomicBool::new(true);
@@ -84,13 +83,7 @@ extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     if !RUNNING.load(Relaxed) {
         return;
     }
-    SIGNALS.fetch_add(1, Relaxed);
-    if entry.nested() {
-        NESTED.fetch_add(1, Relaxed);
-    }
-    if entry.interrupted_allocator() {
-        INSIDE.fetch_add(1, Relaxed);
-    }
+    COUNTS.record(&entry);
     let (Some(heap), Some(tree)) = (HEAP.get(), TREE.get()) else {
         return;
     };
@@ -243,21 +236,16 @@ fn usage_matches_a_ground_truth_after_a_storm() {
     println!(
         "signals {}, nested {}, interrupted inside an allocator call {}, handler charges ok {}, \
          live blocks {}, short-lived groups {}, usage reads {reads}, failcnt {:?}",
-        SIGNALS.load(Relaxed),
-        NESTED.load(Relaxed),
-        INSIDE.load(Relaxed),
+        COUNTS.signals(),
+        COUNTS.nested(),
+        COUNTS.inside(),
         HANDLER_OK.load(Relaxed),
         leftovers.len(),
         shorts.lock().unwrap().len(),
         tree.iter().map(|g| g.failcnt()).collect::<Vec<_>>(),
     );
     assert_eq!(VIOLATIONS.load(Relaxed), 0);
-    assert!(SIGNALS.load(Relaxed) > 1000, "the storm happened");
-    assert!(NESTED.load(Relaxed) > 0, "the two signals never nested");
-    assert!(
-        INSIDE.load(Relaxed) > 0,
-        "no signal interrupted an allocator call"
-    );
+    COUNTS.assert_storm();
     assert!(HANDLER_OK.load(Relaxed) > 1000, "the handlers charged");
     assert!(!shorts.lock().unwrap().is_empty(), "no short-lived group");
     // Blocks still live: every usage is its subtree's count (the released

@@ -24,7 +24,7 @@ use allocator_api2::alloc::Allocator;
 use anyalloc::{Config, Global, Group, Heap, NoLock, PAGE_SIZE};
 use anyalloc_storm::pattern::{self, Entry};
 use anyalloc_storm::{
-    inside, install_handler, mix64, storm_signals, HandlerEntry, Stash, ThreadTimer,
+    inside, install_handler, mix64, storm_signals, HandlerEntry, Stash, StormCounts, ThreadTimer,
 };
 
 static HEAP: OnceLock<Heap> = OnceLock::new();
@@ -32,9 +32,7 @@ static GROUP: OnceLock<Arc<Group>> = OnceLock::new();
 static STASH: Stash<1024> = Stash::new();
 static RNG: AtomicU64 = AtomicU64::new(1);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
-static SIGNALS: AtomicU64 = AtomicU64::new(0);
-static NESTED: AtomicU64 = AtomicU64::new(0);
-static INSIDE: AtomicU64 = AtomicU64::new(0);
+static COUNTS: StormCounts = StormCounts::new();
 /// Blocks allocated, and freed, per way in (`Way as usize`).
 static ALLOCATED: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 static FREED: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
@@ -166,13 +164,7 @@ extern "C" fn handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     if !RUNNING.load(Relaxed) {
         return;
     }
-    SIGNALS.fetch_add(1, Relaxed);
-    if entry.nested() {
-        NESTED.fetch_add(1, Relaxed);
-    }
-    if entry.interrupted_allocator() {
-        INSIDE.fetch_add(1, Relaxed);
-    }
+    COUNTS.record(&entry);
     let r = mix64(RNG.fetch_add(1, Relaxed));
     for k in 0..4u64 {
         let r = mix64(r ^ k);
@@ -283,9 +275,9 @@ fn blocks_cross_every_way_in_and_out_under_a_signal_storm() {
         .collect();
     println!(
         "signals {}, nested {}, inside an allocator call {}; allocated/freed per way {:?}",
-        SIGNALS.load(Relaxed),
-        NESTED.load(Relaxed),
-        INSIDE.load(Relaxed),
+        COUNTS.signals(),
+        COUNTS.nested(),
+        COUNTS.inside(),
         WAYS.iter().zip(&counts).collect::<Vec<_>>()
     );
     assert_eq!(VIOLATIONS.load(Relaxed), 0, "damaged blocks");
@@ -293,12 +285,7 @@ fn blocks_cross_every_way_in_and_out_under_a_signal_storm() {
         assert!(allocated > 0, "{way:?} never served");
         assert_eq!(allocated, freed, "{way:?}");
     }
-    assert!(SIGNALS.load(Relaxed) > 1000, "the storm happened");
-    assert!(NESTED.load(Relaxed) > 0, "no signal nested");
-    assert!(
-        INSIDE.load(Relaxed) > 0,
-        "no signal interrupted an allocator call"
-    );
+    COUNTS.assert_storm();
     assert_eq!(group.usage(), 0, "the group is still charged");
     heap.drain();
     let s = heap.stats();

@@ -9,7 +9,8 @@ use allocator_api2::boxed::Box as NBox;
 use allocator_api2::vec::Vec as NVec;
 use anyalloc::{Global, NoLock};
 use anyalloc_storm::{
-    inside, install_handler, raise_here, storm_signals, ErrnoGuard, HandlerEntry, ThreadTimer,
+    inside, install_handler, raise_here, storm_signals, ErrnoGuard, HandlerEntry, StormCounts,
+    ThreadTimer,
 };
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::{BTreeMap, HashMap};
@@ -49,13 +50,11 @@ unsafe impl GlobalAlloc for Flagged {
 static A: Flagged = Flagged;
 
 static STOP: AtomicBool = AtomicBool::new(false);
-static SIGNALS: AtomicU64 = AtomicU64::new(0);
+/// Handler runs: all, nested in the other signal's handler, inside a
+/// thread's `Global` call.
+static COUNTS: StormCounts = StormCounts::new();
 /// The first storm signal (`SIGRTMIN`); the second is the next one.
 static SIG_A: AtomicI32 = AtomicI32::new(0);
-/// Handler runs that interrupted the other signal's handler.
-static NESTED: AtomicU64 = AtomicU64::new(0);
-/// Handler runs that interrupted a thread inside a `Global` call.
-static INSIDE: AtomicU64 = AtomicU64::new(0);
 static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 static OK: AtomicU64 = AtomicU64::new(0);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
@@ -65,14 +64,8 @@ extern "C" fn handler(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
     let _errno = ErrnoGuard::save();
     // Held until the handler returns: its nesting level.
     let entry = HandlerEntry::enter();
-    let run = SIGNALS.fetch_add(1, Relaxed);
-    if entry.nested() {
-        NESTED.fetch_add(1, Relaxed);
-    }
-    if entry.interrupted_allocator() {
-        INSIDE.fetch_add(1, Relaxed);
-    }
-    let n = (sig as u64) ^ SIGNALS.load(Relaxed);
+    let run = COUNTS.record(&entry);
+    let n = (sig as u64) ^ COUNTS.signals();
     // NoLock: fallible box and vector.
     ATTEMPTS.fetch_add(1, Relaxed);
     if let Ok(b) = NBox::try_new_in([n; 8], NoLock) {
@@ -171,19 +164,14 @@ fn global_survives_a_signal_storm_with_std_collections() {
     println!(
         "ops {ops}, signals {}, nested {}, interrupted inside an allocator call {}, \
          nolock attempts {attempts}, ok {ok} ({:.4}%), via Global {}",
-        SIGNALS.load(Relaxed),
-        NESTED.load(Relaxed),
-        INSIDE.load(Relaxed),
+        COUNTS.signals(),
+        COUNTS.nested(),
+        COUNTS.inside(),
         100.0 * ok as f64 / attempts.max(1) as f64,
         GLOBAL_BOXES.load(Relaxed)
     );
     assert_eq!(VIOLATIONS.load(Relaxed), 0);
-    assert!(SIGNALS.load(Relaxed) > 1000, "the storm happened");
-    assert!(NESTED.load(Relaxed) > 0, "the two signals never nested");
-    assert!(
-        INSIDE.load(Relaxed) > 0,
-        "no signal interrupted an allocator call"
-    );
+    COUNTS.assert_storm();
     assert!(
         ok * 1000 >= attempts * 999,
         "nolock success {ok}/{attempts} below 99.9%"
