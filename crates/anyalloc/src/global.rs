@@ -735,9 +735,9 @@ unsafe impl GlobalAlloc for Global {
         // 51 MiB stayed resident whole). Normal route only (`remap_huge`
         // is a normal-path call), for alignments its page-aligned result
         // has.
-        const HUGE_ABOVE: usize = crate::PAGE_SIZE << crate::MAX_ORDER;
-        if usable > HUGE_ABOVE
-            && new_size > HUGE_ABOVE
+        use crate::page::MAX_BLOCK;
+        if usable > MAX_BLOCK
+            && new_size > MAX_BLOCK
             && new_size.checked_next_multiple_of(crate::PAGE_SIZE) != Some(usable)
             && layout.align() <= crate::PAGE_SIZE
             && !context::nested()

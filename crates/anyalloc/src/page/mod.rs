@@ -108,7 +108,7 @@ use crate::sync::SlotLock;
 use crate::sync::ZoneLock;
 use crate::{MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
 use zone::HEAP_PCP_ORDER;
-use zone::MAX_BLOCK;
+pub(crate) use zone::MAX_BLOCK;
 
 /// Which path a free of pages takes beyond the shared fast path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

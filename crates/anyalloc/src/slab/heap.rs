@@ -678,7 +678,7 @@ impl Heap {
         let core = self.core();
         let addr = ptr.as_ptr() as usize;
         let new = size.checked_next_multiple_of(PAGE_SIZE)?;
-        if new <= PAGE_SIZE << MAX_ORDER {
+        if new <= crate::page::MAX_BLOCK {
             return None;
         }
         // Inside the allocator (a `fork` from a signal handler that
