@@ -65,14 +65,15 @@ const RUNNING: u8 = 2;
 const PERIOD: Duration = Duration::from_millis(50);
 /// How long it sleeps when nothing may wake it (`nolock_syscalls` off).
 const POLL: Duration = Duration::from_millis(1);
-/// Epoch length for idle-memory accounting.
-const EPOCH: Duration = Duration::from_millis(100);
+/// Epoch length for idle-memory accounting (also the inline decay's: at
+/// most one pass per epoch, `Config::decay`).
+pub(crate) const EPOCH: Duration = Duration::from_millis(100);
 /// Epochs a free block stays idle before it goes back to the OS.
-const IDLE_EPOCHS: usize = 5;
+pub(crate) const IDLE_EPOCHS: usize = 5;
 /// Passes (one per `PERIOD`) a per-CPU cache or a barn stays unchanged
 /// before its objects and pages go back: half a second. With `IDLE_EPOCHS`
 /// this puts memory freed by a burst back with the OS within about 1.5 s.
-const IDLE_PASSES: u32 = 10;
+pub(crate) const IDLE_PASSES: u32 = 10;
 
 /// A heap's maintenance thread, if started.
 pub(crate) struct MaintainerSlot {

@@ -262,6 +262,11 @@ pub(crate) struct HeapCore {
     pub(crate) stop: AtomicBool,
     passes: AtomicU64,
     epoch: AtomicUsize,
+    /// The inline decay's clock (`Config::decay`): the monotonic clock's
+    /// epoch (`maintain::EPOCH`s since boot) at its last pass, 0 before the
+    /// first look at it.
+    #[cfg(feature = "std")]
+    decay_epoch: AtomicU64,
     released_bytes: AtomicU64,
     /// Its place in the registry of heaps whose locks `fork` takes.
     #[cfg(feature = "std")]
