@@ -21,6 +21,11 @@
 //! normal-path operation would: it uses the same normal-path functions. It
 //! blocks every signal, so no handler can interrupt it inside a lock.
 //!
+//! A heap without the thread (std) does the give-back part of this work
+//! from its own normal-path slow calls instead, bounded and at most once
+//! per [`EPOCH`]: the inline decay (`Config::decay`, `HeapCore::decay`).
+//! It uses these constants, and stops once a thread starts.
+//!
 //! The thread drives whatever implements [`Maintained`] (the heap's core),
 //! so this module depends on no allocator layer: the heap owns its
 //! maintainer, not the other way round.

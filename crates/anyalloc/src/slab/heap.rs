@@ -824,7 +824,8 @@ impl Heap {
 
     /// One maintenance pass (normal context): what the maintenance thread
     /// does, for `no_std` embedders to run from a deferred context (and for
-    /// tests). Each call counts as one epoch: memory idle for two calls
+    /// tests). (With std, a heap without a maintenance thread also gives
+    /// idle memory back from its own slow paths: `Config::decay`.) Each call counts as one epoch: memory idle for two calls
     /// goes back (cached objects to their slabs, free blocks to the OS;
     /// free blocks below 256 KiB after eight calls, at most 256 per zone
     /// per call).

@@ -189,10 +189,13 @@ pub struct HeapStats {
     pub reclaims: u64,
     /// Bytes the shrinkers said they freed.
     pub shrinker_freed_bytes: u64,
-    /// Maintenance passes (by the maintenance thread or `maintain()`).
+    /// Maintenance passes (by the maintenance thread or `maintain()`, and
+    /// without a maintenance thread the inline decay's passes, run by the
+    /// allocation calls: `Config::decay`).
     pub maintenance_passes: u64,
-    /// Bytes of free blocks given back to the OS: idle ones by maintenance,
-    /// and every other by `Heap::trim` (std). Memory never touched and
+    /// Bytes of free blocks given back to the OS: idle ones by maintenance
+    /// (a maintenance thread, `maintain()`, or the inline decay), and every
+    /// other by `Heap::trim` (std). Memory never touched and
     /// memory already given back do not count (again), also when a block
     /// freed merged with such memory and goes back whole. Memory handed out
     /// and freed counts as touched, all of it.
