@@ -135,15 +135,21 @@ impl Config {
     /// bounded pass of the maintainer's give-back work: free blocks idle for
     /// half a second (below 256 KiB: two seconds) go back to the OS
     /// (`MADV_DONTNEED`, at most 16 MiB of large blocks and 64 small ones
-    /// per zone and pass), and per-CPU caches and barns left unchanged for
-    /// ten such passes give their objects back. The fast paths do not tick,
+    /// per zone and pass: about a millisecond in the call that runs it),
+    /// and per-CPU caches and barns left unchanged for ten such passes give
+    /// their objects back. The fast paths do not tick,
     /// calls on the nolock path (and calls routed there: a signal handler
-    /// that interrupted the allocator, a nolock scope) never run a pass,
-    /// and a pass waits for no lock a nolock call tries (the system calls
-    /// run with only the maintenance and drain locks held). Idle memory
-    /// goes back only while the program keeps calling the allocator: a
-    /// program that frees a burst and then only sleeps keeps it resident
-    /// (call `Heap::trim`, or run a maintainer).
+    /// that interrupted the allocator, a nolock scope) never run a pass.
+    /// A pass takes the locks as the maintainer's does: its `madvise` calls
+    /// run with only the maintenance and drain locks held, which no nolock
+    /// call tries (the zone lock is let go around each), and flushing
+    /// another CPU's idle cache holds that slot across a membarrier fence
+    /// (a nolock call there finds it busy and goes elsewhere). Idle memory
+    /// goes back only while the program keeps making calls that take a slow
+    /// path: a program that frees a burst and then only sleeps, or only
+    /// allocates and frees one small block at a time (which this CPU's
+    /// cache serves on its fast path, for ever), keeps it resident (call
+    /// `Heap::trim`, or run a maintainer).
     ///
     /// A heap with a maintenance thread never does this (the thread does
     /// the work; a heap whose thread starts later stops then). Off, the

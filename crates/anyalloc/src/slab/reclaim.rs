@@ -270,10 +270,12 @@ impl HeapCore {
     /// back to the OS (`PageAllocator::decay`: a bounded number per zone).
     /// Not the maintainer's upkeep: no stocking for the nolock path, no
     /// shrinkers. The maintenance lock is only tried: a pass, drain or
-    /// trim elsewhere does this work already. System calls (`madvise`,
-    /// and a membarrier fence per other CPU's slot taken) run with the
-    /// maintenance and drain locks held, as the maintainer's do: no nolock
-    /// caller ever tries those.
+    /// trim elsewhere does this work already. The system calls are the
+    /// maintainer's: each `madvise` runs with only the maintenance and
+    /// drain locks held, which no nolock caller ever tries (the zone lock
+    /// is let go around it); flushing another CPU's idle cache takes its
+    /// slot with a membarrier fence (a nolock caller on that CPU finds the
+    /// slot busy meanwhile and goes elsewhere).
     #[cfg(feature = "std")]
     pub(crate) fn decay_pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) {
         let Some(serial) = self.maint_lock.try_lock(self.pages.platform()) else {
