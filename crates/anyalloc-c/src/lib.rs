@@ -37,7 +37,9 @@
 //! thread from inside the loader's first `malloc` calls `malloc` and
 //! `pthread_create` before libc is initialised). It is off by default; with
 //! `ANYALLOC_MAINTENANCE=1` the library's constructor starts it: a normal
-//! context, after libc's own initialisation, before `main`.
+//! context, after libc's own initialisation, before `main`. Without it, the
+//! program's own `malloc`/`free` calls give idle memory back to the OS (the
+//! core's inline decay, `Config::decay`; `ANYALLOC_DECAY=0` turns it off).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 

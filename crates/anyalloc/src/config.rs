@@ -32,6 +32,7 @@ pub struct Config {
     pub(crate) cpus: Option<usize>,
     pub(crate) grow: bool,
     pub(crate) maintenance: bool,
+    pub(crate) decay: bool,
     pub(crate) rseq: bool,
     pub(crate) nolock_syscalls: bool,
     pub(crate) min_reserve: Option<usize>,
@@ -46,6 +47,7 @@ impl Default for Config {
             cpus: None,
             grow: true,
             maintenance: true,
+            decay: true,
             rseq: true,
             nolock_syscalls: true,
             min_reserve: None,
@@ -115,6 +117,55 @@ impl Config {
     /// ```
     pub fn maintenance(mut self, on: bool) -> Self {
         self.maintenance = on;
+        self
+    }
+
+    /// Whether a heap that no maintenance thread serves gives idle memory
+    /// back from its own slow paths (std, a heap over memory from the OS:
+    /// `Heap::new` and the global heap; default on).
+    ///
+    /// Without a maintenance thread ([`maintenance(false)`](Self::maintenance),
+    /// `ANYALLOC_MAINTENANCE=0`, or the C library's default) nothing else
+    /// returns idle memory to the OS, and the resident memory of a program
+    /// that freed a burst stayed at its peak. With `decay`, the
+    /// normal-path calls that take a slow path anyway (a sheaf refill or
+    /// flush, a page-block allocation or free beyond the per-CPU lists, a
+    /// block above 4 MiB) count ticks per thread; every 64th tick reads the
+    /// monotonic clock, and at most once per 100 ms one such call runs a
+    /// bounded pass of the maintainer's give-back work: free blocks idle for
+    /// half a second (below 256 KiB: two seconds) go back to the OS
+    /// (`MADV_DONTNEED`, at most 16 MiB of large blocks and 64 small ones
+    /// per zone and pass: about a millisecond in the call that runs it),
+    /// and per-CPU caches and barns left unchanged for ten such passes give
+    /// their objects back. The fast paths do not tick,
+    /// calls on the nolock path (and calls routed there: a signal handler
+    /// that interrupted the allocator, a nolock scope) never run a pass.
+    /// A pass takes the locks as the maintainer's does: its `madvise` calls
+    /// run with only the maintenance and drain locks held, which no nolock
+    /// call tries (the zone lock is let go around each), and flushing
+    /// another CPU's idle cache holds that slot across a membarrier fence
+    /// (a nolock call there finds it busy and goes elsewhere). Idle memory
+    /// goes back only while the program keeps making calls that take a slow
+    /// path: a program that frees a burst and then only sleeps, or only
+    /// allocates and frees one small block at a time (which this CPU's
+    /// cache serves on its fast path, for ever), keeps it resident (call
+    /// `Heap::trim`, or run a maintainer).
+    ///
+    /// A heap with a maintenance thread never does this (the thread does
+    /// the work; a heap whose thread starts later stops then). Off, the
+    /// slow paths pay one load and a branch for it. `ANYALLOC_DECAY=0`
+    /// turns it off for the global heap.
+    ///
+    /// ```
+    /// use anyalloc::{Config, Heap};
+    /// // No thread and no give-back from the allocation calls: memory goes
+    /// // back to the OS only when the program calls `maintain` or `trim`.
+    /// let heap = Heap::new(Config::default().memory(16 << 20).maintenance(false).decay(false))
+    ///     .unwrap();
+    /// # let _ = heap;
+    /// ```
+    pub fn decay(mut self, on: bool) -> Self {
+        self.decay = on;
         self
     }
 

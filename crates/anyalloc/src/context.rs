@@ -82,8 +82,9 @@
 //!
 //! # The shrinker mark
 //!
-//! A second per-thread word, next to the route word (the same 8-byte
-//! initial-exec variable on x86-64 Linux; a second const `thread_local!`
+//! A second per-thread word, next to the route word (the same 16-byte
+//! initial-exec variable on x86-64 Linux, whose third word counts the
+//! thread's ticks for the inline decay, `decay_tick`; a second const `thread_local!`
 //! without a destructor elsewhere): non-zero while this thread runs a
 //! heap's shrinkers ([`Shrinking`]). A shrinker may allocate; an allocation
 //! that reclaims again finds the mark and does not call the shrinkers a
@@ -133,8 +134,10 @@ const SCOPE_FULL: u32 = !(SCOPE_ONE - 1);
 mod word {
     use core::sync::atomic::{AtomicU32, Ordering};
 
-    // Eight zero bytes of thread-local storage (`.tbss`): the route word,
-    // then the shrinker mark (see [the shrinker mark](super#the-shrinker-mark)).
+    // Sixteen zero bytes of thread-local storage (`.tbss`): the route word,
+    // then the shrinker mark (see [the shrinker mark](super#the-shrinker-mark)),
+    // then the decay ticks (see [`decay_tick`](super::decay_tick)), then
+    // four bytes unused.
     // Global so that every codegen unit's object links to the same
     // variable, hidden so that a shared library does not export it.
     core::arch::global_asm!(
@@ -143,9 +146,9 @@ mod word {
         ".globl anyalloc_route_word",
         ".hidden anyalloc_route_word",
         ".type anyalloc_route_word,@object",
-        ".size anyalloc_route_word,8",
+        ".size anyalloc_route_word,16",
         "anyalloc_route_word:",
-        ".zero 8",
+        ".zero 16",
         ".popsection",
     );
 
@@ -201,6 +204,24 @@ mod word {
     pub(super) fn store_shrinking(v: u32) {
         shrinking().store(v, Ordering::Relaxed)
     }
+
+    /// The variable's third word: this thread's decay ticks.
+    #[inline(always)]
+    pub(super) fn ticks() -> &'static AtomicU32 {
+        // SAFETY: the variable is 16 bytes, 8-aligned: its third word is
+        // this thread's, 4-aligned, live as long as the thread.
+        unsafe { &*(get() as *const AtomicU32).add(2) }
+    }
+
+    #[inline(always)]
+    pub(super) fn load_ticks() -> u32 {
+        ticks().load(Ordering::Relaxed)
+    }
+
+    #[inline(always)]
+    pub(super) fn store_ticks(v: u32) {
+        ticks().store(v, Ordering::Relaxed)
+    }
 }
 
 #[cfg(all(
@@ -214,6 +235,7 @@ mod word {
     std::thread_local! {
         static ROUTE: Cell<u32> = const { Cell::new(0) };
         static SHRINKING: Cell<u32> = const { Cell::new(0) };
+        static TICKS: Cell<u32> = const { Cell::new(0) };
     }
 
     #[inline(always)]
@@ -240,6 +262,16 @@ mod word {
     pub(super) fn store_shrinking(v: u32) {
         SHRINKING.set(v)
     }
+
+    #[inline(always)]
+    pub(super) fn load_ticks() -> u32 {
+        TICKS.get()
+    }
+
+    #[inline(always)]
+    pub(super) fn store_ticks(v: u32) {
+        TICKS.set(v)
+    }
 }
 
 /// Under loom, threads are loom's: per-loom-thread words and ids.
@@ -254,6 +286,7 @@ mod word {
     loom::thread_local! {
         static ROUTE: Cell<u32> = Cell::new(0);
         static SHRINKING: Cell<u32> = Cell::new(0);
+        static TICKS: Cell<u32> = Cell::new(0);
         static ID: usize = NEXT_ID.fetch_add(2, core::sync::atomic::Ordering::Relaxed);
     }
 
@@ -275,6 +308,14 @@ mod word {
 
     pub(super) fn store_shrinking(v: u32) {
         SHRINKING.with(|c| c.set(v))
+    }
+
+    pub(super) fn load_ticks() -> u32 {
+        TICKS.with(|c| c.get())
+    }
+
+    pub(super) fn store_ticks(v: u32) {
+        TICKS.with(|c| c.set(v))
     }
 }
 
@@ -303,6 +344,24 @@ pub(crate) fn nested() -> bool {
     }
     #[cfg(not(feature = "std"))]
     false
+}
+
+/// Slow-path calls per thread between two looks at the clock for the
+/// inline decay (`PageAllocator::decay_tick`).
+#[cfg(feature = "std")]
+pub(crate) const DECAY_TICKS: u32 = 64;
+
+/// Counts one tick of this thread's inline decay (a normal-path call took
+/// a slow path; see `Config::decay`): `true` every [`DECAY_TICKS`]-th
+/// tick. A plain load and store of this thread's own word, like the route
+/// word's (a handler that ticks between them loses its tick, nothing
+/// more). Not part of the route.
+#[cfg(feature = "std")]
+#[inline(always)]
+pub(crate) fn decay_tick() -> bool {
+    let t = word::load_ticks().wrapping_add(1);
+    word::store_ticks(t);
+    t.is_multiple_of(DECAY_TICKS)
 }
 
 /// Whether this thread is inside the allocator (`DEPTH > 0`), whatever its

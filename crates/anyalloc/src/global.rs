@@ -23,6 +23,7 @@
 //! | `ANYALLOC_CPUS`   | CPU slot sets (fewer than the possible CPU ids: no rseq fast path, see [`Config::cpus`]) | one per possible CPU id, at most 4096 |
 //! | `ANYALLOC_GROW`   | `0` makes `ANYALLOC_MEMORY` a hard cap      | 1       |
 //! | `ANYALLOC_MAINTENANCE` | `0`: no maintenance thread             | 1       |
+//! | `ANYALLOC_DECAY` | `0`: without a maintenance thread, idle memory is not given back by the allocation calls (`Config::decay`) | 1 |
 //! | `ANYALLOC_NOLOCK_SYSCALLS` | `0`: the nolock path makes no system call (`Config::nolock_syscalls`) | 1 |
 //!
 //! Values are read strictly: a size is digits and an optional unit (`k`,
@@ -466,6 +467,9 @@ fn env_config(report: bool) -> EnvConfig {
     }
     if let Some((v, _)) = env_setting(c"ANYALLOC_NOLOCK_SYSCALLS", FLAG, report) {
         c = c.nolock_syscalls(v);
+    }
+    if let Some((v, _)) = env_setting(c"ANYALLOC_DECAY", FLAG, report) {
+        c = c.decay(v);
     }
     EnvConfig {
         config: c,

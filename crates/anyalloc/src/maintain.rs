@@ -21,6 +21,11 @@
 //! normal-path operation would: it uses the same normal-path functions. It
 //! blocks every signal, so no handler can interrupt it inside a lock.
 //!
+//! A heap without the thread (std) does the give-back part of this work
+//! from its own normal-path slow calls instead, bounded and at most once
+//! per [`EPOCH`]: the inline decay (`Config::decay`, `HeapCore::decay`).
+//! It uses these constants, and stops once a thread starts.
+//!
 //! The thread drives whatever implements [`Maintained`] (the heap's core),
 //! so this module depends on no allocator layer: the heap owns its
 //! maintainer, not the other way round.
@@ -65,14 +70,15 @@ const RUNNING: u8 = 2;
 const PERIOD: Duration = Duration::from_millis(50);
 /// How long it sleeps when nothing may wake it (`nolock_syscalls` off).
 const POLL: Duration = Duration::from_millis(1);
-/// Epoch length for idle-memory accounting.
-const EPOCH: Duration = Duration::from_millis(100);
+/// Epoch length for idle-memory accounting (also the inline decay's: at
+/// most one pass per epoch, `Config::decay`).
+pub(crate) const EPOCH: Duration = Duration::from_millis(100);
 /// Epochs a free block stays idle before it goes back to the OS.
-const IDLE_EPOCHS: usize = 5;
+pub(crate) const IDLE_EPOCHS: usize = 5;
 /// Passes (one per `PERIOD`) a per-CPU cache or a barn stays unchanged
 /// before its objects and pages go back: half a second. With `IDLE_EPOCHS`
 /// this puts memory freed by a burst back with the OS within about 1.5 s.
-const IDLE_PASSES: u32 = 10;
+pub(crate) const IDLE_PASSES: u32 = 10;
 
 /// A heap's maintenance thread, if started.
 pub(crate) struct MaintainerSlot {

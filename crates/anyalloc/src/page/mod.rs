@@ -134,6 +134,18 @@ const RELEASE_BUDGET: usize = 8;
 #[cfg(feature = "std")]
 const SMALL_RELEASE_BUDGET: usize = 256;
 
+/// Blocks of 256 KiB or more one inline decay pass (`Config::decay`)
+/// returns to the OS per zone: at most 16 MiB, a few milliseconds of
+/// `madvise` in the one allocation or free that runs the pass (at most one
+/// pass per 100 ms: up to 160 MiB/s while the program keeps calling).
+#[cfg(feature = "std")]
+const DECAY_RELEASE_BUDGET: usize = 4;
+
+/// Blocks below 256 KiB one inline decay pass returns to the OS per zone
+/// (each one system call).
+#[cfg(feature = "std")]
+const DECAY_SMALL_RELEASE_BUDGET: usize = 64;
+
 /// Maintainer wake word: work was announced since the maintainer last
 /// looked (set by any context, cleared by the maintainer).
 pub(crate) const WAKE_OWED: u32 = 1;
@@ -329,6 +341,13 @@ pub struct PageAllocator {
     reclaim_ctx: AtomicPtr<()>,
     /// Set when an allocation that could not run the reclaimer needed it.
     reclaim_wanted: core::sync::atomic::AtomicBool,
+    /// The owner's inline decay pass (`Config::decay`: a heap that no
+    /// maintainer serves) and its argument; null: none (no owner, decay
+    /// off, or a maintainer runs). Read by the normal slow paths' ticks.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    decayer: AtomicPtr<()>,
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    decay_ctx: AtomicPtr<()>,
     nolock_ok_direct: AtomicU64,
     nolock_fail_busy: AtomicU64,
     nolock_fail_empty: AtomicU64,
@@ -413,6 +432,8 @@ impl PageAllocator {
             reclaimer: AtomicPtr::new(core::ptr::null_mut()),
             reclaim_ctx: AtomicPtr::new(core::ptr::null_mut()),
             reclaim_wanted: core::sync::atomic::AtomicBool::new(false),
+            decayer: AtomicPtr::new(core::ptr::null_mut()),
+            decay_ctx: AtomicPtr::new(core::ptr::null_mut()),
             nolock_ok_direct: AtomicU64::new(0),
             nolock_fail_busy: AtomicU64::new(0),
             nolock_fail_empty: AtomicU64::new(0),

@@ -83,10 +83,12 @@ impl PageAllocator {
         if order > MAX_ORDER {
             return None;
         }
-        if let Some(p) = self.alloc_normal_once(order, true) {
-            return Some(p);
-        }
-        self.alloc_slow(order, true)
+        let p = match self.alloc_normal_once(order, true) {
+            Some(p) => Some(p),
+            None => self.alloc_slow(order, true),
+        };
+        self.decay_tick();
+        p
     }
 
     /// As `alloc_pages`, but never runs the owner's reclaim callback (for
@@ -158,6 +160,57 @@ impl PageAllocator {
         let f: fn(*const ()) = unsafe { core::mem::transmute::<*mut (), fn(*const ())>(f) };
         f(self.reclaim_ctx.load(Ordering::Relaxed));
         true
+    }
+
+    /// Installs (`Some`) or removes (`None`) the owner's inline decay pass
+    /// (`f(ctx)`, normal context, no lock of the allocator held: see
+    /// `Config::decay`). `ctx` must stay valid as long as the allocator.
+    #[cfg(feature = "std")]
+    pub(crate) fn set_decayer(&self, f: Option<fn(*const ())>, ctx: *const ()) {
+        self.decay_ctx.store(ctx as *mut (), Ordering::Relaxed);
+        let f = f.map_or(core::ptr::null_mut(), |f| f as *mut ());
+        self.decayer.store(f, Ordering::Release);
+    }
+
+    /// Whether `Config::decay` was on for this allocator.
+    #[cfg(feature = "std")]
+    pub(crate) fn config_decay(&self) -> bool {
+        self.config.decay
+    }
+
+    /// A normal-path call took a slow path (it is past every fast path and
+    /// holds no lock of the allocator, or this does nothing): one tick of
+    /// the inline decay, when the owner installed one (a heap that no
+    /// maintainer serves, `Config::decay`). Every
+    /// [`DECAY_TICKS`](crate::context::DECAY_TICKS)-th tick of a thread
+    /// runs the owner's pass, which looks at the clock and gives idle
+    /// memory back at most once per epoch. Never on the nolock path: a
+    /// thread inside the allocator (a handler that interrupted it there, a
+    /// caller holding a heap's lock) or in a nolock scope does not tick.
+    /// The fast paths never come here.
+    #[inline]
+    pub(crate) fn decay_tick(&self) {
+        #[cfg(feature = "std")]
+        if !self.decayer.load(Ordering::Relaxed).is_null()
+            && !crate::context::nested()
+            && crate::context::decay_tick()
+        {
+            self.run_decayer();
+        }
+    }
+
+    #[cfg(feature = "std")]
+    #[cold]
+    #[inline(never)]
+    fn run_decayer(&self) {
+        let f = self.decayer.load(Ordering::Acquire);
+        if f.is_null() {
+            return;
+        }
+        // SAFETY: only `set_decayer` stores non-null values, and it stores
+        // `fn(*const ())` pointers.
+        let f: fn(*const ()) = unsafe { core::mem::transmute::<*mut (), fn(*const ())>(f) };
+        f(self.decay_ctx.load(Ordering::Relaxed));
     }
 
     /// Whether an allocation asked for reclaim it could not run (a hint;
@@ -239,7 +292,7 @@ impl PageAllocator {
                 zone.drain_deferred(&g);
                 zone.stock_maintain(idle_passes, &g);
             }
-            zone.maintain_slots(idle_passes);
+            zone.maintain_slots(idle_passes, true);
             #[cfg(feature = "std")]
             {
                 let small = zone::RELEASE_MIN_ORDER;
@@ -254,6 +307,42 @@ impl PageAllocator {
             }
             #[cfg(not(feature = "std"))]
             let _ = idle_epochs;
+        }
+        released
+    }
+
+    /// The inline decay's share of a pass (`Config::decay`; normal context,
+    /// the caller holds the heap's maintenance lock): per-CPU lists left
+    /// unchanged for `idle_passes` passes go back to the buddy lists, and
+    /// free blocks idle for `idle_epochs` epochs (below `RELEASE_MIN_ORDER`
+    /// four times as long) go back to the OS, at most
+    /// [`DECAY_RELEASE_BUDGET`] and [`DECAY_SMALL_RELEASE_BUDGET`] blocks
+    /// per zone. None of the maintainer's upkeep (stocking for the nolock
+    /// path, trimming). The drain lock is only tried: a drain or trim in
+    /// progress elsewhere is doing this work already. Returns the bytes
+    /// released.
+    #[cfg(feature = "std")]
+    pub(crate) fn decay(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) -> usize {
+        let Some(_serial) = self.drain_lock.try_lock(self.platform) else {
+            return 0;
+        };
+        let small = zone::RELEASE_MIN_ORDER;
+        let mut released = 0;
+        for zone in self.zones() {
+            zone.epoch.fetch_max(epoch, Ordering::Relaxed);
+            zone.maintain_slots(idle_passes, false);
+            released += zone.release_idle_blocks(
+                small..=MAX_ORDER,
+                epoch,
+                idle_epochs,
+                DECAY_RELEASE_BUDGET,
+            );
+            released += zone.release_idle_blocks(
+                0..=small - 1,
+                epoch,
+                idle_epochs * zone::SMALL_AGE_FACTOR,
+                DECAY_SMALL_RELEASE_BUDGET,
+            );
         }
         released
     }
@@ -549,6 +638,7 @@ impl PageAllocator {
     pub(super) fn trim_after_free(&self, zone: &Zone, route: FreeRoute) {
         if route == FreeRoute::Normal || !crate::context::nested() {
             zone.trim_own(self.cpu());
+            self.decay_tick();
         }
     }
 
@@ -591,6 +681,8 @@ impl PageAllocator {
         if order <= PCP_MAX_ORDER {
             if let Some((slot, s)) = zone.lock_own(self.cpu(), 0) {
                 zone.pcp_free(slot, &s, idx, order, Mode::Normal);
+                drop(s);
+                self.decay_tick();
                 return;
             }
         }
@@ -614,6 +706,8 @@ impl PageAllocator {
         zone.buddy_free(idx, order, &g);
         zone.drain_deferred(&g);
         zone.stock_refill(&g);
+        drop(g);
+        self.decay_tick();
     }
 
     /// The heap's free of a block of its own (a slab, a large block) whose

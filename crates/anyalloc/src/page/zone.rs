@@ -1583,7 +1583,10 @@ impl Zone {
     /// - a slot that a nolock allocation found empty (`demand`) and that
     ///   holds less than a batch is topped up to half its `high`, so a burst
     ///   of nolock allocations finds pages.
-    pub(crate) fn maintain_slots(&self, idle_passes: u32) {
+    ///
+    /// Without `upkeep` (the inline decay, `Config::decay`), only the
+    /// first: idle slots go back, nothing is trimmed or stocked.
+    pub(crate) fn maintain_slots(&self, idle_passes: u32, upkeep: bool) {
         let target = self.pcp_high / 2;
         for i in 0..self.cpus * LEVELS {
             // SAFETY: as in `slot`; i < cpus * LEVELS.
@@ -1594,8 +1597,8 @@ impl Zone {
                 .observe((pages as usize) << 32 ^ slot.list(0).0 as usize);
             let demand = slot.demand.load(Ordering::Relaxed) != 0;
             let decay = idle >= idle_passes && pages > 0;
-            let trim = pages > target + self.pcp_batch;
-            let stock = demand && pages < self.pcp_batch;
+            let trim = upkeep && pages > target + self.pcp_batch;
+            let stock = upkeep && demand && pages < self.pcp_batch;
             if !(decay || trim || stock) {
                 continue;
             }

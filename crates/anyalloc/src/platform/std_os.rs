@@ -647,6 +647,23 @@ pub(crate) fn os_discard(addr: usize, len: usize) {
     }
 }
 
+/// The monotonic clock in nanoseconds (`CLOCK_MONOTONIC`: on Linux read
+/// from the vDSO, no system call where the clock source allows). Never
+/// allocates; 0 if the clock cannot be read.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) } != 0 {
+        return 0;
+    }
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_cpu_list_max;

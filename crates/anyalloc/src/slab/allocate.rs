@@ -396,6 +396,7 @@ impl HeapCore {
         crate::interrupt_point!(HugeCount);
         self.huge_live.fetch_add(1, Ordering::Relaxed);
         self.huge_bytes.fetch_add(size, Ordering::Relaxed);
+        self.pages.decay_tick();
         NonNull::new(p)
     }
 

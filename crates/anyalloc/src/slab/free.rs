@@ -344,6 +344,7 @@ impl HeapCore {
                 if !self.huge_deferred.is_empty() {
                     self.drain_huge_deferred();
                 }
+                self.pages.decay_tick();
             }
             Mode::NoLock => {
                 // SAFETY: the mapping is at least a page, writable, and no

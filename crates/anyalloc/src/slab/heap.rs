@@ -45,7 +45,21 @@ impl Heap {
             crate::platform::os_reserve(len, PAGE_SIZE).ok_or(Error::Reserve { bytes: len })?;
         // SAFETY: `meta` is a fresh, zero-filled, page-aligned reservation of
         // `len` bytes that only this heap uses.
-        Ok(unsafe { Self::build(pages, meta, (meta as usize, len)) })
+        let heap = unsafe { Self::build(pages, meta, (meta as usize, len)) };
+        // No maintainer yet: the slow paths give idle memory back until
+        // one starts (`Config::decay`).
+        heap.set_decay(config.decay);
+        Ok(heap)
+    }
+
+    /// Installs (`on`) or removes the inline decay of a heap that no
+    /// maintainer serves (`Config::decay`).
+    #[cfg(feature = "std")]
+    fn set_decay(&self, on: bool) {
+        let core = self.core();
+        let f: fn(*const ()) = HeapCore::decay_callback;
+        core.pages
+            .set_decayer(on.then_some(f), core as *const HeapCore as *const ());
     }
 
     /// Creates a heap over an embedder's memory region (`no_std`): the heap's
@@ -237,6 +251,8 @@ impl Heap {
             stop: AtomicBool::new(false),
             passes: AtomicU64::new(0),
             epoch: AtomicUsize::new(0),
+            #[cfg(feature = "std")]
+            decay_epoch: AtomicU64::new(0),
             released_bytes: AtomicU64::new(0),
             #[cfg(feature = "std")]
             fork: crate::fork::ForkLink::new(),
@@ -288,6 +304,9 @@ impl Heap {
         let started = self.maintainer.start(self.core());
         if started {
             self.core().pages.set_waker(&self.core().wake);
+            // The thread gives idle memory back from now on, not the slow
+            // paths (`Config::decay`).
+            self.set_decay(false);
         }
         started
     }
@@ -327,7 +346,13 @@ impl Heap {
     /// ```
     #[cfg(feature = "std")]
     pub fn forget_maintainer_after_fork(&self) -> bool {
-        self.maintainer.forget_if_forked()
+        let ran = self.maintainer.forget_if_forked();
+        if ran {
+            // No thread here: the slow paths give idle memory back until
+            // one starts again (`Config::decay`).
+            self.set_decay(self.core().pages.config_decay());
+        }
+        ran
     }
 
     /// The page allocator underneath (its memory is shared with the heap).
@@ -799,7 +824,8 @@ impl Heap {
 
     /// One maintenance pass (normal context): what the maintenance thread
     /// does, for `no_std` embedders to run from a deferred context (and for
-    /// tests). Each call counts as one epoch: memory idle for two calls
+    /// tests). (With std, a heap without a maintenance thread also gives
+    /// idle memory back from its own slow paths: `Config::decay`.) Each call counts as one epoch: memory idle for two calls
     /// goes back (cached objects to their slabs, free blocks to the OS;
     /// free blocks below 256 KiB after eight calls, at most 256 per zone
     /// per call).

@@ -189,10 +189,13 @@ pub struct HeapStats {
     pub reclaims: u64,
     /// Bytes the shrinkers said they freed.
     pub shrinker_freed_bytes: u64,
-    /// Maintenance passes (by the maintenance thread or `maintain()`).
+    /// Maintenance passes (by the maintenance thread or `maintain()`, and
+    /// without a maintenance thread the inline decay's passes, run by the
+    /// allocation calls: `Config::decay`).
     pub maintenance_passes: u64,
-    /// Bytes of free blocks given back to the OS: idle ones by maintenance,
-    /// and every other by `Heap::trim` (std). Memory never touched and
+    /// Bytes of free blocks given back to the OS: idle ones by maintenance
+    /// (a maintenance thread, `maintain()`, or the inline decay), and every
+    /// other by `Heap::trim` (std). Memory never touched and
     /// memory already given back do not count (again), also when a block
     /// freed merged with such memory and goes back whole. Memory handed out
     /// and freed counts as touched, all of it.
@@ -262,6 +265,11 @@ pub(crate) struct HeapCore {
     pub(crate) stop: AtomicBool,
     passes: AtomicU64,
     epoch: AtomicUsize,
+    /// The inline decay's clock (`Config::decay`): the monotonic clock's
+    /// epoch (`maintain::EPOCH`s since boot) at its last pass, 0 before the
+    /// first look at it.
+    #[cfg(feature = "std")]
+    decay_epoch: AtomicU64,
     released_bytes: AtomicU64,
     /// Its place in the registry of heaps whose locks `fork` takes.
     #[cfg(feature = "std")]

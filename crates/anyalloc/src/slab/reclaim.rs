@@ -207,7 +207,7 @@ impl HeapCore {
         #[cfg(feature = "std")]
         self.drain_huge_deferred();
         for i in 0..CACHES {
-            self.cache(i).maintain_slots(&self.pages, idle_passes);
+            self.cache(i).maintain_slots(&self.pages, idle_passes, true);
         }
         let released = self.pages.maintain(epoch, idle_epochs, idle_passes);
         self.released_bytes
@@ -217,6 +217,79 @@ impl HeapCore {
         if self.pages.below_low() {
             self.run_shrinkers();
         }
+    }
+
+    /// The page allocator's inline decay callback (`set_decayer`).
+    #[cfg(feature = "std")]
+    pub(super) fn decay_callback(ctx: *const ()) {
+        // SAFETY: installed by `Heap::set_decay` with the core's stable
+        // address; removed before the core goes (the page allocator, which
+        // calls it, is part of the core).
+        let core = unsafe { &*(ctx as *const HeapCore) };
+        core.decay();
+    }
+
+    /// The inline decay (`Config::decay`; a heap that no maintainer
+    /// serves): called every `context::DECAY_TICKS` slow-path ticks of a
+    /// thread, normal context, no lock held. Reads the monotonic clock; in
+    /// a new epoch (`maintain::EPOCH`, 100 ms) since its last pass, and
+    /// unless another thread takes that epoch's pass, runs a pass of the
+    /// maintainer's give-back work ([`decay_pass`](Self::decay_pass)). The
+    /// first look only starts the clock.
+    #[cfg(feature = "std")]
+    pub(crate) fn decay(&self) {
+        let now = crate::platform::monotonic_ns() / crate::maintain::EPOCH.as_nanos() as u64;
+        let last = self.decay_epoch.load(Ordering::Relaxed);
+        if now <= last
+            || self
+                .decay_epoch
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if last == 0 {
+            return; // the clock starts
+        }
+        // The heap's epoch advances by the time elapsed, as the
+        // maintainer's does (`Maintained::pass`).
+        let elapsed = (now - last).min(usize::MAX as u64) as usize;
+        let epoch = self.advance_epoch(elapsed);
+        self.decay_pass(
+            epoch,
+            crate::maintain::IDLE_EPOCHS,
+            crate::maintain::IDLE_PASSES,
+        );
+    }
+
+    /// One inline decay pass at `epoch`: what a maintenance pass does for
+    /// idle memory, bounded, and nothing else. Caches and barns unchanged
+    /// for `idle_passes` passes give their objects back to the slabs and
+    /// their pages to the page allocator, whose idle per-CPU lists go back
+    /// to the buddy lists, and free blocks idle for `idle_epochs` epochs go
+    /// back to the OS (`PageAllocator::decay`: a bounded number per zone).
+    /// Not the maintainer's upkeep: no stocking for the nolock path, no
+    /// shrinkers. The maintenance lock is only tried: a pass, drain or
+    /// trim elsewhere does this work already. The system calls are the
+    /// maintainer's: each `madvise` runs with only the maintenance and
+    /// drain locks held, which no nolock caller ever tries (the zone lock
+    /// is let go around it); flushing another CPU's idle cache takes its
+    /// slot with a membarrier fence (a nolock caller on that CPU finds the
+    /// slot busy meanwhile and goes elsewhere).
+    #[cfg(feature = "std")]
+    pub(crate) fn decay_pass(&self, epoch: usize, idle_epochs: usize, idle_passes: u32) {
+        let Some(serial) = self.maint_lock.try_lock(self.pages.platform()) else {
+            return;
+        };
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        for i in 0..CACHES {
+            self.cache(i)
+                .maintain_slots(&self.pages, idle_passes, false);
+        }
+        let released = self.pages.decay(epoch, idle_epochs, idle_passes);
+        self.released_bytes
+            .fetch_add(released as u64, Ordering::Relaxed);
+        drop(serial);
     }
 
     /// Wakes the maintenance thread whatever its state (normal context:

@@ -164,6 +164,16 @@ impl Cache {
             return None;
         }
         self.drain_and_reopen(pages);
+        let o = self.alloc_normal(pages, cpu);
+        // Every lock let go: a tick of the inline decay.
+        pages.decay_tick();
+        o
+    }
+
+    /// The normal allocation's slow path proper: the slot (spare, refill),
+    /// or the slabs directly when the slot is busy.
+    #[inline]
+    pub(super) fn alloc_normal(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
         if let Some((slot, g)) = self.lock_own(cpu, 0) {
             crate::interrupt_point!(SheafAlloc);
             if let Some(o) = self.pop_slot(slot, &g) {

@@ -338,7 +338,10 @@ impl Cache {
     /// - a slot that a nolock allocation found empty (`demand`) and that
     ///   holds less than half a sheaf gets its spare filled (from the barn or
     ///   the slabs), so a burst of nolock allocations finds objects ready.
-    pub(crate) fn maintain_slots(&self, pages: &PageAllocator, idle_passes: u32) {
+    ///
+    /// Without `upkeep` (the inline decay, `Config::decay`), only the
+    /// first two: idle caches give back, nothing is stocked.
+    pub(crate) fn maintain_slots(&self, pages: &PageAllocator, idle_passes: u32, upkeep: bool) {
         self.drain_and_reopen(pages);
         let idle = self
             .node
@@ -373,7 +376,8 @@ impl Cache {
                 slot.demand.store(0, Ordering::Relaxed);
                 continue;
             }
-            if slot.demand.load(Ordering::Relaxed) == 0 || slot.cached() >= self.cap / 2 {
+            if !upkeep || slot.demand.load(Ordering::Relaxed) == 0 || slot.cached() >= self.cap / 2
+            {
                 continue;
             }
             let Some((_, g)) = self.lock_remote(i) else {

@@ -25,6 +25,8 @@ impl Cache {
         }
         self.drain_and_reopen(pages);
         self.free_normal(pages, cpu, obj);
+        // Every lock let go: a tick of the inline decay.
+        pages.decay_tick();
     }
 
     #[inline]
