@@ -37,6 +37,8 @@ mod handoff_loom;
 #[cfg(all(feature = "std", target_arch = "x86_64", target_os = "linux"))]
 mod hidden_word;
 mod index_stack;
+#[cfg(loom)]
+mod loom_futex;
 mod registry_lock;
 pub(crate) mod rseq;
 mod short_orders;
