@@ -775,7 +775,7 @@ fn wake_many(_platform: &dyn Platform, word: &AtomicU32, n: u32) {
 /// fails to wake a sleeper is a deadlock loom reports, and the bounded spin
 /// before the wait does not yield, so the models reach the announced wait.
 /// They prove mutual exclusion (loom's `UnsafeCell`), that every waiter
-/// gets in, that a fork hold
+/// gets in (two, and three with preemptions bounded), that a fork hold
 /// makes sleeping and later normal-path waiters give way while a bare
 /// `lock` waits through it, and the owner check. Left out: the orphaned
 /// child's bounded waits (timers and `fork`), polling locks' timeouts (a
@@ -843,6 +843,42 @@ mod loom_tests {
             t.join().unwrap();
             // SAFETY: loom checks that no other access overlaps this one.
             assert_eq!(shared.1.with(|v| unsafe { *v }), 2);
+            assert!(!shared.0.is_locked());
+        });
+    }
+
+    /// Three waiting lockers: each release wakes one sleeper, and the one
+    /// it wakes takes the lock in state 2, so that its own release wakes
+    /// the next: nobody sleeps through the last release (a waiter that took
+    /// the lock in state 1 would release without a wake, and loom would
+    /// report the third locker asleep for good). Three preemptions at most
+    /// (about 10 s on two cores; two already find that bug).
+    #[test]
+    fn three_lockers_pass_the_wake_on() {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let shared = Arc::new((ZoneLock::new(), UnsafeCell::new(0u32)));
+            let threads: std::vec::Vec<_> = (0..2)
+                .map(|_| {
+                    let other = shared.clone();
+                    loom::thread::spawn(move || {
+                        let _g = other.0.lock(&P);
+                        // SAFETY: loom checks that no other access overlaps this one.
+                        other.1.with_mut(|v| unsafe { *v += 1 });
+                    })
+                })
+                .collect();
+            {
+                let _g = shared.0.lock(&P);
+                // SAFETY: loom checks that no other access overlaps this one.
+                shared.1.with_mut(|v| unsafe { *v += 1 });
+            }
+            for t in threads {
+                t.join().unwrap();
+            }
+            // SAFETY: loom checks that no other access overlaps this one.
+            assert_eq!(shared.1.with(|v| unsafe { *v }), 3);
             assert!(!shared.0.is_locked());
         });
     }
