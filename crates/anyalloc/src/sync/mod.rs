@@ -44,6 +44,7 @@ pub(crate) mod rseq;
 mod short_orders;
 mod slot_lock;
 mod tagged_stack;
+pub(crate) mod wake_word;
 mod zone_lock;
 
 pub(crate) use fast_gate::FastGate;
