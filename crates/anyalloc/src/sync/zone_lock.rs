@@ -969,6 +969,41 @@ mod loom_tests {
         });
     }
 
+    /// Two normal-path waiters, possibly both asleep, when a fork's hold
+    /// begins: `lock_raw` wakes every one (`wake_many`), so each gives way
+    /// (or got the lock before the hold) while the hold lasts; the hold
+    /// is joined before `force_unlock`, so a waiter left asleep is a
+    /// deadlock loom reports (waking one only: checked). Three preemptions
+    /// at most.
+    #[cfg(feature = "std")]
+    #[test]
+    fn every_sleeping_waiter_gives_way_to_a_fork_hold() {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let shared = Arc::new((ZoneLock::new(), UnsafeCell::new(0u32)));
+            let threads: std::vec::Vec<_> = (0..2)
+                .map(|_| {
+                    let other = shared.clone();
+                    loom::thread::spawn(move || {
+                        if let Some(_g) = other.0.lock_in(Mode::Normal, &P) {
+                            // SAFETY: loom checks that no other access overlaps this one.
+                            other.1.with_mut(|v| unsafe { *v += 1 });
+                        }
+                    })
+                })
+                .collect();
+            shared.0.lock_raw(&P);
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert!(shared.0.is_locked());
+            // SAFETY: taken by lock_raw above.
+            unsafe { shared.0.force_unlock(&P) };
+            assert!(!shared.0.is_locked());
+        });
+    }
+
     /// A bare `lock` does not give way: it waits through a fork's hold.
     #[cfg(feature = "std")]
     #[test]
