@@ -36,7 +36,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::page::{MAINTAINER_SLEEPING, WAKE_OWED};
+use crate::sync::wake_word::{self, MAINTAINER_SLEEPING};
 
 /// What the maintenance thread drives: implemented by the heap's core.
 pub(crate) trait Maintained: Sync + 'static {
@@ -339,7 +339,7 @@ fn run_loop(core: &impl Maintained) {
     loop {
         // Take the owed wake before the work: work announced from now on
         // owes another round.
-        let owed = core.wake_word().fetch_and(!WAKE_OWED, Ordering::AcqRel) & WAKE_OWED != 0;
+        let owed = wake_word::take_owed(core.wake_word());
         if core.stop_flag().load(Ordering::Acquire) {
             return;
         }
@@ -364,13 +364,9 @@ fn run_loop(core: &impl Maintained) {
         // Announce the sleep; sleep only if nothing was owed meanwhile (the
         // futex compares the word with exactly MAINTAINER_SLEEPING, so a
         // wake owed after the announcement ends the wait at once).
-        let before = core
-            .wake_word()
-            .fetch_or(MAINTAINER_SLEEPING, Ordering::AcqRel);
-        if before & WAKE_OWED == 0 {
+        if wake_word::announce_sleep(core.wake_word()) {
             wait(core.wake_word(), MAINTAINER_SLEEPING, nap);
         }
-        core.wake_word()
-            .fetch_and(!MAINTAINER_SLEEPING, Ordering::AcqRel);
+        wake_word::end_sleep(core.wake_word());
     }
 }

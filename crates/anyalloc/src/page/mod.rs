@@ -146,12 +146,6 @@ const DECAY_RELEASE_BUDGET: usize = 4;
 #[cfg(feature = "std")]
 const DECAY_SMALL_RELEASE_BUDGET: usize = 64;
 
-/// Maintainer wake word: work was announced since the maintainer last
-/// looked (set by any context, cleared by the maintainer).
-pub(crate) const WAKE_OWED: u32 = 1;
-/// Maintainer wake word: the maintainer is (about to be) asleep on the word.
-pub(crate) const MAINTAINER_SLEEPING: u32 = 2;
-
 /// At most this many zones (the first plus growth).
 pub(crate) const MAX_ZONES: usize = 32;
 

@@ -5,6 +5,7 @@
 //! maintainer.
 
 use super::*;
+use crate::sync::wake_word;
 
 impl PageAllocator {
     /// Allocates `2^order` contiguous pages, aligned to their size. Normal
@@ -243,8 +244,9 @@ impl PageAllocator {
     }
 
     /// Tells the maintainer, if there is one, that it has work. Any context:
-    /// one atomic OR on the wake word (`WAKE_OWED`); only the 0 -> 1
-    /// transition of a *sleeping* maintainer (`MAINTAINER_SLEEPING` set)
+    /// one atomic OR on the wake word (`WAKE_OWED`, the `sync::wake_word`
+    /// protocol); only the 0 -> 1 transition of a *sleeping* maintainer
+    /// (`MAINTAINER_SLEEPING` set)
     /// issues the platform's wake (a futex wake on std: never blocks), so
     /// at most one per maintainer sleep; none with `nolock_syscalls` off
     /// (the maintainer polls then).
@@ -254,8 +256,7 @@ impl PageAllocator {
         if !w.is_null() {
             // SAFETY: set_waker's contract keeps the word alive.
             let w = unsafe { &*w };
-            let old = w.fetch_or(WAKE_OWED, Ordering::AcqRel);
-            if old == MAINTAINER_SLEEPING && self.config.nolock_syscalls {
+            if wake_word::owe(w) && self.config.nolock_syscalls {
                 self.platform.wake_one(w);
             }
         }
@@ -269,7 +270,7 @@ impl PageAllocator {
         if !w.is_null() {
             // SAFETY: set_waker's contract keeps the word alive.
             let w = unsafe { &*w };
-            w.fetch_or(WAKE_OWED, Ordering::AcqRel);
+            wake_word::owe(w);
             self.platform.wake_one(w);
         }
     }

@@ -9,11 +9,11 @@ pub(crate) use core::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Atomi
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
-/// A hint to the CPU that we are spinning (loom: yield to the scheduler).
+/// A hint to the CPU that we are spinning. Not under loom: the bounded
+/// spins that use it look again without yielding there (a loom yield lets
+/// the other threads run first, which would hide the path after the spin).
+#[cfg(not(loom))]
 #[inline]
 pub(crate) fn spin_hint() {
-    #[cfg(not(loom))]
     core::hint::spin_loop();
-    #[cfg(loom)]
-    loom::thread::yield_now();
 }

@@ -1,7 +1,7 @@
 //! Synchronisation primitives that are safe to use from any context.
 //!
 //! The building blocks, each small enough to be model-checked with
-//! loom: four public ones, then three the crate keeps to itself.
+//! loom: four public ones, then four the crate keeps to itself.
 //!
 //! * [`SlotLock`]: a try-only lock for per-CPU slots. It has no `lock()`: a
 //!   busy slot means "fall back", never "spin". This is the userspace
@@ -27,8 +27,15 @@
 //!   a real-time waiter on its CPU runs; a thread that interrupted itself
 //!   inside one gets `None` instead of waiting.
 //!
+//! * `wake_word` (crate-internal): how any context owes the maintenance
+//!   thread a wake, at most one system call per sleep, none lost.
+//!
 //! None of them allocates. Under `cfg(loom)` they use loom's atomics (see
-//! the `atomic` module) so the loom tests beside them explore every interleaving.
+//! the `atomic` module) so the loom tests beside them explore every
+//! interleaving (or, where marked, every interleaving within a bound on
+//! preemptions), and their futex waits are the `loom_futex` module's: a
+//! waiter sleeps until a wake picks it, so a lost wake-up is a deadlock
+//! loom reports.
 
 pub(crate) mod atomic;
 mod fast_gate;
@@ -37,11 +44,14 @@ mod handoff_loom;
 #[cfg(all(feature = "std", target_arch = "x86_64", target_os = "linux"))]
 mod hidden_word;
 mod index_stack;
+#[cfg(loom)]
+mod loom_futex;
 mod registry_lock;
 pub(crate) mod rseq;
 mod short_orders;
 mod slot_lock;
 mod tagged_stack;
+pub(crate) mod wake_word;
 mod zone_lock;
 
 pub(crate) use fast_gate::FastGate;
