@@ -215,6 +215,10 @@ impl Heap {
             huge: unsafe { huge::HugeTable::new(meta.add(m.huge)) },
             #[cfg(feature = "std")]
             huge_deferred: IndexStack::new(),
+            #[cfg(feature = "std")]
+            huge_cache: huge_cache::HugeCache::new(),
+            #[cfg(feature = "std")]
+            huge_maps: AtomicU64::new(0),
             released_groups: IndexStack::new(),
             accounted_used: AtomicBool::new(false),
             shrinkers: Shrinkers::new(),
