@@ -122,7 +122,9 @@ impl HeapCore {
             return None;
         }
         let align = layout.align().max(PAGE_SIZE);
-        let reserved = self.huge_map(size, align, false);
+        // Exact: the group is charged `size`, and its free uncharges the
+        // size the table holds.
+        let reserved = self.huge_map(size, align, false, true).map(|(p, _)| p);
         let g = account::retain(group);
         match reserved {
             Some(p) if self.huge.insert(p as usize, size, g) => {

@@ -396,21 +396,22 @@ impl HeapCore {
     }
 
     /// `alloc_huge`, its memory zeroed if `zero` (a fresh mapping is, a
-    /// kept one is zeroed here).
+    /// kept one is zeroed here). The block may be a kept mapping of up to
+    /// twice the size (see `huge_map`).
     #[cfg(feature = "std")]
     pub(super) fn alloc_huge_zeroed(&self, layout: Layout, zero: bool) -> Option<NonNull<u8>> {
         let size = huge_size(layout)?;
         let align = layout.align().max(PAGE_SIZE);
-        let p = self.huge_map(size, align, zero)?;
-        if !self.huge.insert(p as usize, size, 0) {
+        let (p, len) = self.huge_map(size, align, zero, false)?;
+        if !self.huge.insert(p as usize, len, 0) {
             // SAFETY: the mapping was just made (or taken) and nothing
             // refers to it.
-            unsafe { self.huge_unmap(p as usize, size) };
+            unsafe { self.huge_unmap(p as usize, len) };
             return None;
         }
         crate::interrupt_point!(HugeCount);
         self.huge_live.fetch_add(1, Ordering::Relaxed);
-        self.huge_bytes.fetch_add(size, Ordering::Relaxed);
+        self.huge_bytes.fetch_add(len, Ordering::Relaxed);
         NonNull::new(p)
     }
 

@@ -448,26 +448,41 @@ impl HeapCore {
     }
 
     /// A huge block's mapping for `size` bytes (whole pages) aligned to
-    /// `align` (a power of two, at least a page): a freed one from the
-    /// cache when one fits (zeroed here if `zero`), else a new one, which
-    /// the OS zeroed. Normal context.
+    /// `align` (a power of two, at least a page), and its length: a freed
+    /// one from the cache when one fits, else a new one, which the OS
+    /// zeroed. A kept mapping up to twice `size` comes whole (more than
+    /// half used, the rule `realloc` keeps a block by; a block then grown
+    /// into it by `realloc` faults nothing in), unless `exact`; a larger
+    /// one, or any with `exact`, gives its tail back. With `zero` the
+    /// mapping is exact and zeroed. Normal context.
     #[cfg(feature = "std")]
-    fn huge_map(&self, size: usize, align: usize, zero: bool) -> Option<*mut u8> {
+    fn huge_map(
+        &self,
+        size: usize,
+        align: usize,
+        zero: bool,
+        exact: bool,
+    ) -> Option<(*mut u8, usize)> {
         if let Some((addr, kept)) = self.huge_cache.take(size, align) {
-            if kept > size {
+            let len = if exact || zero || kept / 2 > size {
+                size
+            } else {
+                kept
+            };
+            if kept > len {
                 // SAFETY: the tail of a kept mapping, whole pages (both
-                // sizes are), which nothing uses.
-                unsafe { crate::platform::os_release((addr + size) as *mut u8, kept - size) };
+                // lengths are), which nothing uses.
+                unsafe { crate::platform::os_release((addr + len) as *mut u8, kept - len) };
             }
             if zero {
                 // SAFETY: `size` bytes of a mapping that is ours alone.
                 unsafe { core::ptr::write_bytes(addr as *mut u8, 0, size) };
             }
-            return Some(addr as *mut u8);
+            return Some((addr as *mut u8, len));
         }
         let p = crate::platform::os_reserve(size, align)?;
         self.huge_maps.fetch_add(1, Ordering::Relaxed);
-        Some(p)
+        Some((p, size))
     }
 
     /// Gives back the mapping of a freed huge block: kept for reuse while
