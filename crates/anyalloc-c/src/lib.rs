@@ -402,7 +402,9 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 /// `realloc(3)`. `realloc(NULL, n)` is `malloc(n)`; `realloc(p, 0)` frees
 /// `p` and returns `NULL` (glibc's behaviour; errno untouched). A block above
 /// 4 MiB resized to another page count above 4 MiB moves with `mremap` when
-/// it can (a shrink gives its tail back to the OS). Otherwise in place when
+/// it can (a shrink gives its tail back to the OS; a growth takes at least
+/// half the old size more, and a size within a third of the block keeps it
+/// in place). Otherwise in place when
 /// the block's usable size fits `size` and is less than twice it; otherwise
 /// a new block, the contents copied, the old block freed. A shrink never
 /// fails: when no smaller block can be had, `p` stays as it is. On failure
@@ -422,6 +424,13 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     }
     let heap = owner(old, "realloc");
     let usable = heap.usable_size_for(old, "realloc");
+    // Within the third of it that a growth adds (`remap_huge` grows a
+    // block by at least half), a huge block stays where it is: a block
+    // grown a little at a time (`realloc(p, n + 4096)` in a loop) moves a
+    // logarithmic number of times instead of once per call.
+    if usable > HUGE_ABOVE && size <= usable && size > usable - usable / 3 {
+        return p;
+    }
     // A huge block resized to another huge size of other pages moves them
     // with `mremap`: a growth copies nothing, a shrink gives its tail back
     // to the OS (kept in place, a 100 MiB block shrunk to 51 MiB stayed

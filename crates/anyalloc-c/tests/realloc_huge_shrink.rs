@@ -1,6 +1,8 @@
 //! `realloc` of a huge block to a smaller huge size gives the tail back to
 //! the OS (tests/c/realloc_huge_shrink.c): a resident 100 MiB block shrunk
 //! to 51 MiB stayed resident whole, where glibc's `mremap` frees 49 MiB.
+//! And a huge block grown by 4 KiB at a time moves a few times, not once
+//! per call.
 
 mod common;
 

@@ -740,6 +740,12 @@ unsafe impl GlobalAlloc for Global {
         // is a normal-path call), for alignments its page-aligned result
         // has.
         use crate::page::MAX_BLOCK;
+        // Within the third of it that a growth adds (see `remap_huge`), a
+        // huge block stays where it is: a block grown a little at a time
+        // moves a logarithmic number of times.
+        if usable > MAX_BLOCK && new_size <= usable && new_size > usable - usable / 3 {
+            return ptr;
+        }
         if usable > MAX_BLOCK
             && new_size > MAX_BLOCK
             && new_size.checked_next_multiple_of(crate::PAGE_SIZE) != Some(usable)

@@ -37,6 +37,52 @@ fn huge_reallocs_move_the_pages() {
     a_huge_growth_moves_the_pages_instead_of_copying_them();
     a_huge_shrink_gives_the_tail_back();
     a_huge_block_aligned_beyond_a_page_keeps_its_alignment();
+    a_huge_block_grown_a_page_at_a_time_moves_a_few_times();
+}
+
+/// A huge block grown by a page at a time (a buffer that `realloc`s by a
+/// constant step) is remapped a logarithmic number of times: each growth
+/// takes half as much again, and a size within the block keeps it. Before,
+/// every step was an `mremap` and two signal-mask calls (3.7 ms to grow a
+/// C buffer to 10 MiB by 4 KiB steps, against 0.06 ms for glibc). Counted
+/// by the block's usable size, which changes at every remap.
+fn a_huge_block_grown_a_page_at_a_time_moves_a_few_times() {
+    const START: usize = 5 << 20;
+    const END: usize = 20 << 20;
+    let heap = anyalloc::global_heap().unwrap();
+    let mut layout = Layout::from_size_align(START, 8).unwrap();
+    // SAFETY: a non-zero size.
+    let mut p = unsafe { ALLOC.alloc(layout) };
+    assert!(!p.is_null());
+    // SAFETY: a live block of START bytes.
+    unsafe { p.write(9) };
+    let mut usable = heap.usable_size(std::ptr::NonNull::new(p).unwrap());
+    let mut remaps = 0;
+    while layout.size() < END {
+        let size = layout.size() + 4096;
+        // SAFETY: `p` is live with `layout`; `size` is valid.
+        p = unsafe { ALLOC.realloc(p, layout, size) };
+        assert!(!p.is_null());
+        layout = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: the block's last byte, inside it.
+        unsafe { p.add(size - 1).write(1) };
+        let now = heap.usable_size(std::ptr::NonNull::new(p).unwrap());
+        if now != usable {
+            remaps += 1;
+            usable = now;
+        }
+    }
+    // SAFETY: the first byte survived every move; `p` is freed once.
+    unsafe {
+        assert_eq!(*p, 9);
+        ALLOC.dealloc(p, layout);
+    }
+    assert!(
+        remaps <= 8,
+        "{remaps} remaps to grow a block from {} to {} MiB by 4 KiB steps",
+        START >> 20,
+        END >> 20
+    );
 }
 
 fn a_huge_shrink_gives_the_tail_back() {

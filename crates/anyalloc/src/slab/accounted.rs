@@ -122,7 +122,9 @@ impl HeapCore {
             return None;
         }
         let align = layout.align().max(PAGE_SIZE);
-        let reserved = crate::platform::os_reserve(size, align);
+        // Exact: the group is charged `size`, and its free uncharges the
+        // size the table holds.
+        let reserved = self.huge_map(size, align, false, true).map(|(p, _)| p);
         let g = account::retain(group);
         match reserved {
             Some(p) if self.huge.insert(p as usize, size, g) => {
@@ -132,8 +134,8 @@ impl HeapCore {
             }
             other => {
                 if let Some(p) = other {
-                    // SAFETY: just reserved, never handed out.
-                    unsafe { crate::platform::os_release(p, size) };
+                    // SAFETY: just mapped (or taken), never handed out.
+                    unsafe { self.huge_unmap(p as usize, size) };
                 }
                 self.uncharge(g, size);
                 None

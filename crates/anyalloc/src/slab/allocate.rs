@@ -325,13 +325,20 @@ impl HeapCore {
     }
 
     pub(crate) fn alloc_zeroed(&self, layout: Layout) -> Option<NonNull<u8>> {
-        let p = self.alloc(layout)?;
         #[cfg(feature = "std")]
         if class::class_for(layout.size(), layout.align()).is_none()
             && large_order(layout).is_none()
+            && !crate::context::nested()
         {
-            return Some(p); // huge: a fresh mapping, zero-filled by the OS
+            // Huge: a fresh mapping, which the OS zeroed, or a kept one,
+            // which is zeroed here. (Should that fail, the general path
+            // below zeroes whatever it finds.)
+            self.drain_huge_deferred();
+            if let Some(p) = self.alloc_huge_zeroed(layout, true) {
+                return Some(p);
+            }
         }
+        let p = self.alloc(layout)?;
         // SAFETY: `p` is a fresh allocation of at least `layout.size()` bytes.
         unsafe { core::ptr::write_bytes(p.as_ptr(), 0, layout.size()) };
         Some(p)
@@ -385,17 +392,26 @@ impl HeapCore {
 
     #[cfg(feature = "std")]
     pub(super) fn alloc_huge(&self, layout: Layout) -> Option<NonNull<u8>> {
+        self.alloc_huge_zeroed(layout, false)
+    }
+
+    /// `alloc_huge`, its memory zeroed if `zero` (a fresh mapping is, a
+    /// kept one is zeroed here). The block may be a kept mapping of up to
+    /// twice the size (see `huge_map`).
+    #[cfg(feature = "std")]
+    pub(super) fn alloc_huge_zeroed(&self, layout: Layout, zero: bool) -> Option<NonNull<u8>> {
         let size = huge_size(layout)?;
         let align = layout.align().max(PAGE_SIZE);
-        let p = crate::platform::os_reserve(size, align)?;
-        if !self.huge.insert(p as usize, size, 0) {
-            // SAFETY: the reservation was just made and nothing refers to it.
-            unsafe { crate::platform::os_release(p, size) };
+        let (p, len) = self.huge_map(size, align, zero, false)?;
+        if !self.huge.insert(p as usize, len, 0) {
+            // SAFETY: the mapping was just made (or taken) and nothing
+            // refers to it.
+            unsafe { self.huge_unmap(p as usize, len) };
             return None;
         }
         crate::interrupt_point!(HugeCount);
         self.huge_live.fetch_add(1, Ordering::Relaxed);
-        self.huge_bytes.fetch_add(size, Ordering::Relaxed);
+        self.huge_bytes.fetch_add(len, Ordering::Relaxed);
         self.pages.decay_tick();
         NonNull::new(p)
     }

@@ -212,7 +212,11 @@ pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     if size > MAX_SMALL || align > PAGE_SIZE {
         return None;
     }
-    let mut c = TABLES.plain[size] as usize - 1;
+    // A class aligned to `align` is a multiple of it, so none below
+    // `align` bytes qualifies: start there. (From `size`, a 64-byte request
+    // aligned to 4 KiB walked 25 classes, computing each one's alignment:
+    // `posix_memalign(4096, 64)` took 41 ns against jemalloc's 12.)
+    let mut c = TABLES.plain[size.max(align)] as usize - 1;
     while natural_align(c) < align {
         c += 1;
         if c == CLASSES {
@@ -308,7 +312,7 @@ mod tests {
     #[test]
     fn the_fast_lookup_agrees_with_the_search() {
         let mut hits = 0;
-        for align in [1, 2, 4, 8, 16] {
+        for align in (0..=PAGE_SIZE.trailing_zeros()).map(|b| 1 << b) {
             for size in 1..=MAX_SMALL + 1 {
                 let searched =
                     (0..CLASSES).find(|&c| SIZES[c] as usize >= size && natural_align(c) >= align);

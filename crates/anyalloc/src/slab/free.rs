@@ -337,7 +337,7 @@ impl HeapCore {
             Mode::Normal => {
                 // SAFETY: a registered huge allocation, now unregistered, so
                 // nothing else will release it.
-                unsafe { crate::platform::os_release(addr as *mut u8, size) };
+                unsafe { self.huge_unmap(addr, size) };
                 // Blocks parked by nolock frees go too: without a
                 // maintenance thread, a program that goes on with small
                 // blocks only would keep them mapped for good.

@@ -229,6 +229,10 @@ impl Heap {
             huge: unsafe { huge::HugeTable::new(meta.add(m.huge)) },
             #[cfg(feature = "std")]
             huge_deferred: IndexStack::new(),
+            #[cfg(feature = "std")]
+            huge_cache: huge_cache::HugeCache::new(),
+            #[cfg(feature = "std")]
+            huge_maps: AtomicU64::new(0),
             released_groups: IndexStack::new(),
             accounted_used: AtomicBool::new(false),
             shrinkers: Shrinkers::new(),
@@ -655,7 +659,9 @@ impl Heap {
     }
 
     /// Resizes a huge allocation (above 4 MiB, `mmap`ed) to `size` bytes
-    /// with `mremap`: the pages move, the contents are not copied. Normal
+    /// with `mremap`: the pages move, the contents are not copied (a growth
+    /// takes at least half the old size more, address space that costs
+    /// nothing until touched, so the usable size may exceed `size`). Normal
     /// context. `None`, with `ptr` untouched, when `ptr` is not a huge
     /// allocation, `size` is not above 4 MiB, the allocation is charged to
     /// a group, the OS refuses, or the caller is inside the allocator or a
@@ -736,15 +742,39 @@ impl Heap {
             return None;
         };
         let (old, group) = (claimed.size, claimed.group);
+        // A growth takes at least half the old size more (address space
+        // only: the new pages cost nothing until touched), so that a block
+        // grown a little at a time (C's `realloc(p, n + 4096)` in a loop)
+        // moves a logarithmic number of times (`Global::realloc` and C's
+        // `realloc` keep a huge block in place for a size it holds within
+        // a third of it), rather than make an
+        // `mremap` and two signal-mask calls per step. If the OS refuses
+        // that much, the exact size.
+        let grown = if new > old {
+            old.saturating_add(old / 2)
+                .next_multiple_of(PAGE_SIZE)
+                .max(new)
+        } else {
+            new
+        };
         let moved = match group {
             // SAFETY: a registered huge allocation, its entry claimed while it
             // moves: nothing else looks it up or frees it.
-            0 => unsafe { crate::platform::os_remap(ptr.as_ptr(), old, new) },
+            0 => unsafe { crate::platform::os_remap(ptr.as_ptr(), old, grown) }
+                .map(|p| (p, grown))
+                .or_else(|| {
+                    if grown == new {
+                        return None;
+                    }
+                    // SAFETY: as above (the failed call left it untouched).
+                    unsafe { crate::platform::os_remap(ptr.as_ptr(), old, new) }.map(|p| (p, new))
+                }),
             _ => None,
         };
         // Moved or not, the block goes back in the table: in the claimed
         // entry or a free one before it on the probe path, so it cannot fail.
-        let (at, len) = moved.map_or((addr, old), |p| (p as usize, new));
+        let (at, len) = moved.map_or((addr, old), |(p, len)| (p as usize, len));
+        let moved = moved.map(|(p, _)| p);
         core.huge.insert_claimed(claimed, at, len, group);
         core.huge_bytes.fetch_add(len, Ordering::Relaxed);
         core.huge_bytes.fetch_sub(old, Ordering::Relaxed);

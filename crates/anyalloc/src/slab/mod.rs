@@ -109,6 +109,8 @@ mod free;
 mod heap;
 #[cfg(feature = "std")]
 mod huge;
+#[cfg(feature = "std")]
+mod huge_cache;
 #[cfg(all(test, loom))]
 mod loom_model;
 mod reclaim;
@@ -205,6 +207,14 @@ pub struct HeapStats {
     /// end in time (it may have been waiting for the allocating thread; see
     /// the README's notes on `fork`). Counted in `huge_in_use` while live.
     pub fork_mapped: u64,
+    /// Mappings made for huge blocks (std): `mmap` calls, each one for a
+    /// huge allocation that found no freed mapping to reuse (or for a
+    /// block mapped beside the heap during a fork).
+    pub huge_maps: u64,
+    /// Bytes of freed huge mappings kept for reuse (std): up to 64 MiB, in
+    /// blocks of up to 32 MiB; the maintainer unmaps them once they stayed
+    /// unused for its idle time, `Heap::drain` and `Heap::trim` at once.
+    pub huge_cached_bytes: usize,
     /// The page allocator underneath.
     pub pages: PageStats,
 }
@@ -226,6 +236,12 @@ pub(crate) struct HeapCore {
     huge: huge::HugeTable,
     #[cfg(feature = "std")]
     huge_deferred: IndexStack,
+    /// Freed huge mappings kept for reuse (see `huge_cache`).
+    #[cfg(feature = "std")]
+    huge_cache: huge_cache::HugeCache,
+    /// Mappings made for huge blocks (`os_reserve` calls that succeeded).
+    #[cfg(feature = "std")]
+    huge_maps: AtomicU64,
     /// Accounting groups whose references were released (see `account`).
     released_groups: IndexStack,
     /// Whether an accounted object or large block was ever handed out:
@@ -431,10 +447,78 @@ impl HeapCore {
             };
             crate::interrupt_point!(HugeDeferredDrain);
             // SAFETY: the mapping was unregistered by free_nolock; only this
-            // drain (which took the whole stack) releases it.
+            // drain (which took the whole stack) releases it. (Not kept for
+            // reuse: a program whose handlers free huge blocks gets them
+            // unmapped as before; see `huge_cache`.)
             unsafe { crate::platform::os_release(a as *mut u8, size) };
             a = next;
         }
+    }
+
+    /// A huge block's mapping for `size` bytes (whole pages) aligned to
+    /// `align` (a power of two, at least a page), and its length: a freed
+    /// one from the cache when one fits, else a new one, which the OS
+    /// zeroed. A kept mapping up to twice `size` comes whole (more than
+    /// half used, the rule `realloc` keeps a block by; a block then grown
+    /// into it by `realloc` faults nothing in), unless `exact`; a larger
+    /// one, or any with `exact`, gives its tail back. With `zero` the
+    /// mapping is exact and zeroed. Normal context.
+    #[cfg(feature = "std")]
+    fn huge_map(
+        &self,
+        size: usize,
+        align: usize,
+        zero: bool,
+        exact: bool,
+    ) -> Option<(*mut u8, usize)> {
+        if let Some((addr, kept)) = self.huge_cache.take(size, align) {
+            let len = if exact || zero || kept / 2 > size {
+                size
+            } else {
+                kept
+            };
+            if kept > len {
+                // SAFETY: the tail of a kept mapping, whole pages (both
+                // lengths are), which nothing uses.
+                unsafe { crate::platform::os_release((addr + len) as *mut u8, kept - len) };
+            }
+            if zero {
+                // SAFETY: `size` bytes of a mapping that is ours alone.
+                unsafe { core::ptr::write_bytes(addr as *mut u8, 0, size) };
+            }
+            return Some((addr as *mut u8, len));
+        }
+        let p = crate::platform::os_reserve(size, align)?;
+        self.huge_maps.fetch_add(1, Ordering::Relaxed);
+        Some((p, size))
+    }
+
+    /// Gives back the mapping of a freed huge block: kept for reuse while
+    /// the cache has room, else unmapped. Normal context.
+    ///
+    /// # Safety
+    /// `[addr, addr + size)` is one whole mapping from `huge_map` (or what
+    /// `remap_huge` made of one) that nothing uses any more.
+    #[cfg(feature = "std")]
+    unsafe fn huge_unmap(&self, addr: usize, size: usize) {
+        if !self
+            .huge_cache
+            .put(addr, size, self.epoch.load(Ordering::Relaxed))
+        {
+            // SAFETY: forwarded contract.
+            unsafe { crate::platform::os_release(addr as *mut u8, size) };
+        }
+    }
+
+    /// Unmaps the kept huge mappings: those unused for `idle` epochs at
+    /// `epoch`, or every one when `all`. Normal context.
+    #[cfg(feature = "std")]
+    fn release_huge_cache(&self, epoch: usize, idle: usize, all: bool) {
+        self.huge_cache.take_idle(epoch, idle, all, |addr, size| {
+            // SAFETY: a whole mapping the cache held, now taken out of it;
+            // nothing uses it.
+            unsafe { crate::platform::os_release(addr as *mut u8, size) };
+        });
     }
 
     /// A heap going away (`Drop`, nothing else uses it): unmaps the huge
@@ -453,6 +537,7 @@ impl HeapCore {
                 // its table; the heap is going away, and the memory with it.
                 unsafe { crate::platform::os_release(addr as *mut u8, size) };
             });
+            self.release_huge_cache(0, 0, true);
         }
         if self.accounted_used.load(Ordering::Relaxed) {
             for zone in self.pages.zones() {
@@ -500,6 +585,14 @@ impl HeapCore {
             maintenance_passes: self.passes.load(Ordering::Relaxed),
             released_to_os_bytes: self.released_bytes.load(Ordering::Relaxed),
             fork_mapped: self.fork_mapped.load(Ordering::Relaxed),
+            #[cfg(feature = "std")]
+            huge_maps: self.huge_maps.load(Ordering::Relaxed),
+            #[cfg(not(feature = "std"))]
+            huge_maps: 0,
+            #[cfg(feature = "std")]
+            huge_cached_bytes: self.huge_cache.bytes(),
+            #[cfg(not(feature = "std"))]
+            huge_cached_bytes: 0,
             pages: self.pages.stats(),
         };
         // Large blocks are counted by a scan of the descriptors (their head

@@ -182,7 +182,10 @@ impl HeapCore {
             self.cache(i).drain(&self.pages);
         }
         #[cfg(feature = "std")]
-        self.drain_huge_deferred();
+        {
+            self.drain_huge_deferred();
+            self.release_huge_cache(0, 0, true);
+        }
         account::drop_released(&self.released_groups);
         self.pages.drain_normal();
     }
@@ -205,7 +208,10 @@ impl HeapCore {
         self.passes.fetch_add(1, Ordering::Relaxed);
         account::drop_released(&self.released_groups);
         #[cfg(feature = "std")]
-        self.drain_huge_deferred();
+        {
+            self.drain_huge_deferred();
+            self.release_huge_cache(epoch, idle_epochs, false);
+        }
         for i in 0..CACHES {
             self.cache(i).maintain_slots(&self.pages, idle_passes, true);
         }
