@@ -179,3 +179,33 @@ fn the_nolock_path_never_gives_back() {
         heap.stats().released_to_os_bytes
     );
 }
+
+/// Huge blocks (above 4 MiB) freed on the normal path stay mapped for
+/// reuse (`HeapStats::huge_cached_bytes`, resident); with no maintenance
+/// thread, the heap's later calls unmap them once they stayed unused. (Before
+/// the decay pass took them, 16 MiB stayed cached and resident for good.)
+#[test]
+fn kept_huge_mappings_go_back_without_a_maintainer() {
+    let heap = Heap::new(Config::default().memory(128 << 20).maintenance(false)).unwrap();
+    let l = Layout::from_size_align(16 << 20, 8).unwrap();
+    let p = heap.alloc(l).expect("a huge block");
+    // SAFETY: a live block of 16 MiB, ours, freed once.
+    unsafe {
+        std::ptr::write_bytes(p.as_ptr(), 1, 16 << 20);
+        heap.free(p);
+    }
+    assert_eq!(heap.stats().huge_cached_bytes, 16 << 20, "kept for reuse");
+    let start = Instant::now();
+    let mut calls = 0u64;
+    while heap.stats().huge_cached_bytes != 0 && start.elapsed() < Duration::from_secs(60) {
+        one_more_call(&heap);
+        calls += 1;
+    }
+    let s = heap.stats();
+    assert_eq!(
+        (s.huge_cached_bytes, s.huge_in_use),
+        (0, 0),
+        "{calls} more calls and {} passes: the kept mapping was unmapped",
+        s.maintenance_passes
+    );
+}

@@ -9,7 +9,8 @@
 //! keeps a mapping of up to [`MAX_BLOCK`] bytes here, at most [`SLOTS`] of
 //! them and [`MAX_BYTES`] in all, and a huge allocation takes the smallest
 //! one that fits (its tail, if any, unmapped) before it maps anything. The
-//! maintainer unmaps what stayed unused for its idle epochs; `drain`
+//! maintainer (or, without one, the inline decay: `Config::decay`) unmaps
+//! what stayed unused for its idle epochs; `drain`
 //! (`Heap::trim`, reclaim) and a dropped heap unmap everything.
 //!
 //! Each slot is one word, `(address >> 12) << PAGE_BITS | pages` (0:

@@ -269,7 +269,9 @@ impl HeapCore {
     }
 
     /// One inline decay pass at `epoch`: what a maintenance pass does for
-    /// idle memory, bounded, and nothing else. Caches and barns unchanged
+    /// idle memory, bounded, and nothing else. Kept huge mappings unused
+    /// for `idle_epochs` epochs are unmapped (and parked huge blocks).
+    /// Caches and barns unchanged
     /// for `idle_passes` passes give their objects back to the slabs and
     /// their pages to the page allocator, whose idle per-CPU lists go back
     /// to the buddy lists, and free blocks idle for `idle_epochs` epochs go
@@ -288,6 +290,11 @@ impl HeapCore {
             return;
         };
         self.passes.fetch_add(1, Ordering::Relaxed);
+        // Huge blocks: those a nolock free parked, and the freed mappings
+        // kept for reuse (up to 64 MiB, resident) that stayed unused for
+        // `idle_epochs`, as the maintainer's pass unmaps them.
+        self.drain_huge_deferred();
+        self.release_huge_cache(epoch, idle_epochs, false);
         for i in 0..CACHES {
             self.cache(i)
                 .maintain_slots(&self.pages, idle_passes, false);
