@@ -1515,7 +1515,10 @@ impl Zone {
     /// order wanted goes back too: a nolock free that saw its order wanted
     /// may fill a cell just after a drain cleared the wants and emptied
     /// the cells (`stock_put` takes no lock).
-    pub(crate) fn stock_maintain(&self, idle_passes: u32, g: &ZoneGuard<'_>) {
+    ///
+    /// Without `upkeep` (the inline decay, `Config::decay`), only the
+    /// first: an idle stock goes back, none is refilled.
+    pub(crate) fn stock_maintain(&self, idle_passes: u32, upkeep: bool, g: &ZoneGuard<'_>) {
         let idle = if self.stock_used.swap(0, Ordering::Relaxed) != 0 {
             0
         } else {
@@ -1529,7 +1532,9 @@ impl Zone {
         } else {
             self.stock_idle
                 .store(idle.min(idle_passes), Ordering::Relaxed);
-            self.stock_refill(g);
+            if upkeep {
+                self.stock_refill(g);
+            }
         }
     }
 
