@@ -334,9 +334,12 @@ impl PageAllocator {
             zone.epoch.fetch_max(epoch, Ordering::Relaxed);
             // A stock no nolock allocation used for `idle_passes` passes
             // goes back to the buddy lists (normal zone-lock holders keep
-            // a wanted one filled: without this it stayed for good).
-            if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
-                zone.stock_maintain(idle_passes, false, &g);
+            // a wanted one filled: without this it stayed for good). No
+            // stock, nothing to do: the zone lock is left alone.
+            if zone.stock_kept() {
+                if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
+                    zone.stock_maintain(idle_passes, false, &g);
+                }
             }
             zone.maintain_slots(idle_passes, false);
             released += zone.release_idle_blocks(

@@ -1300,6 +1300,14 @@ impl Zone {
         self.stock_pages.load(Ordering::Relaxed)
     }
 
+    /// Whether the zone keeps a nolock stock (an order is wanted, or blocks
+    /// are stocked): a racy hint, for skipping `stock_maintain`'s lock.
+    #[cfg(feature = "std")]
+    pub(crate) fn stock_kept(&self) -> bool {
+        self.stock_want.load(Ordering::Relaxed) != 0
+            || self.stock_pages.load(Ordering::Relaxed) != 0
+    }
+
     /// Stock cells kept filled for `order`: its [`STOCK_CELLS`], as long as
     /// they hold no more than 1/16 of the zone's pages (a zone of 256 MiB
     /// keeps all of them), and one at least.
