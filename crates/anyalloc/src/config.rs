@@ -137,8 +137,11 @@ impl Config {
     /// (`MADV_DONTNEED`, at most 16 MiB of large blocks and 64 small ones
     /// per zone and pass: about a millisecond in the call that runs it),
     /// freed mappings above 4 MiB kept for reuse are unmapped once unused
-    /// for half a second, and per-CPU caches and barns left unchanged for
-    /// ten such passes give their objects back. The fast paths do not tick,
+    /// for half a second, per-CPU caches and barns left unchanged for ten
+    /// such passes give their objects back, and a zone's stock of large
+    /// blocks for the nolock path that no nolock allocation used for ten
+    /// passes goes back to the free lists (and from there to the OS). The
+    /// fast paths do not tick,
     /// calls on the nolock path (and calls routed there: a signal handler
     /// that interrupted the allocator, a nolock scope) never run a pass.
     /// A pass takes the locks as the maintainer's does: its `madvise` calls

@@ -291,7 +291,7 @@ impl PageAllocator {
             zone.epoch.fetch_max(epoch, Ordering::Relaxed);
             if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
                 zone.drain_deferred(&g);
-                zone.stock_maintain(idle_passes, &g);
+                zone.stock_maintain(idle_passes, true, &g);
             }
             zone.maintain_slots(idle_passes, true);
             #[cfg(feature = "std")]
@@ -313,8 +313,9 @@ impl PageAllocator {
     }
 
     /// The inline decay's share of a pass (`Config::decay`; normal context,
-    /// the caller holds the heap's maintenance lock): per-CPU lists left
-    /// unchanged for `idle_passes` passes go back to the buddy lists, and
+    /// the caller holds the heap's maintenance lock): per-CPU lists and
+    /// nolock stocks left unchanged (unused) for `idle_passes` passes go
+    /// back to the buddy lists, and
     /// free blocks idle for `idle_epochs` epochs (below `RELEASE_MIN_ORDER`
     /// four times as long) go back to the OS, at most
     /// [`DECAY_RELEASE_BUDGET`] and [`DECAY_SMALL_RELEASE_BUDGET`] blocks
@@ -331,6 +332,15 @@ impl PageAllocator {
         let mut released = 0;
         for zone in self.zones() {
             zone.epoch.fetch_max(epoch, Ordering::Relaxed);
+            // A stock no nolock allocation used for `idle_passes` passes
+            // goes back to the buddy lists (normal zone-lock holders keep
+            // a wanted one filled: without this it stayed for good). No
+            // stock, nothing to do: the zone lock is left alone.
+            if zone.stock_kept() {
+                if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
+                    zone.stock_maintain(idle_passes, false, &g);
+                }
+            }
             zone.maintain_slots(idle_passes, false);
             released += zone.release_idle_blocks(
                 small..=MAX_ORDER,

@@ -1300,6 +1300,14 @@ impl Zone {
         self.stock_pages.load(Ordering::Relaxed)
     }
 
+    /// Whether the zone keeps a nolock stock (an order is wanted, or blocks
+    /// are stocked): a racy hint, for skipping `stock_maintain`'s lock.
+    #[cfg(feature = "std")]
+    pub(crate) fn stock_kept(&self) -> bool {
+        self.stock_want.load(Ordering::Relaxed) != 0
+            || self.stock_pages.load(Ordering::Relaxed) != 0
+    }
+
     /// Stock cells kept filled for `order`: its [`STOCK_CELLS`], as long as
     /// they hold no more than 1/16 of the zone's pages (a zone of 256 MiB
     /// keeps all of them), and one at least.
@@ -1515,7 +1523,10 @@ impl Zone {
     /// order wanted goes back too: a nolock free that saw its order wanted
     /// may fill a cell just after a drain cleared the wants and emptied
     /// the cells (`stock_put` takes no lock).
-    pub(crate) fn stock_maintain(&self, idle_passes: u32, g: &ZoneGuard<'_>) {
+    ///
+    /// Without `upkeep` (the inline decay, `Config::decay`), only the
+    /// first: an idle stock goes back, none is refilled.
+    pub(crate) fn stock_maintain(&self, idle_passes: u32, upkeep: bool, g: &ZoneGuard<'_>) {
         let idle = if self.stock_used.swap(0, Ordering::Relaxed) != 0 {
             0
         } else {
@@ -1529,7 +1540,9 @@ impl Zone {
         } else {
             self.stock_idle
                 .store(idle.min(idle_passes), Ordering::Relaxed);
-            self.stock_refill(g);
+            if upkeep {
+                self.stock_refill(g);
+            }
         }
     }
 
@@ -1704,7 +1717,12 @@ impl Zone {
     /// the bytes that went back: the block's, less its pages that were not
     /// with the process already (`gone_pages`: a block that merged with
     /// buddies given back goes back whole, but only its own memory leaves
-    /// the process).
+    /// the process). None when the kernel refused it (pages locked in
+    /// memory): the block is stamped `RELEASED` all the same, so that it
+    /// is not tried again and again (its memory stays, as a locked
+    /// program asked), and counted as not with the process: a later
+    /// release of a block it merges into counts too little, never too
+    /// much.
     #[cfg(feature = "std")]
     fn release_block(&self, pick: u32, order: u32, g: ZoneGuard<'_>) -> usize {
         let gone = self.gone_pages(pick, order);
@@ -1716,7 +1734,12 @@ impl Zone {
         crate::interrupt_point!(ReleaseIdle);
         drop(g);
         crate::interrupt_point!(ReleaseWindow);
-        crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
+        let went = crate::platform::os_discard(self.addr_of(pick), PAGE_SIZE << order);
+        let bytes = if went {
+            ((1usize << order) - gone) * PAGE_SIZE
+        } else {
+            0
+        };
         // `None` only in a process that may hold orphaned locks (the
         // `fork` module's "Orphaned locks"): this thread's signal handler
         // forked in the window above while another thread of the parent
@@ -1726,7 +1749,7 @@ impl Zone {
         // Elsewhere this thread holding the lock is a routing error.
         let Some(g) = self.lock.lock_patient(self.platform) else {
             crate::check!(always: crate::fork::orphaned(), "a trim's thread holds the zone lock it dropped");
-            return ((1usize << order) - gone) * PAGE_SIZE;
+            return bytes;
         };
         crate::check!(
             self.desc(pick).load() == desc::state(desc::RELEASING, order),
@@ -1735,7 +1758,7 @@ impl Zone {
         g.add(&self.releasing, (1usize << order).wrapping_neg());
         g.add(&self.free_buddy, (1usize << order).wrapping_neg());
         self.buddy_free_as(pick, order, true, &g);
-        ((1usize << order) - gone) * PAGE_SIZE
+        bytes
     }
 
     /// A free block of one of `orders` (the largest first), idle since

@@ -638,13 +638,16 @@ impl Drop for SignalsBlocked {
 }
 
 /// Gives the memory of `[addr, addr + len)` back to the OS; it reads as
-/// zeros when next touched. Normal context (madvise can block).
-pub(crate) fn os_discard(addr: usize, len: usize) {
+/// zeros when next touched. Returns whether the kernel took it: it refuses
+/// (`EINVAL`) pages locked in memory (`mlock`, `mlockall`), which stay
+/// resident. `errno` is left as it was: the inline decay (`Config::decay`)
+/// runs this inside the program's own allocations and frees, which must
+/// not change it. Normal context (madvise can block).
+pub(crate) fn os_discard(addr: usize, len: usize) -> bool {
+    let _errno = KeepErrno::new();
     // SAFETY: the range is page-aligned memory of one of our reservations
     // that nobody uses right now (the caller took it off the free lists).
-    unsafe {
-        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED);
-    }
+    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) == 0 }
 }
 
 /// The monotonic clock in nanoseconds (`CLOCK_MONOTONIC`: on Linux read
