@@ -124,6 +124,9 @@ pub enum Site {
     /// The global heap is being created (`INITIALIZING`): this thread won
     /// the creation, other normal callers wait for it to end.
     GlobalCreation,
+    /// This call won the start of a heap's maintenance thread and is about
+    /// to spawn it (a start in progress for every other call).
+    MaintainerSpawn,
 }
 
 impl Site {

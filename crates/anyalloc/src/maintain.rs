@@ -99,9 +99,11 @@ impl MaintainerSlot {
     }
 
     /// Starts the thread for `core` unless one runs; returns whether a
-    /// thread runs (or is being started) afterwards. `core` must stay where
-    /// it is until [`stop`](Self::stop) has returned.
-    pub(crate) fn start<M: Maintained>(&self, core: &M) -> bool {
+    /// thread runs (or is being started) afterwards. `on_spawn` runs once
+    /// the thread exists, in the call that made it only (not in one that
+    /// found a start in progress, which may yet fail). `core` must stay
+    /// where it is until [`stop`](Self::stop) has returned.
+    pub(crate) fn start<M: Maintained>(&self, core: &M, on_spawn: impl FnOnce()) -> bool {
         match self
             .state
             .compare_exchange(NONE, STARTING, Ordering::AcqRel, Ordering::Acquire)
@@ -124,6 +126,7 @@ impl MaintainerSlot {
         // (`SIGTERM`) that the program blocks in every thread of its own and
         // takes with `sigwait`. Spawned with every signal blocked, it is
         // born with them blocked.
+        crate::interrupt_point!(MaintainerSpawn);
         let quiet = crate::platform::SignalsBlocked::new();
         let spawned = std::thread::Builder::new()
             .name(std::string::String::from("anyalloc-maintainer"))
@@ -135,6 +138,7 @@ impl MaintainerSlot {
         drop(quiet);
         match spawned {
             Ok(h) => {
+                on_spawn();
                 // SAFETY: only the context that won the CAS writes the
                 // handle, before publishing RUNNING.
                 unsafe { *self.handle.get() = Some(h) };

@@ -305,14 +305,15 @@ impl Heap {
     /// ```
     #[cfg(feature = "std")]
     pub fn start_maintenance(&self) -> bool {
-        let started = self.maintainer.start(self.core());
-        if started {
+        // Only the call that made the thread switches the inline decay off:
+        // one that found another call's start in progress would leave the
+        // heap with neither if that start then failed.
+        self.maintainer.start(self.core(), || {
             self.core().pages.set_waker(&self.core().wake);
             // The thread gives idle memory back from now on, not the slow
             // paths (`Config::decay`).
             self.set_decay(false);
-        }
-        started
+        })
     }
 
     /// In a forked child, before anything else uses the heap: the
