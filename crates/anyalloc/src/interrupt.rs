@@ -112,6 +112,11 @@ pub enum Site {
     /// Fork: a huge allocation is in the table of huge blocks, not yet
     /// counted in the heap's statistics (for the child's recount).
     HugeCount,
+    /// Object allocator: a freed huge mapping's bytes are counted in the
+    /// cache of kept mappings, its slot not yet filled (a put), or its slot
+    /// emptied, its bytes not yet taken off (a take); for a forked child's
+    /// recount.
+    HugeCached,
     /// Page allocator: a nolock free is about to park a large block in an
     /// empty stock cell of its order, having seen the order wanted.
     StockPut,

@@ -42,7 +42,7 @@ pub(crate) struct HugeCache {
     /// maintainer, read and written apart from the slot word.
     stamps: [AtomicUsize; SLOTS],
     /// Bytes in the slots; reserved before a put, so it never exceeds
-    /// [`MAX_BYTES`].
+    /// [`MAX_BYTES`]. (A forked child counts it again from the slots.)
     bytes: AtomicUsize,
 }
 
@@ -76,6 +76,7 @@ impl HugeCache {
             return false;
         }
         let reserved = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
+        crate::interrupt_point!(HugeCached);
         if reserved <= MAX_BYTES {
             let w = pack(addr, size);
             for (slot, stamp) in self.slots.iter().zip(&self.stamps) {
@@ -118,6 +119,7 @@ impl HugeCache {
                 .compare_exchange(w, 0, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
+                crate::interrupt_point!(HugeCached);
                 let (a, s) = unpack(w);
                 self.bytes.fetch_sub(s, Ordering::Relaxed);
                 return Some((a, s));
@@ -147,6 +149,7 @@ impl HugeCache {
                 .compare_exchange(w, 0, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
+                crate::interrupt_point!(HugeCached);
                 let (a, s) = unpack(w);
                 self.bytes.fetch_sub(s, Ordering::Relaxed);
                 release(a, s);
@@ -157,5 +160,21 @@ impl HugeCache {
     /// Bytes kept now.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// A forked child's recount (its only thread, signals blocked): a put
+    /// or take cloned between its slot and its count of bytes (a thread
+    /// the child does not have) left `bytes` counting a mapping that no
+    /// slot holds, for good: `huge_cached_bytes` wrong, and as much less
+    /// room in the cache. The slots are the truth.
+    pub(crate) fn recount_after_fork(&self) {
+        let bytes = self
+            .slots
+            .iter()
+            .map(|slot| slot.load(Ordering::Relaxed))
+            .filter(|&w| w != 0)
+            .map(|w| unpack(w).1)
+            .sum();
+        self.bytes.store(bytes, Ordering::Relaxed);
     }
 }
