@@ -97,8 +97,7 @@
 //! and leaves the block, which the child never got, mapped. The child's
 //! counts that other threads' lock-free steps change one after another
 //! (the zones' stock and deferred pages, the caches' deferred objects, the
-//! heaps' huge blocks and the bytes of their kept huge mappings) are
-//! counted again, in its release handler, from
+//! heaps' huge blocks) are counted again, in its release handler, from
 //! what they count; and every order of the zones' stocks is marked short,
 //! so that a cell emptied by a take cloned before its mark is filled again.
 //!

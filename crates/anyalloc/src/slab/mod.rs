@@ -705,7 +705,6 @@ impl HeapCore {
             let (live, bytes) = self.huge.live();
             self.huge_live.store(live, Ordering::Relaxed);
             self.huge_bytes.store(bytes, Ordering::Relaxed);
-            self.huge_cache.recount_after_fork();
             for i in 0..CACHES {
                 self.cache(i).recount_deferred_after_fork(&self.pages);
             }
