@@ -5,10 +5,12 @@
 //! quiescence the statistics are exact and every mapping is gone after
 //! `trim`.
 //!
-//! At these sites the thread holds no lock, so the handler's calls take
-//! the normal path (huge blocks included), except inside `remap_huge`
-//! (signals blocked: the handler runs once they are unblocked, still
-//! inside the call, on the nolock route, where huge blocks fail).
+//! The thread holds no lock at these sites. Between a huge block's table
+//! entry and its count it is marked inside the allocator, so the
+//! handler's calls take the nolock route there (huge blocks fail, frees
+//! park); in the cache's steps they take the normal path (huge blocks
+//! included). Inside `remap_huge` signals are blocked: the handler runs
+//! once they are unblocked, still inside the call, on the nolock route.
 
 #![cfg(target_os = "linux")]
 
@@ -45,10 +47,14 @@ fn heap() -> &'static Heap {
 const MARK: u8 = 0x5a;
 
 extern "C" fn handler(_: libc::c_int) {
-    let site = RAISING.load(Ordering::Relaxed);
+    // Taken here: a signal raised where signals are blocked (`remap_huge`)
+    // comes later.
+    let site = RAISING.swap(0, Ordering::Relaxed);
     if site == 0 {
         return;
     }
+    // The handler's own calls reach the sites too: no signal from them.
+    let busy = BUSY.replace(true);
     let h = heap();
     for size in [5usize << 20, 9 << 20, 17 << 20] {
         let l = Layout::from_size_align(size, 8).unwrap();
@@ -85,6 +91,7 @@ extern "C" fn handler(_: libc::c_int) {
         KEPT.store(p.as_ptr() as usize, Ordering::Relaxed);
     }
     RUNS[site - 1].fetch_add(1, Ordering::Relaxed);
+    BUSY.set(busy);
 }
 
 fn hook(site: Site) {
@@ -92,14 +99,14 @@ fn hook(site: Site) {
         site,
         Site::HugeCount | Site::FreeHuge | Site::HugeBusy | Site::HugeCached
     );
-    if !DRIVER.get() || BUSY.get() || !huge {
+    // (Not while a signal raised earlier is still pending.)
+    if !DRIVER.get() || BUSY.get() || !huge || RAISING.load(Ordering::Relaxed) != 0 {
         return;
     }
     BUSY.set(true);
     RAISING.store(site as usize + 1, Ordering::Relaxed);
     // SAFETY: raise has no memory preconditions; the handler is installed.
     unsafe { libc::raise(libc::SIGUSR1) };
-    RAISING.store(0, Ordering::Relaxed);
     BUSY.set(false);
 }
 

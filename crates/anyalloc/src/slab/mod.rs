@@ -725,6 +725,27 @@ impl HeapCore {
     }
 }
 
+/// The window of a normal-path huge allocation or free between the table
+/// of huge blocks and the heap's counts of them (`huge_in_use`,
+/// `huge_bytes`): inside the allocator.
+///
+/// A `fork` on another thread may clone the window half done: the child,
+/// which does not have that thread, counts the blocks again from the
+/// table (`unlock_all`). But a signal handler that forks could interrupt
+/// the window on the forking thread itself: with no lock held there, its
+/// fork was an ordinary one, and the child recounted too, before its
+/// thread finished the step. It then counted the block twice (an
+/// allocation), or took it off twice (a free: the counts wrapped below
+/// zero, and the child could no longer map a block beside the heap during
+/// a fork). Inside the allocator, the handler's fork is one that
+/// interrupted it (its prepare takes nothing, its child counts nothing
+/// again: the step ends there as in the parent), and its other calls take
+/// the nolock path. A mark on this thread, no system call (blocking the
+/// signals instead, as `remap_huge` does, cost an alloc and free of a kept
+/// mapping seven times as much).
+#[cfg(feature = "std")]
+pub(super) type HugeCountWindow = crate::context::Inside;
+
 /// One `remap_huge` call in a heap's count of them (see
 /// `HeapCore::remaps`), from creation to drop.
 #[cfg(feature = "std")]
