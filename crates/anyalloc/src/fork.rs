@@ -100,6 +100,10 @@
 //! heaps' huge blocks) are counted again, in its release handler, from
 //! what they count; and every order of the zones' stocks is marked short,
 //! so that a cell emptied by a take cloned before its mark is filled again.
+//! (The forking thread's own step would be finished after that recount,
+//! by the code a signal handler that forks interrupted: a huge block's
+//! step from the table to its count is marked inside the allocator, so
+//! that such a fork takes nothing and recounts nothing.)
 //!
 //! Not covered: a [`PageAllocator`](crate::page::PageAllocator) used on its
 //! own (it is returned by value, so it has no fixed address to link), heaps

@@ -112,6 +112,10 @@ pub enum Site {
     /// Fork: a huge allocation is in the table of huge blocks, not yet
     /// counted in the heap's statistics (for the child's recount).
     HugeCount,
+    /// Object allocator: a free has found room for its huge mapping in the
+    /// cache of kept mappings and not yet filled a slot (a put), or a huge
+    /// allocation has emptied the slot of the mapping it takes (a take).
+    HugeCached,
     /// Page allocator: a nolock free is about to park a large block in an
     /// empty stock cell of its order, having seen the order wanted.
     StockPut,

@@ -708,7 +708,11 @@ static void test_realloc_huge_mremap(void) {
     /* No copy: only the first and the last 2 MiB of an 8 MiB block are
      * touched (transparent huge pages may fault in 2 MiB at once). A copy
      * would write, and so make resident, every page of the new block;
-     * mremap moves the page tables and the middle stays untouched. */
+     * mremap moves the page tables and the middle stays untouched.
+     * A fresh mapping: the 12 MiB block freed above is kept for reuse
+     * (resident, 8 MiB of it filled), and would serve this one whole
+     * unless an inline decay pass happened to unmap it in between. */
+    malloc_trim(0);
     unsigned char *b = malloc(n);
     CHECK(b != NULL);
     if (!b) return;

@@ -126,6 +126,9 @@ impl HeapCore {
         // size the table holds.
         let reserved = self.huge_map(size, align, false, true).map(|(p, _)| p);
         let g = account::retain(group);
+        // From the insert to the count, inside the allocator (see
+        // `HugeCountWindow`).
+        let window = HugeCountWindow::enter();
         match reserved {
             Some(p) if self.huge.insert(p as usize, size, g) => {
                 self.huge_live.fetch_add(1, Ordering::Relaxed);
@@ -133,6 +136,7 @@ impl HeapCore {
                 NonNull::new(p)
             }
             other => {
+                drop(window);
                 if let Some(p) = other {
                     // SAFETY: just mapped (or taken), never handed out.
                     unsafe { self.huge_unmap(p as usize, size) };

@@ -403,7 +403,11 @@ impl HeapCore {
         let size = huge_size(layout)?;
         let align = layout.align().max(PAGE_SIZE);
         let (p, len) = self.huge_map(size, align, zero, false)?;
+        // From the insert to the count, inside the allocator (see
+        // `HugeCountWindow`).
+        let window = HugeCountWindow::enter();
         if !self.huge.insert(p as usize, len, 0) {
+            drop(window);
             // SAFETY: the mapping was just made (or taken) and nothing
             // refers to it.
             unsafe { self.huge_unmap(p as usize, len) };
@@ -412,6 +416,7 @@ impl HeapCore {
         crate::interrupt_point!(HugeCount);
         self.huge_live.fetch_add(1, Ordering::Relaxed);
         self.huge_bytes.fetch_add(len, Ordering::Relaxed);
+        drop(window);
         self.pages.decay_tick();
         NonNull::new(p)
     }

@@ -321,6 +321,10 @@ impl HeapCore {
     /// first two words, and the maintainer is woken.
     #[cfg(feature = "std")]
     pub(super) fn free_huge(&self, addr: usize, mode: Mode) {
+        // From the remove to the count, inside the allocator (see
+        // `HugeCountWindow`; a nolock free too: one in a nolock scope is
+        // not inside it otherwise, and a mark is no system call).
+        let window = HugeCountWindow::enter();
         let Some((size, group)) = self.huge.remove(addr) else {
             self.bad_pointer(
                 "free",
@@ -332,6 +336,7 @@ impl HeapCore {
         crate::interrupt_point!(FreeHuge);
         self.huge_live.fetch_sub(1, Ordering::Relaxed);
         self.huge_bytes.fetch_sub(size, Ordering::Relaxed);
+        drop(window);
         self.uncharge(group, size);
         match mode {
             Mode::Normal => {

@@ -883,7 +883,9 @@ impl Heap {
     /// stayed idle (C's `malloc_trim`, which also returns every free page;
     /// maintenance returns the free pages that the few survivors of a burst
     /// of small objects leave between their slabs only after two seconds
-    /// idle, a bounded number per pass). Returns the bytes given back. Called by a
+    /// idle, a bounded number per pass), and so do the freed huge mappings
+    /// kept for reuse. Returns the bytes given back: the free blocks' (as
+    /// `released_to_os_bytes` counts them) and the kept mappings'. Called by a
     /// thread already inside the allocator or inside a nolock scope, it
     /// does nothing (as `drain`): it may hold the drain lock.
     ///
@@ -906,11 +908,14 @@ impl Heap {
         if crate::context::nested() {
             return 0;
         }
+        // The freed huge mappings kept for reuse first (`drain` would unmap
+        // them too, and not say how much).
+        let kept = self.core().release_kept_huge();
         self.drain();
         let bytes = self.core().pages.release_free_blocks();
         let released = &self.core().released_bytes;
         released.fetch_add(bytes as u64, Ordering::Relaxed);
-        bytes
+        bytes + kept
     }
 
     /// A snapshot of the heap's counters; see [`HeapStats`].

@@ -41,9 +41,6 @@ pub(crate) struct HugeCache {
     /// When each slot was last filled (the heap's epoch): a hint for the
     /// maintainer, read and written apart from the slot word.
     stamps: [AtomicUsize; SLOTS],
-    /// Bytes in the slots; reserved before a put, so it never exceeds
-    /// [`MAX_BYTES`].
-    bytes: AtomicUsize,
 }
 
 fn pack(addr: usize, size: usize) -> u64 {
@@ -62,35 +59,51 @@ impl HugeCache {
         HugeCache {
             slots: [const { AtomicU64::new(0) }; SLOTS],
             stamps: [const { AtomicUsize::new(0) }; SLOTS],
-            bytes: AtomicUsize::new(0),
         }
     }
 
     /// Keeps the mapping `[addr, addr + size)` (page-aligned, nothing uses
     /// it) at `epoch`; `false` when it is too large or the cache is full:
     /// then it is still the caller's to unmap.
+    ///
+    /// The bytes kept are what the slots hold, counted from them, never
+    /// kept in a counter of their own: a counter changed apart from the
+    /// slot (before a put fills it, after a take empties it) could be
+    /// cloned by a `fork` in between, and the child would count a mapping
+    /// that no slot holds for good (a recount in the child's fork handler
+    /// is no cure: a signal handler that forks may interrupt the step on
+    /// the forking thread itself, which finishes it after the recount).
+    /// So the room is looked at before the put and again after it: puts
+    /// that race may keep more than [`MAX_BYTES`] for a moment, and the
+    /// one that finds the cache over takes its mapping back.
     pub(crate) fn put(&self, addr: usize, size: usize, epoch: usize) -> bool {
         // Only huge blocks proper: the few small blocks mapped beside the
         // heap during a fork would fill the slots for nothing.
         if size <= crate::page::MAX_BLOCK || size > MAX_BLOCK || addr >> 57 != 0 {
             return false;
         }
-        let reserved = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
-        if reserved <= MAX_BYTES {
-            let w = pack(addr, size);
-            for (slot, stamp) in self.slots.iter().zip(&self.stamps) {
-                if slot.load(Ordering::Relaxed) == 0 {
-                    stamp.store(epoch, Ordering::Relaxed);
-                    if slot
-                        .compare_exchange(0, w, Ordering::Release, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        return true;
-                    }
+        if self.bytes() + size > MAX_BYTES {
+            return false;
+        }
+        crate::interrupt_point!(HugeCached);
+        let w = pack(addr, size);
+        for (slot, stamp) in self.slots.iter().zip(&self.stamps) {
+            if slot.load(Ordering::Relaxed) == 0 {
+                stamp.store(epoch, Ordering::Relaxed);
+                if slot
+                    .compare_exchange(0, w, Ordering::Release, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    // Over the bound (another put raced this one): taken
+                    // back, unless a take has had it already (then it is
+                    // the taker's).
+                    return self.bytes() <= MAX_BYTES
+                        || slot
+                            .compare_exchange(w, 0, Ordering::Relaxed, Ordering::Relaxed)
+                            .is_err();
                 }
             }
         }
-        self.bytes.fetch_sub(size, Ordering::Relaxed);
         false
     }
 
@@ -118,9 +131,8 @@ impl HugeCache {
                 .compare_exchange(w, 0, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
-                let (a, s) = unpack(w);
-                self.bytes.fetch_sub(s, Ordering::Relaxed);
-                return Some((a, s));
+                crate::interrupt_point!(HugeCached);
+                return Some(unpack(w));
             }
         }
         None
@@ -148,14 +160,18 @@ impl HugeCache {
                 .is_ok()
             {
                 let (a, s) = unpack(w);
-                self.bytes.fetch_sub(s, Ordering::Relaxed);
                 release(a, s);
             }
         }
     }
 
-    /// Bytes kept now.
+    /// Bytes kept now: what the slots hold.
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
+        self.slots
+            .iter()
+            .map(|slot| slot.load(Ordering::Relaxed))
+            .filter(|&w| w != 0)
+            .map(|w| unpack(w).1)
+            .sum()
     }
 }

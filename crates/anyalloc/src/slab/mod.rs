@@ -195,7 +195,8 @@ pub struct HeapStats {
     /// without a maintenance thread the inline decay's passes, run by the
     /// allocation calls: `Config::decay`).
     pub maintenance_passes: u64,
-    /// Bytes of free blocks given back to the OS: idle ones by maintenance
+    /// Bytes of free blocks given back to the OS (the page allocator's;
+    /// not the freed huge mappings kept for reuse): idle ones by maintenance
     /// (a maintenance thread, `maintain()`, or the inline decay), and every
     /// other by `Heap::trim` (std). Memory never touched and
     /// memory already given back do not count (again), also when a block
@@ -511,14 +512,25 @@ impl HeapCore {
     }
 
     /// Unmaps the kept huge mappings: those unused for `idle` epochs at
-    /// `epoch`, or every one when `all`. Normal context.
+    /// `epoch`, or every one when `all`; returns their bytes. Normal
+    /// context.
     #[cfg(feature = "std")]
-    fn release_huge_cache(&self, epoch: usize, idle: usize, all: bool) {
+    fn release_huge_cache(&self, epoch: usize, idle: usize, all: bool) -> usize {
+        let mut bytes = 0;
         self.huge_cache.take_idle(epoch, idle, all, |addr, size| {
             // SAFETY: a whole mapping the cache held, now taken out of it;
             // nothing uses it.
             unsafe { crate::platform::os_release(addr as *mut u8, size) };
+            bytes += size;
         });
+        bytes
+    }
+
+    /// `Heap::trim`'s part for the kept huge mappings: unmaps them all,
+    /// returns their bytes. Normal context.
+    #[cfg(feature = "std")]
+    pub(crate) fn release_kept_huge(&self) -> usize {
+        self.release_huge_cache(0, 0, true)
     }
 
     /// A heap going away (`Drop`, nothing else uses it): unmaps the huge
@@ -724,6 +736,27 @@ impl HeapCore {
         }
     }
 }
+
+/// The window of a normal-path huge allocation or free between the table
+/// of huge blocks and the heap's counts of them (`huge_in_use`,
+/// `huge_bytes`): inside the allocator.
+///
+/// A `fork` on another thread may clone the window half done: the child,
+/// which does not have that thread, counts the blocks again from the
+/// table (`unlock_all`). But a signal handler that forks could interrupt
+/// the window on the forking thread itself: with no lock held there, its
+/// fork was an ordinary one, and the child recounted too, before its
+/// thread finished the step. It then counted the block twice (an
+/// allocation), or took it off twice (a free: the counts wrapped below
+/// zero, and the child could no longer map a block beside the heap during
+/// a fork). Inside the allocator, the handler's fork is one that
+/// interrupted it (its prepare takes nothing, its child counts nothing
+/// again: the step ends there as in the parent), and its other calls take
+/// the nolock path. A mark on this thread, no system call (blocking the
+/// signals instead, as `remap_huge` does, cost an alloc and free of a kept
+/// mapping seven times as much).
+#[cfg(feature = "std")]
+pub(super) type HugeCountWindow = crate::context::Inside;
 
 /// One `remap_huge` call in a heap's count of them (see
 /// `HeapCore::remaps`), from creation to drop.
