@@ -112,6 +112,9 @@ pub enum Site {
     /// Fork: a huge allocation is in the table of huge blocks, not yet
     /// counted in the heap's statistics (for the child's recount).
     HugeCount,
+    /// Fork: a huge free has reserved its bytes in the cache of freed huge
+    /// mappings, not yet filled a slot (for the child's recount).
+    HugeCachePut,
     /// Page allocator: a nolock free is about to park a large block in an
     /// empty stock cell of its order, having seen the order wanted.
     StockPut,

@@ -15,9 +15,11 @@
 //!
 //! Each slot is one word, `(address >> 12) << PAGE_BITS | pages` (0:
 //! empty), so a put is one compare-and-swap from 0 and a take one from the
-//! word it read back to 0: no state in between, none a signal handler or a
-//! `fork` could find half done. The module only does the bookkeeping: its
-//! callers map, unmap and zero.
+//! word it read back to 0: no slot in between. The byte count changes apart
+//! from the slot (a put reserves before it fills a slot, a take subtracts
+//! after it emptied one), so a `fork` can clone a thread between the two:
+//! the forked child counts the slots again ([`recount`](HugeCache::recount)).
+//! The module only does the bookkeeping: its callers map, unmap and zero.
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -77,6 +79,7 @@ impl HugeCache {
         }
         let reserved = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
         if reserved <= MAX_BYTES {
+            crate::interrupt_point!(HugeCachePut);
             let w = pack(addr, size);
             for (slot, stamp) in self.slots.iter().zip(&self.stamps) {
                 if slot.load(Ordering::Relaxed) == 0 {
@@ -152,6 +155,20 @@ impl HugeCache {
                 release(a, s);
             }
         }
+    }
+
+    /// In a forked child, the only thread: the byte count set to what the
+    /// slots hold. A put or take of a thread the child does not have may
+    /// have been cloned between its count and its slot (see the module
+    /// documentation): counted, its bytes would stay for good, with no slot
+    /// to take them off, and the room of the cache less by as much.
+    pub(crate) fn recount(&self) {
+        let bytes = self
+            .slots
+            .iter()
+            .map(|slot| unpack(slot.load(Ordering::Relaxed)).1)
+            .sum();
+        self.bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Bytes kept now.

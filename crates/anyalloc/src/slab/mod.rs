@@ -705,6 +705,7 @@ impl HeapCore {
             let (live, bytes) = self.huge.live();
             self.huge_live.store(live, Ordering::Relaxed);
             self.huge_bytes.store(bytes, Ordering::Relaxed);
+            self.huge_cache.recount();
             for i in 0..CACHES {
                 self.cache(i).recount_deferred_after_fork(&self.pages);
             }
