@@ -458,25 +458,24 @@ impl HeapCore {
     /// A huge block's mapping for `size` bytes (whole pages) aligned to
     /// `align` (a power of two, at least a page), and its length: a freed
     /// one from the cache when one fits, else a new one, which the OS
-    /// zeroed. A kept mapping up to twice `size` comes whole (more than
-    /// half used, the rule `realloc` keeps a block by; a block then grown
-    /// into it by `realloc` faults nothing in), unless `exact`; a larger
-    /// one, or any with `exact`, gives its tail back. With `zero` the
-    /// mapping is exact and zeroed. Normal context.
+    /// zeroed. A kept mapping of at most `whole` bytes comes whole (a block
+    /// then grown into it by `realloc` faults nothing in); a longer one
+    /// gives its tail back. The caller passes twice the bytes asked for
+    /// (more than half used, the rule `realloc` keeps a block by, and the
+    /// most usable bytes C's `free_sized` check allows: twice `size`, the
+    /// request rounded up to pages, can be two pages more), or 0 for an
+    /// exact mapping. With `zero` the mapping is exact and zeroed. Normal
+    /// context.
     #[cfg(feature = "std")]
     fn huge_map(
         &self,
         size: usize,
         align: usize,
         zero: bool,
-        exact: bool,
+        whole: usize,
     ) -> Option<(*mut u8, usize)> {
         if let Some((addr, kept)) = self.huge_cache.take(size, align) {
-            let len = if exact || zero || kept / 2 > size {
-                size
-            } else {
-                kept
-            };
+            let len = if zero || kept > whole { size } else { kept };
             if kept > len {
                 // SAFETY: the tail of a kept mapping, whole pages (both
                 // lengths are), which nothing uses.
