@@ -169,7 +169,11 @@ pub struct HeapStats {
     pub huge_in_use: usize,
     /// Bytes of the large allocations in use (whole page blocks).
     pub large_bytes: usize,
-    /// Bytes of the huge allocations in use (whole pages).
+    /// Bytes of the huge allocations in use: their mappings' lengths
+    /// (whole pages), which may be more than was asked for (std): a freed
+    /// mapping reused whole (up to twice the request) and a `remap_huge`
+    /// growth (at least half the old size more) count in full. Freed
+    /// mappings kept for reuse are not in use: `huge_cached_bytes`.
     pub huge_bytes: usize,
     /// Successful nolock allocations: every success of a nolock call
     /// (`alloc_nolock*`, `NoLock`). A normal-path call
@@ -212,8 +216,10 @@ pub struct HeapStats {
     /// block mapped beside the heap during a fork).
     pub huge_maps: u64,
     /// Bytes of freed huge mappings kept for reuse (std): up to 64 MiB, in
-    /// blocks of up to 32 MiB; the maintainer unmaps them once they stayed
-    /// unused for its idle time, `Heap::drain` and `Heap::trim` at once.
+    /// blocks of up to 32 MiB, resident as they were left. The maintainer
+    /// (without one, the inline decay: `Config::decay`) unmaps them once
+    /// they stayed unused for half a second, `Heap::drain` and `Heap::trim`
+    /// at once.
     pub huge_cached_bytes: usize,
     /// The page allocator underneath.
     pub pages: PageStats,
