@@ -110,7 +110,11 @@ fn hook(site: Site) {
     // lock: a handler there takes the normal path, and its `trim` works).
     let huge = matches!(
         site,
-        Site::HugeCount | Site::FreeHuge | Site::HugeBusy | Site::HugeDeferredDrain
+        Site::HugeCount
+            | Site::FreeHuge
+            | Site::HugeBusy
+            | Site::HugeDeferredDrain
+            | Site::HugeCachePut
     );
     if !DRIVER.get() || BUSY.get() || huge {
         return;
