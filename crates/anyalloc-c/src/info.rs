@@ -154,7 +154,9 @@ pub extern "C" fn malloc_stats() {
     l.dec(u(i.hblkhd))
         .text(" bytes in ")
         .dec(u(i.hblks))
-        .text(" mmap'ed blocks; ");
+        .text(" mmap'ed blocks (")
+        .dec(u(s.as_ref().map_or(0, |s| s.huge_cached_bytes)))
+        .text(" freed kept); ");
     l.dec(u(i.ordblks))
         .text(" free objects cached (")
         .dec(u(i.fsmblks))

@@ -187,10 +187,10 @@ mod word {
         get() as *const AtomicU32 as usize
     }
 
-    /// The variable's second half: this thread's shrinker mark.
+    /// The variable's second word: this thread's shrinker mark.
     #[inline(always)]
     pub(super) fn shrinking() -> &'static AtomicU32 {
-        // SAFETY: the variable is 8 bytes, 8-aligned: its second half is
+        // SAFETY: the variable is 16 bytes, 8-aligned: its second word is
         // this thread's, 4-aligned, live as long as the thread.
         unsafe { &*(get() as *const AtomicU32).add(1) }
     }

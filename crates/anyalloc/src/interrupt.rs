@@ -131,6 +131,10 @@ pub enum Site {
     /// This call won the start of a heap's maintenance thread and is about
     /// to spawn it (a start in progress for every other call).
     MaintainerSpawn,
+    /// A heap's maintenance thread was spawned, its start not yet
+    /// published (`RUNNING`): a start in progress for every other call,
+    /// and for a forked child.
+    MaintainerSpawned,
 }
 
 impl Site {

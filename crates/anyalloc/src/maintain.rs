@@ -100,8 +100,9 @@ impl MaintainerSlot {
 
     /// Starts the thread for `core` unless one runs; returns whether a
     /// thread runs (or is being started) afterwards. `on_spawn` runs once
-    /// the thread exists, in the call that made it only (not in one that
-    /// found a start in progress, which may yet fail). `core` must stay
+    /// the thread exists and its start is published, in the call that made
+    /// it only (not in one that found a start in progress, which may yet
+    /// fail). `core` must stay
     /// where it is until [`stop`](Self::stop) has returned.
     pub(crate) fn start<M: Maintained>(&self, core: &M, on_spawn: impl FnOnce()) -> bool {
         match self
@@ -138,11 +139,16 @@ impl MaintainerSlot {
         drop(quiet);
         match spawned {
             Ok(h) => {
-                on_spawn();
+                crate::interrupt_point!(MaintainerSpawned);
                 // SAFETY: only the context that won the CAS writes the
                 // handle, before publishing RUNNING.
                 unsafe { *self.handle.get() = Some(h) };
                 self.state.store(RUNNING, Ordering::Release);
+                // Only now: a fork before RUNNING leaves its child a start
+                // in progress, which `forget_after_fork` does not count as
+                // a thread of the parent, so the child's heap must still be
+                // as it was without one (its inline decay on).
+                on_spawn();
                 true
             }
             Err(_) => {

@@ -418,6 +418,7 @@ static void test_malloc_stats(void) {
     CHECK(strncmp(buf, "anyalloc: ", 10) == 0);
     CHECK(strstr(buf, " zones of ") != NULL);
     CHECK(strstr(buf, "in use ") != NULL);
+    CHECK(strstr(buf, " freed kept); ") != NULL);
     CHECK(strstr(buf, "nolock allocations ") != NULL);
     CHECK(buf[n - 1] == '\n');
     CHECK(e == 99);

@@ -124,7 +124,7 @@ impl HeapCore {
         let align = layout.align().max(PAGE_SIZE);
         // Exact: the group is charged `size`, and its free uncharges the
         // size the table holds.
-        let reserved = self.huge_map(size, align, false, true).map(|(p, _)| p);
+        let reserved = self.huge_map(size, align, false, 0).map(|(p, _)| p);
         let g = account::retain(group);
         // From the insert to the count, inside the allocator (see
         // `HugeCountWindow`).

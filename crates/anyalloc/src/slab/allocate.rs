@@ -397,12 +397,15 @@ impl HeapCore {
 
     /// `alloc_huge`, its memory zeroed if `zero` (a fresh mapping is, a
     /// kept one is zeroed here). The block may be a kept mapping of up to
-    /// twice the size (see `huge_map`).
+    /// twice the size asked for (see `huge_map`).
     #[cfg(feature = "std")]
     pub(super) fn alloc_huge_zeroed(&self, layout: Layout, zero: bool) -> Option<NonNull<u8>> {
         let size = huge_size(layout)?;
         let align = layout.align().max(PAGE_SIZE);
-        let (p, len) = self.huge_map(size, align, zero, false)?;
+        // A kept mapping comes whole while the block stays more than half
+        // used: at most twice the bytes asked for (see `huge_map`).
+        let whole = layout.size().saturating_mul(2);
+        let (p, len) = self.huge_map(size, align, zero, whole)?;
         // From the insert to the count, inside the allocator (see
         // `HugeCountWindow`).
         let window = HugeCountWindow::enter();

@@ -169,7 +169,11 @@ pub struct HeapStats {
     pub huge_in_use: usize,
     /// Bytes of the large allocations in use (whole page blocks).
     pub large_bytes: usize,
-    /// Bytes of the huge allocations in use (whole pages).
+    /// Bytes of the huge allocations in use: their mappings' lengths
+    /// (whole pages), which may be more than was asked for (std): a freed
+    /// mapping reused whole (up to twice the request) and a `remap_huge`
+    /// growth (at least half the old size more) count in full. Freed
+    /// mappings kept for reuse are not in use: `huge_cached_bytes`.
     pub huge_bytes: usize,
     /// Successful nolock allocations: every success of a nolock call
     /// (`alloc_nolock*`, `NoLock`). A normal-path call
@@ -213,8 +217,10 @@ pub struct HeapStats {
     /// block mapped beside the heap during a fork).
     pub huge_maps: u64,
     /// Bytes of freed huge mappings kept for reuse (std): up to 64 MiB, in
-    /// blocks of up to 32 MiB; the maintainer unmaps them once they stayed
-    /// unused for its idle time, `Heap::drain` and `Heap::trim` at once.
+    /// blocks of up to 32 MiB, resident as they were left. The maintainer
+    /// (without one, the inline decay: `Config::decay`) unmaps them once
+    /// they stayed unused for half a second, `Heap::drain` and `Heap::trim`
+    /// at once.
     pub huge_cached_bytes: usize,
     /// The page allocator underneath.
     pub pages: PageStats,
@@ -459,25 +465,24 @@ impl HeapCore {
     /// A huge block's mapping for `size` bytes (whole pages) aligned to
     /// `align` (a power of two, at least a page), and its length: a freed
     /// one from the cache when one fits, else a new one, which the OS
-    /// zeroed. A kept mapping up to twice `size` comes whole (more than
-    /// half used, the rule `realloc` keeps a block by; a block then grown
-    /// into it by `realloc` faults nothing in), unless `exact`; a larger
-    /// one, or any with `exact`, gives its tail back. With `zero` the
-    /// mapping is exact and zeroed. Normal context.
+    /// zeroed. A kept mapping of at most `whole` bytes comes whole (a block
+    /// then grown into it by `realloc` faults nothing in); a longer one
+    /// gives its tail back. The caller passes twice the bytes asked for
+    /// (more than half used, the rule `realloc` keeps a block by, and the
+    /// most usable bytes C's `free_sized` check allows: twice `size`, the
+    /// request rounded up to pages, can be two pages more), or 0 for an
+    /// exact mapping. With `zero` the mapping is exact and zeroed. Normal
+    /// context.
     #[cfg(feature = "std")]
     fn huge_map(
         &self,
         size: usize,
         align: usize,
         zero: bool,
-        exact: bool,
+        whole: usize,
     ) -> Option<(*mut u8, usize)> {
         if let Some((addr, kept)) = self.huge_cache.take(size, align) {
-            let len = if exact || zero || kept / 2 > size {
-                size
-            } else {
-                kept
-            };
+            let len = if zero || kept > whole { size } else { kept };
             if kept > len {
                 // SAFETY: the tail of a kept mapping, whole pages (both
                 // lengths are), which nothing uses.
