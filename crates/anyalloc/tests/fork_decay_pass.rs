@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::interrupt::Site;
-use anyalloc::{Config, Heap, PageAllocator, MAX_ORDER};
+use anyalloc::{Config, Heap, PageAllocator};
 
 const ROUNDS: usize = 4;
 
@@ -82,27 +82,7 @@ fn child(heap: &Heap) -> bool {
         return false;
     }
     heap.trim();
-    let pages = heap.pages();
-    if let Err(e) = pages.check_invariants() {
-        eprintln!("child: {e}");
-        return false;
-    }
-    let mut got = Vec::new();
-    for order in (0..=MAX_ORDER).rev() {
-        while let Some(p) = pages.alloc_pages(order) {
-            got.push((p, order));
-        }
-    }
-    let s = pages.stats();
-    for (p, order) in got {
-        // SAFETY: allocated above with `order`.
-        unsafe { pages.free_pages(p, order) };
-    }
-    if s.buddy_pages != 0 {
-        eprintln!("child: {} free pages could not be allocated", s.buddy_pages);
-        return false;
-    }
-    pages.check_invariants().is_ok()
+    fork_pause::every_free_page_can_be_had(heap.pages())
 }
 
 fn scenario() {

@@ -51,27 +51,7 @@ fn child(heap: &Heap) -> bool {
         unsafe { pages.free_pages(keep, 2) };
     }
     heap.trim();
-    if let Err(e) = pages.check_invariants() {
-        eprintln!("child: {e}");
-        return false;
-    }
-    // Every free page can be had (small blocks first, then what is left).
-    let mut got = Vec::new();
-    for order in (0..=MAX_ORDER).rev() {
-        while let Some(p) = pages.alloc_pages(order) {
-            got.push((p, order));
-        }
-    }
-    let s = pages.stats();
-    for (p, order) in got {
-        // SAFETY: allocated above with `order`.
-        unsafe { pages.free_pages(p, order) };
-    }
-    if s.buddy_pages != 0 {
-        eprintln!("child: {} free pages could not be allocated", s.buddy_pages);
-        return false;
-    }
-    pages.check_invariants().is_ok()
+    fork_pause::every_free_page_can_be_had(pages)
 }
 
 #[test]

@@ -92,3 +92,31 @@ pub fn fork_during_pauses(site: Site, rounds: usize, check: impl Fn() -> bool) -
     set_hook(None);
     forks
 }
+
+/// A child's last check: every free page of `pages` can be had (largest
+/// blocks first, then what is left), none is lost to a list the fork
+/// cloned half done, and the invariants hold before and after. Reports
+/// what failed on stderr.
+#[allow(dead_code)] // not every test of the harness checks the pages
+pub fn every_free_page_can_be_had(pages: &anyalloc::PageAllocator) -> bool {
+    if let Err(e) = pages.check_invariants() {
+        eprintln!("child: {e}");
+        return false;
+    }
+    let mut got = Vec::new();
+    for order in (0..=anyalloc::MAX_ORDER).rev() {
+        while let Some(p) = pages.alloc_pages(order) {
+            got.push((p, order));
+        }
+    }
+    let s = pages.stats();
+    for (p, order) in got {
+        // SAFETY: allocated above with `order`.
+        unsafe { pages.free_pages(p, order) };
+    }
+    if s.buddy_pages != 0 {
+        eprintln!("child: {} free pages could not be allocated", s.buddy_pages);
+        return false;
+    }
+    pages.check_invariants().is_ok()
+}
