@@ -156,7 +156,8 @@ impl Config {
     /// `Heap::trim`, or run a maintainer).
     ///
     /// A heap with a maintenance thread never does this (the thread does
-    /// the work; a heap whose thread starts later stops then). Off, the
+    /// the work; a heap whose thread starts later stops then), but its
+    /// forked child does: the thread stayed in the parent. Off, the
     /// slow paths pay one load and a branch for it. `ANYALLOC_DECAY=0`
     /// turns it off for the global heap.
     ///

@@ -173,12 +173,6 @@ impl PageAllocator {
         self.decayer.store(f, Ordering::Release);
     }
 
-    /// Whether `Config::decay` was on for this allocator.
-    #[cfg(feature = "std")]
-    pub(crate) fn config_decay(&self) -> bool {
-        self.config.decay
-    }
-
     /// A normal-path call took a slow path (it is past every fast path and
     /// holds no lock of the allocator, or this does nothing): one tick of
     /// the inline decay, when the owner installed one (a heap that no

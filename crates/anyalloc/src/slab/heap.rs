@@ -48,6 +48,7 @@ impl Heap {
         let heap = unsafe { Self::build(pages, meta, (meta as usize, len)) };
         // No maintainer yet: the slow paths give idle memory back until
         // one starts (`Config::decay`).
+        heap.core().decays.store(config.decay, Ordering::Relaxed);
         heap.set_decay(config.decay);
         Ok(heap)
     }
@@ -56,10 +57,7 @@ impl Heap {
     /// maintainer serves (`Config::decay`).
     #[cfg(feature = "std")]
     fn set_decay(&self, on: bool) {
-        let core = self.core();
-        let f: fn(*const ()) = HeapCore::decay_callback;
-        core.pages
-            .set_decayer(on.then_some(f), core as *const HeapCore as *const ());
+        self.core().install_decay(on);
     }
 
     /// Creates a heap over an embedder's memory region (`no_std`): the heap's
@@ -257,6 +255,8 @@ impl Heap {
             epoch: AtomicUsize::new(0),
             #[cfg(feature = "std")]
             decay_epoch: AtomicU64::new(0),
+            #[cfg(feature = "std")]
+            decays: core::sync::atomic::AtomicBool::new(false),
             released_bytes: AtomicU64::new(0),
             #[cfg(feature = "std")]
             fork: crate::fork::ForkLink::new(),
@@ -322,7 +322,9 @@ impl Heap {
     /// Returns whether one ran in the parent. (Dropping the heap in the
     /// child needs nothing: it finds the thread was the parent's.) In the
     /// process that started the thread it does nothing and returns
-    /// `false`: the thread runs there, and the heap's drop stops it.
+    /// `false`: the thread runs there, and the heap's drop stops it. (Until
+    /// a thread starts here, the child's own calls give idle memory back:
+    /// `Config::decay`.)
     ///
     /// Starting a thread in the child of a multithreaded process is outside
     /// what POSIX promises there, and Rust's `std::thread` can wait forever
@@ -355,7 +357,7 @@ impl Heap {
         if ran {
             // No thread here: the slow paths give idle memory back until
             // one starts again (`Config::decay`).
-            self.set_decay(self.core().pages.config_decay());
+            self.set_decay(self.core().decays.load(Ordering::Relaxed));
         }
         ran
     }

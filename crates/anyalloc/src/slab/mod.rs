@@ -293,6 +293,12 @@ pub(crate) struct HeapCore {
     /// first look at it.
     #[cfg(feature = "std")]
     decay_epoch: AtomicU64,
+    /// Whether the heap gives idle memory back from its own calls when no
+    /// maintenance thread runs (`Config::decay`, a heap over memory from
+    /// the OS): set once, at creation. The decay is installed exactly
+    /// while this holds and no thread has taken the work over.
+    #[cfg(feature = "std")]
+    decays: core::sync::atomic::AtomicBool,
     released_bytes: AtomicU64,
     /// Its place in the registry of heaps whose locks `fork` takes.
     #[cfg(feature = "std")]
@@ -726,6 +732,14 @@ impl HeapCore {
                 self.cache(i).recount_deferred_after_fork(&self.pages);
             }
             self.pages.recount_after_fork();
+            // A heap that decays had it switched off only by a maintenance
+            // thread taking the work over, and that thread stayed in the
+            // parent: the child's own calls give idle memory back instead,
+            // until a thread starts here (`forget_maintainer_after_fork`,
+            // then `start_maintenance`, switches it off again).
+            if self.decays.load(Ordering::Relaxed) {
+                self.install_decay(true);
+            }
         }
         // SAFETY: per the caller.
         unsafe { self.pages.unlock_all() };

@@ -225,6 +225,14 @@ impl HeapCore {
         }
     }
 
+    /// Installs (`on`) or removes this heap's inline decay (`Config::decay`).
+    #[cfg(feature = "std")]
+    pub(super) fn install_decay(&self, on: bool) {
+        let f: fn(*const ()) = HeapCore::decay_callback;
+        self.pages
+            .set_decayer(on.then_some(f), self as *const HeapCore as *const ());
+    }
+
     /// The page allocator's inline decay callback (`set_decayer`).
     #[cfg(feature = "std")]
     pub(super) fn decay_callback(ctx: *const ()) {
