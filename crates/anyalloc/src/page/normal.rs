@@ -307,7 +307,8 @@ impl PageAllocator {
     }
 
     /// The inline decay's share of a pass (`Config::decay`; normal context,
-    /// the caller holds the heap's maintenance lock): per-CPU lists and
+    /// the caller holds the heap's maintenance lock): blocks parked by
+    /// nolock frees merge into the buddy lists, per-CPU lists and
     /// nolock stocks left unchanged (unused) for `idle_passes` passes go
     /// back to the buddy lists, and
     /// free blocks idle for `idle_epochs` epochs (below `RELEASE_MIN_ORDER`
@@ -326,13 +327,21 @@ impl PageAllocator {
         let mut released = 0;
         for zone in self.zones() {
             zone.epoch.fetch_max(epoch, Ordering::Relaxed);
-            // A stock no nolock allocation used for `idle_passes` passes
-            // goes back to the buddy lists (normal zone-lock holders keep
-            // a wanted one filled: without this it stayed for good). No
-            // stock, nothing to do: the zone lock is left alone.
-            if zone.stock_kept() {
+            // Blocks nolock frees parked (the zone lock was held) merge
+            // into the buddy lists, where they can age and go back to the
+            // OS below; without a maintainer to wake, only the next
+            // zone-lock holder took them. A stock no nolock allocation
+            // used for `idle_passes` passes goes back to the buddy lists
+            // (normal zone-lock holders keep a wanted one filled: without
+            // this it stayed for good). Neither, nothing to do: the zone
+            // lock is left alone.
+            let stocked = zone.stock_kept();
+            if stocked || zone.deferred_pages() != 0 {
                 if let Some(g) = zone.lock.lock_in(Mode::Normal, zone.platform()) {
-                    zone.stock_maintain(idle_passes, false, &g);
+                    zone.drain_deferred(&g);
+                    if stocked {
+                        zone.stock_maintain(idle_passes, false, &g);
+                    }
                 }
             }
             zone.maintain_slots(idle_passes, false);

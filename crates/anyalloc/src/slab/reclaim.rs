@@ -284,8 +284,11 @@ impl HeapCore {
     /// their pages to the page allocator, whose idle per-CPU lists go back
     /// to the buddy lists, and free blocks idle for `idle_epochs` epochs go
     /// back to the OS (`PageAllocator::decay`: a bounded number per zone).
-    /// Not the maintainer's upkeep: no stocking for the nolock path, no
-    /// shrinkers. The maintenance lock is only tried: a pass, drain or
+    /// Frees that nolock callers parked are taken, as the maintainer's
+    /// wake does (a heap without one has nothing to wake): huge blocks
+    /// here, a cache's objects in `maintain_slots`, pages in
+    /// `PageAllocator::decay`. Not the maintainer's upkeep: no stocking
+    /// for the nolock path, no shrinkers. The maintenance lock is only tried: a pass, drain or
     /// trim elsewhere does this work already. The system calls are the
     /// maintainer's: each `madvise` runs with only the maintenance and
     /// drain locks held, which no nolock caller ever tries (the zone lock

@@ -176,14 +176,16 @@ pub fn assert_child_ok(status: libc::c_int, what: &str) {
 
 /// The heap of the object scenarios: 64 MiB, one CPU slot set and no
 /// restartable sequences (every thread meets the slots and the node lock
-/// the script's pauses hold), no maintenance thread (nothing runs but the
-/// script).
+/// the script's pauses hold), no maintenance thread and no inline decay
+/// (nothing runs but the script: a decay pass would take the deferred
+/// objects a scenario parks).
 pub fn one_slot_heap() -> Heap {
     let config = Config::default()
         .memory(64 << 20)
         .cpus(1)
         .rseq(false)
-        .maintenance(false);
+        .maintenance(false)
+        .decay(false);
     Heap::new(config).expect("heap")
 }
 
