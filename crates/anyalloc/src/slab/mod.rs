@@ -459,10 +459,10 @@ impl HeapCore {
                 )
             };
             crate::interrupt_point!(HugeDeferredDrain);
+            // Not kept for reuse: a program whose handlers free huge blocks
+            // gets them unmapped as before (see `huge_cache`).
             // SAFETY: the mapping was unregistered by free_nolock; only this
-            // drain (which took the whole stack) releases it. (Not kept for
-            // reuse: a program whose handlers free huge blocks gets them
-            // unmapped as before; see `huge_cache`.)
+            // drain (which took the whole stack) releases it.
             unsafe { crate::platform::os_release(a as *mut u8, size) };
             a = next;
         }
