@@ -238,18 +238,33 @@ mod loom_tests {
         }
     }
 
+    /// A stack of three elements' links, holding 1 over 0.
+    fn stack_of_two() -> Arc<(TaggedStack, Links)> {
+        let shared = Arc::new((
+            TaggedStack::new(),
+            Links([LoomU32::new(NIL), LoomU32::new(NIL), LoomU32::new(NIL)]),
+        ));
+        shared.0.push(0, |i, n| shared.1.set(i, n));
+        shared.0.push(1, |i, n| shared.1.set(i, n));
+        shared
+    }
+
+    /// Takes the whole stack and adds what it held to `seen`.
+    fn take_rest(shared: &(TaggedStack, Links), seen: &mut Vec<u32>) {
+        let mut i = shared.0.take_all();
+        while i != NIL {
+            seen.push(i);
+            i = shared.1.get(i);
+        }
+    }
+
     /// A pusher that pops one back and pushes it again (the reuse that makes
     /// ABA), a concurrent popper, and a final take: every element is
     /// obtained exactly once.
     #[test]
     fn push_pop_and_take_all_lose_and_duplicate_nothing() {
         loom::model(|| {
-            let shared = Arc::new((
-                TaggedStack::new(),
-                Links([LoomU32::new(NIL), LoomU32::new(NIL), LoomU32::new(NIL)]),
-            ));
-            shared.0.push(0, |i, n| shared.1.set(i, n));
-            shared.0.push(1, |i, n| shared.1.set(i, n));
+            let shared = stack_of_two();
             let a = shared.clone();
             let t1 = loom::thread::spawn(move || {
                 let mut got = Vec::new();
@@ -268,11 +283,7 @@ mod loom_tests {
                 seen.push(i);
             }
             seen.extend(t1.join().unwrap());
-            let mut i = shared.0.take_all();
-            while i != NIL {
-                seen.push(i);
-                i = shared.1.get(i);
-            }
+            take_rest(&shared, &mut seen);
             seen.sort_unstable();
             assert_eq!(seen, vec![0, 1, 2]);
         });
@@ -288,12 +299,7 @@ mod loom_tests {
     #[test]
     fn aba_reuse_cannot_pass_the_cas() {
         loom::model(|| {
-            let shared = Arc::new((
-                TaggedStack::new(),
-                Links([LoomU32::new(NIL), LoomU32::new(NIL), LoomU32::new(NIL)]),
-            ));
-            shared.0.push(0, |i, n| shared.1.set(i, n));
-            shared.0.push(1, |i, n| shared.1.set(i, n));
+            let shared = stack_of_two();
             let a = shared.clone();
             let t1 = loom::thread::spawn(move || {
                 let mut kept = Vec::new();
@@ -309,11 +315,7 @@ mod loom_tests {
             let mut seen = Vec::new();
             seen.extend(shared.0.pop(|i| shared.1.get(i)));
             seen.extend(t1.join().unwrap());
-            let mut i = shared.0.take_all();
-            while i != NIL {
-                seen.push(i);
-                i = shared.1.get(i);
-            }
+            take_rest(&shared, &mut seen);
             seen.sort_unstable();
             assert_eq!(seen, vec![0, 1]);
         });
