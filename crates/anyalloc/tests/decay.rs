@@ -6,21 +6,14 @@
 //! until the memory has gone back, and the checks that nothing went back
 //! hold however long the calls took.
 
+mod proc_self;
+
 use anyalloc::{Config, Heap};
+use proc_self::rss_bytes;
 use std::alloc::Layout;
 use std::time::{Duration, Instant};
 
 const BLOCK: usize = 300_000;
-
-fn rss_bytes() -> usize {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-    s.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<usize>()
-        .unwrap()
-        * 4096
-}
 
 fn layout() -> Layout {
     Layout::from_size_align(BLOCK, 8).unwrap()

@@ -11,22 +11,14 @@
 //! stays resident whole. One test, so that no other test thread adds to the
 //! RSS while it is measured.
 
+mod proc_self;
+
 use anyalloc::Global;
+use proc_self::status_kib;
 use std::alloc::{GlobalAlloc, Layout};
 
 #[global_allocator]
 static ALLOC: Global = Global;
-
-fn status_kib(key: &str) -> usize {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = s.lines().find(|l| l.starts_with(key)).unwrap();
-    line[key.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 fn reset_peak() {
     std::fs::write("/proc/self/clear_refs", "5").unwrap();

@@ -14,22 +14,12 @@
 //! with an 8 MiB reserve, and `RLIMIT_AS` leaving about 13 MiB of room, so
 //! the growth is one 4 MiB zone.
 
+mod proc_self;
 mod watchdog;
 
 use std::time::Duration;
 
 use anyalloc::{Config, PageAllocator, PAGE_SIZE};
-
-/// The process's mapped bytes now (`/proc/self/statm`, field 1, in pages).
-fn mapped_now() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
-    let pages: usize = statm
-        .split_whitespace()
-        .next()
-        .and_then(|f| f.parse().ok())
-        .expect("a size");
-    pages * PAGE_SIZE
-}
 
 #[test]
 fn a_grown_zone_smaller_than_twice_the_reserve_is_usable() {
@@ -51,7 +41,7 @@ fn a_grown_zone_smaller_than_twice_the_reserve_is_usable() {
     let total0 = pa.stats().total_pages;
     let mut held = Vec::with_capacity(2 * total0);
     let limit = libc::rlimit {
-        rlim_cur: (mapped_now() + 13 * MIB) as libc::rlim_t,
+        rlim_cur: (proc_self::mapped_bytes() + 13 * MIB) as libc::rlim_t,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: a valid rlimit; it changes only this (child) process.

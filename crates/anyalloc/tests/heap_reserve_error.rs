@@ -5,6 +5,7 @@
 //! of a small heap for many CPUs was refused, where a smaller
 //! `Config::memory` does not help.
 
+mod proc_self;
 mod watchdog;
 
 use std::time::Duration;
@@ -13,10 +14,7 @@ use anyalloc::{Config, Error, Heap};
 
 /// The process's address space in use now, in bytes (`VmSize`).
 fn vm_size() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
-    let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib << 10
+    proc_self::status_kib("VmSize:") << 10
 }
 
 #[test]

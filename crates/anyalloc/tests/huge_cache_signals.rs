@@ -14,6 +14,7 @@
 
 #![cfg(target_os = "linux")]
 
+mod proc_self;
 mod watchdog;
 
 use std::alloc::Layout;
@@ -110,12 +111,6 @@ fn hook(site: Site) {
     BUSY.set(false);
 }
 
-fn vm_size_kb() -> usize {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let l = s.lines().find(|l| l.starts_with("VmSize:")).unwrap();
-    l.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 fn scenario() {
     let heap: &'static Heap = Box::leak(Box::new(
         Heap::new(
@@ -134,7 +129,7 @@ fn scenario() {
         sa.sa_flags = libc::SA_NODEFER;
         assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
     }
-    let base = vm_size_kb();
+    let base = proc_self::status_kib("VmSize:");
     set_hook(Some(hook));
     DRIVER.set(true);
     for round in 0..40usize {
@@ -193,7 +188,7 @@ fn scenario() {
     heap.trim();
     let s = heap.stats();
     assert_eq!(s.huge_cached_bytes, 0, "trim unmaps every kept mapping");
-    let now = vm_size_kb();
+    let now = proc_self::status_kib("VmSize:");
     assert!(
         now <= base + 1024,
         "mappings left behind: VmSize {base} kB before, {now} kB after"

@@ -1,19 +1,12 @@
 //! The maintenance thread returns idle memory to the OS: RSS falls after a
 //! large burst is freed.
 
+mod proc_self;
+
 use anyalloc::{Config, Heap};
+use proc_self::rss_bytes;
 use std::alloc::Layout;
 use std::time::{Duration, Instant};
-
-fn rss_bytes() -> usize {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-    s.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<usize>()
-        .unwrap()
-        * 4096
-}
 
 #[test]
 fn rss_falls_after_a_256_mib_burst_is_freed() {

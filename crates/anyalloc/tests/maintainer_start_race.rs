@@ -9,6 +9,7 @@
 //! used to switch the decay off on the winner's behalf: with the spawn
 //! refused the heap had neither, and no pass ever ran again.
 
+mod proc_self;
 mod watchdog;
 
 use std::alloc::Layout;
@@ -40,9 +41,7 @@ fn hook(site: Site) {
     while !LOSER_DONE.load(Ordering::SeqCst) {
         std::thread::yield_now();
     }
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().next().unwrap().parse().unwrap();
-    set_address_space_limit(pages * 4096);
+    set_address_space_limit(proc_self::mapped_bytes() as u64);
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! Basic behaviour of the page allocator: both paths, conservation, errors.
 
+mod proc_self;
+
 use anyalloc::{Config, Error, PageAllocator, MAX_ORDER, PAGE_SIZE};
 
 fn small() -> PageAllocator {
@@ -144,18 +146,9 @@ fn growth_adds_zones_on_the_normal_path_only() {
 /// are carved on demand, and every page still comes back.
 #[test]
 fn creating_a_big_allocator_touches_little_memory() {
-    fn rss_kib() -> usize {
-        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-        s.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<usize>()
-            .unwrap()
-            * 4
-    }
-    let before = rss_kib();
+    let before = proc_self::rss_bytes() >> 10;
     let pa = PageAllocator::new(Config::default().memory(64 << 30).grow(false)).unwrap();
-    let after = rss_kib();
+    let after = proc_self::rss_bytes() >> 10;
     assert_eq!(pa.stats().total_pages, 64 << 18);
     assert_eq!(pa.stats().free_pages, 64 << 18);
     assert!(
