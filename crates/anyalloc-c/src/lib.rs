@@ -581,7 +581,7 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
 pub unsafe extern "C" fn free_sized(p: *mut c_void, size: usize) {
     if let Some(p) = NonNull::new(p.cast::<u8>()) {
         #[cfg(feature = "debug-checks")]
-        check_size(p, MAX_ALIGN, size, "free_sized");
+        check_size(p, 1, size, "free_sized");
         // SAFETY: forwarded contract.
         unsafe { free_routed_sized(p, sized_layout(size, 1), "free_sized") };
     }
@@ -605,7 +605,10 @@ pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: 
 /// A block allocated for `size` bytes aligned to `align` has at least
 /// `size` and at most `max(2 * size, align, 16)` usable bytes (size classes
 /// waste at most 20%, page blocks less than half, `realloc` keeps a block
-/// in place only while it is less than twice the new size); a block of
+/// in place only while it is less than twice the new size), or the largest
+/// object its size class can give (`Heap::largest_object_for`: the nolock
+/// route takes the next class up when the request's own is re-entered,
+/// so `posix_memalign(4096, 462)` in a handler may get 8 KiB); a block of
 /// whole pages (`Heap::is_paged`) may also have `size` rounded up to pages:
 /// a small request served by a page block (the nolock route, when its size
 /// classes are busy) or mapped on its own beside the heap (a miss while
@@ -624,7 +627,15 @@ fn check_size(p: NonNull<u8>, align: usize, size: usize, what: &str) {
     } else {
         0
     };
-    let most = size.saturating_mul(2).max(align).max(MAX_ALIGN).max(pages);
+    let objects = layout(size, align.max(malloc_align(size)))
+        .and_then(Heap::largest_object_for)
+        .unwrap_or(0);
+    let most = size
+        .saturating_mul(2)
+        .max(align)
+        .max(MAX_ALIGN)
+        .max(pages)
+        .max(objects);
     if size > usable || (usable > most && !KEPT_IN_PLACE.load(Ordering::Relaxed)) {
         let mut l = Line::new();
         l.text("anyalloc: ")

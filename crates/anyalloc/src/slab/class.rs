@@ -232,6 +232,20 @@ pub(crate) fn next_class(c: usize, align: usize) -> Option<usize> {
     (c + 1..CLASSES).find(|&n| natural_align(n) >= align)
 }
 
+/// The largest object a request of `size` bytes aligned to `align` can be
+/// given, or `None` for a request no class serves: its class `c`, or the
+/// next larger class (the nolock route's fallback when `c` is re-entered on
+/// every level) that keeps the alignment the fallback asks for, which is
+/// `layout_of(c)`'s when the request came by the fast path. At most twice
+/// `c`'s size: `posix_memalign(4096, 462)` may get an 8 KiB object,
+/// `malloc(9)` (the 16-byte class, its fallback aligned to 16) a 32-byte
+/// one.
+pub(crate) fn largest_for(size: usize, align: usize) -> Option<usize> {
+    let c = class_for(size, align)?;
+    let kept = align.max(layout_of(c).align());
+    Some(SIZES[next_class(c, kept).unwrap_or(c)] as usize)
+}
+
 /// Page order of the slabs of class `c`: the smallest order (at most 3, so
 /// the nolock path can make slabs) holding at least 8 objects when possible.
 pub(crate) const fn slab_order(c: usize) -> u32 {
@@ -246,6 +260,32 @@ pub(crate) const fn slab_order(c: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_object_bounds_both_classes_the_nolock_route_tries() {
+        for align in (0..=PAGE_SIZE.trailing_zeros()).map(|b| 1 << b) {
+            for size in 1..=MAX_SMALL {
+                let Some(c) = class_for(size, align) else {
+                    assert_eq!(largest_for(size, align), None);
+                    continue;
+                };
+                let most = largest_for(size, align).unwrap();
+                assert!(SIZES[c] as usize <= most, "{size} aligned to {align}");
+                // The general path's fallback keeps the request's alignment;
+                // a fast path's, the class layout's (at least as strict).
+                for kept in [align, layout_of(c).align()] {
+                    if let Some(n) = next_class(c, kept) {
+                        assert!(SIZES[n] as usize <= most, "{size} aligned to {align}");
+                    }
+                }
+                assert!(most <= 2 * SIZES[c] as usize, "{size} aligned to {align}");
+            }
+        }
+        // The case a storm found: the 4 KiB class, then the 8 KiB one.
+        assert_eq!(largest_for(462, 4096), Some(8192));
+        // The 16-byte class, then the next one aligned to 16.
+        assert_eq!(largest_for(9, 8), Some(32));
+    }
 
     #[test]
     fn a_class_layout_maps_back_to_its_class_and_keeps_its_requests_alignment() {

@@ -649,6 +649,26 @@ impl Heap {
         }
     }
 
+    /// The largest object of a size class that an allocation for `layout`
+    /// can be given on any path, or `None` when no class serves the
+    /// layout (a page block or a mapping does): its class, or on the nolock
+    /// route, when that class is re-entered on every level, the next larger
+    /// class that keeps the alignment (the class's own up to 16 bytes: a
+    /// 9-byte request may get 32 bytes). At most twice the class's size.
+    /// For the C library's size checks.
+    ///
+    /// ```
+    /// use anyalloc::Heap;
+    /// use core::alloc::Layout;
+    /// let l = Layout::from_size_align(462, 4096).unwrap();
+    /// assert_eq!(Heap::largest_object_for(l), Some(8192));
+    /// assert_eq!(Heap::largest_object_for(Layout::new::<[u8; 10000]>()), None);
+    /// ```
+    #[doc(hidden)]
+    pub fn largest_object_for(layout: Layout) -> Option<usize> {
+        class::largest_for(layout.size(), layout.align())
+    }
+
     /// Entries of the table of huge blocks claimed right now (`BUSY`: a
     /// block being moved by [`remap_huge`](Self::remap_huge), or an entry
     /// being filled by a huge allocation). For tests: in a forked child, a
