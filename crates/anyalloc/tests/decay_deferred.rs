@@ -117,11 +117,7 @@ const N: usize = 512;
 /// Role 1 (H, normal) holds level 0 and the node lock in its refill, roles
 /// 2 and 3 (T1, T2, nolock) levels 1 and 2, until the main thread's nolock
 /// frees have all been parked (step 4).
-static SCRIPT: [Pause; 3] = [
-    Pause::new(1, Site::SheafRefill, 0, 4),
-    Pause::new(2, Site::SheafAlloc, 1, 4),
-    Pause::new(3, Site::SheafAlloc, 2, 4),
-];
+static SCRIPT: [Pause; 3] = script::slot_holders(4);
 
 #[test]
 fn decay_frees_objects_a_nolock_free_parked() {

@@ -34,12 +34,10 @@ const SIZE: usize = 64;
 /// Role r pauses at step r: 1, H (level 0 and the node lock); 2, 3: T1, T2
 /// (levels 1, 2), all until step 5 (B's free is parked); 4: B, counted but
 /// not pushed, until the fork (step 6).
-static SCRIPT: [Pause; 4] = [
-    Pause::new(1, Site::SheafRefill, 0, 5),
-    Pause::new(2, Site::SheafAlloc, 1, 5),
-    Pause::new(3, Site::SheafAlloc, 2, 5),
-    Pause::new(4, Site::ObjectDeferredPush, 3, 6),
-];
+static SCRIPT: [Pause; 4] = {
+    let [h, t1, t2] = script::slot_holders(5);
+    [h, t1, t2, Pause::new(4, Site::ObjectDeferredPush, 3, 6)]
+};
 
 #[test]
 fn fork_between_a_deferred_object_free_count_and_its_push() {

@@ -20,7 +20,6 @@ use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::time::Duration;
 
-use anyalloc::interrupt::Site;
 use anyalloc::Heap;
 
 use script::Pause;
@@ -28,11 +27,7 @@ use script::Pause;
 /// Role 1 (normal) holds level 0 and the node lock in its refill, roles 2
 /// and 3 (nolock) levels 1 and 2, until the main thread has allocated
 /// (step 4).
-static SCRIPT: [Pause; 3] = [
-    Pause::new(1, Site::SheafRefill, 0, 4),
-    Pause::new(2, Site::SheafAlloc, 1, 4),
-    Pause::new(3, Site::SheafAlloc, 2, 4),
-];
+static SCRIPT: [Pause; 3] = script::slot_holders(4);
 
 /// With the class of `layout` held on every level, a nolock allocation of
 /// `layout` gets an object of `expected` usable bytes, and that is the

@@ -197,11 +197,25 @@ pub fn class_counts(heap: &Heap, size: usize) -> (usize, usize) {
     (c.objects_in_use, c.deferred)
 }
 
+/// The pauses of [`spawn_slot_holders`]' threads: role 1 (H) in its refill
+/// (level 0 and the class's node lock held) at step 0, roles 2 and 3 (T1,
+/// T2) at their allocations on levels 1 and 2 at steps 1 and 2; all three
+/// wait for step `until`. Step 3: every slot of the class and its node lock
+/// are held. A script with more roles adds its pauses after these.
+pub const fn slot_holders(until: usize) -> [Pause; 3] {
+    [
+        Pause::new(1, Site::SheafRefill, 0, until),
+        Pause::new(2, Site::SheafAlloc, 1, until),
+        Pause::new(3, Site::SheafAlloc, 2, until),
+    ]
+}
+
 /// The three threads of an object scenario that hold a class's slots: role
 /// 1 (H) allocates on the normal path, roles 2 and 3 (T1, T2) with the
-/// nolock path, each once the previous one has paused (the script pauses
-/// H in its refill with level 0 and the node lock held, T1 and T2 on
-/// levels 1 and 2). Each thread returns its object's address (0: none).
+/// nolock path, each once the previous one has paused (the script,
+/// [`slot_holders`], pauses H in its refill with level 0 and the node lock
+/// held, T1 and T2 on levels 1 and 2). Each thread returns its object's
+/// address (0: none).
 pub fn spawn_slot_holders<'scope>(
     s: &'scope std::thread::Scope<'scope, '_>,
     heap: &'scope Heap,
