@@ -172,10 +172,8 @@ fn decay_frees_objects_a_nolock_free_parked() {
     let left = script::class_counts(&heap, SIZE).1;
     println!("{parked} parked objects, {left} after two decay passes");
     assert_eq!(left, 0, "two decay passes left parked objects on the stack");
-    for p in held.into_iter().filter(|&p| p != 0) {
-        // SAFETY: allocated by a slot holder, freed once.
-        unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
-    }
+    // SAFETY: allocated by the slot holders, freed once.
+    unsafe { script::free_held(&heap, held) };
     heap.drain();
     assert_eq!(script::class_counts(&heap, SIZE), (0, 0));
 }

@@ -83,10 +83,8 @@ fn fork_between_a_deferred_object_free_count_and_its_push() {
         (status, held)
     });
     script::end();
-    for p in held.into_iter().filter(|&p| p != 0) {
-        // SAFETY: allocated by a role thread above, freed once.
-        unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
-    }
+    // SAFETY: allocated by the role threads above, freed once.
+    unsafe { script::free_held(&heap, held) };
     heap.drain();
     assert_eq!(script::class_counts(&heap, SIZE).1, 0);
     script::assert_child_ok(

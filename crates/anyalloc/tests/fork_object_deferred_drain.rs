@@ -117,10 +117,8 @@ fn fork_while_another_thread_drains_deferred_objects() {
         (status, held, mine)
     });
     script::end();
-    for p in held.into_iter().chain(mine).filter(|&p| p != 0) {
-        // SAFETY: allocated by a thread above, freed once.
-        unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
-    }
+    // SAFETY: allocated by the threads above, freed once.
+    unsafe { script::free_held(&heap, held.into_iter().chain(mine)) };
     heap.drain();
     assert_eq!(script::class_counts(&heap, SIZE), (0, 0));
     script::assert_child_ok(

@@ -17,7 +17,6 @@ mod script;
 mod watchdog;
 
 use std::alloc::Layout;
-use std::ptr::NonNull;
 use std::time::Duration;
 
 use anyalloc::Heap;
@@ -62,10 +61,8 @@ fn falls_back(layout: Layout, expected: usize) {
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     script::end();
-    for p in held.into_iter().filter(|&p| p != 0) {
-        // SAFETY: allocated by a slot holder, freed once.
-        unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
-    }
+    // SAFETY: allocated by the slot holders, freed once.
+    unsafe { script::free_held(&heap, held) };
 }
 
 #[test]

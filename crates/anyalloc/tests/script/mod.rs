@@ -236,3 +236,15 @@ pub fn spawn_slot_holders<'scope>(
         })
         .collect()
 }
+
+/// Frees each of `blocks` that is not 0 (the addresses
+/// [`spawn_slot_holders`]' threads return, 0 for none).
+///
+/// # Safety
+/// Each non-zero address is a live block of `heap`, freed nowhere else.
+pub unsafe fn free_held(heap: &Heap, blocks: impl IntoIterator<Item = usize>) {
+    for p in blocks.into_iter().filter(|&p| p != 0) {
+        // SAFETY: per the caller.
+        unsafe { heap.free(std::ptr::NonNull::new(p as *mut u8).unwrap()) };
+    }
+}
