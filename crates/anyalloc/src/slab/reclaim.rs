@@ -288,8 +288,9 @@ impl HeapCore {
     /// wake does (a heap without one has nothing to wake): huge blocks
     /// here, a cache's objects in `maintain_slots`, pages in
     /// `PageAllocator::decay`. Not the maintainer's upkeep: no stocking
-    /// for the nolock path, no shrinkers. The maintenance lock is only tried: a pass, drain or
-    /// trim elsewhere does this work already. The system calls are the
+    /// for the nolock path, no shrinkers. The maintenance lock is only
+    /// tried: a pass, drain or trim elsewhere does this work already. The
+    /// system calls are the
     /// maintainer's: each `madvise` runs with only the maintenance and
     /// drain locks held, which no nolock caller ever tries (the zone lock
     /// is let go around it); flushing another CPU's idle cache takes its
