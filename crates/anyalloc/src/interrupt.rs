@@ -45,9 +45,11 @@ pub enum Site {
     SheafAlloc,
     /// Object allocator: a sheaf slot is held (free).
     SheafFree,
-    /// Object allocator: slot held and the barn locked, mid-refill.
+    /// Object allocator: slot held and the node locked, mid-refill from
+    /// the slabs.
     SheafRefill,
-    /// Object allocator: slot held and the barn locked, mid-flush.
+    /// Object allocator: slot held and the node locked, mid-flush to the
+    /// slabs.
     SheafFlush,
     /// Object allocator: the cache's partial-slab list is locked.
     PartialLocked,
@@ -106,6 +108,9 @@ pub enum Site {
     /// Object allocator: a shrinker is being linked into the registry, or
     /// the registry is being walked to run the shrinkers.
     ShrinkerRegistry,
+    /// Object allocator: slot held and the barn locked, trading a sheaf
+    /// with the barn (a refill or a flush), the node lock not held.
+    BarnTrade,
     /// Fork: the heap registry is held, a heap being linked into it
     /// (`Heap::new`) or unlinked (dropping a heap).
     HeapRegistry,
@@ -170,6 +175,7 @@ impl Site {
         Site::SheafFree,
         Site::SheafRefill,
         Site::SheafFlush,
+        Site::BarnTrade,
         Site::PartialLocked,
         Site::ObjectDeferredPush,
         Site::ObjectDeferredDrain,

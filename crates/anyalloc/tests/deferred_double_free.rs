@@ -17,9 +17,10 @@
 //!   the general path: `Cache::tiny_suspect`'s "another zone" case.
 //!
 //! Parking is made deterministic with interrupt points, as in
-//! `heap_deferred_gate`: normal frees until one flushes a sheaf (the
-//! level-0 slot and the node lock held), and nolock frees inside the flush,
-//! more than the other level slots take. The zones' objects are parked
+//! `heap_deferred_gate`: normal frees until one flushes a sheaf to the
+//! slabs (the barn full of full sheaves; the level-0 slot and the node lock
+//! held), and nolock frees inside the flush, more than the other level
+//! slots take. The zones' objects are parked
 //! alternately. Each scenario runs in a child process (`tests/watchdog`),
 //! which must die of `SIGABRT` with one line.
 
@@ -122,7 +123,8 @@ fn double_free_a_parked_object(victim: Victim) {
         };
         p.store(p_i, Relaxed);
     }
-    let mut objs: Vec<NonNull<u8>> = (0..4000).map(|_| h.alloc(layout()).unwrap()).collect();
+    // More than the slot's sheaves and the barn's hold (about 4300).
+    let mut objs: Vec<NonNull<u8>> = (0..8000).map(|_| h.alloc(layout()).unwrap()).collect();
     set_hook(Some(hook));
     while !PARKED.load(Relaxed) {
         let p = objs.pop().expect("no free flushed a sheaf");

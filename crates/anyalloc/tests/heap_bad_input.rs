@@ -748,9 +748,10 @@ fn deferred_victim_then(then: Then) {
         let h = unsafe { &*H.load(Ordering::Relaxed) };
         let l = Layout::from_size_align(64, 8).unwrap();
         match (STAGE.load(Ordering::Relaxed), site) {
-            // The driver flushes (level-0 slot and node lock held); a handler
-            // allocates (level 1), a nested one allocates (level 2) ...
-            (0, Site::SheafFlush) | (1, Site::SheafAlloc) => {
+            // The driver refills from the slabs (level-0 slot and node lock
+            // held); a handler allocates (level 1), a nested one allocates
+            // (level 2) ...
+            (0, Site::SheafRefill) | (1, Site::SheafAlloc) => {
                 STAGE.fetch_add(1, Ordering::Relaxed);
                 let _ = h.alloc_nolock(l);
             }
@@ -802,10 +803,8 @@ fn deferred_victim_then(then: Then) {
     ));
     H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
     IN_HANDLER.store(in_handler, Ordering::Relaxed);
-    // Enough objects for a flush (two full sheaves) before the last.
     let cap = h.stats().classes[10].sheaf_capacity;
-    let objs = allocs(h, 64, 2 * cap + 40);
-    let victim = objs[2 * cap + 39];
+    let victim = allocs(h, 64, 1)[0];
     VICTIM.store(victim.as_ptr() as usize, Ordering::Relaxed);
     // Two nested allocations each take one object and may fill a main
     // sheaf (`cap`): more than that above the victim.
@@ -814,13 +813,14 @@ fn deferred_victim_then(then: Then) {
     for (d, p) in DECOYS.iter().zip(&decoys) {
         d.store(p.as_ptr() as usize, Ordering::Relaxed);
     }
+    // The class's sheaves and barn back to the slabs: the next allocation
+    // refills from them, and the hook's chain runs inside.
+    h.drain();
     set_hook(Some(hook));
-    let mut i = 0;
-    while STAGE.load(Ordering::Relaxed) != 3 {
-        free(h, objs[i]);
-        i += 1;
-    }
+    // (Kept: its normal free would drain the deferred stack.)
+    let _refilled = allocs(h, 64, 1);
     set_hook(None);
+    assert_eq!(STAGE.load(Ordering::Relaxed), 3, "the chain ran");
     // The victim and the decoys the nested allocations left there.
     assert!(h.stats().classes[10].deferred >= 1, "nothing deferred");
     if then == Then::Scribble {
@@ -1364,13 +1364,13 @@ mod tiny_victim {
 
     static H: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
     static VICTIM: AtomicUsize = AtomicUsize::new(0);
-    /// 0: disarmed; 1: at `PartialLocked`; 2: at `SheafFlush`.
+    /// 0: disarmed; 1: at `PartialLocked`; 2: at `BarnTrade`.
     static AT: AtomicU8 = AtomicU8::new(0);
 
     fn hook(site: Site) {
         let at = match AT.load(Ordering::Relaxed) {
             1 => Site::PartialLocked,
-            2 => Site::SheafFlush,
+            2 => Site::BarnTrade,
             _ => return,
         };
         if site != at {
@@ -1385,8 +1385,8 @@ mod tiny_victim {
     }
 
     /// Runs `op` with the hook armed to free `victim` (nolock) at `site`
-    /// (`PartialLocked` or `SheafFlush`, both with the node lock held),
-    /// and checks that it ran.
+    /// (`PartialLocked` or `BarnTrade`: the node lock or the barn lock
+    /// held, so the exact check cannot search), and checks that it ran.
     pub fn free_inside(h: &'static Heap, victim: NonNull<u8>, site: Site, op: impl FnOnce()) {
         H.store(h as *const Heap as *mut Heap, Ordering::Relaxed);
         VICTIM.store(victim.as_ptr() as usize, Ordering::Relaxed);
@@ -1439,7 +1439,7 @@ fn parked_tiny_double_free_reached_on_its_slab_aborts_as_a_double_free() {
 }
 
 /// An 8-byte object waiting in a full barn sheaf, freed again by the
-/// nolock free while the node lock is held (the barn is searched under it:
+/// nolock free while the barn lock is held (the barn is searched under it:
 /// parked as a suspect), then handed out from that sheaf by nolock
 /// allocations before any drain checked it. The allocation clears its
 /// first word, which for the tiny classes is the suspects' link too: the
@@ -1467,9 +1467,9 @@ fn parked_tiny_double_free_handed_out_aborts_as_a_double_free_at_the_drain() {
                 "{:?}",
                 h.stats().classes[0]
             );
-            // The next flush (main and spare full again) holds the node
+            // The next flush (main and spare full again) holds the barn
             // lock: the hook frees objs[0], in a barn sheaf, there.
-            tiny_victim::free_inside(h, objs[0], anyalloc::interrupt::Site::SheafFlush, || {
+            tiny_victim::free_inside(h, objs[0], anyalloc::interrupt::Site::BarnTrade, || {
                 free(h, objs[4 * cap])
             });
             // Nolock allocations (no drain) until objs[0] is handed out.

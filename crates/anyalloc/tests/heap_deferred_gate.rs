@@ -16,7 +16,8 @@
 //! The first test checks the gate itself: a deferred free closes it, and
 //! the next normal operation drains. The third checks the other context
 //! that takes the stack and puts part of it back: a nolock allocation that
-//! found the node lock held takes parked objects (`alloc_deferred`), while
+//! found the barn empty and the node lock held takes parked objects
+//! (`alloc_deferred`), while
 //! a normal operation on another CPU reopens the gate.
 //!
 //! Without restartable sequences (`GLIBC_TUNABLES=glibc.pthread.rseq=0`)
@@ -37,8 +38,9 @@ static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 /// What the hook does: nothing, park objects, or run normal operations.
 static MODE: AtomicUsize = AtomicUsize::new(OFF);
 const OFF: usize = 0;
-/// At a flush (level-0 slot and node lock held): nolock-free every object
-/// in `TO_PARK`; what the other level slots cannot take is deferred.
+/// At a flush to the slabs (the barn full; level-0 slot and node lock
+/// held): nolock-free every object in `TO_PARK`; what the other level
+/// slots cannot take is deferred.
 const PARK: usize = 1;
 /// At the exact double-free check: a normal allocation and free.
 const REOPEN: usize = 2;
@@ -48,7 +50,9 @@ const REOPEN_REMOTE: usize = 3;
 /// After parking (`PARK`), nolock allocations until one takes parked
 /// objects (into `TAKEN`), with `REOPEN_REMOTE` armed.
 static TAKE_AFTER_PARK: AtomicBool = AtomicBool::new(false);
-static TAKEN: [AtomicUsize; 2048] = [const { AtomicUsize::new(0) }; 2048];
+/// (More than the barn's full sheaves hold, about 3800, which the nolock
+/// allocations take first.)
+static TAKEN: [AtomicUsize; 8192] = [const { AtomicUsize::new(0) }; 8192];
 static OTHER_CPU: AtomicUsize = AtomicUsize::new(0);
 static REMOTE_DONE: AtomicBool = AtomicBool::new(false);
 static TO_PARK: [AtomicUsize; 1024] = [const { AtomicUsize::new(0) }; 1024];
@@ -84,8 +88,9 @@ fn hook(site: Site) {
                 }
             }
             if TAKE_AFTER_PARK.load(Ordering::Relaxed) {
-                // Empty this CPU's other levels: the allocation after them
-                // finds the node lock held and takes parked objects.
+                // Empty this CPU's other levels and the barn: the
+                // allocation after them finds the node lock held and takes
+                // parked objects.
                 MODE.store(REOPEN_REMOTE, Ordering::Relaxed);
                 for t in &TAKEN {
                     let p = h.alloc_nolock(layout()).expect("a nolock allocation");
@@ -160,7 +165,8 @@ fn park(heap: &Heap) -> (usize, Vec<NonNull<u8>>) {
             Ordering::Relaxed,
         );
     }
-    let mut objs: Vec<NonNull<u8>> = (0..4000).map(|_| heap.alloc(layout()).unwrap()).collect();
+    // More than the slot's sheaves and the barn's hold (about 4100).
+    let mut objs: Vec<NonNull<u8>> = (0..8000).map(|_| heap.alloc(layout()).unwrap()).collect();
     let acted = ACTED.load(Ordering::Relaxed);
     set_hook(Some(hook));
     MODE.store(PARK, Ordering::Relaxed);

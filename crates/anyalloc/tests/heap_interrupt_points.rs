@@ -247,11 +247,12 @@ fn step(site: Site, depth: usize) {
     }
 }
 
-/// The deterministic deferred free. The driver frees objects of the driven
-/// class until a free has to flush: at that `SheafFlush` site it holds the
-/// class's level-0 slot and its node lock. Hook depth 0 allocates: the
-/// level-1 slot (busy: level 0) is taken, and at its `SheafAlloc` site hook
-/// depth 1 allocates again: level 2. At that `SheafAlloc` site hook depth 2
+/// The deterministic deferred free. The driver allocates from the driven
+/// class with its sheaves and barn drained, so the allocation refills from
+/// the slabs: at that `SheafRefill` site it holds the class's level-0 slot
+/// and its node lock (the barn, without a full sheaf, let go). Hook depth
+/// 0 allocates: the level-1 slot (busy: level 0) is taken, and at its
+/// `SheafAlloc` site hook depth 1 allocates again: level 2. At that `SheafAlloc` site hook depth 2
 /// frees an object of the class: every level slot of this CPU is held and so
 /// is the node lock, so the free must be parked on the deferred stack. It
 /// frees the decoys after it: the two nested allocations, finding the node
@@ -262,7 +263,7 @@ fn chain(site: Site, depth: usize) {
     let driven = DRIVEN.load(Ordering::Relaxed);
     let stage = CHAIN_STAGE.load(Ordering::Relaxed);
     match (depth, stage, site) {
-        (0, 0, Site::SheafFlush) | (1, 1, Site::SheafAlloc) => {
+        (0, 0, Site::SheafRefill) | (1, 1, Site::SheafAlloc) => {
             CHAIN_STAGE.store(stage + 1, Ordering::Relaxed);
             if let Some(h) = hook_alloc(site, driven, 8) {
                 assert!(CHAIN_HELD.put(h, 0));
@@ -408,19 +409,11 @@ fn every_heap_site_survives_nolock_reentry() {
     for d in &CHAIN_DECOYS[..2 * cap + 4] {
         d.store(driver_alloc(driven, false), Ordering::Relaxed);
     }
-    // Enough that freeing them fills main and spare and must flush,
-    // whatever main held after these allocations.
-    let mut objs: Vec<usize> = (0..3 * cap + 8)
-        .map(|_| driver_alloc(driven, false))
-        .collect();
+    // The class's sheaves and barn back to the slabs: the next allocation
+    // refills from the slabs (and the chain runs inside it).
+    heap.drain();
     MODE.store(CHAIN, Ordering::Relaxed);
-    // Free until one free had to flush (and the chain ran inside it).
-    while let Some(h) = objs.pop() {
-        driver_free(h, false);
-        if CHAIN_STAGE.load(Ordering::Relaxed) != 0 {
-            break;
-        }
-    }
+    let objs = [driver_alloc(driven, false)];
     MODE.store(OFF, Ordering::Relaxed);
     assert_eq!(
         CHAIN_STAGE.load(Ordering::Relaxed),

@@ -4,7 +4,8 @@
 //!
 //! A free whose object holds the heap's key in its key word (user data
 //! that happens to equal it, or a real double free) runs `Cache::is_free`,
-//! which looks in the barn and the slab's free list under the node lock.
+//! which looks in the barn and the slab's free list under the node and
+//! barn locks.
 //! A thread inside the allocator (a signal handler that interrupted its own
 //! thread holding a waitable lock) takes the nolock route, which only
 //! *tries* that lock. The check took the mode of the call as it came

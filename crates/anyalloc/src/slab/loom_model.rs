@@ -5,19 +5,23 @@
 //! uses core atomics), so this models its protocol with the crate's real
 //! loom-enabled primitives ([`SlotLock`], [`ZoneLock`], [`IndexStack`]) and
 //! loom's `UnsafeCell` for everything those locks guard: the slot's main
-//! sheaf pointer and contents (slot lock), the barn's lists and the slab
-//! free list (node lock), each object's first word (the deferred link, owned
-//! by whoever holds the object).
+//! sheaf pointer and contents (slot lock), the barn's lists and the
+//! contents of its sheaves (barn lock), the slab free list (node lock),
+//! each object's first word (the deferred link, owned by whoever holds the
+//! object).
 //!
 //! The protocol, as in the `cache` module:
 //!
 //! * nolock free: slot `try_lock` -> push onto main; main full -> trade it
-//!   for an empty barn sheaf under a *tried* node lock; else the node lock
-//!   tried -> back to the slab; else push onto the deferred stack (the link
-//!   is written into the object itself);
+//!   for an empty barn sheaf under a *tried* barn lock, else (barn busy or
+//!   without an empty sheaf, the barn lock let go) return main's objects to
+//!   the slab under a tried node lock; no slot, or both busy -> back to
+//!   the slab under a tried node lock; else push onto the deferred stack
+//!   (the link is written into the object itself);
 //! * nolock alloc: slot `try_lock` -> pop; empty -> trade main for a full
-//!   barn sheaf, else take from the slab, under a tried node lock;
-//! * normal free: as nolock, but the node lock is *waited* for;
+//!   barn sheaf under a tried barn lock, else take from the slab under a
+//!   tried node lock;
+//! * normal free: as nolock, but the barn and node locks are *waited* for;
 //! * drain: take the whole deferred stack, free each object the normal way.
 //!
 //! loom explores the interleavings of two threads freeing (one also
@@ -33,7 +37,7 @@ use std::vec;
 use std::vec::Vec;
 
 use crate::platform::Platform;
-use crate::sync::{IndexStack, SlotLock, ZoneLock, NIL};
+use crate::sync::{IndexStack, SlotLock, ZoneGuard, ZoneLock, NIL};
 
 struct NoPlatform;
 
@@ -59,11 +63,12 @@ struct Model {
     slot: SlotLock,
     /// The slot's main sheaf (index into `sheaves`), under `slot`.
     main: UnsafeCell<usize>,
-    /// Sheaf contents: under `slot` while the sheaf is main, under `node`
+    /// Sheaf contents: under `slot` while the sheaf is main, under `barn`
     /// while it is in the barn.
     sheaves: [UnsafeCell<Vec<usize>>; SHEAVES],
     node: ZoneLock,
-    /// Barn lists of full and empty sheaves, under `node`.
+    barn: ZoneLock,
+    /// Barn lists of full and empty sheaves, under `barn`.
     barn_full: UnsafeCell<Vec<usize>>,
     barn_empty: UnsafeCell<Vec<usize>>,
     /// Free objects back in their slab, under `node`.
@@ -80,6 +85,7 @@ impl Model {
             main: UnsafeCell::new(0),
             sheaves: [UnsafeCell::new(Vec::new()), UnsafeCell::new(Vec::new())],
             node: ZoneLock::new(),
+            barn: ZoneLock::new(),
             barn_full: UnsafeCell::new(Vec::new()),
             barn_empty: UnsafeCell::new(vec![1]),
             slab: UnsafeCell::new(Vec::new()),
@@ -110,24 +116,43 @@ impl Model {
         })
     }
 
-    /// Slot and node held, main full: trade main for an empty barn sheaf,
-    /// or (no empty sheaf) return main's objects to the slab.
-    fn flush(&self) {
-        // SAFETY: slot and node held: `main`, the main sheaf and the
-        // barn lists and barn sheaves are ours.
-        unsafe {
-            let s = self.main.with(|m| *m);
-            match self.barn_empty.with_mut(|e| (*e).pop()) {
-                Some(e) => {
+    /// `lock`, waited for (`wait`, the normal path) or tried.
+    fn take<'a>(&self, lock: &'a ZoneLock, wait: bool) -> Option<ZoneGuard<'a>> {
+        if wait {
+            Some(lock.lock(&P))
+        } else {
+            lock.try_lock(&P)
+        }
+    }
+
+    /// Slot held, main full: trade main for an empty barn sheaf (barn
+    /// lock), or (no empty sheaf, or the barn busy) return main's objects
+    /// to the slab (node lock, taken after the barn's is let go). Each lock
+    /// waited for with `wait`, else tried: `false` when the node lock was
+    /// needed and busy.
+    fn flush(&self, wait: bool) -> bool {
+        if let Some(_b) = self.take(&self.barn, wait) {
+            // SAFETY: slot and barn held: `main`, the main sheaf, the barn
+            // lists and the barn sheaves are ours.
+            unsafe {
+                let s = self.main.with(|m| *m);
+                if let Some(e) = self.barn_empty.with_mut(|e| (*e).pop()) {
                     self.barn_full.with_mut(|f| (*f).push(s));
                     self.main.with_mut(|m| *m = e);
-                }
-                None => {
-                    let objs = self.sheaves[s].with_mut(|v| core::mem::take(&mut *v));
-                    self.slab.with_mut(|l| (*l).extend(objs));
+                    return true;
                 }
             }
         }
+        let Some(_n) = self.take(&self.node, wait) else {
+            return false;
+        };
+        // SAFETY: slot and node held: the main sheaf and the slab are ours.
+        unsafe {
+            let s = self.main.with(|m| *m);
+            let objs = self.sheaves[s].with_mut(|v| core::mem::take(&mut *v));
+            self.slab.with_mut(|l| (*l).extend(objs));
+        }
+        true
     }
 
     fn to_slab(&self, o: usize) {
@@ -140,8 +165,7 @@ impl Model {
             if self.push_main(o) {
                 return;
             }
-            if let Some(_n) = self.node.try_lock(&P) {
-                self.flush();
+            if self.flush(false) {
                 assert!(self.push_main(o), "main has room after a flush");
                 return;
             }
@@ -168,8 +192,7 @@ impl Model {
             if self.push_main(o) {
                 return;
             }
-            let _n = self.node.lock(&P);
-            self.flush();
+            assert!(self.flush(true), "a normal flush waits for its locks");
             assert!(self.push_main(o), "main has room after a flush");
             return;
         }
@@ -185,15 +208,18 @@ impl Model {
             if let Some(o) = self.sheaves[s].with_mut(|v| unsafe { (*v).pop() }) {
                 return Some(o);
             }
-            let _n = self.node.try_lock(&P)?;
-            // SAFETY: slot and node held.
-            unsafe {
-                if let Some(f) = self.barn_full.with_mut(|f| (*f).pop()) {
-                    self.barn_empty.with_mut(|e| (*e).push(s));
-                    self.main.with_mut(|m| *m = f);
-                    return self.sheaves[f].with_mut(|v| (*v).pop());
+            if let Some(_b) = self.barn.try_lock(&P) {
+                // SAFETY: slot and barn held: `main`, the barn lists and
+                // the barn sheaves are ours.
+                unsafe {
+                    if let Some(f) = self.barn_full.with_mut(|f| (*f).pop()) {
+                        self.barn_empty.with_mut(|e| (*e).push(s));
+                        self.main.with_mut(|m| *m = f);
+                        return self.sheaves[f].with_mut(|v| (*v).pop());
+                    }
                 }
             }
+            let _n = self.node.try_lock(&P)?;
             // SAFETY: node held.
             return self.slab.with_mut(|l| unsafe { (*l).pop() });
         }
@@ -288,7 +314,7 @@ fn loom_sheaf_barn_and_deferred_handoff() {
         sheaves.sort_unstable();
         assert_eq!(sheaves, vec![0, 1], "a sheaf was lost or duplicated");
         assert!(m.deferred.is_empty());
-        assert!(!m.slot.is_locked() && !m.node.is_locked());
+        assert!(!m.slot.is_locked() && !m.node.is_locked() && !m.barn.is_locked());
     });
 }
 

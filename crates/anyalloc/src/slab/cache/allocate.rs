@@ -332,8 +332,13 @@ impl Cache {
         None
     }
 
-    /// Main and spare are empty: trade main for a full sheaf from the barn,
-    /// or fill it from the slabs. Returns one object.
+    /// Main and spare are empty: trade main for a full sheaf from the barn
+    /// (barn lock), or fill it from the slabs (node lock, taken after the
+    /// barn's is let go). Returns one object. A nolock refill that finds
+    /// the barn busy goes to the slabs, and one that finds the node busy
+    /// (a slab operation of the context it interrupted, say) still trades
+    /// with the barn; `Err(Busy)` when it needed the node lock and found
+    /// it busy.
     #[cold]
     pub(super) fn refill(
         &self,
@@ -347,21 +352,24 @@ impl Cache {
         if mode == Mode::NoLock {
             slot.demand.store(1, Ordering::Relaxed);
         }
+        if let Some(barn) = self.lock_barn(mode, pages) {
+            crate::interrupt_point!(BarnTrade);
+            if self.trade_main_for_full(slot, g, &barn) {
+                // Refill runs when the spare is empty too: trade it as well
+                // when the barn has another full sheaf, so the next refill
+                // (and its lock) comes two sheaves later instead of one.
+                if slot.spare().len() == 0 {
+                    self.trade_spare_for_full(slot, g, &barn);
+                }
+                return slot.main_pop(g).ok_or(Fail::Empty);
+            }
+        }
         let node = self
             .node
             .lock
             .lock_in(mode, pages.platform())
             .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafRefill);
-        if self.trade_main_for_full(slot, g, &node) {
-            // Refill runs when the spare is empty too: trade it as well when
-            // the barn has another full sheaf, so the next refill (and its
-            // node lock) comes two sheaves later instead of one.
-            if slot.spare().len() == 0 {
-                self.trade_spare_for_full(slot, g, &node);
-            }
-            return slot.main_pop(g).ok_or(Fail::Empty);
-        }
         let first = self.take_object(&node, pages, mode)?;
         // Fill main from the slabs that have free objects; don't make new
         // slabs just to fill a sheaf.

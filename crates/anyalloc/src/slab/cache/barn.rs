@@ -62,8 +62,10 @@ impl Cache {
         Ok(())
     }
 
-    /// Main and spare are full: give main to the barn for an empty sheaf, or
-    /// return main's objects to their slabs.
+    /// Main and spare are full: give main to the barn for an empty sheaf
+    /// (barn lock), or return main's objects to their slabs (node lock,
+    /// taken after the barn's is let go). A nolock flush that finds the
+    /// barn busy goes to the slabs; `Err` when the node lock is busy too.
     #[cold]
     pub(super) fn flush(
         &self,
@@ -72,61 +74,65 @@ impl Cache {
         pages: &PageAllocator,
         mode: Mode,
     ) -> Result<(), Fail> {
+        if let Some(barn) = self.lock_barn(mode, pages) {
+            crate::interrupt_point!(BarnTrade);
+            if self.trade_main_for_empty(slot, g, &barn) {
+                // Flush runs when the spare is full too: trade it as well
+                // when the barn has room, so the next flush comes two
+                // sheaves later.
+                if slot.spare().len() >= self.cap {
+                    self.trade_spare_for_empty(slot, g, &barn);
+                }
+                return Ok(());
+            }
+        }
         let node = self
             .node
             .lock
             .lock_in(mode, pages.platform())
             .ok_or(Fail::Busy)?;
         crate::interrupt_point!(SheafFlush);
-        if self.trade_main_for_empty(slot, g, &node) {
-            // Flush runs when the spare is full too: trade it as well when
-            // the barn has room, so the next flush comes two sheaves later.
-            if slot.spare().len() >= self.cap {
-                self.trade_spare_for_empty(slot, g, &node);
-            }
-            return Ok(());
-        }
         self.flush_main(slot, g, pages, &node, mode);
         Ok(())
     }
 
-    /// Node lock held, and `slot` held by the caller (`g`), its main sheaf
+    /// Barn lock held, and `slot` held by the caller (`g`), its main sheaf
     /// empty: a full barn sheaf becomes main, the old main joining the
     /// barn's empty list. `false` when the barn has no full sheaf.
     pub(super) fn trade_main_for_full(
         &self,
         slot: &SheafSlot,
         g: &SlotGuard<'_>,
-        node: &ZoneGuard<'_>,
+        barn: &BarnGuard<'_>,
     ) -> bool {
-        let Some(full) = self.take_full(node) else {
+        let Some(full) = self.take_full(barn) else {
             return false;
         };
         let old = slot.detach_main(g);
         slot.set_main(full, g);
-        self.give_empty(old, node);
+        self.give_empty(old, barn);
         true
     }
 
-    /// Node lock held, and `slot` held by the caller (`g`): an empty barn
+    /// Barn lock held, and `slot` held by the caller (`g`): an empty barn
     /// sheaf becomes main, the old main joining the barn's full list.
     /// `false` when the barn has no room (`BARN_BYTES`) or no empty sheaf.
     pub(super) fn trade_main_for_empty(
         &self,
         slot: &SheafSlot,
         g: &SlotGuard<'_>,
-        node: &ZoneGuard<'_>,
+        barn: &BarnGuard<'_>,
     ) -> bool {
-        let Some(empty) = self.barn_empty_with_room(node) else {
+        let Some(empty) = self.barn_empty_with_room(barn) else {
             return false;
         };
         let old = slot.detach_main(g);
         slot.set_main(empty, g);
-        self.give_full(old, node);
+        self.give_full(old, barn);
         true
     }
 
-    /// Node lock held, and `slot` held by the caller (`_g`), its spare
+    /// Barn lock held, and `slot` held by the caller (`_g`), its spare
     /// sheaf empty: trades the spare for a full barn sheaf, the old one
     /// joining the barn's empty list. `false` when the barn has no full
     /// sheaf.
@@ -134,19 +140,19 @@ impl Cache {
         &self,
         slot: &SheafSlot,
         _g: &SlotGuard<'_>,
-        node: &ZoneGuard<'_>,
+        barn: &BarnGuard<'_>,
     ) -> bool {
-        let Some(full) = self.take_full(node) else {
+        let Some(full) = self.take_full(barn) else {
             return false;
         };
         // (A load and a store: the slot lock is held, no locked swap needed.)
         let old = slot.spare.load(Ordering::Relaxed);
         slot.spare.store(full, Ordering::Release);
-        self.give_empty(old, node);
+        self.give_empty(old, barn);
         true
     }
 
-    /// Node lock held, and `slot` held by the caller (`_g`): trades its
+    /// Barn lock held, and `slot` held by the caller (`_g`): trades its
     /// spare sheaf for an empty barn sheaf, the old one joining the barn's
     /// full list. `false` when the barn has no room (`BARN_BYTES`) or no
     /// empty sheaf.
@@ -154,62 +160,61 @@ impl Cache {
         &self,
         slot: &SheafSlot,
         _g: &SlotGuard<'_>,
-        node: &ZoneGuard<'_>,
+        barn: &BarnGuard<'_>,
     ) -> bool {
-        let Some(empty) = self.barn_empty_with_room(node) else {
+        let Some(empty) = self.barn_empty_with_room(barn) else {
             return false;
         };
         let old = slot.spare.load(Ordering::Relaxed);
         slot.spare.store(empty, Ordering::Release);
-        self.give_full(old, node);
+        self.give_full(old, barn);
         true
     }
 
-    /// Takes the barn's first full sheaf off its list (node lock held),
+    /// Takes the barn's first full sheaf off its list (barn lock held),
     /// counting its objects out of the barn and one exchange.
-    pub(super) fn take_full(&self, node: &ZoneGuard<'_>) -> Option<*mut Sheaf> {
-        let full = self.node.full.load(Ordering::Relaxed);
+    pub(super) fn take_full(&self, barn: &BarnGuard<'_>) -> Option<*mut Sheaf> {
+        let full = self.barn.full.load(Ordering::Relaxed);
         // SAFETY: barn sheaves are cache sheaves (live as long as the
-        // heap); the node lock gives us the barn lists.
+        // heap); the barn lock gives us the barn lists.
         let f = unsafe { full.as_ref() }?;
-        self.node
+        self.barn
             .full
             .store(f.next.load(Ordering::Relaxed), Ordering::Relaxed);
-        node.add(&self.node.barn_objects, f.len().wrapping_neg());
-        node.add(&self.node.barn_ops, 1);
+        barn.add(&self.barn.objects, f.len().wrapping_neg());
+        barn.add(&self.barn.ops, 1);
         Some(full)
     }
 
-    /// Puts `sheaf`, now empty, on the barn's empty list (node lock held).
-    pub(super) fn give_empty(&self, sheaf: *mut Sheaf, _node: &ZoneGuard<'_>) {
+    /// Puts `sheaf`, now empty, on the barn's empty list (barn lock held).
+    pub(super) fn give_empty(&self, sheaf: *mut Sheaf, _barn: &BarnGuard<'_>) {
         // SAFETY: a cache sheaf the caller took out of a slot or the barn.
         let e = unsafe { &*sheaf };
         e.next
-            .store(self.node.empty.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.node.empty.store(sheaf, Ordering::Relaxed);
+            .store(self.barn.empty.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.barn.empty.store(sheaf, Ordering::Relaxed);
     }
 
-    /// Puts `sheaf`, now full, on the barn's full list (node lock held),
+    /// Puts `sheaf`, now full, on the barn's full list (barn lock held),
     /// counting its objects into the barn and one exchange.
-    pub(super) fn give_full(&self, sheaf: *mut Sheaf, node: &ZoneGuard<'_>) {
+    pub(super) fn give_full(&self, sheaf: *mut Sheaf, barn: &BarnGuard<'_>) {
         // SAFETY: as in `give_empty`.
         let f = unsafe { &*sheaf };
-        node.add(&self.node.barn_objects, f.len());
-        node.add(&self.node.barn_ops, 1);
+        barn.add(&self.barn.objects, f.len());
+        barn.add(&self.barn.ops, 1);
         f.next
-            .store(self.node.full.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.node.full.store(sheaf, Ordering::Relaxed);
+            .store(self.barn.full.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.barn.full.store(sheaf, Ordering::Relaxed);
     }
 
     /// An empty barn sheaf to take a sheaf's worth of objects, if the barn
-    /// has room for them (`BARN_BYTES`) and an empty sheaf (node lock held).
-    pub(super) fn barn_empty_with_room(&self, node: &ZoneGuard<'_>) -> Option<*mut Sheaf> {
-        let room =
-            (self.node.barn_objects.load(Ordering::Relaxed) + self.cap) * self.size <= BARN_BYTES;
+    /// has room for them (`BARN_BYTES`) and an empty sheaf (barn lock held).
+    pub(super) fn barn_empty_with_room(&self, barn: &BarnGuard<'_>) -> Option<*mut Sheaf> {
+        let room = (self.barn.objects.load(Ordering::Relaxed) + self.cap) * self.size <= BARN_BYTES;
         if !room {
             return None;
         }
-        let empty = self.take_empty(node);
+        let empty = self.take_empty(barn);
         (!empty.is_null()).then_some(empty)
     }
 
@@ -312,21 +317,37 @@ impl Cache {
     }
 
     /// Returns every object in the barn's full sheaves to its slab (node
-    /// lock held); the sheaves become empty barn sheaves.
-    pub(super) fn flush_barn(&self, pages: &PageAllocator, node: &ZoneGuard<'_>) {
+    /// and barn locks held); the sheaves become empty barn sheaves.
+    pub(super) fn flush_barn(
+        &self,
+        pages: &PageAllocator,
+        node: &ZoneGuard<'_>,
+        barn: &BarnGuard<'_>,
+    ) {
         let mut s = self
-            .node
+            .barn
             .full
             .swap(core::ptr::null_mut(), Ordering::Relaxed);
         while !s.is_null() {
-            // SAFETY: barn sheaves are cache sheaves; node lock held.
+            // SAFETY: barn sheaves are cache sheaves; barn lock held.
             let sh = unsafe { &*s };
             let next = sh.next.load(Ordering::Relaxed);
-            node.add(&self.node.barn_objects, sh.len().wrapping_neg());
+            barn.add(&self.barn.objects, sh.len().wrapping_neg());
             self.flush_sheaf(sh, pages, node, Mode::Normal);
-            self.give_empty(s, node);
+            self.give_empty(s, barn);
             s = next;
         }
+    }
+
+    /// The node lock, then the barn's (the lock order), the normal way:
+    /// `None` when either gives way (see `ZoneLock::lock_in`).
+    fn lock_node_and_barn<'a>(
+        &'a self,
+        pages: &'a PageAllocator,
+    ) -> Option<(ZoneGuard<'a>, BarnGuard<'a>)> {
+        let node = self.node.lock.lock_in(Mode::Normal, pages.platform())?;
+        let barn = self.lock_barn(Mode::Normal, pages)?;
+        Some((node, barn))
     }
 
     /// Maintenance (normal context):
@@ -344,12 +365,12 @@ impl Cache {
     pub(crate) fn maintain_slots(&self, pages: &PageAllocator, idle_passes: u32, upkeep: bool) {
         self.drain_and_reopen(pages);
         let idle = self
-            .node
-            .barn_idle
-            .observe(self.node.barn_ops.load(Ordering::Relaxed));
-        if idle >= idle_passes && self.node.barn_objects.load(Ordering::Relaxed) > 0 {
-            if let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) {
-                self.flush_barn(pages, &node);
+            .barn
+            .idle
+            .observe(self.barn.ops.load(Ordering::Relaxed));
+        if idle >= idle_passes && self.barn.objects.load(Ordering::Relaxed) > 0 {
+            if let Some((node, barn)) = self.lock_node_and_barn(pages) {
+                self.flush_barn(pages, &node, &barn);
             }
         }
         for (i, slot) in self.slots().enumerate() {
@@ -428,10 +449,11 @@ impl Cache {
             self.flush_main(slot, &g, pages, &node, Mode::Normal);
             self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
         }
-        let Some(node) = self.node.lock.lock_in(Mode::Normal, pages.platform()) else {
+        let Some((node, barn)) = self.lock_node_and_barn(pages) else {
             return;
         };
-        self.flush_barn(pages, &node);
+        self.flush_barn(pages, &node, &barn);
+        drop(barn);
         // Release the reserve of empty slabs too.
         for zi in 0..pages.zone_count() {
             let zone = pages.zone_at(zi);

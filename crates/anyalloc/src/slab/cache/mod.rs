@@ -14,11 +14,15 @@
 //!   slots (the fast paths') live in the heap's per-CPU region (see
 //!   `LEVEL0_STRIDE`); the others follow the cache's own array, level by
 //!   level.
-//! * **Node** (one per cache, under a [`ZoneLock`]): the *barn* of full and
-//!   empty sheaves, and the *partial slabs* (slabs with free objects), one
-//!   doubly linked list per zone through the slab head pages' descriptor
-//!   links (`next`/`prev`, unused by the page layer while a block is
-//!   allocated).
+//! * **Barn** (one per cache, under its own [`ZoneLock`]): full and empty
+//!   sheaves that the slots trade theirs for, a few pointer stores under a
+//!   lock held for nothing else, so that a nolock refill can trade with the
+//!   barn while a slab operation holds the node lock (the context it
+//!   interrupted, say), rather than giving up on its class.
+//! * **Node** (one per cache, under a [`ZoneLock`]): the *partial slabs*
+//!   (slabs with free objects), one doubly linked list per zone through the
+//!   slab head pages' descriptor links (`next`/`prev`, unused by the page
+//!   layer while a block is allocated).
 //! * **Slabs**: runs of `2^order` pages. Every page of a slab has `owner =
 //!   class + 1` in its descriptor; the head page's descriptor holds the free
 //!   list (`freelist`, links stored in the free objects themselves), the count
@@ -47,8 +51,8 @@
 //! deferred stack, the barn and the object's slab free list, and aborts
 //! with a one-line message only when it finds the object (user data that
 //! happens to equal the key costs a search, never an abort). A nolock
-//! search that finds the node lock held cannot look in the barn and the
-//! free list: the object is parked on `suspects` (never handed out from
+//! search that finds the node or the barn lock held cannot look in the
+//! barn and the free list: the object is parked on `suspects` (never handed out from
 //! there) until a normal drain searches again, with the lock. Allocation
 //! clears the key word; carving an object from a slab's untouched tail
 //! writes it (the object is free until handed out, in a sheaf meanwhile).
@@ -66,7 +70,7 @@
 //!
 //! Every slot, once prepared, holds a main sheaf and a spare; the barn
 //! holds the cache's `BARN_SHEAVES` others (full or empty). Sheaves change
-//! places whole, under the slot lock (and the node lock for the barn): a
+//! places whole, under the slot lock (and the barn lock for the barn): a
 //! sheaf leaving main gets its count written from `top` first, a sheaf
 //! becoming main sets `top` from its count. While a sheaf is main its own
 //! count is stale; `top` is the truth. `is_free`'s unlocked scan may miss
@@ -76,14 +80,17 @@
 //! metadata area, zero-filled, and a zeroed slot or sheaf is valid (a slot
 //! gets its sheaves and its capacity when first taken, `Cache::prepare`). The
 //! barn's empty sheaves that were never used are not on its list but
-//! counted (`Node::fresh`, handed out from the end of the area). So
+//! counted (`Barn::fresh`, handed out from the end of the area). So
 //! building a heap writes none of them, and their pages are not resident
 //! until a cache needs them.
 //!
 //! # Lock order
 //!
-//! slot, then node, then the page allocator's locks. A node holder never
-//! takes a slot. The nolock path only `try_lock`s.
+//! slot, then node, then barn, then the page allocator's locks. A node or
+//! barn holder never takes a slot. Only a flush of the barn to the slabs,
+//! and the exact double-free search, hold the node and the barn together;
+//! a refill or a flush lets the barn go before it takes the node. The
+//! nolock path only `try_lock`s.
 
 mod allocate;
 mod barn;
@@ -407,24 +414,45 @@ impl SheafSlot {
     }
 }
 
-/// The shared part of a cache, under `lock`.
+/// The slabs of a cache, under `lock`: the partial lists and the count of
+/// empty slabs (the node counters are written under the lock,
+/// `ZoneGuard::add`).
 struct Node {
+    lock: ZoneLock,
+    partial: [AtomicU32Head; MAX_ZONES],
+    empty_slabs: AtomicUsize,
+}
+
+/// The barn of a cache, under its own `lock` (see "Lock order"): the lists
+/// of full and empty sheaves, the contents of the sheaves on them, and its
+/// counters (written under the lock, [`BarnGuard::add`]).
+struct Barn {
     lock: ZoneLock,
     full: AtomicPtr<Sheaf>,
     empty: AtomicPtr<Sheaf>,
     /// Barn sheaves never used yet, besides the `empty` list: the first
-    /// `fresh` of the barn's part of the sheaf area (`barn`), zero-filled.
+    /// `fresh` of the barn's part of the sheaf area (`sheaves`),
+    /// zero-filled.
     fresh: AtomicUsize,
-    barn: *mut Sheaf,
-    /// Objects in full barn sheaves (the node counters are written under
-    /// the lock, `ZoneGuard::add`).
-    barn_objects: AtomicUsize,
-    partial: [AtomicU32Head; MAX_ZONES],
-    empty_slabs: AtomicUsize,
+    sheaves: *mut Sheaf,
+    /// Objects in full barn sheaves.
+    objects: AtomicUsize,
     /// Exchanges with the barn so far, and (maintenance) for how many passes
     /// that count has not moved.
-    barn_ops: AtomicUsize,
-    barn_idle: IdleWatch,
+    ops: AtomicUsize,
+    idle: IdleWatch,
+}
+
+/// Proof that the barn's lock is held (a [`ZoneGuard`] of the barn's lock,
+/// typed apart from the node's): its lists, the sheaves on them and its
+/// counters are the holder's.
+pub(super) struct BarnGuard<'a>(ZoneGuard<'a>);
+
+impl BarnGuard<'_> {
+    /// Adds `n` (wrapping) to a barn counter, as [`ZoneGuard::add`].
+    fn add(&self, counter: &AtomicUsize, n: usize) {
+        self.0.add(counter, n);
+    }
 }
 
 type AtomicU32Head = core::sync::atomic::AtomicU32;
@@ -509,6 +537,7 @@ pub(crate) struct Cache {
     /// Objects per sheaf (`sheaf_capacity`).
     cap: usize,
     node: Node,
+    barn: Barn,
     deferred: IndexStack,
     deferred_count: AtomicUsize,
     /// Freed objects whose key said "maybe a double free" when the exact
@@ -747,15 +776,18 @@ impl Cache {
                 cap: sheaf_capacity(class),
                 node: Node {
                     lock: ZoneLock::new(),
+                    partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
+                    empty_slabs: AtomicUsize::new(0),
+                },
+                barn: Barn {
+                    lock: ZoneLock::new(),
                     full: AtomicPtr::new(core::ptr::null_mut()),
                     empty: AtomicPtr::new(core::ptr::null_mut()),
                     fresh: AtomicUsize::new(BARN_SHEAVES),
-                    barn: sheaves.add(2 * nslots),
-                    barn_objects: AtomicUsize::new(0),
-                    partial: [const { AtomicU32Head::new(NIL) }; MAX_ZONES],
-                    empty_slabs: AtomicUsize::new(0),
-                    barn_ops: AtomicUsize::new(0),
-                    barn_idle: IdleWatch::new(),
+                    sheaves: sheaves.add(2 * nslots),
+                    objects: AtomicUsize::new(0),
+                    ops: AtomicUsize::new(0),
+                    idle: IdleWatch::new(),
                 },
                 deferred: IndexStack::new(),
                 deferred_count: AtomicUsize::new(0),
@@ -784,25 +816,37 @@ impl Cache {
         }
     }
 
-    /// Takes an empty sheaf from the barn (node lock held): from its list,
+    /// Takes an empty sheaf from the barn (barn lock held): from its list,
     /// else one never used. Null when the barn has none.
-    fn take_empty(&self, _node: &ZoneGuard<'_>) -> *mut Sheaf {
-        let empty = self.node.empty.load(Ordering::Relaxed);
+    fn take_empty(&self, _barn: &BarnGuard<'_>) -> *mut Sheaf {
+        let empty = self.barn.empty.load(Ordering::Relaxed);
         if !empty.is_null() {
-            // SAFETY: barn sheaves are cache sheaves; the node lock gives us
+            // SAFETY: barn sheaves are cache sheaves; the barn lock gives us
             // the barn lists.
             let next = unsafe { (*empty).next.load(Ordering::Relaxed) };
-            self.node.empty.store(next, Ordering::Relaxed);
+            self.barn.empty.store(next, Ordering::Relaxed);
             return empty;
         }
-        let fresh = self.node.fresh.load(Ordering::Relaxed);
+        let fresh = self.barn.fresh.load(Ordering::Relaxed);
         if fresh == 0 {
             return core::ptr::null_mut();
         }
-        self.node.fresh.store(fresh - 1, Ordering::Relaxed);
+        self.barn.fresh.store(fresh - 1, Ordering::Relaxed);
         // The first `fresh` barn sheaves are unused and zero-filled: valid
-        // empty sheaves (`barn` has BARN_SHEAVES of them, init).
-        self.node.barn.wrapping_add(fresh - 1)
+        // empty sheaves (`sheaves` has BARN_SHEAVES of them, init).
+        self.barn.sheaves.wrapping_add(fresh - 1)
+    }
+
+    /// Takes the barn's lock the way `mode` may (see [`Mode`]).
+    pub(super) fn lock_barn<'a>(
+        &'a self,
+        mode: Mode,
+        pages: &'a PageAllocator,
+    ) -> Option<BarnGuard<'a>> {
+        self.barn
+            .lock
+            .lock_in(mode, pages.platform())
+            .map(BarnGuard)
     }
 
     /// Whether the fast path runs as restartable sequences.
@@ -819,9 +863,11 @@ impl Cache {
         self.class
     }
 
-    /// Whether the node lock's waiters poll (see `ZoneLock::set_polling`).
+    /// Whether the node and barn locks' waiters poll (see
+    /// `ZoneLock::set_polling`).
     pub(crate) fn set_polling(&self, poll: bool) {
         self.node.lock.set_polling(poll);
+        self.barn.lock.set_polling(poll);
     }
 
     #[inline]
@@ -939,26 +985,31 @@ impl Cache {
         (0..self.cpus).map(move |c| &self.slot_at(slot_index(c, self.cpus, 0)).lock)
     }
 
-    /// Fork support: takes the node lock without a guard.
+    /// Fork support: takes the node lock, then the barn's (the lock
+    /// order), without guards.
     #[cfg(feature = "std")]
     pub(crate) fn lock_node_raw(&self, pages: &PageAllocator) {
         self.node.lock.lock_raw(pages.platform());
+        self.barn.lock.lock_raw(pages.platform());
     }
 
-    /// Releases the node lock taken by `lock_node_raw`.
+    /// Releases the locks taken by `lock_node_raw`.
     ///
     /// # Safety
     /// `lock_node_raw` was called and not yet undone.
     #[cfg(feature = "std")]
     pub(crate) unsafe fn unlock_node_raw(&self, pages: &PageAllocator) {
         // SAFETY: per the caller.
-        unsafe { self.node.lock.force_unlock(pages.platform()) };
+        unsafe {
+            self.barn.lock.force_unlock(pages.platform());
+            self.node.lock.force_unlock(pages.platform());
+        }
     }
 
     /// This cache's counters.
     pub(crate) fn stats(&self) -> ClassStats {
         let cached_in_sheaves: usize = self.slots().map(|s| s.cached()).sum();
-        let cached_in_barn = self.node.barn_objects.load(Ordering::Relaxed);
+        let cached_in_barn = self.barn.objects.load(Ordering::Relaxed);
         let deferred = self.deferred_count.load(Ordering::Relaxed);
         let out = self.out_of_slabs.load(Ordering::Relaxed);
         ClassStats {

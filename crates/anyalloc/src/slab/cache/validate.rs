@@ -213,10 +213,11 @@ impl Cache {
     /// a sheaf of some slot, on the deferred stack, in a barn sheaf or on
     /// its slab's free list. The sheaves are read without their slot locks
     /// (a concurrent move may hide the object: then it is not reported);
-    /// the barn and the free list need the node lock, which the nolock path
-    /// only tries (busy: not reported).
-    /// `None`: the node lock was busy (nolock), so the barn and the free
-    /// list were not searched; or a fork on another thread is in progress,
+    /// the barn and the free list need the node and barn locks, held
+    /// together (an object moving between them is seen in one place),
+    /// which the nolock path only tries (busy: not reported).
+    /// `None`: the node or the barn lock was busy (nolock), so the barn and
+    /// the free list were not searched; or a fork on another thread is in progress,
     /// so the deferred stack and the suspects were not taken to be searched
     /// (see `deferred_taker`).
     pub(super) fn is_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> Option<bool> {
@@ -267,9 +268,10 @@ impl Cache {
         drop(taker);
         // Busy (nolock): undecided.
         let _node = self.node.lock.lock_in(mode, pages.platform())?;
-        let mut s = self.node.full.load(Ordering::Relaxed);
+        let _barn = self.lock_barn(mode, pages)?;
+        let mut s = self.barn.full.load(Ordering::Relaxed);
         while !s.is_null() {
-            // SAFETY: barn sheaves are cache sheaves; the node lock is held.
+            // SAFETY: barn sheaves are cache sheaves; the barn lock is held.
             let sh = unsafe { &*s };
             if in_sheaf(sh) {
                 return Some(true);
