@@ -198,6 +198,8 @@
 //! only the stocks it can reach without it). A heap registry or accounting
 //! registry wait outside allocations (making or dropping a `Heap`,
 //! `Group::new`, `Group::usage`) in such a handler still waits for the fork.
+//! An explicit drain (`Heap::drain`, `trim`) waits for it at most
+//! [`DRAIN_PATIENCE`], then returns with that part of its work undone.
 
 use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
@@ -285,6 +287,16 @@ pub(crate) const ORPHAN_PATIENCE: core::time::Duration = core::time::Duration::f
 /// misses during the same fork do not wait at all: a signal handler that
 /// interrupted the thread the fork waits for may run again and again.
 pub(crate) const FORK_PATIENCE: core::time::Duration = core::time::Duration::from_millis(2);
+
+/// How long an explicit drain (`Heap::drain`, `trim`, `malloc_trim`) waits
+/// for a lock that another thread's fork holds before it gives way and
+/// returns with that part of its work undone. A fork usually ends within a
+/// millisecond; one that waits for this thread (a drain called from a
+/// signal handler that interrupted the holder of one of the locks glibc's
+/// `fork` takes after the prepare handlers: stdio's list lock, malloc's
+/// arenas) ends only after it.
+#[cfg_attr(loom, allow(dead_code))]
+pub(crate) const DRAIN_PATIENCE: core::time::Duration = FORK_PATIENCE_LAST;
 
 /// How long an allocation that could not be served beside the heap either
 /// (the heap's table of huge blocks is full, or no mapping) waits for the

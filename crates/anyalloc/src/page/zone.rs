@@ -1747,7 +1747,7 @@ impl Zone {
         // `RELEASING`, off every list, in this process (what such a lock
         // guards is never touched again), and its memory is with the OS.
         // Elsewhere this thread holding the lock is a routing error.
-        let Some(g) = self.lock.lock_patient(self.platform) else {
+        let Some(g) = self.lock.lock_through_fork(self.platform) else {
             crate::check!(always: crate::fork::orphaned(), "a trim's thread holds the zone lock it dropped");
             return bytes;
         };

@@ -860,6 +860,12 @@ impl Heap {
     /// allocator's own drain. With nothing allocated, every page is free
     /// in the buddy lists afterwards.
     ///
+    /// While a `fork` on another thread holds the heap's locks, it waits
+    /// for that fork at most a second, then returns with the rest of its
+    /// work undone: the fork may be waiting for this very thread (a drain
+    /// in a signal handler that interrupted the holder of one of the locks
+    /// glibc's `fork` takes after its prepare handlers).
+    ///
     /// ```
     /// use anyalloc::{Config, Heap};
     /// use core::alloc::Layout;

@@ -50,6 +50,11 @@
 //!   handler that interrupted their holder. A bare `lock` (callers that
 //!   cannot fall back: maintenance, checks) waits instead: CAS 3 -> 3
 //!   (AcqRel, to be counted by the release), then wait while the state is 3.
+//!   `lock_patient` (explicit drains) waits so too, but at most
+//!   `fork::DRAIN_PATIENCE` from the first time it saw state 3, then gives
+//!   way as `lock_in` does: a drain called from a signal handler that
+//!   interrupted the holder of a lock glibc's `fork` takes is what that
+//!   fork waits for.
 //! * in a process that may hold orphaned locks (a forked child whose
 //!   fork's prepare handler took nothing: see the `fork` module's
 //!   "Orphaned locks"), a contended acquisition polls, never announced,
@@ -112,6 +117,45 @@ enum Contended {
     /// waiting (`lock_in(Normal)` only); or, in a process that may hold
     /// orphaned locks, held longer than `fork::ORPHAN_PATIENCE`.
     GaveWay,
+}
+
+/// What an acquisition does about a lock held across another thread's
+/// `fork` (state 3).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ForkHold {
+    /// Gives way at once (`lock_in(Normal)`): the fork may be waiting for
+    /// this very thread.
+    GiveWay,
+    /// Waits, at most `fork::DRAIN_PATIENCE` from the first time it saw the
+    /// state, then gives way (`lock_patient`).
+    WaitAWhile,
+    /// Waits (a bare `lock`, `lock_through_fork`).
+    Wait,
+}
+
+/// When a wait first saw its lock held across a fork (`ForkHold::WaitAWhile`;
+/// without std no process forks).
+#[derive(Default)]
+struct ForkSeen(#[cfg(all(feature = "std", not(loom)))] Option<std::time::Instant>);
+
+impl ForkHold {
+    /// Whether a wait that now sees its lock held across a fork gives way.
+    fn gives_way(self, seen: &mut ForkSeen) -> bool {
+        match self {
+            ForkHold::GiveWay => true,
+            ForkHold::Wait => false,
+            #[cfg(all(feature = "std", not(loom)))]
+            ForkHold::WaitAWhile => {
+                let first = *seen.0.get_or_insert_with(std::time::Instant::now);
+                first.elapsed() >= crate::fork::DRAIN_PATIENCE
+            }
+            #[cfg(not(all(feature = "std", not(loom))))]
+            ForkHold::WaitAWhile => {
+                let _ = seen;
+                false
+            }
+        }
+    }
 }
 
 /// How many times `lock()` spins before it starts waiting.
@@ -296,7 +340,7 @@ impl ZoneLock {
     /// ```
     #[inline]
     pub fn lock<'a>(&'a self, platform: &'a dyn Platform) -> ZoneGuard<'a> {
-        match self.lock_waiting(false, platform) {
+        match self.lock_waiting(ForkHold::Wait, platform) {
             Some(g) => g,
             None => self_deadlock(platform),
         }
@@ -316,11 +360,12 @@ impl ZoneLock {
 
     /// Waits for the lock, unless this thread holds it: then it borrows it
     /// if it holds it across `fork` and owns the fork window (see the
-    /// `context` module), and otherwise gives up without waiting. With
-    /// `give_way`, a lock held across a `fork` by another thread is not
-    /// waited for either (see the module docs).
+    /// `context` module), and otherwise gives up without waiting. A lock
+    /// held across a `fork` by another thread is waited for as `fork`
+    /// says (see the module docs).
     #[cold]
-    fn lock_contended(&self, give_way: bool, platform: &dyn Platform) -> Contended {
+    fn lock_contended(&self, fork: ForkHold, platform: &dyn Platform) -> Contended {
+        let mut seen_fork = ForkSeen::default();
         let me = me(platform);
         if me != 0 {
             let owner = self.owner.load(Ordering::Relaxed);
@@ -373,7 +418,7 @@ impl ZoneLock {
                     Ordering::Relaxed,
                 ) {
                     Ok(_) => return Contended::Acquired,
-                    Err(FORK) if give_way => return Contended::GaveWay,
+                    Err(FORK) if fork.gives_way(&mut seen_fork) => return Contended::GaveWay,
                     Err(seen) => poll_while(platform, &self.state, seen),
                 }
             }
@@ -394,7 +439,7 @@ impl ZoneLock {
                         break Contended::Acquired;
                     }
                 }
-                FORK if give_way => break Contended::GaveWay,
+                FORK if fork.gives_way(&mut seen_fork) => break Contended::GaveWay,
                 // This thread became a forked child's only one while it
                 // waited (a signal handler forked): the holder may be gone.
                 #[cfg(all(feature = "std", not(loom)))]
@@ -474,7 +519,7 @@ impl ZoneLock {
     /// alone.
     #[cfg(feature = "std")]
     pub(crate) fn lock_raw(&self, platform: &dyn Platform) {
-        let Some(g) = self.lock_waiting(false, platform) else {
+        let Some(g) = self.lock_waiting(ForkHold::Wait, platform) else {
             #[cfg(not(loom))]
             if crate::fork::orphaned() && !self.held_by_me(platform) {
                 // (`lock_waiting` undid the thread's mark.)
@@ -540,24 +585,40 @@ impl ZoneLock {
         if mode == Mode::NoLock {
             return self.try_lock(platform);
         }
-        self.lock_waiting(true, platform)
+        self.lock_waiting(ForkHold::GiveWay, platform)
     }
 
     /// As [`lock_in`](Self::lock_in)`(Normal)`, but waits for a lock held
-    /// across a `fork` on another thread too: `None` only when this thread
-    /// holds it. For explicit maintenance calls (`Heap::drain`), which a
-    /// fork is not waiting for and which must not skip their work.
+    /// across a `fork` on another thread too, at most
+    /// `fork::DRAIN_PATIENCE`: `None` when this thread holds it, or when
+    /// that fork held it longer. For explicit maintenance calls
+    /// (`Heap::drain`), which should not skip their work because a fork is
+    /// in progress, but may be what the fork waits for (called from a
+    /// signal handler that interrupted the holder of one of glibc's locks).
     #[inline]
     pub(crate) fn lock_patient<'a>(&'a self, platform: &'a dyn Platform) -> Option<ZoneGuard<'a>> {
-        self.lock_waiting(false, platform)
+        self.lock_waiting(ForkHold::WaitAWhile, platform)
     }
 
-    /// The waiting acquisition of `lock` and `lock_in(Normal)`; `give_way`:
-    /// not for a lock held across another thread's `fork`.
+    /// As [`lock_patient`](Self::lock_patient), but with no bound on the
+    /// wait for a fork: for a caller that must take the lock back to put
+    /// something where it belongs (a trim's block after its `madvise`).
+    #[cfg(feature = "std")]
+    #[inline]
+    pub(crate) fn lock_through_fork<'a>(
+        &'a self,
+        platform: &'a dyn Platform,
+    ) -> Option<ZoneGuard<'a>> {
+        self.lock_waiting(ForkHold::Wait, platform)
+    }
+
+    /// The waiting acquisition of `lock`, `lock_in(Normal)`, `lock_patient`
+    /// and `lock_through_fork`; `fork`: what to do about a lock held across
+    /// another thread's `fork`.
     #[inline]
     fn lock_waiting<'a>(
         &'a self,
-        give_way: bool,
+        fork: ForkHold,
         platform: &'a dyn Platform,
     ) -> Option<ZoneGuard<'a>> {
         // Marked before the CAS and during any wait.
@@ -567,7 +628,7 @@ impl ZoneLock {
             .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            match self.lock_contended(give_way, platform) {
+            match self.lock_contended(fork, platform) {
                 Contended::Acquired => {}
                 Contended::Borrowed => {
                     return Some(ZoneGuard {
