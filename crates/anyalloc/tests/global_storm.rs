@@ -188,14 +188,54 @@ fn global_survives_a_signal_storm_with_std_collections() {
     );
 }
 
+/// Runs `attempt` until it succeeds, at most 100 times, yielding between
+/// tries: whether it succeeded.
+fn retried(mut attempt: impl FnMut() -> bool) -> bool {
+    (0..100).any(|_| {
+        let ok = attempt();
+        if !ok {
+            std::thread::yield_now();
+        }
+        ok
+    })
+}
+
 #[test]
 fn nolock_scope_routes_global_to_the_nolock_path() {
     anyalloc::init().unwrap();
     {
         let _scope = anyalloc::nolock_scope();
         assert!(anyalloc::in_nolock_scope());
-        let v: Vec<Box<[u8; 100]>> = (0..100).map(|_| Box::new([1u8; 100])).collect();
-        assert_eq!(v.len(), 100);
+        // Each allocation gets a few tries: a nolock allocation fails
+        // "busy" while a fork on another thread holds every lock (this
+        // file's fork test runs beside this one), and `Box::new` or a
+        // growing `Vec` would abort on that.
+        let mut v: Vec<Box<[u8; 100]>> = Vec::new();
+        let reserved = retried(|| v.try_reserve_exact(100).is_ok());
+        let mut boxed = 0;
+        while reserved && boxed < 100 {
+            let layout = Layout::new::<[u8; 100]>();
+            let alloc = || {
+                // SAFETY: a non-zero size.
+                unsafe { std::alloc::alloc(layout) }
+            };
+            let mut p = std::ptr::null_mut();
+            if !retried(|| {
+                p = alloc();
+                !p.is_null()
+            }) {
+                break;
+            }
+            // SAFETY: `p` is a fresh block of the global allocator with the
+            // layout of `[u8; 100]`: written, then owned by the box.
+            v.push(unsafe {
+                p.cast::<[u8; 100]>().write([1u8; 100]);
+                Box::from_raw(p.cast::<[u8; 100]>())
+            });
+            boxed += 1;
+        }
+        let boxes_ok = v.len() == 100 && v.iter().all(|b| b.iter().all(|&x| x == 1));
+        drop(v);
         // The nolock path serves up to 4 MiB: 1 MiB succeeds inside the
         // scope; a 5 MiB block, which the normal path would serve at once
         // (mmap), is refused inside the scope. A nolock allocation may fail
@@ -203,19 +243,17 @@ fn nolock_scope_routes_global_to_the_nolock_path() {
         // runs beside this one) and its stock of large blocks is empty, so
         // the 1 MiB request gets a few tries; a busy failure is transient.
         let mut mib: Vec<u8> = Vec::new();
-        let served = (0..100).any(|_| {
-            let ok = mib.try_reserve_exact(1 << 20).is_ok();
-            if !ok {
-                std::thread::yield_now();
-            }
-            ok
-        });
+        let served = retried(|| mib.try_reserve_exact(1 << 20).is_ok());
         let mut huge: Vec<u8> = Vec::new();
         let refused = huge.try_reserve_exact(5 << 20).is_err();
         drop((mib, huge));
         // (Asserted outside the scope: a panic inside it would print its
         // message and backtrace through the nolock path.)
         drop(_scope);
+        assert!(
+            boxes_ok,
+            "100 boxes of 100 bytes inside a nolock scope failed"
+        );
         assert!(served, "1 MiB inside a nolock scope was refused");
         assert!(
             refused,
