@@ -366,8 +366,9 @@ impl PageAllocator {
     /// Returns the bytes.
     #[cfg(feature = "std")]
     pub(crate) fn release_free_blocks(&self) -> usize {
-        // (`None`: this thread holds it, a trim called inside a drain; or,
-        // in an orphaned child, a thread of the parent held it at the
+        // (`None`: this thread holds it, a trim called inside a drain; a
+        // fork on another thread held it longer than `fork::DRAIN_PATIENCE`;
+        // or, in an orphaned child, a thread of the parent held it at the
         // fork: see the `fork` module's "Orphaned locks".)
         let Some(_serial) = self.drain_lock.lock_patient(self.platform) else {
             return 0;

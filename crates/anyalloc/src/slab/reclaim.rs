@@ -174,7 +174,8 @@ impl HeapCore {
             self.maint_lock.lock_in(Mode::Normal, platform)
         };
         // `None`: this thread is draining already (it interrupted itself),
-        // or (not patient) a fork holds the lock.
+        // or a fork holds the lock (patient: for longer than
+        // `fork::DRAIN_PATIENCE`).
         let Some(_serial) = serial else {
             return;
         };
