@@ -339,17 +339,6 @@ impl Cache {
         }
     }
 
-    /// The node lock, then the barn's (the lock order), the normal way:
-    /// `None` when either gives way (see `ZoneLock::lock_in`).
-    fn lock_node_and_barn<'a>(
-        &'a self,
-        pages: &'a PageAllocator,
-    ) -> Option<(ZoneGuard<'a>, BarnGuard<'a>)> {
-        let node = self.node.lock.lock_in(Mode::Normal, pages.platform())?;
-        let barn = self.lock_barn(Mode::Normal, pages)?;
-        Some((node, barn))
-    }
-
     /// Maintenance (normal context):
     /// - a barn that has seen no exchange for `idle_passes` passes returns
     ///   its objects to their slabs (free objects cached there pin their
@@ -369,7 +358,7 @@ impl Cache {
             .idle
             .observe(self.barn.ops.load(Ordering::Relaxed));
         if idle >= idle_passes && self.barn.objects.load(Ordering::Relaxed) > 0 {
-            if let Some((node, barn)) = self.lock_node_and_barn(pages) {
+            if let Some((node, barn)) = self.lock_node_and_barn(Mode::Normal, pages) {
                 self.flush_barn(pages, &node, &barn);
             }
         }
@@ -449,7 +438,7 @@ impl Cache {
             self.flush_main(slot, &g, pages, &node, Mode::Normal);
             self.flush_sheaf(slot.spare(), pages, &node, Mode::Normal);
         }
-        let Some((node, barn)) = self.lock_node_and_barn(pages) else {
+        let Some((node, barn)) = self.lock_node_and_barn(Mode::Normal, pages) else {
             return;
         };
         self.flush_barn(pages, &node, &barn);

@@ -52,8 +52,9 @@
 //! with a one-line message only when it finds the object (user data that
 //! happens to equal the key costs a search, never an abort). A nolock
 //! search that finds the node or the barn lock held cannot look in the
-//! barn and the free list: the object is parked on `suspects` (never handed out from
-//! there) until a normal drain searches again, with the lock. Allocation
+//! barn and the free list: the object is parked on `suspects` (never
+//! handed out from there) until a normal drain searches again, with the
+//! locks. Allocation
 //! clears the key word; carving an object from a slab's untouched tail
 //! writes it (the object is free until handed out, in a sheaf meanwhile).
 //! The links of the slab free lists and the deferred
@@ -847,6 +848,19 @@ impl Cache {
             .lock
             .lock_in(mode, pages.platform())
             .map(BarnGuard)
+    }
+
+    /// The node lock, then the barn's (the lock order), each taken the way
+    /// `mode` may: `None` when either is busy (nolock) or gives way (see
+    /// `ZoneLock::lock_in`).
+    pub(super) fn lock_node_and_barn<'a>(
+        &'a self,
+        mode: Mode,
+        pages: &'a PageAllocator,
+    ) -> Option<(ZoneGuard<'a>, BarnGuard<'a>)> {
+        let node = self.node.lock.lock_in(mode, pages.platform())?;
+        let barn = self.lock_barn(mode, pages)?;
+        Some((node, barn))
     }
 
     /// Whether the fast path runs as restartable sequences.

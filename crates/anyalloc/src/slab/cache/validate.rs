@@ -267,8 +267,7 @@ impl Cache {
         }
         drop(taker);
         // Busy (nolock): undecided.
-        let _node = self.node.lock.lock_in(mode, pages.platform())?;
-        let _barn = self.lock_barn(mode, pages)?;
+        let _locks = self.lock_node_and_barn(mode, pages)?;
         let mut s = self.barn.full.load(Ordering::Relaxed);
         while !s.is_null() {
             // SAFETY: barn sheaves are cache sheaves; the barn lock is held.
