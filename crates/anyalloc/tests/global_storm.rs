@@ -200,6 +200,18 @@ fn retried(mut attempt: impl FnMut() -> bool) -> bool {
     })
 }
 
+/// A block of `layout` (a non-zero size) from the global allocator, with
+/// [`retried`]'s tries.
+fn alloc_retried(layout: Layout) -> Option<*mut u8> {
+    let mut p = std::ptr::null_mut();
+    retried(|| {
+        // SAFETY: a non-zero size, per the caller.
+        p = unsafe { std::alloc::alloc(layout) };
+        !p.is_null()
+    })
+    .then_some(p)
+}
+
 #[test]
 fn nolock_scope_routes_global_to_the_nolock_path() {
     anyalloc::init().unwrap();
@@ -212,27 +224,17 @@ fn nolock_scope_routes_global_to_the_nolock_path() {
         // growing `Vec` would abort on that.
         let mut v: Vec<Box<[u8; 100]>> = Vec::new();
         let reserved = retried(|| v.try_reserve_exact(100).is_ok());
-        let mut boxed = 0;
-        while reserved && boxed < 100 {
-            let layout = Layout::new::<[u8; 100]>();
-            let alloc = || {
-                // SAFETY: a non-zero size.
-                unsafe { std::alloc::alloc(layout) }
-            };
-            let mut p = std::ptr::null_mut();
-            if !retried(|| {
-                p = alloc();
-                !p.is_null()
-            }) {
+        while reserved && v.len() < 100 {
+            let Some(p) = alloc_retried(Layout::new::<[u8; 100]>()) else {
                 break;
-            }
+            };
+            let p = p.cast::<[u8; 100]>();
             // SAFETY: `p` is a fresh block of the global allocator with the
             // layout of `[u8; 100]`: written, then owned by the box.
             v.push(unsafe {
-                p.cast::<[u8; 100]>().write([1u8; 100]);
-                Box::from_raw(p.cast::<[u8; 100]>())
+                p.write([1u8; 100]);
+                Box::from_raw(p)
             });
-            boxed += 1;
         }
         let boxes_ok = v.len() == 100 && v.iter().all(|b| b.iter().all(|&x| x == 1));
         drop(v);
