@@ -53,6 +53,10 @@ pub enum Site {
     SheafFlush,
     /// Object allocator: the cache's partial-slab list is locked.
     PartialLocked,
+    /// Object allocator: slot held, a refill that found no slab with a
+    /// free object has taken and touched a new slab's pages, the node lock
+    /// not yet taken.
+    SlabTouch,
     /// Object allocator: an object deferred-free has linked but not published.
     ObjectDeferredPush,
     /// Object allocator: the cache is draining its deferred list, or its
@@ -177,6 +181,7 @@ impl Site {
         Site::SheafFlush,
         Site::BarnTrade,
         Site::PartialLocked,
+        Site::SlabTouch,
         Site::ObjectDeferredPush,
         Site::ObjectDeferredDrain,
         Site::ReleaseSlab,

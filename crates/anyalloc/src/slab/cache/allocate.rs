@@ -1,7 +1,10 @@
 //! A cache's allocations: the fast path (this CPU's main sheaf, through a
 //! restartable sequence or the slot try-lock), the slow path of each mode
 //! (the spare sheaf, a full sheaf from the barn, a refill from the slabs),
-//! and the carving of new slabs.
+//! and the carving of new slabs. A refill that needs a new slab takes its
+//! pages and touches them before the node lock (`touched_slab`): their
+//! page faults are not taken holding the lock that nolock refills only
+//! try.
 
 use super::*;
 
@@ -364,13 +367,26 @@ impl Cache {
                 return slot.main_pop(g).ok_or(Fail::Empty);
             }
         }
-        let node = self
-            .node
-            .lock
-            .lock_in(mode, pages.platform())
-            .ok_or(Fail::Busy)?;
+        // No slab has a free object: the new slab's pages are taken and
+        // touched before the node lock (see `touched_slab`).
+        let mut fresh = if self.partial_is_empty(pages) {
+            self.touched_slab(pages, mode)
+        } else {
+            None
+        };
+        let Some(node) = self.node.lock.lock_in(mode, pages.platform()) else {
+            self.give_back_slab(pages, fresh, mode);
+            return Err(Fail::Busy);
+        };
         crate::interrupt_point!(SheafRefill);
-        let first = self.take_object(&node, pages, mode)?;
+        let first = match self.take_object_or_new(&node, pages, mode, &mut fresh) {
+            Ok(o) => o,
+            Err(e) => {
+                drop(node);
+                self.give_back_slab(pages, fresh, mode);
+                return Err(e);
+            }
+        };
         // Fill main from the slabs that have free objects; don't make new
         // slabs just to fill a sheaf.
         while slot.main_len() < self.cap && !self.partial_is_empty(pages) {
@@ -382,7 +398,69 @@ impl Cache {
                 Err(_) => break,
             }
         }
+        drop(node);
+        // Unused: another context made a slab, or freed objects to one,
+        // while this one touched its pages.
+        self.give_back_slab(pages, fresh, mode);
         Ok(first)
+    }
+
+    /// A new slab's pages for a refill that found no slab with a free
+    /// object, taken from the page allocator (in `mode`) and touched, one
+    /// write per page, before the refill takes the node lock. A new slab's
+    /// first touch is its carving's (each object's key word), and each page
+    /// it touches first faults: microseconds under a VM, which were spent
+    /// holding the node lock. A nolock refill only tries that lock, so a
+    /// burst of signal handlers on two CPUs, each making new slabs, found
+    /// it held by the other's faults and spilled to the next class up.
+    /// `None` when the page allocator has nothing (the refill then makes
+    /// the slab under the lock as before, or fails there).
+    fn touched_slab(&self, pages: &PageAllocator, mode: Mode) -> Option<NonNull<u8>> {
+        let p = match mode {
+            Mode::Normal => pages.alloc_pages_without_reclaim(self.order),
+            Mode::NoLock => pages.alloc_pages_nolock_why(self.order).ok(),
+        }?;
+        for i in 0..(1usize << self.order) {
+            // SAFETY: page `i` of the block of `self.order` just allocated,
+            // which no one else uses until `init_slab` or `give_back_slab`.
+            unsafe { p.as_ptr().add(i * PAGE_SIZE).write_volatile(0) };
+        }
+        crate::interrupt_point!(SlabTouch);
+        Some(p)
+    }
+
+    /// Returns the pages of an unused `touched_slab` to the page allocator
+    /// (in `mode`). The node lock is not held.
+    fn give_back_slab(&self, pages: &PageAllocator, slab: Option<NonNull<u8>>, mode: Mode) {
+        let Some(p) = slab else { return };
+        // SAFETY: a block of `self.order` that `touched_slab` allocated and
+        // nothing else has seen.
+        unsafe {
+            match mode {
+                Mode::Normal => pages.free_pages(p, self.order),
+                Mode::NoLock => pages.free_pages_nolock(p, self.order),
+            }
+        }
+    }
+
+    /// [`take_object`](Self::take_object), but a new slab is made of
+    /// `fresh` if the refill brought one (`touched_slab`).
+    fn take_object_or_new(
+        &self,
+        node: &ZoneGuard<'_>,
+        pages: &PageAllocator,
+        mode: Mode,
+        fresh: &mut Option<NonNull<u8>>,
+    ) -> Result<usize, Fail> {
+        if self.partial_is_empty(pages) {
+            if let Some(slab) = fresh.take() {
+                crate::interrupt_point!(PartialLocked);
+                let (zi, zone, head) = pages.locate_known(slab.as_ptr() as usize);
+                self.init_slab(zone, zi, head, node);
+                return Ok(self.take_from_slab(zone, zi, head, node));
+            }
+        }
+        self.take_object(node, pages, mode)
     }
 
     pub(super) fn partial_is_empty(&self, pages: &PageAllocator) -> bool {
