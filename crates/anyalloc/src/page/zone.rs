@@ -1740,6 +1740,13 @@ impl Zone {
         } else {
             0
         };
+        // Waiting here through a fork cannot wait for a fork that waits for
+        // this thread: every release holds the page allocator's drain lock
+        // (`maintain`, `decay`, `release_free_blocks`), which a fork's
+        // prepare takes before any zone lock (`lock_all`), so no fork holds
+        // this zone's lock until the release is over (the fork window's own
+        // calls borrow both).
+        //
         // `None` only in a process that may hold orphaned locks (the
         // `fork` module's "Orphaned locks"): this thread's signal handler
         // forked in the window above while another thread of the parent
