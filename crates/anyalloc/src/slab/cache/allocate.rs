@@ -416,6 +416,12 @@ impl Cache {
     /// `None` when the page allocator has nothing (the refill then makes
     /// the slab under the lock as before, or fails there).
     fn touched_slab(&self, pages: &PageAllocator, mode: Mode) -> Option<NonNull<u8>> {
+        // Marked inside the allocator, as the node lock marked the page
+        // calls when they ran under it: a normal page call made while a
+        // slot is held must not run the inline decay pass (the thread holds
+        // a lock of the allocator), and a signal handler takes the nolock
+        // route.
+        let _inside = crate::context::Inside::enter();
         let p = match mode {
             Mode::Normal => pages.alloc_pages_without_reclaim(self.order),
             Mode::NoLock => pages.alloc_pages_nolock_why(self.order).ok(),
@@ -433,14 +439,11 @@ impl Cache {
     /// (in `mode`). The node lock is not held.
     fn give_back_slab(&self, pages: &PageAllocator, slab: Option<NonNull<u8>>, mode: Mode) {
         let Some(p) = slab else { return };
+        // (As in `touched_slab`.)
+        let _inside = crate::context::Inside::enter();
         // SAFETY: a block of `self.order` that `touched_slab` allocated and
-        // nothing else has seen.
-        unsafe {
-            match mode {
-                Mode::Normal => pages.free_pages(p, self.order),
-                Mode::NoLock => pages.free_pages_nolock(p, self.order),
-            }
-        }
+        // nothing else has seen (no cache owns it).
+        unsafe { pages.free_pages_in(p, self.order, mode) }
     }
 
     /// [`take_object`](Self::take_object), but a new slab is made of
