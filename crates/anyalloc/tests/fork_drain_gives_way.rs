@@ -22,52 +22,13 @@
 
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
+mod late_prepare;
 mod watchdog;
 
 use std::alloc::Layout;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::{Config, Heap};
-
-/// The next fork's prepare handler holds the fork (set by the test).
-static ARMED: AtomicBool = AtomicBool::new(false);
-/// The prepare handler runs: the fork holds the heap's locks.
-static HELD: AtomicBool = AtomicBool::new(false);
-/// The main thread's drain has returned.
-static DRAINED: AtomicBool = AtomicBool::new(false);
-/// The prepare handler stopped holding the fork before the drain returned.
-static GAVE_UP: AtomicBool = AtomicBool::new(false);
-
-/// Runs after the crate's prepare handler (registered before it): as
-/// glibc's `fork` waiting for its lock, it waits for the drain to return,
-/// at most 20 s (then it notes that it gave up, and the fork goes on).
-extern "C" fn prepare() {
-    if !ARMED.swap(false, SeqCst) {
-        return;
-    }
-    HELD.store(true, SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !DRAINED.load(SeqCst) {
-        if Instant::now() >= deadline {
-            GAVE_UP.store(true, SeqCst);
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-extern "C" fn register_prepare() {
-    // SAFETY: `prepare` is an `extern "C"` function of the main program,
-    // which is never unloaded.
-    unsafe { libc::pthread_atfork(Some(prepare), None, None) };
-}
-
-/// Before the crate's start-up constructor (`.init_array`, no priority):
-/// prepare handlers run in the reverse order of registration.
-#[used]
-#[link_section = ".init_array.00099"]
-static REGISTER_PREPARE: extern "C" fn() = register_prepare;
 
 #[test]
 fn a_drain_that_a_fork_waits_for_gives_way() {
@@ -83,26 +44,14 @@ fn a_drain_that_a_fork_waits_for_gives_way() {
     let p = heap.alloc(layout).unwrap();
     // SAFETY: allocated above, freed once.
     unsafe { heap.free(p) };
-    ARMED.store(true, SeqCst);
-    let forker = std::thread::spawn(|| {
-        // SAFETY: the child only `_exit`s.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: no preconditions.
-            unsafe { libc::_exit(0) };
-        }
-        assert!(pid > 0, "fork failed");
-        let mut status = 0;
-        // SAFETY: our child; `status` is ours to write.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        status
-    });
+    late_prepare::arm();
+    let forker = std::thread::spawn(late_prepare::fork_and_wait);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !HELD.load(SeqCst) && Instant::now() < deadline {
+    while !late_prepare::held() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(
-        HELD.load(SeqCst),
+        late_prepare::held(),
         "the fork never reached the test's prepare"
     );
     // The fork holds the heap's locks and waits for this thread.
@@ -110,10 +59,10 @@ fn a_drain_that_a_fork_waits_for_gives_way() {
     heap.drain();
     println!("the drain returned after {:?}", start.elapsed());
     assert!(
-        !GAVE_UP.load(SeqCst),
+        !late_prepare::gave_up(),
         "the drain waited for the fork that waited for it (until the test's prepare gave up)"
     );
-    DRAINED.store(true, SeqCst);
+    late_prepare::release();
     let status = forker.join().unwrap();
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,

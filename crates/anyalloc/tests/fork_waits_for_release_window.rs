@@ -25,6 +25,7 @@
 
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
+mod late_prepare;
 mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::SeqCst};
@@ -33,16 +34,12 @@ use std::time::{Duration, Instant};
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Heap, MAX_ORDER, PAGE_SIZE};
 
-/// The next fork's prepare handlers act (set by the test).
+/// The test's first prepare handler and the trim's hook act (set by the
+/// test).
 static ARMED: AtomicBool = AtomicBool::new(false);
 /// The forking thread's id, once its fork has begun (the test's first
 /// prepare handler, which runs before the crate's).
 static FORKER: AtomicI32 = AtomicI32::new(0);
-/// The trim has returned.
-static TRIMMED: AtomicBool = AtomicBool::new(false);
-/// The test's last prepare handler stopped holding the fork before the
-/// trim returned.
-static GAVE_UP: AtomicBool = AtomicBool::new(false);
 /// The trim's hook saw the fork's thread asleep in the crate's prepare.
 static SAW_FORK_WAIT: AtomicBool = AtomicBool::new(false);
 
@@ -54,35 +51,6 @@ extern "C" fn prepare_first() {
         FORKER.store(unsafe { libc::gettid() }, SeqCst);
     }
 }
-
-/// Runs after the crate's prepare handler (registered before it): as
-/// glibc's `fork` waiting for a lock the trimming thread holds, it waits
-/// for the trim to return, at most 20 s.
-extern "C" fn prepare_last() {
-    if !ARMED.swap(false, SeqCst) {
-        return;
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !TRIMMED.load(SeqCst) {
-        if Instant::now() >= deadline {
-            GAVE_UP.store(true, SeqCst);
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-extern "C" fn register_prepare_last() {
-    // SAFETY: `prepare_last` is an `extern "C"` function of the main
-    // program, which is never unloaded.
-    unsafe { libc::pthread_atfork(Some(prepare_last), None, None) };
-}
-
-/// Before the crate's start-up constructor (`.init_array`, no priority):
-/// prepare handlers run in the reverse order of registration.
-#[used]
-#[link_section = ".init_array.00099"]
-static REGISTER_PREPARE_LAST: extern "C" fn() = register_prepare_last;
 
 /// Whether thread `tid` of this process is asleep (state `S`).
 fn asleep(tid: i32) -> bool {
@@ -151,25 +119,19 @@ fn a_fork_waits_for_a_trims_release_window_without_taking_its_zone_lock() {
         heap.pages().free_pages(p, MAX_ORDER);
     }
     ARMED.store(true, SeqCst);
+    // The test's last prepare handler (`late_prepare`) stands for glibc's
+    // lock held by the trimming thread: it holds the fork until the trim
+    // has returned.
+    late_prepare::arm();
     set_hook(Some(hook));
     let forker = std::thread::spawn(|| {
         while !START_FORK.load(SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        // SAFETY: the child only `_exit`s.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: no preconditions.
-            unsafe { libc::_exit(0) };
-        }
-        assert!(pid > 0, "fork failed");
-        let mut status = 0;
-        // SAFETY: our child; `status` is ours to write.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        status
+        late_prepare::fork_and_wait()
     });
     let released = heap.trim();
-    TRIMMED.store(true, SeqCst);
+    late_prepare::release();
     set_hook(None);
     let status = forker.join().unwrap();
     assert!(START_FORK.load(SeqCst), "the trim never reached its window");
@@ -178,7 +140,7 @@ fn a_fork_waits_for_a_trims_release_window_without_taking_its_zone_lock() {
         "the fork was never seen waiting in the crate's prepare during the window"
     );
     assert!(
-        !GAVE_UP.load(SeqCst),
+        !late_prepare::gave_up(),
         "the fork held a lock the trim waited for (until the test's prepare gave up)"
     );
     assert!(

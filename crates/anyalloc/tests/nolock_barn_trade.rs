@@ -23,43 +23,26 @@
 mod script;
 mod watchdog;
 
-use std::alloc::Layout;
-use std::ptr::NonNull;
 use std::time::Duration;
 
 use anyalloc::interrupt::Site;
 use anyalloc::{ClassStats, Heap};
 
-use script::Pause;
+use script::{free_all, Pause};
 
 /// The class under test.
 const SIZE: usize = 256;
 
-fn layout() -> Layout {
-    Layout::from_size_align(SIZE, 8).unwrap()
+fn layout() -> std::alloc::Layout {
+    script::layout_of(SIZE)
 }
 
 fn class(heap: &Heap) -> ClassStats {
-    *heap
-        .stats()
-        .classes
-        .iter()
-        .find(|c| c.size == SIZE)
-        .unwrap()
+    script::class_of(heap, SIZE)
 }
 
 fn alloc_n(heap: &Heap, n: usize) -> Vec<usize> {
-    (0..n)
-        .map(|_| heap.alloc(layout()).expect("memory").as_ptr() as usize)
-        .collect()
-}
-
-fn free_all(heap: &Heap, blocks: impl IntoIterator<Item = usize>) {
-    for p in blocks {
-        // SAFETY: each is a live block of `heap` this test allocated, freed
-        // once.
-        unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
-    }
+    script::alloc_n(heap, SIZE, n)
 }
 
 /// With role 1 paused (step 1) holding the class's level-0 slot and the

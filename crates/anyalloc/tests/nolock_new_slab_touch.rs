@@ -25,41 +25,26 @@
 mod script;
 mod watchdog;
 
-use std::alloc::Layout;
-use std::ptr::NonNull;
 use std::time::Duration;
 
 use anyalloc::interrupt::Site;
 use anyalloc::{ClassStats, Heap};
 
-use script::Pause;
+use script::{free_all, Pause};
 
 /// The class under test: 16 objects to a one-page slab, 30 to a sheaf.
 const SIZE: usize = 256;
 
-fn layout() -> Layout {
-    Layout::from_size_align(SIZE, 8).unwrap()
+fn layout() -> std::alloc::Layout {
+    script::layout_of(SIZE)
 }
 
 fn class(heap: &Heap) -> ClassStats {
-    *heap
-        .stats()
-        .classes
-        .iter()
-        .find(|c| c.size == SIZE)
-        .unwrap()
+    script::class_of(heap, SIZE)
 }
 
 fn alloc_one(heap: &Heap) -> usize {
-    heap.alloc(layout()).expect("memory").as_ptr() as usize
-}
-
-fn free_all(heap: &Heap, blocks: impl IntoIterator<Item = usize>) {
-    for p in blocks {
-        // SAFETY: each is a live block of `heap` this test allocated, freed
-        // once.
-        unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
-    }
+    script::alloc_n(heap, SIZE, 1)[0]
 }
 
 /// Allocates until the slot's sheaves are empty and every slab's objects

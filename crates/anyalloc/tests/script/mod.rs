@@ -29,8 +29,11 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
 use anyalloc::interrupt::{set_hook, Site};
-use anyalloc::{Config, Heap};
+use anyalloc::{ClassStats, Config, Heap};
 
 /// One pause of a script (see the module documentation).
 pub struct Pause {
@@ -187,6 +190,37 @@ pub fn one_slot_heap() -> Heap {
         .maintenance(false)
         .decay(false);
     Heap::new(config).expect("heap")
+}
+
+/// The layout of an object of `size` bytes (align 8).
+pub fn layout_of(size: usize) -> Layout {
+    Layout::from_size_align(size, 8).unwrap()
+}
+
+/// The statistics of the class of exactly `size` bytes.
+pub fn class_of(heap: &Heap, size: usize) -> ClassStats {
+    *heap
+        .stats()
+        .classes
+        .iter()
+        .find(|c| c.size == size)
+        .unwrap()
+}
+
+/// `n` normal allocations of `size` bytes, as addresses.
+pub fn alloc_n(heap: &Heap, size: usize, n: usize) -> Vec<usize> {
+    (0..n)
+        .map(|_| heap.alloc(layout_of(size)).expect("memory").as_ptr() as usize)
+        .collect()
+}
+
+/// Frees every block (addresses of live blocks of `heap` the caller
+/// allocated, each freed once).
+pub fn free_all(heap: &Heap, blocks: impl IntoIterator<Item = usize>) {
+    for p in blocks {
+        // SAFETY: per the caller, a live block of `heap`, freed once.
+        unsafe { heap.free(NonNull::new(p as *mut u8).unwrap()) };
+    }
 }
 
 /// The counts of the class that serves `size`: (objects in use, deferred
