@@ -25,12 +25,11 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
 
+use std::alloc::Layout;
 use std::cell::Cell;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
-
-use std::alloc::Layout;
-use std::ptr::NonNull;
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{ClassStats, Config, Heap};

@@ -374,34 +374,41 @@ impl Cache {
         } else {
             None
         };
-        let Some(node) = self.node.lock.lock_in(mode, pages.platform()) else {
-            self.give_back_slab(pages, fresh, mode);
-            return Err(Fail::Busy);
+        let got = match self.node.lock.lock_in(mode, pages.platform()) {
+            Some(node) => self.fill_from_slabs(slot, g, &node, pages, mode, &mut fresh),
+            None => Err(Fail::Busy),
         };
+        // Unused (the node lock let go): the lock was busy, or another
+        // context made a slab, or freed objects to one, while this one
+        // touched its pages.
+        self.give_back_slab(pages, fresh, mode);
+        got
+    }
+
+    /// The refill from the slabs, node lock held: one object to return,
+    /// main filled from the slabs that have free objects (no new slab is
+    /// made just to fill a sheaf). A new slab, if the first object needs
+    /// one, is made of `fresh` when the refill brought it.
+    fn fill_from_slabs(
+        &self,
+        slot: &SheafSlot,
+        g: &SlotGuard<'_>,
+        node: &ZoneGuard<'_>,
+        pages: &PageAllocator,
+        mode: Mode,
+        fresh: &mut Option<NonNull<u8>>,
+    ) -> Result<usize, Fail> {
         crate::interrupt_point!(SheafRefill);
-        let first = match self.take_object_or_new(&node, pages, mode, &mut fresh) {
-            Ok(o) => o,
-            Err(e) => {
-                drop(node);
-                self.give_back_slab(pages, fresh, mode);
-                return Err(e);
-            }
-        };
-        // Fill main from the slabs that have free objects; don't make new
-        // slabs just to fill a sheaf.
+        let first = self.take_object_with(node, pages, mode, fresh)?;
         while slot.main_len() < self.cap && !self.partial_is_empty(pages) {
             crate::interrupt_point!(SheafRefill);
-            match self.take_object(&node, pages, mode) {
+            match self.take_object(node, pages, mode) {
                 Ok(o) => {
                     slot.main_push(o, g);
                 }
                 Err(_) => break,
             }
         }
-        drop(node);
-        // Unused: another context made a slab, or freed objects to one,
-        // while this one touched its pages.
-        self.give_back_slab(pages, fresh, mode);
         Ok(first)
     }
 
@@ -446,26 +453,6 @@ impl Cache {
         unsafe { pages.free_pages_in(p, self.order, mode) }
     }
 
-    /// [`take_object`](Self::take_object), but a new slab is made of
-    /// `fresh` if the refill brought one (`touched_slab`).
-    fn take_object_or_new(
-        &self,
-        node: &ZoneGuard<'_>,
-        pages: &PageAllocator,
-        mode: Mode,
-        fresh: &mut Option<NonNull<u8>>,
-    ) -> Result<usize, Fail> {
-        if self.partial_is_empty(pages) {
-            if let Some(slab) = fresh.take() {
-                crate::interrupt_point!(PartialLocked);
-                let (zi, zone, head) = pages.locate_known(slab.as_ptr() as usize);
-                self.init_slab(zone, zi, head, node);
-                return Ok(self.take_from_slab(zone, zi, head, node));
-            }
-        }
-        self.take_object(node, pages, mode)
-    }
-
     pub(super) fn partial_is_empty(&self, pages: &PageAllocator) -> bool {
         (0..pages.zone_count()).all(|z| self.node.partial[z].load(Ordering::Relaxed) == NIL)
     }
@@ -478,6 +465,18 @@ impl Cache {
         pages: &PageAllocator,
         mode: Mode,
     ) -> Result<usize, Fail> {
+        self.take_object_with(node, pages, mode, &mut None)
+    }
+
+    /// [`take_object`](Self::take_object), whose new slab, if it makes
+    /// one, is `fresh`'s pages when there are some (`touched_slab`).
+    fn take_object_with(
+        &self,
+        node: &ZoneGuard<'_>,
+        pages: &PageAllocator,
+        mode: Mode,
+        fresh: &mut Option<NonNull<u8>>,
+    ) -> Result<usize, Fail> {
         crate::interrupt_point!(PartialLocked);
         for zi in 0..pages.zone_count() {
             let head = self.node.partial[zi].load(Ordering::Relaxed);
@@ -489,12 +488,15 @@ impl Cache {
         // Normal mode holds the node lock here, so the page allocator must
         // not run shrinkers (one could free into this very cache): the heap
         // runs them itself, with no lock held, when this fails.
-        let slab = match mode {
-            Mode::Normal => pages
-                .alloc_pages_without_reclaim(self.order)
-                .ok_or(Fail::Empty),
-            Mode::NoLock => pages.alloc_pages_nolock_why(self.order),
-        }?;
+        let slab = match fresh.take() {
+            Some(slab) => slab,
+            None => match mode {
+                Mode::Normal => pages
+                    .alloc_pages_without_reclaim(self.order)
+                    .ok_or(Fail::Empty),
+                Mode::NoLock => pages.alloc_pages_nolock_why(self.order),
+            }?,
+        };
         let (zi, zone, head) = pages.locate_known(slab.as_ptr() as usize);
         self.init_slab(zone, zi, head, node);
         Ok(self.take_from_slab(zone, zi, head, node))
