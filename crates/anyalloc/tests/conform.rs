@@ -19,6 +19,7 @@
 //! `Global` and `NoLock` (the process-wide heap) run again in a child with
 //! glibc's rseq registration off (`rseq_off_in_a_child`).
 
+mod nolock_retry;
 mod watchdog;
 
 use std::alloc::{GlobalAlloc, Layout};
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use allocator_api2::alloc::Allocator;
 use anyalloc::{Config, Global, Heap, NoLock, MAX_ORDER, PAGE_SIZE};
+use nolock_retry::{first, retried, TRIES};
 use proptest::prelude::*;
 
 #[global_allocator]
@@ -68,6 +70,17 @@ fn heap(rseq: bool) -> Heap {
 fn nolock_serves(size: usize, align: usize) -> bool {
     let bytes = size.max(align).max(1);
     bytes <= 8192 || bytes.div_ceil(PAGE_SIZE).next_power_of_two() <= 1 << MAX_ORDER
+}
+
+/// How often the model tries a nolock call: a layout the path serves is
+/// retried while the shared heap is busy (`nolock_retry`); one it refuses
+/// fails at once.
+fn tries_for(size: usize, align: usize) -> u32 {
+    if nolock_serves(size, align) {
+        TRIES
+    } else {
+        1
+    }
 }
 
 /// The byte at offset `i` of a block filled with `seed`.
@@ -363,7 +376,7 @@ fn global_zeroed_in_a_nolock_scope() {
 fn nolock_allocator_zeroing() {
     for &size in CLASS_SIZES.iter().chain(&[9000, 16384, 65536, 1 << 20]) {
         let l = Layout::from_size_align(size, 8).unwrap();
-        let ps: Vec<_> = (0..16).map(|_| NoLock.allocate(l).unwrap()).collect();
+        let ps: Vec<_> = (0..16).map(|_| first(|| NoLock.allocate(l))).collect();
         for p in ps {
             // SAFETY: live blocks of `size` bytes, freed once.
             unsafe {
@@ -372,7 +385,7 @@ fn nolock_allocator_zeroing() {
             }
         }
         for _ in 0..16 {
-            let p = NoLock.allocate_zeroed(l).unwrap();
+            let p = first(|| NoLock.allocate_zeroed(l));
             assert_eq!(p.len(), size);
             // SAFETY: `size` bytes of a live block.
             unsafe {
@@ -382,14 +395,14 @@ fn nolock_allocator_zeroing() {
             }
         }
         // Shrink (in place or not), then grow_zeroed back.
-        let p = NoLock.allocate(l).unwrap().cast::<u8>();
+        let p = first(|| NoLock.allocate(l)).cast::<u8>();
         // SAFETY: `size` bytes of a live block.
         unsafe { p.as_ptr().write_bytes(0xcc, size) };
         let small = Layout::from_size_align(size * 3 / 4 + 1, 8).unwrap();
         // SAFETY: a live block of `l`, `small` no larger.
-        let q = unsafe { NoLock.shrink(p, l, small) }.unwrap().cast::<u8>();
+        let q = first(|| unsafe { NoLock.shrink(p, l, small) }).cast::<u8>();
         // SAFETY: as above, `q` a live block of `small`.
-        let r = unsafe { NoLock.grow_zeroed(q, small, l) }.unwrap();
+        let r = first(|| unsafe { NoLock.grow_zeroed(q, small, l) });
         assert_eq!(r.len(), size);
         let r = r.cast::<u8>();
         // SAFETY: `size` bytes of a live block.
@@ -406,14 +419,14 @@ fn nolock_allocator_zeroing() {
     // Zero-size layouts: dangling, aligned, never the heap's.
     for shift in 0..=20 {
         let z = Layout::from_size_align(0, 1 << shift).unwrap();
-        let p = NoLock.allocate(z).unwrap();
+        let p = first(|| NoLock.allocate(z));
         assert_eq!(p.len(), 0);
         assert_eq!(p.cast::<u8>().as_ptr() as usize % (1 << shift), 0);
         let h = anyalloc::global_heap().unwrap();
         assert!(!h.pages().contains(p.cast::<u8>().as_ptr() as usize));
         let nz = Layout::from_size_align(100, 1 << shift).unwrap();
         // SAFETY: a zero-size block grown.
-        let q = unsafe { NoLock.grow_zeroed(p.cast(), z, nz) }.unwrap();
+        let q = first(|| unsafe { NoLock.grow_zeroed(p.cast(), z, nz) });
         assert_eq!(q.cast::<u8>().as_ptr() as usize % (1 << shift), 0);
         // SAFETY: 100 bytes of a live block.
         unsafe {
@@ -484,7 +497,7 @@ fn usable_sizes_are_usable() {
                     let l = Layout::from_size_align(size, align).unwrap();
                     for _ in 0..5 {
                         let p = if nolock {
-                            NoLock.allocate(l).unwrap().cast::<u8>()
+                            first(|| NoLock.allocate(l)).cast::<u8>()
                         } else {
                             // SAFETY: a non-zero layout.
                             NonNull::new(unsafe { Global.alloc(l) }).unwrap()
@@ -613,18 +626,23 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 } => {
                     let l = Layout::from_size_align(size, 1 << align_shift).unwrap();
                     let raw = raw && nolock && size != 0;
+                    let tries = tries_for(size, l.align());
                     let p = if raw {
-                        // SAFETY: a non-zero layout.
-                        NonNull::new(unsafe {
-                            if seed.is_multiple_of(2) {
-                                GlobalAlloc::alloc_zeroed(&NoLock, l)
-                            } else {
-                                GlobalAlloc::alloc(&NoLock, l)
-                            }
+                        retried(tries, || {
+                            // SAFETY: a non-zero layout.
+                            NonNull::new(unsafe {
+                                if seed.is_multiple_of(2) {
+                                    GlobalAlloc::alloc_zeroed(&NoLock, l)
+                                } else {
+                                    GlobalAlloc::alloc(&NoLock, l)
+                                }
+                            })
+                            .ok_or(())
                         })
+                        .ok()
                         .map(Ok)
                     } else if nolock {
-                        NoLock.allocate(l).ok().map(|p| {
+                        retried(tries, || NoLock.allocate(l)).ok().map(|p| {
                             prop_assert_eq!(p.len(), size);
                             Ok(p.cast::<u8>())
                         })
@@ -675,11 +693,18 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             continue;
                         }
                         let new = Layout::from_size_align(size, old.align()).unwrap();
-                        // SAFETY: a live block of `old`, a non-zero new size.
-                        let q = unsafe { GlobalAlloc::realloc(&NoLock, b.p.as_ptr(), old, size) };
-                        match NonNull::new(q) {
-                            Some(q) => (q, new),
-                            None => {
+                        let tries = tries_for(size, new.align());
+                        let q = retried(tries, || {
+                            // SAFETY: a live block of `old`, a non-zero new
+                            // size; a failed realloc leaves it live and
+                            // untouched.
+                            let q =
+                                unsafe { GlobalAlloc::realloc(&NoLock, b.p.as_ptr(), old, size) };
+                            NonNull::new(q).ok_or(())
+                        });
+                        match q {
+                            Ok(q) => (q, new),
+                            Err(()) => {
                                 prop_assert!(
                                     !nolock_serves(size, new.align()),
                                     "NoLock realloc {old:?} -> {size} failed"
@@ -690,9 +715,11 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         }
                     } else if b.nolock {
                         let new = Layout::from_size_align(size, 1 << align_shift).unwrap();
+                        let tries = tries_for(size, new.align());
                         // SAFETY: a live block of `old`; grow when not smaller,
-                        // shrink otherwise, as the trait requires.
-                        let r = unsafe {
+                        // shrink otherwise, as the trait requires; a failed
+                        // call leaves the block live and untouched.
+                        let r = retried(tries, || unsafe {
                             if size >= old.size() {
                                 if zeroed {
                                     NoLock.grow_zeroed(b.p, old, new)
@@ -702,7 +729,7 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             } else {
                                 NoLock.shrink(b.p, old, new)
                             }
-                        };
+                        });
                         match r {
                             Ok(q) => {
                                 prop_assert_eq!(q.len(), size);
@@ -842,7 +869,7 @@ fn resize_walk() {
         unsafe { Global.dealloc(p, l) };
         // NoLock grow/shrink, alternating the alignment each step.
         let mut l = Layout::from_size_align(1, 8).unwrap();
-        let mut p = NoLock.allocate(l).unwrap().cast::<u8>();
+        let mut p = first(|| NoLock.allocate(l)).cast::<u8>();
         // SAFETY: one byte.
         unsafe { fill(p.as_ptr(), 1, 1) };
         for (k, &s) in steps.iter().chain(&down).enumerate() {
@@ -851,14 +878,13 @@ fn resize_walk() {
             }
             let new = Layout::from_size_align(s, if k % 2 == 0 { align } else { 8 }).unwrap();
             // SAFETY: a live block of `l`; grow or shrink by size.
-            let q = unsafe {
+            let q = first(|| unsafe {
                 if s >= l.size() {
                     NoLock.grow_zeroed(p, l, new)
                 } else {
                     NoLock.shrink(p, l, new)
                 }
-            }
-            .unwrap()
+            })
             .cast::<u8>();
             assert_eq!(q.as_ptr() as usize % new.align(), 0);
             // SAFETY: `min` bytes copied; `s` bytes of the result.

@@ -4,28 +4,16 @@
 //! shrunk inside a signal handler used to take a new block every time (and
 //! `shrink_to_fit` aborted the process when none was there).
 
+mod nolock_retry;
+
 use allocator_api2::alloc::Allocator;
 use allocator_api2::vec::Vec;
 use anyalloc::{Global, NoLock};
+use nolock_retry::first;
 use std::alloc::{GlobalAlloc, Layout};
 
 fn l(size: usize, align: usize) -> Layout {
     Layout::from_size_align(size, align).unwrap()
-}
-
-/// A nolock call may fail while another context holds what it tries (this
-/// binary's other tests share the global heap, and its maintenance thread
-/// runs): the first allocation of a test is retried until it succeeds.
-fn first<T, E: std::fmt::Debug>(mut f: impl FnMut() -> Result<T, E>) -> T {
-    let mut last = None;
-    for _ in 0..10_000 {
-        match f() {
-            Ok(t) => return t,
-            Err(e) => last = Some(e),
-        }
-        std::thread::yield_now();
-    }
-    panic!("a nolock allocation failed 10,000 times: {last:?}")
 }
 
 #[test]
