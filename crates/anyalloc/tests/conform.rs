@@ -695,12 +695,11 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         let new = Layout::from_size_align(size, old.align()).unwrap();
                         let tries = tries_for(size, new.align());
                         let q = retried(tries, || {
-                            // SAFETY: a live block of `old`, a non-zero new
-                            // size; a failed realloc leaves it live and
-                            // untouched.
-                            let q =
-                                unsafe { GlobalAlloc::realloc(&NoLock, b.p.as_ptr(), old, size) };
-                            NonNull::new(q).ok_or(())
+                            let p = b.p.as_ptr();
+                            // SAFETY: a live block of `old`, a non-zero new size
+                            // (a failed realloc leaves it live and untouched).
+                            NonNull::new(unsafe { GlobalAlloc::realloc(&NoLock, p, old, size) })
+                                .ok_or(())
                         });
                         match q {
                             Ok(q) => (q, new),
