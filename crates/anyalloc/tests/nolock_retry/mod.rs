@@ -5,7 +5,7 @@
 //! binary's tests run in parallel on the one global heap (and its
 //! maintenance thread runs), so a nolock allocation there may meet a lock
 //! another test holds. `conform`'s `NoLock` allocations of 8 KiB to 1 MiB
-//! did, in 12 of 155 runs of that binary, with 64,000 of its 65,536 pages
+//! did, in 15 of 243 runs of that binary, with 64,000 of its 65,536 pages
 //! free: a busy zone lock (`nolock_alloc_fail_busy` counted them). Tests that check what a call *returns*, not whether a busy
 //! heap serves it, retry it here; a call that fails every time still fails
 //! the test.
