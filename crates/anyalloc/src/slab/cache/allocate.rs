@@ -429,10 +429,7 @@ impl Cache {
         // a lock of the allocator), and a signal handler takes the nolock
         // route.
         let _inside = crate::context::Inside::enter();
-        let p = match mode {
-            Mode::Normal => pages.alloc_pages_without_reclaim(self.order),
-            Mode::NoLock => pages.alloc_pages_nolock_why(self.order).ok(),
-        }?;
+        let p = self.slab_pages(pages, mode).ok()?;
         for i in 0..(1usize << self.order) {
             // SAFETY: page `i` of the block of `self.order` just allocated,
             // which no one else uses until `init_slab` or `give_back_slab`.
@@ -440,6 +437,17 @@ impl Cache {
         }
         crate::interrupt_point!(SlabTouch);
         Some(p)
+    }
+
+    /// A new slab's pages from the page allocator, in `mode`; a normal
+    /// call runs no shrinkers (see `take_object_with`).
+    fn slab_pages(&self, pages: &PageAllocator, mode: Mode) -> Result<NonNull<u8>, Fail> {
+        match mode {
+            Mode::Normal => pages
+                .alloc_pages_without_reclaim(self.order)
+                .ok_or(Fail::Empty),
+            Mode::NoLock => pages.alloc_pages_nolock_why(self.order),
+        }
     }
 
     /// Returns the pages of an unused `touched_slab` to the page allocator
@@ -490,12 +498,7 @@ impl Cache {
         // runs them itself, with no lock held, when this fails.
         let slab = match fresh.take() {
             Some(slab) => slab,
-            None => match mode {
-                Mode::Normal => pages
-                    .alloc_pages_without_reclaim(self.order)
-                    .ok_or(Fail::Empty),
-                Mode::NoLock => pages.alloc_pages_nolock_why(self.order),
-            }?,
+            None => self.slab_pages(pages, mode)?,
         };
         let (zi, zone, head) = pages.locate_known(slab.as_ptr() as usize);
         self.init_slab(zone, zi, head, node);
