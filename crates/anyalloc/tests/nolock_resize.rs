@@ -11,6 +11,7 @@ use allocator_api2::vec::Vec;
 use anyalloc::{Global, NoLock};
 use nolock_retry::first;
 use std::alloc::{GlobalAlloc, Layout};
+use std::ptr::NonNull;
 
 fn l(size: usize, align: usize) -> Layout {
     Layout::from_size_align(size, align).unwrap()
@@ -86,7 +87,7 @@ fn a_vec_grows_in_place_within_its_size_class() {
     let usable_of = |v: &Vec<u8, NoLock>| {
         anyalloc::global_heap()
             .unwrap()
-            .usable_size(std::ptr::NonNull::new(v.as_ptr() as *mut u8).unwrap())
+            .usable_size(NonNull::new(v.as_ptr() as *mut u8).unwrap())
     };
     // A block of the 1000-byte class or the next one up, in which 900
     // bytes are more than half: while another test holds both classes'
@@ -117,18 +118,12 @@ fn global_alloc_realloc_of_nolock_is_in_place_when_it_fits() {
     anyalloc::init().unwrap();
     // SAFETY: each block is used with the layout it has.
     unsafe {
-        let p = first(|| {
-            let p = GlobalAlloc::alloc(&NoLock, l(40, 8));
-            if p.is_null() {
-                Err("null")
-            } else {
-                Ok(p)
-            }
-        });
+        let p =
+            first(|| NonNull::new(GlobalAlloc::alloc(&NoLock, l(40, 8))).ok_or("null")).as_ptr();
         p.write_bytes(3, 40);
         let usable = anyalloc::global_heap()
             .unwrap()
-            .usable_size(std::ptr::NonNull::new(p).unwrap());
+            .usable_size(NonNull::new(p).unwrap());
         let q = GlobalAlloc::realloc(&NoLock, p, l(40, 8), usable);
         assert_eq!(q, p, "grown within its block: in place");
         let r = GlobalAlloc::realloc(&NoLock, q, l(usable, 8), 3000);
