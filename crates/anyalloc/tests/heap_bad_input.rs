@@ -286,6 +286,85 @@ fn double_free_of_a_huge_allocation_aborts() {
     );
 }
 
+/// A heap grown past its first zone (1 MiB, used up by pages held through
+/// its page allocator), and a block of `size` bytes allocated after the
+/// growth, checked to lie outside the first zone's 4 MiB granule (a grown
+/// zone is a reservation of its own, 4 MiB-aligned): the bad frees of a
+/// grown zone's memory, which a lookup through the zone map finds.
+fn alloc_in_grown_zone(size: usize) -> (&'static Heap, NonNull<u8>) {
+    let h: &'static Heap = Box::leak(Box::new(
+        Heap::new(Config::default().memory(1 << 20).cpus(1)).unwrap(),
+    ));
+    let first = h.pages().alloc_pages(0).unwrap().as_ptr() as usize >> 22;
+    while h.stats().pages.zones < 2 {
+        h.pages().alloc_pages(0).expect("the heap grows");
+    }
+    let p = alloc(h, size);
+    assert_ne!(
+        p.as_ptr() as usize >> 22,
+        first,
+        "the block is in the first zone"
+    );
+    (h, p)
+}
+
+#[test]
+fn double_free_of_an_object_in_a_grown_zone_aborts() {
+    expect_abort(
+        "double_free_of_an_object_in_a_grown_zone_aborts",
+        "double free of object",
+        || {
+            let (h, p) = alloc_in_grown_zone(64);
+            let layout = Layout::from_size_align(64, 8).unwrap();
+            // SAFETY: the second free is the bad input under test.
+            unsafe {
+                h.free_sized(p, layout);
+                h.free_sized(p, layout);
+            }
+        },
+    );
+}
+
+#[test]
+fn double_free_of_a_tiny_object_in_a_grown_zone_aborts() {
+    expect_abort(
+        "double_free_of_a_tiny_object_in_a_grown_zone_aborts",
+        "double free of object",
+        || {
+            let (h, p) = alloc_in_grown_zone(8);
+            free(h, p);
+            free(h, p);
+        },
+    );
+}
+
+#[test]
+fn interior_pointer_into_an_object_in_a_grown_zone_aborts() {
+    expect_abort(
+        "interior_pointer_into_an_object_in_a_grown_zone_aborts",
+        "interior pointer into a 64-byte object",
+        || {
+            let (h, p) = alloc_in_grown_zone(64);
+            let layout = Layout::from_size_align(64, 8).unwrap();
+            // SAFETY: deliberately not the start of the object.
+            unsafe { h.free_sized(offset(p, 16), layout) };
+        },
+    );
+}
+
+#[test]
+fn double_free_of_a_page_block_in_a_grown_zone_aborts() {
+    expect_abort(
+        "double_free_of_a_page_block_in_a_grown_zone_aborts",
+        "a block of pages freed already (double free?)",
+        || {
+            let (h, p) = alloc_in_grown_zone(16 << 10);
+            free_nolock(h, p);
+            free_nolock(h, p);
+        },
+    );
+}
+
 /// A heap whose huge table has every entry removed (`TOMB`): huge blocks
 /// until the table is full (reserved, never touched), all freed again.
 fn heap_with_a_table_of_tombs() -> &'static Heap {

@@ -45,7 +45,8 @@
 //! a `fork` takes; `normal` and `nolock` the two paths; `claim` a free's
 //! claim of its block and the reports of bad frees; `zone` one zone (its
 //! buddy lists, per-CPU lists, stock and deferred stack); `desc` the page
-//! descriptor.
+//! descriptor; `zone_map` the O(1) lookup of the zones growth added (the
+//! first zone has an inline window of its own, `FirstZone`).
 //!
 //! # Example
 //!
@@ -70,6 +71,8 @@ mod desc;
 mod nolock;
 mod normal;
 mod zone;
+#[cfg(feature = "std")]
+mod zone_map;
 
 pub(crate) use desc::PageDesc;
 
@@ -302,6 +305,10 @@ pub struct PageAllocator {
     nzones: AtomicUsize,
     /// The first zone's lookup window, copied when the allocator is built.
     first: FirstZone,
+    /// Which grown zone (every zone after the first) holds an address, in
+    /// O(1) (see `zone_map`).
+    #[cfg(feature = "std")]
+    map: zone_map::ZoneMap,
     /// Serialises `drain`, maintenance passes and invariant checks (normal
     /// context only), so a maintenance pass can never refill a slot that a
     /// concurrent drain skipped.
@@ -413,6 +420,8 @@ impl PageAllocator {
             zones: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_ZONES],
             first: FirstZone::NONE,
             nzones: AtomicUsize::new(0),
+            #[cfg(feature = "std")]
+            map: zone_map::ZoneMap::new(),
             #[cfg(feature = "std")]
             fork_zones: AtomicUsize::new(0),
             #[cfg(feature = "std")]
@@ -639,6 +648,15 @@ impl PageAllocator {
                 min_reserve,
             )
         };
+        // A grown zone goes into the zone map before anything can see it
+        // (the first has its own window, `FirstZone`). Growth is
+        // serialised (the growth lock, or `new`), so `nzones` is its place.
+        if self.nzones.load(Ordering::Relaxed) > 0 && self.map.insert(z, start, end).is_err() {
+            // SAFETY: the reservation made above, which nothing refers to:
+            // the map wrote no entry for it (`ZoneMap::insert`).
+            unsafe { crate::platform::os_release(p, total) };
+            return Err(Error::Reserve { bytes: total });
+        }
         if fork_held {
             // Every zone before it is held across the fork (`fork_zones`
             // counts them from the first): so is this one, counted too.
@@ -663,12 +681,13 @@ impl PageAllocator {
     }
 
     fn publish_zone(&self, z: *mut Zone) {
+        let n = self.nzones.load(Ordering::Relaxed);
         // SAFETY: initialised by `Zone::init`, not shared yet.
         unsafe {
             (*z).lock.set_polling(!self.config.nolock_syscalls);
             (*z).set_rseq(self.rseq_off);
+            (*z).set_position(n);
         }
-        let n = self.nzones.load(Ordering::Relaxed);
         self.zones[n].store(z, Ordering::Release);
         // Release: a reader that sees the new count sees the zone pointer and
         // the zone's initialised contents.
@@ -703,11 +722,39 @@ impl PageAllocator {
         if z0.contains(addr) {
             return Some((0, z0, z0.index_of(addr)));
         }
-        self.zones()
-            .enumerate()
-            .skip(1)
-            .find(|(_, z)| z.contains(addr))
-            .map(|(i, z)| (i, z, z.index_of(addr)))
+        self.grown_zone(addr)
+            .map(|z| (z.position(), z, z.index_of(addr)))
+    }
+
+    /// The zone after the first that holds `addr`, if any: the zone map,
+    /// a few loads (no walk over the zones). Any context.
+    #[inline]
+    fn grown_zone(&self, addr: usize) -> Option<&Zone> {
+        #[cfg(feature = "std")]
+        return self.map.get(addr);
+        // Without std there are no grown zones (growth maps memory).
+        #[cfg(not(feature = "std"))]
+        {
+            let _ = addr;
+            None
+        }
+    }
+
+    /// Whether a zone after the first holds `addr` (see `grown_zone`).
+    #[inline]
+    pub(crate) fn in_grown_zone(&self, addr: usize) -> bool {
+        self.grown_zone(addr).is_some()
+    }
+
+    /// [`locate_first`](Self::locate_first) for the zones after the first
+    /// (the zone map): the heap's fast routes call it from their
+    /// out-of-line copies for such pointers, so that a free into a grown
+    /// zone takes them too rather than the general path.
+    #[inline]
+    pub(crate) fn locate_grown(&self, addr: usize) -> Option<(u32, &PageDesc)> {
+        let z = self.grown_zone(addr)?;
+        let idx = z.index_of(addr);
+        Some((idx, z.desc(idx)))
     }
 
     /// The first zone, the index of the page holding `addr` and its
@@ -724,8 +771,14 @@ impl PageAllocator {
         // `f` is the first zone's window (`FirstZone::of`, set before the
         // allocator was returned), and page `k` of it is inside the zone.
         // SAFETY: so its descriptor is inside the zone's `descs`, which live
-        // as long as `self`.
-        unsafe { Some((f.first + k as u32, &*f.descs.add(k))) }
+        // as long as `self` (and are not at address 0: said to the
+        // compiler, so that a caller's test of the result for `None` is the
+        // bounds check alone).
+        unsafe {
+            let d = f.descs.add(k);
+            core::hint::assert_unchecked(!d.is_null());
+            Some((f.first + k as u32, &*d))
+        }
     }
 
     /// As `locate_indexed`, for an address known to be managed here (aborts
@@ -993,6 +1046,8 @@ impl PageAllocator {
 
 impl Drop for PageAllocator {
     fn drop(&mut self) {
+        #[cfg(feature = "std")]
+        self.map.release();
         #[cfg(feature = "std")]
         if self.owns_mappings {
             let zones: [*mut Zone; MAX_ZONES] =

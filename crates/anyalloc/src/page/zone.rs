@@ -307,6 +307,9 @@ pub(crate) struct Zone {
     /// returning it to the OS.
     #[cfg_attr(not(feature = "std"), allow(dead_code))]
     pub(crate) mapping: (usize, usize),
+    /// The zone's place in its allocator's zone array (0: the first), set
+    /// before it is published (`set_position`).
+    position: usize,
     /// The zone's untouched part: the whole largest blocks from page index
     /// `fresh` (advanced under `lock`) up to `fresh_end`, free but on no
     /// list, never handed out, their descriptors never written (they read
@@ -438,6 +441,7 @@ impl Zone {
             stock_used: AtomicU32::new(0),
             stock_idle: AtomicU32::new(0),
             releasing: AtomicUsize::new(0),
+            position: 0,
             epoch: AtomicUsize::new(0),
             mapping,
             fresh: AtomicU32::new(fresh_start),
@@ -576,6 +580,17 @@ impl Zone {
         // SAFETY: `slots` has cpus * LEVELS initialised entries (init), and
         // `slot_index` is below that.
         unsafe { &*self.slots.add(slot_index(cpu, self.cpus, level)) }
+    }
+
+    /// Records the zone's place in the zone array: before it is shared.
+    pub(crate) fn set_position(&mut self, position: usize) {
+        self.position = position;
+    }
+
+    /// The zone's place in its allocator's zone array.
+    #[inline]
+    pub(crate) fn position(&self) -> usize {
+        self.position
     }
 
     /// Before the zone is published: use the rseq fast path (see

@@ -2,7 +2,10 @@
 //!
 //! `free` is layout-blind (the page descriptor's owner names the cache);
 //! `free_sized` is told the layout, which names the cache at once, and the
-//! page lookup then only checks it. Both validate every pointer before it
+//! page lookup then only checks it. The page lookup of their fast routes
+//! is the first zone's window inline, then (out of line) the zone map of
+//! the zones growth added: a few loads either way, never a walk over the
+//! zones. Both validate every pointer before it
 //! reaches a cache: it must lie in a zone, on a page a cache or the large
 //! blocks own, at an object's start, and not be free already (the key word;
 //! see the `cache` module). `classify` is the lookup that the general
@@ -34,8 +37,36 @@ impl HeapCore {
     /// As for `Heap::free`.
     #[inline(always)]
     pub(super) unsafe fn free_by_owner<const NOLOCK: bool>(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_by_owner_in::<NOLOCK, false>(ptr) }
+    }
+
+    /// `free_by_owner` for a pointer outside the first zone: the same
+    /// route, its page found through the zone map.
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[inline(never)]
+    unsafe fn free_by_owner_grown<const NOLOCK: bool>(&self, ptr: NonNull<u8>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_by_owner_in::<NOLOCK, true>(ptr) }
+    }
+
+    /// The body of `free_by_owner`: the page found in the first zone's
+    /// window (else one tail call to `free_by_owner_grown`), or with
+    /// `GROWN` in the zone map (else the general path).
+    ///
+    /// # Safety
+    /// As for `Heap::free`.
+    #[inline(always)]
+    unsafe fn free_by_owner_in<const NOLOCK: bool, const GROWN: bool>(&self, ptr: NonNull<u8>) {
         let addr = ptr.as_ptr() as usize;
-        if let Some((_, d)) = self.pages.locate_first(addr) {
+        let found = self.locate::<GROWN>(addr);
+        if !GROWN && found.is_none() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_by_owner_grown::<NOLOCK>(ptr) };
+        }
+        if let Some((_, d)) = found {
             let owner = d.owner.load(Ordering::Acquire) as usize;
             // One comparison for "a plain class with its key at 8"; the
             // tiny classes take `free_plain`'s out-of-line copy.
@@ -85,6 +116,34 @@ impl HeapCore {
     /// As for `Heap::free`, or null.
     #[inline(always)]
     pub(crate) unsafe fn free_sized<const NOLOCK: bool>(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_sized_in::<NOLOCK, false>(ptr, layout) }
+    }
+
+    /// `free_sized` for a pointer outside the first zone (or null): the
+    /// same route, its page found through the zone map.
+    ///
+    /// # Safety
+    /// As for `Heap::free`, or null.
+    #[inline(never)]
+    unsafe fn free_sized_grown<const NOLOCK: bool>(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_sized_in::<NOLOCK, true>(ptr, layout) }
+    }
+
+    /// The body of `free_sized`: each arm finds the page in the first
+    /// zone's window (else one tail call to `free_sized_grown`, so the
+    /// first zone's route makes no call that returns), or with `GROWN` in
+    /// the zone map (else the general path).
+    ///
+    /// # Safety
+    /// As for `Heap::free`, or null.
+    #[inline(always)]
+    unsafe fn free_sized_in<const NOLOCK: bool, const GROWN: bool>(
+        &self,
+        ptr: *mut u8,
+        layout: Layout,
+    ) {
         let addr = ptr as usize;
         // The size alone names the class (`owner_hint`, the owner id of its
         // plain cache: the page's owner decides). Two separate arms, not one
@@ -92,7 +151,12 @@ impl HeapCore {
         // carries a "which arm" flag.
         match self.tables().owner_hint(layout.size()) {
             Some(k) => {
-                if let Some((_, d)) = self.pages.locate_first(addr) {
+                let found = self.locate::<GROWN>(addr);
+                if !GROWN && found.is_none() {
+                    // SAFETY: forwarded contract.
+                    return unsafe { self.free_sized_grown::<NOLOCK>(ptr, layout) };
+                }
+                if let Some((_, d)) = found {
                     let owner = d.owner.load(Ordering::Acquire);
                     // A keyed class: one comparison. The hint table holds
                     // keyed ids and tiny ids with `TINY_HINT` set, and no
@@ -116,7 +180,12 @@ impl HeapCore {
                 }
             }
             None => {
-                if let Some((_, d)) = self.pages.locate_first(addr) {
+                let found = self.locate::<GROWN>(addr);
+                if !GROWN && found.is_none() {
+                    // SAFETY: forwarded contract.
+                    return unsafe { self.free_sized_grown::<NOLOCK>(ptr, layout) };
+                }
+                if let Some((_, d)) = found {
                     if d.owner.load(Ordering::Acquire) == LARGE_OWNER {
                         // SAFETY: forwarded contract; inside a zone, so
                         // not null.
@@ -133,6 +202,18 @@ impl HeapCore {
         }
     }
 
+    /// The page holding `addr` and its descriptor, for the fast routes: in
+    /// the first zone's window, or with `GROWN` in the zone map of the
+    /// others (`PageAllocator::locate_grown`). `None`: not there.
+    #[inline(always)]
+    fn locate<const GROWN: bool>(&self, addr: usize) -> Option<(u32, &crate::page::PageDesc)> {
+        if GROWN {
+            self.pages.locate_grown(addr)
+        } else {
+            self.pages.locate_first(addr)
+        }
+    }
+
     /// `free_nolock` beyond its fast route.
     ///
     /// # Safety
@@ -145,7 +226,7 @@ impl HeapCore {
 
     /// The free of an object of the plain cache whose owner id is `owner`
     /// (its class + 1, as page descriptors and the size tables hold it), in
-    /// the first zone: validated (the start of an object, not already free), then
+    /// any zone: validated (the start of an object, not already free), then
     /// pushed on this CPU's main sheaf, or handed to the cache's slow path
     /// in one tail call. Not the start of an object: the general path of
     /// the mode, which validates again and reports it (so the fast path
@@ -200,14 +281,14 @@ impl HeapCore {
             cache.mark(&self.pages, zone, idx, addr, false);
         }
         if !cache.check_free_quick(&self.pages, addr, class) {
-            return cache.free_checked(&self.pages, self.pages.first_zone(), addr, mode);
+            return cache.free_checked(&self.pages, addr, mode);
         }
         if !cache.seq_push(addr, mode) {
             cache.free_miss(&self.pages, addr, mode);
         }
     }
 
-    /// The free of a block whose page `d` (in the first zone) says it is
+    /// The free of a block whose page `d` (in any zone) says it is
     /// the head of a large block: a plain one aligned to its order goes
     /// straight to the page allocator (its fast path runs in any context,
     /// its slow path is routed by the mode, or by the thread's context for

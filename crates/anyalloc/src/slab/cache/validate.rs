@@ -45,8 +45,9 @@ impl Cache {
 
     /// The key test's common case, for the fast paths: the key word does
     /// not match, and (tiny classes, whose key word is the free-list link)
-    /// it does not look like a link either: not NIL, not an address in the
-    /// first zone, with no other zone to ask about. Then it writes the key
+    /// it does not look like a link either: not NIL, not an address in any
+    /// zone (the first zone's window, then the zone map: a few loads each,
+    /// see `page::zone_map`). Then it writes the key
     /// and says `true`; otherwise it changes nothing and the caller takes
     /// [`free_checked`](Self::free_checked), which decides exactly as
     /// [`check_free`](Self::check_free) does.
@@ -63,7 +64,7 @@ impl Cache {
         let w = unsafe { kw.read_unaligned() } ^ self.key;
         if w == 0
             || (off == 0
-                && (w == crate::sync::NIL || pages.in_first_zone(w) || pages.zone_count() > 1))
+                && (w == crate::sync::NIL || pages.in_first_zone(w) || pages.in_grown_zone(w)))
         {
             return false;
         }
@@ -76,7 +77,8 @@ impl Cache {
     /// ([`check_free`](Self::check_free)), then the free of `mode`.
     #[cold]
     #[inline(never)]
-    pub(crate) fn free_checked(&self, pages: &PageAllocator, zone: &Zone, obj: usize, mode: Mode) {
+    pub(crate) fn free_checked(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
+        let (_, zone, _) = pages.locate_known(obj);
         if self.check_free(pages, zone, obj, mode) {
             self.free_miss(pages, obj, mode);
         }

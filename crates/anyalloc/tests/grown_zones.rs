@@ -1,0 +1,133 @@
+//! Memory in the zones that growth adds is found, validated and freed like
+//! the first zone's: blocks and objects there are looked up through the
+//! zone map (a few loads, no walk over the zones), and frees of objects
+//! there take the same fast route.
+//!
+//! A grown zone is a reservation of its own, aligned to 4 MiB: it never
+//! shares a 4 MiB granule with the first zone. So an object whose granule
+//! is not the first zone's lies in a grown zone, which the tests check
+//! rather than assume.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+use anyalloc::{Config, Heap, PageAllocator, MAX_ORDER, PAGE_SIZE};
+
+const GRANULE_SHIFT: u32 = 22;
+
+/// A heap of one CPU slot set whose first zone (1 MiB) is used up by
+/// pages held through its page allocator, so that it grew: new objects
+/// come from grown zones. Returns the heap, the held pages (order 0) and
+/// the first zone's granule.
+fn grown_heap() -> (Heap, Vec<NonNull<u8>>, usize) {
+    let h = Heap::new(Config::default().memory(1 << 20).cpus(1)).unwrap();
+    let first = h.pages().alloc_pages(0).expect("a fresh heap has pages");
+    let granule = first.as_ptr() as usize >> GRANULE_SHIFT;
+    let mut held = vec![first];
+    while h.stats().pages.zones < 2 {
+        held.push(h.pages().alloc_pages(0).expect("the heap grows"));
+    }
+    (h, held, granule)
+}
+
+fn pattern(p: NonNull<u8>, size: usize) -> u8 {
+    ((p.as_ptr() as usize >> 4) ^ size) as u8
+}
+
+#[test]
+fn page_blocks_of_every_zone_are_found_and_freed() {
+    let pa = PageAllocator::new(Config::default().memory(1 << 20).cpus(1).min_reserve(0)).unwrap();
+    let mut held = Vec::new();
+    while pa.stats().zones < 6 {
+        held.push(pa.alloc_pages(MAX_ORDER).expect("the allocator grows"));
+    }
+    let granules: std::collections::BTreeSet<usize> = held
+        .iter()
+        .map(|p| p.as_ptr() as usize >> GRANULE_SHIFT)
+        .collect();
+    assert_eq!(
+        granules.len(),
+        held.len(),
+        "two 4 MiB blocks in one granule"
+    );
+    for p in &held {
+        let a = p.as_ptr() as usize;
+        assert!(pa.contains(a) && pa.contains(a + (PAGE_SIZE << MAX_ORDER) - 1));
+    }
+    let local = 0u64;
+    assert!(!pa.contains(&local as *const u64 as usize));
+    assert!(!pa.contains(usize::MAX - 4095));
+    // Freed through both paths: each free's claim finds its block's zone.
+    for (i, p) in held.into_iter().enumerate() {
+        // SAFETY: allocated above with this order, freed once.
+        unsafe {
+            if i % 2 == 0 {
+                pa.free_pages(p, MAX_ORDER);
+            } else {
+                pa.free_pages_nolock(p, MAX_ORDER);
+            }
+        }
+    }
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages);
+    pa.check_invariants().unwrap();
+}
+
+/// Objects of every small class (and page blocks) allocated in grown zones,
+/// filled, checked and freed through each free (`free_sized`, `free`,
+/// their nolock forms): every object comes back, and every page.
+#[test]
+fn objects_in_grown_zones_are_freed_by_every_route() {
+    let (h, held, first_granule) = grown_heap();
+    let sizes = [
+        8usize, 12, 16, 24, 48, 64, 100, 256, 1000, 4096, 7000, 20_000,
+    ];
+    let mut live = Vec::new();
+    for round in 0..40 {
+        for &size in &sizes {
+            let layout = Layout::from_size_align(size, 8).unwrap();
+            let p = if round % 3 == 2 {
+                h.alloc_nolock(layout)
+                    .expect("an idle heap serves nolock calls")
+            } else {
+                h.alloc(layout).expect("the heap grows")
+            };
+            // SAFETY: a fresh block of `size` bytes.
+            unsafe { p.as_ptr().write_bytes(pattern(p, size), size) };
+            live.push((p, layout));
+        }
+    }
+    let grown = live
+        .iter()
+        .filter(|(p, _)| p.as_ptr() as usize >> GRANULE_SHIFT != first_granule)
+        .count();
+    assert!(
+        grown * 2 > live.len(),
+        "only {grown} of {} blocks outside the first zone",
+        live.len()
+    );
+    for (i, (p, layout)) in live.into_iter().enumerate() {
+        let size = layout.size();
+        // SAFETY: the block is live and `size` bytes long.
+        let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
+        assert!(bytes.iter().all(|&b| b == pattern(p, size)));
+        // SAFETY: allocated above with `layout`, freed once.
+        unsafe {
+            match i % 4 {
+                0 => h.free_sized(p, layout),
+                1 => h.free(p),
+                2 => h.free_nolock_sized(p, layout),
+                _ => h.free_nolock(p),
+            }
+        }
+    }
+    for p in held {
+        // SAFETY: allocated through the heap's page allocator with order 0.
+        unsafe { h.pages().free_pages(p, 0) };
+    }
+    h.drain();
+    let s = h.stats();
+    assert_eq!((s.objects_in_use, s.large_in_use), (0, 0));
+    assert_eq!(s.pages.free_pages, s.pages.total_pages);
+}
