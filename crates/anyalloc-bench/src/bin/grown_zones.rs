@@ -1,0 +1,118 @@
+//! `grown_zones`: what a free costs when its object lies in a zone that
+//! growth added, against one in the first zone.
+//!
+//! The first zone's page lookup is an inline window; the others' is the zone
+//! map (`page::zone_map`), reached through an out-of-line copy of the same
+//! fast route. Two heaps with 1 MiB first zones: in one,
+//! objects come from the first zone; in the other, the first zone is used up
+//! by pages held through its page allocator before anything else, so every
+//! object comes from a grown zone (checked: its 4 MiB granule is not the
+//! first zone's). Each round times a 64 B `alloc` + `free_sized` pair and a
+//! batch of 1000 x 64 B (all allocations, then all frees) on both heaps,
+//! alternating; the medians over the rounds are printed, and their ratios.
+//! Informational: no target, no exit code but for a setup that went wrong.
+//!
+//! `cargo run --release -p anyalloc-bench --bin grown_zones [-- ROUNDS]`
+
+use std::alloc::Layout;
+use std::hint::black_box;
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use anyalloc::{Config, Heap};
+
+const PAIRS: usize = 2_000_000;
+const BATCHES: usize = 2_000;
+
+fn heap() -> Heap {
+    Heap::new(Config::default().memory(1 << 20)).expect("a 1 MiB heap")
+}
+
+/// ns per alloc+free pair.
+fn pairs(h: &Heap, l: Layout) -> f64 {
+    let t = Instant::now();
+    for _ in 0..PAIRS {
+        let p = h.alloc(l).expect("memory to spare");
+        // SAFETY: a live block of `l`, freed once.
+        unsafe { h.free_sized(black_box(p), l) };
+    }
+    t.elapsed().as_nanos() as f64 / PAIRS as f64
+}
+
+/// ns per object of a 1000-object batch (alloc and free).
+fn batch(h: &Heap, l: Layout, v: &mut Vec<NonNull<u8>>) -> f64 {
+    let t = Instant::now();
+    for _ in 0..BATCHES {
+        for _ in 0..1000 {
+            v.push(h.alloc(l).expect("memory to spare"));
+        }
+        for p in v.drain(..) {
+            // SAFETY: live blocks of `l`, each freed once.
+            unsafe { h.free_sized(black_box(p), l) };
+        }
+    }
+    t.elapsed().as_nanos() as f64 / (BATCHES * 1000) as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().expect("ROUNDS: a number"))
+        .unwrap_or(11);
+    let l = Layout::from_size_align(64, 8).unwrap();
+    let first = heap();
+    let grown = heap();
+    let mut held = Vec::new();
+    let first_granule = grown
+        .pages()
+        .alloc_pages(0)
+        .expect("a fresh heap has pages");
+    held.push(first_granule);
+    while grown.stats().pages.zones < 2 {
+        held.push(grown.pages().alloc_pages(0).expect("the heap grows"));
+    }
+    let probe = grown.alloc(l).expect("memory to spare");
+    let in_grown = probe.as_ptr() as usize >> 22 != first_granule.as_ptr() as usize >> 22;
+    // SAFETY: allocated above with `l`, freed once.
+    unsafe { grown.free_sized(probe, l) };
+    if !in_grown {
+        eprintln!("grown_zones: the second heap's objects are still in its first zone");
+        std::process::exit(1);
+    }
+    let mut v = Vec::with_capacity(1000);
+    let (mut p0, mut p1, mut b0, mut b1) = (vec![], vec![], vec![], vec![]);
+    for r in 0..rounds {
+        // The starting heap alternates.
+        for which in [r % 2, 1 - r % 2] {
+            let h = if which == 0 { &first } else { &grown };
+            let (p, b) = (pairs(h, l), batch(h, l, &mut v));
+            if which == 0 {
+                p0.push(p);
+                b0.push(b);
+            } else {
+                p1.push(p);
+                b1.push(b);
+            }
+        }
+    }
+    let (p0, p1, b0, b1) = (median(p0), median(p1), median(b0), median(b1));
+    println!("64 B objects, Heap::alloc + free_sized, medians of {rounds} rounds (ns)");
+    println!("                        first zone   grown zone   grown / first");
+    println!(
+        "  pair                  {p0:10.2}   {p1:10.2}   {:10.2}x",
+        p1 / p0
+    );
+    println!(
+        "  batch 1000, per obj   {b0:10.2}   {b1:10.2}   {:10.2}x",
+        b1 / b0
+    );
+    for p in held {
+        // SAFETY: allocated through the heap's page allocator with order 0.
+        unsafe { grown.pages().free_pages(p, 0) };
+    }
+}
