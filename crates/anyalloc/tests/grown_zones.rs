@@ -15,12 +15,13 @@ use anyalloc::{Config, Heap, PageAllocator, MAX_ORDER, PAGE_SIZE};
 
 const GRANULE_SHIFT: u32 = 22;
 
-/// A heap of one CPU slot set whose first zone (1 MiB) is used up by
+/// A heap (a CPU slot set per possible CPU: the restartable fast paths,
+/// where the platform offers them) whose first zone (1 MiB) is used up by
 /// pages held through its page allocator, so that it grew: new objects
 /// come from grown zones. Returns the heap, the held pages (order 0) and
 /// the first zone's granule.
 fn grown_heap() -> (Heap, Vec<NonNull<u8>>, usize) {
-    let h = Heap::new(Config::default().memory(1 << 20).cpus(1)).unwrap();
+    let h = Heap::new(Config::default().memory(1 << 20)).unwrap();
     let first = h.pages().alloc_pages(0).expect("a fresh heap has pages");
     let granule = first.as_ptr() as usize >> GRANULE_SHIFT;
     let mut held = vec![first];
@@ -36,7 +37,7 @@ fn pattern(p: NonNull<u8>, size: usize) -> u8 {
 
 #[test]
 fn page_blocks_of_every_zone_are_found_and_freed() {
-    let pa = PageAllocator::new(Config::default().memory(1 << 20).cpus(1).min_reserve(0)).unwrap();
+    let pa = PageAllocator::new(Config::default().memory(1 << 20).min_reserve(0)).unwrap();
     let mut held = Vec::new();
     while pa.stats().zones < 6 {
         held.push(pa.alloc_pages(MAX_ORDER).expect("the allocator grows"));
@@ -67,6 +68,71 @@ fn page_blocks_of_every_zone_are_found_and_freed() {
                 pa.free_pages_nolock(p, MAX_ORDER);
             }
         }
+    }
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages);
+    pa.check_invariants().unwrap();
+}
+
+/// Blocks of the per-CPU lists' orders (0 to 3) in grown zones go onto
+/// their own zone's lists when freed (the same fast path as the first
+/// zone's, on the block's zone), and allocations pop them from there: a
+/// churn over three zones and more keeps every live block distinct and
+/// inside the allocator, and every page comes back.
+#[test]
+fn small_blocks_of_grown_zones_churn_through_their_own_lists() {
+    let pa = PageAllocator::new(Config::default().memory(1 << 20).min_reserve(0)).unwrap();
+    let mut live: Vec<(NonNull<u8>, u32)> = Vec::new();
+    let mut order = 0;
+    while pa.stats().zones < 3 {
+        live.push((pa.alloc_pages(order).expect("the allocator grows"), order));
+        order = (order + 1) % 4;
+    }
+    let check = |live: &[(NonNull<u8>, u32)]| {
+        let mut ranges: Vec<(usize, usize)> = live
+            .iter()
+            .map(|&(p, o)| (p.as_ptr() as usize, p.as_ptr() as usize + (PAGE_SIZE << o)))
+            .collect();
+        ranges.sort();
+        assert!(
+            ranges.windows(2).all(|w| w[0].1 <= w[1].0),
+            "two live blocks overlap"
+        );
+        assert!(ranges
+            .iter()
+            .all(|&(a, b)| pa.contains(a) && pa.contains(b - 1)));
+    };
+    check(&live);
+    for round in 0..20 {
+        // Free every other block (normal and nolock frees in turn), then
+        // allocate as many of the same orders again.
+        let mut kept = Vec::new();
+        let mut freed = Vec::new();
+        for (i, (p, o)) in live.drain(..).enumerate() {
+            if (i + round) % 2 == 0 {
+                // SAFETY: allocated with order `o`, freed once.
+                unsafe {
+                    if i % 4 < 2 {
+                        pa.free_pages(p, o);
+                    } else {
+                        pa.free_pages_nolock(p, o);
+                    }
+                }
+                freed.push(o);
+            } else {
+                kept.push((p, o));
+            }
+        }
+        live = kept;
+        for o in freed {
+            live.push((pa.alloc_pages(o).expect("memory freed just now"), o));
+        }
+        check(&live);
+    }
+    for (p, o) in live {
+        // SAFETY: allocated with order `o`, freed once.
+        unsafe { pa.free_pages(p, o) };
     }
     pa.drain();
     let s = pa.stats();

@@ -6,8 +6,9 @@
 use super::*;
 
 impl PageAllocator {
-    /// The inline half of a free's claim: a block of the first zone,
-    /// aligned for `order`, claimed (`ALLOCATED -> kind`: `FREEING`, or
+    /// The inline half of a free's claim: a block of `zone` (the first
+    /// zone, found by its window; with `GROWN`, the grown zone the caller
+    /// found in the zone map), aligned for `order`, claimed (`ALLOCATED -> kind`: `FREEING`, or
     /// `PCP` for a block about to be pushed onto this CPU's list). `None`:
     /// ask [`claim_slow`](Self::claim_slow), which decides and reports.
     ///
@@ -31,21 +32,27 @@ impl PageAllocator {
     /// heap's would report a double free instead: either way the program
     /// freed a block of the heap's through the page allocator, and dies.
     #[inline(always)]
-    pub(super) fn claim_fast<const PUBLIC: bool>(
-        &self,
+    pub(super) fn claim_fast<'a, const PUBLIC: bool, const GROWN: bool>(
+        &'a self,
+        zone: &'a Zone,
         ptr: NonNull<u8>,
         order: u32,
         kind: u32,
-    ) -> Option<(&Zone, u32, &PageDesc)> {
-        // The common case inline: a well-aligned block of the first zone
-        // whose claim succeeds. Anything else (other zones, every report)
-        // is `claim_slow`, which starts over: a failed CAS changed nothing.
+    ) -> Option<(u32, &'a PageDesc)> {
+        // The common case inline: a well-aligned block of `zone` (the
+        // first zone, or with `GROWN` the grown zone that holds it) whose
+        // claim succeeds. Anything else (every report) is `claim_slow`,
+        // which starts over: a failed CAS changed nothing.
         let addr = ptr.as_ptr() as usize;
         if order > MAX_ORDER || addr & ((PAGE_SIZE << order) - 1) != 0 {
             return None;
         }
-        let (idx, d) = self.locate_first(addr)?;
-        let zone = self.first_zone();
+        let (idx, d) = if GROWN {
+            let idx = zone.index_of(addr);
+            (idx, zone.desc(idx))
+        } else {
+            self.locate_first(addr)?
+        };
         d.state
             .compare_exchange(
                 desc::state(desc::ALLOCATED, order),
@@ -60,7 +67,7 @@ impl PageAllocator {
             return None;
         }
         crate::interrupt_point!(PageClaimed);
-        Some((zone, idx, d))
+        Some((idx, d))
     }
 
     /// Validates a free and claims the block (`ALLOCATED -> FREEING`), or
