@@ -7,9 +7,11 @@
 //! objects come from the first zone; in the other, the first zone is used up
 //! by pages held through its page allocator before anything else, so every
 //! object comes from a grown zone (checked: its 4 MiB granule is not the
-//! first zone's). Each round times a 64 B `alloc` + `free_sized` pair and a
-//! batch of 1000 x 64 B (all allocations, then all frees) on both heaps,
-//! alternating; the medians over the rounds are printed, and their ratios.
+//! first zone's). Each round times a 64 B `alloc` + `free_sized` pair, a
+//! batch of 1000 x 64 B (all allocations, then all frees) and a 16 KiB pair
+//! (a page block of order 2: the per-CPU page lists of the block's zone)
+//! on both heaps, alternating; the medians over the rounds are printed, and
+//! their ratios.
 //! Informational: no target, no exit code but for a setup that went wrong.
 //!
 //! `cargo run --release -p anyalloc-bench --bin grown_zones [-- ROUNDS]`
@@ -28,15 +30,15 @@ fn heap() -> Heap {
     Heap::new(Config::default().memory(1 << 20)).expect("a 1 MiB heap")
 }
 
-/// ns per alloc+free pair.
-fn pairs(h: &Heap, l: Layout) -> f64 {
+/// ns per alloc+free pair, over `n` pairs.
+fn pairs(h: &Heap, l: Layout, n: usize) -> f64 {
     let t = Instant::now();
-    for _ in 0..PAIRS {
+    for _ in 0..n {
         let p = h.alloc(l).expect("memory to spare");
         // SAFETY: a live block of `l`, freed once.
         unsafe { h.free_sized(black_box(p), l) };
     }
-    t.elapsed().as_nanos() as f64 / PAIRS as f64
+    t.elapsed().as_nanos() as f64 / n as f64
 }
 
 /// ns per object of a 1000-object batch (alloc and free).
@@ -65,6 +67,7 @@ fn main() {
         .map(|a| a.parse().expect("ROUNDS: a number"))
         .unwrap_or(11);
     let l = Layout::from_size_align(64, 8).unwrap();
+    let page = Layout::from_size_align(16 << 10, 8).unwrap();
     let first = heap();
     let grown = heap();
     let mut held = Vec::new();
@@ -76,41 +79,50 @@ fn main() {
     while grown.stats().pages.zones < 2 {
         held.push(grown.pages().alloc_pages(0).expect("the heap grows"));
     }
-    let probe = grown.alloc(l).expect("memory to spare");
-    let in_grown = probe.as_ptr() as usize >> 22 != first_granule.as_ptr() as usize >> 22;
-    // SAFETY: allocated above with `l`, freed once.
-    unsafe { grown.free_sized(probe, l) };
-    if !in_grown {
-        eprintln!("grown_zones: the second heap's objects are still in its first zone");
-        std::process::exit(1);
+    for layout in [l, page] {
+        let probe = grown.alloc(layout).expect("memory to spare");
+        let in_grown = probe.as_ptr() as usize >> 22 != first_granule.as_ptr() as usize >> 22;
+        // SAFETY: allocated above with `layout`, freed once.
+        unsafe { grown.free_sized(probe, layout) };
+        if !in_grown {
+            eprintln!("grown_zones: the second heap's blocks are still in its first zone");
+            std::process::exit(1);
+        }
     }
     let mut v = Vec::with_capacity(1000);
     let (mut p0, mut p1, mut b0, mut b1) = (vec![], vec![], vec![], vec![]);
+    let (mut q0, mut q1) = (vec![], vec![]);
     for r in 0..rounds {
         // The starting heap alternates.
         for which in [r % 2, 1 - r % 2] {
             let h = if which == 0 { &first } else { &grown };
-            let (p, b) = (pairs(h, l), batch(h, l, &mut v));
+            let (p, b, q) = (
+                pairs(h, l, PAIRS),
+                batch(h, l, &mut v),
+                pairs(h, page, PAIRS / 10),
+            );
             if which == 0 {
                 p0.push(p);
                 b0.push(b);
+                q0.push(q);
             } else {
                 p1.push(p);
                 b1.push(b);
+                q1.push(q);
             }
         }
     }
     let (p0, p1, b0, b1) = (median(p0), median(p1), median(b0), median(b1));
-    println!("64 B objects, Heap::alloc + free_sized, medians of {rounds} rounds (ns)");
-    println!("                        first zone   grown zone   grown / first");
-    println!(
-        "  pair                  {p0:10.2}   {p1:10.2}   {:10.2}x",
-        p1 / p0
-    );
-    println!(
-        "  batch 1000, per obj   {b0:10.2}   {b1:10.2}   {:10.2}x",
-        b1 / b0
-    );
+    let (q0, q1) = (median(q0), median(q1));
+    println!("Heap::alloc + free_sized, medians of {rounds} rounds (ns)");
+    println!("                          first zone   grown zone   grown / first");
+    for (what, a, b) in [
+        ("64 B pair", p0, p1),
+        ("64 B batch 1000, /obj", b0, b1),
+        ("16 KiB pair", q0, q1),
+    ] {
+        println!("  {what:<22}{a:12.2}{b:13.2}{:15.2}x", b / a);
+    }
     for p in held {
         // SAFETY: allocated through the heap's page allocator with order 0.
         unsafe { grown.pages().free_pages(p, 0) };
