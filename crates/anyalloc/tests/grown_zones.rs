@@ -35,6 +35,25 @@ fn pattern(p: NonNull<u8>, size: usize) -> u8 {
     ((p.as_ptr() as usize >> 4) ^ size) as u8
 }
 
+/// Frees every block (normal and nolock frees in turn), drains, and checks
+/// that every page is free again and the allocator's invariants hold.
+fn free_all_and_check(pa: &PageAllocator, blocks: impl IntoIterator<Item = (NonNull<u8>, u32)>) {
+    for (i, (p, order)) in blocks.into_iter().enumerate() {
+        // SAFETY: each block was allocated with its order and is freed once.
+        unsafe {
+            if i % 2 == 0 {
+                pa.free_pages(p, order);
+            } else {
+                pa.free_pages_nolock(p, order);
+            }
+        }
+    }
+    pa.drain();
+    let s = pa.stats();
+    assert_eq!(s.free_pages, s.total_pages);
+    pa.check_invariants().unwrap();
+}
+
 #[test]
 fn page_blocks_of_every_zone_are_found_and_freed() {
     let pa = PageAllocator::new(Config::default().memory(1 << 20).min_reserve(0)).unwrap();
@@ -59,20 +78,7 @@ fn page_blocks_of_every_zone_are_found_and_freed() {
     assert!(!pa.contains(&local as *const u64 as usize));
     assert!(!pa.contains(usize::MAX - 4095));
     // Freed through both paths: each free's claim finds its block's zone.
-    for (i, p) in held.into_iter().enumerate() {
-        // SAFETY: allocated above with this order, freed once.
-        unsafe {
-            if i % 2 == 0 {
-                pa.free_pages(p, MAX_ORDER);
-            } else {
-                pa.free_pages_nolock(p, MAX_ORDER);
-            }
-        }
-    }
-    pa.drain();
-    let s = pa.stats();
-    assert_eq!(s.free_pages, s.total_pages);
-    pa.check_invariants().unwrap();
+    free_all_and_check(&pa, held.into_iter().map(|p| (p, MAX_ORDER)));
 }
 
 /// Blocks of the per-CPU lists' orders (0 to 3) in grown zones go onto
@@ -130,14 +136,7 @@ fn small_blocks_of_grown_zones_churn_through_their_own_lists() {
         }
         check(&live);
     }
-    for (p, o) in live {
-        // SAFETY: allocated with order `o`, freed once.
-        unsafe { pa.free_pages(p, o) };
-    }
-    pa.drain();
-    let s = pa.stats();
-    assert_eq!(s.free_pages, s.total_pages);
-    pa.check_invariants().unwrap();
+    free_all_and_check(&pa, live);
 }
 
 /// Objects of every small class (and page blocks) allocated in grown zones,
