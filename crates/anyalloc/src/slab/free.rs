@@ -344,7 +344,7 @@ impl HeapCore {
             Kind::Object(cache, zone, idx) => {
                 #[cfg(feature = "debug-checks")]
                 cache.mark(&self.pages, zone, idx, addr, false);
-                let goes_on = cache.check_free(&self.pages, zone, addr, mode);
+                let goes_on = cache.check_free(&self.pages, addr, mode);
                 if cache.accounted {
                     self.uncharge_object(cache, zone, idx, addr);
                 }
@@ -569,8 +569,8 @@ impl HeapCore {
     pub(super) fn usable_size_for(&self, ptr: NonNull<u8>, what: &str) -> usize {
         let addr = ptr.as_ptr() as usize;
         match self.classify_or_abort_for(addr, what) {
-            Kind::Object(cache, zone, _) => {
-                if cache.is_freed(&self.pages, zone, addr) {
+            Kind::Object(cache, _, _) => {
+                if cache.is_freed(&self.pages, addr) {
                     self.bad_pointer(what, addr, ", which is a freed object (use after free?)");
                 }
                 cache.size()

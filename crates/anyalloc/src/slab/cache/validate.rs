@@ -14,14 +14,8 @@ impl Cache {
     /// done; the caller must not free it anywhere else.
     #[inline(always)]
     #[must_use]
-    pub(crate) fn check_free(
-        &self,
-        pages: &PageAllocator,
-        zone: &Zone,
-        obj: usize,
-        mode: Mode,
-    ) -> bool {
-        if self.key_suspect(pages, zone, obj) && !self.suspect_double_free(pages, obj, mode) {
+    pub(crate) fn check_free(&self, pages: &PageAllocator, obj: usize, mode: Mode) -> bool {
+        if self.key_suspect(pages, obj) && !self.suspect_double_free(pages, obj, mode) {
             return false;
         }
         let kw = (obj + key_off(self.class)) as *mut usize;
@@ -35,12 +29,12 @@ impl Cache {
     /// word of the validated object `obj` says it may be free (it holds the
     /// key, or, in the tiny classes, something that looks like a free-list
     /// link). Only the exact search (`is_free`) decides.
-    pub(super) fn key_suspect(&self, pages: &PageAllocator, zone: &Zone, obj: usize) -> bool {
+    pub(super) fn key_suspect(&self, pages: &PageAllocator, obj: usize) -> bool {
         let off = key_off(self.class);
         // SAFETY: `obj` is a validated object of this cache (at least
         // `off + 8` bytes); reading its key word changes nothing.
         let w = unsafe { ((obj + off) as *const usize).read_unaligned() } ^ self.key;
-        w == 0 || (off == 0 && self.tiny_suspect(pages, zone, w))
+        w == 0 || (off == 0 && Self::tiny_suspect(pages, w))
     }
 
     /// The key test's common case, for the fast paths: the key word does
@@ -62,10 +56,7 @@ impl Cache {
         // SAFETY: as in `check_free`: a validated object of this class, at
         // least `off + 8` bytes.
         let w = unsafe { kw.read_unaligned() } ^ self.key;
-        if w == 0
-            || (off == 0
-                && (w == crate::sync::NIL || pages.in_first_zone(w) || pages.in_grown_zone(w)))
-        {
+        if w == 0 || (off == 0 && Self::tiny_suspect(pages, w)) {
             return false;
         }
         // SAFETY: as in `check_free`.
@@ -78,18 +69,18 @@ impl Cache {
     #[cold]
     #[inline(never)]
     pub(crate) fn free_checked(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
-        let (_, zone, _) = pages.locate_known(obj);
-        if self.check_free(pages, zone, obj, mode) {
+        if self.check_free(pages, obj, mode) {
             self.free_miss(pages, obj, mode);
         }
     }
 
     /// Tiny classes: whether a first word XOR the key looks like a free
-    /// object's link (the end of the deferred stack, or a heap address:
-    /// the object's own zone first, the others only if there are others).
-    #[inline(never)]
-    pub(super) fn tiny_suspect(&self, pages: &PageAllocator, zone: &Zone, w: usize) -> bool {
-        w == crate::sync::NIL || zone.contains(w) || (pages.zone_count() > 1 && pages.contains(w))
+    /// object's link: the end of the deferred stack, or an address in any
+    /// zone (the first zone's window, then the zone map: a few loads, no
+    /// walk over the zones). The quick test and the full one share it.
+    #[inline(always)]
+    fn tiny_suspect(pages: &PageAllocator, w: usize) -> bool {
+        w == crate::sync::NIL || pages.in_first_zone(w) || pages.in_grown_zone(w)
     }
 
     /// Writes the key into a free object's key word (as a free's key test
@@ -355,8 +346,8 @@ impl Cache {
     /// that must not change it (`usable_size`): the key test of a free,
     /// without writing the key, then (a suspect) the exact search, which
     /// only tries the node lock. Any context.
-    pub(crate) fn is_freed(&self, pages: &PageAllocator, zone: &Zone, obj: usize) -> bool {
-        self.key_suspect(pages, zone, obj) && self.is_free(pages, obj, Mode::NoLock) == Some(true)
+    pub(crate) fn is_freed(&self, pages: &PageAllocator, obj: usize) -> bool {
+        self.key_suspect(pages, obj) && self.is_free(pages, obj, Mode::NoLock) == Some(true)
     }
 
     /// Whether `addr` (in a page this cache owns) is the start of an object
