@@ -768,12 +768,11 @@ impl PageAllocator {
             return None;
         }
         let k = off >> crate::PAGE_SHIFT;
-        // `f` is the first zone's window (`FirstZone::of`, set before the
-        // allocator was returned), and page `k` of it is inside the zone.
-        // SAFETY: so its descriptor is inside the zone's `descs`, which live
-        // as long as `self` (and are not at address 0: said to the
-        // compiler, so that a caller's test of the result for `None` is the
-        // bounds check alone).
+        // The descriptor is not at address 0: said to the compiler, so that
+        // a caller's test of the result for `None` is the bounds check alone.
+        // SAFETY: `f` is the first zone's window (`FirstZone::of`, set
+        // before the allocator was returned) and page `k` is inside it, so
+        // its descriptor is in the zone's `descs`, which live as long as `self`.
         unsafe {
             let d = f.descs.add(k);
             core::hint::assert_unchecked(!d.is_null());

@@ -102,10 +102,10 @@ impl ZoneMap {
         if hi >= ROOT_LEN {
             return None;
         }
-        // SAFETY: a non-null root is a live `Root` (made by `insert`,
-        // released only by `release`, which needs `&mut self`), published
-        // with Release after it was zeroed: all its entries are null or
-        // leaves.
+        // A non-null root was made by `insert` and is released only by
+        // `release` (which needs `&mut self`).
+        // SAFETY: so it is a live `Root`, published with Release after it
+        // was zeroed: all its entries are null or leaves.
         let leaf = unsafe { &*root }.leaves[hi].load(Ordering::Acquire);
         if leaf.is_null() {
             return None;
