@@ -13,6 +13,8 @@ use std::ptr::NonNull;
 
 use anyalloc::{Config, Heap, PageAllocator, MAX_ORDER, PAGE_SIZE};
 
+mod nolock_retry;
+
 const GRANULE_SHIFT: u32 = 22;
 
 /// A heap (a CPU slot set per possible CPU: the restartable fast paths,
@@ -195,4 +197,79 @@ fn objects_in_grown_zones_are_freed_by_every_route() {
     let s = h.stats();
     assert_eq!((s.objects_in_use, s.large_in_use), (0, 0));
     assert_eq!(s.pages.free_pages, s.pages.total_pages);
+}
+
+/// The heap's large blocks of the per-CPU lists' orders (16 to 64 KiB) in
+/// grown zones: freed onto their own zone's lists and taken again from
+/// there, by normal and nolock calls, over many rounds with some blocks
+/// kept across them. No two live blocks overlap, each keeps its contents,
+/// most lie outside the first zone, and every page comes back.
+#[test]
+fn large_blocks_of_grown_zones_churn_through_their_own_lists() {
+    let (h, held, first_granule) = grown_heap();
+    let sizes = [9000usize, 16 << 10, 32 << 10, 64 << 10];
+    let mut kept: Vec<(NonNull<u8>, Layout)> = Vec::new();
+    let mut outside = 0usize;
+    let mut total = 0usize;
+    for round in 0..30 {
+        let mut live = std::mem::take(&mut kept);
+        for i in 0..24 {
+            let size = sizes[i % sizes.len()];
+            let layout = Layout::from_size_align(size, 8).unwrap();
+            let p = if (round + i) % 3 == 0 {
+                nolock_retry::first(|| h.alloc_nolock(layout).ok_or("refused"))
+            } else {
+                h.alloc(layout).expect("the heap grows")
+            };
+            // SAFETY: a fresh block of `size` bytes.
+            unsafe { p.as_ptr().write_bytes(pattern(p, size), size) };
+            total += 1;
+            outside += usize::from(p.as_ptr() as usize >> GRANULE_SHIFT != first_granule);
+            live.push((p, layout));
+        }
+        let mut spans: Vec<(usize, usize)> = live
+            .iter()
+            .map(|(p, l)| (p.as_ptr() as usize, p.as_ptr() as usize + l.size()))
+            .collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "two live blocks overlap: {w:x?}");
+        }
+        for (i, (p, layout)) in live.into_iter().enumerate() {
+            let size = layout.size();
+            // SAFETY: the block is live and `size` bytes long.
+            let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
+            assert!(bytes.iter().all(|&b| b == pattern(p, size)));
+            if i % 5 == 0 {
+                kept.push((p, layout));
+                continue;
+            }
+            // SAFETY: allocated above with `layout`, freed once.
+            unsafe {
+                match i % 4 {
+                    0 => h.free_sized(p, layout),
+                    1 => h.free(p),
+                    2 => h.free_nolock_sized(p, layout),
+                    _ => h.free_nolock(p),
+                }
+            }
+        }
+    }
+    assert!(
+        outside * 4 > total * 3,
+        "only {outside} of {total} blocks outside the first zone"
+    );
+    for (p, layout) in kept {
+        // SAFETY: allocated above with `layout`, freed once.
+        unsafe { h.free_sized(p, layout) };
+    }
+    for p in held {
+        // SAFETY: allocated through the heap's page allocator with order 0.
+        unsafe { h.pages().free_pages(p, 0) };
+    }
+    h.drain();
+    let s = h.stats();
+    assert_eq!(s.large_in_use, 0);
+    assert_eq!(s.pages.free_pages, s.pages.total_pages);
+    h.pages().check_invariants().unwrap();
 }

@@ -751,10 +751,9 @@ impl PageAllocator {
     /// out-of-line copies for such pointers, so that a free into a grown
     /// zone takes them too rather than the general path.
     #[inline]
-    pub(crate) fn locate_grown(&self, addr: usize) -> Option<(u32, &PageDesc)> {
+    pub(crate) fn locate_grown(&self, addr: usize) -> Option<(&Zone, &PageDesc)> {
         let z = self.grown_zone(addr)?;
-        let idx = z.index_of(addr);
-        Some((idx, z.desc(idx)))
+        Some((z, z.desc(z.index_of(addr))))
     }
 
     /// The first zone, the index of the page holding `addr` and its

@@ -394,10 +394,10 @@ impl PageAllocator {
         // zone took 4.7 times the first zone's). (No gate: popping a
         // block already off the buddy lists moves no watermark.)
         if order <= PCP_MAX_ORDER {
-            for zone in self.zones().skip(1) {
-                if let Some(idx) = zone.seq_alloc::<false, { layout::PCP_NOLOCK_OK }>(order) {
-                    return Some(self.ptr(zone, idx));
-                }
+            if let Some((zone, idx)) =
+                self.seq_alloc_grown::<false, { layout::PCP_NOLOCK_OK }>(order)
+            {
+                return Some(self.ptr(zone, idx));
             }
         }
         let cpu = self.cpu();
@@ -521,6 +521,48 @@ impl PageAllocator {
         Some(self.ptr(zone, idx))
     }
 
+    /// [`seq_alloc_heap`](Self::seq_alloc_heap) in the zones growth added
+    /// (once the first zone's list is empty): the block and its head
+    /// descriptor, so that the heap marks it without a lookup.
+    #[inline]
+    pub(crate) fn seq_alloc_heap_grown(&self, order: u32) -> Option<(NonNull<u8>, &PageDesc)> {
+        if order > HEAP_PCP_ORDER {
+            return None;
+        }
+        let (zone, idx) = self.seq_alloc_grown::<false, { layout::PCP_NOLOCK_OK }>(order)?;
+        Some((self.ptr(zone, idx), zone.desc(idx)))
+    }
+
+    /// [`seq_alloc_heap_large`](Self::seq_alloc_heap_large) in the zones
+    /// growth added, as `seq_alloc_heap_grown`.
+    #[inline]
+    pub(crate) fn seq_alloc_heap_large_grown(
+        &self,
+        order: u32,
+    ) -> Option<(NonNull<u8>, &PageDesc)> {
+        if order > HEAP_PCP_ORDER {
+            return None;
+        }
+        let (zone, idx) = self.seq_alloc_grown::<true, { layout::PCP_HEAP_NOLOCK_OK }>(order)?;
+        Some((self.ptr(zone, idx), zone.desc(idx)))
+    }
+
+    /// This CPU's level-0 list of `order` (at most `HEAP_PCP_ORDER`) in
+    /// each zone after the first, popped by the same restartable sequence
+    /// as the first zone's (`seq_alloc_counted`): the zone and the block.
+    /// Frees of their blocks go onto those lists (`free_pages_grown`).
+    /// Out of line: only a heap whose first zone ran dry gets here. Any
+    /// context (no lock; without rseq every pop is `None`).
+    #[inline(never)]
+    pub(super) fn seq_alloc_grown<const COUNT: bool, const COUNTER: usize>(
+        &self,
+        order: u32,
+    ) -> Option<(&Zone, u32)> {
+        self.zones()
+            .skip(1)
+            .find_map(|zone| Some((zone, zone.seq_alloc::<COUNT, COUNTER>(order)?)))
+    }
+
     /// How many blocks [`seq_alloc_heap_large`](Self::seq_alloc_heap_large)
     /// handed out (racy while they run).
     pub(crate) fn heap_large_nolock_ok(&self) -> u64 {
@@ -638,8 +680,7 @@ impl PageAllocator {
 
     /// `free_pages_via` for a block outside the first zone: the same fast
     /// path on the block's own zone (its lists), found through the zone
-    /// map, for the orders of the per-CPU lists (a heap's 64 KiB list is
-    /// popped from the first zone's only).
+    /// map.
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages).
@@ -682,15 +723,52 @@ impl PageAllocator {
             }
             self.first_zone()
         };
-        let fast_max = if GROWN {
-            FAST_MAX.min(PCP_MAX_ORDER)
+        // SAFETY: forwarded contract; `zone` holds `addr`.
+        unsafe { self.free_pages_in_zone::<FAST_MAX, PUBLIC, GROWN>(zone, ptr, order, route) }
+    }
+
+    /// A heap's large free (as `free_pages_fast`) of a block in a grown
+    /// zone that the heap's own lookup already found: no second lookup.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages); `zone` is a zone after the
+    /// first that holds `ptr`.
+    #[inline(always)]
+    pub(crate) unsafe fn free_pages_fast_grown(
+        &self,
+        zone: &Zone,
+        ptr: NonNull<u8>,
+        order: u32,
+        nolock: bool,
+    ) {
+        let route = if nolock {
+            FreeRoute::NoLock
         } else {
-            FAST_MAX
+            FreeRoute::Routed
         };
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_in_zone::<HEAP_PCP_ORDER, false, true>(zone, ptr, order, route) }
+    }
+
+    /// `free_pages_at` once the zone is known: `zone` is the first zone,
+    /// or with `GROWN` the grown zone that holds `ptr`.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages); `zone` holds `ptr`.
+    #[inline(always)]
+    unsafe fn free_pages_in_zone<const FAST_MAX: u32, const PUBLIC: bool, const GROWN: bool>(
+        &self,
+        zone: &Zone,
+        ptr: NonNull<u8>,
+        order: u32,
+        route: FreeRoute,
+    ) {
         // This CPU's page count (a hint) is read before the claim: the
         // claim's locked instruction waits for earlier stores to drain, and
-        // these loads run meanwhile instead of after it.
-        let pages = if order <= fast_max && zone.uses_rseq() {
+        // these loads run meanwhile instead of after it. (A grown zone's
+        // lists take the heap's 64 KiB blocks too: `seq_alloc_grown` pops
+        // them as the first zone's `seq_alloc_heap` does.)
+        let pages = if order <= FAST_MAX && zone.uses_rseq() {
             zone.pages_here()
         } else {
             usize::MAX

@@ -47,9 +47,10 @@ use crate::sync::{
 pub(crate) use crate::PCP_MAX_ORDER;
 /// One order above [`PCP_MAX_ORDER`] (64 KiB) has a per-CPU list too, used
 /// by a heap's large blocks only: pushed by the rseq fast path of a heap's
-/// large free, popped by the rseq fast path of a heap's large allocation,
-/// in every context (normal, nolock, nested: the sequences restart rather
-/// than wait), and drained like the others (by any slot holder: trims,
+/// large free, popped by the rseq fast path of a heap's large allocation
+/// (the first zone's list, then each grown zone's), in every context
+/// (normal, nolock, nested: the sequences restart rather than wait), and
+/// drained like the others (by any slot holder: trims,
 /// drains, maintenance). The page allocator's own calls of this order
 /// never push or pop it (for them it is a large order: buddy lists, stock,
 /// large nolock counters), and neither does anything once the list is

@@ -90,12 +90,17 @@ impl HeapCore {
     ///
     /// A large block of a per-CPU list's order (16 to 64 KiB) first tries
     /// the page allocator's rseq fast path, which any context may run
-    /// (`seq_alloc_heap`).
+    /// (`seq_alloc_heap`), then the same in the zones growth added.
     #[inline(never)]
     pub(super) fn alloc_general(&self, layout: Layout) -> Option<NonNull<u8>> {
         if layout.size() > class::MAX_SMALL {
-            if let Some(p) = large_order(layout).and_then(|o| self.pages.seq_alloc_heap(o)) {
-                return Some(self.mark_large(p));
+            if let Some(o) = large_order(layout) {
+                if let Some(p) = self.pages.seq_alloc_heap(o) {
+                    return Some(self.mark_large(p));
+                }
+                if let Some((p, d)) = self.pages.seq_alloc_heap_grown(o) {
+                    return Some(mark_large_at(p, d));
+                }
             }
         }
         match self.alloc_once(layout, 0) {
@@ -384,10 +389,7 @@ impl HeapCore {
 
     pub(super) fn mark_large(&self, p: NonNull<u8>) -> NonNull<u8> {
         let (_, zone, idx) = self.pages.locate_known(p.as_ptr() as usize);
-        let d = zone.desc(idx);
-        d.freelist.store(0, Ordering::Relaxed); // no group yet
-        d.owner.store(LARGE_OWNER, Ordering::Release);
-        p
+        mark_large_at(p, zone.desc(idx))
     }
 
     #[cfg(feature = "std")]
@@ -479,6 +481,9 @@ impl HeapCore {
                 if let Some(p) = self.pages.seq_alloc_heap_large(order) {
                     return Some(self.mark_large(p));
                 }
+                if let Some((p, d)) = self.pages.seq_alloc_heap_large_grown(order) {
+                    return Some(mark_large_at(p, d));
+                }
                 match self.pages.alloc_pages_nolock_why(order) {
                     Ok(p) => {
                         self.nolock_large_ok.fetch_add(1, Ordering::Relaxed);
@@ -503,4 +508,13 @@ impl HeapCore {
         };
         None
     }
+}
+
+/// Marks the new large block `p`, whose head descriptor is `d`, as the
+/// heap's: owned by the large blocks, in no accounting group yet.
+#[inline]
+fn mark_large_at(p: NonNull<u8>, d: &crate::page::PageDesc) -> NonNull<u8> {
+    d.freelist.store(0, Ordering::Relaxed); // no group yet
+    d.owner.store(LARGE_OWNER, Ordering::Release);
+    p
 }

@@ -66,7 +66,7 @@ impl HeapCore {
             // SAFETY: forwarded contract.
             return unsafe { self.free_by_owner_grown::<NOLOCK>(ptr) };
         }
-        if let Some((_, d)) = found {
+        if let Some((zone, d)) = found {
             let owner = d.owner.load(Ordering::Acquire) as usize;
             // One comparison for "a plain class with its key at 8"; the
             // tiny classes take `free_plain`'s out-of-line copy.
@@ -80,8 +80,8 @@ impl HeapCore {
                 return unsafe { self.free_plain::<NOLOCK>(owner, addr) };
             }
             if owner == LARGE_OWNER as usize {
-                // SAFETY: forwarded contract.
-                return unsafe { self.free_large::<NOLOCK>(ptr, d) };
+                // SAFETY: forwarded contract; `zone` (if any) holds `ptr`.
+                return unsafe { self.free_large_of::<NOLOCK>(ptr, d, zone) };
             }
         }
         // SAFETY: forwarded contract.
@@ -185,12 +185,12 @@ impl HeapCore {
                     // SAFETY: forwarded contract.
                     return unsafe { self.free_sized_grown::<NOLOCK>(ptr, layout) };
                 }
-                if let Some((_, d)) = found {
+                if let Some((zone, d)) = found {
                     if d.owner.load(Ordering::Acquire) == LARGE_OWNER {
                         // SAFETY: forwarded contract; inside a zone, so
-                        // not null.
+                        // not null; `zone` (if any) holds it.
                         return unsafe {
-                            self.free_large::<NOLOCK>(NonNull::new_unchecked(ptr), d)
+                            self.free_large_of::<NOLOCK>(NonNull::new_unchecked(ptr), d, zone)
                         };
                     }
                 }
@@ -202,15 +202,19 @@ impl HeapCore {
         }
     }
 
-    /// The page holding `addr` and its descriptor, for the fast routes: in
-    /// the first zone's window, or with `GROWN` in the zone map of the
-    /// others (`PageAllocator::locate_grown`). `None`: not there.
+    /// The descriptor of the page holding `addr`, for the fast routes: in
+    /// the first zone's window (no zone named), or with `GROWN` in the zone
+    /// map of the others (`PageAllocator::locate_grown`: its zone too, for
+    /// a large block's page free). `None`: not there.
     #[inline(always)]
-    fn locate<const GROWN: bool>(&self, addr: usize) -> Option<(u32, &crate::page::PageDesc)> {
+    fn locate<const GROWN: bool>(
+        &self,
+        addr: usize,
+    ) -> Option<(Option<&Zone>, &crate::page::PageDesc)> {
         if GROWN {
-            self.pages.locate_grown(addr)
+            self.pages.locate_grown(addr).map(|(z, d)| (Some(z), d))
         } else {
-            self.pages.locate_first(addr)
+            self.pages.locate_first(addr).map(|(_, d)| (None, d))
         }
     }
 
@@ -288,7 +292,28 @@ impl HeapCore {
         }
     }
 
-    /// The free of a block whose page `d` (in any zone) says it is
+    /// `free_large` of the zone `locate` found: the first zone's (`None`)
+    /// or a grown one's.
+    ///
+    /// # Safety
+    /// As for `Heap::free`; `zone`, if any, holds `ptr`.
+    #[inline(always)]
+    unsafe fn free_large_of<const NOLOCK: bool>(
+        &self,
+        ptr: NonNull<u8>,
+        d: &crate::page::PageDesc,
+        zone: Option<&Zone>,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match zone {
+                None => self.free_large::<NOLOCK>(ptr, d),
+                Some(z) => self.free_large_grown::<NOLOCK>(ptr, d, z),
+            }
+        }
+    }
+
+    /// The free of a block whose page `d` (in the first zone) says it is
     /// the head of a large block: a plain one aligned to its order goes
     /// straight to the page allocator (its fast path runs in any context,
     /// its slow path is routed by the mode, or by the thread's context for
@@ -303,6 +328,37 @@ impl HeapCore {
         ptr: NonNull<u8>,
         d: &crate::page::PageDesc,
     ) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_large_in::<NOLOCK>(ptr, d, None) }
+    }
+
+    /// `free_large` for a block of the grown zone `zone` (found by the
+    /// heap's own lookup, which the page free then need not repeat).
+    ///
+    /// # Safety
+    /// As for `Heap::free`; `zone` holds `ptr`.
+    #[inline(never)]
+    unsafe fn free_large_grown<const NOLOCK: bool>(
+        &self,
+        ptr: NonNull<u8>,
+        d: &crate::page::PageDesc,
+        zone: &Zone,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { self.free_large_in::<NOLOCK>(ptr, d, Some(zone)) }
+    }
+
+    /// The body of `free_large` and `free_large_grown`.
+    ///
+    /// # Safety
+    /// As for `free_large_of`.
+    #[inline(always)]
+    unsafe fn free_large_in<const NOLOCK: bool>(
+        &self,
+        ptr: NonNull<u8>,
+        d: &crate::page::PageDesc,
+        zone: Option<&Zone>,
+    ) {
         let order = crate::page::order_of_state(d.load());
         let addr = ptr.as_ptr() as usize;
         if !addr.is_multiple_of(PAGE_SIZE << order) || d.freelist.load(Ordering::Relaxed) != 0 {
@@ -312,8 +368,13 @@ impl HeapCore {
         d.owner.store(0, Ordering::Release);
         // SAFETY: a live, unaccounted large block of this order (its head
         // descriptor says so, and the page free's claim catches a racing
-        // second free).
-        unsafe { self.pages.free_pages_fast(ptr, order, NOLOCK) };
+        // second free); `zone`, if any, holds it.
+        unsafe {
+            match zone {
+                None => self.pages.free_pages_fast(ptr, order, NOLOCK),
+                Some(z) => self.pages.free_pages_fast_grown(z, ptr, order, NOLOCK),
+            }
+        }
     }
 
     /// The general free of the mode, `free_general` or `free_nolock_general`.
