@@ -3,15 +3,15 @@
 //!
 //! The first zone's page lookup is an inline window; the others' is the zone
 //! map (`page::zone_map`), reached through an out-of-line copy of the same
-//! fast route. Two heaps with 1 MiB first zones: in one,
-//! objects come from the first zone; in the other, the first zone is used up
-//! by pages held through its page allocator before anything else, so every
-//! object comes from a grown zone (checked: its 4 MiB granule is not the
-//! first zone's). Each round times a 64 B `alloc` + `free_sized` pair, a
-//! batch of 1000 x 64 B (all allocations, then all frees) and a 16 KiB pair
-//! (a page block of order 2: the per-CPU page lists of the block's zone)
-//! on both heaps, alternating; the medians over the rounds are printed, and
-//! their ratios.
+//! fast route. Two heaps: in one (a 64 MiB first zone), objects come from
+//! the first zone; in the other (a 1 MiB first zone), the first zone is
+//! used up by pages held through its page allocator before anything else,
+//! so every object comes from a grown zone (checked: its 4 MiB granule is
+//! not the first zone's). Each round times a 64 B `alloc` + `free_sized`
+//! pair, a batch of 1000 x 64 B (all allocations, then all frees), and a
+//! 16 KiB and a 64 KiB pair (page blocks of orders 2 and 4: the per-CPU
+//! page lists of the block's zone) on both heaps, alternating; the medians
+//! over the rounds are printed, and their ratios.
 //! Informational: no target, no exit code but for a setup that went wrong.
 //!
 //! `cargo run --release -p anyalloc-bench --bin grown_zones [-- ROUNDS]`
@@ -26,8 +26,8 @@ use anyalloc::{Config, Heap};
 const PAIRS: usize = 2_000_000;
 const BATCHES: usize = 2_000;
 
-fn heap() -> Heap {
-    Heap::new(Config::default().memory(1 << 20)).expect("a 1 MiB heap")
+fn heap(first_zone: usize) -> Heap {
+    Heap::new(Config::default().memory(first_zone)).expect("a heap")
 }
 
 /// ns per alloc+free pair, over `n` pairs.
@@ -68,8 +68,9 @@ fn main() {
         .unwrap_or(11);
     let l = Layout::from_size_align(64, 8).unwrap();
     let page = Layout::from_size_align(16 << 10, 8).unwrap();
-    let first = heap();
-    let grown = heap();
+    let page4 = Layout::from_size_align(64 << 10, 8).unwrap();
+    let first = heap(64 << 20);
+    let grown = heap(1 << 20);
     let mut held = Vec::new();
     let first_granule = grown
         .pages()
@@ -79,7 +80,7 @@ fn main() {
     while grown.stats().pages.zones < 2 {
         held.push(grown.pages().alloc_pages(0).expect("the heap grows"));
     }
-    for layout in [l, page] {
+    for layout in [l, page, page4] {
         let probe = grown.alloc(layout).expect("memory to spare");
         let in_grown = probe.as_ptr() as usize >> 22 != first_granule.as_ptr() as usize >> 22;
         // SAFETY: allocated above with `layout`, freed once.
@@ -90,37 +91,33 @@ fn main() {
         }
     }
     let mut v = Vec::with_capacity(1000);
-    let (mut p0, mut p1, mut b0, mut b1) = (vec![], vec![], vec![], vec![]);
-    let (mut q0, mut q1) = (vec![], vec![]);
+    // Per row, per heap (first, grown): the rounds' figures.
+    let mut rows: [[Vec<f64>; 2]; 4] = Default::default();
     for r in 0..rounds {
         // The starting heap alternates.
         for which in [r % 2, 1 - r % 2] {
             let h = if which == 0 { &first } else { &grown };
-            let (p, b, q) = (
+            let figures = [
                 pairs(h, l, PAIRS),
                 batch(h, l, &mut v),
                 pairs(h, page, PAIRS / 10),
-            );
-            if which == 0 {
-                p0.push(p);
-                b0.push(b);
-                q0.push(q);
-            } else {
-                p1.push(p);
-                b1.push(b);
-                q1.push(q);
+                pairs(h, page4, PAIRS / 10),
+            ];
+            for (row, x) in rows.iter_mut().zip(figures) {
+                row[which].push(x);
             }
         }
     }
-    let (p0, p1, b0, b1) = (median(p0), median(p1), median(b0), median(b1));
-    let (q0, q1) = (median(q0), median(q1));
     println!("Heap::alloc + free_sized, medians of {rounds} rounds (ns)");
     println!("                          first zone   grown zone   grown / first");
-    for (what, a, b) in [
-        ("64 B pair", p0, p1),
-        ("64 B batch 1000, /obj", b0, b1),
-        ("16 KiB pair", q0, q1),
-    ] {
+    let names = [
+        "64 B pair",
+        "64 B batch 1000, /obj",
+        "16 KiB pair",
+        "64 KiB pair",
+    ];
+    for (what, [a, b]) in names.into_iter().zip(rows) {
+        let (a, b) = (median(a), median(b));
         println!("  {what:<22}{a:12.2}{b:13.2}{:15.2}x", b / a);
     }
     for p in held {
