@@ -290,10 +290,12 @@ fn double_free_of_a_huge_allocation_aborts() {
 /// its page allocator), and a block of `size` bytes allocated after the
 /// growth, checked to lie outside the first zone's 4 MiB granule (a grown
 /// zone is a reservation of its own, 4 MiB-aligned): the bad frees of a
-/// grown zone's memory, which a lookup through the zone map finds.
+/// grown zone's memory, which a lookup through the zone map finds. A CPU
+/// slot set per possible CPU: the restartable fast paths, where the
+/// platform offers them (the grown zones' own per-CPU lists).
 fn alloc_in_grown_zone(size: usize) -> (&'static Heap, NonNull<u8>) {
     let h: &'static Heap = Box::leak(Box::new(
-        Heap::new(Config::default().memory(1 << 20).cpus(1)).unwrap(),
+        Heap::new(Config::default().memory(1 << 20)).unwrap(),
     ));
     let first = h.pages().alloc_pages(0).unwrap().as_ptr() as usize >> 22;
     while h.stats().pages.zones < 2 {
@@ -361,6 +363,25 @@ fn double_free_of_a_page_block_in_a_grown_zone_aborts() {
             let (h, p) = alloc_in_grown_zone(16 << 10);
             free_nolock(h, p);
             free_nolock(h, p);
+        },
+    );
+}
+
+/// The heap's 64 KiB blocks of a grown zone go onto that zone's per-CPU
+/// list (`free_large_grown`, rseq): the second free still fails its claim.
+#[test]
+fn double_free_of_a_64_kib_block_in_a_grown_zone_aborts() {
+    expect_abort(
+        "double_free_of_a_64_kib_block_in_a_grown_zone_aborts",
+        "a block of pages freed already (double free?)",
+        || {
+            let (h, p) = alloc_in_grown_zone(64 << 10);
+            let layout = Layout::from_size_align(64 << 10, 8).unwrap();
+            // SAFETY: the second free is the bad input under test.
+            unsafe {
+                h.free_sized(p, layout);
+                h.free_sized(p, layout);
+            }
         },
     );
 }
