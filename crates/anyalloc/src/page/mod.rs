@@ -731,7 +731,7 @@ impl PageAllocator {
     #[inline]
     fn grown_zone(&self, addr: usize) -> Option<&Zone> {
         #[cfg(feature = "std")]
-        return self.map.get(addr);
+        return self.map.get(addr).map(|(z, _)| z);
         // Without std there are no grown zones (growth maps memory).
         #[cfg(not(feature = "std"))]
         {
@@ -752,8 +752,14 @@ impl PageAllocator {
     /// zone takes them too rather than the general path.
     #[inline]
     pub(crate) fn locate_grown(&self, addr: usize) -> Option<(&Zone, &PageDesc)> {
-        let z = self.grown_zone(addr)?;
-        Some((z, z.desc(z.index_of(addr))))
+        #[cfg(feature = "std")]
+        return self.map.get(addr);
+        // Without std there are no grown zones (see `grown_zone`).
+        #[cfg(not(feature = "std"))]
+        {
+            let _ = addr;
+            None
+        }
     }
 
     /// The first zone, the index of the page holding `addr` and its
@@ -1085,7 +1091,50 @@ fn zone_stats(s: &mut PageStats, zone: &Zone) {
 
 #[cfg(all(test, feature = "std"))]
 mod tests {
-    use super::{default_cpus, growth_size, MAX_BLOCK};
+    use super::{default_cpus, growth_size, PageAllocator, MAX_BLOCK};
+    use crate::{Config, PAGE_SIZE};
+
+    /// A grown zone whose pages end inside a granule (a first zone of
+    /// 5 MiB doubles to 10 MiB: two whole granules, then half of one,
+    /// whose rest is the zone's metadata): every page of it is found, with
+    /// its own descriptor, through the whole granules' biased descriptors
+    /// and the last granule's bounds check, and no address past its last
+    /// page is.
+    #[test]
+    fn zone_map_finds_every_page_of_a_zone_ending_inside_a_granule() {
+        let pa = PageAllocator::new(Config::default().memory(5 << 20).min_reserve(0)).unwrap();
+        let mut held = std::vec::Vec::new();
+        while pa.zone_count() < 2 {
+            held.push(pa.alloc_pages(0).expect("the allocator grows"));
+        }
+        let z = pa.zone_at(1);
+        let (start, end) = (z.start, z.end);
+        assert_eq!(end - start, 10 << 20, "the first grown zone doubles 5 MiB");
+        assert!(
+            !end.is_multiple_of(MAX_BLOCK),
+            "its pages end inside a granule"
+        );
+        for addr in (start..end)
+            .step_by(PAGE_SIZE)
+            .flat_map(|a| [a, a + PAGE_SIZE - 1])
+        {
+            let (found, d) = pa.locate_grown(addr).expect("a page of the grown zone");
+            assert!(core::ptr::eq(found, z));
+            assert!(core::ptr::eq(d, z.desc(z.index_of(addr))), "{addr:#x}");
+        }
+        for addr in (end..end.next_multiple_of(MAX_BLOCK)).step_by(PAGE_SIZE) {
+            assert!(
+                pa.locate_grown(addr).is_none(),
+                "{addr:#x} is past the pages"
+            );
+            assert!(!pa.contains(addr));
+        }
+        assert!(pa.locate_grown(start - 1).is_none());
+        for p in held {
+            // SAFETY: allocated above with order 0, freed once.
+            unsafe { pa.free_pages(p, 0) };
+        }
+    }
 
     #[test]
     fn default_cpus_covers_the_possible_ids_up_to_max_cpus() {

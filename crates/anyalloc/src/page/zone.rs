@@ -511,6 +511,17 @@ impl Zone {
         self.base + ((idx as usize) << PAGE_SHIFT)
     }
 
+    /// The descriptor array biased by the zone's base page number:
+    /// `desc_bias().wrapping_add(addr >> PAGE_SHIFT)` is the descriptor of
+    /// the page holding `addr`, for an `addr` inside the zone (the zone
+    /// map's entries: one addition instead of a bounds check and an index).
+    #[cfg(feature = "std")]
+    pub(crate) fn desc_bias(&self) -> *const PageDesc {
+        // `base` is page-aligned: (addr - base) >> PAGE_SHIFT, the index,
+        // is (addr >> PAGE_SHIFT) - (base >> PAGE_SHIFT).
+        self.descs.wrapping_sub(self.base >> PAGE_SHIFT)
+    }
+
     /// The lookup window of this zone, for [`super::FirstZone`]: its first
     /// page's address and index, its length in bytes, and the descriptor of
     /// its first page.

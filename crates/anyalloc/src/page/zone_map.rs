@@ -9,8 +9,16 @@
 //! ```text
 //! addr:   | 63..48: 0 | 47..36: root index | 35..22: leaf index | 21..0 |
 //! root:   [AtomicPtr<Leaf>; 4096]     one per 64 GiB of address space
-//! leaf:   [AtomicPtr<Zone>; 16384]    one per 4 MiB granule
+//! leaf:   [Cell; 16384]               one per 4 MiB granule
+//! cell:   { zone, descs }             the zone; its descriptors, biased
 //! ```
+//!
+//! A cell's `descs` is the zone's `desc_bias`, set only when the whole
+//! granule is the zone's pages: then the descriptor of the page holding
+//! `addr` is `descs + (addr >> PAGE_SHIFT)`, one addition after the cell's
+//! load (no bounds check, no load from the zone). A granule that holds the
+//! zone's pages only in part has a null `descs`, and its lookups check the
+//! zone's bounds.
 //!
 //! # Invariants
 //!
@@ -18,9 +26,11 @@
 //!    reservation of its own, aligned to [`MAX_BLOCK`] (the granule), with
 //!    its pages first and its metadata after them: a granule that holds a
 //!    zone's last pages holds only that zone's metadata besides. So a
-//!    granule's entry names the one zone whose pages it may hold, and a
-//!    lookup still checks the zone's bounds (`Zone::contains`): the rest
-//!    of the granule is metadata, or beyond the reservation.
+//!    granule's entry names the one zone whose pages it may hold. A
+//!    granule wholly inside the zone's pages gets the biased descriptors
+//!    too; any other (the rest of it is metadata, or beyond the
+//!    reservation) is looked up with the zone's bounds
+//!    (`Zone::contains`).
 //! 2. **Entries are written once, before the zone is published**, and never
 //!    change (zones are never removed while the allocator lives): any
 //!    pointer into a zone was handed out after its publication, so a
@@ -36,7 +46,7 @@
 //!    reaches: `mmap` without a hint stays below 2^47) have no entry; a
 //!    zone there could not be entered, and its creation fails instead.
 //!
-//! The root (32 KiB) and the leaves (128 KiB each, one per 64 GiB of
+//! The root (32 KiB) and the leaves (256 KiB each, one per 64 GiB of
 //! address space that holds a grown zone) are OS reservations, touched
 //! only where entries are written, and released when the allocator is
 //! dropped.
@@ -44,6 +54,8 @@
 use core::sync::atomic::{AtomicPtr, Ordering};
 
 use super::zone::{Zone, MAX_BLOCK};
+use super::PageDesc;
+use crate::PAGE_SHIFT;
 
 /// Address bits a map covers.
 const ADDR_BITS: u32 = 48;
@@ -59,8 +71,16 @@ const ROOT_SHIFT: u32 = GRANULE_SHIFT + LEAF_BITS;
 
 const _: () = assert!(MAX_BLOCK.is_power_of_two() && GRANULE_SHIFT == 22 && ROOT_LEN == 4096);
 
+/// One granule's entry (all null: no zone).
+struct Cell {
+    /// The zone whose pages the granule holds.
+    zone: AtomicPtr<Zone>,
+    /// The zone's `desc_bias` when the granule is all its pages, else null.
+    descs: AtomicPtr<PageDesc>,
+}
+
 struct Leaf {
-    zones: [AtomicPtr<Zone>; LEAF_LEN],
+    cells: [Cell; LEAF_LEN],
 }
 
 struct Root {
@@ -90,10 +110,10 @@ impl ZoneMap {
         }
     }
 
-    /// The zone whose pages hold `addr`, if an entered zone does. Any
-    /// context: loads only.
+    /// The zone whose pages hold `addr`, and the descriptor of its page,
+    /// if an entered zone does. Any context: loads only.
     #[inline]
-    pub(crate) fn get(&self, addr: usize) -> Option<&Zone> {
+    pub(crate) fn get(&self, addr: usize) -> Option<(&Zone, &PageDesc)> {
         let root = self.root.load(Ordering::Acquire);
         if root.is_null() {
             return None;
@@ -111,15 +131,24 @@ impl ZoneMap {
             return None;
         }
         // SAFETY: as for the root: a published leaf lives as long as the map.
-        let z = unsafe { &*leaf }.zones[(addr >> GRANULE_SHIFT) & (LEAF_LEN - 1)]
-            .load(Ordering::Acquire);
+        let cell = &unsafe { &*leaf }.cells[(addr >> GRANULE_SHIFT) & (LEAF_LEN - 1)];
+        let z = cell.zone.load(Ordering::Acquire);
+        let descs = cell.descs.load(Ordering::Acquire);
         if z.is_null() {
             return None;
         }
         // SAFETY: an entry names a zone that was initialised before it was
         // entered (Release) and lives as long as the allocator (invariant 2).
         let z = unsafe { &*z };
-        z.contains(addr).then_some(z)
+        if !descs.is_null() {
+            // SAFETY: a non-null `descs` is `z`'s `desc_bias`, entered only
+            // for a granule wholly inside `z`'s pages (`insert`), and
+            // `addr` lies in that granule: the sum is the descriptor of
+            // its page, inside `z`'s descriptor array, which lives as
+            // long as `z`.
+            return Some((z, unsafe { &*descs.wrapping_add(addr >> PAGE_SHIFT) }));
+        }
+        z.contains(addr).then(|| (z, z.desc(z.index_of(addr))))
     }
 
     /// Enters `zone`, whose pages are `[start, end)`, in every granule they
@@ -144,16 +173,23 @@ impl ZoneMap {
                 root.leaves[hi].store(leaf, Ordering::Release);
             }
         }
+        // SAFETY: the caller's zone, initialised (its descriptors too).
+        let bias = unsafe { &*zone }.desc_bias();
         for g in (start >> GRANULE_SHIFT)..=(last >> GRANULE_SHIFT) {
             let leaf = root.leaves[g >> LEAF_BITS].load(Ordering::Relaxed);
             // SAFETY: made above (or before) and never released while the
             // map lives.
-            let cell = &unsafe { &*leaf }.zones[g & (LEAF_LEN - 1)];
+            let cell = &unsafe { &*leaf }.cells[g & (LEAF_LEN - 1)];
             crate::check!(
-                cell.load(Ordering::Relaxed).is_null(),
+                cell.zone.load(Ordering::Relaxed).is_null(),
                 "a granule of two zones"
             );
-            cell.store(zone.cast_mut(), Ordering::Release);
+            // The biased descriptors only for a granule of pages alone.
+            let whole = g << GRANULE_SHIFT >= start && (g + 1) << GRANULE_SHIFT <= end;
+            if whole {
+                cell.descs.store(bias.cast_mut(), Ordering::Release);
+            }
+            cell.zone.store(zone.cast_mut(), Ordering::Release);
         }
         Ok(())
     }
