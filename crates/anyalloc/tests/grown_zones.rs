@@ -37,6 +37,31 @@ fn pattern(p: NonNull<u8>, size: usize) -> u8 {
     ((p.as_ptr() as usize >> 4) ^ size) as u8
 }
 
+/// Checks that the live block `p` of `size` bytes still holds the
+/// pattern it was filled with.
+fn assert_filled(p: NonNull<u8>, size: usize) {
+    // SAFETY: the caller's block is live and `size` bytes long.
+    let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
+    assert!(bytes.iter().all(|&b| b == pattern(p, size)));
+}
+
+/// Frees `p` through the heap's free number `route % 4`: `free_sized`,
+/// `free`, `free_nolock_sized`, `free_nolock`.
+///
+/// # Safety
+/// `p` was allocated by `h` with `layout` and is not freed again.
+unsafe fn free_by_route(h: &Heap, p: NonNull<u8>, layout: Layout, route: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match route % 4 {
+            0 => h.free_sized(p, layout),
+            1 => h.free(p),
+            2 => h.free_nolock_sized(p, layout),
+            _ => h.free_nolock(p),
+        }
+    }
+}
+
 /// Frees every block (normal and nolock frees in turn), drains, and checks
 /// that every page is free again and the allocator's invariants hold.
 fn free_all_and_check(pa: &PageAllocator, blocks: impl IntoIterator<Item = (NonNull<u8>, u32)>) {
@@ -175,19 +200,9 @@ fn objects_in_grown_zones_are_freed_by_every_route() {
         live.len()
     );
     for (i, (p, layout)) in live.into_iter().enumerate() {
-        let size = layout.size();
-        // SAFETY: the block is live and `size` bytes long.
-        let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
-        assert!(bytes.iter().all(|&b| b == pattern(p, size)));
+        assert_filled(p, layout.size());
         // SAFETY: allocated above with `layout`, freed once.
-        unsafe {
-            match i % 4 {
-                0 => h.free_sized(p, layout),
-                1 => h.free(p),
-                2 => h.free_nolock_sized(p, layout),
-                _ => h.free_nolock(p),
-            }
-        }
+        unsafe { free_by_route(&h, p, layout, i) };
     }
     for p in held {
         // SAFETY: allocated through the heap's page allocator with order 0.
@@ -236,23 +251,13 @@ fn large_blocks_of_grown_zones_churn_through_their_own_lists() {
             assert!(w[0].1 <= w[1].0, "two live blocks overlap: {w:x?}");
         }
         for (i, (p, layout)) in live.into_iter().enumerate() {
-            let size = layout.size();
-            // SAFETY: the block is live and `size` bytes long.
-            let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
-            assert!(bytes.iter().all(|&b| b == pattern(p, size)));
+            assert_filled(p, layout.size());
             if i % 5 == 0 {
                 kept.push((p, layout));
                 continue;
             }
             // SAFETY: allocated above with `layout`, freed once.
-            unsafe {
-                match i % 4 {
-                    0 => h.free_sized(p, layout),
-                    1 => h.free(p),
-                    2 => h.free_nolock_sized(p, layout),
-                    _ => h.free_nolock(p),
-                }
-            }
+            unsafe { free_by_route(&h, p, layout, i) };
         }
     }
     assert!(
