@@ -110,7 +110,8 @@ fn page_blocks_of_every_zone_are_found_and_freed() {
 
 /// Blocks of the per-CPU lists' orders (0 to 3) in grown zones go onto
 /// their own zone's lists when freed (the same fast path as the first
-/// zone's, on the block's zone), and allocations pop them from there: a
+/// zone's, on the block's zone), and allocations (normal and nolock) pop
+/// them from there: a
 /// churn over three zones and more keeps every live block distinct and
 /// inside the allocator, and every page comes back.
 #[test]
@@ -158,8 +159,15 @@ fn small_blocks_of_grown_zones_churn_through_their_own_lists() {
             }
         }
         live = kept;
-        for o in freed {
-            live.push((pa.alloc_pages(o).expect("memory freed just now"), o));
+        // Normal and nolock allocations in turn: both pop the grown zones'
+        // lists. (Nothing else uses this allocator: no lock is busy.)
+        for (i, o) in freed.into_iter().enumerate() {
+            let p = if i % 2 == 0 {
+                pa.alloc_pages(o)
+            } else {
+                pa.alloc_pages_nolock(o)
+            };
+            live.push((p.expect("memory freed just now"), o));
         }
         check(&live);
     }

@@ -10,8 +10,9 @@
 //! not the first zone's). Each round times a 64 B `alloc` + `free_sized`
 //! pair, a batch of 1000 x 64 B (all allocations, then all frees), and a
 //! 16 KiB and a 64 KiB pair (page blocks of orders 2 and 4: the per-CPU
-//! page lists of the block's zone) on both heaps, alternating; the medians
-//! over the rounds are printed, and their ratios.
+//! page lists of the block's zone), and an order-0 nolock pair of the
+//! heap's page allocator, on both heaps, alternating; the medians over the
+//! rounds are printed, and their ratios.
 //! Informational: no target, no exit code but for a setup that went wrong.
 //!
 //! `cargo run --release -p anyalloc-bench --bin grown_zones [-- ROUNDS]`
@@ -37,6 +38,21 @@ fn pairs(h: &Heap, l: Layout, n: usize) -> f64 {
         let p = h.alloc(l).expect("memory to spare");
         // SAFETY: a live block of `l`, freed once.
         unsafe { h.free_sized(black_box(p), l) };
+    }
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// ns per `alloc_pages_nolock(0)` + `free_pages_nolock` pair of the
+/// heap's page allocator.
+fn page_nolock_pairs(h: &Heap, n: usize) -> f64 {
+    let pages = h.pages();
+    let t = Instant::now();
+    for _ in 0..n {
+        let p = pages
+            .alloc_pages_nolock(0)
+            .expect("an idle allocator serves nolock calls");
+        // SAFETY: a live order-0 block, freed once.
+        unsafe { pages.free_pages_nolock(black_box(p), 0) };
     }
     t.elapsed().as_nanos() as f64 / n as f64
 }
@@ -92,7 +108,7 @@ fn main() {
     }
     let mut v = Vec::with_capacity(1000);
     // Per row, per heap (first, grown): the rounds' figures.
-    let mut rows: [[Vec<f64>; 2]; 4] = Default::default();
+    let mut rows: [[Vec<f64>; 2]; 5] = Default::default();
     for r in 0..rounds {
         // The starting heap alternates.
         for which in [r % 2, 1 - r % 2] {
@@ -102,19 +118,22 @@ fn main() {
                 batch(h, l, &mut v),
                 pairs(h, page, PAIRS / 10),
                 pairs(h, page4, PAIRS / 10),
+                page_nolock_pairs(h, PAIRS / 10),
             ];
             for (row, x) in rows.iter_mut().zip(figures) {
                 row[which].push(x);
             }
         }
     }
-    println!("Heap::alloc + free_sized, medians of {rounds} rounds (ns)");
+    println!("Heap::alloc + free_sized (the last row: its page allocator's");
+    println!("alloc_pages_nolock(0) + free_pages_nolock), medians of {rounds} rounds (ns)");
     println!("                          first zone   grown zone   grown / first");
     let names = [
         "64 B pair",
         "64 B batch 1000, /obj",
         "16 KiB pair",
         "64 KiB pair",
+        "page nolock pair",
     ];
     for (what, [a, b]) in names.into_iter().zip(rows) {
         let (a, b) = (median(a), median(b));

@@ -55,6 +55,15 @@ impl PageAllocator {
         if order > MAX_ORDER {
             return Err(Fail::Empty); // refused, not counted: not a memory shortage
         }
+        // The grown zones' lists by the same restartable pop (counted in
+        // their slots), before any try-lock (as `alloc_normal_once`).
+        if order <= PCP_MAX_ORDER {
+            if let Some((zone, idx)) =
+                self.seq_alloc_grown::<true, { layout::PCP_NOLOCK_OK }>(order)
+            {
+                return Ok(self.ptr(zone, idx));
+            }
+        }
         let cpu = self.cpu();
         let mut busy = false;
         let large = order > PCP_MAX_ORDER;
