@@ -13,10 +13,15 @@
 //! it arms a breakpoint there and runs a round
 //! of heap and page operations that execute every sequence (pop hits,
 //! pushes, the lock sequence before a refill and before a flush, normal
-//! and nolock, objects and page blocks of orders 0 to 3).
+//! and nolock, objects and page blocks of orders 0 to 3), then the same
+//! on a second heap whose first zone is used up: the copies of the
+//! sequences that serve the zones growth added (their per-CPU lists, the
+//! heap's 16 and 64 KiB blocks there, the frees found through the zone
+//! map).
 //! When the breakpoint fires, the handler disarms it, then allocates and
 //! frees on the *same CPU's* sheaf and page list (nolock), as a signal
-//! landing there would, and the interrupted sequence restarts after it.
+//! landing there would, and on the grown heap's lists, and the
+//! interrupted sequence restarts after it.
 //!
 //! Asserted: breakpoints fired at many distinct addresses inside every
 //! kind of sequence, some of them with the handler seeing the abort address
@@ -112,6 +117,18 @@ static PAGE_OK: AtomicU64 = AtomicU64::new(0);
 static IN_PAGE_ROUND: AtomicBool = AtomicBool::new(false);
 static FIRED_IN_PAGES: AtomicU64 = AtomicU64::new(0);
 static PAGE_FAIL: AtomicU64 = AtomicU64::new(0);
+/// The heap whose first zone is used up (`grown_heap`).
+static GROWN: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
+/// Set while `round` runs on the grown heap: a breakpoint that fires
+/// meanwhile sits in a sequence of a grown zone's route.
+static IN_GROWN_ROUND: AtomicBool = AtomicBool::new(false);
+static FIRED_IN_GROWN: AtomicU64 = AtomicU64::new(0);
+/// The page block and the 16 KiB block the handler allocated last time on
+/// the grown heap (0: none).
+static GROWN_PAGE_CARRY: AtomicUsize = AtomicUsize::new(0);
+static GROWN_LARGE_CARRY: AtomicUsize = AtomicUsize::new(0);
+static GROWN_OK: AtomicU64 = AtomicU64::new(0);
+static GROWN_FAIL: AtomicU64 = AtomicU64::new(0);
 
 fn layout() -> Layout {
     Layout::from_size_align(SIZE, 8).unwrap()
@@ -147,6 +164,9 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     FIRED.fetch_add(1, Ordering::Relaxed);
     if IN_PAGE_ROUND.load(Ordering::Relaxed) {
         FIRED_IN_PAGES.fetch_add(1, Ordering::Relaxed);
+    }
+    if IN_GROWN_ROUND.load(Ordering::Relaxed) {
+        FIRED_IN_GROWN.fetch_add(1, Ordering::Relaxed);
     }
     // SAFETY: the kernel passes a valid ucontext_t to SA_SIGINFO handlers.
     let rip =
@@ -191,6 +211,61 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
             PAGE_FAIL.fetch_add(1, Ordering::Relaxed);
         }
     }
+    // And the grown heap's: an order-0 block and a 16 KiB block, both from
+    // this CPU's lists of its grown zones.
+    // SAFETY: set before any breakpoint is armed; the heap outlives the test.
+    let grown = unsafe { &*GROWN.load(Ordering::Acquire) };
+    let page = grown.pages().alloc_pages_nolock(HANDLER_PAGE_ORDER);
+    let large = grown.alloc_nolock(large_layout());
+    match (page, large) {
+        (Some(p), Some(l)) => {
+            GROWN_OK.fetch_add(1, Ordering::Relaxed);
+            let (p, l) = (p.as_ptr() as usize, l.as_ptr() as usize);
+            fill(p, HANDLER_TAG);
+            fill(l, HANDLER_TAG);
+            free_grown_carry(grown, GROWN_PAGE_CARRY.swap(p, Ordering::Relaxed), false);
+            free_grown_carry(grown, GROWN_LARGE_CARRY.swap(l, Ordering::Relaxed), true);
+        }
+        (page, large) => {
+            GROWN_FAIL.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: each was just allocated on `grown` (with its order or
+            // layout) and is freed once.
+            unsafe {
+                if let Some(p) = page {
+                    grown.pages().free_pages_nolock(p, HANDLER_PAGE_ORDER);
+                }
+                if let Some(l) = large {
+                    grown.free_nolock(l);
+                }
+            }
+        }
+    }
+}
+
+/// The heap's 16 KiB blocks (a per-CPU page list's order).
+fn large_layout() -> Layout {
+    Layout::from_size_align(16 << 10, 8).unwrap()
+}
+
+/// Frees a block the handler allocated on the grown heap: a 16 KiB block
+/// (`large`) or an order-0 page block.
+fn free_grown_carry(grown: &Heap, p: usize, large: bool) {
+    if p == 0 {
+        return;
+    }
+    if !check(p, HANDLER_TAG) {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    let p = NonNull::new(p as *mut u8).unwrap();
+    // SAFETY: allocated by the handler on `grown` as `large` says; freed
+    // once.
+    unsafe {
+        if large {
+            grown.free_nolock_sized(p, large_layout());
+        } else {
+            grown.pages().free_pages_nolock(p, HANDLER_PAGE_ORDER);
+        }
+    }
 }
 
 /// The order of the handler's page blocks.
@@ -230,6 +305,12 @@ fn round(heap: &Heap, live: &mut Vec<usize>) {
     IN_PAGE_ROUND.store(true, Ordering::Relaxed);
     page_round(heap);
     IN_PAGE_ROUND.store(false, Ordering::Relaxed);
+    // SAFETY: set before the first round; the heap outlives the test.
+    let grown = unsafe { &*GROWN.load(Ordering::Acquire) };
+    IN_GROWN_ROUND.store(true, Ordering::Relaxed);
+    page_round(grown);
+    grown_round(grown);
+    IN_GROWN_ROUND.store(false, Ordering::Relaxed);
     let mut alloc = |nolock: bool| {
         let p = if nolock {
             heap.alloc_nolock(layout()).inspect(|_| {
@@ -264,6 +345,58 @@ fn round(heap: &Heap, live: &mut Vec<usize>) {
             }
         }
     }
+}
+
+/// On the grown heap: 64 B objects and 16 and 64 KiB blocks, allocated
+/// by both paths and freed by every free (the grown zones' copies of the
+/// heap's routes).
+fn grown_round(grown: &Heap) {
+    let sizes = [SIZE, 16 << 10, 64 << 10];
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let layout = Layout::from_size_align(sizes[i % 3], 8).unwrap();
+        let p = if i % 4 >= 2 {
+            grown.alloc_nolock(layout)
+        } else {
+            grown.alloc(layout)
+        }
+        .expect("memory to spare")
+        .as_ptr() as usize;
+        if held.iter().any(|&(q, _)| q == p) {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        fill(p, MAIN_TAG);
+        held.push((p, layout));
+    }
+    for (i, (p, layout)) in held.into_iter().enumerate() {
+        if !check(p, MAIN_TAG) {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        let p = NonNull::new(p as *mut u8).unwrap();
+        // SAFETY: allocated above with `layout`; freed once.
+        unsafe {
+            match (i / 3) % 4 {
+                0 => grown.free_sized(p, layout),
+                1 => grown.free(p),
+                2 => grown.free_nolock_sized(p, layout),
+                _ => grown.free_nolock(p),
+            }
+        }
+    }
+}
+
+/// A heap (no maintainer) whose first zone (1 MiB) is used up by pages held
+/// through its page allocator, so that it grew: its blocks come from grown
+/// zones. Returns it and the held pages (order 0).
+fn grown_heap() -> (&'static Heap, Vec<NonNull<u8>>) {
+    let h: &'static Heap = Box::leak(Box::new(
+        Heap::new(Config::default().memory(1 << 20).maintenance(false)).unwrap(),
+    ));
+    let mut held = Vec::new();
+    while h.stats().pages.zones < 2 {
+        held.push(h.pages().alloc_pages(0).expect("the heap grows"));
+    }
+    (h, held)
 }
 
 fn page_round(heap: &Heap) {
@@ -322,6 +455,8 @@ fn every_instruction_of_every_sequence_survives_reentry() {
         "could not pin the thread"
     );
     HEAP.store(heap as *const Heap as *mut Heap, Ordering::Release);
+    let (grown, grown_held) = grown_heap();
+    GROWN.store(grown as *const Heap as *mut Heap, Ordering::Release);
     anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
     let probe = breakpoint::arm(round as fn(&Heap, &mut Vec<usize>) as usize);
     match probe {
@@ -341,6 +476,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     let mut fired_descs = 0usize;
     let mut inside = 0u64;
     let mut page_inside = 0u64;
+    let mut grown_inside = 0u64;
     for d in &descs {
         let (first, last) = restart_and_end(d.abort_ip as usize);
         assert!(
@@ -353,9 +489,11 @@ fn every_instruction_of_every_sequence_survives_reentry() {
         for addr in (first..section_end).chain(d.abort_ip as usize..last) {
             bytes += 1;
             heap.drain();
+            grown.drain();
             let fd = breakpoint::arm(addr).expect("perf_event_open");
             let before = FIRED.load(Ordering::Relaxed);
             let before_pages = FIRED_IN_PAGES.load(Ordering::Relaxed);
+            let before_grown = FIRED_IN_GROWN.load(Ordering::Relaxed);
             BP_FD.store(fd, Ordering::Relaxed);
             round(heap, &mut live);
             BP_FD.store(-1, Ordering::Relaxed);
@@ -369,6 +507,9 @@ fn every_instruction_of_every_sequence_survives_reentry() {
                 if FIRED_IN_PAGES.load(Ordering::Relaxed) > before_pages {
                     page_inside += in_section as u64;
                 }
+                if FIRED_IN_GROWN.load(Ordering::Relaxed) > before_grown {
+                    grown_inside += in_section as u64;
+                }
             }
         }
         fired_descs += (fired_here > 0) as usize;
@@ -378,8 +519,20 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     free_carry(heap, CARRY.swap(0, Ordering::Relaxed));
     free_page_carry(heap, PAGE_CARRY.swap(0, Ordering::Relaxed));
     heap.drain();
+    GROWN.store(std::ptr::null_mut(), Ordering::Release);
+    free_grown_carry(grown, GROWN_PAGE_CARRY.swap(0, Ordering::Relaxed), false);
+    free_grown_carry(grown, GROWN_LARGE_CARRY.swap(0, Ordering::Relaxed), true);
+    for p in grown_held {
+        // SAFETY: allocated through the grown heap's page allocator with
+        // order 0, freed once.
+        unsafe { grown.pages().free_pages(p, 0) };
+    }
+    grown.drain();
+    let gs = grown.stats();
     let s = heap.stats();
     let p = heap.pages().stats();
+    let grown_ok = GROWN_OK.load(Ordering::Relaxed);
+    let grown_fail = GROWN_FAIL.load(Ordering::Relaxed);
     let at_abort = AT_ABORT.load(Ordering::Relaxed);
     let ok = NOLOCK_OK.load(Ordering::Relaxed);
     let fail = NOLOCK_FAIL.load(Ordering::Relaxed);
@@ -391,7 +544,8 @@ fn every_instruction_of_every_sequence_survives_reentry() {
          section, {page_inside} of them in page sequences, {at_abort} seen by the handler at \
          the abort address); handler nolock \
          alloc+free: {ok} ok, {fail} failed; handler page blocks: {page_ok} ok, \
-         {page_fail} failed",
+         {page_fail} failed; grown heap: {grown_inside} instructions inside its \
+         sequences interrupted, handler blocks {grown_ok} ok, {grown_fail} failed",
         descs.len()
     );
     assert_eq!(
@@ -421,6 +575,23 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     assert!(
         ok >= fired_addrs / 2 && ok > 0,
         "nolock re-entry mostly failed: {ok}"
+    );
+    assert!(
+        grown_inside >= 10,
+        "only {grown_inside} instructions inside the grown zones' sequences were interrupted"
+    );
+    assert!(
+        grown_ok >= fired_addrs / 2 && grown_fail == 0,
+        "the handler's blocks on the grown heap failed: {grown_ok} ok, {grown_fail} failed"
+    );
+    assert_eq!(
+        (gs.objects_in_use, gs.large_in_use),
+        (0, 0),
+        "the grown heap leaked: {gs:?}"
+    );
+    assert_eq!(
+        gs.pages.free_pages, gs.pages.total_pages,
+        "the grown heap leaked pages"
     );
     assert_eq!(s.objects_in_use, 0, "objects leaked: {s:?}");
     assert_eq!(p.free_pages, p.total_pages, "pages leaked");
