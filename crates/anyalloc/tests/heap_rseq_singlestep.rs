@@ -128,6 +128,9 @@ static FIRED_IN_GROWN: AtomicU64 = AtomicU64::new(0);
 static GROWN_PAGE_CARRY: AtomicUsize = AtomicUsize::new(0);
 static GROWN_LARGE_CARRY: AtomicUsize = AtomicUsize::new(0);
 static GROWN_OK: AtomicU64 = AtomicU64::new(0);
+/// Every nolock allocation on the grown heap that succeeded (objects and
+/// large blocks, the driver's and the handler's): its own count must agree.
+static GROWN_NOLOCK_OK: AtomicU64 = AtomicU64::new(0);
 static GROWN_FAIL: AtomicU64 = AtomicU64::new(0);
 
 fn layout() -> Layout {
@@ -217,6 +220,9 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     let grown = unsafe { &*GROWN.load(Ordering::Acquire) };
     let page = grown.pages().alloc_pages_nolock(HANDLER_PAGE_ORDER);
     let large = grown.alloc_nolock(large_layout());
+    if large.is_some() {
+        GROWN_NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+    }
     match (page, large) {
         (Some(p), Some(l)) => {
             GROWN_OK.fetch_add(1, Ordering::Relaxed);
@@ -356,7 +362,9 @@ fn grown_round(grown: &Heap) {
     for i in 0..12 {
         let layout = Layout::from_size_align(sizes[i % 3], 8).unwrap();
         let p = if i % 4 >= 2 {
-            grown.alloc_nolock(layout)
+            grown.alloc_nolock(layout).inspect(|_| {
+                GROWN_NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+            })
         } else {
             grown.alloc(layout)
         }
@@ -592,6 +600,11 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     assert_eq!(
         gs.pages.free_pages, gs.pages.total_pages,
         "the grown heap leaked pages"
+    );
+    assert_eq!(
+        gs.nolock_alloc_ok,
+        GROWN_NOLOCK_OK.load(Ordering::Relaxed),
+        "the grown heap's count of nolock allocations is not exact"
     );
     assert_eq!(s.objects_in_use, 0, "objects leaked: {s:?}");
     assert_eq!(p.free_pages, p.total_pages, "pages leaked");
