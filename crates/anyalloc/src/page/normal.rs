@@ -84,7 +84,8 @@ impl PageAllocator {
         if order > MAX_ORDER {
             return None;
         }
-        let p = match self.alloc_normal_once(order, true) {
+        // (`alloc_pages_normal` popped the first zone's list just now.)
+        let p = match self.alloc_normal_after_pop(order, true) {
             Some(p) => Some(p),
             None => self.alloc_slow(order, true),
         };
@@ -386,6 +387,13 @@ impl PageAllocator {
         if let Some(p) = self.seq_alloc::<false>(order) {
             return Some(p);
         }
+        self.alloc_normal_after_pop(order, above_min)
+    }
+
+    /// `alloc_normal_once` for a caller that has just popped the first
+    /// zone's list (`seq_alloc`) and found it empty: the grown zones'
+    /// lists, then each zone under its locks.
+    fn alloc_normal_after_pop(&self, order: u32, above_min: bool) -> Option<NonNull<u8>> {
         // The zones growth added: this CPU's level-0 list of each, popped
         // by the same restartable sequence as the first zone's, before any
         // lock. Frees of their blocks go onto those lists; without this,
