@@ -730,14 +730,7 @@ impl PageAllocator {
     /// a few loads (no walk over the zones). Any context.
     #[inline]
     fn grown_zone(&self, addr: usize) -> Option<&Zone> {
-        #[cfg(feature = "std")]
-        return self.map.get(addr).map(|(z, _)| z);
-        // Without std there are no grown zones (growth maps memory).
-        #[cfg(not(feature = "std"))]
-        {
-            let _ = addr;
-            None
-        }
+        self.locate_grown(addr).map(|(z, _)| z)
     }
 
     /// Whether a zone after the first holds `addr` (see `grown_zone`).
@@ -754,7 +747,7 @@ impl PageAllocator {
     pub(crate) fn locate_grown(&self, addr: usize) -> Option<(&Zone, &PageDesc)> {
         #[cfg(feature = "std")]
         return self.map.get(addr);
-        // Without std there are no grown zones (see `grown_zone`).
+        // Without std there are no grown zones (growth maps memory).
         #[cfg(not(feature = "std"))]
         {
             let _ = addr;
