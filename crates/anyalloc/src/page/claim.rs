@@ -6,11 +6,13 @@
 use super::*;
 
 impl PageAllocator {
-    /// The inline half of a free's claim: a block of `zone` (the first
-    /// zone, found by its window; with `GROWN`, the grown zone the caller
-    /// found in the zone map), aligned for `order`, claimed (`ALLOCATED -> kind`: `FREEING`, or
-    /// `PCP` for a block about to be pushed onto this CPU's list). `None`:
-    /// ask [`claim_slow`](Self::claim_slow), which decides and reports.
+    /// The inline half of a free's claim: the block at `ptr`, aligned for
+    /// `order`, whose page index and descriptor `locate` gives (the first
+    /// zone's window, looked up here, after the alignment check; or what
+    /// the caller already found in the zone map), claimed (`ALLOCATED ->
+    /// kind`: `FREEING`, or `PCP` for a block about to be pushed onto this
+    /// CPU's list). `None`: ask [`claim_slow`](Self::claim_slow), which
+    /// decides and reports.
     ///
     /// `PUBLIC` (a free through the public API): a block whose descriptor
     /// names an owner is not claimed either. The owner is the object
@@ -32,27 +34,21 @@ impl PageAllocator {
     /// heap's would report a double free instead: either way the program
     /// freed a block of the heap's through the page allocator, and dies.
     #[inline(always)]
-    pub(super) fn claim_fast<'a, const PUBLIC: bool, const GROWN: bool>(
-        &'a self,
-        zone: &'a Zone,
+    pub(super) fn claim_fast<'a, const PUBLIC: bool>(
+        &self,
         ptr: NonNull<u8>,
         order: u32,
         kind: u32,
+        locate: impl FnOnce(usize) -> Option<(u32, &'a PageDesc)>,
     ) -> Option<(u32, &'a PageDesc)> {
-        // The common case inline: a well-aligned block of `zone` (the
-        // first zone, or with `GROWN` the grown zone that holds it) whose
-        // claim succeeds. Anything else (every report) is `claim_slow`,
-        // which starts over: a failed CAS changed nothing.
+        // The common case inline: a well-aligned block whose claim
+        // succeeds. Anything else (every report) is `claim_slow`, which
+        // starts over: a failed CAS changed nothing.
         let addr = ptr.as_ptr() as usize;
         if order > MAX_ORDER || addr & ((PAGE_SIZE << order) - 1) != 0 {
             return None;
         }
-        let (idx, d) = if GROWN {
-            let idx = zone.index_of(addr);
-            (idx, zone.desc(idx))
-        } else {
-            self.locate_first(addr)?
-        };
+        let (idx, d) = locate(addr)?;
         d.state
             .compare_exchange(
                 desc::state(desc::ALLOCATED, order),

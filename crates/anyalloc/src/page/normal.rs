@@ -717,34 +717,52 @@ impl PageAllocator {
         route: FreeRoute,
     ) {
         let addr = ptr.as_ptr() as usize;
-        let zone = if GROWN {
-            match self.grown_zone(addr) {
-                Some(z) => z,
+        if GROWN {
+            // The zone map gives the zone and the descriptor at once.
+            let Some((zone, d)) = self.locate_grown(addr) else {
                 // In no zone: the slow path reports it.
                 // SAFETY: forwarded contract.
-                None => return unsafe { self.free_pages_slow(ptr, order, route, PUBLIC) },
+                return unsafe { self.free_pages_slow(ptr, order, route, PUBLIC) };
+            };
+            let found = (zone.index_of(addr), d);
+            // SAFETY: forwarded contract; `found` is the page of `zone`
+            // that holds `ptr`.
+            unsafe {
+                self.free_pages_in_zone::<FAST_MAX, PUBLIC>(zone, ptr, order, route, |_| {
+                    Some(found)
+                })
             }
         } else {
             if !self.in_first_zone(addr) {
                 // SAFETY: forwarded contract.
                 return unsafe { self.free_pages_grown::<FAST_MAX, PUBLIC>(ptr, order, route) };
             }
-            self.first_zone()
-        };
-        // SAFETY: forwarded contract; `zone` holds `addr`.
-        unsafe { self.free_pages_in_zone::<FAST_MAX, PUBLIC, GROWN>(zone, ptr, order, route) }
+            // SAFETY: forwarded contract; the first zone's window finds
+            // `ptr`'s page in the first zone.
+            unsafe {
+                self.free_pages_in_zone::<FAST_MAX, PUBLIC>(
+                    self.first_zone(),
+                    ptr,
+                    order,
+                    route,
+                    |a| self.locate_first(a),
+                )
+            }
+        }
     }
 
     /// A heap's large free (as `free_pages_fast`) of a block in a grown
-    /// zone that the heap's own lookup already found: no second lookup.
+    /// zone that the heap's own lookup already found (`zone`, and `d`, the
+    /// descriptor of its head page): no second lookup.
     ///
     /// # Safety
     /// As for [`free_pages`](Self::free_pages); `zone` is a zone after the
-    /// first that holds `ptr`.
+    /// first that holds `ptr`, and `d` the descriptor of `ptr`'s page.
     #[inline(always)]
     pub(crate) unsafe fn free_pages_fast_grown(
         &self,
         zone: &Zone,
+        d: &PageDesc,
         ptr: NonNull<u8>,
         order: u32,
         nolock: bool,
@@ -754,22 +772,32 @@ impl PageAllocator {
         } else {
             FreeRoute::Routed
         };
-        // SAFETY: forwarded contract.
-        unsafe { self.free_pages_in_zone::<HEAP_PCP_ORDER, false, true>(zone, ptr, order, route) }
+        let found = (zone.index_of(ptr.as_ptr() as usize), d);
+        // SAFETY: forwarded contract; `found` is the page of `zone` that
+        // holds `ptr`.
+        unsafe {
+            self.free_pages_in_zone::<HEAP_PCP_ORDER, false>(zone, ptr, order, route, |_| {
+                Some(found)
+            })
+        }
     }
 
     /// `free_pages_at` once the zone is known: `zone` is the first zone,
-    /// or with `GROWN` the grown zone that holds `ptr`.
+    /// or the grown zone that holds `ptr`; `locate` gives the page index
+    /// and descriptor of an address in it (see `claim_fast`: the first
+    /// zone's window, looked up late, or what the zone map already gave).
     ///
     /// # Safety
-    /// As for [`free_pages`](Self::free_pages); `zone` holds `ptr`.
+    /// As for [`free_pages`](Self::free_pages); `zone` holds `ptr`, and
+    /// `locate` names its page of `zone` (or `None`).
     #[inline(always)]
-    unsafe fn free_pages_in_zone<const FAST_MAX: u32, const PUBLIC: bool, const GROWN: bool>(
-        &self,
-        zone: &Zone,
+    unsafe fn free_pages_in_zone<'a, const FAST_MAX: u32, const PUBLIC: bool>(
+        &'a self,
+        zone: &'a Zone,
         ptr: NonNull<u8>,
         order: u32,
         route: FreeRoute,
+        locate: impl FnOnce(usize) -> Option<(u32, &'a PageDesc)>,
     ) {
         // This CPU's page count (a hint) is read before the claim: the
         // claim's locked instruction waits for earlier stores to drain, and
@@ -787,7 +815,7 @@ impl PageAllocator {
         // path, never has room.)
         let room = zone.room_for(pages);
         let kind = if room { desc::PCP } else { desc::FREEING };
-        let Some((idx, d)) = self.claim_fast::<PUBLIC, GROWN>(zone, ptr, order, kind) else {
+        let Some((idx, d)) = self.claim_fast::<PUBLIC>(ptr, order, kind, locate) else {
             // SAFETY: forwarded contract.
             return unsafe { self.free_pages_slow(ptr, order, route, PUBLIC) };
         };

@@ -372,7 +372,7 @@ impl HeapCore {
         unsafe {
             match zone {
                 None => self.pages.free_pages_fast(ptr, order, NOLOCK),
-                Some(z) => self.pages.free_pages_fast_grown(z, ptr, order, NOLOCK),
+                Some(z) => self.pages.free_pages_fast_grown(z, d, ptr, order, NOLOCK),
             }
         }
     }
