@@ -42,58 +42,6 @@ use anyalloc::{Config, FastPath, Heap};
 const SIZE: usize = 64;
 /// The signature that precedes every rseq abort address (x86-64, glibc).
 const RSEQ_SIG: u32 = 0x5305_3053;
-/// A sequence's abort handler starts with a jump back to its restart point
-/// (the store of the descriptor's address, and for page sequences the
-/// reload of the rseq offset before it): a `jmp`, or for a counting pop a
-/// `jnc` over the `jnz` to the restart point (its check of whether to take
-/// its count back; every branch of it ends at the restart point). Returns
-/// the restart point and the end of that jump: a walk covers every byte
-/// from the restart to the end of the section, then the handler's jumps up
-/// to that one (the handler is out of line).
-fn restart_and_end(abort_ip: usize) -> (usize, usize) {
-    let (op, target, end) = jump_at(abort_ip);
-    match op {
-        Jump::Jmp => (target, end),
-        Jump::Jnc => match jump_at(end) {
-            (Jump::Jnz, target, end) => (target, end),
-            _ => panic!("the abort handler at {abort_ip:#x}: no jnz after its jnc"),
-        },
-        Jump::Jnz => panic!("the abort handler at {abort_ip:#x} starts with a jnz"),
-    }
-}
-
-enum Jump {
-    Jmp,
-    Jnc,
-    Jnz,
-}
-
-/// The jump at `at`: its kind, target and end.
-fn jump_at(at: usize) -> (Jump, usize, usize) {
-    // SAFETY: `at` is an address in this binary's text (an abort handler
-    // from a descriptor, or the instruction after its first jump), and a
-    // jump is at least two bytes long.
-    let (op, op2) = unsafe { (*(at as *const u8), *((at + 1) as *const u8)) };
-    let rel8 = |kind| {
-        let rel = op2 as i8 as isize;
-        (kind, (at + 2).wrapping_add_signed(rel), at + 2)
-    };
-    let rel32 = |kind, len: usize| {
-        // SAFETY: as above; the rel32 ends the `len`-byte instruction.
-        let rel = unsafe { ((at + len - 4) as *const i32).read_unaligned() } as isize;
-        (kind, (at + len).wrapping_add_signed(rel), at + len)
-    };
-    match (op, op2) {
-        (0xeb, _) => rel8(Jump::Jmp),
-        (0x73, _) => rel8(Jump::Jnc),
-        (0x75, _) => rel8(Jump::Jnz),
-        (0xe9, _) => rel32(Jump::Jmp, 5),
-        (0x0f, 0x83) => rel32(Jump::Jnc, 6),
-        (0x0f, 0x85) => rel32(Jump::Jnz, 6),
-        _ => panic!("no jmp, jnc or jnz at {at:#x} (opcode {op:#x})"),
-    }
-}
-
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 /// The armed breakpoint's perf event (-1: none).
 static BP_FD: AtomicI32 = AtomicI32::new(-1);
@@ -486,7 +434,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     let mut page_inside = 0u64;
     let mut grown_inside = 0u64;
     for d in &descs {
-        let (first, last) = restart_and_end(d.abort_ip as usize);
+        let (first, last) = breakpoint::restart_and_end(d.abort_ip as usize);
         assert!(
             first < d.start_ip as usize && d.start_ip as usize - first <= 32,
             "restart point {first:#x} not just before the section at {:#x}",
@@ -494,7 +442,8 @@ fn every_instruction_of_every_sequence_survives_reentry() {
         );
         let mut fired_here = 0;
         let section_end = (d.start_ip + d.post_commit_offset) as usize;
-        for addr in (first..section_end).chain(d.abort_ip as usize..last) {
+        for addr in (first..section_end + breakpoint::PAST_COMMIT).chain(d.abort_ip as usize..last)
+        {
             bytes += 1;
             heap.drain();
             grown.drain();

@@ -1,6 +1,7 @@
 //! Execution breakpoints and the binary's rseq descriptors, for the tests
 //! that stop a thread at chosen instructions of the restartable sequences
-//! (`heap_rseq_singlestep.rs`, `rseq_count_wrap.rs`).
+//! (`heap_rseq_singlestep.rs`, `global_rseq_singlestep.rs`,
+//! `rseq_count_wrap.rs`).
 //!
 //! * [`arm`]: a hardware execution breakpoint on one address for the
 //!   calling thread (perf, `sigtrap`): its hit raises `SIGTRAP`
@@ -8,6 +9,8 @@
 //!   a handler (async-signal-safe), [`close`] releases it.
 //! * [`descriptors`]: every `struct rseq_cs` in this binary's `__rseq_cs`
 //!   section, as the crate's assembly emits them.
+//! * [`restart_and_end`]: where a walk over every byte of a sequence starts
+//!   and ends (its restart point, and its abort handler's first jump).
 
 #![allow(dead_code)] // each test binary uses its own part
 
@@ -108,5 +111,65 @@ pub fn descriptors() -> Vec<RseqCs> {
         let stop = std::ptr::addr_of!(__stop___rseq_cs);
         let n = stop.offset_from(start) as usize;
         std::slice::from_raw_parts(start, n).to_vec()
+    }
+}
+
+/// Bytes after a section's end that a walk arms too: the first
+/// instructions after the commit, which run once the sequence committed
+/// and are never restarted. A descriptor whose section ended before its
+/// committing instruction would leave the commit among them, where an
+/// interruption is not restarted: the handler's pop then takes the object
+/// the interrupted pop is about to hand out, which the walks catch.
+pub const PAST_COMMIT: usize = 8;
+
+/// A sequence's abort handler starts with a jump back to its restart point
+/// (the store of the descriptor's address, and for page sequences the
+/// reload of the rseq offset before it): a `jmp`, or for a counting pop a
+/// `jnc` over the `jnz` to the restart point (its check of whether to take
+/// its count back; every branch of it ends at the restart point). Returns
+/// the restart point and the end of that jump: a walk covers every byte
+/// from the restart to the end of the section, then the handler's jumps up
+/// to that one (the handler is out of line).
+pub fn restart_and_end(abort_ip: usize) -> (usize, usize) {
+    let (op, target, end) = jump_at(abort_ip);
+    match op {
+        Jump::Jmp => (target, end),
+        Jump::Jnc => match jump_at(end) {
+            (Jump::Jnz, target, end) => (target, end),
+            _ => panic!("the abort handler at {abort_ip:#x}: no jnz after its jnc"),
+        },
+        Jump::Jnz => panic!("the abort handler at {abort_ip:#x} starts with a jnz"),
+    }
+}
+
+pub enum Jump {
+    Jmp,
+    Jnc,
+    Jnz,
+}
+
+/// The jump at `at`: its kind, target and end.
+pub fn jump_at(at: usize) -> (Jump, usize, usize) {
+    // SAFETY: `at` is an address in this binary's text (an abort handler
+    // from a descriptor, or the instruction after its first jump), and a
+    // jump is at least two bytes long.
+    let (op, op2) = unsafe { (*(at as *const u8), *((at + 1) as *const u8)) };
+    let rel8 = |kind| {
+        let rel = op2 as i8 as isize;
+        (kind, (at + 2).wrapping_add_signed(rel), at + 2)
+    };
+    let rel32 = |kind, len: usize| {
+        // SAFETY: as above; the rel32 ends the `len`-byte instruction.
+        let rel = unsafe { ((at + len - 4) as *const i32).read_unaligned() } as isize;
+        (kind, (at + len).wrapping_add_signed(rel), at + len)
+    };
+    match (op, op2) {
+        (0xeb, _) => rel8(Jump::Jmp),
+        (0x73, _) => rel8(Jump::Jnc),
+        (0x75, _) => rel8(Jump::Jnz),
+        (0xe9, _) => rel32(Jump::Jmp, 5),
+        (0x0f, 0x83) => rel32(Jump::Jnc, 6),
+        (0x0f, 0x85) => rel32(Jump::Jnz, 6),
+        _ => panic!("no jmp, jnc or jnz at {at:#x} (opcode {op:#x})"),
     }
 }

@@ -1,0 +1,356 @@
+//! Re-entry through `Global` at every instruction of every restartable
+//! sequence: `heap_rseq_singlestep.rs` for the process-wide heap, whose
+//! fast paths are the copies of the sequences inlined into `Global`'s and
+//! `NoLock`'s `GlobalAlloc` methods (and into std's `__rust_alloc` and
+//! `__rust_dealloc`, which call them), not the `Heap` methods' copies that
+//! test runs.
+//!
+//! `Global` is this binary's allocator. The test walks every byte of every
+//! sequence in the binary (restart point, section, abort handler's jump),
+//! arms an execution breakpoint there, and runs a round of `Global` and
+//! `NoLock` calls: 64 B objects (a refill after `drain`, pops, pushes, a
+//! flush), 16 KiB blocks (the heap's per-CPU page lists), through
+//! `GlobalAlloc` directly and through `std::alloc`. When the breakpoint
+//! fires, the handler allocates and frees through `Global` (as a signal
+//! handler that uses `Box` would) and `NoLock`, on the same pinned CPU:
+//! a 64 B object and a 16 KiB block carried to the next trap, and a 64 B
+//! object freed at once. A `Global` call in the handler that waited for the
+//! interrupted one would hang: the scenario runs in a child process under a
+//! watchdog, with the global heap's maintainer off (so that the child's
+//! only allocating thread is the test's).
+//!
+//! Asserted: instructions inside the sequences were interrupted while
+//! `Global` and `NoLock` ran, every such interruption restarted its
+//! sequence, the handler's allocations succeeded, no block was handed out
+//! twice, every pattern held, and after `drain` the heap holds as many
+//! objects and large blocks as before the walk.
+
+#![cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+
+mod breakpoint;
+mod watchdog;
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyalloc::{FastPath, Global, NoLock};
+
+#[global_allocator]
+static GLOBAL: Global = Global;
+
+/// The signature that precedes every rseq abort address (x86-64, glibc).
+const RSEQ_SIG: u32 = 0x5305_3053;
+/// The objects' size.
+const SIZE: usize = 64;
+/// The large blocks' size: an order-2 block from the heap's per-CPU page
+/// lists.
+const LARGE: usize = 16 << 10;
+
+/// The armed breakpoint's perf event (-1: none).
+static BP_FD: AtomicI32 = AtomicI32::new(-1);
+static FIRED: AtomicU64 = AtomicU64::new(0);
+static AT_ABORT: AtomicU64 = AtomicU64::new(0);
+/// Set while `round` makes its `Global` and `NoLock` calls.
+static IN_ROUND: AtomicBool = AtomicBool::new(false);
+static FIRED_IN_ROUND: AtomicU64 = AtomicU64::new(0);
+/// The handler's `Global` objects, `NoLock` objects and `Global` 16 KiB
+/// blocks that were served (`OK`) and refused (`FAIL`, a null).
+static OK: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+static FAIL: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+/// The 64 B object and the 16 KiB block the handler allocated through
+/// `Global` last time (0: none).
+static CARRY: AtomicUsize = AtomicUsize::new(0);
+static LARGE_CARRY: AtomicUsize = AtomicUsize::new(0);
+
+fn layout(size: usize) -> Layout {
+    Layout::from_size_align(size, 8).unwrap()
+}
+
+const HANDLER_TAG: u8 = 0x69;
+const MAIN_TAG: u8 = 0x96;
+
+/// Fills the first and last 64 bytes of a block of `size` bytes (all of
+/// an object): a 16 KiB block is checked at both ends without the handler
+/// writing 16 KiB at every trap.
+fn fill(p: usize, size: usize, tag: u8) {
+    for start in [0, size - SIZE] {
+        // SAFETY: `p` is a live block of `size` >= SIZE bytes owned by the
+        // caller.
+        let b = unsafe { std::slice::from_raw_parts_mut((p + start) as *mut u8, SIZE) };
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (p as u8) ^ ((start + i) as u8).wrapping_mul(29) ^ tag;
+        }
+    }
+}
+
+fn intact(p: usize, size: usize, tag: u8) -> bool {
+    [0, size - SIZE].into_iter().all(|start| {
+        // SAFETY: as in `fill`.
+        let b = unsafe { std::slice::from_raw_parts((p + start) as *const u8, SIZE) };
+        b.iter()
+            .enumerate()
+            .all(|(i, x)| *x == (p as u8) ^ ((start + i) as u8).wrapping_mul(29) ^ tag)
+    })
+}
+
+/// The handler's block `i` (0: `Global` object, 1: `NoLock` object, 2:
+/// `Global` 16 KiB block) was served or not.
+fn served(i: usize, p: *mut u8) -> Option<usize> {
+    if p.is_null() {
+        FAIL[i].fetch_add(1, Ordering::Relaxed);
+        None
+    } else {
+        OK[i].fetch_add(1, Ordering::Relaxed);
+        Some(p as usize)
+    }
+}
+
+extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let _errno = anyalloc_storm::ErrnoGuard::save();
+    let fd = BP_FD.swap(-1, Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    // Disarm first: the handler's own allocations run the same sequences.
+    breakpoint::disable(fd);
+    FIRED.fetch_add(1, Ordering::Relaxed);
+    if IN_ROUND.load(Ordering::Relaxed) {
+        FIRED_IN_ROUND.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: the kernel passes a valid ucontext_t to SA_SIGINFO handlers.
+    let rip =
+        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] }
+            as usize;
+    // SAFETY: `rip` is the address of an instruction of this program, at
+    // least 4 bytes into its text.
+    if unsafe { (rip as *const u32).sub(1).read_unaligned() } == RSEQ_SIG {
+        AT_ABORT.fetch_add(1, Ordering::Relaxed);
+    }
+    // Through std, as `Box::new` would: `__rust_alloc`, then `Global`.
+    // SAFETY: a non-zero layout.
+    if let Some(p) = served(0, unsafe { std::alloc::alloc(layout(SIZE)) }) {
+        fill(p, SIZE, HANDLER_TAG);
+        free_carry(CARRY.swap(p, Ordering::Relaxed), SIZE);
+    }
+    // A pop and a push on the same CPU's sheaf through `NoLock`.
+    // SAFETY: a non-zero layout.
+    if let Some(p) = served(1, unsafe { NoLock.alloc(layout(SIZE)) }) {
+        // SAFETY: just allocated with this layout; freed once.
+        unsafe { NoLock.dealloc(p as *mut u8, layout(SIZE)) };
+    }
+    // A block from the heap's per-CPU page lists, through `Global`.
+    // SAFETY: a non-zero layout.
+    if let Some(p) = served(2, unsafe { GLOBAL.alloc(layout(LARGE)) }) {
+        fill(p, LARGE, HANDLER_TAG);
+        free_carry(LARGE_CARRY.swap(p, Ordering::Relaxed), LARGE);
+    }
+}
+
+/// Frees a block of `size` bytes the handler allocated through `Global`
+/// (or nothing, for 0), after checking its pattern.
+fn free_carry(p: usize, size: usize) {
+    if p == 0 {
+        return;
+    }
+    if !intact(p, size, HANDLER_TAG) {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: allocated by the handler through `Global` with this layout;
+    // freed once.
+    unsafe { std::alloc::dealloc(p as *mut u8, layout(size)) };
+}
+
+/// `Global` and `NoLock` calls that run every sequence of their fast
+/// paths: for 64 B objects (both sheaves empty after `drain`) a refill,
+/// then 70 pops, and 70 pushes with a flush; then 16 KiB blocks, popped
+/// and pushed on the page lists. Objects alternate between `GlobalAlloc`
+/// called directly and `std::alloc`; the `NoLock` objects go through both
+/// of its frees (`dealloc`, and `Global`'s, which frees any block of the
+/// heap). `live` has room for every block (no allocation of its own).
+fn round(live: &mut Vec<(usize, usize)>) {
+    IN_ROUND.store(true, Ordering::Relaxed);
+    for nolock in [false, true] {
+        for (i, size) in std::iter::repeat_n(SIZE, 71)
+            .chain(std::iter::repeat_n(LARGE, 4))
+            .enumerate()
+        {
+            let l = layout(size);
+            // SAFETY: non-zero layouts.
+            let p = unsafe {
+                match (nolock, i % 2) {
+                    (false, 0) => GLOBAL.alloc(l),
+                    (false, _) => std::alloc::alloc(l),
+                    (true, _) => NoLock.alloc(l),
+                }
+            };
+            assert!(!p.is_null(), "memory to spare");
+            let p = p as usize;
+            let carried = [
+                CARRY.load(Ordering::Relaxed),
+                LARGE_CARRY.load(Ordering::Relaxed),
+            ];
+            if live.iter().any(|&(q, _)| q == p) || carried.contains(&p) {
+                VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+            }
+            fill(p, size, MAIN_TAG);
+            live.push((p, size));
+        }
+        for (i, (p, size)) in live.drain(..).enumerate() {
+            if !intact(p, size, MAIN_TAG) {
+                VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+            }
+            let p = p as *mut u8;
+            // SAFETY: allocated above with this layout; freed once.
+            unsafe {
+                match (nolock, i % 2) {
+                    (false, 0) => GLOBAL.dealloc(p, layout(size)),
+                    (false, _) => std::alloc::dealloc(p, layout(size)),
+                    (true, 0) => NoLock.dealloc(p, layout(size)),
+                    (true, _) => GLOBAL.dealloc(p, layout(size)),
+                }
+            }
+        }
+    }
+    IN_ROUND.store(false, Ordering::Relaxed);
+}
+
+#[test]
+fn global_survives_reentry_at_every_instruction_of_every_sequence() {
+    const NAME: &str = "global_survives_reentry_at_every_instruction_of_every_sequence";
+    if !watchdog::in_child() {
+        let out = watchdog::run_ok(
+            NAME,
+            &[("ANYALLOC_MAINTENANCE", "0")],
+            Duration::from_secs(240),
+            "Global re-entered at every instruction of its sequences",
+        );
+        print!("{}", out.stdout);
+        assert!(
+            out.stdout.contains("global rseq single-step ok") || out.stdout.contains("skipped: "),
+            "no result line:\n{}",
+            out.stdout
+        );
+        return;
+    }
+    let heap = anyalloc::init().expect("the global heap");
+    if heap.stats().fast_path != FastPath::Rseq {
+        assert!(
+            std::env::var("ANYALLOC_ALLOW_SKIP").as_deref() == Ok("1"),
+            "the rseq fast path is not in use here; set ANYALLOC_ALLOW_SKIP=1 to skip"
+        );
+        println!("skipped: the rseq fast path is not in use here");
+        return;
+    }
+    assert!(
+        anyalloc_storm::thread::pin_to_cpu(anyalloc_storm::thread::current_cpu()),
+        "could not pin the thread"
+    );
+    anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
+    match breakpoint::arm(round as fn(&mut Vec<(usize, usize)>) as usize) {
+        Some(fd) => breakpoint::close(fd),
+        None => {
+            assert!(
+                std::env::var("ANYALLOC_ALLOW_SKIP").as_deref() == Ok("1"),
+                "perf_event_open refused an execution breakpoint; set ANYALLOC_ALLOW_SKIP=1 to skip"
+            );
+            println!("skipped: perf_event_open refused an execution breakpoint");
+            return;
+        }
+    }
+    let descs = breakpoint::descriptors();
+    let mut live = Vec::with_capacity(100);
+    // A first round outside the walk: what the heap holds at rest once
+    // every path ran (std's own lazily made state included).
+    round(&mut live);
+    heap.drain();
+    let before = heap.stats();
+
+    let mut bytes = 0u64;
+    let mut fired_addrs = 0u64;
+    let mut fired_descs = 0usize;
+    let mut inside = 0u64;
+    for d in &descs {
+        let (first, last) = breakpoint::restart_and_end(d.abort_ip as usize);
+        let section = d.start_ip as usize..(d.start_ip + d.post_commit_offset) as usize;
+        assert!(
+            first < section.start && section.start - first <= 32,
+            "restart point {first:#x} not just before the section at {:#x}",
+            section.start
+        );
+        let mut fired_here = 0;
+        for addr in (first..section.end + breakpoint::PAST_COMMIT).chain(d.abort_ip as usize..last)
+        {
+            bytes += 1;
+            heap.drain();
+            let fd = breakpoint::arm(addr).expect("perf_event_open");
+            let before_round = FIRED_IN_ROUND.load(Ordering::Relaxed);
+            BP_FD.store(fd, Ordering::Relaxed);
+            round(&mut live);
+            BP_FD.store(-1, Ordering::Relaxed);
+            breakpoint::close(fd);
+            if FIRED_IN_ROUND.load(Ordering::Relaxed) > before_round {
+                fired_here += 1;
+                fired_addrs += 1;
+                inside += section.contains(&addr) as u64;
+            }
+        }
+        fired_descs += (fired_here > 0) as usize;
+    }
+    free_carry(CARRY.swap(0, Ordering::Relaxed), SIZE);
+    free_carry(LARGE_CARRY.swap(0, Ordering::Relaxed), LARGE);
+    heap.drain();
+    let after = heap.stats();
+
+    let at_abort = AT_ABORT.load(Ordering::Relaxed);
+    let ok: Vec<u64> = OK.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let fail: Vec<u64> = FAIL.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    println!(
+        "Global rseq breakpoints: {} sequences in the binary, {fired_descs} executed by Global \
+         and NoLock; {bytes} bytes armed, {fired_addrs} instruction addresses interrupted \
+         ({inside} inside a critical section, {at_abort} seen by the handler at the abort \
+         address); handler: Global 64 B {} ok / {} null, NoLock 64 B {} ok / {} null, Global \
+         16 KiB {} ok / {} null",
+        descs.len(),
+        ok[0],
+        fail[0],
+        ok[1],
+        fail[1],
+        ok[2],
+        fail[2]
+    );
+    assert_eq!(
+        VIOLATIONS.load(Ordering::Relaxed),
+        0,
+        "a pattern broke or a block was handed out twice"
+    );
+    // Object pop, push and lock, and the page lists' pop and push (each
+    // inlined copy has its own descriptor).
+    assert!(fired_descs >= 5, "only {fired_descs} sequences ran");
+    assert!(
+        inside >= 30,
+        "only {inside} instructions inside sections were interrupted"
+    );
+    assert!(
+        at_abort >= inside,
+        "interruptions inside sections must restart them: {at_abort} of {inside}"
+    );
+    for (i, what) in ["Global 64 B", "NoLock 64 B", "Global 16 KiB"]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(
+            ok[i] >= fired_addrs / 2 && ok[i] > 0,
+            "the handler's {what} allocations mostly failed: {} ok, {} null",
+            ok[i],
+            fail[i]
+        );
+    }
+    assert_eq!(
+        (after.objects_in_use, after.large_in_use),
+        (before.objects_in_use, before.large_in_use),
+        "the walk leaked or lost blocks: before {before:?}, after {after:?}"
+    );
+    println!("global rseq single-step ok");
+}
