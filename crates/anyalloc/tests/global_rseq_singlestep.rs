@@ -46,6 +46,8 @@ const SIZE: usize = 64;
 /// The large blocks' size: an order-2 block from the heap's per-CPU page
 /// lists.
 const LARGE: usize = 16 << 10;
+/// The tiny objects' size (a class below 16 B, whose key word is its link).
+const TINY: usize = 8;
 
 /// The armed breakpoint's perf event (-1: none).
 static BP_FD: AtomicI32 = AtomicI32::new(-1);
@@ -71,28 +73,40 @@ fn layout(size: usize) -> Layout {
 const HANDLER_TAG: u8 = 0x69;
 const MAIN_TAG: u8 = 0x96;
 
-/// Fills the first and last 64 bytes of a block of `size` bytes (all of
-/// an object): a 16 KiB block is checked at both ends without the handler
-/// writing 16 KiB at every trap.
+/// The spans of a block of `size` bytes that carry its pattern: its first
+/// and last `SIZE` bytes (the whole of a smaller one), so a 16 KiB block is
+/// checked at both ends without the handler writing 16 KiB at every trap.
+fn spans(size: usize) -> [std::ops::Range<usize>; 2] {
+    let n = size.min(SIZE);
+    [0..n, size - n..size]
+}
+
+/// The pattern byte at offset `i` of a block filled when it was at `key`.
+fn pattern(key: usize, i: usize, tag: u8) -> u8 {
+    (key as u8) ^ (i as u8).wrapping_mul(29) ^ tag
+}
+
 fn fill(p: usize, size: usize, tag: u8) {
-    for start in [0, size - SIZE] {
-        // SAFETY: `p` is a live block of `size` >= SIZE bytes owned by the
-        // caller.
-        let b = unsafe { std::slice::from_raw_parts_mut((p + start) as *mut u8, SIZE) };
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = (p as u8) ^ ((start + i) as u8).wrapping_mul(29) ^ tag;
+    for span in spans(size) {
+        for i in span {
+            // SAFETY: `p` is a live block of `size` bytes owned by the
+            // caller, and `i < size`.
+            unsafe { ((p + i) as *mut u8).write(pattern(p, i, tag)) };
         }
     }
 }
 
-fn intact(p: usize, size: usize, tag: u8) -> bool {
-    [0, size - SIZE].into_iter().all(|start| {
+/// Whether the block of `size` bytes at `p` holds the pattern it was
+/// filled with at `key` (itself, or where a `realloc` moved it from).
+fn intact_from(p: usize, key: usize, size: usize, tag: u8) -> bool {
+    spans(size).into_iter().flatten().all(|i| {
         // SAFETY: as in `fill`.
-        let b = unsafe { std::slice::from_raw_parts((p + start) as *const u8, SIZE) };
-        b.iter()
-            .enumerate()
-            .all(|(i, x)| *x == (p as u8) ^ ((start + i) as u8).wrapping_mul(29) ^ tag)
+        unsafe { ((p + i) as *const u8).read() == pattern(key, i, tag) }
     })
+}
+
+fn intact(p: usize, size: usize, tag: u8) -> bool {
+    intact_from(p, p, size, tag)
 }
 
 /// The handler's block `i` (0: `Global` object, 1: `NoLock` object, 2:
@@ -164,18 +178,21 @@ fn free_carry(p: usize, size: usize) {
 
 /// `Global` and `NoLock` calls that run every sequence of their fast
 /// paths: for 64 B objects (both sheaves empty after `drain`) a refill,
-/// then 70 pops, and 70 pushes with a flush; then 16 KiB blocks, popped
-/// and pushed on the page lists. Objects alternate between `GlobalAlloc`
-/// called directly and `std::alloc`; the `NoLock` objects go through both
-/// of its frees (`dealloc`, and `Global`'s, which frees any block of the
-/// heap). `live` has room for every block (no allocation of its own).
+/// then 70 pops, and 70 pushes with a flush; 16 KiB blocks, popped and
+/// pushed on the page lists; 8 B objects (a tiny class, whose routes are
+/// copies of their own); then a `realloc` that moves a 64 B object to
+/// 200 B and back to 24 B, and an `alloc_zeroed`. Objects alternate
+/// between `GlobalAlloc` called directly and `std::alloc`; the `NoLock`
+/// objects go through both of its frees (`dealloc`, and `Global`'s, which
+/// frees any block of the heap). `live` has room for every block (no
+/// allocation of its own).
 fn round(live: &mut Vec<(usize, usize)>) {
     IN_ROUND.store(true, Ordering::Relaxed);
     for nolock in [false, true] {
-        for (i, size) in std::iter::repeat_n(SIZE, 71)
+        let sizes = std::iter::repeat_n(SIZE, 71)
             .chain(std::iter::repeat_n(LARGE, 4))
-            .enumerate()
-        {
+            .chain(std::iter::repeat_n(TINY, 8));
+        for (i, size) in sizes.enumerate() {
             let l = layout(size);
             // SAFETY: non-zero layouts.
             let p = unsafe {
@@ -212,8 +229,43 @@ fn round(live: &mut Vec<(usize, usize)>) {
                 }
             }
         }
+        let a: &dyn GlobalAlloc = if nolock { &NoLock } else { &GLOBAL };
+        resize_and_zero(a);
     }
     IN_ROUND.store(false, Ordering::Relaxed);
+}
+
+/// Through `a`: a 64 B object moved by `realloc` to 200 B and back to
+/// 24 B (another class each time), its first bytes kept; then an
+/// `alloc_zeroed` object, which must read zero.
+fn resize_and_zero(a: &dyn GlobalAlloc) {
+    // SAFETY: a non-zero layout.
+    let p = unsafe { a.alloc(layout(SIZE)) } as usize;
+    assert_ne!(p, 0, "memory to spare");
+    fill(p, SIZE, MAIN_TAG);
+    // SAFETY: `p` is live with this layout; 200 is a valid size.
+    let q = unsafe { a.realloc(p as *mut u8, layout(SIZE), 200) } as usize;
+    assert_ne!(q, 0, "memory to spare");
+    // SAFETY: `q` is live with 200 bytes; 24 is a valid size.
+    let r = unsafe { a.realloc(q as *mut u8, layout(200), 24) } as usize;
+    assert_ne!(r, 0, "a shrink keeps the block at worst");
+    if !intact_from(r, p, 24, MAIN_TAG) {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: `r` is live with 24 bytes; freed once.
+    unsafe { a.dealloc(r as *mut u8, layout(24)) };
+    // SAFETY: a non-zero layout.
+    let z = unsafe { a.alloc_zeroed(layout(SIZE)) };
+    assert!(!z.is_null(), "memory to spare");
+    // SAFETY: `z` is a live block of SIZE bytes.
+    if unsafe { std::slice::from_raw_parts(z, SIZE) }
+        .iter()
+        .any(|&b| b != 0)
+    {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: allocated above with this layout; freed once.
+    unsafe { a.dealloc(z, layout(SIZE)) };
 }
 
 #[test]
