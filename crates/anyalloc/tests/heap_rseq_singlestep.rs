@@ -13,7 +13,8 @@
 //! it arms a breakpoint there and runs a round
 //! of heap and page operations that execute every sequence (pop hits,
 //! pushes, the lock sequence before a refill and before a flush, normal
-//! and nolock, objects and page blocks of orders 0 to 3), then the same
+//! and nolock, objects and page blocks of orders 0 to 3, 8 B objects and
+//! 16 KiB blocks, an `alloc_zeroed`), then the same
 //! on a second heap whose first zone is used up: the copies of the
 //! sequences that serve the zones growth added (their per-CPU lists, the
 //! heap's 16 and 64 KiB blocks there, the frees found through the zone
@@ -265,6 +266,7 @@ fn round(heap: &Heap, live: &mut Vec<usize>) {
     page_round(grown);
     grown_round(grown);
     IN_GROWN_ROUND.store(false, Ordering::Relaxed);
+    other_routes(heap);
     let mut alloc = |nolock: bool| {
         let p = if nolock {
             heap.alloc_nolock(layout()).inspect(|_| {
@@ -299,6 +301,60 @@ fn round(heap: &Heap, live: &mut Vec<usize>) {
             }
         }
     }
+}
+
+/// The routes with copies of the sequences of their own, beside the 64 B
+/// objects' and the page blocks': 8 B objects (a tiny class, whose key
+/// word is its link), 16 KiB blocks in the first zone (the heap's large
+/// blocks on the page lists), each allocated by both paths and freed by
+/// every free, and an `alloc_zeroed` object. Each block's first word holds
+/// its address XOR a tag until its free.
+fn other_routes(heap: &Heap) {
+    const TAG: usize = 0x0b5e_55ed_0b5e_55ed;
+    let mut held = Vec::with_capacity(8);
+    for i in 0..8 {
+        let size = if i < 4 { 8 } else { 16 << 10 };
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        let p = if i % 2 == 1 {
+            heap.alloc_nolock(layout).inspect(|_| {
+                ALL_NOLOCK_OK.fetch_add(1, Ordering::Relaxed);
+            })
+        } else {
+            heap.alloc(layout)
+        }
+        .expect("memory to spare");
+        if held.iter().any(|&(q, _)| q == p) {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: a live block of at least 8 bytes, 8-aligned, ours.
+        unsafe { p.cast::<usize>().write(p.as_ptr() as usize ^ TAG) };
+        held.push((p, layout));
+    }
+    for (i, (p, layout)) in held.into_iter().enumerate() {
+        // SAFETY: as above, still live.
+        if unsafe { p.cast::<usize>().read() } != p.as_ptr() as usize ^ TAG {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: allocated above with `layout`; freed once.
+        unsafe {
+            match i % 4 {
+                0 => heap.free_sized(p, layout),
+                1 => heap.free(p),
+                2 => heap.free_nolock_sized(p, layout),
+                _ => heap.free_nolock(p),
+            }
+        }
+    }
+    let z = heap.alloc_zeroed(layout()).expect("memory to spare");
+    // SAFETY: a live block of SIZE bytes.
+    if unsafe { std::slice::from_raw_parts(z.as_ptr(), SIZE) }
+        .iter()
+        .any(|&b| b != 0)
+    {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: allocated above with `layout()`; freed once.
+    unsafe { heap.free_sized(z, layout()) };
 }
 
 /// On the grown heap: 64 B objects and 16 and 64 KiB blocks, allocated
