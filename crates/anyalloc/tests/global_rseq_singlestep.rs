@@ -39,8 +39,6 @@ use anyalloc::{FastPath, Global, NoLock};
 #[global_allocator]
 static GLOBAL: Global = Global;
 
-/// The signature that precedes every rseq abort address (x86-64, glibc).
-const RSEQ_SIG: u32 = 0x5305_3053;
 /// The objects' size.
 const SIZE: usize = 64;
 /// The large blocks' size: an order-2 block from the heap's per-CPU page
@@ -123,23 +121,17 @@ fn served(i: usize, p: *mut u8) -> Option<usize> {
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let _errno = anyalloc_storm::ErrnoGuard::save();
-    let fd = BP_FD.swap(-1, Ordering::Relaxed);
-    if fd < 0 {
+    // Disarm first: the handler's own allocations run the same sequences.
+    if !breakpoint::disarm(&BP_FD) {
         return;
     }
-    // Disarm first: the handler's own allocations run the same sequences.
-    breakpoint::disable(fd);
     FIRED.fetch_add(1, Ordering::Relaxed);
     if IN_ROUND.load(Ordering::Relaxed) {
         FIRED_IN_ROUND.fetch_add(1, Ordering::Relaxed);
     }
-    // SAFETY: the kernel passes a valid ucontext_t to SA_SIGINFO handlers.
-    let rip =
-        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] }
-            as usize;
-    // SAFETY: `rip` is the address of an instruction of this program, at
-    // least 4 bytes into its text.
-    if unsafe { (rip as *const u32).sub(1).read_unaligned() } == RSEQ_SIG {
+    // SAFETY: this SA_SIGINFO handler's context; breakpoints are armed in
+    // this program's text only.
+    if unsafe { breakpoint::at_abort_address(ctx) } {
         AT_ABORT.fetch_add(1, Ordering::Relaxed);
     }
     // Through std, as `Box::new` would: `__rust_alloc`, then `Global`.
@@ -324,16 +316,9 @@ fn global_survives_reentry_at_every_instruction_of_every_sequence() {
     let mut fired_descs = 0usize;
     let mut inside = 0u64;
     for d in &descs {
-        let (first, last) = breakpoint::restart_and_end(d.abort_ip as usize);
-        let section = d.start_ip as usize..(d.start_ip + d.post_commit_offset) as usize;
-        assert!(
-            first < section.start && section.start - first <= 32,
-            "restart point {first:#x} not just before the section at {:#x}",
-            section.start
-        );
+        let section = breakpoint::section(d);
         let mut fired_here = 0;
-        for addr in (first..section.end + breakpoint::PAST_COMMIT).chain(d.abort_ip as usize..last)
-        {
+        for addr in breakpoint::walk(d) {
             bytes += 1;
             heap.drain();
             let fd = breakpoint::arm(addr).expect("perf_event_open");

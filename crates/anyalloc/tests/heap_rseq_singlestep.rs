@@ -41,8 +41,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize
 use anyalloc::{Config, FastPath, Heap};
 
 const SIZE: usize = 64;
-/// The signature that precedes every rseq abort address (x86-64, glibc).
-const RSEQ_SIG: u32 = 0x5305_3053;
 static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
 /// The armed breakpoint's perf event (-1: none).
 static BP_FD: AtomicI32 = AtomicI32::new(-1);
@@ -107,12 +105,10 @@ fn check(p: usize, tag: u8) -> bool {
 
 extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let _errno = anyalloc_storm::ErrnoGuard::save();
-    let fd = BP_FD.swap(-1, Ordering::Relaxed);
-    if fd < 0 {
+    // Disarm first: the handler's own allocation runs the same sequences.
+    if !breakpoint::disarm(&BP_FD) {
         return;
     }
-    // Disarm first: the handler's own allocation runs the same sequences.
-    breakpoint::disable(fd);
     FIRED.fetch_add(1, Ordering::Relaxed);
     if IN_PAGE_ROUND.load(Ordering::Relaxed) {
         FIRED_IN_PAGES.fetch_add(1, Ordering::Relaxed);
@@ -120,13 +116,9 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     if IN_GROWN_ROUND.load(Ordering::Relaxed) {
         FIRED_IN_GROWN.fetch_add(1, Ordering::Relaxed);
     }
-    // SAFETY: the kernel passes a valid ucontext_t to SA_SIGINFO handlers.
-    let rip =
-        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] }
-            as usize;
-    // SAFETY: `rip` is the address of an instruction of this program, at
-    // least 4 bytes into its text.
-    if unsafe { (rip as *const u32).sub(1).read_unaligned() } == RSEQ_SIG {
+    // SAFETY: this SA_SIGINFO handler's context; breakpoints are armed in
+    // this program's text only.
+    if unsafe { breakpoint::at_abort_address(ctx) } {
         AT_ABORT.fetch_add(1, Ordering::Relaxed);
     }
     // SAFETY: set before any breakpoint is armed; the heap outlives the test.
@@ -490,16 +482,9 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     let mut page_inside = 0u64;
     let mut grown_inside = 0u64;
     for d in &descs {
-        let (first, last) = breakpoint::restart_and_end(d.abort_ip as usize);
-        assert!(
-            first < d.start_ip as usize && d.start_ip as usize - first <= 32,
-            "restart point {first:#x} not just before the section at {:#x}",
-            d.start_ip
-        );
+        let section = breakpoint::section(d);
         let mut fired_here = 0;
-        let section_end = (d.start_ip + d.post_commit_offset) as usize;
-        for addr in (first..section_end + breakpoint::PAST_COMMIT).chain(d.abort_ip as usize..last)
-        {
+        for addr in breakpoint::walk(d) {
             bytes += 1;
             heap.drain();
             grown.drain();
@@ -514,8 +499,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
             if FIRED.load(Ordering::Relaxed) > before {
                 fired_here += 1;
                 fired_addrs += 1;
-                let in_section = addr >= d.start_ip as usize
-                    && addr < (d.start_ip + d.post_commit_offset) as usize;
+                let in_section = section.contains(&addr);
                 inside += in_section as u64;
                 if FIRED_IN_PAGES.load(Ordering::Relaxed) > before_pages {
                     page_inside += in_section as u64;

@@ -9,8 +9,12 @@
 //!   a handler (async-signal-safe), [`close`] releases it.
 //! * [`descriptors`]: every `struct rseq_cs` in this binary's `__rseq_cs`
 //!   section, as the crate's assembly emits them.
-//! * [`restart_and_end`]: where a walk over every byte of a sequence starts
-//!   and ends (its restart point, and its abort handler's first jump).
+//! * [`walk`]: the addresses a walk over every byte of a sequence arms
+//!   (restart point, section, just past its commit, the abort handler's
+//!   first jump); [`section`] the sequence's section.
+//! * For a `SIGTRAP` handler: [`disarm`] takes and disables the armed
+//!   breakpoint, [`at_abort_address`] tells whether the kernel moved the
+//!   thread to an abort handler.
 
 #![allow(dead_code)] // each test binary uses its own part
 
@@ -114,6 +118,56 @@ pub fn descriptors() -> Vec<RseqCs> {
     }
 }
 
+/// The signature that precedes every rseq abort address (x86-64, glibc).
+pub const RSEQ_SIG: u32 = 0x5305_3053;
+
+/// In a `SIGTRAP` handler: takes the breakpoint `armed` holds (-1: none)
+/// and disables it, so that the handler's own calls, which run the same
+/// sequences, do not trap. `false`: none was armed (a trap after it was
+/// taken). Async-signal-safe.
+pub fn disarm(armed: &std::sync::atomic::AtomicI32) -> bool {
+    let fd = armed.swap(-1, std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        disable(fd);
+    }
+    fd >= 0
+}
+
+/// In a `SIGTRAP` handler: whether the interrupted instruction is an abort
+/// handler's first, as when the kernel moved the thread out of a section
+/// before delivering the signal (the signature precedes it).
+///
+/// # Safety
+/// `ctx` is the handler's `SA_SIGINFO` context argument, and the thread
+/// was interrupted in this program's text, at least 4 bytes into it.
+pub unsafe fn at_abort_address(ctx: *mut libc::c_void) -> bool {
+    // SAFETY: the caller passes the ucontext_t the kernel gave.
+    let rip =
+        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] }
+            as usize;
+    // SAFETY: `rip` is in this program's text, at least 4 bytes into it.
+    unsafe { (rip as *const u32).sub(1).read_unaligned() == RSEQ_SIG }
+}
+
+/// The section of sequence `d`: the addresses the kernel restarts.
+pub fn section(d: &RseqCs) -> std::ops::Range<usize> {
+    d.start_ip as usize..(d.start_ip + d.post_commit_offset) as usize
+}
+
+/// Every address a walk over sequence `d` arms: from its restart point
+/// (asserted to lie just before the section) to [`PAST_COMMIT`] bytes past
+/// the section's end, then its abort handler's first jump (out of line).
+pub fn walk(d: &RseqCs) -> impl Iterator<Item = usize> {
+    let (first, last) = restart_and_end(d.abort_ip as usize);
+    let s = section(d);
+    assert!(
+        first < s.start && s.start - first <= 32,
+        "restart point {first:#x} not just before the section at {:#x}",
+        s.start
+    );
+    (first..s.end + PAST_COMMIT).chain(d.abort_ip as usize..last)
+}
+
 /// Bytes after a section's end that a walk arms too: the first
 /// instructions after the commit, which run once the sequence committed
 /// and are never restarted. A descriptor whose section ended before its
@@ -130,7 +184,7 @@ pub const PAST_COMMIT: usize = 8;
 /// the restart point and the end of that jump: a walk covers every byte
 /// from the restart to the end of the section, then the handler's jumps up
 /// to that one (the handler is out of line).
-pub fn restart_and_end(abort_ip: usize) -> (usize, usize) {
+fn restart_and_end(abort_ip: usize) -> (usize, usize) {
     let (op, target, end) = jump_at(abort_ip);
     match op {
         Jump::Jmp => (target, end),
@@ -142,14 +196,14 @@ pub fn restart_and_end(abort_ip: usize) -> (usize, usize) {
     }
 }
 
-pub enum Jump {
+enum Jump {
     Jmp,
     Jnc,
     Jnz,
 }
 
 /// The jump at `at`: its kind, target and end.
-pub fn jump_at(at: usize) -> (Jump, usize, usize) {
+fn jump_at(at: usize) -> (Jump, usize, usize) {
     // SAFETY: `at` is an address in this binary's text (an abort handler
     // from a descriptor, or the instruction after its first jump), and a
     // jump is at least two bytes long.
