@@ -366,21 +366,11 @@ fn scenario() {
         ok[2],
         fail[2]
     );
-    assert_eq!(
+    breakpoint::assert_walked(
         VIOLATIONS.load(Ordering::Relaxed),
-        0,
-        "a pattern broke or a block was handed out twice"
-    );
-    // Object pop, push and lock, and the page lists' pop and push (each
-    // inlined copy has its own descriptor).
-    assert!(fired_descs >= 5, "only {fired_descs} sequences ran");
-    assert!(
-        inside >= 30,
-        "only {inside} instructions inside sections were interrupted"
-    );
-    assert!(
-        at_abort >= inside,
-        "interruptions inside sections must restart them: {at_abort} of {inside}"
+        fired_descs,
+        inside,
+        at_abort,
     );
     for (i, what) in ["Global 64 B", "NoLock 64 B", "Global 16 KiB"]
         .into_iter()

@@ -545,14 +545,12 @@ fn every_instruction_of_every_sequence_survives_reentry() {
          sequences interrupted, handler blocks {grown_ok} ok, {grown_fail} failed",
         descs.len()
     );
-    assert_eq!(
+    breakpoint::assert_walked(
         VIOLATIONS.load(Ordering::Relaxed),
-        0,
-        "a pattern broke or an object was handed out twice"
+        fired_descs,
+        inside,
+        at_abort,
     );
-    // Object pop, push and lock; page pop and push (and their inlined
-    // copies, each with its own descriptor).
-    assert!(fired_descs >= 5, "only {fired_descs} sequences ran");
     assert!(
         page_inside >= 10,
         "only {page_inside} instructions inside page sequences were interrupted"
@@ -560,14 +558,6 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     assert!(
         page_ok >= fired_addrs / 2 && page_fail == 0,
         "the handler's page blocks failed: {page_ok} ok, {page_fail} failed"
-    );
-    assert!(
-        inside >= 30,
-        "only {inside} instructions inside sections were interrupted"
-    );
-    assert!(
-        at_abort >= inside,
-        "interruptions inside sections must restart them"
     );
     assert!(
         ok >= fired_addrs / 2 && ok > 0,

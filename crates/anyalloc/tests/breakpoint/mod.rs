@@ -15,6 +15,7 @@
 //! * For a `SIGTRAP` handler: [`disarm`] takes and disables the armed
 //!   breakpoint, [`at_abort_address`] tells whether the kernel moved the
 //!   thread to an abort handler.
+//! * [`assert_walked`]: the verdict every walk shares.
 
 #![allow(dead_code)] // each test binary uses its own part
 
@@ -226,4 +227,26 @@ fn jump_at(at: usize) -> (Jump, usize, usize) {
         (0x0f, 0x85) => rel32(Jump::Jnz, 6),
         _ => panic!("no jmp, jnc or jnz at {at:#x} (opcode {op:#x})"),
     }
+}
+
+/// The verdict every walk shares: no pattern broke and no block was handed
+/// out twice (`violations`), sequences of the kinds a round runs executed
+/// (object pop, push and lock; the page lists' pop and push: each inlined
+/// copy has its own descriptor), many instructions inside sections were
+/// interrupted, and every such interruption restarted its sequence (the
+/// handler saw the abort address at least as often).
+pub fn assert_walked(violations: u64, fired_descs: usize, inside: u64, at_abort: u64) {
+    assert_eq!(
+        violations, 0,
+        "a pattern broke or a block was handed out twice"
+    );
+    assert!(fired_descs >= 5, "only {fired_descs} sequences ran");
+    assert!(
+        inside >= 30,
+        "only {inside} instructions inside sections were interrupted"
+    );
+    assert!(
+        at_abort >= inside,
+        "interruptions inside sections must restart them: {at_abort} of {inside}"
+    );
 }
