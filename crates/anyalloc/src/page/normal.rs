@@ -724,14 +724,9 @@ impl PageAllocator {
                 // SAFETY: forwarded contract.
                 return unsafe { self.free_pages_slow(ptr, order, route, PUBLIC) };
             };
-            let found = (zone.index_of(addr), d);
-            // SAFETY: forwarded contract; `found` is the page of `zone`
-            // that holds `ptr`.
-            unsafe {
-                self.free_pages_in_zone::<FAST_MAX, PUBLIC>(zone, ptr, order, route, |_| {
-                    Some(found)
-                })
-            }
+            // SAFETY: forwarded contract; the map found `ptr`'s page, `d`,
+            // in `zone`.
+            unsafe { self.free_pages_found::<FAST_MAX, PUBLIC>(zone, d, ptr, order, route) }
         } else {
             if !self.in_first_zone(addr) {
                 // SAFETY: forwarded contract.
@@ -772,13 +767,31 @@ impl PageAllocator {
         } else {
             FreeRoute::Routed
         };
+        // SAFETY: forwarded contract.
+        unsafe { self.free_pages_found::<HEAP_PCP_ORDER, false>(zone, d, ptr, order, route) }
+    }
+
+    /// `free_pages_in_zone` of a block in a grown zone whose head page's
+    /// descriptor `d` the zone map already gave: the claim takes it as it
+    /// is, with no second lookup.
+    ///
+    /// # Safety
+    /// As for [`free_pages`](Self::free_pages); `zone` holds `ptr`, and `d`
+    /// is the descriptor of `ptr`'s page.
+    #[inline(always)]
+    unsafe fn free_pages_found<const FAST_MAX: u32, const PUBLIC: bool>(
+        &self,
+        zone: &Zone,
+        d: &PageDesc,
+        ptr: NonNull<u8>,
+        order: u32,
+        route: FreeRoute,
+    ) {
         let found = (zone.index_of(ptr.as_ptr() as usize), d);
         // SAFETY: forwarded contract; `found` is the page of `zone` that
         // holds `ptr`.
         unsafe {
-            self.free_pages_in_zone::<HEAP_PCP_ORDER, false>(zone, ptr, order, route, |_| {
-                Some(found)
-            })
+            self.free_pages_in_zone::<FAST_MAX, PUBLIC>(zone, ptr, order, route, |_| Some(found))
         }
     }
 
