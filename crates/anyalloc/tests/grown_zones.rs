@@ -13,7 +13,10 @@ use std::ptr::NonNull;
 
 use anyalloc::{Config, Heap, PageAllocator, MAX_ORDER, PAGE_SIZE};
 
+mod free_route;
 mod nolock_retry;
+
+use free_route::free_by_route;
 
 const GRANULE_SHIFT: u32 = 22;
 
@@ -43,23 +46,6 @@ fn assert_filled(p: NonNull<u8>, size: usize) {
     // SAFETY: the caller's block is live and `size` bytes long.
     let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr(), size) };
     assert!(bytes.iter().all(|&b| b == pattern(p, size)));
-}
-
-/// Frees `p` through the heap's free number `route % 4`: `free_sized`,
-/// `free`, `free_nolock_sized`, `free_nolock`.
-///
-/// # Safety
-/// `p` was allocated by `h` with `layout` and is not freed again.
-unsafe fn free_by_route(h: &Heap, p: NonNull<u8>, layout: Layout, route: usize) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        match route % 4 {
-            0 => h.free_sized(p, layout),
-            1 => h.free(p),
-            2 => h.free_nolock_sized(p, layout),
-            _ => h.free_nolock(p),
-        }
-    }
 }
 
 /// Frees every block (normal and nolock frees in turn), drains, and checks

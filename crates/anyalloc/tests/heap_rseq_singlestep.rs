@@ -33,6 +33,7 @@
 #![cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 
 mod breakpoint;
+mod free_route;
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -328,14 +329,7 @@ fn other_routes(heap: &Heap) {
             VIOLATIONS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: allocated above with `layout`; freed once.
-        unsafe {
-            match i % 4 {
-                0 => heap.free_sized(p, layout),
-                1 => heap.free(p),
-                2 => heap.free_nolock_sized(p, layout),
-                _ => heap.free_nolock(p),
-            }
-        }
+        unsafe { free_route::free_by_route(heap, p, layout, i) };
     }
     let z = heap.alloc_zeroed(layout()).expect("memory to spare");
     // SAFETY: a live block of SIZE bytes.
@@ -378,14 +372,7 @@ fn grown_round(grown: &Heap) {
         }
         let p = NonNull::new(p as *mut u8).unwrap();
         // SAFETY: allocated above with `layout`; freed once.
-        unsafe {
-            match (i / 3) % 4 {
-                0 => grown.free_sized(p, layout),
-                1 => grown.free(p),
-                2 => grown.free_nolock_sized(p, layout),
-                _ => grown.free_nolock(p),
-            }
-        }
+        unsafe { free_route::free_by_route(grown, p, layout, i / 3) };
     }
 }
 
