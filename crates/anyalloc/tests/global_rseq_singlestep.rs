@@ -31,7 +31,7 @@ mod breakpoint;
 mod watchdog;
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyalloc::{FastPath, Global, NoLock};
@@ -49,11 +49,10 @@ const TINY: usize = 8;
 
 /// The armed breakpoint's perf event (-1: none).
 static BP_FD: AtomicI32 = AtomicI32::new(-1);
+/// Traps taken while armed: a breakpoint is armed only around a `round`,
+/// which makes nothing but `Global` and `NoLock` calls.
 static FIRED: AtomicU64 = AtomicU64::new(0);
 static AT_ABORT: AtomicU64 = AtomicU64::new(0);
-/// Set while `round` makes its `Global` and `NoLock` calls.
-static IN_ROUND: AtomicBool = AtomicBool::new(false);
-static FIRED_IN_ROUND: AtomicU64 = AtomicU64::new(0);
 /// The handler's `Global` objects, `NoLock` objects and `Global` 16 KiB
 /// blocks that were served (`OK`) and refused (`FAIL`, a null).
 static OK: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
@@ -126,9 +125,6 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
         return;
     }
     FIRED.fetch_add(1, Ordering::Relaxed);
-    if IN_ROUND.load(Ordering::Relaxed) {
-        FIRED_IN_ROUND.fetch_add(1, Ordering::Relaxed);
-    }
     // SAFETY: this SA_SIGINFO handler's context; breakpoints are armed in
     // this program's text only.
     if unsafe { breakpoint::at_abort_address(ctx) } {
@@ -179,7 +175,6 @@ fn free_carry(p: usize, size: usize) {
 /// frees any block of the heap). `live` has room for every block (no
 /// allocation of its own).
 fn round(live: &mut Vec<(usize, usize)>) {
-    IN_ROUND.store(true, Ordering::Relaxed);
     for nolock in [false, true] {
         let sizes = std::iter::repeat_n(SIZE, 71)
             .chain(std::iter::repeat_n(LARGE, 4))
@@ -224,7 +219,6 @@ fn round(live: &mut Vec<(usize, usize)>) {
         let a: &dyn GlobalAlloc = if nolock { &NoLock } else { &GLOBAL };
         resize_and_zero(a);
     }
-    IN_ROUND.store(false, Ordering::Relaxed);
 }
 
 /// Through `a`: a 64 B object moved by `realloc` to 200 B and back to
@@ -331,12 +325,12 @@ fn scenario() {
             bytes += 1;
             heap.drain();
             let fd = breakpoint::arm(addr).expect("perf_event_open");
-            let before_round = FIRED_IN_ROUND.load(Ordering::Relaxed);
+            let fired_before = FIRED.load(Ordering::Relaxed);
             BP_FD.store(fd, Ordering::Relaxed);
             round(&mut live);
             BP_FD.store(-1, Ordering::Relaxed);
             breakpoint::close(fd);
-            if FIRED_IN_ROUND.load(Ordering::Relaxed) > before_round {
+            if FIRED.load(Ordering::Relaxed) > fired_before {
                 fired_here += 1;
                 fired_addrs += 1;
                 inside += section.contains(&addr) as u64;
