@@ -45,7 +45,10 @@
 
 #include "anyalloc.h"
 
-#define RSEQ_SIG 0x53053053u
+/* C23's, which the library exports and glibc's headers may not declare
+ * (as api.c and conform.c declare it). */
+void free_sized(void *ptr, size_t size);
+
 #define PAST_COMMIT 8
 #define OBJ 64
 #define TINY 8
@@ -53,20 +56,26 @@
 
 
 static volatile int bp_fd = -1;
-static volatile int in_round;
-static volatile unsigned long fired, fired_in_round, at_abort, ok, nulls, violations;
+/* Traps taken while armed: a breakpoint is armed only around a round of
+ * calls. */
+static volatile unsigned long fired, at_abort, ok, nulls, violations;
 static void *volatile carry;       /* the handler's 64 B object (malloc) */
 static void *volatile large_carry; /* the handler's 16 KiB block (malloc) */
 
-static void fill(unsigned char *p, size_t n, unsigned char tag) {
-    for (size_t i = 0; i < n; i++)
-        p[i] = (unsigned char)((uintptr_t)p ^ (i * 29) ^ tag);
+/* The pattern byte at offset i of a block filled when it was at key. */
+static unsigned char pattern(uintptr_t key, size_t i, unsigned char tag) {
+    return (unsigned char)(key ^ (i * 29) ^ tag);
 }
 
-static int intact_from(const unsigned char *p, const unsigned char *key, size_t n,
-                       unsigned char tag) {
+static void fill(unsigned char *p, size_t n, unsigned char tag) {
+    for (size_t i = 0; i < n; i++) p[i] = pattern((uintptr_t)p, i, tag);
+}
+
+/* Whether the first n bytes at p hold the pattern filled at key (p
+ * itself, or where a realloc moved it from). */
+static int intact_from(const unsigned char *p, uintptr_t key, size_t n, unsigned char tag) {
     for (size_t i = 0; i < n; i++)
-        if (p[i] != (unsigned char)((uintptr_t)key ^ (i * 29) ^ tag)) return 0;
+        if (p[i] != pattern(key, i, tag)) return 0;
     return 1;
 }
 
@@ -74,15 +83,14 @@ static int intact_from(const unsigned char *p, const unsigned char *key, size_t 
 static void fill_ends(unsigned char *p, size_t n, unsigned char tag) {
     size_t k = n < OBJ ? n : OBJ;
     fill(p, k, tag);
-    for (size_t i = n - k; i < n; i++)
-        p[i] = (unsigned char)((uintptr_t)p ^ (i * 29) ^ tag);
+    for (size_t i = n - k; i < n; i++) p[i] = pattern((uintptr_t)p, i, tag);
 }
 
 static int intact_ends(const unsigned char *p, size_t n, unsigned char tag) {
     size_t k = n < OBJ ? n : OBJ;
-    if (!intact_from(p, p, k, tag)) return 0;
+    if (!intact_from(p, (uintptr_t)p, k, tag)) return 0;
     for (size_t i = n - k; i < n; i++)
-        if (p[i] != (unsigned char)((uintptr_t)p ^ (i * 29) ^ tag)) return 0;
+        if (p[i] != pattern((uintptr_t)p, i, tag)) return 0;
     return 1;
 }
 
@@ -117,7 +125,6 @@ static void on_trap(int sig, siginfo_t *si, void *ctx) {
     /* Disarm first: the handler's own calls run the same sequences. */
     ioctl(fd, PERF_EVENT_IOC_DISABLE, 0);
     fired++;
-    if (in_round) fired_in_round++;
     uintptr_t rip = (uintptr_t)((ucontext_t *)ctx)->uc_mcontext.gregs[REG_RIP];
     uint32_t before;
     memcpy(&before, (const void *)(rip - 4), 4);
@@ -166,7 +173,6 @@ static void check_new(unsigned char *p) {
 
 /* The calls whose fast paths the walk interrupts. */
 static void round_of_calls(void) {
-    in_round = 1;
     int k = 0;
     /* 71 x 64 B (a refill, then pops; the frees push, then flush), 8 B
      * objects (a tiny class), 16 KiB blocks (the page lists), through
@@ -198,13 +204,12 @@ static void round_of_calls(void) {
     unsigned char *p = malloc(OBJ);
     check_new(p);
     fill(p, OBJ, MAIN_TAG);
-    unsigned char *key = p;
+    uintptr_t key = (uintptr_t)p;
     unsigned char *q = realloc(p, 200);
     check_new(q);
     unsigned char *r = realloc(q, 24);
     if (!r || !intact_from(r, key, 24, MAIN_TAG)) violations++;
     free(r);
-    in_round = 0;
 }
 
 static int arm(uintptr_t addr) {
@@ -373,12 +378,12 @@ int main(void) {
                 perror("rseq step: perf_event_open");
                 return 1;
             }
-            unsigned long before = fired_in_round;
+            unsigned long before = fired;
             bp_fd = fd;
             round_of_calls();
             bp_fd = -1;
             close(fd);
-            if (fired_in_round > before) {
+            if (fired > before) {
                 here++;
                 fired_addrs++;
                 inside += a >= start && a < end;
