@@ -169,6 +169,22 @@ fn growth_size(doubled: usize, headroom: Option<usize>) -> usize {
     }
 }
 
+/// What [`PageAllocator::grow`] did for a normal-path allocation that
+/// found no memory in the zones it had seen.
+#[cfg(feature = "std")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Growth {
+    /// This call added a zone, which served the caller's block if it
+    /// could (above its min watermark).
+    Added(Option<NonNull<u8>>),
+    /// Another thread added one (or more) since the caller counted the
+    /// zones: try those first.
+    OthersAdded,
+    /// Nothing to try: no zone may be added (`MAX_ZONES`, the OS refused
+    /// every size), or a fork on another thread holds the growth lock.
+    Refused,
+}
+
 /// The slot sets of an allocator `new` creates without `Config::cpus`: the
 /// platform's CPU count, or the possible CPU ids if more (`possible`, read
 /// when the rseq fast path may be used), at least one and at most
@@ -486,7 +502,7 @@ impl PageAllocator {
         if config.rseq && crate::sync::rseq::available(cpus) {
             pa.rseq_off = crate::sync::rseq::area_offset();
         }
-        pa.add_os_zone(config.memory, false)?;
+        pa.add_os_zone(config.memory, false, None)?;
         pa.first = FirstZone::of(pa.zone_at(0));
         Ok(pa)
     }
@@ -613,9 +629,16 @@ impl PageAllocator {
 
     /// Reserves a zone of `bytes` from the OS and publishes it; with
     /// `fork_held`, first takes its lock as `lock_all` does (the fork window
-    /// adds it: see `grow`).
+    /// adds it: see `grow`). With `take`, the zone first serves one block
+    /// of that order to the caller (above its min watermark, if it can),
+    /// before any other thread can see it: a growth serves its grower.
     #[cfg(feature = "std")]
-    fn add_os_zone(&self, bytes: usize, fork_held: bool) -> Result<(), Error> {
+    pub(super) fn add_os_zone(
+        &self,
+        bytes: usize,
+        fork_held: bool,
+        take: Option<u32>,
+    ) -> Result<Option<NonNull<u8>>, Error> {
         let pages_len = bytes.next_multiple_of(PAGE_SIZE);
         let meta = zone::meta_size(0, pages_len, self.cpus).next_multiple_of(PAGE_SIZE);
         let total = pages_len + meta;
@@ -676,8 +699,23 @@ impl PageAllocator {
             }
             self.fork_zones.store(n + 1, Ordering::Relaxed);
         }
+        // The grower's block, while no other thread can reach the zone:
+        // once published, other threads' allocations (and signal
+        // handlers') may split every largest block of it before the grower
+        // gets there. (Not in the fork window: its lock is held raw above.)
+        let taken = match take {
+            Some(order) if !fork_held => {
+                // SAFETY: initialised by `Zone::init`, not shared yet.
+                let zone = unsafe { &*z };
+                let g = zone.lock.lock(self.platform);
+                let idx = zone.buddy_alloc(order, zone.min, &g);
+                drop(g);
+                idx.map(|idx| self.ptr(zone, idx))
+            }
+            _ => None,
+        };
         self.publish_zone(z as *mut Zone);
-        Ok(())
+        Ok(taken)
     }
 
     fn publish_zone(&self, z: *mut Zone) {

@@ -115,6 +115,10 @@ impl PageAllocator {
         if crate::fork::fork_mark().forking_elsewhere() {
             return None;
         }
+        // The zones this attempt tries (read before it: a zone added later
+        // is another thread's growth, which `grow` counts as new).
+        #[cfg(feature = "std")]
+        let mut seen = self.nzones.load(Ordering::Acquire);
         // Reclaim: every per-CPU list and deferred stack back to the buddy
         // lists, then try again above the watermark.
         self.drain_normal();
@@ -122,9 +126,29 @@ impl PageAllocator {
             return Some(p);
         }
         #[cfg(feature = "std")]
-        if self.config.grow && self.grow() {
-            if let Some(p) = self.alloc_normal_once(order, true) {
-                return Some(p);
+        if self.config.grow {
+            loop {
+                let mine = match self.grow(seen, order) {
+                    Growth::Refused => break,
+                    Growth::Added(Some(p)) => return Some(p),
+                    // Its reserve keeps the order (a zone shrunk to fit a
+                    // limit on address space): one more look at the others.
+                    Growth::Added(None) => true,
+                    Growth::OthersAdded => false,
+                };
+                seen = self.nzones.load(Ordering::Acquire);
+                if let Some(p) = self.alloc_normal_once(order, true) {
+                    return Some(p);
+                }
+                // The zone another thread added was used up before this
+                // attempt reached it (its grower's block, other threads'
+                // and handlers' allocations splitting its largest blocks):
+                // grow again, not report no memory with room left to add.
+                // Each such round saw the zone count rise, so there are at
+                // most `MAX_ZONES` of them.
+                if mine {
+                    break;
+                }
             }
         }
         // Below the min watermark with no zone to add: ask the owner's
@@ -435,20 +459,21 @@ impl PageAllocator {
         None
     }
 
-    /// Adds a zone from the OS; `true` if there is a new zone to try.
+    /// Adds a zone from the OS, which first serves the caller a block of
+    /// `order`, unless another thread added one since the caller saw
+    /// `seen` zones: what there is new to try.
     #[cfg(feature = "std")]
     #[cold]
-    pub(super) fn grow(&self) -> bool {
-        let before = self.nzones.load(Ordering::Acquire);
+    pub(super) fn grow(&self, seen: usize, order: u32) -> Growth {
         let Some(g) = self.grow_lock.lock_in(Mode::Normal, self.platform) else {
-            return false;
+            return Growth::Refused;
         };
         let now = self.nzones.load(Ordering::Acquire);
-        if now != before {
-            return true; // another thread grew the heap meanwhile
+        if now != seen {
+            return Growth::OthersAdded;
         }
         if now >= MAX_ZONES {
-            return false;
+            return Growth::Refused;
         }
         // Each new zone doubles the previous one (capped at 64 GiB, far
         // below what a zone's 32-bit page indices can number).
@@ -466,13 +491,13 @@ impl PageAllocator {
             // Borrowed: this is the fork window, every zone is held across
             // the fork, and so must the new one be, from before any other
             // thread can see it (their nolock paths try every zone).
-            if self.add_os_zone(bytes, g.borrowed()).is_ok() {
-                return true;
+            if let Ok(taken) = self.add_os_zone(bytes, g.borrowed(), Some(order)) {
+                return Growth::Added(taken);
             }
             // Refused (a limit on address space, or no room left in it):
             // halve, down to one largest block, before reporting no memory.
             if bytes <= MAX_BLOCK {
-                return false;
+                return Growth::Refused;
             }
             bytes = (bytes / 2).next_multiple_of(MAX_BLOCK).max(MAX_BLOCK);
         }
