@@ -29,14 +29,34 @@
 //!
 //! The elapsed times are printed for the report only.
 //!
-//! The counts assume that no other real-time thread of a higher priority
-//! runs on the first CPU meanwhile (it would preempt the test's thread).
+//! The counts assume that nothing else preempts the real-time thread on
+//! the first CPU meanwhile: no real-time thread of a higher priority, and
+//! no CPU stopper (the kernel runs one on a CPU to move a thread off it,
+//! as when another process pins a running thread elsewhere; it counts as
+//! an involuntary switch). So the tests of this file run one at a time
+//! ([`ran_alone`]), each scenario in its own child; a run of other
+//! programs that pin threads beside them can still make one fail.
 //!
 //! Needs `SCHED_FIFO` (root, or `RLIMIT_RTPRIO`) and at least one CPU; a
 //! machine without it fails the test with a message, or skips it with
 //! `ANYALLOC_ALLOW_SKIP=1`.
 
 mod watchdog;
+
+/// Held by the parent while a test's child runs, so that the tests of
+/// this file run one at a time: they all pin their threads to the first
+/// CPU, and one child's pinning (or its real-time thread) would preempt
+/// another's real-time thread there.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// [`watchdog::ran_in_child`], one test at a time ([`ONE_AT_A_TIME`]).
+fn ran_alone(name: &str, limit: Duration, what: &str) -> bool {
+    if watchdog::in_child() {
+        return false;
+    }
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    watchdog::ran_in_child(name, limit, what)
+}
 
 use anyalloc::interrupt::{set_hook, Site};
 use anyalloc::{Config, Group, Heap};
@@ -301,7 +321,7 @@ fn preempted_at<R: Send + 'static>(
 /// spin on the lock (it spun, without end but for RT throttling).
 #[test]
 fn accounted_retry_waits_for_a_preempted_registry_holder() {
-    if watchdog::ran_in_child(
+    if ran_alone(
         "accounted_retry_waits_for_a_preempted_registry_holder",
         Duration::from_secs(60),
         "a real-time accounted allocation against a preempted registry holder",
@@ -508,7 +528,7 @@ fn probe_fork() -> Probe {
 ///   one only lets it run when throttled).
 #[test]
 fn rt_calls_never_spin_on_a_preempted_holder() {
-    if watchdog::ran_in_child(
+    if ran_alone(
         "rt_calls_never_spin_on_a_preempted_holder",
         Duration::from_secs(240),
         "real-time calls at every site of a preempted holder",
@@ -588,7 +608,7 @@ fn rt_calls_never_spin_on_a_preempted_holder() {
 /// returns at once to a real-time caller: a spin until RT throttling).
 #[test]
 fn global_creation_waits_for_a_preempted_creator() {
-    if watchdog::ran_in_child(
+    if ran_alone(
         "global_creation_waits_for_a_preempted_creator",
         Duration::from_secs(60),
         "a real-time init() against a preempted creator of the global heap",
@@ -626,7 +646,7 @@ fn global_creation_waits_for_a_preempted_creator() {
 /// let the preempted creator run to end it (it yielded in a loop).
 #[test]
 fn fork_waits_for_a_preempted_creator() {
-    if watchdog::ran_in_child(
+    if ran_alone(
         "fork_waits_for_a_preempted_creator",
         Duration::from_secs(60),
         "a real-time fork against a preempted creator of the global heap",
@@ -676,7 +696,7 @@ fn threads_named(name: &str) -> Vec<i32> {
 /// starved whenever the real-time thread kept that CPU busy.
 #[test]
 fn maintainer_runs_as_an_ordinary_thread() {
-    if watchdog::ran_in_child(
+    if ran_alone(
         "maintainer_runs_as_an_ordinary_thread",
         Duration::from_secs(60),
         "the scheduling of a maintainer started by a real-time thread",
