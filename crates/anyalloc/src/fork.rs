@@ -181,9 +181,14 @@
 //!    one; `HeapStats::fork_mapped` counts them), while less than half
 //!    the huge table is in use: a slow fork that waits for nobody, with
 //!    threads allocating on, would fill it. Beyond that the miss waits for
-//!    the fork longer, at most [`FORK_PATIENCE_LAST`]; a fork still in
-//!    progress after that gets the rest of the table, and only then does
-//!    the allocation fail.
+//!    the fork longer, at most [`FORK_PATIENCE_LAST`] (not at all once
+//!    such a wait for the same fork ran out: a handler that interrupted
+//!    the thread the fork waits for would hold both a second per call);
+//!    a fork still in progress after that gets the rest of the table, and
+//!    only then does the allocation fail. A page allocation
+//!    (`PageAllocator::alloc_pages`) has no mapping beside the allocator:
+//!    after the first wait it takes the nolock path, then the longer wait,
+//!    then fails.
 //!
 //! The frees and allocations that give way use a nolock level's slots only
 //! once the fork is stalled (a wait for it ran out: [`fork_stalled`]),
@@ -377,6 +382,30 @@ pub(crate) fn wait_for_fork() -> bool {
         return true;
     }
     GAVE_UP.store(epoch, Ordering::Relaxed);
+    false
+}
+
+/// The last `FORK_EPOCH` for which a wait in [`wait_for_fork_last`] ran
+/// out of patience (0: none).
+static GAVE_UP_LAST: AtomicU32 = AtomicU32::new(0);
+
+/// Waits, at most [`FORK_PATIENCE_LAST`], until no fork holds the heap
+/// locks; not at all if such a wait for the same fork ran out before. A
+/// fork still in progress after a second may be waiting for the caller's
+/// thread: a signal handler that interrupted the holder of one of glibc's
+/// locks (which its fork takes after the prepare handlers) runs again and
+/// again, and each of its calls that waited a second would hold that
+/// thread, and so the fork, a second more. `true`: none does (any more).
+/// Normal context (a futex wait with a timeout).
+pub(crate) fn wait_for_fork_last() -> bool {
+    let epoch = FORK_EPOCH.load(Ordering::SeqCst);
+    if GAVE_UP_LAST.load(Ordering::Relaxed) == epoch {
+        return FORKING.load(Ordering::SeqCst) == 0;
+    }
+    if wait_for_fork_at_most(FORK_PATIENCE_LAST) {
+        return true;
+    }
+    GAVE_UP_LAST.store(epoch, Ordering::Relaxed);
     false
 }
 

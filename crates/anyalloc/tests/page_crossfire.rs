@@ -348,8 +348,13 @@ fn crossfire(expect: Option<FastPath>) {
         let hk = s.spawn(|| housekeeper(heap, &stop));
         let fk = s.spawn(|| forker(&stop));
         // (Not a time limit: the watchdog bounds a storm that never ends.)
-        while start.elapsed() < Duration::from_secs(2)
-            || INTERRUPTED.load(Ordering::Relaxed) < MIN_INTERRUPTED
+        // A worker only returns once stopped: one that did before has
+        // failed, and its join below reports why, at once (without it,
+        // the interruptions come slower and the storm went on for tens of
+        // seconds).
+        while (start.elapsed() < Duration::from_secs(2)
+            || INTERRUPTED.load(Ordering::Relaxed) < MIN_INTERRUPTED)
+            && !workers.iter().any(|w| w.is_finished())
         {
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -56,11 +56,30 @@ impl PageAllocator {
             }
             // A fork on another thread holds the locks (the miss may be
             // theirs, not memory's; see the `fork` module's "Other threads
-            // give way"): wait for the fork (pages cannot be served beside
-            // the allocator), at most `FORK_PATIENCE_LAST`, and try again.
-            // (Not the nolock path: an allocation in progress on a nolock
-            // level's list at the clone would leave it held in the child.)
-            if !crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST) {
+            // give way"), as for the heap's allocations
+            // (`Heap::alloc_while_forking`), except that pages cannot be
+            // mapped beside the allocator:
+            // 1. wait for the fork, at most `FORK_PATIENCE` (not at all
+            //    once a wait for it ran out), and try again;
+            if crate::fork::wait_for_fork() {
+                continue;
+            }
+            // 2. else the fork is stalled, maybe waiting for this very
+            //    thread (a signal handler that interrupted the holder of
+            //    one of glibc's locks): the nolock path, which serves from
+            //    the per-CPU lists and stocks (the zones' locks are the
+            //    fork's). Not before: an allocation in progress on a nolock
+            //    level's list at the clone would leave it held in the child;
+            if let Some(p) = self.alloc_pages_nolock(order) {
+                return Some(p);
+            }
+            // 3. else wait for the fork longer, at most `FORK_PATIENCE_LAST`,
+            //    once per fork, and try again; else no block. (Waiting the
+            //    full patience at every call held a handler that
+            //    interrupted the glibc lock's holder a second per call, and
+            //    with it the fork: a storm's handler calls, one after
+            //    another, stalled both for tens of seconds.)
+            if !crate::fork::wait_for_fork_last() {
                 return None;
             }
         }

@@ -219,8 +219,9 @@ impl HeapCore {
     ///    on its own, beside the heap (registered like a huge block), while
     ///    less than half the huge table is in use (a slow fork that waits
     ///    for nobody, with threads allocating on, would fill it);
-    /// 3. else wait for the fork longer, at most `FORK_PATIENCE_LAST`:
-    ///    `None` when it ended;
+    /// 3. else wait for the fork longer, at most `FORK_PATIENCE_LAST`
+    ///    (not at all once such a wait for the same fork ran out): `None`
+    ///    when it ended;
     /// 4. else map the block beside the heap with the rest of the table,
     ///    or fail (`Some(None)`).
     ///
@@ -261,7 +262,7 @@ impl HeapCore {
                 return Some(Some(p));
             }
         }
-        if crate::fork::wait_for_fork_at_most(crate::fork::FORK_PATIENCE_LAST) {
+        if crate::fork::wait_for_fork_last() {
             return None;
         }
         Some(beside())
