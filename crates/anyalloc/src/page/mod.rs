@@ -633,7 +633,7 @@ impl PageAllocator {
     /// of that order to the caller (above its min watermark, if it can),
     /// before any other thread can see it: a growth serves its grower.
     #[cfg(feature = "std")]
-    pub(super) fn add_os_zone(
+    fn add_os_zone(
         &self,
         bytes: usize,
         fork_held: bool,
