@@ -374,15 +374,7 @@ pub(crate) fn fork_stalled() -> bool {
 /// (not at all if a wait for the same fork ran out before). `true`: none
 /// does (any more). Normal context (a futex wait with a timeout).
 pub(crate) fn wait_for_fork() -> bool {
-    let epoch = FORK_EPOCH.load(Ordering::SeqCst);
-    if GAVE_UP.load(Ordering::Relaxed) == epoch {
-        return FORKING.load(Ordering::SeqCst) == 0;
-    }
-    if wait_for_fork_at_most(FORK_PATIENCE) {
-        return true;
-    }
-    GAVE_UP.store(epoch, Ordering::Relaxed);
-    false
+    wait_once_per_fork(&GAVE_UP, FORK_PATIENCE)
 }
 
 /// The last `FORK_EPOCH` for which a wait in [`wait_for_fork_last`] ran
@@ -398,14 +390,21 @@ static GAVE_UP_LAST: AtomicU32 = AtomicU32::new(0);
 /// thread, and so the fork, a second more. `true`: none does (any more).
 /// Normal context (a futex wait with a timeout).
 pub(crate) fn wait_for_fork_last() -> bool {
+    wait_once_per_fork(&GAVE_UP_LAST, FORK_PATIENCE_LAST)
+}
+
+/// Waits, at most `patience`, until no fork holds the heap locks, unless
+/// `gave_up` says a wait of this kind ran out during the same fork (then
+/// only looks); a wait that runs out records the fork's epoch there.
+fn wait_once_per_fork(gave_up: &AtomicU32, patience: core::time::Duration) -> bool {
     let epoch = FORK_EPOCH.load(Ordering::SeqCst);
-    if GAVE_UP_LAST.load(Ordering::Relaxed) == epoch {
+    if gave_up.load(Ordering::Relaxed) == epoch {
         return FORKING.load(Ordering::SeqCst) == 0;
     }
-    if wait_for_fork_at_most(FORK_PATIENCE_LAST) {
+    if wait_for_fork_at_most(patience) {
         return true;
     }
-    GAVE_UP_LAST.store(epoch, Ordering::Relaxed);
+    gave_up.store(epoch, Ordering::Relaxed);
     false
 }
 

@@ -141,11 +141,9 @@ impl ZoneMap {
         // entered (Release) and lives as long as the allocator (invariant 2).
         let z = unsafe { &*z };
         if !descs.is_null() {
-            // SAFETY: a non-null `descs` is `z`'s `desc_bias`, entered only
-            // for a granule wholly inside `z`'s pages (`insert`), and
-            // `addr` lies in that granule: the pointer is the descriptor
-            // of its page, inside `z`'s descriptor array, which lives as
-            // long as `z`.
+            // SAFETY: a non-null `descs` is `z`'s `desc_bias`, entered only for a
+            // granule wholly inside `z`'s pages (`insert`) and `addr` is in it: this
+            // is its page's descriptor, in `z`'s array, which lives as long as `z`.
             let d = unsafe { &*descs.wrapping_add(addr >> PAGE_SHIFT) };
             return Some((z, d));
         }
