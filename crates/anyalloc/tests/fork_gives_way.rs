@@ -10,29 +10,25 @@
 //! glibc's own locking does) stands for that lock: it waits until the
 //! "holder" thread has finished allocating, growing, reallocating and
 //! freeing small, large and huge blocks, which it starts only once the fork
-//! holds the heap locks. Before normal-path waiters gave way to a fork, the
+//! holds the heap locks (the harness: `tests/fork_hold`). Before normal-path waiters gave way to a fork, the
 //! holder's first allocation that missed its per-CPU sheaf waited for a lock
 //! held by the fork for ever. The same holder makes accounted allocations
 //! in a third scenario, and the second is a long fork that waits for
 //! nobody. Each scenario runs in a child process under a watchdog.
 
+mod fork_hold;
 mod watchdog;
 
 use std::alloc::Layout;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
 use anyalloc::{Global, Group};
+use fork_hold::{fork_waiting_for, long_fork, wait_until_fork_holds, LONG};
 
 #[global_allocator]
 static A: Global = Global;
 
-/// Set by the scenario: the handler does nothing in other forks.
-static ACTIVE: AtomicBool = AtomicBool::new(false);
-/// Set by the handler: the fork holds every heap lock now.
-static FORK_HOLDS: AtomicBool = AtomicBool::new(false);
-/// The stand-in for glibc's lock: the fork goes on once it is false.
-static HELD: AtomicBool = AtomicBool::new(false);
 /// Blocks the holder made while the fork held the heap locks.
 static MADE: AtomicU64 = AtomicU64::new(0);
 /// Blocks whose contents were wrong, or allocations that failed.
@@ -41,37 +37,6 @@ static BAD: AtomicU64 = AtomicU64::new(0);
 /// under the fork.
 static SHRUNK: AtomicU64 = AtomicU64::new(0);
 static SHRUNK_UNDER_FORK: AtomicU64 = AtomicU64::new(0);
-
-/// Set by the second scenario: the fork is long, and waits for nobody.
-static LONG_FORK: AtomicBool = AtomicBool::new(false);
-/// How long the long fork holds the heap locks.
-const LONG: Duration = Duration::from_millis(400);
-
-/// Runs after `Global`'s prepare handler (registered before it): waits
-/// until the holder lets the fork go on, as glibc's `fork` waits for its
-/// stdio list lock (or, for the long fork, a while).
-extern "C" fn late_prepare() {
-    if !ACTIVE.load(SeqCst) {
-        return;
-    }
-    FORK_HOLDS.store(true, SeqCst);
-    if LONG_FORK.load(SeqCst) {
-        std::thread::sleep(LONG);
-        return;
-    }
-    while HELD.load(SeqCst) {
-        std::thread::yield_now();
-    }
-}
-
-extern "C" fn register_early() {
-    // SAFETY: the handler is an `extern "C"` function that lives forever.
-    unsafe { libc::pthread_atfork(Some(late_prepare), None, None) };
-}
-
-#[used]
-#[link_section = ".preinit_array"]
-static REGISTER_EARLY: extern "C" fn() = register_early;
 
 /// Lets other threads make their first, long-lived blocks before any fork
 /// (the test harness's main thread sets up its channel's waiting state once
@@ -84,40 +49,10 @@ fn settle(heap: &anyalloc::Heap) -> usize {
     heap.stats().huge_in_use
 }
 
-/// One fork that waits for a "holder" thread running `work`: the holder
-/// starts once the fork holds every heap lock (`late_prepare` has run), and
-/// the fork goes on once `work` is done. The child allocates a little and
-/// exits.
-fn fork_waiting_for(work: impl FnOnce() + Send + 'static) {
-    HELD.store(true, SeqCst);
-    FORK_HOLDS.store(false, SeqCst);
-    ACTIVE.store(true, SeqCst);
-    let holder = std::thread::spawn(move || {
-        while !FORK_HOLDS.load(SeqCst) {
-            std::thread::yield_now();
-        }
-        work();
-        // Still inside the fork's prepare: nothing let it go on.
-        assert!(FORK_HOLDS.load(SeqCst));
-        HELD.store(false, SeqCst);
-    });
-    // SAFETY: the child only allocates a little and _exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let v = vec![7u8; 100_000];
-        // SAFETY: _exit has no preconditions.
-        unsafe { libc::_exit(if v[99_999] == 7 { 0 } else { 1 }) };
-    }
-    assert!(pid > 0, "fork failed");
-    ACTIVE.store(false, SeqCst);
-    holder.join().expect("the holder thread");
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "forked child failed (status {status:#x})"
-    );
+/// The forked child: allocates a little and exits (its status).
+fn child() -> i32 {
+    let v = vec![7u8; 100_000];
+    i32::from(v[99_999] != 7)
 }
 
 /// What the holder does while the fork waits for it: blocks of every kind
@@ -178,13 +113,16 @@ fn a_thread_the_fork_waits_for_allocates_under_the_held_locks() {
         0
     });
     for round in 0..ROUNDS {
-        fork_waiting_for(move || {
-            let shrunk = SHRUNK.load(SeqCst);
-            allocate_under_the_fork(round);
-            // Misses during the fork are the fork's, not memory's: no
-            // reclaim (it ran every shrinker on each of them).
-            SHRUNK_UNDER_FORK.fetch_add(SHRUNK.load(SeqCst) - shrunk, SeqCst);
-        });
+        fork_waiting_for(
+            move || {
+                let shrunk = SHRUNK.load(SeqCst);
+                allocate_under_the_fork(round);
+                // Misses during the fork are the fork's, not memory's: no
+                // reclaim (it ran every shrinker on each of them).
+                SHRUNK_UNDER_FORK.fetch_add(SHRUNK.load(SeqCst) - shrunk, SeqCst);
+            },
+            child,
+        );
     }
     // Everything the holder made under the fork went back: the heap serves
     // as before, and no block mapped beside it is left.
@@ -232,32 +170,15 @@ fn a_long_fork_maps_at_most_half_the_huge_table() {
     }
     let heap = anyalloc::init().expect("global heap");
     let settled = settle(heap);
-    LONG_FORK.store(true, SeqCst);
-    FORK_HOLDS.store(false, SeqCst);
-    ACTIVE.store(true, SeqCst);
-    let keeper = std::thread::spawn(|| {
+    let (kept, took) = long_fork(|| {
         let mut kept: Vec<Box<[u64; 12]>> = Vec::with_capacity(KEPT);
-        while !FORK_HOLDS.load(SeqCst) {
-            std::thread::yield_now();
-        }
+        wait_until_fork_holds();
         let start = std::time::Instant::now();
         for i in 0..KEPT {
             kept.push(Box::new([i as u64; 12]));
         }
         (kept, start.elapsed())
     });
-    // SAFETY: the child only _exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: _exit has no preconditions.
-        unsafe { libc::_exit(0) };
-    }
-    assert!(pid > 0, "fork failed");
-    ACTIVE.store(false, SeqCst);
-    let (kept, took) = keeper.join().expect("the keeper thread");
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
     for (i, b) in kept.iter().enumerate() {
         assert!(b.iter().all(|&w| w == i as u64), "object {i} corrupted");
     }
@@ -338,7 +259,7 @@ fn a_thread_the_fork_waits_for_allocates_accounted_blocks() {
     let group = Group::new("tenant", None, Some(&root));
     for round in 0..ACCOUNTED_ROUNDS {
         let g = group.clone();
-        fork_waiting_for(move || allocate_accounted(heap, &g, round));
+        fork_waiting_for(move || allocate_accounted(heap, &g, round), child);
     }
     allocate_accounted(heap, &group, ACCOUNTED_ROUNDS);
     heap.drain();

@@ -12,56 +12,26 @@
 //! took 53 s so, its forker stuck in glibc's `fork` behind a worker that a
 //! handler interrupted inside `malloc`).
 //!
-//! Here a prepare handler registered before the heap's (from
-//! `.preinit_array`, so it runs after the heap's, as glibc's own locking
-//! does) stands for that lock: it waits until the "holder" thread has made
-//! its page calls, which it starts only once the fork holds the heap's
-//! locks. The calls (orders 0 to 10, [`CALLS`] of them) may be served by
+//! Here a prepare handler that runs after the heap's stands for that lock
+//! (`tests/fork_hold`, as in `fork_gives_way`): it waits until the
+//! "holder" thread has made its page calls, which it starts only once the
+//! fork holds the heap's locks. The calls (orders 0 to 10, [`CALLS`] of them) may be served by
 //! the nolock path or refused, but together wait at most about one second
 //! for the fork (its patience, once per fork), not a second each: the
 //! watchdog's limit is far below [`CALLS`] seconds. Afterwards every block
 //! is freed and every page comes back.
 
+mod fork_hold;
 mod watchdog;
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use anyalloc::{Config, Heap, MAX_ORDER};
+use fork_hold::fork_waiting_for;
 
 /// Page calls the holder makes while the fork waits for it.
 const CALLS: usize = 60;
-
-/// Set by the scenario: the handler does nothing in other forks.
-static ACTIVE: AtomicBool = AtomicBool::new(false);
-/// Set by the handler: the fork holds every heap lock now.
-static FORK_HOLDS: AtomicBool = AtomicBool::new(false);
-/// The stand-in for glibc's lock: the fork goes on once it is false.
-static HELD: AtomicBool = AtomicBool::new(false);
-static HEAP: AtomicPtr<Heap> = AtomicPtr::new(std::ptr::null_mut());
-
-/// Runs after the heap's prepare handler (registered before it): waits
-/// until the holder lets the fork go on, as glibc's `fork` waits for its
-/// stdio list lock.
-extern "C" fn late_prepare() {
-    if !ACTIVE.load(SeqCst) {
-        return;
-    }
-    FORK_HOLDS.store(true, SeqCst);
-    while HELD.load(SeqCst) {
-        std::thread::yield_now();
-    }
-}
-
-extern "C" fn register_early() {
-    // SAFETY: the handler is an `extern "C"` function that lives forever.
-    unsafe { libc::pthread_atfork(Some(late_prepare), None, None) };
-}
-
-#[used]
-#[link_section = ".preinit_array"]
-static REGISTER_EARLY: extern "C" fn() = register_early;
 
 #[test]
 fn page_calls_of_the_thread_a_fork_waits_for_do_not_hold_it() {
@@ -75,47 +45,23 @@ fn page_calls_of_the_thread_a_fork_waits_for_do_not_hold_it() {
     let heap: &'static Heap = Box::leak(Box::new(
         Heap::new(Config::default().memory(64 << 20).maintenance(false)).unwrap(),
     ));
-    HEAP.store(heap as *const Heap as *mut Heap, SeqCst);
     let before = heap.pages().stats();
-    HELD.store(true, SeqCst);
-    ACTIVE.store(true, SeqCst);
-    let holder = std::thread::spawn(|| {
-        while !FORK_HOLDS.load(SeqCst) {
-            std::thread::yield_now();
-        }
-        // SAFETY: set above, before this thread started; leaked.
-        let pa = unsafe { (*HEAP.load(SeqCst)).pages() };
-        let start = Instant::now();
-        let mut served = Vec::new();
-        let mut refused = 0;
-        for i in 0..CALLS {
-            let order = (i as u32 * 7) % (MAX_ORDER + 1);
-            match pa.alloc_pages(order) {
-                Some(p) => served.push((p.as_ptr() as usize, order)),
-                None => refused += 1,
+    let (served, refused, took) = fork_waiting_for(
+        move || {
+            let pa = heap.pages();
+            let start = Instant::now();
+            let mut served = Vec::new();
+            let mut refused = 0;
+            for i in 0..CALLS {
+                let order = (i as u32 * 7) % (MAX_ORDER + 1);
+                match pa.alloc_pages(order) {
+                    Some(p) => served.push((p.as_ptr() as usize, order)),
+                    None => refused += 1,
+                }
             }
-        }
-        let took = start.elapsed();
-        // Still inside the fork's prepare: nothing let it go on.
-        assert!(FORK_HOLDS.load(SeqCst));
-        HELD.store(false, SeqCst);
-        (served, refused, took)
-    });
-    // SAFETY: the child only _exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: _exit has no preconditions.
-        unsafe { libc::_exit(0) };
-    }
-    assert!(pid > 0, "fork failed");
-    ACTIVE.store(false, SeqCst);
-    let (served, refused, took) = holder.join().expect("the holder thread");
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "forked child failed (status {status:#x})"
+            (served, refused, start.elapsed())
+        },
+        || 0,
     );
     println!(
         "{CALLS} page calls while the fork waited for their thread: {} served, {refused} refused, in {took:?}",
