@@ -349,9 +349,8 @@ fn crossfire(expect: Option<FastPath>) {
         let fk = s.spawn(|| forker(&stop));
         // (Not a time limit: the watchdog bounds a storm that never ends.)
         // A worker only returns once stopped: one that did before has
-        // failed, and its join below reports why, at once (without it,
-        // the interruptions come slower and the storm went on for tens of
-        // seconds).
+        // failed, and its join below reports why (the storm would
+        // otherwise wait for its interruptions from fewer workers).
         while (start.elapsed() < Duration::from_secs(2)
             || INTERRUPTED.load(Ordering::Relaxed) < MIN_INTERRUPTED)
             && !workers.iter().any(|w| w.is_finished())

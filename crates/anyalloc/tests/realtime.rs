@@ -43,11 +43,20 @@
 
 mod watchdog;
 
+use anyalloc::interrupt::{set_hook, Site};
+use anyalloc::{Config, Group, Heap};
+use std::alloc::Layout;
+use std::cell::Cell;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
 /// Held by the parent while a test's child runs, so that the tests of
 /// this file run one at a time: they all pin their threads to the first
 /// CPU, and one child's pinning (or its real-time thread) would preempt
 /// another's real-time thread there.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// [`watchdog::ran_in_child`], one test at a time ([`ONE_AT_A_TIME`]).
 fn ran_alone(name: &str, limit: Duration, what: &str) -> bool {
@@ -57,15 +66,6 @@ fn ran_alone(name: &str, limit: Duration, what: &str) -> bool {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     watchdog::ran_in_child(name, limit, what)
 }
-
-use anyalloc::interrupt::{set_hook, Site};
-use anyalloc::{Config, Group, Heap};
-use std::alloc::Layout;
-use std::cell::Cell;
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 /// The holder's kernel thread id (0: none yet).
 static HOLDER_TID: AtomicI32 = AtomicI32::new(0);
