@@ -10,9 +10,10 @@
 //! glibc's own locking does) stands for that lock: it waits until the
 //! "holder" thread has finished allocating, growing, reallocating and
 //! freeing small, large and huge blocks, which it starts only once the fork
-//! holds the heap locks (the harness: `tests/fork_hold`). Before normal-path waiters gave way to a fork, the
-//! holder's first allocation that missed its per-CPU sheaf waited for a lock
-//! held by the fork for ever. The same holder makes accounted allocations
+//! holds the heap locks (the harness: `tests/fork_hold`). Before
+//! normal-path waiters gave way to a fork, the holder's first allocation
+//! that missed its per-CPU sheaf waited for a lock held by the fork for
+//! ever. The same holder makes accounted allocations
 //! in a third scenario, and the second is a long fork that waits for
 //! nobody. Each scenario runs in a child process under a watchdog.
 

@@ -61,9 +61,10 @@ pub fn wait_until_fork_holds() {
     }
 }
 
-/// Forks once and waits for the child, which runs `child` and `_exit`s
-/// with its status; the fork is held as armed by the caller.
-fn fork_and_wait(child: fn() -> i32, after_fork: impl FnOnce()) {
+/// Forks once (held as the caller armed it), runs `after_fork` in the
+/// parent, and waits for the child, which runs `child` and `_exit`s with
+/// its status. Returns what `after_fork` returned.
+fn fork_and_wait<R>(child: fn() -> i32, after_fork: impl FnOnce() -> R) -> R {
     // SAFETY: the child only runs `child` and _exits.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -73,7 +74,7 @@ fn fork_and_wait(child: fn() -> i32, after_fork: impl FnOnce()) {
     }
     assert!(pid > 0, "fork failed");
     ACTIVE.store(false, SeqCst);
-    after_fork();
+    let out = after_fork();
     let mut status = 0;
     // SAFETY: waiting for our own child.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {}
@@ -81,6 +82,7 @@ fn fork_and_wait(child: fn() -> i32, after_fork: impl FnOnce()) {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "forked child failed (status {status:#x})"
     );
+    out
 }
 
 /// One fork that waits for a "holder" thread running `work`: the holder
@@ -103,11 +105,7 @@ pub fn fork_waiting_for<R: Send + 'static>(
         HELD.store(false, SeqCst);
         r
     });
-    let mut out = None;
-    fork_and_wait(child, || {
-        out = Some(holder.join().expect("the holder thread"))
-    });
-    out.unwrap()
+    fork_and_wait(child, || holder.join().expect("the holder thread"))
 }
 
 /// One fork held for [`LONG`], waiting for nobody, while `during` runs on
@@ -118,8 +116,7 @@ pub fn long_fork<R: Send + 'static>(during: impl FnOnce() -> R + Send + 'static)
     FORK_HOLDS.store(false, SeqCst);
     ACTIVE.store(true, SeqCst);
     let t = std::thread::spawn(during);
-    let mut out = None;
-    fork_and_wait(|| 0, || out = Some(t.join().expect("the thread")));
+    let out = fork_and_wait(|| 0, || t.join().expect("the thread"));
     LONG_FORK.store(false, SeqCst);
-    out.unwrap()
+    out
 }
