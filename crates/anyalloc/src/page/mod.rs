@@ -1167,6 +1167,50 @@ mod tests {
         }
     }
 
+    /// Before its first grown zone a map looks everything up in the shared
+    /// all-null root: nothing is found, whatever the address, and another
+    /// allocator's growth (its own root) changes nothing for it. Dropping
+    /// either releases only what it reserved.
+    #[test]
+    fn zone_map_without_grown_zones_finds_nothing() {
+        let idle = PageAllocator::new(Config::default().memory(4 << 20)).unwrap();
+        let growing = PageAllocator::new(Config::default().memory(4 << 20).min_reserve(0)).unwrap();
+        let first = idle.zone_at(0).start;
+        let probes = [
+            0,
+            1,
+            first,
+            first + PAGE_SIZE,
+            (1 << 48) - 1,
+            1 << 48,
+            usize::MAX,
+        ];
+        for addr in probes {
+            assert!(idle.locate_grown(addr).is_none(), "{addr:#x}");
+        }
+        let mut held = std::vec::Vec::new();
+        while growing.zone_count() < 2 {
+            held.push(growing.alloc_pages(0).expect("the allocator grows"));
+        }
+        let grown = growing.zone_at(1).start;
+        assert!(growing.locate_grown(grown).is_some());
+        assert!(
+            idle.locate_grown(grown).is_none(),
+            "another allocator's zone"
+        );
+        for addr in probes {
+            assert!(idle.locate_grown(addr).is_none(), "{addr:#x}");
+        }
+        for p in held {
+            // SAFETY: allocated above with order 0, freed once.
+            unsafe { growing.free_pages(p, 0) };
+        }
+        drop(growing);
+        drop(idle);
+        let again = PageAllocator::new(Config::default().memory(4 << 20)).unwrap();
+        assert!(again.locate_grown(grown).is_none());
+    }
+
     #[test]
     fn default_cpus_covers_the_possible_ids_up_to_max_cpus() {
         // The larger of the count and the possible ids.

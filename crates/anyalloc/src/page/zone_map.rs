@@ -36,7 +36,9 @@
 //!    pointer into a zone was handed out after its publication, so a
 //!    lookup of it finds the entry (Release stores here, Acquire loads in
 //!    `get`). A lookup of an address no zone holds finds null, or a zone
-//!    whose bounds exclude it.
+//!    whose bounds exclude it. A cell's zone is stored before its biased
+//!    descriptors, so a lookup that finds the descriptors finds the zone
+//!    too (even a lookup of a stray pointer while the zone is entered).
 //! 3. **Only growth writes** (normal context, under the growth lock, or in
 //!    `PageAllocator::new` before anything else can see the allocator), so
 //!    writers never race. Leaves are made before any entry of a zone is
@@ -49,7 +51,9 @@
 //! The root (32 KiB) and the leaves (256 KiB each, one per 64 GiB of
 //! address space that holds a grown zone) are OS reservations, touched
 //! only where entries are written, and released when the allocator is
-//! dropped.
+//! dropped. Until its first grown zone, a map's root is `EMPTY_ROOT`, one
+//! all-null root shared by every map and never written, so a lookup needs
+//! no null test of the root.
 
 use core::sync::atomic::{AtomicPtr, Ordering};
 
@@ -97,16 +101,36 @@ pub(crate) enum MapError {
     OutOfRange,
 }
 
+/// The root of every map that has no grown zone yet: all its leaves null,
+/// never written (`root_or_make` replaces it before any entry is made). A
+/// lookup needs no null test of the root. Page-aligned, whole pages of its
+/// own, like a reserved root: were `release` ever to hand it to the OS,
+/// the next lookup would fault at once rather than go on unnoticed.
+static EMPTY_ROOT: PageAligned = PageAligned(Root {
+    leaves: [const { AtomicPtr::new(core::ptr::null_mut()) }; ROOT_LEN],
+});
+
+#[repr(C, align(4096))]
+struct PageAligned(Root);
+
+const _: () = assert!(core::mem::size_of::<Root>().is_multiple_of(crate::PAGE_SIZE));
+
+/// [`EMPTY_ROOT`]'s address, as a map's root holds it.
+fn empty_root() -> *mut Root {
+    (&raw const EMPTY_ROOT.0).cast_mut()
+}
+
 /// Which grown zone holds an address (see the module docs).
 pub(crate) struct ZoneMap {
-    /// Null until the first grown zone is entered.
+    /// [`EMPTY_ROOT`] until the first grown zone is entered, then a root
+    /// of this map's own.
     root: AtomicPtr<Root>,
 }
 
 impl ZoneMap {
-    pub(crate) const fn new() -> Self {
+    pub(crate) fn new() -> Self {
         ZoneMap {
-            root: AtomicPtr::new(core::ptr::null_mut()),
+            root: AtomicPtr::new(empty_root()),
         }
     }
 
@@ -115,38 +139,47 @@ impl ZoneMap {
     #[inline]
     pub(crate) fn get(&self, addr: usize) -> Option<(&Zone, &PageDesc)> {
         let root = self.root.load(Ordering::Acquire);
-        if root.is_null() {
-            return None;
-        }
         let hi = addr >> ROOT_SHIFT;
         if hi >= ROOT_LEN {
             return None;
         }
-        // A non-null root was made by `insert` and is released only by
-        // `release` (which needs `&mut self`).
-        // SAFETY: so it is a live `Root`, published with Release after it
-        // was zeroed: all its entries are null or leaves.
+        // The root is `EMPTY_ROOT` or was made by `insert`, and is released
+        // only by `release` (which needs `&mut self`).
+        // SAFETY: so it is a live `Root`, all null, or published with Release
+        // after it was zeroed: all its entries are null or leaves.
         let leaf = unsafe { &*root }.leaves[hi].load(Ordering::Acquire);
         if leaf.is_null() {
             return None;
         }
         // SAFETY: as for the root: a published leaf lives as long as the map.
         let cell = &unsafe { &*leaf }.cells[(addr >> GRANULE_SHIFT) & (LEAF_LEN - 1)];
-        let z = cell.zone.load(Ordering::Acquire);
+        // The biased descriptors first: the common case, a granule of pages
+        // alone, needs neither the zone's null test nor its bounds.
         let descs = cell.descs.load(Ordering::Acquire);
+        if !descs.is_null() {
+            let z = cell.zone.load(Ordering::Relaxed);
+            // SAFETY:
+            // 1. `insert` stores a cell's zone before its `descs` (Release),
+            //    so after this Acquire load of a non-null `descs` the zone
+            //    is non-null too: a zone initialised before it was entered,
+            //    which lives as long as the allocator (invariant 2).
+            // 2. A non-null `descs` is that zone's `desc_bias`, entered only
+            //    for a granule wholly inside its pages, and `addr` is in the
+            //    granule: so the sum is the descriptor of `addr`'s page, in
+            //    the zone's array, which lives as long as the zone.
+            let d = descs.wrapping_add(addr >> PAGE_SHIFT);
+            return unsafe {
+                core::hint::assert_unchecked(!z.is_null() && !d.is_null());
+                Some((&*z, &*d))
+            };
+        }
+        let z = cell.zone.load(Ordering::Acquire);
         if z.is_null() {
             return None;
         }
         // SAFETY: an entry names a zone that was initialised before it was
         // entered (Release) and lives as long as the allocator (invariant 2).
         let z = unsafe { &*z };
-        if !descs.is_null() {
-            // SAFETY: a non-null `descs` is `z`'s `desc_bias`, entered only for a
-            // granule wholly inside `z`'s pages (`insert`) and `addr` is in it: this
-            // is its page's descriptor, in `z`'s array, which lives as long as `z`.
-            let d = unsafe { &*descs.wrapping_add(addr >> PAGE_SHIFT) };
-            return Some((z, d));
-        }
         z.contains(addr).then(|| (z, z.desc(z.index_of(addr))))
     }
 
@@ -183,19 +216,21 @@ impl ZoneMap {
                 cell.zone.load(Ordering::Relaxed).is_null(),
                 "a granule of two zones"
             );
+            // The zone first: a lookup that finds `descs` takes the zone
+            // without testing it (`get`).
+            cell.zone.store(zone.cast_mut(), Ordering::Release);
             // The biased descriptors only for a granule of pages alone.
             let whole = g << GRANULE_SHIFT >= start && (g + 1) << GRANULE_SHIFT <= end;
             if whole {
                 cell.descs.store(bias.cast_mut(), Ordering::Release);
             }
-            cell.zone.store(zone.cast_mut(), Ordering::Release);
         }
         Ok(())
     }
 
     fn root_or_make(&self) -> Result<&Root, MapError> {
         let mut root = self.root.load(Ordering::Relaxed);
-        if root.is_null() {
+        if root == empty_root() {
             root = reserve::<Root>().ok_or(MapError::NoMemory)?;
             self.root.store(root, Ordering::Release);
         }
@@ -206,8 +241,8 @@ impl ZoneMap {
     /// Releases the root and the leaves. The allocator is being dropped:
     /// nothing looks anything up any more.
     pub(crate) fn release(&mut self) {
-        let root = core::mem::replace(self.root.get_mut(), core::ptr::null_mut());
-        if root.is_null() {
+        let root = core::mem::replace(self.root.get_mut(), empty_root());
+        if root == empty_root() {
             return;
         }
         // SAFETY: `&mut self`: no lookup runs; the root and its leaves are
