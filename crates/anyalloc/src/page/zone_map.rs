@@ -158,7 +158,8 @@ impl ZoneMap {
         let descs = cell.descs.load(Ordering::Acquire);
         if !descs.is_null() {
             let z = cell.zone.load(Ordering::Relaxed);
-            // SAFETY:
+            let d = descs.wrapping_add(addr >> PAGE_SHIFT);
+            // Why `z` and `d` are live and non-null:
             // 1. `insert` stores a cell's zone before its `descs` (Release),
             //    so after this Acquire load of a non-null `descs` the zone
             //    is non-null too: a zone initialised before it was entered,
@@ -167,7 +168,7 @@ impl ZoneMap {
             //    for a granule wholly inside its pages, and `addr` is in the
             //    granule: so the sum is the descriptor of `addr`'s page, in
             //    the zone's array, which lives as long as the zone.
-            let d = descs.wrapping_add(addr >> PAGE_SHIFT);
+            // SAFETY: 1 and 2 above.
             return unsafe {
                 core::hint::assert_unchecked(!z.is_null() && !d.is_null());
                 Some((&*z, &*d))
