@@ -59,7 +59,7 @@ impl PageAllocator {
             .ok()?;
         if PUBLIC && d.owner.load(Ordering::Relaxed) != 0 {
             // A heap's block: put back as it was, for `claim_slow`'s report.
-            d.set(desc::state(desc::ALLOCATED, order));
+            put_back(d, order);
             return None;
         }
         crate::interrupt_point!(PageClaimed);
@@ -181,4 +181,13 @@ impl PageAllocator {
     pub(crate) fn fatal_at(&self, before: &str, addr: usize, after: &str) -> ! {
         self.fatal(FatalMessage::new().text(before).hex(addr).text(after))
     }
+}
+
+/// A public free's claim of a block a heap owns, undone (`ALLOCATED` again)
+/// for `claim_slow`'s report. Out of line and cold, so that the claim's
+/// common case falls through to the push.
+#[cold]
+#[inline(never)]
+fn put_back(d: &PageDesc, order: u32) {
+    d.set(desc::state(desc::ALLOCATED, order));
 }
