@@ -9,7 +9,10 @@
 //! of `2^k`, and its buddy is `i ^ 2^k`. The zone's own metadata (this struct,
 //! the slots, the descriptor array) sits in a separate area: on std, right
 //! after the pages in the same reservation; in `no_std`, at the end of the
-//! embedder's region.
+//! embedder's region. The descriptor array starts in a page of its own, at
+//! an offset within that page chosen when the zone is built, so that the
+//! most reused descriptors share no cache line's page offset with the fast
+//! paths' other hot words ([`descs_offset`]).
 //!
 //! # Locks and what they protect
 //!
@@ -324,39 +327,90 @@ pub(crate) struct Zone {
 }
 
 /// The metadata area a zone needs, in bytes, for `cpus` CPUs and the pages
-/// `[start, end)`.
+/// `[start, end)`: the zone, its slots, a page of room for the descriptor
+/// array's offset within its page (see [`descs_offset`]) and the array.
 pub(crate) fn meta_size(start: usize, end: usize, cpus: usize) -> usize {
     let base = start & !(MAX_BLOCK - 1);
     let limit = (end - base) >> PAGE_SHIFT;
     let head = core::mem::size_of::<Zone>().next_multiple_of(64);
     let slots = cpus * LEVELS * core::mem::size_of::<PcpSlot>();
-    descs_offset(head + slots) + limit * core::mem::size_of::<PageDesc>()
+    (head + slots).next_multiple_of(PAGE_SIZE)
+        + PAGE_SIZE
+        + limit * core::mem::size_of::<PageDesc>()
 }
 
-/// Bytes from a page boundary to the descriptor array's start.
-///
-/// Not 0: with the array page-aligned, the descriptor of every naturally
-/// aligned block (page index a multiple of 128, such as the 4 MiB-aligned
-/// first page a fresh zone hands out, and which then tends to be the block
-/// a program reuses) sits at the same page offset as the zone's first
-/// bytes, its `SeqTarget`, which every page sequence reads. On an Intel
-/// Xeon (Rocket Lake) VM, the stores to that descriptor (the free's claim
-/// and list link) and the sequences' loads from the target then slowed some
-/// allocator instances to 19-27 ns per order-0 pair instead of 10 (3 to 5
-/// of every 14-16 built alike, for their whole life; which ones varied, as
-/// partial-address aliasing between loads and stores does); with the
-/// array 128 bytes into its page, none of 44. An unaligned block's
-/// descriptor can still share the target's page offset (page index 124
-/// mod 128), which a program reuses far less often. Other hot words still
-/// share some descriptors' offsets, the running CPU's level-0 slot and
-/// glibc's rseq area among them (the latter at an offset that depends on
-/// the thread and the libraries loaded): measured in DESIGN.md, section 7.
-const DESCS_PAGE_OFFSET: usize = 128;
+/// Bytes of a cache line, the unit in which [`descs_offset`] compares page
+/// offsets.
+const LINE: usize = 64;
+/// Cache lines in a page: one bit each in a [`descs_offset`] line set.
+const LINES: usize = PAGE_SIZE / LINE;
+const _: () = assert!(LINES == 64);
 
-/// Where the descriptor array starts in a zone's metadata, given the bytes
-/// before it (the zone and its slots).
-const fn descs_offset(before: usize) -> usize {
-    before.next_multiple_of(PAGE_SIZE) + DESCS_PAGE_OFFSET
+/// Where a zone's descriptor array starts, in bytes from `meta` (the
+/// zone's metadata area, 64-byte aligned): in the page after the zone and
+/// its `cpus` CPUs' slots (`before` bytes), at the first line from 128
+/// bytes into that page whose page offset no hot word of the fast paths
+/// shares. `area`: the rseq area of the thread building the zone, if glibc
+/// registered one.
+///
+/// Why. The descriptor the fast paths touch most is that of the block a
+/// program reuses, which tends to be the most aligned one (the first page
+/// of a fresh zone, 4 MiB-aligned: page index a multiple of 128), and every
+/// such descriptor has the same page offset, the array's. Its stores (a
+/// free's claim and list link, an allocation's mark) and the other hot
+/// words' loads then alias by page offset, which Intel cores resolve
+/// slowly: measured on an Intel Xeon VM (Sapphire Rapids), cycling one
+/// order-0 page through `alloc_pages`/`free_pages` on the main thread took
+/// 7.7 ns for most descriptor positions, but 10.1 where the descriptor's
+/// line had the page offset of the main thread's rseq area, 8.6-9.0 at the
+/// zone's first two lines (its sequences' target) and 9.2-9.4 at the
+/// running CPU's level-0 slot. The aliasing goes by 64-byte line: the
+/// descriptor on the line of the rseq area, but not overlapping it, was as
+/// slow. With the array page-aligned (an earlier layout), some allocator
+/// instances on an Intel Rocket Lake VM ran their page pairs at about
+/// twice the usual time for their whole life; 128 bytes into its page (the
+/// next layout), the array put those descriptors on the line of the main
+/// thread's rseq area in a small test program, whose fresh allocator then
+/// cycled its first block at 10.2-10.3 ns a pair instead of 7.9 (this
+/// choice). No constant offset avoids every hot line (the rseq area's
+/// offset depends on the thread, and the main thread's on the program's
+/// static TLS), so the zone chooses it when it is built.
+///
+/// The lines avoided, most important first (a set that leaves no line
+/// free, as many CPUs' slots can, is dropped from the end):
+/// 1. the rseq areas: the building thread's, and the last line of a page,
+///    where glibc puts the area of every thread it creates (the area ends
+///    its thread descriptor, at the top of the thread's page-aligned
+///    block: offset 0xfe0 with glibc 2.36 on x86-64, whatever the
+///    program's TLS);
+/// 2. the zone's own lines (its sequences' target and the fields the fast
+///    paths read);
+/// 3. the level-0 slots (the lists the sequences pop and push).
+///
+/// Every other hot word (the caller's handle, its stack) is placed by the
+/// program; some descriptors share those lines, as some share the ones
+/// avoided here.
+pub(crate) fn descs_offset(meta: usize, before: usize, cpus: usize, area: Option<usize>) -> usize {
+    let page_start = before.next_multiple_of(PAGE_SIZE);
+    let line_of = |addr: usize| (addr & (PAGE_SIZE - 1)) / LINE;
+    let lines = |from: usize, bytes: usize| {
+        (0..bytes.div_ceil(LINE).min(LINES))
+            .fold(0u64, |set, i| set | 1 << line_of(from + i * LINE))
+    };
+    let rseq = area.map_or(0, |a| 1 << line_of(a)) | 1 << (LINES - 1);
+    let head = core::mem::size_of::<Zone>().next_multiple_of(LINE);
+    let zone = lines(meta, head);
+    let slots = lines(meta + head, cpus * core::mem::size_of::<PcpSlot>());
+    let first_line = 128 / LINE;
+    let line = [rseq | zone | slots, rseq | zone, rseq]
+        .into_iter()
+        .find_map(|avoid| {
+            (0..LINES)
+                .map(|i| (first_line + i) % LINES)
+                .find(|&l| avoid & (1 << line_of(meta + page_start + l * LINE)) == 0)
+        })
+        .unwrap_or(first_line);
+    page_start + line * LINE
 }
 
 impl Zone {
@@ -394,7 +448,12 @@ impl Zone {
         let head = core::mem::size_of::<Zone>().next_multiple_of(64);
         let slots_bytes = cpus * LEVELS * core::mem::size_of::<PcpSlot>();
         let slots = meta.wrapping_add(head) as *mut PcpSlot;
-        let descs = meta.wrapping_add(descs_offset(head + slots_bytes)) as *mut PageDesc;
+        let descs = meta.wrapping_add(descs_offset(
+            meta as usize,
+            head + slots_bytes,
+            cpus,
+            crate::sync::rseq::this_thread_area(),
+        )) as *mut PageDesc;
         let total = (limit - first) as usize;
         // The largest-block-aligned middle stays untouched (`fresh`); only
         // the partial blocks before and after it are freed below.
@@ -1924,5 +1983,114 @@ impl Zone {
         }
         drop(g);
         Ok(buddy + self.fresh_pages() + pcp + stock + self.deferred_pages())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    /// The page offset of `addr`'s 64-byte line, as a line number.
+    fn line(addr: usize) -> usize {
+        (addr & (PAGE_SIZE - 1)) / LINE
+    }
+
+    /// The lines of `bytes` bytes from `from`.
+    fn lines(from: usize, bytes: usize) -> Vec<usize> {
+        (from..from + bytes).step_by(LINE).map(line).collect()
+    }
+
+    fn head() -> usize {
+        core::mem::size_of::<Zone>().next_multiple_of(LINE)
+    }
+
+    /// The offset is in the page after the zone and its slots, on a line of
+    /// its own, and meta_size leaves room for it.
+    fn check_bounds(meta: usize, cpus: usize, off: usize) {
+        let before = head() + cpus * LEVELS * core::mem::size_of::<PcpSlot>();
+        let page_start = before.next_multiple_of(PAGE_SIZE);
+        assert!(
+            (page_start..page_start + PAGE_SIZE).contains(&off),
+            "offset {off:#x} outside the page at {page_start:#x}"
+        );
+        assert_eq!((meta + off) % LINE, 0, "offset {off:#x} not on a line");
+        let descs_end = off + 16 * core::mem::size_of::<PageDesc>();
+        assert!(descs_end <= meta_size(0, 16 * PAGE_SIZE, cpus));
+    }
+
+    /// With few CPUs every hot line is avoided: the rseq areas (the
+    /// building thread's, and the last line, where glibc puts those of the
+    /// threads it creates), the zone's lines and the level-0 slots.
+    #[test]
+    fn descriptors_avoid_every_hot_line() {
+        for cpus in [1, 2, 4] {
+            for meta in [0x7f00_0000_0000usize, 0x7f00_0000_0a40] {
+                for area in [None, Some(0x7f00_1234_50a0), Some(0x7f00_1234_5fe0)] {
+                    let off = descs_offset(meta, head() + cpus * LEVELS * 128, cpus, area);
+                    check_bounds(meta, cpus, off);
+                    let at = line(meta + off);
+                    let mut hot = lines(meta, head());
+                    hot.extend(lines(meta + head(), cpus * core::mem::size_of::<PcpSlot>()));
+                    hot.push(PAGE_SIZE / LINE - 1);
+                    hot.extend(area.map(line));
+                    assert!(
+                        !hot.contains(&at),
+                        "line {at} is hot ({cpus} CPUs, meta {meta:#x}, area {area:?})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The building thread's area moves the array: whatever line it took
+    /// without one, an area on that line makes it take another.
+    #[test]
+    fn descriptors_leave_the_building_threads_area() {
+        let meta = 0x7f00_0000_0000usize;
+        for cpus in [1, 2, 64] {
+            let before = head() + cpus * LEVELS * core::mem::size_of::<PcpSlot>();
+            let off = descs_offset(meta, before, cpus, None);
+            let moved = descs_offset(meta, before, cpus, Some(meta + off + 8));
+            check_bounds(meta, cpus, moved);
+            assert_ne!(line(meta + moved), line(meta + off), "{cpus} CPUs");
+        }
+    }
+
+    /// With so many CPUs that their level-0 slots cover every line of a
+    /// page, the slots are given up, the zone's lines and the areas are not.
+    #[test]
+    fn many_cpus_still_keep_off_the_zone_and_the_areas() {
+        let meta = 0x7f00_0000_0000usize;
+        let cpus = 64;
+        let area = Some(0x7f00_1234_5320);
+        let before = head() + cpus * LEVELS * core::mem::size_of::<PcpSlot>();
+        let off = descs_offset(meta, before, cpus, area);
+        check_bounds(meta, cpus, off);
+        let at = line(meta + off);
+        assert!(
+            !lines(meta, head()).contains(&at),
+            "line {at} is the zone's"
+        );
+        assert_ne!(at, line(0x320));
+        assert_ne!(at, PAGE_SIZE / LINE - 1);
+    }
+
+    /// A built allocator's descriptor array: its first line is none of its
+    /// zone's own, its level-0 slots' or this thread's rseq area's.
+    #[test]
+    fn built_zone_descriptors_avoid_its_hot_lines() {
+        let pa = crate::PageAllocator::new(crate::Config::default().memory(8 << 20)).unwrap();
+        let zone = pa.first_zone();
+        let meta = zone as *const Zone as usize;
+        let at = line(zone.descs as usize);
+        assert!(!lines(meta, head()).contains(&at));
+        let slots = zone.cpus * core::mem::size_of::<PcpSlot>();
+        if zone.cpus <= 8 {
+            assert!(!lines(zone.slots as usize, slots).contains(&at));
+        }
+        if let Some(area) = crate::sync::rseq::this_thread_area() {
+            assert_ne!(at, line(area));
+        }
     }
 }
