@@ -1989,16 +1989,22 @@ impl Zone {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use std::vec::Vec;
 
     /// The page offset of `addr`'s 64-byte line, as a line number.
     fn line(addr: usize) -> usize {
         (addr & (PAGE_SIZE - 1)) / LINE
     }
 
-    /// The lines of `bytes` bytes from `from`.
-    fn lines(from: usize, bytes: usize) -> Vec<usize> {
-        (from..from + bytes).step_by(LINE).map(line).collect()
+    /// The lines of `bytes` bytes from `from`, one bit each.
+    fn lines(from: usize, bytes: usize) -> u64 {
+        (from..from + bytes)
+            .step_by(LINE)
+            .fold(0, |set, a| set | 1 << line(a))
+    }
+
+    /// Whether `set` holds line `l`.
+    fn holds(set: u64, l: usize) -> bool {
+        set & 1 << l != 0
     }
 
     fn head() -> usize {
@@ -2030,12 +2036,12 @@ mod tests {
                     let off = descs_offset(meta, head() + cpus * LEVELS * 128, cpus, area);
                     check_bounds(meta, cpus, off);
                     let at = line(meta + off);
-                    let mut hot = lines(meta, head());
-                    hot.extend(lines(meta + head(), cpus * core::mem::size_of::<PcpSlot>()));
-                    hot.push(PAGE_SIZE / LINE - 1);
-                    hot.extend(area.map(line));
+                    let hot = lines(meta, head())
+                        | lines(meta + head(), cpus * core::mem::size_of::<PcpSlot>())
+                        | 1 << (PAGE_SIZE / LINE - 1)
+                        | area.map_or(0, |a| 1 << line(a));
                     assert!(
-                        !hot.contains(&at),
+                        !holds(hot, at),
                         "line {at} is hot ({cpus} CPUs, meta {meta:#x}, area {area:?})"
                     );
                 }
@@ -2068,26 +2074,24 @@ mod tests {
         let off = descs_offset(meta, before, cpus, area);
         check_bounds(meta, cpus, off);
         let at = line(meta + off);
-        assert!(
-            !lines(meta, head()).contains(&at),
-            "line {at} is the zone's"
-        );
+        assert!(!holds(lines(meta, head()), at), "line {at} is the zone's");
         assert_ne!(at, line(0x320));
         assert_ne!(at, PAGE_SIZE / LINE - 1);
     }
 
     /// A built allocator's descriptor array: its first line is none of its
     /// zone's own, its level-0 slots' or this thread's rseq area's.
+    #[cfg(feature = "std")]
     #[test]
     fn built_zone_descriptors_avoid_its_hot_lines() {
         let pa = crate::PageAllocator::new(crate::Config::default().memory(8 << 20)).unwrap();
         let zone = pa.first_zone();
         let meta = zone as *const Zone as usize;
         let at = line(zone.descs as usize);
-        assert!(!lines(meta, head()).contains(&at));
+        assert!(!holds(lines(meta, head()), at));
         let slots = zone.cpus * core::mem::size_of::<PcpSlot>();
         if zone.cpus <= 8 {
-            assert!(!lines(zone.slots as usize, slots).contains(&at));
+            assert!(!holds(lines(zone.slots as usize, slots), at));
         }
         if let Some(area) = crate::sync::rseq::this_thread_area() {
             assert_ne!(at, line(area));
