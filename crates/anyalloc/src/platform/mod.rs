@@ -27,8 +27,8 @@ pub use std_os::StdPlatform;
 #[cfg(feature = "std")]
 pub(crate) use std_os::{
     address_space_headroom, block_all_signals, monotonic_ns, ordinary_scheduling, os_discard,
-    os_release, os_remap, os_reserve, parse_decimal, read_small_file, write_stderr, CancelDisabled,
-    KeepErrno, SignalsBlocked,
+    os_release, os_remap, os_reserve, parse_decimal, read_small_file, rseq_area, write_stderr,
+    CancelDisabled, KeepErrno, SignalsBlocked,
 };
 
 mod fatal;

@@ -65,20 +65,25 @@ mod rseq {
         tp
     }
 
+    /// The address of this thread's rseq area, or `None` when rseq is not
+    /// registered.
+    #[inline(always)]
+    pub(super) fn area() -> Option<usize> {
+        // SAFETY: plain reads of two immutable glibc globals, set before any
+        // thread runs user code.
+        let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
+        (size != 0).then(|| thread_pointer().wrapping_add_signed(offset))
+    }
+
     /// This thread's CPU as the kernel last wrote it into the rseq area, or
     /// `None` when rseq is not registered.
     #[inline(always)]
     pub(super) fn cpu_id() -> Option<usize> {
-        // SAFETY: plain reads of two immutable glibc globals, set before any
-        // thread runs user code.
-        let (size, offset) = unsafe { (__rseq_size, __rseq_offset) };
-        if size == 0 {
-            return None;
-        }
-        let area = thread_pointer().wrapping_add_signed(offset);
+        let area = area()?;
         // The kernel updates `cpu_id` behind our back: read it as an atomic.
-        // SAFETY: with rseq registered (size > 0), `area` is this thread's
-        // live, 32-byte aligned `struct rseq` (`sync::rseq::abi::Rseq`).
+        // SAFETY: with rseq registered (`area` is `Some`), `area` is this
+        // thread's live, 32-byte aligned `struct rseq`
+        // (`sync::rseq::abi::Rseq`).
         let cpu = unsafe {
             (*((area + crate::sync::rseq::abi::CPU_ID) as *const core::sync::atomic::AtomicU32))
                 .load(core::sync::atomic::Ordering::Relaxed)
@@ -99,9 +104,21 @@ mod rseq {
 )))]
 mod rseq {
     #[inline(always)]
+    pub(super) fn area() -> Option<usize> {
+        None
+    }
+
+    #[inline(always)]
     pub(super) fn cpu_id() -> Option<usize> {
         None
     }
+}
+
+/// The address of this thread's rseq area, if glibc registered one (the
+/// zones keep their most used descriptors off its cache line:
+/// `page::zone::descs_offset`).
+pub(crate) fn rseq_area() -> Option<usize> {
+    rseq::area()
 }
 
 /// The highest CPU id in a kernel CPU list such as `0-3,8-11\n`.

@@ -344,37 +344,15 @@ pub(crate) fn area_offset() -> Option<isize> {
 /// The address of this thread's rseq area, if glibc registered one. Only
 /// for layout choices: a zone keeps its most used descriptors off the line
 /// of the area of the thread that builds it (`page::zone::descs_offset`).
-#[cfg(all(
-    feature = "std",
-    target_os = "linux",
-    target_env = "gnu",
-    target_arch = "x86_64"
-))]
 pub(crate) fn this_thread_area() -> Option<usize> {
-    let off = area_offset()?;
-    let tp: usize;
-    // SAFETY: a read of the thread pointer, with no side effect: on x86-64
-    // `fs:0` holds the thread control block's address, which glibc's
-    // `__rseq_offset` is relative to.
-    unsafe {
-        core::arch::asm!(
-            "mov {}, qword ptr fs:[0]",
-            out(reg) tp,
-            options(nostack, readonly, preserves_flags),
-        );
+    #[cfg(feature = "std")]
+    {
+        crate::platform::rseq_area()
     }
-    Some(tp.wrapping_add_signed(off))
-}
-
-/// Elsewhere no sequence runs, and nothing is avoided for the area.
-#[cfg(not(all(
-    feature = "std",
-    target_os = "linux",
-    target_env = "gnu",
-    target_arch = "x86_64"
-)))]
-pub(crate) fn this_thread_area() -> Option<usize> {
-    None
+    #[cfg(not(feature = "std"))]
+    {
+        None
+    }
 }
 
 #[cfg(all(feature = "std", target_os = "linux"))]
