@@ -332,11 +332,18 @@ pub(crate) struct Zone {
 pub(crate) fn meta_size(start: usize, end: usize, cpus: usize) -> usize {
     let base = start & !(MAX_BLOCK - 1);
     let limit = (end - base) >> PAGE_SHIFT;
-    let head = core::mem::size_of::<Zone>().next_multiple_of(64);
-    let slots = cpus * LEVELS * core::mem::size_of::<PcpSlot>();
-    (head + slots).next_multiple_of(PAGE_SIZE)
+    head_and_slots(cpus).next_multiple_of(PAGE_SIZE)
         + PAGE_SIZE
         + limit * core::mem::size_of::<PageDesc>()
+}
+
+/// Bytes of a zone's metadata before its slots: the zone, to a whole line.
+const HEAD: usize = core::mem::size_of::<Zone>().next_multiple_of(LINE);
+
+/// Bytes of a zone's metadata before its descriptor array's page: the zone
+/// and the slots of `cpus` CPUs (every level).
+const fn head_and_slots(cpus: usize) -> usize {
+    HEAD + cpus * LEVELS * core::mem::size_of::<PcpSlot>()
 }
 
 /// Bytes of a cache line, the unit in which [`descs_offset`] compares page
@@ -348,7 +355,7 @@ const _: () = assert!(LINES == 64);
 
 /// Where a zone's descriptor array starts, in bytes from `meta` (the
 /// zone's metadata area, 64-byte aligned): in the page after the zone and
-/// its `cpus` CPUs' slots (`before` bytes), at the first line from 128
+/// its `cpus` CPUs' slots ([`head_and_slots`]), at the first line from 128
 /// bytes into that page whose page offset no hot word of the fast paths
 /// shares. `area`: the rseq area of the thread building the zone, if glibc
 /// registered one.
@@ -390,17 +397,16 @@ const _: () = assert!(LINES == 64);
 /// Every other hot word (the caller's handle, its stack) is placed by the
 /// program; some descriptors share those lines, as some share the ones
 /// avoided here.
-pub(crate) fn descs_offset(meta: usize, before: usize, cpus: usize, area: Option<usize>) -> usize {
-    let page_start = before.next_multiple_of(PAGE_SIZE);
+pub(crate) fn descs_offset(meta: usize, cpus: usize, area: Option<usize>) -> usize {
+    let page_start = head_and_slots(cpus).next_multiple_of(PAGE_SIZE);
     let line_of = |addr: usize| (addr & (PAGE_SIZE - 1)) / LINE;
     let lines = |from: usize, bytes: usize| {
         (0..bytes.div_ceil(LINE).min(LINES))
             .fold(0u64, |set, i| set | 1 << line_of(from + i * LINE))
     };
     let rseq = area.map_or(0, |a| 1 << line_of(a)) | 1 << (LINES - 1);
-    let head = core::mem::size_of::<Zone>().next_multiple_of(LINE);
-    let zone = lines(meta, head);
-    let slots = lines(meta + head, cpus * core::mem::size_of::<PcpSlot>());
+    let zone = lines(meta, HEAD);
+    let slots = lines(meta + HEAD, cpus * core::mem::size_of::<PcpSlot>());
     let first_line = 128 / LINE;
     let line = [rseq | zone | slots, rseq | zone, rseq]
         .into_iter()
@@ -445,14 +451,11 @@ impl Zone {
         );
         let first = ((start - base) >> PAGE_SHIFT) as u32;
         let limit = ((end - base) >> PAGE_SHIFT) as u32;
-        let head = core::mem::size_of::<Zone>().next_multiple_of(64);
-        let slots_bytes = cpus * LEVELS * core::mem::size_of::<PcpSlot>();
-        let slots = meta.wrapping_add(head) as *mut PcpSlot;
+        let slots = meta.wrapping_add(HEAD) as *mut PcpSlot;
         let descs = meta.wrapping_add(descs_offset(
             meta as usize,
-            head + slots_bytes,
             cpus,
-            crate::sync::rseq::this_thread_area(),
+            crate::platform::rseq_area(),
         )) as *mut PageDesc;
         let total = (limit - first) as usize;
         // The largest-block-aligned middle stays untouched (`fresh`); only
@@ -2007,15 +2010,10 @@ mod tests {
         set & 1 << l != 0
     }
 
-    fn head() -> usize {
-        core::mem::size_of::<Zone>().next_multiple_of(LINE)
-    }
-
     /// The offset is in the page after the zone and its slots, on a line of
     /// its own, and meta_size leaves room for it.
     fn check_bounds(meta: usize, cpus: usize, off: usize) {
-        let before = head() + cpus * LEVELS * core::mem::size_of::<PcpSlot>();
-        let page_start = before.next_multiple_of(PAGE_SIZE);
+        let page_start = head_and_slots(cpus).next_multiple_of(PAGE_SIZE);
         assert!(
             (page_start..page_start + PAGE_SIZE).contains(&off),
             "offset {off:#x} outside the page at {page_start:#x}"
@@ -2033,11 +2031,11 @@ mod tests {
         for cpus in [1, 2, 4] {
             for meta in [0x7f00_0000_0000usize, 0x7f00_0000_0a40] {
                 for area in [None, Some(0x7f00_1234_50a0), Some(0x7f00_1234_5fe0)] {
-                    let off = descs_offset(meta, head() + cpus * LEVELS * 128, cpus, area);
+                    let off = descs_offset(meta, cpus, area);
                     check_bounds(meta, cpus, off);
                     let at = line(meta + off);
-                    let hot = lines(meta, head())
-                        | lines(meta + head(), cpus * core::mem::size_of::<PcpSlot>())
+                    let hot = lines(meta, HEAD)
+                        | lines(meta + HEAD, cpus * core::mem::size_of::<PcpSlot>())
                         | 1 << (PAGE_SIZE / LINE - 1)
                         | area.map_or(0, |a| 1 << line(a));
                     assert!(
@@ -2055,9 +2053,8 @@ mod tests {
     fn descriptors_leave_the_building_threads_area() {
         let meta = 0x7f00_0000_0000usize;
         for cpus in [1, 2, 64] {
-            let before = head() + cpus * LEVELS * core::mem::size_of::<PcpSlot>();
-            let off = descs_offset(meta, before, cpus, None);
-            let moved = descs_offset(meta, before, cpus, Some(meta + off + 8));
+            let off = descs_offset(meta, cpus, None);
+            let moved = descs_offset(meta, cpus, Some(meta + off + 8));
             check_bounds(meta, cpus, moved);
             assert_ne!(line(meta + moved), line(meta + off), "{cpus} CPUs");
         }
@@ -2070,11 +2067,10 @@ mod tests {
         let meta = 0x7f00_0000_0000usize;
         let cpus = 64;
         let area = Some(0x7f00_1234_5320);
-        let before = head() + cpus * LEVELS * core::mem::size_of::<PcpSlot>();
-        let off = descs_offset(meta, before, cpus, area);
+        let off = descs_offset(meta, cpus, area);
         check_bounds(meta, cpus, off);
         let at = line(meta + off);
-        assert!(!holds(lines(meta, head()), at), "line {at} is the zone's");
+        assert!(!holds(lines(meta, HEAD), at), "line {at} is the zone's");
         assert_ne!(at, line(0x320));
         assert_ne!(at, PAGE_SIZE / LINE - 1);
     }
@@ -2088,12 +2084,12 @@ mod tests {
         let zone = pa.first_zone();
         let meta = zone as *const Zone as usize;
         let at = line(zone.descs as usize);
-        assert!(!holds(lines(meta, head()), at));
+        assert!(!holds(lines(meta, HEAD), at));
         let slots = zone.cpus * core::mem::size_of::<PcpSlot>();
         if zone.cpus <= 8 {
             assert!(!holds(lines(zone.slots as usize, slots), at));
         }
-        if let Some(area) = crate::sync::rseq::this_thread_area() {
+        if let Some(area) = crate::platform::rseq_area() {
             assert_ne!(at, line(area));
         }
     }

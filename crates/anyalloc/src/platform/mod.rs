@@ -31,6 +31,13 @@ pub(crate) use std_os::{
     CancelDisabled, KeepErrno, SignalsBlocked,
 };
 
+/// Without std there is no rseq area to keep clear of (see
+/// `page::zone::descs_offset`).
+#[cfg(not(feature = "std"))]
+pub(crate) fn rseq_area() -> Option<usize> {
+    None
+}
+
 mod fatal;
 pub(crate) use fatal::{die, FatalMessage};
 

@@ -341,20 +341,6 @@ pub(crate) fn area_offset() -> Option<isize> {
     None
 }
 
-/// The address of this thread's rseq area, if glibc registered one. Only
-/// for layout choices: a zone keeps its most used descriptors off the line
-/// of the area of the thread that builds it (`page::zone::descs_offset`).
-pub(crate) fn this_thread_area() -> Option<usize> {
-    #[cfg(feature = "std")]
-    {
-        crate::platform::rseq_area()
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        None
-    }
-}
-
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod membarrier {
     pub(super) const PRIVATE_EXPEDITED_RSEQ: libc::c_long = 1 << 7;
