@@ -47,6 +47,16 @@ impl PageAllocator {
         if let Some(p) = self.seq_alloc::<true>(order) {
             return Ok(p);
         }
+        self.alloc_pages_nolock_next(order)
+    }
+
+    /// `alloc_pages_nolock_why` beyond the first zone's list: the newest
+    /// grown zone's (`seq_alloc_newest_block`), then the slow path.
+    #[inline(never)]
+    fn alloc_pages_nolock_next(&self, order: u32) -> Result<NonNull<u8>, Fail> {
+        if let Some(p) = self.seq_alloc_newest_block::<true>(order) {
+            return Ok(p);
+        }
         self.alloc_pages_nolock_slow(order)
     }
 

@@ -370,9 +370,12 @@ mod tests {
         let via_root: Vec<_> = probes.iter().map(|&a| found(&map, a)).collect();
         assert_eq!(hot, via_root);
         for (&a, f) in probes.iter().zip(&hot) {
-            let expect = z
-                .contains(a)
-                .then(|| (z as *const _ as usize, z.desc(z.index_of(a)) as *const _ as usize));
+            let expect = z.contains(a).then(|| {
+                (
+                    z as *const _ as usize,
+                    z.desc(z.index_of(a)) as *const _ as usize,
+                )
+            });
             assert_eq!(*f, expect, "{a:#x}");
         }
         map.hot_index.store(hi, Relaxed);

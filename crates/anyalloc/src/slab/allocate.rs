@@ -95,8 +95,8 @@ impl HeapCore {
     pub(super) fn alloc_general(&self, layout: Layout) -> Option<NonNull<u8>> {
         if layout.size() > class::MAX_SMALL {
             if let Some(o) = large_order(layout) {
-                if let Some(p) = self.pages.seq_alloc_heap(o) {
-                    return Some(self.mark_large(p));
+                if let Some((p, d)) = self.pages.seq_alloc_heap(o) {
+                    return Some(mark_large_at(p, d));
                 }
                 if let Some((p, d)) = self.pages.seq_alloc_heap_grown(o) {
                     return Some(mark_large_at(p, d));
@@ -479,8 +479,8 @@ impl HeapCore {
             Some(order) => {
                 // The fast path counts the success in this CPU's page slot
                 // (no locked instruction); the slow path here.
-                if let Some(p) = self.pages.seq_alloc_heap_large(order) {
-                    return Some(self.mark_large(p));
+                if let Some((p, d)) = self.pages.seq_alloc_heap_large(order) {
+                    return Some(mark_large_at(p, d));
                 }
                 if let Some((p, d)) = self.pages.seq_alloc_heap_large_grown(order) {
                     return Some(mark_large_at(p, d));
