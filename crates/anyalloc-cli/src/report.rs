@@ -22,6 +22,8 @@ pub struct Settings {
     pub nested: bool,
     /// `--memory`, if given (then the heap cannot grow).
     pub memory: Option<u64>,
+    /// `--first-zone`, if given (the heap grows beyond it).
+    pub first_zone: Option<u64>,
     /// The stress heap's first zone.
     pub heap_memory: u64,
     pub heap_grow: bool,
@@ -111,6 +113,7 @@ pub struct Report {
     pub signal_hz: u64,
     pub nested: bool,
     pub memory: Option<u64>,
+    pub first_zone: Option<u64>,
     pub heap_memory: u64,
     pub heap_grow: bool,
     pub signals: u64,
@@ -283,6 +286,7 @@ pub fn collect(
         signal_hz: settings.signal_hz,
         nested: settings.nested,
         memory: settings.memory,
+        first_zone: settings.first_zone,
         heap_memory: settings.heap_memory,
         heap_grow: settings.heap_grow,
         signals,
@@ -342,6 +346,14 @@ fn ns(v: u64) -> String {
 pub fn print_table(r: &Report) {
     let mem = match r.memory {
         Some(m) => format!("{} KiB hard cap (--memory)", m >> 10),
+        None if r.heap_memory < 1 << 20 => format!(
+            "{} KiB first zone, grows (--first-zone)",
+            r.heap_memory >> 10
+        ),
+        None if r.first_zone.is_some() => format!(
+            "{} MiB first zone, grows (--first-zone)",
+            r.heap_memory >> 20
+        ),
         None => format!("{} MiB first zone, grows", r.heap_memory >> 20),
     };
     println!("anyalloc stress: {:.2} s, {} threads, signals at {} Hz + {} Hz per thread ({}), stress heap {}",

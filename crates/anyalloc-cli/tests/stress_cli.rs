@@ -195,6 +195,46 @@ fn small_memory_drives_failures_without_violations() {
 }
 
 #[test]
+fn a_small_first_zone_grows_and_the_storm_runs_in_grown_zones() {
+    let (code, v, stderr) = run(&["stress", "--first-zone", "2m", "--seconds", "2", "--json"]);
+    check_common(&v, &stderr);
+    check_nested(&v);
+    assert_eq!(u(&v, "first_zone"), 2 << 20, "{v}");
+    assert_eq!(u(&v, "heap_memory"), 2 << 20, "{v}");
+    assert_eq!(v["heap_grow"], Value::Bool(true), "{v}");
+    assert!(v["memory"].is_null(), "{v}");
+    // The storm outgrew 2 MiB: its blocks went into grown zones, and every
+    // page of every zone is free again (check_common: no leaked page).
+    assert!(
+        u(&v["stress_heap"], "zones") > 1,
+        "the heap never grew: {v}"
+    );
+    assert!(u(&v, "nolock_ok") > 0, "{v}");
+    // Nolock calls never grow the heap, so the rate is not required here:
+    // exit 0 unless something real went wrong.
+    assert_eq!(code, 0, "{v}\nstderr:\n{stderr}");
+}
+
+#[test]
+fn first_zone_and_memory_conflict() {
+    let out = Command::new(env!("CARGO_BIN_EXE_anyalloc"))
+        .args([
+            "stress",
+            "--first-zone",
+            "2m",
+            "--memory",
+            "2m",
+            "--seconds",
+            "1",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--memory"), "{stderr}");
+}
+
+#[test]
 fn without_nesting_no_signal_nests() {
     let (code, v, stderr) = run(&["stress", "--seconds", "1", "--no-nested", "--json"]);
     check_common(&v, &stderr);
