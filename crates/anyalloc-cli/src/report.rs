@@ -346,15 +346,18 @@ fn ns(v: u64) -> String {
 pub fn print_table(r: &Report) {
     let mem = match r.memory {
         Some(m) => format!("{} KiB hard cap (--memory)", m >> 10),
-        None if r.heap_memory < 1 << 20 => format!(
-            "{} KiB first zone, grows (--first-zone)",
-            r.heap_memory >> 10
-        ),
-        None if r.first_zone.is_some() => format!(
-            "{} MiB first zone, grows (--first-zone)",
-            r.heap_memory >> 20
-        ),
-        None => format!("{} MiB first zone, grows", r.heap_memory >> 20),
+        None => {
+            let size = match r.heap_memory {
+                m if m < 1 << 20 => format!("{} KiB", m >> 10),
+                m => format!("{} MiB", m >> 20),
+            };
+            let given = if r.first_zone.is_some() {
+                " (--first-zone)"
+            } else {
+                ""
+            };
+            format!("{size} first zone, grows{given}")
+        }
     };
     println!("anyalloc stress: {:.2} s, {} threads, signals at {} Hz + {} Hz per thread ({}), stress heap {}",
         r.elapsed_s,

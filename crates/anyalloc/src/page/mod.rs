@@ -328,7 +328,7 @@ pub struct PageAllocator {
     /// The newest grown zone (null before the first growth), where a
     /// grown allocator's allocations mostly come from: the fast paths look
     /// there before the zone map and the other zones (`locate_grown`,
-    /// `seq_alloc_newest`). Set when a zone is published, after it was
+    /// `seq_alloc_newest_block`). Set when a zone is published, after it was
     /// entered in the map; never cleared (zones live as long as `self`).
     #[cfg(feature = "std")]
     newest: AtomicPtr<Zone>,
@@ -812,7 +812,7 @@ impl PageAllocator {
     /// pointer is one load from `self`, the map's cell two (the hot leaf,
     /// then the cell). On an Intel Xeon an order-0 page pair in a grown
     /// zone took 13.1-13.7 ns through the map and 11.0 this way (the
-    /// first zone: 8.3); with the allocation's `seq_alloc_newest`, 9.2-9.4.
+    /// first zone: 8.3); with the allocation's `seq_alloc_newest_block`, 9.4.
     #[inline]
     pub(crate) fn locate_grown(&self, addr: usize) -> Option<(&Zone, &PageDesc)> {
         #[cfg(feature = "std")]

@@ -574,8 +574,8 @@ impl PageAllocator {
     ) -> Option<NonNull<u8>> {
         #[cfg(feature = "std")]
         if order <= PCP_MAX_ORDER {
-            let (zone, idx) =
-                self.seq_alloc_newest::<COUNT_NOLOCK, { layout::PCP_NOLOCK_OK }>(order)?;
+            let zone = self.newest_grown()?;
+            let idx = zone.seq_alloc::<COUNT_NOLOCK, { layout::PCP_NOLOCK_OK }>(order)?;
             return Some(self.ptr(zone, idx));
         }
         let _ = order;
@@ -587,9 +587,9 @@ impl PageAllocator {
     /// frees fill ([`free_pages_fast`](Self::free_pages_fast)). Any context
     /// may pop it (a restartable sequence); beyond this fast path, 64 KiB
     /// is a large order like any other (buddy lists, stock, and for a
-    /// nested or nolock call the large nolock counters).
-    /// The block and its head page's descriptor, so that the heap marks it
-    /// without a lookup (as `seq_alloc_heap_grown`).
+    /// nested or nolock call the large nolock counters). The block comes
+    /// with its head page's descriptor, so that the heap marks it without
+    /// a lookup (as `seq_alloc_heap_grown`).
     #[inline(always)]
     pub(crate) fn seq_alloc_heap(&self, order: u32) -> Option<(NonNull<u8>, &PageDesc)> {
         if order > HEAP_PCP_ORDER {
@@ -610,17 +610,6 @@ impl PageAllocator {
         self.seq_alloc_first_desc::<true, { layout::PCP_HEAP_NOLOCK_OK }>(order)
     }
 
-    /// `seq_alloc_counted`, with the block's head page's descriptor.
-    #[inline(always)]
-    fn seq_alloc_first_desc<const COUNT: bool, const COUNTER: usize>(
-        &self,
-        order: u32,
-    ) -> Option<(NonNull<u8>, &PageDesc)> {
-        let zone = self.first_zone();
-        let idx = zone.seq_alloc::<COUNT, COUNTER>(order)?;
-        Some((self.ptr(zone, idx), zone.desc(idx)))
-    }
-
     /// The above, for an order with a per-CPU list: the counter a counting
     /// pop adds to is the page slot's field at offset `COUNTER` (see
     /// `Zone::seq_alloc`).
@@ -629,9 +618,20 @@ impl PageAllocator {
         &self,
         order: u32,
     ) -> Option<NonNull<u8>> {
+        self.seq_alloc_first_desc::<COUNT, COUNTER>(order)
+            .map(|(p, _)| p)
+    }
+
+    /// `seq_alloc_counted`, with the block's head page's descriptor (for
+    /// the heap, which marks a large block there without a lookup).
+    #[inline(always)]
+    fn seq_alloc_first_desc<const COUNT: bool, const COUNTER: usize>(
+        &self,
+        order: u32,
+    ) -> Option<(NonNull<u8>, &PageDesc)> {
         let zone = self.first_zone();
         let idx = zone.seq_alloc::<COUNT, COUNTER>(order)?;
-        Some(self.ptr(zone, idx))
+        Some((self.ptr(zone, idx), zone.desc(idx)))
     }
 
     /// [`seq_alloc_heap`](Self::seq_alloc_heap) in the zones growth added
@@ -661,10 +661,9 @@ impl PageAllocator {
     }
 
     /// This CPU's level-0 list of `order` (at most `HEAP_PCP_ORDER`) in
-    /// each zone after the first (the newest first, then in order; the
-    /// newest's is popped twice when it is empty), popped by the same
-    /// restartable sequence as the first zone's (`seq_alloc_counted`): the
-    /// zone and the block.
+    /// each zone after the first, the newest first (see `newest`), popped
+    /// by the same restartable sequence as the first zone's
+    /// (`seq_alloc_counted`): the zone and the block.
     /// Frees of their blocks go onto those lists (`free_pages_grown`).
     /// Out of line: only a heap whose first zone ran dry gets here. Any
     /// context (no lock; without rseq every pop is `None`).
@@ -673,25 +672,10 @@ impl PageAllocator {
         &self,
         order: u32,
     ) -> Option<(&Zone, u32)> {
-        #[cfg(feature = "std")]
-        if let Some(found) = self.seq_alloc_newest::<COUNT, COUNTER>(order) {
-            return Some(found);
-        }
-        self.zones()
-            .skip(1)
+        (1..self.zone_count())
+            .rev()
+            .map(|i| self.zone_at(i))
             .find_map(|zone| Some((zone, zone.seq_alloc::<COUNT, COUNTER>(order)?)))
-    }
-
-    /// [`seq_alloc_grown`](Self::seq_alloc_grown) in the newest grown zone
-    /// only (`None` before the first growth; see `seq_alloc_newest_block`).
-    #[cfg(feature = "std")]
-    #[inline(always)]
-    pub(super) fn seq_alloc_newest<const COUNT: bool, const COUNTER: usize>(
-        &self,
-        order: u32,
-    ) -> Option<(&Zone, u32)> {
-        let zone = self.newest_grown()?;
-        Some((zone, zone.seq_alloc::<COUNT, COUNTER>(order)?))
     }
 
     /// How many blocks [`seq_alloc_heap_large`](Self::seq_alloc_heap_large)
