@@ -697,11 +697,10 @@ impl Zone {
             // offset; a level-0 slot per possible CPU laid out as
             // `sync::rseq::layout` says, asserted above; as long as the zone).
             let Some(cpu) = (unsafe {
-                crate::sync::rseq::lock_slot::<{ crate::sync::rseq::layout::STRIDE }>(
-                    off,
-                    self.slots.cast(),
-                    self.cpus,
-                )
+                crate::sync::rseq::lock_slot::<
+                    { crate::sync::rseq::layout::STRIDE },
+                    { crate::sync::rseq::layout::SLOT_LOCK },
+                >(off, self.slots.cast(), self.cpus)
             }) else {
                 // Busy: on the fork window's owner thread, a slot held
                 // across the fork is borrowed (`cpu` was read after the

@@ -60,6 +60,8 @@ pub(crate) use hidden_word::hidden_word;
 pub use index_stack::{IndexStack, NIL};
 pub(crate) use registry_lock::{RegistryGuard, RegistryLock};
 pub(crate) use short_orders::ShortOrders;
+#[cfg(not(loom))]
+pub(crate) use slot_lock::HELD as SLOT_HELD;
 pub use slot_lock::{SlotGuard, SlotLock};
 pub use tagged_stack::{TaggedStack, TAGGED_NIL};
 pub use zone_lock::{Mode, ZoneGuard, ZoneLock};

@@ -1,14 +1,22 @@
 //! A try-only lock guarding one per-CPU slot.
 //!
-//! State table of the single byte (the rseq sequences test it for zero:
-//! any other value is "busy" to them):
+//! State table of the single byte (the rseq sequences test it for zero,
+//! or, the sheaf push, for its top bit: every value but `FREE` has it,
+//! see below):
 //!
 //! | value | meaning | transitions |
 //! |---|---|---|
 //! | `FREE` (0) | free | `try_lock`: CAS to `HELD` (Acquire) |
-//! | `HELD` (1) | held by one context | guard drop: store `FREE` (Release) |
-//! | `FORK_HELD` (2) | held across `fork` by the fork handler | `try_lock` on the fork window's owner thread: CAS to `FORK_LENT`; the handler's release: store `FREE` |
-//! | `FORK_LENT` (3) | lent to one context of the fork window's owner | guard drop: store `FORK_HELD` (Release) |
+//! | `HELD` (0x80) | held by one context | guard drop: store `FREE` (Release) |
+//! | `FORK_HELD` (0x81) | held across `fork` by the fork handler | `try_lock` on the fork window's owner thread: CAS to `FORK_LENT`; the handler's release: store `FREE` |
+//! | `FORK_LENT` (0x82) | lent to one context of the fork window's owner | guard drop: store `FORK_HELD` (Release) |
+//!
+//! **The top bit.** A sheaf slot keeps its lock byte as the most
+//! significant byte of the word its push sequence compares `top` with
+//! (`slab::cache::SheafSlot`): the word reads as a negative number exactly
+//! while the slot is held, which fails the sequence's signed comparison.
+//! So taking the lock closes the push in the same instruction, with no
+//! test of the lock of its own in the sequence.
 //!
 //! There is deliberately no blocking `lock()`. A holder may be a thread that
 //! was preempted, migrated to another CPU, or interrupted by a signal handler
@@ -36,9 +44,12 @@
 use super::atomic::{AtomicU8, Ordering};
 
 const FREE: u8 = 0;
-const HELD: u8 = 1;
-const FORK_HELD: u8 = 2;
-const FORK_LENT: u8 = 3;
+/// Held (the value the rseq lock sequence stores too); see the module
+/// documentation for the top bit every held state has.
+pub(crate) const HELD: u8 = 0x80;
+const FORK_HELD: u8 = 0x81;
+const FORK_LENT: u8 = 0x82;
+const _: () = assert!(HELD & FORK_HELD & FORK_LENT & 0x80 != 0);
 
 /// A try-only lock; see the module documentation.
 ///

@@ -209,9 +209,11 @@ const _: () = assert!(core::mem::offset_of!(Sheaf, objs) == 0 && SHEAF_CAP * 8 <
 const _: () = {
     use crate::sync::rseq::layout as l;
     assert!(core::mem::align_of::<Sheaf>() == l::SHEAF_ALIGN);
-    assert!(core::mem::offset_of!(SheafSlot, lock) == l::SLOT_LOCK);
+    assert!(core::mem::offset_of!(SheafSlot, lock) == l::SHEAF_SLOT_LOCK);
     assert!(core::mem::offset_of!(SheafSlot, top) == l::SLOT_TOP);
-    assert!(core::mem::offset_of!(SheafSlot, limit) == l::SLOT_LIMIT);
+    assert!(core::mem::offset_of!(SheafSlot, limit_lo) == l::SLOT_LIMIT);
+    assert!(core::mem::offset_of!(SheafSlot, limit_mid) == l::SLOT_LIMIT + 4);
+    assert!(core::mem::offset_of!(SheafSlot, limit_hi) == l::SLOT_LIMIT + 6);
     assert!(core::mem::offset_of!(SheafSlot, nolock_ok) == l::SLOT_NOLOCK_OK);
     assert!(core::mem::size_of::<SheafSlot>() == SLOT_BYTES);
     assert!(core::mem::size_of::<SlotLock>() == 1);
@@ -266,28 +268,46 @@ impl Sheaf {
 /// the restartable sequences' commits are plain stores; on weakly ordered
 /// CPUs (aarch64, which runs the try-locked fallback) they are what makes
 /// the scan sound.
+///
+/// # The push gate
+///
+/// The push sequence compares `top` with one word, the gate: `limit` (the
+/// main sheaf's address plus 8 times `cap`) in its low seven bytes, the
+/// slot's lock byte in its top byte. Read as a signed number, the gate is
+/// `limit` while the slot is free and negative while it is held (every
+/// held state of [`SlotLock`] has its top bit set), so one comparison
+/// fails the push both on a full main sheaf and on a held slot. The
+/// fields below spell the word out for Rust (no two fields overlap, so
+/// the lock byte is only ever accessed as a byte); only a holder writes
+/// `limit`'s bytes ([`set_limit`](Self::set_limit)), and a push that
+/// reads them torn finds the lock's bit too. The pop tests the lock byte
+/// itself.
 #[repr(C, align(64))]
 pub(crate) struct SheafSlot {
-    pub(crate) lock: SlotLock,
     /// Objects its sheaves hold at most (the class's `sheaf_capacity`). 0
     /// until the slot is first taken (`Cache::prepare`).
     cap: core::sync::atomic::AtomicU32,
-    /// The main sheaf's next free entry: the sheaf's address plus 8 times
-    /// its count. 0 until prepared, which makes every pop sequence fail.
-    top: AtomicUsize,
-    /// The main sheaf's address plus 8 times `cap`: the push sequence fails
-    /// at `top >= limit`, so every push fails until the slot is prepared.
-    limit: AtomicUsize,
-    spare: AtomicPtr<Sheaf>,
-    /// Nolock allocations served from this slot, less the counts that
-    /// aborted pops took back here: only the sum over the slots is
-    /// meaningful (`page::slot_count_total`).
-    pub(crate) nolock_ok: AtomicU64,
     /// Set when a nolock allocation found this slot empty; the maintainer
     /// keeps such slots stocked. A normal allocation does not set it: its
     /// refill can wait for the node lock, so a stock kept for it would only
     /// hold memory. Cleared by drain.
     demand: core::sync::atomic::AtomicU32,
+    /// The main sheaf's next free entry: the sheaf's address plus 8 times
+    /// its count. 0 until prepared, which makes every pop sequence fail.
+    top: AtomicUsize,
+    /// The push gate (see "The push gate"): `limit`, the main sheaf's
+    /// address plus 8 times `cap` (0 until prepared), in its low seven
+    /// bytes (here, low first)...
+    limit_lo: core::sync::atomic::AtomicU32,
+    limit_mid: core::sync::atomic::AtomicU16,
+    limit_hi: core::sync::atomic::AtomicU8,
+    /// ...and the lock, its top byte.
+    pub(crate) lock: SlotLock,
+    spare: AtomicPtr<Sheaf>,
+    /// Nolock allocations served from this slot, less the counts that
+    /// aborted pops took back here: only the sum over the slots is
+    /// meaningful (`page::slot_count_total`).
+    pub(crate) nolock_ok: AtomicU64,
     /// Maintenance: for how many passes the slot's sheaves have not changed.
     idle: IdleWatch,
 }
@@ -330,17 +350,27 @@ impl SheafSlot {
     /// is stored before `top` covers it.
     #[inline]
     fn main_push(&self, obj: usize, _g: &SlotGuard<'_>) -> bool {
-        let t = self.top.load(Ordering::Relaxed);
-        if t >= self.limit.load(Ordering::Relaxed) {
-            return false;
-        }
         let Some((sheaf, n)) = self.main_view() else {
             return false;
         };
+        if n >= self.cap.load(Ordering::Relaxed) as usize {
+            return false;
+        }
         sheaf.objs[n].store(obj, Ordering::Relaxed);
         // Release: the entry before the `top` that covers it.
-        self.top.store(t + 8, Ordering::Release);
+        self.top
+            .store(self.top.load(Ordering::Relaxed) + 8, Ordering::Release);
         true
+    }
+    /// Sets the push gate's `limit` (slot held: the lock byte above it is
+    /// the holder's, and only the holder writes these bytes).
+    #[inline]
+    fn set_limit(&self, limit: usize, _g: &SlotGuard<'_>) {
+        crate::check!(limit >> 56 == 0, "a sheaf address above 2^56");
+        self.limit_lo.store(limit as u32, Ordering::Relaxed);
+        self.limit_mid
+            .store((limit >> 32) as u16, Ordering::Relaxed);
+        self.limit_hi.store((limit >> 48) as u8, Ordering::Relaxed);
     }
     /// The object on top of the main sheaf, or 0 (racy unless held).
     #[inline]
@@ -354,7 +384,7 @@ impl SheafSlot {
     /// current) the main sheaf (slot held). The slot's old main must have
     /// been taken off with [`detach_main`](Self::detach_main) first.
     #[inline]
-    fn set_main(&self, sheaf: *mut Sheaf, _g: &SlotGuard<'_>) {
+    fn set_main(&self, sheaf: *mut Sheaf, g: &SlotGuard<'_>) {
         let cap = self.cap.load(Ordering::Relaxed) as usize;
         // SAFETY: per the caller, one of the cache's sheaves.
         let n = unsafe { &*sheaf }.len();
@@ -362,8 +392,7 @@ impl SheafSlot {
             sheaf as usize & TOP_COUNT_BITS == 0 && n <= cap,
             "a main sheaf misaligned or over capacity"
         );
-        self.limit
-            .store(sheaf as usize + cap * 8, Ordering::Relaxed);
+        self.set_limit(sheaf as usize + cap * 8, g);
         // Release: the sheaf's entries (written by whoever filled it, seen
         // here through the locks) before the `top` that covers them.
         self.top.store(sheaf as usize + n * 8, Ordering::Release);
@@ -929,11 +958,10 @@ impl Cache {
         if self.rseq && level == 0 {
             // SAFETY: as in `fast_pop`.
             let Some(cpu) = (unsafe {
-                crate::sync::rseq::lock_slot::<LEVEL0_STRIDE>(
-                    self.rseq_off,
-                    self.level0.cast(),
-                    self.cpus,
-                )
+                crate::sync::rseq::lock_slot::<
+                    LEVEL0_STRIDE,
+                    { crate::sync::rseq::layout::SHEAF_SLOT_LOCK },
+                >(self.rseq_off, self.level0.cast(), self.cpus)
             }) else {
                 return self.borrow_level0(cpu);
             };

@@ -32,7 +32,7 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn lock_slot<const STRIDE: usize>(
+pub(crate) unsafe fn lock_slot<const STRIDE: usize, const LOCK: usize>(
     _off: isize,
     _slots: *const u8,
     _cpus: usize,

@@ -316,7 +316,7 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
             CPUS = const CPUS,
             SLOTS = const SHEAF_SLOTS,
             SHIFT = const SHIFT,
-            SLOT_LOCK = const SLOT_LOCK,
+            SLOT_LOCK = const SHEAF_SLOT_LOCK,
             SLOT_NOLOCK_OK = const SLOT_NOLOCK_OK,
             COUNT = const COUNT as u8,
             SLOT_TOP = const SLOT_TOP,
@@ -336,20 +336,25 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= target.cpus: false
 ///          slot = target.slots + (cpu << SHIFT)
-///                                         if slot.lock != 0: false
 ///          top = slot.top
-///          if top >= slot.limit: false    (the class's sheaf capacity;
-///                                          0 >= 0 before the slot is
+///          if top >= slot.gate (signed): false
+///                                         (the gate: the lock byte over
+///                                          `limit`, the class's sheaf
+///                                          capacity; negative while the
+///                                          slot is held, 0 before it is
 ///                                          prepared)
 ///          *top = obj                     (above the count: invisible)
 ///          slot.top = top + 8             // commit
 /// ```
 ///
-/// The lock byte and the limit are compared in memory, one instruction
-/// each: a small pair is bound by the instructions it runs, and loading
-/// two fields as one word took two more (measured: 0.1 ns of a 4.7 ns
-/// pair). The failure exits jump straight to the caller's code (`asm
-/// goto`), so the fast path carries no status register.
+/// So a held slot fails the push at the comparison with its limit, with
+/// no test of its own (see "The per-CPU sheaf slot and its lock" in the
+/// module documentation): `top` and `limit` are user-space addresses,
+/// below 2^56, and every held state of the lock byte has its top bit set.
+/// The gate is compared in memory, one instruction: a small pair is bound
+/// by the instructions it runs. The failure exits jump straight to the
+/// caller's code (`asm goto`), so the fast path carries no status
+/// register.
 ///
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
@@ -365,15 +370,14 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
     unsafe {
         core::arch::asm!(
             seq_start!(),
-            seq_find_slot!(
-                "{fail}",
-                "qword ptr [{target} + {CPUS}]",
-                "qword ptr [{target} + {SLOTS}]",
-                "shl {t}, {SHIFT}"
-            ),
+            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
+            "cmp {t}, qword ptr [{target} + {CPUS}]",
+            "jae {fail}",
+            "shl {t}, {SHIFT}",
+            "add {t}, qword ptr [{target} + {SLOTS}]",
             "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
             "cmp {n}, qword ptr [{t} + {SLOT_LIMIT}]",
-            "jae {fail}",
+            "jge {fail}", // signed: a held slot's gate is negative
             "mov qword ptr [{n}], {obj}",
             "lea {n}, [{n} + 8]",
             "mov qword ptr [{t} + {SLOT_TOP}], {n}", // commit
@@ -389,7 +393,6 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
             CPUS = const CPUS,
             SLOTS = const SHEAF_SLOTS,
             SHIFT = const SHIFT,
-            SLOT_LOCK = const SLOT_LOCK,
             SLOT_TOP = const SLOT_TOP,
             SLOT_LIMIT = const SLOT_LIMIT,
             SIG = const RSEQ_SIG,
@@ -617,14 +620,16 @@ pub(crate) unsafe fn pcp_push(target: *const SeqTarget, order: u32, idx: u32) ->
     true
 }
 
-/// Takes this CPU's level-0 slot lock, ordered with every sequence on that
-/// CPU, and returns the CPU whose slot it took:
+/// Takes this CPU's level-0 slot lock (the byte at offset `LOCK` of the
+/// slot: `layout::SLOT_LOCK` in a page slot, `layout::SHEAF_SLOT_LOCK` in
+/// a sheaf slot), ordered with every sequence on that CPU, and returns
+/// the CPU whose slot it took:
 ///
 /// ```text
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id; if cpu >= cpus: None
 ///          slot = slots + cpu * STRIDE
-///          lock cmpxchg slot.lock, 0 -> 1  // commit
+///          lock cmpxchg slot.lock, 0 -> HELD  // commit
 /// after:   None unless it swapped
 /// ```
 ///
@@ -637,7 +642,7 @@ pub(crate) unsafe fn pcp_push(target: *const SeqTarget, order: u32, idx: u32) ->
 /// As for [`sheaf_pop`]. The caller releases the lock (a Release store of
 /// 0) through the slot's guard.
 #[inline(always)]
-pub(crate) unsafe fn lock_slot<const STRIDE: usize>(
+pub(crate) unsafe fn lock_slot<const STRIDE: usize, const LOCK: usize>(
     off: isize,
     slots: *const u8,
     cpus: usize,
@@ -655,7 +660,7 @@ pub(crate) unsafe fn lock_slot<const STRIDE: usize>(
             "imul {t}, {cpu}, {STRIDE}",
             "add {t}, {slots}",
             "xor eax, eax",
-            "mov {one:e}, 1",
+            "mov {one:e}, {HELD}",
             "lock cmpxchg byte ptr [{t} + {SLOT_LOCK}], {one:l}", // commit
             "22:",
             "je 29f",
@@ -674,7 +679,8 @@ pub(crate) unsafe fn lock_slot<const STRIDE: usize>(
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
             STRIDE = const STRIDE,
-            SLOT_LOCK = const SLOT_LOCK,
+            SLOT_LOCK = const LOCK,
+            HELD = const crate::sync::SLOT_HELD,
             SIG = const RSEQ_SIG,
             BUSY = const BUSY,
         );
