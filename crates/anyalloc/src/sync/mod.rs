@@ -60,7 +60,13 @@ pub(crate) use hidden_word::hidden_word;
 pub use index_stack::{IndexStack, NIL};
 pub(crate) use registry_lock::{RegistryGuard, RegistryLock};
 pub(crate) use short_orders::ShortOrders;
-#[cfg(not(loom))]
+/// The held state the rseq lock sequence stores (`rseq::lock_slot`).
+#[cfg(all(
+    feature = "std",
+    target_os = "linux",
+    target_env = "gnu",
+    target_arch = "x86_64"
+))]
 pub(crate) use slot_lock::HELD as SLOT_HELD;
 pub use slot_lock::{SlotGuard, SlotLock};
 pub use tagged_stack::{TaggedStack, TAGGED_NIL};

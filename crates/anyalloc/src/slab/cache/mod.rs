@@ -280,8 +280,9 @@ impl Sheaf {
 /// fields below spell the word out for Rust (no two fields overlap, so
 /// the lock byte is only ever accessed as a byte); only a holder writes
 /// `limit`'s bytes ([`set_limit`](Self::set_limit)), and a push that
-/// reads them torn finds the lock's bit too. The pop tests the lock byte
-/// itself.
+/// reads them torn finds the lock's bit too. The pop compares `top` with
+/// the same word, failing only above it: never on a free slot (its `top`
+/// is at most its `limit`), always on a held one.
 #[repr(C, align(64))]
 pub(crate) struct SheafSlot {
     /// Objects its sheaves hold at most (the class's `sheaf_capacity`). 0
@@ -1126,5 +1127,91 @@ mod tests {
                 assert_eq!(is_start(off, magic, bound), start, "{size} {off}");
             }
         }
+    }
+
+    /// The sheaf sequences' gate (see "The push gate"): with the slot free,
+    /// the pop and the push succeed (the pop fails on an empty main sheaf);
+    /// while the slot is held, in any of the lock's held states and
+    /// however it was taken (its try-lock, the lock sequence, fork's
+    /// `hold_all`), both fail, though neither tests the lock byte.
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[test]
+    fn a_held_slot_fails_both_sequences_at_the_gate() {
+        use core::alloc::Layout;
+        // Pinned, so that the sequences run on the slot under test.
+        // SAFETY: plain libc calls on this thread's own affinity mask.
+        let cpu = unsafe {
+            let cpu = libc::sched_getcpu();
+            let mut set: libc::cpu_set_t = core::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, core::mem::size_of_val(&set), &set),
+                0
+            );
+            cpu as usize
+        };
+        let heap = crate::Heap::new(crate::Config::default().memory(16 << 20).maintenance(false))
+            .expect("a heap");
+        let layout = Layout::from_size_align(64, 8).unwrap();
+        let cache = heap.core().cache(class::class_for(64, 8).unwrap());
+        if !cache.rseq {
+            std::eprintln!("rseq is not in use here: the gate is not tested");
+            return;
+        }
+        // Raw pops and pushes here come in pairs (an object popped is
+        // pushed back), so the heap's own view of its objects (with
+        // `debug-checks`, its allocation bitmaps) stays true.
+        let a = heap.alloc(layout).unwrap();
+        let b = heap.alloc(layout).unwrap().as_ptr() as usize;
+        let slot = cache.slot(cpu, 0);
+        // `a` back to this CPU's main sheaf: not empty, not full.
+        // SAFETY: `a` is this heap's, freed once.
+        unsafe { heap.free(a) };
+        let cap = slot.cap.load(Ordering::Relaxed) as usize;
+        assert!(slot.main_len() > 0 && slot.main_len() < cap);
+        let free_ok = |what: &str| {
+            let o = cache.seq_pop::<false>().expect(what);
+            assert!(cache.seq_push(o, Mode::Normal), "{what}: the push");
+        };
+        let held_fails = |what: &str| {
+            assert!(slot.lock.is_locked(), "{what}");
+            assert_eq!(cache.seq_pop::<false>(), None, "{what}: the pop");
+            assert_eq!(cache.seq_pop::<true>(), None, "{what}: the counting pop");
+            assert!(!cache.seq_push(b, Mode::Normal), "{what}: the push");
+            assert!(!cache.seq_push(b, Mode::NoLock), "{what}: the nolock push");
+        };
+        free_ok("free");
+        {
+            let _g = slot.lock.try_lock().expect("a free slot");
+            held_fails("held (try-lock)");
+        }
+        free_ok("free again");
+        {
+            let (s, _h) = cache.lock_own(cpu, 0).expect("the lock sequence");
+            assert!(core::ptr::eq(s, slot));
+            held_fails("held (the lock sequence)");
+        }
+        free_ok("free after the lock sequence");
+        assert!(SlotLock::hold_all(
+            core::iter::once(&slot.lock),
+            std::time::Duration::from_secs(1)
+        ));
+        held_fails("held across a fork");
+        // SAFETY: `hold_all` took it just above.
+        unsafe { SlotLock::release_all(core::iter::once(&slot.lock)) };
+        free_ok("free after the fork");
+        // An empty main fails the pop (the push's failure on a full one is
+        // what every free that swaps sheaves runs into).
+        let mut popped = std::vec::Vec::new();
+        while let Some(o) = cache.seq_pop::<false>() {
+            popped.push(o);
+        }
+        assert!(!popped.is_empty() && slot.main_len() == 0);
+        assert_eq!(cache.seq_pop::<true>(), None, "an empty main");
+        for o in popped.into_iter().rev() {
+            assert!(cache.seq_push(o, Mode::Normal), "a main with room");
+        }
+        // SAFETY: `b` is this heap's, freed once (no push above took it).
+        unsafe { heap.free(NonNull::new(b as *mut u8).unwrap()) };
     }
 }

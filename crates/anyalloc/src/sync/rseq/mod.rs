@@ -37,13 +37,16 @@
 //! | held (0x80), taken locally | a slow path on this CPU holds both sheaves | [`lock_slot`]'s committing `lock cmpxchg`, run on that CPU | exits `Busy` |
 //! | held (0x80), taken remotely | another CPU's maintainer or drain holds them | a plain CAS, then [`fence_cpu`] | exits `Busy` |
 //!
-//! The pop tests the lock byte. The push does not: a sheaf slot's lock
-//! byte is the top byte of the word the push compares `top` with (the
-//! push gate, [`layout::SLOT_LIMIT`]), and every held state has its top bit
-//! set, so the gate reads as negative and the push's signed comparison
-//! fails. Taking the lock closes the push in the same instruction; the
-//! push runs two instructions and a load fewer than a test of its own
-//! would take (measured: 0.15-0.2 ns of a 5 ns batch alloc+free).
+//! The sheaf sequences do not test the lock byte itself: it is the top
+//! byte of the word they compare `top` with (the gate,
+//! [`layout::SLOT_LIMIT`], whose other bytes are the main sheaf's limit),
+//! and every held state has its top bit set, so a held slot's gate reads
+//! as negative. The push fails at `top >= gate`, signed (a full main, or
+//! held), the pop at `top > gate` (held only: a free slot's `top` never
+//! passes its limit). Taking the lock closes both in the same
+//! instruction, and the sequences run a test and a load fewer (measured:
+//! 0.15-0.2 ns of a 5 ns batch alloc+free). The page sequences test their
+//! slot's lock byte.
 //!
 //! A remote CAS can land while a sequence on the target CPU has already
 //! read "free" and not yet committed. So a remote holder must not touch the

@@ -13,9 +13,9 @@
 //! * the failure exits, outside the section (out of line too, or straight
 //!   to the caller's failure code: `sheaf_push`).
 //!
-//! The parts every sequence shares are three template macros below
-//! (`seq_start!`, `seq_find_slot!`, `seq_abort!`), so the protocol is
-//! written once.
+//! The parts every sequence shares are template macros below
+//! (`seq_start!`, `seq_cpu_slot!` or `seq_find_slot!`, `seq_abort!`), so
+//! the protocol is written once.
 //!
 //! Registers: `off` = `__rseq_offset`, `target` = what the sheaf sequences
 //! read their CPU count and slot array from (`layout::SHEAF_*`), `slots` =
@@ -50,15 +50,17 @@ macro_rules! seq_start {
 
 /// Inside a section: this CPU's level-0 slot into `t`, or a jump to
 /// `$fail` when this CPU has no slot (`cpu_id >= cpus`, which also catches
-/// a failed registration's negative id) or when the slot is held (its lock
-/// byte is not 0). The slot is `slots + (cpu << shift)`: sheaf sequences
-/// take the shift as the const operand `SHIFT` (their caller's stride, a
-/// power of two), page sequences (whose slots are `layout::STRIDE` apart)
-/// use `STRIDE_SHIFT` (the `$scale` given). Operands: `t`, `off`, and the
-/// CPU count and slot array given (memory operands: the sheaf sequences'
-/// target fields, the page sequences' `SeqTarget` fields); constants
-/// `CPU_ID`, `SLOT_LOCK`, and `SHIFT` or `STRIDE_SHIFT`.
-macro_rules! seq_find_slot {
+/// a failed registration's negative id). The slot is
+/// `slots + (cpu << shift)`: sheaf sequences take the shift as the const
+/// operand `SHIFT` (their caller's stride, a power of two), page sequences
+/// (whose slots are `layout::STRIDE` apart) use `STRIDE_SHIFT` (the
+/// `$scale` given). Operands: `t`, `off`, and the CPU count and slot array
+/// given (memory operands: the sheaf sequences' target fields, the page
+/// sequences' `SeqTarget` fields); constants `CPU_ID`, and `SHIFT` or
+/// `STRIDE_SHIFT`. The sheaf sequences need no more: their gate holds the
+/// lock (see "The per-CPU sheaf slot and its lock" in the module
+/// documentation).
+macro_rules! seq_cpu_slot {
     ($fail:literal, $cpus:literal, $slots:literal, $scale:literal) => {
         concat!(
             "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]\n",
@@ -73,6 +75,16 @@ macro_rules! seq_find_slot {
             "add {t}, ",
             $slots,
             "\n",
+        )
+    };
+}
+
+/// [`seq_cpu_slot!`], then a jump to `$fail` when the slot is held (its
+/// lock byte, at constant `SLOT_LOCK`, is not 0): the page sequences' way.
+macro_rules! seq_find_slot {
+    ($fail:literal, $cpus:literal, $slots:literal, $scale:literal) => {
+        concat!(
+            seq_cpu_slot!($fail, $cpus, $slots, $scale),
             "cmp byte ptr [{t} + {SLOT_LOCK}], 0\n",
             "jne ",
             $fail,
@@ -175,8 +187,11 @@ const BUSY: usize = 1;
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= target.cpus: None
 ///          slot = target.slots + (cpu << SHIFT)
-///                                         if slot.lock != 0: None
 ///          top = slot.top                 (the main sheaf's next free entry)
+///          if top > slot.gate (signed): None
+///                                         (held: see `sheaf_push`; a free
+///                                          slot's gate, its limit, is at
+///                                          least `top`)
 ///          if top % SHEAF_ALIGN == 0: None  (main empty, or no main yet)
 ///          obj = *(top - 8)
 ///          if COUNT: slot.nolock_ok += 1  (this CPU only)
@@ -251,13 +266,15 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
     unsafe {
         core::arch::asm!(
             seq_start!(".if {COUNT}", "xor {obj:e}, {obj:e}", ".endif"),
-            seq_find_slot!(
+            seq_cpu_slot!(
                 "25f",
                 "qword ptr [{target} + {CPUS}]",
                 "qword ptr [{target} + {SLOTS}]",
                 "shl {t}, {SHIFT}"
             ),
             "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
+            "cmp {n}, qword ptr [{t} + {SLOT_LIMIT}]",
+            "jg 25f", // signed: a held slot's gate is negative, a free one's at least `top`
             "test {n:e}, {ALIGN_MASK}",
             "jz 25f",
             ".if {COUNT}",
@@ -316,10 +333,10 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
             CPUS = const CPUS,
             SLOTS = const SHEAF_SLOTS,
             SHIFT = const SHIFT,
-            SLOT_LOCK = const SHEAF_SLOT_LOCK,
             SLOT_NOLOCK_OK = const SLOT_NOLOCK_OK,
             COUNT = const COUNT as u8,
             SLOT_TOP = const SLOT_TOP,
+            SLOT_LIMIT = const SLOT_LIMIT,
             ALIGN_MASK = const SHEAF_ALIGN - 1,
             SIG = const RSEQ_SIG,
             options(nostack),
@@ -370,11 +387,12 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
     unsafe {
         core::arch::asm!(
             seq_start!(),
-            "mov {t:e}, dword ptr fs:[{off} + {CPU_ID}]",
-            "cmp {t}, qword ptr [{target} + {CPUS}]",
-            "jae {fail}",
-            "shl {t}, {SHIFT}",
-            "add {t}, qword ptr [{target} + {SLOTS}]",
+            seq_cpu_slot!(
+                "{fail}",
+                "qword ptr [{target} + {CPUS}]",
+                "qword ptr [{target} + {SLOTS}]",
+                "shl {t}, {SHIFT}"
+            ),
             "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
             "cmp {n}, qword ptr [{t} + {SLOT_LIMIT}]",
             "jge {fail}", // signed: a held slot's gate is negative
