@@ -705,9 +705,10 @@ unsafe impl GlobalAlloc for Global {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // Only a ready heap can have handed out a non-null `ptr` (and
         // `free_sized` ignores a null one).
-        if let Some(c) = global_core() {
+        match global_core() {
             // SAFETY: per GlobalAlloc's contract, `ptr` came from this heap.
-            unsafe { c.free_sized::<false>(ptr, layout) }
+            Some(c) => unsafe { c.free_sized::<false>(ptr, layout) },
+            None => crate::slab::nothing_to_free(),
         }
     }
 

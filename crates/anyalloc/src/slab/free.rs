@@ -196,9 +196,10 @@ impl HeapCore {
                 }
             }
         }
-        if let Some(p) = NonNull::new(ptr) {
+        match NonNull::new(ptr) {
             // SAFETY: forwarded contract.
-            unsafe { self.free_general_of::<NOLOCK>(p) }
+            Some(p) => unsafe { self.free_general_of::<NOLOCK>(p) },
+            None => nothing_to_free(),
         }
     }
 
@@ -641,4 +642,14 @@ impl HeapCore {
             Kind::Huge(size) => size,
         }
     }
+}
+
+/// A sized free with nothing to free (a null pointer, or `Global` before
+/// its heap exists). A call of its own, out of line (the fence keeps the
+/// compiler from dropping it): so that no empty arm shares the fast
+/// paths' `ret`, which would end each of them in a jump to it.
+#[cold]
+#[inline(never)]
+pub(crate) fn nothing_to_free() {
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
 }

@@ -106,6 +106,8 @@ mod allocate;
 pub mod cache;
 mod class;
 mod free;
+#[cfg(feature = "std")]
+pub(crate) use free::nothing_to_free;
 mod heap;
 #[cfg(feature = "std")]
 mod huge;
