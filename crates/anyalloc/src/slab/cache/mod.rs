@@ -280,9 +280,9 @@ impl Sheaf {
 /// fields below spell the word out for Rust (no two fields overlap, so
 /// the lock byte is only ever accessed as a byte); only a holder writes
 /// `limit`'s bytes ([`set_limit`](Self::set_limit)), and a push that
-/// reads them torn finds the lock's bit too. The pop compares `top` with
-/// the same word, failing only above it: never on a free slot (its `top`
-/// is at most its `limit`), always on a held one.
+/// reads them torn finds the lock's bit too. The push reads the gate
+/// before `top` (see `sync::rseq::sheaf_push` for why the order matters);
+/// the pop tests the lock byte itself, first.
 #[repr(C, align(64))]
 pub(crate) struct SheafSlot {
     /// Objects its sheaves hold at most (the class's `sheaf_capacity`). 0
@@ -1129,11 +1129,12 @@ mod tests {
         }
     }
 
-    /// The sheaf sequences' gate (see "The push gate"): with the slot free,
-    /// the pop and the push succeed (the pop fails on an empty main sheaf);
-    /// while the slot is held, in any of the lock's held states and
-    /// however it was taken (its try-lock, the lock sequence, fork's
-    /// `hold_all`), both fail, though neither tests the lock byte.
+    /// The lock, as the sheaf sequences see it (the push through its gate,
+    /// see "The push gate"; the pop through the lock byte at its new
+    /// place): with the slot free, the pop and the push succeed (the pop
+    /// fails on an empty main sheaf); while the slot is held, in any of
+    /// the lock's held states and however it was taken (its try-lock, the
+    /// lock sequence, fork's `hold_all`), both fail.
     #[cfg(all(feature = "std", target_os = "linux"))]
     #[test]
     fn a_held_slot_fails_both_sequences_at_the_gate() {

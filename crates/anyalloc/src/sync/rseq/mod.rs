@@ -37,16 +37,18 @@
 //! | held (0x80), taken locally | a slow path on this CPU holds both sheaves | [`lock_slot`]'s committing `lock cmpxchg`, run on that CPU | exits `Busy` |
 //! | held (0x80), taken remotely | another CPU's maintainer or drain holds them | a plain CAS, then [`fence_cpu`] | exits `Busy` |
 //!
-//! The sheaf sequences do not test the lock byte itself: it is the top
-//! byte of the word they compare `top` with (the gate,
+//! The sheaf push does not test the lock byte itself: it is the top byte
+//! of the word the push compares `top` with (the gate,
 //! [`layout::SLOT_LIMIT`], whose other bytes are the main sheaf's limit),
 //! and every held state has its top bit set, so a held slot's gate reads
-//! as negative. The push fails at `top >= gate`, signed (a full main, or
-//! held), the pop at `top > gate` (held only: a free slot's `top` never
-//! passes its limit). Taking the lock closes both in the same
-//! instruction, and the sequences run a test and a load fewer (measured:
-//! 0.15-0.2 ns of a 5 ns batch alloc+free). The page sequences test their
-//! slot's lock byte.
+//! as negative and the push's signed comparison (`top >= gate`: a full
+//! main, or held) fails. Taking the lock closes the push in the same
+//! instruction, and it runs a test and a load fewer (measured: 0.15-0.2
+//! ns of a 5 ns batch alloc+free). It reads the gate before `top`, as
+//! every sequence reads the lock before what it guards (see
+//! `sheaf_push`). The pop and the page sequences test the lock byte (the
+//! pop's test of the gate would cost as much: it must read the gate
+//! first too, then compare two registers).
 //!
 //! A remote CAS can land while a sequence on the target CPU has already
 //! read "free" and not yet committed. So a remote holder must not touch the

@@ -57,8 +57,8 @@ macro_rules! seq_start {
 /// `$scale` given). Operands: `t`, `off`, and the CPU count and slot array
 /// given (memory operands: the sheaf sequences' target fields, the page
 /// sequences' `SeqTarget` fields); constants `CPU_ID`, and `SHIFT` or
-/// `STRIDE_SHIFT`. The sheaf sequences need no more: their gate holds the
-/// lock (see "The per-CPU sheaf slot and its lock" in the module
+/// `STRIDE_SHIFT`. The sheaf push needs no more: its gate holds the lock
+/// (see "The per-CPU sheaf slot and its lock" in the module
 /// documentation).
 macro_rules! seq_cpu_slot {
     ($fail:literal, $cpus:literal, $slots:literal, $scale:literal) => {
@@ -80,7 +80,8 @@ macro_rules! seq_cpu_slot {
 }
 
 /// [`seq_cpu_slot!`], then a jump to `$fail` when the slot is held (its
-/// lock byte, at constant `SLOT_LOCK`, is not 0): the page sequences' way.
+/// lock byte, at constant `SLOT_LOCK`, is not 0): the page sequences' and
+/// the sheaf pop's way.
 macro_rules! seq_find_slot {
     ($fail:literal, $cpus:literal, $slots:literal, $scale:literal) => {
         concat!(
@@ -187,11 +188,8 @@ const BUSY: usize = 1;
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= target.cpus: None
 ///          slot = target.slots + (cpu << SHIFT)
+///                                         if slot.lock != 0: None
 ///          top = slot.top                 (the main sheaf's next free entry)
-///          if top > slot.gate (signed): None
-///                                         (held: see `sheaf_push`; a free
-///                                          slot's gate, its limit, is at
-///                                          least `top`)
 ///          if top % SHEAF_ALIGN == 0: None  (main empty, or no main yet)
 ///          obj = *(top - 8)
 ///          if COUNT: slot.nolock_ok += 1  (this CPU only)
@@ -266,15 +264,13 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
     unsafe {
         core::arch::asm!(
             seq_start!(".if {COUNT}", "xor {obj:e}, {obj:e}", ".endif"),
-            seq_cpu_slot!(
+            seq_find_slot!(
                 "25f",
                 "qword ptr [{target} + {CPUS}]",
                 "qword ptr [{target} + {SLOTS}]",
                 "shl {t}, {SHIFT}"
             ),
             "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
-            "cmp {n}, qword ptr [{t} + {SLOT_LIMIT}]",
-            "jg 25f", // signed: a held slot's gate is negative, a free one's at least `top`
             "test {n:e}, {ALIGN_MASK}",
             "jz 25f",
             ".if {COUNT}",
@@ -333,10 +329,10 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
             CPUS = const CPUS,
             SLOTS = const SHEAF_SLOTS,
             SHIFT = const SHIFT,
+            SLOT_LOCK = const SHEAF_SLOT_LOCK,
             SLOT_NOLOCK_OK = const SLOT_NOLOCK_OK,
             COUNT = const COUNT as u8,
             SLOT_TOP = const SLOT_TOP,
-            SLOT_LIMIT = const SLOT_LIMIT,
             ALIGN_MASK = const SHEAF_ALIGN - 1,
             SIG = const RSEQ_SIG,
             options(nostack),
@@ -353,8 +349,9 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= target.cpus: false
 ///          slot = target.slots + (cpu << SHIFT)
+///          gate = slot.gate
 ///          top = slot.top
-///          if top >= slot.gate (signed): false
+///          if top >= gate (signed): false
 ///                                         (the gate: the lock byte over
 ///                                          `limit`, the class's sheaf
 ///                                          capacity; negative while the
@@ -368,10 +365,17 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
 /// no test of its own (see "The per-CPU sheaf slot and its lock" in the
 /// module documentation): `top` and `limit` are user-space addresses,
 /// below 2^56, and every held state of the lock byte has its top bit set.
-/// The gate is compared in memory, one instruction: a small pair is bound
-/// by the instructions it runs. The failure exits jump straight to the
-/// caller's code (`asm goto`), so the fast path carries no status
-/// register.
+///
+/// The gate is read before `top`, as the lock byte was before the gate
+/// held it. A holder stores the slot's last `top` before its release (the
+/// lock byte's store), and x86-64 keeps loads in order, so a push that
+/// finds the gate open finds that `top`. Read the other way round, a push
+/// could take a `top` from before a migrated holder's change, find the
+/// gate opened by its release, and commit the old `top` plus 8 over the
+/// holder's (`rseq_migration_storm` caught it: objects in two sheaves).
+///
+/// The failure exits jump straight to the caller's code (`asm goto`), so
+/// the fast path carries no status register.
 ///
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
@@ -393,8 +397,9 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
                 "qword ptr [{target} + {SLOTS}]",
                 "shl {t}, {SHIFT}"
             ),
+            "mov {g}, qword ptr [{t} + {SLOT_LIMIT}]", // the gate before `top` (see above)
             "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
-            "cmp {n}, qword ptr [{t} + {SLOT_LIMIT}]",
+            "cmp {n}, {g}",
             "jge {fail}", // signed: a held slot's gate is negative
             "mov qword ptr [{n}], {obj}",
             "lea {n}, [{n} + 8]",
@@ -405,6 +410,7 @@ pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
             target = in(reg) target,
             obj = in(reg) obj,
             t = out(reg) _,
+            g = out(reg) _,
             n = out(reg) _,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
