@@ -82,12 +82,13 @@ enum Command {
         A watchdog reports each thread's last operation and exits with code 2 if nothing \
         progresses for 5 s.",
         after_help = "Exit codes:\n  \
-        0   no violation, no leaked page or block, and (without --memory or --first-zone) nolock \
-        success >= 99.9%\n  \
+        0   no violation, no leaked page or block, and (without --memory, --first-zone or \
+        --migrate) nolock success >= 99.9%\n  \
         1   pattern violations, leaked pages, an allocation never freed, nolock success below \
         99.9% with memory to spare, a setup error, or a run that proves nothing: no signal \
-        handled, no signal nested (without --no-nested), or no nolock allocation succeeded \
-        with --memory or --first-zone\n  \
+        handled, no signal nested (without --no-nested), no nolock allocation succeeded \
+        with --memory, --first-zone or --migrate, or with --migrate no thread moved or nothing \
+        was drained\n  \
         2   deadlock suspected (the watchdog saw no progress for 5 s)\n  \
         64  invalid command line"
     )]
@@ -197,6 +198,14 @@ struct StressArgs {
     /// Print exactly one JSON object on stdout instead of the table (and no progress bar)
     #[arg(long)]
     json: bool,
+
+    /// Keep the threads moving between CPUs: every fourth operation a worker pins itself to a
+    /// random allowed CPU or lets go again, and one more thread, moving too, drains the stress heap
+    /// in a loop (taking every CPU's slots from wherever it runs: with rseq, each behind a
+    /// membarrier fence of that CPU) with a maintenance pass every fourth time. The fast path's
+    /// sequences, the slots' locks and their remote takes then meet at every turn
+    #[arg(long)]
+    migrate: bool,
 
     /// Don't let the two signals nest: each handler masks both
     #[arg(long)]
@@ -358,6 +367,7 @@ fn stress(args: &StressArgs) -> i32 {
         first_zone: args.first_zone.map(|m| m as u64),
         heap_memory: config.memory_bytes() as u64,
         heap_grow: args.memory.is_none(),
+        migrate: args.migrate,
     };
     // Make sure the process-wide heap exists before any handler can use
     // NoLock, and note its counters: only our handlers allocate nolock there.
@@ -385,6 +395,14 @@ fn stress(args: &StressArgs) -> i32 {
         .map_or(0, |i| i.max(1));
     let ready = Arc::new(Barrier::new(threads + 1));
     let seed = storm::now_ns();
+    // `--migrate`: the CPUs this process may use (at least this one).
+    let migrate = args.migrate.then(|| {
+        let mut cpus = anyalloc_storm::thread::allowed_cpus();
+        if cpus.is_empty() {
+            cpus.push(anyalloc_storm::thread::current_cpu());
+        }
+        Arc::new(cpus)
+    });
     let workers: Vec<_> = (0..threads)
         .map(|i| {
             let ready = ready.clone();
@@ -392,6 +410,7 @@ fn stress(args: &StressArgs) -> i32 {
                 index: i,
                 interval_ns,
                 seed: seed ^ ((i as u64) << 48),
+                migrate: migrate.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("storm-{i}"))
@@ -401,6 +420,13 @@ fn stress(args: &StressArgs) -> i32 {
         .collect();
     ready.wait();
     let start = Instant::now();
+    // Spawned with the storm's signals blocked, as this thread has them.
+    let drainer = migrate.map(|cpus| {
+        std::thread::Builder::new()
+            .name("drainer".into())
+            .spawn(move || storm::drainer(heap, &cpus, seed ^ 0xd7a1))
+            .expect("spawn the drainer thread")
+    });
 
     {
         let json = args.json;
@@ -483,6 +509,11 @@ fn stress(args: &StressArgs) -> i32 {
             Err(_) => setup_errors.push("a worker panicked".to_string()),
         }
         MAIN_PROGRESS.fetch_add(1, Relaxed);
+    }
+    if let Some(d) = drainer {
+        if d.join().is_err() {
+            setup_errors.push("the drainer panicked".to_string());
+        }
     }
     storm::free_shared(heap, &MAIN_OP);
     MAIN_OP.store(Op::HeapFree as u8, Relaxed);
@@ -568,9 +599,11 @@ fn verdict(r: &Report, settings: &Settings, setup_errors: &[String]) -> i32 {
         );
         code = EXIT_FAIL;
     }
-    // The rate is required only with memory to spare: neither --memory
-    // nor --first-zone (nolock calls never grow the heap).
-    let spare = settings.memory.is_none() && settings.first_zone.is_none();
+    // The rate is required only with memory to spare, neither --memory
+    // nor --first-zone (nolock calls never grow the heap), and without
+    // --migrate (its drainer holds every CPU's slots in turn, and a nolock
+    // call that finds its CPU's slot held cannot wait for it).
+    let spare = settings.memory.is_none() && settings.first_zone.is_none() && !settings.migrate;
     if spare && r.success_rate < 0.999 {
         eprintln!(
             "anyalloc stress: FAIL: nolock success {:.4}% is below 99.9% with memory to spare \
@@ -639,8 +672,22 @@ fn verdict(r: &Report, settings: &Settings, setup_errors: &[String]) -> i32 {
         eprintln!(
             "anyalloc stress: FAIL: {} was given and no nolock allocation succeeded ({} attempts): \
              the run exercised only the failure paths",
-            if settings.memory.is_some() { "--memory" } else { "--first-zone" },
+            if settings.memory.is_some() {
+                "--memory"
+            } else if settings.first_zone.is_some() {
+                "--first-zone"
+            } else {
+                "--migrate"
+            },
             r.nolock_attempts
+        );
+        code = EXIT_FAIL;
+    }
+    if settings.migrate && (r.migrations == 0 || r.drains == 0) {
+        eprintln!(
+            "anyalloc stress: FAIL: --migrate was given but no thread moved ({} affinity changes) \
+             or nothing was drained ({} drains)",
+            r.migrations, r.drains
         );
         code = EXIT_FAIL;
     }

@@ -27,6 +27,8 @@ pub struct Settings {
     /// The stress heap's first zone.
     pub heap_memory: u64,
     pub heap_grow: bool,
+    /// `--migrate`.
+    pub migrate: bool,
 }
 
 /// One kind of nolock allocation.
@@ -116,6 +118,12 @@ pub struct Report {
     pub first_zone: Option<u64>,
     pub heap_memory: u64,
     pub heap_grow: bool,
+    /// `--migrate`: the workers moved between CPUs (`migrations`: their
+    /// affinity changes) while a drainer took every CPU's slots remotely
+    /// (`drains`: its passes). Both 0 without it.
+    pub migrate: bool,
+    pub migrations: u64,
+    pub drains: u64,
     pub signals: u64,
     pub signals_per_s: f64,
     pub nested_signals: u64,
@@ -289,6 +297,9 @@ pub fn collect(
         first_zone: settings.first_zone,
         heap_memory: settings.heap_memory,
         heap_grow: settings.heap_grow,
+        migrate: settings.migrate,
+        migrations: storm::MIGRATIONS.load(Relaxed),
+        drains: storm::DRAINS.load(Relaxed),
         signals,
         signals_per_s: per_s(signals),
         nested_signals,
@@ -367,6 +378,12 @@ pub fn print_table(r: &Report) {
         if r.nested { "nested" } else { "not nested" },
         mem,
     );
+    if r.migrate {
+        println!(
+            "  migrating (--migrate): {} affinity changes of the workers, {} drains from a moving thread",
+            r.migrations, r.drains
+        );
+    }
     println!();
     println!("  {:<28} {:>14} {:>14}", "", "total", "per second");
     println!(

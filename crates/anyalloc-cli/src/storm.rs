@@ -253,6 +253,12 @@ pub static NORMAL_FAIL: AtomicU64 = AtomicU64::new(0);
 pub static HANDOFFS: AtomicU64 = AtomicU64::new(0);
 /// Vectors made through `Global` by the workers.
 pub static GLOBAL_OPS: AtomicU64 = AtomicU64::new(0);
+/// `--migrate`: the workers' affinity changes (a pin to one CPU, or a
+/// release to all of them).
+pub static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
+/// `--migrate`: the drainer's passes (a `drain` each; a `maintain` every
+/// fourth).
+pub static DRAINS: AtomicU64 = AtomicU64::new(0);
 /// Frees made by the main thread while tearing down (watchdog progress).
 pub static TEARDOWN_OPS: AtomicU64 = AtomicU64::new(0);
 /// Set by the main thread: workers stop.
@@ -658,12 +664,48 @@ pub fn mask_signals(block: bool) {
 // ----- workers ---------------------------------------------------------------------
 
 /// What a worker needs to know.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct WorkerConfig {
     pub index: usize,
     /// Timer period of signal A (0: no timers); signal B fires 3.3x slower.
     pub interval_ns: u64,
     pub seed: u64,
+    /// `--migrate`: the CPUs the worker moves between (its affinity flips
+    /// to one of them, or back to all, every fourth operation); `None`: it
+    /// stays where the scheduler puts it.
+    pub migrate: Option<std::sync::Arc<Vec<usize>>>,
+}
+
+/// Moves the calling thread: pins it to one of `cpus` or lets it run on
+/// all of them again, at random. Normal context.
+fn migrate(rng: &mut XorShift, cpus: &[usize]) {
+    let k = rng.below(cpus.len() as u64 + 1) as usize;
+    let moved = match cpus.get(k) {
+        Some(&c) => anyalloc_storm::thread::pin_to_cpu(c),
+        None => anyalloc_storm::thread::allow_cpus(cpus),
+    };
+    if moved {
+        MIGRATIONS.fetch_add(1, Relaxed);
+    }
+}
+
+/// `--migrate`'s drainer: until [`STOP`], moves between `cpus` as the
+/// workers do and drains the stress heap (a take of every CPU's slots
+/// from wherever it runs: for a level-0 slot with rseq, a CAS and a
+/// membarrier fence of that CPU), with a maintenance pass every fourth
+/// time. Its signals stay blocked (it is spawned with them blocked).
+pub fn drainer(heap: &'static Heap, cpus: &[usize], seed: u64) {
+    let mut rng = XorShift::new(seed);
+    while !STOP.load(Relaxed) {
+        migrate(&mut rng, cpus);
+        heap.drain();
+        if rng.below(4) == 0 {
+            heap.maintain();
+        }
+        DRAINS.fetch_add(1, Relaxed);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    anyalloc_storm::thread::allow_cpus(cpus);
 }
 
 /// 8 B to 64 KiB, skewed to small.
@@ -779,7 +821,12 @@ pub fn worker(
                 unsafe { p.add(7).write_volatile(p.add(7).read_volatile() ^ 0x40) };
             }
         }
-        for _ in 0..32 {
+        for i in 0..32 {
+            if i % 4 == 0 {
+                if let Some(cpus) = &cfg.migrate {
+                    migrate(&mut rng, cpus);
+                }
+            }
             slot.ops.fetch_add(1, Relaxed);
             let r = rng.below(32);
             if r == 0 {

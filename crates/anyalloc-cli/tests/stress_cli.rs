@@ -216,6 +216,25 @@ fn a_small_first_zone_grows_and_the_storm_runs_in_grown_zones() {
 }
 
 #[test]
+fn migrating_threads_and_a_remote_drainer_keep_every_block_intact() {
+    let (code, v, stderr) = run(&["stress", "--migrate", "--seconds", "2", "--json"]);
+    check_common(&v, &stderr);
+    check_nested(&v);
+    assert_eq!(v["migrate"], Value::Bool(true), "{v}");
+    // The workers moved, and the drainer took every CPU's slots meanwhile.
+    assert!(u(&v, "migrations") > 0, "{v}");
+    assert!(u(&v, "drains") > 0, "{v}");
+    assert!(u(&v, "nolock_ok") > 0, "{v}");
+    // The drainer holds slots on purpose, so the rate is not required:
+    // exit 0 unless something real went wrong.
+    assert_eq!(code, 0, "{v}\nstderr:\n{stderr}");
+    // Without --migrate, nothing moves and nothing is drained.
+    let (_, v, _) = run(&["stress", "--seconds", "1", "--json"]);
+    assert_eq!(v["migrate"], Value::Bool(false), "{v}");
+    assert_eq!((u(&v, "migrations"), u(&v, "drains")), (0, 0), "{v}");
+}
+
+#[test]
 fn first_zone_and_memory_conflict() {
     let out = Command::new(env!("CARGO_BIN_EXE_anyalloc"))
         .args([
