@@ -220,6 +220,11 @@ const _: () = {
 };
 
 impl Sheaf {
+    /// The `top` of a slot whose main sheaf this is, holding `n` objects.
+    #[inline]
+    fn top_at(&self, n: usize) -> usize {
+        self as *const Sheaf as usize + n * 8
+    }
     /// The count, Acquire: a lock-free reader (`Cache::is_free`'s scan)
     /// that finds `n` objects finds the first `n` entries written (see
     /// "Unlocked readers" on [`SheafSlot`]).
@@ -343,8 +348,7 @@ impl SheafSlot {
             return None;
         }
         let o = sheaf.objs[n - 1].load(Ordering::Relaxed);
-        self.top
-            .store(self.top.load(Ordering::Relaxed) - 8, Ordering::Relaxed);
+        self.top.store(sheaf.top_at(n - 1), Ordering::Relaxed);
         Some(o)
     }
     /// Pushes onto the main sheaf unless it is full (slot held). The object
@@ -359,8 +363,7 @@ impl SheafSlot {
         }
         sheaf.objs[n].store(obj, Ordering::Relaxed);
         // Release: the entry before the `top` that covers it.
-        self.top
-            .store(self.top.load(Ordering::Relaxed) + 8, Ordering::Release);
+        self.top.store(sheaf.top_at(n + 1), Ordering::Release);
         true
     }
     /// Sets the push gate's `limit` (slot held: the lock byte above it is
@@ -388,15 +391,16 @@ impl SheafSlot {
     fn set_main(&self, sheaf: *mut Sheaf, g: &SlotGuard<'_>) {
         let cap = self.cap.load(Ordering::Relaxed) as usize;
         // SAFETY: per the caller, one of the cache's sheaves.
-        let n = unsafe { &*sheaf }.len();
+        let s = unsafe { &*sheaf };
+        let n = s.len();
         crate::check!(
             sheaf as usize & TOP_COUNT_BITS == 0 && n <= cap,
             "a main sheaf misaligned or over capacity"
         );
-        self.set_limit(sheaf as usize + cap * 8, g);
+        self.set_limit(s.top_at(cap), g);
         // Release: the sheaf's entries (written by whoever filled it, seen
         // here through the locks) before the `top` that covers them.
-        self.top.store(sheaf as usize + n * 8, Ordering::Release);
+        self.top.store(s.top_at(n), Ordering::Release);
     }
     /// The main sheaf with its count written back (slot held), for the
     /// caller to put elsewhere and replace with [`set_main`](Self::set_main).
@@ -1137,20 +1141,12 @@ mod tests {
     /// lock sequence, fork's `hold_all`), both fail.
     #[cfg(all(feature = "std", target_os = "linux"))]
     #[test]
-    fn a_held_slot_fails_both_sequences_at_the_gate() {
+    fn a_held_slot_fails_both_sheaf_sequences() {
+        use anyalloc_storm::thread::{current_cpu, pin_to_cpu};
         use core::alloc::Layout;
         // Pinned, so that the sequences run on the slot under test.
-        // SAFETY: plain libc calls on this thread's own affinity mask.
-        let cpu = unsafe {
-            let cpu = libc::sched_getcpu();
-            let mut set: libc::cpu_set_t = core::mem::zeroed();
-            libc::CPU_SET(cpu as usize, &mut set);
-            assert_eq!(
-                libc::sched_setaffinity(0, core::mem::size_of_val(&set), &set),
-                0
-            );
-            cpu as usize
-        };
+        let cpu = current_cpu();
+        assert!(pin_to_cpu(cpu));
         let heap = crate::Heap::new(crate::Config::default().memory(16 << 20).maintenance(false))
             .expect("a heap");
         let layout = Layout::from_size_align(64, 8).unwrap();
