@@ -55,8 +55,9 @@ impl HeapCore {
     /// one tail call to the general path of the mode.
     #[inline(always)]
     pub(super) fn alloc_in_class<const NOLOCK: bool>(&self, c: usize) -> Option<NonNull<u8>> {
-        let cache = self.cache(c);
-        if let Some(obj) = cache.seq_pop::<NOLOCK>() {
+        let (cache, base, idx) = self.cache_at(c);
+        // SAFETY: `cache_at` names `cache`.
+        if let Some(obj) = unsafe { Cache::seq_pop_at::<NOLOCK>(base, idx) } {
             cache.clear_free_mark_of(obj, c);
             return Some(self.handed_out(obj));
         }

@@ -272,7 +272,7 @@ impl HeapCore {
     #[inline(always)]
     pub(super) unsafe fn free_in_class<const NOLOCK: bool>(&self, class: usize, addr: usize) {
         let mode = if NOLOCK { Mode::NoLock } else { Mode::Normal };
-        let cache = self.cache(class);
+        let (cache, base, idx) = self.cache_at(class);
         if !cache.is_object_start(addr) {
             // SAFETY: forwarded contract; `addr` is the caller's non-null
             // pointer (it is inside a zone).
@@ -286,11 +286,28 @@ impl HeapCore {
             cache.mark(&self.pages, zone, idx, addr, false);
         }
         if !cache.check_free_quick(&self.pages, addr, class) {
-            return cache.free_checked(&self.pages, addr, mode);
+            return self.free_checked_at(idx, addr, mode);
         }
-        if !cache.seq_push(addr, mode) {
-            cache.free_miss(&self.pages, addr, mode);
+        // SAFETY: `cache_at` names `cache`; `addr` was validated above.
+        if !unsafe { Cache::seq_push_at(base, idx, addr, mode) } {
+            self.free_miss_at(idx, addr, mode);
         }
+    }
+
+    /// `Cache::free_checked` of the cache `cache_at` gave `idx` for,
+    /// called with the core and that index (already in registers), so that
+    /// the fast path forms no cache pointer for its exits.
+    #[cold]
+    #[inline(never)]
+    fn free_checked_at(&self, idx: usize, addr: usize, mode: Mode) {
+        self.cache_of_idx(idx).free_checked(&self.pages, addr, mode)
+    }
+
+    /// `Cache::free_miss` of the cache `cache_at` gave `idx` for (see
+    /// `free_checked_at`).
+    #[inline(never)]
+    fn free_miss_at(&self, idx: usize, addr: usize, mode: Mode) {
+        self.cache_of_idx(idx).free_miss(&self.pages, addr, mode)
     }
 
     /// `free_large` of the zone `locate` found: the first zone's (`None`)

@@ -357,6 +357,15 @@ impl core::fmt::Debug for Heap {
 const CACHES_OFF: usize =
     core::mem::size_of::<HeapCore>().next_multiple_of(core::mem::align_of::<Cache>());
 
+/// The constant of [`HeapCore::cache_at`]'s cache: cache `i` is at
+/// `core + 8 * idx + CACHE_DISP`, with `idx = (i + 1) * SLOT_BYTES`.
+pub(crate) const CACHE_DISP: usize = CACHES_OFF - core::mem::size_of::<Cache>();
+/// The constant of [`HeapCore::cache_at`]'s slots: CPU `c`'s level-0 slot
+/// of cache `i` is at `core + idx + (c << LEVEL0_SHIFT) + LEVEL0_DISP`
+/// (the per-CPU region's layout, `LEVEL0_OFF`).
+pub(crate) const LEVEL0_DISP: usize = LEVEL0_OFF - cache::SLOT_BYTES;
+const _: () = assert!(core::mem::size_of::<Cache>() == 8 * cache::SLOT_BYTES || cfg!(loom));
+
 /// Where the heap's copy of the size-to-class tables starts in the
 /// metadata area (`HeapCore::tables`): after the caches, so the fast paths
 /// read an entry at a constant offset from the core pointer.
@@ -425,6 +434,45 @@ impl HeapCore {
         // SAFETY: `caches` (= self.caches, build) has CACHES initialised
         // entries that live as long as the heap.
         unsafe { &*caches.add(i) }
+    }
+
+    /// Cache `i` (as [`cache`](Self::cache) finds it), with the two
+    /// registers that name it and its level-0 slots to the fast-path
+    /// sequences: the core's address and `idx = (i + 1) * SLOT_BYTES`.
+    /// The cache is at `core + 8 * idx + CACHE_DISP`, CPU `c`'s level-0
+    /// slot of it at `core + idx + (c << LEVEL0_SHIFT) + LEVEL0_DISP`
+    /// (`meta_layout`). The fast paths hold owner ids (`i + 1`), so `idx`
+    /// is one shift of the id, and the sequences address the cache's
+    /// fields and compute the slot's address from the two registers,
+    /// loading neither the cache's address nor its `level0`.
+    #[inline(always)]
+    fn cache_at(&self, i: usize) -> (&Cache, *const u8, usize) {
+        crate::check!(i < CACHES, "a cache index out of range");
+        let idx = (i + 1) * cache::SLOT_BYTES;
+        // The cache itself from the same index, so that the caller's other
+        // uses of it share it (no second form of `i`'s scaling).
+        let base = (self as *const HeapCore).cast::<u8>();
+        let cache = self.cache_of_idx(idx);
+        crate::check!(
+            cache.level0_addr() == base.wrapping_add(idx + LEVEL0_DISP),
+            "the level-0 slots moved"
+        );
+        (cache, base, idx)
+    }
+
+    /// The cache that [`cache_at`](Self::cache_at) gave `idx` for.
+    #[inline(always)]
+    fn cache_of_idx(&self, idx: usize) -> &Cache {
+        let size = cache::SLOT_BYTES;
+        crate::check!(
+            idx.is_multiple_of(size) && (1..=CACHES).contains(&(idx / size)),
+            "a cache index out of range"
+        );
+        let cache =
+            (self as *const HeapCore).wrapping_byte_add(8 * idx + CACHE_DISP) as *const Cache;
+        // SAFETY: `CACHES_OFF + (idx / size - 1) * size_of::<Cache>()`:
+        // cache `idx / size - 1`, as `cache` finds it.
+        unsafe { &*cache }
     }
 
     /// The heap's copy of the size-to-class tables (see

@@ -59,33 +59,56 @@ impl Cache {
     /// the gate is closed or without rseq: take [`alloc`](Self::alloc) or
     /// [`alloc_nolock`](Self::alloc_nolock) (which keeps the try-locked
     /// variant and its call out of the callers' fast path).
-    ///
-    /// The slot array's address, `level0`, is read from the cache's first
-    /// line, which the gate's read brings in anyway.
     #[inline(always)]
     pub(crate) fn seq_pop<const COUNT_NOLOCK: bool>(&self) -> Option<usize> {
-        let target = (self as *const Self).cast::<u8>();
+        let (base, idx) = self.core_and_idx();
+        // SAFETY: `core_and_idx` names this cache.
+        unsafe { Self::seq_pop_at::<COUNT_NOLOCK>(base, idx) }
+    }
+
+    /// [`seq_pop`](Self::seq_pop) of the cache that `base` (its heap's
+    /// core) and `idx` name, as [`HeapCore::cache_at`](super::super::HeapCore)
+    /// gives them: the fast paths' form, which needs no cache pointer and
+    /// loads no slot address (see `sync::rseq::sheaf_pop`).
+    ///
+    /// # Safety
+    /// `(base, idx)` is what `cache_at` returned for a live heap's cache.
+    #[inline(always)]
+    pub(crate) unsafe fn seq_pop_at<const COUNT_NOLOCK: bool>(
+        base: *const u8,
+        idx: usize,
+    ) -> Option<usize> {
         // `raw_offset` is glibc's area offset (the heap's build ran
-        // `prepare_offset`). The target is this cache, whose head the
-        // sequences read as `sync::rseq::layout` says (asserted beside the
-        // type): a non-zero CPU count of the mode's gate means `rseq` was
-        // chosen at init, so the area is registered (this cache's
-        // `rseq_off`), and `level0` is CPU 0's level-0 slot, the first of a
-        // slot per one of those CPUs, `LEVEL0_STRIDE` bytes apart, laid out
-        // as the sequences expect (asserted above), living as long as the
-        // cache.
+        // `prepare_offset`). The target is the cache at
+        // `base + 8 * idx + CACHE_DISP`, whose head the sequences read as
+        // `sync::rseq::layout` says (asserted beside the type): a non-zero
+        // CPU count of the mode's gate means `rseq` was chosen at init, so
+        // the area is registered (the cache's `rseq_off`), and the heap's
+        // per-CPU region holds the cache's level-0 slot of each of those
+        // CPUs at `base + idx + (cpu << LEVEL0_SHIFT) + LEVEL0_DISP`
+        // (`meta_layout`, checked by `cache_at`), laid out as the sequences
+        // expect (asserted beside `SheafSlot`), living as long as the heap.
         // SAFETY: as just said (with 0 CPUs the sequence touches only this
         // thread's rseq area); level-0 slots are changed only by sequences
         // and by lock holders, as `sync::rseq` prescribes.
         unsafe {
             use crate::sync::rseq::{layout, raw_offset, sheaf_pop};
             if COUNT_NOLOCK {
-                sheaf_pop::<true, LEVEL0_SHIFT, { layout::SHEAF_NOLOCK_CPUS }>(raw_offset(), target)
+                sheaf_pop::<
+                    true,
+                    LEVEL0_SHIFT,
+                    { layout::SHEAF_NOLOCK_CPUS },
+                    { crate::slab::CACHE_DISP },
+                    { crate::slab::LEVEL0_DISP },
+                >(raw_offset(), base, idx)
             } else {
-                sheaf_pop::<false, LEVEL0_SHIFT, { layout::SHEAF_NORMAL_CPUS }>(
-                    raw_offset(),
-                    target,
-                )
+                sheaf_pop::<
+                    false,
+                    LEVEL0_SHIFT,
+                    { layout::SHEAF_NORMAL_CPUS },
+                    { crate::slab::CACHE_DISP },
+                    { crate::slab::LEVEL0_DISP },
+                >(raw_offset(), base, idx)
             }
         }
     }
@@ -125,22 +148,37 @@ impl Cache {
     /// [`free_miss`](Self::free_miss).
     #[inline(always)]
     pub(crate) fn seq_push(&self, obj: usize, mode: Mode) -> bool {
-        let target = (self as *const Self).cast::<u8>();
+        let (base, idx) = self.core_and_idx();
+        // SAFETY: `core_and_idx` names this cache; `obj` is a validated
+        // object of it being freed (the callers').
+        unsafe { Self::seq_push_at(base, idx, obj, mode) }
+    }
+
+    /// [`seq_push`](Self::seq_push) of the cache that `base` and `idx`
+    /// name (see [`seq_pop_at`](Self::seq_pop_at)).
+    ///
+    /// # Safety
+    /// `(base, idx)` is what `HeapCore::cache_at` returned for a live
+    /// heap's cache; `obj` is a validated object of that cache being freed.
+    #[inline(always)]
+    pub(crate) unsafe fn seq_push_at(base: *const u8, idx: usize, obj: usize, mode: Mode) -> bool {
         // SAFETY: as in `seq_pop`; `obj` is a validated object of this
         // cache being freed.
         unsafe {
             use crate::sync::rseq::{layout, raw_offset, sheaf_push};
             match mode {
-                Mode::Normal => sheaf_push::<LEVEL0_SHIFT, { layout::SHEAF_NORMAL_CPUS }>(
-                    raw_offset(),
-                    target,
-                    obj,
-                ),
-                Mode::NoLock => sheaf_push::<LEVEL0_SHIFT, { layout::SHEAF_NOLOCK_CPUS }>(
-                    raw_offset(),
-                    target,
-                    obj,
-                ),
+                Mode::Normal => sheaf_push::<
+                    LEVEL0_SHIFT,
+                    { layout::SHEAF_NORMAL_CPUS },
+                    { crate::slab::CACHE_DISP },
+                    { crate::slab::LEVEL0_DISP },
+                >(raw_offset(), base, idx, obj),
+                Mode::NoLock => sheaf_push::<
+                    LEVEL0_SHIFT,
+                    { layout::SHEAF_NOLOCK_CPUS },
+                    { crate::slab::CACHE_DISP },
+                    { crate::slab::LEVEL0_DISP },
+                >(raw_offset(), base, idx, obj),
             }
         }
     }

@@ -176,8 +176,9 @@ const _: () = assert!(SLOT_BYTES == 64);
 /// Bytes from one CPU's level-0 slot of a cache to the next CPU's: the heap
 /// keeps the level-0 slots of every cache side by side per CPU (see
 /// `slab::MetaLayout`), so a CPU's fast paths touch one small region, and
-/// the fast path finds a cache's level-0 slot from one word of the cache's
-/// first line (`level0`) and the CPU id.
+/// the fast path finds a cache's level-0 slot from the heap's core, the
+/// cache's index and the CPU id (`slab::HeapCore::cache_at`); the slow
+/// paths from the cache's `level0`.
 ///
 /// A power of two (the caches' slots rounded up; the rest of each CPU's
 /// region is address space never touched), so a sequence finds its CPU's
@@ -532,6 +533,8 @@ pub(crate) struct Cache {
     /// with `rseq`, else 0 (see `normal_cpus`).
     nolock_cpus: usize,
     /// CPU 0's level-0 slot; CPU `c`'s is `c * LEVEL0_STRIDE` bytes further.
+    /// (The fast-path sequences compute it from the heap's layout instead:
+    /// `HeapCore::cache_at`, which checks the two agree in debug builds.)
     level0: *const SheafSlot,
     /// The heap's secret (see "Double-free detection").
     key: usize,
@@ -633,7 +636,6 @@ const _: () = {
     use crate::sync::rseq::layout as l;
     assert!(offset_of!(Cache, normal_cpus) == l::SHEAF_NORMAL_CPUS);
     assert!(offset_of!(Cache, nolock_cpus) == l::SHEAF_NOLOCK_CPUS);
-    assert!(offset_of!(Cache, level0) == l::SHEAF_SLOTS);
     assert!(core::mem::size_of::<FastGate>() == 8);
     assert!(core::mem::size_of::<Cache>() == 512);
 };
@@ -952,6 +954,21 @@ impl Cache {
                 .store(self.sheaves.wrapping_add(2 * i + 1), Ordering::Relaxed);
             slot.set_main(self.sheaves.wrapping_add(2 * i), g);
         }
+    }
+
+    /// CPU 0's level-0 slot of this cache.
+    pub(crate) fn level0_addr(&self) -> *const u8 {
+        self.level0.cast()
+    }
+
+    /// This cache as [`HeapCore::cache_at`](super::HeapCore) names it for
+    /// the fast-path sequences: the heap's core (the metadata area's
+    /// start, `CACHES_OFF` before the first cache) and the index.
+    #[inline]
+    pub(crate) fn core_and_idx(&self) -> (*const u8, usize) {
+        let me = (self as *const Self).cast::<u8>();
+        let base = me.wrapping_sub(super::CACHES_OFF + self.index * core::mem::size_of::<Self>());
+        (base, (self.index + 1) * SLOT_BYTES)
     }
 
     /// Takes this CPU's slot at `level` for a slow path of this context. With

@@ -7,9 +7,16 @@
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: usize>(
+pub(crate) unsafe fn sheaf_pop<
+    const COUNT: bool,
+    const SHIFT: u32,
+    const CPUS: usize,
+    const DISP: usize,
+    const SLOTS0: usize,
+>(
     _off: isize,
-    _target: *const u8,
+    _base: *const u8,
+    _idx: usize,
 ) -> Option<usize> {
     None
 }
@@ -19,9 +26,15 @@ pub(crate) unsafe fn sheaf_pop<const COUNT: bool, const SHIFT: u32, const CPUS: 
 /// # Safety
 /// As there.
 #[inline(always)]
-pub(crate) unsafe fn sheaf_push<const SHIFT: u32, const CPUS: usize>(
+pub(crate) unsafe fn sheaf_push<
+    const SHIFT: u32,
+    const CPUS: usize,
+    const DISP: usize,
+    const SLOTS0: usize,
+>(
     _off: isize,
-    _target: *const u8,
+    _base: *const u8,
+    _idx: usize,
     _obj: usize,
 ) -> bool {
     false

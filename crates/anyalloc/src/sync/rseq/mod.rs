@@ -158,12 +158,12 @@ pub(crate) mod layout {
     pub(crate) const SLOT_NOLOCK_OK: usize = 32;
     /// A sheaf sequence's target (the head of a cache,
     /// `slab::cache::Cache`): the CPU count of the normal fast paths
-    /// (their gate: 0 while closed), of the nolock ones, and the address
-    /// of the level-0 slots (all three u64). The sequences read them
-    /// themselves, each folded into the instruction that uses it.
+    /// (their gate: 0 while closed) and of the nolock ones (both u64).
+    /// The sequences read them themselves, each folded into the
+    /// comparison that uses it; they find the slots from the heap's
+    /// layout (see `sheaf_pop`).
     pub(crate) const SHEAF_NORMAL_CPUS: usize = 0;
     pub(crate) const SHEAF_NOLOCK_CPUS: usize = 8;
-    pub(crate) const SHEAF_SLOTS: usize = 16;
     /// The alignment of a sheaf, whose object array comes first.
     pub(crate) const SHEAF_ALIGN: usize = 1024;
     /// A page slot's list words, one per order (u64: head index in the low
