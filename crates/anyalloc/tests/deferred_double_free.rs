@@ -123,7 +123,7 @@ fn double_free_a_parked_object(victim: Victim) {
         };
         p.store(p_i, Relaxed);
     }
-    // More than the slot's sheaves and the barn's hold (about 4300).
+    // More than the slot's sheaves and the barn's hold (about 4600).
     let mut objs: Vec<NonNull<u8>> = (0..8000).map(|_| h.alloc(layout()).unwrap()).collect();
     set_hook(Some(hook));
     while !PARKED.load(Relaxed) {

@@ -55,7 +55,9 @@ static TAKE_AFTER_PARK: AtomicBool = AtomicBool::new(false);
 static TAKEN: [AtomicUsize; 8192] = [const { AtomicUsize::new(0) }; 8192];
 static OTHER_CPU: AtomicUsize = AtomicUsize::new(0);
 static REMOTE_DONE: AtomicBool = AtomicBool::new(false);
-static TO_PARK: [AtomicUsize; 1024] = [const { AtomicUsize::new(0) }; 1024];
+/// (More than the other levels' sheaves of every CPU hold: the nolock
+/// frees try this CPU's, then the other CPUs'; 1920 with two CPUs.)
+static TO_PARK: [AtomicUsize; 4096] = [const { AtomicUsize::new(0) }; 4096];
 /// How many times the hook acted (it acts once per mode).
 static ACTED: AtomicUsize = AtomicUsize::new(0);
 /// The tests share the statics above and the hook: one at a time.
@@ -165,7 +167,7 @@ fn park(heap: &Heap) -> (usize, Vec<NonNull<u8>>) {
             Ordering::Relaxed,
         );
     }
-    // More than the slot's sheaves and the barn's hold (about 4100).
+    // More than the slot's sheaves and the barn's hold (about 4300).
     let mut objs: Vec<NonNull<u8>> = (0..8000).map(|_| heap.alloc(layout()).unwrap()).collect();
     let acted = ACTED.load(Ordering::Relaxed);
     set_hook(Some(hook));

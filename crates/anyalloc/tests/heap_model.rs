@@ -253,9 +253,9 @@ fn maintenance_stocking_keeps_every_object() {
     .unwrap();
     let l = Layout::from_size_align(64, 8).unwrap();
     let class = |h: &Heap| *h.stats().classes.iter().find(|c| c.size == 64).unwrap();
-    // Slabs with many free objects, nothing cached: allocate 300, free every
+    // Slabs with many free objects, nothing cached: allocate 600, free every
     // other one, drain the sheaves and the barn back to the slabs.
-    let mut live: Vec<NonNull<u8>> = (0..300).map(|_| heap.alloc(l).unwrap()).collect();
+    let mut live: Vec<NonNull<u8>> = (0..600).map(|_| heap.alloc(l).unwrap()).collect();
     let mut i = 0;
     live.retain(|&p| {
         i += 1;
@@ -271,11 +271,11 @@ fn maintenance_stocking_keeps_every_object() {
         0
     );
     // The slot runs empty on the normal path: a refill from the slabs (a
-    // sheaf's worth: the slabs have 150 free objects), then use most of it,
+    // sheaf's worth: the slabs have 300 free objects), then use most of it,
     // so the slot holds less than half a sheaf. That refill could wait for
     // the node lock: maintenance keeps no stock for it.
     let cap = class(&heap).sheaf_capacity;
-    assert!(cap < 150, "a sheaf of 64-byte objects holds {cap}");
+    assert!(cap < 300, "a sheaf of 64-byte objects holds {cap}");
     live.extend((0..cap - cap / 4).map(|_| heap.alloc(l).unwrap()));
     let before = class(&heap);
     assert!(before.cached_in_sheaves < cap / 2, "{before:?}");

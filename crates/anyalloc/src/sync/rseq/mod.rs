@@ -165,7 +165,7 @@ pub(crate) mod layout {
     pub(crate) const SHEAF_NORMAL_CPUS: usize = 0;
     pub(crate) const SHEAF_NOLOCK_CPUS: usize = 8;
     /// The alignment of a sheaf, whose object array comes first.
-    pub(crate) const SHEAF_ALIGN: usize = 1024;
+    pub(crate) const SHEAF_ALIGN: usize = 2048;
     /// A page slot's list words, one per order (u64: head index in the low
     /// half, block count in the high half). Page slots have the sheaf
     /// slots' lock byte.
