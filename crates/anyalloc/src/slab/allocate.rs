@@ -68,12 +68,29 @@ impl HeapCore {
     /// serves. Taking only the cache (at hand in a register) keeps the
     /// caller's layout out of the registers the fast path needs across its
     /// sequence.
+    ///
+    /// A normal allocation with rseq goes straight to the cache's slow path:
+    /// its sequence just missed, and the general path would find the class
+    /// again from a layout and run the sequence once more first. (Without
+    /// rseq the general path runs the try-locked fast path.)
     #[inline(never)]
     pub(super) fn alloc_class_general<const NOLOCK: bool>(
         &self,
         cache: &Cache,
     ) -> Option<NonNull<u8>> {
         let c = cache.class();
+        if !NOLOCK && cache.uses_rseq() {
+            return match cache.alloc_slow(&self.pages, self.pages.cpu()) {
+                Some(o) => {
+                    // As `alloc_general` after `alloc_once`.
+                    if self.pages.reclaim_requested() {
+                        self.reclaim_requested_now();
+                    }
+                    Some(self.hand_out(cache, o))
+                }
+                None => self.alloc_miss(class::layout_of(c)),
+            };
+        }
         if NOLOCK {
             self.alloc_nolock_general(class::layout_of(c))
         } else {

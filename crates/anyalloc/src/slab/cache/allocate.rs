@@ -30,10 +30,15 @@ impl Cache {
     }
 
     /// A validated free of `mode` that [`seq_push`](Self::seq_push) did
-    /// not take: the whole free (the try-locked fast path without rseq).
+    /// not take (or, after the exact double-free check, did not try): with
+    /// rseq the mode's slow path at once (another push would find what the
+    /// first one found), without it the whole free, whose fast path is the
+    /// try-locked one.
     #[inline(never)]
     pub(crate) fn free_miss(&self, pages: &PageAllocator, obj: usize, mode: Mode) {
         match mode {
+            Mode::Normal if self.rseq => self.free_slow(pages, pages.cpu(), obj),
+            Mode::NoLock if self.rseq => self.free_nolock_slow(pages, pages.cpu(), obj),
             Mode::Normal => self.free(pages, obj),
             Mode::NoLock => self.free_nolock(pages, obj),
         }
@@ -200,7 +205,7 @@ impl Cache {
     /// takes the nolock path (see [`crate::context`]).
     #[cold]
     #[inline(never)]
-    pub(super) fn alloc_slow(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
+    pub(in crate::slab) fn alloc_slow(&self, pages: &PageAllocator, cpu: usize) -> Option<usize> {
         if crate::context::nested() {
             return None;
         }
