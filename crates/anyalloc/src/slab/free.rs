@@ -282,8 +282,8 @@ impl HeapCore {
         }
         #[cfg(feature = "debug-checks")]
         {
-            let (_, zone, idx) = self.pages.locate_known(addr);
-            cache.mark(&self.pages, zone, idx, addr, false);
+            let (_, zone, page) = self.pages.locate_known(addr);
+            cache.mark(&self.pages, zone, page, addr, false);
         }
         if !cache.check_free_quick(&self.pages, addr, class) {
             return self.free_checked_at(idx, addr, mode);

@@ -17,10 +17,11 @@
 //! (`seq_start!`, `seq_cpu_slot!` or `seq_find_slot!`, `seq_abort!`), so
 //! the protocol is written once.
 //!
-//! Registers: `off` = `__rseq_offset`, `target` = what the sheaf sequences
-//! read their CPU count and slot array from (`layout::SHEAF_*`), `slots` =
-//! the slot array, `cpus` = CPUs with a level-0 slot; scratch registers
-//! are named for what they hold.
+//! Registers: `off` = `__rseq_offset`; the sheaf sequences' `base` (the
+//! heap's core) and `idx` (the cache's index, scaled), from which they
+//! address the cache's CPU count (`layout::SHEAF_*`) and compute the slot;
+//! the page sequences' `tg`, their [`SeqTarget`]; scratch registers are
+//! named for what they hold.
 
 /// Opens a sequence (the first template piece of every `asm!` block): its
 /// descriptor, emitted into `__rseq_cs` (label 20; the section runs from
@@ -187,7 +188,9 @@ const BUSY: usize = 1;
 /// ```text
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= target.cpus: None
-///          slot = target.slots + (cpu << SHIFT)
+///                                         (target: the cache, at
+///                                          base + 8 * idx + DISP)
+///          slot = base + idx + (cpu << SHIFT) + SLOTS0
 ///                                         if slot.lock != 0: None
 ///          top = slot.top                 (the main sheaf's next free entry)
 ///          if top % SHEAF_ALIGN == 0: None  (main empty, or no main yet)
@@ -364,7 +367,9 @@ pub(crate) unsafe fn sheaf_pop<
 /// ```text
 /// restart: rseq->rseq_cs = &cs
 /// start:   cpu = rseq->cpu_id;            if cpu >= target.cpus: false
-///          slot = target.slots + (cpu << SHIFT)
+///                                         (target: the cache, at
+///                                          base + 8 * idx + DISP)
+///          slot = base + idx + (cpu << SHIFT) + SLOTS0
 ///          gate = slot.gate
 ///          top = slot.top
 ///          if top >= gate (signed): false
