@@ -448,7 +448,9 @@ impl HeapCore {
     #[inline(always)]
     fn cache_at(&self, i: usize) -> (&Cache, *const u8, usize) {
         crate::check!(i < CACHES, "a cache index out of range");
-        let idx = (i + 1) * cache::SLOT_BYTES;
+        // Hidden from the optimiser, so that the cache's fields are
+        // addressed from `idx` itself (see `opaque_index`).
+        let idx = crate::sync::rseq::opaque_index((i + 1) * cache::SLOT_BYTES);
         // The cache itself from the same index, so that the caller's other
         // uses of it share it (no second form of `i`'s scaling).
         let base = (self as *const HeapCore).cast::<u8>();

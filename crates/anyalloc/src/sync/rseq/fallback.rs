@@ -73,3 +73,10 @@ pub(crate) unsafe fn pcp_pop<const COUNT: bool, const COUNTER: usize>(
 pub(crate) unsafe fn pcp_push(_target: *const super::SeqTarget, _order: u32, _idx: u32) -> bool {
     false
 }
+
+/// The x86-64 version hides `idx` from the optimiser, which there addresses
+/// the cache's fields better without knowing it; here the value as it is.
+#[inline(always)]
+pub(crate) fn opaque_index(idx: usize) -> usize {
+    idx
+}

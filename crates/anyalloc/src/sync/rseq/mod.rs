@@ -82,7 +82,7 @@ mod x86_64;
     target_env = "gnu",
     target_arch = "x86_64"
 ))]
-pub(crate) use x86_64::{lock_slot, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
+pub(crate) use x86_64::{lock_slot, opaque_index, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
 
 #[cfg(not(all(
     feature = "std",
@@ -97,7 +97,7 @@ mod fallback;
     target_env = "gnu",
     target_arch = "x86_64"
 )))]
-pub(crate) use fallback::{lock_slot, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
+pub(crate) use fallback::{lock_slot, opaque_index, pcp_pop, pcp_push, sheaf_pop, sheaf_push};
 
 /// What a page sequence needs to find this CPU's level-0 slot, in one
 /// place: the caller hands the sequence a single pointer, and the sequence

@@ -457,6 +457,30 @@ pub(crate) unsafe fn sheaf_push<
     true
 }
 
+/// `idx` (a cache's index for the sheaf sequences) as the optimiser cannot
+/// see through: an empty template between the value and its uses. The
+/// fast paths address a cache's fields as `[core + 8 * idx + disp]` and
+/// pass `idx` to a sequence; told that `idx` is the owner id shifted by 6,
+/// the compiler forms the id shifted by 9 in a second register for the
+/// fields instead of scaling `idx` in the address, two instructions more in
+/// a sized free (`mov`, `shl`) and one in an allocation. The sized free is
+/// bound by the instructions it issues: in alternating runs the 64-byte
+/// batch took 0.09-0.16 ns less per object with the index hidden.
+#[inline(always)]
+pub(crate) fn opaque_index(mut idx: usize) -> usize {
+    // SAFETY: the template is a comment naming the register: it reads and
+    // writes no memory, keeps the flags and the stack, and leaves `idx` as
+    // it was.
+    unsafe {
+        core::arch::asm!(
+            "/* {idx} */",
+            idx = inout(reg) idx,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
+    idx
+}
+
 const _: () = assert!(
     DESC_SIZE == 32,
     "pcp_pop and pcp_push scale a page index by `shl 5`"
