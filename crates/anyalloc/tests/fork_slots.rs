@@ -130,11 +130,20 @@ fn fork_during(site: Site, churn: fn(&Heap), check: fn(&Heap) -> bool) -> (usize
     (stuck, failed)
 }
 
-/// 200 objects of 64 B allocated, then freed: the frees fill the main
-/// sheaf and go on to the slow path, inside the slot.
+/// Objects of 64 B each churn allocates, then frees: more than a sheaf of
+/// that class holds (the test asserts it), so whatever the main sheaf held
+/// before, the frees fill it and go on to the slow path, inside the slot.
+/// With fewer than a sheaf's worth (200, when sheaves held 120 objects of
+/// 64 B; they hold 240 now) a main sheaf that started with 200 or more
+/// took every free, allocation and free balanced in it for good, no slow
+/// path ran, and the test waited for the pause until its watchdog killed it.
+const CHURN_OBJECTS: usize = 600;
+
+/// `CHURN_OBJECTS` objects of 64 B allocated, then freed: the frees fill
+/// the main sheaf and go on to the slow path, inside the slot.
 fn churn_objects(heap: &Heap) {
     let l = Layout::from_size_align(64, 8).unwrap();
-    let held: Vec<_> = (0..200)
+    let held: Vec<_> = (0..CHURN_OBJECTS)
         .map(|_| heap.alloc(l).expect("an object"))
         .collect();
     for p in held {
@@ -165,6 +174,18 @@ fn fork_while_another_thread_holds_a_sheaf_slot() {
     ) {
         return;
     }
+    let cap = Heap::new(Config::default().memory(64 << 20).maintenance(false))
+        .expect("heap")
+        .stats()
+        .classes
+        .iter()
+        .find(|c| c.size == 64)
+        .expect("a 64-byte class")
+        .sheaf_capacity;
+    assert!(
+        cap < CHURN_OBJECTS,
+        "a churn of {CHURN_OBJECTS} objects must overflow a sheaf of {cap}"
+    );
     let (stuck, failed) = fork_during(Site::SheafFree, churn_objects, sheaves_empty_after_drain);
     println!("{ROUNDS} forks during a sheaf slot section: {stuck} children with a slot held, {failed} failed");
     assert_eq!(failed, 0);
