@@ -19,8 +19,8 @@
 //! Parking is made deterministic with interrupt points, as in
 //! `heap_deferred_gate`: normal frees until one flushes a sheaf to the
 //! slabs (the barn full of full sheaves; the level-0 slot and the node lock
-//! held), and nolock frees inside the flush, more than the other level
-//! slots take. The zones' objects are parked
+//! held), and nolock frees inside the flush, about three times what the
+//! other level slots take. The zones' objects are parked
 //! alternately. Each scenario runs in a child process (`tests/watchdog`),
 //! which must die of `SIGABRT` with one line.
 
@@ -40,8 +40,11 @@ const SURVIVED: i32 = 42;
 const SIZE: usize = 8;
 
 static HEAP: AtomicUsize = AtomicUsize::new(0);
-/// Objects the flush's hook frees on the nolock path.
-static TO_PARK: [AtomicUsize; 1024] = [const { AtomicUsize::new(0) }; 1024];
+/// Objects the flush's hook frees on the nolock path: this CPU's other
+/// level slots take 1016 of them (two levels, a main and a spare sheaf of
+/// 254 each), the rest are parked. (With 1024, only 8 were: enough for
+/// each scenario's victim, with no margin.)
+static TO_PARK: [AtomicUsize; 4096] = [const { AtomicUsize::new(0) }; 4096];
 /// The hook acted (once).
 static PARKED: AtomicBool = AtomicBool::new(false);
 

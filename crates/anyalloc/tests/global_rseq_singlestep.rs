@@ -166,7 +166,9 @@ fn free_carry(p: usize, size: usize) {
 
 /// `Global` and `NoLock` calls that run every sequence of their fast
 /// paths: for 64 B objects (both sheaves empty after `drain`) a refill,
-/// then 70 pops, and 70 pushes with a flush; 16 KiB blocks, popped and
+/// then `many - 1` pops, and `many` pushes, more than a sheaf holds (so a
+/// push finds main full, and the lock sequence runs before the slow free);
+/// 16 KiB blocks, popped and
 /// pushed on the page lists; 8 B objects (a tiny class, whose routes are
 /// copies of their own); then a `realloc` that moves a 64 B object to
 /// 200 B and back to 24 B, and an `alloc_zeroed`. Objects alternate
@@ -174,9 +176,9 @@ fn free_carry(p: usize, size: usize) {
 /// objects go through both of its frees (`dealloc`, and `Global`'s, which
 /// frees any block of the heap). `live` has room for every block (no
 /// allocation of its own).
-fn round(live: &mut Vec<(usize, usize)>) {
+fn round(live: &mut Vec<(usize, usize)>, many: usize) {
     for nolock in [false, true] {
-        let sizes = std::iter::repeat_n(SIZE, 71)
+        let sizes = std::iter::repeat_n(SIZE, many)
             .chain(std::iter::repeat_n(LARGE, 4))
             .chain(std::iter::repeat_n(TINY, 8));
         for (i, size) in sizes.enumerate() {
@@ -295,7 +297,7 @@ fn scenario() {
         "could not pin the thread"
     );
     anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
-    match breakpoint::arm(round as fn(&mut Vec<(usize, usize)>) as usize) {
+    match breakpoint::arm(round as fn(&mut Vec<(usize, usize)>, usize) as usize) {
         Some(fd) => breakpoint::close(fd),
         None => {
             assert!(
@@ -307,10 +309,19 @@ fn scenario() {
         }
     }
     let descs = breakpoint::descriptors();
-    let mut live = Vec::with_capacity(100);
+    // More 64 B objects per round than a sheaf holds.
+    let many = heap
+        .stats()
+        .classes
+        .iter()
+        .find(|c| c.size == SIZE)
+        .expect("the class of SIZE")
+        .sheaf_capacity
+        + 8;
+    let mut live = Vec::with_capacity(many + 16);
     // A first round outside the walk: what the heap holds at rest once
     // every path ran (std's own lazily made state included).
-    round(&mut live);
+    round(&mut live, many);
     heap.drain();
     let before = heap.stats();
 
@@ -327,7 +338,7 @@ fn scenario() {
             let fd = breakpoint::arm(addr).expect("perf_event_open");
             let fired_before = FIRED.load(Ordering::Relaxed);
             BP_FD.store(fd, Ordering::Relaxed);
-            round(&mut live);
+            round(&mut live, many);
             BP_FD.store(-1, Ordering::Relaxed);
             breakpoint::close(fd);
             if FIRED.load(Ordering::Relaxed) > fired_before {

@@ -633,11 +633,23 @@ fn double_free_of_an_object_in_the_spare_sheaf_aborts() {
         "double free of object",
         || {
             let h = heap();
-            let objs = allocs(h, 64, 40);
-            // a and 29 more fill main; the next free swaps main to spare.
-            for &p in &objs[..31] {
+            let class = |h: &Heap| h.stats().classes[10];
+            let cap = class(h).sheaf_capacity;
+            let objs = allocs(h, 64, cap + 40);
+            // What the allocations left in main (a fresh heap's spare holds
+            // none): a and `cap - left - 1` more fill main, and the next
+            // free swaps main to spare.
+            let left = class(h).cached_in_sheaves;
+            assert!(left < cap, "main is not full after allocating");
+            for &p in &objs[..cap - left + 1] {
                 free(h, p);
             }
+            let now = class(h);
+            assert_eq!(
+                (now.cached_in_sheaves, now.cached_in_barn),
+                (cap + 1, 0),
+                "a's sheaf full in the spare, one object in main"
+            );
             free(h, objs[0]);
         },
     );
@@ -653,9 +665,11 @@ fn double_free_of_an_object_in_the_barn_aborts() {
             let cap = h.stats().classes[10].sheaf_capacity;
             let objs = allocs(h, 64, 2 * cap + 40);
             let a = objs[2 * cap + 39];
-            // `cap` fill main, 1 more swaps it to spare; then a and cap - 1
-            // more fill main again, and the next free trades that full main
-            // (with a in it), and the full spare, for empty barn sheaves.
+            // The first of these frees fill main (which kept fewer than
+            // `cap` objects from the allocations), the next one swaps it to
+            // spare; then a and the frees after it fill main again, and a
+            // free trades that full main (with a in it), and the full spare,
+            // for empty barn sheaves.
             for &p in &objs[..cap + 1] {
                 free(h, p);
             }

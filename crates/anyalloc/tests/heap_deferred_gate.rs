@@ -55,8 +55,9 @@ static TAKE_AFTER_PARK: AtomicBool = AtomicBool::new(false);
 static TAKEN: [AtomicUsize; 8192] = [const { AtomicUsize::new(0) }; 8192];
 static OTHER_CPU: AtomicUsize = AtomicUsize::new(0);
 static REMOTE_DONE: AtomicBool = AtomicBool::new(false);
-/// (More than the other levels' sheaves of every CPU hold: the nolock
-/// frees try this CPU's, then the other CPUs'; 1920 with two CPUs.)
+/// (More than this CPU's other levels' sheaves hold, 960 of 64 B: two
+/// levels, a main and a spare each; the nolock frees try only this CPU's
+/// levels, then park.)
 static TO_PARK: [AtomicUsize; 4096] = [const { AtomicUsize::new(0) }; 4096];
 /// How many times the hook acted (it acts once per mode).
 static ACTED: AtomicUsize = AtomicUsize::new(0);

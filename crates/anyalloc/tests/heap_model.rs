@@ -102,7 +102,10 @@ fn free_block(heap: &Heap, addr: usize, b: Block, nolock: bool) -> Result<(), Te
     Ok(())
 }
 
-fn run(ops: Vec<Op>, cpus: usize) -> Result<(), TestCaseError> {
+/// Runs `ops` on a fresh heap of `cpus` CPU slot sets against the model;
+/// returns the most objects each class (by object size) held in its barn
+/// at once, after any op.
+fn run(ops: Vec<Op>, cpus: usize) -> Result<BTreeMap<usize, usize>, TestCaseError> {
     // No maintenance thread: the counters are exact only while nothing else
     // runs (a maintenance pass moves objects between slabs and sheaves).
     let heap = Heap::new(
@@ -115,6 +118,7 @@ fn run(ops: Vec<Op>, cpus: usize) -> Result<(), TestCaseError> {
     .unwrap();
     // start -> block
     let mut live: BTreeMap<usize, Block> = BTreeMap::new();
+    let mut barn_peaks: BTreeMap<usize, usize> = BTreeMap::new();
     for (n, op) in ops.into_iter().enumerate() {
         match op {
             Op::Alloc {
@@ -186,6 +190,10 @@ fn run(ops: Vec<Op>, cpus: usize) -> Result<(), TestCaseError> {
             "op {}: the heap's counters disagree with the model",
             n
         );
+        for c in s.classes.iter() {
+            let peak = barn_peaks.entry(c.size).or_default();
+            *peak = (*peak).max(c.cached_in_barn);
+        }
     }
     // Everything still live is intact; free it all, alternating paths.
     for (i, (addr, b)) in std::mem::take(&mut live).into_iter().enumerate() {
@@ -198,7 +206,7 @@ fn run(ops: Vec<Op>, cpus: usize) -> Result<(), TestCaseError> {
     prop_assert_eq!(p.free_pages, p.total_pages, "pages leaked");
     prop_assert_eq!(p.buddy_pages, p.total_pages, "pages off the buddy lists");
     prop_assert_eq!(heap.pages().check_invariants(), Ok(()));
-    Ok(())
+    Ok(barn_peaks)
 }
 
 proptest! {
@@ -215,27 +223,36 @@ proptest! {
 }
 
 /// Enough objects of one class to go through sheaves, the barn and several
-/// slabs, freed in a scrambled order, interleaved with a second class.
+/// slabs, freed in a scrambled order, interleaved with a second class:
+/// between two drains, about 670 frees of 24 B objects, more than a main
+/// and a spare sheaf of them hold (2 x 254), and 330 of 700 B (sheaves of
+/// 30).
 #[test]
 fn many_objects_of_two_classes() {
     let mut ops = Vec::new();
-    for i in 0..1500usize {
+    for i in 0..3000usize {
         ops.push(Op::Alloc {
             size: if i % 3 == 0 { 700 } else { 24 },
             align_shift: 3,
             nolock: i % 4 == 0,
         });
     }
-    for i in 0..1500usize {
+    for i in 0..3000usize {
         ops.push(Op::Free {
             pick: i.wrapping_mul(0x9E37_79B9),
             nolock: i % 5 == 0,
         });
-        if i % 500 == 499 {
+        if i % 1000 == 999 {
             ops.push(Op::Drain);
         }
     }
-    run(ops, 2).unwrap();
+    let barn_peaks = run(ops, 2).unwrap();
+    for size in [24, 768] {
+        assert!(
+            barn_peaks[&size] > 0,
+            "the {size}-byte class never reached its barn"
+        );
+    }
 }
 
 /// Maintenance keeps slots that ran empty on the nolock path stocked: a pass

@@ -246,10 +246,11 @@ fn free_carry(heap: &Heap, p: usize) {
 
 /// Heap operations that run every sequence: hits and pushes on both paths,
 /// the lock sequence before a refill (both sheaves empty after `drain`) and
-/// before a flush (both full after 60 frees); then page blocks of orders 0
-/// to 3 on both paths (list pops and pushes, the lock sequence before a
-/// refill: the lists are empty after `drain`).
-fn round(heap: &Heap, live: &mut Vec<usize>) {
+/// after a push that finds main full (`many`, more objects than a sheaf
+/// holds, are allocated, then freed); then page blocks of orders 0 to 3 on
+/// both paths (list pops and pushes, the lock sequence before a refill: the
+/// lists are empty after `drain`).
+fn round(heap: &Heap, live: &mut Vec<usize>, many: usize) {
     IN_PAGE_ROUND.store(true, Ordering::Relaxed);
     page_round(heap);
     IN_PAGE_ROUND.store(false, Ordering::Relaxed);
@@ -277,7 +278,7 @@ fn round(heap: &Heap, live: &mut Vec<usize>) {
         live.push(p);
     };
     alloc(false); // refill: the sheaves were drained
-    for i in 0..70 {
+    for i in 0..many - 1 {
         alloc(i % 2 == 1);
     }
     for (i, p) in live.drain(..).enumerate() {
@@ -285,7 +286,8 @@ fn round(heap: &Heap, live: &mut Vec<usize>) {
             VIOLATIONS.fetch_add(1, Ordering::Relaxed);
         }
         let p = NonNull::new(p as *mut u8).unwrap();
-        // SAFETY: allocated on `heap` above; freed once (60+ frees: flush).
+        // SAFETY: allocated on `heap` above; freed once (more frees than
+        // a sheaf holds: a push finds main full).
         unsafe {
             if i % 2 == 0 {
                 heap.free(p)
@@ -449,7 +451,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
     let (grown, grown_held) = grown_heap();
     GROWN.store(grown as *const Heap as *mut Heap, Ordering::Release);
     anyalloc_storm::install_handler(libc::SIGTRAP, on_trap, &[]).expect("sigaction");
-    let probe = breakpoint::arm(round as fn(&Heap, &mut Vec<usize>) as usize);
+    let probe = breakpoint::arm(round as fn(&Heap, &mut Vec<usize>, usize) as usize);
     match probe {
         Some(fd) => breakpoint::close(fd),
         None => return skip("perf_event_open refused an execution breakpoint"),
@@ -461,6 +463,15 @@ fn every_instruction_of_every_sequence_survives_reentry() {
         "expected the three sequences, found {} descriptors",
         descs.len()
     );
+    // More 64 B objects per round than a sheaf holds.
+    let many = heap
+        .stats()
+        .classes
+        .iter()
+        .find(|c| c.size == SIZE)
+        .expect("the class of SIZE")
+        .sheaf_capacity
+        + 8;
     let mut live = Vec::new();
     let mut bytes = 0u64;
     let mut fired_addrs = 0u64;
@@ -480,7 +491,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
             let before_pages = FIRED_IN_PAGES.load(Ordering::Relaxed);
             let before_grown = FIRED_IN_GROWN.load(Ordering::Relaxed);
             BP_FD.store(fd, Ordering::Relaxed);
-            round(heap, &mut live);
+            round(heap, &mut live, many);
             BP_FD.store(-1, Ordering::Relaxed);
             breakpoint::close(fd);
             if FIRED.load(Ordering::Relaxed) > before {

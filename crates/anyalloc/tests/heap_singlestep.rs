@@ -191,9 +191,16 @@ fn stepped_pages(heap: &Heap, order: u32) {
 }
 
 /// The driver's workload: `rounds` rounds of allocations and frees of
-/// several sizes, enough of one class to go through main, spare, the barn
-/// and the slabs; `nolock` selects the path.
+/// several sizes, and more of one class than a sheaf holds, which go
+/// through main, the spare and the slabs; `nolock` selects the path.
 fn workload(heap: &Heap, rounds: usize, nolock: bool) {
+    let cap = heap
+        .stats()
+        .classes
+        .iter()
+        .find(|c| c.size == 64)
+        .expect("a 64-byte class")
+        .sheaf_capacity;
     for round in 0..rounds {
         let mut held = Vec::new();
         for &size in &[24usize, 64, 512, 4000, 12_000] {
@@ -201,8 +208,12 @@ fn workload(heap: &Heap, rounds: usize, nolock: bool) {
                 held.push(stepped_alloc(heap, size, nolock));
             }
         }
-        // One class through every level: main, spare, barn, slabs.
-        let many: Vec<usize> = (0..80).map(|_| stepped_alloc(heap, 64, nolock)).collect();
+        // One class past a sheaf's capacity, so that every round's
+        // allocations empty main and its frees fill it: refills from the
+        // slabs, then spare swaps.
+        let many: Vec<usize> = (0..cap + 8)
+            .map(|_| stepped_alloc(heap, 64, nolock))
+            .collect();
         for (i, h) in many.into_iter().enumerate() {
             stepped_free(heap, h, nolock ^ (i % 4 == 3));
         }

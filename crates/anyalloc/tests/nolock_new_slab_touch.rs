@@ -32,7 +32,7 @@ use anyalloc::{ClassStats, Heap};
 
 use script::{free_all, Pause};
 
-/// The class under test: 16 objects to a one-page slab, 30 to a sheaf.
+/// The class under test: 16 objects to a one-page slab, 60 to a sheaf.
 const SIZE: usize = 256;
 
 fn layout() -> std::alloc::Layout {
