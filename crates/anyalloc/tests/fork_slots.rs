@@ -17,6 +17,7 @@
 //! and no page comes to that CPU's list again. With them, the fork waits
 //! for the pause to end, and the child gets every slot back.
 
+mod common;
 mod watchdog;
 
 use std::alloc::Layout;
@@ -174,14 +175,10 @@ fn fork_while_another_thread_holds_a_sheaf_slot() {
     ) {
         return;
     }
-    let cap = Heap::new(Config::default().memory(64 << 20).maintenance(false))
-        .expect("heap")
-        .stats()
-        .classes
-        .iter()
-        .find(|c| c.size == 64)
-        .expect("a 64-byte class")
-        .sheaf_capacity;
+    let cap = common::sheaf_capacity(
+        &Heap::new(Config::default().memory(64 << 20).maintenance(false)).expect("heap"),
+        64,
+    );
     assert!(
         cap < CHURN_OBJECTS,
         "a churn of {CHURN_OBJECTS} objects must overflow a sheaf of {cap}"

@@ -28,6 +28,7 @@
 #![cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 
 mod breakpoint;
+mod common;
 mod watchdog;
 
 use std::alloc::{GlobalAlloc, Layout};
@@ -310,14 +311,7 @@ fn scenario() {
     }
     let descs = breakpoint::descriptors();
     // More 64 B objects per round than a sheaf holds.
-    let many = heap
-        .stats()
-        .classes
-        .iter()
-        .find(|c| c.size == SIZE)
-        .expect("the class of SIZE")
-        .sheaf_capacity
-        + 8;
+    let many = common::sheaf_capacity(heap, SIZE) + 8;
     let mut live = Vec::with_capacity(many + 16);
     // A first round outside the walk: what the heap holds at rest once
     // every path ran (std's own lazily made state included).

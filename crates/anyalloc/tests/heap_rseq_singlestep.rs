@@ -33,6 +33,7 @@
 #![cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 
 mod breakpoint;
+mod common;
 mod free_route;
 
 use std::alloc::Layout;
@@ -464,14 +465,7 @@ fn every_instruction_of_every_sequence_survives_reentry() {
         descs.len()
     );
     // More 64 B objects per round than a sheaf holds.
-    let many = heap
-        .stats()
-        .classes
-        .iter()
-        .find(|c| c.size == SIZE)
-        .expect("the class of SIZE")
-        .sheaf_capacity
-        + 8;
+    let many = common::sheaf_capacity(heap, SIZE) + 8;
     let mut live = Vec::new();
     let mut bytes = 0u64;
     let mut fired_addrs = 0u64;

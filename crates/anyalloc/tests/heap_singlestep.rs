@@ -194,13 +194,7 @@ fn stepped_pages(heap: &Heap, order: u32) {
 /// several sizes, and more of one class than a sheaf holds, which go
 /// through main, the spare and the slabs; `nolock` selects the path.
 fn workload(heap: &Heap, rounds: usize, nolock: bool) {
-    let cap = heap
-        .stats()
-        .classes
-        .iter()
-        .find(|c| c.size == 64)
-        .expect("a 64-byte class")
-        .sheaf_capacity;
+    let cap = common::sheaf_capacity(heap, 64);
     for round in 0..rounds {
         let mut held = Vec::new();
         for &size in &[24usize, 64, 512, 4000, 12_000] {

@@ -11,6 +11,7 @@
 //!   overwritten; the fill is the kit's owner-tagged pattern;
 //! * the page storm itself ([`run_page_storm`]), shared by the `page_storm`
 //!   test (which asserts) and example (which prints);
+//! * [`sheaf_capacity`]: how many objects of a size a sheaf holds;
 //! * single-step support: [`SeenSet`] (instruction addresses seen),
 //!   [`trap_on`] / [`trap_off`] (the trap flag) and [`next_step`] (a
 //!   `SIGTRAP` handler's view of the interrupted instruction).
@@ -24,13 +25,27 @@
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyalloc::{Config, PageAllocator, PageStats, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
+use anyalloc::{Config, Heap, PageAllocator, PageStats, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
 use anyalloc_storm::pattern::{self, Entry};
 use anyalloc_storm::signal::signal_value;
 use anyalloc_storm::{
     inside, install_handler, mix64, raise_here, storm_signals, ErrnoGuard, HandlerEntry,
     HandlerSlot, Stash, ThreadTimer, XorShift,
 };
+
+// ----- object classes ----------------------------------------------------------
+
+/// Objects a sheaf of `heap`'s class of `size`-byte objects holds: what a
+/// test must allocate or free past to be sure to reach a slow path,
+/// whatever the sheaf held before.
+pub fn sheaf_capacity(heap: &Heap, size: usize) -> usize {
+    heap.stats()
+        .classes
+        .iter()
+        .find(|c| c.size == size)
+        .unwrap_or_else(|| panic!("no class of {size} B"))
+        .sheaf_capacity
+}
 
 // ----- page-block handles -----------------------------------------------------
 
