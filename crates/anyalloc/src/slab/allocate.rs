@@ -80,16 +80,10 @@ impl HeapCore {
     ) -> Option<NonNull<u8>> {
         let c = cache.class();
         if !NOLOCK && cache.uses_rseq() {
-            return match cache.alloc_slow(&self.pages, self.pages.cpu()) {
-                Some(o) => {
-                    // As `alloc_general` after `alloc_once`.
-                    if self.pages.reclaim_requested() {
-                        self.reclaim_requested_now();
-                    }
-                    Some(self.hand_out(cache, o))
-                }
-                None => self.alloc_miss(class::layout_of(c)),
-            };
+            let served = cache
+                .alloc_slow(&self.pages, self.pages.cpu())
+                .map(|o| self.hand_out(cache, o));
+            return self.after_normal_slow(served, class::layout_of(c));
         }
         if NOLOCK {
             self.alloc_nolock_general(class::layout_of(c))
@@ -121,7 +115,19 @@ impl HeapCore {
                 }
             }
         }
-        match self.alloc_once(layout, 0) {
+        self.after_normal_slow(self.alloc_once(layout, 0), layout)
+    }
+
+    /// The end of a normal allocation's slow path, `served` or not: the
+    /// reclaim its page allocations asked for (see `alloc_general`), or
+    /// [`alloc_miss`](Self::alloc_miss) for `layout`.
+    #[inline(always)]
+    fn after_normal_slow(
+        &self,
+        served: Option<NonNull<u8>>,
+        layout: Layout,
+    ) -> Option<NonNull<u8>> {
+        match served {
             Some(p) => {
                 if self.pages.reclaim_requested() {
                     self.reclaim_requested_now();
