@@ -109,9 +109,14 @@ thread_local! {
 
 /// The holder's nested nolock work at a site: frees what an earlier site
 /// allocated, and allocates blocks of each size range for a later one
-/// (pages, too); many small ones, so that frees at a site where the holder
-/// holds the node lock overflow the sheaves and park objects on the
-/// deferred stack.
+/// (pages, too). The small ones come 200 at a time, most of a sheaf of
+/// their class (254 objects of 16 bytes), so that at some sites the
+/// allocations run the main sheaf dry (a refill, a spare swap) and the
+/// frees fill it (a swap, a flush to the barn): the nolock slow paths run
+/// beside the section the holder is parked in, not only the fast ones.
+/// (Not enough to park objects on the deferred stack, which takes every
+/// sheaf of the CPU and the barn full or busy; `heap_deferred_gate` and
+/// the storms cover that path.)
 fn nested_work() {
     let Ok(mut guard) = NESTED.try_lock() else {
         return;
