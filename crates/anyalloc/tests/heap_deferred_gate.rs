@@ -50,8 +50,8 @@ const REOPEN_REMOTE: usize = 3;
 /// After parking (`PARK`), nolock allocations until one takes parked
 /// objects (into `TAKEN`), with `REOPEN_REMOTE` armed.
 static TAKE_AFTER_PARK: AtomicBool = AtomicBool::new(false);
-/// (More than the barn's full sheaves hold, about 3800, which the nolock
-/// allocations take first.)
+/// (More than the barn's full sheaves hold, 3840 objects of 64 B in the
+/// 16 MiB heap of `setup`, which the nolock allocations take first.)
 static TAKEN: [AtomicUsize; 8192] = [const { AtomicUsize::new(0) }; 8192];
 static OTHER_CPU: AtomicUsize = AtomicUsize::new(0);
 static REMOTE_DONE: AtomicBool = AtomicBool::new(false);
@@ -139,14 +139,16 @@ fn hook(site: Site) {
     }
 }
 
-/// A heap (no maintainer: it would drain) with the calling thread pinned,
+/// A heap (no maintainer: it would drain; 16 MiB, whose barns are the
+/// smallest, so that the frees of `park` overflow one with few objects)
+/// with the calling thread pinned,
 /// whether it uses restartable sequences, and the tests' lock. Without
 /// restartable sequences there is no gate (every normal operation looks at
 /// the deferred stack), and the rest of the tests still holds.
 fn setup() -> (&'static Heap, bool, MutexGuard<'static, ()>) {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let heap: &'static Heap = Box::leak(Box::new(
-        Heap::new(Config::default().memory(64 << 20).maintenance(false)).unwrap(),
+        Heap::new(Config::default().memory(16 << 20).maintenance(false)).unwrap(),
     ));
     // One CPU's slots for every operation below (the heap has slots for
     // every CPU; the fast paths use the one the thread runs on).
@@ -168,8 +170,19 @@ fn park(heap: &Heap) -> (usize, Vec<NonNull<u8>>) {
             Ordering::Relaxed,
         );
     }
-    // More than the slot's sheaves and the barn's hold (about 4300).
-    let mut objs: Vec<NonNull<u8>> = (0..8000).map(|_| heap.alloc(layout()).unwrap()).collect();
+    // More than the slot's sheaves and the barn's hold (4320 of 64 B).
+    let class = *heap
+        .stats()
+        .classes
+        .iter()
+        .find(|c| c.size == SIZE)
+        .unwrap();
+    assert!(
+        class.barn_capacity < TAKEN.len(),
+        "TAKEN must outnumber the barn's objects: {class:?}"
+    );
+    let n = class.barn_capacity + 2 * class.sheaf_capacity + 3600;
+    let mut objs: Vec<NonNull<u8>> = (0..n).map(|_| heap.alloc(layout()).unwrap()).collect();
     let acted = ACTED.load(Ordering::Relaxed);
     set_hook(Some(hook));
     MODE.store(PARK, Ordering::Relaxed);

@@ -460,10 +460,17 @@ fn every_heap_site_survives_nolock_reentry() {
     MODE.store(PROBE, Ordering::Relaxed);
     for (round, driven) in [64usize, 8, 12, 1000, 4096, 8192].into_iter().enumerate() {
         DRIVEN.store(driven, Ordering::Relaxed);
-        // More than main + spare + the barn hold (for the larger classes,
-        // whose barn is capped by bytes): flushes return objects to their
-        // slabs, refills take them from the slabs.
-        let n = 700;
+        // More than main + spare + the barn hold for the larger classes
+        // (whose barn is capped by bytes: 1110 objects of 1 KiB), 700 to
+        // 1200 objects: flushes return objects to their slabs, refills take
+        // them from the slabs.
+        let class = *heap
+            .stats()
+            .classes
+            .iter()
+            .find(|c| c.size >= driven)
+            .unwrap();
+        let n = (class.barn_capacity + 3 * class.sheaf_capacity).clamp(700, 1200);
         let mut objs: Vec<usize> = (0..n).map(|i| driver_alloc(driven, i % 5 == 4)).collect();
         for (i, h) in objs.drain(..).enumerate() {
             driver_free(h, i % 3 == 2);

@@ -91,9 +91,9 @@ fn a_nolock_refill_trades_with_the_barn_while_the_node_lock_is_held() {
     }
     let heap = script::one_slot_heap();
     let cap = class(&heap).sheaf_capacity;
-    // Enough frees to fill the slot's two sheaves and every barn sheaf,
-    // and a flush's worth more, kept for role 1.
-    let first = alloc_n(&heap, 40 * cap);
+    // Enough frees to fill the slot's two sheaves and every barn sheaf
+    // (and more, to the slabs), and a flush's worth more, kept for role 1.
+    let first = alloc_n(&heap, class(&heap).barn_capacity + 24 * cap);
     let kept = alloc_n(&heap, 2 * cap + 1);
     free_all(&heap, first);
     // Role 1's frees fill main and spare, then flush: the barn has no

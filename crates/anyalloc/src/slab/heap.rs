@@ -40,12 +40,15 @@ impl Heap {
     #[cfg(feature = "std")]
     pub(crate) fn new_without_maintainer(config: Config) -> Result<Heap, Error> {
         let pages = PageAllocator::new(config)?;
-        let len = meta_layout(pages.cpus()).total.next_multiple_of(PAGE_SIZE);
+        let barn = BarnSize::for_memory(config.memory_bytes());
+        let len = meta_layout(pages.cpus(), barn)
+            .total
+            .next_multiple_of(PAGE_SIZE);
         let meta =
             crate::platform::os_reserve(len, PAGE_SIZE).ok_or(Error::Reserve { bytes: len })?;
         // SAFETY: `meta` is a fresh, zero-filled, page-aligned reservation of
-        // `len` bytes that only this heap uses.
-        let heap = unsafe { Self::build(pages, meta, (meta as usize, len)) };
+        // `len` bytes that only this heap uses, laid out for `barn`.
+        let heap = unsafe { Self::build(pages, meta, (meta as usize, len), barn) };
         // No maintainer yet: the slow paths give idle memory back until
         // one starts (`Config::decay`).
         heap.core().decays.store(config.decay, Ordering::Relaxed);
@@ -63,7 +66,11 @@ impl Heap {
     /// Creates a heap over an embedder's memory region (`no_std`): the heap's
     /// metadata is carved from the start of the region, the rest becomes the
     /// page allocator's zone. There is no maintenance thread: call
-    /// [`maintain`](Self::maintain) from a deferred context.
+    /// [`maintain`](Self::maintain) from a deferred context. Its caches'
+    /// barns are the smallest, whatever the region's size (16 sheaves and
+    /// 256 KiB of free objects each, see
+    /// [`ClassStats::barn_capacity`](crate::ClassStats::barn_capacity)):
+    /// their sheaves are metadata, which the region pays for.
     ///
     /// Errors (nothing of the region is touched then):
     /// [`Error::Config`] naming the setting: `Config::cpus` of 0 or above
@@ -122,7 +129,10 @@ impl Heap {
         let start = (region.as_ptr() as usize)
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or(wraps)?;
-        let meta_len = meta_layout(cpus).total;
+        // The smallest barn: its sheaves come out of the region (zeroed
+        // here), not out of address space that stays untouched until used.
+        let barn = BarnSize::MIN;
+        let meta_len = meta_layout(cpus, barn).total;
         let rest = start.saturating_add(meta_len);
         if rest >= end {
             return Err(Error::Region {
@@ -154,12 +164,12 @@ impl Heap {
         // is zeroed here as `build` requires.
         unsafe {
             core::ptr::write_bytes(start as *mut u8, 0, meta_len);
-            Ok(Self::build(pages, start as *mut u8, (0, 0)))
+            Ok(Self::build(pages, start as *mut u8, (0, 0), barn))
         }
     }
 
     /// # Safety
-    /// `meta` is page-aligned, zero-filled, `meta_layout(cpus).total` bytes long,
+    /// `meta` is page-aligned, zero-filled, `meta_layout(cpus, barn).total` bytes long,
     /// and lives (unused by others) as long as the heap. The caches' fast
     /// path follows the page allocator's choice (restartable sequences or
     /// not).
@@ -167,13 +177,14 @@ impl Heap {
         pages: PageAllocator,
         meta: *mut u8,
         mapping: (usize, usize),
+        barn: BarnSize,
     ) -> Heap {
         // Every cache's fast path runs its sequences, rseq or not (see
         // `sync::rseq::prepare_offset`).
         crate::sync::rseq::prepare_offset();
         let cpus = pages.cpus();
         let rseq_off = pages.rseq_off();
-        let m = meta_layout(cpus);
+        let m = meta_layout(cpus, barn);
         // Checked in every build (once per heap): the caches' alignment,
         // and with it every `&Cache`, rests on it.
         crate::check!(
@@ -206,6 +217,7 @@ impl Heap {
                         cpus,
                         rseq_off,
                         key,
+                        barn,
                     },
                     meta.add(m.level0 + i * cache::SLOT_BYTES),
                     meta.add(m.slots + i * m.slots_per_cache),

@@ -131,7 +131,7 @@ use crate::sync::IndexStack;
 use crate::sync::SlotLock;
 use crate::{MAX_ORDER, PAGE_SIZE};
 pub use cache::ClassStats;
-use cache::{cache_sheaf_bytes, cache_slot_bytes, Cache, CacheSetup};
+use cache::{cache_sheaf_bytes, cache_slot_bytes, BarnSize, Cache, CacheSetup};
 pub(crate) use class::CLASSES;
 use reclaim::{ShrinkerNode, Shrinkers};
 
@@ -398,13 +398,13 @@ struct MetaLayout {
     total: usize,
 }
 
-fn meta_layout(cpus: usize) -> MetaLayout {
+fn meta_layout(cpus: usize, barn: BarnSize) -> MetaLayout {
     let caches = CACHES_OFF;
     let level0 = LEVEL0_OFF;
     let slots = level0 + cpus * cache::LEVEL0_STRIDE;
     let slots_per_cache = cache_slot_bytes(cpus).next_multiple_of(64);
     let sheaves = (slots + CACHES * slots_per_cache).next_multiple_of(PAGE_SIZE);
-    let sheaves_per_cache = cache_sheaf_bytes(cpus).next_multiple_of(64);
+    let sheaves_per_cache = cache_sheaf_bytes(cpus, barn).next_multiple_of(64);
     let huge = sheaves + CACHES * sheaves_per_cache;
     #[cfg(feature = "std")]
     let total = huge + huge::HugeTable::BYTES;
@@ -692,6 +692,7 @@ impl HeapCore {
             c.slabs += cs.slabs;
             c.cached_in_sheaves += cs.cached_in_sheaves;
             c.cached_in_barn += cs.cached_in_barn;
+            c.barn_capacity = cs.barn_capacity;
             c.deferred += cs.deferred;
             s.objects_in_use += cs.objects_in_use;
             s.nolock_alloc_ok += cache.nolock_ok();

@@ -116,7 +116,7 @@ impl Cache {
 
     /// Barn lock held, and `slot` held by the caller (`g`): an empty barn
     /// sheaf becomes main, the old main joining the barn's full list.
-    /// `false` when the barn has no room (`BARN_BYTES`) or no empty sheaf.
+    /// `false` when the barn has no room (`BarnSize::bytes`) or no empty sheaf.
     pub(super) fn trade_main_for_empty(
         &self,
         slot: &SheafSlot,
@@ -154,7 +154,7 @@ impl Cache {
 
     /// Barn lock held, and `slot` held by the caller (`_g`): trades its
     /// spare sheaf for an empty barn sheaf, the old one joining the barn's
-    /// full list. `false` when the barn has no room (`BARN_BYTES`) or no
+    /// full list. `false` when the barn has no room (`BarnSize::bytes`) or no
     /// empty sheaf.
     pub(super) fn trade_spare_for_empty(
         &self,
@@ -208,9 +208,11 @@ impl Cache {
     }
 
     /// An empty barn sheaf to take a sheaf's worth of objects, if the barn
-    /// has room for them (`BARN_BYTES`) and an empty sheaf (barn lock held).
+    /// has room for them (`BarnSize::bytes`) and an empty sheaf (barn lock
+    /// held).
     pub(super) fn barn_empty_with_room(&self, barn: &BarnGuard<'_>) -> Option<*mut Sheaf> {
-        let room = (self.barn.objects.load(Ordering::Relaxed) + self.cap) * self.size <= BARN_BYTES;
+        let room = (self.barn.objects.load(Ordering::Relaxed) + self.cap) * self.size
+            <= self.barn.size.bytes;
         if !room {
             return None;
         }
