@@ -112,8 +112,20 @@ fn free_batch(a: &dyn GlobalAlloc, layout: Layout, held: &[*mut u8]) {
 /// order.
 #[inline(never)]
 pub fn batches(name: &str, a: &dyn GlobalAlloc, layout: Layout, iters: u64) -> Duration {
+    batches_of::<BATCH>(name, a, layout, iters)
+}
+
+/// `iters` times: allocate `N` objects, then free them in allocation order
+/// (the batch's loop with another count).
+#[inline(never)]
+fn batches_of<const N: usize>(
+    name: &str,
+    a: &dyn GlobalAlloc,
+    layout: Layout,
+    iters: u64,
+) -> Duration {
     let a = black_box(a);
-    let mut held = vec![std::ptr::null_mut::<u8>(); BATCH];
+    let mut held = vec![std::ptr::null_mut::<u8>(); N];
     let t = Instant::now();
     for _ in 0..iters {
         alloc_batch(name, a, layout, &mut held);
@@ -330,6 +342,45 @@ pub fn is_batch_phase(w: &WorkloadResult) -> bool {
     w.op == ALLOC_PHASE_OP || w.op == FREE_PHASE_OP
 }
 
+/// The op of the working-set workloads ([`working_set_workloads`]).
+const WORKING_SET_OP: &str = "alloc+free (all allocs, then all frees)";
+
+/// The batch's loop with other counts and sizes (informational, no
+/// targets): how each allocator's time per object moves with what a batch
+/// holds live, from 200 objects (13 KiB) to 40,000 (2.5 MiB). anyalloc's
+/// run through its sheaves and barn up to about 1 MiB per class (see
+/// `ClassStats::barn_capacity`), and beyond it through the slabs. Their
+/// names do not contain the batch's, so a filter that selects the batch
+/// selects only it.
+pub fn working_set_workloads() -> [Single; 5] {
+    fn w(n: usize, size: usize, work: Work) -> Single {
+        (
+            format!("working set {n} x {}", crate::fmt_bytes(size)),
+            WORKING_SET_OP,
+            n as u64,
+            work,
+            size,
+        )
+    }
+    [
+        w(200, 64, batches_of::<200> as Work),
+        w(10_000, 64, batches_of::<10_000> as Work),
+        w(40_000, 64, batches_of::<40_000> as Work),
+        w(4000, 256, batches_of::<4000> as Work),
+        w(1000, 1024, batches_of::<1000> as Work),
+    ]
+}
+
+/// Whether `w` is one of the working-set workloads (informational).
+pub fn is_working_set(w: &WorkloadResult) -> bool {
+    w.op == WORKING_SET_OP
+}
+
+/// What the working-set workloads are, for the reports' set-up lines.
+pub const WORKING_SETS_SETUP: &str = "working sets (informational, no targets): the batch's loop \
+     (n allocations, then their frees in allocation order) with other counts and sizes, from 200 x 64 B \
+     (13 KiB live) to 40000 x 64 B (2.5 MiB), ns per alloc+free";
+
 /// What the batch phases are, for the reports' set-up lines.
 pub const PHASES_SETUP: &str = "batch phases (informational, no targets): the batch's loop with only its \
      alloc phase or only its free phase timed (the clock read between the phases), ns per alloc or per free";
@@ -374,10 +425,13 @@ pub fn run_producer_consumer(opts: &Options, peers: &[Named<Alloc>]) -> Workload
 
 /// `normal / best of glibc, mimalloc, jemalloc <= 1.0` (and the same for
 /// `Global` when it took part) and `nolock / normal <= 1.1` for each
-/// workload but the batch's phases (informational).
+/// workload but the batch's phases and the working sets (informational).
 pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
     let mut targets = Vec::new();
-    let results: Vec<&WorkloadResult> = results.iter().filter(|w| !is_batch_phase(w)).collect();
+    let results: Vec<&WorkloadResult> = results
+        .iter()
+        .filter(|w| !is_batch_phase(w) && !is_working_set(w))
+        .collect();
     for &w in &results {
         let best = w.best_of(&OTHERS);
         for who in [NORMAL, crate::peers::GLOBAL] {
@@ -536,31 +590,10 @@ mod tests {
     /// does not select the phases.
     #[test]
     fn batch_phases_run_the_whole_batch_and_carry_no_targets() {
-        use std::sync::atomic::AtomicUsize;
-        struct Counting {
-            allocs: AtomicUsize,
-            frees: AtomicUsize,
-        }
-        // SAFETY: forwards to `System`, counting the calls.
-        unsafe impl GlobalAlloc for Counting {
-            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-                self.allocs.fetch_add(1, Ordering::Relaxed);
-                // SAFETY: forwarded contract.
-                unsafe { std::alloc::System.alloc(layout) }
-            }
-            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-                self.frees.fetch_add(1, Ordering::Relaxed);
-                // SAFETY: forwarded contract.
-                unsafe { std::alloc::System.dealloc(ptr, layout) }
-            }
-        }
         let batch = batch_workload(64);
         for w in batch_phase_workloads(64) {
             assert!(!w.0.contains(&batch.0), "{} selects with the batch", w.0);
-            let c = Counting {
-                allocs: AtomicUsize::new(0),
-                frees: AtomicUsize::new(0),
-            };
+            let c = Counting::new();
             let t = Instant::now();
             let phase = (w.3)("counting", &c, layout(w.4), 3);
             assert!(phase <= t.elapsed(), "{}: more than the whole run", w.0);
@@ -576,6 +609,66 @@ mod tests {
         }
         let r = run_single(&quick(), &batch, &[("glibc", &std::alloc::System)]);
         assert!(!is_batch_phase(&r));
+    }
+
+    /// `System`, counting the calls.
+    struct Counting {
+        allocs: std::sync::atomic::AtomicUsize,
+        frees: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Counting {
+        fn new() -> Self {
+            Counting {
+                allocs: 0.into(),
+                frees: 0.into(),
+            }
+        }
+    }
+
+    // SAFETY: forwards to `System`, counting the calls.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            self.allocs.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: forwarded contract.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            self.frees.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: forwarded contract.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    /// A working set allocates and frees as many objects per iteration as
+    /// its count says, of its size, and carries no targets; a filter that
+    /// selects the batch by name selects none of them.
+    #[test]
+    fn working_sets_run_their_counts_and_carry_no_targets() {
+        let batch = batch_workload(64);
+        let sets = working_set_workloads();
+        for w in &sets {
+            assert!(!w.0.contains(&batch.0), "{} selects with the batch", w.0);
+            assert!(
+                w.0.contains(&format!("{} x {}", w.2, crate::fmt_bytes(w.4))),
+                "{}: the name says another count or size",
+                w.0
+            );
+            let c = Counting::new();
+            (w.3)("counting", &c, layout(w.4), 2);
+            assert_eq!(
+                c.allocs.load(Ordering::Relaxed),
+                2 * w.2 as usize,
+                "{}",
+                w.0
+            );
+            assert_eq!(c.frees.load(Ordering::Relaxed), 2 * w.2 as usize, "{}", w.0);
+        }
+        let peers: Vec<Named<Alloc>> = vec![("glibc", &std::alloc::System)];
+        let r = run_single(&quick(), &sets[0], &peers);
+        assert!(is_working_set(&r), "{}", sets[0].0);
+        assert!(targets(std::slice::from_ref(&r)).is_empty());
+        assert!(r.median_of("glibc").is_some_and(|ns| ns > 0.0));
     }
 
     /// The set-up line names the row as the tables print it.

@@ -5,6 +5,7 @@
 //! | 1 | `pairs` | alloc+free pair by size, 16 B to 64 KiB | glibc, mimalloc, jemalloc, anyalloc Global, Heap normal, Heap nolock (+ calls-only reference) |
 //! | 2 | `batch` | 1000 allocations then 1000 frees | same (+ calls-only reference) |
 //! | 2 | `phases` | the batch's alloc phase and free phase, each timed alone (informational) | same |
+//! | 2 | `working-sets` | the batch's loop with 200 to 40,000 objects, 64 B to 1 KiB (informational) | same |
 //! | 3 | `producer-consumer` | one thread allocates, another frees | same (+ ring-only reference) |
 //! | 4 | `larson` | server churn, slot arrays handed to new threads | same |
 //! | 5 | `cache-scratch` | passive false sharing | same (+ two references) |
@@ -331,6 +332,7 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
         "workloads 1-5: every peer called through &dyn GlobalAlloc (Layout align 8), one dynamic call per alloc and per free".to_string(),
         heap::CALLS_ONLY_SETUP.to_string(),
         heap::PHASES_SETUP.to_string(),
+        heap::WORKING_SETS_SETUP.to_string(),
         format!(
             "{}: std::alloc::System; {}: mimalloc::MiMalloc; {}: tikv_jemallocator::Jemalloc; {}: anyalloc::Global (the process-wide heap, with its re-entry routing)",
             peers::GLIBC, peers::MIMALLOC, peers::JEMALLOC, peers::GLOBAL
@@ -352,6 +354,11 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
         heap::batch_phase_workloads(64)
             .iter()
             .map(|w| format!("phases: {}", w.0)),
+    );
+    candidates.extend(
+        heap::working_set_workloads()
+            .iter()
+            .map(|w| format!("working-sets: {}", w.0)),
     );
     candidates.push("producer-consumer: producer/consumer 64 B".into());
     candidates.push("larson: larson server churn".into());
@@ -388,6 +395,13 @@ pub fn measure_all(cfg: &SuiteConfig) -> SuiteReport {
             for w in heap::batch_phase_workloads(64) {
                 if sel("phases", &w.0) {
                     timed.push(with_maintainers(2, "phases", hp, &list, || {
+                        heap::run_single(opts, &w, &list)
+                    }));
+                }
+            }
+            for w in heap::working_set_workloads() {
+                if sel("working-sets", &w.0) {
+                    timed.push(with_maintainers(2, "working-sets", hp, &list, || {
                         heap::run_single(opts, &w, &list)
                     }));
                 }

@@ -97,7 +97,7 @@ enum Command {
     /// buddy_system_allocator, kernel-style pools), with plots
     #[command(
         long_about = "Benchmarks of anyalloc side by side with its peers.\n\n\
-        Workloads: 1 pairs (alloc+free by size, 16 B-64 KiB), 2 batch (1000 allocs then 1000 frees; and its two phases, each timed alone, as the informational group phases), \
+        Workloads: 1 pairs (alloc+free by size, 16 B-64 KiB), 2 batch (1000 allocs then 1000 frees; and its two phases, each timed alone, as the informational group phases; and the same loop with 200 to 40,000 objects of 64 B to 1 KiB, as the informational group working-sets), \
         3 producer-consumer (across threads), 4 larson (server churn, cross-thread frees), \
         5 cache-scratch (false sharing), 6 pages (orders 0-3, 6 and 10), 7 bursts (1-10,000 objects \
         from signal handlers: success rate and RSS, each allocator in a child process), \
@@ -138,7 +138,7 @@ struct BenchArgs {
     json: bool,
 
     /// Only workloads whose "group: name" contains TEXT (groups: pairs, batch,
-    /// phases, producer-consumer, larson, cache-scratch, pages, bursts, survival)
+    /// phases, working-sets, producer-consumer, larson, cache-scratch, pages, bursts, survival)
     #[arg(long, value_name = "TEXT")]
     filter: Option<String>,
 
