@@ -78,20 +78,24 @@ fn the_barn_grows_with_the_first_zone() {
     assert_eq!(class(&heap(64 << 20), 64).barn_capacity, 15360);
 }
 
-/// Frees `n` objects of `size` bytes after allocating them all, and
-/// returns the class's counts after the frees and after allocating `n`
-/// again, with the slabs the class held at the peak.
-fn batch_twice(heap: &Heap, size: usize, n: usize) -> (usize, ClassStats, ClassStats) {
+/// Allocates `n` objects of `size` bytes, frees them all, allocates `n`
+/// again and frees them: the class's counts at the first peak, after the
+/// first frees, and at the second peak.
+fn batch_twice(heap: &Heap, size: usize, n: usize) -> [ClassStats; 3] {
     let objs = alloc_n(heap, size, n);
-    let peak_slabs = class(heap, size).slabs;
+    let peak = class(heap, size);
     free_all(heap, objs);
-    let after_free = class(heap, size);
+    let freed = class(heap, size);
     let again = alloc_n(heap, size, n);
-    let after_alloc = class(heap, size);
+    let second_peak = class(heap, size);
     free_all(heap, again);
     heap.drain();
     assert_eq!(class(heap, size).objects_in_use, 0, "objects lost");
-    (peak_slabs, after_free, after_alloc)
+    [peak, freed, second_peak]
+}
+
+fn cached(c: &ClassStats) -> usize {
+    c.cached_in_sheaves + c.cached_in_barn
 }
 
 #[test]
@@ -99,23 +103,23 @@ fn a_batch_the_barn_holds_skips_the_slabs() {
     let size = 256;
     let big = heap(64 << 20);
     let c = class(&big, size);
-    // The slot's main and spare, and every full sheaf the barn may hold.
-    let n = c.barn_capacity + 2 * c.sheaf_capacity;
-    let (peak_slabs, freed, again) = batch_twice(&big, size, n);
-    assert_eq!(freed.cached_in_barn, c.barn_capacity, "{freed:?}");
-    assert_eq!(freed.cached_in_sheaves, 2 * c.sheaf_capacity, "{freed:?}");
+    // A full barn and a sheaf: with what the allocations' last refill left
+    // in the slot's main sheaf (less than a sheaf), the slot's two sheaves
+    // and the barn hold it all.
+    let n = c.barn_capacity + c.sheaf_capacity;
+    let [peak, freed, again] = batch_twice(&big, size, n);
+    let left = cached(&peak);
+    assert!(left < c.sheaf_capacity, "{peak:?}");
     assert_eq!(
-        freed.slabs, peak_slabs,
-        "no slab emptied: every object stayed cached"
+        cached(&freed),
+        left + n,
+        "a freed object left the caches: {freed:?}"
     );
+    assert_eq!(freed.slabs, peak.slabs, "a slab emptied: {freed:?}");
+    assert_eq!(cached(&again), left, "{again:?}");
     assert_eq!(
-        again.cached_in_barn + again.cached_in_sheaves,
-        0,
-        "{again:?}"
-    );
-    assert_eq!(
-        again.slabs, peak_slabs,
-        "no slab taken for the second batch"
+        again.slabs, peak.slabs,
+        "a slab taken for the second batch: {again:?}"
     );
 
     // The same batch in a 16 MiB heap, whose barn holds a quarter of it:
@@ -126,10 +130,11 @@ fn a_batch_the_barn_holds_skips_the_slabs() {
         s.barn_capacity * 4 <= c.barn_capacity,
         "{s:?} against {c:?}"
     );
-    let (peak_slabs, freed, _) = batch_twice(&small, size, n);
+    let [peak, freed, _] = batch_twice(&small, size, n);
     assert_eq!(freed.cached_in_barn, s.barn_capacity, "{freed:?}");
+    assert!(cached(&freed) < cached(&peak) + n, "{freed:?}");
     assert!(
-        freed.slabs < peak_slabs,
-        "objects beyond the barn went back to their slabs: {freed:?}, {peak_slabs} slabs at the peak"
+        freed.slabs < peak.slabs,
+        "objects beyond the barn went back to their slabs: {freed:?}, {peak:?} at the peak"
     );
 }
