@@ -9,7 +9,10 @@
 //! mimalloc's time, and 4000 of 256 B twice. Its bound now grows from 256
 //! KiB (heaps of up to 16 MiB) to 1 MiB (64 MiB and more).
 
+mod common;
+
 use anyalloc::{ClassStats, Config, Heap};
+use common::class_of;
 use std::alloc::Layout;
 use std::ptr::NonNull;
 
@@ -24,15 +27,6 @@ fn heap(memory: usize) -> Heap {
         .maintenance(false)
         .decay(false);
     Heap::new(config).expect("heap")
-}
-
-fn class(heap: &Heap, size: usize) -> ClassStats {
-    *heap
-        .stats()
-        .classes
-        .iter()
-        .find(|c| c.size == size)
-        .unwrap_or_else(|| panic!("no class of {size} B"))
 }
 
 fn alloc_n(heap: &Heap, size: usize, n: usize) -> Vec<NonNull<u8>> {
@@ -74,8 +68,8 @@ fn the_barn_grows_with_the_first_zone() {
         }
     }
     // The figures the documentation gives: 64-byte objects.
-    assert_eq!(class(&heap(16 << 20), 64).barn_capacity, 3840);
-    assert_eq!(class(&heap(64 << 20), 64).barn_capacity, 15360);
+    assert_eq!(class_of(&heap(16 << 20), 64).barn_capacity, 3840);
+    assert_eq!(class_of(&heap(64 << 20), 64).barn_capacity, 15360);
 }
 
 /// Allocates `n` objects of `size` bytes, frees them all, allocates `n`
@@ -83,14 +77,14 @@ fn the_barn_grows_with_the_first_zone() {
 /// first frees, and at the second peak.
 fn batch_twice(heap: &Heap, size: usize, n: usize) -> [ClassStats; 3] {
     let objs = alloc_n(heap, size, n);
-    let peak = class(heap, size);
+    let peak = class_of(heap, size);
     free_all(heap, objs);
-    let freed = class(heap, size);
+    let freed = class_of(heap, size);
     let again = alloc_n(heap, size, n);
-    let second_peak = class(heap, size);
+    let second_peak = class_of(heap, size);
     free_all(heap, again);
     heap.drain();
-    assert_eq!(class(heap, size).objects_in_use, 0, "objects lost");
+    assert_eq!(class_of(heap, size).objects_in_use, 0, "objects lost");
     [peak, freed, second_peak]
 }
 
@@ -102,7 +96,7 @@ fn cached(c: &ClassStats) -> usize {
 fn a_batch_the_barn_holds_skips_the_slabs() {
     let size = 256;
     let big = heap(64 << 20);
-    let c = class(&big, size);
+    let c = class_of(&big, size);
     // A full barn and a sheaf: with what the allocations' last refill left
     // in the slot's main sheaf (less than a sheaf), the slot's two sheaves
     // and the barn hold it all.
@@ -125,7 +119,7 @@ fn a_batch_the_barn_holds_skips_the_slabs() {
     // The same batch in a 16 MiB heap, whose barn holds a quarter of it:
     // the rest goes back to the slabs, and empty slabs to the pages.
     let small = heap(16 << 20);
-    let s = class(&small, size);
+    let s = class_of(&small, size);
     assert!(
         s.barn_capacity * 4 <= c.barn_capacity,
         "{s:?} against {c:?}"

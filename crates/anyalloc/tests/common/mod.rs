@@ -11,7 +11,8 @@
 //!   overwritten; the fill is the kit's owner-tagged pattern;
 //! * the page storm itself ([`run_page_storm`]), shared by the `page_storm`
 //!   test (which asserts) and example (which prints);
-//! * [`sheaf_capacity`]: how many objects of a size a sheaf holds;
+//! * [`class_of`] and [`sheaf_capacity`]: a size class's counters, and how
+//!   many objects of a size a sheaf holds;
 //! * single-step support: [`SeenSet`] (instruction addresses seen),
 //!   [`trap_on`] / [`trap_off`] (the trap flag) and [`next_step`] (a
 //!   `SIGTRAP` handler's view of the interrupted instruction).
@@ -25,7 +26,9 @@
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyalloc::{Config, Heap, PageAllocator, PageStats, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER};
+use anyalloc::{
+    ClassStats, Config, Heap, PageAllocator, PageStats, MAX_ORDER, PAGE_SIZE, PCP_MAX_ORDER,
+};
 use anyalloc_storm::pattern::{self, Entry};
 use anyalloc_storm::signal::signal_value;
 use anyalloc_storm::{
@@ -35,16 +38,22 @@ use anyalloc_storm::{
 
 // ----- object classes ----------------------------------------------------------
 
-/// Objects a sheaf of `heap`'s class of `size`-byte objects holds: what a
-/// test must allocate or free past to be sure to reach a slow path,
-/// whatever the sheaf held before.
-pub fn sheaf_capacity(heap: &Heap, size: usize) -> usize {
-    heap.stats()
+/// The counters of `heap`'s class of `size`-byte objects (`size` one of
+/// the class sizes).
+pub fn class_of(heap: &Heap, size: usize) -> ClassStats {
+    *heap
+        .stats()
         .classes
         .iter()
         .find(|c| c.size == size)
         .unwrap_or_else(|| panic!("no class of {size} B"))
-        .sheaf_capacity
+}
+
+/// Objects a sheaf of `heap`'s class of `size`-byte objects holds: what a
+/// test must allocate or free past to be sure to reach a slow path,
+/// whatever the sheaf held before.
+pub fn sheaf_capacity(heap: &Heap, size: usize) -> usize {
+    class_of(heap, size).sheaf_capacity
 }
 
 // ----- page-block handles -----------------------------------------------------
