@@ -71,7 +71,8 @@ pub(crate) struct PageDesc {
     pub(crate) next: AtomicU32,
     /// Back link of the buddy free list.
     pub(crate) prev: AtomicU32,
-    /// Slab layer: owning cache index + 1, or a large-allocation marker, on
+    /// Slab layer: the owning cache's owner tag (its index + 1, shifted:
+    /// `slab::class::tag_of`), or a large-allocation marker, on
     /// every page of a slab and the head page of a large allocation; 0 on
     /// pages the object allocator does not own. The heap clears it before
     /// its own free of the block; the page allocator's public frees report

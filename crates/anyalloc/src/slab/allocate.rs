@@ -29,12 +29,12 @@ impl HeapCore {
     /// of computing an address from the class.
     #[inline(always)]
     pub(super) fn alloc_by_class<const NOLOCK: bool>(&self, layout: Layout) -> Option<NonNull<u8>> {
-        // The table gives the owner id, class + 1 (see `class::ClassTables`).
-        if let Some(k) = self.tables().owner_fast(layout.size(), layout.align()) {
-            if k <= cache::FIRST_KEYED_CLASS {
-                return self.alloc_tiny::<NOLOCK>(k - 1);
+        // The table gives the owner tag (see `class::ClassTables`).
+        if let Some(k) = self.tables().tag_fast(layout.size(), layout.align()) {
+            if k < class::tag_of(cache::FIRST_KEYED_CLASS) {
+                return self.alloc_tiny::<NOLOCK>(k);
             }
-            return self.alloc_in_class::<NOLOCK>(k - 1);
+            return self.alloc_in_cache::<NOLOCK>(k);
         }
         if NOLOCK {
             self.alloc_nolock_general(layout)
@@ -47,18 +47,19 @@ impl HeapCore {
     /// the fast path's code falls through for the other classes.
     #[cold]
     #[inline(never)]
-    pub(super) fn alloc_tiny<const NOLOCK: bool>(&self, c: usize) -> Option<NonNull<u8>> {
-        self.alloc_in_class::<NOLOCK>(c)
+    pub(super) fn alloc_tiny<const NOLOCK: bool>(&self, tag: usize) -> Option<NonNull<u8>> {
+        self.alloc_in_cache::<NOLOCK>(tag)
     }
 
-    /// The allocation fast path for class `c`: this CPU's main sheaf, or
-    /// one tail call to the general path of the mode.
+    /// The allocation fast path for the plain cache whose owner tag is
+    /// `tag`: this CPU's main sheaf, or one tail call to the general path
+    /// of the mode.
     #[inline(always)]
-    pub(super) fn alloc_in_class<const NOLOCK: bool>(&self, c: usize) -> Option<NonNull<u8>> {
-        let (cache, base, idx) = self.cache_at(c);
+    pub(super) fn alloc_in_cache<const NOLOCK: bool>(&self, tag: usize) -> Option<NonNull<u8>> {
+        let (cache, base, idx) = self.cache_at(tag);
         // SAFETY: `cache_at` names `cache`.
         if let Some(obj) = unsafe { Cache::seq_pop_at::<NOLOCK>(base, idx) } {
-            cache.clear_free_mark_of(obj, c);
+            cache.clear_free_mark_of(obj, class::index_of_tag(tag));
             return Some(self.handed_out(obj));
         }
         self.alloc_class_general::<NOLOCK>(cache)

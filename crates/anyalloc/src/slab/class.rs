@@ -23,9 +23,32 @@ pub(crate) const MAX_SMALL: usize = 8192;
 /// Entries of the lookup tables: every size from 0 to 8 KiB.
 const STEPS: usize = MAX_SMALL + 1;
 
-/// The class of each size up to 8 KiB, plus one (`ClassTables::plain`).
-const fn lookup_plain() -> [u8; STEPS] {
-    let mut t = [0u8; STEPS];
+/// How a page descriptor names the cache that owns the page: its *owner
+/// tag*, the cache's owner id (index + 1) shifted left by `TAG_SHIFT`.
+/// The tag is the very index the fast-path sequences address a cache and
+/// its level-0 slots with (`HeapCore::cache_at`: `(index + 1) *
+/// SLOT_BYTES`), so a fast path that has a tag in hand (from the size
+/// tables, or from the page's descriptor) needs no shift to use it, and a
+/// sized free compares its table entry with the descriptor's tag as both
+/// are loaded.
+pub(crate) const TAG_SHIFT: u32 = 6;
+
+/// The owner tag of the cache whose index is `index` (see [`TAG_SHIFT`]).
+#[inline(always)]
+pub(crate) const fn tag_of(index: usize) -> usize {
+    (index + 1) << TAG_SHIFT
+}
+
+/// The cache index an owner tag names (see [`TAG_SHIFT`]).
+#[inline(always)]
+pub(crate) const fn index_of_tag(tag: usize) -> usize {
+    (tag >> TAG_SHIFT) - 1
+}
+
+/// The owner tag of the plain cache of each size up to 8 KiB
+/// (`ClassTables::plain`).
+const fn lookup_plain() -> [u16; STEPS] {
+    let mut t = [0u16; STEPS];
     let mut i = 0;
     let mut c = 0;
     while i < STEPS {
@@ -33,25 +56,24 @@ const fn lookup_plain() -> [u8; STEPS] {
         while (SIZES[c] as usize) < size {
             c += 1;
         }
-        t[i] = c as u8 + 1;
+        t[i] = tag_of(c) as u16;
         i += 1;
     }
     t
 }
-const _: () = assert!(CLASSES < u8::MAX as usize);
 
 /// `lookup_plain` for requests aligned to `align`: each entry moves up to the
 /// first class whose natural alignment provides it.
-const fn lookup_aligned(align: usize) -> [u8; STEPS] {
+const fn lookup_aligned(align: usize) -> [u16; STEPS] {
     let plain = lookup_plain();
-    let mut t = [0u8; STEPS];
+    let mut t = [0u16; STEPS];
     let mut i = 0;
     while i < STEPS {
-        let mut c = plain[i] as usize - 1;
+        let mut c = index_of_tag(plain[i] as usize);
         while natural_align(c) < align {
             c += 1;
         }
-        t[i] = c as u8 + 1;
+        t[i] = tag_of(c) as u16;
         i += 1;
     }
     t
@@ -69,14 +91,17 @@ pub(crate) const fn natural_align(c: usize) -> usize {
 }
 
 /// The size-to-class tables of the fast paths: for every size from 0 to
-/// 8 KiB, the owner id of the plain cache that serves it (class + 1), by
-/// alignment, and the sized free's hint.
+/// 8 KiB, the owner tag of the plain cache that serves it ([`tag_of`] its
+/// class), by alignment, and the sized free's hint.
 ///
 /// Indexed by the size itself, so that one load serves every small size
-/// with no index computation. Plus one, because that is what page
-/// descriptors hold: the sized free compares its entry with the
-/// descriptor's owner as loaded, and the fast paths fold the `- 1` into the
-/// offsets they address the cache with.
+/// with no index computation. Tags, because that is what page descriptors
+/// hold and what the sequences address a cache with: the sized free
+/// compares its entry with the descriptor's tag as loaded, and both fast
+/// paths hand the entry to the sequences as it is. (With class + 1 in a
+/// byte, as until this layout, each of them shifted it first: one
+/// instruction of a free and one of an allocation, for twice the tables'
+/// bytes now, 64 KiB per heap.)
 ///
 /// Every heap keeps a copy in its metadata area at a fixed offset from its
 /// core (`HeapCore::tables`), so the fast paths address an entry from the
@@ -88,16 +113,16 @@ pub(crate) const fn natural_align(c: usize) -> usize {
 #[repr(C)]
 pub(crate) struct ClassTables {
     /// Alignment up to 4.
-    plain: [u8; STEPS],
+    plain: [u16; STEPS],
     /// 8-byte alignment (the common Rust case): skips the 4-aligned classes
     /// 12, 20 and 28.
-    align8: [u8; STEPS],
+    align8: [u16; STEPS],
     /// 16-byte alignment (C's `malloc`, `max_align_t`, `u128`): skips the
     /// classes whose size is not a multiple of 16.
-    align16: [u8; STEPS],
+    align16: [u16; STEPS],
     /// `plain` with [`TINY_HINT`] set in the tiny classes' entries
-    /// ([`owner_hint`](Self::owner_hint)).
-    hint: [u8; STEPS],
+    /// ([`tag_hint`](Self::tag_hint)).
+    hint: [u16; STEPS],
 }
 
 /// The tables, as every heap's copy starts.
@@ -109,11 +134,12 @@ pub(crate) static TABLES: ClassTables = ClassTables {
 };
 
 impl ClassTables {
-    /// The owner id of the plain cache serving a request (class + 1): the
-    /// common cases of [`class_for`], one table load each (alignment up to
-    /// 16, any small size). `None` means "ask `class_for`", not "large".
+    /// The owner tag of the plain cache serving a request ([`tag_of`] its
+    /// class): the common cases of [`class_for`], one table load each
+    /// (alignment up to 16, any small size). `None` means "ask
+    /// `class_for`", not "large".
     #[inline(always)]
-    pub(crate) fn owner_fast(&self, size: usize, align: usize) -> Option<usize> {
+    pub(crate) fn tag_fast(&self, size: usize, align: usize) -> Option<usize> {
         if size <= MAX_SMALL {
             // 8 first: the common Rust case takes one test.
             if align == 8 {
@@ -129,18 +155,18 @@ impl ClassTables {
         None
     }
 
-    /// The owner id of the plain cache a block of `size` bytes most likely
-    /// belongs to, for a free told the layout: [`owner_fast`](Self::owner_fast)
+    /// The owner tag of the plain cache a block of `size` bytes most likely
+    /// belongs to, for a free told the layout: [`tag_fast`](Self::tag_fast)
     /// without the alignment, with [`TINY_HINT`] set for the tiny classes
     /// (8 and 12 bytes, whose key word sits elsewhere). A hint, not an
-    /// answer: the caller checks it against the page's owner, so a keyed
+    /// answer: the caller checks it against the page's owner tag, so a keyed
     /// class's free matches with one comparison and a tiny class's never
-    /// does (no owner id has that bit); a mismatch takes the tiny or the
+    /// does (no owner tag has that bit); a mismatch takes the tiny or the
     /// layout-blind path. The class differs from the allocation's only for
     /// requests whose size is not a multiple of an alignment above 4 (a
     /// Rust type's size always is), or whose alignment is above 8.
     #[inline(always)]
-    pub(crate) fn owner_hint(&self, size: usize) -> Option<usize> {
+    pub(crate) fn tag_hint(&self, size: usize) -> Option<usize> {
         if size <= MAX_SMALL {
             Some(self.hint[size] as usize)
         } else {
@@ -149,40 +175,46 @@ impl ClassTables {
     }
 }
 
-/// [`ClassTables::owner_fast`] of [`TABLES`], as a class.
+/// [`ClassTables::tag_fast`] of [`TABLES`], as a class.
 #[inline(always)]
 pub(crate) fn class_fast(size: usize, align: usize) -> Option<usize> {
-    TABLES.owner_fast(size, align).map(|k| k - 1)
+    TABLES.tag_fast(size, align).map(index_of_tag)
 }
 
-/// Set in an [`owner_hint`](ClassTables::owner_hint) of a tiny class.
-/// Above every owner id a page descriptor can hold but `LARGE_OWNER`
-/// (plain and accounted caches: 1 to `2 * CLASSES`), whose bits include it,
-/// so `owner | TINY_HINT == hint` says "this tiny class" exactly.
-pub(crate) const TINY_HINT: usize = 0x80;
-const _: () = assert!(2 * CLASSES < TINY_HINT && TINY_HINT < u8::MAX as usize);
+/// Set in a [`tag_hint`](ClassTables::tag_hint) of a tiny class.
+/// Above every owner tag a page descriptor can hold but `LARGE_OWNER`
+/// (plain and accounted caches: `tag_of(0)` to `tag_of(2 * CLASSES - 1)`),
+/// whose bits include it, so `owner | TINY_HINT == hint` says "this tiny
+/// class" exactly.
+pub(crate) const TINY_HINT: usize = 0x4000;
+const _: () = assert!(tag_of(2 * CLASSES - 1) < TINY_HINT && TINY_HINT < u16::MAX as usize);
 
 /// `ClassTables::hint`'s contents.
-const fn hint_table() -> [u8; STEPS] {
+const fn hint_table() -> [u16; STEPS] {
     let mut t = lookup_plain();
     let mut i = 0;
     while i < STEPS {
-        if t[i] as usize <= crate::slab::cache::FIRST_KEYED_CLASS {
-            t[i] |= TINY_HINT as u8;
+        if index_of_tag(t[i] as usize) < crate::slab::cache::FIRST_KEYED_CLASS {
+            t[i] |= TINY_HINT as u16;
         }
-        // Either a keyed class's id or a tiny one's with the bit: the
-        // sized free relies on it (an entry equal to an owner id is keyed).
+        // Either a keyed class's tag or a tiny one's with the bit: the
+        // sized free relies on it (an entry equal to an owner tag is keyed).
         let k = t[i] as usize;
-        assert!(k & TINY_HINT != 0 || (k > crate::slab::cache::FIRST_KEYED_CLASS && k < TINY_HINT));
+        assert!(
+            k & TINY_HINT != 0
+                || (k > tag_of(crate::slab::cache::FIRST_KEYED_CLASS - 1) && k < TINY_HINT)
+        );
         i += 1;
     }
     t
 }
 
-/// [`owner_hint`] as a class (the tiny bit taken off), for the tests.
+/// [`tag_hint`] as a class (the tiny bit taken off), for the tests.
+///
+/// [`tag_hint`]: ClassTables::tag_hint
 #[cfg(test)]
 fn class_hint(size: usize) -> Option<usize> {
-    TABLES.owner_hint(size).map(|k| (k & !TINY_HINT) - 1)
+    TABLES.tag_hint(size).map(|k| index_of_tag(k & !TINY_HINT))
 }
 
 /// A layout that class `c` serves and maps back to `c`: its size, and its
@@ -216,7 +248,7 @@ pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     // `align` bytes qualifies: start there. (From `size`, a 64-byte request
     // aligned to 4 KiB walked 25 classes, computing each one's alignment:
     // `posix_memalign(4096, 64)` took 41 ns against jemalloc's 12.)
-    let mut c = TABLES.plain[size.max(align)] as usize - 1;
+    let mut c = index_of_tag(TABLES.plain[size.max(align)] as usize);
     while natural_align(c) < align {
         c += 1;
         if c == CLASSES {
@@ -395,16 +427,17 @@ mod tests {
     }
 
     /// Exactly the tiny classes' hints carry the tiny bit, and with it
-    /// they match no owner id but their own class's (`owner | TINY_HINT`).
+    /// they match no owner tag but their own class's (`owner | TINY_HINT`).
     #[test]
     fn tiny_hints_match_no_owner_directly() {
         let first_keyed = crate::slab::cache::FIRST_KEYED_CLASS;
         for size in 1..=MAX_SMALL {
-            let k = TABLES.owner_hint(size).unwrap();
+            let k = TABLES.tag_hint(size).unwrap();
             let tiny = class_fast(size, 1).unwrap() < first_keyed;
             assert_eq!(k & TINY_HINT != 0, tiny, "size {size}");
-            for owner in (1..=2 * CLASSES).chain([usize::from(u16::MAX)]) {
-                let own = owner == class_fast(size, 1).unwrap() + 1;
+            let tags = (0..2 * CLASSES).map(tag_of);
+            for owner in tags.chain([usize::from(u16::MAX)]) {
+                let own = owner == tag_of(class_fast(size, 1).unwrap());
                 assert_eq!(owner == k, !tiny && own, "size {size} owner {owner}");
                 assert_eq!(
                     (owner | TINY_HINT) == k,

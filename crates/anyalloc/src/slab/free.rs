@@ -67,15 +67,22 @@ impl HeapCore {
             return unsafe { self.free_by_owner_grown::<NOLOCK>(ptr) };
         }
         if let Some((zone, d)) = found {
-            let owner = d.owner.load(Ordering::Acquire) as usize;
+            // Hidden from the optimiser (`opaque_index`): told that the
+            // tag has 16 bits, it makes the range test below one in 16
+            // bits, with a zero extension more.
+            let owner = crate::sync::rseq::opaque_index(d.owner.load(Ordering::Acquire) as usize);
             // One comparison for "a plain class with its key at 8"; the
-            // tiny classes take `free_plain`'s out-of-line copy.
-            let first = cache::FIRST_KEYED_CLASS + 1;
-            if owner.wrapping_sub(first) < CLASSES + 1 - first {
+            // tiny classes take `free_plain`'s out-of-line copy. (A
+            // descriptor holds 0, a cache's tag or the large marker, so a
+            // value in a range of tags is a tag.)
+            let first = class::tag_of(cache::FIRST_KEYED_CLASS);
+            let last = class::tag_of(CLASSES - 1);
+            if owner.wrapping_sub(first) <= last - first {
                 // SAFETY: forwarded contract.
-                return unsafe { self.free_in_class::<NOLOCK>(owner - 1, addr) };
+                return unsafe { self.free_in_cache::<NOLOCK>(owner, addr) };
             }
-            if owner.wrapping_sub(1) < CLASSES {
+            let plain = class::tag_of(0);
+            if owner.wrapping_sub(plain) <= last - plain {
                 // SAFETY: forwarded contract.
                 return unsafe { self.free_plain::<NOLOCK>(owner, addr) };
             }
@@ -145,11 +152,11 @@ impl HeapCore {
         layout: Layout,
     ) {
         let addr = ptr as usize;
-        // The size alone names the class (`owner_hint`, the owner id of its
+        // The size alone names the class (`tag_hint`, the owner tag of its
         // plain cache: the page's owner decides). Two separate arms, not one
         // lookup shared by both: each tests its own owner value, and neither
         // carries a "which arm" flag.
-        match self.tables().owner_hint(layout.size()) {
+        match self.tables().tag_hint(layout.size()) {
             Some(k) => {
                 let found = self.locate::<GROWN>(addr);
                 if !GROWN && found.is_none() {
@@ -159,23 +166,24 @@ impl HeapCore {
                 if let Some((_, d)) = found {
                     let owner = d.owner.load(Ordering::Acquire);
                     // A keyed class: one comparison. The hint table holds
-                    // keyed ids and tiny ids with `TINY_HINT` set, and no
-                    // owner id has that bit but `LARGE_OWNER`, which is
+                    // keyed tags and tiny tags with `TINY_HINT` set, and no
+                    // owner tag has that bit but `LARGE_OWNER`, which is
                     // above any entry (const-asserted beside `TINY_HINT`).
                     // So `k` is keyed here, which makes the key word's
-                    // place a constant. (`k` is a table byte: `as u16`
-                    // keeps it whole.)
+                    // place a constant. (`k` is a table entry, a `u16`:
+                    // `as u16` keeps it whole.)
                     if owner == k as u16 {
-                        crate::check!(k > cache::FIRST_KEYED_CLASS, "a tiny owner id");
+                        let keyed = class::tag_of(cache::FIRST_KEYED_CLASS);
+                        crate::check!(k >= keyed, "a tiny owner tag");
                         // SAFETY: forwarded contract; `k` is keyed (above).
                         return unsafe {
-                            core::hint::assert_unchecked(k > cache::FIRST_KEYED_CLASS);
-                            self.free_in_class::<NOLOCK>(k - 1, addr)
+                            core::hint::assert_unchecked(k >= keyed);
+                            self.free_in_cache::<NOLOCK>(k, addr)
                         };
                     }
                     if owner as usize | class::TINY_HINT == k {
                         // SAFETY: forwarded contract.
-                        return unsafe { self.free_tiny::<NOLOCK>(owner as usize - 1, addr) };
+                        return unsafe { self.free_tiny::<NOLOCK>(owner as usize, addr) };
                     }
                 }
             }
@@ -229,9 +237,9 @@ impl HeapCore {
         unsafe { self.free_in(ptr, Mode::NoLock) };
     }
 
-    /// The free of an object of the plain cache whose owner id is `owner`
-    /// (its class + 1, as page descriptors and the size tables hold it), in
-    /// any zone: validated (the start of an object, not already free), then
+    /// The free of an object of the plain cache whose owner tag is `owner`
+    /// (`class::tag_of` its class, as page descriptors and the size tables
+    /// hold it), in any zone: validated (the start of an object, not already free), then
     /// pushed on this CPU's main sheaf, or handed to the cache's slow path
     /// in one tail call. Not the start of an object: the general path of
     /// the mode, which validates again and reports it (so the fast path
@@ -244,14 +252,14 @@ impl HeapCore {
     /// As for `Heap::free`, for `addr`.
     #[inline(always)]
     pub(super) unsafe fn free_plain<const NOLOCK: bool>(&self, owner: usize, addr: usize) {
-        // The test and the `- 1` on the owner id itself: the callers have
-        // the id, and the `- 1` folds into the cache's offsets.
-        if owner <= cache::FIRST_KEYED_CLASS {
+        // The test on the tag itself: the callers have it, and it is the
+        // sequences' index as it is.
+        if owner < class::tag_of(cache::FIRST_KEYED_CLASS) {
             // SAFETY: forwarded contract.
-            return unsafe { self.free_tiny::<NOLOCK>(owner - 1, addr) };
+            return unsafe { self.free_tiny::<NOLOCK>(owner, addr) };
         }
         // SAFETY: forwarded contract.
-        unsafe { self.free_in_class::<NOLOCK>(owner - 1, addr) }
+        unsafe { self.free_in_cache::<NOLOCK>(owner, addr) }
     }
 
     /// `free_plain` for a tiny class (cold: see `alloc_tiny`).
@@ -260,9 +268,9 @@ impl HeapCore {
     /// As for `free_plain`.
     #[cold]
     #[inline(never)]
-    pub(super) unsafe fn free_tiny<const NOLOCK: bool>(&self, class: usize, addr: usize) {
+    pub(super) unsafe fn free_tiny<const NOLOCK: bool>(&self, tag: usize, addr: usize) {
         // SAFETY: forwarded contract.
-        unsafe { self.free_in_class::<NOLOCK>(class, addr) }
+        unsafe { self.free_in_cache::<NOLOCK>(tag, addr) }
     }
 
     /// The body of `free_plain`.
@@ -270,9 +278,10 @@ impl HeapCore {
     /// # Safety
     /// As for `free_plain`.
     #[inline(always)]
-    pub(super) unsafe fn free_in_class<const NOLOCK: bool>(&self, class: usize, addr: usize) {
+    pub(super) unsafe fn free_in_cache<const NOLOCK: bool>(&self, tag: usize, addr: usize) {
         let mode = if NOLOCK { Mode::NoLock } else { Mode::Normal };
-        let (cache, base, idx) = self.cache_at(class);
+        let class = class::index_of_tag(tag);
+        let (cache, base, idx) = self.cache_at(tag);
         if !cache.is_object_start(addr) {
             // SAFETY: forwarded contract; `addr` is the caller's non-null
             // pointer (it is inside a zone).
@@ -540,7 +549,11 @@ impl HeapCore {
                 let order = crate::page::order_of_state(zone.desc(idx).load());
                 return Some(Kind::Large(zone, idx, order));
             }
-            return Some(Kind::Object(self.cache(owner as usize - 1), zone, idx));
+            return Some(Kind::Object(
+                self.cache(class::index_of_tag(owner as usize)),
+                zone,
+                idx,
+            ));
         }
         #[cfg(feature = "std")]
         if let Some(size) = self.huge.size_of(addr) {

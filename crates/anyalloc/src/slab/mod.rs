@@ -137,6 +137,12 @@ use reclaim::{ShrinkerNode, Shrinkers};
 
 /// `owner` of the head page of a large (page-backed) allocation.
 const LARGE_OWNER: u16 = u16::MAX;
+// An owner tag is the sequences' cache index (`HeapCore::cache_at`), and
+// every cache's tag fits a descriptor below the large marker.
+const _: () = {
+    assert!(cache::SLOT_BYTES == 1 << class::TAG_SHIFT);
+    assert!(class::tag_of(CACHES - 1) < LARGE_OWNER as usize);
+};
 /// Caches: one plain and one accounted per class.
 const CACHES: usize = 2 * CLASSES;
 /// Bytes a shrinker is asked for when the heap reclaims.
@@ -436,23 +442,26 @@ impl HeapCore {
         unsafe { &*caches.add(i) }
     }
 
-    /// Cache `i` (as [`cache`](Self::cache) finds it), with the two
-    /// registers that name it and its level-0 slots to the fast-path
-    /// sequences: the core's address and `idx = (i + 1) * SLOT_BYTES`.
-    /// The cache is at `core + 8 * idx + CACHE_DISP`, CPU `c`'s level-0
-    /// slot of it at `core + idx + (c << LEVEL0_SHIFT) + LEVEL0_DISP`
-    /// (`meta_layout`). The fast paths hold owner ids (`i + 1`), so `idx`
-    /// is one shift of the id, and the sequences address the cache's
-    /// fields and compute the slot's address from the two registers,
-    /// loading neither the cache's address nor its `level0`.
+    /// The cache whose owner tag is `tag` (as [`cache`](Self::cache)
+    /// finds it), with the two registers that name it and its level-0
+    /// slots to the fast-path sequences: the core's address and `idx =
+    /// tag`, the cache's index plus one times `SLOT_BYTES`. The cache is at
+    /// `core + 8 * idx + CACHE_DISP`, CPU `c`'s level-0 slot of it at `core
+    /// + idx + (c << LEVEL0_SHIFT) + LEVEL0_DISP` (`meta_layout`). The fast
+    /// paths hold owner tags (from the size tables or a page's
+    /// descriptor), which are that index as they are, and the sequences
+    /// address the cache's fields and compute the slot's address from the
+    /// two registers, loading neither the cache's address nor its `level0`.
     #[inline(always)]
-    fn cache_at(&self, i: usize) -> (&Cache, *const u8, usize) {
-        crate::check!(i < CACHES, "a cache index out of range");
-        // Hidden from the optimiser, so that the cache's fields are
-        // addressed from `idx` itself (see `opaque_index`).
-        let idx = crate::sync::rseq::opaque_index((i + 1) * cache::SLOT_BYTES);
+    fn cache_at(&self, tag: usize) -> (&Cache, *const u8, usize) {
+        crate::check!(
+            tag.is_multiple_of(cache::SLOT_BYTES)
+                && (1..=CACHES).contains(&(tag / cache::SLOT_BYTES)),
+            "an owner tag out of range"
+        );
+        let idx = tag;
         // The cache itself from the same index, so that the caller's other
-        // uses of it share it (no second form of `i`'s scaling).
+        // uses of it share it (no second form of the index).
         let base = (self as *const HeapCore).cast::<u8>();
         let cache = self.cache_of_idx(idx);
         crate::check!(
@@ -625,9 +634,11 @@ impl HeapCore {
                     if owner == LARGE_OWNER {
                         let g = d.freelist.swap(0, Ordering::AcqRel);
                         self.uncharge(g, PAGE_SIZE << crate::page::order_of_state(state));
-                    } else if (owner as usize).wrapping_sub(CLASSES + 1) < CLASSES {
-                        // A slab of an accounted cache (owner ids above CLASSES).
-                        let cache = self.cache(owner as usize - 1);
+                    } else if owner != 0
+                        && (class::index_of_tag(owner as usize)).wrapping_sub(CLASSES) < CLASSES
+                    {
+                        // A slab of an accounted cache (indices from CLASSES).
+                        let cache = self.cache(class::index_of_tag(owner as usize));
                         cache.take_owners(zone, idx, |g| self.uncharge(g, cache.size()));
                     }
                 }

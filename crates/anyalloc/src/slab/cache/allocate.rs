@@ -552,7 +552,7 @@ impl Cache {
         for i in 0..(1u32 << self.order) {
             zone.desc(head + i)
                 .owner
-                .store(self.index as u16 + 1, Ordering::Relaxed);
+                .store(super::class::tag_of(self.index) as u16, Ordering::Relaxed);
         }
         let d = zone.desc(head);
         d.inuse.store(0, Ordering::Relaxed);

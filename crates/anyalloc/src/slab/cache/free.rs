@@ -133,7 +133,8 @@ impl Cache {
     /// page is owned by this cache). Any context, no lock.
     pub(super) fn is_object_of(&self, pages: &PageAllocator, addr: usize) -> bool {
         pages.locate_indexed(addr).is_some_and(|(_, zone, idx)| {
-            zone.desc(idx).owner.load(Ordering::Acquire) as usize == self.index + 1
+            zone.desc(idx).owner.load(Ordering::Acquire) as usize
+                == super::class::tag_of(self.index)
         }) && self.is_object_start(addr)
     }
 

@@ -23,8 +23,9 @@
 //!   (slabs with free objects), one doubly linked list per zone through the
 //!   slab head pages' descriptor links (`next`/`prev`, unused by the page
 //!   layer while a block is allocated).
-//! * **Slabs**: runs of `2^order` pages. Every page of a slab has `owner =
-//!   class + 1` in its descriptor; the head page's descriptor holds the free
+//! * **Slabs**: runs of `2^order` pages. Every page of a slab has its
+//!   cache's owner tag (`class::tag_of(index)`) as `owner` in its
+//!   descriptor; the head page's descriptor holds the free
 //!   list (`freelist`, links stored in the free objects themselves), the count
 //!   of objects out of the slab (`inuse`), and how many objects were ever
 //!   carved from the slab's untouched tail (`carved`: fresh slabs are carved
@@ -644,7 +645,8 @@ pub(crate) struct Cache {
     /// Slabs of accounted caches end with an array of owner groups, one
     /// word per object (0: none).
     pub(crate) accounted: bool,
-    /// Index of this cache in the heap (owner ids are index + 1).
+    /// Index of this cache in the heap (its owner tag is
+    /// `class::tag_of(index)`).
     index: usize,
     size: usize,
     /// `ceil(2^32 / size)`: `(off * recip) >> 32` is `off / size` exactly
@@ -831,7 +833,8 @@ pub(crate) const fn objects_per_slab(c: usize, accounted: bool) -> usize {
 /// What one cache is: its place in the heap, its class, and the heap-wide
 /// choices it shares.
 pub(crate) struct CacheSetup {
-    /// Index of the cache in the heap (owner ids are index + 1).
+    /// Index of the cache in the heap (its owner tag is
+    /// `class::tag_of(index)`).
     pub(crate) index: usize,
     /// Size class.
     pub(crate) class: usize,
@@ -1054,7 +1057,7 @@ impl Cache {
     pub(crate) fn core_and_idx(&self) -> (*const u8, usize) {
         let me = (self as *const Self).cast::<u8>();
         let base = me.wrapping_sub(super::CACHES_OFF + self.index * core::mem::size_of::<Self>());
-        (base, (self.index + 1) * SLOT_BYTES)
+        (base, super::class::tag_of(self.index))
     }
 
     /// Takes this CPU's slot at `level` for a slow path of this context. With

@@ -254,7 +254,8 @@ const BUSY: usize = 1;
 ///
 /// Those are the heap's metadata layout (`slab::HeapCore::cache_at`):
 /// `base` is its core, the caches and the per-CPU region of level-0 slots
-/// lie at fixed offsets from it, and `idx` (`(class + 1) * 64`) steps
+/// lie at fixed offsets from it, and `idx` (the cache's owner tag,
+/// `(index + 1) * 64`) steps
 /// through both, a cache being 8 slots long. So the sequence computes the
 /// slot's address from registers it has, where it used to load the
 /// cache's `level0`: the fast paths are bound by their loads (measured,
@@ -398,6 +399,11 @@ pub(crate) unsafe fn sheaf_pop<
 /// The failure exits jump straight to the caller's code (`asm goto`), so
 /// the fast path carries no status register.
 ///
+/// The object is taken in `rsi`, where the sized frees (`Global::dealloc`,
+/// `Heap::free_sized` and their nolock twins) receive it: left to choose,
+/// the compiler loaded the size table's entry into `rsi` and moved the
+/// pointer to another register first, one instruction more in each.
+///
 /// # Safety
 /// As for [`sheaf_pop`]; `obj` is a free object of the sheaf's cache.
 #[inline(always)]
@@ -428,7 +434,7 @@ pub(crate) unsafe fn sheaf_push<
             "mov {n}, qword ptr [{t} + {SLOT_TOP}]",
             "cmp {n}, {g}",
             "jge {fail}", // signed: a held slot's gate is negative
-            "mov qword ptr [{n}], {obj}",
+            "mov qword ptr [{n}], rsi",
             "lea {n}, [{n} + 8]",
             "mov qword ptr [{t} + {SLOT_TOP}], {n}", // commit
             "22:",
@@ -436,7 +442,7 @@ pub(crate) unsafe fn sheaf_push<
             off = in(reg) off,
             base = in(reg) base,
             idx = in(reg) idx,
-            obj = in(reg) obj,
+            in("rsi") obj,
             t = out(reg) _,
             g = out(reg) _,
             n = out(reg) _,
@@ -457,15 +463,17 @@ pub(crate) unsafe fn sheaf_push<
     true
 }
 
-/// `idx` (a cache's index for the sheaf sequences) as the optimiser cannot
-/// see through: an empty template between the value and its uses. The
-/// fast paths address a cache's fields as `[core + 8 * idx + disp]` and
-/// pass `idx` to a sequence; told that `idx` is the owner id shifted by 6,
-/// the compiler forms the id shifted by 9 in a second register for the
-/// fields instead of scaling `idx` in the address, two instructions more in
-/// a sized free (`mov`, `shl`) and one in an allocation. The sized free is
-/// bound by the instructions it issues: in alternating runs the 64-byte
-/// batch took 0.09-0.16 ns less per object with the index hidden.
+/// `idx` (an owner tag: a cache's index for the sheaf sequences) as the
+/// optimiser cannot see through: an empty template between the value and
+/// its uses. The layout-blind free loads the tag from the page's
+/// descriptor, 16 bits; told so, the compiler makes its range test a
+/// 16-bit one (an immediate that stalls the decoder, or one more zero
+/// extension). (Until the owner tags, every fast path formed `idx` by
+/// shifting an owner id, and the compiler, told that, formed the id
+/// shifted by 9 in a second register for the cache's fields instead of
+/// scaling `idx` in the address: two instructions more in a sized free,
+/// 0.09-0.16 ns of the batch per object. A tag comes from a table or a
+/// descriptor as it is, so that case is gone.)
 #[inline(always)]
 pub(crate) fn opaque_index(mut idx: usize) -> usize {
     // SAFETY: the template is a comment naming the register: it reads and
