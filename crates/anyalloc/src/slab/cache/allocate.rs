@@ -432,6 +432,12 @@ impl Cache {
     /// main filled from the slabs that have free objects (no new slab is
     /// made just to fill a sheaf). A new slab, if the first object needs
     /// one, is made of `fresh` when the refill brought it.
+    ///
+    /// Main is filled a slab at a time (`take_run`): a working set larger
+    /// than the barn refills a sheaf from the slabs on every slow
+    /// allocation, and taking its objects one by one (the partial lists
+    /// searched, the slab's descriptor read and written, for each) was most
+    /// of that refill's time.
     fn fill_from_slabs(
         &self,
         slot: &SheafSlot,
@@ -443,14 +449,16 @@ impl Cache {
     ) -> Result<usize, Fail> {
         crate::interrupt_point!(SheafRefill);
         let first = self.take_object_with(node, pages, mode, fresh)?;
-        while slot.main_len() < self.cap && !self.partial_is_empty(pages) {
+        while slot.main_len() < self.cap {
+            let Some((zi, head)) = self.first_partial(pages) else {
+                break;
+            };
             crate::interrupt_point!(SheafRefill);
-            match self.take_object(node, pages, mode) {
-                Ok(o) => {
-                    slot.main_push(o, g);
-                }
-                Err(_) => break,
-            }
+            let room = self.cap - slot.main_len();
+            self.take_run(pages.zone_at(zi), zi, head, node, room, |o| {
+                let pushed = slot.main_push(o, g);
+                crate::check!(pushed, "a refill's run beyond main's room");
+            });
         }
         Ok(first)
     }
@@ -505,7 +513,16 @@ impl Cache {
     }
 
     pub(super) fn partial_is_empty(&self, pages: &PageAllocator) -> bool {
-        (0..pages.zone_count()).all(|z| self.node.partial[z].load(Ordering::Relaxed) == NIL)
+        self.first_partial(pages).is_none()
+    }
+
+    /// The first zone with a partial slab, and that slab's head page (node
+    /// lock held, or a hint without it).
+    fn first_partial(&self, pages: &PageAllocator) -> Option<(usize, u32)> {
+        (0..pages.zone_count()).find_map(|zi| {
+            let head = self.node.partial[zi].load(Ordering::Relaxed);
+            (head != NIL).then_some((zi, head))
+        })
     }
 
     /// Takes one object from a partial slab, making a new slab if none has
@@ -529,12 +546,8 @@ impl Cache {
         fresh: &mut Option<NonNull<u8>>,
     ) -> Result<usize, Fail> {
         crate::interrupt_point!(PartialLocked);
-        for zi in 0..pages.zone_count() {
-            let head = self.node.partial[zi].load(Ordering::Relaxed);
-            if head != NIL {
-                let zone = pages.zone_at(zi);
-                return Ok(self.take_from_slab(zone, zi, head, node));
-            }
+        if let Some((zi, head)) = self.first_partial(pages) {
+            return Ok(self.take_from_slab(pages.zone_at(zi), zi, head, node));
         }
         // Normal mode holds the node lock here, so the page allocator must
         // not run shrinkers (one could free into this very cache): the heap
@@ -613,5 +626,61 @@ impl Cache {
         }
         node.add(&self.out_of_slabs, 1);
         obj
+    }
+
+    /// [`take_from_slab`](Self::take_from_slab) of up to `max` objects at
+    /// once, each handed to `put`: the slab's free list first, then its
+    /// untouched tail, with its descriptor and the cache's counters written
+    /// once for the run. Returns how many it took (at least one: the slab
+    /// is partial).
+    fn take_run(
+        &self,
+        zone: &Zone,
+        zi: usize,
+        head: u32,
+        node: &ZoneGuard<'_>,
+        max: usize,
+        mut put: impl FnMut(usize),
+    ) -> usize {
+        let d = zone.desc(head);
+        let inuse = d.inuse.load(Ordering::Relaxed) as usize;
+        crate::check!(inuse < self.objs, "a full slab on a partial list");
+        // Every object of the slab not out is on its free list or not yet
+        // carved (`carved - inuse` of them on the list).
+        let n = max.min(self.objs - inuse);
+        let carved = d.carved.load(Ordering::Relaxed);
+        let mut free = d.freelist.load(Ordering::Relaxed);
+        let mut taken = 0;
+        while taken < n && free != 0 {
+            let next = self.slab_link(free, carved, zone.platform());
+            put(free);
+            free = next;
+            taken += 1;
+        }
+        d.freelist.store(free, Ordering::Relaxed);
+        if taken < n {
+            let base = zone.addr_of(head);
+            let mut c = carved;
+            while taken < n {
+                crate::check!(c < self.objs, "carving beyond a full slab");
+                let obj = base + c * self.size;
+                // Free until handed out, as in `take_from_slab`.
+                self.set_free_mark(obj);
+                put(obj);
+                c += 1;
+                taken += 1;
+            }
+            d.carved.store(c, Ordering::Relaxed);
+        }
+        let now = inuse + taken;
+        d.inuse.store(now as u16, Ordering::Relaxed);
+        if inuse == 0 {
+            node.add(&self.node.empty_slabs, 1usize.wrapping_neg());
+        }
+        if now == self.objs {
+            self.partial_remove(zone, zi, head, node);
+        }
+        node.add(&self.out_of_slabs, taken);
+        taken
     }
 }

@@ -230,9 +230,10 @@ impl Cache {
         node: &ZoneGuard<'_>,
         mode: Mode,
     ) {
-        while let Some(o) = slot.main_pop(g) {
+        let mut next = slot.main_pop(g);
+        while let Some(o) = next {
             crate::interrupt_point!(SheafFlush);
-            self.return_to_slab(o, pages, node, mode);
+            next = self.return_run(o, || slot.main_pop(g), pages, node, mode);
         }
     }
 
@@ -243,9 +244,10 @@ impl Cache {
         node: &ZoneGuard<'_>,
         mode: Mode,
     ) {
-        while let Some(o) = sheaf.pop() {
+        let mut next = sheaf.pop();
+        while let Some(o) = next {
             crate::interrupt_point!(SheafFlush);
-            self.return_to_slab(o, pages, node, mode);
+            next = self.return_run(o, || sheaf.pop(), pages, node, mode);
         }
     }
 
@@ -258,39 +260,70 @@ impl Cache {
         node: &ZoneGuard<'_>,
         mode: Mode,
     ) {
+        let rest = self.return_run(obj, || None, pages, node, mode);
+        crate::check!(rest.is_none(), "a run of one object left another");
+    }
+
+    /// [`return_to_slab`](Self::return_to_slab) of `first`, then of each
+    /// object `more` gives while they lie in `first`'s slab, with the slab's
+    /// descriptor and the cache's counters written once for the run (a
+    /// flush's objects were mostly freed in the order they were taken, so
+    /// runs are long). Returns the first object of another slab, which
+    /// `more` gave and this did not take, or `None` once `more` ran dry.
+    pub(super) fn return_run(
+        &self,
+        first: usize,
+        mut more: impl FnMut() -> Option<usize>,
+        pages: &PageAllocator,
+        node: &ZoneGuard<'_>,
+        mode: Mode,
+    ) -> Option<usize> {
         crate::interrupt_point!(PartialLocked);
-        let (zi, zone, idx) = pages.locate_known(obj);
+        let (zi, zone, idx) = pages.locate_known(first);
         let head = idx & !((1u32 << self.order) - 1);
         let d = zone.desc(head);
-        let inuse = d.inuse.load(Ordering::Relaxed) as usize;
-        if inuse == 0 {
-            // More objects came back than went out: a double free that the
-            // key did not catch (two racing frees of one object).
-            pages.fatal_at(
-                "anyalloc: double free of object ",
-                obj,
-                " (its slab has no object in use)",
-            );
-        }
-        // SAFETY: `obj` is a free object of this slab (validated by the
-        // caller), at least 8 bytes; its first word becomes the list link
-        // (XOR the key, see "Double-free detection").
-        unsafe {
-            (obj as *mut usize).write_unaligned(d.freelist.load(Ordering::Relaxed) ^ self.key)
+        let before = d.inuse.load(Ordering::Relaxed) as usize;
+        let mut inuse = before;
+        let mut list = d.freelist.load(Ordering::Relaxed);
+        // Slabs are naturally aligned blocks: an object of this cache is in
+        // `first`'s slab exactly when it is in the same block.
+        let slab = first & !(self.slab_mask as usize);
+        let mut obj = first;
+        let other = loop {
+            if inuse == 0 {
+                // More objects came back than went out: a double free that
+                // the key did not catch (two racing frees of one object).
+                pages.fatal_at(
+                    "anyalloc: double free of object ",
+                    obj,
+                    " (its slab has no object in use)",
+                );
+            }
+            // SAFETY: `obj` is a free object of this slab (validated by
+            // the caller), at least 8 bytes; its first word becomes the
+            // list link (XOR the key, see "Double-free detection").
+            unsafe { (obj as *mut usize).write_unaligned(list ^ self.key) };
+            list = obj;
+            inuse -= 1;
+            match more() {
+                Some(o) if o & !(self.slab_mask as usize) == slab => obj = o,
+                other => break other,
+            }
         };
-        d.freelist.store(obj, Ordering::Relaxed);
-        d.inuse.store((inuse - 1) as u16, Ordering::Relaxed);
-        node.add(&self.out_of_slabs, 1usize.wrapping_neg());
-        if inuse == self.objs {
+        d.freelist.store(list, Ordering::Relaxed);
+        d.inuse.store(inuse as u16, Ordering::Relaxed);
+        node.add(&self.out_of_slabs, (before - inuse).wrapping_neg());
+        if before == self.objs {
             self.partial_push(zone, zi, head, node);
         }
-        if inuse == 1 {
+        if inuse == 0 {
             node.add(&self.node.empty_slabs, 1);
             let empties = self.node.empty_slabs.load(Ordering::Relaxed);
             if empties > EMPTY_SLAB_RESERVE {
                 self.release_slab(zone, zi, head, pages, node, mode);
             }
         }
+        other
     }
 
     pub(super) fn release_slab(
