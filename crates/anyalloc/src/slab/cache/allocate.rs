@@ -590,6 +590,8 @@ impl Cache {
         self.partial_push(zone, zi, head, node);
     }
 
+    /// One object of a slab with free objects (node lock held): a run of
+    /// one.
     pub(super) fn take_from_slab(
         &self,
         zone: &Zone,
@@ -597,42 +599,17 @@ impl Cache {
         head: u32,
         node: &ZoneGuard<'_>,
     ) -> usize {
-        let d = zone.desc(head);
-        let free = d.freelist.load(Ordering::Relaxed);
-        let obj = if free != 0 {
-            let next = self.slab_link(free, d.carved.load(Ordering::Relaxed), zone.platform());
-            d.freelist.store(next, Ordering::Relaxed);
-            free
-        } else {
-            let c = d.carved.load(Ordering::Relaxed);
-            crate::check!(c < self.objs, "carving beyond a full slab");
-            d.carved.store(c + 1, Ordering::Relaxed);
-            let obj = zone.addr_of(head) + c * self.size;
-            // Free, as every object off a slab is (its key word says so, as
-            // a free leaves it), until an allocation hands it out: so a
-            // free of it while it waits in a sheaf is the double free it
-            // is (with a stale or zero key word it was taken, and the
-            // object was later handed out twice).
-            self.set_free_mark(obj);
-            obj
-        };
-        let inuse = d.inuse.load(Ordering::Relaxed) as usize + 1;
-        d.inuse.store(inuse as u16, Ordering::Relaxed);
-        if inuse == 1 {
-            node.add(&self.node.empty_slabs, 1usize.wrapping_neg());
-        }
-        if inuse == self.objs {
-            self.partial_remove(zone, zi, head, node);
-        }
-        node.add(&self.out_of_slabs, 1);
+        let mut obj = 0;
+        let taken = self.take_run(zone, zi, head, node, 1, |o| obj = o);
+        crate::check!(taken == 1, "a run of one took none");
         obj
     }
 
-    /// [`take_from_slab`](Self::take_from_slab) of up to `max` objects at
-    /// once, each handed to `put`: the slab's free list first, then its
-    /// untouched tail, with its descriptor and the cache's counters written
-    /// once for the run. Returns how many it took (at least one: the slab
-    /// is partial).
+    /// Up to `max` objects of a slab with free objects (a partial slab, or
+    /// one just made; node lock held), each handed to `put`: the slab's free
+    /// list first, then its untouched tail, with its descriptor and the
+    /// cache's counters written once for the run. Returns how many it took
+    /// (at least one when `max` is).
     fn take_run(
         &self,
         zone: &Zone,
@@ -664,7 +641,11 @@ impl Cache {
             while taken < n {
                 crate::check!(c < self.objs, "carving beyond a full slab");
                 let obj = base + c * self.size;
-                // Free until handed out, as in `take_from_slab`.
+                // Free, as every object off a slab is (its key word says
+                // so, as a free leaves it), until an allocation hands it
+                // out: so a free of it while it waits in a sheaf is the
+                // double free it is (with a stale or zero key word it was
+                // taken, and the object was later handed out twice).
                 self.set_free_mark(obj);
                 put(obj);
                 c += 1;
