@@ -31,7 +31,7 @@ impl HeapCore {
     pub(super) fn alloc_by_class<const NOLOCK: bool>(&self, layout: Layout) -> Option<NonNull<u8>> {
         // The table gives the owner tag (see `class::ClassTables`).
         if let Some(k) = self.tables().tag_fast(layout.size(), layout.align()) {
-            if k < class::tag_of(cache::FIRST_KEYED_CLASS) {
+            if k < cache::FIRST_KEYED_TAG {
                 return self.alloc_tiny::<NOLOCK>(k);
             }
             return self.alloc_in_cache::<NOLOCK>(k);

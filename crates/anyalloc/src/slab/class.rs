@@ -194,16 +194,13 @@ const fn hint_table() -> [u16; STEPS] {
     let mut t = lookup_plain();
     let mut i = 0;
     while i < STEPS {
-        if index_of_tag(t[i] as usize) < crate::slab::cache::FIRST_KEYED_CLASS {
+        if (t[i] as usize) < crate::slab::cache::FIRST_KEYED_TAG {
             t[i] |= TINY_HINT as u16;
         }
         // Either a keyed class's tag or a tiny one's with the bit: the
         // sized free relies on it (an entry equal to an owner tag is keyed).
         let k = t[i] as usize;
-        assert!(
-            k & TINY_HINT != 0
-                || (k > tag_of(crate::slab::cache::FIRST_KEYED_CLASS - 1) && k < TINY_HINT)
-        );
+        assert!(k & TINY_HINT != 0 || (k >= crate::slab::cache::FIRST_KEYED_TAG && k < TINY_HINT));
         i += 1;
     }
     t

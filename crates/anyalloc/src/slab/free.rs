@@ -75,7 +75,7 @@ impl HeapCore {
             // tiny classes take `free_plain`'s out-of-line copy. (A
             // descriptor holds 0, a cache's tag or the large marker, so a
             // value in a range of tags is a tag.)
-            let first = class::tag_of(cache::FIRST_KEYED_CLASS);
+            let first = cache::FIRST_KEYED_TAG;
             let last = class::tag_of(CLASSES - 1);
             if owner.wrapping_sub(first) <= last - first {
                 // SAFETY: forwarded contract.
@@ -173,7 +173,7 @@ impl HeapCore {
                     // place a constant. (`k` is a table entry, a `u16`:
                     // `as u16` keeps it whole.)
                     if owner == k as u16 {
-                        let keyed = class::tag_of(cache::FIRST_KEYED_CLASS);
+                        let keyed = cache::FIRST_KEYED_TAG;
                         crate::check!(k >= keyed, "a tiny owner tag");
                         // SAFETY: forwarded contract; `k` is keyed (above).
                         return unsafe {
@@ -254,7 +254,7 @@ impl HeapCore {
     pub(super) unsafe fn free_plain<const NOLOCK: bool>(&self, owner: usize, addr: usize) {
         // The test on the tag itself: the callers have it, and it is the
         // sequences' index as it is.
-        if owner < class::tag_of(cache::FIRST_KEYED_CLASS) {
+        if owner < cache::FIRST_KEYED_TAG {
             // SAFETY: forwarded contract.
             return unsafe { self.free_tiny::<NOLOCK>(owner, addr) };
         }

@@ -454,21 +454,16 @@ impl HeapCore {
     /// two registers, loading neither the cache's address nor its `level0`.
     #[inline(always)]
     fn cache_at(&self, tag: usize) -> (&Cache, *const u8, usize) {
-        crate::check!(
-            tag.is_multiple_of(cache::SLOT_BYTES)
-                && (1..=CACHES).contains(&(tag / cache::SLOT_BYTES)),
-            "an owner tag out of range"
-        );
-        let idx = tag;
-        // The cache itself from the same index, so that the caller's other
-        // uses of it share it (no second form of the index).
+        // The cache itself from the same index (`cache_of_idx` checks its
+        // range), so that the caller's other uses of it share it (no
+        // second form of the index).
         let base = (self as *const HeapCore).cast::<u8>();
-        let cache = self.cache_of_idx(idx);
+        let cache = self.cache_of_idx(tag);
         crate::check!(
-            cache.level0_addr() == base.wrapping_add(idx + LEVEL0_DISP),
+            cache.level0_addr() == base.wrapping_add(tag + LEVEL0_DISP),
             "the level-0 slots moved"
         );
-        (cache, base, idx)
+        (cache, base, tag)
     }
 
     /// The cache that [`cache_at`](Self::cache_at) gave `idx` for.

@@ -287,7 +287,8 @@ impl Cache {
         let mut list = d.freelist.load(Ordering::Relaxed);
         // Slabs are naturally aligned blocks: an object of this cache is in
         // `first`'s slab exactly when it is in the same block.
-        let slab = first & !(self.slab_mask as usize);
+        let block = !(self.slab_mask as usize);
+        let slab = first & block;
         let mut obj = first;
         let other = loop {
             if inuse == 0 {
@@ -306,7 +307,7 @@ impl Cache {
             list = obj;
             inuse -= 1;
             match more() {
-                Some(o) if o & !(self.slab_mask as usize) == slab => obj = o,
+                Some(o) if o & block == slab => obj = o,
                 other => break other,
             }
         };

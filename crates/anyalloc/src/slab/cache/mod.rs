@@ -113,6 +113,9 @@ use crate::PAGE_SIZE;
 /// up); the smaller ones hold it at 0 (see "Double-free detection").
 pub(crate) const FIRST_KEYED_CLASS: usize = 2;
 const _: () = assert!(SIZES[FIRST_KEYED_CLASS - 1] < 16 && SIZES[FIRST_KEYED_CLASS] >= 16);
+/// [`FIRST_KEYED_CLASS`]'s owner tag: a plain cache's tag below it is a
+/// tiny class's (tags grow with the class).
+pub(crate) const FIRST_KEYED_TAG: usize = super::class::tag_of(FIRST_KEYED_CLASS);
 
 /// Offset of the key word in an object of `class`: 8, or 0 for the tiny
 /// classes (objects smaller than 16 bytes), whose key word is the link.
@@ -189,24 +192,25 @@ pub(crate) const fn sheaf_capacity(c: usize) -> usize {
 /// region ([`MIN`](Self::MIN)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct BarnSize {
-    /// Sheaves in the barn.
-    pub(crate) sheaves: usize,
     /// Bytes of objects its full sheaves may hold together.
     pub(crate) bytes: usize,
 }
 
 impl BarnSize {
-    /// The smallest barn: 16 sheaves, 256 KiB (16 sheaves of 15 KiB, the
-    /// most a sheaf of `SHEAF_BYTES` holds).
-    pub(crate) const MIN: BarnSize = BarnSize {
-        sheaves: 16,
-        bytes: 256 << 10,
-    };
+    /// Bytes of the bound per sheaf of the barn: 16 KiB, above the 15 KiB
+    /// that the fullest sheaf of `SHEAF_BYTES` holds.
+    const BYTES_PER_SHEAF: usize = 16 << 10;
+
+    /// The smallest barn: 16 sheaves, 256 KiB.
+    pub(crate) const MIN: BarnSize = BarnSize { bytes: 256 << 10 };
     /// The largest: 64 sheaves, 1 MiB.
-    pub(crate) const MAX: BarnSize = BarnSize {
-        sheaves: 64,
-        bytes: 1 << 20,
-    };
+    pub(crate) const MAX: BarnSize = BarnSize { bytes: 1 << 20 };
+
+    /// Sheaves in the barn (laid out in the metadata area): one per 16
+    /// KiB of its bound.
+    pub(crate) const fn sheaves(self) -> usize {
+        self.bytes / Self::BYTES_PER_SHEAF
+    }
 
     /// The barn of a heap whose first zone has `memory` bytes: a
     /// sixty-fourth of it, between [`MIN`](Self::MIN) (heaps of up to 16
@@ -225,15 +229,13 @@ impl BarnSize {
         } else if bytes > Self::MAX.bytes {
             bytes = Self::MAX.bytes;
         }
-        BarnSize {
-            sheaves: bytes / (16 << 10),
-            bytes,
-        }
+        BarnSize { bytes }
     }
 }
 const _: () = {
-    assert!(BarnSize::for_memory(0).sheaves == BarnSize::MIN.sheaves);
-    assert!(BarnSize::for_memory(usize::MAX).sheaves == BarnSize::MAX.sheaves);
+    assert!(BarnSize::MIN.sheaves() == 16 && BarnSize::MAX.sheaves() == 64);
+    assert!(BarnSize::for_memory(0).bytes == BarnSize::MIN.bytes);
+    assert!(BarnSize::for_memory(usize::MAX).bytes == BarnSize::MAX.bytes);
     assert!(BarnSize::for_memory(64 << 20).bytes == BarnSize::MAX.bytes);
     assert!(BarnSize::for_memory(16 << 20).bytes == BarnSize::MIN.bytes);
 };
@@ -737,7 +739,7 @@ pub(crate) fn cache_slot_bytes(cpus: usize) -> usize {
 /// alignment, so that every cache's area, laid out after an aligned start,
 /// keeps its sheaves aligned.
 pub(crate) fn cache_sheaf_bytes(cpus: usize, barn: BarnSize) -> usize {
-    (2 * cpus * LEVELS + barn.sheaves) * core::mem::size_of::<Sheaf>()
+    (2 * cpus * LEVELS + barn.sheaves()) * core::mem::size_of::<Sheaf>()
 }
 
 /// The object-start multiplier of `size`: `m = floor(2^64 / size) + 1`.
@@ -909,7 +911,7 @@ impl Cache {
                     lock: ZoneLock::new(),
                     full: AtomicPtr::new(core::ptr::null_mut()),
                     empty: AtomicPtr::new(core::ptr::null_mut()),
-                    fresh: AtomicUsize::new(barn.sheaves),
+                    fresh: AtomicUsize::new(barn.sheaves()),
                     sheaves: sheaves.add(2 * nslots),
                     size: barn,
                     objects: AtomicUsize::new(0),
@@ -1182,8 +1184,8 @@ impl Cache {
     /// `barn_empty_with_room` gives a sheaf's worth a place while they
     /// fit in the byte bound, and the barn has only so many sheaves.
     fn barn_capacity(&self) -> usize {
-        let BarnSize { sheaves, bytes } = self.barn.size;
-        (bytes / (self.cap * self.size)).min(sheaves) * self.cap
+        let size = self.barn.size;
+        (size.bytes / (self.cap * self.size)).min(size.sheaves()) * self.cap
     }
 
     pub(crate) fn nolock_ok(&self) -> u64 {
