@@ -59,7 +59,7 @@ impl HeapCore {
         let (cache, base, idx) = self.cache_at(tag);
         // SAFETY: `cache_at` names `cache`.
         if let Some(obj) = unsafe { Cache::seq_pop_at::<NOLOCK>(base, idx) } {
-            cache.clear_free_mark_of(obj, class::index_of_tag(tag));
+            cache.clear_free_mark_of(obj, tag);
             return Some(self.handed_out(obj));
         }
         self.alloc_class_general::<NOLOCK>(cache)

@@ -280,7 +280,6 @@ impl HeapCore {
     #[inline(always)]
     pub(super) unsafe fn free_in_cache<const NOLOCK: bool>(&self, tag: usize, addr: usize) {
         let mode = if NOLOCK { Mode::NoLock } else { Mode::Normal };
-        let class = class::index_of_tag(tag);
         let (cache, base, idx) = self.cache_at(tag);
         if !cache.is_object_start(addr) {
             // SAFETY: forwarded contract; `addr` is the caller's non-null
@@ -294,7 +293,7 @@ impl HeapCore {
             let (_, zone, page) = self.pages.locate_known(addr);
             cache.mark(&self.pages, zone, page, addr, false);
         }
-        if !cache.check_free_quick(&self.pages, addr, class) {
+        if !cache.check_free_quick(&self.pages, addr, tag) {
             return self.free_checked_at(idx, addr, mode);
         }
         // SAFETY: `cache_at` names `cache`; `addr` was validated above.

@@ -46,12 +46,16 @@ impl Cache {
     /// [`free_checked`](Self::free_checked), which decides exactly as
     /// [`check_free`](Self::check_free) does.
     ///
-    /// `class` is this cache's class (the caller has it in hand: the key
-    /// word's place follows from it, without a load).
+    /// `tag` is this cache's owner tag (the caller has it in hand: the key
+    /// word's place follows from it, without a load, and a caller that
+    /// tested it against `FIRST_KEYED_TAG` makes the place a constant).
     #[inline(always)]
-    pub(crate) fn check_free_quick(&self, pages: &PageAllocator, obj: usize, class: usize) -> bool {
-        crate::check!(class == self.class, "a quick key test of another class");
-        let off = key_off(class);
+    pub(crate) fn check_free_quick(&self, pages: &PageAllocator, obj: usize, tag: usize) -> bool {
+        crate::check!(
+            class::index_of_tag(tag) == self.class,
+            "a quick key test of another class"
+        );
+        let off = key_off_of_tag(tag);
         let kw = (obj + off) as *mut usize;
         // SAFETY: as in `check_free`: a validated object of this class, at
         // least `off + 8` bytes.
@@ -92,20 +96,25 @@ impl Cache {
         unsafe { ((obj + key_off(self.class)) as *mut usize).write_unaligned(self.key) };
     }
 
-    /// `clear_free_mark` for a caller that has the class in hand (the key
-    /// word's place follows from it, without a load).
+    /// `clear_free_mark` for a caller that has the cache's owner tag in
+    /// hand (see `check_free_quick`).
     #[inline(always)]
-    pub(crate) fn clear_free_mark_of(&self, obj: usize, class: usize) {
-        crate::check!(class == self.class, "a key word of another class");
+    pub(crate) fn clear_free_mark_of(&self, obj: usize, tag: usize) {
+        crate::check!(
+            class::index_of_tag(tag) == self.class,
+            "a key word of another class"
+        );
         // SAFETY: `obj` is an object of this cache being handed out, at
-        // least `key_off(class) + 8` bytes, owned by the allocating context.
-        unsafe { ((obj + key_off(class)) as *mut usize).write_unaligned(0) };
+        // least `key_off_of_tag(tag) + 8` bytes, owned by the allocating
+        // context.
+        unsafe { ((obj + key_off_of_tag(tag)) as *mut usize).write_unaligned(0) };
     }
 
     /// Allocation: the object is live, its key word no longer says "free".
     #[inline(always)]
     pub(crate) fn clear_free_mark(&self, obj: usize) {
-        self.clear_free_mark_of(obj, self.class);
+        // SAFETY: as in `clear_free_mark_of`.
+        unsafe { ((obj + key_off(self.class)) as *mut usize).write_unaligned(0) };
     }
 
     /// The key matched: abort if the object really is free. A normal free
