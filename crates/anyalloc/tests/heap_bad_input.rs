@@ -121,6 +121,39 @@ fn word_aligned_interior_pointer_into_a_small_object_aborts() {
     );
 }
 
+/// The object-start test has two forms: a power-of-two class's mask alone,
+/// and the other classes' multiplication. A pointer at a multiple of a
+/// smaller power of two inside the object passes neither.
+#[test]
+fn aligned_interior_pointer_into_a_power_of_two_object_aborts() {
+    expect_abort(
+        "aligned_interior_pointer_into_a_power_of_two_object_aborts",
+        "interior pointer into a 128-byte object",
+        || {
+            let h = heap();
+            let l = Layout::from_size_align(128, 8).unwrap();
+            let p = h.alloc(l).expect("memory");
+            // SAFETY: the bad input: not a pointer the heap handed out.
+            unsafe { h.free_sized(offset(p, 64), l) };
+        },
+    );
+}
+
+/// See `aligned_interior_pointer_into_a_power_of_two_object_aborts`: a
+/// 48-byte object at 16 bytes in (a multiple of its alignment).
+#[test]
+fn aligned_interior_pointer_into_an_object_of_another_size_aborts() {
+    expect_abort(
+        "aligned_interior_pointer_into_an_object_of_another_size_aborts",
+        "interior pointer into a 48-byte object",
+        || {
+            let h = heap();
+            let p = alloc(h, 48);
+            free(h, offset(p, 16));
+        },
+    );
+}
+
 #[test]
 fn interior_pointer_into_a_large_allocation_aborts() {
     expect_abort(

@@ -363,8 +363,17 @@ impl Cache {
     /// slot.
     #[inline(always)]
     pub(crate) fn is_object_start(&self, addr: usize) -> bool {
-        let off = addr as u32 & self.slab_mask;
-        is_start(off, self.start_magic, self.start_bound)
+        // The shortcut first (see `start_mask`): all of the check for the
+        // power-of-two classes, then the exact test. Slabs are naturally
+        // aligned and at most 2^32 bytes, so an address's low 32 bits hold
+        // its offset in its slab, and a multiple of a power-of-two size
+        // there is the same in the slab.
+        addr as u32 & self.start_mask == 0
+            || is_start(
+                addr as u32 & self.slab_mask,
+                self.start_magic,
+                self.start_bound,
+            )
     }
 
     #[cold]
