@@ -93,6 +93,8 @@ impl Cache {
         // CPUs at `base + idx + (cpu << LEVEL0_SHIFT) + LEVEL0_DISP`
         // (`meta_layout`, checked by `cache_at`), laid out as the sequences
         // expect (asserted beside `SheafSlot`), living as long as the heap.
+        // Its sheaves sit in the heap's metadata, after the slots
+        // (`meta_layout`), so the 8 bytes before each are readable.
         // SAFETY: as just said (with 0 CPUs the sequence touches only this
         // thread's rseq area); level-0 slots are changed only by sequences
         // and by lock holders, as `sync::rseq` prescribes.

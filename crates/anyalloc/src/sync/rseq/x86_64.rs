@@ -195,6 +195,7 @@ const BUSY: usize = 1;
 ///          top = slot.top                 (the main sheaf's next free entry)
 ///          if top % SHEAF_ALIGN == 0: None  (main empty, or no main yet)
 ///          obj = *(top - 8)
+///          prefetch for writing: *(top - 16) + 8  (the next pop's key word)
 ///          if COUNT: slot.nolock_ok += 1  (this CPU only)
 ///          slot.top = top - 8             // commit
 /// abort:   if COUNT and the add ran: take_back (below), then restart
@@ -231,6 +232,26 @@ const BUSY: usize = 1;
 /// same way, with a store of the lowered `top` (an earlier form committed
 /// with a `dec` on memory, and took 0.1-0.3 ns more per nolock pair).
 ///
+/// # Prefetch
+///
+/// The pop asks for the line of the next object's key word, which the
+/// next allocation writes (it clears the key), in exclusive state: the
+/// object below in the main sheaf, `*(top - 16)` (as tcmalloc's per-CPU
+/// pop prefetches its next object). Where objects come back from another
+/// core's frees, as in a producer/consumer hand-off, that line is dirty in
+/// the other core's cache, and the allocation's store otherwise waits for
+/// it in the store buffer, with every store after it. Measured on the
+/// Intel Xeon (Sapphire Rapids) VM, 3 alternating runs each:
+/// producer/consumer 12.5-12.7 -> 12.1-12.2 ns an object on the normal
+/// path, 13.0-15.0 -> 12.0-12.4 on the nolock one (whose count is one
+/// store more, which is why it gained more); the 64 B pair took 0.1 ns
+/// more on the normal path, 0.16 on the nolock one, and the 1000-object
+/// batch did not move. A prefetch is a hint: it never faults, whatever
+/// the address. With one object left, `top - 16` is the word below the
+/// sheaf, which is heap metadata (sheaves sit in the heap's metadata after
+/// its slots; see the contract), not an object: a wasted hint, once per
+/// sheaf drained.
+///
 /// A closed fast path is a CPU count of 0 (a heap without rseq, or a
 /// cache whose normal path is closed): the section fails at its CPU test,
 /// having stored only the descriptor's address into this thread's own
@@ -248,7 +269,9 @@ const BUSY: usize = 1;
 /// the section) is 0, or: the area is registered, and CPU `c`'s level-0
 /// slot of that cache, for each of that many CPUs, is at
 /// `base + idx + (c << SHIFT) + SLOTS0`, laid out as [`super::layout`]
-/// says, its `top` 0 or a pointer into a live sheaf (as long as the call);
+/// says, its `top` 0 or a pointer into a live sheaf (as long as the call)
+/// whose 8 bytes before it are readable too (the pop reads them when the
+/// sheaf holds one object: see "Prefetch");
 /// only sequences and lock holders (see the module documentation) change
 /// them.
 ///
@@ -276,9 +299,11 @@ pub(crate) unsafe fn sheaf_pop<
 ) -> Option<usize> {
     let obj: usize;
     // Registers: `t` is the slot, `n` its `top`, `obj` the object (0 from
-    // the restart point in the COUNT variant, for the abort handler).
+    // the restart point in the COUNT variant, for the abort handler),
+    // `next` the object below it (for the prefetch).
     // SAFETY: per the contract; the block touches only this thread's rseq
-    // area and the current CPU's slot and main sheaf, uses no stack, and
+    // area and the current CPU's slot and main sheaf (and reads the word
+    // below the sheaf, readable per the contract), uses no stack, and
     // commits with its last store.
     unsafe {
         core::arch::asm!(
@@ -296,6 +321,10 @@ pub(crate) unsafe fn sheaf_pop<
             "stc", // CF = 1, ZF = 0 (the `test` above) until the add
             ".endif",
             "mov {obj}, qword ptr [{n} - 8]",
+            // The next pop's object: its key word's line, for writing
+            // (see "Prefetch" in the function's documentation).
+            "mov {next}, qword ptr [{n} - 16]",
+            "prefetchw byte ptr [{next} + 8]",
             ".if {COUNT}",
             "add qword ptr [{t} + {SLOT_NOLOCK_OK}], 1",
             ".endif",
@@ -344,6 +373,7 @@ pub(crate) unsafe fn sheaf_pop<
             t = out(reg) _,
             obj = out(reg) obj,
             n = out(reg) _,
+            next = out(reg) _,
             RSEQ_CS = const RSEQ_CS,
             CPU_ID = const CPU_ID,
             CPUS = const CPUS + DISP,
