@@ -121,11 +121,7 @@ pub(crate) const FIRST_KEYED_TAG: usize = super::class::tag_of(FIRST_KEYED_CLASS
 /// classes (objects smaller than 16 bytes), whose key word is the link.
 #[inline(always)]
 const fn key_off(class: usize) -> usize {
-    if class < FIRST_KEYED_CLASS {
-        0
-    } else {
-        8
-    }
+    key_off_of_tag(class::tag_of(class))
 }
 
 /// [`key_off`] of the class whose owner tag is `tag`, tested on the tag

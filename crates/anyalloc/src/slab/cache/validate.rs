@@ -113,8 +113,7 @@ impl Cache {
     /// Allocation: the object is live, its key word no longer says "free".
     #[inline(always)]
     pub(crate) fn clear_free_mark(&self, obj: usize) {
-        // SAFETY: as in `clear_free_mark_of`.
-        unsafe { ((obj + key_off(self.class)) as *mut usize).write_unaligned(0) };
+        self.clear_free_mark_of(obj, class::tag_of(self.class));
     }
 
     /// The key matched: abort if the object really is free. A normal free

@@ -302,9 +302,8 @@ pub(crate) unsafe fn sheaf_pop<
     // the restart point in the COUNT variant, for the abort handler),
     // `next` the object below it (for the prefetch).
     // SAFETY: per the contract; the block touches only this thread's rseq
-    // area and the current CPU's slot and main sheaf (and reads the word
-    // below the sheaf, readable per the contract), uses no stack, and
-    // commits with its last store.
+    // area, the current CPU's slot and main sheaf, and the word below the
+    // sheaf (readable per the contract); uses no stack; commits last.
     unsafe {
         core::arch::asm!(
             seq_start!(".if {COUNT}", "xor {obj:e}, {obj:e}", ".endif"),
