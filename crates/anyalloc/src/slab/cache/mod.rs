@@ -933,6 +933,11 @@ impl Cache {
         let level0 = level0 as *mut SheafSlot;
         let sheaves = sheaf_meta as *mut Sheaf;
         crate::check!(sheaves.is_aligned(), "the sheaves are misaligned");
+        let (size, objs, mask) = (
+            SIZES[class],
+            objects_per_slab(class, accounted),
+            slab_mask(class),
+        );
         // SAFETY: per the contract, all of it is ours to write; sheaves are
         // zero-filled, i.e. valid empty sheaves.
         unsafe {
@@ -941,18 +946,14 @@ impl Cache {
                 key,
                 accounted,
                 index,
-                size: SIZES[class] as usize,
-                start_magic: start_magic(SIZES[class]),
-                slab_mask: slab_mask(class),
-                start_mask: start_mask(
-                    SIZES[class],
-                    objects_per_slab(class, accounted),
-                    slab_mask(class),
-                ),
-                start_bound: start_bound(SIZES[class], objects_per_slab(class, accounted)),
-                recip: recip(SIZES[class]),
+                size: size as usize,
+                start_magic: start_magic(size),
+                slab_mask: mask,
+                start_mask: start_mask(size, objs, mask),
+                start_bound: start_bound(size, objs),
+                recip: recip(size),
                 order: class::slab_order(class),
-                objs: objects_per_slab(class, accounted),
+                objs,
                 cap: sheaf_capacity(class),
                 node: Node {
                     lock: ZoneLock::new(),

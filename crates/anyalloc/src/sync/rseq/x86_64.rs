@@ -242,11 +242,11 @@ const BUSY: usize = 1;
 /// the other core's cache, and the allocation's store otherwise waits for
 /// it in the store buffer, with every store after it. Measured on the
 /// Intel Xeon (Sapphire Rapids) VM, 3 alternating runs each:
-/// producer/consumer 12.5-12.7 -> 12.1-12.2 ns an object on the normal
-/// path, 13.0-15.0 -> 12.0-12.4 on the nolock one (whose count is one
+/// producer/consumer 12.1-12.6 -> 11.6-11.8 ns an object on the normal
+/// path, 14.7-15.0 -> 11.6-11.7 on the nolock one (whose count is one
 /// store more, which is why it gained more); the 64 B pair took 0.1 ns
-/// more on the normal path, 0.16 on the nolock one, and the 1000-object
-/// batch did not move. A prefetch is a hint: it never faults, whatever
+/// more on the normal path, 0.15 on the nolock one, and the 1000-object
+/// batch and larson did not move beyond their spread. A prefetch is a hint: it never faults, whatever
 /// the address. With one object left, `top - 16` is the word below the
 /// sheaf, which is heap metadata (sheaves sit in the heap's metadata after
 /// its slots; see the contract), not an object: a wasted hint, once per
